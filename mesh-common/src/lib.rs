@@ -1,0 +1,7 @@
+//! Types shared by the eBPF programs (`mesh-ebpf`) and the agent (`mesh-agent`).
+//!
+//! Every BPF map key and value is defined here once, `#[repr(C)]` with explicit padding, so
+//! both sides agree on the layout byte for byte.
+#![no_std]
+
+pub mod stats;

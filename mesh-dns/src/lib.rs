@@ -1,0 +1,1 @@
+//! mesh-dns: the resolver every task uses for service names.

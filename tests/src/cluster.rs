@@ -1,0 +1,404 @@
+//! A cluster of namespace hosts on one machine.
+//!
+//! ```text
+//!   [underlay ns: bridge br0, 192.0.2.254]
+//!      |veth        |veth        |veth
+//!   [host 1]     [host 2]     [host 3]      eth0 = 192.0.2.<i>/24, ip_forward on
+//! ```
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    netns::{self, Netns},
+    process,
+};
+
+/// Namespaces, pins, cgroups and sockets of test clusters all start with this.
+const PREFIX: &str = "mt";
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub const UNDERLAY_PREFIX: &str = "192.0.2";
+
+pub struct Cluster {
+    name: String,
+    underlay: Netns,
+    hosts: Vec<Host>,
+    extra: Vec<Netns>,
+}
+
+pub struct Host {
+    pub index: usize,
+    pub ns: Netns,
+    pub ip: String,
+    agent: Option<Agent>,
+    agent_args: Vec<String>,
+    log: PathBuf,
+}
+
+struct Agent {
+    child: Child,
+}
+
+impl Cluster {
+    /// Builds `n` hosts on a shared underlay. Names are unique per test so tests run in
+    /// parallel.
+    pub fn new(n: usize) -> Result<Self> {
+        sweep_stale();
+        let seq = SEQ.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{PREFIX}{}x{seq}", std::process::id());
+        let underlay = Netns::create(&format!("{name}-u"))?;
+        underlay.sh(&format!(
+            "ip link add br0 type bridge && ip link set br0 up && \
+             ip addr add {UNDERLAY_PREFIX}.254/24 dev br0"
+        ))?;
+        let mut cluster = Self {
+            name,
+            underlay,
+            hosts: Vec::new(),
+            extra: Vec::new(),
+        };
+        let logs = cluster.log_dir();
+        fs::create_dir_all(&logs)?;
+        for i in 1..=n {
+            let ns = Netns::create(&format!("{}-h{i}", cluster.name))?;
+            let ip = format!("{UNDERLAY_PREFIX}.{i}");
+            cluster.underlay.sh(&format!(
+                "ip link add h{i} type veth peer name eth0 netns {host} && \
+                 ip link set h{i} master br0 && ip link set h{i} up",
+                host = ns.name()
+            ))?;
+            ns.sh(&format!(
+                "ip addr add {ip}/24 dev eth0 && ip link set eth0 up && \
+                 sysctl -qw net.ipv4.ip_forward=1"
+            ))?;
+            cluster.hosts.push(Host {
+                index: i,
+                log: logs.join(format!("agent-h{i}.log")),
+                ns,
+                ip,
+                agent: None,
+                agent_args: Vec::new(),
+            });
+        }
+        Ok(cluster)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn host(&self, i: usize) -> &Host {
+        &self.hosts[i - 1]
+    }
+
+    pub fn host_mut(&mut self, i: usize) -> &mut Host {
+        &mut self.hosts[i - 1]
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    pub fn underlay(&self) -> &Netns {
+        &self.underlay
+    }
+
+    /// A machine outside the mesh on the underlay (a client of published ports).
+    pub fn external(&mut self, name: &str, last_octet: u8) -> Result<&Netns> {
+        let ns = Netns::create(&format!("{}-x{name}", self.name))?;
+        self.underlay.sh(&format!(
+            "ip link add x{name} type veth peer name eth0 netns {ns} && \
+             ip link set x{name} master br0 && ip link set x{name} up",
+            ns = ns.name()
+        ))?;
+        ns.sh(&format!(
+            "ip addr add {UNDERLAY_PREFIX}.{last_octet}/24 dev eth0 && ip link set eth0 up"
+        ))?;
+        self.extra.push(ns);
+        Ok(self.extra.last().expect("just pushed"))
+    }
+
+    fn log_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-logs", self.name))
+    }
+
+    /// Starts an agent on every host.
+    pub fn start_agents(&mut self) -> Result<()> {
+        for h in &mut self.hosts {
+            h.start_agent(&[])?;
+        }
+        Ok(())
+    }
+}
+
+impl Host {
+    /// The node name the agent runs under; also the prefix of everything it creates.
+    pub fn node_name(&self) -> &str {
+        self.ns.name()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        PathBuf::from("/run/mesh")
+            .join(self.node_name())
+            .join("agent.sock")
+    }
+
+    pub fn bpffs(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf/mesh").join(self.node_name())
+    }
+
+    /// Starts `mesh-agent run` in this host's namespace and waits until its API answers.
+    pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
+        if self.agent.is_some() {
+            bail!("agent on {} already running", self.node_name());
+        }
+        self.agent_args = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn_agent()
+    }
+
+    fn spawn_agent(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = self
+            .ns
+            .command(bin("mesh-agent").to_str().expect("utf-8 path"))
+            .args(["run", "--interface", "eth0"])
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--bpffs")
+            .arg(self.bpffs())
+            .args(&self.agent_args)
+            .env("MESH_LOG", "info,mesh_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning mesh-agent")?;
+        self.agent = Some(Agent { child });
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(a) = &mut self.agent
+                && let Some(status) = a.child.try_wait()?
+            {
+                self.agent = None;
+                bail!(
+                    "mesh-agent on {} exited ({status}):\n{}",
+                    self.node_name(),
+                    self.logs()
+                );
+            }
+            if self.meshctl(&["dataplane", "ports"])?.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "mesh-agent on {} not ready:\n{}",
+                    self.node_name(),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the agent with SIGTERM (graceful) and waits for it.
+    pub fn stop_agent(&mut self) -> Result<()> {
+        if let Some(mut a) = self.agent.take() {
+            process::kill_pid(a.child.id() as i32);
+            a.child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs the agent, as a crash would.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        if let Some(mut a) = self.agent.take() {
+            a.child.kill()?;
+            a.child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the agent again with the arguments it last ran with.
+    pub fn restart_agent(&mut self) -> Result<()> {
+        self.spawn_agent()
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|a| a.child.id())
+    }
+
+    pub fn logs(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs meshctl against this host's agent.
+    pub fn meshctl(&self, args: &[&str]) -> Result<Output> {
+        Command::new(bin("meshctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .context("running meshctl")
+    }
+
+    /// Runs meshctl and fails with its stderr if it fails.
+    pub fn meshctl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.meshctl(args)?;
+        if !out.status.success() {
+            bail!(
+                "meshctl {} on {} failed: {}",
+                args.join(" "),
+                self.node_name(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// meshctl with `--format json`, decoded.
+    pub fn meshctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
+        let mut all = args.to_vec();
+        all.extend(["--format", "json"]);
+        let out = self.meshctl_ok(&all)?;
+        serde_json::from_str(&out).with_context(|| format!("decoding meshctl output: {out}"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        for h in &mut self.hosts {
+            if panicking {
+                eprintln!("---- agent log of {} ----\n{}", h.node_name(), h.logs());
+            }
+            let _ = h.stop_agent();
+        }
+        remove_node_state(&self.name);
+        // Namespaces the agents created (tasks) carry the cluster's name too.
+        for ns in netns::list() {
+            if ns.starts_with(&format!("{}-", self.name))
+                && !self.hosts.iter().any(|h| h.ns.name() == ns)
+                && !self.extra.iter().any(|x| x.name() == ns)
+                && ns != self.underlay.name()
+            {
+                netns::delete_netns(&ns);
+            }
+        }
+        self.extra.clear();
+        self.hosts.clear();
+        let _ = fs::remove_dir_all(self.log_dir());
+    }
+}
+
+/// Removes bpffs pins, run directories and cgroups of every node of a cluster.
+fn remove_node_state(cluster: &str) {
+    for dir in ["/sys/fs/bpf/mesh", "/run/mesh"] {
+        remove_children_with_prefix(Path::new(dir), cluster, |p| {
+            let _ = fs::remove_dir_all(p);
+        });
+    }
+    remove_children_with_prefix(
+        Path::new("/sys/fs/cgroup/unified/mesh"),
+        cluster,
+        remove_cgroup,
+    );
+}
+
+fn remove_children_with_prefix(dir: &Path, prefix: &str, remove: impl Fn(&Path)) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(prefix) {
+            remove(&e.path());
+        }
+    }
+}
+
+/// cgroup directories are removed leaves first; a cgroup with processes in it is killed by
+/// PID before removal.
+fn remove_cgroup(path: &Path) {
+    if let Ok(entries) = fs::read_dir(path) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    if let Ok(procs) = fs::read_to_string(path.join("cgroup.procs")) {
+        for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
+            process::kill_pid(pid);
+        }
+    }
+    let _ = fs::remove_dir(path);
+}
+
+/// Removes what clusters of test processes that no longer exist left behind (a test run
+/// killed with SIGKILL cannot run its destructors).
+fn sweep_stale() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let mut dead = std::collections::BTreeSet::new();
+        for ns in netns::list() {
+            if let Some(pid) = owner_pid(&ns)
+                && !process::alive(pid)
+            {
+                netns::delete_netns(&ns);
+                dead.insert(ns.split('-').next().unwrap_or_default().to_owned());
+            }
+        }
+        for cluster in dead {
+            remove_node_state(&cluster);
+        }
+    });
+}
+
+/// `mt<pid>x<seq>-…` → pid.
+fn owner_pid(ns: &str) -> Option<i32> {
+    let rest = ns.strip_prefix(PREFIX)?;
+    let (pid, _) = rest.split_once('x')?;
+    pid.parse().ok()
+}
+
+/// Path of a binary of this workspace, built once per test process so `cargo test` alone is
+/// enough.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> → target/<profile>
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target directory")
+            .to_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--package", "mesh-agent", "--bins"]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for mesh-agent");
+        assert!(status.success(), "building mesh-agent failed");
+        dir
+    });
+    dir.join(name)
+}

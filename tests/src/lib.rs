@@ -1,0 +1,11 @@
+//! The test cluster: "hosts" are network namespaces joined by veth to an underlay bridge
+//! namespace, each running a real `mesh-agent` process. Everything a cluster creates is named
+//! after it (a prefix with the test process's PID) and removed on drop, also when the test
+//! panics; clusters left by a killed test run are swept by the next one.
+
+pub mod cluster;
+pub mod netns;
+pub mod process;
+
+pub use cluster::{Cluster, Host};
+pub use netns::Netns;

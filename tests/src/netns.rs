@@ -1,0 +1,146 @@
+//! Network namespaces: create, enter on a dedicated thread, run commands inside, delete.
+
+use std::{
+    fs::File,
+    os::fd::AsFd,
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use anyhow::{Context, Result, bail};
+use nix::sched::{CloneFlags, setns};
+
+/// A named network namespace (`ip netns add`), deleted on drop with every process still in it.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Self> {
+        run_ok(Command::new("ip").args(["netns", "add", name]))
+            .with_context(|| format!("creating netns {name}"))?;
+        let ns = Self {
+            name: name.to_owned(),
+        };
+        ns.sh("ip link set lo up")?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// A command that runs inside the namespace. `nsenter --net` switches only the network
+    /// namespace, so /sys/fs/bpf and the cgroup tree stay visible (`ip netns exec` remounts
+    /// /sys and hides them).
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs a shell command line inside the namespace and fails with its output if it fails.
+    pub fn sh(&self, script: &str) -> Result<String> {
+        let out = self
+            .command("sh")
+            .args(["-c", script])
+            .output()
+            .with_context(|| format!("running `{script}` in {}", self.name))?;
+        if !out.status.success() {
+            bail!(
+                "`{script}` in {} failed ({}): {}{}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs a shell command line inside the namespace and returns its output, whatever the
+    /// exit status.
+    pub fn sh_output(&self, script: &str) -> Result<Output> {
+        self.command("sh")
+            .args(["-c", script])
+            .output()
+            .with_context(|| format!("running `{script}` in {}", self.name))
+    }
+
+    /// Runs `f` on a fresh thread that has entered the namespace, so sockets `f` creates live
+    /// there. Never switches the caller's (possibly async runtime's) thread.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let file = File::open(self.path())
+            .with_context(|| format!("opening {}", self.path().display()))?;
+        let handle = std::thread::spawn(move || -> Result<T> {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(f())
+        });
+        match handle.join() {
+            Ok(r) => r,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    }
+
+    /// PIDs of processes whose network namespace is this one.
+    pub fn pids(&self) -> Vec<i32> {
+        let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        else {
+            return Vec::new();
+        };
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        delete_netns(&self.name);
+    }
+}
+
+/// Kills the processes still inside a namespace (by PID) and deletes it.
+pub fn delete_netns(name: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                crate::process::kill_pid(pid);
+            }
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", name]).output();
+}
+
+/// Every namespace name currently in /run/netns.
+pub fn list() -> Vec<String> {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+pub(crate) fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
