@@ -5,8 +5,15 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use comfy_table::{Table, presets::NOTHING};
+use serde::Serialize;
 
-use crate::api::{DEFAULT_SOCKET, PortStats, client::Client};
+use crate::{
+    api::{
+        DEFAULT_SOCKET, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats, ServiceCreate,
+        ServiceInfo, TaskInfo, client::Client,
+    },
+    cluster::{Availability, EndpointMode},
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,15 +40,115 @@ pub enum Format {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Manage nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Manage overlay networks.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Manage services.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Inspect the node's eBPF dataplane.
     #[command(subcommand)]
     Dataplane(DataplaneCommand),
 }
 
 #[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List nodes in the cluster.
+    #[command(alias = "list")]
+    Ls,
+    /// Show one node (`self` for this one).
+    Inspect {
+        node: String,
+        /// Human-readable output instead of JSON.
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// Change a node's availability or labels.
+    Update {
+        node: String,
+        /// active: takes new connections; drain: its tasks get none, established ones finish.
+        #[arg(long, value_parser = parse_availability)]
+        availability: Option<Availability>,
+        /// Add or update a label (key=value).
+        #[arg(long = "label-add")]
+        label_add: Vec<String>,
+        /// Remove a label.
+        #[arg(long = "label-rm")]
+        label_rm: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetworkCommand {
+    /// Create an overlay network.
+    Create {
+        name: String,
+        /// Subnet in CIDR notation (default: a free 10.0.N.0/24).
+        #[arg(long)]
+        subnet: Option<String>,
+    },
+    /// List networks.
+    #[command(alias = "list")]
+    Ls,
+    /// Show one network.
+    Inspect { name: String },
+    /// Remove a network that no service or task uses.
+    #[command(alias = "remove")]
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCommand {
+    /// Create a service.
+    Create {
+        name: String,
+        #[arg(long)]
+        network: String,
+        /// Publish a port on every node: PUBLISHED:TARGET[/tcp|udp], e.g. 8080:80.
+        #[arg(long, short = 'p')]
+        publish: Vec<String>,
+        /// vip (one virtual IP, balanced) or dnsrr (the name resolves to the tasks).
+        #[arg(long = "endpoint-mode", default_value = "vip", value_parser = parse_mode)]
+        endpoint_mode: EndpointMode,
+    },
+    /// List services.
+    #[command(alias = "list")]
+    Ls,
+    /// List the tasks of a service.
+    Ps { name: String },
+    /// Show one service.
+    Inspect {
+        name: String,
+        /// Human-readable output instead of JSON.
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// Remove a service.
+    #[command(alias = "remove")]
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum DataplaneCommand {
     /// Packets seen on the underlay interface, per destination port.
     Ports,
+}
+
+fn parse_availability(s: &str) -> Result<Availability, String> {
+    match s {
+        "active" => Ok(Availability::Active),
+        "drain" => Ok(Availability::Drain),
+        other => Err(format!(
+            "unknown availability {other:?}: use active or drain"
+        )),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<EndpointMode, String> {
+    s.parse()
 }
 
 /// A table in Docker's style: upper-case headers, no borders, columns aligned.
@@ -64,27 +171,269 @@ where
         .join("\n")
 }
 
+fn json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn print_tasks(tasks: &[TaskInfo]) {
+    println!(
+        "{}",
+        table(
+            &["NAME", "SERVICE", "NETWORK", "IP", "NODE", "STATE"],
+            tasks.iter().map(|t| {
+                [
+                    t.name.clone(),
+                    or_dash(t.service.clone()),
+                    t.network.clone(),
+                    t.ip.to_string(),
+                    t.node.clone(),
+                    if t.active || t.state != crate::cluster::TaskState::Running {
+                        t.state.to_string()
+                    } else {
+                        format!("{} (draining)", t.state)
+                    },
+                ]
+            })
+        )
+    );
+}
+
 pub async fn run(cli: Cli) -> Result<()> {
     let client = Client::new(&cli.socket);
+    let fmt = cli.format;
     match cli.command {
+        Command::Node(cmd) => node(&client, fmt, cmd).await,
+        Command::Network(cmd) => network(&client, fmt, cmd).await,
+        Command::Service(cmd) => service(&client, fmt, cmd).await,
         Command::Dataplane(DataplaneCommand::Ports) => {
             let stats: Vec<PortStats> = client.get("/v1/dataplane/ports").await?;
-            match cli.format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
-                Format::Table => println!(
-                    "{}",
-                    table(
-                        &["PORT", "PACKETS", "BYTES"],
-                        stats.iter().map(|s| {
-                            [
-                                s.port.to_string(),
-                                s.packets.to_string(),
-                                s.bytes.to_string(),
-                            ]
-                        })
-                    )
-                ),
+            if fmt == Format::Json {
+                return json(&stats);
             }
+            println!(
+                "{}",
+                table(
+                    &["PORT", "PACKETS", "BYTES"],
+                    stats.iter().map(|s| [
+                        s.port.to_string(),
+                        s.packets.to_string(),
+                        s.bytes.to_string()
+                    ])
+                )
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
+    match cmd {
+        NodeCommand::Ls => {
+            let nodes: Vec<NodeInfo> = client.get("/v1/nodes").await?;
+            if fmt == Format::Json {
+                return json(&nodes);
+            }
+            println!(
+                "{}",
+                table(
+                    &[
+                        "ID",
+                        "NAME",
+                        "HOSTNAME",
+                        "ADDRESS",
+                        "STATUS",
+                        "AVAILABILITY"
+                    ],
+                    nodes.iter().map(|n| {
+                        [
+                            if n.is_self {
+                                format!("{} *", n.id)
+                            } else {
+                                n.id.clone()
+                            },
+                            n.name.clone(),
+                            n.hostname.clone(),
+                            or_dash(n.address),
+                            format!("{:?}", n.status),
+                            n.availability.to_string(),
+                        ]
+                    })
+                )
+            );
+        }
+        NodeCommand::Inspect { node, pretty } => {
+            let n: NodeInfo = client.get(&format!("/v1/nodes/{node}")).await?;
+            if !pretty || fmt == Format::Json {
+                return json(&n);
+            }
+            println!(
+                "ID:\t\t{}\nName:\t\t{}\nHostname:\t{}\nAddress:\t{}\nStatus:\t\t{:?}\nAvailability:\t{}\nAgent:\t\t{}",
+                n.id,
+                n.name,
+                n.hostname,
+                or_dash(n.address),
+                n.status,
+                n.availability,
+                or_dash(n.agent_version)
+            );
+            if !n.labels.is_empty() {
+                println!("Labels:");
+                for (k, v) in &n.labels {
+                    println!(" - {k}={v}");
+                }
+            }
+        }
+        NodeCommand::Update {
+            node,
+            availability,
+            label_add,
+            label_rm,
+        } => {
+            if availability.is_none() && label_add.is_empty() && label_rm.is_empty() {
+                anyhow::bail!("nothing to update: pass --availability, --label-add or --label-rm");
+            }
+            let req = NodeUpdate {
+                availability,
+                label_add,
+                label_rm,
+            };
+            let n: NodeInfo = client.post(&format!("/v1/nodes/{node}"), &req).await?;
+            if fmt == Format::Json {
+                return json(&n);
+            }
+            println!("{}", n.name);
+        }
+    }
+    Ok(())
+}
+
+async fn network(client: &Client, fmt: Format, cmd: NetworkCommand) -> Result<()> {
+    match cmd {
+        NetworkCommand::Create { name, subnet } => {
+            let n: NetworkInfo = client
+                .post("/v1/networks", &NetworkCreate { name, subnet })
+                .await?;
+            if fmt == Format::Json {
+                return json(&n);
+            }
+            println!("{}", n.id);
+        }
+        NetworkCommand::Ls => {
+            let nets: Vec<NetworkInfo> = client.get("/v1/networks").await?;
+            if fmt == Format::Json {
+                return json(&nets);
+            }
+            println!(
+                "{}",
+                table(
+                    &["NETWORK ID", "NAME", "VNI", "SUBNET", "NODES"],
+                    nets.iter().map(|n| {
+                        [
+                            n.id.clone(),
+                            n.name.clone(),
+                            n.vni.to_string(),
+                            n.subnet.clone(),
+                            n.nodes.len().to_string(),
+                        ]
+                    })
+                )
+            );
+        }
+        NetworkCommand::Inspect { name } => {
+            let n: NetworkInfo = client.get(&format!("/v1/networks/{name}")).await?;
+            json(&n)?;
+        }
+        NetworkCommand::Rm { name } => {
+            let _: serde_json::Value = client.delete(&format!("/v1/networks/{name}")).await?;
+            println!("{name}");
+        }
+    }
+    Ok(())
+}
+
+async fn service(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()> {
+    match cmd {
+        ServiceCommand::Create {
+            name,
+            network,
+            publish,
+            endpoint_mode,
+        } => {
+            let req = ServiceCreate {
+                name,
+                network,
+                publish,
+                mode: endpoint_mode,
+            };
+            let s: ServiceInfo = client.post("/v1/services", &req).await?;
+            if fmt == Format::Json {
+                return json(&s);
+            }
+            println!("{}", s.id);
+        }
+        ServiceCommand::Ls => {
+            let svcs: Vec<ServiceInfo> = client.get("/v1/services").await?;
+            if fmt == Format::Json {
+                return json(&svcs);
+            }
+            println!(
+                "{}",
+                table(
+                    &["ID", "NAME", "MODE", "REPLICAS", "NETWORK", "VIP", "PORTS"],
+                    svcs.iter().map(|s| {
+                        let running = s.tasks.iter().filter(|t| t.active).count();
+                        [
+                            s.id.clone(),
+                            s.name.clone(),
+                            s.mode.to_string(),
+                            format!("{running}/{}", s.tasks.len()),
+                            s.network.clone(),
+                            or_dash(s.vip),
+                            s.ports
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        ]
+                    })
+                )
+            );
+        }
+        ServiceCommand::Ps { name } => {
+            let s: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
+            if fmt == Format::Json {
+                return json(&s.tasks);
+            }
+            print_tasks(&s.tasks);
+        }
+        ServiceCommand::Inspect { name, pretty } => {
+            let s: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
+            if !pretty || fmt == Format::Json {
+                return json(&s);
+            }
+            println!(
+                "ID:\t\t{}\nName:\t\t{}\nNetwork:\t{}\nEndpoint mode:\t{}\nVIP:\t\t{}",
+                s.id,
+                s.name,
+                s.network,
+                s.mode,
+                or_dash(s.vip)
+            );
+            println!("Ports:");
+            for p in &s.ports {
+                println!(" - {p}");
+            }
+            println!("Tasks:");
+            print_tasks(&s.tasks);
+        }
+        ServiceCommand::Rm { name } => {
+            let _: serde_json::Value = client.delete(&format!("/v1/services/{name}")).await?;
+            println!("{name}");
         }
     }
     Ok(())

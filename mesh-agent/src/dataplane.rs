@@ -117,12 +117,11 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Removes every pin: the dataplane stops with the process. Used by `--cleanup` on exit
-    /// and by tests; a plain stop leaves the pins so forwarding continues.
-    pub fn remove_pins(self) -> Result<()> {
-        let dir = self.pin_dir.clone();
-        drop(self);
-        match std::fs::remove_dir_all(&dir) {
+    /// Removes every pin, so the dataplane stops when this process exits. Used by
+    /// `--cleanup-on-exit`; a plain stop leaves the pins so forwarding continues.
+    pub fn remove_pins(&self) -> Result<()> {
+        let dir = &self.pin_dir;
+        match std::fs::remove_dir_all(dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
@@ -175,4 +174,27 @@ fn spawn_ebpf_logger(ebpf: &mut Ebpf) {
         // Programs that never log have no log map.
         Err(e) => tracing::debug!("eBPF logging not available: {e}"),
     }
+}
+
+/// The MTU of an interface in this process's network namespace. (sysfs would show the
+/// namespace it was mounted in, which under `nsenter --net` is not ours.)
+pub fn interface_mtu(iface: &str) -> Result<u32> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("opening a socket for SIOCGIFMTU")?;
+    // SAFETY: ifreq is plain data; the name is NUL-terminated within IFNAMSIZ.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if iface.len() >= req.ifr_name.len() {
+        bail!("interface name {iface:?} is too long");
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(iface.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: SIOCGIFMTU reads the name and writes ifru_mtu of a valid ifreq.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("reading the MTU of {iface}"));
+    }
+    // SAFETY: the kernel filled the mtu member.
+    Ok(unsafe { req.ifr_ifru.ifru_mtu } as u32)
 }

@@ -1,7 +1,11 @@
 //! mesh-agent: the per-node daemon that programs the eBPF dataplane and kernel overlay from
 //! the gossiped service table, and `meshctl`, the CLI that talks to it.
 
+pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod cluster;
+pub mod config;
 pub mod dataplane;
+pub mod gossip;
 pub mod logging;

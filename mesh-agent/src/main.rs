@@ -1,15 +1,16 @@
-use std::{path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    api::{self, AppState, DEFAULT_SOCKET},
-    dataplane::Dataplane,
+    agent::Agent,
+    api,
+    cluster::key,
+    config::{AgentConfig, DEFAULT_CONFIG},
+    dataplane::{self, Dataplane},
+    gossip::{Gossip, GossipConfig},
 };
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::Mutex,
-};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
 #[derive(Parser, Debug)]
@@ -25,20 +26,115 @@ enum Command {
     Run(RunArgs),
 }
 
+/// Flags override the config file; each has a config key of the same name.
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Underlay interface the routing mesh listens on.
-    #[arg(long, default_value = "eth0")]
-    interface: String,
-    /// Path of the local API socket.
-    #[arg(long, default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
-    /// bpffs directory holding this node's pinned maps and links.
-    #[arg(long, default_value = "/sys/fs/bpf/mesh")]
-    bpffs: PathBuf,
-    /// On exit, detach the dataplane and remove its pins instead of leaving it forwarding.
+    /// Config file.
     #[arg(long)]
-    cleanup: bool,
+    config: Option<PathBuf>,
+    /// Unique node name (default: hostname).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Underlay IPv4 address of this node.
+    #[arg(long)]
+    advertise: Option<std::net::Ipv4Addr>,
+    /// Underlay interface (default: the one holding --advertise).
+    #[arg(long)]
+    interface: Option<String>,
+    /// A peer to join, host[:port]; repeat for more.
+    #[arg(long)]
+    join: Vec<String>,
+    #[arg(long)]
+    cluster: Option<String>,
+    #[arg(long)]
+    gossip_port: Option<u16>,
+    #[arg(long)]
+    cluster_key_file: Option<PathBuf>,
+    #[arg(long)]
+    gossip_interval_ms: Option<u64>,
+    #[arg(long)]
+    phi_threshold: Option<f64>,
+    #[arg(long)]
+    settle_ms: Option<u64>,
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    bpffs: Option<PathBuf>,
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// An upstream resolver for names outside the mesh, ip[:port]; repeat for more.
+    #[arg(long)]
+    dns_upstream: Vec<String>,
+    /// On exit, detach the dataplane instead of leaving it forwarding.
+    #[arg(long)]
+    cleanup_on_exit: bool,
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<AgentConfig> {
+        let (path, explicit) = match &self.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        let mut c = AgentConfig::load(&path, explicit)?;
+        macro_rules! over {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v.into(); } )* };
+        }
+        over!(node_name, advertise, interface, cluster_key_file);
+        if let Some(v) = self.cluster {
+            c.cluster = v;
+        }
+        if let Some(v) = self.gossip_port {
+            c.gossip_port = v;
+        }
+        if let Some(v) = self.gossip_interval_ms {
+            c.gossip_interval_ms = v;
+        }
+        if let Some(v) = self.phi_threshold {
+            c.phi_threshold = v;
+        }
+        if let Some(v) = self.settle_ms {
+            c.settle_ms = v;
+        }
+        if let Some(v) = self.socket {
+            c.socket = v;
+        }
+        if let Some(v) = self.state_dir {
+            c.state_dir = v;
+        }
+        if let Some(v) = self.bpffs {
+            c.bpffs = v;
+        }
+        if let Some(v) = self.cgroup {
+            c.cgroup = v;
+        }
+        if !self.join.is_empty() {
+            c.join = self.join;
+        }
+        if !self.dns_upstream.is_empty() {
+            c.dns_upstreams = self
+                .dns_upstream
+                .iter()
+                .map(|s| parse_upstream(s))
+                .collect::<Result<_>>()?;
+        }
+        if self.cleanup_on_exit {
+            c.cleanup_on_exit = true;
+        }
+        Ok(c)
+    }
+}
+
+fn parse_upstream(s: &str) -> Result<SocketAddr> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let ip: std::net::IpAddr = s
+        .parse()
+        .with_context(|| format!("invalid --dns-upstream {s:?}: expected ip or ip:port"))?;
+    Ok(SocketAddr::new(ip, 53))
 }
 
 #[tokio::main]
@@ -46,7 +142,10 @@ async fn main() {
     mesh_agent::logging::init("info");
     let args = Args::parse();
     let result = match args.command {
-        Command::Run(run) => run_agent(run).await,
+        Command::Run(run) => match run.into_config() {
+            Ok(c) => run_agent(c).await,
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = result {
         tracing::error!("{e:#}");
@@ -54,26 +153,63 @@ async fn main() {
     }
 }
 
-async fn run_agent(args: RunArgs) -> Result<()> {
-    let dataplane = Dataplane::start(&args.bpffs, &args.interface)?;
-    let state = Arc::new(AppState {
-        dataplane: Mutex::new(dataplane),
-    });
+fn with_port(peer: &str, default: u16) -> String {
+    if peer.parse::<SocketAddr>().is_ok()
+        || peer
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        peer.to_owned()
+    } else {
+        format!("{peer}:{default}")
+    }
+}
+
+async fn run_agent(config: AgentConfig) -> Result<()> {
+    let config = config.resolve()?;
+    let node_bpffs = config.bpffs.clone();
+    let dataplane = Dataplane::start(&node_bpffs, &config.interface)?;
+    let mtu = dataplane::interface_mtu(&config.interface)?;
+
+    let gossip_config = GossipConfig {
+        node: config.node_name.clone(),
+        cluster: config.cluster.clone(),
+        listen: SocketAddr::new(config.advertise.into(), config.gossip_port),
+        advertise: SocketAddr::new(config.advertise.into(), config.gossip_port),
+        seeds: config
+            .join
+            .iter()
+            .map(|p| with_port(p, config.gossip_port))
+            .collect(),
+        interval: config.gossip_interval(),
+        phi_threshold: config.phi_threshold,
+        dead_node_grace: std::time::Duration::from_secs(3600),
+        tombstone_grace: std::time::Duration::from_secs(3600),
+    };
+    let record = Agent::node_record(&config, mtu);
+    let initial = vec![(key::NODE.to_owned(), serde_json::to_string(&record)?)];
+    let gossip = Gossip::start(&gossip_config, initial, &chitchat::transport::UdpTransport).await?;
+    info!(
+        node = config.node_name,
+        advertise = %config.advertise,
+        failure_detection = ?gossip_config.failure_detection_time(),
+        "gossip started"
+    );
+
+    let agent = Agent::new(config.clone(), gossip, dataplane);
+    tokio::spawn(agent.clone().run());
+
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    info!(socket = %args.socket.display(), "agent ready");
+    info!(socket = %config.socket.display(), "agent ready");
     tokio::select! {
-        r = api::serve(&args.socket, state.clone()) => r?,
+        r = api::server::serve(&config.socket, agent.clone()) => r?,
         _ = term.recv() => info!("SIGTERM: stopping"),
         _ = int.recv() => info!("SIGINT: stopping"),
     }
-    let _ = std::fs::remove_file(&args.socket);
-    if args.cleanup {
-        let dp = Arc::try_unwrap(state)
-            .map_err(|_| anyhow::anyhow!("dataplane still in use at shutdown"))?
-            .dataplane
-            .into_inner();
-        dp.remove_pins()?;
+    let _ = std::fs::remove_file(&config.socket);
+    if config.cleanup_on_exit {
+        agent.dataplane.lock().await.remove_pins()?;
         info!("dataplane detached and unpinned");
     }
     Ok(())

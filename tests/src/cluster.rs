@@ -44,6 +44,7 @@ pub struct Host {
     agent: Option<Agent>,
     agent_args: Vec<String>,
     log: PathBuf,
+    peers: Vec<String>,
 }
 
 struct Agent {
@@ -89,6 +90,10 @@ impl Cluster {
                 ip,
                 agent: None,
                 agent_args: Vec::new(),
+                peers: (1..=n)
+                    .filter(|j| *j != i)
+                    .map(|j| format!("{UNDERLAY_PREFIX}.{j}"))
+                    .collect(),
             });
         }
         Ok(cluster)
@@ -133,12 +138,37 @@ impl Cluster {
         std::env::temp_dir().join(format!("{}-logs", self.name))
     }
 
-    /// Starts an agent on every host.
+    /// Starts an agent on every host; each joins the others.
     pub fn start_agents(&mut self) -> Result<()> {
-        for h in &mut self.hosts {
-            h.start_agent(&[])?;
+        for i in 1..=self.hosts.len() {
+            self.host_mut(i).start_agent(&[])?;
         }
         Ok(())
+    }
+
+    /// Polls `check` until it returns `Some`, failing with `what` after `timeout`.
+    pub fn eventually<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut check: impl FnMut(&Self) -> Result<Option<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let mut last_err = None;
+        loop {
+            match check(self) {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => last_err = Some(e),
+            }
+            if Instant::now() > deadline {
+                match last_err {
+                    Some(e) => bail!("timed out after {timeout:?} waiting for {what}: {e:#}"),
+                    None => bail!("timed out after {timeout:?} waiting for {what}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -158,6 +188,17 @@ impl Host {
         PathBuf::from("/sys/fs/bpf/mesh").join(self.node_name())
     }
 
+    pub fn state_dir(&self) -> PathBuf {
+        PathBuf::from("/run/mesh")
+            .join(self.node_name())
+            .join("state")
+    }
+
+    /// Each node gets its own cgroup: all namespace hosts share this machine's cgroup tree.
+    pub fn cgroup(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/cgroup/unified/mesh").join(self.node_name())
+    }
+
     /// Starts `mesh-agent run` in this host's namespace and waits until its API answers.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
         if self.agent.is_some() {
@@ -175,11 +216,19 @@ impl Host {
         let child = self
             .ns
             .command(bin("mesh-agent").to_str().expect("utf-8 path"))
-            .args(["run", "--interface", "eth0"])
+            .args(["run", "--interface", "eth0", "--node-name", self.ns.name()])
+            .args(["--advertise", &self.ip])
+            .args(self.peers.iter().flat_map(|p| ["--join", p.as_str()]))
             .arg("--socket")
             .arg(self.socket())
             .arg("--bpffs")
             .arg(self.bpffs())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--cgroup")
+            .arg(self.cgroup())
+            // Keep tests independent of this machine's /etc/mesh.
+            .args(["--config", "/dev/null"])
             .args(&self.agent_args)
             .env("MESH_LOG", "info,mesh_agent=debug")
             .stdin(Stdio::null())

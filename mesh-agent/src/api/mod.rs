@@ -1,0 +1,117 @@
+//! The agent's local API: HTTP/1.1 with JSON bodies over a unix socket, so only local users
+//! allowed by the socket's permissions can reach it. `meshctl` is its client. The types here
+//! are the wire format of both sides.
+
+pub mod client;
+pub mod server;
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{Availability, EndpointMode, NodeStatus, PortSpec, Stamp, TaskState};
+
+/// Default path of the agent's socket.
+pub const DEFAULT_SOCKET: &str = "/run/mesh/agent.sock";
+
+/// An error as the API returns it: a message a user can act on.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortStats {
+    pub port: u16,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// A short stable identifier in Docker's style, derived from a name and its creation stamp
+/// (so a re-created object gets a new one).
+pub fn short_id(name: &str, created: &Stamp) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (name, created).hash(&mut h);
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    pub name: String,
+    pub hostname: String,
+    pub address: Option<Ipv4Addr>,
+    pub status: NodeStatus,
+    pub availability: Availability,
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: Option<String>,
+    /// The node whose agent answered.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkInfo {
+    pub id: String,
+    pub name: String,
+    pub subnet: String,
+    pub gateway: Ipv4Addr,
+    pub vni: u32,
+    /// Nodes that have the network plumbed.
+    pub nodes: Vec<String>,
+    pub tasks: Vec<TaskInfo>,
+    pub created_by: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkCreate {
+    pub name: String,
+    pub subnet: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub name: String,
+    pub service: Option<String>,
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub node: String,
+    pub state: TaskState,
+    /// False while its node is drained or the task is not running.
+    pub active: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub id: String,
+    pub name: String,
+    pub network: String,
+    pub mode: EndpointMode,
+    pub vip: Option<Ipv4Addr>,
+    pub ports: Vec<PortSpec>,
+    pub tasks: Vec<TaskInfo>,
+    pub created_by: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceCreate {
+    pub name: String,
+    pub network: String,
+    /// Docker's short syntax, e.g. `8080:80`, `5353:53/udp`.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub mode: EndpointMode,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeUpdate {
+    pub availability: Option<Availability>,
+    /// `key=value` or `key`.
+    #[serde(default)]
+    pub label_add: Vec<String>,
+    #[serde(default)]
+    pub label_rm: Vec<String>,
+}

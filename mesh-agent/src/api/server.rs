@@ -1,0 +1,346 @@
+//! The API server: routes that turn requests into agent operations and views into answers.
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::Context;
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path as UrlPath, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::de::DeserializeOwned;
+use tokio::net::UnixListener;
+
+use super::{
+    ApiError, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats, ServiceCreate,
+    ServiceInfo, TaskInfo, short_id,
+};
+use crate::{
+    agent::{Agent, Error},
+    cluster::{EndpointView, PortSpec, View},
+};
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Error::Invalid(_) => StatusCode::BAD_REQUEST,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let error = match &self {
+            Error::Internal(e) => format!("{e:#}"),
+            other => other.to_string(),
+        };
+        (status, Json(ApiError { error })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, Error>;
+
+/// Decodes a JSON body with an error that says what was wrong (axum's default rejection is
+/// plain text).
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Invalid(format!("malformed request: {e}")))
+}
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", get(get_node).post(update_node))
+        .route("/v1/networks", get(list_networks).post(create_network))
+        .route(
+            "/v1/networks/{name}",
+            get(get_network).delete(remove_network),
+        )
+        .route("/v1/services", get(list_services).post(create_service))
+        .route(
+            "/v1/services/{name}",
+            get(get_service).delete(remove_service),
+        )
+        .route("/v1/tasks", get(list_tasks))
+        .route("/v1/dataplane/ports", get(port_stats))
+        .with_state(agent)
+}
+
+/// Binds the socket (replacing a stale one left by a killed agent) and serves forever.
+pub async fn serve(socket: &Path, agent: Arc<Agent>) -> anyhow::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    // Only root (and the group the operator chooses) may drive the agent.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    axum::serve(listener, router(agent))
+        .await
+        .context("serving the local API")
+}
+
+// ---- views → answers ---------------------------------------------------------------------
+
+fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
+    let n = view.nodes.get(name)?;
+    Some(NodeInfo {
+        id: short_id(
+            name,
+            &crate::cluster::Stamp {
+                ms: 0,
+                node: name.into(),
+            },
+        ),
+        name: name.to_owned(),
+        hostname: n
+            .record
+            .as_ref()
+            .map(|r| r.hostname.clone())
+            .unwrap_or_default(),
+        address: n.record.as_ref().map(|r| r.address),
+        status: n.status,
+        availability: n.spec.availability,
+        labels: n.spec.labels.clone(),
+        agent_version: n.record.as_ref().map(|r| r.agent_version.clone()),
+        is_self: name == agent.node_name(),
+    })
+}
+
+fn task_info(e: &EndpointView) -> TaskInfo {
+    TaskInfo {
+        name: e.record.task.clone(),
+        service: e.record.service.clone(),
+        network: e.record.network.clone(),
+        ip: e.record.ip,
+        mac: e.record.mac.clone(),
+        node: e.node.clone(),
+        state: e.record.state,
+        active: e.active,
+    }
+}
+
+fn network_info(view: &View, name: &str) -> Option<NetworkInfo> {
+    let n = view.networks.get(name)?;
+    let mut nodes: Vec<String> = view
+        .attachments
+        .iter()
+        .filter(|a| a.record.network == name)
+        .map(|a| a.node.clone())
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    Some(NetworkInfo {
+        id: short_id(name, &n.created),
+        name: name.to_owned(),
+        subnet: n.spec.subnet.to_string(),
+        gateway: n.spec.gateway,
+        vni: n.spec.vni,
+        nodes,
+        tasks: view
+            .endpoints
+            .iter()
+            .filter(|e| e.record.network == name)
+            .map(task_info)
+            .collect(),
+        created_by: n.created.node.clone(),
+    })
+}
+
+fn service_info(view: &View, name: &str) -> Option<ServiceInfo> {
+    let s = view.services.get(name)?;
+    Some(ServiceInfo {
+        id: short_id(name, &s.created),
+        name: name.to_owned(),
+        network: s.spec.network.clone(),
+        mode: s.spec.mode,
+        vip: s.spec.vip,
+        ports: s.spec.ports.clone(),
+        tasks: view.backends(name).map(task_info).collect(),
+        created_by: s.created.node.clone(),
+    })
+}
+
+// ---- handlers ----------------------------------------------------------------------------
+
+async fn list_nodes(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<NodeInfo>> {
+    let view = agent.refresh().await;
+    Ok(Json(
+        view.nodes
+            .keys()
+            .filter_map(|n| node_info(&agent, &view, n))
+            .collect(),
+    ))
+}
+
+async fn get_node(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<NodeInfo> {
+    let view = agent.refresh().await;
+    let name = resolve_node_name(&agent, &view, &name);
+    node_info(&agent, &view, &name)
+        .map(Json)
+        .ok_or_else(|| Error::NotFound(format!("node {name} not found (see `meshctl node ls`)")))
+}
+
+/// `self` names the answering node, as Docker's `node inspect self`.
+fn resolve_node_name(agent: &Agent, _view: &View, name: &str) -> String {
+    if name == "self" {
+        agent.node_name().to_owned()
+    } else {
+        name.to_owned()
+    }
+}
+
+async fn update_node(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    bytes: Bytes,
+) -> ApiResult<NodeInfo> {
+    let req: NodeUpdate = body(&bytes)?;
+    let mut add = Vec::new();
+    for l in &req.label_add {
+        let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
+        if k.is_empty() {
+            return Err(Error::Invalid(format!(
+                "invalid label {l:?}: expected key=value or key"
+            )));
+        }
+        add.push((k.to_owned(), v.to_owned()));
+    }
+    let view = agent.view();
+    let name = resolve_node_name(&agent, &view, &name);
+    agent
+        .update_node(&name, |spec| {
+            if let Some(a) = req.availability {
+                spec.availability = a;
+            }
+            for (k, v) in add {
+                spec.labels.insert(k, v);
+            }
+            for k in &req.label_rm {
+                spec.labels.remove(k);
+            }
+        })
+        .await?;
+    let view = agent.refresh().await;
+    node_info(&agent, &view, &name)
+        .map(Json)
+        .ok_or_else(|| Error::NotFound(format!("node {name} not found")))
+}
+
+async fn list_networks(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<NetworkInfo>> {
+    let view = agent.refresh().await;
+    Ok(Json(
+        view.networks
+            .keys()
+            .filter_map(|n| network_info(&view, n))
+            .collect(),
+    ))
+}
+
+async fn get_network(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<NetworkInfo> {
+    let view = agent.refresh().await;
+    network_info(&view, &name).map(Json).ok_or_else(|| {
+        Error::NotFound(format!(
+            "network {name} not found (see `meshctl network ls`)"
+        ))
+    })
+}
+
+async fn create_network(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiResult<NetworkInfo> {
+    let req: NetworkCreate = body(&bytes)?;
+    agent
+        .create_network(&req.name, req.subnet.as_deref())
+        .await?;
+    let view = agent.view();
+    network_info(&view, &req.name).map(Json).ok_or_else(|| {
+        Error::Internal(anyhow::anyhow!(
+            "network {} vanished right after creation",
+            req.name
+        ))
+    })
+}
+
+async fn remove_network(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    agent.remove_network(&name).await?;
+    Ok(Json(serde_json::json!({ "removed": name })))
+}
+
+async fn list_services(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<ServiceInfo>> {
+    let view = agent.refresh().await;
+    Ok(Json(
+        view.services
+            .keys()
+            .filter_map(|n| service_info(&view, n))
+            .collect(),
+    ))
+}
+
+async fn get_service(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<ServiceInfo> {
+    let view = agent.refresh().await;
+    service_info(&view, &name).map(Json).ok_or_else(|| {
+        Error::NotFound(format!(
+            "service {name} not found (see `meshctl service ls`)"
+        ))
+    })
+}
+
+async fn create_service(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiResult<ServiceInfo> {
+    let req: ServiceCreate = body(&bytes)?;
+    let ports = req
+        .publish
+        .iter()
+        .map(|p| p.parse::<PortSpec>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Error::Invalid)?;
+    agent
+        .create_service(&req.name, &req.network, req.mode, &ports)
+        .await?;
+    let view = agent.view();
+    service_info(&view, &req.name).map(Json).ok_or_else(|| {
+        Error::Internal(anyhow::anyhow!(
+            "service {} vanished right after creation",
+            req.name
+        ))
+    })
+}
+
+async fn remove_service(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    agent.remove_service(&name).await?;
+    Ok(Json(serde_json::json!({ "removed": name })))
+}
+
+async fn list_tasks(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<TaskInfo>> {
+    let view = agent.refresh().await;
+    Ok(Json(view.endpoints.iter().map(task_info).collect()))
+}
+
+async fn port_stats(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<PortStats>> {
+    let dp = agent.dataplane.lock().await;
+    let stats = dp
+        .port_counters()?
+        .into_iter()
+        .map(|(port, c)| PortStats {
+            port,
+            packets: c.packets,
+            bytes: c.bytes,
+        })
+        .collect();
+    Ok(Json(stats))
+}

@@ -1,0 +1,535 @@
+//! The merged view of the cluster computed from every node's gossiped keys.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use super::{
+    AttachmentRecord, BlockClaim, EndpointRecord, NetworkSpec, NodeRecord, NodeSpec, Protocol,
+    ServiceSpec, Stamp, TaskState, ipam, key,
+    replicated::{self, Replicated},
+};
+
+/// How long a deletion is remembered and republished. A node that was away longer than this
+/// and comes back holding a deleted object brings it back; a day covers maintenance windows.
+pub const TOMBSTONE_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// One node's keys as gossip holds them.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotNode {
+    pub name: String,
+    /// Incremented on every agent start; the newest generation of a name speaks for it.
+    pub generation: u64,
+    /// Whether the failure detector considers this generation alive.
+    pub live: bool,
+    pub kv: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub nodes: Vec<SnapshotNode>,
+    pub now_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeStatus {
+    Ready,
+    Down,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub record: Option<NodeRecord>,
+    pub spec: NodeSpec,
+    pub status: NodeStatus,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointView {
+    pub node: String,
+    /// The node's underlay address: where this endpoint's VXLAN packets go.
+    pub vtep: Ipv4Addr,
+    #[serde(flatten)]
+    pub record: EndpointRecord,
+    /// False while its node is drained: it keeps its flows but gets no new ones.
+    pub active: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentView {
+    pub node: String,
+    pub vtep: Ipv4Addr,
+    #[serde(flatten)]
+    pub record: AttachmentRecord,
+}
+
+/// An object that lost against an older one, with the reason, for the API to report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict<T> {
+    pub object: Replicated<T>,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub nodes: BTreeMap<String, NodeView>,
+    pub networks: BTreeMap<String, Replicated<NetworkSpec>>,
+    pub services: BTreeMap<String, Replicated<ServiceSpec>>,
+    pub network_conflicts: Vec<Conflict<NetworkSpec>>,
+    pub service_conflicts: Vec<Conflict<ServiceSpec>>,
+    /// Endpoints of live nodes only: a dead node's tasks leave every load balancer at once.
+    pub endpoints: Vec<EndpointView>,
+    pub attachments: Vec<AttachmentView>,
+    /// Per network, the winning claim of every claimed block (dead nodes' claims included,
+    /// so their addresses are not reused while they may come back).
+    pub blocks: BTreeMap<String, BTreeMap<u32, Stamp>>,
+    /// Replicated keys this node should hold, with their values; its other `obj:` keys go.
+    pub republish: BTreeMap<String, String>,
+    /// Stamps seen in replicated objects, to move the local clock past them.
+    pub newest_stamp: Option<Stamp>,
+}
+
+impl View {
+    pub fn compute(snapshot: &Snapshot) -> Self {
+        let mut view = View::default();
+        // The newest generation of each node name speaks for it.
+        let mut newest: BTreeMap<&str, &SnapshotNode> = BTreeMap::new();
+        for n in &snapshot.nodes {
+            match newest.get(n.name.as_str()) {
+                Some(prev) if prev.generation >= n.generation => {}
+                _ => {
+                    newest.insert(&n.name, n);
+                }
+            }
+        }
+
+        let node_specs = merge_kind::<NodeSpec>(snapshot, key::NODE_SPEC, &mut view);
+        for (name, n) in &newest {
+            let record: Option<NodeRecord> = n.kv.get(key::NODE).and_then(|v| decode(v));
+            let spec = node_specs
+                .get(*name)
+                .map(|r| r.spec.clone())
+                .unwrap_or_default();
+            view.nodes.insert(
+                name.to_string(),
+                NodeView {
+                    name: name.to_string(),
+                    record,
+                    spec,
+                    status: if n.live {
+                        NodeStatus::Ready
+                    } else {
+                        NodeStatus::Down
+                    },
+                },
+            );
+        }
+
+        let networks = merge_kind::<NetworkSpec>(snapshot, key::NETWORK, &mut view);
+        view.accept_networks(networks);
+        let services = merge_kind::<ServiceSpec>(snapshot, key::SERVICE, &mut view);
+        view.accept_services(services);
+        // Objects that lost a conflict are not republished: they fade from the cluster and
+        // their creator reports the error.
+        let rejected: BTreeSet<String> = view
+            .network_conflicts
+            .iter()
+            .map(|c| format!("{}{}", key::NETWORK, c.object.spec.name))
+            .chain(
+                view.service_conflicts
+                    .iter()
+                    .map(|c| format!("{}{}", key::SERVICE, c.object.spec.name)),
+            )
+            .collect();
+        view.republish.retain(|k, _| !rejected.contains(k));
+
+        for (name, n) in &newest {
+            let Some(vtep) = view.nodes[*name].record.as_ref().map(|r| r.address) else {
+                continue;
+            };
+            let active = view.nodes[*name].spec.availability == super::Availability::Active;
+            for (k, v) in &n.kv {
+                if let Some(task) = k.strip_prefix(key::ENDPOINT) {
+                    if !n.live {
+                        continue;
+                    }
+                    let Some(record) = decode::<EndpointRecord>(v) else {
+                        continue;
+                    };
+                    if record.task != task || !view.networks.contains_key(&record.network) {
+                        continue;
+                    }
+                    view.endpoints.push(EndpointView {
+                        node: name.to_string(),
+                        vtep,
+                        active: active && record.state == TaskState::Running,
+                        record,
+                    });
+                } else if k.starts_with(key::ATTACHMENT) {
+                    if !n.live {
+                        continue;
+                    }
+                    let Some(record) = decode::<AttachmentRecord>(v) else {
+                        continue;
+                    };
+                    if view.networks.contains_key(&record.network) {
+                        view.attachments.push(AttachmentView {
+                            node: name.to_string(),
+                            vtep,
+                            record,
+                        });
+                    }
+                } else if k.starts_with(key::BLOCK) {
+                    let Some(claim) = decode::<BlockClaim>(v) else {
+                        continue;
+                    };
+                    view.blocks
+                        .entry(claim.network.clone())
+                        .or_default()
+                        .entry(claim.index)
+                        .and_modify(|s| {
+                            if claim.stamp < *s {
+                                *s = claim.stamp.clone();
+                            }
+                        })
+                        .or_insert(claim.stamp);
+                }
+            }
+        }
+        view
+    }
+
+    fn accept_networks(&mut self, merged: BTreeMap<String, Replicated<NetworkSpec>>) {
+        let mut by_age: Vec<_> = merged.into_values().collect();
+        by_age.sort_by(|a, b| a.created.cmp(&b.created));
+        for n in by_age {
+            let reason = if ipam::validate_subnet(n.spec.subnet).is_err() {
+                Some(format!("subnet {} is not valid", n.spec.subnet))
+            } else if let Some(other) = self.networks.values().find(|o| {
+                o.spec.subnet.contains(&n.spec.subnet.network())
+                    || n.spec.subnet.contains(&o.spec.subnet.network())
+            }) {
+                Some(format!(
+                    "subnet {} overlaps {} of network {}",
+                    n.spec.subnet, other.spec.subnet, other.spec.name
+                ))
+            } else if let Some(other) = self.networks.values().find(|o| o.spec.vni == n.spec.vni) {
+                Some(format!(
+                    "VNI {} is used by network {}",
+                    n.spec.vni, other.spec.name
+                ))
+            } else {
+                None
+            };
+            match reason {
+                Some(reason) => self.network_conflicts.push(Conflict { object: n, reason }),
+                None => {
+                    self.networks.insert(n.spec.name.clone(), n);
+                }
+            }
+        }
+    }
+
+    fn accept_services(&mut self, merged: BTreeMap<String, Replicated<ServiceSpec>>) {
+        let mut by_age: Vec<_> = merged.into_values().collect();
+        by_age.sort_by(|a, b| a.created.cmp(&b.created));
+        let mut published: BTreeMap<(Protocol, u16), String> = BTreeMap::new();
+        for s in by_age {
+            let taken = s.spec.ports.iter().find_map(|p| {
+                let port = p.published?;
+                published.get(&(p.protocol, port)).map(|owner| {
+                    format!(
+                        "port {port}/{} is already published by service {owner}",
+                        p.protocol
+                    )
+                })
+            });
+            let reason = if !self.networks.contains_key(&s.spec.network) {
+                Some(format!("network {} does not exist", s.spec.network))
+            } else {
+                taken
+            };
+            match reason {
+                Some(reason) => self.service_conflicts.push(Conflict { object: s, reason }),
+                None => {
+                    for p in &s.spec.ports {
+                        if let Some(port) = p.published {
+                            published.insert((p.protocol, port), s.spec.name.clone());
+                        }
+                    }
+                    self.services.insert(s.spec.name.clone(), s);
+                }
+            }
+        }
+    }
+
+    /// Tasks (endpoints) of a service that receive new connections.
+    pub fn backends<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a EndpointView> {
+        self.endpoints
+            .iter()
+            .filter(move |e| e.record.service.as_deref() == Some(service))
+    }
+
+    /// The node whose own record says it has this name and is live.
+    pub fn node_address(&self, node: &str) -> Option<Ipv4Addr> {
+        self.nodes.get(node)?.record.as_ref().map(|r| r.address)
+    }
+
+    /// Every address in use on a network, cluster-wide: endpoints, node attachments, VIPs.
+    pub fn used_addresses(&self, network: &str) -> BTreeSet<Ipv4Addr> {
+        let mut used: BTreeSet<Ipv4Addr> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.record.network == network)
+            .map(|e| e.record.ip)
+            .collect();
+        used.extend(
+            self.attachments
+                .iter()
+                .filter(|a| a.record.network == network)
+                .map(|a| a.record.ip),
+        );
+        used.extend(
+            self.services
+                .values()
+                .filter(|s| s.spec.network == network)
+                .filter_map(|s| s.spec.vip),
+        );
+        used
+    }
+}
+
+fn decode<T: DeserializeOwned>(v: &str) -> Option<T> {
+    serde_json::from_str(v).ok()
+}
+
+/// Merges every copy of every name of one kind; records what to republish.
+fn merge_kind<T: Clone + Serialize + DeserializeOwned>(
+    snapshot: &Snapshot,
+    prefix: &str,
+    view: &mut View,
+) -> BTreeMap<String, Replicated<T>> {
+    let mut copies: BTreeMap<String, Vec<Replicated<T>>> = BTreeMap::new();
+    for n in &snapshot.nodes {
+        for (k, v) in n.kv.range(prefix.to_owned()..) {
+            let Some(name) = k.strip_prefix(prefix) else {
+                break;
+            };
+            if let Some(r) = replicated::decode::<T>(v) {
+                copies.entry(name.to_owned()).or_default().push(r);
+            }
+        }
+    }
+    let mut live = BTreeMap::new();
+    for (name, copies) in copies {
+        for c in &copies {
+            for s in [Some(&c.updated), c.deleted.as_ref()].into_iter().flatten() {
+                if view.newest_stamp.as_ref().is_none_or(|n| s > n) {
+                    view.newest_stamp = Some(s.clone());
+                }
+            }
+        }
+        let merged = replicated::merge(&copies);
+        if let Some(copy) = merged.republish(TOMBSTONE_TTL_MS, snapshot.now_ms)
+            && let Ok(json) = serde_json::to_string(&copy)
+        {
+            view.republish.insert(format!("{prefix}{name}"), json);
+        }
+        if let Some(l) = merged.live {
+            live.insert(name, l);
+        }
+    }
+    live
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{EndpointMode, PortSpec};
+
+    fn st(ms: u64, node: &str) -> Stamp {
+        Stamp {
+            ms,
+            node: node.into(),
+        }
+    }
+
+    fn node(name: &str, ip: &str, live: bool) -> SnapshotNode {
+        let rec = NodeRecord {
+            name: name.into(),
+            hostname: name.into(),
+            address: ip.parse().unwrap(),
+            mtu: 1500,
+            agent_version: "test".into(),
+        };
+        let mut kv = BTreeMap::new();
+        kv.insert(key::NODE.into(), serde_json::to_string(&rec).unwrap());
+        SnapshotNode {
+            name: name.into(),
+            generation: 1,
+            live,
+            kv,
+        }
+    }
+
+    fn put<T: Serialize>(n: &mut SnapshotNode, k: String, v: &T) {
+        n.kv.insert(k, serde_json::to_string(v).unwrap());
+    }
+
+    fn network(name: &str, subnet: &str, vni: u32, at: Stamp) -> Replicated<NetworkSpec> {
+        let subnet = subnet.parse().unwrap();
+        Replicated::new(
+            NetworkSpec {
+                name: name.into(),
+                subnet,
+                gateway: ipam::default_gateway(subnet),
+                vni,
+            },
+            at,
+        )
+    }
+
+    #[test]
+    fn concurrent_network_creates_resolve_the_same_way_everywhere() {
+        let mut a = node("a", "192.0.2.1", true);
+        let mut b = node("b", "192.0.2.2", true);
+        put(
+            &mut a,
+            format!("{}app", key::NETWORK),
+            &network("app", "10.1.0.0/24", 4096, st(10, "a")),
+        );
+        put(
+            &mut b,
+            format!("{}app", key::NETWORK),
+            &network("app", "10.2.0.0/24", 4096, st(11, "b")),
+        );
+        // Different name, overlapping subnet, later: rejected with a reason.
+        put(
+            &mut b,
+            format!("{}db", key::NETWORK),
+            &network("db", "10.1.0.0/16", 4097, st(12, "b")),
+        );
+        for nodes in [vec![a.clone(), b.clone()], vec![b.clone(), a.clone()]] {
+            let v = View::compute(&Snapshot { nodes, now_ms: 100 });
+            assert_eq!(v.networks.len(), 1);
+            assert_eq!(v.networks["app"].spec.subnet.to_string(), "10.1.0.0/24");
+            assert_eq!(v.network_conflicts.len(), 1);
+            assert!(
+                v.network_conflicts[0].reason.contains("overlaps"),
+                "{:?}",
+                v.network_conflicts
+            );
+            assert!(v.republish.contains_key("obj:net:app"));
+            assert!(!v.republish.contains_key("obj:net:db"));
+        }
+    }
+
+    #[test]
+    fn a_dead_nodes_endpoints_leave_at_once_but_its_blocks_stay_claimed() {
+        let mut a = node("a", "192.0.2.1", true);
+        let mut b = node("b", "192.0.2.2", false);
+        put(
+            &mut a,
+            format!("{}app", key::NETWORK),
+            &network("app", "10.1.0.0/24", 4096, st(10, "a")),
+        );
+        let ep = EndpointRecord {
+            task: "web1".into(),
+            network: "app".into(),
+            service: Some("web".into()),
+            ip: "10.1.0.20".parse().unwrap(),
+            mac: "02:42:0a:01:00:14".into(),
+            state: TaskState::Running,
+        };
+        put(&mut b, format!("{}web1", key::ENDPOINT), &ep);
+        put(
+            &mut b,
+            format!("{}app:1", key::BLOCK),
+            &BlockClaim {
+                network: "app".into(),
+                index: 1,
+                stamp: st(5, "b"),
+            },
+        );
+        let v = View::compute(&Snapshot {
+            nodes: vec![a.clone(), b.clone()],
+            now_ms: 100,
+        });
+        assert!(v.endpoints.is_empty());
+        assert_eq!(v.nodes["b"].status, NodeStatus::Down);
+        assert_eq!(v.blocks["app"][&1].node, "b");
+
+        b.live = true;
+        let v = View::compute(&Snapshot {
+            nodes: vec![a, b],
+            now_ms: 100,
+        });
+        assert_eq!(v.endpoints.len(), 1);
+        assert_eq!(v.endpoints[0].vtep.to_string(), "192.0.2.2");
+        assert!(v.endpoints[0].active);
+    }
+
+    #[test]
+    fn a_port_published_twice_goes_to_the_older_service() {
+        let mut a = node("a", "192.0.2.1", true);
+        put(
+            &mut a,
+            format!("{}app", key::NETWORK),
+            &network("app", "10.1.0.0/24", 4096, st(1, "a")),
+        );
+        let svc = |name: &str, at| {
+            Replicated::new(
+                ServiceSpec {
+                    name: name.into(),
+                    network: "app".into(),
+                    mode: EndpointMode::Vip,
+                    vip: None,
+                    ports: vec![PortSpec {
+                        protocol: Protocol::Tcp,
+                        published: Some(8080),
+                        target: 80,
+                    }],
+                },
+                at,
+            )
+        };
+        put(
+            &mut a,
+            format!("{}web", key::SERVICE),
+            &svc("web", st(5, "a")),
+        );
+        put(
+            &mut a,
+            format!("{}api", key::SERVICE),
+            &svc("api", st(6, "a")),
+        );
+        let v = View::compute(&Snapshot {
+            nodes: vec![a],
+            now_ms: 100,
+        });
+        assert!(v.services.contains_key("web"));
+        assert_eq!(v.service_conflicts.len(), 1);
+        assert_eq!(
+            v.service_conflicts[0].reason,
+            "port 8080/tcp is already published by service web"
+        );
+    }
+
+    #[test]
+    fn the_newest_generation_of_a_restarted_node_speaks_for_it() {
+        let mut old = node("a", "192.0.2.1", false);
+        old.generation = 1;
+        let mut new = node("a", "192.0.2.9", true);
+        new.generation = 2;
+        let v = View::compute(&Snapshot {
+            nodes: vec![new, old],
+            now_ms: 0,
+        });
+        assert_eq!(v.nodes["a"].status, NodeStatus::Ready);
+        assert_eq!(v.node_address("a").unwrap().to_string(), "192.0.2.9");
+    }
+}

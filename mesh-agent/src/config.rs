@@ -1,0 +1,210 @@
+//! Agent configuration: /etc/mesh/agent.toml, overridden by command-line flags. Every flag has
+//! a config key of the same name (dashes become underscores).
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG: &str = "/etc/mesh/agent.toml";
+
+/// The agent's settings, after file and flags are merged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Unique name of this node in the cluster (default: the hostname).
+    pub node_name: Option<String>,
+    /// Underlay address peers reach this node at: VXLAN endpoint, gossip, published ports.
+    pub advertise: Option<Ipv4Addr>,
+    /// Underlay interface (default: the one holding the advertise address).
+    pub interface: Option<String>,
+    /// Peers to join, `host[:port]`.
+    pub join: Vec<String>,
+    /// Cluster name: agents with different names ignore each other.
+    pub cluster: String,
+    pub gossip_port: u16,
+    /// File holding the cluster key(s) that authenticate gossip.
+    pub cluster_key_file: Option<PathBuf>,
+    pub gossip_interval_ms: u64,
+    /// A silent peer is declared dead after about phi_threshold × gossip_interval.
+    pub phi_threshold: f64,
+    /// How long a create waits for concurrent creates elsewhere before it is final.
+    pub settle_ms: u64,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+    /// cgroup v2 directory whose processes get the socket load balancer; tasks are placed in
+    /// children of it.
+    pub cgroup: PathBuf,
+    /// Resolvers for names outside the mesh (default: the host's /etc/resolv.conf at start).
+    pub dns_upstreams: Vec<SocketAddr>,
+    /// On exit, tear the dataplane down instead of leaving it forwarding.
+    pub cleanup_on_exit: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            node_name: None,
+            advertise: None,
+            interface: None,
+            join: Vec::new(),
+            cluster: "mesh".into(),
+            gossip_port: crate::gossip::DEFAULT_PORT,
+            cluster_key_file: None,
+            gossip_interval_ms: 100,
+            phi_threshold: 8.0,
+            settle_ms: 1000,
+            socket: crate::api::DEFAULT_SOCKET.into(),
+            state_dir: "/var/lib/mesh".into(),
+            bpffs: "/sys/fs/bpf/mesh".into(),
+            cgroup: "/sys/fs/cgroup/unified/mesh".into(),
+            dns_upstreams: Vec::new(),
+            cleanup_on_exit: false,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads a config file; a missing default file is an empty config, a missing explicit one
+    /// an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text)
+                .with_context(|| format!("{} is not a valid agent config", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub fn gossip_interval(&self) -> Duration {
+        Duration::from_millis(self.gossip_interval_ms)
+    }
+
+    pub fn settle(&self) -> Duration {
+        Duration::from_millis(self.settle_ms)
+    }
+
+    /// Fills what was left out from the host, and checks the rest.
+    pub fn resolve(mut self) -> Result<ResolvedConfig> {
+        let advertise = match self.advertise {
+            Some(a) => a,
+            None => bail!(
+                "no advertise address: pass --advertise <underlay IPv4> or set advertise in {DEFAULT_CONFIG}"
+            ),
+        };
+        let interface = match self.interface.take() {
+            Some(i) => i,
+            None => interface_with_address(advertise)?.with_context(|| {
+                format!("no interface holds {advertise}: pass --interface or fix --advertise")
+            })?,
+        };
+        let node_name = match self.node_name.take() {
+            Some(n) => n,
+            None => nix::unistd::gethostname()
+                .context("reading the hostname")?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        if node_name.is_empty()
+            || node_name.len() > 64
+            || node_name.contains(|c: char| c.is_whitespace() || c == '/')
+        {
+            bail!(
+                "node name {node_name:?} is not valid: use up to 64 characters without spaces or slashes"
+            );
+        }
+        if !(1.0..=1000.0).contains(&self.phi_threshold) {
+            bail!(
+                "phi_threshold {} is out of range: use 1 to 1000 (8 is typical)",
+                self.phi_threshold
+            );
+        }
+        if self.gossip_interval_ms == 0 {
+            bail!("gossip_interval_ms must be positive");
+        }
+        Ok(ResolvedConfig {
+            node_name,
+            advertise,
+            interface,
+            config: self,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ResolvedConfig {
+    pub node_name: String,
+    pub advertise: Ipv4Addr,
+    pub interface: String,
+    pub config: AgentConfig,
+}
+
+impl std::ops::Deref for ResolvedConfig {
+    type Target = AgentConfig;
+    fn deref(&self) -> &AgentConfig {
+        &self.config
+    }
+}
+
+/// The interface that holds `addr`, from getifaddrs.
+fn interface_with_address(addr: Ipv4Addr) -> Result<Option<String>> {
+    let addrs = nix::ifaddrs::getifaddrs().context("listing interfaces")?;
+    for ifa in addrs {
+        if let Some(sa) = ifa.address
+            && let Some(sin) = sa.as_sockaddr_in()
+            && sin.ip() == addr
+        {
+            return Ok(Some(ifa.interface_name));
+        }
+    }
+    Ok(None)
+}
+
+/// Upstream resolvers from a resolv.conf, skipping loopback ones (they would be ourselves or
+/// a local stub that cannot be reached from task namespaces).
+pub fn upstreams_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
+        })
+        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+        .filter(|ip| !ip.is_loopback())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_has_a_default_and_unknown_keys_are_errors() {
+        let c: AgentConfig =
+            toml::from_str("advertise = \"192.0.2.1\"\njoin = [\"192.0.2.2\"]").unwrap();
+        assert_eq!(c.advertise, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(c.gossip_port, 7946);
+        let e = toml::from_str::<AgentConfig>("advertize = \"192.0.2.1\"").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn resolv_conf_upstreams_skip_loopback() {
+        let text = "search example\nnameserver 127.0.0.53\nnameserver 192.0.2.53\nnameserver 2001:db8::1\n";
+        let got = upstreams_from_resolv_conf(text);
+        assert_eq!(
+            got,
+            vec![
+                "192.0.2.53:53".parse().unwrap(),
+                "[2001:db8::1]:53".parse().unwrap()
+            ]
+        );
+    }
+}

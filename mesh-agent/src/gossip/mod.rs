@@ -1,0 +1,182 @@
+//! The agent's membership and state dissemination: chitchat over UDP.
+//!
+//! Each agent owns its keys (see `cluster::key`); chitchat spreads them, detects failed nodes
+//! with a phi-accrual detector, and keeps tombstones of deleted keys for a grace period. This
+//! module hides chitchat behind a small surface: write own keys, take a [`Snapshot`] of
+//! everyone's, and wait for changes.
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use chitchat::{
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion,
+    spawn_chitchat, transport::Transport,
+};
+use tokio::sync::Notify;
+
+use crate::cluster::{Clock, Snapshot, SnapshotNode};
+
+/// Docker Swarm's gossip port, kept for familiarity.
+pub const DEFAULT_PORT: u16 = 7946;
+
+#[derive(Clone, Debug)]
+pub struct GossipConfig {
+    pub node: String,
+    /// Cluster name: agents of different clusters ignore each other.
+    pub cluster: String,
+    pub listen: SocketAddr,
+    pub advertise: SocketAddr,
+    /// Peers to contact first (`host:port`).
+    pub seeds: Vec<String>,
+    pub interval: Duration,
+    /// A peer is declared dead once silent for about `phi_threshold` × its mean heartbeat
+    /// interval (≈ `interval` when gossip flows normally).
+    pub phi_threshold: f64,
+    /// How long a dead node's keys are kept (its address blocks stay reserved meanwhile).
+    pub dead_node_grace: Duration,
+    /// How long deleted keys are remembered so late peers learn of the deletion.
+    pub tombstone_grace: Duration,
+}
+
+impl GossipConfig {
+    /// The time after which a silent peer is declared dead, as configured.
+    pub fn failure_detection_time(&self) -> Duration {
+        self.interval.mul_f64(self.phi_threshold)
+    }
+}
+
+pub struct Gossip {
+    handle: ChitchatHandle,
+    /// Woken on local writes; chitchat itself only notices them on its next round.
+    local_change: Arc<Notify>,
+}
+
+impl Gossip {
+    pub async fn start(
+        config: &GossipConfig,
+        initial: Vec<(String, String)>,
+        transport: &dyn Transport,
+    ) -> Result<Self> {
+        let chitchat_id = ChitchatId::new(config.node.clone(), Clock::now_ms(), config.advertise);
+        let chitchat_config = ChitchatConfig {
+            chitchat_id,
+            cluster_id: config.cluster.clone(),
+            gossip_interval: config.interval,
+            listen_addr: config.listen,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: config.phi_threshold,
+                sampling_window_size: 1000,
+                // Silences longer than this are failures, not samples of the normal interval.
+                max_interval: config.interval * 10,
+                initial_interval: config.interval,
+                dead_node_grace_period: config.dead_node_grace,
+            },
+            marked_for_deletion_grace_period: config.tombstone_grace,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: ProtocolVersion::V0,
+        };
+        let handle = spawn_chitchat(chitchat_config, initial, transport)
+            .await
+            .with_context(|| format!("starting gossip on {}", config.listen))?;
+        Ok(Self {
+            handle,
+            local_change: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Writes this node's keys (set when `Some`, delete when `None`) in one step.
+    pub async fn write(&self, changes: impl IntoIterator<Item = (String, Option<String>)>) {
+        let chitchat = self.handle.chitchat();
+        let mut cc = chitchat.lock().await;
+        let state = cc.self_node_state();
+        let mut changed = false;
+        for (k, v) in changes {
+            match v {
+                Some(v) => {
+                    if state.get(&k) != Some(v.as_str()) {
+                        state.set(k, v);
+                        changed = true;
+                    }
+                }
+                None => {
+                    if state.get(&k).is_some() {
+                        state.delete(&k);
+                        changed = true;
+                    }
+                }
+            }
+        }
+        drop(cc);
+        if changed {
+            self.local_change.notify_one();
+        }
+    }
+
+    /// This node's own live keys.
+    pub async fn own_keys(&self) -> BTreeMap<String, String> {
+        let chitchat = self.handle.chitchat();
+        let mut cc = chitchat.lock().await;
+        cc.self_node_state()
+            .key_values()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    pub async fn snapshot(&self) -> Snapshot {
+        let chitchat = self.handle.chitchat();
+        let cc = chitchat.lock().await;
+        let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
+        let nodes = cc
+            .node_states()
+            .iter()
+            .map(|(id, state)| SnapshotNode {
+                name: id.node_id.to_string(),
+                generation: id.generation_id,
+                live: live.contains(id),
+                kv: state
+                    .key_values()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+            })
+            .collect();
+        Snapshot {
+            nodes,
+            now_ms: Clock::now_ms(),
+        }
+    }
+
+    /// Resolves when the cluster may have changed: a peer's keys, membership or liveness
+    /// (chitchat's live-node watch) or a local write.
+    pub async fn changes(&self) -> Changes {
+        let watcher = self.handle.chitchat().lock().await.live_nodes_watcher();
+        Changes {
+            watcher,
+            local: self.local_change.clone(),
+        }
+    }
+
+    pub async fn shutdown(self) -> Result<()> {
+        self.handle.shutdown().await
+    }
+}
+
+pub struct Changes {
+    watcher: tokio::sync::watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>>,
+    local: Arc<Notify>,
+}
+
+impl Changes {
+    pub async fn next(&mut self) {
+        tokio::select! {
+            r = self.watcher.changed() => {
+                if r.is_err() {
+                    // Gossip stopped; nothing will change any more.
+                    std::future::pending::<()>().await;
+                }
+            }
+            _ = self.local.notified() => {}
+        }
+    }
+}
