@@ -2,7 +2,7 @@
 //! carries out what the API asks (create a network, a service, ...).
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::Ipv4Addr,
     sync::{Arc, Mutex as StdMutex},
     time::Duration,
@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context;
 use ipnet::Ipv4Net;
 use tokio::sync::{Mutex, Notify, watch};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     cluster::{
@@ -49,6 +49,8 @@ pub struct Agent {
     ipam: Mutex<BTreeSet<(String, Ipv4Addr)>>,
     pub dataplane: Mutex<Dataplane>,
     reconcile_now: Notify,
+    /// What was last written to the state file, to skip identical rewrites.
+    persisted: Mutex<BTreeMap<String, String>>,
 }
 
 impl Agent {
@@ -60,6 +62,7 @@ impl Agent {
             ipam: Mutex::new(BTreeSet::new()),
             dataplane: Mutex::new(dataplane),
             reconcile_now: Notify::new(),
+            persisted: Mutex::new(BTreeMap::new()),
             gossip,
             config,
         })
@@ -119,6 +122,28 @@ impl Agent {
         }
         self.republish(&view).await;
         self.view.send_replace(Arc::new(view));
+        if let Err(e) = self.persist().await {
+            warn!("cannot save this node's state: {e:#}");
+        }
+    }
+
+    /// Saves this node's gossip keys so a restarted agent re-asserts them (with their original
+    /// stamps, so nothing it owned is lost or re-ordered).
+    async fn persist(&self) -> anyhow::Result<()> {
+        let own = self.gossip.own_keys().await;
+        let mut last = self.persisted.lock().await;
+        if *last == own {
+            return Ok(());
+        }
+        let path = state_file(&self.config.state_dir);
+        std::fs::create_dir_all(&self.config.state_dir)
+            .with_context(|| format!("creating {}", self.config.state_dir.display()))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&own)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path)?;
+        *last = own;
+        Ok(())
     }
 
     /// Makes this node's replicated keys equal the merged view, and drops block claims it
@@ -504,6 +529,29 @@ impl Agent {
             .write([(format!("{prefix}{name}"), Some(json))])
             .await;
         Ok(())
+    }
+}
+
+fn state_file(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("gossip-keys.json")
+}
+
+/// The keys a previous run of this node owned, to publish again at start. The node record is
+/// rebuilt fresh; a missing or unreadable file means a first start.
+pub fn load_own_keys(state_dir: &std::path::Path) -> BTreeMap<String, String> {
+    let path = state_file(state_dir);
+    match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<BTreeMap<String, String>>(&bytes) {
+            Ok(mut keys) => {
+                keys.remove(key::NODE);
+                keys
+            }
+            Err(e) => {
+                warn!("ignoring unreadable {}: {e}", path.display());
+                BTreeMap::new()
+            }
+        },
+        Err(_) => BTreeMap::new(),
     }
 }
 

@@ -8,4 +8,5 @@ pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod gossip;
+pub mod install;
 pub mod logging;

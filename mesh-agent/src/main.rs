@@ -24,6 +24,12 @@ struct Args {
 enum Command {
     /// Run the agent in the foreground.
     Run(RunArgs),
+    /// Install the binaries, the systemd unit and a default config.
+    Install {
+        /// Install under this directory instead of / (for packaging).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
 }
 
 /// Flags override the config file; each has a config key of the same name.
@@ -146,11 +152,23 @@ async fn main() {
             Ok(c) => run_agent(c).await,
             Err(e) => Err(e),
         },
+        Command::Install { root } => install(&root),
     };
     if let Err(e) = result {
         tracing::error!("{e:#}");
         std::process::exit(1);
     }
+}
+
+fn install(root: &std::path::Path) -> Result<()> {
+    for path in mesh_agent::install::install(root)? {
+        println!("installed {}", path.display());
+    }
+    println!(
+        "next: set `advertise` (and `join`) in /etc/mesh/agent.toml, then\n  \
+         systemctl daemon-reload && systemctl enable --now mesh-agent"
+    );
+    Ok(())
 }
 
 fn with_port(peer: &str, default: u16) -> String {
@@ -187,7 +205,13 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         tombstone_grace: std::time::Duration::from_secs(3600),
     };
     let record = Agent::node_record(&config, mtu);
-    let initial = vec![(key::NODE.to_owned(), serde_json::to_string(&record)?)];
+    // Re-assert what this node owned before a restart; endpoints of tasks that did not
+    // survive are dropped by the first reconcile.
+    let mut initial: Vec<(String, String)> = mesh_agent::agent::load_own_keys(&config.state_dir)
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(key::ENDPOINT))
+        .collect();
+    initial.push((key::NODE.to_owned(), serde_json::to_string(&record)?));
     let gossip = Gossip::start(&gossip_config, initial, &chitchat::transport::UdpTransport).await?;
     info!(
         node = config.node_name,
@@ -201,10 +225,15 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let api = api::server::serve(api::server::bind(&config.socket)?, agent.clone());
     info!(socket = %config.socket.display(), "agent ready");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tokio::select! {
-        r = api::server::serve(&config.socket, agent.clone()) => r?,
-        _ = term.recv() => info!("SIGTERM: stopping"),
+        r = api => r?,
+        _ = term.recv() => {
+            info!("SIGTERM: stopping; the dataplane keeps forwarding");
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        }
         _ = int.recv() => info!("SIGINT: stopping"),
     }
     let _ = std::fs::remove_file(&config.socket);

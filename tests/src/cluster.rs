@@ -43,6 +43,7 @@ pub struct Host {
     pub ip: String,
     agent: Option<Agent>,
     agent_args: Vec<String>,
+    agent_env: Vec<(String, String)>,
     log: PathBuf,
     peers: Vec<String>,
 }
@@ -90,6 +91,7 @@ impl Cluster {
                 ip,
                 agent: None,
                 agent_args: Vec::new(),
+                agent_env: Vec::new(),
                 peers: (1..=n)
                     .filter(|j| *j != i)
                     .map(|j| format!("{UNDERLAY_PREFIX}.{j}"))
@@ -134,7 +136,8 @@ impl Cluster {
         Ok(self.extra.last().expect("just pushed"))
     }
 
-    fn log_dir(&self) -> PathBuf {
+    /// A scratch directory of this cluster, removed with it.
+    pub fn log_dir(&self) -> PathBuf {
         std::env::temp_dir().join(format!("{}-logs", self.name))
     }
 
@@ -201,10 +204,19 @@ impl Host {
 
     /// Starts `mesh-agent run` in this host's namespace and waits until its API answers.
     pub fn start_agent(&mut self, extra: &[&str]) -> Result<()> {
+        self.start_agent_with_env(extra, &[])
+    }
+
+    /// Like [`Host::start_agent`], with extra environment variables.
+    pub fn start_agent_with_env(&mut self, extra: &[&str], env: &[(&str, &str)]) -> Result<()> {
         if self.agent.is_some() {
             bail!("agent on {} already running", self.node_name());
         }
         self.agent_args = extra.iter().map(|s| s.to_string()).collect();
+        self.agent_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         self.spawn_agent()
     }
 
@@ -227,10 +239,15 @@ impl Host {
             .arg(self.state_dir())
             .arg("--cgroup")
             .arg(self.cgroup())
-            // Keep tests independent of this machine's /etc/mesh.
-            .args(["--config", "/dev/null"])
+            // Keep tests independent of this machine's /etc/mesh (a test may pass its own).
+            .args(if self.agent_args.iter().any(|a| a == "--config") {
+                &[][..]
+            } else {
+                &["--config", "/dev/null"][..]
+            })
             .args(&self.agent_args)
             .env("MESH_LOG", "info,mesh_agent=debug")
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

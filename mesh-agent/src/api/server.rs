@@ -66,8 +66,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
-/// Binds the socket (replacing a stale one left by a killed agent) and serves forever.
-pub async fn serve(socket: &Path, agent: Arc<Agent>) -> anyhow::Result<()> {
+/// Binds the socket, replacing a stale one left by a killed agent.
+pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -77,6 +77,11 @@ pub async fn serve(socket: &Path, agent: Arc<Agent>) -> anyhow::Result<()> {
     // Only root (and the group the operator chooses) may drive the agent.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Serves the API on a bound socket until the future is dropped.
+pub async fn serve(listener: UnixListener, agent: Arc<Agent>) -> anyhow::Result<()> {
     axum::serve(listener, router(agent))
         .await
         .context("serving the local API")
