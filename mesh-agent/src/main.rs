@@ -23,7 +23,7 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent in the foreground.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Install the binaries, the systemd unit and a default config.
     Install {
         /// Install under this directory instead of / (for packaging).
@@ -148,7 +148,7 @@ async fn main() {
     mesh_agent::logging::init("info");
     let args = Args::parse();
     let result = match args.command {
-        Command::Run(run) => match run.into_config() {
+        Command::Run(run) => match (*run).into_config() {
             Ok(c) => run_agent(c).await,
             Err(e) => Err(e),
         },
