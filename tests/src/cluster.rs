@@ -458,12 +458,22 @@ pub fn bin(name: &str) -> PathBuf {
             .to_owned();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--package", "mesh-agent", "--bins"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--package",
+            "mesh-agent",
+            "--package",
+            "mesh-tests",
+            "--bins",
+        ]);
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("running cargo build for mesh-agent");
-        assert!(status.success(), "building mesh-agent failed");
+        let status = cmd
+            .status()
+            .expect("running cargo build for the mesh binaries");
+        assert!(status.success(), "building the mesh binaries failed");
         dir
     });
     dir.join(name)
