@@ -5,3 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod dataplane;
 pub mod logging;
+pub mod netlink;
+pub mod netns;
+pub mod overlay;
+pub mod task;
