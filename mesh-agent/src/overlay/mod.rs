@@ -22,7 +22,7 @@ mod fdb;
 mod isolation;
 mod links;
 
-use std::{collections::BTreeSet, fmt, net::Ipv4Addr, str::FromStr};
+use std::{collections::BTreeSet, fmt, net::Ipv4Addr, str::FromStr, sync::Arc};
 
 use anyhow::{Result, bail};
 use ipnet::Ipv4Net;
@@ -279,18 +279,25 @@ impl fmt::Display for Change {
 #[derive(Clone)]
 pub struct Overlay {
     handle: Handle,
+    /// Two passes interleaving would each see the other's half-done work as stale.
+    pass: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Overlay {
     /// `handle` must come from a connection opened in the namespace to program (the node's
     /// own; see [`crate::netlink::connect`]).
     pub fn new(handle: Handle) -> Self {
-        Self { handle }
+        Self {
+            handle,
+            pass: Arc::default(),
+        }
     }
 
-    /// Makes the kernel match `desired` and returns what it changed.
+    /// Makes the kernel match `desired` and returns what it changed. Concurrent calls run
+    /// one after the other.
     pub async fn reconcile(&self, desired: &DesiredOverlay) -> Result<Vec<Change>> {
         validate(desired)?;
+        let _pass = self.pass.lock().await;
         let mut changes = Vec::new();
         let plumbed = links::reconcile(&self.handle, desired, &mut changes).await?;
         fdb::reconcile(&self.handle, desired, &plumbed, &mut changes).await?;

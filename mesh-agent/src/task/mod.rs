@@ -241,12 +241,15 @@ impl Tasks {
                 }
             }
             TaskState::Running => {
-                let pidfd = match (record.pid, record.start_time) {
-                    (Some(pid), Some(start)) => process::reopen(pid, start),
-                    _ => None,
+                let found = match (record.pid, record.start_time) {
+                    (Some(pid), Some(start)) => process::find(pid, start),
+                    _ => process::Found::Exited(process::Exit {
+                        code: None,
+                        signal: None,
+                    }),
                 };
-                match pidfd {
-                    Some(fd) => {
+                match found {
+                    process::Found::Running(fd) => {
                         for (iface, att) in record.interfaces.iter().zip(&record.spec.attachments) {
                             match plumbing::reattach(&self.inner.host, iface, &att.bridge).await {
                                 Ok(true) => {
@@ -259,11 +262,11 @@ impl Tasks {
                         info!(task = %name, pid = ?record.pid, "adopted running task");
                         self.insert_running(record, fd);
                     }
-                    None => {
-                        info!(task = %name, "task exited while the agent was away");
+                    process::Found::Exited(exit) => {
+                        info!(task = %name, code = ?exit.code, "task exited while the agent was away");
                         record.state = TaskState::Exited {
-                            code: None,
-                            signal: None,
+                            code: exit.code,
+                            signal: exit.signal,
                         };
                         if let Err(e) = self.teardown(&record).await {
                             warn!(task = %name, "removing the network of an exited task: {e:#}");

@@ -271,31 +271,59 @@ fn reap(pidfd: &OwnedFd) -> Exit {
     }
 }
 
-/// The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), or None
-/// if there is no such live process. Together with the PID it names one process for good.
+/// The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), which
+/// with the PID names one process for good; fails for a process that already exited.
 pub(super) fn start_time(pid: u32) -> io::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| io::Error::other("malformed /proc/<pid>/stat"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state).
-    let state = fields.first().copied().unwrap_or("");
-    if state == "Z" || state == "X" {
-        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    match stat(pid)? {
+        (state, _) if state == 'Z' || state == 'X' => {
+            Err(io::Error::from_raw_os_error(libc::ESRCH))
+        }
+        (_, t) => Ok(t),
     }
-    fields
-        .get(22 - 3)
-        .and_then(|f| f.parse().ok())
-        .ok_or_else(|| io::Error::other("malformed /proc/<pid>/stat"))
 }
 
-/// Opens a pidfd for `pid` if it is still the process that started at `start_time`.
-pub(super) fn reopen(pid: u32, start: u64) -> Option<OwnedFd> {
-    let fd = pidfd_open(pid).ok()?;
-    // Checked after opening: the pidfd pins this process, so a match now cannot be a PID
-    // recycled in between.
-    (start_time(pid).ok()? == start).then_some(fd)
+/// (state, start time) from /proc/<pid>/stat.
+fn stat(pid: u32) -> io::Result<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let malformed = || io::Error::other(format!("malformed /proc/{pid}/stat"));
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let (_, rest) = stat.rsplit_once(')').ok_or_else(malformed)?;
+    // `rest` starts at field 3 (state).
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields
+        .first()
+        .and_then(|f| f.chars().next())
+        .ok_or_else(malformed)?;
+    let start = fields
+        .get(22 - 3)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(malformed)?;
+    Ok((state, start))
+}
+
+/// What became of a process recorded as running.
+pub(super) enum Found {
+    /// Still the same process, now followed through this pidfd.
+    Running(OwnedFd),
+    /// It exited; the status is known if it was our child.
+    Exited(Exit),
+}
+
+/// Looks for the process recorded as `pid` started at `start`.
+pub(super) fn find(pid: u32, start: u64) -> Found {
+    let gone = Found::Exited(Exit {
+        code: None,
+        signal: None,
+    });
+    let Ok(fd) = pidfd_open(pid) else {
+        return gone;
+    };
+    // Checked after opening: the pidfd pins this PID, so a match now cannot be a process
+    // that got the PID recycled in between.
+    match stat(pid) {
+        Ok((state, t)) if t == start && state != 'Z' && state != 'X' => Found::Running(fd),
+        // Our own child that exited while we were not watching: reaping it yields the status.
+        Ok((_, t)) if t == start => Found::Exited(reap(&fd)),
+        _ => gone,
+    }
 }
