@@ -465,3 +465,61 @@ fn stale_and_misconfigured_objects_from_a_previous_run_are_replaced_and_others_l
         Vec::new()
     );
 }
+
+#[test]
+fn one_endpoint_more_among_a_thousand_is_a_three_entry_change() {
+    let mut w = World::new(2);
+    w.start(1, &app(), "c1", 11);
+    w.start(2, &app(), "c2", 21);
+    // A thousand more endpoints on host 2 (addresses of a /16 would do the same).
+    let fake = |i: u32| {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 10, 4, 0)) + i);
+        mesh_agent::overlay::RemoteEndpoint {
+            vni: 4096,
+            ip,
+            mac: MacAddr::for_ip(ip),
+            vtep: "192.0.2.2".parse().unwrap(),
+        }
+    };
+    let mut desired = w.placements.desired(1);
+    desired.networks[0].subnet = "10.10.0.0/16".parse().unwrap();
+    desired.remote_endpoints.extend((0..1000).map(fake));
+
+    let started = Instant::now();
+    let first = w.node(1).reconcile(&desired).unwrap();
+    let first_took = started.elapsed();
+    assert!(first.len() >= 3000, "{} changes", first.len());
+
+    desired.remote_endpoints.push(fake(1000));
+    let started = Instant::now();
+    let mut next = w.node(1).reconcile(&desired).unwrap();
+    let next_took = started.elapsed();
+    next.sort_by_key(ToString::to_string);
+    let ip = fake(1000).ip;
+    let mac = MacAddr::for_ip(ip);
+    assert_eq!(
+        next,
+        vec![
+            Change::FdbAdded {
+                link: "mvx4096".into(),
+                mac,
+                vtep: "192.0.2.2".parse().unwrap()
+            },
+            Change::NeighbourSet {
+                link: "mbr4096".into(),
+                ip,
+                mac
+            },
+            Change::NeighbourSet {
+                link: "mvx4096".into(),
+                ip,
+                mac
+            },
+        ]
+    );
+    eprintln!("1000 endpoints programmed in {first_took:?}; one more in {next_took:?}");
+    assert!(
+        next_took < Duration::from_secs(1),
+        "one endpoint took {next_took:?}"
+    );
+}
