@@ -10,8 +10,8 @@ use ipnet::Ipv4Net;
 use mesh_agent::{
     netlink,
     overlay::{
-        self, Change, DesiredOverlay, MacAddr, NetworkPlumbing, Overlay, PeerVtep, RemoteEndpoint,
-        Underlay,
+        self, Change, DesiredOverlay, GatewayPlumbing, MacAddr, NetworkPlumbing, Overlay, PeerVtep,
+        RemoteEndpoint, Underlay,
     },
     task::{Attachment, TaskConfig, TaskRecord, TaskSpec, Tasks},
 };
@@ -127,12 +127,36 @@ impl Node {
         ip: Ipv4Addr,
         command: &[&str],
     ) -> Result<TaskRecord> {
-        let spec = TaskSpec {
+        self.run_spec(TaskSpec {
             name: name.into(),
             attachments: vec![Attachment::overlay(&network.plumbing(self.index), ip)],
+            egress: None,
             command: command.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
-        };
+        })
+    }
+
+    /// Like [`Node::run_task`], with a way out through the node's gateway bridge (which
+    /// then carries the default route).
+    pub fn run_task_with_egress(
+        &self,
+        name: &str,
+        network: &NetworkDef,
+        ip: Ipv4Addr,
+        command: &[&str],
+    ) -> Result<TaskRecord> {
+        self.run_spec(TaskSpec {
+            name: name.into(),
+            attachments: vec![
+                Attachment::overlay(&network.plumbing(self.index), ip).without_default_route(),
+            ],
+            egress: Some(gateway()),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+        })
+    }
+
+    pub fn run_spec(&self, spec: TaskSpec) -> Result<TaskRecord> {
         let tasks = self.tasks.clone();
         self.block_on(async move { tasks.create(spec).await })
     }
@@ -141,6 +165,16 @@ impl Node {
         let tasks = self.tasks.clone();
         let name = name.to_owned();
         self.block_on(async move { tasks.stop(&name).await })
+    }
+}
+
+/// The gateway bridge every node gets when [`Placements::gateway`] is on: the same
+/// node-local subnet everywhere, like docker_gwbridge.
+pub fn gateway() -> GatewayPlumbing {
+    GatewayPlumbing {
+        subnet: "172.18.0.0/16".parse().expect("subnet"),
+        address: Ipv4Addr::new(172, 18, 0, 1),
+        mtu: UNDERLAY_MTU,
     }
 }
 
@@ -159,6 +193,8 @@ pub struct Placements {
     /// (host index, underlay address)
     pub hosts: Vec<(usize, Ipv4Addr)>,
     pub tasks: Vec<Placement>,
+    /// Every node has the gateway bridge of [`gateway`].
+    pub gateway: bool,
 }
 
 impl Placements {
@@ -169,6 +205,7 @@ impl Placements {
                 .map(|h| (h.index, h.ip.parse().expect("host ip")))
                 .collect(),
             tasks: Vec::new(),
+            gateway: false,
         }
     }
 
@@ -215,6 +252,7 @@ impl Placements {
                 mtu: UNDERLAY_MTU,
             },
             networks: mine.iter().map(|n| n.plumbing(host)).collect(),
+            gateway: self.gateway.then(gateway),
             ..Default::default()
         };
         for net in &mine {

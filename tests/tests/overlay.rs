@@ -114,7 +114,7 @@ fn tcp_hello(netns: &str, ip: Ipv4Addr) -> std::io::Result<String> {
     mesh_agent::netns::run_in(&path, move || {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let attempt = (|| {
+            let attempt = (|| -> std::io::Result<String> {
                 let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
                 s.set_read_timeout(Some(Duration::from_secs(2)))?;
                 let mut out = String::new();
@@ -123,11 +123,18 @@ fn tcp_hello(netns: &str, ip: Ipv4Addr) -> std::io::Result<String> {
             })();
             match attempt {
                 Ok(out) if !out.is_empty() => return Ok(out),
-                Ok(_) | Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
+                // Between two `nc` runs the port is closed or the connection cut short.
+                Ok(_) if Instant::now() < deadline => {}
+                Err(e)
+                    if Instant::now() < deadline
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::ConnectionRefused
+                                | std::io::ErrorKind::ConnectionReset
+                        ) => {}
                 other => return other,
             }
+            std::thread::sleep(Duration::from_millis(100));
         }
     })
     .unwrap()
@@ -282,7 +289,7 @@ fn tasks_on_different_networks_cannot_reach_each_other() {
         );
     }
     // The rule per network is the node's only nftables state we own, and it refused them.
-    let rules = w.host_sh(1, "nft list table inet mesh_overlay");
+    let rules = w.host_sh(1, "nft list table inet mesh");
     assert!(
         rules.contains("iifname \"mbr4096\" oifname \"mbr*\" oifname != \"mbr4096\" reject"),
         "{rules}"
@@ -521,5 +528,93 @@ fn one_endpoint_more_among_a_thousand_is_a_three_entry_change() {
     assert!(
         next_took < Duration::from_secs(1),
         "one endpoint took {next_took:?}"
+    );
+}
+
+#[test]
+fn tasks_leave_through_the_gateway_bridge_masqueraded_and_stay_apart() {
+    let mut w = World::new(2);
+    w.placements.gateway = true;
+    let idle = ["sleep", "3600"];
+    let ip1 = w.placements.place(1, &app(), "t1", 11);
+    let ip2 = w.placements.place(1, &app(), "t2", 12);
+    let d1_ip = w.placements.place(1, &other(), "d1", 11);
+    w.reconcile_all();
+    let t1 = w
+        .node(1)
+        .run_task_with_egress("t1", &app(), ip1, &idle)
+        .unwrap();
+    let t2 = w
+        .node(1)
+        .run_task_with_egress("t2", &app(), ip2, &idle)
+        .unwrap();
+    w.node(1)
+        .run_task_with_egress("d1", &other(), d1_ip, HELLO_SERVER)
+        .unwrap();
+    assert_eq!(t1.interfaces[1].address.to_string(), "172.18.0.2/16");
+    assert_eq!(t2.interfaces[1].address.to_string(), "172.18.0.3/16");
+
+    let routes = text(&run_in(&t1.netns, "ip", &["route"]));
+    assert!(
+        routes.contains("default via 172.18.0.1 dev eth1"),
+        "{routes}"
+    );
+    assert!(routes.contains("10.10.0.0/24 dev eth0"), "{routes}");
+
+    // A server on another host's underlay sees the task's node as the client.
+    let server = w
+        .cluster
+        .host(2)
+        .ns
+        .run(|| std::net::TcpListener::bind("192.0.2.2:9000"))
+        .unwrap()
+        .unwrap();
+    let accepted = std::thread::spawn(move || server.accept().map(|(_, peer)| peer));
+    let path = mesh_agent::netns::path(&t1.netns);
+    mesh_agent::netns::run_in(&path, || {
+        TcpStream::connect_timeout(&"192.0.2.2:9000".parse().unwrap(), Duration::from_secs(3))
+    })
+    .unwrap()
+    .expect("t1 cannot reach a server on the underlay");
+    let peer = accepted.join().unwrap().unwrap();
+    assert_eq!(
+        peer.ip().to_string(),
+        "192.0.2.1",
+        "not masqueraded behind the node"
+    );
+
+    // The gateway bridge does not connect tasks with each other (ICC off)...
+    let port = w.host_sh(
+        1,
+        &format!("bridge -d link show dev {}", t1.interfaces[1].host_veth),
+    );
+    assert!(port.contains("isolated on"), "{port}");
+    let out = ping(&t1.netns, &["172.18.0.3"]);
+    assert!(
+        !out.status.success(),
+        "t1 reached t2 over the gateway bridge: {}",
+        text(&out)
+    );
+    // ...while the overlay still does.
+    assert!(ping(&t1.netns, &[&ip2.to_string()]).status.success());
+    // And the other network stays out of reach, now by the gateway route.
+    let err = tcp_hello(&t1.netns, d1_ip).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::HostUnreachable, "{err}");
+
+    let again = w.reconcile_all();
+    assert!(again.iter().all(Vec::is_empty), "{again:?}");
+    // Without the gateway, the bridge and its masquerade go.
+    w.placements.gateway = false;
+    let changes = w.node(1).reconcile(&w.placements.desired(1)).unwrap();
+    assert!(
+        changes.contains(&Change::LinkDeleted {
+            name: "mbrgw".into(),
+            why: "no gateway bridge wanted"
+        }),
+        "{changes:?}"
+    );
+    assert!(
+        !w.host_sh(1, "nft list table inet mesh")
+            .contains("masquerade")
     );
 }

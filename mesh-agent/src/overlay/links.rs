@@ -3,14 +3,15 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
 use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan,
     packet_route::link::{InfoBridge, InfoKind, InfoVxlan},
 };
 
 use super::{
-    BRIDGE_PREFIX, Change, DesiredOverlay, MacAddr, NetworkPlumbing, VXLAN_PORT, VXLAN_PREFIX,
-    vni_of,
+    BRIDGE_PREFIX, Change, DesiredOverlay, GATEWAY_BRIDGE, MacAddr, NetworkPlumbing, VXLAN_PORT,
+    VXLAN_PREFIX, vni_of,
 };
 use crate::netlink::{self, Link};
 
@@ -61,6 +62,12 @@ pub(super) async fn reconcile(
             } else if !link.is_kind(InfoKind::Bridge) {
                 stale.push((link, "not a bridge"));
             }
+        } else if link.name == GATEWAY_BRIDGE {
+            if desired.gateway.is_none() {
+                stale.push((link, "no gateway bridge wanted"));
+            } else if !link.is_kind(InfoKind::Bridge) {
+                stale.push((link, "not a bridge"));
+            }
         }
     }
     for (link, why) in stale {
@@ -71,10 +78,31 @@ pub(super) async fn reconcile(
         });
     }
 
+    if let Some(gw) = &desired.gateway {
+        let want = BridgeWanted {
+            name: GATEWAY_BRIDGE.into(),
+            mtu: gw.mtu,
+            mac: MacAddr::for_ip(gw.address),
+            address: gw.bridge_address(),
+            purpose: "the gateway bridge".into(),
+        };
+        let bridge = ensure_bridge(handle, &want, changes).await?;
+        ensure_bridge_address(handle, &want, &bridge, changes).await?;
+    }
+
     let mut plumbed = BTreeMap::new();
     for network in &desired.networks {
-        let bridge = ensure_bridge(handle, network, changes).await?;
-        ensure_bridge_address(handle, network, &bridge, changes).await?;
+        // The bridge's MAC follows its address like a task's, so other nodes can reach the
+        // node address through the same static entries as any endpoint.
+        let want = BridgeWanted {
+            name: network.bridge(),
+            mtu: network.mtu,
+            mac: MacAddr::for_ip(network.node_address),
+            address: network.bridge_address(),
+            purpose: format!("network {}", network.name),
+        };
+        let bridge = ensure_bridge(handle, &want, changes).await?;
+        ensure_bridge_address(handle, &want, &bridge, changes).await?;
         let vxlan = ensure_vxlan(handle, network, desired, &underlay, &bridge, changes).await?;
         plumbed.insert(network.vni, Plumbed { bridge, vxlan });
     }
@@ -89,37 +117,44 @@ async fn delete(handle: &Handle, link: &Link) -> Result<()> {
     }
 }
 
+/// A bridge of ours as it should be.
+struct BridgeWanted {
+    name: String,
+    mtu: u32,
+    mac: MacAddr,
+    address: Ipv4Net,
+    purpose: String,
+}
+
 async fn ensure_bridge(
     handle: &Handle,
-    network: &NetworkPlumbing,
+    want: &BridgeWanted,
     changes: &mut Vec<Change>,
 ) -> Result<Link> {
-    let name = network.bridge();
-    // The bridge's MAC follows its address like a task's, so other nodes can reach the node
-    // address through the same static entries as any endpoint.
-    let mac = MacAddr::for_ip(network.node_address);
-    let Some(bridge) = netlink::link_by_name(handle, &name).await? else {
+    let name = &want.name;
+    let mac = want.mac;
+    let Some(bridge) = netlink::link_by_name(handle, name).await? else {
         handle
             .link()
             .add(
-                LinkBridge::new(&name)
-                    .mtu(network.mtu)
+                LinkBridge::new(name)
+                    .mtu(want.mtu)
                     .address(mac.0.to_vec())
                     .nf_call_iptables(false)
                     .build(),
             )
             .execute()
             .await
-            .with_context(|| format!("creating bridge {name} for network {}", network.name))?;
+            .with_context(|| format!("creating bridge {name} for {}", want.purpose))?;
         changes.push(Change::LinkCreated(name.clone()));
-        return existing(handle, &name).await;
+        return existing(handle, name).await;
     };
 
     let mut what = Vec::new();
     let mut fix = LinkUnspec::new_with_index(bridge.index);
-    if bridge.mtu != network.mtu {
-        fix = fix.mtu(network.mtu);
-        what.push(format!("mtu {} → {}", bridge.mtu, network.mtu));
+    if bridge.mtu != want.mtu {
+        fix = fix.mtu(want.mtu);
+        what.push(format!("mtu {} → {}", bridge.mtu, want.mtu));
     }
     if bridge.mac != Some(mac.0) {
         fix = fix.address(mac.0.to_vec());
@@ -143,7 +178,7 @@ async fn ensure_bridge(
         handle
             .link()
             .change(
-                LinkMessageBuilder::<LinkBridge>::new(&name)
+                LinkMessageBuilder::<LinkBridge>::new(name)
                     .nf_call_iptables(false)
                     .build(),
             )
@@ -159,16 +194,16 @@ async fn ensure_bridge(
         name: name.clone(),
         what: what.join(", "),
     });
-    existing(handle, &name).await
+    existing(handle, name).await
 }
 
 async fn ensure_bridge_address(
     handle: &Handle,
-    network: &NetworkPlumbing,
+    wanted: &BridgeWanted,
     bridge: &Link,
     changes: &mut Vec<Change>,
 ) -> Result<()> {
-    let want = network.bridge_address();
+    let want = wanted.address;
     let mut present = false;
     for (msg, ip) in netlink::ipv4_addresses(handle, bridge.index).await? {
         if ip == want.addr() && msg.header.prefix_len == want.prefix_len() {

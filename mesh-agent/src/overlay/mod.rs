@@ -19,18 +19,18 @@
 //! previous one left.
 
 mod fdb;
-mod isolation;
+mod firewall;
 mod links;
 
 use std::{collections::BTreeSet, fmt, net::Ipv4Addr, str::FromStr, sync::Arc};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 use rtnetlink::Handle;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
-pub use isolation::ISOLATION_TABLE;
+pub use firewall::NFT_TABLE;
 
 /// Prefix of the per-network bridges (`mbr<vni>`); names with it are owned by the agent.
 pub const BRIDGE_PREFIX: &str = "mbr";
@@ -43,6 +43,10 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 /// VNIs below this are left to other tools (Docker Swarm starts at 4096 too).
 pub const MIN_VNI: u32 = 4096;
 pub const MAX_VNI: u32 = (1 << 24) - 1;
+
+/// The per-node gateway bridge (the docker_gwbridge role). It shares the bridge prefix so
+/// the isolation rules treat it as one more network.
+pub const GATEWAY_BRIDGE: &str = "mbrgw";
 
 pub fn bridge_name(vni: u32) -> String {
     format!("{BRIDGE_PREFIX}{vni}")
@@ -77,6 +81,26 @@ pub struct DesiredOverlay {
     /// Per network, the VTEPs of the other nodes that have it (broadcast flooding). Those of
     /// networks not in `networks` are ignored.
     pub peers: Vec<PeerVtep>,
+    /// The node's gateway bridge, through which tasks reach the outside, masqueraded.
+    #[serde(default)]
+    pub gateway: Option<GatewayPlumbing>,
+}
+
+/// The node-local bridge tasks leave the cluster through (Docker's docker_gwbridge).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayPlumbing {
+    /// Local to this node; the same subnet on every node is fine (it never leaves the node).
+    pub subnet: Ipv4Net,
+    /// The node's address on the bridge: the tasks' default gateway.
+    pub address: Ipv4Addr,
+    /// Traffic on it leaves the node unencapsulated: the underlay's MTU.
+    pub mtu: u32,
+}
+
+impl GatewayPlumbing {
+    pub fn bridge_address(&self) -> Ipv4Net {
+        Ipv4Net::new(self.address, self.subnet.prefix_len()).expect("prefix of a valid net")
+    }
 }
 
 /// The node's interface on the network that carries the VXLAN traffic.
@@ -244,8 +268,9 @@ pub enum Change {
         link: String,
         ip: Ipv4Addr,
     },
-    IsolationInstalled,
-    IsolationRemoved,
+    FirewallInstalled,
+    FirewallRemoved,
+    ForwardingEnabled,
 }
 
 impl fmt::Display for Change {
@@ -266,10 +291,9 @@ impl fmt::Display for Change {
             Change::NeighbourRemoved { link, ip } => {
                 write!(f, "removed neighbour {ip} from {link}")
             }
-            Change::IsolationInstalled => {
-                write!(f, "installed nftables table inet {ISOLATION_TABLE}")
-            }
-            Change::IsolationRemoved => write!(f, "removed nftables table inet {ISOLATION_TABLE}"),
+            Change::FirewallInstalled => write!(f, "installed nftables table inet {NFT_TABLE}"),
+            Change::FirewallRemoved => write!(f, "removed nftables table inet {NFT_TABLE}"),
+            Change::ForwardingEnabled => write!(f, "turned IPv4 forwarding on"),
         }
     }
 }
@@ -301,15 +325,28 @@ impl Overlay {
         let mut changes = Vec::new();
         let plumbed = links::reconcile(&self.handle, desired, &mut changes).await?;
         fdb::reconcile(&self.handle, desired, &plumbed, &mut changes).await?;
-        if desired.networks.is_empty() {
-            isolation::remove(&mut changes).await?;
+        if desired.networks.is_empty() && desired.gateway.is_none() {
+            firewall::remove(&mut changes).await?;
         } else {
-            let bridges = desired
+            let mut bridges: Vec<String> = desired
                 .networks
                 .iter()
                 .map(NetworkPlumbing::bridge)
                 .collect();
-            isolation::ensure(bridges, &mut changes).await?;
+            if desired.gateway.is_some() {
+                bridges.push(GATEWAY_BRIDGE.into());
+            }
+            let want = firewall::Firewall {
+                bridges,
+                gateway: desired
+                    .gateway
+                    .as_ref()
+                    .map(|g| (GATEWAY_BRIDGE.to_owned(), g.subnet)),
+            };
+            firewall::ensure(want, &mut changes).await?;
+        }
+        if desired.gateway.is_some() {
+            ensure_forwarding(&mut changes)?;
         }
         if changes.is_empty() {
             debug!("overlay already matches the desired state");
@@ -328,6 +365,20 @@ impl Overlay {
         })
         .await
     }
+}
+
+/// Egress through the gateway bridge is routed: the node must forward. Docker turns it on
+/// for the same reason; it is left on when the gateway goes (other users may rely on it).
+fn ensure_forwarding(changes: &mut Vec<Change>) -> Result<()> {
+    // /proc/sys/net shows the namespace of the reading thread: the runtime's, the node's.
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    let now = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    if now.trim() != "1" {
+        std::fs::write(path, "1")
+            .with_context(|| format!("turning IPv4 forwarding on ({path})"))?;
+        changes.push(Change::ForwardingEnabled);
+    }
+    Ok(())
 }
 
 fn validate(desired: &DesiredOverlay) -> Result<()> {
@@ -368,6 +419,34 @@ fn validate(desired: &DesiredOverlay) -> Result<()> {
                 underlay.interface,
                 underlay.mtu,
                 underlay.mtu.saturating_sub(VXLAN_OVERHEAD)
+            );
+        }
+    }
+    if let Some(gw) = &desired.gateway {
+        if gw.mtu > underlay.mtu {
+            bail!(
+                "gateway bridge MTU {} exceeds the underlay's ({})",
+                gw.mtu,
+                underlay.mtu
+            );
+        }
+        if !gw.subnet.contains(&gw.address) {
+            bail!(
+                "gateway bridge address {} is outside its subnet {}",
+                gw.address,
+                gw.subnet
+            );
+        }
+        let overlaps = |n: &&NetworkPlumbing| {
+            n.subnet.contains(&gw.subnet.network()) || gw.subnet.contains(&n.subnet.network())
+        };
+        if let Some(n) = desired.networks.iter().find(overlaps) {
+            bail!(
+                "gateway subnet {} overlaps network {} ({}); pick a gateway subnet outside every \
+                 overlay network",
+                gw.subnet,
+                n.name,
+                n.subnet
             );
         }
     }

@@ -30,7 +30,7 @@ use tracing::{info, warn};
 
 use crate::{
     netns,
-    overlay::{MacAddr, NetworkPlumbing},
+    overlay::{GATEWAY_BRIDGE, GatewayPlumbing, MacAddr, NetworkPlumbing},
 };
 
 pub use plumbing::HOST_VETH_PREFIX;
@@ -91,6 +91,12 @@ pub struct TaskSpec {
     pub name: String,
     /// In order: the first becomes eth0, the next eth1, ...
     pub attachments: Vec<Attachment>,
+    /// A way out of the cluster through the node's gateway bridge: one more interface, after
+    /// the attachments, with an address the node picks from the bridge's subnet, the default
+    /// route, and masquerade (the docker_gwbridge role). The attachments then must not carry
+    /// a gateway.
+    #[serde(default)]
+    pub egress: Option<GatewayPlumbing>,
     pub command: Vec<String>,
     #[serde(default)]
     pub env: Vec<(String, String)>,
@@ -107,6 +113,10 @@ pub struct Attachment {
     /// The default route goes via this address on this interface; at most one attachment
     /// of a task has one.
     pub gateway: Option<Ipv4Addr>,
+    /// The bridge port cannot talk to other isolated ports, only to the bridge (the node)
+    /// and beyond: Docker's inter-container communication off.
+    #[serde(default)]
+    pub isolated: bool,
 }
 
 impl Attachment {
@@ -118,6 +128,24 @@ impl Attachment {
             address: Ipv4Net::new(ip, network.subnet.prefix_len()).expect("valid prefix"),
             mtu: network.mtu,
             gateway: Some(network.node_address),
+            isolated: false,
+        }
+    }
+
+    /// The same attachment without the default route (which egress then provides).
+    pub fn without_default_route(mut self) -> Self {
+        self.gateway = None;
+        self
+    }
+
+    fn egress(gw: &GatewayPlumbing, ip: Ipv4Addr) -> Self {
+        Self {
+            network: "gateway".into(),
+            bridge: GATEWAY_BRIDGE.into(),
+            address: Ipv4Net::new(ip, gw.subnet.prefix_len()).expect("valid prefix"),
+            mtu: gw.mtu,
+            gateway: Some(gw.address),
+            isolated: true,
         }
     }
 }
@@ -251,7 +279,7 @@ impl Tasks {
                 match found {
                     process::Found::Running(fd) => {
                         for (iface, att) in record.interfaces.iter().zip(&record.spec.attachments) {
-                            match plumbing::reattach(&self.inner.host, iface, &att.bridge).await {
+                            match plumbing::reattach(&self.inner.host, iface, att).await {
                                 Ok(true) => {
                                     info!(task = %name, veth = %iface.host_veth, "re-attached to {}", att.bridge)
                                 }
@@ -281,26 +309,32 @@ impl Tasks {
     }
 
     /// Creates the task's namespace and interfaces and starts its process.
-    pub async fn create(&self, spec: TaskSpec) -> Result<TaskRecord> {
+    pub async fn create(&self, mut spec: TaskSpec) -> Result<TaskRecord> {
         validate(&spec)?;
         let name = spec.name.clone();
-        let netns = format!("{}-{}", self.inner.config.node, name);
-        let record = TaskRecord {
-            log: self.inner.store.log_path(&name),
-            netns: netns.clone(),
-            interfaces: Vec::new(),
-            pid: None,
-            start_time: None,
-            state: TaskState::Creating,
-            spec,
-        };
-        {
+        let record = {
             let mut entries = self.inner.entries.lock().expect("task table poisoned");
             if entries.contains_key(&name) {
                 bail!(
-                    "a task named {name} already exists on this node; stop it first or pick another name"
+                    "a task named {name} already exists on this node; stop it first or pick \
+                     another name"
                 );
             }
+            // Picked under the lock: two tasks created at once never get the same address.
+            if let Some(gw) = &spec.egress {
+                let ip = free_gateway_address(gw, entries.values().map(|e| &e.record))?;
+                spec.attachments.push(Attachment::egress(gw, ip));
+                validate(&spec)?;
+            }
+            let record = TaskRecord {
+                log: self.inner.store.log_path(&name),
+                netns: format!("{}-{}", self.inner.config.node, name),
+                interfaces: Vec::new(),
+                pid: None,
+                start_time: None,
+                state: TaskState::Creating,
+                spec,
+            };
             let (_, rx) = watch::channel(false);
             entries.insert(
                 name.clone(),
@@ -310,7 +344,8 @@ impl Tasks {
                     exited: rx,
                 },
             );
-        }
+            record
+        };
         match self.build(record).await {
             Ok((record, pidfd)) => {
                 info!(task = %name, pid = ?record.pid, netns = %record.netns, "task started");
@@ -535,7 +570,7 @@ impl Tasks {
                 continue;
             }
             for (iface, att) in record.interfaces.iter().zip(&record.spec.attachments) {
-                if plumbing::reattach(&self.inner.host, iface, &att.bridge).await? {
+                if plumbing::reattach(&self.inner.host, iface, att).await? {
                     n += 1;
                 }
             }
@@ -575,6 +610,29 @@ impl Tasks {
     }
 }
 
+/// The first address of the gateway subnet that is neither the node's nor held by a task
+/// still running (or starting).
+fn free_gateway_address<'a>(
+    gw: &GatewayPlumbing,
+    records: impl Iterator<Item = &'a TaskRecord>,
+) -> Result<Ipv4Addr> {
+    let used: std::collections::BTreeSet<Ipv4Addr> = records
+        .filter(|r| !matches!(r.state, TaskState::Exited { .. }))
+        .flat_map(|r| &r.spec.attachments)
+        .filter(|a| a.bridge == GATEWAY_BRIDGE)
+        .map(|a| a.address.addr())
+        .collect();
+    gw.subnet
+        .hosts()
+        .find(|ip| *ip != gw.address && !used.contains(ip))
+        .with_context(|| {
+            format!(
+                "the gateway subnet {} has no free address left for another task",
+                gw.subnet
+            )
+        })
+}
+
 fn validate(spec: &TaskSpec) -> Result<()> {
     let name = &spec.name;
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
@@ -604,7 +662,15 @@ fn validate(spec: &TaskSpec) -> Result<()> {
         .count()
         > 1
     {
-        bail!("task {name} has more than one default gateway");
+        bail!(
+            "task {name} has more than one default gateway{}",
+            if spec.egress.is_some() {
+                " (with egress the default route goes through the gateway bridge: attach the \
+                 networks without_default_route)"
+            } else {
+                ""
+            }
+        );
     }
     for a in &spec.attachments {
         if let Some(gw) = a.gateway

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use rtnetlink::{
-    Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    Handle, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::link::{InfoData, InfoVeth},
 };
 
@@ -91,6 +91,9 @@ pub(super) async fn attach(
         )
     })?;
     drop(ns);
+    if attachment.isolated {
+        isolate_port(host, &host_veth).await?;
+    }
     Ok(Interface {
         name,
         host_veth,
@@ -155,8 +158,25 @@ async fn set_up(handle: &Handle, name: &str) -> Result<()> {
         .with_context(|| format!("setting {name} up"))
 }
 
+/// Marks a bridge port isolated: it reaches the bridge itself but no other isolated port.
+async fn isolate_port(host: &Handle, veth: &str) -> Result<()> {
+    let link = netlink::link_by_name(host, veth)
+        .await?
+        .with_context(|| format!("{veth} vanished right after it was created"))?;
+    host.link()
+        .set_port(LinkBridgePort::new(link.index).isolated(true).build())
+        .execute()
+        .await
+        .with_context(|| format!("isolating bridge port {veth}"))
+}
+
 /// Puts a host veth back on its bridge (after the bridge was re-created) and up.
-pub(super) async fn reattach(host: &Handle, iface: &Interface, bridge: &str) -> Result<bool> {
+pub(super) async fn reattach(
+    host: &Handle,
+    iface: &Interface,
+    attachment: &Attachment,
+) -> Result<bool> {
+    let bridge = &attachment.bridge;
     let Some(veth) = netlink::link_by_name(host, &iface.host_veth).await? else {
         return Ok(false);
     };
@@ -176,6 +196,10 @@ pub(super) async fn reattach(host: &Handle, iface: &Interface, bridge: &str) -> 
         .execute()
         .await
         .with_context(|| format!("putting {} back on {bridge}", iface.host_veth))?;
+    // Port flags do not survive leaving the bridge.
+    if attachment.isolated {
+        isolate_port(host, &iface.host_veth).await?;
+    }
     Ok(true)
 }
 
