@@ -174,7 +174,6 @@ pub fn connect_in(netns: &std::path::Path) -> Result<Handle> {
         rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
             .context("opening a netlink socket")
     })??;
-    socket.set_non_blocking(true)?;
     // SAFETY: the fd comes from a socket we own and hand over whole.
     let socket =
         unsafe { <TokioSocket as std::os::fd::FromRawFd>::from_raw_fd(socket.into_raw_fd()) };

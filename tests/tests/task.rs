@@ -386,3 +386,24 @@ fn node_states(node: &Node) -> Vec<(String, TaskState)> {
         .map(|r| (r.spec.name.clone(), r.state))
         .collect()
 }
+
+#[test]
+fn a_namespace_left_by_an_agent_that_lost_its_records_is_replaced() {
+    let cluster = Cluster::new(1).unwrap();
+    let node = Node::start(cluster.host(1)).unwrap();
+    host_with_app(&cluster, &node);
+    let stale = format!("{}-web", node.name);
+    mesh_agent::netns::create(&stale).unwrap();
+    let mut squatter = command_in(&stale, "sleep").arg("3600").spawn().unwrap();
+
+    let task = node
+        .run_task("web", &app(), app().address(11), &["sleep", "3600"])
+        .unwrap();
+    assert_eq!(task.netns, stale);
+    wait_for(
+        "the stale namespace's process to be killed",
+        Duration::from_secs(2),
+        || squatter.try_wait().unwrap().is_some(),
+    );
+    cluster.host(1).ns.sh("ping -c1 -W2 10.10.0.11").unwrap();
+}

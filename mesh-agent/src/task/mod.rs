@@ -383,6 +383,12 @@ impl Tasks {
             };
         }
         attempt!(self.inner.store.save(&record));
+        if netns::exists(&record.netns) {
+            // Named after this node and a task it no longer knows: left by an agent that
+            // lost its record. Replaced, as the record's absence says nobody owns it.
+            warn!(task = %record.spec.name, netns = %record.netns, "removing a stale namespace");
+            attempt!(self.teardown(&record).await);
+        }
         attempt!(netns::create(&record.netns));
         let etc = plumbing::etc_dir(&config.netns_etc, &record.netns);
         attempt!(plumbing::write_resolv_conf(&etc, &config.resolv));
