@@ -199,6 +199,20 @@ fn an_exited_task_is_reported_at_once_and_loses_its_network() {
     assert!(!netns_exists(&task.netns));
     assert!(!link_exists(&cluster, &task.interfaces[0].host_veth));
     assert!(!Path::new("/etc/netns").join(&task.netns).exists());
+    // A command that is done before the agent even looks is an ordinary exit too.
+    let exits = node.tasks.subscribe();
+    node.run_task("instant", &app(), app().address(13), &["true"])
+        .unwrap();
+    let exit = next_exit(&node, exits, Duration::from_secs(5));
+    assert_eq!(
+        exit,
+        TaskExit {
+            name: "instant".into(),
+            code: Some(0),
+            signal: None
+        }
+    );
+
     // Listed as exited until removed; removing forgets record and log.
     node.stop_task("batch").unwrap();
     assert!(node.tasks.get("batch").is_none());
@@ -312,6 +326,11 @@ fn a_restarted_agent_adopts_running_tasks_and_notices_the_ones_that_exited() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    // Signals land asynchronously: wait until it is dead (a zombie: this test process is
+    // its parent and nobody reaps it while no agent runs).
+    wait_for("the killed task to die", Duration::from_secs(2), || {
+        is_zombie(ended.pid.unwrap() as i32)
+    });
     let half = format!("{}-half", host.node_name());
     mesh_agent::netns::create(&half).unwrap();
     let state_dir = PathBuf::from("/run/mesh")

@@ -92,8 +92,9 @@ pub(super) fn spawn(launch: &Launch) -> Result<Spawned> {
     let pid = child.id();
     // The Child handle is dropped without waiting: the process is reaped through its pidfd.
     drop(child);
+    // Unreaped, the child keeps its PID even if it already exited: both calls see it.
     let pidfd = pidfd_open(pid).context("opening a pidfd for the task process")?;
-    let start_time = start_time(pid).context("reading the task process's start time")?;
+    let (_, start_time) = stat(pid).context("reading the task process's start time")?;
     Ok(Spawned {
         pid,
         start_time,
@@ -271,18 +272,8 @@ fn reap(pidfd: &OwnedFd) -> Exit {
     }
 }
 
-/// The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), which
-/// with the PID names one process for good; fails for a process that already exited.
-pub(super) fn start_time(pid: u32) -> io::Result<u64> {
-    match stat(pid)? {
-        (state, _) if state == 'Z' || state == 'X' => {
-            Err(io::Error::from_raw_os_error(libc::ESRCH))
-        }
-        (_, t) => Ok(t),
-    }
-}
-
-/// (state, start time) from /proc/<pid>/stat.
+/// (state, start time) from /proc/<pid>/stat. The start time, in clock ticks since boot,
+/// names one process for good together with the PID.
 fn stat(pid: u32) -> io::Result<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let malformed = || io::Error::other(format!("malformed /proc/{pid}/stat"));
