@@ -17,6 +17,11 @@
 //! entry for broadcasts. Reconciliation diffs against what the kernel holds, touches only
 //! objects named with our prefixes, and is idempotent, so a restarted agent adopts what a
 //! previous one left.
+//!
+//! The agent calls [`Overlay::reconcile`] whenever its view of the cluster changes, with
+//! the networks that have a local task, the endpoints of those networks on other nodes (the
+//! other nodes' own addresses on them too, with [`MacAddr::for_ip`] as their bridges use),
+//! and the peers; a task is created once its network is plumbed.
 
 mod fdb;
 mod firewall;

@@ -192,7 +192,7 @@ pub struct TaskRecord {
     pub netns: String,
     pub interfaces: Vec<Interface>,
     pub pid: Option<u32>,
-    /// Clock ticks since boot (/proc/<pid>/stat field 22): with the PID, names the process.
+    /// Clock ticks since boot (`/proc/<pid>/stat` field 22): with the PID, names the process.
     pub start_time: Option<u64>,
     pub state: TaskState,
     pub log: PathBuf,
