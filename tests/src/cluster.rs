@@ -386,6 +386,10 @@ fn remove_node_state(cluster: &str) {
         cluster,
         remove_cgroup,
     );
+    // resolv.conf and friends of task namespaces (the `ip netns exec` convention).
+    remove_children_with_prefix(Path::new("/etc/netns"), cluster, |p| {
+        let _ = fs::remove_dir_all(p);
+    });
 }
 
 fn remove_children_with_prefix(dir: &Path, prefix: &str, remove: impl Fn(&Path)) {

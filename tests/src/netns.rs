@@ -89,6 +89,20 @@ impl Netns {
         }
     }
 
+    /// A tokio runtime whose threads all live in this namespace, so sockets (netlink ones
+    /// included) opened by the futures it runs belong here.
+    pub fn runtime(&self) -> Result<NsRuntime> {
+        let rt = self
+            .run(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+            })?
+            .context("building a tokio runtime")?;
+        Ok(NsRuntime { rt })
+    }
+
     /// PIDs of processes whose network namespace is this one.
     pub fn pids(&self) -> Vec<i32> {
         let Ok(out) = Command::new("ip")
@@ -108,6 +122,35 @@ impl Drop for Netns {
     fn drop(&mut self) {
         delete_netns(&self.name);
     }
+}
+
+/// A tokio runtime created inside a namespace (see [`Netns::runtime`]).
+pub struct NsRuntime {
+    rt: tokio::runtime::Runtime,
+}
+
+impl NsRuntime {
+    /// Runs `fut` to completion on one of the runtime's (namespaced) worker threads. The
+    /// calling thread only waits: it may be in another namespace.
+    pub fn block_on<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        match self.rt.block_on(self.rt.spawn(fut)) {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
+/// A command that runs inside the namespace called `name` (one the test did not create
+/// itself, e.g. a task's), entered with `nsenter --net` so /sys stays the host's.
+pub fn command_in(name: &str, program: &str) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{name}"))
+        .arg("--")
+        .arg(program);
+    cmd
 }
 
 /// Kills the processes still inside a namespace (by PID) and deletes it.
