@@ -3,12 +3,15 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    agent::Agent,
+    agent::{Agent, Parts},
     api,
     cluster::key,
     config::{AgentConfig, DEFAULT_CONFIG},
     dataplane::{self, Dataplane},
     gossip::{Gossip, GossipConfig},
+    netlink,
+    overlay::{GatewayPlumbing, Overlay, Underlay},
+    task::{TaskConfig, TaskState, Tasks},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
@@ -204,12 +207,24 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         dead_node_grace: std::time::Duration::from_secs(3600),
         tombstone_grace: std::time::Duration::from_secs(3600),
     };
+    // Adopt the tasks an earlier run left (running ones keep running; gone ones are cleaned).
+    let host = netlink::connect()?;
+    let mut task_config = TaskConfig::new(&config.node_name, config.state_dir.clone());
+    task_config.cgroup = Some(config.cgroup.join("tasks"));
+    let tasks = Tasks::open(task_config, host.clone()).await?;
+
     let record = Agent::node_record(&config, mtu);
-    // Re-assert what this node owned before a restart; endpoints of tasks that did not
-    // survive are dropped by the first reconcile.
+    // Re-assert what this node owned before a restart, endpoints only for tasks that are
+    // still running.
     let mut initial: Vec<(String, String)> = mesh_agent::agent::load_own_keys(&config.state_dir)
         .into_iter()
-        .filter(|(k, _)| !k.starts_with(key::ENDPOINT))
+        .filter(|(k, _)| {
+            k.strip_prefix(key::ENDPOINT).is_none_or(|task| {
+                tasks
+                    .get(task)
+                    .is_some_and(|t| t.state == TaskState::Running)
+            })
+        })
         .collect();
     initial.push((key::NODE.to_owned(), serde_json::to_string(&record)?));
     let gossip = Gossip::start(&gossip_config, initial, &chitchat::transport::UdpTransport).await?;
@@ -220,7 +235,26 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         "gossip started"
     );
 
-    let agent = Agent::new(config.clone(), gossip, dataplane);
+    let gw = config.gateway_subnet;
+    let parts = Parts {
+        dataplane,
+        tasks,
+        overlay: Overlay::new(host),
+        underlay: Underlay {
+            interface: config.interface.clone(),
+            address: config.advertise,
+            mtu,
+        },
+        gateway: GatewayPlumbing {
+            subnet: gw,
+            address: gw
+                .hosts()
+                .next()
+                .context("gateway_subnet has no host addresses")?,
+            mtu,
+        },
+    };
+    let agent = Agent::new(config.clone(), gossip, parts);
     tokio::spawn(agent.clone().run());
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
