@@ -4,7 +4,7 @@
 //! Compiling happens once per snapshot (when the table changes), so a query is a few hash
 //! lookups on a string built from the question name.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use hickory_proto::rr::Name;
@@ -24,6 +24,10 @@ pub(crate) struct NetworkZone {
     tasks: HashMap<String, TaskZone>,
     /// Reverse map for PTR: VIPs and task IPs to the name that owns them.
     owners: HashMap<Ipv4Addr, Name>,
+    /// Names with no records of their own but names below them (`_tcp.web` above
+    /// `_80._tcp.web`, `1.abc` above task `web.1.abc`). Under our network they are NODATA, not
+    /// NXDOMAIN, which would tell RFC 8020 resolvers that nothing exists below them.
+    interior: HashSet<String>,
 }
 
 #[derive(Debug)]
@@ -60,6 +64,8 @@ pub(crate) enum Lookup<'z> {
     Srv(&'z ServiceZone, Vec<Port>),
     /// The reverse name of an address we own.
     Ptr(&'z Name),
+    /// A name under one of the task's networks with names below it but no records.
+    Interior,
     /// Under one of the asking task's networks, but nothing is there: no upstream can own it.
     NoSuchName,
     /// Not ours: upstream resolvers answer it.
@@ -109,6 +115,9 @@ impl Zones {
                 under_our_network = true;
                 if let Some(found) = zone.lookup_relative(relative) {
                     return found;
+                }
+                if zone.interior.contains(relative) {
+                    return Lookup::Interior;
                 }
             }
             if let Some(found) = zone.lookup_relative(qname) {
@@ -189,10 +198,33 @@ impl NetworkZone {
             }
         }
 
+        // Every proper suffix of a name we answer for, that is not itself such a name.
+        let mut interior = HashSet::new();
+        let srv_parents = services.iter().flat_map(|(name, service)| {
+            service
+                .ports
+                .iter()
+                .map(move |port| format!("_{}.{name}", protocol_label(port.protocol)))
+        });
+        let leaves: Vec<String> = tasks.keys().cloned().chain(srv_parents).collect();
+        for leaf in &leaves {
+            let mut rest = leaf.as_str();
+            while let Some((_, parent)) = rest.split_once('.') {
+                if !services.contains_key(parent) && !tasks.contains_key(parent) {
+                    interior.insert(parent.to_string());
+                }
+                rest = parent;
+            }
+        }
+        for leaf in leaves.into_iter().filter(|l| l.starts_with('_')) {
+            interior.insert(leaf);
+        }
+
         NetworkZone {
             services,
             tasks,
             owners,
+            interior,
         }
     }
 
@@ -223,16 +255,21 @@ impl NetworkZone {
     }
 }
 
+fn protocol_label(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    }
+}
+
 /// `_<port>._<tcp|udp>.<service>` → (port, protocol, service).
 fn parse_srv(name: &str) -> Option<(u16, Protocol, &str)> {
     let rest = name.strip_prefix('_')?;
     let (port, rest) = rest.split_once("._")?;
     let (protocol, service) = rest.split_once('.')?;
-    let protocol = match protocol {
-        "tcp" => Protocol::Tcp,
-        "udp" => Protocol::Udp,
-        _ => return None,
-    };
+    let protocol = [Protocol::Tcp, Protocol::Udp]
+        .into_iter()
+        .find(|p| protocol_label(*p) == protocol)?;
     // u16::from_str accepts a leading '+', which would give one port two names.
     if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -141,6 +141,17 @@ async fn unknown_names_under_our_network_are_nxdomain_and_others_are_forwarded()
     assert!(response.metadata.authoritative);
     let response = ask(task.addr, "web.frontend", RecordType::AAAA, Ask::default()).await?;
     assert_eq!(response.metadata.response_code, ResponseCode::NoError);
+    // Names with names below them exist, even without records: NXDOMAIN there would tell
+    // RFC 8020 resolvers that `_80._tcp.web.frontend` and `web.1.aaa.frontend` do not exist.
+    for interior in ["_tcp.web.frontend", "1.aaa.frontend", "aaa.frontend"] {
+        let response = a(task.addr, interior).await?;
+        assert_eq!(
+            response.metadata.response_code,
+            ResponseCode::NoError,
+            "{interior}"
+        );
+        assert!(response.answers.is_empty(), "{interior}");
+    }
     assert_eq!(upstream.queries(), 0, "names under frontend are ours alone");
 
     // A bare unknown name could be anyone's: the upstream decides.
@@ -148,7 +159,7 @@ async fn unknown_names_under_our_network_are_nxdomain_and_others_are_forwarded()
     assert_eq!(ips(&response), vec![ip("192.0.2.80")]);
     assert_eq!(upstream.queries(), 1);
     let counters = task.server.counters();
-    assert_eq!((counters.answered_locally, counters.forwarded), (2, 1));
+    assert_eq!((counters.answered_locally, counters.forwarded), (5, 1));
     Ok(())
 }
 
