@@ -55,8 +55,9 @@ pub(crate) fn response_to(request: &Message, code: ResponseCode) -> Message {
     response
 }
 
-/// Answers `request` (one question, class IN) from what the zones found for its name.
-pub(crate) fn local(request: &Message, lookup: &Lookup<'_>, ttl: u32) -> Message {
+/// Answers `request` (one question, class IN) from what the zones found for its name, for a
+/// client that accepts `limit` bytes.
+pub(crate) fn local(request: &Message, lookup: &Lookup<'_>, ttl: u32, limit: usize) -> Message {
     let query = &request.queries[0];
     let owner = query.name();
     let qtype = query.query_type();
@@ -76,11 +77,17 @@ pub(crate) fn local(request: &Message, lookup: &Lookup<'_>, ttl: u32) -> Message
         Lookup::Service(service) if wants(RecordType::A) => {
             response.answers = match service.endpoint_mode {
                 EndpointMode::Vip(vip) => vec![a(vip)],
-                EndpointMode::Dnsrr => shuffled_task_ips(service).map(a).collect(),
+                EndpointMode::Dnsrr => shuffled_task_ips(service, limit)
+                    .into_iter()
+                    .map(a)
+                    .collect(),
             };
         }
         Lookup::ServiceTasks(service) if wants(RecordType::A) => {
-            response.answers = shuffled_task_ips(service).map(a).collect();
+            response.answers = shuffled_task_ips(service, limit)
+                .into_iter()
+                .map(a)
+                .collect();
         }
         Lookup::Task(task) if wants(RecordType::A) => {
             response.answers = task.ips.iter().copied().map(a).collect();
@@ -104,11 +111,18 @@ pub(crate) fn local(request: &Message, lookup: &Lookup<'_>, ttl: u32) -> Message
     response
 }
 
-fn shuffled_task_ips(service: &ServiceZone) -> impl Iterator<Item = Ipv4Addr> {
+/// A random selection of the service's task IPs in random order: all of them if they can fit
+/// in `limit` bytes, else a random subset a little larger than what fits, so that a service
+/// with thousands of tasks costs no more to answer than one that fills the packet.
+fn shuffled_task_ips(service: &ServiceZone, limit: usize) -> Vec<Ipv4Addr> {
     let mut ips: Vec<Ipv4Addr> = service.tasks.iter().map(|t| t.ip).collect();
-    ips.shuffle(&mut rand::rng());
-    ips.into_iter()
+    let room = limit / A_RECORD_MIN_LEN + 1;
+    let (picked, _) = ips.partial_shuffle(&mut rand::rng(), room);
+    picked.to_vec()
 }
+
+/// An A record whose owner is a compression pointer: 2 + 2 + 2 + 4 + 2 + 4 bytes.
+const A_RECORD_MIN_LEN: usize = 16;
 
 /// SRV answers for `_<port>._<proto>.<service>` and the A records of their targets.
 ///

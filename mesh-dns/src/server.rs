@@ -234,7 +234,7 @@ impl Inner {
             let zones = self.zones.read().unwrap_or_else(PoisonError::into_inner);
             let lookup = zones.lookup(scope.networks(), &key);
             if !matches!(lookup, Lookup::Foreign) {
-                let response = answer::local(&request, &lookup, self.ttl);
+                let response = answer::local(&request, &lookup, self.ttl, limit);
                 drop(zones);
                 return self.local(response, limit);
             }
