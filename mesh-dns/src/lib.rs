@@ -19,7 +19,7 @@
 //! | `_<port>._<tcp\|udp>.web[.<network>]` (SRV) | see below |
 //! | PTR of a VIP or task IP | `web.<network>.` or `<task name>.<network>.` |
 //! | any other type (AAAA…) for a name above | NOERROR with no records, never forwarded |
-//! | an unknown name under `<network>` | NXDOMAIN, never forwarded |
+//! | an unknown name under `<network>` | NXDOMAIN, never forwarded (NODATA if names exist below it) |
 //! | everything else | forwarded to the upstreams |
 //!
 //! SRV names use the port number, since a port has no name in the table:
