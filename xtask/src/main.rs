@@ -5,6 +5,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Args {
@@ -16,11 +18,18 @@ struct Args {
 enum Task {
     /// Format check, clippy with warnings denied, then every unit and scenario test.
     Ci,
+    /// Benchmarks against a baseline, e.g. `bench dns`; `--quick` for a short run.
+    Bench {
+        target: bench::Target,
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
     match Args::parse().task {
         Task::Ci => ci(),
+        Task::Bench { target, quick } => bench::run(target, quick),
     }
 }
 
