@@ -209,8 +209,15 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
     };
     // Adopt the tasks an earlier run left (running ones keep running; gone ones are cleaned).
     let host = netlink::connect()?;
+    let task_cgroup = config.cgroup.join("tasks");
+    std::fs::create_dir_all(&task_cgroup).with_context(|| {
+        format!(
+            "creating cgroup {} (is cgroup v2 mounted there?)",
+            task_cgroup.display()
+        )
+    })?;
     let mut task_config = TaskConfig::new(&config.node_name, config.state_dir.clone());
-    task_config.cgroup = Some(config.cgroup.join("tasks"));
+    task_config.cgroup = Some(task_cgroup);
     let tasks = Tasks::open(task_config, host.clone()).await?;
 
     let record = Agent::node_record(&config, mtu);

@@ -341,8 +341,9 @@ impl Host {
 
     /// meshctl with `--format json`, decoded.
     pub fn meshctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
-        let mut all = args.to_vec();
-        all.extend(["--format", "json"]);
+        // Before the arguments: a trailing `-- command` must stay last.
+        let mut all = vec!["--format", "json"];
+        all.extend_from_slice(args);
         let out = self.meshctl_ok(&all)?;
         serde_json::from_str(&out).with_context(|| format!("decoding meshctl output: {out}"))
     }

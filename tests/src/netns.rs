@@ -187,3 +187,36 @@ pub(crate) fn run_ok(cmd: &mut Command) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A process started in a namespace for the length of a test; stopped (by PID) on drop.
+pub struct Background {
+    child: std::process::Child,
+}
+
+impl Background {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        crate::process::kill_pid(self.child.id() as i32);
+        let _ = self.child.wait();
+    }
+}
+
+impl Netns {
+    /// Starts `program args…` in the namespace in the background, output discarded.
+    pub fn spawn(&self, program: &str, args: &[&str]) -> Result<Background> {
+        let child = self
+            .command(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {program} in {}", self.name))?;
+        Ok(Background { child })
+    }
+}
