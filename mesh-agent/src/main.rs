@@ -243,7 +243,22 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
     );
 
     let gw = config.gateway_subnet;
+    let upstreams = if config.dns_upstreams.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        mesh_agent::config::upstreams_from_resolv_conf(&text)
+    } else {
+        config.dns_upstreams.clone()
+    };
+    if upstreams.is_empty() {
+        tracing::warn!("no upstream resolvers: tasks resolve only mesh names (set dns_upstreams)");
+    }
+    let dns = mesh_dns::DnsServer::new(mesh_dns::Config {
+        upstreams,
+        ..Default::default()
+    })
+    .context("configuring the embedded DNS server")?;
     let parts = Parts {
+        dns,
         dataplane,
         tasks,
         overlay: Overlay::new(host),

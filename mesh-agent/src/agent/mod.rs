@@ -3,6 +3,7 @@
 
 mod addresses;
 mod converge;
+pub mod dns;
 mod objects;
 mod tasks;
 
@@ -63,10 +64,15 @@ pub struct Agent {
     reconcile_now: Notify,
     /// What was last written to the state file, to skip identical rewrites.
     persisted: Mutex<BTreeMap<String, String>>,
+    pub dns: mesh_dns::DnsServer,
+    dns_last: StdMutex<Option<mesh_dns::Snapshot>>,
+    /// One resolver listener per running task, by task name; dropping one closes it.
+    dns_listeners: StdMutex<BTreeMap<String, mesh_dns::ServeHandle>>,
 }
 
 /// The node-local parts the agent drives.
 pub struct Parts {
+    pub dns: mesh_dns::DnsServer,
     pub dataplane: Dataplane,
     pub tasks: Tasks,
     pub overlay: Overlay,
@@ -89,6 +95,9 @@ impl Agent {
             converging: Mutex::new(()),
             reconcile_now: Notify::new(),
             persisted: Mutex::new(BTreeMap::new()),
+            dns: parts.dns,
+            dns_last: StdMutex::new(None),
+            dns_listeners: StdMutex::new(BTreeMap::new()),
             gossip,
             config,
         })
@@ -147,8 +156,10 @@ impl Agent {
     pub async fn run(self: Arc<Self>) {
         let mut changes = self.gossip.changes().await;
         let mut exits = self.tasks.subscribe();
+        self.serve_dns_for_all();
         loop {
             let view = self.refresh().await;
+            self.update_dns(&view);
             if let Err(e) = self.converge(&view).await {
                 warn!("programming the kernel: {e:#}");
             }

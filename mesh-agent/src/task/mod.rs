@@ -35,6 +35,9 @@ use crate::{
 
 pub use plumbing::HOST_VETH_PREFIX;
 
+/// The network name of a task's attachment to the node's gateway bridge.
+pub const GATEWAY_NETWORK: &str = "gateway";
+
 /// How the agent runs tasks on this node.
 #[derive(Clone, Debug)]
 pub struct TaskConfig {
@@ -140,7 +143,7 @@ impl Attachment {
 
     fn egress(gw: &GatewayPlumbing, ip: Ipv4Addr) -> Self {
         Self {
-            network: "gateway".into(),
+            network: GATEWAY_NETWORK.into(),
             bridge: GATEWAY_BRIDGE.into(),
             address: Ipv4Net::new(ip, gw.subnet.prefix_len()).expect("valid prefix"),
             mtu: gw.mtu,
