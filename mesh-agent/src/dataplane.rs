@@ -143,8 +143,10 @@ impl Dataplane {
             relink(&pin, prog_fd.as_fd(), || {
                 let dir = fs::File::open(cgroup)
                     .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+                // Through a bpf_link (which aya uses on this kernel) the program always
+                // coexists with others on the cgroup; the link API refuses the multi flag.
                 let id = program
-                    .attach(dir, CgroupAttachMode::AllowMultiple)
+                    .attach(dir, CgroupAttachMode::Single)
                     .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
                 Ok(program.take_link(id)?.try_into()?)
             })?;
