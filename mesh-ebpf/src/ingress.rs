@@ -21,43 +21,70 @@ use mesh_common::lb::{FLOW_REPLY, Flow, FlowKey, LbConfig, Reason, ServiceEntry}
 use crate::{
     flow, nat,
     packet::{
-        ETH_HLEN, ETH_P_IP, IP_MF_AND_OFFSET, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, TCP_ACK, TCP_SYN,
-        TcpHdr, UdpHdr,
+        ETH_HLEN, ETH_P_IP, EthHdr, IP_MF_AND_OFFSET, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, TCP_ACK,
+        TCP_SYN, TcpHdr, UdpHdr, pull_headers, skb_ptr,
     },
     programs::LB_CONFIG,
     service,
     stats::{self, Traffic},
 };
 
-enum Verdict {
-    /// Not ours: untouched, uncounted.
-    Pass,
-    /// Passed to the kernel, counted under a reason.
-    PassCounted(Reason),
-    Drop(Reason),
-    /// Rewritten; the action bpf_redirect_neigh returned.
-    Redirect(i32, Reason),
+/// What happens to a packet: a TC action and the reason it is counted under. A plain struct
+/// with every field always set: LLVM may move the undefined payload of a data-less enum
+/// variant through a register, which the verifier rejects as reading an uninitialized one.
+#[derive(Clone, Copy)]
+struct Verdict {
+    action: i32,
+    reason: u32,
 }
 
-pub fn run(ctx: &TcContext) -> i32 {
-    match classify(ctx) {
-        Verdict::Pass => TC_ACT_OK as i32,
-        Verdict::PassCounted(r) => {
-            stats::count(r);
-            TC_ACT_OK as i32
+/// `Verdict::reason` of packets that are not ours: not counted.
+const UNCOUNTED: u32 = u32::MAX;
+/// `Verdict::action` while parsing: the packet is TCP/UDP over IPv4, go on.
+const CONTINUE: i32 = -1;
+
+impl Verdict {
+    const PASS: Self = Self {
+        action: TC_ACT_OK as i32,
+        reason: UNCOUNTED,
+    };
+    const CONTINUE: Self = Self {
+        action: CONTINUE,
+        reason: UNCOUNTED,
+    };
+
+    const fn pass(r: Reason) -> Self {
+        Self {
+            action: TC_ACT_OK as i32,
+            reason: r as u32,
         }
-        Verdict::Drop(r) => {
-            stats::count(r);
-            TC_ACT_SHOT as i32
+    }
+
+    const fn drop(r: Reason) -> Self {
+        Self {
+            action: TC_ACT_SHOT as i32,
+            reason: r as u32,
         }
-        Verdict::Redirect(action, r) => {
-            stats::count(r);
-            action
+    }
+
+    const fn redirect(action: i32, r: Reason) -> Self {
+        Self {
+            action,
+            reason: r as u32,
         }
     }
 }
 
+pub fn run(ctx: &TcContext) -> i32 {
+    let v = classify(ctx);
+    if v.reason != UNCOUNTED {
+        stats::count_index(v.reason);
+    }
+    v.action
+}
+
 /// A parsed TCP or UDP over IPv4 packet.
+#[derive(Default)]
 struct Packet {
     key: FlowKey,
     /// Offset of the TCP/UDP header.
@@ -69,20 +96,20 @@ struct Packet {
 
 fn classify(ctx: &TcContext) -> Verdict {
     let Some(cfg) = LB_CONFIG.get(0) else {
-        return Verdict::Pass;
+        return Verdict::PASS;
     };
     if u32::from_ne_bytes(cfg.node_ip) == 0 {
-        return Verdict::Pass;
+        return Verdict::PASS;
     }
-    let pkt = match parse(ctx, cfg) {
-        Ok(Some(p)) => p,
-        Ok(None) => return Verdict::Pass,
-        Err(v) => return v,
-    };
+    let mut pkt = Packet::default();
+    let v = parse(ctx, cfg, &mut pkt);
+    if v.action != CONTINUE {
+        return v;
+    }
     if pkt.key.dst == cfg.node_ip {
         return match service::published(pkt.key.proto, pkt.key.dport) {
             Some(svc) => forward(ctx, &pkt, &svc, cfg),
-            None => Verdict::Pass,
+            None => Verdict::PASS,
         };
     }
     // Replies are addressed to a SNAT port: everything else skips the flow lookup.
@@ -94,24 +121,48 @@ fn classify(ctx: &TcContext) -> Verdict {
     {
         return translate(ctx, &pkt, entry, Reason::Replied, false);
     }
-    Verdict::Pass
+    Verdict::PASS
 }
 
-/// Reads the headers. `Ok(None)` for traffic that is not TCP/UDP over IPv4; `Err` for
-/// packets that claim to be but are malformed.
+/// Fills `pkt` from the headers and returns `Verdict::CONTINUE` for TCP/UDP over IPv4;
+/// otherwise what to do with the packet (untouched when it is not ours, counted when it is
+/// malformed).
 #[inline(always)]
-fn parse(ctx: &TcContext, cfg: &LbConfig) -> Result<Option<Packet>, Verdict> {
-    let Ok(ether_type) = ctx.load::<[u8; 2]>(12) else {
-        return Ok(None);
-    };
-    if u16::from_be_bytes(ether_type) != ETH_P_IP {
-        return Ok(None);
+fn parse(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
+    let v = parse_linear(ctx, cfg, pkt);
+    if v.action == SHORT && pull_headers(ctx) {
+        let v = parse_linear(ctx, cfg, pkt);
+        if v.action != SHORT {
+            return v;
+        }
+    } else if v.action != SHORT {
+        return v;
     }
-    let ip: Ipv4Hdr = ctx
-        .load(ETH_HLEN)
-        .map_err(|_| Verdict::PassCounted(Reason::Truncated))?;
+    Verdict::pass(Reason::Truncated)
+}
+
+/// `Verdict::action` from parse_linear: a header did not fit in the skb's linear part.
+const SHORT: i32 = -2;
+const SHORT_VERDICT: Verdict = Verdict {
+    action: SHORT,
+    reason: UNCOUNTED,
+};
+
+#[inline(always)]
+fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
+    let Some(eth) = skb_ptr::<EthHdr>(ctx, 0) else {
+        return SHORT_VERDICT;
+    };
+    // SAFETY (all reads below): bounds-checked pointers into the packet.
+    if u16::from_be_bytes(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return Verdict::PASS;
+    }
+    let Some(ip) = skb_ptr::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return SHORT_VERDICT;
+    };
+    let ip: Ipv4Hdr = unsafe { *ip };
     if ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP {
-        return Ok(None);
+        return Verdict::PASS;
     }
     let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
     let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
@@ -121,51 +172,55 @@ fn parse(ctx: &TcContext, cfg: &LbConfig) -> Result<Option<Packet>, Verdict> {
         || tot_len < ihl
         || ETH_HLEN + tot_len > ctx.len() as usize
     {
-        return Err(Verdict::PassCounted(Reason::BadHeader));
+        return Verdict::pass(Reason::BadHeader);
     }
     if u16::from_be_bytes(ip.frag_off) & IP_MF_AND_OFFSET != 0 {
         // Only the first fragment has ports; rewriting it alone would orphan the rest, so
         // fragments go to the kernel. Large UDP datagrams need reassembly the routing mesh
         // does not do.
-        return Err(if ip.daddr == cfg.node_ip {
-            Verdict::PassCounted(Reason::Fragment)
+        return if ip.daddr == cfg.node_ip {
+            Verdict::pass(Reason::Fragment)
         } else {
-            Verdict::Pass
-        });
+            Verdict::PASS
+        };
     }
     let l4 = ETH_HLEN + ihl;
-    let (sport, dport, tcp_flags) = if ip.protocol == IPPROTO_TCP {
-        let tcp: TcpHdr = ctx
-            .load(l4)
-            .map_err(|_| Verdict::PassCounted(Reason::Truncated))?;
+    if ip.protocol == IPPROTO_TCP {
+        if ihl + 20 > tot_len {
+            return Verdict::pass(Reason::Truncated);
+        }
+        let Some(tcp) = skb_ptr::<TcpHdr>(ctx, l4) else {
+            return SHORT_VERDICT;
+        };
+        let tcp: TcpHdr = unsafe { *tcp };
         let doff = usize::from(tcp.doff >> 4) * 4;
         if doff < 20 || ihl + doff > tot_len {
-            return Err(Verdict::PassCounted(Reason::BadHeader));
+            return Verdict::pass(Reason::BadHeader);
         }
-        (tcp.source, tcp.dest, tcp.flags)
+        pkt.key.sport = u16::from_be_bytes(tcp.source);
+        pkt.key.dport = u16::from_be_bytes(tcp.dest);
+        pkt.tcp_flags = tcp.flags;
     } else {
-        let udp: UdpHdr = ctx
-            .load(l4)
-            .map_err(|_| Verdict::PassCounted(Reason::Truncated))?;
+        if ihl + 8 > tot_len {
+            return Verdict::pass(Reason::Truncated);
+        }
+        let Some(udp) = skb_ptr::<UdpHdr>(ctx, l4) else {
+            return SHORT_VERDICT;
+        };
+        let udp: UdpHdr = unsafe { *udp };
         let len = usize::from(u16::from_be_bytes(udp.len));
         if len < 8 || ihl + len > tot_len {
-            return Err(Verdict::PassCounted(Reason::BadHeader));
+            return Verdict::pass(Reason::BadHeader);
         }
-        (udp.source, udp.dest, 0)
-    };
-    Ok(Some(Packet {
-        key: FlowKey {
-            src: ip.saddr,
-            dst: ip.daddr,
-            sport: u16::from_be_bytes(sport),
-            dport: u16::from_be_bytes(dport),
-            proto: ip.protocol,
-            _pad: [0; 3],
-        },
-        l4,
-        ihl,
-        tcp_flags,
-    }))
+        pkt.key.sport = u16::from_be_bytes(udp.source);
+        pkt.key.dport = u16::from_be_bytes(udp.dest);
+    }
+    pkt.key.src = ip.saddr;
+    pkt.key.dst = ip.daddr;
+    pkt.key.proto = ip.protocol;
+    pkt.l4 = l4;
+    pkt.ihl = ihl;
+    Verdict::CONTINUE
 }
 
 /// A packet to a published port: an existing flow, or a new one.
@@ -183,11 +238,11 @@ fn forward(ctx: &TcContext, pkt: &Packet, svc: &ServiceEntry, cfg: &LbConfig) ->
     if tcp && !syn_only {
         // Mid-connection packet with no flow (evicted, or never ours): the kernel has no
         // socket on the published port and answers RST, which tells the client quickly.
-        return Verdict::PassCounted(Reason::NotSyn);
+        return Verdict::pass(Reason::NotSyn);
     }
     // Malformed packets must not create state.
     if !ip_checksum_ok(ctx, pkt.ihl) {
-        return Verdict::PassCounted(Reason::BadIpChecksum);
+        return Verdict::pass(Reason::BadIpChecksum);
     }
     // SAFETY: reading the ifindex field of our own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -201,7 +256,7 @@ fn forward(ctx: &TcContext, pkt: &Packet, svc: &ServiceEntry, cfg: &LbConfig) ->
             if r == Reason::NoBackend {
                 stats::traffic(svc.service, 0, Traffic::Dropped);
             }
-            Verdict::Drop(r)
+            Verdict::drop(r)
         }
     }
 }
@@ -224,13 +279,13 @@ fn rewrite_and_redirect(
 ) -> Verdict {
     let bytes = u64::from(ctx.len());
     if nat::rewrite(ctx, pkt.l4, &pkt.key, f).is_err() {
-        return Verdict::Drop(Reason::RewriteFailed);
+        return Verdict::drop(Reason::RewriteFailed);
     }
     stats::traffic(f.service, f.backend, Traffic::Packet { bytes, new_flow });
     // SAFETY: no neighbour parameters: the helper looks up the route and the neighbour of
     // the (rewritten) destination on the target device.
     let action = unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) };
-    Verdict::Redirect(action as i32, r)
+    Verdict::redirect(action as i32, r)
 }
 
 /// Whether the IPv4 header (with options) sums to 0xffff.

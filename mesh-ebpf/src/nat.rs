@@ -5,16 +5,19 @@
 //! CHECKSUM_COMPLETE packets and only touch the pseudo-header seed for CHECKSUM_PARTIAL ones
 //! (what veth hands us). A UDP checksum of 0 means "none" and stays 0
 //! (BPF_F_MARK_MANGLED_0, which also turns a computed 0 into 0xffff).
+//!
+//! The new addresses and ports are written directly into the packet (the verifier makes a
+//! cloned skb private first); the checksum helpers come after, since any helper that may
+//! move packet data invalidates packet pointers.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
     programs::TcContext,
 };
 use mesh_common::lb::{Flow, FlowKey};
 
 use crate::packet::{
-    ETH_HLEN, IP_CHECK_OFFSET, IP_SADDR_OFFSET, IPPROTO_UDP, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
+    ETH_HLEN, IP_CHECK_OFFSET, IPPROTO_UDP, Ipv4Hdr, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, skb_ptr,
 };
 
 /// Rewrites the packet's 5-tuple from `key` to the flow's translation. `l4` is the offset of
@@ -33,15 +36,28 @@ pub fn rewrite(ctx: &TcContext, l4: usize, key: &FlowKey, flow: &Flow) -> Result
     } else {
         0
     };
+    let addr_diff = diff2(
+        [u32::from_ne_bytes(key.src), u32::from_ne_bytes(key.dst)],
+        [
+            u32::from_ne_bytes(flow.nat_src),
+            u32::from_ne_bytes(flow.nat_dst),
+        ],
+    );
+    let port_diff = diff2(
+        [ports_word(key.sport, key.dport), 0],
+        [ports_word(flow.nat_sport, flow.nat_dport), 0],
+    );
 
-    // Source and destination addresses are adjacent: one 8-byte store, one difference.
-    let mut old_addrs = [u32::from_ne_bytes(key.src), u32::from_ne_bytes(key.dst)];
-    let mut new_addrs = [
-        u32::from_ne_bytes(flow.nat_src),
-        u32::from_ne_bytes(flow.nat_dst),
-    ];
-    let addr_diff = csum_diff(&mut old_addrs, &mut new_addrs)?;
-    ctx.store(ETH_HLEN + IP_SADDR_OFFSET, &new_addrs, 0)?;
+    let ip: *mut Ipv4Hdr = skb_ptr(ctx, ETH_HLEN).ok_or(-1i64)?;
+    let ports: *mut [u8; 4] = skb_ptr(ctx, l4).ok_or(-1i64)?;
+    let (s, d) = (flow.nat_sport.to_be_bytes(), flow.nat_dport.to_be_bytes());
+    // SAFETY: bounds-checked pointers into the packet, written before any helper call.
+    unsafe {
+        (*ip).saddr = flow.nat_src;
+        (*ip).daddr = flow.nat_dst;
+        *ports = [s[0], s[1], d[0], d[1]];
+    }
+
     ctx.l3_csum_replace(ETH_HLEN + IP_CHECK_OFFSET, 0, addr_diff, 0)?;
     // The addresses are part of the TCP/UDP pseudo-header.
     ctx.l4_csum_replace(
@@ -50,17 +66,11 @@ pub fn rewrite(ctx: &TcContext, l4: usize, key: &FlowKey, flow: &Flow) -> Result
         addr_diff,
         u64::from(BPF_F_PSEUDO_HDR) | mangled0,
     )?;
-
-    // Ports are adjacent too (source, destination), in network order in the packet.
-    let mut old_ports = [ports_word(key.sport, key.dport)];
-    let mut new_ports = [ports_word(flow.nat_sport, flow.nat_dport)];
-    let port_diff = csum_diff(&mut old_ports, &mut new_ports)?;
-    ctx.store(l4, &new_ports, 0)?;
     ctx.l4_csum_replace(l4_check, 0, port_diff, mangled0)?;
     Ok(())
 }
 
-/// The two ports as the 4 bytes they occupy on the wire.
+/// The two ports as the 4 bytes they occupy on the wire, read as a native word.
 #[inline(always)]
 fn ports_word(sport: u16, dport: u16) -> u32 {
     let s = sport.to_be_bytes();
@@ -68,15 +78,16 @@ fn ports_word(sport: u16, dport: u16) -> u32 {
     u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
 }
 
-/// One's-complement difference between two equally long word arrays.
+/// One's-complement difference from two old words to two new ones, as bpf_csum_diff would
+/// return it (a 32-bit partial sum the replace helpers accept with `from` = 0).
 #[inline(always)]
-fn csum_diff<const N: usize>(from: &mut [u32; N], to: &mut [u32; N]) -> Result<u64, i64> {
-    let size = (N * 4) as u32;
-    // SAFETY: both buffers are on our stack and `size` bytes long.
-    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), size, to.as_mut_ptr(), size, 0) };
-    if diff < 0 {
-        return Err(diff);
-    }
-    // The helper returns a 32-bit partial sum; l3/l4_csum_replace take it with `from` = 0.
-    Ok(diff as u64 & 0xffff_ffff)
+fn diff2(old: [u32; 2], new: [u32; 2]) -> u64 {
+    let sum = add(add(add(!old[0], !old[1]), new[0]), new[1]);
+    u64::from(sum)
+}
+
+#[inline(always)]
+fn add(a: u32, b: u32) -> u32 {
+    let (s, carry) = a.overflowing_add(b);
+    s.wrapping_add(u32::from(carry))
 }

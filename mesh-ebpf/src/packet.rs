@@ -2,7 +2,7 @@
 //! pointers. All fields are byte arrays, so the structs have alignment 1 and can be copied
 //! out of any offset.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -33,6 +33,32 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
         return None;
     }
     Some((start + offset) as *const T)
+}
+
+/// The same for TC programs, within the skb's linear part (see [`pull_headers`]).
+#[inline(always)]
+pub fn skb_ptr<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Ethernet, the longest IPv4 header and a TCP header without options.
+const MAX_HEADERS: u32 = (ETH_HLEN + 60 + 20) as u32;
+
+/// Makes the headers directly readable when they are not in the skb's linear part (rare on
+/// veth and bridges; a fragmented GSO skb can do it). Returns whether anything could change.
+#[inline(always)]
+pub fn pull_headers(ctx: &TcContext) -> bool {
+    let want = if ctx.len() < MAX_HEADERS {
+        ctx.len()
+    } else {
+        MAX_HEADERS
+    };
+    ctx.pull_data(want).is_ok()
 }
 
 #[repr(C)]

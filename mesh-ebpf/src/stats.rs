@@ -7,7 +7,12 @@ use crate::programs::{LB_BE_COUNTERS, LB_STATS, LB_SVC_COUNTERS};
 
 #[inline(always)]
 pub fn count(reason: Reason) {
-    if let Some(c) = LB_STATS.get_ptr_mut(reason as u32) {
+    count_index(reason as u32);
+}
+
+#[inline(always)]
+pub fn count_index(reason: u32) {
+    if let Some(c) = LB_STATS.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot, nobody else writes it while this program runs.
         unsafe { *c += 1 };
     }
