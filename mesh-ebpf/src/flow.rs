@@ -128,19 +128,19 @@ pub fn create(
         let reply_key = forward.partner(key);
         // NOEXIST makes the port ours atomically: another CPU cannot take it in between.
         if LB_FLOWS
-            .insert(&reply_key, &reply, u64::from(BPF_NOEXIST))
+            .insert(reply_key, reply, u64::from(BPF_NOEXIST))
             .is_err()
         {
             continue;
         }
         if LB_FLOWS
-            .insert(key, &forward, u64::from(BPF_NOEXIST))
+            .insert(key, forward, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             return Ok(forward);
         }
         // Another CPU created this flow first (a retransmitted SYN): use its entry.
-        let _ = LB_FLOWS.remove(&reply_key);
+        let _ = LB_FLOWS.remove(reply_key);
         // SAFETY: plain data copied out.
         return unsafe { LB_FLOWS.get(key).copied().ok_or(Reason::FlowTableFull) };
     }

@@ -45,7 +45,7 @@ const CONTINUE: i32 = -1;
 
 impl Verdict {
     const PASS: Self = Self {
-        action: TC_ACT_OK as i32,
+        action: TC_ACT_OK,
         reason: UNCOUNTED,
     };
     const CONTINUE: Self = Self {
@@ -55,14 +55,14 @@ impl Verdict {
 
     const fn pass(r: Reason) -> Self {
         Self {
-            action: TC_ACT_OK as i32,
+            action: TC_ACT_OK,
             reason: r as u32,
         }
     }
 
     const fn drop(r: Reason) -> Self {
         Self {
-            action: TC_ACT_SHOT as i32,
+            action: TC_ACT_SHOT,
             reason: r as u32,
         }
     }

@@ -19,7 +19,6 @@ pub const TCP_ACK: u8 = 0x10;
 
 /// Offsets of the checksum fields inside their headers.
 pub const IP_CHECK_OFFSET: usize = 10;
-pub const IP_SADDR_OFFSET: usize = 12;
 pub const TCP_CHECK_OFFSET: usize = 16;
 pub const UDP_CHECK_OFFSET: usize = 6;
 

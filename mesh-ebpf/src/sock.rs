@@ -124,7 +124,7 @@ fn balance(ctx: &SockAddrContext, cookie: u64, t: &Target) -> Option<Result<Sock
         service: svc.service,
         backend: choice.id,
     };
-    let _ = LB_SOCK_REV.insert(&rev_key, &original, u64::from(BPF_ANY));
+    let _ = LB_SOCK_REV.insert(rev_key, original, u64::from(BPF_ANY));
     stats::count(Reason::SockBalanced);
     stats::traffic(svc.service, choice.id, Traffic::Socket);
     Some(Ok(chosen))
@@ -162,7 +162,7 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
         _pad: 0,
     };
     // SAFETY: plain data copied out.
-    if let Some(pinned) = unsafe { LB_SOCK_FWD.get(&key).copied() }
+    if let Some(pinned) = unsafe { LB_SOCK_FWD.get(key).copied() }
         && service::still_there(pinned.backend, pinned.addr)
     {
         set_target(ctx.sock_addr, pinned.addr, pinned.port);
@@ -171,7 +171,7 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
     match balance(ctx, cookie, &t) {
         None => ALLOW,
         Some(Ok(chosen)) => {
-            let _ = LB_SOCK_FWD.insert(&key, &chosen, u64::from(BPF_ANY));
+            let _ = LB_SOCK_FWD.insert(key, chosen, u64::from(BPF_ANY));
             set_target(ctx.sock_addr, chosen.addr, chosen.port);
             ALLOW
         }
@@ -195,7 +195,7 @@ pub fn restore(ctx: &SockAddrContext) -> i32 {
         _pad: 0,
     };
     // SAFETY: plain data copied out.
-    if let Some(original) = unsafe { LB_SOCK_REV.get(&key).copied() } {
+    if let Some(original) = unsafe { LB_SOCK_REV.get(key).copied() } {
         set_target(ctx.sock_addr, original.addr, original.port);
         stats::count(Reason::SockRestored);
     }

@@ -240,10 +240,23 @@ impl Node {
         addr: &str,
         count: usize,
     ) -> Result<Vec<(String, String)>> {
-        let out = ns
-            .command(env!("CARGO_BIN_EXE_mesh-probe"))
-            .arg("--cgroup")
-            .arg(&self.cgroup)
+        self.probe_in(Some(&self.cgroup), ns, mode, addr, count)
+    }
+
+    /// Runs mesh-probe inside `ns`, and inside `cgroup` if given.
+    fn probe_in(
+        &self,
+        cgroup: Option<&PathBuf>,
+        ns: &Netns,
+        mode: &str,
+        addr: &str,
+        count: usize,
+    ) -> Result<Vec<(String, String)>> {
+        let mut cmd = ns.command(env!("CARGO_BIN_EXE_mesh-probe"));
+        if let Some(cg) = cgroup {
+            cmd.arg("--cgroup").arg(cg);
+        }
+        let out = cmd
             .args([mode, addr, &count.to_string()])
             .output()
             .context("running mesh-probe")?;
@@ -400,6 +413,15 @@ fn processes_in_the_node_cgroup_reach_the_vip_and_published_ports_through_socket
     assert!(
         out.iter()
             .all(|(from, a)| from == "127.0.0.1:5353" && all.contains(&a.as_str())),
+        "{out:?}"
+    );
+
+    // A task outside the cgroup reaching its node's published port goes through the
+    // bridge's TC program instead (hairpin NAT), possibly to itself.
+    let out = node.probe_in(None, t1, "tcp", "192.0.2.1:8080", 6).unwrap();
+    assert!(
+        out.iter()
+            .all(|(peer, a)| peer == "192.0.2.1:8080" && all.contains(&a.as_str())),
         "{out:?}"
     );
 
