@@ -116,7 +116,33 @@ fn answer(stream: TcpStream, name: &str, stop: &AtomicBool) {
                     );
                     return;
                 }
-                if out.write_all(format!("{name}\n").as_bytes()).is_err() {
+                let reply = match line.trim_end().split_once(' ') {
+                    // "send N": N bytes of the bulk pattern.
+                    Some(("send", n)) => {
+                        let n: usize = n.parse().unwrap_or(0);
+                        if out.write_all(&bulk(n)).is_err() {
+                            return;
+                        }
+                        None
+                    }
+                    // "recv N": read N bytes, answer whether they were the bulk pattern.
+                    Some(("recv", n)) => {
+                        let n: usize = n.parse().unwrap_or(0);
+                        let mut got = vec![0u8; n];
+                        let _ = reader.get_ref().set_read_timeout(Some(IO_TIMEOUT));
+                        let ok = reader.read_exact(&mut got).is_ok() && got == bulk(n);
+                        let _ = reader.get_ref().set_read_timeout(Some(POLL * 5));
+                        Some(if ok {
+                            "intact".to_owned()
+                        } else {
+                            "corrupt".to_owned()
+                        })
+                    }
+                    _ => Some(name.to_owned()),
+                };
+                if let Some(r) = reply
+                    && out.write_all(format!("{r}\n").as_bytes()).is_err()
+                {
                     return;
                 }
                 line.clear();
@@ -154,6 +180,12 @@ fn serve_udp(
         }
     }
     Ok(())
+}
+
+/// The bytes bulk transfers carry: position-dependent, so a lost, duplicated or reordered
+/// segment shows.
+pub fn bulk(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
 }
 
 /// One HTTP GET on a fresh connection; the body (the answering task's name).
@@ -199,7 +231,30 @@ impl Session {
     }
 
     pub fn ask(&mut self) -> Result<String> {
-        self.stream.write_all(b"who?\n")?;
+        self.request("who?")
+    }
+
+    /// Downloads `n` bytes of the bulk pattern; whether they arrived intact.
+    pub fn download(&mut self, n: usize) -> Result<bool> {
+        self.stream.write_all(format!("send {n}\n").as_bytes())?;
+        let mut got = vec![0u8; n];
+        self.reader
+            .read_exact(&mut got)
+            .context("downloading on the long-lived connection")?;
+        Ok(got == bulk(n))
+    }
+
+    /// Uploads `n` bytes of the bulk pattern; whether the task got them intact.
+    pub fn upload(&mut self, n: usize) -> Result<bool> {
+        self.stream.write_all(format!("recv {n}\n").as_bytes())?;
+        self.stream.write_all(&bulk(n))?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        Ok(line.trim_end() == "intact")
+    }
+
+    fn request(&mut self, what: &str) -> Result<String> {
+        self.stream.write_all(format!("{what}\n").as_bytes())?;
         let mut line = String::new();
         self.reader
             .read_line(&mut line)

@@ -369,6 +369,27 @@ fn a_long_lived_connection_survives_task_changes_and_removed_tasks_get_no_new_co
 }
 
 #[test]
+fn bulk_transfers_through_the_routing_mesh_arrive_intact_both_ways() {
+    let node = Node::new(&[1, 2], &[3]).unwrap();
+    const SIZE: usize = 32 << 20;
+    // Three connections: round robin gives one to each task, the remote one included.
+    let mut answered = Vec::new();
+    for _ in 0..3 {
+        let mut s = node
+            .client()
+            .run(|| Session::open(published(8080)))
+            .unwrap()
+            .unwrap();
+        let task = s.ask().unwrap();
+        assert!(s.download(SIZE).unwrap(), "download from {task} corrupted");
+        assert!(s.upload(SIZE).unwrap(), "upload to {task} corrupted");
+        answered.push(task);
+    }
+    answered.sort();
+    assert_eq!(answered, ["t1", "t2", "t3"]);
+}
+
+#[test]
 fn processes_in_the_node_cgroup_reach_the_vip_and_published_ports_through_socket_balancing() {
     let node = Node::new(&[1, 2], &[3]).unwrap();
     let all = ["t1", "t2", "t3"];
