@@ -133,7 +133,7 @@ impl Dataplane {
     /// host-local clients run in. Processes outside it are not balanced.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
         for name in SOCK_PROGRAMS {
-            let pin = self.pin_dir.join(format!("link_cgroup_{name}"));
+            let pin = self.cgroup_link_pin(name, cgroup);
             let program: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
@@ -153,6 +153,38 @@ impl Dataplane {
         }
         info!(cgroup = %cgroup.display(), "socket load balancing attached");
         Ok(())
+    }
+
+    /// Detaches socket load balancing from a cgroup it was attached to.
+    pub fn detach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        for name in SOCK_PROGRAMS {
+            let pin = self.cgroup_link_pin(name, cgroup);
+            match fs::remove_file(&pin) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", pin.display()));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One pin per program and cgroup, so attaching to another cgroup never retargets the
+    /// links of the first.
+    fn cgroup_link_pin(&self, program: &str, cgroup: &Path) -> PathBuf {
+        let tag: String = cgroup
+            .to_string_lossy()
+            .trim_matches('/')
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.pin_dir.join(format!("link_{program}_{tag}"))
     }
 
     /// Runs the routing-mesh program on a test frame (BPF_PROG_TEST_RUN) against the live
