@@ -3,9 +3,14 @@
 //! Maps and links are pinned under the node's bpffs directory so the dataplane keeps
 //! forwarding while the agent is down; a restarted agent reopens the pinned maps and swaps
 //! its freshly loaded programs into the pinned links atomically.
+//!
+//! Attach points: XDP (port counters) and TC ingress (routing mesh) on the underlay
+//! interface, TC ingress on every network's bridge (routing-mesh replies), and the socket
+//! load-balancing hooks on the cgroup the node's workloads run in.
 
 use std::{
-    io,
+    fs, io,
+    os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -14,7 +19,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::PerCpuArray,
     programs::{
-        Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         xdp::XdpLink,
     },
@@ -24,46 +29,207 @@ use mesh_common::stats::{PORT_COUNTERS_MAP, PortCounter};
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
+use crate::{
+    bpf::{self, SkbContext, TestRun},
+    lb::{LbLimits, LoadBalancer},
+};
+
 /// The object built from mesh-ebpf by this crate's build script.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
 const UNDERLAY_PROGRAM: &str = "mesh_underlay";
+/// The routing mesh (TC ingress on the underlay and on network bridges).
+pub const LB_INGRESS_PROGRAM: &str = "mesh_lb_ingress";
+/// Socket load balancing, attached to the workloads' cgroup.
+const SOCK_PROGRAMS: [&str; 4] = [
+    "mesh_lb_connect",
+    "mesh_lb_sendmsg",
+    "mesh_lb_recvmsg",
+    "mesh_lb_peer",
+];
 
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    lb: LoadBalancer,
 }
 
 impl Dataplane {
     /// Loads the programs with maps pinned in `pin_dir` (reusing maps already pinned there)
-    /// and attaches the underlay program to `underlay_iface`.
+    /// and attaches the underlay programs to `underlay_iface`.
     pub fn start(pin_dir: &Path, underlay_iface: &str) -> Result<Self> {
-        ensure_bpffs(pin_dir)?;
-        std::fs::create_dir_all(pin_dir)
-            .with_context(|| format!("creating bpffs directory {}", pin_dir.display()))?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(EBPF_OBJECT)
-            .context("loading the mesh eBPF object")?;
-        spawn_ebpf_logger(&mut ebpf);
-        let mut dp = Self {
-            ebpf,
-            pin_dir: pin_dir.to_owned(),
-        };
+        let mut dp = Self::load(pin_dir, &LbLimits::default())?;
         dp.attach_underlay(underlay_iface)?;
         Ok(dp)
     }
 
-    fn attach_underlay(&mut self, iface: &str) -> Result<()> {
+    /// Loads every program into the kernel (so verifier errors surface here) and adopts the
+    /// maps pinned in `pin_dir`, without attaching anything.
+    pub fn load(pin_dir: &Path, limits: &LbLimits) -> Result<Self> {
+        ensure_bpffs(pin_dir)?;
+        fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating bpffs directory {}", pin_dir.display()))?;
+        crate::lb::check_pinned_layouts(pin_dir)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_dir);
+        limits.size_maps(&mut loader, pin_dir);
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the mesh eBPF object")?;
+        spawn_ebpf_logger(&mut ebpf);
+        load_programs(&mut ebpf)?;
+        let lb = LoadBalancer::open(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            lb,
+        })
+    }
+
+    pub fn lb(&self) -> &LoadBalancer {
+        &self.lb
+    }
+
+    pub fn lb_mut(&mut self) -> &mut LoadBalancer {
+        &mut self.lb
+    }
+
+    /// Attaches the port counters (XDP) and the routing mesh (TC ingress) to the underlay.
+    pub fn attach_underlay(&mut self, iface: &str) -> Result<()> {
+        self.attach_xdp(iface)?;
+        self.attach_tc(iface)?;
+        info!(iface, "routing mesh attached");
+        Ok(())
+    }
+
+    /// Attaches the routing mesh to a network's bridge, where replies from backends arrive.
+    /// Idempotent; a program left by a previous agent is replaced in place.
+    pub fn attach_network(&mut self, bridge_ifindex: u32) -> Result<()> {
+        let iface = ifname(bridge_ifindex)?;
+        self.attach_tc(&iface)?;
+        info!(iface, "routing mesh attached to network bridge");
+        Ok(())
+    }
+
+    /// Detaches the routing mesh from a network's bridge (a bridge that is deleted detaches
+    /// by itself; this also drops the pin).
+    pub fn detach_network(&mut self, bridge_ifindex: u32) -> Result<()> {
+        let iface = ifname(bridge_ifindex)?;
+        self.detach_tc(&iface)
+    }
+
+    /// Detaches the routing mesh from an interface by name (for bridges already gone).
+    pub fn detach_tc(&mut self, iface: &str) -> Result<()> {
+        let pin = self.pin_dir.join(format!("link_tc_{iface}"));
+        match fs::remove_file(&pin) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", pin.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Attaches socket load balancing to the cgroup (v2 directory) the node's workloads and
+    /// host-local clients run in. Processes outside it are not balanced.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        for name in SOCK_PROGRAMS {
+            let pin = self.cgroup_link_pin(name, cgroup);
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("{name} missing from the eBPF object"))?
+                .try_into()?;
+            let prog_fd = program.fd()?.as_fd().try_clone_to_owned()?;
+            relink(&pin, prog_fd.as_fd(), || {
+                let dir = fs::File::open(cgroup)
+                    .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+                // Through a bpf_link (which aya uses on this kernel) the program always
+                // coexists with others on the cgroup; the link API refuses the multi flag.
+                let id = program
+                    .attach(dir, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+                Ok(program.take_link(id)?.try_into()?)
+            })?;
+        }
+        info!(cgroup = %cgroup.display(), "socket load balancing attached");
+        Ok(())
+    }
+
+    /// Detaches socket load balancing from a cgroup it was attached to.
+    pub fn detach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        for name in SOCK_PROGRAMS {
+            let pin = self.cgroup_link_pin(name, cgroup);
+            match fs::remove_file(&pin) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", pin.display()));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One pin per program and cgroup, so attaching to another cgroup never retargets the
+    /// links of the first.
+    fn cgroup_link_pin(&self, program: &str, cgroup: &Path) -> PathBuf {
+        let tag: String = cgroup
+            .to_string_lossy()
+            .trim_matches('/')
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.pin_dir.join(format!("link_{program}_{tag}"))
+    }
+
+    /// Runs the routing-mesh program on a test frame (BPF_PROG_TEST_RUN) against the live
+    /// maps: for unit tests and ns/packet measurements.
+    pub fn test_run_lb_ingress(
+        &self,
+        frame: &[u8],
+        repeat: u32,
+        ctx: SkbContext,
+    ) -> Result<TestRun> {
+        let fd = self.program_fd(LB_INGRESS_PROGRAM)?;
+        bpf::test_run_skb(fd, frame, repeat, ctx).context("BPF_PROG_TEST_RUN")
+    }
+
+    fn program_fd(&self, name: &str) -> Result<BorrowedFd<'_>> {
+        let program = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("{name} missing from the eBPF object"))?;
+        Ok(program.fd()?.as_fd())
+    }
+
+    fn attach_tc(&mut self, iface: &str) -> Result<()> {
+        let pin = self.pin_dir.join(format!("link_tc_{iface}"));
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(LB_INGRESS_PROGRAM)
+            .context("routing mesh program missing from the eBPF object")?
+            .try_into()?;
+        let prog_fd = program.fd()?.as_fd().try_clone_to_owned()?;
+        relink(&pin, prog_fd.as_fd(), || {
+            let id = program
+                .attach(iface, TcAttachType::Ingress)
+                .with_context(|| format!("attaching TC ingress to {iface}"))?;
+            Ok(program.take_link(id)?.try_into()?)
+        })
+    }
+
+    fn attach_xdp(&mut self, iface: &str) -> Result<()> {
         let link_pin = self.pin_dir.join(format!("link_xdp_{iface}"));
         let program: &mut Xdp = self
             .ebpf
             .program_mut(UNDERLAY_PROGRAM)
             .context("underlay program missing from the eBPF object")?
             .try_into()?;
-        program
-            .load()
-            .context("verifier rejected the underlay program")?;
         let link_id = match PinnedLink::from_pin(&link_pin) {
             Ok(pinned) => {
                 // A previous agent left the program attached: replace it in place so no
@@ -90,7 +256,6 @@ impl Dataplane {
         fd_link
             .pin(&link_pin)
             .with_context(|| format!("pinning {}", link_pin.display()))?;
-        info!(iface, "underlay program attached");
         Ok(())
     }
 
@@ -129,6 +294,61 @@ impl Dataplane {
     }
 }
 
+/// Loads every program so the verifier checks them all at start.
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let program: &mut Xdp = ebpf
+        .program_mut(UNDERLAY_PROGRAM)
+        .context("underlay program missing from the eBPF object")?
+        .try_into()?;
+    program
+        .load()
+        .context("verifier rejected the underlay program")?;
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(LB_INGRESS_PROGRAM)
+        .context("routing mesh program missing from the eBPF object")?
+        .try_into()?;
+    program
+        .load()
+        .context("verifier rejected the routing mesh program")?;
+    for name in SOCK_PROGRAMS {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("{name} missing from the eBPF object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("verifier rejected {name}"))?;
+    }
+    Ok(())
+}
+
+/// Points the link pinned at `pin` to `prog` (atomically: the hook never runs without a
+/// program), or creates a link with `attach` and pins it.
+fn relink(pin: &Path, prog: BorrowedFd<'_>, attach: impl FnOnce() -> Result<FdLink>) -> Result<()> {
+    match bpf::obj_get(pin) {
+        Ok(link) => match bpf::link_update(link.as_fd(), prog) {
+            Ok(()) => return Ok(()),
+            // A link whose device or cgroup is gone cannot be updated: start over.
+            Err(e) => {
+                warn!(pin = %pin.display(), "pinned link is stale ({e}); attaching anew");
+                fs::remove_file(pin).with_context(|| format!("removing {}", pin.display()))?;
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("opening pinned link {}", pin.display())),
+    }
+    attach()?
+        .pin(pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(())
+}
+
+fn ifname(ifindex: u32) -> Result<String> {
+    let name = nix::net::if_::if_indextoname(ifindex)
+        .with_context(|| format!("no interface with index {ifindex} in this namespace"))?;
+    Ok(name.to_string_lossy().into_owned())
+}
+
 /// Mounts bpffs at its usual place when the host has not (this machine kind boots without).
 fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     let root = Path::new("/sys/fs/bpf");
@@ -152,6 +372,10 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
 /// Forwards aya-log records from the eBPF ring buffer into tracing. The programs only log on
 /// rare events, never per packet.
 fn spawn_ebpf_logger(ebpf: &mut Ebpf) {
+    // Tests and tools load the dataplane outside a runtime; they have nobody to log to.
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
     match aya_log::EbpfLogger::init(ebpf) {
         Ok(logger) => {
             // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns it.

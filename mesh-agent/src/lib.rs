@@ -3,12 +3,14 @@
 
 pub mod agent;
 pub mod api;
+pub mod bpf;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod gossip;
 pub mod install;
+pub mod lb;
 pub mod logging;
 pub mod netlink;
 pub mod netns;

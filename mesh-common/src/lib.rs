@@ -2,6 +2,7 @@
 //!
 //! Every BPF map key and value is defined here once, `#[repr(C)]` with explicit padding, so
 //! both sides agree on the layout byte for byte.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
+pub mod lb;
 pub mod stats;

@@ -1,9 +1,26 @@
 //! Map declarations and program entry points. Each entry point hands the packet to a
 //! pipeline in a domain module and turns its result into one verdict at the boundary.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// The BPF target has no stable inline assembly; the nested eBPF build already runs with
+// RUSTC_BOOTSTRAP=1 (for -Z build-std), see atomic.rs for why it is needed.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
+mod atomic;
+#[cfg(target_arch = "bpf")]
+mod flow;
+#[cfg(target_arch = "bpf")]
+mod ingress;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
 mod packet;
+#[cfg(target_arch = "bpf")]
+mod service;
+#[cfg(target_arch = "bpf")]
+mod sock;
+#[cfg(target_arch = "bpf")]
+mod stats;
 #[cfg(target_arch = "bpf")]
 mod underlay;
 
@@ -11,14 +28,56 @@ mod underlay;
 mod programs {
     use aya_ebpf::{
         bindings::xdp_action,
-        macros::{map, xdp},
-        maps::PerCpuArray,
-        programs::XdpContext,
+        macros::{cgroup_sock_addr, classifier, map, xdp},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray},
+        programs::{SockAddrContext, TcContext, XdpContext},
     };
-    use mesh_common::stats::{PORT_COUNTERS_LEN, PortCounter};
+    use mesh_common::{
+        lb::{
+            Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
+            DEFAULT_MAX_SOCKETS, Flow, FlowKey, LbConfig, Network, STATS_LEN, ServiceEntry,
+            ServiceKey, ServiceState, SlotKey, SockKey, SockTarget, TrafficCounters,
+        },
+        stats::{PORT_COUNTERS_LEN, PortCounter},
+    };
 
     #[map(name = "PORT_COUNTERS")]
     pub static PORT_COUNTERS: PerCpuArray<PortCounter> = PerCpuArray::pinned(PORT_COUNTERS_LEN, 0);
+
+    // Load balancer maps (layouts and roles in mesh_common::lb). Sizes here are defaults;
+    // the agent sets them at load time. Id-indexed arrays have one extra entry: id 0 is
+    // never allocated.
+    #[map(name = "LB_CONFIG")]
+    pub static LB_CONFIG: Array<LbConfig> = Array::pinned(1, 0);
+    #[map(name = "LB_SERVICES")]
+    pub static LB_SERVICES: HashMap<ServiceKey, ServiceEntry> =
+        HashMap::pinned(4 * DEFAULT_MAX_SERVICES, 0);
+    #[map(name = "LB_SVC_STATE")]
+    pub static LB_SVC_STATE: Array<ServiceState> = Array::pinned(DEFAULT_MAX_SERVICES + 1, 0);
+    #[map(name = "LB_SLOTS")]
+    pub static LB_SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(DEFAULT_MAX_BACKENDS, 0);
+    #[map(name = "LB_BACKENDS")]
+    pub static LB_BACKENDS: Array<Backend> = Array::pinned(DEFAULT_MAX_BACKENDS + 1, 0);
+    #[map(name = "LB_NETWORKS")]
+    pub static LB_NETWORKS: HashMap<u32, Network> = HashMap::pinned(4096, 0);
+    #[map(name = "LB_RR")]
+    pub static LB_RR: Array<u64> = Array::pinned(DEFAULT_MAX_SERVICES + 1, 0);
+    #[map(name = "LB_FLOWS")]
+    pub static LB_FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+    #[map(name = "LB_SOCK_FWD")]
+    pub static LB_SOCK_FWD: LruHashMap<SockKey, SockTarget> =
+        LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
+    #[map(name = "LB_SOCK_REV")]
+    pub static LB_SOCK_REV: LruHashMap<SockKey, SockTarget> =
+        LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
+    #[map(name = "LB_SVC_COUNTERS")]
+    pub static LB_SVC_COUNTERS: PerCpuArray<TrafficCounters> =
+        PerCpuArray::pinned(DEFAULT_MAX_SERVICES + 1, 0);
+    #[map(name = "LB_BE_COUNTERS")]
+    pub static LB_BE_COUNTERS: PerCpuArray<TrafficCounters> =
+        PerCpuArray::pinned(DEFAULT_MAX_BACKENDS + 1, 0);
+    #[map(name = "LB_STATS")]
+    pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_LEN, 0);
 
     /// XDP on a node's underlay interface.
     #[xdp]
@@ -26,6 +85,37 @@ mod programs {
         // Counting never decides a verdict: anything we cannot parse is passed to the stack.
         let _ = crate::underlay::count(&ctx);
         xdp_action::XDP_PASS
+    }
+
+    /// TC ingress on the underlay interface and on every network's bridge: published ports
+    /// (routing mesh) toward backends, and their replies back to clients.
+    #[classifier]
+    pub fn mesh_lb_ingress(ctx: TcContext) -> i32 {
+        crate::ingress::run(&ctx)
+    }
+
+    /// connect() to a VIP or a published port: pick the backend before the socket exists.
+    #[cgroup_sock_addr(connect4)]
+    pub fn mesh_lb_connect(ctx: SockAddrContext) -> i32 {
+        crate::sock::connect4(&ctx)
+    }
+
+    /// sendmsg() on unconnected UDP sockets.
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn mesh_lb_sendmsg(ctx: SockAddrContext) -> i32 {
+        crate::sock::sendmsg4(&ctx)
+    }
+
+    /// recvmsg() on UDP: show the service address as the source, not the backend.
+    #[cgroup_sock_addr(recvmsg4)]
+    pub fn mesh_lb_recvmsg(ctx: SockAddrContext) -> i32 {
+        crate::sock::restore(&ctx)
+    }
+
+    /// getpeername(): the peer is the service address the application connected to.
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn mesh_lb_peer(ctx: SockAddrContext) -> i32 {
+        crate::sock::restore(&ctx)
     }
 
     #[panic_handler]

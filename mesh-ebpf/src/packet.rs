@@ -1,11 +1,26 @@
-//! Bounds-checked access to packet headers, the only place that touches raw packet pointers.
+//! Packet header layouts and bounds-checked access, the only place that touches raw packet
+//! pointers. All fields are byte arrays, so the structs have alignment 1 and can be copied
+//! out of any offset.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+
+/// IPv4 `frag_off`: more-fragments flag and fragment offset; either set means a fragment.
+pub const IP_MF_AND_OFFSET: u16 = 0x3fff;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Offsets of the checksum fields inside their headers.
+pub const IP_CHECK_OFFSET: usize = 10;
+pub const TCP_CHECK_OFFSET: usize = 16;
+pub const UDP_CHECK_OFFSET: usize = 6;
 
 /// A pointer to a `T` at `offset` in the packet, or `None` when the packet is too short.
 /// The explicit end check is what the verifier needs to accept later reads.
@@ -19,6 +34,32 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
+/// The same for TC programs, within the skb's linear part (see [`pull_headers`]).
+#[inline(always)]
+pub fn skb_ptr<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Ethernet, the longest IPv4 header and a TCP header without options.
+const MAX_HEADERS: u32 = (ETH_HLEN + 60 + 20) as u32;
+
+/// Makes the headers directly readable when they are not in the skb's linear part (rare on
+/// veth and bridges; a fragmented GSO skb can do it). Returns whether anything could change.
+#[inline(always)]
+pub fn pull_headers(ctx: &TcContext) -> bool {
+    let want = if ctx.len() < MAX_HEADERS {
+        ctx.len()
+    } else {
+        MAX_HEADERS
+    };
+    ctx.pull_data(want).is_ok()
+}
+
 #[repr(C)]
 pub struct EthHdr {
     pub dst: [u8; 6],
@@ -27,6 +68,7 @@ pub struct EthHdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Ipv4Hdr {
     pub version_ihl: u8,
     pub tos: u8,
@@ -45,4 +87,28 @@ pub struct Ipv4Hdr {
 pub struct L4Ports {
     pub source: [u8; 2],
     pub dest: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TcpHdr {
+    pub source: [u8; 2],
+    pub dest: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack_seq: [u8; 4],
+    /// Data offset in the upper nibble, in 32-bit words.
+    pub doff: u8,
+    pub flags: u8,
+    pub window: [u8; 2],
+    pub check: [u8; 2],
+    pub urg_ptr: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UdpHdr {
+    pub source: [u8; 2],
+    pub dest: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
 }

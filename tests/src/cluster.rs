@@ -145,6 +145,12 @@ impl Cluster {
         Ok(self.extra.last().expect("just pushed"))
     }
 
+    /// A namespace made by [`Cluster::external`], by the name it was given.
+    pub fn external_ns(&self, name: &str) -> Option<&Netns> {
+        let full = format!("{}-x{name}", self.name);
+        self.extra.iter().find(|ns| ns.name() == full)
+    }
+
     /// A scratch directory of this cluster, removed with it.
     pub fn log_dir(&self) -> PathBuf {
         std::env::temp_dir().join(format!("{}-logs", self.name))

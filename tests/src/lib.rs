@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod netns;
 pub mod overlay;
 pub mod process;
+pub mod workload;
 
 pub use cluster::{Cluster, Host};
 pub use netns::{Netns, NsRuntime};

@@ -103,6 +103,20 @@ impl Netns {
         Ok(NsRuntime { rt })
     }
 
+    /// Runs `f` on a new thread inside the namespace and returns at once: for servers that
+    /// live as long as the test needs them. Threads `f` spawns stay in the namespace too.
+    pub fn spawn_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<Result<T>>> {
+        let file = File::open(self.path())
+            .with_context(|| format!("opening {}", self.path().display()))?;
+        Ok(std::thread::spawn(move || -> Result<T> {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(f())
+        }))
+    }
+
     /// PIDs of processes whose network namespace is this one.
     pub fn pids(&self) -> Vec<i32> {
         let Ok(out) = Command::new("ip")

@@ -1,0 +1,353 @@
+//! Typed handles on the load balancer's pinned maps. Every write goes through here so
+//! `apply` can report exactly how many map operations a change cost.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
+};
+use mesh_common::lb::{
+    BACKEND_COUNTERS_MAP, BACKENDS_MAP, Backend, CONFIG_MAP, FLOWS_MAP, Flow, FlowKey, LbConfig,
+    NETWORKS_MAP, Network, RR_MAP, Reason, SERVICE_COUNTERS_MAP, SERVICE_STATE_MAP, SERVICES_MAP,
+    SLOTS_MAP, SOCK_FWD_MAP, SOCK_REV_MAP, STATS_MAP, ServiceEntry, ServiceKey, ServiceState,
+    SlotKey, SockKey, SockTarget, TrafficCounters,
+};
+
+/// Map operations issued by one `apply`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MapOps {
+    pub updates: usize,
+    pub deletes: usize,
+}
+
+impl MapOps {
+    pub fn total(&self) -> usize {
+        self.updates + self.deletes
+    }
+}
+
+pub(super) struct Maps {
+    config: Array<MapData, LbConfig>,
+    services: HashMap<MapData, ServiceKey, ServiceEntry>,
+    state: Array<MapData, ServiceState>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: Array<MapData, Backend>,
+    networks: HashMap<MapData, u32, Network>,
+    rr: Array<MapData, u64>,
+    pub(super) flows: HashMap<MapData, FlowKey, Flow>,
+    // Held so the socket maps stay open with the others; only the programs use them.
+    _sock_fwd: HashMap<MapData, SockKey, SockTarget>,
+    _sock_rev: HashMap<MapData, SockKey, SockTarget>,
+    service_counters: PerCpuArray<MapData, TrafficCounters>,
+    backend_counters: PerCpuArray<MapData, TrafficCounters>,
+    stats: PerCpuArray<MapData, u64>,
+    nr_cpus: usize,
+    pub(super) ops: MapOps,
+}
+
+/// Checks that a map pinned by an earlier agent has the layout this build expects: aya
+/// reuses a pinned map by name without comparing it, and a mismatch would make the
+/// programs and the agent disagree about every entry.
+pub(crate) fn check_pinned_layouts(pin_dir: &Path) -> Result<()> {
+    use std::mem::size_of;
+    let expected: [(&str, usize, usize); 13] = [
+        (CONFIG_MAP, 4, size_of::<LbConfig>()),
+        (
+            SERVICES_MAP,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceEntry>(),
+        ),
+        (SERVICE_STATE_MAP, 4, size_of::<ServiceState>()),
+        (SLOTS_MAP, size_of::<SlotKey>(), 4),
+        (BACKENDS_MAP, 4, size_of::<Backend>()),
+        (NETWORKS_MAP, 4, size_of::<Network>()),
+        (RR_MAP, 4, 8),
+        (FLOWS_MAP, size_of::<FlowKey>(), size_of::<Flow>()),
+        (SOCK_FWD_MAP, size_of::<SockKey>(), size_of::<SockTarget>()),
+        (SOCK_REV_MAP, size_of::<SockKey>(), size_of::<SockTarget>()),
+        (SERVICE_COUNTERS_MAP, 4, size_of::<TrafficCounters>()),
+        (BACKEND_COUNTERS_MAP, 4, size_of::<TrafficCounters>()),
+        (STATS_MAP, 4, 8),
+    ];
+    for (name, key, value) in expected {
+        let pin = pin_dir.join(name);
+        let info = match MapInfo::from_pin(&pin) {
+            Ok(info) => info,
+            // Not pinned yet: the loader creates it with our layout.
+            Err(_) if !pin.exists() => continue,
+            Err(e) => return Err(e).with_context(|| format!("inspecting {}", pin.display())),
+        };
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            bail!(
+                "the pinned map {} was created by an incompatible mesh version (key {} / value {} \
+                 bytes, this version uses {key} / {value}); remove {} to start with empty tables \
+                 (established routing-mesh connections will be reset)",
+                pin.display(),
+                info.key_size(),
+                info.value_size(),
+                pin_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Maps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let nr_cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| anyhow::anyhow!("counting CPUs ({what}): {e}"))?;
+        Ok(Self {
+            config: take(ebpf, CONFIG_MAP)?,
+            services: take(ebpf, SERVICES_MAP)?,
+            state: take(ebpf, SERVICE_STATE_MAP)?,
+            slots: take(ebpf, SLOTS_MAP)?,
+            backends: take(ebpf, BACKENDS_MAP)?,
+            networks: take(ebpf, NETWORKS_MAP)?,
+            rr: take(ebpf, RR_MAP)?,
+            flows: take(ebpf, FLOWS_MAP)?,
+            _sock_fwd: take(ebpf, SOCK_FWD_MAP)?,
+            _sock_rev: take(ebpf, SOCK_REV_MAP)?,
+            service_counters: take(ebpf, SERVICE_COUNTERS_MAP)?,
+            backend_counters: take(ebpf, BACKEND_COUNTERS_MAP)?,
+            stats: take(ebpf, STATS_MAP)?,
+            nr_cpus,
+            ops: MapOps::default(),
+        })
+    }
+
+    pub(super) fn max_services(&self) -> u32 {
+        self.state.len().saturating_sub(1)
+    }
+
+    pub(super) fn max_backends(&self) -> u32 {
+        self.backends.len().saturating_sub(1)
+    }
+
+    // --- writes (counted) ---
+
+    pub(super) fn set_config(&mut self, cfg: LbConfig) -> Result<()> {
+        self.ops.updates += 1;
+        self.config
+            .set(0, cfg, 0)
+            .context("writing the node's load balancer settings")
+    }
+
+    pub(super) fn put_service_key(&mut self, key: ServiceKey, entry: ServiceEntry) -> Result<()> {
+        self.ops.updates += 1;
+        self.services
+            .insert(key, entry, 0)
+            .with_context(|| format!("adding {} to {SERVICES_MAP}", describe_key(&key)))
+    }
+
+    pub(super) fn del_service_key(&mut self, key: ServiceKey) -> Result<()> {
+        self.ops.deletes += 1;
+        ignore_missing(self.services.remove(&key))
+            .with_context(|| format!("removing {} from {SERVICES_MAP}", describe_key(&key)))
+    }
+
+    pub(super) fn put_state(&mut self, service: u32, state: ServiceState) -> Result<()> {
+        self.ops.updates += 1;
+        self.state
+            .set(service, state, 0)
+            .with_context(|| format!("writing {SERVICE_STATE_MAP}[{service}]"))
+    }
+
+    pub(super) fn put_slot(&mut self, service: u32, slot: u32, backend: u32) -> Result<()> {
+        self.ops.updates += 1;
+        self.slots
+            .insert(SlotKey { service, slot }, backend, 0)
+            .with_context(|| format!("writing {SLOTS_MAP}[{service}/{slot}]"))
+    }
+
+    pub(super) fn del_slot(&mut self, service: u32, slot: u32) -> Result<()> {
+        self.ops.deletes += 1;
+        ignore_missing(self.slots.remove(&SlotKey { service, slot }))
+            .with_context(|| format!("removing {SLOTS_MAP}[{service}/{slot}]"))
+    }
+
+    pub(super) fn put_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        self.ops.updates += 1;
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing {BACKENDS_MAP}[{id}]"))
+    }
+
+    pub(super) fn put_network(&mut self, id: u32, net: Network) -> Result<()> {
+        self.ops.updates += 1;
+        self.networks
+            .insert(id, net, 0)
+            .with_context(|| format!("writing network {id} to {NETWORKS_MAP}"))
+    }
+
+    pub(super) fn del_network(&mut self, id: u32) -> Result<()> {
+        self.ops.deletes += 1;
+        ignore_missing(self.networks.remove(&id))
+            .with_context(|| format!("removing network {id} from {NETWORKS_MAP}"))
+    }
+
+    /// A recycled id starts from zero counters and a fresh round-robin cursor.
+    pub(super) fn reset_service_counters(&mut self, service: u32) -> Result<()> {
+        self.ops.updates += 2;
+        let zeros = self.zeros()?;
+        self.service_counters
+            .set(service, zeros, 0)
+            .with_context(|| format!("resetting {SERVICE_COUNTERS_MAP}[{service}]"))?;
+        self.rr
+            .set(service, 0, 0)
+            .with_context(|| format!("resetting {RR_MAP}[{service}]"))
+    }
+
+    pub(super) fn reset_backend_counters(&mut self, backend: u32) -> Result<()> {
+        self.ops.updates += 1;
+        let zeros = self.zeros()?;
+        self.backend_counters
+            .set(backend, zeros, 0)
+            .with_context(|| format!("resetting {BACKEND_COUNTERS_MAP}[{backend}]"))
+    }
+
+    fn zeros(&self) -> Result<PerCpuValues<TrafficCounters>> {
+        PerCpuValues::try_from(vec![TrafficCounters::default(); self.nr_cpus])
+            .context("building per-CPU zeros")
+    }
+
+    // --- reads ---
+
+    pub(super) fn read_states(&self) -> Result<Vec<(u32, ServiceState)>> {
+        let mut out = Vec::new();
+        for (i, s) in self.state.iter().enumerate() {
+            let s = s.with_context(|| format!("reading {SERVICE_STATE_MAP}"))?;
+            if s.flags != 0 {
+                out.push((i as u32, s));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn read_service_keys(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
+        collect(self.services.iter()).with_context(|| format!("reading {SERVICES_MAP}"))
+    }
+
+    pub(super) fn read_slots(&self) -> Result<Vec<(SlotKey, u32)>> {
+        collect(self.slots.iter()).with_context(|| format!("reading {SLOTS_MAP}"))
+    }
+
+    pub(super) fn read_backends(&self) -> Result<Vec<(u32, Backend)>> {
+        let mut out = Vec::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let b = b.with_context(|| format!("reading {BACKENDS_MAP}"))?;
+            if b.state != 0 {
+                out.push((i as u32, b));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn read_networks(&self) -> Result<Vec<(u32, Network)>> {
+        collect(self.networks.iter()).with_context(|| format!("reading {NETWORKS_MAP}"))
+    }
+
+    pub(super) fn read_config(&self) -> Result<LbConfig> {
+        self.config
+            .get(&0, 0)
+            .context("reading the node's settings")
+    }
+
+    pub(super) fn service_counters(&self, service: u32) -> Result<TrafficCounters> {
+        let per_cpu = self
+            .service_counters
+            .get(&service, 0)
+            .with_context(|| format!("reading {SERVICE_COUNTERS_MAP}[{service}]"))?;
+        Ok(sum(&per_cpu))
+    }
+
+    pub(super) fn backend_counters(&self, backend: u32) -> Result<TrafficCounters> {
+        let per_cpu = self
+            .backend_counters
+            .get(&backend, 0)
+            .with_context(|| format!("reading {BACKEND_COUNTERS_MAP}[{backend}]"))?;
+        Ok(sum(&per_cpu))
+    }
+
+    pub(super) fn reasons(&self) -> Result<Vec<(Reason, u64)>> {
+        Reason::ALL
+            .iter()
+            .map(|r| {
+                let per_cpu = self
+                    .stats
+                    .get(&(*r as u32), 0)
+                    .with_context(|| format!("reading {STATS_MAP}"))?;
+                Ok((*r, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    pub(super) fn read_flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
+        // Entries can vanish (LRU, another sweep) between listing a key and reading it.
+        let mut out = Vec::new();
+        for item in self.flows.iter() {
+            match item {
+                Ok(kv) => out.push(kv),
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e).with_context(|| format!("reading {FLOWS_MAP}")),
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn del_flow(&mut self, key: &FlowKey) -> Result<()> {
+        ignore_missing(self.flows.remove(key))
+            .with_context(|| format!("removing a flow from {FLOWS_MAP}"))
+    }
+}
+
+fn collect<K, V>(iter: impl Iterator<Item = Result<(K, V), MapError>>) -> Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    for item in iter {
+        match item {
+            Ok(kv) => out.push(kv),
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn sum(per_cpu: &PerCpuValues<TrafficCounters>) -> TrafficCounters {
+    per_cpu
+        .iter()
+        .fold(TrafficCounters::default(), |mut acc, c| {
+            acc.add(c);
+            acc
+        })
+}
+
+fn describe_key(key: &ServiceKey) -> String {
+    let proto = super::Protocol::from_number(key.proto)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| key.proto.to_string());
+    if key.is_published() {
+        format!("published port {}/{proto}", key.port)
+    } else {
+        format!("VIP {}/{proto}", Ipv4Addr::from(key.addr))
+    }
+}

@@ -1,0 +1,235 @@
+//! Flow expiry. The programs never time flows out; this sweep does, with explicit rules:
+//!
+//! - TCP: gone `tcp_closed` after a RST, or after FINs from both sides; a SYN the backend
+//!   never answered goes after `tcp_unreplied`; an established connection stays as long as
+//!   it lives (no fixed idle cut like IPVS's 900 s) unless `tcp_idle` is set;
+//! - UDP: gone after `udp_idle` without packets in either direction;
+//! - a flow whose backend was removed (not merely draining) goes at once;
+//! - a half whose partner is missing (evicted by the LRU) goes after `orphan`.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
+    time::Duration,
+};
+
+use anyhow::Result;
+use mesh_common::lb::{
+    FLOW_FIN, FLOW_REPLY, FLOW_RST, FLOW_SEEN, Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
+};
+use serde::{Deserialize, Serialize};
+
+use super::maps::Maps;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowTimeouts {
+    pub udp_idle: Duration,
+    pub tcp_closed: Duration,
+    pub tcp_unreplied: Duration,
+    /// None: established TCP flows never expire for idleness.
+    pub tcp_idle: Option<Duration>,
+    pub orphan: Duration,
+}
+
+impl Default for FlowTimeouts {
+    fn default() -> Self {
+        Self {
+            udp_idle: Duration::from_secs(120),
+            tcp_closed: Duration::from_secs(10),
+            tcp_unreplied: Duration::from_secs(30),
+            tcp_idle: None,
+            orphan: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepReport {
+    /// Flow table entries looked at (two per flow).
+    pub scanned: usize,
+    /// Entries removed.
+    pub removed: usize,
+}
+
+pub(super) fn sweep(
+    maps: &mut Maps,
+    backends: &BTreeMap<u32, Ipv4Addr>,
+    timeouts: &FlowTimeouts,
+) -> Result<SweepReport> {
+    let now = monotonic_ns();
+    // Listing first and deleting after: deleting while walking a hash map with
+    // get_next_key restarts the walk.
+    let flows = maps.read_flows()?;
+    let table: HashMap<FlowKey, Flow> = flows.iter().copied().collect();
+    let mut doomed: HashSet<FlowKey> = HashSet::new();
+    for (key, flow) in &flows {
+        if doomed.contains(key) {
+            continue;
+        }
+        let partner_key = flow.partner(key);
+        let partner = table
+            .get(&partner_key)
+            .filter(|p| p.partner(&partner_key) == *key);
+        // The backend is the reply's source, or the forward translation's destination.
+        let backend_addr = if flow.flags & FLOW_REPLY != 0 {
+            key.src
+        } else {
+            flow.nat_dst
+        };
+        let backend_alive = backends.get(&flow.backend) == Some(&Ipv4Addr::from(backend_addr));
+        if expired(key.proto, flow, partner, backend_alive, now, timeouts) {
+            doomed.insert(*key);
+            if partner.is_some() {
+                doomed.insert(partner_key);
+            }
+        }
+    }
+    for key in &doomed {
+        maps.del_flow(key)?;
+    }
+    Ok(SweepReport {
+        scanned: flows.len(),
+        removed: doomed.len(),
+    })
+}
+
+/// Whether the flow that `flow` (and its `partner`, when present) belong to is over.
+pub(super) fn expired(
+    proto: u8,
+    flow: &Flow,
+    partner: Option<&Flow>,
+    backend_alive: bool,
+    now: u64,
+    t: &FlowTimeouts,
+) -> bool {
+    if !backend_alive {
+        return true;
+    }
+    let age = |f: &Flow| Duration::from_nanos(now.saturating_sub(f.last_seen));
+    let Some(partner) = partner else {
+        return age(flow) > t.orphan;
+    };
+    let idle = age(flow).min(age(partner));
+    let (forward, reply) = if flow.flags & FLOW_REPLY != 0 {
+        (partner, flow)
+    } else {
+        (flow, partner)
+    };
+    match proto {
+        IPPROTO_UDP => idle > t.udp_idle,
+        IPPROTO_TCP => {
+            let closed = (forward.flags | reply.flags) & FLOW_RST != 0
+                || (forward.flags & FLOW_FIN != 0 && reply.flags & FLOW_FIN != 0);
+            if closed {
+                return idle > t.tcp_closed;
+            }
+            // A reply entry nobody used still carries its creation time.
+            if reply.flags & FLOW_SEEN == 0 {
+                return age(reply) > t.tcp_unreplied;
+            }
+            t.tcp_idle.is_some_and(|limit| idle > limit)
+        }
+        _ => true,
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock bpf_ktime_get_coarse_ns reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and output pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    const NOW: u64 = 10_000 * S;
+
+    fn forward(last_seen: u64, flags: u32) -> Flow {
+        Flow {
+            last_seen,
+            flags,
+            ..Default::default()
+        }
+    }
+
+    fn reply(last_seen: u64, flags: u32) -> Flow {
+        Flow {
+            last_seen,
+            flags: flags | FLOW_REPLY,
+            ..Default::default()
+        }
+    }
+
+    fn tcp(f: &Flow, r: &Flow) -> bool {
+        expired(IPPROTO_TCP, f, Some(r), true, NOW, &FlowTimeouts::default())
+    }
+
+    #[test]
+    fn an_idle_established_tcp_connection_is_kept_far_beyond_ipvs_900_seconds() {
+        let f = forward(NOW - 3600 * S, FLOW_SEEN);
+        let r = reply(NOW - 3600 * S, FLOW_SEEN);
+        assert!(!tcp(&f, &r));
+        assert!(!tcp(&r, &f));
+    }
+
+    #[test]
+    fn a_closed_tcp_connection_goes_after_the_grace_period() {
+        let f = forward(NOW - 5 * S, FLOW_SEEN | FLOW_FIN);
+        let r = reply(NOW - 5 * S, FLOW_SEEN | FLOW_FIN);
+        assert!(!tcp(&f, &r), "still within the 10 s grace");
+        let f = forward(NOW - 11 * S, FLOW_SEEN | FLOW_FIN);
+        let r = reply(NOW - 11 * S, FLOW_SEEN | FLOW_FIN);
+        assert!(tcp(&f, &r));
+    }
+
+    #[test]
+    fn a_half_closed_tcp_connection_stays() {
+        let f = forward(NOW - 60 * S, FLOW_SEEN | FLOW_FIN);
+        let r = reply(NOW - 60 * S, FLOW_SEEN);
+        assert!(!tcp(&f, &r));
+    }
+
+    #[test]
+    fn a_reset_ends_the_connection_from_either_side() {
+        let f = forward(NOW - 11 * S, FLOW_SEEN);
+        let r = reply(NOW - 11 * S, FLOW_SEEN | FLOW_RST);
+        assert!(tcp(&f, &r));
+    }
+
+    #[test]
+    fn a_syn_the_backend_never_answered_expires() {
+        let f = forward(NOW - 40 * S, 0);
+        let r = reply(NOW - 40 * S, 0);
+        assert!(tcp(&f, &r));
+        let r = reply(NOW - 20 * S, 0);
+        assert!(!tcp(&f, &r));
+    }
+
+    #[test]
+    fn udp_flows_expire_when_idle_in_both_directions() {
+        let t = FlowTimeouts::default();
+        let f = forward(NOW - 200 * S, FLOW_SEEN);
+        let r = reply(NOW - 5 * S, FLOW_SEEN);
+        assert!(!expired(IPPROTO_UDP, &f, Some(&r), true, NOW, &t));
+        let r = reply(NOW - 121 * S, FLOW_SEEN);
+        assert!(expired(IPPROTO_UDP, &f, Some(&r), true, NOW, &t));
+    }
+
+    #[test]
+    fn flows_of_a_removed_backend_go_at_once_and_orphans_after_a_while() {
+        let t = FlowTimeouts::default();
+        let f = forward(NOW, FLOW_SEEN);
+        let r = reply(NOW, FLOW_SEEN);
+        assert!(expired(IPPROTO_TCP, &f, Some(&r), false, NOW, &t));
+        assert!(!expired(IPPROTO_TCP, &f, None, true, NOW, &t));
+        let f = forward(NOW - 11 * S, FLOW_SEEN);
+        assert!(expired(IPPROTO_TCP, &f, None, true, NOW, &t));
+    }
+}

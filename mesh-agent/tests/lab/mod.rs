@@ -1,0 +1,383 @@
+//! A load balancer loaded into this kernel with its own pinned maps, and frames to feed it.
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use etherparse::PacketBuilder;
+use mesh_agent::{
+    bpf::SkbContext,
+    dataplane::Dataplane,
+    lb::{BackendLb, LbLimits, NetworkLb, NodeLb, Protocol, PublishedPort, ServiceLb},
+};
+use mesh_common::lb::Reason;
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+/// The node's address on the service network: the routing mesh's SNAT source.
+pub const NET_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+pub const BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 0, 0, 11),
+    Ipv4Addr::new(10, 0, 0, 12),
+    Ipv4Addr::new(10, 0, 0, 13),
+];
+
+/// Pin directories of labs start with this, then the test process's PID.
+const PREFIX: &str = "mtlb";
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub struct Lab {
+    pub dp: Dataplane,
+    pin: PathBuf,
+    limits: LbLimits,
+    node: NodeLb,
+}
+
+impl Lab {
+    pub fn new() -> Self {
+        Self::build(small_limits(), |_| {})
+    }
+
+    pub fn with_node(f: impl FnOnce(&mut NodeLb)) -> Self {
+        Self::build(small_limits(), f)
+    }
+
+    pub fn with_limits(limits: LbLimits) -> Self {
+        Self::build(limits, |_| {})
+    }
+
+    fn build(limits: LbLimits, f: impl FnOnce(&mut NodeLb)) -> Self {
+        sweep_stale();
+        let pin = PathBuf::from("/sys/fs/bpf/mesh").join(format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        let mut node = NodeLb::new(NODE_IP).expect("node settings");
+        f(&mut node);
+        let mut dp = Dataplane::load(&pin, &limits).expect("loading the dataplane");
+        dp.lb_mut().set_node(&node).expect("configuring the node");
+        Self {
+            dp,
+            pin,
+            limits,
+            node,
+        }
+    }
+
+    /// Loads the programs again over the same pins, as a restarted agent does.
+    pub fn restart(&mut self) {
+        let fresh = Dataplane::load(&self.pin, &self.limits).expect("reloading the dataplane");
+        let old = std::mem::replace(&mut self.dp, fresh);
+        drop(old);
+        self.dp
+            .lb_mut()
+            .set_node(&self.node)
+            .expect("configuring the node");
+    }
+
+    pub fn apply(&mut self, table: &[ServiceLb]) {
+        self.dp.lb_mut().apply(table).expect("applying the table");
+    }
+
+    /// Runs the routing mesh on a frame arriving on loopback.
+    pub fn run(&self, p: &Packet) -> (u32, Vec<u8>) {
+        self.run_raw(&p.bytes())
+    }
+
+    pub fn run_on(&self, p: &Packet, ifindex: u32) -> (u32, Vec<u8>) {
+        let r = self
+            .dp
+            .test_run_lb_ingress(&p.bytes(), 1, SkbContext { ifindex, mark: 0 })
+            .expect("test run");
+        (r.retval, r.data)
+    }
+
+    pub fn run_raw(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let r = self
+            .dp
+            .test_run_lb_ingress(frame, 1, SkbContext::default())
+            .expect("test run");
+        (r.retval, r.data)
+    }
+
+    pub fn reason(&self, r: Reason) -> u64 {
+        reason(self, r)
+    }
+}
+
+pub fn reason(lab: &Lab, r: Reason) -> u64 {
+    lab.dp
+        .lb()
+        .reasons()
+        .expect("reading reasons")
+        .into_iter()
+        .find(|(x, _)| *x == r)
+        .map_or(0, |(_, n)| n)
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin);
+    }
+}
+
+fn small_limits() -> LbLimits {
+    LbLimits {
+        services: 64,
+        backends: 256,
+        flows: 4096,
+        sockets: 256,
+    }
+}
+
+/// Removes pin directories of lab processes that died without cleaning up.
+fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf/mesh") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|r| r.split('x').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// `name` publishing `published` → `target` over TCP, VIP 10.0.0.2, on network 4096.
+pub fn service(name: &str, published: u16, target: u16, backends: &[Ipv4Addr]) -> ServiceLb {
+    ServiceLb {
+        id: name.into(),
+        name: name.into(),
+        network: NetworkLb {
+            id: 4096,
+            node_addr: NET_ADDR,
+            bridge_ifindex: 1,
+        },
+        vip: Some(VIP),
+        ports: vec![PublishedPort {
+            proto: Protocol::Tcp,
+            published,
+            target,
+        }],
+        backends: backends.iter().map(|ip| BackendLb::active(*ip)).collect(),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Packet {
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    udp: bool,
+    syn: bool,
+    fin: bool,
+    rst: bool,
+    ack: Option<u32>,
+    payload: Vec<u8>,
+    ip_options: Vec<u8>,
+    no_udp_checksum: bool,
+    patches: Vec<(usize, Vec<u8>)>,
+}
+
+pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Packet {
+    Packet {
+        src,
+        sport,
+        dst,
+        dport,
+        udp: false,
+        syn: false,
+        fin: false,
+        rst: false,
+        ack: None,
+        payload: Vec::new(),
+        ip_options: Vec::new(),
+        no_udp_checksum: false,
+        patches: Vec::new(),
+    }
+}
+
+pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Packet {
+    Packet {
+        udp: true,
+        ..tcp(src, sport, dst, dport)
+    }
+}
+
+impl Packet {
+    pub fn syn(mut self) -> Self {
+        self.syn = true;
+        self
+    }
+
+    pub fn fin(mut self) -> Self {
+        self.fin = true;
+        self
+    }
+
+    pub fn rst(mut self) -> Self {
+        self.rst = true;
+        self
+    }
+
+    pub fn ack(mut self, n: u32) -> Self {
+        self.ack = Some(n);
+        self
+    }
+
+    pub fn payload(mut self, p: &[u8]) -> Self {
+        self.payload = p.to_vec();
+        self
+    }
+
+    /// Inserts IPv4 options (a multiple of 4 bytes) after the fixed header.
+    pub fn with_ip_options(mut self, options: &[u8]) -> Self {
+        assert_eq!(options.len() % 4, 0);
+        self.ip_options = options.to_vec();
+        self
+    }
+
+    pub fn without_udp_checksum(mut self) -> Self {
+        self.no_udp_checksum = true;
+        self
+    }
+
+    /// Overwrites a byte of the finished frame (checksums are not fixed up).
+    pub fn patch(mut self, offset: usize, byte: u8) -> Self {
+        self.patches.push((offset, vec![byte]));
+        self
+    }
+
+    pub fn patch16(mut self, offset: usize, value: u16) -> Self {
+        self.patches.push((offset, value.to_be_bytes().to_vec()));
+        self
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(
+            self.src.octets(),
+            self.dst.octets(),
+            64,
+        );
+        let mut out = Vec::new();
+        if self.udp {
+            eth.udp(self.sport, self.dport)
+                .write(&mut out, &self.payload)
+                .expect("building a UDP frame");
+        } else {
+            let mut b = eth.tcp(self.sport, self.dport, 1000, 64240);
+            if self.syn {
+                b = b.syn();
+            }
+            if self.fin {
+                b = b.fin();
+            }
+            if self.rst {
+                b = b.rst();
+            }
+            if let Some(n) = self.ack {
+                b = b.ack(n);
+            }
+            b.write(&mut out, &self.payload)
+                .expect("building a TCP frame");
+        }
+        if self.no_udp_checksum {
+            out[14 + 20 + 6..14 + 20 + 8].fill(0);
+        }
+        if !self.ip_options.is_empty() {
+            let n = self.ip_options.len();
+            out.splice(14 + 20..14 + 20, self.ip_options.iter().copied());
+            out[14] = 0x40 | ((20 + n) / 4) as u8;
+            let tot = u16::from_be_bytes([out[16], out[17]]) + n as u16;
+            out[16..18].copy_from_slice(&tot.to_be_bytes());
+            out[24..26].fill(0);
+            let c = !fold(sum16(&out[14..14 + 20 + n], 0));
+            out[24..26].copy_from_slice(&c.to_be_bytes());
+        }
+        for (off, bytes) in &self.patches {
+            out[*off..*off + bytes.len()].copy_from_slice(bytes);
+        }
+        out
+    }
+}
+
+/// A TCP/UDP over IPv4 frame as the program left it.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub ihl: usize,
+    pub l4_checksum: u16,
+    raw: Vec<u8>,
+}
+
+impl Frame {
+    pub fn parse(frame: &[u8]) -> Self {
+        assert!(frame.len() >= 14 + 20, "frame too short: {frame:?}");
+        let ip = &frame[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let proto = ip[9];
+        let l4 = &ip[ihl..];
+        let check_at = if proto == 17 { 6 } else { 16 };
+        Self {
+            src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+            sport: u16::from_be_bytes([l4[0], l4[1]]),
+            dport: u16::from_be_bytes([l4[2], l4[3]]),
+            proto,
+            ihl,
+            l4_checksum: u16::from_be_bytes([l4[check_at], l4[check_at + 1]]),
+            raw: frame.to_vec(),
+        }
+    }
+
+    pub fn ip_checksum_ok(&self) -> bool {
+        fold(sum16(&self.raw[14..14 + self.ihl], 0)) == 0xffff
+    }
+
+    /// The TCP/UDP checksum over the pseudo-header and the segment verifies.
+    pub fn l4_checksum_ok(&self) -> bool {
+        let ip = &self.raw[14..];
+        let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let segment = &ip[self.ihl..tot];
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&ip[12..20]);
+        pseudo.extend_from_slice(&[0, self.proto]);
+        pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+        fold(sum16(segment, sum16(&pseudo, 0))) == 0xffff
+    }
+}
+
+fn sum16(data: &[u8], mut acc: u32) -> u32 {
+    for c in data.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}

@@ -1,0 +1,402 @@
+//! The load balancer's maps: services, backends, flows and counters.
+//!
+//! Conventions shared by both sides: IPv4 addresses are stored as their four octets in network
+//! order (`Ipv4Addr::octets()`), ports as plain host-order numbers. Ids of services and
+//! backends are dense indexes allocated by the agent (0 is never used, so a zeroed entry
+//! means "none"); they index the per-CPU counter arrays directly.
+//!
+//! ```text
+//! LB_SERVICES   (addr, port, proto) -> ServiceEntry    addr 0.0.0.0 = published on the node,
+//!                                                      otherwise a VIP (port 0 = any port)
+//! LB_SVC_STATE  [service]           -> ServiceState    active backend count, network
+//! LB_SLOTS      (service, slot)     -> backend id      slots 0..count, swap-removed
+//! LB_BACKENDS   [backend]           -> Backend         address, owner, active/draining
+//! LB_NETWORKS   network id          -> Network         node address (SNAT), bridge ifindex
+//! LB_RR         [service]           -> u64             round-robin cursor, shared by all CPUs
+//! LB_FLOWS      FlowKey             -> Flow            both directions of every NAT'd flow
+//! LB_SOCK_FWD   SockKey             -> SockTarget      unconnected UDP: socket's backend
+//! LB_SOCK_REV   SockKey             -> SockTarget      backend -> address the app asked for
+//! ```
+
+/// Node-wide settings, one entry at index 0.
+pub const CONFIG_MAP: &str = "LB_CONFIG";
+pub const SERVICES_MAP: &str = "LB_SERVICES";
+pub const SERVICE_STATE_MAP: &str = "LB_SVC_STATE";
+pub const SLOTS_MAP: &str = "LB_SLOTS";
+pub const BACKENDS_MAP: &str = "LB_BACKENDS";
+pub const NETWORKS_MAP: &str = "LB_NETWORKS";
+pub const RR_MAP: &str = "LB_RR";
+pub const FLOWS_MAP: &str = "LB_FLOWS";
+pub const SOCK_FWD_MAP: &str = "LB_SOCK_FWD";
+pub const SOCK_REV_MAP: &str = "LB_SOCK_REV";
+pub const SERVICE_COUNTERS_MAP: &str = "LB_SVC_COUNTERS";
+pub const BACKEND_COUNTERS_MAP: &str = "LB_BE_COUNTERS";
+/// Per-CPU packet counts indexed by [`Reason`].
+pub const STATS_MAP: &str = "LB_STATS";
+
+/// Default sizes; the agent overrides them at load time.
+pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
+pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
+pub const DEFAULT_MAX_FLOWS: u32 = 131_072;
+pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+
+/// Below the kernel's default ephemeral range (32768–60999), so a SNAT port never collides
+/// with a port the node's own sockets picked.
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 1024;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 32_767;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbConfig {
+    /// The node's underlay address: the destination of published ports. 0.0.0.0 until the
+    /// agent configures the node; the programs pass everything until then.
+    pub node_ip: [u8; 4],
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// Cookie of the node's own network namespace: only processes there reach published
+    /// ports on 127.0.0.1 (inside a task, 127.0.0.1 is the task's own loopback).
+    pub host_netns_cookie: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    /// 0.0.0.0 for a port published on the node, otherwise the service's VIP.
+    pub addr: [u8; 4],
+    /// The published port, or 0 on a VIP: a VIP forwards every port, like Swarm's.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl ServiceKey {
+    pub const fn published(proto: u8, port: u16) -> Self {
+        Self {
+            addr: [0; 4],
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+
+    pub const fn vip(addr: [u8; 4], proto: u8) -> Self {
+        Self {
+            addr,
+            port: 0,
+            proto,
+            _pad: 0,
+        }
+    }
+
+    pub const fn is_published(&self) -> bool {
+        u32::from_ne_bytes(self.addr) == 0
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub service: u32,
+    /// Port on the backend; 0 keeps the port the client asked for (VIP entries).
+    pub target_port: u16,
+    pub _pad: u16,
+}
+
+/// `ServiceState::flags`: the id is allocated (lets a restarted agent find its services).
+pub const SERVICE_IN_USE: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceState {
+    /// Number of active backends, i.e. valid slots `0..backends`.
+    pub backends: u32,
+    pub network: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SlotKey {
+    pub service: u32,
+    pub slot: u32,
+}
+
+/// `Backend::state`.
+pub const BACKEND_FREE: u32 = 0;
+/// Receives new flows.
+pub const BACKEND_ACTIVE: u32 = 1;
+/// Keeps its flows but receives no new ones.
+pub const BACKEND_DRAINING: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u8; 4],
+    pub service: u32,
+    pub state: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Network {
+    /// The node's own address on the network: the source address of routing-mesh flows.
+    pub node_addr: [u8; 4],
+    /// The network's bridge on this node: where routing-mesh flows are redirected.
+    pub ifindex: u32,
+}
+
+/// A packet's 5-tuple as it arrives, before translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `Flow::flags`: the entry translates replies (backend -> client).
+pub const FLOW_REPLY: u32 = 1;
+/// A FIN went through in this entry's direction.
+pub const FLOW_FIN: u32 = 2;
+/// A RST went through in this entry's direction.
+pub const FLOW_RST: u32 = 4;
+/// At least one packet used this entry after it was created (on a reply entry: the backend
+/// answered).
+pub const FLOW_SEEN: u32 = 8;
+
+/// What to do with a packet of a known flow: rewrite its 5-tuple to these values and
+/// redirect it out of `ifindex`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub nat_src: [u8; 4],
+    pub nat_dst: [u8; 4],
+    pub nat_sport: u16,
+    pub nat_dport: u16,
+    pub ifindex: u32,
+    pub service: u32,
+    pub backend: u32,
+    /// CLOCK_MONOTONIC (coarse) nanoseconds; refreshed at most about once a second.
+    pub last_seen: u64,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+impl Flow {
+    /// The key of the other direction's entry: what this entry's translated packets look
+    /// like when they come back.
+    pub const fn partner(&self, key: &FlowKey) -> FlowKey {
+        FlowKey {
+            src: self.nat_dst,
+            dst: self.nat_src,
+            sport: self.nat_dport,
+            dport: self.nat_sport,
+            proto: key.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// A socket and an address it talks to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockTarget {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub _pad: u16,
+    pub service: u32,
+    pub backend: u32,
+}
+
+/// Per service and per backend, kept per CPU. Flows count new connections (routing mesh)
+/// and balanced connects/sockets (socket load balancing); packets and bytes are counted on
+/// the routing mesh only, since socket load balancing never sees packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub dropped: u64,
+}
+
+impl TrafficCounters {
+    pub fn add(&mut self, other: &Self) {
+        self.flows += other.flows;
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.dropped += other.dropped;
+    }
+}
+
+/// Why a packet or socket call was translated, passed or dropped: the index into
+/// [`STATS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    /// Translated toward a backend and redirected.
+    Forwarded = 0,
+    /// A reply translated back to the client and redirected.
+    Replied,
+    /// A new routing-mesh flow was created.
+    NewFlow,
+    /// TCP without SYN to a published port and no flow: passed, the kernel answers RST.
+    NotSyn,
+    /// The service has no active backend: dropped.
+    NoBackend,
+    /// No free SNAT port for the backend after bounded retries: dropped.
+    SnatExhausted,
+    /// The flow table refused an entry: dropped.
+    FlowTableFull,
+    /// Shorter than its headers: passed to the kernel, which drops it.
+    Truncated,
+    /// Bad IPv4 version, header length, total length or TCP data offset: passed.
+    BadHeader,
+    /// IPv4 header checksum wrong on a packet that would create a flow: passed.
+    BadIpChecksum,
+    /// An IPv4 fragment addressed to the node: passed (no L4 header to balance on).
+    Fragment,
+    /// A rewrite helper failed half-way: dropped.
+    RewriteFailed,
+    /// A connect or sendmsg to a service was rewritten to a backend.
+    SockBalanced,
+    /// A connect or sendmsg to a service with no active backend was refused.
+    SockNoBackend,
+    /// A reply's source or a peer name was restored to the service address.
+    SockRestored,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 15] = [
+        Reason::Forwarded,
+        Reason::Replied,
+        Reason::NewFlow,
+        Reason::NotSyn,
+        Reason::NoBackend,
+        Reason::SnatExhausted,
+        Reason::FlowTableFull,
+        Reason::Truncated,
+        Reason::BadHeader,
+        Reason::BadIpChecksum,
+        Reason::Fragment,
+        Reason::RewriteFailed,
+        Reason::SockBalanced,
+        Reason::SockNoBackend,
+        Reason::SockRestored,
+    ];
+
+    /// Stable names for counters shown to users.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Forwarded => "forwarded",
+            Reason::Replied => "replied",
+            Reason::NewFlow => "new_flow",
+            Reason::NotSyn => "pass_not_syn",
+            Reason::NoBackend => "drop_no_backend",
+            Reason::SnatExhausted => "drop_snat_exhausted",
+            Reason::FlowTableFull => "drop_flow_table_full",
+            Reason::Truncated => "pass_truncated",
+            Reason::BadHeader => "pass_bad_header",
+            Reason::BadIpChecksum => "pass_bad_ip_checksum",
+            Reason::Fragment => "pass_fragment",
+            Reason::RewriteFailed => "drop_rewrite_failed",
+            Reason::SockBalanced => "sock_balanced",
+            Reason::SockNoBackend => "sock_refused_no_backend",
+            Reason::SockRestored => "sock_restored",
+        }
+    }
+}
+
+pub const STATS_LEN: u32 = Reason::ALL.len() as u32;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    // SAFETY (all): #[repr(C)] with explicit padding fields, so no implicit padding bytes,
+    // and every bit pattern is a valid value.
+    unsafe impl aya::Pod for LbConfig {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceEntry {}
+    unsafe impl aya::Pod for ServiceState {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Network {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockTarget {}
+    unsafe impl aya::Pod for TrafficCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    /// The layouts are an ABI between the eBPF object and the agent; a changed size means
+    /// pinned maps from an older agent can no longer be adopted.
+    #[test]
+    fn map_layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<LbConfig>(), 16);
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<ServiceEntry>(), 8);
+        assert_eq!(size_of::<ServiceState>(), 16);
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 12);
+        assert_eq!(size_of::<Network>(), 8);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<Flow>(), 40);
+        assert_eq!(size_of::<SockKey>(), 16);
+        assert_eq!(size_of::<SockTarget>(), 16);
+        assert_eq!(size_of::<TrafficCounters>(), 32);
+    }
+
+    #[test]
+    fn a_flow_partner_is_what_its_translated_packets_look_like_coming_back() {
+        let client = FlowKey {
+            src: [192, 0, 2, 100],
+            dst: [192, 0, 2, 1],
+            sport: 40000,
+            dport: 8080,
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let forward = Flow {
+            nat_src: [10, 0, 0, 1],
+            nat_dst: [10, 0, 0, 11],
+            nat_sport: 2000,
+            nat_dport: 80,
+            ..Default::default()
+        };
+        let reply = forward.partner(&client);
+        assert_eq!(reply.src, [10, 0, 0, 11]);
+        assert_eq!(reply.dst, [10, 0, 0, 1]);
+        assert_eq!((reply.sport, reply.dport), (80, 2000));
+    }
+
+    #[test]
+    fn reasons_index_the_stats_map_densely() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The routing mesh: TC ingress on the underlay interface and on every network bridge.
+//!
+//! ```text
+//! parse ─┬─ to <node ip>:<published port> ── flow? ─ yes ─────────────── rewrite ─ redirect
+//!        │                                      └─ no ─ new flow (SNAT) ─┘
+//!        ├─ to a SNAT port with a reply entry ───────────────────────── rewrite ─ redirect
+//!        └─ anything else ── pass untouched
+//! ```
+//!
+//! Redirects use bpf_redirect_neigh: the rewritten packet leaves the target device with
+//! fresh L2 addresses, bypassing the local input path (whose martian-source check would
+//! drop a packet whose new source is one of our own addresses).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_csum_diff, bpf_redirect_neigh, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use mesh_common::lb::{FLOW_REPLY, Flow, FlowKey, LbConfig, Reason, ServiceEntry};
+
+use crate::{
+    flow, nat,
+    packet::{
+        ETH_HLEN, ETH_P_IP, EthHdr, IP_MF_AND_OFFSET, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, TCP_ACK,
+        TCP_SYN, TcpHdr, UdpHdr, pull_headers, skb_ptr,
+    },
+    programs::LB_CONFIG,
+    service,
+    stats::{self, Traffic},
+};
+
+/// What happens to a packet: a TC action and the reason it is counted under. A plain struct
+/// with every field always set: LLVM may move the undefined payload of a data-less enum
+/// variant through a register, which the verifier rejects as reading an uninitialized one.
+#[derive(Clone, Copy)]
+struct Verdict {
+    action: i32,
+    reason: u32,
+}
+
+/// `Verdict::reason` of packets that are not ours: not counted.
+const UNCOUNTED: u32 = u32::MAX;
+/// `Verdict::action` while parsing: the packet is TCP/UDP over IPv4, go on.
+const CONTINUE: i32 = -1;
+
+impl Verdict {
+    const PASS: Self = Self {
+        action: TC_ACT_OK,
+        reason: UNCOUNTED,
+    };
+    const CONTINUE: Self = Self {
+        action: CONTINUE,
+        reason: UNCOUNTED,
+    };
+
+    const fn pass(r: Reason) -> Self {
+        Self {
+            action: TC_ACT_OK,
+            reason: r as u32,
+        }
+    }
+
+    const fn drop(r: Reason) -> Self {
+        Self {
+            action: TC_ACT_SHOT,
+            reason: r as u32,
+        }
+    }
+
+    const fn redirect(action: i32, r: Reason) -> Self {
+        Self {
+            action,
+            reason: r as u32,
+        }
+    }
+}
+
+pub fn run(ctx: &TcContext) -> i32 {
+    let v = classify(ctx);
+    if v.reason != UNCOUNTED {
+        stats::count_index(v.reason);
+    }
+    v.action
+}
+
+/// A parsed TCP or UDP over IPv4 packet.
+#[derive(Default)]
+struct Packet {
+    key: FlowKey,
+    /// Offset of the TCP/UDP header.
+    l4: usize,
+    /// IPv4 header length in bytes.
+    ihl: usize,
+    tcp_flags: u8,
+}
+
+fn classify(ctx: &TcContext) -> Verdict {
+    let Some(cfg) = LB_CONFIG.get(0) else {
+        return Verdict::PASS;
+    };
+    if u32::from_ne_bytes(cfg.node_ip) == 0 {
+        return Verdict::PASS;
+    }
+    let mut pkt = Packet::default();
+    let v = parse(ctx, cfg, &mut pkt);
+    if v.action != CONTINUE {
+        return v;
+    }
+    if pkt.key.dst == cfg.node_ip {
+        return match service::published(pkt.key.proto, pkt.key.dport) {
+            Some(svc) => forward(ctx, &pkt, &svc, cfg),
+            None => Verdict::PASS,
+        };
+    }
+    // Replies are addressed to a SNAT port: everything else skips the flow lookup.
+    if pkt.key.dport >= cfg.snat_port_min
+        && pkt.key.dport <= cfg.snat_port_max
+        && let Some(entry) = flow::lookup(&pkt.key)
+        // SAFETY: pointer into the flow table.
+        && unsafe { (*entry).flags } & FLOW_REPLY != 0
+    {
+        return translate(ctx, &pkt, entry, Reason::Replied, false);
+    }
+    Verdict::PASS
+}
+
+/// Fills `pkt` from the headers and returns `Verdict::CONTINUE` for TCP/UDP over IPv4;
+/// otherwise what to do with the packet (untouched when it is not ours, counted when it is
+/// malformed).
+#[inline(always)]
+fn parse(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
+    let v = parse_linear(ctx, cfg, pkt);
+    if v.action == SHORT && pull_headers(ctx) {
+        let v = parse_linear(ctx, cfg, pkt);
+        if v.action != SHORT {
+            return v;
+        }
+    } else if v.action != SHORT {
+        return v;
+    }
+    Verdict::pass(Reason::Truncated)
+}
+
+/// `Verdict::action` from parse_linear: a header did not fit in the skb's linear part.
+const SHORT: i32 = -2;
+const SHORT_VERDICT: Verdict = Verdict {
+    action: SHORT,
+    reason: UNCOUNTED,
+};
+
+#[inline(always)]
+fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
+    let Some(eth) = skb_ptr::<EthHdr>(ctx, 0) else {
+        return SHORT_VERDICT;
+    };
+    // SAFETY (all reads below): bounds-checked pointers into the packet.
+    if u16::from_be_bytes(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return Verdict::PASS;
+    }
+    let Some(ip) = skb_ptr::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return SHORT_VERDICT;
+    };
+    let ip: Ipv4Hdr = unsafe { *ip };
+    if ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP {
+        return Verdict::PASS;
+    }
+    let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
+    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    // A total length beyond what arrived is as malformed as a header length below 20.
+    if ip.version_ihl >> 4 != 4
+        || ihl < 20
+        || tot_len < ihl
+        || ETH_HLEN + tot_len > ctx.len() as usize
+    {
+        return Verdict::pass(Reason::BadHeader);
+    }
+    if u16::from_be_bytes(ip.frag_off) & IP_MF_AND_OFFSET != 0 {
+        // Only the first fragment has ports; rewriting it alone would orphan the rest, so
+        // fragments go to the kernel. Large UDP datagrams need reassembly the routing mesh
+        // does not do.
+        return if ip.daddr == cfg.node_ip {
+            Verdict::pass(Reason::Fragment)
+        } else {
+            Verdict::PASS
+        };
+    }
+    let l4 = ETH_HLEN + ihl;
+    if ip.protocol == IPPROTO_TCP {
+        if ihl + 20 > tot_len {
+            return Verdict::pass(Reason::Truncated);
+        }
+        let Some(tcp) = skb_ptr::<TcpHdr>(ctx, l4) else {
+            return SHORT_VERDICT;
+        };
+        let tcp: TcpHdr = unsafe { *tcp };
+        let doff = usize::from(tcp.doff >> 4) * 4;
+        if doff < 20 || ihl + doff > tot_len {
+            return Verdict::pass(Reason::BadHeader);
+        }
+        pkt.key.sport = u16::from_be_bytes(tcp.source);
+        pkt.key.dport = u16::from_be_bytes(tcp.dest);
+        pkt.tcp_flags = tcp.flags;
+    } else {
+        if ihl + 8 > tot_len {
+            return Verdict::pass(Reason::Truncated);
+        }
+        let Some(udp) = skb_ptr::<UdpHdr>(ctx, l4) else {
+            return SHORT_VERDICT;
+        };
+        let udp: UdpHdr = unsafe { *udp };
+        let len = usize::from(u16::from_be_bytes(udp.len));
+        if len < 8 || ihl + len > tot_len {
+            return Verdict::pass(Reason::BadHeader);
+        }
+        pkt.key.sport = u16::from_be_bytes(udp.source);
+        pkt.key.dport = u16::from_be_bytes(udp.dest);
+    }
+    pkt.key.src = ip.saddr;
+    pkt.key.dst = ip.daddr;
+    pkt.key.proto = ip.protocol;
+    pkt.l4 = l4;
+    pkt.ihl = ihl;
+    Verdict::CONTINUE
+}
+
+/// A packet to a published port: an existing flow, or a new one.
+#[inline(always)]
+fn forward(ctx: &TcContext, pkt: &Packet, svc: &ServiceEntry, cfg: &LbConfig) -> Verdict {
+    let tcp = pkt.key.proto == IPPROTO_TCP;
+    let syn_only = tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if let Some(entry) = flow::lookup(&pkt.key) {
+        if !(syn_only && flow::is_closing(entry)) {
+            return translate(ctx, pkt, entry, Reason::Forwarded, false);
+        }
+        // The client reuses the port of a finished connection: start over.
+        flow::forget(&pkt.key);
+    }
+    if tcp && !syn_only {
+        // Mid-connection packet with no flow (evicted, or never ours): the kernel has no
+        // socket on the published port and answers RST, which tells the client quickly.
+        return Verdict::pass(Reason::NotSyn);
+    }
+    // Malformed packets must not create state.
+    if !ip_checksum_ok(ctx, pkt.ihl) {
+        return Verdict::pass(Reason::BadIpChecksum);
+    }
+    // SAFETY: reading the ifindex field of our own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let now = flow::now();
+    match flow::create(&pkt.key, svc, ifindex, cfg, now) {
+        Ok(created) => {
+            stats::count(Reason::NewFlow);
+            rewrite_and_redirect(ctx, pkt, &created, Reason::Forwarded, true)
+        }
+        Err(r) => {
+            if r == Reason::NoBackend {
+                stats::traffic(svc.service, 0, Traffic::Dropped);
+            }
+            Verdict::drop(r)
+        }
+    }
+}
+
+#[inline(always)]
+fn translate(ctx: &TcContext, pkt: &Packet, entry: *mut Flow, r: Reason, new: bool) -> Verdict {
+    flow::touch(entry, pkt.key.proto, pkt.tcp_flags, flow::now());
+    // SAFETY: pointer into the flow table; copied so the rewrite works on a stable value.
+    let f = unsafe { *entry };
+    rewrite_and_redirect(ctx, pkt, &f, r, new)
+}
+
+#[inline(always)]
+fn rewrite_and_redirect(
+    ctx: &TcContext,
+    pkt: &Packet,
+    f: &Flow,
+    r: Reason,
+    new_flow: bool,
+) -> Verdict {
+    let bytes = u64::from(ctx.len());
+    if nat::rewrite(ctx, pkt.l4, &pkt.key, f).is_err() {
+        return Verdict::drop(Reason::RewriteFailed);
+    }
+    stats::traffic(f.service, f.backend, Traffic::Packet { bytes, new_flow });
+    // SAFETY: no neighbour parameters: the helper looks up the route and the neighbour of
+    // the (rewritten) destination on the target device.
+    let action = unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) };
+    Verdict::redirect(action as i32, r)
+}
+
+/// Whether the IPv4 header (with options) sums to 0xffff.
+#[inline(always)]
+fn ip_checksum_ok(ctx: &TcContext, ihl: usize) -> bool {
+    let mut words = [0u32; 15];
+    let len = (ihl & 0x3c) as u32;
+    if len < 20 {
+        return false;
+    }
+    // SAFETY: `words` is 60 bytes and `len` at most 60.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            ETH_HLEN as u32,
+            words.as_mut_ptr().cast(),
+            len,
+        )
+    };
+    if loaded != 0 {
+        return false;
+    }
+    // SAFETY: as above.
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, words.as_mut_ptr(), len, 0) };
+    if sum < 0 {
+        return false;
+    }
+    let mut s = sum as u64;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s == 0xffff
+}

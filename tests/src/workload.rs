@@ -1,0 +1,276 @@
+//! Tasks and clients for load-balancing scenarios: servers that answer their own name, and
+//! clients that count who answered.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::Netns;
+
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
+const POLL: Duration = Duration::from_millis(20);
+
+/// A task that answers its own name: an HTTP response on a TCP port (or one line per line
+/// received, for long-lived connections), a datagram on a UDP port. Stops on drop.
+pub struct NameServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Result<Result<()>>>>,
+}
+
+impl NameServer {
+    pub fn start(ns: &Netns, name: &str, tcp_port: u16, udp_port: u16) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let mut threads = Vec::new();
+        {
+            let (stop, name, ready) = (stop.clone(), name.to_owned(), ready_tx.clone());
+            threads.push(ns.spawn_thread(move || serve_tcp(tcp_port, &name, &stop, ready))?);
+        }
+        {
+            let (stop, name, ready) = (stop.clone(), name.to_owned(), ready_tx);
+            threads.push(ns.spawn_thread(move || serve_udp(udp_port, &name, &stop, ready))?);
+        }
+        for _ in 0..2 {
+            ready_rx
+                .recv_timeout(IO_TIMEOUT)
+                .context("server did not start")??;
+        }
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for NameServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_tcp(
+    port: u16,
+    name: &str,
+    stop: &Arc<AtomicBool>,
+    ready: std::sync::mpsc::Sender<Result<()>>,
+) -> Result<()> {
+    let listener = match TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e).context("binding the TCP server"));
+            return Ok(());
+        }
+    };
+    listener.set_nonblocking(true)?;
+    let _ = ready.send(Ok(()));
+    let mut conns = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let (name, stop) = (name.to_owned(), stop.clone());
+                conns.push(std::thread::spawn(move || answer(stream, &name, &stop)));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for c in conns {
+        let _ = c.join();
+    }
+    Ok(())
+}
+
+fn answer(stream: TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut out = match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::SeqCst) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) if line.ends_with('\n') => {
+                if line.starts_with("GET ") {
+                    // Skip the rest of the request head, answer, close.
+                    let mut rest = String::new();
+                    while reader.read_line(&mut rest).is_ok_and(|n| n > 2) {
+                        rest.clear();
+                    }
+                    let _ = write!(
+                        out,
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+                        name.len()
+                    );
+                    return;
+                }
+                let reply = match line.trim_end().split_once(' ') {
+                    // "send N": N bytes of the bulk pattern.
+                    Some(("send", n)) => {
+                        let n: usize = n.parse().unwrap_or(0);
+                        if out.write_all(&bulk(n)).is_err() {
+                            return;
+                        }
+                        None
+                    }
+                    // "recv N": read N bytes, answer whether they were the bulk pattern.
+                    Some(("recv", n)) => {
+                        let n: usize = n.parse().unwrap_or(0);
+                        let mut got = vec![0u8; n];
+                        let _ = reader.get_ref().set_read_timeout(Some(IO_TIMEOUT));
+                        let ok = reader.read_exact(&mut got).is_ok() && got == bulk(n);
+                        let _ = reader.get_ref().set_read_timeout(Some(POLL * 5));
+                        Some(if ok {
+                            "intact".to_owned()
+                        } else {
+                            "corrupt".to_owned()
+                        })
+                    }
+                    _ => Some(name.to_owned()),
+                };
+                if let Some(r) = reply
+                    && out.write_all(format!("{r}\n").as_bytes()).is_err()
+                {
+                    return;
+                }
+                line.clear();
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn serve_udp(
+    port: u16,
+    name: &str,
+    stop: &AtomicBool,
+    ready: std::sync::mpsc::Sender<Result<()>>,
+) -> Result<()> {
+    let sock = match UdpSocket::bind(("0.0.0.0", port)) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e).context("binding the UDP server"));
+            return Ok(());
+        }
+    };
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let _ = ready.send(Ok(()));
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::SeqCst) {
+        if let Ok((_, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(name.as_bytes(), from);
+        }
+    }
+    Ok(())
+}
+
+/// The bytes bulk transfers carry: position-dependent, so a lost, duplicated or reordered
+/// segment shows.
+pub fn bulk(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// One HTTP GET on a fresh connection; the body (the answering task's name).
+pub fn http_get(addr: SocketAddr) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: mesh\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .with_context(|| format!("reading the answer from {addr}"))?;
+    match resp.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_owned()),
+        _ => bail!("unexpected answer from {addr}: {resp:?}"),
+    }
+}
+
+/// One datagram from a fresh socket; the answer.
+pub fn udp_ask(addr: SocketAddr) -> Result<String> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.send_to(b"who?", addr)?;
+    let mut buf = [0u8; 512];
+    let (n, _) = s
+        .recv_from(&mut buf)
+        .with_context(|| format!("no answer from {addr}"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// A long-lived connection to a line server: each `ask` gets the answering task's name.
+pub struct Session {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Session {
+    pub fn open(addr: SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Self { stream, reader })
+    }
+
+    pub fn ask(&mut self) -> Result<String> {
+        self.request("who?")
+    }
+
+    /// Downloads `n` bytes of the bulk pattern; whether they arrived intact.
+    pub fn download(&mut self, n: usize) -> Result<bool> {
+        self.stream.write_all(format!("send {n}\n").as_bytes())?;
+        let mut got = vec![0u8; n];
+        self.reader
+            .read_exact(&mut got)
+            .context("downloading on the long-lived connection")?;
+        Ok(got == bulk(n))
+    }
+
+    /// Uploads `n` bytes of the bulk pattern; whether the task got them intact.
+    pub fn upload(&mut self, n: usize) -> Result<bool> {
+        self.stream.write_all(format!("recv {n}\n").as_bytes())?;
+        self.stream.write_all(&bulk(n))?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        Ok(line.trim_end() == "intact")
+    }
+
+    fn request(&mut self, what: &str) -> Result<String> {
+        self.stream.write_all(format!("{what}\n").as_bytes())?;
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .context("reading on the long-lived connection")?;
+        if line.is_empty() {
+            bail!("the long-lived connection was closed");
+        }
+        Ok(line.trim_end().to_owned())
+    }
+}
+
+/// How many answers each task gave.
+pub fn tally<I: IntoIterator<Item = String>>(answers: I) -> BTreeMap<String, usize> {
+    let mut t = BTreeMap::new();
+    for a in answers {
+        *t.entry(a).or_default() += 1;
+    }
+    t
+}
