@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
 use super::{
-    ApiError, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats, ServiceCreate,
-    ServiceInfo, TaskInfo, short_id,
+    ApiError, GossipInfo, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats,
+    ServiceCreate, ServiceInfo, TaskInfo, short_id,
 };
 use crate::{
     agent::{Agent, Error},
@@ -63,6 +63,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         )
         .route("/v1/tasks", get(list_tasks))
         .route("/v1/dataplane/ports", get(port_stats))
+        .route("/v1/gossip", get(gossip_info))
         .with_state(agent)
 }
 
@@ -348,4 +349,14 @@ async fn port_stats(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<PortStats>
         })
         .collect();
     Ok(Json(stats))
+}
+
+async fn gossip_info(State(agent): State<Arc<Agent>>) -> ApiResult<GossipInfo> {
+    let auth = agent.gossip.auth().map(|a| a.report());
+    Ok(Json(GossipInfo {
+        node: agent.node_name().to_owned(),
+        cluster: agent.config.cluster.clone(),
+        authenticated: auth.is_some(),
+        auth,
+    }))
 }

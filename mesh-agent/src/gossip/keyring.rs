@@ -222,6 +222,27 @@ pub fn generate() -> Result<Zeroizing<[u8; KEY_LEN]>> {
     Ok(key)
 }
 
+/// Creates a key file holding one new key, readable by its owner only. Never overwrites.
+pub fn write_new_key_file(path: &Path) -> Result<KeyId> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let key = generate()?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "creating {} (an existing key file is never overwritten)",
+                path.display()
+            )
+        })?;
+    file.write_all(key_file_text(&key).as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(KeyId::of(&key))
+}
+
 /// A key as it appears on a line of a key file.
 pub fn encode(key: &[u8; KEY_LEN]) -> Zeroizing<String> {
     Zeroizing::new(BASE64.encode(key))
@@ -313,6 +334,21 @@ mod tests {
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(json.len(), 10, "8 hex digits in quotes: {json}");
         assert_eq!(serde_json::from_str::<KeyId>(&json).unwrap(), id);
+    }
+
+    #[test]
+    fn keygen_writes_an_owner_only_file_and_never_overwrites() {
+        let dir = std::env::temp_dir().join(format!("mesh-keygen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.key");
+        let id = write_new_key_file(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(Keyring::load(&path).unwrap().primary().id, id);
+        let err = format!("{:#}", write_new_key_file(&path).unwrap_err());
+        assert!(err.contains("never overwritten"), "{err}");
+        assert_eq!(Keyring::load(&path).unwrap().primary().id, id);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
