@@ -378,15 +378,13 @@ impl GossipAuth {
     /// Seals a datagram for `to`: with the peer's own primary key when this node holds it
     /// (so both sides of a half-done rotation understand each other), else with this node's
     /// primary.
-    pub fn seal_for(
-        &self,
-        to: SocketAddr,
-        plaintext: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<(), DropReason> {
+    pub fn seal_for(&self, to: SocketAddr, plaintext: &[u8], out: &mut Vec<u8>) -> Result<()> {
         if plaintext.len() + OVERHEAD > MAX_DATAGRAM {
             self.count_drop(to, DropReason::Oversized);
-            return Err(DropReason::Oversized);
+            anyhow::bail!(
+                "gossip to {to} not sent: {} bytes sealed exceed a UDP datagram",
+                plaintext.len() + OVERHEAD
+            );
         }
         let ring = self.keyring();
         let key = self
@@ -398,9 +396,10 @@ impl GossipAuth {
             .filter(|k| ring.get(*k).is_some())
             .unwrap_or(ring.primary().id);
         let mut nonce = [0u8; NONCE_LEN];
-        // A failing system random source is not something to gossip through.
-        getrandom::fill(&mut nonce).expect("the system's random source failed");
-        seal(&ring, key, &self.cluster, now_ms(), nonce, plaintext, out)?;
+        getrandom::fill(&mut nonce)
+            .map_err(|e| anyhow::anyhow!("reading the system's random source for a nonce: {e}"))?;
+        seal(&ring, key, &self.cluster, now_ms(), nonce, plaintext, out)
+            .map_err(|r| anyhow::anyhow!("sealing gossip to {to}: {}", r.name()))?;
         self.counters.sent.fetch_add(1, Ordering::Relaxed);
         self.key_use
             .lock()
@@ -851,7 +850,8 @@ mod tests {
         let to: SocketAddr = "192.0.2.2:7946".parse().unwrap();
         let mut out = Vec::new();
         let big = vec![0u8; MAX_DATAGRAM - OVERHEAD + 1];
-        assert_eq!(a.seal_for(to, &big, &mut out), Err(DropReason::Oversized));
+        assert!(a.seal_for(to, &big, &mut out).is_err());
+        assert!(out.is_empty());
         assert_eq!(a.dropped(DropReason::Oversized), 1);
         a.seal_for(to, &big[1..], &mut out).unwrap();
         assert_eq!(out.len(), MAX_DATAGRAM);
