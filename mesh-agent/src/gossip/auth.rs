@@ -359,14 +359,13 @@ impl GossipAuth {
     /// the keys it has, and the error is reported by the API.
     pub fn reload(&self) -> Result<Vec<KeyId>> {
         let result = Keyring::load(&self.key_file);
-        let ids = result.as_ref().map(|r| r.ids()).ok();
         *self.last_reload.lock().expect("reload lock") = Some(Reload {
             at: SystemTime::now(),
             error: result.as_ref().err().map(|e| format!("{e:#}")),
         });
         let ring = result?;
+        let ids = ring.ids();
         *self.ring.write().expect("keyring lock") = Arc::new(ring);
-        let ids = ids.expect("loaded");
         info!(
             primary = %ids[0],
             keys = ?ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -422,11 +421,12 @@ impl GossipAuth {
             Ok(opened) => {
                 let now = Instant::now();
                 self.counters.received.fetch_add(1, Ordering::Relaxed);
-                let mut use_ = self.key_use.lock().expect("key use lock");
-                let u = use_.entry(opened.key).or_default();
-                u.received += 1;
-                u.last_received = Some(now);
-                drop(use_);
+                {
+                    let mut key_use = self.key_use.lock().expect("key use lock");
+                    let used = key_use.entry(opened.key).or_default();
+                    used.received += 1;
+                    used.last_received = Some(now);
+                }
                 let mut peers = self.peers.lock().expect("peers lock");
                 if peers.len() >= MAX_PEERS && !peers.contains_key(&from) {
                     // Only authentic senders get here, so this is a very large cluster:
