@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::{
     api::{
-        DEFAULT_SOCKET, GossipInfo, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats,
-        ServiceCreate, ServiceInfo, TaskInfo, client::Client,
+        DEFAULT_SOCKET, GossipInfo, LocalTaskInfo, NetworkCreate, NetworkInfo, NodeInfo,
+        NodeUpdate, PortStats, ServiceCreate, ServiceInfo, TaskInfo, TaskRun, client::Client,
     },
     cluster::{Availability, EndpointMode},
 };
@@ -49,6 +49,31 @@ pub enum Command {
     /// Manage services.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Start a task on this node: a process in its own network namespace on a network.
+    Run {
+        /// Task name (unique in the cluster; it resolves in DNS).
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        network: String,
+        /// Make it a task of this service: it receives the service's traffic.
+        #[arg(long)]
+        service: Option<String>,
+        /// Environment variable for the task (KEY=VALUE).
+        #[arg(long, short = 'e')]
+        env: Vec<String>,
+        /// The command, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List this node's tasks.
+    Ps {
+        /// Include exited tasks.
+        #[arg(long, short = 'a')]
+        all: bool,
+    },
+    /// Stop and remove a task of this node.
+    Rm { name: String },
     /// Inspect the node's eBPF dataplane.
     #[command(subcommand)]
     Dataplane(DataplaneCommand),
@@ -219,6 +244,71 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Node(cmd) => node(&client, fmt, cmd).await,
         Command::Network(cmd) => network(&client, fmt, cmd).await,
         Command::Service(cmd) => service(&client, fmt, cmd).await,
+        Command::Run {
+            name,
+            network,
+            service,
+            env,
+            command,
+        } => {
+            let env = env
+                .iter()
+                .map(|e| match e.split_once('=') {
+                    Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+                    _ => Err(anyhow::anyhow!("invalid --env {e:?}: expected KEY=VALUE")),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let req = TaskRun {
+                name,
+                network,
+                service,
+                command,
+                env,
+            };
+            let t: LocalTaskInfo = client.post("/v1/tasks", &req).await?;
+            if fmt == Format::Json {
+                return json(&t);
+            }
+            println!("{}\t{}", t.name, or_dash(t.ip));
+            Ok(())
+        }
+        Command::Ps { all } => {
+            let mut tasks: Vec<LocalTaskInfo> = client.get("/v1/local/tasks").await?;
+            if !all {
+                tasks.retain(|t| t.state != "exited");
+            }
+            if fmt == Format::Json {
+                return json(&tasks);
+            }
+            println!(
+                "{}",
+                table(
+                    &[
+                        "NAME", "SERVICE", "NETWORK", "IP", "NODE", "STATE", "COMMAND"
+                    ],
+                    tasks.iter().map(|t| {
+                        [
+                            t.name.clone(),
+                            or_dash(t.service.clone()),
+                            t.network.clone(),
+                            or_dash(t.ip),
+                            t.node.clone(),
+                            match t.exit_code {
+                                Some(c) => format!("{} ({c})", t.state),
+                                None => t.state.clone(),
+                            },
+                            t.command.join(" "),
+                        ]
+                    })
+                )
+            );
+            Ok(())
+        }
+        Command::Rm { name } => {
+            let _: serde_json::Value = client.delete(&format!("/v1/local/tasks/{name}")).await?;
+            println!("{name}");
+            Ok(())
+        }
         Command::Gossip(GossipCommand::Stats) => {
             let info: GossipInfo = client.get("/v1/gossip").await?;
             if fmt == Format::Json {

@@ -40,6 +40,9 @@ pub struct AgentConfig {
     /// cgroup v2 directory whose processes get the socket load balancer; tasks are placed in
     /// children of it.
     pub cgroup: PathBuf,
+    /// Subnet of the node-local gateway bridge tasks reach the outside through (masqueraded;
+    /// the same on every node is fine).
+    pub gateway_subnet: ipnet::Ipv4Net,
     /// Resolvers for names outside the mesh (default: the host's /etc/resolv.conf at start).
     pub dns_upstreams: Vec<SocketAddr>,
     /// On exit, tear the dataplane down instead of leaving it forwarding.
@@ -63,6 +66,7 @@ impl Default for AgentConfig {
             state_dir: "/var/lib/mesh".into(),
             bpffs: "/sys/fs/bpf/mesh".into(),
             cgroup: "/sys/fs/cgroup/unified/mesh".into(),
+            gateway_subnet: "172.31.0.0/16".parse().expect("valid subnet"),
             dns_upstreams: Vec::new(),
             cleanup_on_exit: false,
         }

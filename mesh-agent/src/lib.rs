@@ -10,3 +10,7 @@ pub mod dataplane;
 pub mod gossip;
 pub mod install;
 pub mod logging;
+pub mod netlink;
+pub mod netns;
+pub mod overlay;
+pub mod task;

@@ -3,12 +3,15 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    agent::Agent,
+    agent::{Agent, Parts},
     api,
     cluster::key,
     config::{AgentConfig, DEFAULT_CONFIG},
     dataplane::{self, Dataplane},
     gossip::{Gossip, GossipConfig, auth::GossipAuth, keyring, transport::SealedTransport},
+    netlink,
+    overlay::{GatewayPlumbing, Overlay, Underlay},
+    task::{TaskConfig, TaskState, Tasks},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -270,6 +273,8 @@ fn with_port(peer: &str, default: u16) -> String {
 
 async fn run_agent(config: AgentConfig) -> Result<()> {
     let config = config.resolve()?;
+    // A bad key file stops the agent before it touches the kernel.
+    let auth = gossip_auth(&config)?;
     let node_bpffs = config.bpffs.clone();
     let dataplane = Dataplane::start(&node_bpffs, &config.interface)?;
     let mtu = dataplane::interface_mtu(&config.interface)?;
@@ -289,15 +294,33 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         dead_node_grace: std::time::Duration::from_secs(3600),
         tombstone_grace: std::time::Duration::from_secs(3600),
     };
+    // Adopt the tasks an earlier run left (running ones keep running; gone ones are cleaned).
+    let host = netlink::connect()?;
+    let task_cgroup = config.cgroup.join("tasks");
+    std::fs::create_dir_all(&task_cgroup).with_context(|| {
+        format!(
+            "creating cgroup {} (is cgroup v2 mounted there?)",
+            task_cgroup.display()
+        )
+    })?;
+    let mut task_config = TaskConfig::new(&config.node_name, config.state_dir.clone());
+    task_config.cgroup = Some(task_cgroup);
+    let tasks = Tasks::open(task_config, host.clone()).await?;
+
     let record = Agent::node_record(&config, mtu);
-    // Re-assert what this node owned before a restart; endpoints of tasks that did not
-    // survive are dropped by the first reconcile.
+    // Re-assert what this node owned before a restart, endpoints only for tasks that are
+    // still running.
     let mut initial: Vec<(String, String)> = mesh_agent::agent::load_own_keys(&config.state_dir)
         .into_iter()
-        .filter(|(k, _)| !k.starts_with(key::ENDPOINT))
+        .filter(|(k, _)| {
+            k.strip_prefix(key::ENDPOINT).is_none_or(|task| {
+                tasks
+                    .get(task)
+                    .is_some_and(|t| t.state == TaskState::Running)
+            })
+        })
         .collect();
     initial.push((key::NODE.to_owned(), serde_json::to_string(&record)?));
-    let auth = gossip_auth(&config)?;
     let gossip = match &auth {
         Some(auth) => Gossip::start(&gossip_config, initial, &SealedTransport::new(auth.clone()))
             .await?
@@ -312,7 +335,41 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         "gossip started"
     );
 
-    let agent = Agent::new(config.clone(), gossip, dataplane);
+    let gw = config.gateway_subnet;
+    let upstreams = if config.dns_upstreams.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        mesh_agent::config::upstreams_from_resolv_conf(&text)
+    } else {
+        config.dns_upstreams.clone()
+    };
+    if upstreams.is_empty() {
+        tracing::warn!("no upstream resolvers: tasks resolve only mesh names (set dns_upstreams)");
+    }
+    let dns = mesh_dns::DnsServer::new(mesh_dns::Config {
+        upstreams,
+        ..Default::default()
+    })
+    .context("configuring the embedded DNS server")?;
+    let parts = Parts {
+        dns,
+        dataplane,
+        tasks,
+        overlay: Overlay::new(host),
+        underlay: Underlay {
+            interface: config.interface.clone(),
+            address: config.advertise,
+            mtu,
+        },
+        gateway: GatewayPlumbing {
+            subnet: gw,
+            address: gw
+                .hosts()
+                .next()
+                .context("gateway_subnet has no host addresses")?,
+            mtu,
+        },
+    };
+    let agent = Agent::new(config.clone(), gossip, parts);
     tokio::spawn(agent.clone().run());
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

@@ -24,8 +24,9 @@ use crate::{
     process,
 };
 
-/// Namespaces, pins, cgroups and sockets of test clusters all start with this.
-const PREFIX: &str = "mt";
+/// Namespaces, pins, cgroups and sockets of test clusters start with one of these, then the
+/// owning process's PID: `mt` for tests, `demo` for `cargo xtask demo`.
+const PREFIXES: [&str; 2] = ["mt", "demo"];
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 pub const UNDERLAY_PREFIX: &str = "192.0.2";
@@ -56,9 +57,17 @@ impl Cluster {
     /// Builds `n` hosts on a shared underlay. Names are unique per test so tests run in
     /// parallel.
     pub fn new(n: usize) -> Result<Self> {
+        Self::with_prefix(PREFIXES[0], n)
+    }
+
+    /// A cluster whose names start with `prefix` (one of [`PREFIXES`]).
+    pub fn with_prefix(prefix: &str, n: usize) -> Result<Self> {
+        if !PREFIXES.contains(&prefix) {
+            bail!("cluster prefix {prefix:?} is not one the stale sweep knows");
+        }
         sweep_stale();
         let seq = SEQ.fetch_add(1, Ordering::SeqCst);
-        let name = format!("{PREFIX}{}x{seq}", std::process::id());
+        let name = format!("{prefix}{}x{seq}", std::process::id());
         let underlay = Netns::create(&format!("{name}-u"))?;
         underlay.sh(&format!(
             "ip link add br0 type bridge && ip link set br0 up && \
@@ -341,8 +350,9 @@ impl Host {
 
     /// meshctl with `--format json`, decoded.
     pub fn meshctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
-        let mut all = args.to_vec();
-        all.extend(["--format", "json"]);
+        // Before the arguments: a trailing `-- command` must stay last.
+        let mut all = vec!["--format", "json"];
+        all.extend_from_slice(args);
         let out = self.meshctl_ok(&all)?;
         serde_json::from_str(&out).with_context(|| format!("decoding meshctl output: {out}"))
     }
@@ -386,6 +396,10 @@ fn remove_node_state(cluster: &str) {
         cluster,
         remove_cgroup,
     );
+    // resolv.conf and friends of task namespaces (the `ip netns exec` convention).
+    remove_children_with_prefix(Path::new("/etc/netns"), cluster, |p| {
+        let _ = fs::remove_dir_all(p);
+    });
 }
 
 fn remove_children_with_prefix(dir: &Path, prefix: &str, remove: impl Fn(&Path)) {
@@ -439,7 +453,7 @@ fn sweep_stale() {
 
 /// `mt<pid>x<seq>-…` → pid.
 fn owner_pid(ns: &str) -> Option<i32> {
-    let rest = ns.strip_prefix(PREFIX)?;
+    let rest = PREFIXES.iter().find_map(|p| ns.strip_prefix(p))?;
     let (pid, _) = rest.split_once('x')?;
     pid.parse().ok()
 }
@@ -450,12 +464,11 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> → target/<profile>
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target directory")
-            .to_owned();
+        // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (xtask)
+        let mut dir = exe.parent().expect("target directory").to_owned();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args([

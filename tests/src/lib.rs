@@ -5,7 +5,8 @@
 
 pub mod cluster;
 pub mod netns;
+pub mod overlay;
 pub mod process;
 
 pub use cluster::{Cluster, Host};
-pub use netns::Netns;
+pub use netns::{Netns, NsRuntime};

@@ -89,6 +89,20 @@ impl Netns {
         }
     }
 
+    /// A tokio runtime whose threads all live in this namespace, so sockets (netlink ones
+    /// included) opened by the futures it runs belong here.
+    pub fn runtime(&self) -> Result<NsRuntime> {
+        let rt = self
+            .run(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+            })?
+            .context("building a tokio runtime")?;
+        Ok(NsRuntime { rt })
+    }
+
     /// PIDs of processes whose network namespace is this one.
     pub fn pids(&self) -> Vec<i32> {
         let Ok(out) = Command::new("ip")
@@ -108,6 +122,35 @@ impl Drop for Netns {
     fn drop(&mut self) {
         delete_netns(&self.name);
     }
+}
+
+/// A tokio runtime created inside a namespace (see [`Netns::runtime`]).
+pub struct NsRuntime {
+    rt: tokio::runtime::Runtime,
+}
+
+impl NsRuntime {
+    /// Runs `fut` to completion on one of the runtime's (namespaced) worker threads. The
+    /// calling thread only waits: it may be in another namespace.
+    pub fn block_on<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        match self.rt.block_on(self.rt.spawn(fut)) {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
+/// A command that runs inside the namespace called `name` (one the test did not create
+/// itself, e.g. a task's), entered with `nsenter --net` so /sys stays the host's.
+pub fn command_in(name: &str, program: &str) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{name}"))
+        .arg("--")
+        .arg(program);
+    cmd
 }
 
 /// Kills the processes still inside a namespace (by PID) and deletes it.
@@ -143,4 +186,37 @@ pub(crate) fn run_ok(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A process started in a namespace for the length of a test; stopped (by PID) on drop.
+pub struct Background {
+    child: std::process::Child,
+}
+
+impl Background {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        crate::process::kill_pid(self.child.id() as i32);
+        let _ = self.child.wait();
+    }
+}
+
+impl Netns {
+    /// Starts `program args…` in the namespace in the background, output discarded.
+    pub fn spawn(&self, program: &str, args: &[&str]) -> Result<Background> {
+        let child = self
+            .command(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {program} in {}", self.name))?;
+        Ok(Background { child })
+    }
 }

@@ -11,6 +11,7 @@ fn leftovers(cluster: &str) -> Vec<String> {
         "/sys/fs/bpf/mesh",
         "/run/mesh",
         "/sys/fs/cgroup/unified/mesh",
+        "/etc/netns",
     ] {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
@@ -69,4 +70,30 @@ fn hosts_reach_each_other_over_the_underlay() {
             h.ns.sh(&format!("ping -c1 -W2 {}", peer.ip)).unwrap();
         }
     }
+}
+
+#[test]
+fn a_dropped_cluster_takes_the_tasks_its_nodes_started_with_it() {
+    use mesh_tests::overlay::{NetworkDef, Node, Placements};
+    let app = NetworkDef::new("app", 4096, "10.10.0.0/24");
+    let (name, pid) = {
+        let c = Cluster::new(1).unwrap();
+        let node = Node::start(c.host(1)).unwrap();
+        let mut p = Placements::new(c.hosts());
+        p.place(1, &app, "t", 11);
+        node.reconcile(&p.desired(1)).unwrap();
+        let task = node
+            .run_task("t", &app, app.address(11), &["sleep", "3600"])
+            .unwrap();
+        assert!(
+            std::path::Path::new("/etc/netns")
+                .join(&task.netns)
+                .exists()
+        );
+        (c.name().to_owned(), task.pid.unwrap() as i32)
+    };
+    assert_eq!(leftovers(&name), Vec::<String>::new());
+    let gone = !mesh_tests::process::alive(pid)
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z"));
+    assert!(gone, "task process {pid} outlived its cluster");
 }

@@ -5,6 +5,9 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod demo;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Args {
@@ -16,11 +19,22 @@ struct Args {
 enum Task {
     /// Format check, clippy with warnings denied, then every unit and scenario test.
     Ci,
+    /// A 3-host cluster in namespaces on this machine: a published service, its round robin
+    /// and its DNS names; cleaned up at the end (also on Ctrl-C).
+    Demo,
+    /// Benchmarks against a baseline, e.g. `bench dns`; `--quick` for a short run.
+    Bench {
+        target: bench::Target,
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
     match Args::parse().task {
         Task::Ci => ci(),
+        Task::Demo => demo::run(),
+        Task::Bench { target, quick } => bench::run(target, quick),
     }
 }
 

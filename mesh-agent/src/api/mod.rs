@@ -130,3 +130,31 @@ pub struct GossipInfo {
     /// Keys, peers and drop counters of sealed gossip; absent when unauthenticated.
     pub auth: Option<AuthReport>,
 }
+
+/// `meshctl run`: start a task on this node.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskRun {
+    pub name: String,
+    pub network: String,
+    #[serde(default)]
+    pub service: Option<String>,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+}
+
+/// A task as this node knows it (running or exited).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LocalTaskInfo {
+    pub name: String,
+    pub service: Option<String>,
+    pub network: String,
+    pub ip: Option<Ipv4Addr>,
+    pub node: String,
+    pub state: String,
+    pub exit_code: Option<i32>,
+    pub pid: Option<u32>,
+    pub netns: String,
+    pub command: Vec<String>,
+    pub log: String,
+}

@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
 use super::{
-    ApiError, GossipInfo, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats,
-    ServiceCreate, ServiceInfo, TaskInfo, short_id,
+    ApiError, GossipInfo, LocalTaskInfo, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate,
+    PortStats, ServiceCreate, ServiceInfo, TaskInfo, TaskRun, short_id,
 };
 use crate::{
     agent::{Agent, Error},
@@ -61,7 +61,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
             "/v1/services/{name}",
             get(get_service).delete(remove_service),
         )
-        .route("/v1/tasks", get(list_tasks))
+        .route("/v1/tasks", get(list_tasks).post(run_task))
+        .route("/v1/local/tasks", get(list_local_tasks))
+        .route("/v1/local/tasks/{name}", axum::routing::delete(remove_task))
         .route("/v1/dataplane/ports", get(port_stats))
         .route("/v1/gossip", get(gossip_info))
         .with_state(agent)
@@ -349,6 +351,62 @@ async fn port_stats(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<PortStats>
         })
         .collect();
     Ok(Json(stats))
+}
+
+fn local_task_info(agent: &Agent, view: &View, r: &crate::task::TaskRecord) -> LocalTaskInfo {
+    let iface = r.interfaces.first();
+    let endpoint = view
+        .endpoints
+        .iter()
+        .find(|e| e.node == agent.node_name() && e.record.task == r.spec.name);
+    LocalTaskInfo {
+        name: r.spec.name.clone(),
+        service: endpoint.and_then(|e| e.record.service.clone()),
+        network: r
+            .spec
+            .attachments
+            .first()
+            .map(|a| a.network.clone())
+            .unwrap_or_default(),
+        ip: iface.map(|i| i.address.addr()),
+        node: agent.node_name().to_owned(),
+        state: r.state.label().to_owned(),
+        exit_code: match r.state {
+            crate::task::TaskState::Exited { code, .. } => code,
+            _ => None,
+        },
+        pid: r.pid,
+        netns: r.netns.clone(),
+        command: r.spec.command.clone(),
+        log: r.log.display().to_string(),
+    }
+}
+
+async fn run_task(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiResult<LocalTaskInfo> {
+    let req: TaskRun = body(&bytes)?;
+    let record = agent.run_task(&req).await?;
+    let view = agent.refresh().await;
+    Ok(Json(local_task_info(&agent, &view, &record)))
+}
+
+async fn list_local_tasks(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<LocalTaskInfo>> {
+    let view = agent.view();
+    Ok(Json(
+        agent
+            .tasks
+            .list()
+            .iter()
+            .map(|r| local_task_info(&agent, &view, r))
+            .collect(),
+    ))
+}
+
+async fn remove_task(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<serde_json::Value> {
+    agent.remove_task(&name).await?;
+    Ok(Json(serde_json::json!({ "removed": name })))
 }
 
 async fn gossip_info(State(agent): State<Arc<Agent>>) -> ApiResult<GossipInfo> {

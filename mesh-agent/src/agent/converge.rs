@@ -1,0 +1,194 @@
+//! Making this node's kernel match the merged view: which networks it plumbs, its own
+//! address on each, and the overlay (bridges, VXLAN, FDB, neighbours, firewall).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context, Result};
+use tracing::{info, warn};
+
+use super::Agent;
+use crate::{
+    cluster::{AttachmentRecord, View, key, mac_for_ip},
+    overlay::{
+        Change, DesiredOverlay, MacAddr, NetworkPlumbing, PeerVtep, RemoteEndpoint, network_mtu,
+    },
+    task::TaskState,
+};
+
+impl Agent {
+    /// Networks this node must plumb: those its tasks use, and every network with a service,
+    /// since the routing mesh answers published ports (and VIPs) on every node.
+    fn wanted_networks(&self, view: &View, extra: Option<&str>) -> BTreeSet<String> {
+        let mut wanted: BTreeSet<String> = view
+            .services
+            .values()
+            .map(|s| s.spec.network.clone())
+            .collect();
+        for t in self.tasks.list() {
+            if matches!(t.state, TaskState::Running | TaskState::Creating) {
+                wanted.extend(
+                    t.spec
+                        .attachments
+                        .iter()
+                        .filter(|a| view.networks.contains_key(&a.network))
+                        .map(|a| a.network.clone()),
+                );
+            }
+        }
+        wanted.extend(extra.map(str::to_owned));
+        wanted.retain(|n| view.networks.contains_key(n));
+        wanted
+    }
+
+    /// This node's own addresses, per network, as published in gossip.
+    async fn own_attachments(&self) -> BTreeMap<String, AttachmentRecord> {
+        self.gossip
+            .own_keys()
+            .await
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(key::ATTACHMENT))
+            .filter_map(|(_, v)| serde_json::from_str::<AttachmentRecord>(&v).ok())
+            .map(|a| (a.network.clone(), a))
+            .collect()
+    }
+
+    pub(crate) async fn converge(&self, view: &View) -> Result<()> {
+        let _one_at_a_time = self.converging.lock().await;
+        self.converge_locked(view, None).await
+    }
+
+    /// The body of [`Agent::converge`], for callers that already hold the lock; `extra` is a
+    /// network to plumb although nothing uses it yet (a task is about to).
+    pub(crate) async fn converge_locked(&self, view: &View, extra: Option<&str>) -> Result<()> {
+        let wanted = self.wanted_networks(view, extra);
+        let mut attachments = self.own_attachments().await;
+        let mut changes: Vec<(String, Option<String>)> = Vec::new();
+        for (net, att) in &attachments {
+            if !wanted.contains(net) {
+                info!(network = net, ip = %att.ip, "network no longer needed here; unplumbing it");
+                changes.push((format!("{}{net}", key::ATTACHMENT), None));
+            }
+        }
+        attachments.retain(|n, _| wanted.contains(n));
+        for net in &wanted {
+            if attachments.contains_key(net) {
+                continue;
+            }
+            match self.allocate(net).await {
+                Ok(ip) => {
+                    let att = AttachmentRecord {
+                        network: net.clone(),
+                        ip,
+                        mac: mac_for_ip(ip),
+                    };
+                    info!(network = net, %ip, "plumbing network on this node");
+                    changes.push((
+                        format!("{}{net}", key::ATTACHMENT),
+                        Some(serde_json::to_string(&att)?),
+                    ));
+                    attachments.insert(net.clone(), att);
+                    self.release(net, ip).await;
+                }
+                Err(e) => warn!(
+                    network = net,
+                    "no address for this node on the network yet: {e}"
+                ),
+            }
+        }
+        if !changes.is_empty() {
+            self.gossip.write(changes).await;
+        }
+
+        let desired = self.desired_overlay(view, &attachments);
+        let done = self
+            .overlay
+            .reconcile(&desired)
+            .await
+            .context("reconciling the overlay")?;
+        // A re-created bridge lost its ports: put running tasks back on it.
+        if done.iter().any(|c| matches!(c, Change::LinkCreated(_))) {
+            let n = self.tasks.reattach_all().await?;
+            if n > 0 {
+                info!(
+                    count = n,
+                    "re-attached task interfaces to re-created bridges"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn desired_overlay(
+        &self,
+        view: &View,
+        own: &BTreeMap<String, AttachmentRecord>,
+    ) -> DesiredOverlay {
+        let me = self.node_name();
+        let mtu = network_mtu(self.underlay.mtu);
+        let networks: Vec<NetworkPlumbing> = own
+            .values()
+            .filter_map(|att| {
+                let n = view.networks.get(&att.network)?;
+                Some(NetworkPlumbing {
+                    name: n.spec.name.clone(),
+                    vni: n.spec.vni,
+                    subnet: n.spec.subnet,
+                    node_address: att.ip,
+                    mtu,
+                })
+            })
+            .collect();
+        let vni: BTreeMap<&str, u32> = networks.iter().map(|n| (n.name.as_str(), n.vni)).collect();
+        let remote = |network: &str, ip, mac: &str, vtep| -> Option<RemoteEndpoint> {
+            Some(RemoteEndpoint {
+                vni: *vni.get(network)?,
+                ip,
+                mac: mac.parse::<MacAddr>().ok()?,
+                vtep,
+            })
+        };
+        let mut remote_endpoints: Vec<RemoteEndpoint> = view
+            .endpoints
+            .iter()
+            .filter(|e| e.node != me)
+            .filter_map(|e| remote(&e.record.network, e.record.ip, &e.record.mac, e.vtep))
+            .collect();
+        remote_endpoints.extend(
+            view.attachments
+                .iter()
+                .filter(|a| a.node != me)
+                .filter_map(|a| remote(&a.record.network, a.record.ip, &a.record.mac, a.vtep)),
+        );
+        let peers: BTreeSet<PeerVtep> = view
+            .attachments
+            .iter()
+            .filter(|a| a.node != me)
+            .filter_map(|a| {
+                Some(PeerVtep {
+                    vni: *vni.get(a.record.network.as_str())?,
+                    vtep: a.vtep,
+                })
+            })
+            .collect();
+        DesiredOverlay {
+            underlay: self.underlay.clone(),
+            networks,
+            remote_endpoints,
+            peers: peers.into_iter().collect(),
+            gateway: Some(self.gateway.clone()),
+        }
+    }
+
+    /// The plumbing of a network this node has an address on.
+    pub(crate) async fn plumbing(&self, view: &View, network: &str) -> Option<NetworkPlumbing> {
+        let att = self.own_attachments().await.remove(network)?;
+        let n = view.networks.get(network)?;
+        Some(NetworkPlumbing {
+            name: network.to_owned(),
+            vni: n.spec.vni,
+            subnet: n.spec.subnet,
+            node_address: att.ip,
+            mtu: network_mtu(self.underlay.mtu),
+        })
+    }
+}

@@ -1,0 +1,273 @@
+//! The agent: owns gossip, the local clock, address allocation and the reconcile loop, and
+//! carries out what the API asks (create a network, a service, ...).
+
+mod addresses;
+mod converge;
+pub mod dns;
+mod objects;
+mod tasks;
+
+pub use objects::validate_name;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::{Arc, Mutex as StdMutex},
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::sync::{Mutex, Notify, watch};
+use tracing::{debug, info, warn};
+
+use crate::{
+    cluster::{BlockClaim, Clock, NodeRecord, Replicated, Stamp, View, key},
+    config::ResolvedConfig,
+    dataplane::Dataplane,
+    gossip::Gossip,
+    overlay::{GatewayPlumbing, Overlay, Underlay},
+    task::Tasks,
+};
+
+/// What went wrong, in terms the API maps to status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub struct Agent {
+    pub config: ResolvedConfig,
+    pub gossip: Gossip,
+    clock: StdMutex<Clock>,
+    view: watch::Sender<Arc<View>>,
+    /// Serialises allocations on this node and remembers addresses handed out but not yet
+    /// visible in gossip.
+    ipam: Mutex<BTreeSet<(String, Ipv4Addr)>>,
+    pub dataplane: Mutex<Dataplane>,
+    pub tasks: Tasks,
+    overlay: Overlay,
+    /// The underlay as the overlay needs it (interface, address, MTU).
+    underlay: Underlay,
+    gateway: GatewayPlumbing,
+    /// One kernel convergence at a time; also held while a task is set up so convergence
+    /// does not unplumb a network a new task is about to use.
+    converging: Mutex<()>,
+    reconcile_now: Notify,
+    /// What was last written to the state file, to skip identical rewrites.
+    persisted: Mutex<BTreeMap<String, String>>,
+    pub dns: mesh_dns::DnsServer,
+    dns_last: StdMutex<Option<mesh_dns::Snapshot>>,
+    /// One resolver listener per running task, by task name; dropping one closes it.
+    dns_listeners: StdMutex<BTreeMap<String, mesh_dns::ServeHandle>>,
+}
+
+/// The node-local parts the agent drives.
+pub struct Parts {
+    pub dns: mesh_dns::DnsServer,
+    pub dataplane: Dataplane,
+    pub tasks: Tasks,
+    pub overlay: Overlay,
+    pub underlay: Underlay,
+    pub gateway: GatewayPlumbing,
+}
+
+impl Agent {
+    pub fn new(config: ResolvedConfig, gossip: Gossip, parts: Parts) -> Arc<Self> {
+        let clock = Clock::new(&config.node_name);
+        Arc::new(Self {
+            clock: StdMutex::new(clock),
+            view: watch::channel(Arc::new(View::default())).0,
+            ipam: Mutex::new(BTreeSet::new()),
+            dataplane: Mutex::new(parts.dataplane),
+            tasks: parts.tasks,
+            overlay: parts.overlay,
+            underlay: parts.underlay,
+            gateway: parts.gateway,
+            converging: Mutex::new(()),
+            reconcile_now: Notify::new(),
+            persisted: Mutex::new(BTreeMap::new()),
+            dns: parts.dns,
+            dns_last: StdMutex::new(None),
+            dns_listeners: StdMutex::new(BTreeMap::new()),
+            gossip,
+            config,
+        })
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.config.node_name
+    }
+
+    /// The node record this agent publishes.
+    pub fn node_record(config: &ResolvedConfig, mtu: u32) -> NodeRecord {
+        NodeRecord {
+            name: config.node_name.clone(),
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            address: config.advertise,
+            mtu,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    fn tick(&self) -> Stamp {
+        self.clock.lock().expect("clock lock").tick()
+    }
+
+    /// The latest merged view.
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    /// Recomputes the view from gossip now (instead of waiting for the loop).
+    pub async fn refresh(&self) -> Arc<View> {
+        let snapshot = self.gossip.snapshot().await;
+        let view = View::compute(&snapshot);
+        if let Some(s) = &view.newest_stamp {
+            self.clock.lock().expect("clock lock").observe(s);
+        }
+        self.republish(&view).await;
+        let view = Arc::new(view);
+        self.view.send_replace(view.clone());
+        if let Err(e) = self.persist().await {
+            warn!("cannot save this node's state: {e:#}");
+        }
+        view
+    }
+
+    /// Asks the loop to converge the kernel now.
+    pub fn poke(&self) {
+        self.reconcile_now.notify_one();
+    }
+
+    /// Runs forever: whenever gossip changes (and at least every second, so time-based
+    /// transitions such as settled block claims are picked up), recompute the view and make
+    /// the kernel match it.
+    pub async fn run(self: Arc<Self>) {
+        let mut changes = self.gossip.changes().await;
+        let mut exits = self.tasks.subscribe();
+        self.serve_dns_for_all();
+        loop {
+            let view = self.refresh().await;
+            self.update_dns(&view);
+            if let Err(e) = self.converge(&view).await {
+                warn!("programming the kernel: {e:#}");
+            }
+            tokio::select! {
+                _ = changes.next() => {}
+                _ = self.reconcile_now.notified() => {}
+                exit = exits.recv() => self.task_exited(exit).await,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Saves this node's gossip keys so a restarted agent re-asserts them (with their original
+    /// stamps, so nothing it owned is lost or re-ordered).
+    async fn persist(&self) -> anyhow::Result<()> {
+        let own = self.gossip.own_keys().await;
+        let mut last = self.persisted.lock().await;
+        if *last == own {
+            return Ok(());
+        }
+        let path = state_file(&self.config.state_dir);
+        std::fs::create_dir_all(&self.config.state_dir)
+            .with_context(|| format!("creating {}", self.config.state_dir.display()))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&own)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path)?;
+        *last = own;
+        Ok(())
+    }
+
+    /// Makes this node's replicated keys equal the merged view, and drops block claims it
+    /// lost.
+    async fn republish(&self, view: &View) {
+        let own = self.gossip.own_keys().await;
+        let mut changes: Vec<(String, Option<String>)> = Vec::new();
+        for (k, v) in &view.republish {
+            if own.get(k) != Some(v) {
+                changes.push((k.clone(), Some(v.clone())));
+            }
+        }
+        for (k, v) in &own {
+            if k.starts_with("obj:") && !view.republish.contains_key(k) {
+                changes.push((k.clone(), None));
+            }
+            if k.starts_with(key::BLOCK)
+                && let Ok(claim) = serde_json::from_str::<BlockClaim>(v)
+            {
+                let winner = view
+                    .blocks
+                    .get(&claim.network)
+                    .and_then(|b| b.get(&claim.index));
+                if winner.is_some_and(|w| *w != claim.stamp) {
+                    info!(
+                        network = claim.network,
+                        block = claim.index,
+                        "lost a block claim; releasing it"
+                    );
+                    changes.push((k.clone(), None));
+                }
+            }
+        }
+        if !changes.is_empty() {
+            debug!(count = changes.len(), "republishing replicated keys");
+            self.gossip.write(changes).await;
+        }
+    }
+
+    /// Waits out the settle time, then recomputes: after this, a concurrent create on another
+    /// node has reached us and the deterministic merge has picked a winner.
+    async fn settle(&self) -> Arc<View> {
+        tokio::time::sleep(self.config.settle()).await;
+        self.refresh().await
+    }
+
+    pub(crate) async fn write_object<T: serde::Serialize>(
+        &self,
+        prefix: &str,
+        name: &str,
+        record: &Replicated<T>,
+    ) -> Result<()> {
+        let json = serde_json::to_string(record).context("encoding record")?;
+        self.gossip
+            .write([(format!("{prefix}{name}"), Some(json))])
+            .await;
+        Ok(())
+    }
+}
+
+fn state_file(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("gossip-keys.json")
+}
+
+/// The keys a previous run of this node owned, to publish again at start. The node record is
+/// rebuilt fresh; a missing or unreadable file means a first start.
+pub fn load_own_keys(state_dir: &std::path::Path) -> BTreeMap<String, String> {
+    let path = state_file(state_dir);
+    match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<BTreeMap<String, String>>(&bytes) {
+            Ok(mut keys) => {
+                keys.remove(key::NODE);
+                keys
+            }
+            Err(e) => {
+                warn!("ignoring unreadable {}: {e}", path.display());
+                BTreeMap::new()
+            }
+        },
+        Err(_) => BTreeMap::new(),
+    }
+}

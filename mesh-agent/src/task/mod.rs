@@ -1,0 +1,701 @@
+//! Tasks: workloads the agent runs itself. A task is a process in a fresh network namespace
+//! (`<node>-<task>`) with one interface per network it is attached to, started in its own
+//! session so it outlives an agent crash, and followed through a pidfd.
+//!
+//! Records persist under the state directory, so a restarted agent adopts the tasks that
+//! are still running (same PID and start time) and marks the others exited. A task whose
+//! process exits loses its network at once (veth, namespace) and is announced on
+//! [`Tasks::subscribe`], so its endpoint can leave the cluster's tables.
+
+mod plumbing;
+mod process;
+mod store;
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    os::fd::OwnedFd,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
+use nix::sys::signal::Signal;
+use rtnetlink::Handle;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+use tracing::{info, warn};
+
+use crate::{
+    netns,
+    overlay::{GATEWAY_BRIDGE, GatewayPlumbing, MacAddr, NetworkPlumbing},
+};
+
+pub use plumbing::HOST_VETH_PREFIX;
+
+/// The network name of a task's attachment to the node's gateway bridge.
+pub const GATEWAY_NETWORK: &str = "gateway";
+
+/// How the agent runs tasks on this node.
+#[derive(Clone, Debug)]
+pub struct TaskConfig {
+    /// Unique per agent; task namespaces are named `<node>-<task>`.
+    pub node: String,
+    /// Task records and logs live in `<state_dir>/tasks`.
+    pub state_dir: PathBuf,
+    /// A cgroup v2 directory every task process joins before it runs (the eBPF socket hooks
+    /// are attached there). None leaves tasks in the agent's cgroup.
+    pub cgroup: Option<PathBuf>,
+    pub resolv: ResolvConf,
+    /// Where per-namespace /etc overrides live (`ip netns exec` reads the same place).
+    pub netns_etc: PathBuf,
+    /// How long a task gets between SIGTERM and SIGKILL.
+    pub stop_timeout: Duration,
+}
+
+impl TaskConfig {
+    pub fn new(node: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            node: node.into(),
+            state_dir: state_dir.into(),
+            cgroup: None,
+            resolv: ResolvConf::default(),
+            netns_etc: PathBuf::from("/etc/netns"),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The resolv.conf tasks see.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvConf {
+    pub nameservers: Vec<Ipv4Addr>,
+    pub search: Vec<String>,
+    pub options: Vec<String>,
+}
+
+impl Default for ResolvConf {
+    /// The embedded resolver at Docker's address; ndots:0 so service names are tried as
+    /// they are before any search domain.
+    fn default() -> Self {
+        Self {
+            nameservers: vec![Ipv4Addr::new(127, 0, 0, 11)],
+            search: Vec::new(),
+            options: vec!["ndots:0".into()],
+        }
+    }
+}
+
+/// What to run and where to attach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub name: String,
+    /// In order: the first becomes eth0, the next eth1, ...
+    pub attachments: Vec<Attachment>,
+    /// A way out of the cluster through the node's gateway bridge: one more interface, after
+    /// the attachments, with an address the node picks from the bridge's subnet, the default
+    /// route, and masquerade (the docker_gwbridge role). The attachments then must not carry
+    /// a gateway.
+    #[serde(default)]
+    pub egress: Option<GatewayPlumbing>,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+}
+
+/// One interface of a task on a bridge of this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub network: String,
+    pub bridge: String,
+    /// The task's address and the network's prefix length.
+    pub address: Ipv4Net,
+    pub mtu: u32,
+    /// The default route goes via this address on this interface; at most one attachment
+    /// of a task has one.
+    pub gateway: Option<Ipv4Addr>,
+    /// The bridge port cannot talk to other isolated ports, only to the bridge (the node)
+    /// and beyond: Docker's inter-container communication off.
+    #[serde(default)]
+    pub isolated: bool,
+}
+
+impl Attachment {
+    /// An attachment to an overlay network, routed via the node's address on it.
+    pub fn overlay(network: &NetworkPlumbing, ip: Ipv4Addr) -> Self {
+        Self {
+            network: network.name.clone(),
+            bridge: network.bridge(),
+            address: Ipv4Net::new(ip, network.subnet.prefix_len()).expect("valid prefix"),
+            mtu: network.mtu,
+            gateway: Some(network.node_address),
+            isolated: false,
+        }
+    }
+
+    /// The same attachment without the default route (which egress then provides).
+    pub fn without_default_route(mut self) -> Self {
+        self.gateway = None;
+        self
+    }
+
+    fn egress(gw: &GatewayPlumbing, ip: Ipv4Addr) -> Self {
+        Self {
+            network: GATEWAY_NETWORK.into(),
+            bridge: GATEWAY_BRIDGE.into(),
+            address: Ipv4Net::new(ip, gw.subnet.prefix_len()).expect("valid prefix"),
+            mtu: gw.mtu,
+            gateway: Some(gw.address),
+            isolated: true,
+        }
+    }
+}
+
+/// An interface a task got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interface {
+    /// Inside the task: eth0, eth1, ...
+    pub name: String,
+    pub host_veth: String,
+    pub network: String,
+    pub mac: MacAddr,
+    pub address: Ipv4Net,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum TaskState {
+    /// Namespace and interfaces are being set up; a record left in this state by a crash is
+    /// cleaned away on adoption.
+    Creating,
+    Running,
+    /// The process is gone. The exit status is only known when this agent started it.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+}
+
+impl TaskState {
+    pub fn label(&self) -> &'static str {
+        match self {
+            TaskState::Creating => "creating",
+            TaskState::Running => "running",
+            TaskState::Exited { .. } => "exited",
+        }
+    }
+}
+
+/// Everything known about a task; what is persisted and what listings show.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub spec: TaskSpec,
+    pub netns: String,
+    pub interfaces: Vec<Interface>,
+    pub pid: Option<u32>,
+    /// Clock ticks since boot (`/proc/<pid>/stat` field 22): with the PID, names the process.
+    pub start_time: Option<u64>,
+    pub state: TaskState,
+    pub log: PathBuf,
+}
+
+impl TaskRecord {
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+}
+
+/// Announced when a task's process exits (or is found gone on adoption).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskExit {
+    pub name: String,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+/// The tasks of this node.
+#[derive(Clone)]
+pub struct Tasks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: TaskConfig,
+    host: Handle,
+    store: store::Store,
+    entries: Mutex<BTreeMap<String, Entry>>,
+    exits: broadcast::Sender<TaskExit>,
+}
+
+struct Entry {
+    record: TaskRecord,
+    /// Present while the process runs.
+    pidfd: Option<Arc<OwnedFd>>,
+    /// Turns true once the exit was handled (network removed, record saved).
+    exited: watch::Receiver<bool>,
+}
+
+impl Tasks {
+    /// Opens the task store and adopts what an earlier agent left: running tasks are
+    /// followed again, tasks whose process is gone are marked exited and lose their network,
+    /// half-created ones are removed. `host` must be a netlink handle in the node's namespace.
+    pub async fn open(config: TaskConfig, host: Handle) -> Result<Self> {
+        let store = store::Store::open(&config.state_dir)?;
+        let (exits, _) = broadcast::channel(256);
+        let tasks = Tasks {
+            inner: Arc::new(Inner {
+                config,
+                host,
+                store,
+                entries: Mutex::new(BTreeMap::new()),
+                exits,
+            }),
+        };
+        for record in tasks.inner.store.load_all()? {
+            tasks.adopt(record).await;
+        }
+        Ok(tasks)
+    }
+
+    async fn adopt(&self, mut record: TaskRecord) {
+        let name = record.spec.name.clone();
+        match record.state {
+            TaskState::Creating => {
+                info!(task = %name, "removing a task whose creation was interrupted");
+                if let Err(e) = self.teardown(&record).await {
+                    warn!(task = %name, "cleaning up an interrupted task: {e:#}");
+                }
+                if let Err(e) = self.inner.store.remove(&name) {
+                    warn!(task = %name, "{e:#}");
+                }
+            }
+            TaskState::Running => {
+                let found = match (record.pid, record.start_time) {
+                    (Some(pid), Some(start)) => process::find(pid, start),
+                    _ => process::Found::Exited(process::Exit {
+                        code: None,
+                        signal: None,
+                    }),
+                };
+                match found {
+                    process::Found::Running(fd) => {
+                        for (iface, att) in record.interfaces.iter().zip(&record.spec.attachments) {
+                            match plumbing::reattach(&self.inner.host, iface, att).await {
+                                Ok(true) => {
+                                    info!(task = %name, veth = %iface.host_veth, "re-attached to {}", att.bridge)
+                                }
+                                Ok(false) => {}
+                                Err(e) => warn!(task = %name, "{e:#}"),
+                            }
+                        }
+                        info!(task = %name, pid = ?record.pid, "adopted running task");
+                        self.insert_running(record, fd);
+                    }
+                    process::Found::Exited(exit) => {
+                        info!(task = %name, code = ?exit.code, "task exited while the agent was away");
+                        record.state = TaskState::Exited {
+                            code: exit.code,
+                            signal: exit.signal,
+                        };
+                        if let Err(e) = self.teardown(&record).await {
+                            warn!(task = %name, "removing the network of an exited task: {e:#}");
+                        }
+                        self.save_or_warn(&record);
+                        self.insert_finished(record);
+                    }
+                }
+            }
+            TaskState::Exited { .. } => self.insert_finished(record),
+        }
+    }
+
+    /// Creates the task's namespace and interfaces and starts its process.
+    pub async fn create(&self, mut spec: TaskSpec) -> Result<TaskRecord> {
+        validate(&spec)?;
+        let name = spec.name.clone();
+        let record = {
+            let mut entries = self.inner.entries.lock().expect("task table poisoned");
+            if entries.contains_key(&name) {
+                bail!(
+                    "a task named {name} already exists on this node; stop it first or pick \
+                     another name"
+                );
+            }
+            // Picked under the lock: two tasks created at once never get the same address.
+            if let Some(gw) = &spec.egress {
+                let ip = free_gateway_address(gw, entries.values().map(|e| &e.record))?;
+                spec.attachments.push(Attachment::egress(gw, ip));
+                validate(&spec)?;
+            }
+            let record = TaskRecord {
+                log: self.inner.store.log_path(&name),
+                netns: format!("{}-{}", self.inner.config.node, name),
+                interfaces: Vec::new(),
+                pid: None,
+                start_time: None,
+                state: TaskState::Creating,
+                spec,
+            };
+            let (_, rx) = watch::channel(false);
+            entries.insert(
+                name.clone(),
+                Entry {
+                    record: record.clone(),
+                    pidfd: None,
+                    exited: rx,
+                },
+            );
+            record
+        };
+        match self.build(record).await {
+            Ok((record, pidfd)) => {
+                info!(task = %name, pid = ?record.pid, netns = %record.netns, "task started");
+                self.insert_running(record.clone(), pidfd);
+                Ok(record)
+            }
+            Err((record, e)) => {
+                if let Err(te) = self.teardown(&record).await {
+                    warn!(task = %name, "cleaning up after a failed start: {te:#}");
+                }
+                let _ = self.inner.store.remove(&name);
+                self.inner
+                    .entries
+                    .lock()
+                    .expect("task table poisoned")
+                    .remove(&name);
+                Err(e.context(format!("starting task {name}")))
+            }
+        }
+    }
+
+    /// Everything between reserving the name and a running process; on failure returns the
+    /// record as far as it got so the caller can undo exactly that.
+    async fn build(
+        &self,
+        mut record: TaskRecord,
+    ) -> std::result::Result<(TaskRecord, OwnedFd), (TaskRecord, anyhow::Error)> {
+        let config = &self.inner.config;
+        macro_rules! attempt {
+            ($e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(e) => return Err((record, e.into())),
+                }
+            };
+        }
+        attempt!(self.inner.store.save(&record));
+        if netns::exists(&record.netns) {
+            // Named after this node and a task it no longer knows: left by an agent that
+            // lost its record. Replaced, as the record's absence says nobody owns it.
+            warn!(task = %record.spec.name, netns = %record.netns, "removing a stale namespace");
+            attempt!(self.teardown(&record).await);
+        }
+        attempt!(netns::create(&record.netns));
+        let etc = plumbing::etc_dir(&config.netns_etc, &record.netns);
+        attempt!(plumbing::write_resolv_conf(&etc, &config.resolv));
+        for (i, att) in record.spec.attachments.clone().iter().enumerate() {
+            let iface = attempt!(plumbing::attach(&self.inner.host, &record.netns, i, att).await);
+            record.interfaces.push(iface);
+        }
+        let gateway = record
+            .spec
+            .attachments
+            .iter()
+            .enumerate()
+            .find_map(|(i, a)| a.gateway.map(|g| (i, g)));
+        attempt!(plumbing::configure_inside(&record.netns, &record.interfaces, gateway).await);
+        let netns_path = netns::path(&record.netns);
+        let spawned = attempt!(process::spawn(&process::Launch {
+            netns: &netns_path,
+            etc_overrides: &etc,
+            hostname: &record.spec.name,
+            cgroup: config.cgroup.as_deref(),
+            command: &record.spec.command,
+            env: &record.spec.env,
+            log: &record.log,
+        }));
+        record.pid = Some(spawned.pid);
+        record.start_time = Some(spawned.start_time);
+        record.state = TaskState::Running;
+        if let Err(e) = self.inner.store.save(&record) {
+            let _ = process::signal(&spawned.pidfd, Signal::SIGKILL);
+            return Err((record, e));
+        }
+        Ok((record, spawned.pidfd))
+    }
+
+    fn insert_running(&self, record: TaskRecord, pidfd: OwnedFd) {
+        let name = record.spec.name.clone();
+        let pidfd = Arc::new(pidfd);
+        let (done_tx, done_rx) = watch::channel(false);
+        self.inner
+            .entries
+            .lock()
+            .expect("task table poisoned")
+            .insert(
+                name.clone(),
+                Entry {
+                    record,
+                    pidfd: Some(pidfd.clone()),
+                    exited: done_rx,
+                },
+            );
+        let tasks = self.clone();
+        tokio::spawn(async move {
+            // A dup keeps the watcher's fd independent of the entry's lifetime.
+            let exit = match pidfd.try_clone() {
+                Ok(fd) => process::wait(fd).await,
+                Err(e) => {
+                    warn!(task = %name, "cannot watch the task process: {e}");
+                    return;
+                }
+            };
+            tasks.on_exit(&name, exit).await;
+            let _ = done_tx.send(true);
+        });
+    }
+
+    fn insert_finished(&self, record: TaskRecord) {
+        let (_, rx) = watch::channel(true);
+        self.inner
+            .entries
+            .lock()
+            .expect("task table poisoned")
+            .insert(
+                record.spec.name.clone(),
+                Entry {
+                    record,
+                    pidfd: None,
+                    exited: rx,
+                },
+            );
+    }
+
+    async fn on_exit(&self, name: &str, exit: process::Exit) {
+        let record = {
+            let mut entries = self.inner.entries.lock().expect("task table poisoned");
+            let Some(entry) = entries.get_mut(name) else {
+                return;
+            };
+            entry.pidfd = None;
+            entry.record.state = TaskState::Exited {
+                code: exit.code,
+                signal: exit.signal,
+            };
+            entry.record.clone()
+        };
+        info!(task = %name, code = ?exit.code, signal = ?exit.signal, "task exited");
+        if let Err(e) = self.teardown(&record).await {
+            warn!(task = %name, "removing the network of an exited task: {e:#}");
+        }
+        self.save_or_warn(&record);
+        let _ = self.inner.exits.send(TaskExit {
+            name: name.to_owned(),
+            code: exit.code,
+            signal: exit.signal,
+        });
+    }
+
+    /// Stops a task (SIGTERM, then SIGKILL after the stop timeout) and forgets it: its
+    /// network, record and log are removed. Stopping an exited task just forgets it.
+    pub async fn stop(&self, name: &str) -> Result<()> {
+        let (pidfd, mut exited) = {
+            let entries = self.inner.entries.lock().expect("task table poisoned");
+            let entry = entries
+                .get(name)
+                .with_context(|| format!("no task named {name} on this node"))?;
+            if entry.record.state == TaskState::Creating {
+                bail!("task {name} is still being created; try again in a moment");
+            }
+            (entry.pidfd.clone(), entry.exited.clone())
+        };
+        if let Some(fd) = pidfd {
+            process::signal(&fd, Signal::SIGTERM)
+                .with_context(|| format!("signalling task {name}"))?;
+            let timeout = self.inner.config.stop_timeout;
+            if tokio::time::timeout(timeout, exited.wait_for(|d| *d))
+                .await
+                .is_err()
+            {
+                warn!(task = %name, "did not stop within {timeout:?}; killing it");
+                process::signal(&fd, Signal::SIGKILL)
+                    .with_context(|| format!("killing task {name}"))?;
+                tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|d| *d))
+                    .await
+                    .with_context(|| format!("task {name} survived SIGKILL"))?
+                    .ok();
+            }
+        }
+        let record = self
+            .inner
+            .entries
+            .lock()
+            .expect("task table poisoned")
+            .remove(name)
+            .map(|e| e.record);
+        if let Some(record) = record {
+            // The exit handler already did this; repeating it is harmless and covers a task
+            // that was found exited on adoption but could not be cleaned then.
+            self.teardown(&record).await?;
+        }
+        self.inner.store.remove(name)?;
+        info!(task = %name, "task removed");
+        Ok(())
+    }
+
+    /// Every task of this node, by name.
+    pub fn list(&self) -> Vec<TaskRecord> {
+        self.inner
+            .entries
+            .lock()
+            .expect("task table poisoned")
+            .values()
+            .map(|e| e.record.clone())
+            .collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<TaskRecord> {
+        self.inner
+            .entries
+            .lock()
+            .expect("task table poisoned")
+            .get(name)
+            .map(|e| e.record.clone())
+    }
+
+    /// Exits from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<TaskExit> {
+        self.inner.exits.subscribe()
+    }
+
+    /// Puts running tasks' host veths back on their bridges; call after the overlay
+    /// re-created a bridge. Returns how many were re-attached.
+    pub async fn reattach_all(&self) -> Result<usize> {
+        let mut n = 0;
+        for record in self.list() {
+            if record.state != TaskState::Running {
+                continue;
+            }
+            for (iface, att) in record.interfaces.iter().zip(&record.spec.attachments) {
+                if plumbing::reattach(&self.inner.host, iface, att).await? {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Kills what is left in the task's namespace and removes its network.
+    async fn teardown(&self, record: &TaskRecord) -> Result<()> {
+        let path = netns::path(&record.netns);
+        // Processes the task forked and left behind would keep the namespace (and with it
+        // the task's address) alive.
+        for pid in netns::pids(&path) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let mut veths: Vec<String> = record
+            .interfaces
+            .iter()
+            .map(|i| i.host_veth.clone())
+            .collect();
+        // A crash between creating a veth and saving the record leaves it unrecorded; its
+        // name is derived, so it is found anyway.
+        for i in 0..record.spec.attachments.len() {
+            let v = plumbing::host_veth_name(&record.netns, i);
+            if !veths.contains(&v) {
+                veths.push(v);
+            }
+        }
+        let etc = plumbing::etc_dir(&self.inner.config.netns_etc, &record.netns);
+        plumbing::detach(&self.inner.host, &record.netns, &veths, &etc).await
+    }
+
+    fn save_or_warn(&self, record: &TaskRecord) {
+        if let Err(e) = self.inner.store.save(record) {
+            warn!(task = %record.spec.name, "{e:#}");
+        }
+    }
+}
+
+/// The first address of the gateway subnet that is neither the node's nor held by a task
+/// still running (or starting).
+fn free_gateway_address<'a>(
+    gw: &GatewayPlumbing,
+    records: impl Iterator<Item = &'a TaskRecord>,
+) -> Result<Ipv4Addr> {
+    let used: std::collections::BTreeSet<Ipv4Addr> = records
+        .filter(|r| !matches!(r.state, TaskState::Exited { .. }))
+        .flat_map(|r| &r.spec.attachments)
+        .filter(|a| a.bridge == GATEWAY_BRIDGE)
+        .map(|a| a.address.addr())
+        .collect();
+    gw.subnet
+        .hosts()
+        .find(|ip| *ip != gw.address && !used.contains(ip))
+        .with_context(|| {
+            format!(
+                "the gateway subnet {} has no free address left for another task",
+                gw.subnet
+            )
+        })
+}
+
+fn validate(spec: &TaskSpec) -> Result<()> {
+    let name = &spec.name;
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if name.is_empty()
+        || name.len() > 63
+        || !name.chars().all(ok_char)
+        || !name.starts_with(|c: char| c.is_ascii_alphanumeric())
+    {
+        bail!(
+            "invalid task name {name:?}: use 1-63 letters, digits, '_', '.' or '-', starting \
+             with a letter or digit"
+        );
+    }
+    if spec.command.is_empty() {
+        bail!("task {name} has no command to run");
+    }
+    if spec.attachments.is_empty() {
+        bail!("task {name} is attached to no network");
+    }
+    if spec.attachments.len() > 10 {
+        bail!("task {name} has more than 10 attachments");
+    }
+    if spec
+        .attachments
+        .iter()
+        .filter(|a| a.gateway.is_some())
+        .count()
+        > 1
+    {
+        bail!(
+            "task {name} has more than one default gateway{}",
+            if spec.egress.is_some() {
+                " (with egress the default route goes through the gateway bridge: attach the \
+                 networks without_default_route)"
+            } else {
+                ""
+            }
+        );
+    }
+    for a in &spec.attachments {
+        if let Some(gw) = a.gateway
+            && !a.address.contains(&gw)
+        {
+            bail!(
+                "task {name}: gateway {gw} is not on the network {} of its address {}",
+                a.network,
+                a.address.trunc()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Where a node's task namespaces are mounted, for callers that want to enter one.
+pub fn netns_path(record: &TaskRecord) -> PathBuf {
+    netns::path(&record.netns)
+}

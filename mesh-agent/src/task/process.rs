@@ -1,0 +1,320 @@
+//! The task's process: started inside its namespaces, in its own session, and followed
+//! through a pidfd so exits are seen at once and a recycled PID is never signalled.
+
+use std::{
+    ffi::{CStr, CString},
+    fs::File,
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::{ffi::OsStrExt, process::CommandExt},
+    },
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+use nix::{
+    mount::{MsFlags, mount},
+    sched::{CloneFlags, setns, unshare},
+    sys::wait::{Id, WaitPidFlag, WaitStatus, waitid},
+};
+use tokio::io::unix::AsyncFd;
+
+/// Where a task's process runs and what it sees.
+pub(super) struct Launch<'a> {
+    pub netns: &'a Path,
+    /// Files bind-mounted over their namesake in /etc inside the task's private mount
+    /// namespace, as `ip netns exec` does with /etc/netns/<name>/*.
+    pub etc_overrides: &'a Path,
+    pub hostname: &'a str,
+    /// A cgroup v2 directory the process joins before it executes anything.
+    pub cgroup: Option<&'a Path>,
+    pub command: &'a [String],
+    pub env: &'a [(String, String)],
+    pub log: &'a Path,
+}
+
+/// A running task process.
+pub(super) struct Spawned {
+    pub pid: u32,
+    pub start_time: u64,
+    pub pidfd: OwnedFd,
+}
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub(super) fn spawn(launch: &Launch) -> Result<Spawned> {
+    let Some((program, args)) = launch.command.split_first() else {
+        bail!("a task needs a command to run");
+    };
+    // Everything the child needs is prepared here: between fork and exec only
+    // async-signal-safe system calls may run (no allocation, no locks).
+    let netns = File::open(launch.netns)
+        .with_context(|| format!("opening the task namespace {}", launch.netns.display()))?;
+    let cgroup_procs = launch
+        .cgroup
+        .map(|dir| {
+            let p = dir.join("cgroup.procs");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .with_context(|| format!("opening {} to place the task in its cgroup", p.display()))
+        })
+        .transpose()?;
+    let binds = etc_binds(launch.etc_overrides)?;
+    let hostname = launch.hostname.as_bytes().to_vec();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(launch.log)
+        .with_context(|| format!("opening the task log {}", launch.log.display()))?;
+
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOSTNAME", launch.hostname)
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .current_dir("/");
+    let netns_fd = netns.as_raw_fd();
+    let cgroup_fd = cgroup_procs.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: the closure only makes system calls on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || enter(netns_fd, cgroup_fd, &binds, &hostname));
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {program} in {}", launch.netns.display()))?;
+    let pid = child.id();
+    // The Child handle is dropped without waiting: the process is reaped through its pidfd.
+    drop(child);
+    // Unreaped, the child keeps its PID even if it already exited: both calls see it.
+    let pidfd = pidfd_open(pid).context("opening a pidfd for the task process")?;
+    let (_, start_time) = stat(pid).context("reading the task process's start time")?;
+    Ok(Spawned {
+        pid,
+        start_time,
+        pidfd,
+    })
+}
+
+/// Runs in the forked child: its own session (it outlives the agent), the task's network
+/// namespace, private mount and UTS namespaces with the task's /etc overrides and hostname,
+/// and the agent's cgroup so the eBPF socket hooks see it.
+fn enter(
+    netns: RawFd,
+    cgroup_procs: Option<RawFd>,
+    binds: &[(CString, CString)],
+    hostname: &[u8],
+) -> io::Result<()> {
+    let os = |e: nix::errno::Errno| io::Error::from_raw_os_error(e as i32);
+    nix::unistd::setsid().map_err(os)?;
+    // SAFETY: the fd stays open in the parent's File until after spawn returns.
+    let netns = unsafe { std::os::fd::BorrowedFd::borrow_raw(netns) };
+    setns(netns, CloneFlags::CLONE_NEWNET).map_err(os)?;
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS).map_err(os)?;
+    // Our bind mounts must not leak back into the host's mount namespace.
+    mount(
+        None::<&CStr>,
+        c"/",
+        None::<&CStr>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&CStr>,
+    )
+    .map_err(os)?;
+    for (src, dst) in binds {
+        mount(
+            Some(src.as_c_str()),
+            dst.as_c_str(),
+            None::<&CStr>,
+            MsFlags::MS_BIND,
+            None::<&CStr>,
+        )
+        .map_err(os)?;
+    }
+    // SAFETY: plain system call on a live buffer.
+    if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if let Some(fd) = cgroup_procs {
+        // "0" moves the writing process itself.
+        // SAFETY: plain system call on a static buffer.
+        if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// (source, target) pairs: every file in `dir` over /etc/<file>, skipping files that do not
+/// exist in /etc (a bind mount needs a target, and creating one would change the host).
+fn etc_binds(dir: &Path) -> Result<Vec<(CString, CString)>> {
+    let mut binds = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(binds);
+    };
+    for e in entries.flatten() {
+        let target = Path::new("/etc").join(e.file_name());
+        if !target.exists() {
+            tracing::warn!(
+                "{} does not exist; the task sees no {}",
+                target.display(),
+                e.path().display()
+            );
+            continue;
+        }
+        binds.push((cstring(&e.path())?, cstring(&target)?));
+    }
+    Ok(binds)
+}
+
+fn cstring(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .with_context(|| format!("{} contains a NUL byte", p.display()))
+}
+
+pub(super) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain system call; the returned fd is owned by us.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Signals the process behind `pidfd`; a process that already exited is not an error.
+pub(super) fn signal(pidfd: &OwnedFd, sig: nix::sys::signal::Signal) -> io::Result<()> {
+    // SAFETY: plain system call on a live fd.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// How a process ended, as far as we can know: only a parent learns the exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Exit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+/// Waits until the process behind `pidfd` exits, and reaps it if it is our child.
+pub(super) async fn wait(pidfd: OwnedFd) -> Exit {
+    // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it is dropped.
+    match unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) } {
+        Ok(fd) => {
+            // A pidfd turns readable once, when the process exits, and stays so.
+            if let Err(e) = fd.readable().await {
+                tracing::warn!("watching a task pidfd failed ({e}); polling instead");
+                poll_until_exit(fd.get_ref()).await;
+            }
+            reap(fd.get_ref())
+        }
+        Err(e) => {
+            let (pidfd, e) = e.into_parts();
+            tracing::warn!("cannot watch a task pidfd ({e}); polling instead");
+            poll_until_exit(&pidfd).await;
+            reap(&pidfd)
+        }
+    }
+}
+
+async fn poll_until_exit(pidfd: &OwnedFd) {
+    loop {
+        let mut p = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: plain system call on a live pollfd, zero timeout.
+        if unsafe { libc::poll(&mut p, 1, 0) } != 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+fn reap(pidfd: &OwnedFd) -> Exit {
+    match waitid(
+        Id::PIDFd(pidfd.as_fd()),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+    ) {
+        Ok(WaitStatus::Exited(_, code)) => Exit {
+            code: Some(code),
+            signal: None,
+        },
+        Ok(WaitStatus::Signaled(_, sig, _)) => Exit {
+            code: None,
+            signal: Some(sig as i32),
+        },
+        // Not our child (started by an earlier agent): the status went to its new parent.
+        _ => Exit {
+            code: None,
+            signal: None,
+        },
+    }
+}
+
+/// (state, start time) from /proc/<pid>/stat. The start time, in clock ticks since boot,
+/// names one process for good together with the PID.
+fn stat(pid: u32) -> io::Result<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let malformed = || io::Error::other(format!("malformed /proc/{pid}/stat"));
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let (_, rest) = stat.rsplit_once(')').ok_or_else(malformed)?;
+    // `rest` starts at field 3 (state).
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields
+        .first()
+        .and_then(|f| f.chars().next())
+        .ok_or_else(malformed)?;
+    let start = fields
+        .get(22 - 3)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(malformed)?;
+    Ok((state, start))
+}
+
+/// What became of a process recorded as running.
+pub(super) enum Found {
+    /// Still the same process, now followed through this pidfd.
+    Running(OwnedFd),
+    /// It exited; the status is known if it was our child.
+    Exited(Exit),
+}
+
+/// Looks for the process recorded as `pid` started at `start`.
+pub(super) fn find(pid: u32, start: u64) -> Found {
+    let gone = Found::Exited(Exit {
+        code: None,
+        signal: None,
+    });
+    let Ok(fd) = pidfd_open(pid) else {
+        return gone;
+    };
+    // Checked after opening: the pidfd pins this PID, so a match now cannot be a process
+    // that got the PID recycled in between.
+    match stat(pid) {
+        Ok((state, t)) if t == start && state != 'Z' && state != 'X' => Found::Running(fd),
+        // Our own child that exited while we were not watching: reaping it yields the status.
+        Ok((_, t)) if t == start => Found::Exited(reap(&fd)),
+        _ => gone,
+    }
+}
