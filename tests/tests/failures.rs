@@ -1,0 +1,173 @@
+//! Failures: a node that dies is evicted everywhere fast and comes back by itself; a
+//! partitioned node heals to the right state with no lost or ghost endpoints.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{Cluster, Host, cluster::bin};
+use serde_json::Value;
+
+fn setup(n: usize) -> Cluster {
+    let mut c = Cluster::new(n).unwrap();
+    c.start_agents().unwrap();
+    c.host(1)
+        .meshctl_ok(&["network", "create", "app", "--subnet", "10.10.0.0/24"])
+        .unwrap();
+    c.host(1)
+        .meshctl_ok(&[
+            "service",
+            "create",
+            "web",
+            "--network",
+            "app",
+            "-p",
+            "8080:80",
+        ])
+        .unwrap();
+    c.eventually(Duration::from_secs(5), "web everywhere", |c| {
+        Ok(c.hosts()
+            .iter()
+            .all(|h| {
+                h.meshctl(&["service", "inspect", "web"])
+                    .unwrap()
+                    .status
+                    .success()
+            })
+            .then_some(()))
+    })
+    .unwrap();
+    c
+}
+
+fn run(h: &Host, name: &str) {
+    let who = bin("mesh-whoami").display().to_string();
+    h.meshctl_ok(&[
+        "run",
+        "--network",
+        "app",
+        "--service",
+        "web",
+        "--name",
+        name,
+        "--",
+        &who,
+        "--name",
+        name,
+    ])
+    .unwrap();
+}
+
+/// The task names of `web` as one node sees them.
+fn tasks_seen(h: &Host) -> BTreeSet<String> {
+    let s: Value = match h.meshctl_json(&["service", "inspect", "web"]) {
+        Ok(s) => s,
+        Err(_) => return BTreeSet::new(),
+    };
+    s["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// Cuts (or restores) a host's underlay link at the bridge.
+fn link(c: &Cluster, host: usize, up: bool) {
+    c.underlay()
+        .sh(&format!(
+            "ip link set h{host} {}",
+            if up { "up" } else { "down" }
+        ))
+        .unwrap();
+}
+
+#[test]
+fn a_dead_node_is_evicted_everywhere_within_two_seconds_and_returns_by_itself() {
+    let mut c = setup(3);
+    run(c.host(1), "web-1");
+    run(c.host(2), "web-2");
+    run(c.host(3), "web-3");
+    c.eventually(Duration::from_secs(3), "3 tasks on host1", |c| {
+        Ok((tasks_seen(c.host(1)).len() == 3).then_some(()))
+    })
+    .unwrap();
+
+    // host2 dies: its agent is killed and its link cut.
+    c.host_mut(2).kill_agent().unwrap();
+    link(&c, 2, false);
+    let t = Instant::now();
+    for i in [1, 3] {
+        c.eventually(Duration::from_secs(2), "web-2 evicted", |c| {
+            Ok((tasks_seen(c.host(i)) == set(&["web-1", "web-3"])).then_some(()))
+        })
+        .unwrap();
+    }
+    eprintln!("evicted on both survivors after {:?}", t.elapsed());
+
+    // It comes back: same tasks, no manual step.
+    link(&c, 2, true);
+    c.host_mut(2).restart_agent().unwrap();
+    let t = Instant::now();
+    for i in [1, 3] {
+        c.eventually(Duration::from_secs(5), "web-2 back", |c| {
+            Ok((tasks_seen(c.host(i)) == set(&["web-1", "web-2", "web-3"])).then_some(()))
+        })
+        .unwrap();
+    }
+    eprintln!("recovered after {:?}", t.elapsed());
+}
+
+#[test]
+fn a_partitioned_node_heals_to_the_right_state() {
+    let c = setup(3);
+    run(c.host(1), "web-1");
+    run(c.host(2), "web-2");
+    run(c.host(3), "web-3");
+    c.eventually(Duration::from_secs(3), "3 tasks everywhere", |c| {
+        Ok(c.hosts()
+            .iter()
+            .all(|h| tasks_seen(h).len() == 3)
+            .then_some(()))
+    })
+    .unwrap();
+
+    link(&c, 2, false);
+    // Both sides notice.
+    c.eventually(Duration::from_secs(3), "majority drops web-2", |c| {
+        Ok((tasks_seen(c.host(1)) == set(&["web-1", "web-3"])).then_some(()))
+    })
+    .unwrap();
+    c.eventually(Duration::from_secs(3), "host2 drops the others", |c| {
+        Ok((tasks_seen(c.host(2)) == set(&["web-2"])).then_some(()))
+    })
+    .unwrap();
+    // Changes on both sides while partitioned.
+    c.host(1).meshctl_ok(&["rm", "web-1"]).unwrap();
+    run(c.host(3), "web-4");
+    run(c.host(2), "web-5");
+    std::thread::sleep(Duration::from_secs(10));
+
+    link(&c, 2, true);
+    let t = Instant::now();
+    let want = set(&["web-2", "web-3", "web-4", "web-5"]);
+    for h in c.hosts() {
+        c.eventually(
+            Duration::from_secs(10),
+            "every node agrees after the heal",
+            |_| Ok((tasks_seen(h) == want).then_some(())),
+        )
+        .unwrap();
+    }
+    eprintln!("healed in {:?}", t.elapsed());
+    // And stays that way: no ghost comes back.
+    std::thread::sleep(Duration::from_secs(2));
+    for h in c.hosts() {
+        assert_eq!(tasks_seen(h), want, "{} changed its mind", h.node_name());
+    }
+}
