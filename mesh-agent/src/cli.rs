@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::{
     api::{
-        DEFAULT_SOCKET, LocalTaskInfo, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats,
-        ServiceCreate, ServiceInfo, TaskInfo, TaskRun, client::Client,
+        DEFAULT_SOCKET, GossipInfo, LocalTaskInfo, NetworkCreate, NetworkInfo, NodeInfo,
+        NodeUpdate, PortStats, ServiceCreate, ServiceInfo, TaskInfo, TaskRun, client::Client,
     },
     cluster::{Availability, EndpointMode},
 };
@@ -77,6 +77,15 @@ pub enum Command {
     /// Inspect the node's eBPF dataplane.
     #[command(subcommand)]
     Dataplane(DataplaneCommand),
+    /// Inspect the node's gossip.
+    #[command(subcommand)]
+    Gossip(GossipCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GossipCommand {
+    /// Cluster keys in use and gossip datagrams sent, received and dropped (by reason).
+    Stats,
 }
 
 #[derive(Subcommand, Debug)]
@@ -300,6 +309,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("{name}");
             Ok(())
         }
+        Command::Gossip(GossipCommand::Stats) => {
+            let info: GossipInfo = client.get("/v1/gossip").await?;
+            if fmt == Format::Json {
+                return json(&info);
+            }
+            print_gossip(&info);
+            Ok(())
+        }
         Command::Dataplane(DataplaneCommand::Ports) => {
             let stats: Vec<PortStats> = client.get("/v1/dataplane/ports").await?;
             if fmt == Format::Json {
@@ -318,6 +335,82 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+fn ago(ms: u64) -> String {
+    format!("{:.1}s ago", ms as f64 / 1000.0)
+}
+
+fn print_gossip(info: &GossipInfo) {
+    println!("Node:\t\t{}\nCluster:\t{}", info.node, info.cluster);
+    let Some(auth) = &info.auth else {
+        println!(
+            "Authenticated:\tNO: anyone who reaches the gossip port can join, read and inject state.\n\
+             \t\tCreate a key with `mesh-agent keygen --out FILE` and set cluster_key_file."
+        );
+        return;
+    };
+    println!(
+        "Authenticated:\tyes ({}), keys from {}\nReplay window:\t{}s\nSent:\t\t{}\nReceived:\t{}",
+        auth.cipher,
+        auth.key_file.display(),
+        auth.replay_window_ms / 1000,
+        auth.sent,
+        auth.received
+    );
+    if let Some(r) = &auth.last_reload {
+        match &r.error {
+            Some(e) => println!(
+                "Last reload:\t{}, FAILED (keys unchanged): {e}",
+                ago(r.ms_ago)
+            ),
+            None => println!("Last reload:\t{}", ago(r.ms_ago)),
+        }
+    }
+    println!(
+        "\n{}",
+        table(
+            &["KEY", "ROLE", "SENT", "RECEIVED", "LAST RECEIVED"],
+            auth.keys.iter().map(|k| [
+                k.id.to_string(),
+                if k.primary { "primary" } else { "secondary" }.into(),
+                k.sent.to_string(),
+                k.received.to_string(),
+                or_dash(k.last_received_ms_ago.map(ago)),
+            ])
+        )
+    );
+    if !auth.peers.is_empty() {
+        println!(
+            "\n{}",
+            table(
+                &["PEER", "PRIMARY KEY", "LAST KEY", "LAST SEEN"],
+                auth.peers.iter().map(|p| [
+                    p.address.to_string(),
+                    p.primary_key.to_string(),
+                    p.last_key.to_string(),
+                    ago(p.last_seen_ms_ago),
+                ])
+            )
+        );
+    }
+    println!(
+        "\n{}",
+        table(
+            &["DROPPED", "DATAGRAMS"],
+            auth.dropped
+                .iter()
+                .map(|(reason, n)| [reason.clone(), n.to_string()])
+        )
+    );
+    if let Some(d) = &auth.last_drop {
+        println!(
+            "\nLast drop:\t{} from {}, {}",
+            d.reason.name(),
+            d.from,
+            ago(d.ms_ago)
+        );
     }
 }
 

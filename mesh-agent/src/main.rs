@@ -1,4 +1,4 @@
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -8,13 +8,13 @@ use mesh_agent::{
     cluster::key,
     config::{AgentConfig, DEFAULT_CONFIG},
     dataplane::{self, Dataplane},
-    gossip::{Gossip, GossipConfig},
+    gossip::{Gossip, GossipConfig, auth::GossipAuth, keyring, transport::SealedTransport},
     netlink,
     overlay::{GatewayPlumbing, Overlay, Underlay},
     task::{TaskConfig, TaskState, Tasks},
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
 #[command(name = "mesh-agent", version, about = "The mesh per-node agent")]
@@ -33,7 +33,31 @@ enum Command {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// Create a cluster key, which authenticates and encrypts gossip.
+    #[command(long_about = KEYGEN_HELP)]
+    Keygen {
+        /// Write a new key file (mode 0600) instead of printing the key.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
+
+const KEYGEN_HELP: &str = "\
+Create a cluster key, which authenticates and encrypts gossip.
+
+With --out, writes a new key file (mode 0600; an existing file is never overwritten): copy it
+to every node and set `cluster_key_file` in agent.toml (or pass --cluster-key-file). Without
+--out, prints one key line, for adding to existing key files.
+
+A key file holds one base64 key per line; the first is the primary (gossip is sealed with it),
+every key listed is accepted, `#` starts a comment.
+
+Rotating without downtime:
+  1. mesh-agent keygen            # prints NEW
+  2. on each node in turn: put NEW as the first line, keep the old key after it, and
+     reload (systemctl reload mesh-agent, i.e. SIGHUP) or restart the agent
+  3. on each node in turn: remove the old line and reload
+`meshctl gossip stats` shows which keys each node holds and which its peers use.";
 
 /// Flags override the config file; each has a config key of the same name.
 #[derive(clap::Args, Debug)]
@@ -156,6 +180,7 @@ async fn main() {
             Err(e) => Err(e),
         },
         Command::Install { root } => install(&root),
+        Command::Keygen { out } => keygen(out.as_deref()),
     };
     if let Err(e) = result {
         tracing::error!("{e:#}");
@@ -174,6 +199,66 @@ fn install(root: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+fn keygen(out: Option<&std::path::Path>) -> Result<()> {
+    match out {
+        Some(path) => {
+            let id = keyring::write_new_key_file(path)?;
+            eprintln!(
+                "wrote cluster key {id} to {}: copy it to every node (mode 0600) and set cluster_key_file",
+                path.display()
+            );
+        }
+        None => {
+            let key = keyring::generate()?;
+            println!("{}", keyring::encode(&key).as_str());
+            eprintln!("cluster key {}", keyring::KeyId::of(&key));
+        }
+    }
+    Ok(())
+}
+
+/// Seals gossip with the cluster key when one is configured; says loudly when not.
+fn gossip_auth(config: &mesh_agent::config::ResolvedConfig) -> Result<Option<Arc<GossipAuth>>> {
+    let Some(path) = &config.cluster_key_file else {
+        warn!(
+            "gossip is NOT authenticated: any host that reaches port {}/udp can join this cluster, \
+             read its state and inject records. Create a key with `mesh-agent keygen --out \
+             /etc/mesh/cluster.key`, copy it to every node and set cluster_key_file",
+            config.gossip_port
+        );
+        return Ok(None);
+    };
+    let auth = GossipAuth::load(path, &config.cluster)?;
+    let ids = auth.keyring().ids();
+    info!(
+        primary = %ids[0],
+        accepted = ?ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "gossip is authenticated and encrypted with the cluster key"
+    );
+    Ok(Some(auth))
+}
+
+/// SIGHUP re-reads the cluster key file, so keys rotate without a restart.
+fn reload_keys_on_sighup(auth: Option<Arc<GossipAuth>>) -> Result<()> {
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match &auth {
+                Some(auth) => {
+                    if let Err(e) = auth.reload() {
+                        error!("SIGHUP: keeping the current cluster keys: {e:#}");
+                    }
+                }
+                None => warn!(
+                    "SIGHUP: no cluster key file configured; restart the agent with \
+                     --cluster-key-file to authenticate gossip"
+                ),
+            }
+        }
+    });
+    Ok(())
+}
+
 fn with_port(peer: &str, default: u16) -> String {
     if peer.parse::<SocketAddr>().is_ok()
         || peer
@@ -188,6 +273,8 @@ fn with_port(peer: &str, default: u16) -> String {
 
 async fn run_agent(config: AgentConfig) -> Result<()> {
     let config = config.resolve()?;
+    // A bad key file stops the agent before it touches the kernel.
+    let auth = gossip_auth(&config)?;
     let node_bpffs = config.bpffs.clone();
     let dataplane = Dataplane::start(&node_bpffs, &config.interface)?;
     let mtu = dataplane::interface_mtu(&config.interface)?;
@@ -234,7 +321,13 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         })
         .collect();
     initial.push((key::NODE.to_owned(), serde_json::to_string(&record)?));
-    let gossip = Gossip::start(&gossip_config, initial, &chitchat::transport::UdpTransport).await?;
+    let gossip = match &auth {
+        Some(auth) => Gossip::start(&gossip_config, initial, &SealedTransport::new(auth.clone()))
+            .await?
+            .with_auth(auth.clone()),
+        None => Gossip::start(&gossip_config, initial, &chitchat::transport::UdpTransport).await?,
+    };
+    reload_keys_on_sighup(auth)?;
     info!(
         node = config.node_name,
         advertise = %config.advertise,

@@ -9,7 +9,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Availability, EndpointMode, NodeStatus, PortSpec, Stamp, TaskState};
+use crate::{
+    cluster::{Availability, EndpointMode, NodeStatus, PortSpec, Stamp, TaskState},
+    gossip::auth::AuthReport,
+};
 
 /// Default path of the agent's socket.
 pub const DEFAULT_SOCKET: &str = "/run/mesh/agent.sock";
@@ -114,6 +117,18 @@ pub struct NodeUpdate {
     pub label_add: Vec<String>,
     #[serde(default)]
     pub label_rm: Vec<String>,
+}
+
+/// How this node's gossip is protected (`GET /v1/gossip`): key ids and counters, never keys.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GossipInfo {
+    pub node: String,
+    pub cluster: String,
+    /// False when the agent runs without a cluster key: anyone who reaches the gossip port
+    /// can join, read and inject state.
+    pub authenticated: bool,
+    /// Keys, peers and drop counters of sealed gossip; absent when unauthenticated.
+    pub auth: Option<AuthReport>,
 }
 
 /// `meshctl run`: start a task on this node.

@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
 use super::{
-    ApiError, LocalTaskInfo, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats,
-    ServiceCreate, ServiceInfo, TaskInfo, TaskRun, short_id,
+    ApiError, GossipInfo, LocalTaskInfo, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate,
+    PortStats, ServiceCreate, ServiceInfo, TaskInfo, TaskRun, short_id,
 };
 use crate::{
     agent::{Agent, Error},
@@ -65,6 +65,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/local/tasks", get(list_local_tasks))
         .route("/v1/local/tasks/{name}", axum::routing::delete(remove_task))
         .route("/v1/dataplane/ports", get(port_stats))
+        .route("/v1/gossip", get(gossip_info))
         .with_state(agent)
 }
 
@@ -406,4 +407,14 @@ async fn remove_task(
 ) -> ApiResult<serde_json::Value> {
     agent.remove_task(&name).await?;
     Ok(Json(serde_json::json!({ "removed": name })))
+}
+
+async fn gossip_info(State(agent): State<Arc<Agent>>) -> ApiResult<GossipInfo> {
+    let auth = agent.gossip.auth().map(|a| a.report());
+    Ok(Json(GossipInfo {
+        node: agent.node_name().to_owned(),
+        cluster: agent.config.cluster.clone(),
+        authenticated: auth.is_some(),
+        auth,
+    }))
 }

@@ -107,6 +107,14 @@ impl View {
             }
         }
 
+        // A restarted agent is a new generation that chitchat calls live only from its second
+        // heartbeat on; meanwhile the previous generation is still live, and the node never
+        // went away.
+        let mut any_live: BTreeSet<&str> = BTreeSet::new();
+        for n in snapshot.nodes.iter().filter(|n| n.live) {
+            any_live.insert(&n.name);
+        }
+
         let node_specs = merge_kind::<NodeSpec>(snapshot, key::NODE_SPEC, &mut view);
         for (name, n) in &newest {
             let record: Option<NodeRecord> = n.kv.get(key::NODE).and_then(|v| decode(v));
@@ -120,7 +128,7 @@ impl View {
                     name: name.to_string(),
                     record,
                     spec,
-                    status: if n.live {
+                    status: if n.live || any_live.contains(name) {
                         NodeStatus::Ready
                     } else {
                         NodeStatus::Down
@@ -374,6 +382,25 @@ mod tests {
             live,
             kv,
         }
+    }
+
+    #[test]
+    fn a_restarting_node_stays_ready_until_its_new_generation_is_live() {
+        let old = node("b", "192.0.2.2", true);
+        let mut new = node("b", "192.0.2.2", false);
+        new.generation = 2;
+        let v = View::compute(&Snapshot {
+            nodes: vec![old.clone(), new.clone()],
+            now_ms: 100,
+        });
+        assert_eq!(v.nodes["b"].status, NodeStatus::Ready);
+        let mut dead_old = old;
+        dead_old.live = false;
+        let v = View::compute(&Snapshot {
+            nodes: vec![dead_old, new],
+            now_ms: 100,
+        });
+        assert_eq!(v.nodes["b"].status, NodeStatus::Down);
     }
 
     fn put<T: Serialize>(n: &mut SnapshotNode, k: String, v: &T) {

@@ -4,6 +4,13 @@
 //! with a phi-accrual detector, and keeps tombstones of deleted keys for a grace period. This
 //! module hides chitchat behind a small surface: write own keys, take a [`Snapshot`] of
 //! everyone's, and wait for changes.
+//!
+//! With a cluster key, chitchat runs over [`transport::SealedTransport`]: every datagram is
+//! authenticated and encrypted (`auth`) with keys from a key file (`keyring`).
+
+pub mod auth;
+pub mod keyring;
+pub mod transport;
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -49,6 +56,8 @@ pub struct Gossip {
     handle: ChitchatHandle,
     /// Woken on local writes; chitchat itself only notices them on its next round.
     local_change: Arc<Notify>,
+    /// Keys and counters of sealed gossip; `None` when gossip runs unauthenticated.
+    auth: Option<Arc<auth::GossipAuth>>,
 }
 
 impl Gossip {
@@ -83,7 +92,18 @@ impl Gossip {
         Ok(Self {
             handle,
             local_change: Arc::new(Notify::new()),
+            auth: None,
         })
+    }
+
+    /// Records the keys the transport seals with, for the API to report.
+    pub fn with_auth(mut self, auth: Arc<auth::GossipAuth>) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    pub fn auth(&self) -> Option<&Arc<auth::GossipAuth>> {
+        self.auth.as_ref()
     }
 
     /// Writes this node's keys (set when `Some`, delete when `None`) in one step.

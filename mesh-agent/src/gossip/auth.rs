@@ -1,0 +1,899 @@
+//! Sealed gossip datagrams: what travels on the wire when a cluster key is configured.
+//!
+//! ```text
+//!  0      2        6            10            18                 42
+//!  | 'm' 1 | key id | sender's   | timestamp   | nonce (24 bytes)  | ciphertext ... | tag (16) |
+//!  |       |        | primary id | ms, unix    |                   |                |          |
+//! ```
+//!
+//! XChaCha20-Poly1305 under the key named by `key id`. The header and the cluster name are the
+//! associated data, so a datagram cannot be moved to another cluster or have its header
+//! edited. The 192-bit nonce is random per datagram: with XChaCha's nonce size random nonces
+//! never collide in practice, so no counter state has to survive restarts.
+//!
+//! Replay protection: a datagram is accepted only if its (authenticated) timestamp is within
+//! [`REPLAY_WINDOW`] of the receiver's clock and its nonce was not seen before. Nonces are
+//! remembered for twice the window (long enough that a replay is either remembered or too
+//! old), so node clocks must agree within the window (NTP does that easily).
+//!
+//! Checks run in this order so counters cannot be inflated by an outsider: format, key id,
+//! tag; only an authenticated datagram can count as too old, too new or replayed, and only it
+//! updates what the receiver remembers about its sender.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Result;
+use chacha20poly1305::{AeadInOut, Tag, XNonce};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::keyring::{KeyId, Keyring};
+
+/// First bytes of every sealed datagram: 'm' and the format version.
+pub const MAGIC: [u8; 2] = [b'm', 1];
+pub const NONCE_LEN: usize = 24;
+pub const HEADER_LEN: usize = 2 + 4 + 4 + 8 + NONCE_LEN;
+pub const TAG_LEN: usize = 16;
+/// Bytes a sealed datagram adds to chitchat's.
+pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
+/// The largest UDP payload over IPv4.
+pub const MAX_DATAGRAM: usize = 65_507;
+/// How far a datagram's timestamp may be from the receiver's clock.
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(30);
+/// Plain chitchat datagrams start with its magic number (45139, little endian): what an agent
+/// without a cluster key sends.
+const CHITCHAT_MAGIC: [u8; 2] = 45_139u16.to_le_bytes();
+/// Bounds memory if gossip traffic were ever far above normal (about 30 datagrams/s per node).
+const MAX_REMEMBERED_NONCES: usize = 1 << 20;
+const MAX_PEERS: usize = 4096;
+/// At most one log line per drop reason this often; the counters carry the full story.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Why a datagram was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// Shorter than a header and a tag.
+    Truncated,
+    /// Plain chitchat: an agent running without a cluster key.
+    Unsealed,
+    /// Neither sealed gossip nor plain chitchat.
+    UnknownFormat,
+    /// Sealed with a key this node does not hold.
+    UnknownKey,
+    /// The tag does not verify: tampered, or sealed for another cluster name.
+    BadTag,
+    /// Authentic but older than the replay window (or the sender's clock is behind).
+    TooOld,
+    /// Authentic but newer than the replay window (the sender's clock is ahead).
+    TooNew,
+    /// Authentic and seen before.
+    Replayed,
+    /// Authentic but chitchat could not decode it.
+    Undecodable,
+    /// A datagram on the local codec socket that did not come from this agent.
+    StrayLoopback,
+    /// Could not be sent: sealed, it exceeds the largest UDP datagram.
+    Oversized,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 11] = [
+        DropReason::Truncated,
+        DropReason::Unsealed,
+        DropReason::UnknownFormat,
+        DropReason::UnknownKey,
+        DropReason::BadTag,
+        DropReason::TooOld,
+        DropReason::TooNew,
+        DropReason::Replayed,
+        DropReason::Undecodable,
+        DropReason::StrayLoopback,
+        DropReason::Oversized,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Truncated => "truncated",
+            DropReason::Unsealed => "unsealed",
+            DropReason::UnknownFormat => "unknown_format",
+            DropReason::UnknownKey => "unknown_key",
+            DropReason::BadTag => "bad_tag",
+            DropReason::TooOld => "too_old",
+            DropReason::TooNew => "too_new",
+            DropReason::Replayed => "replayed",
+            DropReason::Undecodable => "undecodable",
+            DropReason::StrayLoopback => "stray_loopback",
+            DropReason::Oversized => "oversized",
+        }
+    }
+
+    /// What an operator should look at.
+    fn hint(self) -> &'static str {
+        match self {
+            DropReason::Unsealed => "an agent without a cluster key is sending to this node",
+            DropReason::UnknownKey => {
+                "a peer uses a key this node does not hold: another cluster, or a rotation step skipped"
+            }
+            DropReason::BadTag => "tampered datagram, or a peer with another --cluster name",
+            DropReason::TooOld | DropReason::TooNew => {
+                "clocks differ by more than the replay window, or a datagram was replayed late: sync clocks (NTP)"
+            }
+            DropReason::Replayed => "a datagram was sent again: someone replays captured gossip",
+            DropReason::Undecodable => "a key holder sent something chitchat cannot decode",
+            DropReason::StrayLoopback => "a local process sent to the gossip codec socket",
+            DropReason::Oversized => "gossip state too large for one datagram",
+            DropReason::Truncated | DropReason::UnknownFormat => {
+                "something that is not mesh gossip reached the gossip port"
+            }
+        }
+    }
+}
+
+/// The parts of an opened datagram the receiver acts on.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub key: KeyId,
+    /// The key the sender seals with: the one to answer it with, if held.
+    pub sender_primary: KeyId,
+    pub timestamp_ms: u64,
+    pub nonce: [u8; NONCE_LEN],
+    /// Where the plaintext lies in the (decrypted in place) datagram.
+    pub plaintext: std::ops::Range<usize>,
+}
+
+fn associated_data(header: &[u8], cluster: &str) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(header.len() + cluster.len());
+    ad.extend_from_slice(header);
+    ad.extend_from_slice(cluster.as_bytes());
+    ad
+}
+
+/// Appends `plaintext` sealed with `key` to `out`.
+pub fn seal(
+    ring: &Keyring,
+    key: KeyId,
+    cluster: &str,
+    timestamp_ms: u64,
+    nonce: [u8; NONCE_LEN],
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), DropReason> {
+    let key = ring.get(key).unwrap_or_else(|| ring.primary());
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&key.id.0.to_be_bytes());
+    out.extend_from_slice(&ring.primary().id.0.to_be_bytes());
+    out.extend_from_slice(&timestamp_ms.to_be_bytes());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(plaintext);
+    let (header, body) = out[start..].split_at_mut(HEADER_LEN);
+    let ad = associated_data(header, cluster);
+    let tag = key
+        .cipher
+        .encrypt_inout_detached(&XNonce::from(nonce), &ad, body.into())
+        .map_err(|_| DropReason::Oversized)?;
+    out.extend_from_slice(&tag);
+    Ok(())
+}
+
+/// Authenticates and decrypts `datagram` in place. Checks only what the keys can tell; the
+/// time and replay checks need the receiver's state ([`ReplayGuard`]).
+pub fn open(ring: &Keyring, cluster: &str, datagram: &mut [u8]) -> Result<Opened, DropReason> {
+    if datagram.len() >= 2 && datagram[..2] == CHITCHAT_MAGIC {
+        return Err(DropReason::Unsealed);
+    }
+    if datagram.len() < OVERHEAD {
+        return Err(if datagram.len() >= 2 && datagram[..2] != MAGIC {
+            DropReason::UnknownFormat
+        } else {
+            DropReason::Truncated
+        });
+    }
+    if datagram[..2] != MAGIC {
+        return Err(DropReason::UnknownFormat);
+    }
+    let be32 = |at: usize| u32::from_be_bytes(datagram[at..at + 4].try_into().expect("4 bytes"));
+    let key = KeyId(be32(2));
+    let sender_primary = KeyId(be32(6));
+    let timestamp_ms = u64::from_be_bytes(datagram[10..18].try_into().expect("8 bytes"));
+    let nonce: [u8; NONCE_LEN] = datagram[18..HEADER_LEN].try_into().expect("nonce bytes");
+    let cipher = &ring.get(key).ok_or(DropReason::UnknownKey)?.cipher;
+    let tag_at = datagram.len() - TAG_LEN;
+    let (rest, tag) = datagram.split_at_mut(tag_at);
+    let tag = Tag::try_from(&tag[..]).map_err(|_| DropReason::Truncated)?;
+    let (header, body) = rest.split_at_mut(HEADER_LEN);
+    let ad = associated_data(header, cluster);
+    cipher
+        .decrypt_inout_detached(&XNonce::from(nonce), &ad, body.into(), &tag)
+        .map_err(|_| DropReason::BadTag)?;
+    Ok(Opened {
+        key,
+        sender_primary,
+        timestamp_ms,
+        nonce,
+        plaintext: HEADER_LEN..tag_at,
+    })
+}
+
+/// Remembers recent nonces to refuse a datagram seen before.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    window: Duration,
+    seen: HashSet<[u8; NONCE_LEN]>,
+    order: VecDeque<(Instant, [u8; NONCE_LEN])>,
+}
+
+impl ReplayGuard {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Accepts a datagram's timestamp and nonce once.
+    pub fn check(
+        &mut self,
+        now_ms: u64,
+        now: Instant,
+        timestamp_ms: u64,
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<(), DropReason> {
+        let window_ms = self.window.as_millis() as u64;
+        if timestamp_ms.saturating_add(window_ms) < now_ms {
+            return Err(DropReason::TooOld);
+        }
+        if timestamp_ms > now_ms.saturating_add(window_ms) {
+            return Err(DropReason::TooNew);
+        }
+        // A nonce accepted at arrival time A carries a timestamp within the window of A, so
+        // a replay of it passes the time check only until A + 2 × window.
+        let keep = self.window * 2;
+        while let Some((at, n)) = self.order.front() {
+            if now.duration_since(*at) <= keep && self.order.len() < MAX_REMEMBERED_NONCES {
+                break;
+            }
+            self.seen.remove(n);
+            self.order.pop_front();
+        }
+        if !self.seen.insert(nonce) {
+            return Err(DropReason::Replayed);
+        }
+        self.order.push_back((now, nonce));
+        Ok(())
+    }
+
+    pub fn remembered(&self) -> usize {
+        self.seen.len()
+    }
+}
+
+/// What this node knows about a peer that sent it authentic gossip.
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    /// The key the peer seals with; used to answer it while this node holds that key.
+    primary: KeyId,
+    /// The key of its last datagram.
+    last_key: KeyId,
+    last_seen: Instant,
+}
+
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    received: AtomicU64,
+    dropped: [AtomicU64; DropReason::ALL.len()],
+}
+
+#[derive(Clone, Copy, Default)]
+struct KeyUse {
+    sent: u64,
+    received: u64,
+    last_received: Option<Instant>,
+}
+
+struct DropEvent {
+    from: SocketAddr,
+    reason: DropReason,
+    at: SystemTime,
+}
+
+struct Reload {
+    at: SystemTime,
+    error: Option<String>,
+}
+
+/// One agent's gossip keys and what happened to its datagrams; shared by the transport, the
+/// API and the SIGHUP handler.
+pub struct GossipAuth {
+    cluster: String,
+    key_file: PathBuf,
+    ring: RwLock<Arc<Keyring>>,
+    replay: Mutex<ReplayGuard>,
+    peers: Mutex<HashMap<SocketAddr, Peer>>,
+    counters: Counters,
+    key_use: Mutex<BTreeMap<KeyId, KeyUse>>,
+    last_drop: Mutex<Option<DropEvent>>,
+    last_logged: Mutex<HashMap<DropReason, Instant>>,
+    last_reload: Mutex<Option<Reload>>,
+}
+
+impl GossipAuth {
+    /// Reads the key file; the agent does not start with a bad one.
+    pub fn load(key_file: &Path, cluster: &str) -> Result<Arc<Self>> {
+        let ring = Keyring::load(key_file)?;
+        Ok(Arc::new(Self::new(ring, key_file, cluster)))
+    }
+
+    pub fn new(ring: Keyring, key_file: &Path, cluster: &str) -> Self {
+        Self {
+            cluster: cluster.to_owned(),
+            key_file: key_file.to_owned(),
+            ring: RwLock::new(Arc::new(ring)),
+            replay: Mutex::new(ReplayGuard::new(REPLAY_WINDOW)),
+            peers: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            key_use: Mutex::new(BTreeMap::new()),
+            last_drop: Mutex::new(None),
+            last_logged: Mutex::new(HashMap::new()),
+            last_reload: Mutex::new(None),
+        }
+    }
+
+    pub fn keyring(&self) -> Arc<Keyring> {
+        self.ring.read().expect("keyring lock").clone()
+    }
+
+    /// Reads the key file again. A bad file changes nothing: the agent keeps gossiping with
+    /// the keys it has, and the error is reported by the API.
+    pub fn reload(&self) -> Result<Vec<KeyId>> {
+        let result = Keyring::load(&self.key_file);
+        *self.last_reload.lock().expect("reload lock") = Some(Reload {
+            at: SystemTime::now(),
+            error: result.as_ref().err().map(|e| format!("{e:#}")),
+        });
+        let ring = result?;
+        let ids = ring.ids();
+        *self.ring.write().expect("keyring lock") = Arc::new(ring);
+        info!(
+            primary = %ids[0],
+            keys = ?ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "cluster keys reloaded"
+        );
+        Ok(ids)
+    }
+
+    /// Seals a datagram for `to`: with the peer's own primary key when this node holds it
+    /// (so both sides of a half-done rotation understand each other), else with this node's
+    /// primary.
+    pub fn seal_for(&self, to: SocketAddr, plaintext: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        if plaintext.len() + OVERHEAD > MAX_DATAGRAM {
+            self.count_drop(to, DropReason::Oversized);
+            anyhow::bail!(
+                "gossip to {to} not sent: {} bytes sealed exceed a UDP datagram",
+                plaintext.len() + OVERHEAD
+            );
+        }
+        let ring = self.keyring();
+        let key = self
+            .peers
+            .lock()
+            .expect("peers lock")
+            .get(&to)
+            .map(|p| p.primary)
+            .filter(|k| ring.get(*k).is_some())
+            .unwrap_or(ring.primary().id);
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| anyhow::anyhow!("reading the system's random source for a nonce: {e}"))?;
+        seal(&ring, key, &self.cluster, now_ms(), nonce, plaintext, out)
+            .map_err(|r| anyhow::anyhow!("sealing gossip to {to}: {}", r.name()))?;
+        self.counters.sent.fetch_add(1, Ordering::Relaxed);
+        self.key_use
+            .lock()
+            .expect("key use lock")
+            .entry(key)
+            .or_default()
+            .sent += 1;
+        Ok(())
+    }
+
+    /// Opens a datagram from `from` in place and returns the plaintext's range; a failure is
+    /// counted (and logged now and then) before it is returned.
+    pub fn open_from(
+        &self,
+        from: SocketAddr,
+        datagram: &mut [u8],
+    ) -> Result<std::ops::Range<usize>, DropReason> {
+        let result = self.open_checked(datagram);
+        match &result {
+            Ok(opened) => {
+                let now = Instant::now();
+                self.counters.received.fetch_add(1, Ordering::Relaxed);
+                {
+                    let mut key_use = self.key_use.lock().expect("key use lock");
+                    let used = key_use.entry(opened.key).or_default();
+                    used.received += 1;
+                    used.last_received = Some(now);
+                }
+                let mut peers = self.peers.lock().expect("peers lock");
+                if peers.len() >= MAX_PEERS && !peers.contains_key(&from) {
+                    // Only authentic senders get here, so this is a very large cluster:
+                    // forget the quietest peer.
+                    if let Some(oldest) = peers.iter().min_by_key(|(_, p)| p.last_seen) {
+                        let oldest = *oldest.0;
+                        peers.remove(&oldest);
+                    }
+                }
+                peers.insert(
+                    from,
+                    Peer {
+                        primary: opened.sender_primary,
+                        last_key: opened.key,
+                        last_seen: now,
+                    },
+                );
+            }
+            Err(reason) => self.count_drop(from, *reason),
+        }
+        result.map(|o| o.plaintext)
+    }
+
+    fn open_checked(&self, datagram: &mut [u8]) -> Result<Opened, DropReason> {
+        let ring = self.keyring();
+        let opened = open(&ring, &self.cluster, datagram)?;
+        self.replay.lock().expect("replay lock").check(
+            now_ms(),
+            Instant::now(),
+            opened.timestamp_ms,
+            opened.nonce,
+        )?;
+        Ok(opened)
+    }
+
+    pub fn count_drop(&self, from: SocketAddr, reason: DropReason) {
+        let i = DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("every reason is listed");
+        self.counters.dropped[i].fetch_add(1, Ordering::Relaxed);
+        *self.last_drop.lock().expect("drop lock") = Some(DropEvent {
+            from,
+            reason,
+            at: SystemTime::now(),
+        });
+        let now = Instant::now();
+        let mut logged = self.last_logged.lock().expect("log lock");
+        if logged
+            .get(&reason)
+            .is_none_or(|t| now.duration_since(*t) >= DROP_LOG_INTERVAL)
+        {
+            logged.insert(reason, now);
+            warn!(
+                %from,
+                reason = reason.name(),
+                "dropped a gossip datagram: {} (counted in `meshctl gossip stats`)",
+                reason.hint()
+            );
+        }
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        let i = DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("every reason is listed");
+        self.counters.dropped[i].load(Ordering::Relaxed)
+    }
+
+    /// The state as the API shows it: key ids and counters, never key material.
+    pub fn report(&self) -> AuthReport {
+        let ring = self.keyring();
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let ago = |t: Instant| now.duration_since(t).as_millis() as u64;
+        let wall_ago =
+            |t: SystemTime| wall.duration_since(t).unwrap_or_default().as_millis() as u64;
+        let key_use = self.key_use.lock().expect("key use lock").clone();
+        let keys = ring
+            .ids()
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let u = key_use.get(&id).copied().unwrap_or_default();
+                KeyReport {
+                    id,
+                    primary: i == 0,
+                    sent: u.sent,
+                    received: u.received,
+                    last_received_ms_ago: u.last_received.map(ago),
+                }
+            })
+            .collect();
+        let mut peers: Vec<PeerReport> = self
+            .peers
+            .lock()
+            .expect("peers lock")
+            .iter()
+            .map(|(addr, p)| PeerReport {
+                address: *addr,
+                primary_key: p.primary,
+                last_key: p.last_key,
+                last_seen_ms_ago: ago(p.last_seen),
+            })
+            .collect();
+        peers.sort_by_key(|p| p.address);
+        AuthReport {
+            cipher: "xchacha20poly1305".into(),
+            key_file: self.key_file.clone(),
+            replay_window_ms: REPLAY_WINDOW.as_millis() as u64,
+            remembered_nonces: self.replay.lock().expect("replay lock").remembered(),
+            keys,
+            peers,
+            sent: self.counters.sent.load(Ordering::Relaxed),
+            received: self.counters.received.load(Ordering::Relaxed),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|r| (r.name().to_owned(), self.dropped(*r)))
+                .collect(),
+            last_drop: self
+                .last_drop
+                .lock()
+                .expect("drop lock")
+                .as_ref()
+                .map(|d| LastDrop {
+                    from: d.from,
+                    reason: d.reason,
+                    ms_ago: wall_ago(d.at),
+                }),
+            last_reload: self
+                .last_reload
+                .lock()
+                .expect("reload lock")
+                .as_ref()
+                .map(|r| ReloadReport {
+                    ms_ago: wall_ago(r.at),
+                    error: r.error.clone(),
+                }),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// Gossip authentication as `GET /v1/gossip` reports it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuthReport {
+    pub cipher: String,
+    pub key_file: PathBuf,
+    pub replay_window_ms: u64,
+    pub remembered_nonces: usize,
+    /// Configured keys, primary first.
+    pub keys: Vec<KeyReport>,
+    /// Peers that sent authentic gossip, with the keys they use.
+    pub peers: Vec<PeerReport>,
+    /// Datagrams sealed and sent.
+    pub sent: u64,
+    /// Authentic datagrams accepted.
+    pub received: u64,
+    /// Datagrams dropped, by reason (every reason listed).
+    pub dropped: BTreeMap<String, u64>,
+    pub last_drop: Option<LastDrop>,
+    pub last_reload: Option<ReloadReport>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyReport {
+    pub id: KeyId,
+    pub primary: bool,
+    pub sent: u64,
+    pub received: u64,
+    pub last_received_ms_ago: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerReport {
+    pub address: SocketAddr,
+    /// The key the peer seals with.
+    pub primary_key: KeyId,
+    /// The key of its last datagram.
+    pub last_key: KeyId,
+    pub last_seen_ms_ago: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LastDrop {
+    pub from: SocketAddr,
+    pub reason: DropReason,
+    pub ms_ago: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub ms_ago: u64,
+    /// Why the last reload failed (the keys in use stayed the same).
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::gossip::keyring::{ClusterKey, KEY_LEN};
+
+    const CLUSTER: &str = "prod";
+
+    fn key(b: u8) -> ClusterKey {
+        ClusterKey::new(&[b; KEY_LEN])
+    }
+
+    fn ring(keys: &[u8]) -> Keyring {
+        Keyring::new(keys.iter().map(|b| key(*b)).collect()).unwrap()
+    }
+
+    fn sealed(ring: &Keyring, key: KeyId, cluster: &str, plaintext: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).unwrap();
+        seal(ring, key, cluster, now_ms(), nonce, plaintext, &mut out).unwrap();
+        out
+    }
+
+    fn opened(ring: &Keyring, cluster: &str, mut datagram: Vec<u8>) -> Result<Vec<u8>, DropReason> {
+        let o = open(ring, cluster, &mut datagram)?;
+        Ok(datagram[o.plaintext].to_vec())
+    }
+
+    #[test]
+    fn a_sealed_datagram_opens_to_its_plaintext_and_hides_it() {
+        let r = ring(&[1]);
+        let msg = b"node h1 has network app at 10.10.0.0/24";
+        let d = sealed(&r, r.primary().id, CLUSTER, msg);
+        assert_eq!(d.len(), msg.len() + OVERHEAD);
+        assert!(
+            !d.windows(7).any(|w| w == b"network"),
+            "the plaintext is not on the wire"
+        );
+        assert_eq!(opened(&r, CLUSTER, d).unwrap(), msg);
+        // The empty message (chitchat never sends one, but the format allows it).
+        let d = sealed(&r, r.primary().id, CLUSTER, b"");
+        assert_eq!(opened(&r, CLUSTER, d).unwrap(), b"");
+    }
+
+    #[test]
+    fn the_same_message_seals_differently_each_time() {
+        let r = ring(&[1]);
+        let a = sealed(&r, r.primary().id, CLUSTER, b"heartbeat");
+        let b = sealed(&r, r.primary().id, CLUSTER, b"heartbeat");
+        assert_ne!(a[18..], b[18..], "fresh nonce, different ciphertext");
+    }
+
+    #[test]
+    fn every_flipped_byte_is_rejected() {
+        let r = ring(&[1]);
+        let d = sealed(&r, r.primary().id, CLUSTER, b"a small gossip message");
+        for i in 0..d.len() {
+            let mut t = d.clone();
+            t[i] ^= 0x01;
+            let err = opened(&r, CLUSTER, t).unwrap_err();
+            let want = match i {
+                0 | 1 => DropReason::UnknownFormat,
+                2..=5 => DropReason::UnknownKey,
+                _ => DropReason::BadTag,
+            };
+            assert_eq!(err, want, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_key_or_cluster_name_is_rejected() {
+        let r1 = ring(&[1]);
+        let d = sealed(&r1, r1.primary().id, CLUSTER, b"hello");
+        assert_eq!(
+            opened(&ring(&[2]), CLUSTER, d.clone()),
+            Err(DropReason::UnknownKey)
+        );
+        assert_eq!(opened(&r1, "staging", d), Err(DropReason::BadTag));
+        // A forger who guesses the key id still cannot produce a valid tag.
+        let forger = key(3);
+        let forged_ring = Keyring::new(vec![ClusterKey {
+            id: r1.primary().id,
+            cipher: forger.cipher,
+        }])
+        .unwrap();
+        let d = sealed(&forged_ring, r1.primary().id, CLUSTER, b"inject");
+        assert_eq!(opened(&r1, CLUSTER, d), Err(DropReason::BadTag));
+    }
+
+    #[test]
+    fn a_secondary_key_is_accepted_and_the_sender_primary_travels_along() {
+        let old_only = ring(&[1]);
+        let rotating = ring(&[2, 1]);
+        // A node that switched to the new key answers an old-key peer with the old key.
+        let mut d = sealed(&rotating, key(1).id, CLUSTER, b"answer");
+        let o = open(&old_only, CLUSTER, &mut d).unwrap();
+        assert_eq!(o.key, key(1).id);
+        assert_eq!(o.sender_primary, key(2).id);
+        // And understands the old-key peer.
+        let d = sealed(&old_only, key(1).id, CLUSTER, b"syn");
+        assert_eq!(opened(&rotating, CLUSTER, d).unwrap(), b"syn");
+    }
+
+    #[test]
+    fn short_plain_and_foreign_datagrams_are_told_apart() {
+        let r = ring(&[1]);
+        assert_eq!(opened(&r, CLUSTER, vec![]), Err(DropReason::Truncated));
+        assert_eq!(opened(&r, CLUSTER, vec![b'm']), Err(DropReason::Truncated));
+        assert_eq!(
+            opened(&r, CLUSTER, vec![b'm', 1, 0, 0]),
+            Err(DropReason::Truncated)
+        );
+        let full = sealed(&r, r.primary().id, CLUSTER, b"x");
+        assert_eq!(
+            opened(&r, CLUSTER, full[..full.len() - 1].to_vec()),
+            Err(DropReason::BadTag),
+            "a datagram cut short fails authentication"
+        );
+        let mut plain = CHITCHAT_MAGIC.to_vec();
+        plain.extend_from_slice(&[0, 3]);
+        assert_eq!(opened(&r, CLUSTER, plain), Err(DropReason::Unsealed));
+        assert_eq!(
+            opened(
+                &r,
+                CLUSTER,
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n...........................".to_vec()
+            ),
+            Err(DropReason::UnknownFormat)
+        );
+    }
+
+    #[test]
+    fn old_future_and_repeated_datagrams_are_refused() {
+        let mut g = ReplayGuard::new(Duration::from_secs(30));
+        let t0 = Instant::now();
+        let now = 1_000_000_000u64;
+        assert_eq!(g.check(now, t0, now, [1; NONCE_LEN]), Ok(()));
+        assert_eq!(
+            g.check(now, t0, now, [1; NONCE_LEN]),
+            Err(DropReason::Replayed)
+        );
+        assert_eq!(g.check(now, t0, now - 29_000, [2; NONCE_LEN]), Ok(()));
+        assert_eq!(
+            g.check(now, t0, now - 31_000, [3; NONCE_LEN]),
+            Err(DropReason::TooOld)
+        );
+        assert_eq!(
+            g.check(now, t0, now + 31_000, [4; NONCE_LEN]),
+            Err(DropReason::TooNew)
+        );
+        // Nonces are forgotten only once a replay would be too old anyway.
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(
+            g.check(now + 61_000, later, now + 61_000, [5; NONCE_LEN]),
+            Ok(())
+        );
+        assert_eq!(g.remembered(), 1);
+        assert_eq!(
+            g.check(now + 61_000, later, now, [1; NONCE_LEN]),
+            Err(DropReason::TooOld)
+        );
+    }
+
+    #[test]
+    fn the_receiver_counts_drops_and_remembers_peer_keys() {
+        let path = Path::new("/nonexistent/cluster.key");
+        let a = GossipAuth::new(ring(&[2, 1]), path, CLUSTER);
+        let b = GossipAuth::new(ring(&[1]), path, CLUSTER);
+        let a_addr: SocketAddr = "192.0.2.1:7946".parse().unwrap();
+        let b_addr: SocketAddr = "192.0.2.2:7946".parse().unwrap();
+
+        // a does not know b yet: its primary (new) key, which b cannot open.
+        let mut d = Vec::new();
+        a.seal_for(b_addr, b"syn", &mut d).unwrap();
+        assert_eq!(b.open_from(a_addr, &mut d), Err(DropReason::UnknownKey));
+        assert_eq!(b.dropped(DropReason::UnknownKey), 1);
+
+        // b speaks first with the old key; a then answers b with it.
+        let mut d = Vec::new();
+        b.seal_for(a_addr, b"syn", &mut d).unwrap();
+        let replay = d.clone();
+        let range = a.open_from(b_addr, &mut d).unwrap();
+        assert_eq!(&d[range], b"syn");
+        let mut d = Vec::new();
+        a.seal_for(b_addr, b"synack", &mut d).unwrap();
+        let range = b.open_from(a_addr, &mut d).unwrap();
+        assert_eq!(&d[range], b"synack");
+
+        // The captured datagram sent again is refused.
+        let mut r = replay;
+        assert_eq!(a.open_from(b_addr, &mut r), Err(DropReason::Replayed));
+
+        let report = a.report();
+        assert_eq!(report.sent, 2);
+        assert_eq!(report.received, 1);
+        assert_eq!(report.dropped["replayed"], 1);
+        assert_eq!(report.dropped.len(), DropReason::ALL.len());
+        assert_eq!(report.keys[0].id, key(2).id);
+        assert!(report.keys[0].primary);
+        assert_eq!(
+            report.keys[1].received, 1,
+            "b's datagram came under the old key"
+        );
+        assert_eq!(report.peers.len(), 1);
+        assert_eq!(report.peers[0].primary_key, key(1).id);
+        let last = report.last_drop.as_ref().unwrap();
+        assert_eq!((last.from, last.reason), (b_addr, DropReason::Replayed));
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(!json.contains(&crate::gossip::keyring::encode(&[2; KEY_LEN]).to_string()));
+    }
+
+    #[test]
+    fn a_plaintext_too_large_for_one_datagram_is_counted_not_sent() {
+        let a = GossipAuth::new(ring(&[1]), Path::new("/x"), CLUSTER);
+        let to: SocketAddr = "192.0.2.2:7946".parse().unwrap();
+        let mut out = Vec::new();
+        let big = vec![0u8; MAX_DATAGRAM - OVERHEAD + 1];
+        assert!(a.seal_for(to, &big, &mut out).is_err());
+        assert!(out.is_empty());
+        assert_eq!(a.dropped(DropReason::Oversized), 1);
+        a.seal_for(to, &big[1..], &mut out).unwrap();
+        assert_eq!(out.len(), MAX_DATAGRAM);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever arrives, opening it returns a verdict and never panics; random bytes
+        /// never authenticate.
+        #[test]
+        fn arbitrary_bytes_never_panic_and_never_open(
+            mut bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            sealed_header in any::<bool>(),
+        ) {
+            let r = ring(&[1]);
+            if sealed_header && bytes.len() >= 6 {
+                // Make it past the format and key checks so the tag check is what rejects it.
+                bytes[..2].copy_from_slice(&MAGIC);
+                bytes[2..6].copy_from_slice(&r.primary().id.0.to_be_bytes());
+            }
+            let a = GossipAuth::new(r, Path::new("/x"), CLUSTER);
+            let from: SocketAddr = "192.0.2.9:7946".parse().unwrap();
+            prop_assert!(a.open_from(from, &mut bytes).is_err());
+            prop_assert_eq!(a.report().received, 0);
+        }
+
+        /// Truncating or extending an authentic datagram anywhere is caught.
+        #[test]
+        fn resized_datagrams_never_open(
+            plaintext in proptest::collection::vec(any::<u8>(), 0..512),
+            cut in any::<prop::sample::Index>(),
+            extra in proptest::collection::vec(any::<u8>(), 1..32),
+        ) {
+            let r = ring(&[1]);
+            let d = sealed(&r, r.primary().id, CLUSTER, &plaintext);
+            let short = d[..cut.index(d.len())].to_vec();
+            prop_assert!(opened(&r, CLUSTER, short).is_err());
+            let mut long = d.clone();
+            long.extend_from_slice(&extra);
+            prop_assert!(opened(&r, CLUSTER, long).is_err());
+            prop_assert_eq!(opened(&r, CLUSTER, d).unwrap(), plaintext);
+        }
+    }
+}
