@@ -9,8 +9,9 @@ use serde::Serialize;
 
 use crate::{
     api::{
-        DEFAULT_SOCKET, GossipInfo, LocalTaskInfo, NetworkCreate, NetworkInfo, NodeInfo,
-        NodeUpdate, PortStats, ServiceCreate, ServiceInfo, TaskInfo, TaskRun, client::Client,
+        DEFAULT_SOCKET, ExecOutput, ExecRequest, GossipInfo, LocalTaskInfo, NetworkCreate,
+        NetworkInfo, NodeInfo, NodeUpdate, PortStats, ServiceCreate, ServiceInfo, TaskInfo,
+        TaskRun, client::Client,
     },
     cluster::{Availability, EndpointMode},
 };
@@ -74,6 +75,16 @@ pub enum Command {
     },
     /// Stop and remove a task of this node.
     Rm { name: String },
+    /// Run a command inside a task of this node (its network, DNS and load balancing).
+    Exec {
+        task: String,
+        /// Kill the command after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// The command, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Inspect the node's eBPF dataplane.
     #[command(subcommand)]
     Dataplane(DataplaneCommand),
@@ -303,6 +314,26 @@ pub async fn run(cli: Cli) -> Result<()> {
                 )
             );
             Ok(())
+        }
+        Command::Exec {
+            task,
+            timeout,
+            command,
+        } => {
+            let req = ExecRequest {
+                command,
+                env: Vec::new(),
+                timeout_secs: timeout,
+            };
+            let out: ExecOutput = client
+                .post(&format!("/v1/local/tasks/{task}/exec"), &req)
+                .await?;
+            if fmt == Format::Json {
+                return json(&out);
+            }
+            print!("{}", out.stdout);
+            eprint!("{}", out.stderr);
+            std::process::exit(out.exit_code.unwrap_or(128));
         }
         Command::Rm { name } => {
             let _: serde_json::Value = client.delete(&format!("/v1/local/tasks/{name}")).await?;
@@ -613,6 +644,28 @@ async fn service(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
             }
             println!("Tasks:");
             print_tasks(&s.tasks);
+            if let Some(dp) = &s.dataplane {
+                println!(
+                    "\nLoad balancer on this node: {} flows, {} packets, {} bytes, {} dropped (no backend)",
+                    dp.counters.flows, dp.counters.packets, dp.counters.bytes, dp.counters.dropped
+                );
+                println!(
+                    "{}",
+                    table(
+                        &["BACKEND", "STATE", "SLOT", "FLOWS", "PACKETS", "BYTES"],
+                        dp.backends.iter().map(|b| {
+                            [
+                                b.ip.to_string(),
+                                format!("{:?}", b.state).to_lowercase(),
+                                or_dash(b.slot),
+                                b.counters.flows.to_string(),
+                                b.counters.packets.to_string(),
+                                b.counters.bytes.to_string(),
+                            ]
+                        })
+                    )
+                );
+            }
         }
         ServiceCommand::Rm { name } => {
             let _: serde_json::Value = client.delete(&format!("/v1/services/{name}")).await?;

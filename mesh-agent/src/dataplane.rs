@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::PerCpuArray,
+    maps::{HashMap as BpfHashMap, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -280,6 +280,44 @@ impl Dataplane {
             }
         }
         Ok(out)
+    }
+
+    /// Points 127.0.0.11:53 in the network namespace `netns_cookie` at the resolver
+    /// listener on `port` (see mesh_common::dns).
+    pub fn set_resolver(&mut self, netns_cookie: u64, port: u16) -> Result<()> {
+        self.resolvers()?
+            .insert(netns_cookie, port, 0)
+            .context("adding a task's resolver port")
+    }
+
+    pub fn remove_resolver(&mut self, netns_cookie: u64) -> Result<()> {
+        match self.resolvers()?.remove(&netns_cookie) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).context("removing a task's resolver port"),
+        }
+    }
+
+    /// Forgets every resolver port (a restarted agent opens new listeners).
+    pub fn clear_resolvers(&mut self) -> Result<()> {
+        let mut map = self.resolvers()?;
+        let keys: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = map.remove(&k);
+        }
+        Ok(())
+    }
+
+    fn resolvers(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, u64, u16>> {
+        let map = self
+            .ebpf
+            .map_mut(mesh_common::dns::RESOLVERS_MAP)
+            .context("resolver map missing from the eBPF object")?;
+        Ok(BpfHashMap::try_from(map)?)
     }
 
     /// Removes every pin, so the dataplane stops when this process exits. Used by

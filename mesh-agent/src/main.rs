@@ -276,7 +276,17 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
     // A bad key file stops the agent before it touches the kernel.
     let auth = gossip_auth(&config)?;
     let node_bpffs = config.bpffs.clone();
-    let dataplane = Dataplane::start(&node_bpffs, &config.interface)?;
+    let mut dataplane = Dataplane::start(&node_bpffs, &config.interface)?;
+    dataplane
+        .lb_mut()
+        .set_node(&mesh_agent::lb::NodeLb::new(config.advertise)?)?;
+    std::fs::create_dir_all(&config.cgroup).with_context(|| {
+        format!(
+            "creating cgroup {} (is cgroup v2 mounted there?)",
+            config.cgroup.display()
+        )
+    })?;
+    dataplane.attach_cgroup(&config.cgroup)?;
     let mtu = dataplane::interface_mtu(&config.interface)?;
 
     let gossip_config = GossipConfig {
@@ -371,6 +381,7 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
     };
     let agent = Agent::new(config.clone(), gossip, parts);
     tokio::spawn(agent.clone().run());
+    tokio::spawn(agent.clone().sweep_flows());
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;

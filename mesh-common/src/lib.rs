@@ -4,5 +4,6 @@
 //! both sides agree on the layout byte for byte.
 #![cfg_attr(not(test), no_std)]
 
+pub mod dns;
 pub mod lb;
 pub mod stats;

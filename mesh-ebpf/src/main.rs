@@ -79,6 +79,10 @@ mod programs {
     #[map(name = "LB_STATS")]
     pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_LEN, 0);
 
+    /// Task namespace → port of its resolver listener (see mesh_common::dns).
+    #[map(name = "RESOLVERS")]
+    pub static RESOLVERS: HashMap<u64, u16> = HashMap::pinned(mesh_common::dns::MAX_RESOLVERS, 0);
+
     /// XDP on a node's underlay interface.
     #[xdp]
     pub fn mesh_underlay(ctx: XdpContext) -> u32 {

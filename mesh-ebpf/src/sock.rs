@@ -15,11 +15,14 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use mesh_common::lb::{Reason, ServiceEntry, SockKey, SockTarget};
+use mesh_common::{
+    dns::{DNS_PORT, RESOLVER_ADDR},
+    lb::{Reason, ServiceEntry, SockKey, SockTarget},
+};
 
 use crate::{
     packet::{IPPROTO_TCP, IPPROTO_UDP},
-    programs::{LB_CONFIG, LB_SOCK_FWD, LB_SOCK_REV},
+    programs::{LB_CONFIG, LB_SOCK_FWD, LB_SOCK_REV, RESOLVERS},
     service,
     stats::{self, Traffic},
 };
@@ -130,10 +133,37 @@ fn balance(ctx: &SockAddrContext, cookie: u64, t: &Target) -> Option<Result<Sock
     Some(Ok(chosen))
 }
 
+/// The port of the resolver listener in the caller's namespace, if the agent opened one.
+#[inline(always)]
+fn resolver_port(ctx: &SockAddrContext) -> Option<u16> {
+    // SAFETY: the context pointer the kernel passed.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: plain data copied out.
+    unsafe { RESOLVERS.get(netns).copied() }
+}
+
+/// 127.0.0.11:53 → the namespace's resolver listener. Returns whether `t` was the resolver
+/// (then nothing else applies to it).
+#[inline(always)]
+fn to_resolver(ctx: &SockAddrContext, t: &Target) -> bool {
+    if t.addr != RESOLVER_ADDR {
+        return false;
+    }
+    if t.port == DNS_PORT
+        && let Some(port) = resolver_port(ctx)
+    {
+        set_target(ctx.sock_addr, RESOLVER_ADDR, port);
+    }
+    true
+}
+
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
     let Some(t) = target(ctx.sock_addr) else {
         return ALLOW;
     };
+    if to_resolver(ctx, &t) {
+        return ALLOW;
+    }
     // SAFETY: the context pointer the kernel passed.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     match balance(ctx, cookie, &t) {
@@ -152,6 +182,9 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
     let Some(t) = target(ctx.sock_addr) else {
         return ALLOW;
     };
+    if to_resolver(ctx, &t) {
+        return ALLOW;
+    }
     // SAFETY: the context pointer the kernel passed.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockKey {
@@ -185,6 +218,13 @@ pub fn restore(ctx: &SockAddrContext) -> i32 {
     let Some(t) = target(ctx.sock_addr) else {
         return ALLOW;
     };
+    // Answers from the resolver listener come from 127.0.0.11:53, where they were sent.
+    if t.addr == RESOLVER_ADDR {
+        if resolver_port(ctx) == Some(t.port) {
+            set_target(ctx.sock_addr, RESOLVER_ADDR, DNS_PORT);
+        }
+        return ALLOW;
+    }
     // SAFETY: the context pointer the kernel passed.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockKey {

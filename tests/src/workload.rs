@@ -198,7 +198,10 @@ pub fn http_get(addr: SocketAddr) -> Result<String> {
     s.read_to_string(&mut resp)
         .with_context(|| format!("reading the answer from {addr}"))?;
     match resp.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_owned()),
+        // Servers may answer a 1.0 request as HTTP/1.1 (RFC 9110 §6.2).
+        Some((head, body)) if head.starts_with("HTTP/1.") && head[8..].starts_with(" 200") => {
+            Ok(body.to_owned())
+        }
         _ => bail!("unexpected answer from {addr}: {resp:?}"),
     }
 }
@@ -273,4 +276,45 @@ pub fn tally<I: IntoIterator<Item = String>>(answers: I) -> BTreeMap<String, usi
         *t.entry(a).or_default() += 1;
     }
     t
+}
+
+/// A keep-alive HTTP/1.1 connection (to mesh-whoami): each `get` is one request on the same
+/// connection, answered with the serving task's name.
+pub struct HttpSession {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl HttpSession {
+    pub fn open(addr: SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Self { stream, reader })
+    }
+
+    pub fn get(&mut self) -> Result<String> {
+        self.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: mesh\r\n\r\n")
+            .context("sending on the keep-alive connection")?;
+        let mut length = None;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("the keep-alive connection was closed");
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse::<usize>().ok();
+            }
+        }
+        let mut body = vec![0u8; length.context("answer without Content-Length")?];
+        self.reader.read_exact(&mut body)?;
+        Ok(String::from_utf8_lossy(&body).trim_end().to_owned())
+    }
 }

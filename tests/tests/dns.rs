@@ -18,14 +18,14 @@ fn whoami(h: &Host, name: &str, service: Option<&str>) -> Value {
     h.meshctl_json(&args).unwrap()
 }
 
-/// `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf, which the agent wrote, so glibc
-/// in the task uses 127.0.0.11 just as the task's own processes do.
-fn getent(task: &Value, args: &str) -> String {
-    let ns = task["netns"].as_str().unwrap();
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "sh", "-c", &format!("getent {args}")])
-        .output()
-        .unwrap();
+/// getent run inside the task with `meshctl exec`: the task's resolv.conf (127.0.0.11), its
+/// namespace and its cgroup, exactly what the task's own processes get.
+fn getent(c: &Cluster, task: &Value, args: &str) -> String {
+    let node = task["node"].as_str().unwrap();
+    let h = c.hosts().iter().find(|h| h.node_name() == node).unwrap();
+    let mut cmd = vec!["exec", task["name"].as_str().unwrap(), "--", "getent"];
+    cmd.extend(args.split_whitespace());
+    let out = h.meshctl(&cmd).unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -93,12 +93,15 @@ fn tasks_resolve_services_tasks_and_outside_names() {
 
     // The service name is its VIP, with or without the network as a domain.
     c.eventually(Duration::from_secs(2), "web resolves to its VIP", |_| {
-        Ok(ips(&getent(&client, "ahostsv4 web"))
+        Ok(ips(&getent(&c, &client, "ahostsv4 web"))
             .contains(&vip)
             .then_some(()))
     })
     .unwrap();
-    assert_eq!(ips(&getent(&client, "ahostsv4 web.app")), vec![vip.clone()]);
+    assert_eq!(
+        ips(&getent(&c, &client, "ahostsv4 web.app")),
+        vec![vip.clone()]
+    );
     // tasks.web lists every task.
     let want = {
         let mut v = vec![
@@ -109,19 +112,23 @@ fn tasks_resolve_services_tasks_and_outside_names() {
         v
     };
     c.eventually(Duration::from_secs(2), "tasks.web lists both tasks", |_| {
-        Ok((ips(&getent(&client, "ahostsv4 tasks.web")) == want).then_some(()))
+        Ok((ips(&getent(&c, &client, "ahostsv4 tasks.web")) == want).then_some(()))
     })
     .unwrap();
     // A task's name, and the reverse of its address.
     assert_eq!(
-        ips(&getent(&client, "ahostsv4 web-2")),
+        ips(&getent(&c, &client, "ahostsv4 web-2")),
         vec![w2["ip"].as_str().unwrap().to_owned()]
     );
-    let ptr = getent(&client, &format!("hosts {}", w1["ip"].as_str().unwrap()));
+    let ptr = getent(
+        &c,
+        &client,
+        &format!("hosts {}", w1["ip"].as_str().unwrap()),
+    );
     assert!(ptr.contains("web-1"), "PTR of web-1's address: {ptr:?}");
     // Anything else goes upstream.
     assert_eq!(
-        ips(&getent(&client, "ahostsv4 outside.example")),
+        ips(&getent(&c, &client, "ahostsv4 outside.example")),
         vec!["203.0.113.7".to_owned()]
     );
 
@@ -129,7 +136,7 @@ fn tasks_resolve_services_tasks_and_outside_names() {
     let w3 = whoami(c.host(1), "web-3", Some("web"));
     let t = std::time::Instant::now();
     c.eventually(Duration::from_secs(1), "tasks.web has web-3", |_| {
-        Ok(ips(&getent(&client, "ahostsv4 tasks.web"))
+        Ok(ips(&getent(&c, &client, "ahostsv4 tasks.web"))
             .contains(&w3["ip"].as_str().unwrap().to_owned())
             .then_some(()))
     })
@@ -137,7 +144,7 @@ fn tasks_resolve_services_tasks_and_outside_names() {
     eprintln!("scale-up visible in DNS after {:?}", t.elapsed());
     c.host(2).meshctl_ok(&["rm", "web-2"]).unwrap();
     c.eventually(Duration::from_secs(1), "tasks.web loses web-2", |_| {
-        Ok((!ips(&getent(&client, "ahostsv4 tasks.web"))
+        Ok((!ips(&getent(&c, &client, "ahostsv4 tasks.web"))
             .contains(&w2["ip"].as_str().unwrap().to_owned()))
         .then_some(()))
     })
@@ -180,7 +187,7 @@ fn a_dnsrr_service_resolves_to_its_tasks() {
     ];
     want.sort();
     c.eventually(Duration::from_secs(2), "rr resolves to both tasks", |_| {
-        Ok((ips(&getent(&a, "ahostsv4 rr")) == want).then_some(()))
+        Ok((ips(&getent(&c, &a, "ahostsv4 rr")) == want).then_some(()))
     })
     .unwrap();
 }

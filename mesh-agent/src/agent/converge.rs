@@ -115,7 +115,7 @@ impl Agent {
                 );
             }
         }
-        Ok(())
+        self.converge_routing(view, &desired.networks).await
     }
 
     fn desired_overlay(

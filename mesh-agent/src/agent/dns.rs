@@ -96,7 +96,7 @@ impl Agent {
     }
 
     /// Opens the resolver inside a task's namespace. Idempotent.
-    pub(crate) fn serve_dns_for(&self, task: &TaskRecord) -> Result<()> {
+    pub(crate) async fn serve_dns_for(&self, task: &TaskRecord) -> Result<()> {
         if task.state != TaskState::Running {
             return Ok(());
         }
@@ -119,16 +119,9 @@ impl Agent {
         // Sockets belong to the namespace they are created in: bind on a thread that entered
         // the task's namespace, then hand them to the runtime.
         let path = netns::path(&task.netns);
-        let (udp, tcp) = netns::run_in(&path, || -> Result<_> {
-            let addr = SocketAddr::from((RESOLVER_ADDRESS, 53));
-            let udp =
-                std::net::UdpSocket::bind(addr).context("binding the task's DNS socket (udp)")?;
-            let tcp =
-                std::net::TcpListener::bind(addr).context("binding the task's DNS socket (tcp)")?;
-            udp.set_nonblocking(true)?;
-            tcp.set_nonblocking(true)?;
-            Ok((udp, tcp))
-        })??;
+        let (udp, tcp, cookie) = netns::run_in(&path, bind_resolver)??;
+        let port = udp.local_addr()?.port();
+        self.dataplane.lock().await.set_resolver(cookie, port)?;
         let handle = self.dns.serve(
             tokio::net::UdpSocket::from_std(udp)?,
             tokio::net::TcpListener::from_std(tcp)?,
@@ -136,28 +129,80 @@ impl Agent {
         );
         debug!(
             task = name,
-            "resolver listening at {RESOLVER_ADDRESS}:53 in the task"
+            port, "resolver for {RESOLVER_ADDRESS}:53 listening in the task"
         );
         self.dns_listeners
             .lock()
             .expect("dns listeners lock")
-            .insert(name, handle);
+            .insert(name, (handle, cookie));
         Ok(())
     }
 
-    pub(crate) fn stop_dns_for(&self, task: &str) {
-        self.dns_listeners
+    pub(crate) async fn stop_dns_for(&self, task: &str) {
+        let removed = self
+            .dns_listeners
             .lock()
             .expect("dns listeners lock")
             .remove(task);
+        if let Some((_, cookie)) = removed
+            && let Err(e) = self.dataplane.lock().await.remove_resolver(cookie)
+        {
+            warn!(task, "{e:#}");
+        }
     }
 
-    /// Listeners for every running task (after a restart adopted them).
-    pub(crate) fn serve_dns_for_all(&self) {
+    /// Listeners for every running task (after a restart adopted them); ports an earlier
+    /// agent registered are forgotten first, their sockets died with it.
+    pub(crate) async fn serve_dns_for_all(&self) {
+        if let Err(e) = self.dataplane.lock().await.clear_resolvers() {
+            warn!("{e:#}");
+        }
         for t in self.tasks.list() {
-            if let Err(e) = self.serve_dns_for(&t) {
+            if let Err(e) = self.serve_dns_for(&t).await {
                 warn!(task = t.spec.name, "no DNS for the task: {e:#}");
             }
         }
     }
+}
+
+/// Binds the resolver listener (UDP and TCP on one port the kernel picks, on 127.0.0.11) in
+/// the calling thread's namespace; also returns the namespace's cookie.
+fn bind_resolver() -> Result<(std::net::UdpSocket, std::net::TcpListener, u64)> {
+    // The UDP port is free for UDP; TCP may hold it already: retry with another.
+    for _ in 0..16 {
+        let udp = std::net::UdpSocket::bind(SocketAddr::from((RESOLVER_ADDRESS, 0)))
+            .context("binding the task's resolver (udp)")?;
+        let port = udp.local_addr()?.port();
+        let Ok(tcp) = std::net::TcpListener::bind(SocketAddr::from((RESOLVER_ADDRESS, port)))
+        else {
+            continue;
+        };
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        let cookie = netns_cookie(&udp)?;
+        return Ok((udp, tcp, cookie));
+    }
+    anyhow::bail!("no port free for both UDP and TCP on {RESOLVER_ADDRESS}")
+}
+
+/// SO_NETNS_COOKIE: the kernel's id of a socket's network namespace, what eBPF sees.
+fn netns_cookie(sock: &std::net::UdpSocket) -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading the namespace cookie");
+    }
+    Ok(cookie)
 }

@@ -5,6 +5,7 @@ mod addresses;
 mod converge;
 pub mod dns;
 mod objects;
+mod routing;
 mod tasks;
 
 pub use objects::validate_name;
@@ -67,7 +68,9 @@ pub struct Agent {
     pub dns: mesh_dns::DnsServer,
     dns_last: StdMutex<Option<mesh_dns::Snapshot>>,
     /// One resolver listener per running task, by task name; dropping one closes it.
-    dns_listeners: StdMutex<BTreeMap<String, mesh_dns::ServeHandle>>,
+    dns_listeners: StdMutex<BTreeMap<String, (mesh_dns::ServeHandle, u64)>>,
+    /// Bridges the load balancer is attached to, by name, with the ifindex it saw.
+    lb_bridges: Mutex<BTreeMap<String, u32>>,
 }
 
 /// The node-local parts the agent drives.
@@ -98,6 +101,7 @@ impl Agent {
             dns: parts.dns,
             dns_last: StdMutex::new(None),
             dns_listeners: StdMutex::new(BTreeMap::new()),
+            lb_bridges: Mutex::new(BTreeMap::new()),
             gossip,
             config,
         })
@@ -156,7 +160,7 @@ impl Agent {
     pub async fn run(self: Arc<Self>) {
         let mut changes = self.gossip.changes().await;
         let mut exits = self.tasks.subscribe();
-        self.serve_dns_for_all();
+        self.serve_dns_for_all().await;
         loop {
             let view = self.refresh().await;
             self.update_dns(&view);

@@ -100,7 +100,7 @@ impl Agent {
             .await;
         self.release(&req.network, ip).await;
         self.update_dns(&*self.refresh().await);
-        if let Err(e) = self.serve_dns_for(&record) {
+        if let Err(e) = self.serve_dns_for(&record).await {
             warn!(task = req.name, "the task has no DNS: {e:#}");
         }
         info!(task = req.name, network = req.network, %ip, service = ?req.service, "task running");
@@ -119,7 +119,7 @@ impl Agent {
         self.gossip
             .write([(format!("{}{name}", key::ENDPOINT), None)])
             .await;
-        self.stop_dns_for(name);
+        self.stop_dns_for(name).await;
         self.tasks.stop(name).await?;
         self.poke();
         Ok(())
@@ -132,7 +132,7 @@ impl Agent {
         match exit {
             Ok(exit) => {
                 info!(task = exit.name, code = ?exit.code, signal = ?exit.signal, "task exited; removing its endpoint");
-                self.stop_dns_for(&exit.name);
+                self.stop_dns_for(&exit.name).await;
                 self.gossip
                     .write([(format!("{}{}", key::ENDPOINT, exit.name), None)])
                     .await;

@@ -96,6 +96,9 @@ pub struct ServiceInfo {
     pub ports: Vec<PortSpec>,
     pub tasks: Vec<TaskInfo>,
     pub created_by: String,
+    /// What this node's load balancer holds for the service, with its counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<crate::lb::ServiceStats>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -157,4 +160,27 @@ pub struct LocalTaskInfo {
     pub netns: String,
     pub command: Vec<String>,
     pub log: String,
+}
+
+/// `meshctl exec`: run a command inside a task of this node.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Seconds before the command is killed.
+    #[serde(default = "default_exec_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_exec_timeout() -> u64 {
+    30
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// None when the command was ended by a signal.
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
 }

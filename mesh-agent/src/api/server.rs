@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
 use super::{
-    ApiError, GossipInfo, LocalTaskInfo, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate,
-    PortStats, ServiceCreate, ServiceInfo, TaskInfo, TaskRun, short_id,
+    ApiError, ExecOutput, ExecRequest, GossipInfo, LocalTaskInfo, NetworkCreate, NetworkInfo,
+    NodeInfo, NodeUpdate, PortStats, ServiceCreate, ServiceInfo, TaskInfo, TaskRun, short_id,
 };
 use crate::{
     agent::{Agent, Error},
@@ -64,6 +64,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/tasks", get(list_tasks).post(run_task))
         .route("/v1/local/tasks", get(list_local_tasks))
         .route("/v1/local/tasks/{name}", axum::routing::delete(remove_task))
+        .route(
+            "/v1/local/tasks/{name}/exec",
+            axum::routing::post(exec_task),
+        )
         .route("/v1/dataplane/ports", get(port_stats))
         .route("/v1/gossip", get(gossip_info))
         .with_state(agent)
@@ -168,6 +172,7 @@ fn service_info(view: &View, name: &str) -> Option<ServiceInfo> {
         ports: s.spec.ports.clone(),
         tasks: view.backends(name).map(task_info).collect(),
         created_by: s.created.node.clone(),
+        dataplane: None,
     })
 }
 
@@ -299,11 +304,13 @@ async fn get_service(
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<ServiceInfo> {
     let view = agent.refresh().await;
-    service_info(&view, &name).map(Json).ok_or_else(|| {
+    let mut info = service_info(&view, &name).ok_or_else(|| {
         Error::NotFound(format!(
             "service {name} not found (see `meshctl service ls`)"
         ))
-    })
+    })?;
+    info.dataplane = agent.dataplane.lock().await.lb().service_stats(&info.id)?;
+    Ok(Json(info))
 }
 
 async fn create_service(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiResult<ServiceInfo> {
@@ -416,5 +423,38 @@ async fn gossip_info(State(agent): State<Arc<Agent>>) -> ApiResult<GossipInfo> {
         cluster: agent.config.cluster.clone(),
         authenticated: auth.is_some(),
         auth,
+    }))
+}
+
+async fn exec_task(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    bytes: Bytes,
+) -> ApiResult<ExecOutput> {
+    let req: ExecRequest = body(&bytes)?;
+    if req.command.is_empty() {
+        return Err(Error::Invalid(
+            "nothing to run: put the command after `--`".into(),
+        ));
+    }
+    if agent.tasks.get(&name).is_none() {
+        return Err(Error::NotFound(format!(
+            "no task named {name} on this node (see `meshctl ps`)"
+        )));
+    }
+    let out = agent
+        .tasks
+        .exec(
+            &name,
+            &req.command,
+            &req.env,
+            std::time::Duration::from_secs(req.timeout_secs.max(1)),
+        )
+        .await
+        .map_err(|e| Error::Invalid(format!("{e:#}")))?;
+    Ok(Json(ExecOutput {
+        exit_code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }))
 }

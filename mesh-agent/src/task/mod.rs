@@ -545,6 +545,41 @@ impl Tasks {
         Ok(())
     }
 
+    /// Runs `command` inside a running task (its namespaces, /etc overrides and cgroup, so
+    /// it resolves and balances like the task) and returns its output.
+    pub async fn exec(
+        &self,
+        name: &str,
+        command: &[String],
+        env: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<std::process::Output> {
+        let record = self
+            .get(name)
+            .with_context(|| format!("no task named {name} on this node"))?;
+        if record.state != TaskState::Running {
+            bail!(
+                "task {name} is {}: exec needs a running task",
+                record.state.label()
+            );
+        }
+        let etc = plumbing::etc_dir(&self.inner.config.netns_etc, &record.netns);
+        let netns_path = netns::path(&record.netns);
+        process::exec(
+            &process::Launch {
+                netns: &netns_path,
+                etc_overrides: &etc,
+                hostname: &record.spec.name,
+                cgroup: self.inner.config.cgroup.as_deref(),
+                command,
+                env,
+                log: &record.log,
+            },
+            timeout,
+        )
+        .await
+    }
+
     /// Every task of this node, by name.
     pub fn list(&self) -> Vec<TaskRecord> {
         self.inner

@@ -102,6 +102,55 @@ pub(super) fn spawn(launch: &Launch) -> Result<Spawned> {
     })
 }
 
+/// Runs a command inside a running task's namespaces and cgroup (like `docker exec`) and
+/// collects its output; it is killed if it outlives `timeout`.
+pub(super) async fn exec(
+    launch: &Launch<'_>,
+    timeout: std::time::Duration,
+) -> Result<std::process::Output> {
+    let Some((program, args)) = launch.command.split_first() else {
+        bail!("nothing to run: give a command");
+    };
+    let netns = File::open(launch.netns)
+        .with_context(|| format!("opening the task namespace {}", launch.netns.display()))?;
+    let cgroup_procs = launch
+        .cgroup
+        .map(|dir| {
+            let p = dir.join("cgroup.procs");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .with_context(|| format!("opening {}", p.display()))
+        })
+        .transpose()?;
+    let binds = etc_binds(launch.etc_overrides)?;
+    let hostname = launch.hostname.as_bytes().to_vec();
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOSTNAME", launch.hostname)
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .current_dir("/")
+        .kill_on_drop(true);
+    let netns_fd = netns.as_raw_fd();
+    let cgroup_fd = cgroup_procs.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: the closure only makes system calls on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || enter(netns_fd, cgroup_fd, &binds, &hostname));
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {program} in {}", launch.netns.display()))?;
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(out) => Ok(out?),
+        Err(_) => bail!("{program} did not finish within {timeout:?}; it was killed"),
+    }
+}
+
 /// Runs in the forked child: its own session (it outlives the agent), the task's network
 /// namespace, private mount and UTS namespaces with the task's /etc overrides and hostname,
 /// and the agent's cgroup so the eBPF socket hooks see it.

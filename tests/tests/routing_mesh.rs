@@ -1,0 +1,334 @@
+//! The routing mesh with real agents: every node answers every published port and balances
+//! across the service's tasks wherever they run; VIPs are balanced east–west; established
+//! connections survive task changes.
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use mesh_tests::{
+    Cluster, Host,
+    cluster::bin,
+    workload::{HttpSession, http_get, tally, udp_ask},
+};
+use serde_json::Value;
+
+/// 3 hosts with agents, network app, service web publishing 8080/tcp and 5353/udp, and an
+/// external client on the underlay.
+fn cluster() -> Cluster {
+    let mut c = Cluster::new(3).unwrap();
+    c.start_agents().unwrap();
+    c.external("client", 100).unwrap();
+    c.host(1)
+        .meshctl_ok(&["network", "create", "app", "--subnet", "10.10.0.0/24"])
+        .unwrap();
+    c.host(1)
+        .meshctl_ok(&[
+            "service",
+            "create",
+            "web",
+            "--network",
+            "app",
+            "-p",
+            "8080:80",
+            "-p",
+            "5353:53/udp",
+        ])
+        .unwrap();
+    c.eventually(Duration::from_secs(5), "web everywhere", |c| {
+        Ok(c.hosts()
+            .iter()
+            .all(|h| {
+                h.meshctl(&["service", "inspect", "web"])
+                    .unwrap()
+                    .status
+                    .success()
+            })
+            .then_some(()))
+    })
+    .unwrap();
+    c
+}
+
+fn task(h: &Host, name: &str) -> Value {
+    let who = bin("mesh-whoami").display().to_string();
+    h.meshctl_json(&[
+        "run",
+        "--network",
+        "app",
+        "--service",
+        "web",
+        "--name",
+        name,
+        "--",
+        &who,
+        "--name",
+        name,
+        "--udp",
+        "53",
+    ])
+    .unwrap()
+}
+
+/// Waits until every node's load balancer has `n` active backends for web.
+fn wait_backends(c: &Cluster, n: usize) {
+    c.eventually(
+        Duration::from_secs(3),
+        "every node programs the backends",
+        |c| {
+            for h in c.hosts() {
+                let s: Value = h.meshctl_json(&["service", "inspect", "web"])?;
+                let active = s["dataplane"]["backends"]
+                    .as_array()
+                    .map_or(0, |b| b.iter().filter(|b| b["state"] == "active").count());
+                if active != n {
+                    anyhow::bail!(
+                        "{} has {active} active backends: {}",
+                        h.node_name(),
+                        s["dataplane"]
+                    );
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .unwrap();
+}
+
+fn addr(h: &Host, port: u16) -> SocketAddr {
+    format!("{}:{port}", h.ip).parse().unwrap()
+}
+
+fn client<T: Send + 'static>(c: &Cluster, f: impl FnOnce() -> T + Send + 'static) -> T {
+    c.external_ns("client").unwrap().run(f).unwrap()
+}
+
+fn assert_even(t: &BTreeMap<String, usize>, names: &[&str], each: usize) {
+    assert_eq!(
+        t.keys().map(String::as_str).collect::<Vec<_>>(),
+        names,
+        "{t:?}"
+    );
+    for (name, n) in t {
+        assert!(n.abs_diff(each) <= 1, "{name} got {n}, not {each}±1: {t:?}");
+    }
+}
+
+#[test]
+fn every_node_balances_its_published_ports_over_all_tasks() {
+    let c = cluster();
+    // Tasks on hosts 1 and 2, none on host 3.
+    task(c.host(1), "web-1");
+    task(c.host(1), "web-2");
+    task(c.host(2), "web-3");
+    wait_backends(&c, 3);
+    for h in c.hosts() {
+        let a = addr(h, 8080);
+        let answers = client(&c, move || {
+            (0..30)
+                .map(|_| http_get(a).unwrap().trim().to_owned())
+                .collect::<Vec<_>>()
+        });
+        assert_even(&tally(answers), &["web-1", "web-2", "web-3"], 10);
+        let a = addr(h, 5353);
+        let answers = client(&c, move || {
+            (0..30)
+                .map(|_| udp_ask(a).unwrap().trim().to_owned())
+                .collect::<Vec<_>>()
+        });
+        assert_even(&tally(answers), &["web-1", "web-2", "web-3"], 10);
+    }
+    // The counters say the same.
+    let s: Value = c
+        .host(3)
+        .meshctl_json(&["service", "inspect", "web"])
+        .unwrap();
+    assert!(
+        s["dataplane"]["counters"]["flows"].as_u64().unwrap() >= 60,
+        "{s}"
+    );
+    let pretty = c
+        .host(3)
+        .meshctl_ok(&["service", "inspect", "web", "--pretty"])
+        .unwrap();
+    assert!(pretty.contains("FLOWS"), "{pretty}");
+}
+
+/// A keep-alive connection held by a thread in the client namespace, asked on demand.
+struct RemoteSession {
+    ask: std::sync::mpsc::Sender<()>,
+    answers: std::sync::mpsc::Receiver<anyhow::Result<String>>,
+}
+
+impl RemoteSession {
+    fn open(c: &Cluster, a: SocketAddr) -> Self {
+        let (ask, asks) = std::sync::mpsc::channel::<()>();
+        let (tx, answers) = std::sync::mpsc::channel();
+        c.external_ns("client")
+            .unwrap()
+            .spawn_thread(move || {
+                let mut s = match HttpSession::open(a) {
+                    Ok(s) => s,
+                    Err(e) => return drop(tx.send(Err(e))),
+                };
+                while asks.recv().is_ok() {
+                    if tx.send(s.get()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .unwrap();
+        Self { ask, answers }
+    }
+
+    fn get(&self) -> String {
+        self.ask.send(()).unwrap();
+        self.answers
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .unwrap()
+    }
+}
+
+#[test]
+fn an_established_connection_survives_task_changes_and_removed_tasks_get_no_new_ones() {
+    let c = cluster();
+    task(c.host(1), "web-1");
+    task(c.host(2), "web-2");
+    wait_backends(&c, 2);
+    let a = addr(c.host(3), 8080);
+    let session = RemoteSession::open(&c, a);
+    let on = session.get();
+    let (other, other_host) = if on == "web-1" {
+        ("web-2", 2)
+    } else {
+        ("web-1", 1)
+    };
+
+    task(c.host(3), "web-3");
+    wait_backends(&c, 3);
+    assert_eq!(session.get(), on, "adding a task moved the connection");
+
+    c.host(other_host).meshctl_ok(&["rm", other]).unwrap();
+    wait_backends(&c, 2);
+    assert_eq!(
+        session.get(),
+        on,
+        "removing another task moved the connection"
+    );
+    let answers = client(&c, move || {
+        (0..6)
+            .map(|_| http_get(a).unwrap().trim().to_owned())
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        !answers.iter().any(|x| x == other),
+        "a removed task got new connections: {answers:?}"
+    );
+
+    // Draining the connection's node: the connection stays, new ones go elsewhere.
+    let on_host = if on == "web-2" { c.host(2) } else { c.host(1) };
+    c.host(3)
+        .meshctl_ok(&[
+            "node",
+            "update",
+            "--availability",
+            "drain",
+            on_host.node_name(),
+        ])
+        .unwrap();
+    c.eventually(Duration::from_secs(3), "host3 drains the node", |c| {
+        let s: Value = c.host(3).meshctl_json(&["service", "inspect", "web"])?;
+        Ok(s["dataplane"]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["state"] == "draining")
+            .then_some(()))
+    })
+    .unwrap();
+    assert_eq!(session.get(), on, "draining cut the established connection");
+    let answers = client(&c, move || {
+        (0..4)
+            .map(|_| http_get(a).unwrap().trim().to_owned())
+            .collect::<Vec<_>>()
+    });
+    assert!(answers.iter().all(|x| x == "web-3"), "{answers:?}");
+}
+
+#[test]
+fn tasks_reach_the_vip_and_the_node_reaches_its_own_published_port() {
+    let c = cluster();
+    task(c.host(1), "web-1");
+    task(c.host(2), "web-2");
+    task(c.host(3), "web-3");
+    wait_backends(&c, 3);
+    let vip = c
+        .host(1)
+        .meshctl_json::<Value>(&["service", "inspect", "web"])
+        .unwrap()["vip"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A plain task (no service) on app: connect() to the VIP is balanced by the socket hook.
+    let who = bin("mesh-whoami").display().to_string();
+    c.host(2)
+        .meshctl_ok(&[
+            "run",
+            "--network",
+            "app",
+            "--name",
+            "cli",
+            "--",
+            &who,
+            "--no-http",
+            "--udp",
+            "9",
+        ])
+        .unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..9 {
+        let out = c
+            .host(2)
+            .meshctl_ok(&[
+                "exec",
+                "cli",
+                "--",
+                "curl",
+                "-s",
+                "--max-time",
+                "3",
+                &format!("http://{vip}:80/"),
+            ])
+            .unwrap();
+        answers.push(out.trim().to_owned());
+    }
+    assert_even(&tally(answers), &["web-1", "web-2", "web-3"], 3);
+
+    // Host-local clients: a process of host1 (in the node's cgroup) on 127.0.0.1 and on the
+    // node's own address.
+    let probe = bin("mesh-probe").display().to_string();
+    for target in [
+        "127.0.0.1:8080".to_owned(),
+        format!("{}:8080", c.host(1).ip),
+    ] {
+        let out = c
+            .host(1)
+            .ns
+            .command(&probe)
+            .args([
+                "--cgroup",
+                c.host(1).cgroup().to_str().unwrap(),
+                "tcp",
+                &target,
+                "6",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let names: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+            .collect();
+        assert_eq!(names.len(), 6, "{target}: {text}");
+        assert_even(&tally(names), &["web-1", "web-2", "web-3"], 2);
+    }
+}
