@@ -318,3 +318,74 @@ impl HttpSession {
         Ok(String::from_utf8_lossy(&body).trim_end().to_owned())
     }
 }
+
+/// A keep-alive HTTP connection held by a thread inside a namespace, asked on demand from the
+/// test's own thread.
+pub struct RemoteSession {
+    ask: std::sync::mpsc::Sender<()>,
+    answers: std::sync::mpsc::Receiver<Result<String>>,
+}
+
+impl RemoteSession {
+    pub fn open(ns: &Netns, addr: SocketAddr) -> Self {
+        let (ask, asks) = std::sync::mpsc::channel::<()>();
+        let (tx, answers) = std::sync::mpsc::channel();
+        ns.spawn_thread(move || {
+            let mut s = match HttpSession::open(addr) {
+                Ok(s) => s,
+                Err(e) => return drop(tx.send(Err(e))),
+            };
+            while asks.recv().is_ok() {
+                if tx.send(s.get()).is_err() {
+                    break;
+                }
+            }
+        })
+        .expect("starting the session thread");
+        Self { ask, answers }
+    }
+
+    /// One request on the connection; panics when it fails.
+    pub fn get(&self) -> String {
+        self.ask.send(()).expect("session thread gone");
+        self.answers
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no answer on the keep-alive connection")
+            .expect("the keep-alive connection failed")
+    }
+}
+
+/// New connections in a loop from a namespace until stopped: how many succeeded and which
+/// failed (with when), to measure what a client sees while something changes.
+pub struct ClientLoop {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Result<(usize, Vec<String>)>>,
+}
+
+impl ClientLoop {
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = ns.spawn_thread(move || {
+            let started = std::time::Instant::now();
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !flag.load(Ordering::SeqCst) {
+                match http_get(addr) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(format!("at {:?}: {e:#}", started.elapsed())),
+                }
+            }
+            (ok, failed)
+        })?;
+        Ok(Self { stop, handle })
+    }
+
+    /// Stops the loop: (successful requests, failures).
+    pub fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle
+            .join()
+            .expect("client loop panicked")
+            .expect("client loop could not enter its namespace")
+    }
+}

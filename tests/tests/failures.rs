@@ -6,7 +6,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::{Cluster, Host, cluster::bin};
+use mesh_tests::{
+    Cluster, Host,
+    cluster::bin,
+    workload::{ClientLoop, RemoteSession},
+};
 use serde_json::Value;
 
 fn setup(n: usize) -> Cluster {
@@ -87,9 +91,28 @@ fn link(c: &Cluster, host: usize, up: bool) {
         .unwrap();
 }
 
+/// `n` new connections to host1:8080 from the client; the answering tasks.
+fn curls(c: &Cluster, n: usize) -> Vec<String> {
+    let addr: std::net::SocketAddr = format!("{}:8080", c.host(1).ip).parse().unwrap();
+    c.external_ns("client")
+        .unwrap()
+        .run(move || {
+            (0..n)
+                .map(|_| {
+                    mesh_tests::workload::http_get(addr)
+                        .unwrap()
+                        .trim()
+                        .to_owned()
+                })
+                .collect()
+        })
+        .unwrap()
+}
+
 #[test]
 fn a_dead_node_is_evicted_everywhere_within_two_seconds_and_returns_by_itself() {
     let mut c = setup(3);
+    c.external("client", 100).unwrap();
     run(c.host(1), "web-1");
     run(c.host(2), "web-2");
     run(c.host(3), "web-3");
@@ -109,6 +132,13 @@ fn a_dead_node_is_evicted_everywhere_within_two_seconds_and_returns_by_itself() 
         .unwrap();
     }
     eprintln!("evicted on both survivors after {:?}", t.elapsed());
+    // 100 consecutive new connections through host1 all succeed and none reaches host2.
+    let answers = curls(&c, 100);
+    assert!(
+        answers.iter().all(|a| a != "web-2"),
+        "host2 still got traffic"
+    );
+    assert_eq!(answers.len(), 100);
 
     // It comes back: same tasks, no manual step.
     link(&c, 2, true);
@@ -121,6 +151,10 @@ fn a_dead_node_is_evicted_everywhere_within_two_seconds_and_returns_by_itself() 
         .unwrap();
     }
     eprintln!("recovered after {:?}", t.elapsed());
+    c.eventually(Duration::from_secs(3), "web-2 gets traffic again", |c| {
+        Ok(curls(c, 6).iter().any(|a| a == "web-2").then_some(()))
+    })
+    .unwrap();
 }
 
 #[test]
@@ -170,4 +204,56 @@ fn a_partitioned_node_heals_to_the_right_state() {
     for h in c.hosts() {
         assert_eq!(tasks_seen(h), want, "{} changed its mind", h.node_name());
     }
+}
+
+#[test]
+fn the_routing_mesh_keeps_serving_while_an_agent_restarts() {
+    let mut c = setup(3);
+    c.external("client", 100).unwrap();
+    run(c.host(1), "web-1");
+    run(c.host(2), "web-2");
+    run(c.host(3), "web-3");
+    c.eventually(Duration::from_secs(5), "host1 balances over 3 tasks", |c| {
+        let s: Value = c.host(1).meshctl_json(&["service", "inspect", "web"])?;
+        let n = s["dataplane"]["backends"].as_array().map_or(0, Vec::len);
+        Ok((n == 3).then_some(()))
+    })
+    .unwrap();
+    let addr = format!("{}:8080", c.host(1).ip).parse().unwrap();
+    let client = c.external_ns("client").unwrap();
+    let session = RemoteSession::open(client, addr);
+    let on = session.get();
+    let lp = ClientLoop::start(client, addr).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A crash: nothing runs the agent for a second; the pinned dataplane keeps forwarding.
+    c.host_mut(1).kill_agent().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        session.get(),
+        on,
+        "the connection broke while the agent was down"
+    );
+    c.host_mut(1).restart_agent().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    // A graceful restart, as systemd does it.
+    c.host_mut(1).stop_agent().unwrap();
+    c.host_mut(1).restart_agent().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+
+    let (ok, failed) = lp.finish();
+    eprintln!(
+        "{ok} requests served across two restarts; {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed during restarts: {failed:#?}"
+    );
+    assert!(ok > 50, "only {ok} requests in 3.5 s");
+    assert_eq!(
+        session.get(),
+        on,
+        "the connection did not survive the restarts"
+    );
 }

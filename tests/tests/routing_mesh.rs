@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 use mesh_tests::{
     Cluster, Host,
     cluster::bin,
-    workload::{HttpSession, http_get, tally, udp_ask},
+    workload::{RemoteSession, http_get, tally, udp_ask},
 };
 use serde_json::Value;
 
@@ -152,42 +152,6 @@ fn every_node_balances_its_published_ports_over_all_tasks() {
     assert!(pretty.contains("FLOWS"), "{pretty}");
 }
 
-/// A keep-alive connection held by a thread in the client namespace, asked on demand.
-struct RemoteSession {
-    ask: std::sync::mpsc::Sender<()>,
-    answers: std::sync::mpsc::Receiver<anyhow::Result<String>>,
-}
-
-impl RemoteSession {
-    fn open(c: &Cluster, a: SocketAddr) -> Self {
-        let (ask, asks) = std::sync::mpsc::channel::<()>();
-        let (tx, answers) = std::sync::mpsc::channel();
-        c.external_ns("client")
-            .unwrap()
-            .spawn_thread(move || {
-                let mut s = match HttpSession::open(a) {
-                    Ok(s) => s,
-                    Err(e) => return drop(tx.send(Err(e))),
-                };
-                while asks.recv().is_ok() {
-                    if tx.send(s.get()).is_err() {
-                        break;
-                    }
-                }
-            })
-            .unwrap();
-        Self { ask, answers }
-    }
-
-    fn get(&self) -> String {
-        self.ask.send(()).unwrap();
-        self.answers
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap()
-            .unwrap()
-    }
-}
-
 #[test]
 fn an_established_connection_survives_task_changes_and_removed_tasks_get_no_new_ones() {
     let c = cluster();
@@ -195,7 +159,7 @@ fn an_established_connection_survives_task_changes_and_removed_tasks_get_no_new_
     task(c.host(2), "web-2");
     wait_backends(&c, 2);
     let a = addr(c.host(3), 8080);
-    let session = RemoteSession::open(&c, a);
+    let session = RemoteSession::open(c.external_ns("client").unwrap(), a);
     let on = session.get();
     let (other, other_host) = if on == "web-1" {
         ("web-2", 2)

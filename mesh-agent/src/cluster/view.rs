@@ -160,9 +160,13 @@ impl View {
                 continue;
             };
             let active = view.nodes[*name].spec.availability == super::Availability::Active;
+            // The newest generation's keys speak for a node that is up under any generation:
+            // a restarting agent publishes its endpoints with its first message, so its tasks
+            // never blink out of other nodes' load balancers.
+            let live = view.nodes[*name].status == NodeStatus::Ready;
             for (k, v) in &n.kv {
                 if let Some(task) = k.strip_prefix(key::ENDPOINT) {
-                    if !n.live {
+                    if !live {
                         continue;
                     }
                     let Some(record) = decode::<EndpointRecord>(v) else {
@@ -178,7 +182,7 @@ impl View {
                         record,
                     });
                 } else if k.starts_with(key::ATTACHMENT) {
-                    if !n.live {
+                    if !live {
                         continue;
                     }
                     let Some(record) = decode::<AttachmentRecord>(v) else {
@@ -401,6 +405,34 @@ mod tests {
             now_ms: 100,
         });
         assert_eq!(v.nodes["b"].status, NodeStatus::Down);
+    }
+
+    #[test]
+    fn a_restarting_nodes_tasks_never_leave_the_table() {
+        let mut a = node("a", "192.0.2.1", true);
+        put(
+            &mut a,
+            format!("{}app", key::NETWORK),
+            &network("app", "10.1.0.0/24", 4096, st(10, "a")),
+        );
+        let old = node("b", "192.0.2.2", true);
+        // The new generation is not live yet, but arrived with its endpoint.
+        let mut new = node("b", "192.0.2.2", false);
+        new.generation = 2;
+        let ep = EndpointRecord {
+            task: "web1".into(),
+            network: "app".into(),
+            service: Some("web".into()),
+            ip: "10.1.0.20".parse().unwrap(),
+            mac: "02:42:0a:01:00:14".into(),
+            state: TaskState::Running,
+        };
+        put(&mut new, format!("{}web1", key::ENDPOINT), &ep);
+        let v = View::compute(&Snapshot {
+            nodes: vec![a, old, new],
+            now_ms: 100,
+        });
+        assert_eq!(v.endpoints.len(), 1);
     }
 
     fn put<T: Serialize>(n: &mut SnapshotNode, k: String, v: &T) {
