@@ -169,3 +169,77 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[test]
+fn node_labels_and_availability_are_set_from_any_node_and_seen_everywhere() {
+    let mut c = Cluster::new(2).unwrap();
+    c.start_agents().unwrap();
+    let h2 = c.host(2).node_name().to_owned();
+    c.host(1)
+        .meshctl_ok(&[
+            "node",
+            "update",
+            "--label-add",
+            "zone=east",
+            "--label-add",
+            "ssd",
+            &h2,
+        ])
+        .unwrap();
+    c.eventually(Duration::from_secs(2), "labels on host2's own view", |c| {
+        let n: Value = c.host(2).meshctl_json(&["node", "inspect", "self"])?;
+        Ok((n["labels"]["zone"] == "east" && n["labels"]["ssd"] == "").then_some(()))
+    })
+    .unwrap();
+    c.host(2)
+        .meshctl_ok(&[
+            "node",
+            "update",
+            "--label-rm",
+            "ssd",
+            "--availability",
+            "drain",
+            "self",
+        ])
+        .unwrap();
+    c.eventually(
+        Duration::from_secs(2),
+        "drain and label removal seen on host1",
+        |c| {
+            let nodes: Value = c.host(1).meshctl_json(&["node", "ls"])?;
+            let n = nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["name"] == h2.as_str())
+                .cloned()
+                .unwrap();
+            Ok((n["availability"] == "drain" && n["labels"].get("ssd").is_none()).then_some(()))
+        },
+    )
+    .unwrap();
+    let table = c.host(1).meshctl_ok(&["node", "ls"]).unwrap();
+    assert!(table.contains("Drain"), "{table}");
+    let pretty = c
+        .host(1)
+        .meshctl_ok(&["node", "inspect", &h2, "--pretty"])
+        .unwrap();
+    assert!(pretty.contains("zone=east"), "{pretty}");
+    // Bad input says what is wrong.
+    let out = c
+        .host(1)
+        .meshctl(&["node", "update", "--availability", "pause", &h2])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use active or drain"));
+    let out = c
+        .host(1)
+        .meshctl(&["node", "update", "--label-add", "=x", &h2])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid label"));
+    let out = c
+        .host(1)
+        .meshctl(&["node", "update", "nosuchnode", "--availability", "drain"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}

@@ -112,6 +112,12 @@ pub struct ServiceCreate {
     pub mode: EndpointMode,
 }
 
+/// Decodes a request body, or says what is wrong with it. Every API route goes through here,
+/// so it is what the bad-input tests and the fuzz target feed.
+pub fn decode_request<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("malformed request: {e}"))
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeUpdate {
     pub availability: Option<Availability>,
@@ -120,6 +126,22 @@ pub struct NodeUpdate {
     pub label_add: Vec<String>,
     #[serde(default)]
     pub label_rm: Vec<String>,
+}
+
+impl NodeUpdate {
+    /// `key=value` (or `key`, an empty value) pairs to set.
+    pub fn labels_to_add(&self) -> Result<Vec<(String, String)>, String> {
+        self.label_add
+            .iter()
+            .map(|l| {
+                let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
+                if k.is_empty() || k.chars().any(char::is_whitespace) {
+                    return Err(format!("invalid label {l:?}: expected key=value or key"));
+                }
+                Ok((k.to_owned(), v.to_owned()))
+            })
+            .collect()
+    }
 }
 
 /// How this node's gossip is protected (`GET /v1/gossip`): key ids and counters, never keys.

@@ -44,7 +44,7 @@ type ApiResult<T> = Result<Json<T>, Error>;
 /// Decodes a JSON body with an error that says what was wrong (axum's default rejection is
 /// plain text).
 fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, Error> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Invalid(format!("malformed request: {e}")))
+    super::decode_request(bytes).map_err(Error::Invalid)
 }
 
 pub fn router(agent: Arc<Agent>) -> Router {
@@ -214,16 +214,7 @@ async fn update_node(
     bytes: Bytes,
 ) -> ApiResult<NodeInfo> {
     let req: NodeUpdate = body(&bytes)?;
-    let mut add = Vec::new();
-    for l in &req.label_add {
-        let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
-        if k.is_empty() {
-            return Err(Error::Invalid(format!(
-                "invalid label {l:?}: expected key=value or key"
-            )));
-        }
-        add.push((k.to_owned(), v.to_owned()));
-    }
+    let add = req.labels_to_add().map_err(Error::Invalid)?;
     let view = agent.view();
     let name = resolve_node_name(&agent, &view, &name);
     agent
