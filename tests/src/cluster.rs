@@ -164,6 +164,42 @@ impl Cluster {
         Ok(())
     }
 
+    /// Creates a network from host1 and waits until every host knows it; its JSON.
+    pub fn create_network(&self, name: &str, subnet: &str) -> Result<serde_json::Value> {
+        let net = self
+            .host(1)
+            .meshctl_json(&["network", "create", name, "--subnet", subnet])?;
+        self.known_everywhere(&["network", "inspect", name])?;
+        Ok(net)
+    }
+
+    /// `meshctl service create NAME --network NETWORK ARGS…` from host1, then waits until
+    /// every host knows the service; its JSON.
+    pub fn create_service(
+        &self,
+        name: &str,
+        network: &str,
+        args: &[&str],
+    ) -> Result<serde_json::Value> {
+        let mut cmd = vec!["service", "create", name, "--network", network];
+        cmd.extend_from_slice(args);
+        let svc = self.host(1).meshctl_json(&cmd)?;
+        self.known_everywhere(&["service", "inspect", name])?;
+        Ok(svc)
+    }
+
+    /// Waits until a meshctl command (an inspect) succeeds on every host.
+    fn known_everywhere(&self, args: &[&str]) -> Result<()> {
+        self.eventually(Duration::from_secs(5), &args.join(" "), |c| {
+            for h in c.hosts() {
+                if !h.meshctl(args)?.status.success() {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        })
+    }
+
     /// Polls `check` until it returns `Some`, failing with `what` after `timeout`.
     pub fn eventually<T>(
         &self,

@@ -218,7 +218,8 @@ pub fn udp_ask(addr: SocketAddr) -> Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-/// A long-lived connection to a line server: each `ask` gets the answering task's name.
+/// A long-lived connection: to a line server (`ask`, `download`, `upload`) or to an HTTP
+/// server with keep-alive (`http_get`); each answer names the task that served it.
 pub struct Session {
     stream: TcpStream,
     reader: BufReader<TcpStream>,
@@ -235,6 +236,32 @@ impl Session {
 
     pub fn ask(&mut self) -> Result<String> {
         self.request("who?")
+    }
+
+    /// One HTTP/1.1 request on the connection (to mesh-whoami, which keeps it alive): the
+    /// serving task's name.
+    pub fn http_get(&mut self) -> Result<String> {
+        self.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: mesh\r\n\r\n")
+            .context("sending on the keep-alive connection")?;
+        let mut length = None;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("the keep-alive connection was closed");
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse::<usize>().ok();
+            }
+        }
+        let mut body = vec![0u8; length.context("answer without Content-Length")?];
+        self.reader.read_exact(&mut body)?;
+        Ok(String::from_utf8_lossy(&body).trim_end().to_owned())
     }
 
     /// Downloads `n` bytes of the bulk pattern; whether they arrived intact.
@@ -278,47 +305,6 @@ pub fn tally<I: IntoIterator<Item = String>>(answers: I) -> BTreeMap<String, usi
     t
 }
 
-/// A keep-alive HTTP/1.1 connection (to mesh-whoami): each `get` is one request on the same
-/// connection, answered with the serving task's name.
-pub struct HttpSession {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-}
-
-impl HttpSession {
-    pub fn open(addr: SocketAddr) -> Result<Self> {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-            .with_context(|| format!("connecting to {addr}"))?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        let reader = BufReader::new(stream.try_clone()?);
-        Ok(Self { stream, reader })
-    }
-
-    pub fn get(&mut self) -> Result<String> {
-        self.stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: mesh\r\n\r\n")
-            .context("sending on the keep-alive connection")?;
-        let mut length = None;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if self.reader.read_line(&mut line)? == 0 {
-                bail!("the keep-alive connection was closed");
-            }
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse::<usize>().ok();
-            }
-        }
-        let mut body = vec![0u8; length.context("answer without Content-Length")?];
-        self.reader.read_exact(&mut body)?;
-        Ok(String::from_utf8_lossy(&body).trim_end().to_owned())
-    }
-}
-
 /// A keep-alive HTTP connection held by a thread inside a namespace, asked on demand from the
 /// test's own thread.
 pub struct RemoteSession {
@@ -331,12 +317,12 @@ impl RemoteSession {
         let (ask, asks) = std::sync::mpsc::channel::<()>();
         let (tx, answers) = std::sync::mpsc::channel();
         ns.spawn_thread(move || {
-            let mut s = match HttpSession::open(addr) {
+            let mut s = match Session::open(addr) {
                 Ok(s) => s,
                 Err(e) => return drop(tx.send(Err(e))),
             };
             while asks.recv().is_ok() {
-                if tx.send(s.get()).is_err() {
+                if tx.send(s.http_get()).is_err() {
                     break;
                 }
             }

@@ -206,21 +206,7 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
 fn services_created_concurrently_on_every_node_get_distinct_vips() {
     let mut c = Cluster::new(3).unwrap();
     c.start_agents().unwrap();
-    c.host(1)
-        .meshctl_ok(&["network", "create", "app", "--subnet", "10.10.0.0/24"])
-        .unwrap();
-    c.eventually(Duration::from_secs(2), "app everywhere", |c| {
-        Ok(c.hosts()
-            .iter()
-            .all(|h| {
-                h.meshctl(&["network", "inspect", "app"])
-                    .unwrap()
-                    .status
-                    .success()
-            })
-            .then_some(()))
-    })
-    .unwrap();
+    c.create_network("app", "10.10.0.0/24").unwrap();
     let vips: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = c
             .hosts()

@@ -63,30 +63,9 @@ fn tasks_resolve_services_tasks_and_outside_names() {
             .start_agent(&["--dns-upstream", UPSTREAM])
             .unwrap();
     }
-    c.host(1)
-        .meshctl_ok(&["network", "create", "app", "--subnet", "10.10.0.0/24"])
-        .unwrap();
-    let web: Value = c
-        .host(1)
-        .meshctl_json(&[
-            "service",
-            "create",
-            "web",
-            "--network",
-            "app",
-            "-p",
-            "8080:80",
-        ])
-        .unwrap();
+    c.create_network("app", "10.10.0.0/24").unwrap();
+    let web = c.create_service("web", "app", &["-p", "8080:80"]).unwrap();
     let vip = web["vip"].as_str().unwrap().to_owned();
-    c.eventually(Duration::from_secs(3), "web known on host2", |c| {
-        Ok(c.host(2)
-            .meshctl(&["service", "inspect", "web"])?
-            .status
-            .success()
-            .then_some(()))
-    })
-    .unwrap();
     let w1 = whoami(c.host(1), "web-1", Some("web"));
     let w2 = whoami(c.host(2), "web-2", Some("web"));
     let client = whoami(c.host(3), "client", None);
@@ -155,30 +134,11 @@ fn tasks_resolve_services_tasks_and_outside_names() {
 fn a_dnsrr_service_resolves_to_its_tasks() {
     let mut c = Cluster::new(2).unwrap();
     c.start_agents().unwrap();
-    c.host(1)
-        .meshctl_ok(&["network", "create", "app", "--subnet", "10.10.0.0/24"])
-        .unwrap();
-    let rr: Value = c
-        .host(1)
-        .meshctl_json(&[
-            "service",
-            "create",
-            "rr",
-            "--network",
-            "app",
-            "--endpoint-mode",
-            "dnsrr",
-        ])
+    c.create_network("app", "10.10.0.0/24").unwrap();
+    let rr = c
+        .create_service("rr", "app", &["--endpoint-mode", "dnsrr"])
         .unwrap();
     assert!(rr["vip"].is_null());
-    c.eventually(Duration::from_secs(3), "rr known on host2", |c| {
-        Ok(c.host(2)
-            .meshctl(&["service", "inspect", "rr"])?
-            .status
-            .success()
-            .then_some(()))
-    })
-    .unwrap();
     let a = whoami(c.host(1), "rr-1", Some("rr"));
     let b = whoami(c.host(2), "rr-2", Some("rr"));
     let mut want = vec![

@@ -16,32 +16,8 @@ use serde_json::Value;
 fn setup(n: usize) -> Cluster {
     let mut c = Cluster::new(n).unwrap();
     c.start_agents().unwrap();
-    c.host(1)
-        .meshctl_ok(&["network", "create", "app", "--subnet", "10.10.0.0/24"])
-        .unwrap();
-    c.host(1)
-        .meshctl_ok(&[
-            "service",
-            "create",
-            "web",
-            "--network",
-            "app",
-            "-p",
-            "8080:80",
-        ])
-        .unwrap();
-    c.eventually(Duration::from_secs(5), "web everywhere", |c| {
-        Ok(c.hosts()
-            .iter()
-            .all(|h| {
-                h.meshctl(&["service", "inspect", "web"])
-                    .unwrap()
-                    .status
-                    .success()
-            })
-            .then_some(()))
-    })
-    .unwrap();
+    c.create_network("app", "10.10.0.0/24").unwrap();
+    c.create_service("web", "app", &["-p", "8080:80"]).unwrap();
     c
 }
 

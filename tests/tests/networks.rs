@@ -10,21 +10,7 @@ use serde_json::Value;
 fn cluster_with_app() -> Cluster {
     let mut c = Cluster::new(3).unwrap();
     c.start_agents().unwrap();
-    c.host(1)
-        .meshctl_ok(&["network", "create", "app", "--subnet", "10.10.0.0/24"])
-        .unwrap();
-    c.eventually(Duration::from_secs(3), "app on every node", |c| {
-        Ok(c.hosts()
-            .iter()
-            .all(|h| {
-                h.meshctl(&["network", "inspect", "app"])
-                    .unwrap()
-                    .status
-                    .success()
-            })
-            .then_some(()))
-    })
-    .unwrap();
+    c.create_network("app", "10.10.0.0/24").unwrap();
     c
 }
 

@@ -17,34 +17,9 @@ fn cluster() -> Cluster {
     let mut c = Cluster::new(3).unwrap();
     c.start_agents().unwrap();
     c.external("client", 100).unwrap();
-    c.host(1)
-        .meshctl_ok(&["network", "create", "app", "--subnet", "10.10.0.0/24"])
+    c.create_network("app", "10.10.0.0/24").unwrap();
+    c.create_service("web", "app", &["-p", "8080:80", "-p", "5353:53/udp"])
         .unwrap();
-    c.host(1)
-        .meshctl_ok(&[
-            "service",
-            "create",
-            "web",
-            "--network",
-            "app",
-            "-p",
-            "8080:80",
-            "-p",
-            "5353:53/udp",
-        ])
-        .unwrap();
-    c.eventually(Duration::from_secs(5), "web everywhere", |c| {
-        Ok(c.hosts()
-            .iter()
-            .all(|h| {
-                h.meshctl(&["service", "inspect", "web"])
-                    .unwrap()
-                    .status
-                    .success()
-            })
-            .then_some(()))
-    })
-    .unwrap();
     c
 }
 

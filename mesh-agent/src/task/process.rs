@@ -44,51 +44,80 @@ pub(super) struct Spawned {
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-pub(super) fn spawn(launch: &Launch) -> Result<Spawned> {
-    let Some((program, args)) = launch.command.split_first() else {
-        bail!("a task needs a command to run");
-    };
-    // Everything the child needs is prepared here: between fork and exec only
-    // async-signal-safe system calls may run (no allocation, no locks).
-    let netns = File::open(launch.netns)
-        .with_context(|| format!("opening the task namespace {}", launch.netns.display()))?;
-    let cgroup_procs = launch
-        .cgroup
-        .map(|dir| {
-            let p = dir.join("cgroup.procs");
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .with_context(|| format!("opening {} to place the task in its cgroup", p.display()))
+/// What a process needs to enter a task, opened before the fork: between fork and exec only
+/// async-signal-safe system calls may run (no allocation, no locks).
+struct Entry {
+    netns: File,
+    cgroup_procs: Option<File>,
+    binds: Vec<(CString, CString)>,
+    hostname: Vec<u8>,
+}
+
+impl Entry {
+    fn open(launch: &Launch) -> Result<Self> {
+        let netns = File::open(launch.netns)
+            .with_context(|| format!("opening the task namespace {}", launch.netns.display()))?;
+        let cgroup_procs = launch
+            .cgroup
+            .map(|dir| {
+                let p = dir.join("cgroup.procs");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .with_context(|| {
+                        format!("opening {} to place the task in its cgroup", p.display())
+                    })
+            })
+            .transpose()?;
+        Ok(Self {
+            netns,
+            cgroup_procs,
+            binds: etc_binds(launch.etc_overrides)?,
+            hostname: launch.hostname.as_bytes().to_vec(),
         })
-        .transpose()?;
-    let binds = etc_binds(launch.etc_overrides)?;
-    let hostname = launch.hostname.as_bytes().to_vec();
+    }
+
+    /// The command, set to enter the task (namespaces, /etc overrides, hostname, cgroup) as
+    /// its first act in the child. `self` must outlive the spawn (it holds the fds).
+    fn command(self, launch: &Launch) -> Result<(Command, Self)> {
+        let Some((program, args)) = launch.command.split_first() else {
+            bail!("nothing to run: give a command");
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", DEFAULT_PATH)
+            .env("HOSTNAME", launch.hostname)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .current_dir("/");
+        let netns_fd = self.netns.as_raw_fd();
+        let cgroup_fd = self.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
+        let binds = self.binds.clone();
+        let hostname = self.hostname.clone();
+        // SAFETY: the closure only makes system calls on memory prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || enter(netns_fd, cgroup_fd, &binds, &hostname));
+        }
+        Ok((cmd, self))
+    }
+}
+
+pub(super) fn spawn(launch: &Launch) -> Result<Spawned> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(launch.log)
         .with_context(|| format!("opening the task log {}", launch.log.display()))?;
-
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOSTNAME", launch.hostname)
-        .envs(launch.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .current_dir("/");
-    let netns_fd = netns.as_raw_fd();
-    let cgroup_fd = cgroup_procs.as_ref().map(|f| f.as_raw_fd());
-    // SAFETY: the closure only makes system calls on memory prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || enter(netns_fd, cgroup_fd, &binds, &hostname));
-    }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {program} in {}", launch.netns.display()))?;
+    let (mut cmd, _entry) = Entry::open(launch)?.command(launch)?;
+    cmd.stdout(log.try_clone()?).stderr(log);
+    let child = cmd.spawn().with_context(|| {
+        format!(
+            "starting {:?} in {}",
+            launch.command[0],
+            launch.netns.display()
+        )
+    })?;
     let pid = child.id();
     // The Child handle is dropped without waiting: the process is reaped through its pidfd.
     drop(child);
@@ -108,46 +137,23 @@ pub(super) async fn exec(
     launch: &Launch<'_>,
     timeout: std::time::Duration,
 ) -> Result<std::process::Output> {
-    let Some((program, args)) = launch.command.split_first() else {
-        bail!("nothing to run: give a command");
-    };
-    let netns = File::open(launch.netns)
-        .with_context(|| format!("opening the task namespace {}", launch.netns.display()))?;
-    let cgroup_procs = launch
-        .cgroup
-        .map(|dir| {
-            let p = dir.join("cgroup.procs");
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .with_context(|| format!("opening {}", p.display()))
-        })
-        .transpose()?;
-    let binds = etc_binds(launch.etc_overrides)?;
-    let hostname = launch.hostname.as_bytes().to_vec();
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOSTNAME", launch.hostname)
-        .envs(launch.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .current_dir("/")
-        .kill_on_drop(true);
-    let netns_fd = netns.as_raw_fd();
-    let cgroup_fd = cgroup_procs.as_ref().map(|f| f.as_raw_fd());
-    // SAFETY: the closure only makes system calls on memory prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || enter(netns_fd, cgroup_fd, &binds, &hostname));
-    }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {program} in {}", launch.netns.display()))?;
+    let (mut cmd, _entry) = Entry::open(launch)?.command(launch)?;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let child = cmd.spawn().with_context(|| {
+        format!(
+            "starting {:?} in {}",
+            launch.command[0],
+            launch.netns.display()
+        )
+    })?;
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(out) => Ok(out?),
-        Err(_) => bail!("{program} did not finish within {timeout:?}; it was killed"),
+        Err(_) => bail!(
+            "{:?} did not finish within {timeout:?}; it was killed",
+            launch.command[0]
+        ),
     }
 }
 
