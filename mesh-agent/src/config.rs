@@ -34,6 +34,9 @@ pub struct AgentConfig {
     pub phi_threshold: f64,
     /// How long a create waits for concurrent creates elsewhere before it is final.
     pub settle_ms: u64,
+    /// After a graceful stop (SIGTERM) peers keep this node's tasks this long before evicting
+    /// them: its tasks and dataplane keep serving while the agent restarts.
+    pub restart_grace_ms: u64,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
@@ -62,6 +65,7 @@ impl Default for AgentConfig {
             gossip_interval_ms: 100,
             phi_threshold: 8.0,
             settle_ms: 1000,
+            restart_grace_ms: 10_000,
             socket: crate::api::DEFAULT_SOCKET.into(),
             state_dir: "/var/lib/mesh".into(),
             bpffs: "/sys/fs/bpf/mesh".into(),
@@ -87,6 +91,10 @@ impl AgentConfig {
 
     pub fn gossip_interval(&self) -> Duration {
         Duration::from_millis(self.gossip_interval_ms)
+    }
+
+    pub fn restart_grace(&self) -> Duration {
+        Duration::from_millis(self.restart_grace_ms)
     }
 
     pub fn settle(&self) -> Duration {

@@ -90,6 +90,8 @@ struct RunArgs {
     #[arg(long)]
     settle_ms: Option<u64>,
     #[arg(long)]
+    restart_grace_ms: Option<u64>,
+    #[arg(long)]
     socket: Option<PathBuf>,
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -127,6 +129,9 @@ impl RunArgs {
         }
         if let Some(v) = self.phi_threshold {
             c.phi_threshold = v;
+        }
+        if let Some(v) = self.restart_grace_ms {
+            c.restart_grace_ms = v;
         }
         if let Some(v) = self.settle_ms {
             c.settle_ms = v;
@@ -393,6 +398,9 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         _ = term.recv() => {
             info!("SIGTERM: stopping; the dataplane keeps forwarding");
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            if !config.cleanup_on_exit {
+                agent.announce_restart(config.restart_grace()).await;
+            }
         }
         _ = int.recv() => info!("SIGINT: stopping"),
     }

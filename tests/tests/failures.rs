@@ -233,3 +233,24 @@ fn the_routing_mesh_keeps_serving_while_an_agent_restarts() {
         "the connection did not survive the restarts"
     );
 }
+
+#[test]
+fn a_graceful_restart_slower_than_failure_detection_keeps_the_nodes_tasks() {
+    let mut c = setup(3);
+    c.external("client", 100).unwrap();
+    run(c.host(1), "web-1");
+    run(c.host(2), "web-2");
+    c.eventually(Duration::from_secs(3), "2 tasks on host1", |c| {
+        Ok((tasks_seen(c.host(1)).len() == 2).then_some(()))
+    })
+    .unwrap();
+    // host2's agent stops (SIGTERM) and stays away three times the detection time; its task
+    // and dataplane keep running, so its peers keep sending it traffic.
+    c.host_mut(2).stop_agent().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(tasks_seen(c.host(1)), set(&["web-1", "web-2"]));
+    let answers = curls(&c, 10);
+    assert!(answers.iter().any(|a| a == "web-2"), "{answers:?}");
+    c.host_mut(2).restart_agent().unwrap();
+    assert_eq!(tasks_seen(c.host(3)), set(&["web-1", "web-2"]));
+}

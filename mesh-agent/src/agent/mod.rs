@@ -149,6 +149,19 @@ impl Agent {
         view
     }
 
+    /// Tells peers this agent is stopping while its tasks and dataplane keep serving, and
+    /// waits for that to spread: peers keep the node's tasks for `grace` instead of evicting
+    /// them when heartbeats stop.
+    pub async fn announce_restart(&self, grace: Duration) {
+        let until_ms = Clock::now_ms() + grace.as_millis() as u64;
+        let value =
+            serde_json::to_string(&crate::cluster::Restarting { until_ms }).expect("plain struct");
+        self.gossip
+            .write([(key::RESTARTING.to_owned(), Some(value))])
+            .await;
+        tokio::time::sleep(self.config.gossip_interval() * 3).await;
+    }
+
     /// Asks the loop to converge the kernel now.
     pub fn poke(&self) {
         self.reconcile_now.notify_one();
@@ -265,6 +278,7 @@ pub fn load_own_keys(state_dir: &std::path::Path) -> BTreeMap<String, String> {
         Ok(bytes) => match serde_json::from_slice::<BTreeMap<String, String>>(&bytes) {
             Ok(mut keys) => {
                 keys.remove(key::NODE);
+                keys.remove(key::RESTARTING);
                 keys
             }
             Err(e) => {

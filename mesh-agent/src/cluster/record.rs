@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 pub mod key {
     /// The node's own record.
     pub const NODE: &str = "node";
+    /// Set by an agent that is stopping with its dataplane and tasks left running: until the
+    /// time it names, the node counts as up (see [`super::Restarting`]).
+    pub const RESTARTING: &str = "restarting";
     /// `ep:<task>`: a task of this node.
     pub const ENDPOINT: &str = "ep:";
     /// `att:<network>`: this node's own address on a network it plumbs.
@@ -85,6 +88,14 @@ pub struct NodeRecord {
     /// Underlay MTU; overlay networks use 50 bytes less.
     pub mtu: u32,
     pub agent_version: String,
+}
+
+/// An agent going down gracefully leaves its tasks and pinned dataplane serving; peers keep
+/// counting the node (and its tasks) as up until `until_ms`, so a restart slower than the
+/// failure detector does not evict tasks that never stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restarting {
+    pub until_ms: u64,
 }
 
 /// Operator-set properties of a node, replicated so they can be changed from any node.

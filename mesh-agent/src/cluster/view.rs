@@ -114,6 +114,17 @@ impl View {
         for n in snapshot.nodes.iter().filter(|n| n.live) {
             any_live.insert(&n.name);
         }
+        // A generation that announced a graceful stop counts as up until its deadline (its
+        // tasks and dataplane keep serving while its agent restarts).
+        for n in &snapshot.nodes {
+            let restarting =
+                n.kv.get(key::RESTARTING)
+                    .and_then(|v| decode::<super::Restarting>(v))
+                    .is_some_and(|r| r.until_ms > snapshot.now_ms);
+            if restarting {
+                any_live.insert(&n.name);
+            }
+        }
 
         let node_specs = merge_kind::<NodeSpec>(snapshot, key::NODE_SPEC, &mut view);
         for (name, n) in &newest {
@@ -433,6 +444,26 @@ mod tests {
             now_ms: 100,
         });
         assert_eq!(v.endpoints.len(), 1);
+    }
+
+    #[test]
+    fn a_gracefully_stopping_node_stays_up_until_its_deadline() {
+        let mut b = node("b", "192.0.2.2", false);
+        put(
+            &mut b,
+            key::RESTARTING.into(),
+            &crate::cluster::Restarting { until_ms: 5_000 },
+        );
+        let at = |now_ms| {
+            View::compute(&Snapshot {
+                nodes: vec![b.clone()],
+                now_ms,
+            })
+            .nodes["b"]
+                .status
+        };
+        assert_eq!(at(4_000), NodeStatus::Ready);
+        assert_eq!(at(6_000), NodeStatus::Down);
     }
 
     fn put<T: Serialize>(n: &mut SnapshotNode, k: String, v: &T) {
