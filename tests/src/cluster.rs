@@ -25,8 +25,9 @@ use crate::{
 };
 
 /// Namespaces, pins, cgroups and sockets of test clusters start with one of these, then the
-/// owning process's PID: `mt` for tests, `demo` for `cargo xtask demo`.
-const PREFIXES: [&str; 2] = ["mt", "demo"];
+/// owning process's PID: `mt` for tests, `demo` for `cargo xtask demo`, `bench` for
+/// `cargo xtask bench`.
+const PREFIXES: [&str; 3] = ["mt", "demo", "bench"];
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 pub const UNDERLAY_PREFIX: &str = "192.0.2";
