@@ -75,7 +75,7 @@ pub fn whoami(c: &Cluster, on: &[usize]) -> Result<Vec<TaskInfo>> {
         ])?;
     }
     let tasks = c.eventually(Duration::from_secs(20), "every task on every node", |c| {
-        let tasks: Vec<TaskInfo> = c.host(1).meshctl_json(&["ps"])?;
+        let tasks: Vec<TaskInfo> = c.host(1).meshctl_json(&["service", "ps", SERVICE])?;
         if tasks.len() != on.len() {
             return Ok(None);
         }

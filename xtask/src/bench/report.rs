@@ -281,7 +281,6 @@ pub struct Spread {
     pub min: f64,
     pub median: f64,
     pub max: f64,
-    pub n: usize,
 }
 
 impl Spread {
@@ -295,7 +294,6 @@ impl Spread {
             min: v[0],
             median: percentile_sorted(&v, 0.5),
             max: v[v.len() - 1],
-            n: v.len(),
         })
     }
 

@@ -8,13 +8,13 @@
 //! packet, so runs cannot be batched). The "pass" row is the same timing of a frame the
 //! program only parses, i.e. the floor of the method.
 //!
-//! **netfilter**: what N DNAT rules add to a new flow's first packet. Frames are sent with
-//! a raw socket from a client namespace into a router namespace whose `nat` prerouting
-//! holds N services, then dropped by a blackhole route after translation. The send loop
-//! runs the router's whole receive path in the sender's context (veth), so wall time per
-//! packet minus the same with an empty `nat` chain is the rules' cost. Two shapes:
+//! **netfilter**: what N DNAT rules add to a new flow's first packet. A client namespace
+//! connects to random VIPs through a router namespace whose `nat` prerouting holds N
+//! services; the backend namespace behind it refuses (RST), so each connect() is one
+//! synchronous round trip whose SYN runs the nat rules once. Mean time per connect minus
+//! the same through a router with an empty `nat` chain is the rules' cost. Two shapes:
 //! iptables (one rule per service in a chain, as Docker and kube-proxy's iptables mode
-//! build it; matched linearly) and nft with a `ip daddr . udp dport` map (as kube-proxy's
+//! build it; matched linearly) and nft with a `ip daddr . tcp dport` map (as kube-proxy's
 //! nftables mode does; hashed). Later packets of a flow skip the nat rules in netfilter
 //! (conntrack remembers), so only first packets depend on N there.
 
@@ -79,9 +79,9 @@ pub fn run(quick: bool) -> Result<Report> {
          all, so 1M flows do not run out of SNAT ports), flows filled by real SYNs"
     ));
     report.ran(
-        "netfilter: raw-socket UDP first packets from a client netns into a router netns \
-         (veth), DNAT then blackhole; cost = wall time per packet minus the same with an \
-         empty nat chain, best of 3 interleaved rounds",
+        "netfilter: sequential TCP connects from a client netns through a router netns (nat \
+         rules, conntrack) to a backend netns that refuses them; cost = mean time per connect \
+         minus the same with an empty nat chain, best of 3 interleaved rounds",
     );
     let mut t = Table::new(
         "mesh load balancer, ns per packet (kernel-timed program run)",
@@ -420,10 +420,10 @@ enum Rules {
     NftMap,
 }
 
-/// Sends first packets through a router with `n` services in each rule shape.
+/// Opens connections through a router with `n` services in each rule shape.
 fn netfilter_point(n: u32, quick: bool) -> Result<NetfilterPoint> {
     let tag = format!("bench{}xnf", std::process::id());
-    // One client and one router namespace per rule shape, so each shape has its own path.
+    // Per rule shape: client ── router (nat rules) ── backend, each its own namespace.
     let mut paths = Vec::new();
     for (i, rules) in [Rules::Empty, Rules::Iptables, Rules::NftMap]
         .into_iter()
@@ -431,31 +431,41 @@ fn netfilter_point(n: u32, quick: bool) -> Result<NetfilterPoint> {
     {
         let client = Netns::create(&format!("{tag}-c{i}"))?;
         let router = Netns::create(&format!("{tag}-r{i}"))?;
+        let backend = Netns::create(&format!("{tag}-b{i}"))?;
         client.sh(&format!(
             "ip link add eth0 type veth peer name eth0 netns {r} && \
              ip addr add 198.51.100.1/24 dev eth0 && ip link set eth0 up && \
              ip route add 10.96.0.0/12 via 198.51.100.2",
             r = router.name()
         ))?;
-        router.sh(
-            "ip addr add 198.51.100.2/24 dev eth0 && ip link set eth0 up && \
-             sysctl -qw net.ipv4.ip_forward=1 && ip route add blackhole 10.112.0.0/12 && \
-             ip route add blackhole 10.96.0.0/12",
+        router.sh(&format!(
+            "ip link add eth1 type veth peer name eth0 netns {b} && \
+             ip addr add 198.51.100.2/24 dev eth0 && ip link set eth0 up && \
+             ip addr add 198.51.101.1/24 dev eth1 && ip link set eth1 up && \
+             sysctl -qw net.ipv4.ip_forward=1 && \
+             ip route add 10.96.0.0/12 via 198.51.101.2 && \
+             ip route add 10.112.0.0/12 via 198.51.101.2",
+            b = backend.name()
+        ))?;
+        // The backend owns every VIP and backend address and has no listener: it answers
+        // each SYN with a RST, so a connect() is one round trip through the router.
+        backend.sh(
+            "ip addr add 198.51.101.2/24 dev eth0 && ip link set eth0 up && \
+             ip route add default via 198.51.101.1 && \
+             ip route add local 10.96.0.0/12 dev lo && ip route add local 10.112.0.0/12 dev lo",
         )?;
         load_rules(&router, rules, n)?;
-        paths.push((client, router));
+        paths.push((client, router, backend));
     }
-    // Packets per round: enough for a stable mean, few enough that 100k linear rules (about
-    // a millisecond per packet) stay within a couple of seconds.
     let budget = if quick {
-        Duration::from_millis(400)
+        Duration::from_millis(300)
     } else {
-        Duration::from_millis(1000)
+        Duration::from_millis(800)
     };
     let mut best = [f64::INFINITY; 3];
     for _round in 0..3 {
-        for (i, (client, _)) in paths.iter().enumerate() {
-            let ns = client.run(move || send_first_packets(n, budget))??;
+        for (i, (client, _, _)) in paths.iter().enumerate() {
+            let ns = client.run(move || refused_connects(n, budget))??;
             best[i] = best[i].min(ns);
         }
     }
@@ -480,7 +490,7 @@ fn load_rules(router: &Netns, rules: Rules, n: u32) -> Result<()> {
     let command = match rules {
         Rules::Empty => {
             text.push_str(
-                "table ip bench { chain pre { type nat hook prerouting priority dstnat; } }\n",
+                "table ip bench {\n chain pre {\n  type nat hook prerouting priority dstnat;\n }\n}\n",
             );
             "nft -f"
         }
@@ -490,7 +500,7 @@ fn load_rules(router: &Netns, rules: Rules, n: u32) -> Result<()> {
             for i in 0..n {
                 let _ = writeln!(
                     text,
-                    "-A BENCH-SERVICES -d {}/32 -p udp --dport 80 -j DNAT --to-destination {}:8080",
+                    "-A BENCH-SERVICES -d {}/32 -p tcp --dport 80 -j DNAT --to-destination {}:8080",
                     vip(i),
                     backend(i)
                 );
@@ -510,7 +520,7 @@ fn load_rules(router: &Netns, rules: Rules, n: u32) -> Result<()> {
             }
             text.push_str(
                 " }\n }\n chain pre {\n  type nat hook prerouting priority dstnat;\n  \
-                 dnat ip addr . port to ip daddr . udp dport map @services\n }\n}\n",
+                 dnat ip addr . port to ip daddr . tcp dport map @services\n }\n}\n",
             );
             "nft -f"
         }
@@ -527,71 +537,22 @@ fn load_rules(router: &Netns, rules: Rules, n: u32) -> Result<()> {
     Ok(())
 }
 
-/// Wall-clock ns per UDP first packet (fresh source port each) to random VIPs,
-/// sent with a raw socket; runs on a thread inside the client namespace.
-fn send_first_packets(services: u32, budget: Duration) -> Result<f64> {
-    let src = Ipv4Addr::new(198, 51, 100, 1);
-    // SAFETY: plain socket call; the descriptor is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("raw socket");
-    }
+/// Mean wall-clock ns of a refused connect() to a random VIP: SYN through the router's nat
+/// rules, RST back through conntrack. Runs on a thread inside the client namespace.
+fn refused_connects(services: u32, budget: Duration) -> Result<f64> {
     let mut rng = Lcg(u64::from(services) ^ 0x5eed);
-    let mut packet = [0u8; 28];
-    packet[0] = 0x45;
-    packet[8] = 64;
-    packet[9] = 17;
-    packet[12..16].copy_from_slice(&src.octets());
-    packet[22..24].copy_from_slice(&80u16.to_be_bytes());
-    packet[24..26].copy_from_slice(&8u16.to_be_bytes());
-    let mut sent = 0u64;
-    let mut failed = 0u64;
+    let mut attempts = 0u64;
     let started = Instant::now();
-    while started.elapsed() < budget {
-        for _ in 0..64 {
-            let dst = vip(rng.below(u64::from(services)) as u32);
-            packet[16..20].copy_from_slice(&dst.octets());
-            // A new 5-tuple each time: a new conntrack entry, so the nat rules run.
-            let sport = 1024 + (sent % 64_000) as u16;
-            let id = (sent >> 16) as u16;
-            packet[20..22].copy_from_slice(&sport.to_be_bytes());
-            packet[4..6].copy_from_slice(&id.to_be_bytes());
-            packet[26..28].copy_from_slice(&((sent >> 16) as u16 ^ 0xffff).to_be_bytes());
-            let addr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(dst).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: the buffer and the address outlive the call.
-            let r = unsafe {
-                libc::sendto(
-                    fd,
-                    packet.as_ptr().cast(),
-                    packet.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as u32,
-                )
-            };
-            if r < 0 {
-                failed += 1;
-            }
-            sent += 1;
+    while started.elapsed() < budget || attempts < 20 {
+        let addr = std::net::SocketAddr::from((vip(rng.below(u64::from(services)) as u32), 80));
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Ok(_) => bail!("{addr} accepted a connection: the backend namespace should refuse"),
+            Err(e) => return Err(e).with_context(|| format!("connecting to {addr}")),
         }
+        attempts += 1;
     }
-    let elapsed = started.elapsed();
-    // SAFETY: our descriptor.
-    unsafe { libc::close(fd) };
-    if failed * 10 > sent {
-        bail!(
-            "{failed} of {sent} raw sends failed: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(elapsed.as_nanos() as f64 / sent as f64)
+    Ok(started.elapsed().as_nanos() as f64 / attempts as f64)
 }
 
 /// `LoadBalancer::apply` alone for `n` services into fresh maps (for the programming
