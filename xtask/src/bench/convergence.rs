@@ -284,7 +284,16 @@ fn until_all(
                         }
                         pending = still;
                         if since.elapsed() > timeout {
-                            bail!("{} agents not there after {timeout:?}", pending.len());
+                            let first = pending[0];
+                            let why = match check(first) {
+                                Ok(_) => "it answers, but not yet with the change".to_owned(),
+                                Err(e) => format!("{e:#}"),
+                            };
+                            bail!(
+                                "{} agents not there after {timeout:?}, e.g. {}: {why}",
+                                pending.len(),
+                                first.display()
+                            );
                         }
                         if !pending.is_empty() {
                             std::thread::sleep(Duration::from_millis(10));

@@ -131,7 +131,9 @@ pub fn run(quick: bool) -> Result<Report> {
         ])?;
         command.push(started.elapsed());
         let ip = task.ip.context("the task has no address")?;
-        let tasks: Vec<TaskInfo> = c.host(1).meshctl_json(&["service", "ps", agents::SERVICE])?;
+        let tasks: Vec<TaskInfo> = c
+            .host(1)
+            .meshctl_json(&["service", "ps", agents::SERVICE])?;
         let mac = tasks
             .iter()
             .find(|t| t.name == name)
