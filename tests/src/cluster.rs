@@ -286,7 +286,13 @@ impl Host {
                     self.logs()
                 );
             }
-            if self.meshctl(&["dataplane", "ports"])?.status.success() {
+            // A control-plane-only agent has no dataplane to ask about: its API is enough.
+            let probe: &[&str] = if self.agent_args.iter().any(|a| a == "--control-plane-only") {
+                &["node", "ls"]
+            } else {
+                &["dataplane", "ports"]
+            };
+            if self.meshctl(probe)?.status.success() {
                 return Ok(());
             }
             if Instant::now() > deadline {

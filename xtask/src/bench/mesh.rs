@@ -82,7 +82,7 @@ struct Wrk {
 
 pub fn run(quick: bool) -> Result<Report> {
     super::require(&[("wrk", "wrk"), ("nft", "nftables"), ("curl", "curl")])?;
-    let (seconds, reps) = if quick { (2, 1) } else { (5, 2) };
+    let (seconds, reps) = if quick { (2, 1) } else { (4, 3) };
     let mut c = agents::cluster(3)?;
     let tasks = agents::whoami(&c, &[1])?;
     let task_ip = tasks[0].ip;
@@ -163,7 +163,7 @@ pub fn run(quick: bool) -> Result<Report> {
                 "p50",
                 "p99",
                 "ratio to direct",
-                "errors",
+                "failed",
             ],
         );
         let median = |p: Path| -> Wrk {

@@ -80,7 +80,7 @@ pub fn run(quick: bool) -> Result<Report> {
     ));
     report.ran(
         "netfilter: sequential TCP connects from a client netns through a router netns (nat \
-         rules, conntrack) to a backend netns that refuses them; cost = mean time per connect \
+         rules, conntrack) to a backend netns that refuses them; cost = median time per connect \
          minus the same with an empty nat chain (medians), best of 3 interleaved rounds",
     );
     let mut t = Table::new(
