@@ -50,6 +50,10 @@ pub struct AgentConfig {
     pub dns_upstreams: Vec<SocketAddr>,
     /// On exit, tear the dataplane down instead of leaving it forwarding.
     pub cleanup_on_exit: bool,
+    /// Run gossip, the merged view and the API only: no eBPF, overlay, tasks or DNS
+    /// listeners. For control-plane benchmarks with many agents on one machine; such a node
+    /// forwards nothing.
+    pub control_plane_only: bool,
 }
 
 impl Default for AgentConfig {
@@ -73,6 +77,7 @@ impl Default for AgentConfig {
             gateway_subnet: "172.31.0.0/16".parse().expect("valid subnet"),
             dns_upstreams: Vec::new(),
             cleanup_on_exit: false,
+            control_plane_only: false,
         }
     }
 }

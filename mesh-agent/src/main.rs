@@ -3,7 +3,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mesh_agent::{
-    agent::{Agent, Parts},
+    agent::{Agent, NodeParts, Parts},
     api,
     cluster::key,
     config::{AgentConfig, DEFAULT_CONFIG},
@@ -105,6 +105,10 @@ struct RunArgs {
     /// On exit, detach the dataplane instead of leaving it forwarding.
     #[arg(long)]
     cleanup_on_exit: bool,
+    /// Gossip, the merged view and the API only: no eBPF, overlay, tasks or DNS listeners
+    /// (for control-plane benchmarks; such a node forwards nothing).
+    #[arg(long)]
+    control_plane_only: bool,
 }
 
 impl RunArgs {
@@ -160,6 +164,9 @@ impl RunArgs {
         }
         if self.cleanup_on_exit {
             c.cleanup_on_exit = true;
+        }
+        if self.control_plane_only {
+            c.control_plane_only = true;
         }
         Ok(c)
     }
@@ -280,20 +287,6 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
     let config = config.resolve()?;
     // A bad key file stops the agent before it touches the kernel.
     let auth = gossip_auth(&config)?;
-    let node_bpffs = config.bpffs.clone();
-    let mut dataplane = Dataplane::start(&node_bpffs, &config.interface)?;
-    dataplane
-        .lb_mut()
-        .set_node(&mesh_agent::lb::NodeLb::new(config.advertise)?)?;
-    std::fs::create_dir_all(&config.cgroup).with_context(|| {
-        format!(
-            "creating cgroup {} (is cgroup v2 mounted there?)",
-            config.cgroup.display()
-        )
-    })?;
-    dataplane.attach_cgroup(&config.cgroup)?;
-    let mtu = dataplane::interface_mtu(&config.interface)?;
-
     let gossip_config = GossipConfig {
         node: config.node_name.clone(),
         cluster: config.cluster.clone(),
@@ -309,19 +302,16 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         dead_node_grace: std::time::Duration::from_secs(3600),
         tombstone_grace: std::time::Duration::from_secs(3600),
     };
-    // Adopt the tasks an earlier run left (running ones keep running; gone ones are cleaned).
-    let host = netlink::connect()?;
-    let task_cgroup = config.cgroup.join("tasks");
-    std::fs::create_dir_all(&task_cgroup).with_context(|| {
-        format!(
-            "creating cgroup {} (is cgroup v2 mounted there?)",
-            task_cgroup.display()
-        )
-    })?;
-    let mut task_config = TaskConfig::new(&config.node_name, config.state_dir.clone());
-    task_config.cgroup = Some(task_cgroup);
-    let tasks = Tasks::open(task_config, host.clone()).await?;
-
+    let node = if config.control_plane_only {
+        warn!("control plane only: this node gossips and answers the API but forwards nothing");
+        None
+    } else {
+        Some(node_parts(&config).await?)
+    };
+    let mtu = match &node {
+        Some(n) => n.underlay.mtu,
+        None => dataplane::interface_mtu(&config.interface).unwrap_or(1500),
+    };
     let record = Agent::node_record(&config, mtu);
     // Re-assert what this node owned before a restart, endpoints only for tasks that are
     // still running.
@@ -329,9 +319,11 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         .into_iter()
         .filter(|(k, _)| {
             k.strip_prefix(key::ENDPOINT).is_none_or(|task| {
-                tasks
-                    .get(task)
-                    .is_some_and(|t| t.state == TaskState::Running)
+                node.as_ref().is_some_and(|n| {
+                    n.tasks
+                        .get(task)
+                        .is_some_and(|t| t.state == TaskState::Running)
+                })
             })
         })
         .collect();
@@ -350,7 +342,6 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         "gossip started"
     );
 
-    let gw = config.gateway_subnet;
     let upstreams = if config.dns_upstreams.is_empty() {
         let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         mesh_agent::config::upstreams_from_resolv_conf(&text)
@@ -365,25 +356,7 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         ..Default::default()
     })
     .context("configuring the embedded DNS server")?;
-    let parts = Parts {
-        dns,
-        dataplane,
-        tasks,
-        overlay: Overlay::new(host),
-        underlay: Underlay {
-            interface: config.interface.clone(),
-            address: config.advertise,
-            mtu,
-        },
-        gateway: GatewayPlumbing {
-            subnet: gw,
-            address: gw
-                .hosts()
-                .next()
-                .context("gateway_subnet has no host addresses")?,
-            mtu,
-        },
-    };
+    let parts = Parts { dns, node };
     let agent = Agent::new(config.clone(), gossip, parts);
     tokio::spawn(agent.clone().run());
     tokio::spawn(agent.clone().sweep_flows());
@@ -405,9 +378,62 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         _ = int.recv() => info!("SIGINT: stopping"),
     }
     let _ = std::fs::remove_file(&config.socket);
-    if config.cleanup_on_exit {
-        agent.dataplane.lock().await.remove_pins()?;
+    if config.cleanup_on_exit
+        && let Some(local) = agent.local()
+    {
+        local.dataplane.lock().await.remove_pins()?;
         info!("dataplane detached and unpinned");
     }
     Ok(())
+}
+
+/// Loads the dataplane, opens the task store (adopting what an earlier run left) and gets
+/// the overlay's netlink handle: everything that touches this node's kernel.
+async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeParts> {
+    let node_bpffs = config.bpffs.clone();
+    let mut dataplane = Dataplane::start(&node_bpffs, &config.interface)?;
+    dataplane
+        .lb_mut()
+        .set_node(&mesh_agent::lb::NodeLb::new(config.advertise)?)?;
+    std::fs::create_dir_all(&config.cgroup).with_context(|| {
+        format!(
+            "creating cgroup {} (is cgroup v2 mounted there?)",
+            config.cgroup.display()
+        )
+    })?;
+    dataplane.attach_cgroup(&config.cgroup)?;
+    let mtu = dataplane::interface_mtu(&config.interface)?;
+
+    // Adopt the tasks an earlier run left (running ones keep running; gone ones are cleaned).
+    let host = netlink::connect()?;
+    let task_cgroup = config.cgroup.join("tasks");
+    std::fs::create_dir_all(&task_cgroup).with_context(|| {
+        format!(
+            "creating cgroup {} (is cgroup v2 mounted there?)",
+            task_cgroup.display()
+        )
+    })?;
+    let mut task_config = TaskConfig::new(&config.node_name, config.state_dir.clone());
+    task_config.cgroup = Some(task_cgroup);
+    let tasks = Tasks::open(task_config, host.clone()).await?;
+
+    let gw = config.gateway_subnet;
+    Ok(NodeParts {
+        dataplane,
+        tasks,
+        overlay: Overlay::new(host),
+        underlay: Underlay {
+            interface: config.interface.clone(),
+            address: config.advertise,
+            mtu,
+        },
+        gateway: GatewayPlumbing {
+            subnet: gw,
+            address: gw
+                .hosts()
+                .next()
+                .context("gateway_subnet has no host addresses")?,
+            mtu,
+        },
+    })
 }

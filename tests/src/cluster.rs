@@ -25,8 +25,9 @@ use crate::{
 };
 
 /// Namespaces, pins, cgroups and sockets of test clusters start with one of these, then the
-/// owning process's PID: `mt` for tests, `demo` for `cargo xtask demo`.
-const PREFIXES: [&str; 2] = ["mt", "demo"];
+/// owning process's PID: `mt` for tests, `demo` for `cargo xtask demo`, `bench` for
+/// `cargo xtask bench`.
+const PREFIXES: [&str; 3] = ["mt", "demo", "bench"];
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 pub const UNDERLAY_PREFIX: &str = "192.0.2";
@@ -321,7 +322,13 @@ impl Host {
                     self.logs()
                 );
             }
-            if self.meshctl(&["dataplane", "ports"])?.status.success() {
+            // A control-plane-only agent has no dataplane to ask about: its API is enough.
+            let probe: &[&str] = if self.agent_args.iter().any(|a| a == "--control-plane-only") {
+                &["node", "ls"]
+            } else {
+                &["dataplane", "ports"]
+            };
+            if self.meshctl(probe)?.status.success() {
                 return Ok(());
             }
             if Instant::now() > deadline {

@@ -264,3 +264,91 @@ fn a_killed_agent_is_reported_down_and_back_when_it_returns() {
     })
     .unwrap();
 }
+
+#[test]
+fn a_control_plane_only_agent_gossips_but_touches_no_kernel_state() {
+    let mut c = Cluster::new(2).unwrap();
+    c.host_mut(1).start_agent(&[]).unwrap();
+    c.host_mut(2)
+        .start_agent(&["--control-plane-only"])
+        .unwrap();
+    c.eventually(Duration::from_secs(10), "both nodes Ready on host2", |c| {
+        let nodes: Value = c.host(2).meshctl_json(&["node", "ls"])?;
+        let ready = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["status"] == "Ready")
+            .count();
+        Ok((ready == 2).then_some(()))
+    })
+    .unwrap();
+
+    // Objects created on the control-plane-only node reach the full node, whose kernel
+    // programs them; the control-plane-only node programs nothing.
+    let h2 = c.host(2);
+    h2.meshctl_ok(&["network", "create", "app", "--subnet", "10.10.0.0/24"])
+        .unwrap();
+    h2.meshctl_ok(&[
+        "service",
+        "create",
+        "web",
+        "--network",
+        "app",
+        "--publish",
+        "8080:80",
+    ])
+    .unwrap();
+    c.eventually(Duration::from_secs(10), "web programmed on host1", |c| {
+        let s: Value = c.host(1).meshctl_json(&["service", "inspect", "web"])?;
+        Ok(s["dataplane"].is_object().then_some(()))
+    })
+    .unwrap();
+    let s: Value = h2.meshctl_json(&["service", "inspect", "web"]).unwrap();
+    assert!(s["dataplane"].is_null(), "{s}");
+    assert!(
+        !h2.bpffs().exists(),
+        "no pins under {}",
+        h2.bpffs().display()
+    );
+    // It claims no address on the network either (it plumbs nothing).
+    let app: Value = c
+        .host(1)
+        .meshctl_json(&["network", "inspect", "app"])
+        .unwrap();
+    assert_eq!(
+        names_of(&app["nodes"]),
+        vec![c.host(1).node_name().to_owned()],
+        "{app}"
+    );
+
+    // What needs a dataplane says why it cannot.
+    for args in [
+        &["dataplane", "ports"][..],
+        &[
+            "run",
+            "--network",
+            "app",
+            "--name",
+            "t1",
+            "--",
+            "sleep",
+            "60",
+        ][..],
+    ] {
+        let out = h2.meshctl(args).unwrap();
+        assert!(!out.status.success(), "meshctl {args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("control plane only"), "{err}");
+    }
+    let ps: Value = h2.meshctl_json(&["ps"]).unwrap();
+    assert_eq!(ps.as_array().map(Vec::len), Some(0), "{ps}");
+}
+
+fn names_of(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_owned())
+        .collect()
+}

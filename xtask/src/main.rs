@@ -22,7 +22,8 @@ enum Task {
     /// A 3-host cluster in namespaces on this machine: a published service, its round robin
     /// and its DNS names; cleaned up at the end (also on Ctrl-C).
     Demo,
-    /// Benchmarks against a baseline, e.g. `bench dns`; `--quick` for a short run.
+    /// Benchmarks side by side with their baselines (`bench all` writes bench/results/);
+    /// `--quick` for a short run.
     Bench {
         target: bench::Target,
         #[arg(long)]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
-use super::Agent;
+use super::{Agent, Local};
 use crate::{
     cluster::{AttachmentRecord, View, key, mac_for_ip},
     overlay::{
@@ -18,13 +18,13 @@ use crate::{
 impl Agent {
     /// Networks this node must plumb: those its tasks use, and every network with a service,
     /// since the routing mesh answers published ports (and VIPs) on every node.
-    fn wanted_networks(&self, view: &View, extra: Option<&str>) -> BTreeSet<String> {
+    fn wanted_networks(&self, local: &Local, view: &View, extra: Option<&str>) -> BTreeSet<String> {
         let mut wanted: BTreeSet<String> = view
             .services
             .values()
             .map(|s| s.spec.network.clone())
             .collect();
-        for t in self.tasks.list() {
+        for t in local.tasks.list() {
             if matches!(t.state, TaskState::Running | TaskState::Creating) {
                 wanted.extend(
                     t.spec
@@ -60,7 +60,11 @@ impl Agent {
     /// The body of [`Agent::converge`], for callers that already hold the lock; `extra` is a
     /// network to plumb although nothing uses it yet (a task is about to).
     pub(crate) async fn converge_locked(&self, view: &View, extra: Option<&str>) -> Result<()> {
-        let wanted = self.wanted_networks(view, extra);
+        // Without a dataplane this node plumbs nothing, so it claims no address either.
+        let Some(local) = self.local() else {
+            return Ok(());
+        };
+        let wanted = self.wanted_networks(local, view, extra);
         let mut attachments = self.own_attachments().await;
         let mut changes: Vec<(String, Option<String>)> = Vec::new();
         for (net, att) in &attachments {
@@ -99,15 +103,15 @@ impl Agent {
             self.gossip.write(changes).await;
         }
 
-        let desired = self.desired_overlay(view, &attachments);
-        let done = self
+        let desired = self.desired_overlay(local, view, &attachments);
+        let done = local
             .overlay
             .reconcile(&desired)
             .await
             .context("reconciling the overlay")?;
         // A re-created bridge lost its ports: put running tasks back on it.
         if done.iter().any(|c| matches!(c, Change::LinkCreated(_))) {
-            let n = self.tasks.reattach_all().await?;
+            let n = local.tasks.reattach_all().await?;
             if n > 0 {
                 info!(
                     count = n,
@@ -115,16 +119,17 @@ impl Agent {
                 );
             }
         }
-        self.converge_routing(view, &desired.networks).await
+        self.converge_routing(local, view, &desired.networks).await
     }
 
     fn desired_overlay(
         &self,
+        local: &Local,
         view: &View,
         own: &BTreeMap<String, AttachmentRecord>,
     ) -> DesiredOverlay {
         let me = self.node_name();
-        let mtu = network_mtu(self.underlay.mtu);
+        let mtu = network_mtu(local.underlay.mtu);
         let networks: Vec<NetworkPlumbing> = own
             .values()
             .filter_map(|att| {
@@ -171,16 +176,21 @@ impl Agent {
             })
             .collect();
         DesiredOverlay {
-            underlay: self.underlay.clone(),
+            underlay: local.underlay.clone(),
             networks,
             remote_endpoints,
             peers: peers.into_iter().collect(),
-            gateway: Some(self.gateway.clone()),
+            gateway: Some(local.gateway.clone()),
         }
     }
 
     /// The plumbing of a network this node has an address on.
-    pub(crate) async fn plumbing(&self, view: &View, network: &str) -> Option<NetworkPlumbing> {
+    pub(crate) async fn plumbing(
+        &self,
+        local: &Local,
+        view: &View,
+        network: &str,
+    ) -> Option<NetworkPlumbing> {
         let att = self.own_attachments().await.remove(network)?;
         let n = view.networks.get(network)?;
         Some(NetworkPlumbing {
@@ -188,7 +198,7 @@ impl Agent {
             vni: n.spec.vni,
             subnet: n.spec.subnet,
             node_address: att.ip,
-            mtu: network_mtu(self.underlay.mtu),
+            mtu: network_mtu(local.underlay.mtu),
         })
     }
 }

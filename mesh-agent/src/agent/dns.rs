@@ -121,7 +121,10 @@ impl Agent {
         let path = netns::path(&task.netns);
         let (udp, tcp, cookie) = netns::run_in(&path, bind_resolver)??;
         let port = udp.local_addr()?.port();
-        self.dataplane.lock().await.set_resolver(cookie, port)?;
+        let Some(local) = self.local() else {
+            anyhow::bail!("no dataplane on this node to steer 127.0.0.11 to the resolver");
+        };
+        local.dataplane.lock().await.set_resolver(cookie, port)?;
         let handle = self.dns.serve(
             tokio::net::UdpSocket::from_std(udp)?,
             tokio::net::TcpListener::from_std(tcp)?,
@@ -145,7 +148,8 @@ impl Agent {
             .expect("dns listeners lock")
             .remove(task);
         if let Some((_, cookie)) = removed
-            && let Err(e) = self.dataplane.lock().await.remove_resolver(cookie)
+            && let Some(local) = self.local()
+            && let Err(e) = local.dataplane.lock().await.remove_resolver(cookie)
         {
             warn!(task, "{e:#}");
         }
@@ -154,10 +158,13 @@ impl Agent {
     /// Listeners for every running task (after a restart adopted them); ports an earlier
     /// agent registered are forgotten first, their sockets died with it.
     pub(crate) async fn serve_dns_for_all(&self) {
-        if let Err(e) = self.dataplane.lock().await.clear_resolvers() {
+        let Some(local) = self.local() else {
+            return;
+        };
+        if let Err(e) = local.dataplane.lock().await.clear_resolvers() {
             warn!("{e:#}");
         }
-        for t in self.tasks.list() {
+        for t in local.tasks.list() {
             if let Err(e) = self.serve_dns_for(&t).await {
                 warn!(task = t.spec.name, "no DNS for the task: {e:#}");
             }

@@ -53,12 +53,8 @@ pub struct Agent {
     /// Serialises allocations on this node and remembers addresses handed out but not yet
     /// visible in gossip.
     ipam: Mutex<BTreeSet<(String, Ipv4Addr)>>,
-    pub dataplane: Mutex<Dataplane>,
-    pub tasks: Tasks,
-    overlay: Overlay,
-    /// The underlay as the overlay needs it (interface, address, MTU).
-    underlay: Underlay,
-    gateway: GatewayPlumbing,
+    /// The node-local parts; `None` when the agent runs the control plane only.
+    local: Option<Local>,
     /// One kernel convergence at a time; also held while a task is set up so convergence
     /// does not unplumb a network a new task is about to use.
     converging: Mutex<()>,
@@ -69,18 +65,36 @@ pub struct Agent {
     dns_last: StdMutex<Option<mesh_dns::Snapshot>>,
     /// One resolver listener per running task, by task name; dropping one closes it.
     dns_listeners: StdMutex<BTreeMap<String, (mesh_dns::ServeHandle, u64)>>,
-    /// Bridges the load balancer is attached to, by name, with the ifindex it saw.
-    lb_bridges: Mutex<BTreeMap<String, u32>>,
 }
 
-/// The node-local parts the agent drives.
+/// What the agent drives besides gossip and the merged view.
 pub struct Parts {
     pub dns: mesh_dns::DnsServer,
+    /// The kernel side of this node: `None` runs the control plane only (gossip, the merged
+    /// view and the API), for benchmarks of gossip at a scale one machine cannot host as
+    /// full nodes.
+    pub node: Option<NodeParts>,
+}
+
+/// The node-local parts: eBPF dataplane, tasks and the overlay.
+pub struct NodeParts {
     pub dataplane: Dataplane,
     pub tasks: Tasks,
     pub overlay: Overlay,
     pub underlay: Underlay,
     pub gateway: GatewayPlumbing,
+}
+
+/// [`NodeParts`] as the running agent holds them.
+pub struct Local {
+    pub dataplane: Mutex<Dataplane>,
+    pub tasks: Tasks,
+    overlay: Overlay,
+    /// The underlay as the overlay needs it (interface, address, MTU).
+    underlay: Underlay,
+    gateway: GatewayPlumbing,
+    /// Bridges the load balancer is attached to, by name, with the ifindex it saw.
+    lb_bridges: Mutex<BTreeMap<String, u32>>,
 }
 
 impl Agent {
@@ -90,18 +104,20 @@ impl Agent {
             clock: StdMutex::new(clock),
             view: watch::channel(Arc::new(View::default())).0,
             ipam: Mutex::new(BTreeSet::new()),
-            dataplane: Mutex::new(parts.dataplane),
-            tasks: parts.tasks,
-            overlay: parts.overlay,
-            underlay: parts.underlay,
-            gateway: parts.gateway,
+            local: parts.node.map(|n| Local {
+                dataplane: Mutex::new(n.dataplane),
+                tasks: n.tasks,
+                overlay: n.overlay,
+                underlay: n.underlay,
+                gateway: n.gateway,
+                lb_bridges: Mutex::new(BTreeMap::new()),
+            }),
             converging: Mutex::new(()),
             reconcile_now: Notify::new(),
             persisted: Mutex::new(BTreeMap::new()),
             dns: parts.dns,
             dns_last: StdMutex::new(None),
             dns_listeners: StdMutex::new(BTreeMap::new()),
-            lb_bridges: Mutex::new(BTreeMap::new()),
             gossip,
             config,
         })
@@ -109,6 +125,23 @@ impl Agent {
 
     pub fn node_name(&self) -> &str {
         &self.config.node_name
+    }
+
+    /// The node-local parts, if this agent has them.
+    pub fn local(&self) -> Option<&Local> {
+        self.local.as_ref()
+    }
+
+    /// The node-local parts, or the error an API request for them gets from an agent that
+    /// runs the control plane only.
+    pub fn require_local(&self) -> Result<&Local> {
+        self.local.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "node {} runs the control plane only (control_plane_only): it has no \
+                 dataplane and runs no tasks",
+                self.node_name()
+            ))
+        })
     }
 
     /// The node record this agent publishes.
@@ -172,7 +205,7 @@ impl Agent {
     /// the kernel match it.
     pub async fn run(self: Arc<Self>) {
         let mut changes = self.gossip.changes().await;
-        let mut exits = self.tasks.subscribe();
+        let mut exits = self.local.as_ref().map(|l| l.tasks.subscribe());
         self.serve_dns_for_all().await;
         loop {
             let view = self.refresh().await;
@@ -183,7 +216,12 @@ impl Agent {
             tokio::select! {
                 _ = changes.next() => {}
                 _ = self.reconcile_now.notified() => {}
-                exit = exits.recv() => self.task_exited(exit).await,
+                exit = async {
+                    match exits.as_mut() {
+                        Some(exits) => exits.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.task_exited(exit).await,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }

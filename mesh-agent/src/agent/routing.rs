@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
-use super::Agent;
+use super::{Agent, Local};
 use crate::{
     api::short_id,
     cluster::{EndpointMode, Protocol, View},
@@ -19,11 +19,12 @@ impl Agent {
     /// there) and programs every service of those networks.
     pub(crate) async fn converge_routing(
         &self,
+        local: &Local,
         view: &View,
         plumbed: &[NetworkPlumbing],
     ) -> Result<()> {
-        let mut dp = self.dataplane.lock().await;
-        let mut bridges = self.lb_bridges.lock().await;
+        let mut dp = local.dataplane.lock().await;
+        let mut bridges = local.lb_bridges.lock().await;
         let mut ifindex: BTreeMap<u32, u32> = BTreeMap::new();
         for n in plumbed {
             let name = n.bridge();
@@ -105,10 +106,13 @@ impl Agent {
 
     /// Removes finished and orphaned flows, forever (every few seconds).
     pub async fn sweep_flows(self: std::sync::Arc<Self>) {
+        let Some(local) = self.local() else {
+            return;
+        };
         let timeouts = FlowTimeouts::default();
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-            let mut dp = self.dataplane.lock().await;
+            let mut dp = local.dataplane.lock().await;
             match dp.lb_mut().sweep(&timeouts) {
                 Ok(r) if r.removed > 0 => {
                     tracing::debug!(removed = r.removed, scanned = r.scanned, "flow sweep")

@@ -44,7 +44,8 @@ impl Agent {
                 Some(_) => {}
             }
         }
-        if self.tasks.get(&req.name).is_some() {
+        let local = self.require_local()?;
+        if local.tasks.get(&req.name).is_some() {
             return Err(Error::Conflict(format!(
                 "a task named {} already exists on this node: remove it with `meshctl rm {}` or pick another name",
                 req.name, req.name
@@ -61,23 +62,26 @@ impl Agent {
         // concurrent convergence cannot unplumb the network in between.
         let _converging = self.converging.lock().await;
         self.converge_locked(&view, Some(&req.network)).await?;
-        let plumbing = self.plumbing(&view, &req.network).await.ok_or_else(|| {
-            Error::Internal(anyhow::anyhow!(
-                "network {} could not be plumbed on this node (no address for the node yet)",
-                req.network
-            ))
-        })?;
+        let plumbing = self
+            .plumbing(local, &view, &req.network)
+            .await
+            .ok_or_else(|| {
+                Error::Internal(anyhow::anyhow!(
+                    "network {} could not be plumbed on this node (no address for the node yet)",
+                    req.network
+                ))
+            })?;
         let ip = self.allocate(&req.network).await?;
         let spec = TaskSpec {
             name: req.name.clone(),
             // Overlay traffic stays on eth0; everything else leaves through the gateway
             // bridge, masqueraded, as with Docker's docker_gwbridge.
             attachments: vec![Attachment::overlay(&plumbing, ip).without_default_route()],
-            egress: Some(self.gateway.clone()),
+            egress: Some(local.gateway.clone()),
             command: req.command.clone(),
             env: req.env.clone(),
         };
-        let record = match self.tasks.create(spec).await {
+        let record = match local.tasks.create(spec).await {
             Ok(r) => r,
             Err(e) => {
                 self.release(&req.network, ip).await;
@@ -110,7 +114,8 @@ impl Agent {
 
     /// Stops and forgets a task of this node.
     pub async fn remove_task(&self, name: &str) -> Result<()> {
-        if self.tasks.get(name).is_none() {
+        let local = self.require_local()?;
+        if local.tasks.get(name).is_none() {
             return Err(Error::NotFound(format!(
                 "no task named {name} on this node (see `meshctl ps -a`)"
             )));
@@ -120,7 +125,7 @@ impl Agent {
             .write([(format!("{}{name}", key::ENDPOINT), None)])
             .await;
         self.stop_dns_for(name).await;
-        self.tasks.stop(name).await?;
+        local.tasks.stop(name).await?;
         self.poke();
         Ok(())
     }
@@ -152,10 +157,11 @@ impl Agent {
             .into_keys()
             .filter_map(|k| {
                 let task = k.strip_prefix(key::ENDPOINT)?;
-                let running = self
-                    .tasks
-                    .get(task)
-                    .is_some_and(|t| t.state == crate::task::TaskState::Running);
+                let running = self.local().is_some_and(|l| {
+                    l.tasks
+                        .get(task)
+                        .is_some_and(|t| t.state == crate::task::TaskState::Running)
+                });
                 (!running).then_some((k.clone(), None))
             })
             .collect();

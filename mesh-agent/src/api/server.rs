@@ -300,7 +300,9 @@ async fn get_service(
             "service {name} not found (see `meshctl service ls`)"
         ))
     })?;
-    info.dataplane = agent.dataplane.lock().await.lb().service_stats(&info.id)?;
+    if let Some(local) = agent.local() {
+        info.dataplane = local.dataplane.lock().await.lb().service_stats(&info.id)?;
+    }
     Ok(Json(info))
 }
 
@@ -338,7 +340,7 @@ async fn list_tasks(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<TaskInfo>>
 }
 
 async fn port_stats(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<PortStats>> {
-    let dp = agent.dataplane.lock().await;
+    let dp = agent.require_local()?.dataplane.lock().await;
     let stats = dp
         .port_counters()?
         .into_iter()
@@ -389,10 +391,9 @@ async fn run_task(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiResult<Lo
 
 async fn list_local_tasks(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<LocalTaskInfo>> {
     let view = agent.view();
+    let tasks = agent.local().map(|l| l.tasks.list()).unwrap_or_default();
     Ok(Json(
-        agent
-            .tasks
-            .list()
+        tasks
             .iter()
             .map(|r| local_task_info(&agent, &view, r))
             .collect(),
@@ -428,12 +429,13 @@ async fn exec_task(
             "nothing to run: put the command after `--`".into(),
         ));
     }
-    if agent.tasks.get(&name).is_none() {
+    let local = agent.require_local()?;
+    if local.tasks.get(&name).is_none() {
         return Err(Error::NotFound(format!(
             "no task named {name} on this node (see `meshctl ps`)"
         )));
     }
-    let out = agent
+    let out = local
         .tasks
         .exec(
             &name,

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use super::report::{Report, Table};
+
 /// Services in the table; each has a VIP and `TASKS_PER_SERVICE` tasks.
 const SERVICES: u32 = 500;
 const TASKS_PER_SERVICE: u32 = 3;
@@ -24,10 +26,10 @@ const TTL: u32 = 2;
 /// Rate of the latency-percentile pass: well under what either server sustains.
 const PACED_QPS: u32 = 10_000;
 
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(quick: bool) -> Result<Report> {
     let seconds = if quick { 3 } else { 15 };
     for tool in ["dnsperf", "dnsmasq"] {
-        if which(tool).is_none() {
+        if super::which(tool).is_none() {
             bail!(
                 "{tool} is not installed; scripts/setup.sh installs it (Debian packages dnsperf, dnsmasq-base)"
             );
@@ -102,8 +104,21 @@ pub fn run(quick: bool) -> Result<()> {
     drop(mesh);
     drop(dnsmasq);
 
-    print!("{}", table(&mesh_result, &dnsmasq_result));
-    Ok(())
+    let mut report = Report::new("DNS: mesh-dns vs dnsmasq");
+    report.ran(format!(
+        "dnsperf against mesh-dns (serve example, 1-thread runtime) and dnsmasq, both on \
+         loopback serving the same {SERVICES} services x {TASKS_PER_SERVICE} tasks; \
+         {seconds} s at full load each (-c 4 -q 64), then {latency_seconds} s each at \
+         {PACED_QPS} q/s for percentiles"
+    ));
+    report.tables.push(table(&mesh_result, &dnsmasq_result));
+    for (name, m) in [("mesh-dns", &mesh_result), ("dnsmasq", &dnsmasq_result)] {
+        report.note(format!(
+            "{name}: completed {}, lost {}, {}",
+            m.completed, m.lost, m.codes
+        ));
+    }
+    Ok(report)
 }
 
 /// `VIP svc-N svc-N.bench` and `TASK tasks.svc-N tasks.svc-N.bench` lines: the serve example
@@ -375,16 +390,14 @@ fn paced_latency(addr: SocketAddr, queries: &Path, seconds: u32) -> Result<(f64,
     Ok((at(0.50), at(0.99)))
 }
 
-fn table(mesh: &Measured, dnsmasq: &Measured) -> String {
+fn table(mesh: &Measured, dnsmasq: &Measured) -> Table {
     let ms = |s: f64| format!("{:.3} ms", s * 1000.0);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "\n{:<22}{:>16}{:>16}{:>10}",
-        "", "mesh-dns", "dnsmasq", "ratio"
+    let mut t = Table::new(
+        "ratio = mesh-dns / dnsmasq; first rows at full load, percentiles at a fixed rate",
+        &["", "mesh-dns", "dnsmasq", "ratio"],
     );
     let mut row = |label: &str, a: String, b: String, ratio: f64| {
-        let _ = writeln!(out, "{label:<22}{a:>16}{b:>16}{ratio:>10.2}");
+        t.row(vec![label.to_owned(), a, b, format!("{ratio:.2}")]);
     };
     row(
         "queries/s",
@@ -422,32 +435,12 @@ fn table(mesh: &Measured, dnsmasq: &Measured) -> String {
         ms(dnsmasq.max_latency),
         mesh.max_latency / dnsmasq.max_latency,
     );
-    let _ = writeln!(
-        out,
-        "\n(ratio = mesh-dns / dnsmasq; first rows at full load, percentiles at a fixed rate)"
-    );
-    for (name, m) in [("mesh-dns", mesh), ("dnsmasq", dnsmasq)] {
-        let _ = writeln!(
-            out,
-            "{name:<9} completed {}, lost {}, {}",
-            m.completed, m.lost, m.codes
-        );
-    }
-    out
+    t
 }
 
 fn path_str(path: &Path) -> Result<&str> {
     path.to_str()
         .with_context(|| format!("{} is not UTF-8", path.display()))
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|dir| Path::new(dir).join(tool))
-        .find(|p| p.is_file())
 }
 
 /// A directory under the system temp dir, removed when dropped.
