@@ -27,7 +27,7 @@ const TTL: u32 = 2;
 const PACED_QPS: u32 = 10_000;
 
 pub fn run(quick: bool) -> Result<Report> {
-    let seconds = if quick { 3 } else { 15 };
+    let seconds = if quick { 3 } else { 10 };
     for tool in ["dnsperf", "dnsmasq"] {
         if super::which(tool).is_none() {
             bail!(
@@ -154,7 +154,7 @@ fn query_file() -> String {
     out
 }
 
-fn build_serve_example() -> Result<PathBuf> {
+pub fn build_serve_example() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("==> cargo build --release -p mesh-dns --example serve");
     let output = Command::new(cargo)
