@@ -91,9 +91,16 @@ pub struct View {
     pub republish: BTreeMap<String, String>,
     /// Stamps seen in replicated objects, to move the local clock past them.
     pub newest_stamp: Option<Stamp>,
+    /// When the same gossip state next computes to a different view (a restarting node's
+    /// grace ends, a tombstone expires): until then, an unchanged state needs no recompute.
+    pub next_change_ms: Option<u64>,
 }
 
 impl View {
+    fn change_at(&mut self, ms: u64) {
+        self.next_change_ms = Some(self.next_change_ms.map_or(ms, |t| t.min(ms)));
+    }
+
     pub fn compute(snapshot: &Snapshot) -> Self {
         let mut view = View::default();
         // The newest generation of each node name speaks for it.
@@ -117,12 +124,14 @@ impl View {
         // A generation that announced a graceful stop counts as up until its deadline (its
         // tasks and dataplane keep serving while its agent restarts).
         for n in &snapshot.nodes {
-            let restarting =
+            let until_ms =
                 n.kv.get(key::RESTARTING)
                     .and_then(|v| decode::<super::Restarting>(v))
-                    .is_some_and(|r| r.until_ms > snapshot.now_ms);
-            if restarting {
+                    .map(|r| r.until_ms)
+                    .filter(|&until| until > snapshot.now_ms);
+            if let Some(until) = until_ms {
                 any_live.insert(&n.name);
+                view.change_at(until);
             }
         }
 
@@ -357,10 +366,15 @@ fn merge_kind<T: Clone + Serialize + DeserializeOwned>(
             }
         }
         let merged = replicated::merge(&copies);
-        if let Some(copy) = merged.republish(TOMBSTONE_TTL_MS, snapshot.now_ms)
-            && let Ok(json) = serde_json::to_string(&copy)
-        {
-            view.republish.insert(format!("{prefix}{name}"), json);
+        if let Some(copy) = merged.republish(TOMBSTONE_TTL_MS, snapshot.now_ms) {
+            if copy.deleted.is_some()
+                && let Some(floor) = &copy.floor
+            {
+                view.change_at(floor.ms.saturating_add(TOMBSTONE_TTL_MS + 1));
+            }
+            if let Ok(json) = serde_json::to_string(&copy) {
+                view.republish.insert(format!("{prefix}{name}"), json);
+            }
         }
         if let Some(l) = merged.live {
             live.insert(name, l);
@@ -464,6 +478,38 @@ mod tests {
         };
         assert_eq!(at(4_000), NodeStatus::Ready);
         assert_eq!(at(6_000), NodeStatus::Down);
+        // The agent's loop skips recomputing an unchanged state, but not past the deadline.
+        let next = |now_ms| {
+            View::compute(&Snapshot {
+                nodes: vec![b.clone()],
+                now_ms,
+            })
+            .next_change_ms
+        };
+        assert_eq!(next(4_000), Some(5_000));
+        assert_eq!(next(6_000), None);
+    }
+
+    #[test]
+    fn a_deleted_network_is_recomputed_when_its_tombstone_expires() {
+        let mut a = node("a", "192.0.2.1", true);
+        let mut gone = network("app", "10.1.0.0/24", 4096, st(10, "a"));
+        gone.deleted = Some(st(20, "a"));
+        gone.floor = Some(st(20, "a"));
+        put(&mut a, format!("{}app", key::NETWORK), &gone);
+        let at = |now_ms| {
+            View::compute(&Snapshot {
+                nodes: vec![a.clone()],
+                now_ms,
+            })
+        };
+        let v = at(100);
+        assert!(v.networks.is_empty());
+        assert!(v.republish.contains_key("obj:net:app"));
+        assert_eq!(v.next_change_ms, Some(20 + TOMBSTONE_TTL_MS + 1));
+        let later = at(20 + TOMBSTONE_TTL_MS + 1);
+        assert!(!later.republish.contains_key("obj:net:app"));
+        assert_eq!(later.next_change_ms, None);
     }
 
     fn put<T: Serialize>(n: &mut SnapshotNode, k: String, v: &T) {

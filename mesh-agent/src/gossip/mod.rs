@@ -144,6 +144,28 @@ impl Gossip {
             .collect()
     }
 
+    /// What identifies the cluster state without copying it: every known generation, its
+    /// liveness and its newest key version. Equal fingerprints mean equal snapshots (but for
+    /// the clock); heartbeats alone do not change it.
+    pub async fn fingerprint(&self) -> Fingerprint {
+        let chitchat = self.handle.chitchat();
+        let cc = chitchat.lock().await;
+        let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
+        Fingerprint(
+            cc.node_states()
+                .iter()
+                .map(|(id, state)| {
+                    (
+                        id.node_id.clone(),
+                        id.generation_id,
+                        live.contains(id),
+                        state.max_version(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
     pub async fn snapshot(&self) -> Snapshot {
         let chitchat = self.handle.chitchat();
         let cc = chitchat.lock().await;
@@ -181,6 +203,9 @@ impl Gossip {
         self.handle.shutdown().await
     }
 }
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fingerprint(Vec<(std::sync::Arc<str>, u64, bool, u64)>);
 
 pub struct Changes {
     watcher: tokio::sync::watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>>,
