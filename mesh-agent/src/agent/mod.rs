@@ -25,7 +25,7 @@ use crate::{
     cluster::{BlockClaim, Clock, NodeRecord, Replicated, Stamp, View, key},
     config::ResolvedConfig,
     dataplane::Dataplane,
-    gossip::Gossip,
+    gossip::{Fingerprint, Gossip},
     overlay::{GatewayPlumbing, Overlay, Underlay},
     task::Tasks,
 };
@@ -58,10 +58,12 @@ pub struct Agent {
     /// One kernel convergence at a time; also held while a task is set up so convergence
     /// does not unplumb a network a new task is about to use.
     converging: Mutex<()>,
-    /// Held from snapshot to republish, and while an object is written: republish drops
-    /// this node's `obj:` keys the view does not know, so a key written after the snapshot
-    /// was taken would be dropped as if it had lost a merge.
-    publishing: Mutex<()>,
+    /// The gossip state the current view was computed from: a refresh on an unchanged state
+    /// (most API reads) reuses the view instead of merging every key again. Held from
+    /// snapshot to republish, and while an object is written: republish drops this node's
+    /// `obj:` keys the view does not know, so a key written after the snapshot was taken
+    /// would be dropped as if it had lost a merge.
+    publishing: Mutex<Option<Fingerprint>>,
     reconcile_now: Notify,
     /// What was last written to the state file, to skip identical rewrites.
     persisted: Mutex<BTreeMap<String, String>>,
@@ -117,7 +119,7 @@ impl Agent {
                 lb_bridges: Mutex::new(BTreeMap::new()),
             }),
             converging: Mutex::new(()),
-            publishing: Mutex::new(()),
+            publishing: Mutex::new(None),
             reconcile_now: Notify::new(),
             persisted: Mutex::new(BTreeMap::new()),
             dns: parts.dns,
@@ -171,18 +173,27 @@ impl Agent {
         self.view.borrow().clone()
     }
 
-    /// Recomputes the view from gossip now (instead of waiting for the loop).
+    /// The view of the current gossip state (instead of waiting for the loop): recomputed
+    /// if gossip moved or a time-based transition is due since it was last computed.
     pub async fn refresh(&self) -> Arc<View> {
-        let publishing = self.publishing.lock().await;
+        let mut computed_from = self.publishing.lock().await;
+        let fingerprint = self.gossip.fingerprint().await;
+        let current = self.view();
+        let due = current.next_change_ms.is_some_and(|t| Clock::now_ms() >= t);
+        if !due && computed_from.as_ref() == Some(&fingerprint) {
+            return current;
+        }
         let snapshot = self.gossip.snapshot().await;
         let view = View::compute(&snapshot);
         if let Some(s) = &view.newest_stamp {
             self.clock.lock().expect("clock lock").observe(s);
         }
         self.republish(&view).await;
-        drop(publishing);
         let view = Arc::new(view);
+        // Published under the lock, so the view and the state it came from always match.
         self.view.send_replace(view.clone());
+        *computed_from = Some(fingerprint);
+        drop(computed_from);
         if let Err(e) = self.persist().await {
             warn!("cannot save this node's state: {e:#}");
         }
@@ -218,7 +229,7 @@ impl Agent {
         let mut changes = self.gossip.changes().await;
         let mut exits = self.local.as_ref().map(|l| l.tasks.subscribe());
         self.serve_dns_for_all().await;
-        let mut last: Option<(crate::gossip::Fingerprint, std::time::Instant)> = None;
+        let mut last: Option<(Fingerprint, std::time::Instant)> = None;
         let mut asked = true;
         loop {
             let fingerprint = self.gossip.fingerprint().await;
