@@ -39,11 +39,15 @@ fn run(h: &Host, name: &str) {
     .unwrap();
 }
 
+/// `meshctl service inspect web` on a node; `None` while the node cannot answer.
+fn inspect_web(h: &Host) -> Option<Value> {
+    h.meshctl_json(&["service", "inspect", "web"]).ok()
+}
+
 /// The task names of `web` as one node sees them.
 fn tasks_seen(h: &Host) -> BTreeSet<String> {
-    let s: Value = match h.meshctl_json(&["service", "inspect", "web"]) {
-        Ok(s) => s,
-        Err(_) => return BTreeSet::new(),
+    let Some(s) = inspect_web(h) else {
+        return BTreeSet::new();
     };
     s["tasks"]
         .as_array()
@@ -56,22 +60,21 @@ fn tasks_seen(h: &Host) -> BTreeSet<String> {
 /// The addresses of the backends `web` balances new connections to in a node's kernel:
 /// what the eviction is about (the view can lead the maps by one agent pass).
 fn active_backends(h: &Host) -> BTreeSet<String> {
-    let s: Value = match h.meshctl_json(&["service", "inspect", "web"]) {
-        Ok(s) => s,
-        Err(_) => return BTreeSet::new(),
+    let Some(s) = inspect_web(h) else {
+        return BTreeSet::new();
     };
     s["dataplane"]["backends"]
         .as_array()
-        .into_iter()
-        .flatten()
+        .unwrap()
+        .iter()
         .filter(|b| b["state"] == "active")
-        .filter_map(|b| b["ip"].as_str().map(str::to_owned))
+        .map(|b| b["ip"].as_str().unwrap().to_owned())
         .collect()
 }
 
 /// The address of a task, as a node sees it.
 fn task_ip(h: &Host, task: &str) -> String {
-    let s: Value = h.meshctl_json(&["service", "inspect", "web"]).unwrap();
+    let s = inspect_web(h).expect("service inspect web");
     s["tasks"]
         .as_array()
         .unwrap()

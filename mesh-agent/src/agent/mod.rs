@@ -179,8 +179,7 @@ impl Agent {
         let mut computed_from = self.publishing.lock().await;
         let fingerprint = self.gossip.fingerprint().await;
         let current = self.view();
-        let due = current.next_change_ms.is_some_and(|t| Clock::now_ms() >= t);
-        if !due && computed_from.as_ref() == Some(&fingerprint) {
+        if !current.change_due(Clock::now_ms()) && computed_from.as_ref() == Some(&fingerprint) {
             return current;
         }
         let snapshot = self.gossip.snapshot().await;
@@ -218,10 +217,10 @@ impl Agent {
         self.reconcile_now.notify_one();
     }
 
-    /// Runs forever: whenever gossip changes, a task exits or someone asks, recompute the
-    /// view and make the kernel match it. Checked every second, a pass runs only when the
-    /// cluster state moved, a time-based transition is due (a restarting node's grace), or
-    /// `FULL_PASS_EVERY` has gone by (repairing kernel state someone else changed): with
+    /// Runs forever: whenever gossip changes, a task exits or someone asks, make the kernel
+    /// match the view. Checked every second; the kernel pass runs when the view is a new one
+    /// (refresh recomputes only when gossip moved or a time-based transition is due), when
+    /// asked, or every `FULL_PASS_EVERY` to repair kernel state someone else changed: with
     /// 10,000 services a pass costs ~150 ms of CPU, too much to spend every second on a
     /// state nobody touched.
     pub async fn run(self: Arc<Self>) {
@@ -229,24 +228,19 @@ impl Agent {
         let mut changes = self.gossip.changes().await;
         let mut exits = self.local.as_ref().map(|l| l.tasks.subscribe());
         self.serve_dns_for_all().await;
-        let mut last: Option<(Fingerprint, std::time::Instant)> = None;
+        let mut last: Option<(Arc<View>, std::time::Instant)> = None;
         let mut asked = true;
         loop {
-            let fingerprint = self.gossip.fingerprint().await;
-            let due = self
-                .view()
-                .next_change_ms
-                .is_some_and(|t| Clock::now_ms() >= t);
-            let moved = last
+            let view = self.refresh().await;
+            let stale = last
                 .as_ref()
-                .is_none_or(|(f, at)| *f != fingerprint || at.elapsed() >= FULL_PASS_EVERY);
-            if asked || due || moved {
-                let view = self.refresh().await;
+                .is_none_or(|(v, at)| !Arc::ptr_eq(v, &view) || at.elapsed() >= FULL_PASS_EVERY);
+            if asked || stale {
                 self.update_dns(&view);
                 if let Err(e) = self.converge(&view).await {
                     warn!("programming the kernel: {e:#}");
                 }
-                last = Some((fingerprint, std::time::Instant::now()));
+                last = Some((view, std::time::Instant::now()));
             }
             asked = tokio::select! {
                 _ = changes.next() => false,

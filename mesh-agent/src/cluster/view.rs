@@ -97,6 +97,11 @@ pub struct View {
 }
 
 impl View {
+    /// Whether the gossip state this view came from would now compute to a different one.
+    pub fn change_due(&self, now_ms: u64) -> bool {
+        self.next_change_ms.is_some_and(|t| now_ms >= t)
+    }
+
     fn change_at(&mut self, ms: u64) {
         self.next_change_ms = Some(self.next_change_ms.map_or(ms, |t| t.min(ms)));
     }
