@@ -405,6 +405,27 @@ impl Host {
         let out = self.meshctl_ok(&all)?;
         serde_json::from_str(&out).with_context(|| format!("decoding meshctl output: {out}"))
     }
+
+    /// `meshctl run` of a mesh-whoami task named `name` on `network`, a task of `service` if
+    /// one is given; mesh-whoami answers with `name` and gets `extra` after it. The task as
+    /// `meshctl --format json run` prints it.
+    pub fn run_whoami<T: serde::de::DeserializeOwned>(
+        &self,
+        network: &str,
+        service: Option<&str>,
+        name: &str,
+        extra: &[&str],
+    ) -> Result<T> {
+        let whoami = bin("mesh-whoami");
+        let whoami = whoami.to_str().context("mesh-whoami's path is not UTF-8")?;
+        let mut args = vec!["run", "--network", network];
+        if let Some(s) = service {
+            args.extend(["--service", s]);
+        }
+        args.extend(["--name", name, "--", whoami, "--name", name]);
+        args.extend_from_slice(extra);
+        self.meshctl_json(&args)
+    }
 }
 
 impl Drop for Cluster {

@@ -3,19 +3,13 @@
 
 use std::time::Duration;
 
-use mesh_tests::{Cluster, Host, cluster::bin};
+use mesh_tests::{Cluster, Host};
 use serde_json::Value;
 
 const UPSTREAM: &str = "192.0.2.53";
 
 fn whoami(h: &Host, name: &str, service: Option<&str>) -> Value {
-    let bin = bin("mesh-whoami").display().to_string();
-    let mut args = vec!["run", "--network", "app", "--name", name];
-    if let Some(s) = service {
-        args.extend(["--service", s]);
-    }
-    args.extend(["--", &bin, "--name", name]);
-    h.meshctl_json(&args).unwrap()
+    h.run_whoami("app", service, name, &[]).unwrap()
 }
 
 /// getent run inside the task with `meshctl exec`: the task's resolv.conf (127.0.0.11), its

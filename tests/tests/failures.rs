@@ -8,7 +8,6 @@ use std::{
 
 use mesh_tests::{
     Cluster, Host,
-    cluster::bin,
     workload::{ClientLoop, RemoteSession},
 };
 use serde_json::Value;
@@ -22,21 +21,8 @@ fn setup(n: usize) -> Cluster {
 }
 
 fn run(h: &Host, name: &str) {
-    let who = bin("mesh-whoami").display().to_string();
-    h.meshctl_ok(&[
-        "run",
-        "--network",
-        "app",
-        "--service",
-        "web",
-        "--name",
-        name,
-        "--",
-        &who,
-        "--name",
-        name,
-    ])
-    .unwrap();
+    h.run_whoami::<Value>("app", Some("web"), name, &[])
+        .unwrap();
 }
 
 /// `meshctl service inspect web` on a node; `None` while the node cannot answer.

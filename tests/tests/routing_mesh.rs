@@ -24,23 +24,8 @@ fn cluster() -> Cluster {
 }
 
 fn task(h: &Host, name: &str) -> Value {
-    let who = bin("mesh-whoami").display().to_string();
-    h.meshctl_json(&[
-        "run",
-        "--network",
-        "app",
-        "--service",
-        "web",
-        "--name",
-        name,
-        "--",
-        &who,
-        "--name",
-        name,
-        "--udp",
-        "53",
-    ])
-    .unwrap()
+    h.run_whoami("app", Some("web"), name, &["--udp", "53"])
+        .unwrap()
 }
 
 /// Waits until every node's load balancer has `n` active backends for web.

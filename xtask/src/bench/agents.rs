@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use mesh_agent::api::{NodeInfo, ServiceInfo, TaskInfo};
-use mesh_tests::{Cluster, Host, cluster::bin};
+use mesh_tests::{Cluster, Host};
 
 pub const NETWORK: &str = "app";
 pub const SUBNET: &str = "10.10.0.0/24";
@@ -45,8 +45,6 @@ pub fn whoami(c: &Cluster, on: &[usize]) -> Result<Vec<TaskInfo>> {
         "--publish",
         &publish,
     ])?;
-    let whoami = bin("mesh-whoami");
-    let whoami = whoami.to_str().context("utf-8 path")?;
     for i in on {
         let h = c.host(*i);
         c.eventually(
@@ -60,19 +58,7 @@ pub fn whoami(c: &Cluster, on: &[usize]) -> Result<Vec<TaskInfo>> {
             },
         )?;
         let name = format!("whoami-{i}");
-        h.meshctl_ok(&[
-            "run",
-            "--network",
-            NETWORK,
-            "--service",
-            SERVICE,
-            "--name",
-            &name,
-            "--",
-            whoami,
-            "--name",
-            &name,
-        ])?;
+        h.run_whoami::<serde_json::Value>(NETWORK, Some(SERVICE), &name, &[])?;
     }
     let tasks = c.eventually(Duration::from_secs(20), "every task on every node", |c| {
         let tasks: Vec<TaskInfo> = c.host(1).meshctl_json(&["service", "ps", SERVICE])?;

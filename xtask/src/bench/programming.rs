@@ -107,8 +107,6 @@ pub fn run(quick: bool) -> Result<Report> {
 
     // meshctl run on host1 → backends on all nodes and FDB on the others.
     agents::whoami(&c, &[])?;
-    let whoami = bin("mesh-whoami");
-    let whoami = whoami.to_str().context("utf-8 path")?;
     let mut lb_all = Vec::new();
     let mut fdb_all = Vec::new();
     let mut both = Vec::new();
@@ -116,19 +114,9 @@ pub fn run(quick: bool) -> Result<Report> {
     for i in 0..runs {
         let name = format!("t{i}");
         let started = Instant::now();
-        let task: LocalTaskInfo = c.host(1).meshctl_json(&[
-            "run",
-            "--network",
-            agents::NETWORK,
-            "--service",
-            agents::SERVICE,
-            "--name",
-            &name,
-            "--",
-            whoami,
-            "--name",
-            &name,
-        ])?;
+        let task: LocalTaskInfo =
+            c.host(1)
+                .run_whoami(agents::NETWORK, Some(agents::SERVICE), &name, &[])?;
         command.push(started.elapsed());
         let ip = task.ip.context("the task has no address")?;
         let tasks: Vec<TaskInfo> = c
