@@ -4,9 +4,11 @@
 //! The rules, slot by slot:
 //! - A slot keeps the task it has (no surprise rebalancing): the best live task of the slot
 //!   on an eligible node, ranked by running the current template, then running at all, then
-//!   age (oldest first), then node and task ID. Ranking, not arrival order, resolves the
+//!   age (newest first), then node and task ID. Ranking, not arrival order, resolves the
 //!   duplicates that diverging views create: every node picks the same winner and the
-//!   others stop, so once views agree exactly one task fills each slot.
+//!   others stop, so once views agree exactly one task fills each slot. Newest first is
+//!   Swarm's outcome: a node that was cut off or dead comes back to find its slots filled
+//!   elsewhere, and its stale copies are the ones that stop (nothing moves back to it).
 //! - A slot with no such task is placed on the eligible node with the fewest tasks of the
 //!   service (after the spread preferences' groups), then the fewest tasks overall, then by
 //!   a hash of (service, slot, node) so that ties do not pile every service on one node.
@@ -225,7 +227,7 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
                     !eligible.contains(t.node.as_str()),
                     !current(t),
                     t.state != TaskState::Running,
-                    t.created_ms,
+                    std::cmp::Reverse(t.created_ms),
                     t.node.clone(),
                     t.id.clone(),
                 )
@@ -233,8 +235,8 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
             key(a).cmp(&key(b))
         });
         // The best task on a node that may hold it. Taking the best task overall and giving
-        // up when its node is full was a loop: the slot was started elsewhere, but the old
-        // task (older, so ranked first) won again next round, and again a copy started.
+        // up when its node is full was a loop: the slot was started elsewhere, but the task
+        // on the full node (ranked first) won again next round, and again a copy started.
         let winner = tasks.iter().copied().find(|w| {
             eligible.contains(w.node.as_str())
                 && limit.is_none_or(|l| count.get(w.node.as_str()).copied().unwrap_or(0) < l)

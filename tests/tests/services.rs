@@ -465,3 +465,225 @@ fn a_drained_node_hands_its_tasks_over_and_nothing_moves_back() {
     })
     .unwrap();
 }
+
+/// Cuts (or restores) a host's underlay link at the bridge.
+fn link(c: &Cluster, host: usize, up: bool) {
+    c.underlay()
+        .sh(&format!(
+            "ip link set h{host} {}",
+            if up { "up" } else { "down" }
+        ))
+        .unwrap();
+}
+
+/// Live tasks of a service by slot, as one host sees them.
+fn live_slots(h: &Host, name: &str) -> BTreeMap<String, Vec<String>> {
+    let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in ps(h, name) {
+        if r["desired"] == "Running" && r["state"] == "Running" {
+            by.entry(r["name"].as_str().unwrap().into())
+                .or_default()
+                .push(r["id"].as_str().unwrap().into());
+        }
+    }
+    by
+}
+
+#[test]
+fn a_dead_nodes_slots_run_elsewhere_and_requests_keep_succeeding() {
+    let mut c = cluster(3);
+    create(&c, "web", &["--replicas", "3", "-p", "8080:80"]);
+    converged(&c, "web", 3, Duration::from_secs(10));
+    let h3 = c.host(3).node_name().to_owned();
+    let dead_ip = service(c.host(1), "web")["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["node"] == h3.as_str())
+        .map(|t| t["ip"].clone())
+        .unwrap();
+    c.host_mut(3).kill_agent().unwrap();
+    link(&c, 3, false);
+    // Once the dead node's task has left host1's load balancer, no request fails.
+    c.eventually(
+        Duration::from_secs(5),
+        "host3's task evicted on host1",
+        |c| {
+            let s = service(c.host(1), "web");
+            let still = s["dataplane"]["backends"].as_array().is_some_and(|b| {
+                b.iter()
+                    .any(|b| b["ip"] == dead_ip && b["state"] == "active")
+            });
+            Ok((!still).then_some(()))
+        },
+    )
+    .unwrap();
+    let client =
+        ClientLoop::start(c.external_ns("client").unwrap(), addr(c.host(1), 8080)).unwrap();
+    converged(&c, "web", 3, Duration::from_secs(10));
+    let by_node = running_by_node(c.host(2), "web");
+    assert!(!by_node.contains_key(&h3), "{by_node:?}");
+    assert_eq!(by_node.values().sum::<usize>(), 3, "{by_node:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failed) = client.finish();
+    assert!(ok > 10, "{ok} requests");
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    let table = c.host(1).meshctl_ok(&["service", "ps", "web"]).unwrap();
+    assert!(table.contains("Orphaned"), "the dead node's task: {table}");
+
+    // It comes back: its stale task stops, nothing moves back to it.
+    link(&c, 3, true);
+    c.host_mut(3).restart_agent().unwrap();
+    c.eventually(Duration::from_secs(15), "exactly 3, none on host3", |c| {
+        for h in c.hosts() {
+            let slots = live_slots(h, "web");
+            let by = running_by_node(h, "web");
+            if slots.len() != 3 || slots.values().any(|ids| ids.len() != 1) || by.contains_key(&h3)
+            {
+                anyhow::bail!("{} sees {slots:?} on {by:?}", h.node_name());
+            }
+        }
+        Ok(Some(()))
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_partition_keeps_both_sides_serving_and_heals_to_exactly_n() {
+    let c = cluster(3);
+    create(&c, "web", &["--replicas", "3", "-p", "8080:80"]);
+    converged(&c, "web", 3, Duration::from_secs(10));
+    link(&c, 1, false);
+    // Both sides fill every slot on their own.
+    c.eventually(Duration::from_secs(10), "both sides at 3/3", |c| {
+        let alone = live_slots(c.host(1), "web");
+        let rest = live_slots(c.host(2), "web");
+        Ok((alone.len() == 3 && rest.len() == 3).then_some(()))
+    })
+    .unwrap();
+    let t = curl_many(&c, c.host(2), 8080, 9);
+    assert_eq!(
+        t.values().sum::<usize>(),
+        9,
+        "the majority side serves: {t:?}"
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    link(&c, 1, true);
+    c.eventually(
+        Duration::from_secs(20),
+        "exactly one task per slot everywhere",
+        |c| {
+            let mut seen = Vec::new();
+            for h in c.hosts() {
+                let slots = live_slots(h, "web");
+                let all: usize = ps(h, "web")
+                    .iter()
+                    .filter(|r| r["state"] == "Running" || r["state"] == "Starting")
+                    .count();
+                if slots.len() != 3 || slots.values().any(|ids| ids.len() != 1) || all != 3 {
+                    anyhow::bail!("{} sees {slots:?} ({all} running)", h.node_name());
+                }
+                seen.push(slots);
+            }
+            Ok(seen.windows(2).all(|w| w[0] == w[1]).then_some(()))
+        },
+    )
+    .unwrap();
+    converged(&c, "web", 3, Duration::from_secs(10));
+}
+
+#[test]
+fn concurrent_scales_from_two_nodes_one_wins_everywhere_and_the_other_is_told() {
+    let c = cluster(3);
+    create(&c, "web", &["--replicas", "2", "-d"]);
+    c.eventually(Duration::from_secs(5), "web everywhere", |c| {
+        Ok(c.hosts()
+            .iter()
+            .all(|h| {
+                h.meshctl(&["service", "inspect", "web"])
+                    .unwrap()
+                    .status
+                    .success()
+            })
+            .then_some(()))
+    })
+    .unwrap();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            c.host(1)
+                .meshctl(&["service", "scale", "web=4", "-d"])
+                .unwrap()
+        });
+        let b = s.spawn(|| {
+            c.host(2)
+                .meshctl(&["service", "scale", "web=6", "-d"])
+                .unwrap()
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let outcomes = [(4, &a), (6, &b)];
+    let won: Vec<u64> = outcomes
+        .iter()
+        .filter(|(_, o)| o.status.success())
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(won.len(), 1, "exactly one wins: {a:?} {b:?}");
+    let lost = outcomes
+        .iter()
+        .find(|(_, o)| !o.status.success())
+        .unwrap()
+        .1;
+    let err = String::from_utf8_lossy(&lost.stderr);
+    assert!(err.contains("changed at the same time"), "{err}");
+    for h in c.hosts() {
+        let s = service(h, "web");
+        assert_eq!(
+            s["spec"]["mode"]["replicated"]["replicas"],
+            won[0],
+            "{}",
+            h.node_name()
+        );
+    }
+    converged(&c, "web", won[0] as usize, Duration::from_secs(15));
+}
+
+#[test]
+fn a_restarted_agent_adopts_its_tasks_and_never_duplicates_them() {
+    let mut c = cluster(3);
+    create(&c, "web", &["--replicas", "3", "-p", "8080:80"]);
+    converged(&c, "web", 3, Duration::from_secs(10));
+    let before = live_slots(c.host(1), "web");
+    // A graceful restart keeps the node up for its peers: the same tasks carry on.
+    c.host_mut(2).stop_agent().unwrap();
+    c.host_mut(2).restart_agent().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    converged(&c, "web", 3, Duration::from_secs(10));
+    assert_eq!(live_slots(c.host(2), "web"), before, "tasks were replaced");
+    // A crash and a quick restart: whatever the failure detector made of it, exactly one
+    // task per slot once things settle.
+    c.host_mut(2).kill_agent().unwrap();
+    c.host_mut(2).restart_agent().unwrap();
+    c.eventually(Duration::from_secs(15), "one task per slot", |c| {
+        for h in c.hosts() {
+            let slots = live_slots(h, "web");
+            if slots.len() != 3 || slots.values().any(|ids| ids.len() != 1) {
+                anyhow::bail!("{} sees {slots:?}", h.node_name());
+            }
+        }
+        Ok(Some(()))
+    })
+    .unwrap();
+    converged(&c, "web", 3, Duration::from_secs(10));
+    let local: Vec<Value> = c.host(2).meshctl_json(&["ps"]).unwrap();
+    let web = local.iter().filter(|t| t["service"] == "web").count();
+    assert_eq!(
+        web,
+        running_by_node(c.host(1), "web")[c.host(2).node_name()],
+        "{local:?}"
+    );
+}

@@ -76,6 +76,7 @@ pub struct Agent {
     dns_listeners: StdMutex<BTreeMap<String, (mesh_dns::ServeHandle, u64)>>,
     /// Service task starts and stops underway on this node.
     jobs: orchestrate::Jobs,
+    started: std::time::Instant,
 }
 
 /// What the agent drives besides gossip and the merged view.
@@ -131,6 +132,7 @@ impl Agent {
             dns_last: StdMutex::new(None),
             dns_listeners: StdMutex::new(BTreeMap::new()),
             jobs: orchestrate::Jobs::default(),
+            started: std::time::Instant::now(),
             gossip,
             config,
         })

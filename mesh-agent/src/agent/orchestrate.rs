@@ -129,6 +129,11 @@ impl Agent {
             self.task_ended(view, t, ending).await;
         }
 
+        // A node that just started has only its own (perhaps stale) records until gossip
+        // has caught up: deciding from that would start duplicates that beat running tasks.
+        if !self.caught_up(view) {
+            return Some(now + 200);
+        }
         let own = self.own_tasks().await;
         let nodes = view.planner_nodes();
         for (name, service) in &view.services {
@@ -202,6 +207,18 @@ impl Agent {
             .filter(|t| t.is_live() && t.state < TaskState::Preparing)
             .filter_map(|t| t.not_before_ms)
             .min()
+    }
+
+    /// Whether this node's view is complete enough to act on: a second after start, once a
+    /// peer has been heard from, or after ten seconds alone (every peer may be gone).
+    fn caught_up(&self, view: &View) -> bool {
+        let up = self.started.elapsed();
+        let heard_peer = view
+            .nodes
+            .values()
+            .any(|n| n.name != self.node_name() && n.status == crate::cluster::NodeStatus::Ready);
+        up >= Duration::from_secs(1)
+            && (heard_peer || self.config.config.join.is_empty() || up >= Duration::from_secs(10))
     }
 
     /// Records the end of a task and carries out the restart policy.
