@@ -1,5 +1,6 @@
 //! meshctl: Docker-style commands that talk to the local agent's API.
 
+mod progress;
 mod service;
 
 pub use service::ServiceCommand;

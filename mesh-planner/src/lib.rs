@@ -12,13 +12,15 @@
 
 pub mod plan;
 pub mod restart;
+pub mod rollout;
 pub mod spec;
 pub mod task;
 
 pub use plan::{Cluster, Plan, Service, SlotPlacement, SlotPlan, Stop, plan};
 pub use restart::{AfterExit, after_exit};
+pub use rollout::{Failure, Progress, coordinator, progress};
 pub use spec::{
-    Constraint, Field, MAX_REPLICAS, Node, Op, Placement, RestartCondition, RestartPolicy,
-    ServiceMode, Spread,
+    Constraint, FailureAction, Field, MAX_REPLICAS, Node, Op, Placement, Ratio, RestartCondition,
+    RestartPolicy, ServiceMode, Spread, UpdateConfig, UpdateOrder,
 };
 pub use task::{DesiredState, Slot, Task, TaskState};

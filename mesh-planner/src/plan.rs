@@ -14,12 +14,16 @@
 //!   a hash of (service, slot, node) so that ties do not pile every service on one node.
 //! - A task that is being replaced (its node was drained or stopped matching, or its
 //!   template is outdated) keeps serving until its replacement runs: start first, then stop.
-//! - Template changes roll one slot at a time, in slot order.
+//! - Template changes roll out `parallelism` slots at a time, in slot order: a slot counts as
+//!   in flight from when its old task is replaced until its new task has run for `delay`
+//!   (Swarm's updater works the same way, one worker per unit of parallelism). Start-first
+//!   places the new task beside the old one; stop-first stops the old one and places the
+//!   new one once it is gone.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
-    spec::{Node, Placement, ServiceMode},
+    spec::{Node, Placement, ServiceMode, UpdateConfig, UpdateOrder},
     task::{Slot, Task, TaskState},
 };
 
@@ -31,8 +35,12 @@ pub struct Service<'a> {
     pub placement: &'a Placement,
     /// The driver its tasks need (a node must advertise it).
     pub driver: &'a str,
-    /// Tasks created for an older template are replaced.
-    pub template_version: u64,
+    /// The task template in force (an opaque ID): tasks made from another are replaced.
+    pub template: u64,
+    /// How they are replaced: the update config, or the rollback config while rolling back.
+    pub update: UpdateConfig,
+    /// The update was paused (after failures): no further slot is replaced.
+    pub paused: bool,
 }
 
 /// The cluster as the planner sees it: every node and every task record in gossip.
@@ -40,6 +48,8 @@ pub struct Service<'a> {
 pub struct Cluster<'a> {
     pub nodes: &'a [Node],
     pub tasks: &'a [Task],
+    /// Wall-clock ms of the view: an update's delay is measured against it.
+    pub now_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +75,9 @@ pub enum SlotPlacement {
     Start { node: String },
     /// No node can take it, and why.
     Pending { reason: String },
+    /// A stop-first update: the slot's old task is stopping; its replacement is placed once
+    /// it is gone.
+    Stopping { node: String, task: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -193,7 +206,7 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
     for t in mine.iter().filter(|t| {
         t.holds_slot
             && t.state.is_terminal()
-            && t.spec_version >= service.template_version
+            && t.template == service.template
             && eligible.contains(t.node.as_str())
             && wanted_set.contains(&t.slot)
             // As for live tasks above: a global slot is only ever filled on its own node (a
@@ -206,7 +219,7 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
         }
     }
 
-    let current = |t: &Task| t.spec_version >= service.template_version;
+    let current = |t: &Task| t.template == service.template;
     // Swarm's `--replicas-max-per-node 0` means no limit. Read as a limit of 0, it left every
     // replicated slot pending, and made every global slot a Start on each plan (the global
     // path does not check the limit), so a node would start a new copy every round.
@@ -268,20 +281,53 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
         }
     }
 
-    // Rolling replacement of outdated tasks: one slot at a time, and not while another
-    // slot's new task is still coming up.
+    // Rolling replacement of outdated tasks, `parallelism` slots in flight at a time. In
+    // flight: a current task not yet running for `delay`, or a slot whose newest task is an
+    // old one that was stopped for the update (the gap of stop-first).
+    let update = &service.update;
+    let settled = |w: &Task| {
+        w.state == TaskState::Running
+            && cluster.now_ms
+                >= w.running_ms
+                    .unwrap_or(w.since_ms)
+                    .saturating_add(update.delay_ms)
+    };
+    // A slot that cannot be placed anywhere is not in flight: counting it would stall the
+    // update behind a slot that only says why it is pending.
+    let placeable = eligible
+        .iter()
+        .any(|n| limit.is_none_or(|l| count.get(n).copied().unwrap_or(0) < l));
+    let newest_outdated = |slot: &Slot| {
+        mine.iter()
+            .filter(|t| t.slot == *slot)
+            .max_by_key(|t| (t.created_ms, t.id.as_str()))
+            .is_some_and(|t| !current(t) && placeable)
+    };
+    let any_outdated = outcome.values().any(|o| matches!(o, Outcome::Outdated(..)));
     let in_flight = outcome
-        .values()
-        .filter(|o| matches!(o, Outcome::Kept(w, tasks) if w.state != TaskState::Running && tasks.len() > 1))
+        .iter()
+        .filter(|(slot, o)| match o {
+            Outcome::Kept(w, _) => any_outdated && !settled(w),
+            Outcome::Place(_) => newest_outdated(slot),
+            _ => false,
+        })
         .count();
-    let mut budget = 1usize.saturating_sub(in_flight);
+    let mut budget = match (service.paused, update.parallelism) {
+        (true, _) => 0,
+        (false, 0) => usize::MAX,
+        (false, p) => (p as usize).saturating_sub(in_flight),
+    };
+    let mut stop_first: BTreeMap<&Slot, &Task> = BTreeMap::new();
     for slot in &wanted {
         if let Some(Outcome::Outdated(w, tasks)) = outcome.get(slot) {
             let (w, tasks) = (*w, tasks.clone());
             if budget > 0 {
                 budget -= 1;
-                // Being replaced: the slot's new task is placed like any other.
-                if let Some(c) = count.get_mut(w.node.as_str()) {
+                // Being replaced start-first: the slot's new task is placed like any other.
+                // Stop-first: the old task holds its node until it is gone.
+                if update.order == UpdateOrder::StopFirst && w.state == TaskState::Running {
+                    stop_first.insert(slot, w);
+                } else if let Some(c) = count.get_mut(w.node.as_str()) {
                     *c -= 1;
                 }
                 outcome.insert(slot, Outcome::Place(tasks));
@@ -318,6 +364,21 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
                 }
             }
             Outcome::Outdated(..) => unreachable!("resolved above"),
+            Outcome::Place(others) if stop_first.contains_key(slot) => {
+                // Stop-first: the old task goes now; the slot is placed once it is gone.
+                let old = stop_first[slot];
+                for t in others {
+                    stop(
+                        &mut stops,
+                        t,
+                        format!("updating slot {slot} (stop-first): replaced by a new task"),
+                    );
+                }
+                SlotPlacement::Stopping {
+                    node: old.node.clone(),
+                    task: old.id.clone(),
+                }
+            }
             Outcome::Place(others) => {
                 let choice = match slot {
                     Slot::Node(n) => eligible.get(n.as_str()).copied(),
@@ -372,7 +433,7 @@ fn retire(stops: &mut Vec<Stop>, winner: &Task, tasks: &[&Task], slot: &Slot) {
         if serving && !winner_runs {
             continue;
         }
-        let reason = if t.spec_version < winner.spec_version {
+        let reason = if t.template != winner.template {
             format!("replaced by task {} (updated)", winner.id)
         } else if t.node != winner.node && winner_runs && serving {
             format!(

@@ -64,6 +64,7 @@ mod tests {
             slot: Slot::Replica(1),
             node: "n1".into(),
             spec_version: 1,
+            template: 1,
             desired: DesiredState::Running,
             state: TaskState::Failed,
             created_ms: 0,
@@ -74,6 +75,7 @@ mod tests {
             window_start_ms,
             not_before_ms: None,
             holds_slot: false,
+            running_ms: None,
         }
     }
 

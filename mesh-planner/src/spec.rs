@@ -278,6 +278,166 @@ impl Default for RestartPolicy {
     }
 }
 
+/// How a change of the task template rolls out (Swarm's UpdateConfig; the same shape is
+/// the rollback config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UpdateConfig {
+    /// Slots replaced at once; 0: all at once.
+    #[serde(default = "one")]
+    pub parallelism: u32,
+    /// Wait after a replaced slot's new task runs before that place takes the next slot.
+    #[serde(default)]
+    pub delay_ms: u64,
+    #[serde(default)]
+    pub order: UpdateOrder,
+    #[serde(default)]
+    pub failure_action: FailureAction,
+    /// A new task that fails within this long of starting counts as a failed update.
+    #[serde(default = "five_seconds")]
+    pub monitor_ms: u64,
+    /// Failed tasks tolerated, as a share of the service's slots, before the failure action.
+    #[serde(default)]
+    pub max_failure_ratio: Ratio,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn five_seconds() -> u64 {
+    5_000
+}
+
+impl Default for UpdateConfig {
+    /// Swarm's defaults: one at a time, no delay, stop first, pause on failure, 5 s monitor,
+    /// no failure tolerated.
+    fn default() -> Self {
+        Self {
+            parallelism: 1,
+            delay_ms: 0,
+            order: UpdateOrder::StopFirst,
+            failure_action: FailureAction::Pause,
+            monitor_ms: five_seconds(),
+            max_failure_ratio: Ratio::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateOrder {
+    /// The old task stops, then the new one starts (the slot is empty in between).
+    #[default]
+    StopFirst,
+    /// The new task starts, and the old one stops once it runs.
+    StartFirst,
+}
+
+impl fmt::Display for UpdateOrder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::StopFirst => "stop-first",
+            Self::StartFirst => "start-first",
+        })
+    }
+}
+
+impl FromStr for UpdateOrder {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stop-first" => Ok(Self::StopFirst),
+            "start-first" => Ok(Self::StartFirst),
+            other => Err(format!(
+                "unknown update order {other:?}: use stop-first or start-first"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureAction {
+    /// Stop replacing slots; the old tasks keep serving; a new update resumes.
+    #[default]
+    Pause,
+    /// Go on as if nothing failed.
+    Continue,
+    /// Go back to the previous spec, with the rollback config.
+    Rollback,
+}
+
+impl fmt::Display for FailureAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Pause => "pause",
+            Self::Continue => "continue",
+            Self::Rollback => "rollback",
+        })
+    }
+}
+
+impl FromStr for FailureAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pause" => Ok(Self::Pause),
+            "continue" => Ok(Self::Continue),
+            "rollback" => Ok(Self::Rollback),
+            other => Err(format!(
+                "unknown failure action {other:?}: use pause, continue or rollback"
+            )),
+        }
+    }
+}
+
+/// A share from 0 to 1 kept in millionths, so specs stay comparable for equality (a float
+/// would not be `Eq`); it travels as a plain number.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(into = "f64", try_from = "f64")]
+pub struct Ratio(u32);
+
+impl Ratio {
+    pub fn get(self) -> f64 {
+        f64::from(self.0) / 1_000_000.0
+    }
+}
+
+impl From<Ratio> for f64 {
+    fn from(r: Ratio) -> f64 {
+        r.get()
+    }
+}
+
+impl TryFrom<f64> for Ratio {
+    type Error = String;
+    fn try_from(v: f64) -> Result<Self, Self::Error> {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(format!("ratio {v} is not between 0 and 1"));
+        }
+        Ok(Self((v * 1_000_000.0).round() as u32))
+    }
+}
+
+impl FromStr for Ratio {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let v: f64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid ratio {s:?}: use a number from 0 to 1, e.g. 0.2"))?;
+        Self::try_from(v).map_err(|e| format!("{e}: use a number from 0 to 1, e.g. 0.2"))
+    }
+}
+
+impl fmt::Display for Ratio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.get())
+    }
+}
+
 /// What the planner knows about a node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {

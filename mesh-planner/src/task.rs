@@ -100,8 +100,13 @@ pub struct Task {
     pub slot: Slot,
     /// The node that runs it (and alone writes this record).
     pub node: String,
-    /// The service's template version the task runs.
+    /// The service's spec version when the task was made (what `service ps` shows).
     pub spec_version: u64,
+    /// Which task template it runs (an opaque ID): a task whose template differs from the
+    /// service's is replaced. Not a version: a rollback brings an older template back, and
+    /// the tasks that kept running it are left alone.
+    #[serde(default)]
+    pub template: u64,
     pub desired: DesiredState,
     pub state: TaskState,
     /// Wall-clock ms when the task was created, and when it entered `state`.
@@ -121,6 +126,10 @@ pub struct Task {
     /// Not started before this time (the restart delay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before_ms: Option<u64>,
+    /// When it became Running (kept after it ends, to tell a task that failed within an
+    /// update's monitor window from one that ran its course).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_ms: Option<u64>,
     /// A finished task the restart policy will not replace: it keeps its slot (no other node
     /// fills it) until the service changes.
     #[serde(default)]

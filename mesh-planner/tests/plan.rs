@@ -315,7 +315,7 @@ fn duplicates_of_a_slot_keep_one_and_the_same_one_in_any_order() {
     assert_eq!(placements(&plan)[&Slot::Replica(1)], kept("n3", "z"));
     // A task running the current template beats a newer one still on the old template; equal
     // ages go by node name.
-    tasks[2].spec_version = 0;
+    tasks[2].template = 0;
     let plan = spec.plan(&nodes(3), &tasks);
     assert_eq!(placements(&plan)[&Slot::Replica(1)], kept("n1", "x"));
 }
@@ -332,7 +332,7 @@ fn a_finished_task_holding_its_slot_keeps_it_until_the_template_changes() {
     assert!(starts(&plan).is_empty());
     assert!(plan.stops.is_empty());
 
-    spec.template_version = 2;
+    spec.template = 2;
     let plan = spec.plan(&nodes(3), &tasks);
     assert!(
         matches!(
@@ -352,7 +352,7 @@ fn a_template_change_rolls_one_slot_at_a_time_start_first_in_slot_order() {
         replica("b", 2, "n2", 1),
         replica("c", 3, "n3", 1),
     ];
-    spec.template_version = 2;
+    spec.template = 2;
     for (slot, old) in [(1, "a"), (2, "b"), (3, "c")] {
         // The slot's replacement starts; every other old task keeps its slot.
         let plan = spec.plan(&ns, &tasks);
@@ -364,7 +364,7 @@ fn a_template_change_rolls_one_slot_at_a_time_start_first_in_slot_order() {
             "start first: {old} serves until its replacement runs"
         );
         let mut new = replica(&format!("{old}2"), slot, &s[0].1, 10 + slot as u64);
-        new.spec_version = 2;
+        new.template = 2;
         new.state = TaskState::Starting;
         tasks.push(new);
         tasks.retain(|t| !plan.stops.iter().any(|s| s.task == t.id));
@@ -387,7 +387,7 @@ fn a_template_change_rolls_one_slot_at_a_time_start_first_in_slot_order() {
     }
     let plan = spec.plan(&ns, &tasks);
     assert!(starts(&plan).is_empty() && plan.stops.is_empty());
-    assert!(tasks.iter().all(|t| t.spec_version == 2));
+    assert!(tasks.iter().all(|t| t.template == 2));
 }
 
 #[test]
@@ -452,7 +452,7 @@ fn an_update_keeps_the_per_node_limit_while_old_tasks_wait() {
     // Three old tasks on n1 when the template changes and the limit becomes 1: slot 1 is
     // replaced first; the old tasks that wait keep no more slots on n1 than the limit.
     let mut spec = Spec::replicated(3).max_per_node(1);
-    spec.template_version = 2;
+    spec.template = 2;
     let tasks = vec![
         replica("a", 1, "n1", 1),
         replica("b", 2, "n1", 1),
@@ -474,4 +474,115 @@ fn a_global_slot_is_only_held_by_a_task_on_its_own_node() {
     let plan = Spec::global().plan(&nodes(2), &[odd]);
     assert_eq!(placements(&plan)[&Slot::Node("n2".into())], start("n2"));
     assert_eq!(placements(&plan)[&Slot::Node("n1".into())], start("n1"));
+}
+
+#[test]
+fn updates_go_in_waves_of_parallelism_with_the_delay_between() {
+    let ns = nodes(4);
+    let mut spec = Spec::replicated(4);
+    spec.update.parallelism = 2;
+    spec.update.delay_ms = 2_000;
+    let mut tasks: Vec<mesh_planner::Task> = (1..=4)
+        .map(|i| replica(&format!("old{i}"), i, &format!("n{i}"), 1))
+        .collect();
+    spec.template = 2;
+    spec.now_ms = 10_000;
+    let plan = spec.plan(&ns, &tasks);
+    let first: Vec<Slot> = starts(&plan).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(first, vec![Slot::Replica(1), Slot::Replica(2)], "{plan:?}");
+    for (slot, node) in starts(&plan) {
+        let Slot::Replica(n) = slot else {
+            unreachable!()
+        };
+        let mut t = replica(&format!("new{n}"), n, &node, 10_000);
+        t.template = 2;
+        t.state = TaskState::Running;
+        t.running_ms = Some(10_500);
+        tasks.push(t);
+    }
+    // Running, but not for the delay yet: the old tasks of slots 1 and 2 stop, 3 and 4 wait.
+    spec.now_ms = 11_000;
+    let plan = spec.plan(&ns, &tasks);
+    assert!(starts(&plan).is_empty(), "{plan:?}");
+    let mut s = stopped(&plan);
+    s.sort();
+    assert_eq!(s, vec!["old1", "old2"]);
+    tasks.retain(|t| !plan.stops.iter().any(|s| s.task == t.id));
+    // The delay has passed: the second wave.
+    spec.now_ms = 12_600;
+    let plan = spec.plan(&ns, &tasks);
+    let second: Vec<Slot> = starts(&plan).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(second, vec![Slot::Replica(3), Slot::Replica(4)], "{plan:?}");
+    // Paused: nothing more is replaced.
+    spec.paused = true;
+    assert!(starts(&spec.plan(&ns, &tasks)).is_empty());
+}
+
+#[test]
+fn stop_first_stops_the_old_task_before_its_replacement_starts() {
+    let ns = nodes(2);
+    let mut spec = Spec::replicated(2);
+    spec.update.order = mesh_planner::UpdateOrder::StopFirst;
+    let mut tasks = vec![replica("a", 1, "n1", 1), replica("b", 2, "n2", 1)];
+    spec.template = 2;
+    let plan = spec.plan(&ns, &tasks);
+    assert!(
+        starts(&plan).is_empty(),
+        "nothing starts beside the old task: {plan:?}"
+    );
+    assert_eq!(stopped(&plan), vec!["a"]);
+    assert_eq!(
+        placements(&plan)[&Slot::Replica(1)],
+        SlotPlacement::Stopping {
+            node: "n1".into(),
+            task: "a".into()
+        }
+    );
+    assert_eq!(
+        plan.pending_reason(),
+        None,
+        "a stopping slot is not pending"
+    );
+    // Its node marks it shut down; the slot is placed, and slot 2 still waits.
+    tasks[0].desired = mesh_planner::DesiredState::Shutdown;
+    tasks[0].state = TaskState::Shutdown;
+    let plan = spec.plan(&ns, &tasks);
+    assert_eq!(starts(&plan).len(), 1, "{plan:?}");
+    assert_eq!(starts(&plan)[0].0, Slot::Replica(1));
+    assert!(plan.stops.is_empty(), "slot 2 waits its turn: {plan:?}");
+}
+
+#[test]
+fn update_progress_counts_updated_slots_and_failures_in_the_monitor_window() {
+    let ns = nodes(2);
+    let mut spec = Spec::replicated(2);
+    spec.template = 2;
+    let mut new = replica("n1new", 1, "n1", 100);
+    new.template = 2;
+    new.running_ms = Some(200);
+    let mut failed = replica("n2new", 2, "n2", 100);
+    failed.template = 2;
+    failed.state = TaskState::Failed;
+    failed.desired = mesh_planner::DesiredState::Shutdown;
+    failed.running_ms = Some(200);
+    failed.since_ms = 1_000;
+    failed.error = Some("task: non-zero exit (1)".into());
+    let old = replica("old2", 2, "n2", 1);
+    let tasks = vec![new, failed, old];
+    spec.now_ms = 300;
+    let plan = spec.plan(&ns, &tasks);
+    let p = mesh_planner::progress(&plan, &tasks, "web", 2, &spec.update, 50, spec.now_ms);
+    assert_eq!((p.total, p.updated), (2, 1));
+    assert_eq!(p.failed.len(), 1);
+    assert_eq!(p.failed[0].error, "task: non-zero exit (1)");
+    assert!(p.over_ratio(&spec.update), "ratio 0 tolerates nothing");
+    assert!(!p.done);
+    let tolerant = mesh_planner::UpdateConfig {
+        max_failure_ratio: "0.5".parse().unwrap(),
+        ..spec.update
+    };
+    assert!(!p.over_ratio(&tolerant), "1 of 2 is not more than 0.5");
+    // A failure from before the update started is not this update's.
+    let p = mesh_planner::progress(&plan, &tasks, "web", 2, &spec.update, 150, spec.now_ms);
+    assert!(p.failed.is_empty());
 }

@@ -132,7 +132,7 @@ fn tasks_strategy() -> impl Strategy<Value = Vec<Task>> {
                     if !mine {
                         t.service = "other".into();
                     }
-                    t.spec_version = version;
+                    t.template = version;
                     t.desired = if wants {
                         DesiredState::Running
                     } else {
@@ -148,12 +148,30 @@ fn tasks_strategy() -> impl Strategy<Value = Vec<Task>> {
 }
 
 fn spec_strategy() -> impl Strategy<Value = Spec> {
-    (mode_strategy(), placement_strategy(), 1u64..=3).prop_map(|(mode, placement, v)| Spec {
-        name: SERVICE.into(),
-        mode,
-        placement,
-        template_version: v,
-    })
+    (
+        mode_strategy(),
+        placement_strategy(),
+        1u64..=3,
+        any::<bool>(),
+        0u32..=3,
+    )
+        .prop_map(|(mode, placement, v, start_first, parallelism)| Spec {
+            name: SERVICE.into(),
+            mode,
+            placement,
+            template: v,
+            update: mesh_planner::UpdateConfig {
+                parallelism,
+                order: if start_first {
+                    mesh_planner::UpdateOrder::StartFirst
+                } else {
+                    mesh_planner::UpdateOrder::StopFirst
+                },
+                ..Default::default()
+            },
+            paused: false,
+            now_ms: 1_000_000,
+        })
 }
 
 fn eligible(n: &Node, spec: &Spec) -> bool {
@@ -443,13 +461,14 @@ proptest! {
                     prop_assert!(here.is_empty(), "pending slot {} runs {:?}", s.slot, here);
                 }
                 SlotPlacement::Start { .. } => unreachable!("no starts at the fixpoint"),
+                SlotPlacement::Stopping { .. } => unreachable!("no stops at the fixpoint"),
             }
         }
         prop_assert!(live.is_empty(), "live tasks outside the wanted slots: {live:?}");
         // Converged means current: every live task runs the current template.
         for t in tasks.iter().filter(|t| t.service == spec.name && t.is_live()) {
             if nodes.iter().any(|n| n.name == t.node && n.ready) {
-                prop_assert!(t.spec_version >= spec.template_version, "outdated task left: {:?}", t);
+                prop_assert!(t.template >= spec.template, "outdated task left: {:?}", t);
             }
         }
     }

@@ -4,8 +4,10 @@
 mod addresses;
 mod converge;
 pub mod dns;
+mod health;
 mod objects;
 mod orchestrate;
+mod rollout;
 mod routing;
 mod services;
 mod tasks;

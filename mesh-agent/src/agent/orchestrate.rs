@@ -19,12 +19,12 @@ use std::{
     time::Duration,
 };
 
-use mesh_planner::{AfterExit, DesiredState, Slot, SlotPlacement, Task, TaskState};
+use mesh_planner::{AfterExit, DesiredState, FailureAction, Slot, SlotPlacement, Task, TaskState};
 use tracing::{info, warn};
 
-use super::{Agent, tasks::Launch};
+use super::{Agent, health, rollout, tasks::Launch};
 use crate::{
-    cluster::{Clock, ServiceSpec, View, key},
+    cluster::{Clock, HealthCheck, Replicated, ServiceSpec, UpdateState, View, key},
     task::TaskState as ProcessState,
 };
 
@@ -40,15 +40,27 @@ enum Ending {
     },
     /// It could not be started, and why.
     Rejected(String),
+    /// It ran but was ended for a reason other than its exit (failed health checks).
+    Failed(String),
 }
 
-/// Task IDs with a start or stop underway on this node.
+/// Task IDs with a start or stop underway on this node, and those whose health is watched.
 #[derive(Default)]
 pub(crate) struct Jobs {
     busy: std::sync::Mutex<BTreeSet<String>>,
+    watched: std::sync::Mutex<BTreeSet<String>>,
 }
 
 impl Jobs {
+    fn watch(&self, id: &str) -> bool {
+        self.watched
+            .lock()
+            .expect("jobs lock")
+            .insert(id.to_owned())
+    }
+    fn unwatch(&self, id: &str) {
+        self.watched.lock().expect("jobs lock").remove(id);
+    }
     fn claim(&self, id: &str) -> bool {
         self.busy.lock().expect("jobs lock").insert(id.to_owned())
     }
@@ -111,12 +123,24 @@ impl Agent {
             let ending = match local.tasks.get(&process_name(&t)).map(|r| r.state) {
                 Some(ProcessState::Creating) => continue,
                 Some(ProcessState::Running) => {
-                    // Started, but the agent stopped before it said so.
-                    if t.state < TaskState::Running {
-                        let mut t = t;
-                        t.state = TaskState::Running;
-                        t.since_ms = now;
-                        self.publish_task(&t).await;
+                    let check = view
+                        .services
+                        .get(&t.service)
+                        .and_then(|s| s.spec.task.as_ref())
+                        .and_then(|tpl| tpl.health.clone());
+                    match check {
+                        // Its monitor decides when it serves (and carries on after a restart
+                        // of the agent).
+                        Some(check) => self.spawn_health(t, check),
+                        // Started, but the agent stopped before it said so.
+                        None if t.state < TaskState::Running => {
+                            let mut t = t;
+                            t.state = TaskState::Running;
+                            t.since_ms = now;
+                            t.running_ms = Some(now);
+                            self.publish_task(&t).await;
+                        }
+                        None => {}
                     }
                     continue;
                 }
@@ -147,11 +171,9 @@ impl Agent {
                 }
             }
             for slot in plan.starts_on(&me) {
+                let template = service.spec.template_id();
                 let has_current = own.values().any(|t| {
-                    t.service == *name
-                        && t.slot == *slot
-                        && t.is_live()
-                        && t.spec_version >= service.spec.template_version
+                    t.service == *name && t.slot == *slot && t.is_live() && t.template == template
                 });
                 if has_current {
                     continue;
@@ -161,7 +183,8 @@ impl Agent {
                     service: name.clone(),
                     slot: slot.clone(),
                     node: me.clone(),
-                    spec_version: service.spec.template_version,
+                    spec_version: service.spec.version,
+                    template,
                     desired: DesiredState::Running,
                     state: TaskState::New,
                     created_ms: now,
@@ -172,10 +195,20 @@ impl Agent {
                     window_start_ms: now,
                     not_before_ms: None,
                     holds_slot: false,
+                    running_ms: None,
                 };
                 info!(task = %process_name(&task), "slot placed on this node; starting a task");
                 self.publish_task(&task).await;
                 self.spawn_start(task);
+            }
+            if service
+                .spec
+                .update_status
+                .as_ref()
+                .is_some_and(|s| s.state.in_progress())
+                && mesh_planner::coordinator(name, &nodes) == Some(me.as_str())
+            {
+                self.follow_rollout(service, &plan, view, now).await;
             }
             // Restarts whose delay has passed.
             for s in &plan.slots {
@@ -209,6 +242,98 @@ impl Agent {
             .min()
     }
 
+    /// As the service's coordinator: records the rollout's outcome once the view shows it —
+    /// the failure action past the failure ratio, or completion.
+    async fn follow_rollout(
+        &self,
+        service: &Replicated<ServiceSpec>,
+        plan: &mesh_planner::Plan,
+        view: &View,
+        now: u64,
+    ) {
+        let spec = &service.spec;
+        let Some(status) = &spec.update_status else {
+            return;
+        };
+        let rolling_back = status.state.is_rollback();
+        let config = if rolling_back {
+            spec.rollback
+        } else {
+            spec.update
+        };
+        let progress = mesh_planner::progress(
+            plan,
+            &view.tasks,
+            &spec.name,
+            spec.template_id(),
+            &config,
+            status.started_ms,
+            now,
+        );
+        let mut next = spec.clone();
+        if progress.over_ratio(&config) && config.failure_action != FailureAction::Continue {
+            let f = &progress.failed[0];
+            let what = format!("{} ({}): {}", f.name, f.task, f.error);
+            let rollback = (config.failure_action == FailureAction::Rollback && !rolling_back)
+                .then(|| {
+                    rollout::rolled_back(
+                        spec,
+                        &format!(
+                            "update rolled back due to failure or early termination of task {what}"
+                        ),
+                        now,
+                    )
+                })
+                .flatten();
+            match rollback {
+                Some(back) => {
+                    next = back;
+                    next.version = spec.version + 1;
+                }
+                None => {
+                    let s = next.update_status.as_mut().expect("checked");
+                    s.state = if rolling_back {
+                        UpdateState::RollbackPaused
+                    } else {
+                        UpdateState::Paused
+                    };
+                    s.message = format!(
+                        "{} paused due to failure or early termination of task {what}",
+                        if rolling_back { "rollback" } else { "update" }
+                    );
+                }
+            }
+        } else if progress.done {
+            let s = next.update_status.as_mut().expect("checked");
+            s.state = if rolling_back {
+                UpdateState::RollbackCompleted
+            } else {
+                UpdateState::Completed
+            };
+            s.completed_ms = Some(now);
+            s.message = if rolling_back {
+                "rollback completed"
+            } else {
+                "update completed"
+            }
+            .into();
+        } else {
+            return;
+        }
+        info!(
+            service = spec.name,
+            state = %next.update_status.as_ref().map_or(String::new(), |s| s.state.to_string()),
+            "rollout {}",
+            next.update_status.as_ref().map_or("", |s| s.message.as_str())
+        );
+        let mut record = service.clone();
+        record.spec = next;
+        record.updated = self.tick();
+        if let Err(e) = self.write_object(key::SERVICE, &spec.name, &record).await {
+            warn!(service = spec.name, "recording the rollout: {e}");
+        }
+    }
+
     /// Whether this node's view is complete enough to act on: a second after start, once a
     /// peer has been heard from, or after ten seconds alone (every peer may be gone).
     fn caught_up(&self, view: &View) -> bool {
@@ -226,17 +351,18 @@ impl Agent {
         let now = Clock::now_ms();
         let (code, signal) = match &ending {
             Ending::Exited { code, signal } => (*code, *signal),
-            Ending::Rejected(_) => (None, None),
+            Ending::Rejected(_) | Ending::Failed(_) => (None, None),
         };
         let failed = code != Some(0);
         t.state = match &ending {
             Ending::Rejected(_) => TaskState::Rejected,
+            Ending::Failed(_) => TaskState::Failed,
             _ if failed => TaskState::Failed,
             _ => TaskState::Complete,
         };
         t.exit_code = code;
         t.error = match (ending, code, signal) {
-            (Ending::Rejected(why), _, _) => Some(why),
+            (Ending::Rejected(why) | Ending::Failed(why), _, _) => Some(why),
             (_, Some(0), _) => None,
             (_, Some(c), _) => Some(format!("task: non-zero exit ({c})")),
             (_, None, Some(s)) => Some(format!("task: killed by signal {s}")),
@@ -265,7 +391,8 @@ impl Agent {
                 info!(task = name, code = ?code, signal = ?signal, attempt, "task ended; restarting it");
                 let next = Task {
                     id: new_id(),
-                    spec_version: service.template_version,
+                    spec_version: service.version,
+                    template: service.template_id(),
                     desired: DesiredState::Running,
                     state: TaskState::Assigned,
                     created_ms: now,
@@ -276,6 +403,7 @@ impl Agent {
                     window_start_ms,
                     not_before_ms: Some(not_before_ms),
                     holds_slot: false,
+                    running_ms: None,
                     ..t.clone()
                 };
                 self.publish_task(&t).await;
@@ -344,13 +472,23 @@ impl Agent {
                     command: &template.command,
                     env: &env,
                     hostname: Some(&hostname),
+                    publish: template.health.is_none(),
                 },
             )
             .await;
         match launched {
-            Ok(_) => {
-                t.state = TaskState::Running;
+            Ok(_) if template.health.is_some() => {
+                // Not a backend until its health check passes (the monitor publishes it).
+                t.state = TaskState::Starting;
                 t.since_ms = Clock::now_ms();
+                self.publish_task(&t).await;
+                info!(task = name, "task started; waiting for its health check");
+            }
+            Ok(_) => {
+                let now = Clock::now_ms();
+                t.state = TaskState::Running;
+                t.since_ms = now;
+                t.running_ms = Some(now);
                 self.publish_task(&t).await;
                 info!(task = name, "task running");
             }
@@ -359,6 +497,112 @@ impl Agent {
                 // A start that failed is a failure for the restart policy.
                 self.task_ended(&view, t, Ending::Rejected(e.to_string()))
                     .await;
+            }
+        }
+    }
+
+    /// Watches a started task's health: the first pass makes it a backend (Running), and
+    /// `retries` failures in a row take it out of every load balancer and end it, for the
+    /// restart policy to replace. Ends when the task stops being live.
+    fn spawn_health(self: &Arc<Self>, task: Task, check: HealthCheck) {
+        if !self.jobs.watch(&task.id) {
+            return;
+        }
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let id = task.id.clone();
+            agent.watch_health(task, check).await;
+            agent.jobs.unwatch(&id);
+            agent.poke();
+        });
+    }
+
+    async fn watch_health(&self, task: Task, check: HealthCheck) {
+        let name = process_name(&task);
+        let Some(local) = self.local() else {
+            return;
+        };
+        let Some(ip) = local
+            .tasks
+            .get(&name)
+            .and_then(|r| r.interfaces.first().map(|i| i.address.addr()))
+        else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let mut healthy = task.state == TaskState::Running;
+        let mut failures = 0u32;
+        // The first probe soon after the start, so a healthy task serves without waiting a
+        // whole interval.
+        let mut wait = Duration::from_millis(check.interval_ms.min(250));
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = Duration::from_millis(check.interval_ms);
+            let Some(mut t) = self.own_tasks().await.remove(&task.id) else {
+                return;
+            };
+            if !t.is_live() || self.jobs.is_busy(&t.id) {
+                return;
+            }
+            match health::probe(local, &name, ip, &check).await {
+                Ok(()) => {
+                    failures = 0;
+                    if !healthy {
+                        healthy = true;
+                        let Some(service) = self.view().services.get(&t.service).cloned() else {
+                            return;
+                        };
+                        if let Err(e) = self
+                            .publish_endpoint(&name, &service.spec.network, Some(&t.service), ip)
+                            .await
+                        {
+                            warn!(task = name, "publishing a healthy task: {e}");
+                            continue;
+                        }
+                        let now = Clock::now_ms();
+                        t.state = TaskState::Running;
+                        t.since_ms = now;
+                        t.running_ms = Some(now);
+                        self.publish_task(&t).await;
+                        info!(task = name, "task healthy; serving");
+                        self.poke();
+                    }
+                }
+                Err(last_error) => {
+                    let grace = started.elapsed() < Duration::from_millis(check.start_period_ms);
+                    if grace && !healthy {
+                        continue;
+                    }
+                    failures += 1;
+                    if failures < check.retries {
+                        continue;
+                    }
+                    warn!(
+                        task = name,
+                        error = last_error,
+                        "task unhealthy; replacing it"
+                    );
+                    if !self.jobs.claim(&t.id) {
+                        return;
+                    }
+                    // Out of every load balancer before its process is touched.
+                    self.gossip
+                        .write([(format!("{}{name}", key::ENDPOINT), None)])
+                        .await;
+                    if healthy {
+                        tokio::time::sleep(self.drain_time()).await;
+                    }
+                    let view = self.view();
+                    let reason = format!(
+                        "task: unhealthy after {} failed check{} ({}): {last_error}",
+                        check.retries,
+                        if check.retries == 1 { "" } else { "s" },
+                        check.probe
+                    );
+                    self.task_ended(&view, t, Ending::Failed(reason)).await;
+                    self.jobs.release(&task.id);
+                    return;
+                }
             }
         }
     }
@@ -391,9 +635,17 @@ impl Agent {
             // Time for every node to see the endpoint go and reprogram its load balancer.
             tokio::time::sleep(self.drain_time()).await;
         }
+        let grace = self
+            .view()
+            .services
+            .get(&t.service)
+            .and_then(|s| s.spec.task.as_ref())
+            .map_or(Duration::from_secs(10), |tpl| {
+                Duration::from_millis(tpl.stop_grace_ms)
+            });
         if let Some(local) = self.local()
             && local.tasks.get(&name).is_some()
-            && let Err(e) = local.tasks.stop(&name).await
+            && let Err(e) = local.tasks.stop_within(&name, grace).await
         {
             warn!(task = name, "stopping task: {e:#}");
         }

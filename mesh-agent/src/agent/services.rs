@@ -8,10 +8,13 @@ use std::{collections::HashSet, time::Duration};
 use mesh_planner::{Constraint, MAX_REPLICAS, RestartPolicy, ServiceMode, Spread};
 use tracing::info;
 
-use super::{Agent, Error, Result, validate_name};
+use super::{Agent, Error, Result, rollout, validate_name};
 use crate::{
-    api::{RestartFlags, ServiceCreate, ServiceScale, ServiceUpdate},
-    cluster::{EndpointMode, PortSpec, Replicated, ServiceSpec, TaskTemplate, View, key},
+    api::{HealthFlags, RestartFlags, ServiceCreate, ServiceScale, ServiceUpdate},
+    cluster::{
+        Clock, EndpointMode, PortSpec, Replicated, ServiceSpec, TaskTemplate, UpdateState, View,
+        key,
+    },
 };
 
 /// The network a service joins when none is named (Swarm's `ingress` role).
@@ -271,8 +274,19 @@ fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
             command: req.command.clone(),
             env: parse_env(&req.env)?,
             hostname: req.hostname.clone(),
+            health: None,
+            stop_grace_ms: match &req.stop_grace_period {
+                Some(g) => duration_ms("--stop-grace-period", g)?,
+                None => TaskTemplate::default().stop_grace_ms,
+            },
         })
     };
+    if task.is_none() && (req.health != HealthFlags::default() || req.stop_grace_period.is_some()) {
+        return Err(Error::Invalid(
+            "health checks and --stop-grace-period are for scheduled tasks: put the command              after `--`"
+                .into(),
+        ));
+    }
     let mode = match req.mode.as_deref() {
         None | Some("replicated") => ServiceMode::Replicated {
             replicas: match req.replicas {
@@ -314,11 +328,37 @@ fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
     spec.placement.preferences = preferences(&req.placement_prefs)?;
     spec.placement.max_replicas_per_node = per_node(req.replicas_max_per_node)?;
     spec.restart = restart(RestartPolicy::default(), &req.restart)?;
+    if let Some(t) = spec.task.as_mut() {
+        t.health = rollout::health(None, &req.health, &spec.ports)?;
+    }
+    rollout::configs(&mut spec, &req.rollout)?;
     Ok(spec)
 }
 
 /// The spec after an update, or why the update is refused.
 fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpec> {
+    if req.rollback {
+        let only_rollback = ServiceUpdate {
+            rollback: true,
+            rollout: req.rollout.clone(),
+            ..Default::default()
+        };
+        if *req != only_rollback {
+            return Err(Error::Invalid(
+                "--rollback goes back to the previous spec: it takes no other changes (only                  --rollback-* flags)"
+                    .into(),
+            ));
+        }
+        let mut with_config = current.clone();
+        rollout::configs(&mut with_config, &req.rollout)?;
+        return rollout::rolled_back(&with_config, "manually requested rollback", Clock::now_ms())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "service {} has no previous spec to roll back to: it was not updated since                      it was created",
+                    current.name
+                ))
+            });
+    }
     let mut spec = current.clone();
     if let Some(n) = req.replicas {
         match spec.mode {
@@ -370,15 +410,61 @@ fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpe
         placement.max_replicas_per_node = per_node(req.replicas_max_per_node)?;
     }
     spec.restart = restart(spec.restart, &req.restart)?;
-    if req.force {
-        if spec.task.is_none() {
+    rollout::configs(&mut spec, &req.rollout)?;
+    let template_flags = req.args.is_some()
+        || !req.env_add.is_empty()
+        || !req.env_rm.is_empty()
+        || req.health != HealthFlags::default()
+        || req.stop_grace_period.is_some();
+    let ports = spec.ports.clone();
+    match spec.task.as_mut() {
+        None if template_flags || req.force => {
             return Err(Error::Invalid(format!(
-                "service {} schedules no tasks, so there is nothing to force",
+                "service {} schedules no tasks (it has no command), so there is nothing to                  update or force",
                 spec.name
             )));
         }
-        // A new template version without a new template: every task is replaced.
-        spec.template_version = current.version + 1;
+        None => {}
+        Some(t) => {
+            if let Some(args) = &req.args {
+                let args = shlex::split(args).ok_or_else(|| {
+                    Error::Invalid(format!("--args {args:?} has an unclosed quote"))
+                })?;
+                t.command.truncate(1);
+                t.command.extend(args);
+            }
+            for k in &req.env_rm {
+                t.env.retain(|(key, _)| key != k);
+            }
+            for (k, v) in parse_env(&req.env_add)? {
+                t.env.retain(|(key, _)| *key != k);
+                t.env.push((k, v));
+            }
+            t.health = rollout::health(t.health.take(), &req.health, &ports)?;
+            if let Some(g) = &req.stop_grace_period {
+                t.stop_grace_ms = duration_ms("--stop-grace-period", g)?;
+            }
+        }
+    }
+    if req.force {
+        spec.force_update += 1;
+    }
+    if spec.template_id() != current.template_id() {
+        rollout::start_rollout(&mut spec, current, Clock::now_ms());
+    } else if spec
+        .update_status
+        .as_ref()
+        .is_some_and(|s| s.state.is_paused())
+        && spec != *current
+    {
+        // Any update of a paused rollout resumes it (as Swarm's does).
+        let status = spec.update_status.as_mut().expect("checked");
+        status.state = if status.state.is_rollback() {
+            UpdateState::RollbackStarted
+        } else {
+            UpdateState::Updating
+        };
+        status.message = "update resumed".into();
     }
     Ok(spec)
 }
@@ -588,8 +674,13 @@ mod tests {
             "node.hostname!=node3"
         );
         assert_eq!(
-            up.template_version, spec.template_version,
+            up.template_id(),
+            spec.template_id(),
             "placement is not the template"
+        );
+        assert!(
+            up.update_status.is_none(),
+            "no rollout for a placement change"
         );
         let gone = apply_update(
             &up,
@@ -608,7 +699,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(forced.template_version > spec.template_version);
+        assert_ne!(forced.template_id(), spec.template_id());
 
         let global = create(|r| r.mode = Some("global".into())).unwrap();
         let e = apply_update(

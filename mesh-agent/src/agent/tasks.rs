@@ -20,6 +20,8 @@ pub(crate) struct Launch<'a> {
     pub env: &'a [(String, String)],
     /// Default: the task name.
     pub hostname: Option<&'a str>,
+    /// A backend from the start; false: the caller publishes it (once it is healthy).
+    pub publish: bool,
 }
 
 impl Agent {
@@ -79,6 +81,7 @@ impl Agent {
                 command: &req.command,
                 env: &req.env,
                 hostname: None,
+                publish: true,
             },
         )
         .await
@@ -119,20 +122,10 @@ impl Agent {
                 return Err(Error::Invalid(format!("{e:#}")));
             }
         };
-        let endpoint = EndpointRecord {
-            task: task.name.to_owned(),
-            network: task.network.to_owned(),
-            service: task.service.map(str::to_owned),
-            ip,
-            mac: mac_for_ip(ip),
-            state: EndpointState::Running,
-        };
-        self.gossip
-            .write([(
-                format!("{}{}", key::ENDPOINT, task.name),
-                Some(serde_json::to_string(&endpoint).map_err(anyhow::Error::from)?),
-            )])
-            .await;
+        if task.publish {
+            self.publish_endpoint(task.name, task.network, task.service, ip)
+                .await?;
+        }
         self.release(task.network, ip).await;
         self.update_dns(&*self.refresh().await);
         if let Err(e) = self.serve_dns_for(&record).await {
@@ -141,6 +134,31 @@ impl Agent {
         info!(task = task.name, network = task.network, %ip, service = ?task.service, "task running");
         self.poke();
         Ok(record)
+    }
+
+    /// Makes a task a backend: its endpoint goes to every node's load balancer and DNS.
+    pub(crate) async fn publish_endpoint(
+        &self,
+        task: &str,
+        network: &str,
+        service: Option<&str>,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<()> {
+        let endpoint = EndpointRecord {
+            task: task.to_owned(),
+            network: network.to_owned(),
+            service: service.map(str::to_owned),
+            ip,
+            mac: mac_for_ip(ip),
+            state: EndpointState::Running,
+        };
+        self.gossip
+            .write([(
+                format!("{}{task}", key::ENDPOINT),
+                Some(serde_json::to_string(&endpoint).map_err(anyhow::Error::from)?),
+            )])
+            .await;
+        Ok(())
     }
 
     /// Stops and forgets a task of this node.

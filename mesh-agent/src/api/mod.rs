@@ -139,6 +139,9 @@ pub struct ServiceTaskInfo {
     pub since_ms: u64,
     pub error: Option<String>,
     pub spec_version: u64,
+    /// Runs the service's current task template.
+    #[serde(default)]
+    pub updated: bool,
     /// An older task of the slot (Docker's `\_` rows).
     pub history: bool,
 }
@@ -167,6 +170,13 @@ pub struct ServiceCreate {
     pub replicas_max_per_node: Option<i64>,
     #[serde(flatten)]
     pub restart: RestartFlags,
+    #[serde(flatten)]
+    pub health: HealthFlags,
+    #[serde(flatten)]
+    pub rollout: RolloutFlags,
+    /// Between SIGTERM and SIGKILL, e.g. `10s`.
+    #[serde(default)]
+    pub stop_grace_period: Option<String>,
     /// The task's command; empty: the service schedules nothing.
     #[serde(default)]
     pub command: Vec<String>,
@@ -190,6 +200,58 @@ pub struct RestartFlags {
     pub restart_window: Option<String>,
 }
 
+/// `--health-*` as typed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HealthFlags {
+    /// A command run inside the task (through `sh -c`).
+    #[serde(default)]
+    pub health_cmd: Option<String>,
+    /// A path to GET on the task's first target port, or `PORT/PATH`.
+    #[serde(default)]
+    pub health_http: Option<String>,
+    #[serde(default)]
+    pub health_tcp: Option<u16>,
+    #[serde(default)]
+    pub health_interval: Option<String>,
+    #[serde(default)]
+    pub health_timeout: Option<String>,
+    #[serde(default)]
+    pub health_retries: Option<i64>,
+    #[serde(default)]
+    pub health_start_period: Option<String>,
+    #[serde(default)]
+    pub no_healthcheck: bool,
+}
+
+/// `--update-*` and `--rollback-*` as typed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RolloutFlags {
+    #[serde(default)]
+    pub update_parallelism: Option<i64>,
+    #[serde(default)]
+    pub update_delay: Option<String>,
+    #[serde(default)]
+    pub update_order: Option<String>,
+    #[serde(default)]
+    pub update_failure_action: Option<String>,
+    #[serde(default)]
+    pub update_monitor: Option<String>,
+    #[serde(default)]
+    pub update_max_failure_ratio: Option<String>,
+    #[serde(default)]
+    pub rollback_parallelism: Option<i64>,
+    #[serde(default)]
+    pub rollback_delay: Option<String>,
+    #[serde(default)]
+    pub rollback_order: Option<String>,
+    #[serde(default)]
+    pub rollback_failure_action: Option<String>,
+    #[serde(default)]
+    pub rollback_monitor: Option<String>,
+    #[serde(default)]
+    pub rollback_max_failure_ratio: Option<String>,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceUpdate {
     #[serde(default)]
@@ -206,9 +268,27 @@ pub struct ServiceUpdate {
     pub replicas_max_per_node: Option<i64>,
     #[serde(flatten)]
     pub restart: RestartFlags,
+    /// The task's arguments (after its program), shell-quoted: `--args '-m http.server 80'`.
+    #[serde(default)]
+    pub args: Option<String>,
+    /// `KEY=VALUE`.
+    #[serde(default)]
+    pub env_add: Vec<String>,
+    /// `KEY`.
+    #[serde(default)]
+    pub env_rm: Vec<String>,
+    #[serde(flatten)]
+    pub health: HealthFlags,
+    #[serde(flatten)]
+    pub rollout: RolloutFlags,
+    #[serde(default)]
+    pub stop_grace_period: Option<String>,
     /// Replace every task even though nothing changed (re-spreads them).
     #[serde(default)]
     pub force: bool,
+    /// Go back to the previous spec (`service rollback`).
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 /// `service scale web=5 api=2`: all or nothing.

@@ -216,6 +216,7 @@ fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
         by_slot.entry(t.slot.clone()).or_default().push(t);
     }
     let plan = view.plan(name);
+    let template = service.spec.template_id();
     let mut order: Vec<mesh_planner::Slot> = plan
         .iter()
         .flat_map(|p| p.slots.iter().map(|s| s.slot.clone()))
@@ -259,7 +260,8 @@ fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
                 state: "Pending".into(),
                 since_ms: 0,
                 error: Some(reason.clone()),
-                spec_version: service.spec.template_version,
+                spec_version: service.spec.version,
+                updated: true,
                 history: false,
             });
             first = false;
@@ -289,6 +291,7 @@ fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
                     t.error.clone()
                 },
                 spec_version: t.spec_version,
+                updated: t.template == template,
                 history: !current,
             });
             first = false;

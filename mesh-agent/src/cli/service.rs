@@ -6,11 +6,11 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use mesh_planner::ServiceMode;
 
-use super::{Format, json, or_dash, print_tasks, table};
+use super::{Format, json, or_dash, print_tasks, progress, table};
 use crate::{
     api::{
-        RestartFlags, ServiceCreate, ServiceInfo, ServiceScale, ServiceTaskInfo, ServiceUpdate,
-        client::Client,
+        HealthFlags, RestartFlags, RolloutFlags, ServiceCreate, ServiceInfo, ServiceScale,
+        ServiceTaskInfo, ServiceUpdate, client::Client,
     },
     cluster::{Clock, EndpointMode},
 };
@@ -45,6 +45,13 @@ pub enum ServiceCommand {
     /// Remove a service (its tasks stop on every node).
     #[command(alias = "remove")]
     Rm { name: String },
+    /// Go back to the service's previous spec, rolled out with its rollback config.
+    Rollback {
+        name: String,
+        /// Return at once instead of following the rollback.
+        #[arg(long, short = 'd')]
+        detach: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -79,6 +86,13 @@ pub struct CreateArgs {
     replicas_max_per_node: Option<i64>,
     #[command(flatten)]
     restart: RestartArgs,
+    #[command(flatten)]
+    health: HealthArgs,
+    #[command(flatten)]
+    rollout: RolloutArgs,
+    /// Time between SIGTERM and SIGKILL when a task is stopped (default 10s).
+    #[arg(long = "stop-grace-period")]
+    stop_grace_period: Option<String>,
     /// Environment variable for the tasks (KEY=VALUE).
     #[arg(long, short = 'e')]
     env: Vec<String>,
@@ -110,9 +124,27 @@ pub struct UpdateArgs {
     replicas_max_per_node: Option<i64>,
     #[command(flatten)]
     restart: RestartArgs,
+    /// The tasks' arguments after the program, shell-quoted (replaces the old ones).
+    #[arg(long, allow_hyphen_values = true)]
+    args: Option<String>,
+    /// Add or change an environment variable (KEY=VALUE).
+    #[arg(long = "env-add")]
+    env_add: Vec<String>,
+    /// Remove an environment variable (KEY).
+    #[arg(long = "env-rm")]
+    env_rm: Vec<String>,
+    #[command(flatten)]
+    health: HealthArgs,
+    #[command(flatten)]
+    rollout: RolloutArgs,
+    #[arg(long = "stop-grace-period")]
+    stop_grace_period: Option<String>,
     /// Replace every task even if nothing changed (re-spreads them over the nodes).
     #[arg(long)]
     force: bool,
+    /// Go back to the previous spec (as `service rollback`).
+    #[arg(long)]
+    rollback: bool,
     /// Return at once instead of waiting for the tasks.
     #[arg(long, short = 'd')]
     detach: bool,
@@ -132,6 +164,102 @@ pub struct RestartArgs {
     /// The window the attempts count in (default: unbounded).
     #[arg(long = "restart-window")]
     restart_window: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    /// Health check: a command run inside the task (healthy when it exits 0).
+    #[arg(long = "health-cmd")]
+    health_cmd: Option<String>,
+    /// Health check: HTTP GET of /PATH (first target port) or PORT/PATH; 2xx/3xx is healthy.
+    #[arg(long = "health-http")]
+    health_http: Option<String>,
+    /// Health check: a TCP connect to this port of the task.
+    #[arg(long = "health-tcp")]
+    health_tcp: Option<u16>,
+    /// Time between checks (default 5s).
+    #[arg(long = "health-interval")]
+    health_interval: Option<String>,
+    /// Time a check may take (default 2s).
+    #[arg(long = "health-timeout")]
+    health_timeout: Option<String>,
+    /// Consecutive failures that make a task unhealthy (default 3).
+    #[arg(long = "health-retries", allow_negative_numbers = true)]
+    health_retries: Option<i64>,
+    /// Failures in this first stretch do not count (default 0s).
+    #[arg(long = "health-start-period")]
+    health_start_period: Option<String>,
+    /// No health check: a task serves as soon as it starts.
+    #[arg(long = "no-healthcheck")]
+    no_healthcheck: bool,
+}
+
+impl HealthArgs {
+    fn flags(self) -> HealthFlags {
+        HealthFlags {
+            health_cmd: self.health_cmd,
+            health_http: self.health_http,
+            health_tcp: self.health_tcp,
+            health_interval: self.health_interval,
+            health_timeout: self.health_timeout,
+            health_retries: self.health_retries,
+            health_start_period: self.health_start_period,
+            no_healthcheck: self.no_healthcheck,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RolloutArgs {
+    /// Tasks replaced at once (0: all; default 1).
+    #[arg(long = "update-parallelism", allow_negative_numbers = true)]
+    update_parallelism: Option<i64>,
+    /// Wait after a replaced task runs before the next (default 0s).
+    #[arg(long = "update-delay")]
+    update_delay: Option<String>,
+    /// stop-first (default) or start-first.
+    #[arg(long = "update-order")]
+    update_order: Option<String>,
+    /// pause (default), continue or rollback.
+    #[arg(long = "update-failure-action")]
+    update_failure_action: Option<String>,
+    /// How long a new task is watched for failure (default 5s).
+    #[arg(long = "update-monitor")]
+    update_monitor: Option<String>,
+    /// Share of failed tasks tolerated (default 0).
+    #[arg(long = "update-max-failure-ratio")]
+    update_max_failure_ratio: Option<String>,
+    #[arg(long = "rollback-parallelism", allow_negative_numbers = true)]
+    rollback_parallelism: Option<i64>,
+    #[arg(long = "rollback-delay")]
+    rollback_delay: Option<String>,
+    #[arg(long = "rollback-order")]
+    rollback_order: Option<String>,
+    #[arg(long = "rollback-failure-action")]
+    rollback_failure_action: Option<String>,
+    #[arg(long = "rollback-monitor")]
+    rollback_monitor: Option<String>,
+    #[arg(long = "rollback-max-failure-ratio")]
+    rollback_max_failure_ratio: Option<String>,
+}
+
+impl RolloutArgs {
+    fn flags(self) -> RolloutFlags {
+        RolloutFlags {
+            update_parallelism: self.update_parallelism,
+            update_delay: self.update_delay,
+            update_order: self.update_order,
+            update_failure_action: self.update_failure_action,
+            update_monitor: self.update_monitor,
+            update_max_failure_ratio: self.update_max_failure_ratio,
+            rollback_parallelism: self.rollback_parallelism,
+            rollback_delay: self.rollback_delay,
+            rollback_order: self.rollback_order,
+            rollback_failure_action: self.rollback_failure_action,
+            rollback_monitor: self.rollback_monitor,
+            rollback_max_failure_ratio: self.rollback_max_failure_ratio,
+        }
+    }
 }
 
 impl RestartArgs {
@@ -166,6 +294,9 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                 placement_prefs: a.placement_pref,
                 replicas_max_per_node: a.replicas_max_per_node,
                 restart: a.restart.flags(),
+                health: a.health.flags(),
+                rollout: a.rollout.flags(),
+                stop_grace_period: a.stop_grace_period,
                 command: a.command,
                 env: a.env,
                 hostname: a.hostname,
@@ -189,24 +320,22 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                 placement_pref_rm: a.placement_pref_rm,
                 replicas_max_per_node: a.replicas_max_per_node,
                 restart: a.restart.flags(),
+                args: a.args,
+                env_add: a.env_add,
+                env_rm: a.env_rm,
+                health: a.health.flags(),
+                rollout: a.rollout.flags(),
+                stop_grace_period: a.stop_grace_period,
                 force: a.force,
+                rollback: a.rollback,
             };
             if req == ServiceUpdate::default() {
                 bail!(
-                    "nothing to update: pass --replicas, --constraint-add/-rm, \
-                     --placement-pref-add/-rm, --replicas-max-per-node, --restart-* or --force"
+                    "nothing to update: pass --replicas, --args, --env-add/-rm, --constraint-add/-rm, \
+                     --placement-pref-add/-rm, --health-*, --update-*, --restart-*, --force or --rollback"
                 );
             }
-            let s: ServiceInfo = client
-                .post(&format!("/v1/services/{}", a.name), &req)
-                .await?;
-            if fmt == Format::Json {
-                return json(&s);
-            }
-            println!("{}", s.name);
-            if !a.detach {
-                converge(client, &s.name).await?;
-            }
+            update(client, fmt, &a.name, &req, a.detach).await?;
         }
         ServiceCommand::Scale { services, detach } => {
             let mut req = ServiceScale::default();
@@ -283,8 +412,45 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
             let _: serde_json::Value = client.delete(&format!("/v1/services/{name}")).await?;
             println!("{name}");
         }
+        ServiceCommand::Rollback { name, detach } => {
+            let req = ServiceUpdate {
+                rollback: true,
+                ..Default::default()
+            };
+            update(client, fmt, &name, &req, detach).await?;
+        }
     }
     Ok(())
+}
+
+/// Sends an update and, unless detached, follows its rollout to the end.
+async fn update(
+    client: &Client,
+    fmt: Format,
+    name: &str,
+    req: &ServiceUpdate,
+    detach: bool,
+) -> Result<()> {
+    let before: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
+    let s: ServiceInfo = client.post(&format!("/v1/services/{name}"), req).await?;
+    let rolling = s.spec.update_status.as_ref().is_some_and(|st| {
+        st.state.in_progress()
+            && before.spec.update_status.as_ref().map(|b| b.started_ms) != Some(st.started_ms)
+    });
+    if fmt == Format::Json && (detach || !rolling) {
+        return json(&s);
+    }
+    if fmt != Format::Json {
+        println!("{}", s.name);
+    }
+    if detach {
+        return Ok(());
+    }
+    if rolling {
+        progress::follow(client, name, fmt).await
+    } else {
+        converge(client, name).await
+    }
 }
 
 /// `3/3`, `2/3`, or for a service that schedules nothing, its running tasks.

@@ -352,6 +352,8 @@ impl View {
             &mesh_planner::Cluster {
                 nodes,
                 tasks: &self.tasks,
+                // The view is reused while gossip is quiet; an update's delay runs on.
+                now_ms: super::Clock::now_ms(),
             },
             &spec,
         ))

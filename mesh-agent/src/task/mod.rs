@@ -510,6 +510,11 @@ impl Tasks {
     /// Stops a task (SIGTERM, then SIGKILL after the stop timeout) and forgets it: its
     /// network, record and log are removed. Stopping an exited task just forgets it.
     pub async fn stop(&self, name: &str) -> Result<()> {
+        self.stop_within(name, self.inner.config.stop_timeout).await
+    }
+
+    /// [`Tasks::stop`] with the task's own grace period between SIGTERM and SIGKILL.
+    pub async fn stop_within(&self, name: &str, timeout: Duration) -> Result<()> {
         let (pidfd, mut exited) = {
             let entries = self.inner.entries.lock().expect("task table poisoned");
             let entry = entries
@@ -523,7 +528,6 @@ impl Tasks {
         if let Some(fd) = pidfd {
             process::signal(&fd, Signal::SIGTERM)
                 .with_context(|| format!("signalling task {name}"))?;
-            let timeout = self.inner.config.stop_timeout;
             if tokio::time::timeout(timeout, exited.wait_for(|d| *d))
                 .await
                 .is_err()

@@ -47,6 +47,7 @@ pub fn task(id: &str, slot: Slot, node: &str, created_ms: u64) -> Task {
         slot,
         node: node.into(),
         spec_version: 1,
+        template: 1,
         desired: DesiredState::Running,
         state: TaskState::Running,
         created_ms,
@@ -57,6 +58,7 @@ pub fn task(id: &str, slot: Slot, node: &str, created_ms: u64) -> Task {
         window_start_ms: 0,
         not_before_ms: None,
         holds_slot: false,
+        running_ms: None,
     }
 }
 
@@ -70,7 +72,11 @@ pub struct Spec {
     pub name: String,
     pub mode: ServiceMode,
     pub placement: Placement,
-    pub template_version: u64,
+    pub template: u64,
+    pub update: mesh_planner::UpdateConfig,
+    pub paused: bool,
+    /// The view's clock.
+    pub now_ms: u64,
 }
 
 impl Spec {
@@ -79,7 +85,14 @@ impl Spec {
             name: SERVICE.into(),
             mode: ServiceMode::Replicated { replicas },
             placement: Placement::default(),
-            template_version: 1,
+            template: 1,
+            // Start-first, so a replaced slot keeps serving in the rolling tests.
+            update: mesh_planner::UpdateConfig {
+                order: mesh_planner::UpdateOrder::StartFirst,
+                ..Default::default()
+            },
+            paused: false,
+            now_ms: 1_000_000,
         }
     }
 
@@ -111,12 +124,21 @@ impl Spec {
             mode: self.mode,
             placement: &self.placement,
             driver: DRIVER,
-            template_version: self.template_version,
+            template: self.template,
+            update: self.update,
+            paused: self.paused,
         }
     }
 
     pub fn plan(&self, nodes: &[mesh_planner::Node], tasks: &[Task]) -> Plan {
-        plan(&Cluster { nodes, tasks }, &self.service())
+        plan(
+            &Cluster {
+                nodes,
+                tasks,
+                now_ms: self.now_ms,
+            },
+            &self.service(),
+        )
     }
 }
 
@@ -148,9 +170,9 @@ pub fn per_node(plan: &Plan) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for s in &plan.slots {
         match &s.placement {
-            SlotPlacement::Kept { node, .. } | SlotPlacement::Start { node } => {
-                *m.entry(node.clone()).or_default() += 1
-            }
+            SlotPlacement::Kept { node, .. }
+            | SlotPlacement::Start { node }
+            | SlotPlacement::Stopping { node, .. } => *m.entry(node.clone()).or_default() += 1,
             SlotPlacement::Pending { .. } => {}
         }
     }
@@ -171,7 +193,7 @@ pub fn apply(spec: &Spec, plan: &Plan, tasks: &mut Vec<Task>, round: u64) -> boo
             10_000 + round,
         );
         t.service = spec.name.clone();
-        t.spec_version = spec.template_version;
+        t.template = spec.template;
         t.state = TaskState::New;
         tasks.push(t);
     }

@@ -21,6 +21,7 @@ mod failover;
 mod footprint;
 mod lbmaps;
 mod mesh;
+mod orchestration;
 mod programming;
 pub mod report;
 mod scale;
@@ -46,11 +47,14 @@ pub enum Target {
     Failover,
     /// mesh-dns against dnsmasq, both serving the same names, driven by dnsperf.
     Dns,
+    /// Services: 30 replicas placed and balanced, scaled to 60, rescheduled after a node
+    /// dies.
+    Orchestration,
     /// Everything above; writes bench/results/<date>.md and its plots.
     All,
 }
 
-const ORDER: [Target; 7] = [
+const ORDER: [Target; 8] = [
     Target::Mesh,
     Target::Scale,
     Target::Programming,
@@ -58,6 +62,7 @@ const ORDER: [Target; 7] = [
     Target::Footprint,
     Target::Failover,
     Target::Dns,
+    Target::Orchestration,
 ];
 
 pub fn run(target: Target, quick: bool) -> Result<()> {
@@ -110,6 +115,7 @@ fn one(target: Target, quick: bool) -> Result<Report> {
         Target::Footprint => footprint::run(quick),
         Target::Failover => failover::run(quick),
         Target::Dns => dns::run(quick),
+        Target::Orchestration => orchestration::run(quick),
         Target::All => unreachable!("all is not one benchmark"),
     }?;
     report.seconds = started.elapsed().as_secs_f64();
