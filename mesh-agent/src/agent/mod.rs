@@ -161,6 +161,7 @@ impl Agent {
             address: config.advertise,
             mtu,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            labels: config.labels.clone(),
         }
     }
 

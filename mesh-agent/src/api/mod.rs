@@ -133,13 +133,7 @@ impl NodeUpdate {
     pub fn labels_to_add(&self) -> Result<Vec<(String, String)>, String> {
         self.label_add
             .iter()
-            .map(|l| {
-                let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
-                if k.is_empty() || k.chars().any(char::is_whitespace) {
-                    return Err(format!("invalid label {l:?}: expected key=value or key"));
-                }
-                Ok((k.to_owned(), v.to_owned()))
-            })
+            .map(|l| crate::cluster::parse_label(l))
             .collect()
     }
 }
