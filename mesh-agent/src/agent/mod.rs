@@ -4,10 +4,12 @@
 mod addresses;
 mod converge;
 pub mod dns;
+pub mod membership;
 mod objects;
 mod routing;
 mod tasks;
 
+pub use membership::{RotationStatus, Shutdown};
 pub use objects::validate_name;
 
 use std::{
@@ -39,6 +41,8 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -71,6 +75,8 @@ pub struct Agent {
     dns_last: StdMutex<Option<mesh_dns::Snapshot>>,
     /// One resolver listener per running task, by task name; dropping one closes it.
     dns_listeners: StdMutex<BTreeMap<String, (mesh_dns::ServeHandle, u64)>>,
+    /// Set when the agent should stop on its own (it left, or was removed).
+    shutdown: watch::Sender<Option<Shutdown>>,
 }
 
 /// What the agent drives besides gossip and the merged view.
@@ -125,6 +131,7 @@ impl Agent {
             dns: parts.dns,
             dns_last: StdMutex::new(None),
             dns_listeners: StdMutex::new(BTreeMap::new()),
+            shutdown: watch::channel(None).0,
             gossip,
             config,
         })
@@ -236,6 +243,14 @@ impl Agent {
             let stale = last
                 .as_ref()
                 .is_none_or(|(v, at)| !Arc::ptr_eq(v, &view) || at.elapsed() >= FULL_PASS_EVERY);
+            if self.removed_from(&view) {
+                warn!(
+                    "this node was removed from the cluster (`meshctl node rm --force` on another \
+                     node): stopping; join again with a token to come back"
+                );
+                self.request_shutdown(Shutdown::Removed);
+            }
+            self.converge_keys(&view).await;
             if asked || stale {
                 self.update_dns(&view);
                 if let Err(e) = self.converge(&view).await {
@@ -272,8 +287,18 @@ impl Agent {
         std::fs::create_dir_all(&self.config.state_dir)
             .with_context(|| format!("creating {}", self.config.state_dir.display()))?;
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&own)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        // Owner-only: the replicated records include a key rotation's new key.
+        {
+            use std::{io::Write, os::unix::fs::OpenOptionsExt};
+            let _ = std::fs::remove_file(&tmp);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&own)?))
+                .with_context(|| format!("writing {}", tmp.display()))?;
+        }
         std::fs::rename(&tmp, &path)?;
         *last = own;
         Ok(())
@@ -338,7 +363,7 @@ impl Agent {
     }
 }
 
-fn state_file(dir: &std::path::Path) -> std::path::PathBuf {
+pub(crate) fn state_file(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join("gossip-keys.json")
 }
 
@@ -351,6 +376,8 @@ pub fn load_own_keys(state_dir: &std::path::Path) -> BTreeMap<String, String> {
             Ok(mut keys) => {
                 keys.remove(key::NODE);
                 keys.remove(key::RESTARTING);
+                keys.remove(key::LEFT);
+                keys.remove(key::KEYS);
                 keys
             }
             Err(e) => {
