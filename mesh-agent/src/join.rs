@@ -85,6 +85,13 @@ pub async fn mesh_agent_init(args: InitArgs) -> Result<()> {
         resolved.node_name,
         token.encode().as_str()
     );
+    if agent_answers(&config.socket).await {
+        eprintln!(
+            "the agent already runs on this host (socket {}): nothing more to do",
+            config.socket.display()
+        );
+        return Ok(());
+    }
     start(config, &path, args.systemd, changed).await
 }
 
