@@ -399,6 +399,10 @@ pub async fn leave(
         // Left for good: the unit must not bring the agent back at boot.
         let _ = systemctl(&["disable", UNIT]);
     }
-    println!("Node {} left the cluster.", me.name);
+    println!(
+        "Node {} left the cluster. To join one again: mesh-agent join --token … (`meshctl \
+         join-token` on a member prints it)",
+        me.name
+    );
     Ok(())
 }

@@ -21,6 +21,10 @@
 //!
 //! # Rotation without downtime
 //!
+//! `meshctl join-token --rotate` does the steps below for every node at once (see
+//! `agent::membership`): the new key travels in sealed gossip, each agent rewrites its own key
+//! file and reloads. By hand:
+//!
 //! 1. On each node in turn, put the new key first and keep the old one after it, then reload
 //!    (`systemctl reload mesh-agent`, i.e. SIGHUP) or restart the agent.
 //! 2. Once every node has the new key, remove the old line on each node in turn and reload.

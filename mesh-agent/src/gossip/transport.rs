@@ -221,12 +221,14 @@ pub async fn probe(
         },
     };
     let plaintext = codec.encode(syn).await?.to_vec();
-    let mut sealed = Vec::new();
-    auth.seal_for(peer, &plaintext, &mut sealed)?;
     let deadline = Instant::now() + timeout;
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     let mut refused_port = false;
+    let mut sealed = Vec::new();
     while Instant::now() < deadline {
+        // Sealed afresh each time: a resent datagram would be dropped as a replay.
+        sealed.clear();
+        auth.seal_for(peer, &plaintext, &mut sealed)?;
         match wire.send(&sealed).await {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused_port = true,
