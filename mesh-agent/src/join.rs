@@ -406,3 +406,42 @@ pub async fn leave(
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_written_config_holds_what_differs_from_the_defaults_and_reads_back() {
+        let dir = std::env::temp_dir().join(format!("mesh-join-config-{}", std::process::id()));
+        let path = dir.join("agent.toml");
+        let mut config = AgentConfig {
+            advertise: Some(Ipv4Addr::new(192, 0, 2, 2)),
+            join: vec!["192.0.2.1".into()],
+            ..Default::default()
+        };
+        config.labels.insert("type".into(), "low-memory".into());
+        let key = key_file_for(&mut config, &path);
+        assert_eq!(key, dir.join("cluster.key"));
+        assert!(write_config(&path, &config).unwrap());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains("gossip_port"),
+            "defaults are left out: {text}"
+        );
+        assert_eq!(AgentConfig::load(&path, true).unwrap(), config);
+        assert!(
+            !write_config(&path, &config).unwrap(),
+            "writing the same config again changes nothing"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn systemd_runs_only_the_units_config() {
+        assert!(check_systemd_path(true, Path::new(DEFAULT_CONFIG)).is_ok());
+        assert!(check_systemd_path(false, Path::new("/tmp/x.toml")).is_ok());
+        let e = check_systemd_path(true, Path::new("/tmp/x.toml")).unwrap_err();
+        assert!(e.to_string().contains("leave out --config"), "{e}");
+    }
+}

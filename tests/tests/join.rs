@@ -202,6 +202,32 @@ fn hosts_join_with_the_printed_command_and_their_labels_show_at_once() {
     let quiet = c.host(3).meshctl_ok(&["join-token", "-q"]).unwrap();
     assert_eq!(quiet.trim(), token);
 
+    // Only root gets the token: meshctl says so, and the agent refuses other users even when
+    // the socket lets them in.
+    let nobody = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+    let out = Command::new("setpriv")
+        .args(nobody)
+        .arg(bin("meshctl"))
+        .arg("--socket")
+        .arg(c.host(2).socket())
+        .arg("join-token")
+        .output()
+        .unwrap();
+    assert!(fails(out).contains("only root"));
+    let socket = c.host(2).socket();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = Command::new("setpriv")
+        .args(nobody)
+        .args(["curl", "-s", "--unix-socket"])
+        .arg(&socket)
+        .arg("http://mesh-agent/v1/join-token")
+        .output()
+        .unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660)).unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.contains("only root"), "{out:?}");
+    assert!(!answer.contains(&token), "{answer}");
+
     // Bad input fails at once, says how to fix it and writes nothing.
     let h4 = c.host(4);
     let e = failed_join(h4, "SWMTKN-1-abc", &address, &[]);
