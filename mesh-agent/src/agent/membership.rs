@@ -286,8 +286,8 @@ impl Agent {
         }
     }
 
-    /// Stops this node's part in the cluster: its tasks, its networks' plumbing, its saved
-    /// state and its key file (it is no longer a member; joining again takes a token).
+    /// Stops this node's part in the cluster: its tasks, its networks' plumbing and gateway,
+    /// its saved state and its key file (it is no longer a member; joining again takes a token).
     pub async fn clean_up_after_leaving(&self) -> anyhow::Result<()> {
         if let Some(local) = self.local() {
             for t in local.tasks.list() {
@@ -299,6 +299,12 @@ impl Agent {
             self.converge_locked(&View::default(), None)
                 .await
                 .context("unplumbing this node's networks")?;
+            // The gateway bridge and the nftables table stay through restarts; not now.
+            local
+                .overlay
+                .remove_all(&local.underlay)
+                .await
+                .context("removing the gateway bridge and firewall")?;
         }
         let _ = std::fs::remove_file(super::state_file(&self.config.state_dir));
         if let Some(path) = &self.config.cluster_key_file {
