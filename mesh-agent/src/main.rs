@@ -76,8 +76,9 @@ to every node and set `cluster_key_file` in agent.toml (or pass --cluster-key-fi
 A key file holds one base64 key per line; the first is the primary (gossip is sealed with it),
 every key listed is accepted, `#` starts a comment.
 
-Clusters started with `mesh-agent init` rotate with one command, `meshctl join-token --rotate`.
-Key files managed by hand rotate without downtime this way:
+Any cluster with a key file rotates with one command, `meshctl join-token --rotate` (each agent
+rewrites its own key file). Once that was used, keep using it: agents put the key it spread
+back first, undoing a hand edit. Key files managed by hand rotate without downtime this way:
   1. mesh-agent keygen            # prints NEW
   2. on each node in turn: put NEW as the first line, keep the old key after it, and
      reload (systemctl reload mesh-agent, i.e. SIGHUP) or restart the agent

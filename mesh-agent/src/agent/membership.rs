@@ -123,7 +123,16 @@ impl Agent {
             return;
         };
         if let Err(e) = self.apply_rotation(view).await {
-            error!("carrying out the cluster key rotation: {e:#}");
+            // Retried on every pass (about once a second): say it once a minute.
+            static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+            let mut last = LAST.lock().expect("log lock");
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                *last = Some(std::time::Instant::now());
+                error!(
+                    "carrying out the cluster key rotation (this node keeps its keys and \
+                     retries): {e:#}"
+                );
+            }
         }
         let ring = auth.keyring();
         let ids = ring.ids();
