@@ -1,5 +1,9 @@
 //! meshctl: Docker-style commands that talk to the local agent's API.
 
+mod service;
+
+pub use service::ServiceCommand;
+
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -10,10 +14,10 @@ use serde::Serialize;
 use crate::{
     api::{
         DEFAULT_SOCKET, ExecOutput, ExecRequest, GossipInfo, JoinTokenInfo, LocalTaskInfo,
-        NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats, RotateInfo, ServiceCreate,
-        ServiceInfo, TaskInfo, TaskRun, client::Client,
+        NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats, RotateInfo, TaskInfo, TaskRun,
+        client::Client,
     },
-    cluster::{Availability, EndpointMode},
+    cluster::Availability,
 };
 
 #[derive(Parser, Debug)]
@@ -168,37 +172,6 @@ pub enum NetworkCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum ServiceCommand {
-    /// Create a service.
-    Create {
-        name: String,
-        #[arg(long)]
-        network: String,
-        /// Publish a port on every node: PUBLISHED:TARGET[/tcp|udp], e.g. 8080:80.
-        #[arg(long, short = 'p')]
-        publish: Vec<String>,
-        /// vip (one virtual IP, balanced) or dnsrr (the name resolves to the tasks).
-        #[arg(long = "endpoint-mode", default_value = "vip", value_parser = parse_mode)]
-        endpoint_mode: EndpointMode,
-    },
-    /// List services.
-    #[command(alias = "list")]
-    Ls,
-    /// List the tasks of a service.
-    Ps { name: String },
-    /// Show one service.
-    Inspect {
-        name: String,
-        /// Human-readable output instead of JSON.
-        #[arg(long)]
-        pretty: bool,
-    },
-    /// Remove a service.
-    #[command(alias = "remove")]
-    Rm { name: String },
-}
-
-#[derive(Subcommand, Debug)]
 pub enum DataplaneCommand {
     /// Packets seen on the underlay interface, per destination port.
     Ports,
@@ -212,10 +185,6 @@ fn parse_availability(s: &str) -> Result<Availability, String> {
             "unknown availability {other:?}: use active or drain"
         )),
     }
-}
-
-fn parse_mode(s: &str) -> Result<EndpointMode, String> {
-    s.parse()
 }
 
 /// A table in Docker's style: upper-case headers, no borders, columns aligned.
@@ -276,7 +245,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Node(cmd) => node(&client, fmt, cmd).await,
         Command::Network(cmd) => network(&client, fmt, cmd).await,
-        Command::Service(cmd) => service(&client, fmt, cmd).await,
+        Command::Service(cmd) => service::run(&client, fmt, cmd).await,
         Command::Run {
             name,
             network,
@@ -705,111 +674,6 @@ async fn network(client: &Client, fmt: Format, cmd: NetworkCommand) -> Result<()
         }
         NetworkCommand::Rm { name } => {
             let _: serde_json::Value = client.delete(&format!("/v1/networks/{name}")).await?;
-            println!("{name}");
-        }
-    }
-    Ok(())
-}
-
-async fn service(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()> {
-    match cmd {
-        ServiceCommand::Create {
-            name,
-            network,
-            publish,
-            endpoint_mode,
-        } => {
-            let req = ServiceCreate {
-                name,
-                network,
-                publish,
-                mode: endpoint_mode,
-            };
-            let s: ServiceInfo = client.post("/v1/services", &req).await?;
-            if fmt == Format::Json {
-                return json(&s);
-            }
-            println!("{}", s.id);
-        }
-        ServiceCommand::Ls => {
-            let svcs: Vec<ServiceInfo> = client.get("/v1/services").await?;
-            if fmt == Format::Json {
-                return json(&svcs);
-            }
-            println!(
-                "{}",
-                table(
-                    &["ID", "NAME", "MODE", "REPLICAS", "NETWORK", "VIP", "PORTS"],
-                    svcs.iter().map(|s| {
-                        let running = s.tasks.iter().filter(|t| t.active).count();
-                        [
-                            s.id.clone(),
-                            s.name.clone(),
-                            s.mode.to_string(),
-                            format!("{running}/{}", s.tasks.len()),
-                            s.network.clone(),
-                            or_dash(s.vip),
-                            s.ports
-                                .iter()
-                                .map(ToString::to_string)
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                        ]
-                    })
-                )
-            );
-        }
-        ServiceCommand::Ps { name } => {
-            let s: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
-            if fmt == Format::Json {
-                return json(&s.tasks);
-            }
-            print_tasks(&s.tasks);
-        }
-        ServiceCommand::Inspect { name, pretty } => {
-            let s: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
-            if !pretty || fmt == Format::Json {
-                return json(&s);
-            }
-            println!(
-                "ID:\t\t{}\nName:\t\t{}\nNetwork:\t{}\nEndpoint mode:\t{}\nVIP:\t\t{}",
-                s.id,
-                s.name,
-                s.network,
-                s.mode,
-                or_dash(s.vip)
-            );
-            println!("Ports:");
-            for p in &s.ports {
-                println!(" - {p}");
-            }
-            println!("Tasks:");
-            print_tasks(&s.tasks);
-            if let Some(dp) = &s.dataplane {
-                println!(
-                    "\nLoad balancer on this node: {} flows, {} packets, {} bytes, {} dropped (no backend)",
-                    dp.counters.flows, dp.counters.packets, dp.counters.bytes, dp.counters.dropped
-                );
-                println!(
-                    "{}",
-                    table(
-                        &["BACKEND", "STATE", "SLOT", "FLOWS", "PACKETS", "BYTES"],
-                        dp.backends.iter().map(|b| {
-                            [
-                                b.ip.to_string(),
-                                format!("{:?}", b.state).to_lowercase(),
-                                or_dash(b.slot),
-                                b.counters.flows.to_string(),
-                                b.counters.packets.to_string(),
-                                b.counters.bytes.to_string(),
-                            ]
-                        })
-                    )
-                );
-            }
-        }
-        ServiceCommand::Rm { name } => {
-            let _: serde_json::Value = client.delete(&format!("/v1/services/{name}")).await?;
             println!("{name}");
         }
     }

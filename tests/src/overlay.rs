@@ -133,6 +133,7 @@ impl Node {
             egress: None,
             command: command.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            hostname: None,
         })
     }
 
@@ -153,6 +154,7 @@ impl Node {
             egress: Some(gateway()),
             command: command.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            hostname: None,
         })
     }
 

@@ -49,7 +49,7 @@ pub fn snapshot(view: &View) -> Snapshot {
         let Some(n) = networks.get_mut(s.spec.network.as_str()) else {
             continue;
         };
-        let endpoint_mode = match (s.spec.mode, s.spec.vip) {
+        let endpoint_mode = match (s.spec.endpoint_mode, s.spec.vip) {
             (EndpointMode::Vip, Some(vip)) => DnsMode::Vip(vip),
             _ => DnsMode::Dnsrr,
         };

@@ -6,11 +6,14 @@ mod converge;
 pub mod dns;
 pub mod membership;
 mod objects;
+mod orchestrate;
 mod routing;
+mod services;
 mod tasks;
 
 pub use membership::{RotationStatus, Shutdown};
 pub use objects::validate_name;
+pub use services::{DEFAULT_NETWORK, duration_ms};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -75,6 +78,9 @@ pub struct Agent {
     dns_last: StdMutex<Option<mesh_dns::Snapshot>>,
     /// One resolver listener per running task, by task name; dropping one closes it.
     dns_listeners: StdMutex<BTreeMap<String, (mesh_dns::ServeHandle, u64)>>,
+    /// Service task starts and stops underway on this node.
+    jobs: orchestrate::Jobs,
+    started: std::time::Instant,
     /// Set when the agent should stop on its own (it left, or was removed).
     shutdown: watch::Sender<Option<Shutdown>>,
 }
@@ -131,6 +137,8 @@ impl Agent {
             dns: parts.dns,
             dns_last: StdMutex::new(None),
             dns_listeners: StdMutex::new(BTreeMap::new()),
+            jobs: orchestrate::Jobs::default(),
+            started: std::time::Instant::now(),
             shutdown: watch::channel(None).0,
             gossip,
             config,
@@ -168,6 +176,7 @@ impl Agent {
             address: config.advertise,
             mtu,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            drivers: vec![crate::cluster::DRIVER_PROCESS.into()],
             labels: config.labels.clone(),
         }
     }
@@ -226,7 +235,8 @@ impl Agent {
     }
 
     /// Runs forever: whenever gossip changes, a task exits or someone asks, make the kernel
-    /// match the view. Checked every second; the kernel pass runs when the view is a new one
+    /// match the view and carry out this node's part of the services' plans. Checked twice a
+    /// second; the kernel pass runs when the view is a new one
     /// (refresh recomputes only when gossip moved or a time-based transition is due), when
     /// asked, or every `FULL_PASS_EVERY` to repair kernel state someone else changed: with
     /// 10,000 services a pass costs ~150 ms of CPU, too much to spend every second on a
@@ -238,6 +248,7 @@ impl Agent {
         self.serve_dns_for_all().await;
         let mut last: Option<(Arc<View>, std::time::Instant)> = None;
         let mut asked = true;
+        let mut restart_due: Option<u64> = None;
         loop {
             let view = self.refresh().await;
             let stale = last
@@ -256,7 +267,11 @@ impl Agent {
                 if let Err(e) = self.converge(&view).await {
                     warn!("programming the kernel: {e:#}");
                 }
-                last = Some((view, std::time::Instant::now()));
+                last = Some((view.clone(), std::time::Instant::now()));
+            }
+            // Restart delays come due without any change in gossip.
+            if asked || stale || restart_due.is_some_and(|at| Clock::now_ms() >= at) {
+                restart_due = self.orchestrate(&view).await;
             }
             asked = tokio::select! {
                 _ = changes.next() => false,
@@ -270,7 +285,7 @@ impl Agent {
                     self.task_exited(exit).await;
                     true
                 }
-                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => false,
             };
         }
     }

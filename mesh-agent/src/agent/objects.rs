@@ -1,4 +1,4 @@
-//! Cluster-wide objects: networks, services and node settings.
+//! Cluster-wide objects: networks and node settings (services: see `services.rs`).
 
 use std::{collections::HashSet, net::Ipv4Addr};
 
@@ -7,7 +7,7 @@ use tracing::info;
 
 use super::{Agent, Error, Result};
 use crate::cluster::{
-    EndpointMode, NetworkSpec, NodeSpec, PortSpec, Replicated, ServiceSpec, View, ipam, key,
+    NetworkSpec, NodeSpec, Replicated, View, ipam, key,
     record::{FIRST_VNI, MAX_VNI},
 };
 
@@ -129,103 +129,6 @@ impl Agent {
         self.write_object(key::NETWORK, name, &tomb).await?;
         self.refresh().await;
         info!(network = name, "network removed");
-        Ok(())
-    }
-
-    // ---- services ------------------------------------------------------------------------
-
-    pub async fn create_service(
-        &self,
-        name: &str,
-        network: &str,
-        mode: EndpointMode,
-        ports: &[PortSpec],
-    ) -> Result<Replicated<ServiceSpec>> {
-        validate_name("service", name)?;
-        let view = self.refresh().await;
-        if view.services.contains_key(name) {
-            return Err(Error::Conflict(format!("service {name} already exists")));
-        }
-        if !view.networks.contains_key(network) {
-            return Err(Error::NotFound(format!(
-                "network {network} not found: create it with `meshctl network create {network}`"
-            )));
-        }
-        let mut seen = HashSet::new();
-        for p in ports {
-            if let Some(published) = p.published {
-                if !seen.insert((p.protocol, published)) {
-                    return Err(Error::Invalid(format!(
-                        "port {published}/{} is published twice",
-                        p.protocol
-                    )));
-                }
-                if let Some(owner) = view.services.values().find(|s| {
-                    s.spec
-                        .ports
-                        .iter()
-                        .any(|q| q.protocol == p.protocol && q.published == Some(published))
-                }) {
-                    return Err(Error::Conflict(format!(
-                        "port {published}/{} is already published by service {}",
-                        p.protocol, owner.spec.name
-                    )));
-                }
-            }
-        }
-        let vip = match mode {
-            EndpointMode::Vip => Some(self.allocate(network).await?),
-            EndpointMode::Dnsrr => None,
-        };
-        let spec = ServiceSpec {
-            name: name.to_owned(),
-            network: network.to_owned(),
-            mode,
-            vip,
-            ports: ports.to_vec(),
-        };
-        let stamp = self.tick();
-        let record = Replicated::new(spec, stamp.clone());
-        self.write_object(key::SERVICE, name, &record).await?;
-        let view = self.settle().await;
-        if let Some(vip) = vip {
-            self.release(network, vip).await;
-        }
-        match view.services.get(name) {
-            Some(s) if s.created == stamp => {
-                info!(service = name, network, ?vip, "service created");
-                Ok(s.clone())
-            }
-            Some(s) => Err(Error::Conflict(format!(
-                "service {name} was created at the same time on node {}, whose create came first",
-                s.created.node
-            ))),
-            None => {
-                let reason = view
-                    .service_conflicts
-                    .iter()
-                    .find(|c| c.object.created == stamp)
-                    .map(|c| c.reason.clone())
-                    .unwrap_or_else(|| "it conflicted with a concurrent change".into());
-                Err(Error::Conflict(format!(
-                    "service {name} was not created: {reason}"
-                )))
-            }
-        }
-    }
-
-    pub async fn remove_service(&self, name: &str) -> Result<()> {
-        let view = self.refresh().await;
-        let Some(svc) = view.services.get(name) else {
-            return Err(Error::NotFound(format!(
-                "service {name} not found (see `meshctl service ls`)"
-            )));
-        };
-        let mut tomb = svc.clone();
-        tomb.deleted = Some(self.tick());
-        self.write_object(key::SERVICE, name, &tomb).await?;
-        self.refresh().await;
-        info!(service = name, "service removed");
         Ok(())
     }
 

@@ -61,7 +61,7 @@ impl Agent {
                     node_addr: net.node_address,
                     bridge_ifindex: ifindex[&net.vni],
                 },
-                vip: match s.spec.mode {
+                vip: match s.spec.endpoint_mode {
                     EndpointMode::Vip => s.spec.vip,
                     EndpointMode::Dnsrr => None,
                 },

@@ -6,9 +6,21 @@ use tracing::{info, warn};
 use super::{Agent, Error, Result, validate_name};
 use crate::{
     api::TaskRun,
+    cluster::View,
     cluster::{EndpointRecord, TaskState as EndpointState, key, mac_for_ip},
     task::{Attachment, TaskExit, TaskRecord, TaskSpec},
 };
+
+/// What to start: a task of this node.
+pub(crate) struct Launch<'a> {
+    pub name: &'a str,
+    pub network: &'a str,
+    pub service: Option<&'a str>,
+    pub command: &'a [String],
+    pub env: &'a [(String, String)],
+    /// Default: the task name.
+    pub hostname: Option<&'a str>,
+}
 
 impl Agent {
     /// Starts a task: a process in a new network namespace on `network`, optionally a task of
@@ -58,56 +70,75 @@ impl Agent {
             )));
         }
 
+        self.launch(
+            &view,
+            Launch {
+                name: &req.name,
+                network: &req.network,
+                service: req.service.as_deref(),
+                command: &req.command,
+                env: &req.env,
+                hostname: None,
+            },
+        )
+        .await
+    }
+
+    /// Plumbs the task's network on this node, starts its process and publishes its
+    /// endpoint: from then on it is a backend of its service on every node.
+    pub(crate) async fn launch(&self, view: &View, task: Launch<'_>) -> Result<TaskRecord> {
+        let local = self.require_local()?;
         // Plumbing the network and creating the task happen under the convergence lock so a
         // concurrent convergence cannot unplumb the network in between.
         let _converging = self.converging.lock().await;
-        self.converge_locked(&view, Some(&req.network)).await?;
+        self.converge_locked(view, Some(task.network)).await?;
         let plumbing = self
-            .plumbing(local, &view, &req.network)
+            .plumbing(local, view, task.network)
             .await
             .ok_or_else(|| {
                 Error::Internal(anyhow::anyhow!(
                     "network {} could not be plumbed on this node (no address for the node yet)",
-                    req.network
+                    task.network
                 ))
             })?;
-        let ip = self.allocate(&req.network).await?;
+        let ip = self.allocate(task.network).await?;
         let spec = TaskSpec {
-            name: req.name.clone(),
+            name: task.name.to_owned(),
             // Overlay traffic stays on eth0; everything else leaves through the gateway
             // bridge, masqueraded, as with Docker's docker_gwbridge.
             attachments: vec![Attachment::overlay(&plumbing, ip).without_default_route()],
             egress: Some(local.gateway.clone()),
-            command: req.command.clone(),
-            env: req.env.clone(),
+            command: task.command.to_vec(),
+            env: task.env.to_vec(),
+            hostname: task.hostname.map(str::to_owned),
         };
         let record = match local.tasks.create(spec).await {
             Ok(r) => r,
             Err(e) => {
-                self.release(&req.network, ip).await;
+                self.release(task.network, ip).await;
                 return Err(Error::Invalid(format!("{e:#}")));
             }
         };
         let endpoint = EndpointRecord {
-            task: req.name.clone(),
-            network: req.network.clone(),
-            service: req.service.clone(),
+            task: task.name.to_owned(),
+            network: task.network.to_owned(),
+            service: task.service.map(str::to_owned),
             ip,
             mac: mac_for_ip(ip),
             state: EndpointState::Running,
         };
         self.gossip
             .write([(
-                format!("{}{}", key::ENDPOINT, req.name),
+                format!("{}{}", key::ENDPOINT, task.name),
                 Some(serde_json::to_string(&endpoint).map_err(anyhow::Error::from)?),
             )])
             .await;
-        self.release(&req.network, ip).await;
+        self.release(task.network, ip).await;
         self.update_dns(&*self.refresh().await);
         if let Err(e) = self.serve_dns_for(&record).await {
-            warn!(task = req.name, "the task has no DNS: {e:#}");
+            warn!(task = task.name, "the task has no DNS: {e:#}");
         }
-        info!(task = req.name, network = req.network, %ip, service = ?req.service, "task running");
+        info!(task = task.name, network = task.network, %ip, service = ?task.service, "task running");
         self.poke();
         Ok(record)
     }

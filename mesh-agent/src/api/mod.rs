@@ -9,8 +9,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
+use mesh_planner::ServiceMode;
+
 use crate::{
-    cluster::{Availability, EndpointMode, NodeStatus, PortSpec, Stamp, TaskState},
+    cluster::{Availability, EndpointMode, NodeStatus, PortSpec, ServiceSpec, Stamp, TaskState},
     gossip::auth::AuthReport,
 };
 
@@ -37,6 +39,17 @@ pub fn short_id(name: &str, created: &Stamp) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (name, created).hash(&mut h);
     format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+}
+
+/// A node's ID: stable for its name.
+pub fn node_id(name: &str) -> String {
+    short_id(
+        name,
+        &Stamp {
+            ms: 0,
+            node: name.into(),
+        },
+    )
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -98,9 +111,19 @@ pub struct ServiceInfo {
     pub id: String,
     pub name: String,
     pub network: String,
-    pub mode: EndpointMode,
+    pub mode: ServiceMode,
+    pub endpoint_mode: EndpointMode,
     pub vip: Option<Ipv4Addr>,
     pub ports: Vec<PortSpec>,
+    /// Slots with a running task, and how many the service wants (None: the service
+    /// schedules nothing; its tasks are started by hand or by another runtime).
+    pub running: usize,
+    pub desired: Option<usize>,
+    /// Why some slot has no node, if one has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+    pub spec: ServiceSpec,
+    /// The service's endpoints: its tasks as the load balancer and DNS see them.
     pub tasks: Vec<TaskInfo>,
     pub created_by: String,
     /// What this node's load balancer holds for the service, with its counters.
@@ -108,15 +131,97 @@ pub struct ServiceInfo {
     pub dataplane: Option<crate::lb::ServiceStats>,
 }
 
+/// A row of `service ps`: a task of a slot, or a slot no node could take.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceTaskInfo {
+    /// Empty for a pending slot (no task exists yet).
+    pub id: String,
+    /// `web.1` or `web.<node>`.
+    pub name: String,
+    pub slot: String,
+    pub node: Option<String>,
+    pub desired: String,
+    pub state: String,
+    /// Wall-clock ms when the task entered its state.
+    pub since_ms: u64,
+    pub error: Option<String>,
+    pub spec_version: u64,
+    /// An older task of the slot (Docker's `\_` rows).
+    pub history: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceCreate {
     pub name: String,
-    pub network: String,
-    /// Docker's short syntax, e.g. `8080:80`, `5353:53/udp`.
+    /// Default: the `ingress` network, created on first use.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Docker's short (`8080:80`, `5353:53/udp`) or long (`published=8080,target=80`) syntax.
     #[serde(default)]
     pub publish: Vec<String>,
     #[serde(default)]
-    pub mode: EndpointMode,
+    pub endpoint_mode: EndpointMode,
+    /// `replicated` (default) or `global`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub replicas: Option<i64>,
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    #[serde(default)]
+    pub placement_prefs: Vec<String>,
+    #[serde(default)]
+    pub replicas_max_per_node: Option<i64>,
+    #[serde(flatten)]
+    pub restart: RestartFlags,
+    /// The task's command; empty: the service schedules nothing.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// `KEY=VALUE`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+/// `--restart-*` as typed (durations like `5s`, `1m30s`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RestartFlags {
+    #[serde(default)]
+    pub restart_condition: Option<String>,
+    #[serde(default)]
+    pub restart_delay: Option<String>,
+    #[serde(default)]
+    pub restart_max_attempts: Option<i64>,
+    #[serde(default)]
+    pub restart_window: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceUpdate {
+    #[serde(default)]
+    pub replicas: Option<i64>,
+    #[serde(default)]
+    pub constraint_add: Vec<String>,
+    #[serde(default)]
+    pub constraint_rm: Vec<String>,
+    #[serde(default)]
+    pub placement_pref_add: Vec<String>,
+    #[serde(default)]
+    pub placement_pref_rm: Vec<String>,
+    #[serde(default)]
+    pub replicas_max_per_node: Option<i64>,
+    #[serde(flatten)]
+    pub restart: RestartFlags,
+    /// Replace every task even though nothing changed (re-spreads them).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `service scale web=5 api=2`: all or nothing.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceScale {
+    pub replicas: BTreeMap<String, i64>,
 }
 
 /// Decodes a request body, or says what is wrong with it. Every API route goes through here,

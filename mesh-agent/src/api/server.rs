@@ -1,6 +1,6 @@
 //! The API server: routes that turn requests into agent operations and views into answers.
 
-use std::{path::Path, sync::Arc};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use anyhow::Context;
 use axum::{
@@ -16,13 +16,14 @@ use tokio::net::UnixListener;
 
 use super::{
     ApiError, ExecOutput, ExecRequest, GossipInfo, JoinTokenInfo, LocalTaskInfo, NetworkCreate,
-    NetworkInfo, NodeInfo, NodeUpdate, PortStats, RotateInfo, ServiceCreate, ServiceInfo, TaskInfo,
-    TaskRun, short_id,
+    NetworkInfo, NodeInfo, NodeUpdate, PortStats, RotateInfo, ServiceCreate, ServiceInfo,
+    ServiceScale, ServiceTaskInfo, ServiceUpdate, TaskInfo, TaskRun, short_id,
 };
 use crate::{
     agent::{Agent, Error, Shutdown},
-    cluster::{EndpointView, PortSpec, View},
+    cluster::{EndpointView, View},
 };
+use mesh_planner::SlotPlacement;
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
@@ -67,8 +68,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/services", get(list_services).post(create_service))
         .route(
             "/v1/services/{name}",
-            get(get_service).delete(remove_service),
+            get(get_service).post(update_service).delete(remove_service),
         )
+        .route("/v1/services/{name}/tasks", get(list_service_tasks))
+        .route("/v1/scale", axum::routing::post(scale_services))
         .route("/v1/tasks", get(list_tasks).post(run_task))
         .route("/v1/local/tasks", get(list_local_tasks))
         .route("/v1/local/tasks/{name}", axum::routing::delete(remove_task))
@@ -139,13 +142,7 @@ fn require_root(peer: Option<Extension<ConnectInfo<Peer>>>) -> Result<(), Error>
 fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
     let n = view.nodes.get(name)?;
     Some(NodeInfo {
-        id: short_id(
-            name,
-            &crate::cluster::Stamp {
-                ms: 0,
-                node: name.into(),
-            },
-        ),
+        id: crate::api::node_id(name),
         name: name.to_owned(),
         hostname: n
             .record
@@ -205,17 +202,140 @@ fn network_info(view: &View, name: &str) -> Option<NetworkInfo> {
 
 fn service_info(view: &View, name: &str) -> Option<ServiceInfo> {
     let s = view.services.get(name)?;
+    let plan = view.plan(name);
+    let (running, desired, pending) = match &plan {
+        Some(plan) => {
+            let running = plan
+                .slots
+                .iter()
+                .filter(|slot| match &slot.placement {
+                    SlotPlacement::Kept { task, .. } => view
+                        .tasks
+                        .iter()
+                        .any(|t| t.id == *task && t.state == mesh_planner::TaskState::Running),
+                    _ => false,
+                })
+                .count();
+            (
+                running,
+                Some(plan.slots.len()),
+                plan.pending_reason().map(str::to_owned),
+            )
+        }
+        None => (view.backends(name).filter(|e| e.active).count(), None, None),
+    };
     Some(ServiceInfo {
         id: short_id(name, &s.created),
         name: name.to_owned(),
         network: s.spec.network.clone(),
         mode: s.spec.mode,
+        endpoint_mode: s.spec.endpoint_mode,
         vip: s.spec.vip,
         ports: s.spec.ports.clone(),
+        running,
+        desired,
+        pending,
+        spec: s.spec.clone(),
         tasks: view.backends(name).map(task_info).collect(),
         created_by: s.created.node.clone(),
         dataplane: None,
     })
+}
+
+/// `service ps`: per slot, its current task (or why it has none), then older tasks.
+fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
+    let Some(service) = view.services.get(name) else {
+        return Vec::new();
+    };
+    let ready = |node: &str| {
+        view.nodes
+            .get(node)
+            .is_some_and(|n| n.status == crate::cluster::NodeStatus::Ready)
+    };
+    let mut by_slot: BTreeMap<mesh_planner::Slot, Vec<&mesh_planner::Task>> = BTreeMap::new();
+    for t in view.tasks.iter().filter(|t| t.service == name) {
+        by_slot.entry(t.slot.clone()).or_default().push(t);
+    }
+    let plan = view.plan(name);
+    let mut order: Vec<mesh_planner::Slot> = plan
+        .iter()
+        .flat_map(|p| p.slots.iter().map(|s| s.slot.clone()))
+        .collect();
+    for slot in by_slot.keys() {
+        if !order.contains(slot) {
+            order.push(slot.clone());
+        }
+    }
+    let mut rows = Vec::new();
+    for slot in order {
+        let mut tasks = by_slot.remove(&slot).unwrap_or_default();
+        let kept = plan.as_ref().and_then(|p| {
+            p.slots
+                .iter()
+                .find(|s| s.slot == slot)
+                .map(|s| s.placement.clone())
+        });
+        let kept_id = match &kept {
+            Some(SlotPlacement::Kept { task, .. }) => Some(task.clone()),
+            _ => None,
+        };
+        // The task that fills the slot first, then other live ones, then the newest.
+        tasks.sort_by_key(|t| {
+            (
+                Some(&t.id) != kept_id.as_ref(),
+                !(t.is_live() && ready(&t.node)),
+                std::cmp::Reverse(t.created_ms),
+            )
+        });
+        let mut first = true;
+        if let Some(SlotPlacement::Pending { reason }) = &kept
+            && !tasks.iter().any(|t| t.is_live() && ready(&t.node))
+        {
+            rows.push(ServiceTaskInfo {
+                id: String::new(),
+                name: format!("{name}.{slot}"),
+                slot: slot.to_string(),
+                node: None,
+                desired: "Running".into(),
+                state: "Pending".into(),
+                since_ms: 0,
+                error: Some(reason.clone()),
+                spec_version: service.spec.template_version,
+                history: false,
+            });
+            first = false;
+        }
+        for t in tasks {
+            let down = !ready(&t.node);
+            let current = first || (t.is_live() && !down);
+            rows.push(ServiceTaskInfo {
+                id: t.id.clone(),
+                name: t.name(),
+                slot: slot.to_string(),
+                node: Some(t.node.clone()),
+                desired: if down {
+                    "Shutdown".into()
+                } else {
+                    t.desired.to_string()
+                },
+                state: if down && !t.state.is_terminal() {
+                    "Orphaned".into()
+                } else {
+                    t.state.to_string()
+                },
+                since_ms: t.since_ms,
+                error: if down && !t.state.is_terminal() {
+                    Some(format!("node {} is down", t.node))
+                } else {
+                    t.error.clone()
+                },
+                spec_version: t.spec_version,
+                history: !current,
+            });
+            first = false;
+        }
+    }
+    rows
 }
 
 // ---- handlers ----------------------------------------------------------------------------
@@ -409,15 +529,7 @@ async fn get_service(
 
 async fn create_service(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiResult<ServiceInfo> {
     let req: ServiceCreate = body(&bytes)?;
-    let ports = req
-        .publish
-        .iter()
-        .map(|p| p.parse::<PortSpec>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(Error::Invalid)?;
-    agent
-        .create_service(&req.name, &req.network, req.mode, &ports)
-        .await?;
+    agent.create_service(&req).await?;
     let view = agent.view();
     service_info(&view, &req.name).map(Json).ok_or_else(|| {
         Error::Internal(anyhow::anyhow!(
@@ -425,6 +537,46 @@ async fn create_service(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiRes
             req.name
         ))
     })
+}
+
+async fn update_service(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    bytes: Bytes,
+) -> ApiResult<ServiceInfo> {
+    let req: ServiceUpdate = body(&bytes)?;
+    agent.update_service(&name, &req).await?;
+    let view = agent.refresh().await;
+    service_info(&view, &name)
+        .map(Json)
+        .ok_or_else(|| Error::NotFound(format!("service {name} was removed meanwhile")))
+}
+
+async fn scale_services(
+    State(agent): State<Arc<Agent>>,
+    bytes: Bytes,
+) -> ApiResult<Vec<ServiceInfo>> {
+    let req: ServiceScale = body(&bytes)?;
+    let done = agent.scale_services(&req).await?;
+    let view = agent.refresh().await;
+    Ok(Json(
+        done.iter()
+            .filter_map(|s| service_info(&view, &s.spec.name))
+            .collect(),
+    ))
+}
+
+async fn list_service_tasks(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Vec<ServiceTaskInfo>> {
+    let view = agent.refresh().await;
+    if !view.services.contains_key(&name) {
+        return Err(Error::NotFound(format!(
+            "service {name} not found (see `meshctl service ls`)"
+        )));
+    }
+    Ok(Json(service_tasks(&view, &name)))
 }
 
 async fn remove_service(

@@ -3,6 +3,7 @@
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 
 use ipnet::Ipv4Net;
+use mesh_planner::{Placement, RestartPolicy, ServiceMode};
 use serde::{Deserialize, Serialize};
 
 /// Gossip keys. One place so that readers and writers cannot disagree.
@@ -35,6 +36,8 @@ pub mod key {
     /// `obj:clusterkey:primary`, replicated: the key a rotation makes primary everywhere (see
     /// [`super::KeyRotation`]).
     pub const CLUSTER_KEY: &str = "obj:clusterkey:";
+    /// `tsk:<id>`: a task of a service on this node, with its state (mesh_planner::Task).
+    pub const TASK: &str = "tsk:";
 }
 
 /// The first VXLAN network identifier mesh hands out (Docker's overlay driver starts at 4096
@@ -99,6 +102,9 @@ pub struct NodeRecord {
     /// Underlay MTU; overlay networks use 50 bytes less.
     pub mtu: u32,
     pub agent_version: String,
+    /// Task drivers this node runs; placement only picks nodes that have a task's driver.
+    #[serde(default = "default_drivers")]
+    pub drivers: Vec<String>,
     /// The node's own labels (agent.toml `labels`, `--label`): Swarm's engine labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -164,6 +170,14 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
     }
     Ok((k.to_owned(), v.to_owned()))
 }
+
+/// Every agent runs processes; records from before drivers were advertised mean that.
+fn default_drivers() -> Vec<String> {
+    vec![DRIVER_PROCESS.to_owned()]
+}
+
+/// The driver that runs a command in the task's namespaces (no image).
+pub const DRIVER_PROCESS: &str = "process";
 
 /// An agent going down gracefully leaves its tasks and pinned dataplane serving; peers keep
 /// counting the node (and its tasks) as up until `until_ms`, so a restart slower than the
@@ -238,8 +252,12 @@ impl fmt::Display for PortSpec {
 
 impl FromStr for PortSpec {
     type Err = String;
-    /// Docker's short syntax: `8080:80`, `8080:80/udp`, `80` (target only).
+    /// Docker's short syntax: `8080:80`, `8080:80/udp`, `80` (target only); and its long one:
+    /// `published=8080,target=80[,protocol=udp][,mode=ingress]`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.contains('=') {
+            return Self::from_long_syntax(s);
+        }
         let (ports, protocol) = match s.split_once('/') {
             Some((p, proto)) => (p, proto.parse()?),
             None => (s, Protocol::Tcp),
@@ -268,14 +286,108 @@ impl FromStr for PortSpec {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+impl PortSpec {
+    fn from_long_syntax(s: &str) -> Result<Self, String> {
+        let (mut published, mut target, mut protocol) = (None, None, Protocol::Tcp);
+        let port = |v: &str, what: &str| -> Result<u16, String> {
+            match v.parse::<u32>() {
+                Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
+                _ => Err(format!(
+                    "invalid {what} port {v:?} in {s:?}: use a number from 1 to 65535"
+                )),
+            }
+        };
+        for field in s.split(',') {
+            let (k, v) = field.split_once('=').ok_or_else(|| {
+                format!(
+                    "invalid port {s:?}: expected published=PORT,target=PORT[,protocol=tcp|udp]"
+                )
+            })?;
+            match k.trim() {
+                "published" => published = Some(port(v.trim(), "published")?),
+                "target" => target = Some(port(v.trim(), "target")?),
+                "protocol" => protocol = v.trim().parse()?,
+                // The routing mesh is what mesh publishes through.
+                "mode" if v.trim() == "ingress" => {}
+                "mode" => {
+                    return Err(format!(
+                        "publish mode {:?} in {s:?} is not supported: only mode=ingress (the routing mesh)",
+                        v.trim()
+                    ));
+                }
+                other => {
+                    return Err(format!(
+                        "unknown key {other:?} in port {s:?}: use published, target, protocol or mode"
+                    ));
+                }
+            }
+        }
+        let target = target.ok_or_else(|| format!("port {s:?} has no target=PORT"))?;
+        Ok(Self {
+            protocol,
+            published,
+            target,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub name: String,
     pub network: String,
-    pub mode: EndpointMode,
+    pub endpoint_mode: EndpointMode,
     /// Set in vip mode, from the creating node's address block.
     pub vip: Option<Ipv4Addr>,
     pub ports: Vec<PortSpec>,
+    /// replicated (N slots) or global (one task per eligible node).
+    #[serde(default)]
+    pub mode: ServiceMode,
+    /// What each task runs. None: nothing is scheduled; the service's tasks are started by
+    /// hand (`meshctl run --service`) or attached by another runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskTemplate>,
+    #[serde(default)]
+    pub placement: Placement,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Counts every change of the spec (Swarm's spec version).
+    #[serde(default)]
+    pub version: u64,
+    /// The version at which what a task runs last changed (or an update was forced): tasks
+    /// created for an older one are replaced.
+    #[serde(default)]
+    pub template_version: u64,
+}
+
+impl ServiceSpec {
+    /// The planner's view of this service, if it schedules tasks at all.
+    pub fn planned(&self) -> Option<mesh_planner::Service<'_>> {
+        let task = self.task.as_ref()?;
+        Some(mesh_planner::Service {
+            name: &self.name,
+            mode: self.mode,
+            placement: &self.placement,
+            driver: task.driver(),
+            template_version: self.template_version,
+        })
+    }
+}
+
+/// What a service's tasks run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskTemplate {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// The task's hostname; default: the task name (`web.1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+impl TaskTemplate {
+    pub fn driver(&self) -> &'static str {
+        DRIVER_PROCESS
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -367,6 +479,29 @@ mod tests {
         let e = "web:80".parse::<PortSpec>().unwrap_err();
         assert!(e.contains("expected PUBLISHED:TARGET"), "{e}");
         assert!("0:80".parse::<PortSpec>().is_err());
+    }
+
+    #[test]
+    fn ports_parse_in_dockers_long_syntax_too() {
+        assert_eq!(
+            "published=8080,target=80".parse::<PortSpec>().unwrap(),
+            "8080:80".parse::<PortSpec>().unwrap()
+        );
+        assert_eq!(
+            "published=5353,target=53,protocol=udp,mode=ingress"
+                .parse::<PortSpec>()
+                .unwrap(),
+            "5353:53/udp".parse::<PortSpec>().unwrap()
+        );
+        for (bad, says) in [
+            ("published=8080", "no target"),
+            ("published=8080,target=0", "invalid target port"),
+            ("published=8080,target=80,mode=host", "not supported"),
+            ("published=8080,dest=80", "unknown key"),
+        ] {
+            let e = bad.parse::<PortSpec>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -104,6 +104,9 @@ pub struct View {
     pub service_conflicts: Vec<Conflict<ServiceSpec>>,
     /// Endpoints of live nodes only: a dead node's tasks leave every load balancer at once.
     pub endpoints: Vec<EndpointView>,
+    /// Every service task record in gossip, dead nodes' included (`service ps` shows them;
+    /// the planner skips them).
+    pub tasks: Vec<mesh_planner::Task>,
     pub attachments: Vec<AttachmentView>,
     /// Per network, the winning claim of every claimed block (dead nodes' claims included,
     /// so their addresses are not reused while they may come back).
@@ -249,7 +252,15 @@ impl View {
             // never blink out of other nodes' load balancers.
             let live = view.nodes[*name].status == NodeStatus::Ready;
             for (k, v) in &n.kv {
-                if let Some(task) = k.strip_prefix(key::ENDPOINT) {
+                if let Some(id) = k.strip_prefix(key::TASK) {
+                    // A node speaks only for its own tasks.
+                    if let Some(t) = decode::<mesh_planner::Task>(v)
+                        && t.id == id
+                        && t.node == *name
+                    {
+                        view.tasks.push(t);
+                    }
+                } else if let Some(task) = k.strip_prefix(key::ENDPOINT) {
                     if !live {
                         continue;
                     }
@@ -363,6 +374,48 @@ impl View {
         }
     }
 
+    /// The nodes as the planner sees them.
+    pub fn planner_nodes(&self) -> Vec<mesh_planner::Node> {
+        self.nodes
+            .values()
+            .filter_map(|n| {
+                let record = n.record.as_ref()?;
+                Some(mesh_planner::Node {
+                    name: n.name.clone(),
+                    id: crate::api::node_id(&n.name),
+                    hostname: record.hostname.clone(),
+                    ready: n.status == NodeStatus::Ready,
+                    active: n.spec.availability == super::Availability::Active,
+                    labels: n.labels(),
+                    engine_labels: n.engine_labels(),
+                    drivers: record.drivers.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The plan for one service, if it schedules tasks.
+    pub fn plan(&self, service: &str) -> Option<mesh_planner::Plan> {
+        self.services.get(service)?.spec.planned()?;
+        self.plan_with(&self.planner_nodes(), service)
+    }
+
+    /// [`View::plan`] with the nodes computed once for many services.
+    pub fn plan_with(
+        &self,
+        nodes: &[mesh_planner::Node],
+        service: &str,
+    ) -> Option<mesh_planner::Plan> {
+        let spec = self.services.get(service)?.spec.planned()?;
+        Some(mesh_planner::plan(
+            &mesh_planner::Cluster {
+                nodes,
+                tasks: &self.tasks,
+            },
+            &spec,
+        ))
+    }
+
     /// Tasks (endpoints) of a service that receive new connections.
     pub fn backends<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a EndpointView> {
         self.endpoints
@@ -466,6 +519,7 @@ mod tests {
             address: ip.parse().unwrap(),
             mtu: 1500,
             agent_version: "test".into(),
+            drivers: vec!["process".into()],
             labels: BTreeMap::new(),
         };
         let mut kv = BTreeMap::new();
@@ -687,13 +741,14 @@ mod tests {
                 ServiceSpec {
                     name: name.into(),
                     network: "app".into(),
-                    mode: EndpointMode::Vip,
+                    endpoint_mode: EndpointMode::Vip,
                     vip: None,
                     ports: vec![PortSpec {
                         protocol: Protocol::Tcp,
                         published: Some(8080),
                         target: 80,
                     }],
+                    ..ServiceSpec::default()
                 },
                 at,
             )

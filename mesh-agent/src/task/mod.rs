@@ -103,6 +103,15 @@ pub struct TaskSpec {
     pub command: Vec<String>,
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// The task's hostname; default: its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+impl TaskSpec {
+    pub fn hostname(&self) -> &str {
+        self.hostname.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// One interface of a task on a bridge of this node.
@@ -410,7 +419,7 @@ impl Tasks {
         let spawned = attempt!(process::spawn(&process::Launch {
             netns: &netns_path,
             etc_overrides: &etc,
-            hostname: &record.spec.name,
+            hostname: record.spec.hostname(),
             cgroup: config.cgroup.as_deref(),
             command: &record.spec.command,
             env: &record.spec.env,
@@ -569,7 +578,7 @@ impl Tasks {
             &process::Launch {
                 netns: &netns_path,
                 etc_overrides: &etc,
-                hostname: &record.spec.name,
+                hostname: record.spec.hostname(),
                 cgroup: self.inner.config.cgroup.as_deref(),
                 command,
                 env,
@@ -680,18 +689,30 @@ fn free_gateway_address<'a>(
 fn validate(spec: &TaskSpec) -> Result<()> {
     let name = &spec.name;
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    // Service tasks are named `<service>.<slot>.<id>`: longer than a DNS label, and dotted.
     if name.is_empty()
-        || name.len() > 63
+        || name.len() > 160
         || !name.chars().all(ok_char)
         || !name.starts_with(|c: char| c.is_ascii_alphanumeric())
     {
         bail!(
-            "invalid task name {name:?}: use 1-63 letters, digits, '_', '.' or '-', starting \
+            "invalid task name {name:?}: use 1-160 letters, digits, '_', '.' or '-', starting \
              with a letter or digit"
         );
     }
     if spec.command.is_empty() {
         bail!("task {name} has no command to run");
+    }
+    let hostname = spec.hostname();
+    if hostname.is_empty()
+        || hostname.len() > 63
+        || !hostname
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    {
+        bail!(
+            "invalid hostname {hostname:?} for task {name}: use 1-63 letters, digits, '.', '-' or '_'"
+        );
     }
     if spec.attachments.is_empty() {
         bail!("task {name} is attached to no network");

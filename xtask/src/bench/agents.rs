@@ -61,7 +61,10 @@ pub fn whoami(c: &Cluster, on: &[usize]) -> Result<Vec<TaskInfo>> {
         h.run_whoami::<serde_json::Value>(NETWORK, Some(SERVICE), &name, &[])?;
     }
     let tasks = c.eventually(Duration::from_secs(20), "every task on every node", |c| {
-        let tasks: Vec<TaskInfo> = c.host(1).meshctl_json(&["service", "ps", SERVICE])?;
+        let tasks: Vec<TaskInfo> = c
+            .host(1)
+            .meshctl_json::<ServiceInfo>(&["service", "inspect", SERVICE])?
+            .tasks;
         if tasks.len() != on.len() {
             return Ok(None);
         }

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use mesh_agent::{
-    api::{LocalTaskInfo, TaskInfo},
+    api::{LocalTaskInfo, ServiceInfo, TaskInfo},
     cluster::{EndpointMode, PortSpec, Protocol, Replicated, ServiceSpec, Stamp, key},
 };
 use mesh_tests::{Cluster, cluster::bin};
@@ -121,7 +121,8 @@ pub fn run(quick: bool) -> Result<Report> {
         let ip = task.ip.context("the task has no address")?;
         let tasks: Vec<TaskInfo> = c
             .host(1)
-            .meshctl_json(&["service", "ps", agents::SERVICE])?;
+            .meshctl_json::<ServiceInfo>(&["service", "inspect", agents::SERVICE])?
+            .tasks;
         let mac = tasks
             .iter()
             .find(|t| t.name == name)
@@ -236,13 +237,14 @@ pub fn bulk_services(c: &mut Cluster, n: u32) -> Result<Bulk> {
         let spec = ServiceSpec {
             name: name.clone(),
             network: agents::NETWORK.into(),
-            mode: EndpointMode::Dnsrr,
+            endpoint_mode: EndpointMode::Dnsrr,
             vip: None,
             ports: vec![PortSpec {
                 protocol: Protocol::Tcp,
                 published: Some(BULK_FIRST_PORT + i as u16),
                 target: 80,
             }],
+            ..ServiceSpec::default()
         };
         let stamp = Stamp {
             ms: now + u64::from(i),

@@ -1,0 +1,633 @@
+//! Services as objects: create, update, scale and remove, from any node. Every request is
+//! checked whole before anything is written, so a rejected command changes nothing; a
+//! change is one replicated write, and a concurrent change of the same service from another
+//! node is detected after the settle time and reported to the loser.
+
+use std::{collections::HashSet, time::Duration};
+
+use mesh_planner::{Constraint, MAX_REPLICAS, RestartPolicy, ServiceMode, Spread};
+use tracing::info;
+
+use super::{Agent, Error, Result, validate_name};
+use crate::{
+    api::{RestartFlags, ServiceCreate, ServiceScale, ServiceUpdate},
+    cluster::{EndpointMode, PortSpec, Replicated, ServiceSpec, TaskTemplate, View, key},
+};
+
+/// The network a service joins when none is named (Swarm's `ingress` role).
+pub const DEFAULT_NETWORK: &str = "ingress";
+
+impl Agent {
+    pub async fn create_service(&self, req: &ServiceCreate) -> Result<Replicated<ServiceSpec>> {
+        validate_name("service", &req.name)?;
+        let name = req.name.as_str();
+        let mut spec = draft(req)?;
+        let view = self.refresh().await;
+        if view.services.contains_key(name) {
+            return Err(Error::Conflict(format!(
+                "service {name} already exists: change it with `meshctl service update {name}`, \
+                 or remove it first"
+            )));
+        }
+        check_ports(&view, name, &spec.ports)?;
+        match &req.network {
+            Some(network) if !view.networks.contains_key(network) => {
+                return Err(Error::NotFound(format!(
+                    "network {network} not found: create it with `meshctl network create {network}`"
+                )));
+            }
+            Some(_) => {}
+            None => self.default_network(view).await?,
+        }
+        let network = spec.network.clone();
+        let vip = match spec.endpoint_mode {
+            EndpointMode::Vip => Some(self.allocate(&network).await?),
+            EndpointMode::Dnsrr => None,
+        };
+        spec.vip = vip;
+        spec.version = 1;
+        spec.template_version = 1;
+        let stamp = self.tick();
+        let record = Replicated::new(spec, stamp.clone());
+        self.write_object(key::SERVICE, name, &record).await?;
+        let view = self.settle().await;
+        if let Some(vip) = vip {
+            self.release(&network, vip).await;
+        }
+        match view.services.get(name) {
+            Some(s) if s.created == stamp => {
+                info!(service = name, network, ?vip, mode = ?s.spec.mode, "service created");
+                self.poke();
+                Ok(s.clone())
+            }
+            Some(s) => Err(Error::Conflict(format!(
+                "service {name} was created at the same time on node {}, whose create came first",
+                s.created.node
+            ))),
+            None => {
+                let reason = view
+                    .service_conflicts
+                    .iter()
+                    .find(|c| c.object.created == stamp)
+                    .map(|c| c.reason.clone())
+                    .unwrap_or_else(|| "it conflicted with a concurrent change".into());
+                Err(Error::Conflict(format!(
+                    "service {name} was not created: {reason}"
+                )))
+            }
+        }
+    }
+
+    /// The default network, created on first use; a concurrent create elsewhere is fine
+    /// (whichever won is the network).
+    async fn default_network(&self, view: std::sync::Arc<View>) -> Result<()> {
+        if view.networks.contains_key(DEFAULT_NETWORK) {
+            return Ok(());
+        }
+        match self.create_network(DEFAULT_NETWORK, None).await {
+            Ok(_) | Err(Error::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+        if !self.refresh().await.networks.contains_key(DEFAULT_NETWORK) {
+            return Err(Error::Conflict(format!(
+                "the default network {DEFAULT_NETWORK} could not be created: pass --network"
+            )));
+        }
+        Ok(())
+    }
+
+    pub async fn update_service(
+        &self,
+        name: &str,
+        req: &ServiceUpdate,
+    ) -> Result<Replicated<ServiceSpec>> {
+        let view = self.refresh().await;
+        let current = view.services.get(name).ok_or_else(|| not_found(name))?;
+        let spec = apply_update(&current.spec, req)?;
+        if spec == current.spec {
+            return Ok(current.clone());
+        }
+        let record = self.write_change(current, spec).await?;
+        info!(
+            service = name,
+            version = record.spec.version,
+            "service updated"
+        );
+        Ok(record)
+    }
+
+    /// Scales every named service, or none: all are checked before any is written.
+    pub async fn scale_services(&self, req: &ServiceScale) -> Result<Vec<Replicated<ServiceSpec>>> {
+        if req.replicas.is_empty() {
+            return Err(Error::Invalid(
+                "nothing to scale: name SERVICE=REPLICAS, e.g. meshctl service scale web=5".into(),
+            ));
+        }
+        let view = self.refresh().await;
+        let mut changes = Vec::new();
+        let unknown: Vec<&str> = req
+            .replicas
+            .keys()
+            .filter(|n| !view.services.contains_key(*n))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Error::NotFound(format!(
+                "no service named {} (see `meshctl service ls`): nothing was scaled",
+                unknown.join(", ")
+            )));
+        }
+        for (name, n) in &req.replicas {
+            let current = &view.services[name];
+            let spec = apply_update(
+                &current.spec,
+                &ServiceUpdate {
+                    replicas: Some(*n),
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| match e {
+                Error::Invalid(m) => Error::Invalid(format!("{m}: nothing was scaled")),
+                e => e,
+            })?;
+            changes.push((current.clone(), spec));
+        }
+        let mut done = Vec::new();
+        for (current, spec) in changes {
+            if spec == current.spec {
+                done.push(current);
+                continue;
+            }
+            let record = self.write_change(&current, spec).await?;
+            info!(service = record.spec.name, mode = ?record.spec.mode, "service scaled");
+            done.push(record);
+        }
+        Ok(done)
+    }
+
+    /// Writes a new version of a service and reports a concurrent change that won.
+    async fn write_change(
+        &self,
+        current: &Replicated<ServiceSpec>,
+        mut spec: ServiceSpec,
+    ) -> Result<Replicated<ServiceSpec>> {
+        let name = spec.name.clone();
+        spec.version = current.spec.version + 1;
+        let stamp = self.tick();
+        let mut record = current.clone();
+        record.spec = spec;
+        record.updated = stamp.clone();
+        record.deleted = None;
+        self.write_object(key::SERVICE, &name, &record).await?;
+        let view = self.settle().await;
+        self.poke();
+        match view.services.get(&name) {
+            Some(s) if s.updated == stamp => Ok(s.clone()),
+            Some(s) if s.created == current.created => Err(Error::Conflict(format!(
+                "service {name} was changed at the same time from node {}, and that change won \
+                 (it is now version {}{}); look at `meshctl service inspect {name}` and run your \
+                 command again if it is still needed",
+                s.updated.node,
+                s.spec.version,
+                match s.spec.mode {
+                    ServiceMode::Replicated { replicas } => format!(", replicas={replicas}"),
+                    ServiceMode::Global => String::new(),
+                }
+            ))),
+            _ => Err(Error::Conflict(format!(
+                "service {name} was removed or re-created while it was being changed"
+            ))),
+        }
+    }
+
+    pub async fn remove_service(&self, name: &str) -> Result<()> {
+        let view = self.refresh().await;
+        let svc = view.services.get(name).ok_or_else(|| not_found(name))?;
+        let mut tomb = svc.clone();
+        tomb.deleted = Some(self.tick());
+        self.write_object(key::SERVICE, name, &tomb).await?;
+        self.refresh().await;
+        self.poke();
+        info!(service = name, "service removed");
+        Ok(())
+    }
+}
+
+fn not_found(name: &str) -> Error {
+    Error::NotFound(format!(
+        "service {name} not found (see `meshctl service ls`)"
+    ))
+}
+
+/// A published port may belong to one service only.
+fn check_ports(view: &View, name: &str, ports: &[PortSpec]) -> Result<()> {
+    let mut seen = HashSet::new();
+    for p in ports {
+        let Some(published) = p.published else {
+            continue;
+        };
+        if !seen.insert((p.protocol, published)) {
+            return Err(Error::Invalid(format!(
+                "port {published}/{} is published twice",
+                p.protocol
+            )));
+        }
+        if let Some(owner) = view.services.values().find(|s| {
+            s.spec.name != name
+                && s.spec
+                    .ports
+                    .iter()
+                    .any(|q| q.protocol == p.protocol && q.published == Some(published))
+        }) {
+            return Err(Error::Conflict(format!(
+                "port {published}/{} is already published by service {}",
+                p.protocol, owner.spec.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The spec a create request asks for (network and VIP filled in by the caller).
+fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
+    let invalid = Error::Invalid;
+    let ports = req
+        .publish
+        .iter()
+        .map(|p| p.parse::<PortSpec>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    let task = if req.command.is_empty() {
+        if req.replicas.is_some() || req.mode.is_some() {
+            return Err(Error::Invalid(format!(
+                "no command for the tasks to run: put it after `--`, e.g. meshctl service create \
+                 {} --replicas 3 -- /usr/bin/python3 -m http.server 80",
+                req.name
+            )));
+        }
+        None
+    } else {
+        Some(TaskTemplate {
+            command: req.command.clone(),
+            env: parse_env(&req.env)?,
+            hostname: req.hostname.clone(),
+        })
+    };
+    let mode = match req.mode.as_deref() {
+        None | Some("replicated") => ServiceMode::Replicated {
+            replicas: match req.replicas {
+                Some(n) => replicas(n)?,
+                None if task.is_some() => 1,
+                None => 0,
+            },
+        },
+        Some("global") => {
+            if req.replicas.is_some() {
+                return Err(Error::Invalid(
+                    "--replicas does not go with --mode global: a global service runs one task \
+                     on every eligible node (limit them with --constraint)"
+                        .into(),
+                ));
+            }
+            ServiceMode::Global
+        }
+        Some(other) => {
+            return Err(Error::Invalid(format!(
+                "unknown service mode {other:?}: use replicated or global"
+            )));
+        }
+    };
+    let mut spec = ServiceSpec {
+        name: req.name.clone(),
+        network: req
+            .network
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NETWORK.into()),
+        endpoint_mode: req.endpoint_mode,
+        vip: None,
+        ports,
+        mode,
+        task,
+        ..Default::default()
+    };
+    spec.placement.constraints = constraints(&req.constraints)?;
+    spec.placement.preferences = preferences(&req.placement_prefs)?;
+    spec.placement.max_replicas_per_node = per_node(req.replicas_max_per_node)?;
+    spec.restart = restart(RestartPolicy::default(), &req.restart)?;
+    Ok(spec)
+}
+
+/// The spec after an update, or why the update is refused.
+fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpec> {
+    let mut spec = current.clone();
+    if let Some(n) = req.replicas {
+        match spec.mode {
+            ServiceMode::Global => {
+                return Err(Error::Invalid(format!(
+                    "service {} is global: it runs one task on every eligible node and cannot be \
+                     scaled (narrow it with --constraint-add instead)",
+                    spec.name
+                )));
+            }
+            ServiceMode::Replicated { .. } => {
+                if spec.task.is_none() {
+                    return Err(Error::Invalid(format!(
+                        "service {} has no command to run, so it schedules no tasks: its tasks \
+                         are started with `meshctl run --service {}`",
+                        spec.name, spec.name
+                    )));
+                }
+                spec.mode = ServiceMode::Replicated {
+                    replicas: replicas(n)?,
+                };
+            }
+        }
+    }
+    let placement = &mut spec.placement;
+    for c in constraints(&req.constraint_rm)? {
+        if !placement.constraints.contains(&c) {
+            return Err(Error::Invalid(format!(
+                "service {} has no constraint {c} to remove (see `meshctl service inspect {}`)",
+                current.name, current.name
+            )));
+        }
+        placement.constraints.retain(|x| *x != c);
+    }
+    for c in constraints(&req.constraint_add)? {
+        if !placement.constraints.contains(&c) {
+            placement.constraints.push(c);
+        }
+    }
+    for p in preferences(&req.placement_pref_rm)? {
+        placement.preferences.retain(|x| *x != p);
+    }
+    for p in preferences(&req.placement_pref_add)? {
+        if !placement.preferences.contains(&p) {
+            placement.preferences.push(p);
+        }
+    }
+    if req.replicas_max_per_node.is_some() {
+        placement.max_replicas_per_node = per_node(req.replicas_max_per_node)?;
+    }
+    spec.restart = restart(spec.restart, &req.restart)?;
+    if req.force {
+        if spec.task.is_none() {
+            return Err(Error::Invalid(format!(
+                "service {} schedules no tasks, so there is nothing to force",
+                spec.name
+            )));
+        }
+        // A new template version without a new template: every task is replaced.
+        spec.template_version = current.version + 1;
+    }
+    Ok(spec)
+}
+
+fn replicas(n: i64) -> Result<u32> {
+    if n < 0 {
+        return Err(Error::Invalid(format!(
+            "invalid replicas {n}: use a number from 0 to {MAX_REPLICAS}"
+        )));
+    }
+    if n > i64::from(MAX_REPLICAS) {
+        return Err(Error::Invalid(format!(
+            "replicas {n} is more than mesh allows ({MAX_REPLICAS}): use a number from 0 to {MAX_REPLICAS}"
+        )));
+    }
+    Ok(n as u32)
+}
+
+fn per_node(n: Option<i64>) -> Result<Option<u32>> {
+    match n {
+        None | Some(0) => Ok(None),
+        Some(n) if n < 0 => Err(Error::Invalid(format!(
+            "invalid --replicas-max-per-node {n}: use a positive number (0 for no limit)"
+        ))),
+        Some(n) => Ok(Some(replicas(n)?)),
+    }
+}
+
+fn constraints(raw: &[String]) -> Result<Vec<Constraint>> {
+    raw.iter()
+        .map(|c| c.parse::<Constraint>().map_err(Error::Invalid))
+        .collect()
+}
+
+fn preferences(raw: &[String]) -> Result<Vec<Spread>> {
+    raw.iter()
+        .map(|p| p.parse::<Spread>().map_err(Error::Invalid))
+        .collect()
+}
+
+fn parse_env(raw: &[String]) -> Result<Vec<(String, String)>> {
+    raw.iter()
+        .map(|e| match e.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !k.contains(char::is_whitespace) => {
+                Ok((k.to_owned(), v.to_owned()))
+            }
+            _ => Err(Error::Invalid(format!(
+                "invalid --env {e:?}: expected KEY=VALUE"
+            ))),
+        })
+        .collect()
+}
+
+fn restart(mut policy: RestartPolicy, flags: &RestartFlags) -> Result<RestartPolicy> {
+    if let Some(c) = &flags.restart_condition {
+        policy.condition = c.parse().map_err(Error::Invalid)?;
+    }
+    if let Some(d) = &flags.restart_delay {
+        policy.delay_ms = duration_ms("--restart-delay", d)?;
+    }
+    if let Some(n) = flags.restart_max_attempts {
+        policy.max_attempts =
+            match n {
+                0 => None,
+                n if n < 0 => {
+                    return Err(Error::Invalid(format!(
+                        "invalid --restart-max-attempts {n}: use a positive number (0 for no limit)"
+                    )));
+                }
+                n => Some(u32::try_from(n).map_err(|_| {
+                    Error::Invalid(format!("--restart-max-attempts {n} is too large"))
+                })?),
+            };
+    }
+    if let Some(w) = &flags.restart_window {
+        policy.window_ms = match duration_ms("--restart-window", w)? {
+            0 => None,
+            ms => Some(ms),
+        };
+    }
+    Ok(policy)
+}
+
+/// `5s`, `1m30s`, `250ms`; a bare number is seconds, as Docker's flags take it.
+pub fn duration_ms(flag: &str, s: &str) -> Result<u64> {
+    let d = if let Ok(secs) = s.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        humantime::parse_duration(s).map_err(|e| {
+            Error::Invalid(format!(
+                "invalid {flag} {s:?}: {e}; write a duration such as 5s, 1m30s or 250ms"
+            ))
+        })?
+    };
+    if d > Duration::from_secs(365 * 24 * 3600) {
+        return Err(Error::Invalid(format!(
+            "{flag} {s:?} is longer than a year"
+        )));
+    }
+    Ok(d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(args: impl FnOnce(&mut ServiceCreate)) -> Result<ServiceSpec> {
+        let mut req = ServiceCreate {
+            name: "web".into(),
+            command: vec!["sleep".into(), "100".into()],
+            ..Default::default()
+        };
+        args(&mut req);
+        draft(&req)
+    }
+
+    fn err(r: Result<ServiceSpec>) -> String {
+        match r {
+            Err(Error::Invalid(m)) => m,
+            other => panic!("expected an invalid-input error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_create_request_becomes_a_spec() {
+        let spec = create(|r| {
+            r.replicas = Some(3);
+            r.constraints = vec!["node.labels.env==production".into()];
+            r.placement_prefs = vec!["spread=node.labels.zone".into()];
+            r.replicas_max_per_node = Some(2);
+            r.restart.restart_condition = Some("on-failure".into());
+            r.restart.restart_delay = Some("1m30s".into());
+            r.restart.restart_max_attempts = Some(3);
+            r.env = vec!["A=b=c".into()];
+            r.publish = vec!["published=8080,target=80".into()];
+        })
+        .unwrap();
+        assert_eq!(spec.mode, ServiceMode::Replicated { replicas: 3 });
+        assert_eq!(spec.network, DEFAULT_NETWORK);
+        assert_eq!(spec.placement.constraints.len(), 1);
+        assert_eq!(spec.placement.max_replicas_per_node, Some(2));
+        assert_eq!(spec.restart.delay_ms, 90_000);
+        assert_eq!(spec.restart.max_attempts, Some(3));
+        assert_eq!(spec.task.unwrap().env, vec![("A".into(), "b=c".into())]);
+        assert_eq!(spec.ports[0].published, Some(8080));
+        let spec = create(|_| {}).unwrap();
+        assert_eq!(spec.mode, ServiceMode::Replicated { replicas: 1 });
+    }
+
+    #[test]
+    fn bad_create_requests_say_how_to_fix_them() {
+        let e = err(create(|r| {
+            r.mode = Some("global".into());
+            r.replicas = Some(3);
+        }));
+        assert!(e.contains("does not go with --mode global"), "{e}");
+        assert!(err(create(|r| r.replicas = Some(-1))).contains("from 0 to"));
+        assert!(err(create(|r| r.replicas = Some(1_000_000))).contains("more than mesh allows"));
+        assert!(
+            err(create(
+                |r| r.constraints = vec!["node.labels.env=production".into()]
+            ))
+            .contains("FIELD==VALUE")
+        );
+        assert!(
+            err(create(|r| r.constraints = vec!["node.role==manager".into()]))
+                .contains("unknown constraint field")
+        );
+        assert!(
+            err(create(|r| r.mode = Some("daemonset".into()))).contains("replicated or global")
+        );
+        assert!(
+            err(create(|r| r.restart.restart_delay = Some("soon".into()))).contains("duration")
+        );
+        assert!(
+            err(create(
+                |r| r.restart.restart_condition = Some("always".into())
+            ))
+            .contains("on-failure")
+        );
+        assert!(err(create(|r| r.env = vec!["=x".into()])).contains("KEY=VALUE"));
+        assert!(
+            err(create(|r| {
+                r.command.clear();
+                r.replicas = Some(2);
+            }))
+            .contains("no command")
+        );
+    }
+
+    #[test]
+    fn updates_change_placement_and_refuse_what_cannot_be() {
+        let spec = create(|r| r.replicas = Some(3)).unwrap();
+        let up = apply_update(
+            &spec,
+            &ServiceUpdate {
+                replicas: Some(5),
+                constraint_add: vec!["node.hostname!=node3".into()],
+                placement_pref_add: vec!["spread=node.labels.zone".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(up.mode, ServiceMode::Replicated { replicas: 5 });
+        assert_eq!(
+            up.placement.constraints[0].to_string(),
+            "node.hostname!=node3"
+        );
+        assert_eq!(
+            up.template_version, spec.template_version,
+            "placement is not the template"
+        );
+        let gone = apply_update(
+            &up,
+            &ServiceUpdate {
+                constraint_rm: vec!["node.hostname!=node3".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(gone.placement.constraints.is_empty());
+        let forced = apply_update(
+            &spec,
+            &ServiceUpdate {
+                force: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(forced.template_version > spec.template_version);
+
+        let global = create(|r| r.mode = Some("global".into())).unwrap();
+        let e = apply_update(
+            &global,
+            &ServiceUpdate {
+                replicas: Some(2),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("is global"), "{e}");
+        let e = apply_update(
+            &spec,
+            &ServiceUpdate {
+                constraint_rm: vec!["node.labels.a==b".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no constraint"), "{e}");
+    }
+}

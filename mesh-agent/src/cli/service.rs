@@ -1,0 +1,519 @@
+//! `meshctl service …`: Docker's service commands, spelled the same way.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use mesh_planner::ServiceMode;
+
+use super::{Format, json, or_dash, print_tasks, table};
+use crate::{
+    api::{
+        RestartFlags, ServiceCreate, ServiceInfo, ServiceScale, ServiceTaskInfo, ServiceUpdate,
+        client::Client,
+    },
+    cluster::{Clock, EndpointMode},
+};
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCommand {
+    /// Create a service: `meshctl service create web --replicas 3 -p 8080:80 -- CMD ARGS…`.
+    Create(Box<CreateArgs>),
+    /// Change a service's replicas, placement or restart policy; --force replaces every task.
+    Update(Box<UpdateArgs>),
+    /// Set the replicas of one or more services: `meshctl service scale web=5 api=2`.
+    Scale {
+        /// SERVICE=REPLICAS, one or more; all are checked before any changes.
+        #[arg(required = true)]
+        services: Vec<String>,
+        /// Return at once instead of waiting for the tasks.
+        #[arg(long, short = 'd')]
+        detach: bool,
+    },
+    /// List services.
+    #[command(alias = "list")]
+    Ls,
+    /// List the tasks of a service, with each slot's history.
+    Ps { name: String },
+    /// Show one service.
+    Inspect {
+        name: String,
+        /// Human-readable output instead of JSON.
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// Remove a service (its tasks stop on every node).
+    #[command(alias = "remove")]
+    Rm { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Service name (or --name).
+    name: Option<String>,
+    #[arg(long = "name", conflicts_with = "name")]
+    name_flag: Option<String>,
+    /// Network the tasks join (default: `ingress`, created on first use).
+    #[arg(long)]
+    network: Option<String>,
+    /// Publish a port on every node: 8080:80[/udp] or published=8080,target=80[,protocol=udp].
+    #[arg(long, short = 'p')]
+    publish: Vec<String>,
+    /// vip (one virtual IP, balanced) or dnsrr (the name resolves to the tasks).
+    #[arg(long = "endpoint-mode", default_value = "vip", value_parser = |s: &str| s.parse::<EndpointMode>())]
+    endpoint_mode: EndpointMode,
+    /// replicated (default) or global (one task on every eligible node).
+    #[arg(long)]
+    mode: Option<String>,
+    /// Number of tasks (replicated mode; default 1).
+    #[arg(long, allow_negative_numbers = true)]
+    replicas: Option<i64>,
+    /// Placement constraint, e.g. node.labels.env==production; repeat for more (all must hold).
+    #[arg(long)]
+    constraint: Vec<String>,
+    /// Placement preference: spread=node.labels.<key>.
+    #[arg(long = "placement-pref")]
+    placement_pref: Vec<String>,
+    /// At most this many tasks on one node (0: no limit).
+    #[arg(long = "replicas-max-per-node", allow_negative_numbers = true)]
+    replicas_max_per_node: Option<i64>,
+    #[command(flatten)]
+    restart: RestartArgs,
+    /// Environment variable for the tasks (KEY=VALUE).
+    #[arg(long, short = 'e')]
+    env: Vec<String>,
+    /// The tasks' hostname (default: the task name, e.g. web.1).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Return at once instead of waiting for the tasks.
+    #[arg(long, short = 'd')]
+    detach: bool,
+    /// The tasks' command, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct UpdateArgs {
+    name: String,
+    #[arg(long, allow_negative_numbers = true)]
+    replicas: Option<i64>,
+    #[arg(long = "constraint-add")]
+    constraint_add: Vec<String>,
+    #[arg(long = "constraint-rm")]
+    constraint_rm: Vec<String>,
+    #[arg(long = "placement-pref-add")]
+    placement_pref_add: Vec<String>,
+    #[arg(long = "placement-pref-rm")]
+    placement_pref_rm: Vec<String>,
+    #[arg(long = "replicas-max-per-node", allow_negative_numbers = true)]
+    replicas_max_per_node: Option<i64>,
+    #[command(flatten)]
+    restart: RestartArgs,
+    /// Replace every task even if nothing changed (re-spreads them over the nodes).
+    #[arg(long)]
+    force: bool,
+    /// Return at once instead of waiting for the tasks.
+    #[arg(long, short = 'd')]
+    detach: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RestartArgs {
+    /// none, on-failure or any (default any).
+    #[arg(long = "restart-condition")]
+    restart_condition: Option<String>,
+    /// Wait between a task's end and its restart (default 5s).
+    #[arg(long = "restart-delay")]
+    restart_delay: Option<String>,
+    /// Restarts before giving up (0: no limit).
+    #[arg(long = "restart-max-attempts", allow_negative_numbers = true)]
+    restart_max_attempts: Option<i64>,
+    /// The window the attempts count in (default: unbounded).
+    #[arg(long = "restart-window")]
+    restart_window: Option<String>,
+}
+
+impl RestartArgs {
+    fn flags(self) -> RestartFlags {
+        RestartFlags {
+            restart_condition: self.restart_condition,
+            restart_delay: self.restart_delay,
+            restart_max_attempts: self.restart_max_attempts,
+            restart_window: self.restart_window,
+        }
+    }
+}
+
+pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()> {
+    match cmd {
+        ServiceCommand::Create(args) => {
+            let a = *args;
+            let name = match (a.name, a.name_flag) {
+                (Some(n), _) | (None, Some(n)) => n,
+                (None, None) => {
+                    bail!("no service name: `meshctl service create NAME …` or `--name NAME`")
+                }
+            };
+            let req = ServiceCreate {
+                name,
+                network: a.network,
+                publish: a.publish,
+                endpoint_mode: a.endpoint_mode,
+                mode: a.mode,
+                replicas: a.replicas,
+                constraints: a.constraint,
+                placement_prefs: a.placement_pref,
+                replicas_max_per_node: a.replicas_max_per_node,
+                restart: a.restart.flags(),
+                command: a.command,
+                env: a.env,
+                hostname: a.hostname,
+            };
+            let s: ServiceInfo = client.post("/v1/services", &req).await?;
+            if fmt == Format::Json {
+                return json(&s);
+            }
+            println!("{}", s.id);
+            if !a.detach {
+                converge(client, &s.name).await?;
+            }
+        }
+        ServiceCommand::Update(args) => {
+            let a = *args;
+            let req = ServiceUpdate {
+                replicas: a.replicas,
+                constraint_add: a.constraint_add,
+                constraint_rm: a.constraint_rm,
+                placement_pref_add: a.placement_pref_add,
+                placement_pref_rm: a.placement_pref_rm,
+                replicas_max_per_node: a.replicas_max_per_node,
+                restart: a.restart.flags(),
+                force: a.force,
+            };
+            if req == ServiceUpdate::default() {
+                bail!(
+                    "nothing to update: pass --replicas, --constraint-add/-rm, \
+                     --placement-pref-add/-rm, --replicas-max-per-node, --restart-* or --force"
+                );
+            }
+            let s: ServiceInfo = client
+                .post(&format!("/v1/services/{}", a.name), &req)
+                .await?;
+            if fmt == Format::Json {
+                return json(&s);
+            }
+            println!("{}", s.name);
+            if !a.detach {
+                converge(client, &s.name).await?;
+            }
+        }
+        ServiceCommand::Scale { services, detach } => {
+            let mut req = ServiceScale::default();
+            for s in &services {
+                let parsed = s
+                    .split_once('=')
+                    .and_then(|(n, r)| Some((n, r.trim().parse::<i64>().ok()?)))
+                    .filter(|(n, _)| !n.is_empty());
+                let Some((name, n)) = parsed else {
+                    bail!("invalid scale {s:?}: expected SERVICE=REPLICAS, e.g. web=5");
+                };
+                if req.replicas.insert(name.to_owned(), n).is_some() {
+                    bail!("service {name} is named twice");
+                }
+            }
+            let done: Vec<ServiceInfo> = client.post("/v1/scale", &req).await?;
+            if fmt == Format::Json {
+                return json(&done);
+            }
+            for s in &done {
+                if let ServiceMode::Replicated { replicas } = s.mode {
+                    println!("{} scaled to {replicas}", s.name);
+                }
+            }
+            if !detach {
+                for s in &done {
+                    converge(client, &s.name).await?;
+                }
+            }
+        }
+        ServiceCommand::Ls => {
+            let svcs: Vec<ServiceInfo> = client.get("/v1/services").await?;
+            if fmt == Format::Json {
+                return json(&svcs);
+            }
+            println!(
+                "{}",
+                table(
+                    &["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"],
+                    svcs.iter().map(|s| {
+                        [
+                            s.id.clone(),
+                            s.name.clone(),
+                            s.mode.name().into(),
+                            replicas(s),
+                            image(s),
+                            s.ports
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        ]
+                    })
+                )
+            );
+        }
+        ServiceCommand::Ps { name } => {
+            let rows: Vec<ServiceTaskInfo> =
+                client.get(&format!("/v1/services/{name}/tasks")).await?;
+            if fmt == Format::Json {
+                return json(&rows);
+            }
+            let s: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
+            print_ps(&s, &rows);
+        }
+        ServiceCommand::Inspect { name, pretty } => {
+            let s: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
+            if !pretty || fmt == Format::Json {
+                return json(&s);
+            }
+            print_inspect(&s);
+        }
+        ServiceCommand::Rm { name } => {
+            let _: serde_json::Value = client.delete(&format!("/v1/services/{name}")).await?;
+            println!("{name}");
+        }
+    }
+    Ok(())
+}
+
+/// `3/3`, `2/3`, or for a service that schedules nothing, its running tasks.
+fn replicas(s: &ServiceInfo) -> String {
+    match s.desired {
+        Some(d) => format!("{}/{d}", s.running),
+        None => format!("{} (started by hand)", s.running),
+    }
+}
+
+/// The process driver has no image: the command stands in for it.
+fn image(s: &ServiceInfo) -> String {
+    match &s.spec.task {
+        Some(t) => {
+            let mut c = t.command.join(" ");
+            if c.len() > 40 {
+                c.truncate(37);
+                c.push_str("...");
+            }
+            c
+        }
+        None => "-".into(),
+    }
+}
+
+fn ago(ms: u64) -> String {
+    let now = Clock::now_ms();
+    let secs = now.saturating_sub(ms) / 1000;
+    match secs {
+        0 => "less than a second ago".into(),
+        1 => "1 second ago".into(),
+        s if s < 60 => format!("{s} seconds ago"),
+        s if s < 120 => "about a minute ago".into(),
+        s if s < 3600 => format!("{} minutes ago", s / 60),
+        s => format!("{} hours ago", s / 3600),
+    }
+}
+
+fn print_ps(s: &ServiceInfo, rows: &[ServiceTaskInfo]) {
+    let image = image(s);
+    let ports = s
+        .ports
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!(
+        "{}",
+        table(
+            &[
+                "ID",
+                "NAME",
+                "IMAGE",
+                "NODE",
+                "DESIRED STATE",
+                "CURRENT STATE",
+                "ERROR",
+                "PORTS"
+            ],
+            rows.iter().map(|r| {
+                [
+                    r.id.clone(),
+                    if r.history {
+                        format!(" \\_ {}", r.name)
+                    } else {
+                        r.name.clone()
+                    },
+                    image.clone(),
+                    r.node.clone().unwrap_or_default(),
+                    r.desired.clone(),
+                    if r.since_ms == 0 {
+                        r.state.clone()
+                    } else {
+                        format!("{} {}", r.state, ago(r.since_ms))
+                    },
+                    r.error
+                        .clone()
+                        .map(|e| format!("\"{e}\""))
+                        .unwrap_or_default(),
+                    if r.history {
+                        String::new()
+                    } else {
+                        ports.clone()
+                    },
+                ]
+            })
+        )
+    );
+}
+
+fn print_inspect(s: &ServiceInfo) {
+    let spec = &s.spec;
+    println!(
+        "ID:\t\t{}\nName:\t\t{}\nService Mode:\t{}",
+        s.id,
+        s.name,
+        match spec.mode {
+            ServiceMode::Replicated { .. } => "Replicated",
+            ServiceMode::Global => "Global",
+        }
+    );
+    if let ServiceMode::Replicated { replicas } = spec.mode {
+        println!(" Replicas:\t{replicas}");
+    }
+    println!("Running:\t{}", replicas(s));
+    if let Some(p) = &s.pending {
+        println!("Pending:\t{p}");
+    }
+    println!("Version:\t{}", spec.version);
+    let pl = &spec.placement;
+    if !pl.constraints.is_empty()
+        || !pl.preferences.is_empty()
+        || pl.max_replicas_per_node.is_some()
+    {
+        println!("Placement:");
+        if !pl.constraints.is_empty() {
+            let c: Vec<String> = pl.constraints.iter().map(ToString::to_string).collect();
+            println!(" Constraints:\t[{}]", c.join(", "));
+        }
+        for p in &pl.preferences {
+            println!(" Preference:\t{p}");
+        }
+        if let Some(m) = pl.max_replicas_per_node {
+            println!(" Max Replicas Per Node:\t{m}");
+        }
+    }
+    let r = &spec.restart;
+    println!(
+        "RestartPolicy:\n Condition:\t{}\n Delay:\t\t{}\n Max attempts:\t{}\n Window:\t{}",
+        r.condition,
+        humantime::format_duration(Duration::from_millis(r.delay_ms)),
+        r.max_attempts.map_or("unlimited".into(), |n| n.to_string()),
+        r.window_ms
+            .map_or("unbounded".into(), |w| humantime::format_duration(
+                Duration::from_millis(w)
+            )
+            .to_string()),
+    );
+    if let Some(t) = &spec.task {
+        println!(
+            "ContainerSpec:\n Driver:\t{}\n Command:\t{}",
+            t.driver(),
+            t.command.join(" ")
+        );
+        if !t.env.is_empty() {
+            println!(" Env:");
+            for (k, v) in &t.env {
+                println!("  {k}={v}");
+            }
+        }
+        if let Some(h) = &t.hostname {
+            println!(" Hostname:\t{h}");
+        }
+    }
+    println!(
+        "Network:\t{}\nEndpoint Mode:\t{}\nVIP:\t\t{}",
+        s.network,
+        s.endpoint_mode,
+        or_dash(s.vip)
+    );
+    if !s.ports.is_empty() {
+        println!("Ports:");
+        for p in &s.ports {
+            println!(" - {p}");
+        }
+    }
+    println!("Tasks:");
+    print_tasks(&s.tasks);
+    if let Some(dp) = &s.dataplane {
+        println!(
+            "\nLoad balancer on this node: {} flows, {} packets, {} bytes, {} dropped (no backend)",
+            dp.counters.flows, dp.counters.packets, dp.counters.bytes, dp.counters.dropped
+        );
+        println!(
+            "{}",
+            table(
+                &["BACKEND", "STATE", "SLOT", "FLOWS", "PACKETS", "BYTES"],
+                dp.backends.iter().map(|b| {
+                    [
+                        b.ip.to_string(),
+                        format!("{:?}", b.state).to_lowercase(),
+                        or_dash(b.slot),
+                        b.counters.flows.to_string(),
+                        b.counters.packets.to_string(),
+                        b.counters.bytes.to_string(),
+                    ]
+                })
+            )
+        );
+    }
+}
+
+/// Waits for the service's tasks as Docker's CLI does, printing progress; returns when it
+/// converged, when the remaining slots cannot be placed (saying why), or after a minute.
+async fn converge(client: &Client, name: &str) -> Result<()> {
+    let start = Instant::now();
+    let mut last = String::new();
+    let mut pending_since: Option<Instant> = None;
+    loop {
+        let s: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
+        let Some(desired) = s.desired else {
+            return Ok(());
+        };
+        let line = format!("overall progress: {} out of {desired} tasks", s.running);
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        if s.running == desired && s.pending.is_none() {
+            println!("verify: Service {name} converged");
+            return Ok(());
+        }
+        if let Some(reason) = &s.pending {
+            let since = *pending_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(3) {
+                println!(
+                    "{} of {desired} tasks are pending: {reason}\n(they start as soon as a node fits; \
+                     follow with `meshctl service ps {name}`)",
+                    desired - s.running
+                );
+                return Ok(());
+            }
+        } else {
+            pending_since = None;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            println!("still converging after a minute; follow with `meshctl service ps {name}`");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,536 @@
+//! `plan`: which node fills each slot of a service, and which tasks must stop — computed the
+//! same way on every node from the same view, with no I/O and no clock.
+//!
+//! The rules, slot by slot:
+//! - A slot keeps the task it has (no surprise rebalancing): the best live task of the slot
+//!   on an eligible node, ranked by running the current template, then running at all, then
+//!   age (newest first), then node and task ID. Ranking, not arrival order, resolves the
+//!   duplicates that diverging views create: every node picks the same winner and the
+//!   others stop, so once views agree exactly one task fills each slot. Newest first is
+//!   Swarm's outcome: a node that was cut off or dead comes back to find its slots filled
+//!   elsewhere, and its stale copies are the ones that stop (nothing moves back to it).
+//! - A slot with no such task is placed on the eligible node with the fewest tasks of the
+//!   service (after the spread preferences' groups), then the fewest tasks overall, then by
+//!   a hash of (service, slot, node) so that ties do not pile every service on one node.
+//! - A task that is being replaced (its node was drained or stopped matching, or its
+//!   template is outdated) keeps serving until its replacement runs: start first, then stop.
+//! - Template changes roll one slot at a time, in slot order.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::{
+    spec::{Node, Placement, ServiceMode},
+    task::{Slot, Task, TaskState},
+};
+
+/// What the planner needs of a service.
+#[derive(Clone, Copy, Debug)]
+pub struct Service<'a> {
+    pub name: &'a str,
+    pub mode: ServiceMode,
+    pub placement: &'a Placement,
+    /// The driver its tasks need (a node must advertise it).
+    pub driver: &'a str,
+    /// Tasks created for an older template are replaced.
+    pub template_version: u64,
+}
+
+/// The cluster as the planner sees it: every node and every task record in gossip.
+#[derive(Clone, Copy, Debug)]
+pub struct Cluster<'a> {
+    pub nodes: &'a [Node],
+    pub tasks: &'a [Task],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Every slot the service should have, in slot order.
+    pub slots: Vec<SlotPlan>,
+    /// Live tasks to stop now.
+    pub stops: Vec<Stop>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotPlan {
+    pub slot: Slot,
+    pub placement: SlotPlacement,
+}
+
+/// Where a slot stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotPlacement {
+    /// Filled by `task` on `node` (live, or finished and holding its slot).
+    Kept { node: String, task: String },
+    /// `node` should start a new task for the slot.
+    Start { node: String },
+    /// No node can take it, and why.
+    Pending { reason: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stop {
+    pub task: String,
+    pub node: String,
+    pub reason: String,
+}
+
+impl Plan {
+    /// Slots `node` should start a task for.
+    pub fn starts_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Slot> + 'a {
+        self.slots.iter().filter_map(move |s| match &s.placement {
+            SlotPlacement::Start { node: n } if n == node => Some(&s.slot),
+            _ => None,
+        })
+    }
+
+    /// Tasks of `node` to stop.
+    pub fn stops_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Stop> + 'a {
+        self.stops.iter().filter(move |s| s.node == node)
+    }
+
+    /// The first reason a slot is pending, if any is.
+    pub fn pending_reason(&self) -> Option<&str> {
+        self.slots.iter().find_map(|s| match &s.placement {
+            SlotPlacement::Pending { reason } => Some(reason.as_str()),
+            _ => None,
+        })
+    }
+}
+
+/// Why a node cannot take a task of the service (None: it can).
+fn unfit(node: &Node, service: &Service) -> Option<Unfit> {
+    if !node.ready {
+        return Some(Unfit::Down);
+    }
+    if !node.active {
+        return Some(Unfit::Drained);
+    }
+    if !node.drivers.iter().any(|d| d == service.driver) {
+        return Some(Unfit::Driver);
+    }
+    service
+        .placement
+        .constraints
+        .iter()
+        .position(|c| !c.holds(node))
+        .map(Unfit::Constraint)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Unfit {
+    Down,
+    Drained,
+    Driver,
+    Constraint(usize),
+}
+
+pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
+    let nodes: BTreeMap<&str, &Node> = cluster.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let eligible: BTreeSet<&str> = cluster
+        .nodes
+        .iter()
+        .filter(|n| unfit(n, service).is_none())
+        .map(|n| n.name.as_str())
+        .collect();
+    let ready = |node: &str| nodes.get(node).is_some_and(|n| n.ready);
+    // Tasks of other services still count as load on a node (the last tie-breaker).
+    let mut load: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in cluster
+        .tasks
+        .iter()
+        .filter(|t| t.is_live() && ready(&t.node))
+    {
+        *load.entry(t.node.as_str()).or_default() += 1;
+    }
+
+    let mine: Vec<&Task> = cluster
+        .tasks
+        .iter()
+        .filter(|t| t.service == service.name && ready(&t.node))
+        .collect();
+    let wanted: Vec<Slot> = match service.mode {
+        ServiceMode::Replicated { replicas } => (1..=replicas).map(Slot::Replica).collect(),
+        ServiceMode::Global => eligible.iter().map(|n| Slot::Node(n.to_string())).collect(),
+    };
+    let wanted_set: BTreeSet<&Slot> = wanted.iter().collect();
+
+    let mut stops: Vec<Stop> = Vec::new();
+    let stop = |stops: &mut Vec<Stop>, t: &Task, reason: String| {
+        stops.push(Stop {
+            task: t.id.clone(),
+            node: t.node.clone(),
+            reason,
+        })
+    };
+
+    // Live tasks by slot; those of slots the service no longer has stop.
+    let mut live: BTreeMap<&Slot, Vec<&Task>> = BTreeMap::new();
+    for t in mine.iter().filter(|t| t.is_live()) {
+        let misplaced = matches!(&t.slot, Slot::Node(n) if *n != t.node);
+        if misplaced || !wanted_set.contains(&t.slot) {
+            let reason = match (&t.slot, service.mode) {
+                (Slot::Replica(n), ServiceMode::Replicated { replicas }) => {
+                    format!("scaled down: slot {n} is above replicas={replicas}")
+                }
+                (Slot::Node(_), ServiceMode::Global) => match nodes.get(t.node.as_str()) {
+                    Some(node) => format!(
+                        "node {} is no longer eligible: {}",
+                        t.node,
+                        describe_unfit(node, service)
+                    ),
+                    None => format!("node {} is not in the cluster", t.node),
+                },
+                _ => "the service changed mode".to_owned(),
+            };
+            stop(&mut stops, t, reason);
+            continue;
+        }
+        live.entry(&t.slot).or_default().push(t);
+    }
+    // Finished tasks the restart policy keeps in their slot (current template only: a new
+    // template starts them again).
+    let mut held: BTreeMap<&Slot, &Task> = BTreeMap::new();
+    for t in mine.iter().filter(|t| {
+        t.holds_slot
+            && t.state.is_terminal()
+            && t.spec_version >= service.template_version
+            && eligible.contains(t.node.as_str())
+            && wanted_set.contains(&t.slot)
+            // As for live tasks above: a global slot is only ever filled on its own node (a
+            // record naming another node's slot would have kept that slot here).
+            && !matches!(&t.slot, Slot::Node(n) if *n != t.node)
+    }) {
+        let e = held.entry(&t.slot).or_insert(t);
+        if (t.created_ms, &t.id) > (e.created_ms, &e.id) {
+            *e = t;
+        }
+    }
+
+    let current = |t: &Task| t.spec_version >= service.template_version;
+    // Swarm's `--replicas-max-per-node 0` means no limit. Read as a limit of 0, it left every
+    // replicated slot pending, and made every global slot a Start on each plan (the global
+    // path does not check the limit), so a node would start a new copy every round.
+    let limit = service
+        .placement
+        .max_replicas_per_node
+        .filter(|&m| m > 0)
+        .map(|m| m as usize);
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    // First pass: slots that keep a task. A winner on a node already at the per-node limit
+    // (the limit was lowered) is treated like one on an ineligible node.
+    let mut outcome: BTreeMap<&Slot, Outcome> = BTreeMap::new();
+    for slot in &wanted {
+        let mut tasks = live.remove(slot).unwrap_or_default();
+        tasks.sort_by(|a, b| {
+            let key = |t: &Task| {
+                (
+                    !eligible.contains(t.node.as_str()),
+                    !current(t),
+                    t.state != TaskState::Running,
+                    std::cmp::Reverse(t.created_ms),
+                    t.node.clone(),
+                    t.id.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        // The best task on a node that may hold it. Taking the best task overall and giving
+        // up when its node is full was a loop: the slot was started elsewhere, but the task
+        // on the full node (ranked first) won again next round, and again a copy started.
+        let winner = tasks.iter().copied().find(|w| {
+            eligible.contains(w.node.as_str())
+                && limit.is_none_or(|l| count.get(w.node.as_str()).copied().unwrap_or(0) < l)
+        });
+        match winner {
+            Some(w) if current(w) => {
+                *count.entry(w.node.as_str()).or_default() += 1;
+                outcome.insert(slot, Outcome::Kept(w, tasks));
+            }
+            Some(w) => {
+                // An outdated winner occupies its node like a current one: counted only
+                // after the rolling pass below, later slots passed the limit check above on a
+                // node it already filled, and more slots than the limit stayed on that node.
+                *count.entry(w.node.as_str()).or_default() += 1;
+                outcome.insert(slot, Outcome::Outdated(w, tasks));
+            }
+            None => match held.get(slot) {
+                Some(h)
+                    if limit
+                        .is_none_or(|l| count.get(h.node.as_str()).copied().unwrap_or(0) < l) =>
+                {
+                    *count.entry(h.node.as_str()).or_default() += 1;
+                    outcome.insert(slot, Outcome::Held(h, tasks));
+                }
+                _ => {
+                    outcome.insert(slot, Outcome::Place(tasks));
+                }
+            },
+        }
+    }
+
+    // Rolling replacement of outdated tasks: one slot at a time, and not while another
+    // slot's new task is still coming up.
+    let in_flight = outcome
+        .values()
+        .filter(|o| matches!(o, Outcome::Kept(w, tasks) if w.state != TaskState::Running && tasks.len() > 1))
+        .count();
+    let mut budget = 1usize.saturating_sub(in_flight);
+    for slot in &wanted {
+        if let Some(Outcome::Outdated(w, tasks)) = outcome.get(slot) {
+            let (w, tasks) = (*w, tasks.clone());
+            if budget > 0 {
+                budget -= 1;
+                // Being replaced: the slot's new task is placed like any other.
+                if let Some(c) = count.get_mut(w.node.as_str()) {
+                    *c -= 1;
+                }
+                outcome.insert(slot, Outcome::Place(tasks));
+            } else {
+                outcome.insert(slot, Outcome::Kept(w, tasks));
+            }
+        }
+    }
+
+    let mut slots = Vec::with_capacity(wanted.len());
+    for slot in &wanted {
+        let placement = match outcome
+            .remove(slot)
+            .expect("every wanted slot has an outcome")
+        {
+            Outcome::Kept(w, others) => {
+                retire(&mut stops, w, &others, slot);
+                SlotPlacement::Kept {
+                    node: w.node.clone(),
+                    task: w.id.clone(),
+                }
+            }
+            Outcome::Held(h, others) => {
+                for t in others {
+                    stop(
+                        &mut stops,
+                        t,
+                        format!("slot {slot} is held by task {}", h.id),
+                    );
+                }
+                SlotPlacement::Kept {
+                    node: h.node.clone(),
+                    task: h.id.clone(),
+                }
+            }
+            Outcome::Outdated(..) => unreachable!("resolved above"),
+            Outcome::Place(others) => {
+                let choice = match slot {
+                    Slot::Node(n) => eligible.get(n.as_str()).copied(),
+                    Slot::Replica(_) => {
+                        pick(&eligible, &nodes, &count, &load, limit, service, slot)
+                    }
+                };
+                match choice {
+                    Some(node) => {
+                        *count.entry(node).or_default() += 1;
+                        // Tasks being replaced keep serving until the new one runs.
+                        SlotPlacement::Start {
+                            node: node.to_owned(),
+                        }
+                    }
+                    None => {
+                        // Nowhere to go: a drained or no-longer-matching node's task stops
+                        // anyway (drain means stop), as Swarm does.
+                        let reason = no_suitable_node(cluster.nodes, service, limit);
+                        for t in others {
+                            stop(&mut stops, t, reason.clone());
+                        }
+                        SlotPlacement::Pending { reason }
+                    }
+                }
+            }
+        };
+        slots.push(SlotPlan {
+            slot: slot.clone(),
+            placement,
+        });
+    }
+    stops.sort_by(|a, b| (&a.node, &a.task).cmp(&(&b.node, &b.task)));
+    Plan { slots, stops }
+}
+
+enum Outcome<'a> {
+    /// The winner and every live task of the slot (winner first).
+    Kept(&'a Task, Vec<&'a Task>),
+    Held(&'a Task, Vec<&'a Task>),
+    Outdated(&'a Task, Vec<&'a Task>),
+    /// Needs a new task; the slot's live tasks (on ineligible nodes, or outdated) wait.
+    Place(Vec<&'a Task>),
+}
+
+/// The other live tasks of a kept slot: duplicates stop; one being replaced stops once the
+/// winner runs.
+fn retire(stops: &mut Vec<Stop>, winner: &Task, tasks: &[&Task], slot: &Slot) {
+    let winner_runs = winner.state == TaskState::Running;
+    for t in tasks.iter().filter(|t| t.id != winner.id) {
+        let serving = t.state == TaskState::Running;
+        if serving && !winner_runs {
+            continue;
+        }
+        let reason = if t.spec_version < winner.spec_version {
+            format!("replaced by task {} (updated)", winner.id)
+        } else if t.node != winner.node && winner_runs && serving {
+            format!(
+                "slot {slot} moved to node {} (task {})",
+                winner.node, winner.id
+            )
+        } else {
+            format!(
+                "duplicate of slot {slot}: task {} on node {} runs it",
+                winner.id, winner.node
+            )
+        };
+        stops.push(Stop {
+            task: t.id.clone(),
+            node: t.node.clone(),
+            reason,
+        });
+    }
+}
+
+/// The eligible node a new task of `slot` goes to, or None.
+fn pick<'a>(
+    eligible: &BTreeSet<&'a str>,
+    nodes: &BTreeMap<&str, &Node>,
+    count: &BTreeMap<&str, usize>,
+    load: &BTreeMap<&str, usize>,
+    limit: Option<usize>,
+    service: &Service,
+    slot: &Slot,
+) -> Option<&'a str> {
+    let prefs = &service.placement.preferences;
+    // Per preference level, how many of the service's tasks each group (the values of the
+    // labels down to that level) holds.
+    let group = |node: &str, level: usize| -> Vec<String> {
+        prefs[..=level]
+            .iter()
+            .map(|p| {
+                nodes
+                    .get(node)
+                    .and_then(|n| n.labels.get(&p.label))
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    let mut group_count: Vec<BTreeMap<Vec<String>, usize>> = vec![BTreeMap::new(); prefs.len()];
+    for (node, n) in count {
+        for (level, counts) in group_count.iter_mut().enumerate() {
+            *counts.entry(group(node, level)).or_default() += n;
+        }
+    }
+    eligible
+        .iter()
+        .copied()
+        .filter(|n| limit.is_none_or(|l| count.get(n).copied().unwrap_or(0) < l))
+        .min_by_key(|n| {
+            let groups: Vec<usize> = (0..prefs.len())
+                .map(|level| {
+                    group_count[level]
+                        .get(&group(n, level))
+                        .copied()
+                        .unwrap_or(0)
+                })
+                .collect();
+            (
+                groups,
+                count.get(n).copied().unwrap_or(0),
+                load.get(n).copied().unwrap_or(0),
+                rendezvous(service.name, slot, n),
+            )
+        })
+}
+
+/// FNV-1a over (service, slot, node): stable across builds and platforms, so every node
+/// breaks ties the same way, and different slots prefer different nodes.
+fn rendezvous(service: &str, slot: &Slot, node: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in service
+        .bytes()
+        .chain([0])
+        .chain(slot.to_string().into_bytes())
+        .chain([0])
+        .chain(node.bytes())
+    {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn describe_unfit(node: &Node, service: &Service) -> String {
+    match unfit(node, service) {
+        None => "it is eligible".into(),
+        Some(Unfit::Down) => "it is down".into(),
+        Some(Unfit::Drained) => "it is drained".into(),
+        Some(Unfit::Driver) => format!("it has no {} driver", service.driver),
+        Some(Unfit::Constraint(i)) => {
+            format!("it does not match {}", service.placement.constraints[i])
+        }
+    }
+}
+
+/// Swarm's "no suitable node" message, from which filter turned how many nodes away.
+fn no_suitable_node(nodes: &[Node], service: &Service, limit: Option<usize>) -> String {
+    let total = nodes.len();
+    let mut by: BTreeMap<Unfit, usize> = BTreeMap::new();
+    let mut full = 0;
+    for n in nodes {
+        match unfit(n, service) {
+            Some(u) => *by.entry(u).or_default() += 1,
+            None => full += 1,
+        }
+    }
+    let plural = |n: usize| if n == 1 { "node" } else { "nodes" };
+    if total == 0 {
+        return "no suitable node: the cluster has no nodes".into();
+    }
+    let constraints_only = by.keys().all(|u| matches!(u, Unfit::Constraint(_)));
+    if constraints_only && full == 0 && !service.placement.constraints.is_empty() {
+        let all: Vec<String> = service
+            .placement
+            .constraints
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        return format!(
+            "no suitable node: 0 of {total} {} match {}",
+            plural(total),
+            all.join(" && ")
+        );
+    }
+    let mut parts = Vec::new();
+    for (u, n) in &by {
+        parts.push(match u {
+            Unfit::Down => format!("{n} {} down", if *n == 1 { "node is" } else { "nodes are" }),
+            Unfit::Drained => format!(
+                "{n} {} drained",
+                if *n == 1 { "node is" } else { "nodes are" }
+            ),
+            Unfit::Driver => format!(
+                "{n} {} no {} driver",
+                if *n == 1 { "node has" } else { "nodes have" },
+                service.driver
+            ),
+            Unfit::Constraint(i) => format!(
+                "{n} {} not match {}",
+                if *n == 1 { "node does" } else { "nodes do" },
+                service.placement.constraints[*i]
+            ),
+        });
+    }
+    if full > 0 {
+        let at = limit.unwrap_or(0);
+        parts.push(format!(
+            "{full} {} already {} {at} task{} of the service (max replicas per node)",
+            plural(full),
+            if full == 1 { "runs" } else { "run" },
+            if at == 1 { "" } else { "s" }
+        ));
+    }
+    format!("no suitable node: {}", parts.join("; "))
+}

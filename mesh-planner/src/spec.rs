@@ -1,0 +1,376 @@
+//! The parts of a service's spec that decide where its tasks run and how they come back:
+//! mode, placement (constraints, spread preferences, a per-node limit) and restart policy.
+//! They are gossiped inside the service record, so they are plain serde types.
+
+use std::{collections::BTreeMap, fmt, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+/// The most replicas a service may ask for: far above what a cluster of this kind runs, low
+/// enough that a typo (`--replicas 10000000`) is refused instead of flooding every node.
+pub const MAX_REPLICAS: u32 = 10_000;
+
+/// Replicated: `replicas` slots placed over eligible nodes. Global: one task on every
+/// eligible node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    Replicated { replicas: u32 },
+    Global,
+}
+
+impl Default for ServiceMode {
+    fn default() -> Self {
+        Self::Replicated { replicas: 1 }
+    }
+}
+
+impl ServiceMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Replicated { .. } => "replicated",
+            Self::Global => "global",
+        }
+    }
+}
+
+/// Where tasks may run and how they spread.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// All must hold on a node for it to run a task.
+    #[serde(default)]
+    pub constraints: Vec<Constraint>,
+    /// Applied in order: spread over the first label's values, then within each value over
+    /// the next one's, and so on.
+    #[serde(default)]
+    pub preferences: Vec<Spread>,
+    /// At most this many tasks of the service on one node (None or 0: no limit, as Swarm's 0).
+    #[serde(default)]
+    pub max_replicas_per_node: Option<u32>,
+}
+
+/// What a constraint looks at on a node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Field {
+    /// `node.id`: the node's ID or its name.
+    NodeId,
+    /// `node.hostname`: the node's hostname or its name (test clusters share one hostname).
+    NodeHostname,
+    /// `node.labels.<key>`: labels set by an operator, over the node's own.
+    NodeLabel(String),
+    /// `engine.labels.<key>`: the labels the node declared itself.
+    EngineLabel(String),
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NodeId => f.write_str("node.id"),
+            Self::NodeHostname => f.write_str("node.hostname"),
+            Self::NodeLabel(k) => write!(f, "node.labels.{k}"),
+            Self::EngineLabel(k) => write!(f, "engine.labels.{k}"),
+        }
+    }
+}
+
+impl FromStr for Field {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let label = |k: &str, prefix: &str| -> Result<String, String> {
+            if k.is_empty() {
+                return Err(format!(
+                    "constraint field {s:?} has no label key: write {prefix}<key>, e.g. {prefix}zone"
+                ));
+            }
+            if !k
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'))
+            {
+                return Err(format!(
+                    "invalid label key {k:?} in {s:?}: use letters, digits, '.', '-', '_' or '/'"
+                ));
+            }
+            Ok(k.to_owned())
+        };
+        match s {
+            "node.id" => Ok(Self::NodeId),
+            "node.hostname" => Ok(Self::NodeHostname),
+            _ => {
+                if let Some(k) = s.strip_prefix("node.labels.") {
+                    Ok(Self::NodeLabel(label(k, "node.labels.")?))
+                } else if let Some(k) = s.strip_prefix("engine.labels.") {
+                    Ok(Self::EngineLabel(label(k, "engine.labels.")?))
+                } else if s == "node.labels" || s == "engine.labels" {
+                    Err(format!(
+                        "constraint field {s:?} has no label key: write {s}.<key>, e.g. {s}.zone"
+                    ))
+                } else {
+                    Err(format!(
+                        "unknown constraint field {s:?}: use node.id, node.hostname, \
+                         node.labels.<key> or engine.labels.<key>"
+                    ))
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Op {
+    #[serde(rename = "==")]
+    Eq,
+    #[serde(rename = "!=")]
+    Ne,
+}
+
+/// `field==value` or `field!=value`; values compare case-insensitively, as Swarm's do. A
+/// label a node does not have is unequal to every value.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Constraint {
+    pub field: Field,
+    pub op: Op,
+    pub value: String,
+}
+
+impl fmt::Display for Constraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = match self.op {
+            Op::Eq => "==",
+            Op::Ne => "!=",
+        };
+        write!(f, "{}{op}{}", self.field, self.value)
+    }
+}
+
+impl FromStr for Constraint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (field, op, value) = if let Some((f, v)) = s.split_once("==") {
+            (f, Op::Eq, v)
+        } else if let Some((f, v)) = s.split_once("!=") {
+            (f, Op::Ne, v)
+        } else {
+            return Err(format!(
+                "invalid constraint {s:?}: expected FIELD==VALUE or FIELD!=VALUE, e.g. \
+                 node.labels.env==production"
+            ));
+        };
+        let (field, value) = (field.trim(), value.trim());
+        if value.is_empty() {
+            return Err(format!(
+                "invalid constraint {s:?}: no value after the operator"
+            ));
+        }
+        if value.contains("==") || value.contains("!=") || value.contains(char::is_whitespace) {
+            return Err(format!(
+                "invalid constraint {s:?}: one operator and a value without spaces, e.g. \
+                 node.labels.env==production"
+            ));
+        }
+        Ok(Self {
+            field: field.parse()?,
+            op,
+            value: value.to_owned(),
+        })
+    }
+}
+
+/// `spread=node.labels.<key>`: tasks go evenly to each value of the label (nodes without it
+/// count as one more value).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Spread {
+    pub label: String,
+}
+
+impl fmt::Display for Spread {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spread=node.labels.{}", self.label)
+    }
+}
+
+impl FromStr for Spread {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "invalid placement preference {s:?}: expected spread=node.labels.<key>, e.g. \
+                 spread=node.labels.zone"
+            )
+        };
+        let (strategy, target) = s.split_once('=').ok_or_else(bad)?;
+        if strategy != "spread" {
+            return Err(format!(
+                "unknown placement preference {strategy:?} in {s:?}: only spread=node.labels.<key> exists"
+            ));
+        }
+        match target.parse::<Field>() {
+            Ok(Field::NodeLabel(label)) => Ok(Self { label }),
+            Ok(_) | Err(_) => Err(bad()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartCondition {
+    /// Never restart: the slot holds its finished task.
+    None,
+    /// Restart when the task exits with a non-zero status or cannot start.
+    OnFailure,
+    /// Restart whenever the task stops without being asked to.
+    #[default]
+    Any,
+}
+
+impl fmt::Display for RestartCondition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::OnFailure => "on-failure",
+            Self::Any => "any",
+        })
+    }
+}
+
+impl FromStr for RestartCondition {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Self::None),
+            "on-failure" => Ok(Self::OnFailure),
+            "any" => Ok(Self::Any),
+            other => Err(format!(
+                "unknown restart condition {other:?}: use none, on-failure or any"
+            )),
+        }
+    }
+}
+
+/// Carried out by the node a task runs on (see [`crate::restart`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    #[serde(default)]
+    pub condition: RestartCondition,
+    /// Wait between a task's end and its replacement's start.
+    #[serde(default = "default_restart_delay_ms")]
+    pub delay_ms: u64,
+    /// Restarts allowed (within `window_ms` when set); None: no limit.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// The window `max_attempts` counts in; None: the slot's whole life.
+    #[serde(default)]
+    pub window_ms: Option<u64>,
+}
+
+fn default_restart_delay_ms() -> u64 {
+    5_000
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            condition: RestartCondition::Any,
+            delay_ms: default_restart_delay_ms(),
+            max_attempts: None,
+            window_ms: None,
+        }
+    }
+}
+
+/// What the planner knows about a node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub id: String,
+    pub hostname: String,
+    /// Alive (or restarting within its grace) as the failure detector sees it.
+    pub ready: bool,
+    /// Availability active (not drained).
+    pub active: bool,
+    /// Operator labels over the node's own.
+    pub labels: BTreeMap<String, String>,
+    /// The node's own labels.
+    pub engine_labels: BTreeMap<String, String>,
+    /// Task drivers the node can run (`process`, `podman`).
+    pub drivers: Vec<String>,
+}
+
+impl Constraint {
+    pub fn holds(&self, node: &Node) -> bool {
+        let eq = |a: &str| a.eq_ignore_ascii_case(&self.value);
+        let matches = match &self.field {
+            Field::NodeId => eq(&node.id) || eq(&node.name),
+            Field::NodeHostname => eq(&node.hostname) || eq(&node.name),
+            Field::NodeLabel(k) => node.labels.get(k).is_some_and(|v| eq(v)),
+            Field::EngineLabel(k) => node.engine_labels.get(k).is_some_and(|v| eq(v)),
+        };
+        match self.op {
+            Op::Eq => matches,
+            Op::Ne => !matches,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constraints_parse_like_swarms() {
+        let c: Constraint = "node.labels.env==production".parse().unwrap();
+        assert_eq!(c.field, Field::NodeLabel("env".into()));
+        assert_eq!(c.op, Op::Eq);
+        assert_eq!(c.value, "production");
+        assert_eq!(c.to_string(), "node.labels.env==production");
+        let c: Constraint = "node.hostname != node3".parse().unwrap();
+        assert_eq!((c.field, c.op), (Field::NodeHostname, Op::Ne));
+        assert!(
+            "engine.labels.type==low-memory"
+                .parse::<Constraint>()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn malformed_constraints_say_how_to_fix_them() {
+        for (input, says) in [
+            ("node.labels.env=production", "expected FIELD==VALUE"),
+            ("node.labels.==x", "no label key"),
+            ("node.labels==x", "no label key"),
+            ("node.role==manager", "unknown constraint field"),
+            ("node.labels.env==", "no value"),
+            ("node.labels.env==a==b", "one operator"),
+            ("", "expected FIELD==VALUE"),
+        ] {
+            let e = input.parse::<Constraint>().unwrap_err();
+            assert!(e.contains(says), "{input:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn missing_labels_are_unequal_to_everything() {
+        let node = Node {
+            name: "n1".into(),
+            labels: [("env".to_owned(), "Production".to_owned())].into(),
+            ..Default::default()
+        };
+        let holds = |s: &str| s.parse::<Constraint>().unwrap().holds(&node);
+        assert!(holds("node.labels.env==production"), "case-insensitive");
+        assert!(!holds("node.labels.env!=production"));
+        assert!(!holds("node.labels.zone==a"));
+        assert!(holds("node.labels.zone!=a"));
+        assert!(holds("node.hostname==n1"));
+        assert!(holds("node.id!=n2"));
+    }
+
+    #[test]
+    fn spread_preferences_name_a_node_label() {
+        let p: Spread = "spread=node.labels.zone".parse().unwrap();
+        assert_eq!(p.label, "zone");
+        assert_eq!(p.to_string(), "spread=node.labels.zone");
+        assert!("spread=node.hostname".parse::<Spread>().is_err());
+        assert!("binpack=node.labels.zone".parse::<Spread>().is_err());
+        assert!("zone".parse::<Spread>().is_err());
+    }
+}
