@@ -232,11 +232,10 @@ fn hosts_join_with_the_printed_command_and_their_labels_show_at_once() {
     let h4 = c.host(4);
     let e = failed_join(h4, "SWMTKN-1-abc", &address, &[]);
     assert!(e.contains("not a mesh join token"), "{e}");
-    let damaged = token.replacen(
-        &token[10..11],
-        if &token[10..11] == "0" { "1" } else { "0" },
-        1,
-    );
+    // One key digit changed in copying (position 10 is inside the key).
+    let mut damaged = token.clone().into_bytes();
+    damaged[10] = if damaged[10] == b'0' { b'1' } else { b'0' };
+    let damaged = String::from_utf8(damaged).unwrap();
     let e = failed_join(h4, &damaged, &address, &[]);
     assert!(e.contains("damaged"), "{e}");
     let other = JoinToken::new(&[7u8; 32], "mesh").encode().to_string();
