@@ -112,6 +112,17 @@ fn wait_ready(c: &Cluster, observers: &[usize], expected: &[usize]) {
     }
 }
 
+/// Nodes with a running task of `service`, from `service ps`.
+fn running_nodes(h: &Host, service: &str) -> BTreeSet<String> {
+    let rows: Value = h.meshctl_json(&["service", "ps", service]).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["history"] == false && r["state"] == "Running")
+        .map(|r| r["node"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 fn fails(out: Output) -> String {
     assert!(!out.status.success(), "expected a failure: {out:?}");
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -134,6 +145,27 @@ fn hosts_join_with_the_printed_command_and_their_labels_show_at_once() {
         .unwrap();
     assert_eq!(n["labels"]["type"], "low-memory", "{n}");
     assert_eq!(n["engine_labels"]["type"], "low-memory", "{n}");
+    // Placement sees it: a global service constrained to the label runs on host3 only.
+    let whoami = bin("mesh-whoami");
+    c.host(1)
+        .meshctl_ok(&[
+            "service",
+            "create",
+            "small",
+            "--mode",
+            "global",
+            "--constraint",
+            "node.labels.type==low-memory",
+            "--",
+            whoami.to_str().unwrap(),
+        ])
+        .unwrap();
+    let h3 = c.host(3).node_name().to_owned();
+    c.eventually(Duration::from_secs(10), "small runs on host3 only", |c| {
+        Ok((running_nodes(c.host(2), "small") == BTreeSet::from([h3.clone()])).then_some(()))
+    })
+    .unwrap();
+
     // Operator labels win over the node's own, and inspect says which is which.
     c.host(2)
         .meshctl_ok(&[
@@ -447,4 +479,55 @@ fn leave_drains_stops_the_agent_and_peers_drop_the_node_at_once() {
         !links.contains("mbr4096"),
         "the network is still plumbed: {links}"
     );
+}
+
+#[test]
+fn leaving_hands_a_services_tasks_over_while_clients_are_served() {
+    let mut c = Cluster::new(3).unwrap();
+    c.start_agents().unwrap();
+    c.external("client", 100).unwrap();
+    let whoami = bin("mesh-whoami");
+    c.host(1)
+        .meshctl_ok(&[
+            "service",
+            "create",
+            "web",
+            "--replicas",
+            "3",
+            "-p",
+            "8080:80",
+            "--",
+            whoami.to_str().unwrap(),
+        ])
+        .unwrap();
+    let h3 = c.host(3).node_name().to_owned();
+    c.eventually(Duration::from_secs(15), "web runs on every node", |c| {
+        Ok((running_nodes(c.host(1), "web").len() == 3).then_some(()))
+    })
+    .unwrap();
+    let target = format!("{}:8080", c.host(1).ip).parse().unwrap();
+    let client = ClientLoop::start(c.external_ns("client").unwrap(), target).unwrap();
+
+    let out = leave(c.host(3), &["--timeout", "60"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let status = c
+        .host_mut(3)
+        .wait_agent_exit(Duration::from_secs(5))
+        .unwrap();
+    assert!(status.success(), "{status}");
+    c.eventually(
+        Duration::from_secs(15),
+        "web runs 3 tasks on hosts 1-2",
+        |c| {
+            let s: Value = c.host(1).meshctl_json(&["service", "inspect", "web"])?;
+            Ok((s["running"] == 3 && !running_nodes(c.host(1), "web").contains(&h3)).then_some(()))
+        },
+    )
+    .unwrap();
+    let (ok, failed) = client.finish();
+    assert!(
+        failed.is_empty(),
+        "requests failed while host3 left: {failed:?}"
+    );
+    assert!(ok > 50, "only {ok} requests");
 }
