@@ -14,8 +14,9 @@ use serde::Serialize;
 
 use crate::{
     api::{
-        DEFAULT_SOCKET, ExecOutput, ExecRequest, GossipInfo, LocalTaskInfo, NetworkCreate,
-        NetworkInfo, NodeInfo, NodeUpdate, PortStats, TaskInfo, TaskRun, client::Client,
+        DEFAULT_SOCKET, ExecOutput, ExecRequest, GossipInfo, JoinTokenInfo, LocalTaskInfo,
+        NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats, RotateInfo, TaskInfo, TaskRun,
+        client::Client,
     },
     cluster::Availability,
 };
@@ -95,6 +96,20 @@ pub enum Command {
     /// Inspect the node's gossip.
     #[command(subcommand)]
     Gossip(GossipCommand),
+    /// Print the command that joins another host to this cluster (root only: the token
+    /// carries the cluster key).
+    JoinToken {
+        /// Replace the cluster key on every node first: tokens printed before stop working
+        /// for new joins; members keep running throughout.
+        #[arg(long)]
+        rotate: bool,
+        /// Print the token only.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+        /// How long --rotate waits for every node to switch, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,6 +129,14 @@ pub enum NodeCommand {
         /// Human-readable output instead of JSON.
         #[arg(long)]
         pretty: bool,
+    },
+    /// Forget a node that is gone (its records leave every node). Refused while it is up.
+    #[command(alias = "remove")]
+    Rm {
+        node: String,
+        /// Remove it even though it is up; its agent stops when it sees it was removed.
+        #[arg(long, short = 'f')]
+        force: bool,
     },
     /// Change a node's availability or labels.
     Update {
@@ -317,6 +340,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             print_gossip(&info);
             Ok(())
         }
+        Command::JoinToken {
+            rotate,
+            quiet,
+            timeout,
+        } => join_token(&client, fmt, rotate, quiet, timeout).await,
         Command::Dataplane(DataplaneCommand::Ports) => {
             let stats: Vec<PortStats> = client.get("/v1/dataplane/ports").await?;
             if fmt == Format::Json {
@@ -430,7 +458,8 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
                         "HOSTNAME",
                         "ADDRESS",
                         "STATUS",
-                        "AVAILABILITY"
+                        "AVAILABILITY",
+                        "AGENT VERSION"
                     ],
                     nodes.iter().map(|n| {
                         [
@@ -444,6 +473,7 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
                             or_dash(n.address),
                             format!("{:?}", n.status),
                             n.availability.to_string(),
+                            or_dash(n.agent_version.clone()),
                         ]
                     })
                 )
@@ -467,9 +497,27 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
             if !n.labels.is_empty() {
                 println!("Labels:");
                 for (k, v) in &n.labels {
-                    println!(" - {k}={v}");
+                    let from = if n.operator_labels.contains_key(k) {
+                        if n.engine_labels.contains_key(k) {
+                            "operator, overrides the node's own"
+                        } else {
+                            "operator"
+                        }
+                    } else {
+                        "engine"
+                    };
+                    println!(" - {k}={v}\t({from})");
                 }
             }
+        }
+        NodeCommand::Rm { node, force } => {
+            let path = if force {
+                format!("/v1/nodes/{node}?force=true")
+            } else {
+                format!("/v1/nodes/{node}")
+            };
+            let _: serde_json::Value = client.delete(&path).await?;
+            println!("{node}");
         }
         NodeCommand::Update {
             node,
@@ -491,6 +539,100 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
             }
             println!("{}", n.name);
         }
+    }
+    Ok(())
+}
+
+/// The join token carries the cluster key: refuse before asking, with the reason (the agent
+/// refuses too, from the socket's peer credentials).
+fn require_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "only root may see or rotate the join token (it carries the cluster key): run it \
+             with sudo on a member"
+        );
+    }
+    Ok(())
+}
+
+async fn join_token(
+    client: &Client,
+    fmt: Format,
+    rotate: bool,
+    quiet: bool,
+    timeout: u64,
+) -> Result<()> {
+    require_root()?;
+    if rotate {
+        let started: RotateInfo = client.post("/v1/join-token/rotate", &()).await?;
+        eprintln!(
+            "rotating the cluster key to {}: every node switches, then the old key is retired",
+            started.key
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+        let mut last = String::new();
+        loop {
+            let info: JoinTokenInfo = client.get("/v1/join-token").await?;
+            let status = info.rotation.as_ref().filter(|r| r.key == started.key);
+            let Some(status) = status else {
+                anyhow::bail!(
+                    "another rotation replaced this one (key {}): run `meshctl join-token` to \
+                     print the current token",
+                    info.rotation.map(|r| r.key.to_string()).unwrap_or_default()
+                );
+            };
+            let progress = format!(
+                "{}/{} nodes use the new key, old key retired on {}/{}",
+                status.switched.len(),
+                status.ready.len(),
+                status.retired.len(),
+                status.ready.len()
+            );
+            if progress != last {
+                eprintln!("{progress}");
+                last = progress;
+            }
+            if status.done() && info.key == started.key {
+                if !status.down.is_empty() {
+                    eprintln!(
+                        "warning: down nodes kept the old key and cannot come back with it: {} \
+                         (join them again with the new token, or `meshctl node rm` them)",
+                        status.down.join(", ")
+                    );
+                }
+                return print_join_token(&info, fmt, quiet);
+            }
+            if std::time::Instant::now() > deadline {
+                let waiting: Vec<&String> = status
+                    .ready
+                    .iter()
+                    .filter(|n| !status.retired.contains(n))
+                    .collect();
+                anyhow::bail!(
+                    "the rotation is not finished after {timeout}s: nodes {waiting:?} still hold \
+                     the old key (see their agent logs and `meshctl gossip stats`); it goes on in \
+                     the background and old tokens still work until it ends. Run `meshctl \
+                     join-token` later for the new token"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    let info: JoinTokenInfo = client.get("/v1/join-token").await?;
+    print_join_token(&info, fmt, quiet)
+}
+
+fn print_join_token(info: &JoinTokenInfo, fmt: Format, quiet: bool) -> Result<()> {
+    if fmt == Format::Json {
+        return json(info);
+    }
+    if quiet {
+        println!("{}", info.token);
+    } else {
+        println!(
+            "To add a host to this cluster, run this on it as root:\n\n    {}\n",
+            info.command
+        );
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! a config key of the same name (dashes become underscores).
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
@@ -29,6 +30,9 @@ pub struct AgentConfig {
     pub gossip_port: u16,
     /// File holding the cluster key(s) that authenticate gossip.
     pub cluster_key_file: Option<PathBuf>,
+    /// This node's own labels (Swarm's engine labels), e.g. `{ type = "low-memory" }`;
+    /// operator labels (`meshctl node update --label-add`) win over them.
+    pub labels: BTreeMap<String, String>,
     pub gossip_interval_ms: u64,
     /// A silent peer is declared dead after about phi_threshold × gossip_interval.
     pub phi_threshold: f64,
@@ -66,6 +70,7 @@ impl Default for AgentConfig {
             cluster: "mesh".into(),
             gossip_port: crate::gossip::DEFAULT_PORT,
             cluster_key_file: None,
+            labels: BTreeMap::new(),
             gossip_interval_ms: 100,
             phi_threshold: 8.0,
             settle_ms: 1000,
@@ -144,6 +149,10 @@ impl AgentConfig {
         if self.gossip_interval_ms == 0 {
             bail!("gossip_interval_ms must be positive");
         }
+        for (k, v) in &self.labels {
+            crate::cluster::parse_label(&format!("{k}={v}"))
+                .map_err(|e| anyhow::anyhow!("labels in the agent config: {e}"))?;
+        }
         Ok(ResolvedConfig {
             node_name,
             advertise,
@@ -210,6 +219,18 @@ mod tests {
         assert_eq!(c.gossip_port, 7946);
         let e = toml::from_str::<AgentConfig>("advertize = \"192.0.2.1\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn labels_come_from_a_toml_table() {
+        let c: AgentConfig = toml::from_str("labels = { type = \"low-memory\" }").unwrap();
+        assert_eq!(c.labels["type"], "low-memory");
+        let bad: AgentConfig = toml::from_str(
+            "advertise = \"127.0.0.1\"\ninterface = \"lo\"\nlabels = { \"a b\" = \"c\" }",
+        )
+        .unwrap();
+        let e = format!("{:#}", bad.resolve().unwrap_err());
+        assert!(e.contains("contains spaces"), "{e}");
     }
 
     #[test]

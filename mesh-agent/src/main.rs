@@ -2,8 +2,11 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+mod join;
+
+use join::{mesh_agent_init, mesh_agent_join};
 use mesh_agent::{
-    agent::{Agent, NodeParts, Parts},
+    agent::{Agent, NodeParts, Parts, Shutdown},
     api,
     cluster::key,
     config::{AgentConfig, DEFAULT_CONFIG},
@@ -27,6 +30,15 @@ struct Args {
 enum Command {
     /// Run the agent in the foreground.
     Run(Box<RunArgs>),
+    /// Start a new cluster on this host: makes the cluster key, writes the config and runs
+    /// the agent (or starts its systemd unit); prints the command that joins other hosts.
+    #[command(long_about = INIT_HELP)]
+    Init(Box<InitArgs>),
+    /// Join this host to a cluster with the command `mesh-agent init` or `meshctl join-token`
+    /// printed on a member.
+    Join(Box<JoinArgs>),
+    /// Leave the cluster: drain this node, tell peers it leaves, stop the agent and clean up.
+    Leave(LeaveArgs),
     /// Install the binaries, the systemd unit and a default config.
     Install {
         /// Install under this directory instead of / (for packaging).
@@ -42,6 +54,18 @@ enum Command {
     },
 }
 
+const INIT_HELP: &str = "\
+Start a new cluster on this host.
+
+Writes the config (default /etc/mesh/agent.toml, --config to choose) with the flags given, and
+a new cluster key next to it (cluster.key, mode 0600; an existing one is kept, so running init
+again changes nothing), then prints the command that joins other hosts and runs the agent in
+the foreground. With --systemd it starts the mesh-agent unit instead.
+
+The join command carries the cluster key: treat it like the key file. Print it again with
+`meshctl join-token` (as root, on any member); `meshctl join-token --rotate` replaces the key
+on every node, after which older join commands no longer work.";
+
 const KEYGEN_HELP: &str = "\
 Create a cluster key, which authenticates and encrypts gossip.
 
@@ -52,12 +76,55 @@ to every node and set `cluster_key_file` in agent.toml (or pass --cluster-key-fi
 A key file holds one base64 key per line; the first is the primary (gossip is sealed with it),
 every key listed is accepted, `#` starts a comment.
 
-Rotating without downtime:
+Any cluster with a key file rotates with one command, `meshctl join-token --rotate` (each agent
+rewrites its own key file). Once that was used, keep using it: agents put the key it spread
+back first, undoing a hand edit. Key files managed by hand rotate without downtime this way:
   1. mesh-agent keygen            # prints NEW
   2. on each node in turn: put NEW as the first line, keep the old key after it, and
      reload (systemctl reload mesh-agent, i.e. SIGHUP) or restart the agent
   3. on each node in turn: remove the old line and reload
 `meshctl gossip stats` shows which keys each node holds and which its peers use.";
+
+#[derive(clap::Args, Debug)]
+struct InitArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Write the config, then enable and start the mesh-agent systemd unit instead of
+    /// running the agent in the foreground.
+    #[arg(long)]
+    systemd: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct JoinArgs {
+    /// The join token (`meshctl join-token` on a member prints the whole command).
+    #[arg(long, env = "MESH_JOIN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// A member's address, host[:port].
+    member: String,
+    #[command(flatten)]
+    run: RunArgs,
+    /// Write the config, then enable and start the mesh-agent systemd unit instead of
+    /// running the agent in the foreground.
+    #[arg(long)]
+    systemd: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct LeaveArgs {
+    /// Config file (to find the agent's socket).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The agent's API socket (default: from the config).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// How long to wait for this node's tasks to move elsewhere, in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Leave even if tasks of services still run here after the wait (they stop).
+    #[arg(long)]
+    force: bool,
+}
 
 /// Flags override the config file; each has a config key of the same name.
 #[derive(clap::Args, Debug)]
@@ -83,6 +150,10 @@ struct RunArgs {
     gossip_port: Option<u16>,
     #[arg(long)]
     cluster_key_file: Option<PathBuf>,
+    /// A label of this node, key=value (or key); repeat for more. Added to `labels` of the
+    /// config file.
+    #[arg(long = "label")]
+    label: Vec<String>,
     #[arg(long)]
     gossip_interval_ms: Option<u64>,
     #[arg(long)]
@@ -112,12 +183,26 @@ struct RunArgs {
 }
 
 impl RunArgs {
+    fn config_path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    }
+
     fn into_config(self) -> Result<AgentConfig> {
-        let (path, explicit) = match &self.config {
-            Some(p) => (p.clone(), true),
-            None => (PathBuf::from(DEFAULT_CONFIG), false),
-        };
-        let mut c = AgentConfig::load(&path, explicit)?;
+        let explicit = self.config.is_some();
+        self.into_config_from(explicit)
+    }
+
+    /// The config file (a missing one is empty unless `must_exist`) with the flags applied.
+    fn into_config_from(self, must_exist: bool) -> Result<AgentConfig> {
+        let path = self.config_path();
+        let mut c = AgentConfig::load(&path, must_exist)?;
+        for l in &self.label {
+            let (k, v) =
+                mesh_agent::cluster::parse_label(l).map_err(|e| anyhow::anyhow!("--label: {e}"))?;
+            c.labels.insert(k, v);
+        }
         macro_rules! over {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v.into(); } )* };
         }
@@ -191,6 +276,9 @@ async fn main() {
             Ok(c) => run_agent(c).await,
             Err(e) => Err(e),
         },
+        Command::Init(a) => mesh_agent_init(*a).await,
+        Command::Join(a) => mesh_agent_join(*a).await,
+        Command::Leave(a) => join::leave(a.config, a.socket, a.timeout, a.force).await,
         Command::Install { root } => install(&root),
         Command::Keygen { out } => keygen(out.as_deref()),
     };
@@ -283,7 +371,7 @@ fn with_port(peer: &str, default: u16) -> String {
     }
 }
 
-async fn run_agent(config: AgentConfig) -> Result<()> {
+pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
     let config = config.resolve()?;
     // A bad key file stops the agent before it touches the kernel.
     let auth = gossip_auth(&config)?;
@@ -366,8 +454,10 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
     let api = api::server::serve(api::server::bind(&config.socket)?, agent.clone());
     info!(socket = %config.socket.display(), "agent ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let mut leaving = None;
     tokio::select! {
         r = api => r?,
+        why = agent.shutdown_requested() => leaving = Some(why),
         _ = term.recv() => {
             info!("SIGTERM: stopping; the dataplane keeps forwarding");
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
@@ -376,6 +466,24 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
             }
         }
         _ = int.recv() => info!("SIGINT: stopping"),
+    }
+    if let Some(why) = leaving {
+        if let Err(e) = agent.clean_up_after_leaving().await {
+            error!("cleaning up after leaving: {e:#}");
+        }
+        if let Some(local) = agent.local() {
+            local.dataplane.lock().await.remove_pins()?;
+        }
+        let _ = std::fs::remove_file(&config.socket);
+        match why {
+            Shutdown::Leave => {
+                info!("left the cluster; tasks stopped, networks unplumbed, dataplane detached")
+            }
+            Shutdown::Removed => {
+                warn!("removed from the cluster by another node; stopped and cleaned up")
+            }
+        }
+        return Ok(());
     }
     let _ = std::fs::remove_file(&config.socket);
     if config.cleanup_on_exit

@@ -46,7 +46,12 @@ pub struct Host {
     agent: Option<Agent>,
     agent_args: Vec<String>,
     agent_env: Vec<(String, String)>,
+    /// The mesh-agent subcommand and its own arguments (`run`, or `init`/`join …`).
+    agent_command: Vec<String>,
     log: PathBuf,
+    /// The agent's stdout when it runs `init` or `join` (what those print for the user),
+    /// kept apart from its log.
+    out: PathBuf,
     peers: Vec<String>,
 }
 
@@ -97,6 +102,8 @@ impl Cluster {
             cluster.hosts.push(Host {
                 index: i,
                 log: logs.join(format!("agent-h{i}.log")),
+                out: logs.join(format!("agent-h{i}.out")),
+                agent_command: vec!["run".into()],
                 ns,
                 ip,
                 agent: None,
@@ -264,6 +271,7 @@ impl Host {
         if self.agent.is_some() {
             bail!("agent on {} already running", self.node_name());
         }
+        self.agent_command = vec!["run".into()];
         self.agent_args = extra.iter().map(|s| s.to_string()).collect();
         self.agent_env = env
             .iter()
@@ -272,17 +280,97 @@ impl Host {
         self.spawn_agent()
     }
 
+    /// Starts `mesh-agent init` or `mesh-agent join …` (`command`) as this host's agent,
+    /// with this host's paths, its config in [`Host::config_dir`] and no peers but those the
+    /// command names; waits until its API answers. What it printed is in [`Host::output`].
+    pub fn start_agent_command(&mut self, command: &[&str], extra: &[&str]) -> Result<()> {
+        if self.agent.is_some() {
+            bail!("agent on {} already running", self.node_name());
+        }
+        self.agent_command = command.iter().map(|s| s.to_string()).collect();
+        let config = self.config_dir().join("agent.toml");
+        self.agent_args = ["--config", config.to_str().context("utf-8 path")?]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+        self.agent_env.clear();
+        self.spawn_agent()
+    }
+
+    /// Where `init`/`join` started by [`Host::start_agent_command`] write config and key.
+    pub fn config_dir(&self) -> PathBuf {
+        self.log
+            .parent()
+            .expect("log dir")
+            .join(format!("etc-h{}", self.index))
+    }
+
+    /// What the agent command printed on stdout (init's join command).
+    pub fn output(&self) -> String {
+        fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// The arguments that give a mesh-agent command this host's paths (socket, state,
+    /// bpffs, cgroup, interface, name).
+    pub fn path_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = ["--interface", "eth0", "--node-name", self.ns.name()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (flag, path) in [
+            ("--socket", self.socket()),
+            ("--bpffs", self.bpffs()),
+            ("--state-dir", self.state_dir()),
+            ("--cgroup", self.cgroup()),
+        ] {
+            args.push(flag.into());
+            args.push(path.display().to_string());
+        }
+        args
+    }
+
+    /// Runs a one-shot `mesh-agent` command in this host's namespace (killed after
+    /// `timeout`, e.g. a join expected to fail that would otherwise run the agent).
+    pub fn mesh_agent(&self, args: &[&str], timeout: Duration) -> Result<Output> {
+        self.ns
+            .command("timeout")
+            .arg(timeout.as_secs().max(1).to_string())
+            .arg(bin("mesh-agent"))
+            .args(args)
+            .env("MESH_LOG", "info")
+            .stdin(Stdio::null())
+            .output()
+            .context("running mesh-agent")
+    }
+
     fn spawn_agent(&mut self) -> Result<()> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)?;
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.out)?;
+        let run = self.agent_command.first().is_none_or(|c| c == "run");
+        let stdout = if run { log.try_clone()? } else { out };
         let child = self
             .ns
             .command(bin("mesh-agent").to_str().expect("utf-8 path"))
-            .args(["run", "--interface", "eth0", "--node-name", self.ns.name()])
-            .args(["--advertise", &self.ip])
-            .args(self.peers.iter().flat_map(|p| ["--join", p.as_str()]))
+            .args(&self.agent_command)
+            .args(["--interface", "eth0", "--node-name", self.ns.name()])
+            .args(if run || self.agent_command[0] == "init" {
+                vec!["--advertise", &self.ip]
+            } else {
+                Vec::new()
+            })
+            .args(
+                self.peers
+                    .iter()
+                    .filter(|_| run)
+                    .flat_map(|p| ["--join", p.as_str()]),
+            )
             .arg("--socket")
             .arg(self.socket())
             .arg("--bpffs")
@@ -301,7 +389,7 @@ impl Host {
             .env("MESH_LOG", "info,mesh_agent=debug")
             .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
+            .stdout(stdout)
             .stderr(log)
             .spawn()
             .context("spawning mesh-agent")?;
@@ -358,6 +446,27 @@ impl Host {
             a.child.wait()?;
         }
         Ok(())
+    }
+
+    /// Waits for the agent to exit on its own (after `mesh-agent leave`); its exit status.
+    pub fn wait_agent_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(a) = &mut self.agent else {
+                bail!("no agent running on {}", self.node_name());
+            };
+            if let Some(status) = a.child.try_wait()? {
+                self.agent = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent on {} did not exit in {timeout:?}",
+                    self.node_name()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Starts the agent again with the arguments it last ran with.

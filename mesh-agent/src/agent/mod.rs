@@ -5,6 +5,7 @@ mod addresses;
 mod converge;
 pub mod dns;
 mod health;
+pub mod membership;
 mod objects;
 mod orchestrate;
 mod rollout;
@@ -12,6 +13,7 @@ mod routing;
 mod services;
 mod tasks;
 
+pub use membership::{RotationStatus, Shutdown};
 pub use objects::validate_name;
 pub use services::{DEFAULT_NETWORK, duration_ms};
 
@@ -44,6 +46,8 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -79,6 +83,8 @@ pub struct Agent {
     /// Service task starts and stops underway on this node.
     jobs: orchestrate::Jobs,
     started: std::time::Instant,
+    /// Set when the agent should stop on its own (it left, or was removed).
+    shutdown: watch::Sender<Option<Shutdown>>,
 }
 
 /// What the agent drives besides gossip and the merged view.
@@ -135,6 +141,7 @@ impl Agent {
             dns_listeners: StdMutex::new(BTreeMap::new()),
             jobs: orchestrate::Jobs::default(),
             started: std::time::Instant::now(),
+            shutdown: watch::channel(None).0,
             gossip,
             config,
         })
@@ -172,6 +179,7 @@ impl Agent {
             mtu,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             drivers: vec![crate::cluster::DRIVER_PROCESS.into()],
+            labels: config.labels.clone(),
         }
     }
 
@@ -248,6 +256,14 @@ impl Agent {
             let stale = last
                 .as_ref()
                 .is_none_or(|(v, at)| !Arc::ptr_eq(v, &view) || at.elapsed() >= FULL_PASS_EVERY);
+            if self.removed_from(&view) {
+                warn!(
+                    "this node was removed from the cluster (`meshctl node rm --force` on another \
+                     node): stopping; join again with a token to come back"
+                );
+                self.request_shutdown(Shutdown::Removed);
+            }
+            self.converge_keys(&view).await;
             if asked || stale {
                 self.update_dns(&view);
                 if let Err(e) = self.converge(&view).await {
@@ -288,8 +304,18 @@ impl Agent {
         std::fs::create_dir_all(&self.config.state_dir)
             .with_context(|| format!("creating {}", self.config.state_dir.display()))?;
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&own)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+        // Owner-only: the replicated records include a key rotation's new key.
+        {
+            use std::{io::Write, os::unix::fs::OpenOptionsExt};
+            let _ = std::fs::remove_file(&tmp);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&own)?))
+                .with_context(|| format!("writing {}", tmp.display()))?;
+        }
         std::fs::rename(&tmp, &path)?;
         *last = own;
         Ok(())
@@ -354,7 +380,7 @@ impl Agent {
     }
 }
 
-fn state_file(dir: &std::path::Path) -> std::path::PathBuf {
+pub(crate) fn state_file(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join("gossip-keys.json")
 }
 
@@ -367,6 +393,8 @@ pub fn load_own_keys(state_dir: &std::path::Path) -> BTreeMap<String, String> {
             Ok(mut keys) => {
                 keys.remove(key::NODE);
                 keys.remove(key::RESTARTING);
+                keys.remove(key::LEFT);
+                keys.remove(key::KEYS);
                 keys
             }
             Err(e) => {

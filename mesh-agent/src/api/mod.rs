@@ -60,7 +60,14 @@ pub struct NodeInfo {
     pub address: Option<Ipv4Addr>,
     pub status: NodeStatus,
     pub availability: Availability,
+    /// What placement constraints match: the node's own labels overlaid with the operator's.
     pub labels: BTreeMap<String, String>,
+    /// The node's own labels (agent.toml `labels`, `--label`).
+    #[serde(default)]
+    pub engine_labels: BTreeMap<String, String>,
+    /// Set with `meshctl node update --label-add`; they win over engine labels.
+    #[serde(default)]
+    pub operator_labels: BTreeMap<String, String>,
     pub agent_version: Option<String>,
     /// The node whose agent answered.
     #[serde(rename = "self")]
@@ -318,15 +325,34 @@ impl NodeUpdate {
     pub fn labels_to_add(&self) -> Result<Vec<(String, String)>, String> {
         self.label_add
             .iter()
-            .map(|l| {
-                let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
-                if k.is_empty() || k.chars().any(char::is_whitespace) {
-                    return Err(format!("invalid label {l:?}: expected key=value or key"));
-                }
-                Ok((k.to_owned(), v.to_owned()))
-            })
+            .map(|l| crate::cluster::parse_label(l))
             .collect()
     }
+}
+
+/// `meshctl join-token`: how another host joins, through this node. As secret as the key
+/// file; only root on a member gets it.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JoinTokenInfo {
+    pub token: String,
+    /// The whole command to run on the joining host.
+    pub command: String,
+    /// The key the token carries (its fingerprint), safe to show.
+    pub key: crate::gossip::keyring::KeyId,
+    /// The latest key rotation, if one ran.
+    pub rotation: Option<crate::agent::RotationStatus>,
+}
+
+impl std::fmt::Debug for JoinTokenInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JoinTokenInfo(key {})", self.key)
+    }
+}
+
+/// `meshctl join-token --rotate`: the new key; the rotation goes on in the background.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RotateInfo {
+    pub key: crate::gossip::keyring::KeyId,
 }
 
 /// How this node's gossip is protected (`GET /v1/gossip`): key ids and counters, never keys.

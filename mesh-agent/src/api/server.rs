@@ -4,9 +4,9 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use anyhow::Context;
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Bytes,
-    extract::{Path as UrlPath, State},
+    extract::{Path as UrlPath, Query, State, connect_info::ConnectInfo},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
@@ -15,12 +15,12 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
 use super::{
-    ApiError, ExecOutput, ExecRequest, GossipInfo, LocalTaskInfo, NetworkCreate, NetworkInfo,
-    NodeInfo, NodeUpdate, PortStats, ServiceCreate, ServiceInfo, ServiceScale, ServiceTaskInfo,
-    ServiceUpdate, TaskInfo, TaskRun, short_id,
+    ApiError, ExecOutput, ExecRequest, GossipInfo, JoinTokenInfo, LocalTaskInfo, NetworkCreate,
+    NetworkInfo, NodeInfo, NodeUpdate, PortStats, RotateInfo, ServiceCreate, ServiceInfo,
+    ServiceScale, ServiceTaskInfo, ServiceUpdate, TaskInfo, TaskRun, short_id,
 };
 use crate::{
-    agent::{Agent, Error},
+    agent::{Agent, Error, Shutdown},
     cluster::{EndpointView, View},
 };
 use mesh_planner::SlotPlacement;
@@ -31,6 +31,7 @@ impl IntoResponse for Error {
             Error::Invalid(_) => StatusCode::BAD_REQUEST,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let error = match &self {
@@ -52,7 +53,13 @@ fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, Error> {
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{name}", get(get_node).post(update_node))
+        .route(
+            "/v1/nodes/{name}",
+            get(get_node).post(update_node).delete(remove_node),
+        )
+        .route("/v1/join-token", get(join_token))
+        .route("/v1/join-token/rotate", axum::routing::post(rotate_key))
+        .route("/v1/local/leave", axum::routing::post(leave))
         .route("/v1/networks", get(list_networks).post(create_network))
         .route(
             "/v1/networks/{name}",
@@ -91,11 +98,43 @@ pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Who is on the other end of an API connection, from the socket (SO_PEERCRED).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub uid: Option<u32>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, UnixListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        Self {
+            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
 /// Serves the API on a bound socket until the future is dropped.
 pub async fn serve(listener: UnixListener, agent: Arc<Agent>) -> anyhow::Result<()> {
-    axum::serve(listener, router(agent))
-        .await
-        .context("serving the local API")
+    axum::serve(
+        listener,
+        router(agent).into_make_service_with_connect_info::<Peer>(),
+    )
+    .await
+    .context("serving the local API")
+}
+
+/// The join token is the cluster key: the socket's group may drive the agent, but only root
+/// may read the key (as only root may read the key file).
+fn require_root(peer: Option<Extension<ConnectInfo<Peer>>>) -> Result<(), Error> {
+    match peer.and_then(|Extension(ConnectInfo(p))| p.uid) {
+        Some(0) => Ok(()),
+        _ => Err(Error::Forbidden(
+            "only root may see or rotate the join token (it carries the cluster key): run the \
+             command as root on a member"
+                .into(),
+        )),
+    }
 }
 
 // ---- views → answers ---------------------------------------------------------------------
@@ -113,7 +152,9 @@ fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
         address: n.record.as_ref().map(|r| r.address),
         status: n.status,
         availability: n.spec.availability,
-        labels: n.spec.labels.clone(),
+        labels: n.labels(),
+        engine_labels: n.engine_labels(),
+        operator_labels: n.spec.labels.clone(),
         agent_version: n.record.as_ref().map(|r| r.agent_version.clone()),
         is_self: name == agent.node_name(),
     })
@@ -358,6 +399,65 @@ async fn update_node(
     node_info(&agent, &view, &name)
         .map(Json)
         .ok_or_else(|| Error::NotFound(format!("node {name} not found")))
+}
+
+#[derive(serde::Deserialize)]
+struct RemoveNode {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn remove_node(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<RemoveNode>,
+) -> ApiResult<serde_json::Value> {
+    agent.remove_node(&name, q.force).await?;
+    Ok(Json(serde_json::json!({ "removed": name })))
+}
+
+async fn join_token(
+    State(agent): State<Arc<Agent>>,
+    peer: Option<Extension<ConnectInfo<Peer>>>,
+) -> ApiResult<JoinTokenInfo> {
+    require_root(peer)?;
+    let token = agent.join_token()?;
+    let view = agent.refresh().await;
+    let port = agent.config.gossip_port;
+    let address = if port == crate::gossip::DEFAULT_PORT {
+        agent.config.advertise.to_string()
+    } else {
+        format!("{}:{port}", agent.config.advertise)
+    };
+    let encoded = token.encode();
+    Ok(Json(JoinTokenInfo {
+        command: format!("mesh-agent join --token {} {address}", encoded.as_str()),
+        token: encoded.to_string(),
+        key: token.id(),
+        rotation: agent.rotation_status(&view),
+    }))
+}
+
+async fn rotate_key(
+    State(agent): State<Arc<Agent>>,
+    peer: Option<Extension<ConnectInfo<Peer>>>,
+) -> ApiResult<RotateInfo> {
+    require_root(peer)?;
+    let key = agent.rotate_key().await?;
+    Ok(Json(RotateInfo { key }))
+}
+
+/// Announces that this node leaves, answers, then stops the agent: the caller has drained
+/// the node first (`mesh-agent leave`).
+async fn leave(State(agent): State<Arc<Agent>>) -> ApiResult<serde_json::Value> {
+    agent.announce_leave().await;
+    let node = agent.node_name().to_owned();
+    tokio::spawn(async move {
+        // Lets the answer reach the caller before the socket goes.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        agent.request_shutdown(Shutdown::Leave);
+    });
+    Ok(Json(serde_json::json!({ "left": node })))
 }
 
 async fn list_networks(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<NetworkInfo>> {

@@ -25,6 +25,17 @@ pub mod key {
     pub const SERVICE: &str = "obj:svc:";
     /// `obj:nodespec:<node>`, replicated: what an operator set on a node (drain, labels).
     pub const NODE_SPEC: &str = "obj:nodespec:";
+    /// Set by an agent that leaves the cluster for good (`mesh-agent leave`): peers drop the
+    /// node at once instead of waiting for the failure detector (see [`super::Left`]).
+    pub const LEFT: &str = "left";
+    /// The cluster key ids this node holds (see [`super::KeyState`]): how a rotation knows
+    /// every node switched before it retires the old key.
+    pub const KEYS: &str = "keys";
+    /// `obj:noderm:<node>`, replicated: `meshctl node rm` (see [`super::NodeRemoval`]).
+    pub const NODE_REMOVAL: &str = "obj:noderm:";
+    /// `obj:clusterkey:primary`, replicated: the key a rotation makes primary everywhere (see
+    /// [`super::KeyRotation`]).
+    pub const CLUSTER_KEY: &str = "obj:clusterkey:";
     /// `tsk:<id>`: a task of a service on this node, with its state (mesh_planner::Task).
     pub const TASK: &str = "tsk:";
 }
@@ -94,6 +105,70 @@ pub struct NodeRecord {
     /// Task drivers this node runs; placement only picks nodes that have a task's driver.
     #[serde(default = "default_drivers")]
     pub drivers: Vec<String>,
+    /// The node's own labels (agent.toml `labels`, `--label`): Swarm's engine labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A node that left for good: peers forget this generation of it at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Left {
+    pub at_ms: u64,
+}
+
+/// `meshctl node rm`: every generation of `node` up to `generation` is forgotten (its records
+/// leave every view, its address blocks are freed). A later generation (the node joined
+/// again) is not affected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRemoval {
+    pub node: String,
+    pub generation: u64,
+}
+
+/// Key ids a node holds, primary first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyState {
+    pub primary: crate::gossip::keyring::KeyId,
+    pub accepted: Vec<crate::gossip::keyring::KeyId>,
+}
+
+/// A cluster key rotation (`meshctl join-token --rotate`): every node makes `key` its primary
+/// and keeps the keys it had as secondaries until every Ready node uses `key`, then drops
+/// them. Travels only in sealed gossip; its Debug form never shows the key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRotation {
+    pub id: crate::gossip::keyring::KeyId,
+    /// base64, as in a key file.
+    pub key: String,
+}
+
+impl fmt::Debug for KeyRotation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyRotation({})", self.id)
+    }
+}
+
+/// A node label as `--label` and `--label-add` take it: `key=value`, or `key` for an empty
+/// value. Keys are what constraints name (`node.labels.KEY`), so no spaces or `=` in them.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').unwrap_or((s, ""));
+    if k.is_empty() {
+        return Err(format!(
+            "invalid label {s:?}: the key is empty; use key=value, e.g. type=low-memory"
+        ));
+    }
+    if k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "invalid label {s:?}: the key {k:?} contains spaces; use key=value with a key of \
+             letters, digits, '.', '-' or '_', e.g. type=low-memory"
+        ));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(format!(
+            "invalid label {s:?}: the value contains control characters"
+        ));
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 /// Every agent runs processes; records from before drivers were advertised mean that.
@@ -573,6 +648,39 @@ mod tests {
     fn port_display_matches_docker_service_ls() {
         let p: PortSpec = "8080:80".parse().unwrap();
         assert_eq!(p.to_string(), "*:8080->80/tcp");
+    }
+
+    #[test]
+    fn labels_parse_like_docker_and_bad_ones_say_how_to_fix() {
+        assert_eq!(
+            parse_label("type=low-memory").unwrap(),
+            ("type".into(), "low-memory".into())
+        );
+        assert_eq!(parse_label("ssd").unwrap(), ("ssd".into(), "".into()));
+        assert_eq!(parse_label("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        let e = parse_label("=x").unwrap_err();
+        assert!(e.contains("key is empty") && e.contains("key=value"), "{e}");
+        let e = parse_label("a b=c").unwrap_err();
+        assert!(e.contains("contains spaces"), "{e}");
+        assert!(parse_label("").is_err());
+    }
+
+    #[test]
+    fn a_key_rotation_never_shows_its_key_in_debug_output() {
+        let r = KeyRotation {
+            id: crate::gossip::keyring::KeyId(0xabcd),
+            key: "c2VjcmV0".into(),
+        };
+        let shown = format!("{r:?}");
+        assert!(!shown.contains("c2VjcmV0"), "{shown}");
+        assert!(shown.contains("0000abcd"), "{shown}");
+    }
+
+    #[test]
+    fn node_records_of_older_agents_have_no_labels() {
+        let old = r#"{"name":"a","hostname":"a","address":"192.0.2.1","mtu":1500,"agent_version":"0.1.0"}"#;
+        let r: NodeRecord = serde_json::from_str(old).unwrap();
+        assert!(r.labels.is_empty());
     }
 
     #[test]

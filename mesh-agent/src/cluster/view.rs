@@ -8,14 +8,17 @@ use std::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{
-    AttachmentRecord, BlockClaim, EndpointRecord, NetworkSpec, NodeRecord, NodeSpec, Protocol,
-    ServiceSpec, Stamp, TaskState, ipam, key,
+    AttachmentRecord, BlockClaim, EndpointRecord, KeyRotation, KeyState, NetworkSpec, NodeRecord,
+    NodeRemoval, NodeSpec, Protocol, ServiceSpec, Stamp, TaskState, ipam, key,
     replicated::{self, Replicated},
 };
 
 /// How long a deletion is remembered and republished. A node that was away longer than this
 /// and comes back holding a deleted object brings it back; a day covers maintenance windows.
 pub const TOMBSTONE_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// The one name under [`key::CLUSTER_KEY`]: a cluster has one key rotation record.
+pub const CLUSTER_KEY_NAME: &str = "primary";
 
 /// One node's keys as gossip holds them.
 #[derive(Clone, Debug, Default)]
@@ -46,6 +49,24 @@ pub struct NodeView {
     pub record: Option<NodeRecord>,
     pub spec: NodeSpec,
     pub status: NodeStatus,
+}
+
+impl NodeView {
+    /// The node's own labels, as its agent publishes them (agent.toml, `--label`).
+    pub fn engine_labels(&self) -> BTreeMap<String, String> {
+        self.record
+            .as_ref()
+            .map(|r| r.labels.clone())
+            .unwrap_or_default()
+    }
+
+    /// What placement constraints match: engine labels overlaid with the operator's
+    /// (`meshctl node update --label-add`), which win on conflict, as in Swarm.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self.engine_labels();
+        labels.extend(self.spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        labels
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +115,12 @@ pub struct View {
     pub republish: BTreeMap<String, String>,
     /// Stamps seen in replicated objects, to move the local clock past them.
     pub newest_stamp: Option<Stamp>,
+    /// Nodes forgotten by `meshctl node rm`: the newest generation removed, by node.
+    pub removed: BTreeMap<String, u64>,
+    /// The key a rotation made primary, if one ever ran.
+    pub cluster_key: Option<Replicated<KeyRotation>>,
+    /// Key ids each node in `nodes` holds, as it publishes them.
+    pub node_keys: BTreeMap<String, KeyState>,
     /// When the same gossip state next computes to a different view (a restarting node's
     /// grace ends, a tombstone expires): until then, an unchanged state needs no recompute.
     pub next_change_ms: Option<u64>,
@@ -111,9 +138,38 @@ impl View {
 
     pub fn compute(snapshot: &Snapshot) -> Self {
         let mut view = View::default();
+        let removals = merge_kind::<NodeRemoval>(snapshot, key::NODE_REMOVAL, &mut view);
+        view.removed = removals
+            .values()
+            .map(|r| (r.spec.node.clone(), r.spec.generation))
+            .collect();
+        view.cluster_key = merge_kind::<KeyRotation>(snapshot, key::CLUSTER_KEY, &mut view)
+            .remove(CLUSTER_KEY_NAME);
+        // Generations removed by `node rm`, or that announced they left, are gone: not
+        // listed, their tasks in no table, their address blocks free. A later generation
+        // (the node joined again) speaks for itself.
+        let mut gone_up_to: BTreeMap<&str, u64> = BTreeMap::new();
+        for n in snapshot
+            .nodes
+            .iter()
+            .filter(|n| n.kv.contains_key(key::LEFT))
+        {
+            let g = gone_up_to.entry(&n.name).or_default();
+            *g = (*g).max(n.generation);
+        }
+        for (name, g) in &view.removed {
+            let e = gone_up_to.entry(name).or_default();
+            *e = (*e).max(*g);
+        }
+        let gone = |n: &SnapshotNode| {
+            gone_up_to
+                .get(n.name.as_str())
+                .is_some_and(|g| n.generation <= *g)
+        };
+        let present: Vec<&SnapshotNode> = snapshot.nodes.iter().filter(|n| !gone(n)).collect();
         // The newest generation of each node name speaks for it.
         let mut newest: BTreeMap<&str, &SnapshotNode> = BTreeMap::new();
-        for n in &snapshot.nodes {
+        for n in present.iter().copied() {
             match newest.get(n.name.as_str()) {
                 Some(prev) if prev.generation >= n.generation => {}
                 _ => {
@@ -126,12 +182,12 @@ impl View {
         // heartbeat on; meanwhile the previous generation is still live, and the node never
         // went away.
         let mut any_live: BTreeSet<&str> = BTreeSet::new();
-        for n in snapshot.nodes.iter().filter(|n| n.live) {
+        for n in present.iter().filter(|n| n.live) {
             any_live.insert(&n.name);
         }
         // A generation that announced a graceful stop counts as up until its deadline (its
         // tasks and dataplane keep serving while its agent restarts).
-        for n in &snapshot.nodes {
+        for n in present.iter().copied() {
             let until_ms =
                 n.kv.get(key::RESTARTING)
                     .and_then(|v| decode::<super::Restarting>(v))
@@ -146,6 +202,9 @@ impl View {
         let node_specs = merge_kind::<NodeSpec>(snapshot, key::NODE_SPEC, &mut view);
         for (name, n) in &newest {
             let record: Option<NodeRecord> = n.kv.get(key::NODE).and_then(|v| decode(v));
+            if let Some(keys) = n.kv.get(key::KEYS).and_then(|v| decode::<KeyState>(v)) {
+                view.node_keys.insert(name.to_string(), keys);
+            }
             let spec = node_specs
                 .get(*name)
                 .map(|r| r.spec.clone())
@@ -327,8 +386,8 @@ impl View {
                     hostname: record.hostname.clone(),
                     ready: n.status == NodeStatus::Ready,
                     active: n.spec.availability == super::Availability::Active,
-                    labels: n.spec.labels.clone(),
-                    engine_labels: BTreeMap::new(),
+                    labels: n.labels(),
+                    engine_labels: n.engine_labels(),
                     drivers: record.drivers.clone(),
                 })
             })
@@ -463,6 +522,7 @@ mod tests {
             mtu: 1500,
             agent_version: "test".into(),
             drivers: vec!["process".into()],
+            labels: BTreeMap::new(),
         };
         let mut kv = BTreeMap::new();
         kv.insert(key::NODE.into(), serde_json::to_string(&rec).unwrap());
@@ -715,6 +775,102 @@ mod tests {
             v.service_conflicts[0].reason,
             "port 8080/tcp is already published by service web"
         );
+    }
+
+    #[test]
+    fn operator_labels_win_over_engine_labels() {
+        let mut b = node("b", "192.0.2.2", true);
+        let mut rec: NodeRecord = serde_json::from_str(&b.kv[key::NODE]).unwrap();
+        rec.labels = BTreeMap::from([
+            ("type".to_owned(), "low-memory".to_owned()),
+            ("zone".to_owned(), "a".to_owned()),
+        ]);
+        put(&mut b, key::NODE.into(), &rec);
+        let mut spec = Replicated::new(NodeSpec::default(), st(5, "a"));
+        spec.spec.labels.insert("zone".into(), "b".into());
+        put(&mut b, format!("{}b", key::NODE_SPEC), &spec);
+        let v = View::compute(&Snapshot {
+            nodes: vec![b],
+            now_ms: 100,
+        });
+        let n = &v.nodes["b"];
+        assert_eq!(n.engine_labels()["zone"], "a");
+        assert_eq!(n.labels()["zone"], "b");
+        assert_eq!(n.labels()["type"], "low-memory");
+    }
+
+    #[test]
+    fn a_node_that_left_is_gone_at_once_with_its_tasks_and_blocks() {
+        let mut a = node("a", "192.0.2.1", true);
+        put(
+            &mut a,
+            format!("{}app", key::NETWORK),
+            &network("app", "10.1.0.0/24", 4096, st(10, "a")),
+        );
+        // An older generation of b is still in gossip (b restarted once, then left).
+        let old = node("b", "192.0.2.2", false);
+        let mut b = node("b", "192.0.2.2", true);
+        b.generation = 2;
+        put(
+            &mut b,
+            format!("{}app:1", key::BLOCK),
+            &BlockClaim {
+                network: "app".into(),
+                index: 1,
+                stamp: st(5, "b"),
+            },
+        );
+        put(
+            &mut b,
+            key::LEFT.into(),
+            &crate::cluster::Left { at_ms: 50 },
+        );
+        let v = View::compute(&Snapshot {
+            nodes: vec![a.clone(), old, b],
+            now_ms: 100,
+        });
+        assert!(!v.nodes.contains_key("b"), "{:?}", v.nodes.keys());
+        assert!(v.blocks.get("app").is_none_or(|b| b.is_empty()));
+        // Joining again is a new generation, which is listed.
+        let mut back = node("b", "192.0.2.2", true);
+        back.generation = 3;
+        let v = View::compute(&Snapshot {
+            nodes: vec![a, back],
+            now_ms: 100,
+        });
+        assert_eq!(v.nodes["b"].status, NodeStatus::Ready);
+    }
+
+    #[test]
+    fn a_removed_node_leaves_every_view_until_a_later_generation_joins() {
+        let mut a = node("a", "192.0.2.1", true);
+        let mut b = node("b", "192.0.2.2", false);
+        b.generation = 7;
+        let rm = Replicated::new(
+            NodeRemoval {
+                node: "b".into(),
+                generation: 7,
+            },
+            st(20, "a"),
+        );
+        put(&mut a, format!("{}b", key::NODE_REMOVAL), &rm);
+        let v = View::compute(&Snapshot {
+            nodes: vec![a.clone(), b.clone()],
+            now_ms: 100,
+        });
+        assert!(!v.nodes.contains_key("b"));
+        assert_eq!(v.removed["b"], 7);
+        assert!(
+            v.republish.contains_key("obj:noderm:b"),
+            "every node carries the removal"
+        );
+        b.generation = 8;
+        b.live = true;
+        let v = View::compute(&Snapshot {
+            nodes: vec![a, b],
+            now_ms: 100,
+        });
+        assert_eq!(v.nodes["b"].status, NodeStatus::Ready);
     }
 
     #[test]

@@ -58,6 +58,62 @@ const MAX_PEERS: usize = 4096;
 /// At most one log line per drop reason this often; the counters carry the full story.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// First bytes of a [`Refusal`].
+pub const REFUSAL_MAGIC: [u8; 2] = [b'm', 0x80];
+pub const REFUSAL_LEN: usize = 2 + 1 + 4;
+
+/// What a node answers, unsealed, to a well-formed sealed datagram it cannot open: without it
+/// a joiner with a stale or foreign token hears only silence, which looks exactly like an
+/// unreachable address. It reveals nothing a port scan would not (a mesh agent listens) and
+/// is far shorter than what provokes it, so it cannot amplify a spoofed flood; a forged one
+/// can at worst make a join give up with a wrong reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Only [`DropReason::UnknownKey`] or [`DropReason::BadTag`].
+    pub reason: DropReason,
+    /// The key id the refused datagram named.
+    pub key: KeyId,
+}
+
+impl Refusal {
+    /// The refusal for a datagram `open` rejected, if it deserves one.
+    pub fn of(reason: DropReason, datagram: &[u8]) -> Option<Self> {
+        if !matches!(reason, DropReason::UnknownKey | DropReason::BadTag) || datagram.len() < 6 {
+            return None;
+        }
+        let key = KeyId(u32::from_be_bytes(
+            datagram[2..6].try_into().expect("4 bytes"),
+        ));
+        Some(Self { reason, key })
+    }
+
+    pub fn encode(&self) -> [u8; REFUSAL_LEN] {
+        let mut out = [0u8; REFUSAL_LEN];
+        out[..2].copy_from_slice(&REFUSAL_MAGIC);
+        out[2] = match self.reason {
+            DropReason::BadTag => 2,
+            _ => 1,
+        };
+        out[3..].copy_from_slice(&self.key.0.to_be_bytes());
+        out
+    }
+
+    pub fn decode(datagram: &[u8]) -> Option<Self> {
+        if datagram.len() != REFUSAL_LEN || datagram[..2] != REFUSAL_MAGIC {
+            return None;
+        }
+        let reason = match datagram[2] {
+            1 => DropReason::UnknownKey,
+            2 => DropReason::BadTag,
+            _ => return None,
+        };
+        let key = KeyId(u32::from_be_bytes(
+            datagram[3..].try_into().expect("4 bytes"),
+        ));
+        Some(Self { reason, key })
+    }
+}
+
 /// Why a datagram was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -84,10 +140,12 @@ pub enum DropReason {
     StrayLoopback,
     /// Could not be sent: sealed, it exceeds the largest UDP datagram.
     Oversized,
+    /// A peer refused this node's datagram (a [`Refusal`]): it does not hold our key.
+    Refused,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Truncated,
         DropReason::Unsealed,
         DropReason::UnknownFormat,
@@ -99,6 +157,7 @@ impl DropReason {
         DropReason::Undecodable,
         DropReason::StrayLoopback,
         DropReason::Oversized,
+        DropReason::Refused,
     ];
 
     pub fn name(self) -> &'static str {
@@ -114,6 +173,7 @@ impl DropReason {
             DropReason::Undecodable => "undecodable",
             DropReason::StrayLoopback => "stray_loopback",
             DropReason::Oversized => "oversized",
+            DropReason::Refused => "refused",
         }
     }
 
@@ -132,6 +192,11 @@ impl DropReason {
             DropReason::Undecodable => "a key holder sent something chitchat cannot decode",
             DropReason::StrayLoopback => "a local process sent to the gossip codec socket",
             DropReason::Oversized => "gossip state too large for one datagram",
+            DropReason::Refused => {
+                "a peer does not accept this node's cluster key: a rotation retired it while this \
+                 node was away (join again with a current `meshctl join-token`), or the peer is \
+                 of another cluster"
+            }
             DropReason::Truncated | DropReason::UnknownFormat => {
                 "something that is not mesh gossip reached the gossip port"
             }
@@ -191,6 +256,9 @@ pub fn seal(
 pub fn open(ring: &Keyring, cluster: &str, datagram: &mut [u8]) -> Result<Opened, DropReason> {
     if datagram.len() >= 2 && datagram[..2] == CHITCHAT_MAGIC {
         return Err(DropReason::Unsealed);
+    }
+    if datagram.len() >= 2 && datagram[..2] == REFUSAL_MAGIC {
+        return Err(DropReason::Refused);
     }
     if datagram.len() < OVERHEAD {
         return Err(if datagram.len() >= 2 && datagram[..2] != MAGIC {
@@ -372,6 +440,15 @@ impl GossipAuth {
             "cluster keys reloaded"
         );
         Ok(ids)
+    }
+
+    /// The primary key of a peer that sent authentic gossip, as its datagrams say.
+    pub fn peer_primary(&self, peer: SocketAddr) -> Option<KeyId> {
+        self.peers
+            .lock()
+            .expect("peers lock")
+            .get(&peer)
+            .map(|p| p.primary)
     }
 
     /// Seals a datagram for `to`: with the peer's own primary key when this node holds it

@@ -21,6 +21,10 @@
 //!
 //! # Rotation without downtime
 //!
+//! `meshctl join-token --rotate` does the steps below for every node at once (see
+//! `agent::membership`): the new key travels in sealed gossip, each agent rewrites its own key
+//! file and reloads. By hand:
+//!
 //! 1. On each node in turn, put the new key first and keep the old one after it, then reload
 //!    (`systemctl reload mesh-agent`, i.e. SIGHUP) or restart the agent.
 //! 2. Once every node has the new key, remove the old line on each node in turn and reload.
@@ -127,72 +131,17 @@ impl Keyring {
 
     /// Parses a key file's text. Errors name the line, never the key.
     pub fn parse(text: &str) -> Result<Self> {
-        let mut keys = Vec::new();
-        let mut lines = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let n = n + 1;
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let (encoded, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
-            let rest = rest.trim_start();
-            if !rest.is_empty() && !rest.starts_with('#') {
-                bail!("line {n}: expected one base64 key, optionally followed by a # comment");
-            }
-            let bytes = Zeroizing::new(BASE64.decode(encoded).map_err(|_| {
-                anyhow::anyhow!("line {n}: not a base64 key (make one with `mesh-agent keygen`)")
-            })?);
-            let key: &[u8; KEY_LEN] = bytes.as_slice().try_into().map_err(|_| {
-                anyhow::anyhow!(
-                    "line {n}: the key is {} bytes, a cluster key is {KEY_LEN} (make one with `mesh-agent keygen`)",
-                    bytes.len()
-                )
-            })?;
-            let key = ClusterKey::new(key);
-            if let Some(i) = keys.iter().position(|k: &ClusterKey| k.id == key.id) {
-                bail!(
-                    "line {n}: the same key as line {} (key {})",
-                    lines[i],
-                    key.id
-                );
-            }
-            keys.push(key);
-            lines.push(n);
-        }
-        if keys.is_empty() {
-            bail!("no key in the file (make one with `mesh-agent keygen`)");
-        }
-        if keys.len() > MAX_KEYS {
-            bail!(
-                "{} keys: at most {MAX_KEYS} are accepted (a rotation needs two)",
-                keys.len()
-            );
-        }
-        Self::new(keys)
+        Self::new(
+            parse_material(text)?
+                .iter()
+                .map(|k| ClusterKey::new(k))
+                .collect(),
+        )
     }
 
     /// Reads a key file, refusing one that other users can read or write.
     pub fn load(path: &Path) -> Result<Self> {
-        let meta = std::fs::metadata(path)
-            .with_context(|| format!("reading cluster key file {}", path.display()))?;
-        if !meta.is_file() {
-            bail!("cluster key file {} is not a regular file", path.display());
-        }
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o007 != 0 {
-            bail!(
-                "cluster key file {} is accessible by other users (mode {mode:04o}): run `chmod 600 {}`",
-                path.display(),
-                path.display()
-            );
-        }
-        if mode & 0o070 != 0 {
-            tracing::warn!(
-                "cluster key file {} is accessible by its group (mode {mode:04o}); 0600 is safer",
-                path.display()
-            );
-        }
+        check_key_file(path)?;
         let text = Zeroizing::new(
             std::fs::read_to_string(path)
                 .with_context(|| format!("reading cluster key file {}", path.display()))?,
@@ -212,6 +161,118 @@ impl Keyring {
     pub fn ids(&self) -> Vec<KeyId> {
         self.keys.iter().map(|k| k.id).collect()
     }
+}
+
+/// The keys of a key file's text, primary first. Errors name the line, never the key.
+pub fn parse_material(text: &str) -> Result<Vec<Zeroizing<[u8; KEY_LEN]>>> {
+    let mut keys: Vec<Zeroizing<[u8; KEY_LEN]>> = Vec::new();
+    let mut ids = Vec::new();
+    let mut lines = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let n = n + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (encoded, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        let rest = rest.trim_start();
+        if !rest.is_empty() && !rest.starts_with('#') {
+            bail!("line {n}: expected one base64 key, optionally followed by a # comment");
+        }
+        let bytes = Zeroizing::new(BASE64.decode(encoded).map_err(|_| {
+            anyhow::anyhow!("line {n}: not a base64 key (make one with `mesh-agent keygen`)")
+        })?);
+        let key: &[u8; KEY_LEN] = bytes.as_slice().try_into().map_err(|_| {
+            anyhow::anyhow!(
+                "line {n}: the key is {} bytes, a cluster key is {KEY_LEN} (make one with `mesh-agent keygen`)",
+                bytes.len()
+            )
+        })?;
+        let id = KeyId::of(key);
+        if let Some(i) = ids.iter().position(|k| *k == id) {
+            bail!("line {n}: the same key as line {} (key {id})", lines[i]);
+        }
+        keys.push(Zeroizing::new(*key));
+        ids.push(id);
+        lines.push(n);
+    }
+    if keys.is_empty() {
+        bail!("no key in the file (make one with `mesh-agent keygen`)");
+    }
+    if keys.len() > MAX_KEYS {
+        bail!(
+            "{} keys: at most {MAX_KEYS} are accepted (a rotation needs two)",
+            keys.len()
+        );
+    }
+    Ok(keys)
+}
+
+/// Checks a key file's type and mode before it is read.
+fn check_key_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("reading cluster key file {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("cluster key file {} is not a regular file", path.display());
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        bail!(
+            "cluster key file {} is accessible by other users (mode {mode:04o}): run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    if mode & 0o070 != 0 {
+        tracing::warn!(
+            "cluster key file {} is accessible by its group (mode {mode:04o}); 0600 is safer",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The keys of a key file, primary first: for join tokens and rotations, which need the key
+/// itself rather than a cipher.
+pub fn read_material(path: &Path) -> Result<Vec<Zeroizing<[u8; KEY_LEN]>>> {
+    check_key_file(path)?;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading cluster key file {}", path.display()))?,
+    );
+    parse_material(&text).with_context(|| format!("cluster key file {}", path.display()))
+}
+
+/// Replaces a key file with these keys (primary first), owner-only, atomically: an agent
+/// reloading meanwhile reads the old file or the new one, never half of one.
+pub fn write_key_file(path: &Path, keys: &[&[u8; KEY_LEN]]) -> Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    if keys.is_empty() {
+        bail!("a key file needs at least one key");
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut text = Zeroizing::new(String::from(
+        "# mesh cluster key file: authenticates and encrypts gossip. Written by mesh-agent\n\
+         # (init, join, and `meshctl join-token --rotate`); the first key is the primary.\n",
+    ));
+    for k in keys {
+        text.push_str(&format!("{}  # key {}\n", encode(k).as_str(), KeyId::of(k)));
+    }
+    let tmp = path.with_extension("key.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
 }
 
 /// A fresh key from the operating system's random source.
@@ -348,6 +409,22 @@ mod tests {
         let err = format!("{:#}", write_new_key_file(&path).unwrap_err());
         assert!(err.contains("never overwritten"), "{err}");
         assert_eq!(Keyring::load(&path).unwrap().primary().id, id);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_written_key_file_keeps_its_order_and_is_owner_only() {
+        let dir = std::env::temp_dir().join(format!("mesh-keywrite-{}", std::process::id()));
+        let path = dir.join("sub").join("cluster.key");
+        write_key_file(&path, &[&key(2), &key(1)]).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let ring = Keyring::load(&path).unwrap();
+        assert_eq!(ring.ids(), vec![KeyId::of(&key(2)), KeyId::of(&key(1))]);
+        let material = read_material(&path).unwrap();
+        assert_eq!(*material[0], key(2));
+        write_key_file(&path, &[&key(2)]).unwrap();
+        assert_eq!(Keyring::load(&path).unwrap().ids().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

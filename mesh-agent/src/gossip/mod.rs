@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod keyring;
+pub mod token;
 pub mod transport;
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
@@ -58,6 +59,8 @@ pub struct Gossip {
     local_change: Arc<Notify>,
     /// Keys and counters of sealed gossip; `None` when gossip runs unauthenticated.
     auth: Option<Arc<auth::GossipAuth>>,
+    /// This run's generation: what `node rm` of this node names.
+    generation: u64,
 }
 
 impl Gossip {
@@ -66,7 +69,8 @@ impl Gossip {
         initial: Vec<(String, String)>,
         transport: &dyn Transport,
     ) -> Result<Self> {
-        let chitchat_id = ChitchatId::new(config.node.clone(), Clock::now_ms(), config.advertise);
+        let generation = Clock::now_ms();
+        let chitchat_id = ChitchatId::new(config.node.clone(), generation, config.advertise);
         let chitchat_config = ChitchatConfig {
             chitchat_id,
             cluster_id: config.cluster.clone(),
@@ -93,6 +97,7 @@ impl Gossip {
             handle,
             local_change: Arc::new(Notify::new()),
             auth: None,
+            generation,
         })
     }
 
@@ -104,6 +109,10 @@ impl Gossip {
 
     pub fn auth(&self) -> Option<&Arc<auth::GossipAuth>> {
         self.auth.as_ref()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Writes this node's keys (set when `Some`, delete when `None`) in one step.

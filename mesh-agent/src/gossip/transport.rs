@@ -36,7 +36,10 @@ use chitchat::{
 };
 use tracing::debug;
 
-use super::auth::{DropReason, GossipAuth, MAX_DATAGRAM};
+use super::{
+    auth::{DropReason, GossipAuth, MAX_DATAGRAM, Refusal},
+    keyring::KeyId,
+};
 
 /// chitchat's encoding of `BadCluster` in protocol version 0: magic number 45139 (little
 /// endian), version 0, message type 3. Used as the sentinel after each fed datagram.
@@ -72,6 +75,8 @@ pub struct SealedSocket {
     codec: Codec,
     recv_buf: Box<[u8]>,
     send_buf: Vec<u8>,
+    /// When each address was last sent a [`Refusal`]: one a second per sender at most.
+    refused: HashMap<SocketAddr, Instant>,
 }
 
 impl SealedSocket {
@@ -85,7 +90,29 @@ impl SealedSocket {
             codec: Codec::open().await?,
             recv_buf: vec![0u8; MAX_DATAGRAM + 1].into_boxed_slice(),
             send_buf: Vec::with_capacity(MAX_DATAGRAM),
+            refused: HashMap::new(),
         })
+    }
+
+    /// Tells a sender its datagram was sealed with a key this node does not hold. Never
+    /// waits (recv must stay cancel-safe): a refusal the socket cannot take now is skipped.
+    fn refuse(&mut self, to: SocketAddr, reason: DropReason, n: usize) {
+        let Some(refusal) = Refusal::of(reason, &self.recv_buf[..n]) else {
+            return;
+        };
+        let now = Instant::now();
+        if self
+            .refused
+            .get(&to)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        if self.refused.len() >= MAX_FEEDERS {
+            self.refused.clear();
+        }
+        self.refused.insert(to, now);
+        let _ = self.wire.try_send_to(&refusal.encode(), to);
     }
 }
 
@@ -132,8 +159,12 @@ impl Socket for SealedSocket {
                         Err(e) if is_transient(&e) => continue,
                         Err(e) => return Err(e).context("receiving gossip"),
                     };
-                    let Ok(plaintext) = self.auth.open_from(from, &mut self.recv_buf[..n]) else {
-                        continue;
+                    let plaintext = match self.auth.open_from(from, &mut self.recv_buf[..n]) {
+                        Ok(p) => p,
+                        Err(reason) => {
+                            self.refuse(from, reason, n);
+                            continue;
+                        }
                     };
                     let plaintext = &self.recv_buf[plaintext];
                     if plaintext.starts_with(&SENTINEL) {
@@ -151,6 +182,92 @@ impl Socket for SealedSocket {
             }
         }
     }
+}
+
+/// What a member answered a joiner's probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeAnswer {
+    /// An authentic answer: the peer holds the key; `primary` is the key it seals with (not
+    /// the probe's while a rotation is under way).
+    Member { primary: Option<KeyId> },
+    /// The peer could not open the probe.
+    Refused(Refusal),
+}
+
+/// Asks `peer` whether it is a member of the cluster `auth`'s key belongs to, before a
+/// joining node writes any config: one chitchat Syn with an empty digest (it adds nothing to
+/// the peer's state) sealed with the key, retried until `timeout`. Only an answer the peer
+/// sealed with that key counts as reaching the right cluster.
+pub async fn probe(
+    auth: Arc<GossipAuth>,
+    cluster: &str,
+    local: SocketAddr,
+    peer: SocketAddr,
+    timeout: Duration,
+) -> Result<ProbeAnswer> {
+    let wire = tokio::net::UdpSocket::bind(local)
+        .await
+        .with_context(|| format!("opening a gossip socket on {local}"))?;
+    // Connected, so an ICMP port unreachable comes back as an error instead of silence.
+    wire.connect(peer)
+        .await
+        .with_context(|| format!("no route to {peer}: check the address"))?;
+    let mut codec = Codec::open().await?;
+    let syn = ChitchatEnvelope {
+        version: ProtocolVersion::V0,
+        message: ChitchatMessage::Syn {
+            cluster_id: cluster.to_owned(),
+            digest: Default::default(),
+        },
+    };
+    let plaintext = codec.encode(syn).await?.to_vec();
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut refused_port = false;
+    let mut sealed = Vec::new();
+    while Instant::now() < deadline {
+        // Sealed afresh each time: a resent datagram would be dropped as a replay.
+        sealed.clear();
+        auth.seal_for(peer, &plaintext, &mut sealed)?;
+        match wire.send(&sealed).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused_port = true,
+            Err(e) => return Err(e).with_context(|| format!("sending to {peer}")),
+        }
+        let round = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < round.min(deadline) {
+            let wait = round.min(deadline) - Instant::now();
+            let n = match tokio::time::timeout(wait, wire.recv(&mut buf)).await {
+                Err(_) => break,
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    refused_port = true;
+                    break;
+                }
+                Ok(Err(e)) => return Err(e).with_context(|| format!("receiving from {peer}")),
+            };
+            if let Some(r) = Refusal::decode(&buf[..n]) {
+                return Ok(ProbeAnswer::Refused(r));
+            }
+            if auth.open_from(peer, &mut buf[..n]).is_ok() {
+                return Ok(ProbeAnswer::Member {
+                    primary: auth.peer_primary(peer),
+                });
+            }
+        }
+    }
+    if refused_port {
+        anyhow::bail!(
+            "nothing listens on {peer}/udp: is mesh-agent running there, with that gossip port? \
+             (check the address in the join command)"
+        );
+    }
+    anyhow::bail!(
+        "no answer from {peer}/udp within {}s: the address is not reachable from this host, or \
+         a firewall drops udp port {} (check the address in the join command and the route to it)",
+        timeout.as_secs(),
+        peer.port()
+    )
 }
 
 fn is_transient(e: &std::io::Error) -> bool {
@@ -351,6 +468,70 @@ mod tests {
             .await
             .ok()
             .map(Result::unwrap)
+    }
+
+    #[tokio::test]
+    async fn a_probe_tells_a_member_from_a_refusal_and_from_silence() {
+        // A "member" answers a probe with its own sealed gossip; here, the next envelope.
+        let (mut member, member_addr, _) = socket(&[1]).await;
+        let serve = tokio::spawn(async move {
+            loop {
+                if let Ok(m) = member.recv().await {
+                    let _ = member.send(m.from_addr, syn(CLUSTER)).await;
+                }
+            }
+        });
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let t = Duration::from_secs(2);
+        let ok = probe(auth(&[1]), CLUSTER, local, member_addr, t)
+            .await
+            .unwrap();
+        assert_eq!(
+            ok,
+            ProbeAnswer::Member {
+                primary: Some(ClusterKey::new(&[1; KEY_LEN]).id)
+            }
+        );
+        let stale = probe(auth(&[2]), CLUSTER, local, member_addr, t)
+            .await
+            .unwrap();
+        assert_eq!(
+            stale,
+            ProbeAnswer::Refused(Refusal {
+                reason: DropReason::UnknownKey,
+                key: ClusterKey::new(&[2; KEY_LEN]).id
+            })
+        );
+        let ring = Keyring::new(vec![ClusterKey::new(&[1; KEY_LEN])]).unwrap();
+        let other = Arc::new(GossipAuth::new(ring, Path::new("/x"), "other"));
+        let other_name = probe(other, "other", local, member_addr, t).await.unwrap();
+        assert!(
+            matches!(other_name, ProbeAnswer::Refused(r) if r.reason == DropReason::BadTag),
+            "{other_name:?}"
+        );
+        serve.abort();
+        // Nothing listens there any more: the port is refused, not silent.
+        let e = probe(auth(&[1]), CLUSTER, local, member_addr, t)
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("nothing listens"), "{e:#}");
+    }
+
+    #[test]
+    fn refusals_round_trip_and_only_key_failures_get_one() {
+        let r = Refusal {
+            reason: DropReason::UnknownKey,
+            key: KeyId(0x01020304),
+        };
+        assert_eq!(Refusal::decode(&r.encode()), Some(r));
+        let sealed_like = [b'm', 1, 1, 2, 3, 4, 0, 0];
+        assert_eq!(
+            Refusal::of(DropReason::BadTag, &sealed_like).map(|r| r.key),
+            Some(KeyId(0x01020304))
+        );
+        assert_eq!(Refusal::of(DropReason::Replayed, &sealed_like), None);
+        assert_eq!(Refusal::of(DropReason::Truncated, &sealed_like), None);
+        assert_eq!(Refusal::decode(&[b'm', 0x80, 9, 0, 0, 0, 0]), None);
     }
 
     #[tokio::test]

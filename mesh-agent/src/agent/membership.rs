@@ -1,0 +1,348 @@
+//! Joining and leaving: join tokens, cluster key rotation, `node rm` and `leave`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tracing::{error, info, warn};
+
+use super::{Agent, Error, Result};
+use crate::{
+    cluster::{
+        Clock, KeyRotation, KeyState, Left, NodeRemoval, NodeStatus, Replicated, View, key,
+        view::CLUSTER_KEY_NAME,
+    },
+    gossip::{
+        keyring::{self, KEY_LEN, KeyId},
+        token::JoinToken,
+    },
+};
+
+/// Why the agent stops on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// `mesh-agent leave`: peers were told; clean up everything.
+    Leave,
+    /// Another node ran `node rm --force` on this one.
+    Removed,
+}
+
+/// Where a key rotation stands, for `meshctl join-token --rotate` to report.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RotationStatus {
+    pub key: KeyId,
+    /// Ready nodes that seal with the new key, of all Ready nodes.
+    pub switched: Vec<String>,
+    /// Ready nodes that hold only the new key: the old one is retired there.
+    pub retired: Vec<String>,
+    pub ready: Vec<String>,
+    /// Down nodes: they keep the old key and must join again with a new token.
+    pub down: Vec<String>,
+}
+
+impl RotationStatus {
+    pub fn done(&self) -> bool {
+        self.retired.len() == self.ready.len()
+    }
+}
+
+impl Agent {
+    /// The key the join token carries: this node's primary.
+    pub fn join_token(&self) -> Result<JoinToken> {
+        let Some(path) = &self.config.cluster_key_file else {
+            return Err(no_cluster_key());
+        };
+        let keys = keyring::read_material(path)?;
+        Ok(JoinToken::new(&keys[0], &self.config.cluster))
+    }
+
+    /// Starts a cluster-wide key rotation: a new key becomes primary on every node, which
+    /// keeps its old keys as secondaries until every Ready node seals with the new one, then
+    /// drops them (see [`Agent::converge_keys`]). Returns the new key's id.
+    pub async fn rotate_key(&self) -> Result<KeyId> {
+        if self.gossip.auth().is_none() || self.config.cluster_key_file.is_none() {
+            return Err(no_cluster_key());
+        }
+        let key = keyring::generate()?;
+        let id = KeyId::of(&key);
+        let view = self.refresh().await;
+        let stamp = self.tick();
+        let spec = KeyRotation {
+            id,
+            key: keyring::encode(&key).to_string(),
+        };
+        // One incarnation, updated by each rotation: the newest update wins everywhere, so
+        // rotations that follow each other never resolve to an older key.
+        let record = match &view.cluster_key {
+            Some(current) => Replicated {
+                spec,
+                updated: stamp,
+                ..current.clone()
+            },
+            None => Replicated::new(spec, stamp),
+        };
+        self.write_object(key::CLUSTER_KEY, CLUSTER_KEY_NAME, &record)
+            .await?;
+        info!(key = %id, "cluster key rotation started");
+        self.poke();
+        Ok(id)
+    }
+
+    pub fn rotation_status(&self, view: &View) -> Option<RotationStatus> {
+        let rotation = view.cluster_key.as_ref()?;
+        let id = rotation.spec.id;
+        let mut status = RotationStatus {
+            key: id,
+            switched: Vec::new(),
+            retired: Vec::new(),
+            ready: Vec::new(),
+            down: Vec::new(),
+        };
+        for (name, n) in &view.nodes {
+            if n.status != NodeStatus::Ready {
+                status.down.push(name.clone());
+                continue;
+            }
+            status.ready.push(name.clone());
+            if let Some(k) = view.node_keys.get(name) {
+                if k.primary == id {
+                    status.switched.push(name.clone());
+                }
+                if k.accepted == [id] {
+                    status.retired.push(name.clone());
+                }
+            }
+        }
+        Some(status)
+    }
+
+    /// Publishes the keys this node holds and carries out a rotation the view asks for:
+    /// the new key first, the old ones kept until every Ready node seals with the new one.
+    /// Every node decides from the same view, so no coordinator has to survive the rotation.
+    pub(crate) async fn converge_keys(&self, view: &View) {
+        let Some(auth) = self.gossip.auth() else {
+            return;
+        };
+        if let Err(e) = self.apply_rotation(view).await {
+            // Retried on every pass (about once a second): say it once a minute.
+            static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+            let mut last = LAST.lock().expect("log lock");
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                *last = Some(std::time::Instant::now());
+                error!(
+                    "carrying out the cluster key rotation (this node keeps its keys and \
+                     retries): {e:#}"
+                );
+            }
+        }
+        let ring = auth.keyring();
+        let ids = ring.ids();
+        let state = KeyState {
+            primary: ids[0],
+            accepted: ids,
+        };
+        self.gossip
+            .write([(
+                key::KEYS.to_owned(),
+                Some(serde_json::to_string(&state).expect("plain struct")),
+            )])
+            .await;
+    }
+
+    async fn apply_rotation(&self, view: &View) -> anyhow::Result<()> {
+        let (Some(auth), Some(rotation), Some(path)) = (
+            self.gossip.auth(),
+            view.cluster_key.as_ref(),
+            self.config.cluster_key_file.as_ref(),
+        ) else {
+            return Ok(());
+        };
+        let new = rotation.spec.id;
+        let status = self
+            .rotation_status(view)
+            .expect("a rotation is in the view");
+        let everyone_switched = status.switched.len() == status.ready.len();
+        let held = auth.keyring().ids();
+        let want_len = if everyone_switched { 1 } else { held.len() };
+        if held[0] == new && held.len() == want_len {
+            return Ok(());
+        }
+        let mut material = keyring::read_material(path)?;
+        if held[0] != new {
+            let bytes = zeroize::Zeroizing::new(
+                base64::Engine::decode(
+                    &base64::engine::general_purpose::STANDARD,
+                    &rotation.spec.key,
+                )
+                .ok()
+                .filter(|b| b.len() == KEY_LEN)
+                .context("the rotation record's key is not a 32-byte base64 key")?,
+            );
+            let key: [u8; KEY_LEN] = bytes.as_slice().try_into().expect("length checked");
+            if KeyId::of(&key) != new {
+                anyhow::bail!("the rotation record's key does not match its id {new}");
+            }
+            material.retain(|k| KeyId::of(k) != new);
+            material.insert(0, zeroize::Zeroizing::new(key));
+        }
+        if everyone_switched {
+            material.truncate(1);
+        }
+        material.truncate(keyring::MAX_KEYS);
+        let refs: Vec<&[u8; KEY_LEN]> = material.iter().map(|k| &**k).collect();
+        keyring::write_key_file(path, &refs)?;
+        let ids = auth.reload()?;
+        if ids.len() == 1 {
+            info!(key = %new, "every node uses the new cluster key; old keys retired");
+        } else {
+            info!(key = %new, "new cluster key is primary; old keys kept until every node switched");
+        }
+        Ok(())
+    }
+
+    /// `meshctl node rm`: forgets a node on every node. Refused for this node (`leave` is
+    /// for that) and, without `force`, for a node that is up.
+    pub async fn remove_node(&self, name: &str, force: bool) -> Result<()> {
+        let view = self.refresh().await;
+        let Some(node) = view.nodes.get(name) else {
+            return Err(Error::NotFound(format!(
+                "node {name} not found (see `meshctl node ls`)"
+            )));
+        };
+        if name == self.node_name() {
+            return Err(Error::Conflict(format!(
+                "node {name} is the node this command runs on: run `mesh-agent leave` here \
+                 instead, or `meshctl node rm` from another node"
+            )));
+        }
+        if node.status == NodeStatus::Ready && !force {
+            return Err(Error::Conflict(format!(
+                "node {name} is up: run `mesh-agent leave` on it (its tasks are moved first), \
+                 or pass --force to remove it anyway"
+            )));
+        }
+        let generation = self
+            .gossip
+            .snapshot()
+            .await
+            .nodes
+            .iter()
+            .filter(|n| n.name == name)
+            .map(|n| n.generation)
+            .max()
+            .unwrap_or(0);
+        let stamp = self.tick();
+        let spec = NodeRemoval {
+            node: name.to_owned(),
+            generation,
+        };
+        let mut current: Option<Replicated<NodeRemoval>> = None;
+        for n in self.gossip.snapshot().await.nodes {
+            if let Some(r) =
+                n.kv.get(&format!("{}{name}", key::NODE_REMOVAL))
+                    .and_then(|v| serde_json::from_str::<Replicated<NodeRemoval>>(v).ok())
+                && current.as_ref().is_none_or(|c| r.updated > c.updated)
+            {
+                current = Some(r);
+            }
+        }
+        // Updating the one incarnation keeps the newest removal winning everywhere.
+        let record = match current {
+            Some(c) => Replicated {
+                spec,
+                updated: stamp,
+                deleted: None,
+                ..c
+            },
+            None => Replicated::new(spec, stamp),
+        };
+        self.write_object(key::NODE_REMOVAL, name, &record).await?;
+        self.refresh().await;
+        info!(
+            node = name,
+            generation, force, "node removed from the cluster"
+        );
+        Ok(())
+    }
+
+    /// Tells peers this node leaves for good and waits for that to spread; the caller then
+    /// stops the agent with [`Shutdown::Leave`].
+    pub async fn announce_leave(&self) {
+        let value = serde_json::to_string(&Left {
+            at_ms: Clock::now_ms(),
+        })
+        .expect("plain struct");
+        self.gossip
+            .write([(key::LEFT.to_owned(), Some(value))])
+            .await;
+        tokio::time::sleep(self.config.gossip_interval() * 5).await;
+    }
+
+    /// Asks the agent's main task to stop.
+    pub fn request_shutdown(&self, why: Shutdown) {
+        let _ = self.shutdown.send(Some(why));
+    }
+
+    /// Resolves when something asked the agent to stop.
+    pub async fn shutdown_requested(&self) -> Shutdown {
+        let mut rx = self.shutdown.subscribe();
+        loop {
+            if let Some(why) = *rx.borrow_and_update() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Stops this node's part in the cluster: its tasks, its networks' plumbing and gateway,
+    /// its saved state and its key file (it is no longer a member; joining again takes a token).
+    pub async fn clean_up_after_leaving(&self) -> anyhow::Result<()> {
+        if let Some(local) = self.local() {
+            for t in local.tasks.list() {
+                if let Err(e) = self.remove_task(&t.spec.name).await {
+                    warn!(task = t.spec.name, "stopping task: {e}");
+                }
+            }
+            let _one_at_a_time = self.converging.lock().await;
+            self.converge_locked(&View::default(), None)
+                .await
+                .context("unplumbing this node's networks")?;
+            // The gateway bridge and the nftables table stay through restarts; not now.
+            local
+                .overlay
+                .remove_all(&local.underlay)
+                .await
+                .context("removing the gateway bridge and firewall")?;
+        }
+        let _ = std::fs::remove_file(super::state_file(&self.config.state_dir));
+        if let Some(path) = &self.config.cluster_key_file {
+            match std::fs::remove_file(path) {
+                Ok(()) => info!(path = %path.display(), "cluster key file removed"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => warn!(path = %path.display(), "removing the cluster key file: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `node rm --force` named this very run of the agent.
+    pub(crate) fn removed_from(&self, view: &View) -> bool {
+        view.removed
+            .get(self.node_name())
+            .is_some_and(|g| self.gossip.generation() <= *g)
+    }
+}
+
+fn no_cluster_key() -> Error {
+    Error::Invalid(
+        "this cluster runs without a cluster key, so there is no join token: anyone who \
+         reaches the gossip port can join. Start a new cluster with `mesh-agent init`, or \
+         create a key with `mesh-agent keygen --out FILE`, copy it to every node and set \
+         cluster_key_file"
+            .into(),
+    )
+}
+
+/// How long `mesh-agent leave` and `join-token --rotate` wait by default.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
