@@ -297,12 +297,10 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
     let placeable = eligible
         .iter()
         .any(|n| limit.is_none_or(|l| count.get(n).copied().unwrap_or(0) < l));
-    let newest_outdated = |slot: &Slot| {
-        mine.iter()
-            .filter(|t| t.slot == *slot)
-            .max_by_key(|t| (t.created_ms, t.id.as_str()))
-            .is_some_and(|t| !current(t) && placeable)
-    };
+    // A slot with no live task but a past is in flight too: the gap of stop-first, or a new
+    // task that failed and awaits its restart (counting neither let the next slot go while
+    // this one was down).
+    let newest_outdated = |slot: &Slot| placeable && mine.iter().any(|t| t.slot == *slot);
     let any_outdated = outcome.values().any(|o| matches!(o, Outcome::Outdated(..)));
     let in_flight = outcome
         .iter()

@@ -350,6 +350,13 @@ pub struct ClientLoop {
 
 impl ClientLoop {
     pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        Self::paced(ns, addr, Duration::ZERO)
+    }
+
+    /// A loop that waits `every` between requests: a steady client rather than a flood.
+    /// (Hundreds of new connections a second from one client wear through the SNAT port
+    /// range's TIME_WAIT space; see the dataplane notes in the README.)
+    pub fn paced(ns: &Netns, addr: SocketAddr, every: Duration) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = ns.spawn_thread(move || {
@@ -359,6 +366,9 @@ impl ClientLoop {
                 match http_get(addr) {
                     Ok(_) => ok += 1,
                     Err(e) => failed.push(format!("at {:?}: {e:#}", started.elapsed())),
+                }
+                if !every.is_zero() {
+                    std::thread::sleep(every);
                 }
             }
             (ok, failed)

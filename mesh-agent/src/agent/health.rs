@@ -75,3 +75,44 @@ async fn http(ip: Ipv4Addr, port: u16, path: &str) -> Result<(), String> {
         None => Err(format!("GET {path}: not an HTTP answer")),
     }
 }
+
+/// What [`wait_listening`] saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ready {
+    Listening,
+    /// The process ended first.
+    Gone,
+    /// It still runs but did not listen in time.
+    TimedOut,
+}
+
+/// Waits until something accepts TCP connections at `ip:port`, the task's process is gone,
+/// or `limit` passed.
+pub async fn wait_listening(
+    local: &Local,
+    task: &str,
+    ip: Ipv4Addr,
+    port: u16,
+    limit: Duration,
+) -> Ready {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let attempt =
+            tokio::time::timeout(Duration::from_millis(500), TcpStream::connect((ip, port))).await;
+        if matches!(attempt, Ok(Ok(_))) {
+            return Ready::Listening;
+        }
+        let alive = local
+            .tasks
+            .get(task)
+            .is_some_and(|r| r.state == crate::task::TaskState::Running);
+        if !alive {
+            return Ready::Gone;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(task, %ip, port, "the task does not listen on its target port; serving it anyway");
+            return Ready::TimedOut;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -28,6 +28,10 @@ use crate::{
     task::TaskState as ProcessState,
 };
 
+/// How long a task without a health check may take to listen on its port before it is made a
+/// backend anyway (it may serve only UDP, or another port).
+const READY_WAIT: Duration = Duration::from_secs(10);
+
 /// Terminal tasks kept per slot on this node for `service ps` (Swarm keeps 5 per slot,
 /// the running one included).
 const HISTORY_PER_SLOT: usize = 5;
@@ -98,14 +102,18 @@ impl Agent {
     }
 
     async fn publish_task(&self, t: &Task) {
-        match serde_json::to_string(t) {
-            Ok(json) => {
-                self.gossip
-                    .write([(format!("{}{}", key::TASK, t.id), Some(json))])
-                    .await
+        self.publish_tasks(&[t]).await;
+    }
+
+    async fn publish_tasks(&self, tasks: &[&Task]) {
+        let mut writes = Vec::new();
+        for t in tasks {
+            match serde_json::to_string(t) {
+                Ok(json) => writes.push((format!("{}{}", key::TASK, t.id), Some(json))),
+                Err(e) => warn!(task = t.id, "cannot encode task record: {e}"),
             }
-            Err(e) => warn!(task = t.id, "cannot encode task record: {e}"),
         }
+        self.gossip.write(writes).await;
     }
 
     /// One pass over every service (see the module docs); returns when the next restart
@@ -406,8 +414,9 @@ impl Agent {
                     running_ms: None,
                     ..t.clone()
                 };
-                self.publish_task(&t).await;
-                self.publish_task(&next).await;
+                // One write: a view with the failure but not yet its replacement would show an
+                // empty slot, and a rollout would move on to the next one.
+                self.publish_tasks(&[&t, &next]).await;
             }
             AfterExit::Hold { why } => {
                 info!(task = name, code = ?code, "task ended; the restart policy keeps it down");
@@ -462,6 +471,15 @@ impl Agent {
             ("MESH_NODE_NAME".to_owned(), t.node.clone()),
         ];
         env.extend(template.env.iter().cloned());
+        // Without a health check, a task that listens on a TCP target port serves once it
+        // accepts there: sending it connections before its process has bound the port would
+        // fail them (Swarm does, and a rolling update then drops requests).
+        let ready_port = service
+            .ports
+            .iter()
+            .find(|p| p.protocol == crate::cluster::Protocol::Tcp)
+            .map(|p| p.target)
+            .filter(|_| template.health.is_none());
         let launched = self
             .launch(
                 &view,
@@ -472,7 +490,7 @@ impl Agent {
                     command: &template.command,
                     env: &env,
                     hostname: Some(&hostname),
-                    publish: template.health.is_none(),
+                    publish: template.health.is_none() && ready_port.is_none(),
                 },
             )
             .await;
@@ -484,7 +502,28 @@ impl Agent {
                 self.publish_task(&t).await;
                 info!(task = name, "task started; waiting for its health check");
             }
-            Ok(_) => {
+            Ok(record) => {
+                if let (Some(port), Some(ip)) = (
+                    ready_port,
+                    record.interfaces.first().map(|i| i.address.addr()),
+                ) {
+                    t.state = TaskState::Starting;
+                    t.since_ms = Clock::now_ms();
+                    self.publish_task(&t).await;
+                    let local = self.local().expect("a launched task has a node");
+                    if health::wait_listening(local, &name, ip, port, READY_WAIT).await
+                        == health::Ready::Gone
+                    {
+                        // It never served; the next pass records its end.
+                        return;
+                    }
+                    if let Err(e) = self
+                        .publish_endpoint(&name, &service.network, Some(&service.name), ip)
+                        .await
+                    {
+                        warn!(task = name, "publishing the task: {e}");
+                    }
+                }
                 let now = Clock::now_ms();
                 t.state = TaskState::Running;
                 t.since_ms = now;
@@ -658,9 +697,10 @@ impl Agent {
     }
 
     /// How long a stopping task stays up after leaving the tables: gossip spreads in a few
-    /// rounds and each node reprograms within ~200 ms of hearing.
+    /// rounds and each node reprograms within ~200 ms of hearing; a loaded node takes longer,
+    /// and a connection sent to a task that already stopped is a failed request.
     fn drain_time(&self) -> Duration {
-        (self.config.gossip_interval() * 10).max(Duration::from_millis(500))
+        (self.config.gossip_interval() * 20).max(Duration::from_secs(1))
     }
 
     /// Keeps the newest few finished tasks per slot; forgets those of services that are gone.

@@ -184,8 +184,22 @@ impl Agent {
         self.write_object(key::SERVICE, &name, &record).await?;
         let view = self.settle().await;
         self.poke();
+        let without_status = |s: &ServiceSpec| ServiceSpec {
+            update_status: None,
+            previous: None,
+            ..s.clone()
+        };
         match view.services.get(&name) {
             Some(s) if s.updated == stamp => Ok(s.clone()),
+            // The coordinator recorded the rollout's progress on top of this change (or
+            // already rolled it back): the change stands.
+            Some(s)
+                if without_status(&s.spec) == without_status(&record.spec)
+                    || s.spec.previous.as_deref().map(without_status)
+                        == Some(without_status(&record.spec)) =>
+            {
+                Ok(s.clone())
+            }
             Some(s) if s.created == current.created => Err(Error::Conflict(format!(
                 "service {name} was changed at the same time from node {}, and that change won \
                  (it is now version {}{}); look at `meshctl service inspect {name}` and run your \

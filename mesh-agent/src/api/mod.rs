@@ -122,6 +122,9 @@ pub struct ServiceInfo {
     /// Why some slot has no node, if one has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<String>,
+    /// The node that records the service's rollouts (any ready node can be it).
+    #[serde(default)]
+    pub coordinator: Option<String>,
     pub spec: ServiceSpec,
     /// The service's endpoints: its tasks as the load balancer and DNS see them.
     pub tasks: Vec<TaskInfo>,
@@ -142,7 +145,9 @@ pub struct ServiceTaskInfo {
     pub node: Option<String>,
     pub desired: String,
     pub state: String,
-    /// Wall-clock ms when the task entered its state.
+    /// Wall-clock ms when the task was made, and when it entered its state.
+    #[serde(default)]
+    pub created_ms: u64,
     pub since_ms: u64,
     pub error: Option<String>,
     pub spec_version: u64,

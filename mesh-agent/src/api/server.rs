@@ -235,6 +235,7 @@ fn service_info(view: &View, name: &str) -> Option<ServiceInfo> {
         running,
         desired,
         pending,
+        coordinator: mesh_planner::coordinator(name, &view.planner_nodes()).map(str::to_owned),
         spec: s.spec.clone(),
         tasks: view.backends(name).map(task_info).collect(),
         created_by: s.created.node.clone(),
@@ -299,6 +300,7 @@ fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
                 node: None,
                 desired: "Running".into(),
                 state: "Pending".into(),
+                created_ms: 0,
                 since_ms: 0,
                 error: Some(reason.clone()),
                 spec_version: service.spec.version,
@@ -325,6 +327,7 @@ fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
                 } else {
                     t.state.to_string()
                 },
+                created_ms: t.created_ms,
                 since_ms: t.since_ms,
                 error: if down && !t.state.is_terminal() {
                     Some(format!("node {} is down", t.node))

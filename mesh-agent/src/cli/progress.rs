@@ -47,11 +47,11 @@ struct SlotLine {
     updated: bool,
 }
 
-/// Follows the service's rollout until it completes (Ok), pauses or rolls back (Err).
-pub async fn follow(client: &Client, name: &str, fmt: Format) -> Result<()> {
+/// Follows the service's rollout until it completes (Ok), pauses or rolls back (Err); a
+/// rollback the user asked for completes as Ok.
+pub async fn follow(client: &Client, name: &str, fmt: Format, asked_rollback: bool) -> Result<()> {
     let bars = (fmt == Format::Table && std::io::stdout().is_terminal()).then(Bars::new);
     let mut last: Option<(usize, Vec<SlotLine>, String)> = None;
-    let mut started_as: Option<UpdateState> = None;
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
         let s: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
@@ -59,7 +59,6 @@ pub async fn follow(client: &Client, name: &str, fmt: Format) -> Result<()> {
         let Some(status) = s.spec.update_status.clone() else {
             return Ok(());
         };
-        let first = *started_as.get_or_insert(status.state);
         let slots: Vec<SlotLine> = rows
             .iter()
             .filter(|r| !r.history && r.desired == "Running")
@@ -121,7 +120,7 @@ pub async fn follow(client: &Client, name: &str, fmt: Format) -> Result<()> {
                 }
                 return Ok(());
             }
-            UpdateState::RollbackCompleted if first.is_rollback() => {
+            UpdateState::RollbackCompleted if asked_rollback => {
                 if fmt == Format::Table {
                     println!(
                         "rollback: {}\nverify: Service {name} converged",

@@ -91,7 +91,7 @@ pub struct CreateArgs {
     #[command(flatten)]
     rollout: RolloutArgs,
     /// Time between SIGTERM and SIGKILL when a task is stopped (default 10s).
-    #[arg(long = "stop-grace-period")]
+    #[arg(long = "stop-grace-period", allow_hyphen_values = true)]
     stop_grace_period: Option<String>,
     /// Environment variable for the tasks (KEY=VALUE).
     #[arg(long, short = 'e')]
@@ -137,7 +137,7 @@ pub struct UpdateArgs {
     health: HealthArgs,
     #[command(flatten)]
     rollout: RolloutArgs,
-    #[arg(long = "stop-grace-period")]
+    #[arg(long = "stop-grace-period", allow_hyphen_values = true)]
     stop_grace_period: Option<String>,
     /// Replace every task even if nothing changed (re-spreads them over the nodes).
     #[arg(long)]
@@ -156,13 +156,13 @@ pub struct RestartArgs {
     #[arg(long = "restart-condition")]
     restart_condition: Option<String>,
     /// Wait between a task's end and its restart (default 5s).
-    #[arg(long = "restart-delay")]
+    #[arg(long = "restart-delay", allow_hyphen_values = true)]
     restart_delay: Option<String>,
     /// Restarts before giving up (0: no limit).
     #[arg(long = "restart-max-attempts", allow_negative_numbers = true)]
     restart_max_attempts: Option<i64>,
     /// The window the attempts count in (default: unbounded).
-    #[arg(long = "restart-window")]
+    #[arg(long = "restart-window", allow_hyphen_values = true)]
     restart_window: Option<String>,
 }
 
@@ -178,16 +178,16 @@ pub struct HealthArgs {
     #[arg(long = "health-tcp")]
     health_tcp: Option<u16>,
     /// Time between checks (default 5s).
-    #[arg(long = "health-interval")]
+    #[arg(long = "health-interval", allow_hyphen_values = true)]
     health_interval: Option<String>,
     /// Time a check may take (default 2s).
-    #[arg(long = "health-timeout")]
+    #[arg(long = "health-timeout", allow_hyphen_values = true)]
     health_timeout: Option<String>,
     /// Consecutive failures that make a task unhealthy (default 3).
     #[arg(long = "health-retries", allow_negative_numbers = true)]
     health_retries: Option<i64>,
     /// Failures in this first stretch do not count (default 0s).
-    #[arg(long = "health-start-period")]
+    #[arg(long = "health-start-period", allow_hyphen_values = true)]
     health_start_period: Option<String>,
     /// No health check: a task serves as soon as it starts.
     #[arg(long = "no-healthcheck")]
@@ -215,7 +215,7 @@ pub struct RolloutArgs {
     #[arg(long = "update-parallelism", allow_negative_numbers = true)]
     update_parallelism: Option<i64>,
     /// Wait after a replaced task runs before the next (default 0s).
-    #[arg(long = "update-delay")]
+    #[arg(long = "update-delay", allow_hyphen_values = true)]
     update_delay: Option<String>,
     /// stop-first (default) or start-first.
     #[arg(long = "update-order")]
@@ -224,22 +224,22 @@ pub struct RolloutArgs {
     #[arg(long = "update-failure-action")]
     update_failure_action: Option<String>,
     /// How long a new task is watched for failure (default 5s).
-    #[arg(long = "update-monitor")]
+    #[arg(long = "update-monitor", allow_hyphen_values = true)]
     update_monitor: Option<String>,
     /// Share of failed tasks tolerated (default 0).
-    #[arg(long = "update-max-failure-ratio")]
+    #[arg(long = "update-max-failure-ratio", allow_hyphen_values = true)]
     update_max_failure_ratio: Option<String>,
     #[arg(long = "rollback-parallelism", allow_negative_numbers = true)]
     rollback_parallelism: Option<i64>,
-    #[arg(long = "rollback-delay")]
+    #[arg(long = "rollback-delay", allow_hyphen_values = true)]
     rollback_delay: Option<String>,
     #[arg(long = "rollback-order")]
     rollback_order: Option<String>,
     #[arg(long = "rollback-failure-action")]
     rollback_failure_action: Option<String>,
-    #[arg(long = "rollback-monitor")]
+    #[arg(long = "rollback-monitor", allow_hyphen_values = true)]
     rollback_monitor: Option<String>,
-    #[arg(long = "rollback-max-failure-ratio")]
+    #[arg(long = "rollback-max-failure-ratio", allow_hyphen_values = true)]
     rollback_max_failure_ratio: Option<String>,
 }
 
@@ -433,9 +433,9 @@ async fn update(
 ) -> Result<()> {
     let before: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
     let s: ServiceInfo = client.post(&format!("/v1/services/{name}"), req).await?;
+    // This command started a rollout (which may have paused or rolled back already).
     let rolling = s.spec.update_status.as_ref().is_some_and(|st| {
-        st.state.in_progress()
-            && before.spec.update_status.as_ref().map(|b| b.started_ms) != Some(st.started_ms)
+        before.spec.update_status.as_ref().map(|b| b.started_ms) != Some(st.started_ms)
     });
     if fmt == Format::Json && (detach || !rolling) {
         return json(&s);
@@ -447,7 +447,7 @@ async fn update(
         return Ok(());
     }
     if rolling {
-        progress::follow(client, name, fmt).await
+        progress::follow(client, name, fmt, req.rollback).await
     } else {
         converge(client, name).await
     }
@@ -560,6 +560,34 @@ fn print_inspect(s: &ServiceInfo) {
         println!("Pending:\t{p}");
     }
     println!("Version:\t{}", spec.version);
+    if let Some(u) = &spec.update_status {
+        println!(
+            "UpdateStatus:\n State:\t\t{}\n Started:\t{}\n{} Message:\t{}",
+            u.state,
+            ago(u.started_ms),
+            u.completed_ms
+                .map(|c| format!(" Completed:\t{}\n", ago(c)))
+                .unwrap_or_default(),
+            u.message
+        );
+    }
+    if let Some(c) = &s.coordinator {
+        println!("Coordinator:\t{c}");
+    }
+    for (title, c) in [
+        ("UpdateConfig", &spec.update),
+        ("RollbackConfig", &spec.rollback),
+    ] {
+        println!(
+            "{title}:\n Parallelism:\t{}\n Delay:\t\t{}\n On failure:\t{}\n Monitoring Period: {}\n Max failure ratio: {}\n Update order:\t{}",
+            c.parallelism,
+            humantime::format_duration(Duration::from_millis(c.delay_ms)),
+            c.failure_action,
+            humantime::format_duration(Duration::from_millis(c.monitor_ms)),
+            c.max_failure_ratio,
+            c.order
+        );
+    }
     let pl = &spec.placement;
     if !pl.constraints.is_empty()
         || !pl.preferences.is_empty()
@@ -603,6 +631,21 @@ fn print_inspect(s: &ServiceInfo) {
         }
         if let Some(h) = &t.hostname {
             println!(" Hostname:\t{h}");
+        }
+        println!(
+            " StopGracePeriod: {}",
+            humantime::format_duration(Duration::from_millis(t.stop_grace_ms))
+        );
+        match &t.health {
+            Some(h) => println!(
+                "Healthcheck:\n Probe:\t\t{}\n Interval:\t{}\n Timeout:\t{}\n Retries:\t{}\n Start period:\t{}",
+                h.probe,
+                humantime::format_duration(Duration::from_millis(h.interval_ms)),
+                humantime::format_duration(Duration::from_millis(h.timeout_ms)),
+                h.retries,
+                humantime::format_duration(Duration::from_millis(h.start_period_ms)),
+            ),
+            None => println!("Healthcheck:\tnone"),
         }
     }
     println!(
