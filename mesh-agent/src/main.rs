@@ -150,7 +150,7 @@ impl RunArgs {
             c.bpffs = v;
         }
         if let Some(v) = self.cgroup {
-            c.cgroup = v;
+            c.cgroup = Some(v);
         }
         if !self.join.is_empty() {
             c.join = self.join;
@@ -395,18 +395,16 @@ async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeP
     dataplane
         .lb_mut()
         .set_node(&mesh_agent::lb::NodeLb::new(config.advertise)?)?;
-    std::fs::create_dir_all(&config.cgroup).with_context(|| {
-        format!(
-            "creating cgroup {} (is cgroup v2 mounted there?)",
-            config.cgroup.display()
-        )
-    })?;
-    dataplane.attach_cgroup(&config.cgroup)?;
+    let cgroup_root = dataplane.attach_sockets()?;
     let mtu = dataplane::interface_mtu(&config.interface)?;
 
     // Adopt the tasks an earlier run left (running ones keep running; gone ones are cleaned).
     let host = netlink::connect()?;
-    let task_cgroup = config.cgroup.join("tasks");
+    let task_cgroup = config
+        .cgroup
+        .clone()
+        .unwrap_or_else(|| cgroup_root.join("mesh"))
+        .join("tasks");
     std::fs::create_dir_all(&task_cgroup).with_context(|| {
         format!(
             "creating cgroup {} (is cgroup v2 mounted there?)",

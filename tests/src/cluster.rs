@@ -251,7 +251,7 @@ impl Host {
 
     /// Each node gets its own cgroup: all namespace hosts share this machine's cgroup tree.
     pub fn cgroup(&self) -> PathBuf {
-        PathBuf::from("/sys/fs/cgroup/unified/mesh").join(self.node_name())
+        cgroup_base().join(self.node_name())
     }
 
     /// Starts `mesh-agent run` in this host's namespace and waits until its API answers.
@@ -461,11 +461,7 @@ fn remove_node_state(cluster: &str) {
             let _ = fs::remove_dir_all(p);
         });
     }
-    remove_children_with_prefix(
-        Path::new("/sys/fs/cgroup/unified/mesh"),
-        cluster,
-        remove_cgroup,
-    );
+    remove_children_with_prefix(&cgroup_base(), cluster, remove_cgroup);
     // resolv.conf and friends of task namespaces (the `ip netns exec` convention).
     remove_children_with_prefix(Path::new("/etc/netns"), cluster, |p| {
         let _ = fs::remove_dir_all(p);
@@ -526,6 +522,14 @@ fn owner_pid(ns: &str) -> Option<i32> {
     let rest = PREFIXES.iter().find_map(|p| ns.strip_prefix(p))?;
     let (pid, _) = rest.split_once('x')?;
     pid.parse().ok()
+}
+
+/// `mesh` under wherever this machine mounts cgroup v2 (the agent's default), the parent of
+/// every test node's cgroup.
+pub fn cgroup_base() -> PathBuf {
+    mesh_agent::cgroup::cgroup2_mount()
+        .expect("cgroup v2 is mounted")
+        .join("mesh")
 }
 
 /// Path of a binary of this workspace, built once per test process so `cargo test` alone is
