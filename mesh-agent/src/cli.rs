@@ -463,6 +463,7 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
                 n.availability,
                 or_dash(n.agent_version)
             );
+            println!("Drivers:\t{}", n.drivers.join(", "));
             if !n.labels.is_empty() {
                 println!("Labels:");
                 for (k, v) in &n.labels {

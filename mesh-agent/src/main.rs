@@ -302,17 +302,26 @@ async fn run_agent(config: AgentConfig) -> Result<()> {
         dead_node_grace: std::time::Duration::from_secs(3600),
         tombstone_grace: std::time::Duration::from_secs(3600),
     };
-    let node = if config.control_plane_only {
+    let (node, podman) = if config.control_plane_only {
         warn!("control plane only: this node gossips and answers the API but forwards nothing");
-        None
+        (None, false)
     } else {
-        Some(node_parts(&config).await?)
+        // Asking podman takes a few hundred ms: done while the dataplane loads.
+        let (parts, podman) =
+            tokio::join!(node_parts(&config), mesh_agent::task::podman_available());
+        (Some(parts?), podman)
     };
     let mtu = match &node {
         Some(n) => n.underlay.mtu,
         None => dataplane::interface_mtu(&config.interface).unwrap_or(1500),
     };
-    let record = Agent::node_record(&config, mtu);
+    let mut record = Agent::node_record(&config, mtu);
+    if podman {
+        record
+            .drivers
+            .push(mesh_agent::cluster::DRIVER_PODMAN.to_owned());
+    }
+    info!(drivers = ?record.drivers, "task drivers");
     // Re-assert what this node owned before a restart, endpoints only for tasks that are
     // still running.
     let mut initial: Vec<(String, String)> = mesh_agent::agent::load_own_keys(&config.state_dir)

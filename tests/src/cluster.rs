@@ -454,8 +454,10 @@ impl Drop for Cluster {
     }
 }
 
-/// Removes bpffs pins, run directories and cgroups of every node of a cluster.
+/// Removes bpffs pins, run directories, cgroups and podman containers of every node of a
+/// cluster.
 fn remove_node_state(cluster: &str) {
+    remove_containers(cluster);
     for dir in ["/sys/fs/bpf/mesh", "/run/mesh"] {
         remove_children_with_prefix(Path::new(dir), cluster, |p| {
             let _ = fs::remove_dir_all(p);
@@ -466,6 +468,33 @@ fn remove_node_state(cluster: &str) {
     remove_children_with_prefix(Path::new("/etc/netns"), cluster, |p| {
         let _ = fs::remove_dir_all(p);
     });
+}
+
+/// Containers of image tasks are named after their namespace (`<cluster>-h<i>-<task>`);
+/// agents stopped without removing their services leave them behind.
+fn remove_containers(cluster: &str) {
+    if !Path::new("/usr/bin/podman").exists() {
+        return;
+    }
+    let Ok(out) = Command::new("podman")
+        .args(["ps", "--all", "--format", "{{.Names}}"])
+        .args(["--filter", &format!("name=^{cluster}-")])
+        .output()
+    else {
+        return;
+    };
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.starts_with(&format!("{cluster}-")))
+        .map(str::to_owned)
+        .collect();
+    if !names.is_empty() {
+        let _ = Command::new("podman")
+            .args(["rm", "--force", "--ignore", "--time", "0"])
+            .args(&names)
+            .output();
+    }
 }
 
 fn remove_children_with_prefix(dir: &Path, prefix: &str, remove: impl Fn(&Path)) {

@@ -257,7 +257,7 @@ fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
         .map(|p| p.parse::<PortSpec>())
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(invalid)?;
-    let task = if req.command.is_empty() {
+    let task = if req.command.is_empty() && req.image.is_none() {
         if req.replicas.is_some() || req.mode.is_some() {
             return Err(Error::Invalid(format!(
                 "no command for the tasks to run: put it after `--`, e.g. meshctl service create \
@@ -271,6 +271,7 @@ fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
             command: req.command.clone(),
             env: parse_env(&req.env)?,
             hostname: req.hostname.clone(),
+            image: req.image.clone(),
         })
     };
     let mode = match req.mode.as_deref() {

@@ -16,10 +16,13 @@ pub(crate) struct Launch<'a> {
     pub name: &'a str,
     pub network: &'a str,
     pub service: Option<&'a str>,
+    /// The process driver's command line; with an image, the container's arguments.
     pub command: &'a [String],
     pub env: &'a [(String, String)],
     /// Default: the task name.
     pub hostname: Option<&'a str>,
+    /// Run this OCI image with podman instead of a process.
+    pub image: Option<&'a str>,
 }
 
 impl Agent {
@@ -79,6 +82,7 @@ impl Agent {
                 command: &req.command,
                 env: &req.env,
                 hostname: None,
+                image: None,
             },
         )
         .await
@@ -111,6 +115,7 @@ impl Agent {
             command: task.command.to_vec(),
             env: task.env.to_vec(),
             hostname: task.hostname.map(str::to_owned),
+            image: task.image.map(str::to_owned),
         };
         let record = match local.tasks.create(spec).await {
             Ok(r) => r,

@@ -62,6 +62,10 @@ pub struct NodeInfo {
     pub availability: Availability,
     pub labels: BTreeMap<String, String>,
     pub agent_version: Option<String>,
+    /// Task drivers the node runs (`process`, `podman`): placement only picks nodes that
+    /// have a service's driver.
+    #[serde(default)]
+    pub drivers: Vec<String>,
     /// The node whose agent answered.
     #[serde(rename = "self")]
     pub is_self: bool,
@@ -167,7 +171,8 @@ pub struct ServiceCreate {
     pub replicas_max_per_node: Option<i64>,
     #[serde(flatten)]
     pub restart: RestartFlags,
-    /// The task's command; empty: the service schedules nothing.
+    /// The task's command (with an image: the container's arguments); no command and no
+    /// image: the service schedules nothing.
     #[serde(default)]
     pub command: Vec<String>,
     /// `KEY=VALUE`.
@@ -175,6 +180,9 @@ pub struct ServiceCreate {
     pub env: Vec<String>,
     #[serde(default)]
     pub hostname: Option<String>,
+    /// An OCI image: tasks run as podman containers on nodes that have podman.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// `--restart-*` as typed (durations like `5s`, `1m30s`).

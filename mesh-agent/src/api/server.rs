@@ -115,6 +115,11 @@ fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
         availability: n.spec.availability,
         labels: n.spec.labels.clone(),
         agent_version: n.record.as_ref().map(|r| r.agent_version.clone()),
+        drivers: n
+            .record
+            .as_ref()
+            .map(|r| r.drivers.clone())
+            .unwrap_or_default(),
         is_self: name == agent.node_name(),
     })
 }

@@ -17,7 +17,8 @@ use crate::{
 
 #[derive(Subcommand, Debug)]
 pub enum ServiceCommand {
-    /// Create a service: `meshctl service create web --replicas 3 -p 8080:80 -- CMD ARGS…`.
+    /// Create a service: `meshctl service create web --replicas 3 -p 8080:80 -- CMD ARGS…`,
+    /// or with `--image IMAGE [-- ARGS…]` tasks that are podman containers.
     Create(Box<CreateArgs>),
     /// Change a service's replicas, placement or restart policy; --force replaces every task.
     Update(Box<UpdateArgs>),
@@ -85,10 +86,14 @@ pub struct CreateArgs {
     /// The tasks' hostname (default: the task name, e.g. web.1).
     #[arg(long)]
     hostname: Option<String>,
+    /// Run this OCI image (local or pullable by podman) as each task, on nodes with podman;
+    /// the words after `--` replace its CMD.
+    #[arg(long)]
+    image: Option<String>,
     /// Return at once instead of waiting for the tasks.
     #[arg(long, short = 'd')]
     detach: bool,
-    /// The tasks' command, after `--`.
+    /// The tasks' command (with --image: the container's arguments), after `--`.
     #[arg(last = true)]
     command: Vec<String>,
 }
@@ -169,6 +174,7 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                 command: a.command,
                 env: a.env,
                 hostname: a.hostname,
+                image: a.image,
             };
             let s: ServiceInfo = client.post("/v1/services", &req).await?;
             if fmt == Format::Json {
@@ -295,11 +301,11 @@ fn replicas(s: &ServiceInfo) -> String {
     }
 }
 
-/// The process driver has no image: the command stands in for it.
+/// The image, or for the process driver the command that stands in for it.
 fn image(s: &ServiceInfo) -> String {
     match &s.spec.task {
         Some(t) => {
-            let mut c = t.command.join(" ");
+            let mut c = t.image.clone().unwrap_or_else(|| t.command.join(" "));
             if c.len() > 40 {
                 c.truncate(37);
                 c.push_str("...");
@@ -424,11 +430,11 @@ fn print_inspect(s: &ServiceInfo) {
             .to_string()),
     );
     if let Some(t) = &spec.task {
-        println!(
-            "ContainerSpec:\n Driver:\t{}\n Command:\t{}",
-            t.driver(),
-            t.command.join(" ")
-        );
+        println!("ContainerSpec:\n Driver:\t{}", t.driver());
+        if let Some(i) = &t.image {
+            println!(" Image:\t\t{i}");
+        }
+        println!(" Command:\t{}", t.command.join(" "));
         if !t.env.is_empty() {
             println!(" Env:");
             for (k, v) in &t.env {
