@@ -124,6 +124,13 @@ impl Agent {
                 return Err(Error::Invalid(format!("{e:#}")));
             }
         };
+        if record.state != crate::task::TaskState::Running {
+            // Ended before it could serve (a one-shot container): no endpoint; the
+            // orchestrator sees the exit on its next pass.
+            self.release(task.network, ip).await;
+            self.poke();
+            return Ok(record);
+        }
         let endpoint = EndpointRecord {
             task: task.name.to_owned(),
             network: task.network.to_owned(),

@@ -46,6 +46,13 @@ pub enum ServiceCommand {
     /// Remove a service (its tasks stop on every node).
     #[command(alias = "remove")]
     Rm { name: String },
+    /// The output of the service's tasks on this node, each line prefixed with its task.
+    Logs {
+        name: String,
+        /// Keep printing what the tasks write.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -289,8 +296,44 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
             let _: serde_json::Value = client.delete(&format!("/v1/services/{name}")).await?;
             println!("{name}");
         }
+        ServiceCommand::Logs { name, follow } => {
+            // Logs stay on the node that runs the task; say where the others are.
+            let rows: Vec<ServiceTaskInfo> =
+                client.get(&format!("/v1/services/{name}/tasks")).await?;
+            let me: crate::api::NodeInfo = client.get("/v1/nodes/self").await?;
+            let elsewhere: std::collections::BTreeSet<String> = rows
+                .iter()
+                .filter(|r| !r.history && r.state == "Running")
+                .filter_map(|r| r.node.clone())
+                .filter(|n| *n != me.name)
+                .collect();
+            if !elsewhere.is_empty() {
+                eprintln!(
+                    "showing the tasks on {}; others run on {} (run `meshctl service logs {name}` there)",
+                    me.name,
+                    elsewhere.into_iter().collect::<Vec<_>>().join(", ")
+                );
+            }
+            print_stream(
+                client,
+                &format!("/v1/local/services/{name}/logs?follow={follow}"),
+            )
+            .await?;
+        }
     }
     Ok(())
+}
+
+/// Copies a streamed answer (logs) to stdout as it arrives.
+pub(crate) async fn print_stream(client: &Client, path: &str) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout();
+    client
+        .stream(path, |chunk| {
+            let _ = stdout.write_all(chunk);
+            let _ = stdout.flush();
+        })
+        .await
 }
 
 /// `3/3`, `2/3`, or for a service that schedules nothing, its running tasks.

@@ -11,7 +11,6 @@
 //! (through conmon) is its parent.
 
 use std::{
-    os::fd::OwnedFd,
     path::Path,
     process::{Output, Stdio},
     time::Duration,
@@ -131,8 +130,15 @@ async fn checked(cmd: &mut Command, what: &str) -> Result<Output> {
     Ok(out)
 }
 
+/// A container podman started.
+pub(super) enum Started {
+    Running(Spawned),
+    /// It already ended, with this status.
+    Exited(Exit),
+}
+
 /// Starts the container detached and follows its init process.
-pub(super) async fn run(r: &Run<'_>) -> Result<Spawned> {
+pub(super) async fn run(r: &Run<'_>) -> Result<Started> {
     // A container of this name is a leftover (its record is gone): this task replaces it.
     remove(r.container).await?;
     let mut cmd = podman();
@@ -170,8 +176,8 @@ pub(super) async fn run(r: &Run<'_>) -> Result<Spawned> {
     }
 }
 
-/// The container's init process, by the PID podman reports; fails if it is not running.
-async fn follow(container: &str) -> Result<Spawned> {
+/// The container's init process, by the PID podman reports.
+async fn follow(container: &str) -> Result<Started> {
     let out = checked(
         podman().args(["inspect", "--format", "{{.State.Pid}}", container]),
         &format!("inspect {container}"),
@@ -181,19 +187,26 @@ async fn follow(container: &str) -> Result<Spawned> {
         .trim()
         .parse()
         .with_context(|| format!("podman gave no PID for {container}"))?;
-    if pid == 0 {
-        let logs = logs_tail(container).await;
-        bail!("container {container} exited at once: {logs}");
+    // 0: already exited. The PID may also exit between inspect and pidfd_open.
+    let followed = (pid != 0)
+        .then(|| process::pidfd_open(pid).ok())
+        .flatten()
+        .and_then(|pidfd| {
+            let (state, start_time) = process::stat(pid).ok()?;
+            (state != 'Z' && state != 'X').then_some(Spawned {
+                pid,
+                start_time,
+                pidfd,
+            })
+        });
+    match followed {
+        Some(s) => Ok(Started::Running(s)),
+        None => {
+            let exit = exit(container).await;
+            tracing::debug!(container, code = ?exit.code, "container ended at once: {}", logs_tail(container).await);
+            Ok(Started::Exited(exit))
+        }
     }
-    let pidfd: OwnedFd =
-        process::pidfd_open(pid).context("opening a pidfd for the container's process")?;
-    let (_, start_time) =
-        process::stat(pid).context("reading the container process's start time")?;
-    Ok(Spawned {
-        pid,
-        start_time,
-        pidfd,
-    })
 }
 
 /// The last lines a container wrote, to explain a failed start.

@@ -10,6 +10,7 @@
 //! [`Tasks::subscribe`], so its endpoint can leave the cluster's tables.
 
 mod container;
+mod logs;
 mod plumbing;
 mod process;
 mod store;
@@ -37,6 +38,7 @@ use crate::{
 };
 
 pub use container::available as podman_available;
+pub use logs::prefixed as prefixed_logs;
 pub use plumbing::HOST_VETH_PREFIX;
 
 /// The network name of a task's attachment to the node's gateway bridge.
@@ -130,10 +132,10 @@ impl TaskRecord {
     }
 }
 
-/// A task's output, as `meshctl logs` streams it.
+/// A task's output, as `meshctl logs` streams it (see `logs`).
 pub enum Logs {
     /// A process task writes to this file.
-    File(PathBuf),
+    File { path: PathBuf, follow: bool },
     /// `podman logs` of a container task, ready to spawn.
     Podman(tokio::process::Command),
 }
@@ -405,9 +407,17 @@ impl Tasks {
             record
         };
         match self.build(record).await {
-            Ok((record, pidfd)) => {
+            Ok((record, Some(pidfd))) => {
                 info!(task = %name, pid = ?record.pid, netns = %record.netns, "task started");
                 self.insert_running(record.clone(), pidfd);
+                Ok(record)
+            }
+            Ok((record, None)) => {
+                info!(task = %name, state = ?record.state, "task exited as soon as it started");
+                if let Err(e) = self.teardown(&record).await {
+                    warn!(task = %name, "removing the network of an exited task: {e:#}");
+                }
+                self.insert_finished(record.clone());
                 Ok(record)
             }
             Err((record, e)) => {
@@ -430,7 +440,7 @@ impl Tasks {
     async fn build(
         &self,
         mut record: TaskRecord,
-    ) -> std::result::Result<(TaskRecord, OwnedFd), (TaskRecord, anyhow::Error)> {
+    ) -> std::result::Result<(TaskRecord, Option<OwnedFd>), (TaskRecord, anyhow::Error)> {
         let config = &self.inner.config;
         macro_rules! attempt {
             ($e:expr) => {
@@ -472,7 +482,7 @@ impl Tasks {
                 env: &record.spec.env,
                 log: &record.log,
             })),
-            Some(image) => attempt!(
+            Some(image) => match attempt!(
                 container::run(&container::Run {
                     container: &record.netns,
                     node: &config.node,
@@ -486,7 +496,19 @@ impl Tasks {
                     dns_options: &config.resolv.options,
                 })
                 .await
-            ),
+            ) {
+                container::Started::Running(s) => s,
+                // It ran and ended before it could be followed (a one-shot job): a task
+                // that started and exited, not one that failed to start.
+                container::Started::Exited(exit) => {
+                    record.state = TaskState::Exited {
+                        code: exit.code,
+                        signal: exit.signal,
+                    };
+                    attempt!(self.inner.store.save(&record));
+                    return Ok((record, None));
+                }
+            },
         };
         record.pid = Some(spawned.pid);
         record.start_time = Some(spawned.start_time);
@@ -495,7 +517,7 @@ impl Tasks {
             let _ = process::signal(&spawned.pidfd, Signal::SIGKILL);
             return Err((record, e));
         }
-        Ok((record, spawned.pidfd))
+        Ok((record, Some(spawned.pidfd)))
     }
 
     fn insert_running(&self, record: TaskRecord, pidfd: OwnedFd) {
@@ -681,7 +703,10 @@ impl Tasks {
             .with_context(|| format!("no task named {name} on this node"))?;
         Ok(match record.container() {
             Some(c) => Logs::Podman(container::logs(c, follow)),
-            None => Logs::File(record.log),
+            None => Logs::File {
+                path: record.log,
+                follow,
+            },
         })
     }
 
