@@ -9,7 +9,10 @@ TOOLCHAIN=1.95.0
 BPF_LINKER_VERSION=0.10.0
 PACKAGES=(iproute2 nftables iptables conntrack iputils-ping bpftool tcpdump ethtool wrk iperf3
   dnsperf nginx-light netcat-openbsd dnsmasq-base curl util-linux procps kmod systemd
-  gnuplot-nox)
+  gnuplot-nox
+  # The podman task driver and its tests: runc (crun refuses hybrid cgroups), busybox-static
+  # for the images the tests build offline, the reference CNI plugins.
+  podman runc busybox-static containernetworking-plugins)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
@@ -56,5 +59,13 @@ command -v bpf-linker >/dev/null || die "bpf-linker installed but not on PATH (a
 mountpoint -q /sys/fs/bpf 2>/dev/null || mount -t bpf bpf /sys/fs/bpf \
   || die "cannot mount bpffs on /sys/fs/bpf"
 for m in vxlan veth bridge br_netfilter nf_conntrack; do modprobe -q "$m" 2>/dev/null || true; done
+
+# --- podman --------------------------------------------------------------------------------
+# The agent passes what this kernel needs on every podman call (`--runtime runc` when runc is
+# installed, --ulimit at or below its own hard limits), so no containers.conf is written and
+# the host's other containers keep their configuration.
+if ! podman --runtime runc info --format '{{.Host.OCIRuntime.Name}}' >/dev/null 2>&1; then
+  die "podman does not work here (podman --runtime runc info fails); image services need it"
+fi
 
 say "setup complete"

@@ -80,6 +80,14 @@ pub enum Command {
     },
     /// Stop and remove a task of this node.
     Rm { name: String },
+    /// The output of a task of this node (a process task's log file, `podman logs` of a
+    /// container).
+    Logs {
+        task: String,
+        /// Keep printing what the task writes.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
     /// Run a command inside a task of this node (its network, DNS and load balancing).
     Exec {
         task: String,
@@ -332,6 +340,13 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("{name}");
             Ok(())
         }
+        Command::Logs { task, follow } => {
+            service::print_stream(
+                &client,
+                &format!("/v1/local/tasks/{task}/logs?follow={follow}"),
+            )
+            .await
+        }
         Command::Gossip(GossipCommand::Stats) => {
             let info: GossipInfo = client.get("/v1/gossip").await?;
             if fmt == Format::Json {
@@ -494,6 +509,7 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
                 n.availability,
                 or_dash(n.agent_version)
             );
+            println!("Drivers:\t{}", n.drivers.join(", "));
             if !n.labels.is_empty() {
                 println!("Labels:");
                 for (k, v) in &n.labels {

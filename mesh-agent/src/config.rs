@@ -44,9 +44,10 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
-    /// cgroup v2 directory whose processes get the socket load balancer; tasks are placed in
-    /// children of it.
-    pub cgroup: PathBuf,
+    /// cgroup v2 directory the agent places its process tasks in (under `tasks/`). Default:
+    /// `mesh` below wherever cgroup v2 is mounted. The socket hooks do not depend on it: they
+    /// are attached at the cgroup v2 root and select by network namespace.
+    pub cgroup: Option<PathBuf>,
     /// Subnet of the node-local gateway bridge tasks reach the outside through (masqueraded;
     /// the same on every node is fine).
     pub gateway_subnet: ipnet::Ipv4Net,
@@ -78,7 +79,7 @@ impl Default for AgentConfig {
             socket: crate::api::DEFAULT_SOCKET.into(),
             state_dir: "/var/lib/mesh".into(),
             bpffs: "/sys/fs/bpf/mesh".into(),
-            cgroup: "/sys/fs/cgroup/unified/mesh".into(),
+            cgroup: None,
             gateway_subnet: "172.31.0.0/16".parse().expect("valid subnet"),
             dns_upstreams: Vec::new(),
             cleanup_on_exit: false,

@@ -6,7 +6,7 @@
 //!
 //! Attach points: XDP (port counters) and TC ingress (routing mesh) on the underlay
 //! interface, TC ingress on every network's bridge (routing-mesh replies), and the socket
-//! load-balancing hooks on the cgroup the node's workloads run in.
+//! load-balancing hooks at the cgroup v2 root, scoped by network namespace.
 
 use std::{
     fs, io,
@@ -25,7 +25,10 @@ use aya::{
     },
     sys::SyscallError,
 };
-use mesh_common::stats::{PORT_COUNTERS_MAP, PortCounter};
+use mesh_common::{
+    lb::NetnsEntry,
+    stats::{PORT_COUNTERS_MAP, PortCounter},
+};
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
@@ -40,7 +43,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const UNDERLAY_PROGRAM: &str = "mesh_underlay";
 /// The routing mesh (TC ingress on the underlay and on network bridges).
 pub const LB_INGRESS_PROGRAM: &str = "mesh_lb_ingress";
-/// Socket load balancing, attached to the workloads' cgroup.
+/// Socket load balancing, attached at the cgroup v2 root.
 const SOCK_PROGRAMS: [&str; 4] = [
     "mesh_lb_connect",
     "mesh_lb_sendmsg",
@@ -129,11 +132,15 @@ impl Dataplane {
         }
     }
 
-    /// Attaches socket load balancing to the cgroup (v2 directory) the node's workloads and
-    /// host-local clients run in. Processes outside it are not balanced.
-    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+    /// Attaches socket load balancing (and the 127.0.0.11 steering) at the root of the cgroup
+    /// v2 hierarchy, so it sees every process whatever cgroup it lives in: tasks, containers
+    /// of any runtime, `ip netns exec` shells. The programs act only on sockets of the
+    /// namespaces in `LB_NETNS` (see [`Dataplane::steer_netns`]) and the node's own. Returns
+    /// the cgroup attached to. Idempotent; links a previous agent left are updated in place.
+    pub fn attach_sockets(&mut self) -> Result<PathBuf> {
+        let root = crate::cgroup::cgroup2_mount()?;
         for name in SOCK_PROGRAMS {
-            let pin = self.cgroup_link_pin(name, cgroup);
+            let pin = self.pin_dir.join(format!("link_{name}_root"));
             let program: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
@@ -141,50 +148,83 @@ impl Dataplane {
                 .try_into()?;
             let prog_fd = program.fd()?.as_fd().try_clone_to_owned()?;
             relink(&pin, prog_fd.as_fd(), || {
-                let dir = fs::File::open(cgroup)
-                    .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+                let dir = fs::File::open(&root)
+                    .with_context(|| format!("opening cgroup {}", root.display()))?;
                 // Through a bpf_link (which aya uses on this kernel) the program always
-                // coexists with others on the cgroup; the link API refuses the multi flag.
+                // coexists with others on the cgroup (other agents', systemd's); the link
+                // API refuses the multi flag.
                 let id = program
                     .attach(dir, CgroupAttachMode::Single)
-                    .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+                    .with_context(|| format!("attaching {name} to {}", root.display()))?;
                 Ok(program.take_link(id)?.try_into()?)
             })?;
         }
-        info!(cgroup = %cgroup.display(), "socket load balancing attached");
-        Ok(())
+        self.remove_cgroup_links_but_root()?;
+        info!(cgroup = %root.display(), "socket load balancing attached");
+        Ok(root)
     }
 
-    /// Detaches socket load balancing from a cgroup it was attached to.
-    pub fn detach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
-        for name in SOCK_PROGRAMS {
-            let pin = self.cgroup_link_pin(name, cgroup);
-            match fs::remove_file(&pin) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(e).with_context(|| format!("removing {}", pin.display()));
-                }
-                _ => {}
+    /// Agents before the root attach pinned one link per program on their own cgroup
+    /// (`link_<program>_<cgroup path>`); those links would balance a second time, so they go.
+    fn remove_cgroup_links_but_root(&self) -> Result<()> {
+        let Ok(entries) = fs::read_dir(&self.pin_dir) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stale = SOCK_PROGRAMS.iter().any(|p| {
+                name.starts_with(&format!("link_{p}_")) && name != format!("link_{p}_root")
+            });
+            if stale {
+                info!(
+                    pin = name,
+                    "removing a socket hook link of an earlier agent"
+                );
+                fs::remove_file(e.path())
+                    .with_context(|| format!("removing {}", e.path().display()))?;
             }
         }
         Ok(())
     }
 
-    /// One pin per program and cgroup, so attaching to another cgroup never retargets the
-    /// links of the first.
-    fn cgroup_link_pin(&self, program: &str, cgroup: &Path) -> PathBuf {
-        let tag: String = cgroup
-            .to_string_lossy()
-            .trim_matches('/')
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.pin_dir.join(format!("link_{program}_{tag}"))
+    /// Lets the socket hooks act in the network namespace `netns_cookie` (a task's or an
+    /// endpoint's, `kind` one of mesh_common::lb::NETNS_*).
+    pub fn steer_netns(&mut self, netns_cookie: u64, kind: u32) -> Result<()> {
+        self.netns_map()?
+            .insert(netns_cookie, NetnsEntry { kind }, 0)
+            .context("adding a namespace to the socket hooks")
+    }
+
+    /// The socket hooks leave the namespace alone from now on. Absent is not an error.
+    pub fn unsteer_netns(&mut self, netns_cookie: u64) -> Result<()> {
+        match self.netns_map()?.remove(&netns_cookie) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).context("removing a namespace from the socket hooks"),
+        }
+    }
+
+    /// The namespaces the socket hooks act in, by cookie.
+    pub fn steered_netns(&mut self) -> Result<Vec<(u64, u32)>> {
+        let map = self.netns_map()?;
+        let mut out = Vec::new();
+        for kv in map.iter() {
+            let (k, v) = kv.context("reading the steered namespaces")?;
+            out.push((k, v.kind));
+        }
+        Ok(out)
+    }
+
+    fn netns_map(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, u64, NetnsEntry>> {
+        let map = self
+            .ebpf
+            .map_mut(mesh_common::lb::NETNS_MAP)
+            .context("namespace map missing from the eBPF object")?;
+        Ok(BpfHashMap::try_from(map)?)
     }
 
     /// Runs the routing-mesh program on a test frame (BPF_PROG_TEST_RUN) against the live

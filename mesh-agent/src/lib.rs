@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod bpf;
+pub mod cgroup;
 pub mod cli;
 pub mod cluster;
 pub mod config;

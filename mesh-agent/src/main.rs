@@ -235,7 +235,7 @@ impl RunArgs {
             c.bpffs = v;
         }
         if let Some(v) = self.cgroup {
-            c.cgroup = v;
+            c.cgroup = Some(v);
         }
         if !self.join.is_empty() {
             c.join = self.join;
@@ -390,17 +390,26 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
         dead_node_grace: std::time::Duration::from_secs(3600),
         tombstone_grace: std::time::Duration::from_secs(3600),
     };
-    let node = if config.control_plane_only {
+    let (node, podman) = if config.control_plane_only {
         warn!("control plane only: this node gossips and answers the API but forwards nothing");
-        None
+        (None, false)
     } else {
-        Some(node_parts(&config).await?)
+        // Asking podman takes a few hundred ms: done while the dataplane loads.
+        let (parts, podman) =
+            tokio::join!(node_parts(&config), mesh_agent::task::podman_available());
+        (Some(parts?), podman)
     };
     let mtu = match &node {
         Some(n) => n.underlay.mtu,
         None => dataplane::interface_mtu(&config.interface).unwrap_or(1500),
     };
-    let record = Agent::node_record(&config, mtu);
+    let mut record = Agent::node_record(&config, mtu);
+    if podman {
+        record
+            .drivers
+            .push(mesh_agent::cluster::DRIVER_PODMAN.to_owned());
+    }
+    info!(drivers = ?record.drivers, "task drivers");
     // Re-assert what this node owned before a restart, endpoints only for tasks that are
     // still running.
     let mut initial: Vec<(String, String)> = mesh_agent::agent::load_own_keys(&config.state_dir)
@@ -503,18 +512,16 @@ async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeP
     dataplane
         .lb_mut()
         .set_node(&mesh_agent::lb::NodeLb::new(config.advertise)?)?;
-    std::fs::create_dir_all(&config.cgroup).with_context(|| {
-        format!(
-            "creating cgroup {} (is cgroup v2 mounted there?)",
-            config.cgroup.display()
-        )
-    })?;
-    dataplane.attach_cgroup(&config.cgroup)?;
+    let cgroup_root = dataplane.attach_sockets()?;
     let mtu = dataplane::interface_mtu(&config.interface)?;
 
     // Adopt the tasks an earlier run left (running ones keep running; gone ones are cleaned).
     let host = netlink::connect()?;
-    let task_cgroup = config.cgroup.join("tasks");
+    let task_cgroup = config
+        .cgroup
+        .clone()
+        .unwrap_or_else(|| cgroup_root.join("mesh"))
+        .join("tasks");
     std::fs::create_dir_all(&task_cgroup).with_context(|| {
         format!(
             "creating cgroup {} (is cgroup v2 mounted there?)",

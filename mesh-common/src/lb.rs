@@ -16,6 +16,7 @@
 //! LB_FLOWS      FlowKey             -> Flow            both directions of every NAT'd flow
 //! LB_SOCK_FWD   SockKey             -> SockTarget      unconnected UDP: socket's backend
 //! LB_SOCK_REV   SockKey             -> SockTarget      backend -> address the app asked for
+//! LB_NETNS      netns cookie        -> NetnsEntry      namespaces whose sockets this node steers
 //! ```
 
 /// Node-wide settings, one entry at index 0.
@@ -33,6 +34,15 @@ pub const SERVICE_COUNTERS_MAP: &str = "LB_SVC_COUNTERS";
 pub const BACKEND_COUNTERS_MAP: &str = "LB_BE_COUNTERS";
 /// Per-CPU packet counts indexed by [`Reason`].
 pub const STATS_MAP: &str = "LB_STATS";
+/// The network namespaces (by cookie, what `bpf_get_netns_cookie` returns) whose sockets
+/// this node's socket hooks act on: its tasks' and its endpoints'. The hooks are attached at
+/// the cgroup v2 root, so they see every process on the kernel whatever cgroup a runtime put
+/// it in; this map is what keeps one node's hooks away from sockets that are not its own
+/// (other agents sharing the kernel, the rest of the host). The node's own namespace
+/// (`LbConfig::host_netns_cookie`) is always included.
+pub const NETNS_MAP: &str = "LB_NETNS";
+/// How many task namespaces one node can steer.
+pub const MAX_NETNS: u32 = 16_384;
 
 /// Default sizes; the agent overrides them at load time.
 pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
@@ -60,6 +70,19 @@ pub struct LbConfig {
     /// ports on 127.0.0.1 (inside a task, 127.0.0.1 is the task's own loopback).
     pub host_netns_cookie: u64,
 }
+
+/// What a namespace in [`NETNS_MAP`] is; only presence matters to the programs today.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsEntry {
+    /// [`NETNS_TASK`] or [`NETNS_ENDPOINT`].
+    pub kind: u32,
+}
+
+/// A task the agent started (any driver).
+pub const NETNS_TASK: u32 = 1;
+/// A container another runtime attached through the CNI plugin.
+pub const NETNS_ENDPOINT: u32 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -332,6 +355,7 @@ mod pod {
 
     // SAFETY (all): #[repr(C)] with explicit padding fields, so no implicit padding bytes,
     // and every bit pattern is a valid value.
+    unsafe impl aya::Pod for NetnsEntry {}
     unsafe impl aya::Pod for LbConfig {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceEntry {}
@@ -368,6 +392,7 @@ mod tests {
         assert_eq!(size_of::<SockKey>(), 16);
         assert_eq!(size_of::<SockTarget>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 32);
+        assert_eq!(size_of::<NetnsEntry>(), 4);
     }
 
     #[test]

@@ -35,8 +35,9 @@ mod programs {
     use mesh_common::{
         lb::{
             Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
-            DEFAULT_MAX_SOCKETS, Flow, FlowKey, LbConfig, Network, STATS_LEN, ServiceEntry,
-            ServiceKey, ServiceState, SlotKey, SockKey, SockTarget, TrafficCounters,
+            DEFAULT_MAX_SOCKETS, Flow, FlowKey, LbConfig, MAX_NETNS, NetnsEntry, Network,
+            STATS_LEN, ServiceEntry, ServiceKey, ServiceState, SlotKey, SockKey, SockTarget,
+            TrafficCounters,
         },
         stats::{PORT_COUNTERS_LEN, PortCounter},
     };
@@ -78,6 +79,10 @@ mod programs {
         PerCpuArray::pinned(DEFAULT_MAX_BACKENDS + 1, 0);
     #[map(name = "LB_STATS")]
     pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_LEN, 0);
+
+    /// Namespaces whose sockets this node's socket hooks act on (see mesh_common::lb).
+    #[map(name = "LB_NETNS")]
+    pub static LB_NETNS: HashMap<u64, NetnsEntry> = HashMap::pinned(MAX_NETNS, 0);
 
     /// Task namespace → port of its resolver listener (see mesh_common::dns).
     #[map(name = "RESOLVERS")]

@@ -2,8 +2,14 @@
 //! address a socket connects or sends to, so packets leave already addressed to a backend
 //! and need no per-packet NAT.
 //!
-//! What is balanced:
-//! - `VIP:any port` from any namespace in the cgroup (tasks and the node itself);
+//! The programs are attached at the cgroup v2 root, so they run for every process on the
+//! kernel, whatever cgroup a container runtime, `ip netns exec` or `nsenter` left it in. They
+//! act only on sockets of the namespaces this node steers (`LB_NETNS`: its tasks and CNI
+//! endpoints, plus the node's own namespace) and leave every other socket untouched — other
+//! agents sharing the kernel (the test clusters) and the host's other containers.
+//!
+//! What is balanced, in those namespaces:
+//! - `VIP:any port` (tasks and the node itself);
 //! - `<node underlay ip>:<published port>` from any namespace (a task reaching its own
 //!   node's published port never crosses the underlay interface);
 //! - `127.0.0.1:<published port>` (or 0.0.0.0) from the node's own namespace only: inside
@@ -22,7 +28,7 @@ use mesh_common::{
 
 use crate::{
     packet::{IPPROTO_TCP, IPPROTO_UDP},
-    programs::{LB_CONFIG, LB_SOCK_FWD, LB_SOCK_REV, RESOLVERS},
+    programs::{LB_CONFIG, LB_NETNS, LB_SOCK_FWD, LB_SOCK_REV, RESOLVERS},
     service,
     stats::{self, Traffic},
 };
@@ -30,6 +36,21 @@ use crate::{
 /// sock_addr programs return 1 to let the call proceed, 0 to fail it with EPERM.
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
+
+/// Whether the caller's socket is in a namespace this node steers.
+#[inline(always)]
+fn steered(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the context pointer the kernel passed.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if let Some(cfg) = LB_CONFIG.get(0)
+        && cfg.host_netns_cookie != 0
+        && cfg.host_netns_cookie == netns
+    {
+        return true;
+    }
+    // SAFETY: only presence is read.
+    unsafe { LB_NETNS.get(netns).is_some() }
+}
 
 /// The address a call targets, as the application wrote it.
 #[derive(Clone, Copy)]
@@ -158,6 +179,9 @@ fn to_resolver(ctx: &SockAddrContext, t: &Target) -> bool {
 }
 
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
+    if !steered(ctx) {
+        return ALLOW;
+    }
     let Some(t) = target(ctx.sock_addr) else {
         return ALLOW;
     };
@@ -179,6 +203,9 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
 /// Unconnected UDP: every datagram names its destination. The socket keeps the backend it
 /// got first for that destination (as a flow would), as long as the backend exists.
 pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
+    if !steered(ctx) {
+        return ALLOW;
+    }
     let Some(t) = target(ctx.sock_addr) else {
         return ALLOW;
     };
@@ -215,6 +242,9 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
 /// recvmsg4 and getpeername4: a backend's address becomes the address the application
 /// asked for.
 pub fn restore(ctx: &SockAddrContext) -> i32 {
+    if !steered(ctx) {
+        return ALLOW;
+    }
     let Some(t) = target(ctx.sock_addr) else {
         return ALLOW;
     };

@@ -258,7 +258,7 @@ impl Host {
 
     /// Each node gets its own cgroup: all namespace hosts share this machine's cgroup tree.
     pub fn cgroup(&self) -> PathBuf {
-        PathBuf::from("/sys/fs/cgroup/unified/mesh").join(self.node_name())
+        cgroup_base().join(self.node_name())
     }
 
     /// Starts `mesh-agent run` in this host's namespace and waits until its API answers.
@@ -563,22 +563,47 @@ impl Drop for Cluster {
     }
 }
 
-/// Removes bpffs pins, run directories and cgroups of every node of a cluster.
+/// Removes bpffs pins, run directories, cgroups and podman containers of every node of a
+/// cluster.
 fn remove_node_state(cluster: &str) {
+    remove_containers(cluster);
     for dir in ["/sys/fs/bpf/mesh", "/run/mesh"] {
         remove_children_with_prefix(Path::new(dir), cluster, |p| {
             let _ = fs::remove_dir_all(p);
         });
     }
-    remove_children_with_prefix(
-        Path::new("/sys/fs/cgroup/unified/mesh"),
-        cluster,
-        remove_cgroup,
-    );
+    remove_children_with_prefix(&cgroup_base(), cluster, remove_cgroup);
     // resolv.conf and friends of task namespaces (the `ip netns exec` convention).
     remove_children_with_prefix(Path::new("/etc/netns"), cluster, |p| {
         let _ = fs::remove_dir_all(p);
     });
+}
+
+/// Containers of image tasks are named after their namespace (`<cluster>-h<i>-<task>`);
+/// agents stopped without removing their services leave them behind.
+fn remove_containers(cluster: &str) {
+    if !Path::new("/usr/bin/podman").exists() {
+        return;
+    }
+    let Ok(out) = Command::new("podman")
+        .args(["ps", "--all", "--format", "{{.Names}}"])
+        .args(["--filter", &format!("name=^{cluster}-")])
+        .output()
+    else {
+        return;
+    };
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.starts_with(&format!("{cluster}-")))
+        .map(str::to_owned)
+        .collect();
+    if !names.is_empty() {
+        let _ = Command::new("podman")
+            .args(["rm", "--force", "--ignore", "--time", "0"])
+            .args(&names)
+            .output();
+    }
 }
 
 fn remove_children_with_prefix(dir: &Path, prefix: &str, remove: impl Fn(&Path)) {
@@ -635,6 +660,14 @@ fn owner_pid(ns: &str) -> Option<i32> {
     let rest = PREFIXES.iter().find_map(|p| ns.strip_prefix(p))?;
     let (pid, _) = rest.split_once('x')?;
     pid.parse().ok()
+}
+
+/// `mesh` under wherever this machine mounts cgroup v2 (the agent's default), the parent of
+/// every test node's cgroup.
+pub fn cgroup_base() -> PathBuf {
+    mesh_agent::cgroup::cgroup2_mount()
+        .expect("cgroup v2 is mounted")
+        .join("mesh")
 }
 
 /// Path of a binary of this workspace, built once per test process so `cargo test` alone is

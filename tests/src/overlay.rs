@@ -134,6 +134,7 @@ impl Node {
             command: command.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             hostname: None,
+            image: None,
         })
     }
 
@@ -155,6 +156,7 @@ impl Node {
             command: command.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             hostname: None,
+            image: None,
         })
     }
 

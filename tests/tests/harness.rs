@@ -7,10 +7,11 @@ fn leftovers(cluster: &str) -> Vec<String> {
         .into_iter()
         .filter(|n| n.starts_with(&format!("{cluster}-")))
         .collect();
+    let cgroups = mesh_tests::cluster::cgroup_base();
     for dir in [
         "/sys/fs/bpf/mesh",
         "/run/mesh",
-        "/sys/fs/cgroup/unified/mesh",
+        cgroups.to_str().unwrap(),
         "/etc/netns",
     ] {
         if let Ok(entries) = std::fs::read_dir(dir) {

@@ -13,7 +13,6 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -57,7 +56,6 @@ struct Node {
     remote: Netns,
     cluster: Cluster,
     bridge_ifindex: u32,
-    cgroup: PathBuf,
 }
 
 impl Node {
@@ -92,10 +90,6 @@ impl Node {
         }
 
         let pin = host.bpffs();
-        let cgroup = PathBuf::from("/sys/fs/cgroup/unified/mesh").join(host.node_name());
-        std::fs::create_dir_all(&cgroup)
-            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-        let cg = cgroup.clone();
         // Loaded from a thread inside the node's namespace: attaching resolves interface
         // names there and the host netns cookie is that namespace's.
         let (dp, bridge_ifindex) = host.ns.run(move || -> Result<(Dataplane, u32)> {
@@ -103,7 +97,7 @@ impl Node {
             dp.lb_mut().set_node(&NodeLb::new(NODE_IP)?)?;
             let bridge = nix::net::if_::if_nametoindex(BRIDGE)?;
             dp.attach_network(bridge)?;
-            dp.attach_cgroup(&cg)?;
+            dp.attach_sockets()?;
             Ok((dp, bridge))
         })??;
 
@@ -113,7 +107,6 @@ impl Node {
             remote: remote_ns,
             cluster,
             bridge_ifindex,
-            cgroup,
         };
         for n in local {
             node.add_task(*n, false)?;
@@ -232,7 +225,17 @@ impl Node {
         })?
     }
 
-    /// Runs mesh-probe inside `ns` and inside the node's cgroup; (peer, answer) per request.
+    /// Lets the socket hooks act in task `t<n>`'s namespace, as the agent does for its tasks.
+    fn steer(&mut self, task: &str) -> Result<()> {
+        let cookie = self.tasks[task]
+            .ns
+            .run(mesh_agent::lb::current_netns_cookie)??;
+        self.dp_mut()
+            .steer_netns(cookie, mesh_common::lb::NETNS_TASK)
+    }
+
+    /// Runs mesh-probe inside `ns`; (peer, answer) per request. Its cgroup is the test's:
+    /// the socket hooks select by namespace, not by cgroup.
     fn probe(
         &self,
         ns: &Netns,
@@ -240,22 +243,7 @@ impl Node {
         addr: &str,
         count: usize,
     ) -> Result<Vec<(String, String)>> {
-        self.probe_in(Some(&self.cgroup), ns, mode, addr, count)
-    }
-
-    /// Runs mesh-probe inside `ns`, and inside `cgroup` if given.
-    fn probe_in(
-        &self,
-        cgroup: Option<&PathBuf>,
-        ns: &Netns,
-        mode: &str,
-        addr: &str,
-        count: usize,
-    ) -> Result<Vec<(String, String)>> {
         let mut cmd = ns.command(env!("CARGO_BIN_EXE_mesh-probe"));
-        if let Some(cg) = cgroup {
-            cmd.arg("--cgroup").arg(cg);
-        }
         let out = cmd
             .args([mode, addr, &count.to_string()])
             .output()
@@ -390,8 +378,9 @@ fn bulk_transfers_through_the_routing_mesh_arrive_intact_both_ways() {
 }
 
 #[test]
-fn processes_in_the_node_cgroup_reach_the_vip_and_published_ports_through_socket_balancing() {
-    let node = Node::new(&[1, 2], &[3]).unwrap();
+fn processes_in_steered_namespaces_reach_the_vip_and_published_ports_through_socket_balancing() {
+    let mut node = Node::new(&[1, 2], &[3]).unwrap();
+    node.steer("t1").unwrap();
     let all = ["t1", "t2", "t3"];
 
     // The node itself reaching the VIP: balanced, and getpeername() still shows the VIP.
@@ -437,9 +426,10 @@ fn processes_in_the_node_cgroup_reach_the_vip_and_published_ports_through_socket
         "{out:?}"
     );
 
-    // A task outside the cgroup reaching its node's published port goes through the
-    // bridge's TC program instead (hairpin NAT), possibly to itself.
-    let out = node.probe_in(None, t1, "tcp", "192.0.2.1:8080", 6).unwrap();
+    // A namespace the node does not steer reaching its node's published port goes through
+    // the bridge's TC program instead (hairpin NAT), possibly to itself.
+    let t2 = &node.tasks["t2"].ns;
+    let out = node.probe(t2, "tcp", "192.0.2.1:8080", 6).unwrap();
     assert!(
         out.iter()
             .all(|(peer, a)| peer == "192.0.2.1:8080" && all.contains(&a.as_str())),
@@ -579,14 +569,14 @@ fn a_dataplane_reloaded_over_its_pins_keeps_forwarding_and_adopts_its_maps() {
 
     // A new agent loads fresh programs into the pinned links and adopts the maps.
     let pin = node.cluster.host(1).bpffs();
-    let (cgroup, bridge) = (node.cgroup.clone(), node.bridge_ifindex);
+    let bridge = node.bridge_ifindex;
     let dp = node
         .node_ns()
         .run(move || -> Result<Dataplane> {
             let mut dp = Dataplane::start(&pin, "eth0")?;
             dp.lb_mut().set_node(&NodeLb::new(NODE_IP)?)?;
             dp.attach_network(bridge)?;
-            dp.attach_cgroup(&cgroup)?;
+            dp.attach_sockets()?;
             Ok(dp)
         })
         .unwrap()

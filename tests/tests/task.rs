@@ -61,7 +61,7 @@ fn next_exit(
 #[test]
 fn a_task_sees_its_own_address_route_hostname_resolver_and_cgroup() {
     let cluster = Cluster::new(1).unwrap();
-    let cgroup = PathBuf::from("/sys/fs/cgroup/unified/mesh").join(cluster.host(1).node_name());
+    let cgroup = mesh_tests::cluster::cgroup_base().join(cluster.host(1).node_name());
     std::fs::create_dir_all(&cgroup).unwrap();
     let node = Node::start_with(cluster.host(1), |c| c.cgroup = Some(cgroup.clone())).unwrap();
     host_with_app(&cluster, &node);

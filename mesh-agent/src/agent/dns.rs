@@ -95,7 +95,8 @@ impl Agent {
         }
     }
 
-    /// Opens the resolver inside a task's namespace. Idempotent.
+    /// Opens the resolver inside a task's namespace and lets the socket hooks act there (VIP
+    /// balancing, 127.0.0.11 → the listener), for every process in it. Idempotent.
     pub(crate) async fn serve_dns_for(&self, task: &TaskRecord) -> Result<()> {
         if task.state != TaskState::Running {
             return Ok(());
@@ -124,7 +125,11 @@ impl Agent {
         let Some(local) = self.local() else {
             anyhow::bail!("no dataplane on this node to steer 127.0.0.11 to the resolver");
         };
-        local.dataplane.lock().await.set_resolver(cookie, port)?;
+        {
+            let mut dp = local.dataplane.lock().await;
+            dp.steer_netns(cookie, mesh_common::lb::NETNS_TASK)?;
+            dp.set_resolver(cookie, port)?;
+        }
         let handle = self.dns.serve(
             tokio::net::UdpSocket::from_std(udp)?,
             tokio::net::TcpListener::from_std(tcp)?,
@@ -149,14 +154,18 @@ impl Agent {
             .remove(task);
         if let Some((_, cookie)) = removed
             && let Some(local) = self.local()
-            && let Err(e) = local.dataplane.lock().await.remove_resolver(cookie)
         {
-            warn!(task, "{e:#}");
+            let mut dp = local.dataplane.lock().await;
+            if let Err(e) = dp.remove_resolver(cookie).and(dp.unsteer_netns(cookie)) {
+                warn!(task, "{e:#}");
+            }
         }
     }
 
     /// Listeners for every running task (after a restart adopted them); ports an earlier
-    /// agent registered are forgotten first, their sockets died with it.
+    /// agent registered are forgotten first, their sockets died with it. Namespaces stay
+    /// steered throughout (VIPs keep balancing across the restart); those of tasks that are
+    /// gone are dropped afterwards.
     pub(crate) async fn serve_dns_for_all(&self) {
         let Some(local) = self.local() else {
             return;
@@ -168,6 +177,27 @@ impl Agent {
             if let Err(e) = self.serve_dns_for(&t).await {
                 warn!(task = t.spec.name, "no DNS for the task: {e:#}");
             }
+        }
+        let live: std::collections::BTreeSet<u64> = self
+            .dns_listeners
+            .lock()
+            .expect("dns listeners lock")
+            .values()
+            .map(|(_, cookie)| *cookie)
+            .collect();
+        let mut dp = local.dataplane.lock().await;
+        match dp.steered_netns() {
+            Ok(all) => {
+                for (cookie, kind) in all {
+                    if kind == mesh_common::lb::NETNS_TASK
+                        && !live.contains(&cookie)
+                        && let Err(e) = dp.unsteer_netns(cookie)
+                    {
+                        warn!("{e:#}");
+                    }
+                }
+            }
+            Err(e) => warn!("{e:#}"),
         }
     }
 }

@@ -461,7 +461,7 @@ impl Agent {
         let hostname = template
             .hostname
             .clone()
-            .unwrap_or_else(|| default_hostname(&service, &t));
+            .unwrap_or_else(|| default_hostname(&service, &t, template.image.is_some()));
         // What Swarm's templates ({{.Task.Name}}, …) give a task, as plain variables.
         let mut env = vec![
             ("MESH_SERVICE_NAME".to_owned(), service.name.clone()),
@@ -491,6 +491,7 @@ impl Agent {
                     env: &env,
                     hostname: Some(&hostname),
                     publish: template.health.is_none() && ready_port.is_none(),
+                    image: template.image.as_deref(),
                 },
             )
             .await;
@@ -726,9 +727,12 @@ impl Agent {
     }
 }
 
-/// `web.1` (or `web.<node>`), cut to what a hostname may hold.
-fn default_hostname(service: &ServiceSpec, t: &Task) -> String {
-    let mut h: String = format!("{}.{}", service.name, t.slot)
+/// `web.1` (or `web.<node>`), cut to what a hostname may hold. Containers get `web-1`:
+/// resolvers that derive a search domain from a dotted hostname (busybox's, used by many
+/// small images) would look up `web.1` for `web` and stop at its NXDOMAIN.
+fn default_hostname(service: &ServiceSpec, t: &Task, container: bool) -> String {
+    let sep = if container { '-' } else { '.' };
+    let mut h: String = format!("{}{sep}{}", service.name, t.slot)
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '.' | '-') {

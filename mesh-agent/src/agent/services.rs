@@ -274,7 +274,7 @@ fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
         .map(|p| p.parse::<PortSpec>())
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(invalid)?;
-    let task = if req.command.is_empty() {
+    let task = if req.command.is_empty() && req.image.is_none() {
         if req.replicas.is_some() || req.mode.is_some() {
             return Err(Error::Invalid(format!(
                 "no command for the tasks to run: put it after `--`, e.g. meshctl service create \
@@ -293,6 +293,7 @@ fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
                 Some(g) => duration_ms("--stop-grace-period", g)?,
                 None => TaskTemplate::default().stop_grace_ms,
             },
+            image: req.image.clone(),
         })
     };
     if task.is_none() && (req.health != HealthFlags::default() || req.stop_grace_period.is_some()) {

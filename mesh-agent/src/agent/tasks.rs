@@ -16,12 +16,15 @@ pub(crate) struct Launch<'a> {
     pub name: &'a str,
     pub network: &'a str,
     pub service: Option<&'a str>,
+    /// The process driver's command line; with an image, the container's arguments.
     pub command: &'a [String],
     pub env: &'a [(String, String)],
     /// Default: the task name.
     pub hostname: Option<&'a str>,
     /// A backend from the start; false: the caller publishes it (once it is healthy).
     pub publish: bool,
+    /// Run this OCI image with podman instead of a process.
+    pub image: Option<&'a str>,
 }
 
 impl Agent {
@@ -82,6 +85,7 @@ impl Agent {
                 env: &req.env,
                 hostname: None,
                 publish: true,
+                image: None,
             },
         )
         .await
@@ -114,6 +118,7 @@ impl Agent {
             command: task.command.to_vec(),
             env: task.env.to_vec(),
             hostname: task.hostname.map(str::to_owned),
+            image: task.image.map(str::to_owned),
         };
         let record = match local.tasks.create(spec).await {
             Ok(r) => r,
@@ -122,6 +127,13 @@ impl Agent {
                 return Err(Error::Invalid(format!("{e:#}")));
             }
         };
+        if record.state != crate::task::TaskState::Running {
+            // Ended before it could serve (a one-shot container): no endpoint; the
+            // orchestrator sees the exit on its next pass.
+            self.release(task.network, ip).await;
+            self.poke();
+            return Ok(record);
+        }
         if task.publish {
             self.publish_endpoint(task.name, task.network, task.service, ip)
                 .await?;

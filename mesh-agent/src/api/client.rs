@@ -34,6 +34,47 @@ impl Client {
         self.call(Method::DELETE, path, None::<&()>).await
     }
 
+    /// GET whose answer is a byte stream (logs): hands each piece to `out` as it arrives.
+    pub async fn stream(&self, path: &str, mut out: impl FnMut(&[u8])) -> Result<()> {
+        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
+            format!(
+                "cannot reach the mesh agent at {} (is mesh-agent running? set --socket or MESH_SOCKET)",
+                self.socket.display()
+            )
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("talking to the mesh agent")?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header("host", "mesh-agent")
+            .body(Full::new(Bytes::new()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("request to the mesh agent")?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let body = body.collect().await?.to_bytes();
+            match serde_json::from_slice::<ApiError>(&body) {
+                Ok(e) => bail!("{}", e.error),
+                Err(_) => bail!(
+                    "mesh agent answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                ),
+            }
+        }
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.context("reading from the mesh agent")?.into_data() {
+                out(&data);
+            }
+        }
+        Ok(())
+    }
+
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,

@@ -69,6 +69,10 @@ pub struct NodeInfo {
     #[serde(default)]
     pub operator_labels: BTreeMap<String, String>,
     pub agent_version: Option<String>,
+    /// Task drivers the node runs (`process`, `podman`): placement only picks nodes that
+    /// have a service's driver.
+    #[serde(default)]
+    pub drivers: Vec<String>,
     /// The node whose agent answered.
     #[serde(rename = "self")]
     pub is_self: bool,
@@ -189,7 +193,8 @@ pub struct ServiceCreate {
     /// Between SIGTERM and SIGKILL, e.g. `10s`.
     #[serde(default)]
     pub stop_grace_period: Option<String>,
-    /// The task's command; empty: the service schedules nothing.
+    /// The task's command (with an image: the container's arguments); no command and no
+    /// image: the service schedules nothing.
     #[serde(default)]
     pub command: Vec<String>,
     /// `KEY=VALUE`.
@@ -197,6 +202,9 @@ pub struct ServiceCreate {
     pub env: Vec<String>,
     #[serde(default)]
     pub hostname: Option<String>,
+    /// An OCI image: tasks run as podman containers on nodes that have podman.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// `--restart-*` as typed (durations like `5s`, `1m30s`).

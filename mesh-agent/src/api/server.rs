@@ -75,6 +75,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/tasks", get(list_tasks).post(run_task))
         .route("/v1/local/tasks", get(list_local_tasks))
         .route("/v1/local/tasks/{name}", axum::routing::delete(remove_task))
+        .route("/v1/local/tasks/{name}/logs", get(task_logs))
+        .route("/v1/local/services/{name}/logs", get(service_logs))
         .route(
             "/v1/local/tasks/{name}/exec",
             axum::routing::post(exec_task),
@@ -156,6 +158,11 @@ fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
         engine_labels: n.engine_labels(),
         operator_labels: n.spec.labels.clone(),
         agent_version: n.record.as_ref().map(|r| r.agent_version.clone()),
+        drivers: n
+            .record
+            .as_ref()
+            .map(|r| r.drivers.clone())
+            .unwrap_or_default(),
         is_self: name == agent.node_name(),
     })
 }
@@ -657,6 +664,65 @@ async fn list_local_tasks(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<Loca
             .map(|r| local_task_info(&agent, &view, r))
             .collect(),
     ))
+}
+
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+/// A task's output (`?follow=true`: and what it writes next), streamed as it comes.
+async fn task_logs(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
+) -> Result<Response, Error> {
+    let local = agent.require_local()?;
+    let logs = local
+        .tasks
+        .logs(&name, q.follow)
+        .map_err(|e| Error::NotFound(format!("{e:#} (see `meshctl ps -a`)")))?;
+    let stream = logs.into_stream().map_err(|e| {
+        Error::Internal(anyhow::Error::from(e).context(format!("reading the logs of {name}")))
+    })?;
+    Ok(Response::new(axum::body::Body::from_stream(stream)))
+}
+
+/// The output of every task of a service on this node, each line prefixed with its task.
+async fn service_logs(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
+) -> Result<Response, Error> {
+    let view = agent.view();
+    if !view.services.contains_key(&name) {
+        return Err(Error::NotFound(format!(
+            "service {name} not found (see `meshctl service ls`)"
+        )));
+    }
+    let local = agent.require_local()?;
+    let mut streams = Vec::new();
+    for r in local.tasks.list() {
+        let info = local_task_info(&agent, &view, &r);
+        let of_service = info.service.as_deref() == Some(name.as_str())
+            || r.spec.name.starts_with(&format!("{name}."));
+        if !of_service {
+            continue;
+        }
+        let logs = local
+            .tasks
+            .logs(&r.spec.name, q.follow)
+            .map_err(Error::Internal)?;
+        let stream = logs.into_stream().map_err(|e| Error::Internal(e.into()))?;
+        streams.push(crate::task::prefixed_logs(
+            format!("{} | ", r.spec.name),
+            stream,
+        ));
+    }
+    Ok(Response::new(axum::body::Body::from_stream(
+        futures_util::stream::select_all(streams),
+    )))
 }
 
 async fn remove_task(

@@ -17,7 +17,8 @@ use crate::{
 
 #[derive(Subcommand, Debug)]
 pub enum ServiceCommand {
-    /// Create a service: `meshctl service create web --replicas 3 -p 8080:80 -- CMD ARGS…`.
+    /// Create a service: `meshctl service create web --replicas 3 -p 8080:80 -- CMD ARGS…`,
+    /// or with `--image IMAGE [-- ARGS…]` tasks that are podman containers.
     Create(Box<CreateArgs>),
     /// Change a service's replicas, placement or restart policy; --force replaces every task.
     Update(Box<UpdateArgs>),
@@ -51,6 +52,13 @@ pub enum ServiceCommand {
         /// Return at once instead of following the rollback.
         #[arg(long, short = 'd')]
         detach: bool,
+    },
+    /// The output of the service's tasks on this node, each line prefixed with its task.
+    Logs {
+        name: String,
+        /// Keep printing what the tasks write.
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
 }
 
@@ -99,10 +107,14 @@ pub struct CreateArgs {
     /// The tasks' hostname (default: the task name, e.g. web.1).
     #[arg(long)]
     hostname: Option<String>,
+    /// Run this OCI image (local or pullable by podman) as each task, on nodes with podman;
+    /// the words after `--` replace its CMD.
+    #[arg(long)]
+    image: Option<String>,
     /// Return at once instead of waiting for the tasks.
     #[arg(long, short = 'd')]
     detach: bool,
-    /// The tasks' command, after `--`.
+    /// The tasks' command (with --image: the container's arguments), after `--`.
     #[arg(last = true)]
     command: Vec<String>,
 }
@@ -300,6 +312,7 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                 command: a.command,
                 env: a.env,
                 hostname: a.hostname,
+                image: a.image,
             };
             let s: ServiceInfo = client.post("/v1/services", &req).await?;
             if fmt == Format::Json {
@@ -419,6 +432,30 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
             };
             update(client, fmt, &name, &req, detach).await?;
         }
+        ServiceCommand::Logs { name, follow } => {
+            // Logs stay on the node that runs the task; say where the others are.
+            let rows: Vec<ServiceTaskInfo> =
+                client.get(&format!("/v1/services/{name}/tasks")).await?;
+            let me: crate::api::NodeInfo = client.get("/v1/nodes/self").await?;
+            let elsewhere: std::collections::BTreeSet<String> = rows
+                .iter()
+                .filter(|r| !r.history && r.state == "Running")
+                .filter_map(|r| r.node.clone())
+                .filter(|n| *n != me.name)
+                .collect();
+            if !elsewhere.is_empty() {
+                eprintln!(
+                    "showing the tasks on {}; others run on {} (run `meshctl service logs {name}` there)",
+                    me.name,
+                    elsewhere.into_iter().collect::<Vec<_>>().join(", ")
+                );
+            }
+            print_stream(
+                client,
+                &format!("/v1/local/services/{name}/logs?follow={follow}"),
+            )
+            .await?;
+        }
     }
     Ok(())
 }
@@ -453,6 +490,18 @@ async fn update(
     }
 }
 
+/// Copies a streamed answer (logs) to stdout as it arrives.
+pub(crate) async fn print_stream(client: &Client, path: &str) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout();
+    client
+        .stream(path, |chunk| {
+            let _ = stdout.write_all(chunk);
+            let _ = stdout.flush();
+        })
+        .await
+}
+
 /// `3/3`, `2/3`, or for a service that schedules nothing, its running tasks.
 fn replicas(s: &ServiceInfo) -> String {
     match s.desired {
@@ -461,11 +510,11 @@ fn replicas(s: &ServiceInfo) -> String {
     }
 }
 
-/// The process driver has no image: the command stands in for it.
+/// The image, or for the process driver the command that stands in for it.
 fn image(s: &ServiceInfo) -> String {
     match &s.spec.task {
         Some(t) => {
-            let mut c = t.command.join(" ");
+            let mut c = t.image.clone().unwrap_or_else(|| t.command.join(" "));
             if c.len() > 40 {
                 c.truncate(37);
                 c.push_str("...");
@@ -618,11 +667,11 @@ fn print_inspect(s: &ServiceInfo) {
             .to_string()),
     );
     if let Some(t) = &spec.task {
-        println!(
-            "ContainerSpec:\n Driver:\t{}\n Command:\t{}",
-            t.driver(),
-            t.command.join(" ")
-        );
+        println!("ContainerSpec:\n Driver:\t{}", t.driver());
+        if let Some(i) = &t.image {
+            println!(" Image:\t\t{i}");
+        }
+        println!(" Command:\t{}", t.command.join(" "));
         if !t.env.is_empty() {
             println!(" Env:");
             for (k, v) in &t.env {

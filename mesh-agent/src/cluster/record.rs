@@ -178,6 +178,8 @@ fn default_drivers() -> Vec<String> {
 
 /// The driver that runs a command in the task's namespaces (no image).
 pub const DRIVER_PROCESS: &str = "process";
+/// OCI images run by podman; advertised only where podman works.
+pub const DRIVER_PODMAN: &str = "podman";
 
 /// An agent going down gracefully leaves its tasks and pinned dataplane serving; peers keep
 /// counting the node (and its tasks) as up until `until_ms`, so a restart slower than the
@@ -461,6 +463,7 @@ impl ServiceSpec {
 /// What a service's tasks run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskTemplate {
+    /// The command line; with an image, the arguments that replace the image's CMD.
     pub command: Vec<String>,
     #[serde(default)]
     pub env: Vec<(String, String)>,
@@ -473,6 +476,9 @@ pub struct TaskTemplate {
     /// Between SIGTERM and SIGKILL when the task is stopped.
     #[serde(default = "default_stop_grace_ms")]
     pub stop_grace_ms: u64,
+    /// An OCI image the tasks run as podman containers (the podman driver).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 fn default_stop_grace_ms() -> u64 {
@@ -520,13 +526,18 @@ impl Default for TaskTemplate {
             hostname: None,
             health: None,
             stop_grace_ms: default_stop_grace_ms(),
+            image: None,
         }
     }
 }
 
 impl TaskTemplate {
     pub fn driver(&self) -> &'static str {
-        DRIVER_PROCESS
+        if self.image.is_some() {
+            DRIVER_PODMAN
+        } else {
+            DRIVER_PROCESS
+        }
     }
 }
 

@@ -1,12 +1,16 @@
-//! Tasks: workloads the agent runs itself. A task is a process in a fresh network namespace
-//! (`<node>-<task>`) with one interface per network it is attached to, started in its own
-//! session so it outlives an agent crash, and followed through a pidfd.
+//! Tasks: workloads the agent runs itself. A task is a fresh network namespace
+//! (`<node>-<task>`) with one interface per network it is attached to, and in it either a
+//! process (the `process` driver: started in its own session so it outlives an agent crash)
+//! or a podman container of an image (the `podman` driver, see `container`); either way its
+//! init process is followed through a pidfd.
 //!
 //! Records persist under the state directory, so a restarted agent adopts the tasks that
 //! are still running (same PID and start time) and marks the others exited. A task whose
 //! process exits loses its network at once (veth, namespace) and is announced on
 //! [`Tasks::subscribe`], so its endpoint can leave the cluster's tables.
 
+mod container;
+mod logs;
 mod plumbing;
 mod process;
 mod store;
@@ -33,6 +37,8 @@ use crate::{
     overlay::{GATEWAY_BRIDGE, GatewayPlumbing, MacAddr, NetworkPlumbing},
 };
 
+pub use container::available as podman_available;
+pub use logs::prefixed as prefixed_logs;
 pub use plumbing::HOST_VETH_PREFIX;
 
 /// The network name of a task's attachment to the node's gateway bridge.
@@ -100,18 +106,38 @@ pub struct TaskSpec {
     /// a gateway.
     #[serde(default)]
     pub egress: Option<GatewayPlumbing>,
+    /// The process driver: the command line. The podman driver: the arguments that replace
+    /// the image's CMD (empty keeps it).
     pub command: Vec<String>,
     #[serde(default)]
     pub env: Vec<(String, String)>,
     /// The task's hostname; default: its name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// An OCI image: the task runs as a podman container of it (the podman driver).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl TaskSpec {
     pub fn hostname(&self) -> &str {
         self.hostname.as_deref().unwrap_or(&self.name)
     }
+}
+
+impl TaskRecord {
+    /// The podman container of an image task (named after its namespace).
+    fn container(&self) -> Option<&str> {
+        self.spec.image.as_ref().map(|_| self.netns.as_str())
+    }
+}
+
+/// A task's output, as `meshctl logs` streams it (see `logs`).
+pub enum Logs {
+    /// A process task writes to this file.
+    File { path: PathBuf, follow: bool },
+    /// `podman logs` of a container task, ready to spawn.
+    Podman(tokio::process::Command),
 }
 
 /// One interface of a task on a bridge of this node.
@@ -265,7 +291,26 @@ impl Tasks {
         for record in tasks.inner.store.load_all()? {
             tasks.adopt(record).await;
         }
+        tasks.remove_orphan_containers().await;
         Ok(tasks)
+    }
+
+    /// Containers labelled as this node's that no record knows (a crash between `podman
+    /// run` and saving the record) are removed: their task was never announced, and keeping
+    /// them would run a second copy next to the one the orchestrator starts.
+    async fn remove_orphan_containers(&self) {
+        let Ok(names) = container::list(&self.inner.config.node).await else {
+            // No podman here: nothing it could have left.
+            return;
+        };
+        let known: std::collections::BTreeSet<String> =
+            self.list().into_iter().map(|r| r.netns).collect();
+        for name in names.into_iter().filter(|n| !known.contains(n)) {
+            warn!(container = %name, "removing a container no task record knows");
+            if let Err(e) = container::remove(&name).await {
+                warn!(container = %name, "{e:#}");
+            }
+        }
     }
 
     async fn adopt(&self, mut record: TaskRecord) {
@@ -302,7 +347,10 @@ impl Tasks {
                         info!(task = %name, pid = ?record.pid, "adopted running task");
                         self.insert_running(record, fd);
                     }
-                    process::Found::Exited(exit) => {
+                    process::Found::Exited(mut exit) => {
+                        if let Some(c) = record.container() {
+                            exit = container::exit(c).await;
+                        }
                         info!(task = %name, code = ?exit.code, "task exited while the agent was away");
                         record.state = TaskState::Exited {
                             code: exit.code,
@@ -359,9 +407,17 @@ impl Tasks {
             record
         };
         match self.build(record).await {
-            Ok((record, pidfd)) => {
+            Ok((record, Some(pidfd))) => {
                 info!(task = %name, pid = ?record.pid, netns = %record.netns, "task started");
                 self.insert_running(record.clone(), pidfd);
+                Ok(record)
+            }
+            Ok((record, None)) => {
+                info!(task = %name, state = ?record.state, "task exited as soon as it started");
+                if let Err(e) = self.teardown(&record).await {
+                    warn!(task = %name, "removing the network of an exited task: {e:#}");
+                }
+                self.insert_finished(record.clone());
                 Ok(record)
             }
             Err((record, e)) => {
@@ -384,7 +440,7 @@ impl Tasks {
     async fn build(
         &self,
         mut record: TaskRecord,
-    ) -> std::result::Result<(TaskRecord, OwnedFd), (TaskRecord, anyhow::Error)> {
+    ) -> std::result::Result<(TaskRecord, Option<OwnedFd>), (TaskRecord, anyhow::Error)> {
         let config = &self.inner.config;
         macro_rules! attempt {
             ($e:expr) => {
@@ -416,15 +472,44 @@ impl Tasks {
             .find_map(|(i, a)| a.gateway.map(|g| (i, g)));
         attempt!(plumbing::configure_inside(&record.netns, &record.interfaces, gateway).await);
         let netns_path = netns::path(&record.netns);
-        let spawned = attempt!(process::spawn(&process::Launch {
-            netns: &netns_path,
-            etc_overrides: &etc,
-            hostname: record.spec.hostname(),
-            cgroup: config.cgroup.as_deref(),
-            command: &record.spec.command,
-            env: &record.spec.env,
-            log: &record.log,
-        }));
+        let spawned = match &record.spec.image {
+            None => attempt!(process::spawn(&process::Launch {
+                netns: &netns_path,
+                etc_overrides: &etc,
+                hostname: record.spec.hostname(),
+                cgroup: config.cgroup.as_deref(),
+                command: &record.spec.command,
+                env: &record.spec.env,
+                log: &record.log,
+            })),
+            Some(image) => match attempt!(
+                container::run(&container::Run {
+                    container: &record.netns,
+                    node: &config.node,
+                    task: &record.spec.name,
+                    image,
+                    args: &record.spec.command,
+                    env: &record.spec.env,
+                    hostname: record.spec.hostname(),
+                    netns: &netns_path,
+                    nameservers: &config.resolv.nameservers,
+                    dns_options: &config.resolv.options,
+                })
+                .await
+            ) {
+                container::Started::Running(s) => s,
+                // It ran and ended before it could be followed (a one-shot job): a task
+                // that started and exited, not one that failed to start.
+                container::Started::Exited(exit) => {
+                    record.state = TaskState::Exited {
+                        code: exit.code,
+                        signal: exit.signal,
+                    };
+                    attempt!(self.inner.store.save(&record));
+                    return Ok((record, None));
+                }
+            },
+        };
         record.pid = Some(spawned.pid);
         record.start_time = Some(spawned.start_time);
         record.state = TaskState::Running;
@@ -432,11 +517,12 @@ impl Tasks {
             let _ = process::signal(&spawned.pidfd, Signal::SIGKILL);
             return Err((record, e));
         }
-        Ok((record, spawned.pidfd))
+        Ok((record, Some(spawned.pidfd)))
     }
 
     fn insert_running(&self, record: TaskRecord, pidfd: OwnedFd) {
         let name = record.spec.name.clone();
+        let container = record.container().map(str::to_owned);
         let pidfd = Arc::new(pidfd);
         let (done_tx, done_rx) = watch::channel(false);
         self.inner
@@ -454,13 +540,17 @@ impl Tasks {
         let tasks = self.clone();
         tokio::spawn(async move {
             // A dup keeps the watcher's fd independent of the entry's lifetime.
-            let exit = match pidfd.try_clone() {
+            let mut exit = match pidfd.try_clone() {
                 Ok(fd) => process::wait(fd).await,
                 Err(e) => {
                     warn!(task = %name, "cannot watch the task process: {e}");
                     return;
                 }
             };
+            // A container's init is conmon's child, not ours: podman has its status.
+            if let Some(c) = &container {
+                exit = container::exit(c).await;
+            }
             tasks.on_exit(&name, exit).await;
             let _ = done_tx.send(true);
         });
@@ -515,7 +605,7 @@ impl Tasks {
 
     /// [`Tasks::stop`] with the task's own grace period between SIGTERM and SIGKILL.
     pub async fn stop_within(&self, name: &str, timeout: Duration) -> Result<()> {
-        let (pidfd, mut exited) = {
+        let (pidfd, mut exited, container) = {
             let entries = self.inner.entries.lock().expect("task table poisoned");
             let entry = entries
                 .get(name)
@@ -523,9 +613,22 @@ impl Tasks {
             if entry.record.state == TaskState::Creating {
                 bail!("task {name} is still being created; try again in a moment");
             }
-            (entry.pidfd.clone(), entry.exited.clone())
+            (
+                entry.pidfd.clone(),
+                entry.exited.clone(),
+                entry.record.container().map(str::to_owned),
+            )
         };
-        if let Some(fd) = pidfd {
+        if let (Some(_), Some(c)) = (&pidfd, &container) {
+            // podman sends the image's stop signal, then SIGKILL after the grace period.
+            container::stop(c, timeout)
+                .await
+                .with_context(|| format!("stopping task {name}"))?;
+            tokio::time::timeout(Duration::from_secs(30), exited.wait_for(|d| *d))
+                .await
+                .with_context(|| format!("task {name} still runs after podman stop"))?
+                .ok();
+        } else if let Some(fd) = pidfd {
             process::signal(&fd, Signal::SIGTERM)
                 .with_context(|| format!("signalling task {name}"))?;
             if tokio::time::timeout(timeout, exited.wait_for(|d| *d))
@@ -576,6 +679,9 @@ impl Tasks {
                 record.state.label()
             );
         }
+        if let Some(c) = record.container() {
+            return container::exec(c, command, env, timeout).await;
+        }
         let etc = plumbing::etc_dir(&self.inner.config.netns_etc, &record.netns);
         let netns_path = netns::path(&record.netns);
         process::exec(
@@ -591,6 +697,20 @@ impl Tasks {
             timeout,
         )
         .await
+    }
+
+    /// Where a task's output is (`follow`: and keeps arriving).
+    pub fn logs(&self, name: &str, follow: bool) -> Result<Logs> {
+        let record = self
+            .get(name)
+            .with_context(|| format!("no task named {name} on this node"))?;
+        Ok(match record.container() {
+            Some(c) => Logs::Podman(container::logs(c, follow)),
+            None => Logs::File {
+                path: record.log,
+                follow,
+            },
+        })
     }
 
     /// Every task of this node, by name.
@@ -637,6 +757,10 @@ impl Tasks {
 
     /// Kills what is left in the task's namespace and removes its network.
     async fn teardown(&self, record: &TaskRecord) -> Result<()> {
+        if let Some(c) = record.container() {
+            // Before the namespace goes: podman unmounts and forgets its container.
+            container::remove(c).await?;
+        }
         let path = netns::path(&record.netns);
         // Processes the task forked and left behind would keep the namespace (and with it
         // the task's address) alive.
@@ -704,8 +828,16 @@ fn validate(spec: &TaskSpec) -> Result<()> {
              with a letter or digit"
         );
     }
-    if spec.command.is_empty() {
-        bail!("task {name} has no command to run");
+    match &spec.image {
+        None if spec.command.is_empty() => bail!("task {name} has no command to run"),
+        Some(image)
+            if image.is_empty()
+                || image.starts_with('-')
+                || image.contains(char::is_whitespace) =>
+        {
+            bail!("task {name}: {image:?} is not an image name (e.g. localhost/web:1)")
+        }
+        _ => {}
     }
     let hostname = spec.hostname();
     if hostname.is_empty()

@@ -329,7 +329,7 @@ fn reap(pidfd: &OwnedFd) -> Exit {
 
 /// (state, start time) from /proc/<pid>/stat. The start time, in clock ticks since boot,
 /// names one process for good together with the PID.
-fn stat(pid: u32) -> io::Result<(char, u64)> {
+pub(super) fn stat(pid: u32) -> io::Result<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let malformed = || io::Error::other(format!("malformed /proc/{pid}/stat"));
     // The command name (field 2) may contain spaces and parentheses: split after the last ')'.

@@ -1,0 +1,334 @@
+//! The `podman` driver: a task whose template names an image runs as a podman container in
+//! the network namespace the agent prepared (`--network ns:/run/netns/<task netns>`), so the
+//! agent keeps owning the plumbing — overlay, gateway egress, routing mesh, VIPs and DNS work
+//! as for process tasks — and podman owns the rest (image, rootfs, PID/mount/UTS namespaces,
+//! cgroups, logs).
+//!
+//! The container is named after the task's namespace (`<node>-<task>`, unique on the kernel
+//! even with several agents on it) and labelled with the node and task, so a restarted agent
+//! finds its containers and never starts a second copy. The container's init process is
+//! followed through a pidfd like a process task's; its exit status comes from podman, which
+//! (through conmon) is its parent.
+
+use std::{
+    path::Path,
+    process::{Output, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use tokio::process::Command;
+
+use super::process::{self, Exit, Spawned};
+
+/// Labels every mesh container carries.
+pub(super) const LABEL_NODE: &str = "mesh.node";
+pub(super) const LABEL_TASK: &str = "mesh.task";
+
+/// What `podman run` gets.
+pub(super) struct Run<'a> {
+    pub container: &'a str,
+    pub node: &'a str,
+    pub task: &'a str,
+    pub image: &'a str,
+    /// Replace the image's CMD (empty: keep it).
+    pub args: &'a [String],
+    pub env: &'a [(String, String)],
+    pub hostname: &'a str,
+    pub netns: &'a Path,
+    pub nameservers: &'a [std::net::Ipv4Addr],
+    pub dns_options: &'a [String],
+}
+
+/// podman with the flags this kernel needs, whatever the host's containers.conf says: runc
+/// (crun refuses hybrid cgroups) and no other configuration is changed for the host's own
+/// containers.
+fn podman() -> Command {
+    let mut cmd = Command::new("podman");
+    if runc_available() {
+        cmd.args(["--runtime", "runc"]);
+    }
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    cmd
+}
+
+fn runc_available() -> bool {
+    static RUNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *RUNC.get_or_init(|| {
+        std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join("runc").is_file()))
+    })
+}
+
+/// Whether podman can run containers here: what the node advertises as its `podman` driver.
+/// `podman info` starts no container but does check storage and the runtime.
+pub async fn available() -> bool {
+    let out = podman()
+        .args(["info", "--format", "{{.Host.OCIRuntime.Name}}"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output();
+    match tokio::time::timeout(Duration::from_secs(20), out).await {
+        Ok(Ok(out)) if out.status.success() => true,
+        Ok(Ok(out)) => {
+            tracing::info!(
+                "podman is installed but does not work here ({}); the podman driver is off",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            false
+        }
+        Ok(Err(_)) => false,
+        Err(_) => {
+            tracing::warn!("podman info did not answer within 20 s; the podman driver is off");
+            false
+        }
+    }
+}
+
+/// rlimits a container may have: podman's defaults exceed what some hosts (this VM kind,
+/// without CAP_SYS_RESOURCE) allow, and setrlimit then fails the start. The agent's own hard
+/// limits bound what a child may set; conmon, between podman and the container, was measured
+/// to run with at most 32768 processes, so nproc is capped there too.
+fn ulimits() -> Vec<String> {
+    const CONMON_NPROC: u64 = 32_768;
+    let hard = |res| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into a valid struct.
+        let ok = unsafe { libc::getrlimit(res, &mut lim) } == 0;
+        ok.then_some(lim.rlim_max)
+    };
+    let mut out = Vec::new();
+    for (name, res, cap) in [
+        ("nofile", libc::RLIMIT_NOFILE, 1_048_576),
+        ("nproc", libc::RLIMIT_NPROC, CONMON_NPROC),
+    ] {
+        if let Some(h) = hard(res) {
+            let n = h.min(cap);
+            out.push(format!("{name}={n}:{n}"));
+        }
+    }
+    out
+}
+
+/// Runs podman and fails with its stderr, which says what is wrong (no such image, ...).
+async fn checked(cmd: &mut Command, what: &str) -> Result<Output> {
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .with_context(|| format!("running podman to {what} (is podman installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "podman could not {what}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// A container podman started.
+pub(super) enum Started {
+    Running(Spawned),
+    /// It already ended, with this status.
+    Exited(Exit),
+}
+
+/// Starts the container detached and follows its init process.
+pub(super) async fn run(r: &Run<'_>) -> Result<Started> {
+    // A container of this name is a leftover (its record is gone): this task replaces it.
+    remove(r.container).await?;
+    let mut cmd = podman();
+    cmd.args(["run", "-d", "--name", r.container])
+        .arg(format!("--network=ns:{}", r.netns.display()))
+        .args(["--hostname", r.hostname])
+        .args(["--label", &format!("{LABEL_NODE}={}", r.node)])
+        .args(["--label", &format!("{LABEL_TASK}={}", r.task)])
+        // The orchestrator restarts tasks by the service's policy; podman must not.
+        .args(["--restart", "no"]);
+    for ns in r.nameservers {
+        cmd.args(["--dns", &ns.to_string()]);
+    }
+    for o in r.dns_options {
+        cmd.args(["--dns-opt", o]);
+    }
+    for u in ulimits() {
+        cmd.args(["--ulimit", &u]);
+    }
+    for (k, v) in r.env {
+        cmd.args(["-e", &format!("{k}={v}")]);
+    }
+    cmd.arg(r.image).args(r.args);
+    checked(
+        &mut cmd,
+        &format!("start image {} as {}", r.image, r.container),
+    )
+    .await?;
+    match follow(r.container).await {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            let _ = remove(r.container).await;
+            Err(e)
+        }
+    }
+}
+
+/// The container's init process, by the PID podman reports.
+async fn follow(container: &str) -> Result<Started> {
+    let out = checked(
+        podman().args(["inspect", "--format", "{{.State.Pid}}", container]),
+        &format!("inspect {container}"),
+    )
+    .await?;
+    let pid: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .with_context(|| format!("podman gave no PID for {container}"))?;
+    // 0: already exited. The PID may also exit between inspect and pidfd_open.
+    let followed = (pid != 0)
+        .then(|| process::pidfd_open(pid).ok())
+        .flatten()
+        .and_then(|pidfd| {
+            let (state, start_time) = process::stat(pid).ok()?;
+            (state != 'Z' && state != 'X').then_some(Spawned {
+                pid,
+                start_time,
+                pidfd,
+            })
+        });
+    match followed {
+        Some(s) => Ok(Started::Running(s)),
+        None => {
+            let exit = exit(container).await;
+            tracing::debug!(container, code = ?exit.code, "container ended at once: {}", logs_tail(container).await);
+            Ok(Started::Exited(exit))
+        }
+    }
+}
+
+/// The last lines a container wrote, to explain a failed start.
+async fn logs_tail(container: &str) -> String {
+    match podman()
+        .args(["logs", "--tail", "5", container])
+        .output()
+        .await
+    {
+        Ok(o) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            if text.trim().is_empty() {
+                "it wrote nothing".into()
+            } else {
+                text.trim().to_owned()
+            }
+        }
+        Err(e) => format!("its logs are unreadable: {e}"),
+    }
+}
+
+/// How the container ended, once it has: podman's exit code (128+N for a signal N, as
+/// Docker reports it). Unknown if the container is gone.
+pub(super) async fn exit(container: &str) -> Exit {
+    let unknown = Exit {
+        code: None,
+        signal: None,
+    };
+    // `podman wait` returns once conmon recorded the exit (the process may be gone a moment
+    // earlier); bounded, in case the container was removed behind our back.
+    let waited = tokio::time::timeout(
+        Duration::from_secs(30),
+        podman().args(["wait", container]).output(),
+    )
+    .await;
+    match waited {
+        Ok(Ok(out)) if out.status.success() => Exit {
+            code: String::from_utf8_lossy(&out.stdout).trim().parse().ok(),
+            signal: None,
+        },
+        _ => unknown,
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace` (`podman stop -t`).
+pub(super) async fn stop(container: &str, grace: Duration) -> Result<()> {
+    let secs = grace.as_secs().max(1).to_string();
+    checked(
+        podman().args(["stop", "--ignore", "-t", &secs, container]),
+        &format!("stop {container}"),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Removes the container (stopping it hard if it runs); a missing one is fine.
+pub(super) async fn remove(container: &str) -> Result<()> {
+    checked(
+        podman().args(["rm", "--force", "--ignore", "--time", "0", container]),
+        &format!("remove {container}"),
+    )
+    .await?;
+    Ok(())
+}
+
+/// `podman exec`: a command in the running container, with its output.
+pub(super) async fn exec(
+    container: &str,
+    command: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+) -> Result<Output> {
+    let mut cmd = podman();
+    cmd.arg("exec");
+    for (k, v) in env {
+        cmd.args(["-e", &format!("{k}={v}")]);
+    }
+    cmd.arg(container)
+        .args(command)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    match tokio::time::timeout(timeout, cmd.output()).await {
+        Ok(out) => out.with_context(|| format!("running podman exec in {container}")),
+        Err(_) => bail!("the command did not finish within {timeout:?} and was killed"),
+    }
+}
+
+/// `podman logs [-f]` of the container, ready to spawn with piped output.
+pub(super) fn logs(container: &str, follow: bool) -> Command {
+    let mut cmd = podman();
+    cmd.arg("logs");
+    if follow {
+        cmd.arg("--follow");
+    }
+    cmd.arg(container)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Containers labelled as this node's, by name: what an agent start reconciles against its
+/// records.
+pub(super) async fn list(node: &str) -> Result<Vec<String>> {
+    let out = checked(
+        podman().args([
+            "ps",
+            "--all",
+            "--filter",
+            &format!("label={LABEL_NODE}={node}"),
+            "--format",
+            "{{.Names}}",
+        ]),
+        "list this node's containers",
+    )
+    .await?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
