@@ -1,5 +1,6 @@
 //! meshctl: Docker-style commands that talk to the local agent's API.
 
+mod events;
 mod service;
 
 pub use service::ServiceCommand;
@@ -94,6 +95,17 @@ pub enum Command {
     /// Inspect the node's gossip.
     #[command(subcommand)]
     Gossip(GossipCommand),
+    /// Stream cluster events (tasks, nodes, services) as they happen, like `docker events`.
+    Events {
+        /// Start with the remembered events since then: a duration ago (5m), an RFC 3339
+        /// time or Unix seconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// service=NAME, node=NAME or type=task|node|service; repeat a key for any of its
+        /// values, different keys must all match.
+        #[arg(long, short = 'f')]
+        filter: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -223,6 +235,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Node(cmd) => node(&client, fmt, cmd).await,
         Command::Network(cmd) => network(&client, fmt, cmd).await,
         Command::Service(cmd) => service::run(&client, fmt, cmd).await,
+        Command::Events { since, filter } => events::run(&client, fmt, since, filter).await,
         Command::Run {
             name,
             network,

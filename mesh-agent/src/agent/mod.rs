@@ -76,6 +76,10 @@ pub struct Agent {
     dns_listeners: StdMutex<BTreeMap<String, (mesh_dns::ServeHandle, u64)>>,
     /// Service task starts and stops underway on this node.
     jobs: orchestrate::Jobs,
+    /// Cluster events derived from successive views (`meshctl events`, the UI's ticker).
+    pub events: crate::events::Events,
+    /// Time of kernel convergence passes, for /metrics.
+    pub programming: crate::metrics::ProgrammingLatency,
 }
 
 /// What the agent drives besides gossip and the merged view.
@@ -131,6 +135,8 @@ impl Agent {
             dns_last: StdMutex::new(None),
             dns_listeners: StdMutex::new(BTreeMap::new()),
             jobs: orchestrate::Jobs::default(),
+            events: crate::events::Events::default(),
+            programming: crate::metrics::ProgrammingLatency::default(),
             gossip,
             config,
         })
@@ -178,6 +184,11 @@ impl Agent {
     /// The latest merged view.
     pub fn view(&self) -> Arc<View> {
         self.view.borrow().clone()
+    }
+
+    /// Every new view as it is published (events, the UI's live updates).
+    pub fn watch_views(&self) -> watch::Receiver<Arc<View>> {
+        self.view.subscribe()
     }
 
     /// The view of the current gossip state (instead of waiting for the loop): recomputed
@@ -246,9 +257,11 @@ impl Agent {
                 .is_none_or(|(v, at)| !Arc::ptr_eq(v, &view) || at.elapsed() >= FULL_PASS_EVERY);
             if asked || stale {
                 self.update_dns(&view);
+                let pass = std::time::Instant::now();
                 if let Err(e) = self.converge(&view).await {
                     warn!("programming the kernel: {e:#}");
                 }
+                self.programming.observe(pass.elapsed());
                 last = Some((view.clone(), std::time::Instant::now()));
             }
             // Restart delays come due without any change in gossip.
