@@ -9,7 +9,7 @@ TOOLCHAIN=1.95.0
 BPF_LINKER_VERSION=0.10.0
 PACKAGES=(iproute2 nftables iptables conntrack iputils-ping bpftool tcpdump ethtool wrk iperf3
   dnsperf nginx-light netcat-openbsd dnsmasq-base curl util-linux procps kmod systemd
-  gnuplot-nox)
+  gnuplot-nox chromium)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }

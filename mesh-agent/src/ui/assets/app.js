@@ -15,13 +15,14 @@ function el(tag, cls, text) {
 }
 
 // A stable colour per service: the same service is the same colour on every screen.
+// Hues 80-160 (greens) are skipped: green means "running" on a card.
 function serviceColour(name) {
   let h = 2166136261;
   for (let i = 0; i < name.length; i++) {
     h ^= name.charCodeAt(i);
     h = Math.imul(h, 16777619) >>> 0;
   }
-  return `hsl(${h % 360} 70% 60%)`;
+  return `hsl(${(160 + (h % 280)) % 360} 70% 62%)`;
 }
 
 let clockSkew = 0; // agent time minus browser time
