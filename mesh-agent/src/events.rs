@@ -335,13 +335,7 @@ pub fn diff(prev: &View, next: &View, now_ms: u64, started_ms: u64) -> Vec<Event
     out
 }
 
-fn services(
-    prev: &View,
-    next: &View,
-    now_ms: u64,
-    out: &mut Vec<Event>,
-    removed: &mut Vec<Event>,
-) {
+fn services(prev: &View, next: &View, now_ms: u64, out: &mut Vec<Event>, removed: &mut Vec<Event>) {
     for (name, s) in &next.services {
         let id = crate::api::short_id(name, &s.created);
         let mut attributes = BTreeMap::new();
