@@ -9,7 +9,7 @@ TOOLCHAIN=1.95.0
 BPF_LINKER_VERSION=0.10.0
 PACKAGES=(iproute2 nftables iptables conntrack iputils-ping bpftool tcpdump ethtool wrk iperf3
   dnsperf nginx-light netcat-openbsd dnsmasq-base curl util-linux procps kmod systemd
-  gnuplot-nox
+  gnuplot-nox chromium
   # The podman task driver and its tests: runc (crun refuses hybrid cgroups), busybox-static
   # for the images the tests build offline, the reference CNI plugins.
   podman runc busybox-static containernetworking-plugins)

@@ -1,5 +1,6 @@
 //! meshctl: Docker-style commands that talk to the local agent's API.
 
+mod events;
 mod progress;
 mod service;
 
@@ -117,6 +118,17 @@ pub enum Command {
         /// How long --rotate waits for every node to switch, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+    },
+    /// Stream cluster events (tasks, nodes, services) as they happen, like `docker events`.
+    Events {
+        /// Start with the remembered events since then: a duration ago (5m), an RFC 3339
+        /// time or Unix seconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// service=NAME, node=NAME or type=task|node|service; repeat a key for any of its
+        /// values, different keys must all match.
+        #[arg(long, short = 'f')]
+        filter: Vec<String>,
     },
 }
 
@@ -255,6 +267,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Node(cmd) => node(&client, fmt, cmd).await,
         Command::Network(cmd) => network(&client, fmt, cmd).await,
         Command::Service(cmd) => service::run(&client, fmt, cmd).await,
+        Command::Events { since, filter } => events::run(&client, fmt, since, filter).await,
         Command::Run {
             name,
             network,

@@ -59,6 +59,13 @@ pub struct AgentConfig {
     /// listeners. For control-plane benchmarks with many agents on one machine; such a node
     /// forwards nothing.
     pub control_plane_only: bool,
+    /// Serve the read-only cluster visualizer on this address (e.g. 127.0.0.1:8090); off
+    /// when unset. It shows the whole cluster and has no authentication: keep it on
+    /// loopback or a management network.
+    pub ui_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics at /metrics on this address (e.g. 127.0.0.1:9464); off when
+    /// unset.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for AgentConfig {
@@ -84,6 +91,8 @@ impl Default for AgentConfig {
             dns_upstreams: Vec::new(),
             cleanup_on_exit: false,
             control_plane_only: false,
+            ui_listen: None,
+            metrics_listen: None,
         }
     }
 }

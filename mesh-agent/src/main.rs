@@ -180,6 +180,12 @@ struct RunArgs {
     /// (for control-plane benchmarks; such a node forwards nothing).
     #[arg(long)]
     control_plane_only: bool,
+    /// Serve the read-only cluster visualizer on this address, e.g. 127.0.0.1:8090.
+    #[arg(long)]
+    ui_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics at /metrics on this address, e.g. 127.0.0.1:9464.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl RunArgs {
@@ -252,6 +258,12 @@ impl RunArgs {
         }
         if self.control_plane_only {
             c.control_plane_only = true;
+        }
+        if self.ui_listen.is_some() {
+            c.ui_listen = self.ui_listen;
+        }
+        if self.metrics_listen.is_some() {
+            c.metrics_listen = self.metrics_listen;
         }
         Ok(c)
     }
@@ -457,6 +469,28 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
     let agent = Agent::new(config.clone(), gossip, parts);
     tokio::spawn(agent.clone().run());
     tokio::spawn(agent.clone().sweep_flows());
+    tokio::spawn(mesh_agent::events::watch(agent.clone()));
+    // Bound before the agent reports ready, so a taken port is an error at start.
+    if let Some(addr) = config.ui_listen {
+        let listener = mesh_agent::ui::bind(addr).await?;
+        info!(%addr, "cluster visualizer at http://{addr}/");
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = mesh_agent::ui::serve(listener, agent).await {
+                error!("{e:#}");
+            }
+        });
+    }
+    if let Some(addr) = config.metrics_listen {
+        let listener = mesh_agent::metrics::bind(addr).await?;
+        info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = mesh_agent::metrics::serve(listener, agent).await {
+                error!("{e:#}");
+            }
+        });
+    }
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;

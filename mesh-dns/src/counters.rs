@@ -1,6 +1,14 @@
 //! What the server has done, for the agent's metrics and `meshctl` status.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use hickory_proto::{op::ResponseCode, rr::RecordType};
 
 /// A point-in-time copy of the server's counters, summed over all its listeners.
 ///
@@ -34,6 +42,32 @@ pub(crate) struct Tally {
     unanswered: AtomicU64,
     tcp_fallbacks: AtomicU64,
     malformed: AtomicU64,
+    /// Answers sent, by (query type, response code) as numbers: a map, not a fixed table,
+    /// because clients ask for any type. One short uncontended lock per answer.
+    answers: Mutex<BTreeMap<(u16, u16), u64>>,
+}
+
+/// How many answers of one query type went out with one response code, e.g. `A` /
+/// `NXDOMAIN`. Names are the mnemonics of the IANA registries; unknown ones are numbers.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AnswerCount {
+    pub qtype: String,
+    pub rcode: String,
+    pub count: u64,
+}
+
+/// The registry mnemonic of a response code (hickory's Display is prose: "No Error").
+fn rcode_name(code: u16) -> String {
+    match ResponseCode::from((code >> 4) as u8, (code & 0x0f) as u8) {
+        ResponseCode::NoError => "NOERROR".into(),
+        ResponseCode::FormErr => "FORMERR".into(),
+        ResponseCode::ServFail => "SERVFAIL".into(),
+        ResponseCode::NXDomain => "NXDOMAIN".into(),
+        ResponseCode::NotImp => "NOTIMP".into(),
+        ResponseCode::Refused => "REFUSED".into(),
+        ResponseCode::BADVERS => "BADVERS".into(),
+        _ => format!("RCODE{code}"),
+    }
 }
 
 fn bump(counter: &AtomicU64) {
@@ -62,6 +96,24 @@ impl Tally {
     }
     pub(crate) fn malformed(&self) {
         bump(&self.malformed);
+    }
+
+    /// An answer of type `qtype` left with `rcode`.
+    pub(crate) fn answered(&self, qtype: RecordType, rcode: u16) {
+        let mut answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
+        *answers.entry((u16::from(qtype), rcode)).or_default() += 1;
+    }
+
+    pub(crate) fn answers(&self) -> Vec<AnswerCount> {
+        let answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
+        answers
+            .iter()
+            .map(|(&(qtype, rcode), &count)| AnswerCount {
+                qtype: RecordType::from(qtype).to_string(),
+                rcode: rcode_name(rcode),
+                count,
+            })
+            .collect()
     }
 
     pub(crate) fn snapshot(&self) -> Counters {

@@ -53,7 +53,7 @@ mod snapshot;
 mod zone;
 
 pub use answer::Transport;
-pub use counters::Counters;
+pub use counters::{AnswerCount, Counters};
 pub use listener::ServeHandle;
 pub use server::{Config, ConfigError, DEFAULT_TTL, DEFAULT_UPSTREAM_TIMEOUT, DnsServer, Scope};
 pub use snapshot::{EndpointMode, Network, Port, Protocol, Service, Snapshot, Task};

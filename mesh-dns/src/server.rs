@@ -10,7 +10,7 @@ use hickory_proto::rr::{DNSClass, Name};
 use tokio::net::{TcpListener, UdpSocket};
 
 use crate::answer::{self, Transport};
-use crate::counters::{Counters, Tally};
+use crate::counters::{AnswerCount, Counters, Tally};
 use crate::forward::{Forward, Upstreams};
 use crate::listener::{self, ServeHandle};
 use crate::snapshot::Snapshot;
@@ -172,6 +172,11 @@ impl DnsServer {
         self.inner.tally.snapshot()
     }
 
+    /// Answers sent since the server was created, by query type and response code.
+    pub fn answers(&self) -> Vec<AnswerCount> {
+        self.inner.tally.answers()
+    }
+
     /// Answers one raw DNS message exactly as a listener on `scope` would: the bytes to send
     /// back, or `None` when the message is dropped as malformed.
     pub async fn answer(
@@ -199,7 +204,12 @@ impl Inner {
     }
 
     pub(crate) async fn forward(&self, forward: Forward) -> Vec<u8> {
-        self.upstreams.resolve(forward, &self.tally).await
+        let qtype = forward.request.queries[0].query_type();
+        let response = self.upstreams.resolve(forward, &self.tally).await;
+        // The relayed header's RCODE (the low 4 bits of byte 3): what the client sees.
+        let rcode = response.get(3).map_or(2, |b| u16::from(b & 0x0f));
+        self.tally.answered(qtype, rcode);
+        response
     }
 
     /// Everything about a message that needs no network: parse it, answer it if the name is
@@ -224,7 +234,7 @@ impl Inner {
             None
         };
         if let Some(code) = code {
-            return self.local(answer::response_to(&request, code), limit);
+            return self.local(&request, answer::response_to(&request, code), limit);
         }
 
         let question = &request.queries[0];
@@ -236,7 +246,7 @@ impl Inner {
             if !matches!(lookup, Lookup::Foreign) {
                 let response = answer::local(&request, &lookup, self.ttl, limit);
                 drop(zones);
-                return self.local(response, limit);
+                return self.local(&request, response, limit);
             }
         }
 
@@ -249,10 +259,14 @@ impl Inner {
         })
     }
 
-    fn local(&self, response: Message, limit: usize) -> Decision {
+    fn local(&self, request: &Message, response: Message, limit: usize) -> Decision {
         self.tally.answered_locally();
+        let rcode = u16::from(response.metadata.response_code);
         match answer::encode_within(response, limit) {
-            Some(bytes) => Decision::Reply(bytes),
+            Some(bytes) => {
+                self.tally.answered(request.queries[0].query_type(), rcode);
+                Decision::Reply(bytes)
+            }
             None => Decision::Drop,
         }
     }

@@ -477,3 +477,27 @@ async fn dropping_the_handle_stops_serving() -> Result<()> {
     assert_eq!(ips(&a(again.addr, "web").await?), vec![ip("10.0.1.2")]);
     Ok(())
 }
+
+#[tokio::test]
+async fn answers_are_counted_by_query_type_and_response_code() -> Result<()> {
+    let (task, _upstream) = frontend_task().await?;
+    a(task.addr, "web.frontend").await?;
+    a(task.addr, "nosuch.frontend").await?;
+    a(task.addr, "nosuch.frontend").await?;
+    ask(task.addr, "web.frontend", RecordType::AAAA, Ask::default()).await?;
+    // Forwarded answers count with the upstream's code, as the client sees it.
+    a(task.addr, "www.example.test").await?;
+    let count = |qtype: &str, rcode: &str| {
+        task.server
+            .answers()
+            .iter()
+            .find(|c| c.qtype == qtype && c.rcode == rcode)
+            .map_or(0, |c| c.count)
+    };
+    assert_eq!(count("A", "NOERROR"), 2, "{:?}", task.server.answers());
+    assert_eq!(count("A", "NXDOMAIN"), 2);
+    assert_eq!(count("AAAA", "NOERROR"), 1);
+    let total: u64 = task.server.answers().iter().map(|c| c.count).sum();
+    assert_eq!(total, task.server.counters().queries);
+    Ok(())
+}

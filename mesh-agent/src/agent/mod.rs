@@ -85,6 +85,10 @@ pub struct Agent {
     started: std::time::Instant,
     /// Set when the agent should stop on its own (it left, or was removed).
     shutdown: watch::Sender<Option<Shutdown>>,
+    /// Cluster events derived from successive views (`meshctl events`, the UI's ticker).
+    pub events: crate::events::Events,
+    /// Time of kernel convergence passes, for /metrics.
+    pub programming: crate::metrics::ProgrammingLatency,
 }
 
 /// What the agent drives besides gossip and the merged view.
@@ -142,6 +146,8 @@ impl Agent {
             jobs: orchestrate::Jobs::default(),
             started: std::time::Instant::now(),
             shutdown: watch::channel(None).0,
+            events: crate::events::Events::default(),
+            programming: crate::metrics::ProgrammingLatency::default(),
             gossip,
             config,
         })
@@ -190,6 +196,11 @@ impl Agent {
     /// The latest merged view.
     pub fn view(&self) -> Arc<View> {
         self.view.borrow().clone()
+    }
+
+    /// Every new view as it is published (events, the UI's live updates).
+    pub fn watch_views(&self) -> watch::Receiver<Arc<View>> {
+        self.view.subscribe()
     }
 
     /// The view of the current gossip state (instead of waiting for the loop): recomputed
@@ -266,9 +277,11 @@ impl Agent {
             self.converge_keys(&view).await;
             if asked || stale {
                 self.update_dns(&view);
+                let pass = std::time::Instant::now();
                 if let Err(e) = self.converge(&view).await {
                     warn!("programming the kernel: {e:#}");
                 }
+                self.programming.observe(pass.elapsed());
                 last = Some((view.clone(), std::time::Instant::now()));
             }
             // Restart delays come due without any change in gossip.

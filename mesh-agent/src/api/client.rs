@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, body::Bytes};
 use hyper_util::rt::TokioIo;
@@ -36,40 +36,45 @@ impl Client {
 
     /// GET whose answer is a byte stream (logs): hands each piece to `out` as it arrives.
     pub async fn stream(&self, path: &str, mut out: impl FnMut(&[u8])) -> Result<()> {
-        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
-            format!(
-                "cannot reach the mesh agent at {} (is mesh-agent running? set --socket or MESH_SOCKET)",
-                self.socket.display()
-            )
-        })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .context("talking to the mesh agent")?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(path)
-            .header("host", "mesh-agent")
-            .body(Full::new(Bytes::new()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .context("request to the mesh agent")?;
+        let mut resp = self.send(Method::GET, path, None::<&()>).await?;
         let status = resp.status();
-        let mut body = resp.into_body();
         if !status.is_success() {
-            let body = body.collect().await?.to_bytes();
-            match serde_json::from_slice::<ApiError>(&body) {
-                Ok(e) => bail!("{}", e.error),
-                Err(_) => bail!(
-                    "mesh agent answered {status}: {}",
-                    String::from_utf8_lossy(&body)
-                ),
+            let body = resp.into_body().collect().await?.to_bytes();
+            return Err(api_error(status, &body));
+        }
+        while let Some(frame) = resp.body_mut().frame().await {
+            if let Some(data) = frame.context("reading from the mesh agent")?.data_ref() {
+                out(data);
             }
         }
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.context("reading from the mesh agent")?.into_data() {
-                out(&data);
+        Ok(())
+    }
+
+    /// A GET whose answer is a stream of lines (`/v1/events`): `on_line` gets each one as
+    /// it arrives, until the agent ends the stream or `on_line` fails.
+    pub async fn get_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&str) -> Result<()>,
+    ) -> Result<()> {
+        let mut resp = self.send(Method::GET, path, None::<&()>).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.into_body().collect().await?.to_bytes();
+            return Err(api_error(status, &body));
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = resp.body_mut().frame().await {
+            let frame = frame.context("reading from the mesh agent")?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            while let Some(at) = pending.iter().position(|b| *b == b'\n') {
+                let rest = pending.split_off(at + 1);
+                let line = String::from_utf8_lossy(&pending[..at]).into_owned();
+                pending = rest;
+                on_line(&line)?;
             }
         }
         Ok(())
@@ -81,6 +86,21 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<T> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            return Err(api_error(status, &body));
+        }
+        serde_json::from_slice(&body).context("decoding the mesh agent's answer")
+    }
+
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let stream = UnixStream::connect(&self.socket).await.with_context(|| {
             format!(
                 "cannot reach the mesh agent at {} (is mesh-agent running? set --socket or MESH_SOCKET)",
@@ -101,21 +121,20 @@ impl Client {
             .header("host", "mesh-agent")
             .header("content-type", "application/json")
             .body(Full::new(bytes))?;
-        let resp = sender
+        sender
             .send_request(req)
             .await
-            .context("request to the mesh agent")?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        if !status.is_success() {
-            match serde_json::from_slice::<ApiError>(&body) {
-                Ok(e) => bail!("{}", e.error),
-                Err(_) => bail!(
-                    "mesh agent answered {status}: {}",
-                    String::from_utf8_lossy(&body)
-                ),
-            }
-        }
-        serde_json::from_slice(&body).context("decoding the mesh agent's answer")
+            .context("request to the mesh agent")
+    }
+}
+
+/// The agent's error message, or its status and body when it sent no API error.
+fn api_error(status: hyper::StatusCode, body: &[u8]) -> anyhow::Error {
+    match serde_json::from_slice::<ApiError>(body) {
+        Ok(e) => anyhow!("{}", e.error),
+        Err(_) => anyhow!(
+            "mesh agent answered {status}: {}",
+            String::from_utf8_lossy(body)
+        ),
     }
 }

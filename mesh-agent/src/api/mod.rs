@@ -3,6 +3,7 @@
 //! are the wire format of both sides.
 
 pub mod client;
+mod events;
 pub mod server;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};

@@ -83,6 +83,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         )
         .route("/v1/dataplane/ports", get(port_stats))
         .route("/v1/gossip", get(gossip_info))
+        .route("/v1/events", get(super::events::follow))
         .with_state(agent)
 }
 
@@ -141,7 +142,7 @@ fn require_root(peer: Option<Extension<ConnectInfo<Peer>>>) -> Result<(), Error>
 
 // ---- views → answers ---------------------------------------------------------------------
 
-fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
+pub(crate) fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
     let n = view.nodes.get(name)?;
     Some(NodeInfo {
         id: crate::api::node_id(name),
@@ -207,7 +208,7 @@ fn network_info(view: &View, name: &str) -> Option<NetworkInfo> {
     })
 }
 
-fn service_info(view: &View, name: &str) -> Option<ServiceInfo> {
+pub(crate) fn service_info(view: &View, name: &str) -> Option<ServiceInfo> {
     let s = view.services.get(name)?;
     let plan = view.plan(name);
     let (running, desired, pending) = match &plan {
@@ -251,7 +252,7 @@ fn service_info(view: &View, name: &str) -> Option<ServiceInfo> {
 }
 
 /// `service ps`: per slot, its current task (or why it has none), then older tasks.
-fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
+pub(crate) fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
     let Some(service) = view.services.get(name) else {
         return Vec::new();
     };

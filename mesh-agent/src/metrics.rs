@@ -1,0 +1,375 @@
+//! `GET /metrics` in the Prometheus text format (0.0.4), on its own listen address
+//! (`metrics_listen`): the routing mesh's counters per service and backend, drops by reason,
+//! DNS answers, gossip datagrams, tasks and services as this node sees them, and how long a
+//! kernel convergence pass takes.
+//!
+//! Most values live elsewhere (BPF maps, the DNS server's and gossip's atomics, the view),
+//! so a scrape builds a fresh registry and fills it from them: nothing is mirrored, and a
+//! counter is exactly what the kernel holds. Only the programming-latency histogram is
+//! recorded here, by the agent's loop. Every metric is documented in the README; names
+//! follow Prometheus conventions (`_total` counters, base units, snake_case labels).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use prometheus_client::{
+    encoding::prometheus_text,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::agent::Agent;
+use mesh_common::lb::{FLOW_REPLY, Reason};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Durations of kernel convergence passes (agent/mod.rs `run`).
+#[derive(Clone, Debug)]
+pub struct ProgrammingLatency(Histogram);
+
+impl Default for ProgrammingLatency {
+    fn default() -> Self {
+        // 1 ms to ~16 s: an idle pass is a few ms, 10,000 services ~150 ms.
+        Self(Histogram::new(exponential_buckets(0.001, 2.0, 15)))
+    }
+}
+
+impl ProgrammingLatency {
+    pub fn observe(&self, d: Duration) {
+        self.0.observe(d.as_secs_f64());
+    }
+}
+
+/// Reasons that mean a packet or a connect was dropped, with the label they get.
+fn drop_reason(r: Reason) -> Option<&'static str> {
+    match r {
+        Reason::NoBackend => Some("no_backend"),
+        Reason::SnatExhausted => Some("snat_exhausted"),
+        Reason::FlowTableFull => Some("flow_table_full"),
+        Reason::RewriteFailed => Some("rewrite_failed"),
+        Reason::SockNoBackend => Some("sock_no_backend"),
+        _ => None,
+    }
+}
+
+fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
+    let c: Counter = Counter::default();
+    c.inc_by(v);
+    reg.register(name, help, c);
+}
+
+fn counters(reg: &mut Registry, name: &str, help: &str, rows: Vec<(Labels, u64)>) {
+    let f = Family::<Labels, Counter>::default();
+    for (labels, v) in rows {
+        f.get_or_create(&labels).inc_by(v);
+    }
+    reg.register(name, help, f);
+}
+
+fn gauges(reg: &mut Registry, name: &str, help: &str, rows: Vec<(Labels, i64)>) {
+    let f = Family::<Labels, Gauge>::default();
+    for (labels, v) in rows {
+        f.get_or_create(&labels).inc_by(v);
+    }
+    reg.register(name, help, f);
+}
+
+/// Everything this node exposes, as text.
+pub async fn render(agent: &Agent) -> anyhow::Result<String> {
+    let mut reg = Registry::default();
+    let view = agent.view();
+    let overview = crate::overview::overview(agent, &view);
+
+    if let Some(local) = agent.local() {
+        let dp = local.dataplane.lock().await;
+        let lb = dp.lb();
+        let reasons = lb.reasons()?;
+        let stats = lb.stats()?;
+        let active = lb
+            .flows()?
+            .iter()
+            .filter(|(_, f)| f.flags & FLOW_REPLY == 0)
+            .count();
+        drop(dp);
+
+        let reason = |r: Reason| reasons.iter().find(|(x, _)| *x == r).map_or(0, |(_, n)| *n);
+        counter(
+            &mut reg,
+            "mesh_flows_created",
+            "Routing-mesh flows created (new connections to a published port).",
+            reason(Reason::NewFlow),
+        );
+        let g: Gauge = Gauge::default();
+        g.set(active as i64);
+        reg.register(
+            "mesh_flows_active",
+            "Routing-mesh flows in the flow table (one per connection, replies not counted).",
+            g,
+        );
+        counters(
+            &mut reg,
+            "mesh_dataplane_packets",
+            "Packets and socket calls the eBPF programs handled, by what they did.",
+            reasons
+                .iter()
+                .map(|(r, n)| (vec![("reason", r.name().to_owned())], *n))
+                .collect(),
+        );
+        counters(
+            &mut reg,
+            "mesh_dataplane_drops",
+            "Packets and connects the eBPF programs dropped, by reason.",
+            reasons
+                .iter()
+                .filter_map(|(r, n)| Some((vec![("reason", drop_reason(*r)?.to_owned())], *n)))
+                .collect(),
+        );
+        let per_service = |f: fn(&crate::lb::Counters) -> u64| {
+            stats
+                .iter()
+                .map(|s| (vec![("service", s.name.clone())], f(&s.counters)))
+                .collect::<Vec<_>>()
+        };
+        let per_backend = |f: fn(&crate::lb::Counters) -> u64| {
+            stats
+                .iter()
+                .flat_map(|s| {
+                    s.backends.iter().map(|b| {
+                        (
+                            vec![("service", s.name.clone()), ("backend", b.ip.to_string())],
+                            f(&b.counters),
+                        )
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        counters(
+            &mut reg,
+            "mesh_service_flows",
+            "Connections balanced to a service: routing-mesh flows plus balanced sockets.",
+            per_service(|c| c.flows),
+        );
+        counters(
+            &mut reg,
+            "mesh_service_packets",
+            "Routing-mesh packets to a service (socket balancing sees no packets).",
+            per_service(|c| c.packets),
+        );
+        counters(
+            &mut reg,
+            "mesh_service_bytes",
+            "Routing-mesh bytes to a service.",
+            per_service(|c| c.bytes),
+        );
+        counters(
+            &mut reg,
+            "mesh_service_drops",
+            "Packets or connects to a service dropped because it had no active backend.",
+            per_service(|c| c.dropped),
+        );
+        counters(
+            &mut reg,
+            "mesh_backend_flows",
+            "Connections balanced to one backend (task address) of a service.",
+            per_backend(|c| c.flows),
+        );
+        counters(
+            &mut reg,
+            "mesh_backend_packets",
+            "Routing-mesh packets to one backend of a service.",
+            per_backend(|c| c.packets),
+        );
+        counters(
+            &mut reg,
+            "mesh_backend_bytes",
+            "Routing-mesh bytes to one backend of a service.",
+            per_backend(|c| c.bytes),
+        );
+    }
+
+    counters(
+        &mut reg,
+        "mesh_dns_queries",
+        "DNS queries answered by this node's resolvers, by query type and response code.",
+        agent
+            .dns
+            .answers()
+            .into_iter()
+            .map(|a| (vec![("type", a.qtype), ("rcode", a.rcode)], a.count))
+            .collect(),
+    );
+    let dns = agent.dns.counters();
+    counter(
+        &mut reg,
+        "mesh_dns_forwarded",
+        "DNS queries for names outside the mesh, sent to the upstream resolvers.",
+        dns.forwarded,
+    );
+    counter(
+        &mut reg,
+        "mesh_dns_upstream_failures",
+        "Upstream resolver attempts that failed (timeout, unreachable, SERVFAIL, REFUSED).",
+        dns.upstream_failures,
+    );
+    counter(
+        &mut reg,
+        "mesh_dns_malformed",
+        "Messages to the resolvers dropped unanswered (not DNS, a response, not one question).",
+        dns.malformed,
+    );
+
+    let auth = agent.gossip.auth().map(|a| a.report());
+    let g: Gauge = Gauge::default();
+    g.set(i64::from(auth.is_some()));
+    reg.register(
+        "mesh_gossip_authenticated",
+        "1 when gossip is sealed with a cluster key; the datagram counters exist only then.",
+        g,
+    );
+    if let Some(a) = auth {
+        counter(
+            &mut reg,
+            "mesh_gossip_datagrams_sent",
+            "Gossip datagrams sealed and sent.",
+            a.sent,
+        );
+        counter(
+            &mut reg,
+            "mesh_gossip_datagrams_received",
+            "Authentic gossip datagrams accepted.",
+            a.received,
+        );
+        counters(
+            &mut reg,
+            "mesh_gossip_datagrams_dropped",
+            "Gossip datagrams dropped, by reason (see `meshctl gossip stats`).",
+            a.dropped
+                .into_iter()
+                .map(|(r, n)| (vec![("reason", r)], n))
+                .collect(),
+        );
+    }
+
+    let mut nodes: std::collections::BTreeMap<Labels, i64> = Default::default();
+    for n in &overview.nodes {
+        let status = format!("{:?}", n.status).to_ascii_lowercase();
+        *nodes
+            .entry(vec![
+                ("status", status),
+                (
+                    "availability",
+                    n.availability.to_string().to_ascii_lowercase(),
+                ),
+            ])
+            .or_default() += 1;
+    }
+    gauges(
+        &mut reg,
+        "mesh_nodes",
+        "Nodes this node knows, by status and availability.",
+        nodes.into_iter().collect(),
+    );
+    let mut tasks: std::collections::BTreeMap<Labels, i64> = Default::default();
+    for t in &overview.tasks {
+        *tasks
+            .entry(vec![
+                ("service", t.service.clone()),
+                ("node", t.node.clone()),
+                ("state", t.state.to_ascii_lowercase()),
+            ])
+            .or_default() += 1;
+    }
+    gauges(
+        &mut reg,
+        "mesh_tasks",
+        "Current tasks of every service (no history), by service, node and state.",
+        tasks.into_iter().collect(),
+    );
+    gauges(
+        &mut reg,
+        "mesh_service_replicas_desired",
+        "Tasks a service wants (replicas, or eligible nodes in global mode).",
+        overview
+            .services
+            .iter()
+            .filter_map(|s| Some((vec![("service", s.name.clone())], s.desired? as i64)))
+            .collect(),
+    );
+    gauges(
+        &mut reg,
+        "mesh_service_replicas_running",
+        "Slots of a service with a running task.",
+        overview
+            .services
+            .iter()
+            .map(|s| (vec![("service", s.name.clone())], s.running as i64))
+            .collect(),
+    );
+    gauges(
+        &mut reg,
+        "mesh_service_update_state",
+        "1 for the state of a service's latest rollout (updating, paused, completed, rollback_started, rollback_paused, rollback_completed); absent if never updated.",
+        overview
+            .services
+            .iter()
+            .filter_map(|s| {
+                let u = s.update.as_ref()?;
+                Some((
+                    vec![("service", s.name.clone()), ("state", u.state.to_string())],
+                    1,
+                ))
+            })
+            .collect(),
+    );
+    reg.register(
+        "mesh_programming_duration_seconds",
+        "Time of one kernel convergence pass (links, FDB, load balancer, firewall).",
+        agent.programming.0.clone(),
+    );
+
+    let mut text = String::new();
+    prometheus_text::encode(&mut text, &reg).context("encoding metrics")?;
+    Ok(text)
+}
+
+async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
+    match render(&agent).await {
+        Ok(text) => (
+            [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
+            text,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the counters failed: {e:#}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// Binds `addr` now, so a taken port stops the agent at start with a clear message.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for metrics_listen (--metrics-listen)"))
+}
+
+/// Serves `GET /metrics` (read-only) until the future is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, agent: Arc<Agent>) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(agent);
+    axum::serve(listener, app).await.context("serving /metrics")
+}
