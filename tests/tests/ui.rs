@@ -131,8 +131,17 @@ impl Browser {
     fn until(&mut self, what: &str, timeout: Duration, check: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let state = self.eval(STATE);
-            if check(&state) {
+            // The page may still be loading (no body yet): that is "not yet", not a failure.
+            let r = self.call(
+                "Runtime.evaluate",
+                json!({"expression": STATE, "returnByValue": true}),
+            );
+            let state = if r.get("exceptionDetails").is_some() {
+                Value::Null
+            } else {
+                r["result"]["value"].clone()
+            };
+            if !state.is_null() && check(&state) {
                 return state;
             }
             assert!(

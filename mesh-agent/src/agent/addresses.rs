@@ -40,6 +40,21 @@ impl Agent {
                     .filter(|(n, _)| n == network)
                     .map(|(_, ip)| *ip),
             );
+            // This node's tasks hold their addresses until their process is gone, even after
+            // their endpoint left gossip: a stopping task drains for a while, and a new task
+            // given its address meanwhile would answer its connections (or steal its ARP).
+            if let Some(local) = self.local() {
+                used.extend(
+                    local
+                        .tasks
+                        .list()
+                        .iter()
+                        .filter(|t| !matches!(t.state, crate::task::TaskState::Exited { .. }))
+                        .flat_map(|t| &t.spec.attachments)
+                        .filter(|a| a.network == network)
+                        .map(|a| a.address.addr()),
+                );
+            }
             if let Some(ip) = ipam::allocate(subnet, gateway, &mine, &used) {
                 pending.insert((network.to_owned(), ip));
                 return Ok(ip);

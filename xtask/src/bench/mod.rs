@@ -25,6 +25,7 @@ mod orchestration;
 mod programming;
 pub mod report;
 mod scale;
+mod update;
 
 use report::Report;
 
@@ -50,11 +51,13 @@ pub enum Target {
     /// Services: 30 replicas placed and balanced, scaled to 60, rescheduled after a node
     /// dies.
     Orchestration,
+    /// A rolling update of 10 tasks beside a naive stop-all/start-all, with a client loop.
+    Update,
     /// Everything above; writes bench/results/<date>.md and its plots.
     All,
 }
 
-const ORDER: [Target; 8] = [
+const ORDER: [Target; 9] = [
     Target::Mesh,
     Target::Scale,
     Target::Programming,
@@ -63,6 +66,7 @@ const ORDER: [Target; 8] = [
     Target::Failover,
     Target::Dns,
     Target::Orchestration,
+    Target::Update,
 ];
 
 pub fn run(target: Target, quick: bool) -> Result<()> {
@@ -116,6 +120,7 @@ fn one(target: Target, quick: bool) -> Result<Report> {
         Target::Failover => failover::run(quick),
         Target::Dns => dns::run(quick),
         Target::Orchestration => orchestration::run(quick),
+        Target::Update => update::run(quick),
         Target::All => unreachable!("all is not one benchmark"),
     }?;
     report.seconds = started.elapsed().as_secs_f64();
