@@ -59,15 +59,24 @@ pub async fn follow(client: &Client, name: &str, fmt: Format, asked_rollback: bo
         let Some(status) = s.spec.update_status.clone() else {
             return Ok(());
         };
-        let slots: Vec<SlotLine> = rows
-            .iter()
-            .filter(|r| !r.history && r.desired == "Running")
-            .map(|r| SlotLine {
+        // One line per slot: its new task once it has one (start-first keeps the old one
+        // beside it for a while).
+        let mut by_slot: std::collections::BTreeMap<&str, SlotLine> = Default::default();
+        for r in rows.iter().filter(|r| !r.history && r.desired == "Running") {
+            let line = SlotLine {
                 slot: r.slot.clone(),
                 state: r.state.clone(),
                 updated: r.updated,
-            })
-            .collect();
+            };
+            match by_slot.get(r.slot.as_str()) {
+                Some(l) if l.updated && !line.updated => {}
+                _ => {
+                    by_slot.insert(&r.slot, line);
+                }
+            }
+        }
+        let mut slots: Vec<SlotLine> = by_slot.into_values().collect();
+        slots.sort_by_key(|l| (l.slot.parse::<u64>().unwrap_or(u64::MAX), l.slot.clone()));
         let total = s.desired.unwrap_or(slots.len());
         let updated = slots
             .iter()
