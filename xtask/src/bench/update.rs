@@ -129,7 +129,9 @@ pub fn run(quick: bool) -> Result<Report> {
     report.note(
         "Start-first keeps every slot serving: the old task leaves the load balancers only \
          once its replacement accepts connections, and stays up ~1 s while that spreads. The \
-         naive way has a window with no task at all, in which every request fails.",
+         naive way has a window with no task at all: the routing mesh drops new connections \
+         while a service has no backend, so clients stall on SYN retransmits (fewer requests \
+         complete in the same time, and those that outlast the client's 3 s timeout fail).",
     );
     drop(c);
     Ok(report)
