@@ -208,14 +208,14 @@ pub enum NetworkCommand {
 pub struct CniOpts {
     /// Where the runtime reads CNI configs.
     #[arg(long = "cni-dir", default_value = "/etc/cni/net.d")]
-    pub dir: PathBuf,
+    pub cni_dir: PathBuf,
     /// The name containers use (`podman run --network NAME`); default: the network's.
     #[arg(long = "cni-name")]
-    pub name: Option<String>,
+    pub cni_name: Option<String>,
     /// Make every container on this config a backend of a service (per container:
     /// `CNI_ARGS=MESH_SERVICE=<service>` or `--network-alias <service>`).
     #[arg(long = "cni-service")]
-    pub service: Option<String>,
+    pub cni_service: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -696,7 +696,7 @@ fn print_join_token(info: &JoinTokenInfo, fmt: Format, quiet: bool) -> Result<()
 /// list is cniVersion 1.0.0, which podman 4.3's CNI library reads; `aliases` lets
 /// `--network-alias <service>` reach the plugin.
 pub fn write_conflist(network: &str, socket: &Path, opts: &CniOpts) -> Result<PathBuf> {
-    let name = opts.name.as_deref().unwrap_or(network);
+    let name = opts.cni_name.as_deref().unwrap_or(network);
     crate::agent::validate_name("CNI network", name)?;
     let mut plugin = serde_json::json!({
         "type": crate::cni::PLUGIN_TYPE,
@@ -704,7 +704,7 @@ pub fn write_conflist(network: &str, socket: &Path, opts: &CniOpts) -> Result<Pa
         "socket": socket,
         "capabilities": { "aliases": true },
     });
-    if let Some(s) = &opts.service {
+    if let Some(s) = &opts.cni_service {
         plugin["service"] = serde_json::json!(s);
     }
     let list = serde_json::json!({
@@ -712,10 +712,10 @@ pub fn write_conflist(network: &str, socket: &Path, opts: &CniOpts) -> Result<Pa
         "name": name,
         "plugins": [plugin],
     });
-    std::fs::create_dir_all(&opts.dir)
-        .with_context(|| format!("creating {} (run as root?)", opts.dir.display()))?;
-    let path = opts.dir.join(format!("{name}.conflist"));
-    let tmp = opts.dir.join(format!(".{name}.conflist.tmp"));
+    std::fs::create_dir_all(&opts.cni_dir)
+        .with_context(|| format!("creating {} (run as root?)", opts.cni_dir.display()))?;
+    let path = opts.cni_dir.join(format!("{name}.conflist"));
+    let tmp = opts.cni_dir.join(format!(".{name}.conflist.tmp"));
     std::fs::write(&tmp, serde_json::to_vec_pretty(&list)?)
         .with_context(|| format!("writing {} (run as root?)", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
