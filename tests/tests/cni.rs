@@ -216,6 +216,9 @@ fn the_plugin_driven_directly_adds_checks_and_deletes_an_endpoint_everywhere() {
     assert!(ok);
 }
 
+/// What is wrong, the CNI environment, the config and the error code expected.
+type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, String, u64);
+
 #[test]
 fn the_plugin_answers_bad_input_with_cni_errors() {
     let c = cluster(1);
@@ -223,7 +226,7 @@ fn the_plugin_answers_bad_input_with_cni_errors() {
     let netns = ns.path().display().to_string();
     let conf = config("app", &c.host(1).socket());
     let missing = format!("/run/netns/{}-nonexistent", c.name());
-    let cases: [(&str, Vec<(&str, &str)>, String, u64); 5] = [
+    let cases: [Case; 5] = [
         (
             "missing netns",
             env("ADD", "c2", &missing, ""),
