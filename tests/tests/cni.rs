@@ -545,3 +545,51 @@ fn podman_containers_on_a_mesh_network_resolve_balance_serve_and_leave_on_rm() {
         "the containers' veths are gone from host1"
     );
 }
+
+#[test]
+fn an_attachment_survives_an_agent_restart_and_leaves_when_its_namespace_is_deleted() {
+    let mut c = cluster(2);
+    let ns = Netns::create(&format!("{}-ctr3", c.name())).unwrap();
+    let netns = ns.path().display().to_string();
+    let conf = config("app", &c.host(1).socket());
+    let (r, ok) = cni(&env("ADD", "ctr3id", &netns, "K8S_POD_NAME=ctr3"), &conf);
+    assert!(ok, "ADD: {r}");
+    let ip = r["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+
+    // A crashed agent comes back: the record is adopted, DNS answers in the namespace again.
+    c.host_mut(1).kill_agent().unwrap();
+    c.host_mut(1).restart_agent().unwrap();
+    let (r, ok) = cni(&env("CHECK", "ctr3id", &netns, ""), &conf);
+    assert!(ok, "CHECK after a restart: {r}");
+    c.eventually(
+        Duration::from_secs(10),
+        "DNS in the namespace again",
+        |_| {
+            Ok(ns
+                .sh("busybox nslookup ctr3 127.0.0.11")
+                .is_ok_and(|a| a.contains(&ip))
+                .then_some(()))
+        },
+    )
+    .unwrap();
+    assert!(endpoint(c.host(2), "ctr3").is_some());
+
+    // The runtime deletes the namespace without a DEL (it crashed): the veth pair goes with
+    // it, and the agent notices and removes the endpoint everywhere.
+    drop(ns);
+    c.eventually(Duration::from_secs(20), "ctr3 gone everywhere", |c| {
+        Ok(c.hosts()
+            .iter()
+            .all(|h| endpoint(h, "ctr3").is_none())
+            .then_some(()))
+    })
+    .unwrap();
+    let (r, ok) = cni(&env("DEL", "ctr3id", &netns, ""), &conf);
+    assert!(ok && r.is_null(), "a late DEL is fine: {r}");
+}

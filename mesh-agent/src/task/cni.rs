@@ -321,16 +321,25 @@ impl Tasks {
         self.cni_prune().await;
     }
 
-    /// Forgets attachments whose host veth vanished: the runtime deleted the namespace
-    /// without a DEL (killed, or it crashed), which takes the veth pair with it. Returns the
-    /// removed records, so their endpoints can leave the cluster.
+    /// Forgets attachments whose namespace the runtime deleted without a DEL (killed, or it
+    /// crashed): its mount is gone, or the veth pair went with the namespace. The mount is
+    /// what tells: the agent's own resolver sockets keep the namespace (and the veth) alive
+    /// until they are closed. Returns the removed records, so their endpoints can leave the
+    /// cluster.
     pub async fn cni_prune(&self) -> Vec<CniAttachment> {
         let mut gone = Vec::new();
         for record in self.cni_list() {
             let Some(first) = record.interfaces.first() else {
                 continue;
             };
-            match netlink::link_by_name(&self.inner.host, &first.host_veth).await {
+            let mounted = nix::sys::statfs::statfs(&record.netns)
+                .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
+            let veth = if mounted {
+                netlink::link_by_name(&self.inner.host, &first.host_veth).await
+            } else {
+                Ok(None)
+            };
+            match veth {
                 Ok(Some(_)) => {
                     for (iface, att) in record.interfaces.iter().zip(&record.attachments) {
                         if let Err(e) = plumbing::reattach(&self.inner.host, iface, att).await {
