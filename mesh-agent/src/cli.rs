@@ -6,9 +6,9 @@ mod service;
 
 pub use service::ServiceCommand;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use comfy_table::{Table, presets::NOTHING};
 use serde::Serialize;
@@ -181,6 +181,18 @@ pub enum NetworkCommand {
         /// Subnet in CIDR notation (default: a free 10.0.N.0/24).
         #[arg(long)]
         subnet: Option<String>,
+        /// Also write a CNI config list for podman and other CNI runtimes (see `network cni`).
+        #[arg(long)]
+        cni: bool,
+        #[command(flatten)]
+        cni_opts: CniOpts,
+    },
+    /// Write the CNI config list that attaches containers of podman (CNI backend) and other
+    /// CNI runtimes to the network: `podman run --network <name> …`.
+    Cni {
+        network: String,
+        #[command(flatten)]
+        opts: CniOpts,
     },
     /// List networks.
     #[command(alias = "list")]
@@ -190,6 +202,20 @@ pub enum NetworkCommand {
     /// Remove a network that no service or task uses.
     #[command(alias = "remove")]
     Rm { name: String },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CniOpts {
+    /// Where the runtime reads CNI configs.
+    #[arg(long = "cni-dir", default_value = "/etc/cni/net.d")]
+    pub cni_dir: PathBuf,
+    /// The name containers use (`podman run --network NAME`); default: the network's.
+    #[arg(long = "cni-name")]
+    pub cni_name: Option<String>,
+    /// Make every container on this config a backend of a service (per container:
+    /// `CNI_ARGS=MESH_SERVICE=<service>` or `--network-alias <service>`).
+    #[arg(long = "cni-service")]
+    pub cni_service: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -265,7 +291,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let fmt = cli.format;
     match cli.command {
         Command::Node(cmd) => node(&client, fmt, cmd).await,
-        Command::Network(cmd) => network(&client, fmt, cmd).await,
+        Command::Network(cmd) => network(&client, &cli.socket, fmt, cmd).await,
         Command::Service(cmd) => service::run(&client, fmt, cmd).await,
         Command::Events { since, filter } => events::run(&client, fmt, since, filter).await,
         Command::Run {
@@ -666,16 +692,74 @@ fn print_join_token(info: &JoinTokenInfo, fmt: Format, quiet: bool) -> Result<()
     Ok(())
 }
 
-async fn network(client: &Client, fmt: Format, cmd: NetworkCommand) -> Result<()> {
+/// Writes `<dir>/<name>.conflist`: one mesh-cni plugin pointed at this agent's socket. The
+/// list is cniVersion 1.0.0, which podman 4.3's CNI library reads; `aliases` lets
+/// `--network-alias <service>` reach the plugin.
+pub fn write_conflist(network: &str, socket: &Path, opts: &CniOpts) -> Result<PathBuf> {
+    let name = opts.cni_name.as_deref().unwrap_or(network);
+    crate::agent::validate_name("CNI network", name)?;
+    let mut plugin = serde_json::json!({
+        "type": crate::cni::PLUGIN_TYPE,
+        "network": network,
+        "socket": socket,
+        "capabilities": { "aliases": true },
+    });
+    if let Some(s) = &opts.cni_service {
+        plugin["service"] = serde_json::json!(s);
+    }
+    let list = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [plugin],
+    });
+    std::fs::create_dir_all(&opts.cni_dir)
+        .with_context(|| format!("creating {} (run as root?)", opts.cni_dir.display()))?;
+    let path = opts.cni_dir.join(format!("{name}.conflist"));
+    let tmp = opts.cni_dir.join(format!(".{name}.conflist.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&list)?)
+        .with_context(|| format!("writing {} (run as root?)", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+async fn network(client: &Client, socket: &Path, fmt: Format, cmd: NetworkCommand) -> Result<()> {
     match cmd {
-        NetworkCommand::Create { name, subnet } => {
+        NetworkCommand::Create {
+            name,
+            subnet,
+            cni,
+            cni_opts,
+        } => {
             let n: NetworkInfo = client
-                .post("/v1/networks", &NetworkCreate { name, subnet })
+                .post(
+                    "/v1/networks",
+                    &NetworkCreate {
+                        name: name.clone(),
+                        subnet,
+                    },
+                )
                 .await?;
+            let conflist = if cni {
+                Some(write_conflist(&name, socket, &cni_opts)?)
+            } else {
+                None
+            };
             if fmt == Format::Json {
                 return json(&n);
             }
             println!("{}", n.id);
+            if let Some(p) = conflist {
+                eprintln!("wrote {}", p.display());
+            }
+        }
+        NetworkCommand::Cni { network, opts } => {
+            // The network must exist: a conflist for a typo would fail every container.
+            let n: NetworkInfo = client.get(&format!("/v1/networks/{network}")).await?;
+            let path = write_conflist(&n.name, socket, &opts)?;
+            if fmt == Format::Json {
+                return json(&serde_json::json!({ "conflist": path }));
+            }
+            println!("{}", path.display());
         }
         NetworkCommand::Ls => {
             let nets: Vec<NetworkInfo> = client.get("/v1/networks").await?;

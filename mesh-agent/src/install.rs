@@ -22,19 +22,17 @@ pub fn install(root: &Path) -> Result<Vec<PathBuf>> {
     let bin = at("/usr/local/bin");
     fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
     for (src, name) in [(&exe, "mesh-agent"), (&meshctl, "meshctl")] {
-        let dst = bin.join(name);
-        // Copy to a temporary name and rename, so a running agent's binary is replaced
-        // atomically rather than overwritten in place.
-        let tmp = bin.join(format!(".{name}.new"));
-        fs::copy(src, &tmp).with_context(|| {
-            format!(
-                "copying {} (build it first: cargo build --release)",
-                src.display()
-            )
-        })?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))?;
-        fs::rename(&tmp, &dst)?;
-        written.push(dst);
+        written.push(install_binary(src, &bin, name)?);
+    }
+
+    // The CNI plugin goes where runtimes look for plugins: Debian's podman and
+    // containernetworking-plugins use /usr/lib/cni, containerd and upstream podman
+    // /opt/cni/bin.
+    let cni = exe.with_file_name("mesh-cni");
+    for dir in ["/usr/lib/cni", "/opt/cni/bin"] {
+        let dir = at(dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        written.push(install_binary(&cni, &dir, "mesh-cni")?);
     }
 
     let unit_dir = at("/etc/systemd/system");
@@ -51,4 +49,20 @@ pub fn install(root: &Path) -> Result<Vec<PathBuf>> {
         written.push(conf);
     }
     Ok(written)
+}
+
+/// Copies `src` to `dir/name` through a temporary name and a rename, so a running binary is
+/// replaced atomically rather than overwritten in place.
+fn install_binary(src: &Path, dir: &Path, name: &str) -> Result<PathBuf> {
+    let dst = dir.join(name);
+    let tmp = dir.join(format!(".{name}.new"));
+    fs::copy(src, &tmp).with_context(|| {
+        format!(
+            "copying {} (build it first: cargo build --release)",
+            src.display()
+        )
+    })?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))?;
+    fs::rename(&tmp, &dst)?;
+    Ok(dst)
 }

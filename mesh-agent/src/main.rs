@@ -423,7 +423,7 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
     }
     info!(drivers = ?record.drivers, "task drivers");
     // Re-assert what this node owned before a restart, endpoints only for tasks that are
-    // still running.
+    // still running and containers still attached through CNI.
     let mut initial: Vec<(String, String)> = mesh_agent::agent::load_own_keys(&config.state_dir)
         .into_iter()
         .filter(|(k, _)| {
@@ -432,6 +432,7 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
                     n.tasks
                         .get(task)
                         .is_some_and(|t| t.state == TaskState::Running)
+                        || n.tasks.cni_list().iter().any(|c| c.task == task)
                 })
             })
         })

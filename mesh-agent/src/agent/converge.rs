@@ -35,6 +35,13 @@ impl Agent {
                 );
             }
         }
+        wanted.extend(
+            local
+                .tasks
+                .cni_list()
+                .iter()
+                .map(|c| c.network().to_owned()),
+        );
         wanted.extend(extra.map(str::to_owned));
         wanted.retain(|n| view.networks.contains_key(n));
         wanted

@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
+    path::Path,
 };
 
 use anyhow::{Context, Result};
@@ -15,7 +16,7 @@ use super::Agent;
 use crate::{
     cluster::{EndpointMode, Protocol, View},
     netns,
-    task::{GATEWAY_NETWORK, TaskRecord, TaskState},
+    task::{CniAttachment, GATEWAY_NETWORK, TaskRecord, TaskState},
 };
 
 /// Where tasks find the resolver, as in Docker.
@@ -101,7 +102,26 @@ impl Agent {
         if task.state != TaskState::Running {
             return Ok(());
         }
-        let name = task.spec.name.clone();
+        let networks: Vec<&str> = task
+            .spec
+            .attachments
+            .iter()
+            .map(|a| a.network.as_str())
+            .filter(|n| *n != GATEWAY_NETWORK)
+            .collect();
+        self.serve_dns_in(&task.spec.name, &netns::path(&task.netns), networks)
+            .await
+    }
+
+    /// [`Agent::serve_dns_for`] in the namespace of a container attached through CNI.
+    pub(crate) async fn serve_dns_for_cni(&self, cni: &CniAttachment) -> Result<()> {
+        self.serve_dns_in(&cni.task, &cni.netns, vec![cni.network()])
+            .await
+    }
+
+    /// The resolver for the task `name` (scoped to `networks`) in the namespace at `path`.
+    async fn serve_dns_in(&self, name: &str, path: &Path, networks: Vec<&str>) -> Result<()> {
+        let name = name.to_owned();
         if self
             .dns_listeners
             .lock()
@@ -110,17 +130,9 @@ impl Agent {
         {
             return Ok(());
         }
-        let networks: Vec<&str> = task
-            .spec
-            .attachments
-            .iter()
-            .map(|a| a.network.as_str())
-            .filter(|n| *n != GATEWAY_NETWORK)
-            .collect();
         // Sockets belong to the namespace they are created in: bind on a thread that entered
         // the task's namespace, then hand them to the runtime.
-        let path = netns::path(&task.netns);
-        let (udp, tcp, cookie) = netns::run_in(&path, bind_resolver)??;
+        let (udp, tcp, cookie) = netns::run_in(path, bind_resolver)??;
         let port = udp.local_addr()?.port();
         let Some(local) = self.local() else {
             anyhow::bail!("no dataplane on this node to steer 127.0.0.11 to the resolver");
@@ -176,6 +188,11 @@ impl Agent {
         for t in local.tasks.list() {
             if let Err(e) = self.serve_dns_for(&t).await {
                 warn!(task = t.spec.name, "no DNS for the task: {e:#}");
+            }
+        }
+        for c in local.tasks.cni_list() {
+            if let Err(e) = self.serve_dns_for_cni(&c).await {
+                warn!(task = c.task, "no DNS for the container: {e:#}");
             }
         }
         let live: std::collections::BTreeSet<u64> = self

@@ -2,6 +2,7 @@
 //! carries out what the API asks (create a network, a service, ...).
 
 mod addresses;
+mod cni;
 mod converge;
 pub mod dns;
 mod health;
@@ -276,6 +277,7 @@ impl Agent {
             }
             self.converge_keys(&view).await;
             if asked || stale {
+                self.prune_cni().await;
                 self.update_dns(&view);
                 let pass = std::time::Instant::now();
                 if let Err(e) = self.converge(&view).await {

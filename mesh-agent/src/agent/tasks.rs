@@ -218,10 +218,13 @@ impl Agent {
             .into_keys()
             .filter_map(|k| {
                 let task = k.strip_prefix(key::ENDPOINT)?;
+                // Containers attached through CNI are not tasks the agent runs, but their
+                // endpoints live as long as the attachment.
                 let running = self.local().is_some_and(|l| {
                     l.tasks
                         .get(task)
                         .is_some_and(|t| t.state == crate::task::TaskState::Running)
+                        || l.tasks.cni_list().iter().any(|c| c.task == task)
                 });
                 (!running).then_some((k.clone(), None))
             })

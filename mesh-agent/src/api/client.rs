@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, body::Bytes};
 use hyper_util::rt::TokioIo;
@@ -128,13 +128,34 @@ impl Client {
     }
 }
 
+/// An answer of the agent that is not a success, with its HTTP status, for callers that
+/// tell kinds of failure apart (the CNI plugin maps them to CNI error codes); it displays
+/// as the agent's message.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// The agent's error message, or its status and body when it sent no API error.
 fn api_error(status: hyper::StatusCode, body: &[u8]) -> anyhow::Error {
-    match serde_json::from_slice::<ApiError>(body) {
-        Ok(e) => anyhow!("{}", e.error),
-        Err(_) => anyhow!(
+    let message = match serde_json::from_slice::<ApiError>(body) {
+        Ok(e) => e.error,
+        Err(_) => format!(
             "mesh agent answered {status}: {}",
             String::from_utf8_lossy(body)
         ),
-    }
+    };
+    anyhow::Error::new(Refused {
+        status: status.as_u16(),
+        message,
+    })
 }

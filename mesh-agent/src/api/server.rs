@@ -15,9 +15,10 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
 use super::{
-    ApiError, ExecOutput, ExecRequest, GossipInfo, JoinTokenInfo, LocalTaskInfo, NetworkCreate,
-    NetworkInfo, NodeInfo, NodeUpdate, PortStats, RotateInfo, ServiceCreate, ServiceInfo,
-    ServiceScale, ServiceTaskInfo, ServiceUpdate, TaskInfo, TaskRun, short_id,
+    ApiError, CniAdd, CniInfo, CniRef, ExecOutput, ExecRequest, GossipInfo, JoinTokenInfo,
+    LocalTaskInfo, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats, RotateInfo,
+    ServiceCreate, ServiceInfo, ServiceScale, ServiceTaskInfo, ServiceUpdate, TaskInfo, TaskRun,
+    short_id,
 };
 use crate::{
     agent::{Agent, Error, Shutdown},
@@ -84,6 +85,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/dataplane/ports", get(port_stats))
         .route("/v1/gossip", get(gossip_info))
         .route("/v1/events", get(super::events::follow))
+        .route("/v1/cni/add", axum::routing::post(cni_add))
+        .route("/v1/cni/del", axum::routing::post(cni_del))
+        .route("/v1/cni/check", axum::routing::post(cni_check))
         .with_state(agent)
 }
 
@@ -776,4 +780,21 @@ async fn exec_task(
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }))
+}
+
+/// The CNI plugin's ADD: plumbs the runtime's namespace (see `agent::cni`).
+async fn cni_add(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiResult<CniInfo> {
+    let req: CniAdd = body(&bytes)?;
+    Ok(Json(agent.cni_add(&req).await?))
+}
+
+async fn cni_del(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiResult<serde_json::Value> {
+    let req: CniRef = body(&bytes)?;
+    agent.cni_del(&req.container_id, &req.ifname).await?;
+    Ok(Json(serde_json::json!({ "removed": req.container_id })))
+}
+
+async fn cni_check(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiResult<CniInfo> {
+    let req: CniRef = body(&bytes)?;
+    Ok(Json(agent.cni_check(&req.container_id, &req.ifname).await?))
 }

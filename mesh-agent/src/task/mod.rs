@@ -9,6 +9,7 @@
 //! process exits loses its network at once (veth, namespace) and is announced on
 //! [`Tasks::subscribe`], so its endpoint can leave the cluster's tables.
 
+mod cni;
 mod container;
 mod logs;
 mod plumbing;
@@ -37,6 +38,7 @@ use crate::{
     overlay::{GATEWAY_BRIDGE, GatewayPlumbing, MacAddr, NetworkPlumbing},
 };
 
+pub use cni::{CniAttachment, CniRequest};
 pub use container::available as podman_available;
 pub use logs::prefixed as prefixed_logs;
 pub use plumbing::HOST_VETH_PREFIX;
@@ -261,6 +263,9 @@ struct Inner {
     host: Handle,
     store: store::Store,
     entries: Mutex<BTreeMap<String, Entry>>,
+    /// Attachments made for other runtimes through the CNI plugin, by container/interface.
+    /// Locked after `entries` when both are held.
+    cni: Mutex<BTreeMap<String, CniAttachment>>,
     exits: broadcast::Sender<TaskExit>,
 }
 
@@ -285,12 +290,14 @@ impl Tasks {
                 host,
                 store,
                 entries: Mutex::new(BTreeMap::new()),
+                cni: Mutex::new(BTreeMap::new()),
                 exits,
             }),
         };
         for record in tasks.inner.store.load_all()? {
             tasks.adopt(record).await;
         }
+        tasks.cni_adopt().await;
         tasks.remove_orphan_containers().await;
         Ok(tasks)
     }
@@ -382,7 +389,17 @@ impl Tasks {
             }
             // Picked under the lock: two tasks created at once never get the same address.
             if let Some(gw) = &spec.egress {
-                let ip = free_gateway_address(gw, entries.values().map(|e| &e.record))?;
+                let taken: Vec<Ipv4Addr> = self
+                    .inner
+                    .cni
+                    .lock()
+                    .expect("cni table poisoned")
+                    .values()
+                    .flat_map(|c| &c.attachments)
+                    .filter(|a| a.bridge == GATEWAY_BRIDGE)
+                    .map(|a| a.address.addr())
+                    .collect();
+                let ip = free_gateway_address(gw, entries.values().map(|e| &e.record), &taken)?;
                 spec.attachments.push(Attachment::egress(gw, ip));
                 validate(&spec)?;
             }
@@ -752,6 +769,13 @@ impl Tasks {
                 }
             }
         }
+        for record in self.cni_list() {
+            for (iface, att) in record.interfaces.iter().zip(&record.attachments) {
+                if plumbing::reattach(&self.inner.host, iface, att).await? {
+                    n += 1;
+                }
+            }
+        }
         Ok(n)
     }
 
@@ -791,18 +815,20 @@ impl Tasks {
     }
 }
 
-/// The first address of the gateway subnet that is neither the node's nor held by a task
-/// still running (or starting).
+/// The first address of the gateway subnet that is neither the node's, nor held by a task
+/// still running (or starting), nor in `taken` (CNI attachments' addresses).
 fn free_gateway_address<'a>(
     gw: &GatewayPlumbing,
     records: impl Iterator<Item = &'a TaskRecord>,
+    taken: &[Ipv4Addr],
 ) -> Result<Ipv4Addr> {
-    let used: std::collections::BTreeSet<Ipv4Addr> = records
+    let mut used: std::collections::BTreeSet<Ipv4Addr> = records
         .filter(|r| !matches!(r.state, TaskState::Exited { .. }))
         .flat_map(|r| &r.spec.attachments)
         .filter(|a| a.bridge == GATEWAY_BRIDGE)
         .map(|a| a.address.addr())
         .collect();
+    used.extend(taken);
     gw.subnet
         .hosts()
         .find(|ip| *ip != gw.address && !used.contains(ip))

@@ -59,6 +59,26 @@ pub(super) async fn attach(
     index: usize,
     attachment: &Attachment,
 ) -> Result<Interface> {
+    attach_in(
+        host,
+        &netns::path(netns_name),
+        host_veth_name(netns_name, index),
+        format!("eth{index}"),
+        attachment,
+    )
+    .await
+}
+
+/// [`attach`] into any namespace (one a container runtime made, for the CNI plugin), with
+/// the host and task ends named by the caller.
+pub(super) async fn attach_in(
+    host: &Handle,
+    ns_path: &Path,
+    host_veth: String,
+    name: String,
+    attachment: &Attachment,
+) -> Result<Interface> {
+    let netns_name = ns_path.display();
     let Some(bridge) = netlink::link_by_name(host, &attachment.bridge).await? else {
         bail!(
             "network {} is not plumbed on this node: bridge {} is missing (reconcile the \
@@ -67,11 +87,9 @@ pub(super) async fn attach(
             attachment.bridge
         );
     };
-    let host_veth = host_veth_name(netns_name, index);
-    let name = format!("eth{index}");
     let mac = MacAddr::for_ip(attachment.address.addr());
-    let ns = File::open(netns::path(netns_name))
-        .with_context(|| format!("opening the namespace of {netns_name}"))?;
+    let ns =
+        File::open(ns_path).with_context(|| format!("opening the namespace of {netns_name}"))?;
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(name.clone())
         .mtu(attachment.mtu)
@@ -109,7 +127,17 @@ pub(super) async fn configure_inside(
     interfaces: &[Interface],
     gateway: Option<(usize, Ipv4Addr)>,
 ) -> Result<()> {
-    let inside = netlink::connect_in(&netns::path(netns_name))?;
+    configure_in(&netns::path(netns_name), interfaces, gateway).await
+}
+
+/// [`configure_inside`] in the namespace mounted at `ns_path`.
+pub(super) async fn configure_in(
+    ns_path: &Path,
+    interfaces: &[Interface],
+    gateway: Option<(usize, Ipv4Addr)>,
+) -> Result<()> {
+    let netns_name = ns_path.display();
+    let inside = netlink::connect_in(ns_path)?;
     set_up(&inside, "lo").await?;
     for iface in interfaces {
         let link = netlink::link_by_name(&inside, &iface.name)
@@ -210,6 +238,17 @@ pub(super) async fn detach(
     host_veths: &[String],
     etc: &Path,
 ) -> Result<()> {
+    delete_veths(host, host_veths).await?;
+    netns::delete(netns_name)?;
+    match std::fs::remove_dir_all(etc) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", etc.display())),
+    }
+}
+
+/// Deletes host veths (their peers go with them); ones already gone are fine.
+pub(super) async fn delete_veths(host: &Handle, host_veths: &[String]) -> Result<()> {
     for veth in host_veths {
         if let Some(link) = netlink::link_by_name(host, veth).await? {
             match host.link().del(link.index).execute().await {
@@ -219,12 +258,7 @@ pub(super) async fn detach(
             }
         }
     }
-    netns::delete(netns_name)?;
-    match std::fs::remove_dir_all(etc) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", etc.display())),
-    }
+    Ok(())
 }
 
 #[cfg(test)]
