@@ -10,6 +10,7 @@ mod objects;
 mod orchestrate;
 mod rollout;
 mod routing;
+pub mod secrets;
 mod services;
 mod tasks;
 
@@ -275,6 +276,7 @@ impl Agent {
                 self.request_shutdown(Shutdown::Removed);
             }
             self.converge_keys(&view).await;
+            self.reseal_secrets(&view).await;
             if asked || stale {
                 self.update_dns(&view);
                 let pass = std::time::Instant::now();

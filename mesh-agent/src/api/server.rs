@@ -84,6 +84,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/dataplane/ports", get(port_stats))
         .route("/v1/gossip", get(gossip_info))
         .route("/v1/events", get(super::events::follow))
+        .merge(super::objects::routes())
+        .merge(super::stacks::routes())
         .with_state(agent)
 }
 
@@ -496,7 +498,7 @@ async fn get_network(
 async fn create_network(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiResult<NetworkInfo> {
     let req: NetworkCreate = body(&bytes)?;
     agent
-        .create_network(&req.name, req.subnet.as_deref())
+        .create_network(&req.name, req.subnet.as_deref(), &Default::default())
         .await?;
     let view = agent.view();
     network_info(&view, &req.name).map(Json).ok_or_else(|| {
