@@ -90,25 +90,35 @@ fn addr(h: &Host, port: u16) -> SocketAddr {
 }
 
 fn get(c: &Cluster, addr: SocketAddr) -> anyhow::Result<String> {
-    c.external_ns("client").unwrap().run(move || http_get(addr))?
+    c.external_ns("client")
+        .unwrap()
+        .run(move || http_get(addr))?
 }
 
 fn converged(c: &Cluster, name: &str, n: usize) {
-    c.eventually(Duration::from_secs(40), &format!("{name} at {n}/{n}"), |c| {
-        for h in c.hosts() {
-            let s: Value = h.meshctl_json(&["service", "inspect", name])?;
-            let active = s["dataplane"]["backends"]
-                .as_array()
-                .map_or(0, |b| b.iter().filter(|b| b["state"] == "active").count());
-            let done = s["spec"]["update_status"]["state"]
-                .as_str()
-                .is_none_or(|s| s == "completed");
-            if s["running"] != n || active != n || !done {
-                anyhow::bail!("{}: {} running, {active} backends", h.node_name(), s["running"]);
+    c.eventually(
+        Duration::from_secs(40),
+        &format!("{name} at {n}/{n}"),
+        |c| {
+            for h in c.hosts() {
+                let s: Value = h.meshctl_json(&["service", "inspect", name])?;
+                let active = s["dataplane"]["backends"]
+                    .as_array()
+                    .map_or(0, |b| b.iter().filter(|b| b["state"] == "active").count());
+                let done = s["spec"]["update_status"]["state"]
+                    .as_str()
+                    .is_none_or(|s| s == "completed");
+                if s["running"] != n || active != n || !done {
+                    anyhow::bail!(
+                        "{}: {} running, {active} backends",
+                        h.node_name(),
+                        s["running"]
+                    );
+                }
             }
-        }
-        Ok(Some(()))
-    })
+            Ok(Some(()))
+        },
+    )
     .unwrap();
 }
 
@@ -164,7 +174,10 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
     let again = meshctl_stdin(h1, &["secret", "create", "db_password", "-"], "other");
     assert!(!again.status.success());
     let e = String::from_utf8_lossy(&again.stderr);
-    assert!(e.contains("already exists") && e.contains("--secret-add"), "{e}");
+    assert!(
+        e.contains("already exists") && e.contains("--secret-add"),
+        "{e}"
+    );
 
     // A config from a file.
     let conf = c.log_dir().join("nginx.conf");
@@ -173,12 +186,14 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
         .unwrap();
 
     let w = whoami();
+    // Unique per cluster: the process driver shares the host's /etc.
+    let site = format!("/etc/{}-site.conf", c.name());
     h1.meshctl_ok(&[
         "service",
         "create",
         "db",
         "--replicas",
-        "2",
+        "3",
         "-p",
         "8080:80",
         "--secret",
@@ -211,19 +226,22 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
         "-p",
         "8082:80",
         "--config",
-        "source=site_conf,target=/etc/mesh-test-site.conf",
+        &format!("source=site_conf,target={site}"),
         "--",
         &w,
         "--file",
-        "/etc/mesh-test-site.conf",
+        &site,
     ])
     .unwrap();
-    converged(&c, "db", 2);
+    converged(&c, "db", 3);
     converged(&c, "nogrant", 1);
     converged(&c, "site", 1);
 
     for h in c.hosts() {
-        assert_eq!(get(&c, addr(h, 8080)).unwrap(), fnv(format!("{PASSWORD}\n").as_bytes()));
+        assert_eq!(
+            get(&c, addr(h, 8080)).unwrap(),
+            fnv(format!("{PASSWORD}\n").as_bytes())
+        );
         let e = get(&c, addr(h, 8081)).unwrap_err().to_string();
         assert!(e.contains("No such file"), "a task without the grant: {e}");
         assert_eq!(get(&c, addr(h, 8082)).unwrap(), "server { listen 80; }\n");
@@ -240,7 +258,11 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
         .args(["stat", "-c", "%a %u %g", "/run/secrets/mysql_root_password"])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&stat.stdout).trim(), "400 1000 1000", "{stat:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&stat.stdout).trim(),
+        "400 1000 1000",
+        "{stat:?}"
+    );
     let write = Command::new("nsenter")
         .args(["-t", &pid.to_string(), "-m", "--"])
         .args(["sh", "-c", "echo x > /run/secrets/mysql_root_password"])
@@ -262,7 +284,11 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
     assert!(!e.contains(PASSWORD), "{e}");
 
     // Rotation: a new secret under a new name, switched in by a rolling update.
-    let out = meshctl_stdin(h1, &["secret", "create", "db_password_v2", "-"], PASSWORD_V2);
+    let out = meshctl_stdin(
+        h1,
+        &["secret", "create", "db_password_v2", "-"],
+        PASSWORD_V2,
+    );
     assert!(out.status.success(), "{out:?}");
     let client = ClientLoop::paced(
         c.external_ns("client").unwrap(),
@@ -285,18 +311,26 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
             "1s",
         ])
         .unwrap();
-    converged(&c, "db", 2);
+    converged(&c, "db", 3);
     std::thread::sleep(Duration::from_millis(500));
     let (ok, failed) = client.finish();
     assert!(ok > 20, "{ok} requests");
-    assert!(failed.is_empty(), "{} of {} failed: {failed:?}", failed.len(), ok + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
     for h in c.hosts() {
         assert_eq!(get(&c, addr(h, 8080)).unwrap(), fnv(PASSWORD_V2.as_bytes()));
     }
     // The old one is still needed by a rollback.
     let rm = h1.meshctl(&["secret", "rm", "db_password"]).unwrap();
     let e = String::from_utf8_lossy(&rm.stderr);
-    assert!(e.contains("db (its previous spec, kept for rollback)"), "{e}");
+    assert!(
+        e.contains("db (its previous spec, kept for rollback)"),
+        "{e}"
+    );
 
     // Neither secret is in plaintext in any state file or agent log.
     for h in c.hosts() {
@@ -306,7 +340,11 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
         for f in files {
             let data = std::fs::read(&f).unwrap_or_default();
             for s in [PASSWORD, PASSWORD_V2] {
-                assert!(!contains(&data, s.as_bytes()), "{} holds a secret", f.display());
+                assert!(
+                    !contains(&data, s.as_bytes()),
+                    "{} holds a secret",
+                    f.display()
+                );
             }
         }
         let logs = h.logs();
@@ -337,7 +375,7 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
     h1.meshctl_ok(&["secret", "rm", "db_password", "db_password_v2"])
         .unwrap();
     c.eventually(Duration::from_secs(10), "mount point removed", |_| {
-        Ok((!Path::new("/etc/mesh-test-site.conf").exists()).then_some(()))
+        Ok((!Path::new(&site).exists()).then_some(()))
     })
     .unwrap();
     let left: Vec<Value> = h1.meshctl_json(&["secret", "ls"]).unwrap();
@@ -355,14 +393,7 @@ fn secrets_refuse_bad_input_with_a_clear_error() {
     assert!(e.contains("500 KB"), "{e}");
     let out = h
         .meshctl(&[
-            "service",
-            "create",
-            "x",
-            "--secret",
-            "missing",
-            "--",
-            "sleep",
-            "100",
+            "service", "create", "x", "--secret", "missing", "--", "sleep", "100",
         ])
         .unwrap();
     let e = String::from_utf8_lossy(&out.stderr);

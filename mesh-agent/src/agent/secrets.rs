@@ -87,7 +87,10 @@ pub fn users(view: &View, kind: Kind, name: &str) -> Vec<String> {
                 Some(s.spec.name.clone())
             } else if s.spec.previous.as_ref().is_some_and(|p| uses(&p.task)) {
                 // `service rollback` would need it back.
-                Some(format!("{} (its previous spec, kept for rollback)", s.spec.name))
+                Some(format!(
+                    "{} (its previous spec, kept for rollback)",
+                    s.spec.name
+                ))
             } else {
                 None
             }
@@ -226,11 +229,7 @@ impl Agent {
     }
 
     /// Opens what a task of this template is granted, or says which object is missing.
-    pub(crate) fn task_files(
-        &self,
-        view: &View,
-        template: &TaskTemplate,
-    ) -> Result<TaskFiles> {
+    pub(crate) fn task_files(&self, view: &View, template: &TaskTemplate) -> Result<TaskFiles> {
         let file = |r: &FileRef, data: Zeroizing<Vec<u8>>| TaskFile {
             target: r.target.clone(),
             data,
@@ -242,9 +241,10 @@ impl Agent {
         if !template.secrets.is_empty() {
             let (ring, cluster) = self.keyring()?;
             for r in &template.secrets {
-                let s = view.secrets.get(&r.source).ok_or_else(|| {
-                    Error::NotFound(format!("secret {} not found", r.source))
-                })?;
+                let s = view
+                    .secrets
+                    .get(&r.source)
+                    .ok_or_else(|| Error::NotFound(format!("secret {} not found", r.source)))?;
                 let data = sealed::open(&ring, &cluster, &r.source, &s.spec.sealed)
                     .map_err(Error::Invalid)?;
                 secrets.push(file(r, data));

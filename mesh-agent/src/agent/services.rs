@@ -12,8 +12,8 @@ use super::{Agent, Error, Result, rollout, validate_name};
 use crate::{
     api::{HealthFlags, RestartFlags, ServiceCreate, ServiceScale, ServiceUpdate},
     cluster::{
-        Clock, EndpointMode, FileRef, PortSpec, Replicated, ServiceSpec, TaskTemplate,
-        UpdateState, View, key,
+        Clock, EndpointMode, FileRef, PortSpec, Replicated, ServiceSpec, TaskTemplate, UpdateState,
+        View, key,
     },
 };
 
@@ -88,7 +88,10 @@ impl Agent {
         if view.networks.contains_key(DEFAULT_NETWORK) {
             return Ok(());
         }
-        match self.create_network(DEFAULT_NETWORK, None, &Default::default()).await {
+        match self
+            .create_network(DEFAULT_NETWORK, None, &Default::default())
+            .await
+        {
             Ok(_) | Err(Error::Conflict(_)) => {}
             Err(e) => return Err(e),
         }

@@ -27,15 +27,9 @@ type ApiResult<T> = Result<Json<T>, Error>;
 pub fn routes() -> Router<Arc<Agent>> {
     Router::new()
         .route("/v1/secrets", get(list_secrets).post(create_secret))
-        .route(
-            "/v1/secrets/{name}",
-            get(get_secret).delete(remove_secret),
-        )
+        .route("/v1/secrets/{name}", get(get_secret).delete(remove_secret))
         .route("/v1/configs", get(list_configs).post(create_config))
-        .route(
-            "/v1/configs/{name}",
-            get(get_config).delete(remove_config),
-        )
+        .route("/v1/configs/{name}", get(get_config).delete(remove_config))
 }
 
 pub(crate) fn secret_info(view: &View, name: &str) -> Option<SecretInfo> {
@@ -95,9 +89,7 @@ async fn get_secret(
 ) -> ApiResult<SecretInfo> {
     let view = agent.refresh().await;
     secret_info(&view, &name).map(Json).ok_or_else(|| {
-        Error::NotFound(format!(
-            "secret {name} not found (see `meshctl secret ls`)"
-        ))
+        Error::NotFound(format!("secret {name} not found (see `meshctl secret ls`)"))
     })
 }
 
@@ -136,9 +128,7 @@ async fn get_config(
 ) -> ApiResult<ConfigInfo> {
     let view = agent.refresh().await;
     config_info(&view, &name).map(Json).ok_or_else(|| {
-        Error::NotFound(format!(
-            "config {name} not found (see `meshctl config ls`)"
-        ))
+        Error::NotFound(format!("config {name} not found (see `meshctl config ls`)"))
     })
 }
 

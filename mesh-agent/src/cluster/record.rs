@@ -142,7 +142,10 @@ impl FileRef {
             };
         }
         if config {
-            if !r.target.starts_with('/') || r.target.split('/').any(|c| c == "..") || r.target == "/" {
+            if !r.target.starts_with('/')
+                || r.target.split('/').any(|c| c == "..")
+                || r.target == "/"
+            {
                 return Err(format!(
                     "config target {:?} must be an absolute file path such as /etc/site.conf",
                     r.target
@@ -157,7 +160,6 @@ impl FileRef {
         Ok(r)
     }
 }
-
 
 /// The first VXLAN network identifier mesh hands out (Docker's overlay driver starts at 4096
 /// too, leaving lower ones to hand-made tunnels).

@@ -8,8 +8,9 @@ use std::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{
-    AttachmentRecord, BlockClaim, ConfigSpec, EndpointRecord, SecretSpec, KeyRotation, KeyState, NetworkSpec, NodeRecord,
-    NodeRemoval, NodeSpec, Protocol, ServiceSpec, Stamp, TaskState, ipam, key,
+    AttachmentRecord, BlockClaim, ConfigSpec, EndpointRecord, KeyRotation, KeyState, NetworkSpec,
+    NodeRecord, NodeRemoval, NodeSpec, Protocol, SecretSpec, ServiceSpec, Stamp, TaskState, ipam,
+    key,
     replicated::{self, Replicated},
 };
 

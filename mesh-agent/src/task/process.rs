@@ -235,7 +235,14 @@ fn write_files(files: &[super::files::Prepared]) -> io::Result<()> {
     let os = |e: nix::errno::Errno| io::Error::from_raw_os_error(e as i32);
     let dir = c"/run/secrets";
     let quiet = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount(Some(c"tmpfs"), dir, Some(c"tmpfs"), quiet, Some(c"mode=0755")).map_err(os)?;
+    mount(
+        Some(c"tmpfs"),
+        dir,
+        Some(c"tmpfs"),
+        quiet,
+        Some(c"mode=0755"),
+    )
+    .map_err(os)?;
     for f in files {
         // SAFETY: plain system calls on C strings and buffers that outlive them.
         unsafe {
