@@ -4,6 +4,7 @@ mod events;
 mod objects;
 mod progress;
 mod service;
+mod stack;
 
 pub use service::ServiceCommand;
 
@@ -63,6 +64,9 @@ pub enum Command {
     /// Manage configs (files given to tasks at a path of their choosing).
     #[command(subcommand)]
     Config(objects::ConfigCommand),
+    /// Deploy and manage stacks of services from compose files.
+    #[command(subcommand)]
+    Stack(stack::StackCommand),
     /// Start a task on this node: a process in its own network namespace on a network.
     Run {
         /// Task name (unique in the cluster; it resolves in DNS).
@@ -276,6 +280,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Service(cmd) => service::run(&client, fmt, cmd).await,
         Command::Secret(cmd) => objects::secret(&client, fmt, cmd).await,
         Command::Config(cmd) => objects::config(&client, fmt, cmd).await,
+        Command::Stack(cmd) => stack::run(&client, fmt, cmd).await,
         Command::Events { since, filter } => events::run(&client, fmt, since, filter).await,
         Command::Run {
             name,

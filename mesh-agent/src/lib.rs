@@ -7,6 +7,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod cli;
 pub mod cluster;
+pub mod compose;
 pub mod config;
 pub mod dataplane;
 pub mod events;

@@ -12,6 +12,7 @@ mod rollout;
 mod routing;
 pub mod secrets;
 mod services;
+pub mod stacks;
 mod tasks;
 
 pub use membership::{RotationStatus, Shutdown};

@@ -173,6 +173,15 @@ impl Agent {
         Ok(done)
     }
 
+    /// [`Agent::write_change`] for a spec built elsewhere (a stack redeploy).
+    pub(crate) async fn write_service_change(
+        &self,
+        current: &Replicated<ServiceSpec>,
+        spec: ServiceSpec,
+    ) -> Result<Replicated<ServiceSpec>> {
+        self.write_change(current, spec).await
+    }
+
     /// Writes a new version of a service and reports a concurrent change that won.
     async fn write_change(
         &self,
