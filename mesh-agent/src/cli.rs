@@ -1,8 +1,10 @@
 //! meshctl: Docker-style commands that talk to the local agent's API.
 
 mod events;
+mod objects;
 mod progress;
 mod service;
+mod stack;
 
 pub use service::ServiceCommand;
 
@@ -56,6 +58,15 @@ pub enum Command {
     /// Manage services.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Manage secrets (sealed under the cluster key; tasks see them at /run/secrets).
+    #[command(subcommand)]
+    Secret(objects::SecretCommand),
+    /// Manage configs (files given to tasks at a path of their choosing).
+    #[command(subcommand)]
+    Config(objects::ConfigCommand),
+    /// Deploy and manage stacks of services from compose files.
+    #[command(subcommand)]
+    Stack(stack::StackCommand),
     /// Start a task on this node: a process in its own network namespace on a network.
     Run {
         /// Task name (unique in the cluster; it resolves in DNS).
@@ -293,6 +304,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Node(cmd) => node(&client, fmt, cmd).await,
         Command::Network(cmd) => network(&client, &cli.socket, fmt, cmd).await,
         Command::Service(cmd) => service::run(&client, fmt, cmd).await,
+        Command::Secret(cmd) => objects::secret(&client, fmt, cmd).await,
+        Command::Config(cmd) => objects::config(&client, fmt, cmd).await,
+        Command::Stack(cmd) => stack::run(&client, fmt, cmd).await,
         Command::Events { since, filter } => events::run(&client, fmt, since, filter).await,
         Command::Run {
             name,

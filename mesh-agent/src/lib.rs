@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod cluster;
 pub mod cni;
+pub mod compose;
 pub mod config;
 pub mod dataplane;
 pub mod events;

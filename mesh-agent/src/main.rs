@@ -565,6 +565,10 @@ async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeP
     })?;
     let mut task_config = TaskConfig::new(&config.node_name, config.state_dir.clone());
     task_config.cgroup = Some(task_cgroup);
+    // Beside the API socket, on the run-time file system: never under the state directory.
+    if let Some(run) = config.socket.parent() {
+        task_config.files_dir = run.join("task-files");
+    }
     let tasks = Tasks::open(task_config, host.clone()).await?;
 
     let gw = config.gateway_subnet;

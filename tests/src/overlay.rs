@@ -162,7 +162,7 @@ impl Node {
 
     pub fn run_spec(&self, spec: TaskSpec) -> Result<TaskRecord> {
         let tasks = self.tasks.clone();
-        self.block_on(async move { tasks.create(spec).await })
+        self.block_on(async move { tasks.create(spec, Default::default()).await })
     }
 
     pub fn stop_task(&self, name: &str) -> Result<()> {

@@ -54,7 +54,7 @@ pub fn snapshot(view: &View) -> Snapshot {
             (EndpointMode::Vip, Some(vip)) => DnsMode::Vip(vip),
             _ => DnsMode::Dnsrr,
         };
-        n.services.push(mesh_dns::Service {
+        let service = mesh_dns::Service {
             name: s.spec.name.clone(),
             endpoint_mode,
             tasks: view
@@ -78,7 +78,28 @@ pub fn snapshot(view: &View) -> Snapshot {
                     target: p.target,
                 })
                 .collect(),
-        });
+        };
+        // Swarm's alias: a stack's service also answers to its short name (`api` for
+        // `shop_api`) on its network, unless a service of that very name is there too.
+        let alias = s
+            .spec
+            .labels
+            .get(crate::cluster::STACK_LABEL)
+            .and_then(|stack| s.spec.name.strip_prefix(&format!("{stack}_")))
+            .filter(|short| {
+                !view
+                    .services
+                    .values()
+                    .any(|o| o.spec.name == *short && o.spec.network == s.spec.network)
+            })
+            .map(str::to_owned);
+        if let Some(short) = alias {
+            n.services.push(mesh_dns::Service {
+                name: short,
+                ..service.clone()
+            });
+        }
+        n.services.push(service);
     }
     Snapshot {
         networks: networks.into_values().collect(),

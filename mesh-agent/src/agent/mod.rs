@@ -11,7 +11,9 @@ mod objects;
 mod orchestrate;
 mod rollout;
 mod routing;
+pub mod secrets;
 mod services;
+pub mod stacks;
 mod tasks;
 
 pub use membership::{RotationStatus, Shutdown};
@@ -276,6 +278,7 @@ impl Agent {
                 self.request_shutdown(Shutdown::Removed);
             }
             self.converge_keys(&view).await;
+            self.reseal_secrets(&view).await;
             if asked || stale {
                 self.prune_cni().await;
                 self.update_dns(&view);

@@ -18,6 +18,7 @@ impl Agent {
         &self,
         name: &str,
         subnet: Option<&str>,
+        labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<Replicated<NetworkSpec>> {
         validate_name("network", name)?;
         let view = self.refresh().await;
@@ -64,6 +65,7 @@ impl Agent {
             subnet,
             gateway: ipam::default_gateway(subnet),
             vni,
+            labels: labels.clone(),
         };
         let stamp = self.tick();
         let record = Replicated::new(spec, stamp.clone());
@@ -186,12 +188,14 @@ fn auto_subnet(view: &View) -> Option<Ipv4Net> {
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !name.starts_with(['-', '_'])
+        && !name.ends_with(['-', '_']);
     if !ok {
         return Err(Error::Invalid(format!(
-            "invalid {kind} name {name:?}: use 1-63 letters, digits and dashes, not starting or ending with a dash"
+            "invalid {kind} name {name:?}: use 1-63 letters, digits, dashes and underscores (a stack's objects are <stack>_<name>), not starting or ending with either"
         )));
     }
     if name.eq_ignore_ascii_case("tasks") {

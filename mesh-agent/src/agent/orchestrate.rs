@@ -480,6 +480,16 @@ impl Agent {
             .find(|p| p.protocol == crate::cluster::Protocol::Tcp)
             .map(|p| p.target)
             .filter(|_| template.health.is_none());
+        // Opened here, for this start only: the bytes go to the task's tmpfs and nowhere else.
+        let files = match self.task_files(&view, &template) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(task = name, "task could not start: {e}");
+                self.task_ended(&view, t, Ending::Rejected(e.to_string()))
+                    .await;
+                return;
+            }
+        };
         let launched = self
             .launch(
                 &view,
@@ -492,6 +502,7 @@ impl Agent {
                     hostname: Some(&hostname),
                     publish: template.health.is_none() && ready_port.is_none(),
                     image: template.image.as_deref(),
+                    files,
                 },
             )
             .await;

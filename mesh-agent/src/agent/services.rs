@@ -12,8 +12,8 @@ use super::{Agent, Error, Result, rollout, validate_name};
 use crate::{
     api::{HealthFlags, RestartFlags, ServiceCreate, ServiceScale, ServiceUpdate},
     cluster::{
-        Clock, EndpointMode, PortSpec, Replicated, ServiceSpec, TaskTemplate, UpdateState, View,
-        key,
+        Clock, EndpointMode, FileRef, PortSpec, Replicated, ServiceSpec, TaskTemplate, UpdateState,
+        View, key,
     },
 };
 
@@ -33,6 +33,7 @@ impl Agent {
             )));
         }
         check_ports(&view, name, &spec.ports)?;
+        check_file_refs(&view, &spec)?;
         match &req.network {
             Some(network) if !view.networks.contains_key(network) => {
                 return Err(Error::NotFound(format!(
@@ -87,7 +88,10 @@ impl Agent {
         if view.networks.contains_key(DEFAULT_NETWORK) {
             return Ok(());
         }
-        match self.create_network(DEFAULT_NETWORK, None).await {
+        match self
+            .create_network(DEFAULT_NETWORK, None, &Default::default())
+            .await
+        {
             Ok(_) | Err(Error::Conflict(_)) => {}
             Err(e) => return Err(e),
         }
@@ -107,6 +111,7 @@ impl Agent {
         let view = self.refresh().await;
         let current = view.services.get(name).ok_or_else(|| not_found(name))?;
         let spec = apply_update(&current.spec, req)?;
+        check_file_refs(&view, &spec)?;
         if spec == current.spec {
             return Ok(current.clone());
         }
@@ -166,6 +171,15 @@ impl Agent {
             done.push(record);
         }
         Ok(done)
+    }
+
+    /// [`Agent::write_change`] for a spec built elsewhere (a stack redeploy).
+    pub(crate) async fn write_service_change(
+        &self,
+        current: &Replicated<ServiceSpec>,
+        spec: ServiceSpec,
+    ) -> Result<Replicated<ServiceSpec>> {
+        self.write_change(current, spec).await
     }
 
     /// Writes a new version of a service and reports a concurrent change that won.
@@ -265,8 +279,60 @@ fn check_ports(view: &View, name: &str, ports: &[PortSpec]) -> Result<()> {
     Ok(())
 }
 
+/// Every secret and config the tasks are granted exists, and no two land on one path.
+pub(crate) fn check_file_refs(view: &View, spec: &ServiceSpec) -> Result<()> {
+    let Some(t) = &spec.task else {
+        return Ok(());
+    };
+    for r in &t.secrets {
+        if !view.secrets.contains_key(&r.source) {
+            return Err(Error::NotFound(format!(
+                "secret {} not found: create it with `meshctl secret create {} FILE`",
+                r.source, r.source
+            )));
+        }
+    }
+    for r in &t.configs {
+        if !view.configs.contains_key(&r.source) {
+            return Err(Error::NotFound(format!(
+                "config {} not found: create it with `meshctl config create {} FILE`",
+                r.source, r.source
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn file_refs(raw: &[String], config: bool) -> Result<Vec<FileRef>> {
+    raw.iter()
+        .map(|s| FileRef::parse(s, config).map_err(Error::Invalid))
+        .collect()
+}
+
+/// Two grants on one path would hide one of them.
+fn check_targets(t: &TaskTemplate) -> Result<()> {
+    let mut seen = HashSet::new();
+    for r in &t.secrets {
+        if !seen.insert(format!("/run/secrets/{}", r.target)) {
+            return Err(Error::Invalid(format!(
+                "two secrets have the target {}: give one another target=",
+                r.target
+            )));
+        }
+    }
+    for r in &t.configs {
+        if !seen.insert(r.target.clone()) {
+            return Err(Error::Invalid(format!(
+                "two configs or secrets land on {}: give one another target=",
+                r.target
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The spec a create request asks for (network and VIP filled in by the caller).
-fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
+pub(crate) fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
     let invalid = Error::Invalid;
     let ports = req
         .publish
@@ -294,8 +360,18 @@ fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
                 None => TaskTemplate::default().stop_grace_ms,
             },
             image: req.image.clone(),
+            secrets: file_refs(&req.secrets, false)?,
+            configs: file_refs(&req.configs, true)?,
         })
     };
+    if task.is_none() && (!req.secrets.is_empty() || !req.configs.is_empty()) {
+        return Err(Error::Invalid(
+            "--secret and --config are for scheduled tasks: put the command after `--`".into(),
+        ));
+    }
+    if let Some(t) = &task {
+        check_targets(t)?;
+    }
     if task.is_none() && (req.health != HealthFlags::default() || req.stop_grace_period.is_some()) {
         return Err(Error::Invalid(
             "health checks and --stop-grace-period are for scheduled tasks: put the command              after `--`"
@@ -328,6 +404,7 @@ fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
     };
     let mut spec = ServiceSpec {
         name: req.name.clone(),
+        labels: req.labels.clone(),
         network: req
             .network
             .clone()
@@ -427,6 +504,10 @@ fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpe
     spec.restart = restart(spec.restart, &req.restart)?;
     rollout::configs(&mut spec, &req.rollout)?;
     let template_flags = req.args.is_some()
+        || !req.secret_add.is_empty()
+        || !req.secret_rm.is_empty()
+        || !req.config_add.is_empty()
+        || !req.config_rm.is_empty()
         || !req.env_add.is_empty()
         || !req.env_rm.is_empty()
         || req.health != HealthFlags::default()
@@ -455,6 +536,32 @@ fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpe
                 t.env.retain(|(key, _)| *key != k);
                 t.env.push((k, v));
             }
+            for (rm, add, config) in [
+                (&req.secret_rm, &req.secret_add, false),
+                (&req.config_rm, &req.config_add, true),
+            ] {
+                let refs = if config {
+                    &mut t.configs
+                } else {
+                    &mut t.secrets
+                };
+                for name in rm {
+                    if !refs.iter().any(|r| r.source == *name) {
+                        return Err(Error::Invalid(format!(
+                            "service {} has no {} {name} to remove (see `meshctl service inspect {}`)",
+                            current.name,
+                            if config { "config" } else { "secret" },
+                            current.name
+                        )));
+                    }
+                    refs.retain(|r| r.source != *name);
+                }
+                for r in file_refs(add, config)? {
+                    refs.retain(|x| x.source != r.source);
+                    refs.push(r);
+                }
+            }
+            check_targets(t)?;
             t.health = rollout::health(t.health.take(), &req.health, &ports)?;
             if let Some(g) = &req.stop_grace_period {
                 t.stop_grace_ms = duration_ms("--stop-grace-period", g)?;

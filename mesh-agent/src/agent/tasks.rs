@@ -8,7 +8,7 @@ use crate::{
     api::TaskRun,
     cluster::View,
     cluster::{EndpointRecord, TaskState as EndpointState, key, mac_for_ip},
-    task::{Attachment, TaskExit, TaskRecord, TaskSpec},
+    task::{Attachment, TaskExit, TaskFiles, TaskRecord, TaskSpec},
 };
 
 /// What to start: a task of this node.
@@ -25,6 +25,8 @@ pub(crate) struct Launch<'a> {
     pub publish: bool,
     /// Run this OCI image with podman instead of a process.
     pub image: Option<&'a str>,
+    /// Secrets and configs it is granted, opened for this start only.
+    pub files: TaskFiles,
 }
 
 impl Agent {
@@ -86,6 +88,7 @@ impl Agent {
                 hostname: None,
                 publish: true,
                 image: None,
+                files: TaskFiles::default(),
             },
         )
         .await
@@ -120,7 +123,7 @@ impl Agent {
             hostname: task.hostname.map(str::to_owned),
             image: task.image.map(str::to_owned),
         };
-        let record = match local.tasks.create(spec).await {
+        let record = match local.tasks.create(spec, task.files).await {
             Ok(r) => r,
             Err(e) => {
                 self.release(task.network, ip).await;

@@ -4,7 +4,9 @@
 
 pub mod client;
 mod events;
+pub mod objects;
 pub mod server;
+pub mod stacks;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -206,6 +208,59 @@ pub struct ServiceCreate {
     /// An OCI image: tasks run as podman containers on nodes that have podman.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// `--secret`: `NAME` or `source=NAME[,target=T][,uid=U][,gid=G][,mode=0400]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// `--config`: the same syntax; the target is an absolute path (default `/<name>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configs: Vec<String>,
+    /// Service labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `meshctl secret create` / `config create`: the data travels base64 in the request (the
+/// agent seals a secret before it is written anywhere).
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileObjectCreate {
+    pub name: String,
+    pub data: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for FileObjectCreate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FileObjectCreate({})", self.name)
+    }
+}
+
+/// A secret as `secret ls/inspect` show it: never its data.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SecretInfo {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub size: usize,
+    /// The cluster key it is sealed with.
+    pub key: crate::gossip::keyring::KeyId,
+    pub created_ms: u64,
+    pub created_by: String,
+    /// Services whose tasks get it.
+    pub services: Vec<String>,
+}
+
+/// A config, with its data (base64) as `docker config inspect` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConfigInfo {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub size: usize,
+    pub data: String,
+    pub created_ms: u64,
+    pub created_by: String,
+    pub services: Vec<String>,
 }
 
 /// `--restart-*` as typed (durations like `5s`, `1m30s`).
@@ -310,6 +365,15 @@ pub struct ServiceUpdate {
     /// Go back to the previous spec (`service rollback`).
     #[serde(default)]
     pub rollback: bool,
+    /// `--secret-add` (the `--secret` syntax) and `--secret-rm NAME`; likewise configs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_rm: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_rm: Vec<String>,
 }
 
 /// `service scale web=5 api=2`: all or nothing.

@@ -88,6 +88,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/cni/add", axum::routing::post(cni_add))
         .route("/v1/cni/del", axum::routing::post(cni_del))
         .route("/v1/cni/check", axum::routing::post(cni_check))
+        .merge(super::objects::routes())
+        .merge(super::stacks::routes())
         .with_state(agent)
 }
 
@@ -500,7 +502,7 @@ async fn get_network(
 async fn create_network(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiResult<NetworkInfo> {
     let req: NetworkCreate = body(&bytes)?;
     agent
-        .create_network(&req.name, req.subnet.as_deref())
+        .create_network(&req.name, req.subnet.as_deref(), &Default::default())
         .await?;
     let view = agent.view();
     network_info(&view, &req.name).map(Json).ok_or_else(|| {

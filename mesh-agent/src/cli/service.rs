@@ -111,6 +111,16 @@ pub struct CreateArgs {
     /// the words after `--` replace its CMD.
     #[arg(long)]
     image: Option<String>,
+    /// Give the tasks a secret at /run/secrets/TARGET: NAME or
+    /// source=NAME[,target=T][,uid=U][,gid=G][,mode=0400].
+    #[arg(long)]
+    secret: Vec<String>,
+    /// Give the tasks a config file: NAME or source=NAME[,target=/PATH][,uid=…][,gid=…][,mode=…].
+    #[arg(long)]
+    config: Vec<String>,
+    /// A service label (key=value).
+    #[arg(long, short = 'l')]
+    label: Vec<String>,
     /// Return at once instead of waiting for the tasks.
     #[arg(long, short = 'd')]
     detach: bool,
@@ -157,6 +167,18 @@ pub struct UpdateArgs {
     /// Go back to the previous spec (as `service rollback`).
     #[arg(long)]
     rollback: bool,
+    /// Grant a secret (the --secret syntax); rolls the tasks.
+    #[arg(long = "secret-add")]
+    secret_add: Vec<String>,
+    /// Revoke a secret, by name; rolls the tasks.
+    #[arg(long = "secret-rm")]
+    secret_rm: Vec<String>,
+    /// Grant a config (the --config syntax); rolls the tasks.
+    #[arg(long = "config-add")]
+    config_add: Vec<String>,
+    /// Revoke a config, by name; rolls the tasks.
+    #[arg(long = "config-rm")]
+    config_rm: Vec<String>,
     /// Return at once instead of waiting for the tasks.
     #[arg(long, short = 'd')]
     detach: bool,
@@ -313,6 +335,13 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                 env: a.env,
                 hostname: a.hostname,
                 image: a.image,
+                secrets: a.secret,
+                configs: a.config,
+                labels: a
+                    .label
+                    .iter()
+                    .map(|l| crate::cluster::parse_label(l).map_err(anyhow::Error::msg))
+                    .collect::<Result<_>>()?,
             };
             let s: ServiceInfo = client.post("/v1/services", &req).await?;
             if fmt == Format::Json {
@@ -341,11 +370,16 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                 stop_grace_period: a.stop_grace_period,
                 force: a.force,
                 rollback: a.rollback,
+                secret_add: a.secret_add,
+                secret_rm: a.secret_rm,
+                config_add: a.config_add,
+                config_rm: a.config_rm,
             };
             if req == ServiceUpdate::default() {
                 bail!(
                     "nothing to update: pass --replicas, --args, --env-add/-rm, --constraint-add/-rm, \
-                     --placement-pref-add/-rm, --health-*, --update-*, --restart-*, --force or --rollback"
+                     --placement-pref-add/-rm, --secret-add/-rm, --config-add/-rm, --health-*, --update-*, \
+                     --restart-*, --force or --rollback"
                 );
             }
             update(client, fmt, &a.name, &req, a.detach).await?;

@@ -38,6 +38,127 @@ pub mod key {
     pub const CLUSTER_KEY: &str = "obj:clusterkey:";
     /// `tsk:<id>`: a task of a service on this node, with its state (mesh_planner::Task).
     pub const TASK: &str = "tsk:";
+    /// `obj:secret:<name>`, replicated: a secret, its data sealed under the cluster key.
+    pub const SECRET: &str = "obj:secret:";
+    /// `obj:config:<name>`, replicated: a config file's data.
+    pub const CONFIG: &str = "obj:config:";
+}
+
+/// The label that names the stack an object belongs to (Docker's own, so tools that read
+/// Swarm labels read ours).
+pub const STACK_LABEL: &str = "com.docker.stack.namespace";
+
+/// The largest secret or config Docker accepts (500 KB); gossip carries every one to every
+/// node, so the limit is also what keeps a state file and a sync round bounded.
+pub const MAX_FILE_OBJECT: usize = 500 * 1024;
+
+/// A secret: immutable once created (rotate by creating another and switching services).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Bytes of the plaintext, shown by `secret inspect` in place of the data.
+    pub size: usize,
+    /// Never the plaintext: see `gossip::sealed`.
+    pub sealed: crate::gossip::sealed::Sealed,
+}
+
+/// A config: a file given to tasks, immutable once created; not secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// base64 of the file's bytes (a config need not be text).
+    pub data: String,
+}
+
+/// A secret or config granted to a service's tasks: `source` is the object's name, `target`
+/// where the file appears (secrets: a name under /run/secrets; configs: an absolute path).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FileRef {
+    pub source: String,
+    pub target: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+impl FileRef {
+    /// Docker's `--secret`/`--config` syntax: `NAME`, or
+    /// `source=NAME[,target=T][,uid=U][,gid=G][,mode=0400]`. `config` selects the target
+    /// rules: secrets are file names under /run/secrets (default: the name), configs absolute
+    /// paths (default `/<name>`).
+    pub fn parse(s: &str, config: bool) -> Result<Self, String> {
+        let kind = if config { "config" } else { "secret" };
+        let mut r = FileRef {
+            source: String::new(),
+            target: String::new(),
+            uid: 0,
+            gid: 0,
+            mode: 0o444,
+        };
+        if !s.contains('=') {
+            r.source = s.to_owned();
+        } else {
+            for field in s.split(',') {
+                let (k, v) = field.split_once('=').ok_or_else(|| {
+                    format!("invalid --{kind} {s:?}: expected source=NAME[,target=…][,uid=…][,gid=…][,mode=0444]")
+                })?;
+                let num = |v: &str, radix: u32| {
+                    u32::from_str_radix(v, radix)
+                        .map_err(|_| format!("invalid {k} {v:?} in --{kind} {s:?}"))
+                };
+                match k.trim() {
+                    "source" | "src" => r.source = v.to_owned(),
+                    "target" | "dst" | "destination" => r.target = v.to_owned(),
+                    "uid" => r.uid = num(v, 10)?,
+                    "gid" => r.gid = num(v, 10)?,
+                    "mode" => {
+                        r.mode = num(v, 8)?;
+                        if r.mode > 0o777 {
+                            return Err(format!(
+                                "invalid mode {v:?} in --{kind} {s:?}: use octal permission bits such as 0400"
+                            ));
+                        }
+                    }
+                    other => {
+                        return Err(format!(
+                            "unknown key {other:?} in --{kind} {s:?}: use source, target, uid, gid or mode"
+                        ));
+                    }
+                }
+            }
+        }
+        if r.source.is_empty() {
+            return Err(format!("--{kind} {s:?} names no source={kind}"));
+        }
+        if r.target.is_empty() {
+            r.target = if config {
+                format!("/{}", r.source)
+            } else {
+                r.source.clone()
+            };
+        }
+        if config {
+            if !r.target.starts_with('/')
+                || r.target.split('/').any(|c| c == "..")
+                || r.target == "/"
+            {
+                return Err(format!(
+                    "config target {:?} must be an absolute file path such as /etc/site.conf",
+                    r.target
+                ));
+            }
+        } else if r.target.contains('/') || r.target == "." || r.target == ".." {
+            return Err(format!(
+                "secret target {:?} must be a file name: secrets appear as /run/secrets/<target>",
+                r.target
+            ));
+        }
+        Ok(r)
+    }
 }
 
 /// The first VXLAN network identifier mesh hands out (Docker's overlay driver starts at 4096
@@ -202,6 +323,9 @@ pub struct NetworkSpec {
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
     pub vni: u32,
+    /// Object labels (a stack's networks carry [`STACK_LABEL`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -336,6 +460,10 @@ impl PortSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub name: String,
+    /// Service labels (Swarm's `--label`, compose `deploy.labels`; a stack's services carry
+    /// [`STACK_LABEL`]). Not part of the task template: changing them rolls nothing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     pub network: String,
     pub endpoint_mode: EndpointMode,
     /// Set in vip mode, from the creating node's address block.
@@ -479,6 +607,13 @@ pub struct TaskTemplate {
     /// An OCI image the tasks run as podman containers (the podman driver).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Secrets mounted at /run/secrets/<target>. Part of the template: granting or revoking
+    /// one rolls the tasks. Skipped when empty so templates from before keep their id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<FileRef>,
+    /// Configs mounted at their target path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configs: Vec<FileRef>,
 }
 
 fn default_stop_grace_ms() -> u64 {
@@ -527,6 +662,8 @@ impl Default for TaskTemplate {
             health: None,
             stop_grace_ms: default_stop_grace_ms(),
             image: None,
+            secrets: Vec::new(),
+            configs: Vec::new(),
         }
     }
 }

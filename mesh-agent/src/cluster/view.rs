@@ -8,8 +8,9 @@ use std::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{
-    AttachmentRecord, BlockClaim, EndpointRecord, KeyRotation, KeyState, NetworkSpec, NodeRecord,
-    NodeRemoval, NodeSpec, Protocol, ServiceSpec, Stamp, TaskState, ipam, key,
+    AttachmentRecord, BlockClaim, ConfigSpec, EndpointRecord, KeyRotation, KeyState, NetworkSpec,
+    NodeRecord, NodeRemoval, NodeSpec, Protocol, SecretSpec, ServiceSpec, Stamp, TaskState, ipam,
+    key,
     replicated::{self, Replicated},
 };
 
@@ -100,6 +101,10 @@ pub struct View {
     pub nodes: BTreeMap<String, NodeView>,
     pub networks: BTreeMap<String, Replicated<NetworkSpec>>,
     pub services: BTreeMap<String, Replicated<ServiceSpec>>,
+    /// Secrets (sealed) and configs: merged like every replicated object; being immutable,
+    /// a name has one content for the life of its incarnation.
+    pub secrets: BTreeMap<String, Replicated<SecretSpec>>,
+    pub configs: BTreeMap<String, Replicated<ConfigSpec>>,
     pub network_conflicts: Vec<Conflict<NetworkSpec>>,
     pub service_conflicts: Vec<Conflict<ServiceSpec>>,
     /// Endpoints of live nodes only: a dead node's tasks leave every load balancer at once.
@@ -228,6 +233,8 @@ impl View {
         view.accept_networks(networks);
         let services = merge_kind::<ServiceSpec>(snapshot, key::SERVICE, &mut view);
         view.accept_services(services);
+        view.secrets = merge_kind::<SecretSpec>(snapshot, key::SECRET, &mut view);
+        view.configs = merge_kind::<ConfigSpec>(snapshot, key::CONFIG, &mut view);
         // Objects that lost a conflict are not republished: they fade from the cluster and
         // their creator reports the error.
         let rejected: BTreeSet<String> = view
@@ -645,6 +652,7 @@ mod tests {
                 subnet,
                 gateway: ipam::default_gateway(subnet),
                 vni,
+                labels: BTreeMap::new(),
             },
             at,
         )

@@ -423,6 +423,11 @@ impl GossipAuth {
         self.ring.read().expect("keyring lock").clone()
     }
 
+    /// The cluster name bound into every sealed datagram (and every sealed secret).
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
     /// Reads the key file again. A bad file changes nothing: the agent keeps gossiping with
     /// the keys it has, and the error is reported by the API.
     pub fn reload(&self) -> Result<Vec<KeyId>> {

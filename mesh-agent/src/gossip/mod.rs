@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod keyring;
+pub mod sealed;
 pub mod token;
 pub mod transport;
 

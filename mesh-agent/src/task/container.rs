@@ -38,6 +38,8 @@ pub(super) struct Run<'a> {
     pub netns: &'a Path,
     pub nameservers: &'a [std::net::Ipv4Addr],
     pub dns_options: &'a [String],
+    /// `-v` arguments: the task's secrets and configs (see `files`).
+    pub volumes: &'a [String],
 }
 
 /// podman with the flags this kernel needs, whatever the host's containers.conf says: runc
@@ -160,6 +162,9 @@ pub(super) async fn run(r: &Run<'_>) -> Result<Started> {
     }
     for (k, v) in r.env {
         cmd.args(["-e", &format!("{k}={v}")]);
+    }
+    for v in r.volumes {
+        cmd.args(["-v", v]);
     }
     cmd.arg(r.image).args(r.args);
     checked(

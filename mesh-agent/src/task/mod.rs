@@ -11,6 +11,7 @@
 
 mod cni;
 mod container;
+mod files;
 mod logs;
 mod plumbing;
 mod process;
@@ -40,6 +41,7 @@ use crate::{
 
 pub use cni::{CniAttachment, CniRequest};
 pub use container::available as podman_available;
+pub use files::{SECRETS_DIR, TaskFile, TaskFiles};
 pub use logs::prefixed as prefixed_logs;
 pub use plumbing::HOST_VETH_PREFIX;
 
@@ -61,6 +63,9 @@ pub struct TaskConfig {
     pub netns_etc: PathBuf,
     /// How long a task gets between SIGTERM and SIGKILL.
     pub stop_timeout: Duration,
+    /// Where the podman driver mounts each task's tmpfs of secrets and configs (never under
+    /// the state directory: nothing there may hold a secret).
+    pub files_dir: PathBuf,
 }
 
 impl TaskConfig {
@@ -72,6 +77,7 @@ impl TaskConfig {
             resolv: ResolvConf::default(),
             netns_etc: PathBuf::from("/etc/netns"),
             stop_timeout: Duration::from_secs(10),
+            files_dir: PathBuf::from("/run/mesh/task-files"),
         }
     }
 }
@@ -236,6 +242,10 @@ pub struct TaskRecord {
     pub start_time: Option<u64>,
     pub state: TaskState,
     pub log: PathBuf,
+    /// Empty files this task created on the host as mount points of its configs (the
+    /// process driver shares the host's file system); removed with the task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_points: Vec<PathBuf>,
 }
 
 impl TaskRecord {
@@ -376,7 +386,7 @@ impl Tasks {
     }
 
     /// Creates the task's namespace and interfaces and starts its process.
-    pub async fn create(&self, mut spec: TaskSpec) -> Result<TaskRecord> {
+    pub async fn create(&self, mut spec: TaskSpec, files: TaskFiles) -> Result<TaskRecord> {
         validate(&spec)?;
         let name = spec.name.clone();
         let record = {
@@ -410,6 +420,7 @@ impl Tasks {
                 pid: None,
                 start_time: None,
                 state: TaskState::Creating,
+                mount_points: Vec::new(),
                 spec,
             };
             let (_, rx) = watch::channel(false);
@@ -423,7 +434,7 @@ impl Tasks {
             );
             record
         };
-        match self.build(record).await {
+        match self.build(record, &files).await {
             Ok((record, Some(pidfd))) => {
                 info!(task = %name, pid = ?record.pid, netns = %record.netns, "task started");
                 self.insert_running(record.clone(), pidfd);
@@ -457,6 +468,7 @@ impl Tasks {
     async fn build(
         &self,
         mut record: TaskRecord,
+        files: &TaskFiles,
     ) -> std::result::Result<(TaskRecord, Option<OwnedFd>), (TaskRecord, anyhow::Error)> {
         let config = &self.inner.config;
         macro_rules! attempt {
@@ -490,15 +502,21 @@ impl Tasks {
         attempt!(plumbing::configure_inside(&record.netns, &record.interfaces, gateway).await);
         let netns_path = netns::path(&record.netns);
         let spawned = match &record.spec.image {
-            None => attempt!(process::spawn(&process::Launch {
-                netns: &netns_path,
-                etc_overrides: &etc,
-                hostname: record.spec.hostname(),
-                cgroup: config.cgroup.as_deref(),
-                command: &record.spec.command,
-                env: &record.spec.env,
-                log: &record.log,
-            })),
+            None => {
+                let (prepared, mount_points) = attempt!(files::prepare(files));
+                record.mount_points = mount_points;
+                attempt!(self.inner.store.save(&record));
+                attempt!(process::spawn(&process::Launch {
+                    netns: &netns_path,
+                    etc_overrides: &etc,
+                    hostname: record.spec.hostname(),
+                    cgroup: config.cgroup.as_deref(),
+                    command: &record.spec.command,
+                    env: &record.spec.env,
+                    log: &record.log,
+                    files: &prepared,
+                }))
+            }
             Some(image) => match attempt!(
                 container::run(&container::Run {
                     container: &record.netns,
@@ -511,6 +529,10 @@ impl Tasks {
                     netns: &netns_path,
                     nameservers: &config.resolv.nameservers,
                     dns_options: &config.resolv.options,
+                    volumes: &attempt!(files::podman_mounts(
+                        &config.files_dir.join(&record.netns),
+                        files
+                    )),
                 })
                 .await
             ) {
@@ -710,6 +732,7 @@ impl Tasks {
                 command,
                 env,
                 log: &record.log,
+                files: &[],
             },
             timeout,
         )
@@ -803,6 +826,19 @@ impl Tasks {
             if !veths.contains(&v) {
                 veths.push(v);
             }
+        }
+        files::remove_podman_dir(&self.inner.config.files_dir.join(&record.netns));
+        if !record.mount_points.is_empty() {
+            let in_use: Vec<PathBuf> = self
+                .inner
+                .entries
+                .lock()
+                .expect("task table poisoned")
+                .values()
+                .filter(|e| e.record.spec.name != record.spec.name && e.pidfd.is_some())
+                .flat_map(|e| e.record.mount_points.clone())
+                .collect();
+            files::remove_placeholders(&record.mount_points, &in_use);
         }
         let etc = plumbing::etc_dir(&self.inner.config.netns_etc, &record.netns);
         plumbing::detach(&self.inner.host, &record.netns, &veths, &etc).await

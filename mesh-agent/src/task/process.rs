@@ -33,6 +33,8 @@ pub(super) struct Launch<'a> {
     pub command: &'a [String],
     pub env: &'a [(String, String)],
     pub log: &'a Path,
+    /// Secrets and configs written into the task's own tmpfs before exec (see `files`).
+    pub files: &'a [super::files::Prepared],
 }
 
 /// A running task process.
@@ -51,6 +53,7 @@ struct Entry {
     cgroup_procs: Option<File>,
     binds: Vec<(CString, CString)>,
     hostname: Vec<u8>,
+    files: Vec<super::files::Prepared>,
 }
 
 impl Entry {
@@ -74,12 +77,24 @@ impl Entry {
             cgroup_procs,
             binds: etc_binds(launch.etc_overrides)?,
             hostname: launch.hostname.as_bytes().to_vec(),
+            files: launch
+                .files
+                .iter()
+                .map(|f| super::files::Prepared {
+                    path: f.path.clone(),
+                    bind_to: f.bind_to.clone(),
+                    data: f.data.clone(),
+                    uid: f.uid,
+                    gid: f.gid,
+                    mode: f.mode,
+                })
+                .collect(),
         })
     }
 
     /// The command, set to enter the task (namespaces, /etc overrides, hostname, cgroup) as
     /// its first act in the child. `self` must outlive the spawn (it holds the fds).
-    fn command(self, launch: &Launch) -> Result<(Command, Self)> {
+    fn command(mut self, launch: &Launch) -> Result<(Command, Self)> {
         let Some((program, args)) = launch.command.split_first() else {
             bail!("nothing to run: give a command");
         };
@@ -95,9 +110,13 @@ impl Entry {
         let cgroup_fd = self.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
         let binds = self.binds.clone();
         let hostname = self.hostname.clone();
+        let files = std::mem::take(&mut self.files);
         // SAFETY: the closure only makes system calls on memory prepared before the fork.
         unsafe {
-            cmd.pre_exec(move || enter(netns_fd, cgroup_fd, &binds, &hostname));
+            cmd.pre_exec(move || {
+                enter(netns_fd, cgroup_fd, &binds, &hostname)?;
+                write_files(&files)
+            });
         }
         Ok((cmd, self))
     }
@@ -201,6 +220,92 @@ fn enter(
         if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
             return Err(io::Error::last_os_error());
         }
+    }
+    Ok(())
+}
+
+/// Runs in the forked child, inside the task's own mount namespace: a fresh tmpfs at
+/// /run/secrets gets the secrets and is made read-only; configs are written there, bound
+/// read-only over their target and unlinked (the bind mount keeps them). Only system calls on
+/// memory prepared before the fork.
+fn write_files(files: &[super::files::Prepared]) -> io::Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let os = |e: nix::errno::Errno| io::Error::from_raw_os_error(e as i32);
+    let dir = c"/run/secrets";
+    let quiet = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(
+        Some(c"tmpfs"),
+        dir,
+        Some(c"tmpfs"),
+        quiet,
+        Some(c"mode=0755"),
+    )
+    .map_err(os)?;
+    for f in files {
+        // SAFETY: plain system calls on C strings and buffers that outlive them.
+        unsafe {
+            let fd = libc::open(
+                f.path.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                0o600,
+            );
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut done = 0;
+            while done < f.data.len() {
+                let n = libc::write(fd, f.data[done..].as_ptr().cast(), f.data.len() - done);
+                if n <= 0 {
+                    let e = io::Error::last_os_error();
+                    libc::close(fd);
+                    return Err(e);
+                }
+                done += n as usize;
+            }
+            if libc::fchown(fd, f.uid, f.gid) != 0 || libc::fchmod(fd, f.mode) != 0 {
+                let e = io::Error::last_os_error();
+                libc::close(fd);
+                return Err(e);
+            }
+            libc::close(fd);
+        }
+        if let Some(target) = &f.bind_to {
+            mount(
+                Some(f.path.as_c_str()),
+                target.as_c_str(),
+                None::<&CStr>,
+                MsFlags::MS_BIND,
+                None::<&CStr>,
+            )
+            .map_err(os)?;
+            mount(
+                None::<&CStr>,
+                target.as_c_str(),
+                None::<&CStr>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | quiet,
+                None::<&CStr>,
+            )
+            .map_err(os)?;
+            // SAFETY: plain system call on a C string.
+            if unsafe { libc::unlink(f.path.as_ptr()) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    if files.iter().any(|f| f.bind_to.is_none()) {
+        mount(
+            None::<&CStr>,
+            dir,
+            None::<&CStr>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | quiet,
+            None::<&CStr>,
+        )
+        .map_err(os)?;
+    } else {
+        // Configs only: the staging tmpfs goes; the bind mounts keep its files alive.
+        nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH).map_err(os)?;
     }
     Ok(())
 }

@@ -1,7 +1,12 @@
 //! A tiny task for demos, tests and benchmarks: answers HTTP requests and UDP datagrams with
 //! its own name, so a client can see which task served it.
 //!
-//! `mesh-whoami --name web-1 [--http 80] [--udp 80]`
+//! `mesh-whoami --name web-1 [--http 80] [--udp 80] [--file PATH | --hash PATH]`
+//!
+//! `--file PATH` answers HTTP with the file's contents instead, `--hash PATH` with the FNV-1a
+//! hash of them (a stand-in for a server that reads its password from a secret: the answer
+//! proves the task read it without showing it); both read the file on every request, and
+//! answer 500 when they cannot.
 //!
 //! HTTP/1.1 with keep-alive (so wrk measures the network path, not connection setup), one
 //! thread per connection — plenty for a handful of benchmark connections.
@@ -15,6 +20,7 @@ fn main() {
     let mut name = std::env::var("HOSTNAME").unwrap_or_else(|_| "whoami".into());
     let mut http: Option<u16> = Some(80);
     let mut udp: Option<u16> = None;
+    let mut body: Option<Body> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -25,6 +31,8 @@ fn main() {
             "--name" => name = value(),
             "--http" => http = Some(value().parse().unwrap_or_else(|_| usage("bad --http port"))),
             "--no-http" => http = None,
+            "--file" => body = Some(Body::File(value())),
+            "--hash" => body = Some(Body::Hash(value())),
             "--udp" => udp = Some(value().parse().unwrap_or_else(|_| usage("bad --udp port"))),
             _ => usage(&format!("unknown argument {a}")),
         }
@@ -49,7 +57,8 @@ fn main() {
         eprintln!("{name}: serving HTTP on :{port}");
         for stream in listener.incoming().flatten() {
             let name = name.clone();
-            std::thread::spawn(move || serve(stream, &name));
+            let body = body.clone();
+            std::thread::spawn(move || serve(stream, &name, body.as_ref()));
         }
     }
     for t in threads {
@@ -57,17 +66,48 @@ fn main() {
     }
 }
 
-fn serve(stream: TcpStream, name: &str) {
+#[derive(Clone)]
+enum Body {
+    File(String),
+    Hash(String),
+}
+
+/// FNV-1a 64, hex: what `--hash` answers (the tests compute the same).
+pub fn fnv(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn respond(name: &str, body: Option<&Body>) -> String {
+    let (status, body) = match body {
+        None => ("200 OK", format!("{name}\n")),
+        Some(Body::File(p) | Body::Hash(p)) => match std::fs::read(p) {
+            Ok(data) => (
+                "200 OK",
+                match body {
+                    Some(Body::Hash(_)) => format!("{}\n", fnv(&data)),
+                    _ => String::from_utf8_lossy(&data).into_owned(),
+                },
+            ),
+            Err(e) => ("500 Internal Server Error", format!("{p}: {e}\n")),
+        },
+    };
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn serve(stream: TcpStream, name: &str, file: Option<&Body>) {
     let _ = stream.set_nodelay(true);
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
     let mut reader = BufReader::new(stream);
-    let body = format!("{name}\n");
-    let response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let fixed = file.is_none().then(|| respond(name, None));
     let mut line = String::new();
     loop {
         // Read one request head; bodies are not expected.
@@ -91,6 +131,7 @@ fn serve(stream: TcpStream, name: &str) {
                 break;
             }
         }
+        let response = fixed.clone().unwrap_or_else(|| respond(name, file));
         if out.write_all(response.as_bytes()).is_err() || close {
             return;
         }

@@ -1,0 +1,358 @@
+//! `stack deploy/rm`: a compose file's objects (see `compose`), checked whole against the
+//! view before anything is written, then created or changed one by one. A redeploy changes
+//! only what differs: an unchanged service is not touched, a changed template rolls.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use tracing::info;
+
+use super::{
+    Agent, Error, Result, rollout,
+    secrets::{Kind, check_size, validate_object_name},
+    services::{check_file_refs, draft},
+    validate_name,
+};
+use crate::{
+    cluster::{Clock, STACK_LABEL, ServiceSpec, View},
+    compose::StackDeploy,
+    gossip::sealed,
+};
+
+/// What a deploy did, per service.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct StackReport {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+fn in_stack(labels: &BTreeMap<String, String>, stack: &str) -> bool {
+    labels.get(STACK_LABEL).map(String::as_str) == Some(stack)
+}
+
+/// The spec a redeploy wants for an existing service: the file's, with the service's
+/// identity, address and rollout history kept.
+fn redeployed(current: &ServiceSpec, mut spec: ServiceSpec) -> Result<ServiceSpec> {
+    if spec.network != current.network {
+        return Err(Error::Invalid(format!(
+            "service {} would move from network {} to {}: mesh cannot change a service's \
+             network; remove the service (or the stack) first",
+            current.name, current.network, spec.network
+        )));
+    }
+    if spec.endpoint_mode != current.endpoint_mode {
+        return Err(Error::Invalid(format!(
+            "service {} would change its endpoint mode: remove it first",
+            current.name
+        )));
+    }
+    spec.vip = current.vip;
+    spec.version = current.version;
+    spec.template_version = current.template_version;
+    spec.force_update = current.force_update;
+    spec.previous = current.previous.clone();
+    spec.update_status = current.update_status.clone();
+    if spec.template_id() != current.template_id() {
+        rollout::start_rollout(&mut spec, current, Clock::now_ms());
+    }
+    Ok(spec)
+}
+
+impl Agent {
+    pub async fn deploy_stack(&self, req: &StackDeploy) -> Result<StackReport> {
+        validate_name("stack", &req.name)?;
+        let view = self.refresh().await;
+        // ---- everything is checked before anything is written ----
+        for n in &req.networks {
+            validate_name("network", &n.name)?;
+        }
+        let mut secrets = Vec::new();
+        for s in &req.secrets {
+            validate_object_name(Kind::Secret, &s.name)?;
+            let data =
+                zeroize::Zeroizing::new(BASE64.decode(&s.data).map_err(|_| {
+                    Error::Invalid(format!("secret {}: data is not base64", s.name))
+                })?);
+            check_size(Kind::Secret, &s.name, data.len())?;
+            if let Some(existing) = view.secrets.get(&s.name) {
+                let auth = self.gossip.auth().ok_or_else(|| {
+                    Error::Invalid(
+                        "secrets need a cluster key (see `meshctl secret create`)".into(),
+                    )
+                })?;
+                let old = sealed::open(
+                    &auth.keyring(),
+                    auth.cluster(),
+                    &s.name,
+                    &existing.spec.sealed,
+                )
+                .map_err(Error::Invalid)?;
+                if *old != *data {
+                    return Err(Error::Conflict(format!(
+                        "secret {} changed in the file, but secrets cannot change: give it a new \
+                         name (e.g. {}_v2) in the compose file",
+                        s.name, s.name
+                    )));
+                }
+                continue;
+            }
+            secrets.push((s, data));
+        }
+        let mut configs = Vec::new();
+        for c in &req.configs {
+            validate_object_name(Kind::Config, &c.name)?;
+            let data = BASE64
+                .decode(&c.data)
+                .map_err(|_| Error::Invalid(format!("config {}: data is not base64", c.name)))?;
+            check_size(Kind::Config, &c.name, data.len())?;
+            if let Some(existing) = view.configs.get(&c.name) {
+                if existing.spec.data != c.data {
+                    return Err(Error::Conflict(format!(
+                        "config {} changed in the file, but configs cannot change: give it a new \
+                         name (e.g. {}_v2) in the compose file",
+                        c.name, c.name
+                    )));
+                }
+                continue;
+            }
+            configs.push((c, data));
+        }
+        if !secrets.is_empty() && self.gossip.auth().is_none() {
+            return Err(Error::Invalid(
+                "the stack has secrets, and secrets need a cluster key: this agent's gossip is \
+                 not sealed"
+                    .into(),
+            ));
+        }
+        // A view as it will be once the networks, secrets and configs exist, to check the
+        // services against.
+        let mut future = (*view).clone();
+        for n in &req.networks {
+            future.networks.entry(n.name.clone()).or_insert_with(|| {
+                crate::cluster::Replicated::new(
+                    crate::cluster::NetworkSpec {
+                        name: n.name.clone(),
+                        subnet: "10.255.255.0/24".parse().expect("valid"),
+                        gateway: "10.255.255.1".parse().expect("valid"),
+                        vni: 0,
+                        labels: n.labels.clone(),
+                    },
+                    self.tick(),
+                )
+            });
+        }
+        for (s, _) in &secrets {
+            future
+                .secrets
+                .insert(s.name.clone(), placeholder_secret(&s.name, self.tick()));
+        }
+        for (c, _) in &configs {
+            future
+                .configs
+                .insert(c.name.clone(), placeholder_config(&c.name, self.tick()));
+        }
+        let mut plan = Vec::new();
+        let names: BTreeSet<&str> = req.services.iter().map(|s| s.name.as_str()).collect();
+        for s in &req.services {
+            validate_name("service", &s.name)?;
+            let mut spec = draft(s)?;
+            let network = s.network.clone().unwrap_or_default();
+            if !future.networks.contains_key(&network) {
+                return Err(Error::NotFound(format!(
+                    "service {}: network {network} not found",
+                    s.name
+                )));
+            }
+            spec.network = network;
+            check_file_refs(&future, &spec)?;
+            // Ports owned by services outside this deploy.
+            for p in &spec.ports {
+                let Some(published) = p.published else {
+                    continue;
+                };
+                if let Some(owner) = view.services.values().find(|o| {
+                    !names.contains(o.spec.name.as_str())
+                        && o.spec
+                            .ports
+                            .iter()
+                            .any(|q| q.protocol == p.protocol && q.published == Some(published))
+                }) {
+                    return Err(Error::Conflict(format!(
+                        "service {}: port {published}/{} is already published by service {}",
+                        s.name, p.protocol, owner.spec.name
+                    )));
+                }
+            }
+            match view.services.get(&s.name) {
+                Some(current) if !in_stack(&current.spec.labels, &req.name) => {
+                    return Err(Error::Conflict(format!(
+                        "service {} exists and is not part of stack {}: remove it or rename the stack",
+                        s.name, req.name
+                    )));
+                }
+                Some(current) => plan.push((s, Some(redeployed(&current.spec, spec)?))),
+                None => plan.push((s, None)),
+            }
+        }
+        // ---- then applied ----
+        let mut report = StackReport::default();
+        for n in &req.networks {
+            if !view.networks.contains_key(&n.name) {
+                self.create_network(&n.name, n.subnet.as_deref(), &n.labels)
+                    .await?;
+            }
+        }
+        for (s, data) in secrets {
+            self.create_secret(&s.name, &data, s.labels.clone()).await?;
+        }
+        for (c, data) in configs {
+            self.create_config(&c.name, &data, c.labels.clone()).await?;
+        }
+        for (req_svc, change) in plan {
+            match change {
+                None => {
+                    self.create_service(req_svc).await?;
+                    report.created.push(req_svc.name.clone());
+                }
+                Some(spec) => {
+                    let current = self.refresh().await.services.get(&req_svc.name).cloned();
+                    let Some(current) = current else {
+                        return Err(Error::Conflict(format!(
+                            "service {} was removed during the deploy",
+                            req_svc.name
+                        )));
+                    };
+                    if spec == current.spec {
+                        report.unchanged.push(req_svc.name.clone());
+                    } else {
+                        self.write_service_change(&current, spec).await?;
+                        report.updated.push(req_svc.name.clone());
+                    }
+                }
+            }
+        }
+        if req.prune {
+            for s in view.services.values() {
+                if in_stack(&s.spec.labels, &req.name) && !names.contains(s.spec.name.as_str()) {
+                    self.remove_service(&s.spec.name).await?;
+                    report.removed.push(s.spec.name.clone());
+                }
+            }
+        }
+        info!(stack = req.name, ?report, "stack deployed");
+        Ok(report)
+    }
+
+    /// Removes everything labelled with the stack: services first, then (once their tasks
+    /// left) networks, secrets and configs.
+    pub async fn remove_stack(&self, stack: &str) -> Result<Vec<String>> {
+        let view = self.refresh().await;
+        let mut removed = Vec::new();
+        for s in view
+            .services
+            .values()
+            .filter(|s| in_stack(&s.spec.labels, stack))
+        {
+            self.remove_service(&s.spec.name).await?;
+            removed.push(format!("service {}", s.spec.name));
+        }
+        let networks: Vec<String> = view
+            .networks
+            .values()
+            .filter(|n| in_stack(&n.spec.labels, stack))
+            .map(|n| n.spec.name.clone())
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        for n in &networks {
+            // Tasks leave their network as they stop; wait for them (their grace period).
+            loop {
+                match self.remove_network(n).await {
+                    Ok(()) => break,
+                    Err(Error::Conflict(_)) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            removed.push(format!("network {n}"));
+        }
+        for s in view
+            .secrets
+            .values()
+            .filter(|s| in_stack(&s.spec.labels, stack))
+        {
+            self.remove_file_object(Kind::Secret, &s.spec.name).await?;
+            removed.push(format!("secret {}", s.spec.name));
+        }
+        for c in view
+            .configs
+            .values()
+            .filter(|c| in_stack(&c.spec.labels, stack))
+        {
+            self.remove_file_object(Kind::Config, &c.spec.name).await?;
+            removed.push(format!("config {}", c.spec.name));
+        }
+        if removed.is_empty() {
+            return Err(Error::NotFound(format!(
+                "stack {stack} not found (see `meshctl stack ls`)"
+            )));
+        }
+        Ok(removed)
+    }
+}
+
+/// Stacks in the view: name → number of services.
+pub fn stacks(view: &View) -> BTreeMap<String, usize> {
+    let mut out: BTreeMap<String, usize> = BTreeMap::new();
+    for s in view.services.values() {
+        if let Some(st) = s.spec.labels.get(STACK_LABEL) {
+            *out.entry(st.clone()).or_default() += 1;
+        }
+    }
+    for labels in view
+        .networks
+        .values()
+        .map(|n| &n.spec.labels)
+        .chain(view.secrets.values().map(|s| &s.spec.labels))
+        .chain(view.configs.values().map(|c| &c.spec.labels))
+    {
+        if let Some(st) = labels.get(STACK_LABEL) {
+            out.entry(st.clone()).or_default();
+        }
+    }
+    out
+}
+
+fn placeholder_secret(
+    name: &str,
+    stamp: crate::cluster::Stamp,
+) -> crate::cluster::Replicated<crate::cluster::SecretSpec> {
+    crate::cluster::Replicated::new(
+        crate::cluster::SecretSpec {
+            name: name.to_owned(),
+            labels: BTreeMap::new(),
+            size: 0,
+            sealed: sealed::Sealed {
+                key: crate::gossip::keyring::KeyId(0),
+                data: String::new(),
+            },
+        },
+        stamp,
+    )
+}
+
+fn placeholder_config(
+    name: &str,
+    stamp: crate::cluster::Stamp,
+) -> crate::cluster::Replicated<crate::cluster::ConfigSpec> {
+    crate::cluster::Replicated::new(
+        crate::cluster::ConfigSpec {
+            name: name.to_owned(),
+            labels: BTreeMap::new(),
+            data: String::new(),
+        },
+        stamp,
+    )
+}
