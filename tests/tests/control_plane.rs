@@ -142,7 +142,8 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
             .contains("did you mean 10.0.0.0/24")
     );
     assert!(err(&["network", "create", "app", "--subnet", "banana"]).contains("CIDR"));
-    assert!(err(&["network", "create", "Bad_Name"]).contains("invalid network name"));
+    assert!(err(&["network", "create", "bad.name"]).contains("invalid network name"));
+    assert!(err(&["network", "create", "_bad"]).contains("invalid network name"));
     h.meshctl_ok(&["network", "create", "app", "--subnet", "10.10.0.0/24"])
         .unwrap();
     assert!(err(&["network", "create", "app"]).contains("already exists"));

@@ -32,7 +32,10 @@ fn show(h: &Host, host_label: &str, args: &[&str]) -> Result<String> {
     Ok(out)
 }
 
-pub fn run() -> Result<()> {
+/// Where the demo's visualizer is served on this machine (forwarded into host1).
+const UI_PORT: u16 = 8090;
+
+pub fn run(keep: bool) -> Result<()> {
     // Ctrl-C: the current step fails (its child processes get the signal too), the cluster is
     // dropped and everything it made is removed.
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
@@ -41,7 +44,7 @@ pub fn run() -> Result<()> {
         bail!("the demo creates network namespaces and loads eBPF: run it as root");
     }
     let started = Instant::now();
-    let result = demo();
+    let result = demo(keep);
     match &result {
         Ok(()) => println!(
             "\n\x1b[1;32mDemo finished in {:.1}s; everything it created is gone.\x1b[0m",
@@ -124,7 +127,46 @@ fn curls(c: &Cluster, h: &Host, n: usize) -> Result<Vec<String>> {
     Ok(answers)
 }
 
-fn demo() -> Result<()> {
+/// Serves 127.0.0.1:UI_PORT here by connecting into host1's namespace, where the agent's
+/// visualizer listens on its own loopback: the page is reachable from a browser on this
+/// machine while nothing of the cluster is.
+fn forward_ui(netns: std::path::PathBuf) -> Result<()> {
+    use std::{net::TcpStream, os::fd::AsRawFd};
+    let listener = std::net::TcpListener::bind(("127.0.0.1", UI_PORT))
+        .with_context(|| format!("listening on 127.0.0.1:{UI_PORT} for the visualizer"))?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let netns = netns.clone();
+            std::thread::spawn(move || {
+                // The upstream socket is made inside host1's namespace on a thread of its own.
+                let upstream = std::thread::spawn(move || -> Option<TcpStream> {
+                    let f = std::fs::File::open(&netns).ok()?;
+                    // SAFETY: setns on this thread only, with a valid namespace fd.
+                    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return None;
+                    }
+                    TcpStream::connect(("127.0.0.1", UI_PORT)).ok()
+                })
+                .join()
+                .ok()
+                .flatten();
+                let Some(up) = upstream else { return };
+                let (Ok(mut c2), Ok(mut u2)) = (conn.try_clone(), up.try_clone()) else {
+                    return;
+                };
+                let (mut c1, mut u1) = (conn, up);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut u2);
+                    let _ = u2.shutdown(std::net::Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut u1, &mut c1);
+            });
+        }
+    });
+    Ok(())
+}
+
+fn demo(keep: bool) -> Result<()> {
     step("Building mesh-agent, meshctl and the demo task (mesh-whoami)")?;
     let whoami = bin("mesh-whoami");
     let whoami = whoami.to_str().context("utf-8 path")?.to_owned();
@@ -142,8 +184,37 @@ fn demo() -> Result<()> {
     }
     println!("  client = a machine outside the mesh at 192.0.2.100");
 
-    step("Starting one mesh-agent per host; each joins the others over gossip")?;
-    c.start_agents()?;
+    step(
+        "Starting one mesh-agent per host; each joins the others over gossip, sealed with a cluster key",
+    )?;
+    let out = Command::new(bin("mesh-agent")).arg("keygen").output()?;
+    if !out.status.success() {
+        bail!(
+            "mesh-agent keygen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let key = c.log_dir().join("cluster.key");
+    {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)?
+            .write_all(&out.stdout)?;
+    }
+    let key = key.to_str().context("utf-8 path")?.to_owned();
+    let ui = format!("127.0.0.1:{UI_PORT}");
+    c.host_mut(1)
+        .start_agent(&["--cluster-key-file", &key, "--ui-listen", &ui])?;
+    for i in 2..=3 {
+        c.host_mut(i).start_agent(&["--cluster-key-file", &key])?;
+    }
+    forward_ui(c.host(1).ns.path())?;
+    println!(
+        "  visualizer: http://127.0.0.1:{UI_PORT}/ (host1's agent; every node's page shows the whole cluster)"
+    );
     c.eventually(Duration::from_secs(10), "all nodes ready", |c| {
         let nodes: Value = c.host(1).meshctl_json(&["node", "ls"])?;
         let ready = nodes
@@ -389,6 +460,131 @@ fn demo() -> Result<()> {
         format!("{spread:?}"),
     )?;
 
+    step("7. A secret mounted at /run/secrets, and a compose stack whose web reaches api by name")?;
+    let secret = b"1q2w3e4r";
+    println!("\x1b[2m[host1]$ echo -n 1q2w3e4r | meshctl secret create db_password -\x1b[0m");
+    {
+        use std::io::Write;
+        let mut child = Command::new(bin("meshctl"))
+            .arg("--socket")
+            .arg(c.host(1).socket())
+            .args(["secret", "create", "db_password", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(secret)?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "secret create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    show(
+        c.host(1),
+        "host1",
+        &[
+            "service",
+            "create",
+            "db",
+            "--publish",
+            "8081:80",
+            "--secret",
+            "source=db_password,target=mysql_root_password,mode=0400",
+            "--",
+            &whoami,
+            "--hash",
+            "/run/secrets/mysql_root_password",
+        ],
+    )?;
+    let answer = curls_port(&c, c.host(1), 8081)?;
+    let want = fnv(secret);
+    println!(
+        "  curl {}:8081 -> {answer}   (the task's hash of what it read)",
+        c.host(1).ip
+    );
+    expect(
+        answer == want,
+        "secret",
+        &format!("the task read the secret (hash {want})"),
+        &answer,
+    )?;
+    let inspect = show(c.host(2), "host2", &["secret", "inspect", "db_password"])?;
+    expect(
+        !inspect.contains("1q2w3e4r"),
+        "secret",
+        "inspect never shows the data",
+        &inspect,
+    )?;
+
+    let compose = c.log_dir().join("docker-compose.yml");
+    std::fs::write(
+        &compose,
+        format!(
+            r#"version: "3.8"
+services:
+  web:
+    command: ["{whoami}", "--name", "web"]
+    ports: ["8082:80"]
+    networks: [app]
+    deploy:
+      replicas: 2
+  api:
+    command: ["{whoami}", "--name", "api"]
+    networks: [app]
+    deploy:
+      replicas: 2
+networks:
+  app:
+    driver: overlay
+"#
+        ),
+    )?;
+    println!("  docker-compose.yml: web (published 8082) and api on network app");
+    show(
+        c.host(1),
+        "host1",
+        &[
+            "stack",
+            "deploy",
+            "-c",
+            compose.to_str().context("utf-8 path")?,
+            "demo",
+        ],
+    )?;
+    converged(&c, &[1, 2], "demo_web", 2)?;
+    converged(&c, &[1, 2], "demo_api", 2)?;
+    show(c.host(1), "host1", &["stack", "services", "demo"])?;
+    let local: Vec<Value> = c.host(1).meshctl_json(&["ps"])?;
+    let web = local
+        .iter()
+        .find(|t| t["service"] == "demo_web" && t["state"] == "running")
+        .and_then(|t| t["name"].as_str())
+        .context("a running web task on host1")?
+        .to_owned();
+    let out = show(
+        c.host(1),
+        "host1",
+        &[
+            "exec",
+            &web,
+            "--",
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            "http://api/",
+        ],
+    )?;
+    expect(
+        out.trim() == "api",
+        "stack",
+        "web reaches api by its short name",
+        out.trim(),
+    )?;
+
     step("8. DNS from inside a task (resolver at 127.0.0.11)")?;
     let tasks: Vec<Value> = c.host(1).meshctl_json(&["ps"])?;
     let netns = tasks
@@ -431,7 +627,48 @@ fn demo() -> Result<()> {
         )?;
     }
 
+    step("9. The visualizer")?;
+    let page = Command::new("curl")
+        .args(["-s", "--max-time", "3"])
+        .arg(format!("http://127.0.0.1:{UI_PORT}/"))
+        .output()?;
+    let page = String::from_utf8_lossy(&page.stdout);
+    expect(
+        page.contains("<html") || page.contains("<!doctype") || page.contains("<!DOCTYPE"),
+        "visualizer",
+        &format!("http://127.0.0.1:{UI_PORT}/ serves the cluster page"),
+        page.chars().take(80).collect::<String>(),
+    )?;
+    if keep {
+        println!(
+            "\n  The cluster stays up: open http://127.0.0.1:{UI_PORT}/ in a browser. Ctrl-C cleans up."
+        );
+        while !INTERRUPTED.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        INTERRUPTED.store(false, Ordering::SeqCst);
+    }
+
     step("Cleaning up: stopping agents, removing namespaces, links, pins and cgroups")?;
     drop(c);
     Ok(())
+}
+
+/// One curl of `host:port` from the client; the answer, trimmed.
+fn curls_port(c: &Cluster, h: &Host, port: u16) -> Result<String> {
+    let client = format!("{}-xclient", c.name());
+    let out = Command::new("ip")
+        .args(["netns", "exec", &client, "curl", "-s", "--max-time", "3"])
+        .arg(format!("http://{}:{port}/", h.ip))
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// FNV-1a 64 in hex, as mesh-whoami's `--hash` answers.
+fn fnv(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }

@@ -21,7 +21,11 @@ enum Task {
     Ci,
     /// A 3-host cluster in namespaces on this machine: a published service, its round robin
     /// and its DNS names; cleaned up at the end (also on Ctrl-C).
-    Demo,
+    Demo {
+        /// Keep the cluster (and the visualizer) up after the last step, until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Benchmarks side by side with their baselines (`bench all` writes bench/results/);
     /// `--quick` for a short run.
     Bench {
@@ -34,7 +38,7 @@ enum Task {
 fn main() -> Result<()> {
     match Args::parse().task {
         Task::Ci => ci(),
-        Task::Demo => demo::run(),
+        Task::Demo { keep } => demo::run(keep),
         Task::Bench { target, quick } => bench::run(target, quick),
     }
 }
