@@ -251,6 +251,9 @@ fn per_service_counters_move_by_the_requests_sent() {
     c.host(1)
         .meshctl_ok(&["exec", &task, "--", "getent", "ahostsv4", "web"])
         .unwrap();
+    // Gossip goes to a random peer every 100 ms: give the counters of datagrams this node
+    // sent and received a second to move, whatever the requests took.
+    std::thread::sleep(Duration::from_secs(1));
     let after = scrape(c.host(1));
 
     let delta =
