@@ -32,6 +32,24 @@ pub fn cluster(hosts: usize) -> Result<Cluster> {
     Ok(c)
 }
 
+/// Waits until every host's agent sees every host Ready (a healed cluster).
+pub fn ready_everywhere(c: &Cluster, timeout: Duration) -> Result<()> {
+    let n = c.hosts().len();
+    c.eventually(timeout, "every node Ready everywhere", |c| {
+        for h in c.hosts() {
+            let nodes: Vec<NodeInfo> = h.meshctl_json(&["node", "ls"])?;
+            let ready = nodes
+                .iter()
+                .filter(|n| n.status == mesh_agent::cluster::NodeStatus::Ready)
+                .count();
+            if ready != n {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+}
+
 /// Service `whoami` publishing 8080 → 80, with one mesh-whoami task on each host listed;
 /// returns when every node's load balancer has all of them.
 pub fn whoami(c: &Cluster, on: &[usize]) -> Result<Vec<TaskInfo>> {

@@ -10,8 +10,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use mesh_agent::api::NodeInfo;
-use mesh_agent::cluster::NodeStatus;
 
 use super::{
     agents,
@@ -73,20 +71,7 @@ pub fn run(quick: bool) -> Result<Report> {
             },
         )?);
         // The next run starts from a healed cluster: every node sees host3 Ready.
-        c.eventually(Duration::from_secs(20), "host3 Ready everywhere", |c| {
-            for h in c.hosts() {
-                let nodes: Vec<NodeInfo> = h.meshctl_json(&["node", "ls"])?;
-                if nodes
-                    .iter()
-                    .filter(|n| n.status == NodeStatus::Ready)
-                    .count()
-                    != 3
-                {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(()))
-        })?;
+        agents::ready_everywhere(&c, Duration::from_secs(20))?;
     }
     let mut report = Report::new("Failover: a dead node's tasks evicted and restored");
     report.ran(format!(

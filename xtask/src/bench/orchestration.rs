@@ -12,8 +12,7 @@ use std::{
 };
 
 use anyhow::Result;
-use mesh_agent::api::{NodeInfo, ServiceInfo};
-use mesh_agent::cluster::NodeStatus;
+use mesh_agent::api::ServiceInfo;
 use mesh_tests::{Cluster, cluster::bin};
 
 use super::{
@@ -99,20 +98,7 @@ pub fn run(quick: bool) -> Result<Report> {
         // Heal and clean up for the next run.
         c.underlay().sh(&format!("ip link set h{VICTIM} up"))?;
         c.host_mut(VICTIM).restart_agent()?;
-        c.eventually(Duration::from_secs(30), "host3 Ready everywhere", |c| {
-            for h in c.hosts() {
-                let nodes: Vec<NodeInfo> = h.meshctl_json(&["node", "ls"])?;
-                if nodes
-                    .iter()
-                    .filter(|n| n.status == NodeStatus::Ready)
-                    .count()
-                    != 3
-                {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(()))
-        })?;
+        agents::ready_everywhere(&c, Duration::from_secs(30))?;
         c.host(1).meshctl_ok(&["service", "rm", &name])?;
         c.eventually(Duration::from_secs(60), "every task stopped", |c| {
             for h in c.hosts() {
