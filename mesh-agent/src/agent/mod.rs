@@ -5,6 +5,7 @@ mod addresses;
 mod cni;
 mod converge;
 pub mod dns;
+mod drain;
 mod health;
 pub mod membership;
 mod objects;
@@ -85,6 +86,8 @@ pub struct Agent {
     dns_listeners: StdMutex<BTreeMap<String, (mesh_dns::ServeHandle, u64)>>,
     /// Service task starts and stops underway on this node.
     jobs: orchestrate::Jobs,
+    /// Confirmed drains: how far every load balancer has let stopping tasks go.
+    drains: drain::Drains,
     started: std::time::Instant,
     /// Set when the agent should stop on its own (it left, or was removed).
     shutdown: watch::Sender<Option<Shutdown>>,
@@ -147,6 +150,7 @@ impl Agent {
             dns_last: StdMutex::new(None),
             dns_listeners: StdMutex::new(BTreeMap::new()),
             jobs: orchestrate::Jobs::default(),
+            drains: drain::Drains::default(),
             started: std::time::Instant::now(),
             shutdown: watch::channel(None).0,
             events: crate::events::Events::default(),

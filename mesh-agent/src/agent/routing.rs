@@ -101,6 +101,9 @@ impl Agent {
                 "load balancer programmed"
             );
         }
+        drop(bridges);
+        drop(dp);
+        self.lb_applied(view).await;
         Ok(())
     }
 

@@ -126,6 +126,8 @@ pub struct View {
     pub cluster_key: Option<Replicated<KeyRotation>>,
     /// Key ids each node in `nodes` holds, as it publishes them.
     pub node_keys: BTreeMap<String, KeyState>,
+    /// Each node's part in confirmed drains, as it publishes it.
+    pub lb_progress: BTreeMap<String, super::LbProgress>,
     /// When the same gossip state next computes to a different view (a restarting node's
     /// grace ends, a tombstone expires): until then, an unchanged state needs no recompute.
     pub next_change_ms: Option<u64>,
@@ -209,6 +211,9 @@ impl View {
             let record: Option<NodeRecord> = n.kv.get(key::NODE).and_then(|v| decode(v));
             if let Some(keys) = n.kv.get(key::KEYS).and_then(|v| decode::<KeyState>(v)) {
                 view.node_keys.insert(name.to_string(), keys);
+            }
+            if let Some(p) = n.kv.get(key::LB_PROGRESS).and_then(|v| decode(v)) {
+                view.lb_progress.insert(name.to_string(), p);
             }
             let spec = node_specs
                 .get(*name)
