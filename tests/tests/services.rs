@@ -476,6 +476,17 @@ fn link(c: &Cluster, host: usize, up: bool) {
         .unwrap();
 }
 
+/// `Ready` or `Down`: how host `h` sees node `of`.
+fn node_status(h: &Host, of: &str) -> anyhow::Result<String> {
+    let nodes: Vec<Value> = h.meshctl_json(&["node", "ls"])?;
+    Ok(nodes
+        .iter()
+        .find(|n| n["name"] == of)
+        .and_then(|n| n["status"].as_str())
+        .unwrap_or_default()
+        .to_owned())
+}
+
 /// Live tasks of a service by slot, as one host sees them.
 fn live_slots(h: &Host, name: &str) -> BTreeMap<String, Vec<String>> {
     let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -559,6 +570,20 @@ fn a_partition_keeps_both_sides_serving_and_heals_to_exactly_n() {
     create(&c, "web", &["--replicas", "3", "-p", "8080:80"]);
     converged(&c, "web", 3, Duration::from_secs(10));
     link(&c, 1, false);
+    // Right after the cut both sides still see every task: first each side has to call the
+    // other down.
+    let (h1, h2) = (c.host(1).node_name(), c.host(2).node_name());
+    c.eventually(
+        Duration::from_secs(10),
+        "each side calls the other down",
+        |c| {
+            Ok(
+                (node_status(c.host(2), h1)? == "Down" && node_status(c.host(1), h2)? == "Down")
+                    .then_some(()),
+            )
+        },
+    )
+    .unwrap();
     // Both sides fill every slot on their own.
     c.eventually(Duration::from_secs(10), "both sides at 3/3", |c| {
         let alone = live_slots(c.host(1), "web");

@@ -8,8 +8,11 @@
 //! stopping node waits for every live node's echo, bounded by [`CONFIRM_WITHIN`].
 
 use std::{
-    collections::BTreeSet,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        Mutex as StdMutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -34,7 +37,15 @@ pub(super) struct Drains {
     published: Mutex<LbProgress>,
     own_applied: AtomicU64,
     announced: AtomicBool,
+    /// Since when this node has seen each down node down (see [`SUSPECT_FOR`]).
+    down_since: StdMutex<BTreeMap<String, Instant>>,
 }
+
+/// A node the failure detector has called down for less than this is still waited for: on
+/// an overloaded host a node that missed heartbeats for a second is usually alive, and its
+/// load balancer still sends connections to the stopping task. A node down for longer is
+/// taken for dead (its own backends left every load balancer already).
+const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 impl Agent {
     /// Marks task `name`'s endpoint stopping, so every node's load balancer stops sending
@@ -80,6 +91,7 @@ impl Agent {
     /// nodes' removals it now reflects (and notes its own).
     pub(super) async fn lb_applied(&self, view: &View) {
         let me = self.node_name();
+        self.note_down_nodes(view);
         if let Some(own) = view.lb_progress.get(me) {
             self.drains
                 .own_applied
@@ -135,10 +147,16 @@ impl Agent {
     /// Live nodes whose load balancer may still send new connections to the removed task.
     fn unconfirmed(&self, view: &View, removal: u64) -> BTreeSet<String> {
         let me = self.node_name();
+        let now = Instant::now();
+        let down = self.note_down_nodes(view);
+        let suspected = |name: &str| {
+            down.get(name)
+                .is_some_and(|since| now.duration_since(*since) < SUSPECT_FOR)
+        };
         let mut waiting: BTreeSet<String> = view
             .nodes
             .values()
-            .filter(|n| n.name != me && n.status == NodeStatus::Ready)
+            .filter(|n| n.name != me && (n.status == NodeStatus::Ready || suspected(&n.name)))
             // A node that never published progress runs no load balancer (control plane
             // only) or has not programmed one yet; there is nothing to wait for.
             .filter_map(|n| {
@@ -150,6 +168,22 @@ impl Agent {
             waiting.insert(me.to_owned());
         }
         waiting
+    }
+
+    /// Records when each node was first seen down; returns the record.
+    fn note_down_nodes(&self, view: &View) -> BTreeMap<String, Instant> {
+        let mut down = self.drains.down_since.lock().expect("down_since lock");
+        down.retain(|name, _| {
+            view.nodes
+                .get(name)
+                .is_some_and(|n| n.status != NodeStatus::Ready)
+        });
+        for n in view.nodes.values() {
+            if n.status != NodeStatus::Ready {
+                down.entry(n.name.clone()).or_insert_with(Instant::now);
+            }
+        }
+        down.clone()
     }
 
     /// Connections a load balancer admitted just before it let the task go are still on

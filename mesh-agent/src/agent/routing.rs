@@ -80,9 +80,16 @@ impl Agent {
                         })
                     })
                     .collect(),
-                // Tasks of drained nodes keep their connections but get no new ones.
+                // Tasks of drained nodes, stopping tasks and tasks of nodes called down keep
+                // their connections but get no new ones: a node that only stalled keeps
+                // serving what it has.
                 backends: view
                     .backends(&s.spec.name)
+                    .chain(
+                        view.down_endpoints
+                            .iter()
+                            .filter(|e| e.record.service.as_deref() == Some(s.spec.name.as_str())),
+                    )
                     .map(|e| BackendLb {
                         ip: e.record.ip,
                         draining: !e.active,
