@@ -1,6 +1,7 @@
-//! The request path: wrk against the same mesh-whoami task, directly, through the routing
+//! The request path: load against the same mesh-whoami task, directly, through the routing
 //! mesh (published port on the task's node, and on a node without tasks) and through an
-//! nftables DNAT baseline built the way Docker or kube-proxy build theirs.
+//! nftables DNAT baseline built the way Docker or kube-proxy build theirs; keep-alive with
+//! wrk, `Connection: close` with the bench's own client (see [`close_load`]).
 //!
 //! ```text
 //!  client (192.0.2.100) ──► host1 192.0.2.1 ── bridge ── task whoami-1 (10.10.0.x:80)
