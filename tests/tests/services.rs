@@ -256,6 +256,16 @@ fn bad_service_commands_say_how_to_fix_them_and_change_nothing() {
         "more than mesh allows",
     );
     fails(&["service", "create", "m", "--replicas", "2"], "no command");
+    // Ports the agents themselves use answer on every node too: not publishable.
+    fails(
+        &["service", "create", "m", "-p", "4789:80/udp", "--", w],
+        "carries the overlay (VXLAN)",
+    );
+    // The harness runs agents on gossip's default port.
+    fails(
+        &["service", "create", "m", "-p", "7946:80/udp", "--", w],
+        "is used by gossip on node",
+    );
     // Nothing of the above exists.
     let ls: Vec<Value> = h.meshctl_json(&["service", "ls"]).unwrap();
     assert!(ls.is_empty(), "{ls:?}");

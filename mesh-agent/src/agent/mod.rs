@@ -193,6 +193,7 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             drivers: vec![crate::cluster::DRIVER_PROCESS.into()],
             labels: config.labels.clone(),
+            reserved_ports: reserved_ports(config),
         }
     }
 
@@ -426,4 +427,38 @@ pub fn load_own_keys(state_dir: &std::path::Path) -> BTreeMap<String, String> {
         },
         Err(_) => BTreeMap::new(),
     }
+}
+
+/// What a published port may not take on this node: gossip and the overlay's VXLAN port on
+/// the node's address, and the UI and metrics listeners when they listen there too.
+fn reserved_ports(config: &ResolvedConfig) -> Vec<crate::cluster::ReservedPort> {
+    use crate::cluster::{Protocol, ReservedPort};
+    let mut ports = vec![
+        ReservedPort {
+            protocol: Protocol::Udp,
+            port: config.gossip_port,
+            used_by: "gossip".into(),
+        },
+        ReservedPort {
+            protocol: Protocol::Udp,
+            port: crate::overlay::VXLAN_PORT,
+            used_by: "the overlay (VXLAN)".into(),
+        },
+    ];
+    let on_node = |a: &std::net::SocketAddr| {
+        a.ip().is_unspecified() || a.ip() == std::net::IpAddr::V4(config.advertise)
+    };
+    for (addr, used_by) in [
+        (config.ui_listen, "the web UI (--ui-listen)"),
+        (config.metrics_listen, "metrics (--metrics-listen)"),
+    ] {
+        if let Some(a) = addr.filter(on_node) {
+            ports.push(ReservedPort {
+                protocol: Protocol::Tcp,
+                port: a.port(),
+                used_by: used_by.into(),
+            });
+        }
+    }
+    ports
 }

@@ -233,6 +233,18 @@ pub struct NodeRecord {
     /// The node's own labels (agent.toml `labels`, `--label`): Swarm's engine labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Ports of the node's address the agent itself needs (gossip, VXLAN, its UI and metrics
+    /// listeners): a published port answers on every node, so none may take one of these.
+    #[serde(default)]
+    pub reserved_ports: Vec<ReservedPort>,
+}
+
+/// A port a node's agent listens on, and what for (the error names it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservedPort {
+    pub protocol: Protocol,
+    pub port: u16,
+    pub used_by: String,
 }
 
 /// A node that left for good: peers forget this generation of it at once.

@@ -546,6 +546,7 @@ mod tests {
             agent_version: "test".into(),
             drivers: vec!["process".into()],
             labels: BTreeMap::new(),
+            reserved_ports: Vec::new(),
         };
         let mut kv = BTreeMap::new();
         kv.insert(key::NODE.into(), serde_json::to_string(&rec).unwrap());
