@@ -14,6 +14,9 @@ use nix::sched::{CloneFlags, setns};
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// Whether dropping this handle deletes the namespace: false for one somebody else made
+    /// (a task's, see [`Netns::existing`]).
+    owned: bool,
 }
 
 impl Netns {
@@ -22,9 +25,19 @@ impl Netns {
             .with_context(|| format!("creating netns {name}"))?;
         let ns = Self {
             name: name.to_owned(),
+            owned: true,
         };
         ns.sh("ip link set lo up")?;
         Ok(ns)
+    }
+
+    /// A handle on a namespace this test did not make (an agent's task's): dropping it
+    /// leaves the namespace alone.
+    pub fn existing(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            owned: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -134,7 +147,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        delete_netns(&self.name);
+        if self.owned {
+            delete_netns(&self.name);
+        }
     }
 }
 

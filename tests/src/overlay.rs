@@ -162,7 +162,12 @@ impl Node {
 
     pub fn run_spec(&self, spec: TaskSpec) -> Result<TaskRecord> {
         let tasks = self.tasks.clone();
-        self.block_on(async move { tasks.create(spec, Default::default()).await })
+        // No agent here: nothing to set up in the namespace before the process starts.
+        self.block_on(async move {
+            tasks
+                .create(spec, Default::default(), &|_| Box::pin(async { Ok(()) }))
+                .await
+        })
     }
 
     pub fn stop_task(&self, name: &str) -> Result<()> {

@@ -196,11 +196,12 @@ fn tasks_on_three_hosts_reach_each_other_over_the_overlay() {
         "dev eth0",
         "dstport 4789",
         "nolearning",
-        "proxy",
         "mtu 1450",
     ] {
         assert!(details.contains(want), "mvx4096 lacks {want:?}: {details}");
     }
+    // No ARP proxy: tasks answer ARP themselves (see mesh_agent::overlay).
+    assert!(!details.contains(" proxy "), "{details}");
 }
 
 impl World {
@@ -440,12 +441,12 @@ fn stale_and_misconfigured_objects_from_a_previous_run_are_replaced_and_others_l
         "{addrs}"
     );
 
-    // The VXLAN device of app re-created by hand with learning on and no ARP proxy: settings
+    // The VXLAN device of app re-created by hand with learning on and an ARP proxy: settings
     // that cannot change in place, so it is replaced (and its entries written again).
     w.host_sh(
         1,
         "ip link del mvx4096 && ip link add mvx4096 type vxlan id 4096 dstport 4789 \
-         local 192.0.2.1 dev eth0 learning && ip link set mvx4096 master mbr4096 up",
+         local 192.0.2.1 dev eth0 learning proxy && ip link set mvx4096 master mbr4096 up",
     );
     let said: Vec<String> = w
         .node(1)
@@ -462,7 +463,7 @@ fn stale_and_misconfigured_objects_from_a_previous_run_are_replaced_and_others_l
     assert!(said.iter().any(|s| s == "created mvx4096"), "{said:#?}");
     let details = w.host_sh(1, "ip -d link show mvx4096");
     assert!(
-        details.contains("nolearning") && details.contains("proxy"),
+        details.contains("nolearning") && !details.contains(" proxy "),
         "{details}"
     );
     // The task still reaches its peer after the repair, and the next pass is quiet.

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 use mesh_tests::{
     Cluster, Host,
     cluster::bin,
+    netns::Netns,
     workload::{ClientLoop, http_get, tally},
 };
 use serde_json::Value;
@@ -138,7 +139,8 @@ fn the_seed_update_replaces_tasks_in_waves_in_slot_order() {
     assert!(inspect.contains("Parallelism:\t2"), "{inspect}");
 }
 
-/// An update while a client loop runs against host1's published port: no request fails.
+/// An update while two client loops run, one from outside against host1's published port and
+/// one from a task on host2 against the service's VIP: no request fails.
 fn update_with_clients(order: &str) {
     let c = cluster(3);
     create(&c, "web", &["--replicas", "3"]);
@@ -149,6 +151,33 @@ fn update_with_clients(order: &str) {
         Duration::from_millis(5),
     )
     .unwrap();
+    let whoami = bin("mesh-whoami");
+    c.host(2)
+        .meshctl_ok(&[
+            "run",
+            "--network",
+            "ingress",
+            "--name",
+            "cli",
+            "--",
+            whoami.to_str().unwrap(),
+            "--no-http",
+            "--udp",
+            "9",
+        ])
+        .unwrap();
+    let tasks: Vec<Value> = c.host(2).meshctl_json(&["ps"]).unwrap();
+    let cli_ns = tasks
+        .iter()
+        .find(|t| t["name"] == "cli")
+        .and_then(|t| t["netns"].as_str())
+        .expect("task cli has a namespace")
+        .to_owned();
+    let vip: SocketAddr = format!("{}:80", service(c.host(2), "web")["vip"].as_str().unwrap())
+        .parse()
+        .unwrap();
+    let east_west =
+        ClientLoop::paced(&Netns::existing(&cli_ns), vip, Duration::from_millis(5)).unwrap();
     c.host(3)
         .meshctl_ok(&[
             "service",
@@ -174,14 +203,16 @@ fn update_with_clients(order: &str) {
         ])
         .unwrap();
     converged(&c, "web", 3);
-    let (ok, failed) = client.finish();
-    assert!(ok > 50, "{ok} requests");
-    assert!(
-        failed.is_empty(),
-        "{order}: {} of {} failed: {failed:?}",
-        failed.len(),
-        ok + failed.len()
-    );
+    for (from, client) in [("outside", client), ("the VIP", east_west)] {
+        let (ok, failed) = client.finish();
+        assert!(ok > 50, "{from}: {ok} requests");
+        assert!(
+            failed.is_empty(),
+            "{order}, {from}: {} of {} failed: {failed:?}",
+            failed.len(),
+            ok + failed.len()
+        );
+    }
 }
 
 #[test]

@@ -123,6 +123,12 @@ impl Agent {
         if task.state != TaskState::Running {
             return Ok(());
         }
+        self.serve_dns_before_start(task).await
+    }
+
+    /// [`Agent::serve_dns_for`] for a task whose namespace is ready and whose process has
+    /// not started yet.
+    pub(crate) async fn serve_dns_before_start(&self, task: &TaskRecord) -> Result<()> {
         let networks: Vec<&str> = task
             .spec
             .attachments

@@ -123,9 +123,16 @@ impl Agent {
             hostname: task.hostname.map(str::to_owned),
             image: task.image.map(str::to_owned),
         };
-        let record = match local.tasks.create(spec, task.files).await {
+        // A process that resolves a name or connects to a VIP as it starts (an app dialling
+        // its database) must find the resolver and the socket hooks already there.
+        let before_start = |r: crate::task::TaskRecord| -> futures_util::future::BoxFuture<
+            '_,
+            anyhow::Result<()>,
+        > { Box::pin(async move { self.serve_dns_before_start(&r).await }) };
+        let record = match local.tasks.create(spec, task.files, &before_start).await {
             Ok(r) => r,
             Err(e) => {
+                self.stop_dns_for(task.name).await;
                 self.release(task.network, ip).await;
                 return Err(Error::Invalid(format!("{e:#}")));
             }
@@ -133,6 +140,7 @@ impl Agent {
         if record.state != crate::task::TaskState::Running {
             // Ended before it could serve (a one-shot container): no endpoint; the
             // orchestrator sees the exit on its next pass.
+            self.stop_dns_for(task.name).await;
             self.release(task.network, ip).await;
             self.poke();
             return Ok(record);
@@ -143,9 +151,6 @@ impl Agent {
         }
         self.release(task.network, ip).await;
         self.update_dns(&*self.refresh().await);
-        if let Err(e) = self.serve_dns_for(&record).await {
-            warn!(task = task.name, "the task has no DNS: {e:#}");
-        }
         info!(task = task.name, network = task.network, %ip, service = ?task.service, "task running");
         self.poke();
         Ok(record)

@@ -256,7 +256,7 @@ fn vxlan_matches(
         && has(InfoVxlan::Link(underlay_index))
         && has(InfoVxlan::Port(VXLAN_PORT))
         && has(InfoVxlan::Learning(false))
-        && has(InfoVxlan::Proxy(true))
+        && !has(InfoVxlan::Proxy(true))
         && !has(InfoVxlan::CollectMetadata(true))
         && no_remote
 }
@@ -279,7 +279,12 @@ async fn ensure_vxlan(
                     .local(desired.underlay.address)
                     .port(VXLAN_PORT)
                     .learning(false)
-                    .proxy(true)
+                    // No ARP proxy: it answers only from entries already programmed and
+                    // drops every other request, so a task started a moment ago could not
+                    // be resolved by a peer that had not heard of it yet (its first
+                    // connections timed out). Requests flood to the peers instead and the
+                    // task answers them itself.
+                    .proxy(false)
                     .mtu(network.mtu)
                     .controller(bridge.index)
                     .up()

@@ -6,15 +6,17 @@
 //! ```text
 //!   task eth0 ── veth ──┐
 //!   task eth0 ── veth ──┤ mbr<vni> (node address/prefix) ── mvx<vni> ── UDP 4789 over the underlay
-//!                       │                                   VNI, nolearning, proxy ARP,
+//!                       │                                   VNI, nolearning, no ARP proxy,
 //!                                                           static FDB: task MAC → node VTEP
 //! ```
 //!
 //! Nothing is learned and nothing is multicast: every remote endpoint gets a permanent FDB
 //! entry (MAC → its node's underlay IP) on the VXLAN device and permanent neighbour entries
-//! (IP → MAC) on the VXLAN device (its ARP proxy answers the tasks) and on the bridge (the
-//! host and eBPF redirects resolve without ARP); every peer node gets an all-zeros flood
-//! entry for broadcasts. Reconciliation diffs against what the kernel holds, touches only
+//! (IP → MAC) on the VXLAN device and on the bridge (the host and eBPF redirects resolve
+//! without ARP); every peer node gets an all-zeros flood entry for broadcasts. Tasks' ARP
+//! requests flood to the peers and are answered by the task itself: an ARP proxy would
+//! answer only for endpoints already programmed here and drop the rest, which cut off a
+//! task for as long as its endpoint took to reach every node. Reconciliation diffs against what the kernel holds, touches only
 //! objects named with our prefixes, and is idempotent, so a restarted agent adopts what a
 //! previous one left.
 //!

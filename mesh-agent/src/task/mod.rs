@@ -287,6 +287,10 @@ struct Entry {
     exited: watch::Receiver<bool>,
 }
 
+/// See [`Tasks::create`].
+pub type BeforeStart<'a> =
+    &'a (dyn Fn(TaskRecord) -> futures_util::future::BoxFuture<'a, Result<()>> + Sync);
+
 impl Tasks {
     /// Opens the task store and adopts what an earlier agent left: running tasks are
     /// followed again, tasks whose process is gone are marked exited and lose their network,
@@ -386,7 +390,15 @@ impl Tasks {
     }
 
     /// Creates the task's namespace and interfaces and starts its process.
-    pub async fn create(&self, mut spec: TaskSpec, files: TaskFiles) -> Result<TaskRecord> {
+    /// Creates and starts a task. `before_start` runs once the task's namespace is plumbed
+    /// and before its process starts: what the process may use from its first instruction
+    /// on (the agent's resolver and VIP balancing there) is in place by then.
+    pub async fn create(
+        &self,
+        mut spec: TaskSpec,
+        files: TaskFiles,
+        before_start: BeforeStart<'_>,
+    ) -> Result<TaskRecord> {
         validate(&spec)?;
         let name = spec.name.clone();
         let record = {
@@ -434,7 +446,7 @@ impl Tasks {
             );
             record
         };
-        match self.build(record, &files).await {
+        match self.build(record, &files, before_start).await {
             Ok((record, Some(pidfd))) => {
                 info!(task = %name, pid = ?record.pid, netns = %record.netns, "task started");
                 self.insert_running(record.clone(), pidfd);
@@ -469,6 +481,7 @@ impl Tasks {
         &self,
         mut record: TaskRecord,
         files: &TaskFiles,
+        before_start: BeforeStart<'_>,
     ) -> std::result::Result<(TaskRecord, Option<OwnedFd>), (TaskRecord, anyhow::Error)> {
         let config = &self.inner.config;
         macro_rules! attempt {
@@ -500,6 +513,7 @@ impl Tasks {
             .enumerate()
             .find_map(|(i, a)| a.gateway.map(|g| (i, g)));
         attempt!(plumbing::configure_inside(&record.netns, &record.interfaces, gateway).await);
+        attempt!(before_start(record.clone()).await);
         let netns_path = netns::path(&record.netns);
         let spawned = match &record.spec.image {
             None => {
