@@ -166,6 +166,11 @@ fn forward_ui(netns: std::path::PathBuf) -> Result<()> {
     Ok(())
 }
 
+/// The site resolver of the demo, and the one outside name it knows.
+const UPSTREAM: &str = "192.0.2.53";
+const OUTSIDE_NAME: &str = "outside.example";
+const OUTSIDE_IP: &str = "203.0.113.7";
+
 fn demo(keep: bool) -> Result<()> {
     step("Building mesh-agent, meshctl and the demo task (mesh-whoami)")?;
     let whoami = bin("mesh-whoami");
@@ -183,6 +188,22 @@ fn demo(keep: bool) -> Result<()> {
         );
     }
     println!("  client = a machine outside the mesh at 192.0.2.100");
+    // The site's resolver, outside the mesh: it knows one outside name (nothing here reaches
+    // the internet). Every agent forwards names that are not the cluster's to it.
+    let resolver = c.external("dns", 53)?;
+    let _resolver = resolver.spawn(
+        "dnsmasq",
+        &[
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={UPSTREAM}"),
+            "--pid-file=",
+            &format!("--address=/{OUTSIDE_NAME}/{OUTSIDE_IP}"),
+        ],
+    )?;
+    println!("  dns    = the site's resolver at {UPSTREAM}, which knows {OUTSIDE_NAME}");
 
     step(
         "Starting one mesh-agent per host; each joins the others over gossip, sealed with a cluster key",
@@ -206,10 +227,17 @@ fn demo(keep: bool) -> Result<()> {
     }
     let key = key.to_str().context("utf-8 path")?.to_owned();
     let ui = format!("127.0.0.1:{UI_PORT}");
-    c.host_mut(1)
-        .start_agent(&["--cluster-key-file", &key, "--ui-listen", &ui])?;
+    c.host_mut(1).start_agent(&[
+        "--cluster-key-file",
+        &key,
+        "--ui-listen",
+        &ui,
+        "--dns-upstream",
+        UPSTREAM,
+    ])?;
     for i in 2..=3 {
-        c.host_mut(i).start_agent(&["--cluster-key-file", &key])?;
+        c.host_mut(i)
+            .start_agent(&["--cluster-key-file", &key, "--dns-upstream", UPSTREAM])?;
     }
     forward_ui(c.host(1).ns.path())?;
     println!(
@@ -587,7 +615,9 @@ networks:
         out.trim(),
     )?;
 
-    step("8. DNS from inside a task (resolver at 127.0.0.11)")?;
+    step(
+        "8. DNS from inside a task (resolver at 127.0.0.11): a service, its tasks, an outside name",
+    )?;
     let tasks: Vec<Value> = c.host(1).meshctl_json(&["ps"])?;
     let netns = tasks
         .iter()
@@ -597,7 +627,7 @@ networks:
         .to_owned();
     let vip: Value = c.host(1).meshctl_json(&["service", "inspect", "whoami"])?;
     let vip = vip["vip"].as_str().unwrap_or_default().to_owned();
-    for (q, want) in [("whoami", 1usize), ("tasks.whoami", 5)] {
+    for (q, want) in [("whoami", 1usize), ("tasks.whoami", 5), (OUTSIDE_NAME, 1)] {
         println!("\x1b[2m[host1]$ ip netns exec {netns} getent ahostsv4 {q}\x1b[0m");
         let out = Command::new("ip")
             .args(["netns", "exec", &netns, "getent", "ahostsv4", q])
@@ -609,18 +639,18 @@ networks:
         ips.sort();
         ips.dedup();
         println!("  {q} -> {}", ips.join(" "));
-        let ok = ips.len() == want && (q != "whoami" || ips[0] == vip);
+        let (ok, wanted) = match q {
+            "whoami" => (ips == [vip.clone()], format!("the VIP {vip}")),
+            OUTSIDE_NAME => (
+                ips == [OUTSIDE_IP.to_owned()],
+                format!("{OUTSIDE_IP}, from the upstream resolver"),
+            ),
+            _ => (ips.len() == want, format!("{want} task addresses")),
+        };
         expect(
             ok,
             "dns",
-            &format!(
-                "{q} resolves to {}",
-                if want == 1 {
-                    format!("the VIP {vip}")
-                } else {
-                    format!("{want} task addresses")
-                }
-            ),
+            &format!("{q} resolves to {wanted}"),
             if ips.is_empty() {
                 "no answer".to_owned()
             } else {
