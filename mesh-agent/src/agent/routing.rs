@@ -9,10 +9,13 @@ use tracing::{info, warn};
 use super::{Agent, Local};
 use crate::{
     api::short_id,
-    cluster::{EndpointMode, Protocol, View},
+    cluster::{EndpointMode, Protocol, PublishMode, View},
+    dataplane::{ReturnTimeouts, TaskVeth},
     lb::{self, BackendLb, FlowTimeouts, NetworkLb, PublishedPort, ServiceLb},
-    overlay::NetworkPlumbing,
+    overlay::{MacAddr, NetworkPlumbing},
+    task::{GATEWAY_NETWORK, TaskRecord},
 };
+use mesh_common::lb::TaskPort;
 
 impl Agent {
     /// Puts the load balancer on every plumbed network's bridge (replies from tasks arrive
@@ -77,6 +80,10 @@ impl Agent {
                             },
                             published: p.published?,
                             target: p.target,
+                            mode: match p.mode {
+                                PublishMode::Ingress => lb::PublishMode::Ingress,
+                                PublishMode::Snat => lb::PublishMode::Snat,
+                            },
                         })
                     })
                     .collect(),
@@ -101,18 +108,49 @@ impl Agent {
                 "load balancer programmed"
             );
         }
+
+        let veths = task_veths(&local.tasks.list(), plumbed);
+        let mut attached = local.task_veths.lock().await;
+        if *attached != veths {
+            for v in veths.iter().filter(|v| !attached.contains(v)) {
+                dp.attach_task_veth(v)?;
+            }
+            dp.retain_task_veths(&veths)?;
+            *attached = veths;
+        }
         Ok(())
     }
 
-    /// Removes finished and orphaned flows, forever (every few seconds).
+    /// Puts the client-address programs on a new task's veths before it becomes a backend
+    /// anywhere, so its first client's replies already find their way back.
+    pub(crate) async fn attach_task_veths(
+        &self,
+        local: &Local,
+        task: &TaskRecord,
+        plumbed: &[NetworkPlumbing],
+    ) -> Result<()> {
+        let mut dp = local.dataplane.lock().await;
+        for v in task_veths(std::slice::from_ref(task), plumbed) {
+            dp.attach_task_veth(&v)?;
+        }
+        Ok(())
+    }
+
+    /// Removes finished and orphaned flows and return entries, forever (every few seconds).
     pub async fn sweep_flows(self: std::sync::Arc<Self>) {
         let Some(local) = self.local() else {
             return;
         };
         let timeouts = FlowTimeouts::default();
+        let returns = ReturnTimeouts::default();
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             let mut dp = local.dataplane.lock().await;
+            match dp.sweep_returns(&returns) {
+                Ok(n) if n > 0 => tracing::debug!(removed = n, "return entry sweep"),
+                Ok(_) => {}
+                Err(e) => warn!("sweeping return entries: {e:#}"),
+            }
             match dp.lb_mut().sweep(&timeouts) {
                 Ok(r) if r.removed > 0 => {
                     tracing::debug!(removed = r.removed, scanned = r.scanned, "flow sweep")
@@ -122,4 +160,38 @@ impl Agent {
             }
         }
     }
+}
+
+/// The host veths of `tasks` that exist, with the settings of their overlay ports.
+fn task_veths(tasks: &[TaskRecord], plumbed: &[NetworkPlumbing]) -> Vec<TaskVeth> {
+    let index = |name: &str| nix::net::if_::if_nametoindex(name).ok();
+    let mut out = Vec::new();
+    for t in tasks {
+        for iface in &t.interfaces {
+            let Some(ifindex) = index(&iface.host_veth) else {
+                continue;
+            };
+            let overlay = if iface.network == GATEWAY_NETWORK {
+                None
+            } else {
+                let Some(n) = plumbed.iter().find(|n| n.name == iface.network) else {
+                    continue;
+                };
+                let Some(vxlan_ifindex) = index(&n.vxlan()) else {
+                    continue;
+                };
+                Some(TaskPort {
+                    node_mac: MacAddr::for_ip(n.node_address).0,
+                    _pad: [0; 2],
+                    vxlan_ifindex,
+                })
+            };
+            out.push(TaskVeth {
+                name: iface.host_veth.clone(),
+                ifindex,
+                overlay,
+            });
+        }
+    }
+    out
 }

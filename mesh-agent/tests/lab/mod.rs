@@ -11,7 +11,7 @@ use etherparse::PacketBuilder;
 use mesh_agent::{
     bpf::SkbContext,
     dataplane::Dataplane,
-    lb::{BackendLb, LbLimits, NetworkLb, NodeLb, Protocol, PublishedPort, ServiceLb},
+    lb::{BackendLb, LbLimits, NetworkLb, NodeLb, Protocol, PublishMode, PublishedPort, ServiceLb},
 };
 use mesh_common::lb::Reason;
 
@@ -174,6 +174,7 @@ pub fn service(name: &str, published: u16, target: u16, backends: &[Ipv4Addr]) -
             proto: Protocol::Tcp,
             published,
             target,
+            mode: PublishMode::Snat,
         }],
         backends: backends.iter().map(|ip| BackendLb::active(*ip)).collect(),
     }
