@@ -265,27 +265,40 @@ pub struct TaskPort {
 
 /// `ReturnEntry::flags`: the connection came in through this node (its flow table holds the
 /// reply translation); otherwise through the node whose bridge has `node_mac`.
-pub const RETURN_LOCAL: u32 = 1;
+pub const RETURN_LOCAL: u16 = 1;
 /// A FIN went from the client to the task.
-pub const RETURN_FIN_IN: u32 = 2;
+pub const RETURN_FIN_IN: u16 = 2;
 /// A FIN went from the task to the client.
-pub const RETURN_FIN_OUT: u32 = 4;
+pub const RETURN_FIN_OUT: u16 = 4;
 /// A RST went either way.
-pub const RETURN_RST: u32 = 8;
+pub const RETURN_RST: u16 = 8;
 
 /// Where the replies of one client-address connection to a local task go, keyed by the
-/// replies' 5-tuple (task address and target port → client address and port).
+/// replies' 5-tuple (task address and target port → client address and port). UDP entries
+/// are keyed with source 0.0.0.0: a server bound to 0.0.0.0 answers from the address its
+/// route to the client prefers (the gateway bridge's), and gets `task_addr` back as the
+/// source. A TCP socket always answers from the address it was reached at.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReturnEntry {
     /// The ingress node's bridge MAC on the network: the replies' Ethernet destination.
     pub node_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    pub flags: u16,
+    /// The task's address on the network the connection reached it by.
+    pub task_addr: [u8; 4],
     /// The VXLAN device the replies leave by (0 for [`RETURN_LOCAL`]).
     pub ifindex: u32,
-    pub flags: u32,
     /// CLOCK_MONOTONIC (coarse) nanoseconds; refreshed at most about once a second.
     pub last_seen: u64,
+}
+
+/// The return-table key of a reply: UDP replies are keyed without their source address.
+pub const fn return_key(reply: &FlowKey) -> FlowKey {
+    let mut k = *reply;
+    if k.proto == IPPROTO_UDP {
+        k.src = [0; 4];
+    }
+    k
 }
 
 /// The MAC mesh gives an address on an overlay network (tasks and node bridges alike):

@@ -64,7 +64,7 @@ impl Verdict {
         }
     }
 
-    const fn drop(r: Reason) -> Self {
+    pub(crate) const fn drop(r: Reason) -> Self {
         Self {
             action: TC_ACT_SHOT,
             reason: r as u32,

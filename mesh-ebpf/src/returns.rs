@@ -7,6 +7,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use mesh_common::lb::{
     FLOW_REPLY, FlowKey, RETURN_FIN_IN, RETURN_FIN_OUT, RETURN_LOCAL, RETURN_RST, ReturnEntry,
+    return_key,
 };
 
 use crate::{
@@ -39,7 +40,8 @@ pub fn learn(reply: &FlowKey, origin: &Origin, tcp_flags: u8) {
     let syn_only = tcp && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut flags = if origin.local { RETURN_LOCAL } else { 0 };
     let ifindex = if origin.local { 0 } else { origin.ifindex };
-    if let Some(e) = LB_RETURNS.get_ptr_mut(reply) {
+    let key = return_key(reply);
+    if let Some(e) = LB_RETURNS.get_ptr_mut(key) {
         // SAFETY: a pointer into the table; racing writers at worst lose a flag or a
         // timestamp, which the next packet sets again.
         let e = unsafe { &mut *e };
@@ -48,6 +50,7 @@ pub fn learn(reply: &FlowKey, origin: &Origin, tcp_flags: u8) {
             && e.flags & RETURN_LOCAL == flags
             && e.node_mac == origin.node_mac
             && e.ifindex == ifindex
+            && e.task_addr == reply.src
         {
             touch(e, closing(tcp, tcp_flags, RETURN_FIN_IN), now);
             return;
@@ -59,19 +62,19 @@ pub fn learn(reply: &FlowKey, origin: &Origin, tcp_flags: u8) {
     flags |= closing(tcp, tcp_flags, RETURN_FIN_IN);
     let entry = ReturnEntry {
         node_mac: origin.node_mac,
-        _pad: [0; 2],
-        ifindex,
         flags,
+        task_addr: reply.src,
+        ifindex,
         last_seen: now,
     };
-    let _ = LB_RETURNS.insert(reply, &entry, 0);
+    let _ = LB_RETURNS.insert(key, &entry, 0);
 }
 
 /// The entry of a task's packet with 5-tuple `key`, if it answers a client-address
 /// connection; notes its FIN/RST and the time.
 #[inline(always)]
 pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Option<ReturnEntry> {
-    let e = LB_RETURNS.get_ptr_mut(key)?;
+    let e = LB_RETURNS.get_ptr_mut(return_key(key))?;
     // SAFETY: as in learn().
     let e = unsafe { &mut *e };
     touch(
@@ -93,7 +96,7 @@ fn has_reply_translation(key: &FlowKey) -> bool {
 
 /// The FIN (`fin` for this direction) and RST flags a TCP packet adds.
 #[inline(always)]
-fn closing(tcp: bool, tcp_flags: u8, fin: u32) -> u32 {
+fn closing(tcp: bool, tcp_flags: u8, fin: u16) -> u16 {
     if !tcp {
         return 0;
     }
@@ -108,7 +111,7 @@ fn closing(tcp: bool, tcp_flags: u8, fin: u32) -> u32 {
 }
 
 #[inline(always)]
-fn touch(e: &mut ReturnEntry, flags: u32, now: u64) {
+fn touch(e: &mut ReturnEntry, flags: u16, now: u64) {
     if e.flags | flags != e.flags {
         e.flags |= flags;
     }

@@ -21,11 +21,12 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_store_bytes},
     programs::TcContext,
 };
-use mesh_common::lb::{FLOW_REPLY, RETURN_LOCAL, Reason, mac_for_ip};
+use mesh_common::lb::{FLOW_REPLY, Flow, RETURN_LOCAL, Reason, mac_for_ip};
 
 use crate::{
     flow,
     ingress::{self, CONTINUE, Packet, Verdict},
+    nat,
     programs::{LB_CONFIG, LB_TASK_PORTS},
     returns::{self, Origin},
 };
@@ -85,8 +86,13 @@ fn steer(ctx: &TcContext) -> Verdict {
     let Some(ret) = returns::lookup(&pkt.key, pkt.tcp_flags) else {
         return Verdict::PASS;
     };
+    // The 5-tuple the connection's flow knows the reply by (a UDP server bound to 0.0.0.0
+    // may answer from another of its addresses).
+    let mut reply = pkt.key;
+    reply.src = ret.task_addr;
     if ret.flags & RETURN_LOCAL != 0 {
-        return match flow::lookup(&pkt.key) {
+        // The reply translation rewrites the source anyway: from whatever the task used.
+        return match flow::lookup(&reply) {
             // SAFETY: pointer into the flow table.
             Some(f) if (unsafe { (*f).flags } & FLOW_REPLY) != 0 => {
                 ingress::translate(ctx, &pkt, f, Reason::Replied, false)
@@ -95,11 +101,23 @@ fn steer(ctx: &TcContext) -> Verdict {
             _ => Verdict::PASS,
         };
     }
+    if reply.src != pkt.key.src {
+        let back = Flow {
+            nat_src: reply.src,
+            nat_dst: reply.dst,
+            nat_sport: reply.sport,
+            nat_dport: reply.dport,
+            ..Flow::default()
+        };
+        if nat::rewrite(ctx, pkt.l4, &pkt.key, &back).is_err() {
+            return Verdict::drop(Reason::RewriteFailed);
+        }
+    }
     // To the ingress node's bridge, as if that node's router were the next hop; the source
     // is the task's own overlay MAC, where the ingress node's bridge expects it.
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&ret.node_mac);
-    macs[6..].copy_from_slice(&mac_for_ip(pkt.key.src));
+    macs[6..].copy_from_slice(&mac_for_ip(reply.src));
     // SAFETY: 12 bytes from a local buffer into the Ethernet header.
     let stored = unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), 0, macs.as_ptr().cast(), 12, 0) };
     if stored != 0 {
