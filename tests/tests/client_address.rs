@@ -117,7 +117,7 @@ fn every_node_shows_local_and_remote_tasks_the_clients_own_address_and_port() {
 }
 
 #[test]
-fn long_lived_and_bulk_connections_keep_the_client_address_through_a_node_without_tasks() {
+fn keep_alive_and_short_connections_through_a_node_without_tasks_are_all_answered() {
     let c = cluster(&["8080:80"]);
     let a = addr(c.host(3), 8080);
     // Keep-alive requests on one connection, then many short ones: every one answered.

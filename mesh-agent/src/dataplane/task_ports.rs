@@ -233,7 +233,7 @@ mod tests {
     const S: u64 = 1_000_000_000;
     const NOW: u64 = 100_000 * S;
 
-    fn entry(age_s: u64, flags: u32) -> ReturnEntry {
+    fn entry(age_s: u64, flags: u16) -> ReturnEntry {
         ReturnEntry {
             last_seen: NOW - age_s * S,
             flags,
