@@ -167,6 +167,25 @@ fn mode_snat_shows_the_task_the_ingress_nodes_address() {
 }
 
 #[test]
+fn mode_host_answers_only_on_nodes_with_a_task_and_only_with_their_own() {
+    let c = cluster(&["published=8080,target=80,mode=host"]);
+    for (i, name) in [(1, "web-1"), (2, "web-2")] {
+        let seen = ask(&c, 4, http_seen, addr(c.host(i), 8080));
+        assert_eq!(tasks(&seen), BTreeSet::from([name]), "{seen:?}");
+        assert!(seen.iter().all(|s| s.client == s.local), "{seen:?}");
+    }
+    let a = addr(c.host(3), 8080);
+    let refused = c
+        .external_ns("client")
+        .unwrap()
+        .run(move || http_get(a).is_err())
+        .unwrap();
+    assert!(refused, "host 3 runs no task of web but answered");
+    let ls = c.host(1).meshctl_ok(&["service", "ls"]).unwrap();
+    assert!(ls.contains("*:8080->80/tcp (host)"), "{ls}");
+}
+
+#[test]
 fn a_task_with_client_address_flows_still_reaches_the_outside_masqueraded() {
     let c = cluster(&["5353:53/udp"]);
     // The client talks to the task first, so the task has return entries for the client's
@@ -216,7 +235,8 @@ fn a_bad_publish_mode_is_refused_and_changes_nothing() {
     c.create_network("app", "10.10.0.0/24").unwrap();
     for (bad, says) in [
         ("published=8080,target=80,mode=dsr", "unknown publish mode"),
-        ("8080:80,mode=host", "not supported"),
+        ("8080:80,mode=dsr", "unknown publish mode"),
+        ("8080:80,protocol=udp", "only ,mode="),
     ] {
         let out = c
             .host(1)

@@ -56,22 +56,11 @@ impl Agent {
             let Some(net) = plumbed.iter().find(|n| n.name == s.spec.network) else {
                 continue;
             };
-            desired.push(ServiceLb {
-                id: short_id(&s.spec.name, &s.created),
-                name: s.spec.name.clone(),
-                network: NetworkLb {
-                    id: net.vni,
-                    node_addr: net.node_address,
-                    bridge_ifindex: ifindex[&net.vni],
-                },
-                vip: match s.spec.endpoint_mode {
-                    EndpointMode::Vip => s.spec.vip,
-                    EndpointMode::Dnsrr => None,
-                },
-                ports: s
-                    .spec
+            let published = |host: bool| -> Vec<PublishedPort> {
+                s.spec
                     .ports
                     .iter()
+                    .filter(|p| (p.mode == PublishMode::Host) == host)
                     .filter_map(|p| {
                         Some(PublishedPort {
                             proto: match p.protocol {
@@ -81,20 +70,56 @@ impl Agent {
                             published: p.published?,
                             target: p.target,
                             mode: match p.mode {
-                                PublishMode::Ingress => lb::PublishMode::Ingress,
+                                // Host ports reach this node's own tasks only (below), with
+                                // the client's address kept.
+                                PublishMode::Ingress | PublishMode::Host => {
+                                    lb::PublishMode::Ingress
+                                }
                                 PublishMode::Snat => lb::PublishMode::Snat,
                             },
                         })
                     })
-                    .collect(),
-                // Tasks of drained nodes keep their connections but get no new ones.
-                backends: view
-                    .backends(&s.spec.name)
-                    .map(|e| BackendLb {
-                        ip: e.record.ip,
-                        draining: !e.active,
-                    })
-                    .collect(),
+                    .collect()
+            };
+            // Tasks of drained nodes keep their connections but get no new ones.
+            let backend = |e: &crate::cluster::EndpointView| BackendLb {
+                ip: e.record.ip,
+                draining: !e.active,
+            };
+            let network = NetworkLb {
+                id: net.vni,
+                node_addr: net.node_address,
+                bridge_ifindex: ifindex[&net.vni],
+            };
+            let id = short_id(&s.spec.name, &s.created);
+            let host_ports = published(true);
+            let own: Vec<BackendLb> = view
+                .backends(&s.spec.name)
+                .filter(|e| e.node == self.node_name())
+                .map(backend)
+                .collect();
+            // Swarm's mode=host: a node without a task of the service does not answer the
+            // port at all (the kernel refuses the connection).
+            if !host_ports.is_empty() && !own.is_empty() {
+                desired.push(ServiceLb {
+                    id: format!("{id}/host"),
+                    name: s.spec.name.clone(),
+                    network,
+                    vip: None,
+                    ports: host_ports,
+                    backends: own,
+                });
+            }
+            desired.push(ServiceLb {
+                id,
+                name: s.spec.name.clone(),
+                network,
+                vip: match s.spec.endpoint_mode {
+                    EndpointMode::Vip => s.spec.vip,
+                    EndpointMode::Dnsrr => None,
+                },
+                ports: published(false),
+                backends: view.backends(&s.spec.name).map(backend).collect(),
             });
         }
         let ops = dp

@@ -381,6 +381,9 @@ pub enum PublishMode {
     Ingress,
     /// The routing mesh with the ingress node's address as the source (Swarm's behaviour).
     Snat,
+    /// Only the node's own tasks answer, with the client's address kept; nodes without a
+    /// task of the service refuse the port (Swarm's `mode=host`).
+    Host,
 }
 
 impl fmt::Display for PublishMode {
@@ -388,6 +391,7 @@ impl fmt::Display for PublishMode {
         f.write_str(match self {
             Self::Ingress => "ingress",
             Self::Snat => "snat",
+            Self::Host => "host",
         })
     }
 }
@@ -398,14 +402,11 @@ impl FromStr for PublishMode {
         match s {
             "ingress" => Ok(Self::Ingress),
             "snat" => Ok(Self::Snat),
-            "host" => Err(
-                "publish mode \"host\" is not supported yet: use mode=ingress (every node, the \
-                 client's address kept) or mode=snat"
-                    .into(),
-            ),
+            "host" => Ok(Self::Host),
             other => Err(format!(
-                "unknown publish mode {other:?}: use ingress (the default: the task sees the \
-                 client's address) or snat (the task sees the ingress node's)"
+                "unknown publish mode {other:?}: use ingress (the default: every node, the task \
+                 sees the client's address), snat (the task sees the ingress node's) or host \
+                 (only nodes running a task answer)"
             )),
         }
     }
@@ -438,7 +439,7 @@ impl FromStr for PortSpec {
                 Some(("mode", m)) => m.trim().parse().map_err(|e| format!("{e} (in {s:?})"))?,
                 _ => {
                     return Err(format!(
-                        "invalid port {s:?}: after PUBLISHED:TARGET only ,mode=ingress|snat may follow"
+                        "invalid port {s:?}: after PUBLISHED:TARGET only ,mode=ingress|snat|host may follow"
                     ));
                 }
             };
@@ -492,7 +493,7 @@ impl PortSpec {
         for field in s.split(',') {
             let (k, v) = field.split_once('=').ok_or_else(|| {
                 format!(
-                    "invalid port {s:?}: expected published=PORT,target=PORT[,protocol=tcp|udp][,mode=ingress|snat]"
+                    "invalid port {s:?}: expected published=PORT,target=PORT[,protocol=tcp|udp][,mode=ingress|snat|host]"
                 )
             })?;
             match k.trim() {
@@ -847,7 +848,6 @@ mod tests {
         for (bad, says) in [
             ("published=8080", "no target"),
             ("published=8080,target=0", "invalid target port"),
-            ("published=8080,target=80,mode=host", "not supported"),
             ("published=8080,target=80,mode=dsr", "unknown publish mode"),
             ("8080:80,mode=nat", "unknown publish mode"),
             ("8080:80,protocol=udp", "only ,mode="),
