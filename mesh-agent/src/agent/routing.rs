@@ -13,7 +13,7 @@ use crate::{
     dataplane::{ReturnTimeouts, TaskVeth},
     lb::{self, BackendLb, FlowTimeouts, NetworkLb, PublishedPort, ServiceLb},
     overlay::{MacAddr, NetworkPlumbing},
-    task::{GATEWAY_NETWORK, TaskRecord},
+    task::{GATEWAY_NETWORK, Interface, TaskRecord},
 };
 use mesh_common::lb::TaskPort;
 
@@ -134,7 +134,15 @@ impl Agent {
             );
         }
 
-        let veths = task_veths(&local.tasks.list(), plumbed);
+        let tasks = local.tasks.list();
+        let containers = local.tasks.cni_list();
+        let veths = task_veths(
+            tasks
+                .iter()
+                .flat_map(|t| &t.interfaces)
+                .chain(containers.iter().flat_map(|c| &c.interfaces)),
+            plumbed,
+        );
         let mut attached = local.task_veths.lock().await;
         if *attached != veths {
             for v in veths.iter().filter(|v| !attached.contains(v)) {
@@ -155,7 +163,7 @@ impl Agent {
         plumbed: &[NetworkPlumbing],
     ) -> Result<()> {
         let mut dp = local.dataplane.lock().await;
-        for v in task_veths(std::slice::from_ref(task), plumbed) {
+        for v in task_veths(task.interfaces.iter(), plumbed) {
             dp.attach_task_veth(&v)?;
         }
         Ok(())
@@ -187,36 +195,38 @@ impl Agent {
     }
 }
 
-/// The host veths of `tasks` that exist, with the settings of their overlay ports.
-fn task_veths(tasks: &[TaskRecord], plumbed: &[NetworkPlumbing]) -> Vec<TaskVeth> {
+/// The host veths of tasks' (and CNI containers') `interfaces` that exist, with the
+/// settings of their overlay ports.
+fn task_veths<'a>(
+    interfaces: impl Iterator<Item = &'a Interface>,
+    plumbed: &[NetworkPlumbing],
+) -> Vec<TaskVeth> {
     let index = |name: &str| nix::net::if_::if_nametoindex(name).ok();
     let mut out = Vec::new();
-    for t in tasks {
-        for iface in &t.interfaces {
-            let Some(ifindex) = index(&iface.host_veth) else {
+    for iface in interfaces {
+        let Some(ifindex) = index(&iface.host_veth) else {
+            continue;
+        };
+        let overlay = if iface.network == GATEWAY_NETWORK {
+            None
+        } else {
+            let Some(n) = plumbed.iter().find(|n| n.name == iface.network) else {
                 continue;
             };
-            let overlay = if iface.network == GATEWAY_NETWORK {
-                None
-            } else {
-                let Some(n) = plumbed.iter().find(|n| n.name == iface.network) else {
-                    continue;
-                };
-                let Some(vxlan_ifindex) = index(&n.vxlan()) else {
-                    continue;
-                };
-                Some(TaskPort {
-                    node_mac: MacAddr::for_ip(n.node_address).0,
-                    _pad: [0; 2],
-                    vxlan_ifindex,
-                })
+            let Some(vxlan_ifindex) = index(&n.vxlan()) else {
+                continue;
             };
-            out.push(TaskVeth {
-                name: iface.host_veth.clone(),
-                ifindex,
-                overlay,
-            });
-        }
+            Some(TaskPort {
+                node_mac: MacAddr::for_ip(n.node_address).0,
+                _pad: [0; 2],
+                vxlan_ifindex,
+            })
+        };
+        out.push(TaskVeth {
+            name: iface.host_veth.clone(),
+            ifindex,
+            overlay,
+        });
     }
     out
 }
