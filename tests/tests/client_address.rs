@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use mesh_tests::{
     Cluster, Host,
-    workload::{Seen, http_get, http_seen, udp_seen},
+    workload::{RemoteSession, Seen, http_get, http_seen, udp_seen},
 };
 use serde_json::Value;
 
@@ -137,6 +137,25 @@ fn keep_alive_and_short_connections_through_a_node_without_tasks_are_all_answere
         answers[..20].iter().all(|n| n == first),
         "the connection moved: {answers:?}"
     );
+}
+
+#[test]
+fn a_connection_through_another_node_survives_a_restart_of_the_backends_agent() {
+    let mut c = cluster(&["8080:80"]);
+    let a = addr(c.host(3), 8080);
+    let session = RemoteSession::open(c.external_ns("client").unwrap(), a);
+    let on = session.get();
+    let backend_host = if on == "web-1" { 1 } else { 2 };
+    // The pinned return table and task-veth links keep the replies on their way back
+    // through host 3 while the agent is away, and the new agent adopts them. (A crash long
+    // enough to be detected takes the node's backends out everywhere, by design.)
+    c.host_mut(backend_host).restart_agent().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(session.get(), on, "broke across the restart");
+    wait_backends(&c, 2);
+    for s in ask(&c, 4, http_seen, a) {
+        assert_eq!(s.client, s.local, "{s:?}");
+    }
 }
 
 #[test]
