@@ -401,20 +401,6 @@ impl RemoteSession {
     }
 }
 
-/// The failures of a client loop that the change under test must answer for. One connect
-/// timeout is left out: a known open routing-mesh issue (right after a service's backends
-/// change, one new connection through a node can go unanswered; README "Limits") that every
-/// scenario with a client loop would otherwise fail on now and then. Two timeouts, or any
-/// refused, reset or wrong answer, all count.
-pub fn unexplained(failed: &[String]) -> Vec<String> {
-    let timeout = |f: &String| f.contains("connecting to") && f.contains("timed out");
-    if failed.iter().filter(|f| timeout(f)).count() <= 1 {
-        failed.iter().filter(|f| !timeout(f)).cloned().collect()
-    } else {
-        failed.to_vec()
-    }
-}
-
 /// New connections in a loop from a namespace until stopped: how many succeeded and which
 /// failed (with when), to measure what a client sees while something changes.
 pub struct ClientLoop {

@@ -159,21 +159,19 @@ impl Agent {
                 vtep,
             })
         };
-        let mut remote_endpoints: Vec<RemoteEndpoint> = view
-            .endpoints
-            .iter()
+        // Down nodes included: see `View::down_endpoints`.
+        let endpoints = view.endpoints.iter().chain(&view.down_endpoints);
+        let attachments = || view.attachments.iter().chain(&view.down_attachments);
+        let mut remote_endpoints: Vec<RemoteEndpoint> = endpoints
             .filter(|e| e.node != me)
             .filter_map(|e| remote(&e.record.network, e.record.ip, &e.record.mac, e.vtep))
             .collect();
         remote_endpoints.extend(
-            view.attachments
-                .iter()
+            attachments()
                 .filter(|a| a.node != me)
                 .filter_map(|a| remote(&a.record.network, a.record.ip, &a.record.mac, a.vtep)),
         );
-        let peers: BTreeSet<PeerVtep> = view
-            .attachments
-            .iter()
+        let peers: BTreeSet<PeerVtep> = attachments()
             .filter(|a| a.node != me)
             .filter_map(|a| {
                 Some(PeerVtep {

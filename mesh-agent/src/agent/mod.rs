@@ -5,6 +5,7 @@ mod addresses;
 mod cni;
 mod converge;
 pub mod dns;
+mod drain;
 mod health;
 pub mod membership;
 mod objects;
@@ -85,6 +86,8 @@ pub struct Agent {
     dns_listeners: StdMutex<BTreeMap<String, (mesh_dns::ServeHandle, u64)>>,
     /// Service task starts and stops underway on this node.
     jobs: orchestrate::Jobs,
+    /// Confirmed drains: how far every load balancer has let stopping tasks go.
+    drains: drain::Drains,
     started: std::time::Instant,
     /// Set when the agent should stop on its own (it left, or was removed).
     shutdown: watch::Sender<Option<Shutdown>>,
@@ -150,6 +153,7 @@ impl Agent {
             dns_last: StdMutex::new(None),
             dns_listeners: StdMutex::new(BTreeMap::new()),
             jobs: orchestrate::Jobs::default(),
+            drains: drain::Drains::default(),
             started: std::time::Instant::now(),
             shutdown: watch::channel(None).0,
             events: crate::events::Events::default(),
@@ -192,6 +196,7 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             drivers: vec![crate::cluster::DRIVER_PROCESS.into()],
             labels: config.labels.clone(),
+            reserved_ports: reserved_ports(config),
         }
     }
 
@@ -425,4 +430,38 @@ pub fn load_own_keys(state_dir: &std::path::Path) -> BTreeMap<String, String> {
         },
         Err(_) => BTreeMap::new(),
     }
+}
+
+/// What a published port may not take on this node: gossip and the overlay's VXLAN port on
+/// the node's address, and the UI and metrics listeners when they listen there too.
+fn reserved_ports(config: &ResolvedConfig) -> Vec<crate::cluster::ReservedPort> {
+    use crate::cluster::{Protocol, ReservedPort};
+    let mut ports = vec![
+        ReservedPort {
+            protocol: Protocol::Udp,
+            port: config.gossip_port,
+            used_by: "gossip".into(),
+        },
+        ReservedPort {
+            protocol: Protocol::Udp,
+            port: crate::overlay::VXLAN_PORT,
+            used_by: "the overlay (VXLAN)".into(),
+        },
+    ];
+    let on_node = |a: &std::net::SocketAddr| {
+        a.ip().is_unspecified() || a.ip() == std::net::IpAddr::V4(config.advertise)
+    };
+    for (addr, used_by) in [
+        (config.ui_listen, "the web UI (--ui-listen)"),
+        (config.metrics_listen, "metrics (--metrics-listen)"),
+    ] {
+        if let Some(a) = addr.filter(on_node) {
+            ports.push(ReservedPort {
+                protocol: Protocol::Tcp,
+                port: a.port(),
+                used_by: used_by.into(),
+            });
+        }
+    }
+    ports
 }

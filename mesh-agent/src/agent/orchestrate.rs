@@ -637,11 +637,9 @@ impl Agent {
                         return;
                     }
                     // Out of every load balancer before its process is touched.
-                    self.gossip
-                        .write([(format!("{}{name}", key::ENDPOINT), None)])
-                        .await;
+                    let removal = self.leave_load_balancers(&name).await;
                     if healthy {
-                        tokio::time::sleep(self.drain_time()).await;
+                        self.drained(&name, removal).await;
                     }
                     let view = self.view();
                     let reason = format!(
@@ -651,6 +649,7 @@ impl Agent {
                         check.probe
                     );
                     self.task_ended(&view, t, Ending::Failed(reason)).await;
+                    self.forget_endpoint(&name).await;
                     self.jobs.release(&task.id);
                     return;
                 }
@@ -678,13 +677,10 @@ impl Agent {
         t.desired = DesiredState::Shutdown;
         self.publish_task(&t).await;
         let name = process_name(&t);
-        self.gossip
-            .write([(format!("{}{name}", key::ENDPOINT), None)])
-            .await;
+        let removal = self.leave_load_balancers(&name).await;
         self.stop_dns_for(&name).await;
         if was_serving {
-            // Time for every node to see the endpoint go and reprogram its load balancer.
-            tokio::time::sleep(self.drain_time()).await;
+            self.drained(&name, removal).await;
         }
         let grace = self
             .view()
@@ -700,19 +696,13 @@ impl Agent {
         {
             warn!(task = name, "stopping task: {e:#}");
         }
+        self.forget_endpoint(&name).await;
         if !t.state.is_terminal() {
             t.state = TaskState::Shutdown;
             t.since_ms = Clock::now_ms();
         }
         self.publish_task(&t).await;
         info!(task = name, "task stopped");
-    }
-
-    /// How long a stopping task stays up after leaving the tables: gossip spreads in a few
-    /// rounds and each node reprograms within ~200 ms of hearing; a loaded node takes longer,
-    /// and a connection sent to a task that already stopped is a failed request.
-    fn drain_time(&self) -> Duration {
-        (self.config.gossip_interval() * 20).max(Duration::from_secs(1))
     }
 
     /// Keeps the newest few finished tasks per slot; forgets those of services that are gone.

@@ -81,7 +81,16 @@ impl Agent {
                     })
                     .collect()
             };
-            // Tasks of drained nodes keep their connections but get no new ones.
+            // Tasks of drained nodes, stopping tasks and tasks of nodes called down keep
+            // their connections but get no new ones: a node that only stalled keeps serving
+            // what it has.
+            let backends = || {
+                view.backends(&s.spec.name).chain(
+                    view.down_endpoints
+                        .iter()
+                        .filter(|e| e.record.service.as_deref() == Some(s.spec.name.as_str())),
+                )
+            };
             let backend = |e: &crate::cluster::EndpointView| BackendLb {
                 ip: e.record.ip,
                 draining: !e.active,
@@ -93,8 +102,7 @@ impl Agent {
             };
             let id = short_id(&s.spec.name, &s.created);
             let host_ports = published(true);
-            let own: Vec<BackendLb> = view
-                .backends(&s.spec.name)
+            let own: Vec<BackendLb> = backends()
                 .filter(|e| e.node == self.node_name())
                 .map(backend)
                 .collect();
@@ -119,7 +127,7 @@ impl Agent {
                     EndpointMode::Dnsrr => None,
                 },
                 ports: published(false),
-                backends: view.backends(&s.spec.name).map(backend).collect(),
+                backends: backends().map(backend).collect(),
             });
         }
         let ops = dp
@@ -151,6 +159,10 @@ impl Agent {
             dp.retain_task_veths(&veths)?;
             *attached = veths;
         }
+        drop(attached);
+        drop(bridges);
+        drop(dp);
+        self.lb_applied(view).await;
         Ok(())
     }
 

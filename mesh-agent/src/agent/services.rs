@@ -12,8 +12,8 @@ use super::{Agent, Error, Result, rollout, validate_name};
 use crate::{
     api::{HealthFlags, RestartFlags, ServiceCreate, ServiceScale, ServiceUpdate},
     cluster::{
-        Clock, EndpointMode, FileRef, PortSpec, Replicated, ServiceSpec, TaskTemplate, UpdateState,
-        View, key,
+        Clock, EndpointMode, FileRef, PortSpec, Protocol, Replicated, ServiceSpec, TaskTemplate,
+        UpdateState, View, key,
     },
 };
 
@@ -261,6 +261,27 @@ fn check_ports(view: &View, name: &str, ports: &[PortSpec]) -> Result<()> {
             return Err(Error::Invalid(format!(
                 "port {published}/{} is published twice",
                 p.protocol
+            )));
+        }
+        if p.protocol == Protocol::Udp && published == crate::overlay::VXLAN_PORT {
+            return Err(Error::Invalid(format!(
+                "port {published}/udp carries the overlay (VXLAN) on every node and cannot be \
+                 published: choose another port"
+            )));
+        }
+        if let Some((node, r)) = view.nodes.values().find_map(|n| {
+            let r = n
+                .record
+                .as_ref()?
+                .reserved_ports
+                .iter()
+                .find(|r| r.protocol == p.protocol && r.port == published)?;
+            Some((&n.name, r))
+        }) {
+            return Err(Error::Invalid(format!(
+                "port {published}/{} is used by {} on node {node} and cannot be published: \
+                 choose another port",
+                p.protocol, r.used_by
             )));
         }
         if let Some(owner) = view.services.values().find(|s| {

@@ -194,11 +194,12 @@ impl Agent {
             )));
         }
         // The endpoint leaves first, so no new connection is sent to a task being stopped.
-        self.gossip
-            .write([(format!("{}{name}", key::ENDPOINT), None)])
-            .await;
+        let removal = self.leave_load_balancers(name).await;
         self.stop_dns_for(name).await;
-        local.tasks.stop(name).await?;
+        self.drained(name, removal).await;
+        let stopped = local.tasks.stop(name).await;
+        self.forget_endpoint(name).await;
+        stopped?;
         self.poke();
         Ok(())
     }

@@ -42,6 +42,10 @@ pub mod key {
     pub const SECRET: &str = "obj:secret:";
     /// `obj:config:<name>`, replicated: a config file's data.
     pub const CONFIG: &str = "obj:config:";
+    /// How far this node's load balancer has caught up with every other node's task
+    /// removals (see [`super::LbProgress`]): what lets a stopping task know that no node
+    /// sends it new connections any more.
+    pub const LB_PROGRESS: &str = "lb";
 }
 
 /// The label that names the stack an object belongs to (Docker's own, so tools that read
@@ -229,6 +233,18 @@ pub struct NodeRecord {
     /// The node's own labels (agent.toml `labels`, `--label`): Swarm's engine labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Ports of the node's address the agent itself needs (gossip, VXLAN, its UI and metrics
+    /// listeners): a published port answers on every node, so none may take one of these.
+    #[serde(default)]
+    pub reserved_ports: Vec<ReservedPort>,
+}
+
+/// A port a node's agent listens on, and what for (the error names it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservedPort {
+    pub protocol: Protocol,
+    pub port: u16,
+    pub used_by: String,
 }
 
 /// A node that left for good: peers forget this generation of it at once.
@@ -308,6 +324,27 @@ pub const DRIVER_PODMAN: &str = "podman";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Restarting {
     pub until_ms: u64,
+}
+
+/// A node's part in confirmed drains. A node that takes a task out of the load balancers
+/// bumps `removal` in the same write as the endpoint's deletion (after it, so gossip, which
+/// delivers a node's keys in version order, never carries the counter without the
+/// deletion). Every node, once its load balancer is programmed from a view, records the
+/// other nodes' counters it has applied in `applied`. The stopping node waits until every
+/// live node's `applied` reaches its own counter: only then is no new connection headed for
+/// the task (Swarm has no such step and routes to tasks that are shutting down, moby#38841).
+///
+/// Echoing counters cannot loop: a node's `applied` changes only when another node's
+/// `removal` does, and `removal` changes only when a task stops.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbProgress {
+    /// Milliseconds since the epoch of this node's newest removal, kept increasing across
+    /// restarts without any state of its own.
+    #[serde(default)]
+    pub removal: u64,
+    /// Other nodes' `removal`, as this node's load balancer has applied them.
+    #[serde(default)]
+    pub applied: BTreeMap<String, u64>,
 }
 
 /// Operator-set properties of a node, replicated so they can be changed from any node.
@@ -744,6 +781,10 @@ impl TaskTemplate {
 pub enum TaskState {
     #[default]
     Running,
+    /// Draining before its process is stopped: no load balancer sends it new connections and
+    /// DNS no longer names it, but every node still reaches it (its overlay entries stay), so
+    /// the connections it has finish.
+    Stopping,
     Exited,
 }
 
@@ -751,6 +792,7 @@ impl fmt::Display for TaskState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Running => "running",
+            Self::Stopping => "stopping",
             Self::Exited => "exited",
         })
     }

@@ -113,6 +113,13 @@ pub struct View {
     /// the planner skips them).
     pub tasks: Vec<mesh_planner::Task>,
     pub attachments: Vec<AttachmentView>,
+    /// Endpoints and attachments of nodes the failure detector calls down. They are out of
+    /// every load balancer, but the overlay keeps reaching them: a node that only stalled
+    /// (an overloaded host misses heartbeats for a second) must not have its established
+    /// connections cut, and keeping a dead node's entries costs nothing (its addresses are
+    /// not reused while its blocks are claimed).
+    pub down_endpoints: Vec<EndpointView>,
+    pub down_attachments: Vec<AttachmentView>,
     /// Per network, the winning claim of every claimed block (dead nodes' claims included,
     /// so their addresses are not reused while they may come back).
     pub blocks: BTreeMap<String, BTreeMap<u32, Stamp>>,
@@ -126,6 +133,8 @@ pub struct View {
     pub cluster_key: Option<Replicated<KeyRotation>>,
     /// Key ids each node in `nodes` holds, as it publishes them.
     pub node_keys: BTreeMap<String, KeyState>,
+    /// Each node's part in confirmed drains, as it publishes it.
+    pub lb_progress: BTreeMap<String, super::LbProgress>,
     /// When the same gossip state next computes to a different view (a restarting node's
     /// grace ends, a tombstone expires): until then, an unchanged state needs no recompute.
     pub next_change_ms: Option<u64>,
@@ -210,6 +219,9 @@ impl View {
             if let Some(keys) = n.kv.get(key::KEYS).and_then(|v| decode::<KeyState>(v)) {
                 view.node_keys.insert(name.to_string(), keys);
             }
+            if let Some(p) = n.kv.get(key::LB_PROGRESS).and_then(|v| decode(v)) {
+                view.lb_progress.insert(name.to_string(), p);
+            }
             let spec = node_specs
                 .get(*name)
                 .map(|r| r.spec.clone())
@@ -268,34 +280,38 @@ impl View {
                         view.tasks.push(t);
                     }
                 } else if let Some(task) = k.strip_prefix(key::ENDPOINT) {
-                    if !live {
-                        continue;
-                    }
                     let Some(record) = decode::<EndpointRecord>(v) else {
                         continue;
                     };
                     if record.task != task || !view.networks.contains_key(&record.network) {
                         continue;
                     }
-                    view.endpoints.push(EndpointView {
+                    let e = EndpointView {
                         node: name.to_string(),
                         vtep,
-                        active: active && record.state == TaskState::Running,
+                        active: live && active && record.state == TaskState::Running,
                         record,
-                    });
-                } else if k.starts_with(key::ATTACHMENT) {
-                    if !live {
-                        continue;
+                    };
+                    if live {
+                        view.endpoints.push(e);
+                    } else {
+                        view.down_endpoints.push(e);
                     }
+                } else if k.starts_with(key::ATTACHMENT) {
                     let Some(record) = decode::<AttachmentRecord>(v) else {
                         continue;
                     };
                     if view.networks.contains_key(&record.network) {
-                        view.attachments.push(AttachmentView {
+                        let a = AttachmentView {
                             node: name.to_string(),
                             vtep,
                             record,
-                        });
+                        };
+                        if live {
+                            view.attachments.push(a);
+                        } else {
+                            view.down_attachments.push(a);
+                        }
                     }
                 } else if k.starts_with(key::BLOCK) {
                     let Some(claim) = decode::<BlockClaim>(v) else {
@@ -530,6 +546,7 @@ mod tests {
             agent_version: "test".into(),
             drivers: vec!["process".into()],
             labels: BTreeMap::new(),
+            reserved_ports: Vec::new(),
         };
         let mut kv = BTreeMap::new();
         kv.insert(key::NODE.into(), serde_json::to_string(&rec).unwrap());

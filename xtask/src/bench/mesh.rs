@@ -1,6 +1,7 @@
-//! The request path: wrk against the same mesh-whoami task, directly, through the routing
+//! The request path: load against the same mesh-whoami task, directly, through the routing
 //! mesh (published port on the task's node, and on a node without tasks) and through an
-//! nftables DNAT baseline built the way Docker or kube-proxy build theirs.
+//! nftables DNAT baseline built the way Docker or kube-proxy build theirs; keep-alive with
+//! wrk, `Connection: close` with the bench's own client (see [`close_load`]).
 //!
 //! ```text
 //!  client (192.0.2.100) ──► host1 192.0.2.1 ── bridge ── task whoami-1 (10.10.0.x:80)
@@ -14,19 +15,39 @@
 //!   `dnat to numgen inc mod N map { … }` over the service's tasks, conntrack, and on host2
 //!   masquerade towards the overlay (the reply must come back through host2 to be
 //!   un-NATed; Docker's ingress network does the same SNAT).
+//!
+//! So that a ratio means what it says:
+//! - the nft tables exist only while an nft path runs; before any other path's run they
+//!   are deleted and the bench checks the kernel no longer has them;
+//! - rounds rotate the order of the paths (round r starts at path r; with 5 rounds every
+//!   path runs once in every position) and alternate which connection kind goes first;
+//! - every run is preceded by an unmeasured warm-up of the same path and kind;
+//! - ratios are paired per round and reported as median (min–max) over the rounds;
+//! - every error wrk reports is a failed request, in both connection kinds, and is shown.
 
-use std::process::Command;
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context, Result, bail};
-use mesh_tests::Netns;
+use anyhow::{Context, Result, bail, ensure};
+use mesh_tests::{Cluster, Netns};
 
 use super::{
     agents,
-    report::{Report, Table},
+    report::{Report, Spread, Table},
 };
 
 const BASELINE_PORT: u16 = 8081;
+const BASELINE_TABLE: &str = "mesh_bench_dnat";
 const CLIENT: &str = "192.0.2.100";
+/// Connections kept busy at once, in both kinds.
+const CONNECTIONS: usize = 16;
+/// How long a connect or a read may take before the request counts as timed out (wrk's
+/// default).
+const TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Path {
@@ -55,6 +76,12 @@ impl Path {
             Path::NftRemote => "nft DNAT → remote task",
         }
     }
+
+    /// Whether the path needs the bench's nftables DNAT baseline. Every other path runs
+    /// with it removed, so its rules and their conntrack lookups are not on that path.
+    fn uses_baseline(self) -> bool {
+        matches!(self, Path::NftLocal | Path::NftRemote)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -62,6 +89,8 @@ enum Mode {
     KeepAlive,
     Close,
 }
+
+const MODES: [Mode; 2] = [Mode::KeepAlive, Mode::Close];
 
 impl Mode {
     fn label(self) -> &'static str {
@@ -72,17 +101,109 @@ impl Mode {
     }
 }
 
+/// wrk's error counters: every one is a failed request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Errors {
+    connect: u64,
+    read: u64,
+    write: u64,
+    timeout: u64,
+    non_2xx: u64,
+    /// An answer cut short, or not HTTP (the close-mode client checks each one).
+    incomplete: u64,
+}
+
+impl Errors {
+    fn total(&self) -> u64 {
+        self.connect + self.read + self.write + self.timeout + self.non_2xx + self.incomplete
+    }
+
+    fn add(&mut self, o: &Errors) {
+        self.connect += o.connect;
+        self.read += o.read;
+        self.write += o.write;
+        self.timeout += o.timeout;
+        self.non_2xx += o.non_2xx;
+        self.incomplete += o.incomplete;
+    }
+
+    /// `0`, or the total with the kinds that are not zero.
+    fn show(&self) -> String {
+        if self.total() == 0 {
+            return "0".into();
+        }
+        let kinds: Vec<String> = [
+            ("connect", self.connect),
+            ("read", self.read),
+            ("write", self.write),
+            ("timeout", self.timeout),
+            ("non-2xx", self.non_2xx),
+            ("incomplete", self.incomplete),
+        ]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+        format!("{} ({})", self.total(), kinds.join(", "))
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 struct Wrk {
     rps: f64,
+    requests: u64,
     p50_us: f64,
     p99_us: f64,
-    errors: u64,
+    errors: Errors,
+}
+
+/// The measured runs of one path in one mode, in repetition order, and the warm-ups' errors.
+#[derive(Default)]
+struct Runs {
+    runs: Vec<Wrk>,
+    warmup_errors: Errors,
+}
+
+impl Runs {
+    fn spread(&self, f: impl Fn(&Wrk) -> f64) -> Spread {
+        Spread::of(&self.runs.iter().map(f).collect::<Vec<_>>()).expect("at least one run")
+    }
+
+    fn errors(&self) -> Errors {
+        let mut e = Errors::default();
+        for r in &self.runs {
+            e.add(&r.errors);
+        }
+        e
+    }
+
+    fn requests(&self) -> u64 {
+        self.runs.iter().map(|r| r.requests).sum()
+    }
+}
+
+/// Ratios of one path's RPS to another's, one per repetition (paired: both ran in the same
+/// round, seconds apart, so slow drift of the machine cancels out).
+fn ratios(a: &Runs, b: &Runs) -> Spread {
+    let v: Vec<f64> = a
+        .runs
+        .iter()
+        .zip(&b.runs)
+        .map(|(a, b)| a.rps / b.rps)
+        .collect();
+    Spread::of(&v).expect("at least one run")
 }
 
 pub fn run(quick: bool) -> Result<Report> {
-    super::require(&[("wrk", "wrk"), ("nft", "nftables"), ("curl", "curl")])?;
-    let (seconds, reps) = if quick { (2, 1) } else { (4, 3) };
+    super::require(&[
+        ("wrk", "wrk"),
+        ("nft", "nftables"),
+        ("curl", "curl"),
+        ("conntrack", "conntrack"),
+        ("ss", "iproute2"),
+    ])?;
+    // With 5 repetitions, the rotation puts every path once in every position of a round.
+    let (seconds, warmup, reps) = if quick { (2, 1, 2) } else { (4, 1, 5) };
     let mut c = agents::cluster(3)?;
     let tasks = agents::whoami(&c, &[1])?;
     let task_ip = tasks[0].ip;
@@ -95,17 +216,50 @@ pub fn run(quick: bool) -> Result<Report> {
         c.host(1).ip
     ))?;
     let backends: Vec<String> = tasks.iter().map(|t| t.ip.to_string()).collect();
-    nft_baseline(&c.host(1).ns, &backends, false)?;
-    nft_baseline(&c.host(2).ns, &backends, true)?;
-
-    let url = |p: Path| match p {
-        Path::Direct => format!("http://{task_ip}:80/"),
-        Path::MeshLocal => format!("http://{}:{}/", c.host(1).ip, agents::PUBLISHED),
-        Path::MeshRemote => format!("http://{}:{}/", c.host(2).ip, agents::PUBLISHED),
-        Path::NftLocal => format!("http://{}:{BASELINE_PORT}/", c.host(1).ip),
-        Path::NftRemote => format!("http://{}:{BASELINE_PORT}/", c.host(2).ip),
+    let mut baseline = Baseline {
+        hosts: [&c.host(1).ns, &c.host(2).ns],
+        backends: &backends,
+        installed: false,
     };
+    // Nothing of ours may be there before we start (a table left by an earlier, killed run
+    // would sit on every path).
+    baseline.verify()?;
+
+    let host_ip = |i: usize| -> Result<Ipv4Addr> {
+        c.host(i)
+            .ip
+            .parse()
+            .with_context(|| format!("host{i} address {}", c.host(i).ip))
+    };
+    let targets = [
+        (Path::Direct, SocketAddrV4::new(task_ip, 80)),
+        (
+            Path::MeshLocal,
+            SocketAddrV4::new(host_ip(1)?, agents::PUBLISHED),
+        ),
+        (
+            Path::MeshRemote,
+            SocketAddrV4::new(host_ip(2)?, agents::PUBLISHED),
+        ),
+        (
+            Path::NftLocal,
+            SocketAddrV4::new(host_ip(1)?, BASELINE_PORT),
+        ),
+        (
+            Path::NftRemote,
+            SocketAddrV4::new(host_ip(2)?, BASELINE_PORT),
+        ),
+    ];
+    let target = |p: Path| -> SocketAddrV4 {
+        targets
+            .iter()
+            .find(|(q, _)| *q == p)
+            .expect("every path has a target")
+            .1
+    };
+    let url = |p: Path| format!("http://{}/", target(p));
     for p in PATHS {
+        baseline.set(p.uses_baseline())?;
         let out = client.sh_output(&format!("curl -s --max-time 3 {}", url(p)))?;
         let body = String::from_utf8_lossy(&out.stdout);
         if !body.contains("whoami-1") {
@@ -118,25 +272,58 @@ pub fn run(quick: bool) -> Result<Report> {
         }
     }
 
-    let mut results: Vec<(Mode, Path, Vec<Wrk>)> = Vec::new();
-    for mode in [Mode::KeepAlive, Mode::Close] {
+    let mut results: Vec<(Mode, Path, Runs)> = Vec::new();
+    for mode in MODES {
         for p in PATHS {
-            results.push((mode, p, Vec::new()));
+            results.push((mode, p, Runs::default()));
         }
     }
-    // Paths interleaved, repeated: drift in what else the machine runs spreads over all.
+    let mut tw_left = 0;
+    // Round r starts at path r (and alternates which connection kind goes first), so no
+    // path always follows the same one or always runs first; each run is preceded by an
+    // unmeasured warm-up of the same path.
     for rep in 0..reps {
-        for (mode, p, runs) in &mut results {
-            eprintln!(
-                "==> wrk {}s, {} ({}), run {}",
-                seconds,
-                p.label(),
-                mode.label(),
-                rep + 1
-            );
-            runs.push(wrk(client, &url(*p), *mode, seconds)?);
+        let modes = if rep % 2 == 0 {
+            MODES
+        } else {
+            [MODES[1], MODES[0]]
+        };
+        for mode in modes {
+            for i in 0..PATHS.len() {
+                let p = PATHS[(i + rep) % PATHS.len()];
+                baseline.set(p.uses_baseline())?;
+                eprintln!(
+                    "==> wrk {warmup}s warm-up + {seconds}s, {} ({}), round {}",
+                    p.label(),
+                    mode.label(),
+                    rep + 1
+                );
+                let load = |secs: u32| match mode {
+                    Mode::KeepAlive => wrk(client, &url(p), secs),
+                    Mode::Close => close_load(client, target(p), secs),
+                };
+                let left = fresh_state(&c)?;
+                tw_left = tw_left.max(left);
+                let warm = load(warmup)?;
+                let measured = load(seconds)?;
+                let runs = &mut results
+                    .iter_mut()
+                    .find(|(m, q, _)| *m == mode && *q == p)
+                    .expect("every path has runs")
+                    .2;
+                runs.warmup_errors.add(&warm.errors);
+                runs.runs.push(measured);
+            }
         }
     }
+    baseline.set(false)?;
+    let runs = |mode: Mode, p: Path| -> &Runs {
+        &results
+            .iter()
+            .find(|(m, q, _)| *m == mode && *q == p)
+            .expect("every path ran")
+            .2
+    };
 
     let mut report = Report::new("Request path: routing mesh vs direct vs nftables DNAT");
     report.ran(
@@ -144,89 +331,232 @@ pub fn run(quick: bool) -> Result<Report> {
          published on 8080; client namespace on the underlay bridge",
     );
     report.ran(format!(
-        "wrk -t1 -c16 -d{seconds}s --latency, keep-alive and with `Connection: close`; \
-         {reps} run(s) per path, paths interleaved; the table shows the median run"
+        "keep-alive: wrk -t1 -c{CONNECTIONS} -d{seconds}s --latency; `Connection: close`: the \
+         bench's own client, {CONNECTIONS} connections at a time, one request each (connect, \
+         request, answer checked, server closes), latency from connect to the answer's end"
+    ));
+    report.ran(format!(
+        "{reps} round(s), each path once per round and kind after a {warmup}s warm-up of \
+         itself; round r starts at path r and the kinds alternate which goes first"
     ));
     report.ran(format!(
         "nft baseline built by the bench: host1 and host2 `nat` prerouting \
          `tcp dport {BASELINE_PORT} dnat to numgen inc mod {n} map {{ … }}:80`, conntrack, \
-         host2 masquerade to the overlay",
+         host2 masquerade to the overlay; loaded only for the nft paths' runs and deleted \
+         (and checked gone) before every other path's",
         n = backends.len()
     ));
-    let mut ratios = Vec::new();
-    for mode in [Mode::KeepAlive, Mode::Close] {
+    report.ran(
+        "ratios are taken per round (paths of one round ran seconds apart) and shown as \
+         median (min–max) over the rounds",
+    );
+    let mut total_errors = Errors::default();
+    let mut per_path_errors: Vec<String> = Vec::new();
+    for mode in MODES {
         let mut t = Table::new(
-            &format!("{} (ratio = RPS / direct RPS)", mode.label()),
+            &format!(
+                "{}: requests/s median (min–max over rounds), latency medians over rounds",
+                mode.label()
+            ),
             &[
                 "path",
                 "requests/s",
                 "p50",
                 "p99",
                 "ratio to direct",
+                "requests",
                 "failed",
+                "failed in warm-up",
             ],
         );
-        let median = |p: Path| -> Wrk {
-            let runs = &results
-                .iter()
-                .find(|(m, q, _)| *m == mode && *q == p)
-                .expect("every path ran")
-                .2;
-            let mut sorted = runs.clone();
-            sorted.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-            sorted[sorted.len() / 2]
-        };
-        let direct = median(Path::Direct);
+        let direct = runs(mode, Path::Direct);
         for p in PATHS {
-            let w = median(p);
+            let r = runs(mode, p);
+            let rps = r.spread(|w| w.rps);
+            let errors = r.errors();
+            total_errors.add(&errors);
+            total_errors.add(&r.warmup_errors);
+            if errors.total() + r.warmup_errors.total() > 0 {
+                per_path_errors.push(format!("{} ({})", p.label(), mode.label()));
+            }
             t.row(vec![
                 p.label().to_owned(),
-                format!("{:.0}", w.rps),
-                us(w.p50_us),
-                us(w.p99_us),
-                format!("{:.2}", w.rps / direct.rps),
-                w.errors.to_string(),
+                format!("{:.0} ({:.0}–{:.0})", rps.median, rps.min, rps.max),
+                us(r.spread(|w| w.p50_us).median),
+                us(r.spread(|w| w.p99_us).median),
+                ratio(&ratios(r, direct)),
+                r.requests().to_string(),
+                errors.show(),
+                r.warmup_errors.show(),
             ]);
         }
-        let local = median(Path::MeshLocal).rps / direct.rps;
-        let remote = median(Path::MeshRemote).rps / median(Path::NftRemote).rps;
-        let nft_local = median(Path::MeshLocal).rps / median(Path::NftLocal).rps;
-        ratios.push((mode, local, remote, nft_local));
         report.tables.push(t);
     }
+
     let mut goals = Table::new(
-        "Goals of issue 4/8: mesh ≥ 0.95 × direct (local), mesh ≥ 1.2 × nft DNAT (remote)",
-        &[
-            "mode",
-            "mesh local / direct",
-            "mesh remote / nft remote",
-            "mesh local / nft local",
-        ],
+        "Goals of issue 15 (ratios per round: median (min–max); met = the median meets it)",
+        &["goal", "connections", "target", "measured", "result"],
     );
-    for (mode, local, remote, nft_local) in &ratios {
+    for mode in MODES {
+        let local = ratios(runs(mode, Path::MeshLocal), runs(mode, Path::Direct));
         goals.row(vec![
-            mode.label().to_owned(),
-            format!("{local:.2} ({})", met(*local >= 0.95)),
-            format!("{remote:.2} ({})", met(*remote >= 1.2)),
-            format!("{nft_local:.2}"),
+            "mesh → local / direct to the task".into(),
+            mode.label().into(),
+            "≥ 0.95".into(),
+            ratio(&local),
+            met(local.median >= 0.95).into(),
+        ]);
+    }
+    for mode in MODES {
+        let remote = ratios(runs(mode, Path::MeshRemote), runs(mode, Path::NftRemote));
+        goals.row(vec![
+            "mesh → remote / nft DNAT → remote".into(),
+            mode.label().into(),
+            "≥ 1.2".into(),
+            ratio(&remote),
+            met(remote.median >= 1.2).into(),
+        ]);
+    }
+    goals.row(vec![
+        "failed requests, every path".into(),
+        "both".into(),
+        "0".into(),
+        total_errors.show(),
+        met(total_errors.total() == 0).into(),
+    ]);
+    for mode in MODES {
+        let l = ratios(runs(mode, Path::MeshLocal), runs(mode, Path::NftLocal));
+        goals.row(vec![
+            "(no goal) mesh → local / nft DNAT → local".into(),
+            mode.label().into(),
+            "–".into(),
+            ratio(&l),
+            "–".into(),
         ]);
     }
     report.tables.push(goals);
+    report.ran(
+        "before every warm-up: TIME_WAIT sockets destroyed (`ss -K`) in every namespace of the \
+         cluster and conntrack flushed on the hosts, so a run starts from the same state \
+         whatever ran before it; within a run both build up as they would on a busy server",
+    );
+    if tw_left > 0 {
+        report.note(format!(
+            "`ss -K` left up to {tw_left} TIME_WAIT sockets behind: runs inherited some of \
+             the previous run's state."
+        ));
+    }
+    if !per_path_errors.is_empty() {
+        report.note(format!(
+            "FAILED REQUESTS on: {} (see the failed columns).",
+            per_path_errors.join("; ")
+        ));
+    }
     report.note(
         "wrk, the task and the kernel's softirq work share the same 2 cores: RPS is bounded by \
          CPU, so the ratios compare CPU cost per request along each path.",
     );
     report.note(
-        "failed = wrk's connect, write and timeout errors and non-2xx answers (and read errors \
-         with keep-alive; with `Connection: close` wrk counts the server's close as a read \
-         error, so those are left out).",
+        "failed = every request that did not get a complete 2xx answer: wrk's connect, read, \
+         write and timeout errors and non-2xx answers with keep-alive; with `Connection: \
+         close` the same kinds, plus answers cut short, from the bench's client (wrk cannot \
+         be used there: mesh-whoami's answer to a `Connection: close` request does not carry \
+         `Connection: close`, so wrk sends a second request into the closed socket and counts \
+         a read error per request).",
+    );
+    report.note(
+        "The agent's own nftables table (`inet mesh`: network isolation, gateway-bridge \
+         masquerade) is on every host for every path: it is part of a mesh node.",
     );
     drop(c);
     Ok(report)
 }
 
+/// Removes what earlier runs left behind that a later run could trip over: the task's
+/// TIME_WAIT sockets (direct and nft local share the client's 4-tuples at the task, mesh
+/// and nft remote the node addresses) and the hosts' conntrack entries. Returns how many
+/// TIME_WAIT sockets are still there.
+fn fresh_state(c: &Cluster) -> Result<usize> {
+    let mut left = 0;
+    for ns in mesh_tests::netns::list()
+        .into_iter()
+        .filter(|n| n.starts_with(c.name()))
+    {
+        let run = |script: &str| {
+            mesh_tests::netns::command_in(&ns, "sh")
+                .args(["-c", script])
+                .output()
+                .with_context(|| format!("running `{script}` in {ns}"))
+        };
+        // ss -K reports sockets it could not destroy on stderr; what counts is what is left.
+        run("ss -K -t state time-wait >/dev/null 2>&1")?;
+        let out = run("ss -H -t -n state time-wait | wc -l")?;
+        left += String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<usize>()
+            .unwrap_or(0);
+    }
+    for h in c.hosts() {
+        // Exits non-zero when the table is empty already.
+        let _ = h.ns.sh_output("conntrack -F >/dev/null 2>&1")?;
+    }
+    Ok(left)
+}
+
 fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
+}
+
+fn ratio(s: &Spread) -> String {
+    format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max)
+}
+
+/// The bench's nftables DNAT baseline on host1 and host2: loaded only while an nft path
+/// runs, so no other path carries its rules.
+struct Baseline<'a> {
+    hosts: [&'a Netns; 2],
+    backends: &'a [String],
+    installed: bool,
+}
+
+impl Baseline<'_> {
+    fn set(&mut self, installed: bool) -> Result<()> {
+        if installed != self.installed {
+            for (i, ns) in self.hosts.iter().enumerate() {
+                if installed {
+                    // host2 has no task: its DNAT needs the masquerade for replies to return.
+                    nft_baseline(ns, self.backends, i == 1)?;
+                } else {
+                    ns.sh(&format!("nft delete table ip {BASELINE_TABLE}"))
+                        .context("removing the nftables DNAT baseline")?;
+                }
+            }
+            self.installed = installed;
+        }
+        self.verify()
+    }
+
+    /// Checks the kernel: the baseline table is on both hosts iff it should be.
+    fn verify(&self) -> Result<()> {
+        for ns in self.hosts {
+            let tables = ns.sh("nft list tables")?;
+            let present = tables
+                .lines()
+                .any(|l| l.split_whitespace().last() == Some(BASELINE_TABLE));
+            ensure!(
+                present == self.installed,
+                "the nftables DNAT baseline is {} in {} but should {}",
+                if present { "present" } else { "absent" },
+                ns.name(),
+                if self.installed {
+                    "be loaded"
+                } else {
+                    "be gone"
+                }
+            );
+        }
+        Ok(())
+    }
 }
 
 fn us(v: f64) -> String {
@@ -247,7 +577,7 @@ fn nft_baseline(ns: &Netns, backends: &[String], masquerade: bool) -> Result<()>
         .map(|(i, b)| format!("{i} : {b}"))
         .collect();
     let mut script = format!(
-        "table ip mesh_bench_dnat {{\n\
+        "table ip {BASELINE_TABLE} {{\n\
            chain prerouting {{\n\
              type nat hook prerouting priority dstnat; policy accept;\n\
              tcp dport {BASELINE_PORT} dnat to numgen inc mod {n} map {{ {map} }}:80\n\
@@ -276,14 +606,16 @@ fn nft_baseline(ns: &Netns, backends: &[String], masquerade: bool) -> Result<()>
     r.map(|_| ()).context("loading the nftables DNAT baseline")
 }
 
-fn wrk(client: &Netns, url: &str, mode: Mode, seconds: u32) -> Result<Wrk> {
+/// Keep-alive load: wrk with CONNECTIONS connections on one thread.
+fn wrk(client: &Netns, url: &str, seconds: u32) -> Result<Wrk> {
     let mut cmd: Command = client.command("wrk");
-    cmd.args(["-t1", "-c16", &format!("-d{seconds}s"), "--latency"]);
-    if mode == Mode::Close {
-        cmd.args(["-H", "Connection: close"]);
-    }
+    cmd.args([
+        "-t1",
+        &format!("-c{CONNECTIONS}"),
+        &format!("-d{seconds}s"),
+        "--latency",
+    ]);
     let out = cmd.arg(url).output().context("running wrk")?;
-    let close = mode == Mode::Close;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
@@ -292,12 +624,128 @@ fn wrk(client: &Netns, url: &str, mode: Mode, seconds: u32) -> Result<Wrk> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    parse_wrk(&text, close).with_context(|| format!("reading wrk's output:\n{text}"))
+    parse_wrk(&text).with_context(|| format!("reading wrk's output:\n{text}"))
 }
 
-/// With `close`, the server ends every connection after its answer, which wrk counts as a
-/// read error: those are not failures then.
-fn parse_wrk(text: &str, close: bool) -> Result<Wrk> {
+/// `Connection: close` load: CONNECTIONS clients, each doing one request per connection in
+/// a loop (connect, send, read the answer until the server closes, close), for `seconds`.
+///
+/// Not wrk: mesh-whoami closes after answering a `Connection: close` request but its answer
+/// does not say so, so wrk takes the connection as kept alive, sends a second request into
+/// the closed socket and counts the reset as a read error, once per request. That made
+/// every request look failed (or, when read errors were left out, hid real resets) and
+/// added a request and a RST to every connection. Here each answer is checked (status line,
+/// complete body), the server closes first (its side holds the TIME_WAIT, as with a real
+/// web server), and every failure is counted by kind.
+fn close_load(client: &Netns, addr: SocketAddrV4, seconds: u32) -> Result<Wrk> {
+    let run = Duration::from_secs(u64::from(seconds));
+    let (mut latencies, errors, elapsed) = client.run(move || {
+        let started = Instant::now();
+        let deadline = started + run;
+        let workers: Vec<_> = (0..CONNECTIONS)
+            .map(|_| std::thread::spawn(move || close_worker(addr, deadline)))
+            .collect();
+        let mut latencies = Vec::new();
+        let mut errors = Errors::default();
+        for w in workers {
+            let (l, e) = w.join().expect("close-mode client thread");
+            latencies.extend(l);
+            errors.add(&e);
+        }
+        (latencies, errors, started.elapsed())
+    })?;
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        if latencies.is_empty() {
+            f64::NAN
+        } else {
+            f64::from(latencies[((latencies.len() - 1) as f64 * q).round() as usize])
+        }
+    };
+    Ok(Wrk {
+        rps: latencies.len() as f64 / elapsed.as_secs_f64(),
+        requests: latencies.len() as u64,
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        errors,
+    })
+}
+
+/// One client of [`close_load`]: latencies (µs, connect to the answer's end) of the
+/// requests that succeeded, and what failed.
+fn close_worker(addr: SocketAddrV4, deadline: Instant) -> (Vec<u32>, Errors) {
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
+    let mut latencies = Vec::new();
+    let mut errors = Errors::default();
+    let mut answer = Vec::with_capacity(1024);
+    let timed_out =
+        |e: &std::io::Error| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        let mut s = match TcpStream::connect_timeout(&SocketAddr::V4(addr), TIMEOUT) {
+            Ok(s) => s,
+            Err(e) if timed_out(&e) => {
+                errors.timeout += 1;
+                continue;
+            }
+            Err(_) => {
+                errors.connect += 1;
+                continue;
+            }
+        };
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(TIMEOUT));
+        let _ = s.set_write_timeout(Some(TIMEOUT));
+        if s.write_all(REQUEST).is_err() {
+            errors.write += 1;
+            continue;
+        }
+        answer.clear();
+        match s.read_to_end(&mut answer) {
+            Ok(_) => {}
+            Err(e) if timed_out(&e) => {
+                errors.timeout += 1;
+                continue;
+            }
+            Err(_) => {
+                errors.read += 1;
+                continue;
+            }
+        }
+        match http_status(&answer) {
+            Some(200..=299) => {
+                latencies.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+            }
+            Some(_) => errors.non_2xx += 1,
+            None => errors.incomplete += 1,
+        }
+    }
+    (latencies, errors)
+}
+
+/// The status of a complete HTTP/1.x answer (head and a body of its Content-Length), or
+/// None when it is cut short or not HTTP.
+fn http_status(answer: &[u8]) -> Option<u16> {
+    let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&answer[..head_end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()?
+        .strip_prefix("HTTP/1.")?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let length: usize = lines.find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())?
+    })?;
+    (answer.len() - head_end - 4 == length).then_some(status)
+}
+
+/// Every error wrk reports counts, whatever the connection kind.
+fn parse_wrk(text: &str) -> Result<Wrk> {
     let mut w = Wrk::default();
     for line in text.lines().map(str::trim) {
         let mut words = line.split_whitespace();
@@ -314,17 +762,29 @@ fn parse_wrk(text: &str, close: bool) -> Result<Wrk> {
                     let (Some(kind), Some(n)) = (kv.next(), kv.next()) else {
                         continue;
                     };
-                    if !(close && kind == "read") {
-                        w.errors += n.parse::<u64>().unwrap_or(0);
+                    let n: u64 = n
+                        .parse()
+                        .with_context(|| format!("socket error count {n:?}"))?;
+                    match kind {
+                        "connect" => w.errors.connect += n,
+                        "read" => w.errors.read += n,
+                        "write" => w.errors.write += n,
+                        "timeout" => w.errors.timeout += n,
+                        other => bail!("unknown wrk error kind {other:?}"),
                     }
                 }
             }
             Some("Non-2xx") => {
-                w.errors += line
+                // "Non-2xx or 3xx responses: 12"
+                w.errors.non_2xx += line
                     .rsplit(' ')
                     .next()
                     .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0);
+                    .context("Non-2xx count")?;
+            }
+            // "20000 requests in 2.00s, 1.5MB read"
+            Some(n) if line.contains(" requests in ") => {
+                w.requests = n.parse().with_context(|| format!("request count {n:?}"))?;
             }
             _ => {}
         }
@@ -359,11 +819,27 @@ mod tests {
             Latency Distribution\n     50%  312.00us\n     75%  400.00us\n     90%  1.10ms\n     \
             99%    2.05ms\n  20000 requests in 2.00s, 1.5MB read\n  Socket errors: connect 0, \
             read 3, write 0, timeout 1\nRequests/sec:  10000.50\nTransfer/sec:    700KB\n";
-        let w = parse_wrk(text, false).unwrap();
+        let w = parse_wrk(text).unwrap();
         assert_eq!(w.rps, 10000.5);
+        assert_eq!(w.requests, 20000);
         assert_eq!(w.p50_us, 312.0);
         assert_eq!(w.p99_us, 2050.0);
-        assert_eq!(w.errors, 4);
-        assert_eq!(parse_wrk(text, true).unwrap().errors, 1);
+        assert_eq!(w.errors.read, 3);
+        assert_eq!(w.errors.timeout, 1);
+        assert_eq!(w.errors.total(), 4);
+        assert_eq!(w.errors.show(), "4 (read 3, timeout 1)");
+        let with_non_2xx = format!("{text}  Non-2xx or 3xx responses: 5\n");
+        assert_eq!(parse_wrk(&with_non_2xx).unwrap().errors.total(), 9);
+    }
+
+    #[test]
+    fn checks_close_mode_answers() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(http_status(ok), Some(200));
+        assert_eq!(http_status(&ok[..ok.len() - 1]), None, "body cut short");
+        assert_eq!(http_status(&ok[..20]), None, "head cut short");
+        let err = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(http_status(err), Some(503));
+        assert_eq!(http_status(b""), None);
     }
 }

@@ -31,11 +31,11 @@ use report::Report;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Target {
-    /// Request path: wrk through the routing mesh, directly, and through an nftables DNAT
-    /// baseline, to a local and a remote task.
+    /// Request path: keep-alive (wrk) and `Connection: close` load through the routing mesh,
+    /// directly, and through an nftables DNAT baseline, to a local and a remote task.
     Mesh,
-    /// ns/packet of the load balancer at 1 to 100,000 services and up to 1,000,000 flows,
-    /// beside iptables/nft DNAT at the same service counts.
+    /// ns/packet of the load balancer at 1 to 100,000 services and up to 1,000,000 flows, as
+    /// ratios to the pass floor, beside iptables/nft DNAT at the same service counts.
     Scale,
     /// Time from `service create` / `meshctl run` to the kernel programmed on all nodes;
     /// time to program 10,000 services.

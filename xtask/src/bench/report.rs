@@ -290,10 +290,18 @@ impl Spread {
         }
         let mut v = values.to_vec();
         v.sort_by(f64::total_cmp);
+        let n = v.len();
+        // The middle value, or the mean of the two middle ones: with two repetitions the
+        // nearest-rank median would be the larger one.
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
         Some(Self {
             min: v[0],
-            median: percentile_sorted(&v, 0.5),
-            max: v[v.len() - 1],
+            median,
+            max: v[n - 1],
         })
     }
 
