@@ -12,7 +12,7 @@ use etherparse::PacketBuilder;
 use mesh_agent::{
     bpf::SkbContext,
     dataplane::Dataplane,
-    lb::{BackendLb, LbLimits, NetworkLb, NodeLb, Protocol, PublishedPort, ServiceLb},
+    lb::{BackendLb, LbLimits, NetworkLb, NodeLb, Protocol, PublishMode, PublishedPort, ServiceLb},
 };
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -86,6 +86,7 @@ fn measure(pin: &std::path::Path, packets: usize) -> Result<()> {
             proto: Protocol::Tcp,
             published: 8080,
             target: 80,
+            mode: PublishMode::Snat,
         }],
         backends,
     }])?;

@@ -5,8 +5,13 @@
 //! its freshly loaded programs into the pinned links atomically.
 //!
 //! Attach points: XDP (port counters) and TC ingress (routing mesh) on the underlay
-//! interface, TC ingress on every network's bridge (routing-mesh replies), and the socket
-//! load-balancing hooks at the cgroup v2 root, scoped by network namespace.
+//! interface, TC ingress on every network's bridge (routing-mesh replies), TC on local tasks'
+//! host veths (client-address replies, see task_ports.rs), and the socket load-balancing
+//! hooks at the cgroup v2 root, scoped by network namespace.
+
+mod task_ports;
+
+pub use task_ports::{ReturnTimeouts, TaskVeth};
 
 use std::{
     fs, io,
@@ -44,6 +49,10 @@ const UNDERLAY_PROGRAM: &str = "mesh_underlay";
 /// The routing mesh (TC ingress on the underlay and on network bridges).
 pub const LB_INGRESS_PROGRAM: &str = "mesh_lb_ingress";
 /// Socket load balancing, attached at the cgroup v2 root.
+/// Client-address flows on local tasks' host veths: learning (egress, towards the task) and
+/// steering replies (ingress, from the task).
+pub const TO_TASK_PROGRAM: &str = "mesh_to_task";
+pub const FROM_TASK_PROGRAM: &str = "mesh_from_task";
 const SOCK_PROGRAMS: [&str; 4] = [
     "mesh_lb_connect",
     "mesh_lb_sendmsg",
@@ -388,6 +397,15 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     program
         .load()
         .context("verifier rejected the routing mesh program")?;
+    for name in [TO_TASK_PROGRAM, FROM_TASK_PROGRAM] {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("{name} missing from the eBPF object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("verifier rejected {name}"))?;
+    }
     for name in SOCK_PROGRAMS {
         let program: &mut CgroupSockAddr = ebpf
             .program_mut(name)
@@ -499,4 +517,15 @@ pub fn interface_mtu(iface: &str) -> Result<u32> {
     }
     // SAFETY: the kernel filled the mtu member.
     Ok(unsafe { req.ifr_ifru.ifru_mtu } as u32)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock bpf_ktime_get_coarse_ns reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and output pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -29,9 +29,9 @@ use mesh_common::lb::{
     BACKEND_ACTIVE, BACKEND_COUNTERS_MAP, BACKEND_DRAINING, BACKEND_FREE, BACKENDS_MAP, Backend,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS,
     DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FLOWS_MAP, Flow, FlowKey, IPPROTO_TCP,
-    IPPROTO_UDP, LbConfig, Network, RR_MAP, Reason, SERVICE_COUNTERS_MAP, SERVICE_IN_USE,
-    SERVICE_STATE_MAP, SERVICES_MAP, SLOTS_MAP, SOCK_FWD_MAP, SOCK_REV_MAP, ServiceEntry,
-    ServiceKey, ServiceState, TrafficCounters,
+    IPPROTO_UDP, LbConfig, Network, PUBLISH_INGRESS, PUBLISH_SNAT, RR_MAP, Reason,
+    SERVICE_COUNTERS_MAP, SERVICE_IN_USE, SERVICE_STATE_MAP, SERVICES_MAP, SLOTS_MAP, SOCK_FWD_MAP,
+    SOCK_REV_MAP, ServiceEntry, ServiceKey, ServiceState, TrafficCounters,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
@@ -173,6 +173,30 @@ pub struct PublishedPort {
     pub proto: Protocol,
     pub published: u16,
     pub target: u16,
+    #[serde(default)]
+    pub mode: PublishMode,
+}
+
+/// What source address a task sees on a published port.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// The client's own address and port; replies return through the ingress node.
+    #[default]
+    Ingress,
+    /// The ingress node's address on the service's network (Swarm's routing mesh).
+    Snat,
+}
+
+impl PublishMode {
+    const fn number(self) -> u16 {
+        match self {
+            PublishMode::Ingress => PUBLISH_INGRESS,
+            PublishMode::Snat => PUBLISH_SNAT,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,7 +242,7 @@ impl ServiceLb {
                 ServiceEntry {
                     service: 0,
                     target_port: p.target,
-                    _pad: 0,
+                    mode: p.mode.number(),
                 },
             );
         }
@@ -992,6 +1016,7 @@ mod tests {
                 proto: Protocol::Tcp,
                 published: 8080,
                 target: 80,
+                mode: PublishMode::Snat,
             }],
             backends: vec![],
         };

@@ -17,7 +17,17 @@
 //! LB_SOCK_FWD   SockKey             -> SockTarget      unconnected UDP: socket's backend
 //! LB_SOCK_REV   SockKey             -> SockTarget      backend -> address the app asked for
 //! LB_NETNS      netns cookie        -> NetnsEntry      namespaces whose sockets this node steers
+//! LB_TASK_PORTS host veth ifindex   -> TaskPort        a local task's port on a network
+//! LB_RETURNS    reply 5-tuple       -> ReturnEntry     client-address flows of local tasks:
+//!                                                      which node their replies go back to
 //! ```
+//!
+//! Client-address publishing (`PUBLISH_INGRESS`): the ingress node only DNATs, so the task
+//! sees the client's own address. Its replies would follow the task's routes out of the
+//! gateway bridge and its masquerade; instead the backend's node learns, from the packets
+//! that reach the task (`LB_RETURNS`, on the task's host veth), which node a connection came
+//! through and sends the replies back into the overlay to that node, where the flow's reply
+//! entry restores the published address.
 
 /// Node-wide settings, one entry at index 0.
 pub const CONFIG_MAP: &str = "LB_CONFIG";
@@ -41,6 +51,10 @@ pub const STATS_MAP: &str = "LB_STATS";
 /// (other agents sharing the kernel, the rest of the host). The node's own namespace
 /// (`LbConfig::host_netns_cookie`) is always included.
 pub const NETNS_MAP: &str = "LB_NETNS";
+pub const TASK_PORTS_MAP: &str = "LB_TASK_PORTS";
+pub const RETURNS_MAP: &str = "LB_RETURNS";
+/// How many task ports (a task's attachment to an overlay network) one node can have.
+pub const MAX_TASK_PORTS: u32 = 16_384;
 /// How many task namespaces one node can steer.
 pub const MAX_NETNS: u32 = 16_384;
 
@@ -49,6 +63,8 @@ pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
 pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
 pub const DEFAULT_MAX_FLOWS: u32 = 131_072;
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+/// Client-address flows whose backend runs on this node (one entry per connection).
+pub const DEFAULT_MAX_RETURNS: u32 = 65_536;
 
 /// Below the kernel's default ephemeral range (32768–60999), so a SNAT port never collides
 /// with a port the node's own sockets picked.
@@ -125,8 +141,17 @@ pub struct ServiceEntry {
     pub service: u32,
     /// Port on the backend; 0 keeps the port the client asked for (VIP entries).
     pub target_port: u16,
-    pub _pad: u16,
+    /// How a published port reaches its tasks: [`PUBLISH_SNAT`] or [`PUBLISH_INGRESS`]
+    /// (0 on VIP entries, which the socket hooks balance without packets).
+    pub mode: u16,
 }
+
+/// `ServiceEntry::mode`: the source becomes the node's address on the network (the task sees
+/// the ingress node). 0, so entries pinned by agents that knew no modes keep their meaning.
+pub const PUBLISH_SNAT: u16 = 0;
+/// Destination translation only: the task sees the client's own address and port; replies
+/// go back through the ingress node (see the module docs).
+pub const PUBLISH_INGRESS: u16 = 1;
 
 /// `ServiceState::flags`: the id is allocated (lets a restarted agent find its services).
 pub const SERVICE_IN_USE: u32 = 1;
@@ -227,6 +252,62 @@ impl Flow {
     }
 }
 
+/// A local task's host-side veth on an overlay network (the key is its ifindex).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskPort {
+    /// The MAC of this node's bridge on the network: frames from it were routed by this node.
+    pub node_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The network's VXLAN device on this node: where replies to other nodes are sent.
+    pub vxlan_ifindex: u32,
+}
+
+/// `ReturnEntry::flags`: the connection came in through this node (its flow table holds the
+/// reply translation); otherwise through the node whose bridge has `node_mac`.
+pub const RETURN_LOCAL: u16 = 1;
+/// A FIN went from the client to the task.
+pub const RETURN_FIN_IN: u16 = 2;
+/// A FIN went from the task to the client.
+pub const RETURN_FIN_OUT: u16 = 4;
+/// A RST went either way.
+pub const RETURN_RST: u16 = 8;
+
+/// Where the replies of one client-address connection to a local task go, keyed by the
+/// replies' 5-tuple (task address and target port → client address and port). UDP entries
+/// are keyed with source 0.0.0.0: a server bound to 0.0.0.0 answers from the address its
+/// route to the client prefers (the gateway bridge's), and gets `task_addr` back as the
+/// source. A TCP socket always answers from the address it was reached at.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReturnEntry {
+    /// The ingress node's bridge MAC on the network: the replies' Ethernet destination.
+    pub node_mac: [u8; 6],
+    pub flags: u16,
+    /// The task's address on the network the connection reached it by.
+    pub task_addr: [u8; 4],
+    /// The VXLAN device the replies leave by (0 for [`RETURN_LOCAL`]).
+    pub ifindex: u32,
+    /// CLOCK_MONOTONIC (coarse) nanoseconds; refreshed at most about once a second.
+    pub last_seen: u64,
+}
+
+/// The return-table key of a reply: UDP replies are keyed without their source address.
+pub const fn return_key(reply: &FlowKey) -> FlowKey {
+    let mut k = *reply;
+    if k.proto == IPPROTO_UDP {
+        k.src = [0; 4];
+    }
+    k
+}
+
+/// The MAC mesh gives an address on an overlay network (tasks and node bridges alike):
+/// 02:42 and the four octets, as Docker does. A frame whose source MAC is not the one of its
+/// source address was routed onto the network by the node that owns that MAC.
+pub const fn mac_for_ip(ip: [u8; 4]) -> [u8; 6] {
+    [0x02, 0x42, ip[0], ip[1], ip[2], ip[3]]
+}
+
 /// A socket and an address it talks to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -304,10 +385,12 @@ pub enum Reason {
     SockNoBackend,
     /// A reply's source or a peer name was restored to the service address.
     SockRestored,
+    /// A task's reply to a client-address flow was sent back to its ingress node.
+    Returned,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Forwarded,
         Reason::Replied,
         Reason::NewFlow,
@@ -323,6 +406,7 @@ impl Reason {
         Reason::SockBalanced,
         Reason::SockNoBackend,
         Reason::SockRestored,
+        Reason::Returned,
     ];
 
     /// Stable names for counters shown to users.
@@ -343,6 +427,7 @@ impl Reason {
             Reason::SockBalanced => "sock_balanced",
             Reason::SockNoBackend => "sock_refused_no_backend",
             Reason::SockRestored => "sock_restored",
+            Reason::Returned => "returned",
         }
     }
 }
@@ -368,6 +453,8 @@ mod pod {
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockTarget {}
     unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for TaskPort {}
+    unsafe impl aya::Pod for ReturnEntry {}
 }
 
 #[cfg(test)]
@@ -393,6 +480,8 @@ mod tests {
         assert_eq!(size_of::<SockTarget>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 32);
         assert_eq!(size_of::<NetnsEntry>(), 4);
+        assert_eq!(size_of::<TaskPort>(), 12);
+        assert_eq!(size_of::<ReturnEntry>(), 24);
     }
 
     #[test]

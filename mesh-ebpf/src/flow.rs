@@ -10,8 +10,8 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use mesh_common::lb::{
-    FLOW_FIN, FLOW_REPLY, FLOW_RST, FLOW_SEEN, Flow, FlowKey, LbConfig, Network, Reason,
-    ServiceEntry,
+    FLOW_FIN, FLOW_REPLY, FLOW_RST, FLOW_SEEN, Flow, FlowKey, LbConfig, Network, PUBLISH_INGRESS,
+    Reason, ServiceEntry,
 };
 
 use crate::{
@@ -76,8 +76,9 @@ pub fn forget(key: &FlowKey) {
 }
 
 /// Creates both entries of a new flow for a packet `key` that arrived on `ifindex` for
-/// `svc`: picks a backend, allocates a SNAT port on the network's node address, and returns
-/// the forward translation.
+/// `svc`: picks a backend, allocates a SNAT port on the network's node address (or keeps
+/// the client's address and port, for client-address ports), and returns the forward
+/// translation.
 #[inline(always)]
 pub fn create(
     key: &FlowKey,
@@ -119,6 +120,11 @@ pub fn create(
         flags: FLOW_REPLY,
         _pad: 0,
     };
+    if svc.mode == PUBLISH_INGRESS {
+        forward.nat_src = key.src;
+        forward.nat_sport = key.sport;
+        return create_client_address(key, &forward, &reply);
+    }
     let min = u32::from(cfg.snat_port_min);
     let span = u32::from(cfg.snat_port_max).saturating_sub(min) + 1;
     for _ in 0..SNAT_ATTEMPTS {
@@ -145,4 +151,25 @@ pub fn create(
         return unsafe { LB_FLOWS.get(key).copied().ok_or(Reason::FlowTableFull) };
     }
     Err(Reason::SnatExhausted)
+}
+
+/// The entries of a client-address flow. The reply key (backend:target → client:port) is
+/// fixed by the choice of backend, so there is no port to search for. The forward entry goes
+/// first: a retransmitted SYN racing on another CPU then finds it and uses its backend, and
+/// never removes a reply entry the winner wrote. The reply entry may replace one left by an
+/// earlier connection of the same 5-tuple (the client reused its port).
+#[inline(always)]
+fn create_client_address(key: &FlowKey, forward: &Flow, reply: &Flow) -> Result<Flow, Reason> {
+    if LB_FLOWS
+        .insert(key, forward, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        // SAFETY: plain data copied out.
+        return unsafe { LB_FLOWS.get(key).copied().ok_or(Reason::FlowTableFull) };
+    }
+    if LB_FLOWS.insert(forward.partner(key), reply, 0).is_err() {
+        let _ = LB_FLOWS.remove(key);
+        return Err(Reason::FlowTableFull);
+    }
+    Ok(*forward)
 }

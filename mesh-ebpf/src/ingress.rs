@@ -3,9 +3,13 @@
 //! ```text
 //! parse ─┬─ to <node ip>:<published port> ── flow? ─ yes ─────────────── rewrite ─ redirect
 //!        │                                      └─ no ─ new flow (SNAT) ─┘
-//!        ├─ to a SNAT port with a reply entry ───────────────────────── rewrite ─ redirect
+//!        ├─ to a SNAT port, or routed through us, with a reply entry ── rewrite ─ redirect
 //!        └─ anything else ── pass untouched
 //! ```
+//!
+//! "Routed through us": the frame is addressed to this node's MAC but its IP destination is
+//! another host's (overlay MACs are derived from addresses, so that takes no lookup). That is
+//! how replies of client-address flows come back from the backends' nodes (see task.rs).
 //!
 //! Redirects use bpf_redirect_neigh: the rewritten packet leaves the target device with
 //! fresh L2 addresses, bypassing the local input path (whose martian-source check would
@@ -16,7 +20,7 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_redirect_neigh, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use mesh_common::lb::{FLOW_REPLY, Flow, FlowKey, LbConfig, Reason, ServiceEntry};
+use mesh_common::lb::{FLOW_REPLY, Flow, FlowKey, LbConfig, Reason, ServiceEntry, mac_for_ip};
 
 use crate::{
     flow, nat,
@@ -33,18 +37,18 @@ use crate::{
 /// with every field always set: LLVM may move the undefined payload of a data-less enum
 /// variant through a register, which the verifier rejects as reading an uninitialized one.
 #[derive(Clone, Copy)]
-struct Verdict {
-    action: i32,
-    reason: u32,
+pub(crate) struct Verdict {
+    pub action: i32,
+    pub reason: u32,
 }
 
 /// `Verdict::reason` of packets that are not ours: not counted.
-const UNCOUNTED: u32 = u32::MAX;
+pub(crate) const UNCOUNTED: u32 = u32::MAX;
 /// `Verdict::action` while parsing: the packet is TCP/UDP over IPv4, go on.
-const CONTINUE: i32 = -1;
+pub(crate) const CONTINUE: i32 = -1;
 
 impl Verdict {
-    const PASS: Self = Self {
+    pub(crate) const PASS: Self = Self {
         action: TC_ACT_OK,
         reason: UNCOUNTED,
     };
@@ -60,14 +64,14 @@ impl Verdict {
         }
     }
 
-    const fn drop(r: Reason) -> Self {
+    pub(crate) const fn drop(r: Reason) -> Self {
         Self {
             action: TC_ACT_SHOT,
             reason: r as u32,
         }
     }
 
-    const fn redirect(action: i32, r: Reason) -> Self {
+    pub(crate) const fn redirect(action: i32, r: Reason) -> Self {
         Self {
             action,
             reason: r as u32,
@@ -76,7 +80,12 @@ impl Verdict {
 }
 
 pub fn run(ctx: &TcContext) -> i32 {
-    let v = classify(ctx);
+    finish(classify(ctx))
+}
+
+/// Counts a verdict under its reason and returns its action.
+#[inline(always)]
+pub(crate) fn finish(v: Verdict) -> i32 {
     if v.reason != UNCOUNTED {
         stats::count_index(v.reason);
     }
@@ -85,13 +94,31 @@ pub fn run(ctx: &TcContext) -> i32 {
 
 /// A parsed TCP or UDP over IPv4 packet.
 #[derive(Default)]
-struct Packet {
-    key: FlowKey,
+pub(crate) struct Packet {
+    pub key: FlowKey,
     /// Offset of the TCP/UDP header.
-    l4: usize,
+    pub l4: usize,
     /// IPv4 header length in bytes.
-    ihl: usize,
-    tcp_flags: u8,
+    pub ihl: usize,
+    pub tcp_flags: u8,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+impl Packet {
+    /// Whether the frame was sent to a router rather than to its IP destination: its
+    /// Ethernet destination is not the overlay MAC of that address.
+    #[inline(always)]
+    pub fn routed_to(&self) -> bool {
+        self.dst_mac != mac_for_ip(self.key.dst)
+    }
+
+    /// Whether a router put the frame on the network: its Ethernet source is not the
+    /// overlay MAC of its source address.
+    #[inline(always)]
+    pub fn routed_from(&self) -> bool {
+        self.src_mac != mac_for_ip(self.key.src)
+    }
 }
 
 fn classify(ctx: &TcContext) -> Verdict {
@@ -112,9 +139,10 @@ fn classify(ctx: &TcContext) -> Verdict {
             None => Verdict::PASS,
         };
     }
-    // Replies are addressed to a SNAT port: everything else skips the flow lookup.
-    if pkt.key.dport >= cfg.snat_port_min
-        && pkt.key.dport <= cfg.snat_port_max
+    // Replies are addressed to a SNAT port (SNAT flows) or routed through this node
+    // (client-address flows): everything else skips the flow lookup.
+    if ((pkt.key.dport >= cfg.snat_port_min && pkt.key.dport <= cfg.snat_port_max)
+        || pkt.routed_to())
         && let Some(entry) = flow::lookup(&pkt.key)
         // SAFETY: pointer into the flow table.
         && unsafe { (*entry).flags } & FLOW_REPLY != 0
@@ -128,7 +156,7 @@ fn classify(ctx: &TcContext) -> Verdict {
 /// otherwise what to do with the packet (untouched when it is not ours, counted when it is
 /// malformed).
 #[inline(always)]
-fn parse(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
+pub(crate) fn parse(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
     let v = parse_linear(ctx, cfg, pkt);
     if v.action == SHORT && pull_headers(ctx) {
         let v = parse_linear(ctx, cfg, pkt);
@@ -156,6 +184,11 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
     // SAFETY (all reads below): bounds-checked pointers into the packet.
     if u16::from_be_bytes(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return Verdict::PASS;
+    }
+    // SAFETY: as above.
+    unsafe {
+        pkt.src_mac = (*eth).src;
+        pkt.dst_mac = (*eth).dst;
     }
     let Some(ip) = skb_ptr::<Ipv4Hdr>(ctx, ETH_HLEN) else {
         return SHORT_VERDICT;
@@ -262,7 +295,13 @@ fn forward(ctx: &TcContext, pkt: &Packet, svc: &ServiceEntry, cfg: &LbConfig) ->
 }
 
 #[inline(always)]
-fn translate(ctx: &TcContext, pkt: &Packet, entry: *mut Flow, r: Reason, new: bool) -> Verdict {
+pub(crate) fn translate(
+    ctx: &TcContext,
+    pkt: &Packet,
+    entry: *mut Flow,
+    r: Reason,
+    new: bool,
+) -> Verdict {
     flow::touch(entry, pkt.key.proto, pkt.tcp_flags, flow::now());
     // SAFETY: pointer into the flow table; copied so the rewrite works on a stable value.
     let f = unsafe { *entry };

@@ -16,11 +16,15 @@ mod nat;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
+mod returns;
+#[cfg(target_arch = "bpf")]
 mod service;
 #[cfg(target_arch = "bpf")]
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod stats;
+#[cfg(target_arch = "bpf")]
+mod task;
 #[cfg(target_arch = "bpf")]
 mod underlay;
 
@@ -34,10 +38,10 @@ mod programs {
     };
     use mesh_common::{
         lb::{
-            Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
-            DEFAULT_MAX_SOCKETS, Flow, FlowKey, LbConfig, MAX_NETNS, NetnsEntry, Network,
-            STATS_LEN, ServiceEntry, ServiceKey, ServiceState, SlotKey, SockKey, SockTarget,
-            TrafficCounters,
+            Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_RETURNS,
+            DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, Flow, FlowKey, LbConfig, MAX_NETNS,
+            MAX_TASK_PORTS, NetnsEntry, Network, ReturnEntry, STATS_LEN, ServiceEntry, ServiceKey,
+            ServiceState, SlotKey, SockKey, SockTarget, TaskPort, TrafficCounters,
         },
         stats::{PORT_COUNTERS_LEN, PortCounter},
     };
@@ -84,6 +88,14 @@ mod programs {
     #[map(name = "LB_NETNS")]
     pub static LB_NETNS: HashMap<u64, NetnsEntry> = HashMap::pinned(MAX_NETNS, 0);
 
+    /// A local task's host veth on an overlay network → what its programs need to know.
+    #[map(name = "LB_TASK_PORTS")]
+    pub static LB_TASK_PORTS: HashMap<u32, TaskPort> = HashMap::pinned(MAX_TASK_PORTS, 0);
+    /// Client-address connections of local tasks → the node their replies go back to.
+    #[map(name = "LB_RETURNS")]
+    pub static LB_RETURNS: LruHashMap<FlowKey, ReturnEntry> =
+        LruHashMap::pinned(DEFAULT_MAX_RETURNS, 0);
+
     /// Task namespace → port of its resolver listener (see mesh_common::dns).
     #[map(name = "RESOLVERS")]
     pub static RESOLVERS: HashMap<u64, u16> = HashMap::pinned(mesh_common::dns::MAX_RESOLVERS, 0);
@@ -101,6 +113,20 @@ mod programs {
     #[classifier]
     pub fn mesh_lb_ingress(ctx: TcContext) -> i32 {
         crate::ingress::run(&ctx)
+    }
+
+    /// TC egress on a local task's host veth on an overlay network: learns which node a
+    /// client-address connection came through.
+    #[classifier]
+    pub fn mesh_to_task(ctx: TcContext) -> i32 {
+        crate::task::to_task(&ctx)
+    }
+
+    /// TC ingress on a local task's host veths: replies of client-address connections go
+    /// back through the node the connection came in by.
+    #[classifier]
+    pub fn mesh_from_task(ctx: TcContext) -> i32 {
+        crate::task::from_task(&ctx)
     }
 
     /// connect() to a VIP or a published port: pick the backend before the socket exists.

@@ -206,6 +206,66 @@ pub fn http_get(addr: SocketAddr) -> Result<String> {
     }
 }
 
+/// What a mesh-whoami task answered about the client it saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    /// The task that answered.
+    pub task: String,
+    /// The peer address the task saw.
+    pub client: SocketAddr,
+    /// The client socket's own address.
+    pub local: SocketAddr,
+}
+
+impl Seen {
+    fn parse(answer: &str, local: SocketAddr) -> Result<Self> {
+        let (task, client) = answer
+            .trim()
+            .split_once(' ')
+            .with_context(|| format!("not a `NAME ADDR:PORT` answer: {answer:?}"))?;
+        Ok(Self {
+            task: task.to_owned(),
+            client: client
+                .parse()
+                .with_context(|| format!("bad address in {answer:?}"))?,
+            local,
+        })
+    }
+}
+
+/// `GET /client` on a fresh connection: the task and the peer address it saw.
+pub fn http_seen(addr: SocketAddr) -> Result<Seen> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    let local = s.local_addr()?;
+    s.write_all(b"GET /client HTTP/1.0\r\nHost: mesh\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .with_context(|| format!("reading the answer from {addr}"))?;
+    match resp.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.") && head[8..].starts_with(" 200") => {
+            Seen::parse(body, local)
+        }
+        _ => bail!("unexpected answer from {addr}: {resp:?}"),
+    }
+}
+
+/// A `client?` datagram from a fresh socket: the task and the peer address it saw. The
+/// answer must come from `addr` itself (the published address).
+pub fn udp_seen(addr: SocketAddr) -> Result<Seen> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.connect(addr)?;
+    let local = s.local_addr()?;
+    s.send(b"client?")?;
+    let mut buf = [0u8; 512];
+    let n = s
+        .recv(&mut buf)
+        .with_context(|| format!("no answer from {addr}"))?;
+    Seen::parse(&String::from_utf8_lossy(&buf[..n]), local)
+}
+
 /// One datagram from a fresh socket; the answer.
 pub fn udp_ask(addr: SocketAddr) -> Result<String> {
     let s = UdpSocket::bind("0.0.0.0:0")?;

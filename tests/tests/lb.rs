@@ -21,7 +21,9 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use etherparse::PacketBuilder;
 use mesh_agent::{
     dataplane::Dataplane,
-    lb::{BackendLb, FlowTimeouts, NetworkLb, NodeLb, Protocol, PublishedPort, ServiceLb},
+    lb::{
+        BackendLb, FlowTimeouts, NetworkLb, NodeLb, Protocol, PublishMode, PublishedPort, ServiceLb,
+    },
 };
 use mesh_common::lb::Reason;
 use mesh_tests::{
@@ -164,11 +166,13 @@ impl Node {
                     proto: Protocol::Tcp,
                     published: 8080,
                     target: 80,
+                    mode: PublishMode::Snat,
                 },
                 PublishedPort {
                     proto: Protocol::Udp,
                     published: 5353,
                     target: 53,
+                    mode: PublishMode::Snat,
                 },
             ],
             backends: self

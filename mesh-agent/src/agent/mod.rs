@@ -125,6 +125,8 @@ pub struct Local {
     gateway: GatewayPlumbing,
     /// Bridges the load balancer is attached to, by name, with the ifindex it saw.
     lb_bridges: Mutex<BTreeMap<String, u32>>,
+    /// Task veths the client-address programs are attached to, as last attached.
+    task_veths: Mutex<Vec<crate::dataplane::TaskVeth>>,
 }
 
 impl Agent {
@@ -141,6 +143,7 @@ impl Agent {
                 underlay: n.underlay,
                 gateway: n.gateway,
                 lb_bridges: Mutex::new(BTreeMap::new()),
+                task_veths: Mutex::new(Vec::new()),
             }),
             converging: Mutex::new(()),
             publishing: Mutex::new(None),

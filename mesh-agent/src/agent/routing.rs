@@ -9,10 +9,13 @@ use tracing::{info, warn};
 use super::{Agent, Local};
 use crate::{
     api::short_id,
-    cluster::{EndpointMode, Protocol, View},
+    cluster::{EndpointMode, Protocol, PublishMode, View},
+    dataplane::{ReturnTimeouts, TaskVeth},
     lb::{self, BackendLb, FlowTimeouts, NetworkLb, PublishedPort, ServiceLb},
-    overlay::NetworkPlumbing,
+    overlay::{MacAddr, NetworkPlumbing},
+    task::{GATEWAY_NETWORK, Interface, TaskRecord},
 };
+use mesh_common::lb::TaskPort;
 
 impl Agent {
     /// Puts the load balancer on every plumbed network's bridge (replies from tasks arrive
@@ -53,22 +56,11 @@ impl Agent {
             let Some(net) = plumbed.iter().find(|n| n.name == s.spec.network) else {
                 continue;
             };
-            desired.push(ServiceLb {
-                id: short_id(&s.spec.name, &s.created),
-                name: s.spec.name.clone(),
-                network: NetworkLb {
-                    id: net.vni,
-                    node_addr: net.node_address,
-                    bridge_ifindex: ifindex[&net.vni],
-                },
-                vip: match s.spec.endpoint_mode {
-                    EndpointMode::Vip => s.spec.vip,
-                    EndpointMode::Dnsrr => None,
-                },
-                ports: s
-                    .spec
+            let published = |host: bool| -> Vec<PublishedPort> {
+                s.spec
                     .ports
                     .iter()
+                    .filter(|p| (p.mode == PublishMode::Host) == host)
                     .filter_map(|p| {
                         Some(PublishedPort {
                             proto: match p.protocol {
@@ -77,24 +69,65 @@ impl Agent {
                             },
                             published: p.published?,
                             target: p.target,
+                            mode: match p.mode {
+                                // Host ports reach this node's own tasks only (below), with
+                                // the client's address kept.
+                                PublishMode::Ingress | PublishMode::Host => {
+                                    lb::PublishMode::Ingress
+                                }
+                                PublishMode::Snat => lb::PublishMode::Snat,
+                            },
                         })
                     })
-                    .collect(),
-                // Tasks of drained nodes, stopping tasks and tasks of nodes called down keep
-                // their connections but get no new ones: a node that only stalled keeps
-                // serving what it has.
-                backends: view
-                    .backends(&s.spec.name)
-                    .chain(
-                        view.down_endpoints
-                            .iter()
-                            .filter(|e| e.record.service.as_deref() == Some(s.spec.name.as_str())),
-                    )
-                    .map(|e| BackendLb {
-                        ip: e.record.ip,
-                        draining: !e.active,
-                    })
-                    .collect(),
+                    .collect()
+            };
+            // Tasks of drained nodes, stopping tasks and tasks of nodes called down keep
+            // their connections but get no new ones: a node that only stalled keeps serving
+            // what it has.
+            let backends = || {
+                view.backends(&s.spec.name).chain(
+                    view.down_endpoints
+                        .iter()
+                        .filter(|e| e.record.service.as_deref() == Some(s.spec.name.as_str())),
+                )
+            };
+            let backend = |e: &crate::cluster::EndpointView| BackendLb {
+                ip: e.record.ip,
+                draining: !e.active,
+            };
+            let network = NetworkLb {
+                id: net.vni,
+                node_addr: net.node_address,
+                bridge_ifindex: ifindex[&net.vni],
+            };
+            let id = short_id(&s.spec.name, &s.created);
+            let host_ports = published(true);
+            let own: Vec<BackendLb> = backends()
+                .filter(|e| e.node == self.node_name())
+                .map(backend)
+                .collect();
+            // Swarm's mode=host: a node without a task of the service does not answer the
+            // port at all (the kernel refuses the connection).
+            if !host_ports.is_empty() && !own.is_empty() {
+                desired.push(ServiceLb {
+                    id: format!("{id}/host"),
+                    name: s.spec.name.clone(),
+                    network,
+                    vip: None,
+                    ports: host_ports,
+                    backends: own,
+                });
+            }
+            desired.push(ServiceLb {
+                id,
+                name: s.spec.name.clone(),
+                network,
+                vip: match s.spec.endpoint_mode {
+                    EndpointMode::Vip => s.spec.vip,
+                    EndpointMode::Dnsrr => None,
+                },
+                ports: published(false),
+                backends: backends().map(backend).collect(),
             });
         }
         let ops = dp
@@ -108,21 +141,61 @@ impl Agent {
                 "load balancer programmed"
             );
         }
+
+        let tasks = local.tasks.list();
+        let containers = local.tasks.cni_list();
+        let veths = task_veths(
+            tasks
+                .iter()
+                .flat_map(|t| &t.interfaces)
+                .chain(containers.iter().flat_map(|c| &c.interfaces)),
+            plumbed,
+        );
+        let mut attached = local.task_veths.lock().await;
+        if *attached != veths {
+            for v in veths.iter().filter(|v| !attached.contains(v)) {
+                dp.attach_task_veth(v)?;
+            }
+            dp.retain_task_veths(&veths)?;
+            *attached = veths;
+        }
+        drop(attached);
         drop(bridges);
         drop(dp);
         self.lb_applied(view).await;
         Ok(())
     }
 
-    /// Removes finished and orphaned flows, forever (every few seconds).
+    /// Puts the client-address programs on a new task's veths before it becomes a backend
+    /// anywhere, so its first client's replies already find their way back.
+    pub(crate) async fn attach_task_veths(
+        &self,
+        local: &Local,
+        task: &TaskRecord,
+        plumbed: &[NetworkPlumbing],
+    ) -> Result<()> {
+        let mut dp = local.dataplane.lock().await;
+        for v in task_veths(task.interfaces.iter(), plumbed) {
+            dp.attach_task_veth(&v)?;
+        }
+        Ok(())
+    }
+
+    /// Removes finished and orphaned flows and return entries, forever (every few seconds).
     pub async fn sweep_flows(self: std::sync::Arc<Self>) {
         let Some(local) = self.local() else {
             return;
         };
         let timeouts = FlowTimeouts::default();
+        let returns = ReturnTimeouts::default();
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             let mut dp = local.dataplane.lock().await;
+            match dp.sweep_returns(&returns) {
+                Ok(n) if n > 0 => tracing::debug!(removed = n, "return entry sweep"),
+                Ok(_) => {}
+                Err(e) => warn!("sweeping return entries: {e:#}"),
+            }
             match dp.lb_mut().sweep(&timeouts) {
                 Ok(r) if r.removed > 0 => {
                     tracing::debug!(removed = r.removed, scanned = r.scanned, "flow sweep")
@@ -132,4 +205,40 @@ impl Agent {
             }
         }
     }
+}
+
+/// The host veths of tasks' (and CNI containers') `interfaces` that exist, with the
+/// settings of their overlay ports.
+fn task_veths<'a>(
+    interfaces: impl Iterator<Item = &'a Interface>,
+    plumbed: &[NetworkPlumbing],
+) -> Vec<TaskVeth> {
+    let index = |name: &str| nix::net::if_::if_nametoindex(name).ok();
+    let mut out = Vec::new();
+    for iface in interfaces {
+        let Some(ifindex) = index(&iface.host_veth) else {
+            continue;
+        };
+        let overlay = if iface.network == GATEWAY_NETWORK {
+            None
+        } else {
+            let Some(n) = plumbed.iter().find(|n| n.name == iface.network) else {
+                continue;
+            };
+            let Some(vxlan_ifindex) = index(&n.vxlan()) else {
+                continue;
+            };
+            Some(TaskPort {
+                node_mac: MacAddr::for_ip(n.node_address).0,
+                _pad: [0; 2],
+                vxlan_ifindex,
+            })
+        };
+        out.push(TaskVeth {
+            name: iface.host_veth.clone(),
+            ifindex,
+            overlay,
+        });
+    }
+    out
 }

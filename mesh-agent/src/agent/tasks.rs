@@ -145,6 +145,15 @@ impl Agent {
             self.poke();
             return Ok(record);
         }
+        if let Err(e) = self
+            .attach_task_veths(local, &record, std::slice::from_ref(&plumbing))
+            .await
+        {
+            warn!(
+                task = task.name,
+                "client-address replies are not steered yet: {e:#}"
+            );
+        }
         if task.publish {
             self.publish_endpoint(task.name, task.network, task.service, ip)
                 .await?;

@@ -71,7 +71,14 @@ pub struct CreateArgs {
     /// Network the tasks join (default: `ingress`, created on first use).
     #[arg(long)]
     network: Option<String>,
-    /// Publish a port on every node: 8080:80[/udp] or published=8080,target=80[,protocol=udp].
+    /// Publish a port on every node: 8080:80[/udp][,mode=snat] or
+    /// published=8080,target=80[,protocol=udp][,mode=ingress|snat|host].
+    ///
+    /// mode=ingress (the default): the tasks see the client's own address and port, through
+    /// whichever node it connected to; replies go back through that node. mode=snat: they see
+    /// the connecting node's address on the service's network (Swarm's routing mesh).
+    /// mode=host: only nodes running a task answer, each with its own tasks (client address
+    /// kept); the others refuse the connection.
     #[arg(long, short = 'p')]
     publish: Vec<String>,
     /// vip (one virtual IP, balanced) or dnsrr (the name resolves to the tasks).

@@ -402,14 +402,63 @@ pub struct PortSpec {
     pub protocol: Protocol,
     pub published: Option<u16>,
     pub target: u16,
+    /// Records written before modes existed have none: the default.
+    #[serde(default)]
+    pub mode: PublishMode,
+}
+
+/// How a published port reaches the tasks, and what source address they see.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// The routing mesh, keeping the client's own address and port.
+    #[default]
+    Ingress,
+    /// The routing mesh with the ingress node's address as the source (Swarm's behaviour).
+    Snat,
+    /// Only the node's own tasks answer, with the client's address kept; nodes without a
+    /// task of the service refuse the port (Swarm's `mode=host`).
+    Host,
+}
+
+impl fmt::Display for PublishMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ingress => "ingress",
+            Self::Snat => "snat",
+            Self::Host => "host",
+        })
+    }
+}
+
+impl FromStr for PublishMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ingress" => Ok(Self::Ingress),
+            "snat" => Ok(Self::Snat),
+            "host" => Ok(Self::Host),
+            other => Err(format!(
+                "unknown publish mode {other:?}: use ingress (the default: every node, the task \
+                 sees the client's address), snat (the task sees the ingress node's) or host \
+                 (only nodes running a task answer)"
+            )),
+        }
+    }
 }
 
 impl fmt::Display for PortSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.published {
-            Some(p) => write!(f, "*:{p}->{}/{}", self.target, self.protocol),
-            None => write!(f, "{}/{}", self.target, self.protocol),
+            Some(p) => write!(f, "*:{p}->{}/{}", self.target, self.protocol)?,
+            None => write!(f, "{}/{}", self.target, self.protocol)?,
         }
+        if self.mode != PublishMode::default() {
+            write!(f, " ({})", self.mode)?;
+        }
+        Ok(())
     }
 }
 
@@ -418,6 +467,21 @@ impl FromStr for PortSpec {
     /// Docker's short syntax: `8080:80`, `8080:80/udp`, `80` (target only); and its long one:
     /// `published=8080,target=80[,protocol=udp][,mode=ingress]`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // `8080:80,mode=snat`: the short syntax with a mode.
+        if let Some((short, rest)) = s.split_once(',')
+            && !short.contains('=')
+        {
+            let mut port: Self = short.parse()?;
+            port.mode = match rest.trim().split_once('=') {
+                Some(("mode", m)) => m.trim().parse().map_err(|e| format!("{e} (in {s:?})"))?,
+                _ => {
+                    return Err(format!(
+                        "invalid port {s:?}: after PUBLISHED:TARGET only ,mode=ingress|snat|host may follow"
+                    ));
+                }
+            };
+            return Ok(port);
+        }
         if s.contains('=') {
             return Self::from_long_syntax(s);
         }
@@ -439,11 +503,13 @@ impl FromStr for PortSpec {
                 protocol,
                 published: Some(port(published, "published")?),
                 target: port(target, "target")?,
+                mode: PublishMode::default(),
             }),
             None => Ok(Self {
                 protocol,
                 published: None,
                 target: port(ports, "target")?,
+                mode: PublishMode::default(),
             }),
         }
     }
@@ -452,6 +518,7 @@ impl FromStr for PortSpec {
 impl PortSpec {
     fn from_long_syntax(s: &str) -> Result<Self, String> {
         let (mut published, mut target, mut protocol) = (None, None, Protocol::Tcp);
+        let mut mode = PublishMode::default();
         let port = |v: &str, what: &str| -> Result<u16, String> {
             match v.parse::<u32>() {
                 Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
@@ -463,21 +530,14 @@ impl PortSpec {
         for field in s.split(',') {
             let (k, v) = field.split_once('=').ok_or_else(|| {
                 format!(
-                    "invalid port {s:?}: expected published=PORT,target=PORT[,protocol=tcp|udp]"
+                    "invalid port {s:?}: expected published=PORT,target=PORT[,protocol=tcp|udp][,mode=ingress|snat|host]"
                 )
             })?;
             match k.trim() {
                 "published" => published = Some(port(v.trim(), "published")?),
                 "target" => target = Some(port(v.trim(), "target")?),
                 "protocol" => protocol = v.trim().parse()?,
-                // The routing mesh is what mesh publishes through.
-                "mode" if v.trim() == "ingress" => {}
-                "mode" => {
-                    return Err(format!(
-                        "publish mode {:?} in {s:?} is not supported: only mode=ingress (the routing mesh)",
-                        v.trim()
-                    ));
-                }
+                "mode" => mode = v.trim().parse().map_err(|e| format!("{e} (in {s:?})"))?,
                 other => {
                     return Err(format!(
                         "unknown key {other:?} in port {s:?}: use published, target, protocol or mode"
@@ -490,6 +550,7 @@ impl PortSpec {
             protocol,
             published,
             target,
+            mode,
         })
     }
 }
@@ -783,7 +844,8 @@ mod tests {
             PortSpec {
                 protocol: Protocol::Tcp,
                 published: Some(8080),
-                target: 80
+                target: 80,
+                mode: PublishMode::Ingress,
             }
         );
         assert_eq!(
@@ -791,7 +853,8 @@ mod tests {
             PortSpec {
                 protocol: Protocol::Udp,
                 published: Some(5353),
-                target: 53
+                target: 53,
+                mode: PublishMode::Ingress,
             }
         );
         assert_eq!(
@@ -799,7 +862,8 @@ mod tests {
             PortSpec {
                 protocol: Protocol::Tcp,
                 published: None,
-                target: 80
+                target: 80,
+                mode: PublishMode::Ingress,
             }
         );
         let e = "8080:70000".parse::<PortSpec>().unwrap_err();
@@ -826,7 +890,9 @@ mod tests {
         for (bad, says) in [
             ("published=8080", "no target"),
             ("published=8080,target=0", "invalid target port"),
-            ("published=8080,target=80,mode=host", "not supported"),
+            ("published=8080,target=80,mode=dsr", "unknown publish mode"),
+            ("8080:80,mode=nat", "unknown publish mode"),
+            ("8080:80,protocol=udp", "only ,mode="),
             ("published=8080,dest=80", "unknown key"),
         ] {
             let e = bad.parse::<PortSpec>().unwrap_err();
@@ -838,6 +904,33 @@ mod tests {
     fn port_display_matches_docker_service_ls() {
         let p: PortSpec = "8080:80".parse().unwrap();
         assert_eq!(p.to_string(), "*:8080->80/tcp");
+        let p: PortSpec = "8080:80,mode=snat".parse().unwrap();
+        assert_eq!(p.to_string(), "*:8080->80/tcp (snat)");
+    }
+
+    #[test]
+    fn the_publish_mode_defaults_to_ingress_and_snat_is_spelled_both_ways() {
+        let snat = PortSpec {
+            protocol: Protocol::Udp,
+            published: Some(5353),
+            target: 53,
+            mode: PublishMode::Snat,
+        };
+        assert_eq!("5353:53/udp,mode=snat".parse::<PortSpec>().unwrap(), snat);
+        assert_eq!(
+            "published=5353,target=53,protocol=udp,mode=snat"
+                .parse::<PortSpec>()
+                .unwrap(),
+            snat
+        );
+        assert_eq!(
+            "8080:80".parse::<PortSpec>().unwrap().mode,
+            PublishMode::Ingress
+        );
+        // A record written before modes existed.
+        let old: PortSpec =
+            serde_json::from_str(r#"{"protocol":"tcp","published":8080,"target":80}"#).unwrap();
+        assert_eq!(old.mode, PublishMode::Ingress);
     }
 
     #[test]

@@ -774,6 +774,7 @@ mod tests {
                         protocol: Protocol::Tcp,
                         published: Some(8080),
                         target: 80,
+                        mode: Default::default(),
                     }],
                     ..ServiceSpec::default()
                 },

@@ -11,7 +11,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use rtnetlink::{
     Handle, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
-    packet_route::link::{InfoData, InfoVeth},
+    packet_route::{
+        link::{InfoData, InfoVeth},
+        route::{RouteAttribute, RouteMetric},
+    },
 };
 
 use super::{Attachment, Interface, ResolvConf};
@@ -162,17 +165,51 @@ pub(super) async fn configure_in(
         let link = netlink::link_by_name(&inside, &iface.name)
             .await?
             .with_context(|| format!("{} missing inside {netns_name}", iface.name))?;
+        // Replies to routing-mesh clients that kept their address leave by the default route
+        // but are sent back into the overlay (mesh-ebpf task.rs): the route carries the
+        // smallest MTU of the task's networks, so they (and the MSS the task advertises to
+        // those clients) fit the tunnel.
+        let mut smallest = link.mtu;
+        for other in interfaces.iter().filter(|o| o.name != iface.name) {
+            if let Some(l) = netlink::link_by_name(&inside, &other.name).await? {
+                smallest = smallest.min(l.mtu);
+            }
+        }
+        let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(via)
+            .output_interface(link.index)
+            .build();
+        if smallest < link.mtu {
+            route
+                .attributes
+                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(smallest)]));
+        }
         inside
             .route()
-            .add(
-                RouteMessageBuilder::<Ipv4Addr>::new()
-                    .gateway(via)
-                    .output_interface(link.index)
-                    .build(),
-            )
+            .add(route)
             .execute()
             .await
             .with_context(|| format!("adding the default route via {via} in {netns_name}"))?;
+    }
+    netns::run_in(ns_path, loose_reverse_path)?
+        .with_context(|| format!("setting rp_filter in {netns_name}"))?;
+    Ok(())
+}
+
+/// Packets of routing-mesh clients that kept their address arrive on the task's overlay
+/// interface, while its route back to them is the default one: strict reverse-path
+/// filtering (rp_filter 1, inherited from the host) would drop them. Loose (2) still drops
+/// sources with no route at all. The effective value is the larger of `all` and the
+/// interface's, so raising `all` is enough.
+fn loose_reverse_path() -> Result<()> {
+    let dir = Path::new("/proc/sys/net/ipv4/conf");
+    let read = |p: &Path| -> Option<u8> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    let strict = std::fs::read_dir(dir)
+        .context("listing /proc/sys/net/ipv4/conf")?
+        .flatten()
+        .any(|e| read(&e.path().join("rp_filter")) == Some(1));
+    if strict {
+        std::fs::write(dir.join("all/rp_filter"), "2").context("writing conf/all/rp_filter")?;
     }
     Ok(())
 }

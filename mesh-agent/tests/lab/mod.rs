@@ -11,7 +11,7 @@ use etherparse::PacketBuilder;
 use mesh_agent::{
     bpf::SkbContext,
     dataplane::Dataplane,
-    lb::{BackendLb, LbLimits, NetworkLb, NodeLb, Protocol, PublishedPort, ServiceLb},
+    lb::{BackendLb, LbLimits, NetworkLb, NodeLb, Protocol, PublishMode, PublishedPort, ServiceLb},
 };
 use mesh_common::lb::Reason;
 
@@ -109,6 +109,24 @@ impl Lab {
         (r.retval, r.data)
     }
 
+    /// Runs the learning program (towards a task) on a frame leaving by `ifindex`.
+    pub fn run_to_task(&self, p: &Packet, ifindex: u32) -> (u32, Vec<u8>) {
+        let r = self
+            .dp
+            .test_run_to_task(&p.bytes(), SkbContext { ifindex, mark: 0 })
+            .expect("test run");
+        (r.retval, r.data)
+    }
+
+    /// Runs the steering program (from a task) on a frame.
+    pub fn run_from_task(&self, p: &Packet) -> (u32, Vec<u8>) {
+        let r = self
+            .dp
+            .test_run_from_task(&p.bytes(), 1, SkbContext::default())
+            .expect("test run");
+        (r.retval, r.data)
+    }
+
     pub fn reason(&self, r: Reason) -> u64 {
         reason(self, r)
     }
@@ -174,9 +192,29 @@ pub fn service(name: &str, published: u16, target: u16, backends: &[Ipv4Addr]) -
             proto: Protocol::Tcp,
             published,
             target,
+            mode: PublishMode::Snat,
         }],
         backends: backends.iter().map(|ip| BackendLb::active(*ip)).collect(),
     }
+}
+
+/// [`service`] with its port in `mode`, and UDP `udp_published` → `udp_target` too.
+pub fn service_in(
+    name: &str,
+    mode: PublishMode,
+    published: u16,
+    target: u16,
+    backends: &[Ipv4Addr],
+) -> ServiceLb {
+    let mut s = service(name, published, target, backends);
+    s.ports[0].mode = mode;
+    s.ports.push(PublishedPort {
+        proto: Protocol::Udp,
+        published,
+        target,
+        mode,
+    });
+    s
 }
 
 #[derive(Clone, Debug)]
@@ -194,6 +232,7 @@ pub struct Packet {
     ip_options: Vec<u8>,
     no_udp_checksum: bool,
     patches: Vec<(usize, Vec<u8>)>,
+    macs: ([u8; 6], [u8; 6]),
 }
 
 pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Packet {
@@ -211,6 +250,7 @@ pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Packet {
         ip_options: Vec::new(),
         no_udp_checksum: false,
         patches: Vec::new(),
+        macs: ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]),
     }
 }
 
@@ -254,6 +294,12 @@ impl Packet {
         self
     }
 
+    /// The Ethernet source and destination.
+    pub fn macs(mut self, src: [u8; 6], dst: [u8; 6]) -> Self {
+        self.macs = (src, dst);
+        self
+    }
+
     pub fn without_udp_checksum(mut self) -> Self {
         self.no_udp_checksum = true;
         self
@@ -271,7 +317,7 @@ impl Packet {
     }
 
     pub fn bytes(&self) -> Vec<u8> {
-        let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(
+        let eth = PacketBuilder::ethernet2(self.macs.0, self.macs.1).ipv4(
             self.src.octets(),
             self.dst.octets(),
             64,
@@ -349,6 +395,14 @@ impl Frame {
             l4_checksum: u16::from_be_bytes([l4[check_at], l4[check_at + 1]]),
             raw: frame.to_vec(),
         }
+    }
+
+    pub fn src_mac(&self) -> [u8; 6] {
+        self.raw[6..12].try_into().unwrap()
+    }
+
+    pub fn dst_mac(&self) -> [u8; 6] {
+        self.raw[0..6].try_into().unwrap()
     }
 
     pub fn ip_checksum_ok(&self) -> bool {

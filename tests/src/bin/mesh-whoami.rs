@@ -3,6 +3,9 @@
 //!
 //! `mesh-whoami --name web-1 [--http 80] [--udp 80] [--file PATH | --hash PATH]`
 //!
+//! `GET /client` answers `NAME ADDR:PORT` instead: the peer address the task sees (the seeds'
+//! whoami app prints `request.client.host`), as does a UDP datagram `client?`.
+//!
 //! `--file PATH` answers HTTP with the file's contents instead, `--hash PATH` with the FNV-1a
 //! hash of them (a stand-in for a server that reads its password from a secret: the answer
 //! proves the task read it without showing it); both read the file on every request, and
@@ -45,8 +48,13 @@ fn main() {
         threads.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             loop {
-                if let Ok((_, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(format!("{name}\n").as_bytes(), from);
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let answer = if buf[..n].starts_with(b"client?") {
+                        format!("{name} {from}\n")
+                    } else {
+                        format!("{name}\n")
+                    };
+                    let _ = sock.send_to(answer.as_bytes(), from);
                 }
             }
         }));
@@ -103,6 +111,9 @@ fn respond(name: &str, body: Option<&Body>) -> String {
 
 fn serve(stream: TcpStream, name: &str, file: Option<&Body>) {
     let _ = stream.set_nodelay(true);
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -113,6 +124,7 @@ fn serve(stream: TcpStream, name: &str, file: Option<&Body>) {
         // Read one request head; bodies are not expected.
         let mut close = false;
         let mut first = true;
+        let mut client = false;
         loop {
             line.clear();
             match reader.read_line(&mut line) {
@@ -122,6 +134,7 @@ fn serve(stream: TcpStream, name: &str, file: Option<&Body>) {
             let l = line.trim_end();
             if first {
                 close = l.ends_with("HTTP/1.0");
+                client = l.split(' ').nth(1) == Some("/client");
                 first = false;
             }
             if l.eq_ignore_ascii_case("connection: close") {
@@ -131,7 +144,11 @@ fn serve(stream: TcpStream, name: &str, file: Option<&Body>) {
                 break;
             }
         }
-        let response = fixed.clone().unwrap_or_else(|| respond(name, file));
+        let response = if client {
+            respond(&format!("{name} {peer}"), None)
+        } else {
+            fixed.clone().unwrap_or_else(|| respond(name, file))
+        };
         if out.write_all(response.as_bytes()).is_err() || close {
             return;
         }

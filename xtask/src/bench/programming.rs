@@ -243,6 +243,7 @@ pub fn bulk_services(c: &mut Cluster, n: u32) -> Result<Bulk> {
                 protocol: Protocol::Tcp,
                 published: Some(BULK_FIRST_PORT + i as u16),
                 target: 80,
+                mode: Default::default(),
             }],
             ..ServiceSpec::default()
         };

@@ -33,7 +33,7 @@ use anyhow::{Context, Result, bail, ensure};
 use mesh_agent::{
     bpf::SkbContext,
     dataplane::Dataplane,
-    lb::{BackendLb, LbLimits, NetworkLb, NodeLb, Protocol, PublishedPort, ServiceLb},
+    lb::{BackendLb, LbLimits, NetworkLb, NodeLb, Protocol, PublishMode, PublishedPort, ServiceLb},
 };
 use mesh_tests::Netns;
 
@@ -558,6 +558,7 @@ fn services(n: u32) -> Vec<ServiceLb> {
                     proto: Protocol::Tcp,
                     published: FIRST_PORT + i as u16,
                     target: 80,
+                    mode: PublishMode::Snat,
                 }]
             } else {
                 Vec::new()

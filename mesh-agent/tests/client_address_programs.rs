@@ -1,0 +1,347 @@
+//! Client-address publishing on crafted frames (BPF_PROG_TEST_RUN): the ingress node's
+//! translation (destination only, and the reply restored when it is routed back), the
+//! backend node's learning towards a task and the steering of the task's replies — verdicts,
+//! rewritten bytes and checksums.
+
+mod lab;
+
+use std::net::Ipv4Addr;
+
+use lab::{
+    BACKENDS, CLIENT, Frame, Lab, NET_ADDR, NODE_IP, TC_ACT_OK, TC_ACT_REDIRECT, service_in, tcp,
+    udp,
+};
+use mesh_agent::{dataplane::ReturnTimeouts, lb::PublishMode};
+use mesh_common::lb::{
+    FLOW_REPLY, FlowKey, IPPROTO_TCP, IPPROTO_UDP, RETURN_FIN_IN, RETURN_FIN_OUT, RETURN_LOCAL,
+    Reason, ReturnEntry, TaskPort, mac_for_ip,
+};
+
+/// Another node's address on the network: its bridge MAC is where replies go back to.
+const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
+/// The task's address on the gateway bridge (a UDP server bound to 0.0.0.0 answers from it).
+const TASK_GW: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 7);
+/// The gateway bridge's MAC (not derived from any address).
+const GW_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 1];
+const VXLAN_IFINDEX: u32 = 9;
+/// The task's host veth in the test runs (the kernel's loopback).
+const VETH: u32 = 1;
+
+fn mac(ip: Ipv4Addr) -> [u8; 6] {
+    mac_for_ip(ip.octets())
+}
+
+fn lab() -> Lab {
+    let mut lab = Lab::new();
+    lab.apply(&[service_in("web", PublishMode::Ingress, 8080, 80, &BACKENDS)]);
+    lab.dp
+        .put_task_port(
+            VETH,
+            TaskPort {
+                node_mac: mac(NET_ADDR),
+                _pad: [0; 2],
+                vxlan_ifindex: VXLAN_IFINDEX,
+            },
+        )
+        .unwrap();
+    lab
+}
+
+fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: src.octets(),
+        dst: dst.octets(),
+        sport,
+        dport,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+fn returns(lab: &mut Lab) -> Vec<(FlowKey, ReturnEntry)> {
+    lab.dp.returns_table().unwrap()
+}
+
+#[test]
+fn a_client_address_flow_translates_only_the_destination_with_valid_checksums() {
+    let lab = lab();
+    for (p, sport) in [
+        (tcp(CLIENT, 40000, NODE_IP, 8080).syn(), 40000),
+        (udp(CLIENT, 40001, NODE_IP, 8080).payload(b"client?"), 40001),
+    ] {
+        let (verdict, out) = lab.run(&p);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let f = Frame::parse(&out);
+        assert_eq!(
+            (f.src, f.sport),
+            (CLIENT, sport),
+            "the client's own address"
+        );
+        assert!(BACKENDS.contains(&f.dst), "to a backend, not {}", f.dst);
+        assert_eq!(f.dport, 80);
+        assert!(f.ip_checksum_ok() && f.l4_checksum_ok());
+    }
+    // The reply entry is keyed by backend:target → client:port and restores the published
+    // address; it leaves by the interface the client came in on.
+    let flows = lab.dp.lb().flows().unwrap();
+    let (k, reply) = flows
+        .iter()
+        .find(|(k, f)| f.flags & FLOW_REPLY != 0 && k.proto == IPPROTO_TCP)
+        .expect("a reply entry");
+    assert_eq!((k.dst, k.sport, k.dport), (CLIENT.octets(), 80, 40000));
+    assert_eq!((reply.nat_src, reply.nat_sport), (NODE_IP.octets(), 8080));
+    assert_eq!((reply.nat_dst, reply.nat_dport), (CLIENT.octets(), 40000));
+}
+
+#[test]
+fn a_reply_routed_back_through_the_ingress_node_leaves_from_the_published_address() {
+    let lab = lab();
+    let fwd = Frame::parse(&lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn()).1);
+
+    // As the backend's node sends it: to this node's bridge MAC, from the task's.
+    let reply = tcp(fwd.dst, 80, CLIENT, 40000)
+        .syn()
+        .ack(1)
+        .macs(mac(fwd.dst), mac(NET_ADDR));
+    let (verdict, out) = lab.run(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = Frame::parse(&out);
+    assert_eq!((p.src, p.sport), (NODE_IP, 8080));
+    assert_eq!((p.dst, p.dport), (CLIENT, 40000));
+    assert!(p.ip_checksum_ok() && p.l4_checksum_ok());
+    assert_eq!(lab.reason(Reason::Replied), 1);
+
+    // The same packet sent straight to its destination's MAC is not routed through us, and
+    // its port is outside the SNAT range: no lookup, no change.
+    let direct = tcp(fwd.dst, 80, CLIENT, 40000)
+        .ack(1)
+        .macs(mac(fwd.dst), mac(CLIENT));
+    let (verdict, out) = lab.run(&direct);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, direct.bytes());
+}
+
+#[test]
+fn packets_routed_to_a_task_by_another_node_teach_where_its_replies_go() {
+    let mut lab = lab();
+    let b = BACKENDS[0];
+    let p = tcp(CLIENT, 40000, b, 80)
+        .syn()
+        .macs(mac(OTHER_NODE), mac(b));
+    let (verdict, out) = lab.run_to_task(&p, VETH);
+    assert_eq!(verdict, TC_ACT_OK, "learning never changes the verdict");
+    assert_eq!(out, p.bytes(), "nor the packet");
+    let table = returns(&mut lab);
+    assert_eq!(table.len(), 1);
+    let (k, e) = table[0];
+    assert_eq!(k, key(b, 80, CLIENT, 40000, IPPROTO_TCP));
+    assert_eq!(e.node_mac, mac(OTHER_NODE));
+    assert_eq!(e.ifindex, VXLAN_IFINDEX);
+    assert_eq!(e.task_addr, b.octets());
+    assert_eq!(e.flags & RETURN_LOCAL, 0);
+
+    // A FIN from the client is noted.
+    lab.run_to_task(
+        &tcp(CLIENT, 40000, b, 80)
+            .fin()
+            .ack(1)
+            .macs(mac(OTHER_NODE), mac(b)),
+        VETH,
+    );
+    assert_ne!(returns(&mut lab)[0].1.flags & RETURN_FIN_IN, 0);
+}
+
+#[test]
+fn packets_from_tasks_and_node_addresses_and_unmeshed_local_clients_teach_nothing() {
+    let mut lab = lab();
+    let b = BACKENDS[0];
+    for p in [
+        // From another task: its MAC is its address's.
+        tcp(BACKENDS[1], 40000, b, 80)
+            .syn()
+            .macs(mac(BACKENDS[1]), mac(b)),
+        // From a node's own address (health checks, SNAT-mode flows).
+        tcp(OTHER_NODE, 2000, b, 80)
+            .syn()
+            .macs(mac(OTHER_NODE), mac(b)),
+        // Routed by this node without a routing-mesh flow: a client reaching the task
+        // directly keeps the task's usual path.
+        tcp(CLIENT, 40000, b, 80).syn().macs(mac(NET_ADDR), mac(b)),
+    ] {
+        assert_eq!(lab.run_to_task(&p, VETH).0, TC_ACT_OK);
+    }
+    assert!(returns(&mut lab).is_empty(), "{:?}", returns(&mut lab));
+    // Not a task port the agent set up.
+    let p = tcp(CLIENT, 40000, b, 80)
+        .syn()
+        .macs(mac(OTHER_NODE), mac(b));
+    lab.dp.retain_task_veths(&[]).unwrap();
+    lab.run_to_task(&p, VETH);
+    assert!(returns(&mut lab).is_empty());
+}
+
+#[test]
+fn a_tasks_reply_goes_back_into_the_overlay_to_the_ingress_nodes_bridge_unchanged() {
+    let mut lab = lab();
+    let b = BACKENDS[0];
+    lab.run_to_task(
+        &tcp(CLIENT, 40000, b, 80)
+            .syn()
+            .macs(mac(OTHER_NODE), mac(b)),
+        VETH,
+    );
+    // The task's routes sent it to the gateway bridge.
+    let reply = tcp(b, 80, CLIENT, 40000)
+        .syn()
+        .ack(1)
+        .payload(b"hello")
+        .macs([2, 0x42, 1, 1, 1, 1], GW_MAC);
+    let (verdict, out) = lab.run_from_task(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = Frame::parse(&out);
+    assert_eq!(p.dst_mac(), mac(OTHER_NODE), "to the ingress node's bridge");
+    assert_eq!(p.src_mac(), mac(b), "from the task's overlay MAC");
+    assert_eq!(out[12..], reply.bytes()[12..], "the IP packet is untouched");
+    assert_eq!(lab.reason(Reason::Returned), 1);
+
+    // The task's FIN is noted for the sweep.
+    lab.run_from_task(&tcp(b, 80, CLIENT, 40000).fin().ack(1).macs(mac(b), GW_MAC));
+    assert_ne!(returns(&mut lab)[0].1.flags & RETURN_FIN_OUT, 0);
+}
+
+#[test]
+fn a_udp_reply_from_the_gateway_address_gets_the_task_address_back_with_a_valid_checksum() {
+    let mut lab = lab();
+    let b = BACKENDS[1];
+    lab.run_to_task(
+        &udp(CLIENT, 40002, b, 53)
+            .payload(b"client?")
+            .macs(mac(OTHER_NODE), mac(b)),
+        VETH,
+    );
+    let table = returns(&mut lab);
+    assert_eq!(
+        table[0].0,
+        key(Ipv4Addr::UNSPECIFIED, 53, CLIENT, 40002, IPPROTO_UDP),
+        "UDP entries are keyed without the task address"
+    );
+    for reply in [
+        udp(TASK_GW, 53, CLIENT, 40002)
+            .payload(b"web-2 192.0.2.100:40002")
+            .macs(mac(TASK_GW), GW_MAC),
+        udp(TASK_GW, 53, CLIENT, 40002)
+            .payload(b"no checksum")
+            .without_udp_checksum()
+            .macs(mac(TASK_GW), GW_MAC),
+    ] {
+        let (verdict, out) = lab.run_from_task(&reply);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let p = Frame::parse(&out);
+        assert_eq!((p.src, p.sport), (b, 53));
+        assert_eq!((p.dst, p.dport), (CLIENT, 40002));
+        assert!(p.ip_checksum_ok());
+        if p.l4_checksum != 0 {
+            assert!(p.l4_checksum_ok());
+        }
+        assert_eq!(p.dst_mac(), mac(OTHER_NODE));
+        assert_eq!(p.src_mac(), mac(b));
+    }
+}
+
+#[test]
+fn a_reply_to_a_connection_that_came_in_here_is_translated_and_leaves_by_the_underlay() {
+    let mut lab = lab();
+    let fwd = Frame::parse(&lab.run_on(&tcp(CLIENT, 40000, NODE_IP, 8080).syn(), 1).1);
+    // The bridge delivered it to the task: routed by this node.
+    lab.run_to_task(
+        &tcp(CLIENT, 40000, fwd.dst, 80)
+            .syn()
+            .macs(mac(NET_ADDR), mac(fwd.dst)),
+        VETH,
+    );
+    let table = returns(&mut lab);
+    assert_eq!(table.len(), 1);
+    assert_ne!(table[0].1.flags & RETURN_LOCAL, 0);
+
+    let reply = tcp(fwd.dst, 80, CLIENT, 40000)
+        .syn()
+        .ack(1)
+        .macs(mac(fwd.dst), GW_MAC);
+    let (verdict, out) = lab.run_from_task(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = Frame::parse(&out);
+    assert_eq!((p.src, p.sport), (NODE_IP, 8080));
+    assert_eq!((p.dst, p.dport), (CLIENT, 40000));
+    assert!(p.ip_checksum_ok() && p.l4_checksum_ok());
+    assert_eq!(lab.reason(Reason::Replied), 1);
+}
+
+#[test]
+fn other_traffic_of_a_task_passes_untouched() {
+    let lab = lab();
+    let b = BACKENDS[0];
+    lab.run_to_task(
+        &tcp(CLIENT, 40000, b, 80)
+            .syn()
+            .macs(mac(OTHER_NODE), mac(b)),
+        VETH,
+    );
+    for p in [
+        // To another task, straight to its MAC.
+        tcp(b, 80, BACKENDS[1], 40000)
+            .ack(1)
+            .macs(mac(b), mac(BACKENDS[1])),
+        // Out of the gateway bridge to a conversation of its own.
+        tcp(b, 41000, CLIENT, 443).syn().macs(mac(b), GW_MAC),
+        udp(TASK_GW, 41000, CLIENT, 53).macs(mac(TASK_GW), GW_MAC),
+    ] {
+        let (verdict, out) = lab.run_from_task(&p);
+        assert_eq!(verdict, TC_ACT_OK, "{p:?}");
+        assert_eq!(out, p.bytes());
+    }
+    assert_eq!(lab.reason(Reason::Returned), 0);
+}
+
+#[test]
+fn the_sweep_removes_return_entries_of_finished_and_idle_connections_only() {
+    let mut lab = lab();
+    let fresh = ReturnEntry {
+        last_seen: u64::MAX / 2,
+        ..Default::default()
+    };
+    // Far in the past: CLOCK_MONOTONIC 0.
+    let old = ReturnEntry::default();
+    let closed = ReturnEntry {
+        flags: RETURN_FIN_IN | RETURN_FIN_OUT,
+        ..old
+    };
+    let entries = [
+        (key(BACKENDS[0], 80, CLIENT, 1, IPPROTO_TCP), fresh),
+        (key(BACKENDS[0], 80, CLIENT, 2, IPPROTO_TCP), closed),
+        (key(Ipv4Addr::UNSPECIFIED, 53, CLIENT, 3, IPPROTO_UDP), old),
+        (key(BACKENDS[0], 80, CLIENT, 4, IPPROTO_TCP), old),
+    ];
+    for (k, e) in entries {
+        lab.dp.put_return(k, e).unwrap();
+    }
+    let t = ReturnTimeouts::default();
+    // CLOCK_MONOTONIC here is the machine's uptime: entries at 0 are as old as it.
+    let uptime = std::time::Duration::from_secs_f64(
+        std::fs::read_to_string("/proc/uptime")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap(),
+    );
+    let removed = lab.dp.sweep_returns(&t).unwrap();
+    let left: Vec<u16> = returns(&mut lab).iter().map(|(k, _)| k.dport).collect();
+    let mut expected = vec![1];
+    if uptime < t.tcp_idle {
+        expected.push(4);
+    }
+    let mut left_sorted = left.clone();
+    left_sorted.sort();
+    assert_eq!(left_sorted, expected, "removed {removed}");
+}

@@ -1,0 +1,129 @@
+//! The task side of client-address flows: TC on a local task's host-side veths.
+//!
+//! ```text
+//! to a task   (egress of its port on an overlay network)
+//!   parse ─ routed onto the network by a node? ─ yes ─ learn which node (returns.rs) ─ pass
+//!                                              └─ no (a task or a node address) ───── pass
+//! from a task (ingress of each of its host veths)
+//!   parse ─ addressed to a router? ─ yes ─ return entry? ─ this node: reply translation ─ underlay
+//!         │                              │               └─ another node: into the overlay to it
+//!         └─ no (to a task) ─ pass       └─ no ─ pass (the task's own routes)
+//! ```
+//!
+//! A task's reply to a client-address connection is addressed to the client, so the task's
+//! routes send it to the gateway bridge, whose masquerade would hide the service behind the
+//! node's address. Sent back to the ingress node instead, it meets the flow's reply entry
+//! there (ingress.rs), which restores the published address: the path is symmetric, so the
+//! underlay never sees the task's or the client's address as a source it did not route.
+
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    helpers::{bpf_redirect, bpf_skb_store_bytes},
+    programs::TcContext,
+};
+use mesh_common::lb::{FLOW_REPLY, Flow, RETURN_LOCAL, Reason, mac_for_ip};
+
+use crate::{
+    flow,
+    ingress::{self, CONTINUE, Packet, Verdict},
+    nat,
+    programs::{LB_CONFIG, LB_TASK_PORTS},
+    returns::{self, Origin},
+};
+
+/// Packets to the task are never changed or dropped: this only learns.
+pub fn to_task(ctx: &TcContext) -> i32 {
+    learn(ctx);
+    TC_ACT_OK
+}
+
+pub fn from_task(ctx: &TcContext) -> i32 {
+    ingress::finish(steer(ctx))
+}
+
+#[inline(always)]
+fn learn(ctx: &TcContext) {
+    let Some(cfg) = LB_CONFIG.get(0) else {
+        return;
+    };
+    let mut pkt = Packet::default();
+    if ingress::parse(ctx, cfg, &mut pkt).action != CONTINUE || !pkt.routed_from() {
+        return;
+    }
+    // SAFETY: reading the ifindex field of our own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(port) = (unsafe { LB_TASK_PORTS.get(&ifindex) }) else {
+        return;
+    };
+    let origin = Origin {
+        local: pkt.src_mac == port.node_mac,
+        node_mac: pkt.src_mac,
+        ifindex: port.vxlan_ifindex,
+    };
+    let k = pkt.key;
+    let mut reply = k;
+    reply.src = k.dst;
+    reply.dst = k.src;
+    reply.sport = k.dport;
+    reply.dport = k.sport;
+    returns::learn(&reply, &origin, pkt.tcp_flags);
+}
+
+#[inline(always)]
+fn steer(ctx: &TcContext) -> Verdict {
+    let Some(cfg) = LB_CONFIG.get(0) else {
+        return Verdict::PASS;
+    };
+    let mut pkt = Packet::default();
+    let v = ingress::parse(ctx, cfg, &mut pkt);
+    if v.action != CONTINUE {
+        // Fragments and malformed packets of the task are not ours to count.
+        return Verdict::PASS;
+    }
+    if !pkt.routed_to() {
+        return Verdict::PASS;
+    }
+    let Some(ret) = returns::lookup(&pkt.key, pkt.tcp_flags) else {
+        return Verdict::PASS;
+    };
+    // The 5-tuple the connection's flow knows the reply by (a UDP server bound to 0.0.0.0
+    // may answer from another of its addresses).
+    let mut reply = pkt.key;
+    reply.src = ret.task_addr;
+    if ret.flags & RETURN_LOCAL != 0 {
+        // The reply translation rewrites the source anyway: from whatever the task used.
+        return match flow::lookup(&reply) {
+            // SAFETY: pointer into the flow table.
+            Some(f) if (unsafe { (*f).flags } & FLOW_REPLY) != 0 => {
+                ingress::translate(ctx, &pkt, f, Reason::Replied, false)
+            }
+            // The flow is gone (swept or evicted): the task's own routes decide.
+            _ => Verdict::PASS,
+        };
+    }
+    if reply.src != pkt.key.src {
+        let back = Flow {
+            nat_src: reply.src,
+            nat_dst: reply.dst,
+            nat_sport: reply.sport,
+            nat_dport: reply.dport,
+            ..Flow::default()
+        };
+        if nat::rewrite(ctx, pkt.l4, &pkt.key, &back).is_err() {
+            return Verdict::drop(Reason::RewriteFailed);
+        }
+    }
+    // To the ingress node's bridge, as if that node's router were the next hop; the source
+    // is the task's own overlay MAC, where the ingress node's bridge expects it.
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&ret.node_mac);
+    macs[6..].copy_from_slice(&mac_for_ip(reply.src));
+    // SAFETY: 12 bytes from a local buffer into the Ethernet header.
+    let stored = unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), 0, macs.as_ptr().cast(), 12, 0) };
+    if stored != 0 {
+        return Verdict::PASS;
+    }
+    // SAFETY: a plain helper call.
+    let action = unsafe { bpf_redirect(ret.ifindex, 0) };
+    Verdict::redirect(action as i32, Reason::Returned)
+}

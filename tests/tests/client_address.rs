@@ -1,0 +1,275 @@
+//! Published ports keep the client's own address (the default, `mode=ingress`): from an
+//! outside client, every node's published port reaches local and remote tasks, each task
+//! sees the client's address and port, and the replies come back from the published address
+//! through the node the client connected to. `mode=snat` keeps Swarm's behaviour (the task
+//! sees the ingress node).
+
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+
+use mesh_tests::{
+    Cluster, Host,
+    workload::{RemoteSession, Seen, http_get, http_seen, udp_seen},
+};
+use serde_json::Value;
+
+const CLIENT_IP: &str = "192.0.2.100";
+
+/// 3 hosts with agents, network app, service web publishing `ports`, an external client on
+/// the underlay, and tasks web-1 on host 1 and web-2 on host 2 (none on host 3).
+fn cluster(ports: &[&str]) -> Cluster {
+    let mut c = Cluster::new(3).unwrap();
+    c.start_agents().unwrap();
+    c.external("client", 100).unwrap();
+    c.create_network("app", "10.10.0.0/24").unwrap();
+    let mut args = Vec::new();
+    for p in ports {
+        args.extend(["-p", p]);
+    }
+    c.create_service("web", "app", &args).unwrap();
+    task(c.host(1), "web-1");
+    task(c.host(2), "web-2");
+    wait_backends(&c, 2);
+    c
+}
+
+fn task(h: &Host, name: &str) -> Value {
+    h.run_whoami("app", Some("web"), name, &["--udp", "53"])
+        .unwrap()
+}
+
+fn wait_backends(c: &Cluster, n: usize) {
+    c.eventually(
+        Duration::from_secs(3),
+        "every node programs the backends",
+        |c| {
+            for h in c.hosts() {
+                let s: Value = h.meshctl_json(&["service", "inspect", "web"])?;
+                let active = s["dataplane"]["backends"]
+                    .as_array()
+                    .map_or(0, |b| b.iter().filter(|b| b["state"] == "active").count());
+                if active != n {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .unwrap();
+}
+
+fn addr(h: &Host, port: u16) -> SocketAddr {
+    format!("{}:{port}", h.ip).parse().unwrap()
+}
+
+/// `n` answers about the client, asked through `a` from the client namespace.
+fn ask(
+    c: &Cluster,
+    n: usize,
+    f: fn(SocketAddr) -> anyhow::Result<Seen>,
+    a: SocketAddr,
+) -> Vec<Seen> {
+    c.external_ns("client")
+        .unwrap()
+        .run(move || (0..n).map(|_| f(a).unwrap()).collect::<Vec<_>>())
+        .unwrap()
+}
+
+fn tasks(seen: &[Seen]) -> BTreeSet<&str> {
+    seen.iter().map(|s| s.task.as_str()).collect()
+}
+
+#[test]
+fn every_node_shows_local_and_remote_tasks_the_clients_own_address_and_port() {
+    let c = cluster(&["8080:80", "5353:53/udp"]);
+    for h in c.hosts() {
+        for (what, f, port) in [
+            (
+                "tcp",
+                http_seen as fn(SocketAddr) -> anyhow::Result<Seen>,
+                8080,
+            ),
+            ("udp", udp_seen, 5353),
+        ] {
+            let seen = ask(&c, 6, f, addr(h, port));
+            // Round robin: both tasks, so through hosts 1 and 2 one is local and one remote.
+            assert_eq!(
+                tasks(&seen),
+                BTreeSet::from(["web-1", "web-2"]),
+                "{what} via {}: {seen:?}",
+                h.node_name()
+            );
+            for s in &seen {
+                assert_eq!(
+                    s.client.ip().to_string(),
+                    CLIENT_IP,
+                    "{what} via {}: {s:?}",
+                    h.node_name()
+                );
+                assert_eq!(
+                    s.client,
+                    s.local,
+                    "{what} via {}: the client's own port",
+                    h.node_name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn keep_alive_and_short_connections_through_a_node_without_tasks_are_all_answered() {
+    let c = cluster(&["8080:80"]);
+    let a = addr(c.host(3), 8080);
+    // Keep-alive requests on one connection, then many short ones: every one answered.
+    let answers = c
+        .external_ns("client")
+        .unwrap()
+        .run(move || {
+            let mut s = mesh_tests::workload::Session::open(a).unwrap();
+            let mut names: Vec<String> = (0..20).map(|_| s.http_get().unwrap()).collect();
+            names.extend((0..40).map(|_| http_get(a).unwrap().trim().to_owned()));
+            names
+        })
+        .unwrap();
+    assert_eq!(answers.len(), 60);
+    let first = &answers[0];
+    assert!(
+        answers[..20].iter().all(|n| n == first),
+        "the connection moved: {answers:?}"
+    );
+}
+
+#[test]
+fn a_connection_through_another_node_survives_a_restart_of_the_backends_agent() {
+    let mut c = cluster(&["8080:80"]);
+    let a = addr(c.host(3), 8080);
+    let session = RemoteSession::open(c.external_ns("client").unwrap(), a);
+    let on = session.get();
+    let backend_host = if on == "web-1" { 1 } else { 2 };
+    // The pinned return table and task-veth links keep the replies on their way back
+    // through host 3 while the agent is away, and the new agent adopts them. (A crash long
+    // enough to be detected takes the node's backends out everywhere, by design.)
+    c.host_mut(backend_host).restart_agent().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(session.get(), on, "broke across the restart");
+    wait_backends(&c, 2);
+    for s in ask(&c, 4, http_seen, a) {
+        assert_eq!(s.client, s.local, "{s:?}");
+    }
+}
+
+#[test]
+fn mode_snat_shows_the_task_the_ingress_nodes_address() {
+    let c = cluster(&[
+        "published=8080,target=80,mode=snat",
+        "5353:53/udp,mode=snat",
+    ]);
+    let ls = c.host(1).meshctl_ok(&["service", "ls"]).unwrap();
+    assert!(ls.contains("*:8080->80/tcp (snat)"), "{ls}");
+    for h in c.hosts() {
+        for (f, port) in [
+            (http_seen as fn(SocketAddr) -> anyhow::Result<Seen>, 8080),
+            (udp_seen, 5353),
+        ] {
+            let seen = ask(&c, 4, f, addr(h, port));
+            assert_eq!(tasks(&seen), BTreeSet::from(["web-1", "web-2"]), "{seen:?}");
+            for s in &seen {
+                let ip = s.client.ip().to_string();
+                assert!(
+                    ip.starts_with("10.10.0."),
+                    "via {} the task saw {ip}, not the ingress node's address on app",
+                    h.node_name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn mode_host_answers_only_on_nodes_with_a_task_and_only_with_their_own() {
+    let c = cluster(&["published=8080,target=80,mode=host"]);
+    for (i, name) in [(1, "web-1"), (2, "web-2")] {
+        let seen = ask(&c, 4, http_seen, addr(c.host(i), 8080));
+        assert_eq!(tasks(&seen), BTreeSet::from([name]), "{seen:?}");
+        assert!(seen.iter().all(|s| s.client == s.local), "{seen:?}");
+    }
+    let a = addr(c.host(3), 8080);
+    let refused = c
+        .external_ns("client")
+        .unwrap()
+        .run(move || http_get(a).is_err())
+        .unwrap();
+    assert!(refused, "host 3 runs no task of web but answered");
+    let ls = c.host(1).meshctl_ok(&["service", "ls"]).unwrap();
+    assert!(ls.contains("*:8080->80/tcp (host)"), "{ls}");
+}
+
+#[test]
+fn a_task_with_client_address_flows_still_reaches_the_outside_masqueraded() {
+    let c = cluster(&["5353:53/udp"]);
+    // The client talks to the task first, so the task has return entries for the client's
+    // address; a conversation the task starts itself must still leave masqueraded.
+    let seen = ask(&c, 4, udp_seen, addr(c.host(1), 5353));
+    assert!(seen.iter().all(|s| s.client.ip().to_string() == CLIENT_IP));
+    let outside = c
+        .external_ns("client")
+        .unwrap()
+        .spawn(
+            mesh_tests::cluster::bin("mesh-whoami").to_str().unwrap(),
+            &["--name", "outside", "--no-http", "--udp", "9000"],
+        )
+        .unwrap();
+    let ps: Value = c.host(1).meshctl_json(&["ps"]).unwrap();
+    let netns = ps
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["name"] == "web-1"))
+        .and_then(|t| t["netns"].as_str())
+        .unwrap_or_else(|| panic!("web-1 in {ps}"))
+        .to_owned();
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns,
+            "sh",
+            "-c",
+            &format!("echo client? | timeout 3 nc -u -w1 {CLIENT_IP} 9000"),
+        ])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    let host1 = &c.host(1).ip;
+    assert!(
+        answer.starts_with(&format!("outside {host1}:")),
+        "the task's own conversation was not masqueraded behind host 1: {answer:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(outside);
+}
+
+#[test]
+fn a_bad_publish_mode_is_refused_and_changes_nothing() {
+    let mut c = Cluster::new(1).unwrap();
+    c.start_agents().unwrap();
+    c.create_network("app", "10.10.0.0/24").unwrap();
+    for (bad, says) in [
+        ("published=8080,target=80,mode=dsr", "unknown publish mode"),
+        ("8080:80,mode=dsr", "unknown publish mode"),
+        ("8080:80,protocol=udp", "only ,mode="),
+    ] {
+        let out = c
+            .host(1)
+            .meshctl(&["service", "create", "web", "--network", "app", "-p", bad])
+            .unwrap();
+        assert!(!out.status.success(), "{bad} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+    let ls = c.host(1).meshctl_ok(&["service", "ls"]).unwrap();
+    assert!(!ls.contains("web"), "{ls}");
+    let help = c
+        .host(1)
+        .meshctl_ok(&["service", "create", "--help"])
+        .unwrap();
+    assert!(help.contains("mode=snat"), "{help}");
+}
