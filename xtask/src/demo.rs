@@ -110,12 +110,17 @@ fn converged(c: &Cluster, hosts: &[usize], service: &str, n: usize) -> Result<()
 
 /// `n` curls of `host:8080` from the client; the answers.
 fn curls(c: &Cluster, h: &Host, n: usize) -> Result<Vec<String>> {
+    curls_of(c, h, "/", n)
+}
+
+/// `n` curls of `http://host:8080<path>` from the client; the answers.
+fn curls_of(c: &Cluster, h: &Host, path: &str, n: usize) -> Result<Vec<String>> {
     let client = format!("{}-xclient", c.name());
     let mut answers = Vec::new();
     for _ in 0..n {
         let out = Command::new("ip")
             .args(["netns", "exec", &client, "curl", "-s", "--max-time", "3"])
-            .arg(format!("http://{}:8080/", h.ip))
+            .arg(format!("http://{}:8080{path}", h.ip))
             .output()?;
         let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         answers.push(if body.is_empty() {
@@ -165,6 +170,9 @@ fn forward_ui(netns: std::path::PathBuf) -> Result<()> {
     });
     Ok(())
 }
+
+/// The outside client's address (`c.external("client", 100)`), as tasks must see it.
+const CLIENT_IP: &str = "192.0.2.100:";
 
 /// The site resolver of the demo, and the one outside name it knows.
 const UPSTREAM: &str = "192.0.2.53";
@@ -299,21 +307,32 @@ fn demo(keep: bool) -> Result<()> {
         "one task per node",
         format!("{spread:?}"),
     )?;
+    // /client: each task answers with its name and the peer address it saw.
     for h in c.hosts() {
-        let answers = curls(&c, h, 6)?;
-        println!("  curl {}:8080 -> {}", h.ip, answers.join(", "));
-        let distinct: std::collections::BTreeSet<&String> = answers.iter().collect();
+        let answers = curls_of(&c, h, "/client", 6)?;
+        println!("  curl {}:8080/client -> {}", h.ip, answers.join(", "));
+        let tasks: std::collections::BTreeSet<&str> = answers
+            .iter()
+            .filter_map(|a| a.split_whitespace().next())
+            .collect();
         expect(
-            distinct.len() == 3 && answers.iter().all(|a| a.starts_with("whoami.")),
+            tasks.len() == 3 && answers.iter().all(|a| a.starts_with("whoami.")),
             "round robin",
             &format!("{}:8080 answers from all 3 tasks", h.ip),
             answers.join(", "),
         )?;
+        let seen_from_client = answers.iter().all(|a| {
+            a.split_whitespace()
+                .nth(1)
+                .is_some_and(|p| p.starts_with(CLIENT_IP))
+        });
+        expect(
+            seen_from_client,
+            "client address",
+            &format!("every task saw the client's own address {CLIENT_IP}, through every node"),
+            answers.join(", "),
+        )?;
     }
-    println!(
-        "  (the tasks see the ingress node's address, as with Swarm: keeping the client's own \
-         address is not built yet)"
-    );
 
     step("3. Scale to 5: the new tasks fill the emptiest nodes, nothing running moves")?;
     show(c.host(1), "host1", &["service", "scale", "whoami=5"])?;
