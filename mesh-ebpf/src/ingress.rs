@@ -16,7 +16,7 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_redirect_neigh, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use mesh_common::lb::{FLOW_REPLY, Flow, FlowKey, LbConfig, Reason, ServiceEntry};
+use mesh_common::lb::{FLOW_EMBRYO, FLOW_REPLY, Flow, FlowKey, LbConfig, Reason, ServiceEntry};
 
 use crate::{
     flow, nat,
@@ -92,6 +92,9 @@ struct Packet {
     /// IPv4 header length in bytes.
     ihl: usize,
     tcp_flags: u8,
+    /// TCP sequence and acknowledgement numbers (host order): for handshakes of new flows.
+    seq: u32,
+    ack: u32,
 }
 
 fn classify(ctx: &TcContext) -> Verdict {
@@ -200,6 +203,8 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
         pkt.key.sport = u16::from_be_bytes(tcp.source);
         pkt.key.dport = u16::from_be_bytes(tcp.dest);
         pkt.tcp_flags = tcp.flags;
+        pkt.seq = u32::from_be_bytes(tcp.seq);
+        pkt.ack = u32::from_be_bytes(tcp.ack_seq);
     } else {
         if ihl + 8 > tot_len {
             return Verdict::pass(Reason::Truncated);
@@ -264,8 +269,17 @@ fn forward(ctx: &TcContext, pkt: &Packet, svc: &ServiceEntry, cfg: &LbConfig) ->
 #[inline(always)]
 fn translate(ctx: &TcContext, pkt: &Packet, entry: *mut Flow, r: Reason, new: bool) -> Verdict {
     flow::touch(entry, pkt.key.proto, pkt.tcp_flags, flow::now());
-    // SAFETY: pointer into the flow table; copied so the rewrite works on a stable value.
+    // SAFETY: pointer into the flow table; copied so the rewrite works on a stable value
+    // (and before a promotion deletes the embryo it points into).
     let f = unsafe { *entry };
+    if f.flags & FLOW_EMBRYO != 0 {
+        let seen = flow::Seen {
+            tcp_flags: pkt.tcp_flags,
+            seq: pkt.seq,
+            ack: pkt.ack,
+        };
+        flow::handshake(&pkt.key, &seen);
+    }
     rewrite_and_redirect(ctx, pkt, &f, r, new)
 }
 
