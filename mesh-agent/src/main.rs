@@ -543,10 +543,11 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
 /// the overlay's netlink handle: everything that touches this node's kernel.
 async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeParts> {
     let node_bpffs = config.bpffs.clone();
-    let mut dataplane = Dataplane::start(&node_bpffs, &config.interface)?;
-    dataplane
-        .lb_mut()
-        .set_node(&mesh_agent::lb::NodeLb::new(config.advertise)?)?;
+    let mut dataplane =
+        Dataplane::start_with_limits(&node_bpffs, &config.interface, &config.dataplane.limits())?;
+    let mut node_lb = mesh_agent::lb::NodeLb::new(config.advertise)?;
+    node_lb.snat_ports = config.dataplane.snat_ports();
+    dataplane.lb_mut().set_node(&node_lb)?;
     let cgroup_root = dataplane.attach_sockets()?;
     let mtu = dataplane::interface_mtu(&config.interface)?;
 
