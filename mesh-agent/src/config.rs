@@ -362,6 +362,7 @@ mod tests {
         assert_eq!(c.dataplane.max_embryonic_flows, 4096);
         assert_eq!(c.dataplane.max_flows, 65_536);
         assert_eq!(c.dataplane.limits().embryos, 8192);
+        assert_eq!(AgentConfig::default().dataplane.max_embryonic_flows, 32_768);
         c.dataplane.validate().unwrap();
         let e = toml::from_str::<AgentConfig>("[dataplane]\nmax_flow = 1").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
