@@ -362,7 +362,10 @@ mod tests {
         assert_eq!(c.dataplane.max_embryonic_flows, 4096);
         assert_eq!(c.dataplane.max_flows, 65_536);
         assert_eq!(c.dataplane.limits().embryos, 8192);
-        assert_eq!(AgentConfig::default().dataplane.max_embryonic_flows, 32_768);
+        let defaults = AgentConfig::default().dataplane;
+        assert_eq!(defaults.max_embryonic_flows, 32_768);
+        // What the README promises the defaults cost: about 30 MB.
+        assert_eq!(defaults.limits().flow_table_bytes() / 1_000_000, 29);
         c.dataplane.validate().unwrap();
         let e = toml::from_str::<AgentConfig>("[dataplane]\nmax_flow = 1").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");

@@ -42,10 +42,10 @@ pub use sweep::{FlowTimeouts, SweepReport};
 
 /// Bytes of kernel memory one entry costs, measured on Linux 6.18 x86_64 (the map's
 /// `memlock` divided by its entries; LRU hash maps preallocate every entry at creation).
-/// Documented in the README's `[dataplane]` section; `flow_table_memory` adds them up.
+/// Documented in the README's `[dataplane]` section.
 pub const BYTES_PER_FLOW_ENTRY: u64 = 120;
 pub const BYTES_PER_EMBRYO_ENTRY: u64 = 128;
-pub const BYTES_PER_SNAT_RESERVATION: u64 = 96;
+pub const BYTES_PER_SNAT_RESERVATION: u64 = 88;
 
 use maps::Maps;
 
@@ -80,6 +80,13 @@ impl Default for LbLimits {
 }
 
 impl LbLimits {
+    /// Kernel memory the flow tables of these sizes take (preallocated at creation).
+    pub fn flow_table_bytes(&self) -> u64 {
+        u64::from(self.flows) * BYTES_PER_FLOW_ENTRY
+            + u64::from(self.embryos) * BYTES_PER_EMBRYO_ENTRY
+            + u64::from(self.snat_reservations) * BYTES_PER_SNAT_RESERVATION
+    }
+
     /// Sizes the maps in the object before it is loaded. A map already pinned in `pin_dir`
     /// keeps the size it was created with (its entries are what we adopt).
     pub(crate) fn size_maps(&self, loader: &mut EbpfLoader<'_>, pin_dir: &Path) {
