@@ -208,3 +208,35 @@ fn a_closed_flows_snat_port_is_not_reused_towards_its_backend_within_time_wait()
     let p = Frame::parse(&out);
     assert_eq!((p.dst, p.sport), (BACKENDS[1], 2000));
 }
+
+#[test]
+fn a_client_reusing_its_port_leaves_the_old_flows_snat_port_reserved() {
+    let mut lab = Lab::with_node(|n| n.snat_ports = 2000..=2001);
+    lab.apply(&[service("web", 8080, 80, &BACKENDS[..1])]);
+    let first = handshake(&lab, CLIENT, 40000);
+    lab.run(&tcp(first.dst, 80, NET_ADDR, first.sport).fin().ack(SEQ + 1));
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).fin().ack(SEQ + 2));
+    // The same client port again: a new flow, the old reply half left behind.
+    let second = Frame::parse(&lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn()).1);
+    assert_ne!(second.sport, first.sport);
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).rst());
+
+    let r = lab
+        .dp
+        .lb_mut()
+        .sweep(&FlowTimeouts {
+            tcp_closed: Duration::ZERO,
+            orphan: Duration::ZERO,
+            ..FlowTimeouts::default()
+        })
+        .unwrap();
+
+    assert_eq!(
+        r.reserved, 2,
+        "the orphaned reply half's port and the reset flow's"
+    );
+    assert_eq!(
+        lab.run(&tcp(CLIENT, 40001, NODE_IP, 8080).syn()).0,
+        TC_ACT_SHOT
+    );
+}

@@ -110,7 +110,22 @@ pub(super) fn sweep(
         }
         let embryo = flow.flags & FLOW_EMBRYO != 0;
         doomed.insert(*key, embryo);
+        let reservable =
+            backend_alive && key.proto == IPPROTO_TCP && !timeouts.snat_reuse_delay.is_zero();
         let Some(partner) = partner else {
+            // A reply half whose forward half went first (the client reused its port for
+            // a new connection) still names a 4-tuple the backend may hold in TIME_WAIT.
+            if reservable
+                && flow.flags & FLOW_REPLY != 0
+                && flow.flags & (FLOW_FIN | FLOW_RST) != 0
+                && snat_ports.contains(&key.dport)
+            {
+                let until = flow.last_seen + timeouts.snat_reuse_delay.as_nanos() as u64;
+                if until > now {
+                    maps.reserve_snat_port(key, until)?;
+                    report.reserved += 1;
+                }
+            }
             continue;
         };
         doomed.insert(partner_key, embryo);
@@ -122,12 +137,7 @@ pub(super) fn sweep(
         } else {
             (partner_key, partner)
         };
-        if backend_alive
-            && key.proto == IPPROTO_TCP
-            && !timeouts.snat_reuse_delay.is_zero()
-            && snat_ports.contains(&reply_key.dport)
-            && closed(flow, partner)
-        {
+        if reservable && snat_ports.contains(&reply_key.dport) && closed(flow, partner) {
             let last = flow.last_seen.max(partner.last_seen).max(reply.last_seen);
             let until = last + timeouts.snat_reuse_delay.as_nanos() as u64;
             if until > now {
