@@ -146,6 +146,21 @@ impl DataplaneConfig {
                 self.snat_port_max
             );
         }
+        // Each embryo holds a SNAT port towards its backend. A table larger than half the
+        // range lets a flood at a one-task service hold every port before the LRU evicts
+        // anything, and new connections then find no port at all.
+        let ports = u32::from(self.snat_port_max - self.snat_port_min) + 1;
+        if self.max_embryonic_flows > ports / 2 {
+            bail!(
+                "[dataplane] max_embryonic_flows = {} is more than half the {ports} SNAT ports \
+                 ({}-{}): a flood would hold every port of a single backend in embryos; use at \
+                 most {} or widen the range",
+                self.max_embryonic_flows,
+                self.snat_port_min,
+                self.snat_port_max,
+                ports / 2
+            );
+        }
         if self.snat_reuse_delay_s > 3600 {
             bail!(
                 "[dataplane] snat_reuse_delay_s = {} is out of range: use 0 to 3600 (default {}; \
@@ -363,9 +378,9 @@ mod tests {
         assert_eq!(c.dataplane.max_flows, 65_536);
         assert_eq!(c.dataplane.limits().embryos, 8192);
         let defaults = AgentConfig::default().dataplane;
-        assert_eq!(defaults.max_embryonic_flows, 32_768);
-        // What the README promises the defaults cost: about 30 MB.
-        assert_eq!(defaults.limits().flow_table_bytes() / 1_000_000, 29);
+        assert_eq!(defaults.max_embryonic_flows, 8192);
+        // What the README promises the defaults cost: about 24 MB.
+        assert_eq!(defaults.limits().flow_table_bytes() / 1_000_000, 23);
         c.dataplane.validate().unwrap();
         let e = toml::from_str::<AgentConfig>("[dataplane]\nmax_flow = 1").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
@@ -380,6 +395,10 @@ mod tests {
                 "are not a range",
             ),
             ("max_snat_reservations = 1", "too small"),
+            (
+                "snat_port_min = 20000\nsnat_port_max = 21999",
+                "more than half the 2000 SNAT ports",
+            ),
         ] {
             let c: AgentConfig = toml::from_str(&format!("[dataplane]\n{text}")).unwrap();
             let e = c.dataplane.validate().unwrap_err().to_string();

@@ -64,8 +64,10 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
 pub const DEFAULT_MAX_FLOWS: u32 = 131_072;
 /// Entries of [`EMBRYOS_MAP`]: two per embryonic flow. A flow stays embryonic for one
 /// round trip to the backend and back, so this bounds the new flows per round trip a flood
-/// can push through without evicting a legitimate one still in its handshake.
-pub const DEFAULT_MAX_EMBRYOS: u32 = 65_536;
+/// can push through without evicting a legitimate one still in its handshake. Every
+/// embryo holds a SNAT port towards its backend: at most half the default port range, so
+/// the LRU evicts flood entries before they hold every port of a single backend.
+pub const DEFAULT_MAX_EMBRYOS: u32 = 16_384;
 /// Entries of [`SNAT_RESERVED_MAP`]: one per TCP flow closed within the reuse delay.
 pub const DEFAULT_MAX_SNAT_RESERVATIONS: u32 = 65_536;
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;

@@ -41,6 +41,18 @@ pub fn flood(
     packets: u64,
     seed: u32,
 ) -> Result<FloodReport> {
+    flood_at(kind, target, packets, seed, None)
+}
+
+/// [`flood`] at no more than `pps` packets a second (when set): a flood the links between
+/// the namespaces carry without dropping, so what is measured is the routing mesh.
+pub fn flood_at(
+    kind: FloodKind,
+    target: SocketAddrV4,
+    packets: u64,
+    seed: u32,
+    pps: Option<u64>,
+) -> Result<FloodReport> {
     // SAFETY: plain socket call; the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     if fd < 0 {
@@ -61,6 +73,14 @@ pub fn flood(
     let started = Instant::now();
     let mut sent = 0;
     while sent < packets {
+        if let Some(pps) = pps
+            && sent % 256 == 0
+        {
+            let due = Duration::from_secs_f64(sent as f64 / pps as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         rng ^= rng << 13;
         rng ^= rng >> 17;
         rng ^= rng << 5;

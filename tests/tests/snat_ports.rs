@@ -28,7 +28,10 @@ fn short_connections(dataplane: &str) -> (usize, Vec<String>, usize) {
     // random choices land on recently closed ports.
     std::fs::write(
         &config,
-        format!("[dataplane]\nsnat_port_min = 20000\nsnat_port_max = 21999\n{dataplane}\n"),
+        format!(
+            "[dataplane]\nsnat_port_min = 20000\nsnat_port_max = 21999\n\
+             max_embryonic_flows = 1000\n{dataplane}\n"
+        ),
     )
     .unwrap();
     c.host_mut(1)
