@@ -11,11 +11,14 @@ use std::{
 
 use mesh_tests::{
     Cluster,
-    flood::{FloodKind, flood, scrape},
+    flood::{FloodKind, flood_at, scrape},
     workload::{ClientLoop, RemoteSession, http_get},
 };
 
 const METRICS: &str = "127.0.0.1:9464";
+/// What the namespaces' links carry on a 2-core machine without dropping packets (faster,
+/// legitimate packets are lost with the flood's before they reach the routing mesh).
+const PPS: u64 = 40_000;
 /// Small enough that the flood overflows it many times over.
 const EMBRYONIC: u32 = 8192;
 
@@ -63,7 +66,7 @@ fn a_spoofed_flood_breaks_no_established_connection_and_stops_no_new_ones() {
     };
     let udp_target = SocketAddrV4::new(*target.ip(), 5353);
     let syn = flooder
-        .run(move || flood(FloodKind::Syn, target, 100_000, 7))
+        .run(move || flood_at(FloodKind::Syn, target, 100_000, 7, Some(PPS)))
         .unwrap()
         .unwrap();
     assert_eq!(
@@ -72,7 +75,7 @@ fn a_spoofed_flood_breaks_no_established_connection_and_stops_no_new_ones() {
         "the keep-alive connection after the SYN flood"
     );
     let udp = flooder
-        .run(move || flood(FloodKind::Udp, udp_target, 50_000, 11))
+        .run(move || flood_at(FloodKind::Udp, udp_target, 50_000, 11, Some(PPS)))
         .unwrap()
         .unwrap();
     assert_eq!(
@@ -103,7 +106,7 @@ fn a_spoofed_flood_breaks_no_established_connection_and_stops_no_new_ones() {
         served * 100.0
     );
     assert!(
-        delta("mesh_flows_created_total") >= 120_000.0,
+        delta("mesh_flows_created_total") >= 130_000.0,
         "the flood reached the routing mesh"
     );
     assert!(
