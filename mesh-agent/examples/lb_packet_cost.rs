@@ -22,9 +22,24 @@ fn syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, ack: bool) -> Vec<u
     let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
         .ipv4(src.octets(), dst.octets(), 64)
         .tcp(sport, dport, 1, 64240);
-    let b = if ack { b.ack(1) } else { b.syn() };
+    // An ACK acknowledges the SYN-ACK of sequence number 1 (see synack): the client's half
+    // of the handshake, which makes the flow established.
+    let b = if ack { b.ack(2) } else { b.syn() };
     let mut out = Vec::new();
     b.write(&mut out, &[0u8; 64]).expect("building a frame");
+    out
+}
+
+/// The backend's SYN-ACK (sequence number 1).
+fn synack(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1, 64240)
+        .syn()
+        .ack(1)
+        .write(&mut out, &[])
+        .expect("building a frame");
     out
 }
 
@@ -113,6 +128,14 @@ fn measure(pin: &std::path::Path, packets: usize) -> Result<()> {
         what: "new flow: SYN, backend + SNAT port",
         samples: Vec::with_capacity(packets),
     };
+    let mut syn_ack = Cost {
+        what: "embryonic: backend's SYN-ACK",
+        samples: Vec::with_capacity(packets),
+    };
+    let mut promote = Cost {
+        what: "embryonic: client's ACK, promoted",
+        samples: Vec::with_capacity(packets),
+    };
     let mut replies = Vec::with_capacity(packets);
     for i in 0..packets {
         let (verdict, ns, out) = run(&syn(client(i), port(i), NODE, 8080, false), 1)?;
@@ -121,6 +144,12 @@ fn measure(pin: &std::path::Path, packets: usize) -> Result<()> {
         // The backend's answer to what came out.
         let b = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
         let snat = u16::from_be_bytes([out[34], out[35]]);
+        let (verdict, ns, _) = run(&synack(b, 80, NET, snat), 1)?;
+        anyhow::ensure!(verdict == 7, "SYN-ACK not redirected ({verdict})");
+        syn_ack.samples.push(ns);
+        let (verdict, ns, _) = run(&syn(client(i), port(i), NODE, 8080, true), 1)?;
+        anyhow::ensure!(verdict == 7, "handshake ACK not redirected ({verdict})");
+        promote.samples.push(ns);
         replies.push(syn(b, 80, NET, snat, true));
     }
     let mut established = Cost {
@@ -158,6 +187,8 @@ fn measure(pin: &std::path::Path, packets: usize) -> Result<()> {
         hot_pass.samples.push(run(&other, 1)?.1);
     }
     new_flow.report();
+    syn_ack.report();
+    promote.report();
     established.report();
     reply.report();
     hot.report();

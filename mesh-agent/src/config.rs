@@ -66,6 +66,132 @@ pub struct AgentConfig {
     /// Serve Prometheus metrics at /metrics on this address (e.g. 127.0.0.1:9464); off when
     /// unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// The routing mesh's flow tables and SNAT ports (`[dataplane]`; file only, no flags).
+    pub dataplane: DataplaneConfig,
+}
+
+/// `[dataplane]`: sizes of the flow tables and the SNAT port policy. Sizes take effect when
+/// the maps are created (first start, or after their pins are removed): pinned maps keep
+/// their size across restarts so established flows survive.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataplaneConfig {
+    /// Established routing-mesh connections the node holds (two entries each).
+    pub max_flows: u32,
+    /// New connections whose client has not yet answered the backend (two entries each).
+    /// A flood of spoofed SYNs or UDP datagrams fills only this table, evicting its oldest
+    /// entries; legitimate connections need a place here for one round trip.
+    pub max_embryonic_flows: u32,
+    /// SNAT ports held after their connection closed (one per closed connection within
+    /// `snat_reuse_delay_s`): about the peak closed connections per second × the delay.
+    pub max_snat_reservations: u32,
+    /// Source ports of routing-mesh SNAT; keep them below the kernel's ephemeral range
+    /// (net.ipv4.ip_local_port_range).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// Seconds a closed TCP connection's SNAT port stays reserved towards its backend:
+    /// longer than the backend's TIME_WAIT (60 s on Linux). 0 turns reservations off.
+    pub snat_reuse_delay_s: u64,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        let limits = crate::lb::LbLimits::default();
+        let timeouts = crate::lb::FlowTimeouts::default();
+        Self {
+            max_flows: limits.flows / 2,
+            max_embryonic_flows: limits.embryos / 2,
+            max_snat_reservations: limits.snat_reservations,
+            snat_port_min: mesh_common::lb::DEFAULT_SNAT_PORT_MIN,
+            snat_port_max: mesh_common::lb::DEFAULT_SNAT_PORT_MAX,
+            snat_reuse_delay_s: timeouts.snat_reuse_delay.as_secs(),
+        }
+    }
+}
+
+impl DataplaneConfig {
+    /// Checks the values; errors name the key and what would be accepted.
+    pub fn validate(&self) -> Result<()> {
+        let max_flows = u32::MAX / 2;
+        if !(1024..=max_flows).contains(&self.max_flows) {
+            bail!(
+                "[dataplane] max_flows = {} is out of range: use 1024 to {max_flows} \
+                 (default {})",
+                self.max_flows,
+                Self::default().max_flows
+            );
+        }
+        if !(256..=self.max_flows).contains(&self.max_embryonic_flows) {
+            bail!(
+                "[dataplane] max_embryonic_flows = {} is out of range: use 256 to max_flows ({}) \
+                 (default {})",
+                self.max_embryonic_flows,
+                self.max_flows,
+                Self::default().max_embryonic_flows
+            );
+        }
+        if self.max_snat_reservations < 256 {
+            bail!(
+                "[dataplane] max_snat_reservations = {} is too small: use at least 256 \
+                 (default {})",
+                self.max_snat_reservations,
+                Self::default().max_snat_reservations
+            );
+        }
+        if self.snat_port_min == 0 || self.snat_port_min > self.snat_port_max {
+            bail!(
+                "[dataplane] SNAT ports {}-{} are not a range: snat_port_min must be at least 1 \
+                 and at most snat_port_max",
+                self.snat_port_min,
+                self.snat_port_max
+            );
+        }
+        // Each embryo holds a SNAT port towards its backend. A table larger than half the
+        // range lets a flood at a one-task service hold every port before the LRU evicts
+        // anything, and new connections then find no port at all.
+        let ports = u32::from(self.snat_port_max - self.snat_port_min) + 1;
+        if self.max_embryonic_flows > ports / 2 {
+            bail!(
+                "[dataplane] max_embryonic_flows = {} is more than half the {ports} SNAT ports \
+                 ({}-{}): a flood would hold every port of a single backend in embryos; use at \
+                 most {} or widen the range",
+                self.max_embryonic_flows,
+                self.snat_port_min,
+                self.snat_port_max,
+                ports / 2
+            );
+        }
+        if self.snat_reuse_delay_s > 3600 {
+            bail!(
+                "[dataplane] snat_reuse_delay_s = {} is out of range: use 0 to 3600 (default {}; \
+                 Linux holds TIME_WAIT for 60 s)",
+                self.snat_reuse_delay_s,
+                Self::default().snat_reuse_delay_s
+            );
+        }
+        Ok(())
+    }
+
+    /// The map sizes these settings ask for.
+    pub fn limits(&self) -> crate::lb::LbLimits {
+        crate::lb::LbLimits {
+            flows: 2 * self.max_flows,
+            embryos: 2 * self.max_embryonic_flows,
+            snat_reservations: self.max_snat_reservations,
+            ..crate::lb::LbLimits::default()
+        }
+    }
+
+    pub fn snat_ports(&self) -> std::ops::RangeInclusive<u16> {
+        self.snat_port_min..=self.snat_port_max
+    }
+
+    pub fn flow_timeouts(&self) -> crate::lb::FlowTimeouts {
+        crate::lb::FlowTimeouts {
+            snat_reuse_delay: Duration::from_secs(self.snat_reuse_delay_s),
+            ..crate::lb::FlowTimeouts::default()
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -93,6 +219,7 @@ impl Default for AgentConfig {
             control_plane_only: false,
             ui_listen: None,
             metrics_listen: None,
+            dataplane: DataplaneConfig::default(),
         }
     }
 }
@@ -163,6 +290,7 @@ impl AgentConfig {
             crate::cluster::parse_label(&format!("{k}={v}"))
                 .map_err(|e| anyhow::anyhow!("labels in the agent config: {e}"))?;
         }
+        self.dataplane.validate()?;
         Ok(ResolvedConfig {
             node_name,
             advertise,
@@ -241,6 +369,41 @@ mod tests {
         .unwrap();
         let e = format!("{:#}", bad.resolve().unwrap_err());
         assert!(e.contains("contains spaces"), "{e}");
+    }
+
+    #[test]
+    fn the_dataplane_section_has_defaults_and_refuses_bad_values() {
+        let c: AgentConfig = toml::from_str("[dataplane]\nmax_embryonic_flows = 4096").unwrap();
+        assert_eq!(c.dataplane.max_embryonic_flows, 4096);
+        assert_eq!(c.dataplane.max_flows, 65_536);
+        assert_eq!(c.dataplane.limits().embryos, 8192);
+        let defaults = AgentConfig::default().dataplane;
+        assert_eq!(defaults.max_embryonic_flows, 8192);
+        // What the README promises the defaults cost: about 24 MB.
+        assert_eq!(defaults.limits().flow_table_bytes() / 1_000_000, 23);
+        c.dataplane.validate().unwrap();
+        let e = toml::from_str::<AgentConfig>("[dataplane]\nmax_flow = 1").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        for (text, says) in [
+            ("max_flows = 10", "max_flows = 10 is out of range"),
+            (
+                "max_flows = 2048\nmax_embryonic_flows = 4096",
+                "max_embryonic_flows = 4096 is out of range",
+            ),
+            (
+                "snat_port_min = 5000\nsnat_port_max = 4000",
+                "are not a range",
+            ),
+            ("max_snat_reservations = 1", "too small"),
+            (
+                "snat_port_min = 20000\nsnat_port_max = 21999",
+                "more than half the 2000 SNAT ports",
+            ),
+        ] {
+            let c: AgentConfig = toml::from_str(&format!("[dataplane]\n{text}")).unwrap();
+            let e = c.dataplane.validate().unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

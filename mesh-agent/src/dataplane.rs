@@ -70,7 +70,16 @@ impl Dataplane {
     /// Loads the programs with maps pinned in `pin_dir` (reusing maps already pinned there)
     /// and attaches the underlay programs to `underlay_iface`.
     pub fn start(pin_dir: &Path, underlay_iface: &str) -> Result<Self> {
-        let mut dp = Self::load(pin_dir, &LbLimits::default())?;
+        Self::start_with_limits(pin_dir, underlay_iface, &LbLimits::default())
+    }
+
+    /// [`Dataplane::start`] with map sizes of the agent's `[dataplane]` config.
+    pub fn start_with_limits(
+        pin_dir: &Path,
+        underlay_iface: &str,
+        limits: &LbLimits,
+    ) -> Result<Self> {
+        let mut dp = Self::load(pin_dir, limits)?;
         dp.attach_underlay(underlay_iface)?;
         Ok(dp)
     }

@@ -27,10 +27,11 @@ use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::lb::{
     BACKEND_ACTIVE, BACKEND_COUNTERS_MAP, BACKEND_DRAINING, BACKEND_FREE, BACKENDS_MAP, Backend,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS,
-    DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, FLOWS_MAP, Flow, FlowKey, IPPROTO_TCP,
-    IPPROTO_UDP, LbConfig, Network, PUBLISH_INGRESS, PUBLISH_SNAT, RR_MAP, Reason,
-    SERVICE_COUNTERS_MAP, SERVICE_IN_USE, SERVICE_STATE_MAP, SERVICES_MAP, SLOTS_MAP, SOCK_FWD_MAP,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EMBRYOS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
+    DEFAULT_MAX_SNAT_RESERVATIONS, DEFAULT_MAX_SOCKETS, DEFAULT_SNAT_PORT_MAX,
+    DEFAULT_SNAT_PORT_MIN, EMBRYOS_MAP, FLOWS_MAP, Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
+    LbConfig, Network, PUBLISH_INGRESS, PUBLISH_SNAT, RR_MAP, Reason, SERVICE_COUNTERS_MAP,
+    SERVICE_IN_USE, SERVICE_STATE_MAP, SERVICES_MAP, SLOTS_MAP, SNAT_RESERVED_MAP, SOCK_FWD_MAP,
     SOCK_REV_MAP, ServiceEntry, ServiceKey, ServiceState, TrafficCounters,
 };
 use serde::{Deserialize, Serialize};
@@ -39,6 +40,13 @@ use tracing::{debug, info, warn};
 pub use maps::MapOps;
 pub use sweep::{FlowTimeouts, SweepReport};
 
+/// Bytes of kernel memory one entry costs, measured on Linux 6.18 x86_64 (the map's
+/// `memlock` divided by its entries; LRU hash maps preallocate every entry at creation).
+/// Documented in the README's `[dataplane]` section.
+pub const BYTES_PER_FLOW_ENTRY: u64 = 120;
+pub const BYTES_PER_EMBRYO_ENTRY: u64 = 128;
+pub const BYTES_PER_SNAT_RESERVATION: u64 = 88;
+
 use maps::Maps;
 
 /// Map sizes, fixed when the maps are first created (pinned maps keep their size).
@@ -46,8 +54,14 @@ use maps::Maps;
 pub struct LbLimits {
     pub services: u32,
     pub backends: u32,
-    /// Flow table entries; each routing-mesh connection takes two.
+    /// Established flow table entries; each routing-mesh connection takes two.
     pub flows: u32,
+    /// Embryonic flow table entries (flows whose client has not yet answered the backend),
+    /// two per flow. What a flood of new flows can fill; it never touches `flows`.
+    pub embryos: u32,
+    /// SNAT ports held after their flow closed (one per closed TCP flow, for the reuse
+    /// delay).
+    pub snat_reservations: u32,
     /// Socket load-balancing entries (per socket and backend).
     pub sockets: u32,
 }
@@ -58,12 +72,21 @@ impl Default for LbLimits {
             services: DEFAULT_MAX_SERVICES,
             backends: DEFAULT_MAX_BACKENDS,
             flows: DEFAULT_MAX_FLOWS,
+            embryos: DEFAULT_MAX_EMBRYOS,
+            snat_reservations: DEFAULT_MAX_SNAT_RESERVATIONS,
             sockets: DEFAULT_MAX_SOCKETS,
         }
     }
 }
 
 impl LbLimits {
+    /// Kernel memory the flow tables of these sizes take (preallocated at creation).
+    pub fn flow_table_bytes(&self) -> u64 {
+        u64::from(self.flows) * BYTES_PER_FLOW_ENTRY
+            + u64::from(self.embryos) * BYTES_PER_EMBRYO_ENTRY
+            + u64::from(self.snat_reservations) * BYTES_PER_SNAT_RESERVATION
+    }
+
     /// Sizes the maps in the object before it is loaded. A map already pinned in `pin_dir`
     /// keeps the size it was created with (its entries are what we adopt).
     pub(crate) fn size_maps(&self, loader: &mut EbpfLoader<'_>, pin_dir: &Path) {
@@ -76,6 +99,8 @@ impl LbLimits {
             (BACKENDS_MAP, self.backends + 1),
             (BACKEND_COUNTERS_MAP, self.backends + 1),
             (FLOWS_MAP, self.flows),
+            (EMBRYOS_MAP, self.embryos),
+            (SNAT_RESERVED_MAP, self.snat_reservations),
             (SOCK_FWD_MAP, self.sockets),
             (SOCK_REV_MAP, self.sockets),
         ];
@@ -371,6 +396,24 @@ pub struct LoadBalancer {
     backend_ids: Ids,
     /// Address of every allocated backend id (for the sweep).
     backend_addrs: BTreeMap<u32, Ipv4Addr>,
+    /// Embryonic flows the sweep removed since this agent started (for the eviction
+    /// estimate in [`FlowTableStats`]).
+    embryos_swept: u64,
+}
+
+/// Occupancy of the flow tables (flows, not entries: a flow has two).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowTableStats {
+    pub established: u64,
+    pub embryonic: u64,
+    /// SNAT ports held for closed flows until the backends' TIME_WAIT is over.
+    pub snat_reserved: u64,
+    /// Embryonic flows the embryo table's LRU pushed out (a flood's work), estimated from
+    /// the counters: created − promoted − swept − still embryonic. Since this agent
+    /// started; a restart over pinned maps counts the earlier agent's sweeps as evictions.
+    pub embryonic_evicted: u64,
+    /// Flows that became established.
+    pub promoted: u64,
 }
 
 impl LoadBalancer {
@@ -396,6 +439,7 @@ impl LoadBalancer {
             service_ids,
             backend_ids,
             backend_addrs,
+            embryos_swept: 0,
         })
     }
 
@@ -779,14 +823,57 @@ impl LoadBalancer {
         self.maps.reasons()
     }
 
-    /// Every entry of the flow table (both directions of each flow).
+    /// Every entry of the flow tables (both directions of each flow), established ones and
+    /// embryonic ones (flagged FLOW_EMBRYO).
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
-        self.maps.read_flows()
+        let mut all = self.maps.read_flows()?;
+        all.extend(
+            self.maps
+                .read_embryos()?
+                .into_iter()
+                .map(|(k, e)| (k, e.flow)),
+        );
+        Ok(all)
+    }
+
+    /// How full the flow tables are, and how many embryonic flows were pushed out of theirs.
+    pub fn flow_table(&self) -> Result<FlowTableStats> {
+        let count = |flows: &[(FlowKey, Flow)]| {
+            flows
+                .iter()
+                .filter(|(_, f)| f.flags & mesh_common::lb::FLOW_REPLY == 0)
+                .count() as u64
+        };
+        let established = count(&self.maps.read_flows()?);
+        let embryos: Vec<(FlowKey, Flow)> = self
+            .maps
+            .read_embryos()?
+            .into_iter()
+            .map(|(k, e)| (k, e.flow))
+            .collect();
+        let embryonic = count(&embryos);
+        let reasons = self.maps.reasons()?;
+        let reason = |r: Reason| reasons.iter().find(|(x, _)| *x == r).map_or(0, |(_, n)| *n);
+        // The kernel's LRU does not count what it evicts: every flow created left the
+        // embryo table by promotion, by the sweep, by a reused client port, or by eviction.
+        let embryonic_evicted = reason(Reason::NewFlow)
+            .saturating_sub(reason(Reason::Promoted))
+            .saturating_sub(self.embryos_swept)
+            .saturating_sub(embryonic);
+        Ok(FlowTableStats {
+            established,
+            embryonic,
+            snat_reserved: self.maps.count_reservations()?,
+            embryonic_evicted,
+            promoted: reason(Reason::Promoted),
+        })
     }
 
     /// Removes finished and idle flows, and flows of backends that are gone.
     pub fn sweep(&mut self, timeouts: &FlowTimeouts) -> Result<SweepReport> {
-        sweep::sweep(&mut self.maps, &self.backend_addrs, timeouts)
+        let r = sweep::sweep(&mut self.maps, &self.backend_addrs, timeouts)?;
+        self.embryos_swept += r.embryos_removed as u64;
+        Ok(r)
     }
 }
 

@@ -543,10 +543,18 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
 /// the overlay's netlink handle: everything that touches this node's kernel.
 async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeParts> {
     let node_bpffs = config.bpffs.clone();
-    let mut dataplane = Dataplane::start(&node_bpffs, &config.interface)?;
-    dataplane
-        .lb_mut()
-        .set_node(&mesh_agent::lb::NodeLb::new(config.advertise)?)?;
+    let limits = config.dataplane.limits();
+    info!(
+        max_flows = config.dataplane.max_flows,
+        max_embryonic_flows = config.dataplane.max_embryonic_flows,
+        max_snat_reservations = config.dataplane.max_snat_reservations,
+        mib = limits.flow_table_bytes() / (1 << 20),
+        "flow tables"
+    );
+    let mut dataplane = Dataplane::start_with_limits(&node_bpffs, &config.interface, &limits)?;
+    let mut node_lb = mesh_agent::lb::NodeLb::new(config.advertise)?;
+    node_lb.snat_ports = config.dataplane.snat_ports();
+    dataplane.lb_mut().set_node(&node_lb)?;
     let cgroup_root = dataplane.attach_sockets()?;
     let mtu = dataplane::interface_mtu(&config.interface)?;
 

@@ -102,6 +102,7 @@ pub async fn render(agent: &Agent) -> anyhow::Result<String> {
             .iter()
             .filter(|(_, f)| f.flags & FLOW_REPLY == 0)
             .count();
+        let table = lb.flow_table()?;
         drop(dp);
 
         let reason = |r: Reason| reasons.iter().find(|(x, _)| *x == r).map_or(0, |(_, n)| *n);
@@ -117,6 +118,34 @@ pub async fn render(agent: &Agent) -> anyhow::Result<String> {
             "mesh_flows_active",
             "Routing-mesh flows in the flow table (one per connection, replies not counted).",
             g,
+        );
+        for (name, help, n) in [
+            (
+                "mesh_flows_established",
+                "Routing-mesh flows whose client answered the backend (the established table).",
+                table.established,
+            ),
+            (
+                "mesh_flows_embryonic",
+                "Routing-mesh flows still in their handshake (the embryonic table).",
+                table.embryonic,
+            ),
+            (
+                "mesh_snat_ports_reserved",
+                "SNAT ports held for closed flows until the backend's TIME_WAIT is over.",
+                table.snat_reserved,
+            ),
+        ] {
+            let g: Gauge = Gauge::default();
+            g.set(n as i64);
+            reg.register(name, help, g);
+        }
+        counter(
+            &mut reg,
+            "mesh_flows_embryonic_evicted",
+            "Embryonic flows pushed out of the embryonic table when it was full (a flood's \
+             work), estimated: created - established - swept - still embryonic.",
+            table.embryonic_evicted,
         );
         counters(
             &mut reg,

@@ -447,6 +447,8 @@ fn ten_thousand_services_then_one_backend_change_costs_a_handful_of_map_writes()
         services: 10_240,
         backends: 32_768,
         flows: 1024,
+        embryos: 1024,
+        snat_reservations: 1024,
         sockets: 1024,
     });
     let table: Vec<_> = (0..10_000u32)

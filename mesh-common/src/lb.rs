@@ -13,7 +13,11 @@
 //! LB_BACKENDS   [backend]           -> Backend         address, owner, active/draining
 //! LB_NETWORKS   network id          -> Network         node address (SNAT), bridge ifindex
 //! LB_RR         [service]           -> u64             round-robin cursor, shared by all CPUs
-//! LB_FLOWS      FlowKey             -> Flow            both directions of every NAT'd flow
+//! LB_FLOWS      FlowKey             -> Flow            both directions of established flows
+//! LB_EMBRYOS    FlowKey             -> Embryo          both directions of flows not yet
+//!                                                      established (a flood lands here only)
+//! LB_SNAT_RESERVED reply FlowKey    -> u64             SNAT ports of closed flows, held
+//!                                                      until the backend's TIME_WAIT is over
 //! LB_SOCK_FWD   SockKey             -> SockTarget      unconnected UDP: socket's backend
 //! LB_SOCK_REV   SockKey             -> SockTarget      backend -> address the app asked for
 //! LB_NETNS      netns cookie        -> NetnsEntry      namespaces whose sockets this node steers
@@ -38,6 +42,15 @@ pub const BACKENDS_MAP: &str = "LB_BACKENDS";
 pub const NETWORKS_MAP: &str = "LB_NETWORKS";
 pub const RR_MAP: &str = "LB_RR";
 pub const FLOWS_MAP: &str = "LB_FLOWS";
+/// Flows whose client has not yet shown it hears the backend (see [`Embryo`]). Kept apart
+/// from [`FLOWS_MAP`] so that a flood of new flows from spoofed sources evicts only other
+/// embryonic flows, never an established one.
+pub const EMBRYOS_MAP: &str = "LB_EMBRYOS";
+/// Reply keys (backend, node address, target port, SNAT port) of closed TCP flows, with the
+/// CLOCK_MONOTONIC time until which their SNAT port must not be given to a new flow to the
+/// same backend: the backend holds the 4-tuple in TIME_WAIT (60 s on Linux) and would
+/// answer a new SYN on it with an ACK of the old connection. Written by the agent's sweep.
+pub const SNAT_RESERVED_MAP: &str = "LB_SNAT_RESERVED";
 pub const SOCK_FWD_MAP: &str = "LB_SOCK_FWD";
 pub const SOCK_REV_MAP: &str = "LB_SOCK_REV";
 pub const SERVICE_COUNTERS_MAP: &str = "LB_SVC_COUNTERS";
@@ -61,7 +74,16 @@ pub const MAX_NETNS: u32 = 16_384;
 /// Default sizes; the agent overrides them at load time.
 pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
 pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
+/// Entries of [`FLOWS_MAP`]: two per established flow.
 pub const DEFAULT_MAX_FLOWS: u32 = 131_072;
+/// Entries of [`EMBRYOS_MAP`]: two per embryonic flow. A flow stays embryonic for one
+/// round trip to the backend and back, so this bounds the new flows per round trip a flood
+/// can push through without evicting a legitimate one still in its handshake. Every
+/// embryo holds a SNAT port towards its backend: at most half the default port range, so
+/// the LRU evicts flood entries before they hold every port of a single backend.
+pub const DEFAULT_MAX_EMBRYOS: u32 = 16_384;
+/// Entries of [`SNAT_RESERVED_MAP`]: one per TCP flow closed within the reuse delay.
+pub const DEFAULT_MAX_SNAT_RESERVATIONS: u32 = 65_536;
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
 /// Client-address flows whose backend runs on this node (one entry per connection).
 pub const DEFAULT_MAX_RETURNS: u32 = 65_536;
@@ -219,6 +241,9 @@ pub const FLOW_RST: u32 = 4;
 /// answered).
 pub const FLOW_SEEN: u32 = 8;
 
+/// The entry is in [`EMBRYOS_MAP`]: the flow is not established yet.
+pub const FLOW_EMBRYO: u32 = 16;
+
 /// What to do with a packet of a known flow: rewrite its 5-tuple to these values and
 /// redirect it out of `ifindex`.
 #[repr(C)]
@@ -308,6 +333,22 @@ pub const fn mac_for_ip(ip: [u8; 4]) -> [u8; 6] {
     [0x02, 0x42, ip[0], ip[1], ip[2], ip[3]]
 }
 
+/// An entry of [`EMBRYOS_MAP`]: a flow's translation and how far its handshake got.
+///
+/// A flow is promoted to [`FLOWS_MAP`] when its client proves it hears the backend: for
+/// TCP, the client's ACK of the backend's SYN-ACK (acknowledging exactly `syn_ack_seq` + 1,
+/// which a spoofed source never sees); for UDP, a client datagram after the backend's
+/// first answer. A SYN-ACK alone proves nothing: a backend answers spoofed SYNs too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Embryo {
+    pub flow: Flow,
+    /// On the reply entry: the sequence number of the backend's SYN-ACK.
+    pub syn_ack_seq: u32,
+    /// On the reply entry: 1 once the backend's SYN-ACK was seen (and `syn_ack_seq` set).
+    pub answered: u32,
+}
+
 /// A socket and an address it talks to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -387,10 +428,12 @@ pub enum Reason {
     SockRestored,
     /// A task's reply to a client-address flow was sent back to its ingress node.
     Returned,
+    /// An embryonic flow became established (moved from LB_EMBRYOS to LB_FLOWS).
+    Promoted,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::Forwarded,
         Reason::Replied,
         Reason::NewFlow,
@@ -407,6 +450,7 @@ impl Reason {
         Reason::SockNoBackend,
         Reason::SockRestored,
         Reason::Returned,
+        Reason::Promoted,
     ];
 
     /// Stable names for counters shown to users.
@@ -428,6 +472,7 @@ impl Reason {
             Reason::SockNoBackend => "sock_refused_no_backend",
             Reason::SockRestored => "sock_restored",
             Reason::Returned => "returned",
+            Reason::Promoted => "flow_established",
         }
     }
 }
@@ -450,6 +495,7 @@ mod pod {
     unsafe impl aya::Pod for Network {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for Embryo {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockTarget {}
     unsafe impl aya::Pod for TrafficCounters {}
@@ -476,6 +522,7 @@ mod tests {
         assert_eq!(size_of::<Network>(), 8);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<Flow>(), 40);
+        assert_eq!(size_of::<Embryo>(), 48);
         assert_eq!(size_of::<SockKey>(), 16);
         assert_eq!(size_of::<SockTarget>(), 16);
         assert_eq!(size_of::<TrafficCounters>(), 32);

@@ -1,23 +1,36 @@
 //! The flow table: both directions of every routing-mesh flow, so established connections
 //! stay pinned to their backend whatever happens to the service afterwards.
 //!
+//! Two tables, so a flood of new flows cannot flush established ones:
+//!
+//! ```text
+//! first packet ─ create ─> LB_EMBRYOS ─ client answers the backend ─ promote ─> LB_FLOWS
+//!                          (small LRU: a flood evicts                 (an LRU only
+//!                           only other embryos)                        promotions fill)
+//! ```
+//!
+//! A flow is promoted when its client proves it receives the backend's packets (see
+//! `mesh_common::lb::Embryo`): spoofed sources never do, so they never leave LB_EMBRYOS.
+//! Lookups try LB_FLOWS first, so an established flow costs one lookup as before.
+//!
 //! Entries never time out here. The agent's sweep removes closed TCP flows after a grace
-//! period, idle UDP flows and flows whose backend was removed; the LRU evicts the least
-//! recently used entries under pressure.
+//! period (keeping their SNAT port reserved in LB_SNAT_RESERVED past the backend's
+//! TIME_WAIT), idle UDP flows, stale embryos and flows whose backend was removed; the LRUs
+//! evict the least recently used entries under pressure.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use mesh_common::lb::{
-    FLOW_FIN, FLOW_REPLY, FLOW_RST, FLOW_SEEN, Flow, FlowKey, LbConfig, Network, PUBLISH_INGRESS,
-    Reason, ServiceEntry,
+    Embryo, FLOW_EMBRYO, FLOW_FIN, FLOW_REPLY, FLOW_RST, FLOW_SEEN, Flow, FlowKey, LbConfig,
+    Network, PUBLISH_INGRESS, Reason, ServiceEntry,
 };
 
 use crate::{
-    packet::{IPPROTO_TCP, TCP_FIN, TCP_RST},
-    programs::{LB_FLOWS, LB_NETWORKS},
-    service,
+    packet::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    programs::{LB_EMBRYOS, LB_FLOWS, LB_NETWORKS, LB_SNAT_RESERVED},
+    service, stats,
 };
 
 /// How many random SNAT ports are tried before giving up on a new flow. With the default
@@ -34,9 +47,91 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// The entry of `key`, established or embryonic (then with FLOW_EMBRYO set: pass it to
+/// [`handshake`] after translating the packet).
 #[inline(always)]
 pub fn lookup(key: &FlowKey) -> Option<*mut Flow> {
-    LB_FLOWS.get_ptr_mut(key)
+    if let Some(f) = LB_FLOWS.get_ptr_mut(key) {
+        return Some(f);
+    }
+    // `flow` is the first field of the #[repr(C)] Embryo: the same address.
+    LB_EMBRYOS.get_ptr_mut(key).map(|e| e.cast::<Flow>())
+}
+
+/// What [`handshake`] needs of a packet of an embryonic flow.
+pub struct Seen {
+    pub tcp_flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+}
+
+/// Moves the handshake of the embryonic flow `key` on with one of its packets (one whose
+/// [`lookup`] entry had FLOW_EMBRYO): records the backend's SYN-ACK on the reply entry, and
+/// promotes the flow when the client's packet shows it received the backend's answer. The
+/// entry [`lookup`] returned must not be used afterwards (a promoted embryo is deleted).
+#[inline(always)]
+pub fn handshake(key: &FlowKey, seen: &Seen) {
+    // Looked up again: the verifier cannot tell which table lookup()'s pointer came from,
+    // and only embryonic packets (two or three per flow) pay for it.
+    let Some(embryo) = LB_EMBRYOS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a pointer into LB_EMBRYOS; races with another CPU at worst write the same
+    // values twice.
+    let f = unsafe { (*embryo).flow };
+    let tcp = key.proto == IPPROTO_TCP;
+    if f.flags & FLOW_REPLY != 0 {
+        if tcp && seen.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+            unsafe {
+                (*embryo).syn_ack_seq = seen.seq;
+                (*embryo).answered = 1;
+            }
+        }
+        return;
+    }
+    if tcp && seen.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_ACK {
+        return;
+    }
+    let reply_key = f.partner(key);
+    let Some(reply) = LB_EMBRYOS.get_ptr_mut(&reply_key) else {
+        return;
+    };
+    // SAFETY: pointer into LB_EMBRYOS, copied out.
+    let reply = unsafe { *reply };
+    let answered = if tcp {
+        reply.answered != 0 && seen.ack == reply.syn_ack_seq.wrapping_add(1)
+    } else {
+        reply.flow.flags & FLOW_SEEN != 0
+    };
+    if answered {
+        promote(key, f, &reply_key, reply.flow);
+    }
+}
+
+/// Moves both entries of a flow from LB_EMBRYOS to LB_FLOWS. LB_FLOWS gets them first, so
+/// the flow's SNAT port is held in one table or the other at every moment.
+#[inline(always)]
+fn promote(key: &FlowKey, mut forward: Flow, reply_key: &FlowKey, mut reply: Flow) {
+    forward.flags &= !FLOW_EMBRYO;
+    reply.flags &= !FLOW_EMBRYO;
+    if LB_FLOWS.insert(reply_key, reply, 0).is_err() {
+        return;
+    }
+    if LB_FLOWS.insert(key, forward, 0).is_err() {
+        let _ = LB_FLOWS.remove(reply_key);
+        return;
+    }
+    let _ = LB_EMBRYOS.remove(key);
+    let _ = LB_EMBRYOS.remove(reply_key);
+    stats::count(Reason::Promoted);
+}
+
+/// Whether the SNAT port in `reply_key` was closed towards the same backend so recently
+/// that the backend may still hold the 4-tuple in TIME_WAIT.
+#[inline(always)]
+fn reserved(reply_key: &FlowKey, now: u64) -> bool {
+    // SAFETY: plain data copied out.
+    unsafe { LB_SNAT_RESERVED.get(reply_key) }.is_some_and(|until| now < *until)
 }
 
 /// Records that a packet used the entry: TCP FIN/RST for the sweep, and the time.
@@ -73,12 +168,14 @@ pub fn is_closing(flow: *const Flow) -> bool {
 #[inline(always)]
 pub fn forget(key: &FlowKey) {
     let _ = LB_FLOWS.remove(key);
+    let _ = LB_EMBRYOS.remove(key);
 }
 
 /// Creates both entries of a new flow for a packet `key` that arrived on `ifindex` for
-/// `svc`: picks a backend, allocates a SNAT port on the network's node address (or keeps
-/// the client's address and port, for client-address ports), and returns the forward
-/// translation.
+/// `svc`, embryonic: picks a backend, allocates a SNAT port on the network's node address
+/// that no flow in either table uses and no recently closed flow to that backend reserves
+/// (or keeps the client's address and port, for client-address ports), and returns the
+/// forward translation.
 #[inline(always)]
 pub fn create(
     key: &FlowKey,
@@ -104,7 +201,7 @@ pub fn create(
         service: svc.service,
         backend: choice.id,
         last_seen: now,
-        flags: 0,
+        flags: FLOW_EMBRYO,
         _pad: 0,
     };
     // Replies go back out of the interface the client's packet came in on.
@@ -117,8 +214,12 @@ pub fn create(
         service: svc.service,
         backend: choice.id,
         last_seen: now,
-        flags: FLOW_REPLY,
+        flags: FLOW_REPLY | FLOW_EMBRYO,
         _pad: 0,
+    };
+    let reply = Embryo {
+        flow: reply,
+        ..Embryo::default()
     };
     if svc.mode == PUBLISH_INGRESS {
         forward.nat_src = key.src;
@@ -132,43 +233,71 @@ pub fn create(
         let port = (min + unsafe { bpf_get_prandom_u32() } % span) as u16;
         forward.nat_sport = port;
         let reply_key = forward.partner(key);
-        // NOEXIST makes the port ours atomically: another CPU cannot take it in between.
-        if LB_FLOWS
+        if reserved(&reply_key, now) {
+            continue;
+        }
+        // NOEXIST makes the port ours atomically among embryos: another CPU cannot take it
+        // in between. An established flow may hold it too: promotion inserts into LB_FLOWS
+        // before it deletes the embryo, so checking LB_FLOWS after our insert sees it.
+        if LB_EMBRYOS
             .insert(reply_key, reply, u64::from(BPF_NOEXIST))
             .is_err()
         {
             continue;
         }
-        if LB_FLOWS
-            .insert(key, forward, u64::from(BPF_NOEXIST))
+        if LB_FLOWS.get_ptr(reply_key).is_some() {
+            let _ = LB_EMBRYOS.remove(reply_key);
+            continue;
+        }
+        let embryo = Embryo {
+            flow: forward,
+            ..Embryo::default()
+        };
+        if LB_EMBRYOS
+            .insert(key, embryo, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             return Ok(forward);
         }
         // Another CPU created this flow first (a retransmitted SYN): use its entry.
-        let _ = LB_FLOWS.remove(reply_key);
+        let _ = LB_EMBRYOS.remove(reply_key);
         // SAFETY: plain data copied out.
-        return unsafe { LB_FLOWS.get(key).copied().ok_or(Reason::FlowTableFull) };
+        return unsafe {
+            LB_EMBRYOS
+                .get(key)
+                .map(|e| e.flow)
+                .ok_or(Reason::FlowTableFull)
+        };
     }
     Err(Reason::SnatExhausted)
 }
 
-/// The entries of a client-address flow. The reply key (backend:target → client:port) is
-/// fixed by the choice of backend, so there is no port to search for. The forward entry goes
-/// first: a retransmitted SYN racing on another CPU then finds it and uses its backend, and
-/// never removes a reply entry the winner wrote. The reply entry may replace one left by an
-/// earlier connection of the same 5-tuple (the client reused its port).
+/// The entries of a client-address flow, embryonic like every new flow (a flood of spoofed
+/// SYNs must not push established flows out). The reply key (backend:target →
+/// client:port) is fixed by the choice of backend, so there is no port to search for. The
+/// forward entry goes first: a retransmitted SYN racing on another CPU then finds it and uses
+/// its backend, and never removes a reply entry the winner wrote. The reply entry may replace
+/// one left by an earlier connection of the same 5-tuple (the client reused its port).
 #[inline(always)]
-fn create_client_address(key: &FlowKey, forward: &Flow, reply: &Flow) -> Result<Flow, Reason> {
-    if LB_FLOWS
-        .insert(key, forward, u64::from(BPF_NOEXIST))
+fn create_client_address(key: &FlowKey, forward: &Flow, reply: &Embryo) -> Result<Flow, Reason> {
+    let embryo = Embryo {
+        flow: *forward,
+        ..Embryo::default()
+    };
+    if LB_EMBRYOS
+        .insert(key, embryo, u64::from(BPF_NOEXIST))
         .is_err()
     {
         // SAFETY: plain data copied out.
-        return unsafe { LB_FLOWS.get(key).copied().ok_or(Reason::FlowTableFull) };
+        return unsafe {
+            LB_EMBRYOS
+                .get(key)
+                .map(|e| e.flow)
+                .ok_or(Reason::FlowTableFull)
+        };
     }
-    if LB_FLOWS.insert(forward.partner(key), reply, 0).is_err() {
-        let _ = LB_FLOWS.remove(key);
+    if LB_EMBRYOS.insert(forward.partner(key), reply, 0).is_err() {
+        let _ = LB_EMBRYOS.remove(key);
         return Err(Reason::FlowTableFull);
     }
     Ok(*forward)

@@ -20,7 +20,9 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_redirect_neigh, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use mesh_common::lb::{FLOW_REPLY, Flow, FlowKey, LbConfig, Reason, ServiceEntry, mac_for_ip};
+use mesh_common::lb::{
+    FLOW_EMBRYO, FLOW_REPLY, Flow, FlowKey, LbConfig, Reason, ServiceEntry, mac_for_ip,
+};
 
 use crate::{
     flow, nat,
@@ -101,6 +103,9 @@ pub(crate) struct Packet {
     /// IPv4 header length in bytes.
     pub ihl: usize,
     pub tcp_flags: u8,
+    /// TCP sequence and acknowledgement numbers (host order): for handshakes of new flows.
+    pub seq: u32,
+    pub ack: u32,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
 }
@@ -233,6 +238,8 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
         pkt.key.sport = u16::from_be_bytes(tcp.source);
         pkt.key.dport = u16::from_be_bytes(tcp.dest);
         pkt.tcp_flags = tcp.flags;
+        pkt.seq = u32::from_be_bytes(tcp.seq);
+        pkt.ack = u32::from_be_bytes(tcp.ack_seq);
     } else {
         if ihl + 8 > tot_len {
             return Verdict::pass(Reason::Truncated);
@@ -303,8 +310,17 @@ pub(crate) fn translate(
     new: bool,
 ) -> Verdict {
     flow::touch(entry, pkt.key.proto, pkt.tcp_flags, flow::now());
-    // SAFETY: pointer into the flow table; copied so the rewrite works on a stable value.
+    // SAFETY: pointer into the flow table; copied so the rewrite works on a stable value
+    // (and before a promotion deletes the embryo it points into).
     let f = unsafe { *entry };
+    if f.flags & FLOW_EMBRYO != 0 {
+        let seen = flow::Seen {
+            tcp_flags: pkt.tcp_flags,
+            seq: pkt.seq,
+            ack: pkt.ack,
+        };
+        flow::handshake(&pkt.key, &seen);
+    }
     rewrite_and_redirect(ctx, pkt, &f, r, new)
 }
 

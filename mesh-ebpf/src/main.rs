@@ -38,10 +38,11 @@ mod programs {
     };
     use mesh_common::{
         lb::{
-            Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_RETURNS,
-            DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, Flow, FlowKey, LbConfig, MAX_NETNS,
-            MAX_TASK_PORTS, NetnsEntry, Network, ReturnEntry, STATS_LEN, ServiceEntry, ServiceKey,
-            ServiceState, SlotKey, SockKey, SockTarget, TaskPort, TrafficCounters,
+            Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EMBRYOS, DEFAULT_MAX_FLOWS,
+            DEFAULT_MAX_RETURNS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SNAT_RESERVATIONS,
+            DEFAULT_MAX_SOCKETS, Embryo, Flow, FlowKey, LbConfig, MAX_NETNS, MAX_TASK_PORTS,
+            NetnsEntry, Network, ReturnEntry, STATS_LEN, ServiceEntry, ServiceKey, ServiceState,
+            SlotKey, SockKey, SockTarget, TaskPort, TrafficCounters,
         },
         stats::{PORT_COUNTERS_LEN, PortCounter},
     };
@@ -69,6 +70,14 @@ mod programs {
     pub static LB_RR: Array<u64> = Array::pinned(DEFAULT_MAX_SERVICES + 1, 0);
     #[map(name = "LB_FLOWS")]
     pub static LB_FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+    /// New flows until their client answers the backend (see flow.rs): a separate LRU, so
+    /// what a flood evicts is other embryonic flows and never an established one.
+    #[map(name = "LB_EMBRYOS")]
+    pub static LB_EMBRYOS: LruHashMap<FlowKey, Embryo> = LruHashMap::pinned(DEFAULT_MAX_EMBRYOS, 0);
+    /// SNAT ports of recently closed flows, per backend (see flow.rs).
+    #[map(name = "LB_SNAT_RESERVED")]
+    pub static LB_SNAT_RESERVED: LruHashMap<FlowKey, u64> =
+        LruHashMap::pinned(DEFAULT_MAX_SNAT_RESERVATIONS, 0);
     #[map(name = "LB_SOCK_FWD")]
     pub static LB_SOCK_FWD: LruHashMap<SockKey, SockTarget> =
         LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);

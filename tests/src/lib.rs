@@ -4,6 +4,7 @@
 //! panics; clusters left by a killed test run are swept by the next one.
 
 pub mod cluster;
+pub mod flood;
 pub mod image;
 pub mod netns;
 pub mod overlay;

@@ -186,7 +186,7 @@ impl Agent {
         let Some(local) = self.local() else {
             return;
         };
-        let timeouts = FlowTimeouts::default();
+        let timeouts: FlowTimeouts = self.config.dataplane.flow_timeouts();
         let returns = ReturnTimeouts::default();
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;

@@ -9,10 +9,11 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
 };
 use mesh_common::lb::{
-    BACKEND_COUNTERS_MAP, BACKENDS_MAP, Backend, CONFIG_MAP, FLOWS_MAP, Flow, FlowKey, LbConfig,
-    NETWORKS_MAP, Network, RR_MAP, Reason, SERVICE_COUNTERS_MAP, SERVICE_STATE_MAP, SERVICES_MAP,
-    SLOTS_MAP, SOCK_FWD_MAP, SOCK_REV_MAP, STATS_MAP, ServiceEntry, ServiceKey, ServiceState,
-    SlotKey, SockKey, SockTarget, TrafficCounters,
+    BACKEND_COUNTERS_MAP, BACKENDS_MAP, Backend, CONFIG_MAP, EMBRYOS_MAP, Embryo, FLOWS_MAP, Flow,
+    FlowKey, LbConfig, NETWORKS_MAP, Network, RR_MAP, Reason, SERVICE_COUNTERS_MAP,
+    SERVICE_STATE_MAP, SERVICES_MAP, SLOTS_MAP, SNAT_RESERVED_MAP, SOCK_FWD_MAP, SOCK_REV_MAP,
+    STATS_MAP, ServiceEntry, ServiceKey, ServiceState, SlotKey, SockKey, SockTarget,
+    TrafficCounters,
 };
 
 /// Map operations issued by one `apply`.
@@ -37,6 +38,8 @@ pub(super) struct Maps {
     networks: HashMap<MapData, u32, Network>,
     rr: Array<MapData, u64>,
     pub(super) flows: HashMap<MapData, FlowKey, Flow>,
+    embryos: HashMap<MapData, FlowKey, Embryo>,
+    snat_reserved: HashMap<MapData, FlowKey, u64>,
     // Held so the socket maps stay open with the others; only the programs use them.
     _sock_fwd: HashMap<MapData, SockKey, SockTarget>,
     _sock_rev: HashMap<MapData, SockKey, SockTarget>,
@@ -52,7 +55,7 @@ pub(super) struct Maps {
 /// programs and the agent disagree about every entry.
 pub(crate) fn check_pinned_layouts(pin_dir: &Path) -> Result<()> {
     use std::mem::size_of;
-    let expected: [(&str, usize, usize); 13] = [
+    let expected: [(&str, usize, usize); 15] = [
         (CONFIG_MAP, 4, size_of::<LbConfig>()),
         (
             SERVICES_MAP,
@@ -65,6 +68,8 @@ pub(crate) fn check_pinned_layouts(pin_dir: &Path) -> Result<()> {
         (NETWORKS_MAP, 4, size_of::<Network>()),
         (RR_MAP, 4, 8),
         (FLOWS_MAP, size_of::<FlowKey>(), size_of::<Flow>()),
+        (EMBRYOS_MAP, size_of::<FlowKey>(), size_of::<Embryo>()),
+        (SNAT_RESERVED_MAP, size_of::<FlowKey>(), 8),
         (SOCK_FWD_MAP, size_of::<SockKey>(), size_of::<SockTarget>()),
         (SOCK_REV_MAP, size_of::<SockKey>(), size_of::<SockTarget>()),
         (SERVICE_COUNTERS_MAP, 4, size_of::<TrafficCounters>()),
@@ -117,6 +122,8 @@ impl Maps {
             networks: take(ebpf, NETWORKS_MAP)?,
             rr: take(ebpf, RR_MAP)?,
             flows: take(ebpf, FLOWS_MAP)?,
+            embryos: take(ebpf, EMBRYOS_MAP)?,
+            snat_reserved: take(ebpf, SNAT_RESERVED_MAP)?,
             _sock_fwd: take(ebpf, SOCK_FWD_MAP)?,
             _sock_rev: take(ebpf, SOCK_REV_MAP)?,
             service_counters: take(ebpf, SERVICE_COUNTERS_MAP)?,
@@ -309,6 +316,44 @@ impl Maps {
     pub(super) fn del_flow(&mut self, key: &FlowKey) -> Result<()> {
         ignore_missing(self.flows.remove(key))
             .with_context(|| format!("removing a flow from {FLOWS_MAP}"))
+    }
+
+    pub(super) fn read_embryos(&self) -> Result<Vec<(FlowKey, Embryo)>> {
+        let mut out = Vec::new();
+        for item in self.embryos.iter() {
+            match item {
+                Ok(kv) => out.push(kv),
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e).with_context(|| format!("reading {EMBRYOS_MAP}")),
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn del_embryo(&mut self, key: &FlowKey) -> Result<()> {
+        ignore_missing(self.embryos.remove(key))
+            .with_context(|| format!("removing a flow from {EMBRYOS_MAP}"))
+    }
+
+    /// Holds the SNAT port of `reply_key` (a closed flow's reply entry) until `until`
+    /// (CLOCK_MONOTONIC ns).
+    pub(super) fn reserve_snat_port(&mut self, reply_key: &FlowKey, until: u64) -> Result<()> {
+        self.snat_reserved
+            .insert(reply_key, until, 0)
+            .with_context(|| format!("writing {SNAT_RESERVED_MAP}"))
+    }
+
+    pub(super) fn read_reservations(&self) -> Result<Vec<(FlowKey, u64)>> {
+        collect(self.snat_reserved.iter()).with_context(|| format!("reading {SNAT_RESERVED_MAP}"))
+    }
+
+    pub(super) fn del_reservation(&mut self, key: &FlowKey) -> Result<()> {
+        ignore_missing(self.snat_reserved.remove(key))
+            .with_context(|| format!("removing a reservation from {SNAT_RESERVED_MAP}"))
+    }
+
+    pub(super) fn count_reservations(&self) -> Result<u64> {
+        Ok(self.read_reservations()?.len() as u64)
     }
 }
 

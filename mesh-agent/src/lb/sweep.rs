@@ -4,18 +4,26 @@
 //!   never answered goes after `tcp_unreplied`; an established connection stays as long as
 //!   it lives (no fixed idle cut like IPVS's 900 s) unless `tcp_idle` is set;
 //! - UDP: gone after `udp_idle` without packets in either direction;
+//! - an embryonic flow (either protocol; one whose client never answered the backend,
+//!   such as a spoofed SYN the backend answered into the void) goes after `embryonic`
+//!   without packets;
 //! - a flow whose backend was removed (not merely draining) goes at once;
 //! - a half whose partner is missing (evicted by the LRU) goes after `orphan`.
+//!
+//! A closed TCP flow leaves a reservation of its SNAT port towards its backend behind, for
+//! `snat_reuse_delay` after its last packet: the backend keeps the 4-tuple in TIME_WAIT for
+//! 60 s, and a new flow on it would have its SYN answered with an ACK of the old
+//! connection (the client resets it and retries a second later).
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
     time::Duration,
 };
 
 use anyhow::Result;
 use mesh_common::lb::{
-    FLOW_FIN, FLOW_REPLY, FLOW_RST, FLOW_SEEN, Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
+    FLOW_EMBRYO, FLOW_FIN, FLOW_REPLY, FLOW_RST, FLOW_SEEN, Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +37,10 @@ pub struct FlowTimeouts {
     /// None: established TCP flows never expire for idleness.
     pub tcp_idle: Option<Duration>,
     pub orphan: Duration,
+    pub embryonic: Duration,
+    /// How long a closed TCP flow's SNAT port stays reserved towards its backend after its
+    /// last packet; zero reserves nothing. Longer than Linux's TIME_WAIT (60 s, fixed).
+    pub snat_reuse_delay: Duration,
 }
 
 impl Default for FlowTimeouts {
@@ -39,6 +51,8 @@ impl Default for FlowTimeouts {
             tcp_unreplied: Duration::from_secs(30),
             tcp_idle: None,
             orphan: Duration::from_secs(10),
+            embryonic: Duration::from_secs(30),
+            snat_reuse_delay: Duration::from_secs(65),
         }
     }
 }
@@ -49,6 +63,10 @@ pub struct SweepReport {
     pub scanned: usize,
     /// Entries removed.
     pub removed: usize,
+    /// Embryonic flows removed (flows, not entries).
+    pub embryos_removed: usize,
+    /// SNAT ports newly reserved for closed flows.
+    pub reserved: usize,
 }
 
 pub(super) fn sweep(
@@ -57,13 +75,23 @@ pub(super) fn sweep(
     timeouts: &FlowTimeouts,
 ) -> Result<SweepReport> {
     let now = monotonic_ns();
+    let snat_ports = {
+        let c = maps.read_config()?;
+        c.snat_port_min..=c.snat_port_max
+    };
     // Listing first and deleting after: deleting while walking a hash map with
-    // get_next_key restarts the walk.
-    let flows = maps.read_flows()?;
+    // get_next_key restarts the walk. Both tables in one list: an entry's FLOW_EMBRYO flag
+    // says which table it is in, and both halves of a flow are always in the same one.
+    let mut flows = maps.read_flows()?;
+    flows.extend(maps.read_embryos()?.into_iter().map(|(k, e)| (k, e.flow)));
     let table: HashMap<FlowKey, Flow> = flows.iter().copied().collect();
-    let mut doomed: HashSet<FlowKey> = HashSet::new();
+    let mut doomed: HashMap<FlowKey, bool> = HashMap::new();
+    let mut report = SweepReport {
+        scanned: flows.len(),
+        ..SweepReport::default()
+    };
     for (key, flow) in &flows {
-        if doomed.contains(key) {
+        if doomed.contains_key(key) {
             continue;
         }
         let partner_key = flow.partner(key);
@@ -77,20 +105,68 @@ pub(super) fn sweep(
             flow.nat_dst
         };
         let backend_alive = backends.get(&flow.backend) == Some(&Ipv4Addr::from(backend_addr));
-        if expired(key.proto, flow, partner, backend_alive, now, timeouts) {
-            doomed.insert(*key);
-            if partner.is_some() {
-                doomed.insert(partner_key);
+        if !expired(key.proto, flow, partner, backend_alive, now, timeouts) {
+            continue;
+        }
+        let embryo = flow.flags & FLOW_EMBRYO != 0;
+        doomed.insert(*key, embryo);
+        let reservable =
+            backend_alive && key.proto == IPPROTO_TCP && !timeouts.snat_reuse_delay.is_zero();
+        let Some(partner) = partner else {
+            // A reply half whose forward half went first (the client reused its port for
+            // a new connection) still names a 4-tuple the backend may hold in TIME_WAIT.
+            if reservable
+                && flow.flags & FLOW_REPLY != 0
+                && flow.flags & (FLOW_FIN | FLOW_RST) != 0
+                && snat_ports.contains(&key.dport)
+            {
+                let until = flow.last_seen + timeouts.snat_reuse_delay.as_nanos() as u64;
+                if until > now {
+                    maps.reserve_snat_port(key, until)?;
+                    report.reserved += 1;
+                }
+            }
+            continue;
+        };
+        doomed.insert(partner_key, embryo);
+        if embryo {
+            report.embryos_removed += 1;
+        }
+        let (reply_key, reply) = if flow.flags & FLOW_REPLY != 0 {
+            (*key, flow)
+        } else {
+            (partner_key, partner)
+        };
+        if reservable && snat_ports.contains(&reply_key.dport) && closed(flow, partner) {
+            let last = flow.last_seen.max(partner.last_seen).max(reply.last_seen);
+            let until = last + timeouts.snat_reuse_delay.as_nanos() as u64;
+            if until > now {
+                maps.reserve_snat_port(&reply_key, until)?;
+                report.reserved += 1;
             }
         }
     }
-    for key in &doomed {
-        maps.del_flow(key)?;
+    for (key, embryo) in &doomed {
+        if *embryo {
+            maps.del_embryo(key)?;
+        } else {
+            maps.del_flow(key)?;
+        }
     }
-    Ok(SweepReport {
-        scanned: flows.len(),
-        removed: doomed.len(),
-    })
+    report.removed = doomed.len();
+    // Reservations past their time would only be skipped; removing them keeps the count
+    // meaningful and the LRU free for the ones that matter.
+    for (key, until) in maps.read_reservations()? {
+        if until <= now {
+            maps.del_reservation(&key)?;
+        }
+    }
+    Ok(report)
+}
+
+/// Whether a TCP flow's two halves saw its end: a RST either way, or a FIN both ways.
+fn closed(a: &Flow, b: &Flow) -> bool {
+    (a.flags | b.flags) & FLOW_RST != 0 || (a.flags & FLOW_FIN != 0 && b.flags & FLOW_FIN != 0)
 }
 
 /// Whether the flow that `flow` (and its `partner`, when present) belong to is over.
@@ -115,14 +191,15 @@ pub(super) fn expired(
     } else {
         (flow, partner)
     };
+    if proto == IPPROTO_TCP && closed(forward, reply) {
+        return idle > t.tcp_closed;
+    }
+    if (forward.flags | reply.flags) & FLOW_EMBRYO != 0 {
+        return idle > t.embryonic;
+    }
     match proto {
         IPPROTO_UDP => idle > t.udp_idle,
         IPPROTO_TCP => {
-            let closed = (forward.flags | reply.flags) & FLOW_RST != 0
-                || (forward.flags & FLOW_FIN != 0 && reply.flags & FLOW_FIN != 0);
-            if closed {
-                return idle > t.tcp_closed;
-            }
             // A reply entry nobody used still carries its creation time.
             if reply.flags & FLOW_SEEN == 0 {
                 return age(reply) > t.tcp_unreplied;
@@ -210,6 +287,23 @@ mod tests {
         assert!(tcp(&f, &r));
         let r = reply(NOW - 20 * S, 0);
         assert!(!tcp(&f, &r));
+    }
+
+    #[test]
+    fn an_embryonic_flow_goes_when_idle_even_if_the_backend_answered() {
+        // A spoofed SYN: the backend's SYN-ACK went into the void, no client ever ACKed.
+        let f = forward(NOW - 31 * S, FLOW_EMBRYO);
+        let r = reply(NOW - 31 * S, FLOW_EMBRYO | FLOW_SEEN);
+        assert!(tcp(&f, &r));
+        let r = reply(NOW - 5 * S, FLOW_EMBRYO | FLOW_SEEN);
+        assert!(!tcp(&f, &r), "a handshake still moving stays");
+        let t = FlowTimeouts::default();
+        let f = forward(NOW - 31 * S, FLOW_EMBRYO | FLOW_SEEN);
+        let r = reply(NOW - 31 * S, FLOW_EMBRYO | FLOW_SEEN);
+        assert!(
+            expired(IPPROTO_UDP, &f, Some(&r), true, NOW, &t),
+            "a one-shot UDP exchange goes long before udp_idle"
+        );
     }
 
     #[test]

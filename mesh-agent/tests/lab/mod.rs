@@ -153,6 +153,8 @@ fn small_limits() -> LbLimits {
         services: 64,
         backends: 256,
         flows: 4096,
+        embryos: 1024,
+        snat_reservations: 1024,
         sockets: 256,
     }
 }

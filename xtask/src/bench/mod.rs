@@ -18,6 +18,7 @@ mod agents;
 mod convergence;
 mod dns;
 mod failover;
+mod flood;
 mod footprint;
 mod lbmaps;
 mod mesh;
@@ -53,11 +54,14 @@ pub enum Target {
     Orchestration,
     /// A rolling update of 10 tasks beside a naive stop-all/start-all, with a client loop.
     Update,
+    /// Spoofed SYN and UDP floods at a published port: flood pps, whether an established
+    /// connection survives, share of new connections served.
+    Flood,
     /// Everything above; writes bench/results/<date>.md and its plots.
     All,
 }
 
-const ORDER: [Target; 9] = [
+const ORDER: [Target; 10] = [
     Target::Mesh,
     Target::Scale,
     Target::Programming,
@@ -67,6 +71,7 @@ const ORDER: [Target; 9] = [
     Target::Dns,
     Target::Orchestration,
     Target::Update,
+    Target::Flood,
 ];
 
 pub fn run(target: Target, quick: bool) -> Result<()> {
@@ -121,6 +126,7 @@ fn one(target: Target, quick: bool) -> Result<Report> {
         Target::Dns => dns::run(quick),
         Target::Orchestration => orchestration::run(quick),
         Target::Update => update::run(quick),
+        Target::Flood => flood::run(quick),
         Target::All => unreachable!("all is not one benchmark"),
     }?;
     report.seconds = started.elapsed().as_secs_f64();

@@ -120,7 +120,8 @@ pub fn run(quick: bool) -> Result<Report> {
          on real maps; per cell {samples} single runs of each packet kind, the kinds \
          interleaved (one of each in turn, after {WARMUP} unmeasured turns), median; N \
          services with 3 backends each (at least 300 backends in all, so 1M flows do not run \
-         out of SNAT ports), flows filled by real SYNs"
+         out of SNAT ports), flows filled by real handshakes (SYN, the backend's SYN-ACK, the \
+         client's ACK: established flows)"
     ));
     report.ran(
         "flows: a cell at F flows fills the table to F − (warm-up + samples)/2 and its new \
@@ -508,6 +509,13 @@ fn non_ip_frame() -> [u8; 42] {
     f
 }
 
+/// `f` acknowledging `ack` (what a client sends after the SYN-ACK of sequence number 1
+/// that [`frame`] builds).
+fn with_ack(mut f: [u8; 54], ack: u32) -> [u8; 54] {
+    f[42..46].copy_from_slice(&ack.to_be_bytes());
+    f
+}
+
 fn checksum(header: &[u8]) -> u16 {
     let mut sum: u32 = header
         .chunks(2)
@@ -612,9 +620,13 @@ fn measure_mesh(
 
     let published = u64::from(n.min(MAX_PUBLISHED));
     let mut rng = Lcg(u64::from(n));
-    let run = |frame: &[u8]| -> Result<(u32, u32)> {
+    let run_out = |frame: &[u8]| -> Result<(u32, u32, Vec<u8>)> {
         let r = dp.test_run_lb_ingress(frame, 1, SkbContext::default())?;
-        Ok((r.retval, r.duration_ns))
+        Ok((r.retval, r.duration_ns, r.data))
+    };
+    let run = |frame: &[u8]| -> Result<(u32, u32)> {
+        let (v, ns, _) = run_out(frame)?;
+        Ok((v, ns))
     };
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -644,11 +656,25 @@ fn measure_mesh(
         let k = flows.len() as u64;
         let (src, sport) = client(k);
         let port = FIRST_PORT + rng.below(published) as u16;
+        let (verdict, ns, out) = run_out(&frame(src, sport, NODE, port, SYN))?;
         let ns = expect(
             &format!("new flow {k} to port {port}"),
-            run(&frame(src, sport, NODE, port, SYN))?,
+            (verdict, ns),
             TC_ACT_REDIRECT,
         )?;
+        // The rest of the handshake (untimed) makes it an established flow: the backend's
+        // SYN-ACK back through the reply entry, then the client's ACK of it.
+        let (backend, snat) = (&out[30..34], &out[34..36]);
+        let backend = Ipv4Addr::new(backend[0], backend[1], backend[2], backend[3]);
+        let snat = u16::from_be_bytes([snat[0], snat[1]]);
+        let target = u16::from_be_bytes([out[36], out[37]]);
+        let (verdict, _) = run(&frame(backend, target, NET, snat, SYN | ACK))?;
+        ensure!(
+            verdict == TC_ACT_REDIRECT,
+            "SYN-ACK of flow {k} not redirected"
+        );
+        let (verdict, _) = run(&with_ack(frame(src, sport, NODE, port, ACK), 2))?;
+        ensure!(verdict == TC_ACT_REDIRECT, "ACK of flow {k} not redirected");
         flows.push(port);
         Ok(ns)
     };

@@ -1,0 +1,127 @@
+//! SNAT ports and the backend's TIME_WAIT: many short connections (`Connection: close`, the
+//! backend closes first and keeps each 4-tuple in TIME_WAIT for 60 s) through a published
+//! port. A SNAT port given again to a new flow towards the same backend within those 60 s
+//! lands on a TIME_WAIT socket; when the client does not use TCP timestamps, the backend
+//! then answers the new SYN with an ACK of the old connection about half the time, the
+//! client resets it, and the connection stalls a second until the SYN is sent again.
+//! A closed flow's SNAT port is held towards its backend for `snat_reuse_delay_s` (65 s).
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{Cluster, workload::http_get};
+
+/// Connections per second and for how long: after ~12 s the sweep frees the ports of the
+/// first closed flows, so without reservations later flows reuse ports in TIME_WAIT.
+const PACE: Duration = Duration::from_millis(50);
+const RUN: Duration = Duration::from_secs(24);
+
+/// (requests, those slower than 800 ms or failed, 4-tuples the backend holds in
+/// TIME_WAIT at the end) through a node whose agent has the given `[dataplane]` settings.
+fn short_connections(dataplane: &str) -> (usize, Vec<String>, usize) {
+    let mut c = Cluster::new(1).unwrap();
+    let config = c.log_dir().join("agent.toml");
+    // 2000 ports: the ~400 flows of the run, all held for 65 s, take a fifth of them (so
+    // random choices find a free one at once), and few enough that without reservations
+    // random choices land on recently closed ports.
+    std::fs::write(
+        &config,
+        format!(
+            "[dataplane]\nsnat_port_min = 20000\nsnat_port_max = 21999\n\
+             max_embryonic_flows = 1000\n{dataplane}\n"
+        ),
+    )
+    .unwrap();
+    c.host_mut(1)
+        .start_agent(&["--config", config.to_str().unwrap()])
+        .unwrap();
+    let client = c.external("client", 100).unwrap();
+    // No timestamps: the backend's TIME_WAIT socket then judges a new SYN by its sequence
+    // number alone (as with clients that do not send them).
+    client.sh("sysctl -qw net.ipv4.tcp_timestamps=0").unwrap();
+    c.create_network("app", "10.10.0.0/24").unwrap();
+    c.create_service("web", "app", &["-p", "8080:80"]).unwrap();
+    c.host(1)
+        .run_whoami::<serde_json::Value>("app", Some("web"), "web-1", &[])
+        .unwrap();
+    let web: SocketAddr = format!("{}:8080", c.host(1).ip).parse().unwrap();
+    let client = c.external_ns("client").unwrap();
+    c.eventually(Duration::from_secs(10), "web answers", |_| {
+        Ok(client.run(move || http_get(web))?.ok().map(|_| ()))
+    })
+    .unwrap();
+    let r = client
+        .run(move || {
+            let started = Instant::now();
+            let (mut n, mut bad) = (0, Vec::new());
+            while started.elapsed() < RUN {
+                let t = Instant::now();
+                let r = http_get(web);
+                let took = t.elapsed();
+                n += 1;
+                match r {
+                    Ok(_) if took < Duration::from_millis(800) => {}
+                    Ok(_) => bad.push(format!("at {:?}: took {took:?}", started.elapsed())),
+                    Err(e) => bad.push(format!("at {:?}: {e:#}", started.elapsed())),
+                }
+                std::thread::sleep(PACE);
+            }
+            (n, bad)
+        })
+        .unwrap();
+    // Every 4-tuple the backend holds in TIME_WAIT, by the peer's address and port (the
+    // node's SNAT address and port): a connection that landed on one in TIME_WAIT replaced
+    // it, so fewer sockets than connections means collisions.
+    let ss = c
+        .host(1)
+        .ns
+        .sh(&format!(
+            "ip netns exec {}-h1-web-1 ss -Htan state time-wait",
+            c.name()
+        ))
+        .unwrap();
+    let time_wait: std::collections::BTreeSet<String> = ss
+        .lines()
+        .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
+        .collect();
+    (r.0, r.1, time_wait.len())
+}
+
+#[test]
+fn short_connections_never_land_on_a_backends_time_wait() {
+    let (n, stalled, time_wait) = short_connections("");
+    eprintln!(
+        "{n} connections, {time_wait} in TIME_WAIT at the backend, {} stalled: {stalled:?}",
+        stalled.len()
+    );
+    assert!(n >= 300, "only {n} connections");
+    // The run is shorter than TIME_WAIT: every connection (and the readiness probe before
+    // them) left its own 4-tuple there.
+    assert!(
+        time_wait > n,
+        "{} of {n} connections reused a 4-tuple in TIME_WAIT",
+        n + 1 - time_wait.min(n + 1)
+    );
+    assert!(
+        stalled.is_empty(),
+        "{} of {n} stalled: {stalled:?}",
+        stalled.len()
+    );
+}
+
+/// What the dataplane did before reservations (the sweep freed a closed flow's port after
+/// 10-15 s): run by hand to see the collisions (`--ignored`). Only some collisions stall
+/// (the new SYN's sequence number must fall below the old connection's), so the count of
+/// TIME_WAIT sockets is what shows them.
+#[test]
+#[ignore = "shows the old behaviour: collisions are expected"]
+fn without_reservations_short_connections_land_on_time_wait() {
+    let (n, stalled, time_wait) = short_connections("snat_reuse_delay_s = 0");
+    eprintln!(
+        "{n} connections, {time_wait} in TIME_WAIT at the backend, {} stalled: {stalled:?}",
+        stalled.len()
+    );
+    assert!(time_wait < n, "no collision in {n} connections");
+}
