@@ -414,6 +414,23 @@ fn a_namespace_left_by_an_agent_that_lost_its_records_is_replaced() {
     let stale = format!("{}-web", node.name);
     mesh_agent::netns::create(&stale).unwrap();
     let mut squatter = command_in(&stale, "sleep").arg("3600").spawn().unwrap();
+    // nsenter enters the namespace a moment after spawn returns: a task created before then
+    // finds an empty namespace, and the squatter lands in it afterwards.
+    let pid = squatter.id().to_string();
+    wait_for(
+        "the squatter to enter its namespace",
+        Duration::from_secs(5),
+        || {
+            std::process::Command::new("ip")
+                .args(["netns", "pids", &stale])
+                .output()
+                .is_ok_and(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .any(|p| p == pid)
+                })
+        },
+    );
 
     let task = node
         .run_task("web", &app(), app().address(11), &["sleep", "3600"])
