@@ -6,8 +6,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use mesh_common::lb::{
-    FLOW_FIN, FLOW_REPLY, FLOW_RST, FlowKey, RETURN_FIN_IN, RETURN_FIN_OUT, RETURN_LOCAL,
-    RETURN_RST, ReturnEntry, return_key,
+    FLOW_REPLY, FlowKey, RETURN_FIN_IN, RETURN_FIN_OUT, RETURN_LOCAL, RETURN_RST, ReturnEntry,
+    return_key,
 };
 
 use crate::{
@@ -57,13 +57,6 @@ pub fn learn(reply: &FlowKey, origin: &Origin, tcp_flags: u8) {
         }
     }
     if origin.local && !has_reply_translation(reply) {
-        // A connection that reached the task through this node without the routing mesh
-        // (the client dialled the task itself) on the 5-tuple of an earlier client-address
-        // connection: that connection's entry would send these replies to the published
-        // address, so it goes.
-        if syn_only {
-            let _ = LB_RETURNS.remove(key);
-        }
         return;
     }
     flags |= closing(tcp, tcp_flags, RETURN_FIN_IN);
@@ -92,17 +85,11 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Option<ReturnEntry> {
     Some(*e)
 }
 
-/// Whether the flow table translates replies of `key` for a connection still open: the
-/// entry of a finished one (FIN or RST seen) may linger until the sweep, and a new
-/// connection on its 5-tuple that did not come through the routing mesh is not its.
 #[inline(always)]
 fn has_reply_translation(key: &FlowKey) -> bool {
     match flow::lookup(key) {
         // SAFETY: pointer into the flow table.
-        Some(f) => {
-            let flags = unsafe { (*f).flags };
-            flags & FLOW_REPLY != 0 && flags & (FLOW_FIN | FLOW_RST) == 0
-        }
+        Some(f) => (unsafe { (*f).flags } & FLOW_REPLY) != 0,
         None => false,
     }
 }
