@@ -236,6 +236,23 @@ impl Drop for Background {
 }
 
 impl Netns {
+    /// A site resolver outside the mesh (dnsmasq) listening on `listen` in this namespace,
+    /// answering `name` with `ip` and nothing else: the upstream of agents under test.
+    pub fn spawn_resolver(&self, listen: &str, name: &str, ip: &str) -> Result<Background> {
+        self.spawn(
+            "dnsmasq",
+            &[
+                "--no-daemon",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                &format!("--listen-address={listen}"),
+                "--pid-file=",
+                &format!("--address=/{name}/{ip}"),
+            ],
+        )
+    }
+
     /// Starts `program args…` in the namespace in the background, output discarded.
     pub fn spawn(&self, program: &str, args: &[&str]) -> Result<Background> {
         let child = self

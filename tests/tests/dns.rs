@@ -39,18 +39,7 @@ fn tasks_resolve_services_tasks_and_outside_names() {
     // A resolver outside the mesh, on the underlay, that knows one external name.
     let upstream = c.external("dns", 53).unwrap();
     let _dnsmasq = upstream
-        .spawn(
-            "dnsmasq",
-            &[
-                "--no-daemon",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                &format!("--listen-address={UPSTREAM}"),
-                "--pid-file=",
-                "--address=/outside.example/203.0.113.7",
-            ],
-        )
+        .spawn_resolver(UPSTREAM, "outside.example", "203.0.113.7")
         .unwrap();
     for i in 1..=3 {
         c.host_mut(i)

@@ -199,18 +199,7 @@ fn demo(keep: bool) -> Result<()> {
     // The site's resolver, outside the mesh: it knows one outside name (nothing here reaches
     // the internet). Every agent forwards names that are not the cluster's to it.
     let resolver = c.external("dns", 53)?;
-    let _resolver = resolver.spawn(
-        "dnsmasq",
-        &[
-            "--no-daemon",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &format!("--listen-address={UPSTREAM}"),
-            "--pid-file=",
-            &format!("--address=/{OUTSIDE_NAME}/{OUTSIDE_IP}"),
-        ],
-    )?;
+    let _resolver = resolver.spawn_resolver(UPSTREAM, OUTSIDE_NAME, OUTSIDE_IP)?;
     println!("  dns    = the site's resolver at {UPSTREAM}, which knows {OUTSIDE_NAME}");
 
     step(
