@@ -13,8 +13,8 @@ use lab::{
 };
 use mesh_agent::{dataplane::ReturnTimeouts, lb::PublishMode};
 use mesh_common::lb::{
-    FLOW_REPLY, FlowKey, IPPROTO_TCP, IPPROTO_UDP, RETURN_FIN_IN, RETURN_FIN_OUT, RETURN_LOCAL,
-    Reason, ReturnEntry, TaskPort, mac_for_ip,
+    FLOW_EMBRYO, FLOW_REPLY, FlowKey, IPPROTO_TCP, IPPROTO_UDP, RETURN_FIN_IN, RETURN_FIN_OUT,
+    RETURN_LOCAL, Reason, ReturnEntry, TaskPort, mac_for_ip,
 };
 
 /// Another node's address on the network: its bridge MAC is where replies go back to.
@@ -32,8 +32,12 @@ fn mac(ip: Ipv4Addr) -> [u8; 6] {
 }
 
 fn lab() -> Lab {
+    lab_with(&BACKENDS)
+}
+
+fn lab_with(backends: &[Ipv4Addr]) -> Lab {
     let mut lab = Lab::new();
-    lab.apply(&[service_in("web", PublishMode::Ingress, 8080, 80, &BACKENDS)]);
+    lab.apply(&[service_in("web", PublishMode::Ingress, 8080, 80, backends)]);
     lab.dp
         .put_task_port(
             VETH,
@@ -344,4 +348,146 @@ fn the_sweep_removes_return_entries_of_finished_and_idle_connections_only() {
     let mut left_sorted = left.clone();
     left_sorted.sort();
     assert_eq!(left_sorted, expected, "removed {removed}");
+}
+
+/// The sequence number of every crafted TCP segment (see lab::Packet::bytes).
+const SEQ: u32 = 1000;
+
+/// A whole client-address connection from the client's port 40000 through this node, both
+/// FINs included, to a `local` task (its replies steered back by its veth's program) or a
+/// remote one (its node routes them back here); returns the backend.
+fn finished_mesh_connection(lab: &mut Lab, local: bool) -> Ipv4Addr {
+    let fwd = Frame::parse(&lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn()).1);
+    let b = fwd.dst;
+    let to_task = |lab: &mut Lab, p: lab::Packet| {
+        if local {
+            lab.run_to_task(&p.macs(mac(NET_ADDR), mac(b)), VETH);
+        }
+    };
+    let from_task = |lab: &mut Lab, p: lab::Packet| {
+        if local {
+            lab.run_from_task(&p.macs(mac(b), GW_MAC)).0
+        } else {
+            lab.run(&p.macs(mac(b), mac(NET_ADDR))).0
+        }
+    };
+    to_task(lab, tcp(CLIENT, 40000, b, 80).syn());
+    let v = from_task(lab, tcp(b, 80, CLIENT, 40000).syn().ack(SEQ + 1));
+    assert_eq!(v, TC_ACT_REDIRECT, "the SYN-ACK is translated");
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).ack(SEQ + 1));
+    to_task(lab, tcp(CLIENT, 40000, b, 80).ack(SEQ + 1));
+    assert_eq!(lab.reason(Reason::Promoted), 1, "established");
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).fin().ack(SEQ + 1));
+    to_task(lab, tcp(CLIENT, 40000, b, 80).fin().ack(SEQ + 1));
+    from_task(lab, tcp(b, 80, CLIENT, 40000).fin().ack(SEQ + 2));
+    assert_eq!(lab.dp.lb().flows().unwrap().len(), 2, "not swept yet");
+    b
+}
+
+#[test]
+fn a_direct_connection_to_a_local_task_on_a_finished_flows_5_tuple_is_not_translated() {
+    let mut lab = lab_with(&BACKENDS[..1]);
+    let b = finished_mesh_connection(&mut lab, true);
+    let replied = lab.reason(Reason::Replied);
+
+    // The client dials the task itself from the same port, routed by this node (as the
+    // bench's direct path does): no routing-mesh flow, so its replies are not steered, and
+    // the finished flow goes so none of its packets relearns it.
+    lab.run_to_task(
+        &tcp(CLIENT, 40000, b, 80).syn().macs(mac(NET_ADDR), mac(b)),
+        VETH,
+    );
+    assert!(returns(&mut lab).is_empty(), "{:?}", returns(&mut lab));
+    assert!(lab.dp.lb().flows().unwrap().is_empty());
+    assert_eq!(lab.reason(Reason::Superseded), 1);
+    lab.run_to_task(
+        &tcp(CLIENT, 40000, b, 80)
+            .ack(SEQ + 1)
+            .payload(b"GET /")
+            .macs(mac(NET_ADDR), mac(b)),
+        VETH,
+    );
+    assert!(returns(&mut lab).is_empty(), "{:?}", returns(&mut lab));
+    for p in [
+        tcp(b, 80, CLIENT, 40000).syn().ack(SEQ + 1),
+        tcp(b, 80, CLIENT, 40000).ack(SEQ + 6).payload(b"web-1"),
+    ] {
+        let p = p.macs(mac(b), GW_MAC);
+        let (v, out) = lab.run_from_task(&p);
+        assert_eq!((v, out), (TC_ACT_OK, p.bytes()), "untouched");
+    }
+    assert_eq!(lab.reason(Reason::Replied), replied);
+}
+
+#[test]
+fn a_direct_connection_to_a_remote_task_on_a_finished_flows_5_tuple_is_not_translated() {
+    let mut lab = lab_with(&BACKENDS[..1]);
+    let b = finished_mesh_connection(&mut lab, false);
+    let replied = lab.reason(Reason::Replied);
+
+    // The client dialled the task through this node as a router; the task's node routes
+    // the SYN-ACK back through here: the finished flow must not restore the published
+    // address on a connection the client made to the task.
+    let syn_ack = tcp(b, 80, CLIENT, 40000)
+        .syn()
+        .ack(SEQ + 1)
+        .macs(mac(b), mac(NET_ADDR));
+    let (v, out) = lab.run(&syn_ack);
+    assert_eq!((v, out), (TC_ACT_OK, syn_ack.bytes()));
+    assert_eq!(lab.reason(Reason::Superseded), 1);
+    assert!(
+        lab.dp.lb().flows().unwrap().is_empty(),
+        "the finished flow is gone"
+    );
+    let data = tcp(b, 80, CLIENT, 40000)
+        .ack(SEQ + 1)
+        .payload(b"web-1")
+        .macs(mac(b), mac(NET_ADDR));
+    let (v, out) = lab.run(&data);
+    assert_eq!((v, out), (TC_ACT_OK, data.bytes()));
+    assert_eq!(lab.reason(Reason::Replied), replied);
+}
+
+#[test]
+fn a_client_reusing_a_finished_flows_port_through_the_mesh_gets_a_new_flow() {
+    let mut lab = lab_with(&BACKENDS[..1]);
+    let b = finished_mesh_connection(&mut lab, true);
+
+    // Same client port, same (only) backend: the same reply key as the finished flow.
+    let (v, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+    assert_eq!((v, Frame::parse(&out).dst), (TC_ACT_REDIRECT, b));
+    let flows = lab.dp.lb().flows().unwrap();
+    assert_eq!(flows.len(), 2, "the new flow's entries only: {flows:?}");
+    assert!(flows.iter().all(|(_, f)| f.flags & FLOW_EMBRYO != 0));
+    lab.run_to_task(
+        &tcp(CLIENT, 40000, b, 80).syn().macs(mac(NET_ADDR), mac(b)),
+        VETH,
+    );
+    let table = returns(&mut lab);
+    assert_eq!(table.len(), 1);
+    assert_ne!(table[0].1.flags & RETURN_LOCAL, 0);
+    assert_eq!(
+        table[0].1.flags & (RETURN_FIN_IN | RETURN_FIN_OUT),
+        0,
+        "a new connection's flags start over"
+    );
+    let (v, out) = lab.run_from_task(
+        &tcp(b, 80, CLIENT, 40000)
+            .syn()
+            .ack(SEQ + 1)
+            .macs(mac(b), GW_MAC),
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(
+        Frame::parse(&out).src,
+        NODE_IP,
+        "from the published address"
+    );
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).ack(SEQ + 1));
+    assert_eq!(
+        lab.reason(Reason::Promoted),
+        2,
+        "the new flow is established"
+    );
+    assert_eq!(lab.reason(Reason::Superseded), 0);
 }

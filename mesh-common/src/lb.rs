@@ -430,10 +430,15 @@ pub enum Reason {
     Returned,
     /// An embryonic flow became established (moved from LB_EMBRYOS to LB_FLOWS).
     Promoted,
+    /// A task answered a new connection on the 5-tuple of a finished client-address flow
+    /// that did not come through the routing mesh (the client dialled the task directly
+    /// with a port it had used through the mesh): the finished flow's entries were removed
+    /// and the packet passed untranslated.
+    Superseded,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::Forwarded,
         Reason::Replied,
         Reason::NewFlow,
@@ -451,6 +456,7 @@ impl Reason {
         Reason::SockRestored,
         Reason::Returned,
         Reason::Promoted,
+        Reason::Superseded,
     ];
 
     /// Stable names for counters shown to users.
@@ -473,6 +479,7 @@ impl Reason {
             Reason::SockRestored => "sock_restored",
             Reason::Returned => "returned",
             Reason::Promoted => "flow_established",
+            Reason::Superseded => "pass_superseded",
         }
     }
 }

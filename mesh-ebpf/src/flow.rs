@@ -165,10 +165,44 @@ pub fn is_closing(flow: *const Flow) -> bool {
     unsafe { (*flow).flags & (FLOW_FIN | FLOW_RST) != 0 }
 }
 
+/// Removes the finished flow whose entry for `key` is `flow`, for a new connection on the
+/// same 5-tuple. A client-address flow's other entry goes too: the new connection's entry
+/// for it has the same key (when it picks the same backend) and [`lookup`] would find the
+/// old one first. A SNAT flow's reply entry stays for the sweep, which keeps its port
+/// reserved past the backend's TIME_WAIT.
 #[inline(always)]
-pub fn forget(key: &FlowKey) {
+pub fn forget(key: &FlowKey, flow: *const Flow) {
+    // SAFETY: plain data copied out before the entry is removed.
+    let f = unsafe { *flow };
+    let partner = f.partner(key);
     let _ = LB_FLOWS.remove(key);
     let _ = LB_EMBRYOS.remove(key);
+    if mirrored(key, &f, &partner) {
+        let _ = LB_FLOWS.remove(&partner);
+        let _ = LB_EMBRYOS.remove(&partner);
+    }
+}
+
+/// Whether the flow whose entry for `key` is `flow` keeps the client's address.
+#[inline(always)]
+pub fn keeps_client_address(key: &FlowKey, flow: *const Flow) -> bool {
+    // SAFETY: plain data copied out.
+    let f = unsafe { *flow };
+    mirrored(key, &f, &f.partner(key))
+}
+
+/// Whether a flow's reply entry's key is its forward entry's key mirrored (the client's
+/// address and port kept), rather than one with a SNAT port: `key` is either entry's key,
+/// `flow` its entry and `partner` the other entry's key.
+#[inline(always)]
+fn mirrored(key: &FlowKey, flow: &Flow, partner: &FlowKey) -> bool {
+    if flow.flags & FLOW_REPLY != 0 {
+        // key: backend → client; partner: client → node.
+        partner.src == key.dst && partner.sport == key.dport
+    } else {
+        // key: client → node; partner: backend → client.
+        partner.dst == key.src && partner.dport == key.sport
+    }
 }
 
 /// Creates both entries of a new flow for a packet `key` that arrived on `ifindex` for
@@ -296,7 +330,11 @@ fn create_client_address(key: &FlowKey, forward: &Flow, reply: &Embryo) -> Resul
                 .ok_or(Reason::FlowTableFull)
         };
     }
-    if LB_EMBRYOS.insert(forward.partner(key), reply, 0).is_err() {
+    let reply_key = forward.partner(key);
+    // A finished flow's reply entry on this 4-tuple, left behind when its forward entry was
+    // swept or evicted first, would be found before ours.
+    let _ = LB_FLOWS.remove(&reply_key);
+    if LB_EMBRYOS.insert(reply_key, reply, 0).is_err() {
         let _ = LB_EMBRYOS.remove(key);
         return Err(Reason::FlowTableFull);
     }

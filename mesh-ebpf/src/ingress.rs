@@ -152,9 +152,27 @@ fn classify(ctx: &TcContext) -> Verdict {
         // SAFETY: pointer into the flow table.
         && unsafe { (*entry).flags } & FLOW_REPLY != 0
     {
+        if superseded(&pkt, entry) {
+            flow::forget(&pkt.key, entry);
+            return Verdict::pass(Reason::Superseded);
+        }
         return translate(ctx, &pkt, entry, Reason::Replied, false);
     }
     Verdict::PASS
+}
+
+/// Whether a task's packet routed through this node answers a new connection the routing
+/// mesh never saw, on the 5-tuple of the finished client-address flow whose reply entry is
+/// `entry`: a SYN-ACK on it. A new connection through the mesh would have replaced the
+/// entry (`forward` forgets a finished flow on its SYN), so this one reached the task
+/// another way (the client dialled it directly, or through another DNAT) and its replies
+/// must keep their own addresses.
+#[inline(always)]
+fn superseded(pkt: &Packet, entry: *const Flow) -> bool {
+    pkt.key.proto == IPPROTO_TCP
+        && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+        && flow::is_closing(entry)
+        && flow::keeps_client_address(&pkt.key, entry)
 }
 
 /// Fills `pkt` from the headers and returns `Verdict::CONTINUE` for TCP/UDP over IPv4;
@@ -273,7 +291,7 @@ fn forward(ctx: &TcContext, pkt: &Packet, svc: &ServiceEntry, cfg: &LbConfig) ->
             return translate(ctx, pkt, entry, Reason::Forwarded, false);
         }
         // The client reuses the port of a finished connection: start over.
-        flow::forget(&pkt.key);
+        flow::forget(&pkt.key, entry);
     }
     if tcp && !syn_only {
         // Mid-connection packet with no flow (evicted, or never ours): the kernel has no

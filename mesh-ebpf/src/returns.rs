@@ -6,14 +6,15 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use mesh_common::lb::{
-    FLOW_REPLY, FlowKey, RETURN_FIN_IN, RETURN_FIN_OUT, RETURN_LOCAL, RETURN_RST, ReturnEntry,
-    return_key,
+    FLOW_REPLY, FlowKey, RETURN_FIN_IN, RETURN_FIN_OUT, RETURN_LOCAL, RETURN_RST, Reason,
+    ReturnEntry, return_key,
 };
 
 use crate::{
     flow,
     packet::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     programs::LB_RETURNS,
+    stats,
 };
 
 /// As in flow.rs: a busy connection does not write its entry on every packet.
@@ -56,8 +57,30 @@ pub fn learn(reply: &FlowKey, origin: &Origin, tcp_flags: u8) {
             return;
         }
     }
-    if origin.local && !has_reply_translation(reply) {
-        return;
+    if origin.local {
+        match flow::lookup(reply) {
+            // SAFETY (both arms): a pointer into the flow table.
+            Some(f) if unsafe { (*f).flags } & FLOW_REPLY != 0 => {
+                if syn_only && flow::is_closing(f) {
+                    // A SYN through the routing mesh would have replaced a finished flow
+                    // (ingress.rs forgets it on the client's SYN): this new connection on
+                    // its 5-tuple reached the task another way, and the finished flow must
+                    // not translate its replies.
+                    flow::forget(reply, f);
+                    let _ = LB_RETURNS.remove(key);
+                    stats::count(Reason::Superseded);
+                    return;
+                }
+            }
+            // Routed by this node without the routing mesh: the task's usual path. An
+            // entry left by an earlier connection on the 5-tuple goes with its SYN.
+            _ => {
+                if syn_only {
+                    let _ = LB_RETURNS.remove(key);
+                }
+                return;
+            }
+        }
     }
     flags |= closing(tcp, tcp_flags, RETURN_FIN_IN);
     let entry = ReturnEntry {
@@ -83,15 +106,6 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8) -> Option<ReturnEntry> {
         now(),
     );
     Some(*e)
-}
-
-#[inline(always)]
-fn has_reply_translation(key: &FlowKey) -> bool {
-    match flow::lookup(key) {
-        // SAFETY: pointer into the flow table.
-        Some(f) => (unsafe { (*f).flags } & FLOW_REPLY) != 0,
-        None => false,
-    }
 }
 
 /// The FIN (`fin` for this direction) and RST flags a TCP packet adds.

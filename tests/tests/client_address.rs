@@ -158,6 +158,84 @@ fn a_connection_through_another_node_survives_a_restart_of_the_backends_agent() 
     }
 }
 
+/// `GET /client` from the client's port `port` to `a` (SO_REUSEADDR, as a load generator
+/// cycling through ports would): the task's answer.
+fn http_seen_from(a: SocketAddr, port: u16) -> anyhow::Result<Seen> {
+    use anyhow::Context;
+    use std::io::{Read, Write};
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    s.connect_timeout(&a.into(), Duration::from_secs(3))
+        .with_context(|| format!("connecting from port {port} to {a}"))?;
+    let mut s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"GET /client HTTP/1.0\r\nHost: mesh\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .with_context(|| format!("reading the answer of {a} on port {port}: {resp:?}"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_owned())
+        .unwrap_or_default();
+    let (task, client) = body
+        .split_once(' ')
+        .ok_or_else(|| anyhow::anyhow!("not a `NAME ADDR:PORT` answer: {resp:?}"))?;
+    Ok(Seen {
+        task: task.to_owned(),
+        client: client.parse()?,
+        local: s.local_addr()?,
+    })
+}
+
+#[test]
+fn a_client_reusing_a_port_reaches_the_task_directly_after_the_routing_mesh() {
+    let c = cluster(&["8080:80"]);
+    let ps: Value = c.host(1).meshctl_json(&["ps"]).unwrap();
+    let task_ip = ps
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["name"] == "web-1"))
+        .and_then(|t| t["ip"].as_str())
+        .unwrap_or_else(|| panic!("web-1's address in {ps}"))
+        .to_owned();
+    let direct: SocketAddr = format!("{task_ip}:80").parse().unwrap();
+    let client = c.external_ns("client").unwrap();
+    // The client reaches the overlay through host 1, as through a router.
+    client
+        .sh(&format!("ip route add 10.10.0.0/24 via {}", c.host(1).ip))
+        .unwrap();
+    let published = addr(c.host(1), 8080);
+    let seen = client
+        .run(move || {
+            let mut seen = Vec::new();
+            // Round robin: the port that reached web-1 through the mesh is the one whose
+            // finished flow could capture the direct connection's replies.
+            for port in 41000..41004 {
+                let s = http_seen_from(published, port)?;
+                let local = s.task == "web-1";
+                seen.push(s);
+                if local {
+                    seen.push(http_seen_from(direct, port)?);
+                    // And through the mesh again from the same port.
+                    seen.push(http_seen_from(published, port)?);
+                    return Ok(seen);
+                }
+            }
+            anyhow::bail!("no connection through host 1 reached web-1: {seen:?}")
+        })
+        .unwrap()
+        .unwrap();
+    let n = seen.len();
+    let (via_mesh, direct_seen, again) = (&seen[n - 3], &seen[n - 2], &seen[n - 1]);
+    assert_eq!(via_mesh.client, via_mesh.local, "{seen:?}");
+    assert_eq!(direct_seen.task, "web-1");
+    assert_eq!(
+        direct_seen.client, via_mesh.client,
+        "the same 4-tuple at the task: {seen:?}"
+    );
+    assert_eq!(again.client, again.local, "{seen:?}");
+}
+
 #[test]
 fn mode_snat_shows_the_task_the_ingress_nodes_address() {
     let c = cluster(&[
