@@ -60,6 +60,7 @@ fn drop_reason(r: Reason) -> Option<&'static str> {
         Reason::FlowTableFull => Some("flow_table_full"),
         Reason::RewriteFailed => Some("rewrite_failed"),
         Reason::SockNoBackend => Some("sock_no_backend"),
+        Reason::TtlExceeded => Some("ttl_exceeded"),
         _ => None,
     }
 }

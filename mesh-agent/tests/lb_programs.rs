@@ -89,6 +89,29 @@ fn a_reply_from_the_backend_is_restored_and_sent_back_where_the_client_came_from
 }
 
 #[test]
+fn the_node_takes_one_from_the_ttl_both_ways_and_drops_packets_that_would_expire() {
+    let mut lab = Lab::new();
+    lab.apply(&[service("web", 8080, 80, &BACKENDS)]);
+    let fwd = Frame::parse(&lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn().ttl(64)).1);
+    assert_eq!(fwd.ttl, 63, "a router's hop");
+    assert!(fwd.ip_checksum_ok() && fwd.l4_checksum_ok());
+    let reply = Frame::parse(
+        &lab.run(&tcp(fwd.dst, 80, NET_ADDR, fwd.sport).syn().ack(1).ttl(2))
+            .1,
+    );
+    assert_eq!(reply.ttl, 1);
+    assert!(reply.ip_checksum_ok() && reply.l4_checksum_ok());
+
+    for ttl in [1, 0] {
+        let (verdict, _) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).ack(1).ttl(ttl));
+        assert_eq!(verdict, TC_ACT_SHOT, "TTL {ttl}");
+    }
+    let (verdict, _) = lab.run(&tcp(CLIENT, 40001, NODE_IP, 8080).syn().ttl(1));
+    assert_eq!(verdict, TC_ACT_SHOT, "a new flow's first packet too");
+    assert_eq!(lab.reason(Reason::TtlExceeded), 3);
+}
+
+#[test]
 fn thirty_new_flows_are_spread_round_robin_ten_per_backend() {
     let mut lab = Lab::new();
     lab.apply(&[service("web", 8080, 80, &BACKENDS)]);

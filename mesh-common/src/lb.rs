@@ -435,10 +435,16 @@ pub enum Reason {
     /// with a port it had used through the mesh): the finished flow's entries were removed
     /// and the packet passed untranslated.
     Superseded,
+    /// An ICMP error about a routing-mesh flow (fragmentation needed, unreachable, time
+    /// exceeded) translated like the flow's packets and redirected to the other end.
+    IcmpTranslated,
+    /// A packet the routing mesh would forward arrived with a TTL of 1 or 0: dropped, as a
+    /// router drops it (traceroute's probes end here).
+    TtlExceeded,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 20] = [
         Reason::Forwarded,
         Reason::Replied,
         Reason::NewFlow,
@@ -457,6 +463,8 @@ impl Reason {
         Reason::Returned,
         Reason::Promoted,
         Reason::Superseded,
+        Reason::IcmpTranslated,
+        Reason::TtlExceeded,
     ];
 
     /// Stable names for counters shown to users.
@@ -480,6 +488,8 @@ impl Reason {
             Reason::Returned => "returned",
             Reason::Promoted => "flow_established",
             Reason::Superseded => "pass_superseded",
+            Reason::IcmpTranslated => "icmp_translated",
+            Reason::TtlExceeded => "drop_ttl_exceeded",
         }
     }
 }

@@ -25,10 +25,10 @@ use mesh_common::lb::{
 };
 
 use crate::{
-    flow, nat,
+    flow, icmp, nat,
     packet::{
-        ETH_HLEN, ETH_P_IP, EthHdr, IP_MF_AND_OFFSET, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, TCP_ACK,
-        TCP_SYN, TcpHdr, UdpHdr, pull_headers, skb_ptr,
+        ETH_HLEN, ETH_P_IP, EthHdr, IP_MF_AND_OFFSET, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+        Ipv4Hdr, TCP_ACK, TCP_SYN, TcpHdr, UdpHdr, pull_headers, skb_ptr,
     },
     programs::LB_CONFIG,
     service,
@@ -103,6 +103,7 @@ pub(crate) struct Packet {
     /// IPv4 header length in bytes.
     pub ihl: usize,
     pub tcp_flags: u8,
+    pub ttl: u8,
     /// TCP sequence and acknowledgement numbers (host order): for handshakes of new flows.
     pub seq: u32,
     pub ack: u32,
@@ -135,6 +136,9 @@ fn classify(ctx: &TcContext) -> Verdict {
     }
     let mut pkt = Packet::default();
     let v = parse(ctx, cfg, &mut pkt);
+    if v.action == ICMP {
+        return icmp::relay(ctx, pkt.l4);
+    }
     if v.action != CONTINUE {
         return v;
     }
@@ -192,6 +196,14 @@ pub(crate) fn parse(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdic
     Verdict::pass(Reason::Truncated)
 }
 
+/// `Verdict::action` from parse: an unfragmented ICMP packet (`Packet::l4` is its ICMP
+/// header; no ports).
+pub(crate) const ICMP: i32 = -3;
+const ICMP_VERDICT: Verdict = Verdict {
+    action: ICMP,
+    reason: UNCOUNTED,
+};
+
 /// `Verdict::action` from parse_linear: a header did not fit in the skb's linear part.
 const SHORT: i32 = -2;
 const SHORT_VERDICT: Verdict = Verdict {
@@ -217,7 +229,8 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
         return SHORT_VERDICT;
     };
     let ip: Ipv4Hdr = unsafe { *ip };
-    if ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP {
+    let icmp = ip.protocol == IPPROTO_ICMP;
+    if ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP && !icmp {
         return Verdict::PASS;
     }
     let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
@@ -228,7 +241,23 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
         || tot_len < ihl
         || ETH_HLEN + tot_len > ctx.len() as usize
     {
-        return Verdict::pass(Reason::BadHeader);
+        // Malformed ICMP is the kernel's to drop, not ours to count.
+        return if icmp {
+            Verdict::PASS
+        } else {
+            Verdict::pass(Reason::BadHeader)
+        };
+    }
+    if icmp {
+        if u16::from_be_bytes(ip.frag_off) & IP_MF_AND_OFFSET != 0 {
+            return Verdict::PASS;
+        }
+        pkt.key.src = ip.saddr;
+        pkt.key.dst = ip.daddr;
+        pkt.key.proto = ip.protocol;
+        pkt.l4 = ETH_HLEN + ihl;
+        pkt.ihl = ihl;
+        return ICMP_VERDICT;
     }
     if u16::from_be_bytes(ip.frag_off) & IP_MF_AND_OFFSET != 0 {
         // Only the first fragment has ports; rewriting it alone would orphan the rest, so
@@ -276,6 +305,7 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
     pkt.key.src = ip.saddr;
     pkt.key.dst = ip.daddr;
     pkt.key.proto = ip.protocol;
+    pkt.ttl = ip.ttl;
     pkt.l4 = l4;
     pkt.ihl = ihl;
     Verdict::CONTINUE
@@ -351,7 +381,10 @@ fn rewrite_and_redirect(
     new_flow: bool,
 ) -> Verdict {
     let bytes = u64::from(ctx.len());
-    if nat::rewrite(ctx, pkt.l4, &pkt.key, f).is_err() {
+    if pkt.ttl <= 1 {
+        return Verdict::drop(Reason::TtlExceeded);
+    }
+    if nat::rewrite(ctx, pkt.l4, &pkt.key, f).is_err() || nat::forwarded(ctx, pkt.ttl).is_err() {
         return Verdict::drop(Reason::RewriteFailed);
     }
     stats::traffic(f.service, f.backend, Traffic::Packet { bytes, new_flow });

@@ -70,6 +70,23 @@ pub fn rewrite(ctx: &TcContext, l4: usize, key: &FlowKey, flow: &Flow) -> Result
     Ok(())
 }
 
+/// Takes one from the TTL `ttl` (above 1) of a packet the node forwards, as a router does.
+#[inline(always)]
+pub fn forwarded(ctx: &TcContext, ttl: u8) -> Result<(), i64> {
+    let ip: *mut Ipv4Hdr = skb_ptr(ctx, ETH_HLEN).ok_or(-1i64)?;
+    let new = ttl.wrapping_sub(1);
+    // SAFETY: a bounds-checked pointer into the packet, written before the helper call.
+    unsafe { (*ip).ttl = new };
+    // The TTL is the high byte of its 16-bit word; the protocol, the low one, is unchanged.
+    ctx.l3_csum_replace(
+        ETH_HLEN + IP_CHECK_OFFSET,
+        u64::from(u16::from_ne_bytes([ttl, 0])),
+        u64::from(u16::from_ne_bytes([new, 0])),
+        2,
+    )?;
+    Ok(())
+}
+
 /// The two ports as the 4 bytes they occupy on the wire, read as a native word.
 #[inline(always)]
 fn ports_word(sport: u16, dport: u16) -> u32 {

@@ -10,6 +10,8 @@
 //!         └─ no (to a task) ─ pass       └─ no ─ pass (the task's own routes)
 //! ```
 //!
+//! The task's ICMP errors about a connection (keyed by the quoted packet) go the same way.
+//!
 //! A task's reply to a client-address connection is addressed to the client, so the task's
 //! routes send it to the gateway bridge, whose masquerade would hide the service behind the
 //! node's address. Sent back to the ingress node instead, it meets the flow's reply entry
@@ -21,11 +23,11 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_store_bytes},
     programs::TcContext,
 };
-use mesh_common::lb::{FLOW_REPLY, Flow, RETURN_LOCAL, Reason, mac_for_ip};
+use mesh_common::lb::{FLOW_REPLY, Flow, RETURN_LOCAL, Reason, ReturnEntry, mac_for_ip};
 
 use crate::{
-    flow,
-    ingress::{self, CONTINUE, Packet, Verdict},
+    flow, icmp,
+    ingress::{self, CONTINUE, ICMP, Packet, Verdict},
     nat,
     programs::{LB_CONFIG, LB_TASK_PORTS},
     returns::{self, Origin},
@@ -76,6 +78,9 @@ fn steer(ctx: &TcContext) -> Verdict {
     };
     let mut pkt = Packet::default();
     let v = ingress::parse(ctx, cfg, &mut pkt);
+    if v.action == ICMP && pkt.routed_to() {
+        return icmp_error(ctx, &pkt);
+    }
     if v.action != CONTINUE {
         // Fragments and malformed packets of the task are not ours to count.
         return Verdict::PASS;
@@ -113,11 +118,34 @@ fn steer(ctx: &TcContext) -> Verdict {
             return Verdict::drop(Reason::RewriteFailed);
         }
     }
-    // To the ingress node's bridge, as if that node's router were the next hop; the source
-    // is the task's own overlay MAC, where the ingress node's bridge expects it.
+    to_ingress_node(ctx, &ret, reply.src)
+}
+
+/// An ICMP error the task sends about a client-address connection (a UDP port it does not
+/// serve, say), addressed to the client: it takes the connection's way back, so the ingress
+/// node translates it like the connection's replies (icmp.rs).
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, pkt: &Packet) -> Verdict {
+    let Some(quoted) = icmp::quoted_reply(ctx, pkt.l4) else {
+        return Verdict::PASS;
+    };
+    let Some(ret) = returns::lookup(&quoted, 0) else {
+        return Verdict::PASS;
+    };
+    if ret.flags & RETURN_LOCAL != 0 {
+        return icmp::relay(ctx, pkt.l4);
+    }
+    to_ingress_node(ctx, &ret, quoted.src)
+}
+
+/// Sends the task's packet from `task_addr` into the overlay to the ingress node's bridge,
+/// as if that node's router were the next hop; the source is the task's own overlay MAC,
+/// where the ingress node's bridge expects it.
+#[inline(always)]
+fn to_ingress_node(ctx: &TcContext, ret: &ReturnEntry, task_addr: [u8; 4]) -> Verdict {
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&ret.node_mac);
-    macs[6..].copy_from_slice(&mac_for_ip(reply.src));
+    macs[6..].copy_from_slice(&mac_for_ip(task_addr));
     // SAFETY: 12 bytes from a local buffer into the Ethernet header.
     let stored = unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), 0, macs.as_ptr().cast(), 12, 0) };
     if stored != 0 {

@@ -236,6 +236,80 @@ fn a_client_reusing_a_port_reaches_the_task_directly_after_the_routing_mesh() {
     assert_eq!(again.client, again.local, "{seen:?}");
 }
 
+/// `GET /bytes/N` over HTTP/1.0 to `a`: how many body bytes arrived before the server
+/// closed (a stall past the read timeout is an error).
+fn download(a: SocketAddr, n: usize) -> anyhow::Result<usize> {
+    use anyhow::Context;
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&a, Duration::from_secs(3))
+        .with_context(|| format!("connecting to {a}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("GET /bytes/{n} HTTP/1.0\r\nHost: mesh\r\n\r\n").as_bytes())?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .with_context(|| format!("downloading from {a}: stalled after {} bytes", got.len()))?;
+    let head = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .with_context(|| format!("no answer head from {a}"))?;
+    Ok(got.len() - head - 4)
+}
+
+#[test]
+fn a_client_behind_a_small_mtu_link_downloads_through_every_node() {
+    // The client's own link has 1500 bytes, so it offers an MSS the path cannot carry: the
+    // router in front of it answers the tasks' large segments with fragmentation-needed,
+    // addressed to the published address. Unless the nodes hand those errors to the tasks
+    // about the packets they sent, path-MTU discovery never learns and the downloads stall.
+    let mut c = cluster(&["8080:80", "published=8081,target=80,mode=snat"]);
+    c.external("edge", 200).unwrap();
+    let far = mesh_tests::Netns::create(&format!("{}-xfar", c.name())).unwrap();
+    c.external_ns("edge")
+        .unwrap()
+        .sh(&format!(
+            "ip link add far0 mtu 1280 type veth peer name eth0 mtu 1500 netns {} && \
+             ip addr add 198.51.100.1/24 dev far0 && ip link set far0 up && \
+             sysctl -qw net.ipv4.ip_forward=1",
+            far.name()
+        ))
+        .unwrap();
+    far.sh(
+        "ip addr add 198.51.100.2/24 dev eth0 && ip link set eth0 up && \
+         ip route add default via 198.51.100.1",
+    )
+    .unwrap();
+    for h in c.hosts() {
+        h.ns.sh("ip route add 198.51.100.0/24 via 192.0.2.200")
+            .unwrap();
+    }
+    const SIZE: usize = 1 << 20;
+    for h in c.hosts() {
+        for port in [8080, 8081] {
+            let a = addr(h, port);
+            // Two downloads: round robin gives each node's both tasks (one local to hosts
+            // 1 and 2, both remote to host 3).
+            let got = far
+                .run(move || (0..2).map(|_| download(a, SIZE)).collect::<Vec<_>>())
+                .unwrap();
+            for g in got {
+                assert_eq!(g.unwrap(), SIZE, "via {a}");
+            }
+        }
+    }
+    // The kernel underneath: web-1 learned the path's MTU towards the client itself.
+    let ps: Value = c.host(1).meshctl_json(&["ps"]).unwrap();
+    let netns = ps
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["name"] == "web-1"))
+        .and_then(|t| t["netns"].as_str())
+        .unwrap_or_else(|| panic!("web-1 in {ps}"))
+        .to_owned();
+    let route = mesh_tests::Netns::existing(&netns)
+        .sh("ip route get 198.51.100.2")
+        .unwrap();
+    assert!(route.contains("mtu 1280"), "{route}");
+}
+
 #[test]
 fn mode_snat_shows_the_task_the_ingress_nodes_address() {
     let c = cluster(&[

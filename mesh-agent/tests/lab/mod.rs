@@ -120,9 +120,13 @@ impl Lab {
 
     /// Runs the steering program (from a task) on a frame.
     pub fn run_from_task(&self, p: &Packet) -> (u32, Vec<u8>) {
+        self.run_from_task_raw(&p.bytes())
+    }
+
+    pub fn run_from_task_raw(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let r = self
             .dp
-            .test_run_from_task(&p.bytes(), 1, SkbContext::default())
+            .test_run_from_task(frame, 1, SkbContext::default())
             .expect("test run");
         (r.retval, r.data)
     }
@@ -235,6 +239,7 @@ pub struct Packet {
     no_udp_checksum: bool,
     patches: Vec<(usize, Vec<u8>)>,
     macs: ([u8; 6], [u8; 6]),
+    ttl: u8,
 }
 
 pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Packet {
@@ -253,6 +258,7 @@ pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Packet {
         no_udp_checksum: false,
         patches: Vec::new(),
         macs: ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]),
+        ttl: 64,
     }
 }
 
@@ -264,6 +270,11 @@ pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Packet {
 }
 
 impl Packet {
+    pub fn ttl(mut self, ttl: u8) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
     pub fn syn(mut self) -> Self {
         self.syn = true;
         self
@@ -322,7 +333,7 @@ impl Packet {
         let eth = PacketBuilder::ethernet2(self.macs.0, self.macs.1).ipv4(
             self.src.octets(),
             self.dst.octets(),
-            64,
+            self.ttl,
         );
         let mut out = Vec::new();
         if self.udp {
@@ -369,6 +380,7 @@ impl Packet {
 /// A TCP/UDP over IPv4 frame as the program left it.
 #[derive(Clone, Debug)]
 pub struct Frame {
+    pub ttl: u8,
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
     pub sport: u16,
@@ -388,6 +400,7 @@ impl Frame {
         let l4 = &ip[ihl..];
         let check_at = if proto == 17 { 6 } else { 16 };
         Self {
+            ttl: ip[8],
             src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
             dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
             sport: u16::from_be_bytes([l4[0], l4[1]]),
@@ -436,4 +449,80 @@ fn fold(mut acc: u32) -> u16 {
         acc = (acc & 0xffff) + (acc >> 16);
     }
     acc as u16
+}
+
+/// An ICMP error from `src` to `dst` about the packet `quoted` (as it was on the wire):
+/// its IPv4 header and TCP/UDP header, as Linux quotes them. `kind`: fragmentation needed
+/// (with a next-hop MTU) or port unreachable.
+pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: IcmpKind, quoted: &Packet) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let q = quoted.bytes();
+    let l4 = if quoted.udp { 8 } else { 20 };
+    let quote = &q[14..14 + 20 + l4];
+    let header = match kind {
+        IcmpKind::FragmentationNeeded(mtu) => {
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu }
+        }
+        IcmpKind::PortUnreachable => DestUnreachableHeader::Port,
+    };
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.octets(), dst.octets(), 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(header))
+        .write(&mut out, quote)
+        .expect("building an ICMP frame");
+    out
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum IcmpKind {
+    FragmentationNeeded(u16),
+    PortUnreachable,
+}
+
+/// An ICMP error frame as the program left it: outer addresses, the ICMP header, and the
+/// quoted packet's addresses and ports.
+#[derive(Clone, Debug)]
+pub struct IcmpFrame {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub icmp_type: u8,
+    pub code: u8,
+    /// Bytes 4..8 of the ICMP header (the next-hop MTU in the low half for code 4).
+    pub rest: [u8; 4],
+    pub quoted: Frame,
+    raw: Vec<u8>,
+}
+
+impl IcmpFrame {
+    pub fn parse(frame: &[u8]) -> Self {
+        let outer = &frame[14..];
+        assert_eq!(outer[9], 1, "not ICMP: {frame:?}");
+        let ihl = usize::from(outer[0] & 0x0f) * 4;
+        let icmp = &outer[ihl..];
+        let mut quoted = vec![0u8; 14];
+        quoted.extend_from_slice(&icmp[8..]);
+        Self {
+            src: Ipv4Addr::new(outer[12], outer[13], outer[14], outer[15]),
+            dst: Ipv4Addr::new(outer[16], outer[17], outer[18], outer[19]),
+            icmp_type: icmp[0],
+            code: icmp[1],
+            rest: icmp[4..8].try_into().unwrap(),
+            quoted: Frame::parse(&quoted),
+            raw: frame.to_vec(),
+        }
+    }
+
+    pub fn ip_checksum_ok(&self) -> bool {
+        let ihl = usize::from(self.raw[14] & 0x0f) * 4;
+        fold(sum16(&self.raw[14..14 + ihl], 0)) == 0xffff
+    }
+
+    /// The ICMP checksum (over the ICMP message, no pseudo-header) and the quoted IPv4
+    /// header's checksum both verify.
+    pub fn icmp_checksums_ok(&self) -> bool {
+        let ihl = usize::from(self.raw[14] & 0x0f) * 4;
+        let icmp = &self.raw[14 + ihl..];
+        fold(sum16(icmp, 0)) == 0xffff && self.quoted.ip_checksum_ok()
+    }
 }

@@ -4,7 +4,8 @@
 //! `mesh-whoami --name web-1 [--http 80] [--udp 80] [--file PATH | --hash PATH]`
 //!
 //! `GET /client` answers `NAME ADDR:PORT` instead: the peer address the task sees (the seeds'
-//! whoami app prints `request.client.host`), as does a UDP datagram `client?`.
+//! whoami app prints `request.client.host`), as does a UDP datagram `client?`. `GET /bytes/N`
+//! answers N bytes (at most 64 MiB), for downloads larger than a packet.
 //!
 //! `--file PATH` answers HTTP with the file's contents instead, `--hash PATH` with the FNV-1a
 //! hash of them (a stand-in for a server that reads its password from a secret: the answer
@@ -89,6 +90,27 @@ pub fn fnv(data: &[u8]) -> String {
     format!("{h:016x}")
 }
 
+/// The largest `GET /bytes/N`.
+const MAX_BYTES: usize = 64 << 20;
+
+/// What a request asks for.
+enum Ask {
+    Name,
+    Client,
+    Bytes(usize),
+}
+
+fn ask(path: Option<&str>) -> Ask {
+    match path {
+        Some("/client") => Ask::Client,
+        Some(p) => match p.strip_prefix("/bytes/").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ask::Bytes(n.min(MAX_BYTES)),
+            _ => Ask::Name,
+        },
+        None => Ask::Name,
+    }
+}
+
 fn respond(name: &str, body: Option<&Body>) -> String {
     let (status, body) = match body {
         None => ("200 OK", format!("{name}\n")),
@@ -124,7 +146,7 @@ fn serve(stream: TcpStream, name: &str, file: Option<&Body>) {
         // Read one request head; bodies are not expected.
         let mut close = false;
         let mut first = true;
-        let mut client = false;
+        let mut what = Ask::Name;
         loop {
             line.clear();
             match reader.read_line(&mut line) {
@@ -134,7 +156,7 @@ fn serve(stream: TcpStream, name: &str, file: Option<&Body>) {
             let l = line.trim_end();
             if first {
                 close = l.ends_with("HTTP/1.0");
-                client = l.split(' ').nth(1) == Some("/client");
+                what = ask(l.split(' ').nth(1));
                 first = false;
             }
             if l.eq_ignore_ascii_case("connection: close") {
@@ -144,11 +166,24 @@ fn serve(stream: TcpStream, name: &str, file: Option<&Body>) {
                 break;
             }
         }
-        let response = if client {
-            respond(&format!("{name} {peer}"), None)
-        } else {
-            fixed.clone().unwrap_or_else(|| respond(name, file))
+        let mut response = match what {
+            Ask::Client => respond(&format!("{name} {peer}"), None),
+            Ask::Bytes(n) => {
+                let mut r = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                     Content-Length: {n}\r\n\r\n"
+                );
+                r.extend(std::iter::repeat_n('x', n));
+                r
+            }
+            Ask::Name => fixed.clone().unwrap_or_else(|| respond(name, file)),
         };
+        if close {
+            // Say so (RFC 9112 §9.6): a client that asked for keep-alive then knows the
+            // connection ends with this answer.
+            let head_end = response.find("\r\n").unwrap_or(0);
+            response.insert_str(head_end + 2, "Connection: close\r\n");
+        }
         if out.write_all(response.as_bytes()).is_err() || close {
             return;
         }

@@ -459,10 +459,8 @@ pub fn run(quick: bool) -> Result<Report> {
     report.note(
         "failed = every request that did not get a complete 2xx answer: wrk's connect, read, \
          write and timeout errors and non-2xx answers with keep-alive; with `Connection: \
-         close` the same kinds, plus answers cut short, from the bench's client (wrk cannot \
-         be used there: mesh-whoami's answer to a `Connection: close` request does not carry \
-         `Connection: close`, so wrk sends a second request into the closed socket and counts \
-         a read error per request).",
+         close` the same kinds, plus answers cut short, from the bench's own client, which \
+         checks every answer's status line and complete body and counts failures by kind.",
     );
     report.note(
         "The agent's own nftables table (`inet mesh`: network isolation, gateway-bridge \
@@ -630,13 +628,9 @@ fn wrk(client: &Netns, url: &str, seconds: u32) -> Result<Wrk> {
 /// `Connection: close` load: CONNECTIONS clients, each doing one request per connection in
 /// a loop (connect, send, read the answer until the server closes, close), for `seconds`.
 ///
-/// Not wrk: mesh-whoami closes after answering a `Connection: close` request but its answer
-/// does not say so, so wrk takes the connection as kept alive, sends a second request into
-/// the closed socket and counts the reset as a read error, once per request. That made
-/// every request look failed (or, when read errors were left out, hid real resets) and
-/// added a request and a RST to every connection. Here each answer is checked (status line,
-/// complete body), the server closes first (its side holds the TIME_WAIT, as with a real
-/// web server), and every failure is counted by kind.
+/// Not wrk: this client checks each answer (status line, complete body) and counts every
+/// failure by kind, where wrk lumps resets and short reads into "read errors". The server
+/// closes first (its side holds the TIME_WAIT, as with a real web server).
 fn close_load(client: &Netns, addr: SocketAddrV4, seconds: u32) -> Result<Wrk> {
     let run = Duration::from_secs(u64::from(seconds));
     let (mut latencies, errors, elapsed) = client.run(move || {
