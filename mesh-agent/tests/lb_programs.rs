@@ -112,6 +112,39 @@ fn the_node_takes_one_from_the_ttl_both_ways_and_drops_packets_that_would_expire
 }
 
 #[test]
+fn a_port_no_longer_published_keeps_its_established_flows_and_takes_no_new_ones() {
+    let mut lab = Lab::new();
+    lab.apply(&[service("web", 8080, 80, &BACKENDS)]);
+    let fwd = Frame::parse(&lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn()).1);
+    let mut unpublished = service("web", 8080, 80, &BACKENDS);
+    unpublished.ports.clear();
+    lab.apply(&[unpublished]);
+
+    let (verdict, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).ack(1).payload(b"GET /"));
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "the established connection finishes"
+    );
+    let p = Frame::parse(&out);
+    assert_eq!((p.dst, p.sport), (fwd.dst, fwd.sport));
+    let (verdict, out) = lab.run(&tcp(fwd.dst, 80, NET_ADDR, fwd.sport).ack(6));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "and its replies");
+    assert_eq!(Frame::parse(&out).dst, CLIENT);
+
+    let syn = tcp(CLIENT, 40001, NODE_IP, 8080).syn();
+    let (verdict, out) = lab.run(&syn);
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_OK, syn.bytes()),
+        "a new one is the kernel's"
+    );
+    // The client's port reused after its connection finished: a new connection too.
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).fin().ack(1));
+    let again = tcp(CLIENT, 40000, NODE_IP, 8080).syn();
+    assert_eq!(lab.run(&again), (TC_ACT_OK, again.bytes()));
+}
+
+#[test]
 fn thirty_new_flows_are_spread_round_robin_ten_per_backend() {
     let mut lab = Lab::new();
     lab.apply(&[service("web", 8080, 80, &BACKENDS)]);

@@ -145,7 +145,7 @@ fn classify(ctx: &TcContext) -> Verdict {
     if pkt.key.dst == cfg.node_ip {
         return match service::published(pkt.key.proto, pkt.key.dport) {
             Some(svc) => forward(ctx, &pkt, &svc, cfg),
-            None => Verdict::PASS,
+            None => unpublished(ctx, &pkt),
         };
     }
     // Replies are addressed to a SNAT port (SNAT flows) or routed through this node
@@ -163,6 +163,25 @@ fn classify(ctx: &TcContext) -> Verdict {
         return translate(ctx, &pkt, entry, Reason::Replied, false);
     }
     Verdict::PASS
+}
+
+/// A packet to a port of the node that no service publishes: it may belong to a flow of a
+/// port that was published when the flow began. Established connections finish (a port's
+/// removal drains it, as a task's does); new ones are the kernel's, which has no socket
+/// there and refuses them.
+#[inline(always)]
+fn unpublished(ctx: &TcContext, pkt: &Packet) -> Verdict {
+    let syn_only = pkt.key.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    match flow::lookup(&pkt.key) {
+        // SAFETY: pointer into the flow table.
+        Some(entry)
+            if unsafe { (*entry).flags } & FLOW_REPLY == 0
+                && !(syn_only && flow::is_closing(entry)) =>
+        {
+            translate(ctx, pkt, entry, Reason::Forwarded, false)
+        }
+        _ => Verdict::PASS,
+    }
 }
 
 /// Whether a task's packet routed through this node answers a new connection the routing

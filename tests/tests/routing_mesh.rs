@@ -179,6 +179,50 @@ fn an_established_connection_survives_task_changes_and_removed_tasks_get_no_new_
 }
 
 #[test]
+fn a_port_that_stops_being_published_lets_its_connections_finish_and_refuses_new_ones() {
+    let c = cluster();
+    task(c.host(1), "web-1");
+    task(c.host(2), "web-2");
+    wait_backends(&c, 2);
+    let a = addr(c.host(3), 8080);
+    let session = RemoteSession::open(c.external_ns("client").unwrap(), a);
+    let on = session.get();
+
+    c.host(1)
+        .meshctl_ok(&["service", "update", "web", "--publish-rm", "8080"])
+        .unwrap();
+    let ls = c.host(3).meshctl_ok(&["service", "ls"]).unwrap();
+    assert!(!ls.contains("8080"), "{ls}");
+    c.eventually(Duration::from_secs(3), "host3 stops publishing 8080", |c| {
+        Ok(client(c, move || http_get(a).is_err()).then_some(()))
+    })
+    .unwrap();
+    assert_eq!(session.get(), on, "the established connection was cut");
+    assert_eq!(session.get(), on);
+    // The other published port is untouched.
+    let u = addr(c.host(3), 5353);
+    assert!(client(&c, move || udp_ask(u)).is_ok());
+
+    // And a bad removal says what is wrong and changes nothing.
+    let out = c
+        .host(1)
+        .meshctl(&["service", "update", "web", "--publish-rm", "8080"])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not publish 8080/tcp"),
+        "{out:?}"
+    );
+    c.host(1)
+        .meshctl_ok(&["service", "update", "web", "--publish-add", "8080:80"])
+        .unwrap();
+    c.eventually(Duration::from_secs(3), "host3 publishes 8080 again", |c| {
+        Ok(client(c, move || http_get(a).ok()))
+    })
+    .unwrap();
+}
+
+#[test]
 fn tasks_reach_the_vip_and_the_node_reaches_its_own_published_port() {
     let c = cluster();
     task(c.host(1), "web-1");

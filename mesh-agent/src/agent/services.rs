@@ -112,6 +112,9 @@ impl Agent {
         let current = view.services.get(name).ok_or_else(|| not_found(name))?;
         let spec = apply_update(&current.spec, req)?;
         check_file_refs(&view, &spec)?;
+        if spec.ports != current.spec.ports {
+            check_ports(&view, name, &spec.ports)?;
+        }
         if spec == current.spec {
             return Ok(current.clone());
         }
@@ -352,6 +355,28 @@ fn check_targets(t: &TaskTemplate) -> Result<()> {
     Ok(())
 }
 
+/// `--publish-rm`'s `PUBLISHED[/PROTOCOL]`; a full `--publish` spec names its published port
+/// too (`8080:80`, `published=8080,target=80,protocol=udp`).
+fn published_port(s: &str) -> Result<(u16, Protocol)> {
+    let bad = || {
+        Error::Invalid(format!(
+            "--publish-rm {s:?}: name the published port, PUBLISHED[/PROTOCOL], e.g. 8080 or \
+             5353/udp"
+        ))
+    };
+    let (port, protocol) = match s.split_once('/') {
+        Some((p, proto)) if !p.contains([':', '=']) => {
+            (p, proto.parse::<Protocol>().map_err(|_| bad())?)
+        }
+        _ if !s.contains([':', '=']) => (s, Protocol::Tcp),
+        _ => {
+            let spec: PortSpec = s.parse().map_err(|_| bad())?;
+            return Ok((spec.published.ok_or_else(bad)?, spec.protocol));
+        }
+    };
+    Ok((port.parse::<u16>().map_err(|_| bad())?, protocol))
+}
+
 /// The spec a create request asks for (network and VIP filled in by the caller).
 pub(crate) fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
     let invalid = Error::Invalid;
@@ -521,6 +546,26 @@ fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpe
     }
     if req.replicas_max_per_node.is_some() {
         placement.max_replicas_per_node = per_node(req.replicas_max_per_node)?;
+    }
+    for rm in &req.publish_rm {
+        let (port, protocol) = published_port(rm)?;
+        let before = spec.ports.len();
+        spec.ports
+            .retain(|p| !(p.published == Some(port) && p.protocol == protocol));
+        if spec.ports.len() == before {
+            return Err(Error::Invalid(format!(
+                "service {} does not publish {port}/{protocol} (see `meshctl service inspect {}`)",
+                current.name, current.name
+            )));
+        }
+    }
+    for add in &req.publish_add {
+        let p: PortSpec = add.parse().map_err(Error::Invalid)?;
+        // Publishing a port again replaces it (a new target or mode).
+        spec.ports.retain(|q| {
+            !(q.published.is_some() && q.published == p.published && q.protocol == p.protocol)
+        });
+        spec.ports.push(p);
     }
     spec.restart = restart(spec.restart, &req.restart)?;
     rollout::configs(&mut spec, &req.rollout)?;
@@ -796,6 +841,60 @@ mod tests {
             }))
             .contains("no command")
         );
+    }
+
+    #[test]
+    fn published_ports_are_added_replaced_and_removed_without_rolling_the_tasks() {
+        let spec = create(|r| r.publish = vec!["8080:80".into(), "5353:53/udp".into()]).unwrap();
+        let update = |f: fn(&mut ServiceUpdate)| {
+            let mut req = ServiceUpdate::default();
+            f(&mut req);
+            apply_update(&spec, &req)
+        };
+        let ports = |s: &ServiceSpec| {
+            s.ports
+                .iter()
+                .map(|p| (p.published.unwrap(), p.protocol, p.target))
+                .collect::<Vec<_>>()
+        };
+
+        let added = update(|r| r.publish_add = vec!["9090:90".into(), "8080:81".into()]).unwrap();
+        assert_eq!(
+            ports(&added),
+            [
+                (5353, Protocol::Udp, 53),
+                (9090, Protocol::Tcp, 90),
+                (8080, Protocol::Tcp, 81)
+            ]
+        );
+        assert_eq!(added.template_id(), spec.template_id(), "no rollout");
+        for rm in ["8080", "8080/tcp", "8080:80", "published=8080,target=80"] {
+            let removed = update_rm(&spec, rm).unwrap();
+            assert_eq!(ports(&removed), [(5353, Protocol::Udp, 53)], "{rm}");
+        }
+        assert_eq!(ports(&update_rm(&spec, "5353/udp").unwrap()).len(), 1);
+
+        for (rm, says) in [
+            ("5353", "does not publish 5353/tcp"),
+            ("9999", "does not publish 9999/tcp"),
+            ("http", "name the published port"),
+            ("8080/sctp", "name the published port"),
+        ] {
+            let m = err(update_rm(&spec, rm));
+            assert!(m.contains(says), "{rm}: {m}");
+        }
+        let m = err(update(|r| r.publish_add = vec!["80:".into()]));
+        assert!(!m.is_empty());
+    }
+
+    fn update_rm(spec: &ServiceSpec, rm: &str) -> Result<ServiceSpec> {
+        apply_update(
+            spec,
+            &ServiceUpdate {
+                publish_rm: vec![rm.into()],
+                ..Default::default()
+            },
+        )
     }
 
     #[test]

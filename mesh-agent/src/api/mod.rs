@@ -342,6 +342,11 @@ pub struct ServiceUpdate {
     pub placement_pref_rm: Vec<String>,
     #[serde(default)]
     pub replicas_max_per_node: Option<i64>,
+    /// `--publish-add` (the `--publish` syntax) and `--publish-rm PUBLISHED[/PROTOCOL]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish_rm: Vec<String>,
     #[serde(flatten)]
     pub restart: RestartFlags,
     /// The task's arguments (after its program), shell-quoted: `--args '-m http.server 80'`.

@@ -151,6 +151,13 @@ pub struct UpdateArgs {
     placement_pref_rm: Vec<String>,
     #[arg(long = "replicas-max-per-node", allow_negative_numbers = true)]
     replicas_max_per_node: Option<i64>,
+    /// Publish another port (the --publish syntax); the tasks keep running.
+    #[arg(long = "publish-add")]
+    publish_add: Vec<String>,
+    /// Stop publishing a port: PUBLISHED[/PROTOCOL] (tcp if left out). New connections are
+    /// refused at once; established ones finish.
+    #[arg(long = "publish-rm")]
+    publish_rm: Vec<String>,
     #[command(flatten)]
     restart: RestartArgs,
     /// The tasks' arguments after the program, shell-quoted (replaces the old ones).
@@ -368,6 +375,8 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                 placement_pref_add: a.placement_pref_add,
                 placement_pref_rm: a.placement_pref_rm,
                 replicas_max_per_node: a.replicas_max_per_node,
+                publish_add: a.publish_add,
+                publish_rm: a.publish_rm,
                 restart: a.restart.flags(),
                 args: a.args,
                 env_add: a.env_add,
@@ -385,7 +394,7 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
             if req == ServiceUpdate::default() {
                 bail!(
                     "nothing to update: pass --replicas, --args, --env-add/-rm, --constraint-add/-rm, \
-                     --placement-pref-add/-rm, --secret-add/-rm, --config-add/-rm, --health-*, --update-*, \
+                     --placement-pref-add/-rm, --publish-add/-rm, --secret-add/-rm, --config-add/-rm, --health-*, --update-*, \
                      --restart-*, --force or --rollback"
                 );
             }
