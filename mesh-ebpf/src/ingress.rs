@@ -168,16 +168,16 @@ fn classify(ctx: &TcContext) -> Verdict {
 /// A packet to a port of the node that no service publishes: it may belong to a flow of a
 /// port that was published when the flow began. Established connections finish (a port's
 /// removal drains it, as a task's does); new ones are the kernel's, which has no socket
-/// there and refuses them.
+/// there and refuses them. A TCP SYN starts a new connection, so it skips the lookup (the
+/// node's own listeners pay nothing for it).
 #[inline(always)]
 fn unpublished(ctx: &TcContext, pkt: &Packet) -> Verdict {
-    let syn_only = pkt.key.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if pkt.key.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return Verdict::PASS;
+    }
     match flow::lookup(&pkt.key) {
         // SAFETY: pointer into the flow table.
-        Some(entry)
-            if unsafe { (*entry).flags } & FLOW_REPLY == 0
-                && !(syn_only && flow::is_closing(entry)) =>
-        {
+        Some(entry) if unsafe { (*entry).flags } & FLOW_REPLY == 0 => {
             translate(ctx, pkt, entry, Reason::Forwarded, false)
         }
         _ => Verdict::PASS,
