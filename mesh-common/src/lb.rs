@@ -259,7 +259,11 @@ pub struct Flow {
     /// CLOCK_MONOTONIC (coarse) nanoseconds; refreshed at most about once a second.
     pub last_seen: u64,
     pub flags: u32,
-    pub _pad: u32,
+    /// Forward entries: the network (LB_NETWORKS key) whose bridge the flow leaves by,
+    /// looked up per packet so a re-created bridge (a new ifindex) keeps the flow going;
+    /// `ifindex` is the fallback. Reply entries: 0 (they leave by `ifindex`, where the client
+    /// came in).
+    pub network: u32,
 }
 
 impl Flow {

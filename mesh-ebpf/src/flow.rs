@@ -236,7 +236,7 @@ pub fn create(
         backend: choice.id,
         last_seen: now,
         flags: FLOW_EMBRYO,
-        _pad: 0,
+        network: choice.network,
     };
     // Replies go back out of the interface the client's packet came in on.
     let reply = Flow {
@@ -249,7 +249,7 @@ pub fn create(
         backend: choice.id,
         last_seen: now,
         flags: FLOW_REPLY | FLOW_EMBRYO,
-        _pad: 0,
+        network: 0,
     };
     let reply = Embryo {
         flow: reply,

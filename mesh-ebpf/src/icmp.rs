@@ -25,7 +25,7 @@ use mesh_common::lb::{FlowKey, Reason};
 
 use crate::{
     flow,
-    ingress::Verdict,
+    ingress::{self, Verdict},
     packet::{ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr},
 };
 
@@ -122,7 +122,7 @@ pub fn relay(ctx: &TcContext, l4: usize) -> Verdict {
         return Verdict::drop(Reason::RewriteFailed);
     }
     // SAFETY: as in ingress.rs: the helper resolves the new destination's neighbour.
-    let action = unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) };
+    let action = unsafe { bpf_redirect_neigh(ingress::egress(&f), core::ptr::null_mut(), 0, 0) };
     Verdict::redirect(action as i32, Reason::IcmpTranslated)
 }
 

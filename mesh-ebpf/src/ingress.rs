@@ -30,7 +30,7 @@ use crate::{
         ETH_HLEN, ETH_P_IP, EthHdr, IP_MF_AND_OFFSET, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
         Ipv4Hdr, TCP_ACK, TCP_SYN, TcpHdr, UdpHdr, pull_headers, skb_ptr,
     },
-    programs::LB_CONFIG,
+    programs::{LB_CONFIG, LB_NETWORKS},
     service,
     stats::{self, Traffic},
 };
@@ -409,8 +409,20 @@ fn rewrite_and_redirect(
     stats::traffic(f.service, f.backend, Traffic::Packet { bytes, new_flow });
     // SAFETY: no neighbour parameters: the helper looks up the route and the neighbour of
     // the (rewritten) destination on the target device.
-    let action = unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) };
+    let action = unsafe { bpf_redirect_neigh(egress(f), core::ptr::null_mut(), 0, 0) };
     Verdict::redirect(action as i32, r)
+}
+
+/// The interface a flow's packet leaves by: a forward entry's network's bridge as it is
+/// now (the agent re-creates a deleted bridge under a new ifindex and updates LB_NETWORKS;
+/// the flow must follow), else the entry's own.
+#[inline(always)]
+pub(crate) fn egress(f: &Flow) -> u32 {
+    if f.network == 0 {
+        return f.ifindex;
+    }
+    // SAFETY: plain data copied out.
+    unsafe { LB_NETWORKS.get(&f.network) }.map_or(f.ifindex, |n| n.ifindex)
 }
 
 /// Whether the IPv4 header (with options) sums to 0xffff.

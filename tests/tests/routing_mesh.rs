@@ -223,6 +223,48 @@ fn a_port_that_stops_being_published_lets_its_connections_finish_and_refuses_new
 }
 
 #[test]
+fn a_bridge_deleted_under_a_live_connection_comes_back_and_the_connection_goes_on() {
+    let c = cluster();
+    task(c.host(1), "web-1");
+    task(c.host(2), "web-2");
+    wait_backends(&c, 2);
+    let a = addr(c.host(3), 8080);
+    let session = RemoteSession::open(c.external_ns("client").unwrap(), a);
+    let on = session.get();
+    let ifindex = |c: &Cluster| -> anyhow::Result<Option<String>> {
+        let out = c
+            .host(3)
+            .ns
+            .sh("ip -o link show mbr4096 2>/dev/null || true")?;
+        Ok(out
+            .split(':')
+            .next()
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+            .map(str::to_owned))
+    };
+    let before = ifindex(&c).unwrap().expect("host3's bridge of app");
+
+    // Someone deletes the network's bridge on the node the connection came in through.
+    c.host(3).ns.sh("ip link del mbr4096").unwrap();
+    c.eventually(
+        Duration::from_secs(10),
+        "host3 re-creates its bridge",
+        |c| Ok(ifindex(c)?.filter(|now| *now != before)),
+    )
+    .unwrap();
+    c.eventually(
+        Duration::from_secs(5),
+        "new connections through host3",
+        |c| Ok(client(c, move || http_get(a).ok())),
+    )
+    .unwrap();
+    // The flow leaves by the bridge as it is now, not by the ifindex it started with.
+    assert_eq!(session.get(), on, "the connection did not survive");
+    assert_eq!(session.get(), on);
+}
+
+#[test]
 fn tasks_reach_the_vip_and_the_node_reaches_its_own_published_port() {
     let c = cluster();
     task(c.host(1), "web-1");
