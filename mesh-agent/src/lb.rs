@@ -776,6 +776,16 @@ impl LoadBalancer {
     }
 
     /// Counters and backends of one service.
+    /// The ids under which a service named `name` is programmed (its own, and its
+    /// `mode=host` ports' when it has some).
+    pub fn programmed_ids(&self, name: &str) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|(_, p)| p.name == name)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     pub fn service_stats(&self, id: &str) -> Result<Option<ServiceStats>> {
         self.services
             .get(id)

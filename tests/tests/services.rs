@@ -722,3 +722,65 @@ fn a_restarted_agent_adopts_its_tasks_and_never_duplicates_them() {
         "{local:?}"
     );
 }
+
+#[test]
+fn a_removed_service_lets_its_connections_finish_and_refuses_new_ones() {
+    let c = cluster(3);
+    // The task ignores SIGTERM (an ignored signal stays ignored across exec), as a server
+    // finishing its requests would take its time: it stops at the grace period's SIGKILL.
+    let whoami = bin("mesh-whoami");
+    let script = format!("trap '' TERM; exec {} --name web", whoami.display());
+    c.host(1)
+        .meshctl_json::<Value>(&[
+            "service",
+            "create",
+            "web",
+            "--replicas",
+            "1",
+            "--publish",
+            "8080:80",
+            "--stop-grace-period",
+            "6s",
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ])
+        .unwrap();
+    converged(&c, "web", 1, Duration::from_secs(20));
+    let a = addr(c.host(3), 8080);
+    let session = mesh_tests::workload::RemoteSession::open(c.external_ns("client").unwrap(), a);
+    assert_eq!(session.get(), "web");
+
+    c.host(1).meshctl_ok(&["service", "rm", "web"]).unwrap();
+    c.eventually(Duration::from_secs(3), "new connections refused", |c| {
+        let refused = c
+            .external_ns("client")
+            .unwrap()
+            .run(move || http_get(a).is_err())
+            .unwrap();
+        Ok(refused.then_some(()))
+    })
+    .unwrap();
+    // The task is in its grace period: the connection it has still answers, through a node
+    // that runs no task of it.
+    assert_eq!(session.get(), "web", "the removal cut the connection");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(session.get(), "web");
+
+    // When the task is gone, so is every trace of the service in the load balancers.
+    c.eventually(
+        Duration::from_secs(15),
+        "the service leaves every node",
+        |c| {
+            for h in c.hosts() {
+                let m = h.meshctl_ok(&["ps"]).unwrap_or_default();
+                if m.contains("web") {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .unwrap();
+}

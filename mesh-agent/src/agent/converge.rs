@@ -24,6 +24,10 @@ impl Agent {
             .values()
             .map(|s| s.spec.network.clone())
             .collect();
+        wanted.extend(
+            view.removed_service_endpoints()
+                .map(|e| e.record.network.clone()),
+        );
         for t in local.tasks.list() {
             if matches!(t.state, TaskState::Running | TaskState::Creating) {
                 wanted.extend(

@@ -17,6 +17,56 @@ use crate::{
 };
 use mesh_common::lb::TaskPort;
 
+/// Services removed while their tasks still run (they stop with a drain, or were started
+/// by hand): each stays programmed under the id it had, with no published port and no VIP
+/// and every task a draining backend, so its established connections finish where they
+/// are instead of being reset; new ones are refused. It goes when its last task does. A
+/// service never programmed here has no connections here to finish.
+fn removed_services(
+    view: &View,
+    plumbed: &[NetworkPlumbing],
+    ifindex: &BTreeMap<u32, u32>,
+    lb: &lb::LoadBalancer,
+    node: &str,
+) -> Vec<ServiceLb> {
+    let mut orphans: BTreeMap<&str, Vec<&crate::cluster::EndpointView>> = BTreeMap::new();
+    for e in view.removed_service_endpoints() {
+        if let Some(service) = e.record.service.as_deref() {
+            orphans.entry(service).or_default().push(e);
+        }
+    }
+    let mut out = Vec::new();
+    for (name, tasks) in orphans {
+        let Some(net) = plumbed.iter().find(|n| n.name == tasks[0].record.network) else {
+            continue;
+        };
+        let network = NetworkLb {
+            id: net.vni,
+            node_addr: net.node_address,
+            bridge_ifindex: ifindex[&net.vni],
+        };
+        for id in lb.programmed_ids(name) {
+            let host_only = id.ends_with("/host");
+            out.push(ServiceLb {
+                id,
+                name: name.to_owned(),
+                network,
+                vip: None,
+                ports: Vec::new(),
+                backends: tasks
+                    .iter()
+                    .filter(|e| !host_only || e.node == node)
+                    .map(|e| BackendLb {
+                        ip: e.record.ip,
+                        draining: true,
+                    })
+                    .collect(),
+            });
+        }
+    }
+    out
+}
+
 impl Agent {
     /// Puts the load balancer on every plumbed network's bridge (replies from tasks arrive
     /// there) and programs every service of those networks.
@@ -130,6 +180,13 @@ impl Agent {
                 backends: backends().map(backend).collect(),
             });
         }
+        desired.extend(removed_services(
+            view,
+            plumbed,
+            &ifindex,
+            dp.lb(),
+            self.node_name(),
+        ));
         let ops = dp
             .lb_mut()
             .apply(&desired)

@@ -442,6 +442,21 @@ impl View {
     }
 
     /// Tasks (endpoints) of a service that receive new connections.
+    /// Endpoints of services removed while their tasks still run (they stop with a drain,
+    /// or were started by hand), down nodes' included: their connections finish where they
+    /// are, so their networks stay plumbed and their load balancing stays (draining).
+    pub fn removed_service_endpoints(&self) -> impl Iterator<Item = &EndpointView> {
+        self.endpoints
+            .iter()
+            .chain(&self.down_endpoints)
+            .filter(|e| {
+                e.record
+                    .service
+                    .as_deref()
+                    .is_some_and(|s| !self.services.contains_key(s))
+            })
+    }
+
     pub fn backends<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a EndpointView> {
         self.endpoints
             .iter()
