@@ -8,7 +8,13 @@
 //! interface, TC ingress on every network's bridge (routing-mesh replies), TC on local tasks'
 //! host veths (client-address replies, see task_ports.rs), and the socket load-balancing
 //! hooks at the cgroup v2 root, scoped by network namespace.
+//!
+//! Here: loading, pins and test runs. `attach.rs` puts the programs on their hooks,
+//! `steering.rs` keeps the per-namespace maps of the socket hooks and DNS, `task_ports.rs`
+//! the programs on tasks' veths and the return table.
 
+mod attach;
+mod steering;
 mod task_ports;
 
 pub use task_ports::{ReturnTimeouts, TaskVeth};
@@ -48,11 +54,11 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const UNDERLAY_PROGRAM: &str = "mesh_underlay";
 /// The routing mesh (TC ingress on the underlay and on network bridges).
 pub const LB_INGRESS_PROGRAM: &str = "mesh_lb_ingress";
-/// Socket load balancing, attached at the cgroup v2 root.
 /// Client-address flows on local tasks' host veths: learning (egress, towards the task) and
 /// steering replies (ingress, from the task).
 pub const TO_TASK_PROGRAM: &str = "mesh_to_task";
 pub const FROM_TASK_PROGRAM: &str = "mesh_from_task";
+/// Socket load balancing, attached at the cgroup v2 root.
 const SOCK_PROGRAMS: [&str; 4] = [
     "mesh_lb_connect",
     "mesh_lb_sendmsg",
@@ -115,136 +121,6 @@ impl Dataplane {
         &mut self.lb
     }
 
-    /// Attaches the port counters (XDP) and the routing mesh (TC ingress) to the underlay.
-    pub fn attach_underlay(&mut self, iface: &str) -> Result<()> {
-        self.attach_xdp(iface)?;
-        self.attach_tc(iface)?;
-        info!(iface, "routing mesh attached");
-        Ok(())
-    }
-
-    /// Attaches the routing mesh to a network's bridge, where replies from backends arrive.
-    /// Idempotent; a program left by a previous agent is replaced in place.
-    pub fn attach_network(&mut self, bridge_ifindex: u32) -> Result<()> {
-        let iface = ifname(bridge_ifindex)?;
-        self.attach_tc(&iface)?;
-        info!(iface, "routing mesh attached to network bridge");
-        Ok(())
-    }
-
-    /// Detaches the routing mesh from a network's bridge (a bridge that is deleted detaches
-    /// by itself; this also drops the pin).
-    pub fn detach_network(&mut self, bridge_ifindex: u32) -> Result<()> {
-        let iface = ifname(bridge_ifindex)?;
-        self.detach_tc(&iface)
-    }
-
-    /// Detaches the routing mesh from an interface by name (for bridges already gone).
-    pub fn detach_tc(&mut self, iface: &str) -> Result<()> {
-        let pin = self.pin_dir.join(format!("link_tc_{iface}"));
-        match fs::remove_file(&pin) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing {}", pin.display()))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Attaches socket load balancing (and the 127.0.0.11 steering) at the root of the cgroup
-    /// v2 hierarchy, so it sees every process whatever cgroup it lives in: tasks, containers
-    /// of any runtime, `ip netns exec` shells. The programs act only on sockets of the
-    /// namespaces in `LB_NETNS` (see [`Dataplane::steer_netns`]) and the node's own. Returns
-    /// the cgroup attached to. Idempotent; links a previous agent left are updated in place.
-    pub fn attach_sockets(&mut self) -> Result<PathBuf> {
-        let root = crate::cgroup::cgroup2_mount()?;
-        for name in SOCK_PROGRAMS {
-            let pin = self.pin_dir.join(format!("link_{name}_root"));
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .with_context(|| format!("{name} missing from the eBPF object"))?
-                .try_into()?;
-            let prog_fd = program.fd()?.as_fd().try_clone_to_owned()?;
-            relink(&pin, prog_fd.as_fd(), || {
-                let dir = fs::File::open(&root)
-                    .with_context(|| format!("opening cgroup {}", root.display()))?;
-                // Through a bpf_link (which aya uses on this kernel) the program always
-                // coexists with others on the cgroup (other agents', systemd's); the link
-                // API refuses the multi flag.
-                let id = program
-                    .attach(dir, CgroupAttachMode::Single)
-                    .with_context(|| format!("attaching {name} to {}", root.display()))?;
-                Ok(program.take_link(id)?.try_into()?)
-            })?;
-        }
-        self.remove_cgroup_links_but_root()?;
-        info!(cgroup = %root.display(), "socket load balancing attached");
-        Ok(root)
-    }
-
-    /// Agents before the root attach pinned one link per program on their own cgroup
-    /// (`link_<program>_<cgroup path>`); those links would balance a second time, so they go.
-    fn remove_cgroup_links_but_root(&self) -> Result<()> {
-        let Ok(entries) = fs::read_dir(&self.pin_dir) else {
-            return Ok(());
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let stale = SOCK_PROGRAMS.iter().any(|p| {
-                name.starts_with(&format!("link_{p}_")) && name != format!("link_{p}_root")
-            });
-            if stale {
-                info!(
-                    pin = name,
-                    "removing a socket hook link of an earlier agent"
-                );
-                fs::remove_file(e.path())
-                    .with_context(|| format!("removing {}", e.path().display()))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Lets the socket hooks act in the network namespace `netns_cookie` (a task's or an
-    /// endpoint's, `kind` one of mesh_common::lb::NETNS_*).
-    pub fn steer_netns(&mut self, netns_cookie: u64, kind: u32) -> Result<()> {
-        self.netns_map()?
-            .insert(netns_cookie, NetnsEntry { kind }, 0)
-            .context("adding a namespace to the socket hooks")
-    }
-
-    /// The socket hooks leave the namespace alone from now on. Absent is not an error.
-    pub fn unsteer_netns(&mut self, netns_cookie: u64) -> Result<()> {
-        match self.netns_map()?.remove(&netns_cookie) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e).context("removing a namespace from the socket hooks"),
-        }
-    }
-
-    /// The namespaces the socket hooks act in, by cookie.
-    pub fn steered_netns(&mut self) -> Result<Vec<(u64, u32)>> {
-        let map = self.netns_map()?;
-        let mut out = Vec::new();
-        for kv in map.iter() {
-            let (k, v) = kv.context("reading the steered namespaces")?;
-            out.push((k, v.kind));
-        }
-        Ok(out)
-    }
-
-    fn netns_map(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, u64, NetnsEntry>> {
-        let map = self
-            .ebpf
-            .map_mut(mesh_common::lb::NETNS_MAP)
-            .context("namespace map missing from the eBPF object")?;
-        Ok(BpfHashMap::try_from(map)?)
-    }
-
     /// Runs the routing-mesh program on a test frame (BPF_PROG_TEST_RUN) against the live
     /// maps: for unit tests and ns/packet measurements.
     pub fn test_run_lb_ingress(
@@ -263,58 +139,6 @@ impl Dataplane {
             .program(name)
             .with_context(|| format!("{name} missing from the eBPF object"))?;
         Ok(program.fd()?.as_fd())
-    }
-
-    fn attach_tc(&mut self, iface: &str) -> Result<()> {
-        let pin = self.pin_dir.join(format!("link_tc_{iface}"));
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(LB_INGRESS_PROGRAM)
-            .context("routing mesh program missing from the eBPF object")?
-            .try_into()?;
-        let prog_fd = program.fd()?.as_fd().try_clone_to_owned()?;
-        relink(&pin, prog_fd.as_fd(), || {
-            let id = program
-                .attach(iface, TcAttachType::Ingress)
-                .with_context(|| format!("attaching TC ingress to {iface}"))?;
-            Ok(program.take_link(id)?.try_into()?)
-        })
-    }
-
-    fn attach_xdp(&mut self, iface: &str) -> Result<()> {
-        let link_pin = self.pin_dir.join(format!("link_xdp_{iface}"));
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(UNDERLAY_PROGRAM)
-            .context("underlay program missing from the eBPF object")?
-            .try_into()?;
-        let link_id = match PinnedLink::from_pin(&link_pin) {
-            Ok(pinned) => {
-                // A previous agent left the program attached: replace it in place so no
-                // packet is processed without a program.
-                let fd_link: FdLink = pinned
-                    .unpin()
-                    .context("unpinning the previous underlay link")?;
-                info!(iface, "replacing the pinned underlay program");
-                program.attach_to_link(XdpLink::try_from(fd_link)?)?
-            }
-            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.kind() == io::ErrorKind::NotFound =>
-            {
-                program
-                    .attach(iface, XdpMode::default())
-                    .with_context(|| format!("attaching XDP to {iface}"))?
-            }
-            Err(e) => return Err(e).context("opening the pinned underlay link"),
-        };
-        let link = program.take_link(link_id)?;
-        let fd_link: FdLink = link
-            .try_into()
-            .context("XDP attached through netlink, which cannot be pinned")?;
-        fd_link
-            .pin(&link_pin)
-            .with_context(|| format!("pinning {}", link_pin.display()))?;
-        Ok(())
     }
 
     /// Packets and bytes per destination port seen on the underlay, summed over CPUs; ports
@@ -338,44 +162,6 @@ impl Dataplane {
             }
         }
         Ok(out)
-    }
-
-    /// Points 127.0.0.11:53 in the network namespace `netns_cookie` at the resolver
-    /// listener on `port` (see mesh_common::dns).
-    pub fn set_resolver(&mut self, netns_cookie: u64, port: u16) -> Result<()> {
-        self.resolvers()?
-            .insert(netns_cookie, port, 0)
-            .context("adding a task's resolver port")
-    }
-
-    pub fn remove_resolver(&mut self, netns_cookie: u64) -> Result<()> {
-        match self.resolvers()?.remove(&netns_cookie) {
-            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e).context("removing a task's resolver port"),
-        }
-    }
-
-    /// Forgets every resolver port (a restarted agent opens new listeners).
-    pub fn clear_resolvers(&mut self) -> Result<()> {
-        let mut map = self.resolvers()?;
-        let keys: Vec<u64> = map.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = map.remove(&k);
-        }
-        Ok(())
-    }
-
-    fn resolvers(&mut self) -> Result<BpfHashMap<&mut aya::maps::MapData, u64, u16>> {
-        let map = self
-            .ebpf
-            .map_mut(mesh_common::dns::RESOLVERS_MAP)
-            .context("resolver map missing from the eBPF object")?;
-        Ok(BpfHashMap::try_from(map)?)
     }
 
     /// Removes every pin, so the dataplane stops when this process exits. Used by

@@ -1,0 +1,116 @@
+//! What the maps hold, for `service inspect`, metrics and the flow sweep.
+
+use super::*;
+
+impl LoadBalancer {
+    /// The ids under which a service named `name` is programmed (its own, and its
+    /// `mode=host` ports' when it has some).
+    pub fn programmed_ids(&self, name: &str) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|(_, p)| p.name == name)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Counters and backends of one service.
+    pub fn service_stats(&self, id: &str) -> Result<Option<ServiceStats>> {
+        self.services
+            .get(id)
+            .map(|p| self.stats_of(id, p))
+            .transpose()
+    }
+
+    /// Counters of every programmed service.
+    pub fn stats(&self) -> Result<Vec<ServiceStats>> {
+        self.services
+            .iter()
+            .map(|(id, p)| self.stats_of(id, p))
+            .collect()
+    }
+
+    fn stats_of(&self, id: &str, p: &Programmed) -> Result<ServiceStats> {
+        let mut backends = Vec::new();
+        for (slot, (ip, bid)) in p.slots.iter().enumerate() {
+            backends.push(BackendStats {
+                ip: *ip,
+                state: BackendState::Active,
+                slot: Some(slot as u32),
+                counters: self.maps.backend_counters(*bid)?.into(),
+            });
+        }
+        for (ip, bid) in &p.draining {
+            backends.push(BackendStats {
+                ip: *ip,
+                state: BackendState::Draining,
+                slot: None,
+                counters: self.maps.backend_counters(*bid)?.into(),
+            });
+        }
+        Ok(ServiceStats {
+            id: id.to_owned(),
+            name: p.name.clone(),
+            index: p.index,
+            counters: self.maps.service_counters(p.index)?.into(),
+            backends,
+        })
+    }
+
+    /// Packets and socket calls per reason (translated, passed, dropped), summed over CPUs.
+    pub fn reasons(&self) -> Result<Vec<(Reason, u64)>> {
+        self.maps.reasons()
+    }
+
+    /// Every entry of the flow tables (both directions of each flow), established ones and
+    /// embryonic ones (flagged FLOW_EMBRYO).
+    pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {
+        let mut all = self.maps.read_flows()?;
+        all.extend(
+            self.maps
+                .read_embryos()?
+                .into_iter()
+                .map(|(k, e)| (k, e.flow)),
+        );
+        Ok(all)
+    }
+
+    /// How full the flow tables are, and how many embryonic flows were pushed out of theirs.
+    pub fn flow_table(&self) -> Result<FlowTableStats> {
+        let count = |flows: &[(FlowKey, Flow)]| {
+            flows
+                .iter()
+                .filter(|(_, f)| f.flags & mesh_common::lb::FLOW_REPLY == 0)
+                .count() as u64
+        };
+        let established = count(&self.maps.read_flows()?);
+        let embryos: Vec<(FlowKey, Flow)> = self
+            .maps
+            .read_embryos()?
+            .into_iter()
+            .map(|(k, e)| (k, e.flow))
+            .collect();
+        let embryonic = count(&embryos);
+        let reasons = self.maps.reasons()?;
+        let reason = |r: Reason| reasons.iter().find(|(x, _)| *x == r).map_or(0, |(_, n)| *n);
+        // The kernel's LRU does not count what it evicts: every flow created left the
+        // embryo table by promotion, by the sweep, by a reused client port, or by eviction.
+        let embryonic_evicted = reason(Reason::NewFlow)
+            .saturating_sub(reason(Reason::Promoted))
+            .saturating_sub(self.embryos_swept)
+            .saturating_sub(embryonic);
+        Ok(FlowTableStats {
+            established,
+            embryonic,
+            snat_reserved: self.maps.count_reservations()?,
+            embryonic_evicted,
+            promoted: reason(Reason::Promoted),
+        })
+    }
+
+    /// Removes finished and idle flows, and flows of backends that are gone.
+    pub fn sweep(&mut self, timeouts: &FlowTimeouts) -> Result<SweepReport> {
+        let r = sweep::sweep(&mut self.maps, &self.backend_addrs, timeouts)?;
+        self.embryos_swept += r.embryos_removed as u64;
+        Ok(r)
+    }
+}
