@@ -53,6 +53,19 @@ fn wait_backends(c: &Cluster, n: usize) {
     .unwrap();
 }
 
+/// Tasks web-1 on host 1 and web-2 on host 2, and the client's keep-alive connection to
+/// host 3's published 8080 (a node without a task): the address, the session and the task
+/// that answers it.
+fn session_through_host3(c: &Cluster) -> (SocketAddr, RemoteSession, String) {
+    task(c.host(1), "web-1");
+    task(c.host(2), "web-2");
+    wait_backends(c, 2);
+    let a = addr(c.host(3), 8080);
+    let session = RemoteSession::open(c.external_ns("client").unwrap(), a);
+    let on = session.get();
+    (a, session, on)
+}
+
 fn addr(h: &Host, port: u16) -> SocketAddr {
     format!("{}:{port}", h.ip).parse().unwrap()
 }
@@ -115,12 +128,7 @@ fn every_node_balances_its_published_ports_over_all_tasks() {
 #[test]
 fn an_established_connection_survives_task_changes_and_removed_tasks_get_no_new_ones() {
     let c = cluster();
-    task(c.host(1), "web-1");
-    task(c.host(2), "web-2");
-    wait_backends(&c, 2);
-    let a = addr(c.host(3), 8080);
-    let session = RemoteSession::open(c.external_ns("client").unwrap(), a);
-    let on = session.get();
+    let (a, session, on) = session_through_host3(&c);
     let (other, other_host) = if on == "web-1" {
         ("web-2", 2)
     } else {
@@ -181,12 +189,7 @@ fn an_established_connection_survives_task_changes_and_removed_tasks_get_no_new_
 #[test]
 fn a_port_that_stops_being_published_lets_its_connections_finish_and_refuses_new_ones() {
     let c = cluster();
-    task(c.host(1), "web-1");
-    task(c.host(2), "web-2");
-    wait_backends(&c, 2);
-    let a = addr(c.host(3), 8080);
-    let session = RemoteSession::open(c.external_ns("client").unwrap(), a);
-    let on = session.get();
+    let (a, session, on) = session_through_host3(&c);
 
     c.host(1)
         .meshctl_ok(&["service", "update", "web", "--publish-rm", "8080"])
@@ -225,12 +228,7 @@ fn a_port_that_stops_being_published_lets_its_connections_finish_and_refuses_new
 #[test]
 fn a_bridge_deleted_under_a_live_connection_comes_back_and_the_connection_goes_on() {
     let c = cluster();
-    task(c.host(1), "web-1");
-    task(c.host(2), "web-2");
-    wait_backends(&c, 2);
-    let a = addr(c.host(3), 8080);
-    let session = RemoteSession::open(c.external_ns("client").unwrap(), a);
-    let on = session.get();
+    let (a, session, on) = session_through_host3(&c);
     let ifindex = |c: &Cluster| -> anyhow::Result<Option<String>> {
         let out = c
             .host(3)

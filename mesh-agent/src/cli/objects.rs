@@ -108,74 +108,105 @@ fn since(ms: u64) -> String {
 }
 
 pub async fn secret(client: &Client, fmt: Format, cmd: SecretCommand) -> Result<()> {
-    match cmd {
-        SecretCommand::Create { name, file, label } => {
-            let data = read_data("secret", &name, &file)?;
-            let req = FileObjectCreate {
-                name,
-                data: BASE64.encode(&*data),
-                labels: labels(&label)?,
-            };
-            let s: SecretInfo = client.post("/v1/secrets", &req).await?;
-            if fmt == Format::Json {
-                return json(&s);
-            }
-            println!("{}", s.id);
-        }
-        SecretCommand::Ls => {
-            let all: Vec<SecretInfo> = client.get("/v1/secrets").await?;
-            if fmt == Format::Json {
-                return json(&all);
-            }
-            println!(
-                "{}",
-                table(
-                    &["ID", "NAME", "SIZE", "CREATED", "SERVICES"],
-                    all.iter().map(|s| [
-                        s.id.clone(),
-                        s.name.clone(),
-                        s.size.to_string(),
-                        since(s.created_ms),
-                        s.services.join(","),
-                    ])
-                )
-            );
-        }
-        SecretCommand::Inspect { names } => {
-            let mut out = Vec::new();
-            for n in names {
-                let s: SecretInfo = client.get(&format!("/v1/secrets/{n}")).await?;
-                out.push(s);
-            }
-            json(&out)?;
-        }
-        SecretCommand::Rm { names } => {
-            for n in names {
-                let _: serde_json::Value = client.delete(&format!("/v1/secrets/{n}")).await?;
-                println!("{n}");
-            }
-        }
-    }
-    Ok(())
+    let action = match cmd {
+        SecretCommand::Create { name, file, label } => Action::Create { name, file, label },
+        SecretCommand::Ls => Action::Ls,
+        SecretCommand::Inspect { names } => Action::Inspect { names },
+        SecretCommand::Rm { names } => Action::Rm { names },
+    };
+    file_objects::<SecretInfo>(client, fmt, "secret", action).await
 }
 
 pub async fn config(client: &Client, fmt: Format, cmd: ConfigCommand) -> Result<()> {
-    match cmd {
-        ConfigCommand::Create { name, file, label } => {
-            let data = read_data("config", &name, &file)?;
+    let action = match cmd {
+        ConfigCommand::Create { name, file, label } => Action::Create { name, file, label },
+        ConfigCommand::Ls => Action::Ls,
+        ConfigCommand::Inspect { names } => Action::Inspect { names },
+        ConfigCommand::Rm { names } => Action::Rm { names },
+    };
+    file_objects::<ConfigInfo>(client, fmt, "config", action).await
+}
+
+/// A `secret` or `config` command once parsed: the two differ only in their help texts and
+/// in what the agent keeps (sealed or plain).
+enum Action {
+    Create {
+        name: String,
+        file: String,
+        label: Vec<String>,
+    },
+    Ls,
+    Inspect {
+        names: Vec<String>,
+    },
+    Rm {
+        names: Vec<String>,
+    },
+}
+
+/// What `ls` shows of a secret or config.
+trait Listed: serde::de::DeserializeOwned + serde::Serialize {
+    fn row(&self) -> [String; 5];
+}
+
+impl Listed for SecretInfo {
+    fn row(&self) -> [String; 5] {
+        listed(
+            &self.id,
+            &self.name,
+            self.size,
+            self.created_ms,
+            &self.services,
+        )
+    }
+}
+
+impl Listed for ConfigInfo {
+    fn row(&self) -> [String; 5] {
+        listed(
+            &self.id,
+            &self.name,
+            self.size,
+            self.created_ms,
+            &self.services,
+        )
+    }
+}
+
+fn listed(id: &str, name: &str, size: usize, created_ms: u64, services: &[String]) -> [String; 5] {
+    [
+        id.to_owned(),
+        name.to_owned(),
+        size.to_string(),
+        since(created_ms),
+        services.join(","),
+    ]
+}
+
+/// `kind` is `secret` or `config`: the API's `/v1/{kind}s` and the words of the messages.
+async fn file_objects<T: Listed>(
+    client: &Client,
+    fmt: Format,
+    kind: &str,
+    action: Action,
+) -> Result<()> {
+    let path = format!("/v1/{kind}s");
+    match action {
+        Action::Create { name, file, label } => {
+            let data = read_data(kind, &name, &file)?;
             let req = FileObjectCreate {
                 name,
                 data: BASE64.encode(&*data),
                 labels: labels(&label)?,
             };
-            let c: ConfigInfo = client.post("/v1/configs", &req).await?;
+            let created: T = client.post(&path, &req).await?;
             if fmt == Format::Json {
-                return json(&c);
+                return json(&created);
             }
-            println!("{}", c.id);
+            println!("{}", created.row()[0]);
         }
-        ConfigCommand::Ls => {
-            let all: Vec<ConfigInfo> = client.get("/v1/configs").await?;
+        Action::Ls => {
+            let all: Vec<T> = client.get(&path).await?;
             if fmt == Format::Json {
                 return json(&all);
             }
@@ -183,27 +214,20 @@ pub async fn config(client: &Client, fmt: Format, cmd: ConfigCommand) -> Result<
                 "{}",
                 table(
                     &["ID", "NAME", "SIZE", "CREATED", "SERVICES"],
-                    all.iter().map(|c| [
-                        c.id.clone(),
-                        c.name.clone(),
-                        c.size.to_string(),
-                        since(c.created_ms),
-                        c.services.join(","),
-                    ])
+                    all.iter().map(Listed::row)
                 )
             );
         }
-        ConfigCommand::Inspect { names } => {
-            let mut out = Vec::new();
+        Action::Inspect { names } => {
+            let mut out: Vec<T> = Vec::new();
             for n in names {
-                let c: ConfigInfo = client.get(&format!("/v1/configs/{n}")).await?;
-                out.push(c);
+                out.push(client.get(&format!("{path}/{n}")).await?);
             }
             json(&out)?;
         }
-        ConfigCommand::Rm { names } => {
+        Action::Rm { names } => {
             for n in names {
-                let _: serde_json::Value = client.delete(&format!("/v1/configs/{n}")).await?;
+                let _: serde_json::Value = client.delete(&format!("{path}/{n}")).await?;
                 println!("{n}");
             }
         }
