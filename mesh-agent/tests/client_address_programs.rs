@@ -491,3 +491,27 @@ fn a_client_reusing_a_finished_flows_port_through_the_mesh_gets_a_new_flow() {
     );
     assert_eq!(lab.reason(Reason::Superseded), 0);
 }
+
+#[test]
+fn a_connection_the_client_reset_is_finished_for_a_direct_one_on_its_5_tuple() {
+    let mut lab = lab_with(&BACKENDS[..1]);
+    let fwd = Frame::parse(&lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn()).1);
+    let b = fwd.dst;
+    let routed = |p: lab::Packet| p.macs(mac(NET_ADDR), mac(b));
+    lab.run_to_task(&routed(tcp(CLIENT, 40000, b, 80).syn()), VETH);
+    lab.run_from_task(
+        &tcp(b, 80, CLIENT, 40000)
+            .syn()
+            .ack(SEQ + 1)
+            .macs(mac(b), GW_MAC),
+    );
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).ack(SEQ + 1));
+    // The client kills its socket (`ss -K`): a RST, seen on the forward entry only.
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).rst().ack(SEQ + 1));
+    lab.run_to_task(&routed(tcp(CLIENT, 40000, b, 80).rst().ack(SEQ + 1)), VETH);
+
+    lab.run_to_task(&routed(tcp(CLIENT, 40000, b, 80).syn()), VETH);
+    assert!(returns(&mut lab).is_empty(), "{:?}", returns(&mut lab));
+    assert!(lab.dp.lb().flows().unwrap().is_empty());
+    assert_eq!(lab.reason(Reason::Superseded), 1);
+}

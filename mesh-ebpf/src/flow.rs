@@ -165,6 +165,19 @@ pub fn is_closing(flow: *const Flow) -> bool {
     unsafe { (*flow).flags & (FLOW_FIN | FLOW_RST) != 0 }
 }
 
+/// Whether the flow whose reply entry for `key` is `reply` saw its end in either direction:
+/// a FIN or RST on the reply entry, or on the forward one (a client's RST, say, when it
+/// killed its socket, is seen on the forward entry only).
+#[inline(always)]
+pub fn is_finished(key: &FlowKey, reply: *const Flow) -> bool {
+    if is_closing(reply) {
+        return true;
+    }
+    // SAFETY: plain data copied out.
+    let forward_key = unsafe { (*reply).partner(key) };
+    lookup(&forward_key).is_some_and(|f| is_closing(f))
+}
+
 /// Removes the finished flow whose entry for `key` is `flow`, for a new connection on the
 /// same 5-tuple. A client-address flow's other entry goes too: the new connection's entry
 /// for it has the same key (when it picks the same backend) and [`lookup`] would find the

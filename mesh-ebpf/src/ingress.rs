@@ -194,8 +194,8 @@ fn unpublished(ctx: &TcContext, pkt: &Packet) -> Verdict {
 fn superseded(pkt: &Packet, entry: *const Flow) -> bool {
     pkt.key.proto == IPPROTO_TCP
         && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
-        && flow::is_closing(entry)
         && flow::keeps_client_address(&pkt.key, entry)
+        && flow::is_finished(&pkt.key, entry)
 }
 
 /// Fills `pkt` from the headers and returns `Verdict::CONTINUE` for TCP/UDP over IPv4;

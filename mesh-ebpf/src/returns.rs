@@ -61,7 +61,7 @@ pub fn learn(reply: &FlowKey, origin: &Origin, tcp_flags: u8) {
         match flow::lookup(reply) {
             // SAFETY (both arms): a pointer into the flow table.
             Some(f) if unsafe { (*f).flags } & FLOW_REPLY != 0 => {
-                if syn_only && flow::is_closing(f) {
+                if syn_only && flow::is_finished(reply, f) {
                     // A SYN through the routing mesh would have replaced a finished flow
                     // (ingress.rs forgets it on the client's SYN): this new connection on
                     // its 5-tuple reached the task another way, and the finished flow must
