@@ -515,3 +515,36 @@ fn a_connection_the_client_reset_is_finished_for_a_direct_one_on_its_5_tuple() {
     assert!(lab.dp.lb().flows().unwrap().is_empty());
     assert_eq!(lab.reason(Reason::Superseded), 1);
 }
+
+#[test]
+fn a_connection_the_task_reset_is_finished_for_the_clients_next_one_through_the_mesh() {
+    let mut lab = lab_with(&BACKENDS[..1]);
+    let fwd = Frame::parse(&lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn()).1);
+    let b = fwd.dst;
+    let from_task = |p: lab::Packet| p.macs(mac(b), GW_MAC);
+    lab.run_to_task(
+        &tcp(CLIENT, 40000, b, 80).syn().macs(mac(NET_ADDR), mac(b)),
+        VETH,
+    );
+    lab.run_from_task(&from_task(tcp(b, 80, CLIENT, 40000).syn().ack(SEQ + 1)));
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).ack(SEQ + 1));
+    // The task's socket is killed: a RST, seen on the reply entry only.
+    lab.run_from_task(&from_task(tcp(b, 80, CLIENT, 40000).rst().ack(SEQ + 1)));
+
+    // The client's next connection from the same port is a new flow, so the task's SYN-ACK
+    // is translated (not taken for a connection the mesh never saw).
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+    lab.run_to_task(
+        &tcp(CLIENT, 40000, b, 80).syn().macs(mac(NET_ADDR), mac(b)),
+        VETH,
+    );
+    let (v, out) = lab.run_from_task(&from_task(tcp(b, 80, CLIENT, 40000).syn().ack(SEQ + 1)));
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(Frame::parse(&out).src, NODE_IP);
+    assert_eq!(lab.reason(Reason::Superseded), 0);
+    let flows = lab.dp.lb().flows().unwrap();
+    assert!(
+        flows.iter().all(|(_, f)| f.flags & FLOW_EMBRYO != 0),
+        "only the new flow's entries: {flows:?}"
+    );
+}

@@ -165,17 +165,17 @@ pub fn is_closing(flow: *const Flow) -> bool {
     unsafe { (*flow).flags & (FLOW_FIN | FLOW_RST) != 0 }
 }
 
-/// Whether the flow whose reply entry for `key` is `reply` saw its end in either direction:
-/// a FIN or RST on the reply entry, or on the forward one (a client's RST, say, when it
-/// killed its socket, is seen on the forward entry only).
+/// Whether the flow whose entry for `key` is `flow` saw its end in either direction: a FIN
+/// or RST on this entry or on the other one. A RST is seen by one entry only: the client's
+/// (it killed its socket) by the forward one, the task's by the reply one.
 #[inline(always)]
-pub fn is_finished(key: &FlowKey, reply: *const Flow) -> bool {
-    if is_closing(reply) {
+pub fn is_finished(key: &FlowKey, flow: *const Flow) -> bool {
+    if is_closing(flow) {
         return true;
     }
     // SAFETY: plain data copied out.
-    let forward_key = unsafe { (*reply).partner(key) };
-    lookup(&forward_key).is_some_and(|f| is_closing(f))
+    let partner = unsafe { (*flow).partner(key) };
+    lookup(&partner).is_some_and(|f| is_closing(f))
 }
 
 /// Removes the finished flow whose entry for `key` is `flow`, for a new connection on the

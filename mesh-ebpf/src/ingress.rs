@@ -336,7 +336,7 @@ fn forward(ctx: &TcContext, pkt: &Packet, svc: &ServiceEntry, cfg: &LbConfig) ->
     let tcp = pkt.key.proto == IPPROTO_TCP;
     let syn_only = tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(entry) = flow::lookup(&pkt.key) {
-        if !(syn_only && flow::is_closing(entry)) {
+        if !(syn_only && flow::is_finished(&pkt.key, entry)) {
             return translate(ctx, pkt, entry, Reason::Forwarded, false);
         }
         // The client reuses the port of a finished connection: start over.
