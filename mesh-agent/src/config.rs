@@ -92,6 +92,10 @@ pub struct DataplaneConfig {
     /// Seconds a closed TCP connection's SNAT port stays reserved towards its backend:
     /// longer than the backend's TIME_WAIT (60 s on Linux). 0 turns reservations off.
     pub snat_reuse_delay_s: u64,
+    /// Client-address connections to this node's own tasks whose replies it sends back
+    /// through the node they came in by (one entry each). When full, the least recently
+    /// used goes and its connection's next reply takes the task's own route.
+    pub max_return_paths: u32,
 }
 
 impl Default for DataplaneConfig {
@@ -105,6 +109,7 @@ impl Default for DataplaneConfig {
             snat_port_min: mesh_common::lb::DEFAULT_SNAT_PORT_MIN,
             snat_port_max: mesh_common::lb::DEFAULT_SNAT_PORT_MAX,
             snat_reuse_delay_s: timeouts.snat_reuse_delay.as_secs(),
+            max_return_paths: limits.returns,
         }
     }
 }
@@ -161,6 +166,14 @@ impl DataplaneConfig {
                 ports / 2
             );
         }
+        if !(1024..=1 << 24).contains(&self.max_return_paths) {
+            bail!(
+                "[dataplane] max_return_paths = {} is out of range: use 1024 to {} (default {})",
+                self.max_return_paths,
+                1 << 24,
+                Self::default().max_return_paths
+            );
+        }
         if self.snat_reuse_delay_s > 3600 {
             bail!(
                 "[dataplane] snat_reuse_delay_s = {} is out of range: use 0 to 3600 (default {}; \
@@ -178,6 +191,7 @@ impl DataplaneConfig {
             flows: 2 * self.max_flows,
             embryos: 2 * self.max_embryonic_flows,
             snat_reservations: self.max_snat_reservations,
+            returns: self.max_return_paths,
             ..crate::lb::LbLimits::default()
         }
     }
@@ -379,13 +393,17 @@ mod tests {
         assert_eq!(c.dataplane.limits().embryos, 8192);
         let defaults = AgentConfig::default().dataplane;
         assert_eq!(defaults.max_embryonic_flows, 8192);
-        // What the README promises the defaults cost: about 24 MB.
-        assert_eq!(defaults.limits().flow_table_bytes() / 1_000_000, 23);
+        // What the README promises the defaults cost: about 30 MB.
+        assert_eq!(defaults.limits().flow_table_bytes() / 1_000_000, 30);
         c.dataplane.validate().unwrap();
         let e = toml::from_str::<AgentConfig>("[dataplane]\nmax_flow = 1").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
         for (text, says) in [
             ("max_flows = 10", "max_flows = 10 is out of range"),
+            (
+                "max_return_paths = 10",
+                "max_return_paths = 10 is out of range",
+            ),
             (
                 "max_flows = 2048\nmax_embryonic_flows = 4096",
                 "max_embryonic_flows = 4096 is out of range",

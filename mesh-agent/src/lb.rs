@@ -36,12 +36,13 @@ use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::lb::{
     BACKEND_ACTIVE, BACKEND_COUNTERS_MAP, BACKEND_DRAINING, BACKEND_FREE, BACKENDS_MAP, Backend,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EMBRYOS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SNAT_RESERVATIONS, DEFAULT_MAX_SOCKETS, DEFAULT_SNAT_PORT_MAX,
-    DEFAULT_SNAT_PORT_MIN, EMBRYOS_MAP, FLOWS_MAP, Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
-    LbConfig, Network, PUBLISH_INGRESS, PUBLISH_SNAT, RR_MAP, Reason, SERVICE_COUNTERS_MAP,
-    SERVICE_IN_USE, SERVICE_STATE_MAP, SERVICES_MAP, SLOTS_MAP, SNAT_RESERVED_MAP, SOCK_FWD_MAP,
-    SOCK_REV_MAP, ServiceEntry, ServiceKey, ServiceState, TrafficCounters,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EMBRYOS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_RETURNS,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SNAT_RESERVATIONS, DEFAULT_MAX_SOCKETS,
+    DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, EMBRYOS_MAP, FLOWS_MAP, Flow, FlowKey,
+    IPPROTO_TCP, IPPROTO_UDP, LbConfig, Network, PUBLISH_INGRESS, PUBLISH_SNAT, RETURNS_MAP,
+    RR_MAP, Reason, SERVICE_COUNTERS_MAP, SERVICE_IN_USE, SERVICE_STATE_MAP, SERVICES_MAP,
+    SLOTS_MAP, SNAT_RESERVED_MAP, SOCK_FWD_MAP, SOCK_REV_MAP, ServiceEntry, ServiceKey,
+    ServiceState, TrafficCounters,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
@@ -55,6 +56,7 @@ pub use sweep::{FlowTimeouts, SweepReport};
 pub const BYTES_PER_FLOW_ENTRY: u64 = 120;
 pub const BYTES_PER_EMBRYO_ENTRY: u64 = 128;
 pub const BYTES_PER_SNAT_RESERVATION: u64 = 88;
+pub const BYTES_PER_RETURN_PATH: u64 = 104;
 
 use adopt::adopt;
 use maps::Maps;
@@ -75,6 +77,9 @@ pub struct LbLimits {
     pub snat_reservations: u32,
     /// Socket load-balancing entries (per socket and backend).
     pub sockets: u32,
+    /// Return paths: client-address connections to this node's own tasks, one entry each
+    /// (which node each came in through, for its replies).
+    pub returns: u32,
 }
 
 impl Default for LbLimits {
@@ -86,6 +91,7 @@ impl Default for LbLimits {
             embryos: DEFAULT_MAX_EMBRYOS,
             snat_reservations: DEFAULT_MAX_SNAT_RESERVATIONS,
             sockets: DEFAULT_MAX_SOCKETS,
+            returns: DEFAULT_MAX_RETURNS,
         }
     }
 }
@@ -96,6 +102,7 @@ impl LbLimits {
         u64::from(self.flows) * BYTES_PER_FLOW_ENTRY
             + u64::from(self.embryos) * BYTES_PER_EMBRYO_ENTRY
             + u64::from(self.snat_reservations) * BYTES_PER_SNAT_RESERVATION
+            + u64::from(self.returns) * BYTES_PER_RETURN_PATH
     }
 
     /// Sizes the maps in the object before it is loaded. A map already pinned in `pin_dir`
@@ -114,6 +121,7 @@ impl LbLimits {
             (SNAT_RESERVED_MAP, self.snat_reservations),
             (SOCK_FWD_MAP, self.sockets),
             (SOCK_REV_MAP, self.sockets),
+            (RETURNS_MAP, self.returns),
         ];
         for (name, size) in wanted {
             let size = match aya::maps::MapInfo::from_pin(pin_dir.join(name)) {

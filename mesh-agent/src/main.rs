@@ -548,6 +548,7 @@ async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeP
         max_flows = config.dataplane.max_flows,
         max_embryonic_flows = config.dataplane.max_embryonic_flows,
         max_snat_reservations = config.dataplane.max_snat_reservations,
+        max_return_paths = config.dataplane.max_return_paths,
         mib = limits.flow_table_bytes() / (1 << 20),
         "flow tables"
     );

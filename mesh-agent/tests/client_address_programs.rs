@@ -518,7 +518,7 @@ fn a_connection_the_client_reset_is_finished_for_a_direct_one_on_its_5_tuple() {
 
 #[test]
 fn a_connection_the_task_reset_is_finished_for_the_clients_next_one_through_the_mesh() {
-    let mut lab = lab_with(&BACKENDS[..1]);
+    let lab = lab_with(&BACKENDS[..1]);
     let fwd = Frame::parse(&lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn()).1);
     let b = fwd.dst;
     let from_task = |p: lab::Packet| p.macs(mac(b), GW_MAC);

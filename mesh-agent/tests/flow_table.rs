@@ -119,6 +119,7 @@ fn a_syn_flood_evicts_embryos_only_and_never_an_established_flow() {
         embryos: 1024,
         snat_reservations: 1024,
         sockets: 256,
+        returns: 1024,
     });
     lab.apply(&[service("web", 8080, 80, &BACKENDS)]);
     let established = handshake(&lab, CLIENT, 40000);

@@ -506,6 +506,7 @@ fn ten_thousand_services_then_one_backend_change_costs_a_handful_of_map_writes()
         embryos: 1024,
         snat_reservations: 1024,
         sockets: 1024,
+        returns: 1024,
     });
     let table: Vec<_> = (0..10_000u32)
         .map(|i| {

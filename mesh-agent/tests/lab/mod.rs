@@ -160,6 +160,7 @@ fn small_limits() -> LbLimits {
         embryos: 1024,
         snat_reservations: 1024,
         sockets: 256,
+        returns: 1024,
     }
 }
 
