@@ -649,6 +649,26 @@ fn sweep_stale() {
                 dead.insert(ns.split('-').next().unwrap_or_default().to_owned());
             }
         }
+        // A run killed after its namespaces were gone still left node state behind (pins,
+        // runtime directories, cgroups): found by the owner in its name as well.
+        for dir in [
+            PathBuf::from("/sys/fs/bpf/mesh"),
+            PathBuf::from("/run/mesh"),
+            PathBuf::from("/etc/netns"),
+            cgroup_base(),
+        ] {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = owner_pid(&name)
+                    && !process::alive(pid)
+                {
+                    dead.insert(name.split('-').next().unwrap_or_default().to_owned());
+                }
+            }
+        }
         for cluster in dead {
             remove_node_state(&cluster);
         }
