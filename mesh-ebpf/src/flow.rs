@@ -187,28 +187,20 @@ pub fn is_finished(key: &FlowKey, flow: *const Flow) -> bool {
 pub fn forget(key: &FlowKey, flow: *const Flow) {
     // SAFETY: plain data copied out before the entry is removed.
     let f = unsafe { *flow };
-    let partner = f.partner(key);
     let _ = LB_FLOWS.remove(key);
     let _ = LB_EMBRYOS.remove(key);
-    if mirrored(key, &f, &partner) {
+    if keeps_client_address(key, &f) {
+        let partner = f.partner(key);
         let _ = LB_FLOWS.remove(&partner);
         let _ = LB_EMBRYOS.remove(&partner);
     }
 }
 
-/// Whether the flow whose entry for `key` is `flow` keeps the client's address.
+/// Whether the flow whose entry for `key` is `flow` keeps the client's address: its reply
+/// entry's key is its forward entry's key mirrored, rather than one with a SNAT port.
 #[inline(always)]
-pub fn keeps_client_address(key: &FlowKey, flow: *const Flow) -> bool {
-    // SAFETY: plain data copied out.
-    let f = unsafe { *flow };
-    mirrored(key, &f, &f.partner(key))
-}
-
-/// Whether a flow's reply entry's key is its forward entry's key mirrored (the client's
-/// address and port kept), rather than one with a SNAT port: `key` is either entry's key,
-/// `flow` its entry and `partner` the other entry's key.
-#[inline(always)]
-fn mirrored(key: &FlowKey, flow: &Flow, partner: &FlowKey) -> bool {
+pub fn keeps_client_address(key: &FlowKey, flow: &Flow) -> bool {
+    let partner = flow.partner(key);
     if flow.flags & FLOW_REPLY != 0 {
         // key: backend → client; partner: client → node.
         partner.src == key.dst && partner.sport == key.dport

@@ -38,7 +38,7 @@ const IP_OFFSET: u16 = 0x1fff;
 /// An ICMP error's header and the start of the packet it quotes.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Quote {
+pub struct Quote {
     /// Type, code, checksum and the rest of the header (the next-hop MTU of
     /// fragmentation-needed).
     icmp: [u8; 8],
@@ -47,15 +47,10 @@ struct Quote {
     ports: [u8; 4],
 }
 
-/// The ICMP error at offset `l4`, quoting a TCP/UDP packet: the 5-tuple of that packet's
-/// answers, the key its flow entries (and return entries) know them by.
+/// The ICMP error at offset `l4`, quoting a TCP/UDP packet, and the 5-tuple of that
+/// packet's answers: the key its flow entries (and return entries) know them by.
 #[inline(always)]
-pub fn quoted_reply(ctx: &TcContext, l4: usize) -> Option<FlowKey> {
-    quote(ctx, l4).map(|(_, key)| key)
-}
-
-#[inline(always)]
-fn quote(ctx: &TcContext, l4: usize) -> Option<(Quote, FlowKey)> {
+pub fn quote(ctx: &TcContext, l4: usize) -> Option<(Quote, FlowKey)> {
     let q = ctx.load::<Quote>(l4).ok()?;
     if q.icmp[0] != ICMP_DEST_UNREACH && q.icmp[0] != ICMP_TIME_EXCEEDED {
         return None;
@@ -84,10 +79,16 @@ fn quote(ctx: &TcContext, l4: usize) -> Option<(Quote, FlowKey)> {
 /// reports on a routing-mesh flow.
 #[inline(always)]
 pub fn relay(ctx: &TcContext, l4: usize) -> Verdict {
-    let Some((mut q, key)) = quote(ctx, l4) else {
-        return Verdict::PASS;
-    };
-    let Some(entry) = flow::lookup(&key) else {
+    match quote(ctx, l4) {
+        Some((q, key)) => relay_quote(ctx, l4, q, &key),
+        None => Verdict::PASS,
+    }
+}
+
+/// [`relay`] of an error already read by [`quote`].
+#[inline(always)]
+pub fn relay_quote(ctx: &TcContext, l4: usize, mut q: Quote, key: &FlowKey) -> Verdict {
+    let Some(entry) = flow::lookup(key) else {
         return Verdict::PASS;
     };
     // SAFETY: pointer into the flow table, copied out.

@@ -194,7 +194,8 @@ fn unpublished(ctx: &TcContext, pkt: &Packet) -> Verdict {
 fn superseded(pkt: &Packet, entry: *const Flow) -> bool {
     pkt.key.proto == IPPROTO_TCP
         && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
-        && flow::keeps_client_address(&pkt.key, entry)
+        // SAFETY: pointer into the flow table.
+        && flow::keeps_client_address(&pkt.key, unsafe { &*entry })
         && flow::is_finished(&pkt.key, entry)
 }
 
@@ -267,18 +268,22 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
             Verdict::pass(Reason::BadHeader)
         };
     }
+    let l4 = ETH_HLEN + ihl;
+    pkt.key.src = ip.saddr;
+    pkt.key.dst = ip.daddr;
+    pkt.key.proto = ip.protocol;
+    pkt.ttl = ip.ttl;
+    pkt.l4 = l4;
+    pkt.ihl = ihl;
+    let fragment = u16::from_be_bytes(ip.frag_off) & IP_MF_AND_OFFSET != 0;
     if icmp {
-        if u16::from_be_bytes(ip.frag_off) & IP_MF_AND_OFFSET != 0 {
-            return Verdict::PASS;
-        }
-        pkt.key.src = ip.saddr;
-        pkt.key.dst = ip.daddr;
-        pkt.key.proto = ip.protocol;
-        pkt.l4 = ETH_HLEN + ihl;
-        pkt.ihl = ihl;
-        return ICMP_VERDICT;
+        return if fragment {
+            Verdict::PASS
+        } else {
+            ICMP_VERDICT
+        };
     }
-    if u16::from_be_bytes(ip.frag_off) & IP_MF_AND_OFFSET != 0 {
+    if fragment {
         // Only the first fragment has ports; rewriting it alone would orphan the rest, so
         // fragments go to the kernel. Large UDP datagrams need reassembly the routing mesh
         // does not do.
@@ -288,7 +293,6 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
             Verdict::PASS
         };
     }
-    let l4 = ETH_HLEN + ihl;
     if ip.protocol == IPPROTO_TCP {
         if ihl + 20 > tot_len {
             return Verdict::pass(Reason::Truncated);
@@ -321,12 +325,6 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
         pkt.key.sport = u16::from_be_bytes(udp.source);
         pkt.key.dport = u16::from_be_bytes(udp.dest);
     }
-    pkt.key.src = ip.saddr;
-    pkt.key.dst = ip.daddr;
-    pkt.key.proto = ip.protocol;
-    pkt.ttl = ip.ttl;
-    pkt.l4 = l4;
-    pkt.ihl = ihl;
     Verdict::CONTINUE
 }
 

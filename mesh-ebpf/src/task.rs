@@ -126,16 +126,16 @@ fn steer(ctx: &TcContext) -> Verdict {
 /// node translates it like the connection's replies (icmp.rs).
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, pkt: &Packet) -> Verdict {
-    let Some(quoted) = icmp::quoted_reply(ctx, pkt.l4) else {
+    let Some((q, reply)) = icmp::quote(ctx, pkt.l4) else {
         return Verdict::PASS;
     };
-    let Some(ret) = returns::lookup(&quoted, 0) else {
+    let Some(ret) = returns::lookup(&reply, 0) else {
         return Verdict::PASS;
     };
     if ret.flags & RETURN_LOCAL != 0 {
-        return icmp::relay(ctx, pkt.l4);
+        return icmp::relay_quote(ctx, pkt.l4, q, &reply);
     }
-    to_ingress_node(ctx, &ret, quoted.src)
+    to_ingress_node(ctx, &ret, reply.src)
 }
 
 /// Sends the task's packet from `task_addr` into the overlay to the ingress node's bridge,
