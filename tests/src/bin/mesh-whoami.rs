@@ -111,8 +111,9 @@ fn ask(path: Option<&str>) -> Ask {
     }
 }
 
-fn respond(name: &str, body: Option<&Body>) -> String {
-    let (status, body) = match body {
+/// The status and body of a name, `--file` or `--hash` answer.
+fn respond(name: &str, body: Option<&Body>) -> (&'static str, String) {
+    match body {
         None => ("200 OK", format!("{name}\n")),
         Some(Body::File(p) | Body::Hash(p)) => match std::fs::read(p) {
             Ok(data) => (
@@ -124,9 +125,16 @@ fn respond(name: &str, body: Option<&Body>) -> String {
             ),
             Err(e) => ("500 Internal Server Error", format!("{p}: {e}\n")),
         },
-    };
+    }
+}
+
+/// A whole answer. One that ends the connection says so (RFC 9112 §9.6), so a client that
+/// asked for keep-alive knows.
+fn answer(status: &str, content_type: &str, body: &str, close: bool) -> String {
+    let connection = if close { "Connection: close\r\n" } else { "" };
     format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         {connection}\r\n{body}",
         body.len()
     )
 }
@@ -140,7 +148,11 @@ fn serve(stream: TcpStream, name: &str, file: Option<&Body>) {
         return;
     };
     let mut reader = BufReader::new(stream);
-    let fixed = file.is_none().then(|| respond(name, None));
+    // Without a file the name answer never changes: built once per connection kind.
+    let fixed = file.is_none().then(|| {
+        let (status, body) = respond(name, None);
+        [false, true].map(|close| answer(status, "text/plain", &body, close))
+    });
     let mut line = String::new();
     loop {
         // Read one request head; bodies are not expected.
@@ -166,24 +178,17 @@ fn serve(stream: TcpStream, name: &str, file: Option<&Body>) {
                 break;
             }
         }
-        let mut response = match what {
-            Ask::Client => respond(&format!("{name} {peer}"), None),
-            Ask::Bytes(n) => {
-                let mut r = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
-                     Content-Length: {n}\r\n\r\n"
-                );
-                r.extend(std::iter::repeat_n('x', n));
-                r
-            }
-            Ask::Name => fixed.clone().unwrap_or_else(|| respond(name, file)),
+        let response = match what {
+            Ask::Client => answer("200 OK", "text/plain", &format!("{name} {peer}\n"), close),
+            Ask::Bytes(n) => answer("200 OK", "application/octet-stream", &"x".repeat(n), close),
+            Ask::Name => match &fixed {
+                Some(f) => f[usize::from(close)].clone(),
+                None => {
+                    let (status, body) = respond(name, file);
+                    answer(status, "text/plain", &body, close)
+                }
+            },
         };
-        if close {
-            // Say so (RFC 9112 §9.6): a client that asked for keep-alive then knows the
-            // connection ends with this answer.
-            let head_end = response.find("\r\n").unwrap_or(0);
-            response.insert_str(head_end + 2, "Connection: close\r\n");
-        }
         if out.write_all(response.as_bytes()).is_err() || close {
             return;
         }
