@@ -178,39 +178,31 @@ impl Dataplane {
 
 /// Loads every program so the verifier checks them all at start.
 fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
-    let program: &mut Xdp = ebpf
-        .program_mut(UNDERLAY_PROGRAM)
-        .context("underlay program missing from the eBPF object")?
-        .try_into()?;
-    program
+    program::<Xdp>(ebpf, UNDERLAY_PROGRAM)?
         .load()
-        .context("verifier rejected the underlay program")?;
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(LB_INGRESS_PROGRAM)
-        .context("routing mesh program missing from the eBPF object")?
-        .try_into()?;
-    program
-        .load()
-        .context("verifier rejected the routing mesh program")?;
-    for name in [TO_TASK_PROGRAM, FROM_TASK_PROGRAM] {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .with_context(|| format!("{name} missing from the eBPF object"))?
-            .try_into()?;
-        program
+        .with_context(|| format!("verifier rejected {UNDERLAY_PROGRAM}"))?;
+    for name in [LB_INGRESS_PROGRAM, TO_TASK_PROGRAM, FROM_TASK_PROGRAM] {
+        program::<SchedClassifier>(ebpf, name)?
             .load()
             .with_context(|| format!("verifier rejected {name}"))?;
     }
     for name in SOCK_PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .with_context(|| format!("{name} missing from the eBPF object"))?
-            .try_into()?;
-        program
+        program::<CgroupSockAddr>(ebpf, name)?
             .load()
             .with_context(|| format!("verifier rejected {name}"))?;
     }
     Ok(())
+}
+
+/// The program `name` of the object, as the kind it is declared as.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("{name} missing from the eBPF object"))?;
+    Ok(program.try_into()?)
 }
 
 /// Points the link pinned at `pin` to `prog` (atomically: the hook never runs without a

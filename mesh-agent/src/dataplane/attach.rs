@@ -48,11 +48,7 @@ impl Dataplane {
         let root = crate::cgroup::cgroup2_mount()?;
         for name in SOCK_PROGRAMS {
             let pin = self.pin_dir.join(format!("link_{name}_root"));
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .with_context(|| format!("{name} missing from the eBPF object"))?
-                .try_into()?;
+            let program: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             let prog_fd = program.fd()?.as_fd().try_clone_to_owned()?;
             relink(&pin, prog_fd.as_fd(), || {
                 let dir = fs::File::open(&root)
@@ -96,27 +92,31 @@ impl Dataplane {
 
     fn attach_tc(&mut self, iface: &str) -> Result<()> {
         let pin = self.pin_dir.join(format!("link_tc_{iface}"));
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(LB_INGRESS_PROGRAM)
-            .context("routing mesh program missing from the eBPF object")?
-            .try_into()?;
+        self.attach_classifier(LB_INGRESS_PROGRAM, iface, TcAttachType::Ingress, &pin)
+    }
+
+    /// Attaches the TC program `name` to `iface` behind the link pinned at `pin` (updated
+    /// in place when a previous agent left it).
+    pub(super) fn attach_classifier(
+        &mut self,
+        name: &str,
+        iface: &str,
+        direction: TcAttachType,
+        pin: &Path,
+    ) -> Result<()> {
+        let program: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         let prog_fd = program.fd()?.as_fd().try_clone_to_owned()?;
-        relink(&pin, prog_fd.as_fd(), || {
+        relink(pin, prog_fd.as_fd(), || {
             let id = program
-                .attach(iface, TcAttachType::Ingress)
-                .with_context(|| format!("attaching TC ingress to {iface}"))?;
+                .attach(iface, direction)
+                .with_context(|| format!("attaching {name} to {iface}"))?;
             Ok(program.take_link(id)?.try_into()?)
         })
     }
 
     fn attach_xdp(&mut self, iface: &str) -> Result<()> {
         let link_pin = self.pin_dir.join(format!("link_xdp_{iface}"));
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(UNDERLAY_PROGRAM)
-            .context("underlay program missing from the eBPF object")?
-            .try_into()?;
+        let program: &mut Xdp = program(&mut self.ebpf, UNDERLAY_PROGRAM)?;
         let link_id = match PinnedLink::from_pin(&link_pin) {
             Ok(pinned) => {
                 // A previous agent left the program attached: replace it in place so no

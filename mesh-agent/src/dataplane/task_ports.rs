@@ -5,12 +5,12 @@
 //! the same name (a task restarted in the same namespace) never inherits a dead link, and
 //! pins of veths that are gone are found by name alone.
 
-use std::{collections::BTreeSet, fs, io, os::fd::AsFd, time::Duration};
+use std::{collections::BTreeSet, fs, io, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, MapError},
-    programs::{SchedClassifier, TcAttachType},
+    programs::TcAttachType,
 };
 use mesh_common::lb::{
     FlowKey, IPPROTO_TCP, IPPROTO_UDP, RETURN_FIN_IN, RETURN_FIN_OUT, RETURN_RST, RETURNS_MAP,
@@ -18,7 +18,7 @@ use mesh_common::lb::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{Dataplane, FROM_TASK_PROGRAM, TO_TASK_PROGRAM, relink};
+use super::{Dataplane, FROM_TASK_PROGRAM, TO_TASK_PROGRAM};
 use crate::bpf::{self, SkbContext, TestRun};
 
 const PIN_PREFIX: &str = "link_task_";
@@ -96,18 +96,7 @@ impl Dataplane {
         pin: &str,
     ) -> Result<()> {
         let pin = self.pin_dir.join(veth.pin(pin));
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("{name} missing from the eBPF object"))?
-            .try_into()?;
-        let prog_fd = program.fd()?.as_fd().try_clone_to_owned()?;
-        relink(&pin, prog_fd.as_fd(), || {
-            let id = program
-                .attach(&veth.name, direction)
-                .with_context(|| format!("attaching {name} to {}", veth.name))?;
-            Ok(program.take_link(id)?.try_into()?)
-        })
+        self.attach_classifier(name, &veth.name, direction, &pin)
     }
 
     /// Detaches the programs from every task veth not in `keep` (by name and ifindex) and
