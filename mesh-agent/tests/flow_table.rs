@@ -113,13 +113,8 @@ fn a_udp_flow_is_established_when_its_client_sends_after_the_backends_answer() {
 fn a_syn_flood_evicts_embryos_only_and_never_an_established_flow() {
     // 1024 embryo entries: room for 512 flows in their handshake.
     let mut lab = Lab::with_limits(LbLimits {
-        services: 64,
-        backends: 256,
-        flows: 4096,
         embryos: 1024,
-        snat_reservations: 1024,
-        sockets: 256,
-        returns: 1024,
+        ..lab::small_limits()
     });
     lab.apply(&[service("web", 8080, 80, &BACKENDS)]);
     let established = handshake(&lab, CLIENT, 40000);

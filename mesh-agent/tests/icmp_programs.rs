@@ -26,6 +26,18 @@ fn assert_valid(f: &IcmpFrame) {
     assert!(f.icmp_checksums_ok(), "ICMP or quoted IPv4 checksum: {f:?}");
 }
 
+/// The backend's reply to client:40000 left this node as node:8080 → client:40000, and a
+/// router could not forward it at 1280 bytes with DF set: its error, run through the lab.
+fn router_frag_needed(lab: &Lab) -> (u32, Vec<u8>) {
+    let on_the_wire = tcp(NODE_IP, 8080, CLIENT, 40000).ack(1);
+    lab.run_raw(&icmp_error(
+        ROUTER,
+        NODE_IP,
+        IcmpKind::FragmentationNeeded(1280),
+        &on_the_wire,
+    ))
+}
+
 #[test]
 fn fragmentation_needed_for_a_snat_flows_reply_reaches_its_backend() {
     let mut lab = Lab::new();
@@ -33,16 +45,7 @@ fn fragmentation_needed_for_a_snat_flows_reply_reaches_its_backend() {
     let fwd = Frame::parse(&lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn()).1);
     assert_eq!(fwd.src, NET_ADDR, "SNAT mode");
 
-    // The backend's reply left this node as node:8080 → client:40000; a router could not
-    // forward it at 1280 bytes with DF set.
-    let on_the_wire = tcp(NODE_IP, 8080, CLIENT, 40000).ack(1).payload(&[0; 64]);
-    let frame = icmp_error(
-        ROUTER,
-        NODE_IP,
-        IcmpKind::FragmentationNeeded(1280),
-        &on_the_wire,
-    );
-    let (verdict, out) = lab.run_raw(&frame);
+    let (verdict, out) = router_frag_needed(&lab);
 
     assert_eq!(verdict, TC_ACT_REDIRECT);
     let f = IcmpFrame::parse(&out);
@@ -64,14 +67,7 @@ fn fragmentation_needed_for_a_client_address_flows_reply_reaches_its_backend() {
     let mut lab = Lab::new();
     lab.apply(&[service_in("web", PublishMode::Ingress, 8080, 80, &BACKENDS)]);
     let fwd = Frame::parse(&lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn()).1);
-    let on_the_wire = tcp(NODE_IP, 8080, CLIENT, 40000).ack(1);
-    let frame = icmp_error(
-        ROUTER,
-        NODE_IP,
-        IcmpKind::FragmentationNeeded(1280),
-        &on_the_wire,
-    );
-    let (verdict, out) = lab.run_raw(&frame);
+    let (verdict, out) = router_frag_needed(&lab);
 
     assert_eq!(verdict, TC_ACT_REDIRECT);
     let f = IcmpFrame::parse(&out);

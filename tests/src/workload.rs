@@ -235,8 +235,23 @@ impl Seen {
 
 /// `GET /client` on a fresh connection: the task and the peer address it saw.
 pub fn http_seen(addr: SocketAddr) -> Result<Seen> {
-    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
         .with_context(|| format!("connecting to {addr}"))?;
+    seen_on(s, addr)
+}
+
+/// [`http_seen`] from the client's port `port` (SO_REUSEADDR, as a load generator cycling
+/// through its ports would).
+pub fn http_seen_from(addr: SocketAddr, port: u16) -> Result<Seen> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    s.connect_timeout(&addr.into(), IO_TIMEOUT)
+        .with_context(|| format!("connecting from port {port} to {addr}"))?;
+    seen_on(s.into(), addr)
+}
+
+fn seen_on(mut s: TcpStream, addr: SocketAddr) -> Result<Seen> {
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     let local = s.local_addr()?;
     s.write_all(b"GET /client HTTP/1.0\r\nHost: mesh\r\n\r\n")?;

@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use mesh_tests::{
     Cluster, Host,
-    workload::{RemoteSession, Seen, http_get, http_seen, udp_seen},
+    workload::{RemoteSession, Seen, http_get, http_seen, http_seen_from, udp_seen},
 };
 use serde_json::Value;
 
@@ -72,6 +72,16 @@ fn ask(
         .unwrap()
         .run(move || (0..n).map(|_| f(a).unwrap()).collect::<Vec<_>>())
         .unwrap()
+}
+
+/// A field of task web-1 (host 1) as `meshctl ps` shows it.
+fn web_1(c: &Cluster, field: &str) -> String {
+    let ps: Value = c.host(1).meshctl_json(&["ps"]).unwrap();
+    ps.as_array()
+        .and_then(|a| a.iter().find(|t| t["name"] == "web-1"))
+        .and_then(|t| t[field].as_str())
+        .unwrap_or_else(|| panic!("web-1's {field} in {ps}"))
+        .to_owned()
 }
 
 fn tasks(seen: &[Seen]) -> BTreeSet<&str> {
@@ -158,46 +168,10 @@ fn a_connection_through_another_node_survives_a_restart_of_the_backends_agent() 
     }
 }
 
-/// `GET /client` from the client's port `port` to `a` (SO_REUSEADDR, as a load generator
-/// cycling through ports would): the task's answer.
-fn http_seen_from(a: SocketAddr, port: u16) -> anyhow::Result<Seen> {
-    use anyhow::Context;
-    use std::io::{Read, Write};
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
-    s.connect_timeout(&a.into(), Duration::from_secs(3))
-        .with_context(|| format!("connecting from port {port} to {a}"))?;
-    let mut s: std::net::TcpStream = s.into();
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(b"GET /client HTTP/1.0\r\nHost: mesh\r\n\r\n")?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)
-        .with_context(|| format!("reading the answer of {a} on port {port}: {resp:?}"))?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.trim().to_owned())
-        .unwrap_or_default();
-    let (task, client) = body
-        .split_once(' ')
-        .ok_or_else(|| anyhow::anyhow!("not a `NAME ADDR:PORT` answer: {resp:?}"))?;
-    Ok(Seen {
-        task: task.to_owned(),
-        client: client.parse()?,
-        local: s.local_addr()?,
-    })
-}
-
 #[test]
 fn a_client_reusing_a_port_reaches_the_task_directly_after_the_routing_mesh() {
     let c = cluster(&["8080:80"]);
-    let ps: Value = c.host(1).meshctl_json(&["ps"]).unwrap();
-    let task_ip = ps
-        .as_array()
-        .and_then(|a| a.iter().find(|t| t["name"] == "web-1"))
-        .and_then(|t| t["ip"].as_str())
-        .unwrap_or_else(|| panic!("web-1's address in {ps}"))
-        .to_owned();
+    let task_ip = web_1(&c, "ip");
     let direct: SocketAddr = format!("{task_ip}:80").parse().unwrap();
     let client = c.external_ns("client").unwrap();
     // The client reaches the overlay through host 1, as through a router.
@@ -297,13 +271,7 @@ fn a_client_behind_a_small_mtu_link_downloads_through_every_node() {
         }
     }
     // The kernel underneath: web-1 learned the path's MTU towards the client itself.
-    let ps: Value = c.host(1).meshctl_json(&["ps"]).unwrap();
-    let netns = ps
-        .as_array()
-        .and_then(|a| a.iter().find(|t| t["name"] == "web-1"))
-        .and_then(|t| t["netns"].as_str())
-        .unwrap_or_else(|| panic!("web-1 in {ps}"))
-        .to_owned();
+    let netns = web_1(&c, "netns");
     let route = mesh_tests::Netns::existing(&netns)
         .sh("ip route get 198.51.100.2")
         .unwrap();
@@ -371,13 +339,7 @@ fn a_task_with_client_address_flows_still_reaches_the_outside_masqueraded() {
             &["--name", "outside", "--no-http", "--udp", "9000"],
         )
         .unwrap();
-    let ps: Value = c.host(1).meshctl_json(&["ps"]).unwrap();
-    let netns = ps
-        .as_array()
-        .and_then(|a| a.iter().find(|t| t["name"] == "web-1"))
-        .and_then(|t| t["netns"].as_str())
-        .unwrap_or_else(|| panic!("web-1 in {ps}"))
-        .to_owned();
+    let netns = web_1(&c, "netns");
     let out = std::process::Command::new("ip")
         .args([
             "netns",

@@ -152,7 +152,8 @@ impl Drop for Lab {
     }
 }
 
-fn small_limits() -> LbLimits {
+/// Map sizes of a lab: small, so tests that fill a table fill it fast.
+pub fn small_limits() -> LbLimits {
     LbLimits {
         services: 64,
         backends: 256,
