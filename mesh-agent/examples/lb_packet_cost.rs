@@ -95,6 +95,7 @@ fn measure(pin: &std::path::Path, packets: usize) -> Result<()> {
             id: 4096,
             node_addr: NET,
             bridge_ifindex: 1,
+            vxlan_ifindex: 0,
         },
         vip: None,
         ports: vec![PublishedPort {

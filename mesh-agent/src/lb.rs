@@ -209,6 +209,10 @@ pub struct NetworkLb {
     pub node_addr: Ipv4Addr,
     /// The network's bridge on this node.
     pub bridge_ifindex: u32,
+    /// The network's VXLAN device on this node; 0 sends flows to other nodes' tasks through
+    /// the bridge.
+    #[serde(default)]
+    pub vxlan_ifindex: u32,
 }
 
 /// A published port: `published` on every node, forwarded to `target` on the tasks.
@@ -537,6 +541,7 @@ mod tests {
                 id: 4096,
                 node_addr: Ipv4Addr::new(10, 0, 0, 1),
                 bridge_ifindex: 5,
+                vxlan_ifindex: 6,
             },
             vip: Some(Ipv4Addr::new(10, 0, 0, 2)),
             ports: vec![PublishedPort {

@@ -65,6 +65,10 @@ pub const STATS_MAP: &str = "LB_STATS";
 /// (`LbConfig::host_netns_cookie`) is always included.
 pub const NETNS_MAP: &str = "LB_NETNS";
 pub const TASK_PORTS_MAP: &str = "LB_TASK_PORTS";
+/// This node's tasks by their address on a network ([`LocalTaskKey`]) → the ifindex of the
+/// task's host veth there: a flow to a local task enters the task's namespace straight from
+/// the interface it arrived on (bpf_redirect_peer), without the bridge.
+pub const LOCAL_TASKS_MAP: &str = "LB_LOCAL_TASKS";
 pub const RETURNS_MAP: &str = "LB_RETURNS";
 /// How many task ports (a task's attachment to an overlay network) one node can have.
 pub const MAX_TASK_PORTS: u32 = 16_384;
@@ -215,8 +219,22 @@ pub struct Backend {
 pub struct Network {
     /// The node's own address on the network: the source address of routing-mesh flows.
     pub node_addr: [u8; 4],
-    /// The network's bridge on this node: where routing-mesh flows are redirected.
+    /// The network's bridge on this node: where routing-mesh flows are redirected when
+    /// neither shorter path applies.
     pub ifindex: u32,
+    /// The network's VXLAN device on this node (0: none): a flow to a task on another node
+    /// is sent into it directly, with the task's MAC as its destination (the device's static
+    /// FDB has the task's node), skipping the bridge and the neighbour lookup.
+    pub vxlan_ifindex: u32,
+}
+
+/// A key of [`LOCAL_TASKS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LocalTaskKey {
+    /// The network's id ([`NETWORKS_MAP`] key, [`Flow::network`]).
+    pub network: u32,
+    pub addr: [u8; 4],
 }
 
 /// A packet's 5-tuple as it arrives, before translation.
@@ -521,6 +539,7 @@ mod pod {
     unsafe impl aya::Pod for SockTarget {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for TaskPort {}
+    unsafe impl aya::Pod for LocalTaskKey {}
     unsafe impl aya::Pod for ReturnEntry {}
 }
 
@@ -540,7 +559,8 @@ mod tests {
         assert_eq!(size_of::<ServiceState>(), 16);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend>(), 12);
-        assert_eq!(size_of::<Network>(), 8);
+        assert_eq!(size_of::<Network>(), 12);
+        assert_eq!(size_of::<LocalTaskKey>(), 8);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<Flow>(), 40);
         assert_eq!(size_of::<Embryo>(), 48);

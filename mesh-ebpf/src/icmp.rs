@@ -25,8 +25,9 @@ use mesh_common::lb::{FlowKey, Reason};
 
 use crate::{
     flow,
-    ingress::{self, Verdict},
+    ingress::Verdict,
     packet::{ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr},
+    path,
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -123,7 +124,7 @@ pub fn relay_quote(ctx: &TcContext, l4: usize, mut q: Quote, key: &FlowKey) -> V
         return Verdict::drop(Reason::RewriteFailed);
     }
     // SAFETY: as in ingress.rs: the helper resolves the new destination's neighbour.
-    let action = unsafe { bpf_redirect_neigh(ingress::egress(&f), core::ptr::null_mut(), 0, 0) };
+    let action = unsafe { bpf_redirect_neigh(path::bridge(&f), core::ptr::null_mut(), 0, 0) };
     Verdict::redirect(action as i32, Reason::IcmpTranslated)
 }
 

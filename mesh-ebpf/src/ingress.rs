@@ -11,13 +11,12 @@
 //! another host's (overlay MACs are derived from addresses, so that takes no lookup). That is
 //! how replies of client-address flows come back from the backends' nodes (see task.rs).
 //!
-//! Redirects use bpf_redirect_neigh: the rewritten packet leaves the target device with
-//! fresh L2 addresses, bypassing the local input path (whose martian-source check would
-//! drop a packet whose new source is one of our own addresses).
+//! Redirects bypass the local input path (whose martian-source check would drop a packet
+//! whose new source is one of our own addresses) and take the shortest way out (path.rs).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_csum_diff, bpf_redirect_neigh, bpf_skb_load_bytes},
+    helpers::{bpf_csum_diff, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use mesh_common::lb::{
@@ -30,7 +29,8 @@ use crate::{
         ETH_HLEN, ETH_P_IP, EthHdr, IP_MF_AND_OFFSET, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
         Ipv4Hdr, TCP_ACK, TCP_SYN, TcpHdr, UdpHdr, pull_headers, skb_ptr,
     },
-    programs::{LB_CONFIG, LB_NETWORKS},
+    path,
+    programs::LB_CONFIG,
     service,
     stats::{self, Traffic},
 };
@@ -405,22 +405,8 @@ fn rewrite_and_redirect(
         return Verdict::drop(Reason::RewriteFailed);
     }
     stats::traffic(f.service, f.backend, Traffic::Packet { bytes, new_flow });
-    // SAFETY: no neighbour parameters: the helper looks up the route and the neighbour of
-    // the (rewritten) destination on the target device.
-    let action = unsafe { bpf_redirect_neigh(egress(f), core::ptr::null_mut(), 0, 0) };
-    Verdict::redirect(action as i32, r)
-}
-
-/// The interface a flow's packet leaves by: a forward entry's network's bridge as it is
-/// now (the agent re-creates a deleted bridge under a new ifindex and updates LB_NETWORKS;
-/// the flow must follow), else the entry's own.
-#[inline(always)]
-pub(crate) fn egress(f: &Flow) -> u32 {
-    if f.network == 0 {
-        return f.ifindex;
-    }
-    // SAFETY: plain data copied out.
-    unsafe { LB_NETWORKS.get(&f.network) }.map_or(f.ifindex, |n| n.ifindex)
+    let action = path::send(ctx, &pkt.key, f, pkt.tcp_flags);
+    Verdict::redirect(action, r)
 }
 
 /// Whether the IPv4 header (with options) sums to 0xffff.

@@ -18,6 +18,8 @@ mod nat;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
+mod path;
+#[cfg(target_arch = "bpf")]
 mod returns;
 #[cfg(target_arch = "bpf")]
 mod service;
@@ -42,9 +44,9 @@ mod programs {
         lb::{
             Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EMBRYOS, DEFAULT_MAX_FLOWS,
             DEFAULT_MAX_RETURNS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SNAT_RESERVATIONS,
-            DEFAULT_MAX_SOCKETS, Embryo, Flow, FlowKey, LbConfig, MAX_NETNS, MAX_TASK_PORTS,
-            NetnsEntry, Network, ReturnEntry, STATS_LEN, ServiceEntry, ServiceKey, ServiceState,
-            SlotKey, SockKey, SockTarget, TaskPort, TrafficCounters,
+            DEFAULT_MAX_SOCKETS, Embryo, Flow, FlowKey, LbConfig, LocalTaskKey, MAX_NETNS,
+            MAX_TASK_PORTS, NetnsEntry, Network, ReturnEntry, STATS_LEN, ServiceEntry, ServiceKey,
+            ServiceState, SlotKey, SockKey, SockTarget, TaskPort, TrafficCounters,
         },
         stats::{PORT_COUNTERS_LEN, PortCounter},
     };
@@ -102,6 +104,9 @@ mod programs {
     /// A local task's host veth on an overlay network → what its programs need to know.
     #[map(name = "LB_TASK_PORTS")]
     pub static LB_TASK_PORTS: HashMap<u32, TaskPort> = HashMap::pinned(MAX_TASK_PORTS, 0);
+    /// A local task's address on a network → its host veth there (the same ports).
+    #[map(name = "LB_LOCAL_TASKS")]
+    pub static LB_LOCAL_TASKS: HashMap<LocalTaskKey, u32> = HashMap::pinned(MAX_TASK_PORTS, 0);
     /// Client-address connections of local tasks → the node their replies go back to.
     #[map(name = "LB_RETURNS")]
     pub static LB_RETURNS: LruHashMap<FlowKey, ReturnEntry> =

@@ -36,6 +36,24 @@ pub struct Origin {
 /// mesh keeps its usual path.
 #[inline(always)]
 pub fn learn(reply: &FlowKey, origin: &Origin, tcp_flags: u8) {
+    record(reply, origin, tcp_flags, false);
+}
+
+/// [`learn`] for a packet this node's routing mesh translated itself and sends straight into
+/// the task (path.rs), so the packet never meets the learning program on the task's veth:
+/// the flow is known to be the routing mesh's and live.
+#[inline(always)]
+pub fn learn_forwarded(reply: &FlowKey, node_mac: [u8; 6], tcp_flags: u8) {
+    let origin = Origin {
+        local: true,
+        node_mac,
+        ifindex: 0,
+    };
+    record(reply, &origin, tcp_flags, true);
+}
+
+#[inline(always)]
+fn record(reply: &FlowKey, origin: &Origin, tcp_flags: u8, forwarded: bool) {
     let now = now();
     let tcp = reply.proto == IPPROTO_TCP;
     let syn_only = tcp && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -57,7 +75,7 @@ pub fn learn(reply: &FlowKey, origin: &Origin, tcp_flags: u8) {
             return;
         }
     }
-    if origin.local {
+    if origin.local && !forwarded {
         match flow::lookup(reply) {
             // SAFETY (both arms): a pointer into the flow table.
             Some(f) if unsafe { (*f).flags } & FLOW_REPLY != 0 => {

@@ -126,6 +126,48 @@ fn every_node_shows_local_and_remote_tasks_the_clients_own_address_and_port() {
     }
 }
 
+/// Packets the bridge of network app (10.10.0.0/24) on `h` has sent (to its ports: tasks
+/// and the VXLAN device).
+fn bridge_tx(h: &Host) -> u64 {
+    let addrs: Value =
+        serde_json::from_str(&h.ns.sh("ip -j addr show to 10.10.0.0/24").unwrap()).unwrap();
+    let bridge = addrs[0]["ifname"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no bridge of app on {}: {addrs}", h.node_name()));
+    let link: Value =
+        serde_json::from_str(&h.ns.sh(&format!("ip -s -j link show {bridge}")).unwrap()).unwrap();
+    link[0]["stats64"]["tx"]["packets"].as_u64().unwrap()
+}
+
+#[test]
+fn the_routing_mesh_reaches_local_and_remote_tasks_without_crossing_the_bridge() {
+    let c = cluster(&["8080:80", "published=8081,target=80,mode=snat"]);
+    const CONNECTIONS: usize = 40;
+    for h in [c.host(1), c.host(2)] {
+        for port in [8080, 8081] {
+            let before = bridge_tx(h);
+            let seen = ask(&c, CONNECTIONS, http_seen, addr(h, port));
+            let after = bridge_tx(h);
+            // Round robin: half to this node's task, half to the other node's.
+            assert_eq!(
+                tasks(&seen),
+                BTreeSet::from(["web-1", "web-2"]),
+                "via {}:{port}",
+                h.node_name()
+            );
+            // Each connection is at least 4 packets to its task. Through the bridge that was
+            // at least 4 × CONNECTIONS; now only the node's own traffic to its tasks (ARP,
+            // say) is left.
+            assert!(
+                after - before < CONNECTIONS as u64 / 2,
+                "{} packets through the bridge of {} for {CONNECTIONS} connections to :{port}",
+                after - before,
+                h.node_name()
+            );
+        }
+    }
+}
+
 #[test]
 fn keep_alive_and_short_connections_through_a_node_without_tasks_are_all_answered() {
     let c = cluster(&["8080:80"]);

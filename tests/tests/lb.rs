@@ -159,6 +159,8 @@ impl Node {
                 id: 4096,
                 node_addr: NET_ADDR,
                 bridge_ifindex: self.bridge_ifindex,
+                // The backends are plain namespaces on the bridge, not tasks of an agent.
+                vxlan_ifindex: 0,
             },
             vip: Some(VIP),
             ports: vec![

@@ -15,7 +15,7 @@ use crate::{
     overlay::{MacAddr, NetworkPlumbing},
     task::{GATEWAY_NETWORK, Interface, TaskRecord},
 };
-use mesh_common::lb::TaskPort;
+use mesh_common::lb::{LocalTaskKey, TaskPort};
 
 /// Services removed while their tasks still run (they stop with a drain, or were started
 /// by hand): each stays programmed under the id it had, with no published port and no VIP
@@ -25,7 +25,7 @@ use mesh_common::lb::TaskPort;
 fn removed_services(
     view: &View,
     plumbed: &[NetworkPlumbing],
-    ifindex: &BTreeMap<u32, u32>,
+    networks: &BTreeMap<u32, NetworkLb>,
     lb: &lb::LoadBalancer,
     node: &str,
 ) -> Vec<ServiceLb> {
@@ -40,11 +40,7 @@ fn removed_services(
         let Some(net) = plumbed.iter().find(|n| n.name == tasks[0].record.network) else {
             continue;
         };
-        let network = NetworkLb {
-            id: net.vni,
-            node_addr: net.node_address,
-            bridge_ifindex: ifindex[&net.vni],
-        };
+        let network = networks[&net.vni];
         for id in lb.programmed_ids(name) {
             let host_only = id.ends_with("/host");
             out.push(ServiceLb {
@@ -78,7 +74,7 @@ impl Agent {
     ) -> Result<()> {
         let mut dp = local.dataplane.lock().await;
         let mut bridges = local.lb_bridges.lock().await;
-        let mut ifindex: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut networks: BTreeMap<u32, NetworkLb> = BTreeMap::new();
         for n in plumbed {
             let name = n.bridge();
             let idx = nix::net::if_::if_nametoindex(name.as_str())
@@ -89,7 +85,16 @@ impl Agent {
                 dp.attach_network(idx)?;
                 bridges.insert(name.clone(), idx);
             }
-            ifindex.insert(n.vni, idx);
+            networks.insert(
+                n.vni,
+                NetworkLb {
+                    id: n.vni,
+                    node_addr: n.node_address,
+                    bridge_ifindex: idx,
+                    // Without it, flows to other nodes' tasks take the bridge.
+                    vxlan_ifindex: nix::net::if_::if_nametoindex(n.vxlan().as_str()).unwrap_or(0),
+                },
+            );
         }
         let gone: Vec<String> = bridges
             .keys()
@@ -145,11 +150,7 @@ impl Agent {
                 ip: e.record.ip,
                 draining: !e.active,
             };
-            let network = NetworkLb {
-                id: net.vni,
-                node_addr: net.node_address,
-                bridge_ifindex: ifindex[&net.vni],
-            };
+            let network = networks[&net.vni];
             let id = short_id(&s.spec.name, &s.created);
             let host_ports = published(true);
             let own: Vec<BackendLb> = backends()
@@ -183,7 +184,7 @@ impl Agent {
         desired.extend(removed_services(
             view,
             plumbed,
-            &ifindex,
+            &networks,
             dp.lb(),
             self.node_name(),
         ));
@@ -276,8 +277,8 @@ fn task_veths<'a>(
         let Some(ifindex) = index(&iface.host_veth) else {
             continue;
         };
-        let overlay = if iface.network == GATEWAY_NETWORK {
-            None
+        let (overlay, task) = if iface.network == GATEWAY_NETWORK {
+            (None, None)
         } else {
             let Some(n) = plumbed.iter().find(|n| n.name == iface.network) else {
                 continue;
@@ -285,16 +286,22 @@ fn task_veths<'a>(
             let Some(vxlan_ifindex) = index(&n.vxlan()) else {
                 continue;
             };
-            Some(TaskPort {
+            let port = TaskPort {
                 node_mac: MacAddr::for_ip(n.node_address).0,
                 _pad: [0; 2],
                 vxlan_ifindex,
-            })
+            };
+            let task = LocalTaskKey {
+                network: n.vni,
+                addr: iface.address.addr().octets(),
+            };
+            (Some(port), Some(task))
         };
         out.push(TaskVeth {
             name: iface.host_veth.clone(),
             ifindex,
             overlay,
+            task,
         });
     }
     out

@@ -13,8 +13,8 @@ use aya::{
     programs::TcAttachType,
 };
 use mesh_common::lb::{
-    FlowKey, IPPROTO_TCP, IPPROTO_UDP, RETURN_FIN_IN, RETURN_FIN_OUT, RETURN_RST, RETURNS_MAP,
-    ReturnEntry, TASK_PORTS_MAP, TaskPort,
+    FlowKey, IPPROTO_TCP, IPPROTO_UDP, LOCAL_TASKS_MAP, LocalTaskKey, RETURN_FIN_IN,
+    RETURN_FIN_OUT, RETURN_RST, RETURNS_MAP, ReturnEntry, TASK_PORTS_MAP, TaskPort,
 };
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +31,9 @@ pub struct TaskVeth {
     /// Set for the task's port on an overlay network (where connections reach it); None for
     /// its gateway-bridge port (where replies to outside clients leave).
     pub overlay: Option<TaskPort>,
+    /// The task's address on that overlay network: the routing mesh sends its flows
+    /// straight into this veth's peer.
+    pub task: Option<LocalTaskKey>,
 }
 
 impl TaskVeth {
@@ -85,6 +88,13 @@ impl Dataplane {
                 .with_context(|| format!("setting the task port of {}", veth.name))?;
             self.attach_task_program(veth, TO_TASK_PROGRAM, TcAttachType::Egress, "out")?;
         }
+        // Last: the learning program must be in place before flows skip it (path.rs learns
+        // for them, but an older agent's flows may still take the bridge).
+        if let Some(task) = veth.task {
+            self.local_tasks()?
+                .insert(task, veth.ifindex, 0)
+                .with_context(|| format!("setting the local task of {}", veth.name))?;
+        }
         Ok(())
     }
 
@@ -137,7 +147,36 @@ impl Dataplane {
                 Err(e) => return Err(e).context("removing a task port"),
             }
         }
+        let tasks: BTreeSet<(LocalTaskKey, u32)> = keep
+            .iter()
+            .filter_map(|v| Some((v.task?, v.ifindex)))
+            .collect();
+        let mut map = self.local_tasks()?;
+        let stale: Vec<LocalTaskKey> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|e| !tasks.contains(e))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            match map.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing a local task"),
+            }
+        }
         Ok(())
+    }
+
+    /// Sets one local task (for tests of the programs, which run on no real veth).
+    pub fn put_local_task(&mut self, task: LocalTaskKey, ifindex: u32) -> Result<()> {
+        self.local_tasks()?
+            .insert(task, ifindex, 0)
+            .context("writing a local task")
+    }
+
+    /// Every local task the routing mesh sends flows to directly, with its host veth.
+    pub fn local_tasks_table(&mut self) -> Result<Vec<(LocalTaskKey, u32)>> {
+        Ok(self.local_tasks()?.iter().filter_map(Result::ok).collect())
     }
 
     /// Removes return-table entries whose connection is over; returns how many.
@@ -201,6 +240,14 @@ impl Dataplane {
             .ebpf
             .map_mut(TASK_PORTS_MAP)
             .context("task port map missing from the eBPF object")?;
+        Ok(BpfHashMap::try_from(map)?)
+    }
+
+    fn local_tasks(&mut self) -> Result<BpfHashMap<&mut MapData, LocalTaskKey, u32>> {
+        let map = self
+            .ebpf
+            .map_mut(LOCAL_TASKS_MAP)
+            .context("local task map missing from the eBPF object")?;
         Ok(BpfHashMap::try_from(map)?)
     }
 

@@ -59,6 +59,7 @@ impl LoadBalancer {
                     Network {
                         node_addr: s.network.node_addr.octets(),
                         ifindex: s.network.bridge_ifindex,
+                        vxlan_ifindex: s.network.vxlan_ifindex,
                     },
                 )
             })

@@ -1,7 +1,7 @@
 //! Typed handles on the load balancer's pinned maps. Every write goes through here so
 //! `apply` can report exactly how many map operations a change cost.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{fs, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -15,6 +15,7 @@ use mesh_common::lb::{
     STATS_MAP, ServiceEntry, ServiceKey, ServiceState, SlotKey, SockKey, SockTarget,
     TrafficCounters,
 };
+use tracing::warn;
 
 /// Map operations issued by one `apply`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -85,6 +86,16 @@ pub(crate) fn check_pinned_layouts(pin_dir: &Path) -> Result<()> {
             Err(e) => return Err(e).with_context(|| format!("inspecting {}", pin.display())),
         };
         if info.key_size() as usize != key || info.value_size() as usize != value {
+            if name == NETWORKS_MAP {
+                // Written whole from the table on every apply, and only a shortcut for the
+                // flows: until it is, forward entries fall back to their stored bridge.
+                warn!(
+                    pin = %pin.display(),
+                    "re-creating a map pinned by an older mesh version with another layout"
+                );
+                fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+                continue;
+            }
             bail!(
                 "the pinned map {} was created by an incompatible mesh version (key {} / value {} \
                  bytes, this version uses {key} / {value}); remove {} to start with empty tables \

@@ -194,6 +194,7 @@ pub fn service(name: &str, published: u16, target: u16, backends: &[Ipv4Addr]) -
             id: 4096,
             node_addr: NET_ADDR,
             bridge_ifindex: 1,
+            vxlan_ifindex: 0,
         },
         vip: Some(VIP),
         ports: vec![PublishedPort {

@@ -559,6 +559,7 @@ fn services(n: u32) -> Vec<ServiceLb> {
                 id: 4096,
                 node_addr: NET,
                 bridge_ifindex: 1,
+                vxlan_ifindex: 0,
             },
             vip: Some(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i)),
             ports: if i < MAX_PUBLISHED {

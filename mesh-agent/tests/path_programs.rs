@@ -1,0 +1,188 @@
+//! The way a translated packet leaves the node (BPF_PROG_TEST_RUN): straight into a local
+//! task's namespace, straight into the network's VXLAN device for another node's task, or
+//! through the bridge — the frame each gets, the return learned on the way, and the task's
+//! reply that depends on it.
+//!
+//! A test run does not perform the redirect, so the verdict cannot tell the paths apart;
+//! the Ethernet header can: the bridge path leaves it to the neighbour lookup, the shorter
+//! ones write the task's MAC and the node's bridge MAC themselves.
+
+mod lab;
+
+use std::net::Ipv4Addr;
+
+use lab::{BACKENDS, CLIENT, Frame, Lab, NET_ADDR, NODE_IP, TC_ACT_REDIRECT, service_in, tcp, udp};
+use mesh_agent::lb::PublishMode;
+use mesh_common::lb::{FLOW_REPLY, LocalTaskKey, RETURN_LOCAL, Reason, mac_for_ip};
+
+/// The task's host veth in the test runs (the kernel's loopback).
+const VETH: u32 = 1;
+const VXLAN_IFINDEX: u32 = 1;
+const NETWORK: u32 = 4096;
+/// What the frames carry when the program leaves the Ethernet header alone.
+const CLIENT_MACS: ([u8; 6], [u8; 6]) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+/// The gateway bridge's MAC, where a task's reply to an outside client is addressed.
+const GW_MAC: [u8; 6] = [0x02, 0x99, 0, 0, 0, 1];
+
+fn mac(ip: Ipv4Addr) -> [u8; 6] {
+    mac_for_ip(ip.octets())
+}
+
+/// A lab with `web` published in `mode`; `vxlan` sets the network's VXLAN device and
+/// `local` are this node's tasks.
+fn lab(mode: PublishMode, vxlan: bool, local: &[Ipv4Addr]) -> Lab {
+    let mut lab = Lab::new();
+    let mut s = service_in("web", mode, 8080, 80, &BACKENDS[..1]);
+    if vxlan {
+        s.network.vxlan_ifindex = VXLAN_IFINDEX;
+    }
+    lab.apply(&[s]);
+    for t in local {
+        let task = LocalTaskKey {
+            network: NETWORK,
+            addr: t.octets(),
+        };
+        lab.dp.put_local_task(task, VETH).unwrap();
+    }
+    lab
+}
+
+fn assert_to_task(out: &[u8], task: Ipv4Addr) -> Frame {
+    let f = Frame::parse(out);
+    assert_eq!(f.dst, task);
+    assert_eq!(f.dst_mac(), mac(task), "addressed to the task's MAC");
+    assert_eq!(
+        f.src_mac(),
+        mac(NET_ADDR),
+        "from the node's bridge MAC on the network, as if the bridge had routed it"
+    );
+    assert!(f.ip_checksum_ok() && f.l4_checksum_ok());
+    f
+}
+
+#[test]
+fn a_client_address_flow_to_a_local_task_enters_it_directly_and_its_reply_finds_the_way_back() {
+    let mut lab = lab(PublishMode::Ingress, true, &BACKENDS[..1]);
+    let b = BACKENDS[0];
+    let (verdict, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let f = assert_to_task(&out, b);
+    assert_eq!((f.src, f.sport, f.dport), (CLIENT, 40000, 80));
+    assert_eq!(f.ttl, 63);
+
+    // The learning program on the veth never sees this packet: the return was learned here.
+    let returns = lab.dp.returns_table().unwrap();
+    assert_eq!(returns.len(), 1, "{returns:?}");
+    let (k, e) = returns[0];
+    assert_eq!((k.src, k.sport), (b.octets(), 80));
+    assert_eq!((k.dst, k.dport), (CLIENT.octets(), 40000));
+    assert_ne!(e.flags & RETURN_LOCAL, 0);
+    assert_eq!(e.task_addr, b.octets());
+
+    // So the task's reply, sent to its gateway, leaves from the published address.
+    let reply = tcp(b, 80, CLIENT, 40000).syn().ack(1).macs(mac(b), GW_MAC);
+    let (verdict, out) = lab.run_from_task(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = Frame::parse(&out);
+    assert_eq!((p.src, p.sport), (NODE_IP, 8080));
+    assert_eq!((p.dst, p.dport), (CLIENT, 40000));
+    assert!(p.ip_checksum_ok() && p.l4_checksum_ok());
+    assert_eq!(lab.reason(Reason::Replied), 1);
+
+    // The client's next packets take the same way and refresh the same entry.
+    let (verdict, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).ack(1));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_to_task(&out, b);
+    assert_eq!(lab.dp.returns_table().unwrap().len(), 1);
+}
+
+#[test]
+fn udp_to_a_local_task_enters_it_directly_and_learns_its_return() {
+    let mut lab = lab(PublishMode::Ingress, true, &BACKENDS[..1]);
+    let (verdict, out) = lab.run(&udp(CLIENT, 40001, NODE_IP, 8080).payload(b"hello"));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_to_task(&out, BACKENDS[0]);
+    let returns = lab.dp.returns_table().unwrap();
+    assert_eq!(returns.len(), 1);
+    // UDP returns are keyed without their source (see mesh_common::lb::ReturnEntry).
+    assert_eq!(returns[0].0.src, [0; 4]);
+    assert_eq!(returns[0].1.task_addr, BACKENDS[0].octets());
+}
+
+#[test]
+fn a_snat_flow_to_a_local_task_enters_it_directly_and_needs_no_return() {
+    let mut lab = lab(PublishMode::Snat, true, &BACKENDS[..1]);
+    let (verdict, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let f = assert_to_task(&out, BACKENDS[0]);
+    assert_eq!(f.src, NET_ADDR, "the node's address on the network");
+    assert!(
+        lab.dp.returns_table().unwrap().is_empty(),
+        "replies to the node's own address find their way without one"
+    );
+}
+
+#[test]
+fn a_flow_to_another_nodes_task_goes_into_the_vxlan_device_with_the_tasks_mac() {
+    for mode in [PublishMode::Ingress, PublishMode::Snat] {
+        let mut lab = lab(mode, true, &[]);
+        let (verdict, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_to_task(&out, BACKENDS[0]);
+        assert!(
+            lab.dp.returns_table().unwrap().is_empty(),
+            "the task's own node learns the return"
+        );
+    }
+}
+
+#[test]
+fn without_a_vxlan_device_or_a_local_task_the_flow_takes_the_bridge() {
+    let lab = lab(PublishMode::Ingress, false, &[]);
+    let (verdict, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let f = Frame::parse(&out);
+    assert_eq!(f.dst, BACKENDS[0]);
+    assert_eq!(
+        (f.src_mac(), f.dst_mac()),
+        CLIENT_MACS,
+        "the neighbour lookup of redirect_neigh writes the frame"
+    );
+}
+
+#[test]
+fn a_task_that_is_gone_from_this_node_no_longer_gets_flows_directly() {
+    let mut lab = lab(PublishMode::Ingress, false, &BACKENDS[..1]);
+    let (_, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+    assert_to_task(&out, BACKENDS[0]);
+    assert_eq!(lab.dp.local_tasks_table().unwrap().len(), 1);
+
+    // The agent forgets the task's veth (the task stopped, or moved to another node).
+    lab.dp.retain_task_veths(&[]).unwrap();
+    assert!(lab.dp.local_tasks_table().unwrap().is_empty());
+    let (verdict, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).ack(1));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let f = Frame::parse(&out);
+    assert_eq!(f.dst, BACKENDS[0], "the flow stays on its backend");
+    assert_eq!((f.src_mac(), f.dst_mac()), CLIENT_MACS, "by the bridge");
+}
+
+#[test]
+fn reply_entries_leave_the_frame_to_the_neighbour_lookup() {
+    // A client-address reply routed back through this node from the task's node: it goes
+    // to the client by the way it came in, whatever the forward path was.
+    let lab = lab(PublishMode::Ingress, true, &[]);
+    let (_, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+    let fwd = Frame::parse(&out);
+    let flows = lab.dp.lb().flows().unwrap();
+    assert!(flows.iter().any(|(_, f)| f.flags & FLOW_REPLY != 0));
+    let reply = tcp(fwd.dst, 80, CLIENT, 40000)
+        .syn()
+        .ack(1)
+        .macs(mac(fwd.dst), mac(NET_ADDR));
+    let (verdict, out) = lab.run(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = Frame::parse(&out);
+    assert_eq!((p.src, p.sport), (NODE_IP, 8080));
+    assert_eq!((p.src_mac(), p.dst_mac()), (mac(fwd.dst), mac(NET_ADDR)));
+}
