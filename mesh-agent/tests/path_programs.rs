@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 
 use lab::{BACKENDS, CLIENT, Frame, Lab, NET_ADDR, NODE_IP, TC_ACT_REDIRECT, service_in, tcp, udp};
 use mesh_agent::lb::PublishMode;
-use mesh_common::lb::{FLOW_REPLY, LocalTaskKey, RETURN_LOCAL, Reason, mac_for_ip};
+use mesh_common::lb::{FLOW_REMOTE, FLOW_REPLY, LocalTaskKey, RETURN_LOCAL, Reason, mac_for_ip};
 
 /// The task's host veth in the test runs (the kernel's loopback).
 const VETH: u32 = 1;
@@ -60,6 +60,18 @@ fn assert_to_task(out: &[u8], task: Ipv4Addr) -> Frame {
     f
 }
 
+/// The flags of the lab's one forward entry.
+fn forward_flags(lab: &Lab) -> u32 {
+    let flows = lab.dp.lb().flows().unwrap();
+    let forward: Vec<u32> = flows
+        .iter()
+        .filter(|(_, f)| f.flags & FLOW_REPLY == 0)
+        .map(|(_, f)| f.flags)
+        .collect();
+    assert_eq!(forward.len(), 1, "{flows:?}");
+    forward[0]
+}
+
 #[test]
 fn a_client_address_flow_to_a_local_task_enters_it_directly_and_its_reply_finds_the_way_back() {
     let mut lab = lab(PublishMode::Ingress, true, &BACKENDS[..1]);
@@ -69,6 +81,11 @@ fn a_client_address_flow_to_a_local_task_enters_it_directly_and_its_reply_finds_
     let f = assert_to_task(&out, b);
     assert_eq!((f.src, f.sport, f.dport), (CLIENT, 40000, 80));
     assert_eq!(f.ttl, 63);
+    assert_eq!(
+        forward_flags(&lab) & FLOW_REMOTE,
+        0,
+        "settled when the flow began"
+    );
 
     // The learning program on the veth never sees this packet: the return was learned here.
     let returns = lab.dp.returns_table().unwrap();
@@ -133,6 +150,7 @@ fn a_flow_to_another_nodes_task_goes_into_the_vxlan_device_with_the_tasks_mac() 
             lab.dp.returns_table().unwrap().is_empty(),
             "the task's own node learns the return"
         );
+        assert_eq!(forward_flags(&lab) & FLOW_REMOTE, FLOW_REMOTE);
     }
 }
 

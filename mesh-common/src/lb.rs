@@ -261,6 +261,12 @@ pub const FLOW_SEEN: u32 = 8;
 
 /// The entry is in [`EMBRYOS_MAP`]: the flow is not established yet.
 pub const FLOW_EMBRYO: u32 = 16;
+/// A forward entry whose backend was not one of this node's tasks ([`LOCAL_TASKS_MAP`])
+/// when the flow began: its packets go into the network's VXLAN device with no lookup of
+/// the local tasks. Without it (a local task, or an older agent's entry) they go into the
+/// task directly when it is still here, else through the bridge: a task's MAC in the VXLAN
+/// device would go to every other node.
+pub const FLOW_REMOTE: u32 = 32;
 
 /// What to do with a packet of a known flow: rewrite its 5-tuple to these values and
 /// redirect it out of `ifindex`.

@@ -23,13 +23,13 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use mesh_common::lb::{
-    Embryo, FLOW_EMBRYO, FLOW_FIN, FLOW_REPLY, FLOW_RST, FLOW_SEEN, Flow, FlowKey, LbConfig,
-    Network, PUBLISH_INGRESS, Reason, ServiceEntry,
+    Embryo, FLOW_EMBRYO, FLOW_FIN, FLOW_REMOTE, FLOW_REPLY, FLOW_RST, FLOW_SEEN, Flow, FlowKey,
+    LbConfig, LocalTaskKey, Network, PUBLISH_INGRESS, Reason, ServiceEntry,
 };
 
 use crate::{
     packet::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    programs::{LB_EMBRYOS, LB_FLOWS, LB_NETWORKS, LB_SNAT_RESERVED},
+    programs::{LB_EMBRYOS, LB_FLOWS, LB_LOCAL_TASKS, LB_NETWORKS, LB_SNAT_RESERVED},
     service, stats,
 };
 
@@ -226,6 +226,16 @@ pub fn create(
     let choice = service::pick(svc.service)?;
     // SAFETY: plain data copied out.
     let net: Network = unsafe { *LB_NETWORKS.get(choice.network).ok_or(Reason::NoBackend)? };
+    let task = LocalTaskKey {
+        network: choice.network,
+        addr: choice.backend.addr,
+    };
+    // SAFETY: only presence is read.
+    let remote = if unsafe { LB_LOCAL_TASKS.get(&task) }.is_some() {
+        0
+    } else {
+        FLOW_REMOTE
+    };
     let target_port = if svc.target_port == 0 {
         key.dport
     } else {
@@ -240,7 +250,7 @@ pub fn create(
         service: svc.service,
         backend: choice.id,
         last_seen: now,
-        flags: FLOW_EMBRYO,
+        flags: FLOW_EMBRYO | remote,
         network: choice.network,
     };
     // Replies go back out of the interface the client's packet came in on.

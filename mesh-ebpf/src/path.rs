@@ -1,10 +1,11 @@
 //! Where a translated packet leaves by: the shortest way to its next hop.
 //!
 //! ```text
-//! reply entry ───────────────────────────────────────── redirect_neigh(where the client came in)
-//! forward entry ─ task on this node? ─ yes ─ MACs ─ (client address: learn the return) ─ redirect_peer
-//!                        └─ no ─ network's VXLAN device? ─ yes ─ MACs ─ redirect
-//!                                          └─ no ──────────────────── redirect_neigh(bridge)
+//! reply entry ─────────────────────────────────────────── redirect_neigh(where the client came in)
+//! forward entry ─ FLOW_REMOTE? ─ yes ─ network's VXLAN device? ─ yes ─ MACs ─ redirect
+//!                     │                        └─ no ──────────────────── redirect_neigh(bridge)
+//!                     └─ no ─ still a task here? ─ yes ─ MACs ─ (client address: learn return) ─ redirect_peer
+//!                                    └─ no ──────────────────────────── redirect_neigh(bridge)
 //! ```
 //!
 //! Overlay MACs are derived from addresses (`mac_for_ip`), so a packet for a task gets its
@@ -14,6 +15,8 @@
 //! program there (task.rs) does not see it and the return is learned here. A remote task's
 //! packet goes straight into the network's VXLAN device, whose static FDB maps the task's
 //! MAC to its node; it arrives there from this node's bridge MAC, as a bridged one would.
+//! Whether the backend is remote was settled when the flow began (flow.rs), so remote
+//! packets skip the local tasks' table.
 //!
 //! Everything is looked up per packet, so a re-created bridge, VXLAN device or veth (new
 //! ifindex) never blackholes a flow; an entry of an older agent with no network keeps its
@@ -23,7 +26,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_store_bytes},
     programs::TcContext,
 };
-use mesh_common::lb::{Flow, FlowKey, LocalTaskKey, Network, mac_for_ip};
+use mesh_common::lb::{FLOW_REMOTE, Flow, FlowKey, LocalTaskKey, Network, mac_for_ip};
 
 use crate::{
     flow,
@@ -42,26 +45,29 @@ pub fn send(ctx: &TcContext, key: &FlowKey, f: &Flow, tcp_flags: u8) -> i32 {
     let Some(net) = (unsafe { LB_NETWORKS.get(&f.network) }).copied() else {
         return neigh(f.ifindex);
     };
+    if f.flags & FLOW_REMOTE != 0 {
+        if net.vxlan_ifindex != 0 && set_macs(ctx, f, &net) {
+            // SAFETY: a plain helper call.
+            return unsafe { bpf_redirect(net.vxlan_ifindex, 0) } as i32;
+        }
+        return neigh(net.ifindex);
+    }
     let task = LocalTaskKey {
         network: f.network,
         addr: f.nat_dst,
     };
     // SAFETY: plain data copied out.
-    if let Some(veth) = unsafe { LB_LOCAL_TASKS.get(&task) }.copied() {
-        if !set_macs(ctx, f, &net) {
-            return neigh(net.ifindex);
-        }
-        if flow::keeps_client_address(key, f) {
-            returns::learn_forwarded(&f.partner(key), mac_for_ip(net.node_addr), tcp_flags);
-        }
-        // SAFETY: a plain helper call.
-        return unsafe { bpf_redirect_peer(veth, 0) } as i32;
+    let Some(veth) = (unsafe { LB_LOCAL_TASKS.get(&task) }).copied() else {
+        return neigh(net.ifindex);
+    };
+    if !set_macs(ctx, f, &net) {
+        return neigh(net.ifindex);
     }
-    if net.vxlan_ifindex != 0 && set_macs(ctx, f, &net) {
-        // SAFETY: a plain helper call.
-        return unsafe { bpf_redirect(net.vxlan_ifindex, 0) } as i32;
+    if flow::keeps_client_address(key, f) {
+        returns::learn_forwarded(&f.partner(key), mac_for_ip(net.node_addr), tcp_flags);
     }
-    neigh(net.ifindex)
+    // SAFETY: a plain helper call.
+    unsafe { bpf_redirect_peer(veth, 0) as i32 }
 }
 
 /// The bridge a forward entry's packets take when they cannot take a shorter path (ICMP

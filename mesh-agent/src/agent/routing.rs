@@ -188,18 +188,8 @@ impl Agent {
             dp.lb(),
             self.node_name(),
         ));
-        let ops = dp
-            .lb_mut()
-            .apply(&desired)
-            .context("programming the load balancer")?;
-        if ops.total() > 0 {
-            info!(
-                updates = ops.updates,
-                deletes = ops.deletes,
-                "load balancer programmed"
-            );
-        }
-
+        // Before the load balancer: a local task's first flow must find it among the local
+        // tasks (a flow that does not is sent to other nodes; see FLOW_REMOTE).
         let tasks = local.tasks.list();
         let containers = local.tasks.cni_list();
         let veths = task_veths(
@@ -218,6 +208,19 @@ impl Agent {
             *attached = veths;
         }
         drop(attached);
+
+        let ops = dp
+            .lb_mut()
+            .apply(&desired)
+            .context("programming the load balancer")?;
+        if ops.total() > 0 {
+            info!(
+                updates = ops.updates,
+                deletes = ops.deletes,
+                "load balancer programmed"
+            );
+        }
+
         drop(bridges);
         drop(dp);
         self.lb_applied(view).await;

@@ -559,7 +559,9 @@ fn services(n: u32) -> Vec<ServiceLb> {
                 id: 4096,
                 node_addr: NET,
                 bridge_ifindex: 1,
-                vxlan_ifindex: 0,
+                // The backends are other nodes' tasks: the VXLAN path, as on a real node (a
+                // test run does not perform the redirect).
+                vxlan_ifindex: 1,
             },
             vip: Some(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i)),
             ports: if i < MAX_PUBLISHED {
