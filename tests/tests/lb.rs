@@ -28,7 +28,7 @@ use mesh_agent::{
 use mesh_common::lb::Reason;
 use mesh_tests::{
     Cluster, Netns,
-    workload::{NameServer, Session, http_get, tally, udp_ask},
+    workload::{NameServer, Session, http_get, tally, udp_ask_each},
 };
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -218,16 +218,15 @@ impl Node {
     /// `count` requests from the client to a published port, each on a new connection or
     /// socket; the names that answered.
     fn client_requests(&self, proto: Protocol, count: usize) -> Result<Vec<String>> {
-        self.client().run(move || {
-            (0..count)
+        self.client().run(move || match proto {
+            Protocol::Tcp => (0..count)
                 .map(|i| {
-                    match proto {
-                        Protocol::Tcp => http_get(published(8080)),
-                        Protocol::Udp => udp_ask(published(5353)),
-                    }
-                    .with_context(|| format!("request {} of {count}", i + 1))
+                    http_get(published(8080))
+                        .with_context(|| format!("request {} of {count}", i + 1))
                 })
-                .collect::<Result<Vec<_>>>()
+                .collect::<Result<Vec<_>>>(),
+            // Each its own flow, as the counters are checked against.
+            Protocol::Udp => udp_ask_each(published(5353), count),
         })?
     }
 

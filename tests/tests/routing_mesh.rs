@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 use mesh_tests::{
     Cluster, Host,
     cluster::bin,
-    workload::{RemoteSession, http_get, tally, udp_ask},
+    workload::{RemoteSession, http_get, tally, udp_ask, udp_ask_each},
 };
 use serde_json::Value;
 
@@ -102,9 +102,12 @@ fn every_node_balances_its_published_ports_over_all_tasks() {
         });
         assert_even(&tally(answers), &["web-1", "web-2", "web-3"], 10);
         let a = addr(h, 5353);
+        // Each its own flow, as the counters are checked against.
         let answers = client(&c, move || {
-            (0..30)
-                .map(|_| udp_ask(a).unwrap().trim().to_owned())
+            udp_ask_each(a, 30)
+                .unwrap()
+                .iter()
+                .map(|s| s.trim().to_owned())
                 .collect::<Vec<_>>()
         });
         assert_even(&tally(answers), &["web-1", "web-2", "web-3"], 10);
