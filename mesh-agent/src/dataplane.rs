@@ -56,6 +56,8 @@ const UNDERLAY_PROGRAM: &str = "mesh_underlay";
 pub const LB_INGRESS_PROGRAM: &str = "mesh_lb_ingress";
 /// Client-address flows on local tasks' host veths: learning (egress, towards the task) and
 /// steering replies (ingress, from the task).
+/// Replies of client-address flows from other nodes (TC ingress on networks' VXLAN devices).
+pub const FROM_OVERLAY_PROGRAM: &str = "mesh_from_overlay";
 pub const TO_TASK_PROGRAM: &str = "mesh_to_task";
 pub const FROM_TASK_PROGRAM: &str = "mesh_from_task";
 /// Socket load balancing, attached at the cgroup v2 root.
@@ -133,6 +135,12 @@ impl Dataplane {
         bpf::test_run_skb(fd, frame, repeat, ctx).context("BPF_PROG_TEST_RUN")
     }
 
+    /// Runs the overlay program (a network's VXLAN device) on a test frame.
+    pub fn test_run_from_overlay(&self, frame: &[u8], ctx: SkbContext) -> Result<TestRun> {
+        let fd = self.program_fd(FROM_OVERLAY_PROGRAM)?;
+        bpf::test_run_skb(fd, frame, 1, ctx).context("BPF_PROG_TEST_RUN")
+    }
+
     fn program_fd(&self, name: &str) -> Result<BorrowedFd<'_>> {
         let program = self
             .ebpf
@@ -181,7 +189,12 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     program::<Xdp>(ebpf, UNDERLAY_PROGRAM)?
         .load()
         .with_context(|| format!("verifier rejected {UNDERLAY_PROGRAM}"))?;
-    for name in [LB_INGRESS_PROGRAM, TO_TASK_PROGRAM, FROM_TASK_PROGRAM] {
+    for name in [
+        LB_INGRESS_PROGRAM,
+        FROM_OVERLAY_PROGRAM,
+        TO_TASK_PROGRAM,
+        FROM_TASK_PROGRAM,
+    ] {
         program::<SchedClassifier>(ebpf, name)?
             .load()
             .with_context(|| format!("verifier rejected {name}"))?;

@@ -1,7 +1,8 @@
 //! The way a translated packet leaves the node (BPF_PROG_TEST_RUN): straight into a local
 //! task's namespace, straight into the network's VXLAN device for another node's task, or
 //! through the bridge — the frame each gets, the return learned on the way, and the task's
-//! reply that depends on it.
+//! reply that depends on it; and the way back: replies from other nodes caught on the VXLAN
+//! device before the bridge.
 //!
 //! A test run does not perform the redirect, so the verdict cannot tell the paths apart;
 //! the Ethernet header can: the bridge path leaves it to the neighbour lookup, the shorter
@@ -203,4 +204,58 @@ fn reply_entries_leave_the_frame_to_the_neighbour_lookup() {
     let p = Frame::parse(&out);
     assert_eq!((p.src, p.sport), (NODE_IP, 8080));
     assert_eq!((p.src_mac(), p.dst_mac()), (mac(fwd.dst), mac(NET_ADDR)));
+}
+
+#[test]
+fn a_reply_from_another_node_is_translated_on_the_vxlan_device() {
+    let lab = lab(PublishMode::Ingress, true, &[]);
+    let b = BACKENDS[0];
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+    // As the task's node sends it back: to this node's bridge MAC, from the task's.
+    let reply = tcp(b, 80, CLIENT, 40000)
+        .syn()
+        .ack(1)
+        .macs(mac(b), mac(NET_ADDR));
+    let (verdict, out) = lab.run_from_overlay(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = Frame::parse(&out);
+    assert_eq!((p.src, p.sport), (NODE_IP, 8080));
+    assert_eq!((p.dst, p.dport), (CLIENT, 40000));
+    assert!(p.ip_checksum_ok() && p.l4_checksum_ok());
+    assert_eq!(lab.reason(Reason::Replied), 1);
+}
+
+#[test]
+fn the_tasks_own_overlay_traffic_passes_the_vxlan_device_untouched_and_uncounted() {
+    let lab = lab(PublishMode::Snat, true, &[]);
+    let b = BACKENDS[0];
+    let (_, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+    let snat = Frame::parse(&out);
+    let before = lab.dp.lb().reasons().unwrap();
+    for p in [
+        // A task on another node talking to a task here, straight to its MAC.
+        tcp(b, 41000, BACKENDS[1], 8080)
+            .syn()
+            .macs(mac(b), mac(BACKENDS[1])),
+        udp(b, 41000, BACKENDS[1], 53).macs(mac(b), mac(BACKENDS[1])),
+        // A SNAT reply is addressed to this node on the network, not routed: the bridge
+        // delivers it up and the routing mesh there translates it.
+        tcp(b, 80, NET_ADDR, snat.sport)
+            .syn()
+            .ack(1)
+            .macs(mac(b), mac(NET_ADDR)),
+        // Malformed: a header length below 20.
+        tcp(b, 41000, BACKENDS[1], 8080)
+            .macs(mac(b), mac(BACKENDS[1]))
+            .patch(14, 0x44),
+    ] {
+        let frame = p.bytes();
+        let r = lab
+            .dp
+            .test_run_from_overlay(&frame, Default::default())
+            .unwrap();
+        assert_eq!(r.retval, lab::TC_ACT_OK, "{p:?}");
+        assert_eq!(r.data, frame, "untouched: {p:?}");
+    }
+    assert_eq!(lab.dp.lb().reasons().unwrap(), before, "nothing counted");
 }

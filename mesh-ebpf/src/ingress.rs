@@ -59,7 +59,7 @@ impl Verdict {
         reason: UNCOUNTED,
     };
 
-    const fn pass(r: Reason) -> Self {
+    pub(crate) const fn pass(r: Reason) -> Self {
         Self {
             action: TC_ACT_OK,
             reason: r as u32,
@@ -150,19 +150,29 @@ fn classify(ctx: &TcContext) -> Verdict {
     }
     // Replies are addressed to a SNAT port (SNAT flows) or routed through this node
     // (client-address flows): everything else skips the flow lookup.
-    if ((pkt.key.dport >= cfg.snat_port_min && pkt.key.dport <= cfg.snat_port_max)
-        || pkt.routed_to())
-        && let Some(entry) = flow::lookup(&pkt.key)
-        // SAFETY: pointer into the flow table.
-        && unsafe { (*entry).flags } & FLOW_REPLY != 0
+    if (pkt.key.dport >= cfg.snat_port_min && pkt.key.dport <= cfg.snat_port_max) || pkt.routed_to()
     {
-        if superseded(&pkt, entry) {
-            flow::forget(&pkt.key, entry);
-            return Verdict::pass(Reason::Superseded);
-        }
-        return translate(ctx, &pkt, entry, Reason::Replied, false);
+        return reply(ctx, &pkt);
     }
     Verdict::PASS
+}
+
+/// A packet that may be a backend's reply: translated back if its flow has a reply entry,
+/// else passed untouched.
+#[inline(always)]
+pub(crate) fn reply(ctx: &TcContext, pkt: &Packet) -> Verdict {
+    let Some(entry) = flow::lookup(&pkt.key) else {
+        return Verdict::PASS;
+    };
+    // SAFETY: pointer into the flow table.
+    if unsafe { (*entry).flags } & FLOW_REPLY == 0 {
+        return Verdict::PASS;
+    }
+    if superseded(pkt, entry) {
+        flow::forget(&pkt.key, entry);
+        return Verdict::pass(Reason::Superseded);
+    }
+    translate(ctx, pkt, entry, Reason::Replied, false)
 }
 
 /// A packet to a port of the node that no service publishes: it may belong to a flow of a

@@ -16,6 +16,8 @@ mod ingress;
 #[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
+mod overlay;
+#[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
 mod path;
@@ -129,6 +131,13 @@ mod programs {
     #[classifier]
     pub fn mesh_lb_ingress(ctx: TcContext) -> i32 {
         crate::ingress::run(&ctx)
+    }
+
+    /// TC ingress on every network's VXLAN device: replies of client-address flows that
+    /// came in through this node, sent back by the backends' nodes.
+    #[classifier]
+    pub fn mesh_from_overlay(ctx: TcContext) -> i32 {
+        crate::overlay::from_overlay(&ctx)
     }
 
     /// TC egress on a local task's host veth on an overlay network: learns which node a

@@ -123,7 +123,8 @@ pub struct Local {
     /// The underlay as the overlay needs it (interface, address, MTU).
     underlay: Underlay,
     gateway: GatewayPlumbing,
-    /// Bridges the load balancer is attached to, by name, with the ifindex it saw.
+    /// Networks' bridges and VXLAN devices the routing mesh is attached to, by name, with
+    /// the ifindex it saw.
     lb_bridges: Mutex<BTreeMap<String, u32>>,
     /// Task veths the client-address programs are attached to, as last attached.
     task_veths: Mutex<Vec<crate::dataplane::TaskVeth>>,

@@ -77,33 +77,41 @@ impl Agent {
         let mut networks: BTreeMap<u32, NetworkLb> = BTreeMap::new();
         for n in plumbed {
             let name = n.bridge();
-            let idx = nix::net::if_::if_nametoindex(name.as_str())
+            let bridge = nix::net::if_::if_nametoindex(name.as_str())
                 .with_context(|| format!("looking up bridge {name}"))?;
-            if bridges.get(&name) != Some(&idx) {
-                // A re-created bridge has a new index; its old link died with it.
-                dp.detach_tc(&name)?;
-                dp.attach_network(idx)?;
-                bridges.insert(name.clone(), idx);
+            if must_attach(&bridges, &mut dp, &name, bridge)? {
+                dp.attach_network(bridge)?;
+                bridges.insert(name, bridge);
+            }
+            // Without it, flows to other nodes' tasks and their replies take the bridge.
+            let vxlan_name = n.vxlan();
+            let vxlan = nix::net::if_::if_nametoindex(vxlan_name.as_str()).unwrap_or(0);
+            if vxlan != 0 && must_attach(&bridges, &mut dp, &vxlan_name, vxlan)? {
+                dp.attach_overlay(vxlan)?;
+                bridges.insert(vxlan_name, vxlan);
             }
             networks.insert(
                 n.vni,
                 NetworkLb {
                     id: n.vni,
                     node_addr: n.node_address,
-                    bridge_ifindex: idx,
-                    // Without it, flows to other nodes' tasks take the bridge.
-                    vxlan_ifindex: nix::net::if_::if_nametoindex(n.vxlan().as_str()).unwrap_or(0),
+                    bridge_ifindex: bridge,
+                    vxlan_ifindex: vxlan,
                 },
             );
         }
         let gone: Vec<String> = bridges
             .keys()
-            .filter(|b| !plumbed.iter().any(|n| n.bridge() == **b))
+            .filter(|d| {
+                !plumbed
+                    .iter()
+                    .any(|n| n.bridge() == **d || n.vxlan() == **d)
+            })
             .cloned()
             .collect();
-        for b in gone {
-            dp.detach_tc(&b)?;
-            bridges.remove(&b);
+        for d in gone {
+            dp.detach_tc(&d)?;
+            bridges.remove(&d);
         }
 
         let mut desired = Vec::new();
@@ -265,6 +273,25 @@ impl Agent {
                 Err(e) => warn!("sweeping flows: {e:#}"),
             }
         }
+    }
+}
+
+/// Whether the routing mesh must be attached to the network device `name`, now `ifindex`:
+/// it is new to this agent (a restarted agent's attach replaces the pinned link in place,
+/// so no packet goes unseen), or was re-created (its old link died with it and goes).
+fn must_attach(
+    attached: &BTreeMap<String, u32>,
+    dp: &mut crate::dataplane::Dataplane,
+    name: &str,
+    ifindex: u32,
+) -> Result<bool> {
+    match attached.get(name) {
+        Some(&seen) if seen == ifindex => Ok(false),
+        Some(_) => {
+            dp.detach_tc(name)?;
+            Ok(true)
+        }
+        None => Ok(true),
     }
 }
 

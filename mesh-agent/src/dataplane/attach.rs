@@ -21,6 +21,17 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Attaches the overlay program to a network's VXLAN device, where other nodes send back
+    /// the replies of client-address flows that came in here. Idempotent, like
+    /// [`Dataplane::attach_network`]; [`Dataplane::detach_tc`] removes it.
+    pub fn attach_overlay(&mut self, vxlan_ifindex: u32) -> Result<()> {
+        let iface = ifname(vxlan_ifindex)?;
+        let pin = self.pin_dir.join(format!("link_tc_{iface}"));
+        self.attach_classifier(FROM_OVERLAY_PROGRAM, &iface, TcAttachType::Ingress, &pin)?;
+        info!(iface, "routing mesh attached to network VXLAN device");
+        Ok(())
+    }
+
     /// Detaches the routing mesh from a network's bridge (a bridge that is deleted detaches
     /// by itself; this also drops the pin).
     pub fn detach_network(&mut self, bridge_ifindex: u32) -> Result<()> {
@@ -28,7 +39,8 @@ impl Dataplane {
         self.detach_tc(&iface)
     }
 
-    /// Detaches the routing mesh from an interface by name (for bridges already gone).
+    /// Detaches the routing mesh from an interface by name (for bridges and VXLAN devices
+    /// already gone).
     pub fn detach_tc(&mut self, iface: &str) -> Result<()> {
         let pin = self.pin_dir.join(format!("link_tc_{iface}"));
         match fs::remove_file(&pin) {

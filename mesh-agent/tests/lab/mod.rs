@@ -118,6 +118,15 @@ impl Lab {
         (r.retval, r.data)
     }
 
+    /// Runs the overlay program (a network's VXLAN device) on a frame.
+    pub fn run_from_overlay(&self, p: &Packet) -> (u32, Vec<u8>) {
+        let r = self
+            .dp
+            .test_run_from_overlay(&p.bytes(), SkbContext::default())
+            .expect("test run");
+        (r.retval, r.data)
+    }
+
     /// Runs the steering program (from a task) on a frame.
     pub fn run_from_task(&self, p: &Packet) -> (u32, Vec<u8>) {
         self.run_from_task_raw(&p.bytes())
