@@ -411,7 +411,7 @@ fn rewrite_and_redirect(
     if pkt.ttl <= 1 {
         return Verdict::drop(Reason::TtlExceeded);
     }
-    if nat::rewrite(ctx, pkt.l4, &pkt.key, f).is_err() || nat::forwarded(ctx, pkt.ttl).is_err() {
+    if nat::forward(ctx, pkt.l4, &pkt.key, f, pkt.ttl).is_err() {
         return Verdict::drop(Reason::RewriteFailed);
     }
     stats::traffic(f.service, f.backend, Traffic::Packet { bytes, new_flow });

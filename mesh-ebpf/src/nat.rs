@@ -24,6 +24,24 @@ use crate::packet::{
 /// the TCP/UDP header. On error the packet may be half rewritten and must be dropped.
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, l4: usize, key: &FlowKey, flow: &Flow) -> Result<(), i64> {
+    translate(ctx, l4, key, flow, None)
+}
+
+/// [`rewrite`] for a packet the node forwards: its TTL `ttl` (above 1) also loses one, as
+/// through any router, in the same IP checksum update.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, l4: usize, key: &FlowKey, flow: &Flow, ttl: u8) -> Result<(), i64> {
+    translate(ctx, l4, key, flow, Some(ttl))
+}
+
+#[inline(always)]
+fn translate(
+    ctx: &TcContext,
+    l4: usize,
+    key: &FlowKey,
+    flow: &Flow,
+    ttl: Option<u8>,
+) -> Result<(), i64> {
     let udp = key.proto == IPPROTO_UDP;
     let l4_check = l4
         + if udp {
@@ -48,6 +66,7 @@ pub fn rewrite(ctx: &TcContext, l4: usize, key: &FlowKey, flow: &Flow) -> Result
         [ports_word(flow.nat_sport, flow.nat_dport), 0],
     );
 
+    let mut ip_diff = addr_diff;
     let ip: *mut Ipv4Hdr = skb_ptr(ctx, ETH_HLEN).ok_or(-1i64)?;
     let ports: *mut [u8; 4] = skb_ptr(ctx, l4).ok_or(-1i64)?;
     let (s, d) = (flow.nat_sport.to_be_bytes(), flow.nat_dport.to_be_bytes());
@@ -56,9 +75,20 @@ pub fn rewrite(ctx: &TcContext, l4: usize, key: &FlowKey, flow: &Flow) -> Result
         (*ip).saddr = flow.nat_src;
         (*ip).daddr = flow.nat_dst;
         *ports = [s[0], s[1], d[0], d[1]];
+        if let Some(ttl) = ttl {
+            let new = ttl.wrapping_sub(1);
+            (*ip).ttl = new;
+            // The TTL is the high byte of its 16-bit word; the protocol, the low one, is
+            // unchanged, so the word's difference is the TTL's alone.
+            ip_diff = u64::from(add(
+                add(addr_diff as u32, !u32::from(u16::from_ne_bytes([ttl, 0]))),
+                u32::from(u16::from_ne_bytes([new, 0])),
+            ));
+        }
     }
 
-    ctx.l3_csum_replace(ETH_HLEN + IP_CHECK_OFFSET, 0, addr_diff, 0)?;
+    // Only the IPv4 header covers the TTL; the TCP/UDP checksum does not.
+    ctx.l3_csum_replace(ETH_HLEN + IP_CHECK_OFFSET, 0, ip_diff, 0)?;
     // The addresses are part of the TCP/UDP pseudo-header.
     ctx.l4_csum_replace(
         l4_check,
@@ -67,23 +97,6 @@ pub fn rewrite(ctx: &TcContext, l4: usize, key: &FlowKey, flow: &Flow) -> Result
         u64::from(BPF_F_PSEUDO_HDR) | mangled0,
     )?;
     ctx.l4_csum_replace(l4_check, 0, port_diff, mangled0)?;
-    Ok(())
-}
-
-/// Takes one from the TTL `ttl` (above 1) of a packet the node forwards, as a router does.
-#[inline(always)]
-pub fn forwarded(ctx: &TcContext, ttl: u8) -> Result<(), i64> {
-    let ip: *mut Ipv4Hdr = skb_ptr(ctx, ETH_HLEN).ok_or(-1i64)?;
-    let new = ttl.wrapping_sub(1);
-    // SAFETY: a bounds-checked pointer into the packet, written before the helper call.
-    unsafe { (*ip).ttl = new };
-    // The TTL is the high byte of its 16-bit word; the protocol, the low one, is unchanged.
-    ctx.l3_csum_replace(
-        ETH_HLEN + IP_CHECK_OFFSET,
-        u64::from(u16::from_ne_bytes([ttl, 0])),
-        u64::from(u16::from_ne_bytes([new, 0])),
-        2,
-    )?;
     Ok(())
 }
 
