@@ -55,22 +55,39 @@ impl Lab {
     }
 
     fn build(limits: LbLimits, f: impl FnOnce(&mut NodeLb)) -> Self {
-        sweep_stale();
-        let pin = PathBuf::from("/sys/fs/bpf/mesh").join(format!(
-            "{PREFIX}{}x{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        ));
+        Self::load_over(pin_dir(), limits, f).expect("loading the dataplane")
+    }
+
+    /// A lab loaded over `pin`, which may hold maps pinned beforehand (by an "older agent").
+    pub fn over(pin: PathBuf) -> anyhow::Result<Self> {
+        Self::load_over(pin, small_limits(), |_| {})
+    }
+
+    fn load_over(
+        pin: PathBuf,
+        limits: LbLimits,
+        f: impl FnOnce(&mut NodeLb),
+    ) -> anyhow::Result<Self> {
         let mut node = NodeLb::new(NODE_IP).expect("node settings");
         f(&mut node);
-        let mut dp = Dataplane::load(&pin, &limits).expect("loading the dataplane");
+        let mut dp = match Dataplane::load(&pin, &limits) {
+            Ok(dp) => dp,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&pin);
+                return Err(e);
+            }
+        };
         dp.lb_mut().set_node(&node).expect("configuring the node");
-        Self {
+        Ok(Self {
             dp,
             pin,
             limits,
             node,
-        }
+        })
+    }
+
+    pub fn pin(&self) -> &std::path::Path {
+        &self.pin
     }
 
     /// Loads the programs again over the same pins, as a restarted agent does.
@@ -159,6 +176,16 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.pin);
     }
+}
+
+/// A new pin directory for a lab, not created yet (the lab that loads over it removes it).
+pub fn pin_dir() -> PathBuf {
+    sweep_stale();
+    PathBuf::from("/sys/fs/bpf/mesh").join(format!(
+        "{PREFIX}{}x{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    ))
 }
 
 /// Map sizes of a lab: small, so tests that fill a table fill it fast.
