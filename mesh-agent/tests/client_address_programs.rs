@@ -8,8 +8,8 @@ mod lab;
 use std::net::Ipv4Addr;
 
 use lab::{
-    BACKENDS, CLIENT, Frame, Lab, NET_ADDR, NODE_IP, TC_ACT_OK, TC_ACT_REDIRECT, service_in, tcp,
-    udp,
+    BACKENDS, CLIENT, Frame, Lab, NET_ADDR, NODE_IP, TC_ACT_OK, TC_ACT_REDIRECT,
+    assert_first_reply, service_in, tcp, udp,
 };
 use mesh_agent::{dataplane::ReturnTimeouts, lb::PublishMode};
 use mesh_common::lb::{
@@ -107,13 +107,7 @@ fn a_reply_routed_back_through_the_ingress_node_leaves_from_the_published_addres
         .syn()
         .ack(1)
         .macs(mac(fwd.dst), mac(NET_ADDR));
-    let (verdict, out) = lab.run(&reply);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    let p = Frame::parse(&out);
-    assert_eq!((p.src, p.sport), (NODE_IP, 8080));
-    assert_eq!((p.dst, p.dport), (CLIENT, 40000));
-    assert!(p.ip_checksum_ok() && p.l4_checksum_ok());
-    assert_eq!(lab.reason(Reason::Replied), 1);
+    assert_first_reply(&lab, lab.run(&reply));
 
     // The same packet sent straight to its destination's MAC is not routed through us, and
     // its port is outside the SNAT range: no lookup, no change.
@@ -271,13 +265,7 @@ fn a_reply_to_a_connection_that_came_in_here_is_translated_and_leaves_by_the_und
         .syn()
         .ack(1)
         .macs(mac(fwd.dst), GW_MAC);
-    let (verdict, out) = lab.run_from_task(&reply);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    let p = Frame::parse(&out);
-    assert_eq!((p.src, p.sport), (NODE_IP, 8080));
-    assert_eq!((p.dst, p.dport), (CLIENT, 40000));
-    assert!(p.ip_checksum_ok() && p.l4_checksum_ok());
-    assert_eq!(lab.reason(Reason::Replied), 1);
+    assert_first_reply(&lab, lab.run_from_task(&reply));
 }
 
 #[test]

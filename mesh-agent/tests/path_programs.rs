@@ -12,9 +12,12 @@ mod lab;
 
 use std::net::Ipv4Addr;
 
-use lab::{BACKENDS, CLIENT, Frame, Lab, NET_ADDR, NODE_IP, TC_ACT_REDIRECT, service_in, tcp, udp};
+use lab::{
+    BACKENDS, CLIENT, Frame, Lab, NET_ADDR, NODE_IP, TC_ACT_REDIRECT, assert_first_reply,
+    service_in, tcp, udp,
+};
 use mesh_agent::lb::PublishMode;
-use mesh_common::lb::{FLOW_REMOTE, FLOW_REPLY, LocalTaskKey, RETURN_LOCAL, Reason, mac_for_ip};
+use mesh_common::lb::{FLOW_REMOTE, FLOW_REPLY, LocalTaskKey, RETURN_LOCAL, mac_for_ip};
 
 /// The task's host veth in the test runs (the kernel's loopback).
 const VETH: u32 = 1;
@@ -99,13 +102,7 @@ fn a_client_address_flow_to_a_local_task_enters_it_directly_and_its_reply_finds_
 
     // So the task's reply, sent to its gateway, leaves from the published address.
     let reply = tcp(b, 80, CLIENT, 40000).syn().ack(1).macs(mac(b), GW_MAC);
-    let (verdict, out) = lab.run_from_task(&reply);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    let p = Frame::parse(&out);
-    assert_eq!((p.src, p.sport), (NODE_IP, 8080));
-    assert_eq!((p.dst, p.dport), (CLIENT, 40000));
-    assert!(p.ip_checksum_ok() && p.l4_checksum_ok());
-    assert_eq!(lab.reason(Reason::Replied), 1);
+    assert_first_reply(&lab, lab.run_from_task(&reply));
 
     // The client's next packets take the same way and refresh the same entry.
     let (verdict, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).ack(1));
@@ -216,13 +213,7 @@ fn a_reply_from_another_node_is_translated_on_the_vxlan_device() {
         .syn()
         .ack(1)
         .macs(mac(b), mac(NET_ADDR));
-    let (verdict, out) = lab.run_from_overlay(&reply);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    let p = Frame::parse(&out);
-    assert_eq!((p.src, p.sport), (NODE_IP, 8080));
-    assert_eq!((p.dst, p.dport), (CLIENT, 40000));
-    assert!(p.ip_checksum_ok() && p.l4_checksum_ok());
-    assert_eq!(lab.reason(Reason::Replied), 1);
+    assert_first_reply(&lab, lab.run_from_overlay(&reply));
 }
 
 #[test]

@@ -162,6 +162,19 @@ impl Lab {
     }
 }
 
+/// Checks a test run's outcome `(verdict, frame)` for a backend's reply to CLIENT:40000: it
+/// leaves from the published address (NODE_IP:8080) with valid checksums, and is the only
+/// reply counted so far.
+pub fn assert_first_reply(lab: &Lab, (verdict, out): (u32, Vec<u8>)) -> Frame {
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = Frame::parse(&out);
+    assert_eq!((p.src, p.sport), (NODE_IP, 8080));
+    assert_eq!((p.dst, p.dport), (CLIENT, 40000));
+    assert!(p.ip_checksum_ok() && p.l4_checksum_ok());
+    assert_eq!(lab.reason(Reason::Replied), 1);
+    p
+}
+
 pub fn reason(lab: &Lab, r: Reason) -> u64 {
     lab.dp
         .lb()
