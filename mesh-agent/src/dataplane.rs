@@ -54,10 +54,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 const UNDERLAY_PROGRAM: &str = "mesh_underlay";
 /// The routing mesh (TC ingress on the underlay and on network bridges).
 pub const LB_INGRESS_PROGRAM: &str = "mesh_lb_ingress";
-/// Client-address flows on local tasks' host veths: learning (egress, towards the task) and
-/// steering replies (ingress, from the task).
 /// Replies of client-address flows from other nodes (TC ingress on networks' VXLAN devices).
 pub const FROM_OVERLAY_PROGRAM: &str = "mesh_from_overlay";
+/// Client-address flows on local tasks' host veths: learning (egress, towards the task) and
+/// steering replies (ingress, from the task).
 pub const TO_TASK_PROGRAM: &str = "mesh_to_task";
 pub const FROM_TASK_PROGRAM: &str = "mesh_from_task";
 /// Socket load balancing, attached at the cgroup v2 root.

@@ -20,7 +20,7 @@
 //! checksum is left, as receivers do not check it). Quoted headers with IP options are
 //! passed untranslated.
 
-use aya_ebpf::{bindings::BPF_F_RECOMPUTE_CSUM, helpers::bpf_redirect_neigh, programs::TcContext};
+use aya_ebpf::{bindings::BPF_F_RECOMPUTE_CSUM, programs::TcContext};
 use mesh_common::lb::{FlowKey, Reason};
 
 use crate::{
@@ -123,9 +123,7 @@ pub fn relay_quote(ctx: &TcContext, l4: usize, mut q: Quote, key: &FlowKey) -> V
     if ctx.store(ETH_HLEN, &outer, flags).is_err() || ctx.store(l4, &q, flags).is_err() {
         return Verdict::drop(Reason::RewriteFailed);
     }
-    // SAFETY: as in ingress.rs: the helper resolves the new destination's neighbour.
-    let action = unsafe { bpf_redirect_neigh(path::bridge(&f), core::ptr::null_mut(), 0, 0) };
-    Verdict::redirect(action as i32, Reason::IcmpTranslated)
+    Verdict::redirect(path::neigh(path::bridge(&f)), Reason::IcmpTranslated)
 }
 
 /// The checksum, source and destination of an IPv4 header: the 10 bytes a translation

@@ -2,7 +2,10 @@
 //! pointers. All fields are byte arrays, so the structs have alignment 1 and can be copied
 //! out of any offset.
 
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    helpers::bpf_skb_store_bytes,
+    programs::{TcContext, XdpContext},
+};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -44,6 +47,16 @@ pub fn skb_ptr<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
         return None;
     }
     Some((start + offset) as *mut T)
+}
+
+/// Writes the frame's destination and source MACs; returns whether it could.
+#[inline(always)]
+pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> bool {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&dst);
+    macs[6..].copy_from_slice(&src);
+    // SAFETY: 12 bytes from a local buffer into the Ethernet header.
+    unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), 0, macs.as_ptr().cast(), 12, 0) == 0 }
 }
 
 /// Ethernet, the longest IPv4 header and a TCP header without options.

@@ -23,13 +23,14 @@
 //! stored ifindex.
 
 use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_store_bytes},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use mesh_common::lb::{FLOW_REMOTE, Flow, FlowKey, LocalTaskKey, Network, mac_for_ip};
 
 use crate::{
     flow,
+    packet::set_macs,
     programs::{LB_LOCAL_TASKS, LB_NETWORKS},
     returns,
 };
@@ -38,15 +39,11 @@ use crate::{
 /// its way; returns the TC action.
 #[inline(always)]
 pub fn send(ctx: &TcContext, key: &FlowKey, f: &Flow, tcp_flags: u8) -> i32 {
-    if f.network == 0 {
-        return neigh(f.ifindex);
-    }
-    // SAFETY: plain data copied out.
-    let Some(net) = (unsafe { LB_NETWORKS.get(&f.network) }).copied() else {
+    let Some(net) = network(f) else {
         return neigh(f.ifindex);
     };
     if f.flags & FLOW_REMOTE != 0 {
-        if net.vxlan_ifindex != 0 && set_macs(ctx, f, &net) {
+        if net.vxlan_ifindex != 0 && to_task_frame(ctx, f, &net) {
             // SAFETY: a plain helper call.
             return unsafe { bpf_redirect(net.vxlan_ifindex, 0) } as i32;
         }
@@ -60,7 +57,7 @@ pub fn send(ctx: &TcContext, key: &FlowKey, f: &Flow, tcp_flags: u8) -> i32 {
     let Some(veth) = (unsafe { LB_LOCAL_TASKS.get(&task) }).copied() else {
         return neigh(net.ifindex);
     };
-    if !set_macs(ctx, f, &net) {
+    if !to_task_frame(ctx, f, &net) {
         return neigh(net.ifindex);
     }
     if flow::keeps_client_address(key, f) {
@@ -74,25 +71,29 @@ pub fn send(ctx: &TcContext, key: &FlowKey, f: &Flow, tcp_flags: u8) -> i32 {
 /// errors relayed to a task, icmp.rs), else the entry's own interface.
 #[inline(always)]
 pub fn bridge(f: &Flow) -> u32 {
+    network(f).map_or(f.ifindex, |n| n.ifindex)
+}
+
+/// A forward entry's network as it is now; None for reply entries (and an older agent's
+/// entries), which leave by their own interface.
+#[inline(always)]
+fn network(f: &Flow) -> Option<Network> {
     if f.network == 0 {
-        return f.ifindex;
+        return None;
     }
     // SAFETY: plain data copied out.
-    unsafe { LB_NETWORKS.get(&f.network) }.map_or(f.ifindex, |n| n.ifindex)
+    unsafe { LB_NETWORKS.get(&f.network) }.copied()
 }
 
 /// The frame of a packet to the task `f.nat_dst`, from this node's bridge on the network.
 #[inline(always)]
-fn set_macs(ctx: &TcContext, f: &Flow, net: &Network) -> bool {
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&mac_for_ip(f.nat_dst));
-    macs[6..].copy_from_slice(&mac_for_ip(net.node_addr));
-    // SAFETY: 12 bytes from a local buffer into the Ethernet header.
-    unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), 0, macs.as_ptr().cast(), 12, 0) == 0 }
+fn to_task_frame(ctx: &TcContext, f: &Flow, net: &Network) -> bool {
+    set_macs(ctx, mac_for_ip(f.nat_dst), mac_for_ip(net.node_addr))
 }
 
+/// `bpf_redirect_neigh` to `ifindex`: the fallback path, and the way of reply entries.
 #[inline(always)]
-fn neigh(ifindex: u32) -> i32 {
+pub fn neigh(ifindex: u32) -> i32 {
     // SAFETY: no neighbour parameters: the helper looks up the route and the neighbour of
     // the (rewritten) destination on the target device.
     (unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) }) as i32

@@ -18,17 +18,14 @@
 //! there (ingress.rs), which restores the published address: the path is symmetric, so the
 //! underlay never sees the task's or the client's address as a source it did not route.
 
-use aya_ebpf::{
-    bindings::TC_ACT_OK,
-    helpers::{bpf_redirect, bpf_skb_store_bytes},
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect, programs::TcContext};
 use mesh_common::lb::{FLOW_REPLY, Flow, RETURN_LOCAL, Reason, ReturnEntry, mac_for_ip};
 
 use crate::{
     flow, icmp,
     ingress::{self, CONTINUE, ICMP, Packet, Verdict},
     nat,
+    packet::set_macs,
     programs::{LB_CONFIG, LB_TASK_PORTS},
     returns::{self, Origin},
 };
@@ -143,12 +140,7 @@ fn icmp_error(ctx: &TcContext, pkt: &Packet) -> Verdict {
 /// where the ingress node's bridge expects it.
 #[inline(always)]
 fn to_ingress_node(ctx: &TcContext, ret: &ReturnEntry, task_addr: [u8; 4]) -> Verdict {
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&ret.node_mac);
-    macs[6..].copy_from_slice(&mac_for_ip(task_addr));
-    // SAFETY: 12 bytes from a local buffer into the Ethernet header.
-    let stored = unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), 0, macs.as_ptr().cast(), 12, 0) };
-    if stored != 0 {
+    if !set_macs(ctx, ret.node_mac, mac_for_ip(task_addr)) {
         return Verdict::PASS;
     }
     // SAFETY: a plain helper call.

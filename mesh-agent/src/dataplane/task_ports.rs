@@ -9,6 +9,7 @@ use std::{collections::BTreeSet, fs, io, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::{
+    Pod,
     maps::{HashMap as BpfHashMap, MapData, MapError},
     programs::TcAttachType,
 };
@@ -135,35 +136,20 @@ impl Dataplane {
             .filter(|v| v.overlay.is_some())
             .map(|v| v.ifindex)
             .collect();
-        let mut map = self.task_ports()?;
-        let stale: Vec<u32> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !ports.contains(k))
-            .collect();
-        for k in stale {
-            match map.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("removing a task port"),
-            }
-        }
+        retain(
+            &mut self.task_ports()?,
+            |k, _| ports.contains(k),
+            "a task port",
+        )?;
         let tasks: BTreeSet<(LocalTaskKey, u32)> = keep
             .iter()
             .filter_map(|v| Some((v.task?, v.ifindex)))
             .collect();
-        let mut map = self.local_tasks()?;
-        let stale: Vec<LocalTaskKey> = map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|e| !tasks.contains(e))
-            .map(|(k, _)| k)
-            .collect();
-        for k in stale {
-            match map.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("removing a local task"),
-            }
-        }
+        retain(
+            &mut self.local_tasks()?,
+            |k, ifindex| tasks.contains(&(*k, *ifindex)),
+            "a local task",
+        )?;
         Ok(())
     }
 
@@ -182,21 +168,11 @@ impl Dataplane {
     /// Removes return-table entries whose connection is over; returns how many.
     pub fn sweep_returns(&mut self, timeouts: &ReturnTimeouts) -> Result<usize> {
         let now = super::monotonic_ns();
-        let mut map = self.returns()?;
-        // Listed first, deleted after: deleting while walking restarts the walk.
-        let doomed: Vec<FlowKey> = map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, e)| return_expired(k.proto, e, now, timeouts))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &doomed {
-            match map.remove(k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("removing a return entry"),
-            }
-        }
-        Ok(doomed.len())
+        retain(
+            &mut self.returns()?,
+            |k, e| !return_expired(k.proto, e, now, timeouts),
+            "a return entry",
+        )
     }
 
     /// Every entry of the return table (for tests and inspection).
@@ -258,6 +234,28 @@ impl Dataplane {
             .context("return map missing from the eBPF object")?;
         Ok(BpfHashMap::try_from(map)?)
     }
+}
+
+/// Removes the entries of `map` that `keep` refuses (`what` one is, for errors); returns how
+/// many went. Listed first, deleted after: deleting while walking restarts the walk.
+fn retain<K: Pod, V: Pod>(
+    map: &mut BpfHashMap<&mut MapData, K, V>,
+    keep: impl Fn(&K, &V) -> bool,
+    what: &str,
+) -> Result<usize> {
+    let doomed: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| !keep(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &doomed {
+        match map.remove(k) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {what}")),
+        }
+    }
+    Ok(doomed.len())
 }
 
 #[cfg(test)]
