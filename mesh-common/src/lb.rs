@@ -246,7 +246,10 @@ pub struct FlowKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Two scalars rather than `[u8; 3]`: the BPF backend turns a store of a 3-byte array
+    // into a call to its byte-loop memset, on every key built.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 /// `Flow::flags`: the entry translates replies (backend -> client).
@@ -300,7 +303,8 @@ impl Flow {
             sport: self.nat_dport,
             dport: self.nat_sport,
             proto: key.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 }
@@ -586,7 +590,8 @@ mod tests {
             sport: 40000,
             dport: 8080,
             proto: IPPROTO_TCP,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         let forward = Flow {
             nat_src: [10, 0, 0, 1],

@@ -18,10 +18,7 @@
 //! TIME_WAIT), idle UDP flows, stale embryos and flows whose backend was removed; the LRUs
 //! evict the least recently used entries under pressure.
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use mesh_common::lb::{
     Embryo, FLOW_EMBRYO, FLOW_FIN, FLOW_REMOTE, FLOW_REPLY, FLOW_RST, FLOW_SEEN, Flow, FlowKey,
     LbConfig, LocalTaskKey, Network, PUBLISH_INGRESS, Reason, ServiceEntry,
@@ -41,11 +38,7 @@ const SNAT_ATTEMPTS: u32 = 8;
 /// entry (and bounce its cache line between CPUs) on every packet.
 const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 
-#[inline(always)]
-pub fn now() -> u64 {
-    // SAFETY: no arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
-}
+pub use crate::clock::now;
 
 /// The entry of `key`, established or embryonic (then with FLOW_EMBRYO set: pass it to
 /// [`handshake`] after translating the packet).

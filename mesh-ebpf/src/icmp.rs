@@ -71,7 +71,8 @@ pub fn quote(ctx: &TcContext, l4: usize) -> Option<(Quote, FlowKey)> {
         sport: u16::from_be_bytes([q.ports[2], q.ports[3]]),
         dport: u16::from_be_bytes([q.ports[0], q.ports[1]]),
         proto: quoted.protocol,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     Some((q, key))
 }

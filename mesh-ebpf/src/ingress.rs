@@ -1,11 +1,16 @@
 //! The routing mesh: TC ingress on the underlay interface and on every network bridge.
 //!
 //! ```text
-//! parse ─┬─ to <node ip>:<published port> ── flow? ─ yes ─────────────── rewrite ─ redirect
-//!        │                                      └─ no ─ new flow (SNAT) ─┘
+//! parse ─┬─ to <node ip> ── flow? ─ yes ──────────────────────────────── rewrite ─ redirect
+//!        │                    └─ no ─ published port? ─ yes ─ new flow ─┘
+//!        │                                             └─ no ─ pass
 //!        ├─ to a SNAT port, or routed through us, with a reply entry ── rewrite ─ redirect
 //!        └─ anything else ── pass untouched
 //! ```
+//!
+//! A TCP SYN asks the service table first (it starts a connection: a retransmitted one finds
+//! its flow there, a reused 5-tuple replaces a finished one); every other packet to the node
+//! asks the flow table first, so an established flow costs one lookup.
 //!
 //! "Routed through us": the frame is addressed to this node's MAC but its IP destination is
 //! another host's (overlay MACs are derived from addresses, so that takes no lookup). That is
@@ -13,6 +18,8 @@
 //!
 //! Redirects bypass the local input path (whose martian-source check would drop a packet
 //! whose new source is one of our own addresses) and take the shortest way out (path.rs).
+
+use core::{mem::MaybeUninit, ptr::write_volatile};
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -27,7 +34,7 @@ use crate::{
     flow, icmp, nat,
     packet::{
         ETH_HLEN, ETH_P_IP, EthHdr, IP_MF_AND_OFFSET, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-        Ipv4Hdr, TCP_ACK, TCP_SYN, TcpHdr, UdpHdr, pull_headers, skb_ptr,
+        Ipv4Hdr, TCP_ACK, TCP_SYN, TcpHdr, UdpHdr, pull_headers, read_mac, skb_ptr,
     },
     path,
     programs::LB_CONFIG,
@@ -81,6 +88,7 @@ impl Verdict {
     }
 }
 
+#[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
     finish(classify(ctx))
 }
@@ -95,7 +103,6 @@ pub(crate) fn finish(v: Verdict) -> i32 {
 }
 
 /// A parsed TCP or UDP over IPv4 packet.
-#[derive(Default)]
 pub(crate) struct Packet {
     pub key: FlowKey,
     /// Offset of the TCP/UDP header.
@@ -104,6 +111,7 @@ pub(crate) struct Packet {
     pub ihl: usize,
     pub tcp_flags: u8,
     pub ttl: u8,
+    _pad: u16,
     /// TCP sequence and acknowledgement numbers (host order): for handshakes of new flows.
     pub seq: u32,
     pub ack: u32,
@@ -112,6 +120,41 @@ pub(crate) struct Packet {
 }
 
 impl Packet {
+    /// A packet with every field zero, written in place in `slot` field by field with
+    /// volatile stores: LLVM would merge the plain stores of a `Default` (or the copy of a
+    /// returned value) into a memset, which the BPF backend turns into a call to a loop over
+    /// bytes, on every packet.
+    #[inline(always)]
+    pub fn zeroed(slot: &mut MaybeUninit<Self>) -> &mut Self {
+        let q = slot.as_mut_ptr();
+        // SAFETY: every field is written before the reference is made; the struct has no
+        // padding (checked below), so no byte of it stays uninitialized.
+        unsafe {
+            write_volatile(&raw mut (*q).key.src, [0; 4]);
+            write_volatile(&raw mut (*q).key.dst, [0; 4]);
+            write_volatile(&raw mut (*q).key.sport, 0);
+            write_volatile(&raw mut (*q).key.dport, 0);
+            write_volatile(&raw mut (*q).key.proto, 0);
+            write_volatile(&raw mut (*q).key._pad, 0);
+            write_volatile(&raw mut (*q).key._pad2, 0);
+            write_volatile(&raw mut (*q).l4, 0);
+            write_volatile(&raw mut (*q).ihl, 0);
+            write_volatile(&raw mut (*q).tcp_flags, 0);
+            write_volatile(&raw mut (*q).ttl, 0);
+            write_volatile(&raw mut (*q)._pad, 0);
+            write_volatile(&raw mut (*q).seq, 0);
+            write_volatile(&raw mut (*q).ack, 0);
+            // Arrays byte by byte: a volatile array store is a memset too.
+            let src = (&raw mut (*q).src_mac).cast::<u8>();
+            let dst = (&raw mut (*q).dst_mac).cast::<u8>();
+            for i in 0..6 {
+                write_volatile(src.add(i), 0);
+                write_volatile(dst.add(i), 0);
+            }
+            slot.assume_init_mut()
+        }
+    }
+
     /// Whether the frame was sent to a router rather than to its IP destination: its
     /// Ethernet destination is not the overlay MAC of that address.
     #[inline(always)]
@@ -127,6 +170,7 @@ impl Packet {
     }
 }
 
+#[inline(always)]
 fn classify(ctx: &TcContext) -> Verdict {
     let Some(cfg) = LB_CONFIG.get(0) else {
         return Verdict::PASS;
@@ -134,8 +178,9 @@ fn classify(ctx: &TcContext) -> Verdict {
     if u32::from_ne_bytes(cfg.node_ip) == 0 {
         return Verdict::PASS;
     }
-    let mut pkt = Packet::default();
-    let v = parse(ctx, cfg, &mut pkt);
+    let mut slot = MaybeUninit::uninit();
+    let pkt = Packet::zeroed(&mut slot);
+    let v = parse(ctx, cfg, pkt);
     if v.action == ICMP {
         return icmp::relay(ctx, pkt.l4);
     }
@@ -143,16 +188,13 @@ fn classify(ctx: &TcContext) -> Verdict {
         return v;
     }
     if pkt.key.dst == cfg.node_ip {
-        return match service::published(pkt.key.proto, pkt.key.dport) {
-            Some(svc) => forward(ctx, &pkt, &svc, cfg),
-            None => unpublished(ctx, &pkt),
-        };
+        return to_node(ctx, pkt, cfg);
     }
     // Replies are addressed to a SNAT port (SNAT flows) or routed through this node
     // (client-address flows): everything else skips the flow lookup.
     if (pkt.key.dport >= cfg.snat_port_min && pkt.key.dport <= cfg.snat_port_max) || pkt.routed_to()
     {
-        return reply(ctx, &pkt);
+        return reply(ctx, pkt);
     }
     Verdict::PASS
 }
@@ -175,23 +217,54 @@ pub(crate) fn reply(ctx: &TcContext, pkt: &Packet) -> Verdict {
     translate(ctx, pkt, entry, Reason::Replied, false)
 }
 
-/// A packet to a port of the node that no service publishes: it may belong to a flow of a
-/// port that was published when the flow began. Established connections finish (a port's
-/// removal drains it, as a task's does); new ones are the kernel's, which has no socket
-/// there and refuses them. A TCP SYN starts a new connection, so it skips the lookup (the
-/// node's own listeners pay nothing for it).
+/// A packet to the node's address. One that continues a flow is translated on its flow
+/// entry alone, before the service table is read: the flow outlives what it was created
+/// for (a removed port or service drains its established connections, as a task's removal
+/// does), and an established packet then costs one lookup. Only a TCP SYN skips it: it starts
+/// a new connection (a published port's flow or the node's own listener, which pays nothing
+/// for the routing mesh). Without a flow, a published port starts one and anything else is
+/// the kernel's: it has no socket at a published port's old number and refuses.
 #[inline(always)]
-fn unpublished(ctx: &TcContext, pkt: &Packet) -> Verdict {
-    if pkt.key.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        return Verdict::PASS;
+fn to_node(ctx: &TcContext, pkt: &Packet, cfg: &LbConfig) -> Verdict {
+    let mut svc = None;
+    if let Some(entry) = node_flow(pkt, &mut svc) {
+        return translate(ctx, pkt, entry, Reason::Forwarded, false);
     }
-    match flow::lookup(&pkt.key) {
-        // SAFETY: pointer into the flow table.
-        Some(entry) if unsafe { (*entry).flags } & FLOW_REPLY == 0 => {
-            translate(ctx, pkt, entry, Reason::Forwarded, false)
+    match svc {
+        Some(svc) => new_flow(ctx, pkt, &svc, cfg),
+        None => Verdict::PASS,
+    }
+}
+
+/// The flow a packet to the node continues, if any; else `svc` is the service of its
+/// published port, if any (one place for both, so the program has one translation and one
+/// flow creation on this path).
+#[inline(always)]
+fn node_flow(pkt: &Packet, svc: &mut Option<ServiceEntry>) -> Option<*mut Flow> {
+    let syn_only = pkt.key.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if !syn_only {
+        match flow::lookup(&pkt.key) {
+            // SAFETY: pointer into the flow table.
+            Some(entry) if unsafe { (*entry).flags } & FLOW_REPLY == 0 => return Some(entry),
+            // A reply entry keyed to the node's own address is not one the routing mesh
+            // makes (SNAT ports are on network addresses): the service decides, as for a
+            // SYN.
+            Some(_) => {}
+            None => {
+                *svc = service::published(pkt.key.proto, pkt.key.dport);
+                return None;
+            }
         }
-        _ => Verdict::PASS,
     }
+    *svc = service::published(pkt.key.proto, pkt.key.dport);
+    svc.as_ref()?;
+    let entry = flow::lookup(&pkt.key)?;
+    if syn_only && flow::is_finished(&pkt.key, entry) {
+        // The client reuses the port of a finished connection: start over.
+        flow::forget(&pkt.key, entry);
+        return None;
+    }
+    Some(entry)
 }
 
 /// Whether a task's packet routed through this node answers a new connection the routing
@@ -226,6 +299,12 @@ pub(crate) fn parse(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdic
     Verdict::pass(Reason::Truncated)
 }
 
+// Packet::new() writes every field: there must be no padding between them.
+const _: () = assert!(
+    core::mem::size_of::<Packet>()
+        == core::mem::size_of::<FlowKey>() + 2 * core::mem::size_of::<usize>() + 4 + 8 + 12
+);
+
 /// `Verdict::action` from parse: an unfragmented ICMP packet (`Packet::l4` is its ICMP
 /// header; no ports).
 pub(crate) const ICMP: i32 = -3;
@@ -252,8 +331,8 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
     }
     // SAFETY: as above.
     unsafe {
-        pkt.src_mac = (*eth).src;
-        pkt.dst_mac = (*eth).dst;
+        pkt.src_mac = read_mac(&(*eth).src);
+        pkt.dst_mac = read_mac(&(*eth).dst);
     }
     let Some(ip) = skb_ptr::<Ipv4Hdr>(ctx, ETH_HLEN) else {
         return SHORT_VERDICT;
@@ -338,19 +417,11 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
     Verdict::CONTINUE
 }
 
-/// A packet to a published port: an existing flow, or a new one.
+/// A packet to a published port that no flow knows: the first of a new flow, or refused.
 #[inline(always)]
-fn forward(ctx: &TcContext, pkt: &Packet, svc: &ServiceEntry, cfg: &LbConfig) -> Verdict {
+fn new_flow(ctx: &TcContext, pkt: &Packet, svc: &ServiceEntry, cfg: &LbConfig) -> Verdict {
     let tcp = pkt.key.proto == IPPROTO_TCP;
-    let syn_only = tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(entry) = flow::lookup(&pkt.key) {
-        if !(syn_only && flow::is_finished(&pkt.key, entry)) {
-            return translate(ctx, pkt, entry, Reason::Forwarded, false);
-        }
-        // The client reuses the port of a finished connection: start over.
-        flow::forget(&pkt.key, entry);
-    }
-    if tcp && !syn_only {
+    if tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         // Mid-connection packet with no flow (evicted, or never ours): the kernel has no
         // socket on the published port and answers RST, which tells the client quickly.
         return Verdict::pass(Reason::NotSyn);
@@ -422,25 +493,22 @@ fn rewrite_and_redirect(
 /// Whether the IPv4 header (with options) sums to 0xffff.
 #[inline(always)]
 fn ip_checksum_ok(ctx: &TcContext, ihl: usize) -> bool {
-    let mut words = [0u32; 15];
+    // Uninitialized: the helper writes the `len` bytes the sum reads (a zeroed array would
+    // cost a call to the BPF memset on every new flow).
+    let mut words = MaybeUninit::<[u32; 15]>::uninit();
+    let words = words.as_mut_ptr().cast::<u32>();
     let len = (ihl & 0x3c) as u32;
     if len < 20 {
         return false;
     }
     // SAFETY: `words` is 60 bytes and `len` at most 60.
-    let loaded = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            ETH_HLEN as u32,
-            words.as_mut_ptr().cast(),
-            len,
-        )
-    };
+    let loaded =
+        unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), ETH_HLEN as u32, words.cast(), len) };
     if loaded != 0 {
         return false;
     }
     // SAFETY: as above.
-    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, words.as_mut_ptr(), len, 0) };
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, words, len, 0) };
     if sum < 0 {
         return false;
     }

@@ -8,6 +8,8 @@
 #[cfg(target_arch = "bpf")]
 mod atomic;
 #[cfg(target_arch = "bpf")]
+mod clock;
+#[cfg(target_arch = "bpf")]
 mod flow;
 #[cfg(target_arch = "bpf")]
 mod icmp;
@@ -96,6 +98,10 @@ mod programs {
     #[map(name = "LB_BE_COUNTERS")]
     pub static LB_BE_COUNTERS: PerCpuArray<TrafficCounters> =
         PerCpuArray::pinned(DEFAULT_MAX_BACKENDS + 1, 0);
+    /// This CPU's coarse clock and the tick it was read at (see clock.rs): a cache, so not
+    /// pinned.
+    #[map(name = "LB_CLOCK")]
+    pub static LB_CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
     #[map(name = "LB_STATS")]
     pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_LEN, 0);
 

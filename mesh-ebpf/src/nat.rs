@@ -1,9 +1,10 @@
 //! Address and port translation with incremental checksum updates.
 //!
-//! Checksums are never recomputed or zeroed: the differences of the rewritten words are fed
-//! to bpf_l3_csum_replace / bpf_l4_csum_replace, which also keep `skb->csum` right for
-//! CHECKSUM_COMPLETE packets and only touch the pseudo-header seed for CHECKSUM_PARTIAL ones
-//! (what veth hands us). A UDP checksum of 0 means "none" and stays 0
+//! Checksums are never recomputed or zeroed: the differences of the rewritten words update
+//! them incrementally. The IPv4 header's is updated in place; the TCP/UDP one by
+//! bpf_l4_csum_replace, which also keeps `skb->csum` right for CHECKSUM_COMPLETE packets and
+//! only touches the pseudo-header seed for CHECKSUM_PARTIAL ones (what veth hands us), a
+//! state a program cannot read. A UDP checksum of 0 means "none" and stays 0
 //! (BPF_F_MARK_MANGLED_0, which also turns a computed 0 into 0xffff).
 //!
 //! The new addresses and ports are written directly into the packet (the verifier makes a
@@ -16,9 +17,7 @@ use aya_ebpf::{
 };
 use mesh_common::lb::{Flow, FlowKey};
 
-use crate::packet::{
-    ETH_HLEN, IP_CHECK_OFFSET, IPPROTO_UDP, Ipv4Hdr, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, skb_ptr,
-};
+use crate::packet::{ETH_HLEN, IPPROTO_UDP, Ipv4Hdr, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, skb_ptr};
 
 /// Rewrites the packet's 5-tuple from `key` to the flow's translation. `l4` is the offset of
 /// the TCP/UDP header. On error the packet may be half rewritten and must be dropped.
@@ -85,10 +84,13 @@ fn translate(
                 u32::from(u16::from_ne_bytes([new, 0])),
             ));
         }
+        // The IPv4 header checksum, updated here rather than by bpf_l3_csum_replace: that
+        // helper does no more than this (the header's sum is unchanged by a correct update,
+        // so `skb->csum` never needs it), and a helper call costs more than the arithmetic.
+        let old = u16::from_ne_bytes((*ip).check);
+        (*ip).check = fold(add(ip_diff as u32, !u32::from(old))).to_ne_bytes();
     }
 
-    // Only the IPv4 header covers the TTL; the TCP/UDP checksum does not.
-    ctx.l3_csum_replace(ETH_HLEN + IP_CHECK_OFFSET, 0, ip_diff, 0)?;
     // The addresses are part of the TCP/UDP pseudo-header.
     ctx.l4_csum_replace(
         l4_check,
@@ -114,6 +116,15 @@ fn ports_word(sport: u16, dport: u16) -> u32 {
 fn diff2(old: [u32; 2], new: [u32; 2]) -> u64 {
     let sum = add(add(add(!old[0], !old[1]), new[0]), new[1]);
     u64::from(sum)
+}
+
+/// A 32-bit partial sum folded to 16 bits and complemented: a checksum field's value (what
+/// the kernel's csum_fold does).
+#[inline(always)]
+fn fold(sum: u32) -> u16 {
+    let s = (sum & 0xffff) + (sum >> 16);
+    let s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
 }
 
 #[inline(always)]

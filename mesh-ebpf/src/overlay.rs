@@ -14,6 +14,8 @@
 //! addressed to tasks' own MACs and costs one parse. SNAT replies (addressed to this node's
 //! address on the network, so not routed) still take the bridge.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::programs::TcContext;
 
 use crate::{
@@ -31,14 +33,15 @@ fn classify(ctx: &TcContext) -> Verdict {
     let Some(cfg) = LB_CONFIG.get(0) else {
         return Verdict::PASS;
     };
-    let mut pkt = Packet::default();
-    let v = ingress::parse(ctx, cfg, &mut pkt);
+    let mut slot = MaybeUninit::uninit();
+    let pkt = Packet::zeroed(&mut slot);
+    let v = ingress::parse(ctx, cfg, pkt);
     if !pkt.routed_to() {
         return Verdict::PASS;
     }
     match v.action {
         ICMP => icmp::relay(ctx, pkt.l4),
-        CONTINUE => ingress::reply(ctx, &pkt),
+        CONTINUE => ingress::reply(ctx, pkt),
         _ => Verdict::PASS,
     }
 }

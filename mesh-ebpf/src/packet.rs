@@ -2,10 +2,7 @@
 //! pointers. All fields are byte arrays, so the structs have alignment 1 and can be copied
 //! out of any offset.
 
-use aya_ebpf::{
-    helpers::bpf_skb_store_bytes,
-    programs::{TcContext, XdpContext},
-};
+use aya_ebpf::programs::{TcContext, XdpContext};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -22,7 +19,6 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// Offsets of the checksum fields inside their headers.
-pub const IP_CHECK_OFFSET: usize = 10;
 pub const TCP_CHECK_OFFSET: usize = 16;
 pub const UDP_CHECK_OFFSET: usize = 6;
 
@@ -49,14 +45,33 @@ pub fn skb_ptr<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// Writes the frame's destination and source MACs; returns whether it could.
+/// Writes the frame's destination and source MACs; returns whether it could. Direct stores,
+/// byte by byte: no helper call, and no call into the BPF copy routines (which loop over
+/// bytes) that a slice copy would compile to.
 #[inline(always)]
 pub fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> bool {
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&dst);
-    macs[6..].copy_from_slice(&src);
-    // SAFETY: 12 bytes from a local buffer into the Ethernet header.
-    unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), 0, macs.as_ptr().cast(), 12, 0) == 0 }
+    let Some(eth) = skb_ptr::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: a bounds-checked pointer into the packet; the verifier makes a cloned skb
+    // private before a program that writes packet data runs.
+    unsafe {
+        let d = (*eth).dst.as_mut_ptr();
+        let s = (*eth).src.as_mut_ptr();
+        for i in 0..6 {
+            *d.add(i) = dst[i];
+            *s.add(i) = src[i];
+        }
+    }
+    true
+}
+
+/// The six bytes of a MAC address in the packet, read one by one for the same reason.
+#[inline(always)]
+pub fn read_mac(mac: *const [u8; 6]) -> [u8; 6] {
+    let b = mac.cast::<u8>();
+    // SAFETY: the caller's pointer is bounds-checked and six bytes long.
+    unsafe { [*b, *b.add(1), *b.add(2), *b.add(3), *b.add(4), *b.add(5)] }
 }
 
 /// Ethernet, the longest IPv4 header and a TCP header without options.

@@ -4,13 +4,13 @@
 //! Entries never time out here; the agent's sweep removes closed and idle ones, and the LRU
 //! bounds the table under pressure.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use mesh_common::lb::{
     FLOW_REPLY, FlowKey, RETURN_FIN_IN, RETURN_FIN_OUT, RETURN_LOCAL, RETURN_RST, Reason,
     ReturnEntry, return_key,
 };
 
 use crate::{
+    clock::now,
     flow,
     packet::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     programs::LB_RETURNS,
@@ -150,10 +150,4 @@ fn touch(e: &mut ReturnEntry, flags: u16, now: u64) {
     if now.wrapping_sub(e.last_seen) > TOUCH_INTERVAL_NS {
         e.last_seen = now;
     }
-}
-
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: no arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
 }

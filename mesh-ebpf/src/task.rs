@@ -18,6 +18,8 @@
 //! there (ingress.rs), which restores the published address: the path is symmetric, so the
 //! underlay never sees the task's or the client's address as a source it did not route.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect, programs::TcContext};
 use mesh_common::lb::{FLOW_REPLY, Flow, RETURN_LOCAL, Reason, ReturnEntry, mac_for_ip};
 
@@ -45,8 +47,9 @@ fn learn(ctx: &TcContext) {
     let Some(cfg) = LB_CONFIG.get(0) else {
         return;
     };
-    let mut pkt = Packet::default();
-    if ingress::parse(ctx, cfg, &mut pkt).action != CONTINUE || !pkt.routed_from() {
+    let mut slot = MaybeUninit::uninit();
+    let pkt = Packet::zeroed(&mut slot);
+    if ingress::parse(ctx, cfg, pkt).action != CONTINUE || !pkt.routed_from() {
         return;
     }
     // SAFETY: reading the ifindex field of our own context.
@@ -73,10 +76,11 @@ fn steer(ctx: &TcContext) -> Verdict {
     let Some(cfg) = LB_CONFIG.get(0) else {
         return Verdict::PASS;
     };
-    let mut pkt = Packet::default();
-    let v = ingress::parse(ctx, cfg, &mut pkt);
+    let mut slot = MaybeUninit::uninit();
+    let pkt = Packet::zeroed(&mut slot);
+    let v = ingress::parse(ctx, cfg, pkt);
     if v.action == ICMP && pkt.routed_to() {
-        return icmp_error(ctx, &pkt);
+        return icmp_error(ctx, pkt);
     }
     if v.action != CONTINUE {
         // Fragments and malformed packets of the task are not ours to count.
@@ -97,7 +101,7 @@ fn steer(ctx: &TcContext) -> Verdict {
         return match flow::lookup(&reply) {
             // SAFETY: pointer into the flow table.
             Some(f) if (unsafe { (*f).flags } & FLOW_REPLY) != 0 => {
-                ingress::translate(ctx, &pkt, f, Reason::Replied, false)
+                ingress::translate(ctx, pkt, f, Reason::Replied, false)
             }
             // The flow is gone (swept or evicted): the task's own routes decide.
             _ => Verdict::PASS,
