@@ -213,6 +213,26 @@ fn udp_flows_are_balanced_and_a_missing_udp_checksum_stays_missing() {
     assert!(p.ip_checksum_ok());
 }
 
+/// Overlay packets are most of what nodes send each other; the program passes them before
+/// any lookup. Even a table that (wrongly) published the VXLAN port could not capture them:
+/// the agent refuses that port, and the program does not look.
+#[test]
+fn overlay_packets_to_the_node_pass_untouched_even_if_their_port_were_published() {
+    let mut lab = Lab::new();
+    let mut s = service("vxlan", mesh_common::lb::VXLAN_PORT, 53, &BACKENDS);
+    s.ports[0].proto = mesh_agent::lb::Protocol::Udp;
+    lab.apply(&[s]);
+
+    let overlay = udp(CLIENT, 40000, NODE_IP, mesh_common::lb::VXLAN_PORT)
+        .payload(&[8, 0, 0, 0, 0, 16, 0, 0])
+        .bytes();
+    let (verdict, out) = lab.run_raw(&overlay);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, overlay, "passed untouched");
+    assert_eq!(lab.reason(Reason::NewFlow), 0, "no flow created");
+    assert_eq!(lab.reason(Reason::Forwarded), 0);
+}
+
 #[test]
 fn ip_options_move_the_transport_header_and_are_handled() {
     let mut lab = Lab::new();

@@ -100,6 +100,10 @@ pub const DEFAULT_SNAT_PORT_MAX: u16 = 32_767;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
+/// The UDP port of the overlay (IANA VXLAN), on every node's underlay address. It cannot be
+/// published, so the routing mesh passes overlay packets without looking them up.
+pub const VXLAN_PORT: u16 = 4789;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LbConfig {

@@ -27,7 +27,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mesh_common::lb::{
-    FLOW_EMBRYO, FLOW_REPLY, Flow, FlowKey, LbConfig, Reason, ServiceEntry, mac_for_ip,
+    FLOW_EMBRYO, FLOW_REPLY, Flow, FlowKey, LbConfig, Reason, ServiceEntry, VXLAN_PORT, mac_for_ip,
 };
 
 use crate::{
@@ -188,6 +188,11 @@ fn classify(ctx: &TcContext) -> Verdict {
         return v;
     }
     if pkt.key.dst == cfg.node_ip {
+        if pkt.key.proto == IPPROTO_UDP && pkt.key.dport == VXLAN_PORT {
+            // The overlay's own packets (the agent refuses to publish its port): most of
+            // what the underlay carries between nodes, so they skip both lookups.
+            return Verdict::PASS;
+        }
         return to_node(ctx, pkt, cfg);
     }
     // Replies are addressed to a SNAT port (SNAT flows) or routed through this node

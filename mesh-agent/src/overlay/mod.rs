@@ -43,8 +43,7 @@ pub use firewall::NFT_TABLE;
 pub const BRIDGE_PREFIX: &str = "mbr";
 /// Prefix of the per-network VXLAN devices (`mvx<vni>`); names with it are owned by the agent.
 pub const VXLAN_PREFIX: &str = "mvx";
-/// IANA VXLAN port.
-pub const VXLAN_PORT: u16 = 4789;
+pub use mesh_common::lb::VXLAN_PORT;
 /// Outer Ethernet (14) + IPv4 (20) + UDP (8) + VXLAN (8) headers.
 pub const VXLAN_OVERHEAD: u32 = 50;
 /// VNIs below this are left to other tools (Docker Swarm starts at 4096 too).
