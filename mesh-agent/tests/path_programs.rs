@@ -17,7 +17,7 @@ use lab::{
     service_in, tcp, udp,
 };
 use mesh_agent::lb::PublishMode;
-use mesh_common::lb::{FLOW_REMOTE, FLOW_REPLY, LocalTaskKey, RETURN_LOCAL, mac_for_ip};
+use mesh_common::lb::{FLOW_REMOTE, FLOW_REPLY, LocalTaskKey, RETURN_LOCAL, TaskPort, mac_for_ip};
 
 /// The task's host veth in the test runs (the kernel's loopback).
 const VETH: u32 = 1;
@@ -249,4 +249,83 @@ fn the_tasks_own_overlay_traffic_passes_the_vxlan_device_untouched_and_uncounted
         assert_eq!(r.data, frame, "untouched: {p:?}");
     }
     assert_eq!(lab.dp.lb().reasons().unwrap(), before, "nothing counted");
+}
+
+/// Another node's bridge, which routed a client-address flow's packet onto the network.
+const OTHER_NODE_MAC: [u8; 6] = [0x02, 0x42, 10, 0, 0, 2];
+
+/// The receiving side of the remote path: a packet another node's routing mesh sent to a
+/// task here enters the task from the VXLAN device (no bridge), and the return the task's
+/// veth would have learned is learned there, so the task's reply goes back to that node.
+#[test]
+fn a_packet_another_node_routed_to_a_task_here_enters_it_from_the_vxlan_device() {
+    let mut lab = lab(PublishMode::Ingress, true, &BACKENDS[..1]);
+    lab.dp
+        .put_task_port(
+            VETH,
+            TaskPort {
+                node_mac: mac(NET_ADDR),
+                _pad: [0; 2],
+                vxlan_ifindex: VXLAN_IFINDEX,
+            },
+        )
+        .unwrap();
+    let b = BACKENDS[0];
+    let before = lab.dp.lb().reasons().unwrap();
+    let routed = tcp(CLIENT, 40000, b, 80).syn().macs(OTHER_NODE_MAC, mac(b));
+    let frame = routed.bytes();
+    let r = lab
+        .dp
+        .test_run_from_overlay(&frame, Default::default())
+        .unwrap();
+    assert_eq!(r.retval, TC_ACT_REDIRECT, "straight into the task");
+    assert_eq!(
+        r.data, frame,
+        "delivered as it came: the other node translated it"
+    );
+    assert_eq!(
+        lab.dp.lb().reasons().unwrap(),
+        before,
+        "counted by the node that routed it"
+    );
+
+    let returns = lab.dp.returns_table().unwrap();
+    assert_eq!(returns.len(), 1, "{returns:?}");
+    let (k, e) = returns[0];
+    assert_eq!(
+        (k.src, k.sport, k.dst, k.dport),
+        (b.octets(), 80, CLIENT.octets(), 40000)
+    );
+    assert_eq!(e.flags & RETURN_LOCAL, 0, "came in through another node");
+    assert_eq!((e.node_mac, e.ifindex), (OTHER_NODE_MAC, VXLAN_IFINDEX));
+
+    // The task's reply, sent to its gateway, goes back into the overlay to that node.
+    let reply = tcp(b, 80, CLIENT, 40000).syn().ack(1).macs(mac(b), GW_MAC);
+    let (verdict, out) = lab.run_from_task(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let f = Frame::parse(&out);
+    assert_eq!((f.src, f.dst), (b, CLIENT), "addresses untouched");
+    assert_eq!((f.src_mac(), f.dst_mac()), (mac(b), OTHER_NODE_MAC));
+}
+
+#[test]
+fn routed_packets_for_tasks_this_node_does_not_know_take_the_bridge() {
+    // No local task: the address is another node's, or a task this node lost.
+    let mut lab_no_task = lab(PublishMode::Ingress, true, &[]);
+    // A local task, but the network has no VXLAN device in the table.
+    let mut lab_no_overlay = lab(PublishMode::Ingress, false, &BACKENDS[..1]);
+    for lab in [&mut lab_no_task, &mut lab_no_overlay] {
+        let b = BACKENDS[0];
+        let frame = tcp(CLIENT, 40000, b, 80)
+            .syn()
+            .macs(OTHER_NODE_MAC, mac(b))
+            .bytes();
+        let r = lab
+            .dp
+            .test_run_from_overlay(&frame, Default::default())
+            .unwrap();
+        assert_eq!(r.retval, lab::TC_ACT_OK);
+        assert_eq!(r.data, frame);
+        assert!(lab.dp.returns_table().unwrap().is_empty());
+    }
 }

@@ -69,6 +69,9 @@ pub const TASK_PORTS_MAP: &str = "LB_TASK_PORTS";
 /// task's host veth there: a flow to a local task enters the task's namespace straight from
 /// the interface it arrived on (bpf_redirect_peer), without the bridge.
 pub const LOCAL_TASKS_MAP: &str = "LB_LOCAL_TASKS";
+/// A network's VXLAN device on this node (ifindex) → the network's id: which network a
+/// frame from another node belongs to, to find its task in [`LOCAL_TASKS_MAP`].
+pub const OVERLAYS_MAP: &str = "LB_OVERLAYS";
 pub const RETURNS_MAP: &str = "LB_RETURNS";
 /// How many task ports (a task's attachment to an overlay network) one node can have.
 pub const MAX_TASK_PORTS: u32 = 16_384;

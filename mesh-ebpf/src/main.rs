@@ -115,6 +115,9 @@ mod programs {
     /// A local task's address on a network → its host veth there (the same ports).
     #[map(name = "LB_LOCAL_TASKS")]
     pub static LB_LOCAL_TASKS: HashMap<LocalTaskKey, u32> = HashMap::pinned(MAX_TASK_PORTS, 0);
+    /// A network's VXLAN device → the network (the LB_NETWORKS key).
+    #[map(name = "LB_OVERLAYS")]
+    pub static LB_OVERLAYS: HashMap<u32, u32> = HashMap::pinned(4096, 0);
     /// Client-address connections of local tasks → the node their replies go back to.
     #[map(name = "LB_RETURNS")]
     pub static LB_RETURNS: LruHashMap<FlowKey, ReturnEntry> =

@@ -21,7 +21,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect, programs::TcContext};
-use mesh_common::lb::{FLOW_REPLY, Flow, RETURN_LOCAL, Reason, ReturnEntry, mac_for_ip};
+use mesh_common::lb::{FLOW_REPLY, Flow, RETURN_LOCAL, Reason, ReturnEntry, TaskPort, mac_for_ip};
 
 use crate::{
     flow, icmp,
@@ -54,9 +54,17 @@ fn learn(ctx: &TcContext) {
     }
     // SAFETY: reading the ifindex field of our own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(port) = (unsafe { LB_TASK_PORTS.get(&ifindex) }) else {
-        return;
-    };
+    // SAFETY: plain data.
+    if let Some(port) = unsafe { LB_TASK_PORTS.get(&ifindex) } {
+        arrived(pkt, port);
+    }
+}
+
+/// Learns the return of a packet routed onto the network by a node (`pkt.routed_from()`)
+/// that is about to reach the local task behind `port`: here on its veth, or on the VXLAN
+/// device when overlay.rs sends it straight in.
+#[inline(always)]
+pub(crate) fn arrived(pkt: &Packet, port: &TaskPort) {
     let origin = Origin {
         local: pkt.src_mac == port.node_mac,
         node_mac: pkt.src_mac,

@@ -182,6 +182,62 @@ fn the_routing_mesh_skips_the_bridge_to_local_and_remote_tasks_and_back() {
     }
 }
 
+/// Packets the bridge of app sent out of its task ports on `h` (the tasks' host-side veths;
+/// the VXLAN device is a port too, and is left out).
+fn to_task_ports(h: &Host) -> u64 {
+    let addrs: Value =
+        serde_json::from_str(&h.ns.sh("ip -j addr show to 10.10.0.0/24").unwrap()).unwrap();
+    let bridge = addrs[0]["ifname"].as_str().unwrap().to_owned();
+    let ports: Value = serde_json::from_str(
+        &h.ns
+            .sh(&format!("ip -s -j link show master {bridge}"))
+            .unwrap(),
+    )
+    .unwrap();
+    ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| !p["ifname"].as_str().unwrap_or("").starts_with("mvx"))
+        .map(|p| p["stats64"]["tx"]["packets"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn the_tasks_node_takes_packets_another_node_routed_straight_into_the_task() {
+    let c = cluster(&["8080:80", "published=8081,target=80,mode=snat"]);
+    const CONNECTIONS: usize = 40;
+    let backends = [c.host(1), c.host(2)];
+    let count = || backends.map(to_task_ports);
+    // Host 3 has no task: every connection through it goes to another node's task.
+    let before = count();
+    let seen = ask(&c, CONNECTIONS, http_seen, addr(c.host(3), 8080));
+    let after = count();
+    assert_eq!(tasks(&seen), BTreeSet::from(["web-1", "web-2"]));
+    for s in &seen {
+        assert_eq!(s.client, s.local, "the client's own address: {s:?}");
+    }
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        // Each connection is at least 4 packets to its task; what is left is the node's own
+        // traffic with its task (ARP, say).
+        assert!(
+            a - b < CONNECTIONS as u64 / 2,
+            "{} packets through the bridge of host{} to its task",
+            a - b,
+            i + 1
+        );
+    }
+    // The same count sees packets that do take the bridge: SNAT ones come from host 3's
+    // address on the network, like any task-to-task traffic.
+    ask(&c, CONNECTIONS, http_seen, addr(c.host(3), 8081));
+    let snat = count();
+    let bridged: u64 = snat.iter().zip(&after).map(|(s, a)| s - a).sum();
+    assert!(
+        bridged >= 4 * CONNECTIONS as u64,
+        "only {bridged} packets of {CONNECTIONS} SNAT connections counted on the task ports"
+    );
+}
+
 #[test]
 fn keep_alive_and_short_connections_through_a_node_without_tasks_are_all_answered() {
     let c = cluster(&["8080:80"]);

@@ -65,8 +65,9 @@ impl LoadBalancer {
             })
             .collect();
         for (id, net) in &networks {
-            if self.networks.get(id) != Some(net) {
-                self.maps.put_network(*id, *net)?;
+            let old = self.networks.get(id).copied();
+            if old != Some(*net) {
+                self.maps.put_network(*id, *net, old)?;
                 self.networks.insert(*id, *net);
             }
         }
@@ -82,8 +83,9 @@ impl LoadBalancer {
             .copied()
             .collect();
         for id in unused {
-            self.maps.del_network(id)?;
-            self.networks.remove(&id);
+            if let Some(old) = self.networks.remove(&id) {
+                self.maps.del_network(id, old)?;
+            }
         }
         let ops = self.maps.ops;
         if ops.total() > 0 {

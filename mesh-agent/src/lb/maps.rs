@@ -10,7 +10,7 @@ use aya::{
 };
 use mesh_common::lb::{
     BACKEND_COUNTERS_MAP, BACKENDS_MAP, Backend, CONFIG_MAP, EMBRYOS_MAP, Embryo, FLOWS_MAP, Flow,
-    FlowKey, LbConfig, NETWORKS_MAP, Network, RR_MAP, Reason, SERVICE_COUNTERS_MAP,
+    FlowKey, LbConfig, NETWORKS_MAP, Network, OVERLAYS_MAP, RR_MAP, Reason, SERVICE_COUNTERS_MAP,
     SERVICE_STATE_MAP, SERVICES_MAP, SLOTS_MAP, SNAT_RESERVED_MAP, SOCK_FWD_MAP, SOCK_REV_MAP,
     STATS_MAP, ServiceEntry, ServiceKey, ServiceState, SlotKey, SockKey, SockTarget,
     TrafficCounters,
@@ -37,6 +37,8 @@ pub(super) struct Maps {
     slots: HashMap<MapData, SlotKey, u32>,
     backends: Array<MapData, Backend>,
     networks: HashMap<MapData, u32, Network>,
+    /// VXLAN device → network: kept by the network writes below, so it always matches.
+    overlays: HashMap<MapData, u32, u32>,
     rr: Array<MapData, u64>,
     pub(super) flows: HashMap<MapData, FlowKey, Flow>,
     embryos: HashMap<MapData, FlowKey, Embryo>,
@@ -56,7 +58,7 @@ pub(super) struct Maps {
 /// programs and the agent disagree about every entry.
 pub(crate) fn check_pinned_layouts(pin_dir: &Path) -> Result<()> {
     use std::mem::size_of;
-    let expected: [(&str, usize, usize); 15] = [
+    let expected: [(&str, usize, usize); 16] = [
         (CONFIG_MAP, 4, size_of::<LbConfig>()),
         (
             SERVICES_MAP,
@@ -67,6 +69,7 @@ pub(crate) fn check_pinned_layouts(pin_dir: &Path) -> Result<()> {
         (SLOTS_MAP, size_of::<SlotKey>(), 4),
         (BACKENDS_MAP, 4, size_of::<Backend>()),
         (NETWORKS_MAP, 4, size_of::<Network>()),
+        (OVERLAYS_MAP, 4, 4),
         (RR_MAP, 4, 8),
         (FLOWS_MAP, size_of::<FlowKey>(), size_of::<Flow>()),
         (EMBRYOS_MAP, size_of::<FlowKey>(), size_of::<Embryo>()),
@@ -131,6 +134,7 @@ impl Maps {
             slots: take(ebpf, SLOTS_MAP)?,
             backends: take(ebpf, BACKENDS_MAP)?,
             networks: take(ebpf, NETWORKS_MAP)?,
+            overlays: take(ebpf, OVERLAYS_MAP)?,
             rr: take(ebpf, RR_MAP)?,
             flows: take(ebpf, FLOWS_MAP)?,
             embryos: take(ebpf, EMBRYOS_MAP)?,
@@ -202,17 +206,50 @@ impl Maps {
             .with_context(|| format!("writing {BACKENDS_MAP}[{id}]"))
     }
 
-    pub(super) fn put_network(&mut self, id: u32, net: Network) -> Result<()> {
+    /// Writes network `id` as `net` (replacing `old`), and its VXLAN device's entry in
+    /// LB_OVERLAYS.
+    pub(super) fn put_network(
+        &mut self,
+        id: u32,
+        net: Network,
+        old: Option<Network>,
+    ) -> Result<()> {
         self.ops.updates += 1;
         self.networks
             .insert(id, net, 0)
-            .with_context(|| format!("writing network {id} to {NETWORKS_MAP}"))
+            .with_context(|| format!("writing network {id} to {NETWORKS_MAP}"))?;
+        if let Some(old) = old
+            && old.vxlan_ifindex != net.vxlan_ifindex
+        {
+            self.del_overlay(old.vxlan_ifindex)?;
+        }
+        if net.vxlan_ifindex != 0 {
+            self.put_overlay(net.vxlan_ifindex, id)?;
+        }
+        Ok(())
     }
 
-    pub(super) fn del_network(&mut self, id: u32) -> Result<()> {
+    pub(super) fn del_network(&mut self, id: u32, old: Network) -> Result<()> {
         self.ops.deletes += 1;
         ignore_missing(self.networks.remove(&id))
-            .with_context(|| format!("removing network {id} from {NETWORKS_MAP}"))
+            .with_context(|| format!("removing network {id} from {NETWORKS_MAP}"))?;
+        self.del_overlay(old.vxlan_ifindex)
+    }
+
+    pub(super) fn put_overlay(&mut self, vxlan_ifindex: u32, network: u32) -> Result<()> {
+        self.ops.updates += 1;
+        self.overlays
+            .insert(vxlan_ifindex, network, 0)
+            .with_context(|| format!("writing {OVERLAYS_MAP}[{vxlan_ifindex}]"))
+    }
+
+    pub(super) fn del_overlay(&mut self, vxlan_ifindex: u32) -> Result<()> {
+        if vxlan_ifindex == 0 {
+            return Ok(());
+        }
+        self.ops.deletes += 1;
+        ignore_missing(self.overlays.remove(&vxlan_ifindex))
+            .with_context(|| format!("removing {OVERLAYS_MAP}[{vxlan_ifindex}]"))
     }
 
     /// A recycled id starts from zero counters and a fresh round-robin cursor.
@@ -274,6 +311,10 @@ impl Maps {
 
     pub(super) fn read_networks(&self) -> Result<Vec<(u32, Network)>> {
         collect(self.networks.iter()).with_context(|| format!("reading {NETWORKS_MAP}"))
+    }
+
+    pub(super) fn read_overlays(&self) -> Result<Vec<(u32, u32)>> {
+        collect(self.overlays.iter()).with_context(|| format!("reading {OVERLAYS_MAP}"))
     }
 
     pub(super) fn read_config(&self) -> Result<LbConfig> {
