@@ -14,7 +14,7 @@ use lab::{
 use mesh_agent::{dataplane::ReturnTimeouts, lb::PublishMode};
 use mesh_common::lb::{
     FLOW_EMBRYO, FLOW_REPLY, FlowKey, IPPROTO_TCP, IPPROTO_UDP, RETURN_FIN_IN, RETURN_FIN_OUT,
-    RETURN_LOCAL, Reason, ReturnEntry, TaskPort, mac_for_ip,
+    RETURN_LOCAL, Reason, ReturnEntry, mac_for_ip,
 };
 
 /// Another node's address on the network: its bridge MAC is where replies go back to.
@@ -38,16 +38,7 @@ fn lab() -> Lab {
 fn lab_with(backends: &[Ipv4Addr]) -> Lab {
     let mut lab = Lab::new();
     lab.apply(&[service_in("web", PublishMode::Ingress, 8080, 80, backends)]);
-    lab.dp
-        .put_task_port(
-            VETH,
-            TaskPort {
-                node_mac: mac(NET_ADDR),
-                _pad: [0; 2],
-                vxlan_ifindex: VXLAN_IFINDEX,
-            },
-        )
-        .unwrap();
+    lab.task_port(VETH, VXLAN_IFINDEX);
     lab
 }
 

@@ -12,7 +12,7 @@ use lab::{
     TC_ACT_REDIRECT, icmp_error, service, service_in, tcp, udp,
 };
 use mesh_agent::lb::{Protocol, PublishMode};
-use mesh_common::lb::{Reason, TaskPort, mac_for_ip};
+use mesh_common::lb::{Reason, mac_for_ip};
 
 /// A router between the client and the node, with a smaller MTU towards the client.
 const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 254);
@@ -150,16 +150,7 @@ fn client_address_udp_lab() -> Lab {
     let mut s = service_in("dns", PublishMode::Ingress, 5353, 53, &BACKENDS[..1]);
     s.ports[0].proto = Protocol::Udp;
     lab.apply(&[s]);
-    lab.dp
-        .put_task_port(
-            VETH,
-            TaskPort {
-                node_mac: mac_for_ip(NET_ADDR.octets()),
-                _pad: [0; 2],
-                vxlan_ifindex: VXLAN_IFINDEX,
-            },
-        )
-        .unwrap();
+    lab.task_port(VETH, VXLAN_IFINDEX);
     lab
 }
 

@@ -17,7 +17,7 @@ use lab::{
     service_in, tcp, udp,
 };
 use mesh_agent::lb::PublishMode;
-use mesh_common::lb::{FLOW_REMOTE, FLOW_REPLY, LocalTaskKey, RETURN_LOCAL, TaskPort, mac_for_ip};
+use mesh_common::lb::{FLOW_REMOTE, FLOW_REPLY, LocalTaskKey, RETURN_LOCAL, mac_for_ip};
 
 /// The task's host veth in the test runs (the kernel's loopback).
 const VETH: u32 = 1;
@@ -260,16 +260,7 @@ const OTHER_NODE_MAC: [u8; 6] = [0x02, 0x42, 10, 0, 0, 2];
 #[test]
 fn a_packet_another_node_routed_to_a_task_here_enters_it_from_the_vxlan_device() {
     let mut lab = lab(PublishMode::Ingress, true, &BACKENDS[..1]);
-    lab.dp
-        .put_task_port(
-            VETH,
-            TaskPort {
-                node_mac: mac(NET_ADDR),
-                _pad: [0; 2],
-                vxlan_ifindex: VXLAN_IFINDEX,
-            },
-        )
-        .unwrap();
+    lab.task_port(VETH, VXLAN_IFINDEX);
     let b = BACKENDS[0];
     let before = lab.dp.lb().reasons().unwrap();
     let routed = tcp(CLIENT, 40000, b, 80).syn().macs(OTHER_NODE_MAC, mac(b));

@@ -157,6 +157,22 @@ impl Lab {
         (r.retval, r.data)
     }
 
+    /// Registers `veth` as a local task's host veth on the lab's network: frames from the
+    /// node's bridge MAC there were routed by this node, replies to other nodes go into
+    /// `vxlan_ifindex`.
+    pub fn task_port(&mut self, veth: u32, vxlan_ifindex: u32) {
+        self.dp
+            .put_task_port(
+                veth,
+                mesh_common::lb::TaskPort {
+                    node_mac: mesh_common::lb::mac_for_ip(NET_ADDR.octets()),
+                    _pad: [0; 2],
+                    vxlan_ifindex,
+                },
+            )
+            .expect("registering the task port");
+    }
+
     pub fn reason(&self, r: Reason) -> u64 {
         reason(self, r)
     }
