@@ -320,3 +320,35 @@ fn routed_packets_for_tasks_this_node_does_not_know_take_the_bridge() {
         assert!(lab.dp.returns_table().unwrap().is_empty());
     }
 }
+
+/// LB_OVERLAYS follows the networks' VXLAN devices, whatever order they change in: two
+/// networks trading ifindexes (a device re-created and its old number reused) each end up
+/// with their own device, and a removed network's device is forgotten.
+#[test]
+fn each_networks_vxlan_device_names_its_network_as_devices_change() {
+    let mut lab = Lab::new();
+    let net = |name: &str, id: u32, vxlan: u32, port: u16, task: Ipv4Addr| {
+        let mut s = service_in(name, PublishMode::Ingress, port, 80, &[task]);
+        s.network.id = id;
+        s.network.vxlan_ifindex = vxlan;
+        s.network.node_addr = Ipv4Addr::new(10, (id - 4096) as u8, 0, 1);
+        s.vip = Some(Ipv4Addr::new(10, (id - 4096) as u8, 0, 2));
+        s
+    };
+    let overlays = |lab: &Lab| lab.dp.lb().overlays().unwrap();
+    lab.apply(&[
+        net("web", 4096, 7, 8080, BACKENDS[0]),
+        net("api", 4097, 8, 9090, BACKENDS[1]),
+    ]);
+    assert_eq!(overlays(&lab), [(7, 4096), (8, 4097)].into());
+    lab.apply(&[
+        net("web", 4096, 8, 8080, BACKENDS[0]),
+        net("api", 4097, 7, 9090, BACKENDS[1]),
+    ]);
+    assert_eq!(overlays(&lab), [(7, 4097), (8, 4096)].into());
+    lab.apply(&[net("web", 4096, 8, 8080, BACKENDS[0])]);
+    assert_eq!(overlays(&lab), [(8, 4096)].into());
+    // A restarted agent adopts the map as it is.
+    lab.restart();
+    assert_eq!(overlays(&lab), [(8, 4096)].into());
+}

@@ -90,21 +90,6 @@ pub(super) fn adopt(
         p.draining.insert(ip, *id);
     }
     let networks: BTreeMap<u32, Network> = maps.read_networks()?.into_iter().collect();
-    // The VXLAN devices' entries follow the networks (an agent killed between the two
-    // writes, or one from before the map existed, left them behind or missing).
-    let want: BTreeMap<u32, u32> = networks
-        .iter()
-        .filter(|(_, n)| n.vxlan_ifindex != 0)
-        .map(|(id, n)| (n.vxlan_ifindex, *id))
-        .collect();
-    let have: BTreeMap<u32, u32> = maps.read_overlays()?.into_iter().collect();
-    for vxlan in have.keys().filter(|v| !want.contains_key(v)) {
-        maps.del_overlay(*vxlan)?;
-    }
-    for (vxlan, id) in &want {
-        if have.get(vxlan) != Some(id) {
-            maps.put_overlay(*vxlan, *id)?;
-        }
-    }
+    maps.sync_overlays(&networks)?;
     Ok((services, networks, backend_addrs))
 }

@@ -64,11 +64,12 @@ impl LoadBalancer {
                 )
             })
             .collect();
+        let mut networks_changed = false;
         for (id, net) in &networks {
-            let old = self.networks.get(id).copied();
-            if old != Some(*net) {
-                self.maps.put_network(*id, *net, old)?;
+            if self.networks.get(id) != Some(net) {
+                self.maps.put_network(*id, *net)?;
                 self.networks.insert(*id, *net);
+                networks_changed = true;
             }
         }
 
@@ -83,9 +84,12 @@ impl LoadBalancer {
             .copied()
             .collect();
         for id in unused {
-            if let Some(old) = self.networks.remove(&id) {
-                self.maps.del_network(id, old)?;
-            }
+            self.maps.del_network(id)?;
+            self.networks.remove(&id);
+            networks_changed = true;
+        }
+        if networks_changed {
+            self.maps.sync_overlays(&self.networks)?;
         }
         let ops = self.maps.ops;
         if ops.total() > 0 {

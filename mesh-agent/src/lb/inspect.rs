@@ -61,6 +61,11 @@ impl LoadBalancer {
         self.maps.reasons()
     }
 
+    /// LB_OVERLAYS: each network's VXLAN device on this node → the network.
+    pub fn overlays(&self) -> Result<std::collections::BTreeMap<u32, u32>> {
+        Ok(self.maps.read_overlays()?.into_iter().collect())
+    }
+
     /// Every entry of the flow tables (both directions of each flow), established ones and
     /// embryonic ones (flagged FLOW_EMBRYO).
     pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>> {

@@ -1,7 +1,7 @@
 //! Typed handles on the load balancer's pinned maps. Every write goes through here so
 //! `apply` can report exactly how many map operations a change cost.
 
-use std::{fs, net::Ipv4Addr, path::Path};
+use std::{collections::BTreeMap, fs, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -206,50 +206,45 @@ impl Maps {
             .with_context(|| format!("writing {BACKENDS_MAP}[{id}]"))
     }
 
-    /// Writes network `id` as `net` (replacing `old`), and its VXLAN device's entry in
-    /// LB_OVERLAYS.
-    pub(super) fn put_network(
-        &mut self,
-        id: u32,
-        net: Network,
-        old: Option<Network>,
-    ) -> Result<()> {
+    pub(super) fn put_network(&mut self, id: u32, net: Network) -> Result<()> {
         self.ops.updates += 1;
         self.networks
             .insert(id, net, 0)
-            .with_context(|| format!("writing network {id} to {NETWORKS_MAP}"))?;
-        if let Some(old) = old
-            && old.vxlan_ifindex != net.vxlan_ifindex
-        {
-            self.del_overlay(old.vxlan_ifindex)?;
-        }
-        if net.vxlan_ifindex != 0 {
-            self.put_overlay(net.vxlan_ifindex, id)?;
-        }
-        Ok(())
+            .with_context(|| format!("writing network {id} to {NETWORKS_MAP}"))
     }
 
-    pub(super) fn del_network(&mut self, id: u32, old: Network) -> Result<()> {
+    pub(super) fn del_network(&mut self, id: u32) -> Result<()> {
         self.ops.deletes += 1;
         ignore_missing(self.networks.remove(&id))
-            .with_context(|| format!("removing network {id} from {NETWORKS_MAP}"))?;
-        self.del_overlay(old.vxlan_ifindex)
+            .with_context(|| format!("removing network {id} from {NETWORKS_MAP}"))
     }
 
-    pub(super) fn put_overlay(&mut self, vxlan_ifindex: u32, network: u32) -> Result<()> {
-        self.ops.updates += 1;
-        self.overlays
-            .insert(vxlan_ifindex, network, 0)
-            .with_context(|| format!("writing {OVERLAYS_MAP}[{vxlan_ifindex}]"))
-    }
-
-    pub(super) fn del_overlay(&mut self, vxlan_ifindex: u32) -> Result<()> {
-        if vxlan_ifindex == 0 {
-            return Ok(());
+    /// Makes LB_OVERLAYS the inverse of `networks` (each VXLAN device → its network): after
+    /// every change of the networks, and on adopt (an agent killed between the two writes,
+    /// or one from before the map existed, left entries behind or missing). Computed whole
+    /// rather than per network, so devices that trade ifindexes cannot delete each other's
+    /// fresh entries.
+    pub(super) fn sync_overlays(&mut self, networks: &BTreeMap<u32, Network>) -> Result<()> {
+        let want: BTreeMap<u32, u32> = networks
+            .iter()
+            .filter(|(_, n)| n.vxlan_ifindex != 0)
+            .map(|(id, n)| (n.vxlan_ifindex, *id))
+            .collect();
+        let have: BTreeMap<u32, u32> = self.read_overlays()?.into_iter().collect();
+        for vxlan in have.keys().filter(|v| !want.contains_key(v)) {
+            self.ops.deletes += 1;
+            ignore_missing(self.overlays.remove(vxlan))
+                .with_context(|| format!("removing {OVERLAYS_MAP}[{vxlan}]"))?;
         }
-        self.ops.deletes += 1;
-        ignore_missing(self.overlays.remove(&vxlan_ifindex))
-            .with_context(|| format!("removing {OVERLAYS_MAP}[{vxlan_ifindex}]"))
+        for (vxlan, id) in &want {
+            if have.get(vxlan) != Some(id) {
+                self.ops.updates += 1;
+                self.overlays
+                    .insert(vxlan, id, 0)
+                    .with_context(|| format!("writing {OVERLAYS_MAP}[{vxlan}]"))?;
+            }
+        }
+        Ok(())
     }
 
     /// A recycled id starts from zero counters and a fresh round-robin cursor.
