@@ -168,6 +168,12 @@ impl Packet {
     pub fn routed_from(&self) -> bool {
         self.src_mac != mac_for_ip(self.key.src)
     }
+
+    /// A TCP SYN without ACK: the first packet of a connection.
+    #[inline(always)]
+    pub fn syn_only(&self) -> bool {
+        self.key.proto == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
 }
 
 #[inline(always)]
@@ -246,7 +252,7 @@ fn to_node(ctx: &TcContext, pkt: &Packet, cfg: &LbConfig) -> Verdict {
 /// flow creation on this path).
 #[inline(always)]
 fn node_flow(pkt: &Packet, svc: &mut Option<ServiceEntry>) -> Option<*mut Flow> {
-    let syn_only = pkt.key.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let syn_only = pkt.syn_only();
     if !syn_only {
         match flow::lookup(&pkt.key) {
             // SAFETY: pointer into the flow table.
@@ -304,7 +310,7 @@ pub(crate) fn parse(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdic
     Verdict::pass(Reason::Truncated)
 }
 
-// Packet::new() writes every field: there must be no padding between them.
+// Packet::zeroed() writes every field: there must be no padding between them.
 const _: () = assert!(
     core::mem::size_of::<Packet>()
         == core::mem::size_of::<FlowKey>() + 2 * core::mem::size_of::<usize>() + 4 + 8 + 12
@@ -425,8 +431,7 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
 /// A packet to a published port that no flow knows: the first of a new flow, or refused.
 #[inline(always)]
 fn new_flow(ctx: &TcContext, pkt: &Packet, svc: &ServiceEntry, cfg: &LbConfig) -> Verdict {
-    let tcp = pkt.key.proto == IPPROTO_TCP;
-    if tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    if pkt.key.proto == IPPROTO_TCP && !pkt.syn_only() {
         // Mid-connection packet with no flow (evicted, or never ours): the kernel has no
         // socket on the published port and answers RST, which tells the client quickly.
         return Verdict::pass(Reason::NotSyn);
@@ -517,9 +522,6 @@ fn ip_checksum_ok(ctx: &TcContext, ihl: usize) -> bool {
     if sum < 0 {
         return false;
     }
-    let mut s = sum as u64;
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s == 0xffff
+    // The helper's sum is 32 bits wide: folded and complemented, a valid header gives 0.
+    nat::fold(sum as u32) == 0
 }

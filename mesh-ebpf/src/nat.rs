@@ -121,7 +121,7 @@ fn diff2(old: [u32; 2], new: [u32; 2]) -> u64 {
 /// A 32-bit partial sum folded to 16 bits and complemented: a checksum field's value (what
 /// the kernel's csum_fold does).
 #[inline(always)]
-fn fold(sum: u32) -> u16 {
+pub fn fold(sum: u32) -> u16 {
     let s = (sum & 0xffff) + (sum >> 16);
     let s = (s & 0xffff) + (s >> 16);
     !(s as u16)
