@@ -99,9 +99,10 @@ impl Dataplane {
         fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating bpffs directory {}", pin_dir.display()))?;
         crate::lb::check_pinned_layouts(pin_dir)?;
+        let sizes = limits.map_sizes(pin_dir)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_dir);
-        limits.size_maps(&mut loader, pin_dir);
+        sizes.apply(&mut loader);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the mesh eBPF object")?;

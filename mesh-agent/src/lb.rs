@@ -14,10 +14,11 @@
 //! Here: the table's types and opening the maps. `validate.rs` refuses what the maps cannot
 //! hold, `apply.rs` programs the difference, `adopt.rs` reads what a previous agent left,
 //! `inspect.rs` reports counters and flows, `sweep.rs` expires flows, `maps.rs` is the only
-//! place that touches a map.
+//! place that touches a map (`counters.rs` maps the traffic counters for it).
 
 mod adopt;
 mod apply;
+mod counters;
 mod inspect;
 mod maps;
 mod sweep;
@@ -35,14 +36,14 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::lb::{
-    BACKEND_ACTIVE, BACKEND_COUNTERS_MAP, BACKEND_DRAINING, BACKEND_FREE, BACKENDS_MAP, Backend,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EMBRYOS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_RETURNS,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SNAT_RESERVATIONS, DEFAULT_MAX_SOCKETS,
+    BACKEND_ACTIVE, BACKEND_COUNTER_STRIDE, BACKEND_COUNTERS_MAP, BACKEND_DRAINING, BACKEND_FREE,
+    BACKENDS_MAP, Backend, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EMBRYOS, DEFAULT_MAX_FLOWS,
+    DEFAULT_MAX_RETURNS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SNAT_RESERVATIONS, DEFAULT_MAX_SOCKETS,
     DEFAULT_SNAT_PORT_MAX, DEFAULT_SNAT_PORT_MIN, EMBRYOS_MAP, FLOWS_MAP, Flow, FlowKey,
     IPPROTO_TCP, IPPROTO_UDP, LbConfig, Network, PUBLISH_INGRESS, PUBLISH_SNAT, RETURNS_MAP,
-    RR_MAP, Reason, SERVICE_COUNTERS_MAP, SERVICE_IN_USE, SERVICE_STATE_MAP, SERVICES_MAP,
-    SLOTS_MAP, SNAT_RESERVED_MAP, SOCK_FWD_MAP, SOCK_REV_MAP, ServiceEntry, ServiceKey,
-    ServiceState, TrafficCounters,
+    RR_MAP, Reason, SERVICE_COUNTER_STRIDE, SERVICE_COUNTERS_MAP, SERVICE_IN_USE,
+    SERVICE_STATE_MAP, SERVICES_MAP, SLOTS_MAP, SNAT_RESERVED_MAP, SOCK_FWD_MAP, SOCK_REV_MAP,
+    ServiceEntry, ServiceKey, ServiceState, TrafficCounters,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
@@ -105,17 +106,29 @@ impl LbLimits {
             + u64::from(self.returns) * BYTES_PER_RETURN_PATH
     }
 
-    /// Sizes the maps in the object before it is loaded. A map already pinned in `pin_dir`
-    /// keeps the size it was created with (its entries are what we adopt).
-    pub(crate) fn size_maps(&self, loader: &mut EbpfLoader<'_>, pin_dir: &Path) {
+    /// The sizes of the maps in the object, decided before it is loaded. A map already
+    /// pinned in `pin_dir` keeps the size it was created with (its entries are what we
+    /// adopt). The traffic counters have a stripe of ids per CPU the kernel may run a
+    /// program on, and the programs learn the stripe length from a global.
+    pub(crate) fn map_sizes(&self, pin_dir: &Path) -> Result<MapSizes> {
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| anyhow::anyhow!("counting CPUs ({what}): {e}"))?;
+        let cpus = u32::try_from(cpus).context("counting CPUs")?;
+        let striped = |ids: u32, what: &str| {
+            ids.checked_add(1)
+                .and_then(|n| n.checked_mul(cpus))
+                .with_context(|| {
+                    format!("{ids} {what} × {cpus} CPUs is more traffic counters than a map holds")
+                })
+        };
         let wanted = [
             (SERVICES_MAP, 4 * self.services),
             (SERVICE_STATE_MAP, self.services + 1),
             (RR_MAP, self.services + 1),
-            (SERVICE_COUNTERS_MAP, self.services + 1),
+            (SERVICE_COUNTERS_MAP, striped(self.services, "services")?),
             (SLOTS_MAP, self.backends),
             (BACKENDS_MAP, self.backends + 1),
-            (BACKEND_COUNTERS_MAP, self.backends + 1),
+            (BACKEND_COUNTERS_MAP, striped(self.backends, "backends")?),
             (FLOWS_MAP, self.flows),
             (EMBRYOS_MAP, self.embryos),
             (SNAT_RESERVED_MAP, self.snat_reservations),
@@ -123,6 +136,11 @@ impl LbLimits {
             (SOCK_REV_MAP, self.sockets),
             (RETURNS_MAP, self.returns),
         ];
+        let mut sizes = MapSizes {
+            entries: Vec::with_capacity(wanted.len()),
+            service_stride: 0,
+            backend_stride: 0,
+        };
         for (name, size) in wanted {
             let size = match aya::maps::MapInfo::from_pin(pin_dir.join(name)) {
                 Ok(info) if info.max_entries() != size => {
@@ -136,8 +154,34 @@ impl LbLimits {
                 }
                 _ => size,
             };
-            loader.map_max_entries(name, size);
+            if name == SERVICE_COUNTERS_MAP {
+                sizes.service_stride = size / cpus;
+            } else if name == BACKEND_COUNTERS_MAP {
+                sizes.backend_stride = size / cpus;
+            }
+            sizes.entries.push((name, size));
         }
+        Ok(sizes)
+    }
+}
+
+/// What `LbLimits::map_sizes` decided: every sized map's entries, and the stripe lengths
+/// of the counters maps for the programs' globals.
+pub(crate) struct MapSizes {
+    entries: Vec<(&'static str, u32)>,
+    service_stride: u32,
+    backend_stride: u32,
+}
+
+impl MapSizes {
+    /// Sets the sizes and the stride globals on the loader (which borrows the values until
+    /// it loads).
+    pub(crate) fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        for (name, size) in &self.entries {
+            loader.map_max_entries(name, *size);
+        }
+        loader.override_global(SERVICE_COUNTER_STRIDE, &self.service_stride, true);
+        loader.override_global(BACKEND_COUNTER_STRIDE, &self.backend_stride, true);
     }
 }
 

@@ -164,6 +164,56 @@ fn thirty_new_flows_are_spread_round_robin_ten_per_backend() {
 }
 
 #[test]
+fn traffic_counted_on_every_cpu_adds_up_in_the_services_counters() {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+
+    let mut lab = Lab::new();
+    lab.apply(&[service("web", 8080, 80, &BACKENDS)]);
+    let allowed = sched_getaffinity(Pid::from_raw(0)).unwrap();
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|c| allowed.is_set(*c).unwrap_or(false))
+        .collect();
+    // A test run executes the program on the calling thread's CPU: one connection from
+    // each CPU lands in that CPU's stripe of the counters.
+    for (i, cpu) in cpus.iter().enumerate() {
+        let mut only = CpuSet::new();
+        only.set(*cpu).unwrap();
+        sched_setaffinity(Pid::from_raw(0), &only).unwrap();
+        let syn = tcp(CLIENT, 41000 + i as u16, NODE_IP, 8080).syn();
+        assert_eq!(lab.run(&syn).0, TC_ACT_REDIRECT);
+        assert_eq!(
+            lab.run(&tcp(CLIENT, 41000 + i as u16, NODE_IP, 8080).ack(1))
+                .0,
+            TC_ACT_REDIRECT
+        );
+    }
+    sched_setaffinity(Pid::from_raw(0), &allowed).unwrap();
+
+    let n = cpus.len() as u64;
+    let stats = lab.dp.lb().service_stats("web").unwrap().unwrap();
+    assert_eq!(stats.counters.flows, n, "{stats:?}");
+    assert_eq!(stats.counters.packets, 2 * n, "{stats:?}");
+    assert!(stats.counters.bytes >= 2 * n * 54, "{stats:?}");
+    let backends = stats.backends.iter().fold((0, 0), |(f, p), b| {
+        (f + b.counters.flows, p + b.counters.packets)
+    });
+    assert_eq!(backends, (n, 2 * n), "{stats:?}");
+
+    // A service whose id is recycled starts from zero on every CPU.
+    lab.apply(&[]);
+    lab.apply(&[service("api", 9090, 90, &BACKENDS)]);
+    let api = lab.dp.lb().service_stats("api").unwrap().unwrap();
+    assert_eq!(api.index, stats.index, "the freed id is reused");
+    assert_eq!(api.counters, Default::default(), "{api:?}");
+    assert!(
+        api.backends
+            .iter()
+            .all(|b| b.counters == Default::default())
+    );
+}
+
+#[test]
 fn a_draining_backend_keeps_its_flow_but_gets_no_new_ones() {
     let mut lab = Lab::new();
     lab.apply(&[service("web", 8080, 80, &BACKENDS)]);

@@ -1,11 +1,12 @@
 //! Maps an older agent left pinned with another layout: a map whose entries only the agent's
-//! table defines is re-created, any other is refused with what to do about it.
+//! table defines (or only counters) is re-created, any other is refused with what to do
+//! about it.
 
 mod lab;
 
 use std::{path::Path, process::Command};
 
-use aya::maps::MapInfo;
+use aya::maps::{MapInfo, MapType};
 use lab::{BACKENDS, CLIENT, Frame, Lab, NODE_IP, TC_ACT_REDIRECT, service, tcp};
 
 /// Pins a map as an older agent would have, with bpftool (independent of this build).
@@ -49,6 +50,31 @@ fn an_older_networks_map_is_re_created_and_flows_go_on() {
     let (verdict, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert!(BACKENDS.contains(&Frame::parse(&out).dst));
+}
+
+#[test]
+fn older_per_cpu_traffic_counters_are_re_created_and_count_again() {
+    let dir = lab::pin_dir();
+    // Before they had a stripe per CPU, the counters were per-CPU arrays of the same key
+    // and value sizes.
+    pin_old_map(&dir, "LB_SVC_COUNTERS", "percpu_array", 4, 32);
+    pin_old_map(&dir, "LB_BE_COUNTERS", "percpu_array", 4, 32);
+    let mut lab = Lab::over(dir).expect("older counters are no reason to refuse");
+    for name in ["LB_SVC_COUNTERS", "LB_BE_COUNTERS"] {
+        let info = MapInfo::from_pin(lab.pin().join(name)).unwrap();
+        assert!(matches!(info.map_type(), Ok(MapType::Array)), "{name}");
+        assert_ne!(info.map_flags() & (1 << 10), 0, "{name} is mmapable");
+    }
+
+    lab.apply(&[service("web", 8080, 80, &BACKENDS)]);
+    let (verdict, _) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let stats = lab.dp.lb().service_stats("web").unwrap().unwrap();
+    assert_eq!((stats.counters.flows, stats.counters.packets), (1, 1));
+    assert_eq!(
+        stats.backends.iter().map(|b| b.counters.flows).sum::<u64>(),
+        1
+    );
 }
 
 #[test]

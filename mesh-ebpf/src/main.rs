@@ -39,7 +39,7 @@ mod underlay;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::xdp_action,
+        bindings::{BPF_F_MMAPABLE, xdp_action},
         macros::{cgroup_sock_addr, classifier, map, xdp},
         maps::{Array, HashMap, LruHashMap, PerCpuArray},
         programs::{SockAddrContext, TcContext, XdpContext},
@@ -92,12 +92,20 @@ mod programs {
     #[map(name = "LB_SOCK_REV")]
     pub static LB_SOCK_REV: LruHashMap<SockKey, SockTarget> =
         LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
+    /// Traffic counters: a stripe of ids per CPU (mesh_common::lb::counter_slot), sized by
+    /// the agent to (ids + 1) × CPUs, the stripe length in the global below.
     #[map(name = "LB_SVC_COUNTERS")]
-    pub static LB_SVC_COUNTERS: PerCpuArray<TrafficCounters> =
-        PerCpuArray::pinned(DEFAULT_MAX_SERVICES + 1, 0);
+    pub static LB_SVC_COUNTERS: Array<TrafficCounters> =
+        Array::pinned(DEFAULT_MAX_SERVICES + 1, BPF_F_MMAPABLE);
     #[map(name = "LB_BE_COUNTERS")]
-    pub static LB_BE_COUNTERS: PerCpuArray<TrafficCounters> =
-        PerCpuArray::pinned(DEFAULT_MAX_BACKENDS + 1, 0);
+    pub static LB_BE_COUNTERS: Array<TrafficCounters> =
+        Array::pinned(DEFAULT_MAX_BACKENDS + 1, BPF_F_MMAPABLE);
+    /// Read-only after load (the verifier then knows the value); read with read_volatile,
+    /// or LLVM folds in this default.
+    #[unsafe(no_mangle)]
+    pub static LB_SVC_COUNTER_STRIDE: u32 = DEFAULT_MAX_SERVICES + 1;
+    #[unsafe(no_mangle)]
+    pub static LB_BE_COUNTER_STRIDE: u32 = DEFAULT_MAX_BACKENDS + 1;
     /// This CPU's coarse clock and the tick it was read at (see clock.rs): a cache, so not
     /// pinned.
     #[map(name = "LB_CLOCK")]

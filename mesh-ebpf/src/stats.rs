@@ -1,9 +1,15 @@
-//! Counters: per-reason packet counts and per-service / per-backend traffic. All per-CPU,
-//! so plain adds are race-free.
+//! Counters: per-reason packet counts and per-service / per-backend traffic. All per CPU
+//! (the traffic counters in a stripe per CPU of one array, see mesh_common::lb), so plain
+//! adds are race-free.
 
-use mesh_common::lb::{Reason, TrafficCounters};
+use core::ptr::read_volatile;
 
-use crate::programs::{LB_BE_COUNTERS, LB_STATS, LB_SVC_COUNTERS};
+use aya_ebpf::helpers::bpf_get_smp_processor_id;
+use mesh_common::lb::{Reason, TrafficCounters, counter_slot};
+
+use crate::programs::{
+    LB_BE_COUNTER_STRIDE, LB_BE_COUNTERS, LB_STATS, LB_SVC_COUNTER_STRIDE, LB_SVC_COUNTERS,
+};
 
 #[inline(always)]
 pub fn count(reason: Reason) {
@@ -31,14 +37,26 @@ pub enum Traffic {
 
 #[inline(always)]
 pub fn traffic(service: u32, backend: u32, what: Traffic) {
-    if let Some(c) = LB_SVC_COUNTERS.get_ptr_mut(service) {
-        // SAFETY: per-CPU slot.
+    // SAFETY: a plain helper call.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    // SAFETY: reads of read-only globals.
+    let (service_stride, backend_stride) = unsafe {
+        (
+            read_volatile(&LB_SVC_COUNTER_STRIDE),
+            read_volatile(&LB_BE_COUNTER_STRIDE),
+        )
+    };
+    if let Some(c) = counter_slot(cpu, service_stride, service)
+        .and_then(|slot| LB_SVC_COUNTERS.get_ptr_mut(slot))
+    {
+        // SAFETY: this CPU's stripe: nobody else writes it while this program runs.
         add(unsafe { &mut *c }, what);
     }
     if backend != 0
-        && let Some(c) = LB_BE_COUNTERS.get_ptr_mut(backend)
+        && let Some(c) = counter_slot(cpu, backend_stride, backend)
+            .and_then(|slot| LB_BE_COUNTERS.get_ptr_mut(slot))
     {
-        // SAFETY: per-CPU slot.
+        // SAFETY: as above.
         add(unsafe { &mut *c }, what);
     }
 }

@@ -1,12 +1,13 @@
 //! Typed handles on the load balancer's pinned maps. Every write goes through here so
-//! `apply` can report exactly how many map operations a change cost.
+//! `apply` can report exactly how many map operations a change cost (the traffic counters
+//! through their own mapping, counters.rs).
 
 use std::{collections::BTreeMap, fs, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, MapType, PerCpuArray},
 };
 use mesh_common::lb::{
     BACKEND_COUNTERS_MAP, BACKENDS_MAP, Backend, CONFIG_MAP, EMBRYOS_MAP, Embryo, FLOWS_MAP, Flow,
@@ -16,6 +17,8 @@ use mesh_common::lb::{
     TrafficCounters,
 };
 use tracing::warn;
+
+use super::counters::{BPF_F_MMAPABLE, StripedCounters};
 
 /// Map operations issued by one `apply`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -46,10 +49,9 @@ pub(super) struct Maps {
     // Held so the socket maps stay open with the others; only the programs use them.
     _sock_fwd: HashMap<MapData, SockKey, SockTarget>,
     _sock_rev: HashMap<MapData, SockKey, SockTarget>,
-    service_counters: PerCpuArray<MapData, TrafficCounters>,
-    backend_counters: PerCpuArray<MapData, TrafficCounters>,
+    service_counters: StripedCounters,
+    backend_counters: StripedCounters,
     stats: PerCpuArray<MapData, u64>,
-    nr_cpus: usize,
     pub(super) ops: MapOps,
 }
 
@@ -80,6 +82,24 @@ pub(crate) fn check_pinned_layouts(pin_dir: &Path) -> Result<()> {
         (BACKEND_COUNTERS_MAP, 4, size_of::<TrafficCounters>()),
         (STATS_MAP, 4, 8),
     ];
+    for name in [SERVICE_COUNTERS_MAP, BACKEND_COUNTERS_MAP] {
+        let pin = pin_dir.join(name);
+        let Ok(info) = MapInfo::from_pin(&pin) else {
+            continue;
+        };
+        let striped =
+            matches!(info.map_type(), Ok(MapType::Array)) && info.map_flags() & BPF_F_MMAPABLE != 0;
+        if !striped {
+            // An older mesh kept these per CPU (a per-CPU array). Only counters: they
+            // restart from zero, the flows and services they count are kept.
+            warn!(
+                pin = %pin.display(),
+                "re-creating the traffic counters pinned by an older mesh version in another \
+                 layout; they restart from zero"
+            );
+            fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        }
+    }
     for (name, key, value) in expected {
         let pin = pin_dir.join(name);
         let info = match MapInfo::from_pin(&pin) {
@@ -141,20 +161,27 @@ impl Maps {
             snat_reserved: take(ebpf, SNAT_RESERVED_MAP)?,
             _sock_fwd: take(ebpf, SOCK_FWD_MAP)?,
             _sock_rev: take(ebpf, SOCK_REV_MAP)?,
-            service_counters: take(ebpf, SERVICE_COUNTERS_MAP)?,
-            backend_counters: take(ebpf, BACKEND_COUNTERS_MAP)?,
+            service_counters: StripedCounters::take(ebpf, SERVICE_COUNTERS_MAP, nr_cpus)?,
+            backend_counters: StripedCounters::take(ebpf, BACKEND_COUNTERS_MAP, nr_cpus)?,
             stats: take(ebpf, STATS_MAP)?,
-            nr_cpus,
             ops: MapOps::default(),
         })
     }
 
+    /// Ids run from 1; each map indexed by id must hold them (pinned maps keep the sizes
+    /// they were made with).
     pub(super) fn max_services(&self) -> u32 {
-        self.state.len().saturating_sub(1)
+        self.state
+            .len()
+            .min(self.service_counters.stride())
+            .saturating_sub(1)
     }
 
     pub(super) fn max_backends(&self) -> u32 {
-        self.backends.len().saturating_sub(1)
+        self.backends
+            .len()
+            .min(self.backend_counters.stride())
+            .saturating_sub(1)
     }
 
     // --- writes (counted) ---
@@ -250,9 +277,8 @@ impl Maps {
     /// A recycled id starts from zero counters and a fresh round-robin cursor.
     pub(super) fn reset_service_counters(&mut self, service: u32) -> Result<()> {
         self.ops.updates += 2;
-        let zeros = self.zeros()?;
         self.service_counters
-            .set(service, zeros, 0)
+            .reset(service)
             .with_context(|| format!("resetting {SERVICE_COUNTERS_MAP}[{service}]"))?;
         self.rr
             .set(service, 0, 0)
@@ -261,15 +287,9 @@ impl Maps {
 
     pub(super) fn reset_backend_counters(&mut self, backend: u32) -> Result<()> {
         self.ops.updates += 1;
-        let zeros = self.zeros()?;
         self.backend_counters
-            .set(backend, zeros, 0)
+            .reset(backend)
             .with_context(|| format!("resetting {BACKEND_COUNTERS_MAP}[{backend}]"))
-    }
-
-    fn zeros(&self) -> Result<PerCpuValues<TrafficCounters>> {
-        PerCpuValues::try_from(vec![TrafficCounters::default(); self.nr_cpus])
-            .context("building per-CPU zeros")
     }
 
     // --- reads ---
@@ -319,19 +339,15 @@ impl Maps {
     }
 
     pub(super) fn service_counters(&self, service: u32) -> Result<TrafficCounters> {
-        let per_cpu = self
-            .service_counters
-            .get(&service, 0)
-            .with_context(|| format!("reading {SERVICE_COUNTERS_MAP}[{service}]"))?;
-        Ok(sum(&per_cpu))
+        self.service_counters
+            .get(service)
+            .with_context(|| format!("reading {SERVICE_COUNTERS_MAP}[{service}]"))
     }
 
     pub(super) fn backend_counters(&self, backend: u32) -> Result<TrafficCounters> {
-        let per_cpu = self
-            .backend_counters
-            .get(&backend, 0)
-            .with_context(|| format!("reading {BACKEND_COUNTERS_MAP}[{backend}]"))?;
-        Ok(sum(&per_cpu))
+        self.backend_counters
+            .get(backend)
+            .with_context(|| format!("reading {BACKEND_COUNTERS_MAP}[{backend}]"))
     }
 
     pub(super) fn reasons(&self) -> Result<Vec<(Reason, u64)>> {
@@ -422,15 +438,6 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
-}
-
-fn sum(per_cpu: &PerCpuValues<TrafficCounters>) -> TrafficCounters {
-    per_cpu
-        .iter()
-        .fold(TrafficCounters::default(), |mut acc, c| {
-            acc.add(c);
-            acc
-        })
 }
 
 fn describe_key(key: &ServiceKey) -> String {
