@@ -1,8 +1,8 @@
 //! The way a translated packet leaves the node (BPF_PROG_TEST_RUN): straight into a local
 //! task's namespace, straight into the network's VXLAN device for another node's task, or
 //! through the bridge — the frame each gets, the return learned on the way, and the task's
-//! reply that depends on it; and the way back: replies from other nodes caught on the VXLAN
-//! device before the bridge.
+//! reply that depends on it; and the way back: replies caught before the bridge, on the
+//! VXLAN device (from other nodes) and on the task's veth (SNAT replies of local tasks).
 //!
 //! A test run does not perform the redirect, so the verdict cannot tell the paths apart;
 //! the Ethernet header can: the bridge path leaves it to the neighbour lookup, the shorter
@@ -229,11 +229,15 @@ fn the_tasks_own_overlay_traffic_passes_the_vxlan_device_untouched_and_uncounted
             .syn()
             .macs(mac(b), mac(BACKENDS[1])),
         udp(b, 41000, BACKENDS[1], 53).macs(mac(b), mac(BACKENDS[1])),
-        // A SNAT reply is addressed to this node on the network, not routed: the bridge
-        // delivers it up and the routing mesh there translates it.
-        tcp(b, 80, NET_ADDR, snat.sport)
+        // To this node's address on a SNAT port that no flow holds (an unknown connection
+        // from a task, or a backend's reply to a flow long gone).
+        tcp(b, 80, NET_ADDR, snat.sport + 1)
             .syn()
             .ack(1)
+            .macs(mac(b), mac(NET_ADDR)),
+        // A task's own traffic to this node's address outside the SNAT range.
+        tcp(b, 41000, NET_ADDR, 22)
+            .syn()
             .macs(mac(b), mac(NET_ADDR)),
         // Malformed: a header length below 20.
         tcp(b, 41000, BACKENDS[1], 8080)
@@ -247,6 +251,67 @@ fn the_tasks_own_overlay_traffic_passes_the_vxlan_device_untouched_and_uncounted
             .unwrap();
         assert_eq!(r.retval, lab::TC_ACT_OK, "{p:?}");
         assert_eq!(r.data, frame, "untouched: {p:?}");
+    }
+    assert_eq!(lab.dp.lb().reasons().unwrap(), before, "nothing counted");
+}
+
+/// A SNAT flow to another node's task: the task's reply comes back over the overlay to this
+/// node's address on the network; it is translated on the VXLAN device and leaves for the
+/// client without being bridged up to the node.
+#[test]
+fn a_snat_reply_from_another_node_is_translated_on_the_vxlan_device() {
+    let lab = lab(PublishMode::Snat, true, &[]);
+    let b = BACKENDS[0];
+    let (_, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+    let snat = Frame::parse(&out);
+    assert_eq!(snat.src, NET_ADDR);
+    let reply = tcp(b, 80, NET_ADDR, snat.sport)
+        .syn()
+        .ack(1)
+        .macs(mac(b), mac(NET_ADDR));
+    let p = assert_first_reply(&lab, lab.run_from_overlay(&reply));
+    assert_eq!(
+        (p.src_mac(), p.dst_mac()),
+        (mac(b), mac(NET_ADDR)),
+        "the Ethernet header is left for the neighbour lookup towards the client"
+    );
+}
+
+/// The same for a SNAT flow to a task on this node: its reply is translated on the task's
+/// veth, before the bridge.
+#[test]
+fn a_local_tasks_snat_reply_is_translated_on_its_veth() {
+    let mut lab = lab(PublishMode::Snat, true, &BACKENDS[..1]);
+    lab.task_port(VETH, VXLAN_IFINDEX);
+    let b = BACKENDS[0];
+    let (_, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
+    let snat = Frame::parse(&out);
+    let reply = tcp(b, 80, NET_ADDR, snat.sport)
+        .syn()
+        .ack(1)
+        .macs(mac(b), mac(NET_ADDR));
+    assert_first_reply(&lab, lab.run_from_task(&reply));
+
+    // What is not a SNAT reply passes untouched and uncounted: another port of this node,
+    // a SNAT port without a flow, a task on the network.
+    let before = lab.dp.lb().reasons().unwrap();
+    for p in [
+        tcp(b, 41000, NET_ADDR, 22)
+            .syn()
+            .macs(mac(b), mac(NET_ADDR)),
+        tcp(b, 80, NET_ADDR, snat.sport + 1)
+            .ack(1)
+            .macs(mac(b), mac(NET_ADDR)),
+        tcp(b, 41000, BACKENDS[1], snat.sport)
+            .syn()
+            .macs(mac(b), mac(BACKENDS[1])),
+    ] {
+        let frame = p.bytes();
+        assert_eq!(
+            lab.run_from_task_raw(&frame),
+            (lab::TC_ACT_OK, frame.clone()),
+            "{p:?}"
+        );
     }
     assert_eq!(lab.dp.lb().reasons().unwrap(), before, "nothing counted");
 }

@@ -8,6 +8,10 @@
 //!        └─ anything else ── pass untouched
 //! ```
 //!
+//! SNAT replies of this node's tasks and of other nodes' tasks are normally caught before
+//! they reach the bridge (on the task's veth, task.rs; on the VXLAN device, overlay.rs); the
+//! bridge's copy of this program is where the rest still meet their flow.
+//!
 //! A TCP SYN asks the service table first (it starts a connection: a retransmitted one finds
 //! its flow there, a reused 5-tuple replaces a finished one); every other packet to the node
 //! asks the flow table first, so an established flow costs one lookup.
@@ -203,11 +207,17 @@ fn classify(ctx: &TcContext) -> Verdict {
     }
     // Replies are addressed to a SNAT port (SNAT flows) or routed through this node
     // (client-address flows): everything else skips the flow lookup.
-    if (pkt.key.dport >= cfg.snat_port_min && pkt.key.dport <= cfg.snat_port_max) || pkt.routed_to()
-    {
+    if to_snat_port(pkt, cfg) || pkt.routed_to() {
         return reply(ctx, pkt);
     }
     Verdict::PASS
+}
+
+/// Whether the packet is addressed to a port of the SNAT range: it may be a backend's reply
+/// to a SNAT flow (if its destination is this node's address on its network).
+#[inline(always)]
+pub(crate) fn to_snat_port(pkt: &Packet, cfg: &LbConfig) -> bool {
+    pkt.key.dport >= cfg.snat_port_min && pkt.key.dport <= cfg.snat_port_max
 }
 
 /// A packet that may be a backend's reply: translated back if its flow has a reply entry,

@@ -8,6 +8,7 @@
 //!        │                        │   └ ICMP error about a flow ──── translate ─ redirect (icmp.rs)
 //!        │                        └ no ─ pass
 //!        ├─ routed by another node, to a task here ─ learn the return ─ redirect_peer into the task
+//!        ├─ to this node's address, a SNAT port, with a reply entry ─ rewrite ─ redirect to the client
 //!        └─ anything else (tasks' own traffic; not IPv4 TCP/UDP/ICMP, or malformed) ─ pass, uncounted
 //! ```
 //!
@@ -16,8 +17,9 @@
 //! local task enters its namespace without the bridge (nor, where br_netfilter is loaded,
 //! the bridge's pass through netfilter), as on the node that routed it (path.rs). Its return
 //! is learned here, as the task's veth would have (task.rs). Task-to-task traffic is
-//! addressed from tasks' own MACs, keeps the bridge and costs one parse. SNAT replies
-//! (addressed to this node's address on the network, so not routed) still take the bridge.
+//! addressed from tasks' own MACs, keeps the bridge and costs one parse (and, to a port in
+//! the SNAT range, two lookups in small tables). A SNAT reply is addressed to this node's
+//! address on the network: it meets its flow here and leaves without the bridge too.
 
 use core::mem::MaybeUninit;
 
@@ -27,7 +29,7 @@ use mesh_common::lb::LocalTaskKey;
 use crate::{
     icmp,
     ingress::{self, CONTINUE, ICMP, Packet, Verdict},
-    programs::{LB_CONFIG, LB_LOCAL_TASKS, LB_OVERLAYS, LB_TASK_PORTS},
+    programs::{LB_CONFIG, LB_LOCAL_TASKS, LB_NETWORKS, LB_OVERLAYS, LB_TASK_PORTS},
     task,
 };
 
@@ -44,8 +46,13 @@ fn classify(ctx: &TcContext) -> Verdict {
     let pkt = Packet::zeroed(&mut slot);
     let v = ingress::parse(ctx, cfg, pkt);
     if !pkt.routed_to() {
-        if v.action == CONTINUE && pkt.routed_from() {
-            return into_task(ctx, pkt);
+        if v.action == CONTINUE {
+            if pkt.routed_from() {
+                return into_task(ctx, pkt);
+            }
+            if ingress::to_snat_port(pkt, cfg) && to_this_node(ctx, pkt) {
+                return ingress::reply(ctx, pkt);
+            }
         }
         return Verdict::PASS;
     }
@@ -54,6 +61,19 @@ fn classify(ctx: &TcContext) -> Verdict {
         CONTINUE => ingress::reply(ctx, pkt),
         _ => Verdict::PASS,
     }
+}
+
+/// Whether the packet is addressed to this node's own address on the VXLAN device's
+/// network: where another node's task sends its replies to SNAT flows.
+#[inline(always)]
+fn to_this_node(ctx: &TcContext, pkt: &Packet) -> bool {
+    // SAFETY: reading the ifindex field of our own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY (both lookups): plain data copied out.
+    let Some(network) = (unsafe { LB_OVERLAYS.get(&ifindex) }).copied() else {
+        return false;
+    };
+    (unsafe { LB_NETWORKS.get(&network) }).is_some_and(|n| n.node_addr == pkt.key.dst)
 }
 
 /// A packet another node routed to one of this node's tasks: straight into the task, once

@@ -1,4 +1,6 @@
-//! The task side of client-address flows: TC on a local task's host-side veths.
+//! The task side of routing-mesh flows: TC on a local task's host-side veths. Replies of
+//! client-address flows are steered back to their ingress node; replies of SNAT flows (to
+//! this node's address on the network) are translated here, without the bridge.
 //!
 //! ```text
 //! to a task   (egress of its port on an overlay network)
@@ -7,7 +9,9 @@
 //! from a task (ingress of each of its host veths)
 //!   parse ─ addressed to a router? ─ yes ─ return entry? ─ this node: reply translation ─ underlay
 //!         │                              │               └─ another node: into the overlay to it
-//!         └─ no (to a task) ─ pass       └─ no ─ pass (the task's own routes)
+//!         │                              └─ no ─ pass (the task's own routes)
+//!         └─ no ─ to this node, a SNAT port, with a reply entry? ─ yes ─ reply translation ─ out
+//!                                                               └─ no (to a task) ─ pass
 //! ```
 //!
 //! The task's ICMP errors about a connection (keyed by the quoted packet) go the same way.
@@ -95,6 +99,10 @@ fn steer(ctx: &TcContext) -> Verdict {
         return Verdict::PASS;
     }
     if !pkt.routed_to() {
+        if ingress::to_snat_port(pkt, cfg) && to_this_node(ctx, pkt) {
+            // A reply to a SNAT flow: translated here rather than on the bridge.
+            return ingress::reply(ctx, pkt);
+        }
         return Verdict::PASS;
     }
     let Some(ret) = returns::lookup(&pkt.key, pkt.tcp_flags) else {
@@ -128,6 +136,16 @@ fn steer(ctx: &TcContext) -> Verdict {
         }
     }
     to_ingress_node(ctx, &ret, reply.src)
+}
+
+/// Whether the task's packet is addressed to this node's own address on the network (its
+/// bridge MAC: overlay MACs are derived from addresses).
+#[inline(always)]
+fn to_this_node(ctx: &TcContext, pkt: &Packet) -> bool {
+    // SAFETY: reading the ifindex field of our own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain data.
+    (unsafe { LB_TASK_PORTS.get(&ifindex) }).is_some_and(|port| port.node_mac == pkt.dst_mac)
 }
 
 /// An ICMP error the task sends about a client-address connection (a UDP port it does not
