@@ -125,7 +125,7 @@ pub struct Local {
     gateway: GatewayPlumbing,
     /// Networks' bridges and VXLAN devices the routing mesh is attached to, by name, with
     /// the ifindex it saw.
-    lb_bridges: Mutex<BTreeMap<String, u32>>,
+    network_devices: Mutex<BTreeMap<String, u32>>,
     /// Task veths the client-address programs are attached to, as last attached.
     task_veths: Mutex<Vec<crate::dataplane::TaskVeth>>,
 }
@@ -143,7 +143,7 @@ impl Agent {
                 overlay: n.overlay,
                 underlay: n.underlay,
                 gateway: n.gateway,
-                lb_bridges: Mutex::new(BTreeMap::new()),
+                network_devices: Mutex::new(BTreeMap::new()),
                 task_veths: Mutex::new(Vec::new()),
             }),
             converging: Mutex::new(()),

@@ -73,22 +73,22 @@ impl Agent {
         plumbed: &[NetworkPlumbing],
     ) -> Result<()> {
         let mut dp = local.dataplane.lock().await;
-        let mut bridges = local.lb_bridges.lock().await;
+        let mut devices = local.network_devices.lock().await;
         let mut networks: BTreeMap<u32, NetworkLb> = BTreeMap::new();
         for n in plumbed {
             let name = n.bridge();
             let bridge = nix::net::if_::if_nametoindex(name.as_str())
                 .with_context(|| format!("looking up bridge {name}"))?;
-            if must_attach(&bridges, &mut dp, &name, bridge)? {
+            if must_attach(&devices, &mut dp, &name, bridge)? {
                 dp.attach_network(bridge)?;
-                bridges.insert(name, bridge);
+                devices.insert(name, bridge);
             }
             // Without it, flows to other nodes' tasks and their replies take the bridge.
             let vxlan_name = n.vxlan();
             let vxlan = nix::net::if_::if_nametoindex(vxlan_name.as_str()).unwrap_or(0);
-            if vxlan != 0 && must_attach(&bridges, &mut dp, &vxlan_name, vxlan)? {
+            if vxlan != 0 && must_attach(&devices, &mut dp, &vxlan_name, vxlan)? {
                 dp.attach_overlay(vxlan)?;
-                bridges.insert(vxlan_name, vxlan);
+                devices.insert(vxlan_name, vxlan);
             }
             networks.insert(
                 n.vni,
@@ -100,7 +100,7 @@ impl Agent {
                 },
             );
         }
-        let gone: Vec<String> = bridges
+        let gone: Vec<String> = devices
             .keys()
             .filter(|d| {
                 !plumbed
@@ -111,7 +111,7 @@ impl Agent {
             .collect();
         for d in gone {
             dp.detach_tc(&d)?;
-            bridges.remove(&d);
+            devices.remove(&d);
         }
 
         let mut desired = Vec::new();
@@ -229,7 +229,7 @@ impl Agent {
             );
         }
 
-        drop(bridges);
+        drop(devices);
         drop(dp);
         self.lb_applied(view).await;
         Ok(())
