@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 pub use maps::MapOps;
-pub use sweep::{FlowTimeouts, SweepReport};
+pub use sweep::{FlowTimeouts, SweepPlan, SweepReport};
 
 /// Bytes of kernel memory one entry costs, measured on Linux 6.18 x86_64 (the map's
 /// `memlock` divided by its entries; LRU hash maps preallocate every entry at creation).

@@ -236,3 +236,60 @@ fn a_client_reusing_its_port_leaves_the_old_flows_snat_port_reserved() {
         TC_ACT_SHOT
     );
 }
+
+/// The sweep lists the tables, then removes what it found finished. A client that reuses
+/// the port of a finished connection in between starts a new connection on the same
+/// 5-tuple, under the same keys: the sweep must leave that one alone (it did not: the
+/// client's next packet met no flow and the node answered RST).
+#[test]
+fn a_connection_on_a_reused_port_survives_a_sweep_that_listed_the_finished_one() {
+    let mut lab = Lab::new();
+    lab.apply(&[service("web", 8080, 80, &BACKENDS[..1])]);
+    let first = handshake(&lab, CLIENT, 40000);
+    lab.run(&tcp(first.dst, 80, NET_ADDR, first.sport).fin().ack(SEQ + 1));
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).fin().ack(SEQ + 2));
+    let swept = FlowTimeouts {
+        tcp_closed: Duration::ZERO,
+        ..FlowTimeouts::default()
+    };
+    let plan = lab.dp.lb().plan_sweep(&swept).unwrap();
+    assert_eq!(plan.entries(), 2, "{plan:?}");
+
+    // The client's port again, before the sweep removes anything.
+    let second = handshake(&lab, CLIENT, 40000);
+    assert_ne!(
+        second.sport, first.sport,
+        "a new flow, with its own SNAT port"
+    );
+    let r = lab.dp.lb_mut().finish_sweep(plan).unwrap();
+
+    // The old connection's reply half (keyed by its own SNAT port) is still the old one;
+    // the forward key now belongs to the new connection.
+    assert_eq!(r.removed, 1, "{r:?}");
+    let flows = lab.dp.lb().flows().unwrap();
+    assert!(
+        !flows
+            .iter()
+            .any(|(k, _)| k.dport == first.sport && k.dst == NET_ADDR.octets()),
+        "the old reply half is gone: {flows:?}"
+    );
+    assert_eq!(flows.len(), 2, "the new connection's two halves: {flows:?}");
+    assert_eq!(embryonic(&lab, 40000), Some(false), "still established");
+    let (v, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).ack(SEQ + 1));
+    assert_eq!(
+        v, TC_ACT_REDIRECT,
+        "the new connection's data still has its flow"
+    );
+    assert_eq!(Frame::parse(&out).sport, second.sport);
+
+    // Once that one is finished too, the next sweep removes it as usual.
+    lab.run(
+        &tcp(second.dst, 80, NET_ADDR, second.sport)
+            .fin()
+            .ack(SEQ + 1),
+    );
+    lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).fin().ack(SEQ + 2));
+    let r = lab.dp.lb_mut().sweep(&swept).unwrap();
+    assert_eq!(r.removed, 2, "{r:?}");
+    assert_eq!(embryonic(&lab, 40000), None);
+}

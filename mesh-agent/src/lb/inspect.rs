@@ -114,7 +114,21 @@ impl LoadBalancer {
 
     /// Removes finished and idle flows, and flows of backends that are gone.
     pub fn sweep(&mut self, timeouts: &FlowTimeouts) -> Result<SweepReport> {
-        let r = sweep::sweep(&mut self.maps, &self.backend_addrs, timeouts)?;
+        let plan = self.plan_sweep(timeouts)?;
+        self.finish_sweep(plan)
+    }
+
+    /// The first half of [`Self::sweep`]: what it removes and reserves, decided from one
+    /// listing of the flow tables; nothing is written.
+    pub fn plan_sweep(&self, timeouts: &FlowTimeouts) -> Result<SweepPlan> {
+        sweep::plan(&self.maps, &self.backend_addrs, timeouts)
+    }
+
+    /// The second half: removes each planned entry that still holds what the listing saw
+    /// (a 5-tuple reused for a new connection meanwhile is that connection's), and writes
+    /// the SNAT reservations.
+    pub fn finish_sweep(&mut self, plan: SweepPlan) -> Result<SweepReport> {
+        let r = sweep::finish(&mut self.maps, plan)?;
         self.embryos_swept += r.embryos_removed as u64;
         Ok(r)
     }

@@ -376,9 +376,16 @@ impl Maps {
         Ok(out)
     }
 
-    pub(super) fn del_flow(&mut self, key: &FlowKey) -> Result<()> {
+    /// Removes the flow entry of `key` if it still is `seen`; whether it did.
+    pub(super) fn del_flow_if(&mut self, key: &FlowKey, seen: &Flow) -> Result<bool> {
+        match self.flows.get(key, 0) {
+            Ok(now) if now == *seen => {}
+            Ok(_) | Err(MapError::KeyNotFound) => return Ok(false),
+            Err(e) => return Err(e).with_context(|| format!("reading {FLOWS_MAP}")),
+        }
         ignore_missing(self.flows.remove(key))
-            .with_context(|| format!("removing a flow from {FLOWS_MAP}"))
+            .with_context(|| format!("removing a flow from {FLOWS_MAP}"))?;
+        Ok(true)
     }
 
     pub(super) fn read_embryos(&self) -> Result<Vec<(FlowKey, Embryo)>> {
@@ -393,9 +400,17 @@ impl Maps {
         Ok(out)
     }
 
-    pub(super) fn del_embryo(&mut self, key: &FlowKey) -> Result<()> {
+    /// As [`Self::del_flow_if`], for an embryonic entry (its flow part is compared: the
+    /// handshake fields change as the handshake goes on).
+    pub(super) fn del_embryo_if(&mut self, key: &FlowKey, seen: &Flow) -> Result<bool> {
+        match self.embryos.get(key, 0) {
+            Ok(now) if now.flow == *seen => {}
+            Ok(_) | Err(MapError::KeyNotFound) => return Ok(false),
+            Err(e) => return Err(e).with_context(|| format!("reading {EMBRYOS_MAP}")),
+        }
         ignore_missing(self.embryos.remove(key))
-            .with_context(|| format!("removing a flow from {EMBRYOS_MAP}"))
+            .with_context(|| format!("removing a flow from {EMBRYOS_MAP}"))?;
+        Ok(true)
     }
 
     /// Holds the SNAT port of `reply_key` (a closed flow's reply entry) until `until`

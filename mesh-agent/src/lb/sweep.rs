@@ -16,7 +16,7 @@
 //! connection (the client resets it and retries a second later).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
     time::Duration,
 };
@@ -69,11 +69,30 @@ pub struct SweepReport {
     pub reserved: usize,
 }
 
-pub(super) fn sweep(
-    maps: &mut Maps,
+/// What one sweep decided from one listing of the flow tables: the entries to remove (each
+/// with the value it had then) and the SNAT ports to reserve. Planning only reads; removal
+/// ([`finish`]) comes after, so a plan can be looked at, and tested, in between.
+#[derive(Debug)]
+pub struct SweepPlan {
+    /// Flows to remove: one or both halves, whether they are embryonic.
+    doomed: Vec<(Vec<(FlowKey, Flow)>, bool)>,
+    reservations: Vec<(FlowKey, u64)>,
+    scanned: usize,
+    now: u64,
+}
+
+impl SweepPlan {
+    /// Entries the plan would remove.
+    pub fn entries(&self) -> usize {
+        self.doomed.iter().map(|(halves, _)| halves.len()).sum()
+    }
+}
+
+pub(super) fn plan(
+    maps: &Maps,
     backends: &BTreeMap<u32, Ipv4Addr>,
     timeouts: &FlowTimeouts,
-) -> Result<SweepReport> {
+) -> Result<SweepPlan> {
     let now = monotonic_ns();
     let snat_ports = {
         let c = maps.read_config()?;
@@ -85,13 +104,15 @@ pub(super) fn sweep(
     let mut flows = maps.read_flows()?;
     flows.extend(maps.read_embryos()?.into_iter().map(|(k, e)| (k, e.flow)));
     let table: HashMap<FlowKey, Flow> = flows.iter().copied().collect();
-    let mut doomed: HashMap<FlowKey, bool> = HashMap::new();
-    let mut report = SweepReport {
+    let mut seen: HashSet<FlowKey> = HashSet::new();
+    let mut plan = SweepPlan {
+        doomed: Vec::new(),
+        reservations: Vec::new(),
         scanned: flows.len(),
-        ..SweepReport::default()
+        now,
     };
     for (key, flow) in &flows {
-        if doomed.contains_key(key) {
+        if seen.contains(key) {
             continue;
         }
         let partner_key = flow.partner(key);
@@ -109,10 +130,11 @@ pub(super) fn sweep(
             continue;
         }
         let embryo = flow.flags & FLOW_EMBRYO != 0;
-        doomed.insert(*key, embryo);
+        seen.insert(*key);
         let reservable =
             backend_alive && key.proto == IPPROTO_TCP && !timeouts.snat_reuse_delay.is_zero();
         let Some(partner) = partner else {
+            plan.doomed.push((vec![(*key, *flow)], embryo));
             // A reply half whose forward half went first (the client reused its port for
             // a new connection) still names a 4-tuple the backend may hold in TIME_WAIT.
             if reservable
@@ -122,16 +144,14 @@ pub(super) fn sweep(
             {
                 let until = flow.last_seen + timeouts.snat_reuse_delay.as_nanos() as u64;
                 if until > now {
-                    maps.reserve_snat_port(key, until)?;
-                    report.reserved += 1;
+                    plan.reservations.push((*key, until));
                 }
             }
             continue;
         };
-        doomed.insert(partner_key, embryo);
-        if embryo {
-            report.embryos_removed += 1;
-        }
+        seen.insert(partner_key);
+        plan.doomed
+            .push((vec![(*key, *flow), (partner_key, *partner)], embryo));
         let (reply_key, reply) = if flow.flags & FLOW_REPLY != 0 {
             (*key, flow)
         } else {
@@ -141,23 +161,45 @@ pub(super) fn sweep(
             let last = flow.last_seen.max(partner.last_seen).max(reply.last_seen);
             let until = last + timeouts.snat_reuse_delay.as_nanos() as u64;
             if until > now {
-                maps.reserve_snat_port(&reply_key, until)?;
-                report.reserved += 1;
+                plan.reservations.push((reply_key, until));
             }
         }
     }
-    for (key, embryo) in &doomed {
-        if *embryo {
-            maps.del_embryo(key)?;
-        } else {
-            maps.del_flow(key)?;
+    Ok(plan)
+}
+
+/// Carries out a plan. An entry is removed only if it still holds what the listing saw: a
+/// client may have reused the 5-tuple for a new connection since (its SYN replaces a
+/// finished flow), and that connection's entries are not the sweep's to remove. A map has
+/// no compare-and-delete, so a window of one lookup remains, instead of the whole listing.
+pub(super) fn finish(maps: &mut Maps, plan: SweepPlan) -> Result<SweepReport> {
+    let mut report = SweepReport {
+        scanned: plan.scanned,
+        ..SweepReport::default()
+    };
+    for (key, until) in &plan.reservations {
+        maps.reserve_snat_port(key, *until)?;
+        report.reserved += 1;
+    }
+    for (halves, embryo) in &plan.doomed {
+        let mut removed = 0;
+        for (key, flow) in halves {
+            let gone = if *embryo {
+                maps.del_embryo_if(key, flow)?
+            } else {
+                maps.del_flow_if(key, flow)?
+            };
+            removed += usize::from(gone);
+        }
+        report.removed += removed;
+        if *embryo && removed > 0 {
+            report.embryos_removed += 1;
         }
     }
-    report.removed = doomed.len();
     // Reservations past their time would only be skipped; removing them keeps the count
     // meaningful and the LRU free for the ones that matter.
     for (key, until) in maps.read_reservations()? {
-        if until <= now {
+        if until <= plan.now {
             maps.del_reservation(&key)?;
         }
     }
