@@ -111,9 +111,7 @@ impl LbLimits {
     /// adopt). The traffic counters have a stripe of ids per CPU the kernel may run a
     /// program on, and the programs learn the stripe length from a global.
     pub(crate) fn map_sizes(&self, pin_dir: &Path) -> Result<MapSizes> {
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(what, e)| anyhow::anyhow!("counting CPUs ({what}): {e}"))?;
-        let cpus = u32::try_from(cpus).context("counting CPUs")?;
+        let cpus = counters::possible_cpus()?;
         let striped = |ids: u32, what: &str| {
             ids.checked_add(1)
                 .and_then(|n| n.checked_mul(cpus))

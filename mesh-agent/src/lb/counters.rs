@@ -20,6 +20,13 @@ pub(crate) const BPF_F_MMAPABLE: u32 = 1 << 10;
 type Words = [AtomicU64; 4];
 const _: () = assert!(size_of::<TrafficCounters>() == size_of::<Words>());
 
+/// The CPUs the kernel may run a program on: how many stripes a counters map has.
+pub(super) fn possible_cpus() -> Result<u32> {
+    let cpus =
+        aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("counting CPUs ({what}): {e}"))?;
+    u32::try_from(cpus).context("counting CPUs")
+}
+
 pub(super) struct StripedCounters {
     name: &'static str,
     /// Keeps the map open for as long as it is mapped.
@@ -40,7 +47,7 @@ unsafe impl Sync for StripedCounters {}
 impl StripedCounters {
     /// Takes the counters map `name` out of the loaded object and maps it. Its stripes are
     /// its entries divided by the CPUs the kernel may run programs on.
-    pub(super) fn take(ebpf: &mut Ebpf, name: &'static str, cpus: usize) -> Result<Self> {
+    pub(super) fn take(ebpf: &mut Ebpf, name: &'static str, cpus: u32) -> Result<Self> {
         let map = ebpf
             .take_map(name)
             .with_context(|| format!("map {name} missing from the eBPF object"))?;
@@ -57,7 +64,6 @@ impl StripedCounters {
             "map {name} holds {}-byte values, not counters",
             info.value_size()
         );
-        let cpus = u32::try_from(cpus).context("counting CPUs")?;
         let entries = info.max_entries();
         ensure!(
             cpus > 0 && entries >= cpus && entries % cpus == 0,

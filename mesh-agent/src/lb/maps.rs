@@ -18,7 +18,7 @@ use mesh_common::lb::{
 };
 use tracing::warn;
 
-use super::counters::{BPF_F_MMAPABLE, StripedCounters};
+use super::counters::{BPF_F_MMAPABLE, StripedCounters, possible_cpus};
 
 /// Map operations issued by one `apply`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -145,8 +145,7 @@ where
 
 impl Maps {
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let nr_cpus = aya::util::nr_cpus()
-            .map_err(|(what, e)| anyhow::anyhow!("counting CPUs ({what}): {e}"))?;
+        let cpus = possible_cpus()?;
         Ok(Self {
             config: take(ebpf, CONFIG_MAP)?,
             services: take(ebpf, SERVICES_MAP)?,
@@ -161,8 +160,8 @@ impl Maps {
             snat_reserved: take(ebpf, SNAT_RESERVED_MAP)?,
             _sock_fwd: take(ebpf, SOCK_FWD_MAP)?,
             _sock_rev: take(ebpf, SOCK_REV_MAP)?,
-            service_counters: StripedCounters::take(ebpf, SERVICE_COUNTERS_MAP, nr_cpus)?,
-            backend_counters: StripedCounters::take(ebpf, BACKEND_COUNTERS_MAP, nr_cpus)?,
+            service_counters: StripedCounters::take(ebpf, SERVICE_COUNTERS_MAP, cpus)?,
+            backend_counters: StripedCounters::take(ebpf, BACKEND_COUNTERS_MAP, cpus)?,
             stats: take(ebpf, STATS_MAP)?,
             ops: MapOps::default(),
         })
