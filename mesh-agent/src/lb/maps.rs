@@ -377,14 +377,7 @@ impl Maps {
 
     /// Removes the flow entry of `key` if it still is `seen`; whether it did.
     pub(super) fn del_flow_if(&mut self, key: &FlowKey, seen: &Flow) -> Result<bool> {
-        match self.flows.get(key, 0) {
-            Ok(now) if now == *seen => {}
-            Ok(_) | Err(MapError::KeyNotFound) => return Ok(false),
-            Err(e) => return Err(e).with_context(|| format!("reading {FLOWS_MAP}")),
-        }
-        ignore_missing(self.flows.remove(key))
-            .with_context(|| format!("removing a flow from {FLOWS_MAP}"))?;
-        Ok(true)
+        remove_if(&mut self.flows, FLOWS_MAP, key, |now| now == seen)
     }
 
     pub(super) fn read_embryos(&self) -> Result<Vec<(FlowKey, Embryo)>> {
@@ -402,14 +395,7 @@ impl Maps {
     /// As [`Self::del_flow_if`], for an embryonic entry (its flow part is compared: the
     /// handshake fields change as the handshake goes on).
     pub(super) fn del_embryo_if(&mut self, key: &FlowKey, seen: &Flow) -> Result<bool> {
-        match self.embryos.get(key, 0) {
-            Ok(now) if now.flow == *seen => {}
-            Ok(_) | Err(MapError::KeyNotFound) => return Ok(false),
-            Err(e) => return Err(e).with_context(|| format!("reading {EMBRYOS_MAP}")),
-        }
-        ignore_missing(self.embryos.remove(key))
-            .with_context(|| format!("removing a flow from {EMBRYOS_MAP}"))?;
-        Ok(true)
+        remove_if(&mut self.embryos, EMBRYOS_MAP, key, |now| now.flow == *seen)
     }
 
     /// Holds the SNAT port of `reply_key` (a closed flow's reply entry) until `until`
@@ -452,6 +438,24 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
+}
+
+/// Removes the entry of `key` from the flow table `map` (named `name`) if `still` holds for
+/// its value as it is now; whether it did. BPF maps have no compare-and-delete: a lookup,
+/// then the delete.
+fn remove_if<V: aya::Pod>(
+    map: &mut HashMap<MapData, FlowKey, V>,
+    name: &str,
+    key: &FlowKey,
+    still: impl FnOnce(&V) -> bool,
+) -> Result<bool> {
+    match map.get(key, 0) {
+        Ok(now) if still(&now) => {}
+        Ok(_) | Err(MapError::KeyNotFound) => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("reading {name}")),
+    }
+    ignore_missing(map.remove(key)).with_context(|| format!("removing a flow from {name}"))?;
+    Ok(true)
 }
 
 fn describe_key(key: &ServiceKey) -> String {
