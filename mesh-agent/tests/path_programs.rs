@@ -76,6 +76,20 @@ fn forward_flags(lab: &Lab) -> u32 {
     forward[0]
 }
 
+/// Opens the SNAT flow of CLIENT:40000 through the published port: the frame sent on.
+fn open_snat_flow(lab: &Lab) -> Frame {
+    Frame::parse(&lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn()).1)
+}
+
+/// The SYN-ACK of backend `b` to this node's address on SNAT port `sport`, as a task sends
+/// it (from its MAC, to the node's bridge MAC).
+fn snat_syn_ack(b: Ipv4Addr, sport: u16) -> lab::Packet {
+    tcp(b, 80, NET_ADDR, sport)
+        .syn()
+        .ack(1)
+        .macs(mac(b), mac(NET_ADDR))
+}
+
 #[test]
 fn a_client_address_flow_to_a_local_task_enters_it_directly_and_its_reply_finds_the_way_back() {
     let mut lab = lab(PublishMode::Ingress, true, &BACKENDS[..1]);
@@ -220,8 +234,7 @@ fn a_reply_from_another_node_is_translated_on_the_vxlan_device() {
 fn the_tasks_own_overlay_traffic_passes_the_vxlan_device_untouched_and_uncounted() {
     let lab = lab(PublishMode::Snat, true, &[]);
     let b = BACKENDS[0];
-    let (_, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
-    let snat = Frame::parse(&out);
+    let snat = open_snat_flow(&lab);
     let before = lab.dp.lb().reasons().unwrap();
     for p in [
         // A task on another node talking to a task here, straight to its MAC.
@@ -231,10 +244,7 @@ fn the_tasks_own_overlay_traffic_passes_the_vxlan_device_untouched_and_uncounted
         udp(b, 41000, BACKENDS[1], 53).macs(mac(b), mac(BACKENDS[1])),
         // To this node's address on a SNAT port that no flow holds (an unknown connection
         // from a task, or a backend's reply to a flow long gone).
-        tcp(b, 80, NET_ADDR, snat.sport + 1)
-            .syn()
-            .ack(1)
-            .macs(mac(b), mac(NET_ADDR)),
+        snat_syn_ack(b, snat.sport + 1),
         // A task's own traffic to this node's address outside the SNAT range.
         tcp(b, 41000, NET_ADDR, 22)
             .syn()
@@ -262,14 +272,9 @@ fn the_tasks_own_overlay_traffic_passes_the_vxlan_device_untouched_and_uncounted
 fn a_snat_reply_from_another_node_is_translated_on_the_vxlan_device() {
     let lab = lab(PublishMode::Snat, true, &[]);
     let b = BACKENDS[0];
-    let (_, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
-    let snat = Frame::parse(&out);
+    let snat = open_snat_flow(&lab);
     assert_eq!(snat.src, NET_ADDR);
-    let reply = tcp(b, 80, NET_ADDR, snat.sport)
-        .syn()
-        .ack(1)
-        .macs(mac(b), mac(NET_ADDR));
-    let p = assert_first_reply(&lab, lab.run_from_overlay(&reply));
+    let p = assert_first_reply(&lab, lab.run_from_overlay(&snat_syn_ack(b, snat.sport)));
     assert_eq!(
         (p.src_mac(), p.dst_mac()),
         (mac(b), mac(NET_ADDR)),
@@ -284,13 +289,8 @@ fn a_local_tasks_snat_reply_is_translated_on_its_veth() {
     let mut lab = lab(PublishMode::Snat, true, &BACKENDS[..1]);
     lab.task_port(VETH, VXLAN_IFINDEX);
     let b = BACKENDS[0];
-    let (_, out) = lab.run(&tcp(CLIENT, 40000, NODE_IP, 8080).syn());
-    let snat = Frame::parse(&out);
-    let reply = tcp(b, 80, NET_ADDR, snat.sport)
-        .syn()
-        .ack(1)
-        .macs(mac(b), mac(NET_ADDR));
-    assert_first_reply(&lab, lab.run_from_task(&reply));
+    let snat = open_snat_flow(&lab);
+    assert_first_reply(&lab, lab.run_from_task(&snat_syn_ack(b, snat.sport)));
 
     // What is not a SNAT reply passes untouched and uncounted: another port of this node,
     // a SNAT port without a flow, a task on the network.
