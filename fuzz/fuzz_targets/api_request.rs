@@ -3,11 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::{
-    agent::validate_name,
-    api::{ExecRequest, NetworkCreate, NodeUpdate, ServiceCreate, TaskRun, decode_request},
-    cluster::{PortSpec, ipam},
-};
+use mesh_agent::{agent::validate_name, cluster::ipam};
+use mesh_api::v1::{decode_request, ExecRequest, NetworkCreate, NodeUpdate, ServiceCreate, TaskRun};
+use mesh_api::spec::PortSpec;
 
 fuzz_target!(|bytes: &[u8]| {
     if let Ok(r) = decode_request::<ServiceCreate>(bytes) {

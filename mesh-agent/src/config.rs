@@ -223,7 +223,7 @@ impl Default for AgentConfig {
             phi_threshold: 8.0,
             settle_ms: 1000,
             restart_grace_ms: 10_000,
-            socket: crate::api::DEFAULT_SOCKET.into(),
+            socket: mesh_api::v1::DEFAULT_SOCKET.into(),
             state_dir: "/var/lib/mesh".into(),
             bpffs: "/sys/fs/bpf/mesh".into(),
             cgroup: None,
@@ -301,7 +301,7 @@ impl AgentConfig {
             bail!("gossip_interval_ms must be positive");
         }
         for (k, v) in &self.labels {
-            crate::cluster::parse_label(&format!("{k}={v}"))
+            mesh_api::spec::parse_label(&format!("{k}={v}"))
                 .map_err(|e| anyhow::anyhow!("labels in the agent config: {e}"))?;
         }
         self.dataplane.validate()?;

@@ -16,16 +16,15 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use mesh_agent::{
-    api::{NodeInfo, NodeUpdate, TaskInfo, client::Client},
-    cluster::Availability,
     config::{AgentConfig, DEFAULT_CONFIG},
-    gossip::{
-        auth::{DropReason, GossipAuth},
-        keyring::{self, ClusterKey, KeyId, Keyring},
-        token::JoinToken,
-        transport::{ProbeAnswer, probe},
-    },
+    gossip::auth::GossipAuth,
+    gossip::keyring::{self, ClusterKey, Keyring, key_id},
+    gossip::token::JoinToken,
+    gossip::transport::{ProbeAnswer, probe},
 };
+use mesh_api::Client;
+use mesh_api::spec::Availability;
+use mesh_api::v1::{DropReason, NodeInfo, NodeUpdate, TaskInfo};
 
 use crate::{InitArgs, JoinArgs, run_agent};
 
@@ -53,7 +52,7 @@ pub async fn mesh_agent_init(args: InitArgs) -> Result<()> {
         Ok(keys) => {
             eprintln!(
                 "using the existing cluster key {} in {}",
-                KeyId::of(&keys[0]),
+                key_id(&keys[0]),
                 key_file.display()
             );
             keys.into_iter().next().expect("a key file has a key")
@@ -63,7 +62,7 @@ pub async fn mesh_agent_init(args: InitArgs) -> Result<()> {
             keyring::write_key_file(&key_file, &[&key])?;
             eprintln!(
                 "new cluster key {} written to {} (mode 0600)",
-                KeyId::of(&key),
+                key_id(&key),
                 key_file.display()
             );
             key
@@ -114,7 +113,7 @@ pub async fn mesh_agent_join(args: JoinArgs) -> Result<()> {
 
     if agent_answers(&config.socket).await {
         let same_key = keyring::read_material(&key_file)
-            .is_ok_and(|k| k.iter().any(|k| KeyId::of(k) == token.id()));
+            .is_ok_and(|k| k.iter().any(|k| key_id(k) == token.id()));
         if same_key {
             eprintln!(
                 "node {} is already a member of this cluster (its agent runs): nothing to do",
@@ -171,7 +170,7 @@ pub async fn mesh_agent_join(args: JoinArgs) -> Result<()> {
     }
 
     let mut changed = match keyring::read_material(&key_file) {
-        Ok(keys) if KeyId::of(&keys[0]) == token.id() => false,
+        Ok(keys) if key_id(&keys[0]) == token.id() => false,
         _ => {
             keyring::write_key_file(&key_file, &[&token.key])?;
             eprintln!(

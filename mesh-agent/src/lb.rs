@@ -184,6 +184,7 @@ impl MapSizes {
 }
 
 pub(crate) use maps::check_pinned_layouts;
+use mesh_api::v1::Counters;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -348,51 +349,14 @@ impl ServiceLb {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendState {
-    Active,
-    Draining,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    /// New routing-mesh flows plus balanced sockets.
-    pub flows: u64,
-    pub packets: u64,
-    pub bytes: u64,
-    /// Packets or connects dropped because no backend was active.
-    pub dropped: u64,
-}
-
-impl From<TrafficCounters> for Counters {
-    fn from(c: TrafficCounters) -> Self {
-        Self {
-            flows: c.flows,
-            packets: c.packets,
-            bytes: c.bytes,
-            dropped: c.dropped,
-        }
+/// A service's or backend's traffic counters as the API reports them.
+fn counters(c: TrafficCounters) -> Counters {
+    Counters {
+        flows: c.flows,
+        packets: c.packets,
+        bytes: c.bytes,
+        dropped: c.dropped,
     }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackendStats {
-    pub ip: Ipv4Addr,
-    pub state: BackendState,
-    /// Position in the round robin, for active backends.
-    pub slot: Option<u32>,
-    pub counters: Counters,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceStats {
-    pub id: String,
-    pub name: String,
-    /// The dataplane's index of the service (as in the maps).
-    pub index: u32,
-    pub counters: Counters,
-    pub backends: Vec<BackendStats>,
 }
 
 /// What is programmed for one service, mirrored from the maps.

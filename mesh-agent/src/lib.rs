@@ -1,18 +1,17 @@
-//! mesh-agent: the per-node daemon that programs the eBPF dataplane and kernel overlay from
-//! the gossiped service table, and `meshctl`, the CLI that talks to it.
+//! mesh-agent: the per-node daemon. It gossips the cluster's table, plans and runs its part
+//! of every service, and programs the eBPF dataplane, the overlay and DNS from the table.
+//! Its words (specs, requests, answers) are `mesh_api`'s; `meshctl` and `mesh-cni` are
+//! crates of their own that talk to it over its socket.
 
 pub mod agent;
-pub mod api;
 pub mod bpf;
 pub mod cgroup;
-pub mod cli;
 pub mod cluster;
-pub mod cni;
-pub mod compose;
 pub mod config;
 pub mod dataplane;
 pub mod events;
 pub mod gossip;
+pub mod http;
 pub mod install;
 pub mod lb;
 pub mod logging;

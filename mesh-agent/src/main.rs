@@ -7,14 +7,13 @@ mod join;
 use join::{mesh_agent_init, mesh_agent_join};
 use mesh_agent::{
     agent::{Agent, NodeParts, Parts, Shutdown},
-    api,
     cluster::key,
     config::{AgentConfig, DEFAULT_CONFIG},
     dataplane::{self, Dataplane},
     gossip::{Gossip, GossipConfig, auth::GossipAuth, keyring, transport::SealedTransport},
-    netlink,
+    http, netlink,
     overlay::{GatewayPlumbing, Overlay, Underlay},
-    task::{TaskConfig, TaskState, Tasks},
+    task::{ProcessState, TaskConfig, Tasks},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -206,7 +205,7 @@ impl RunArgs {
         let mut c = AgentConfig::load(&path, must_exist)?;
         for l in &self.label {
             let (k, v) =
-                mesh_agent::cluster::parse_label(l).map_err(|e| anyhow::anyhow!("--label: {e}"))?;
+                mesh_api::spec::parse_label(l).map_err(|e| anyhow::anyhow!("--label: {e}"))?;
             c.labels.insert(k, v);
         }
         macro_rules! over {
@@ -323,7 +322,7 @@ fn keygen(out: Option<&std::path::Path>) -> Result<()> {
         None => {
             let key = keyring::generate()?;
             println!("{}", keyring::encode(&key).as_str());
-            eprintln!("cluster key {}", keyring::KeyId::of(&key));
+            eprintln!("cluster key {}", keyring::key_id(&key));
         }
     }
     Ok(())
@@ -419,7 +418,7 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
     if podman {
         record
             .drivers
-            .push(mesh_agent::cluster::DRIVER_PODMAN.to_owned());
+            .push(mesh_api::spec::DRIVER_PODMAN.to_owned());
     }
     info!(drivers = ?record.drivers, "task drivers");
     // Re-assert what this node owned before a restart, endpoints only for tasks that are
@@ -431,7 +430,7 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
                 node.as_ref().is_some_and(|n| {
                     n.tasks
                         .get(task)
-                        .is_some_and(|t| t.state == TaskState::Running)
+                        .is_some_and(|t| t.state == ProcessState::Running)
                         || n.tasks.cni_list().iter().any(|c| c.task == task)
                 })
             })
@@ -470,7 +469,7 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
     let agent = Agent::new(config.clone(), gossip, parts);
     tokio::spawn(agent.clone().run());
     tokio::spawn(agent.clone().sweep_flows());
-    tokio::spawn(mesh_agent::events::watch(agent.clone()));
+    tokio::spawn(agent.clone().watch_events());
     // Bound before the agent reports ready, so a taken port is an error at start.
     if let Some(addr) = config.ui_listen {
         let listener = mesh_agent::ui::bind(addr).await?;
@@ -495,7 +494,7 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let api = api::server::serve(api::server::bind(&config.socket)?, agent.clone());
+    let api = http::serve(http::bind(&config.socket)?, agent.clone());
     info!(socket = %config.socket.display(), "agent ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let mut leaving = None;

@@ -9,7 +9,7 @@
 //! recorded here, by the agent's loop. Every metric is documented in the README; names
 //! follow Prometheus conventions (`_total` counters, base units, snake_case labels).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use axum::{
@@ -21,12 +21,7 @@ use axum::{
 };
 use prometheus_client::{
     encoding::prometheus_text,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -34,23 +29,6 @@ use crate::agent::Agent;
 use mesh_common::lb::{FLOW_REPLY, Reason};
 
 type Labels = Vec<(&'static str, String)>;
-
-/// Durations of kernel convergence passes (agent/mod.rs `run`).
-#[derive(Clone, Debug)]
-pub struct ProgrammingLatency(Histogram);
-
-impl Default for ProgrammingLatency {
-    fn default() -> Self {
-        // 1 ms to ~16 s: an idle pass is a few ms, 10,000 services ~150 ms.
-        Self(Histogram::new(exponential_buckets(0.001, 2.0, 15)))
-    }
-}
-
-impl ProgrammingLatency {
-    pub fn observe(&self, d: Duration) {
-        self.0.observe(d.as_secs_f64());
-    }
-}
 
 /// Reasons that mean a packet or a connect was dropped, with the label they get.
 fn drop_reason(r: Reason) -> Option<&'static str> {
@@ -166,13 +144,13 @@ pub async fn render(agent: &Agent) -> anyhow::Result<String> {
                 .filter_map(|(r, n)| Some((vec![("reason", drop_reason(*r)?.to_owned())], *n)))
                 .collect(),
         );
-        let per_service = |f: fn(&crate::lb::Counters) -> u64| {
+        let per_service = |f: fn(&mesh_api::v1::Counters) -> u64| {
             stats
                 .iter()
                 .map(|s| (vec![("service", s.name.clone())], f(&s.counters)))
                 .collect::<Vec<_>>()
         };
-        let per_backend = |f: fn(&crate::lb::Counters) -> u64| {
+        let per_backend = |f: fn(&mesh_api::v1::Counters) -> u64| {
             stats
                 .iter()
                 .flat_map(|s| {
@@ -366,7 +344,7 @@ pub async fn render(agent: &Agent) -> anyhow::Result<String> {
     reg.register(
         "mesh_programming_duration_seconds",
         "Time of one kernel convergence pass (links, FDB, load balancer, firewall).",
-        agent.programming.0.clone(),
+        agent.programming.histogram(),
     );
 
     let mut text = String::new();

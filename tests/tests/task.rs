@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_agent::task::{TaskExit, TaskState};
+use mesh_agent::task::{ProcessState, TaskExit};
 use mesh_tests::{
     Cluster,
     netns::command_in,
@@ -191,7 +191,7 @@ fn an_exited_task_is_reported_at_once_and_loses_its_network() {
     let record = node.tasks.get("batch").unwrap();
     assert_eq!(
         record.state,
-        TaskState::Exited {
+        ProcessState::Exited {
             code: Some(3),
             signal: None
         }
@@ -354,12 +354,12 @@ fn a_restarted_agent_adopts_running_tasks_and_notices_the_ones_that_exited() {
         vec![
             (
                 "ended".to_string(),
-                TaskState::Exited {
+                ProcessState::Exited {
                     code: None,
                     signal: Some(9)
                 }
             ),
-            ("kept".to_string(), TaskState::Running),
+            ("kept".to_string(), ProcessState::Running),
         ]
     );
     assert_eq!(
@@ -398,7 +398,7 @@ fn a_restarted_agent_adopts_running_tasks_and_notices_the_ones_that_exited() {
     assert!(!netns_exists(&kept.netns));
 }
 
-fn node_states(node: &Node) -> Vec<(String, TaskState)> {
+fn node_states(node: &Node) -> Vec<(String, ProcessState)> {
     node.tasks
         .list()
         .into_iter()

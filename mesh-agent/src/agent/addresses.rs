@@ -49,7 +49,7 @@ impl Agent {
                         .tasks
                         .list()
                         .iter()
-                        .filter(|t| !matches!(t.state, crate::task::TaskState::Exited { .. }))
+                        .filter(|t| !matches!(t.state, crate::task::ProcessState::Exited { .. }))
                         .flat_map(|t| &t.spec.attachments)
                         .filter(|a| a.network == network)
                         .map(|a| a.address.addr()),

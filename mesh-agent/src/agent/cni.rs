@@ -9,10 +9,10 @@ use tracing::{info, warn};
 
 use super::{Agent, Error, Result, dns::RESOLVER_ADDRESS, validate_name};
 use crate::{
-    api::{CniAdd, CniInfo, CniInterface},
     cluster::key,
     task::{Attachment, CniAttachment, CniRequest, GATEWAY_NETWORK},
 };
+use mesh_api::v1::{CniAdd, CniInfo, CniInterface};
 
 /// The task name of a container: the runtime's name for it if that is a valid task name
 /// once `_` and `.` become `-` (podman names like `happy_turing`), else from its id.

@@ -12,7 +12,7 @@ use crate::{
     overlay::{
         Change, DesiredOverlay, MacAddr, NetworkPlumbing, PeerVtep, RemoteEndpoint, network_mtu,
     },
-    task::TaskState,
+    task::ProcessState,
 };
 
 impl Agent {
@@ -29,7 +29,7 @@ impl Agent {
                 .map(|e| e.record.network.clone()),
         );
         for t in local.tasks.list() {
-            if matches!(t.state, TaskState::Running | TaskState::Creating) {
+            if matches!(t.state, ProcessState::Running | ProcessState::Creating) {
                 wanted.extend(
                     t.spec
                         .attachments

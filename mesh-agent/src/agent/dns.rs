@@ -14,10 +14,11 @@ use tracing::{debug, warn};
 
 use super::Agent;
 use crate::{
-    cluster::{EndpointMode, Protocol, View},
+    cluster::View,
     netns,
-    task::{CniAttachment, GATEWAY_NETWORK, TaskRecord, TaskState},
+    task::{CniAttachment, GATEWAY_NETWORK, ProcessState, TaskRecord},
 };
+use mesh_api::spec::{EndpointMode, Protocol};
 
 /// Where tasks find the resolver, as in Docker.
 pub const RESOLVER_ADDRESS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
@@ -84,7 +85,7 @@ pub fn snapshot(view: &View) -> Snapshot {
         let alias = s
             .spec
             .labels
-            .get(crate::cluster::STACK_LABEL)
+            .get(mesh_api::spec::STACK_LABEL)
             .and_then(|stack| s.spec.name.strip_prefix(&format!("{stack}_")))
             .filter(|short| {
                 !view
@@ -120,7 +121,7 @@ impl Agent {
     /// Opens the resolver inside a task's namespace and lets the socket hooks act there (VIP
     /// balancing, 127.0.0.11 → the listener), for every process in it. Idempotent.
     pub(crate) async fn serve_dns_for(&self, task: &TaskRecord) -> Result<()> {
-        if task.state != TaskState::Running {
+        if task.state != ProcessState::Running {
             return Ok(());
         }
         self.serve_dns_before_start(task).await

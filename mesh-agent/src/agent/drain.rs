@@ -20,9 +20,8 @@ use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
 use super::Agent;
-use crate::cluster::{
-    Clock, EndpointRecord, LbProgress, NodeStatus, TaskState as EndpointState, View, key,
-};
+use crate::cluster::{Clock, EndpointRecord, LbProgress, View, key};
+use mesh_api::spec::{EndpointState, NodeStatus};
 
 /// How long a stopping task waits for every node to confirm: past it, a node that is live
 /// but silent (overloaded, half partitioned) must not hold the task up for ever.

@@ -9,7 +9,7 @@ use tokio::{
 };
 
 use super::Local;
-use crate::cluster::{HealthCheck, Probe};
+use mesh_api::spec::{HealthCheck, Probe};
 
 /// Ok when the task is healthy; otherwise what the probe saw.
 pub async fn probe(
@@ -105,7 +105,7 @@ pub async fn wait_listening(
         let alive = local
             .tasks
             .get(task)
-            .is_some_and(|r| r.state == crate::task::TaskState::Running);
+            .is_some_and(|r| r.state == crate::task::ProcessState::Running);
         if !alive {
             return Ready::Gone;
         }

@@ -6,16 +6,16 @@ use anyhow::Context;
 use tracing::{error, info, warn};
 
 use super::{Agent, Error, Result};
+use crate::gossip::keyring::key_id;
 use crate::{
-    cluster::{
-        Clock, KeyRotation, KeyState, Left, NodeRemoval, NodeStatus, Replicated, View, key,
-        view::CLUSTER_KEY_NAME,
-    },
-    gossip::{
-        keyring::{self, KEY_LEN, KeyId},
-        token::JoinToken,
-    },
+    cluster::view::CLUSTER_KEY_NAME,
+    cluster::{Clock, KeyRotation, KeyState, Left, NodeRemoval, Replicated, View, key},
+    gossip::keyring::{self, KEY_LEN},
+    gossip::token::JoinToken,
 };
+use mesh_api::spec::NodeStatus;
+use mesh_api::v1::KeyId;
+use mesh_api::v1::RotationStatus;
 
 /// Why the agent stops on its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,25 +24,6 @@ pub enum Shutdown {
     Leave,
     /// Another node ran `node rm --force` on this one.
     Removed,
-}
-
-/// Where a key rotation stands, for `meshctl join-token --rotate` to report.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RotationStatus {
-    pub key: KeyId,
-    /// Ready nodes that seal with the new key, of all Ready nodes.
-    pub switched: Vec<String>,
-    /// Ready nodes that hold only the new key: the old one is retired there.
-    pub retired: Vec<String>,
-    pub ready: Vec<String>,
-    /// Down nodes: they keep the old key and must join again with a new token.
-    pub down: Vec<String>,
-}
-
-impl RotationStatus {
-    pub fn done(&self) -> bool {
-        self.retired.len() == self.ready.len()
-    }
 }
 
 impl Agent {
@@ -63,7 +44,7 @@ impl Agent {
             return Err(no_cluster_key());
         }
         let key = keyring::generate()?;
-        let id = KeyId::of(&key);
+        let id = key_id(&key);
         let view = self.refresh().await;
         let stamp = self.tick();
         let spec = KeyRotation {
@@ -178,10 +159,10 @@ impl Agent {
                 .context("the rotation record's key is not a 32-byte base64 key")?,
             );
             let key: [u8; KEY_LEN] = bytes.as_slice().try_into().expect("length checked");
-            if KeyId::of(&key) != new {
+            if key_id(&key) != new {
                 anyhow::bail!("the rotation record's key does not match its id {new}");
             }
-            material.retain(|k| KeyId::of(k) != new);
+            material.retain(|k| key_id(k) != new);
             material.insert(0, zeroize::Zeroizing::new(key));
         }
         if everyone_switched {

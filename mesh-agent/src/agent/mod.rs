@@ -6,10 +6,12 @@ mod cni;
 mod converge;
 pub mod dns;
 mod drain;
+mod events;
 mod health;
 pub mod membership;
 mod objects;
 mod orchestrate;
+mod programming;
 mod rollout;
 mod routing;
 pub mod secrets;
@@ -17,8 +19,9 @@ mod services;
 pub mod stacks;
 mod tasks;
 
-pub use membership::{RotationStatus, Shutdown};
+pub use membership::Shutdown;
 pub use objects::validate_name;
+pub use programming::ProgrammingLatency;
 pub use services::{DEFAULT_NETWORK, duration_ms};
 
 use std::{
@@ -33,13 +36,14 @@ use tokio::sync::{Mutex, Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
-    cluster::{BlockClaim, Clock, NodeRecord, Replicated, Stamp, View, key},
+    cluster::{BlockClaim, Clock, NodeRecord, Replicated, View, key},
     config::ResolvedConfig,
     dataplane::Dataplane,
     gossip::{Fingerprint, Gossip},
     overlay::{GatewayPlumbing, Overlay, Underlay},
     task::Tasks,
 };
+use mesh_api::id::Stamp;
 
 /// What went wrong, in terms the API maps to status codes.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +98,7 @@ pub struct Agent {
     /// Cluster events derived from successive views (`meshctl events`, the UI's ticker).
     pub events: crate::events::Events,
     /// Time of kernel convergence passes, for /metrics.
-    pub programming: crate::metrics::ProgrammingLatency,
+    pub programming: programming::ProgrammingLatency,
 }
 
 /// What the agent drives besides gossip and the merged view.
@@ -158,7 +162,7 @@ impl Agent {
             started: std::time::Instant::now(),
             shutdown: watch::channel(None).0,
             events: crate::events::Events::default(),
-            programming: crate::metrics::ProgrammingLatency::default(),
+            programming: programming::ProgrammingLatency::default(),
             gossip,
             config,
         })
@@ -195,7 +199,7 @@ impl Agent {
             address: config.advertise,
             mtu,
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            drivers: vec![crate::cluster::DRIVER_PROCESS.into()],
+            drivers: vec![mesh_api::spec::DRIVER_PROCESS.into()],
             labels: config.labels.clone(),
             reserved_ports: reserved_ports(config),
         }
@@ -436,7 +440,8 @@ pub fn load_own_keys(state_dir: &std::path::Path) -> BTreeMap<String, String> {
 /// What a published port may not take on this node: gossip and the overlay's VXLAN port on
 /// the node's address, and the UI and metrics listeners when they listen there too.
 fn reserved_ports(config: &ResolvedConfig) -> Vec<crate::cluster::ReservedPort> {
-    use crate::cluster::{Protocol, ReservedPort};
+    use crate::cluster::ReservedPort;
+    use mesh_api::spec::Protocol;
     let mut ports = vec![
         ReservedPort {
             protocol: Protocol::Udp,

@@ -184,24 +184,7 @@ fn auto_subnet(view: &View) -> Option<Ipv4Net> {
         .find(|s| view.networks.values().all(|o| !overlaps(o.spec.subnet, *s)))
 }
 
-/// Names end up in DNS (`web.app`), so they must be DNS labels.
+/// [`mesh_api::spec::validate_name`], as the agent's error.
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        && !name.starts_with(['-', '_'])
-        && !name.ends_with(['-', '_']);
-    if !ok {
-        return Err(Error::Invalid(format!(
-            "invalid {kind} name {name:?}: use 1-63 letters, digits, dashes and underscores (a stack's objects are <stack>_<name>), not starting or ending with either"
-        )));
-    }
-    if name.eq_ignore_ascii_case("tasks") {
-        return Err(Error::Invalid(format!(
-            "{kind} name \"tasks\" is reserved for DNS (tasks.<service>)"
-        )));
-    }
-    Ok(())
+    mesh_api::spec::validate_name(kind, name).map_err(Error::Invalid)
 }

@@ -24,9 +24,10 @@ use tracing::{info, warn};
 
 use super::{Agent, health, rollout, tasks::Launch};
 use crate::{
-    cluster::{Clock, HealthCheck, Replicated, ServiceSpec, UpdateState, View, key},
-    task::TaskState as ProcessState,
+    cluster::{Clock, Replicated, View, key},
+    task::ProcessState,
 };
+use mesh_api::spec::{HealthCheck, ServiceSpec, UpdateState};
 
 /// How long a task without a health check may take to listen on its port before it is made a
 /// backend anyway (it may serve only UDP, or another port).
@@ -349,7 +350,7 @@ impl Agent {
         let heard_peer = view
             .nodes
             .values()
-            .any(|n| n.name != self.node_name() && n.status == crate::cluster::NodeStatus::Ready);
+            .any(|n| n.name != self.node_name() && n.status == mesh_api::spec::NodeStatus::Ready);
         up >= Duration::from_secs(1)
             && (heard_peer || self.config.config.join.is_empty() || up >= Duration::from_secs(10))
     }
@@ -477,7 +478,7 @@ impl Agent {
         let ready_port = service
             .ports
             .iter()
-            .find(|p| p.protocol == crate::cluster::Protocol::Tcp)
+            .find(|p| p.protocol == mesh_api::spec::Protocol::Tcp)
             .map(|p| p.target)
             .filter(|_| template.health.is_none());
         // Opened here, for this start only: the bytes go to the task's tmpfs and nowhere else.

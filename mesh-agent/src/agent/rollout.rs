@@ -4,10 +4,8 @@
 use mesh_planner::{FailureAction, Ratio, UpdateConfig, UpdateOrder};
 
 use super::{Error, Result, services::duration_ms};
-use crate::{
-    api::{HealthFlags, RolloutFlags},
-    cluster::{HealthCheck, PortSpec, Probe, ServiceSpec, UpdateState, UpdateStatus},
-};
+use mesh_api::spec::{HealthCheck, PortSpec, Probe, ServiceSpec, UpdateState, UpdateStatus};
+use mesh_api::v1::{HealthFlags, RolloutFlags};
 
 /// mesh's defaults: a node-local probe is cheap, so it runs more often than Docker's 30 s.
 const HEALTH_INTERVAL_MS: u64 = 5_000;
@@ -250,7 +248,7 @@ pub fn rolled_back(current: &ServiceSpec, message: &str, now_ms: u64) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::TaskTemplate;
+    use mesh_api::spec::TaskTemplate;
 
     fn flags(f: impl FnOnce(&mut HealthFlags)) -> HealthFlags {
         let mut h = HealthFlags::default();

@@ -8,13 +8,14 @@ use tracing::{info, warn};
 
 use super::{Agent, Local};
 use crate::{
-    api::short_id,
-    cluster::{EndpointMode, Protocol, PublishMode, View},
+    cluster::View,
     dataplane::{ReturnTimeouts, TaskVeth},
     lb::{self, BackendLb, FlowTimeouts, NetworkLb, PublishedPort, ServiceLb},
     overlay::{MacAddr, NetworkPlumbing},
     task::{GATEWAY_NETWORK, Interface, TaskRecord},
 };
+use mesh_api::id::short_id;
+use mesh_api::spec::{EndpointMode, Protocol, PublishMode};
 use mesh_common::lb::{LocalTaskKey, TaskPort};
 
 /// Services removed while their tasks still run (they stop with a drain, or were started

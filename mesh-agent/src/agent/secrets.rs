@@ -10,12 +10,11 @@ use zeroize::Zeroizing;
 
 use super::{Agent, Error, Result};
 use crate::{
-    cluster::{
-        ConfigSpec, FileRef, MAX_FILE_OBJECT, Replicated, SecretSpec, TaskTemplate, View, key,
-    },
+    cluster::{ConfigSpec, Replicated, SecretSpec, View, key},
     gossip::sealed,
     task::{TaskFile, TaskFiles},
 };
+use mesh_api::spec::{FileRef, MAX_FILE_OBJECT, TaskTemplate};
 
 /// Which kind of file object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,13 +9,11 @@ use mesh_planner::{Constraint, MAX_REPLICAS, RestartPolicy, ServiceMode, Spread}
 use tracing::info;
 
 use super::{Agent, Error, Result, rollout, validate_name};
-use crate::{
-    api::{HealthFlags, RestartFlags, ServiceCreate, ServiceScale, ServiceUpdate},
-    cluster::{
-        Clock, EndpointMode, FileRef, PortSpec, Protocol, Replicated, ServiceSpec, TaskTemplate,
-        UpdateState, View, key,
-    },
+use crate::cluster::{Clock, Replicated, View, key};
+use mesh_api::spec::{
+    EndpointMode, FileRef, PortSpec, Protocol, ServiceSpec, TaskTemplate, UpdateState,
 };
+use mesh_api::v1::{HealthFlags, RestartFlags, ServiceCreate, ServiceScale, ServiceUpdate};
 
 /// The network a service joins when none is named (Swarm's `ingress` role).
 pub const DEFAULT_NETWORK: &str = "ingress";

@@ -14,19 +14,12 @@ use super::{
     validate_name,
 };
 use crate::{
-    cluster::{Clock, STACK_LABEL, ServiceSpec, View},
-    compose::StackDeploy,
+    cluster::{Clock, View},
     gossip::sealed,
 };
-
-/// What a deploy did, per service.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct StackReport {
-    pub created: Vec<String>,
-    pub updated: Vec<String>,
-    pub unchanged: Vec<String>,
-    pub removed: Vec<String>,
-}
+use mesh_api::spec::{STACK_LABEL, ServiceSpec};
+use mesh_api::v1::StackDeploy;
+use mesh_api::v1::StackReport;
 
 fn in_stack(labels: &BTreeMap<String, String>, stack: &str) -> bool {
     labels.get(STACK_LABEL).map(String::as_str) == Some(stack)
@@ -327,7 +320,7 @@ pub fn stacks(view: &View) -> BTreeMap<String, usize> {
 
 fn placeholder_secret(
     name: &str,
-    stamp: crate::cluster::Stamp,
+    stamp: mesh_api::id::Stamp,
 ) -> crate::cluster::Replicated<crate::cluster::SecretSpec> {
     crate::cluster::Replicated::new(
         crate::cluster::SecretSpec {
@@ -335,7 +328,7 @@ fn placeholder_secret(
             labels: BTreeMap::new(),
             size: 0,
             sealed: sealed::Sealed {
-                key: crate::gossip::keyring::KeyId(0),
+                key: mesh_api::v1::KeyId(0),
                 data: String::new(),
             },
         },
@@ -345,7 +338,7 @@ fn placeholder_secret(
 
 fn placeholder_config(
     name: &str,
-    stamp: crate::cluster::Stamp,
+    stamp: mesh_api::id::Stamp,
 ) -> crate::cluster::Replicated<crate::cluster::ConfigSpec> {
     crate::cluster::Replicated::new(
         crate::cluster::ConfigSpec {

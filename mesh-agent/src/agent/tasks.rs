@@ -5,11 +5,11 @@ use tracing::{info, warn};
 
 use super::{Agent, Error, Result, validate_name};
 use crate::{
-    api::TaskRun,
-    cluster::View,
-    cluster::{EndpointRecord, TaskState as EndpointState, key, mac_for_ip},
+    cluster::{EndpointRecord, View, key, mac_for_ip},
     task::{Attachment, TaskExit, TaskFiles, TaskRecord, TaskSpec},
 };
+use mesh_api::spec::EndpointState;
+use mesh_api::v1::TaskRun;
 
 /// What to start: a task of this node.
 pub(crate) struct Launch<'a> {
@@ -137,7 +137,7 @@ impl Agent {
                 return Err(Error::Invalid(format!("{e:#}")));
             }
         };
-        if record.state != crate::task::TaskState::Running {
+        if record.state != crate::task::ProcessState::Running {
             // Ended before it could serve (a one-shot container): no endpoint; the
             // orchestrator sees the exit on its next pass.
             self.stop_dns_for(task.name).await;
@@ -241,7 +241,7 @@ impl Agent {
                 let running = self.local().is_some_and(|l| {
                     l.tasks
                         .get(task)
-                        .is_some_and(|t| t.state == crate::task::TaskState::Running)
+                        .is_some_and(|t| t.state == crate::task::ProcessState::Running)
                         || l.tasks.cni_list().iter().any(|c| c.task == task)
                 });
                 (!running).then_some((k.clone(), None))

@@ -13,7 +13,8 @@ use std::{
 
 use ipnet::Ipv4Net;
 
-use super::{BlockClaim, Stamp};
+use super::BlockClaim;
+use mesh_api::id::Stamp;
 
 /// Smallest and largest prefixes accepted for a network's subnet.
 pub const MIN_PREFIX: u8 = 8;

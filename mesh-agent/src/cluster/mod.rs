@@ -15,5 +15,5 @@ pub mod replicated;
 pub mod view;
 
 pub use record::*;
-pub use replicated::{Clock, Replicated, Stamp};
-pub use view::{AttachmentView, EndpointView, NodeStatus, NodeView, Snapshot, SnapshotNode, View};
+pub use replicated::{Clock, Replicated};
+pub use view::{AttachmentView, EndpointView, NodeView, Snapshot, SnapshotNode, View};

@@ -15,15 +15,8 @@
 
 use std::collections::BTreeMap;
 
+use mesh_api::id::Stamp;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-
-/// A point in cluster time: wall-clock milliseconds, ties broken by node name. Nodes issue
-/// strictly increasing stamps (see [`Clock`]), so a stamp names one event.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Stamp {
-    pub ms: u64,
-    pub node: String,
-}
 
 /// Issues stamps that never go backwards on this node even if the wall clock does, and that
 /// are later than any stamp seen from peers (a hybrid logical clock without the counter).

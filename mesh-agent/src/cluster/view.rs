@@ -9,10 +9,12 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{
     AttachmentRecord, BlockClaim, ConfigSpec, EndpointRecord, KeyRotation, KeyState, NetworkSpec,
-    NodeRecord, NodeRemoval, NodeSpec, Protocol, SecretSpec, ServiceSpec, Stamp, TaskState, ipam,
-    key,
+    NodeRecord, NodeRemoval, NodeSpec, SecretSpec, ipam, key,
     replicated::{self, Replicated},
 };
+use mesh_api::id::Stamp;
+use mesh_api::spec::NodeStatus;
+use mesh_api::spec::{EndpointState, Protocol, ServiceSpec};
 
 /// How long a deletion is remembered and republished. A node that was away longer than this
 /// and comes back holding a deleted object brings it back; a day covers maintenance windows.
@@ -36,12 +38,6 @@ pub struct SnapshotNode {
 pub struct Snapshot {
     pub nodes: Vec<SnapshotNode>,
     pub now_ms: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum NodeStatus {
-    Ready,
-    Down,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,7 +261,8 @@ impl View {
             let Some(vtep) = view.nodes[*name].record.as_ref().map(|r| r.address) else {
                 continue;
             };
-            let active = view.nodes[*name].spec.availability == super::Availability::Active;
+            let active =
+                view.nodes[*name].spec.availability == mesh_api::spec::Availability::Active;
             // The newest generation's keys speak for a node that is up under any generation:
             // a restarting agent publishes its endpoints with its first message, so its tasks
             // never blink out of other nodes' load balancers.
@@ -289,7 +286,7 @@ impl View {
                     let e = EndpointView {
                         node: name.to_string(),
                         vtep,
-                        active: live && active && record.state == TaskState::Running,
+                        active: live && active && record.state == EndpointState::Running,
                         record,
                     };
                     if live {
@@ -405,10 +402,10 @@ impl View {
                 let record = n.record.as_ref()?;
                 Some(mesh_planner::Node {
                     name: n.name.clone(),
-                    id: crate::api::node_id(&n.name),
+                    id: mesh_api::id::node_id(&n.name),
                     hostname: record.hostname.clone(),
                     ready: n.status == NodeStatus::Ready,
-                    active: n.spec.availability == super::Availability::Active,
+                    active: n.spec.availability == mesh_api::spec::Availability::Active,
                     labels: n.labels(),
                     engine_labels: n.engine_labels(),
                     drivers: record.drivers.clone(),
@@ -543,7 +540,7 @@ fn merge_kind<T: Clone + Serialize + DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{EndpointMode, PortSpec};
+    use mesh_api::spec::{EndpointMode, PortSpec};
 
     fn st(ms: u64, node: &str) -> Stamp {
         Stamp {
@@ -610,7 +607,7 @@ mod tests {
             service: Some("web".into()),
             ip: "10.1.0.20".parse().unwrap(),
             mac: "02:42:0a:01:00:14".into(),
-            state: TaskState::Running,
+            state: EndpointState::Running,
         };
         put(&mut new, format!("{}web1", key::ENDPOINT), &ep);
         let v = View::compute(&Snapshot {
@@ -740,7 +737,7 @@ mod tests {
             service: Some("web".into()),
             ip: "10.1.0.20".parse().unwrap(),
             mac: "02:42:0a:01:00:14".into(),
-            state: TaskState::Running,
+            state: EndpointState::Running,
         };
         put(&mut b, format!("{}web1", key::ENDPOINT), &ep);
         put(

@@ -33,10 +33,16 @@ use std::{
 
 use anyhow::Result;
 use chacha20poly1305::{AeadInOut, Tag, XNonce};
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::keyring::{KeyId, Keyring};
+use super::keyring::Keyring;
+use mesh_api::v1::AuthReport;
+use mesh_api::v1::DropReason;
+use mesh_api::v1::KeyId;
+use mesh_api::v1::KeyReport;
+use mesh_api::v1::LastDrop;
+use mesh_api::v1::PeerReport;
+use mesh_api::v1::ReloadReport;
 
 /// First bytes of every sealed datagram: 'm' and the format version.
 pub const MAGIC: [u8; 2] = [b'm', 1];
@@ -111,96 +117,6 @@ impl Refusal {
             datagram[3..].try_into().expect("4 bytes"),
         ));
         Some(Self { reason, key })
-    }
-}
-
-/// Why a datagram was dropped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DropReason {
-    /// Shorter than a header and a tag.
-    Truncated,
-    /// Plain chitchat: an agent running without a cluster key.
-    Unsealed,
-    /// Neither sealed gossip nor plain chitchat.
-    UnknownFormat,
-    /// Sealed with a key this node does not hold.
-    UnknownKey,
-    /// The tag does not verify: tampered, or sealed for another cluster name.
-    BadTag,
-    /// Authentic but older than the replay window (or the sender's clock is behind).
-    TooOld,
-    /// Authentic but newer than the replay window (the sender's clock is ahead).
-    TooNew,
-    /// Authentic and seen before.
-    Replayed,
-    /// Authentic but chitchat could not decode it.
-    Undecodable,
-    /// A datagram on the local codec socket that did not come from this agent.
-    StrayLoopback,
-    /// Could not be sent: sealed, it exceeds the largest UDP datagram.
-    Oversized,
-    /// A peer refused this node's datagram (a [`Refusal`]): it does not hold our key.
-    Refused,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 12] = [
-        DropReason::Truncated,
-        DropReason::Unsealed,
-        DropReason::UnknownFormat,
-        DropReason::UnknownKey,
-        DropReason::BadTag,
-        DropReason::TooOld,
-        DropReason::TooNew,
-        DropReason::Replayed,
-        DropReason::Undecodable,
-        DropReason::StrayLoopback,
-        DropReason::Oversized,
-        DropReason::Refused,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DropReason::Truncated => "truncated",
-            DropReason::Unsealed => "unsealed",
-            DropReason::UnknownFormat => "unknown_format",
-            DropReason::UnknownKey => "unknown_key",
-            DropReason::BadTag => "bad_tag",
-            DropReason::TooOld => "too_old",
-            DropReason::TooNew => "too_new",
-            DropReason::Replayed => "replayed",
-            DropReason::Undecodable => "undecodable",
-            DropReason::StrayLoopback => "stray_loopback",
-            DropReason::Oversized => "oversized",
-            DropReason::Refused => "refused",
-        }
-    }
-
-    /// What an operator should look at.
-    fn hint(self) -> &'static str {
-        match self {
-            DropReason::Unsealed => "an agent without a cluster key is sending to this node",
-            DropReason::UnknownKey => {
-                "a peer uses a key this node does not hold: another cluster, or a rotation step skipped"
-            }
-            DropReason::BadTag => "tampered datagram, or a peer with another --cluster name",
-            DropReason::TooOld | DropReason::TooNew => {
-                "clocks differ by more than the replay window, or a datagram was replayed late: sync clocks (NTP)"
-            }
-            DropReason::Replayed => "a datagram was sent again: someone replays captured gossip",
-            DropReason::Undecodable => "a key holder sent something chitchat cannot decode",
-            DropReason::StrayLoopback => "a local process sent to the gossip codec socket",
-            DropReason::Oversized => "gossip state too large for one datagram",
-            DropReason::Refused => {
-                "a peer does not accept this node's cluster key: a rotation retired it while this \
-                 node was away (join again with a current `meshctl join-token`), or the peer is \
-                 of another cluster"
-            }
-            DropReason::Truncated | DropReason::UnknownFormat => {
-                "something that is not mesh gossip reached the gossip port"
-            }
-        }
     }
 }
 
@@ -657,60 +573,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64
-}
-
-/// Gossip authentication as `GET /v1/gossip` reports it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AuthReport {
-    pub cipher: String,
-    pub key_file: PathBuf,
-    pub replay_window_ms: u64,
-    pub remembered_nonces: usize,
-    /// Configured keys, primary first.
-    pub keys: Vec<KeyReport>,
-    /// Peers that sent authentic gossip, with the keys they use.
-    pub peers: Vec<PeerReport>,
-    /// Datagrams sealed and sent.
-    pub sent: u64,
-    /// Authentic datagrams accepted.
-    pub received: u64,
-    /// Datagrams dropped, by reason (every reason listed).
-    pub dropped: BTreeMap<String, u64>,
-    pub last_drop: Option<LastDrop>,
-    pub last_reload: Option<ReloadReport>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct KeyReport {
-    pub id: KeyId,
-    pub primary: bool,
-    pub sent: u64,
-    pub received: u64,
-    pub last_received_ms_ago: Option<u64>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PeerReport {
-    pub address: SocketAddr,
-    /// The key the peer seals with.
-    pub primary_key: KeyId,
-    /// The key of its last datagram.
-    pub last_key: KeyId,
-    pub last_seen_ms_ago: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct LastDrop {
-    pub from: SocketAddr,
-    pub reason: DropReason,
-    pub ms_ago: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ReloadReport {
-    pub ms_ago: u64,
-    /// Why the last reload failed (the keys in use stayed the same).
-    pub error: Option<String>,
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ use std::{fmt, os::unix::fs::PermissionsExt, path::Path};
 use anyhow::{Context, Result, bail};
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
-use serde::{Deserialize, Serialize};
+use mesh_api::v1::KeyId;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -49,39 +49,13 @@ pub const KEY_LEN: usize = 32;
 /// More keys than this is a mistake (a rotation needs two).
 pub const MAX_KEYS: usize = 8;
 
-/// Names a key without revealing it; shown as 8 hex digits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyId(pub u32);
-
-impl KeyId {
-    pub fn of(key: &[u8; KEY_LEN]) -> Self {
-        let mut h = Sha256::new();
-        h.update(b"mesh gossip key id v1\0");
-        h.update(key);
-        let d = h.finalize();
-        KeyId(u32::from_be_bytes([d[0], d[1], d[2], d[3]]))
-    }
-}
-
-impl fmt::Display for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:08x}", self.0)
-    }
-}
-
-impl Serialize for KeyId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for KeyId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        u32::from_str_radix(&s, 16)
-            .map(KeyId)
-            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a key id")))
-    }
+/// A key's id: the first bytes of a hash of it, so showing the id reveals nothing.
+pub fn key_id(key: &[u8; KEY_LEN]) -> KeyId {
+    let mut h = Sha256::new();
+    h.update(b"mesh gossip key id v1\0");
+    h.update(key);
+    let d = h.finalize();
+    KeyId(u32::from_be_bytes([d[0], d[1], d[2], d[3]]))
 }
 
 /// One key, ready to seal and open. Its material is only inside the cipher, which wipes it on
@@ -95,7 +69,7 @@ pub struct ClusterKey {
 impl ClusterKey {
     pub fn new(key: &[u8; KEY_LEN]) -> Self {
         Self {
-            id: KeyId::of(key),
+            id: key_id(key),
             cipher: XChaCha20Poly1305::new(key.into()),
         }
     }
@@ -188,7 +162,7 @@ pub fn parse_material(text: &str) -> Result<Vec<Zeroizing<[u8; KEY_LEN]>>> {
                 bytes.len()
             )
         })?;
-        let id = KeyId::of(key);
+        let id = key_id(key);
         if let Some(i) = ids.iter().position(|k| *k == id) {
             bail!("line {n}: the same key as line {} (key {id})", lines[i]);
         }
@@ -258,7 +232,7 @@ pub fn write_key_file(path: &Path, keys: &[&[u8; KEY_LEN]]) -> Result<()> {
          # (init, join, and `meshctl join-token --rotate`); the first key is the primary.\n",
     ));
     for k in keys {
-        text.push_str(&format!("{}  # key {}\n", encode(k).as_str(), KeyId::of(k)));
+        text.push_str(&format!("{}  # key {}\n", encode(k).as_str(), key_id(k)));
     }
     let tmp = path.with_extension("key.tmp");
     let _ = std::fs::remove_file(&tmp);
@@ -301,7 +275,7 @@ pub fn write_new_key_file(path: &Path) -> Result<KeyId> {
     file.write_all(key_file_text(&key).as_bytes())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", path.display()))?;
-    Ok(KeyId::of(&key))
+    Ok(key_id(&key))
 }
 
 /// A key as it appears on a line of a key file.
@@ -318,7 +292,7 @@ pub fn key_file_text(key: &[u8; KEY_LEN]) -> Zeroizing<String> {
          # each node in turn and reload, then remove the old line on each node and reload.\n\
          {}  # key {}\n",
         encode(key).as_str(),
-        KeyId::of(key)
+        key_id(key)
     ))
 }
 
@@ -334,7 +308,7 @@ mod tests {
     fn a_generated_key_file_parses_back_to_its_key() {
         let k = generate().unwrap();
         let ring = Keyring::parse(&key_file_text(&k)).unwrap();
-        assert_eq!(ring.ids(), vec![KeyId::of(&k)]);
+        assert_eq!(ring.ids(), vec![key_id(&k)]);
         assert_ne!(*k, [0u8; KEY_LEN], "the random source was read");
     }
 
@@ -346,10 +320,10 @@ mod tests {
             encode(&key(1)).as_str()
         );
         let ring = Keyring::parse(&text).unwrap();
-        assert_eq!(ring.primary().id, KeyId::of(&key(2)));
-        assert_eq!(ring.ids(), vec![KeyId::of(&key(2)), KeyId::of(&key(1))]);
-        assert!(ring.get(KeyId::of(&key(1))).is_some());
-        assert!(ring.get(KeyId::of(&key(3))).is_none());
+        assert_eq!(ring.primary().id, key_id(&key(2)));
+        assert_eq!(ring.ids(), vec![key_id(&key(2)), key_id(&key(1))]);
+        assert!(ring.get(key_id(&key(1))).is_some());
+        assert!(ring.get(key_id(&key(3))).is_none());
     }
 
     #[test]
@@ -389,9 +363,9 @@ mod tests {
 
     #[test]
     fn key_ids_are_stable_and_distinct() {
-        assert_eq!(KeyId::of(&key(1)), KeyId::of(&key(1)));
-        assert_ne!(KeyId::of(&key(1)), KeyId::of(&key(2)));
-        let id = KeyId::of(&key(1));
+        assert_eq!(key_id(&key(1)), key_id(&key(1)));
+        assert_ne!(key_id(&key(1)), key_id(&key(2)));
+        let id = key_id(&key(1));
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(json.len(), 10, "8 hex digits in quotes: {json}");
         assert_eq!(serde_json::from_str::<KeyId>(&json).unwrap(), id);
@@ -420,7 +394,7 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let ring = Keyring::load(&path).unwrap();
-        assert_eq!(ring.ids(), vec![KeyId::of(&key(2)), KeyId::of(&key(1))]);
+        assert_eq!(ring.ids(), vec![key_id(&key(2)), key_id(&key(1))]);
         let material = read_material(&path).unwrap();
         assert_eq!(*material[0], key(2));
         write_key_file(&path, &[&key(2)]).unwrap();
@@ -438,10 +412,7 @@ mod tests {
         let err = format!("{:#}", Keyring::load(&path).unwrap_err());
         assert!(err.contains("chmod 600"), "{err}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(
-            Keyring::load(&path).unwrap().primary().id,
-            KeyId::of(&key(9))
-        );
+        assert_eq!(Keyring::load(&path).unwrap().primary().id, key_id(&key(9)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -20,8 +20,9 @@ use zeroize::Zeroizing;
 
 use super::{
     auth::{NONCE_LEN, TAG_LEN},
-    keyring::{KeyId, Keyring},
+    keyring::Keyring,
 };
+use mesh_api::v1::KeyId;
 
 /// A secret's data as gossip carries it. Its Debug form shows only the key id and the size.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,7 +19,9 @@ use std::fmt;
 use anyhow::{Result, bail};
 use zeroize::Zeroizing;
 
-use super::keyring::{KEY_LEN, KeyId};
+use super::keyring::KEY_LEN;
+use super::keyring::key_id;
+use mesh_api::v1::KeyId;
 
 pub const PREFIX: &str = "MESH-";
 pub const VERSION: u32 = 1;
@@ -50,7 +52,7 @@ impl JoinToken {
     /// The key's id: what the token's fingerprint says and what a member's answer must be
     /// sealed with.
     pub fn id(&self) -> KeyId {
-        KeyId::of(&self.key)
+        key_id(&self.key)
     }
 
     pub fn encode(&self) -> Zeroizing<String> {
@@ -98,7 +100,7 @@ impl JoinToken {
         let Ok(id) = u32::from_str_radix(id_hex, 16).map(KeyId) else {
             bail!("the join token is truncated or damaged (no key fingerprint): {GET_ONE}");
         };
-        if id_hex.len() != 8 || id != KeyId::of(&key) {
+        if id_hex.len() != 8 || id != key_id(&key) {
             bail!(
                 "the join token is damaged: its key does not match its fingerprint (a character \
                  was changed or lost in copying): {GET_ONE}"

@@ -36,10 +36,9 @@ use chitchat::{
 };
 use tracing::debug;
 
-use super::{
-    auth::{DropReason, GossipAuth, MAX_DATAGRAM, Refusal},
-    keyring::KeyId,
-};
+use super::auth::{GossipAuth, MAX_DATAGRAM, Refusal};
+use mesh_api::v1::DropReason;
+use mesh_api::v1::KeyId;
 
 /// chitchat's encoding of `BadCluster` in protocol version 0: magic number 45139 (little
 /// endian), version 0, message type 3. Used as the sentinel after each fed datagram.

@@ -1,6 +1,9 @@
 //! What the maps hold, for `service inspect`, metrics and the flow sweep.
 
 use super::*;
+use mesh_api::v1::BackendState;
+use mesh_api::v1::BackendStats;
+use mesh_api::v1::ServiceStats;
 
 impl LoadBalancer {
     /// The ids under which a service named `name` is programmed (its own, and its
@@ -36,7 +39,7 @@ impl LoadBalancer {
                 ip: *ip,
                 state: BackendState::Active,
                 slot: Some(slot as u32),
-                counters: self.maps.backend_counters(*bid)?.into(),
+                counters: super::counters(self.maps.backend_counters(*bid)?),
             });
         }
         for (ip, bid) in &p.draining {
@@ -44,14 +47,14 @@ impl LoadBalancer {
                 ip: *ip,
                 state: BackendState::Draining,
                 slot: None,
-                counters: self.maps.backend_counters(*bid)?.into(),
+                counters: super::counters(self.maps.backend_counters(*bid)?),
             });
         }
         Ok(ServiceStats {
             id: id.to_owned(),
             name: p.name.clone(),
             index: p.index,
-            counters: self.maps.service_counters(p.index)?.into(),
+            counters: super::counters(self.maps.service_counters(p.index)?),
             backends,
         })
     }

@@ -209,7 +209,7 @@ pub struct Interface {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
-pub enum TaskState {
+pub enum ProcessState {
     /// Namespace and interfaces are being set up; a record left in this state by a crash is
     /// cleaned away on adoption.
     Creating,
@@ -221,12 +221,12 @@ pub enum TaskState {
     },
 }
 
-impl TaskState {
+impl ProcessState {
     pub fn label(&self) -> &'static str {
         match self {
-            TaskState::Creating => "creating",
-            TaskState::Running => "running",
-            TaskState::Exited { .. } => "exited",
+            ProcessState::Creating => "creating",
+            ProcessState::Running => "running",
+            ProcessState::Exited { .. } => "exited",
         }
     }
 }
@@ -240,7 +240,7 @@ pub struct TaskRecord {
     pub pid: Option<u32>,
     /// Clock ticks since boot (`/proc/<pid>/stat` field 22): with the PID, names the process.
     pub start_time: Option<u64>,
-    pub state: TaskState,
+    pub state: ProcessState,
     pub log: PathBuf,
     /// Empty files this task created on the host as mount points of its configs (the
     /// process driver shares the host's file system); removed with the task.
@@ -337,7 +337,7 @@ impl Tasks {
     async fn adopt(&self, mut record: TaskRecord) {
         let name = record.spec.name.clone();
         match record.state {
-            TaskState::Creating => {
+            ProcessState::Creating => {
                 info!(task = %name, "removing a task whose creation was interrupted");
                 if let Err(e) = self.teardown(&record).await {
                     warn!(task = %name, "cleaning up an interrupted task: {e:#}");
@@ -346,7 +346,7 @@ impl Tasks {
                     warn!(task = %name, "{e:#}");
                 }
             }
-            TaskState::Running => {
+            ProcessState::Running => {
                 let found = match (record.pid, record.start_time) {
                     (Some(pid), Some(start)) => process::find(pid, start),
                     _ => process::Found::Exited(process::Exit {
@@ -373,7 +373,7 @@ impl Tasks {
                             exit = container::exit(c).await;
                         }
                         info!(task = %name, code = ?exit.code, "task exited while the agent was away");
-                        record.state = TaskState::Exited {
+                        record.state = ProcessState::Exited {
                             code: exit.code,
                             signal: exit.signal,
                         };
@@ -385,7 +385,7 @@ impl Tasks {
                     }
                 }
             }
-            TaskState::Exited { .. } => self.insert_finished(record),
+            ProcessState::Exited { .. } => self.insert_finished(record),
         }
     }
 
@@ -431,7 +431,7 @@ impl Tasks {
                 interfaces: Vec::new(),
                 pid: None,
                 start_time: None,
-                state: TaskState::Creating,
+                state: ProcessState::Creating,
                 mount_points: Vec::new(),
                 spec,
             };
@@ -554,7 +554,7 @@ impl Tasks {
                 // It ran and ended before it could be followed (a one-shot job): a task
                 // that started and exited, not one that failed to start.
                 container::Started::Exited(exit) => {
-                    record.state = TaskState::Exited {
+                    record.state = ProcessState::Exited {
                         code: exit.code,
                         signal: exit.signal,
                     };
@@ -565,7 +565,7 @@ impl Tasks {
         };
         record.pid = Some(spawned.pid);
         record.start_time = Some(spawned.start_time);
-        record.state = TaskState::Running;
+        record.state = ProcessState::Running;
         if let Err(e) = self.inner.store.save(&record) {
             let _ = process::signal(&spawned.pidfd, Signal::SIGKILL);
             return Err((record, e));
@@ -632,7 +632,7 @@ impl Tasks {
                 return;
             };
             entry.pidfd = None;
-            entry.record.state = TaskState::Exited {
+            entry.record.state = ProcessState::Exited {
                 code: exit.code,
                 signal: exit.signal,
             };
@@ -663,7 +663,7 @@ impl Tasks {
             let entry = entries
                 .get(name)
                 .with_context(|| format!("no task named {name} on this node"))?;
-            if entry.record.state == TaskState::Creating {
+            if entry.record.state == ProcessState::Creating {
                 bail!("task {name} is still being created; try again in a moment");
             }
             (
@@ -726,7 +726,7 @@ impl Tasks {
         let record = self
             .get(name)
             .with_context(|| format!("no task named {name} on this node"))?;
-        if record.state != TaskState::Running {
+        if record.state != ProcessState::Running {
             bail!(
                 "task {name} is {}: exec needs a running task",
                 record.state.label()
@@ -797,7 +797,7 @@ impl Tasks {
     pub async fn reattach_all(&self) -> Result<usize> {
         let mut n = 0;
         for record in self.list() {
-            if record.state != TaskState::Running {
+            if record.state != ProcessState::Running {
                 continue;
             }
             for (iface, att) in record.interfaces.iter().zip(&record.spec.attachments) {
@@ -873,7 +873,7 @@ fn free_gateway_address<'a>(
     taken: &[Ipv4Addr],
 ) -> Result<Ipv4Addr> {
     let mut used: std::collections::BTreeSet<Ipv4Addr> = records
-        .filter(|r| !matches!(r.state, TaskState::Exited { .. }))
+        .filter(|r| !matches!(r.state, ProcessState::Exited { .. }))
         .flat_map(|r| &r.spec.attachments)
         .filter(|a| a.bridge == GATEWAY_BRIDGE)
         .map(|a| a.address.addr())

@@ -24,7 +24,9 @@ use futures_util::Stream;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::{agent::Agent, events::Event, overview::Overview};
+use crate::agent::Agent;
+use mesh_api::events::Event;
+use mesh_api::v1::Overview;
 
 const INDEX: &str = include_str!("assets/index.html");
 const SCRIPT: &str = include_str!("assets/app.js");

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use mesh_agent::api::{NodeInfo, ServiceInfo, TaskInfo};
+use mesh_api::v1::{NodeInfo, ServiceInfo, TaskInfo};
 use mesh_tests::{Cluster, Host};
 
 pub const NETWORK: &str = "app";
@@ -23,7 +23,7 @@ pub fn cluster(hosts: usize) -> Result<Cluster> {
         let nodes: Vec<NodeInfo> = c.host(1).meshctl_json(&["node", "ls"])?;
         let ready = nodes
             .iter()
-            .filter(|n| n.status == mesh_agent::cluster::NodeStatus::Ready)
+            .filter(|n| n.status == mesh_api::spec::NodeStatus::Ready)
             .count();
         Ok((ready == hosts).then_some(()))
     })?;
@@ -40,7 +40,7 @@ pub fn ready_everywhere(c: &Cluster, timeout: Duration) -> Result<()> {
             let nodes: Vec<NodeInfo> = h.meshctl_json(&["node", "ls"])?;
             let ready = nodes
                 .iter()
-                .filter(|n| n.status == mesh_agent::cluster::NodeStatus::Ready)
+                .filter(|n| n.status == mesh_api::spec::NodeStatus::Ready)
                 .count();
             if ready != n {
                 return Ok(None);
@@ -105,7 +105,7 @@ pub fn active_backends(h: &Host, service: &str) -> Result<Vec<Ipv4Addr>> {
         .map(|d| {
             d.backends
                 .iter()
-                .filter(|b| b.state == mesh_agent::lb::BackendState::Active)
+                .filter(|b| b.state == mesh_api::v1::BackendState::Active)
                 .map(|b| b.ip)
                 .collect()
         })

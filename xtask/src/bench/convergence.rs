@@ -189,10 +189,7 @@ fn point(n: usize, changes: usize, window: Duration) -> Result<Point> {
     }
     group.ns = Some(ns);
     let started = Instant::now();
-    let ready = format!(
-        "\"status\":\"{:?}\"",
-        mesh_agent::cluster::NodeStatus::Ready
-    );
+    let ready = format!("\"status\":\"{:?}\"", mesh_api::spec::NodeStatus::Ready);
     let (membership, _) = until_all(&sockets, started, Duration::from_secs(120), |s| {
         let body = http(s, "GET", "/v1/nodes", None)?;
         Ok(body.matches(&ready).count() == n)

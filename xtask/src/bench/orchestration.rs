@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::Result;
-use mesh_agent::api::ServiceInfo;
+use mesh_api::v1::ServiceInfo;
 use mesh_tests::{Cluster, cluster::bin};
 
 use super::{

@@ -15,10 +15,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use mesh_agent::{
-    api::{LocalTaskInfo, ServiceInfo, TaskInfo},
-    cluster::{EndpointMode, PortSpec, Protocol, Replicated, ServiceSpec, Stamp, key},
-};
+use mesh_agent::cluster::{Replicated, key};
+use mesh_api::id::Stamp;
+use mesh_api::spec::{EndpointMode, PortSpec, Protocol, ServiceSpec};
+use mesh_api::v1::{LocalTaskInfo, ServiceInfo, TaskInfo};
 use mesh_tests::{Cluster, cluster::bin};
 
 use super::{

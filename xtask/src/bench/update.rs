@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use mesh_agent::api::ServiceInfo;
+use mesh_api::v1::ServiceInfo;
 use mesh_tests::{cluster::bin, workload::ClientLoop};
 
 use super::{
@@ -71,7 +71,7 @@ pub fn run(quick: bool) -> Result<Report> {
                 .spec
                 .update_status
                 .as_ref()
-                .is_some_and(|u| u.state == mesh_agent::cluster::UpdateState::Completed);
+                .is_some_and(|u| u.state == mesh_api::spec::UpdateState::Completed);
             Ok(done && serving(&c, false)?)
         })?;
         let (ok, failed) = client.finish();

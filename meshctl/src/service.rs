@@ -7,12 +7,11 @@ use clap::{Args, Subcommand};
 use mesh_planner::ServiceMode;
 
 use super::{Format, json, or_dash, print_tasks, progress, table};
-use crate::{
-    api::{
-        HealthFlags, RestartFlags, RolloutFlags, ServiceCreate, ServiceInfo, ServiceScale,
-        ServiceTaskInfo, ServiceUpdate, client::Client,
-    },
-    cluster::{Clock, EndpointMode},
+use mesh_api::Client;
+use mesh_api::spec::EndpointMode;
+use mesh_api::v1::{
+    HealthFlags, RestartFlags, RolloutFlags, ServiceCreate, ServiceInfo, ServiceScale,
+    ServiceTaskInfo, ServiceUpdate,
 };
 
 #[derive(Subcommand, Debug)]
@@ -354,7 +353,7 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                 labels: a
                     .label
                     .iter()
-                    .map(|l| crate::cluster::parse_label(l).map_err(anyhow::Error::msg))
+                    .map(|l| mesh_api::spec::parse_label(l).map_err(anyhow::Error::msg))
                     .collect::<Result<_>>()?,
             };
             let s: ServiceInfo = client.post("/v1/services", &req).await?;
@@ -486,7 +485,7 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
             // Logs stay on the node that runs the task; say where the others are.
             let rows: Vec<ServiceTaskInfo> =
                 client.get(&format!("/v1/services/{name}/tasks")).await?;
-            let me: crate::api::NodeInfo = client.get("/v1/nodes/self").await?;
+            let me: mesh_api::v1::NodeInfo = client.get("/v1/nodes/self").await?;
             let elsewhere: std::collections::BTreeSet<String> = rows
                 .iter()
                 .filter(|r| !r.history && r.state == "Running")
@@ -576,7 +575,7 @@ fn image(s: &ServiceInfo) -> String {
 }
 
 fn ago(ms: u64) -> String {
-    let now = Clock::now_ms();
+    let now = mesh_api::id::now_ms();
     let secs = now.saturating_sub(ms) / 1000;
     match secs {
         0 => "less than a second ago".into(),

@@ -13,13 +13,16 @@ use axum::{
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use zeroize::Zeroizing;
 
-use super::{ConfigInfo, FileObjectCreate, SecretInfo, short_id};
 use crate::{
     agent::{
         Agent, Error,
         secrets::{Kind, users},
     },
     cluster::View,
+};
+use mesh_api::{
+    id::short_id,
+    v1::{ConfigInfo, FileObjectCreate, SecretInfo},
 };
 
 type ApiResult<T> = Result<Json<T>, Error>;

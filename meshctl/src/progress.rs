@@ -12,10 +12,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::Format;
-use crate::{
-    api::{ServiceInfo, ServiceTaskInfo, client::Client},
-    cluster::UpdateState,
-};
+use mesh_api::Client;
+use mesh_api::spec::UpdateState;
+use mesh_api::v1::{ServiceInfo, ServiceTaskInfo};
 
 /// How far a task has come, out of [`STEPS`], for its bar.
 fn step(state: &str) -> u64 {

@@ -9,7 +9,7 @@ use hyper_util::rt::TokioIo;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::net::UnixStream;
 
-use super::ApiError;
+use crate::v1::ApiError;
 
 pub struct Client {
     socket: PathBuf,

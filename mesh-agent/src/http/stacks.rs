@@ -11,12 +11,10 @@ use axum::{
 };
 
 use crate::{
-    agent::{
-        Agent, Error,
-        stacks::{StackReport, stacks},
-    },
-    compose::StackDeploy,
+    agent::stacks::stacks,
+    agent::{Agent, Error},
 };
+use mesh_api::v1::{StackDeploy, StackReport};
 
 pub fn routes() -> Router<Arc<Agent>> {
     Router::new()
@@ -30,7 +28,7 @@ async fn list(State(agent): State<Arc<Agent>>) -> Result<Json<Vec<(String, usize
 }
 
 async fn deploy(State(agent): State<Arc<Agent>>, bytes: Bytes) -> Result<Json<StackReport>, Error> {
-    let req: StackDeploy = super::decode_request(&bytes).map_err(Error::Invalid)?;
+    let req: StackDeploy = mesh_api::v1::decode_request(&bytes).map_err(Error::Invalid)?;
     Ok(Json(agent.deploy_stack(&req).await?))
 }
 

@@ -1,4 +1,10 @@
-//! The API server: routes that turn requests into agent operations and views into answers.
+//! The agent's local API over HTTP: an adapter that decodes a request into `mesh_api::v1`
+//! types, calls the agent, and turns its answer (or its [`Error`]) into a response. No
+//! decisions are made here.
+
+mod events;
+mod objects;
+mod stacks;
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
@@ -14,15 +20,18 @@ use axum::{
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
-use super::{
-    ApiError, CniAdd, CniInfo, CniRef, ExecOutput, ExecRequest, GossipInfo, JoinTokenInfo,
-    LocalTaskInfo, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats, RotateInfo,
-    ServiceCreate, ServiceInfo, ServiceScale, ServiceTaskInfo, ServiceUpdate, TaskInfo, TaskRun,
-    short_id,
-};
 use crate::{
     agent::{Agent, Error, Shutdown},
     cluster::{EndpointView, View},
+};
+use mesh_api::{
+    id::short_id,
+    v1::{
+        ApiError, CniAdd, CniInfo, CniRef, ExecOutput, ExecRequest, GossipInfo, JoinTokenInfo,
+        LocalTaskInfo, NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats, RotateInfo,
+        ServiceCreate, ServiceInfo, ServiceScale, ServiceTaskInfo, ServiceUpdate, TaskInfo,
+        TaskRun,
+    },
 };
 use mesh_planner::SlotPlacement;
 
@@ -48,7 +57,7 @@ type ApiResult<T> = Result<Json<T>, Error>;
 /// Decodes a JSON body with an error that says what was wrong (axum's default rejection is
 /// plain text).
 fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, Error> {
-    super::decode_request(bytes).map_err(Error::Invalid)
+    mesh_api::v1::decode_request(bytes).map_err(Error::Invalid)
 }
 
 pub fn router(agent: Arc<Agent>) -> Router {
@@ -84,12 +93,12 @@ pub fn router(agent: Arc<Agent>) -> Router {
         )
         .route("/v1/dataplane/ports", get(port_stats))
         .route("/v1/gossip", get(gossip_info))
-        .route("/v1/events", get(super::events::follow))
+        .route("/v1/events", get(events::follow))
         .route("/v1/cni/add", axum::routing::post(cni_add))
         .route("/v1/cni/del", axum::routing::post(cni_del))
         .route("/v1/cni/check", axum::routing::post(cni_check))
-        .merge(super::objects::routes())
-        .merge(super::stacks::routes())
+        .merge(objects::routes())
+        .merge(stacks::routes())
         .with_state(agent)
 }
 
@@ -151,7 +160,7 @@ fn require_root(peer: Option<Extension<ConnectInfo<Peer>>>) -> Result<(), Error>
 pub(crate) fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
     let n = view.nodes.get(name)?;
     Some(NodeInfo {
-        id: crate::api::node_id(name),
+        id: mesh_api::id::node_id(name),
         name: name.to_owned(),
         hostname: n
             .record
@@ -265,7 +274,7 @@ pub(crate) fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
     let ready = |node: &str| {
         view.nodes
             .get(node)
-            .is_some_and(|n| n.status == crate::cluster::NodeStatus::Ready)
+            .is_some_and(|n| n.status == mesh_api::spec::NodeStatus::Ready)
     };
     let mut by_slot: BTreeMap<mesh_planner::Slot, Vec<&mesh_planner::Task>> = BTreeMap::new();
     for t in view.tasks.iter().filter(|t| t.service == name) {
@@ -645,7 +654,7 @@ fn local_task_info(agent: &Agent, view: &View, r: &crate::task::TaskRecord) -> L
         node: agent.node_name().to_owned(),
         state: r.state.label().to_owned(),
         exit_code: match r.state {
-            crate::task::TaskState::Exited { code, .. } => code,
+            crate::task::ProcessState::Exited { code, .. } => code,
             _ => None,
         },
         pid: r.pid,

@@ -22,11 +22,12 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{CniAdd, CniInfo, CniRef, DEFAULT_SOCKET, client};
+use mesh_api::client;
+use mesh_api::v1::{CniAdd, CniInfo, CniRef, DEFAULT_SOCKET};
 
 /// What this plugin speaks; results are written in the version the config asks for.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.1", "0.4.0", "1.0.0"];
-pub const PLUGIN_TYPE: &str = "mesh-cni";
+pub const PLUGIN_TYPE: &str = mesh_api::v1::CNI_PLUGIN_TYPE;
 
 pub const ERR_INCOMPATIBLE_VERSION: u32 = 1;
 pub const ERR_INVALID_ENV: u32 = 4;
@@ -340,6 +341,19 @@ fn call<B: serde::Serialize, T: serde::de::DeserializeOwned>(
     }
 }
 
+fn main() {
+    use std::io::{Read, Write};
+    let mut stdin = Vec::new();
+    // VERSION may come with an empty stdin; anything unreadable is reported as a decoding
+    // failure by the config parser.
+    let _ = std::io::stdin().read_to_end(&mut stdin);
+    let out = run(|k| std::env::var(k).ok(), &stdin);
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out.stdout.as_bytes());
+    let _ = stdout.flush();
+    std::process::exit(out.code);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,7 +410,7 @@ mod tests {
             network: "app".into(),
             service: None,
             netns: "/run/netns/x".into(),
-            interfaces: vec![crate::api::CniInterface {
+            interfaces: vec![mesh_api::v1::CniInterface {
                 name: "eth0".into(),
                 host_veth: "mve0".into(),
                 network: "app".into(),

@@ -5,7 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 
 use super::Format;
-use crate::{api::client::Client, events::Event};
+use mesh_api::Client;
+use mesh_api::events::Event;
 
 /// `--since`: a duration ago (`5m`, `1h30m`), an RFC 3339 time, or Unix seconds.
 pub fn parse_since(s: &str, now: SystemTime) -> Result<u64> {
@@ -38,14 +39,14 @@ pub async fn run(
         .map(|s| parse_since(s, SystemTime::now()))
         .transpose()?;
     // Checked here too, so a typo fails before the connection is made.
-    let mut check = crate::events::Filter::default();
+    let mut check = mesh_api::events::Filter::default();
     for f in &filter {
         check.add(f).map_err(anyhow::Error::msg)?;
     }
-    let path = format!("/v1/events?{}", crate::events::query(since_ms, &filter));
+    let path = format!("/v1/events?{}", mesh_api::events::query(since_ms, &filter));
     client
         .get_lines(&path, |line| {
-            if let Ok(err) = serde_json::from_str::<crate::api::ApiError>(line) {
+            if let Ok(err) = serde_json::from_str::<mesh_api::v1::ApiError>(line) {
                 bail!("{}", err.error);
             }
             match fmt {

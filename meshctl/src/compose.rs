@@ -14,47 +14,12 @@
 use std::{collections::BTreeMap, path::Path};
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
-use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 
-use crate::{
-    api::{HealthFlags, RestartFlags, RolloutFlags, ServiceCreate},
-    cluster::{MAX_FILE_OBJECT, PortSpec, STACK_LABEL},
+use mesh_api::spec::{MAX_FILE_OBJECT, PortSpec, STACK_LABEL};
+use mesh_api::v1::{
+    HealthFlags, RestartFlags, RolloutFlags, ServiceCreate, StackDeploy, StackFile, StackNetwork,
 };
-
-/// What `stack deploy` asks the agent for: every object already named and labelled.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct StackDeploy {
-    pub name: String,
-    pub networks: Vec<StackNetwork>,
-    /// base64 data, like `secret create`.
-    pub secrets: Vec<StackFile>,
-    pub configs: Vec<StackFile>,
-    pub services: Vec<ServiceCreate>,
-    /// Remove the stack's services that the file no longer has.
-    #[serde(default)]
-    pub prune: bool,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct StackNetwork {
-    pub name: String,
-    pub subnet: Option<String>,
-    pub labels: BTreeMap<String, String>,
-}
-
-#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct StackFile {
-    pub name: String,
-    pub data: String,
-    pub labels: BTreeMap<String, String>,
-}
-
-impl std::fmt::Debug for StackFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "StackFile({})", self.name)
-    }
-}
 
 /// The parsed stack and the warnings (one line per ignored key).
 pub struct Parsed {

@@ -6,11 +6,9 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 
 use super::{Format, json, or_dash, table};
-use crate::{
-    agent::stacks::StackReport,
-    api::{ServiceInfo, ServiceTaskInfo, client::Client},
-    cluster::STACK_LABEL,
-};
+use mesh_api::Client;
+use mesh_api::spec::STACK_LABEL;
+use mesh_api::v1::{ServiceInfo, ServiceTaskInfo, StackReport};
 
 #[derive(Subcommand, Debug)]
 pub enum StackCommand {

@@ -12,10 +12,8 @@ use axum::{
 };
 use tokio::sync::broadcast;
 
-use crate::{
-    agent::{Agent, Error},
-    events::{Event, Filter, parse_query},
-};
+use crate::agent::{Agent, Error};
+use mesh_api::events::{Event, Filter, parse_query};
 
 fn line(e: &impl serde::Serialize) -> Result<Bytes, Infallible> {
     let mut json = serde_json::to_vec(e).unwrap_or_default();
@@ -59,7 +57,7 @@ pub(crate) async fn follow(
                     // A gap must not pass silently: say so and end; the client can resume
                     // with --since.
                     s.done = true;
-                    let error = crate::api::ApiError {
+                    let error = mesh_api::v1::ApiError {
                         error: format!(
                             "this reader fell {n} events behind and missed them; run again \
                              with --since to catch up"

@@ -8,10 +8,9 @@ use clap::Subcommand;
 use zeroize::Zeroizing;
 
 use super::{Format, json, table};
-use crate::{
-    api::{ConfigInfo, FileObjectCreate, SecretInfo, client::Client},
-    cluster::{MAX_FILE_OBJECT, parse_label},
-};
+use mesh_api::Client;
+use mesh_api::spec::{MAX_FILE_OBJECT, parse_label};
+use mesh_api::v1::{ConfigInfo, FileObjectCreate, SecretInfo};
 
 #[derive(Subcommand, Debug)]
 pub enum SecretCommand {
@@ -97,7 +96,7 @@ fn labels(raw: &[String]) -> Result<BTreeMap<String, String>> {
 }
 
 fn since(ms: u64) -> String {
-    let now = crate::cluster::Clock::now_ms();
+    let now = mesh_api::id::now_ms();
     let secs = now.saturating_sub(ms) / 1000;
     match secs {
         0..60 => format!("{secs} seconds ago"),

@@ -1,5 +1,7 @@
-//! meshctl: Docker-style commands that talk to the local agent's API.
+//! meshctl: Docker-style commands that talk to the local agent's API. Flags and compose
+//! files are parsed here, into `mesh_api` specs, with errors that name the flag or key.
 
+mod compose;
 mod events;
 mod objects;
 mod progress;
@@ -15,13 +17,11 @@ use clap::{Parser, Subcommand};
 use comfy_table::{Table, presets::NOTHING};
 use serde::Serialize;
 
-use crate::{
-    api::{
-        DEFAULT_SOCKET, ExecOutput, ExecRequest, GossipInfo, JoinTokenInfo, LocalTaskInfo,
-        NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats, RotateInfo, TaskInfo, TaskRun,
-        client::Client,
-    },
-    cluster::Availability,
+use mesh_api::Client;
+use mesh_api::spec::Availability;
+use mesh_api::v1::{
+    DEFAULT_SOCKET, ExecOutput, ExecRequest, GossipInfo, JoinTokenInfo, LocalTaskInfo,
+    NetworkCreate, NetworkInfo, NodeInfo, NodeUpdate, PortStats, RotateInfo, TaskInfo, TaskRun,
 };
 
 #[derive(Parser, Debug)]
@@ -286,7 +286,7 @@ fn print_tasks(tasks: &[TaskInfo]) {
                     t.network.clone(),
                     t.ip.to_string(),
                     t.node.clone(),
-                    if t.active || t.state != crate::cluster::TaskState::Running {
+                    if t.active || t.state != mesh_api::spec::EndpointState::Running {
                         t.state.to_string()
                     } else {
                         format!("{} (draining)", t.state)
@@ -297,7 +297,15 @@ fn print_tasks(tasks: &[TaskInfo]) {
     );
 }
 
-pub async fn run(cli: Cli) -> Result<()> {
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("Error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
     let client = Client::new(&cli.socket);
     let fmt = cli.format;
     match cli.command {
@@ -711,9 +719,9 @@ fn print_join_token(info: &JoinTokenInfo, fmt: Format, quiet: bool) -> Result<()
 /// `--network-alias <service>` reach the plugin.
 pub fn write_conflist(network: &str, socket: &Path, opts: &CniOpts) -> Result<PathBuf> {
     let name = opts.cni_name.as_deref().unwrap_or(network);
-    crate::agent::validate_name("CNI network", name)?;
+    mesh_api::spec::validate_name("CNI network", name).map_err(anyhow::Error::msg)?;
     let mut plugin = serde_json::json!({
-        "type": crate::cni::PLUGIN_TYPE,
+        "type": mesh_api::v1::CNI_PLUGIN_TYPE,
         "network": network,
         "socket": socket,
         "capabilities": { "aliases": true },
@@ -806,4 +814,19 @@ async fn network(client: &Client, socket: &Path, fmt: Format, cmd: NetworkComman
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arguments_never_panic(args in prop::collection::vec(".{0,16}", 0..6)) {
+            let mut argv = vec!["meshctl".to_owned()];
+            argv.extend(args);
+            let _ = Cli::try_parse_from(argv);
+        }
+    }
 }

@@ -1,0 +1,47 @@
+//! Specs: what a user asks the cluster to run and how, as every side (CLI, compose, the
+//! agent's API, the Docker API) hands it to the agent: typed, already parsed.
+
+mod endpoint;
+mod file;
+mod node;
+mod port;
+mod service;
+
+pub use endpoint::EndpointState;
+pub use file::FileRef;
+pub use node::{Availability, NodeStatus, parse_label};
+pub use port::{PortSpec, Protocol, PublishMode};
+pub use service::{
+    DRIVER_PODMAN, DRIVER_PROCESS, EndpointMode, HealthCheck, Probe, ServiceSpec, TaskTemplate,
+    UpdateState, UpdateStatus,
+};
+
+/// The label that names the stack an object belongs to (Docker's own, so tools that read
+/// Swarm labels read ours).
+pub const STACK_LABEL: &str = "com.docker.stack.namespace";
+
+/// The largest secret or config Docker accepts (500 KB); gossip carries every one to every
+/// node, so the limit is also what keeps a state file and a sync round bounded.
+pub const MAX_FILE_OBJECT: usize = 500 * 1024;
+
+/// Names end up in DNS (`web.app`), so they must be DNS labels.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !name.starts_with(['-', '_'])
+        && !name.ends_with(['-', '_']);
+    if !ok {
+        return Err(format!(
+            "invalid {kind} name {name:?}: use 1-63 letters, digits, dashes and underscores (a stack's objects are <stack>_<name>), not starting or ending with either"
+        ));
+    }
+    if name.eq_ignore_ascii_case("tasks") {
+        return Err(format!(
+            "{kind} name \"tasks\" is reserved for DNS (tasks.<service>)"
+        ));
+    }
+    Ok(())
+}

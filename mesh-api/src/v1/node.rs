@@ -1,0 +1,53 @@
+//! Nodes: `GET /v1/nodes`, `POST /v1/nodes/{name}`.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{Availability, NodeStatus};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    pub name: String,
+    pub hostname: String,
+    pub address: Option<Ipv4Addr>,
+    pub status: NodeStatus,
+    pub availability: Availability,
+    /// What placement constraints match: the node's own labels overlaid with the operator's.
+    pub labels: BTreeMap<String, String>,
+    /// The node's own labels (agent.toml `labels`, `--label`).
+    #[serde(default)]
+    pub engine_labels: BTreeMap<String, String>,
+    /// Set with `meshctl node update --label-add`; they win over engine labels.
+    #[serde(default)]
+    pub operator_labels: BTreeMap<String, String>,
+    pub agent_version: Option<String>,
+    /// Task drivers the node runs (`process`, `podman`): placement only picks nodes that
+    /// have a service's driver.
+    #[serde(default)]
+    pub drivers: Vec<String>,
+    /// The node whose agent answered.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeUpdate {
+    pub availability: Option<Availability>,
+    /// `key=value` or `key`.
+    #[serde(default)]
+    pub label_add: Vec<String>,
+    #[serde(default)]
+    pub label_rm: Vec<String>,
+}
+
+impl NodeUpdate {
+    /// `key=value` (or `key`, an empty value) pairs to set.
+    pub fn labels_to_add(&self) -> Result<Vec<(String, String)>, String> {
+        self.label_add
+            .iter()
+            .map(|l| crate::spec::parse_label(l))
+            .collect()
+    }
+}
