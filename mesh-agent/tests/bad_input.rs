@@ -10,17 +10,24 @@ use mesh_agent::{
 };
 use mesh_api::{
     spec::PortSpec,
-    v1::{ExecRequest, NetworkCreate, NodeUpdate, ServiceCreate, TaskRun, decode_request},
+    v1::{
+        ExecRequest, NetworkCreate, NodeUpdate, ServiceCreate, ServiceUpdate, TaskRun,
+        decode_request,
+    },
 };
 use proptest::prelude::*;
 
 /// Runs every request type through the API's decoder and the checks that follow it.
 fn every_request(bytes: &[u8]) {
     if let Ok(r) = decode_request::<ServiceCreate>(bytes) {
-        let _ = validate_name("service", &r.name);
-        for p in &r.publish {
-            let _ = p.parse::<PortSpec>();
+        let _ = validate_name("service", &r.spec.name);
+        if let Some(t) = &r.spec.task {
+            let _ = r.spec.placement.constraints.len() + t.command.len();
         }
+    }
+    if let Ok(r) = decode_request::<ServiceUpdate>(bytes) {
+        let _ = r.health.apply(None, &r.publish_add);
+        let _ = r.restart.apply(Default::default());
     }
     if let Ok(r) = decode_request::<NetworkCreate>(bytes) {
         let _ = validate_name("network", &r.name);
@@ -101,7 +108,8 @@ proptest! {
     ) {
         let body = serde_json::json!({
             "name": name, "network": name, "publish": publish, "subnet": subnet,
-            "label_add": publish, "command": publish,
+            "label_add": publish, "command": publish, "env_rm": publish,
+            "spec": { "name": name, "network": name, "task": { "command": publish } },
         });
         every_request(body.to_string().as_bytes());
     }

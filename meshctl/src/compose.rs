@@ -16,10 +16,16 @@ use std::{collections::BTreeMap, path::Path};
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use serde_yaml::{Mapping, Value};
 
-use mesh_api::spec::{MAX_FILE_OBJECT, PortSpec, STACK_LABEL};
-use mesh_api::v1::{
-    HealthFlags, RestartFlags, RolloutFlags, ServiceCreate, StackDeploy, StackFile, StackNetwork,
+use mesh_api::{
+    spec::{
+        EndpointMode, FileRef, HealthChange, MAX_FILE_OBJECT, MAX_HEALTH_RETRIES, PortSpec,
+        ProbeChange, RestartChange, STACK_LABEL, ServiceSpec, TaskTemplate, UpdateConfigChange,
+    },
+    v1::{ServiceCreate, StackDeploy, StackFile, StackNetwork},
 };
+use mesh_planner::ServiceMode;
+
+use crate::flags;
 
 /// The parsed stack and the warnings (one line per ignored key).
 pub struct Parsed {
@@ -117,342 +123,479 @@ fn list_or_map(v: &Value, at: &str) -> Result<Vec<(String, String)>, String> {
     }
 }
 
-/// Reads a compose file; `files` resolves `file:` paths of secrets and configs (relative to
+/// Reads a compose file; `dir` resolves `file:` paths of secrets and configs (relative to
 /// the compose file's directory).
 pub fn parse(stack: &str, text: &str, dir: &Path, prune: bool) -> Result<Parsed, String> {
-    let root: Value = serde_yaml::from_str(text).map_err(|e| match e.location() {
+    let root = read_yaml(text)?;
+    let mut s = Stack::new(stack, prune);
+    let mut services = None;
+    for (k, v) in map(&root, "the file")? {
+        let k = key_str(k, "the file")?;
+        match k.as_str() {
+            "version" | "name" => {}
+            k if k.starts_with("x-") => {}
+            "services" => services = Some(v),
+            "networks" => s.networks(v)?,
+            "secrets" | "configs" => s.file_objects(&k, v, dir)?,
+            "volumes" if v.as_mapping().is_none_or(|m| m.is_empty()) => {}
+            "volumes" => return Err("volumes: mesh has no volumes; remove them".into()),
+            other => return Err(format!("the file: unknown top-level key {other:?}")),
+        }
+    }
+    let services = services.ok_or("the file has no services")?;
+    for (n, spec) in map(services, "services")? {
+        let n = key_str(n, "services")?;
+        let service = s.service(&n, spec)?;
+        s.deploy.services.push(service);
+    }
+    Ok(Parsed {
+        deploy: s.deploy,
+        warnings: s.warnings,
+    })
+}
+
+fn read_yaml(text: &str) -> Result<Value, String> {
+    serde_yaml::from_str(text).map_err(|e| match e.location() {
         Some(l) => format!(
             "line {}, column {}: not a valid compose file: {e}",
             l.line(),
             l.column()
         ),
         None => format!("not a valid compose file: {e}"),
-    })?;
-    let root = map(&root, "the file")?;
-    let mut warnings = Vec::new();
-    let labels = BTreeMap::from([(STACK_LABEL.to_owned(), stack.to_owned())]);
-    let full = |n: &str| format!("{stack}_{n}");
-    let mut deploy = StackDeploy {
-        name: stack.to_owned(),
-        prune,
-        ..Default::default()
-    };
-    let mut services_v = None;
-    let mut net_names: BTreeMap<String, String> = BTreeMap::new();
-    let mut secret_names: BTreeMap<String, String> = BTreeMap::new();
-    let mut config_names: BTreeMap<String, String> = BTreeMap::new();
-    for (k, v) in root {
-        let k = key_str(k, "the file")?;
-        match k.as_str() {
-            "version" | "name" => {}
-            k if k.starts_with("x-") => {}
-            "services" => services_v = Some(v),
-            "networks" => {
-                for (n, spec) in map(v, "networks")? {
-                    let n = key_str(n, "networks")?;
-                    let at = format!("networks.{n}");
-                    let mut net = StackNetwork {
-                        name: full(&n),
-                        subnet: None,
-                        labels: labels.clone(),
-                    };
-                    let mut external = false;
-                    if !spec.is_null() {
-                        for (nk, nv) in map(spec, &at)? {
-                            let nk = key_str(nk, &at)?;
-                            match nk.as_str() {
-                                "driver" => {
-                                    let d = string(nv, &format!("{at}.driver"))?;
-                                    if d != "overlay" {
-                                        return Err(format!(
-                                            "{at}.driver: {d:?} is not supported: mesh networks are overlays"
-                                        ));
-                                    }
-                                }
-                                "external" => external = nv.as_bool().unwrap_or(true),
-                                "name" => net.name = string(nv, &format!("{at}.name"))?,
-                                "labels" => {
-                                    net.labels.extend(list_or_map(nv, &format!("{at}.labels"))?)
-                                }
-                                "ipam" => {
-                                    let ipam = map(nv, &format!("{at}.ipam"))?;
-                                    if let Some(configs) = ipam.get("config") {
-                                        let Value::Sequence(c) = configs else {
-                                            return Err(format!(
-                                                "{at}.ipam.config: expected a list"
-                                            ));
-                                        };
-                                        if c.len() > 1 {
-                                            return Err(format!(
-                                                "{at}.ipam.config: mesh networks have one subnet"
-                                            ));
-                                        }
-                                        if let Some(first) = c.first() {
-                                            net.subnet = first
-                                                .get("subnet")
-                                                .map(|s| {
-                                                    string(
-                                                        s,
-                                                        &format!("{at}.ipam.config[0].subnet"),
-                                                    )
-                                                })
-                                                .transpose()?;
-                                        }
-                                    }
-                                }
-                                "attachable" | "driver_opts" | "internal" | "enable_ipv6" => {
-                                    warnings.push(format!("Ignoring unsupported option {at}.{nk}"))
-                                }
-                                other => return Err(format!("{at}: unknown key {other:?}")),
-                            }
-                        }
-                    }
-                    net_names.insert(n, net.name.clone());
-                    if !external {
-                        deploy.networks.push(net);
-                    }
-                }
-            }
-            "secrets" | "configs" => {
-                let secret = k == "secrets";
-                for (n, spec) in map(v, &k)? {
-                    let n = key_str(n, &k)?;
-                    let at = format!("{k}.{n}");
-                    let spec = map(spec, &at)?;
-                    let mut name = full(&n);
-                    let mut file = None;
-                    let mut external = false;
-                    let mut obj_labels = labels.clone();
-                    for (sk, sv) in spec {
-                        match key_str(sk, &at)?.as_str() {
-                            "file" => file = Some(string(sv, &format!("{at}.file"))?),
-                            "external" => external = sv.as_bool().unwrap_or(true),
-                            "name" => name = string(sv, &format!("{at}.name"))?,
-                            "labels" => {
-                                obj_labels.extend(list_or_map(sv, &format!("{at}.labels"))?)
-                            }
-                            other => {
-                                return Err(format!(
-                                    "{at}: unknown or unsupported key {other:?} (use file: or external:)"
-                                ));
-                            }
-                        }
-                    }
-                    if secret {
-                        secret_names.insert(n.clone(), name.clone());
-                    } else {
-                        config_names.insert(n.clone(), name.clone());
-                    }
-                    if external {
-                        continue;
-                    }
-                    let file =
-                        file.ok_or_else(|| format!("{at}: give file: PATH or external: true"))?;
-                    let path = dir.join(&file);
-                    let meta = std::fs::metadata(&path)
-                        .map_err(|e| format!("{at}.file: cannot read {}: {e}", path.display()))?;
-                    if meta.len() as usize > MAX_FILE_OBJECT {
-                        return Err(format!(
-                            "{at}.file: {} is {} bytes; the limit for a {} is {MAX_FILE_OBJECT} bytes (500 KB)",
-                            path.display(),
-                            meta.len(),
-                            if secret { "secret" } else { "config" }
-                        ));
-                    }
-                    let data =
-                        zeroize::Zeroizing::new(std::fs::read(&path).map_err(|e| {
-                            format!("{at}.file: cannot read {}: {e}", path.display())
-                        })?);
-                    let obj = StackFile {
-                        name,
-                        data: BASE64.encode(&*data),
-                        labels: obj_labels,
-                    };
-                    if secret {
-                        deploy.secrets.push(obj);
-                    } else {
-                        deploy.configs.push(obj);
-                    }
-                }
-            }
-            "volumes" if v.as_mapping().is_none_or(|m| m.is_empty()) => {}
-            "volumes" => return Err("volumes: mesh has no volumes; remove them".into()),
-            other => return Err(format!("the file: unknown top-level key {other:?}")),
+    })
+}
+
+/// A stack being read: its objects so far, and the names services refer to them by.
+struct Stack {
+    name: String,
+    labels: BTreeMap<String, String>,
+    deploy: StackDeploy,
+    warnings: Vec<String>,
+    /// The file's names of networks, secrets and configs, to the cluster's.
+    networks: BTreeMap<String, String>,
+    secrets: BTreeMap<String, String>,
+    configs: BTreeMap<String, String>,
+    /// Published ports so far, and the service that publishes each.
+    published: BTreeMap<(String, u16), String>,
+}
+
+/// A service's keys as read, before they become its spec: some need others (a health check's
+/// HTTP port is the first target port; replicas only go with replicated mode).
+#[derive(Default)]
+struct ServiceDraft {
+    spec: ServiceSpec,
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    hostname: Option<String>,
+    image: Option<String>,
+    stop_grace_ms: Option<u64>,
+    secrets: Vec<FileRef>,
+    configs: Vec<FileRef>,
+    health: HealthChange,
+    mode: Option<(String, String)>,
+    replicas: Option<(u32, String)>,
+}
+
+impl Stack {
+    fn new(name: &str, prune: bool) -> Self {
+        Self {
+            name: name.to_owned(),
+            labels: BTreeMap::from([(STACK_LABEL.to_owned(), name.to_owned())]),
+            deploy: StackDeploy {
+                name: name.to_owned(),
+                prune,
+                ..Default::default()
+            },
+            warnings: Vec::new(),
+            networks: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+            configs: BTreeMap::new(),
+            published: BTreeMap::new(),
         }
     }
-    let services = services_v.ok_or("the file has no services")?;
-    let mut published: BTreeMap<(String, u16), String> = BTreeMap::new();
-    for (n, spec) in map(services, "services")? {
-        let n = key_str(n, "services")?;
-        let at = format!("services.{n}");
-        let mut req = ServiceCreate {
-            name: full(&n),
-            labels: labels.clone(),
-            ..Default::default()
-        };
-        let mut network: Option<String> = None;
-        for (sk, sv) in map(spec, &at)? {
-            let sk = key_str(sk, &at)?;
-            let here = format!("{at}.{sk}");
-            match sk.as_str() {
-                "image" => req.image = Some(string(sv, &here)?),
-                "command" => {
-                    req.command = match sv {
-                        Value::String(s) => {
-                            shlex::split(s).ok_or(format!("{here}: an unclosed quote"))?
-                        }
-                        _ => strings(sv, &here)?,
-                    }
-                }
-                "environment" => {
-                    req.env = list_or_map(sv, &here)?
-                        .into_iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect()
-                }
-                "hostname" => req.hostname = Some(string(sv, &here)?),
-                "stop_grace_period" => req.stop_grace_period = Some(string(sv, &here)?),
-                "ports" => {
-                    let Value::Sequence(ports) = sv else {
-                        return Err(format!("{here}: expected a list"));
-                    };
-                    for (i, p) in ports.iter().enumerate() {
-                        let pat = format!("{here}[{i}]");
-                        let text = match p {
-                            Value::Mapping(m) => m
-                                .iter()
-                                .map(|(k, v)| {
-                                    Ok(format!("{}={}", key_str(k, &pat)?, string(v, &pat)?))
-                                })
-                                .collect::<Result<Vec<_>, String>>()?
-                                .join(","),
-                            _ => string(p, &pat)?,
-                        };
-                        let port: PortSpec = text.parse().map_err(|e| format!("{pat}: {e}"))?;
-                        if let Some(pp) = port.published {
-                            let key = (port.protocol.to_string(), pp);
-                            if let Some(other) = published.insert(key, n.clone()) {
+
+    /// `<stack>_<name>`, as Swarm names a stack's objects.
+    fn full(&self, n: &str) -> String {
+        format!("{}_{n}", self.name)
+    }
+
+    fn networks(&mut self, v: &Value) -> Result<(), String> {
+        for (n, spec) in map(v, "networks")? {
+            let n = key_str(n, "networks")?;
+            let at = format!("networks.{n}");
+            let mut net = StackNetwork {
+                name: self.full(&n),
+                subnet: None,
+                labels: self.labels.clone(),
+            };
+            let mut external = false;
+            if !spec.is_null() {
+                for (k, v) in map(spec, &at)? {
+                    let k = key_str(k, &at)?;
+                    let here = format!("{at}.{k}");
+                    match k.as_str() {
+                        "driver" => {
+                            let d = string(v, &here)?;
+                            if d != "overlay" {
                                 return Err(format!(
-                                    "{pat}: port {pp}/{} is published twice (also by services.{other})",
-                                    port.protocol
+                                    "{here}: {d:?} is not supported: mesh networks are overlays"
                                 ));
                             }
                         }
-                        req.publish.push(text);
+                        "external" => external = v.as_bool().unwrap_or(true),
+                        "name" => net.name = string(v, &here)?,
+                        "labels" => net.labels.extend(list_or_map(v, &here)?),
+                        "ipam" => net.subnet = ipam_subnet(v, &here)?,
+                        "attachable" | "driver_opts" | "internal" | "enable_ipv6" => self
+                            .warnings
+                            .push(format!("Ignoring unsupported option {here}")),
+                        other => return Err(format!("{at}: unknown key {other:?}")),
                     }
                 }
-                "networks" => {
-                    let names: Vec<String> = match sv {
-                        Value::Mapping(m) => m
-                            .keys()
-                            .map(|k| key_str(k, &here))
-                            .collect::<Result<_, _>>()?,
-                        _ => strings(sv, &here)?,
-                    };
-                    if names.len() > 1 {
+            }
+            self.networks.insert(n, net.name.clone());
+            if !external {
+                self.deploy.networks.push(net);
+            }
+        }
+        Ok(())
+    }
+
+    /// Top-level `secrets:` or `configs:`: each read from its file (or external).
+    fn file_objects(&mut self, kind: &str, v: &Value, dir: &Path) -> Result<(), String> {
+        let secret = kind == "secrets";
+        for (n, spec) in map(v, kind)? {
+            let n = key_str(n, kind)?;
+            let at = format!("{kind}.{n}");
+            let mut name = self.full(&n);
+            let mut file = None;
+            let mut external = false;
+            let mut labels = self.labels.clone();
+            for (k, v) in map(spec, &at)? {
+                match key_str(k, &at)?.as_str() {
+                    "file" => file = Some(string(v, &format!("{at}.file"))?),
+                    "external" => external = v.as_bool().unwrap_or(true),
+                    "name" => name = string(v, &format!("{at}.name"))?,
+                    "labels" => labels.extend(list_or_map(v, &format!("{at}.labels"))?),
+                    other => {
                         return Err(format!(
-                            "{here}: mesh attaches a service to one network; {} are listed",
-                            names.len()
+                            "{at}: unknown or unsupported key {other:?} (use file: or external:)"
                         ));
                     }
-                    if let Some(first) = names.first() {
-                        network = Some(
-                            net_names
-                                .get(first)
-                                .cloned()
-                                .ok_or_else(|| format!("{here}: network {first} is not defined under the top-level networks"))?,
-                        );
-                    }
                 }
-                "secrets" | "configs" => {
-                    let secret = sk == "secrets";
-                    let names = if secret { &secret_names } else { &config_names };
-                    let Value::Sequence(refs) = sv else {
-                        return Err(format!("{here}: expected a list"));
-                    };
-                    for (i, r) in refs.iter().enumerate() {
-                        let rat = format!("{here}[{i}]");
-                        let (source, mut fields) = match r {
-                            Value::Mapping(m) => {
-                                let mut source = None;
-                                let mut fields = Vec::new();
-                                for (k, v) in m {
-                                    let k = key_str(k, &rat)?;
-                                    let v = string(v, &rat)?;
-                                    if k == "source" {
-                                        source = Some(v);
-                                    } else if matches!(
-                                        k.as_str(),
-                                        "target" | "uid" | "gid" | "mode"
-                                    ) {
-                                        fields.push(format!("{k}={v}"));
-                                    } else {
-                                        return Err(format!("{rat}: unknown key {k:?}"));
-                                    }
-                                }
-                                (source.ok_or(format!("{rat}: no source"))?, fields)
-                            }
-                            _ => (string(r, &rat)?, Vec::new()),
-                        };
-                        let object = names.get(&source).ok_or_else(|| {
-                            format!(
-                                "{rat}: {} {source} is not defined under the top-level {sk}",
-                                if secret { "secret" } else { "config" }
-                            )
-                        })?;
-                        // The file keeps its short name inside the task, as in Swarm.
-                        if !fields.iter().any(|f| f.starts_with("target=")) {
-                            fields.push(if secret {
-                                format!("target={source}")
-                            } else {
-                                format!("target=/{source}")
-                            });
-                        }
-                        let spec = format!("source={object},{}", fields.join(","));
-                        if secret {
-                            req.secrets.push(spec);
-                        } else {
-                            req.configs.push(spec);
-                        }
-                    }
+            }
+            let names = if secret {
+                &mut self.secrets
+            } else {
+                &mut self.configs
+            };
+            names.insert(n.clone(), name.clone());
+            if external {
+                continue;
+            }
+            let file = file.ok_or_else(|| format!("{at}: give file: PATH or external: true"))?;
+            let obj = StackFile {
+                name,
+                data: BASE64.encode(&*read_object(&dir.join(&file), &at, secret)?),
+                labels,
+            };
+            if secret {
+                self.deploy.secrets.push(obj);
+            } else {
+                self.deploy.configs.push(obj);
+            }
+        }
+        Ok(())
+    }
+
+    /// One entry of `services:`, as the spec the agent is asked to run.
+    fn service(&mut self, n: &str, v: &Value) -> Result<ServiceCreate, String> {
+        let at = format!("services.{n}");
+        let mut d = ServiceDraft::default();
+        d.spec.name = self.full(n);
+        d.spec.labels = self.labels.clone();
+        let mut network = None;
+        for (k, v) in map(v, &at)? {
+            let k = key_str(k, &at)?;
+            let here = format!("{at}.{k}");
+            match k.as_str() {
+                "image" => d.image = Some(string(v, &here)?),
+                "command" => d.command = command(v, &here)?,
+                "environment" => d.env = list_or_map(v, &here)?,
+                "hostname" => d.hostname = Some(string(v, &here)?),
+                "stop_grace_period" => {
+                    d.stop_grace_ms = Some(flags::duration_ms(&here, &string(v, &here)?)?)
                 }
-                "healthcheck" => req.health = healthcheck(sv, &here)?,
-                "deploy" => deploy_keys(sv, &here, &mut req, &mut warnings)?,
+                "ports" => self.ports(n, v, &here, &mut d.spec.ports)?,
+                "networks" => network = self.service_network(v, &here)?,
+                "secrets" => d.secrets = self.grants(v, &here, false)?,
+                "configs" => d.configs = self.grants(v, &here, true)?,
+                "healthcheck" => d.health = healthcheck(v, &here)?,
+                "deploy" => self.deploy_keys(v, &here, &mut d)?,
                 "volumes" => return Err(format!("{here}: mesh has no volumes; remove them")),
-                k if IGNORED_SERVICE_KEYS.contains(&k) => {
-                    warnings.push(format!("Ignoring unsupported option {here}"))
-                }
+                k if IGNORED_SERVICE_KEYS.contains(&k) => self
+                    .warnings
+                    .push(format!("Ignoring unsupported option {here}")),
                 other => return Err(format!("{at}: unknown key {other:?}")),
             }
         }
-        if req.image.is_none() && req.command.is_empty() {
+        if d.image.is_none() && d.command.is_empty() {
             return Err(format!("{at}: give an image or a command"));
         }
-        req.network = Some(match network {
+        d.spec.network = match network {
             Some(n) => n,
-            None => {
-                // Swarm's default network of a stack.
-                let default = full("default");
-                if !deploy.networks.iter().any(|x| x.name == default) {
-                    deploy.networks.push(StackNetwork {
-                        name: default.clone(),
-                        subnet: None,
-                        labels: labels.clone(),
-                    });
-                }
-                default
-            }
-        });
-        deploy.services.push(req);
+            None => self.default_network(),
+        };
+        Ok(ServiceCreate {
+            spec: finish(d, &at)?,
+        })
     }
-    Ok(Parsed { deploy, warnings })
+
+    /// Swarm's default network of a stack, made when a service needs it.
+    fn default_network(&mut self) -> String {
+        let default = self.full("default");
+        if !self.deploy.networks.iter().any(|x| x.name == default) {
+            self.deploy.networks.push(StackNetwork {
+                name: default.clone(),
+                subnet: None,
+                labels: self.labels.clone(),
+            });
+        }
+        default
+    }
+
+    fn ports(
+        &mut self,
+        service: &str,
+        v: &Value,
+        at: &str,
+        out: &mut Vec<PortSpec>,
+    ) -> Result<(), String> {
+        let Value::Sequence(ports) = v else {
+            return Err(format!("{at}: expected a list"));
+        };
+        for (i, p) in ports.iter().enumerate() {
+            let pat = format!("{at}[{i}]");
+            let text = match p {
+                Value::Mapping(m) => m
+                    .iter()
+                    .map(|(k, v)| Ok(format!("{}={}", key_str(k, &pat)?, string(v, &pat)?)))
+                    .collect::<Result<Vec<_>, String>>()?
+                    .join(","),
+                _ => string(p, &pat)?,
+            };
+            let port = flags::ports(&pat, &[text])?.remove(0);
+            if let Some(pp) = port.published {
+                let key = (port.protocol.to_string(), pp);
+                if let Some(other) = self.published.insert(key, service.to_owned()) {
+                    return Err(format!(
+                        "{pat}: port {pp}/{} is published twice (also by services.{other})",
+                        port.protocol
+                    ));
+                }
+            }
+            out.push(port);
+        }
+        Ok(())
+    }
+
+    /// The network a service's `networks:` names (none: the stack's default).
+    fn service_network(&self, v: &Value, at: &str) -> Result<Option<String>, String> {
+        let names: Vec<String> = match v {
+            Value::Mapping(m) => m.keys().map(|k| key_str(k, at)).collect::<Result<_, _>>()?,
+            _ => strings(v, at)?,
+        };
+        if names.len() > 1 {
+            return Err(format!(
+                "{at}: mesh attaches a service to one network; {} are listed",
+                names.len()
+            ));
+        }
+        names
+            .first()
+            .map(|n| {
+                self.networks.get(n).cloned().ok_or_else(|| {
+                    format!("{at}: network {n} is not defined under the top-level networks")
+                })
+            })
+            .transpose()
+    }
+
+    /// A service's `secrets:` or `configs:`: grants of the stack's objects.
+    fn grants(&self, v: &Value, at: &str, config: bool) -> Result<Vec<FileRef>, String> {
+        let (kind, names) = if config {
+            ("config", &self.configs)
+        } else {
+            ("secret", &self.secrets)
+        };
+        let Value::Sequence(refs) = v else {
+            return Err(format!("{at}: expected a list"));
+        };
+        let mut out = Vec::new();
+        for (i, r) in refs.iter().enumerate() {
+            let rat = format!("{at}[{i}]");
+            let (source, mut fields) = grant_fields(r, &rat)?;
+            let object = names.get(&source).ok_or_else(|| {
+                format!("{rat}: {kind} {source} is not defined under the top-level {kind}s")
+            })?;
+            // The file keeps its short name inside the task, as in Swarm.
+            if !fields.iter().any(|f| f.starts_with("target=")) {
+                fields.push(if config {
+                    format!("target=/{source}")
+                } else {
+                    format!("target={source}")
+                });
+            }
+            let spec = format!("source={object},{}", fields.join(","));
+            out.extend(flags::file_refs(&rat, &[spec], config)?);
+        }
+        Ok(out)
+    }
+
+    fn deploy_keys(&mut self, v: &Value, at: &str, d: &mut ServiceDraft) -> Result<(), String> {
+        for (k, v) in map(v, at)? {
+            let k = key_str(k, at)?;
+            let here = format!("{at}.{k}");
+            match k.as_str() {
+                "mode" => d.mode = Some((string(v, &here)?, here)),
+                "replicas" => d.replicas = Some((flags::replicas(&here, number(v, &here)?)?, here)),
+                "endpoint_mode" => {
+                    d.spec.endpoint_mode = flags::parsed::<EndpointMode>(&here, &string(v, &here)?)?
+                }
+                "labels" => d.spec.labels.extend(list_or_map(v, &here)?),
+                "placement" => placement(v, &here, &mut d.spec)?,
+                "restart_policy" => {
+                    d.spec.restart = restart_policy(v, &here)?.apply(d.spec.restart)
+                }
+                "update_config" => d.spec.update = update_config(v, &here)?.apply(d.spec.update),
+                "rollback_config" => {
+                    d.spec.rollback = update_config(v, &here)?.apply(d.spec.rollback)
+                }
+                "resources" => self.warnings.push(format!(
+                    "Ignoring unsupported option {here} (mesh sets no resource limits yet)"
+                )),
+                other => return Err(format!("{at}: unknown key {other:?}")),
+            }
+        }
+        Ok(())
+    }
 }
 
-fn healthcheck(v: &Value, at: &str) -> Result<HealthFlags, String> {
-    let mut h = HealthFlags::default();
+/// The spec a service's keys add up to.
+fn finish(d: ServiceDraft, at: &str) -> Result<ServiceSpec, String> {
+    let mut spec = d.spec;
+    spec.mode = match (d.mode, d.replicas) {
+        (None, r) => ServiceMode::Replicated {
+            replicas: r.map_or(1, |(n, _)| n),
+        },
+        (Some((m, _)), r) if m == "replicated" => ServiceMode::Replicated {
+            replicas: r.map_or(1, |(n, _)| n),
+        },
+        (Some((m, _)), Some((_, here))) if m == "global" => {
+            return Err(format!(
+                "{here}: replicas do not go with mode: global (a global service runs one task \
+                 on every eligible node)"
+            ));
+        }
+        (Some((m, _)), None) if m == "global" => ServiceMode::Global,
+        (Some((m, here)), _) => {
+            return Err(format!(
+                "{here}: unknown mode {m:?}: use replicated or global"
+            ));
+        }
+    };
+    let health = d
+        .health
+        .apply(None, &spec.ports)
+        .map_err(|e| format!("{at}.healthcheck: {e}"))?;
+    spec.task = Some(TaskTemplate {
+        command: d.command,
+        env: d.env,
+        hostname: d.hostname,
+        health,
+        stop_grace_ms: d
+            .stop_grace_ms
+            .unwrap_or(TaskTemplate::default().stop_grace_ms),
+        image: d.image,
+        secrets: d.secrets,
+        configs: d.configs,
+    });
+    Ok(spec)
+}
+
+/// `ipam.config[0].subnet`: mesh networks have one subnet.
+fn ipam_subnet(v: &Value, at: &str) -> Result<Option<String>, String> {
+    let ipam = map(v, at)?;
+    let Some(configs) = ipam.get("config") else {
+        return Ok(None);
+    };
+    let Value::Sequence(c) = configs else {
+        return Err(format!("{at}.config: expected a list"));
+    };
+    if c.len() > 1 {
+        return Err(format!("{at}.config: mesh networks have one subnet"));
+    }
+    c.first()
+        .and_then(|first| first.get("subnet"))
+        .map(|s| string(s, &format!("{at}.config[0].subnet")))
+        .transpose()
+}
+
+/// A secret's or config's data, within Docker's limit.
+fn read_object(path: &Path, at: &str, secret: bool) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("{at}.file: cannot read {}: {e}", path.display()))?;
+    if meta.len() as usize > MAX_FILE_OBJECT {
+        return Err(format!(
+            "{at}.file: {} is {} bytes; the limit for a {} is {MAX_FILE_OBJECT} bytes (500 KB)",
+            path.display(),
+            meta.len(),
+            if secret { "secret" } else { "config" }
+        ));
+    }
+    Ok(zeroize::Zeroizing::new(std::fs::read(path).map_err(
+        |e| format!("{at}.file: cannot read {}: {e}", path.display()),
+    )?))
+}
+
+/// `command:` as a string (split like a shell would) or a list.
+fn command(v: &Value, at: &str) -> Result<Vec<String>, String> {
+    match v {
+        Value::String(s) => shlex::split(s).ok_or(format!("{at}: an unclosed quote")),
+        _ => strings(v, at),
+    }
+}
+
+fn number(v: &Value, at: &str) -> Result<i64, String> {
+    v.as_i64().ok_or(format!("{at}: expected a number"))
+}
+
+/// A grant's source and its other fields (`target=…`, `uid=…`, `gid=…`, `mode=…`).
+fn grant_fields(r: &Value, at: &str) -> Result<(String, Vec<String>), String> {
+    let Value::Mapping(m) = r else {
+        return Ok((string(r, at)?, Vec::new()));
+    };
+    let mut source = None;
+    let mut fields = Vec::new();
+    for (k, v) in m {
+        let k = key_str(k, at)?;
+        let v = string(v, at)?;
+        match k.as_str() {
+            "source" => source = Some(v),
+            "target" | "uid" | "gid" | "mode" => fields.push(format!("{k}={v}")),
+            _ => return Err(format!("{at}: unknown key {k:?}")),
+        }
+    }
+    Ok((source.ok_or(format!("{at}: no source"))?, fields))
+}
+
+fn healthcheck(v: &Value, at: &str) -> Result<HealthChange, String> {
+    let mut h = HealthChange::default();
     for (k, v) in map(v, at)? {
         let k = key_str(k, at)?;
         let here = format!("{at}.{k}");
+        let duration =
+            |v: &Value| -> Result<u64, String> { flags::duration_ms(&here, &string(v, &here)?) };
         match k.as_str() {
             "test" => {
                 let t = match v {
@@ -461,15 +604,16 @@ fn healthcheck(v: &Value, at: &str) -> Result<HealthFlags, String> {
                 };
                 match t.split_first() {
                     Some((kind, rest)) if kind == "CMD-SHELL" => {
-                        h.health_cmd = Some(rest.join(" "))
+                        h.probe = Some(ProbeChange::Cmd(vec![
+                            "sh".into(),
+                            "-c".into(),
+                            rest.join(" "),
+                        ]))
                     }
-                    Some((kind, rest)) if kind == "CMD" => {
-                        h.health_cmd = Some(
-                            shlex::try_join(rest.iter().map(String::as_str))
-                                .map_err(|e| format!("{here}: {e}"))?,
-                        )
+                    Some((kind, rest)) if kind == "CMD" && !rest.is_empty() => {
+                        h.probe = Some(ProbeChange::Cmd(rest.to_vec()))
                     }
-                    Some((kind, _)) if kind == "NONE" => h.no_healthcheck = true,
+                    Some((kind, _)) if kind == "NONE" => h.disable = true,
                     _ => {
                         return Err(format!(
                             "{here}: expected [CMD, …], [CMD-SHELL, …] or [NONE]"
@@ -477,128 +621,105 @@ fn healthcheck(v: &Value, at: &str) -> Result<HealthFlags, String> {
                     }
                 }
             }
-            "interval" => h.health_interval = Some(string(v, &here)?),
-            "timeout" => h.health_timeout = Some(string(v, &here)?),
-            "start_period" => h.health_start_period = Some(string(v, &here)?),
+            "interval" => h.interval_ms = Some(duration(v)?),
+            "timeout" => h.timeout_ms = Some(duration(v)?),
+            "start_period" => h.start_period_ms = Some(duration(v)?),
             "retries" => {
-                h.health_retries = Some(v.as_i64().ok_or(format!("{here}: expected a number"))?)
+                h.retries = Some(flags::count(
+                    &here,
+                    number(v, &here)?,
+                    MAX_HEALTH_RETRIES,
+                    "invalid",
+                )?)
             }
-            "disable" => h.no_healthcheck = v.as_bool().unwrap_or(false),
+            "disable" => h.disable = v.as_bool().unwrap_or(false),
             other => return Err(format!("{at}: unknown key {other:?}")),
         }
     }
     Ok(h)
 }
 
-fn deploy_keys(
-    v: &Value,
-    at: &str,
-    req: &mut ServiceCreate,
-    warnings: &mut Vec<String>,
-) -> Result<(), String> {
+fn placement(v: &Value, at: &str, spec: &mut ServiceSpec) -> Result<(), String> {
     for (k, v) in map(v, at)? {
         let k = key_str(k, at)?;
         let here = format!("{at}.{k}");
         match k.as_str() {
-            "mode" => req.mode = Some(string(v, &here)?),
-            "replicas" => {
-                req.replicas = Some(v.as_i64().ok_or(format!("{here}: expected a number"))?)
+            "constraints" => {
+                spec.placement.constraints = flags::constraints(&here, &strings(v, &here)?)?
             }
-            "endpoint_mode" => {
-                req.endpoint_mode = string(v, &here)?
-                    .parse()
-                    .map_err(|e| format!("{here}: {e}"))?
+            "max_replicas_per_node" => {
+                let n = flags::per_node(&here, number(v, &here)?)?;
+                spec.placement.max_replicas_per_node = (n > 0).then_some(n);
             }
-            "labels" => req.labels.extend(list_or_map(v, &here)?),
-            "placement" => {
-                for (pk, pv) in map(v, &here)? {
-                    let pk = key_str(pk, &here)?;
-                    let pat = format!("{here}.{pk}");
-                    match pk.as_str() {
-                        "constraints" => req.constraints = strings(pv, &pat)?,
-                        "max_replicas_per_node" => {
-                            req.replicas_max_per_node =
-                                Some(pv.as_i64().ok_or(format!("{pat}: expected a number"))?)
-                        }
-                        "preferences" => {
-                            let Value::Sequence(prefs) = pv else {
-                                return Err(format!("{pat}: expected a list"));
-                            };
-                            for p in prefs {
-                                let spread = p
-                                    .get("spread")
-                                    .ok_or(format!("{pat}: only spread: preferences exist"))?;
-                                req.placement_prefs
-                                    .push(format!("spread={}", string(spread, &pat)?));
-                            }
-                        }
-                        other => return Err(format!("{here}: unknown key {other:?}")),
-                    }
+            "preferences" => {
+                let Value::Sequence(prefs) = v else {
+                    return Err(format!("{here}: expected a list"));
+                };
+                for p in prefs {
+                    let spread = p
+                        .get("spread")
+                        .ok_or(format!("{here}: only spread: preferences exist"))?;
+                    spec.placement.preferences.extend(flags::preferences(
+                        &here,
+                        &[format!("spread={}", string(spread, &here)?)],
+                    )?);
                 }
             }
-            "restart_policy" => {
-                let mut r = RestartFlags::default();
-                for (rk, rv) in map(v, &here)? {
-                    let rk = key_str(rk, &here)?;
-                    let rat = format!("{here}.{rk}");
-                    match rk.as_str() {
-                        "condition" => r.restart_condition = Some(string(rv, &rat)?),
-                        "delay" => r.restart_delay = Some(string(rv, &rat)?),
-                        "max_attempts" => {
-                            r.restart_max_attempts =
-                                Some(rv.as_i64().ok_or(format!("{rat}: expected a number"))?)
-                        }
-                        "window" => r.restart_window = Some(string(rv, &rat)?),
-                        other => return Err(format!("{here}: unknown key {other:?}")),
-                    }
-                }
-                req.restart = r;
-            }
-            "update_config" | "rollback_config" => {
-                let update = k == "update_config";
-                let f = &mut req.rollout;
-                for (uk, uv) in map(v, &here)? {
-                    let uk = key_str(uk, &here)?;
-                    let uat = format!("{here}.{uk}");
-                    let s = string(uv, &uat)?;
-                    let set = |u: &mut Option<String>, r: &mut Option<String>| {
-                        if update {
-                            *u = Some(s.clone())
-                        } else {
-                            *r = Some(s.clone())
-                        }
-                    };
-                    match uk.as_str() {
-                        "parallelism" => {
-                            let n = uv.as_i64().ok_or(format!("{uat}: expected a number"))?;
-                            if update {
-                                f.update_parallelism = Some(n)
-                            } else {
-                                f.rollback_parallelism = Some(n)
-                            }
-                        }
-                        "delay" => set(&mut f.update_delay, &mut f.rollback_delay),
-                        "order" => set(&mut f.update_order, &mut f.rollback_order),
-                        "failure_action" => {
-                            set(&mut f.update_failure_action, &mut f.rollback_failure_action)
-                        }
-                        "monitor" => set(&mut f.update_monitor, &mut f.rollback_monitor),
-                        "max_failure_ratio" => set(
-                            &mut f.update_max_failure_ratio,
-                            &mut f.rollback_max_failure_ratio,
-                        ),
-                        other => return Err(format!("{here}: unknown key {other:?}")),
-                    }
-                }
-                let _: &RolloutFlags = f;
-            }
-            "resources" => warnings.push(format!(
-                "Ignoring unsupported option {here} (mesh sets no resource limits yet)"
-            )),
             other => return Err(format!("{at}: unknown key {other:?}")),
         }
     }
     Ok(())
+}
+
+fn restart_policy(v: &Value, at: &str) -> Result<RestartChange, String> {
+    let mut r = RestartChange::default();
+    for (k, v) in map(v, at)? {
+        let k = key_str(k, at)?;
+        let here = format!("{at}.{k}");
+        match k.as_str() {
+            "condition" => r.condition = Some(flags::parsed(&here, &string(v, &here)?)?),
+            "delay" => r.delay_ms = Some(flags::duration_ms(&here, &string(v, &here)?)?),
+            "max_attempts" => {
+                r.max_attempts = Some(flags::count(
+                    &here,
+                    number(v, &here)?,
+                    u32::MAX,
+                    "no limit",
+                )?)
+            }
+            "window" => r.window_ms = Some(flags::duration_ms(&here, &string(v, &here)?)?),
+            other => return Err(format!("{at}: unknown key {other:?}")),
+        }
+    }
+    Ok(r)
+}
+
+fn update_config(v: &Value, at: &str) -> Result<UpdateConfigChange, String> {
+    let mut words: BTreeMap<String, String> = BTreeMap::new();
+    let mut parallelism = None;
+    for (k, v) in map(v, at)? {
+        let k = key_str(k, at)?;
+        let here = format!("{at}.{k}");
+        match k.as_str() {
+            "parallelism" => parallelism = Some(number(v, &here)?),
+            "delay" | "order" | "failure_action" | "monitor" | "max_failure_ratio" => {
+                words.insert(k, string(v, &here)?);
+            }
+            other => return Err(format!("{at}: unknown key {other:?}")),
+        }
+    }
+    let word = |k: &str| words.get(k).map(String::as_str);
+    flags::ConfigWords {
+        prefix: at,
+        sep: ".",
+        parallelism,
+        delay: word("delay"),
+        order: word("order"),
+        failure_action: word("failure_action"),
+        monitor: word("monitor"),
+        max_failure_ratio: word("max_failure_ratio"),
+    }
+    .change()
 }
 
 #[cfg(test)]
@@ -637,13 +758,28 @@ networks:
             out.warnings,
             vec!["Ignoring unsupported option services.web.container_name"]
         );
-        let web = d.services.iter().find(|s| s.name == "st_web").unwrap();
-        assert_eq!(web.network.as_deref(), Some("st_front"));
-        assert_eq!(web.replicas, Some(2));
+        let web = &d
+            .services
+            .iter()
+            .find(|s| s.spec.name == "st_web")
+            .unwrap()
+            .spec;
+        assert_eq!(web.network, "st_front");
+        assert_eq!(web.mode, ServiceMode::Replicated { replicas: 2 });
         assert_eq!(web.labels[STACK_LABEL], "st");
-        let api = d.services.iter().find(|s| s.name == "st_api").unwrap();
-        assert_eq!(api.network.as_deref(), Some("st_default"));
-        assert_eq!(api.env, vec!["MODE=prod"]);
+        assert_eq!(web.placement.max_replicas_per_node, Some(1));
+        assert_eq!(web.update.order, mesh_planner::UpdateOrder::StartFirst);
+        let api = &d
+            .services
+            .iter()
+            .find(|s| s.spec.name == "st_api")
+            .unwrap()
+            .spec;
+        assert_eq!(api.network, "st_default");
+        assert_eq!(
+            api.task.as_ref().unwrap().env,
+            vec![("MODE".to_owned(), "prod".to_owned())]
+        );
         assert!(
             d.networks
                 .iter()

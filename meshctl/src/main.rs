@@ -3,6 +3,7 @@
 
 mod compose;
 mod events;
+mod flags;
 mod objects;
 mod progress;
 mod service;

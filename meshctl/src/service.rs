@@ -6,12 +6,15 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use mesh_planner::ServiceMode;
 
-use super::{Format, json, or_dash, print_tasks, progress, table};
-use mesh_api::Client;
-use mesh_api::spec::EndpointMode;
-use mesh_api::v1::{
-    HealthFlags, RestartFlags, RolloutFlags, ServiceCreate, ServiceInfo, ServiceScale,
-    ServiceTaskInfo, ServiceUpdate,
+use super::{
+    Format,
+    flags::{self, HealthArgs, RestartArgs, RolloutArgs},
+    json, or_dash, print_tasks, progress, table,
+};
+use mesh_api::{
+    Client,
+    spec::{EndpointMode, ServiceSpec, TaskTemplate},
+    v1::{ServiceCreate, ServiceInfo, ServiceScale, ServiceTaskInfo, ServiceUpdate},
 };
 
 #[derive(Subcommand, Debug)]
@@ -162,6 +165,9 @@ pub struct UpdateArgs {
     /// The tasks' arguments after the program, shell-quoted (replaces the old ones).
     #[arg(long, allow_hyphen_values = true)]
     args: Option<String>,
+    /// The image the tasks run (a rolling update, like every template change).
+    #[arg(long)]
+    image: Option<String>,
     /// Add or change an environment variable (KEY=VALUE).
     #[arg(long = "env-add")]
     env_add: Vec<String>,
@@ -197,164 +203,12 @@ pub struct UpdateArgs {
     detach: bool,
 }
 
-#[derive(Args, Debug)]
-pub struct RestartArgs {
-    /// none, on-failure or any (default any).
-    #[arg(long = "restart-condition")]
-    restart_condition: Option<String>,
-    /// Wait between a task's end and its restart (default 5s).
-    #[arg(long = "restart-delay", allow_hyphen_values = true)]
-    restart_delay: Option<String>,
-    /// Restarts before giving up (0: no limit).
-    #[arg(long = "restart-max-attempts", allow_negative_numbers = true)]
-    restart_max_attempts: Option<i64>,
-    /// The window the attempts count in (default: unbounded).
-    #[arg(long = "restart-window", allow_hyphen_values = true)]
-    restart_window: Option<String>,
-}
-
-#[derive(Args, Debug)]
-pub struct HealthArgs {
-    /// Health check: a command run inside the task (healthy when it exits 0).
-    #[arg(long = "health-cmd")]
-    health_cmd: Option<String>,
-    /// Health check: HTTP GET of /PATH (first target port) or PORT/PATH; 2xx/3xx is healthy.
-    #[arg(long = "health-http")]
-    health_http: Option<String>,
-    /// Health check: a TCP connect to this port of the task.
-    #[arg(long = "health-tcp")]
-    health_tcp: Option<u16>,
-    /// Time between checks (default 5s).
-    #[arg(long = "health-interval", allow_hyphen_values = true)]
-    health_interval: Option<String>,
-    /// Time a check may take (default 2s).
-    #[arg(long = "health-timeout", allow_hyphen_values = true)]
-    health_timeout: Option<String>,
-    /// Consecutive failures that make a task unhealthy (default 3).
-    #[arg(long = "health-retries", allow_negative_numbers = true)]
-    health_retries: Option<i64>,
-    /// Failures in this first stretch do not count (default 0s).
-    #[arg(long = "health-start-period", allow_hyphen_values = true)]
-    health_start_period: Option<String>,
-    /// No health check: a task serves as soon as it starts.
-    #[arg(long = "no-healthcheck")]
-    no_healthcheck: bool,
-}
-
-impl HealthArgs {
-    fn flags(self) -> HealthFlags {
-        HealthFlags {
-            health_cmd: self.health_cmd,
-            health_http: self.health_http,
-            health_tcp: self.health_tcp,
-            health_interval: self.health_interval,
-            health_timeout: self.health_timeout,
-            health_retries: self.health_retries,
-            health_start_period: self.health_start_period,
-            no_healthcheck: self.no_healthcheck,
-        }
-    }
-}
-
-#[derive(Args, Debug)]
-pub struct RolloutArgs {
-    /// Tasks replaced at once (0: all; default 1).
-    #[arg(long = "update-parallelism", allow_negative_numbers = true)]
-    update_parallelism: Option<i64>,
-    /// Wait after a replaced task runs before the next (default 0s).
-    #[arg(long = "update-delay", allow_hyphen_values = true)]
-    update_delay: Option<String>,
-    /// stop-first (default) or start-first.
-    #[arg(long = "update-order")]
-    update_order: Option<String>,
-    /// pause (default), continue or rollback.
-    #[arg(long = "update-failure-action")]
-    update_failure_action: Option<String>,
-    /// How long a new task is watched for failure (default 5s).
-    #[arg(long = "update-monitor", allow_hyphen_values = true)]
-    update_monitor: Option<String>,
-    /// Share of failed tasks tolerated (default 0).
-    #[arg(long = "update-max-failure-ratio", allow_hyphen_values = true)]
-    update_max_failure_ratio: Option<String>,
-    #[arg(long = "rollback-parallelism", allow_negative_numbers = true)]
-    rollback_parallelism: Option<i64>,
-    #[arg(long = "rollback-delay", allow_hyphen_values = true)]
-    rollback_delay: Option<String>,
-    #[arg(long = "rollback-order")]
-    rollback_order: Option<String>,
-    #[arg(long = "rollback-failure-action")]
-    rollback_failure_action: Option<String>,
-    #[arg(long = "rollback-monitor", allow_hyphen_values = true)]
-    rollback_monitor: Option<String>,
-    #[arg(long = "rollback-max-failure-ratio", allow_hyphen_values = true)]
-    rollback_max_failure_ratio: Option<String>,
-}
-
-impl RolloutArgs {
-    fn flags(self) -> RolloutFlags {
-        RolloutFlags {
-            update_parallelism: self.update_parallelism,
-            update_delay: self.update_delay,
-            update_order: self.update_order,
-            update_failure_action: self.update_failure_action,
-            update_monitor: self.update_monitor,
-            update_max_failure_ratio: self.update_max_failure_ratio,
-            rollback_parallelism: self.rollback_parallelism,
-            rollback_delay: self.rollback_delay,
-            rollback_order: self.rollback_order,
-            rollback_failure_action: self.rollback_failure_action,
-            rollback_monitor: self.rollback_monitor,
-            rollback_max_failure_ratio: self.rollback_max_failure_ratio,
-        }
-    }
-}
-
-impl RestartArgs {
-    fn flags(self) -> RestartFlags {
-        RestartFlags {
-            restart_condition: self.restart_condition,
-            restart_delay: self.restart_delay,
-            restart_max_attempts: self.restart_max_attempts,
-            restart_window: self.restart_window,
-        }
-    }
-}
-
 pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()> {
     match cmd {
         ServiceCommand::Create(args) => {
             let a = *args;
-            let name = match (a.name, a.name_flag) {
-                (Some(n), _) | (None, Some(n)) => n,
-                (None, None) => {
-                    bail!("no service name: `meshctl service create NAME …` or `--name NAME`")
-                }
-            };
             let req = ServiceCreate {
-                name,
-                network: a.network,
-                publish: a.publish,
-                endpoint_mode: a.endpoint_mode,
-                mode: a.mode,
-                replicas: a.replicas,
-                constraints: a.constraint,
-                placement_prefs: a.placement_pref,
-                replicas_max_per_node: a.replicas_max_per_node,
-                restart: a.restart.flags(),
-                health: a.health.flags(),
-                rollout: a.rollout.flags(),
-                stop_grace_period: a.stop_grace_period,
-                command: a.command,
-                env: a.env,
-                hostname: a.hostname,
-                image: a.image,
-                secrets: a.secret,
-                configs: a.config,
-                labels: a
-                    .label
-                    .iter()
-                    .map(|l| mesh_api::spec::parse_label(l).map_err(anyhow::Error::msg))
-                    .collect::<Result<_>>()?,
+                spec: create_spec(&a)?,
             };
             let s: ServiceInfo = client.post("/v1/services", &req).await?;
             if fmt == Format::Json {
@@ -367,34 +221,13 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
         }
         ServiceCommand::Update(args) => {
             let a = *args;
-            let req = ServiceUpdate {
-                replicas: a.replicas,
-                constraint_add: a.constraint_add,
-                constraint_rm: a.constraint_rm,
-                placement_pref_add: a.placement_pref_add,
-                placement_pref_rm: a.placement_pref_rm,
-                replicas_max_per_node: a.replicas_max_per_node,
-                publish_add: a.publish_add,
-                publish_rm: a.publish_rm,
-                restart: a.restart.flags(),
-                args: a.args,
-                env_add: a.env_add,
-                env_rm: a.env_rm,
-                health: a.health.flags(),
-                rollout: a.rollout.flags(),
-                stop_grace_period: a.stop_grace_period,
-                force: a.force,
-                rollback: a.rollback,
-                secret_add: a.secret_add,
-                secret_rm: a.secret_rm,
-                config_add: a.config_add,
-                config_rm: a.config_rm,
-            };
+            let req = update_request(&a)?;
             if req == ServiceUpdate::default() {
                 bail!(
-                    "nothing to update: pass --replicas, --args, --env-add/-rm, --constraint-add/-rm, \
-                     --placement-pref-add/-rm, --publish-add/-rm, --secret-add/-rm, --config-add/-rm, --health-*, --update-*, \
-                     --restart-*, --force or --rollback"
+                    "nothing to update: pass --replicas, --image, --args, --env-add/-rm, \
+                     --constraint-add/-rm, --placement-pref-add/-rm, --publish-add/-rm, \
+                     --secret-add/-rm, --config-add/-rm, --health-*, --update-*, --restart-*, \
+                     --force or --rollback"
                 );
             }
             update(client, fmt, &a.name, &req, a.detach).await?;
@@ -409,6 +242,8 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                 let Some((name, n)) = parsed else {
                     bail!("invalid scale {s:?}: expected SERVICE=REPLICAS, e.g. web=5");
                 };
+                let n = flags::replicas(&format!("replicas of {name}"), n)
+                    .map_err(anyhow::Error::msg)?;
                 if req.replicas.insert(name.to_owned(), n).is_some() {
                     bail!("service {name} is named twice");
                 }
@@ -507,6 +342,170 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
         }
     }
     Ok(())
+}
+
+/// `service create`'s flags as the spec the agent is asked for.
+fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
+    let name = match (&a.name, &a.name_flag) {
+        (Some(n), _) | (None, Some(n)) => n.clone(),
+        (None, None) => {
+            bail!("no service name: `meshctl service create NAME …` or `--name NAME`")
+        }
+    };
+    let msg = anyhow::Error::msg;
+    let ports = flags::ports("--publish", &a.publish).map_err(msg)?;
+    let task = task_template(a, &name)?;
+    let mut spec = ServiceSpec {
+        name,
+        labels: flags::labels("--label", &a.label).map_err(msg)?,
+        network: a.network.clone().unwrap_or_default(),
+        endpoint_mode: a.endpoint_mode,
+        mode: mode(a, task.is_some())?,
+        task,
+        ..Default::default()
+    };
+    spec.placement.constraints = flags::constraints("--constraint", &a.constraint).map_err(msg)?;
+    spec.placement.preferences =
+        flags::preferences("--placement-pref", &a.placement_pref).map_err(msg)?;
+    spec.placement.max_replicas_per_node = a
+        .replicas_max_per_node
+        .map(|n| flags::per_node("--replicas-max-per-node", n))
+        .transpose()
+        .map_err(msg)?
+        .filter(|n| *n > 0);
+    spec.restart = a.restart.change().map_err(msg)?.apply(spec.restart);
+    let (update, rollback) = a.rollout.changes().map_err(msg)?;
+    spec.update = update.apply(spec.update);
+    spec.rollback = rollback.apply(spec.rollback);
+    if let Some(t) = spec.task.as_mut() {
+        let health = a.health.change().map_err(msg)?;
+        if health.probe.is_none() && !health.disable && !health.is_empty() {
+            bail!(
+                "--health-interval/-timeout/-retries/-start-period need a probe: pass \
+                 --health-cmd, --health-http or --health-tcp"
+            );
+        }
+        t.health = health
+            .apply(None, &ports)
+            .map_err(|e| anyhow::anyhow!("--health-http: {e}"))?;
+    }
+    spec.ports = ports;
+    Ok(spec)
+}
+
+/// What the tasks run: a command, an image, or nothing (tasks started by hand).
+fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
+    let msg = anyhow::Error::msg;
+    if a.command.is_empty() && a.image.is_none() {
+        if a.replicas.is_some() || a.mode.is_some() {
+            bail!(
+                "no command for the tasks to run: put it after `--`, e.g. meshctl service create \
+                 {name} --replicas 3 -- /usr/bin/python3 -m http.server 80"
+            );
+        }
+        if !a.secret.is_empty() || !a.config.is_empty() {
+            bail!("--secret and --config are for scheduled tasks: put the command after `--`");
+        }
+        let health = a.health.change().map_err(msg)?;
+        if !health.is_empty() || a.stop_grace_period.is_some() {
+            bail!(
+                "health checks and --stop-grace-period are for scheduled tasks: put the command \
+                 after `--`"
+            );
+        }
+        return Ok(None);
+    }
+    Ok(Some(TaskTemplate {
+        command: a.command.clone(),
+        env: flags::env("--env", &a.env).map_err(msg)?,
+        hostname: a.hostname.clone(),
+        health: None,
+        stop_grace_ms: match &a.stop_grace_period {
+            Some(g) => flags::duration_ms("--stop-grace-period", g).map_err(msg)?,
+            None => TaskTemplate::default().stop_grace_ms,
+        },
+        image: a.image.clone(),
+        secrets: flags::file_refs("--secret", &a.secret, false).map_err(msg)?,
+        configs: flags::file_refs("--config", &a.config, true).map_err(msg)?,
+    }))
+}
+
+fn mode(a: &CreateArgs, has_task: bool) -> Result<ServiceMode> {
+    match a.mode.as_deref() {
+        None | Some("replicated") => Ok(ServiceMode::Replicated {
+            replicas: match a.replicas {
+                Some(n) => flags::replicas("--replicas", n).map_err(anyhow::Error::msg)?,
+                None if has_task => 1,
+                None => 0,
+            },
+        }),
+        Some("global") if a.replicas.is_some() => bail!(
+            "--replicas does not go with --mode global: a global service runs one task on every \
+             eligible node (limit them with --constraint)"
+        ),
+        Some("global") => Ok(ServiceMode::Global),
+        Some(other) => bail!("unknown --mode {other:?}: use replicated or global"),
+    }
+}
+
+/// `service update`'s flags as the change the agent is asked for.
+fn update_request(a: &UpdateArgs) -> Result<ServiceUpdate> {
+    let msg = anyhow::Error::msg;
+    let (update_config, rollback_config) = a.rollout.changes().map_err(msg)?;
+    Ok(ServiceUpdate {
+        replicas: a
+            .replicas
+            .map(|n| flags::replicas("--replicas", n))
+            .transpose()
+            .map_err(msg)?,
+        constraint_add: flags::constraints("--constraint-add", &a.constraint_add).map_err(msg)?,
+        constraint_rm: flags::constraints("--constraint-rm", &a.constraint_rm).map_err(msg)?,
+        placement_pref_add: flags::preferences("--placement-pref-add", &a.placement_pref_add)
+            .map_err(msg)?,
+        placement_pref_rm: flags::preferences("--placement-pref-rm", &a.placement_pref_rm)
+            .map_err(msg)?,
+        replicas_max_per_node: a
+            .replicas_max_per_node
+            .map(|n| flags::per_node("--replicas-max-per-node", n))
+            .transpose()
+            .map_err(msg)?,
+        publish_add: flags::ports("--publish-add", &a.publish_add).map_err(msg)?,
+        publish_rm: a
+            .publish_rm
+            .iter()
+            .map(|p| flags::published_port("--publish-rm", p))
+            .collect::<Result<_, _>>()
+            .map_err(msg)?,
+        restart: a.restart.change().map_err(msg)?,
+        args: a
+            .args
+            .as_deref()
+            .map(|s| {
+                shlex::split(s).ok_or_else(|| anyhow::anyhow!("--args {s:?} has an unclosed quote"))
+            })
+            .transpose()?,
+        image: match a.image.as_deref() {
+            Some("") => bail!("--image is empty: name the image, e.g. --image nginx:1.11"),
+            i => i.map(str::to_owned),
+        },
+        env_add: flags::env("--env-add", &a.env_add).map_err(msg)?,
+        env_rm: a.env_rm.clone(),
+        health: a.health.change().map_err(msg)?,
+        update_config,
+        rollback_config,
+        stop_grace_ms: a
+            .stop_grace_period
+            .as_deref()
+            .map(|g| flags::duration_ms("--stop-grace-period", g))
+            .transpose()
+            .map_err(msg)?,
+        force: a.force,
+        rollback: a.rollback,
+        secret_add: flags::file_refs("--secret-add", &a.secret_add, false).map_err(msg)?,
+        secret_rm: a.secret_rm.clone(),
+        config_add: flags::file_refs("--config-add", &a.config_add, true).map_err(msg)?,
+        config_rm: a.config_rm.clone(),
+    })
 }
 
 /// Sends an update and, unless detached, follows its rollout to the end.

@@ -22,7 +22,7 @@ mod tasks;
 pub use membership::Shutdown;
 pub use objects::validate_name;
 pub use programming::ProgrammingLatency;
-pub use services::{DEFAULT_NETWORK, duration_ms};
+pub use services::DEFAULT_NETWORK;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -3,26 +3,26 @@
 //! change is one replicated write, and a concurrent change of the same service from another
 //! node is detected after the settle time and reported to the loser.
 
-use std::{collections::HashSet, time::Duration};
+use std::collections::HashSet;
 
-use mesh_planner::{Constraint, MAX_REPLICAS, RestartPolicy, ServiceMode, Spread};
+use mesh_planner::{MAX_REPLICAS, ServiceMode};
 use tracing::info;
 
 use super::{Agent, Error, Result, rollout, validate_name};
 use crate::cluster::{Clock, Replicated, View, key};
-use mesh_api::spec::{
-    EndpointMode, FileRef, PortSpec, Protocol, ServiceSpec, TaskTemplate, UpdateState,
+use mesh_api::{
+    spec::{EndpointMode, PortSpec, Protocol, ServiceSpec, TaskTemplate, UpdateState},
+    v1::{ServiceCreate, ServiceScale, ServiceUpdate},
 };
-use mesh_api::v1::{HealthFlags, RestartFlags, ServiceCreate, ServiceScale, ServiceUpdate};
 
 /// The network a service joins when none is named (Swarm's `ingress` role).
 pub const DEFAULT_NETWORK: &str = "ingress";
 
 impl Agent {
     pub async fn create_service(&self, req: &ServiceCreate) -> Result<Replicated<ServiceSpec>> {
-        validate_name("service", &req.name)?;
-        let name = req.name.as_str();
-        let mut spec = draft(req)?;
+        let mut spec = new_spec(&req.spec)?;
+        let name = spec.name.clone();
+        let name = name.as_str();
         let view = self.refresh().await;
         if view.services.contains_key(name) {
             return Err(Error::Conflict(format!(
@@ -32,14 +32,13 @@ impl Agent {
         }
         check_ports(&view, name, &spec.ports)?;
         check_file_refs(&view, &spec)?;
-        match &req.network {
-            Some(network) if !view.networks.contains_key(network) => {
-                return Err(Error::NotFound(format!(
-                    "network {network} not found: create it with `meshctl network create {network}`"
-                )));
-            }
-            Some(_) => {}
-            None => self.default_network(view).await?,
+        if req.spec.network.is_empty() {
+            self.default_network(view).await?;
+        } else if !view.networks.contains_key(&spec.network) {
+            return Err(Error::NotFound(format!(
+                "network {0} not found: create it with `meshctl network create {0}`",
+                spec.network
+            )));
         }
         let network = spec.network.clone();
         let vip = match spec.endpoint_mode {
@@ -325,19 +324,13 @@ pub(crate) fn check_file_refs(view: &View, spec: &ServiceSpec) -> Result<()> {
     Ok(())
 }
 
-fn file_refs(raw: &[String], config: bool) -> Result<Vec<FileRef>> {
-    raw.iter()
-        .map(|s| FileRef::parse(s, config).map_err(Error::Invalid))
-        .collect()
-}
-
 /// Two grants on one path would hide one of them.
 fn check_targets(t: &TaskTemplate) -> Result<()> {
     let mut seen = HashSet::new();
     for r in &t.secrets {
         if !seen.insert(format!("/run/secrets/{}", r.target)) {
             return Err(Error::Invalid(format!(
-                "two secrets have the target {}: give one another target=",
+                "two secrets have the target {}: give one another target",
                 r.target
             )));
         }
@@ -345,7 +338,7 @@ fn check_targets(t: &TaskTemplate) -> Result<()> {
     for r in &t.configs {
         if !seen.insert(r.target.clone()) {
             return Err(Error::Invalid(format!(
-                "two configs or secrets land on {}: give one another target=",
+                "two configs or secrets land on {}: give one another target",
                 r.target
             )));
         }
@@ -353,298 +346,289 @@ fn check_targets(t: &TaskTemplate) -> Result<()> {
     Ok(())
 }
 
-/// `--publish-rm`'s `PUBLISHED[/PROTOCOL]`; a full `--publish` spec names its published port
-/// too (`8080:80`, `published=8080,target=80,protocol=udp`).
-fn published_port(s: &str) -> Result<(u16, Protocol)> {
-    let bad = || {
-        Error::Invalid(format!(
-            "--publish-rm {s:?}: name the published port, PUBLISHED[/PROTOCOL], e.g. 8080 or \
-             5353/udp"
-        ))
+/// The spec of a new service, as the agent will write it: what the request may not set is
+/// reset, and what it sets is checked.
+pub(crate) fn new_spec(requested: &ServiceSpec) -> Result<ServiceSpec> {
+    validate_name("service", &requested.name)?;
+    let spec = ServiceSpec {
+        network: if requested.network.is_empty() {
+            DEFAULT_NETWORK.into()
+        } else {
+            requested.network.clone()
+        },
+        vip: None,
+        version: 1,
+        template_version: 1,
+        force_update: 0,
+        previous: None,
+        update_status: None,
+        ..requested.clone()
     };
-    let (port, protocol) = match s.split_once('/') {
-        Some((p, proto)) if !p.contains([':', '=']) => {
-            (p, proto.parse::<Protocol>().map_err(|_| bad())?)
+    match (&spec.task, spec.mode) {
+        (None, ServiceMode::Replicated { replicas }) if replicas > 0 => {
+            return Err(Error::Invalid(format!(
+                "service {} has no command or image for its {replicas} tasks to run",
+                spec.name
+            )));
         }
-        _ if !s.contains([':', '=']) => (s, Protocol::Tcp),
-        _ => {
-            let spec: PortSpec = s.parse().map_err(|_| bad())?;
-            return Ok((spec.published.ok_or_else(bad)?, spec.protocol));
+        (None, ServiceMode::Global) => {
+            return Err(Error::Invalid(format!(
+                "global service {} has no command or image for its tasks to run",
+                spec.name
+            )));
         }
-    };
-    Ok((port.parse::<u16>().map_err(|_| bad())?, protocol))
+        _ => {}
+    }
+    check_spec(&spec)?;
+    Ok(spec)
 }
 
-/// The spec a create request asks for (network and VIP filled in by the caller).
-pub(crate) fn draft(req: &ServiceCreate) -> Result<ServiceSpec> {
-    let invalid = Error::Invalid;
-    let ports = req
-        .publish
-        .iter()
-        .map(|p| p.parse::<PortSpec>())
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(invalid)?;
-    let task = if req.command.is_empty() && req.image.is_none() {
-        if req.replicas.is_some() || req.mode.is_some() {
-            return Err(Error::Invalid(format!(
-                "no command for the tasks to run: put it after `--`, e.g. meshctl service create \
-                 {} --replicas 3 -- /usr/bin/python3 -m http.server 80",
-                req.name
-            )));
-        }
-        None
-    } else {
-        Some(TaskTemplate {
-            command: req.command.clone(),
-            env: parse_env(&req.env)?,
-            hostname: req.hostname.clone(),
-            health: None,
-            stop_grace_ms: match &req.stop_grace_period {
-                Some(g) => duration_ms("--stop-grace-period", g)?,
-                None => TaskTemplate::default().stop_grace_ms,
-            },
-            image: req.image.clone(),
-            secrets: file_refs(&req.secrets, false)?,
-            configs: file_refs(&req.configs, true)?,
-        })
-    };
-    if task.is_none() && (!req.secrets.is_empty() || !req.configs.is_empty()) {
-        return Err(Error::Invalid(
-            "--secret and --config are for scheduled tasks: put the command after `--`".into(),
-        ));
+/// What every version of a service must satisfy, whoever wrote it.
+fn check_spec(spec: &ServiceSpec) -> Result<()> {
+    if let ServiceMode::Replicated { replicas } = spec.mode {
+        check_replicas(replicas)?;
     }
-    if let Some(t) = &task {
+    if let Some(n) = spec.placement.max_replicas_per_node {
+        check_replicas(n)?;
+    }
+    if let Some(t) = &spec.task {
         check_targets(t)?;
-    }
-    if task.is_none() && (req.health != HealthFlags::default() || req.stop_grace_period.is_some()) {
-        return Err(Error::Invalid(
-            "health checks and --stop-grace-period are for scheduled tasks: put the command              after `--`"
-                .into(),
-        ));
-    }
-    let mode = match req.mode.as_deref() {
-        None | Some("replicated") => ServiceMode::Replicated {
-            replicas: match req.replicas {
-                Some(n) => replicas(n)?,
-                None if task.is_some() => 1,
-                None => 0,
-            },
-        },
-        Some("global") => {
-            if req.replicas.is_some() {
-                return Err(Error::Invalid(
-                    "--replicas does not go with --mode global: a global service runs one task \
-                     on every eligible node (limit them with --constraint)"
-                        .into(),
-                ));
+        for (k, _) in &t.env {
+            if k.is_empty() || k.contains(char::is_whitespace) || k.contains('=') {
+                return Err(Error::Invalid(format!(
+                    "invalid environment variable name {k:?}: no spaces or '='"
+                )));
             }
-            ServiceMode::Global
         }
-        Some(other) => {
-            return Err(Error::Invalid(format!(
-                "unknown service mode {other:?}: use replicated or global"
-            )));
+        if t.image.as_deref().is_some_and(str::is_empty) {
+            return Err(Error::Invalid("the image name is empty".into()));
         }
-    };
-    let mut spec = ServiceSpec {
-        name: req.name.clone(),
-        labels: req.labels.clone(),
-        network: req
-            .network
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NETWORK.into()),
-        endpoint_mode: req.endpoint_mode,
-        vip: None,
-        ports,
-        mode,
-        task,
-        ..Default::default()
-    };
-    spec.placement.constraints = constraints(&req.constraints)?;
-    spec.placement.preferences = preferences(&req.placement_prefs)?;
-    spec.placement.max_replicas_per_node = per_node(req.replicas_max_per_node)?;
-    spec.restart = restart(RestartPolicy::default(), &req.restart)?;
-    if let Some(t) = spec.task.as_mut() {
-        t.health = rollout::health(None, &req.health, &spec.ports)?;
     }
-    rollout::configs(&mut spec, &req.rollout)?;
-    Ok(spec)
+    rollout::check_rollback_config(spec)
+}
+
+fn check_replicas(n: u32) -> Result<()> {
+    if n > MAX_REPLICAS {
+        return Err(Error::Invalid(format!(
+            "replicas {n} is more than mesh allows ({MAX_REPLICAS}): use a number from 0 to \
+             {MAX_REPLICAS}"
+        )));
+    }
+    Ok(())
 }
 
 /// The spec after an update, or why the update is refused.
 fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpec> {
     if req.rollback {
-        let only_rollback = ServiceUpdate {
-            rollback: true,
-            rollout: req.rollout.clone(),
-            ..Default::default()
-        };
-        if *req != only_rollback {
-            return Err(Error::Invalid(
-                "--rollback goes back to the previous spec: it takes no other changes (only                  --rollback-* flags)"
-                    .into(),
-            ));
-        }
-        let mut with_config = current.clone();
-        rollout::configs(&mut with_config, &req.rollout)?;
-        return rollout::rolled_back(&with_config, "manually requested rollback", Clock::now_ms())
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "service {} has no previous spec to roll back to: it was not updated since                      it was created",
-                    current.name
-                ))
-            });
+        return rollback(current, req);
     }
     let mut spec = current.clone();
-    if let Some(n) = req.replicas {
-        match spec.mode {
-            ServiceMode::Global => {
-                return Err(Error::Invalid(format!(
-                    "service {} is global: it runs one task on every eligible node and cannot be \
-                     scaled (narrow it with --constraint-add instead)",
-                    spec.name
-                )));
-            }
-            ServiceMode::Replicated { .. } => {
-                if spec.task.is_none() {
-                    return Err(Error::Invalid(format!(
-                        "service {} has no command to run, so it schedules no tasks: its tasks \
-                         are started with `meshctl run --service {}`",
-                        spec.name, spec.name
-                    )));
-                }
-                spec.mode = ServiceMode::Replicated {
-                    replicas: replicas(n)?,
-                };
-            }
+    set_replicas(&mut spec, req)?;
+    change_placement(&mut spec, current, req)?;
+    change_ports(&mut spec, current, req)?;
+    spec.restart = req.restart.apply(spec.restart);
+    spec.update = req.update_config.apply(spec.update);
+    spec.rollback = req.rollback_config.apply(spec.rollback);
+    change_template(&mut spec, current, req)?;
+    if req.force {
+        spec.force_update += 1;
+    }
+    check_spec(&spec)?;
+    start_or_resume_rollout(&mut spec, current);
+    Ok(spec)
+}
+
+/// `--rollback`: the previous spec, rolled out with the (possibly changed) rollback config.
+fn rollback(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpec> {
+    let only_rollback = ServiceUpdate {
+        rollback: true,
+        rollback_config: req.rollback_config.clone(),
+        ..Default::default()
+    };
+    if *req != only_rollback {
+        return Err(Error::Invalid(
+            "a rollback goes back to the previous spec: it takes no other change than the \
+             rollback config"
+                .into(),
+        ));
+    }
+    let mut with_config = current.clone();
+    with_config.rollback = req.rollback_config.apply(with_config.rollback);
+    rollout::check_rollback_config(&with_config)?;
+    rollout::rolled_back(&with_config, "manually requested rollback", Clock::now_ms()).ok_or_else(
+        || {
+            Error::Invalid(format!(
+                "service {} has no previous spec to roll back to: it was not updated since it \
+                 was created",
+                current.name
+            ))
+        },
+    )
+}
+
+fn set_replicas(spec: &mut ServiceSpec, req: &ServiceUpdate) -> Result<()> {
+    let Some(n) = req.replicas else {
+        return Ok(());
+    };
+    match spec.mode {
+        ServiceMode::Global => Err(Error::Invalid(format!(
+            "service {} is global: it runs one task on every eligible node and cannot be \
+             scaled (narrow it with --constraint-add instead)",
+            spec.name
+        ))),
+        ServiceMode::Replicated { .. } if spec.task.is_none() => Err(Error::Invalid(format!(
+            "service {} has no command to run, so it schedules no tasks: its tasks are started \
+             with `meshctl run --service {}`",
+            spec.name, spec.name
+        ))),
+        ServiceMode::Replicated { .. } => {
+            check_replicas(n)?;
+            spec.mode = ServiceMode::Replicated { replicas: n };
+            Ok(())
         }
     }
+}
+
+fn change_placement(
+    spec: &mut ServiceSpec,
+    current: &ServiceSpec,
+    req: &ServiceUpdate,
+) -> Result<()> {
     let placement = &mut spec.placement;
-    for c in constraints(&req.constraint_rm)? {
-        if !placement.constraints.contains(&c) {
+    for c in &req.constraint_rm {
+        if !placement.constraints.contains(c) {
             return Err(Error::Invalid(format!(
                 "service {} has no constraint {c} to remove (see `meshctl service inspect {}`)",
                 current.name, current.name
             )));
         }
-        placement.constraints.retain(|x| *x != c);
+        placement.constraints.retain(|x| x != c);
     }
-    for c in constraints(&req.constraint_add)? {
-        if !placement.constraints.contains(&c) {
-            placement.constraints.push(c);
+    for c in &req.constraint_add {
+        if !placement.constraints.contains(c) {
+            placement.constraints.push(c.clone());
         }
     }
-    for p in preferences(&req.placement_pref_rm)? {
-        placement.preferences.retain(|x| *x != p);
+    for p in &req.placement_pref_rm {
+        placement.preferences.retain(|x| x != p);
     }
-    for p in preferences(&req.placement_pref_add)? {
-        if !placement.preferences.contains(&p) {
-            placement.preferences.push(p);
+    for p in &req.placement_pref_add {
+        if !placement.preferences.contains(p) {
+            placement.preferences.push(p.clone());
         }
     }
-    if req.replicas_max_per_node.is_some() {
-        placement.max_replicas_per_node = per_node(req.replicas_max_per_node)?;
+    if let Some(n) = req.replicas_max_per_node {
+        placement.max_replicas_per_node = (n > 0).then_some(n);
     }
+    Ok(())
+}
+
+fn change_ports(spec: &mut ServiceSpec, current: &ServiceSpec, req: &ServiceUpdate) -> Result<()> {
     for rm in &req.publish_rm {
-        let (port, protocol) = published_port(rm)?;
         let before = spec.ports.len();
         spec.ports
-            .retain(|p| !(p.published == Some(port) && p.protocol == protocol));
+            .retain(|p| !(p.published == Some(rm.port) && p.protocol == rm.protocol));
         if spec.ports.len() == before {
             return Err(Error::Invalid(format!(
-                "service {} does not publish {port}/{protocol} (see `meshctl service inspect {}`)",
-                current.name, current.name
+                "service {} does not publish {}/{} (see `meshctl service inspect {}`)",
+                current.name, rm.port, rm.protocol, current.name
             )));
         }
     }
-    for add in &req.publish_add {
-        let p: PortSpec = add.parse().map_err(Error::Invalid)?;
+    for p in &req.publish_add {
         // Publishing a port again replaces it (a new target or mode).
         spec.ports.retain(|q| {
             !(q.published.is_some() && q.published == p.published && q.protocol == p.protocol)
         });
-        spec.ports.push(p);
+        spec.ports.push(*p);
     }
-    spec.restart = restart(spec.restart, &req.restart)?;
-    rollout::configs(&mut spec, &req.rollout)?;
-    let template_flags = req.args.is_some()
-        || !req.secret_add.is_empty()
-        || !req.secret_rm.is_empty()
-        || !req.config_add.is_empty()
-        || !req.config_rm.is_empty()
-        || !req.env_add.is_empty()
-        || !req.env_rm.is_empty()
-        || req.health != HealthFlags::default()
-        || req.stop_grace_period.is_some();
+    Ok(())
+}
+
+/// What the tasks run: a change here replaces them (a rollout).
+fn change_template(
+    spec: &mut ServiceSpec,
+    current: &ServiceSpec,
+    req: &ServiceUpdate,
+) -> Result<()> {
     let ports = spec.ports.clone();
-    match spec.task.as_mut() {
-        None if template_flags || req.force => {
+    let Some(t) = spec.task.as_mut() else {
+        if req.changes_template() || req.force {
             return Err(Error::Invalid(format!(
-                "service {} schedules no tasks (it has no command), so there is nothing to                  update or force",
+                "service {} schedules no tasks (it has no command), so there is nothing to \
+                 update or force",
                 spec.name
             )));
         }
-        None => {}
-        Some(t) => {
-            if let Some(args) = &req.args {
-                let args = shlex::split(args).ok_or_else(|| {
-                    Error::Invalid(format!("--args {args:?} has an unclosed quote"))
-                })?;
-                t.command.truncate(1);
-                t.command.extend(args);
+        return Ok(());
+    };
+    if let Some(args) = &req.args {
+        t.command.truncate(1);
+        t.command.extend(args.iter().cloned());
+    }
+    if let Some(image) = &req.image {
+        if t.image.is_none() {
+            return Err(Error::Invalid(format!(
+                "service {} runs a command, not an image: its tasks cannot switch to an image \
+                 (create a service with the image instead)",
+                current.name
+            )));
+        }
+        t.image = Some(image.clone());
+    }
+    for k in &req.env_rm {
+        t.env.retain(|(key, _)| key != k);
+    }
+    for (k, v) in &req.env_add {
+        t.env.retain(|(key, _)| key != k);
+        t.env.push((k.clone(), v.clone()));
+    }
+    for (rm, add, config) in [
+        (&req.secret_rm, &req.secret_add, false),
+        (&req.config_rm, &req.config_add, true),
+    ] {
+        let refs = if config {
+            &mut t.configs
+        } else {
+            &mut t.secrets
+        };
+        for name in rm {
+            if !refs.iter().any(|r| r.source == *name) {
+                return Err(Error::Invalid(format!(
+                    "service {} has no {} {name} to remove (see `meshctl service inspect {}`)",
+                    current.name,
+                    if config { "config" } else { "secret" },
+                    current.name
+                )));
             }
-            for k in &req.env_rm {
-                t.env.retain(|(key, _)| key != k);
-            }
-            for (k, v) in parse_env(&req.env_add)? {
-                t.env.retain(|(key, _)| *key != k);
-                t.env.push((k, v));
-            }
-            for (rm, add, config) in [
-                (&req.secret_rm, &req.secret_add, false),
-                (&req.config_rm, &req.config_add, true),
-            ] {
-                let refs = if config {
-                    &mut t.configs
-                } else {
-                    &mut t.secrets
-                };
-                for name in rm {
-                    if !refs.iter().any(|r| r.source == *name) {
-                        return Err(Error::Invalid(format!(
-                            "service {} has no {} {name} to remove (see `meshctl service inspect {}`)",
-                            current.name,
-                            if config { "config" } else { "secret" },
-                            current.name
-                        )));
-                    }
-                    refs.retain(|r| r.source != *name);
-                }
-                for r in file_refs(add, config)? {
-                    refs.retain(|x| x.source != r.source);
-                    refs.push(r);
-                }
-            }
-            check_targets(t)?;
-            t.health = rollout::health(t.health.take(), &req.health, &ports)?;
-            if let Some(g) = &req.stop_grace_period {
-                t.stop_grace_ms = duration_ms("--stop-grace-period", g)?;
-            }
+            refs.retain(|r| r.source != *name);
+        }
+        for r in add {
+            refs.retain(|x| x.source != r.source);
+            refs.push(r.clone());
         }
     }
-    if req.force {
-        spec.force_update += 1;
+    t.health = req
+        .health
+        .apply(t.health.take(), &ports)
+        .map_err(Error::Invalid)?;
+    if let Some(g) = req.stop_grace_ms {
+        t.stop_grace_ms = g;
     }
+    Ok(())
+}
+
+/// A new template starts a rollout; any other change of a paused rollout resumes it (as
+/// Swarm's does).
+fn start_or_resume_rollout(spec: &mut ServiceSpec, current: &ServiceSpec) {
     if spec.template_id() != current.template_id() {
-        rollout::start_rollout(&mut spec, current, Clock::now_ms());
-    } else if spec
-        .update_status
-        .as_ref()
-        .is_some_and(|s| s.state.is_paused())
-        && spec != *current
+        rollout::start_rollout(spec, current, Clock::now_ms());
+        return;
+    }
+    let changed = spec != current;
+    if let Some(status) = spec.update_status.as_mut().filter(|s| s.state.is_paused())
+        && changed
     {
-        // Any update of a paused rollout resumes it (as Swarm's does).
-        let status = spec.update_status.as_mut().expect("checked");
         status.state = if status.state.is_rollback() {
             UpdateState::RollbackStarted
         } else {
@@ -652,122 +636,28 @@ fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpe
         };
         status.message = "update resumed".into();
     }
-    Ok(spec)
-}
-
-fn replicas(n: i64) -> Result<u32> {
-    if n < 0 {
-        return Err(Error::Invalid(format!(
-            "invalid replicas {n}: use a number from 0 to {MAX_REPLICAS}"
-        )));
-    }
-    if n > i64::from(MAX_REPLICAS) {
-        return Err(Error::Invalid(format!(
-            "replicas {n} is more than mesh allows ({MAX_REPLICAS}): use a number from 0 to {MAX_REPLICAS}"
-        )));
-    }
-    Ok(n as u32)
-}
-
-fn per_node(n: Option<i64>) -> Result<Option<u32>> {
-    match n {
-        None | Some(0) => Ok(None),
-        Some(n) if n < 0 => Err(Error::Invalid(format!(
-            "invalid --replicas-max-per-node {n}: use a positive number (0 for no limit)"
-        ))),
-        Some(n) => Ok(Some(replicas(n)?)),
-    }
-}
-
-fn constraints(raw: &[String]) -> Result<Vec<Constraint>> {
-    raw.iter()
-        .map(|c| c.parse::<Constraint>().map_err(Error::Invalid))
-        .collect()
-}
-
-fn preferences(raw: &[String]) -> Result<Vec<Spread>> {
-    raw.iter()
-        .map(|p| p.parse::<Spread>().map_err(Error::Invalid))
-        .collect()
-}
-
-fn parse_env(raw: &[String]) -> Result<Vec<(String, String)>> {
-    raw.iter()
-        .map(|e| match e.split_once('=') {
-            Some((k, v)) if !k.is_empty() && !k.contains(char::is_whitespace) => {
-                Ok((k.to_owned(), v.to_owned()))
-            }
-            _ => Err(Error::Invalid(format!(
-                "invalid --env {e:?}: expected KEY=VALUE"
-            ))),
-        })
-        .collect()
-}
-
-fn restart(mut policy: RestartPolicy, flags: &RestartFlags) -> Result<RestartPolicy> {
-    if let Some(c) = &flags.restart_condition {
-        policy.condition = c.parse().map_err(Error::Invalid)?;
-    }
-    if let Some(d) = &flags.restart_delay {
-        policy.delay_ms = duration_ms("--restart-delay", d)?;
-    }
-    if let Some(n) = flags.restart_max_attempts {
-        policy.max_attempts =
-            match n {
-                0 => None,
-                n if n < 0 => {
-                    return Err(Error::Invalid(format!(
-                        "invalid --restart-max-attempts {n}: use a positive number (0 for no limit)"
-                    )));
-                }
-                n => Some(u32::try_from(n).map_err(|_| {
-                    Error::Invalid(format!("--restart-max-attempts {n} is too large"))
-                })?),
-            };
-    }
-    if let Some(w) = &flags.restart_window {
-        policy.window_ms = match duration_ms("--restart-window", w)? {
-            0 => None,
-            ms => Some(ms),
-        };
-    }
-    Ok(policy)
-}
-
-/// `5s`, `1m30s`, `250ms`; a bare number is seconds, as Docker's flags take it.
-pub fn duration_ms(flag: &str, s: &str) -> Result<u64> {
-    let d = if let Ok(secs) = s.parse::<u64>() {
-        Duration::from_secs(secs)
-    } else {
-        humantime::parse_duration(s).map_err(|e| {
-            Error::Invalid(format!(
-                "invalid {flag} {s:?}: {e}; write a duration such as 5s, 1m30s or 250ms"
-            ))
-        })?
-    };
-    if d > Duration::from_secs(365 * 24 * 3600) {
-        return Err(Error::Invalid(format!(
-            "{flag} {s:?} is longer than a year"
-        )));
-    }
-    Ok(d.as_millis() as u64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_api::{spec::FileRef, v1::PublishedPort};
 
-    fn create(args: impl FnOnce(&mut ServiceCreate)) -> Result<ServiceSpec> {
-        let mut req = ServiceCreate {
+    fn spec(f: impl FnOnce(&mut ServiceSpec)) -> Result<ServiceSpec> {
+        let mut s = ServiceSpec {
             name: "web".into(),
-            command: vec!["sleep".into(), "100".into()],
+            mode: ServiceMode::Replicated { replicas: 1 },
+            task: Some(TaskTemplate {
+                command: vec!["sleep".into(), "100".into()],
+                ..Default::default()
+            }),
             ..Default::default()
         };
-        args(&mut req);
-        draft(&req)
+        f(&mut s);
+        new_spec(&s)
     }
 
-    fn err(r: Result<ServiceSpec>) -> String {
+    fn err<T: std::fmt::Debug>(r: Result<T>) -> String {
         match r {
             Err(Error::Invalid(m)) => m,
             other => panic!("expected an invalid-input error, got {other:?}"),
@@ -775,76 +665,83 @@ mod tests {
     }
 
     #[test]
-    fn a_create_request_becomes_a_spec() {
-        let spec = create(|r| {
-            r.replicas = Some(3);
-            r.constraints = vec!["node.labels.env==production".into()];
-            r.placement_prefs = vec!["spread=node.labels.zone".into()];
-            r.replicas_max_per_node = Some(2);
-            r.restart.restart_condition = Some("on-failure".into());
-            r.restart.restart_delay = Some("1m30s".into());
-            r.restart.restart_max_attempts = Some(3);
-            r.env = vec!["A=b=c".into()];
-            r.publish = vec!["published=8080,target=80".into()];
+    fn a_new_spec_gets_the_default_network_and_nothing_the_agent_owns() {
+        let s = spec(|s| {
+            s.version = 7;
+            s.template_version = 9;
+            s.force_update = 3;
+            s.vip = Some("10.0.0.5".parse().unwrap());
+            s.update_status = Some(mesh_api::spec::UpdateStatus {
+                state: UpdateState::Paused,
+                started_ms: 1,
+                completed_ms: None,
+                message: "forged".into(),
+            });
         })
         .unwrap();
-        assert_eq!(spec.mode, ServiceMode::Replicated { replicas: 3 });
-        assert_eq!(spec.network, DEFAULT_NETWORK);
-        assert_eq!(spec.placement.constraints.len(), 1);
-        assert_eq!(spec.placement.max_replicas_per_node, Some(2));
-        assert_eq!(spec.restart.delay_ms, 90_000);
-        assert_eq!(spec.restart.max_attempts, Some(3));
-        assert_eq!(spec.task.unwrap().env, vec![("A".into(), "b=c".into())]);
-        assert_eq!(spec.ports[0].published, Some(8080));
-        let spec = create(|_| {}).unwrap();
-        assert_eq!(spec.mode, ServiceMode::Replicated { replicas: 1 });
+        assert_eq!(s.network, DEFAULT_NETWORK);
+        assert_eq!((s.version, s.template_version, s.force_update), (1, 1, 0));
+        assert!(s.vip.is_none() && s.update_status.is_none() && s.previous.is_none());
+        assert_eq!(spec(|s| s.network = "app".into()).unwrap().network, "app");
     }
 
     #[test]
-    fn bad_create_requests_say_how_to_fix_them() {
-        let e = err(create(|r| {
-            r.mode = Some("global".into());
-            r.replicas = Some(3);
-        }));
-        assert!(e.contains("does not go with --mode global"), "{e}");
-        assert!(err(create(|r| r.replicas = Some(-1))).contains("from 0 to"));
-        assert!(err(create(|r| r.replicas = Some(1_000_000))).contains("more than mesh allows"));
+    fn a_new_spec_that_cannot_run_says_why() {
+        assert!(err(spec(|s| s.name = "bad name".into())).contains("invalid service name"));
         assert!(
-            err(create(
-                |r| r.constraints = vec!["node.labels.env=production".into()]
-            ))
-            .contains("FIELD==VALUE")
-        );
-        assert!(
-            err(create(|r| r.constraints = vec!["node.role==manager".into()]))
-                .contains("unknown constraint field")
-        );
-        assert!(
-            err(create(|r| r.mode = Some("daemonset".into()))).contains("replicated or global")
-        );
-        assert!(
-            err(create(|r| r.restart.restart_delay = Some("soon".into()))).contains("duration")
-        );
-        assert!(
-            err(create(
-                |r| r.restart.restart_condition = Some("always".into())
-            ))
-            .contains("on-failure")
-        );
-        assert!(err(create(|r| r.env = vec!["=x".into()])).contains("KEY=VALUE"));
-        assert!(
-            err(create(|r| {
-                r.command.clear();
-                r.replicas = Some(2);
+            err(spec(|s| s.mode = ServiceMode::Replicated {
+                replicas: 1_000_000
             }))
-            .contains("no command")
+            .contains("more than mesh allows")
+        );
+        assert!(
+            err(spec(|s| {
+                s.task = None;
+                s.mode = ServiceMode::Replicated { replicas: 2 };
+            }))
+            .contains("no command or image")
+        );
+        // A service with no tasks of its own (started by `meshctl run`) is fine.
+        assert!(
+            spec(|s| {
+                s.task = None;
+                s.mode = ServiceMode::Replicated { replicas: 0 };
+            })
+            .is_ok()
+        );
+        let grant = |target: &str| FileRef {
+            source: "s".into(),
+            target: target.into(),
+            uid: 0,
+            gid: 0,
+            mode: 0o444,
+        };
+        assert!(
+            err(spec(
+                |s| s.task.as_mut().unwrap().secrets = vec![grant("a"), grant("a")]
+            ))
+            .contains("two secrets have the target a")
+        );
+        assert!(
+            err(spec(
+                |s| s.rollback.failure_action = mesh_planner::FailureAction::Rollback
+            ))
+            .contains("roll back a rollback")
+        );
+        assert!(
+            err(spec(
+                |s| s.task.as_mut().unwrap().env = vec![("A B".into(), "x".into())]
+            ))
+            .contains("environment variable")
         );
     }
 
     #[test]
     fn published_ports_are_added_replaced_and_removed_without_rolling_the_tasks() {
-        let spec = create(|r| r.publish = vec!["8080:80".into(), "5353:53/udp".into()]).unwrap();
-        let update = |f: fn(&mut ServiceUpdate)| {
+        let spec =
+            spec(|s| s.ports = vec!["8080:80".parse().unwrap(), "5353:53/udp".parse().unwrap()])
+                .unwrap();
+        let update = |f: &dyn Fn(&mut ServiceUpdate)| {
             let mut req = ServiceUpdate::default();
             f(&mut req);
             apply_update(&spec, &req)
@@ -855,8 +752,10 @@ mod tests {
                 .map(|p| (p.published.unwrap(), p.protocol, p.target))
                 .collect::<Vec<_>>()
         };
-
-        let added = update(|r| r.publish_add = vec!["9090:90".into(), "8080:81".into()]).unwrap();
+        let added = update(&|r| {
+            r.publish_add = vec!["9090:90".parse().unwrap(), "8080:81".parse().unwrap()]
+        })
+        .unwrap();
         assert_eq!(
             ports(&added),
             [
@@ -866,44 +765,28 @@ mod tests {
             ]
         );
         assert_eq!(added.template_id(), spec.template_id(), "no rollout");
-        for rm in ["8080", "8080/tcp", "8080:80", "published=8080,target=80"] {
-            let removed = update_rm(&spec, rm).unwrap();
-            assert_eq!(ports(&removed), [(5353, Protocol::Udp, 53)], "{rm}");
-        }
-        assert_eq!(ports(&update_rm(&spec, "5353/udp").unwrap()).len(), 1);
-
-        for (rm, says) in [
-            ("5353", "does not publish 5353/tcp"),
-            ("9999", "does not publish 9999/tcp"),
-            ("http", "name the published port"),
-            ("8080/sctp", "name the published port"),
-        ] {
-            let m = err(update_rm(&spec, rm));
-            assert!(m.contains(says), "{rm}: {m}");
-        }
-        let m = err(update(|r| r.publish_add = vec!["80:".into()]));
-        assert!(!m.is_empty());
-    }
-
-    fn update_rm(spec: &ServiceSpec, rm: &str) -> Result<ServiceSpec> {
-        apply_update(
-            spec,
-            &ServiceUpdate {
-                publish_rm: vec![rm.into()],
-                ..Default::default()
-            },
-        )
+        assert!(added.update_status.is_none());
+        let rm = |port, protocol| {
+            update(&move |r| r.publish_rm = vec![PublishedPort { port, protocol }])
+        };
+        assert_eq!(
+            ports(&rm(8080, Protocol::Tcp).unwrap()),
+            [(5353, Protocol::Udp, 53)]
+        );
+        assert_eq!(ports(&rm(5353, Protocol::Udp).unwrap()).len(), 1);
+        assert!(err(rm(5353, Protocol::Tcp)).contains("does not publish 5353/tcp"));
+        assert!(err(rm(9999, Protocol::Tcp)).contains("does not publish 9999/tcp"));
     }
 
     #[test]
     fn updates_change_placement_and_refuse_what_cannot_be() {
-        let spec = create(|r| r.replicas = Some(3)).unwrap();
+        let spec = spec(|s| s.mode = ServiceMode::Replicated { replicas: 3 }).unwrap();
         let up = apply_update(
             &spec,
             &ServiceUpdate {
                 replicas: Some(5),
-                constraint_add: vec!["node.hostname!=node3".into()],
-                placement_pref_add: vec!["spread=node.labels.zone".into()],
+                constraint_add: vec!["node.hostname!=node3".parse().unwrap()],
+                placement_pref_add: vec!["spread=node.labels.zone".parse().unwrap()],
                 ..Default::default()
             },
         )
@@ -925,7 +808,7 @@ mod tests {
         let gone = apply_update(
             &up,
             &ServiceUpdate {
-                constraint_rm: vec!["node.hostname!=node3".into()],
+                constraint_rm: vec!["node.hostname!=node3".parse().unwrap()],
                 ..Default::default()
             },
         )
@@ -941,24 +824,67 @@ mod tests {
         .unwrap();
         assert_ne!(forced.template_id(), spec.template_id());
 
-        let global = create(|r| r.mode = Some("global".into())).unwrap();
-        let e = apply_update(
-            &global,
-            &ServiceUpdate {
-                replicas: Some(2),
-                ..Default::default()
-            },
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("is global"), "{e}");
-        let e = apply_update(
+        let mut global = spec.clone();
+        global.mode = ServiceMode::Global;
+        let replicas = ServiceUpdate {
+            replicas: Some(2),
+            ..Default::default()
+        };
+        assert!(err(apply_update(&global, &replicas)).contains("is global"));
+        let no_such = ServiceUpdate {
+            constraint_rm: vec!["node.labels.a==b".parse().unwrap()],
+            ..Default::default()
+        };
+        assert!(err(apply_update(&spec, &no_such)).contains("no constraint"));
+    }
+
+    #[test]
+    fn a_new_image_rolls_the_tasks_and_a_rollback_takes_nothing_else() {
+        let spec = spec(|s| s.task.as_mut().unwrap().image = Some("nginx:1.10".into())).unwrap();
+        let up = apply_update(
             &spec,
             &ServiceUpdate {
-                constraint_rm: vec!["node.labels.a==b".into()],
+                image: Some("nginx:1.11".into()),
                 ..Default::default()
             },
         )
-        .unwrap_err();
-        assert!(e.to_string().contains("no constraint"), "{e}");
+        .unwrap();
+        assert_eq!(
+            up.task.as_ref().unwrap().image.as_deref(),
+            Some("nginx:1.11")
+        );
+        assert_ne!(up.template_id(), spec.template_id());
+        assert_eq!(
+            up.update_status.as_ref().unwrap().state,
+            UpdateState::Updating
+        );
+        let back = apply_update(
+            &up,
+            &ServiceUpdate {
+                rollback: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            back.task.as_ref().unwrap().image.as_deref(),
+            Some("nginx:1.10")
+        );
+        let mixed = ServiceUpdate {
+            rollback: true,
+            replicas: Some(2),
+            ..Default::default()
+        };
+        assert!(err(apply_update(&up, &mixed)).contains("no other change"));
+        let process = spec_of_process();
+        let to_image = ServiceUpdate {
+            image: Some("nginx".into()),
+            ..Default::default()
+        };
+        assert!(err(apply_update(&process, &to_image)).contains("runs a command, not an image"));
+    }
+
+    fn spec_of_process() -> ServiceSpec {
+        spec(|_| {}).unwrap()
     }
 }

@@ -10,7 +10,7 @@ use tracing::info;
 use super::{
     Agent, Error, Result, rollout,
     secrets::{Kind, check_size, validate_object_name},
-    services::{check_file_refs, draft},
+    services::{check_file_refs, new_spec},
     validate_name,
 };
 use crate::{
@@ -147,18 +147,15 @@ impl Agent {
                 .insert(c.name.clone(), placeholder_config(&c.name, self.tick()));
         }
         let mut plan = Vec::new();
-        let names: BTreeSet<&str> = req.services.iter().map(|s| s.name.as_str()).collect();
+        let names: BTreeSet<&str> = req.services.iter().map(|s| s.spec.name.as_str()).collect();
         for s in &req.services {
-            validate_name("service", &s.name)?;
-            let mut spec = draft(s)?;
-            let network = s.network.clone().unwrap_or_default();
-            if !future.networks.contains_key(&network) {
+            let spec = new_spec(&s.spec)?;
+            if s.spec.network.is_empty() || !future.networks.contains_key(&spec.network) {
                 return Err(Error::NotFound(format!(
-                    "service {}: network {network} not found",
-                    s.name
+                    "service {}: network {} not found",
+                    spec.name, s.spec.network
                 )));
             }
-            spec.network = network;
             check_file_refs(&future, &spec)?;
             // Ports owned by services outside this deploy.
             for p in &spec.ports {
@@ -174,15 +171,15 @@ impl Agent {
                 }) {
                     return Err(Error::Conflict(format!(
                         "service {}: port {published}/{} is already published by service {}",
-                        s.name, p.protocol, owner.spec.name
+                        s.spec.name, p.protocol, owner.spec.name
                     )));
                 }
             }
-            match view.services.get(&s.name) {
+            match view.services.get(&s.spec.name) {
                 Some(current) if !in_stack(&current.spec.labels, &req.name) => {
                     return Err(Error::Conflict(format!(
                         "service {} exists and is not part of stack {}: remove it or rename the stack",
-                        s.name, req.name
+                        s.spec.name, req.name
                     )));
                 }
                 Some(current) => plan.push((s, Some(redeployed(&current.spec, spec)?))),
@@ -207,21 +204,26 @@ impl Agent {
             match change {
                 None => {
                     self.create_service(req_svc).await?;
-                    report.created.push(req_svc.name.clone());
+                    report.created.push(req_svc.spec.name.clone());
                 }
                 Some(spec) => {
-                    let current = self.refresh().await.services.get(&req_svc.name).cloned();
+                    let current = self
+                        .refresh()
+                        .await
+                        .services
+                        .get(&req_svc.spec.name)
+                        .cloned();
                     let Some(current) = current else {
                         return Err(Error::Conflict(format!(
                             "service {} was removed during the deploy",
-                            req_svc.name
+                            req_svc.spec.name
                         )));
                     };
                     if spec == current.spec {
-                        report.unchanged.push(req_svc.name.clone());
+                        report.unchanged.push(req_svc.spec.name.clone());
                     } else {
                         self.write_service_change(&current, spec).await?;
-                        report.updated.push(req_svc.name.clone());
+                        report.updated.push(req_svc.spec.name.clone());
                     }
                 }
             }

@@ -560,12 +560,14 @@ async fn create_service(State(agent): State<Arc<Agent>>, bytes: Bytes) -> ApiRes
     let req: ServiceCreate = body(&bytes)?;
     agent.create_service(&req).await?;
     let view = agent.view();
-    service_info(&view, &req.name).map(Json).ok_or_else(|| {
-        Error::Internal(anyhow::anyhow!(
-            "service {} vanished right after creation",
-            req.name
-        ))
-    })
+    service_info(&view, &req.spec.name)
+        .map(Json)
+        .ok_or_else(|| {
+            Error::Internal(anyhow::anyhow!(
+                "service {} vanished right after creation",
+                req.spec.name
+            ))
+        })
 }
 
 async fn update_service(

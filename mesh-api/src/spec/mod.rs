@@ -1,12 +1,17 @@
 //! Specs: what a user asks the cluster to run and how, as every side (CLI, compose, the
 //! agent's API, the Docker API) hands it to the agent: typed, already parsed.
 
+mod change;
 mod endpoint;
 mod file;
 mod node;
 mod port;
 mod service;
 
+pub use change::{
+    HEALTH_INTERVAL_MS, HEALTH_RETRIES, HEALTH_TIMEOUT_MS, HealthChange, MAX_HEALTH_RETRIES,
+    ProbeChange, RestartChange, UpdateConfigChange,
+};
 pub use endpoint::EndpointState;
 pub use file::FileRef;
 pub use node::{Availability, NodeStatus, parse_label};

@@ -6,7 +6,12 @@ use mesh_planner::ServiceMode;
 use serde::{Deserialize, Serialize};
 
 use super::ServiceStats;
-use crate::spec::{EndpointMode, PortSpec, ServiceSpec};
+use mesh_planner::{Constraint, Spread};
+
+use crate::spec::{
+    EndpointMode, FileRef, HealthChange, PortSpec, Protocol, RestartChange, ServiceSpec,
+    UpdateConfigChange,
+};
 
 use super::TaskInfo;
 
@@ -62,180 +67,98 @@ pub struct ServiceTaskInfo {
     pub history: bool,
 }
 
+/// `service scale web=5 api=2`: all or nothing.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceScale {
+    pub replicas: BTreeMap<String, u32>,
+}
+
+/// `service create`: the whole spec, parsed by the caller. The agent fills in what it owns
+/// (versions, the VIP, rollout status) and checks the rest against the cluster.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceCreate {
-    pub name: String,
-    /// Default: the `ingress` network, created on first use.
-    #[serde(default)]
-    pub network: Option<String>,
-    /// Docker's short (`8080:80`, `5353:53/udp`) or long (`published=8080,target=80`) syntax.
-    #[serde(default)]
-    pub publish: Vec<String>,
-    #[serde(default)]
-    pub endpoint_mode: EndpointMode,
-    /// `replicated` (default) or `global`.
-    #[serde(default)]
-    pub mode: Option<String>,
-    #[serde(default)]
-    pub replicas: Option<i64>,
-    #[serde(default)]
-    pub constraints: Vec<String>,
-    #[serde(default)]
-    pub placement_prefs: Vec<String>,
-    #[serde(default)]
-    pub replicas_max_per_node: Option<i64>,
-    #[serde(flatten)]
-    pub restart: RestartFlags,
-    #[serde(flatten)]
-    pub health: HealthFlags,
-    #[serde(flatten)]
-    pub rollout: RolloutFlags,
-    /// Between SIGTERM and SIGKILL, e.g. `10s`.
-    #[serde(default)]
-    pub stop_grace_period: Option<String>,
-    /// The task's command (with an image: the container's arguments); no command and no
-    /// image: the service schedules nothing.
-    #[serde(default)]
-    pub command: Vec<String>,
-    /// `KEY=VALUE`.
-    #[serde(default)]
-    pub env: Vec<String>,
-    #[serde(default)]
-    pub hostname: Option<String>,
-    /// An OCI image: tasks run as podman containers on nodes that have podman.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    /// `--secret`: `NAME` or `source=NAME[,target=T][,uid=U][,gid=G][,mode=0400]`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub secrets: Vec<String>,
-    /// `--config`: the same syntax; the target is an absolute path (default `/<name>`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub configs: Vec<String>,
-    /// Service labels.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
+    /// `network` empty: the default network (`ingress`, created on first use).
+    pub spec: ServiceSpec,
 }
 
-/// `--restart-*` as typed (durations like `5s`, `1m30s`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RestartFlags {
-    #[serde(default)]
-    pub restart_condition: Option<String>,
-    #[serde(default)]
-    pub restart_delay: Option<String>,
-    #[serde(default)]
-    pub restart_max_attempts: Option<i64>,
-    #[serde(default)]
-    pub restart_window: Option<String>,
+/// A published port as `--publish-rm` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub port: u16,
+    pub protocol: Protocol,
 }
 
-/// `--health-*` as typed.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct HealthFlags {
-    /// A command run inside the task (through `sh -c`).
-    #[serde(default)]
-    pub health_cmd: Option<String>,
-    /// A path to GET on the task's first target port, or `PORT/PATH`.
-    #[serde(default)]
-    pub health_http: Option<String>,
-    #[serde(default)]
-    pub health_tcp: Option<u16>,
-    #[serde(default)]
-    pub health_interval: Option<String>,
-    #[serde(default)]
-    pub health_timeout: Option<String>,
-    #[serde(default)]
-    pub health_retries: Option<i64>,
-    #[serde(default)]
-    pub health_start_period: Option<String>,
-    #[serde(default)]
-    pub no_healthcheck: bool,
-}
-
-/// `--update-*` and `--rollback-*` as typed.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RolloutFlags {
-    #[serde(default)]
-    pub update_parallelism: Option<i64>,
-    #[serde(default)]
-    pub update_delay: Option<String>,
-    #[serde(default)]
-    pub update_order: Option<String>,
-    #[serde(default)]
-    pub update_failure_action: Option<String>,
-    #[serde(default)]
-    pub update_monitor: Option<String>,
-    #[serde(default)]
-    pub update_max_failure_ratio: Option<String>,
-    #[serde(default)]
-    pub rollback_parallelism: Option<i64>,
-    #[serde(default)]
-    pub rollback_delay: Option<String>,
-    #[serde(default)]
-    pub rollback_order: Option<String>,
-    #[serde(default)]
-    pub rollback_failure_action: Option<String>,
-    #[serde(default)]
-    pub rollback_monitor: Option<String>,
-    #[serde(default)]
-    pub rollback_max_failure_ratio: Option<String>,
-}
-
+/// `service update`: what changes; every field left empty keeps the service's value.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceUpdate {
-    #[serde(default)]
-    pub replicas: Option<i64>,
-    #[serde(default)]
-    pub constraint_add: Vec<String>,
-    #[serde(default)]
-    pub constraint_rm: Vec<String>,
-    #[serde(default)]
-    pub placement_pref_add: Vec<String>,
-    #[serde(default)]
-    pub placement_pref_rm: Vec<String>,
-    #[serde(default)]
-    pub replicas_max_per_node: Option<i64>,
-    /// `--publish-add` (the `--publish` syntax) and `--publish-rm PUBLISHED[/PROTOCOL]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub publish_add: Vec<String>,
+    pub constraint_add: Vec<Constraint>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub publish_rm: Vec<String>,
-    #[serde(flatten)]
-    pub restart: RestartFlags,
-    /// The task's arguments (after its program), shell-quoted: `--args '-m http.server 80'`.
+    pub constraint_rm: Vec<Constraint>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement_pref_add: Vec<Spread>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement_pref_rm: Vec<Spread>,
+    /// 0: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_max_per_node: Option<u32>,
+    /// Publishing a port the service already publishes replaces it (a new target or mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish_add: Vec<PortSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish_rm: Vec<PublishedPort>,
     #[serde(default)]
-    pub args: Option<String>,
-    /// `KEY=VALUE`.
-    #[serde(default)]
-    pub env_add: Vec<String>,
-    /// `KEY`.
-    #[serde(default)]
+    pub restart: RestartChange,
+    /// The task's arguments after its program (replaces the old ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    /// The image the tasks run (a rolling update).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_add: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_rm: Vec<String>,
-    #[serde(flatten)]
-    pub health: HealthFlags,
-    #[serde(flatten)]
-    pub rollout: RolloutFlags,
     #[serde(default)]
-    pub stop_grace_period: Option<String>,
+    pub health: HealthChange,
+    #[serde(default)]
+    pub update_config: UpdateConfigChange,
+    #[serde(default)]
+    pub rollback_config: UpdateConfigChange,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_ms: Option<u64>,
     /// Replace every task even though nothing changed (re-spreads them).
     #[serde(default)]
     pub force: bool,
-    /// Go back to the previous spec (`service rollback`).
+    /// Go back to the previous spec (`service rollback`); takes no other change but the
+    /// rollback config.
     #[serde(default)]
     pub rollback: bool,
-    /// `--secret-add` (the `--secret` syntax) and `--secret-rm NAME`; likewise configs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub secret_add: Vec<String>,
+    pub secret_add: Vec<FileRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secret_rm: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub config_add: Vec<String>,
+    pub config_add: Vec<FileRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_rm: Vec<String>,
 }
 
-/// `service scale web=5 api=2`: all or nothing.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ServiceScale {
-    pub replicas: BTreeMap<String, i64>,
+impl ServiceUpdate {
+    /// Changes that replace the tasks (their template), as opposed to placement, ports and
+    /// policies.
+    pub fn changes_template(&self) -> bool {
+        self.args.is_some()
+            || self.image.is_some()
+            || !self.secret_add.is_empty()
+            || !self.secret_rm.is_empty()
+            || !self.config_add.is_empty()
+            || !self.config_rm.is_empty()
+            || !self.env_add.is_empty()
+            || !self.env_rm.is_empty()
+            || !self.health.is_empty()
+            || self.stop_grace_ms.is_some()
+    }
 }

@@ -1,0 +1,18 @@
+//! Flags become typed specs here, one file per flag group (as swarmkit's `flagparser`): the
+//! agent never parses a duration, a port or a constraint. Every parser takes `what` — the
+//! flag (`--restart-delay`) or the compose key (`services.web.deploy.restart_policy.delay`) —
+//! so an error names what the user wrote, in the user's own terms.
+
+mod health;
+mod placement;
+mod restart;
+mod rollout;
+mod task;
+mod value;
+
+pub use health::HealthArgs;
+pub use placement::{constraints, per_node, preferences, replicas};
+pub use restart::RestartArgs;
+pub use rollout::{ConfigWords, RolloutArgs};
+pub use task::{env, file_refs, labels, ports, published_port};
+pub use value::{count, duration_ms, parsed};

@@ -1,0 +1,71 @@
+//! Single values: durations, counts, and anything with Docker's spelling in its `FromStr`.
+
+use std::{str::FromStr, time::Duration};
+
+/// `5s`, `1m30s`, `250ms`; a bare number is seconds, as Docker's flags take it.
+pub fn duration_ms(what: &str, s: &str) -> Result<u64, String> {
+    let d = match s.trim().parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s.trim()).map_err(|e| {
+            format!("invalid {what} {s:?}: {e}; write a duration such as 5s, 1m30s or 250ms")
+        })?,
+    };
+    if d > Duration::from_secs(365 * 24 * 3600) {
+        return Err(format!("{what} {s:?} is longer than a year"));
+    }
+    Ok(d.as_millis() as u64)
+}
+
+/// A value whose type spells itself as Docker does (a constraint, an update order, …).
+pub fn parsed<T: FromStr<Err = String>>(what: &str, s: &str) -> Result<T, String> {
+    s.trim().parse().map_err(|e| format!("{what}: {e}"))
+}
+
+/// A count from 0 to `max`; `zero` says what 0 means, for the error's hint.
+pub fn count(what: &str, n: i64, max: u32, zero: &str) -> Result<u32, String> {
+    if n < 0 {
+        return Err(format!(
+            "invalid {what} {n}: use a number from 0 ({zero}) to {max}"
+        ));
+    }
+    u32::try_from(n)
+        .ok()
+        .filter(|n| *n <= max)
+        .ok_or_else(|| format!("{what} {n} is more than mesh allows: use a number from 0 to {max}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_dockers_and_bad_ones_name_the_flag() {
+        assert_eq!(duration_ms("--x", "5s").unwrap(), 5_000);
+        assert_eq!(duration_ms("--x", "1m30s").unwrap(), 90_000);
+        assert_eq!(duration_ms("--x", "250ms").unwrap(), 250);
+        assert_eq!(duration_ms("--x", "7").unwrap(), 7_000);
+        let e = duration_ms("--restart-delay", "soon").unwrap_err();
+        assert!(
+            e.contains("--restart-delay") && e.contains("duration"),
+            "{e}"
+        );
+        assert!(duration_ms("--x", "-1s").is_err());
+        assert!(
+            duration_ms("--x", "400d")
+                .unwrap_err()
+                .contains("longer than a year")
+        );
+    }
+
+    #[test]
+    fn counts_are_bounded_and_say_what_zero_means() {
+        assert_eq!(count("--replicas", 3, 10, "none").unwrap(), 3);
+        let e = count("--replicas", -1, 10, "none").unwrap_err();
+        assert!(e.contains("from 0 (none) to 10"), "{e}");
+        assert!(
+            count("--replicas", 11, 10, "none")
+                .unwrap_err()
+                .contains("more than mesh allows")
+        );
+    }
+}
