@@ -709,6 +709,10 @@ pub fn bin(name: &str) -> PathBuf {
             "--package",
             "mesh-agent",
             "--package",
+            "meshctl",
+            "--package",
+            "mesh-cni",
+            "--package",
             "mesh-tests",
             "--bins",
         ]);

@@ -17,9 +17,10 @@ use crate::{
     cluster::{Clock, View},
     gossip::sealed,
 };
-use mesh_api::spec::{STACK_LABEL, ServiceSpec};
-use mesh_api::v1::StackDeploy;
-use mesh_api::v1::StackReport;
+use mesh_api::{
+    spec::{STACK_LABEL, ServiceSpec},
+    v1::{ServiceCreate, StackDeploy, StackFile, StackReport},
+};
 
 fn in_stack(labels: &BTreeMap<String, String>, stack: &str) -> bool {
     labels.get(STACK_LABEL).map(String::as_str) == Some(stack)
@@ -53,14 +54,113 @@ fn redeployed(current: &ServiceSpec, mut spec: ServiceSpec) -> Result<ServiceSpe
     Ok(spec)
 }
 
+/// The file's configs that do not exist yet; one that exists must hold the same data.
+fn new_configs<'a>(view: &View, req: &'a StackDeploy) -> Result<Vec<NewObject<'a>>> {
+    let mut configs = Vec::new();
+    for c in &req.configs {
+        validate_object_name(Kind::Config, &c.name)?;
+        let data = BASE64
+            .decode(&c.data)
+            .map_err(|_| Error::Invalid(format!("config {}: data is not base64", c.name)))?;
+        check_size(Kind::Config, &c.name, data.len())?;
+        if let Some(existing) = view.configs.get(&c.name) {
+            if existing.spec.data != c.data {
+                return Err(Error::Conflict(format!(
+                    "config {} changed in the file, but configs cannot change: give it a new \
+                     name (e.g. {}_v2) in the compose file",
+                    c.name, c.name
+                )));
+            }
+            continue;
+        }
+        configs.push((c, zeroize::Zeroizing::new(data)));
+    }
+    Ok(configs)
+}
+
+/// Each of the file's services checked against the future view: created, or changed to the
+/// spec a redeploy wants.
+fn plan_services<'a>(view: &View, future: &View, req: &'a StackDeploy) -> Result<ServicePlan<'a>> {
+    let names: BTreeSet<&str> = req.services.iter().map(|s| s.spec.name.as_str()).collect();
+    let mut plan = Vec::new();
+    for s in &req.services {
+        let spec = new_spec(&s.spec)?;
+        if s.spec.network.is_empty() || !future.networks.contains_key(&spec.network) {
+            return Err(Error::NotFound(format!(
+                "service {}: network {} not found",
+                spec.name, s.spec.network
+            )));
+        }
+        check_file_refs(future, &spec)?;
+        check_ports_outside(view, &names, &spec)?;
+        match view.services.get(&spec.name) {
+            Some(current) if !in_stack(&current.spec.labels, &req.name) => {
+                return Err(Error::Conflict(format!(
+                    "service {} exists and is not part of stack {}: remove it or rename the stack",
+                    spec.name, req.name
+                )));
+            }
+            Some(current) => plan.push((s, Some(redeployed(&current.spec, spec)?))),
+            None => plan.push((s, None)),
+        }
+    }
+    Ok(plan)
+}
+
+/// A port the stack publishes must not be published by a service outside this deploy.
+fn check_ports_outside(view: &View, deployed: &BTreeSet<&str>, spec: &ServiceSpec) -> Result<()> {
+    for p in &spec.ports {
+        let Some(published) = p.published else {
+            continue;
+        };
+        if let Some(owner) = view.services.values().find(|o| {
+            !deployed.contains(o.spec.name.as_str())
+                && o.spec
+                    .ports
+                    .iter()
+                    .any(|q| q.protocol == p.protocol && q.published == Some(published))
+        }) {
+            return Err(Error::Conflict(format!(
+                "service {}: port {published}/{} is already published by service {}",
+                spec.name, p.protocol, owner.spec.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A stack's secret or config data, decoded and checked, waiting to be created.
+type NewObject<'a> = (&'a StackFile, zeroize::Zeroizing<Vec<u8>>);
+
+/// What a deploy will do to each of the file's services: create it, or change it to a spec.
+type ServicePlan<'a> = Vec<(&'a ServiceCreate, Option<ServiceSpec>)>;
+
 impl Agent {
+    /// Checks the whole stack against the view, then creates or changes its objects: a
+    /// stack that cannot be deployed deploys nothing.
     pub async fn deploy_stack(&self, req: &StackDeploy) -> Result<StackReport> {
         validate_name("stack", &req.name)?;
         let view = self.refresh().await;
-        // ---- everything is checked before anything is written ----
         for n in &req.networks {
             validate_name("network", &n.name)?;
         }
+        let secrets = self.new_secrets(&view, req)?;
+        let configs = new_configs(&view, req)?;
+        let future = self.future_view(&view, req, &secrets, &configs);
+        let plan = plan_services(&view, &future, req)?;
+        self.create_stack_objects(&view, req, secrets, configs)
+            .await?;
+        let mut report = self.apply_service_plan(plan).await?;
+        if req.prune {
+            report.removed = self.prune_stack(&view, req).await?;
+        }
+        info!(stack = req.name, ?report, "stack deployed");
+        Ok(report)
+    }
+
+    /// The file's secrets that do not exist yet; one that exists must hold the same data
+    /// (secrets cannot change).
+    fn new_secrets<'a>(&self, view: &View, req: &'a StackDeploy) -> Result<Vec<NewObject<'a>>> {
         let mut secrets = Vec::new();
         for s in &req.secrets {
             validate_object_name(Kind::Secret, &s.name)?;
@@ -93,25 +193,6 @@ impl Agent {
             }
             secrets.push((s, data));
         }
-        let mut configs = Vec::new();
-        for c in &req.configs {
-            validate_object_name(Kind::Config, &c.name)?;
-            let data = BASE64
-                .decode(&c.data)
-                .map_err(|_| Error::Invalid(format!("config {}: data is not base64", c.name)))?;
-            check_size(Kind::Config, &c.name, data.len())?;
-            if let Some(existing) = view.configs.get(&c.name) {
-                if existing.spec.data != c.data {
-                    return Err(Error::Conflict(format!(
-                        "config {} changed in the file, but configs cannot change: give it a new \
-                         name (e.g. {}_v2) in the compose file",
-                        c.name, c.name
-                    )));
-                }
-                continue;
-            }
-            configs.push((c, data));
-        }
         if !secrets.is_empty() && self.gossip.auth().is_none() {
             return Err(Error::Invalid(
                 "the stack has secrets, and secrets need a cluster key: this agent's gossip is \
@@ -119,9 +200,19 @@ impl Agent {
                     .into(),
             ));
         }
-        // A view as it will be once the networks, secrets and configs exist, to check the
-        // services against.
-        let mut future = (*view).clone();
+        Ok(secrets)
+    }
+
+    /// The view as it will be once the stack's networks, secrets and configs exist, to check
+    /// its services against.
+    fn future_view(
+        &self,
+        view: &View,
+        req: &StackDeploy,
+        secrets: &[NewObject<'_>],
+        configs: &[NewObject<'_>],
+    ) -> View {
+        let mut future = view.clone();
         for n in &req.networks {
             future.networks.entry(n.name.clone()).or_insert_with(|| {
                 crate::cluster::Replicated::new(
@@ -136,58 +227,26 @@ impl Agent {
                 )
             });
         }
-        for (s, _) in &secrets {
+        for (s, _) in secrets {
             future
                 .secrets
                 .insert(s.name.clone(), placeholder_secret(&s.name, self.tick()));
         }
-        for (c, _) in &configs {
+        for (c, _) in configs {
             future
                 .configs
                 .insert(c.name.clone(), placeholder_config(&c.name, self.tick()));
         }
-        let mut plan = Vec::new();
-        let names: BTreeSet<&str> = req.services.iter().map(|s| s.spec.name.as_str()).collect();
-        for s in &req.services {
-            let spec = new_spec(&s.spec)?;
-            if s.spec.network.is_empty() || !future.networks.contains_key(&spec.network) {
-                return Err(Error::NotFound(format!(
-                    "service {}: network {} not found",
-                    spec.name, s.spec.network
-                )));
-            }
-            check_file_refs(&future, &spec)?;
-            // Ports owned by services outside this deploy.
-            for p in &spec.ports {
-                let Some(published) = p.published else {
-                    continue;
-                };
-                if let Some(owner) = view.services.values().find(|o| {
-                    !names.contains(o.spec.name.as_str())
-                        && o.spec
-                            .ports
-                            .iter()
-                            .any(|q| q.protocol == p.protocol && q.published == Some(published))
-                }) {
-                    return Err(Error::Conflict(format!(
-                        "service {}: port {published}/{} is already published by service {}",
-                        s.spec.name, p.protocol, owner.spec.name
-                    )));
-                }
-            }
-            match view.services.get(&s.spec.name) {
-                Some(current) if !in_stack(&current.spec.labels, &req.name) => {
-                    return Err(Error::Conflict(format!(
-                        "service {} exists and is not part of stack {}: remove it or rename the stack",
-                        s.spec.name, req.name
-                    )));
-                }
-                Some(current) => plan.push((s, Some(redeployed(&current.spec, spec)?))),
-                None => plan.push((s, None)),
-            }
-        }
-        // ---- then applied ----
-        let mut report = StackReport::default();
+        future
+    }
+
+    async fn create_stack_objects(
+        &self,
+        view: &View,
+        req: &StackDeploy,
+        secrets: Vec<NewObject<'_>>,
+        configs: Vec<NewObject<'_>>,
+    ) -> Result<()> {
         for n in &req.networks {
             if !view.networks.contains_key(&n.name) {
                 self.create_network(&n.name, n.subnet.as_deref(), &n.labels)
@@ -200,44 +259,44 @@ impl Agent {
         for (c, data) in configs {
             self.create_config(&c.name, &data, c.labels.clone()).await?;
         }
-        for (req_svc, change) in plan {
-            match change {
-                None => {
-                    self.create_service(req_svc).await?;
-                    report.created.push(req_svc.spec.name.clone());
-                }
-                Some(spec) => {
-                    let current = self
-                        .refresh()
-                        .await
-                        .services
-                        .get(&req_svc.spec.name)
-                        .cloned();
-                    let Some(current) = current else {
-                        return Err(Error::Conflict(format!(
-                            "service {} was removed during the deploy",
-                            req_svc.spec.name
-                        )));
-                    };
-                    if spec == current.spec {
-                        report.unchanged.push(req_svc.spec.name.clone());
-                    } else {
-                        self.write_service_change(&current, spec).await?;
-                        report.updated.push(req_svc.spec.name.clone());
-                    }
-                }
+        Ok(())
+    }
+
+    async fn apply_service_plan(&self, plan: ServicePlan<'_>) -> Result<StackReport> {
+        let mut report = StackReport::default();
+        for (req, change) in plan {
+            let name = req.spec.name.clone();
+            let Some(spec) = change else {
+                self.create_service(req).await?;
+                report.created.push(name);
+                continue;
+            };
+            let Some(current) = self.refresh().await.services.get(&name).cloned() else {
+                return Err(Error::Conflict(format!(
+                    "service {name} was removed during the deploy"
+                )));
+            };
+            if spec == current.spec {
+                report.unchanged.push(name);
+            } else {
+                self.write_service_change(&current, spec).await?;
+                report.updated.push(name);
             }
         }
-        if req.prune {
-            for s in view.services.values() {
-                if in_stack(&s.spec.labels, &req.name) && !names.contains(s.spec.name.as_str()) {
-                    self.remove_service(&s.spec.name).await?;
-                    report.removed.push(s.spec.name.clone());
-                }
-            }
-        }
-        info!(stack = req.name, ?report, "stack deployed");
         Ok(report)
+    }
+
+    /// `--prune`: the stack's services that the file no longer has.
+    async fn prune_stack(&self, view: &View, req: &StackDeploy) -> Result<Vec<String>> {
+        let names: BTreeSet<&str> = req.services.iter().map(|s| s.spec.name.as_str()).collect();
+        let mut removed = Vec::new();
+        for s in view.services.values() {
+            if in_stack(&s.spec.labels, &req.name) && !names.contains(s.spec.name.as_str()) {
+                self.remove_service(&s.spec.name).await?;
+                removed.push(s.spec.name.clone());
+            }
+        }
+        Ok(removed)
     }
 
     /// Removes everything labelled with the stack: services first, then (once their tasks
