@@ -205,23 +205,9 @@ pub struct UpdateArgs {
 
 pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()> {
     match cmd {
-        ServiceCommand::Create(args) => {
-            let a = *args;
-            let req = ServiceCreate {
-                spec: create_spec(&a)?,
-            };
-            let s: ServiceInfo = client.post("/v1/services", &req).await?;
-            if fmt == Format::Json {
-                return json(&s);
-            }
-            println!("{}", s.id);
-            if !a.detach {
-                converge(client, &s.name).await?;
-            }
-        }
+        ServiceCommand::Create(args) => create(client, fmt, &args).await,
         ServiceCommand::Update(args) => {
-            let a = *args;
-            let req = update_request(&a)?;
+            let req = update_request(&args)?;
             if req == ServiceUpdate::default() {
                 bail!(
                     "nothing to update: pass --replicas, --image, --args, --env-add/-rm, \
@@ -230,65 +216,10 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                      --force or --rollback"
                 );
             }
-            update(client, fmt, &a.name, &req, a.detach).await?;
+            update(client, fmt, &args.name, &req, args.detach).await
         }
-        ServiceCommand::Scale { services, detach } => {
-            let mut req = ServiceScale::default();
-            for s in &services {
-                let parsed = s
-                    .split_once('=')
-                    .and_then(|(n, r)| Some((n, r.trim().parse::<i64>().ok()?)))
-                    .filter(|(n, _)| !n.is_empty());
-                let Some((name, n)) = parsed else {
-                    bail!("invalid scale {s:?}: expected SERVICE=REPLICAS, e.g. web=5");
-                };
-                let n = flags::replicas(&format!("replicas of {name}"), n)
-                    .map_err(anyhow::Error::msg)?;
-                if req.replicas.insert(name.to_owned(), n).is_some() {
-                    bail!("service {name} is named twice");
-                }
-            }
-            let done: Vec<ServiceInfo> = client.post("/v1/scale", &req).await?;
-            if fmt == Format::Json {
-                return json(&done);
-            }
-            for s in &done {
-                if let ServiceMode::Replicated { replicas } = s.mode {
-                    println!("{} scaled to {replicas}", s.name);
-                }
-            }
-            if !detach {
-                for s in &done {
-                    converge(client, &s.name).await?;
-                }
-            }
-        }
-        ServiceCommand::Ls => {
-            let svcs: Vec<ServiceInfo> = client.get("/v1/services").await?;
-            if fmt == Format::Json {
-                return json(&svcs);
-            }
-            println!(
-                "{}",
-                table(
-                    &["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"],
-                    svcs.iter().map(|s| {
-                        [
-                            s.id.clone(),
-                            s.name.clone(),
-                            s.mode.name().into(),
-                            replicas(s),
-                            image(s),
-                            s.ports
-                                .iter()
-                                .map(ToString::to_string)
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                        ]
-                    })
-                )
-            );
-        }
+        ServiceCommand::Scale { services, detach } => scale(client, fmt, &services, detach).await,
+        ServiceCommand::Ls => ls(client, fmt).await,
         ServiceCommand::Ps { name } => {
             let rows: Vec<ServiceTaskInfo> =
                 client.get(&format!("/v1/services/{name}/tasks")).await?;
@@ -297,6 +228,7 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
             }
             let s: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
             print_ps(&s, &rows);
+            Ok(())
         }
         ServiceCommand::Inspect { name, pretty } => {
             let s: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
@@ -304,44 +236,120 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                 return json(&s);
             }
             print_inspect(&s);
+            Ok(())
         }
         ServiceCommand::Rm { name } => {
             let _: serde_json::Value = client.delete(&format!("/v1/services/{name}")).await?;
             println!("{name}");
+            Ok(())
         }
         ServiceCommand::Rollback { name, detach } => {
             let req = ServiceUpdate {
                 rollback: true,
                 ..Default::default()
             };
-            update(client, fmt, &name, &req, detach).await?;
+            update(client, fmt, &name, &req, detach).await
         }
-        ServiceCommand::Logs { name, follow } => {
-            // Logs stay on the node that runs the task; say where the others are.
-            let rows: Vec<ServiceTaskInfo> =
-                client.get(&format!("/v1/services/{name}/tasks")).await?;
-            let me: mesh_api::v1::NodeInfo = client.get("/v1/nodes/self").await?;
-            let elsewhere: std::collections::BTreeSet<String> = rows
-                .iter()
-                .filter(|r| !r.history && r.state == "Running")
-                .filter_map(|r| r.node.clone())
-                .filter(|n| *n != me.name)
-                .collect();
-            if !elsewhere.is_empty() {
-                eprintln!(
-                    "showing the tasks on {}; others run on {} (run `meshctl service logs {name}` there)",
-                    me.name,
-                    elsewhere.into_iter().collect::<Vec<_>>().join(", ")
-                );
-            }
-            print_stream(
-                client,
-                &format!("/v1/local/services/{name}/logs?follow={follow}"),
-            )
-            .await?;
+        ServiceCommand::Logs { name, follow } => logs(client, &name, follow).await,
+    }
+}
+
+async fn create(client: &Client, fmt: Format, a: &CreateArgs) -> Result<()> {
+    let req = ServiceCreate {
+        spec: create_spec(a)?,
+    };
+    let s: ServiceInfo = client.post("/v1/services", &req).await?;
+    if fmt == Format::Json {
+        return json(&s);
+    }
+    println!("{}", s.id);
+    if !a.detach {
+        converge(client, &s.name).await?;
+    }
+    Ok(())
+}
+
+/// `service scale web=5 api=2`: all or nothing.
+async fn scale(client: &Client, fmt: Format, services: &[String], detach: bool) -> Result<()> {
+    let mut req = ServiceScale::default();
+    for s in services {
+        let parsed = s
+            .split_once('=')
+            .and_then(|(n, r)| Some((n, r.trim().parse::<i64>().ok()?)))
+            .filter(|(n, _)| !n.is_empty());
+        let Some((name, n)) = parsed else {
+            bail!("invalid scale {s:?}: expected SERVICE=REPLICAS, e.g. web=5");
+        };
+        let n = flags::replicas(&format!("replicas of {name}"), n).map_err(anyhow::Error::msg)?;
+        if req.replicas.insert(name.to_owned(), n).is_some() {
+            bail!("service {name} is named twice");
+        }
+    }
+    let done: Vec<ServiceInfo> = client.post("/v1/scale", &req).await?;
+    if fmt == Format::Json {
+        return json(&done);
+    }
+    for s in &done {
+        if let ServiceMode::Replicated { replicas } = s.mode {
+            println!("{} scaled to {replicas}", s.name);
+        }
+    }
+    if !detach {
+        for s in &done {
+            converge(client, &s.name).await?;
         }
     }
     Ok(())
+}
+
+async fn ls(client: &Client, fmt: Format) -> Result<()> {
+    let svcs: Vec<ServiceInfo> = client.get("/v1/services").await?;
+    if fmt == Format::Json {
+        return json(&svcs);
+    }
+    let rows = svcs.iter().map(|s| {
+        [
+            s.id.clone(),
+            s.name.clone(),
+            s.mode.name().into(),
+            replicas(s),
+            image(s),
+            s.ports
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        ]
+    });
+    println!(
+        "{}",
+        table(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"], rows)
+    );
+    Ok(())
+}
+
+/// Logs stay on the node that runs the task: this node's, and where the others are.
+async fn logs(client: &Client, name: &str, follow: bool) -> Result<()> {
+    let rows: Vec<ServiceTaskInfo> = client.get(&format!("/v1/services/{name}/tasks")).await?;
+    let me: mesh_api::v1::NodeInfo = client.get("/v1/nodes/self").await?;
+    let elsewhere: std::collections::BTreeSet<String> = rows
+        .iter()
+        .filter(|r| !r.history && r.state == "Running")
+        .filter_map(|r| r.node.clone())
+        .filter(|n| *n != me.name)
+        .collect();
+    if !elsewhere.is_empty() {
+        eprintln!(
+            "showing the tasks on {}; others run on {} (run `meshctl service logs {name}` there)",
+            me.name,
+            elsewhere.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    print_stream(
+        client,
+        &format!("/v1/local/services/{name}/logs?follow={follow}"),
+    )
+    .await
 }
 
 /// `service create`'s flags as the spec the agent is asked for.
