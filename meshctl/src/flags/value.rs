@@ -25,7 +25,7 @@ pub fn parsed<T: FromStr<Err = String>>(what: &str, s: &str) -> Result<T, String
 pub fn count(what: &str, n: i64, max: u32, zero: &str) -> Result<u32, String> {
     if n < 0 {
         return Err(format!(
-            "invalid {what} {n}: use a number from 0 ({zero}) to {max}"
+            "invalid {what} {n}: use a number from 0 to {max} (0: {zero})"
         ));
     }
     u32::try_from(n)
@@ -61,7 +61,7 @@ mod tests {
     fn counts_are_bounded_and_say_what_zero_means() {
         assert_eq!(count("--replicas", 3, 10, "none").unwrap(), 3);
         let e = count("--replicas", -1, 10, "none").unwrap_err();
-        assert!(e.contains("from 0 (none) to 10"), "{e}");
+        assert!(e.contains("from 0 to 10 (0: none)"), "{e}");
         assert!(
             count("--replicas", 11, 10, "none")
                 .unwrap_err()
