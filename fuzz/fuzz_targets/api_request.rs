@@ -4,15 +4,17 @@
 
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::{agent::validate_name, cluster::ipam};
-use mesh_api::v1::{decode_request, ExecRequest, NetworkCreate, NodeUpdate, ServiceCreate, TaskRun};
-use mesh_api::spec::PortSpec;
+use mesh_api::v1::{
+    ExecRequest, NetworkCreate, NodeUpdate, ServiceCreate, ServiceUpdate, TaskRun, decode_request,
+};
 
 fuzz_target!(|bytes: &[u8]| {
     if let Ok(r) = decode_request::<ServiceCreate>(bytes) {
-        let _ = validate_name("service", &r.name);
-        for p in &r.publish {
-            let _ = p.parse::<PortSpec>();
-        }
+        let _ = validate_name("service", &r.spec.name);
+    }
+    if let Ok(r) = decode_request::<ServiceUpdate>(bytes) {
+        let _ = r.health.apply(None, &r.publish_add);
+        let _ = r.restart.apply(Default::default());
     }
     if let Ok(r) = decode_request::<NetworkCreate>(bytes) {
         let _ = validate_name("network", &r.name);
