@@ -16,9 +16,9 @@ pub enum StackCommand {
     /// redeploy changes only what differs.
     #[command(alias = "up")]
     Deploy {
-        /// The compose file.
+        /// The compose file; repeat to merge several, later ones overriding earlier ones.
         #[arg(long = "compose-file", short = 'c', required = true)]
-        compose_file: String,
+        compose_file: Vec<String>,
         /// Remove the stack's services the file no longer has.
         #[arg(long)]
         prune: bool,
@@ -55,14 +55,23 @@ pub async fn run(client: &Client, fmt: Format, cmd: StackCommand) -> Result<()> 
             prune,
             name,
         } => {
-            let text = std::fs::read_to_string(&compose_file)
-                .with_context(|| format!("reading {compose_file}"))?;
-            let dir = Path::new(&compose_file)
+            let sources = compose_file
+                .iter()
+                .map(|f| {
+                    Ok(crate::compose::Source {
+                        name: f.clone(),
+                        text: std::fs::read_to_string(f).with_context(|| format!("reading {f}"))?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // Relative paths in the files resolve against the first file's directory.
+            let dir = Path::new(&compose_file[0])
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
-            let parsed = crate::compose::parse(&name, &text, dir, prune)
-                .map_err(|e| anyhow::anyhow!("{compose_file}: {e}"))?;
+            let env = |k: &str| std::env::var(k).ok();
+            let parsed = crate::compose::load(&name, &sources, dir, &env, prune)
+                .map_err(anyhow::Error::msg)?;
             for w in &parsed.warnings {
                 eprintln!("{w}");
             }

@@ -27,6 +27,9 @@ use mesh_planner::ServiceMode;
 
 use crate::flags;
 
+mod interpolate;
+mod merge;
+
 /// The parsed stack and the warnings (one line per ignored key).
 pub struct Parsed {
     pub deploy: StackDeploy,
@@ -123,13 +126,47 @@ fn list_or_map(v: &Value, at: &str) -> Result<Vec<(String, String)>, String> {
     }
 }
 
-/// Reads a compose file; `dir` resolves `file:` paths of secrets and configs (relative to
-/// the compose file's directory).
-pub fn parse(stack: &str, text: &str, dir: &Path, prune: bool) -> Result<Parsed, String> {
-    let root = read_yaml(text)?;
+/// One `-c` file: its name (for errors) and its text.
+pub struct Source {
+    pub name: String,
+    pub text: String,
+}
+
+/// Reads the `-c` files in order: each has its anchors and `<<` merge keys resolved and its
+/// variables substituted from `env`, then they are merged as Docker merges them. `dir`
+/// resolves `file:` paths of secrets and configs (the first file's directory, as Docker's).
+pub fn load(
+    stack: &str,
+    sources: &[Source],
+    dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    prune: bool,
+) -> Result<Parsed, String> {
+    let mut warnings = Vec::new();
+    let mut root: Option<Value> = None;
+    for s in sources {
+        let in_file = |e: String| format!("{}: {e}", s.name);
+        let mut v = read_yaml(&s.text).map_err(in_file)?;
+        v.apply_merge()
+            .map_err(|e| in_file(format!("not a valid compose file: {e}")))?;
+        interpolate::values(&mut v, "", env, &mut warnings).map_err(in_file)?;
+        root = Some(match root {
+            None => v,
+            Some(base) => merge::merge(base, v, &[]),
+        });
+    }
+    let root = root.ok_or("no compose file: pass -c FILE")?;
+    let mut parsed = from_tree(stack, &root, dir, prune)?;
+    warnings.append(&mut parsed.warnings);
+    parsed.warnings = warnings;
+    Ok(parsed)
+}
+
+/// The stack a merged compose tree describes.
+fn from_tree(stack: &str, root: &Value, dir: &Path, prune: bool) -> Result<Parsed, String> {
     let mut s = Stack::new(stack, prune);
     let mut services = None;
-    for (k, v) in map(&root, "the file")? {
+    for (k, v) in map(root, "the file")? {
         let k = key_str(k, "the file")?;
         match k.as_str() {
             "version" | "name" => {}
@@ -727,7 +764,56 @@ mod tests {
     use super::*;
 
     fn p(text: &str) -> Result<Parsed, String> {
-        parse("st", text, Path::new("/nonexistent"), false)
+        files(&[text], &|_| None)
+    }
+
+    fn files(texts: &[&str], env: &dyn Fn(&str) -> Option<String>) -> Result<Parsed, String> {
+        let sources: Vec<Source> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Source {
+                name: format!("f{i}.yml"),
+                text: (*t).to_owned(),
+            })
+            .collect();
+        load("st", &sources, Path::new("/nonexistent"), env, false)
+    }
+
+    #[test]
+    fn files_merge_in_order_with_variables_and_merge_keys() {
+        let base = r#"
+x-defaults: &defaults
+  deploy: { replicas: 2, restart_policy: { condition: on-failure } }
+services:
+  web:
+    <<: *defaults
+    image: "localhost/web:${TAG:-1}"
+    ports: ["${PORT:?set PORT}:80"]
+"#;
+        let prod = "services:\n  web:\n    deploy: { replicas: 5 }\n    environment: [MODE=prod]\n";
+        let env = |k: &str| (k == "PORT").then(|| "8080".to_owned());
+        let out = files(&[base, prod], &env).unwrap();
+        let web = &out.deploy.services[0].spec;
+        assert_eq!(
+            web.task.as_ref().unwrap().image.as_deref(),
+            Some("localhost/web:1")
+        );
+        assert_eq!(web.ports[0].published, Some(8080));
+        assert_eq!(web.mode, ServiceMode::Replicated { replicas: 5 });
+        assert_eq!(
+            web.restart.condition,
+            mesh_planner::RestartCondition::OnFailure,
+            "the merge key's restart policy survives the second file's deploy"
+        );
+        assert_eq!(
+            web.task.as_ref().unwrap().env,
+            vec![("MODE".to_owned(), "prod".to_owned())]
+        );
+        let e = files(&[base], &|_| None).err().unwrap();
+        assert!(
+            e.starts_with("f0.yml: services.web.ports[0]: required variable PORT"),
+            "{e}"
+        );
     }
 
     #[test]
