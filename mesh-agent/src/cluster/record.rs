@@ -60,7 +60,23 @@ pub struct SecretSpec {
     /// Bytes of the plaintext, shown by `secret inspect` in place of the data.
     pub size: usize,
     /// Never the plaintext: see `gossip::sealed`.
-    pub sealed: crate::gossip::sealed::Sealed,
+    pub sealed: Sealed,
+}
+
+/// A secret's data as gossip carries it, sealed by `gossip::sealed`. Its Debug form shows
+/// only the key id and the size.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    /// The key it was sealed with.
+    pub key: mesh_api::v1::KeyId,
+    /// base64 of nonce ‖ ciphertext ‖ tag.
+    pub data: String,
+}
+
+impl fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sealed(key {}, {} bytes)", self.key, self.data.len())
+    }
 }
 
 /// A config: a file given to tasks, immutable once created; not secret.

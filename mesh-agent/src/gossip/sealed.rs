@@ -15,29 +15,14 @@
 
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use chacha20poly1305::{AeadInOut, Tag, XNonce};
-use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::{
     auth::{NONCE_LEN, TAG_LEN},
     keyring::Keyring,
 };
-use mesh_api::v1::KeyId;
-
-/// A secret's data as gossip carries it. Its Debug form shows only the key id and the size.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sealed {
-    /// The key it was sealed with.
-    pub key: KeyId,
-    /// base64 of nonce ‖ ciphertext ‖ tag.
-    pub data: String,
-}
-
-impl std::fmt::Debug for Sealed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Sealed(key {}, {} bytes)", self.key, self.data.len())
-    }
-}
+// The record is the table's (a secret's spec holds it); sealing and opening it are gossip's.
+pub use crate::cluster::Sealed;
 
 fn associated_data(cluster: &str, name: &str) -> Vec<u8> {
     let mut ad = b"mesh secret v1\0".to_vec();
