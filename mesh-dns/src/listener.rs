@@ -13,7 +13,7 @@ use tokio::time::{sleep, timeout};
 use tracing::{debug, warn};
 
 use crate::answer::Transport;
-use crate::server::{Decision, Inner, Scope};
+use crate::request::{Decision, Inner, Scope};
 
 /// Forwarded queries one listener may have waiting on upstreams. Past this the UDP loop stops
 /// reading, and the kernel's socket buffer absorbs or drops the excess: one task flooding its
