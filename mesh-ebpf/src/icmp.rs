@@ -25,9 +25,9 @@ use mesh_common::lb::{FlowKey, Reason};
 
 use crate::{
     flow,
-    ingress::Verdict,
     packet::{ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr},
     path,
+    verdict::Verdict,
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;

@@ -26,7 +26,6 @@
 use core::{mem::MaybeUninit, ptr::write_volatile};
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_csum_diff, bpf_skb_load_bytes},
     programs::TcContext,
 };
@@ -44,66 +43,19 @@ use crate::{
     programs::LB_CONFIG,
     service,
     stats::{self, Traffic},
+    verdict::{self, UNCOUNTED, Verdict},
 };
 
-/// What happens to a packet: a TC action and the reason it is counted under. A plain struct
-/// with every field always set: LLVM may move the undefined payload of a data-less enum
-/// variant through a register, which the verifier rejects as reading an uninitialized one.
-#[derive(Clone, Copy)]
-pub(crate) struct Verdict {
-    pub action: i32,
-    pub reason: u32,
-}
-
-/// `Verdict::reason` of packets that are not ours: not counted.
-pub(crate) const UNCOUNTED: u32 = u32::MAX;
 /// `Verdict::action` while parsing: the packet is TCP/UDP over IPv4, go on.
 pub(crate) const CONTINUE: i32 = -1;
-
-impl Verdict {
-    pub(crate) const PASS: Self = Self {
-        action: TC_ACT_OK,
-        reason: UNCOUNTED,
-    };
-    const CONTINUE: Self = Self {
-        action: CONTINUE,
-        reason: UNCOUNTED,
-    };
-
-    pub(crate) const fn pass(r: Reason) -> Self {
-        Self {
-            action: TC_ACT_OK,
-            reason: r as u32,
-        }
-    }
-
-    pub(crate) const fn drop(r: Reason) -> Self {
-        Self {
-            action: TC_ACT_SHOT,
-            reason: r as u32,
-        }
-    }
-
-    pub(crate) const fn redirect(action: i32, r: Reason) -> Self {
-        Self {
-            action,
-            reason: r as u32,
-        }
-    }
-}
+const CONTINUE_VERDICT: Verdict = Verdict {
+    action: CONTINUE,
+    reason: UNCOUNTED,
+};
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
-    finish(classify(ctx))
-}
-
-/// Counts a verdict under its reason and returns its action.
-#[inline(always)]
-pub(crate) fn finish(v: Verdict) -> i32 {
-    if v.reason != UNCOUNTED {
-        stats::count_index(v.reason);
-    }
-    v.action
+    verdict::finish(classify(ctx))
 }
 
 /// A parsed TCP or UDP over IPv4 packet.
@@ -303,7 +255,7 @@ fn superseded(pkt: &Packet, entry: *const Flow) -> bool {
         && flow::is_finished(&pkt.key, entry)
 }
 
-/// Fills `pkt` from the headers and returns `Verdict::CONTINUE` for TCP/UDP over IPv4;
+/// Fills `pkt` from the headers and returns `CONTINUE_VERDICT` for TCP/UDP over IPv4;
 /// otherwise what to do with the packet (untouched when it is not ours, counted when it is
 /// malformed).
 #[inline(always)]
@@ -435,7 +387,7 @@ fn parse_linear(ctx: &TcContext, cfg: &LbConfig, pkt: &mut Packet) -> Verdict {
         pkt.key.sport = u16::from_be_bytes(udp.source);
         pkt.key.dport = u16::from_be_bytes(udp.dest);
     }
-    Verdict::CONTINUE
+    CONTINUE_VERDICT
 }
 
 /// A packet to a published port that no flow knows: the first of a new flow, or refused.

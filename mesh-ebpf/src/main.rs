@@ -35,6 +35,8 @@ mod stats;
 mod task;
 #[cfg(target_arch = "bpf")]
 mod underlay;
+#[cfg(target_arch = "bpf")]
+mod verdict;
 
 #[cfg(target_arch = "bpf")]
 mod programs {

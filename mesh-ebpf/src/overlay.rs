@@ -28,13 +28,14 @@ use mesh_common::lb::LocalTaskKey;
 
 use crate::{
     icmp,
-    ingress::{self, CONTINUE, ICMP, Packet, Verdict},
+    ingress::{self, CONTINUE, ICMP, Packet},
     programs::{LB_CONFIG, LB_LOCAL_TASKS, LB_NETWORKS, LB_OVERLAYS, LB_TASK_PORTS},
     task,
+    verdict::{self, Verdict},
 };
 
 pub fn from_overlay(ctx: &TcContext) -> i32 {
-    ingress::finish(classify(ctx))
+    verdict::finish(classify(ctx))
 }
 
 #[inline(always)]
@@ -102,6 +103,6 @@ fn into_task(ctx: &TcContext, pkt: &Packet) -> Verdict {
     Verdict {
         // SAFETY: a plain helper call.
         action: unsafe { bpf_redirect_peer(veth, 0) } as i32,
-        reason: ingress::UNCOUNTED,
+        reason: verdict::UNCOUNTED,
     }
 }

@@ -29,11 +29,12 @@ use mesh_common::lb::{FLOW_REPLY, Flow, RETURN_LOCAL, Reason, ReturnEntry, TaskP
 
 use crate::{
     flow, icmp,
-    ingress::{self, CONTINUE, ICMP, Packet, Verdict},
+    ingress::{self, CONTINUE, ICMP, Packet},
     nat,
     packet::set_macs,
     programs::{LB_CONFIG, LB_TASK_PORTS},
     returns::{self, Origin},
+    verdict::{self, Verdict},
 };
 
 /// Packets to the task are never changed or dropped: this only learns.
@@ -43,7 +44,7 @@ pub fn to_task(ctx: &TcContext) -> i32 {
 }
 
 pub fn from_task(ctx: &TcContext) -> i32 {
-    ingress::finish(steer(ctx))
+    verdict::finish(steer(ctx))
 }
 
 #[inline(always)]
