@@ -8,14 +8,14 @@ use tracing::{info, warn};
 
 use super::{Agent, Local};
 use crate::{
-    cluster::View,
-    dataplane::{ReturnTimeouts, TaskVeth},
+    cluster::{EndpointView, Replicated, View},
+    dataplane::{Dataplane, ReturnTimeouts, TaskVeth},
     lb::{self, BackendLb, FlowTimeouts, NetworkLb, PublishedPort, ServiceLb},
     overlay::{MacAddr, NetworkPlumbing},
     task::{GATEWAY_NETWORK, Interface, TaskRecord},
 };
 use mesh_api::id::short_id;
-use mesh_api::spec::{EndpointMode, Protocol, PublishMode};
+use mesh_api::spec::{EndpointMode, Protocol, PublishMode, ServiceSpec};
 use mesh_common::lb::{LocalTaskKey, TaskPort};
 
 /// Services removed while their tasks still run (they stop with a drain, or were started
@@ -30,7 +30,7 @@ fn removed_services(
     lb: &lb::LoadBalancer,
     node: &str,
 ) -> Vec<ServiceLb> {
-    let mut orphans: BTreeMap<&str, Vec<&crate::cluster::EndpointView>> = BTreeMap::new();
+    let mut orphans: BTreeMap<&str, Vec<&EndpointView>> = BTreeMap::new();
     for e in view.removed_service_endpoints() {
         if let Some(service) = e.record.service.as_deref() {
             orphans.entry(service).or_default().push(e);
@@ -75,121 +75,9 @@ impl Agent {
     ) -> Result<()> {
         let mut dp = local.dataplane.lock().await;
         let mut devices = local.network_devices.lock().await;
-        let mut networks: BTreeMap<u32, NetworkLb> = BTreeMap::new();
-        for n in plumbed {
-            let name = n.bridge();
-            let bridge = nix::net::if_::if_nametoindex(name.as_str())
-                .with_context(|| format!("looking up bridge {name}"))?;
-            if must_attach(&devices, &mut dp, &name, bridge)? {
-                dp.attach_network(bridge)?;
-                devices.insert(name, bridge);
-            }
-            // Without it, flows to other nodes' tasks and their replies take the bridge.
-            let vxlan_name = n.vxlan();
-            let vxlan = nix::net::if_::if_nametoindex(vxlan_name.as_str()).unwrap_or(0);
-            if vxlan != 0 && must_attach(&devices, &mut dp, &vxlan_name, vxlan)? {
-                dp.attach_overlay(vxlan)?;
-                devices.insert(vxlan_name, vxlan);
-            }
-            networks.insert(
-                n.vni,
-                NetworkLb {
-                    id: n.vni,
-                    node_addr: n.node_address,
-                    bridge_ifindex: bridge,
-                    vxlan_ifindex: vxlan,
-                },
-            );
-        }
-        let gone: Vec<String> = devices
-            .keys()
-            .filter(|d| {
-                !plumbed
-                    .iter()
-                    .any(|n| n.bridge() == **d || n.vxlan() == **d)
-            })
-            .cloned()
-            .collect();
-        for d in gone {
-            dp.detach_tc(&d)?;
-            devices.remove(&d);
-        }
-
-        let mut desired = Vec::new();
-        for s in view.services.values() {
-            let Some(net) = plumbed.iter().find(|n| n.name == s.spec.network) else {
-                continue;
-            };
-            let published = |host: bool| -> Vec<PublishedPort> {
-                s.spec
-                    .ports
-                    .iter()
-                    .filter(|p| (p.mode == PublishMode::Host) == host)
-                    .filter_map(|p| {
-                        Some(PublishedPort {
-                            proto: match p.protocol {
-                                Protocol::Tcp => lb::Protocol::Tcp,
-                                Protocol::Udp => lb::Protocol::Udp,
-                            },
-                            published: p.published?,
-                            target: p.target,
-                            mode: match p.mode {
-                                // Host ports reach this node's own tasks only (below), with
-                                // the client's address kept.
-                                PublishMode::Ingress | PublishMode::Host => {
-                                    lb::PublishMode::Ingress
-                                }
-                                PublishMode::Snat => lb::PublishMode::Snat,
-                            },
-                        })
-                    })
-                    .collect()
-            };
-            // Tasks of drained nodes, stopping tasks and tasks of nodes called down keep
-            // their connections but get no new ones: a node that only stalled keeps serving
-            // what it has.
-            let backends = || {
-                view.backends(&s.spec.name).chain(
-                    view.down_endpoints
-                        .iter()
-                        .filter(|e| e.record.service.as_deref() == Some(s.spec.name.as_str())),
-                )
-            };
-            let backend = |e: &crate::cluster::EndpointView| BackendLb {
-                ip: e.record.ip,
-                draining: !e.active,
-            };
-            let network = networks[&net.vni];
-            let id = short_id(&s.spec.name, &s.created);
-            let host_ports = published(true);
-            let own: Vec<BackendLb> = backends()
-                .filter(|e| e.node == self.node_name())
-                .map(backend)
-                .collect();
-            // Swarm's mode=host: a node without a task of the service does not answer the
-            // port at all (the kernel refuses the connection).
-            if !host_ports.is_empty() && !own.is_empty() {
-                desired.push(ServiceLb {
-                    id: format!("{id}/host"),
-                    name: s.spec.name.clone(),
-                    network,
-                    vip: None,
-                    ports: host_ports,
-                    backends: own,
-                });
-            }
-            desired.push(ServiceLb {
-                id,
-                name: s.spec.name.clone(),
-                network,
-                vip: match s.spec.endpoint_mode {
-                    EndpointMode::Vip => s.spec.vip,
-                    EndpointMode::Dnsrr => None,
-                },
-                ports: published(false),
-                backends: backends().map(backend).collect(),
-            });
-        }
+        let networks = attach_network_devices(&mut dp, &mut devices, plumbed)?;
+        detach_gone_devices(&mut dp, &mut devices, plumbed)?;
+        let mut desired = desired_services(view, plumbed, &networks, self.node_name());
         desired.extend(removed_services(
             view,
             plumbed,
@@ -199,37 +87,8 @@ impl Agent {
         ));
         // Before the load balancer: a local task's first flow must find it among the local
         // tasks (a flow that does not is sent to other nodes; see FLOW_REMOTE).
-        let tasks = local.tasks.list();
-        let containers = local.tasks.cni_list();
-        let veths = task_veths(
-            tasks
-                .iter()
-                .flat_map(|t| &t.interfaces)
-                .chain(containers.iter().flat_map(|c| &c.interfaces)),
-            plumbed,
-        );
-        let mut attached = local.task_veths.lock().await;
-        if *attached != veths {
-            for v in veths.iter().filter(|v| !attached.contains(v)) {
-                dp.attach_task_veth(v)?;
-            }
-            dp.retain_task_veths(&veths)?;
-            *attached = veths;
-        }
-        drop(attached);
-
-        let ops = dp
-            .lb_mut()
-            .apply(&desired)
-            .context("programming the load balancer")?;
-        if ops.total() > 0 {
-            info!(
-                updates = ops.updates,
-                deletes = ops.deletes,
-                "load balancer programmed"
-            );
-        }
-
+        converge_task_veths(local, &mut dp, plumbed).await?;
+        program_load_balancer(&mut dp, &desired)?;
         drop(devices);
         drop(dp);
         self.lb_applied(view).await;
@@ -277,12 +136,217 @@ impl Agent {
     }
 }
 
+/// Attaches the routing mesh to each plumbed network's bridge and VXLAN device (again to
+/// one that was re-created), and returns the networks as the load balancer sees them.
+fn attach_network_devices(
+    dp: &mut Dataplane,
+    devices: &mut BTreeMap<String, u32>,
+    plumbed: &[NetworkPlumbing],
+) -> Result<BTreeMap<u32, NetworkLb>> {
+    let mut networks = BTreeMap::new();
+    for n in plumbed {
+        let name = n.bridge();
+        let bridge = nix::net::if_::if_nametoindex(name.as_str())
+            .with_context(|| format!("looking up bridge {name}"))?;
+        if must_attach(devices, dp, &name, bridge)? {
+            dp.attach_network(bridge)?;
+            devices.insert(name, bridge);
+        }
+        // Without it, flows to other nodes' tasks and their replies take the bridge.
+        let vxlan_name = n.vxlan();
+        let vxlan = nix::net::if_::if_nametoindex(vxlan_name.as_str()).unwrap_or(0);
+        if vxlan != 0 && must_attach(devices, dp, &vxlan_name, vxlan)? {
+            dp.attach_overlay(vxlan)?;
+            devices.insert(vxlan_name, vxlan);
+        }
+        networks.insert(
+            n.vni,
+            NetworkLb {
+                id: n.vni,
+                node_addr: n.node_address,
+                bridge_ifindex: bridge,
+                vxlan_ifindex: vxlan,
+            },
+        );
+    }
+    Ok(networks)
+}
+
+/// Takes the routing mesh off the devices of networks no longer plumbed here.
+fn detach_gone_devices(
+    dp: &mut Dataplane,
+    devices: &mut BTreeMap<String, u32>,
+    plumbed: &[NetworkPlumbing],
+) -> Result<()> {
+    let gone: Vec<String> = devices
+        .keys()
+        .filter(|d| {
+            !plumbed
+                .iter()
+                .any(|n| n.bridge() == **d || n.vxlan() == **d)
+        })
+        .cloned()
+        .collect();
+    for d in gone {
+        dp.detach_tc(&d)?;
+        devices.remove(&d);
+    }
+    Ok(())
+}
+
+/// Every service of a plumbed network as the load balancer should hold it.
+fn desired_services(
+    view: &View,
+    plumbed: &[NetworkPlumbing],
+    networks: &BTreeMap<u32, NetworkLb>,
+    node: &str,
+) -> Vec<ServiceLb> {
+    let mut desired = Vec::new();
+    for s in view.services.values() {
+        let Some(net) = plumbed.iter().find(|n| n.name == s.spec.network) else {
+            continue;
+        };
+        desired.extend(service_lbs(view, s, networks[&net.vni], node));
+    }
+    desired
+}
+
+/// One service's entries: its host-mode ports when it has a task on this node, then its
+/// VIP and routing-mesh ports over every backend.
+fn service_lbs(
+    view: &View,
+    s: &Replicated<ServiceSpec>,
+    network: NetworkLb,
+    node: &str,
+) -> Vec<ServiceLb> {
+    let mut out = Vec::new();
+    let id = short_id(&s.spec.name, &s.created);
+    let host_ports = published_ports(&s.spec, true);
+    let own: Vec<BackendLb> = service_backends(view, &s.spec.name)
+        .filter(|e| e.node == node)
+        .map(backend_lb)
+        .collect();
+    // Swarm's mode=host: a node without a task of the service does not answer the
+    // port at all (the kernel refuses the connection).
+    if !host_ports.is_empty() && !own.is_empty() {
+        out.push(ServiceLb {
+            id: format!("{id}/host"),
+            name: s.spec.name.clone(),
+            network,
+            vip: None,
+            ports: host_ports,
+            backends: own,
+        });
+    }
+    out.push(ServiceLb {
+        id,
+        name: s.spec.name.clone(),
+        network,
+        vip: match s.spec.endpoint_mode {
+            EndpointMode::Vip => s.spec.vip,
+            EndpointMode::Dnsrr => None,
+        },
+        ports: published_ports(&s.spec, false),
+        backends: service_backends(view, &s.spec.name)
+            .map(backend_lb)
+            .collect(),
+    });
+    out
+}
+
+/// The service's published ports of mode host (`host`) or of the routing mesh.
+fn published_ports(spec: &ServiceSpec, host: bool) -> Vec<PublishedPort> {
+    spec.ports
+        .iter()
+        .filter(|p| (p.mode == PublishMode::Host) == host)
+        .filter_map(|p| {
+            Some(PublishedPort {
+                proto: match p.protocol {
+                    Protocol::Tcp => lb::Protocol::Tcp,
+                    Protocol::Udp => lb::Protocol::Udp,
+                },
+                published: p.published?,
+                target: p.target,
+                mode: match p.mode {
+                    // Host ports reach this node's own tasks only (service_lbs), with the
+                    // client's address kept.
+                    PublishMode::Ingress | PublishMode::Host => lb::PublishMode::Ingress,
+                    PublishMode::Snat => lb::PublishMode::Snat,
+                },
+            })
+        })
+        .collect()
+}
+
+/// The service's backends, active or not. Tasks of drained nodes, stopping tasks and tasks
+/// of nodes called down keep their connections but get no new ones: a node that only
+/// stalled keeps serving what it has.
+fn service_backends<'a>(
+    view: &'a View,
+    service: &'a str,
+) -> impl Iterator<Item = &'a EndpointView> {
+    view.backends(service).chain(
+        view.down_endpoints
+            .iter()
+            .filter(move |e| e.record.service.as_deref() == Some(service)),
+    )
+}
+
+fn backend_lb(e: &EndpointView) -> BackendLb {
+    BackendLb {
+        ip: e.record.ip,
+        draining: !e.active,
+    }
+}
+
+/// Puts the client-address programs on the host veths of this node's tasks and CNI
+/// containers, and takes them off veths that went; nothing when the set is unchanged.
+async fn converge_task_veths(
+    local: &Local,
+    dp: &mut Dataplane,
+    plumbed: &[NetworkPlumbing],
+) -> Result<()> {
+    let tasks = local.tasks.list();
+    let containers = local.tasks.cni_list();
+    let veths = task_veths(
+        tasks
+            .iter()
+            .flat_map(|t| &t.interfaces)
+            .chain(containers.iter().flat_map(|c| &c.interfaces)),
+        plumbed,
+    );
+    let mut attached = local.task_veths.lock().await;
+    if *attached != veths {
+        for v in veths.iter().filter(|v| !attached.contains(v)) {
+            dp.attach_task_veth(v)?;
+        }
+        dp.retain_task_veths(&veths)?;
+        *attached = veths;
+    }
+    Ok(())
+}
+
+fn program_load_balancer(dp: &mut Dataplane, desired: &[ServiceLb]) -> Result<()> {
+    let ops = dp
+        .lb_mut()
+        .apply(desired)
+        .context("programming the load balancer")?;
+    if ops.total() > 0 {
+        info!(
+            updates = ops.updates,
+            deletes = ops.deletes,
+            "load balancer programmed"
+        );
+    }
+    Ok(())
+}
+
 /// Whether the routing mesh must be attached to the network device `name`, now `ifindex`:
 /// it is new to this agent (a restarted agent's attach replaces the pinned link in place,
 /// so no packet goes unseen), or was re-created (its old link died with it and goes).
 fn must_attach(
     attached: &BTreeMap<String, u32>,
-    dp: &mut crate::dataplane::Dataplane,
+    dp: &mut Dataplane,
     name: &str,
     ifindex: u32,
 ) -> Result<bool> {
@@ -336,4 +400,109 @@ fn task_veths<'a>(
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::EndpointRecord;
+    use mesh_api::{
+        id::Stamp,
+        spec::{EndpointState, PortSpec},
+    };
+
+    fn port(published: Option<u16>, target: u16, mode: PublishMode) -> PortSpec {
+        PortSpec {
+            protocol: Protocol::Tcp,
+            published,
+            target,
+            mode,
+        }
+    }
+
+    fn lb_port(published: u16, target: u16, mode: lb::PublishMode) -> PublishedPort {
+        PublishedPort {
+            proto: lb::Protocol::Tcp,
+            published,
+            target,
+            mode,
+        }
+    }
+
+    #[test]
+    fn host_ports_keep_the_clients_address_and_target_only_ports_are_vip_only() {
+        let spec = ServiceSpec {
+            ports: vec![
+                port(Some(80), 8080, PublishMode::Host),
+                port(Some(443), 8443, PublishMode::Snat),
+                port(None, 9000, PublishMode::Ingress),
+            ],
+            ..ServiceSpec::default()
+        };
+        assert_eq!(
+            published_ports(&spec, true),
+            [lb_port(80, 8080, lb::PublishMode::Ingress)]
+        );
+        assert_eq!(
+            published_ports(&spec, false),
+            [lb_port(443, 8443, lb::PublishMode::Snat)]
+        );
+    }
+
+    #[test]
+    fn only_a_node_with_a_task_answers_a_host_port() {
+        let spec = ServiceSpec {
+            name: "web".into(),
+            network: "app".into(),
+            ports: vec![port(Some(80), 8080, PublishMode::Host)],
+            ..ServiceSpec::default()
+        };
+        let service = Replicated::new(
+            spec,
+            Stamp {
+                ms: 1,
+                node: "a".into(),
+            },
+        );
+        let endpoint = |node: &str, ip: &str, active| EndpointView {
+            node: node.into(),
+            vtep: "192.0.2.1".parse().unwrap(),
+            record: EndpointRecord {
+                task: format!("web-{node}"),
+                network: "app".into(),
+                service: Some("web".into()),
+                ip: ip.parse().unwrap(),
+                mac: String::new(),
+                state: EndpointState::Running,
+            },
+            active,
+        };
+        let view = View {
+            endpoints: vec![endpoint("a", "10.1.0.2", true)],
+            down_endpoints: vec![endpoint("b", "10.1.0.3", false)],
+            ..View::default()
+        };
+        let network = NetworkLb {
+            id: 4096,
+            node_addr: "10.1.0.1".parse().unwrap(),
+            bridge_ifindex: 1,
+            vxlan_ifindex: 2,
+        };
+        let on_a = service_lbs(&view, &service, network, "a");
+        assert_eq!(on_a.len(), 2);
+        assert!(on_a[0].id.ends_with("/host"));
+        assert_eq!(on_a[0].backends.len(), 1);
+        // Every node balances to every task; a down node's keep their flows only.
+        assert_eq!(
+            on_a[1]
+                .backends
+                .iter()
+                .map(|b| b.draining)
+                .collect::<Vec<_>>(),
+            [false, true]
+        );
+        let on_c = service_lbs(&view, &service, network, "c");
+        assert_eq!(on_c.len(), 1);
+        assert!(!on_c[0].id.ends_with("/host"));
+    }
 }
