@@ -146,54 +146,39 @@ impl View {
         self.next_change_ms = Some(self.next_change_ms.map_or(ms, |t| t.min(ms)));
     }
 
+    /// The view of `snapshot`: who is in the cluster and up, the replicated objects merged,
+    /// then what each node publishes of its own (tasks, endpoints, addresses, blocks).
     pub fn compute(snapshot: &Snapshot) -> Self {
         let mut view = View::default();
-        let removals = merge_kind::<NodeRemoval>(snapshot, key::NODE_REMOVAL, &mut view);
-        view.removed = removals
+        view.merge_removals_and_key(snapshot);
+        let present = present_generations(snapshot, &view.removed);
+        let newest = newest_generations(&present);
+        let up = view.names_up(&present, snapshot.now_ms);
+        view.collect_nodes(snapshot, &newest, &up);
+        view.merge_objects(snapshot);
+        view.collect_node_keys(&newest);
+        view
+    }
+
+    /// Node removals (`node rm`) and the cluster key's rotation record.
+    fn merge_removals_and_key(&mut self, snapshot: &Snapshot) {
+        let removals = merge_kind::<NodeRemoval>(snapshot, key::NODE_REMOVAL, self);
+        self.removed = removals
             .values()
             .map(|r| (r.spec.node.clone(), r.spec.generation))
             .collect();
-        view.cluster_key = merge_kind::<KeyRotation>(snapshot, key::CLUSTER_KEY, &mut view)
-            .remove(CLUSTER_KEY_NAME);
-        // Generations removed by `node rm`, or that announced they left, are gone: not
-        // listed, their tasks in no table, their address blocks free. A later generation
-        // (the node joined again) speaks for itself.
-        let mut gone_up_to: BTreeMap<&str, u64> = BTreeMap::new();
-        for n in snapshot
-            .nodes
-            .iter()
-            .filter(|n| n.kv.contains_key(key::LEFT))
-        {
-            let g = gone_up_to.entry(&n.name).or_default();
-            *g = (*g).max(n.generation);
-        }
-        for (name, g) in &view.removed {
-            let e = gone_up_to.entry(name).or_default();
-            *e = (*e).max(*g);
-        }
-        let gone = |n: &SnapshotNode| {
-            gone_up_to
-                .get(n.name.as_str())
-                .is_some_and(|g| n.generation <= *g)
-        };
-        let present: Vec<&SnapshotNode> = snapshot.nodes.iter().filter(|n| !gone(n)).collect();
-        // The newest generation of each node name speaks for it.
-        let mut newest: BTreeMap<&str, &SnapshotNode> = BTreeMap::new();
-        for n in present.iter().copied() {
-            match newest.get(n.name.as_str()) {
-                Some(prev) if prev.generation >= n.generation => {}
-                _ => {
-                    newest.insert(&n.name, n);
-                }
-            }
-        }
+        self.cluster_key =
+            merge_kind::<KeyRotation>(snapshot, key::CLUSTER_KEY, self).remove(CLUSTER_KEY_NAME);
+    }
 
+    /// Names of nodes that count as up under any present generation.
+    fn names_up<'s>(&mut self, present: &[&'s SnapshotNode], now_ms: u64) -> BTreeSet<&'s str> {
         // A restarted agent is a new generation that chitchat calls live only from its second
         // heartbeat on; meanwhile the previous generation is still live, and the node never
         // went away.
-        let mut any_live: BTreeSet<&str> = BTreeSet::new();
+        let mut up: BTreeSet<&str> = BTreeSet::new();
         for n in present.iter().filter(|n| n.live) {
-            any_live.insert(&n.name);
+            up.insert(&n.name);
         }
         // A generation that announced a graceful stop counts as up until its deadline (its
         // tasks and dataplane keep serving while its agent restarts).
@@ -202,33 +187,42 @@ impl View {
                 n.kv.get(key::RESTARTING)
                     .and_then(|v| decode::<super::Restarting>(v))
                     .map(|r| r.until_ms)
-                    .filter(|&until| until > snapshot.now_ms);
+                    .filter(|&until| until > now_ms);
             if let Some(until) = until_ms {
-                any_live.insert(&n.name);
-                view.change_at(until);
+                up.insert(&n.name);
+                self.change_at(until);
             }
         }
+        up
+    }
 
-        let node_specs = merge_kind::<NodeSpec>(snapshot, key::NODE_SPEC, &mut view);
-        for (name, n) in &newest {
+    /// One entry per node name, from its newest generation's keys and its operator spec.
+    fn collect_nodes(
+        &mut self,
+        snapshot: &Snapshot,
+        newest: &BTreeMap<&str, &SnapshotNode>,
+        up: &BTreeSet<&str>,
+    ) {
+        let node_specs = merge_kind::<NodeSpec>(snapshot, key::NODE_SPEC, self);
+        for (name, n) in newest {
             let record: Option<NodeRecord> = n.kv.get(key::NODE).and_then(|v| decode(v));
             if let Some(keys) = n.kv.get(key::KEYS).and_then(|v| decode::<KeyState>(v)) {
-                view.node_keys.insert(name.to_string(), keys);
+                self.node_keys.insert(name.to_string(), keys);
             }
             if let Some(p) = n.kv.get(key::LB_PROGRESS).and_then(|v| decode(v)) {
-                view.lb_progress.insert(name.to_string(), p);
+                self.lb_progress.insert(name.to_string(), p);
             }
             let spec = node_specs
                 .get(*name)
                 .map(|r| r.spec.clone())
                 .unwrap_or_default();
-            view.nodes.insert(
+            self.nodes.insert(
                 name.to_string(),
                 NodeView {
                     name: name.to_string(),
                     record,
                     spec,
-                    status: if n.live || any_live.contains(name) {
+                    status: if n.live || up.contains(name) {
                         NodeStatus::Ready
                     } else {
                         NodeStatus::Down
@@ -236,98 +230,125 @@ impl View {
                 },
             );
         }
+    }
 
-        let networks = merge_kind::<NetworkSpec>(snapshot, key::NETWORK, &mut view);
-        view.accept_networks(networks);
-        let services = merge_kind::<ServiceSpec>(snapshot, key::SERVICE, &mut view);
-        view.accept_services(services);
-        view.secrets = merge_kind::<SecretSpec>(snapshot, key::SECRET, &mut view);
-        view.configs = merge_kind::<ConfigSpec>(snapshot, key::CONFIG, &mut view);
-        // Objects that lost a conflict are not republished: they fade from the cluster and
-        // their creator reports the error.
-        let rejected: BTreeSet<String> = view
+    /// Networks, services, secrets and configs; objects that lost a conflict are not
+    /// republished: they fade from the cluster and their creator reports the error.
+    fn merge_objects(&mut self, snapshot: &Snapshot) {
+        let networks = merge_kind::<NetworkSpec>(snapshot, key::NETWORK, self);
+        self.accept_networks(networks);
+        let services = merge_kind::<ServiceSpec>(snapshot, key::SERVICE, self);
+        self.accept_services(services);
+        self.secrets = merge_kind::<SecretSpec>(snapshot, key::SECRET, self);
+        self.configs = merge_kind::<ConfigSpec>(snapshot, key::CONFIG, self);
+        let rejected: BTreeSet<String> = self
             .network_conflicts
             .iter()
             .map(|c| format!("{}{}", key::NETWORK, c.object.spec.name))
             .chain(
-                view.service_conflicts
+                self.service_conflicts
                     .iter()
                     .map(|c| format!("{}{}", key::SERVICE, c.object.spec.name)),
             )
             .collect();
-        view.republish.retain(|k, _| !rejected.contains(k));
+        self.republish.retain(|k, _| !rejected.contains(k));
+    }
 
-        for (name, n) in &newest {
-            let Some(vtep) = view.nodes[*name].record.as_ref().map(|r| r.address) else {
+    /// What each listed node publishes of its own: task records, endpoints, its addresses on
+    /// networks, block claims. Needs the nodes and networks already in the view.
+    fn collect_node_keys(&mut self, newest: &BTreeMap<&str, &SnapshotNode>) {
+        for (name, n) in newest {
+            let node = &self.nodes[*name];
+            let Some(vtep) = node.record.as_ref().map(|r| r.address) else {
                 continue;
             };
-            let active =
-                view.nodes[*name].spec.availability == mesh_api::spec::Availability::Active;
-            // The newest generation's keys speak for a node that is up under any generation:
-            // a restarting agent publishes its endpoints with its first message, so its tasks
-            // never blink out of other nodes' load balancers.
-            let live = view.nodes[*name].status == NodeStatus::Ready;
+            let owner = KeyOwner {
+                node: name,
+                vtep,
+                // The newest generation's keys speak for a node that is up under any
+                // generation: a restarting agent publishes its endpoints with its first
+                // message, so its tasks never blink out of other nodes' load balancers.
+                live: node.status == NodeStatus::Ready,
+                active: node.spec.availability == mesh_api::spec::Availability::Active,
+            };
             for (k, v) in &n.kv {
                 if let Some(id) = k.strip_prefix(key::TASK) {
-                    // A node speaks only for its own tasks.
-                    if let Some(t) = decode::<mesh_planner::Task>(v)
-                        && t.id == id
-                        && t.node == *name
-                    {
-                        view.tasks.push(t);
-                    }
+                    self.add_task(&owner, id, v);
                 } else if let Some(task) = k.strip_prefix(key::ENDPOINT) {
-                    let Some(record) = decode::<EndpointRecord>(v) else {
-                        continue;
-                    };
-                    if record.task != task || !view.networks.contains_key(&record.network) {
-                        continue;
-                    }
-                    let e = EndpointView {
-                        node: name.to_string(),
-                        vtep,
-                        active: live && active && record.state == EndpointState::Running,
-                        record,
-                    };
-                    if live {
-                        view.endpoints.push(e);
-                    } else {
-                        view.down_endpoints.push(e);
-                    }
+                    self.add_endpoint(&owner, task, v);
                 } else if k.starts_with(key::ATTACHMENT) {
-                    let Some(record) = decode::<AttachmentRecord>(v) else {
-                        continue;
-                    };
-                    if view.networks.contains_key(&record.network) {
-                        let a = AttachmentView {
-                            node: name.to_string(),
-                            vtep,
-                            record,
-                        };
-                        if live {
-                            view.attachments.push(a);
-                        } else {
-                            view.down_attachments.push(a);
-                        }
-                    }
+                    self.add_attachment(&owner, v);
                 } else if k.starts_with(key::BLOCK) {
-                    let Some(claim) = decode::<BlockClaim>(v) else {
-                        continue;
-                    };
-                    view.blocks
-                        .entry(claim.network.clone())
-                        .or_default()
-                        .entry(claim.index)
-                        .and_modify(|s| {
-                            if claim.stamp < *s {
-                                *s = claim.stamp.clone();
-                            }
-                        })
-                        .or_insert(claim.stamp);
+                    self.add_block_claim(v);
                 }
             }
         }
-        view
+    }
+
+    fn add_task(&mut self, owner: &KeyOwner, id: &str, v: &str) {
+        // A node speaks only for its own tasks.
+        if let Some(t) = decode::<mesh_planner::Task>(v)
+            && t.id == id
+            && t.node == owner.node
+        {
+            self.tasks.push(t);
+        }
+    }
+
+    fn add_endpoint(&mut self, owner: &KeyOwner, task: &str, v: &str) {
+        let Some(record) = decode::<EndpointRecord>(v) else {
+            return;
+        };
+        if record.task != task || !self.networks.contains_key(&record.network) {
+            return;
+        }
+        let e = EndpointView {
+            node: owner.node.to_string(),
+            vtep: owner.vtep,
+            active: owner.live && owner.active && record.state == EndpointState::Running,
+            record,
+        };
+        if owner.live {
+            self.endpoints.push(e);
+        } else {
+            self.down_endpoints.push(e);
+        }
+    }
+
+    fn add_attachment(&mut self, owner: &KeyOwner, v: &str) {
+        let Some(record) = decode::<AttachmentRecord>(v) else {
+            return;
+        };
+        if !self.networks.contains_key(&record.network) {
+            return;
+        }
+        let a = AttachmentView {
+            node: owner.node.to_string(),
+            vtep: owner.vtep,
+            record,
+        };
+        if owner.live {
+            self.attachments.push(a);
+        } else {
+            self.down_attachments.push(a);
+        }
+    }
+
+    /// The oldest claim of a block wins, whichever node's keys are read first.
+    fn add_block_claim(&mut self, v: &str) {
+        let Some(claim) = decode::<BlockClaim>(v) else {
+            return;
+        };
+        self.blocks
+            .entry(claim.network.clone())
+            .or_default()
+            .entry(claim.index)
+            .and_modify(|s| {
+                if claim.stamp < *s {
+                    *s = claim.stamp.clone();
+                }
+            })
+            .or_insert(claim.stamp);
     }
 
     fn accept_networks(&mut self, merged: BTreeMap<String, Replicated<NetworkSpec>>) {
@@ -487,6 +508,59 @@ impl View {
         );
         used
     }
+}
+
+/// The node whose keys are being read, as its endpoints and attachments need it.
+struct KeyOwner<'a> {
+    node: &'a str,
+    /// The node's underlay address.
+    vtep: Ipv4Addr,
+    /// Up under any generation: its endpoints are in the load balancers.
+    live: bool,
+    /// Not drained: its endpoints take new connections.
+    active: bool,
+}
+
+/// Every generation in gossip that is not gone. Generations removed by `node rm`, or that
+/// announced they left, are gone: not listed, their tasks in no table, their address blocks
+/// free. A later generation (the node joined again) speaks for itself.
+fn present_generations<'s>(
+    snapshot: &'s Snapshot,
+    removed: &BTreeMap<String, u64>,
+) -> Vec<&'s SnapshotNode> {
+    let mut gone_up_to: BTreeMap<&str, u64> = BTreeMap::new();
+    for n in snapshot
+        .nodes
+        .iter()
+        .filter(|n| n.kv.contains_key(key::LEFT))
+    {
+        let g = gone_up_to.entry(&n.name).or_default();
+        *g = (*g).max(n.generation);
+    }
+    for (name, g) in removed {
+        let e = gone_up_to.entry(name).or_default();
+        *e = (*e).max(*g);
+    }
+    let gone = |n: &SnapshotNode| {
+        gone_up_to
+            .get(n.name.as_str())
+            .is_some_and(|g| n.generation <= *g)
+    };
+    snapshot.nodes.iter().filter(|n| !gone(n)).collect()
+}
+
+/// The newest generation of each node name, which speaks for it.
+fn newest_generations<'s>(present: &[&'s SnapshotNode]) -> BTreeMap<&'s str, &'s SnapshotNode> {
+    let mut newest: BTreeMap<&str, &SnapshotNode> = BTreeMap::new();
+    for n in present.iter().copied() {
+        match newest.get(n.name.as_str()) {
+            Some(prev) if prev.generation >= n.generation => {}
+            _ => {
+                newest.insert(&n.name, n);
+            }
+        }
+    }
+    newest
 }
 
 fn decode<T: DeserializeOwned>(v: &str) -> Option<T> {
@@ -813,6 +887,28 @@ mod tests {
             v.service_conflicts[0].reason,
             "port 8080/tcp is already published by service web"
         );
+    }
+
+    #[test]
+    fn the_oldest_claim_of_a_block_wins_whatever_the_order() {
+        let claim = |ms, node: &str| {
+            serde_json::to_string(&BlockClaim {
+                network: "app".into(),
+                index: 1,
+                stamp: st(ms, node),
+            })
+            .unwrap()
+        };
+        for order in [
+            [claim(5, "b"), claim(3, "c")],
+            [claim(3, "c"), claim(5, "b")],
+        ] {
+            let mut v = View::default();
+            for c in &order {
+                v.add_block_claim(c);
+            }
+            assert_eq!(v.blocks["app"][&1], st(3, "c"));
+        }
     }
 
     #[test]
