@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod layout;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -17,8 +18,12 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Format check, clippy with warnings denied, then every unit and scenario test.
+    /// Format check, clippy with warnings denied, the layout check, then every unit and
+    /// scenario test.
     Ci,
+    /// No cycle between a crate's top-level modules; meshctl, mesh-cni and mesh-api do not
+    /// depend on the kernel, gossip or DNS-server crates nor on the agent.
+    Layout,
     /// A 3-host cluster in namespaces on this machine: a published service, its round robin
     /// and its DNS names; cleaned up at the end (also on Ctrl-C).
     Demo {
@@ -38,6 +43,7 @@ enum Task {
 fn main() -> Result<()> {
     match Args::parse().task {
         Task::Ci => ci(),
+        Task::Layout => layout::run(),
         Task::Demo { keep } => demo::run(keep),
         Task::Bench { target, quick } => bench::run(target, quick),
     }
@@ -66,6 +72,7 @@ fn ci() -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    layout::run()?;
     cargo(&["build", "--workspace", "--bins"])?;
     cargo(&["test", "--workspace", "--no-fail-fast"])?;
     Ok(())
