@@ -4,6 +4,7 @@
 //! crates of their own that talk to it over its socket.
 
 pub mod agent;
+pub mod answers;
 pub mod bpf;
 pub mod cgroup;
 pub mod cluster;

@@ -4,8 +4,8 @@
 
 use crate::{
     agent::Agent,
+    answers::{node_info, service_info, service_tasks},
     cluster::View,
-    http::{node_info, service_info, service_tasks},
 };
 use mesh_api::v1::Overview;
 use mesh_api::v1::ServiceSummary;
