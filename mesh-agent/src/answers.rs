@@ -187,6 +187,7 @@ pub fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
                 spec_version: service.spec.version,
                 updated: true,
                 history: false,
+                image: image_of(&service.spec, service.spec.template_id()),
             });
             first = false;
         }
@@ -218,9 +219,18 @@ pub fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
                 spec_version: t.spec_version,
                 updated: t.template == template,
                 history: !current,
+                image: image_of(&service.spec, t.template),
             });
             first = false;
         }
     }
     rows
+}
+
+/// The image of the template a task was made from: the service's, or the one it had before
+/// its last update (what `\_` rows of an update show).
+fn image_of(spec: &mesh_api::spec::ServiceSpec, template: u64) -> Option<String> {
+    std::iter::successors(Some(spec), |s| s.previous.as_deref())
+        .find(|s| s.template_id() == template)
+        .and_then(|s| s.task.as_ref()?.image.clone())
 }

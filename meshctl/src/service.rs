@@ -623,7 +623,15 @@ fn print_ps(s: &ServiceInfo, rows: &[ServiceTaskInfo]) {
                     } else {
                         r.name.clone()
                     },
-                    image.clone(),
+                    // An image task from a template older than the one kept for rollback
+                    // has no image on record: say so rather than show today's.
+                    r.image.clone().unwrap_or_else(|| {
+                        if s.spec.task.as_ref().is_some_and(|t| t.image.is_some()) {
+                            "-".into()
+                        } else {
+                            image.clone()
+                        }
+                    }),
                     r.node.clone().unwrap_or_default(),
                     r.desired.clone(),
                     if r.since_ms == 0 {

@@ -65,6 +65,10 @@ pub struct ServiceTaskInfo {
     pub updated: bool,
     /// An older task of the slot (Docker's `\_` rows).
     pub history: bool,
+    /// The image the task runs (None: a process task, or a template this node no longer
+    /// knows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// `service scale web=5 api=2`: all or nothing.

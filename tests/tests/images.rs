@@ -1,0 +1,185 @@
+//! Seed 001's rolling update with images: a service of one image, `service update --image`
+//! to the next while every node keeps answering, `service ps` showing the old image on the
+//! `\_` rows, `service rollback` back to the first, and the refusals that change nothing.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use mesh_tests::{Cluster, Host, image::Image, workload::tally};
+use serde_json::Value;
+
+/// An image whose HTTP server on port 80 answers `<version> <hostname>`.
+fn versioned(version: &str) -> Image {
+    Image::busybox(
+        version,
+        &format!(
+            r#"["/bin/sh","-c","trap 'exit 0' TERM; echo {version} $(hostname) > /www/index.html; httpd -f -p 80 -h /www & wait"]"#
+        ),
+    )
+    .unwrap()
+}
+
+fn cluster(n: usize) -> Cluster {
+    let mut c = Cluster::new(n).unwrap();
+    for i in 1..=n {
+        c.host_mut(i).start_agent(&[]).unwrap();
+    }
+    c.create_network("app", "10.62.0.0/24").unwrap();
+    c.external("client", 100).unwrap();
+    c
+}
+
+/// What `n` requests to a node's published port answered, by version (`v1`, `v2`).
+fn versions(c: &Cluster, h: &Host, n: usize) -> BTreeMap<String, usize> {
+    let a: std::net::SocketAddr = format!("{}:8080", h.ip).parse().unwrap();
+    let answers = c
+        .external_ns("client")
+        .unwrap()
+        .run(move || {
+            (0..n)
+                .map(|_| {
+                    let body = mesh_tests::workload::http_get(a).unwrap();
+                    body.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    tally(answers)
+}
+
+/// Waits until every node's answers all come from `version`.
+fn all_answer(c: &Cluster, version: &str) {
+    c.eventually(
+        Duration::from_secs(60),
+        &format!("every node answers {version}"),
+        |c| {
+            for h in c.hosts() {
+                let got = versions(c, h, 6);
+                if got.keys().ne([version]) {
+                    anyhow::bail!("{} answered {got:?}", h.node_name());
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .unwrap();
+}
+
+fn spec_version(h: &Host, name: &str) -> u64 {
+    let s: Value = h.meshctl_json(&["service", "inspect", name]).unwrap();
+    s["spec"]["version"].as_u64().unwrap()
+}
+
+#[test]
+fn an_image_service_rolls_to_a_new_image_shows_the_old_one_in_its_history_and_rolls_back() {
+    let (v1, v2) = (versioned("v1"), versioned("v2"));
+    let c = cluster(3);
+    let h = c.host(1);
+    h.meshctl_ok(&[
+        "service",
+        "create",
+        "web",
+        "--network",
+        "app",
+        "--replicas",
+        "3",
+        "--publish",
+        "8080:80",
+        "--image",
+        v1.name(),
+    ])
+    .unwrap();
+    all_answer(&c, "v1");
+
+    // Seed 001, step 6: flags before the name, as Docker's CLI takes them. Without
+    // --detach the command follows the rollout and fails if it does not converge.
+    let out = h
+        .meshctl_ok(&[
+            "service",
+            "update",
+            "--image",
+            v2.name(),
+            "--update-delay",
+            "1s",
+            "web",
+        ])
+        .unwrap();
+    assert!(out.contains("converged"), "{out}");
+    all_answer(&c, "v2");
+
+    let rows: Vec<Value> = h.meshctl_json(&["service", "ps", "web"]).unwrap();
+    let current: Vec<&Value> = rows.iter().filter(|r| r["history"] == false).collect();
+    let history: Vec<&Value> = rows.iter().filter(|r| r["history"] == true).collect();
+    assert_eq!(current.len(), 3, "{rows:?}");
+    assert!(
+        current
+            .iter()
+            .all(|r| r["image"] == v2.name() && r["state"] == "Running")
+    );
+    assert!(
+        history.len() >= 3
+            && history
+                .iter()
+                .all(|r| r["image"] == v1.name() && r["desired"] == "Shutdown"),
+        "the replaced tasks ran v1 and were shut down: {history:?}"
+    );
+    let table = h.meshctl_ok(&["service", "ps", "web"]).unwrap();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(" \\_ web.") && l.contains(v1.name())),
+        "a \\_ row shows the old image: {table}"
+    );
+
+    let out = h.meshctl_ok(&["service", "rollback", "web"]).unwrap();
+    assert!(
+        out.contains("rolled back") || out.contains("converged"),
+        "{out}"
+    );
+    all_answer(&c, "v1");
+}
+
+#[test]
+fn an_image_update_that_cannot_be_says_why_and_changes_nothing() {
+    let c = cluster(1);
+    let h = c.host(1);
+    let whoami = mesh_tests::cluster::bin("mesh-whoami");
+    h.meshctl_ok(&[
+        "service",
+        "create",
+        "proc",
+        "--network",
+        "app",
+        "-d",
+        "--",
+        whoami.to_str().unwrap(),
+    ])
+    .unwrap();
+    let before = spec_version(h, "proc");
+    for (args, says) in [
+        (
+            vec!["service", "update", "--image", "localhost/x:1", "proc"],
+            "runs a command, not an image",
+        ),
+        (
+            vec!["service", "update", "--image", "", "proc"],
+            "--image is empty",
+        ),
+        (
+            vec!["service", "update", "--image", "localhost/x:1", "nosuch"],
+            "not found",
+        ),
+    ] {
+        let out = h.meshctl(&args).unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(
+        spec_version(h, "proc"),
+        before,
+        "a refused update changes nothing"
+    );
+}
