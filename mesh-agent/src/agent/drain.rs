@@ -13,13 +13,14 @@ use std::{
         Mutex as StdMutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tokio::sync::Mutex;
+// tokio's clock, not std's: the same in the agent, and paused and advanced by unit tests.
+use tokio::{sync::Mutex, time::Instant};
 use tracing::{debug, warn};
 
-use super::Agent;
+use super::{Agent, runtime::NodeRuntime};
 use crate::cluster::{Clock, EndpointRecord, LbProgress, View, key};
 use mesh_api::spec::{EndpointState, NodeStatus};
 
@@ -90,11 +91,9 @@ impl Agent {
     /// nodes' removals it now reflects (and notes its own).
     pub(super) async fn lb_applied(&self, view: &View) {
         let me = self.node_name();
-        self.note_down_nodes(view);
+        self.drains.note_down_nodes(view);
         if let Some(own) = view.lb_progress.get(me) {
-            self.drains
-                .own_applied
-                .fetch_max(own.removal, Ordering::SeqCst);
+            self.drains.note_own_applied(own.removal);
         }
         let mut p = self.drains.published.lock().await;
         let first = !self.drains.announced.swap(true, Ordering::SeqCst);
@@ -116,62 +115,21 @@ impl Agent {
             .await;
     }
 
-    /// Waits until every live node's load balancer, this one's included, no longer holds the
-    /// endpoint removed with counter `removal` (or [`CONFIRM_WITHIN`] passed), then a moment
-    /// more for connections admitted just before to be answered.
+    /// [`wait_drained`] for tasks stopped by hand (`meshctl rm`).
     pub(super) async fn drained(&self, task: &str, removal: u64) {
-        let started = Instant::now();
-        let mut waiting;
-        loop {
-            let view = self.refresh().await;
-            waiting = self.unconfirmed(&view, removal);
-            if waiting.is_empty() {
-                debug!(task, took = ?started.elapsed(), "every load balancer let the task go");
-                break;
-            }
-            if started.elapsed() >= CONFIRM_WITHIN {
-                warn!(
-                    task,
-                    nodes = ?waiting,
-                    "these nodes did not confirm the task left their load balancers within \
-                     {CONFIRM_WITHIN:?}; stopping it anyway"
-                );
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(self.settle_time()).await;
+        wait_drained(self, task, removal).await
     }
+}
 
-    /// Live nodes whose load balancer may still send new connections to the removed task.
-    fn unconfirmed(&self, view: &View, removal: u64) -> BTreeSet<String> {
-        let me = self.node_name();
-        let now = Instant::now();
-        let down = self.note_down_nodes(view);
-        let suspected = |name: &str| {
-            down.get(name)
-                .is_some_and(|since| now.duration_since(*since) < SUSPECT_FOR)
-        };
-        let mut waiting: BTreeSet<String> = view
-            .nodes
-            .values()
-            .filter(|n| n.name != me && (n.status == NodeStatus::Ready || suspected(&n.name)))
-            // A node that never published progress runs no load balancer (control plane
-            // only) or has not programmed one yet; there is nothing to wait for.
-            .filter_map(|n| {
-                let p = view.lb_progress.get(&n.name)?;
-                (p.applied.get(me).copied().unwrap_or(0) < removal).then(|| n.name.clone())
-            })
-            .collect();
-        if self.local().is_some() && self.drains.own_applied.load(Ordering::SeqCst) < removal {
-            waiting.insert(me.to_owned());
-        }
-        waiting
+impl Drains {
+    /// This node's load balancer no longer holds its own removals up to `removal`.
+    pub(super) fn note_own_applied(&self, removal: u64) {
+        self.own_applied.fetch_max(removal, Ordering::SeqCst);
     }
 
     /// Records when each node was first seen down; returns the record.
     fn note_down_nodes(&self, view: &View) -> BTreeMap<String, Instant> {
-        let mut down = self.drains.down_since.lock().expect("down_since lock");
+        let mut down = self.down_since.lock().expect("down_since lock");
         down.retain(|name, _| {
             view.nodes
                 .get(name)
@@ -184,10 +142,57 @@ impl Agent {
         }
         down.clone()
     }
+}
 
-    /// Connections a load balancer admitted just before it let the task go are still on
-    /// their way: a few gossip rounds' worth is plenty for a request to be answered.
-    fn settle_time(&self) -> Duration {
-        (self.config.gossip_interval() * 2).max(Duration::from_millis(200))
+/// Waits until every live node's load balancer, this one's included, no longer holds the
+/// endpoint removed with counter `removal` (or [`CONFIRM_WITHIN`] passed), then a moment
+/// more for connections admitted just before to be answered.
+pub(super) async fn wait_drained<R: NodeRuntime>(rt: &R, task: &str, removal: u64) {
+    let started = Instant::now();
+    let mut waiting;
+    loop {
+        let view = rt.refresh().await;
+        waiting = unconfirmed(rt, &view, removal);
+        if waiting.is_empty() {
+            debug!(task, took = ?started.elapsed(), "every load balancer let the task go");
+            break;
+        }
+        if started.elapsed() >= CONFIRM_WITHIN {
+            warn!(
+                task,
+                nodes = ?waiting,
+                "these nodes did not confirm the task left their load balancers within \
+                 {CONFIRM_WITHIN:?}; stopping it anyway"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    tokio::time::sleep(rt.settle_time()).await;
+}
+
+/// Live nodes whose load balancer may still send new connections to the removed task.
+fn unconfirmed<R: NodeRuntime>(rt: &R, view: &View, removal: u64) -> BTreeSet<String> {
+    let me = rt.node_name();
+    let now = Instant::now();
+    let down = rt.drains().note_down_nodes(view);
+    let suspected = |name: &str| {
+        down.get(name)
+            .is_some_and(|since| now.duration_since(*since) < SUSPECT_FOR)
+    };
+    let mut waiting: BTreeSet<String> = view
+        .nodes
+        .values()
+        .filter(|n| n.name != me && (n.status == NodeStatus::Ready || suspected(&n.name)))
+        // A node that never published progress runs no load balancer (control plane
+        // only) or has not programmed one yet; there is nothing to wait for.
+        .filter_map(|n| {
+            let p = view.lb_progress.get(&n.name)?;
+            (p.applied.get(me).copied().unwrap_or(0) < removal).then(|| n.name.clone())
+        })
+        .collect();
+    if rt.runs_tasks() && rt.drains().own_applied.load(Ordering::SeqCst) < removal {
+        waiting.insert(me.to_owned());
+    }
+    waiting
 }

@@ -14,6 +14,7 @@ mod orchestrate;
 mod programming;
 mod rollout;
 mod routing;
+mod runtime;
 pub mod secrets;
 mod services;
 pub mod stacks;
