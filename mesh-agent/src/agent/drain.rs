@@ -128,7 +128,7 @@ impl Drains {
     }
 
     /// Records when each node was first seen down; returns the record.
-    fn note_down_nodes(&self, view: &View) -> BTreeMap<String, Instant> {
+    pub(super) fn note_down_nodes(&self, view: &View) -> BTreeMap<String, Instant> {
         let mut down = self.down_since.lock().expect("down_since lock");
         down.retain(|name, _| {
             view.nodes

@@ -7,6 +7,8 @@ mod converge;
 pub mod dns;
 mod drain;
 mod events;
+#[cfg(test)]
+mod fake;
 mod health;
 pub mod membership;
 mod objects;

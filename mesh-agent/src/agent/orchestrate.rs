@@ -724,3 +724,6 @@ fn default_hostname(service: &ServiceSpec, t: &Task, container: bool) -> String 
     h.truncate(63);
     h
 }
+
+#[cfg(test)]
+mod tests;
