@@ -3,6 +3,7 @@
 //! after it (a prefix with the test process's PID) and removed on drop, also when the test
 //! panics; clusters left by a killed test run are swept by the next one.
 
+pub mod availability;
 pub mod cluster;
 pub mod flood;
 pub mod image;
