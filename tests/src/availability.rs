@@ -37,8 +37,8 @@ pub const RATE: u32 = 100;
 pub const BUDGET: Duration = Duration::from_secs(1);
 /// A probe stops sending by itself after this long, should nobody finish it.
 const MAX_RUN: Duration = Duration::from_secs(600);
-/// How many failures the report keeps in full (all are counted by kind).
-const KEPT_FAILURES: usize = 8;
+/// How many failures of each kind the report keeps in full (all are counted).
+const KEPT_FAILURES: usize = 3;
 /// Requests must have been sent at least at this share of the asked rate for a claim to
 /// count: a client that could not keep its pace did not measure what it claims.
 pub const FLOOR: f64 = 0.9;
@@ -374,7 +374,7 @@ pub struct Availability {
     pub longest_gap: (Duration, Duration),
     /// The slowest successful request.
     pub slowest_ok: Duration,
-    /// The first failures: when the request was sent, its kind and the error.
+    /// The first failures of each kind, in the order sent: when, the kind, the error.
     pub first_failures: Vec<(Duration, Failure, String)>,
     /// Whether the probe stopped on its own limit rather than being finished.
     pub stopped_by_limit: bool,
@@ -400,8 +400,9 @@ impl Availability {
                     slowest_ok = slowest_ok.max(o.done_at.saturating_sub(o.sent_at));
                 }
                 Err((kind, why)) => {
-                    *failed_by_kind.entry(*kind).or_default() += 1;
-                    if first_failures.len() < KEPT_FAILURES {
+                    let n = failed_by_kind.entry(*kind).or_default();
+                    *n += 1;
+                    if *n <= KEPT_FAILURES {
                         first_failures.push((o.sent_at, *kind, why.clone()));
                     }
                 }
