@@ -160,6 +160,7 @@ struct Outcome {
 pub struct Probe {
     stop: Arc<AtomicBool>,
     handle: JoinHandle<Result<Availability>>,
+    start: Instant,
 }
 
 impl Probe {
@@ -190,16 +191,26 @@ impl Probe {
     fn started(
         stop: Arc<AtomicBool>,
         handle: JoinHandle<Result<Availability>>,
-        ready: mpsc::Receiver<()>,
+        ready: mpsc::Receiver<Instant>,
     ) -> Result<Self> {
-        if ready.recv_timeout(Duration::from_secs(10)).is_err() {
+        let Ok(start) = ready.recv_timeout(Duration::from_secs(10)) else {
             stop.store(true, Ordering::SeqCst);
             return match handle.join() {
                 Ok(Err(e)) => Err(e).context("starting the availability probe"),
                 _ => anyhow::bail!("the availability probe did not start"),
             };
-        }
-        Ok(Self { stop, handle })
+        };
+        Ok(Self {
+            stop,
+            handle,
+            start,
+        })
+    }
+
+    /// Time since the probe's clock started: the scale of its report, to say when a test
+    /// did something.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
     }
 
     /// Stops sending, waits for the requests in flight (at most one budget) and reports.
@@ -214,7 +225,12 @@ impl Probe {
 
 /// The pacer: one tick per period of the clock, each handed to a free worker; late ticks
 /// are sent at once (the count stays rate × time), full ticks are [`Failure::Overrun`].
-fn run(addr: SocketAddr, pace: Pace, stop: &AtomicBool, ready: mpsc::Sender<()>) -> Availability {
+fn run(
+    addr: SocketAddr,
+    pace: Pace,
+    stop: &AtomicBool,
+    ready: mpsc::Sender<Instant>,
+) -> Availability {
     // A job is the clock's start, from which its worker times it.
     let (jobs_tx, jobs) = mpsc::channel::<Instant>();
     let jobs = Arc::new(Mutex::new(jobs));
@@ -249,7 +265,7 @@ fn run(addr: SocketAddr, pace: Pace, stop: &AtomicBool, ready: mpsc::Sender<()>)
     let max_in_flight = workers.len();
     // The clock starts now, workers ready.
     let start = Instant::now();
-    let _ = ready.send(());
+    let _ = ready.send(start);
     let period = pace.period();
     let (mut sent, mut stopped_by_limit) = (0u64, false);
     let stopped_at = loop {
@@ -374,6 +390,8 @@ pub struct Availability {
     pub longest_gap: (Duration, Duration),
     /// The slowest successful request.
     pub slowest_ok: Duration,
+    /// Every failure, in the order sent: when it was sent and its kind.
+    pub failures: Vec<(Duration, Failure)>,
     /// The first failures of each kind, in the order sent: when, the kind, the error.
     pub first_failures: Vec<(Duration, Failure, String)>,
     /// Whether the probe stopped on its own limit rather than being finished.
@@ -391,6 +409,7 @@ impl Availability {
         outcomes.sort_by_key(|o| o.sent_at);
         let mut failed_by_kind = BTreeMap::new();
         let mut first_failures = Vec::new();
+        let mut failures = Vec::new();
         let mut successes = Vec::new();
         let mut slowest_ok = Duration::ZERO;
         for o in &outcomes {
@@ -400,6 +419,7 @@ impl Availability {
                     slowest_ok = slowest_ok.max(o.done_at.saturating_sub(o.sent_at));
                 }
                 Err((kind, why)) => {
+                    failures.push((o.sent_at, *kind));
                     let n = failed_by_kind.entry(*kind).or_default();
                     *n += 1;
                     if *n <= KEPT_FAILURES {
@@ -418,6 +438,7 @@ impl Availability {
             failed_by_kind,
             longest_gap: longest_gap(&successes, duration),
             slowest_ok,
+            failures,
             first_failures,
             stopped_by_limit,
         }
@@ -447,16 +468,30 @@ impl Availability {
         f64::from(self.pace.rate) * self.duration.as_secs_f64()
     }
 
-    /// The claim in words.
-    pub fn claim(max_gap: Duration) -> String {
-        format!("0 failed and no gap over {} ms", max_gap.as_millis())
+    /// The claim in words: "0 failed and no gap over X ms", or "at most N failed and …".
+    pub fn claim(max_failed: usize, max_gap: Duration) -> String {
+        let failed = match max_failed {
+            0 => "0 failed".to_owned(),
+            n => format!("at most {n} failed"),
+        };
+        format!("{failed} and no gap over {} ms", max_gap.as_millis())
     }
 
     /// Whether "0 failed and no gap over `max_gap`" holds, with at least [`FLOOR`] of the
     /// requests the rate should have sent; if not, why, in those words, with the report.
     pub fn check(&self, max_gap: Duration) -> std::result::Result<(), String> {
+        self.check_allowing(0, max_gap)
+    }
+
+    /// [`Availability::check`] for a scenario that genuinely loses some requests: "at most
+    /// `max_failed` failed and no gap over `max_gap`".
+    pub fn check_allowing(
+        &self,
+        max_failed: usize,
+        max_gap: Duration,
+    ) -> std::result::Result<(), String> {
         let mut broken = Vec::new();
-        if self.failed() > 0 {
+        if self.failed() > max_failed {
             broken.push(format!("{} failed", self.failed()));
         }
         if self.gap() > max_gap {
@@ -485,7 +520,7 @@ impl Availability {
         } else {
             Err(format!(
                 "\"{}\" does not hold: {}\n  {self}",
-                Self::claim(max_gap),
+                Self::claim(max_failed, max_gap),
                 broken.join("; ")
             ))
         }
@@ -495,10 +530,28 @@ impl Availability {
     /// `what` says whose claim it is.
     #[track_caller]
     pub fn assert_available(&self, what: &str, max_gap: Duration) {
-        if let Err(e) = self.check(max_gap) {
+        self.assert_available_allowing(what, 0, max_gap);
+    }
+
+    /// Panics unless "at most `max_failed` failed and no gap over `max_gap`" holds.
+    #[track_caller]
+    pub fn assert_available_allowing(&self, what: &str, max_failed: usize, max_gap: Duration) {
+        if let Err(e) = self.check_allowing(max_failed, max_gap) {
             panic!("{what}: {e}");
         }
-        eprintln!("{what}: \"{}\" holds: {self}", Self::claim(max_gap));
+        eprintln!(
+            "{what}: \"{}\" holds: {self}",
+            Self::claim(max_failed, max_gap)
+        );
+    }
+
+    /// Failures sent outside every one of `windows` (from, to), in time since the start.
+    pub fn failed_outside(&self, windows: &[(Duration, Duration)]) -> Vec<(Duration, Failure)> {
+        self.failures
+            .iter()
+            .filter(|(at, _)| !windows.iter().any(|(from, to)| from <= at && at < to))
+            .copied()
+            .collect()
     }
 }
 
@@ -726,6 +779,7 @@ mod tests {
             failed_by_kind: BTreeMap::new(),
             longest_gap: (Duration::ZERO, Duration::from_millis(20)),
             slowest_ok: Duration::from_millis(2),
+            failures: Vec::new(),
             first_failures: Vec::new(),
             stopped_by_limit: false,
         };
