@@ -10,7 +10,7 @@ use std::{
 };
 
 use mesh_agent::gossip::token::JoinToken;
-use mesh_tests::{Cluster, Host, cluster::bin, workload::ClientLoop};
+use mesh_tests::{Cluster, Host, availability::Probe, cluster::bin};
 use serde_json::Value;
 
 /// Starts `mesh-agent init` on host `i`; the join command it printed.
@@ -334,7 +334,7 @@ fn a_rotated_token_keeps_members_serving_and_stops_old_token_joins() {
     .unwrap();
     c.external("client", 100).unwrap();
     let target = format!("{}:8080", c.host(1).ip).parse().unwrap();
-    let client = ClientLoop::start(c.external_ns("client").unwrap(), target).unwrap();
+    let client = Probe::start(c.external_ns("client").unwrap(), target).unwrap();
 
     let rotated = c.host(1).meshctl(&["join-token", "--rotate"]).unwrap();
     let stderr = String::from_utf8_lossy(&rotated.stderr);
@@ -343,12 +343,11 @@ fn a_rotated_token_keeps_members_serving_and_stops_old_token_joins() {
     let new = join_command(&String::from_utf8_lossy(&rotated.stdout));
     assert_ne!(new, old);
     std::thread::sleep(Duration::from_secs(1));
-    let (ok, failed) = client.finish();
-    assert!(
-        failed.is_empty(),
-        "requests failed during the rotation: {failed:?}"
-    );
-    assert!(ok > 50, "only {ok} requests");
+    // Rotating the gossip key touches no load balancer and no task: nothing may stall an
+    // answer for half a second (a dropped SYN shows as a failure). Measured: gaps ≤ 40 ms.
+    client
+        .finish()
+        .assert_available("during the rotation", Duration::from_millis(500));
     wait_ready(&c, &[1, 2, 3], &[1, 2, 3]);
     for i in [1, 2, 3] {
         let stats: Value = c.host(i).meshctl_json(&["gossip", "stats"]).unwrap();
@@ -506,7 +505,7 @@ fn leaving_hands_a_services_tasks_over_while_clients_are_served() {
     })
     .unwrap();
     let target = format!("{}:8080", c.host(1).ip).parse().unwrap();
-    let client = ClientLoop::start(c.external_ns("client").unwrap(), target).unwrap();
+    let client = Probe::start(c.external_ns("client").unwrap(), target).unwrap();
 
     let out = leave(c.host(3), &["--timeout", "60"]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -524,10 +523,10 @@ fn leaving_hands_a_services_tasks_over_while_clients_are_served() {
         },
     )
     .unwrap();
-    let (ok, failed) = client.finish();
-    assert!(
-        failed.is_empty(),
-        "requests failed while host3 left: {failed:?}"
-    );
-    assert!(ok > 50, "only {ok} requests");
+    // Leaving drains host3's task first: its peers take it out of their load balancers
+    // before it stops, and the other two keep serving, so nothing should stall for half a
+    // SYN retransmit (1 s). Measured: gaps ≤ 25 ms.
+    client
+        .finish()
+        .assert_available("while host3 left", Duration::from_millis(500));
 }

@@ -12,11 +12,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{
-    Cluster, Host,
-    cluster::bin,
-    workload::{ClientLoop, http_get},
-};
+use mesh_tests::{Cluster, Host, availability::Probe, cluster::bin, workload::http_get};
 use serde_json::Value;
 
 const PASSWORD: &str = "1q2w3e4r";
@@ -290,12 +286,7 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
         PASSWORD_V2,
     );
     assert!(out.status.success(), "{out:?}");
-    let client = ClientLoop::paced(
-        c.external_ns("client").unwrap(),
-        addr(c.host(2), 8080),
-        Duration::from_millis(20),
-    )
-    .unwrap();
+    let client = Probe::start(c.external_ns("client").unwrap(), addr(c.host(2), 8080)).unwrap();
     c.host(3)
         .meshctl_ok(&[
             "service",
@@ -313,14 +304,11 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
         .unwrap();
     converged(&c, "db", 3);
     std::thread::sleep(Duration::from_millis(500));
-    let (ok, failed) = client.finish();
-    assert!(ok > 20, "{ok} requests");
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {failed:?}",
-        failed.len(),
-        ok + failed.len()
-    );
+    // Start-first: each new task serves before its old one leaves the load balancers, so
+    // nothing should stall for half a SYN retransmit (1 s). Measured: gaps ≤ 40 ms.
+    client
+        .finish()
+        .assert_available("during the secret rotation", Duration::from_millis(500));
     for h in c.hosts() {
         assert_eq!(get(&c, addr(h, 8080)).unwrap(), fnv(PASSWORD_V2.as_bytes()));
     }

@@ -7,8 +7,9 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use mesh_tests::{
     Cluster, Host,
+    availability::Probe,
     cluster::bin,
-    workload::{ClientLoop, http_get, tally},
+    workload::{http_get, tally},
 };
 use serde_json::Value;
 
@@ -436,8 +437,7 @@ fn a_drained_node_hands_its_tasks_over_and_nothing_moves_back() {
     create(&c, "web", &["--replicas", "3", "-p", "8080:80"]);
     converged(&c, "web", 3, Duration::from_secs(10));
     let h2 = c.host(2).node_name().to_owned();
-    let client =
-        ClientLoop::start(c.external_ns("client").unwrap(), addr(c.host(1), 8080)).unwrap();
+    let client = Probe::start(c.external_ns("client").unwrap(), addr(c.host(1), 8080)).unwrap();
     c.host(1)
         .meshctl_ok(&["node", "update", "--availability", "drain", &h2])
         .unwrap();
@@ -457,13 +457,12 @@ fn a_drained_node_hands_its_tasks_over_and_nothing_moves_back() {
         before,
         "activating moved tasks back"
     );
-    let (ok, failed) = client.finish();
-    assert!(ok > 0);
-    assert!(
-        failed.is_empty(),
-        "{} failed during the drain: {failed:?}",
-        failed.len()
-    );
+    // A drain replaces h2's task elsewhere while the others serve; the drained task leaves
+    // the load balancers before it stops, so nothing should stall for half a SYN
+    // retransmit (1 s). Measured: gaps ≤ 25 ms.
+    client
+        .finish()
+        .assert_available("during the drain", Duration::from_millis(500));
 
     // `update --force` re-spreads.
     c.host(1)
@@ -539,20 +538,18 @@ fn a_dead_nodes_slots_run_elsewhere_and_requests_keep_succeeding() {
         },
     )
     .unwrap();
-    let client =
-        ClientLoop::start(c.external_ns("client").unwrap(), addr(c.host(1), 8080)).unwrap();
+    let client = Probe::start(c.external_ns("client").unwrap(), addr(c.host(1), 8080)).unwrap();
     converged(&c, "web", 3, Duration::from_secs(10));
     let by_node = running_by_node(c.host(2), "web");
     assert!(!by_node.contains_key(&h3), "{by_node:?}");
     assert_eq!(by_node.values().sum::<usize>(), 3, "{by_node:?}");
     std::thread::sleep(Duration::from_millis(500));
-    let (ok, failed) = client.finish();
-    assert!(ok > 10, "{ok} requests");
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {failed:?}",
-        failed.len(),
-        ok + failed.len()
+    // With the dead task out of host1's load balancer, the two live tasks serve while
+    // replacements start and join: only additions, so no answer should stall for half a
+    // second. Measured: gaps ≤ 15 ms.
+    client.finish().assert_available(
+        "while the dead node's slots moved",
+        Duration::from_millis(500),
     );
     let table = c.host(1).meshctl_ok(&["service", "ps", "web"]).unwrap();
     assert!(table.contains("Orphaned"), "the dead node's task: {table}");

@@ -7,9 +7,10 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use mesh_tests::{
     Cluster, Host,
+    availability::Probe,
     cluster::bin,
     netns::Netns,
-    workload::{ClientLoop, http_get, tally},
+    workload::{http_get, tally},
 };
 use serde_json::Value;
 
@@ -146,18 +147,14 @@ fn the_seed_update_replaces_tasks_in_waves_in_slot_order() {
     assert!(inspect.contains("Parallelism:\t2"), "{inspect}");
 }
 
-/// An update while two client loops run, one from outside against host1's published port and
-/// one from a task on host2 against the service's VIP: no request fails.
-fn update_with_clients(order: &str) {
+/// An update while two clients run, one from outside against host1's published port and
+/// one from a task on host2 against the service's VIP: "0 failed and no gap over `max_gap`"
+/// for both.
+fn update_with_clients(order: &str, max_gap: Duration) {
     let c = cluster(3);
     create(&c, "web", &["--replicas", "3"]);
     converged(&c, "web", 3);
-    let client = ClientLoop::paced(
-        c.external_ns("client").unwrap(),
-        addr(c.host(1)),
-        Duration::from_millis(5),
-    )
-    .unwrap();
+    let client = Probe::start(c.external_ns("client").unwrap(), addr(c.host(1))).unwrap();
     let whoami = bin("mesh-whoami");
     c.host(2)
         .meshctl_ok(&[
@@ -183,8 +180,7 @@ fn update_with_clients(order: &str) {
     let vip: SocketAddr = format!("{}:80", service(c.host(2), "web")["vip"].as_str().unwrap())
         .parse()
         .unwrap();
-    let east_west =
-        ClientLoop::paced(&Netns::existing(&cli_ns), vip, Duration::from_millis(5)).unwrap();
+    let east_west = Probe::start(&Netns::existing(&cli_ns), vip).unwrap();
     c.host(3)
         .meshctl_ok(&[
             "service",
@@ -210,26 +206,24 @@ fn update_with_clients(order: &str) {
         ])
         .unwrap();
     converged(&c, "web", 3);
-    for (from, client) in [("outside", client), ("the VIP", east_west)] {
-        let (ok, failed) = client.finish();
-        assert!(ok > 50, "{from}: {ok} requests");
-        assert!(
-            failed.is_empty(),
-            "{order}, {from}: {} of {} failed: {failed:?}",
-            failed.len(),
-            ok + failed.len()
-        );
+    let reports = [("outside", client), ("the VIP", east_west)].map(|(from, p)| (from, p.finish()));
+    for (from, r) in reports {
+        r.assert_available(&format!("{order}, from {from}"), max_gap);
     }
 }
 
 #[test]
 fn a_start_first_update_fails_no_request() {
-    update_with_clients("start-first");
+    // Each new task serves before its old one leaves the load balancers: nothing should
+    // stall for half a SYN retransmit (1 s). Measured: gaps ≤ 40 ms from either client.
+    update_with_clients("start-first", Duration::from_millis(500));
 }
 
 #[test]
 fn a_stop_first_update_fails_no_request() {
-    update_with_clients("stop-first");
+    // The old task leaves the load balancers before it stops and two others serve
+    // meanwhile: the same bound as start-first. Measured: gaps ≤ 45 ms.
+    update_with_clients("stop-first", Duration::from_millis(500));
 }
 
 #[test]
