@@ -1,14 +1,18 @@
 //! Rolling updates against what a user without them does: 10 tasks of one service replaced
 //! one at a time, start-first, no delay (`service update --env-add …`), beside a naive
 //! stop-all/start-all of the same service (`service scale =0`, then `=10`), while a client
-//! loop sends requests to a published port. Reported: time until all 10 run the new version
-//! (or run again) and every node balances over them, and the requests that failed meanwhile.
+//! sends 100 new connections a second (1 s each at most) to a published port. Reported: time
+//! until all 10 run the new version (or run again) and every node balances over them, the
+//! requests that failed meanwhile (by kind) and the longest stretch with no answer.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use mesh_api::v1::ServiceInfo;
-use mesh_tests::{cluster::bin, workload::ClientLoop};
+use mesh_tests::{
+    availability::{Availability, Probe},
+    cluster::bin,
+};
 
 use super::{
     agents,
@@ -43,11 +47,7 @@ pub fn run(quick: bool) -> Result<Report> {
     let (mut rolling, mut naive) = (Vec::new(), Vec::new());
     for run in 0..runs {
         eprintln!("==> update run {}", run + 1);
-        let client = ClientLoop::paced(
-            c.external_ns("client").expect("made above"),
-            target,
-            Duration::from_millis(5),
-        )?;
+        let client = Probe::start(c.external_ns("client").expect("made above"), target)?;
         let started = Instant::now();
         c.host(2).meshctl_ok(&[
             "service",
@@ -74,14 +74,9 @@ pub fn run(quick: bool) -> Result<Report> {
                 .is_some_and(|u| u.state == mesh_api::spec::UpdateState::Completed);
             Ok(done && serving(&c, false)?)
         })?;
-        let (ok, failed) = client.finish();
-        rolling.push((took, ok, failed.len()));
+        rolling.push((took, client.finish()));
 
-        let client = ClientLoop::paced(
-            c.external_ns("client").expect("made above"),
-            target,
-            Duration::from_millis(5),
-        )?;
+        let client = Probe::start(c.external_ns("client").expect("made above"), target)?;
         let started = Instant::now();
         c.host(2)
             .meshctl_ok(&["service", "scale", &format!("{SERVICE}=0"), "-d"])?;
@@ -94,8 +89,7 @@ pub fn run(quick: bool) -> Result<Report> {
         let took = agents::time_until(started, Duration::from_secs(120), POLL, "back", || {
             serving(&c, false)
         })?;
-        let (ok, failed) = client.finish();
-        naive.push((took, ok, failed.len()));
+        naive.push((took, client.finish()));
     }
     let mut report = Report::new("Rolling update against stop-all/start-all");
     report.ran(format!(
@@ -103,38 +97,75 @@ pub fn run(quick: bool) -> Result<Report> {
          mesh-whoami tasks publishing {}; {runs} runs of: `service update --env-add …` \
          (parallelism 1, delay 0, start-first, monitor 0s) until the coordinator records it \
          completed and every node balances over {REPLICAS} tasks; then `service scale =0` and \
-         `=10` until the same; a client on the underlay makes a new connection to host1's \
-         published port every 5 ms throughout",
+         `=10` until the same; throughout, a client on the underlay opens {} new connections \
+         a second to host1's published port, paced by a clock, each with {} ms to be \
+         answered (connect included)",
+        mesh_tests::availability::RATE,
+        mesh_tests::availability::BUDGET.as_millis(),
         agents::PUBLISHED
     ));
     let mut t = Table::new(
         "min / median / max over runs",
-        &["", "time", "requests", "failed requests"],
+        &[
+            "",
+            "time",
+            "requests",
+            "failed requests",
+            "longest gap without an answer",
+        ],
     );
     for (name, v) in [
         ("rolling update, start-first", &rolling),
         ("stop all, start all (scale 0 → 10)", &naive),
     ] {
         let times: Vec<Duration> = v.iter().map(|r| r.0).collect();
-        let total: Vec<f64> = v.iter().map(|r| (r.1 + r.2) as f64).collect();
-        let failed: Vec<f64> = v.iter().map(|r| r.2 as f64).collect();
+        let total: Vec<f64> = v.iter().map(|r| r.1.sent as f64).collect();
+        let failed: Vec<f64> = v.iter().map(|r| r.1.failed() as f64).collect();
+        let gaps: Vec<Duration> = v.iter().map(|r| r.1.gap()).collect();
         t.row(vec![
             name.into(),
             Spread::of_durations(&times).map_or("-".into(), |s| s.show(0, " ms")),
             Spread::of(&total).map_or("-".into(), |s| s.show(0, "")),
             Spread::of(&failed).map_or("-".into(), |s| s.show(0, "")),
+            Spread::of_durations(&gaps).map_or("-".into(), |s| s.show(0, " ms")),
         ]);
     }
     report.tables.push(t);
+    for (name, v) in [("rolling", &rolling), ("stop all, start all", &naive)] {
+        for (run, (_, seen)) in v.iter().enumerate() {
+            report.note(format!("{name}, run {}: {}", run + 1, summary(seen)));
+        }
+    }
     report.note(
         "Start-first keeps every slot serving: the old task leaves the load balancers only \
          once its replacement accepts connections, and stays up ~1 s while that spreads. The \
          naive way has a window with no task at all: the routing mesh drops new connections \
-         while a service has no backend, so clients stall on SYN retransmits (fewer requests \
-         complete in the same time, and those that outlast the client's 3 s timeout fail).",
+         while a service has no backend, so their SYNs go unanswered past the client's 1 s \
+         budget (connect timeouts), and the longest gap shows how long nothing was served.",
     );
     drop(c);
     Ok(report)
+}
+
+/// A run's client in one line: failures by kind and the longest gap.
+fn summary(seen: &Availability) -> String {
+    let kinds: Vec<String> = seen
+        .failed_by_kind
+        .iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect();
+    format!(
+        "{} sent, {} ok, {} failed{}; longest gap {} ms",
+        seen.sent,
+        seen.ok,
+        seen.failed(),
+        if kinds.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", kinds.join(", "))
+        },
+        seen.gap().as_millis()
+    )
 }
 
 /// Every node balances over REPLICAS active backends (and says so).
