@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use mesh_tests::{Cluster, Host, image::Image, workload::tally};
+use mesh_tests::{Cluster, Host, availability::Probe, image::Image, workload::tally};
 use serde_json::Value;
 
 /// An image whose HTTP server on port 80 answers `<version> <hostname>`.
@@ -93,8 +93,11 @@ fn an_image_service_rolls_to_a_new_image_shows_the_old_one_in_its_history_and_ro
     .unwrap();
     all_answer(&c, "v1");
 
-    // Seed 001, step 6: flags before the name, as Docker's CLI takes them. Without
-    // --detach the command follows the rollout and fails if it does not converge.
+    // Seed 001, step 6, while a client outside counts failures through host 2: flags before
+    // the name, as Docker's CLI takes them. Without --detach the command follows the
+    // rollout and fails if it does not converge.
+    let addr = format!("{}:8080", c.host(2).ip).parse().unwrap();
+    let client = Probe::start(c.external_ns("client").unwrap(), addr).unwrap();
     let out = h
         .meshctl_ok(&[
             "service",
@@ -107,6 +110,12 @@ fn an_image_service_rolls_to_a_new_image_shows_the_old_one_in_its_history_and_ro
         ])
         .unwrap();
     assert!(out.contains("converged"), "{out}");
+    // Stop-first, one slot at a time: the other two tasks keep answering while a slot's
+    // container is replaced, so no request may fail and no answer may pause for as long as
+    // a dropped SYN's retransmit (1 s); 500 ms is what the process-task updates hold too.
+    client
+        .finish()
+        .assert_available("the --image rolling update", Duration::from_millis(500));
     all_answer(&c, "v2");
 
     let rows: Vec<Value> = h.meshctl_json(&["service", "ps", "web"]).unwrap();

@@ -129,12 +129,23 @@ impl Browser {
 
     /// Polls the page's state until `check` holds.
     fn until(&mut self, what: &str, timeout: Duration, check: impl Fn(&Value) -> bool) -> Value {
+        self.until_eval(STATE, what, timeout, check)
+    }
+
+    /// Evaluates `expression` until `check` accepts what it returns.
+    fn until_eval(
+        &mut self,
+        expression: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             // The page may still be loading (no body yet): that is "not yet", not a failure.
             let r = self.call(
                 "Runtime.evaluate",
-                json!({"expression": STATE, "returnByValue": true}),
+                json!({"expression": expression, "returnByValue": true}),
             );
             let state = if r.get("exceptionDetails").is_some() {
                 Value::Null
@@ -190,6 +201,76 @@ const STATE: &str = r##"JSON.stringify({
   ticker: document.querySelectorAll("#ticker li").length,
   marker: window.__meshMarker || null,
 })"##;
+
+/// Where the services strip and each of its cards are on screen, and whether any card's
+/// content is cut off.
+const STRIP: &str = r##"JSON.stringify((() => {
+  const strip = document.getElementById("services").getBoundingClientRect();
+  return {
+    vw: innerWidth, vh: innerHeight,
+    strip: { top: strip.top, bottom: strip.bottom },
+    cards: [...document.querySelectorAll(".svc")].map(c => {
+      const r = c.getBoundingClientRect();
+      return { name: c.dataset.service, top: r.top, bottom: r.bottom, left: r.left,
+               right: r.right, height: r.height, clipped: c.scrollHeight > c.clientHeight + 1 };
+    }),
+    // Task cards that stick out of their node's panel.
+    spilled: [...document.querySelectorAll("section.node .card")].filter(c =>
+      c.getBoundingClientRect().bottom > c.closest("section.node").getBoundingClientRect().bottom + 1
+    ).map(c => c.dataset.task),
+  };
+})())"##;
+
+/// At this viewport, every card of the services strip is on screen whole, inside the strip,
+/// tall enough to read (name, replicas, ports), and a screenshot shows it.
+fn strip_is_readable_at(b: &mut Browser, width: u32, height: u32, shots: &[PathBuf]) {
+    b.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": false}),
+    );
+    let g = state(&b.until_eval(
+        STRIP,
+        &format!("the page laid out at {width}x{height}"),
+        Duration::from_secs(5),
+        |v| {
+            let g = state(v);
+            g["vw"] == width && g["vh"] == height
+        },
+    ));
+    let strip_top = g["strip"]["top"].as_f64().unwrap();
+    let strip_bottom = g["strip"]["bottom"].as_f64().unwrap();
+    let cards = g["cards"].as_array().unwrap();
+    assert_eq!(cards.len(), 2, "{g:#}");
+    for card in cards {
+        let f = |k: &str| card[k].as_f64().unwrap();
+        let whole = f("top") >= strip_top - 0.5
+            && f("bottom") <= strip_bottom + 0.5
+            && f("bottom") <= height as f64
+            && f("left") >= 0.0
+            && f("right") <= width as f64;
+        assert!(
+            whole,
+            "{width}x{height}: card {} is not whole in the strip: {g:#}",
+            card["name"]
+        );
+        assert!(
+            f("height") >= 50.0,
+            "{width}x{height}: card {} is squashed: {g:#}",
+            card["name"]
+        );
+        assert_eq!(
+            card["clipped"], false,
+            "{width}x{height}: card {} cut off: {g:#}",
+            card["name"]
+        );
+    }
+    assert_eq!(
+        g["spilled"],
+        json!([]),
+        "{width}x{height}: task cards outside their node's panel"
+    );
+    b.screenshot(&format!("ui-{width}x{height}.png"), shots);
+}
 
 fn state(v: &Value) -> Value {
     serde_json::from_str(v.as_str().unwrap()).unwrap()
@@ -363,4 +444,17 @@ fn the_page_shows_the_cluster_and_follows_a_scale_and_a_node_failure_live() {
         },
     );
     b.screenshot("ui-node-down.png", &shots);
+
+    // Enough tasks that the nodes' columns are taller than a screen: the services strip
+    // must still show every card whole (it used to shrink to a sliver), at the sizes a
+    // wall screen and a laptop have.
+    c.host(1)
+        .meshctl_ok(&["service", "scale", "-d", "web=24"])
+        .unwrap();
+    b.until("24 running web tasks", Duration::from_secs(60), |v| {
+        cards(&state(v), "running") == 24
+    });
+    for (width, height) in [(1600, 1000), (1280, 800)] {
+        strip_is_readable_at(&mut b, width, height, &shots);
+    }
 }
