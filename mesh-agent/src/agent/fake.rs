@@ -275,6 +275,32 @@ impl FakeCluster {
             .clone()
     }
 
+    /// The node that wrote the service's latest change (a coordinator recording a rollout's
+    /// outcome, or "test" for the test's own writes).
+    pub fn last_writer(&self, name: &str) -> String {
+        self.shared.gossip.lock().unwrap().services[name]
+            .updated
+            .node
+            .clone()
+    }
+
+    /// The service's coordinator as the first live node sees the cluster.
+    pub fn coordinator(&self, service: &str) -> String {
+        let live = {
+            let g = self.shared.gossip.lock().unwrap();
+            self.shared
+                .names
+                .iter()
+                .find(|n| !g.dead.contains(*n))
+                .cloned()
+                .expect("a live node")
+        };
+        let nodes = self.shared.view_for(&live).planner_nodes();
+        mesh_planner::coordinator(service, &nodes)
+            .expect("a ready node")
+            .to_owned()
+    }
+
     /// Every task record of a service, as `service ps` lists them: by slot, newest first (a
     /// restart's replacement is made in the millisecond its predecessor ended: the later
     /// change, then the ID, break the tie).

@@ -418,6 +418,68 @@ async fn with_failure_action_rollback_every_slot_goes_back_to_the_old_template()
     assert_eq!(v1_restarts, slots(&["1", "2"]));
 }
 
+// --- Coordinator hand-over --------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_rollout_whose_coordinator_dies_is_finished_by_the_next_one() {
+    let c = FakeCluster::new(&["n1", "n2", "n3"]);
+    c.create(ServiceSpec {
+        update: UpdateConfig {
+            parallelism: 1,
+            delay_ms: 3_000,
+            ..UpdateConfig::default()
+        },
+        ..web(6, "v1")
+    });
+    c.run_for(secs(5)).await;
+    let first = c.coordinator("web");
+    c.update("web", |s| {
+        s.task.as_mut().expect("a template").command = command("v2");
+    });
+    c.run_for(secs(6)).await;
+    let before = v2_starts(&c).len();
+    assert!(
+        (1..6).contains(&before),
+        "the rollout is under way when its coordinator dies: {before} slots on v2"
+    );
+    assert_eq!(
+        c.service("web").update_status.expect("a rollout").state,
+        UpdateState::Updating
+    );
+
+    c.kill(&first);
+    c.run_for(secs(90)).await;
+    let next = c.coordinator("web");
+    assert_ne!(next, first, "a live node took over");
+    let spec = c.service("web");
+    let status = spec.update_status.clone().expect("a rollout");
+    assert_eq!(status.state, UpdateState::Completed, "{}", status.message);
+    assert_eq!(
+        c.last_writer("web"),
+        next,
+        "the new coordinator recorded the outcome"
+    );
+    let v2 = spec.template_id();
+    let on_live: Vec<Task> = c
+        .live("web")
+        .into_iter()
+        .filter(|t| t.node != first)
+        .collect();
+    assert_eq!(
+        on_live.len(),
+        6,
+        "every slot runs on a live node: {on_live:#?}"
+    );
+    assert!(
+        on_live
+            .iter()
+            .all(|t| t.template == v2 && t.state == TaskState::Running),
+        "{on_live:#?}"
+    );
+    let slots: BTreeSet<String> = on_live.iter().map(|t| t.slot.to_string()).collect();
+    assert_eq!(slots.len(), 6, "one task per slot: {on_live:#?}");
+}
+
 // --- A dead node ------------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
