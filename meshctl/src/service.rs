@@ -64,12 +64,18 @@ pub enum ServiceCommand {
     },
 }
 
-#[derive(Args, Debug)]
+/// `service create [OPTIONS] IMAGE [COMMAND] [ARG...]`, as Docker's: flags come before the
+/// image, and everything after it is the command (so `redis redis-server --appendonly yes`
+/// needs no `--`). `--process` runs COMMAND as a process instead of an image.
+#[derive(Args, Debug, Clone)]
 pub struct CreateArgs {
-    /// Service name (or --name).
+    /// Service name (default: one made from the image or program, e.g. nginx-3f2a1c).
+    #[arg(long)]
     name: Option<String>,
-    #[arg(long = "name", conflicts_with = "name")]
-    name_flag: Option<String>,
+    /// Run COMMAND as a process in the task's own namespaces (the process driver), not an
+    /// image: `--process -- /usr/local/bin/backup --full`.
+    #[arg(long)]
+    process: bool,
     /// Network the tasks join (default: `ingress`, created on first use).
     #[arg(long)]
     network: Option<String>,
@@ -116,9 +122,8 @@ pub struct CreateArgs {
     /// The tasks' hostname (default: the task name, e.g. web.1).
     #[arg(long)]
     hostname: Option<String>,
-    /// Run this OCI image (local or pullable by podman) as each task, on nodes with podman;
-    /// the words after `--` replace its CMD.
-    #[arg(long)]
+    /// Deprecated: the image is the first argument.
+    #[arg(long, hide = true)]
     image: Option<String>,
     /// Give the tasks a secret at /run/secrets/TARGET: NAME or
     /// source=NAME[,target=T][,uid=U][,gid=G][,mode=0400].
@@ -133,9 +138,26 @@ pub struct CreateArgs {
     /// Return at once instead of waiting for the tasks.
     #[arg(long, short = 'd')]
     detach: bool,
-    /// The tasks' command (with --image: the container's arguments), after `--`.
-    #[arg(last = true)]
+    /// IMAGE [COMMAND] [ARG...]: an OCI image (local or pullable by podman) the tasks run
+    /// on nodes with podman, and the command that replaces its CMD; with --process, the
+    /// COMMAND [ARG...] each task runs.
+    #[arg(
+        value_name = "IMAGE",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    words: Vec<String>,
+    /// The command the tasks run: what follows the image, or (with --process) the words.
+    #[arg(skip)]
     command: Vec<String>,
+}
+
+/// `service create`'s arguments alone, to read the old `NAME [OPTIONS] -- COMMAND` form.
+#[derive(clap::Parser, Debug)]
+#[command(no_binary_name = true)]
+struct OldCreate {
+    #[command(flatten)]
+    args: CreateArgs,
 }
 
 #[derive(Args, Debug)]
@@ -255,6 +277,11 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
 }
 
 async fn create(client: &Client, fmt: Format, a: &CreateArgs) -> Result<()> {
+    let raw: Vec<String> = std::env::args()
+        .skip_while(|w| w != "create")
+        .skip(1)
+        .collect();
+    let a = &in_docker_order(a.clone(), &raw)?;
     let req = ServiceCreate {
         spec: create_spec(a)?,
     };
@@ -352,13 +379,154 @@ async fn logs(client: &Client, name: &str, follow: bool) -> Result<()> {
     .await
 }
 
+/// The arguments with the name, image and command resolved from Docker's order (`--name N
+/// IMAGE COMMAND…`, or `--process … COMMAND…`); the old `NAME [OPTIONS] [--image IMAGE] --
+/// COMMAND` form is still read, with a note saying how to write it now.
+fn in_docker_order(mut a: CreateArgs, raw: &[String]) -> Result<CreateArgs> {
+    split_at_dashes(&mut a, raw);
+    if a.name.is_none()
+        && !a.process
+        && let Some(old) = old_form(&a, raw)
+    {
+        eprintln!("{}", deprecation(&old));
+        return Ok(old);
+    }
+    if a.name.is_some() && !a.process && a.image.is_none() && a.words.is_empty() {
+        // `--name web -- COMMAND`: the old form's process, named by the flag.
+        a.process = true;
+        if !a.command.is_empty() {
+            eprintln!("{}", deprecation(&a));
+        }
+    }
+    let mut words = std::mem::take(&mut a.words);
+    words.append(&mut a.command);
+    match (a.process, a.image.take()) {
+        (true, Some(_)) => bail!("--process runs a command, not an image: drop --image"),
+        (true, None) => a.command = words,
+        // The deprecated flag: the words are the container's command.
+        (false, Some(image)) => {
+            a.image = Some(image);
+            a.command = words;
+        }
+        (false, None) => {
+            let Some(image) = (!words.is_empty()).then(|| words.remove(0)) else {
+                bail!(
+                    "no image: `meshctl service create [OPTIONS] IMAGE [COMMAND] [ARG...]`, or \
+                     `--process -- COMMAND [ARG...]` for a process"
+                );
+            };
+            a.image = Some(image);
+            a.command = words;
+        }
+    }
+    if a.name.is_none() {
+        a.name = Some(generated_name(&a));
+    }
+    Ok(a)
+}
+
+/// Moves what followed a `--` on the command line from the words to the command: the old
+/// form needs to know where `--` stood (`web -- srv` names web; `web srv` runs image web).
+fn split_at_dashes(a: &mut CreateArgs, raw: &[String]) {
+    let Some(k) = raw.iter().position(|w| w == "--") else {
+        return;
+    };
+    let after = &raw[k + 1..];
+    if !a.words.ends_with(after) {
+        return;
+    }
+    a.words.truncate(a.words.len() - after.len());
+    if a.words.last().is_some_and(|w| w == "--") {
+        a.words.pop();
+    }
+    a.command = after.to_vec();
+}
+
+/// `NAME [OPTIONS] -- COMMAND` or `NAME [OPTIONS] --image IMAGE`, as meshctl used to take
+/// them: the first word is the name when what follows reads as this command's options (or
+/// only `-- COMMAND` follows). `raw` is what followed `create` on the command line, so
+/// options after the name are read as options again. Anything else is Docker's order.
+fn old_form(a: &CreateArgs, raw: &[String]) -> Option<CreateArgs> {
+    let (first, rest) = a.words.split_first()?;
+    if first.starts_with('-') {
+        return None;
+    }
+    let options_follow = rest.first().is_some_and(|w| w.starts_with('-'));
+    let only_command = rest.is_empty() && (!a.command.is_empty() || a.image.is_some());
+    if !(options_follow || only_command) {
+        return None;
+    }
+    // The name is the first of the words, which run up to `--` (or the end).
+    let dashes = raw.iter().position(|w| w == "--").unwrap_or(raw.len());
+    let at = dashes.checked_sub(a.words.len())?;
+    if raw.get(at) != Some(first) {
+        return None;
+    }
+    let argv: Vec<&String> = raw[..at].iter().chain(&raw[at + 1..dashes]).collect();
+    let mut old = <OldCreate as clap::Parser>::try_parse_from(argv).ok()?.args;
+    if old.name.is_some() || old.process || !old.words.is_empty() {
+        return None;
+    }
+    old.command = a.command.clone();
+    old.name = Some(first.clone());
+    old.process = old.image.is_none();
+    Some(old)
+}
+
+fn deprecation(old: &CreateArgs) -> String {
+    let name = old.name.as_deref().unwrap_or_default();
+    match &old.image {
+        Some(image) => format!(
+            "meshctl: `service create {name} … --image {image}` is deprecated: write \
+             `service create --name {name} … {image} [COMMAND]`, as Docker does"
+        ),
+        None if old.command.is_empty() => format!(
+            "meshctl: `service create {name} …` is deprecated: write `service create --name \
+             {name} --process …` for a service whose tasks are started by hand"
+        ),
+        None => format!(
+            "meshctl: `service create {name} … -- COMMAND` is deprecated: write `service \
+             create --name {name} --process … -- COMMAND`"
+        ),
+    }
+}
+
+/// A name for a service created without `--name`: the image's (or program's) base name and
+/// a random suffix, so two creates of one image do not collide.
+fn generated_name(a: &CreateArgs) -> String {
+    let source = a
+        .image
+        .as_deref()
+        .or(a.command.first().map(String::as_str))
+        .unwrap_or("service");
+    let base = source.rsplit('/').next().unwrap_or(source);
+    let base = base.split(['@', ':']).next().unwrap_or(base);
+    let mut clean: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    clean = clean.trim_matches('-').chars().take(40).collect();
+    if clean.is_empty() {
+        clean = "service".into();
+    }
+    let mut b = [0u8; 3];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut b)
+    });
+    format!("{clean}-{:02x}{:02x}{:02x}", b[0], b[1], b[2])
+}
+
 /// `service create`'s flags as the spec the agent is asked for.
 fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
-    let name = match (&a.name, &a.name_flag) {
-        (Some(n), _) | (None, Some(n)) => n.clone(),
-        (None, None) => {
-            bail!("no service name: `meshctl service create NAME …` or `--name NAME`")
-        }
+    let Some(name) = a.name.clone() else {
+        bail!("no service name: pass --name NAME");
     };
     let msg = anyhow::Error::msg;
     let ports = flags::ports("--publish", &a.publish).map_err(msg)?;
@@ -407,18 +575,19 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
     if a.command.is_empty() && a.image.is_none() {
         if a.replicas.is_some() || a.mode.is_some() {
             bail!(
-                "no command for the tasks to run: put it after `--`, e.g. meshctl service create \
-                 {name} --replicas 3 -- /usr/bin/python3 -m http.server 80"
+                "no command for the tasks to run: give an image, or --process and the command \
+                 after `--`, e.g. meshctl service create --name {name} --process --replicas 3 \
+                 -- /usr/bin/python3 -m http.server 80"
             );
         }
         if !a.secret.is_empty() || !a.config.is_empty() {
-            bail!("--secret and --config are for scheduled tasks: put the command after `--`");
+            bail!("--secret and --config are for scheduled tasks: give an image or a command");
         }
         let health = a.health.change().map_err(msg)?;
         if !health.is_empty() || a.stop_grace_period.is_some() {
             bail!(
-                "health checks and --stop-grace-period are for scheduled tasks: put the command \
-                 after `--`"
+                "health checks and --stop-grace-period are for scheduled tasks: give an image or \
+                 a command"
             );
         }
         return Ok(None);
@@ -837,5 +1006,147 @@ async fn converge(client: &Client, name: &str) -> Result<()> {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `meshctl service create ARGS…`, resolved as `create` resolves it.
+    fn create(args: &[&str]) -> Result<CreateArgs> {
+        let mut argv = vec!["meshctl", "service", "create"];
+        argv.extend_from_slice(args);
+        let cli = crate::Cli::try_parse_from(&argv)?;
+        let crate::Command::Service(ServiceCommand::Create(a)) = cli.command else {
+            panic!("not a create");
+        };
+        let raw: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        in_docker_order(*a, &raw)
+    }
+
+    #[test]
+    fn dockers_order_takes_the_image_first_and_the_command_after_it() {
+        let a = create(&[
+            "--name",
+            "my-web",
+            "--publish",
+            "published=8080,target=80",
+            "--replicas",
+            "3",
+            "nginx:latest",
+        ])
+        .unwrap();
+        assert_eq!(a.name.as_deref(), Some("my-web"));
+        assert_eq!(a.image.as_deref(), Some("nginx:latest"));
+        assert!(a.command.is_empty());
+        assert_eq!(a.replicas, Some(3));
+        // Everything after the image is its command, dashes included, as Docker's.
+        let a = create(&[
+            "--name",
+            "cache",
+            "redis:7",
+            "redis-server",
+            "--appendonly",
+            "yes",
+        ])
+        .unwrap();
+        assert_eq!(a.image.as_deref(), Some("redis:7"));
+        assert_eq!(a.command, ["redis-server", "--appendonly", "yes"]);
+        let a = create(&["--name", "w", "nginx", "-g", "daemon off;"]).unwrap();
+        assert_eq!(a.command, ["-g", "daemon off;"]);
+    }
+
+    #[test]
+    fn a_service_without_a_name_gets_one_from_its_image() {
+        let a = create(&["localhost/shop/api:1.2"]).unwrap();
+        let name = a.name.unwrap();
+        assert!(
+            name.starts_with("api-") && name.len() == "api-".len() + 6,
+            "{name}"
+        );
+        assert!(mesh_api::spec::validate_name("service", &name).is_ok());
+    }
+
+    #[test]
+    fn the_process_driver_is_spelled_out() {
+        let a = create(&[
+            "--name",
+            "job1",
+            "--process",
+            "--",
+            "/usr/local/bin/backup",
+            "--full",
+        ])
+        .unwrap();
+        assert!(a.image.is_none());
+        assert_eq!(a.command, ["/usr/local/bin/backup", "--full"]);
+        let old = create(&[
+            "--name",
+            "web",
+            "--replicas",
+            "3",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+        ])
+        .unwrap();
+        assert!(old.image.is_none() && old.process);
+        assert_eq!(old.command, ["python3", "-m", "http.server"]);
+        let none = create(&["--name", "hand", "--process", "--network", "app"]).unwrap();
+        assert!(none.command.is_empty() && none.image.is_none());
+        assert!(create(&["--process", "--image", "x", "--", "y"]).is_err());
+        assert!(
+            create(&["--replicas", "2"])
+                .unwrap_err()
+                .to_string()
+                .contains("no image")
+        );
+    }
+
+    #[test]
+    fn the_old_name_first_form_still_reads_as_it_did() {
+        let a = create(&[
+            "web",
+            "--network",
+            "app",
+            "--replicas",
+            "3",
+            "--",
+            "srv",
+            "--port",
+            "80",
+        ])
+        .unwrap();
+        assert_eq!(a.name.as_deref(), Some("web"));
+        assert!(a.image.is_none() && a.process);
+        assert_eq!(a.command, ["srv", "--port", "80"]);
+        assert_eq!((a.network.as_deref(), a.replicas), (Some("app"), Some(3)));
+        let a = create(&["web", "--", "srv"]).unwrap();
+        assert_eq!(
+            (a.name.as_deref(), a.command.as_slice()),
+            (Some("web"), &["srv".to_owned()][..])
+        );
+        let a = create(&[
+            "-d",
+            "api",
+            "--replicas",
+            "2",
+            "--image",
+            "localhost/api:1",
+            "-e",
+            "A=b",
+        ])
+        .unwrap();
+        assert_eq!(a.name.as_deref(), Some("api"));
+        assert_eq!(a.image.as_deref(), Some("localhost/api:1"));
+        assert!(a.detach && a.env == ["A=b"]);
+        // A task-less service (its tasks started by `meshctl run --service`).
+        let a = create(&["lb", "--network", "app"]).unwrap();
+        assert_eq!(a.name.as_deref(), Some("lb"));
+        assert!(a.image.is_none() && a.command.is_empty());
+        assert!(deprecation(&a).contains("--name lb --process"));
     }
 }

@@ -77,17 +77,19 @@ fn an_image_service_rolls_to_a_new_image_shows_the_old_one_in_its_history_and_ro
     let (v1, v2) = (versioned("v1"), versioned("v2"));
     let c = cluster(3);
     let h = c.host(1);
+    // Docker's order: options, then the image (seed 001's `service create --name my-web …
+    // nginx:latest`).
     h.meshctl_ok(&[
         "service",
         "create",
+        "--name",
         "web",
         "--network",
         "app",
         "--replicas",
         "3",
         "--publish",
-        "8080:80",
-        "--image",
+        "published=8080,target=80",
         v1.name(),
     ])
     .unwrap();
@@ -158,10 +160,12 @@ fn an_image_update_that_cannot_be_says_why_and_changes_nothing() {
     h.meshctl_ok(&[
         "service",
         "create",
+        "--name",
         "proc",
         "--network",
         "app",
         "-d",
+        "--process",
         "--",
         whoami.to_str().unwrap(),
     ])

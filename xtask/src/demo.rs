@@ -277,7 +277,9 @@ fn demo(keep: bool) -> Result<()> {
         &[
             "service",
             "create",
+            "--name",
             "whoami",
+            "--process",
             "--replicas",
             "3",
             "--publish",
@@ -340,7 +342,16 @@ fn demo(keep: bool) -> Result<()> {
         c.host(3),
         "host3",
         &[
-            "service", "create", "mon", "--mode", "global", "--", "sleep", "100000",
+            "service",
+            "create",
+            "--name",
+            "mon",
+            "--process",
+            "--mode",
+            "global",
+            "--",
+            "sleep",
+            "100000",
         ],
     )?;
     show(
@@ -349,7 +360,9 @@ fn demo(keep: bool) -> Result<()> {
         &[
             "service",
             "create",
+            "--name",
             "prod",
+            "--process",
             "--mode",
             "global",
             "--constraint",
@@ -529,7 +542,9 @@ fn demo(keep: bool) -> Result<()> {
         &[
             "service",
             "create",
+            "--name",
             "db",
+            "--process",
             "--publish",
             "8081:80",
             "--secret",

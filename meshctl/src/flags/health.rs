@@ -5,7 +5,7 @@ use mesh_api::spec::{HealthChange, MAX_HEALTH_RETRIES, ProbeChange};
 
 use super::{count, duration_ms};
 
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone)]
 pub struct HealthArgs {
     /// Health check: a command run inside the task (healthy when it exits 0).
     #[arg(long = "health-cmd")]

@@ -5,7 +5,7 @@ use mesh_api::spec::RestartChange;
 
 use super::{count, duration_ms, parsed};
 
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone)]
 pub struct RestartArgs {
     /// none, on-failure or any (default any).
     #[arg(long = "restart-condition")]

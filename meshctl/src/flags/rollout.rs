@@ -5,7 +5,7 @@ use mesh_api::spec::UpdateConfigChange;
 
 use super::{count, duration_ms, parsed};
 
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone)]
 pub struct RolloutArgs {
     /// Tasks replaced at once (0: all; default 1).
     #[arg(long = "update-parallelism", allow_negative_numbers = true)]
