@@ -3,6 +3,7 @@
 
 mod compose;
 mod events;
+mod filters;
 mod flags;
 mod objects;
 mod progress;

@@ -8,6 +8,7 @@ use mesh_planner::ServiceMode;
 
 use super::{
     Format,
+    filters::{Filters, SERVICE_KEYS, TASK_KEYS},
     flags::{self, HealthArgs, RestartArgs, RolloutArgs},
     json, or_dash, print_tasks, progress, table,
 };
@@ -19,8 +20,8 @@ use mesh_api::{
 
 #[derive(Subcommand, Debug)]
 pub enum ServiceCommand {
-    /// Create a service: `meshctl service create web --replicas 3 -p 8080:80 -- CMD ARGS…`,
-    /// or with `--image IMAGE [-- ARGS…]` tasks that are podman containers.
+    /// Create a service: `meshctl service create --name web --replicas 3 -p 8080:80 IMAGE
+    /// [COMMAND] [ARG...]` (podman containers), or `--process -- COMMAND [ARG...]`.
     Create(Box<CreateArgs>),
     /// Change a service's replicas, placement or restart policy; --force replaces every task.
     Update(Box<UpdateArgs>),
@@ -35,9 +36,29 @@ pub enum ServiceCommand {
     },
     /// List services.
     #[command(alias = "list")]
-    Ls,
-    /// List the tasks of a service, with each slot's history.
-    Ps { name: String },
+    Ls {
+        /// Only IDs.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+        /// id=, name= (prefixes), mode=replicated|global, label=KEY[=VALUE]; repeat a key
+        /// for either value.
+        #[arg(long, short = 'f')]
+        filter: Vec<String>,
+    },
+    /// List the tasks of one or more services, with each slot's history.
+    Ps {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Only task IDs.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+        /// id=, name= (prefixes), node=, desired-state=running|shutdown|accepted.
+        #[arg(long, short = 'f')]
+        filter: Vec<String>,
+        /// Do not shorten errors.
+        #[arg(long = "no-trunc")]
+        no_trunc: bool,
+    },
     /// Show one service.
     Inspect {
         name: String,
@@ -45,9 +66,12 @@ pub enum ServiceCommand {
         #[arg(long)]
         pretty: bool,
     },
-    /// Remove a service (its tasks stop on every node).
+    /// Remove one or more services (their tasks stop on every node).
     #[command(alias = "remove")]
-    Rm { name: String },
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Go back to the service's previous spec, rolled out with its rollback config.
     Rollback {
         name: String,
@@ -241,17 +265,13 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
             update(client, fmt, &args.name, &req, args.detach).await
         }
         ServiceCommand::Scale { services, detach } => scale(client, fmt, &services, detach).await,
-        ServiceCommand::Ls => ls(client, fmt).await,
-        ServiceCommand::Ps { name } => {
-            let rows: Vec<ServiceTaskInfo> =
-                client.get(&format!("/v1/services/{name}/tasks")).await?;
-            if fmt == Format::Json {
-                return json(&rows);
-            }
-            let s: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
-            print_ps(&s, &rows);
-            Ok(())
-        }
+        ServiceCommand::Ls { quiet, filter } => ls(client, fmt, quiet, &filter).await,
+        ServiceCommand::Ps {
+            names,
+            quiet,
+            filter,
+            no_trunc,
+        } => ps(client, fmt, &names, quiet, &filter, no_trunc).await,
         ServiceCommand::Inspect { name, pretty } => {
             let s: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
             if !pretty || fmt == Format::Json {
@@ -260,11 +280,7 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
             print_inspect(&s);
             Ok(())
         }
-        ServiceCommand::Rm { name } => {
-            let _: serde_json::Value = client.delete(&format!("/v1/services/{name}")).await?;
-            println!("{name}");
-            Ok(())
-        }
+        ServiceCommand::Rm { names } => rm(client, &names).await,
         ServiceCommand::Rollback { name, detach } => {
             let req = ServiceUpdate {
                 rollback: true,
@@ -329,10 +345,18 @@ async fn scale(client: &Client, fmt: Format, services: &[String], detach: bool) 
     Ok(())
 }
 
-async fn ls(client: &Client, fmt: Format) -> Result<()> {
+async fn ls(client: &Client, fmt: Format, quiet: bool, filter: &[String]) -> Result<()> {
+    let filters = Filters::parse(filter, SERVICE_KEYS)?;
     let svcs: Vec<ServiceInfo> = client.get("/v1/services").await?;
+    let svcs: Vec<ServiceInfo> = svcs.into_iter().filter(|s| filters.service(s)).collect();
     if fmt == Format::Json {
         return json(&svcs);
+    }
+    if quiet {
+        for s in &svcs {
+            println!("{}", s.id);
+        }
+        return Ok(());
     }
     let rows = svcs.iter().map(|s| {
         [
@@ -352,6 +376,72 @@ async fn ls(client: &Client, fmt: Format) -> Result<()> {
         "{}",
         table(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"], rows)
     );
+    Ok(())
+}
+
+/// `service ps a b`: each service's tasks, filtered; an unknown service fails the command
+/// after the others are shown, as Docker's does.
+async fn ps(
+    client: &Client,
+    fmt: Format,
+    names: &[String],
+    quiet: bool,
+    filter: &[String],
+    no_trunc: bool,
+) -> Result<()> {
+    let filters = Filters::parse(filter, TASK_KEYS)?;
+    let mut shown = Vec::new();
+    let mut missing = Vec::new();
+    for name in names {
+        let s: ServiceInfo = match client.get(&format!("/v1/services/{name}")).await {
+            Ok(s) => s,
+            Err(e) => {
+                missing.push(format!("{e:#}"));
+                continue;
+            }
+        };
+        let rows: Vec<ServiceTaskInfo> = client.get(&format!("/v1/services/{name}/tasks")).await?;
+        let rows: Vec<ServiceTaskInfo> = rows.into_iter().filter(|r| filters.task(r)).collect();
+        shown.push((s, rows));
+    }
+    match fmt {
+        Format::Json => json(&shown.iter().flat_map(|(_, r)| r).collect::<Vec<_>>())?,
+        _ if quiet => {
+            for r in shown
+                .iter()
+                .flat_map(|(_, r)| r)
+                .filter(|r| !r.id.is_empty())
+            {
+                println!("{}", r.id);
+            }
+        }
+        _ => {
+            for (s, rows) in &shown {
+                print_ps(s, rows, no_trunc);
+            }
+        }
+    }
+    if !missing.is_empty() {
+        bail!("{}", missing.join("\n"));
+    }
+    Ok(())
+}
+
+/// `service rm a b c`: each one that exists is removed; the others are reported at the end.
+async fn rm(client: &Client, names: &[String]) -> Result<()> {
+    let mut failed = Vec::new();
+    for name in names {
+        match client
+            .delete::<serde_json::Value>(&format!("/v1/services/{name}"))
+            .await
+        {
+            Ok(_) => println!("{name}"),
+            Err(e) => failed.push(format!("{e:#}")),
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("\n"));
+    }
     Ok(())
 }
 
@@ -763,7 +853,18 @@ fn ago(ms: u64) -> String {
     }
 }
 
-fn print_ps(s: &ServiceInfo, rows: &[ServiceTaskInfo]) {
+/// An error as `service ps` shows it: Docker cuts long ones unless `--no-trunc`.
+fn shorten(e: &str, no_trunc: bool) -> String {
+    const MAX: usize = 60;
+    if no_trunc || e.chars().count() <= MAX {
+        return e.to_owned();
+    }
+    let mut s: String = e.chars().take(MAX - 1).collect();
+    s.push('…');
+    s
+}
+
+fn print_ps(s: &ServiceInfo, rows: &[ServiceTaskInfo], no_trunc: bool) {
     let image = image(s);
     let ports = s
         .ports
@@ -809,8 +910,8 @@ fn print_ps(s: &ServiceInfo, rows: &[ServiceTaskInfo]) {
                         format!("{} {}", r.state, ago(r.since_ms))
                     },
                     r.error
-                        .clone()
-                        .map(|e| format!("\"{e}\""))
+                        .as_deref()
+                        .map(|e| format!("\"{}\"", shorten(e, no_trunc)))
                         .unwrap_or_default(),
                     if r.history {
                         String::new()

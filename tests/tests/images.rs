@@ -150,6 +150,69 @@ fn an_image_service_rolls_to_a_new_image_shows_the_old_one_in_its_history_and_ro
         "{out}"
     );
     all_answer(&c, "v1");
+
+    // Without --name the service is named after its image.
+    h.meshctl_ok(&["service", "create", "-d", "--network", "app", v2.name()])
+        .unwrap();
+    let ls: Vec<Value> = h.meshctl_json(&["service", "ls"]).unwrap();
+    let base = v2
+        .name()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap();
+    let named = ls
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .find(|n| n.starts_with(&format!("{base}-")))
+        .unwrap_or_else(|| panic!("a service named after {base}: {ls:?}"));
+
+    // Docker's listing options: IDs only, filters, several services at once.
+    let lines = |args: &[&str]| -> Vec<String> {
+        h.meshctl_ok(args)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    // A replaced task's record says Shutdown once its node has stopped it, a moment after
+    // the rollback converged.
+    c.eventually(Duration::from_secs(15), "3 tasks desired running", |_| {
+        let running = lines(&[
+            "service",
+            "ps",
+            "-q",
+            "--filter",
+            "desired-state=running",
+            "web",
+        ]);
+        if running.len() != 3 {
+            anyhow::bail!("{running:?}");
+        }
+        Ok(Some(()))
+    })
+    .unwrap();
+    let web_id = lines(&["service", "ls", "-q", "--filter", "name=web"]);
+    assert_eq!(web_id.len(), 1, "{web_id:?}");
+    let bad = h
+        .meshctl(&["service", "ls", "--filter", "colour=red"])
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("name="));
+    let out = h
+        .meshctl(&["service", "rm", "web", &named, "nosuch"])
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an unknown service fails the command"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch"));
+    assert!(
+        lines(&["service", "ls", "-q"]).is_empty(),
+        "the services that exist were removed"
+    );
 }
 
 #[test]
