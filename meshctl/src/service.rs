@@ -14,7 +14,7 @@ use super::{
 };
 use mesh_api::{
     Client,
-    spec::{EndpointMode, ServiceSpec, TaskTemplate},
+    spec::{EndpointMode, RunOptions, ServiceSpec, TaskTemplate},
     v1::{ServiceCreate, ServiceInfo, ServiceScale, ServiceTaskInfo, ServiceUpdate},
 };
 
@@ -143,6 +143,24 @@ pub struct CreateArgs {
     /// Environment variable for the tasks (KEY=VALUE).
     #[arg(long, short = 'e')]
     env: Vec<String>,
+    /// Read environment variables from a file (KEY=VALUE lines; --env wins).
+    #[arg(long = "env-file")]
+    env_file: Vec<String>,
+    /// Replace the image's ENTRYPOINT (image tasks).
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// The user the container runs as: name, uid or uid:gid (image tasks).
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// The working directory of the task's program.
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// The signal that stops a task (default SIGTERM, or the image's STOPSIGNAL).
+    #[arg(long = "stop-signal")]
+    stop_signal: Option<String>,
+    /// A label on each task's container (key=value; image tasks).
+    #[arg(long = "container-label")]
+    container_label: Vec<String>,
     /// The tasks' hostname (default: the task name, e.g. web.1).
     #[arg(long)]
     hostname: Option<String>,
@@ -214,6 +232,30 @@ pub struct UpdateArgs {
     /// The image the tasks run (a rolling update, like every template change).
     #[arg(long)]
     image: Option<String>,
+    /// Replace the image's ENTRYPOINT ("" puts the image's back).
+    #[arg(long, allow_hyphen_values = true)]
+    entrypoint: Option<String>,
+    /// The user the container runs as ("" for the image's).
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// The working directory of the task's program ("" for the default).
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// The signal that stops a task ("" for the default).
+    #[arg(long = "stop-signal")]
+    stop_signal: Option<String>,
+    /// Add or change a container label (key=value).
+    #[arg(long = "container-label-add")]
+    container_label_add: Vec<String>,
+    /// Remove a container label (key).
+    #[arg(long = "container-label-rm")]
+    container_label_rm: Vec<String>,
+    /// Add or change a service label (key=value); the tasks keep running.
+    #[arg(long = "label-add")]
+    label_add: Vec<String>,
+    /// Remove a service label (key).
+    #[arg(long = "label-rm")]
+    label_rm: Vec<String>,
     /// Add or change an environment variable (KEY=VALUE).
     #[arg(long = "env-add")]
     env_add: Vec<String>,
@@ -684,7 +726,7 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
     }
     Ok(Some(TaskTemplate {
         command: a.command.clone(),
-        env: flags::env("--env", &a.env).map_err(msg)?,
+        env: task_env(a)?,
         hostname: a.hostname.clone(),
         health: None,
         stop_grace_ms: match &a.stop_grace_period {
@@ -694,7 +736,41 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
         image: a.image.clone(),
         secrets: flags::file_refs("--secret", &a.secret, false).map_err(msg)?,
         configs: flags::file_refs("--config", &a.config, true).map_err(msg)?,
+        run: RunOptions {
+            entrypoint: a.entrypoint.as_deref().map(entrypoint).transpose()?,
+            user: a.user.clone(),
+            workdir: a.workdir.clone(),
+            stop_signal: a.stop_signal.clone(),
+            container_labels: flags::labels("--container-label", &a.container_label)
+                .map_err(msg)?,
+        },
     }))
+}
+
+/// `--env-file`s in order, then `--env`, a later value of a key replacing an earlier one.
+fn task_env(a: &CreateArgs) -> Result<Vec<(String, String)>> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    for path in &a.env_file {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--env-file {path}: {e}"))?;
+        let vars =
+            flags::env_file(path, &text, |k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
+        env.extend(vars);
+    }
+    env.extend(flags::env("--env", &a.env).map_err(anyhow::Error::msg)?);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut kept: Vec<(String, String)> = env
+        .into_iter()
+        .rev()
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect();
+    kept.reverse();
+    Ok(kept)
+}
+
+/// `--entrypoint "cmd args"`, split as a shell would (Docker's reading of it).
+fn entrypoint(s: &str) -> Result<Vec<String>> {
+    shlex::split(s).ok_or_else(|| anyhow::anyhow!("--entrypoint {s:?} has an unclosed quote"))
 }
 
 fn mode(a: &CreateArgs, has_task: bool) -> Result<ServiceMode> {
@@ -755,6 +831,20 @@ fn update_request(a: &UpdateArgs) -> Result<ServiceUpdate> {
             Some("") => bail!("--image is empty: name the image, e.g. --image nginx:1.11"),
             i => i.map(str::to_owned),
         },
+        entrypoint: a.entrypoint.as_deref().map(entrypoint).transpose()?,
+        user: a.user.clone(),
+        workdir: a.workdir.clone(),
+        stop_signal: a.stop_signal.clone(),
+        container_label_add: flags::labels("--container-label-add", &a.container_label_add)
+            .map_err(msg)?
+            .into_iter()
+            .collect(),
+        container_label_rm: a.container_label_rm.clone(),
+        label_add: flags::labels("--label-add", &a.label_add)
+            .map_err(msg)?
+            .into_iter()
+            .collect(),
+        label_rm: a.label_rm.clone(),
         env_add: flags::env("--env-add", &a.env_add).map_err(msg)?,
         env_rm: a.env_rm.clone(),
         health: a.health.change().map_err(msg)?,

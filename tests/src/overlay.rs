@@ -135,6 +135,7 @@ impl Node {
             env: Vec::new(),
             hostname: None,
             image: None,
+            run: Default::default(),
         })
     }
 
@@ -157,6 +158,7 @@ impl Node {
             env: Vec::new(),
             hostname: None,
             image: None,
+            run: Default::default(),
         })
     }
 

@@ -229,6 +229,7 @@ impl NodeRuntime for Agent {
                     hostname: Some(task.hostname),
                     publish: task.publish,
                     image: task.template.image.as_deref(),
+                    run: &task.template.run,
                     files,
                 },
             )

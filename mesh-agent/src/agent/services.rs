@@ -403,8 +403,47 @@ fn check_spec(spec: &ServiceSpec) -> Result<()> {
         if t.image.as_deref().is_some_and(str::is_empty) {
             return Err(Error::Invalid("the image name is empty".into()));
         }
+        check_run_options(&spec.name, t)?;
     }
     rollout::check_rollback_config(spec)
+}
+
+/// What a task's program runs as, checked for the driver that runs it.
+fn check_run_options(service: &str, t: &TaskTemplate) -> Result<()> {
+    let run = &t.run;
+    if let Some(w) = &run.workdir
+        && !w.starts_with('/')
+    {
+        return Err(Error::Invalid(format!(
+            "the working directory {w:?} must be an absolute path, e.g. /srv"
+        )));
+    }
+    if let Some(s) = &run.stop_signal {
+        crate::task::stop_signal(s).map_err(Error::Invalid)?;
+    }
+    if let Some(u) = &run.user
+        && (u.is_empty()
+            || u.contains(|c: char| c.is_whitespace() || c.is_control())
+            || u.matches(':').count() > 1)
+    {
+        return Err(Error::Invalid(format!(
+            "invalid user {u:?}: use a name, a uid, or uid:gid"
+        )));
+    }
+    if t.image.is_none() {
+        let image_only = [
+            (run.entrypoint.is_some(), "an entrypoint"),
+            (run.user.is_some(), "a user"),
+            (!run.container_labels.is_empty(), "container labels"),
+        ];
+        if let Some((_, what)) = image_only.iter().find(|(set, _)| *set) {
+            return Err(Error::Invalid(format!(
+                "service {service} runs a process, and {what} only applies to image tasks \
+                 (process tasks run as the agent's user, with their command as given)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn check_replicas(n: u32) -> Result<()> {
@@ -426,6 +465,12 @@ fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpe
     set_replicas(&mut spec, req)?;
     change_placement(&mut spec, current, req)?;
     change_ports(&mut spec, current, req)?;
+    for k in &req.label_rm {
+        spec.labels.remove(k);
+    }
+    for (k, v) in &req.label_add {
+        spec.labels.insert(k.clone(), v.clone());
+    }
     spec.restart = req.restart.apply(spec.restart);
     spec.update = req.update_config.apply(spec.update);
     spec.rollback = req.rollback_config.apply(spec.rollback);
@@ -576,6 +621,7 @@ fn change_template(
         }
         t.image = Some(image.clone());
     }
+    change_run_options(&mut t.run, req);
     for k in &req.env_rm {
         t.env.retain(|(key, _)| key != k);
     }
@@ -616,6 +662,28 @@ fn change_template(
         t.stop_grace_ms = g;
     }
     Ok(())
+}
+
+/// `--entrypoint`, `--user`, `--workdir`, `--stop-signal` and container labels; an empty
+/// value puts back the default.
+fn change_run_options(run: &mut mesh_api::spec::RunOptions, req: &ServiceUpdate) {
+    if let Some(e) = &req.entrypoint {
+        run.entrypoint = (!e.is_empty()).then(|| e.clone());
+    }
+    let set = |field: &mut Option<String>, to: &Option<String>| {
+        if let Some(v) = to {
+            *field = (!v.is_empty()).then(|| v.clone());
+        }
+    };
+    set(&mut run.user, &req.user);
+    set(&mut run.workdir, &req.workdir);
+    set(&mut run.stop_signal, &req.stop_signal);
+    for k in &req.container_label_rm {
+        run.container_labels.remove(k);
+    }
+    for (k, v) in &req.container_label_add {
+        run.container_labels.insert(k.clone(), v.clone());
+    }
 }
 
 /// A new template starts a rollout; any other change of a paused rollout resumes it (as

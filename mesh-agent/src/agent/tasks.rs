@@ -25,6 +25,8 @@ pub(crate) struct Launch<'a> {
     pub publish: bool,
     /// Run this OCI image with podman instead of a process.
     pub image: Option<&'a str>,
+    /// Entrypoint, user, working directory, stop signal, container labels.
+    pub run: &'a mesh_api::spec::RunOptions,
     /// Secrets and configs it is granted, opened for this start only.
     pub files: TaskFiles,
 }
@@ -88,6 +90,7 @@ impl Agent {
                 hostname: None,
                 publish: true,
                 image: None,
+                run: &Default::default(),
                 files: TaskFiles::default(),
             },
         )
@@ -122,6 +125,7 @@ impl Agent {
             env: task.env.to_vec(),
             hostname: task.hostname.map(str::to_owned),
             image: task.image.map(str::to_owned),
+            run: task.run.clone(),
         };
         // A process that resolves a name or connects to a VIP as it starts (an app dialling
         // its database) must find the resolver and the socket hooks already there.

@@ -35,6 +35,8 @@ pub(super) struct Run<'a> {
     pub args: &'a [String],
     pub env: &'a [(String, String)],
     pub hostname: &'a str,
+    /// Entrypoint, user, working directory, stop signal, labels.
+    pub run: &'a mesh_api::spec::RunOptions,
     pub netns: &'a Path,
     pub nameservers: &'a [std::net::Ipv4Addr],
     pub dns_options: &'a [String],
@@ -166,6 +168,7 @@ pub(super) async fn run(r: &Run<'_>) -> Result<Started> {
     for v in r.volumes {
         cmd.args(["-v", v]);
     }
+    run_options(&mut cmd, r.run);
     cmd.arg(r.image).args(r.args);
     checked(
         &mut cmd,
@@ -178,6 +181,29 @@ pub(super) async fn run(r: &Run<'_>) -> Result<Started> {
             let _ = remove(r.container).await;
             Err(e)
         }
+    }
+}
+
+/// `--entrypoint`, `--user`, `--workdir`, `--stop-signal`, `--label` as podman takes them.
+fn run_options(cmd: &mut Command, run: &mesh_api::spec::RunOptions) {
+    if let Some(e) = &run.entrypoint {
+        // The JSON form keeps each word whole, spaces included.
+        cmd.arg(format!(
+            "--entrypoint={}",
+            serde_json::to_string(e).unwrap_or_default()
+        ));
+    }
+    if let Some(u) = &run.user {
+        cmd.args(["--user", u]);
+    }
+    if let Some(w) = &run.workdir {
+        cmd.args(["--workdir", w]);
+    }
+    if let Some(s) = &run.stop_signal {
+        cmd.args(["--stop-signal", s]);
+    }
+    for (k, v) in &run.container_labels {
+        cmd.args(["--label", &format!("{k}={v}")]);
     }
 }
 

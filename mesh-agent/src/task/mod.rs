@@ -17,6 +17,7 @@ mod plumbing;
 mod process;
 mod store;
 
+use mesh_api::spec::RunOptions;
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
@@ -125,6 +126,25 @@ pub struct TaskSpec {
     /// An OCI image: the task runs as a podman container of it (the podman driver).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Entrypoint, user, working directory, stop signal, container labels.
+    #[serde(default, skip_serializing_if = "RunOptions::is_empty")]
+    pub run: RunOptions,
+}
+
+/// A stop signal as Docker names it: `SIGTERM`, `TERM` or `15`.
+pub fn stop_signal(s: &str) -> Result<Signal, String> {
+    let bad =
+        || format!("unknown stop signal {s:?}: use a name such as SIGTERM or SIGINT, or a number");
+    if let Ok(n) = s.trim().parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| bad());
+    }
+    let upper = s.trim().to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<Signal>().map_err(|_| bad())
 }
 
 impl TaskSpec {
@@ -527,6 +547,7 @@ impl Tasks {
                     cgroup: config.cgroup.as_deref(),
                     command: &record.spec.command,
                     env: &record.spec.env,
+                    workdir: record.spec.run.workdir.as_deref(),
                     log: &record.log,
                     files: &prepared,
                 }))
@@ -540,6 +561,7 @@ impl Tasks {
                     args: &record.spec.command,
                     env: &record.spec.env,
                     hostname: record.spec.hostname(),
+                    run: &record.spec.run,
                     netns: &netns_path,
                     nameservers: &config.resolv.nameservers,
                     dns_options: &config.resolv.options,
@@ -658,7 +680,7 @@ impl Tasks {
 
     /// [`Tasks::stop`] with the task's own grace period between SIGTERM and SIGKILL.
     pub async fn stop_within(&self, name: &str, timeout: Duration) -> Result<()> {
-        let (pidfd, mut exited, container) = {
+        let (pidfd, mut exited, container, signal) = {
             let entries = self.inner.entries.lock().expect("task table poisoned");
             let entry = entries
                 .get(name)
@@ -670,6 +692,14 @@ impl Tasks {
                 entry.pidfd.clone(),
                 entry.exited.clone(),
                 entry.record.container().map(str::to_owned),
+                entry
+                    .record
+                    .spec
+                    .run
+                    .stop_signal
+                    .as_deref()
+                    .and_then(|s| stop_signal(s).ok())
+                    .unwrap_or(Signal::SIGTERM),
             )
         };
         if let (Some(_), Some(c)) = (&pidfd, &container) {
@@ -682,8 +712,7 @@ impl Tasks {
                 .with_context(|| format!("task {name} still runs after podman stop"))?
                 .ok();
         } else if let Some(fd) = pidfd {
-            process::signal(&fd, Signal::SIGTERM)
-                .with_context(|| format!("signalling task {name}"))?;
+            process::signal(&fd, signal).with_context(|| format!("signalling task {name}"))?;
             if tokio::time::timeout(timeout, exited.wait_for(|d| *d))
                 .await
                 .is_err()
@@ -745,6 +774,8 @@ impl Tasks {
                 cgroup: self.inner.config.cgroup.as_deref(),
                 command,
                 env,
+                // `meshctl exec` runs where the task's program runs.
+                workdir: record.spec.run.workdir.as_deref(),
                 log: &record.log,
                 files: &[],
             },

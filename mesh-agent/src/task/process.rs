@@ -32,6 +32,8 @@ pub(super) struct Launch<'a> {
     pub cgroup: Option<&'a Path>,
     pub command: &'a [String],
     pub env: &'a [(String, String)],
+    /// Where the program starts, inside the task's mount namespace (default `/`).
+    pub workdir: Option<&'a str>,
     pub log: &'a Path,
     /// Secrets and configs written into the task's own tmpfs before exec (see `files`).
     pub files: &'a [super::files::Prepared],
@@ -54,6 +56,7 @@ struct Entry {
     binds: Vec<(CString, CString)>,
     hostname: Vec<u8>,
     files: Vec<super::files::Prepared>,
+    workdir: Option<CString>,
 }
 
 impl Entry {
@@ -77,6 +80,10 @@ impl Entry {
             cgroup_procs,
             binds: etc_binds(launch.etc_overrides)?,
             hostname: launch.hostname.as_bytes().to_vec(),
+            workdir: launch
+                .workdir
+                .map(|w| CString::new(w).context("a working directory with a NUL byte"))
+                .transpose()?,
             files: launch
                 .files
                 .iter()
@@ -111,11 +118,20 @@ impl Entry {
         let binds = self.binds.clone();
         let hostname = self.hostname.clone();
         let files = std::mem::take(&mut self.files);
+        let workdir = self.workdir.take();
         // SAFETY: the closure only makes system calls on memory prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 enter(netns_fd, cgroup_fd, &binds, &hostname)?;
-                write_files(&files)
+                write_files(&files)?;
+                // After entering: the directory is the task's view of it (std's own chdir
+                // would run before the mount namespace is entered).
+                if let Some(w) = &workdir
+                    && libc::chdir(w.as_ptr()) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
             });
         }
         Ok((cmd, self))

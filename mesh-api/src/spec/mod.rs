@@ -17,8 +17,8 @@ pub use file::FileRef;
 pub use node::{Availability, NodeStatus, parse_label};
 pub use port::{PortSpec, Protocol, PublishMode};
 pub use service::{
-    DRIVER_PODMAN, DRIVER_PROCESS, EndpointMode, HealthCheck, Probe, ServiceSpec, TaskTemplate,
-    UpdateState, UpdateStatus,
+    DRIVER_PODMAN, DRIVER_PROCESS, EndpointMode, HealthCheck, Probe, RunOptions, ServiceSpec,
+    TaskTemplate, UpdateState, UpdateStatus,
 };
 
 /// The label that names the stack an object belongs to (Docker's own, so tools that read

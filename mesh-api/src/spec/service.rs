@@ -199,6 +199,37 @@ pub struct TaskTemplate {
     /// Configs mounted at their target path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub configs: Vec<FileRef>,
+    /// How the task's program runs (entrypoint, user, working directory, stop signal,
+    /// container labels). Skipped when empty so templates from before keep their id.
+    #[serde(default, skip_serializing_if = "RunOptions::is_empty")]
+    pub run: RunOptions,
+}
+
+/// Docker's `--entrypoint`, `--user`, `--workdir`, `--stop-signal` and `--container-label`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunOptions {
+    /// Replaces the image's ENTRYPOINT (image tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// `user`, `uid` or `uid:gid` inside the container (image tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The working directory of the task's program (both drivers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// The signal that asks the task to stop, before SIGKILL (both drivers); `SIGTERM` if
+    /// unset (an image's own STOPSIGNAL for image tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    /// Labels on the task's container (image tasks).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub container_labels: BTreeMap<String, String>,
+}
+
+impl RunOptions {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 fn default_stop_grace_ms() -> u64 {
@@ -249,6 +280,7 @@ impl Default for TaskTemplate {
             image: None,
             secrets: Vec::new(),
             configs: Vec::new(),
+            run: RunOptions::default(),
         }
     }
 }

@@ -121,6 +121,25 @@ pub struct ServiceUpdate {
     /// The image the tasks run (a rolling update).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// `--entrypoint` (an empty list resets the image's own), `--user`, `--workdir`,
+    /// `--stop-signal` (an empty string resets each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub container_label_add: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub container_label_rm: Vec<String>,
+    /// Service labels (not the template: no rollout).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub label_add: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub label_rm: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_add: Vec<(String, String)>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -156,6 +175,12 @@ impl ServiceUpdate {
     pub fn changes_template(&self) -> bool {
         self.args.is_some()
             || self.image.is_some()
+            || self.entrypoint.is_some()
+            || self.user.is_some()
+            || self.workdir.is_some()
+            || self.stop_signal.is_some()
+            || !self.container_label_add.is_empty()
+            || !self.container_label_rm.is_empty()
             || !self.secret_add.is_empty()
             || !self.secret_rm.is_empty()
             || !self.config_add.is_empty()

@@ -19,7 +19,8 @@ use serde_yaml::{Mapping, Value};
 use mesh_api::{
     spec::{
         EndpointMode, FileRef, HealthChange, MAX_FILE_OBJECT, MAX_HEALTH_RETRIES, PortSpec,
-        ProbeChange, RestartChange, STACK_LABEL, ServiceSpec, TaskTemplate, UpdateConfigChange,
+        ProbeChange, RestartChange, RunOptions, STACK_LABEL, ServiceSpec, TaskTemplate,
+        UpdateConfigChange,
     },
     v1::{ServiceCreate, StackDeploy, StackFile, StackNetwork},
 };
@@ -52,15 +53,11 @@ const IGNORED_SERVICE_KEYS: &[&str] = &[
     "security_opt",
     "userns_mode",
     "privileged",
-    "labels",
     "logging",
     "ulimits",
     "sysctls",
     "tty",
     "stdin_open",
-    "working_dir",
-    "user",
-    "entrypoint",
     "dns",
     "dns_search",
     "extra_hosts",
@@ -231,6 +228,7 @@ struct ServiceDraft {
     health: HealthChange,
     mode: Option<(String, String)>,
     replicas: Option<(u32, String)>,
+    run: RunOptions,
 }
 
 impl Stack {
@@ -360,6 +358,12 @@ impl Stack {
                 "command" => d.command = command(v, &here)?,
                 "environment" => d.env = list_or_map(v, &here)?,
                 "hostname" => d.hostname = Some(string(v, &here)?),
+                "entrypoint" => d.run.entrypoint = Some(command(v, &here)?),
+                "user" => d.run.user = Some(string(v, &here)?),
+                "working_dir" => d.run.workdir = Some(string(v, &here)?),
+                "stop_signal" => d.run.stop_signal = Some(string(v, &here)?),
+                // Service-level labels are the containers' (deploy.labels are the service's).
+                "labels" => d.run.container_labels.extend(list_or_map(v, &here)?),
                 "stop_grace_period" => {
                     d.stop_grace_ms = Some(flags::duration_ms(&here, &string(v, &here)?)?)
                 }
@@ -556,6 +560,7 @@ fn finish(d: ServiceDraft, at: &str) -> Result<ServiceSpec, String> {
         image: d.image,
         secrets: d.secrets,
         configs: d.configs,
+        run: d.run,
     });
     Ok(spec)
 }

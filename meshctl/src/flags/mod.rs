@@ -14,5 +14,5 @@ pub use health::HealthArgs;
 pub use placement::{constraints, per_node, preferences, replicas};
 pub use restart::RestartArgs;
 pub use rollout::{ConfigWords, RolloutArgs};
-pub use task::{env, file_refs, labels, ports, published_port};
+pub use task::{env, env_file, file_refs, labels, ports, published_port};
 pub use value::{count, duration_ms, parsed};

@@ -19,6 +19,37 @@ pub fn env(what: &str, raw: &[String]) -> Result<Vec<(String, String)>, String> 
         .collect()
 }
 
+/// `--env-file`: `KEY=VALUE` lines; `KEY` alone takes the variable from this environment;
+/// blank lines and `#` comments are skipped, as Docker reads it.
+pub fn env_file(
+    path: &str,
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = match line.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_owned())),
+            None => (line.trim_end(), None),
+        };
+        if k.is_empty() || k.contains(char::is_whitespace) {
+            return Err(format!(
+                "{path}:{}: {line:?} is not KEY=VALUE (a variable name has no spaces)",
+                i + 1
+            ));
+        }
+        // Docker skips a bare name that is not set here.
+        if let Some(v) = v.or_else(|| lookup(k)) {
+            out.push((k.to_owned(), v));
+        }
+    }
+    Ok(out)
+}
+
 /// Docker's short (`8080:80`, `5353:53/udp`) or long (`published=8080,target=80`) syntax.
 pub fn ports(what: &str, raw: &[String]) -> Result<Vec<PortSpec>, String> {
     raw.iter()
@@ -94,6 +125,22 @@ mod tests {
             let e = published_port("--publish-rm", s).unwrap_err();
             assert!(e.contains("name the published port"), "{s}: {e}");
         }
+    }
+
+    #[test]
+    fn env_files_read_like_dockers() {
+        let text = "# a comment\nA=1\n\nB=two words\nHOME_DIR\nNOT_SET\n";
+        let lookup = |k: &str| (k == "HOME_DIR").then(|| "/root".to_owned());
+        assert_eq!(
+            env_file("f.env", text, lookup).unwrap(),
+            vec![
+                ("A".to_owned(), "1".to_owned()),
+                ("B".to_owned(), "two words".to_owned()),
+                ("HOME_DIR".to_owned(), "/root".to_owned()),
+            ]
+        );
+        let e = env_file("f.env", "A=1\nBAD KEY=2\n", |_| None).unwrap_err();
+        assert!(e.starts_with("f.env:2:"), "{e}");
     }
 
     #[test]
