@@ -416,12 +416,17 @@ impl Host {
             } else {
                 &["dataplane", "ports"]
             };
-            if self.meshctl(probe)?.status.success() {
+            // Ready means this agent answers: another process still serving the socket (an
+            // old agent nobody stopped) answers meshctl just as well.
+            let child = self.agent_pid();
+            let server = self.api_pid();
+            if server.is_some() && server == child && self.meshctl(probe)?.status.success() {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "mesh-agent on {} not ready:\n{}",
+                    "mesh-agent on {} not ready (its PID {child:?}, the API socket served by \
+                     {server:?}):\n{}",
                     self.node_name(),
                     self.logs()
                 );
@@ -469,9 +474,44 @@ impl Host {
         }
     }
 
-    /// Starts the agent again with the arguments it last ran with.
+    /// Starts the agent again with the arguments it last ran with; the old one must have been
+    /// stopped ([`Host::stop_agent`], [`Host::kill_agent`]) or have exited.
     pub fn restart_agent(&mut self) -> Result<()> {
+        if let Some(a) = &mut self.agent
+            && a.child.try_wait()?.is_none()
+        {
+            let pid = a.child.id();
+            bail!(
+                "the agent on {} (PID {pid}) still runs: stop it before starting another",
+                self.node_name()
+            );
+        }
+        self.agent = None;
         self.spawn_agent()
+    }
+
+    /// The PID of the process serving this host's API socket (SO_PEERCRED of a connection to
+    /// it: the listener's), if one does.
+    pub fn api_pid(&self) -> Option<u32> {
+        use std::os::fd::AsRawFd;
+        let s = std::os::unix::net::UnixStream::connect(self.socket()).ok()?;
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `cred` and `len` are valid for writes of a `ucred`, the fd is open.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&raw mut cred).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
     }
 
     pub fn agent_pid(&self) -> Option<u32> {
