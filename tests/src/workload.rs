@@ -10,7 +10,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -203,6 +203,41 @@ pub fn http_get(addr: SocketAddr) -> Result<String> {
             Ok(body.to_owned())
         }
         _ => bail!("unexpected answer from {addr}: {resp:?}"),
+    }
+}
+
+/// How soon "refused at once" must fail a connect: an RST or an ICMP error is one round trip
+/// on this machine (well under a millisecond), a dropped SYN waits ~1 s for a retransmit.
+pub const REFUSED_WITHIN: Duration = Duration::from_millis(100);
+
+/// A TCP connect to `addr` refused at once: it fails with an RST (ECONNREFUSED) or an ICMP
+/// error (host or network unreachable) within [`REFUSED_WITHIN`]; how long that took. An
+/// accepted connection, a timeout, another error or a refusal that came late is an error
+/// saying which.
+pub fn refused_at_once(addr: SocketAddr) -> Result<Duration> {
+    use std::io::ErrorKind as K;
+    let start = Instant::now();
+    // Longer than REFUSED_WITHIN, so a late refusal is told apart from a silent drop.
+    let r = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+    let took = start.elapsed();
+    match r {
+        Ok(s) => bail!(
+            "{addr} accepted the connection (from {:?}) in {took:?}",
+            s.local_addr().ok()
+        ),
+        Err(e)
+            if matches!(
+                e.kind(),
+                K::ConnectionRefused | K::HostUnreachable | K::NetworkUnreachable
+            ) =>
+        {
+            if took <= REFUSED_WITHIN {
+                Ok(took)
+            } else {
+                bail!("{addr} refused ({e}) but only after {took:?}, not at once")
+            }
+        }
+        Err(e) => bail!("connecting to {addr}: {e} after {took:?}, not refused"),
     }
 }
 
@@ -431,5 +466,41 @@ impl RemoteSession {
             .recv_timeout(Duration::from_secs(10))
             .expect("no answer on the keep-alive connection")
             .expect("the keep-alive connection failed")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_port_is_refused_at_once_and_a_listening_one_is_not() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = l.local_addr().unwrap();
+        let e = refused_at_once(open).unwrap_err().to_string();
+        assert!(e.contains("accepted"), "{e}");
+        drop(l);
+        let took = refused_at_once(open).unwrap();
+        assert!(took <= REFUSED_WITHIN, "{took:?}");
+    }
+
+    /// What the old "refused" (any error) let through: a SYN dropped on the floor is a
+    /// timeout, not a refusal. Needs root (a namespace with a DROP rule).
+    #[test]
+    fn a_dropped_syn_is_not_refused() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root for a network namespace");
+            return;
+        }
+        let ns = crate::Netns::create(&format!("mt{}xrefuse", std::process::id())).unwrap();
+        ns.sh("iptables -A INPUT -p tcp --dport 9 -j DROP").unwrap();
+        let dropped = SocketAddr::from(([127, 0, 0, 1], 9));
+        let closed = SocketAddr::from(([127, 0, 0, 1], 10));
+        let (d, c) = ns
+            .run(move || (refused_at_once(dropped), refused_at_once(closed)))
+            .unwrap();
+        let e = d.unwrap_err().to_string();
+        assert!(e.contains("not refused"), "{e}");
+        assert!(c.unwrap() <= REFUSED_WITHIN);
     }
 }
