@@ -8,7 +8,9 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use mesh_tests::{
     Cluster, Host,
-    workload::{RemoteSession, Seen, http_get, http_seen, http_seen_from, udp_seen},
+    workload::{
+        RemoteSession, Seen, http_get, http_seen, http_seen_from, refused_at_once, udp_seen,
+    },
 };
 use serde_json::Value;
 
@@ -266,16 +268,52 @@ fn a_connection_through_another_node_survives_a_restart_of_the_backends_agent() 
     let session = RemoteSession::open(c.external_ns("client").unwrap(), a);
     let on = session.get();
     let backend_host = if on == "web-1" { 1 } else { 2 };
+    let task_before = local_task(c.host(backend_host), &on);
+    let old = c.host(backend_host).agent_pid().unwrap();
+    assert_eq!(c.host(backend_host).api_pid(), Some(old));
     // The pinned return table and task-veth links keep the replies on their way back
     // through host 3 while the agent is away, and the new agent adopts them. (A crash long
     // enough to be detected takes the node's backends out everywhere, by design.)
+    c.host_mut(backend_host).stop_agent().unwrap();
+    assert!(
+        !mesh_tests::process::alive(old as i32),
+        "the old agent still runs"
+    );
+    assert_eq!(
+        c.host(backend_host).api_pid(),
+        None,
+        "someone still serves the socket"
+    );
+    assert_eq!(session.get(), on, "broke while the agent was stopped");
     c.host_mut(backend_host).restart_agent().unwrap();
+    // A new process serves the node's API...
+    let new = c.host(backend_host).agent_pid().unwrap();
+    assert_ne!(new, old);
+    assert_eq!(c.host(backend_host).api_pid(), Some(new));
+    // ...and adopted the task (same id, same process) rather than starting another.
+    assert_eq!(local_task(c.host(backend_host), &on), task_before);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(session.get(), on, "broke across the restart");
     wait_backends(&c, 2);
     for s in ask(&c, 4, http_seen, a) {
         assert_eq!(s.client, s.local, "{s:?}");
     }
+    // The flow went on through the adopted task: still the same connection, same task.
+    assert_eq!(session.get(), on);
+}
+
+/// Task `name` of this host as `meshctl ps` shows it: (id, pid, ip).
+fn local_task(h: &Host, name: &str) -> (String, u64, String) {
+    let ps: Value = h.meshctl_json(&["ps"]).unwrap();
+    let t = ps
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["name"] == name))
+        .unwrap_or_else(|| panic!("{name} not in {ps}"));
+    (
+        t["id"].as_str().unwrap_or_default().to_owned(),
+        t["pid"].as_u64().unwrap_or_else(|| panic!("no pid in {t}")),
+        t["ip"].as_str().unwrap_or_default().to_owned(),
+    )
 }
 
 #[test]
@@ -424,12 +462,12 @@ fn mode_host_answers_only_on_nodes_with_a_task_and_only_with_their_own() {
         assert!(seen.iter().all(|s| s.client == s.local), "{seen:?}");
     }
     let a = addr(c.host(3), 8080);
-    let refused = c
-        .external_ns("client")
+    // Refused at once (an RST), not left to time out.
+    c.external_ns("client")
         .unwrap()
-        .run(move || http_get(a).is_err())
-        .unwrap();
-    assert!(refused, "host 3 runs no task of web but answered");
+        .run(move || refused_at_once(a))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("host 3 runs no task of web: {e:#}"));
     let ls = c.host(1).meshctl_ok(&["service", "ls"]).unwrap();
     assert!(ls.contains("*:8080->80/tcp (host)"), "{ls}");
 }
