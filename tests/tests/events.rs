@@ -181,7 +181,16 @@ fn bad_event_filters_say_how_to_fix_them() {
         (&["events", "--filter", "colour=red"][..], "use service="),
         (&["events", "--since", "yesterday"][..], "duration ago"),
     ] {
-        let out = c.host(1).meshctl(args).unwrap();
+        // A filter wrongly accepted would follow forever: meshctl gets 5 s to say no.
+        let out = Command::new("timeout")
+            .arg("5")
+            .arg(bin("meshctl"))
+            .arg("--socket")
+            .arg(c.host(1).socket())
+            .args(args)
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(124), "{args:?} still ran after 5 s");
         assert!(!out.status.success(), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{args:?}: {err}");
@@ -201,11 +210,19 @@ fn the_text_format_is_dockers() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, first) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = tx.send(BufReader::new(out).read_line(&mut line).map(|_| line));
+    });
+    let line = first.recv_timeout(Duration::from_secs(5));
+    // Killing the follower also ends the reading thread (its pipe closes).
     let _ = child.kill();
     let _ = child.wait();
+    let line = line
+        .expect("no event line within 5 s")
+        .expect("reading meshctl events");
     // 2026-12-01T08:00:00.000000000Z service created web (id=…, replicas=1, version=1)
     let (time, rest) = line.trim().split_once(' ').unwrap();
     assert!(time.ends_with('Z') && time.len() == 30, "{line}");
