@@ -418,33 +418,64 @@ fn image_tasks_get_env_and_args_report_exit_codes_show_logs_and_avoid_nodes_with
     })
     .unwrap();
 
-    // A container's exit code is the task's; with restart-condition none it stays down.
-    c.host(1)
-        .meshctl_ok(&[
-            "service",
-            "create",
-            "oneshot",
-            "--network",
-            "app",
-            "--image",
-            image.name(),
-            "--restart-condition",
-            "none",
-            "-d",
-            "--",
-            "sh",
-            "-c",
-            "exit 3",
-        ])
-        .unwrap();
+    // A container's exit code is the task's; with restart-condition none it stays down, well
+    // past the restart delay, while the same service with `any` is restarted within it (so
+    // the watch below would see a restart if there were one).
+    for (name, condition) in [("oneshot", "none"), ("again", "any")] {
+        c.host(1)
+            .meshctl_ok(&[
+                "service",
+                "create",
+                name,
+                "--network",
+                "app",
+                "--image",
+                image.name(),
+                "--restart-condition",
+                condition,
+                "--restart-delay",
+                "1s",
+                "-d",
+                "--",
+                "sh",
+                "-c",
+                "exit 3",
+            ])
+            .unwrap();
+    }
+    let failed = |c: &Cluster, name: &str| -> anyhow::Result<Vec<Value>> {
+        let rows: Vec<Value> = c.host(1).meshctl_json(&["service", "ps", name])?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| r["state"] == "Failed")
+            .collect())
+    };
     let row = c
         .eventually(Duration::from_secs(20), "oneshot failed", |c| {
-            let rows: Vec<Value> = c.host(1).meshctl_json(&["service", "ps", "oneshot"])?;
-            Ok(rows.into_iter().find(|r| r["state"] == "Failed"))
+            Ok(failed(c, "oneshot")?.pop())
         })
         .unwrap();
     assert_eq!(row["error"], "task: non-zero exit (3)", "{row}");
-    for s in ["hello", "oneshot"] {
+    // Three restart delays: `any` fails again (a second task, also exit 3)...
+    c.eventually(
+        Duration::from_secs(20),
+        "again restarted and failed twice",
+        |c| Ok((failed(c, "again")?.len() >= 2).then_some(())),
+    )
+    .unwrap();
+    // ...while `none` keeps its one task, failed, for more than three restart delays.
+    let watch = std::time::Instant::now();
+    while watch.elapsed() < Duration::from_secs(3) {
+        let rows: Vec<Value> = c
+            .host(1)
+            .meshctl_json(&["service", "ps", "oneshot"])
+            .unwrap();
+        assert_eq!(rows.len(), 1, "oneshot was restarted: {rows:?}");
+        assert_eq!(rows[0]["id"], row["id"], "{rows:?}");
+        assert_eq!(rows[0]["state"], "Failed", "{rows:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for s in ["hello", "oneshot", "again"] {
         c.host(1).meshctl_ok(&["service", "rm", s]).unwrap();
     }
     c.eventually(Duration::from_secs(30), "no containers left", |c| {
