@@ -8,7 +8,11 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{Cluster, Host, cluster::bin, workload::http_get};
+use mesh_tests::{
+    Cluster, Host,
+    cluster::bin,
+    workload::{RemoteSession, http_get},
+};
 use serde_json::Value;
 
 const METRICS: &str = "127.0.0.1:9464";
@@ -234,9 +238,12 @@ fn per_service_counters_move_by_the_requests_sent() {
     })
     .unwrap();
 
-    let before = scrape(c.host(1));
     const REQUESTS: usize = 30;
     let addr: SocketAddr = format!("{}:8080", c.host(1).ip).parse().unwrap();
+    // A connection held open across the measurement: one flow that must be in the table.
+    let held = RemoteSession::open(c.external_ns("client").unwrap(), addr);
+    held.get();
+    let before = scrape(c.host(1));
     c.external_ns("client")
         .unwrap()
         .run(move || {
@@ -306,5 +313,10 @@ fn per_service_counters_move_by_the_requests_sent() {
     assert_eq!(sum(&after, "mesh_service_replicas_desired", &web), 3.0);
     assert_eq!(sum(&after, "mesh_nodes", &[("status", "ready")]), 3.0);
     assert!(sum(&after, "mesh_programming_duration_seconds_count", &[]) >= 1.0);
-    assert!(sum(&after, "mesh_flows_active", &[]) >= 0.0);
+    // The held connection is in the flow table, and the table holds no more flows than
+    // connections were made through host 1 (the held one and the requests).
+    let active = sum(&after, "mesh_flows_active", &[]);
+    assert!((1.0..=n + 1.0).contains(&active), "{active} active flows");
+    assert!(sum(&after, "mesh_flows_established", &[]) >= 1.0);
+    held.get();
 }
