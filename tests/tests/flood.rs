@@ -111,13 +111,27 @@ fn a_spoofed_flood_breaks_no_established_connection_and_stops_no_new_ones() {
         max_failed,
         Duration::from_millis(500),
     );
+    // What the routing mesh counted against what was sent: every spoofed packet is a new
+    // flow (a new source), so flows created are the flood's packets that reached the mesh
+    // plus the clients' connections, and no more. The links are paced not to drop, so
+    // (nearly) all of the flood is counted.
+    let flood = (syn.packets + udp.packets) as f64;
+    let created = delta("mesh_flows_created_total");
+    let clients = (newcomers.sent + 1) as f64;
     assert!(
-        delta("mesh_flows_created_total") >= 130_000.0,
-        "the flood reached the routing mesh"
+        created >= 0.9 * flood,
+        "the routing mesh counted {created} new flows of the {flood} packets sent"
     );
     assert!(
-        delta("mesh_flows_embryonic_evicted_total") >= 100_000.0,
-        "the embryonic table evicted the flood: {after:?}"
+        created <= flood + clients,
+        "{created} new flows from {flood} flood packets and {clients} client connections"
+    );
+    // The table holds EMBRYONIC flows: everything else of the flood that was counted in had
+    // to be evicted (or expire, which takes seconds; the flood lasts ~4 s).
+    let evicted = delta("mesh_flows_embryonic_evicted_total");
+    assert!(
+        evicted >= 0.75 * (created - f64::from(EMBRYONIC)) && evicted <= created,
+        "{evicted} evicted of {created} created with room for {EMBRYONIC}: {after:?}"
     );
     assert!(
         after["mesh_flows_embryonic"] <= f64::from(EMBRYONIC),
