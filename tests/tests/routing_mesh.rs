@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 use mesh_tests::{
     Cluster, Host,
     cluster::bin,
-    workload::{RemoteSession, http_get, tally, udp_ask, udp_ask_each},
+    workload::{RemoteSession, http_get, refused_at_once, tally, udp_ask, udp_ask_each},
 };
 use serde_json::Value;
 
@@ -199,10 +199,15 @@ fn a_port_that_stops_being_published_lets_its_connections_finish_and_refuses_new
         .unwrap();
     let ls = c.host(3).meshctl_ok(&["service", "ls"]).unwrap();
     assert!(!ls.contains("8080"), "{ls}");
-    c.eventually(Duration::from_secs(3), "host3 stops publishing 8080", |c| {
-        Ok(client(c, move || http_get(a).is_err()).then_some(()))
+    // Refused at once (an RST or ICMP error within 100 ms), not a SYN left to time out; and
+    // from then on, every time.
+    c.eventually(Duration::from_secs(3), "host3 refuses 8080", |c| {
+        client(c, move || refused_at_once(a)).map(Some)
     })
     .unwrap();
+    for _ in 0..5 {
+        client(&c, move || refused_at_once(a)).unwrap();
+    }
     assert_eq!(session.get(), on, "the established connection was cut");
     assert_eq!(session.get(), on);
     // The other published port is untouched.

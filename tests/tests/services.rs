@@ -9,7 +9,7 @@ use mesh_tests::{
     Cluster, Host,
     availability::Probe,
     cluster::bin,
-    workload::{http_get, tally},
+    workload::{http_get, refused_at_once, tally},
 };
 use serde_json::Value;
 
@@ -750,15 +750,20 @@ fn a_removed_service_lets_its_connections_finish_and_refuses_new_ones() {
     assert_eq!(session.get(), "web");
 
     c.host(1).meshctl_ok(&["service", "rm", "web"]).unwrap();
-    c.eventually(Duration::from_secs(3), "new connections refused", |c| {
-        let refused = c
-            .external_ns("client")
+    // Refused at once (an RST or ICMP error within 100 ms), not a SYN left to time out; and
+    // from then on, every time.
+    let refused = |c: &Cluster| {
+        c.external_ns("client")
             .unwrap()
-            .run(move || http_get(a).is_err())
-            .unwrap();
-        Ok(refused.then_some(()))
+            .run(move || refused_at_once(a))
+    };
+    c.eventually(Duration::from_secs(3), "new connections refused", |c| {
+        refused(c)?.map(Some)
     })
     .unwrap();
+    for _ in 0..5 {
+        refused(&c).unwrap().unwrap();
+    }
     // The task is in its grace period: the connection it has still answers, through a node
     // that runs no task of it.
     assert_eq!(session.get(), "web", "the removal cut the connection");
