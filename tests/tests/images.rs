@@ -259,3 +259,109 @@ fn an_image_update_that_cannot_be_says_why_and_changes_nothing() {
         "a refused update changes nothing"
     );
 }
+
+/// `podman inspect` of the one container carrying `label`.
+fn inspect_labelled(label: &str) -> Value {
+    let out = std::process::Command::new("podman")
+        .args(["ps", "-a", "-q", "--filter", &format!("label={label}")])
+        .output()
+        .unwrap();
+    let ids = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(
+        ids.lines().count(),
+        1,
+        "one container labelled {label}: {ids:?}"
+    );
+    let out = std::process::Command::new("podman")
+        .args(["inspect", &ids])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0].clone()
+}
+
+#[test]
+fn an_image_task_runs_as_it_is_told_and_a_process_task_refuses_what_only_images_have() {
+    let v1 = versioned("v1");
+    let c = cluster(1);
+    let h = c.host(1);
+    let env_file = c.log_dir().join("web.env");
+    std::fs::write(&env_file, "# settings\nMODE=prod\nLEVEL=3\n").unwrap();
+    let label = format!("mesh-test={}", std::process::id());
+    h.meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "app",
+        "--user",
+        "1000:1000",
+        "--workdir",
+        "/tmp",
+        "--stop-signal",
+        "SIGINT",
+        "--container-label",
+        &label,
+        "--env-file",
+        env_file.to_str().unwrap(),
+        "-e",
+        "LEVEL=4",
+        "--entrypoint",
+        "/bin/sh -c",
+        v1.name(),
+        "echo started in $(pwd); exec sleep 1000",
+    ])
+    .unwrap();
+    let ctr = inspect_labelled(&label);
+    let config = &ctr["Config"];
+    assert_eq!(config["User"], "1000:1000", "{config:#}");
+    assert_eq!(config["WorkingDir"], "/tmp", "{config:#}");
+    // podman reports the signal by number or by name, depending on its version.
+    assert!(
+        config["StopSignal"] == 2 || config["StopSignal"] == "SIGINT",
+        "{config:#}"
+    );
+    let entrypoint = config["Entrypoint"].to_string();
+    assert!(
+        entrypoint.contains("/bin/sh") && entrypoint.contains("-c"),
+        "{entrypoint}"
+    );
+    let env = config["Env"].to_string();
+    assert!(
+        env.contains("MODE=prod") && env.contains("LEVEL=4"),
+        "--env wins over the file: {env}"
+    );
+    assert!(!env.contains("LEVEL=3"), "{env}");
+
+    // Process tasks run as the agent's user with their command as given: what only an image
+    // has is refused, and nothing is created.
+    let whoami = mesh_tests::cluster::bin("mesh-whoami");
+    for (flag, value) in [
+        ("--user", "1000"),
+        ("--entrypoint", "/bin/sh"),
+        ("--container-label", "a=b"),
+    ] {
+        let out = h
+            .meshctl(&[
+                "service",
+                "create",
+                "--name",
+                "proc",
+                "--process",
+                flag,
+                value,
+                "--",
+                whoami.to_str().unwrap(),
+            ])
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{flag} on a process task was accepted"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("only applies to image tasks"), "{flag}: {err}");
+    }
+    let ls: Vec<Value> = h.meshctl_json(&["service", "ls"]).unwrap();
+    assert_eq!(ls.len(), 1, "only web exists: {ls:?}");
+}
