@@ -113,7 +113,11 @@ fn restart_policies_do_what_the_readme_says() {
         "task: non-zero exit (3); not restarted: 2 restart attempts used (--restart-max-attempts)",
         "{capped:?}"
     );
-    let table = c.host(1).meshctl_ok(&["service", "ps", "capped"]).unwrap();
+    // The table cuts long errors as Docker's does; --no-trunc shows them whole.
+    let table = c
+        .host(1)
+        .meshctl_ok(&["service", "ps", "--no-trunc", "capped"])
+        .unwrap();
     assert!(table.contains("--restart-max-attempts"), "{table}");
     let ls = c.host(1).meshctl_ok(&["service", "ls"]).unwrap();
     assert!(
