@@ -438,6 +438,23 @@ impl fmt::Display for Ratio {
     }
 }
 
+/// CPUs and memory: what a node has, or what a task reserves of it (Docker's
+/// `Resources.Reservations`). Zero means none reserved, or, for a node, not advertised.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Resources {
+    /// Billionths of a CPU (Docker's NanoCPUs): `--reserve-cpu 0.5` is 500_000_000.
+    #[serde(default)]
+    pub nano_cpus: u64,
+    #[serde(default)]
+    pub memory_bytes: u64,
+}
+
+impl Resources {
+    pub fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// What the planner knows about a node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
@@ -454,6 +471,10 @@ pub struct Node {
     pub engine_labels: BTreeMap<String, String>,
     /// Task drivers the node can run (`process`, `podman`).
     pub drivers: Vec<String>,
+    /// What the node offers to tasks' reservations; zero: not advertised (an older agent),
+    /// which reservations do not limit.
+    #[serde(default)]
+    pub capacity: Resources,
 }
 
 impl Constraint {

@@ -744,6 +744,8 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
             container_labels: flags::labels("--container-label", &a.container_label)
                 .map_err(msg)?,
         },
+        resources: Default::default(),
+        security: Default::default(),
     }))
 }
 

@@ -430,6 +430,8 @@ impl View {
                     labels: n.labels(),
                     engine_labels: n.engine_labels(),
                     drivers: record.drivers.clone(),
+                    // Filled in once node records advertise what they have.
+                    capacity: Default::default(),
                 })
             })
             .collect()

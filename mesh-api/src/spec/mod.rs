@@ -6,6 +6,7 @@ mod endpoint;
 mod file;
 mod node;
 mod port;
+mod resources;
 mod service;
 
 pub use change::{
@@ -16,6 +17,7 @@ pub use endpoint::EndpointState;
 pub use file::FileRef;
 pub use node::{Availability, NodeStatus, parse_label};
 pub use port::{PortSpec, Protocol, PublishMode};
+pub use resources::{Limits, Resources, Security, TaskResources, Ulimit};
 pub use service::{
     DRIVER_PODMAN, DRIVER_PROCESS, EndpointMode, HealthCheck, Probe, RunOptions, ServiceSpec,
     TaskTemplate, UpdateState, UpdateStatus,

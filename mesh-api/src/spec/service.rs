@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 use mesh_planner::{Placement, RestartPolicy, ServiceMode, UpdateConfig};
 use serde::{Deserialize, Serialize};
 
-use super::{FileRef, PortSpec};
+use super::{FileRef, PortSpec, Security, TaskResources};
 
 /// The driver that runs a command in the task's namespaces (no image).
 pub const DRIVER_PROCESS: &str = "process";
@@ -203,6 +203,13 @@ pub struct TaskTemplate {
     /// container labels). Skipped when empty so templates from before keep their id.
     #[serde(default, skip_serializing_if = "RunOptions::is_empty")]
     pub run: RunOptions,
+    /// Reservations (placement) and limits (cgroups). Skipped when empty so templates from
+    /// before keep their id.
+    #[serde(default, skip_serializing_if = "TaskResources::is_empty")]
+    pub resources: TaskResources,
+    /// Capabilities, read-only root, sysctls, ulimits, init.
+    #[serde(default, skip_serializing_if = "Security::is_empty")]
+    pub security: Security,
 }
 
 /// Docker's `--entrypoint`, `--user`, `--workdir`, `--stop-signal` and `--container-label`.
@@ -281,6 +288,8 @@ impl Default for TaskTemplate {
             secrets: Vec::new(),
             configs: Vec::new(),
             run: RunOptions::default(),
+            resources: TaskResources::default(),
+            security: Security::default(),
         }
     }
 }

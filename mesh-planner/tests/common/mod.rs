@@ -22,6 +22,7 @@ pub fn node(name: &str) -> mesh_planner::Node {
         labels: BTreeMap::new(),
         engine_labels: BTreeMap::new(),
         drivers: vec![DRIVER.into()],
+        capacity: Default::default(),
     }
 }
 

@@ -561,6 +561,8 @@ fn finish(d: ServiceDraft, at: &str) -> Result<ServiceSpec, String> {
         secrets: d.secrets,
         configs: d.configs,
         run: d.run,
+        resources: Default::default(),
+        security: Default::default(),
     });
     Ok(spec)
 }
