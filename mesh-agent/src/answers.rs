@@ -37,6 +37,12 @@ pub fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
             .as_ref()
             .map(|r| r.drivers.clone())
             .unwrap_or_default(),
+        role: mesh_planner::Role::Admin,
+        platform: n
+            .record
+            .as_ref()
+            .map(|r| r.platform.clone())
+            .unwrap_or_default(),
         is_self: name == agent.node_name(),
     })
 }

@@ -20,7 +20,8 @@ pub use plan::{Cluster, Plan, Service, SlotPlacement, SlotPlan, Stop, plan};
 pub use restart::{AfterExit, after_exit};
 pub use rollout::{Failure, Progress, coordinator, progress};
 pub use spec::{
-    Constraint, FailureAction, Field, MAX_REPLICAS, Node, Op, Placement, Ratio, Resources,
-    RestartCondition, RestartPolicy, ServiceMode, Spread, UpdateConfig, UpdateOrder,
+    Constraint, FailureAction, Field, MAX_REPLICAS, Node, Op, Placement, Platform, Ratio,
+    Resources, RestartCondition, RestartPolicy, Role, ServiceMode, Spread, UpdateConfig,
+    UpdateOrder,
 };
 pub use task::{DesiredState, Slot, Task, TaskState};

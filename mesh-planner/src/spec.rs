@@ -61,6 +61,12 @@ pub enum Field {
     NodeLabel(String),
     /// `engine.labels.<key>`: the labels the node declared itself.
     EngineLabel(String),
+    /// `node.role`: `manager` (a mesh admin) or `worker`, Docker's spelling.
+    NodeRole,
+    /// `node.platform.os`: `linux`.
+    NodePlatformOs,
+    /// `node.platform.arch`: `x86_64`, `aarch64`, … as the node reports it.
+    NodePlatformArch,
 }
 
 impl fmt::Display for Field {
@@ -70,6 +76,9 @@ impl fmt::Display for Field {
             Self::NodeHostname => f.write_str("node.hostname"),
             Self::NodeLabel(k) => write!(f, "node.labels.{k}"),
             Self::EngineLabel(k) => write!(f, "engine.labels.{k}"),
+            Self::NodeRole => f.write_str("node.role"),
+            Self::NodePlatformOs => f.write_str("node.platform.os"),
+            Self::NodePlatformArch => f.write_str("node.platform.arch"),
         }
     }
 }
@@ -96,6 +105,9 @@ impl FromStr for Field {
         match s {
             "node.id" => Ok(Self::NodeId),
             "node.hostname" => Ok(Self::NodeHostname),
+            "node.role" => Ok(Self::NodeRole),
+            "node.platform.os" => Ok(Self::NodePlatformOs),
+            "node.platform.arch" => Ok(Self::NodePlatformArch),
             _ => {
                 if let Some(k) = s.strip_prefix("node.labels.") {
                     Ok(Self::NodeLabel(label(k, "node.labels.")?))
@@ -107,8 +119,9 @@ impl FromStr for Field {
                     ))
                 } else {
                     Err(format!(
-                        "unknown constraint field {s:?}: use node.id, node.hostname, \
-                         node.labels.<key> or engine.labels.<key>"
+                        "unknown constraint field {s:?}: use node.id, node.hostname, node.role, \
+                         node.platform.os, node.platform.arch, node.labels.<key> or \
+                         engine.labels.<key>"
                     ))
                 }
             }
@@ -168,8 +181,14 @@ impl FromStr for Constraint {
                  node.labels.env==production"
             ));
         }
+        let field: Field = field.parse()?;
+        if field == Field::NodeRole && value.parse::<Role>().is_err() {
+            return Err(format!(
+                "invalid constraint {s:?}: node.role is manager or worker"
+            ));
+        }
         Ok(Self {
-            field: field.parse()?,
+            field,
             op,
             value: value.to_owned(),
         })
@@ -455,6 +474,55 @@ impl Resources {
     }
 }
 
+/// What a node may do in the cluster. Every node is an admin until the trust model gives
+/// nodes roles; Docker's constraints spell an admin `manager`, as Swarm's nodes that accept
+/// commands are called.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Admin,
+    Worker,
+}
+
+impl Role {
+    /// Docker's word for it (`node.role==manager`, `docker node ls`).
+    pub fn docker_name(self) -> &'static str {
+        match self {
+            Self::Admin => "manager",
+            Self::Worker => "worker",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Admin => "admin",
+            Self::Worker => "worker",
+        })
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "manager" | "admin" => Ok(Self::Admin),
+            "worker" => Ok(Self::Worker),
+            _ => Err(format!("unknown node role {s:?}: use manager or worker")),
+        }
+    }
+}
+
+/// `node.platform`: what the node's agent runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Platform {
+    pub os: String,
+    /// As `uname -m` says it (Docker's `Architecture`).
+    pub arch: String,
+}
+
 /// What the planner knows about a node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
@@ -475,6 +543,10 @@ pub struct Node {
     /// which reservations do not limit.
     #[serde(default)]
     pub capacity: Resources,
+    #[serde(default)]
+    pub role: Role,
+    #[serde(default)]
+    pub platform: Platform,
 }
 
 impl Constraint {
@@ -485,6 +557,9 @@ impl Constraint {
             Field::NodeHostname => eq(&node.hostname) || eq(&node.name),
             Field::NodeLabel(k) => node.labels.get(k).is_some_and(|v| eq(v)),
             Field::EngineLabel(k) => node.engine_labels.get(k).is_some_and(|v| eq(v)),
+            Field::NodeRole => self.value.parse::<Role>().is_ok_and(|r| r == node.role),
+            Field::NodePlatformOs => eq(&node.platform.os),
+            Field::NodePlatformArch => eq(&node.platform.arch),
         };
         match self.op {
             Op::Eq => matches,
@@ -519,7 +594,8 @@ mod tests {
             ("node.labels.env=production", "expected FIELD==VALUE"),
             ("node.labels.==x", "no label key"),
             ("node.labels==x", "no label key"),
-            ("node.role==manager", "unknown constraint field"),
+            ("node.rol==manager", "unknown constraint field"),
+            ("node.role==leader", "manager or worker"),
             ("node.labels.env==", "no value"),
             ("node.labels.env==a==b", "one operator"),
             ("", "expected FIELD==VALUE"),
@@ -543,6 +619,38 @@ mod tests {
         assert!(holds("node.labels.zone!=a"));
         assert!(holds("node.hostname==n1"));
         assert!(holds("node.id!=n2"));
+    }
+
+    #[test]
+    fn roles_and_platforms_match_dockers_spelling() {
+        let admin = Node {
+            name: "n1".into(),
+            platform: Platform {
+                os: "linux".into(),
+                arch: "x86_64".into(),
+            },
+            ..Default::default()
+        };
+        let worker = Node {
+            role: Role::Worker,
+            ..admin.clone()
+        };
+        let holds = |s: &str, n: &Node| s.parse::<Constraint>().unwrap().holds(n);
+        assert!(holds("node.role==manager", &admin));
+        assert!(holds("node.role == Manager", &admin), "case-insensitive");
+        assert!(!holds("node.role==manager", &worker));
+        assert!(holds("node.role!=manager", &worker));
+        assert!(holds("node.role==worker", &worker));
+        assert!(holds("node.platform.os==linux", &admin));
+        assert!(holds("node.platform.arch==x86_64", &worker));
+        assert!(!holds("node.platform.arch==aarch64", &worker));
+        assert_eq!(
+            "node.role==manager"
+                .parse::<Constraint>()
+                .unwrap()
+                .to_string(),
+            "node.role==manager"
+        );
     }
 
     #[test]

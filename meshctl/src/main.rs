@@ -573,6 +573,12 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
                 or_dash(n.agent_version)
             );
             println!("Drivers:\t{}", n.drivers.join(", "));
+            println!("Role:\t\t{} (node.role=={})", n.role, n.role.docker_name());
+            println!(
+                "Platform:\n Operating System:\t{}\n Architecture:\t\t{}",
+                or_dash(Some(&n.platform.os).filter(|s| !s.is_empty())),
+                or_dash(Some(&n.platform.arch).filter(|s| !s.is_empty()))
+            );
             if !n.labels.is_empty() {
                 println!("Labels:");
                 for (k, v) in &n.labels {

@@ -79,3 +79,107 @@ fn spread_balances_tasks_over_zones_not_nodes() {
         .unwrap();
     assert_eq!(plain, BTreeMap::from([("a", 3), ("b", 1)]));
 }
+
+/// Docker's tutorials constrain with `node.role==manager` and `node.platform.*`: every mesh
+/// node is an admin (Swarm's manager) until nodes get roles, so the first runs everywhere
+/// and a worker constraint finds no node.
+#[test]
+fn role_and_platform_constraints_read_as_dockers() {
+    let mut c = Cluster::new(2).unwrap();
+    c.start_agents().unwrap();
+    let w = bin("mesh-whoami");
+    let w = w.to_str().unwrap();
+    let arch = std::env::consts::ARCH;
+    c.host(1)
+        .meshctl_ok(&[
+            "service",
+            "create",
+            "--name",
+            "mgr",
+            "--replicas",
+            "2",
+            "-d",
+            "--constraint",
+            "node.role == manager",
+            "--constraint",
+            "node.platform.os==linux",
+            "--constraint",
+            &format!("node.platform.arch=={arch}"),
+            "--process",
+            "--",
+            w,
+        ])
+        .unwrap();
+    c.host(1)
+        .meshctl_ok(&[
+            "service",
+            "create",
+            "--name",
+            "wrk",
+            "-d",
+            "--constraint",
+            "node.role==worker",
+            "--process",
+            "--",
+            w,
+        ])
+        .unwrap();
+    let states = |c: &Cluster, name: &str| -> anyhow::Result<Vec<(String, String)>> {
+        let rows: Vec<Value> = c.host(2).meshctl_json(&["service", "ps", name])?;
+        Ok(rows
+            .iter()
+            .filter(|r| r["history"] == false)
+            .map(|r| {
+                (
+                    r["state"].as_str().unwrap_or_default().to_owned(),
+                    r["error"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect())
+    };
+    c.eventually(Duration::from_secs(15), "mgr at 2/2", |c| {
+        let s = states(c, "mgr")?;
+        Ok((s.len() == 2 && s.iter().all(|(st, _)| st == "Running")).then_some(()))
+    })
+    .unwrap();
+    let pending = c
+        .eventually(Duration::from_secs(10), "wrk pending with a reason", |c| {
+            let s = states(c, "wrk")?;
+            Ok(s.first()
+                .filter(|(st, e)| st == "Pending" && !e.is_empty())
+                .cloned())
+        })
+        .unwrap();
+    assert!(pending.1.contains("no suitable node"), "{pending:?}");
+    let pretty = c
+        .host(1)
+        .meshctl_ok(&["node", "inspect", "--pretty", c.host(2).node_name()])
+        .unwrap();
+    assert!(pretty.contains("node.role==manager"), "{pretty}");
+    assert!(
+        pretty.contains(&format!("Architecture:\t\t{arch}")),
+        "{pretty}"
+    );
+    // A misspelt role is refused before anything is created.
+    let e = c
+        .host(1)
+        .meshctl(&[
+            "service",
+            "create",
+            "--name",
+            "bad",
+            "--constraint",
+            "node.role==leader",
+            "--process",
+            "--",
+            w,
+        ])
+        .unwrap();
+    assert!(!e.status.success());
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("manager or worker"),
+        "{e:?}"
+    );
+    let ls = c.host(1).meshctl_ok(&["service", "ls", "-q"]).unwrap();
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+}

@@ -158,6 +158,7 @@ impl Shared {
                 drivers: vec![DRIVER_PROCESS.into()],
                 labels: BTreeMap::new(),
                 reserved_ports: Vec::new(),
+                platform: Default::default(),
             };
             let status = if g.sees(me, name) {
                 NodeStatus::Ready

@@ -205,6 +205,10 @@ impl Agent {
             drivers: vec![mesh_api::spec::DRIVER_PROCESS.into()],
             labels: config.labels.clone(),
             reserved_ports: reserved_ports(config),
+            platform: mesh_planner::Platform {
+                os: std::env::consts::OS.into(),
+                arch: std::env::consts::ARCH.into(),
+            },
         }
     }
 

@@ -115,6 +115,9 @@ pub struct NodeRecord {
     /// listeners): a published port answers on every node, so none may take one of these.
     #[serde(default)]
     pub reserved_ports: Vec<ReservedPort>,
+    /// What the agent runs on (`node.platform.*` constraints); empty from older agents.
+    #[serde(default)]
+    pub platform: mesh_planner::Platform,
 }
 
 /// A port a node's agent listens on, and what for (the error names it).

@@ -432,6 +432,9 @@ impl View {
                     drivers: record.drivers.clone(),
                     // Filled in once node records advertise what they have.
                     capacity: Default::default(),
+                    // Roles come with node identities; until then every node is an admin.
+                    role: mesh_planner::Role::Admin,
+                    platform: record.platform.clone(),
                 })
             })
             .collect()
@@ -635,6 +638,7 @@ mod tests {
             drivers: vec!["process".into()],
             labels: BTreeMap::new(),
             reserved_ports: Vec::new(),
+            platform: Default::default(),
         };
         let mut kv = BTreeMap::new();
         kv.insert(key::NODE.into(), serde_json::to_string(&rec).unwrap());

@@ -27,6 +27,11 @@ pub struct NodeInfo {
     /// have a service's driver.
     #[serde(default)]
     pub drivers: Vec<String>,
+    /// `admin` (Docker's manager: accepts commands) or `worker`.
+    #[serde(default)]
+    pub role: mesh_planner::Role,
+    #[serde(default)]
+    pub platform: mesh_planner::Platform,
     /// The node whose agent answered.
     #[serde(rename = "self")]
     pub is_self: bool,

@@ -23,6 +23,8 @@ pub fn node(name: &str) -> mesh_planner::Node {
         engine_labels: BTreeMap::new(),
         drivers: vec![DRIVER.into()],
         capacity: Default::default(),
+        role: Default::default(),
+        platform: Default::default(),
     }
 }
 

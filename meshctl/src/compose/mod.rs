@@ -835,7 +835,7 @@ services:
     container_name: ignored
     deploy:
       replicas: 2
-      placement: { constraints: ["node.labels.zone==a"], max_replicas_per_node: 1 }
+      placement: { constraints: ["node.labels.zone==a", "node.role == manager"], max_replicas_per_node: 1 }
       update_config: { parallelism: 1, order: start-first }
   api:
     command: ["/bin/api", "--port", "80"]
@@ -861,6 +861,11 @@ networks:
         assert_eq!(web.mode, ServiceMode::Replicated { replicas: 2 });
         assert_eq!(web.labels[STACK_LABEL], "st");
         assert_eq!(web.placement.max_replicas_per_node, Some(1));
+        assert_eq!(
+            web.placement.constraints[1].field,
+            mesh_planner::Field::NodeRole,
+            "Docker's tutorials' spelling"
+        );
         assert_eq!(web.update.order, mesh_planner::UpdateOrder::StartFirst);
         let api = &d
             .services
