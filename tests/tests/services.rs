@@ -786,3 +786,37 @@ fn a_removed_service_lets_its_connections_finish_and_refuses_new_ones() {
     )
     .unwrap();
 }
+
+/// Docker's `--publish 80`: the cluster picks the published port from 30000-32767, every
+/// node answers on it, an update keeps it, and the next service gets another.
+#[test]
+fn a_target_alone_is_published_on_a_port_the_cluster_picks() {
+    let c = cluster(2);
+    create(&c, "cache", &["--replicas", "2", "-p", "80"]);
+    converged(&c, "cache", 2, Duration::from_secs(10));
+    let published = |h: &Host, name: &str| -> u16 {
+        let s = service(h, name);
+        let p = s["spec"]["ports"][0]["published"].as_u64();
+        p.unwrap_or_else(|| panic!("{name} has no published port: {s}")) as u16
+    };
+    let port = published(c.host(2), "cache");
+    assert!((30000..=32767).contains(&port), "{port}");
+    for h in c.hosts() {
+        let t = curl_many(&c, h, port, 10);
+        assert_eq!(t.len(), 2, "{} answered {t:?} on {port}", h.node_name());
+    }
+    let ls = c.host(2).meshctl_ok(&["service", "ls"]).unwrap();
+    assert!(ls.contains(&format!("*:{port}->80/tcp")), "{ls}");
+
+    c.host(2)
+        .meshctl_ok(&["service", "update", "--env-add", "A=1", "-d", "cache"])
+        .unwrap();
+    assert_eq!(
+        published(c.host(1), "cache"),
+        port,
+        "an update keeps the port"
+    );
+    create(&c, "other", &["-p", "80"]);
+    let other = published(c.host(1), "other");
+    assert!(other != port && (30000..=32767).contains(&other), "{other}");
+}

@@ -13,6 +13,7 @@ mod health;
 pub mod membership;
 mod objects;
 mod orchestrate;
+mod ports;
 mod programming;
 mod rollout;
 mod routing;

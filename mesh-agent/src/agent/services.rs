@@ -3,12 +3,12 @@
 //! change is one replicated write, and a concurrent change of the same service from another
 //! node is detected after the settle time and reported to the loser.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use mesh_planner::{MAX_REPLICAS, ServiceMode};
 use tracing::info;
 
-use super::{Agent, Error, Result, rollout, validate_name};
+use super::{Agent, Error, Result, ports::PortAssigner, rollout, validate_name};
 use crate::cluster::{Clock, Replicated, View, key};
 use mesh_api::{
     spec::{EndpointMode, PortSpec, Protocol, ServiceSpec, TaskTemplate, UpdateState},
@@ -30,6 +30,7 @@ impl Agent {
                  or remove it first"
             )));
         }
+        PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, None)?;
         check_ports(&view, name, &spec.ports)?;
         check_file_refs(&view, &spec)?;
         if req.spec.network.is_empty() {
@@ -107,7 +108,8 @@ impl Agent {
     ) -> Result<Replicated<ServiceSpec>> {
         let view = self.refresh().await;
         let current = view.services.get(name).ok_or_else(|| not_found(name))?;
-        let spec = apply_update(&current.spec, req)?;
+        let mut spec = apply_update(&current.spec, req)?;
+        PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, Some(&current.spec))?;
         check_file_refs(&view, &spec)?;
         if spec.ports != current.spec.ports {
             check_ports(&view, name, &spec.ports)?;

@@ -8,7 +8,9 @@ use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use tracing::info;
 
 use super::{
-    Agent, Error, Result, rollout,
+    Agent, Error, Result,
+    ports::PortAssigner,
+    rollout,
     secrets::{Kind, check_size, validate_object_name},
     services::{check_file_refs, new_spec},
     validate_name,
@@ -82,9 +84,12 @@ fn new_configs<'a>(view: &View, req: &'a StackDeploy) -> Result<Vec<NewObject<'a
 /// spec a redeploy wants.
 fn plan_services<'a>(view: &View, future: &View, req: &'a StackDeploy) -> Result<ServicePlan<'a>> {
     let names: BTreeSet<&str> = req.services.iter().map(|s| s.spec.name.as_str()).collect();
+    let mut ports = PortAssigner::new(view, &names);
     let mut plan = Vec::new();
     for s in &req.services {
-        let spec = new_spec(&s.spec)?;
+        let mut spec = new_spec(&s.spec)?;
+        let current = view.services.get(&spec.name).map(|c| &c.spec);
+        ports.assign(&mut spec, current)?;
         if s.spec.network.is_empty() || !future.networks.contains_key(&spec.network) {
             return Err(Error::NotFound(format!(
                 "service {}: network {} not found",

@@ -16,7 +16,7 @@ pub use change::{
 pub use endpoint::EndpointState;
 pub use file::FileRef;
 pub use node::{Availability, NodeStatus, parse_label};
-pub use port::{PortSpec, Protocol, PublishMode};
+pub use port::{DYNAMIC_PORTS, PortSpec, Protocol, PublishMode};
 pub use resources::{Limits, Resources, Security, TaskResources, Ulimit};
 pub use service::{
     DRIVER_PODMAN, DRIVER_PROCESS, EndpointMode, HealthCheck, Probe, RunOptions, ServiceSpec,

@@ -31,8 +31,13 @@ impl FromStr for Protocol {
     }
 }
 
+/// Where the cluster picks a published port when a service publishes only a target
+/// (`--publish 80`): Swarm's dynamic range.
+pub const DYNAMIC_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
+
 /// A service port: `published` is answered on every node (the routing mesh), `target` is
-/// where the tasks listen; a port with no published side is reachable through the VIP only.
+/// where the tasks listen. A port asked for with no published side gets one from
+/// [`DYNAMIC_PORTS`] when the service is written, as Swarm does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PortSpec {
     pub protocol: Protocol,
@@ -152,6 +157,66 @@ impl FromStr for PortSpec {
 }
 
 impl PortSpec {
+    /// One `--publish` value, which Docker lets name ranges: `8000-8010:80-90` (as many
+    /// published ports as targets, paired in order) or `80-90` (targets, each published on a
+    /// port the cluster picks).
+    pub fn parse_many(s: &str) -> Result<Vec<Self>, String> {
+        let short = !s.contains('=') && !s.contains(',');
+        let (ports, proto) = s.split_once('/').unwrap_or((s, ""));
+        if !short || !ports.contains('-') {
+            return Ok(vec![s.parse()?]);
+        }
+        let suffix = if proto.is_empty() {
+            String::new()
+        } else {
+            format!("/{proto}")
+        };
+        let range =
+            |r: &str, what: &str| -> Result<Vec<u16>, String> {
+                let (a, b) = r.split_once('-').unwrap_or((r, r));
+                let bound =
+                    |x: &str| {
+                        x.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                    format!(
+                        "invalid {what} port range {r:?} in {s:?}: write FIRST-LAST, e.g. \
+                         8000-8010:80-90"
+                    )
+                })
+                    };
+                let (a, b) = (bound(a)?, bound(b)?);
+                if a > b {
+                    return Err(format!(
+                        "invalid {what} port range {r:?} in {s:?}: the first port is above the last"
+                    ));
+                }
+                Ok((a..=b).collect())
+            };
+        let pairs: Vec<String> = match ports.split_once(':') {
+            Some((published, target)) => {
+                let (published, target) =
+                    (range(published, "published")?, range(target, "target")?);
+                if published.len() != target.len() {
+                    return Err(format!(
+                        "invalid port range {s:?}: {} published ports for {} targets; give \
+                         ranges of the same length",
+                        published.len(),
+                        target.len()
+                    ));
+                }
+                published
+                    .iter()
+                    .zip(&target)
+                    .map(|(p, t)| format!("{p}:{t}{suffix}"))
+                    .collect()
+            }
+            None => range(ports, "target")?
+                .iter()
+                .map(|t| format!("{t}{suffix}"))
+                .collect(),
+        };
+        pairs.iter().map(|p| p.parse()).collect()
+    }
+
     fn from_long_syntax(s: &str) -> Result<Self, String> {
         let (mut published, mut target, mut protocol) = (None, None, Protocol::Tcp);
         let mut mode = PublishMode::default();
@@ -231,6 +296,35 @@ mod tests {
         let e = "web:80".parse::<PortSpec>().unwrap_err();
         assert!(e.contains("expected PUBLISHED:TARGET"), "{e}");
         assert!("0:80".parse::<PortSpec>().is_err());
+    }
+
+    #[test]
+    fn port_ranges_expand_in_order() {
+        let ports = PortSpec::parse_many("8000-8002:80-82/udp").unwrap();
+        let pairs: Vec<_> = ports
+            .iter()
+            .map(|p| (p.published, p.target, p.protocol))
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![
+                (Some(8000), 80, Protocol::Udp),
+                (Some(8001), 81, Protocol::Udp),
+                (Some(8002), 82, Protocol::Udp)
+            ]
+        );
+        let targets = PortSpec::parse_many("80-81").unwrap();
+        assert!(targets.iter().all(|p| p.published.is_none()));
+        assert_eq!(targets.len(), 2);
+        assert_eq!(PortSpec::parse_many("8080:80").unwrap().len(), 1);
+        for (bad, says) in [
+            ("8000-8010:80-81", "same length"),
+            ("8010-8000:80-90", "first port is above"),
+            ("80-x", "invalid target port range"),
+        ] {
+            let e = PortSpec::parse_many(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

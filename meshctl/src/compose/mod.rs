@@ -425,17 +425,18 @@ impl Stack {
                     .join(","),
                 _ => string(p, &pat)?,
             };
-            let port = flags::ports(&pat, &[text])?.remove(0);
-            if let Some(pp) = port.published {
-                let key = (port.protocol.to_string(), pp);
-                if let Some(other) = self.published.insert(key, service.to_owned()) {
-                    return Err(format!(
-                        "{pat}: port {pp}/{} is published twice (also by services.{other})",
-                        port.protocol
-                    ));
+            for port in flags::ports(&pat, &[text])? {
+                if let Some(pp) = port.published {
+                    let key = (port.protocol.to_string(), pp);
+                    if let Some(other) = self.published.insert(key, service.to_owned()) {
+                        return Err(format!(
+                            "{pat}: port {pp}/{} is published twice (also by services.{other})",
+                            port.protocol
+                        ));
+                    }
                 }
+                out.push(port);
             }
-            out.push(port);
         }
         Ok(())
     }

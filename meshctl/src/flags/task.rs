@@ -52,9 +52,11 @@ pub fn env_file(
 
 /// Docker's short (`8080:80`, `5353:53/udp`) or long (`published=8080,target=80`) syntax.
 pub fn ports(what: &str, raw: &[String]) -> Result<Vec<PortSpec>, String> {
-    raw.iter()
-        .map(|p| p.parse().map_err(|e| format!("{what}: {e}")))
-        .collect()
+    let mut out = Vec::new();
+    for p in raw {
+        out.extend(PortSpec::parse_many(p).map_err(|e| format!("{what}: {e}"))?);
+    }
+    Ok(out)
 }
 
 /// `--publish-rm`'s `PUBLISHED[/PROTOCOL]`; a whole `--publish` spec names its published
