@@ -10,12 +10,14 @@
 //! Nothing here does I/O or reads a clock: the agent passes the view (and the time, for the
 //! restart policy) in, and property tests hold the rules to account.
 
+pub mod job;
 pub mod plan;
 pub mod restart;
 pub mod rollout;
 pub mod spec;
 pub mod task;
 
+pub use job::JobProgress;
 pub use plan::{Cluster, Plan, Service, SlotPlacement, SlotPlan, Stop, plan};
 pub use restart::{AfterExit, after_exit};
 pub use rollout::{Failure, Progress, coordinator, progress};

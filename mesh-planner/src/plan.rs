@@ -111,7 +111,7 @@ impl Plan {
 }
 
 /// Why a node cannot take a task of the service (None: it can).
-fn unfit(node: &Node, service: &Service) -> Option<Unfit> {
+pub(crate) fn unfit(node: &Node, service: &Service) -> Option<Unfit> {
     if !node.ready {
         return Some(Unfit::Down);
     }
@@ -130,7 +130,7 @@ fn unfit(node: &Node, service: &Service) -> Option<Unfit> {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Unfit {
+pub(crate) enum Unfit {
     Down,
     Drained,
     Driver,
@@ -138,6 +138,9 @@ enum Unfit {
 }
 
 pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
+    if service.mode.is_job() {
+        return crate::job::plan(cluster, service);
+    }
     let nodes: BTreeMap<&str, &Node> = cluster.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let eligible: BTreeSet<&str> = cluster
         .nodes
@@ -164,6 +167,9 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
     let wanted: Vec<Slot> = match service.mode {
         ServiceMode::Replicated { replicas } => (1..=replicas).map(Slot::Replica).collect(),
         ServiceMode::Global => eligible.iter().map(|n| Slot::Node(n.to_string())).collect(),
+        ServiceMode::ReplicatedJob { .. } | ServiceMode::GlobalJob => {
+            unreachable!("jobs are planned by job::plan")
+        }
     };
     let wanted_set: BTreeSet<&Slot> = wanted.iter().collect();
 
@@ -424,7 +430,7 @@ enum Outcome<'a> {
 
 /// The other live tasks of a kept slot: duplicates stop; one being replaced stops once the
 /// winner runs.
-fn retire(stops: &mut Vec<Stop>, winner: &Task, tasks: &[&Task], slot: &Slot) {
+pub(crate) fn retire(stops: &mut Vec<Stop>, winner: &Task, tasks: &[&Task], slot: &Slot) {
     let winner_runs = winner.state == TaskState::Running;
     for t in tasks.iter().filter(|t| t.id != winner.id) {
         let serving = t.state == TaskState::Running;
@@ -453,7 +459,7 @@ fn retire(stops: &mut Vec<Stop>, winner: &Task, tasks: &[&Task], slot: &Slot) {
 }
 
 /// The eligible node a new task of `slot` goes to, or None.
-fn pick<'a>(
+pub(crate) fn pick<'a>(
     eligible: &BTreeSet<&'a str>,
     nodes: &BTreeMap<&str, &Node>,
     count: &BTreeMap<&str, usize>,
@@ -521,7 +527,7 @@ fn rendezvous(service: &str, slot: &Slot, node: &str) -> u64 {
     h
 }
 
-fn describe_unfit(node: &Node, service: &Service) -> String {
+pub(crate) fn describe_unfit(node: &Node, service: &Service) -> String {
     match unfit(node, service) {
         None => "it is eligible".into(),
         Some(Unfit::Down) => "it is down".into(),
@@ -534,7 +540,7 @@ fn describe_unfit(node: &Node, service: &Service) -> String {
 }
 
 /// Swarm's "no suitable node" message, from which filter turned how many nodes away.
-fn no_suitable_node(nodes: &[Node], service: &Service, limit: Option<usize>) -> String {
+pub(crate) fn no_suitable_node(nodes: &[Node], service: &Service, limit: Option<usize>) -> String {
     let total = nodes.len();
     let mut by: BTreeMap<Unfit, usize> = BTreeMap::new();
     let mut full = 0;

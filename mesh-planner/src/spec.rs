@@ -11,12 +11,24 @@ use serde::{Deserialize, Serialize};
 pub const MAX_REPLICAS: u32 = 10_000;
 
 /// Replicated: `replicas` slots placed over eligible nodes. Global: one task on every
-/// eligible node.
+/// eligible node. The jobs (Swarm 20.10) run their tasks to completion instead of keeping
+/// them running: a replicated job until `completions` tasks have exited 0, at most
+/// `max_concurrent` at a time; a global job once on every eligible node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceMode {
-    Replicated { replicas: u32 },
+    Replicated {
+        replicas: u32,
+    },
     Global,
+    /// Docker's `ReplicatedJob { TotalCompletions, MaxConcurrent }`.
+    #[serde(rename = "replicated-job")]
+    ReplicatedJob {
+        completions: u32,
+        max_concurrent: u32,
+    },
+    #[serde(rename = "global-job")]
+    GlobalJob,
 }
 
 impl Default for ServiceMode {
@@ -26,11 +38,29 @@ impl Default for ServiceMode {
 }
 
 impl ServiceMode {
+    /// As `--mode` spells it (and `service ls --filter mode=`).
     pub fn name(&self) -> &'static str {
         match self {
             Self::Replicated { .. } => "replicated",
             Self::Global => "global",
+            Self::ReplicatedJob { .. } => "replicated-job",
+            Self::GlobalJob => "global-job",
         }
+    }
+
+    /// As `service ls` shows it (Docker's MODE column).
+    pub fn display(&self) -> &'static str {
+        match self {
+            Self::Replicated { .. } => "replicated",
+            Self::Global => "global",
+            Self::ReplicatedJob { .. } => "replicated job",
+            Self::GlobalJob => "global job",
+        }
+    }
+
+    /// Its tasks run to completion: one that exits 0 is `Complete` and never restarted.
+    pub fn is_job(&self) -> bool {
+        matches!(self, Self::ReplicatedJob { .. } | Self::GlobalJob)
     }
 }
 
@@ -284,6 +314,21 @@ pub struct RestartPolicy {
 
 fn default_restart_delay_ms() -> u64 {
     5_000
+}
+
+impl RestartPolicy {
+    /// The policy a task of a service in `mode` ends under. A job's task that completed is
+    /// never restarted, so `any` acts as `on-failure` there (Swarm's restart supervisor does
+    /// the same: "it would be nonsensical to restart completed jobs").
+    pub fn for_mode(self, mode: ServiceMode) -> Self {
+        match self.condition {
+            RestartCondition::Any if mode.is_job() => Self {
+                condition: RestartCondition::OnFailure,
+                ..self
+            },
+            _ => self,
+        }
+    }
 }
 
 impl Default for RestartPolicy {

@@ -200,6 +200,8 @@ fn wanted(spec: &Spec, nodes: &[Node]) -> Vec<Slot> {
                 .collect();
             names.into_iter().map(|n| Slot::Node(n.into())).collect()
         }
+        // Jobs have their own properties (tests/jobs.rs).
+        ServiceMode::ReplicatedJob { .. } | ServiceMode::GlobalJob => unreachable!(),
     }
 }
 

@@ -106,6 +106,23 @@ impl Spec {
         }
     }
 
+    pub fn replicated_job(completions: u32, max_concurrent: u32) -> Self {
+        Self {
+            mode: ServiceMode::ReplicatedJob {
+                completions,
+                max_concurrent,
+            },
+            ..Self::replicated(1)
+        }
+    }
+
+    pub fn global_job() -> Self {
+        Self {
+            mode: ServiceMode::GlobalJob,
+            ..Self::replicated(1)
+        }
+    }
+
     pub fn constraint(mut self, c: &str) -> Self {
         self.placement.constraints.push(c.parse().unwrap());
         self
