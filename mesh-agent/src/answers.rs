@@ -90,7 +90,15 @@ pub fn network_info(view: &View, name: &str) -> Option<NetworkInfo> {
 pub fn service_info(view: &View, name: &str) -> Option<ServiceInfo> {
     let s = view.services.get(name)?;
     let plan = view.plan(name);
+    let job = plan
+        .as_ref()
+        .and_then(|p| mesh_planner::job::progress(s.spec.mode, p, &view.tasks));
     let (running, desired, pending) = match &plan {
+        Some(plan) if let Some(job) = job => (
+            job.running,
+            Some(job.desired),
+            plan.pending_reason().map(str::to_owned),
+        ),
         Some(plan) => {
             let running = plan
                 .slots
@@ -121,6 +129,7 @@ pub fn service_info(view: &View, name: &str) -> Option<ServiceInfo> {
         ports: s.spec.ports.clone(),
         running,
         desired,
+        completed: job.map(|j| j.completed),
         pending,
         coordinator: mesh_planner::coordinator(name, &view.planner_nodes()).map(str::to_owned),
         spec: s.spec.clone(),
@@ -146,6 +155,7 @@ pub fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
     }
     let plan = view.plan(name);
     let template = service.spec.template_id();
+    let job = service.spec.mode.is_job();
     let mut order: Vec<mesh_planner::Slot> = plan
         .iter()
         .flat_map(|p| p.slots.iter().map(|s| s.slot.clone()))
@@ -207,6 +217,12 @@ pub fn service_tasks(view: &View, name: &str) -> Vec<ServiceTaskInfo> {
                 node: Some(t.node.clone()),
                 desired: if down {
                     "Shutdown".into()
+                } else if job
+                    && (t.desired == mesh_planner::DesiredState::Running
+                        || t.state == mesh_planner::TaskState::Complete)
+                {
+                    // Docker's desired state of a job's task: it is meant to complete.
+                    "Complete".into()
                 } else {
                     t.desired.to_string()
                 },

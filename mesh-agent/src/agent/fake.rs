@@ -261,7 +261,10 @@ impl FakeCluster {
         let current = record.spec.clone();
         change(&mut record.spec);
         record.spec.version = current.version + 1;
-        if record.spec.template_id() != current.template_id() {
+        // A job has no rollout: a new template is a new run (see `services::job_runs_again`).
+        if record.spec.mode.is_job() {
+            record.spec.update_status = None;
+        } else if record.spec.template_id() != current.template_id() {
             rollout::start_rollout(&mut record.spec, &current, now);
         }
         record.updated = Stamp {

@@ -393,7 +393,7 @@ async fn task_ended<R: NodeRuntime>(rt: &R, view: &View, mut t: Task, ending: En
         rt.publish_tasks(&[&t]).await;
         return;
     };
-    match mesh_planner::after_exit(&service.restart, &t, failed, now) {
+    match mesh_planner::after_exit(&service.restart.for_mode(service.mode), &t, failed, now) {
         AfterExit::Restart {
             attempt,
             window_start_ms,

@@ -5,13 +5,16 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use mesh_planner::{MAX_REPLICAS, ServiceMode};
+use mesh_planner::{MAX_REPLICAS, ServiceMode, UpdateConfig};
 use tracing::info;
 
 use super::{Agent, Error, Result, ports::PortAssigner, rollout, validate_name};
 use crate::cluster::{Clock, Replicated, View, key};
 use mesh_api::{
-    spec::{EndpointMode, PortSpec, Protocol, ServiceSpec, TaskTemplate, UpdateState},
+    spec::{
+        EndpointMode, PortSpec, Protocol, ServiceSpec, TaskTemplate, UpdateConfigChange,
+        UpdateState,
+    },
     v1::{ServiceCreate, ServiceScale, ServiceUpdate},
 };
 
@@ -224,7 +227,9 @@ impl Agent {
                 s.spec.version,
                 match s.spec.mode {
                     ServiceMode::Replicated { replicas } => format!(", replicas={replicas}"),
-                    ServiceMode::Global => String::new(),
+                    ServiceMode::ReplicatedJob { completions, .. } =>
+                        format!(", replicas={completions}"),
+                    ServiceMode::Global | ServiceMode::GlobalJob => String::new(),
                 }
             ))),
             _ => Err(Error::Conflict(format!(
@@ -379,16 +384,52 @@ pub(crate) fn new_spec(requested: &ServiceSpec) -> Result<ServiceSpec> {
                 spec.name
             )));
         }
+        (None, ServiceMode::ReplicatedJob { .. } | ServiceMode::GlobalJob) => {
+            return Err(Error::Invalid(format!(
+                "job {} has no command or image for its tasks to run",
+                spec.name
+            )));
+        }
         _ => {}
     }
     check_spec(&spec)?;
     Ok(spec)
 }
 
+/// Docker's words: a job's tasks are not rolled, a new run replaces them all.
+const NO_JOB_ROLLOUT: &str = "update and rollback configuration is not supported for jobs";
+
 /// What every version of a service must satisfy, whoever wrote it.
 fn check_spec(spec: &ServiceSpec) -> Result<()> {
-    if let ServiceMode::Replicated { replicas } = spec.mode {
-        check_replicas(replicas)?;
+    match spec.mode {
+        ServiceMode::Replicated { replicas } => check_replicas(replicas)?,
+        ServiceMode::ReplicatedJob {
+            completions,
+            max_concurrent,
+        } => {
+            check_replicas(completions)?;
+            check_replicas(max_concurrent)?;
+            // Swarm would take 0 and never run a task: the job would wait forever.
+            if max_concurrent == 0 {
+                return Err(Error::Invalid(
+                    "max-concurrent 0 would never run a task of the job: use 1 or more".into(),
+                ));
+            }
+        }
+        ServiceMode::Global | ServiceMode::GlobalJob => {}
+    }
+    if spec.mode.is_job()
+        && (spec.update != UpdateConfig::default() || spec.rollback != UpdateConfig::default())
+    {
+        return Err(Error::Invalid(NO_JOB_ROLLOUT.into()));
+    }
+    if spec.mode.is_job() && spec.task.as_ref().is_some_and(|t| t.health.is_some()) {
+        // A health check decides when a task serves; a job's tasks serve nothing, and
+        // a check that failed would kill a task that is still working.
+        return Err(Error::Invalid(format!(
+            "job {} has a health check: jobs run to completion and serve nothing, remove it",
+            spec.name
+        )));
     }
     if let Some(n) = spec.placement.max_replicas_per_node {
         check_replicas(n)?;
@@ -460,8 +501,19 @@ fn check_replicas(n: u32) -> Result<()> {
 
 /// The spec after an update, or why the update is refused.
 fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpec> {
+    if current.mode.is_job()
+        && (req.update_config != UpdateConfigChange::default()
+            || req.rollback_config != UpdateConfigChange::default())
+    {
+        return Err(Error::Invalid(NO_JOB_ROLLOUT.into()));
+    }
     if req.rollback {
-        return rollback(current, req);
+        let spec = rollback(current, req)?;
+        return Ok(if spec.mode.is_job() {
+            job_runs_again(spec, current)
+        } else {
+            spec
+        });
     }
     let mut spec = current.clone();
     set_replicas(&mut spec, req)?;
@@ -481,8 +533,29 @@ fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpe
         spec.force_update += 1;
     }
     check_spec(&spec)?;
+    if spec.mode.is_job() {
+        return Ok(job_runs_again(spec, current));
+    }
     start_or_resume_rollout(&mut spec, current);
     Ok(spec)
+}
+
+/// Swarm starts a new iteration of a job on every update of it: the new spec's template
+/// differs from the last run's (through `force_update`), so the job runs again from the
+/// start. There is no rollout: the old run's tasks stop at once.
+fn job_runs_again(mut spec: ServiceSpec, current: &ServiceSpec) -> ServiceSpec {
+    if spec == *current {
+        return spec;
+    }
+    // Above both: a rollback brings back a spec whose counter the last run may have used.
+    spec.force_update = spec.force_update.max(current.force_update) + 1;
+    let mut previous = current.clone();
+    previous.previous = None;
+    previous.update_status = None;
+    spec.previous = Some(Box::new(previous));
+    spec.template_version = current.version + 1;
+    spec.update_status = None;
+    spec
 }
 
 /// `--rollback`: the previous spec, rolled out with the (possibly changed) rollback config.
@@ -518,6 +591,21 @@ fn set_replicas(spec: &mut ServiceSpec, req: &ServiceUpdate) -> Result<()> {
         return Ok(());
     };
     match spec.mode {
+        // Docker's words (`docker service scale` of a global job).
+        ServiceMode::GlobalJob => Err(Error::Invalid(format!(
+            "service {}: scale can only be used with replicated or replicated-job mode",
+            spec.name
+        ))),
+        ServiceMode::ReplicatedJob { max_concurrent, .. } => {
+            // Docker's scale of a replicated job sets its completions and keeps its
+            // concurrency.
+            check_replicas(n)?;
+            spec.mode = ServiceMode::ReplicatedJob {
+                completions: n,
+                max_concurrent,
+            };
+            Ok(())
+        }
         ServiceMode::Global => Err(Error::Invalid(format!(
             "service {} is global: it runs one task on every eligible node and cannot be \
              scaled (narrow it with --constraint-add instead)",
@@ -956,5 +1044,122 @@ mod tests {
 
     fn spec_of_process() -> ServiceSpec {
         spec(|_| {}).unwrap()
+    }
+
+    fn migrate() -> ServiceSpec {
+        spec(|s| {
+            s.mode = ServiceMode::ReplicatedJob {
+                completions: 3,
+                max_concurrent: 1,
+            }
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn every_update_of_a_job_runs_it_again_without_a_rollout() {
+        let job = migrate();
+        for req in [
+            ServiceUpdate {
+                force: true,
+                ..Default::default()
+            },
+            ServiceUpdate {
+                label_add: vec![("team".into(), "db".into())],
+                ..Default::default()
+            },
+            ServiceUpdate {
+                env_add: vec![("STEP".into(), "2".into())],
+                ..Default::default()
+            },
+        ] {
+            let next = apply_update(&job, &req).unwrap();
+            assert_ne!(next.template_id(), job.template_id(), "{req:?}: a new run");
+            assert!(next.update_status.is_none(), "{req:?}: no rollout");
+            assert_eq!(next.previous.as_deref().map(|p| &p.mode), Some(&job.mode));
+        }
+        // `service rollback`: the previous spec, as a new run too.
+        let next = apply_update(
+            &job,
+            &ServiceUpdate {
+                force: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let back = apply_update(
+            &next,
+            &ServiceUpdate {
+                rollback: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(back.update_status.is_none());
+        assert_ne!(back.template_id(), job.template_id());
+        assert_ne!(back.template_id(), next.template_id());
+    }
+
+    #[test]
+    fn jobs_refuse_what_docker_refuses() {
+        let job = migrate();
+        let m = err(apply_update(
+            &job,
+            &ServiceUpdate {
+                update_config: UpdateConfigChange {
+                    parallelism: Some(2),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        ));
+        assert_eq!(
+            m,
+            "update and rollback configuration is not supported for jobs"
+        );
+        let m = err(spec(|s| {
+            s.mode = ServiceMode::GlobalJob;
+            s.update.parallelism = 3;
+        }));
+        assert_eq!(
+            m,
+            "update and rollback configuration is not supported for jobs"
+        );
+        let global = spec(|s| s.mode = ServiceMode::GlobalJob).unwrap();
+        let m = err(apply_update(
+            &global,
+            &ServiceUpdate {
+                replicas: Some(2),
+                ..Default::default()
+            },
+        ));
+        assert!(
+            m.contains("scale can only be used with replicated or replicated-job mode"),
+            "{m}"
+        );
+        let m = err(spec(|s| {
+            s.mode = ServiceMode::ReplicatedJob {
+                completions: 3,
+                max_concurrent: 0,
+            }
+        }));
+        assert!(m.contains("max-concurrent 0"), "{m}");
+        // Scaling a replicated job sets its completions, as Docker's scale does.
+        let scaled = apply_update(
+            &job,
+            &ServiceUpdate {
+                replicas: Some(5),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            scaled.mode,
+            ServiceMode::ReplicatedJob {
+                completions: 5,
+                max_concurrent: 1
+            }
+        );
+        assert_ne!(scaled.template_id(), job.template_id(), "a new run");
     }
 }

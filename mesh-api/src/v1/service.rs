@@ -28,6 +28,10 @@ pub struct ServiceInfo {
     /// schedules nothing; its tasks are started by hand or by another runtime).
     pub running: usize,
     pub desired: Option<usize>,
+    /// A job's completed slots in its current run (Docker's CompletedTasks); None for
+    /// services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed: Option<usize>,
     /// Why some slot has no node, if one has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<String>,

@@ -758,3 +758,156 @@ async fn a_task_serves_once_healthy_and_is_replaced_when_its_checks_fail() {
     );
     assert_eq!(c.starts("web").len(), 2, "replaced by the restart policy");
 }
+
+// --- Jobs -------------------------------------------------------------------------------
+
+fn job(mode: ServiceMode) -> ServiceSpec {
+    ServiceSpec {
+        name: "migrate".into(),
+        mode,
+        restart: RestartPolicy {
+            delay_ms: 1_000,
+            ..RestartPolicy::default()
+        },
+        ..web(1, "v1")
+    }
+}
+
+/// Runs the cluster in ticks for `d`, returning the most tasks of `service` live at once.
+async fn most_live(c: &FakeCluster, service: &str, d: Duration) -> usize {
+    let mut most = 0;
+    let until = c.now_ms() + ms(d);
+    while c.now_ms() < until {
+        c.run_for(TICK).await;
+        most = most.max(c.live(service).len());
+    }
+    most
+}
+
+fn completed(c: &FakeCluster, service: &str) -> BTreeSet<Slot> {
+    c.ps(service)
+        .into_iter()
+        .filter(|t| t.state == TaskState::Complete)
+        .map(|t| t.slot)
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replicated_job_completes_its_slots_one_at_a_time() {
+    let c = FakeCluster::new(&["n1", "n2", "n3"]);
+    c.script(|_, _, _| Run::Exit {
+        after: secs(2),
+        code: 0,
+    });
+    c.create(job(ServiceMode::ReplicatedJob {
+        completions: 3,
+        max_concurrent: 1,
+    }));
+    let most = most_live(&c, "migrate", secs(20)).await;
+    assert_eq!(most, 1, "never more than --max-concurrent at once");
+    assert_eq!(
+        completed(&c, "migrate"),
+        BTreeSet::from([Slot::Replica(1), Slot::Replica(2), Slot::Replica(3)])
+    );
+    assert_eq!(
+        c.starts("migrate").len(),
+        3,
+        "a completed task is never restarted"
+    );
+    assert!(c.live("migrate").is_empty());
+    for t in c.ps("migrate") {
+        assert_eq!(
+            (t.state, t.exit_code, t.holds_slot),
+            (TaskState::Complete, Some(0), true)
+        );
+    }
+    let plan = c.plan_on("n1", "migrate");
+    assert!(plan.starts_on("n1").next().is_none() && plan.stops.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_job_task_is_retried_by_the_restart_policy_until_it_completes() {
+    let c = FakeCluster::new(&["n1", "n2"]);
+    let mut starts = 0;
+    c.script(move |_, _, _| {
+        starts += 1;
+        Run::Exit {
+            after: secs(1),
+            code: if starts == 1 { 3 } else { 0 },
+        }
+    });
+    c.create(job(ServiceMode::ReplicatedJob {
+        completions: 2,
+        max_concurrent: 2,
+    }));
+    c.run_for(secs(15)).await;
+    let ps = c.ps("migrate");
+    let failed: Vec<&Task> = ps.iter().filter(|t| t.state == TaskState::Failed).collect();
+    assert_eq!(failed.len(), 1, "{ps:#?}");
+    assert_eq!(failed[0].error.as_deref(), Some("task: non-zero exit (3)"));
+    let retry = ps
+        .iter()
+        .find(|t| t.slot == failed[0].slot && t.state == TaskState::Complete)
+        .expect("the failed slot completed on a retry");
+    assert_eq!(retry.attempt, 1);
+    assert_eq!(retry.node, failed[0].node, "restarted by its own node");
+    assert_eq!(
+        completed(&c, "migrate"),
+        BTreeSet::from([Slot::Replica(1), Slot::Replica(2)])
+    );
+    assert_eq!(c.starts("migrate").len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_global_job_completes_once_per_node() {
+    let c = FakeCluster::new(&["n1", "n2", "n3"]);
+    c.script(|_, _, _| Run::Exit {
+        after: secs(1),
+        code: 0,
+    });
+    c.create(job(ServiceMode::GlobalJob));
+    c.run_for(secs(15)).await;
+    assert_eq!(
+        completed(&c, "migrate"),
+        ["n1", "n2", "n3"]
+            .into_iter()
+            .map(|n| Slot::Node(n.into()))
+            .collect()
+    );
+    assert_eq!(c.starts("migrate").len(), 3);
+    for t in c.ps("migrate") {
+        assert_eq!(t.slot, Slot::Node(t.node.clone()));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forced_update_runs_a_job_again() {
+    let c = FakeCluster::new(&["n1", "n2"]);
+    c.script(|_, _, _| Run::Exit {
+        after: secs(1),
+        code: 0,
+    });
+    c.create(job(ServiceMode::ReplicatedJob {
+        completions: 2,
+        max_concurrent: 1,
+    }));
+    c.run_for(secs(10)).await;
+    assert_eq!(c.starts("migrate").len(), 2);
+    let first_run = c.service("migrate").template_id();
+
+    // What the agent's update of a job does: a new template, no rollout.
+    c.update("migrate", |s| s.force_update += 1);
+    let most = most_live(&c, "migrate", secs(10)).await;
+    assert_eq!(most, 1);
+    assert_eq!(c.starts("migrate").len(), 4, "both slots ran again");
+    let template = c.service("migrate").template_id();
+    assert_ne!(template, first_run);
+    let now: BTreeSet<Slot> = c
+        .ps("migrate")
+        .into_iter()
+        .filter(|t| t.state == TaskState::Complete && t.template == template)
+        .map(|t| t.slot)
+        .collect();
+    assert_eq!(now, BTreeSet::from([Slot::Replica(1), Slot::Replica(2)]));
+    assert!(c.service("migrate").update_status.is_none());
+}
