@@ -40,7 +40,8 @@ pub enum ServiceCommand {
         /// Only IDs.
         #[arg(long, short = 'q')]
         quiet: bool,
-        /// id=, name= (prefixes), mode=replicated|global, label=KEY[=VALUE]; repeat a key
+        /// id=, name= (prefixes), mode=replicated|global|replicated-job|global-job,
+        /// label=KEY[=VALUE]; repeat a key
         /// for either value.
         #[arg(long, short = 'f')]
         filter: Vec<String>,
@@ -116,12 +117,17 @@ pub struct CreateArgs {
     /// vip (one virtual IP, balanced) or dnsrr (the name resolves to the tasks).
     #[arg(long = "endpoint-mode", default_value = "vip", value_parser = |s: &str| s.parse::<EndpointMode>())]
     endpoint_mode: EndpointMode,
-    /// replicated (default) or global (one task on every eligible node).
+    /// replicated (default), global (one task on every eligible node), replicated-job (run
+    /// --replicas tasks to completion) or global-job (run one task to completion on every
+    /// eligible node).
     #[arg(long)]
     mode: Option<String>,
-    /// Number of tasks (replicated mode; default 1).
+    /// Number of tasks (replicated mode; default 1), or of completions (replicated-job).
     #[arg(long, allow_negative_numbers = true)]
     replicas: Option<i64>,
+    /// Number of job tasks to run concurrently (replicated-job; default equal to --replicas).
+    #[arg(long = "max-concurrent", allow_negative_numbers = true)]
+    max_concurrent: Option<i64>,
     /// Placement constraint, e.g. node.labels.env==production; repeat for more (all must hold).
     #[arg(long)]
     constraint: Vec<String>,
@@ -375,8 +381,12 @@ async fn scale(client: &Client, fmt: Format, services: &[String], detach: bool) 
         return json(&done);
     }
     for s in &done {
-        if let ServiceMode::Replicated { replicas } = s.mode {
-            println!("{} scaled to {replicas}", s.name);
+        match s.mode {
+            ServiceMode::Replicated { replicas: n }
+            | ServiceMode::ReplicatedJob { completions: n, .. } => {
+                println!("{} scaled to {n}", s.name)
+            }
+            ServiceMode::Global | ServiceMode::GlobalJob => {}
         }
     }
     if !detach {
@@ -404,7 +414,7 @@ async fn ls(client: &Client, fmt: Format, quiet: bool, filter: &[String]) -> Res
         [
             s.id.clone(),
             s.name.clone(),
-            s.mode.name().into(),
+            s.mode.display().into(),
             replicas(s),
             image(s),
             s.ports
@@ -672,6 +682,10 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         task,
         ..Default::default()
     };
+    if spec.mode.is_job() && a.rollout.is_set() {
+        // Docker's words: a job's tasks are not rolled, an update runs the job again.
+        bail!("update and rollback configuration is not supported for jobs");
+    }
     spec.placement.constraints = flags::constraints("--constraint", &a.constraint).map_err(msg)?;
     spec.placement.preferences =
         flags::preferences("--placement-pref", &a.placement_pref).map_err(msg)?;
@@ -775,21 +789,54 @@ fn entrypoint(s: &str) -> Result<Vec<String>> {
     shlex::split(s).ok_or_else(|| anyhow::anyhow!("--entrypoint {s:?} has an unclosed quote"))
 }
 
+/// `--mode` with `--replicas`, `--max-concurrent` and `--replicas-max-per-node`, refused in
+/// Docker's words where they do not go together.
 fn mode(a: &CreateArgs, has_task: bool) -> Result<ServiceMode> {
-    match a.mode.as_deref() {
-        None | Some("replicated") => Ok(ServiceMode::Replicated {
-            replicas: match a.replicas {
-                Some(n) => flags::replicas("--replicas", n).map_err(anyhow::Error::msg)?,
+    let replicas = |flag: &str, n: Option<i64>| {
+        n.map(|n| flags::replicas(flag, n).map_err(anyhow::Error::msg))
+            .transpose()
+    };
+    let mode = a.mode.as_deref().unwrap_or("replicated");
+    let global = matches!(mode, "global" | "global-job");
+    if a.max_concurrent.is_some() && mode != "replicated-job" {
+        bail!("max-concurrent can only be used with replicated-job mode");
+    }
+    if mode == "global-job" && a.replicas_max_per_node.is_some_and(|n| n > 0) {
+        bail!("replicas-max-per-node can only be used with replicated or replicated-job mode");
+    }
+    if global && a.replicas.is_some() {
+        bail!(
+            "replicas can only be used with replicated or replicated-job mode: a {mode} service \
+             runs one task on every eligible node (limit them with --constraint)"
+        );
+    }
+    match mode {
+        "replicated" => Ok(ServiceMode::Replicated {
+            replicas: match replicas("--replicas", a.replicas)? {
+                Some(n) => n,
                 None if has_task => 1,
                 None => 0,
             },
         }),
-        Some("global") if a.replicas.is_some() => bail!(
-            "--replicas does not go with --mode global: a global service runs one task on every \
-             eligible node (limit them with --constraint)"
-        ),
-        Some("global") => Ok(ServiceMode::Global),
-        Some(other) => bail!("unknown --mode {other:?}: use replicated or global"),
+        "global" => Ok(ServiceMode::Global),
+        "replicated-job" => {
+            // Docker's defaults: max-concurrent is --replicas, and either alone sets both
+            // (the daemon's TotalCompletions defaults to MaxConcurrent, which defaults to 1).
+            let completions = replicas("--replicas", a.replicas)?;
+            let concurrent = replicas("--max-concurrent", a.max_concurrent)?;
+            let max_concurrent = concurrent.or(completions).unwrap_or(1);
+            if max_concurrent == 0 {
+                bail!("--max-concurrent 0 would never run a task of the job: use 1 or more");
+            }
+            Ok(ServiceMode::ReplicatedJob {
+                completions: completions.unwrap_or(max_concurrent),
+                max_concurrent,
+            })
+        }
+        "global-job" => Ok(ServiceMode::GlobalJob),
+        other => {
+            bail!("unknown --mode {other:?}: use replicated, global, replicated-job or global-job")
+        }
     }
 }
 
@@ -876,6 +923,10 @@ async fn update(
     detach: bool,
 ) -> Result<()> {
     let before: ServiceInfo = client.get(&format!("/v1/services/{name}")).await?;
+    if req.replicas.is_some() && before.mode.is_job() {
+        // Docker's words; `service scale` sets a replicated job's completions.
+        bail!("replicas can only be used with replicated mode");
+    }
     let s: ServiceInfo = client.post(&format!("/v1/services/{name}"), req).await?;
     // This command started a rollout (which may have paused or rolled back already).
     let rolling = s.spec.update_status.as_ref().is_some_and(|st| {
@@ -910,10 +961,21 @@ pub(crate) async fn print_stream(client: &Client, path: &str) -> Result<()> {
 }
 
 /// `3/3`, `2/3`, or for a service that schedules nothing, its running tasks.
-fn replicas(s: &ServiceInfo) -> String {
-    match s.desired {
-        Some(d) => format!("{}/{d}", s.running),
-        None => format!("{} (started by hand)", s.running),
+/// A job: Docker's `running/desired (completed/total completed)`.
+pub(crate) fn replicas(s: &ServiceInfo) -> String {
+    match (s.desired, s.completed) {
+        (Some(d), Some(c)) => format!("{}/{d} ({c}/{} completed)", s.running, total(s)),
+        (Some(d), None) => format!("{}/{d}", s.running),
+        (None, _) => format!("{} (started by hand)", s.running),
+    }
+}
+
+/// The completions a job's run needs: a replicated job's, or for a global job the nodes
+/// that are still to complete plus those that did (Docker's arithmetic).
+fn total(s: &ServiceInfo) -> usize {
+    match s.mode {
+        ServiceMode::ReplicatedJob { completions, .. } => completions as usize,
+        _ => s.desired.unwrap_or(0) + s.completed.unwrap_or(0),
     }
 }
 
@@ -1025,10 +1087,17 @@ fn print_inspect(s: &ServiceInfo) {
         match spec.mode {
             ServiceMode::Replicated { .. } => "Replicated",
             ServiceMode::Global => "Global",
+            ServiceMode::ReplicatedJob { .. } => "ReplicatedJob",
+            ServiceMode::GlobalJob => "GlobalJob",
         }
     );
-    if let ServiceMode::Replicated { replicas } = spec.mode {
-        println!(" Replicas:\t{replicas}");
+    match spec.mode {
+        ServiceMode::Replicated { replicas } => println!(" Replicas:\t{replicas}"),
+        ServiceMode::ReplicatedJob {
+            completions,
+            max_concurrent,
+        } => println!(" Max Concurrent:\t{max_concurrent}\n Total Completions:\t{completions}"),
+        ServiceMode::Global | ServiceMode::GlobalJob => {}
     }
     println!("Running:\t{}", replicas(s));
     if let Some(p) = &s.pending {
@@ -1172,14 +1241,33 @@ async fn converge(client: &Client, name: &str) -> Result<()> {
         let Some(desired) = s.desired else {
             return Ok(());
         };
-        let line = format!("overall progress: {} out of {desired} tasks", s.running);
-        if line != last {
-            println!("{line}");
-            last = line;
-        }
-        if s.running == desired && s.pending.is_none() {
-            println!("verify: Service {name} converged");
-            return Ok(());
+        if let Some(completed) = s.completed {
+            // Docker's job progress: a job is done once its run completed, not when its
+            // tasks run.
+            let total = total(&s);
+            let line = format!(
+                "job progress: {completed} out of {total} complete\nactive tasks: {} out of {} tasks",
+                s.running,
+                desired.min(total - completed.min(total))
+            );
+            if line != last {
+                println!("{line}");
+                last = line;
+            }
+            if completed >= total && s.running == 0 {
+                println!("job complete");
+                return Ok(());
+            }
+        } else {
+            let line = format!("overall progress: {} out of {desired} tasks", s.running);
+            if line != last {
+                println!("{line}");
+                last = line;
+            }
+            if s.running == desired && s.pending.is_none() {
+                println!("verify: Service {name} converged");
+                return Ok(());
+            }
         }
         if let Some(reason) = &s.pending {
             let since = *pending_since.get_or_insert_with(Instant::now);
@@ -1187,7 +1275,7 @@ async fn converge(client: &Client, name: &str) -> Result<()> {
                 println!(
                     "{} of {desired} tasks are pending: {reason}\n(they start as soon as a node fits; \
                      follow with `meshctl service ps {name}`)",
-                    desired - s.running
+                    desired.saturating_sub(s.running)
                 );
                 return Ok(());
             }
@@ -1341,5 +1429,110 @@ mod tests {
         assert_eq!(a.name.as_deref(), Some("lb"));
         assert!(a.image.is_none() && a.command.is_empty());
         assert!(deprecation(&a).contains("--name lb --process"));
+    }
+
+    fn job_mode(args: &[&str]) -> Result<ServiceMode> {
+        let mut all = vec!["--name", "migrate"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--process", "--", "true"]);
+        Ok(create_spec(&create(&all)?)?.mode)
+    }
+
+    #[test]
+    fn job_modes_take_dockers_defaults_and_refuse_what_docker_refuses() {
+        let rj = |completions, max_concurrent| ServiceMode::ReplicatedJob {
+            completions,
+            max_concurrent,
+        };
+        let cases = [
+            (&["--mode", "replicated-job"][..], rj(1, 1)),
+            (
+                &["--mode", "replicated-job", "--replicas", "3"][..],
+                rj(3, 3),
+            ),
+            (
+                &[
+                    "--mode",
+                    "replicated-job",
+                    "--replicas",
+                    "3",
+                    "--max-concurrent",
+                    "1",
+                ][..],
+                rj(3, 1),
+            ),
+            (
+                &["--mode", "replicated-job", "--max-concurrent", "2"][..],
+                rj(2, 2),
+            ),
+            (&["--mode", "global-job"][..], ServiceMode::GlobalJob),
+        ];
+        for (args, want) in cases {
+            assert_eq!(job_mode(args).unwrap(), want, "{args:?}");
+        }
+        for (args, says) in [
+            (
+                &["--mode", "global-job", "--replicas", "2"][..],
+                "replicas can only be used with replicated or replicated-job mode",
+            ),
+            (
+                &["--max-concurrent", "2"][..],
+                "max-concurrent can only be used with replicated-job mode",
+            ),
+            (
+                &["--mode", "global-job", "--replicas-max-per-node", "1"][..],
+                "replicas-max-per-node can only be used with replicated or replicated-job mode",
+            ),
+            (
+                &["--mode", "replicated-job", "--update-parallelism", "2"][..],
+                "update and rollback configuration is not supported for jobs",
+            ),
+            (
+                &["--mode", "replicated-job", "--max-concurrent", "0"][..],
+                "--max-concurrent 0",
+            ),
+            (&["--mode", "batch"][..], "unknown --mode \"batch\""),
+        ] {
+            let e = job_mode(args).unwrap_err().to_string();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn service_ls_shows_a_jobs_progress_as_docker_does() {
+        let info = |mode, running, desired, completed| ServiceInfo {
+            id: "x".into(),
+            name: "migrate".into(),
+            network: "ingress".into(),
+            mode,
+            endpoint_mode: EndpointMode::Vip,
+            vip: None,
+            ports: vec![],
+            running,
+            desired: Some(desired),
+            completed,
+            pending: None,
+            coordinator: None,
+            spec: ServiceSpec::default(),
+            tasks: vec![],
+            created_by: "n1".into(),
+            dataplane: None,
+        };
+        let job = ServiceMode::ReplicatedJob {
+            completions: 3,
+            max_concurrent: 1,
+        };
+        assert_eq!(replicas(&info(job, 1, 1, Some(1))), "1/1 (1/3 completed)");
+        assert_eq!(replicas(&info(job, 0, 1, Some(3))), "0/1 (3/3 completed)");
+        assert_eq!(
+            replicas(&info(ServiceMode::GlobalJob, 1, 2, Some(1))),
+            "1/2 (1/3 completed)"
+        );
+        assert_eq!(
+            replicas(&info(ServiceMode::Replicated { replicas: 3 }, 3, 3, None)),
+            "3/3"
+        );
+        assert_eq!(job.display(), "replicated job");
+        assert_eq!(ServiceMode::GlobalJob.display(), "global job");
     }
 }

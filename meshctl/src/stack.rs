@@ -114,11 +114,11 @@ pub async fn run(client: &Client, fmt: Format, cmd: StackCommand) -> Result<()> 
                     mine.iter().map(|s| [
                         s.id.clone(),
                         s.name.clone(),
-                        match s.mode {
-                            mesh_planner::ServiceMode::Global => "global".into(),
-                            _ => "replicated".into(),
+                        s.mode.display().into(),
+                        match s.desired {
+                            Some(_) => super::service::replicas(s),
+                            None => format!("{}/{}", s.running, or_dash(s.desired)),
                         },
-                        format!("{}/{}", s.running, or_dash(s.desired)),
                         s.ports
                             .iter()
                             .map(|p| p.to_string())

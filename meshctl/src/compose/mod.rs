@@ -540,12 +540,51 @@ fn finish(d: ServiceDraft, at: &str) -> Result<ServiceSpec, String> {
             ));
         }
         (Some((m, _)), None) if m == "global" => ServiceMode::Global,
+        // Docker's stack converter: replicas are both the completions and the concurrency.
+        (Some((m, _)), r) if m == "replicated-job" => {
+            let n = r.map_or(1, |(n, _)| n);
+            if n == 0 {
+                return Err(format!(
+                    "{at}.deploy.replicas: a replicated-job needs at least 1 replica (its \
+                     completions, run that many at a time)"
+                ));
+            }
+            ServiceMode::ReplicatedJob {
+                completions: n,
+                max_concurrent: n,
+            }
+        }
+        (Some((m, _)), Some((_, here))) if m == "global-job" => {
+            return Err(format!(
+                "{here}: replicas can only be used with replicated or replicated-job mode"
+            ));
+        }
+        (Some((m, _)), None) if m == "global-job" => ServiceMode::GlobalJob,
         (Some((m, here)), _) => {
             return Err(format!(
-                "{here}: unknown mode {m:?}: use replicated or global"
+                "{here}: unknown mode {m:?}: use replicated, global, replicated-job or global-job"
             ));
         }
     };
+    if spec.mode.is_job() {
+        for (key, config) in [
+            ("update_config", spec.update),
+            ("rollback_config", spec.rollback),
+        ] {
+            if config != mesh_planner::UpdateConfig::default() {
+                return Err(format!(
+                    "{at}.deploy.{key}: update and rollback configuration is not supported for \
+                     jobs"
+                ));
+            }
+        }
+        if d.health.probe.is_some() {
+            return Err(format!(
+                "{at}.healthcheck: jobs run to completion and serve nothing: remove the \
+                 health check"
+            ));
+        }
+    }
     let health = d
         .health
         .apply(None, &spec.ports)
@@ -911,5 +950,55 @@ networks:
             .err()
             .unwrap();
         assert!(e.contains("unknown key \"frobnicate\""), "{e}");
+    }
+
+    #[test]
+    fn deploy_modes_take_jobs_with_replicas_as_completions() {
+        let out = p(r#"
+services:
+  migrate:
+    image: localhost/migrate:1
+    deploy: { mode: replicated-job, replicas: 3 }
+  backup:
+    image: localhost/backup:1
+    deploy: { mode: global-job }
+"#)
+        .unwrap();
+        let mode = |name: &str| {
+            out.deploy
+                .services
+                .iter()
+                .find(|s| s.spec.name == name)
+                .unwrap()
+                .spec
+                .mode
+        };
+        assert_eq!(
+            mode("st_migrate"),
+            ServiceMode::ReplicatedJob {
+                completions: 3,
+                max_concurrent: 3
+            }
+        );
+        assert_eq!(mode("st_backup"), ServiceMode::GlobalJob);
+        for (text, says) in [
+            (
+                "services:\n  b:\n    image: a\n    deploy: { mode: global-job, replicas: 2 }\n",
+                "services.b.deploy.replicas: replicas can only be used with replicated or \
+                 replicated-job mode",
+            ),
+            (
+                "services:\n  m:\n    image: a\n    deploy: { mode: replicated-job, update_config: { parallelism: 2 } }\n",
+                "services.m.deploy.update_config: update and rollback configuration is not \
+                 supported for jobs",
+            ),
+            (
+                "services:\n  m:\n    image: a\n    deploy: { mode: batch }\n",
+                "unknown mode \"batch\"",
+            ),
+        ] {
+            let e = p(text).err().unwrap();
+            assert!(e.contains(says), "{e}");
+        }
     }
 }

@@ -90,6 +90,22 @@ impl ConfigWords<'_> {
 }
 
 impl RolloutArgs {
+    /// Whether any `--update-*` or `--rollback-*` flag was given.
+    pub fn is_set(&self) -> bool {
+        self.update_parallelism.is_some()
+            || self.update_delay.is_some()
+            || self.update_order.is_some()
+            || self.update_failure_action.is_some()
+            || self.update_monitor.is_some()
+            || self.update_max_failure_ratio.is_some()
+            || self.rollback_parallelism.is_some()
+            || self.rollback_delay.is_some()
+            || self.rollback_order.is_some()
+            || self.rollback_failure_action.is_some()
+            || self.rollback_monitor.is_some()
+            || self.rollback_max_failure_ratio.is_some()
+    }
+
     /// The update config's change and the rollback config's.
     pub fn changes(&self) -> Result<(UpdateConfigChange, UpdateConfigChange), String> {
         let update = ConfigWords {
