@@ -381,6 +381,47 @@ proptest! {
         );
     }
 
+    /// Whatever the view: a global job starts only on eligible nodes, each in its own slot,
+    /// and never on a node whose slot completed in this run.
+    #[test]
+    fn a_global_job_plan_runs_once_per_node(
+        nodes in job_nodes(),
+        tasks in job_tasks(),
+    ) {
+        let spec = Spec::global_job();
+        let tasks: Vec<Task> = tasks
+            .into_iter()
+            .map(|mut t| {
+                t.slot = Slot::Node(t.node.clone());
+                t
+            })
+            .collect();
+        let plan = spec.plan(&nodes, &tasks);
+        let done: BTreeSet<&str> = tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Complete && t.template == spec.template)
+            .map(|t| t.node.as_str())
+            .collect();
+        let mut seen = BTreeSet::new();
+        for s in &plan.slots {
+            prop_assert!(seen.insert(s.slot.clone()), "slot {} twice", s.slot);
+            if let SlotPlacement::Start { node } = &s.placement {
+                let n = nodes.iter().find(|n| n.name == *node).unwrap();
+                prop_assert!(n.ready && n.active, "started on {node}, which cannot run it");
+                prop_assert_eq!(&s.slot, &Slot::Node(node.clone()));
+                prop_assert!(!done.contains(node.as_str()), "{node} completed already");
+            }
+        }
+        // Every eligible node that has not completed has its slot in the plan.
+        for n in nodes.iter().filter(|n| n.ready && n.active) {
+            prop_assert!(
+                seen.contains(&Slot::Node(n.name.clone())),
+                "eligible node {} has no slot: {plan:?}",
+                n.name
+            );
+        }
+    }
+
     /// Carrying plans out while tasks complete or fail: at no point do more than
     /// max-concurrent tasks run, completions never exceed N, and with a node to run on the
     /// job ends with exactly N slots completed.
