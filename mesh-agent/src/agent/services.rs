@@ -543,7 +543,7 @@ fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpe
 /// Swarm starts a new iteration of a job on every update of it: the new spec's template
 /// differs from the last run's (through `force_update`), so the job runs again from the
 /// start. There is no rollout: the old run's tasks stop at once.
-fn job_runs_again(mut spec: ServiceSpec, current: &ServiceSpec) -> ServiceSpec {
+pub(super) fn job_runs_again(mut spec: ServiceSpec, current: &ServiceSpec) -> ServiceSpec {
     if spec == *current {
         return spec;
     }

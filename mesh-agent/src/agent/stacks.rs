@@ -44,12 +44,25 @@ fn redeployed(current: &ServiceSpec, mut spec: ServiceSpec) -> Result<ServiceSpe
             current.name
         )));
     }
+    if spec.mode.is_job() != current.mode.is_job() {
+        // Swarm refuses it too ("service mode change is not allowed"): a job's tasks and a
+        // service's would be planned by different rules.
+        return Err(Error::Invalid(format!(
+            "service {} would change from mode {} to {}: remove it first",
+            current.name,
+            current.mode.name(),
+            spec.mode.name()
+        )));
+    }
     spec.vip = current.vip;
     spec.version = current.version;
     spec.template_version = current.template_version;
     spec.force_update = current.force_update;
     spec.previous = current.previous.clone();
     spec.update_status = current.update_status.clone();
+    if spec.mode.is_job() {
+        return Ok(super::services::job_runs_again(spec, current));
+    }
     if spec.template_id() != current.template_id() {
         rollout::start_rollout(&mut spec, current, Clock::now_ms());
     }
@@ -414,4 +427,45 @@ fn placeholder_config(
         },
         stamp,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_api::spec::TaskTemplate;
+    use mesh_planner::ServiceMode;
+
+    fn job(command: &str) -> ServiceSpec {
+        ServiceSpec {
+            name: "st_migrate".into(),
+            network: "st_default".into(),
+            mode: ServiceMode::ReplicatedJob {
+                completions: 2,
+                max_concurrent: 2,
+            },
+            task: Some(TaskTemplate {
+                command: vec![command.into()],
+                ..Default::default()
+            }),
+            version: 3,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_redeployed_job_runs_again_only_when_it_changed() {
+        let current = job("/bin/migrate");
+        let same = redeployed(&current, job("/bin/migrate")).unwrap();
+        assert_eq!(same, current, "an unchanged job is left alone");
+        let changed = redeployed(&current, job("/bin/migrate-v2")).unwrap();
+        assert_ne!(changed.template_id(), current.template_id());
+        assert!(changed.update_status.is_none(), "no rollout for a job");
+        let mut service = job("/bin/migrate");
+        service.mode = ServiceMode::Replicated { replicas: 2 };
+        let e = redeployed(&current, service).unwrap_err().to_string();
+        assert!(
+            e.contains("would change from mode replicated-job to replicated"),
+            "{e}"
+        );
+    }
 }
