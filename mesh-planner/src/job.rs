@@ -40,14 +40,12 @@ pub(crate) fn plan(cluster: &Cluster, service: &Service) -> Plan {
         .map(|n| n.name.as_str())
         .collect();
     let ready = |node: &str| nodes.get(node).is_some_and(|n| n.ready);
-    let mut load: BTreeMap<&str, usize> = BTreeMap::new();
-    for t in cluster
-        .tasks
-        .iter()
-        .filter(|t| t.is_live() && ready(&t.node))
-    {
-        *load.entry(t.node.as_str()).or_default() += 1;
-    }
+    // Unlike services, a job's next slot is placed without looking at the other services'
+    // tasks: that load is what views disagree on most (every task start and end moves it),
+    // and a node that saw slot 1 complete must pick the same node for slot 2 as the node
+    // that did, or both start it — a job task running twice at once. With the job's own
+    // tasks and the hash alone, nodes that agree on the job agree on the node.
+    let load: BTreeMap<&str, usize> = BTreeMap::new();
     let mine: Vec<&Task> = cluster
         .tasks
         .iter()

@@ -100,6 +100,37 @@ fn max_concurrent_starts_that_many_and_spreads_them() {
 }
 
 #[test]
+fn views_that_differ_in_other_services_place_the_next_slot_alike() {
+    // Two nodes saw slot 1 complete; one also sees another service's tasks that the other
+    // does not yet. Were that load a criterion, each could pick itself and both would run
+    // slot 2 at once.
+    let spec = Spec::replicated_job(3, 1);
+    let nodes = nodes(3);
+    let done = complete(replica("a", 1, "n1", 10));
+    let quiet = vec![done.clone()];
+    let busy: Vec<Task> = std::iter::once(done)
+        .chain(
+            ["n1", "n2", "n3"]
+                .into_iter()
+                .enumerate()
+                .flat_map(|(i, n)| {
+                    (0..=i).map(move |k| {
+                        let mut t = replica(&format!("o{i}{k}"), k as u32 + 1, n, 5);
+                        t.service = "other".into();
+                        t
+                    })
+                }),
+        )
+        .collect();
+    for node_ok in [&nodes[..], &nodes[1..]] {
+        let a = starts(&spec.plan(node_ok, &quiet));
+        let b = starts(&spec.plan(node_ok, &busy));
+        assert_eq!(a.len(), 1);
+        assert_eq!(a, b);
+    }
+}
+
+#[test]
 fn a_completed_slot_stops_its_duplicates_and_never_restarts() {
     let spec = Spec::replicated_job(2, 2);
     let nodes = nodes(2);

@@ -358,3 +358,75 @@ fn jobs_run_to_completion_as_swarm_runs_them() {
     assert!(names.iter().all(|s| s["name"] != "bad"));
     assert_eq!(version(h1), before, "a refused command changes nothing");
 }
+
+/// Compose's `deploy.mode: replicated-job|global-job` through `stack deploy`: the jobs run
+/// to completion; the same file again runs nothing, a changed one runs the job again.
+#[test]
+fn a_stack_deploys_jobs() {
+    let mut c = Cluster::new(2).unwrap();
+    c.start_agents().unwrap();
+    let h1 = c.host(1);
+    let token = format!("mesh-jobs-stack-{}", std::process::id());
+    let file = c.log_dir().join("jobs-compose.yml");
+    let write = |step: &str| {
+        let text = format!(
+            r#"services:
+  migrate:
+    command: ["/bin/sh", "-c", ": {token}; sleep 0.5"]
+    environment: {{ STEP: "{step}" }}
+    deploy: {{ mode: replicated-job, replicas: 2 }}
+  warm:
+    command: ["/bin/sh", "-c", ": {token}; sleep 0.3"]
+    deploy: {{ mode: global-job }}
+"#
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    write("1");
+    let f = file.to_str().unwrap();
+    h1.meshctl_ok(&["stack", "deploy", "-c", f, "st"]).unwrap();
+    // Completed, and nothing of them still running anywhere (a copy of a slot that two
+    // nodes started while their views differed stops once the slot completed).
+    let over = |name: &str| {
+        ps(h1, name)
+            .iter()
+            .all(|r| ["Complete", "Shutdown", "Failed"].contains(&r["state"].as_str().unwrap()))
+    };
+    c.eventually(Duration::from_secs(30), "both jobs completed", |_| {
+        Ok((ls(h1, "st_migrate")["completed"] == 2
+            && ls(h1, "st_warm")["completed"] == 2
+            && over("st_migrate")
+            && over("st_warm"))
+        .then_some(()))
+    })
+    .unwrap();
+    assert!(ls_row(h1, "st_migrate").contains("replicated job"));
+    let services = h1.meshctl_ok(&["stack", "services", "st"]).unwrap();
+    assert!(
+        services.contains("0/2 (2/2 completed)") && services.contains("0/0 (2/2 completed)"),
+        "{services}"
+    );
+    // The same file: nothing runs again.
+    let before = ps(h1, "st_migrate");
+    let out = h1.meshctl_ok(&["stack", "deploy", "-c", f, "st"]).unwrap();
+    assert!(!out.contains("Updating service"), "{out}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ps(h1, "st_migrate"), before);
+    assert_eq!(ps(h1, "st_warm").len(), 2);
+    // A changed job runs again; the unchanged one does not.
+    write("2");
+    h1.meshctl_ok(&["stack", "deploy", "-c", f, "st"]).unwrap();
+    c.eventually(Duration::from_secs(30), "migrate ran again", |_| {
+        let complete = ps(h1, "st_migrate")
+            .iter()
+            .filter(|r| r["state"] == "Complete")
+            .count();
+        Ok(
+            (complete >= 4 && ls(h1, "st_migrate")["completed"] == 2 && over("st_migrate"))
+                .then_some(()),
+        )
+    })
+    .unwrap();
+    assert_eq!(ps(h1, "st_warm").len(), 2);
+    assert_eq!(shells_with(&token), 0);
+}
