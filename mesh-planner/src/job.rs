@@ -24,14 +24,18 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     plan::{
-        Cluster, Plan, Service, SlotPlacement, SlotPlan, Stop, describe_unfit, no_suitable_node,
-        pick, retire, unfit,
+        Cluster, Plan, Room, Service, SlotPlacement, SlotPlan, Stop, describe_unfit,
+        no_suitable_node, pick, retire, unfit,
     },
-    spec::{Node, ServiceMode},
+    spec::{Node, Resources, ServiceMode},
     task::{Slot, Task, TaskState},
 };
 
-pub(crate) fn plan(cluster: &Cluster, service: &Service) -> Plan {
+pub(crate) fn plan(
+    cluster: &Cluster,
+    service: &Service,
+    starting: &BTreeMap<String, Resources>,
+) -> Plan {
     let nodes: BTreeMap<&str, &Node> = cluster.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let eligible: BTreeSet<&str> = cluster
         .nodes
@@ -46,6 +50,16 @@ pub(crate) fn plan(cluster: &Cluster, service: &Service) -> Plan {
     // that did, or both start it — a job task running twice at once. With the job's own
     // tasks and the hash alone, nodes that agree on the job agree on the node.
     let load: BTreeMap<&str, usize> = BTreeMap::new();
+    // Reservations are a hard limit all the same: what every node's tasks reserve.
+    let mut used = crate::resources::reserved_by_node(cluster.tasks);
+    for (node, r) in starting {
+        let u = used.entry(node.as_str()).or_default();
+        *u = u.saturating_add(*r);
+    }
+    let room = Room {
+        nodes: &nodes,
+        want: service.reservation,
+    };
     let mine: Vec<&Task> = cluster
         .tasks
         .iter()
@@ -187,19 +201,32 @@ pub(crate) fn plan(cluster: &Cluster, service: &Service) -> Plan {
         }
         active += 1;
         let choice = match slot {
-            Slot::Node(n) => eligible.get(n.as_str()).copied(),
-            Slot::Replica(_) => pick(&eligible, &nodes, &count, &load, limit, service, slot),
+            Slot::Node(n) => eligible
+                .get(n.as_str())
+                .copied()
+                .filter(|n| room.fits(&used, n)),
+            Slot::Replica(_) => pick(
+                &eligible, &nodes, &count, &load, limit, service, slot, &room, &used,
+            ),
         };
         let placement = match choice {
             Some(node) => {
                 *count.entry(node).or_default() += 1;
+                let u = used.entry(node).or_default();
+                *u = u.saturating_add(service.reservation);
                 SlotPlacement::Start {
                     node: node.to_owned(),
                 }
             }
-            None => SlotPlacement::Pending {
-                reason: no_suitable_node(cluster.nodes, service, limit),
-            },
+            None => {
+                let candidates: Vec<&Node> = match slot {
+                    Slot::Node(n) => nodes.get(n.as_str()).copied().into_iter().collect(),
+                    Slot::Replica(_) => cluster.nodes.iter().collect(),
+                };
+                SlotPlacement::Pending {
+                    reason: no_suitable_node(&candidates, service, limit, &count, &room, &used),
+                }
+            }
         };
         placed.insert(slot, placement);
     }

@@ -12,13 +12,15 @@
 
 pub mod job;
 pub mod plan;
+pub mod resources;
 pub mod restart;
 pub mod rollout;
 pub mod spec;
 pub mod task;
 
 pub use job::JobProgress;
-pub use plan::{Cluster, Plan, Service, SlotPlacement, SlotPlan, Stop, plan};
+pub use plan::{Cluster, Plan, Service, SlotPlacement, SlotPlan, Stop, plan, plan_all};
+pub use resources::{bytes_size, cpus, reserved_by_node};
 pub use restart::{AfterExit, after_exit};
 pub use rollout::{Failure, Progress, coordinator, progress};
 pub use spec::{

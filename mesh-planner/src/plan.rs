@@ -9,9 +9,12 @@
 //!   others stop, so once views agree exactly one task fills each slot. Newest first is
 //!   Swarm's outcome: a node that was cut off or dead comes back to find its slots filled
 //!   elsewhere, and its stale copies are the ones that stop (nothing moves back to it).
-//! - A slot with no such task is placed on the eligible node with the fewest tasks of the
-//!   service (after the spread preferences' groups), then the fewest tasks overall, then by
-//!   a hash of (service, slot, node) so that ties do not pile every service on one node.
+//! - A slot with no such task is placed on an eligible node where its reservation fits
+//!   beside what the live tasks there (of every service) reserve: the one with the fewest
+//!   tasks of the service (after the spread preferences' groups), then the most left of its
+//!   scarcer resource (Swarm spreads, then takes the least loaded), then the fewest tasks
+//!   overall, then by a hash of (service, slot, node) so that ties do not pile every
+//!   service on one node. A slot that fits nowhere is pending, and says why.
 //! - A task that is being replaced (its node was drained or stopped matching, or its
 //!   template is outdated) keeps serving until its replacement runs: start first, then stop.
 //! - Template changes roll out `parallelism` slots at a time, in slot order: a slot counts as
@@ -23,7 +26,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
-    spec::{Node, Placement, ServiceMode, UpdateConfig, UpdateOrder},
+    resources::{self, Short},
+    spec::{Node, Placement, Resources, ServiceMode, UpdateConfig, UpdateOrder},
     task::{Slot, Task, TaskState},
 };
 
@@ -41,6 +45,8 @@ pub struct Service<'a> {
     pub update: UpdateConfig,
     /// The update was paused (after failures): no further slot is replaced.
     pub paused: bool,
+    /// What each task reserves of its node (Docker's `--reserve-cpu`, `--reserve-memory`).
+    pub reservation: Resources,
 }
 
 /// The cluster as the planner sees it: every node and every task record in gossip.
@@ -137,9 +143,48 @@ pub(crate) enum Unfit {
     Constraint(usize),
 }
 
+/// The plan of one service, from the view alone.
 pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
+    plan_beside(cluster, service, &BTreeMap::new())
+}
+
+/// The plans of every service, as one orchestration pass carries them out: in name order,
+/// each placed beside the reservations of the tasks the services before it start. Planned
+/// one by one from the same view, two services could each take the last room on a node;
+/// every node plans them in the same order from the same view, so every node agrees which
+/// one got it. Plans come back in the order of `services`.
+pub fn plan_all(cluster: &Cluster, services: &[Service]) -> Vec<Plan> {
+    let mut order: Vec<usize> = (0..services.len()).collect();
+    order.sort_by_key(|&i| (services[i].name, i));
+    let mut starting: BTreeMap<String, Resources> = BTreeMap::new();
+    let mut plans: Vec<Option<Plan>> = vec![None; services.len()];
+    for i in order {
+        let service = &services[i];
+        let plan = plan_beside(cluster, service, &starting);
+        if !service.reservation.is_zero() {
+            for s in &plan.slots {
+                if let SlotPlacement::Start { node } = &s.placement {
+                    let r = starting.entry(node.clone()).or_default();
+                    *r = r.saturating_add(service.reservation);
+                }
+            }
+        }
+        plans[i] = Some(plan);
+    }
+    plans
+        .into_iter()
+        .map(|p| p.expect("every service planned"))
+        .collect()
+}
+
+/// [`plan`] with `starting` reserved on top of the view's live tasks.
+fn plan_beside(
+    cluster: &Cluster,
+    service: &Service,
+    starting: &BTreeMap<String, Resources>,
+) -> Plan {
     if service.mode.is_job() {
-        return crate::job::plan(cluster, service);
+        return crate::job::plan(cluster, service, starting);
     }
     let nodes: BTreeMap<&str, &Node> = cluster.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let eligible: BTreeSet<&str> = cluster
@@ -158,6 +203,17 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
     {
         *load.entry(t.node.as_str()).or_default() += 1;
     }
+    // What each node's live tasks reserve, this service's included: a task being replaced
+    // or stopped holds its reservation until it is gone.
+    let mut used = resources::reserved_by_node(cluster.tasks);
+    for (node, r) in starting {
+        let u = used.entry(node.as_str()).or_default();
+        *u = u.saturating_add(*r);
+    }
+    let room = Room {
+        nodes: &nodes,
+        want: service.reservation,
+    };
 
     let mine: Vec<&Task> = cluster
         .tasks
@@ -300,9 +356,9 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
     };
     // A slot that cannot be placed anywhere is not in flight: counting it would stall the
     // update behind a slot that only says why it is pending.
-    let placeable = eligible
-        .iter()
-        .any(|n| limit.is_none_or(|l| count.get(n).copied().unwrap_or(0) < l));
+    let placeable = eligible.iter().any(|n| {
+        limit.is_none_or(|l| count.get(n).copied().unwrap_or(0) < l) && room.fits(&used, n)
+    });
     // A slot with no live task but a past is in flight too: the gap of stop-first, or a new
     // task that failed and awaits its restart (counting neither let the next slot go while
     // this one was down).
@@ -385,14 +441,19 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
             }
             Outcome::Place(others) => {
                 let choice = match slot {
-                    Slot::Node(n) => eligible.get(n.as_str()).copied(),
-                    Slot::Replica(_) => {
-                        pick(&eligible, &nodes, &count, &load, limit, service, slot)
-                    }
+                    Slot::Node(n) => eligible
+                        .get(n.as_str())
+                        .copied()
+                        .filter(|n| room.fits(&used, n)),
+                    Slot::Replica(_) => pick(
+                        &eligible, &nodes, &count, &load, limit, service, slot, &room, &used,
+                    ),
                 };
                 match choice {
                     Some(node) => {
                         *count.entry(node).or_default() += 1;
+                        let u = used.entry(node).or_default();
+                        *u = u.saturating_add(service.reservation);
                         // Tasks being replaced keep serving until the new one runs.
                         SlotPlacement::Start {
                             node: node.to_owned(),
@@ -401,7 +462,13 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
                     None => {
                         // Nowhere to go: a drained or no-longer-matching node's task stops
                         // anyway (drain means stop), as Swarm does.
-                        let reason = no_suitable_node(cluster.nodes, service, limit);
+                        // A global slot has one node to go to: the reason is about it.
+                        let candidates: Vec<&Node> = match slot {
+                            Slot::Node(n) => nodes.get(n.as_str()).copied().into_iter().collect(),
+                            Slot::Replica(_) => cluster.nodes.iter().collect(),
+                        };
+                        let reason =
+                            no_suitable_node(&candidates, service, limit, &count, &room, &used);
                         for t in others {
                             stop(&mut stops, t, reason.clone());
                         }
@@ -458,7 +525,32 @@ pub(crate) fn retire(stops: &mut Vec<Stop>, winner: &Task, tasks: &[&Task], slot
     }
 }
 
+/// A service's reservation against the nodes' capacities.
+pub(crate) struct Room<'a> {
+    pub(crate) nodes: &'a BTreeMap<&'a str, &'a Node>,
+    pub(crate) want: Resources,
+}
+
+impl Room<'_> {
+    fn capacity(&self, node: &str) -> Resources {
+        self.nodes.get(node).map(|n| n.capacity).unwrap_or_default()
+    }
+    fn used(used: &BTreeMap<&str, Resources>, node: &str) -> Resources {
+        used.get(node).copied().unwrap_or_default()
+    }
+    fn short(&self, used: &BTreeMap<&str, Resources>, node: &str) -> Option<Short> {
+        resources::short(self.capacity(node), Self::used(used, node), self.want)
+    }
+    pub(crate) fn fits(&self, used: &BTreeMap<&str, Resources>, node: &str) -> bool {
+        self.short(used, node).is_none()
+    }
+    fn left_ppm(&self, used: &BTreeMap<&str, Resources>, node: &str) -> u64 {
+        resources::left_ppm(self.capacity(node), Self::used(used, node), self.want)
+    }
+}
+
 /// The eligible node a new task of `slot` goes to, or None.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn pick<'a>(
     eligible: &BTreeSet<&'a str>,
     nodes: &BTreeMap<&str, &Node>,
@@ -467,6 +559,8 @@ pub(crate) fn pick<'a>(
     limit: Option<usize>,
     service: &Service,
     slot: &Slot,
+    room: &Room,
+    used: &BTreeMap<&str, Resources>,
 ) -> Option<&'a str> {
     let prefs = &service.placement.preferences;
     // Per preference level, how many of the service's tasks each group (the values of the
@@ -493,6 +587,7 @@ pub(crate) fn pick<'a>(
         .iter()
         .copied()
         .filter(|n| limit.is_none_or(|l| count.get(n).copied().unwrap_or(0) < l))
+        .filter(|n| room.fits(used, n))
         .min_by_key(|n| {
             let groups: Vec<usize> = (0..prefs.len())
                 .map(|level| {
@@ -505,6 +600,7 @@ pub(crate) fn pick<'a>(
             (
                 groups,
                 count.get(n).copied().unwrap_or(0),
+                std::cmp::Reverse(room.left_ppm(used, n)),
                 load.get(n).copied().unwrap_or(0),
                 rendezvous(service.name, slot, n),
             )
@@ -540,14 +636,33 @@ pub(crate) fn describe_unfit(node: &Node, service: &Service) -> String {
 }
 
 /// Swarm's "no suitable node" message, from which filter turned how many nodes away.
-pub(crate) fn no_suitable_node(nodes: &[Node], service: &Service, limit: Option<usize>) -> String {
+pub(crate) fn no_suitable_node(
+    nodes: &[&Node],
+    service: &Service,
+    limit: Option<usize>,
+    count: &BTreeMap<&str, usize>,
+    room: &Room,
+    used: &BTreeMap<&str, Resources>,
+) -> String {
     let total = nodes.len();
     let mut by: BTreeMap<Unfit, usize> = BTreeMap::new();
     let mut full = 0;
+    let mut short: BTreeMap<Short, usize> = BTreeMap::new();
+    let mut fit: Vec<&Node> = Vec::new();
     for n in nodes {
         match unfit(n, service) {
             Some(u) => *by.entry(u).or_default() += 1,
-            None => full += 1,
+            None => {
+                fit.push(n);
+                let at_limit =
+                    limit.is_some_and(|l| count.get(n.name.as_str()).copied().unwrap_or(0) >= l);
+                match room.short(used, &n.name) {
+                    // The per-node limit is the first filter the node fails.
+                    _ if at_limit => full += 1,
+                    Some(s) => *short.entry(s).or_default() += 1,
+                    None => full += 1,
+                }
+            }
         }
     }
     let plural = |n: usize| if n == 1 { "node" } else { "nodes" };
@@ -555,7 +670,7 @@ pub(crate) fn no_suitable_node(nodes: &[Node], service: &Service, limit: Option<
         return "no suitable node: the cluster has no nodes".into();
     }
     let constraints_only = by.keys().all(|u| matches!(u, Unfit::Constraint(_)));
-    if constraints_only && full == 0 && !service.placement.constraints.is_empty() {
+    if constraints_only && fit.is_empty() && !service.placement.constraints.is_empty() {
         let all: Vec<String> = service
             .placement
             .constraints
@@ -588,6 +703,9 @@ pub(crate) fn no_suitable_node(nodes: &[Node], service: &Service, limit: Option<
             ),
         });
     }
+    for (s, n) in &short {
+        parts.push(format!("insufficient {} on {n} {}", s.what(), plural(*n)));
+    }
     if full > 0 {
         let at = limit.unwrap_or(0);
         parts.push(format!(
@@ -597,5 +715,11 @@ pub(crate) fn no_suitable_node(nodes: &[Node], service: &Service, limit: Option<
             if at == 1 { "" } else { "s" }
         ));
     }
-    format!("no suitable node: {}", parts.join("; "))
+    let mut reason = format!("no suitable node: {}", parts.join("; "));
+    if !short.is_empty()
+        && let Some(why) = resources::larger_than_any(&fit, service.reservation)
+    {
+        reason.push_str(&format!(" ({why})"));
+    }
+    reason
 }

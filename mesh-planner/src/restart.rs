@@ -76,6 +76,7 @@ mod tests {
             not_before_ms: None,
             holds_slot: false,
             running_ms: None,
+            reservation: Default::default(),
         }
     }
 

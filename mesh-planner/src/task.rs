@@ -5,6 +5,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::spec::Resources;
+
 /// Which part of a service a task fills: replica `n` (1-based) of a replicated service, or
 /// the one task of a global service on a node.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -134,6 +136,10 @@ pub struct Task {
     /// fills it) until the service changes.
     #[serde(default)]
     pub holds_slot: bool,
+    /// What it reserves of its node (its template's reservations when it was made): while
+    /// live, no other task is placed where it would not fit beside it.
+    #[serde(default, skip_serializing_if = "Resources::is_zero")]
+    pub reservation: Resources,
 }
 
 impl Task {

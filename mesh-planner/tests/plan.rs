@@ -586,3 +586,195 @@ fn update_progress_counts_updated_slots_and_failures_in_the_monitor_window() {
     let p = mesh_planner::progress(&plan, &tasks, "web", 2, &spec.update, 150, spec.now_ms);
     assert!(p.failed.is_empty());
 }
+
+const MIB: u64 = 1 << 20;
+const CPU: u64 = 1_000_000_000;
+
+/// `n` ready nodes with `cpus` CPUs and `mib` MiB each.
+fn sized(n: usize, cpus: u64, mib: u64) -> Vec<mesh_planner::Node> {
+    nodes(n)
+        .into_iter()
+        .map(|mut node| {
+            node.capacity = mesh_planner::Resources {
+                nano_cpus: cpus * CPU,
+                memory_bytes: mib * MIB,
+            };
+            node
+        })
+        .collect()
+}
+
+#[test]
+fn reservations_fill_nodes_and_the_rest_pend_saying_why() {
+    // 1 GiB nodes, 400 MiB a task: two fit on each of three nodes, the seventh waits.
+    let spec = Spec::replicated(7).reserve(0, 400 * MIB);
+    let plan = spec.plan(&sized(3, 4, 1024), &[]);
+    assert_eq!(
+        per_node(&plan).values().copied().collect::<Vec<_>>(),
+        [2, 2, 2]
+    );
+    assert_eq!(
+        placements(&plan)[&Slot::Replica(7)],
+        SlotPlacement::Pending {
+            reason: "no suitable node: insufficient memory on 3 nodes".into()
+        }
+    );
+    // Other services' tasks hold their part: 800 MiB of n1 is taken, so n1 takes none.
+    let mut db = replica("db1", 1, "n1", 1);
+    db.service = "db".into();
+    db.reservation.memory_bytes = 800 * MIB;
+    let plan = Spec::replicated(4)
+        .reserve(0, 400 * MIB)
+        .plan(&sized(3, 4, 1024), &[db]);
+    assert_eq!(per_node(&plan).get("n1"), None, "{plan:?}");
+    assert_eq!(plan.pending_reason(), None);
+}
+
+#[test]
+fn cpu_and_memory_each_limit_and_both_together_say_resources() {
+    let mut busy = sized(3, 2, 1024);
+    // n1 has no CPU left, n2 no memory, n3 neither.
+    let tasks: Vec<_> = [
+        ("a", "n1", 2 * CPU, 0),
+        ("b", "n2", 0, 1024 * MIB),
+        ("c", "n3", 2 * CPU, 1024 * MIB),
+    ]
+    .into_iter()
+    .map(|(id, node, cpu, mem)| {
+        let mut t = replica(id, 1, node, 1);
+        t.service = "db".into();
+        t.reservation = mesh_planner::Resources {
+            nano_cpus: cpu,
+            memory_bytes: mem,
+        };
+        t
+    })
+    .collect();
+    let plan = Spec::replicated(1)
+        .reserve(CPU / 2, MIB)
+        .plan(&busy, &tasks);
+    assert_eq!(
+        plan.pending_reason(),
+        Some(
+            "no suitable node: insufficient CPU on 1 node; insufficient memory on 1 node; insufficient resources on 1 node"
+        )
+    );
+    // A service that reserves nothing goes anywhere, full or not.
+    let plan = Spec::replicated(3).plan(&busy, &tasks);
+    assert_eq!(starts(&plan).len(), 3);
+    // A node that advertises nothing (an older agent) is not limited.
+    busy[2].capacity = Default::default();
+    let plan = Spec::replicated(1)
+        .reserve(CPU / 2, MIB)
+        .plan(&busy, &tasks);
+    assert_eq!(starts(&plan), vec![(Slot::Replica(1), "n3".into())]);
+}
+
+#[test]
+fn a_reservation_larger_than_every_node_says_so() {
+    let plan = Spec::replicated(1)
+        .reserve(0, 64 << 30)
+        .plan(&sized(3, 2, 2048), &[]);
+    assert_eq!(
+        plan.pending_reason(),
+        Some(
+            "no suitable node: insufficient memory on 3 nodes (no node has 64GiB of memory: \
+             the largest has 2GiB)"
+        )
+    );
+    let plan = Spec::replicated(1)
+        .reserve(8 * CPU, 0)
+        .plan(&sized(2, 2, 2048), &[]);
+    assert_eq!(
+        plan.pending_reason(),
+        Some(
+            "no suitable node: insufficient CPU on 2 nodes (no node has 8 CPUs: the largest has 2)"
+        )
+    );
+}
+
+#[test]
+fn after_the_spread_the_node_with_the_most_left_wins() {
+    // Both nodes run no task of web; n1's other work reserves half of it, n2's a quarter:
+    // n2 has more left, although it runs more tasks.
+    let other = |id: &str, node: &str, mib: u64| {
+        let mut t = replica(id, 1, node, 1);
+        t.service = format!("db-{id}");
+        t.reservation.memory_bytes = mib * MIB;
+        t
+    };
+    let tasks = vec![
+        other("a", "n1", 512),
+        other("b", "n2", 128),
+        other("c", "n2", 128),
+    ];
+    let plan = Spec::replicated(1)
+        .reserve(0, 100 * MIB)
+        .plan(&sized(2, 2, 1024), &tasks);
+    assert_eq!(starts(&plan), vec![(Slot::Replica(1), "n2".into())]);
+    // The service's own spread still comes first.
+    let mut tasks = tasks;
+    let mut mine = replica("w", 1, "n2", 1);
+    mine.reservation.memory_bytes = 100 * MIB;
+    tasks.push(mine);
+    let plan = Spec::replicated(2)
+        .reserve(0, 100 * MIB)
+        .plan(&sized(2, 2, 1024), &tasks);
+    assert_eq!(starts(&plan), vec![(Slot::Replica(2), "n1".into())]);
+}
+
+#[test]
+fn a_global_task_that_does_not_fit_its_node_pends() {
+    let mut hosts = sized(2, 2, 1024);
+    hosts[1].capacity.memory_bytes = 256 * MIB;
+    let plan = Spec::global().reserve(0, 512 * MIB).plan(&hosts, &[]);
+    let p = placements(&plan);
+    assert_eq!(p[&Slot::Node("n1".into())], start("n1"));
+    assert_eq!(
+        p[&Slot::Node("n2".into())],
+        SlotPlacement::Pending {
+            reason: "no suitable node: insufficient memory on 1 node (no node has 512MiB of \
+                     memory: the largest has 256MiB)"
+                .into()
+        }
+    );
+}
+
+#[test]
+fn services_planned_in_one_pass_do_not_share_the_last_room() {
+    // One node with room for one 600 MiB task; api and web both want it. Planned alone
+    // each would start there; planned together (as the orchestrator does), api, first by
+    // name, gets it and web waits — on every node alike.
+    let hosts = sized(1, 2, 1024);
+    let web = Spec::replicated(1).reserve(0, 600 * MIB);
+    let mut api = web.clone();
+    api.name = "api".into();
+    assert_eq!(starts(&web.plan(&hosts, &[])).len(), 1);
+    let cluster = mesh_planner::Cluster {
+        nodes: &hosts,
+        tasks: &[],
+        now_ms: web.now_ms,
+    };
+    let plans = mesh_planner::plan_all(&cluster, &[web.service(), api.service()]);
+    assert_eq!(
+        plans[0].pending_reason(),
+        Some("no suitable node: insufficient memory on 1 node")
+    );
+    assert_eq!(starts(&plans[1]), vec![(Slot::Replica(1), "n1".into())]);
+}
+
+#[test]
+fn scaling_down_frees_room_for_a_pending_task() {
+    let hosts = sized(1, 2, 1024);
+    let mut db = replica("db1", 1, "n1", 1);
+    db.service = "db".into();
+    db.reservation.memory_bytes = 800 * MIB;
+    let spec = Spec::replicated(1).reserve(0, 400 * MIB);
+    assert!(spec.plan(&hosts, &[db.clone()]).pending_reason().is_some());
+    // db's task stopped (desired shutdown): its reservation is free at once.
+    db.desired = mesh_planner::DesiredState::Shutdown;
+    assert_eq!(
+        starts(&spec.plan(&hosts, &[db])),
+        vec![(Slot::Replica(1), "n1".into())]
+    );
+}

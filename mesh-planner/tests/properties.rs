@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 use mesh_planner::{
-    AfterExit, DesiredState, Node, Placement, Plan, RestartCondition, RestartPolicy, ServiceMode,
-    Slot, SlotPlacement, Task, TaskState, after_exit,
+    AfterExit, Cluster, DesiredState, Node, Placement, Plan, Resources, RestartCondition,
+    RestartPolicy, ServiceMode, Slot, SlotPlacement, Task, TaskState, after_exit, plan_all,
+    reserved_by_node,
 };
 use proptest::prelude::*;
 
@@ -23,9 +24,11 @@ fn node_strategy(i: usize) -> impl Strategy<Value = Node> {
         prop::bool::weighted(0.9),
         prop::option::of(prop::sample::select(vec!["a", "b", "c"])),
         prop::option::of(prop::sample::select(vec!["prod", "dev"])),
+        capacity_strategy(),
     )
-        .prop_map(move |(ready, active, driver, zone, env)| {
+        .prop_map(move |(ready, active, driver, zone, env, capacity)| {
             let mut n = node(&format!("n{i}"));
+            n.capacity = capacity;
             n.ready = ready;
             n.active = active;
             if !driver {
@@ -40,6 +43,32 @@ fn node_strategy(i: usize) -> impl Strategy<Value = Node> {
             n
         })
 }
+
+/// Small numbers so that nodes fill up: CPUs in halves, memory in units; zero (not
+/// advertised) in either now and then.
+fn capacity_strategy() -> impl Strategy<Value = Resources> {
+    (
+        prop_oneof![1 => Just(0u64), 4 => 1u64..=8],
+        prop_oneof![1 => Just(0u64), 4 => 1u64..=16],
+    )
+        .prop_map(|(halves, units)| Resources {
+            nano_cpus: halves * 500_000_000,
+            memory_bytes: units * UNIT,
+        })
+}
+
+/// What a task reserves: often nothing, as most services.
+fn reservation_strategy() -> impl Strategy<Value = Resources> {
+    prop_oneof![
+        2 => Just(Resources::default()),
+        3 => (0u64..=4, 0u64..=6).prop_map(|(halves, units)| Resources {
+            nano_cpus: halves * 500_000_000,
+            memory_bytes: units * UNIT,
+        }),
+    ]
+}
+
+const UNIT: u64 = 64 << 20;
 
 fn nodes_strategy() -> impl Strategy<Value = Vec<Node>> {
     (1usize..=8).prop_flat_map(|n| (0..n).map(node_strategy).collect::<Vec<_>>())
@@ -112,6 +141,7 @@ fn tasks_strategy() -> impl Strategy<Value = Vec<Task>> {
             state_strategy(),
             0u64..50,
             prop::bool::weighted(0.2),
+            reservation_strategy(),
         ),
         0..=40,
     )
@@ -120,7 +150,10 @@ fn tasks_strategy() -> impl Strategy<Value = Vec<Task>> {
             .into_iter()
             .enumerate()
             .map(
-                |(i, (mine, node, replica, own_node, version, wants, state, created, holds))| {
+                |(
+                    i,
+                    (mine, node, replica, own_node, version, wants, state, created, holds, reserve),
+                )| {
                     let node_name = format!("n{node}");
                     let slot = match replica {
                         Some(r) => Slot::Replica(r),
@@ -140,6 +173,7 @@ fn tasks_strategy() -> impl Strategy<Value = Vec<Task>> {
                     };
                     t.state = state;
                     t.holds_slot = holds && state.is_terminal();
+                    t.reservation = reserve;
                     t
                 },
             )
@@ -154,24 +188,28 @@ fn spec_strategy() -> impl Strategy<Value = Spec> {
         1u64..=3,
         any::<bool>(),
         0u32..=3,
+        reservation_strategy(),
     )
-        .prop_map(|(mode, placement, v, start_first, parallelism)| Spec {
-            name: SERVICE.into(),
-            mode,
-            placement,
-            template: v,
-            update: mesh_planner::UpdateConfig {
-                parallelism,
-                order: if start_first {
-                    mesh_planner::UpdateOrder::StartFirst
-                } else {
-                    mesh_planner::UpdateOrder::StopFirst
+        .prop_map(
+            |(mode, placement, v, start_first, parallelism, reservation)| Spec {
+                name: SERVICE.into(),
+                mode,
+                placement,
+                template: v,
+                update: mesh_planner::UpdateConfig {
+                    parallelism,
+                    order: if start_first {
+                        mesh_planner::UpdateOrder::StartFirst
+                    } else {
+                        mesh_planner::UpdateOrder::StopFirst
+                    },
+                    ..Default::default()
                 },
-                ..Default::default()
+                paused: false,
+                reservation,
+                now_ms: 1_000_000,
             },
-            paused: false,
-            now_ms: 1_000_000,
-        })
+        )
 }
 
 fn eligible(n: &Node, spec: &Spec) -> bool {
@@ -240,6 +278,13 @@ fn check_plan(
             prop_assert!(n <= l, "node {node} has {n} slots, limit {l}: {plan:?}");
         }
     }
+    // (i) Reservations: no start takes a node past what it has.
+    check_room(
+        nodes,
+        tasks,
+        std::slice::from_ref(plan),
+        &[spec.reservation],
+    )?;
     // (c) Each slot once, and exactly the wanted ones, in slot order.
     let got: Vec<Slot> = plan.slots.iter().map(|s| s.slot.clone()).collect();
     prop_assert_eq!(got, wanted(spec, nodes));
@@ -284,6 +329,49 @@ fn check_plan(
     Ok(())
 }
 
+/// On every node that plans start tasks on, what its live tasks reserve plus what the
+/// starts reserve stays within its capacity, in each resource the starts reserve and the
+/// node advertises.
+fn check_room(
+    nodes: &[Node],
+    tasks: &[Task],
+    plans: &[Plan],
+    reservations: &[Resources],
+) -> Result<(), TestCaseError> {
+    let base = reserved_by_node(tasks);
+    let mut starting: BTreeMap<&str, Resources> = BTreeMap::new();
+    for (plan, want) in plans.iter().zip(reservations) {
+        for (_, node) in starts(plan) {
+            let n = nodes.iter().find(|n| n.name == node).unwrap();
+            let r = starting.entry(n.name.as_str()).or_default();
+            *r = r.saturating_add(*want);
+        }
+    }
+    for (node, add) in starting {
+        let cap = nodes.iter().find(|n| n.name == node).unwrap().capacity;
+        let total = base
+            .get(node)
+            .copied()
+            .unwrap_or_default()
+            .saturating_add(add);
+        prop_assert!(
+            add.nano_cpus == 0 || cap.nano_cpus == 0 || total.nano_cpus <= cap.nano_cpus,
+            "node {node}: CPUs reserved {} over {} ({plans:?})",
+            total.nano_cpus,
+            cap.nano_cpus
+        );
+        prop_assert!(
+            add.memory_bytes == 0
+                || cap.memory_bytes == 0
+                || total.memory_bytes <= cap.memory_bytes,
+            "node {node}: memory reserved {} over {} ({plans:?})",
+            total.memory_bytes,
+            cap.memory_bytes
+        );
+    }
+    Ok(())
+}
+
 /// Live tasks of the service per slot, on nodes that are ready.
 fn live_by_slot<'a>(
     spec: &Spec,
@@ -319,10 +407,46 @@ proptest! {
         check_plan(&spec, &nodes, &tasks, &plan)?;
     }
 
+    /// (i') Services planned together in one pass never reserve more than a node has
+    /// between them, and every node computes the same plans from the same view.
+    #[test]
+    fn services_planned_together_share_a_nodes_room(
+        nodes in nodes_strategy(),
+        a in spec_strategy(),
+        b in spec_strategy(),
+        c in spec_strategy(),
+        tasks in tasks_strategy(),
+        keys in prop::collection::vec(any::<u32>(), 1..64),
+    ) {
+        let mut specs = [a, b, c];
+        for (s, name) in specs.iter_mut().zip(["web", "other", "api"]) {
+            s.name = name.into();
+        }
+        let services: Vec<_> = specs.iter().map(Spec::service).collect();
+        let cluster = Cluster { nodes: &nodes, tasks: &tasks, now_ms: 1_000_000 };
+        let plans = plan_all(&cluster, &services);
+        let wants: Vec<Resources> = specs.iter().map(|s| s.reservation).collect();
+        check_room(&nodes, &tasks, &plans, &wants)?;
+        for (spec, plan) in specs.iter().zip(&plans) {
+            check_plan(spec, &nodes, &tasks, plan)?;
+        }
+        // Another node's view: the same records in another order, services listed otherwise.
+        let shuffled_tasks = shuffled(&tasks, &keys);
+        let reversed: Vec<_> = services.iter().rev().copied().collect();
+        let again = plan_all(
+            &Cluster { nodes: &shuffled(&nodes, &keys), tasks: &shuffled_tasks, now_ms: 1_000_000 },
+            &reversed,
+        );
+        let again: Vec<Plan> = again.into_iter().rev().collect();
+        prop_assert_eq!(plans, again);
+    }
+
     /// (d) A fresh service without placement rules spreads evenly over the eligible nodes.
     #[test]
     fn a_fresh_service_spreads_within_one(nodes in nodes_strategy(), replicas in 0u32..=30, others in tasks_strategy()) {
         let spec = Spec::replicated(replicas);
+        // Reservations are a filter of their own (tested above): here every node has room.
+        let nodes: Vec<Node> = nodes.into_iter().map(|n| Node { capacity: Resources::default(), ..n }).collect();
         // Other services' tasks may be there; they only break ties.
         let others: Vec<Task> = others.into_iter().filter(|t| t.service != spec.name).collect();
         let plan = spec.plan(&nodes, &others);

@@ -62,6 +62,7 @@ pub fn task(id: &str, slot: Slot, node: &str, created_ms: u64) -> Task {
         not_before_ms: None,
         holds_slot: false,
         running_ms: None,
+        reservation: Default::default(),
     }
 }
 
@@ -78,6 +79,7 @@ pub struct Spec {
     pub template: u64,
     pub update: mesh_planner::UpdateConfig,
     pub paused: bool,
+    pub reservation: mesh_planner::Resources,
     /// The view's clock.
     pub now_ms: u64,
 }
@@ -95,6 +97,7 @@ impl Spec {
                 ..Default::default()
             },
             paused: false,
+            reservation: Default::default(),
             now_ms: 1_000_000,
         }
     }
@@ -133,6 +136,15 @@ impl Spec {
         self
     }
 
+    /// Each task reserves this many CPUs (billionths) and bytes.
+    pub fn reserve(mut self, nano_cpus: u64, memory_bytes: u64) -> Self {
+        self.reservation = mesh_planner::Resources {
+            nano_cpus,
+            memory_bytes,
+        };
+        self
+    }
+
     pub fn max_per_node(mut self, m: u32) -> Self {
         self.placement.max_replicas_per_node = Some(m);
         self
@@ -147,6 +159,7 @@ impl Spec {
             template: self.template,
             update: self.update,
             paused: self.paused,
+            reservation: self.reservation,
         }
     }
 
@@ -214,6 +227,7 @@ pub fn apply(spec: &Spec, plan: &Plan, tasks: &mut Vec<Task>, round: u64) -> boo
         );
         t.service = spec.name.clone();
         t.template = spec.template;
+        t.reservation = spec.reservation;
         t.state = TaskState::New;
         tasks.push(t);
     }
