@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use mesh_api::{
     id::short_id,
-    v1::{NetworkInfo, NodeInfo, ServiceInfo, ServiceTaskInfo, TaskInfo},
+    v1::{NetworkInfo, NodeInfo, NodeResources, ServiceInfo, ServiceTaskInfo, TaskInfo},
 };
 use mesh_planner::SlotPlacement;
 
@@ -44,7 +44,27 @@ pub fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
             .map(|r| r.platform.clone())
             .unwrap_or_default(),
         is_self: name == agent.node_name(),
+        resources: node_resources(view, name),
     })
+}
+
+/// What placement counts on a node: its capacity, what its live tasks reserve, what is left.
+fn node_resources(view: &View, name: &str) -> NodeResources {
+    let capacity = view
+        .nodes
+        .get(name)
+        .and_then(|n| n.record.as_ref())
+        .map(|r| r.capacity)
+        .unwrap_or_default();
+    let reserved = mesh_planner::reserved_by_node(&view.tasks)
+        .get(name)
+        .copied()
+        .unwrap_or_default();
+    NodeResources {
+        capacity,
+        reserved,
+        available: capacity.saturating_sub(reserved),
+    }
 }
 
 pub fn task_info(e: &EndpointView) -> TaskInfo {

@@ -68,6 +68,12 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The routing mesh's flow tables and SNAT ports (`[dataplane]`; file only, no flags).
     pub dataplane: DataplaneConfig,
+    /// CPUs this node offers to tasks' reservations, e.g. 2 or 1.5 (default: the CPUs the
+    /// agent may run on). File only.
+    pub cpus: Option<f64>,
+    /// Memory this node offers to tasks' reservations, e.g. "4g" (Docker's sizes; default:
+    /// the kernel's MemTotal). File only.
+    pub memory: Option<String>,
 }
 
 /// `[dataplane]`: sizes of the flow tables and the SNAT port policy. Sizes take effect when
@@ -234,6 +240,8 @@ impl Default for AgentConfig {
             ui_listen: None,
             metrics_listen: None,
             dataplane: DataplaneConfig::default(),
+            cpus: None,
+            memory: None,
         }
     }
 }
@@ -305,12 +313,27 @@ impl AgentConfig {
                 .map_err(|e| anyhow::anyhow!("labels in the agent config: {e}"))?;
         }
         self.dataplane.validate()?;
+        let capacity = self.capacity().map_err(anyhow::Error::msg)?;
         Ok(ResolvedConfig {
             node_name,
             advertise,
             interface,
+            capacity,
             config: self,
         })
+    }
+
+    /// What the node advertises for reservations: the kernel's numbers, each replaced by
+    /// `cpus` or `memory` when set.
+    fn capacity(&self) -> Result<mesh_api::spec::Resources, String> {
+        let mut r = crate::capacity::detect();
+        if let Some(cpus) = self.cpus {
+            r.nano_cpus = crate::capacity::cpus_setting(cpus)?;
+        }
+        if let Some(memory) = &self.memory {
+            r.memory_bytes = crate::capacity::memory_setting(memory)?;
+        }
+        Ok(r)
     }
 }
 
@@ -319,6 +342,8 @@ pub struct ResolvedConfig {
     pub node_name: String,
     pub advertise: Ipv4Addr,
     pub interface: String,
+    /// What the node offers to tasks' reservations (see [`AgentConfig::cpus`]).
+    pub capacity: mesh_api::spec::Resources,
     pub config: AgentConfig,
 }
 
@@ -383,6 +408,32 @@ mod tests {
         .unwrap();
         let e = format!("{:#}", bad.resolve().unwrap_err());
         assert!(e.contains("contains spaces"), "{e}");
+    }
+
+    #[test]
+    fn capacity_comes_from_the_kernel_unless_the_config_sets_it() {
+        let base = "advertise = \"127.0.0.1\"\ninterface = \"lo\"\nnode_name = \"n1\"\n";
+        let c: AgentConfig = toml::from_str(base).unwrap();
+        let detected = c.resolve().unwrap().capacity;
+        assert_eq!(detected, crate::capacity::detect());
+        let c: AgentConfig = toml::from_str(&format!("{base}cpus = 2\nmemory = \"1g\"")).unwrap();
+        let r = c.resolve().unwrap().capacity;
+        assert_eq!((r.nano_cpus, r.memory_bytes), (2_000_000_000, 1 << 30));
+        let c: AgentConfig = toml::from_str(&format!("{base}cpus = 0.5")).unwrap();
+        let r = c.resolve().unwrap().capacity;
+        assert_eq!(r.nano_cpus, 500_000_000);
+        assert_eq!(
+            r.memory_bytes, detected.memory_bytes,
+            "memory stays the kernel's"
+        );
+        for (bad, says) in [
+            ("cpus = -1", "cpus = -1 in the agent config"),
+            ("memory = \"512Q\"", "invalid memory \"512Q\""),
+        ] {
+            let c: AgentConfig = toml::from_str(&format!("{base}{bad}")).unwrap();
+            let e = format!("{:#}", c.resolve().unwrap_err());
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -315,6 +315,7 @@ mod tests {
             not_before_ms: None,
             running_ms: None,
             holds_slot: false,
+            reservation: Default::default(),
         }
     }
 

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod answers;
 pub mod bpf;
+pub mod capacity;
 pub mod cgroup;
 pub mod cluster;
 pub mod config;

@@ -159,6 +159,7 @@ impl Shared {
                 labels: BTreeMap::new(),
                 reserved_ports: Vec::new(),
                 platform: Default::default(),
+                capacity: Default::default(),
             };
             let status = if g.sees(me, name) {
                 NodeStatus::Ready

@@ -210,6 +210,7 @@ impl Agent {
                 os: std::env::consts::OS.into(),
                 arch: std::env::consts::ARCH.into(),
             },
+            capacity: config.capacity,
         }
     }
 

@@ -156,8 +156,9 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
     }
     let own = rt.own_tasks().await;
     let nodes = view.planner_nodes();
+    let plans = plans_at(view, &nodes, rt.now_ms());
     for (name, service) in &view.services {
-        let Some(plan) = plan_at(view, &nodes, name, rt.now_ms()) else {
+        let Some(plan) = plans.get(name.as_str()) else {
             continue;
         };
         for stop in plan.stops_on(&me) {
@@ -192,6 +193,7 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
                 not_before_ms: None,
                 holds_slot: false,
                 running_ms: None,
+                reservation: service.spec.reservation(),
             };
             info!(task = %process_name(&task), "slot placed on this node; starting a task");
             rt.publish_tasks(&[&task]).await;
@@ -204,7 +206,7 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
             .is_some_and(|s| s.state.in_progress())
             && mesh_planner::coordinator(name, &nodes) == Some(me.as_str())
         {
-            follow_rollout(&**rt, service, &plan, view, now).await;
+            follow_rollout(&**rt, service, plan, view, now).await;
         }
         // Restarts whose delay has passed.
         for s in &plan.slots {
@@ -238,23 +240,28 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
         .min()
 }
 
-/// [`View::plan_with`] at the runtime's time: an update's delay is measured against it, and
-/// a fake node's clock is not the wall clock.
-fn plan_at(
-    view: &View,
+/// Every scheduled service's plan at the runtime's time (an update's delay is measured
+/// against it, and a fake node's clock is not the wall clock), planned together so that
+/// services do not both take a node's last room (see `mesh_planner::plan_all`).
+fn plans_at<'v>(
+    view: &'v View,
     nodes: &[mesh_planner::Node],
-    service: &str,
     now_ms: u64,
-) -> Option<mesh_planner::Plan> {
-    let spec = view.services.get(service)?.spec.planned()?;
-    Some(mesh_planner::plan(
+) -> BTreeMap<&'v str, mesh_planner::Plan> {
+    let services: Vec<mesh_planner::Service> = view
+        .services
+        .values()
+        .filter_map(|s| s.spec.planned())
+        .collect();
+    let plans = mesh_planner::plan_all(
         &mesh_planner::Cluster {
             nodes,
             tasks: &view.tasks,
             now_ms,
         },
-        &spec,
-    ))
+        &services,
+    );
+    services.iter().map(|s| s.name).zip(plans).collect()
 }
 
 /// As the service's coordinator: records the rollout's outcome once the view shows it —
@@ -415,6 +422,8 @@ async fn task_ended<R: NodeRuntime>(rt: &R, view: &View, mut t: Task, ending: En
                 not_before_ms: Some(not_before_ms),
                 holds_slot: false,
                 running_ms: None,
+                // The restart runs the current template: it reserves what that one does.
+                reservation: service.reservation(),
                 ..t.clone()
             };
             // One write: a view with the failure but not yet its replacement would show an

@@ -751,6 +751,14 @@ fn change_template(
     if let Some(g) = req.stop_grace_ms {
         t.stop_grace_ms = g;
     }
+    // Part of the template, as in Swarm: tasks are replaced to reserve the new amounts.
+    let reservations = &mut t.resources.reservations;
+    if let Some(cpu) = req.reserve_cpu {
+        reservations.nano_cpus = cpu;
+    }
+    if let Some(memory) = req.reserve_memory {
+        reservations.memory_bytes = memory;
+    }
     Ok(())
 }
 

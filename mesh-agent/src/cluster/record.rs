@@ -118,6 +118,11 @@ pub struct NodeRecord {
     /// What the agent runs on (`node.platform.*` constraints); empty from older agents.
     #[serde(default)]
     pub platform: mesh_planner::Platform,
+    /// CPUs and memory the node offers to tasks' reservations (from the kernel, or agent.toml
+    /// `cpus`/`memory`). Missing from an older agent's record: zero, which placement reads as
+    /// "not advertised" and does not limit.
+    #[serde(default, skip_serializing_if = "mesh_api::spec::Resources::is_zero")]
+    pub capacity: mesh_api::spec::Resources,
 }
 
 /// A port a node's agent listens on, and what for (the error names it).

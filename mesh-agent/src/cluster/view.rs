@@ -430,11 +430,10 @@ impl View {
                     labels: n.labels(),
                     engine_labels: n.engine_labels(),
                     drivers: record.drivers.clone(),
-                    // Filled in once node records advertise what they have.
-                    capacity: Default::default(),
                     // Roles come with node identities; until then every node is an admin.
                     role: mesh_planner::Role::Admin,
                     platform: record.platform.clone(),
+                    capacity: record.capacity,
                 })
             })
             .collect()
@@ -639,6 +638,7 @@ mod tests {
             labels: BTreeMap::new(),
             reserved_ports: Vec::new(),
             platform: Default::default(),
+            capacity: Default::default(),
         };
         let mut kv = BTreeMap::new();
         kv.insert(key::NODE.into(), serde_json::to_string(&rec).unwrap());

@@ -8,6 +8,7 @@ mod node;
 mod port;
 mod resources;
 mod service;
+mod size;
 
 pub use change::{
     HEALTH_INTERVAL_MS, HEALTH_RETRIES, HEALTH_TIMEOUT_MS, HealthChange, MAX_HEALTH_RETRIES,
@@ -22,6 +23,7 @@ pub use service::{
     DRIVER_PODMAN, DRIVER_PROCESS, EndpointMode, HealthCheck, Probe, RunOptions, ServiceSpec,
     TaskTemplate, UpdateState, UpdateStatus,
 };
+pub use size::{bytes, nano_cpus};
 
 /// The label that names the stack an object belongs to (Docker's own, so tools that read
 /// Swarm labels read ours).

@@ -169,7 +169,16 @@ impl ServiceSpec {
                 self.update
             },
             paused: status.is_some_and(UpdateState::is_paused),
+            reservation: task.resources.reservations,
         })
+    }
+
+    /// What each task reserves of its node (nothing for a service without tasks).
+    pub fn reservation(&self) -> mesh_planner::Resources {
+        self.task
+            .as_ref()
+            .map(|t| t.resources.reservations)
+            .unwrap_or_default()
     }
 }
 

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{Availability, NodeStatus};
+use crate::spec::{Availability, NodeStatus, Resources};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -35,6 +35,21 @@ pub struct NodeInfo {
     /// The node whose agent answered.
     #[serde(rename = "self")]
     pub is_self: bool,
+    /// What it offers to tasks' reservations, what its tasks reserve, and what is left.
+    #[serde(default)]
+    pub resources: NodeResources,
+}
+
+/// A node's CPUs and memory as placement counts them. A zero capacity is "not advertised"
+/// (an agent from before reservations): reservations do not limit it, and nothing is
+/// available to show.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeResources {
+    pub capacity: Resources,
+    /// What the node's live tasks reserve, every service's together.
+    pub reserved: Resources,
+    /// Capacity less reserved (zero when reserved is more, after a capacity was lowered).
+    pub available: Resources,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

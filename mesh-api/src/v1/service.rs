@@ -156,6 +156,12 @@ pub struct ServiceUpdate {
     pub rollback_config: UpdateConfigChange,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_grace_ms: Option<u64>,
+    /// `--reserve-cpu` in billionths of a CPU (0 reserves none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve_cpu: Option<u64>,
+    /// `--reserve-memory` in bytes (0 reserves none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve_memory: Option<u64>,
     /// Replace every task even though nothing changed (re-spreads them).
     #[serde(default)]
     pub force: bool,
@@ -193,5 +199,7 @@ impl ServiceUpdate {
             || !self.env_rm.is_empty()
             || !self.health.is_empty()
             || self.stop_grace_ms.is_some()
+            || self.reserve_cpu.is_some()
+            || self.reserve_memory.is_some()
     }
 }
