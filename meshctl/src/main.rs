@@ -267,6 +267,51 @@ where
         .join("\n")
 }
 
+/// Docker's `Resources:` block of `node inspect --pretty`, with what the node's tasks
+/// reserve and what is left for more.
+fn print_node_resources(r: &mesh_api::v1::NodeResources) {
+    let cpus = |n: u64| mesh_planner::cpus(n);
+    let memory = |n: u64| mesh_planner::bytes_size(n);
+    let unlimited = "not advertised (reservations do not limit it)";
+    println!("Resources:");
+    let c = r.capacity;
+    println!(
+        " CPUs:\t\t\t{}",
+        if c.nano_cpus == 0 {
+            unlimited.into()
+        } else {
+            cpus(c.nano_cpus)
+        }
+    );
+    println!(
+        " Memory:\t\t{}",
+        if c.memory_bytes == 0 {
+            unlimited.into()
+        } else {
+            memory(c.memory_bytes)
+        }
+    );
+    println!(" Reserved by tasks:");
+    println!("  CPUs:\t\t\t{}", cpus(r.reserved.nano_cpus));
+    println!("  Memory:\t\t{}", memory(r.reserved.memory_bytes));
+    println!(" Available:");
+    let available = |cap: u64, left: u64, show: &dyn Fn(u64) -> String| {
+        if cap == 0 {
+            "unlimited".to_owned()
+        } else {
+            show(left)
+        }
+    };
+    println!(
+        "  CPUs:\t\t\t{}",
+        available(c.nano_cpus, r.available.nano_cpus, &cpus)
+    );
+    println!(
+        "  Memory:\t\t{}",
+        available(c.memory_bytes, r.available.memory_bytes, &memory)
+    );
+}
+
 fn json<T: Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -579,6 +624,7 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
                 or_dash(Some(&n.platform.os).filter(|s| !s.is_empty())),
                 or_dash(Some(&n.platform.arch).filter(|s| !s.is_empty()))
             );
+            print_node_resources(&n.resources);
             if !n.labels.is_empty() {
                 println!("Labels:");
                 for (k, v) in &n.labels {

@@ -9,7 +9,7 @@ use mesh_planner::ServiceMode;
 use super::{
     Format,
     filters::{Filters, SERVICE_KEYS, TASK_KEYS},
-    flags::{self, HealthArgs, RestartArgs, RolloutArgs},
+    flags::{self, HealthArgs, ReserveArgs, RestartArgs, RolloutArgs},
     json, or_dash, print_tasks, progress, table,
 };
 use mesh_api::{
@@ -143,6 +143,8 @@ pub struct CreateArgs {
     health: HealthArgs,
     #[command(flatten)]
     rollout: RolloutArgs,
+    #[command(flatten)]
+    reserve: ReserveArgs,
     /// Time between SIGTERM and SIGKILL when a task is stopped (default 10s).
     #[arg(long = "stop-grace-period", allow_hyphen_values = true)]
     stop_grace_period: Option<String>,
@@ -272,6 +274,8 @@ pub struct UpdateArgs {
     health: HealthArgs,
     #[command(flatten)]
     rollout: RolloutArgs,
+    #[command(flatten)]
+    reserve: ReserveArgs,
     #[arg(long = "stop-grace-period", allow_hyphen_values = true)]
     stop_grace_period: Option<String>,
     /// Replace every task even if nothing changed (re-spreads them over the nodes).
@@ -307,7 +311,7 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                     "nothing to update: pass --replicas, --image, --args, --env-add/-rm, \
                      --constraint-add/-rm, --placement-pref-add/-rm, --publish-add/-rm, \
                      --secret-add/-rm, --config-add/-rm, --health-*, --update-*, --restart-*, \
-                     --force or --rollback"
+                     --reserve-cpu/-memory, --force or --rollback"
                 );
             }
             update(client, fmt, &args.name, &req, args.detach).await
@@ -758,7 +762,10 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
             container_labels: flags::labels("--container-label", &a.container_label)
                 .map_err(msg)?,
         },
-        resources: Default::default(),
+        resources: mesh_api::spec::TaskResources {
+            reservations: a.reserve.reservations().map_err(msg)?,
+            ..Default::default()
+        },
         security: Default::default(),
     }))
 }
@@ -905,6 +912,8 @@ fn update_request(a: &UpdateArgs) -> Result<ServiceUpdate> {
             .map(|g| flags::duration_ms("--stop-grace-period", g))
             .transpose()
             .map_err(msg)?,
+        reserve_cpu: a.reserve.cpu().map_err(msg)?,
+        reserve_memory: a.reserve.memory().map_err(msg)?,
         force: a.force,
         rollback: a.rollback,
         secret_add: flags::file_refs("--secret-add", &a.secret_add, false).map_err(msg)?,
@@ -1078,6 +1087,23 @@ fn print_ps(s: &ServiceInfo, rows: &[ServiceTaskInfo], no_trunc: bool) {
     );
 }
 
+/// Docker's `Resources:` block; a part that is zero is left out, and so is the block when
+/// nothing is set.
+fn print_resources(r: &mesh_api::spec::TaskResources) {
+    let res = &r.reservations;
+    if res.is_zero() {
+        return;
+    }
+    println!("Resources:");
+    println!(" Reservations:");
+    if res.nano_cpus > 0 {
+        println!("  CPU:\t\t{}", mesh_planner::cpus(res.nano_cpus));
+    }
+    if res.memory_bytes > 0 {
+        println!("  Memory:\t{}", mesh_planner::bytes_size(res.memory_bytes));
+    }
+}
+
 fn print_inspect(s: &ServiceInfo) {
     let spec = &s.spec;
     println!(
@@ -1191,6 +1217,7 @@ fn print_inspect(s: &ServiceInfo) {
             ),
             None => println!("Healthcheck:\tnone"),
         }
+        print_resources(&t.resources);
     }
     println!(
         "Network:\t{}\nEndpoint Mode:\t{}\nVIP:\t\t{}",

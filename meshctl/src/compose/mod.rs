@@ -19,8 +19,8 @@ use serde_yaml::{Mapping, Value};
 use mesh_api::{
     spec::{
         EndpointMode, FileRef, HealthChange, MAX_FILE_OBJECT, MAX_HEALTH_RETRIES, PortSpec,
-        ProbeChange, RestartChange, RunOptions, STACK_LABEL, ServiceSpec, TaskTemplate,
-        UpdateConfigChange,
+        ProbeChange, Resources, RestartChange, RunOptions, STACK_LABEL, ServiceSpec, TaskResources,
+        TaskTemplate, UpdateConfigChange,
     },
     v1::{ServiceCreate, StackDeploy, StackFile, StackNetwork},
 };
@@ -229,6 +229,7 @@ struct ServiceDraft {
     mode: Option<(String, String)>,
     replicas: Option<(u32, String)>,
     run: RunOptions,
+    resources: TaskResources,
 }
 
 impl Stack {
@@ -513,7 +514,22 @@ impl Stack {
                 "rollback_config" => {
                     d.spec.rollback = update_config(v, &here)?.apply(d.spec.rollback)
                 }
-                "resources" => self.warnings.push(format!(
+                "resources" => self.resources(v, &here, &mut d.resources)?,
+                other => return Err(format!("{at}: unknown key {other:?}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// `deploy.resources`: `reservations` decide placement; `limits` stay a warning until
+    /// mesh enforces them.
+    fn resources(&mut self, v: &Value, at: &str, r: &mut TaskResources) -> Result<(), String> {
+        for (k, v) in map(v, at)? {
+            let k = key_str(k, at)?;
+            let here = format!("{at}.{k}");
+            match k.as_str() {
+                "reservations" => r.reservations = reservations(v, &here)?,
+                "limits" => self.warnings.push(format!(
                     "Ignoring unsupported option {here} (mesh sets no resource limits yet)"
                 )),
                 other => return Err(format!("{at}: unknown key {other:?}")),
@@ -521,6 +537,37 @@ impl Stack {
         }
         Ok(())
     }
+}
+
+/// `reservations: { cpus: '0.25', memory: 20M }`, in Docker's spelling (a number or a
+/// string each).
+fn reservations(v: &Value, at: &str) -> Result<Resources, String> {
+    let mut r = Resources::default();
+    for (k, v) in map(v, at)? {
+        let k = key_str(k, at)?;
+        let here = format!("{at}.{k}");
+        let value = || -> Result<String, String> {
+            let value = string(v, &here)?;
+            if value.trim().starts_with('-') {
+                return Err(format!(
+                    "{here}: {value:?} is negative: a reservation is 0 (none) or more"
+                ));
+            }
+            Ok(value)
+        };
+        match k.as_str() {
+            "cpus" => r.nano_cpus = flags::nano_cpus(&here, &value()?)?,
+            "memory" => r.memory_bytes = flags::bytes(&here, &value()?)?,
+            "devices" | "generic_resources" => {
+                return Err(format!(
+                    "{here}: mesh cannot reserve {k}: it places tasks by CPUs and memory only \
+                     (remove the key)"
+                ));
+            }
+            other => return Err(format!("{at}: unknown key {other:?}")),
+        }
+    }
+    Ok(r)
 }
 
 /// The spec a service's keys add up to.
@@ -601,7 +648,7 @@ fn finish(d: ServiceDraft, at: &str) -> Result<ServiceSpec, String> {
         secrets: d.secrets,
         configs: d.configs,
         run: d.run,
-        resources: Default::default(),
+        resources: d.resources,
         security: Default::default(),
     });
     Ok(spec)
@@ -923,6 +970,74 @@ networks:
                 .iter()
                 .any(|n| n.name == "st_front" && n.subnet.as_deref() == Some("10.9.0.0/24"))
         );
+    }
+
+    #[test]
+    fn resource_reservations_are_honoured_and_bad_ones_name_the_key() {
+        let out = p(r#"
+services:
+  web:
+    image: localhost/web:1
+    deploy:
+      resources:
+        reservations: { cpus: '0.25', memory: 20M }
+        limits: { cpus: '0.5', memory: 50M }
+  api:
+    image: localhost/api:1
+    deploy: { resources: { reservations: { cpus: 2, memory: 1073741824 } } }
+"#)
+        .unwrap();
+        let reserved = |name: &str| {
+            out.deploy
+                .services
+                .iter()
+                .find(|s| s.spec.name == name)
+                .unwrap()
+                .spec
+                .reservation()
+        };
+        assert_eq!(
+            reserved("st_web"),
+            Resources {
+                nano_cpus: 250_000_000,
+                memory_bytes: 20 << 20
+            }
+        );
+        assert_eq!(
+            reserved("st_api"),
+            Resources {
+                nano_cpus: 2_000_000_000,
+                memory_bytes: 1 << 30
+            }
+        );
+        assert_eq!(
+            out.warnings,
+            vec![
+                "Ignoring unsupported option services.web.deploy.resources.limits (mesh sets no \
+                 resource limits yet)"
+            ]
+        );
+        let bad = |r: &str| {
+            p(&format!(
+                "services:\n  web:\n    image: a\n    deploy: {{ resources: {{ reservations: {r} }} }}\n"
+            ))
+            .err()
+            .unwrap()
+        };
+        let e = bad("{ memory: 512Q }");
+        assert!(
+            e.contains("invalid services.web.deploy.resources.reservations.memory \"512Q\""),
+            "{e}"
+        );
+        let e = bad("{ cpus: -1 }");
+        assert!(
+            e.contains("services.web.deploy.resources.reservations.cpus: \"-1\" is negative"),
+            "{e}"
+        );
+        let e = bad("{ generic_resources: [] }");
+        assert!(e.contains("mesh cannot reserve generic_resources"), "{e}");
+        let e = bad("{ disk: 1g }");
+        assert!(e.contains("unknown key \"disk\""), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod health;
 mod placement;
+mod resources;
 mod restart;
 mod rollout;
 mod task;
@@ -12,7 +13,8 @@ mod value;
 
 pub use health::HealthArgs;
 pub use placement::{constraints, per_node, preferences, replicas};
+pub use resources::ReserveArgs;
 pub use restart::RestartArgs;
 pub use rollout::{ConfigWords, RolloutArgs};
 pub use task::{env, env_file, file_refs, labels, ports, published_port};
-pub use value::{count, duration_ms, parsed};
+pub use value::{bytes, count, duration_ms, nano_cpus, parsed};

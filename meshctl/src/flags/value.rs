@@ -38,56 +38,13 @@ pub fn count(what: &str, n: i64, max: u32, zero: &str) -> Result<u32, String> {
 /// optional trailing `b`, any case.
 #[allow(dead_code)] // the resources flags (--reserve-memory, --limit-memory) are next
 pub fn bytes(what: &str, s: &str) -> Result<u64, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let hint =
-        || format!("invalid {what} {s:?}: write a size such as 512m, 1.5g or a number of bytes");
-    let digits = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(digits);
-    let number: f64 = number.parse().map_err(|_| hint())?;
-    let shift = match unit.trim().trim_end_matches('b') {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        "p" => 50,
-        _ if unit.trim() == "b" => 0,
-        _ => return Err(hint()),
-    };
-    let value = number * (1u64 << shift) as f64;
-    if !value.is_finite() || value >= u64::MAX as f64 {
-        return Err(format!("{what} {s:?} is larger than mesh can count"));
-    }
-    Ok(value as u64)
+    mesh_api::spec::bytes(what, s)
 }
 
 /// Docker's CPUs (`0.5`, `2`) as billionths of a CPU; at most nine decimals.
 #[allow(dead_code)] // the resources flags (--reserve-cpu, --limit-cpu) are next
 pub fn nano_cpus(what: &str, s: &str) -> Result<u64, String> {
-    let hint = || format!("invalid {what} {s:?}: write a number of CPUs such as 0.5 or 2");
-    let t = s.trim();
-    let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
-    let digits = |p: &str| p.chars().all(|c| c.is_ascii_digit());
-    if (whole.is_empty() && frac.is_empty()) || !digits(whole) || !digits(frac) {
-        return Err(hint());
-    }
-    if frac.len() > 9 {
-        return Err(format!(
-            "{what} {s:?} is more precise than a billionth of a CPU"
-        ));
-    }
-    let whole: u64 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().map_err(|_| hint())?
-    };
-    let frac: u64 = format!("{frac:0<9}").parse().map_err(|_| hint())?;
-    whole
-        .checked_mul(1_000_000_000)
-        .and_then(|w| w.checked_add(frac))
-        .ok_or_else(|| format!("{what} {s:?} is larger than mesh can count"))
+    mesh_api::spec::nano_cpus(what, s)
 }
 
 #[cfg(test)]
