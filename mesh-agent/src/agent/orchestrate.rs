@@ -1,9 +1,9 @@
 //! This node's part of every service's plan.
 //!
-//! There is no manager: every node computes the same plan from the view it has
-//! (`mesh_planner::plan`) and carries out only what concerns itself — it starts the tasks the
-//! plan puts on it, stops its own tasks the plan stops, and restarts its own tasks by the
-//! service's restart policy. Each task is a `tsk:<id>` record this node alone writes, with
+//! There is no manager: every node computes the same plans from the view it has
+//! (`mesh_planner::plan_all`, every service in one pass) and carries out only what concerns
+//! itself — it starts the tasks the plans put on it, stops its own tasks the plans stop, and
+//! restarts its own tasks by the service's restart policy. Each task is a `tsk:<id>` record this node alone writes, with
 //! Swarm's states; other nodes read it to know a slot is taken. Diverging views (a gossip
 //! round, a partition) can make two nodes fill one slot; once views agree the plan ranks the
 //! copies the same way everywhere and the loser's node stops it.

@@ -439,7 +439,9 @@ impl View {
             .collect()
     }
 
-    /// The plan for one service, if it schedules tasks.
+    /// The plan for one service, if it schedules tasks. Planned alone: the orchestrator plans
+    /// every service together (`mesh_planner::plan_all`), which differs only while another
+    /// service's starts on a nearly full node are not yet in the view (a gossip round).
     pub fn plan(&self, service: &str) -> Option<mesh_planner::Plan> {
         self.services.get(service)?.spec.planned()?;
         self.plan_with(&self.planner_nodes(), service)
