@@ -1,10 +1,17 @@
 //! Where the cgroup v2 hierarchy is mounted. Hosts differ: a systemd host has cgroup2 alone
 //! at /sys/fs/cgroup, a hybrid one (this machine kind) at /sys/fs/cgroup/unified, a
 //! container may see it elsewhere. The mount table says, so it is read, never assumed.
+//! Task limits go wherever each controller lives (`layout`), in a leaf per task (`leaf`).
+
+mod layout;
+mod leaf;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+
+pub use layout::{Controller, Hierarchy, Layout};
+pub use leaf::{CPU_PERIOD_US, Leaf, LeafDir, cpu_quota_us};
 
 /// The mount point of the cgroup v2 hierarchy's root, from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> Result<PathBuf> {

@@ -573,6 +573,9 @@ async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeP
     })?;
     let mut task_config = TaskConfig::new(&config.node_name, config.state_dir.clone());
     task_config.cgroup = Some(task_cgroup);
+    // Where memory, cpu and pids live (v2, or v1 hierarchies on a hybrid host): read once;
+    // a host's layout does not change under a running agent.
+    task_config.cgroup_layout = Some(mesh_agent::cgroup::Layout::discover()?);
     // Beside the API socket, on the run-time file system: never under the state directory.
     if let Some(run) = config.socket.parent() {
         task_config.files_dir = run.join("task-files");

@@ -136,6 +136,7 @@ impl Node {
             hostname: None,
             image: None,
             run: Default::default(),
+            limits: Default::default(),
         })
     }
 
@@ -159,6 +160,7 @@ impl Node {
             hostname: None,
             image: None,
             run: Default::default(),
+            limits: Default::default(),
         })
     }
 

@@ -532,6 +532,7 @@ impl NodeRuntime for FakeNode {
             Some((at, code)) if at <= now => ProcessState::Exited {
                 code: Some(code),
                 signal: None,
+                out_of_memory: None,
             },
             _ => ProcessState::Running,
         };

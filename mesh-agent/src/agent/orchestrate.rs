@@ -48,6 +48,8 @@ enum Ending {
     Exited {
         code: Option<i32>,
         signal: Option<i32>,
+        /// OOM-killed over a memory limit of this many bytes.
+        out_of_memory: Option<u64>,
     },
     /// It could not be started, and why.
     Rejected(String),
@@ -140,10 +142,19 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
                 }
                 continue;
             }
-            Some(ProcessState::Exited { code, signal }) => Ending::Exited { code, signal },
+            Some(ProcessState::Exited {
+                code,
+                signal,
+                out_of_memory,
+            }) => Ending::Exited {
+                code,
+                signal,
+                out_of_memory,
+            },
             None => Ending::Exited {
                 code: None,
                 signal: None,
+                out_of_memory: None,
             },
         };
         task_ended(&**rt, view, t, ending).await;
@@ -369,7 +380,13 @@ fn caught_up<R: NodeRuntime>(rt: &R, view: &View) -> bool {
 async fn task_ended<R: NodeRuntime>(rt: &R, view: &View, mut t: Task, ending: Ending) {
     let now = rt.now_ms();
     let (code, signal) = match &ending {
-        Ending::Exited { code, signal } => (*code, *signal),
+        // Docker's exit code of a task the kernel killed: 128 + SIGKILL.
+        Ending::Exited {
+            out_of_memory: Some(_),
+            code: None,
+            signal,
+        } => (Some(128 + signal.unwrap_or(libc::SIGKILL)), *signal),
+        Ending::Exited { code, signal, .. } => (*code, *signal),
         Ending::Rejected(_) | Ending::Failed(_) => (None, None),
     };
     let failed = code != Some(0);
@@ -382,6 +399,14 @@ async fn task_ended<R: NodeRuntime>(rt: &R, view: &View, mut t: Task, ending: En
     t.exit_code = code;
     t.error = match (ending, code, signal) {
         (Ending::Rejected(why) | Ending::Failed(why), _, _) => Some(why),
+        (
+            Ending::Exited {
+                out_of_memory: Some(limit),
+                ..
+            },
+            _,
+            _,
+        ) => Some(out_of_memory(limit)),
         (_, Some(0), _) => None,
         (_, Some(c), _) => Some(format!("task: non-zero exit ({c})")),
         (_, None, Some(s)) => Some(format!("task: killed by signal {s}")),
@@ -441,6 +466,19 @@ async fn task_ended<R: NodeRuntime>(rt: &R, view: &View, mut t: Task, ending: En
             }
             rt.publish_tasks(&[&t]).await;
         }
+    }
+}
+
+/// What `service ps` says of a task the kernel killed over its memory limit (Docker shows
+/// `OOMKilled` and exit 137).
+fn out_of_memory(limit: u64) -> String {
+    if limit == 0 {
+        "task: out of memory".into()
+    } else {
+        format!(
+            "task: out of memory (limit {})",
+            mesh_api::spec::bytes_size(limit)
+        )
     }
 }
 

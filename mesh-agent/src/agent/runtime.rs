@@ -230,6 +230,7 @@ impl NodeRuntime for Agent {
                     publish: task.publish,
                     image: task.template.image.as_deref(),
                     run: &task.template.run,
+                    limits: &task.template.resources.limits,
                     files,
                 },
             )

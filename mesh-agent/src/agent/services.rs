@@ -447,6 +447,7 @@ fn check_spec(spec: &ServiceSpec) -> Result<()> {
             return Err(Error::Invalid("the image name is empty".into()));
         }
         check_run_options(&spec.name, t)?;
+        check_limits(&t.resources).map_err(Error::Invalid)?;
     }
     rollout::check_rollback_config(spec)
 }
@@ -487,6 +488,50 @@ fn check_run_options(service: &str, t: &TaskTemplate) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Limits the kernel can apply, none below what the task reserves (Docker's rules: at least
+/// 6MiB of memory, at least 0.01 CPU).
+fn check_limits(r: &mesh_api::spec::TaskResources) -> std::result::Result<(), String> {
+    use mesh_api::spec::bytes_size;
+    const MIN_MEMORY: u64 = 6 << 20;
+    const MIN_NANO_CPUS: u64 = 10_000_000;
+    let (l, res) = (&r.limits, &r.reservations);
+    if l.memory_bytes > 0 && l.memory_bytes < MIN_MEMORY {
+        return Err(format!(
+            "the memory limit {} is below the minimum of 6MiB: use --limit-memory 6m or more",
+            bytes_size(l.memory_bytes)
+        ));
+    }
+    if l.nano_cpus > 0 && l.nano_cpus < MIN_NANO_CPUS {
+        return Err(format!(
+            "the CPU limit {} is below the minimum of 0.01: use --limit-cpu 0.01 or more",
+            cpus(l.nano_cpus)
+        ));
+    }
+    if l.memory_bytes > 0 && l.memory_bytes < res.memory_bytes {
+        return Err(format!(
+            "the memory limit {} is below the memory reservation {}: raise --limit-memory or \
+             lower --reserve-memory",
+            bytes_size(l.memory_bytes),
+            bytes_size(res.memory_bytes)
+        ));
+    }
+    if l.nano_cpus > 0 && l.nano_cpus < res.nano_cpus {
+        return Err(format!(
+            "the CPU limit {} is below the CPU reservation {}: raise --limit-cpu or lower \
+             --reserve-cpu",
+            cpus(l.nano_cpus),
+            cpus(res.nano_cpus)
+        ));
+    }
+    Ok(())
+}
+
+/// Nano-CPUs as Docker prints CPUs (`0.5`, `2`).
+fn cpus(nano: u64) -> String {
+    let s = format!("{}.{:09}", nano / 1_000_000_000, nano % 1_000_000_000);
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
 fn check_replicas(n: u32) -> Result<()> {
@@ -712,6 +757,7 @@ fn change_template(
         t.image = Some(image.clone());
     }
     change_run_options(&mut t.run, req);
+    req.limits.apply(&mut t.resources.limits);
     for k in &req.env_rm {
         t.env.retain(|(key, _)| key != k);
     }
@@ -1002,6 +1048,85 @@ mod tests {
             ..Default::default()
         };
         assert!(err(apply_update(&spec, &no_such)).contains("no constraint"));
+    }
+
+    #[test]
+    fn limits_are_checked_and_an_update_replaces_or_removes_them() {
+        use mesh_api::spec::{Limits, LimitsChange};
+        let limited =
+            |l: Limits| move |s: &mut ServiceSpec| s.task.as_mut().unwrap().resources.limits = l;
+        let l = Limits {
+            nano_cpus: 1_000_000_000,
+            memory_bytes: 512 << 20,
+            pids: 200,
+        };
+        let s = spec(limited(l)).unwrap();
+        assert!(
+            err(spec(limited(Limits {
+                memory_bytes: 1 << 20,
+                ..l
+            })))
+            .contains("below the minimum of 6MiB")
+        );
+        assert!(
+            err(spec(limited(Limits {
+                nano_cpus: 1_000,
+                ..l
+            })))
+            .contains("0.01")
+        );
+        let reserved = |m: u64, c: u64| {
+            move |s: &mut ServiceSpec| {
+                let r = &mut s.task.as_mut().unwrap().resources;
+                r.limits = l;
+                r.reservations.memory_bytes = m;
+                r.reservations.nano_cpus = c;
+            }
+        };
+        assert_eq!(
+            err(spec(reserved(1 << 30, 0))),
+            "the memory limit 512MiB is below the memory reservation 1GiB: raise \
+             --limit-memory or lower --reserve-memory"
+        );
+        assert!(
+            err(spec(reserved(0, 1_500_000_000)))
+                .contains("CPU limit 1 is below the CPU reservation 1.5")
+        );
+        assert!(spec(reserved(256 << 20, 500_000_000)).is_ok());
+
+        let up = apply_update(
+            &s,
+            &ServiceUpdate {
+                limits: LimitsChange {
+                    memory_bytes: Some(64 << 20),
+                    pids: Some(0),
+                    nano_cpus: None,
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            up.task.as_ref().unwrap().resources.limits,
+            Limits {
+                nano_cpus: 1_000_000_000,
+                memory_bytes: 64 << 20,
+                pids: 0
+            }
+        );
+        assert_ne!(
+            up.template_id(),
+            s.template_id(),
+            "new limits roll the tasks"
+        );
+        let below = ServiceUpdate {
+            limits: LimitsChange {
+                memory_bytes: Some(1 << 20),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(err(apply_update(&s, &below)).contains("6MiB"));
     }
 
     #[test]

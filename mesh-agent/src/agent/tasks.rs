@@ -27,6 +27,8 @@ pub(crate) struct Launch<'a> {
     pub image: Option<&'a str>,
     /// Entrypoint, user, working directory, stop signal, container labels.
     pub run: &'a mesh_api::spec::RunOptions,
+    /// Memory, CPU and PID limits.
+    pub limits: &'a mesh_api::spec::Limits,
     /// Secrets and configs it is granted, opened for this start only.
     pub files: TaskFiles,
 }
@@ -91,6 +93,7 @@ impl Agent {
                 publish: true,
                 image: None,
                 run: &Default::default(),
+                limits: &Default::default(),
                 files: TaskFiles::default(),
             },
         )
@@ -126,6 +129,7 @@ impl Agent {
             hostname: task.hostname.map(str::to_owned),
             image: task.image.map(str::to_owned),
             run: task.run.clone(),
+            limits: *task.limits,
         };
         // A process that resolves a name or connects to a VIP as it starts (an app dialling
         // its database) must find the resolver and the socket hooks already there.

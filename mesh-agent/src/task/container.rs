@@ -42,6 +42,9 @@ pub(super) struct Run<'a> {
     pub dns_options: &'a [String],
     /// `-v` arguments: the task's secrets and configs (see `files`).
     pub volumes: &'a [String],
+    /// `--memory`, `--cpus`, `--pids-limit`: runc writes them to the container's cgroups,
+    /// v1 or v2.
+    pub limits: &'a mesh_api::spec::Limits,
 }
 
 /// podman with the flags this kernel needs, whatever the host's containers.conf says: runc
@@ -169,6 +172,7 @@ pub(super) async fn run(r: &Run<'_>) -> Result<Started> {
         cmd.args(["-v", v]);
     }
     run_options(&mut cmd, r.run);
+    cmd.args(limit_flags(r.limits));
     cmd.arg(r.image).args(r.args);
     checked(
         &mut cmd,
@@ -204,6 +208,38 @@ fn run_options(cmd: &mut Command, run: &mesh_api::spec::RunOptions) {
     }
     for (k, v) in &run.container_labels {
         cmd.args(["--label", &format!("{k}={v}")]);
+    }
+}
+
+/// Docker's own flags for a task's limits; none for a limit that is not set.
+fn limit_flags(limits: &mesh_api::spec::Limits) -> Vec<String> {
+    let mut flags = Vec::new();
+    if limits.memory_bytes > 0 {
+        flags.push(format!("--memory={}b", limits.memory_bytes));
+    }
+    if limits.nano_cpus > 0 {
+        // Exact: nine decimals are what a nano-CPU count is.
+        let whole = limits.nano_cpus / 1_000_000_000;
+        let frac = limits.nano_cpus % 1_000_000_000;
+        flags.push(format!("--cpus={whole}.{frac:09}"));
+    }
+    if limits.pids > 0 {
+        flags.push(format!("--pids-limit={}", limits.pids));
+    }
+    flags
+}
+
+/// Whether the kernel killed the container for going over its memory limit (Docker's
+/// `State.OOMKilled`), read before the container is removed.
+pub(super) async fn oom_killed(container: &str) -> bool {
+    let out = podman()
+        .args(["inspect", "--format", "{{.State.OOMKilled}}", container])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .output();
+    match tokio::time::timeout(Duration::from_secs(30), out).await {
+        Ok(Ok(o)) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim() == "true",
+        _ => false,
     }
 }
 
@@ -362,4 +398,27 @@ pub(super) async fn list(node: &str) -> Result<Vec<String>> {
         .map(|l| l.trim().to_owned())
         .filter(|l| !l.is_empty())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_become_podmans_flags() {
+        let l = mesh_api::spec::Limits {
+            nano_cpus: 1_500_000_000,
+            memory_bytes: 512 << 20,
+            pids: 200,
+        };
+        assert_eq!(
+            limit_flags(&l),
+            [
+                "--memory=536870912b",
+                "--cpus=1.500000000",
+                "--pids-limit=200"
+            ]
+        );
+        assert!(limit_flags(&Default::default()).is_empty());
+    }
 }

@@ -12,12 +12,13 @@
 mod cni;
 mod container;
 mod files;
+mod limits;
 mod logs;
 mod plumbing;
 mod process;
 mod store;
 
-use mesh_api::spec::RunOptions;
+use mesh_api::spec::{Limits, RunOptions};
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
@@ -56,9 +57,12 @@ pub struct TaskConfig {
     pub node: String,
     /// Task records and logs live in `<state_dir>/tasks`.
     pub state_dir: PathBuf,
-    /// A cgroup v2 directory every task process joins before it runs (the eBPF socket hooks
-    /// are attached there). None leaves tasks in the agent's cgroup.
+    /// A cgroup v2 directory under which every process task gets a leaf of its own (see
+    /// `limits`). None leaves tasks in the agent's cgroup.
     pub cgroup: Option<PathBuf>,
+    /// Where each controller a limit needs lives on this host (v1 or v2); None: limits are
+    /// refused and tasks join `cgroup` itself.
+    pub cgroup_layout: Option<crate::cgroup::Layout>,
     pub resolv: ResolvConf,
     /// Where per-namespace /etc overrides live (`ip netns exec` reads the same place).
     pub netns_etc: PathBuf,
@@ -75,6 +79,7 @@ impl TaskConfig {
             node: node.into(),
             state_dir: state_dir.into(),
             cgroup: None,
+            cgroup_layout: None,
             resolv: ResolvConf::default(),
             netns_etc: PathBuf::from("/etc/netns"),
             stop_timeout: Duration::from_secs(10),
@@ -129,6 +134,9 @@ pub struct TaskSpec {
     /// Entrypoint, user, working directory, stop signal, container labels.
     #[serde(default, skip_serializing_if = "RunOptions::is_empty")]
     pub run: RunOptions,
+    /// Memory, CPU and PID limits the kernel enforces (cgroups; podman's flags for images).
+    #[serde(default, skip_serializing_if = "Limits::is_empty")]
+    pub limits: Limits,
 }
 
 /// A stop signal as Docker names it: `SIGTERM`, `TERM` or `15`.
@@ -238,6 +246,10 @@ pub enum ProcessState {
     Exited {
         code: Option<i32>,
         signal: Option<i32>,
+        /// The kernel killed it for going over its memory limit of this many bytes (0: an
+        /// image task podman found OOM-killed without a limit of its own).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        out_of_memory: Option<u64>,
     },
 }
 
@@ -393,10 +405,7 @@ impl Tasks {
                             exit = container::exit(c).await;
                         }
                         info!(task = %name, code = ?exit.code, "task exited while the agent was away");
-                        record.state = ProcessState::Exited {
-                            code: exit.code,
-                            signal: exit.signal,
-                        };
+                        record.state = self.exited_state(&record, exit).await;
                         if let Err(e) = self.teardown(&record).await {
                             warn!(task = %name, "removing the network of an exited task: {e:#}");
                         }
@@ -540,11 +549,12 @@ impl Tasks {
                 let (prepared, mount_points) = attempt!(files::prepare(files));
                 record.mount_points = mount_points;
                 attempt!(self.inner.store.save(&record));
+                let cgroups = attempt!(limits::create(config, &record.netns, &record.spec.limits));
                 attempt!(process::spawn(&process::Launch {
                     netns: &netns_path,
                     etc_overrides: &etc,
                     hostname: record.spec.hostname(),
-                    cgroup: config.cgroup.as_deref(),
+                    cgroups: &cgroups,
                     command: &record.spec.command,
                     env: &record.spec.env,
                     workdir: record.spec.run.workdir.as_deref(),
@@ -569,6 +579,7 @@ impl Tasks {
                         &config.files_dir.join(&record.netns),
                         files
                     )),
+                    limits: &record.spec.limits,
                 })
                 .await
             ) {
@@ -576,10 +587,7 @@ impl Tasks {
                 // It ran and ended before it could be followed (a one-shot job): a task
                 // that started and exited, not one that failed to start.
                 container::Started::Exited(exit) => {
-                    record.state = ProcessState::Exited {
-                        code: exit.code,
-                        signal: exit.signal,
-                    };
+                    record.state = self.exited_state(&record, exit).await;
                     attempt!(self.inner.store.save(&record));
                     return Ok((record, None));
                 }
@@ -648,19 +656,21 @@ impl Tasks {
     }
 
     async fn on_exit(&self, name: &str, exit: process::Exit) {
+        let Some(record) = self.get(name) else {
+            return;
+        };
+        // Read before the teardown removes what tells (the cgroup leaf, the container).
+        let state = self.exited_state(&record, exit).await;
         let record = {
             let mut entries = self.inner.entries.lock().expect("task table poisoned");
             let Some(entry) = entries.get_mut(name) else {
                 return;
             };
             entry.pidfd = None;
-            entry.record.state = ProcessState::Exited {
-                code: exit.code,
-                signal: exit.signal,
-            };
+            entry.record.state = state;
             entry.record.clone()
         };
-        info!(task = %name, code = ?exit.code, signal = ?exit.signal, "task exited");
+        info!(task = %name, code = ?exit.code, signal = ?exit.signal, state = ?record.state, "task exited");
         if let Err(e) = self.teardown(&record).await {
             warn!(task = %name, "removing the network of an exited task: {e:#}");
         }
@@ -670,6 +680,21 @@ impl Tasks {
             code: exit.code,
             signal: exit.signal,
         });
+    }
+
+    /// How a task ended: its exit status, and whether the kernel killed it for going over
+    /// its memory limit (podman knows that of a container, the leaf of a process).
+    async fn exited_state(&self, record: &TaskRecord, exit: process::Exit) -> ProcessState {
+        match record.container() {
+            Some(c) => ProcessState::Exited {
+                code: exit.code,
+                signal: exit.signal,
+                out_of_memory: container::oom_killed(c)
+                    .await
+                    .then_some(record.spec.limits.memory_bytes),
+            },
+            None => limits::exited(&self.inner.config, record, exit),
+        }
     }
 
     /// Stops a task (SIGTERM, then SIGKILL after the stop timeout) and forgets it: its
@@ -771,7 +796,7 @@ impl Tasks {
                 netns: &netns_path,
                 etc_overrides: &etc,
                 hostname: record.spec.hostname(),
-                cgroup: self.inner.config.cgroup.as_deref(),
+                cgroups: &limits::joined(&self.inner.config, &record.netns),
                 command,
                 env,
                 // `meshctl exec` runs where the task's program runs.
@@ -858,6 +883,16 @@ impl Tasks {
         // the task's address) alive.
         for pid in netns::pids(&path) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let inner = self.inner.clone();
+        let netns = record.netns.clone();
+        // Blocking: a killed process leaves its cgroup a moment after the signal.
+        let removed = tokio::task::spawn_blocking(move || limits::remove(&inner.config, &netns));
+        if record.container().is_none()
+            && let Err(e) = removed.await.map_err(anyhow::Error::from).and_then(|r| r)
+        {
+            // The network still goes; a leftover leaf holds no address, only its name.
+            warn!(task = %record.spec.name, "{e:#}");
         }
         let mut veths: Vec<String> = record
             .interfaces

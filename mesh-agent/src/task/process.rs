@@ -28,8 +28,9 @@ pub(super) struct Launch<'a> {
     /// namespace, as `ip netns exec` does with /etc/netns/<name>/*.
     pub etc_overrides: &'a Path,
     pub hostname: &'a str,
-    /// A cgroup v2 directory the process joins before it executes anything.
-    pub cgroup: Option<&'a Path>,
+    /// Cgroup directories (the task's leaf in each hierarchy) the process joins before it
+    /// executes anything.
+    pub cgroups: &'a [std::path::PathBuf],
     pub command: &'a [String],
     pub env: &'a [(String, String)],
     /// Where the program starts, inside the task's mount namespace (default `/`).
@@ -52,7 +53,7 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// async-signal-safe system calls may run (no allocation, no locks).
 struct Entry {
     netns: File,
-    cgroup_procs: Option<File>,
+    cgroup_procs: Vec<File>,
     binds: Vec<(CString, CString)>,
     hostname: Vec<u8>,
     files: Vec<super::files::Prepared>,
@@ -64,7 +65,8 @@ impl Entry {
         let netns = File::open(launch.netns)
             .with_context(|| format!("opening the task namespace {}", launch.netns.display()))?;
         let cgroup_procs = launch
-            .cgroup
+            .cgroups
+            .iter()
             .map(|dir| {
                 let p = dir.join("cgroup.procs");
                 std::fs::OpenOptions::new()
@@ -74,7 +76,7 @@ impl Entry {
                         format!("opening {} to place the task in its cgroup", p.display())
                     })
             })
-            .transpose()?;
+            .collect::<Result<_>>()?;
         Ok(Self {
             netns,
             cgroup_procs,
@@ -114,7 +116,7 @@ impl Entry {
             .stdin(Stdio::null())
             .current_dir("/");
         let netns_fd = self.netns.as_raw_fd();
-        let cgroup_fd = self.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
+        let cgroup_fds: Vec<RawFd> = self.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect();
         let binds = self.binds.clone();
         let hostname = self.hostname.clone();
         let files = std::mem::take(&mut self.files);
@@ -122,7 +124,7 @@ impl Entry {
         // SAFETY: the closure only makes system calls on memory prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
-                enter(netns_fd, cgroup_fd, &binds, &hostname)?;
+                enter(netns_fd, &cgroup_fds, &binds, &hostname)?;
                 write_files(&files)?;
                 // After entering: the directory is the task's view of it (std's own chdir
                 // would run before the mount namespace is entered).
@@ -194,10 +196,10 @@ pub(super) async fn exec(
 
 /// Runs in the forked child: its own session (it outlives the agent), the task's network
 /// namespace, private mount and UTS namespaces with the task's /etc overrides and hostname,
-/// and the agent's cgroup so the eBPF socket hooks see it.
+/// and the task's cgroups (its limits hold from its first instruction).
 fn enter(
     netns: RawFd,
-    cgroup_procs: Option<RawFd>,
+    cgroup_procs: &[RawFd],
     binds: &[(CString, CString)],
     hostname: &[u8],
 ) -> io::Result<()> {
@@ -230,8 +232,8 @@ fn enter(
     if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    if let Some(fd) = cgroup_procs {
-        // "0" moves the writing process itself.
+    for &fd in cgroup_procs {
+        // "0" moves the writing process itself (v1 and v2 alike).
         // SAFETY: plain system call on a static buffer.
         if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
             return Err(io::Error::last_os_error());

@@ -18,7 +18,7 @@ pub use endpoint::EndpointState;
 pub use file::FileRef;
 pub use node::{Availability, NodeStatus, parse_label};
 pub use port::{DYNAMIC_PORTS, PortSpec, Protocol, PublishMode};
-pub use resources::{Limits, Resources, Security, TaskResources, Ulimit};
+pub use resources::{Limits, LimitsChange, Resources, Security, TaskResources, Ulimit, bytes_size};
 pub use service::{
     DRIVER_PODMAN, DRIVER_PROCESS, EndpointMode, HealthCheck, Probe, RunOptions, ServiceSpec,
     TaskTemplate, UpdateState, UpdateStatus,

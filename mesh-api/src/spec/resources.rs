@@ -39,6 +39,36 @@ impl Limits {
     }
 }
 
+/// `service update --limit-cpu/--limit-memory/--limit-pids`: each set one replaces the
+/// limit, and 0 removes it (as Docker's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nano_cpus: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+impl LimitsChange {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn apply(&self, limits: &mut Limits) {
+        for (to, field) in [
+            (self.nano_cpus, &mut limits.nano_cpus),
+            (self.memory_bytes, &mut limits.memory_bytes),
+            (self.pids, &mut limits.pids),
+        ] {
+            if let Some(v) = to {
+                *field = v;
+            }
+        }
+    }
+}
+
 /// What the task's processes may do: Docker's `--cap-add`, `--cap-drop`, `--read-only`,
 /// `--sysctl`, `--ulimit` and `--init`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,4 +103,22 @@ pub struct Ulimit {
     pub name: String,
     pub soft: u64,
     pub hard: u64,
+}
+
+/// Sizes as Docker prints them (`64MiB`), the same everywhere mesh prints one.
+pub use mesh_planner::bytes_size;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_print_as_dockers() {
+        assert_eq!(bytes_size(64 << 20), "64MiB");
+        assert_eq!(bytes_size(512 << 20), "512MiB");
+        assert_eq!(bytes_size(3 << 29), "1.5GiB");
+        assert_eq!(bytes_size(100), "100B");
+        assert_eq!(bytes_size(1_000_000_000), "953.7MiB");
+        assert_eq!(bytes_size(0), "0B");
+    }
 }

@@ -9,8 +9,8 @@ use super::ServiceStats;
 use mesh_planner::{Constraint, Spread};
 
 use crate::spec::{
-    EndpointMode, FileRef, HealthChange, PortSpec, Protocol, RestartChange, ServiceSpec,
-    UpdateConfigChange,
+    EndpointMode, FileRef, HealthChange, LimitsChange, PortSpec, Protocol, RestartChange,
+    ServiceSpec, UpdateConfigChange,
 };
 
 use super::TaskInfo;
@@ -177,6 +177,9 @@ pub struct ServiceUpdate {
     pub config_add: Vec<FileRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_rm: Vec<String>,
+    /// `--limit-cpu`, `--limit-memory`, `--limit-pids`.
+    #[serde(default, skip_serializing_if = "LimitsChange::is_empty")]
+    pub limits: LimitsChange,
 }
 
 impl ServiceUpdate {
@@ -201,5 +204,6 @@ impl ServiceUpdate {
             || self.stop_grace_ms.is_some()
             || self.reserve_cpu.is_some()
             || self.reserve_memory.is_some()
+            || !self.limits.is_empty()
     }
 }
