@@ -9,12 +9,12 @@ use mesh_planner::ServiceMode;
 use super::{
     Format,
     filters::{Filters, SERVICE_KEYS, TASK_KEYS},
-    flags::{self, HealthArgs, ReserveArgs, RestartArgs, RolloutArgs},
+    flags::{self, HealthArgs, LimitsArgs, ReserveArgs, RestartArgs, RolloutArgs},
     json, or_dash, print_tasks, progress, table,
 };
 use mesh_api::{
     Client,
-    spec::{EndpointMode, RunOptions, ServiceSpec, TaskTemplate},
+    spec::{EndpointMode, RunOptions, ServiceSpec, TaskResources, TaskTemplate, bytes_size},
     v1::{ServiceCreate, ServiceInfo, ServiceScale, ServiceTaskInfo, ServiceUpdate},
 };
 
@@ -145,6 +145,8 @@ pub struct CreateArgs {
     rollout: RolloutArgs,
     #[command(flatten)]
     reserve: ReserveArgs,
+    #[command(flatten)]
+    limits: LimitsArgs,
     /// Time between SIGTERM and SIGKILL when a task is stopped (default 10s).
     #[arg(long = "stop-grace-period", allow_hyphen_values = true)]
     stop_grace_period: Option<String>,
@@ -276,6 +278,8 @@ pub struct UpdateArgs {
     rollout: RolloutArgs,
     #[command(flatten)]
     reserve: ReserveArgs,
+    #[command(flatten)]
+    limits: LimitsArgs,
     #[arg(long = "stop-grace-period", allow_hyphen_values = true)]
     stop_grace_period: Option<String>,
     /// Replace every task even if nothing changed (re-spreads them over the nodes).
@@ -733,6 +737,9 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
         if !a.secret.is_empty() || !a.config.is_empty() {
             bail!("--secret and --config are for scheduled tasks: give an image or a command");
         }
+        if !a.limits.is_empty() {
+            bail!("--limit-cpu/-memory/-pids are for scheduled tasks: give an image or a command");
+        }
         let health = a.health.change().map_err(msg)?;
         if !health.is_empty() || a.stop_grace_period.is_some() {
             bail!(
@@ -762,12 +769,19 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
             container_labels: flags::labels("--container-label", &a.container_label)
                 .map_err(msg)?,
         },
-        resources: mesh_api::spec::TaskResources {
-            reservations: a.reserve.reservations().map_err(msg)?,
-            ..Default::default()
-        },
+        resources: task_resources(a)?,
         security: Default::default(),
     }))
+}
+
+/// `--limit-*` (and the reservations, when given) as the template's resources.
+fn task_resources(a: &CreateArgs) -> Result<TaskResources> {
+    let resources = TaskResources {
+        reservations: a.reserve.reservations().map_err(anyhow::Error::msg)?,
+        limits: a.limits.limits().map_err(anyhow::Error::msg)?,
+    };
+    flags::within_reservations(&resources).map_err(anyhow::Error::msg)?;
+    Ok(resources)
 }
 
 /// `--env-file`s in order, then `--env`, a later value of a key replacing an earlier one.
@@ -847,6 +861,39 @@ fn mode(a: &CreateArgs, has_task: bool) -> Result<ServiceMode> {
     }
 }
 
+/// `Resources:` as `docker service inspect --pretty` prints it (nothing when none is set).
+fn resources_pretty(r: &TaskResources) -> Vec<String> {
+    let cpus = |nano: u64| (nano as f64 / 1e9).to_string();
+    let mut lines = Vec::new();
+    let res = &r.reservations;
+    if res.nano_cpus > 0 || res.memory_bytes > 0 {
+        lines.push(" Reservations:".to_owned());
+        if res.nano_cpus > 0 {
+            lines.push(format!("  CPU:\t\t{}", cpus(res.nano_cpus)));
+        }
+        if res.memory_bytes > 0 {
+            lines.push(format!("  Memory:\t{}", bytes_size(res.memory_bytes)));
+        }
+    }
+    let l = &r.limits;
+    if l.nano_cpus > 0 || l.memory_bytes > 0 || l.pids > 0 {
+        lines.push(" Limits:".to_owned());
+        if l.nano_cpus > 0 {
+            lines.push(format!("  CPU:\t\t{}", cpus(l.nano_cpus)));
+        }
+        if l.memory_bytes > 0 {
+            lines.push(format!("  Memory:\t{}", bytes_size(l.memory_bytes)));
+        }
+        if l.pids > 0 {
+            lines.push(format!("  PIDs:\t\t{}", l.pids));
+        }
+    }
+    if !lines.is_empty() {
+        lines.insert(0, "Resources:".to_owned());
+    }
+    lines
+}
+
 /// `service update`'s flags as the change the agent is asked for.
 fn update_request(a: &UpdateArgs) -> Result<ServiceUpdate> {
     let msg = anyhow::Error::msg;
@@ -920,6 +967,7 @@ fn update_request(a: &UpdateArgs) -> Result<ServiceUpdate> {
         secret_rm: a.secret_rm.clone(),
         config_add: flags::file_refs("--config-add", &a.config_add, true).map_err(msg)?,
         config_rm: a.config_rm.clone(),
+        limits: a.limits.change().map_err(msg)?,
     })
 }
 
@@ -1089,21 +1137,6 @@ fn print_ps(s: &ServiceInfo, rows: &[ServiceTaskInfo], no_trunc: bool) {
 
 /// Docker's `Resources:` block; a part that is zero is left out, and so is the block when
 /// nothing is set.
-fn print_resources(r: &mesh_api::spec::TaskResources) {
-    let res = &r.reservations;
-    if res.is_zero() {
-        return;
-    }
-    println!("Resources:");
-    println!(" Reservations:");
-    if res.nano_cpus > 0 {
-        println!("  CPU:\t\t{}", mesh_planner::cpus(res.nano_cpus));
-    }
-    if res.memory_bytes > 0 {
-        println!("  Memory:\t{}", mesh_planner::bytes_size(res.memory_bytes));
-    }
-}
-
 fn print_inspect(s: &ServiceInfo) {
     let spec = &s.spec;
     println!(
@@ -1217,7 +1250,9 @@ fn print_inspect(s: &ServiceInfo) {
             ),
             None => println!("Healthcheck:\tnone"),
         }
-        print_resources(&t.resources);
+        for line in resources_pretty(&t.resources) {
+            println!("{line}");
+        }
     }
     println!(
         "Network:\t{}\nEndpoint Mode:\t{}\nVIP:\t\t{}",
@@ -1364,6 +1399,47 @@ mod tests {
         assert_eq!(a.command, ["redis-server", "--appendonly", "yes"]);
         let a = create(&["--name", "w", "nginx", "-g", "daemon off;"]).unwrap();
         assert_eq!(a.command, ["-g", "daemon off;"]);
+    }
+
+    #[test]
+    fn limit_flags_reach_the_template_and_inspect_prints_them_as_docker() {
+        let a = create(&[
+            "--name",
+            "api",
+            "--limit-cpu",
+            "1",
+            "--limit-memory",
+            "512M",
+            "--limit-pids",
+            "200",
+            "my/api:1",
+        ])
+        .unwrap();
+        let spec = create_spec(&a).unwrap();
+        let r = &spec.task.as_ref().unwrap().resources;
+        assert_eq!(
+            r.limits,
+            mesh_api::spec::Limits {
+                nano_cpus: 1_000_000_000,
+                memory_bytes: 512 << 20,
+                pids: 200
+            }
+        );
+        assert_eq!(
+            resources_pretty(r),
+            [
+                "Resources:",
+                " Limits:",
+                "  CPU:\t\t1",
+                "  Memory:\t512MiB",
+                "  PIDs:\t\t200"
+            ]
+        );
+        let bad = create(&["--name", "api", "--limit-memory", "512Q", "my/api:1"]).unwrap();
+        let e = create_spec(&bad).unwrap_err().to_string();
+        assert!(e.contains("--limit-memory") && e.contains("512Q"), "{e}");
+        let none = create(&["--name", "api", "--limit-pids", "5"]).unwrap();
+        assert!(create_spec(&none).is_err(), "no task to limit");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use serde_yaml::{Mapping, Value};
 
 use mesh_api::{
     spec::{
-        EndpointMode, FileRef, HealthChange, MAX_FILE_OBJECT, MAX_HEALTH_RETRIES, PortSpec,
+        EndpointMode, FileRef, HealthChange, Limits, MAX_FILE_OBJECT, MAX_HEALTH_RETRIES, PortSpec,
         ProbeChange, Resources, RestartChange, RunOptions, STACK_LABEL, ServiceSpec, TaskResources,
         TaskTemplate, UpdateConfigChange,
     },
@@ -521,22 +521,40 @@ impl Stack {
         Ok(())
     }
 
-    /// `deploy.resources`: `reservations` decide placement; `limits` stay a warning until
-    /// mesh enforces them.
+    /// `deploy.resources`: `limits` (enforced by the kernel) and `reservations`.
     fn resources(&mut self, v: &Value, at: &str, r: &mut TaskResources) -> Result<(), String> {
         for (k, v) in map(v, at)? {
             let k = key_str(k, at)?;
             let here = format!("{at}.{k}");
             match k.as_str() {
+                "limits" => r.limits = resource_limits(v, &here)?,
                 "reservations" => r.reservations = reservations(v, &here)?,
-                "limits" => self.warnings.push(format!(
-                    "Ignoring unsupported option {here} (mesh sets no resource limits yet)"
-                )),
                 other => return Err(format!("{at}: unknown key {other:?}")),
             }
         }
-        Ok(())
+        flags::within_reservations(r).map_err(|e| format!("{at}: {e}"))
     }
+}
+
+/// `deploy.resources.limits`: `cpus` ('0.5'), `memory` (512M), `pids` (200). Compose's
+/// `devices` are reservations only.
+fn resource_limits(v: &Value, at: &str) -> Result<Limits, String> {
+    let mut l = Limits::default();
+    for (k, v) in map(v, at)? {
+        let k = key_str(k, at)?;
+        let here = format!("{at}.{k}");
+        match k.as_str() {
+            "cpus" => l.nano_cpus = flags::nano_cpus(&here, &string(v, &here)?)?,
+            "memory" => l.memory_bytes = flags::bytes(&here, &string(v, &here)?)?,
+            "pids" => l.pids = flags::pids(&here, number(v, &here)?)?,
+            other => {
+                return Err(format!(
+                    "{at}: unknown key {other:?} (limits take cpus, memory and pids)"
+                ));
+            }
+        }
+    }
+    Ok(l)
 }
 
 /// `reservations: { cpus: '0.25', memory: 20M }`, in Docker's spelling (a number or a
@@ -1010,13 +1028,7 @@ services:
                 memory_bytes: 1 << 30
             }
         );
-        assert_eq!(
-            out.warnings,
-            vec![
-                "Ignoring unsupported option services.web.deploy.resources.limits (mesh sets no \
-                 resource limits yet)"
-            ]
-        );
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
         let bad = |r: &str| {
             p(&format!(
                 "services:\n  web:\n    image: a\n    deploy: {{ resources: {{ reservations: {r} }} }}\n"
@@ -1115,5 +1127,41 @@ services:
             let e = p(text).err().unwrap();
             assert!(e.contains(says), "{e}");
         }
+    }
+
+    #[test]
+    fn resource_limits_become_the_templates_and_bad_ones_name_the_key() {
+        let out = p(r#"
+services:
+  api:
+    image: my/api:1
+    deploy:
+      resources:
+        limits: { cpus: '0.50', memory: 512M, pids: 200 }
+"#)
+        .unwrap();
+        let t = out.deploy.services[0].spec.task.clone().unwrap();
+        assert_eq!(
+            t.resources.limits,
+            Limits {
+                nano_cpus: 500_000_000,
+                memory_bytes: 512 << 20,
+                pids: 200
+            }
+        );
+        let bad = |limits: &str| {
+            p(&format!(
+                "services:\n  api:\n    image: a\n    deploy:\n      resources:\n        limits: {limits}\n"
+            ))
+            .err()
+            .unwrap()
+        };
+        let e = bad("{ memory: 512Q }");
+        assert!(
+            e.contains("services.api.deploy.resources.limits.memory") && e.contains("512Q"),
+            "{e}"
+        );
+        assert!(bad("{ cpus: lots }").contains("limits.cpus"));
+        assert!(bad("{ gpus: 1 }").contains("unknown key \"gpus\""));
     }
 }

@@ -4,6 +4,7 @@
 //! so an error names what the user wrote, in the user's own terms.
 
 mod health;
+mod limits;
 mod placement;
 mod resources;
 mod restart;
@@ -12,6 +13,7 @@ mod task;
 mod value;
 
 pub use health::HealthArgs;
+pub use limits::{LimitsArgs, pids, within_reservations};
 pub use placement::{constraints, per_node, preferences, replicas};
 pub use resources::ReserveArgs;
 pub use restart::RestartArgs;

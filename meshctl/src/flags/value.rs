@@ -36,13 +36,11 @@ pub fn count(what: &str, n: i64, max: u32, zero: &str) -> Result<u32, String> {
 
 /// Docker's memory sizes (`512m`, `1.5g`, `268435456`): binary units b, k, m, g, t, p, an
 /// optional trailing `b`, any case.
-#[allow(dead_code)] // the resources flags (--reserve-memory, --limit-memory) are next
 pub fn bytes(what: &str, s: &str) -> Result<u64, String> {
     mesh_api::spec::bytes(what, s)
 }
 
 /// Docker's CPUs (`0.5`, `2`) as billionths of a CPU; at most nine decimals.
-#[allow(dead_code)] // the resources flags (--reserve-cpu, --limit-cpu) are next
 pub fn nano_cpus(what: &str, s: &str) -> Result<u64, String> {
     mesh_api::spec::nano_cpus(what, s)
 }
