@@ -612,7 +612,9 @@ fn remove_node_state(cluster: &str) {
             let _ = fs::remove_dir_all(p);
         });
     }
-    remove_children_with_prefix(&cgroup_base(), cluster, remove_cgroup);
+    for base in cgroup_bases() {
+        remove_children_with_prefix(&base, cluster, remove_cgroup);
+    }
     // resolv.conf and friends of task namespaces (the `ip netns exec` convention).
     remove_children_with_prefix(Path::new("/etc/netns"), cluster, |p| {
         let _ = fs::remove_dir_all(p);
@@ -691,12 +693,12 @@ fn sweep_stale() {
         }
         // A run killed after its namespaces were gone still left node state behind (pins,
         // runtime directories, cgroups): found by the owner in its name as well.
-        for dir in [
+        let dirs = [
             PathBuf::from("/sys/fs/bpf/mesh"),
             PathBuf::from("/run/mesh"),
             PathBuf::from("/etc/netns"),
-            cgroup_base(),
-        ] {
+        ];
+        for dir in dirs.into_iter().chain(cgroup_bases()) {
             let Ok(entries) = fs::read_dir(&dir) else {
                 continue;
             };
@@ -728,6 +730,17 @@ pub fn cgroup_base() -> PathBuf {
     mesh_agent::cgroup::cgroup2_mount()
         .expect("cgroup v2 is mounted")
         .join("mesh")
+}
+
+/// Every `mesh` directory task cgroups may be under: the v2 one, and on a hybrid host the
+/// same path in each v1 hierarchy holding memory, cpu or pids (where the agent puts the
+/// leaves of limited tasks).
+pub fn cgroup_bases() -> Vec<PathBuf> {
+    let mut bases = vec![cgroup_base()];
+    if let Ok(layout) = mesh_agent::cgroup::Layout::discover() {
+        bases.extend(layout.v1_mounts().into_iter().map(|m| m.join("mesh")));
+    }
+    bases
 }
 
 /// Path of a binary of this workspace, built once per test process so `cargo test` alone is

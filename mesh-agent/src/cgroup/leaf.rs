@@ -73,7 +73,7 @@ impl Leaf {
                 None => {
                     leaf.dirs.push(LeafDir {
                         mount: h.mount.clone(),
-                        path: h.mount.join(rel).join(name),
+                        path: h.mount.join(in_hierarchy(rel, h.v2)).join(name),
                         v2: h.v2,
                         controllers: Vec::new(),
                     });
@@ -99,7 +99,7 @@ impl Leaf {
             dirs: mounts
                 .into_iter()
                 .map(|(mount, v2)| LeafDir {
-                    path: mount.join(rel).join(name),
+                    path: mount.join(in_hierarchy(rel, v2)).join(name),
                     mount,
                     v2,
                     controllers: Vec::new(),
@@ -214,6 +214,16 @@ impl Leaf {
             bail!("cannot remove task cgroups: {}", failed.join("; "));
         }
         Ok(())
+    }
+}
+
+/// Where `rel` is in a hierarchy of this version. Every v1 cgroup has a control file named
+/// `tasks`, so a v2 path ending in a `tasks` directory (the agent's) ends one level up in v1:
+/// leaves are named after the node's namespaces, and do not clash there.
+fn in_hierarchy(rel: &Path, v2: bool) -> &Path {
+    match rel.parent() {
+        Some(parent) if !v2 && rel.file_name().is_some_and(|n| n == "tasks") => parent,
+        _ => rel,
     }
 }
 
@@ -439,12 +449,12 @@ mod tests {
                     &[][..]
                 ),
                 (
-                    Path::new("/sys/fs/cgroup/memory/mesh/c1-n1/tasks/n1-web.1.ab"),
+                    Path::new("/sys/fs/cgroup/memory/mesh/c1-n1/n1-web.1.ab"),
                     false,
                     &[Controller::Memory][..]
                 ),
                 (
-                    Path::new("/sys/fs/cgroup/pids/mesh/c1-n1/tasks/n1-web.1.ab"),
+                    Path::new("/sys/fs/cgroup/pids/mesh/c1-n1/n1-web.1.ab"),
                     false,
                     &[Controller::Pids][..]
                 ),
@@ -532,22 +542,22 @@ mod tests {
         let l = limits(32 << 20, 500_000_000, 20);
         let leaf = Leaf::plan(&layout, rel, "n1-t", &l).unwrap();
         // Swap accounting present: memsw is written too.
-        let mem = tmp.path().join("memory/mesh/n1/tasks/n1-t");
+        let mem = tmp.path().join("memory/mesh/n1/n1-t");
         std::fs::create_dir_all(&mem).unwrap();
         std::fs::write(mem.join("memory.memsw.limit_in_bytes"), "").unwrap();
         leaf.create(&l).unwrap();
         let read = |p: &str| std::fs::read_to_string(tmp.path().join(p)).unwrap();
         assert_eq!(
-            read("memory/mesh/n1/tasks/n1-t/memory.limit_in_bytes"),
+            read("memory/mesh/n1/n1-t/memory.limit_in_bytes"),
             "33554432"
         );
         assert_eq!(
-            read("memory/mesh/n1/tasks/n1-t/memory.memsw.limit_in_bytes"),
+            read("memory/mesh/n1/n1-t/memory.memsw.limit_in_bytes"),
             "67108864"
         );
-        assert_eq!(read("cpu/mesh/n1/tasks/n1-t/cpu.cfs_period_us"), "100000");
-        assert_eq!(read("cpu/mesh/n1/tasks/n1-t/cpu.cfs_quota_us"), "50000");
-        assert_eq!(read("pids/mesh/n1/tasks/n1-t/pids.max"), "20");
+        assert_eq!(read("cpu/mesh/n1/n1-t/cpu.cfs_period_us"), "100000");
+        assert_eq!(read("cpu/mesh/n1/n1-t/cpu.cfs_quota_us"), "50000");
+        assert_eq!(read("pids/mesh/n1/n1-t/pids.max"), "20");
         assert!(tmp.path().join("v2/mesh/n1/tasks/n1-t").is_dir());
         // No v2 controller was needed: nothing enabled there.
         assert!(!tmp.path().join("v2/cgroup.subtree_control").exists());
@@ -582,9 +592,14 @@ mod tests {
             }
         }
         Leaf::every(&layout, rel, "n1-t").remove().unwrap();
-        for d in ["v2", "memory", "cpu", "pids"] {
-            assert!(!tmp.path().join(d).join(rel).join("n1-t").exists(), "{d}");
-            assert!(tmp.path().join(d).join(rel).is_dir(), "the parents stay");
+        for d in [
+            "v2/mesh/n1/tasks",
+            "memory/mesh/n1",
+            "cpu/mesh/n1",
+            "pids/mesh/n1",
+        ] {
+            assert!(!tmp.path().join(d).join("n1-t").exists(), "{d}");
+            assert!(tmp.path().join(d).is_dir(), "the parents stay");
         }
     }
 
