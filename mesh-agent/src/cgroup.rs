@@ -5,6 +5,7 @@
 
 mod layout;
 mod leaf;
+mod oom;
 
 use std::path::PathBuf;
 
@@ -12,6 +13,7 @@ use anyhow::{Context, Result};
 
 pub use layout::{Controller, Hierarchy, Layout};
 pub use leaf::{CPU_PERIOD_US, Leaf, LeafDir, cpu_quota_us};
+pub use oom::{memcg_killed, ticks_to_us};
 
 /// The mount point of the cgroup v2 hierarchy's root, from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> Result<PathBuf> {

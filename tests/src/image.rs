@@ -14,7 +14,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// The applets the images' commands and the tests use.
 const APPLETS: &[&str] = &[
     "sh", "httpd", "wget", "nslookup", "nc", "hostname", "cat", "echo", "sleep", "kill", "ls",
-    "ip", "env",
+    "ip", "env", "dd",
 ];
 
 /// A local image, removed (with any container still using it) on drop.

@@ -3,6 +3,7 @@
 //! v2 on a systemd one), a task that allocates past `--limit-memory` is OOM-killed, shown
 //! as such in `service ps` and restarted by its policy while another service's task and the
 //! agent carry on, a task cannot fork past `--limit-pids`, and the leaves go with the tasks.
+//! Image tasks get the same limits through podman, and its OOM kill reads the same.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,7 +11,7 @@ use std::{
 };
 
 use mesh_agent::cgroup::{Controller, Layout};
-use mesh_tests::{Cluster, Host};
+use mesh_tests::{Cluster, Host, image::Image};
 use serde_json::Value;
 
 fn ps(h: &Host, name: &str) -> Vec<Value> {
@@ -234,6 +235,127 @@ time.sleep(1000)
             })
             .collect();
         Ok(left.is_empty().then_some(()))
+    })
+    .unwrap();
+}
+
+/// `podman inspect` of the running container of `service` on `h`.
+fn container_of(h: &Host, service: &str) -> Option<String> {
+    let out = std::process::Command::new("podman")
+        .args(["ps", "--format", "{{.Names}}"])
+        .args(["--filter", &format!("name=^{}-{service}\\.", h.node_name())])
+        .output()
+        .ok()?;
+    let names = String::from_utf8_lossy(&out.stdout);
+    names.lines().next().map(|n| n.trim().to_owned())
+}
+
+fn podman_inspect(container: &str, format: &str) -> String {
+    let out = std::process::Command::new("podman")
+        .args(["inspect", "--format", format, container])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn an_image_task_gets_its_limits_through_podman_and_its_oom_kill_reads_the_same() {
+    let sleeper = Image::busybox("limited", r#"["/bin/sleep","1000"]"#).unwrap();
+    // dd's 100 MiB buffer, filled from /dev/zero, is the container's init: the kernel kills it.
+    let hog = Image::busybox(
+        "hog",
+        r#"["/bin/sh","-c","sleep 1; exec dd if=/dev/zero of=/dev/null bs=100M count=1"]"#,
+    )
+    .unwrap();
+    let mut c = Cluster::new(1).unwrap();
+    c.start_agents().unwrap();
+    let h = c.host(1);
+    h.meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "capped",
+        "--limit-memory",
+        "48M",
+        "--limit-cpu",
+        "0.5",
+        "--limit-pids",
+        "30",
+        "-d",
+        sleeper.name(),
+    ])
+    .unwrap();
+    h.meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "hog",
+        "--limit-memory",
+        "32M",
+        "--restart-delay",
+        "500ms",
+        "-d",
+        hog.name(),
+    ])
+    .unwrap();
+
+    let container = c
+        .eventually(Duration::from_secs(60), "capped's container runs", |_| {
+            Ok(container_of(h, "capped"))
+        })
+        .unwrap();
+    assert_eq!(
+        podman_inspect(
+            &container,
+            "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.PidsLimit}}"
+        ),
+        "50331648 500000000 30"
+    );
+    // And the kernel holds it: the container's own memory cgroup, wherever runc made it.
+    let pid = podman_inspect(&container, "{{.State.Pid}}");
+    let layout = Layout::discover().unwrap();
+    let memory = layout.hierarchy(Controller::Memory).unwrap();
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = own
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            let here = if memory.v2 {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == "memory")
+            };
+            here.then(|| memory.mount.join(path.trim_start_matches('/')))
+        })
+        .unwrap_or_else(|| panic!("{own}"));
+    let file = if memory.v2 {
+        "memory.max"
+    } else {
+        "memory.limit_in_bytes"
+    };
+    assert_eq!(read(&path, file), "50331648", "{}", path.display());
+
+    let rows = c
+        .eventually(
+            Duration::from_secs(60),
+            "the image task OOM-killed and restarted",
+            |_| {
+                let rows = ps(h, "hog");
+                let oom = rows.iter().filter(|r| {
+                    r["state"] == "Failed" && r["error"] == "task: out of memory (limit 32MiB)"
+                });
+                Ok((oom.count() >= 2).then_some(rows))
+            },
+        )
+        .unwrap();
+    assert!(rows.len() >= 3, "{rows:?}");
+    assert_eq!(ps(h, "capped").len(), 1, "the other task carried on");
+    for s in ["capped", "hog"] {
+        h.meshctl_ok(&["service", "rm", s]).unwrap();
+    }
+    c.eventually(Duration::from_secs(30), "containers removed", |_| {
+        Ok((container_of(h, "capped").is_none() && container_of(h, "hog").is_none()).then_some(()))
     })
     .unwrap();
 }

@@ -686,13 +686,24 @@ impl Tasks {
     /// its memory limit (podman knows that of a container, the leaf of a process).
     async fn exited_state(&self, record: &TaskRecord, exit: process::Exit) -> ProcessState {
         match record.container() {
-            Some(c) => ProcessState::Exited {
-                code: exit.code,
-                signal: exit.signal,
-                out_of_memory: container::oom_killed(c)
-                    .await
-                    .then_some(record.spec.limits.memory_bytes),
-            },
+            Some(c) => {
+                let limit = record.spec.limits.memory_bytes;
+                // podman knows on v2; on a v1 memory hierarchy only the kernel log tells.
+                let oom = container::oom_killed(c).await
+                    || (limit > 0
+                        && exit.code == Some(128 + libc::SIGKILL)
+                        && record
+                            .pid
+                            .zip(record.start_time)
+                            .is_some_and(|(pid, start)| {
+                                crate::cgroup::memcg_killed(pid, crate::cgroup::ticks_to_us(start))
+                            }));
+                ProcessState::Exited {
+                    code: exit.code,
+                    signal: exit.signal,
+                    out_of_memory: oom.then_some(limit),
+                }
+            }
             None => limits::exited(&self.inner.config, record, exit),
         }
     }
