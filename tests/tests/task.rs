@@ -193,7 +193,8 @@ fn an_exited_task_is_reported_at_once_and_loses_its_network() {
         record.state,
         ProcessState::Exited {
             code: Some(3),
-            signal: None
+            signal: None,
+            out_of_memory: None
         }
     );
     assert!(!netns_exists(&task.netns));
@@ -356,7 +357,8 @@ fn a_restarted_agent_adopts_running_tasks_and_notices_the_ones_that_exited() {
                 "ended".to_string(),
                 ProcessState::Exited {
                     code: None,
-                    signal: Some(9)
+                    signal: Some(9),
+                    out_of_memory: None
                 }
             ),
             ("kept".to_string(), ProcessState::Running),
