@@ -157,6 +157,37 @@ time.sleep(1000)
         assert_eq!(read(dir, "cgroup.procs"), pid, "{}", dir.display());
     }
 
+    // In its leaf the task still has what the socket hooks at the cgroup v2 root give it (the
+    // resolver at 127.0.0.11), and `exec` runs in the same leaves, under the same limits.
+    let task = format!("steady.1.{steady_id}");
+    let out = h
+        .meshctl_ok(&[
+            "exec",
+            &task,
+            "--",
+            "sh",
+            "-c",
+            "getent hosts steady; cat /proc/self/cgroup",
+        ])
+        .unwrap();
+    let vip: Value = h.meshctl_json(&["service", "inspect", "steady"]).unwrap();
+    let vip = vip["vip"].as_str().unwrap_or_else(|| panic!("{vip}"));
+    assert!(out.contains(&format!("{vip} ")), "{out}");
+    let leaf_name = mem.file_name().unwrap().to_string_lossy().into_owned();
+    let memory_line = out
+        .lines()
+        .find(|l| {
+            l.split(':').nth(1).is_some_and(|c| {
+                if v2(Controller::Memory) {
+                    c.is_empty()
+                } else {
+                    c.split(',').any(|c| c == "memory")
+                }
+            })
+        })
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(memory_line.ends_with(&leaf_name), "{out}");
+
     // The hog is killed by the kernel, recorded as such, and restarted by its policy.
     let rows = c
         .eventually(

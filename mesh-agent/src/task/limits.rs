@@ -13,8 +13,9 @@ use super::{ProcessState, TaskConfig, TaskRecord, process::Exit};
 use crate::cgroup::Leaf;
 
 /// Where leaves go below each hierarchy's root: the agent's task cgroup, relative to the v2
-/// root (`mesh/tasks` by default; one dir per node in the test harness). A task cgroup
-/// outside the v2 mount (an unusual configuration) leaves v1 leaves under `mesh/tasks`.
+/// root (`mesh/tasks` by default; one dir per node in the test harness; v1 hierarchies drop
+/// the final `tasks`, see `cgroup::Leaf`). A task cgroup outside the v2 mount (an unusual
+/// configuration) is treated as `mesh/tasks`.
 fn relative(config: &TaskConfig) -> Option<PathBuf> {
     let dir = config.cgroup.as_ref()?;
     let root = config.cgroup_layout.as_ref()?.unified.as_ref()?;
