@@ -121,6 +121,21 @@ time.sleep(1000)
     ])
     .unwrap();
 
+    // Spins under a fifth of a CPU: CFS throttles it.
+    h.meshctl_ok(&[
+        "service",
+        "create",
+        "spinner",
+        "--limit-cpu",
+        "0.2",
+        "-d",
+        "--",
+        "python3",
+        "-c",
+        "while True: pass",
+    ])
+    .unwrap();
+
     let running = |name: &str| {
         let rows = ps(h, name);
         rows.iter()
@@ -237,8 +252,23 @@ time.sleep(1000)
     assert_eq!(read(&forker_pids, "pids.max"), "20");
     assert_eq!(read(&forker_pids, "pids.current"), "20");
 
+    // The spinner wanted a whole CPU and got its quota: the kernel throttled it.
+    c.eventually(Duration::from_secs(20), "spinner throttled", |_| {
+        let Some(dir) = leaf(&layout, h, Controller::Cpu, "spinner") else {
+            return Ok(None);
+        };
+        let stat = std::fs::read_to_string(dir.join("cpu.stat")).unwrap_or_default();
+        let throttled = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("nr_throttled "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        Ok((throttled > 0).then_some(()))
+    })
+    .unwrap();
+
     // Leaves go with their tasks, in every hierarchy.
-    for s in ["steady", "hog", "forker"] {
+    for s in ["steady", "hog", "forker", "spinner"] {
         h.meshctl_ok(&["service", "rm", s]).unwrap();
     }
     c.eventually(Duration::from_secs(20), "leaves removed", |_| {
