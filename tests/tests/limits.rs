@@ -411,6 +411,8 @@ fn an_image_task_gets_its_limits_through_podman_and_its_oom_kill_reads_the_same(
         )
         .unwrap();
     assert!(rows.len() >= 3, "{rows:?}");
+    // conmon's own OOM note went to the container's working directory, not the agent's.
+    assert!(!std::env::current_dir().unwrap().join("oom").exists());
     assert_eq!(ps(h, "capped").len(), 1, "the other task carried on");
     for s in ["capped", "hog"] {
         h.meshctl_ok(&["service", "rm", s]).unwrap();

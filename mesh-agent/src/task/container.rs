@@ -27,6 +27,8 @@ pub(super) const LABEL_TASK: &str = "mesh.task";
 
 /// What `podman run` gets.
 pub(super) struct Run<'a> {
+    /// podman's and conmon's working directory (see [`workdir`]).
+    pub workdir: &'a Path,
     pub container: &'a str,
     pub node: &'a str,
     pub task: &'a str,
@@ -149,6 +151,7 @@ pub(super) async fn run(r: &Run<'_>) -> Result<Started> {
     // A container of this name is a leftover (its record is gone): this task replaces it.
     remove(r.container).await?;
     let mut cmd = podman();
+    cmd.current_dir(r.workdir);
     cmd.args(["run", "-d", "--name", r.container])
         .arg(format!("--network=ns:{}", r.netns.display()))
         .args(["--hostname", r.hostname])
@@ -229,9 +232,31 @@ fn limit_flags(limits: &mesh_api::spec::Limits) -> Vec<String> {
     flags
 }
 
+/// A directory of the container's own for podman to run in: conmon writes an `oom` file in
+/// its working directory when the kernel OOM-kills the container (measured: with runc on a
+/// v1 memory hierarchy podman then still reports `State.OOMKilled` false), and that file
+/// belongs with its container, not wherever the agent was started.
+pub(super) fn workdir(state_dir: &Path, container: &str) -> Result<std::path::PathBuf> {
+    let dir = state_dir.join("podman").join(container);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+pub(super) fn remove_workdir(state_dir: &Path, container: &str) {
+    let _ = std::fs::remove_dir_all(state_dir.join("podman").join(container));
+}
+
 /// Whether the kernel killed the container for going over its memory limit (Docker's
-/// `State.OOMKilled`), read before the container is removed.
-pub(super) async fn oom_killed(container: &str) -> bool {
+/// `State.OOMKilled`, or conmon's `oom` file), read before the container is removed.
+pub(super) async fn oom_killed(state_dir: &Path, container: &str) -> bool {
+    if state_dir
+        .join("podman")
+        .join(container)
+        .join("oom")
+        .exists()
+    {
+        return true;
+    }
     let out = podman()
         .args(["inspect", "--format", "{{.State.OOMKilled}}", container])
         .stdout(Stdio::piped())

@@ -564,6 +564,7 @@ impl Tasks {
             }
             Some(image) => match attempt!(
                 container::run(&container::Run {
+                    workdir: &attempt!(container::workdir(&config.state_dir, &record.netns)),
                     container: &record.netns,
                     node: &config.node,
                     task: &record.spec.name,
@@ -688,8 +689,9 @@ impl Tasks {
         match record.container() {
             Some(c) => {
                 let limit = record.spec.limits.memory_bytes;
-                // podman knows on v2; on a v1 memory hierarchy only the kernel log tells.
-                let oom = container::oom_killed(c).await
+                // podman knows on v2; on a v1 memory hierarchy conmon (and the kernel log)
+                // tell.
+                let oom = container::oom_killed(&self.inner.config.state_dir, c).await
                     || (limit > 0
                         && exit.code == Some(128 + libc::SIGKILL)
                         && record
@@ -888,6 +890,7 @@ impl Tasks {
         if let Some(c) = record.container() {
             // Before the namespace goes: podman unmounts and forgets its container.
             container::remove(c).await?;
+            container::remove_workdir(&self.inner.config.state_dir, c);
         }
         let path = netns::path(&record.netns);
         // Processes the task forked and left behind would keep the namespace (and with it
