@@ -1,0 +1,231 @@
+//! The README's `meshctl events` claims not covered by events.rs ("Seeing the cluster"):
+//! node events (`drain`, `active`), `--filter node=…` (a node's own events and its tasks'),
+//! filters of one key as alternatives and of different keys all holding (`service` + `type`
+//! + `node`).
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{Cluster, Host, cluster::bin};
+use serde_json::Value;
+
+/// A running `meshctl --format json events ARGS…` and the events it printed.
+struct Follower {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<Value>,
+}
+
+impl Follower {
+    fn start(h: &Host, args: &[&str]) -> Self {
+        let mut child = Command::new(bin("meshctl"))
+            .arg("--socket")
+            .arg(h.socket())
+            .args(["--format", "json", "events"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, line: &str) -> Value {
+        let e: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        self.seen.push(e.clone());
+        e
+    }
+
+    /// Waits until `want` (`(type, action, actor)`) have been printed in this order, other
+    /// events in between allowed.
+    fn expect(&mut self, want: &[(&str, &str, &str)], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut matched = 0;
+        let first = self.seen.len();
+        while matched < want.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "no {:?} within {timeout:?}; read {:#?}",
+                    &want[matched..],
+                    &self.seen[first..]
+                )
+            });
+            let e = self.push(&line);
+            let (t, a, actor) = want[matched];
+            if e["type"] == t && e["action"] == a && e["actor"] == actor {
+                matched += 1;
+            }
+        }
+    }
+
+    /// Reads what else arrives until nothing has for `quiet`.
+    fn settle(&mut self, quiet: Duration) {
+        while let Ok(line) = self.lines.recv_timeout(quiet) {
+            self.push(&line);
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn whoami() -> String {
+    bin("mesh-whoami").to_str().unwrap().to_owned()
+}
+
+#[test]
+fn node_events_node_filters_and_combined_filters() {
+    let mut c = Cluster::new(3).unwrap();
+    c.start_agents().unwrap();
+    let (n1, n2) = (
+        c.host(1).node_name().to_owned(),
+        c.host(2).node_name().to_owned(),
+    );
+    let h3 = c.host(3);
+    // Host 3 only watches: everything below happens elsewhere and reaches it by gossip.
+    let mut of_n2 = Follower::start(h3, &["--filter", &format!("node={n2}")]);
+    let mut n2_as_node = Follower::start(
+        h3,
+        &["--filter", "type=node", "--filter", &format!("node={n2}")],
+    );
+    let mut web_tasks_on_n1 = Follower::start(
+        h3,
+        &[
+            "--filter",
+            "service=web",
+            "--filter",
+            "type=task",
+            "--filter",
+            &format!("node={n1}"),
+        ],
+    );
+    let mut either = Follower::start(
+        h3,
+        &[
+            "--filter",
+            "type=node",
+            "--filter",
+            &format!("node={n1}"),
+            "--filter",
+            &format!("node={n2}"),
+        ],
+    );
+
+    let w = whoami();
+    for name in ["web", "api"] {
+        c.host(1)
+            .meshctl_ok(&[
+                "service", "create", name, "--mode", "global", "-d", "--", &w,
+            ])
+            .unwrap();
+    }
+    let web_n1 = format!("web.{n1}");
+    web_tasks_on_n1.expect(
+        &[("task", "started", &web_n1), ("task", "running", &web_n1)],
+        Duration::from_secs(20),
+    );
+    let web_n2 = format!("web.{n2}");
+    of_n2.expect(&[("task", "running", &web_n2)], Duration::from_secs(20));
+
+    // Drain n2 (its tasks stop) and bring it back (they start again), from host 1.
+    c.host(1)
+        .meshctl_ok(&["node", "update", "--availability", "drain", &n2])
+        .unwrap();
+    n2_as_node.expect(&[("node", "drain", &n2)], Duration::from_secs(10));
+    of_n2.expect(
+        &[("node", "drain", &n2), ("task", "stopped", &web_n2)],
+        Duration::from_secs(20),
+    );
+    c.host(1)
+        .meshctl_ok(&["node", "update", "--availability", "active", &n2])
+        .unwrap();
+    n2_as_node.expect(&[("node", "active", &n2)], Duration::from_secs(10));
+    of_n2.expect(
+        &[("node", "active", &n2), ("task", "running", &web_n2)],
+        Duration::from_secs(20),
+    );
+    // The same on n1, which n2's followers must not see.
+    c.host(2)
+        .meshctl_ok(&["node", "update", "--availability", "drain", &n1])
+        .unwrap();
+    either.expect(
+        &[
+            ("node", "drain", &n2),
+            ("node", "active", &n2),
+            ("node", "drain", &n1),
+        ],
+        Duration::from_secs(10),
+    );
+    web_tasks_on_n1.expect(&[("task", "stopped", &web_n1)], Duration::from_secs(20));
+
+    for f in [
+        &mut of_n2,
+        &mut n2_as_node,
+        &mut web_tasks_on_n1,
+        &mut either,
+    ] {
+        f.settle(Duration::from_secs(1));
+    }
+    for e in &of_n2.seen {
+        assert_eq!(e["node"], n2.as_str(), "node={n2} only: {e}");
+    }
+    assert!(
+        of_n2.seen.iter().any(|e| e["service"] == "api"),
+        "every service's tasks on n2: {:#?}",
+        of_n2.seen
+    );
+    for e in &n2_as_node.seen {
+        assert!(e["type"] == "node" && e["actor"] == n2.as_str(), "{e}");
+    }
+    for e in &web_tasks_on_n1.seen {
+        assert!(
+            e["type"] == "task" && e["service"] == "web" && e["node"] == n1.as_str(),
+            "service, type and node must all match: {e}"
+        );
+    }
+    for e in &either.seen {
+        assert!(
+            e["type"] == "node" && (e["actor"] == n1.as_str() || e["actor"] == n2.as_str()),
+            "{e}"
+        );
+    }
+    // The text format of a node event.
+    let text = Command::new("timeout")
+        .arg("5")
+        .arg(bin("meshctl"))
+        .arg("--socket")
+        .arg(h3.socket())
+        .args(["events", "--since", "5m", "--filter", "type=node"])
+        .args(["--filter", &format!("node={n1}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&format!(" node drain {n1} (id="))),
+        "{text}"
+    );
+}
