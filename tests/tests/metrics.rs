@@ -1,5 +1,6 @@
 //! `/metrics` in the Prometheus text format: scraped before and after traffic, parsed
-//! strictly, and the per-service counters move by exactly what was sent.
+//! strictly, and the counters move by exactly what was sent: flows and per-service and
+//! per-backend counters by the requests, DNS answers by the lookups made.
 
 use std::{
     collections::BTreeMap,
@@ -252,12 +253,16 @@ fn per_service_counters_move_by_the_requests_sent() {
             }
         })
         .unwrap();
-    // A DNS query from inside one of host 1's tasks.
+    // DNS queries from inside one of host 1's tasks: one A query each (IPv4 only), answered
+    // by the node's resolver itself.
+    const QUERIES: usize = 5;
     let local: Vec<Value> = c.host(1).meshctl_json(&["ps"]).unwrap();
     let task = local[0]["name"].as_str().unwrap().to_owned();
-    c.host(1)
-        .meshctl_ok(&["exec", &task, "--", "getent", "ahostsv4", "web"])
-        .unwrap();
+    for _ in 0..QUERIES {
+        c.host(1)
+            .meshctl_ok(&["exec", &task, "--", "getent", "ahostsv4", "web"])
+            .unwrap();
+    }
     // Gossip goes to a random peer every 100 ms: give the counters of datagrams this node
     // sent and received a second to move, whatever the requests took.
     std::thread::sleep(Duration::from_secs(1));
@@ -289,11 +294,33 @@ fn per_service_counters_move_by_the_requests_sent() {
     assert_eq!(per_backend, vec![n / 3.0; 3], "round robin over 3 backends");
     assert_eq!(delta("mesh_service_drops_total", &web), 0.0);
 
-    assert!(
+    // What the backends carried adds up to what the service carried.
+    for m in ["packets", "bytes"] {
+        assert_eq!(
+            delta(&format!("mesh_backend_{m}_total"), &web),
+            delta(&format!("mesh_service_{m}_total"), &web),
+            "backend {m} add up to the service's"
+        );
+    }
+
+    let q = QUERIES as f64;
+    assert_eq!(
         delta(
             "mesh_dns_queries_total",
             &[("type", "A"), ("rcode", "NOERROR")]
-        ) >= 1.0
+        ),
+        q,
+        "one A answer per lookup"
+    );
+    assert_eq!(
+        delta("mesh_dns_queries_total", &[]),
+        q,
+        "no other answers than those"
+    );
+    assert_eq!(
+        delta("mesh_dns_forwarded_total", &[]),
+        0.0,
+        "service names are answered locally"
     );
     assert_eq!(sum(&after, "mesh_gossip_authenticated", &[]), 1.0);
     assert!(delta("mesh_gossip_datagrams_received_total", &[]) > 0.0);
