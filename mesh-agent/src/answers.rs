@@ -45,6 +45,7 @@ pub fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
             .unwrap_or_default(),
         is_self: name == agent.node_name(),
         resources: node_resources(view, name),
+        insecure: n.record.as_ref().is_some_and(|r| r.insecure),
     })
 }
 

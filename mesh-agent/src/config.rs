@@ -30,6 +30,10 @@ pub struct AgentConfig {
     pub gossip_port: u16,
     /// File holding the cluster key(s) that authenticate gossip.
     pub cluster_key_file: Option<PathBuf>,
+    /// Gossip without a cluster key: any host that reaches the gossip port can join, read
+    /// the cluster's state and inject records. Without a key the agent refuses to start
+    /// unless this is set (`--insecure`).
+    pub insecure: bool,
     /// This node's own labels (Swarm's engine labels), e.g. `{ type = "low-memory" }`;
     /// operator labels (`meshctl node update --label-add`) win over them.
     pub labels: BTreeMap<String, String>,
@@ -224,6 +228,7 @@ impl Default for AgentConfig {
             cluster: "mesh".into(),
             gossip_port: crate::gossip::DEFAULT_PORT,
             cluster_key_file: None,
+            insecure: false,
             labels: BTreeMap::new(),
             gossip_interval_ms: 100,
             phi_threshold: 8.0,
@@ -314,6 +319,16 @@ impl AgentConfig {
         }
         self.dataplane.validate()?;
         let capacity = self.capacity().map_err(anyhow::Error::msg)?;
+        if self.cluster_key_file.is_none() && !self.insecure {
+            bail!(
+                "no cluster key: gossip would be open to any host that reaches port {}/udp. \
+                 Create one with `mesh-agent keygen --out /etc/mesh/cluster.key`, copy it to \
+                 every node and set cluster_key_file in {DEFAULT_CONFIG} (or pass \
+                 --cluster-key-file); `mesh-agent init` and `join` do this for you. To run \
+                 without one anyway, pass --insecure (insecure = true)",
+                self.gossip_port
+            );
+        }
         Ok(ResolvedConfig {
             node_name,
             advertise,
@@ -396,6 +411,24 @@ mod tests {
         assert_eq!(c.gossip_port, 7946);
         let e = toml::from_str::<AgentConfig>("advertize = \"192.0.2.1\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn no_key_is_refused_unless_insecure() {
+        let base = "advertise = \"127.0.0.1\"\ninterface = \"lo\"\nnode_name = \"n\"\n";
+        let c: AgentConfig = toml::from_str(base).unwrap();
+        let e = format!("{:#}", c.resolve().unwrap_err());
+        assert!(
+            e.contains("no cluster key") && e.contains("--insecure"),
+            "{e}"
+        );
+        let c: AgentConfig = toml::from_str(&format!("{base}insecure = true")).unwrap();
+        c.resolve().unwrap();
+        let c: AgentConfig = toml::from_str(&format!(
+            "{base}cluster_key_file = \"/etc/mesh/cluster.key\""
+        ))
+        .unwrap();
+        c.resolve().unwrap();
     }
 
     #[test]

@@ -149,6 +149,9 @@ struct RunArgs {
     gossip_port: Option<u16>,
     #[arg(long)]
     cluster_key_file: Option<PathBuf>,
+    /// Run without a cluster key: gossip is then open to any host that reaches its port.
+    #[arg(long)]
+    insecure: bool,
     /// A label of this node, key=value (or key); repeat for more. Added to `labels` of the
     /// config file.
     #[arg(long = "label")]
@@ -258,6 +261,9 @@ impl RunArgs {
         if self.control_plane_only {
             c.control_plane_only = true;
         }
+        if self.insecure {
+            c.insecure = true;
+        }
         if self.ui_listen.is_some() {
             c.ui_listen = self.ui_listen;
         }
@@ -328,12 +334,13 @@ fn keygen(out: Option<&std::path::Path>) -> Result<()> {
     Ok(())
 }
 
-/// Seals gossip with the cluster key when one is configured; says loudly when not.
+/// Seals gossip with the cluster key; without one (only with `insecure`, checked when the
+/// config was resolved) says loudly what that opens.
 fn gossip_auth(config: &mesh_agent::config::ResolvedConfig) -> Result<Option<Arc<GossipAuth>>> {
     let Some(path) = &config.cluster_key_file else {
         warn!(
-            "gossip is NOT authenticated: any host that reaches port {}/udp can join this cluster, \
-             read its state and inject records. Create a key with `mesh-agent keygen --out \
+            "--insecure: gossip is NOT authenticated: any host that reaches port {}/udp can join \
+             this cluster, read its state and inject records. Create a key with `mesh-agent keygen --out \
              /etc/mesh/cluster.key`, copy it to every node and set cluster_key_file",
             config.gossip_port
         );

@@ -569,6 +569,7 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
     match cmd {
         NodeCommand::Ls => {
             let nodes: Vec<NodeInfo> = client.get("/v1/nodes").await?;
+            warn_insecure(&nodes);
             if fmt == Format::Json {
                 return json(&nodes);
             }
@@ -625,6 +626,9 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
                 or_dash(Some(&n.platform.arch).filter(|s| !s.is_empty()))
             );
             print_node_resources(&n.resources);
+            if n.insecure {
+                println!("Gossip:\t\tNOT authenticated (--insecure)");
+            }
             if !n.labels.is_empty() {
                 println!("Labels:");
                 for (k, v) in &n.labels {
@@ -672,6 +676,24 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Like `docker info`'s warnings: on stderr, so scripts reading the table or JSON are not
+/// disturbed.
+fn warn_insecure(nodes: &[NodeInfo]) {
+    let open: Vec<&str> = nodes
+        .iter()
+        .filter(|n| n.insecure)
+        .map(|n| n.name.as_str())
+        .collect();
+    if !open.is_empty() {
+        eprintln!(
+            "WARNING: gossip is not authenticated on {} (started with --insecure): any host \
+             that reaches the gossip port can join the cluster, read its state and inject \
+             records. Give every node a cluster key (`mesh-agent keygen --help`)",
+            open.join(", ")
+        );
+    }
 }
 
 /// The join token carries the cluster key: refuse before asking, with the reason (the agent

@@ -49,6 +49,9 @@ pub struct Host {
     /// The mesh-agent subcommand and its own arguments (`run`, or `init`/`join …`).
     agent_command: Vec<String>,
     log: PathBuf,
+    /// The cluster key every `run` gets unless the test passes its own, `--insecure` or a
+    /// config that names one: agents refuse to gossip without a key.
+    cluster_key: PathBuf,
     /// The agent's stdout when it runs `init` or `join` (what those print for the user),
     /// kept apart from its log.
     out: PathBuf,
@@ -87,6 +90,19 @@ impl Cluster {
         };
         let logs = cluster.log_dir();
         fs::create_dir_all(&logs)?;
+        let cluster_key = logs.join("harness-cluster.key");
+        let keygen = Command::new(bin("mesh-agent"))
+            .arg("keygen")
+            .arg("--out")
+            .arg(&cluster_key)
+            .output()
+            .context("running mesh-agent keygen")?;
+        if !keygen.status.success() {
+            bail!(
+                "mesh-agent keygen failed: {}",
+                String::from_utf8_lossy(&keygen.stderr)
+            );
+        }
         for i in 1..=n {
             let ns = Netns::create(&format!("{}-h{i}", cluster.name))?;
             let ip = format!("{UNDERLAY_PREFIX}.{i}");
@@ -102,6 +118,7 @@ impl Cluster {
             cluster.hosts.push(Host {
                 index: i,
                 log: logs.join(format!("agent-h{i}.log")),
+                cluster_key: cluster_key.clone(),
                 out: logs.join(format!("agent-h{i}.out")),
                 agent_command: vec!["run".into()],
                 ns,
@@ -385,6 +402,7 @@ impl Host {
             } else {
                 &["--config", "/dev/null"][..]
             })
+            .args(self.default_key_args(run))
             .args(&self.agent_args)
             .env("MESH_LOG", "info,mesh_agent=debug")
             .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
@@ -395,6 +413,31 @@ impl Host {
             .context("spawning mesh-agent")?;
         self.agent = Some(Agent { child });
         self.wait_ready(Duration::from_secs(20))
+    }
+
+    /// `--cluster-key-file` with the cluster's key, for a `run` whose test chose no key (nor
+    /// `--insecure`) itself, on the command line or in its config.
+    fn default_key_args(&self, run: bool) -> Vec<String> {
+        let flag = |f: &str| self.agent_args.iter().any(|a| a == f);
+        let config_names_one = self
+            .agent_args
+            .iter()
+            .position(|a| a == "--config")
+            .and_then(|i| self.agent_args.get(i + 1))
+            .and_then(|p| fs::read_to_string(p).ok())
+            .is_some_and(|t| t.contains("cluster_key_file") || t.contains("insecure"));
+        if !run || flag("--cluster-key-file") || flag("--insecure") || config_names_one {
+            return Vec::new();
+        }
+        vec![
+            "--cluster-key-file".into(),
+            self.cluster_key.display().to_string(),
+        ]
+    }
+
+    /// The key file agents of this cluster use unless a test gives them another.
+    pub fn cluster_key(&self) -> &Path {
+        &self.cluster_key
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {

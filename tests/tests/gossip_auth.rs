@@ -153,9 +153,10 @@ fn only_agents_with_the_cluster_key_join_read_or_inject() {
     let other = key_file(&c, "other.key", &[&new_key()]);
     c.host_mut(1).start_agent(&key_arg(&shared)).unwrap();
     c.host_mut(2).start_agent(&key_arg(&shared)).unwrap();
-    // host3 has a key of another cluster, host4 none at all; both try to join hosts 1 and 2.
+    // host3 has a key of another cluster, host4 none at all (it must say --insecure); both
+    // try to join hosts 1 and 2.
     c.host_mut(3).start_agent(&key_arg(&other)).unwrap();
-    c.host_mut(4).start_agent(&[]).unwrap();
+    c.host_mut(4).start_agent(&["--insecure"]).unwrap();
 
     wait_ready(&c, &[1, 2], &[1, 2]);
     c.host(3)
@@ -216,6 +217,30 @@ fn only_agents_with_the_cluster_key_join_read_or_inject() {
         c.host(4).logs().contains("gossip is NOT authenticated"),
         "the unkeyed agent warns"
     );
+    // Its node list says so too, on stderr (the table and JSON stay parseable).
+    let ls = c.host(4).meshctl(&["node", "ls"]).unwrap();
+    let warning = String::from_utf8_lossy(&ls.stderr);
+    assert!(
+        warning.contains("WARNING: gossip is not authenticated on")
+            && warning.contains(c.host(4).node_name()),
+        "{warning}"
+    );
+    let nodes: Value = c.host(4).meshctl_json(&["node", "ls"]).unwrap();
+    assert_eq!(nodes[0]["insecure"], true, "{nodes}");
+    let ls = c.host(1).meshctl(&["node", "ls"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ls.stderr).contains("WARNING"),
+        "{ls:?}"
+    );
+    let nodes: Value = c.host(1).meshctl_json(&["node", "ls"]).unwrap();
+    assert!(
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n.get("insecure").is_none()),
+        "{nodes}"
+    );
     let table = c.host(1).meshctl_ok(&["gossip", "stats"]).unwrap();
     assert!(
         table.contains("unknown_key") && table.contains("primary"),
@@ -235,6 +260,42 @@ fn only_agents_with_the_cluster_key_join_read_or_inject() {
         );
     }
     assert!(!contains(&pcap, "10.10.0.0"), "network app is readable");
+}
+
+#[test]
+fn an_agent_without_a_key_refuses_to_start_unless_insecure() {
+    let c = Cluster::new(1).unwrap();
+    let h = c.host(1);
+    let mut args: Vec<String> = vec!["run".into(), "--advertise".into(), h.ip.clone()];
+    args.extend(h.path_args());
+    args.extend(["--config".into(), "/dev/null".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = h.mesh_agent(&args, Duration::from_secs(10)).unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no cluster key")
+            && err.contains("mesh-agent keygen")
+            && err.contains("--insecure"),
+        "{err}"
+    );
+    // Refused before it touched anything: no socket, no pins, no state.
+    assert!(!h.socket().exists());
+    assert!(!h.bpffs().exists());
+    assert!(!h.state_dir().exists());
+
+    // agent.toml's `insecure = true` is the same as the flag.
+    let conf = c.log_dir().join("insecure.toml");
+    std::fs::write(&conf, "insecure = true\n").unwrap();
+    let mut c = c;
+    c.host_mut(1)
+        .start_agent(&["--config", conf.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        c.host(1)
+            .logs()
+            .contains("--insecure: gossip is NOT authenticated")
+    );
 }
 
 /// What an operator watches during a rotation: every node, as seen by each other node.

@@ -160,6 +160,7 @@ impl Shared {
                 reserved_ports: Vec::new(),
                 platform: Default::default(),
                 capacity: Default::default(),
+                insecure: false,
             };
             let status = if g.sees(me, name) {
                 NodeStatus::Ready

@@ -211,6 +211,7 @@ impl Agent {
                 arch: std::env::consts::ARCH.into(),
             },
             capacity: config.capacity,
+            insecure: config.cluster_key_file.is_none(),
         }
     }
 

@@ -123,6 +123,10 @@ pub struct NodeRecord {
     /// "not advertised" and does not limit.
     #[serde(default, skip_serializing_if = "mesh_api::spec::Resources::is_zero")]
     pub capacity: mesh_api::spec::Resources,
+    /// The node gossips without a cluster key (`--insecure`): anyone who reaches its gossip
+    /// port can join and inject records, so every member's `node ls` warns about it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
 }
 
 /// A port a node's agent listens on, and what for (the error names it).

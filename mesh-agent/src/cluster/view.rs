@@ -641,6 +641,7 @@ mod tests {
             reserved_ports: Vec::new(),
             platform: Default::default(),
             capacity: Default::default(),
+            insecure: false,
         };
         let mut kv = BTreeMap::new();
         kv.insert(key::NODE.into(), serde_json::to_string(&rec).unwrap());

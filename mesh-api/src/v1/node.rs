@@ -35,6 +35,9 @@ pub struct NodeInfo {
     /// The node whose agent answered.
     #[serde(rename = "self")]
     pub is_self: bool,
+    /// The node gossips without a cluster key (its agent runs with `--insecure`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
     /// What it offers to tasks' reservations, what its tasks reserve, and what is left.
     #[serde(default)]
     pub resources: NodeResources,

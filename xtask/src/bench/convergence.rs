@@ -155,6 +155,20 @@ fn point(n: usize, changes: usize, window: Duration) -> Result<Point> {
         logs: logs.clone(),
     };
     let agent = bin("mesh-agent");
+    // Agents refuse to gossip without a key; the bench measures sealed gossip, as deployed.
+    let key = logs.join("cluster.key");
+    let keygen = std::process::Command::new(&agent)
+        .arg("keygen")
+        .arg("--out")
+        .arg(&key)
+        .output()
+        .context("running mesh-agent keygen")?;
+    if !keygen.status.success() {
+        anyhow::bail!(
+            "mesh-agent keygen failed: {}",
+            String::from_utf8_lossy(&keygen.stderr)
+        );
+    }
     let mut sockets = Vec::new();
     for i in 1..=n {
         let name = format!("{tag}-a{i}");
@@ -177,6 +191,8 @@ fn point(n: usize, changes: usize, window: Duration) -> Result<Point> {
             .arg("--state-dir")
             .arg(dir.join("state"))
             .args(["--config", "/dev/null"])
+            .arg("--cluster-key-file")
+            .arg(&key)
             .env("MESH_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
