@@ -25,6 +25,7 @@ use mesh_agent::{
 use mesh_api::Client;
 use mesh_api::spec::Availability;
 use mesh_api::v1::{DropReason, NodeInfo, NodeUpdate, TaskInfo};
+use zeroize::Zeroizing;
 
 use crate::{InitArgs, JoinArgs, run_agent};
 
@@ -96,7 +97,7 @@ pub async fn mesh_agent_init(args: InitArgs) -> Result<()> {
 
 pub async fn mesh_agent_join(args: JoinArgs) -> Result<()> {
     require_root("join")?;
-    let token = JoinToken::decode(&args.token)?;
+    let token = JoinToken::decode(&read_token(&args)?)?;
     let path = args.run.config_path();
     check_systemd_path(args.systemd, &path)?;
     let mut config = args.run.into_config_from(false)?;
@@ -182,7 +183,67 @@ pub async fn mesh_agent_join(args: JoinArgs) -> Result<()> {
         }
     };
     changed |= write_config(&path, &config)?;
+    if !args.systemd {
+        return exec_run(&path);
+    }
     start(config, &path, args.systemd, changed).await
+}
+
+/// Where the join token comes from: `--token-file`, `--token -` (stdin), MESH_JOIN_TOKEN, or
+/// `--token VALUE` (with a warning: argv is readable by every local user).
+fn read_token(args: &JoinArgs) -> Result<Zeroizing<String>> {
+    const ENV: &str = "MESH_JOIN_TOKEN";
+    let from_env = std::env::var(ENV).ok().map(Zeroizing::new);
+    match (&args.token, &args.token_file, from_env) {
+        (Some(_), None, Some(_)) | (None, Some(_), Some(_)) => bail!(
+            "the join token is given twice ({ENV} and a flag): use one of --token-file, \
+             `--token -` or {ENV}"
+        ),
+        (None, Some(path), None) => {
+            let text = Zeroizing::new(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the join token from {}", path.display()))?,
+            );
+            Ok(text)
+        }
+        (Some(t), None, None) if t == "-" => {
+            let mut text = Zeroizing::new(String::new());
+            std::io::stdin()
+                .read_line(&mut text)
+                .context("reading the join token from stdin")?;
+            Ok(text)
+        }
+        (Some(t), None, None) => {
+            eprintln!(
+                "warning: a join token on the command line is visible to every local user \
+                 (ps, /proc/PID/cmdline) while join runs; pass it with --token-file FILE, \
+                 `--token -` (stdin) or {ENV} instead"
+            );
+            Ok(Zeroizing::new(t.clone()))
+        }
+        (None, None, Some(t)) => Ok(t),
+        (None, None, None) => bail!(
+            "no join token: pass --token-file FILE, `--token -` (read from stdin) or set {ENV} \
+             (`meshctl join-token` on a member prints it)"
+        ),
+        (Some(_), Some(_), _) => unreachable!("clap refuses --token with --token-file"),
+    }
+}
+
+/// Runs the agent in the foreground as `mesh-agent run --config PATH`, replacing this
+/// process: join's own command line (which may hold the token) and MESH_JOIN_TOKEN are gone
+/// from /proc/PID/cmdline and environ while the agent runs, and the key lives in the key
+/// file only.
+fn exec_run(config: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding the mesh-agent binary")?;
+    let err = Command::new(&exe)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env_remove("MESH_JOIN_TOKEN")
+        .exec();
+    Err(err).with_context(|| format!("starting {} run", exe.display()))
 }
 
 /// `--systemd` runs the unit, which reads the default config only.

@@ -96,9 +96,14 @@ struct InitArgs {
 
 #[derive(clap::Args, Debug)]
 struct JoinArgs {
-    /// The join token (`meshctl join-token` on a member prints the whole command).
-    #[arg(long, env = "MESH_JOIN_TOKEN", hide_env_values = true)]
-    token: String,
+    /// The join token (`meshctl join-token` on a member prints it), or `-` to read it from
+    /// stdin. A token on the command line is visible to every local user while join checks
+    /// it: prefer --token-file, `--token -` or the MESH_JOIN_TOKEN environment variable.
+    #[arg(long, conflicts_with = "token_file")]
+    token: Option<String>,
+    /// A file holding the join token (e.g. one only root can read).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// A member's address, host[:port].
     member: String,
     #[command(flatten)]

@@ -301,6 +301,16 @@ impl Host {
     /// with this host's paths, its config in [`Host::config_dir`] and no peers but those the
     /// command names; waits until its API answers. What it printed is in [`Host::output`].
     pub fn start_agent_command(&mut self, command: &[&str], extra: &[&str]) -> Result<()> {
+        self.start_agent_command_with_env(command, extra, &[])
+    }
+
+    /// Like [`Host::start_agent_command`], with extra environment variables.
+    pub fn start_agent_command_with_env(
+        &mut self,
+        command: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
         if self.agent.is_some() {
             bail!("agent on {} already running", self.node_name());
         }
@@ -311,7 +321,10 @@ impl Host {
             .chain(extra)
             .map(|s| s.to_string())
             .collect();
-        self.agent_env.clear();
+        self.agent_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         self.spawn_agent()
     }
 

@@ -35,12 +35,43 @@ fn token_and_address(command: &str) -> (String, String) {
     (words[3].to_owned(), words[4].to_owned())
 }
 
-/// Starts the agent of host `i` with `mesh-agent join` (the host's paths added).
+/// Starts the agent of host `i` with `mesh-agent join` (the host's paths added), the token
+/// in a file only root reads, as the README tells.
 fn join(c: &mut Cluster, i: usize, command: &str, extra: &[&str]) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (token, address) = token_and_address(command);
+    let file = c.log_dir().join(format!("join-token-h{i}"));
+    let _ = std::fs::remove_file(&file);
+    std::io::Write::write_all(
+        &mut std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .unwrap(),
+        format!("{token}\n").as_bytes(),
+    )
+    .unwrap();
+    c.host_mut(i)
+        .start_agent_command(
+            &["join", "--token-file", file.to_str().unwrap(), &address],
+            extra,
+        )
+        .unwrap();
+}
+
+/// Like [`join`], the token in MESH_JOIN_TOKEN.
+fn join_env(c: &mut Cluster, i: usize, command: &str, extra: &[&str]) {
     let (token, address) = token_and_address(command);
     c.host_mut(i)
-        .start_agent_command(&["join", "--token", &token, &address], extra)
+        .start_agent_command_with_env(&["join", &address], extra, &[("MESH_JOIN_TOKEN", &token)])
         .unwrap();
+}
+
+/// What every local user can read of a process: its command line; and what root can: its
+/// environment.
+fn proc_text(pid: u32, what: &str) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/{what}")).unwrap()).into_owned()
 }
 
 /// A join that must fail: run once, with the host's paths, expecting a quick error.
@@ -135,8 +166,32 @@ fn hosts_join_with_the_printed_command_and_their_labels_show_at_once() {
     let (token, address) = token_and_address(&command);
     assert_eq!(address, c.host(1).ip);
     join(&mut c, 2, &command, &[]);
-    join(&mut c, 3, &command, &["--label", "type=low-memory"]);
+    join_env(&mut c, 3, &command, &["--label", "type=low-memory"]);
     wait_ready(&c, &[1, 2, 3], &[1, 2, 3]);
+
+    // The token is in no joined agent's command line, environment or log: the key lives in
+    // the key file only.
+    for i in [2, 3] {
+        let pid = c.host(i).agent_pid().unwrap();
+        let cmdline = proc_text(pid, "cmdline");
+        assert!(
+            cmdline.starts_with(&format!("{}\0run\0", bin("mesh-agent").display())),
+            "{cmdline:?}"
+        );
+        assert!(!cmdline.contains(&token), "host{i}: {cmdline:?}");
+        assert!(
+            !proc_text(pid, "environ").contains(&token),
+            "host{i}'s environment"
+        );
+        assert!(
+            !c.host(i).logs().contains(&token),
+            "host{i}'s log has the token"
+        );
+        assert!(
+            !c.host(i).output().contains(&token),
+            "host{i}'s output has the token"
+        );
+    }
 
     // The label is there as soon as the node is.
     let n: Value = c
@@ -278,6 +333,37 @@ fn hosts_join_with_the_printed_command_and_their_labels_show_at_once() {
     );
     let e = failed_join(h4, &token, "192.0.2.77", &[]);
     assert!(e.contains("no answer from 192.0.2.77:7946"), "{e}");
+    // A token on the command line still works, with a warning that it is visible.
+    assert!(e.contains("visible to every local user"), "{e}");
+    // `--token -` reads it from stdin (a damaged one, so the join stops right after).
+    let mut child = h4
+        .ns
+        .command(bin("mesh-agent").to_str().unwrap())
+        .args(["join", "--token", "-", &address, "--config", "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        format!("{damaged}\n").as_bytes(),
+    )
+    .unwrap();
+    let e = fails(child.wait_with_output().unwrap());
+    assert!(e.contains("damaged") && !e.contains("visible"), "{e}");
+    // No token at all says where one may come from.
+    let out = h4
+        .mesh_agent(
+            &["join", &address, "--config", "/dev/null"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let e = fails(out);
+    assert!(
+        e.contains("no join token") && e.contains("--token-file") && e.contains("MESH_JOIN_TOKEN"),
+        "{e}"
+    );
     for bad in ["=x", "a b=c"] {
         let e = failed_join(h4, &token, &address, &["--label", bad]);
         assert!(
