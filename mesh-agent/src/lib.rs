@@ -22,5 +22,6 @@ pub mod netlink;
 pub mod netns;
 pub mod overlay;
 pub mod overview;
+pub mod serving;
 pub mod task;
 pub mod ui;

@@ -438,7 +438,9 @@ pub async fn serve(listener: tokio::net::TcpListener, agent: Arc<Agent>) -> anyh
     let app = Router::new()
         .route("/metrics", get(metrics))
         .with_state(agent);
-    axum::serve(listener, app).await.context("serving /metrics")
+    crate::serving::serve(listener, app, crate::serving::Limits::READ_ONLY)
+        .await
+        .context("serving /metrics")
 }
 
 #[cfg(test)]

@@ -27,6 +27,10 @@ pub(crate) async fn follow(
 ) -> Result<Response, Error> {
     let (since, filter) =
         parse_query(raw.as_deref().unwrap_or_default()).map_err(Error::Invalid)?;
+    let permit = match super::STREAMS.open("event stream") {
+        Ok(p) => p,
+        Err(refused) => return Ok(refused),
+    };
     let (backlog, rx) = agent.events.subscribe(since);
     let backlog: std::collections::VecDeque<Event> =
         backlog.into_iter().filter(|e| filter.matches(e)).collect();
@@ -71,7 +75,7 @@ pub(crate) async fn follow(
     });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(lines),
+        Body::from_stream(crate::serving::holding(lines, permit)),
     )
         .into_response())
 }

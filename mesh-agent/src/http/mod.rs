@@ -112,31 +112,23 @@ pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Who is on the other end of an API connection, from the socket (SO_PEERCRED).
+/// Who is on the other end of an API connection, from the socket (SO_PEERCRED), set by
+/// [`crate::serving::serve`].
 #[derive(Clone, Copy, Debug)]
 pub struct Peer {
     pub uid: Option<u32>,
 }
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, UnixListener>>
-    for Peer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
-        Self {
-            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
-        }
-    }
+/// Serves the API on a bound socket, with [`Limits::API`], until the future is dropped.
+pub async fn serve(listener: UnixListener, agent: Arc<Agent>) -> anyhow::Result<()> {
+    crate::serving::serve(listener, router(agent), crate::serving::Limits::API)
+        .await
+        .context("serving the local API")
 }
 
-/// Serves the API on a bound socket until the future is dropped.
-pub async fn serve(listener: UnixListener, agent: Arc<Agent>) -> anyhow::Result<()> {
-    axum::serve(
-        listener,
-        router(agent).into_make_service_with_connect_info::<Peer>(),
-    )
-    .await
-    .context("serving the local API")
-}
+/// Log and event streams open at once on the API socket.
+static STREAMS: std::sync::LazyLock<crate::serving::Streams> =
+    std::sync::LazyLock::new(Default::default);
 
 /// The join token is the cluster key: the socket's group may drive the agent, but only root
 /// may read the key (as only root may read the key file).
@@ -487,10 +479,16 @@ async fn task_logs(
         .tasks
         .logs(&name, q.follow)
         .map_err(|e| Error::NotFound(format!("{e:#} (see `meshctl ps -a`)")))?;
+    let permit = match STREAMS.open("log stream") {
+        Ok(p) => p,
+        Err(refused) => return Ok(refused),
+    };
     let stream = logs.into_stream().map_err(|e| {
         Error::Internal(anyhow::Error::from(e).context(format!("reading the logs of {name}")))
     })?;
-    Ok(Response::new(axum::body::Body::from_stream(stream)))
+    Ok(Response::new(axum::body::Body::from_stream(
+        crate::serving::holding(stream, permit),
+    )))
 }
 
 /// The output of every task of a service on this node, each line prefixed with its task.
@@ -506,6 +504,10 @@ async fn service_logs(
         )));
     }
     let local = agent.require_local()?;
+    let permit = match STREAMS.open("log stream") {
+        Ok(p) => p,
+        Err(refused) => return Ok(refused),
+    };
     let mut streams = Vec::new();
     for r in local.tasks.list() {
         let info = local_task_info(&agent, &view, &r);
@@ -525,7 +527,7 @@ async fn service_logs(
         ));
     }
     Ok(Response::new(axum::body::Body::from_stream(
-        futures_util::stream::select_all(streams),
+        crate::serving::holding(futures_util::stream::select_all(streams), permit),
     )))
 }
 

@@ -383,8 +383,13 @@ pub(super) async fn exec(
     cmd.arg(container)
         .args(command)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    match tokio::time::timeout(timeout, cmd.output()).await {
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("running podman exec in {container}"))?;
+    let output = super::logs::bounded_output(child, super::logs::EXEC_OUTPUT_LIMIT);
+    match tokio::time::timeout(timeout, output).await {
         Ok(out) => out.with_context(|| format!("running podman exec in {container}")),
         Err(_) => bail!("the command did not finish within {timeout:?} and was killed"),
     }

@@ -185,7 +185,8 @@ pub(super) async fn exec(
             launch.netns.display()
         )
     })?;
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+    let output = super::logs::bounded_output(child, super::logs::EXEC_OUTPUT_LIMIT);
+    match tokio::time::timeout(timeout, output).await {
         Ok(out) => Ok(out?),
         Err(_) => bail!(
             "{:?} did not finish within {timeout:?}; it was killed",

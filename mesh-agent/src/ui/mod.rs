@@ -20,7 +20,6 @@ use axum::{
     },
     routing::get,
 };
-use futures_util::Stream;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
@@ -54,8 +53,77 @@ pub fn router(agent: Arc<Agent>) -> Router {
         )
         .route("/api/overview", get(snapshot))
         .route("/api/stream", get(stream))
+        .layer(axum::middleware::from_fn_with_state(
+            agent.clone(),
+            check_host,
+        ))
         .with_state(agent)
 }
+
+/// DNS rebinding: a page on evil.example whose name is made to resolve to this listener
+/// would otherwise read the whole cluster from the visitor's browser. The browser sends the
+/// name it thinks it talks to as Host; only names that are this node's own pass.
+async fn check_host(
+    State(agent): State<Arc<Agent>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    if host_allowed(host, agent.node_name()) {
+        return next.run(req).await;
+    }
+    crate::serving::refuse(
+        axum::http::StatusCode::FORBIDDEN,
+        format!(
+            "the visualizer answers only to localhost, an IP address or this node's name \
+             ({}), not to Host {host:?}: browse it by one of those",
+            agent.node_name()
+        ),
+    )
+}
+
+/// Whether `host` (a Host header: name or address, with an optional port) names this node:
+/// an IP literal, localhost, the node name or the machine's hostname.
+pub fn host_allowed(host: &str, node_name: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split_once(']').is_some_and(|(ip, port)| {
+            ip.parse::<std::net::Ipv6Addr>().is_ok()
+                && (port.is_empty()
+                    || port
+                        .strip_prefix(':')
+                        .is_some_and(|p| p.parse::<u16>().is_ok()))
+        });
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.parse::<u16>().is_ok() => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    if name.is_empty() {
+        return false;
+    }
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let hostname = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name == node_name.to_ascii_lowercase()
+        || (!hostname.is_empty() && name == hostname)
+}
+
+/// The page's live streams open at once.
+static STREAMS: std::sync::LazyLock<crate::serving::Streams> =
+    std::sync::LazyLock::new(Default::default);
 
 async fn asset(body: &'static str, content_type: &'static str) -> Response {
     (
@@ -106,9 +174,11 @@ struct Follow {
 /// `overview` frames (the whole picture) when the view changes, `event` frames as events
 /// happen. The whole picture each time keeps the page simple and always right; it is a few
 /// kB for a cluster that fits on a screen.
-async fn stream(
-    State(agent): State<Arc<Agent>>,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+async fn stream(State(agent): State<Arc<Agent>>) -> Response {
+    let permit = match STREAMS.open("page") {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
     let (_, events) = agent.events.subscribe(None);
     let mut queue = std::collections::VecDeque::new();
     let view = agent.view();
@@ -161,7 +231,9 @@ async fn stream(
             }
         }
     });
-    Sse::new(frames).keep_alive(KeepAlive::default())
+    Sse::new(crate::serving::holding(frames, permit))
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// Binds `addr` now, so a taken port stops the agent at start with a clear message.
@@ -173,7 +245,42 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 
 /// Serves the page until the future is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, agent: Arc<Agent>) -> anyhow::Result<()> {
-    axum::serve(listener, router(agent))
+    crate::serving::serve(listener, router(agent), crate::serving::Limits::READ_ONLY)
         .await
         .context("serving the UI")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn only_this_nodes_names_and_addresses_pass_the_host_check() {
+        for ok in [
+            "127.0.0.1:8090",
+            "192.0.2.1",
+            "localhost:8090",
+            "LOCALHOST",
+            "app.localhost",
+            "[::1]:8090",
+            "[fe80::1]",
+            "node1:8090",
+            "node1.",
+        ] {
+            assert!(host_allowed(ok, "node1"), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8090",
+            "node1.evil.example",
+            "127.0.0.1.evil.example",
+            "",
+            ":8090",
+            "localhost:x",
+            "[::1",
+            "[evil]:80",
+        ] {
+            assert!(!host_allowed(bad, "node1"), "{bad}");
+        }
+    }
 }
