@@ -320,9 +320,8 @@ fn write_config(path: &Path, config: &AgentConfig) -> Result<bool> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    mesh_agent::state_files::write_atomic(path, text.as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", path.display()))?;
     eprintln!("config written to {}", path.display());
     Ok(true)
 }

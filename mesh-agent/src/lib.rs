@@ -23,5 +23,6 @@ pub mod netns;
 pub mod overlay;
 pub mod overview;
 pub mod serving;
+pub mod state_files;
 pub mod task;
 pub mod ui;

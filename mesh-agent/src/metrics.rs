@@ -86,6 +86,13 @@ pub async fn render(agent: &Agent) -> anyhow::Result<String> {
     }
     register_dns(&mut reg, &agent.dns);
     register_gossip(&mut reg, agent.gossip.auth().map(|a| a.report()));
+    counter(
+        &mut reg,
+        "mesh_state_files_quarantined",
+        "Damaged state files (gossip keys, task and CNI records) set aside as *.corrupt-<time> \
+         since the agent started.",
+        crate::state_files::quarantined(),
+    );
     register_nodes(&mut reg, &overview.nodes);
     register_tasks(&mut reg, &overview.tasks);
     register_replicas(&mut reg, &overview.services);

@@ -344,20 +344,9 @@ impl Agent {
         let path = state_file(&self.config.state_dir);
         std::fs::create_dir_all(&self.config.state_dir)
             .with_context(|| format!("creating {}", self.config.state_dir.display()))?;
-        let tmp = path.with_extension("json.tmp");
         // Owner-only: the replicated records include a key rotation's new key.
-        {
-            use std::{io::Write, os::unix::fs::OpenOptionsExt};
-            let _ = std::fs::remove_file(&tmp);
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&own)?))
-                .with_context(|| format!("writing {}", tmp.display()))?;
-        }
-        std::fs::rename(&tmp, &path)?;
+        crate::state_files::write_with_backup(&path, &serde_json::to_vec_pretty(&own)?, 0o600)
+            .with_context(|| format!("writing {}", path.display()))?;
         *last = own;
         Ok(())
     }
@@ -426,25 +415,21 @@ pub(crate) fn state_file(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 /// The keys a previous run of this node owned, to publish again at start. The node record is
-/// rebuilt fresh; a missing or unreadable file means a first start.
+/// rebuilt fresh; a missing file means a first start. A damaged copy is set aside (see
+/// [`crate::state_files::quarantine`]) and its twin read; with both damaged the node starts
+/// from its task records and the kernel and takes replicated objects from its peers.
 pub fn load_own_keys(state_dir: &std::path::Path) -> BTreeMap<String, String> {
     let path = state_file(state_dir);
-    match std::fs::read(&path) {
-        Ok(bytes) => match serde_json::from_slice::<BTreeMap<String, String>>(&bytes) {
-            Ok(mut keys) => {
-                keys.remove(key::NODE);
-                keys.remove(key::RESTARTING);
-                keys.remove(key::LEFT);
-                keys.remove(key::KEYS);
-                keys
-            }
-            Err(e) => {
-                warn!("ignoring unreadable {}: {e}", path.display());
-                BTreeMap::new()
-            }
-        },
-        Err(_) => BTreeMap::new(),
-    }
+    let Some(mut keys) = crate::state_files::read_with_backup(&path, |b| {
+        serde_json::from_slice::<BTreeMap<String, String>>(b)
+    }) else {
+        return BTreeMap::new();
+    };
+    keys.remove(key::NODE);
+    keys.remove(key::RESTARTING);
+    keys.remove(key::LEFT);
+    keys.remove(key::KEYS);
+    keys
 }
 
 /// What a published port may not take on this node: gossip and the overlay's VXLAN port on

@@ -220,7 +220,6 @@ pub fn read_material(path: &Path) -> Result<Vec<Zeroizing<[u8; KEY_LEN]>>> {
 /// Replaces a key file with these keys (primary first), owner-only, atomically: an agent
 /// reloading meanwhile reads the old file or the new one, never half of one.
 pub fn write_key_file(path: &Path, keys: &[&[u8; KEY_LEN]]) -> Result<()> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
     if keys.is_empty() {
         bail!("a key file needs at least one key");
     }
@@ -234,19 +233,8 @@ pub fn write_key_file(path: &Path, keys: &[&[u8; KEY_LEN]]) -> Result<()> {
     for k in keys {
         text.push_str(&format!("{}  # key {}\n", encode(k).as_str(), key_id(k)));
     }
-    let tmp = path.with_extension("key.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
+    crate::state_files::write_atomic(path, text.as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A fresh key from the operating system's random source.

@@ -9,10 +9,7 @@
 //! deletes the host veth (its peer inside goes with it) and never touches the namespace:
 //! that is the runtime's.
 
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -200,14 +197,9 @@ impl Tasks {
         let dir = record_dir(&self.inner.config.state_dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = record_path(&self.inner.config.state_dir, &record.key());
-        let tmp = path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(record)?)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        };
-        write().with_context(|| format!("saving CNI record {}", path.display()))
+        let bytes = serde_json::to_vec_pretty(record).context("encoding a CNI record")?;
+        crate::state_files::write_atomic(&path, &bytes, 0o600)
+            .with_context(|| format!("saving CNI record {}", path.display()))
     }
 
     /// Removes an attachment; one this node does not know is already gone (CNI DEL must
@@ -308,7 +300,7 @@ impl Tasks {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    warn!("ignoring unreadable CNI record {}: {e:#}", path.display());
+                    crate::state_files::quarantine(&path, &format!("{e:#}"));
                     continue;
                 }
             };

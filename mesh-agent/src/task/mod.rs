@@ -340,8 +340,12 @@ impl Tasks {
                 exits,
             }),
         };
-        for record in tasks.inner.store.load_all()? {
+        let (records, damaged) = tasks.inner.store.load_all()?;
+        for record in records {
             tasks.adopt(record).await;
+        }
+        for name in damaged {
+            tasks.reap_unrecorded(&name).await;
         }
         tasks.cni_adopt().await;
         tasks.remove_orphan_containers().await;
@@ -886,6 +890,34 @@ impl Tasks {
     }
 
     /// Kills what is left in the task's namespace and removes its network.
+    /// A task whose record was damaged cannot be adopted (its pid, spec and addresses are
+    /// gone with the record): what it left in the kernel is found by its derived names and
+    /// removed, so nothing runs unmanaged; the orchestrator sees the task missing and starts
+    /// its slot again, with a fresh record.
+    async fn reap_unrecorded(&self, name: &str) {
+        let netns_name = format!("{}-{}", self.inner.config.node, name);
+        let path = netns::path(&netns_name);
+        let pids = netns::pids(&path);
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        // Veth names are derived from the namespace and the attachment's index; a task has
+        // a few attachments at most.
+        let veths: Vec<String> = (0..16)
+            .map(|i| plumbing::host_veth_name(&netns_name, i))
+            .collect();
+        let etc = plumbing::etc_dir(&self.inner.config.netns_etc, &netns_name);
+        match plumbing::detach(&self.inner.host, &netns_name, &veths, &etc).await {
+            Ok(()) => warn!(
+                task = %name,
+                killed = pids.len(),
+                "stopped a task whose record was damaged; its slot starts again"
+            ),
+            Err(e) => warn!(task = %name, "cleaning up a task whose record was damaged: {e:#}"),
+        }
+        let _ = std::fs::remove_file(self.inner.store.log_path(name));
+    }
+
     async fn teardown(&self, record: &TaskRecord) -> Result<()> {
         if let Some(c) = record.container() {
             // Before the namespace goes: podman unmounts and forgets its container.

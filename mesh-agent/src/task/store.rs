@@ -3,12 +3,11 @@
 //! or after the last change.
 
 use std::{
-    io::{self, Write},
+    io,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
-use tracing::warn;
 
 use super::TaskRecord;
 
@@ -34,19 +33,16 @@ impl Store {
 
     pub fn save(&self, record: &TaskRecord) -> Result<()> {
         let path = self.record_path(&record.spec.name);
-        let tmp = path.with_extension("json.tmp");
-        let write = || -> io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(record)?)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        };
-        write().with_context(|| format!("saving task record {}", path.display()))
+        let bytes = serde_json::to_vec_pretty(record).context("encoding a task record")?;
+        crate::state_files::write_with_backup(&path, &bytes, 0o600)
+            .with_context(|| format!("saving task record {}", path.display()))
     }
 
     /// Forgets a task: its record and its log.
     pub fn remove(&self, task: &str) -> Result<()> {
-        for p in [self.record_path(task), self.log_path(task)] {
+        crate::state_files::remove_with_backup(&self.record_path(task))
+            .with_context(|| format!("removing the record of {task}"))?;
+        for p in [self.log_path(task)] {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -56,10 +52,13 @@ impl Store {
         Ok(())
     }
 
-    /// Every record that can be read; unreadable ones are reported and skipped so one bad
-    /// file cannot keep the agent from adopting the others.
-    pub fn load_all(&self) -> Result<Vec<TaskRecord>> {
+    /// Every record that can be read (a damaged one from its copy), and the names of tasks
+    /// whose record and copy could not: those are set aside (quarantined) so one bad file
+    /// cannot keep the agent from adopting the others, and their task is cleaned up by name
+    /// rather than left running unmanaged.
+    pub fn load_all(&self) -> Result<(Vec<TaskRecord>, Vec<String>)> {
         let mut records = Vec::new();
+        let mut damaged = Vec::new();
         let entries = std::fs::read_dir(&self.dir)
             .with_context(|| format!("reading {}", self.dir.display()))?;
         for e in entries.flatten() {
@@ -67,14 +66,17 @@ impl Store {
             if path.extension().is_none_or(|x| x != "json") {
                 continue;
             }
-            match std::fs::read(&path)
-                .map_err(anyhow::Error::from)
-                .and_then(|b| serde_json::from_slice(&b).map_err(anyhow::Error::from))
-            {
-                Ok(r) => records.push(r),
-                Err(e) => warn!("ignoring unreadable task record {}: {e:#}", path.display()),
+            match crate::state_files::read_with_backup(&path, |b| {
+                serde_json::from_slice::<TaskRecord>(b)
+            }) {
+                Some(r) => records.push(r),
+                None => {
+                    if let Some(task) = path.file_stem() {
+                        damaged.push(task.to_string_lossy().into_owned());
+                    }
+                }
             }
         }
-        Ok(records)
+        Ok((records, damaged))
     }
 }
