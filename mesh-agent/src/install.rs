@@ -66,3 +66,81 @@ fn install_binary(src: &Path, dir: &Path, name: &str) -> Result<PathBuf> {
     fs::rename(&tmp, &dst)?;
     Ok(dst)
 }
+
+#[cfg(test)]
+mod unit_tests {
+    use super::UNIT;
+    use std::path::{Path, PathBuf};
+
+    /// What the unit leaves writable under `ProtectSystem=strict`: `ReadWritePaths` (all
+    /// lines, "-" optional marks dropped), `StateDirectory` and `RuntimeDirectory`, and the
+    /// API file systems strict leaves alone (/dev, /proc, /sys).
+    fn writable(unit: &str) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = ["/dev", "/proc", "/sys"].map(PathBuf::from).to_vec();
+        let mut strict = false;
+        for line in unit.lines().map(str::trim) {
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            let words = value.split_whitespace();
+            match key {
+                "ProtectSystem" => strict = value == "strict",
+                "ReadWritePaths" => {
+                    paths.extend(words.map(|w| PathBuf::from(w.trim_start_matches(['-', '+']))))
+                }
+                "StateDirectory" => paths.extend(words.map(|w| Path::new("/var/lib").join(w))),
+                "RuntimeDirectory" => paths.extend(words.map(|w| Path::new("/run").join(w))),
+                _ => {}
+            }
+        }
+        assert!(strict, "the unit is expected to use ProtectSystem=strict");
+        paths
+    }
+
+    #[test]
+    fn every_path_the_agent_writes_is_writable_under_the_unit() {
+        let config = crate::config::AgentConfig::default();
+        let tasks = crate::task::TaskConfig::new("node", config.state_dir.clone());
+        let key_file = Path::new(crate::config::DEFAULT_CONFIG).with_file_name("cluster.key");
+        let written: Vec<(&str, PathBuf)> = vec![
+            ("state_dir", config.state_dir.clone()),
+            ("the API socket", config.socket.clone()),
+            ("bpffs", config.bpffs.clone()),
+            ("cgroup", PathBuf::from("/sys/fs/cgroup/mesh")),
+            ("task namespaces", PathBuf::from(crate::netns::NETNS_DIR)),
+            ("task /etc overrides", tasks.netns_etc.clone()),
+            ("task files", tasks.files_dir.clone()),
+            // `meshctl join-token --rotate` rewrites it (a temporary file beside it, then a
+            // rename) and `mesh-agent leave` removes it.
+            ("the cluster key file", key_file),
+            (
+                "podman's storage",
+                PathBuf::from("/var/lib/containers/storage"),
+            ),
+            (
+                "podman's run root",
+                PathBuf::from("/run/containers/storage"),
+            ),
+            ("podman's state", PathBuf::from("/run/libpod")),
+        ];
+        let ok = writable(UNIT);
+        for (what, path) in written {
+            assert!(
+                ok.iter().any(|w| path.starts_with(w)),
+                "{what} ({}) is read-only under the unit's ProtectSystem=strict: add it to \
+                 ReadWritePaths",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn a_unit_without_etc_mesh_fails_the_check() {
+        let old = UNIT.replace(" -/etc/mesh", "");
+        let ok = writable(&old);
+        assert!(
+            !ok.iter()
+                .any(|w| Path::new("/etc/mesh/cluster.key").starts_with(w))
+        );
+    }
+}
