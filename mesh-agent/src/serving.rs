@@ -107,21 +107,18 @@ pub struct StreamPermit(#[allow(dead_code)] OwnedSemaphorePermit);
 
 impl Streams {
     /// A place for one more stream, or the 503 that says why there is none.
-    pub fn open(&self, what: &str) -> Result<StreamPermit, Response> {
-        self.0
-            .clone()
-            .try_acquire_owned()
-            .map(StreamPermit)
-            .map_err(|_| {
-                refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "too many open streams on this agent ({MAX_STREAMS} log, event and page \
+    pub fn open(&self, what: &str) -> Result<StreamPermit, Box<Response>> {
+        let Ok(permit) = self.0.clone().try_acquire_owned() else {
+            return Err(Box::new(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "too many open streams on this agent ({MAX_STREAMS} log, event and page \
                      streams at once): close one (a `meshctl logs -f` or `events`) and retry \
                      this {what}"
-                    ),
-                )
-            })
+                ),
+            )));
+        };
+        Ok(StreamPermit(permit))
     }
 }
 

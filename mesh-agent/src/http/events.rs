@@ -29,7 +29,7 @@ pub(crate) async fn follow(
         parse_query(raw.as_deref().unwrap_or_default()).map_err(Error::Invalid)?;
     let permit = match super::STREAMS.open("event stream") {
         Ok(p) => p,
-        Err(refused) => return Ok(refused),
+        Err(refused) => return Ok(*refused),
     };
     let (backlog, rx) = agent.events.subscribe(since);
     let backlog: std::collections::VecDeque<Event> =

@@ -481,7 +481,7 @@ async fn task_logs(
         .map_err(|e| Error::NotFound(format!("{e:#} (see `meshctl ps -a`)")))?;
     let permit = match STREAMS.open("log stream") {
         Ok(p) => p,
-        Err(refused) => return Ok(refused),
+        Err(refused) => return Ok(*refused),
     };
     let stream = logs.into_stream().map_err(|e| {
         Error::Internal(anyhow::Error::from(e).context(format!("reading the logs of {name}")))
@@ -506,7 +506,7 @@ async fn service_logs(
     let local = agent.require_local()?;
     let permit = match STREAMS.open("log stream") {
         Ok(p) => p,
-        Err(refused) => return Ok(refused),
+        Err(refused) => return Ok(*refused),
     };
     let mut streams = Vec::new();
     for r in local.tasks.list() {

@@ -177,7 +177,7 @@ struct Follow {
 async fn stream(State(agent): State<Arc<Agent>>) -> Response {
     let permit = match STREAMS.open("page") {
         Ok(p) => p,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let (_, events) = agent.events.subscribe(None);
     let mut queue = std::collections::VecDeque::new();
