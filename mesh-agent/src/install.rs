@@ -134,9 +134,37 @@ mod unit_tests {
         }
     }
 
+    /// systemd refuses to start a unit whose ReadWritePaths (without "-") do not exist, and
+    /// one that would be created later under a read-only parent never can be: each must be
+    /// created before the sandbox is set up or exist on every host.
+    #[test]
+    fn every_required_writable_path_exists_or_is_made_before_start() {
+        let made: Vec<&str> = UNIT
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("ExecStartPre=+/bin/mkdir -p "))
+            .flat_map(str::split_whitespace)
+            .collect();
+        for line in UNIT.lines().map(str::trim) {
+            let Some(paths) = line.strip_prefix("ReadWritePaths=") else {
+                continue;
+            };
+            for p in paths.split_whitespace().filter(|p| !p.starts_with('-')) {
+                // /sys ones are kernel mounts; /run/mesh and /var/lib/mesh are the unit's
+                // RuntimeDirectory and StateDirectory, which systemd makes.
+                let given = p.starts_with("/sys/") || p == "/run/mesh" || p == "/var/lib/mesh";
+                assert!(
+                    given || made.contains(&p),
+                    "{p} may not exist when the unit starts: create it in ExecStartPre or mark \
+                     it optional with \"-\""
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_unit_without_etc_mesh_fails_the_check() {
-        let old = UNIT.replace(" -/etc/mesh", "");
+        let old = UNIT.replace(" /etc/mesh\n", "\n");
+        assert_ne!(old, UNIT);
         let ok = writable(&old);
         assert!(
             !ok.iter()
