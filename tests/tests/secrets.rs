@@ -407,7 +407,8 @@ fn secrets_refuse_bad_input_with_a_clear_error() {
 #[test]
 fn secrets_need_a_sealed_cluster() {
     let mut c = Cluster::new(1).unwrap();
-    c.start_agents().unwrap();
+    // Only an agent told --insecure runs without a key.
+    c.host_mut(1).start_agent(&["--insecure"]).unwrap();
     let out = meshctl_stdin(c.host(1), &["secret", "create", "s", "-"], "data");
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
