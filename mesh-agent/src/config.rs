@@ -445,7 +445,8 @@ mod tests {
 
     #[test]
     fn capacity_comes_from_the_kernel_unless_the_config_sets_it() {
-        let base = "advertise = \"127.0.0.1\"\ninterface = \"lo\"\nnode_name = \"n1\"\n";
+        let base = "advertise = \"127.0.0.1\"\ninterface = \"lo\"\nnode_name = \"n1\"\n\
+                    insecure = true\n";
         let c: AgentConfig = toml::from_str(base).unwrap();
         let detected = c.resolve().unwrap().capacity;
         assert_eq!(detected, crate::capacity::detect());
