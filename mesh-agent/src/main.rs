@@ -51,6 +51,14 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Stamp and store a process task's output (started by the agent, one per task).
+    #[command(hide = true)]
+    LogWriter {
+        /// Rotate the log file when it would grow past this many bytes.
+        #[arg(long)]
+        max_size: u64,
+        log: PathBuf,
+    },
 }
 
 const INIT_HELP: &str = "\
@@ -303,6 +311,10 @@ async fn main() {
         Command::Leave(a) => join::leave(a.config, a.socket, a.timeout, a.force).await,
         Command::Install { root } => install(&root),
         Command::Keygen { out } => keygen(out.as_deref()),
+        Command::LogWriter { max_size, log } => {
+            mesh_agent::task::write_log(std::io::stdin(), &log, max_size)
+                .with_context(|| format!("writing {}", log.display()))
+        }
     };
     if let Err(e) = result {
         tracing::error!("{e:#}");
@@ -492,6 +504,12 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
                 error!("{e:#}");
             }
         });
+    }
+    // Agents read each other's task output (`service logs`) only when they share a key.
+    if let Some(auth) = agent.gossip.auth().cloned() {
+        use mesh_agent::http::peer_logs;
+        let listener = peer_logs::bind((config.advertise, config.gossip_port).into()).await?;
+        tokio::spawn(peer_logs::serve(listener, agent.clone(), auth));
     }
     if let Some(addr) = config.metrics_listen {
         let listener = mesh_agent::metrics::bind(addr).await?;

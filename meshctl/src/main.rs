@@ -5,6 +5,7 @@ mod compose;
 mod events;
 mod filters;
 mod flags;
+mod logs;
 mod objects;
 mod progress;
 mod service;

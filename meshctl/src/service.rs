@@ -80,13 +80,8 @@ pub enum ServiceCommand {
         #[arg(long, short = 'd')]
         detach: bool,
     },
-    /// The output of the service's tasks on this node, each line prefixed with its task.
-    Logs {
-        name: String,
-        /// Keep printing what the tasks write.
-        #[arg(long, short = 'f')]
-        follow: bool,
-    },
+    /// Fetch the logs of a service or task: every task's output, wherever it runs.
+    Logs(crate::logs::LogsArgs),
 }
 
 /// `service create [OPTIONS] IMAGE [COMMAND] [ARG...]`, as Docker's: flags come before the
@@ -344,7 +339,7 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
             };
             update(client, fmt, &name, &req, detach).await
         }
-        ServiceCommand::Logs { name, follow } => logs(client, &name, follow).await,
+        ServiceCommand::Logs(a) => crate::logs::run(client, &a).await,
     }
 }
 
@@ -506,29 +501,6 @@ async fn rm(client: &Client, names: &[String]) -> Result<()> {
 }
 
 /// Logs stay on the node that runs the task: this node's, and where the others are.
-async fn logs(client: &Client, name: &str, follow: bool) -> Result<()> {
-    let rows: Vec<ServiceTaskInfo> = client.get(&format!("/v1/services/{name}/tasks")).await?;
-    let me: mesh_api::v1::NodeInfo = client.get("/v1/nodes/self").await?;
-    let elsewhere: std::collections::BTreeSet<String> = rows
-        .iter()
-        .filter(|r| !r.history && r.state == "Running")
-        .filter_map(|r| r.node.clone())
-        .filter(|n| *n != me.name)
-        .collect();
-    if !elsewhere.is_empty() {
-        eprintln!(
-            "showing the tasks on {}; others run on {} (run `meshctl service logs {name}` there)",
-            me.name,
-            elsewhere.into_iter().collect::<Vec<_>>().join(", ")
-        );
-    }
-    print_stream(
-        client,
-        &format!("/v1/local/services/{name}/logs?follow={follow}"),
-    )
-    .await
-}
-
 /// The arguments with the name, image and command resolved from Docker's order (`--name N
 /// IMAGE COMMAND…`, or `--process … COMMAND…`); the old `NAME [OPTIONS] [--image IMAGE] --
 /// COMMAND` form is still read, with a note saying how to write it now.

@@ -449,6 +449,13 @@ fn reserved_ports(config: &ResolvedConfig) -> Vec<crate::cluster::ReservedPort> 
             used_by: "the overlay (VXLAN)".into(),
         },
     ];
+    if config.config.cluster_key_file.is_some() {
+        ports.push(ReservedPort {
+            protocol: Protocol::Tcp,
+            port: config.gossip_port,
+            used_by: crate::http::peer_logs::USED_BY.into(),
+        });
+    }
     let on_node = |a: &std::net::SocketAddr| {
         a.ip().is_unspecified() || a.ip() == std::net::IpAddr::V4(config.advertise)
     };

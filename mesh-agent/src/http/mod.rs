@@ -3,7 +3,9 @@
 //! decisions are made here.
 
 mod events;
+pub mod logs;
 mod objects;
+pub mod peer_logs;
 mod stacks;
 
 use std::{path::Path, sync::Arc};
@@ -82,7 +84,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/local/tasks", get(list_local_tasks))
         .route("/v1/local/tasks/{name}", axum::routing::delete(remove_task))
         .route("/v1/local/tasks/{name}/logs", get(task_logs))
-        .route("/v1/local/services/{name}/logs", get(service_logs))
+        .route("/v1/services/{name}/logs", get(logs::service_logs))
         .route(
             "/v1/local/tasks/{name}/exec",
             axum::routing::post(exec_task),
@@ -462,72 +464,32 @@ async fn list_local_tasks(State(agent): State<Arc<Agent>>) -> ApiResult<Vec<Loca
     ))
 }
 
-#[derive(serde::Deserialize)]
-struct LogsQuery {
-    #[serde(default)]
-    follow: bool,
-}
-
 /// A task's output (`?follow=true`: and what it writes next), streamed as it comes.
 async fn task_logs(
     State(agent): State<Arc<Agent>>,
     UrlPath(name): UrlPath<String>,
-    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
+    axum::extract::Query(q): axum::extract::Query<mesh_api::v1::LogsQuery>,
 ) -> Result<Response, Error> {
     let local = agent.require_local()?;
     let logs = local
         .tasks
-        .logs(&name, q.follow)
+        .logs(&name, &q)
         .map_err(|e| Error::NotFound(format!("{e:#} (see `meshctl ps -a`)")))?;
     let permit = match STREAMS.open("log stream") {
         Ok(p) => p,
         Err(refused) => return Ok(*refused),
     };
-    let stream = logs.into_stream().map_err(|e| {
+    let stream = logs.into_lines().map_err(|e| {
         Error::Internal(anyhow::Error::from(e).context(format!("reading the logs of {name}")))
     })?;
+    let stream = futures_util::StreamExt::map(stream, |l| {
+        l.map(|(_, mut line)| {
+            line.push('\n');
+            Bytes::from(line)
+        })
+    });
     Ok(Response::new(axum::body::Body::from_stream(
         crate::serving::holding(stream, permit),
-    )))
-}
-
-/// The output of every task of a service on this node, each line prefixed with its task.
-async fn service_logs(
-    State(agent): State<Arc<Agent>>,
-    UrlPath(name): UrlPath<String>,
-    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
-) -> Result<Response, Error> {
-    let view = agent.view();
-    if !view.services.contains_key(&name) {
-        return Err(Error::NotFound(format!(
-            "service {name} not found (see `meshctl service ls`)"
-        )));
-    }
-    let local = agent.require_local()?;
-    let permit = match STREAMS.open("log stream") {
-        Ok(p) => p,
-        Err(refused) => return Ok(*refused),
-    };
-    let mut streams = Vec::new();
-    for r in local.tasks.list() {
-        let info = local_task_info(&agent, &view, &r);
-        let of_service = info.service.as_deref() == Some(name.as_str())
-            || r.spec.name.starts_with(&format!("{name}."));
-        if !of_service {
-            continue;
-        }
-        let logs = local
-            .tasks
-            .logs(&r.spec.name, q.follow)
-            .map_err(Error::Internal)?;
-        let stream = logs.into_stream().map_err(|e| Error::Internal(e.into()))?;
-        streams.push(crate::task::prefixed_logs(
-            format!("{} | ", r.spec.name),
-            stream,
-        ));
-    }
-    Ok(Response::new(axum::body::Body::from_stream(
-        crate::serving::holding(futures_util::stream::select_all(streams), permit),
     )))
 }
 

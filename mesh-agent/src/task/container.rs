@@ -396,11 +396,17 @@ pub(super) async fn exec(
 }
 
 /// `podman logs [-f]` of the container, ready to spawn with piped output.
-pub(super) fn logs(container: &str, follow: bool) -> Command {
+pub(super) fn logs(container: &str, q: &mesh_api::v1::LogsQuery) -> Command {
     let mut cmd = podman();
-    cmd.arg("logs");
-    if follow {
+    cmd.args(["logs", "--timestamps"]);
+    if q.follow {
         cmd.arg("--follow");
+    }
+    if let Some(n) = q.tail {
+        cmd.arg(format!("--tail={n}"));
+    }
+    if let Some(since) = q.since_ns {
+        cmd.arg(format!("--since={}", mesh_api::v1::format_timestamp(since)));
     }
     cmd.arg(container)
         .stdout(Stdio::piped())

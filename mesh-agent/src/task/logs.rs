@@ -1,152 +1,507 @@
-//! A task's output as a byte stream for the API: the log file of a process task (followed by
-//! polling, as `tail -f` does on filesystems without inotify), or `podman logs` of a
-//! container, its stdout and stderr merged.
+//! A task's output with a time on every line.
+//!
+//! A process task writes into a pipe read by `mesh-agent log-writer` (see [`write_log`]), a
+//! small process of its own so the output keeps its times while the agent restarts. It stamps
+//! each line (`<RFC3339 nanos> <line>\n`), cuts lines at [`MAX_LINE`] and rotates the file at a
+//! size, keeping one old file (`<log>.1`) so a noisy task cannot fill a disk. Containers'
+//! output comes from `podman logs --timestamps`.
 
-use std::{io, path::PathBuf, time::Duration};
+use std::{
+    io::{self, Read, Write},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use futures_util::{Stream, StreamExt, stream::BoxStream};
-use hyper::body::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
+use mesh_api::v1::{LogsQuery, format_timestamp, parse_timestamp};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncSeekExt};
 
 use super::Logs;
 
-const CHUNK: usize = 16 * 1024;
-/// The longest line a prefixed stream holds back waiting for its newline.
-const MAX_LINE: usize = 16 * 1024;
+/// Longer lines are cut into pieces of this size (as Docker's 16 KiB log messages), so a
+/// writer that never ends a line cannot make the reader buffer without bound.
+pub const MAX_LINE: usize = 16 * 1024;
+/// A log file is rotated when it would grow past this (Docker's json-file `max-size`).
+pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024;
+/// A partial line is written out after this long without more output.
+const PARTIAL_FLUSH: Duration = Duration::from_secs(1);
 /// How often a followed log file is checked for more.
 const POLL: Duration = Duration::from_millis(200);
 
+/// One line of output: when it was written (ns since the epoch) and its text.
+pub type Stamped = (i64, String);
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// The rotated file kept next to `log`.
+pub fn rotated(log: &Path) -> PathBuf {
+    let mut p = log.as_os_str().to_owned();
+    p.push(".1");
+    PathBuf::from(p)
+}
+
+/// Where a process task's stdout and stderr go: a pipe to a `mesh-agent log-writer` for
+/// `log`. The writer runs in its own process group so it outlives an agent restart (the task
+/// does too) and ends when the task and everything it started close the pipe. Outside the
+/// mesh-agent binary (the crate's unit tests) the output goes straight to the file, unstamped.
+pub fn capture(log: &Path, max_size: u64) -> io::Result<std::fs::File> {
+    let exe = std::env::current_exe()?;
+    let is_agent = exe
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("mesh-agent"));
+    if !is_agent {
+        return std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log);
+    }
+    let (read, write) = io::pipe()?;
+    let mut child = std::process::Command::new(exe)
+        .arg("log-writer")
+        .arg(format!("--max-size={max_size}"))
+        .arg(log)
+        .stdin(read)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .process_group(0)
+        .spawn()?;
+    std::thread::Builder::new()
+        .name("log-writer-reaper".into())
+        .spawn(move || child.wait())?;
+    Ok(std::fs::File::from(std::os::fd::OwnedFd::from(write)))
+}
+
+/// Reads `input` until it closes, writing stamped lines to `log` (the `log-writer` process).
+pub fn write_log(mut input: impl Read + AsRawFd, log: &Path, max_size: u64) -> io::Result<()> {
+    let mut out = LogFile::open(log, max_size)?;
+    let mut partial: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if !partial.is_empty() && !readable(&input, PARTIAL_FLUSH)? {
+            out.line(&std::mem::take(&mut partial))?;
+            continue;
+        }
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        for piece in buf[..n].split_inclusive(|b| *b == b'\n') {
+            let (text, ended) = match piece.strip_suffix(b"\n") {
+                Some(t) => (t, true),
+                None => (piece, false),
+            };
+            partial.extend_from_slice(text);
+            while partial.len() >= MAX_LINE {
+                let rest = partial.split_off(MAX_LINE);
+                out.line(&std::mem::replace(&mut partial, rest))?;
+            }
+            if ended {
+                out.line(&std::mem::take(&mut partial))?;
+            }
+        }
+    }
+    if !partial.is_empty() {
+        out.line(&partial)?;
+    }
+    Ok(())
+}
+
+fn readable(input: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
+    let mut fd = libc::pollfd {
+        fd: input.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as i32) };
+    match n {
+        -1 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => Ok(true),
+        -1 => Err(io::Error::last_os_error()),
+        n => Ok(n > 0),
+    }
+}
+
+/// The current log file and its size, rotated before a line would take it past the cap.
+struct LogFile {
+    path: PathBuf,
+    file: std::fs::File,
+    size: u64,
+    max_size: u64,
+}
+
+impl LogFile {
+    fn open(path: &Path, max_size: u64) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let size = file.metadata()?.len();
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            size,
+            max_size,
+        })
+    }
+
+    fn line(&mut self, text: &[u8]) -> io::Result<()> {
+        let mut record = format_timestamp(now_ns()).into_bytes();
+        record.push(b' ');
+        record.extend_from_slice(text);
+        record.push(b'\n');
+        if self.size > 0 && self.size + record.len() as u64 > self.max_size {
+            std::fs::rename(&self.path, rotated(&self.path))?;
+            *self = Self::open(&self.path, self.max_size)?;
+        }
+        self.file.write_all(&record)?;
+        self.size += record.len() as u64;
+        Ok(())
+    }
+}
+
+/// A stored line: its time and text. A line without a time (a log written before lines were
+/// stamped) takes the time of the line before it.
+fn parse(raw: &str, before: i64) -> Stamped {
+    match raw.split_once(' ') {
+        Some((ts, text)) => match parse_timestamp(ts) {
+            Some(t) => (t, text.to_owned()),
+            None => (before, raw.to_owned()),
+        },
+        None => match parse_timestamp(raw) {
+            Some(t) => (t, String::new()),
+            None => (before, raw.to_owned()),
+        },
+    }
+}
+
+fn parse_all(bytes: &[u8], out: &mut Vec<Stamped>) {
+    let text = String::from_utf8_lossy(bytes);
+    let mut last = out.last().map(|l| l.0).unwrap_or(0);
+    for raw in text.lines() {
+        let line = parse(raw, last);
+        last = line.0;
+        out.push(line);
+    }
+}
+
+/// Keeps the lines a query asks for: at or after `since`, then the last `tail`.
+pub fn select(mut lines: Vec<Stamped>, q: &LogsQuery) -> Vec<Stamped> {
+    if let Some(since) = q.since_ns {
+        lines.retain(|l| l.0 >= since);
+    }
+    if let Some(n) = q.tail {
+        let skip = lines.len().saturating_sub(n as usize);
+        lines.drain(..skip);
+    }
+    lines
+}
+
+/// Where a followed file was left: the open file (which a rotation renames but does not
+/// close) and how far it was read.
+struct Cursor {
+    path: PathBuf,
+    file: Option<tokio::fs::File>,
+    pos: u64,
+}
+
+/// The lines of a log and its rotated file so far, and a cursor at their end.
+async fn read_stored(path: &Path) -> io::Result<(Vec<Stamped>, Cursor)> {
+    let mut lines = Vec::new();
+    match tokio::fs::read(rotated(path)).await {
+        Ok(b) => parse_all(&b, &mut lines),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut cursor = Cursor {
+        path: path.to_owned(),
+        file: None,
+        pos: 0,
+    };
+    match tokio::fs::File::open(path).await {
+        Ok(mut f) => {
+            let mut b = Vec::new();
+            f.read_to_end(&mut b).await?;
+            // A line still being written stays for the follower.
+            let whole = b.iter().rposition(|c| *c == b'\n').map_or(0, |i| i + 1);
+            parse_all(&b[..whole], &mut lines);
+            cursor.pos = whole as u64;
+            cursor.file = Some(f);
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok((lines, cursor))
+}
+
+impl Cursor {
+    /// The whole lines written since the last call (after a rotation: the rest of the old
+    /// file, then the new one).
+    async fn more(&mut self) -> io::Result<Vec<Stamped>> {
+        let mut lines = Vec::new();
+        if self.file.is_none() {
+            match tokio::fs::File::open(&self.path).await {
+                Ok(f) => {
+                    self.file = Some(f);
+                    self.pos = 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(lines),
+                Err(e) => return Err(e),
+            }
+        }
+        let rotated_away = {
+            use std::os::unix::fs::MetadataExt;
+            let open = self.file.as_ref().expect("opened above").metadata().await?;
+            match tokio::fs::metadata(&self.path).await {
+                Ok(now) => now.ino() != open.ino(),
+                Err(_) => true,
+            }
+        };
+        let file = self.file.as_mut().expect("opened above");
+        file.seek(io::SeekFrom::Start(self.pos)).await?;
+        let mut b = Vec::new();
+        file.read_to_end(&mut b).await?;
+        let whole = if rotated_away {
+            b.len()
+        } else {
+            b.iter().rposition(|c| *c == b'\n').map_or(0, |i| i + 1)
+        };
+        parse_all(&b[..whole], &mut lines);
+        self.pos += whole as u64;
+        if rotated_away {
+            self.file = None;
+            self.pos = 0;
+        }
+        Ok(lines)
+    }
+}
+
 impl Logs {
-    /// The output so far, and with `follow` what comes after, until the client goes.
-    pub fn into_stream(self) -> io::Result<BoxStream<'static, io::Result<Bytes>>> {
+    /// The lines the query asks for, then with `follow` what comes after, until dropped.
+    pub fn into_lines(self) -> io::Result<BoxStream<'static, io::Result<Stamped>>> {
         match self {
-            Logs::File { path, follow } => Ok(file(path, follow).boxed()),
-            Logs::Podman(mut cmd) => {
+            Logs::File { path, query } => Ok(file(path, query).boxed()),
+            Logs::Podman { mut cmd, query } => {
                 let mut child = cmd.spawn()?;
                 let out = child.stdout.take().expect("stdout is piped");
                 let err = child.stderr.take().expect("stderr is piped");
                 // The child lives (and with kill_on_drop dies) with the stdout half.
-                let stdout = reader((out, Some(child)));
-                let stderr = reader((err, None));
-                Ok(futures_util::stream::select(stdout, stderr).boxed())
+                let stdout = podman_lines(out, Some(child));
+                let stderr = podman_lines(err, None);
+                let since = query.since_ns.unwrap_or(i64::MIN);
+                Ok(futures_util::stream::select(stdout, stderr)
+                    .filter(move |l| std::future::ready(l.as_ref().map_or(true, |l| l.0 >= since)))
+                    .boxed())
             }
         }
     }
 }
 
-fn reader<R: AsyncRead + Unpin + Send + 'static>(
-    state: (R, Option<tokio::process::Child>),
-) -> impl Stream<Item = io::Result<Bytes>> + Send {
-    futures_util::stream::unfold(state, |(mut r, child)| async move {
-        let mut buf = vec![0u8; CHUNK];
-        match r.read(&mut buf).await {
+fn podman_lines<R: AsyncRead + Unpin + Send + 'static>(
+    r: R,
+    child: Option<tokio::process::Child>,
+) -> impl Stream<Item = io::Result<Stamped>> + Send {
+    let reader = tokio::io::BufReader::with_capacity(MAX_LINE, r);
+    futures_util::stream::unfold((reader, child), |(mut r, child)| async move {
+        let mut buf = Vec::new();
+        // A line is cut at MAX_LINE (the rest comes as the next line).
+        let n = (&mut r)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut buf)
+            .await;
+        match n {
             Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(Bytes::from(buf)), (r, child)))
+            Ok(_) => {
+                let raw = String::from_utf8_lossy(&buf);
+                let line = parse(raw.trim_end_matches('\n'), now_ns());
+                Some((Ok(line), (r, child)))
             }
-            Err(e) => Some((Err(e), (r, child))),
+            Err(e) => Some((Err(e), (r, None))),
         }
     })
 }
 
-fn file(path: PathBuf, follow: bool) -> impl Stream<Item = io::Result<Bytes>> + Send {
-    futures_util::stream::unfold(
-        (path, None::<tokio::fs::File>, 0u64, false),
-        move |(path, file, pos, done)| async move {
-            if done {
-                return None;
-            }
-            let mut file = match file {
-                Some(f) => f,
-                None => match tokio::fs::File::open(&path).await {
-                    Ok(f) => f,
-                    // A task that never wrote anything has no log yet.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound && !follow => return None,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        tokio::time::sleep(POLL).await;
-                        return Some((Ok(Bytes::new()), (path, None, pos, false)));
-                    }
-                    Err(e) => return Some((Err(e), (path, None, pos, true))),
-                },
-            };
-            loop {
-                let mut buf = vec![0u8; CHUNK];
-                if let Err(e) = file.seek(io::SeekFrom::Start(pos)).await {
-                    return Some((Err(e), (path, Some(file), pos, true)));
-                }
-                match file.read(&mut buf).await {
-                    Ok(0) if !follow => return None,
-                    Ok(0) => tokio::time::sleep(POLL).await,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        let next = pos + n as u64;
-                        return Some((Ok(Bytes::from(buf)), (path, Some(file), next, false)));
-                    }
-                    Err(e) => return Some((Err(e), (path, Some(file), pos, true))),
-                }
-            }
-        },
-    )
-}
-
-/// Prefixes every line of `stream` with `prefix` (service logs interleave several tasks; a
-/// line is never split between two of them).
-pub fn prefixed(
-    prefix: String,
-    stream: BoxStream<'static, io::Result<Bytes>>,
-) -> BoxStream<'static, io::Result<Bytes>> {
-    futures_util::stream::unfold(
-        (stream, Vec::<u8>::new(), false),
-        move |(mut stream, mut partial, ended)| {
-            let prefix = prefix.clone();
-            async move {
-                if ended {
-                    return None;
-                }
-                loop {
-                    match stream.next().await {
-                        Some(Ok(chunk)) => {
-                            partial.extend_from_slice(&chunk);
-                            let cut = match partial.iter().rposition(|b| *b == b'\n') {
-                                Some(last_nl) => last_nl + 1,
-                                // A line without end is passed on in pieces of at most
-                                // MAX_LINE, each ended, instead of held forever.
-                                None if partial.len() >= MAX_LINE => {
-                                    let mut piece = partial.split_off(MAX_LINE);
-                                    std::mem::swap(&mut piece, &mut partial);
-                                    piece.push(b'\n');
-                                    let out = with_prefix(&prefix, &piece);
-                                    return Some((Ok(out), (stream, partial, false)));
-                                }
-                                None => continue,
-                            };
-                            let rest = partial.split_off(cut);
-                            let out = with_prefix(&prefix, &partial);
-                            return Some((Ok(out), (stream, rest, false)));
-                        }
-                        Some(Err(e)) => return Some((Err(e), (stream, partial, true))),
-                        None if partial.is_empty() => return None,
-                        None => {
-                            partial.push(b'\n');
-                            let out = with_prefix(&prefix, &partial);
-                            return Some((Ok(out), (stream, Vec::new(), true)));
-                        }
-                    }
-                }
-            }
-        },
-    )
-    .boxed()
-}
-
-fn with_prefix(prefix: &str, lines: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(lines.len() + 16);
-    for line in lines.split_inclusive(|b| *b == b'\n') {
-        out.extend_from_slice(prefix.as_bytes());
-        out.extend_from_slice(line);
+fn file(path: PathBuf, query: LogsQuery) -> impl Stream<Item = io::Result<Stamped>> + Send {
+    enum State {
+        Start(PathBuf, LogsQuery),
+        Following(Cursor, i64),
+        Done,
     }
-    Bytes::from(out)
+    let batches = futures_util::stream::unfold(State::Start(path, query), |state| async move {
+        match state {
+            State::Done => None,
+            State::Start(path, q) => match read_stored(&path).await {
+                Ok((lines, cursor)) => {
+                    let next = match q.follow {
+                        true => State::Following(cursor, q.since_ns.unwrap_or(i64::MIN)),
+                        false => State::Done,
+                    };
+                    Some((Ok(select(lines, &q)), next))
+                }
+                Err(e) => Some((Err(e), State::Done)),
+            },
+            State::Following(mut cursor, since) => loop {
+                match cursor.more().await {
+                    Ok(mut lines) if !lines.is_empty() => {
+                        lines.retain(|l| l.0 >= since);
+                        return Some((Ok(lines), State::Following(cursor, since)));
+                    }
+                    Ok(_) => tokio::time::sleep(POLL).await,
+                    Err(e) => return Some((Err(e), State::Done)),
+                }
+            },
+        }
+    });
+    batches.flat_map(|b| match b {
+        Ok(lines) => futures_util::stream::iter(lines.into_iter().map(Ok).collect::<Vec<_>>()),
+        Err(e) => futures_util::stream::iter(vec![Err(e)]),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| parse(l, 0).1)
+            .collect()
+    }
+
+    fn write(path: &Path, input: &[u8], max: u64) {
+        let (r, mut w) = std::io::pipe().unwrap();
+        let input = input.to_vec();
+        let t = std::thread::spawn(move || w.write_all(&input));
+        write_log(r, path, max).unwrap();
+        t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn every_line_gets_a_time_and_long_lines_are_cut() {
+        let dir = tempdir();
+        let log = dir.join("t.log");
+        let long = vec![b'x'; MAX_LINE + 10];
+        let mut input = b"one\ntwo\n".to_vec();
+        input.extend_from_slice(&long);
+        input.extend_from_slice(b"\nlast without newline");
+        write(&log, &input, DEFAULT_MAX_SIZE);
+        let got = lines_of(&log);
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert_eq!(&got[..2], ["one", "two"]);
+        assert_eq!(got[2].len(), MAX_LINE);
+        assert_eq!(got[3], "x".repeat(10));
+        assert_eq!(got[4], "last without newline");
+        let raw = std::fs::read_to_string(&log).unwrap();
+        let first = raw.lines().next().unwrap();
+        assert!(parse_timestamp(first.split_once(' ').unwrap().0).is_some());
+    }
+
+    #[tokio::test]
+    async fn tail_reads_across_the_rotated_file() {
+        let dir = tempdir();
+        let log = dir.join("t.log");
+        let input: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        // ~40 bytes a stamped line: a 1 KiB cap rotates a few times, keeping one old file.
+        write(&log, input.as_bytes(), 1024);
+        assert!(rotated(&log).exists());
+        let on_disk = std::fs::metadata(&log).unwrap().len()
+            + std::fs::metadata(rotated(&log)).unwrap().len();
+        assert!(on_disk <= 2048, "{on_disk} bytes kept");
+        let current = lines_of(&log).len();
+        let q = LogsQuery {
+            tail: Some(current as u64 + 3),
+            ..Default::default()
+        };
+        let got: Vec<String> = Logs::File {
+            path: log.clone(),
+            query: q,
+        }
+        .into_lines()
+        .unwrap()
+        .map(|l| l.unwrap().1)
+        .collect()
+        .await;
+        let want: Vec<String> = (100 - current - 3..100)
+            .map(|i| format!("line {i}"))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn since_and_tail_select_by_time_then_count() {
+        let lines: Vec<Stamped> = (0..10).map(|i| (i * 10, format!("l{i}"))).collect();
+        let q = LogsQuery {
+            since_ns: Some(45),
+            tail: Some(2),
+            ..Default::default()
+        };
+        let got: Vec<String> = select(lines.clone(), &q).into_iter().map(|l| l.1).collect();
+        assert_eq!(got, ["l8", "l9"]);
+        let q = LogsQuery {
+            since_ns: Some(75),
+            ..Default::default()
+        };
+        assert_eq!(select(lines.clone(), &q).len(), 2);
+        let q = LogsQuery {
+            tail: Some(0),
+            ..Default::default()
+        };
+        assert!(select(lines, &q).is_empty());
+    }
+
+    #[tokio::test]
+    async fn follow_sees_lines_after_a_rotation() {
+        let dir = tempdir();
+        let log = dir.join("t.log");
+        let mut f = LogFile::open(&log, 400).unwrap();
+        f.line(b"before").unwrap();
+        let q = LogsQuery {
+            follow: true,
+            ..Default::default()
+        };
+        let mut s = Logs::File {
+            path: log.clone(),
+            query: q,
+        }
+        .into_lines()
+        .unwrap();
+        assert_eq!(s.next().await.unwrap().unwrap().1, "before");
+        for i in 0..8 {
+            f.line(format!("after {i} ..............").as_bytes())
+                .unwrap();
+        }
+        assert!(rotated(&log).exists());
+        let mut got = Vec::new();
+        for _ in 0..8 {
+            let l = tokio::time::timeout(Duration::from_secs(5), s.next())
+                .await
+                .unwrap();
+            got.push(l.unwrap().unwrap().1);
+        }
+        let want: Vec<String> = (0..8)
+            .map(|i| format!("after {i} .............."))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "mesh-logs-test-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
 }
 
 /// What `exec` keeps of each of a command's stdout and stderr: the API answers with the
@@ -173,6 +528,9 @@ pub async fn bounded_output(
         stderr: stderr?,
     })
 }
+
+/// What `read_bounded` reads at a time.
+const CHUNK: usize = 16 * 1024;
 
 async fn read_bounded<R: AsyncRead + Unpin>(r: Option<R>, limit: usize) -> io::Result<Vec<u8>> {
     let Some(mut r) = r else {
@@ -203,31 +561,8 @@ async fn read_bounded<R: AsyncRead + Unpin>(r: Option<R>, limit: usize) -> io::R
 }
 
 #[cfg(test)]
-mod tests {
+mod exec_tests {
     use super::*;
-
-    #[tokio::test]
-    async fn a_line_without_end_is_passed_on_in_bounded_pieces() {
-        // 100 KB without a newline, as a task that never ends its line writes it.
-        let chunks: Vec<io::Result<Bytes>> = (0..100)
-            .map(|_| Ok(Bytes::from(vec![b'x'; 1000])))
-            .collect();
-        let stream = futures_util::stream::iter(chunks).chain(futures_util::stream::pending());
-        let mut out = prefixed("t.1 | ".into(), stream.boxed());
-        let mut seen = 0;
-        // The stream never ends: what arrives must arrive before it does.
-        while seen < 6 * MAX_LINE / 1000 * 1000 - MAX_LINE {
-            let piece = tokio::time::timeout(Duration::from_secs(1), out.next())
-                .await
-                .expect("a piece without waiting for the newline")
-                .unwrap()
-                .unwrap();
-            assert!(piece.starts_with(b"t.1 | "));
-            assert!(piece.ends_with(b"\n"));
-            assert!(piece.len() <= MAX_LINE + "t.1 | \n".len());
-            seen += piece.len() - "t.1 | \n".len();
-        }
-    }
 
     #[tokio::test]
     async fn exec_output_is_cut_at_the_limit_and_says_so() {

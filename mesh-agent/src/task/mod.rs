@@ -44,7 +44,9 @@ use crate::{
 pub use cni::{CniAttachment, CniRequest};
 pub use container::available as podman_available;
 pub use files::{SECRETS_DIR, TaskFile, TaskFiles};
-pub use logs::prefixed as prefixed_logs;
+pub use logs::{
+    DEFAULT_MAX_SIZE as DEFAULT_LOG_MAX_SIZE, Stamped, rotated as rotated_log, write_log,
+};
 pub use plumbing::HOST_VETH_PREFIX;
 
 /// The network name of a task's attachment to the node's gateway bridge.
@@ -170,10 +172,16 @@ impl TaskRecord {
 
 /// A task's output, as `meshctl logs` streams it (see `logs`).
 pub enum Logs {
-    /// A process task writes to this file.
-    File { path: PathBuf, follow: bool },
-    /// `podman logs` of a container task, ready to spawn.
-    Podman(tokio::process::Command),
+    /// A process task's log file (and the rotated one beside it).
+    File {
+        path: PathBuf,
+        query: mesh_api::v1::LogsQuery,
+    },
+    /// `podman logs --timestamps` of a container task, ready to spawn.
+    Podman {
+        cmd: tokio::process::Command,
+        query: mesh_api::v1::LogsQuery,
+    },
 }
 
 /// One interface of a task on a bridge of this node.
@@ -827,15 +835,18 @@ impl Tasks {
     }
 
     /// Where a task's output is (`follow`: and keeps arriving).
-    pub fn logs(&self, name: &str, follow: bool) -> Result<Logs> {
+    pub fn logs(&self, name: &str, query: &mesh_api::v1::LogsQuery) -> Result<Logs> {
         let record = self
             .get(name)
             .with_context(|| format!("no task named {name} on this node"))?;
         Ok(match record.container() {
-            Some(c) => Logs::Podman(container::logs(c, follow)),
+            Some(c) => Logs::Podman {
+                cmd: container::logs(c, query),
+                query: query.clone(),
+            },
             None => Logs::File {
                 path: record.log,
-                follow,
+                query: query.clone(),
             },
         })
     }

@@ -141,10 +141,7 @@ impl Entry {
 }
 
 pub(super) fn spawn(launch: &Launch) -> Result<Spawned> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(launch.log)
+    let log = super::logs::capture(launch.log, super::logs::DEFAULT_MAX_SIZE)
         .with_context(|| format!("opening the task log {}", launch.log.display()))?;
     let (mut cmd, _entry) = Entry::open(launch)?.command(launch)?;
     cmd.stdout(log.try_clone()?).stderr(log);

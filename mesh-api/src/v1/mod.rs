@@ -5,6 +5,7 @@
 mod cluster;
 mod cni;
 mod dataplane;
+mod logs;
 mod network;
 mod node;
 mod object;
@@ -16,6 +17,7 @@ mod task;
 pub use cluster::*;
 pub use cni::*;
 pub use dataplane::*;
+pub use logs::*;
 pub use network::*;
 pub use node::*;
 pub use object::*;
