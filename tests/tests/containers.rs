@@ -372,10 +372,21 @@ fn image_tasks_get_env_and_args_report_exit_codes_show_logs_and_avoid_nodes_with
         })
         .unwrap();
     let line = logs.lines().find(|l| l.contains("hi from")).unwrap();
-    let (task, text) = line.split_once(" | ").unwrap();
-    assert!(task.starts_with("hello."), "{line}");
+    // Docker's prefix: service.slot.<task id, 12 characters>@node.
+    let (prefix, text) = line.split_once("    | ").unwrap();
     let slot = running["slot"].as_str().unwrap();
+    let id = running["id"].as_str().unwrap();
+    assert_eq!(
+        prefix,
+        format!(
+            "hello.{slot}.{}@{}",
+            &id[..12.min(id.len())],
+            c.host(1).node_name()
+        ),
+        "{line}"
+    );
     assert_eq!(text, format!("hi from hello-{slot} slot {slot}"));
+    let task = &format!("hello.{slot}.{id}");
     let one = c.host(1).meshctl_ok(&["logs", task]).unwrap();
     assert_eq!(one.trim(), text);
 
