@@ -20,11 +20,12 @@ use mesh_api::{
 use super::peer_logs::{self, PeerRequest};
 use crate::agent::{Agent, Error};
 
-/// This node's tasks of `service` (only task `task`, a full id, if given) as events.
+/// This node's tasks of `service` as events: only those named in `tasks` (full ids) unless it
+/// is empty.
 pub fn local_events(
     agent: &Agent,
     service: &str,
-    task: Option<&str>,
+    tasks: &[String],
     query: &LogsQuery,
 ) -> BoxStream<'static, LogEvent> {
     let Some(local) = agent.local() else {
@@ -36,7 +37,7 @@ pub fn local_events(
         let Some((slot, id)) = task_of(&r.spec.name, service) else {
             continue;
         };
-        if task.is_some_and(|t| t != id) {
+        if !tasks.is_empty() && !tasks.iter().any(|t| t == id) {
             continue;
         }
         let line = {
@@ -97,6 +98,91 @@ fn peer_address(view: &crate::cluster::View, node: &str) -> Option<SocketAddr> {
     Some(SocketAddr::from((record.address, port)))
 }
 
+/// The output of `service`'s tasks (or task `task`) on `node`.
+fn source(
+    agent: &Agent,
+    view: &crate::cluster::View,
+    node: &str,
+    service: &str,
+    tasks: Vec<String>,
+    query: &LogsQuery,
+) -> BoxStream<'static, LogEvent> {
+    if node == agent.node_name() {
+        return local_events(agent, service, &tasks, query);
+    }
+    let down = view
+        .nodes
+        .get(node)
+        .is_none_or(|n| n.status != NodeStatus::Ready);
+    match (down, agent.gossip.auth(), peer_address(view, node)) {
+        (true, ..) => warning(format!(
+            "the logs of tasks on node {node} are left out: the node is down"
+        )),
+        (_, None, _) => warning(format!(
+            "the logs of tasks on node {node} are left out: without a cluster key agents \
+             do not read each other's logs (run `meshctl service logs` there)"
+        )),
+        (_, _, None) => warning(format!(
+            "the logs of tasks on node {node} are left out: its agent is too old to serve them"
+        )),
+        (false, Some(auth), Some(addr)) => peer_logs::ask(
+            auth.clone(),
+            node.to_owned(),
+            addr,
+            PeerRequest {
+                service: service.to_owned(),
+                tasks,
+                query: query.clone(),
+            },
+        ),
+    }
+}
+
+/// Whether a task got as far as its node making its record (and its output file).
+fn started(t: &mesh_planner::Task) -> bool {
+    use mesh_planner::TaskState::*;
+    !matches!(t.state, New | Assigned | Preparing)
+}
+
+/// How often a followed service is checked for tasks that started since.
+const NEW_TASKS: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `merged`, joined by the output of every task of `service` that starts later (a scaled
+/// service, a replaced task), from its first line.
+fn with_new_tasks(
+    agent: Arc<Agent>,
+    service: String,
+    known: BTreeSet<String>,
+    merged: futures_util::stream::SelectAll<BoxStream<'static, LogEvent>>,
+) -> impl futures_util::Stream<Item = LogEvent> + Send {
+    let tick = tokio::time::interval(NEW_TASKS);
+    futures_util::stream::unfold(
+        (merged, known, tick),
+        move |(mut all, mut known, mut tick)| {
+            let (agent, service) = (agent.clone(), service.clone());
+            async move {
+                loop {
+                    tokio::select! {
+                        Some(e) = all.next(), if !all.is_empty() => {
+                            return Some((e, (all, known, tick)));
+                        }
+                        _ = tick.tick() => {
+                            let view = agent.view();
+                            let query = LogsQuery { follow: true, ..Default::default() };
+                            for t in view.tasks.iter().filter(|t| t.service == service) {
+                                if started(t) && known.insert(t.id.clone()) {
+                                    let only = vec![t.id.clone()];
+                                    all.push(source(&agent, &view, &t.node, &service, only, &query));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
 /// Orders every line by time; warnings come first (they go to stderr anyway).
 pub fn merge_by_time(mut events: Vec<LogEvent>) -> Vec<LogEvent> {
     events.sort_by_key(|e| match e {
@@ -139,52 +225,34 @@ pub async fn service_logs(
             }
         }
     };
-    let nodes: BTreeSet<String> = view
+    // The tasks whose output is read from the start: those of the service (or the one task
+    // named) that have started, so their node holds their record; later ones join a follow.
+    let mut by_node: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for t in view
         .tasks
         .iter()
-        .filter(|t| t.service == service && task.as_ref().is_none_or(|id| *id == t.id))
-        .map(|t| t.node.clone())
-        .collect();
-    let mut sources = Vec::new();
-    for node in nodes {
-        if node == agent.node_name() {
-            sources.push(local_events(&agent, &service, task.as_deref(), &query));
-            continue;
+        .filter(|t| t.service == service && started(t))
+    {
+        if task.as_ref().is_none_or(|id| *id == t.id) {
+            by_node
+                .entry(t.node.clone())
+                .or_default()
+                .push(t.id.clone());
         }
-        let down = view
-            .nodes
-            .get(&node)
-            .is_none_or(|n| n.status != NodeStatus::Ready);
-        let source = match (down, agent.gossip.auth(), peer_address(&view, &node)) {
-            (true, ..) => warning(format!(
-                "the logs of tasks on node {node} are left out: the node is down"
-            )),
-            (_, None, _) => warning(format!(
-                "the logs of tasks on node {node} are left out: without a cluster key agents \
-                 do not read each other's logs (run `meshctl service logs` there)"
-            )),
-            (_, _, None) => warning(format!(
-                "the logs of tasks on node {node} are left out: its agent is too old to serve them"
-            )),
-            (false, Some(auth), Some(addr)) => peer_logs::ask(
-                auth.clone(),
-                node.clone(),
-                addr,
-                PeerRequest {
-                    service: service.clone(),
-                    task: task.clone(),
-                    query: query.clone(),
-                },
-            ),
-        };
-        sources.push(source);
     }
+    let known: BTreeSet<String> = by_node.values().flatten().cloned().collect();
+    let sources: Vec<_> = by_node
+        .into_iter()
+        .map(|(node, ids)| source(&agent, &view, &node, &service, ids, &query))
+        .collect();
     let merged = futures_util::stream::select_all(sources);
-    let events: BoxStream<'static, LogEvent> = if query.follow {
-        merged.boxed()
-    } else {
-        let all: Vec<LogEvent> = merged.collect().await;
-        futures_util::stream::iter(merge_by_time(all)).boxed()
+    let events: BoxStream<'static, LogEvent> = match (query.follow, task) {
+        (true, None) => with_new_tasks(agent.clone(), service, known, merged).boxed(),
+        (true, Some(_)) => merged.boxed(),
+        (false, _) => {
+            let all: Vec<LogEvent> = merged.collect().await;
+            futures_util::stream::iter(merge_by_time(all)).boxed()
+        }
     };
     let body = events.map(|e| {
         let mut line = serde_json::to_vec(&e).expect("events serialize");

@@ -43,8 +43,8 @@ pub const USED_BY: &str = "node-to-node API (service logs)";
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PeerRequest {
     pub service: String,
-    /// Only this task (a full id), when the user named one.
-    pub task: Option<String>,
+    /// Only these tasks (full ids); every task of the service on the node if empty.
+    pub tasks: Vec<String>,
     pub query: LogsQuery,
 }
 
@@ -149,8 +149,7 @@ async fn answer(mut conn: TcpStream, agent: &Agent, auth: &GossipAuth) -> Result
     let ad = answer_ad(auth.cluster(), &nonce);
     let (mut rd, mut wr) = conn.into_split();
     let mut events =
-        super::logs::local_events(agent, &req.service, req.task.as_deref(), &req.query)
-            .ready_chunks(BATCH);
+        super::logs::local_events(agent, &req.service, &req.tasks, &req.query).ready_chunks(BATCH);
     let mut probe = [0u8; 1];
     loop {
         tokio::select! {
