@@ -29,13 +29,15 @@ use crate::{
     gossip::auth::{self, GossipAuth, NONCE_LEN, REPLAY_WINDOW},
 };
 
-/// Bounds what one frame may make the reader allocate.
-const MAX_FRAME: usize = 1 << 20;
+/// Bounds what one frame may make the reader allocate: a full batch of the longest lines,
+/// even if every byte is a control character JSON writes as `\u00XX`, fits.
+const MAX_FRAME: usize = 8 << 20;
 /// How long a node may take to accept and to send each frame of a finite answer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lines sent together in one frame at most.
-const BATCH: usize = 256;
+const BATCH: usize = 64;
+const _: () = assert!(BATCH * crate::task::MAX_LOG_LINE * 6 + (1 << 20) <= MAX_FRAME);
 /// What `reserved_ports` calls the listener, so peers find its port.
 pub const USED_BY: &str = "node-to-node API (service logs)";
 

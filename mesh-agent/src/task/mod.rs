@@ -44,9 +44,7 @@ use crate::{
 pub use cni::{CniAttachment, CniRequest};
 pub use container::available as podman_available;
 pub use files::{SECRETS_DIR, TaskFile, TaskFiles};
-pub use logs::{
-    DEFAULT_MAX_SIZE as DEFAULT_LOG_MAX_SIZE, Stamped, rotated as rotated_log, write_log,
-};
+pub use logs::{MAX_LINE as MAX_LOG_LINE, Stamped, write_log};
 pub use plumbing::HOST_VETH_PREFIX;
 
 /// The network name of a task's attachment to the node's gateway bridge.
