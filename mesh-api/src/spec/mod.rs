@@ -7,6 +7,7 @@ mod file;
 mod node;
 mod port;
 mod resources;
+mod security;
 mod service;
 mod size;
 
@@ -19,6 +20,10 @@ pub use file::FileRef;
 pub use node::{Availability, NodeStatus, parse_label};
 pub use port::{DYNAMIC_PORTS, PortSpec, Protocol, PublishMode};
 pub use resources::{Limits, LimitsChange, Resources, Security, TaskResources, Ulimit, bytes_size};
+pub use security::{
+    CAPABILITIES, Capability, ULIMITS, capability, capability_set, check_sysctl, check_ulimit,
+    sysctl, ulimit,
+};
 pub use service::{
     DRIVER_PODMAN, DRIVER_PROCESS, EndpointMode, HealthCheck, Probe, RunOptions, ServiceSpec,
     TaskTemplate, UpdateState, UpdateStatus,
