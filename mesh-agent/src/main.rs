@@ -1,4 +1,8 @@
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -297,8 +301,14 @@ fn parse_upstream(s: &str) -> Result<SocketAddr> {
     Ok(SocketAddr::new(ip, 53))
 }
 
+fn main() {
+    // A process task's init is this binary too: it must start before any runtime thread.
+    mesh_agent::task::init::run_if_asked();
+    agent_main();
+}
+
 #[tokio::main]
-async fn main() {
+async fn agent_main() {
     mesh_agent::logging::init("info");
     let args = Args::parse();
     let result = match args.command {
@@ -610,6 +620,19 @@ async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeP
     if let Some(run) = config.socket.parent() {
         task_config.files_dir = run.join("task-files");
     }
+    // What a compromised process task would want first: the key that admits it to gossip,
+    // the state with the node's own key, the API socket that commands the cluster.
+    task_config.masked = [
+        Some(config.state_dir.clone()),
+        config.cluster_key_file.clone(),
+        Some(config.socket.clone()),
+        config.socket.parent().map(Path::to_path_buf),
+        Some(PathBuf::from("/run/mesh")),
+        Some(PathBuf::from("/etc/mesh")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let tasks = Tasks::open(task_config, host.clone()).await?;
 
     let gw = config.gateway_subnet;

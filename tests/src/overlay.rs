@@ -137,6 +137,7 @@ impl Node {
             image: None,
             run: Default::default(),
             limits: Default::default(),
+            security: Default::default(),
         })
     }
 
@@ -161,6 +162,7 @@ impl Node {
             image: None,
             run: Default::default(),
             limits: Default::default(),
+            security: Default::default(),
         })
     }
 

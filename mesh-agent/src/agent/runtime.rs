@@ -231,6 +231,7 @@ impl NodeRuntime for Agent {
                     image: task.template.image.as_deref(),
                     run: &task.template.run,
                     limits: &task.template.resources.limits,
+                    security: &task.template.security,
                     files,
                 },
             )

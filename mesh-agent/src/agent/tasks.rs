@@ -29,6 +29,8 @@ pub(crate) struct Launch<'a> {
     pub run: &'a mesh_api::spec::RunOptions,
     /// Memory, CPU and PID limits.
     pub limits: &'a mesh_api::spec::Limits,
+    /// Capabilities, read-only root, sysctls, ulimits.
+    pub security: &'a mesh_api::spec::Security,
     /// Secrets and configs it is granted, opened for this start only.
     pub files: TaskFiles,
 }
@@ -94,6 +96,7 @@ impl Agent {
                 image: None,
                 run: &Default::default(),
                 limits: &Default::default(),
+                security: &Default::default(),
                 files: TaskFiles::default(),
             },
         )
@@ -130,6 +133,7 @@ impl Agent {
             image: task.image.map(str::to_owned),
             run: task.run.clone(),
             limits: *task.limits,
+            security: task.security.clone(),
         };
         // A process that resolves a name or connects to a VIP as it starts (an app dialling
         // its database) must find the resolver and the socket hooks already there.

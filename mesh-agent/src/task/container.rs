@@ -39,6 +39,8 @@ pub(super) struct Run<'a> {
     pub hostname: &'a str,
     /// Entrypoint, user, working directory, stop signal, labels.
     pub run: &'a mesh_api::spec::RunOptions,
+    /// `--cap-add`, `--cap-drop`, `--read-only`, `--sysctl`, `--ulimit`, `--init`.
+    pub security: &'a mesh_api::spec::Security,
     pub netns: &'a Path,
     pub nameservers: &'a [std::net::Ipv4Addr],
     pub dns_options: &'a [String],
@@ -98,7 +100,8 @@ pub async fn available() -> bool {
 /// without CAP_SYS_RESOURCE) allow, and setrlimit then fails the start. The agent's own hard
 /// limits bound what a child may set; conmon, between podman and the container, was measured
 /// to run with at most 32768 processes, so nproc is capped there too.
-fn ulimits() -> Vec<String> {
+/// The task's own `--ulimit`s replace these defaults name by name.
+fn ulimits(own: &[mesh_api::spec::Ulimit]) -> Vec<String> {
     const CONMON_NPROC: u64 = 32_768;
     let hard = |res| {
         let mut lim = libc::rlimit {
@@ -114,12 +117,41 @@ fn ulimits() -> Vec<String> {
         ("nofile", libc::RLIMIT_NOFILE, 1_048_576),
         ("nproc", libc::RLIMIT_NPROC, CONMON_NPROC),
     ] {
+        if own.iter().any(|u| u.name == name) {
+            continue;
+        }
         if let Some(h) = hard(res) {
             let n = h.min(cap);
             out.push(format!("{name}={n}:{n}"));
         }
     }
+    out.extend(
+        own.iter()
+            .map(|u| format!("{}={}:{}", u.name, u.soft, u.hard)),
+    );
     out
+}
+
+/// Docker's security flags as podman takes them; names are checked again here, so a record
+/// written by an older or foreign node cannot smuggle an option into the command line.
+fn security_options(cmd: &mut Command, s: &mesh_api::spec::Security) -> Result<()> {
+    s.validate().map_err(anyhow::Error::msg)?;
+    for c in &s.cap_drop {
+        cmd.args(["--cap-drop", c]);
+    }
+    for c in &s.cap_add {
+        cmd.args(["--cap-add", c]);
+    }
+    if s.read_only {
+        cmd.arg("--read-only");
+    }
+    for (k, v) in &s.sysctls {
+        cmd.args(["--sysctl", &format!("{k}={v}")]);
+    }
+    if s.init {
+        cmd.arg("--init");
+    }
+    Ok(())
 }
 
 /// Runs podman and fails with its stderr, which says what is wrong (no such image, ...).
@@ -165,9 +197,10 @@ pub(super) async fn run(r: &Run<'_>) -> Result<Started> {
     for o in r.dns_options {
         cmd.args(["--dns-opt", o]);
     }
-    for u in ulimits() {
+    for u in ulimits(&r.security.ulimits) {
         cmd.args(["--ulimit", &u]);
     }
+    security_options(&mut cmd, r.security)?;
     for (k, v) in r.env {
         cmd.args(["-e", &format!("{k}={v}")]);
     }

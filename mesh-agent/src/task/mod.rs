@@ -12,13 +12,15 @@
 mod cni;
 mod container;
 mod files;
+pub mod init;
+mod isolation;
 mod limits;
 mod logs;
 mod plumbing;
 mod process;
 mod store;
 
-use mesh_api::spec::{Limits, RunOptions};
+use mesh_api::spec::{Limits, RunOptions, Security};
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
@@ -71,6 +73,10 @@ pub struct TaskConfig {
     /// Where the podman driver mounts each task's tmpfs of secrets and configs (never under
     /// the state directory: nothing there may hold a secret).
     pub files_dir: PathBuf,
+    /// Host paths no process task may reach (the state directory, the cluster key, the API
+    /// socket, the agent's run-time directory): covered by empty read-only mounts in its
+    /// mount namespace.
+    pub masked: Vec<PathBuf>,
 }
 
 impl TaskConfig {
@@ -84,6 +90,7 @@ impl TaskConfig {
             netns_etc: PathBuf::from("/etc/netns"),
             stop_timeout: Duration::from_secs(10),
             files_dir: PathBuf::from("/run/mesh/task-files"),
+            masked: Vec::new(),
         }
     }
 }
@@ -137,6 +144,9 @@ pub struct TaskSpec {
     /// Memory, CPU and PID limits the kernel enforces (cgroups; podman's flags for images).
     #[serde(default, skip_serializing_if = "Limits::is_empty")]
     pub limits: Limits,
+    /// Capabilities, read-only root, sysctls, ulimits (both drivers).
+    #[serde(default, skip_serializing_if = "Security::is_empty")]
+    pub security: Security,
 }
 
 /// A stop signal as Docker names it: `SIGTERM`, `TERM` or `15`.
@@ -556,21 +566,25 @@ impl Tasks {
         let netns_path = netns::path(&record.netns);
         let spawned = match &record.spec.image {
             None => {
+                let isolation = attempt!(self.isolation(&record.spec));
                 let (prepared, mount_points) = attempt!(files::prepare(files));
                 record.mount_points = mount_points;
                 attempt!(self.inner.store.save(&record));
                 let cgroups = attempt!(limits::create(config, &record.netns, &record.spec.limits));
-                attempt!(process::spawn(&process::Launch {
-                    netns: &netns_path,
-                    etc_overrides: &etc,
-                    hostname: record.spec.hostname(),
-                    cgroups: &cgroups,
-                    command: &record.spec.command,
-                    env: &record.spec.env,
-                    workdir: record.spec.run.workdir.as_deref(),
-                    log: &record.log,
-                    files: &prepared,
-                }))
+                attempt!(process::spawn(
+                    &process::Launch {
+                        netns: &netns_path,
+                        etc_overrides: &etc,
+                        hostname: record.spec.hostname(),
+                        cgroups: &cgroups,
+                        command: &record.spec.command,
+                        env: &record.spec.env,
+                        workdir: record.spec.run.workdir.as_deref(),
+                        log: &record.log,
+                        files: &prepared,
+                    },
+                    isolation
+                ))
             }
             Some(image) => match attempt!(
                 container::run(&container::Run {
@@ -583,6 +597,7 @@ impl Tasks {
                     env: &record.spec.env,
                     hostname: record.spec.hostname(),
                     run: &record.spec.run,
+                    security: &record.spec.security,
                     netns: &netns_path,
                     nameservers: &config.resolv.nameservers,
                     dns_options: &config.resolv.options,
@@ -812,24 +827,34 @@ impl Tasks {
         if let Some(c) = record.container() {
             return container::exec(c, command, env, timeout).await;
         }
-        let etc = plumbing::etc_dir(&self.inner.config.netns_etc, &record.netns);
-        let netns_path = netns::path(&record.netns);
+        let pid = record
+            .pid
+            .with_context(|| format!("task {name} has no process to enter"))?;
         process::exec(
-            &process::Launch {
-                netns: &netns_path,
-                etc_overrides: &etc,
-                hostname: record.spec.hostname(),
+            &process::Target {
+                pid,
                 cgroups: &limits::joined(&self.inner.config, &record.netns),
                 command,
                 env,
+                hostname: record.spec.hostname(),
                 // `meshctl exec` runs where the task's program runs.
                 workdir: record.spec.run.workdir.as_deref(),
-                log: &record.log,
-                files: &[],
             },
+            self.isolation(&record.spec)?,
             timeout,
         )
         .await
+    }
+
+    /// The process driver's user, capabilities and limits for `spec`, and what it must not
+    /// reach on the host.
+    fn isolation(&self, spec: &TaskSpec) -> Result<isolation::Isolation> {
+        isolation::Isolation::prepare(
+            &spec.security,
+            spec.run.user.as_deref(),
+            &self.inner.config.masked,
+        )
+        .with_context(|| format!("task {}", spec.name))
     }
 
     /// Where a task's output is (`follow`: and keeps arriving).

@@ -9,7 +9,7 @@ use std::{
         fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
         unix::{ffi::OsStrExt, process::CommandExt},
     },
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -21,6 +21,8 @@ use nix::{
 };
 use tokio::io::unix::AsyncFd;
 
+use super::isolation::Isolation;
+
 /// Where a task's process runs and what it sees.
 pub(super) struct Launch<'a> {
     pub netns: &'a Path,
@@ -30,7 +32,7 @@ pub(super) struct Launch<'a> {
     pub hostname: &'a str,
     /// Cgroup directories (the task's leaf in each hierarchy) the process joins before it
     /// executes anything.
-    pub cgroups: &'a [std::path::PathBuf],
+    pub cgroups: &'a [PathBuf],
     pub command: &'a [String],
     pub env: &'a [(String, String)],
     /// Where the program starts, inside the task's mount namespace (default `/`).
@@ -58,34 +60,20 @@ struct Entry {
     hostname: Vec<u8>,
     files: Vec<super::files::Prepared>,
     workdir: Option<CString>,
+    /// Taken by the child's setup closure.
+    isolation: Option<Isolation>,
 }
 
 impl Entry {
-    fn open(launch: &Launch) -> Result<Self> {
+    fn open(launch: &Launch, isolation: Isolation) -> Result<Self> {
         let netns = File::open(launch.netns)
             .with_context(|| format!("opening the task namespace {}", launch.netns.display()))?;
-        let cgroup_procs = launch
-            .cgroups
-            .iter()
-            .map(|dir| {
-                let p = dir.join("cgroup.procs");
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&p)
-                    .with_context(|| {
-                        format!("opening {} to place the task in its cgroup", p.display())
-                    })
-            })
-            .collect::<Result<_>>()?;
         Ok(Self {
             netns,
-            cgroup_procs,
+            cgroup_procs: cgroup_procs(launch.cgroups)?,
             binds: etc_binds(launch.etc_overrides)?,
             hostname: launch.hostname.as_bytes().to_vec(),
-            workdir: launch
-                .workdir
-                .map(|w| CString::new(w).context("a working directory with a NUL byte"))
-                .transpose()?,
+            workdir: workdir(launch.workdir)?,
             files: launch
                 .files
                 .iter()
@@ -98,17 +86,24 @@ impl Entry {
                     mode: f.mode,
                 })
                 .collect(),
+            isolation: Some(isolation),
         })
     }
 
-    /// The command, set to enter the task (namespaces, /etc overrides, hostname, cgroup) as
-    /// its first act in the child. `self` must outlive the spawn (it holds the fds).
+    /// The command, set to enter the task (namespaces, /etc overrides, hostname, cgroup,
+    /// isolation) as its first act in the child; it runs the task's init, which runs the
+    /// program. `self` must outlive the spawn (it holds the fds).
     fn command(mut self, launch: &Launch) -> Result<(Command, Self)> {
-        let Some((program, args)) = launch.command.split_first() else {
+        let Some(program) = launch.command.first() else {
             bail!("nothing to run: give a command");
         };
-        let mut cmd = Command::new(program);
-        cmd.args(args)
+        check_program(program, launch.env)?;
+        // The child's /proc/self is its own, in the fresh /proc: the agent's binary even if
+        // it was replaced on disk since.
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg(super::init::INIT_ARG)
+            .arg("--")
+            .args(launch.command)
             .env_clear()
             .env("PATH", DEFAULT_PATH)
             .env("HOSTNAME", launch.hostname)
@@ -121,36 +116,107 @@ impl Entry {
         let hostname = self.hostname.clone();
         let files = std::mem::take(&mut self.files);
         let workdir = self.workdir.take();
+        let iso = self
+            .isolation
+            .take()
+            .context("the task's isolation was already used")?;
         // SAFETY: the closure only makes system calls on memory prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 enter(netns_fd, &cgroup_fds, &binds, &hostname)?;
+                iso.hide_host()?;
                 write_files(&files)?;
+                iso.tune()?;
+                iso.seal_root()?;
                 // After entering: the directory is the task's view of it (std's own chdir
                 // would run before the mount namespace is entered).
-                if let Some(w) = &workdir
-                    && libc::chdir(w.as_ptr()) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
+                chdir(workdir.as_deref())?;
+                iso.drop_privileges()
             });
         }
         Ok((cmd, self))
     }
 }
 
-pub(super) fn spawn(launch: &Launch) -> Result<Spawned> {
+/// The `cgroup.procs` of each directory, opened before the fork: the child joins them by
+/// writing to these fds (after `hide_host` the cgroup filesystem may no longer be reachable).
+fn cgroup_procs(dirs: &[PathBuf]) -> Result<Vec<File>> {
+    dirs.iter()
+        .map(|dir| {
+            let p = dir.join("cgroup.procs");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .with_context(|| format!("opening {} to place the task in its cgroup", p.display()))
+        })
+        .collect()
+}
+
+fn workdir(w: Option<&str>) -> Result<Option<CString>> {
+    w.map(|w| CString::new(w).context("a working directory with a NUL byte"))
+        .transpose()
+}
+
+fn chdir(w: Option<&CStr>) -> io::Result<()> {
+    // SAFETY: plain system call on a C string.
+    if let Some(w) = w
+        && unsafe { libc::chdir(w.as_ptr()) } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A program that cannot be found is refused before anything starts, as `docker run` does
+/// ("executable file not found in $PATH"), rather than becoming a task that exits 127.
+fn check_program(program: &str, env: &[(String, String)]) -> Result<()> {
+    let executable = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        if !executable(Path::new(program)) {
+            bail!("{program}: no such executable file");
+        }
+        return Ok(());
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    if !std::env::split_paths(path).any(|d| executable(&d.join(program))) {
+        bail!("{program:?}: executable file not found in $PATH");
+    }
+    Ok(())
+}
+
+/// Runs `spawn` on a thread of its own whose children start in a new PID namespace: the
+/// task's first process is PID 1 there. The thread's namespace for children goes with it.
+fn in_new_pid_namespace<T: Send>(spawn: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            unshare(CloneFlags::CLONE_NEWPID).context("creating the task's PID namespace")?;
+            spawn()
+        })
+        .join()
+        .unwrap_or_else(|_| bail!("the thread starting the task panicked"))
+    })
+}
+
+pub(super) fn spawn(launch: &Launch, isolation: Isolation) -> Result<Spawned> {
     let log = super::logs::capture(launch.log, super::logs::DEFAULT_MAX_SIZE)
         .with_context(|| format!("opening the task log {}", launch.log.display()))?;
-    let (mut cmd, _entry) = Entry::open(launch)?.command(launch)?;
+    let (mut cmd, _entry) = Entry::open(launch, isolation)?.command(launch)?;
     cmd.stdout(log.try_clone()?).stderr(log);
-    let child = cmd.spawn().with_context(|| {
-        format!(
-            "starting {:?} in {}",
-            launch.command[0],
-            launch.netns.display()
-        )
+    let child = in_new_pid_namespace(|| {
+        cmd.spawn().with_context(|| {
+            format!(
+                "starting {:?} in {}",
+                launch.command[0],
+                launch.netns.display()
+            )
+        })
     })?;
     let pid = child.id();
     // The Child handle is dropped without waiting: the process is reaped through its pidfd.
@@ -165,36 +231,93 @@ pub(super) fn spawn(launch: &Launch) -> Result<Spawned> {
     })
 }
 
-/// Runs a command inside a running task's namespaces and cgroup (like `docker exec`) and
-/// collects its output; it is killed if it outlives `timeout`.
+/// A running process task to run a command in (`meshctl exec`, health check commands).
+pub(super) struct Target<'a> {
+    /// The task's first process (its init): its namespaces are the task's.
+    pub pid: u32,
+    /// The task's cgroup leaves (its limits hold for the command too).
+    pub cgroups: &'a [PathBuf],
+    pub command: &'a [String],
+    pub env: &'a [(String, String)],
+    pub hostname: &'a str,
+    pub workdir: Option<&'a str>,
+}
+
+/// Runs a command inside a running task — its network, mount, UTS, IPC and PID namespaces
+/// and cgroup, as its user with its capabilities (like `docker exec`) — and collects its
+/// output; it is killed if it outlives `timeout`.
 pub(super) async fn exec(
-    launch: &Launch<'_>,
+    target: &Target<'_>,
+    isolation: Isolation,
     timeout: std::time::Duration,
 ) -> Result<std::process::Output> {
-    let (mut cmd, _entry) = Entry::open(launch)?.command(launch)?;
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let Some(program) = target.command.first() else {
+        bail!("nothing to run: give a command");
+    };
+    let ns = |kind: &str| {
+        let p = format!("/proc/{}/ns/{kind}", target.pid);
+        File::open(&p).with_context(|| format!("opening {p}: is the task still running?"))
+    };
+    let (net, mnt, uts, ipc, pid) = (ns("net")?, ns("mnt")?, ns("uts")?, ns("ipc")?, ns("pid")?);
+    let cgroups = cgroup_procs(target.cgroups)?;
+    let workdir = workdir(target.workdir)?;
+    let mut cmd = Command::new(program);
+    cmd.args(&target.command[1..])
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOSTNAME", target.hostname)
+        .envs(target.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let fds = [
+        (net.as_raw_fd(), CloneFlags::CLONE_NEWNET),
+        (uts.as_raw_fd(), CloneFlags::CLONE_NEWUTS),
+        (ipc.as_raw_fd(), CloneFlags::CLONE_NEWIPC),
+        (mnt.as_raw_fd(), CloneFlags::CLONE_NEWNS),
+    ];
+    let cgroup_fds: Vec<RawFd> = cgroups.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the closure only makes system calls on memory prepared before the fork; the
+    // fds stay open until the spawn returned.
+    unsafe {
+        cmd.pre_exec(move || {
+            let os = |e: nix::errno::Errno| io::Error::from_raw_os_error(e as i32);
+            for (fd, kind) in fds {
+                setns(std::os::fd::BorrowedFd::borrow_raw(fd), kind).map_err(os)?;
+            }
+            join_cgroups(&cgroup_fds)?;
+            chdir(workdir.as_deref())?;
+            isolation.limit()?;
+            isolation.drop_privileges()
+        });
+    }
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(true);
-    let child = cmd.spawn().with_context(|| {
-        format!(
-            "starting {:?} in {}",
-            launch.command[0],
-            launch.netns.display()
-        )
+    let runtime = tokio::runtime::Handle::current();
+    // The command's PID namespace is the task's: set on a thread of its own for its children.
+    let child = std::thread::scope(|s| {
+        s.spawn(|| {
+            let _rt = runtime.enter();
+            setns(pid.as_fd(), CloneFlags::CLONE_NEWPID)
+                .context("entering the task's PID namespace")?;
+            cmd.spawn()
+                .with_context(|| format!("starting {program:?} in task {}", target.hostname))
+        })
+        .join()
+        .unwrap_or_else(|_| bail!("the thread starting the command panicked"))
     })?;
+    drop((net, mnt, uts, ipc, pid, cgroups));
     let output = super::logs::bounded_output(child, super::logs::EXEC_OUTPUT_LIMIT);
     match tokio::time::timeout(timeout, output).await {
         Ok(out) => Ok(out?),
-        Err(_) => bail!(
-            "{:?} did not finish within {timeout:?}; it was killed",
-            launch.command[0]
-        ),
+        Err(_) => bail!("{program:?} did not finish within {timeout:?}; it was killed"),
     }
 }
 
 /// Runs in the forked child: its own session (it outlives the agent), the task's network
-/// namespace, private mount and UTS namespaces with the task's /etc overrides and hostname,
-/// and the task's cgroups (its limits hold from its first instruction).
+/// namespace, private mount, UTS and IPC namespaces with the task's /etc overrides and
+/// hostname, and the task's cgroups (its limits hold from its first instruction, and the
+/// task's init and every process it starts stay in them).
 fn enter(
     netns: RawFd,
     cgroup_procs: &[RawFd],
@@ -206,7 +329,8 @@ fn enter(
     // SAFETY: the fd stays open in the parent's File until after spawn returns.
     let netns = unsafe { std::os::fd::BorrowedFd::borrow_raw(netns) };
     setns(netns, CloneFlags::CLONE_NEWNET).map_err(os)?;
-    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS).map_err(os)?;
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC)
+        .map_err(os)?;
     // Our bind mounts must not leak back into the host's mount namespace.
     mount(
         None::<&CStr>,
@@ -230,6 +354,11 @@ fn enter(
     if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    join_cgroups(cgroup_procs)
+}
+
+/// Moves the calling process into the cgroups whose `cgroup.procs` fds are given.
+fn join_cgroups(cgroup_procs: &[RawFd]) -> io::Result<()> {
     for &fd in cgroup_procs {
         // "0" moves the writing process itself (v1 and v2 alike).
         // SAFETY: plain system call on a static buffer.
