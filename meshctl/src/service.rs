@@ -154,7 +154,7 @@ pub struct CreateArgs {
     /// Replace the image's ENTRYPOINT (image tasks).
     #[arg(long)]
     entrypoint: Option<String>,
-    /// The user the container runs as: name, uid or uid:gid (image tasks).
+    /// The user the tasks run as: name, uid or uid:gid (process tasks: default nobody).
     #[arg(long, short = 'u')]
     user: Option<String>,
     /// The working directory of the task's program.
@@ -166,6 +166,8 @@ pub struct CreateArgs {
     /// A label on each task's container (key=value; image tasks).
     #[arg(long = "container-label")]
     container_label: Vec<String>,
+    #[command(flatten)]
+    security: flags::SecurityArgs,
     /// The tasks' hostname (default: the task name, e.g. web.1).
     #[arg(long)]
     hostname: Option<String>,
@@ -240,7 +242,7 @@ pub struct UpdateArgs {
     /// Replace the image's ENTRYPOINT ("" puts the image's back).
     #[arg(long, allow_hyphen_values = true)]
     entrypoint: Option<String>,
-    /// The user the container runs as ("" for the image's).
+    /// The user the tasks run as ("" for the default).
     #[arg(long, short = 'u')]
     user: Option<String>,
     /// The working directory of the task's program ("" for the default).
@@ -249,6 +251,12 @@ pub struct UpdateArgs {
     /// The signal that stops a task ("" for the default).
     #[arg(long = "stop-signal")]
     stop_signal: Option<String>,
+    /// Add a Linux capability (NET_BIND_SERVICE, ALL, ...).
+    #[arg(long = "cap-add")]
+    cap_add: Vec<String>,
+    /// Drop a Linux capability.
+    #[arg(long = "cap-drop")]
+    cap_drop: Vec<String>,
     /// Add or change a container label (key=value).
     #[arg(long = "container-label-add")]
     container_label_add: Vec<String>,
@@ -309,8 +317,8 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                 bail!(
                     "nothing to update: pass --replicas, --image, --args, --env-add/-rm, \
                      --constraint-add/-rm, --placement-pref-add/-rm, --publish-add/-rm, \
-                     --secret-add/-rm, --config-add/-rm, --health-*, --update-*, --restart-*, \
-                     --reserve-cpu/-memory, --force or --rollback"
+                     --secret-add/-rm, --config-add/-rm, --cap-add/-drop, --health-*, --update-*, \
+                     --restart-*, --reserve-cpu/-memory, --force or --rollback"
                 );
             }
             update(client, fmt, &args.name, &req, args.detach).await
@@ -742,7 +750,7 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
                 .map_err(msg)?,
         },
         resources: task_resources(a)?,
-        security: Default::default(),
+        security: a.security.security().map_err(msg)?,
     }))
 }
 
@@ -910,6 +918,8 @@ fn update_request(a: &UpdateArgs) -> Result<ServiceUpdate> {
         user: a.user.clone(),
         workdir: a.workdir.clone(),
         stop_signal: a.stop_signal.clone(),
+        cap_add: flags::capabilities("--cap-add", &a.cap_add).map_err(msg)?,
+        cap_drop: flags::capabilities("--cap-drop", &a.cap_drop).map_err(msg)?,
         container_label_add: flags::labels("--container-label-add", &a.container_label_add)
             .map_err(msg)?
             .into_iter()

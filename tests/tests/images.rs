@@ -337,11 +337,8 @@ fn an_image_task_runs_as_it_is_told_and_a_process_task_refuses_what_only_images_
     // Process tasks run as the agent's user with their command as given: what only an image
     // has is refused, and nothing is created.
     let whoami = mesh_tests::cluster::bin("mesh-whoami");
-    for (flag, value) in [
-        ("--user", "1000"),
-        ("--entrypoint", "/bin/sh"),
-        ("--container-label", "a=b"),
-    ] {
+    // (`--user` applies to process tasks too: tests/tests/isolation.rs.)
+    for (flag, value) in [("--entrypoint", "/bin/sh"), ("--container-label", "a=b")] {
         let out = h
             .meshctl(&[
                 "service",

@@ -192,6 +192,9 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
         "3",
         "-p",
         "8080:80",
+        // The secret's owner: a process task runs as nobody unless told.
+        "--user",
+        "1000",
         "--secret",
         "source=db_password,target=mysql_root_password,uid=1000,gid=1000,mode=0400",
         "-e",

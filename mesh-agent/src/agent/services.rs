@@ -477,17 +477,16 @@ fn check_run_options(service: &str, t: &TaskTemplate) -> Result<()> {
     if t.image.is_none() {
         let image_only = [
             (run.entrypoint.is_some(), "an entrypoint"),
-            (run.user.is_some(), "a user"),
             (!run.container_labels.is_empty(), "container labels"),
         ];
         if let Some((_, what)) = image_only.iter().find(|(set, _)| *set) {
             return Err(Error::Invalid(format!(
                 "service {service} runs a process, and {what} only applies to image tasks \
-                 (process tasks run as the agent's user, with their command as given)"
+                 (process tasks run their command as given)"
             )));
         }
     }
-    Ok(())
+    t.security.validate().map_err(Error::Invalid)
 }
 
 /// Limits the kernel can apply, none below what the task reserves (Docker's rules: at least
@@ -758,6 +757,7 @@ fn change_template(
     }
     change_run_options(&mut t.run, req);
     req.limits.apply(&mut t.resources.limits);
+    change_capabilities(&mut t.security, req);
     for k in &req.env_rm {
         t.env.retain(|(key, _)| key != k);
     }
@@ -827,6 +827,25 @@ fn change_run_options(run: &mut mesh_api::spec::RunOptions, req: &ServiceUpdate)
     }
     for (k, v) in &req.container_label_add {
         run.container_labels.insert(k.clone(), v.clone());
+    }
+}
+
+/// `--cap-add` and `--cap-drop` as Docker's `service update` takes them: a capability
+/// added leaves the dropped list and the other way round, so the last word on each wins.
+fn change_capabilities(sec: &mut mesh_api::spec::Security, req: &ServiceUpdate) {
+    let same =
+        |a: &str, b: &str| mesh_api::spec::capability(a).ok() == mesh_api::spec::capability(b).ok();
+    for c in &req.cap_add {
+        sec.cap_drop.retain(|d| !same(d, c));
+        if !sec.cap_add.iter().any(|a| same(a, c)) {
+            sec.cap_add.push(c.clone());
+        }
+    }
+    for c in &req.cap_drop {
+        sec.cap_add.retain(|a| !same(a, c));
+        if !sec.cap_drop.iter().any(|d| same(d, c)) {
+            sec.cap_drop.push(c.clone());
+        }
     }
 }
 

@@ -135,6 +135,11 @@ pub struct ServiceUpdate {
     pub workdir: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<String>,
+    /// Capabilities granted (`--cap-add`) and taken away (`--cap-drop`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub container_label_add: Vec<(String, String)>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -192,6 +197,8 @@ impl ServiceUpdate {
             || self.user.is_some()
             || self.workdir.is_some()
             || self.stop_signal.is_some()
+            || !self.cap_add.is_empty()
+            || !self.cap_drop.is_empty()
             || !self.container_label_add.is_empty()
             || !self.container_label_rm.is_empty()
             || !self.secret_add.is_empty()

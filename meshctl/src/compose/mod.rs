@@ -19,8 +19,8 @@ use serde_yaml::{Mapping, Value};
 use mesh_api::{
     spec::{
         EndpointMode, FileRef, HealthChange, Limits, MAX_FILE_OBJECT, MAX_HEALTH_RETRIES, PortSpec,
-        ProbeChange, Resources, RestartChange, RunOptions, STACK_LABEL, ServiceSpec, TaskResources,
-        TaskTemplate, UpdateConfigChange,
+        ProbeChange, Resources, RestartChange, RunOptions, STACK_LABEL, Security, ServiceSpec,
+        TaskResources, TaskTemplate, Ulimit, UpdateConfigChange,
     },
     v1::{ServiceCreate, StackDeploy, StackFile, StackNetwork},
 };
@@ -40,8 +40,6 @@ pub struct Parsed {
 /// Keys Swarm ignores in `stack deploy` (it warns "Ignoring unsupported options").
 const IGNORED_SERVICE_KEYS: &[&str] = &[
     "build",
-    "cap_add",
-    "cap_drop",
     "cgroup_parent",
     "container_name",
     "depends_on",
@@ -54,15 +52,12 @@ const IGNORED_SERVICE_KEYS: &[&str] = &[
     "userns_mode",
     "privileged",
     "logging",
-    "ulimits",
-    "sysctls",
     "tty",
     "stdin_open",
     "dns",
     "dns_search",
     "extra_hosts",
     "expose",
-    "init",
 ];
 
 fn key_str(k: &Value, at: &str) -> Result<String, String> {
@@ -230,6 +225,7 @@ struct ServiceDraft {
     replicas: Option<(u32, String)>,
     run: RunOptions,
     resources: TaskResources,
+    security: Security,
 }
 
 impl Stack {
@@ -373,6 +369,14 @@ impl Stack {
                 "secrets" => d.secrets = self.grants(v, &here, false)?,
                 "configs" => d.configs = self.grants(v, &here, true)?,
                 "healthcheck" => d.health = healthcheck(v, &here)?,
+                "cap_add" => d.security.cap_add = flags::capabilities(&here, &strings(v, &here)?)?,
+                "cap_drop" => {
+                    d.security.cap_drop = flags::capabilities(&here, &strings(v, &here)?)?
+                }
+                "sysctls" => d.security.sysctls = sysctls(v, &here)?,
+                "ulimits" => d.security.ulimits = ulimits(v, &here)?,
+                "init" => d.security.init = boolean(v, &here)?,
+                "read_only" => d.security.read_only = boolean(v, &here)?,
                 "deploy" => self.deploy_keys(v, &here, &mut d)?,
                 "volumes" => return Err(format!("{here}: mesh has no volumes; remove them")),
                 k if IGNORED_SERVICE_KEYS.contains(&k) => self
@@ -667,7 +671,7 @@ fn finish(d: ServiceDraft, at: &str) -> Result<ServiceSpec, String> {
         configs: d.configs,
         run: d.run,
         resources: d.resources,
-        security: Default::default(),
+        security: d.security,
     });
     Ok(spec)
 }
@@ -713,6 +717,54 @@ fn command(v: &Value, at: &str) -> Result<Vec<String>, String> {
         Value::String(s) => shlex::split(s).ok_or(format!("{at}: an unclosed quote")),
         _ => strings(v, at),
     }
+}
+
+fn boolean(v: &Value, at: &str) -> Result<bool, String> {
+    v.as_bool().ok_or(format!("{at}: expected true or false"))
+}
+
+/// `sysctls:` as a list of `NAME=VALUE` or a mapping; namespaced ones only.
+fn sysctls(v: &Value, at: &str) -> Result<BTreeMap<String, String>, String> {
+    list_or_map(v, at)?
+        .into_iter()
+        .map(|(k, val)| {
+            mesh_api::spec::sysctl(&format!("{k}={val}")).map_err(|e| format!("{at}: {e}"))
+        })
+        .collect()
+}
+
+/// `ulimits:` — `nofile: 4096` (soft = hard) or `nofile: {soft: 1024, hard: 4096}`.
+fn ulimits(v: &Value, at: &str) -> Result<Vec<Ulimit>, String> {
+    map(v, at)?
+        .iter()
+        .map(|(k, v)| {
+            let name = key_str(k, at)?;
+            let here = format!("{at}.{name}");
+            let (soft, hard) = match v {
+                Value::Mapping(m) => {
+                    let mut soft = None;
+                    let mut hard = None;
+                    for (k, v) in m {
+                        match key_str(k, &here)?.as_str() {
+                            "soft" => soft = Some(number(v, &format!("{here}.soft"))?),
+                            "hard" => hard = Some(number(v, &format!("{here}.hard"))?),
+                            other => return Err(format!("{here}: unknown key {other:?}")),
+                        }
+                    }
+                    match (soft, hard) {
+                        (Some(s), Some(h)) => (s, h),
+                        _ => return Err(format!("{here}: give both soft and hard")),
+                    }
+                }
+                _ => {
+                    let n = number(v, &here)?;
+                    (n, n)
+                }
+            };
+            mesh_api::spec::ulimit(&format!("{name}={soft}:{hard}"))
+                .map_err(|e| format!("{here}: {e}"))
+        })
+        .collect()
 }
 
 fn number(v: &Value, at: &str) -> Result<i64, String> {
@@ -926,6 +978,85 @@ services:
             e.starts_with("f0.yml: services.web.ports[0]: required variable PORT"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn security_and_run_keys_are_honoured_not_dropped() {
+        let out = p(r#"
+services:
+  w:
+    image: my/w:1
+    user: "1000:1000"
+    working_dir: /srv
+    entrypoint: ["/bin/w", "--serve"]
+    cap_drop: [ALL]
+    cap_add: [NET_BIND_SERVICE]
+    read_only: true
+    init: true
+    sysctls: { net.core.somaxconn: 1024 }
+    ulimits:
+      nproc: 65535
+      nofile: { soft: 4096, hard: 8192 }
+  v:
+    command: /bin/v
+    sysctls: ["net.ipv4.ip_forward=1"]
+"#)
+        .unwrap();
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        let t = out.deploy.services[0].spec.task.clone().unwrap();
+        assert_eq!(t.run.user.as_deref(), Some("1000:1000"));
+        assert_eq!(t.run.workdir.as_deref(), Some("/srv"));
+        assert_eq!(t.run.entrypoint.as_deref().unwrap(), ["/bin/w", "--serve"]);
+        let s = &t.security;
+        assert_eq!(
+            (s.cap_add.as_slice(), s.cap_drop.as_slice()),
+            (
+                &["NET_BIND_SERVICE".to_owned()][..],
+                &["ALL".to_owned()][..]
+            )
+        );
+        assert!(s.read_only && s.init);
+        assert_eq!(s.sysctls["net.core.somaxconn"], "1024");
+        assert_eq!(
+            s.ulimits,
+            [
+                Ulimit {
+                    name: "nofile".into(),
+                    soft: 4096,
+                    hard: 8192
+                },
+                Ulimit {
+                    name: "nproc".into(),
+                    soft: 65535,
+                    hard: 65535
+                },
+            ]
+        );
+        let v = out.deploy.services[1].spec.task.clone().unwrap();
+        assert_eq!(v.security.sysctls["net.ipv4.ip_forward"], "1");
+
+        for (bad, want) in [
+            (
+                "cap_add: [NET_BIND]",
+                "services.w.cap_add: unknown capability",
+            ),
+            (
+                "sysctls: { kernel.pid_max: 10 }",
+                "services.w.sysctls: sysctl kernel.pid_max is not namespaced",
+            ),
+            (
+                "ulimits: { nofile: { soft: 10 } }",
+                "services.w.ulimits.nofile: give both soft and hard",
+            ),
+            ("ulimits: { files: 10 }", "unknown ulimit"),
+            (
+                "read_only: maybe",
+                "services.w.read_only: expected true or false",
+            ),
+        ] {
+            let e = p(&format!("services:\n  w:\n    image: my/w:1\n    {bad}\n")).err().unwrap();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 
     #[test]

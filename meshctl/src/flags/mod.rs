@@ -9,6 +9,7 @@ mod placement;
 mod resources;
 mod restart;
 mod rollout;
+mod security;
 mod task;
 mod value;
 
@@ -18,5 +19,6 @@ pub use placement::{constraints, per_node, preferences, replicas};
 pub use resources::ReserveArgs;
 pub use restart::RestartArgs;
 pub use rollout::{ConfigWords, RolloutArgs};
+pub use security::{SecurityArgs, capabilities};
 pub use task::{env, env_file, file_refs, labels, ports, published_port};
 pub use value::{bytes, count, duration_ms, nano_cpus, parsed};
