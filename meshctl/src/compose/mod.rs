@@ -1021,14 +1021,14 @@ services:
             s.ulimits,
             [
                 Ulimit {
-                    name: "nofile".into(),
-                    soft: 4096,
-                    hard: 8192
-                },
-                Ulimit {
                     name: "nproc".into(),
                     soft: 65535,
                     hard: 65535
+                },
+                Ulimit {
+                    name: "nofile".into(),
+                    soft: 4096,
+                    hard: 8192
                 },
             ]
         );
@@ -1054,7 +1054,9 @@ services:
                 "services.w.read_only: expected true or false",
             ),
         ] {
-            let e = p(&format!("services:\n  w:\n    image: my/w:1\n    {bad}\n")).err().unwrap();
+            let e = p(&format!("services:\n  w:\n    image: my/w:1\n    {bad}\n"))
+                .err()
+                .unwrap();
             assert!(e.contains(want), "{bad}: {e}");
         }
     }
