@@ -84,6 +84,8 @@ impl Node {
         let state_dir = PathBuf::from("/run/mesh").join(&name).join("state");
         let mut config = TaskConfig::new(name.clone(), state_dir.clone());
         config.stop_timeout = Duration::from_secs(3);
+        // This test binary is not the agent: the tasks' init is the built mesh-agent.
+        config.init = crate::cluster::bin("mesh-agent");
         tweak(&mut config);
         let (overlay, tasks) = rt.block_on(async move {
             let handle = netlink::connect()?;

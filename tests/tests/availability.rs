@@ -52,19 +52,31 @@ fn one_task_service() -> (Cluster, SocketAddr, i32) {
     (c, web, pids[0])
 }
 
-/// SIGSTOP now, SIGCONT on drop: the task never stays frozen, whatever the test does.
-struct Frozen(i32);
+/// SIGSTOP now, SIGCONT on drop: the task never stays frozen, whatever the test does. The
+/// recorded PID is the task's init; its program (init's child) is the one that serves.
+struct Frozen(Vec<i32>);
 
 impl Frozen {
     fn freeze(pid: i32) -> Self {
-        kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
-        Self(pid)
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        let mut pids: Vec<i32> = children
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        pids.push(pid);
+        for p in &pids {
+            kill(Pid::from_raw(*p), Signal::SIGSTOP).unwrap();
+        }
+        Self(pids)
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
+        for p in &self.0 {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGCONT);
+        }
     }
 }
 

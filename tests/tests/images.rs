@@ -309,11 +309,43 @@ fn an_image_task_runs_as_it_is_told_and_a_process_task_refuses_what_only_images_
         "LEVEL=4",
         "--entrypoint",
         "/bin/sh -c",
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        "NET_BIND_SERVICE",
+        "--read-only",
+        "--ulimit",
+        "nofile=1024:2048",
         v1.name(),
         "echo started in $(pwd); exec sleep 1000",
     ])
     .unwrap();
     let ctr = inspect_labelled(&label);
+    // The security flags reach podman, and the kernel holds them.
+    let host = &ctr["HostConfig"];
+    assert_eq!(
+        ctr["EffectiveCaps"],
+        serde_json::json!(["CAP_NET_BIND_SERVICE"])
+    );
+    assert!(
+        host["CapDrop"].to_string().contains("CAP_CHOWN"),
+        "{host:#}"
+    );
+    assert_eq!(host["ReadonlyRootfs"], true, "{host:#}");
+    assert!(
+        host["Ulimits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["Name"] == "RLIMIT_NOFILE" && u["Soft"] == 1024 && u["Hard"] == 2048),
+        "{host:#}"
+    );
+    let pid = ctr["State"]["Pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.lines().any(|l| l == "CapBnd:\t0000000000000400"),
+        "{status}"
+    );
     let config = &ctr["Config"];
     assert_eq!(config["User"], "1000:1000", "{config:#}");
     assert_eq!(config["WorkingDir"], "/tmp", "{config:#}");

@@ -77,6 +77,9 @@ pub struct TaskConfig {
     /// socket, the agent's run-time directory): covered by empty read-only mounts in its
     /// mount namespace.
     pub masked: Vec<PathBuf>,
+    /// The binary that runs as a process task's init (see `init`): the agent's own. A
+    /// program embedding `Tasks` points it at a mesh-agent binary.
+    pub init: PathBuf,
 }
 
 impl TaskConfig {
@@ -91,6 +94,8 @@ impl TaskConfig {
             stop_timeout: Duration::from_secs(10),
             files_dir: PathBuf::from("/run/mesh/task-files"),
             masked: Vec::new(),
+            // The child's own /proc/self: the agent's binary even if it was replaced on disk.
+            init: PathBuf::from("/proc/self/exe"),
         }
     }
 }
@@ -582,6 +587,7 @@ impl Tasks {
                         workdir: record.spec.run.workdir.as_deref(),
                         log: &record.log,
                         files: &prepared,
+                        init: &config.init,
                     },
                     isolation
                 ))

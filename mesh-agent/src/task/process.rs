@@ -40,6 +40,8 @@ pub(super) struct Launch<'a> {
     pub log: &'a Path,
     /// Secrets and configs written into the task's own tmpfs before exec (see `files`).
     pub files: &'a [super::files::Prepared],
+    /// The task's init binary (see `init`).
+    pub init: &'a Path,
 }
 
 /// A running task process.
@@ -97,10 +99,8 @@ impl Entry {
         let Some(program) = launch.command.first() else {
             bail!("nothing to run: give a command");
         };
-        check_program(program, launch.env)?;
-        // The child's /proc/self is its own, in the fresh /proc: the agent's binary even if
-        // it was replaced on disk since.
-        let mut cmd = Command::new("/proc/self/exe");
+        check_program(program, launch.env, launch.workdir)?;
+        let mut cmd = Command::new(launch.init);
         cmd.arg(super::init::INIT_ARG)
             .arg("--")
             .args(launch.command)
@@ -169,13 +169,14 @@ fn chdir(w: Option<&CStr>) -> io::Result<()> {
 
 /// A program that cannot be found is refused before anything starts, as `docker run` does
 /// ("executable file not found in $PATH"), rather than becoming a task that exits 127.
-fn check_program(program: &str, env: &[(String, String)]) -> Result<()> {
+fn check_program(program: &str, env: &[(String, String)], workdir: Option<&str>) -> Result<()> {
     let executable = |p: &Path| {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
     if program.contains('/') {
-        if !executable(Path::new(program)) {
+        // A relative path is the task's, from its working directory.
+        if !executable(&Path::new(workdir.unwrap_or("/")).join(program)) {
             bail!("{program}: no such executable file");
         }
         return Ok(());
