@@ -298,7 +298,7 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
             "--secret-rm",
             "db_password",
             "--secret-add",
-            "source=db_password_v2,target=mysql_root_password,mode=0400",
+            "source=db_password_v2,target=mysql_root_password,uid=1000,mode=0400",
             "--update-order",
             "start-first",
             "--update-monitor",

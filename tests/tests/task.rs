@@ -245,8 +245,9 @@ fn stopping_a_task_ends_it_and_everything_it_left_in_its_namespace() {
         )
         .unwrap();
     let pid = task.pid.unwrap() as i32;
+    // The task's init, the shell (its trap set once it forks) and the background child.
     wait_for("the background child", Duration::from_secs(5), || {
-        mesh_agent::netns::pids(&mesh_agent::netns::path(&task.netns)).len() >= 2
+        mesh_agent::netns::pids(&mesh_agent::netns::path(&task.netns)).len() >= 3
     });
     let inside = mesh_agent::netns::pids(&mesh_agent::netns::path(&task.netns));
 
