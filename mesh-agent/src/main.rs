@@ -621,7 +621,8 @@ async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeP
         task_config.files_dir = run.join("task-files");
     }
     // What a compromised process task would want first: the key that admits it to gossip,
-    // the state with the node's own key, the API socket that commands the cluster.
+    // the state with the node's own key, the API socket that commands the cluster, the
+    // dataplane's maps.
     task_config.masked = [
         Some(config.state_dir.clone()),
         config.cluster_key_file.clone(),
@@ -629,6 +630,8 @@ async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeP
         config.socket.parent().map(Path::to_path_buf),
         Some(PathBuf::from("/run/mesh")),
         Some(PathBuf::from("/etc/mesh")),
+        // The dataplane's pinned maps: a task running as root must not open them.
+        Some(config.bpffs.clone()),
     ]
     .into_iter()
     .flatten()

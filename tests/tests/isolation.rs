@@ -185,6 +185,17 @@ fn a_process_task_cannot_reach_the_node_or_other_tasks() {
     fails(h, &attacker, &format!("ls {}", run.display()));
     fails(h, &attacker, &format!("ls {}", h.state_dir().display()));
     fails(h, &attacker, &format!("test -S {}", h.socket().display()));
+    // The dataplane's pinned maps.
+    assert!(h.bpffs().is_dir());
+    assert_eq!(
+        ok(
+            h,
+            &attacker,
+            &format!("ls -A {} | wc -l", h.bpffs().display())
+        )
+        .trim(),
+        "0"
+    );
 
     // mount and setns: refused without capabilities, done with SYS_ADMIN.
     let mnt = format!("mount -t tmpfs none {}", c.log_dir().display());
