@@ -1149,6 +1149,62 @@ mod tests {
     }
 
     #[test]
+    fn capabilities_are_checked_and_updated_as_docker_updates_them() {
+        // What the API is sent is checked again: nothing unknown or host-wide gets through.
+        let bad = |f: fn(&mut mesh_api::spec::Security)| {
+            err(spec(|s| f(&mut s.task.as_mut().unwrap().security)))
+        };
+        assert!(bad(|s| s.cap_add = vec!["NET_BIND".into()]).contains("unknown capability"));
+        assert!(
+            bad(|s| {
+                s.sysctls.insert("kernel.pid_max".into(), "10".into());
+            })
+            .contains("not namespaced")
+        );
+        let spec = spec(|s| {
+            let t = s.task.as_mut().unwrap();
+            t.run.user = Some("1000".into());
+            t.security.cap_drop = vec!["ALL".into()];
+        })
+        .expect("a process task takes --user");
+        let up = apply_update(
+            &spec,
+            &ServiceUpdate {
+                cap_add: vec!["NET_BIND_SERVICE".into()],
+                cap_drop: vec!["NET_RAW".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let sec = &up.task.as_ref().unwrap().security;
+        assert_eq!(sec.cap_add, ["NET_BIND_SERVICE"]);
+        assert_eq!(sec.cap_drop, ["ALL", "NET_RAW"]);
+        assert_ne!(up.template_id(), spec.template_id(), "a rolling update");
+        // Adding what was dropped takes it off the dropped list, and the other way round.
+        let back = apply_update(
+            &up,
+            &ServiceUpdate {
+                cap_add: vec!["cap_net_raw".into()],
+                cap_drop: vec!["net_bind_service".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let sec = &back.task.as_ref().unwrap().security;
+        assert_eq!(sec.cap_add, ["cap_net_raw"]);
+        assert_eq!(sec.cap_drop, ["ALL", "net_bind_service"]);
+
+        let wrong = apply_update(
+            &spec,
+            &ServiceUpdate {
+                cap_add: vec!["BOGUS".into()],
+                ..Default::default()
+            },
+        );
+        assert!(err(wrong).contains("unknown capability"));
+    }
+
+    #[test]
     fn a_new_image_rolls_the_tasks_and_a_rollback_takes_nothing_else() {
         let spec = spec(|s| s.task.as_mut().unwrap().image = Some("nginx:1.10".into())).unwrap();
         let up = apply_update(
