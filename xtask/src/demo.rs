@@ -547,8 +547,11 @@ fn demo(keep: bool) -> Result<()> {
             "--process",
             "--publish",
             "8081:80",
+            // Process tasks run as nobody unless told: the secret's owner is the task's user.
+            "--user",
+            "1000",
             "--secret",
-            "source=db_password,target=mysql_root_password,mode=0400",
+            "source=db_password,target=mysql_root_password,uid=1000,mode=0400",
             "--",
             &whoami,
             "--hash",
