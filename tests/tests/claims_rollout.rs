@@ -26,6 +26,9 @@ fn create(c: &Cluster, name: &str, markers: &Path) {
             "3",
             "--restart-delay",
             "300ms",
+            // The task removes a marker root made: it runs as root (without capabilities).
+            "--user",
+            "0",
             "--",
             "/bin/sh",
             "-c",
