@@ -67,11 +67,13 @@ pub(super) fn remove(config: &TaskConfig, netns: &str) -> Result<()> {
 /// limit (read before the leaf is removed).
 pub(super) fn exited(config: &TaskConfig, record: &TaskRecord, exit: Exit) -> ProcessState {
     let limit = record.spec.limits.memory_bytes;
+    // The task's init reports a program killed by signal N as exit 128 + N.
+    let killed = exit.signal == Some(libc::SIGKILL) || exit.code == Some(128 + libc::SIGKILL);
     let oom = limit > 0
         && match (relative(config), &config.cgroup_layout) {
             (Some(rel), Some(layout)) => {
                 Leaf::plan(layout, &rel, &record.netns, &record.spec.limits)
-                    .is_ok_and(|leaf| leaf.out_of_memory(exit.signal == Some(libc::SIGKILL)))
+                    .is_ok_and(|leaf| leaf.out_of_memory(killed))
             }
             _ => false,
         };
