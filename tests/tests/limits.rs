@@ -90,7 +90,7 @@ fn limits_are_enforced_by_the_kernel_and_an_oom_kill_is_a_failure_the_policy_res
         "import time; time.sleep(0.5); x = b'a' * (200 << 20); time.sleep(1000)",
     ])
     .unwrap();
-    // Forks 40 children under a limit of 20 processes (itself included).
+    // Forks 40 children under a limit of 20 processes (itself and the task's init included).
     let forker = r#"
 import os, time
 ok = failed = 0
@@ -240,14 +240,15 @@ time.sleep(1000)
     );
     h.meshctl_ok(&["node", "ls"]).unwrap();
 
-    // Forks past --limit-pids fail: 19 children fit beside the task's own process.
+    // Forks past --limit-pids fail: 18 children fit beside the task's init (PID 1 in the
+    // task, in the same leaf) and the program itself.
     let logs = c
         .eventually(Duration::from_secs(20), "forker reports", |_| {
             let out = h.meshctl_ok(&["service", "logs", "forker"])?;
             Ok(out.contains("forked=").then_some(out))
         })
         .unwrap();
-    assert!(logs.contains("forked=19 failed=21"), "{logs}");
+    assert!(logs.contains("forked=18 failed=22"), "{logs}");
     let forker_pids = leaf(&layout, h, Controller::Pids, "forker").unwrap();
     assert_eq!(read(&forker_pids, "pids.max"), "20");
     assert_eq!(read(&forker_pids, "pids.current"), "20");
