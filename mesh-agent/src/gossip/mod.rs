@@ -9,6 +9,7 @@
 //! authenticated and encrypted (`auth`) with keys from a key file (`keyring`).
 
 pub mod auth;
+pub mod chunks;
 pub mod keyring;
 pub mod sealed;
 pub mod token;
@@ -62,6 +63,8 @@ pub struct Gossip {
     auth: Option<Arc<auth::GossipAuth>>,
     /// This run's generation: what `node rm` of this node names.
     generation: u64,
+    /// Chunked values already verified (see [`chunks::Assembler`]).
+    assembler: std::sync::Mutex<chunks::Assembler>,
 }
 
 impl Gossip {
@@ -91,6 +94,10 @@ impl Gossip {
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
         };
+        let initial = initial
+            .iter()
+            .flat_map(|(k, v)| chunks::split(k, v))
+            .collect();
         let handle = spawn_chitchat(chitchat_config, initial, transport)
             .await
             .with_context(|| format!("starting gossip on {}", config.listen))?;
@@ -99,6 +106,7 @@ impl Gossip {
             local_change: Arc::new(Notify::new()),
             auth: None,
             generation,
+            assembler: Default::default(),
         })
     }
 
@@ -116,25 +124,37 @@ impl Gossip {
         self.generation
     }
 
-    /// Writes this node's keys (set when `Some`, delete when `None`) in one step.
+    /// Writes this node's keys (set when `Some`, delete when `None`) in one step. A value
+    /// too large for one datagram goes out as chunks (see [`chunks`]).
     pub async fn write(&self, changes: impl IntoIterator<Item = (String, Option<String>)>) {
         let chitchat = self.handle.chitchat();
         let mut cc = chitchat.lock().await;
         let state = cc.self_node_state();
         let mut changed = false;
         for (k, v) in changes {
-            match v {
-                Some(v) => {
-                    if state.get(&k) != Some(v.as_str()) {
-                        state.set(k, v);
-                        changed = true;
-                    }
+            let raw = v.map(|v| chunks::split(&k, &v)).unwrap_or_default();
+            // The manifest (or the small value itself) is the last raw key: when it is
+            // unchanged, so are its chunks.
+            if raw.last().map(|(_, v)| v.as_str()) == state.get(&k) {
+                continue;
+            }
+            changed = true;
+            let old_chunks: Vec<String> = state
+                .iter_prefix(&format!("{}{k}#", chunks::CHUNK_PREFIX))
+                .map(|(c, _)| c.to_owned())
+                .filter(|c| chunks::is_chunk_of(c, &k))
+                .collect();
+            if raw.is_empty() {
+                state.delete(&k);
+            }
+            for c in old_chunks {
+                if !raw.iter().any(|(r, _)| *r == c) {
+                    state.delete(&c);
                 }
-                None => {
-                    if state.get(&k).is_some() {
-                        state.delete(&k);
-                        changed = true;
-                    }
+            }
+            for (rk, rv) in raw {
+                if state.get(&rk) != Some(rv.as_str()) {
+                    state.set(rk, rv);
                 }
             }
         }
@@ -148,10 +168,8 @@ impl Gossip {
     pub async fn own_keys(&self) -> BTreeMap<String, String> {
         let chitchat = self.handle.chitchat();
         let mut cc = chitchat.lock().await;
-        cc.self_node_state()
-            .key_values()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
+        let mut assembler = self.assembler.lock().expect("assembler lock");
+        assembler.node(cc.self_node_state().key_values())
     }
 
     /// What identifies the cluster state without copying it: every known generation, its
@@ -180,6 +198,7 @@ impl Gossip {
         let chitchat = self.handle.chitchat();
         let cc = chitchat.lock().await;
         let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
+        let mut assembler = self.assembler.lock().expect("assembler lock");
         let nodes = cc
             .node_states()
             .iter()
@@ -187,12 +206,10 @@ impl Gossip {
                 name: id.node_id.to_string(),
                 generation: id.generation_id,
                 live: live.contains(id),
-                kv: state
-                    .key_values()
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect(),
+                kv: assembler.node(state.key_values()),
             })
             .collect();
+        assembler.forget_unseen();
         Snapshot {
             nodes,
             now_ms: Clock::now_ms(),
