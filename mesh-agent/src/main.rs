@@ -500,6 +500,7 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
     })
     .context("configuring the embedded DNS server")?;
     let parts = Parts { dns, node };
+    let gossip_stopped = gossip.stopped();
     let agent = Agent::new(config.clone(), gossip, parts);
     tokio::spawn(agent.clone().run());
     tokio::spawn(agent.clone().sweep_flows());
@@ -549,6 +550,13 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
             }
         }
         _ = int.recv() => info!("SIGINT: stopping"),
+        // Without gossip the node would keep serving a view that never changes again, and
+        // peers would evict it: better to end and be restarted (systemd's Restart=), while
+        // the pinned dataplane keeps forwarding.
+        e = gossip_stopped => {
+            error!("{e:#}; exiting so the agent is restarted (the dataplane keeps forwarding)");
+            return Err(e);
+        }
     }
     if let Some(why) = leaving {
         if let Err(e) = agent.clean_up_after_leaving().await {

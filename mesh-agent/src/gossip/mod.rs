@@ -14,6 +14,10 @@ pub mod keyring;
 pub mod sealed;
 pub mod token;
 pub mod transport;
+pub mod validate;
+
+#[cfg(test)]
+mod hostile_peer_tests;
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -223,6 +227,18 @@ impl Gossip {
         Changes {
             watcher,
             local: self.local_change.clone(),
+        }
+    }
+
+    /// Resolves when the gossip task ends (it panicked, or its socket failed), with why.
+    /// Nothing else restarts it: the agent must end and be restarted.
+    pub fn stopped(&self) -> impl std::future::Future<Output = anyhow::Error> + use<> {
+        let done = self.handle.termination_watcher();
+        async move {
+            match done.await {
+                Ok(()) => anyhow::anyhow!("gossip stopped"),
+                Err(e) => e.context("gossip stopped"),
+            }
         }
     }
 

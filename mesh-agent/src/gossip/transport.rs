@@ -7,8 +7,10 @@
 //!
 //! ```text
 //!  send:  envelope ─► chitchat UdpSocket ─lo─► encoder socket ─► seal ─► wire ─► peer
-//!  recv:  peer ─► wire ─► open ─► feeder socket of that peer ─lo─► chitchat UdpSocket ─► envelope
+//!  recv:  peer ─► wire ─► open ─► validate ─► feeder socket of that peer ─lo─► chitchat UdpSocket ─► envelope
 //! ```
+//!
+//! `validate` drops (and counts) authentic datagrams chitchat would mis-apply: see there.
 //!
 //! Each peer gets its own feeder socket, so a decoded envelope is attributed to its sender by
 //! the feeder it came from, whatever order loopback delivers in. After each datagram a feeder
@@ -37,6 +39,7 @@ use chitchat::{
 use tracing::debug;
 
 use super::auth::{GossipAuth, MAX_DATAGRAM, Refusal};
+use super::validate::{self, KnownNodes};
 use mesh_api::v1::DropReason;
 use mesh_api::v1::KeyId;
 
@@ -76,6 +79,8 @@ pub struct SealedSocket {
     send_buf: Vec<u8>,
     /// When each address was last sent a [`Refusal`]: one a second per sender at most.
     refused: HashMap<SocketAddr, Instant>,
+    /// Nodes that digests named recently (see `validate`).
+    known: KnownNodes,
 }
 
 impl SealedSocket {
@@ -90,6 +95,7 @@ impl SealedSocket {
             recv_buf: vec![0u8; MAX_DATAGRAM + 1].into_boxed_slice(),
             send_buf: Vec::with_capacity(MAX_DATAGRAM),
             refused: HashMap::new(),
+            known: KnownNodes::default(),
         })
     }
 
@@ -173,6 +179,13 @@ impl Socket for SealedSocket {
                             envelope: sentinel_envelope(),
                             num_bytes_received: n,
                         });
+                    }
+                    let checked = validate::check(plaintext)
+                        .and_then(|c| self.known.admit(&c.digest_nodes, Instant::now()));
+                    if let Err(e) = checked {
+                        debug!(%from, "gossip datagram rejected: {e}");
+                        self.auth.count_drop(from, DropReason::Invalid);
+                        continue;
                     }
                     if let Err(e) = self.codec.feed(from, plaintext) {
                         debug!(%from, "gossip datagram lost on loopback: {e:#}");
@@ -613,7 +626,7 @@ mod tests {
             ("unknown_key", 1),
             ("unknown_format", 1),
             ("unsealed", 1),
-            ("undecodable", 1),
+            ("invalid", 1),
             ("stray_loopback", 1),
         ] {
             assert_eq!(r.dropped[reason], n, "{reason}: {:?}", r.dropped);
@@ -659,8 +672,9 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
 
-        /// A key holder sending arbitrary bytes (here mostly past chitchat's header, so its
-        /// decoder does the work) gets them decoded or counted, never a panic or a stall.
+        /// A key holder sending arbitrary bytes (here mostly past chitchat's header, so the
+        /// validation and chitchat's decoder do the work) gets them decoded or counted, never
+        /// a panic or a stall.
         #[test]
         fn authentic_garbage_is_decoded_or_counted(
             body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
@@ -685,7 +699,9 @@ mod tests {
                         tokio::select! {
                             m = b.recv() => return Some(m.unwrap()),
                             _ = tokio::time::sleep(Duration::from_millis(2)) => {
-                                if b_auth.dropped(DropReason::Undecodable) > 0 {
+                                if b_auth.dropped(DropReason::Undecodable)
+                                    + b_auth.dropped(DropReason::Invalid) > 0
+                                {
                                     return None;
                                 }
                             }
@@ -698,7 +714,12 @@ mod tests {
                 assert_eq!(r.received, 1);
                 match got {
                     Some(m) => assert_eq!(m.from_addr, raw.local_addr().unwrap()),
-                    None => assert_eq!(r.dropped["undecodable"], 1, "{:?}", r.dropped),
+                    None => assert_eq!(
+                        r.dropped["undecodable"] + r.dropped["invalid"],
+                        1,
+                        "{:?}",
+                        r.dropped
+                    ),
                 }
             });
         }

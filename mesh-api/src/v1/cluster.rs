@@ -167,10 +167,13 @@ pub enum DropReason {
     Oversized,
     /// A peer refused this node's datagram (a refusal): it does not hold our key.
     Refused,
+    /// Authentic, but not what chitchat itself sends (ops out of order, versions going back,
+    /// too many nodes, too large once decompressed): chitchat would mis-apply it.
+    Invalid,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Truncated,
         DropReason::Unsealed,
         DropReason::UnknownFormat,
@@ -183,6 +186,7 @@ impl DropReason {
         DropReason::StrayLoopback,
         DropReason::Oversized,
         DropReason::Refused,
+        DropReason::Invalid,
     ];
 
     pub fn name(self) -> &'static str {
@@ -199,6 +203,7 @@ impl DropReason {
             DropReason::StrayLoopback => "stray_loopback",
             DropReason::Oversized => "oversized",
             DropReason::Refused => "refused",
+            DropReason::Invalid => "invalid",
         }
     }
 
@@ -221,6 +226,11 @@ impl DropReason {
                 "a peer does not accept this node's cluster key: a rotation retired it while this \
                  node was away (join again with a current `meshctl join-token`), or the peer is \
                  of another cluster"
+            }
+            DropReason::Invalid => {
+                "a key holder sent gossip that could corrupt this node's state (ops out of order, \
+                 phantom nodes, a decompression bomb): a compromised node, or an incompatible \
+                 chitchat version"
             }
             DropReason::Truncated | DropReason::UnknownFormat => {
                 "something that is not mesh gossip reached the gossip port"
