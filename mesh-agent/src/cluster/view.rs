@@ -1,7 +1,7 @@
 //! The merged view of the cluster computed from every node's gossiped keys.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
@@ -580,13 +580,19 @@ fn merge_kind<T: Clone + Serialize + DeserializeOwned>(
     view: &mut View,
 ) -> BTreeMap<String, Replicated<T>> {
     let mut copies: BTreeMap<String, Vec<Replicated<T>>> = BTreeMap::new();
+    // Every node republishes every object, so most copies are the same text: decode each
+    // text once (a secret or config can be 700 KB of JSON).
+    let mut decoded: HashMap<&str, Option<Replicated<T>>> = HashMap::new();
     for n in &snapshot.nodes {
         for (k, v) in n.kv.range(prefix.to_owned()..) {
             let Some(name) = k.strip_prefix(prefix) else {
                 break;
             };
-            if let Some(r) = replicated::decode::<T>(v) {
-                copies.entry(name.to_owned()).or_default().push(r);
+            let r = decoded
+                .entry(v.as_str())
+                .or_insert_with(|| replicated::decode::<T>(v));
+            if let Some(r) = r {
+                copies.entry(name.to_owned()).or_default().push(r.clone());
             }
         }
     }

@@ -13,7 +13,10 @@
 //! `validate` drops (and counts) authentic datagrams chitchat would mis-apply: see there.
 //!
 //! Each peer gets its own feeder socket, so a decoded envelope is attributed to its sender by
-//! the feeder it came from, whatever order loopback delivers in. After each datagram a feeder
+//! the feeder it came from, whatever order loopback delivers in. One datagram is with chitchat
+//! at a time (the others wait here): a burst of near-64 KB datagrams (large values crossing
+//! as chunks) would overflow the codec socket's receive buffer, losing datagrams while
+//! their small sentinels got through. After each datagram a feeder
 //! sends a sentinel (chitchat's 4-byte `BadCluster` message): a sentinel that arrives with no
 //! decoded envelope before it means chitchat could not decode the datagram, which is counted.
 //! Only sockets of this agent reach the codec: the encoder is connected to the chitchat socket
@@ -24,7 +27,7 @@
 //! beside a 100 ms gossip interval.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::{Ipv4Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
@@ -50,6 +53,9 @@ const SENTINEL: [u8; 4] = [0x53, 0xb0, 0x00, 0x03];
 const MAX_FEEDERS: usize = 1024;
 /// Loopback delivers at once; this only bounds a wait that something went badly wrong in.
 const ENCODE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Opened datagrams kept waiting for chitchat (at most 64 KB each); beyond, the newest are
+/// dropped as a full socket buffer would, and gossip sends them again.
+const MAX_WAITING: usize = 64;
 
 /// Seals gossip with the keys of a [`GossipAuth`].
 pub struct SealedTransport {
@@ -145,18 +151,25 @@ impl Socket for SealedSocket {
     /// receives are, and everything after them is synchronous.
     async fn recv(&mut self) -> Result<RecvOutcome> {
         loop {
+            let stuck = self.codec.in_flight.map(|t| t + ENCODE_TIMEOUT);
             tokio::select! {
                 decoded = self.codec.chitchat.recv() => {
                     match self.codec.resolve(decoded.context("the gossip codec socket failed")?) {
                         Resolved::Message(m) => return Ok(m),
                         Resolved::Undecodable(peer) => {
-                            self.auth.count_drop(peer, DropReason::Undecodable)
+                            self.auth.count_drop(peer, DropReason::Undecodable);
+                            self.codec.feed_next();
                         }
                         Resolved::Stray(from) => {
                             self.auth.count_drop(from, DropReason::StrayLoopback)
                         }
-                        Resolved::Sentinel => {}
+                        Resolved::Sentinel => self.codec.feed_next(),
                     }
+                }
+                _ = tokio::time::sleep_until(stuck.unwrap_or_else(Instant::now).into()),
+                    if stuck.is_some() => {
+                    debug!("a gossip datagram got no answer from the codec; feeding the next");
+                    self.codec.feed_next();
                 }
                 received = self.wire.recv_from(&mut self.recv_buf[..]) => {
                     let (n, from) = match received {
@@ -187,9 +200,7 @@ impl Socket for SealedSocket {
                         self.auth.count_drop(from, DropReason::Invalid);
                         continue;
                     }
-                    if let Err(e) = self.codec.feed(from, plaintext) {
-                        debug!(%from, "gossip datagram lost on loopback: {e:#}");
-                    }
+                    self.codec.submit(from, plaintext);
                 }
             }
         }
@@ -326,6 +337,10 @@ struct Codec {
     feeders: HashMap<SocketAddr, Feeder>,
     /// Feeder address by peer.
     by_peer: HashMap<SocketAddr, SocketAddr>,
+    /// Opened datagrams waiting for chitchat to finish the one before them.
+    waiting: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// When the datagram chitchat has was fed (until its sentinel comes back).
+    in_flight: Option<Instant>,
 }
 
 impl Codec {
@@ -348,6 +363,8 @@ impl Codec {
             encoded: vec![0u8; MAX_DATAGRAM + 1].into_boxed_slice(),
             feeders: HashMap::new(),
             by_peer: HashMap::new(),
+            waiting: VecDeque::new(),
+            in_flight: None,
         })
     }
 
@@ -373,6 +390,36 @@ impl Codec {
         .context("the gossip codec lost a datagram on loopback")?
         .context("reading encoded gossip")
         .map(|n| &self.encoded[..n])
+    }
+
+    /// Hands an opened datagram to chitchat now if it is idle, else queues it.
+    fn submit(&mut self, peer: SocketAddr, plaintext: &[u8]) {
+        if self.in_flight.is_some() {
+            if self.waiting.len() < MAX_WAITING {
+                self.waiting.push_back((peer, plaintext.to_vec()));
+            } else {
+                debug!(%peer, "gossip codec busy: datagram dropped");
+            }
+            return;
+        }
+        self.feed_now(peer, plaintext);
+    }
+
+    /// The datagram with chitchat is done: hands it the next one waiting.
+    fn feed_next(&mut self) {
+        self.in_flight = None;
+        while self.in_flight.is_none()
+            && let Some((peer, plaintext)) = self.waiting.pop_front()
+        {
+            self.feed_now(peer, &plaintext);
+        }
+    }
+
+    fn feed_now(&mut self, peer: SocketAddr, plaintext: &[u8]) {
+        match self.feed(peer, plaintext) {
+            Ok(()) => self.in_flight = Some(Instant::now()),
+            Err(e) => debug!(%peer, "gossip datagram lost on loopback: {e:#}"),
+        }
     }
 
     /// Hands an opened datagram from `peer` to chitchat to decode, followed by a sentinel.
