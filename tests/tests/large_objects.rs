@@ -162,14 +162,18 @@ fn large_secrets_and_configs_reach_a_remote_task_without_holding_up_other_change
     ];
     let mut paths = Vec::new();
     for (kind, name, _) in &expected {
-        let target = match *kind {
-            "secret" => format!("/run/secrets/{name}"),
-            // Unique per cluster: the process driver shares the host's /etc.
-            _ => format!("/etc/{}-{name}", c.name()),
+        // Secrets appear as /run/secrets/<target>; a config's target is a path, unique per
+        // cluster here as the process driver shares the host's /etc.
+        let (target, path) = match *kind {
+            "secret" => (name.clone(), format!("/run/secrets/{name}")),
+            _ => {
+                let p = format!("/etc/{}-{name}", c.name());
+                (p.clone(), p)
+            }
         };
         args.push(format!("--{kind}"));
         args.push(format!("source={name},target={target}"));
-        paths.push(target);
+        paths.push(path);
     }
     args.push("--".into());
     args.extend(["sh".into(), "-c".into()]);
