@@ -134,18 +134,25 @@ pub fn holding<S: futures_util::Stream + Send + 'static>(
     })
 }
 
+/// Who is on the other end of an API connection, from the socket (SO_PEERCRED), set by
+/// [`serve`].
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub uid: Option<u32>,
+}
+
 /// Something that accepts connections: a TCP or a unix listener.
 pub trait Accept {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     /// The next connection and what the router should know of its peer.
     fn accept(
         &self,
-    ) -> impl std::future::Future<Output = std::io::Result<(Self::Io, Option<crate::http::Peer>)>> + Send;
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Io, Option<Peer>)>> + Send;
 }
 
 impl Accept for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
-    async fn accept(&self) -> std::io::Result<(Self::Io, Option<crate::http::Peer>)> {
+    async fn accept(&self) -> std::io::Result<(Self::Io, Option<Peer>)> {
         let (s, _) = tokio::net::TcpListener::accept(self).await?;
         Ok((s, None))
     }
@@ -153,9 +160,9 @@ impl Accept for tokio::net::TcpListener {
 
 impl Accept for tokio::net::UnixListener {
     type Io = tokio::net::UnixStream;
-    async fn accept(&self) -> std::io::Result<(Self::Io, Option<crate::http::Peer>)> {
+    async fn accept(&self) -> std::io::Result<(Self::Io, Option<Peer>)> {
         let (s, _) = tokio::net::UnixListener::accept(self).await?;
-        let peer = crate::http::Peer {
+        let peer = Peer {
             uid: s.peer_cred().ok().map(|c| c.uid()),
         };
         Ok((s, Some(peer)))

@@ -15,14 +15,16 @@ pub mod plan;
 pub mod resources;
 pub mod restart;
 pub mod rollout;
+pub mod schedule;
 pub mod spec;
 pub mod task;
 
 pub use job::JobProgress;
-pub use plan::{Cluster, Plan, Service, SlotPlacement, SlotPlan, Stop, plan, plan_all};
+pub use plan::{Cluster, Plan, Service, SlotPlacement, SlotPlan, Stop};
 pub use resources::{bytes_size, cpus, reserved_by_node};
 pub use restart::{AfterExit, after_exit};
 pub use rollout::{Failure, Progress, coordinator, progress};
+pub use schedule::{plan, plan_all};
 pub use spec::{
     Constraint, FailureAction, Field, MAX_REPLICAS, Node, Op, Placement, Platform, Ratio,
     Resources, RestartCondition, RestartPolicy, Role, ServiceMode, Spread, UpdateConfig,

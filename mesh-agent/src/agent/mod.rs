@@ -66,6 +66,9 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The node-to-node API's name among a node's reserved ports (its peers find the port by it).
+pub const PEER_API_USED_BY: &str = "node-to-node API (service logs)";
+
 pub struct Agent {
     pub config: ResolvedConfig,
     pub gossip: Gossip,
@@ -453,7 +456,7 @@ fn reserved_ports(config: &ResolvedConfig) -> Vec<crate::cluster::ReservedPort> 
         ports.push(ReservedPort {
             protocol: Protocol::Tcp,
             port: config.gossip_port,
-            used_by: crate::http::peer_logs::USED_BY.into(),
+            used_by: PEER_API_USED_BY.into(),
         });
     }
     let on_node = |a: &std::net::SocketAddr| {

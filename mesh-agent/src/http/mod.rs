@@ -114,12 +114,7 @@ pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Who is on the other end of an API connection, from the socket (SO_PEERCRED), set by
-/// [`crate::serving::serve`].
-#[derive(Clone, Copy, Debug)]
-pub struct Peer {
-    pub uid: Option<u32>,
-}
+pub use crate::serving::Peer;
 
 /// Serves the API on a bound socket, with [`Limits::API`], until the future is dropped.
 pub async fn serve(listener: UnixListener, agent: Arc<Agent>) -> anyhow::Result<()> {

@@ -39,7 +39,7 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const BATCH: usize = 64;
 const _: () = assert!(BATCH * crate::task::MAX_LOG_LINE * 6 + (1 << 20) <= MAX_FRAME);
 /// What `reserved_ports` calls the listener, so peers find its port.
-pub const USED_BY: &str = "node-to-node API (service logs)";
+pub const USED_BY: &str = crate::agent::PEER_API_USED_BY;
 
 /// What one agent asks another.
 #[derive(Debug, Serialize, Deserialize)]
