@@ -150,6 +150,19 @@ fn secrets_are_resealed_under_the_new_key_and_still_open_after_a_rotation() {
             })
             .unwrap();
         }
+        if step.len() == 2 {
+            // The old key is dropped only once the secret is sealed under the new one (the
+            // README's order): dropped at once, nobody could open it any more.
+            let primary = key_ids(&stats(&c, 1))[0].clone();
+            for i in 1..=3 {
+                c.eventually(
+                    Duration::from_secs(10),
+                    &format!("pw resealed under {primary} before the old key goes (host{i})"),
+                    |c| Ok((secret_key(c, i) == primary).then_some(())),
+                )
+                .unwrap();
+            }
+        }
     }
     let new_id = key_ids(&stats(&c, 1))[0].clone();
     assert_ne!(new_id, old_id);
