@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::{
     plan::{
         Cluster, Plan, Room, Service, SlotPlacement, SlotPlan, Stop, describe_unfit,
-        no_suitable_node, pick, retire, unfit,
+        no_suitable_node, nodes_for, pick, reserved_with, retire,
     },
     spec::{Node, Resources, ServiceMode},
     task::{Slot, Task, TaskState},
@@ -36,13 +36,7 @@ pub(crate) fn plan(
     service: &Service,
     starting: &BTreeMap<String, Resources>,
 ) -> Plan {
-    let nodes: BTreeMap<&str, &Node> = cluster.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    let eligible: BTreeSet<&str> = cluster
-        .nodes
-        .iter()
-        .filter(|n| unfit(n, service).is_none())
-        .map(|n| n.name.as_str())
-        .collect();
+    let (nodes, eligible) = nodes_for(cluster, service);
     let ready = |node: &str| nodes.get(node).is_some_and(|n| n.ready);
     // Unlike services, a job's next slot is placed without looking at the other services'
     // tasks: that load is what views disagree on most (every task start and end moves it),
@@ -51,11 +45,7 @@ pub(crate) fn plan(
     // tasks and the hash alone, nodes that agree on the job agree on the node.
     let load: BTreeMap<&str, usize> = BTreeMap::new();
     // Reservations are a hard limit all the same: what every node's tasks reserve.
-    let mut used = crate::resources::reserved_by_node(cluster.tasks);
-    for (node, r) in starting {
-        let u = used.entry(node.as_str()).or_default();
-        *u = u.saturating_add(*r);
-    }
+    let mut used = reserved_with(cluster, starting);
     let room = Room {
         nodes: &nodes,
         want: service.reservation,

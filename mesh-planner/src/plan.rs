@@ -143,6 +143,35 @@ pub(crate) enum Unfit {
     Constraint(usize),
 }
 
+/// The cluster's nodes by name, and those a task of `service` may run on.
+pub(crate) fn nodes_for<'a>(
+    cluster: &Cluster<'a>,
+    service: &Service,
+) -> (BTreeMap<&'a str, &'a Node>, BTreeSet<&'a str>) {
+    let nodes = cluster.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let eligible = cluster
+        .nodes
+        .iter()
+        .filter(|n| unfit(n, service).is_none())
+        .map(|n| n.name.as_str())
+        .collect();
+    (nodes, eligible)
+}
+
+/// What each node's live tasks reserve, with `starting` (what this pass already places)
+/// on top.
+pub(crate) fn reserved_with<'a>(
+    cluster: &Cluster<'a>,
+    starting: &'a BTreeMap<String, Resources>,
+) -> BTreeMap<&'a str, Resources> {
+    let mut used = resources::reserved_by_node(cluster.tasks);
+    for (node, r) in starting {
+        let u = used.entry(node.as_str()).or_default();
+        *u = u.saturating_add(*r);
+    }
+    used
+}
+
 /// The plan of a service (not a job) with `starting` reserved on top of the view's live
 /// tasks.
 pub(crate) fn plan_service(
@@ -150,13 +179,7 @@ pub(crate) fn plan_service(
     service: &Service,
     starting: &BTreeMap<String, Resources>,
 ) -> Plan {
-    let nodes: BTreeMap<&str, &Node> = cluster.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    let eligible: BTreeSet<&str> = cluster
-        .nodes
-        .iter()
-        .filter(|n| unfit(n, service).is_none())
-        .map(|n| n.name.as_str())
-        .collect();
+    let (nodes, eligible) = nodes_for(cluster, service);
     let ready = |node: &str| nodes.get(node).is_some_and(|n| n.ready);
     // Tasks of other services still count as load on a node (the last tie-breaker).
     let mut load: BTreeMap<&str, usize> = BTreeMap::new();
@@ -169,11 +192,7 @@ pub(crate) fn plan_service(
     }
     // What each node's live tasks reserve, this service's included: a task being replaced
     // or stopped holds its reservation until it is gone.
-    let mut used = resources::reserved_by_node(cluster.tasks);
-    for (node, r) in starting {
-        let u = used.entry(node.as_str()).or_default();
-        *u = u.saturating_add(*r);
-    }
+    let mut used = reserved_with(cluster, starting);
     let room = Room {
         nodes: &nodes,
         want: service.reservation,
