@@ -5,6 +5,7 @@
 
 pub mod availability;
 pub mod cluster;
+pub mod events;
 pub mod flood;
 pub mod image;
 pub mod netns;

@@ -9,94 +9,9 @@
 //! service write (create, update and scale alike) or ~10 a second from churning tasks: minutes
 //! of CPU for one assertion.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::{process::Command, time::Duration};
 
-use mesh_tests::{Cluster, Host, cluster::bin};
-use serde_json::Value;
-
-/// A running `meshctl --format json events ARGS…` and the events it printed.
-struct Follower {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<Value>,
-}
-
-impl Follower {
-    fn start(h: &Host, args: &[&str]) -> Self {
-        let mut child = Command::new(bin("meshctl"))
-            .arg("--socket")
-            .arg(h.socket())
-            .args(["--format", "json", "events"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, line: &str) -> Value {
-        let e: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
-        self.seen.push(e.clone());
-        e
-    }
-
-    /// Waits until `want` (`(type, action, actor)`) have been printed in this order, other
-    /// events in between allowed.
-    fn expect(&mut self, want: &[(&str, &str, &str)], timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut matched = 0;
-        let first = self.seen.len();
-        while matched < want.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
-                panic!(
-                    "no {:?} within {timeout:?}; read {:#?}",
-                    &want[matched..],
-                    &self.seen[first..]
-                )
-            });
-            let e = self.push(&line);
-            let (t, a, actor) = want[matched];
-            if e["type"] == t && e["action"] == a && e["actor"] == actor {
-                matched += 1;
-            }
-        }
-    }
-
-    /// Reads what else arrives until nothing has for `quiet`.
-    fn settle(&mut self, quiet: Duration) {
-        while let Ok(line) = self.lines.recv_timeout(quiet) {
-            self.push(&line);
-        }
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use mesh_tests::{Cluster, cluster::bin, events::Follower};
 
 fn whoami() -> String {
     bin("mesh-whoami").to_str().unwrap().to_owned()

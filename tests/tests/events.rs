@@ -3,81 +3,13 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use mesh_tests::{Cluster, Host, cluster::bin};
+use mesh_tests::{Cluster, cluster::bin, events::Follower};
 use serde_json::Value;
-
-/// A running `meshctl events` and the lines it printed.
-struct Follower {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<Value>,
-}
-
-impl Follower {
-    fn start(h: &Host, args: &[&str]) -> Self {
-        let mut child = Command::new(bin("meshctl"))
-            .arg("--socket")
-            .arg(h.socket())
-            .args(["--format", "json", "events"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits until `want` (`(type, action, actor)`, an actor of `*` matches any) have been
-    /// printed in this order, other events in between allowed; returns the matched ones.
-    fn expect(&mut self, want: &[(&str, &str, &str)], timeout: Duration) -> Vec<Value> {
-        let deadline = Instant::now() + timeout;
-        let mut matched = Vec::new();
-        let first = self.seen.len();
-        while matched.len() < want.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
-                panic!(
-                    "no {:?} within {timeout:?}; read {:#?}",
-                    &want[matched.len()..],
-                    &self.seen[first..]
-                )
-            });
-            let e: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
-            self.seen.push(e.clone());
-            let (t, a, actor) = want[matched.len()];
-            if e["type"] == t && e["action"] == a && (actor == "*" || e["actor"] == actor) {
-                matched.push(e);
-            }
-        }
-        matched
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn create(c: &Cluster, name: &str, args: &[&str]) {
     let whoami = bin("mesh-whoami");
