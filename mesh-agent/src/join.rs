@@ -30,7 +30,17 @@ use zeroize::Zeroizing;
 use crate::{InitArgs, JoinArgs, run_agent};
 
 const UNIT: &str = "mesh-agent";
-const UNIT_FILE: &str = "/etc/systemd/system/mesh-agent.service";
+/// Where the unit may be: `mesh-agent install` writes the first, the Debian package
+/// (`cargo xtask dist`) the others. An installed unit is never replaced by another copy.
+const UNIT_FILES: &[&str] = &[
+    "/etc/systemd/system/mesh-agent.service",
+    "/lib/systemd/system/mesh-agent.service",
+    "/usr/lib/systemd/system/mesh-agent.service",
+];
+
+fn unit_installed() -> bool {
+    UNIT_FILES.iter().any(|f| Path::new(f).exists())
+}
 /// How long join waits for the member to answer its probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -339,7 +349,7 @@ async fn start(config: AgentConfig, path: &Path, systemd: bool, changed: bool) -
             path.display()
         );
     }
-    if !Path::new(UNIT_FILE).exists() {
+    if !unit_installed() {
         for p in mesh_agent::install::install(Path::new("/"))? {
             eprintln!("installed {}", p.display());
         }
@@ -454,7 +464,7 @@ pub async fn leave(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if systemctl_available() && Path::new(UNIT_FILE).exists() {
+    if systemctl_available() && unit_installed() {
         // Left for good: the unit must not bring the agent back at boot.
         let _ = systemctl(&["disable", UNIT]);
     }

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod dist;
 mod layout;
 
 #[derive(Parser)]
@@ -38,6 +39,16 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// A Debian package (mesh-agent, meshctl, mesh-cni, the systemd unit, a default
+    /// agent.toml) in target/dist/, built from a release build.
+    Dist {
+        /// Package the debug binaries already built (`cargo build --bins`) instead.
+        #[arg(long)]
+        debug: bool,
+        /// The directory the package is written to (default: target/dist).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -46,6 +57,7 @@ fn main() -> Result<()> {
         Task::Layout => layout::run(),
         Task::Demo { keep } => demo::run(keep),
         Task::Bench { target, quick } => bench::run(target, quick),
+        Task::Dist { debug, out } => dist::run(debug, out),
     }
 }
 
