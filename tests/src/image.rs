@@ -34,13 +34,23 @@ impl Image {
 
     /// A busybox image whose CMD is `cmd` (JSON array form).
     pub fn busybox(what: &str, cmd: &str) -> Result<Self> {
+        let seq = SEQ.fetch_add(1, Ordering::SeqCst);
+        Self::named(
+            &format!("localhost/mt{}-{what}:{seq}", std::process::id()),
+            cmd,
+        )
+    }
+
+    /// A busybox image under a name of the caller's (the demo's `localhost/demo-web:1`),
+    /// whose CMD is `cmd` (JSON array form).
+    pub fn named(name: &str, cmd: &str) -> Result<Self> {
         let busybox = Path::new("/bin/busybox");
         if !busybox.exists() {
             bail!("/bin/busybox is missing: install busybox-static (scripts/setup.sh does)");
         }
+        let name = name.to_owned();
         let seq = SEQ.fetch_add(1, Ordering::SeqCst);
-        let name = format!("localhost/mt{}-{what}:{seq}", std::process::id());
-        let dir = std::env::temp_dir().join(format!("mt{}-{what}-{seq}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("mt{}-image-{seq}", std::process::id()));
         let rootfs = dir.join("rootfs");
         std::fs::create_dir_all(rootfs.join("bin"))?;
         std::fs::create_dir_all(rootfs.join("www"))?;

@@ -16,8 +16,9 @@ fn the_demo_runs_every_step_and_cleans_up() {
     for step in [
         "1. The nodes",
         "5. A rolling update",
-        "7. A secret",
-        "9. The visualizer",
+        "6. Seed 001 with an image",
+        "8. A secret",
+        "10. The visualizer",
     ] {
         assert!(stdout.contains(step), "no step {step:?} in:\n{stdout}");
     }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::{Cluster, Host, cluster::bin};
+use mesh_tests::{Cluster, Host, cluster::bin, image::Image};
 use serde_json::Value;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -115,12 +115,17 @@ fn curls(c: &Cluster, h: &Host, n: usize) -> Result<Vec<String>> {
 
 /// `n` curls of `http://host:8080<path>` from the client; the answers.
 fn curls_of(c: &Cluster, h: &Host, path: &str, n: usize) -> Result<Vec<String>> {
+    curls_at(c, h, 8080, path, n)
+}
+
+/// `n` curls of `http://host:<port><path>` from the client; the answers.
+fn curls_at(c: &Cluster, h: &Host, port: u16, path: &str, n: usize) -> Result<Vec<String>> {
     let client = format!("{}-xclient", c.name());
     let mut answers = Vec::new();
     for _ in 0..n {
         let out = Command::new("ip")
             .args(["netns", "exec", &client, "curl", "-s", "--max-time", "3"])
-            .arg(format!("http://{}:8080{path}", h.ip))
+            .arg(format!("http://{}:{port}{path}", h.ip))
             .output()?;
         let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         answers.push(if body.is_empty() {
@@ -431,7 +436,9 @@ fn demo(keep: bool) -> Result<()> {
         verdict.err().unwrap_or_default(),
     )?;
 
-    step("6. A task dies and is restarted; host3 dies and its tasks run elsewhere; host2 drains")?;
+    seed_001_with_an_image(&c)?;
+
+    step("7. A task dies and is restarted; host3 dies and its tasks run elsewhere; host2 drains")?;
     let rows: Vec<Value> = c.host(1).meshctl_json(&["ps"])?;
     let victim = rows
         .iter()
@@ -514,7 +521,7 @@ fn demo(keep: bool) -> Result<()> {
         format!("{spread:?}"),
     )?;
 
-    step("7. A secret mounted at /run/secrets, and a compose stack whose web reaches api by name")?;
+    step("8. A secret mounted at /run/secrets, and a compose stack whose web reaches api by name")?;
     let secret = b"1q2w3e4r";
     println!("\x1b[2m[host1]$ echo -n 1q2w3e4r | meshctl secret create db_password -\x1b[0m");
     {
@@ -645,7 +652,7 @@ networks:
     )?;
 
     step(
-        "8. DNS from inside a task (resolver at 127.0.0.11): a service, its tasks, an outside name",
+        "9. DNS from inside a task (resolver at 127.0.0.11): a service, its tasks, an outside name",
     )?;
     let tasks: Vec<Value> = c.host(1).meshctl_json(&["ps"])?;
     let netns = tasks
@@ -688,7 +695,7 @@ networks:
         )?;
     }
 
-    step("9. The visualizer")?;
+    step("10. The visualizer")?;
     let page = Command::new("curl")
         .args(["-s", "--max-time", "3"])
         .arg(format!("http://127.0.0.1:{UI_PORT}/"))
@@ -732,4 +739,148 @@ fn fnv(data: &[u8]) -> String {
         h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+/// What an image of the demo serves: `<hostname> <version>`, so a curl shows which task and
+/// which image answered. Exits at once on SIGTERM, as a well-behaved image does.
+fn web_image(version: u32) -> Result<Image> {
+    Image::named(
+        &format!("localhost/demo-web:{version}"),
+        &format!(
+            r#"["/bin/sh","-c","trap 'exit 0' TERM; echo $(hostname) v{version} > /www/index.html; httpd -f -p 80 -h /www & wait"]"#
+        ),
+    )
+}
+
+/// Seed 001, step for step, with an image (podman): create with Docker's argument order,
+/// round robin from every node, scale, a rolling `update --image` under a counting client,
+/// the old tasks as `\_` rows, rollback, rm.
+fn seed_001_with_an_image(c: &Cluster) -> Result<()> {
+    step(
+        "6. Seed 001 with an image: my-web from localhost/demo-web:1 (podman), scaled, \
+         updated to :2 while a client counts failures, rolled back, removed",
+    )?;
+    println!(
+        "  building localhost/demo-web:1 and :2 offline (busybox httpd serving hostname and version)"
+    );
+    let v1 = web_image(1)?;
+    let v2 = web_image(2)?;
+    show(
+        c.host(1),
+        "host1",
+        &[
+            "service",
+            "create",
+            "--name",
+            "my-web",
+            "--publish",
+            "published=8081,target=80",
+            "--replicas",
+            "3",
+            v1.name(),
+        ],
+    )?;
+    converged(c, &[1, 2, 3], "my-web", 3)?;
+    for h in c.hosts() {
+        let answers = curls_at(c, h, 8081, "/", 6)?;
+        println!("  curl {}:8081 -> {}", h.ip, answers.join(", "));
+        let tasks: std::collections::BTreeSet<&str> = answers
+            .iter()
+            .filter_map(|a| a.split_whitespace().next())
+            .collect();
+        expect(
+            tasks.len() == 3 && answers.iter().all(|a| a.ends_with(" v1")),
+            "image round robin",
+            &format!("{}:8081 answers from all 3 my-web tasks, each v1", h.ip),
+            answers.join(", "),
+        )?;
+    }
+
+    show(c.host(2), "host2", &["service", "scale", "my-web=5"])?;
+    converged(c, &[1, 2, 3], "my-web", 5)?;
+
+    let target = format!("{}:8081", c.host(3).ip).parse()?;
+    let client = mesh_tests::availability::Probe::start(
+        c.external_ns("client").context("client namespace")?,
+        target,
+    )?;
+    show(
+        c.host(1),
+        "host1",
+        &[
+            "service",
+            "update",
+            "--image",
+            v2.name(),
+            "--update-delay",
+            "2s",
+            "my-web",
+        ],
+    )?;
+    let seen = client.finish();
+    println!("  client: {seen}");
+    let max_gap = Duration::from_millis(500);
+    let verdict = seen.check(max_gap);
+    expect(
+        verdict.is_ok(),
+        "image update",
+        &mesh_tests::availability::Availability::claim(0, max_gap),
+        verdict.err().unwrap_or_default(),
+    )?;
+    converged(c, &[1, 2, 3], "my-web", 5)?;
+    let answers = curls_at(c, c.host(2), 8081, "/", 10)?;
+    expect(
+        answers.iter().all(|a| a.ends_with(" v2")),
+        "image update",
+        "every answer from a v2 task",
+        answers.join(", "),
+    )?;
+    show(c.host(2), "host2", &["service", "ps", "my-web"])?;
+    let rows: Vec<Value> = c.host(2).meshctl_json(&["service", "ps", "my-web"])?;
+    let old_rows = rows
+        .iter()
+        .filter(|r| r["history"] == true && r["image"] == v1.name() && r["state"] == "Shutdown")
+        .count();
+    expect(
+        old_rows == 5,
+        "history",
+        "5 \\_ rows: the v1 tasks, Shutdown",
+        format!("{old_rows} such rows"),
+    )?;
+
+    show(c.host(3), "host3", &["service", "rollback", "my-web"])?;
+    converged(c, &[1, 2, 3], "my-web", 5)?;
+    let answers = c
+        .eventually(Duration::from_secs(30), "every answer from v1", |c| {
+            let answers = curls_at(c, c.host(1), 8081, "/", 10)?;
+            Ok(answers
+                .iter()
+                .all(|a| a.ends_with(" v1"))
+                .then_some(answers))
+        })
+        .unwrap_or_else(|_| curls_at(c, c.host(1), 8081, "/", 10).unwrap_or_default());
+    expect(
+        answers.iter().all(|a| a.ends_with(" v1")),
+        "rollback",
+        "every answer from a v1 task again",
+        answers.join(", "),
+    )?;
+
+    show(c.host(1), "host1", &["service", "rm", "my-web"])?;
+    // podman's containers are the machine's, whichever host's namespace runs them.
+    let gone = c.eventually(Duration::from_secs(30), "my-web's containers gone", |_| {
+        let out = Command::new("podman")
+            .args(["ps", "-a", "-q"])
+            .args(["--filter", &format!("ancestor={}", v1.name())])
+            .args(["--filter", &format!("ancestor={}", v2.name())])
+            .output()?;
+        Ok((out.status.success() && out.stdout.trim_ascii().is_empty()).then_some(()))
+    });
+    expect(
+        gone.is_ok(),
+        "rm",
+        "my-web removed and its containers gone from every node",
+        "containers left",
+    )?;
+    Ok(())
 }
