@@ -199,6 +199,9 @@ pub struct CreateArgs {
     /// The command the tasks run: what follows the image, or (with --process) the words.
     #[arg(skip)]
     command: Vec<String>,
+    /// Do not look the image up on this node or its registry first (each node pulls it).
+    #[arg(long = "no-resolve-image")]
+    no_resolve_image: bool,
 }
 
 /// `service create`'s arguments alone, to read the old `NAME [OPTIONS] -- COMMAND` form.
@@ -239,6 +242,9 @@ pub struct UpdateArgs {
     /// The image the tasks run (a rolling update, like every template change).
     #[arg(long)]
     image: Option<String>,
+    /// Do not look the new image up on this node or its registry first.
+    #[arg(long = "no-resolve-image")]
+    no_resolve_image: bool,
     /// Replace the image's ENTRYPOINT ("" puts the image's back).
     #[arg(long, allow_hyphen_values = true)]
     entrypoint: Option<String>,
@@ -359,6 +365,7 @@ async fn create(client: &Client, fmt: Format, a: &CreateArgs) -> Result<()> {
     let a = &in_docker_order(a.clone(), &raw)?;
     let req = ServiceCreate {
         spec: create_spec(a)?,
+        no_resolve_image: a.no_resolve_image,
     };
     let s: ServiceInfo = client.post("/v1/services", &req).await?;
     if fmt == Format::Json {
@@ -879,6 +886,7 @@ fn update_request(a: &UpdateArgs) -> Result<ServiceUpdate> {
     let msg = anyhow::Error::msg;
     let (update_config, rollback_config) = a.rollout.changes().map_err(msg)?;
     Ok(ServiceUpdate {
+        no_resolve_image: a.no_resolve_image,
         replicas: a
             .replicas
             .map(|n| flags::replicas("--replicas", n))

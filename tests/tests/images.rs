@@ -394,3 +394,105 @@ fn an_image_task_runs_as_it_is_told_and_a_process_task_refuses_what_only_images_
     let ls: Vec<Value> = h.meshctl_json(&["service", "ls"]).unwrap();
     assert_eq!(ls.len(), 1, "only web exists: {ls:?}");
 }
+
+/// Docker's image resolution: a malformed reference or an image neither the node nor its
+/// registry has is the command's error (nothing is created or changed); with
+/// `--no-resolve-image` the service is made and each node's pull failure is its tasks'
+/// error, in the registry's words.
+#[test]
+fn an_image_that_does_not_exist_or_is_malformed_is_refused_before_anything_changes() {
+    let c = cluster(1);
+    let h = c.host(1);
+    let v1 = versioned("v1");
+    // No registry answers here: localhost:1 refuses at once, so the pull fails fast.
+    let missing = "localhost:1/mesh-test/nosuch:1";
+    for (image, says) in [
+        (
+            "Web:1",
+            "invalid reference format: repository name must be lowercase",
+        ),
+        ("web:1:2", "invalid reference format"),
+        ("web@sha256:abc", "invalid reference format"),
+        (missing, "could not be found on this node or its registry"),
+    ] {
+        let out = h
+            .meshctl(&[
+                "service",
+                "create",
+                "--name",
+                "bad",
+                "--network",
+                "app",
+                image,
+            ])
+            .unwrap();
+        assert!(!out.status.success(), "create with {image} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{image}: {err}");
+    }
+    let ls = h.meshctl_ok(&["service", "ls", "-q"]).unwrap();
+    assert!(
+        ls.trim().is_empty(),
+        "a refused create made a service: {ls}"
+    );
+
+    h.meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "app",
+        "-d",
+        v1.name(),
+    ])
+    .unwrap();
+    let before = spec_version(h, "web");
+    for image in ["localhost/Web:2", missing] {
+        let out = h
+            .meshctl(&["service", "update", "--image", image, "web"])
+            .unwrap();
+        assert!(!out.status.success(), "update to {image} succeeded");
+    }
+    assert_eq!(
+        spec_version(h, "web"),
+        before,
+        "a refused update changes nothing"
+    );
+
+    // Without resolution the spec is written, and the pull fails on the node that runs the
+    // task: its error says why, as `service ps --no-trunc` shows it.
+    h.meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "later",
+        "--network",
+        "app",
+        "-d",
+        "--no-resolve-image",
+        missing,
+    ])
+    .unwrap();
+    let error = c
+        .eventually(
+            Duration::from_secs(60),
+            "the pull failure in service ps",
+            |c| {
+                let rows: Vec<Value> = c.host(1).meshctl_json(&["service", "ps", "later"])?;
+                Ok(rows
+                    .iter()
+                    .find_map(|r| r["error"].as_str().filter(|e| !e.is_empty()))
+                    .map(str::to_owned))
+            },
+        )
+        .unwrap();
+    assert!(
+        error.contains("localhost:1") && error.contains("nosuch"),
+        "the task's error names the image and the registry's reason: {error}"
+    );
+    let table = h
+        .meshctl_ok(&["service", "ps", "--no-trunc", "later"])
+        .unwrap();
+    assert!(table.contains(&error), "{table}");
+}

@@ -12,8 +12,8 @@ use super::{Agent, Error, Result, ports::PortAssigner, rollout, validate_name};
 use crate::cluster::{Clock, Replicated, View, key};
 use mesh_api::{
     spec::{
-        EndpointMode, PortSpec, Protocol, ServiceSpec, TaskTemplate, UpdateConfigChange,
-        UpdateState,
+        DRIVER_PODMAN, EndpointMode, PortSpec, Protocol, ServiceSpec, TaskTemplate,
+        UpdateConfigChange, UpdateState,
     },
     v1::{ServiceCreate, ServiceScale, ServiceUpdate},
 };
@@ -36,6 +36,9 @@ impl Agent {
         PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, None)?;
         check_ports(&view, name, &spec.ports)?;
         check_file_refs(&view, &spec)?;
+        if !req.no_resolve_image {
+            self.resolve_image(&view, &spec).await?;
+        }
         if req.spec.network.is_empty() {
             self.default_network(view).await?;
         } else if !view.networks.contains_key(&spec.network) {
@@ -83,6 +86,29 @@ impl Agent {
         }
     }
 
+    /// Docker's image resolution before a spec with a new image is written: refused when
+    /// neither this node nor the image's registry has it. A node without podman cannot look
+    /// (Docker's CLI then warns and goes on; so does this, with each node pulling).
+    pub(crate) async fn resolve_image(&self, view: &View, spec: &ServiceSpec) -> Result<()> {
+        let Some(image) = image_of(spec) else {
+            return Ok(());
+        };
+        let podman_here = view
+            .nodes
+            .get(self.node_name())
+            .and_then(|n| n.record.as_ref())
+            .is_some_and(|r| r.drivers.iter().any(|d| d == DRIVER_PODMAN));
+        if !podman_here {
+            return Ok(());
+        }
+        crate::task::resolve_image(image).await.map_err(|why| {
+            Error::Invalid(format!(
+                "image {image} could not be found on this node or its registry: {why}. Check \
+                 its name and tag (or pass --no-resolve-image to leave each node to pull it)"
+            ))
+        })
+    }
+
     /// The default network, created on first use; a concurrent create elsewhere is fine
     /// (whichever won is the network).
     async fn default_network(&self, view: std::sync::Arc<View>) -> Result<()> {
@@ -119,6 +145,9 @@ impl Agent {
         }
         if spec == current.spec {
             return Ok(current.clone());
+        }
+        if !req.no_resolve_image && image_of(&spec) != image_of(&current.spec) {
+            self.resolve_image(&view, &spec).await?;
         }
         let record = self.write_change(current, spec).await?;
         info!(
@@ -443,8 +472,9 @@ fn check_spec(spec: &ServiceSpec) -> Result<()> {
                 )));
             }
         }
-        if t.image.as_deref().is_some_and(str::is_empty) {
-            return Err(Error::Invalid("the image name is empty".into()));
+        if let Some(image) = &t.image {
+            mesh_api::spec::check_reference(image)
+                .map_err(|e| Error::Invalid(format!("image {image:?}: {e}")))?;
         }
         check_run_options(&spec.name, t)?;
         check_limits(&t.resources).map_err(Error::Invalid)?;
@@ -1370,4 +1400,8 @@ mod tests {
         );
         assert_ne!(scaled.template_id(), job.template_id(), "a new run");
     }
+}
+
+fn image_of(spec: &ServiceSpec) -> Option<&str> {
+    spec.task.as_ref()?.image.as_deref()
 }

@@ -166,6 +166,11 @@ impl Agent {
         let configs = new_configs(&view, req)?;
         let future = self.future_view(&view, req, &secrets, &configs);
         let plan = plan_services(&view, &future, req)?;
+        for (s, _) in &plan {
+            if !s.no_resolve_image {
+                self.resolve_image(&view, &s.spec).await?;
+            }
+        }
         self.create_stack_objects(&view, req, secrets, configs)
             .await?;
         let mut report = self.apply_service_plan(plan).await?;

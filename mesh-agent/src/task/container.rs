@@ -96,6 +96,54 @@ pub async fn available() -> bool {
     }
 }
 
+/// How long the creating node waits for an image it lacks; a registry that says nothing in
+/// this time is as good as unreachable for the command waiting on it.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Docker's image resolution at `service create`/`update`: the image must be found here or
+/// on its registry before the spec changes, so a typo in a tag is the command's error
+/// rather than every node's failing tasks. An image this node lacks is pulled (podman has
+/// no manifest-only query for every transport); the nodes then find it in their own
+/// storage or pull it themselves. Err carries podman's or the registry's own words.
+pub async fn resolve(image: &str) -> std::result::Result<(), String> {
+    let exists = podman()
+        .args(["image", "exists", image])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .map_err(|e| format!("running podman: {e}"))?;
+    if exists.success() {
+        return Ok(());
+    }
+    let pull = podman()
+        .args(["pull", "--quiet", image])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output();
+    match tokio::time::timeout(RESOLVE_TIMEOUT, pull).await {
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => Err(registry_message(&String::from_utf8_lossy(&out.stderr))),
+        Ok(Err(e)) => Err(format!("running podman: {e}")),
+        Err(_) => Err(format!(
+            "its registry did not answer within {}s",
+            RESOLVE_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// The last line podman prints on a failed pull: the registry's (or the resolver's) reason,
+/// without the retry chatter before it.
+fn registry_message(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(|l| l.trim_start_matches("Error: ").to_owned())
+        .unwrap_or_else(|| "podman pull failed".into())
+}
+
 /// rlimits a container may have: podman's defaults exceed what some hosts (this VM kind,
 /// without CAP_SYS_RESOURCE) allow, and setrlimit then fails the start. The agent's own hard
 /// limits bound what a child may set; conmon, between podman and the container, was measured
@@ -182,6 +230,11 @@ pub(super) enum Started {
 pub(super) async fn run(r: &Run<'_>) -> Result<Started> {
     // A container of this name is a leftover (its record is gone): this task replaces it.
     remove(r.container).await?;
+    // Pulled as a step of its own, so a failure is the registry's one-line reason (Docker's
+    // "No such image" / "pull access denied") rather than podman run's retry chatter.
+    resolve(r.image)
+        .await
+        .map_err(|why| anyhow::anyhow!("pull {}: {why}", r.image))?;
     let mut cmd = podman();
     cmd.current_dir(r.workdir);
     cmd.args(["run", "-d", "--name", r.container])

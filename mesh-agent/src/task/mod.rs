@@ -44,7 +44,7 @@ use crate::{
 };
 
 pub use cni::{CniAttachment, CniRequest};
-pub use container::available as podman_available;
+pub use container::{available as podman_available, resolve as resolve_image};
 pub use files::{SECRETS_DIR, TaskFile, TaskFiles};
 pub use logs::{MAX_LINE as MAX_LOG_LINE, Stamped, write_log};
 pub use plumbing::HOST_VETH_PREFIX;

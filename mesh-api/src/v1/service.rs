@@ -87,6 +87,10 @@ pub struct ServiceScale {
 pub struct ServiceCreate {
     /// `network` empty: the default network (`ingress`, created on first use).
     pub spec: ServiceSpec,
+    /// Docker's `--no-resolve-image`: do not look the image up before creating the service
+    /// (each node pulls it when a task lands there).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_resolve_image: bool,
 }
 
 /// A published port as `--publish-rm` names it.
@@ -101,6 +105,9 @@ pub struct PublishedPort {
 pub struct ServiceUpdate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
+    /// Docker's `--no-resolve-image` (see [`ServiceCreate`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_resolve_image: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub constraint_add: Vec<Constraint>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -394,6 +394,7 @@ impl Stack {
         };
         Ok(ServiceCreate {
             spec: finish(d, &at)?,
+            no_resolve_image: false,
         })
     }
 
