@@ -899,6 +899,10 @@ fn start_or_resume_rollout(spec: &mut ServiceSpec, current: &ServiceSpec) {
     }
 }
 
+fn image_of(spec: &ServiceSpec) -> Option<&str> {
+    spec.task.as_ref()?.image.as_deref()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1400,8 +1404,4 @@ mod tests {
         );
         assert_ne!(scaled.template_id(), job.template_id(), "a new run");
     }
-}
-
-fn image_of(spec: &ServiceSpec) -> Option<&str> {
-    spec.task.as_ref()?.image.as_deref()
 }
