@@ -2,23 +2,28 @@
 //! agent's API, the Docker API) hands it to the agent: typed, already parsed.
 
 mod change;
+mod dns;
 mod endpoint;
 mod file;
 mod image;
+mod logging;
 mod node;
 mod port;
 mod resources;
 mod security;
 mod service;
 mod size;
+pub mod template;
 
 pub use change::{
     HEALTH_INTERVAL_MS, HEALTH_RETRIES, HEALTH_TIMEOUT_MS, HealthChange, MAX_HEALTH_RETRIES,
     ProbeChange, RestartChange, UpdateConfigChange,
 };
+pub use dns::{DnsConfig, ExtraHost, check_option as check_dns_option};
 pub use endpoint::EndpointState;
 pub use file::FileRef;
 pub use image::check_reference;
+pub use logging::{LOG_DRIVERS, LogDriver, capped as capped_log};
 pub use node::{Availability, NodeStatus, parse_label};
 pub use port::{DYNAMIC_PORTS, PortSpec, Protocol, PublishMode};
 pub use resources::{Limits, LimitsChange, Resources, Security, TaskResources, Ulimit, bytes_size};

@@ -5,7 +5,9 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 use mesh_planner::{Placement, RestartPolicy, ServiceMode, UpdateConfig};
 use serde::{Deserialize, Serialize};
 
-use super::{FileRef, PortSpec, Security, TaskResources};
+use super::{
+    DnsConfig, ExtraHost, FileRef, LogDriver, PortSpec, Security, TaskResources, template,
+};
 
 /// The driver that runs a command in the task's namespaces (no image).
 pub const DRIVER_PROCESS: &str = "process";
@@ -221,7 +223,8 @@ pub struct TaskTemplate {
     pub security: Security,
 }
 
-/// Docker's `--entrypoint`, `--user`, `--workdir`, `--stop-signal` and `--container-label`.
+/// Docker's `--entrypoint`, `--user`, `--workdir`, `--stop-signal`, `--container-label`, and
+/// what the task sees of its environment: `--host`, `--dns*`, `--log-driver`/`--log-opt`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunOptions {
     /// Replaces the image's ENTRYPOINT (image tasks).
@@ -240,11 +243,29 @@ pub struct RunOptions {
     /// Labels on the task's container (image tasks).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub container_labels: BTreeMap<String, String>,
+    /// Extra /etc/hosts entries (`--host host:ip`), in order (both drivers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<ExtraHost>,
+    /// Servers the task's resolver forwards to, search domains, resolver options.
+    #[serde(default, skip_serializing_if = "DnsConfig::is_empty")]
+    pub dns: DnsConfig,
+    /// How the task's output is rotated (within what the node allows).
+    #[serde(default, skip_serializing_if = "LogDriver::is_empty")]
+    pub log: LogDriver,
 }
 
 impl RunOptions {
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// Extra hosts, DNS settings and log options, each checked to be what it claims.
+    pub fn validate_env(&self) -> Result<(), String> {
+        for h in &self.hosts {
+            h.validate()?;
+        }
+        self.dns.validate()?;
+        self.log.validate()
     }
 }
 
@@ -304,6 +325,43 @@ impl Default for TaskTemplate {
 }
 
 impl TaskTemplate {
+    /// Every template (hostname, env values) expanded against a sample task, as Swarm checks
+    /// them when a service is created: Err is Go's message for the first bad one.
+    pub fn check_templates(&self, labels: &BTreeMap<String, String>) -> Result<(), String> {
+        if let Some(h) = &self.hostname {
+            template::check(h, labels).map_err(|e| format!("--hostname {h:?}: {e}"))?;
+        }
+        for (k, v) in &self.env {
+            template::check(v, labels).map_err(|e| format!("--env {k}={v}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The hostname and environment of one task, templates expanded.
+    pub fn expanded(
+        &self,
+        ctx: &template::Context,
+    ) -> Result<(Option<String>, Vec<(String, String)>), String> {
+        let hostname = self
+            .hostname
+            .as_deref()
+            .map(|h| template::expand(h, ctx).map_err(|e| format!("hostname: {e}")))
+            .transpose()?;
+        let env = self
+            .env
+            .iter()
+            .map(|(k, v)| {
+                let v = if template::is_template(v) {
+                    template::expand(v, ctx).map_err(|e| format!("env {k}: {e}"))?
+                } else {
+                    v.clone()
+                };
+                Ok((k.clone(), v))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok((hostname, env))
+    }
+
     pub fn driver(&self) -> &'static str {
         if self.image.is_some() {
             DRIVER_PODMAN
