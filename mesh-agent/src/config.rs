@@ -78,6 +78,52 @@ pub struct AgentConfig {
     /// Memory this node offers to tasks' reservations, e.g. "4g" (Docker's sizes; default:
     /// the kernel's MemTotal). File only.
     pub memory: Option<String>,
+    /// How much output a task may keep on this node (`[task_logs]`; file only).
+    pub task_logs: TaskLogsConfig,
+}
+
+/// `[task_logs]`: the rotation of every task's log on this node, and the most a service's
+/// `--log-opt max-size/max-file` may ask for (it may only ask for less), so no service can
+/// fill the node's disk. At most `max_size × max_file` bytes per task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskLogsConfig {
+    /// Rotate a task's log file before it grows past this (Docker's sizes: "10m").
+    pub max_size: String,
+    /// Files kept per task, the current one included.
+    pub max_file: u32,
+}
+
+impl Default for TaskLogsConfig {
+    fn default() -> Self {
+        Self {
+            max_size: "10m".into(),
+            max_file: crate::task::DEFAULT_LOG_MAX_FILE,
+        }
+    }
+}
+
+impl TaskLogsConfig {
+    /// (bytes, files), or what is wrong with them.
+    pub fn limits(&self) -> Result<(u64, u32)> {
+        let size = mesh_api::spec::bytes("[task_logs] max_size", &self.max_size)
+            .map_err(anyhow::Error::msg)?;
+        if size < 4096 {
+            bail!(
+                "[task_logs] max_size = {:?} is too small: use 4k or more (default 10m)",
+                self.max_size
+            );
+        }
+        let most = crate::task::MAX_LOG_FILES;
+        if !(1..=most).contains(&self.max_file) {
+            bail!(
+                "[task_logs] max_file = {} is out of range: use 1 to {most} (default {})",
+                self.max_file,
+                crate::task::DEFAULT_LOG_MAX_FILE
+            );
+        }
+        Ok((size, self.max_file))
+    }
 }
 
 /// `[dataplane]`: sizes of the flow tables and the SNAT port policy. Sizes take effect when
@@ -247,6 +293,7 @@ impl Default for AgentConfig {
             dataplane: DataplaneConfig::default(),
             cpus: None,
             memory: None,
+            task_logs: TaskLogsConfig::default(),
         }
     }
 }
@@ -318,6 +365,7 @@ impl AgentConfig {
                 .map_err(|e| anyhow::anyhow!("labels in the agent config: {e}"))?;
         }
         self.dataplane.validate()?;
+        self.task_logs.limits()?;
         let capacity = self.capacity().map_err(anyhow::Error::msg)?;
         if self.cluster_key_file.is_none() && !self.insecure {
             bail!(
@@ -411,6 +459,22 @@ mod tests {
         assert_eq!(c.gossip_port, 7946);
         let e = toml::from_str::<AgentConfig>("advertize = \"192.0.2.1\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn task_logs_cap_reads_dockers_sizes_and_refuses_what_cannot_be() {
+        let c: AgentConfig =
+            toml::from_str("[task_logs]\nmax_size = \"1m\"\nmax_file = 3").unwrap();
+        assert_eq!(c.task_logs.limits().unwrap(), (1 << 20, 3));
+        assert_eq!(
+            AgentConfig::default().task_logs.limits().unwrap(),
+            (10 << 20, 2)
+        );
+        for bad in ["max_size = \"1\"", "max_file = 0", "max_size = \"lots\""] {
+            let c: AgentConfig = toml::from_str(&format!("[task_logs]\n{bad}")).unwrap();
+            let e = c.task_logs.limits().unwrap_err().to_string();
+            assert!(e.contains("max_"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -61,6 +61,9 @@ enum Command {
         /// Rotate the log file when it would grow past this many bytes.
         #[arg(long)]
         max_size: u64,
+        /// Files kept, the current one included.
+        #[arg(long, default_value_t = mesh_agent::task::DEFAULT_LOG_MAX_FILE)]
+        max_file: u32,
         log: PathBuf,
     },
 }
@@ -321,10 +324,12 @@ async fn agent_main() {
         Command::Leave(a) => join::leave(a.config, a.socket, a.timeout, a.force).await,
         Command::Install { root } => install(&root),
         Command::Keygen { out } => keygen(out.as_deref()),
-        Command::LogWriter { max_size, log } => {
-            mesh_agent::task::write_log(std::io::stdin(), &log, max_size)
-                .with_context(|| format!("writing {}", log.display()))
-        }
+        Command::LogWriter {
+            max_size,
+            max_file,
+            log,
+        } => mesh_agent::task::write_log(std::io::stdin(), &log, max_size, max_file)
+            .with_context(|| format!("writing {}", log.display())),
     };
     if let Err(e) = result {
         tracing::error!("{e:#}");
@@ -621,6 +626,7 @@ async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeP
     })?;
     let mut task_config = TaskConfig::new(&config.node_name, config.state_dir.clone());
     task_config.cgroup = Some(task_cgroup);
+    (task_config.log_max_size, task_config.log_max_file) = config.task_logs.limits()?;
     // Where memory, cpu and pids live (v2, or v1 hierarchies on a hybrid host): read once;
     // a host's layout does not change under a running agent.
     task_config.cgroup_layout = Some(mesh_agent::cgroup::Layout::discover()?);

@@ -28,6 +28,8 @@ pub(crate) struct Forward {
     pub(crate) request: Message,
     pub(crate) transport: Transport,
     pub(crate) limit: usize,
+    /// The listener's own upstreams (a task's `--dns`), instead of the node's.
+    pub(crate) upstreams: Option<std::sync::Arc<[std::net::SocketAddr]>>,
 }
 
 /// Why one upstream did not give us an answer to relay.
@@ -61,6 +63,7 @@ impl Upstreams {
             request,
             transport,
             limit,
+            upstreams: _,
         } = forward;
         let question = &request.queries[0];
         // A truncated answer is better than SERVFAIL if no upstream does better over TCP.

@@ -1,6 +1,7 @@
 //! The request path every listener of a server shares: one message in, what to do with it
 //! out (drop it, send a reply, or forward it upstream), and the forward itself.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
@@ -12,10 +13,12 @@ use crate::forward::{Forward, Upstreams};
 use crate::zone::{Lookup, Zones};
 
 /// The networks a listener answers for: those of the task it serves, in the order the task
-/// joined them (the first network that knows a name answers it).
+/// joined them (the first network that knows a name answers it), and where the task's own
+/// foreign names go when it named servers of its own (Docker's `--dns`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Scope {
     networks: Arc<[String]>,
+    upstreams: Option<Arc<[SocketAddr]>>,
 }
 
 impl Scope {
@@ -33,7 +36,21 @@ impl Scope {
         }
         Scope {
             networks: list.into(),
+            upstreams: None,
         }
+    }
+
+    /// Foreign names from this listener go to `servers` instead of the node's upstreams, as
+    /// Docker's embedded resolver forwards to a container's `--dns` servers. Empty: the
+    /// node's.
+    pub fn with_upstreams(mut self, servers: Vec<SocketAddr>) -> Self {
+        self.upstreams = (!servers.is_empty()).then(|| servers.into());
+        self
+    }
+
+    /// The task's own upstreams, if it has any.
+    pub fn upstreams(&self) -> Option<&[SocketAddr]> {
+        self.upstreams.as_deref()
     }
 
     /// The networks, lowercased, without duplicates.
@@ -73,7 +90,16 @@ impl Inner {
 
     pub(crate) async fn forward(&self, forward: Forward) -> Vec<u8> {
         let qtype = forward.request.queries[0].query_type();
-        let response = self.upstreams.resolve(forward, &self.tally).await;
+        let response = match forward.upstreams.clone() {
+            Some(servers) => {
+                let own = Upstreams {
+                    servers: servers.to_vec(),
+                    timeout: self.upstreams.timeout,
+                };
+                own.resolve(forward, &self.tally).await
+            }
+            None => self.upstreams.resolve(forward, &self.tally).await,
+        };
         // The relayed header's RCODE (the low 4 bits of byte 3): what the client sees.
         let rcode = response.get(3).map_or(2, |b| u16::from(b & 0x0f));
         self.tally.answered(qtype, rcode);
@@ -120,6 +146,7 @@ impl Inner {
 
         self.tally.forwarded();
         Decision::Forward(Forward {
+            upstreams: scope.upstreams.clone(),
             raw: query.to_vec(),
             request,
             transport,

@@ -168,9 +168,12 @@ pub struct CreateArgs {
     container_label: Vec<String>,
     #[command(flatten)]
     security: flags::SecurityArgs,
-    /// The tasks' hostname (default: the task name, e.g. web.1).
+    /// The tasks' hostname (default: the task name, e.g. web.1); Swarm's templates expand on
+    /// the node, e.g. "{{.Service.Name}}-{{.Task.Slot}}" or "{{.Node.Hostname}}".
     #[arg(long)]
     hostname: Option<String>,
+    #[command(flatten)]
+    names: NamesArgs,
     /// Deprecated: the image is the first argument.
     #[arg(long, hide = true)]
     image: Option<String>,
@@ -202,6 +205,43 @@ pub struct CreateArgs {
     /// Do not look the image up on this node or its registry first (each node pulls it).
     #[arg(long = "no-resolve-image")]
     no_resolve_image: bool,
+}
+
+/// `--host`, `--dns*` and `--log-*` of `service create`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct NamesArgs {
+    /// Set one or more custom host-to-IP mappings (host:ip), added to the tasks' /etc/hosts.
+    #[arg(long = "host")]
+    host: Vec<String>,
+    /// Set custom DNS servers: the tasks' resolver (127.0.0.11, which still answers service
+    /// names) forwards other names to them.
+    #[arg(long)]
+    dns: Vec<String>,
+    /// Set custom DNS search domains.
+    #[arg(long = "dns-search")]
+    dns_search: Vec<String>,
+    /// Set DNS options (ndots:2, timeout:1, ...).
+    #[arg(long = "dns-option")]
+    dns_option: Vec<String>,
+    /// Logging driver for service: json-file or local (the node keeps the logs; `service
+    /// logs` reads them).
+    #[arg(long = "log-driver")]
+    log_driver: Option<String>,
+    /// Logging driver options: max-size=10m, max-file=3 (at most what the node's agent.toml
+    /// allows).
+    #[arg(long = "log-opt")]
+    log_opt: Vec<String>,
+}
+
+impl NamesArgs {
+    fn is_set(&self) -> bool {
+        !self.host.is_empty()
+            || !self.dns.is_empty()
+            || !self.dns_search.is_empty()
+            || !self.dns_option.is_empty()
+            || self.log_driver.is_some()
+            || !self.log_opt.is_empty()
+    }
 }
 
 /// `service create`'s arguments alone, to read the old `NAME [OPTIONS] -- COMMAND` form.
@@ -257,6 +297,39 @@ pub struct UpdateArgs {
     /// The signal that stops a task ("" for the default).
     #[arg(long = "stop-signal")]
     stop_signal: Option<String>,
+    /// The tasks' hostname, templates allowed ("" for the default, the task name).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Add a custom host-to-IP mapping ("host:ip").
+    #[arg(long = "host-add")]
+    host_add: Vec<String>,
+    /// Remove a custom host-to-IP mapping ("host:ip", or "host" for all of its addresses).
+    #[arg(long = "host-rm")]
+    host_rm: Vec<String>,
+    /// Add or update a custom DNS server.
+    #[arg(long = "dns-add")]
+    dns_add: Vec<String>,
+    /// Remove a custom DNS server.
+    #[arg(long = "dns-rm")]
+    dns_rm: Vec<String>,
+    /// Add or update a custom DNS search domain.
+    #[arg(long = "dns-search-add")]
+    dns_search_add: Vec<String>,
+    /// Remove a DNS search domain.
+    #[arg(long = "dns-search-rm")]
+    dns_search_rm: Vec<String>,
+    /// Add or update a DNS option.
+    #[arg(long = "dns-option-add")]
+    dns_option_add: Vec<String>,
+    /// Remove a DNS option.
+    #[arg(long = "dns-option-rm")]
+    dns_option_rm: Vec<String>,
+    /// Logging driver for service (json-file or local); replaces the log settings.
+    #[arg(long = "log-driver")]
+    log_driver: Option<String>,
+    /// Logging driver options (max-size=10m, max-file=3); replaces the log settings.
+    #[arg(long = "log-opt")]
+    log_opt: Vec<String>,
     /// Add a Linux capability (NET_BIND_SERVICE, ALL, ...).
     #[arg(long = "cap-add")]
     cap_add: Vec<String>,
@@ -324,7 +397,8 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                     "nothing to update: pass --replicas, --image, --args, --env-add/-rm, \
                      --constraint-add/-rm, --placement-pref-add/-rm, --publish-add/-rm, \
                      --secret-add/-rm, --config-add/-rm, --cap-add/-drop, --health-*, --update-*, \
-                     --restart-*, --reserve-cpu/-memory, --force or --rollback"
+                     --restart-*, --reserve-cpu/-memory, --hostname, --host-add/-rm, \
+                     --dns*-add/-rm, --log-driver/--log-opt, --force or --rollback"
                 );
             }
             update(client, fmt, &args.name, &req, args.detach).await
@@ -727,6 +801,12 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
         if !a.limits.is_empty() {
             bail!("--limit-cpu/-memory/-pids are for scheduled tasks: give an image or a command");
         }
+        if a.names.is_set() || a.hostname.is_some() {
+            bail!(
+                "--hostname, --host, --dns* and --log-* are for scheduled tasks: give an image or \
+                 a command"
+            );
+        }
         let health = a.health.change().map_err(msg)?;
         if !health.is_empty() || a.stop_grace_period.is_some() {
             bail!(
@@ -736,7 +816,7 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
         }
         return Ok(None);
     }
-    Ok(Some(TaskTemplate {
+    let template = TaskTemplate {
         command: a.command.clone(),
         env: task_env(a)?,
         hostname: a.hostname.clone(),
@@ -755,10 +835,21 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
             stop_signal: a.stop_signal.clone(),
             container_labels: flags::labels("--container-label", &a.container_label)
                 .map_err(msg)?,
+            hosts: flags::hosts("--host", &a.names.host).map_err(msg)?,
+            dns: flags::dns(&a.names.dns, &a.names.dns_search, &a.names.dns_option).map_err(msg)?,
+            log: flags::log(a.names.log_driver.as_deref(), &a.names.log_opt)
+                .map_err(msg)?
+                .unwrap_or_default(),
         },
         resources: task_resources(a)?,
         security: a.security.security().map_err(msg)?,
-    }))
+    };
+    // A template that names no field fails here, before anything is sent (the agent checks
+    // again, for every other way a spec arrives).
+    template
+        .check_templates(&flags::labels("--label", &a.label).map_err(msg)?)
+        .map_err(msg)?;
+    Ok(Some(template))
 }
 
 /// `--limit-*` (and the reservations, when given) as the template's resources.
@@ -846,6 +937,42 @@ fn mode(a: &CreateArgs, has_task: bool) -> Result<ServiceMode> {
             bail!("unknown --mode {other:?}: use replicated, global, replicated-job or global-job")
         }
     }
+}
+
+/// Extra hosts, DNS settings (inside `ContainerSpec:`) and `Log Driver:`, as `docker service
+/// inspect --pretty` lays its blocks out; nothing for what is not set.
+fn names_pretty(run: &RunOptions) -> Vec<String> {
+    let mut lines = Vec::new();
+    if !run.hosts.is_empty() {
+        lines.push(" Hosts:".to_owned());
+        lines.extend(run.hosts.iter().map(|h| format!("  {} {}", h.ip, h.host)));
+    }
+    let dns = &run.dns;
+    if !dns.is_empty() {
+        lines.push(" DNS Config:".to_owned());
+        if !dns.nameservers.is_empty() {
+            let n: Vec<String> = dns.nameservers.iter().map(ToString::to_string).collect();
+            lines.push(format!("  Nameservers:\t{}", n.join(" ")));
+        }
+        if !dns.search.is_empty() {
+            lines.push(format!("  Search:\t{}", dns.search.join(" ")));
+        }
+        if !dns.options.is_empty() {
+            lines.push(format!("  Options:\t{}", dns.options.join(" ")));
+        }
+    }
+    if !run.log.is_empty() {
+        lines.push("Log Driver:".to_owned());
+        if !run.log.name.is_empty() {
+            lines.push(format!(" Name:\t\t{}", run.log.name));
+        }
+        let opts = run.log.options();
+        if !opts.is_empty() {
+            lines.push(" LogOpts:".to_owned());
+            lines.extend(opts.iter().map(|(k, v)| format!("  {k}:\t\t{v}")));
+        }
+    }
+    lines
 }
 
 /// `Resources:` as `docker service inspect --pretty` prints it (nothing when none is set).
@@ -958,6 +1085,24 @@ fn update_request(a: &UpdateArgs) -> Result<ServiceUpdate> {
         config_add: flags::file_refs("--config-add", &a.config_add, true).map_err(msg)?,
         config_rm: a.config_rm.clone(),
         limits: a.limits.change().map_err(msg)?,
+        hostname: a.hostname.clone(),
+        host_add: flags::hosts("--host-add", &a.host_add).map_err(msg)?,
+        host_rm: a.host_rm.iter().map(|h| h.trim().to_owned()).collect(),
+        dns_add: flags::nameservers("--dns-add", &a.dns_add).map_err(msg)?,
+        dns_rm: flags::nameservers("--dns-rm", &a.dns_rm).map_err(msg)?,
+        dns_search_add: flags::search_domains("--dns-search-add", &a.dns_search_add)
+            .map_err(msg)?,
+        dns_search_rm: a.dns_search_rm.clone(),
+        dns_option_add: flags::dns_options("--dns-option-add", &a.dns_option_add).map_err(msg)?,
+        dns_option_rm: a.dns_option_rm.clone(),
+        log: match (&a.log_driver, a.log_opt.is_empty()) {
+            (None, true) => None,
+            _ => Some(
+                flags::log(a.log_driver.as_deref(), &a.log_opt)
+                    .map_err(msg)?
+                    .unwrap_or_default(),
+            ),
+        },
     })
 }
 
@@ -1225,6 +1370,9 @@ fn print_inspect(s: &ServiceInfo) {
         if let Some(h) = &t.hostname {
             println!(" Hostname:\t{h}");
         }
+        for line in names_pretty(&t.run) {
+            println!("{line}");
+        }
         println!(
             " StopGracePeriod: {}",
             humantime::format_duration(Duration::from_millis(t.stop_grace_ms))
@@ -1430,6 +1578,76 @@ mod tests {
         assert!(e.contains("--limit-memory") && e.contains("512Q"), "{e}");
         let none = create(&["--name", "api", "--limit-pids", "5"]).unwrap();
         assert!(create_spec(&none).is_err(), "no task to limit");
+    }
+
+    #[test]
+    fn dns_host_and_log_flags_reach_the_template_and_inspect() {
+        let a = create(&[
+            "--name",
+            "web",
+            "--hostname",
+            "{{.Service.Name}}-{{.Task.Slot}}",
+            "--host",
+            "db.local:10.0.0.5",
+            "--dns",
+            "192.0.2.53",
+            "--dns-search",
+            "corp.example",
+            "--dns-option",
+            "ndots:2",
+            "--log-driver",
+            "json-file",
+            "--log-opt",
+            "max-size=10m,max-file=3",
+            "--process",
+            "--",
+            "sleep",
+            "100",
+        ])
+        .unwrap();
+        let spec = create_spec(&a).unwrap();
+        let t = spec.task.unwrap();
+        assert_eq!(
+            t.hostname.as_deref(),
+            Some("{{.Service.Name}}-{{.Task.Slot}}")
+        );
+        assert_eq!(t.run.hosts[0].to_string(), "db.local:10.0.0.5");
+        assert_eq!(t.run.dns.search, ["corp.example"]);
+        assert_eq!(t.run.log.max_file, Some(3));
+        assert_eq!(
+            names_pretty(&t.run),
+            [
+                " Hosts:",
+                "  10.0.0.5 db.local",
+                " DNS Config:",
+                "  Nameservers:\t192.0.2.53",
+                "  Search:\tcorp.example",
+                "  Options:\tndots:2",
+                "Log Driver:",
+                " Name:\t\tjson-file",
+                " LogOpts:",
+                "  max-file:\t\t3",
+                "  max-size:\t\t10MiB",
+            ]
+        );
+        for (args, says) in [
+            (&["--host", "db.local"][..], "bad format for add-host"),
+            (
+                &["--log-driver", "syslog"][..],
+                "\"syslog\" is not supported",
+            ),
+            (
+                &["--hostname", "{{.Nope}}"][..],
+                "can't evaluate field Nope in type template.Context",
+            ),
+            (&["-e", "A={{.Task.Nope}}"][..], "can't evaluate field Nope"),
+        ] {
+            let mut all = vec!["--name", "web"];
+            all.extend_from_slice(args);
+            all.extend_from_slice(&["--process", "--", "true"]);
+            let e = create_spec(&create(&all).unwrap()).unwrap_err().to_string();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
     }
 
     #[test]

@@ -137,18 +137,19 @@ impl Agent {
             .map(|a| a.network.as_str())
             .filter(|n| *n != GATEWAY_NETWORK)
             .collect();
-        self.serve_dns_in(&task.spec.name, &netns::path(&task.netns), networks)
+        let scope = Scope::new(networks).with_upstreams(own_upstreams(&task.spec.run.dns));
+        self.serve_dns_in(&task.spec.name, &netns::path(&task.netns), scope)
             .await
     }
 
     /// [`Agent::serve_dns_for`] in the namespace of a container attached through CNI.
     pub(crate) async fn serve_dns_for_cni(&self, cni: &CniAttachment) -> Result<()> {
-        self.serve_dns_in(&cni.task, &cni.netns, vec![cni.network()])
+        self.serve_dns_in(&cni.task, &cni.netns, Scope::new([cni.network()]))
             .await
     }
 
     /// The resolver for the task `name` (scoped to `networks`) in the namespace at `path`.
-    async fn serve_dns_in(&self, name: &str, path: &Path, networks: Vec<&str>) -> Result<()> {
+    async fn serve_dns_in(&self, name: &str, path: &Path, scope: Scope) -> Result<()> {
         let name = name.to_owned();
         if self
             .dns_listeners
@@ -173,7 +174,7 @@ impl Agent {
         let handle = self.dns.serve(
             tokio::net::UdpSocket::from_std(udp)?,
             tokio::net::TcpListener::from_std(tcp)?,
-            Scope::new(networks),
+            scope,
         );
         debug!(
             task = name,
@@ -287,4 +288,16 @@ fn netns_cookie(sock: &std::net::UdpSocket) -> Result<u64> {
         return Err(std::io::Error::last_os_error()).context("reading the namespace cookie");
     }
     Ok(cookie)
+}
+
+/// Where a task's foreign names go: its `--dns` servers, asked by the task's resolver at
+/// 127.0.0.11 as Docker's embedded DNS asks them (service names keep resolving). Loopback
+/// servers are the task's own (a cache inside it): the agent, outside the task, must not
+/// ask its host's loopback for it, so those are listed in the task's resolv.conf instead.
+fn own_upstreams(dns: &mesh_api::spec::DnsConfig) -> Vec<std::net::SocketAddr> {
+    dns.nameservers
+        .iter()
+        .filter(|ip| !ip.is_loopback())
+        .map(|ip| std::net::SocketAddr::new(*ip, 53))
+        .collect()
 }

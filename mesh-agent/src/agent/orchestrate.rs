@@ -508,10 +508,18 @@ async fn start<R: NodeRuntime>(rt: &R, mut t: Task) {
     t.not_before_ms = None;
     rt.publish_tasks(&[&t]).await;
     let name = process_name(&t);
-    let hostname = template
-        .hostname
-        .clone()
-        .unwrap_or_else(|| default_hostname(&service, &t, template.image.is_some()));
+    // Swarm's templates ({{.Service.Name}}-{{.Task.Slot}}, …) are expanded here, on the node
+    // the task starts on; they were checked when the service was created.
+    let (hostname, template_env) = match template.expanded(&template_context(&view, &t, &name)) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(task = name, "task could not start: {e}");
+            task_ended(rt, &view, t, Ending::Rejected(e)).await;
+            return;
+        }
+    };
+    let hostname =
+        hostname.unwrap_or_else(|| default_hostname(&service, &t, template.image.is_some()));
     // What Swarm's templates ({{.Task.Name}}, …) give a task, as plain variables.
     let mut env = vec![
         ("MESH_SERVICE_NAME".to_owned(), service.name.clone()),
@@ -520,7 +528,7 @@ async fn start<R: NodeRuntime>(rt: &R, mut t: Task) {
         ("MESH_TASK_ID".to_owned(), t.id.clone()),
         ("MESH_NODE_NAME".to_owned(), t.node.clone()),
     ];
-    env.extend(template.env.iter().cloned());
+    env.extend(template_env);
     // Without a health check, a task that listens on a TCP target port serves once it
     // accepts there: sending it connections before its process has bound the port would
     // fail them (Swarm does, and a rolling update then drops requests).
@@ -750,6 +758,31 @@ async fn prune_history<R: NodeRuntime>(rt: &R, view: &View, own: &BTreeMap<Strin
     }
     if !gone.is_empty() {
         rt.forget_tasks(gone).await;
+    }
+}
+
+/// What a template may name for task `t` (named `name` on its node).
+fn template_context(view: &View, t: &Task, name: &str) -> mesh_api::spec::template::Context {
+    let service = view.services.get(&t.service);
+    let node = view.nodes.get(&t.node).and_then(|n| n.record.as_ref());
+    mesh_api::spec::template::Context {
+        service_id: service
+            .map(|s| mesh_api::id::short_id(&t.service, &s.created))
+            .unwrap_or_default(),
+        service_name: t.service.clone(),
+        service_labels: service.map(|s| s.spec.labels.clone()).unwrap_or_default(),
+        node_id: mesh_api::id::node_id(&t.node),
+        // Swarm's .Node.Hostname is the host's name; test clusters share one host, so a
+        // node without a record (or a hostname) is named by its node name.
+        node_hostname: node
+            .map(|r| r.hostname.clone())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| t.node.clone()),
+        node_os: node.map(|r| r.platform.os.clone()).unwrap_or_default(),
+        node_arch: node.map(|r| r.platform.arch.clone()).unwrap_or_default(),
+        task_id: t.id.clone(),
+        task_name: name.to_owned(),
+        task_slot: t.slot.to_string(),
     }
 }
 

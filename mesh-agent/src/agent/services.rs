@@ -477,6 +477,8 @@ fn check_spec(spec: &ServiceSpec) -> Result<()> {
                 .map_err(|e| Error::Invalid(format!("image {image:?}: {e}")))?;
         }
         check_run_options(&spec.name, t)?;
+        t.run.validate_env().map_err(Error::Invalid)?;
+        t.check_templates(&spec.labels).map_err(Error::Invalid)?;
         check_limits(&t.resources).map_err(Error::Invalid)?;
     }
     rollout::check_rollback_config(spec)
@@ -786,6 +788,10 @@ fn change_template(
         t.image = Some(image.clone());
     }
     change_run_options(&mut t.run, req);
+    change_names(&mut t.run, req);
+    if let Some(h) = &req.hostname {
+        t.hostname = (!h.is_empty()).then(|| h.clone());
+    }
     req.limits.apply(&mut t.resources.limits);
     change_capabilities(&mut t.security, req);
     for k in &req.env_rm {
@@ -857,6 +863,42 @@ fn change_run_options(run: &mut mesh_api::spec::RunOptions, req: &ServiceUpdate)
     }
     for (k, v) in &req.container_label_add {
         run.container_labels.insert(k.clone(), v.clone());
+    }
+}
+
+/// `--host-add/-rm` and `--dns*-add/-rm` as Docker's `service update` takes them: removals
+/// first, then additions, an added value already there kept once (and in place).
+fn change_names(run: &mut mesh_api::spec::RunOptions, req: &ServiceUpdate) {
+    fn add<T: PartialEq + Clone>(list: &mut Vec<T>, more: &[T]) {
+        for v in more {
+            if !list.contains(v) {
+                list.push(v.clone());
+            }
+        }
+    }
+    for rm in &req.host_rm {
+        // `host` alone removes every address of it; `host:ip` just that one.
+        run.hosts.retain(|h| *rm != h.host && *rm != h.to_string());
+    }
+    add(&mut run.hosts, &req.host_add);
+    let dns = &mut run.dns;
+    dns.nameservers.retain(|n| !req.dns_rm.contains(n));
+    add(&mut dns.nameservers, &req.dns_add);
+    dns.search.retain(|d| !req.dns_search_rm.contains(d));
+    add(&mut dns.search, &req.dns_search_add);
+    // An option is named by its name: `--dns-option-rm ndots` removes `ndots:2`.
+    let name = |o: &str| o.split(':').next().unwrap_or(o).to_owned();
+    dns.options.retain(|o| {
+        !req.dns_option_rm
+            .iter()
+            .any(|r| *r == *o || name(r) == name(o))
+    });
+    for o in &req.dns_option_add {
+        dns.options.retain(|x| name(x) != name(o));
+        dns.options.push(o.clone());
+    }
+    if let Some(log) = &req.log {
+        run.log = log.clone();
     }
 }
 

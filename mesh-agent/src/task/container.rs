@@ -43,7 +43,11 @@ pub(super) struct Run<'a> {
     pub security: &'a mesh_api::spec::Security,
     pub netns: &'a Path,
     pub nameservers: &'a [std::net::Ipv4Addr],
+    pub dns_search: &'a [String],
     pub dns_options: &'a [String],
+    /// conmon truncates the container's log past this (podman's k8s-file driver keeps no
+    /// old files, so `max-file` has no podman equivalent).
+    pub log_max_size: u64,
     /// `-v` arguments: the task's secrets and configs (see `files`).
     pub volumes: &'a [String],
     /// `--memory`, `--cpus`, `--pids-limit`: runc writes them to the container's cgroups,
@@ -247,9 +251,20 @@ pub(super) async fn run(r: &Run<'_>) -> Result<Started> {
     for ns in r.nameservers {
         cmd.args(["--dns", &ns.to_string()]);
     }
+    for d in r.dns_search {
+        cmd.args(["--dns-search", d]);
+    }
     for o in r.dns_options {
         cmd.args(["--dns-opt", o]);
     }
+    for h in &r.run.hosts {
+        // Checked again here: a record from any node must not smuggle in an option.
+        h.validate().map_err(anyhow::Error::msg)?;
+        cmd.arg(format!("--add-host={}:{}", h.host, h.ip));
+    }
+    // The node's cap holds for containers too: a service cannot fill the node's disk.
+    cmd.args(["--log-driver", "k8s-file"])
+        .arg(format!("--log-opt=max-size={}", r.log_max_size));
     for u in ulimits(&r.security.ulimits) {
         cmd.args(["--ulimit", &u]);
     }

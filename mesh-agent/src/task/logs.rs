@@ -3,8 +3,10 @@
 //! A process task writes into a pipe read by `mesh-agent log-writer` (see [`write_log`]), a
 //! small process of its own so the output keeps its times while the agent restarts. It stamps
 //! each line (`<RFC3339 nanos> <line>\n`), cuts lines at [`MAX_LINE`] and rotates the file at a
-//! size, keeping one old file (`<log>.1`) so a noisy task cannot fill a disk. Containers'
-//! output comes from `podman logs --timestamps`.
+//! size, keeping `max-file - 1` old files (`<log>.1` the newest) so a noisy task cannot fill a
+//! disk: agent.toml's `[task_logs]` sets the most a task may keep, and a service's
+//! `--log-opt max-size/max-file` may only ask for less. Containers' output comes from `podman
+//! logs --timestamps`.
 
 use std::{
     io::{self, Read, Write},
@@ -24,6 +26,11 @@ use super::Logs;
 pub const MAX_LINE: usize = 16 * 1024;
 /// A log file is rotated when it would grow past this (Docker's json-file `max-size`).
 pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024;
+/// Files kept, the current one included (Docker's `max-file`): the current and one old one.
+pub const DEFAULT_MAX_FILE: u32 = 2;
+/// The most old files a node lets a task keep, whatever agent.toml says: each is read whole
+/// by `service logs`.
+pub const MAX_FILES: u32 = 100;
 /// A partial line is written out after this long without more output.
 const PARTIAL_FLUSH: Duration = Duration::from_secs(1);
 /// How often a followed log file is checked for more.
@@ -39,18 +46,57 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// The rotated file kept next to `log`.
+/// The newest rotated file kept next to `log`.
 pub fn rotated(log: &Path) -> PathBuf {
+    rotated_n(log, 1)
+}
+
+/// The `n`th rotated file (`<log>.n`; higher is older).
+pub fn rotated_n(log: &Path, n: u32) -> PathBuf {
     let mut p = log.as_os_str().to_owned();
-    p.push(".1");
+    p.push(format!(".{n}"));
     PathBuf::from(p)
+}
+
+/// The rotated files that exist next to `log`, oldest first.
+fn rotated_files(log: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = Vec::new();
+    let (Some(dir), Some(name)) = (log.parent(), log.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            if let Some(n) = file
+                .strip_prefix(&prefix)
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                found.push((n, e.path()));
+            }
+        }
+    }
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Removes `log` and every rotated file beside it.
+pub fn remove_all(log: &Path) -> io::Result<()> {
+    for p in rotated_files(log).into_iter().chain([log.to_owned()]) {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Where a process task's stdout and stderr go: a pipe to a `mesh-agent log-writer` for
 /// `log`. The writer runs in its own process group so it outlives an agent restart (the task
 /// does too) and ends when the task and everything it started close the pipe. Outside the
 /// mesh-agent binary (the crate's unit tests) the output goes straight to the file, unstamped.
-pub fn capture(log: &Path, max_size: u64) -> io::Result<std::fs::File> {
+pub fn capture(log: &Path, max_size: u64, max_file: u32) -> io::Result<std::fs::File> {
     let exe = std::env::current_exe()?;
     let is_agent = exe
         .file_name()
@@ -65,6 +111,7 @@ pub fn capture(log: &Path, max_size: u64) -> io::Result<std::fs::File> {
     let mut child = std::process::Command::new(exe)
         .arg("log-writer")
         .arg(format!("--max-size={max_size}"))
+        .arg(format!("--max-file={max_file}"))
         .arg(log)
         .stdin(read)
         .stdout(std::process::Stdio::null())
@@ -78,8 +125,13 @@ pub fn capture(log: &Path, max_size: u64) -> io::Result<std::fs::File> {
 }
 
 /// Reads `input` until it closes, writing stamped lines to `log` (the `log-writer` process).
-pub fn write_log(mut input: impl Read + AsRawFd, log: &Path, max_size: u64) -> io::Result<()> {
-    let mut out = LogFile::open(log, max_size)?;
+pub fn write_log(
+    mut input: impl Read + AsRawFd,
+    log: &Path,
+    max_size: u64,
+    max_file: u32,
+) -> io::Result<()> {
+    let mut out = LogFile::open(log, max_size, max_file)?;
     let mut partial: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -135,10 +187,11 @@ struct LogFile {
     file: std::fs::File,
     size: u64,
     max_size: u64,
+    max_file: u32,
 }
 
 impl LogFile {
-    fn open(path: &Path, max_size: u64) -> io::Result<Self> {
+    fn open(path: &Path, max_size: u64, max_file: u32) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -149,7 +202,38 @@ impl LogFile {
             file,
             size,
             max_size,
+            max_file: max_file.clamp(1, MAX_FILES),
         })
+    }
+
+    /// The current file becomes `<log>.1`, each older one moves one up, and the one past
+    /// `max_file` goes; with `max_file` 1 the current file is simply started again.
+    fn rotate(&mut self) -> io::Result<()> {
+        let keep = self.max_file - 1;
+        if keep == 0 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            for n in (1..keep).rev() {
+                match std::fs::rename(rotated_n(&self.path, n), rotated_n(&self.path, n + 1)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            std::fs::rename(&self.path, rotated(&self.path))?;
+        }
+        // Files beyond the limit (left by a run with a larger max-file) go too.
+        for p in rotated_files(&self.path) {
+            let n = p
+                .extension()
+                .and_then(|e| e.to_str()?.parse::<u32>().ok())
+                .unwrap_or(0);
+            if n > keep {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        *self = Self::open(&self.path, self.max_size, self.max_file)?;
+        Ok(())
     }
 
     fn line(&mut self, text: &[u8]) -> io::Result<()> {
@@ -158,8 +242,7 @@ impl LogFile {
         record.extend_from_slice(text);
         record.push(b'\n');
         if self.size > 0 && self.size + record.len() as u64 > self.max_size {
-            std::fs::rename(&self.path, rotated(&self.path))?;
-            *self = Self::open(&self.path, self.max_size)?;
+            self.rotate()?;
         }
         self.file.write_all(&record)?;
         self.size += record.len() as u64;
@@ -212,13 +295,16 @@ struct Cursor {
     pos: u64,
 }
 
-/// The lines of a log and its rotated file so far, and a cursor at their end.
+/// The lines of a log and its rotated files so far, and a cursor at their end.
 async fn read_stored(path: &Path) -> io::Result<(Vec<Stamped>, Cursor)> {
     let mut lines = Vec::new();
-    match tokio::fs::read(rotated(path)).await {
-        Ok(b) => parse_all(&b, &mut lines),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    for old in rotated_files(path) {
+        match tokio::fs::read(old).await {
+            Ok(b) => parse_all(&b, &mut lines),
+            // Rotated away while we listed them.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     }
     let mut cursor = Cursor {
         path: path.to_owned(),
@@ -381,7 +467,7 @@ mod tests {
         let (r, mut w) = std::io::pipe().unwrap();
         let input = input.to_vec();
         let t = std::thread::spawn(move || w.write_all(&input));
-        write_log(r, path, max).unwrap();
+        write_log(r, path, max, DEFAULT_MAX_FILE).unwrap();
         t.join().unwrap().unwrap();
     }
 
@@ -436,6 +522,47 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    #[tokio::test]
+    async fn max_file_keeps_that_many_files_and_reads_them_in_order() {
+        let dir = tempdir();
+        let log = dir.join("t.log");
+        let input: String = (0..200).map(|i| format!("line {i}\n")).collect();
+        let (r, mut w) = std::io::pipe().unwrap();
+        let t = std::thread::spawn(move || w.write_all(input.as_bytes()));
+        write_log(r, &log, 1024, 3).unwrap();
+        t.join().unwrap().unwrap();
+        assert!(rotated_n(&log, 1).exists() && rotated_n(&log, 2).exists());
+        assert!(
+            !rotated_n(&log, 3).exists(),
+            "max-file 3 keeps two old files"
+        );
+        let got: Vec<String> = Logs::File {
+            path: log.clone(),
+            query: LogsQuery::default(),
+        }
+        .into_lines()
+        .unwrap()
+        .map(|l| l.unwrap().1)
+        .collect()
+        .await;
+        let first: usize = got[0].trim_start_matches("line ").parse().unwrap();
+        let want: Vec<String> = (first..200).map(|i| format!("line {i}")).collect();
+        assert_eq!(
+            got, want,
+            "oldest file first, nothing lost within what is kept"
+        );
+        // max-file 1: the file starts again, nothing old is kept.
+        let one = dir.join("one.log");
+        let mut f = LogFile::open(&one, 200, 1).unwrap();
+        for i in 0..20 {
+            f.line(format!("l {i}").as_bytes()).unwrap();
+        }
+        assert!(!rotated(&one).exists());
+        assert!(std::fs::metadata(&one).unwrap().len() <= 200);
+        remove_all(&log).unwrap();
+        assert!(!log.exists() && !rotated_n(&log, 2).exists());
+    }
+
     #[test]
     fn since_and_tail_select_by_time_then_count() {
         let lines: Vec<Stamped> = (0..10).map(|i| (i * 10, format!("l{i}"))).collect();
@@ -462,7 +589,7 @@ mod tests {
     async fn follow_sees_lines_after_a_rotation() {
         let dir = tempdir();
         let log = dir.join("t.log");
-        let mut f = LogFile::open(&log, 400).unwrap();
+        let mut f = LogFile::open(&log, 400, DEFAULT_MAX_FILE).unwrap();
         f.line(b"before").unwrap();
         let q = LogsQuery {
             follow: true,

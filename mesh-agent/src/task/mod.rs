@@ -46,7 +46,10 @@ use crate::{
 pub use cni::{CniAttachment, CniRequest};
 pub use container::{available as podman_available, resolve as resolve_image};
 pub use files::{SECRETS_DIR, TaskFile, TaskFiles};
-pub use logs::{MAX_LINE as MAX_LOG_LINE, Stamped, write_log};
+pub use logs::{
+    DEFAULT_MAX_FILE as DEFAULT_LOG_MAX_FILE, DEFAULT_MAX_SIZE as DEFAULT_LOG_MAX_SIZE,
+    MAX_FILES as MAX_LOG_FILES, MAX_LINE as MAX_LOG_LINE, Stamped, write_log,
+};
 pub use plumbing::HOST_VETH_PREFIX;
 
 /// The network name of a task's attachment to the node's gateway bridge.
@@ -80,6 +83,10 @@ pub struct TaskConfig {
     /// The binary that runs as a process task's init (see `init`): the agent's own. A
     /// program embedding `Tasks` points it at a mesh-agent binary.
     pub init: PathBuf,
+    /// The most a task's log may grow to before it is rotated, and the files kept
+    /// (agent.toml's `[task_logs]`): a service's `--log-opt` may only ask for less.
+    pub log_max_size: u64,
+    pub log_max_file: u32,
 }
 
 impl TaskConfig {
@@ -96,6 +103,8 @@ impl TaskConfig {
             masked: Vec::new(),
             // The child's own /proc/self: the agent's binary even if it was replaced on disk.
             init: PathBuf::from("/proc/self/exe"),
+            log_max_size: logs::DEFAULT_MAX_SIZE,
+            log_max_file: logs::DEFAULT_MAX_FILE,
         }
     }
 }
@@ -106,6 +115,32 @@ pub struct ResolvConf {
     pub nameservers: Vec<Ipv4Addr>,
     pub search: Vec<String>,
     pub options: Vec<String>,
+}
+
+impl ResolvConf {
+    /// What a task with these DNS settings sees: the node's resolver stays first (it answers
+    /// service names and forwards the rest to the task's own `--dns` servers, as Docker's
+    /// embedded DNS does); a loopback server of the task's own comes after it; the task's
+    /// search domains replace the node's; its options replace the node's of the same name.
+    pub fn for_task(&self, dns: &mesh_api::spec::DnsConfig) -> Self {
+        let mut out = self.clone();
+        for ip in dns.nameservers.iter().filter(|ip| ip.is_loopback()) {
+            if let std::net::IpAddr::V4(v4) = ip
+                && !out.nameservers.contains(v4)
+            {
+                out.nameservers.push(*v4);
+            }
+        }
+        if !dns.search.is_empty() {
+            out.search = dns.search.clone();
+        }
+        let name = |o: &str| o.split(':').next().unwrap_or(o).to_owned();
+        for o in &dns.options {
+            out.options.retain(|x| name(x) != name(o));
+            out.options.push(o.clone());
+        }
+        out
+    }
 }
 
 impl Default for ResolvConf {
@@ -555,7 +590,8 @@ impl Tasks {
         }
         attempt!(netns::create(&record.netns));
         let etc = plumbing::etc_dir(&config.netns_etc, &record.netns);
-        attempt!(plumbing::write_resolv_conf(&etc, &config.resolv));
+        let resolv = config.resolv.for_task(&record.spec.run.dns);
+        attempt!(plumbing::write_resolv_conf(&etc, &resolv));
         for (i, att) in record.spec.attachments.clone().iter().enumerate() {
             let iface = attempt!(plumbing::attach(&self.inner.host, &record.netns, i, att).await);
             record.interfaces.push(iface);
@@ -567,6 +603,27 @@ impl Tasks {
             .enumerate()
             .find_map(|(i, a)| a.gateway.map(|g| (i, g)));
         attempt!(plumbing::configure_inside(&record.netns, &record.interfaces, gateway).await);
+        if record.spec.image.is_none() {
+            // A container gets its /etc/hosts from podman (`--add-host`); a process task's is
+            // written here and bound over /etc/hosts in its mount namespace.
+            let own: Vec<_> = record
+                .interfaces
+                .iter()
+                .filter(|i| i.network != GATEWAY_NETWORK)
+                .map(|i| i.address.addr())
+                .collect();
+            attempt!(plumbing::write_hosts(
+                &etc,
+                record.spec.hostname(),
+                &own,
+                &record.spec.run.hosts
+            ));
+        }
+        let (log_max_size, log_max_file) = mesh_api::spec::capped_log(
+            Some(&record.spec.run.log),
+            config.log_max_size,
+            config.log_max_file,
+        );
         attempt!(before_start(record.clone()).await);
         let netns_path = netns::path(&record.netns);
         let spawned = match &record.spec.image {
@@ -586,6 +643,8 @@ impl Tasks {
                         env: &record.spec.env,
                         workdir: record.spec.run.workdir.as_deref(),
                         log: &record.log,
+                        log_max_size,
+                        log_max_file,
                         files: &prepared,
                         init: &config.init,
                     },
@@ -605,8 +664,10 @@ impl Tasks {
                     run: &record.spec.run,
                     security: &record.spec.security,
                     netns: &netns_path,
-                    nameservers: &config.resolv.nameservers,
-                    dns_options: &config.resolv.options,
+                    nameservers: &resolv.nameservers,
+                    dns_search: &resolv.search,
+                    dns_options: &resolv.options,
+                    log_max_size,
                     volumes: &attempt!(files::podman_mounts(
                         &config.files_dir.join(&record.netns),
                         files

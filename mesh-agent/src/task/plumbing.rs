@@ -54,6 +54,38 @@ pub(super) fn write_resolv_conf(dir: &Path, resolv: &ResolvConf) -> Result<()> {
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The task's /etc/hosts, as Docker writes a container's: loopback names, the `--host`
+/// entries, then the task's own addresses with its hostname.
+pub(super) fn write_hosts(
+    dir: &Path,
+    hostname: &str,
+    own: &[Ipv4Addr],
+    extra: &[mesh_api::spec::ExtraHost],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("hosts");
+    std::fs::write(&path, hosts_text(hostname, own, extra))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn hosts_text(hostname: &str, own: &[Ipv4Addr], extra: &[mesh_api::spec::ExtraHost]) -> String {
+    let mut text = String::from(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+         fe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\n\
+         ff02::2\tip6-allrouters\n",
+    );
+    for h in extra {
+        // Checked again here: a spec from any node must not write lines of its own.
+        if h.validate().is_ok() {
+            text.push_str(&format!("{}\t{}\n", h.ip, h.host));
+        }
+    }
+    for ip in own {
+        text.push_str(&format!("{ip}\t{hostname}\n"));
+    }
+    text
+}
+
 /// Creates the veth pair of attachment `index` with its task end already inside the task's
 /// namespace, and the host end on the network's bridge.
 pub(super) async fn attach(
@@ -319,5 +351,44 @@ mod tests {
         let text = std::fs::read_to_string(dir.join("resolv.conf")).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(text, "nameserver 127.0.0.11\noptions ndots:0\n");
+    }
+
+    #[test]
+    fn a_tasks_dns_settings_keep_the_embedded_resolver_first() {
+        let dns = mesh_api::spec::DnsConfig {
+            nameservers: vec!["192.0.2.53".parse().unwrap(), "127.0.0.53".parse().unwrap()],
+            search: vec!["corp.example".into()],
+            options: vec!["ndots:2".into(), "timeout:1".into()],
+        };
+        let r = ResolvConf::default().for_task(&dns);
+        // 192.0.2.53 is asked by the embedded resolver (see the agent's dns); only the
+        // task's own loopback cache is listed, after it.
+        assert_eq!(
+            r.nameservers,
+            [Ipv4Addr::new(127, 0, 0, 11), Ipv4Addr::new(127, 0, 0, 53)]
+        );
+        assert_eq!(r.search, ["corp.example"]);
+        assert_eq!(r.options, ["ndots:2", "timeout:1"]);
+        assert_eq!(
+            ResolvConf::default().for_task(&Default::default()),
+            ResolvConf::default()
+        );
+    }
+
+    #[test]
+    fn hosts_have_the_extra_entries_before_the_tasks_own() {
+        let extra: Vec<mesh_api::spec::ExtraHost> = vec![
+            "db.local:10.0.0.5".parse().unwrap(),
+            mesh_api::spec::ExtraHost {
+                host: "evil\n6.6.6.6 bank".into(),
+                ip: "10.0.0.6".parse().unwrap(),
+            },
+        ];
+        let text = hosts_text("web-1", &[Ipv4Addr::new(10, 0, 1, 7)], &extra);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "127.0.0.1\tlocalhost");
+        assert_eq!(lines[lines.len() - 2], "10.0.0.5\tdb.local");
+        assert_eq!(lines[lines.len() - 1], "10.0.1.7\tweb-1");
+        assert!(!text.contains("bank"), "{text}");
     }
 }

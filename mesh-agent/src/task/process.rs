@@ -38,6 +38,9 @@ pub(super) struct Launch<'a> {
     /// Where the program starts, inside the task's mount namespace (default `/`).
     pub workdir: Option<&'a str>,
     pub log: &'a Path,
+    /// Rotate the log past this many bytes, keeping this many files.
+    pub log_max_size: u64,
+    pub log_max_file: u32,
     /// Secrets and configs written into the task's own tmpfs before exec (see `files`).
     pub files: &'a [super::files::Prepared],
     /// The task's init binary (see `init`).
@@ -206,7 +209,7 @@ fn in_new_pid_namespace<T: Send>(spawn: impl FnOnce() -> Result<T> + Send) -> Re
 }
 
 pub(super) fn spawn(launch: &Launch, isolation: Isolation) -> Result<Spawned> {
-    let log = super::logs::capture(launch.log, super::logs::DEFAULT_MAX_SIZE)
+    let log = super::logs::capture(launch.log, launch.log_max_size, launch.log_max_file)
         .with_context(|| format!("opening the task log {}", launch.log.display()))?;
     let (mut cmd, _entry) = Entry::open(launch, isolation)?.command(launch)?;
     cmd.stdout(log.try_clone()?).stderr(log);

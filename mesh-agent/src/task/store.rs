@@ -2,10 +2,7 @@
 //! atomically, so an agent that crashed at any point finds each task either as it was before
 //! or after the last change.
 
-use std::{
-    io,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -42,14 +39,9 @@ impl Store {
     pub fn remove(&self, task: &str) -> Result<()> {
         crate::state_files::remove_with_backup(&self.record_path(task))
             .with_context(|| format!("removing the record of {task}"))?;
-        for p in [self.log_path(task)] {
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
-            }
-        }
-        Ok(())
+        let log = self.log_path(task);
+        super::logs::remove_all(&log)
+            .with_context(|| format!("removing the logs {}*", log.display()))
     }
 
     /// Every record that can be read (a damaged one from its copy), and the names of tasks

@@ -9,8 +9,8 @@ use super::ServiceStats;
 use mesh_planner::{Constraint, Spread};
 
 use crate::spec::{
-    EndpointMode, FileRef, HealthChange, LimitsChange, PortSpec, Protocol, RestartChange,
-    ServiceSpec, UpdateConfigChange,
+    EndpointMode, ExtraHost, FileRef, HealthChange, LimitsChange, LogDriver, PortSpec, Protocol,
+    RestartChange, ServiceSpec, UpdateConfigChange,
 };
 
 use super::TaskInfo;
@@ -192,6 +192,31 @@ pub struct ServiceUpdate {
     /// `--limit-cpu`, `--limit-memory`, `--limit-pids`.
     #[serde(default, skip_serializing_if = "LimitsChange::is_empty")]
     pub limits: LimitsChange,
+    /// `--hostname` ("" puts back the default, the task's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// `--host-add` (replaces an entry of the same host and address) and `--host-rm` (`host`
+    /// removes every entry of that host, `host:ip` that one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_add: Vec<ExtraHost>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_rm: Vec<String>,
+    /// `--dns-add/-rm`, `--dns-search-add/-rm`, `--dns-option-add/-rm`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_add: Vec<std::net::IpAddr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_rm: Vec<std::net::IpAddr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_search_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_search_rm: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_option_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_option_rm: Vec<String>,
+    /// `--log-driver`/`--log-opt`: the task's log settings, replaced whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogDriver>,
 }
 
 impl ServiceUpdate {
@@ -219,5 +244,15 @@ impl ServiceUpdate {
             || self.reserve_cpu.is_some()
             || self.reserve_memory.is_some()
             || !self.limits.is_empty()
+            || self.hostname.is_some()
+            || !self.host_add.is_empty()
+            || !self.host_rm.is_empty()
+            || !self.dns_add.is_empty()
+            || !self.dns_rm.is_empty()
+            || !self.dns_search_add.is_empty()
+            || !self.dns_search_rm.is_empty()
+            || !self.dns_option_add.is_empty()
+            || !self.dns_option_rm.is_empty()
+            || self.log.is_some()
     }
 }

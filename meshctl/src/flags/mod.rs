@@ -5,6 +5,7 @@
 
 mod health;
 mod limits;
+mod names;
 mod placement;
 mod resources;
 mod restart;
@@ -15,6 +16,7 @@ mod value;
 
 pub use health::HealthArgs;
 pub use limits::{LimitsArgs, pids, within_reservations};
+pub use names::{dns, dns_options, hosts, log, nameservers, search_domains};
 pub use placement::{constraints, per_node, preferences, replicas};
 pub use resources::ReserveArgs;
 pub use restart::RestartArgs;
