@@ -233,3 +233,28 @@ async fn with_no_upstreams_foreign_names_fail_fast() -> Result<()> {
     assert_eq!(response.metadata.response_code, ResponseCode::ServFail);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_task_with_servers_of_its_own_asks_them_and_not_the_nodes() -> Result<()> {
+    // The node's upstream is dead: an answer can only come from the task's own server.
+    let dead = dead_upstream().await?;
+    let own = Upstream::zone().await?;
+    let server = server_with(vec![dead], UPSTREAM_TIMEOUT);
+    server.update(&stack());
+    let (udp, tcp, addr) = bind_pair().await?;
+    let _handle = server.serve(
+        udp,
+        tcp,
+        mesh_dns::Scope::new(["frontend"]).with_upstreams(vec![own.addr]),
+    );
+    let response = a(addr, "www.example.test").await?;
+    assert_eq!(ips(&response), vec![ip("192.0.2.80")]);
+    // Service names still answer from the cluster's table, not from the task's servers.
+    let response = a(addr, "web").await?;
+    assert_eq!(ips(&response), vec![ip("10.0.1.2")]);
+    // A task without servers of its own is still sent to the node's (dead) one.
+    let plain = serve(&server, &["frontend"]).await?;
+    let response = a(plain.addr, "www.example.test").await?;
+    assert_eq!(response.metadata.response_code, ResponseCode::ServFail);
+    Ok(())
+}

@@ -51,12 +51,8 @@ const IGNORED_SERVICE_KEYS: &[&str] = &[
     "security_opt",
     "userns_mode",
     "privileged",
-    "logging",
     "tty",
     "stdin_open",
-    "dns",
-    "dns_search",
-    "extra_hosts",
     "expose",
 ];
 
@@ -157,6 +153,7 @@ pub fn load(
 /// The stack a merged compose tree describes.
 fn from_tree(stack: &str, root: &Value, dir: &Path, prune: bool) -> Result<Parsed, String> {
     let mut s = Stack::new(stack, prune);
+    s.dir = dir.to_owned();
     let mut services = None;
     for (k, v) in map(root, "the file")? {
         let k = key_str(k, "the file")?;
@@ -206,6 +203,8 @@ struct Stack {
     configs: BTreeMap<String, String>,
     /// Published ports so far, and the service that publishes each.
     published: BTreeMap<(String, u16), String>,
+    /// The compose file's directory: `env_file` paths are relative to it.
+    dir: std::path::PathBuf,
 }
 
 /// A service's keys as read, before they become its spec: some need others (a health check's
@@ -215,6 +214,8 @@ struct ServiceDraft {
     spec: ServiceSpec,
     command: Vec<String>,
     env: Vec<(String, String)>,
+    /// From `env_file`, in order; `environment` wins over them.
+    env_files: Vec<(String, String)>,
     hostname: Option<String>,
     image: Option<String>,
     stop_grace_ms: Option<u64>,
@@ -243,6 +244,7 @@ impl Stack {
             secrets: BTreeMap::new(),
             configs: BTreeMap::new(),
             published: BTreeMap::new(),
+            dir: std::path::PathBuf::from("."),
         }
     }
 
@@ -355,6 +357,14 @@ impl Stack {
                 "command" => d.command = command(v, &here)?,
                 "environment" => d.env = list_or_map(v, &here)?,
                 "hostname" => d.hostname = Some(string(v, &here)?),
+                "env_file" => d.env_files = env_files(v, &here, &self.dir)?,
+                "extra_hosts" => d.run.hosts = extra_hosts(v, &here)?,
+                "dns" => d.run.dns.nameservers = flags::nameservers(&here, &strings(v, &here)?)?,
+                "dns_search" => {
+                    d.run.dns.search = flags::search_domains(&here, &strings(v, &here)?)?
+                }
+                "dns_opt" => d.run.dns.options = flags::dns_options(&here, &strings(v, &here)?)?,
+                "logging" => d.run.log = logging(v, &here)?,
                 "entrypoint" => d.run.entrypoint = Some(command(v, &here)?),
                 "user" => d.run.user = Some(string(v, &here)?),
                 "working_dir" => d.run.workdir = Some(string(v, &here)?),
@@ -659,9 +669,15 @@ fn finish(d: ServiceDraft, at: &str) -> Result<ServiceSpec, String> {
         .health
         .apply(None, &spec.ports)
         .map_err(|e| format!("{at}.healthcheck: {e}"))?;
-    spec.task = Some(TaskTemplate {
+    // Docker's order: the env files, then `environment`, a later value of a key winning.
+    let mut env = d.env_files;
+    for (k, v) in d.env {
+        env.retain(|(key, _)| *key != k);
+        env.push((k, v));
+    }
+    let template = TaskTemplate {
         command: d.command,
-        env: d.env,
+        env,
         hostname: d.hostname,
         health,
         stop_grace_ms: d
@@ -673,8 +689,100 @@ fn finish(d: ServiceDraft, at: &str) -> Result<ServiceSpec, String> {
         run: d.run,
         resources: d.resources,
         security: d.security,
-    });
+    };
+    template
+        .check_templates(&spec.labels)
+        .map_err(|e| format!("{at}: {e}"))?;
+    spec.task = Some(template);
     Ok(spec)
+}
+
+/// `env_file:` a path, a list of paths, or of `{path, required}` (compose's long form), each
+/// relative to the compose file's directory and read in Docker's env-file syntax.
+fn env_files(v: &Value, at: &str, dir: &Path) -> Result<Vec<(String, String)>, String> {
+    let entries: Vec<(String, bool)> = match v {
+        Value::Sequence(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let here = format!("{at}[{i}]");
+                match item {
+                    Value::Mapping(m) => {
+                        let path = m
+                            .get("path")
+                            .ok_or_else(|| format!("{here}: give path: FILE"))?;
+                        let required = match m.get("required") {
+                            Some(r) => boolean(r, &format!("{here}.required"))?,
+                            None => true,
+                        };
+                        Ok((string(path, &format!("{here}.path"))?, required))
+                    }
+                    other => Ok((string(other, &here)?, true)),
+                }
+            })
+            .collect::<Result<_, String>>()?,
+        other => vec![(string(other, at)?, true)],
+    };
+    let mut out = Vec::new();
+    for (path, required) in entries {
+        let full = dir.join(&path);
+        let text = match std::fs::read_to_string(&full) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => continue,
+            Err(e) => return Err(format!("{at}: cannot read {}: {e}", full.display())),
+        };
+        out.extend(flags::env_file(
+            &format!("{at}: {}", full.display()),
+            &text,
+            |k| std::env::var(k).ok(),
+        )?);
+    }
+    Ok(out)
+}
+
+/// `extra_hosts:` a list of `host:ip` (or `host=ip`), or a mapping `host: ip`.
+fn extra_hosts(v: &Value, at: &str) -> Result<Vec<mesh_api::spec::ExtraHost>, String> {
+    let raw: Vec<String> = match v {
+        Value::Mapping(m) => m
+            .iter()
+            .map(|(k, ip)| Ok(format!("{}={}", key_str(k, at)?, string(ip, at)?)))
+            .collect::<Result<_, String>>()?,
+        _ => strings(v, at)?,
+    };
+    raw.iter()
+        .enumerate()
+        .map(|(i, h)| h.parse().map_err(|e: String| format!("{at}[{i}]: {e}")))
+        .collect()
+}
+
+/// `logging: {driver, options: {max-size, max-file}}`: the drivers whose files mesh keeps.
+fn logging(v: &Value, at: &str) -> Result<mesh_api::spec::LogDriver, String> {
+    let mut driver = None;
+    let mut options = Vec::new();
+    for (k, v) in map(v, at)? {
+        let k = key_str(k, at)?;
+        let here = format!("{at}.{k}");
+        match k.as_str() {
+            "driver" => driver = Some(string(v, &here)?),
+            "options" if v.is_null() => {}
+            "options" => options = list_or_map(v, &here)?,
+            other => {
+                return Err(format!(
+                    "{at}: unknown key {other:?} (use driver: and options:)"
+                ));
+            }
+        }
+    }
+    let at_driver = format!("{at}.driver");
+    if let Some(d) = &driver
+        && !mesh_api::spec::LOG_DRIVERS.contains(&d.as_str())
+    {
+        mesh_api::spec::LogDriver::parse(&at_driver, Some(d), &[])?;
+    }
+    Ok(
+        mesh_api::spec::LogDriver::parse(&format!("{at}.options"), driver.as_deref(), &options)?
+            .unwrap_or_default(),
+    )
 }
 
 /// `ipam.config[0].subnet`: mesh networks have one subnet.
@@ -979,6 +1087,64 @@ services:
             e.starts_with("f0.yml: services.web.ports[0]: required variable PORT"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn dns_hosts_logging_and_env_files_are_honoured() {
+        let dir = std::env::temp_dir().join(format!("mesh-compose-env-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("conf")).unwrap();
+        std::fs::write(dir.join("conf/web.env"), "# web\nA=from-file\nB=file\n").unwrap();
+        let text = r#"
+services:
+  web:
+    image: my/web:1
+    hostname: "{{.Service.Name}}-{{.Task.Slot}}"
+    env_file: [conf/web.env, {path: conf/missing.env, required: false}]
+    environment: { B: from-environment }
+    dns: 192.0.2.53
+    dns_search: [corp.example]
+    dns_opt: ["ndots:2"]
+    extra_hosts: ["db.local:10.0.0.5", "cache=10.0.0.6"]
+    logging: { driver: json-file, options: { max-size: 1m, max-file: "3" } }
+"#;
+        let source = |t: &str| Source {
+            name: "c.yml".into(),
+            text: t.to_owned(),
+        };
+        let out = load("st", &[source(text)], &dir, &|_| None, false).unwrap();
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        let t = out.deploy.services[0].spec.task.clone().unwrap();
+        assert_eq!(
+            t.env,
+            [
+                ("A".to_owned(), "from-file".to_owned()),
+                ("B".to_owned(), "from-environment".to_owned())
+            ]
+        );
+        assert_eq!(t.run.dns.nameservers.len(), 1);
+        assert_eq!((t.run.dns.search.len(), t.run.dns.options.len()), (1, 1));
+        assert_eq!(t.run.hosts.len(), 2);
+        assert_eq!(t.run.log.max_size, Some(1 << 20));
+        assert_eq!(t.run.log.max_file, Some(3));
+        for (bad, says) in [
+            (
+                "logging: { driver: syslog }",
+                "services.web.logging.driver: log driver \"syslog\" is not supported",
+            ),
+            (
+                "extra_hosts: [db.local]",
+                "services.web.extra_hosts[0]: bad format",
+            ),
+            ("env_file: nope.env", "services.web.env_file: cannot read"),
+            ("hostname: \"{{.Nope}}\"", "can't evaluate field Nope"),
+        ] {
+            let text = format!("services:\n  web:\n    image: my/web:1\n    {bad}\n");
+            let e = load("st", &[source(&text)], &dir, &|_| None, false)
+                .err()
+                .unwrap();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
