@@ -120,8 +120,17 @@ fn a_process_task_sees_its_hosts_dns_and_templated_names() {
     assert_eq!(exec(h, &web, &["hostname"]).trim(), "web-1");
     let node_id: Value = h.meshctl_json(&["node", "inspect", h.node_name()]).unwrap();
     let node_id = node_id["id"].as_str().unwrap_or_default().to_owned();
-    let env = exec(h, &web, &["/bin/sh", "-c", "echo $WHERE"]);
-    assert_eq!(env.trim(), format!("{node_id}/1"), "node id {node_id}");
+    // The task's own environment (exec'd commands get their own): its first process's.
+    let tasks: Vec<Value> = h.meshctl_json(&["ps"]).unwrap();
+    let pid = tasks.iter().find(|t| t["name"] == web.as_str()).unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let env = String::from_utf8_lossy(&env);
+    assert!(
+        env.split('\0').any(|l| l == format!("WHERE={node_id}/1")),
+        "node id {node_id}: {env}"
+    );
 
     // resolv.conf: the embedded resolver first, the search domain and options after.
     let resolv = exec(h, &web, &["cat", "/etc/resolv.conf"]);
@@ -223,15 +232,15 @@ fn log_opts_rotate_the_task_log_and_service_logs_still_reads_it() {
             Ok(text.contains("line-599-").then_some(text))
         })
         .unwrap();
+    // The service asked for 3 files, the node (agent.toml's default [task_logs], 2 files)
+    // allows 2: the service may only lower the node's cap. Its 4k max-size is below the
+    // node's 10m, so it holds.
+    assert!(rotated(1).exists(), "one old file kept");
     assert!(
-        rotated(1).exists() && rotated(2).exists(),
-        "two old files kept"
+        !rotated(2).exists(),
+        "the node's max_file = 2 caps the service's max-file=3"
     );
-    assert!(
-        !rotated(3).exists(),
-        "max-file=3 keeps the current and two old files"
-    );
-    for p in [log.clone(), rotated(1), rotated(2)] {
+    for p in [log.clone(), rotated(1)] {
         let size = std::fs::metadata(&p).unwrap().len();
         assert!(size <= 4096, "{} is {size} bytes", p.display());
     }
