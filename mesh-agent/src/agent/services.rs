@@ -1281,6 +1281,76 @@ mod tests {
     }
 
     #[test]
+    fn hosts_dns_and_templates_update_as_docker_updates_them() {
+        // A spec written by any node is checked: a host name that is a line of its own, a
+        // template naming no field, a log driver mesh cannot honour.
+        let bad = |f: fn(&mut TaskTemplate)| err(spec(|s| f(s.task.as_mut().unwrap())));
+        assert!(
+            bad(|t| t.run.hosts = vec![mesh_api::spec::ExtraHost {
+                host: "a\nb".into(),
+                ip: "10.0.0.1".parse().unwrap()
+            }])
+            .contains("invalid host name")
+        );
+        assert!(
+            bad(|t| t.hostname = Some("{{.Nope}}".into()))
+                .contains("can't evaluate field Nope in type template.Context")
+        );
+        assert!(bad(|t| t.run.log.name = "syslog".into()).contains("not supported"));
+        let spec = spec(|s| {
+            let t = s.task.as_mut().unwrap();
+            t.run.hosts = vec![
+                "db:10.0.0.5".parse().unwrap(),
+                "db:10.0.0.6".parse().unwrap(),
+                "cache:10.0.0.7".parse().unwrap(),
+            ];
+            t.run.dns.options = vec!["ndots:2".into(), "rotate".into()];
+        })
+        .unwrap();
+        let up = apply_update(
+            &spec,
+            &ServiceUpdate {
+                host_rm: vec!["db".into(), "cache:10.0.0.7".into()],
+                host_add: vec!["api:10.0.0.8".parse().unwrap()],
+                dns_add: vec!["192.0.2.53".parse().unwrap()],
+                dns_search_add: vec!["corp.example".into()],
+                dns_option_add: vec!["ndots:5".into()],
+                dns_option_rm: vec!["rotate".into()],
+                hostname: Some("{{.Service.Name}}-{{.Task.Slot}}".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let t = up.task.as_ref().unwrap();
+        let hosts: Vec<String> = t.run.hosts.iter().map(ToString::to_string).collect();
+        assert_eq!(hosts, ["api:10.0.0.8"]);
+        assert_eq!(
+            t.run.dns.options,
+            ["ndots:5"],
+            "an option is replaced by its name"
+        );
+        assert_eq!(t.run.dns.search, ["corp.example"]);
+        assert_ne!(up.template_id(), spec.template_id(), "a rolling update");
+        let reset = apply_update(
+            &up,
+            &ServiceUpdate {
+                hostname: Some(String::new()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(reset.task.unwrap().hostname, None);
+        let wrong = apply_update(
+            &spec,
+            &ServiceUpdate {
+                hostname: Some("{{.Task.Nope}}".into()),
+                ..Default::default()
+            },
+        );
+        assert!(err(wrong).contains("can't evaluate field Nope"));
+    }
+
+    #[test]
     fn a_new_image_rolls_the_tasks_and_a_rollback_takes_nothing_else() {
         let spec = spec(|s| s.task.as_mut().unwrap().image = Some("nginx:1.10".into())).unwrap();
         let up = apply_update(
