@@ -510,7 +510,7 @@ async fn start<R: NodeRuntime>(rt: &R, mut t: Task) {
     let name = process_name(&t);
     // Swarm's templates ({{.Service.Name}}-{{.Task.Slot}}, …) are expanded here, on the node
     // the task starts on; they were checked when the service was created.
-    let (hostname, template_env) = match template.expanded(&template_context(&view, &t, &name)) {
+    let expanded = match template.expanded(&template_context(&view, &t, &name)) {
         Ok(e) => e,
         Err(e) => {
             warn!(task = name, "task could not start: {e}");
@@ -518,8 +518,9 @@ async fn start<R: NodeRuntime>(rt: &R, mut t: Task) {
             return;
         }
     };
-    let hostname =
-        hostname.unwrap_or_else(|| default_hostname(&service, &t, template.image.is_some()));
+    let hostname = expanded
+        .hostname
+        .unwrap_or_else(|| default_hostname(&service, &t, template.image.is_some()));
     // What Swarm's templates ({{.Task.Name}}, …) give a task, as plain variables.
     let mut env = vec![
         ("MESH_SERVICE_NAME".to_owned(), service.name.clone()),
@@ -528,7 +529,7 @@ async fn start<R: NodeRuntime>(rt: &R, mut t: Task) {
         ("MESH_TASK_ID".to_owned(), t.id.clone()),
         ("MESH_NODE_NAME".to_owned(), t.node.clone()),
     ];
-    env.extend(template_env);
+    env.extend(expanded.env);
     // Without a health check, a task that listens on a TCP target port serves once it
     // accepts there: sending it connections before its process has bound the port would
     // fail them (Swarm does, and a rolling update then drops requests).

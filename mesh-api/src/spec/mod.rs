@@ -32,8 +32,8 @@ pub use security::{
     sysctl, ulimit,
 };
 pub use service::{
-    DRIVER_PODMAN, DRIVER_PROCESS, EndpointMode, HealthCheck, Probe, RunOptions, ServiceSpec,
-    TaskTemplate, UpdateState, UpdateStatus,
+    DRIVER_PODMAN, DRIVER_PROCESS, EndpointMode, Expanded, HealthCheck, Probe, RunOptions,
+    ServiceSpec, TaskTemplate, UpdateState, UpdateStatus,
 };
 pub use size::{bytes, nano_cpus};
 

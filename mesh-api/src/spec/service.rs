@@ -223,6 +223,14 @@ pub struct TaskTemplate {
     pub security: Security,
 }
 
+/// What one task gets of its template's templates: its hostname (None: the default) and
+/// environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expanded {
+    pub hostname: Option<String>,
+    pub env: Vec<(String, String)>,
+}
+
 /// Docker's `--entrypoint`, `--user`, `--workdir`, `--stop-signal`, `--container-label`, and
 /// what the task sees of its environment: `--host`, `--dns*`, `--log-driver`/`--log-opt`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,10 +346,7 @@ impl TaskTemplate {
     }
 
     /// The hostname and environment of one task, templates expanded.
-    pub fn expanded(
-        &self,
-        ctx: &template::Context,
-    ) -> Result<(Option<String>, Vec<(String, String)>), String> {
+    pub fn expanded(&self, ctx: &template::Context) -> Result<Expanded, String> {
         let hostname = self
             .hostname
             .as_deref()
@@ -359,7 +364,7 @@ impl TaskTemplate {
                 Ok((k.clone(), v))
             })
             .collect::<Result<_, String>>()?;
-        Ok((hostname, env))
+        Ok(Expanded { hostname, env })
     }
 
     pub fn driver(&self) -> &'static str {
