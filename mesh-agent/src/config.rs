@@ -46,6 +46,9 @@ pub struct AgentConfig {
     /// them: its tasks and dataplane keep serving while the agent restarts.
     pub restart_grace_ms: u64,
     pub socket: PathBuf,
+    /// The Docker Engine API socket (`docker` with `DOCKER_HOST=unix://…`). Default:
+    /// `docker.sock` beside `socket`; an empty path turns it off.
+    pub docker_socket: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
     /// cgroup v2 directory the agent places its process tasks in (under `tasks/`). Default:
@@ -281,6 +284,7 @@ impl Default for AgentConfig {
             settle_ms: 1000,
             restart_grace_ms: 10_000,
             socket: mesh_api::v1::DEFAULT_SOCKET.into(),
+            docker_socket: None,
             state_dir: "/var/lib/mesh".into(),
             bpffs: "/sys/fs/bpf/mesh".into(),
             cgroup: None,
@@ -299,6 +303,21 @@ impl Default for AgentConfig {
 }
 
 impl AgentConfig {
+    /// Where the Docker API is served, if it is: beside the API socket unless set; an
+    /// empty path turns it off.
+    pub fn docker_socket(&self) -> Option<PathBuf> {
+        match &self.docker_socket {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+            None => Some(
+                self.socket
+                    .parent()
+                    .unwrap_or(Path::new("/run/mesh"))
+                    .join("docker.sock"),
+            ),
+        }
+    }
+
     /// Reads a config file; a missing default file is an empty config, a missing explicit one
     /// an error.
     pub fn load(path: &Path, explicit: bool) -> Result<Self> {

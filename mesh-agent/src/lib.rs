@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;
+pub mod docker;
 pub mod events;
 pub mod gossip;
 pub mod http;

@@ -186,6 +186,10 @@ struct RunArgs {
     restart_grace_ms: Option<u64>,
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Serve the Docker Engine API (swarm endpoints) on this socket; default: docker.sock
+    /// beside --socket; "" turns it off.
+    #[arg(long)]
+    docker_socket: Option<PathBuf>,
     #[arg(long)]
     state_dir: Option<PathBuf>,
     #[arg(long)]
@@ -255,6 +259,9 @@ impl RunArgs {
         }
         if let Some(v) = self.socket {
             c.socket = v;
+        }
+        if let Some(v) = self.docker_socket {
+            c.docker_socket = Some(v);
         }
         if let Some(v) = self.state_dir {
             c.state_dir = v;
@@ -540,6 +547,17 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let docker_socket = config.docker_socket();
+    if let Some(path) = &docker_socket {
+        let listener = mesh_agent::docker::bind(path)?;
+        info!(socket = %path.display(), "Docker API (swarm endpoints) ready");
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = mesh_agent::docker::serve(listener, agent).await {
+                error!("{e:#}");
+            }
+        });
+    }
     let api = http::serve(http::bind(&config.socket)?, agent.clone());
     info!(socket = %config.socket.display(), "agent ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -571,6 +589,9 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
             local.dataplane.lock().await.remove_pins()?;
         }
         let _ = std::fs::remove_file(&config.socket);
+        if let Some(p) = &docker_socket {
+            let _ = std::fs::remove_file(p);
+        }
         match why {
             Shutdown::Leave => {
                 info!("left the cluster; tasks stopped, networks unplumbed, dataplane detached")
@@ -582,6 +603,9 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
         return Ok(());
     }
     let _ = std::fs::remove_file(&config.socket);
+    if let Some(p) = &docker_socket {
+        let _ = std::fs::remove_file(p);
+    }
     if config.cleanup_on_exit
         && let Some(local) = agent.local()
     {
@@ -642,6 +666,11 @@ async fn node_parts(config: &mesh_agent::config::ResolvedConfig) -> Result<NodeP
         config.cluster_key_file.clone(),
         Some(config.socket.clone()),
         config.socket.parent().map(Path::to_path_buf),
+        // The Docker socket commands the cluster as the API socket does.
+        config.docker_socket(),
+        config
+            .docker_socket()
+            .and_then(|p| p.parent().map(Path::to_path_buf)),
         Some(PathBuf::from("/run/mesh")),
         Some(PathBuf::from("/etc/mesh")),
         // The dataplane's pinned maps: a task running as root must not open them.

@@ -58,14 +58,23 @@ pub fn refuse(status: StatusCode, error: String) -> Response {
 /// Applies the body limit to `router`: a declared oversized body is refused before it is
 /// read, an undeclared (chunked) one as soon as it passes the limit, both with a JSON error.
 pub fn with_body_limit(router: Router, max_body: usize) -> Router {
+    with_body_limit_shaped(router, max_body, refuse)
+}
+
+/// An error answer of one listener's API: mesh's `{"error": …}` or Docker's
+/// `{"message": …}`.
+pub type Refuse = fn(StatusCode, String) -> Response;
+
+/// [`with_body_limit`] with the listener's own error shape.
+pub fn with_body_limit_shaped(router: Router, max_body: usize, refuse: Refuse) -> Router {
     router
         .layer(middleware::from_fn(move |req: Request, next: Next| {
-            check_body(req, next, max_body)
+            check_body(req, next, max_body, refuse)
         }))
         .layer(DefaultBodyLimit::max(max_body))
 }
 
-async fn check_body(req: Request, next: Next, max_body: usize) -> Response {
+async fn check_body(req: Request, next: Next, max_body: usize, refuse: Refuse) -> Response {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -171,7 +180,17 @@ impl Accept for tokio::net::UnixListener {
 
 /// Serves `router` on `listener` with `limits` until the future is dropped.
 pub async fn serve<L: Accept>(listener: L, router: Router, limits: Limits) -> std::io::Result<()> {
-    let router = with_body_limit(router, limits.max_body);
+    serve_shaped(listener, router, limits, refuse).await
+}
+
+/// [`serve`] with the listener's own error shape for refused bodies.
+pub async fn serve_shaped<L: Accept>(
+    listener: L,
+    router: Router,
+    limits: Limits,
+    refuse: Refuse,
+) -> std::io::Result<()> {
+    let router = with_body_limit_shaped(router, limits.max_body, refuse);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (mut io, peer) = match listener.accept().await {
@@ -185,11 +204,12 @@ pub async fn serve<L: Accept>(listener: L, router: Router, limits: Limits) -> st
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             tokio::spawn(async move {
-                let body = format!(
-                    "{{\"error\":\"too many connections to this agent ({} at once): retry \
-                     later\"}}",
+                // Both shapes: mesh's clients read `error`, Docker's `message`.
+                let message = format!(
+                    "too many connections to this agent ({} at once): retry later",
                     limits.max_connections
                 );
+                let body = serde_json::json!({ "error": message, "message": message }).to_string();
                 let answer = format!(
                     "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
                      content-length: {}\r\nconnection: close\r\n\r\n{body}",

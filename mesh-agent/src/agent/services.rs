@@ -158,6 +158,61 @@ impl Agent {
         Ok(record)
     }
 
+    /// A whole new spec for an existing service, as Docker's `service update` sends one:
+    /// `build` makes it from the current spec. Checked as a stack redeploy's spec (identity,
+    /// address and history kept; a changed template rolls out) and written as every change.
+    /// `version` is the spec version the caller read: another one means someone changed the
+    /// service meanwhile, and nothing is written (Swarm's "update out of sequence").
+    pub async fn replace_service(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        build: impl FnOnce(&ServiceSpec) -> Result<ServiceSpec>,
+    ) -> Result<Replicated<ServiceSpec>> {
+        let view = self.refresh().await;
+        let current = view.services.get(name).ok_or_else(|| not_found(name))?;
+        if let Some(v) = version
+            && v != current.spec.version
+        {
+            return Err(Error::Conflict(format!(
+                "update out of sequence: service {name} is at version {}, not {v}; inspect it \
+                 again and retry",
+                current.spec.version
+            )));
+        }
+        let requested = build(&current.spec)?;
+        if requested.name != current.spec.name {
+            return Err(Error::Invalid(format!(
+                "service {name} cannot be renamed to {}: renaming services is not supported",
+                requested.name
+            )));
+        }
+        let force = requested.force_update;
+        let mut spec = super::stacks::redeployed(&current.spec, new_spec(&requested)?)?;
+        if !spec.mode.is_job() && force != current.spec.force_update {
+            let rolling = spec.template_id() != current.spec.template_id();
+            spec.force_update = force;
+            if !rolling {
+                rollout::start_rollout(&mut spec, &current.spec, Clock::now_ms());
+            }
+        }
+        PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, Some(&current.spec))?;
+        check_file_refs(&view, &spec)?;
+        if spec.ports != current.spec.ports {
+            check_ports(&view, name, &spec.ports)?;
+        }
+        if spec == current.spec {
+            return Ok(current.clone());
+        }
+        let record = self.write_change(current, spec).await?;
+        info!(
+            service = name,
+            version = record.spec.version,
+            "service replaced"
+        );
+        Ok(record)
+    }
+
     /// Scales every named service, or none: all are checked before any is written.
     pub async fn scale_services(&self, req: &ServiceScale) -> Result<Vec<Replicated<ServiceSpec>>> {
         if req.replicas.is_empty() {

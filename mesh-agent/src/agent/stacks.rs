@@ -30,7 +30,7 @@ fn in_stack(labels: &BTreeMap<String, String>, stack: &str) -> bool {
 
 /// The spec a redeploy wants for an existing service: the file's, with the service's
 /// identity, address and rollout history kept.
-fn redeployed(current: &ServiceSpec, mut spec: ServiceSpec) -> Result<ServiceSpec> {
+pub(super) fn redeployed(current: &ServiceSpec, mut spec: ServiceSpec) -> Result<ServiceSpec> {
     if spec.network != current.network {
         return Err(Error::Invalid(format!(
             "service {} would move from network {} to {}: mesh cannot change a service's \

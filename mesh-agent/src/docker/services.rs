@@ -1,0 +1,278 @@
+//! `/services*`: create, list (`status=true` counts running and desired tasks), inspect,
+//! update (`version`, `rollback=previous`), remove, logs. Specs go through [`super::spec`]
+//! and the agent's own service methods, as the mesh API's do.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    DockerError, DockerResult, Filters, FiltersQuery, body,
+    spec::{self, NetworkNames, ServiceSpec as DockerSpec},
+    timestamp,
+};
+use crate::{
+    agent::{Agent, Error},
+    answers::service_info,
+    cluster::View,
+};
+use mesh_api::{
+    id::short_id,
+    spec::{EndpointMode, ServiceSpec},
+    v1::{ServiceCreate, ServiceUpdate},
+};
+use mesh_planner::ServiceMode;
+
+pub fn routes() -> Router<Arc<Agent>> {
+    Router::new()
+        .route("/services", get(list))
+        .route("/services/create", post(create))
+        .route("/services/{id}", get(inspect).delete(remove))
+        .route("/services/{id}/update", post(update))
+}
+
+pub fn service_id(view: &View, name: &str) -> String {
+    view.services
+        .get(name)
+        .map(|s| short_id(name, &s.created))
+        .unwrap_or_default()
+}
+
+/// A service named by its ID, a unique ID prefix, or its name.
+pub fn resolve(view: &View, id: &str) -> Result<String, DockerError> {
+    if view.services.contains_key(id) {
+        return Ok(id.to_owned());
+    }
+    let matches: Vec<&String> = view
+        .services
+        .keys()
+        .filter(|n| !id.is_empty() && service_id(view, n).starts_with(id))
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(DockerError::not_found(format!("service {id} not found"))),
+        _ => Err(DockerError::not_found(format!(
+            "service {id} is ambiguous ({} matches)",
+            matches.len()
+        ))),
+    }
+}
+
+fn update_status(spec: &ServiceSpec) -> Option<Value> {
+    let s = spec.update_status.as_ref()?;
+    let mut v = json!({
+        "State": s.state.to_string(),
+        "StartedAt": timestamp(s.started_ms),
+        "Message": s.message,
+    });
+    if let Some(done) = s.completed_ms {
+        v["CompletedAt"] = json!(timestamp(done));
+    }
+    Some(v)
+}
+
+/// A service as the Engine API shows it; `status` adds ServiceStatus (`?status=true`).
+pub fn service(view: &View, name: &str, status: bool) -> Option<Value> {
+    let r = view.services.get(name)?;
+    let s = &r.spec;
+    let shown = spec::shown(s, view);
+    let mut v = json!({
+        "ID": short_id(name, &r.created),
+        "Version": { "Index": s.version },
+        "CreatedAt": timestamp(r.created.ms),
+        "UpdatedAt": timestamp(r.updated.ms),
+        "Spec": shown,
+        "Endpoint": {
+            "Spec": shown.endpoint_spec,
+            "Ports": s.ports.iter().map(spec::docker_port).collect::<Vec<_>>(),
+            "VirtualIPs": match (s.endpoint_mode, s.vip, view.networks.get(&s.network)) {
+                (EndpointMode::Vip, Some(vip), Some(net)) => json!([{
+                    "NetworkID": view.network_id(&s.network),
+                    "Addr": format!("{vip}/{}", net.spec.subnet.prefix_len()),
+                }]),
+                _ => json!([]),
+            },
+        },
+    });
+    if let Some(p) = &s.previous {
+        v["PreviousSpec"] = json!(spec::shown(p, view));
+    }
+    if let Some(u) = update_status(s) {
+        v["UpdateStatus"] = u;
+    }
+    if s.mode.is_job() {
+        v["JobStatus"] = json!({
+            "JobIteration": { "Index": s.template_version },
+            "LastExecution": timestamp(r.updated.ms),
+        });
+    }
+    if status && let Some(info) = service_info(view, name) {
+        let mut st = json!({
+            "RunningTasks": info.running,
+            "DesiredTasks": info.desired.unwrap_or(0),
+        });
+        if let Some(c) = info.completed {
+            st["CompletedTasks"] = json!(c);
+        }
+        v["ServiceStatus"] = st;
+    }
+    Some(v)
+}
+
+fn mode_name(m: ServiceMode) -> &'static str {
+    match m {
+        ServiceMode::Replicated { .. } => "replicated",
+        ServiceMode::Global => "global",
+        ServiceMode::ReplicatedJob { .. } => "replicated-job",
+        ServiceMode::GlobalJob => "global-job",
+    }
+}
+
+async fn list(
+    State(agent): State<Arc<Agent>>,
+    Query(q): Query<FiltersQuery>,
+) -> DockerResult<Vec<Value>> {
+    let filters = Filters::parse(&q)?;
+    filters.only(&["id", "label", "mode", "name"])?;
+    let view = agent.refresh().await;
+    Ok(Json(
+        view.services
+            .iter()
+            .filter(|(n, r)| {
+                filters.matches("id", |v| service_id(&view, n).starts_with(v))
+                    && filters.matches("name", |v| n.starts_with(v))
+                    && filters.matches("mode", |v| v == mode_name(r.spec.mode))
+                    && filters.labels_match(&r.spec.labels)
+            })
+            .filter_map(|(n, _)| service(&view, n, q.status.unwrap_or(false)))
+            .collect(),
+    ))
+}
+
+async fn inspect(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> DockerResult<Value> {
+    let view = agent.refresh().await;
+    let name = resolve(&view, &id)?;
+    service(&view, &name, false)
+        .map(Json)
+        .ok_or_else(|| DockerError::not_found(format!("service {id} not found")))
+}
+
+fn decode_spec(bytes: &[u8]) -> Result<DockerSpec, DockerError> {
+    body(bytes)
+}
+
+async fn create(State(agent): State<Arc<Agent>>, bytes: Bytes) -> Result<Response, DockerError> {
+    let d = decode_spec(&bytes)?;
+    let view = agent.refresh().await;
+    let mesh = spec::to_mesh(&d, &*view).map_err(DockerError::bad_request)?;
+    if view.services.contains_key(&mesh.name) {
+        // dockerd's words and status for a taken name.
+        return Err(DockerError {
+            status: StatusCode::CONFLICT,
+            message: format!(
+                "rpc error: code = AlreadyExists desc = name conflicts with an existing object: \
+                 service {} already exists",
+                mesh.name
+            ),
+        });
+    }
+    let r = agent.create_service(&ServiceCreate { spec: mesh }).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "ID": short_id(&r.spec.name, &r.created), "Warnings": null })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UpdateQuery {
+    #[serde(default)]
+    version: Option<u64>,
+    #[serde(default)]
+    rollback: Option<String>,
+}
+
+async fn update(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Query(q): Query<UpdateQuery>,
+    bytes: Bytes,
+) -> DockerResult<Value> {
+    let d = decode_spec(&bytes)?;
+    let view = agent.refresh().await;
+    let name = resolve(&view, &id)?;
+    let version = q.version.ok_or_else(|| {
+        DockerError::bad_request("the version of the service being updated is missing (?version=N)")
+    })?;
+    match q.rollback.as_deref() {
+        None | Some("") | Some("none") => {}
+        Some("previous") => {
+            let current = view.services[&name].spec.version;
+            if version != current {
+                return Err(out_of_sequence(&name, current, version));
+            }
+            agent
+                .update_service(
+                    &name,
+                    &ServiceUpdate {
+                        rollback: true,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            return Ok(Json(json!({ "Warnings": null })));
+        }
+        Some(other) => {
+            return Err(DockerError::bad_request(format!(
+                "unrecognized rollback option {other}"
+            )));
+        }
+    }
+    let mesh = spec::to_mesh(&d, &*view).map_err(DockerError::bad_request)?;
+    agent
+        .replace_service(&name, Some(version), |current| {
+            let mut m = mesh;
+            spec::keep_mesh_only(&mut m, current);
+            Ok(m)
+        })
+        .await
+        .map_err(|e| match e {
+            Error::Conflict(m) if m.starts_with("update out of sequence") => DockerError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: format!("rpc error: code = Unknown desc = {m}"),
+            },
+            e => e.into(),
+        })?;
+    Ok(Json(json!({ "Warnings": null })))
+}
+
+/// Swarm's answer when the spec changed since the client read it.
+fn out_of_sequence(name: &str, current: u64, sent: u64) -> DockerError {
+    DockerError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: format!(
+            "rpc error: code = Unknown desc = update out of sequence: service {name} is at \
+             version {current}, not {sent}; inspect it again and retry"
+        ),
+    }
+}
+
+async fn remove(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, DockerError> {
+    let view = agent.refresh().await;
+    let name = resolve(&view, &id)?;
+    agent.remove_service(&name).await?;
+    Ok(StatusCode::OK)
+}
