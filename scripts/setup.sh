@@ -12,7 +12,10 @@ PACKAGES=(iproute2 nftables iptables conntrack iputils-ping bpftool tcpdump etht
   gnuplot-nox chromium
   # The podman task driver and its tests: runc (crun refuses hybrid cgroups), busybox-static
   # for the images the tests build offline, the reference CNI plugins.
-  podman runc busybox-static containernetworking-plugins)
+  podman runc busybox-static containernetworking-plugins
+  # The real docker client (20.10) that tests/tests/docker_cli.rs drives against the agent's
+  # Docker socket; its dockerd is never started (below).
+  docker.io)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
@@ -31,7 +34,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
   # Debian starts services on install; the tests start their own instances.
-  for svc in nginx dnsmasq; do
+  for svc in nginx dnsmasq docker.socket docker containerd; do
     if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
       systemctl disable --now "$svc" >/dev/null 2>&1 || true
     fi

@@ -1,0 +1,422 @@
+//! The real `docker` client drives mesh through the agent's Docker socket
+//! (`DOCKER_HOST=unix:///run/mesh/<node>/docker.sock`), as a Swarm user's habits and scripts
+//! would: `docker info`, `node ls/update`, `network create -d overlay`, `secret create`,
+//! `service create/ls/ps/inspect/scale/update/rollback/rm`. Real agents on a 3-node
+//! namespace cluster, podman images built offline, both clients the machine has (docker
+//! 28 and Debian's 20.10); the checks are what a user sees and what answers through the
+//! published port.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use mesh_tests::{Cluster, Host, availability::Probe, image::Image, workload::tally};
+use serde_json::Value;
+
+/// The docker clients to drive: the image's own (28.x) and Debian's docker.io (20.10).
+const CLIENTS: [&str; 2] = ["/usr/local/bin/docker", "/usr/bin/docker"];
+
+fn docker_socket(h: &Host) -> PathBuf {
+    h.socket().with_file_name("docker.sock")
+}
+
+/// Runs `docker ARGS…` against `h`'s socket, with a config directory of its own so nothing
+/// of this machine's docker setup leaks in; gives up after 3 minutes.
+fn docker_output(client: &str, h: &Host, args: &[&str], stdin: Option<&str>) -> Output {
+    let config = std::env::temp_dir().join(format!("mt{}-docker-config", std::process::id()));
+    std::fs::create_dir_all(&config).unwrap();
+    let mut cmd = Command::new("timeout");
+    cmd.arg("180")
+        .arg(client)
+        .args(args)
+        .env("DOCKER_HOST", format!("unix://{}", docker_socket(h).display()))
+        .env("DOCKER_CONFIG", &config)
+        .env_remove("DOCKER_API_VERSION")
+        .env_remove("DOCKER_CONTEXT");
+    match stdin {
+        None => cmd.stdin(std::process::Stdio::null()).output().unwrap(),
+        Some(text) => {
+            use std::io::Write;
+            let mut child = cmd
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            child.wait_with_output().unwrap()
+        }
+    }
+}
+
+fn docker(client: &str, h: &Host, args: &[&str]) -> String {
+    let out = docker_output(client, h, args, None);
+    assert!(
+        out.status.success(),
+        "{client} {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A command that must fail: its stderr.
+fn docker_err(client: &str, h: &Host, args: &[&str]) -> String {
+    let out = docker_output(client, h, args, None);
+    assert!(
+        !out.status.success(),
+        "{client} {args:?} should have failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A raw request to the Docker socket (what the client would not send): status and body.
+fn raw(h: &Host, method: &str, path: &str, body: Option<&Path>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+        .arg("--unix-socket")
+        .arg(docker_socket(h))
+        .arg(format!("http://docker{path}"))
+        .args(["-H", "Content-Type: application/json"]);
+    if let Some(b) = body {
+        cmd.arg("--data-binary").arg(format!("@{}", b.display()));
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_owned())
+}
+
+fn cluster() -> Cluster {
+    let mut c = Cluster::new(3).unwrap();
+    c.start_agents().unwrap();
+    c.external("client", 100).unwrap();
+    c
+}
+
+/// An image whose HTTP server on port 80 answers `<version> <hostname>`.
+fn versioned(version: &str) -> Image {
+    Image::busybox(
+        version,
+        &format!(
+            r#"["/bin/sh","-c","trap 'exit 0' TERM; echo {version} $(hostname) > /www/index.html; httpd -f -p 80 -h /www & wait"]"#
+        ),
+    )
+    .unwrap()
+}
+
+/// What `n` requests to a node's published port 8080 answered: `version hostname` lines.
+fn answers(c: &Cluster, h: &Host, n: usize) -> BTreeMap<String, usize> {
+    let a: std::net::SocketAddr = format!("{}:8080", h.ip).parse().unwrap();
+    let got = c
+        .external_ns("client")
+        .unwrap()
+        .run(move || {
+            (0..n)
+                .map(|_| {
+                    mesh_tests::workload::http_get(a)
+                        .map(|b| b.trim().to_owned())
+                        .unwrap_or_else(|e| format!("error: {e:#}"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    tally(got)
+}
+
+/// Waits until every node's port 8080 answers from `replicas` tasks, all of `version`.
+fn every_node_balances(c: &Cluster, version: &str, replicas: usize) {
+    c.eventually(
+        Duration::from_secs(60),
+        &format!("every node balances over {replicas} tasks of {version}"),
+        |c| {
+            for h in c.hosts() {
+                let got = answers(c, h, 4 * replicas);
+                if got.len() != replicas || !got.keys().all(|k| k.starts_with(version)) {
+                    anyhow::bail!("{} answered {got:?}", h.node_name());
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .unwrap();
+}
+
+/// The row of `docker service ls` for `name`.
+fn service_row(client: &str, h: &Host, name: &str) -> String {
+    docker(client, h, &["service", "ls"])
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(name))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn swarm_commands_work(client: &str) {
+    if !Path::new(client).exists() {
+        panic!("{client} is missing: scripts/setup.sh installs docker.io");
+    }
+    let (v1, v2) = (versioned("v1"), versioned("v2"));
+    let c = cluster();
+    let (h1, h2) = (c.host(1), c.host(2));
+
+    // The client negotiates 1.41 from /_ping and sees an active swarm of three managers.
+    let version = docker(client, h1, &["version", "--format", "{{.Server.APIVersion}}"]);
+    assert_eq!(version.trim(), "1.41");
+    let info = docker(client, h1, &["info"]);
+    for want in [
+        "Swarm: active",
+        "Is Manager: true",
+        "Managers: 3",
+        "Nodes: 3",
+        &format!("Node Address: {}", h1.ip),
+    ] {
+        assert!(info.contains(want), "docker info lacks {want:?}:\n{info}");
+    }
+
+    // node ls: three ready, active, reachable managers, this one starred.
+    let nodes = docker(client, h1, &["node", "ls"]);
+    let rows: Vec<&str> = nodes.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3, "{nodes}");
+    assert!(rows.iter().all(|r| r.contains("Ready") && r.contains("Active")), "{nodes}");
+    assert_eq!(rows.iter().filter(|r| r.contains(" * ")).count(), 1, "{nodes}");
+    assert!(rows.iter().all(|r| r.contains("Reachable")), "{nodes}");
+
+    // node update: labels and availability, seen by meshctl too.
+    let n2 = h2.node_name().to_owned();
+    docker(client, h1, &["node", "update", "--label-add", "zone=b", &n2]);
+    let labels = docker(client, h1, &["node", "inspect", "--format", "{{json .Spec.Labels}}", &n2]);
+    assert_eq!(labels.trim(), r#"{"zone":"b"}"#);
+    let mesh: Value = h2.meshctl_json(&["node", "inspect", &n2]).unwrap();
+    assert_eq!(mesh["operator_labels"]["zone"], "b", "{mesh}");
+    docker(client, h1, &["node", "update", "--availability", "drain", &n2]);
+    assert!(docker(client, h1, &["node", "ls"]).contains("Drain"));
+    docker(client, h1, &["node", "update", "--availability", "active", &n2]);
+    let err = docker_err(client, h1, &["node", "update", "--availability", "pause", &n2]);
+    assert!(err.contains("pause is not supported"), "{err}");
+
+    // Overlay networks only, with Docker's flags.
+    docker(client, h1, &["network", "create", "-d", "overlay", "--subnet", "10.20.0.0/24", "app"]);
+    let nets = docker(client, h1, &["network", "ls"]);
+    assert!(
+        nets.lines().any(|l| l.contains(" app ") && l.contains("overlay") && l.contains("swarm")),
+        "{nets}"
+    );
+    let subnet = docker(
+        client,
+        h2,
+        &["network", "inspect", "--format", "{{(index .IPAM.Config 0).Subnet}}", "app"],
+    );
+    assert_eq!(subnet.trim(), "10.20.0.0/24");
+    let err = docker_err(client, h1, &["network", "create", "local"]);
+    assert!(err.contains("--driver overlay"), "{err}");
+
+    // Secrets from stdin, as the seed does.
+    let out = docker_output(
+        client,
+        h1,
+        &["secret", "create", "my_mysql_password", "-"],
+        Some("1q2w3e4r\n"),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(docker(client, h2, &["secret", "ls"]).contains("my_mysql_password"));
+
+    // service create waits for convergence (it polls tasks) and then returns.
+    let started = std::time::Instant::now();
+    docker(
+        client,
+        h1,
+        &[
+            "service",
+            "create",
+            "--name",
+            "my-web",
+            "--publish",
+            "published=8080,target=80",
+            "--replicas",
+            "3",
+            "--network",
+            "app",
+            "--secret",
+            "my_mysql_password",
+            v1.name(),
+        ],
+    );
+    eprintln!("docker service create converged in {:?}", started.elapsed());
+    let row = service_row(client, h2, "my-web");
+    assert!(row.contains("replicated") && row.contains("3/3"), "{row}");
+    assert!(row.contains("*:8080->80/tcp"), "{row}");
+    every_node_balances(&c, "v1", 3);
+
+    let ps = docker(client, h1, &["service", "ps", "my-web"]);
+    let running: Vec<&str> = ps.lines().filter(|l| l.contains("Running")).collect();
+    assert_eq!(running.len(), 3, "{ps}");
+    for i in 1..=3 {
+        assert!(ps.contains(&format!("my-web.{i} ")), "{ps}");
+    }
+    let pretty = docker(client, h1, &["service", "inspect", "--pretty", "my-web"]);
+    for want in ["my-web", "Replicated", "Replicas:", "3", "8080", v1.name(), "my_mysql_password"] {
+        assert!(pretty.contains(want), "inspect --pretty lacks {want:?}:\n{pretty}");
+    }
+
+    // scale, and the load balancers follow.
+    docker(client, h1, &["service", "scale", "my-web=4"]);
+    assert!(service_row(client, h1, "my-web").contains("4/4"));
+    every_node_balances(&c, "v1", 4);
+
+    // A rolling update of the image while a client counts failures through node 2.
+    let addr = format!("{}:8080", h2.ip).parse().unwrap();
+    let probe = Probe::start(c.external_ns("client").unwrap(), addr).unwrap();
+    docker(client, h1, &["service", "update", "--image", v2.name(), "--update-delay", "1s", "my-web"]);
+    probe
+        .finish()
+        .assert_available("docker service update --image", Duration::from_millis(500));
+    every_node_balances(&c, "v2", 4);
+    let ps = docker(client, h1, &["service", "ps", "my-web"]);
+    let history = ps.lines().filter(|l| l.contains(r"\_ my-web.")).count();
+    assert!(history >= 4, "an old task under each slot as \\_ rows:\n{ps}");
+    assert!(ps.lines().any(|l| l.contains(r"\_") && l.contains(v1.name())), "{ps}");
+
+    // rollback is an update with rollback=previous.
+    docker(client, h1, &["service", "rollback", "my-web"]);
+    every_node_balances(&c, "v1", 4);
+
+    // Unsupported settings are refused by name and change nothing.
+    let before = docker(client, h1, &["service", "inspect", "--format", "{{.Version.Index}}", "my-web"]);
+    let err = docker_err(
+        client,
+        h1,
+        &["service", "update", "--mount-add", "type=volume,source=d,target=/d", "my-web"],
+    );
+    assert!(err.contains("ContainerSpec.Mounts is not supported"), "{err}");
+    let after = docker(client, h1, &["service", "inspect", "--format", "{{.Version.Index}}", "my-web"]);
+    assert_eq!(before, after, "a refused update changed the service");
+
+    docker(client, h1, &["service", "rm", "my-web"]);
+    assert!(!docker(client, h2, &["service", "ls"]).contains("my-web"));
+    docker(client, h1, &["secret", "rm", "my_mysql_password"]);
+    docker(client, h1, &["network", "rm", "app"]);
+
+    // Local containers are podman's: a clear 501.
+    let err = docker_err(client, h1, &["ps"]);
+    assert!(err.contains("podman"), "{err}");
+}
+
+#[test]
+fn docker_28_drives_the_swarm_commands() {
+    swarm_commands_work(CLIENTS[0]);
+}
+
+#[test]
+fn debians_docker_20_10_drives_the_swarm_commands() {
+    swarm_commands_work(CLIENTS[1]);
+}
+
+/// Bad requests get Docker's error shape and change nothing.
+#[test]
+fn bad_requests_get_dockers_errors_and_change_nothing() {
+    let c = cluster();
+    let h = c.host(1);
+    let dir = std::env::temp_dir().join(format!("mt{}-docker-bad", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (code, body) = raw(h, "HEAD", "/_ping", None);
+    assert_eq!(code, 200, "{body}");
+    let create = |extra: &str| {
+        format!(
+            r#"{{"Name": "web", "TaskTemplate": {{"ContainerSpec": {{"Image": "localhost/x:1"{extra}}}}},
+               "Mode": {{"Replicated": {{"Replicas": 1}}}}}}"#
+        )
+    };
+    let cases: Vec<(&str, PathBuf, u16, &str)> = vec![
+        (
+            "unknown field",
+            file("unknown.json", create(r#", "Bogus": true"#).as_bytes()),
+            400,
+            "unknown field `Bogus`",
+        ),
+        (
+            "wrong type",
+            file("type.json", create(r#", "Env": "A=1""#).as_bytes()),
+            400,
+            "invalid type",
+        ),
+        (
+            "unsupported field",
+            file("mounts.json", create(r#", "Mounts": [{"Target": "/d"}]"#).as_bytes()),
+            400,
+            "ContainerSpec.Mounts is not supported",
+        ),
+        (
+            "not JSON",
+            file("garbage.json", b"{\"Name\": "),
+            400,
+            "invalid JSON",
+        ),
+        (
+            "10 MB body",
+            file("big.json", &vec![b' '; 10 << 20]),
+            413,
+            "larger than this listener accepts",
+        ),
+    ];
+    for (what, path, status, want) in &cases {
+        for prefix in ["", "/v1.41"] {
+            let (code, body) = raw(h, "POST", &format!("{prefix}/services/create"), Some(path));
+            assert_eq!(code, *status, "{what}: {body}");
+            let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{what}: {body}"));
+            let msg = v["message"].as_str().unwrap_or_default();
+            assert!(msg.contains(want), "{what}: {body}");
+        }
+    }
+    let (code, body) = raw(h, "GET", "/services", None);
+    assert_eq!((code, body.trim()), (200, "[]"), "a refused create made a service");
+
+    // A version conflict: the update names a version the service is no longer at.
+    let image = versioned("v1");
+    let ok = file("ok.json", create("").replace("localhost/x:1", image.name()).as_bytes());
+    let (code, body) = raw(h, "POST", "/services/create", Some(&ok));
+    assert_eq!(code, 201, "{body}");
+    let (_, body) = raw(h, "GET", "/services/web", None);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let index = v["Version"]["Index"].as_u64().unwrap();
+    let mut spec = v["Spec"].clone();
+    spec["Mode"]["Replicated"]["Replicas"] = 2.into();
+    let update = file("update.json", spec.to_string().as_bytes());
+    let stale = format!("/services/web/update?version={}", index + 7);
+    let (code, body) = raw(h, "POST", &stale, Some(&update));
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("update out of sequence"), "{body}");
+    let (_, after) = raw(h, "GET", "/services/web", None);
+    let after: Value = serde_json::from_str(&after).unwrap();
+    assert_eq!(after["Version"]["Index"], index, "a stale update changed the service");
+    // The same update with the version read goes through.
+    let (code, body) = raw(h, "POST", &format!("/services/web/update?version={index}"), Some(&update));
+    assert_eq!(code, 200, "{body}");
+    let (_, after) = raw(h, "GET", "/services/web", None);
+    let after: Value = serde_json::from_str(&after).unwrap();
+    assert_eq!(after["Spec"]["Mode"]["Replicated"]["Replicas"], 2, "{after}");
+
+    // Paths of local containers, images and volumes point at podman; a too new version is
+    // refused as dockerd does.
+    for path in ["/containers/json", "/v1.41/images/json", "/volumes"] {
+        let (code, body) = raw(h, "GET", path, None);
+        assert_eq!(code, 501, "{path}: {body}");
+        assert!(body.contains("podman"), "{path}: {body}");
+    }
+    let (code, body) = raw(h, "GET", "/v1.99/info", None);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("Maximum supported API version is 1.41"), "{body}");
+}
