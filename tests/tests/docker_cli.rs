@@ -303,7 +303,17 @@ fn swarm_commands_work(client: &str) {
     docker(client, h1, &["service", "rm", "my-web"]);
     assert!(!docker(client, h2, &["service", "ls"]).contains("my-web"));
     docker(client, h1, &["secret", "rm", "my_mysql_password"]);
-    docker(client, h1, &["network", "rm", "app"]);
+    // The removed service's tasks stop first (as in Swarm, the network is in use until
+    // then).
+    c.eventually(Duration::from_secs(30), "network app removable", |_| {
+        let out = docker_output(client, h1, &["network", "rm", "app"], None);
+        if !out.status.success() {
+            anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Some(()))
+    })
+    .unwrap();
+    assert!(!docker(client, h2, &["network", "ls"]).contains(" app "));
 
     // Local containers are podman's: a clear 501.
     let err = docker_err(client, h1, &["ps"]);
