@@ -32,7 +32,10 @@ fn docker_output(client: &str, h: &Host, args: &[&str], stdin: Option<&str>) -> 
     cmd.arg("180")
         .arg(client)
         .args(args)
-        .env("DOCKER_HOST", format!("unix://{}", docker_socket(h).display()))
+        .env(
+            "DOCKER_HOST",
+            format!("unix://{}", docker_socket(h).display()),
+        )
         .env("DOCKER_CONFIG", &config)
         .env_remove("DOCKER_API_VERSION")
         .env_remove("DOCKER_CONTEXT");
@@ -108,7 +111,7 @@ fn versioned(version: &str) -> Image {
     Image::busybox(
         version,
         &format!(
-            r#"["/bin/sh","-c","trap 'exit 0' TERM; echo {version} $(hostname) > /www/index.html; httpd -f -p 80 -h /www & wait"]"#
+            r#"["/bin/sh","-c","trap 'exit 0' TERM; echo {version} $(hostname) > /www/index.html; echo serving {version}; httpd -f -p 80 -h /www & wait"]"#
         ),
     )
     .unwrap()
@@ -169,7 +172,11 @@ fn swarm_commands_work(client: &str) {
     let (h1, h2) = (c.host(1), c.host(2));
 
     // The client negotiates 1.41 from /_ping and sees an active swarm of three managers.
-    let version = docker(client, h1, &["version", "--format", "{{.Server.APIVersion}}"]);
+    let version = docker(
+        client,
+        h1,
+        &["version", "--format", "{{.Server.APIVersion}}"],
+    );
     assert_eq!(version.trim(), "1.41");
     let info = docker(client, h1, &["info"]);
     for want in [
@@ -186,34 +193,81 @@ fn swarm_commands_work(client: &str) {
     let nodes = docker(client, h1, &["node", "ls"]);
     let rows: Vec<&str> = nodes.lines().skip(1).collect();
     assert_eq!(rows.len(), 3, "{nodes}");
-    assert!(rows.iter().all(|r| r.contains("Ready") && r.contains("Active")), "{nodes}");
-    assert_eq!(rows.iter().filter(|r| r.contains(" * ")).count(), 1, "{nodes}");
+    assert!(
+        rows.iter()
+            .all(|r| r.contains("Ready") && r.contains("Active")),
+        "{nodes}"
+    );
+    assert_eq!(
+        rows.iter().filter(|r| r.contains(" * ")).count(),
+        1,
+        "{nodes}"
+    );
     assert!(rows.iter().all(|r| r.contains("Reachable")), "{nodes}");
 
     // node update: labels and availability, seen by meshctl too.
     let n2 = h2.node_name().to_owned();
-    docker(client, h1, &["node", "update", "--label-add", "zone=b", &n2]);
-    let labels = docker(client, h1, &["node", "inspect", "--format", "{{json .Spec.Labels}}", &n2]);
+    docker(
+        client,
+        h1,
+        &["node", "update", "--label-add", "zone=b", &n2],
+    );
+    let labels = docker(
+        client,
+        h1,
+        &["node", "inspect", "--format", "{{json .Spec.Labels}}", &n2],
+    );
     assert_eq!(labels.trim(), r#"{"zone":"b"}"#);
     let mesh: Value = h2.meshctl_json(&["node", "inspect", &n2]).unwrap();
     assert_eq!(mesh["operator_labels"]["zone"], "b", "{mesh}");
-    docker(client, h1, &["node", "update", "--availability", "drain", &n2]);
+    docker(
+        client,
+        h1,
+        &["node", "update", "--availability", "drain", &n2],
+    );
     assert!(docker(client, h1, &["node", "ls"]).contains("Drain"));
-    docker(client, h1, &["node", "update", "--availability", "active", &n2]);
-    let err = docker_err(client, h1, &["node", "update", "--availability", "pause", &n2]);
+    docker(
+        client,
+        h1,
+        &["node", "update", "--availability", "active", &n2],
+    );
+    let err = docker_err(
+        client,
+        h1,
+        &["node", "update", "--availability", "pause", &n2],
+    );
     assert!(err.contains("pause is not supported"), "{err}");
 
     // Overlay networks only, with Docker's flags.
-    docker(client, h1, &["network", "create", "-d", "overlay", "--subnet", "10.20.0.0/24", "app"]);
+    docker(
+        client,
+        h1,
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--subnet",
+            "10.20.0.0/24",
+            "app",
+        ],
+    );
     let nets = docker(client, h1, &["network", "ls"]);
     assert!(
-        nets.lines().any(|l| l.contains(" app ") && l.contains("overlay") && l.contains("swarm")),
+        nets.lines()
+            .any(|l| l.contains(" app ") && l.contains("overlay") && l.contains("swarm")),
         "{nets}"
     );
     let subnet = docker(
         client,
         h2,
-        &["network", "inspect", "--format", "{{(index .IPAM.Config 0).Subnet}}", "app"],
+        &[
+            "network",
+            "inspect",
+            "--format",
+            "{{(index .IPAM.Config 0).Subnet}}",
+            "app",
+        ],
     );
     assert_eq!(subnet.trim(), "10.20.0.0/24");
     let err = docker_err(client, h1, &["network", "create", "local"]);
@@ -226,7 +280,11 @@ fn swarm_commands_work(client: &str) {
         &["secret", "create", "my_mysql_password", "-"],
         Some("1q2w3e4r\n"),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(docker(client, h2, &["secret", "ls"]).contains("my_mysql_password"));
 
     // service create waits for convergence (it polls tasks) and then returns.
@@ -263,8 +321,32 @@ fn swarm_commands_work(client: &str) {
         assert!(ps.contains(&format!("my-web.{i} ")), "{ps}");
     }
     let pretty = docker(client, h1, &["service", "inspect", "--pretty", "my-web"]);
-    for want in ["my-web", "Replicated", "Replicas:", "3", "8080", v1.name(), "my_mysql_password"] {
-        assert!(pretty.contains(want), "inspect --pretty lacks {want:?}:\n{pretty}");
+    for want in [
+        "my-web",
+        "Replicated",
+        "Replicas:",
+        "3",
+        "8080",
+        v1.name(),
+        "my_mysql_password",
+    ] {
+        assert!(
+            pretty.contains(want),
+            "inspect --pretty lacks {want:?}:\n{pretty}"
+        );
+    }
+
+    // Logs from every node's tasks, each line named by its task and node.
+    let logs = docker(client, h2, &["service", "logs", "my-web"]);
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("serving v1")).collect();
+    assert_eq!(lines.len(), 3, "{logs}");
+    for i in 1..=3 {
+        assert!(
+            lines.iter().any(|l| l.starts_with(&format!("my-web.{i}."))
+                && l.contains('@')
+                && l.contains("| serving v1")),
+            "{logs}"
+        );
     }
 
     // scale, and the load balancers follow.
@@ -275,33 +357,89 @@ fn swarm_commands_work(client: &str) {
     // A rolling update of the image while a client counts failures through node 2.
     let addr = format!("{}:8080", h2.ip).parse().unwrap();
     let probe = Probe::start(c.external_ns("client").unwrap(), addr).unwrap();
-    docker(client, h1, &["service", "update", "--image", v2.name(), "--update-delay", "1s", "my-web"]);
+    docker(
+        client,
+        h1,
+        &[
+            "service",
+            "update",
+            "--image",
+            v2.name(),
+            "--update-delay",
+            "1s",
+            "my-web",
+        ],
+    );
     probe
         .finish()
         .assert_available("docker service update --image", Duration::from_millis(500));
     every_node_balances(&c, "v2", 4);
     let ps = docker(client, h1, &["service", "ps", "my-web"]);
     let history = ps.lines().filter(|l| l.contains(r"\_ my-web.")).count();
-    assert!(history >= 4, "an old task under each slot as \\_ rows:\n{ps}");
-    assert!(ps.lines().any(|l| l.contains(r"\_") && l.contains(v1.name())), "{ps}");
+    assert!(
+        history >= 4,
+        "an old task under each slot as \\_ rows:\n{ps}"
+    );
+    assert!(
+        ps.lines()
+            .any(|l| l.contains(r"\_") && l.contains(v1.name())),
+        "{ps}"
+    );
 
     // rollback is an update with rollback=previous.
     docker(client, h1, &["service", "rollback", "my-web"]);
     every_node_balances(&c, "v1", 4);
 
     // Unsupported settings are refused by name and change nothing.
-    let before = docker(client, h1, &["service", "inspect", "--format", "{{.Version.Index}}", "my-web"]);
+    let before = docker(
+        client,
+        h1,
+        &[
+            "service",
+            "inspect",
+            "--format",
+            "{{.Version.Index}}",
+            "my-web",
+        ],
+    );
     let err = docker_err(
         client,
         h1,
-        &["service", "update", "--mount-add", "type=volume,source=d,target=/d", "my-web"],
+        &[
+            "service",
+            "update",
+            "--mount-add",
+            "type=volume,source=d,target=/d",
+            "my-web",
+        ],
     );
-    assert!(err.contains("ContainerSpec.Mounts is not supported"), "{err}");
-    let after = docker(client, h1, &["service", "inspect", "--format", "{{.Version.Index}}", "my-web"]);
+    assert!(
+        err.contains("ContainerSpec.Mounts is not supported"),
+        "{err}"
+    );
+    let after = docker(
+        client,
+        h1,
+        &[
+            "service",
+            "inspect",
+            "--format",
+            "{{.Version.Index}}",
+            "my-web",
+        ],
+    );
     assert_eq!(before, after, "a refused update changed the service");
 
     docker(client, h1, &["service", "rm", "my-web"]);
-    assert!(!docker(client, h2, &["service", "ls"]).contains("my-web"));
+    assert!(!docker(client, h1, &["service", "ls"]).contains("my-web"));
+    // Other nodes hear of the removal through gossip, within moments.
+    c.eventually(Duration::from_secs(10), "my-web gone on node 2", |_| {
+        if docker(client, h2, &["service", "ls"]).contains("my-web") {
+            anyhow::bail!("node 2 still lists my-web");
+        }
+        Ok(Some(()))
+    })
+    .unwrap();
     docker(client, h1, &["secret", "rm", "my_mysql_password"]);
     // The removed service's tasks stop first (as in Swarm, the network is in use until
     // then).
@@ -365,7 +503,10 @@ fn bad_requests_get_dockers_errors_and_change_nothing() {
         ),
         (
             "unsupported field",
-            file("mounts.json", create(r#", "Mounts": [{"Target": "/d"}]"#).as_bytes()),
+            file(
+                "mounts.json",
+                create(r#", "Mounts": [{"Target": "/d"}]"#).as_bytes(),
+            ),
             400,
             "ContainerSpec.Mounts is not supported",
         ),
@@ -392,11 +533,18 @@ fn bad_requests_get_dockers_errors_and_change_nothing() {
         }
     }
     let (code, body) = raw(h, "GET", "/services", None);
-    assert_eq!((code, body.trim()), (200, "[]"), "a refused create made a service");
+    assert_eq!(
+        (code, body.trim()),
+        (200, "[]"),
+        "a refused create made a service"
+    );
 
     // A version conflict: the update names a version the service is no longer at.
     let image = versioned("v1");
-    let ok = file("ok.json", create("").replace("localhost/x:1", image.name()).as_bytes());
+    let ok = file(
+        "ok.json",
+        create("").replace("localhost/x:1", image.name()).as_bytes(),
+    );
     let (code, body) = raw(h, "POST", "/services/create", Some(&ok));
     assert_eq!(code, 201, "{body}");
     let (_, body) = raw(h, "GET", "/services/web", None);
@@ -411,13 +559,24 @@ fn bad_requests_get_dockers_errors_and_change_nothing() {
     assert!(body.contains("update out of sequence"), "{body}");
     let (_, after) = raw(h, "GET", "/services/web", None);
     let after: Value = serde_json::from_str(&after).unwrap();
-    assert_eq!(after["Version"]["Index"], index, "a stale update changed the service");
+    assert_eq!(
+        after["Version"]["Index"], index,
+        "a stale update changed the service"
+    );
     // The same update with the version read goes through.
-    let (code, body) = raw(h, "POST", &format!("/services/web/update?version={index}"), Some(&update));
+    let (code, body) = raw(
+        h,
+        "POST",
+        &format!("/services/web/update?version={index}"),
+        Some(&update),
+    );
     assert_eq!(code, 200, "{body}");
     let (_, after) = raw(h, "GET", "/services/web", None);
     let after: Value = serde_json::from_str(&after).unwrap();
-    assert_eq!(after["Spec"]["Mode"]["Replicated"]["Replicas"], 2, "{after}");
+    assert_eq!(
+        after["Spec"]["Mode"]["Replicated"]["Replicas"], 2,
+        "{after}"
+    );
 
     // Paths of local containers, images and volumes point at podman; a too new version is
     // refused as dockerd does.
@@ -428,5 +587,8 @@ fn bad_requests_get_dockers_errors_and_change_nothing() {
     }
     let (code, body) = raw(h, "GET", "/v1.99/info", None);
     assert_eq!(code, 400, "{body}");
-    assert!(body.contains("Maximum supported API version is 1.41"), "{body}");
+    assert!(
+        body.contains("Maximum supported API version is 1.41"),
+        "{body}"
+    );
 }

@@ -5,6 +5,8 @@
 //! calls, and answers in Docker's shapes and words. Local containers, images and volumes are
 //! podman's business: those paths answer 501.
 
+mod events;
+mod logs;
 mod nodes;
 mod objects;
 mod services;
@@ -268,6 +270,10 @@ impl Filters {
         })
     }
 }
+
+/// Log streams open at once on the Docker socket.
+static STREAMS: std::sync::LazyLock<crate::serving::Streams> =
+    std::sync::LazyLock::new(Default::default);
 
 /// Nanoseconds (Docker's durations) from milliseconds (mesh's), and back.
 pub fn ns(ms: u64) -> i64 {

@@ -38,6 +38,8 @@ pub fn routes() -> Router<Arc<Agent>> {
         .route("/services/create", post(create))
         .route("/services/{id}", get(inspect).delete(remove))
         .route("/services/{id}/update", post(update))
+        .route("/services/{id}/logs", get(super::logs::service_logs))
+        .route("/tasks/{id}/logs", get(super::logs::service_logs))
 }
 
 pub fn service_id(view: &View, name: &str) -> String {

@@ -22,6 +22,7 @@ pub fn routes() -> Router<Arc<Agent>> {
         .route("/version", get(version))
         .route("/info", get(info))
         .route("/swarm", get(swarm))
+        .route("/events", get(super::events::follow))
 }
 
 /// The headers dockerd puts on `/_ping` (and the client reads to negotiate).

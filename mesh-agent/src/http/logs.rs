@@ -202,6 +202,25 @@ pub async fn service_logs(
         Ok(p) => p,
         Err(refused) => return Ok(*refused),
     };
+    let events = log_events(agent, &name, query).await?;
+    let body = events.map(|e| {
+        let mut line = serde_json::to_vec(&e).expect("events serialize");
+        line.push(b'\n');
+        Ok::<_, std::io::Error>(axum::body::Bytes::from(line))
+    });
+    Ok(Response::new(axum::body::Body::from_stream(
+        crate::serving::holding(body, permit),
+    )))
+}
+
+/// The output of service NAME's tasks (or of the task NAME, an id or its unique prefix),
+/// from every node: what `service logs` streams, whichever API it answers on.
+pub async fn log_events(
+    agent: Arc<Agent>,
+    name: &str,
+    query: LogsQuery,
+) -> Result<BoxStream<'static, LogEvent>, Error> {
+    let name = name.to_owned();
     let view = agent.view();
     let (service, task) = if view.services.contains_key(&name) {
         (name.clone(), None)
@@ -246,22 +265,14 @@ pub async fn service_logs(
         .map(|(node, ids)| source(&agent, &view, &node, &service, ids, &query))
         .collect();
     let merged = futures_util::stream::select_all(sources);
-    let events: BoxStream<'static, LogEvent> = match (query.follow, task) {
+    Ok(match (query.follow, task) {
         (true, None) => with_new_tasks(agent.clone(), service, known, merged).boxed(),
         (true, Some(_)) => merged.boxed(),
         (false, _) => {
             let all: Vec<LogEvent> = merged.collect().await;
             futures_util::stream::iter(merge_by_time(all)).boxed()
         }
-    };
-    let body = events.map(|e| {
-        let mut line = serde_json::to_vec(&e).expect("events serialize");
-        line.push(b'\n');
-        Ok::<_, std::io::Error>(axum::body::Bytes::from(line))
-    });
-    Ok(Response::new(axum::body::Body::from_stream(
-        crate::serving::holding(body, permit),
-    )))
+    })
 }
 
 #[cfg(test)]
