@@ -456,6 +456,36 @@ fn swarm_commands_work(client: &str) {
     // Local containers are podman's: a clear 501.
     let err = docker_err(client, h1, &["ps"]);
     assert!(err.contains("podman"), "{err}");
+
+    // What happened, as Docker's events: the service's life, its tasks as containers.
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 1;
+    let events = docker(
+        client,
+        h1,
+        &[
+            "events",
+            "--since",
+            &(until - 900).to_string(),
+            "--until",
+            &until.to_string(),
+            "--format",
+            "{{.Type}} {{.Action}} {{.Actor.Attributes.name}}",
+        ],
+    );
+    for want in [
+        "service create my-web",
+        "service remove my-web",
+        "container start my-web.",
+    ] {
+        assert!(
+            events.contains(want),
+            "docker events lacks {want:?}:\n{events}"
+        );
+    }
 }
 
 #[test]

@@ -153,29 +153,34 @@ pub async fn follow(
         .filter_map(docker_event)
         .filter(|v| wanted(&filters, v))
         .collect();
-    // With `until`, the stream ends after the backlog, as dockerd's does.
-    let live = until.is_none_or(|u| u > mesh_api::id::now_ms());
-    let state = (backlog, rx, filters, live);
+    // With `until`, the stream ends at that time, as dockerd's does.
+    let deadline = until.map(|u| {
+        let left = u.saturating_sub(mesh_api::id::now_ms());
+        tokio::time::Instant::now() + std::time::Duration::from_millis(left)
+    });
+    let state = (backlog, rx, filters);
     let lines =
-        futures_util::stream::unfold(state, |(mut backlog, mut rx, filters, live)| async move {
+        futures_util::stream::unfold(state, move |(mut backlog, mut rx, filters)| async move {
             if let Some(v) = backlog.pop_front() {
-                return Some((line(&v), (backlog, rx, filters, live)));
-            }
-            if !live {
-                return None;
+                return Some((line(&v), (backlog, rx, filters)));
             }
             loop {
-                match rx.recv().await {
+                let next = match deadline {
+                    Some(d) => match tokio::time::timeout_at(d, rx.recv()).await {
+                        Ok(r) => r,
+                        Err(_) => return None,
+                    },
+                    None => rx.recv().await,
+                };
+                match next {
                     Ok(e) => {
                         if let Some(v) = docker_event(&e).filter(|v| wanted(&filters, v)) {
-                            return Some((line(&v), (backlog, rx, filters, live)));
+                            return Some((line(&v), (backlog, rx, filters)));
                         }
                     }
                     // A reader that fell behind ends rather than skip events silently.
                     Err(broadcast::error::RecvError::Lagged(_))
-                    | Err(broadcast::error::RecvError::Closed) => {
-                        return None;
-                    }
+                    | Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }
         });

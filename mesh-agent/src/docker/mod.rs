@@ -191,7 +191,7 @@ async fn unsupported(uri: Uri) -> Response {
 
 /// Binds the Docker socket (mode 0660, like dockerd's), replacing a stale one.
 pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
-    crate::http::bind(socket).with_context(|| "the Docker API socket".to_string())
+    crate::http::bind(socket).context("the Docker API socket")
 }
 
 /// Serves the Docker API with the limits of the mesh API socket.

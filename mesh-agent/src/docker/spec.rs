@@ -693,8 +693,7 @@ fn mode(m: Option<&Mode>) -> Result<ServiceMode, String> {
 }
 
 fn restart(r: &RestartPolicy) -> Result<MeshRestart, String> {
-    let mut p = MeshRestart::default();
-    p.condition = match r.condition.as_deref() {
+    let condition = match r.condition.as_deref() {
         None | Some("") | Some("any") => RestartCondition::Any,
         Some("on-failure") => RestartCondition::OnFailure,
         Some("none") => RestartCondition::None,
@@ -704,16 +703,17 @@ fn restart(r: &RestartPolicy) -> Result<MeshRestart, String> {
             ));
         }
     };
-    if let Some(d) = duration(r.delay, "RestartPolicy.Delay")? {
-        p.delay_ms = d;
-    }
-    p.max_attempts = r
-        .max_attempts
-        .filter(|n| *n > 0)
-        .map(|n| u32::try_from(n).map_err(|_| format!("invalid RestartPolicy.MaxAttempts {n}")))
-        .transpose()?;
-    p.window_ms = nonzero(duration(r.window, "RestartPolicy.Window")?);
-    Ok(p)
+    Ok(MeshRestart {
+        condition,
+        delay_ms: duration(r.delay, "RestartPolicy.Delay")?
+            .unwrap_or(MeshRestart::default().delay_ms),
+        max_attempts: r
+            .max_attempts
+            .filter(|n| *n > 0)
+            .map(|n| u32::try_from(n).map_err(|_| format!("invalid RestartPolicy.MaxAttempts {n}")))
+            .transpose()?,
+        window_ms: nonzero(duration(r.window, "RestartPolicy.Window")?),
+    })
 }
 
 fn placement(p: &Placement) -> Result<MeshPlacement, String> {
