@@ -17,7 +17,7 @@ use super::{
     DockerError, DockerResult, Filters, FiltersQuery, body, spec::NetworkNames, timestamp,
 };
 use crate::{
-    agent::{Agent, secrets::Kind},
+    agent::{Agent, Error, secrets::Kind},
     answers::network_info,
     cluster::View,
 };
@@ -292,8 +292,29 @@ async fn remove_network(
 ) -> Result<StatusCode, DockerError> {
     let view = agent.refresh().await;
     let name = network_name(&view, &id)?;
-    agent.remove_network(&name).await?;
-    Ok(StatusCode::NO_CONTENT)
+    // `docker stack rm` removes a network right after its services, as Swarm allows: the
+    // removed services' tasks leave it while they stop (their grace period), so wait for
+    // them. A network a service still names is refused at once.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match agent.remove_network(&name).await {
+            Err(Error::Conflict(_))
+                if tokio::time::Instant::now() < deadline
+                    && !agent
+                        .refresh()
+                        .await
+                        .services
+                        .values()
+                        .any(|s| s.spec.network == name) =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            r => {
+                r?;
+                return Ok(StatusCode::NO_CONTENT);
+            }
+        }
+    }
 }
 
 // ---- secrets and configs -----------------------------------------------------------------

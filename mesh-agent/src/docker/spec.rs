@@ -443,12 +443,7 @@ pub fn to_mesh(d: &ServiceSpec, networks: &dyn NetworkNames) -> Result<MeshSpec,
     match nets.as_slice() {
         [] => {}
         [n] => {
-            if n.aliases.as_ref().is_some_and(|a| !a.is_empty()) {
-                return Err(unsupported(
-                    "TaskTemplate.Networks.Aliases",
-                    ": a task is reached by its service's name",
-                ));
-            }
+            check_aliases(n.aliases.as_deref().unwrap_or_default(), &spec)?;
             if n.driver_opts.as_ref().is_some_and(|o| !o.is_empty()) {
                 return Err(unsupported("TaskTemplate.Networks.DriverOpts", ""));
             }
@@ -583,6 +578,29 @@ fn template(c: &ContainerSpec, res: Option<&ResourceRequirements>) -> Result<Tas
         }
     }
     Ok(t)
+}
+
+/// A stack's service short name (`web` for `infra_web`): the alias `docker stack deploy`
+/// gives each service on its networks, and the one mesh's DNS already answers to.
+fn stack_alias(s: &MeshSpec) -> Option<&str> {
+    let stack = s.labels.get(mesh_api::spec::STACK_LABEL)?;
+    s.name
+        .strip_prefix(stack.as_str())?
+        .strip_prefix('_')
+        .filter(|short| !short.is_empty())
+}
+
+/// Aliases are accepted only where mesh answers to them: a stack service's short name.
+fn check_aliases(aliases: &[String], spec: &MeshSpec) -> Result<(), String> {
+    match aliases {
+        [] => Ok(()),
+        [a] if Some(a.as_str()) == stack_alias(spec) => Ok(()),
+        _ => Err(unsupported(
+            "TaskTemplate.Networks.Aliases",
+            ": a task is reached by its service's name (and a stack's service by its short \
+             name too)",
+        )),
+    }
 }
 
 fn positive(n: i64, field: &str) -> Result<u64, String> {
@@ -885,7 +903,7 @@ pub fn from_mesh(s: &MeshSpec, networks: &dyn NetworkNames) -> ServiceSpec {
             networks: (!s.network.is_empty()).then(|| {
                 vec![NetworkAttachment {
                     target: networks.network_id(&s.network),
-                    aliases: None,
+                    aliases: stack_alias(s).map(|a| vec![a.to_owned()]),
                     driver_opts: None,
                 }]
             }),
@@ -1235,6 +1253,27 @@ mod tests {
             r#""Networks": [{"Target": "netid1"}]"#,
             r#""Networks": [{"Target": "netid1", "Aliases": ["db"]}]"#,
         );
+        assert!(e.contains("Aliases"), "{e}");
+        // A stack's service may carry its short name, as `docker stack deploy` sends it.
+        let stacked = CLI_CREATE
+            .replace(r#""Name": "my-web""#, r#""Name": "infra_web""#)
+            .replace(
+                r#""Labels": {"a": "b"}"#,
+                r#""Labels": {"com.docker.stack.namespace": "infra"}"#,
+            );
+        let ok = decode(&stacked.replace(
+            r#""Networks": [{"Target": "netid1"}]"#,
+            r#""Networks": [{"Target": "netid1", "Aliases": ["web"]}]"#,
+        ))
+        .unwrap();
+        let back = from_mesh(&ok, &Nets);
+        let nets = back.task_template.networks.unwrap();
+        assert_eq!(nets[0].aliases.as_deref(), Some(&["web".to_owned()][..]));
+        let e = decode(&stacked.replace(
+            r#""Networks": [{"Target": "netid1"}]"#,
+            r#""Networks": [{"Target": "netid1", "Aliases": ["db"]}]"#,
+        ))
+        .unwrap_err();
         assert!(e.contains("Aliases"), "{e}");
         let e = with(r#""Protocol": "tcp""#, r#""Protocol": "sctp""#);
         assert!(e.contains("sctp"), "{e}");

@@ -187,6 +187,9 @@ async fn list(
                 })
                 && filters.matches("id", |v| t.id.starts_with(v))
                 && filters.matches("name", |v| t.name().starts_with(v))
+                // As swarmkit: a task carries its service's labels (`docker stack ps` asks
+                // for com.docker.stack.namespace).
+                && filters.labels_match(&s.spec.labels)
                 && (!up_to_date || t.template == s.spec.template_id())
         })
         .filter_map(|t| task(&view, t))
