@@ -93,6 +93,16 @@ pub async fn render(agent: &Agent) -> anyhow::Result<String> {
          since the agent started.",
         crate::state_files::quarantined(),
     );
+    counters(
+        &mut reg,
+        "mesh_docker_api_refused",
+        "Requests the Docker API socket refused (bad JSON, unsupported fields, version \
+         conflicts, oversized bodies, unknown paths), by HTTP status code.",
+        crate::docker::refused()
+            .into_iter()
+            .map(|(code, n)| (vec![("code", code.to_string())], n))
+            .collect(),
+    );
     register_nodes(&mut reg, &overview.nodes);
     register_tasks(&mut reg, &overview.tasks);
     register_replicas(&mut reg, &overview.services);

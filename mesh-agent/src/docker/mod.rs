@@ -95,9 +95,50 @@ impl From<Error> for DockerError {
 
 pub type DockerResult<T> = Result<Json<T>, DockerError>;
 
-/// An error answer in Docker's shape.
+/// Requests refused on the Docker socket since the agent started, by status code: what a
+/// misbehaving tool or a probing client sends shows in `/metrics`.
+static REFUSED: std::sync::Mutex<std::collections::BTreeMap<u16, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// [`REFUSED`] as (status code, count) pairs.
+pub fn refused() -> Vec<(u16, u64)> {
+    let counts = REFUSED.lock().unwrap_or_else(|e| e.into_inner());
+    counts.iter().map(|(k, v)| (*k, *v)).collect()
+}
+
+/// An error answer in Docker's shape; every refusal of this socket passes here and is
+/// counted.
 pub fn refuse(status: StatusCode, message: String) -> Response {
+    *REFUSED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(status.as_u16())
+        .or_default() += 1;
     (status, Json(Message { message: &message })).into_response()
+}
+
+/// Axum's own rejections (a query that does not parse, a method a path does not have) are
+/// plain text: the client reads `message`, so they get Docker's shape too. 413 is left to
+/// the body limit, which says what the limit is.
+async fn docker_shaped(res: Response) -> Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.as_u16() < 400 || is_json || status == StatusCode::PAYLOAD_TOO_LARGE {
+        return res;
+    }
+    let text = axum::body::to_bytes(res.into_body(), 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    refuse(status, message)
 }
 
 /// Decodes a JSON body as dockerd would refuse it: 400 with what was wrong.
@@ -115,6 +156,7 @@ fn routes(agent: Arc<Agent>) -> Router {
         .merge(tasks::routes())
         .merge(objects::routes())
         .fallback(unsupported)
+        .layer(axum::middleware::map_response(docker_shaped))
         .with_state(agent)
 }
 
