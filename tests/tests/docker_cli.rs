@@ -1,7 +1,8 @@
 //! The real `docker` client drives mesh through the agent's Docker socket
 //! (`DOCKER_HOST=unix:///run/mesh/<node>/docker.sock`), as a Swarm user's habits and scripts
 //! would: `docker info`, `node ls/update`, `network create -d overlay`, `secret create`,
-//! `service create/ls/ps/inspect/scale/update/rollback/rm`. Real agents on a 3-node
+//! `service create/ls/ps/inspect/scale/update/rollback/rm`, `stack deploy/ls/services/ps/rm`
+//! of a compose file; who may reach the socket, and refused requests. Real agents on a 3-node
 //! namespace cluster, podman images built offline, both clients the machine has (docker
 //! 28 and Debian's 20.10); the checks are what a user sees and what answers through the
 //! published port.
@@ -498,11 +499,83 @@ fn debians_docker_20_10_drives_the_swarm_commands() {
     swarm_commands_work(CLIENTS[1]);
 }
 
-/// Bad requests get Docker's error shape and change nothing.
+/// Where host 1's agent serves its metrics (inside its namespace).
+const METRICS: &str = "127.0.0.1:9464";
+
+/// `mesh_docker_api_refused_total` of host 1, by status code.
+fn refused(h: &Host) -> BTreeMap<u16, f64> {
+    let addr = METRICS.parse().unwrap();
+    // The metrics listener comes up with the agent; give it a moment.
+    let mut tries = 0;
+    let all = loop {
+        match h.ns.run(move || mesh_tests::flood::scrape(addr)).unwrap() {
+            Ok(all) => break all,
+            Err(e) if tries >= 20 => panic!("scraping {METRICS}: {e:#}"),
+            Err(_) => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    };
+    all.iter()
+        .filter_map(|(k, v)| {
+            let code = k
+                .strip_prefix("mesh_docker_api_refused_total{code=\"")?
+                .strip_suffix("\"}")?;
+            Some((code.parse().ok()?, *v))
+        })
+        .collect()
+}
+
+/// Only root and the socket's group (root's, as dockerd's is root:docker 0660) may reach
+/// the Docker socket: anyone else is refused by the kernel before the agent reads a byte.
 #[test]
-fn bad_requests_get_dockers_errors_and_change_nothing() {
+fn only_root_and_its_group_reach_the_docker_socket() {
     let c = cluster();
     let h = c.host(1);
+    let sock = docker_socket(h);
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o660,
+        "{}",
+        sock.display()
+    );
+    assert_eq!((meta.uid(), meta.gid()), (0, 0));
+    let as_user = |gid: &str| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", &format!("--regid={gid}"), "--clear-groups"])
+            .arg(CLIENTS[0])
+            .args(["version", "--format", "{{.Server.APIVersion}}"])
+            .env("DOCKER_HOST", format!("unix://{}", sock.display()))
+            .env("DOCKER_CONFIG", std::env::temp_dir())
+            .output()
+            .unwrap()
+    };
+    let out = as_user("65534");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    // The same user in the socket's group gets through.
+    let out = as_user("0");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1.41");
+}
+
+/// Bad requests get Docker's error shape, change nothing and are counted.
+#[test]
+fn bad_requests_get_dockers_errors_and_change_nothing() {
+    let mut c = Cluster::new(1).unwrap();
+    c.host_mut(1)
+        .start_agent(&["--metrics-listen", METRICS])
+        .unwrap();
+    let h = c.host(1);
+    let refused_before = refused(h);
     let dir = std::env::temp_dir().join(format!("mt{}-docker-bad", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = |name: &str, text: &[u8]| {
@@ -568,6 +641,32 @@ fn bad_requests_get_dockers_errors_and_change_nothing() {
         (200, "[]"),
         "a refused create made a service"
     );
+    // Axum's own rejections (a query that does not parse, a method the path lacks) are in
+    // Docker's shape too.
+    for (method, path, status) in [
+        ("GET", "/services?status=maybe", 400),
+        ("PUT", "/services", 405),
+        (
+            "GET",
+            "/tasks?filters=%7B%22bogus%22%3A%7B%22x%22%3Atrue%7D%7D",
+            400,
+        ),
+    ] {
+        let (code, body) = raw(h, method, path, None);
+        assert_eq!(code, status, "{method} {path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{path}: {body}"));
+        assert!(
+            !v["message"].as_str().unwrap_or_default().is_empty(),
+            "{path}: {body}"
+        );
+    }
+    let counted = refused(h);
+    let grew =
+        |code: u16| counted.get(&code).unwrap_or(&0.0) - refused_before.get(&code).unwrap_or(&0.0);
+    // 4 bad bodies and 2 rejected queries (400) twice over, the oversized body (413) twice.
+    assert_eq!(grew(400), 10.0, "{counted:?}");
+    assert_eq!(grew(413), 2.0, "{counted:?}");
+    assert_eq!(grew(405), 1.0, "{counted:?}");
 
     // A version conflict: the update names a version the service is no longer at.
     let image = versioned("v1");
@@ -621,4 +720,181 @@ fn bad_requests_get_dockers_errors_and_change_nothing() {
         body.contains("Maximum supported API version is 1.41"),
         "{body}"
     );
+}
+
+/// `docker stack deploy` of a compose file with a network, a secret, a config, deploy keys
+/// and a healthcheck: the real CLI parses the file and makes the API calls; the stack's
+/// service answers through every node with the secret and config it was given, and
+/// `stack ls/services/ps/rm` show and remove it all.
+fn stack_commands_work(client: &str) {
+    if !Path::new(client).exists() {
+        panic!("{client} is missing: scripts/setup.sh installs docker.io");
+    }
+    // The task serves what it was given: the secret and the config, read from their files.
+    let image = Image::busybox(
+        "stacked",
+        r#"["/bin/sh","-c","trap 'exit 0' TERM; echo $(cat /run/secrets/db_password) $(cat /etc/site.conf) $(hostname) > /www/index.html; httpd -f -p 80 -h /www & wait"]"#,
+    )
+    .unwrap();
+    let c = cluster();
+    let (h1, h2) = (c.host(1), c.host(2));
+    let dir = std::env::temp_dir().join(format!("mt{}-docker-stack", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("db_password.txt"), "s3cret\n").unwrap();
+    std::fs::write(dir.join("site.conf"), "site-v1\n").unwrap();
+    let compose = dir.join("docker-compose.yml");
+    std::fs::write(
+        &compose,
+        format!(
+            r#"version: "3.8"
+services:
+  web:
+    image: {image}
+    ports:
+      - "8080:80"
+    networks: [front]
+    secrets: [db_password]
+    configs:
+      - source: site
+        target: /etc/site.conf
+    healthcheck:
+      test: ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
+      interval: 2s
+      timeout: 2s
+      retries: 3
+    deploy:
+      replicas: 3
+      labels:
+        tier: front
+      update_config:
+        parallelism: 1
+        delay: 1s
+      restart_policy:
+        condition: on-failure
+      placement:
+        max_replicas_per_node: 1
+networks:
+  front:
+    driver: overlay
+secrets:
+  db_password:
+    file: ./db_password.txt
+configs:
+  site:
+    file: ./site.conf
+"#,
+            image = image.name()
+        ),
+    )
+    .unwrap();
+    let out = docker(
+        client,
+        h1,
+        &["stack", "deploy", "-c", compose.to_str().unwrap(), "infra"],
+    );
+    for want in [
+        "Creating network infra_front",
+        "Creating secret infra_db_password",
+        "Creating config infra_site",
+        "Creating service infra_web",
+    ] {
+        assert!(out.contains(want), "stack deploy lacks {want:?}:\n{out}");
+    }
+
+    // Every node answers from the three tasks, each with the secret and the config.
+    c.eventually(
+        Duration::from_secs(90),
+        "every node balances over infra_web's 3 tasks",
+        |c| {
+            for h in c.hosts() {
+                let got = answers(c, h, 12);
+                if got.len() != 3 || !got.keys().all(|k| k.starts_with("s3cret site-v1 ")) {
+                    anyhow::bail!("{} answered {got:?}", h.node_name());
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .unwrap();
+
+    let ls = docker(client, h2, &["stack", "ls"]);
+    assert!(
+        ls.lines()
+            .any(|l| l.split_whitespace().take(2).eq(["infra", "1"])),
+        "{ls}"
+    );
+    let services = docker(client, h2, &["stack", "services", "infra"]);
+    let row = services
+        .lines()
+        .find(|l| l.contains("infra_web"))
+        .unwrap_or_else(|| panic!("{services}"));
+    assert!(
+        row.contains("replicated") && row.contains("3/3") && row.contains("*:8080->80/tcp"),
+        "{services}"
+    );
+    let ps = docker(client, h1, &["stack", "ps", "infra"]);
+    let running: Vec<&str> = ps.lines().filter(|l| l.contains("Running")).collect();
+    assert_eq!(running.len(), 3, "{ps}");
+    assert!(running.iter().all(|l| l.contains("infra_web.")), "{ps}");
+    // The deploy keys and the healthcheck arrived in the service's spec.
+    let spec: Value = serde_json::from_str(&docker(
+        client,
+        h1,
+        &[
+            "service",
+            "inspect",
+            "--format",
+            "{{json .Spec}}",
+            "infra_web",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(spec["Labels"]["tier"], "front", "{spec}");
+    assert_eq!(spec["Labels"]["com.docker.stack.namespace"], "infra");
+    assert_eq!(spec["Mode"]["Replicated"]["Replicas"], 3);
+    assert_eq!(spec["UpdateConfig"]["Delay"], 1_000_000_000u64, "{spec}");
+    assert_eq!(
+        spec["TaskTemplate"]["RestartPolicy"]["Condition"],
+        "on-failure"
+    );
+    assert_eq!(
+        spec["TaskTemplate"]["Placement"]["MaxReplicas"], 1,
+        "{spec}"
+    );
+    let health = &spec["TaskTemplate"]["ContainerSpec"]["Healthcheck"];
+    assert_eq!(health["Test"][1], "wget", "{spec}");
+    assert_eq!(health["Interval"], 2_000_000_000u64, "{spec}");
+    // Another stack's tasks are not infra's: `stack ps` filters by the stack's label.
+    let err = docker_err(client, h1, &["stack", "ps", "other"]);
+    assert!(err.contains("nothing found in stack: other"), "{err}");
+
+    // stack rm removes the service, the network, the secret and the config.
+    docker(client, h1, &["stack", "rm", "infra"]);
+    c.eventually(Duration::from_secs(60), "infra removed everywhere", |_| {
+        for (what, args) in [
+            ("stack", &["stack", "ls"][..]),
+            ("service", &["service", "ls"][..]),
+            ("network", &["network", "ls"][..]),
+            ("secret", &["secret", "ls"][..]),
+            ("config", &["config", "ls"][..]),
+        ] {
+            let out = docker(client, h2, args);
+            if out.contains("infra") {
+                anyhow::bail!("{what} left:\n{out}");
+            }
+        }
+        Ok(Some(()))
+    })
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn docker_28_deploys_a_stack() {
+    stack_commands_work(CLIENTS[0]);
+}
+
+#[test]
+fn debians_docker_20_10_deploys_a_stack() {
+    stack_commands_work(CLIENTS[1]);
 }
