@@ -868,6 +868,46 @@ configs:
     let err = docker_err(client, h1, &["stack", "ps", "other"]);
     assert!(err.contains("nothing found in stack: other"), "{err}");
 
+    // A redeploy of the same file updates in place: the secret and config stay, the
+    // service keeps its tasks (nothing in its template changed).
+    // `stack ps -q`: the IDs of the stack's tasks, history included.
+    let task_ids = || -> Vec<String> {
+        let mut ids: Vec<String> = docker(client, h1, &["stack", "ps", "-q", "infra"])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let tasks_before = task_ids();
+    assert_eq!(tasks_before.len(), 3, "{tasks_before:?}");
+    let out = docker(
+        client,
+        h1,
+        &["stack", "deploy", "-c", compose.to_str().unwrap(), "infra"],
+    );
+    assert!(out.contains("Updating service infra_web"), "{out}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        tasks_before,
+        task_ids(),
+        "an unchanged redeploy replaced tasks"
+    );
+    // A config cannot change under its name, in Swarm or here: refused by the API, and
+    // nothing else of the stack changes.
+    std::fs::write(dir.join("site.conf"), "site-v2\n").unwrap();
+    let err = docker_err(
+        client,
+        h1,
+        &["stack", "deploy", "-c", compose.to_str().unwrap(), "infra"],
+    );
+    assert!(err.contains("only updates to Labels are allowed"), "{err}");
+    assert!(
+        answers(&c, h2, 6)
+            .keys()
+            .all(|k| k.starts_with("s3cret site-v1 "))
+    );
+
     // stack rm removes the service, the network, the secret and the config.
     docker(client, h1, &["stack", "rm", "infra"]);
     c.eventually(Duration::from_secs(60), "infra removed everywhere", |_| {

@@ -34,11 +34,11 @@ pub fn routes() -> Router<Arc<Agent>> {
         .route("/secrets", get(list_secrets))
         .route("/secrets/create", post(create_secret))
         .route("/secrets/{id}", get(inspect_secret).delete(remove_secret))
-        .route("/secrets/{id}/update", post(immutable))
+        .route("/secrets/{id}/update", post(update_secret))
         .route("/configs", get(list_configs))
         .route("/configs/create", post(create_config))
         .route("/configs/{id}", get(inspect_config).delete(remove_config))
-        .route("/configs/{id}/update", post(immutable))
+        .route("/configs/{id}/update", post(update_config))
 }
 
 /// A secret's or config's ID: stable for its name (they cannot change, only be re-created).
@@ -524,10 +524,107 @@ async fn remove_config(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Docker may change only a secret's labels; mesh's are fixed once created.
-async fn immutable() -> DockerError {
-    DockerError::bad_request(
-        "secrets and configs cannot change in mesh: create one under a new name and switch \
-         services to it",
+/// `?version=` of an update: the object's `Version.Index` as the client read it.
+#[derive(Deserialize)]
+struct VersionQuery {
+    version: Option<u64>,
+}
+
+/// Docker lets an update change only a secret's or config's labels; mesh's objects do not
+/// change at all. An update that changes nothing is what `docker stack deploy` sends for
+/// the stack's existing objects on every redeploy, so it is answered 200 and writes
+/// nothing; a change is refused by what it would change.
+fn check_unchanged(
+    kind: &str,
+    name: &str,
+    current: (&BTreeMap<String, String>, u64, &[u8]),
+    req: &FileCreate,
+    sent: (Option<u64>, &[u8]),
+) -> Result<StatusCode, DockerError> {
+    let (labels, version, data) = current;
+    let (sent_version, sent_data) = sent;
+    if let Some(v) = sent_version.filter(|v| *v != version) {
+        return Err(DockerError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!(
+                "rpc error: code = Unknown desc = update out of sequence: {kind} {name} is at \
+                 version {version}, not {v}; inspect it again and retry"
+            ),
+        });
+    }
+    if req.name != name {
+        return Err(DockerError::bad_request(format!(
+            "renaming {kind}s is not supported: {name} cannot become {}",
+            req.name
+        )));
+    }
+    // Docker's own rule: the data may be left out of an update, or sent unchanged.
+    if !sent_data.is_empty() && sent_data != data {
+        return Err(DockerError::bad_request(format!(
+            "only updates to Labels are allowed: {kind} {name}'s data cannot change; create \
+             one under a new name (e.g. {name}_v2) and switch services to it"
+        )));
+    }
+    if req.labels.clone().unwrap_or_default() != *labels {
+        return Err(DockerError::bad_request(format!(
+            "{kind} {name}'s labels cannot change in mesh: create one under a new name and \
+             switch services to it"
+        )));
+    }
+    Ok(StatusCode::OK)
+}
+
+async fn update_secret(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Query(q): Query<VersionQuery>,
+    bytes: Bytes,
+) -> Result<StatusCode, DockerError> {
+    let (req, sent) = FileCreate::decode(&bytes, "secret")?;
+    let view = agent.refresh().await;
+    let name = object_name("secret", view.secrets.keys(), &id)?;
+    let r = &view.secrets[&name];
+    // Comparing the data means opening the sealed secret here, on an admin's socket; it
+    // goes no further than this comparison.
+    let data = match (sent.is_empty(), agent.gossip.auth()) {
+        (true, _) => zeroize::Zeroizing::new(Vec::new()),
+        (false, Some(auth)) => {
+            crate::gossip::sealed::open(&auth.keyring(), auth.cluster(), &name, &r.spec.sealed)
+                .map_err(DockerError::bad_request)?
+        }
+        (false, None) => {
+            return Err(DockerError::bad_request(
+                "secrets need a cluster key: this agent's gossip is not sealed",
+            ));
+        }
+    };
+    check_unchanged(
+        "secret",
+        &name,
+        (&r.spec.labels, r.updated.ms, &data),
+        &req,
+        (q.version, &sent),
+    )
+}
+
+async fn update_config(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Query(q): Query<VersionQuery>,
+    bytes: Bytes,
+) -> Result<StatusCode, DockerError> {
+    let (req, sent) = FileCreate::decode(&bytes, "config")?;
+    let view = agent.refresh().await;
+    let name = object_name("config", view.configs.keys(), &id)?;
+    let r = &view.configs[&name];
+    let data = BASE64
+        .decode(&r.spec.data)
+        .map_err(|_| DockerError::bad_request(format!("config {name}'s stored data is damaged")))?;
+    check_unchanged(
+        "config",
+        &name,
+        (&r.spec.labels, r.updated.ms, &data),
+        &req,
+        (q.version, &sent),
     )
 }
