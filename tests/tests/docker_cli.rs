@@ -219,8 +219,15 @@ fn swarm_commands_work(client: &str) {
         &["node", "inspect", "--format", "{{json .Spec.Labels}}", &n2],
     );
     assert_eq!(labels.trim(), r#"{"zone":"b"}"#);
-    let mesh: Value = h2.meshctl_json(&["node", "inspect", &n2]).unwrap();
-    assert_eq!(mesh["operator_labels"]["zone"], "b", "{mesh}");
+    // meshctl on node 2 sees it once gossip has carried it there.
+    c.eventually(Duration::from_secs(10), "node 2 hears of zone=b", |_| {
+        let mesh: Value = h2.meshctl_json(&["node", "inspect", &n2])?;
+        if mesh["operator_labels"]["zone"] != "b" {
+            anyhow::bail!("{mesh}");
+        }
+        Ok(Some(()))
+    })
+    .unwrap();
     docker(
         client,
         h1,
@@ -287,6 +294,29 @@ fn swarm_commands_work(client: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(docker(client, h2, &["secret", "ls"]).contains("my_mysql_password"));
+    // Configs from a file; unlike a secret's, their data shows in inspect.
+    let config_file = std::env::temp_dir().join(format!("mt{}-config.yml", std::process::id()));
+    std::fs::write(&config_file, "version: 0.1\nlog:\n  level: info\n").unwrap();
+    docker(
+        client,
+        h1,
+        &[
+            "config",
+            "create",
+            "registry-config",
+            config_file.to_str().unwrap(),
+        ],
+    );
+    let _ = std::fs::remove_file(&config_file);
+    assert!(docker(client, h1, &["config", "ls"]).contains("registry-config"));
+    let pretty = docker(
+        client,
+        h1,
+        &["config", "inspect", "--pretty", "registry-config"],
+    );
+    assert!(pretty.contains("level: info"), "{pretty}");
+    docker(client, h1, &["config", "rm", "registry-config"]);
+    assert!(!docker(client, h1, &["config", "ls"]).contains("registry-config"));
 
     // service create waits for convergence (it polls tasks) and then returns.
     let started = std::time::Instant::now();
@@ -452,7 +482,13 @@ fn swarm_commands_work(client: &str) {
         Ok(Some(()))
     })
     .unwrap();
-    assert!(!docker(client, h2, &["network", "ls"]).contains(" app "));
+    c.eventually(Duration::from_secs(10), "app gone on node 2", |_| {
+        if docker(client, h2, &["network", "ls"]).contains(" app ") {
+            anyhow::bail!("node 2 still lists app");
+        }
+        Ok(Some(()))
+    })
+    .unwrap();
 
     // Local containers are podman's: a clear 501.
     let err = docker_err(client, h1, &["ps"]);
