@@ -601,6 +601,61 @@ fn only_root_and_its_group_reach_the_docker_socket() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1.41");
+
+    // Updating a secret with its data compares it with the sealed data: root's answer only,
+    // else the group could test guesses of it.
+    let out = docker_output(
+        CLIENTS[0],
+        h,
+        &["secret", "create", "pw", "-"],
+        Some("hunter2"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, body) = raw(h, "GET", "/secrets/pw", None);
+    let index = serde_json::from_str::<Value>(&body).unwrap()["Version"]["Index"].clone();
+    let guess = |uid: &str, data: &str| {
+        let body = format!(r#"{{"Name": "pw", "Data": "{data}"}}"#);
+        let out = Command::new("setpriv")
+            .args([&format!("--reuid={uid}"), "--regid=0", "--clear-groups"])
+            .args([
+                "curl",
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                "POST",
+            ])
+            .arg("--unix-socket")
+            .arg(&sock)
+            .arg(format!("http://docker/secrets/pw/update?version={index}"))
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &body,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // base64 of "hunter2" and of "wrong".
+    let (right, wrong) = ("aHVudGVyMg==", "d3Jvbmc=");
+    for data in [right, wrong] {
+        let out = guess("65534", data);
+        assert!(out.ends_with("\n403") && out.contains("only root"), "{out}");
+    }
+    assert!(guess("0", right).ends_with("\n200"));
+    let out = guess("0", wrong);
+    assert!(
+        out.ends_with("\n400") && out.contains("only updates to Labels"),
+        "{out}"
+    );
 }
 
 /// Bad requests get Docker's error shape, change nothing and are counted.
