@@ -49,7 +49,13 @@ fn victim() -> &'static Victim {
             tombstone_grace: Duration::from_secs(3600),
         };
         let gossip = rt
-            .block_on(Gossip::start(&config, vec![], &SealedTransport::new(auth.clone())))
+            .block_on(Gossip::start(
+                &config,
+                Arc::new(mesh_agent::gossip::identity::NodeIdentity::generate().unwrap()),
+                None,
+                vec![],
+                &SealedTransport::new(auth.clone()),
+            ))
             .unwrap();
         Victim {
             _rt: rt,

@@ -416,6 +416,21 @@ fn reload_keys_on_sighup(auth: Option<Arc<GossipAuth>>) -> Result<()> {
     Ok(())
 }
 
+/// This node's key pair, made the first time the agent runs (init and join run it), kept in
+/// the state dir.
+pub(crate) fn node_identity(
+    state_dir: &std::path::Path,
+) -> Result<mesh_agent::gossip::identity::NodeIdentity> {
+    use mesh_agent::gossip::identity;
+    let path = identity::key_file(state_dir);
+    let (id, made) = identity::NodeIdentity::load_or_create(&path)?;
+    identity::check_mode(&path)?;
+    if made {
+        info!(key = %id.public(), path = %path.display(), "new node key pair");
+    }
+    Ok(id)
+}
+
 fn with_port(peer: &str, default: u16) -> String {
     if peer.parse::<SocketAddr>().is_ok()
         || peer
@@ -432,6 +447,7 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
     let config = config.resolve()?;
     // A bad key file stops the agent before it touches the kernel.
     let auth = gossip_auth(&config)?;
+    let identity = std::sync::Arc::new(node_identity(&config.state_dir)?);
     let gossip_config = GossipConfig {
         node: config.node_name.clone(),
         cluster: config.cluster.clone(),
@@ -482,12 +498,29 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
             })
         })
         .collect();
+    record.key = Some(identity.public());
     initial.push((key::NODE.to_owned(), serde_json::to_string(&record)?));
+    let pins = Some(config.state_dir.join(mesh_agent::gossip::origin::PINS_FILE));
     let gossip = match &auth {
-        Some(auth) => Gossip::start(&gossip_config, initial, &SealedTransport::new(auth.clone()))
+        Some(auth) => Gossip::start(
+            &gossip_config,
+            identity,
+            pins,
+            initial,
+            &SealedTransport::new(auth.clone()),
+        )
+        .await?
+        .with_auth(auth.clone()),
+        None => {
+            Gossip::start(
+                &gossip_config,
+                identity,
+                pins,
+                initial,
+                &chitchat::transport::UdpTransport,
+            )
             .await?
-            .with_auth(auth.clone()),
-        None => Gossip::start(&gossip_config, initial, &chitchat::transport::UdpTransport).await?,
+        }
     };
     reload_keys_on_sighup(auth)?;
     info!(

@@ -86,6 +86,7 @@ pub async fn render(agent: &Agent) -> anyhow::Result<String> {
     }
     register_dns(&mut reg, &agent.dns);
     register_gossip(&mut reg, agent.gossip.auth().map(|a| a.report()));
+    register_origins(&mut reg, agent.gossip.origin_report());
     counter(
         &mut reg,
         "mesh_state_files_quarantined",
@@ -347,6 +348,23 @@ fn register_gossip(reg: &mut Registry, auth: Option<AuthReport>) {
             .into_iter()
             .map(|(r, n)| (vec![("reason", r)], n))
             .collect(),
+    );
+}
+
+/// Gossip values and nodes refused for their origin (see `gossip::origin`).
+fn register_origins(reg: &mut Registry, o: crate::gossip::origin::OriginReport) {
+    counter(
+        reg,
+        "mesh_gossip_records_invalid",
+        "Gossip values dropped before they reached the view: unsigned, or not signed by the \
+         key of the node they are written under.",
+        o.invalid_records,
+    );
+    counter(
+        reg,
+        "mesh_gossip_nodes_refused",
+        "Runs of nodes refused for claiming a name bound to another node's key.",
+        o.impostors,
     );
 }
 

@@ -62,6 +62,9 @@ pub enum NodeAction {
     Down,
     Drain,
     Active,
+    /// A node was refused for claiming a name bound to another node's key (an impostor, or
+    /// a host that lost its state dir: `meshctl node rm` lets it join again).
+    Refused,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

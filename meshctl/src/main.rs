@@ -496,6 +496,11 @@ fn ago(ms: u64) -> String {
 
 fn print_gossip(info: &GossipInfo) {
     println!("Node:\t\t{}\nCluster:\t{}", info.node, info.cluster);
+    println!(
+        "Refused:\t{} records not signed by their node, {} nodes under a name bound to \
+         another key",
+        info.origins.invalid_records, info.origins.nodes_refused
+    );
     let Some(auth) = &info.auth else {
         println!(
             "Authenticated:\tNO: anyone who reaches the gossip port can join, read and inject state.\n\

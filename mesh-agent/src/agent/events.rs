@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use mesh_api::events::{Event, Kind, NodeAction};
 use mesh_api::id::now_ms;
 
 use super::Agent;
@@ -19,5 +20,31 @@ impl Agent {
             self.events.publish(events);
             prev = next;
         }
+    }
+
+    /// Events for nodes gossip refused since the last call for claiming a name bound to
+    /// another key (see `gossip::origin`).
+    pub(super) fn publish_impostors(&self) {
+        let refused = self.gossip.take_impostors();
+        self.events.publish(refused.into_iter().map(|i| {
+            Event {
+                time_ms: now_ms(),
+                kind: Kind::Node(NodeAction::Refused),
+                actor: i.name.clone(),
+                id: None,
+                service: None,
+                node: Some(i.name),
+                attributes: [
+                    ("key".to_owned(), i.key.to_string()),
+                    ("bound_key".to_owned(), i.pinned.to_string()),
+                    ("generation".to_owned(), i.generation.to_string()),
+                    (
+                        "reason".to_owned(),
+                        "the name is bound to another node's key".to_owned(),
+                    ),
+                ]
+                .into(),
+            }
+        }));
     }
 }

@@ -161,6 +161,7 @@ impl Shared {
                 platform: Default::default(),
                 capacity: Default::default(),
                 insecure: false,
+                key: None,
             };
             let status = if g.sees(me, name) {
                 NodeStatus::Ready

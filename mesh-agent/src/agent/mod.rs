@@ -215,6 +215,7 @@ impl Agent {
             },
             capacity: config.capacity,
             insecure: config.cluster_key_file.is_none(),
+            key: None,
         }
     }
 
@@ -242,7 +243,12 @@ impl Agent {
             return current;
         }
         let snapshot = self.gossip.snapshot().await;
+        self.publish_impostors();
         let view = View::compute(&snapshot);
+        // A removed node's name may join again under a new key.
+        for (name, generation) in &view.removed {
+            self.gossip.forget_identity(name, *generation);
+        }
         if let Some(s) = &view.newest_stamp {
             self.clock.lock().expect("clock lock").observe(s);
         }

@@ -127,6 +127,10 @@ pub struct NodeRecord {
     /// port can join and inject records, so every member's `node ls` warns about it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
+    /// The node's public key: every value it gossips is signed with the matching secret key
+    /// (see `gossip::signed`), and peers bind its name to this key (`gossip::origin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<crate::gossip::identity::PublicKey>,
 }
 
 /// A port a node's agent listens on, and what for (the error names it).

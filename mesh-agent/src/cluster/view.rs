@@ -648,6 +648,7 @@ mod tests {
             platform: Default::default(),
             capacity: Default::default(),
             insecure: false,
+            key: None,
         };
         let mut kv = BTreeMap::new();
         kv.insert(key::NODE.into(), serde_json::to_string(&rec).unwrap());

@@ -43,7 +43,11 @@ async fn start(name: &str, seeds: Vec<String>) -> (Gossip, SocketAddr, Arc<Gossi
         tombstone_grace: Duration::from_secs(3600),
     };
     let a = auth();
-    let g = Gossip::start(&config, vec![], &SealedTransport::new(a.clone()))
+    let id = Arc::new(super::identity::NodeIdentity::generate().unwrap());
+    // Peers verify a node's values against the key its record names.
+    let record = format!(r#"{{"key":"{}"}}"#, id.public());
+    let initial = vec![("node".to_owned(), record)];
+    let g = Gossip::start(&config, id, None, initial, &SealedTransport::new(a.clone()))
         .await
         .unwrap()
         .with_auth(a.clone());
@@ -175,6 +179,108 @@ async fn hostile_deltas_and_digests_are_dropped_and_gossip_goes_on() {
     assert_eq!(victim_auth.dropped(DropReason::Invalid), 2);
     let nodes = victim.snapshot().await.nodes.len();
     assert!(nodes <= 3, "{nodes} nodes: phantoms got in");
+    peer.shutdown().await.unwrap();
+    victim.shutdown().await.unwrap();
+}
+
+/// A member holding the cluster key writes values under another node's id, as gossip
+/// relays do: chitchat takes them, but none reaches a snapshot, and each is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_forged_for_another_node_never_reach_a_snapshot() {
+    let (victim, victim_addr, victim_auth) = start("victim", vec![]).await;
+    let (peer, peer_addr, _) = start("peer", vec![victim_addr.to_string()]).await;
+    peer.write([("ep:real".into(), Some("signed".into()))])
+        .await;
+    sees(&victim, "peer", "ep:real", "signed").await;
+    let peer_state_at_victim = |key: &'static str| {
+        let chitchat = victim.handle.chitchat();
+        async move {
+            let cc = chitchat.lock().await;
+            let (_, state) = cc
+                .node_states()
+                .iter()
+                .find(|(id, _)| &*id.node_id == "peer")
+                .expect("the victim knows the peer");
+            (state.max_version(), state.get(key).map(str::to_owned))
+        }
+    };
+    let (max, _) = peer_state_at_victim("ep:real").await;
+
+    let mallory = super::identity::NodeIdentity::generate().unwrap();
+    let forged = [
+        // Signed by another key, in the peer's name.
+        (
+            "ep:forged".to_owned(),
+            super::signed::seal(&mallory, "peer", peer.generation(), "ep:forged", "{}"),
+        ),
+        // Unsigned.
+        ("obj:svc:evil".to_owned(), "{}".to_owned()),
+        // The peer's own signed value, replayed under another key.
+        (
+            "ep:moved".to_owned(),
+            super::signed::seal(&mallory, "peer", peer.generation(), "ep:real", "signed"),
+        ),
+    ];
+    let mut ops = Vec::new();
+    craft::node_op(&mut ops, "peer", peer.generation(), peer_addr, max);
+    for (i, (k, v)) in forged.iter().enumerate() {
+        craft::kv_op(&mut ops, k, v, max + 1 + i as u64);
+    }
+    let raw = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    send_sealed(&raw, victim_addr, &victim_auth, &craft::ack(&ops));
+    let start = Instant::now();
+    while peer_state_at_victim("ep:forged").await.1.is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "chitchat never took the delta"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let snap = victim.snapshot().await;
+    let peer_kv = &snap.nodes.iter().find(|n| n.name == "peer").unwrap().kv;
+    for (k, _) in &forged {
+        assert!(
+            !peer_kv.contains_key(k),
+            "{k} got into the snapshot: {peer_kv:?}"
+        );
+    }
+    assert_eq!(peer_kv["ep:real"], "signed", "the peer's own values stay");
+    assert_eq!(victim.origin_report().invalid_records, forged.len() as u64);
+    peer.shutdown().await.unwrap();
+    victim.shutdown().await.unwrap();
+}
+
+/// Another agent under a name already bound to a key is refused whole, and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_under_a_taken_name_is_refused() {
+    let (victim, victim_addr, _) = start("victim", vec![]).await;
+    let (peer, _, _) = start("peer", vec![victim_addr.to_string()]).await;
+    peer.write([("ep:real".into(), Some("first".into()))]).await;
+    sees(&victim, "peer", "ep:real", "first").await;
+    // Same name, its own (other) key pair.
+    let (impostor, _, _) = start("peer", vec![victim_addr.to_string()]).await;
+    impostor
+        .write([("ep:real".into(), Some("impostor".into()))])
+        .await;
+    let start = Instant::now();
+    // Values are checked as snapshots are taken.
+    while victim.snapshot().await.nodes.len() < 2 || victim.origin_report().impostors == 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "never refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = victim.take_impostors();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].generation, impostor.generation());
+    assert_eq!(refused[0].pinned, peer.public_key());
+    let snap = victim.snapshot().await;
+    let peers: Vec<_> = snap.nodes.iter().filter(|n| n.name == "peer").collect();
+    assert_eq!(
+        peers.len(),
+        1,
+        "only the first key's run is in the snapshot"
+    );
+    assert_eq!(peers[0].generation, peer.generation());
+    impostor.shutdown().await.unwrap();
     peer.shutdown().await.unwrap();
     victim.shutdown().await.unwrap();
 }

@@ -6,12 +6,17 @@
 //! everyone's, and wait for changes.
 //!
 //! With a cluster key, chitchat runs over [`transport::SealedTransport`]: every datagram is
-//! authenticated and encrypted (`auth`) with keys from a key file (`keyring`).
+//! authenticated and encrypted (`auth`) with keys from a key file (`keyring`). Whatever the
+//! transport, every value a node writes is signed with its own key (`identity`, `signed`)
+//! and every value read is checked for its origin (`origin`) before a snapshot shows it.
 
 pub mod auth;
 pub mod chunks;
+pub mod identity;
 pub mod keyring;
+pub mod origin;
 pub mod sealed;
+pub mod signed;
 pub mod token;
 pub mod transport;
 pub mod validate;
@@ -69,15 +74,25 @@ pub struct Gossip {
     generation: u64,
     /// Chunked values already verified (see [`chunks::Assembler`]).
     assembler: std::sync::Mutex<chunks::Assembler>,
+    /// This node's name and key pair: every value it writes is signed with it.
+    name: String,
+    identity: Arc<identity::NodeIdentity>,
+    /// Name-to-key pins and verdicts on every peer's values.
+    origins: std::sync::Mutex<origin::Origins>,
 }
 
 impl Gossip {
+    /// Starts gossip as `config.node`, signing with `identity`; `pins` is the file that keeps
+    /// name-to-key pins across restarts (none: kept in memory only).
     pub async fn start(
         config: &GossipConfig,
+        identity: Arc<identity::NodeIdentity>,
+        pins: Option<std::path::PathBuf>,
         initial: Vec<(String, String)>,
         transport: &dyn Transport,
     ) -> Result<Self> {
         let generation = Clock::now_ms();
+        let origins = origin::Origins::new(pins, (&config.node, identity.public(), generation));
         let chitchat_id = ChitchatId::new(config.node.clone(), generation, config.advertise);
         let chitchat_config = ChitchatConfig {
             chitchat_id,
@@ -100,7 +115,9 @@ impl Gossip {
         };
         let initial = initial
             .iter()
-            .flat_map(|(k, v)| chunks::split(k, v))
+            .flat_map(|(k, v)| {
+                chunks::split(k, &signed::seal(&identity, &config.node, generation, k, v))
+            })
             .collect();
         let handle = spawn_chitchat(chitchat_config, initial, transport)
             .await
@@ -111,7 +128,33 @@ impl Gossip {
             auth: None,
             generation,
             assembler: Default::default(),
+            name: config.node.clone(),
+            identity,
+            origins: std::sync::Mutex::new(origins),
         })
+    }
+
+    /// This node's public key, as its node record must carry it.
+    pub fn public_key(&self) -> identity::PublicKey {
+        self.identity.public()
+    }
+
+    /// Values dropped for their origin, and impostors refused.
+    pub fn origin_report(&self) -> origin::OriginReport {
+        self.origins.lock().expect("origins lock").report()
+    }
+
+    /// Nodes refused since the last call for claiming a name bound to another key.
+    pub fn take_impostors(&self) -> Vec<origin::Impostor> {
+        self.origins.lock().expect("origins lock").take_impostors()
+    }
+
+    /// `node rm` of `name` up to `generation`: the name may join again under a new key.
+    pub fn forget_identity(&self, name: &str, generation: u64) {
+        self.origins
+            .lock()
+            .expect("origins lock")
+            .forget(name, generation);
     }
 
     /// Records the keys the transport seals with, for the API to report.
@@ -136,7 +179,12 @@ impl Gossip {
         let state = cc.self_node_state();
         let mut changed = false;
         for (k, v) in changes {
-            let raw = v.map(|v| chunks::split(&k, &v)).unwrap_or_default();
+            let raw = v
+                .map(|v| {
+                    let sealed = signed::seal(&self.identity, &self.name, self.generation, &k, &v);
+                    chunks::split(&k, &sealed)
+                })
+                .unwrap_or_default();
             // The manifest (or the small value itself) is the last raw key: when it is
             // unchanged, so are its chunks.
             if raw.last().map(|(_, v)| v.as_str()) == state.get(&k) {
@@ -173,7 +221,11 @@ impl Gossip {
         let chitchat = self.handle.chitchat();
         let mut cc = chitchat.lock().await;
         let mut assembler = self.assembler.lock().expect("assembler lock");
-        assembler.node(cc.self_node_state().key_values())
+        assembler
+            .node(cc.self_node_state().key_values())
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, signed::unchecked(&v)?.to_owned())))
+            .collect()
     }
 
     /// What identifies the cluster state without copying it: every known generation, its
@@ -203,17 +255,24 @@ impl Gossip {
         let cc = chitchat.lock().await;
         let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
         let mut assembler = self.assembler.lock().expect("assembler lock");
+        let mut origins = self.origins.lock().expect("origins lock");
         let nodes = cc
             .node_states()
             .iter()
-            .map(|(id, state)| SnapshotNode {
-                name: id.node_id.to_string(),
-                generation: id.generation_id,
-                live: live.contains(id),
-                kv: assembler.node(state.key_values()),
+            .filter_map(|(id, state)| {
+                let kv = assembler.node(state.key_values());
+                // An impostor's run is left out whole: it never reaches the view.
+                let kv = origins.node(&id.node_id, id.generation_id, kv)?;
+                Some(SnapshotNode {
+                    name: id.node_id.to_string(),
+                    generation: id.generation_id,
+                    live: live.contains(id),
+                    kv,
+                })
             })
             .collect();
         assembler.forget_unseen();
+        origins.forget_unseen();
         Snapshot {
             nodes,
             now_ms: Clock::now_ms(),

@@ -307,9 +307,10 @@ impl KnownNodes {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod craft {
-    //! chitchat 0.13's wire format, written by hand: what a hostile key holder can send.
+/// chitchat 0.13's wire format, written by hand: what a hostile key holder can send. The
+/// agent never uses it; the hostile-peer tests here and the scenario tests (`tests/trust.rs`)
+/// play a compromised member with it.
+pub mod craft {
 
     use std::net::SocketAddr;
 
@@ -373,10 +374,20 @@ pub(crate) mod craft {
         names: impl Iterator<Item = String>,
         addr: SocketAddr,
     ) -> Vec<u8> {
+        syn_naming_at(cluster, names, 1, addr)
+    }
+
+    /// A Syn whose digest (V1, compressed) names `names` at `generation`.
+    pub fn syn_naming_at(
+        cluster: &str,
+        names: impl Iterator<Item = String>,
+        generation: u64,
+        addr: SocketAddr,
+    ) -> Vec<u8> {
         let mut b = header(0, 1);
         let mut entries = Vec::new();
         for n in names {
-            node_id(&mut entries, &n, 1, addr);
+            node_id(&mut entries, &n, generation, addr);
             entries.extend(1u64.to_le_bytes()); // heartbeat
             entries.extend(0u64.to_le_bytes());
             entries.extend(0u64.to_le_bytes());

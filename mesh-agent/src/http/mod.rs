@@ -498,11 +498,16 @@ async fn remove_task(
 
 async fn gossip_info(State(agent): State<Arc<Agent>>) -> ApiResult<GossipInfo> {
     let auth = agent.gossip.auth().map(|a| a.report());
+    let origins = agent.gossip.origin_report();
     Ok(Json(GossipInfo {
         node: agent.node_name().to_owned(),
         cluster: agent.config.cluster.clone(),
         authenticated: auth.is_some(),
         auth,
+        origins: mesh_api::v1::OriginStats {
+            invalid_records: origins.invalid_records,
+            nodes_refused: origins.impostors,
+        },
     }))
 }
 

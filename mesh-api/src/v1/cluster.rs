@@ -64,6 +64,17 @@ pub struct GossipInfo {
     pub authenticated: bool,
     /// Keys, peers and drop counters of sealed gossip; absent when unauthenticated.
     pub auth: Option<AuthReport>,
+    /// Records and nodes refused for their origin (absent from older agents).
+    #[serde(default)]
+    pub origins: OriginStats,
+}
+
+/// What gossip refused for its origin: values not signed by the key of the node they are
+/// written under, and nodes claiming a name bound to another node's key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OriginStats {
+    pub invalid_records: u64,
+    pub nodes_refused: u64,
 }
 
 /// Where a key rotation stands, for `meshctl join-token --rotate` to report.
