@@ -1,0 +1,342 @@
+//! Node identities: a member holding the cluster key (what any node, or anyone who read one
+//! node's key file, holds) tries to take over another node — by running an agent under its
+//! name, and by writing records in its name straight into gossip. Each attempt is refused
+//! everywhere, counted, and the cluster keeps serving with 0 failed requests.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use mesh_agent::gossip::{
+    auth::{GossipAuth, NONCE_LEN, seal},
+    identity::NodeIdentity,
+    keyring::{self, ClusterKey, Keyring},
+    signed,
+    validate::craft,
+};
+use mesh_tests::{Cluster, Host, availability::Probe, cluster::bin, events::Follower};
+use serde_json::Value;
+
+/// No request may fail, and no stretch without an answer may be longer than this (a few
+/// requests at 100/s: scheduling noise on a shared 2-core machine, not an outage).
+const MAX_GAP: Duration = Duration::from_millis(500);
+
+/// The attacker's host on the underlay: it holds the cluster key, nothing else.
+const ATTACKER: &str = "attacker";
+const ATTACKER_IP: &str = "192.0.2.50";
+
+/// Two serving nodes (a task of `web` on each, published on 8080), a host for the attacker
+/// and a client outside the cluster.
+fn serving_cluster() -> Cluster {
+    let mut c = Cluster::new(2).unwrap();
+    c.start_agents().unwrap();
+    c.create_network("app", "10.10.0.0/24").unwrap();
+    c.create_service("web", "app", &["-p", "8080:80"]).unwrap();
+    for i in 1..=2 {
+        c.host(i)
+            .run_whoami::<Value>("app", Some("web"), &format!("web-{i}"), &[])
+            .unwrap();
+    }
+    c.eventually(
+        Duration::from_secs(10),
+        "host1 balances over 2 tasks",
+        |c| {
+            let s: Value = c.host(1).meshctl_json(&["service", "inspect", "web"])?;
+            let n = s["dataplane"]["backends"].as_array().map_or(0, Vec::len);
+            Ok((n == 2).then_some(()))
+        },
+    )
+    .unwrap();
+    c.external("client", 100).unwrap();
+    c.external(ATTACKER, 50).unwrap();
+    c
+}
+
+fn origins(h: &Host) -> (u64, u64) {
+    let v: Value = h.meshctl_json(&["gossip", "stats"]).unwrap();
+    (
+        v["origins"]["invalid_records"].as_u64().unwrap(),
+        v["origins"]["nodes_refused"].as_u64().unwrap(),
+    )
+}
+
+/// The address `observer` has for node `name` (from `node ls`).
+fn address_of(observer: &Host, name: &str) -> Option<String> {
+    let nodes: Value = observer.meshctl_json(&["node", "ls"]).unwrap();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .and_then(|n| n["address"].as_str().map(str::to_owned))
+}
+
+fn assert_still_itself(c: &Cluster, victim: usize) {
+    let name = c.host(victim).node_name();
+    for i in 1..=2 {
+        assert_eq!(
+            address_of(c.host(i), name).as_deref(),
+            Some(c.host(victim).ip.as_str()),
+            "host{i} lost {name}'s real record"
+        );
+    }
+}
+
+/// An agent on the attacker's host (its own state dir, so its own new key pair) that calls
+/// itself `name`, with the cluster's key.
+struct Impostor {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Impostor {
+    fn start(c: &Cluster, name: &str) -> Self {
+        let ns = c.external_ns(ATTACKER).unwrap();
+        let dir = std::path::PathBuf::from("/run/mesh").join(ns.name());
+        let log = std::fs::File::create(c.log_dir().join("impostor.log")).unwrap();
+        let child = ns
+            .command(bin("mesh-agent").to_str().unwrap())
+            .arg("run")
+            .args(["--interface", "eth0", "--node-name", name])
+            .args(["--advertise", ATTACKER_IP])
+            .args(["--join", &c.host(1).ip])
+            .arg("--socket")
+            .arg(dir.join("agent.sock"))
+            .arg("--bpffs")
+            .arg(std::path::Path::new("/sys/fs/bpf/mesh").join(ns.name()))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--cgroup")
+            .arg(mesh_tests::cluster::cgroup_base().join(ns.name()))
+            .args(["--config", "/dev/null", "--control-plane-only"])
+            .arg("--cluster-key-file")
+            .arg(c.host(1).cluster_key())
+            .env("MESH_LOG", "info,mesh_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self { child, dir }
+    }
+}
+
+impl Drop for Impostor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_member_cannot_join_under_another_nodes_name() {
+    let c = serving_cluster();
+    let victim = c.host(2).node_name().to_owned();
+    let mut events = Follower::start(c.host(1), &[]);
+    let addr: SocketAddr = format!("{}:8080", c.host(1).ip).parse().unwrap();
+    let probe = Probe::start(c.external_ns("client").unwrap(), addr).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A host with the cluster key runs an agent that calls itself host2.
+    let impostor = Impostor::start(&c, &victim);
+    c.eventually(
+        Duration::from_secs(15),
+        "host1 and host2 refuse the impostor",
+        |c| Ok((origins(c.host(1)).1 >= 1 && origins(c.host(2)).1 >= 1).then_some(())),
+    )
+    .unwrap();
+    let refused = events.expect(&[("node", "refused", &victim)], Duration::from_secs(5));
+    assert_ne!(
+        refused[0]["attributes"]["key"], refused[0]["attributes"]["bound_key"],
+        "{refused:?}"
+    );
+    // Long enough for the impostor's records to have spread, had they been taken.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_still_itself(&c, 2);
+    let r = probe.finish();
+    eprintln!("while an impostor ran: {r}");
+    r.assert_available("the routing mesh", MAX_GAP);
+    // Still Ready, still serving from both nodes.
+    let nodes: Value = c.host(1).meshctl_json(&["node", "ls"]).unwrap();
+    let ready = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["status"] == "Ready")
+        .count();
+    assert_eq!(ready, 2, "{nodes}");
+    drop(impostor);
+}
+
+/// A sealed datagram from the attacker's host to `to`, as a member with the cluster key
+/// sends it.
+fn send_as_member(c: &Cluster, to: SocketAddr, plaintext: Vec<u8>) {
+    let keys = keyring::read_material(c.host(1).cluster_key()).unwrap();
+    let ring = Keyring::new(vec![ClusterKey::new(&keys[0])]).unwrap();
+    let auth = Arc::new(GossipAuth::new(ring, Path::new("stolen"), "mesh"));
+    c.external_ns(ATTACKER)
+        .unwrap()
+        .run(move || {
+            let ring = auth.keyring();
+            let mut nonce = [0u8; NONCE_LEN];
+            getrandom(&mut nonce);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
+            let mut d = Vec::new();
+            seal(
+                &ring,
+                ring.primary().id,
+                "mesh",
+                now,
+                nonce,
+                &plaintext,
+                &mut d,
+            )
+            .unwrap();
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.send_to(&d, to).unwrap();
+        })
+        .unwrap();
+}
+
+fn getrandom(buf: &mut [u8]) {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(buf)
+        .unwrap();
+}
+
+/// Writes `kv` as node `name`'s run `generation` (a newer run than the real one, so it
+/// would speak for the name) straight into `to`'s gossip state.
+fn inject(c: &Cluster, to: SocketAddr, name: &str, generation: u64, kv: &[(String, String)]) {
+    let gossip_addr: SocketAddr = format!("{ATTACKER_IP}:7946").parse().unwrap();
+    send_as_member(
+        c,
+        to,
+        craft::syn_naming_at(
+            "mesh",
+            [name.to_owned()].into_iter(),
+            generation,
+            gossip_addr,
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let mut ops = Vec::new();
+    craft::node_op(&mut ops, name, generation, gossip_addr, 0);
+    for (i, (k, v)) in kv.iter().enumerate() {
+        craft::kv_op(&mut ops, k, v, 1 + i as u64);
+    }
+    send_as_member(c, to, craft::ack(&ops));
+}
+
+#[test]
+fn a_member_cannot_publish_records_for_another_node() {
+    let c = serving_cluster();
+    let victim = c.host(2).node_name().to_owned();
+    let target: SocketAddr = format!("{}:7946", c.host(1).ip).parse().unwrap();
+    let addr: SocketAddr = format!("{}:8080", c.host(1).ip).parse().unwrap();
+    let probe = Probe::start(c.external_ns("client").unwrap(), addr).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (invalid_before, refused_before) = origins(c.host(1));
+
+    // host2's node record as the attacker wants it: its VXLAN endpoint moved to host3.
+    let nodes: Value = c.host(1).meshctl_json(&["node", "ls"]).unwrap();
+    assert!(
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == victim)
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let hijacked = |key: Option<String>| {
+        let mut r = serde_json::json!({
+            "name": victim, "hostname": victim, "address": ATTACKER_IP,
+            "mtu": 1500, "agent_version": "evil",
+        });
+        if let Some(k) = key {
+            r["key"] = k.into();
+        }
+        r.to_string()
+    };
+
+    // 1. Unsigned, as an agent without identities would write it.
+    let generation = now + 60_000;
+    inject(
+        &c,
+        target,
+        &victim,
+        generation,
+        &[
+            ("node".into(), hijacked(None)),
+            ("obj:noderm:".to_owned() + &victim, "{}".into()),
+        ],
+    );
+    // 2. Signed by the attacker's own key, naming that key (a claim on the name).
+    let mallory = NodeIdentity::generate().unwrap();
+    let generation2 = now + 120_000;
+    let record = hijacked(Some(mallory.public().to_string()));
+    inject(
+        &c,
+        target,
+        &victim,
+        generation2,
+        &[(
+            "node".into(),
+            signed::seal(&mallory, &victim, generation2, "node", &record),
+        )],
+    );
+    // 3. Naming a key it is not signed by.
+    let generation3 = now + 180_000;
+    inject(
+        &c,
+        target,
+        &victim,
+        generation3,
+        &[(
+            "node".into(),
+            signed::seal(
+                &mallory,
+                &victim,
+                generation3,
+                "node",
+                &hijacked(Some(
+                    // Any key but the attacker's: the record is not signed by it.
+                    NodeIdentity::generate().unwrap().public().to_string(),
+                )),
+            ),
+        )],
+    );
+
+    c.eventually(Duration::from_secs(10), "host1 counts every forgery", |c| {
+        let (invalid, refused) = origins(c.host(1));
+        Ok((invalid >= invalid_before + 2 && refused > refused_before).then_some(()))
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_still_itself(&c, 2);
+    let r = probe.finish();
+    eprintln!("while records were forged: {r}");
+    r.assert_available("the routing mesh", MAX_GAP);
+    // host2 was not removed: it is Ready and still runs its task.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let ps: Value = c.host(2).meshctl_json(&["ps"]).unwrap();
+        assert!(
+            ps.as_array().unwrap().iter().any(|t| t["name"] == "web-2"),
+            "{ps}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
