@@ -255,23 +255,37 @@ impl Gossip {
         let cc = chitchat.lock().await;
         let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
         let mut assembler = self.assembler.lock().expect("assembler lock");
-        let mut origins = self.origins.lock().expect("origins lock");
-        let nodes = cc
+        let assembled: Vec<(ChitchatId, bool, BTreeMap<String, String>)> = cc
             .node_states()
             .iter()
-            .filter_map(|(id, state)| {
-                let kv = assembler.node(state.key_values());
+            .map(|(id, state)| {
+                (
+                    id.clone(),
+                    live.contains(id),
+                    assembler.node(state.key_values()),
+                )
+            })
+            .collect();
+        assembler.forget_unseen();
+        drop(assembler);
+        drop(live);
+        // Signatures are checked with chitchat's lock released: the gossip task (and so the
+        // heartbeats peers judge liveness by) never waits behind them.
+        drop(cc);
+        let mut origins = self.origins.lock().expect("origins lock");
+        let nodes = assembled
+            .into_iter()
+            .filter_map(|(id, live, kv)| {
                 // An impostor's run is left out whole: it never reaches the view.
                 let kv = origins.node(&id.node_id, id.generation_id, kv)?;
                 Some(SnapshotNode {
                     name: id.node_id.to_string(),
                     generation: id.generation_id,
-                    live: live.contains(id),
+                    live,
                     kv,
                 })
             })
             .collect();
-        assembler.forget_unseen();
         origins.forget_unseen();
         Snapshot {
             nodes,
