@@ -46,6 +46,7 @@ pub fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
         is_self: name == agent.node_name(),
         resources: node_resources(view, name),
         insecure: n.record.as_ref().is_some_and(|r| r.insecure),
+        key: n.record.as_ref().and_then(|r| r.key).map(|k| k.to_string()),
     })
 }
 

@@ -632,6 +632,9 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
                 or_dash(Some(&n.platform.arch).filter(|s| !s.is_empty()))
             );
             print_node_resources(&n.resources);
+            if let Some(k) = &n.key {
+                println!("Node key:\t{k}");
+            }
             if n.insecure {
                 println!("Gossip:\t\tNOT authenticated (--insecure)");
             }

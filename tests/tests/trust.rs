@@ -151,10 +151,22 @@ fn a_member_cannot_join_under_another_nodes_name() {
     )
     .unwrap();
     let refused = events.expect(&[("node", "refused", &victim)], Duration::from_secs(5));
-    assert_ne!(
-        refused[0]["attributes"]["key"], refused[0]["attributes"]["bound_key"],
+    // The name stays bound to host2's own key, as host2 itself and host1 report it.
+    let own: Value = c
+        .host(2)
+        .meshctl_json(&["node", "inspect", "self"])
+        .unwrap();
+    let seen: Value = c
+        .host(1)
+        .meshctl_json(&["node", "inspect", &victim])
+        .unwrap();
+    assert!(own["key"].is_string(), "{own}");
+    assert_eq!(own["key"], seen["key"]);
+    assert_eq!(
+        refused[0]["attributes"]["bound_key"], own["key"],
         "{refused:?}"
     );
+    assert_ne!(refused[0]["attributes"]["key"], own["key"], "{refused:?}");
     // Long enough for the impostor's records to have spread, had they been taken.
     std::thread::sleep(Duration::from_secs(2));
     assert_still_itself(&c, 2);

@@ -38,6 +38,9 @@ pub struct NodeInfo {
     /// The node gossips without a cluster key (its agent runs with `--insecure`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
+    /// The node's public key (base64 Ed25519): every record it gossips is signed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// What it offers to tasks' reservations, what its tasks reserve, and what is left.
     #[serde(default)]
     pub resources: NodeResources,
