@@ -51,7 +51,7 @@ fn victim() -> &'static Victim {
         let gossip = rt
             .block_on(Gossip::start(
                 &config,
-                Arc::new(mesh_agent::gossip::identity::NodeIdentity::generate().unwrap()),
+                Arc::new(mesh_agent::identity::NodeIdentity::generate().unwrap()),
                 None,
                 vec![],
                 &SealedTransport::new(auth.clone()),

@@ -15,6 +15,7 @@ pub mod docker;
 pub mod events;
 pub mod gossip;
 pub mod http;
+pub mod identity;
 pub mod install;
 pub mod lb;
 pub mod logging;

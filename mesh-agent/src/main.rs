@@ -420,8 +420,8 @@ fn reload_keys_on_sighup(auth: Option<Arc<GossipAuth>>) -> Result<()> {
 /// the state dir.
 pub(crate) fn node_identity(
     state_dir: &std::path::Path,
-) -> Result<mesh_agent::gossip::identity::NodeIdentity> {
-    use mesh_agent::gossip::identity;
+) -> Result<mesh_agent::identity::NodeIdentity> {
+    use mesh_agent::identity;
     let path = identity::key_file(state_dir);
     let (id, made) = identity::NodeIdentity::load_or_create(&path)?;
     identity::check_mode(&path)?;

@@ -13,11 +13,11 @@ use std::{
 
 use mesh_agent::gossip::{
     auth::{GossipAuth, NONCE_LEN, seal},
-    identity::NodeIdentity,
     keyring::{self, ClusterKey, Keyring},
     signed,
     validate::craft,
 };
+use mesh_agent::identity::NodeIdentity;
 use mesh_tests::{Cluster, Host, availability::Probe, cluster::bin, events::Follower};
 use serde_json::Value;
 

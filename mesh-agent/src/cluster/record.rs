@@ -130,7 +130,7 @@ pub struct NodeRecord {
     /// The node's public key: every value it gossips is signed with the matching secret key
     /// (see `gossip::signed`), and peers bind its name to this key (`gossip::origin`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<crate::gossip::identity::PublicKey>,
+    pub key: Option<crate::identity::PublicKey>,
 }
 
 /// A port a node's agent listens on, and what for (the error names it).

@@ -43,7 +43,7 @@ async fn start(name: &str, seeds: Vec<String>) -> (Gossip, SocketAddr, Arc<Gossi
         tombstone_grace: Duration::from_secs(3600),
     };
     let a = auth();
-    let id = Arc::new(super::identity::NodeIdentity::generate().unwrap());
+    let id = Arc::new(crate::identity::NodeIdentity::generate().unwrap());
     // Peers verify a node's values against the key its record names.
     let record = format!(r#"{{"key":"{}"}}"#, id.public());
     let initial = vec![("node".to_owned(), record)];
@@ -206,7 +206,7 @@ async fn values_forged_for_another_node_never_reach_a_snapshot() {
     };
     let (max, _) = peer_state_at_victim("ep:real").await;
 
-    let mallory = super::identity::NodeIdentity::generate().unwrap();
+    let mallory = crate::identity::NodeIdentity::generate().unwrap();
     let forged = [
         // Signed by another key, in the peer's name.
         (

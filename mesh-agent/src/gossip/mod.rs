@@ -7,12 +7,11 @@
 //!
 //! With a cluster key, chitchat runs over [`transport::SealedTransport`]: every datagram is
 //! authenticated and encrypted (`auth`) with keys from a key file (`keyring`). Whatever the
-//! transport, every value a node writes is signed with its own key (`identity`, `signed`)
+//! transport, every value a node writes is signed with its own key (`crate::identity`, `signed`)
 //! and every value read is checked for its origin (`origin`) before a snapshot shows it.
 
 pub mod auth;
 pub mod chunks;
-pub mod identity;
 pub mod keyring;
 pub mod origin;
 pub mod sealed;
@@ -34,6 +33,7 @@ use chitchat::{
 use tokio::sync::Notify;
 
 use crate::cluster::{Clock, Snapshot, SnapshotNode};
+use crate::identity::{NodeIdentity, PublicKey};
 
 /// Docker Swarm's gossip port, kept for familiarity.
 pub const DEFAULT_PORT: u16 = 7946;
@@ -76,7 +76,7 @@ pub struct Gossip {
     assembler: std::sync::Mutex<chunks::Assembler>,
     /// This node's name and key pair: every value it writes is signed with it.
     name: String,
-    identity: Arc<identity::NodeIdentity>,
+    identity: Arc<NodeIdentity>,
     /// Name-to-key pins and verdicts on every peer's values.
     origins: std::sync::Mutex<origin::Origins>,
 }
@@ -86,7 +86,7 @@ impl Gossip {
     /// name-to-key pins across restarts (none: kept in memory only).
     pub async fn start(
         config: &GossipConfig,
-        identity: Arc<identity::NodeIdentity>,
+        identity: Arc<NodeIdentity>,
         pins: Option<std::path::PathBuf>,
         initial: Vec<(String, String)>,
         transport: &dyn Transport,
@@ -135,7 +135,7 @@ impl Gossip {
     }
 
     /// This node's public key, as its node record must carry it.
-    pub fn public_key(&self) -> identity::PublicKey {
+    pub fn public_key(&self) -> PublicKey {
         self.identity.public()
     }
 

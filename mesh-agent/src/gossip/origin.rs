@@ -20,9 +20,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
 
-use super::identity::PublicKey;
 use super::signed::{self, Refusal};
 use crate::cluster::key;
+use crate::identity::PublicKey;
 
 /// The file in the state dir that keeps the pins.
 pub const PINS_FILE: &str = "node-keys.json";
@@ -279,7 +279,7 @@ fn record_key(name: &str, generation: u64, envelope: &str) -> Option<PublicKey> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gossip::identity::NodeIdentity;
+    use crate::identity::NodeIdentity;
 
     fn record(id: &NodeIdentity) -> String {
         format!(r#"{{"name":"n","key":"{}"}}"#, id.public())

@@ -15,7 +15,7 @@
 
 use base64::{Engine, engine::general_purpose::STANDARD_NO_PAD as B64};
 
-use super::identity::{NodeIdentity, PublicKey, SIGNATURE_LEN};
+use crate::identity::{NodeIdentity, PublicKey, SIGNATURE_LEN};
 
 pub const PREFIX: &str = "s1:";
 /// Base64 (no padding) of a 64-byte signature.

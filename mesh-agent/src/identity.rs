@@ -1,11 +1,11 @@
-//! A node's own key pair: what its gossip records are signed with (see [`super::signed`]).
+//! A node's own key pair: what its gossip records are signed with (see `gossip::signed`).
 //!
 //! The cluster key keeps outsiders off gossip, but every member holds it, so it cannot say
 //! *which* member wrote a record. Each node therefore makes an Ed25519 key pair the first
 //! time its agent starts (`init`, `join`, or a `run` of an agent older than this), keeps the
 //! secret half in its state dir (mode 0600, never in gossip), and publishes the public half
 //! in its node record. Peers bind the node's name to that key the first time they see it
-//! (see [`super::origin`]) and refuse records of that name under any other key.
+//! (see `gossip::origin`) and refuse records of that name under any other key.
 
 use std::{
     fmt,
