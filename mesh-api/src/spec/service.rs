@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 use mesh_planner::{Placement, RestartPolicy, ServiceMode, UpdateConfig};
 use serde::{Deserialize, Serialize};
 
-use super::{FileRef, PortSpec, Security, TaskResources};
+use super::{FileRef, Mount, PortSpec, Security, TaskResources};
 
 /// The driver that runs a command in the task's namespaces (no image).
 pub const DRIVER_PROCESS: &str = "process";
@@ -219,6 +219,10 @@ pub struct TaskTemplate {
     /// Capabilities, read-only root, sysctls, ulimits, init.
     #[serde(default, skip_serializing_if = "Security::is_empty")]
     pub security: Security,
+    /// Volumes, bind mounts and tmpfs (`--mount`). Skipped when empty so templates from
+    /// before keep their id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
 }
 
 /// Docker's `--entrypoint`, `--user`, `--workdir`, `--stop-signal` and `--container-label`.
@@ -299,6 +303,7 @@ impl Default for TaskTemplate {
             run: RunOptions::default(),
             resources: TaskResources::default(),
             security: Security::default(),
+            mounts: Vec::new(),
         }
     }
 }
