@@ -36,6 +36,7 @@ impl Agent {
         PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, None)?;
         check_ports(&view, name, &spec.ports)?;
         check_file_refs(&view, &spec)?;
+        self.check_bind_sources(&spec)?;
         if req.spec.network.is_empty() {
             self.default_network(view).await?;
         } else if !view.networks.contains_key(&spec.network) {
@@ -114,6 +115,7 @@ impl Agent {
         let mut spec = apply_update(&current.spec, req)?;
         PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, Some(&current.spec))?;
         check_file_refs(&view, &spec)?;
+        self.check_bind_sources(&spec)?;
         if spec.ports != current.spec.ports {
             check_ports(&view, name, &spec.ports)?;
         }
@@ -436,6 +438,7 @@ fn check_spec(spec: &ServiceSpec) -> Result<()> {
     }
     if let Some(t) = &spec.task {
         check_targets(t)?;
+        mesh_api::spec::validate_mounts(&t.mounts).map_err(Error::Invalid)?;
         for (k, _) in &t.env {
             if k.is_empty() || k.contains(char::is_whitespace) || k.contains('=') {
                 return Err(Error::Invalid(format!(
@@ -789,6 +792,16 @@ fn change_template(
             refs.retain(|x| x.source != r.source);
             refs.push(r.clone());
         }
+    }
+    // Docker's order: removals by target first, then additions replace a mount there.
+    let clean = |p: &str| mesh_api::spec::Mount { target: p.to_owned(), ..Default::default() }.clean_target();
+    for target in &req.mount_rm {
+        let target = clean(target);
+        t.mounts.retain(|m| m.clean_target() != target);
+    }
+    for m in &req.mount_add {
+        t.mounts.retain(|x| x.clean_target() != m.clean_target());
+        t.mounts.push(m.clone());
     }
     t.health = req
         .health

@@ -166,6 +166,9 @@ impl Agent {
         let configs = new_configs(&view, req)?;
         let future = self.future_view(&view, req, &secrets, &configs);
         let plan = plan_services(&view, &future, req)?;
+        for s in &req.services {
+            self.check_bind_sources(&s.spec)?;
+        }
         self.create_stack_objects(&view, req, secrets, configs)
             .await?;
         let mut report = self.apply_service_plan(plan).await?;

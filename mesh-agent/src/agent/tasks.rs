@@ -153,6 +153,10 @@ impl Agent {
                 return Err(Error::Invalid(format!("{e:#}")));
             }
         };
+        if task.mounts.iter().any(|m| m.kind == mesh_api::spec::MountType::Volume) {
+            // Its first use may have created one.
+            self.publish_volumes().await;
+        }
         if record.state != crate::task::ProcessState::Running {
             // Ended before it could serve (a one-shot container): no endpoint; the
             // orchestrator sees the exit on its next pass.

@@ -906,6 +906,11 @@ impl Tasks {
         })
     }
 
+    /// How this node runs tasks.
+    pub fn config(&self) -> &TaskConfig {
+        &self.inner.config
+    }
+
     /// Every task of this node, by name.
     pub fn list(&self) -> Vec<TaskRecord> {
         self.inner

@@ -41,6 +41,10 @@ struct Meta {
     #[serde(default)]
     labels: BTreeMap<String, String>,
     created_ms: u64,
+    /// Made by `volume create` and not mounted yet: the first task to mount it gets its data
+    /// directory (as Docker's first mount copies the image's ownership into a new volume).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    unclaimed: bool,
 }
 
 /// `<state>/volumes`.
@@ -65,13 +69,53 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Makes the volume if this node lacks it; `owner` owns a new data directory. Returns
-/// whether it was made now.
-pub fn create(
+/// `volume create`: makes the volume if this node lacks it, owned by root until a task
+/// claims it. Returns whether it was made now.
+pub fn create(state_dir: &Path, name: &str, labels: &BTreeMap<String, String>) -> Result<bool> {
+    make(state_dir, name, labels, (0, 0), true)
+}
+
+/// A task mounts the volume: made if missing, its data directory given to `owner` if new
+/// (or made by `volume create` and still empty).
+pub(super) fn claim(
     state_dir: &Path,
     name: &str,
     labels: &BTreeMap<String, String>,
     owner: (u32, u32),
+) -> Result<()> {
+    if make(state_dir, name, labels, owner, false)? {
+        return Ok(());
+    }
+    let dir = dir(state_dir, name)?;
+    let meta_path = dir.join("volume.json");
+    let mut meta: Meta = serde_json::from_slice(&std::fs::read(&meta_path)?)
+        .with_context(|| format!("reading {}", meta_path.display()))?;
+    if !meta.unclaimed {
+        return Ok(());
+    }
+    let data = dir.join("_data");
+    let empty = std::fs::read_dir(&data).is_ok_and(|mut d| d.next().is_none());
+    if empty {
+        std::os::unix::fs::chown(&data, Some(owner.0), Some(owner.1))
+            .with_context(|| format!("giving {} to the task's user", data.display()))?;
+    }
+    meta.unclaimed = false;
+    write_meta(&dir, &meta)
+}
+
+fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {
+    let tmp = dir.join("volume.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(meta)?)?;
+    std::fs::rename(&tmp, dir.join("volume.json"))?;
+    Ok(())
+}
+
+fn make(
+    state_dir: &Path,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    owner: (u32, u32),
+    unclaimed: bool,
 ) -> Result<bool> {
     let dir = dir(state_dir, name)?;
     let meta = dir.join("volume.json");
@@ -94,11 +138,10 @@ pub fn create(
         name: name.to_owned(),
         labels: labels.clone(),
         created_ms: now_ms(),
+        unclaimed,
     };
     // Written last: a volume is listed only once it is whole.
-    let tmp = dir.join("volume.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&m)?)?;
-    std::fs::rename(&tmp, &meta)?;
+    write_meta(&dir, &m)?;
     Ok(true)
 }
 
@@ -192,7 +235,7 @@ pub(super) fn prepare(
         m.validate().map_err(anyhow::Error::msg)?;
         let source = match m.kind {
             MountType::Volume => {
-                create(state_dir, &m.source, &m.volume_labels, owner)?;
+                claim(state_dir, &m.source, &m.volume_labels, owner)?;
                 Some(cs(&data_dir(state_dir, &m.source)?)?)
             }
             MountType::Bind => Some(cs(&check_bind_source(&m.source, masked)?)?),
@@ -307,7 +350,7 @@ pub(super) async fn podman_mounts(
             MountType::Volume => {
                 ensure_podman_volume(node, &m.source, &m.volume_labels).await?;
                 // The catalogue entry (its data is podman's): `volume ls` lists it.
-                create(state_dir, &m.source, &m.volume_labels, (0, 0))?;
+                claim(state_dir, &m.source, &m.volume_labels, (0, 0))?;
                 arg.push_str(&format!(",source={}", m.source));
             }
             MountType::Bind => {
@@ -368,7 +411,7 @@ async fn ensure_podman_volume(
 }
 
 /// Removes the podman volume of that name if this node made it (`volume rm`).
-pub(super) async fn remove_podman_volume(node: &str, name: &str) -> Result<()> {
+pub async fn remove_podman_volume(node: &str, name: &str) -> Result<()> {
     let out = super::container::podman_command()
         .args([
             "volume",
@@ -449,18 +492,27 @@ mod tests {
     fn volumes_are_created_once_listed_and_removed() {
         let d = scratch("catalogue");
         let labels = BTreeMap::from([("a".to_string(), "b".to_string())]);
-        assert!(create(&d, "pgdata", &labels, (65534, 65534)).unwrap());
-        assert!(!create(&d, "pgdata", &BTreeMap::new(), (0, 0)).unwrap());
-        let data = data_dir(&d, "pgdata").unwrap();
         use std::os::unix::fs::MetadataExt;
+        claim(&d, "pgdata", &labels, (65534, 65534)).unwrap();
+        assert!(!create(&d, "pgdata", &BTreeMap::new()).unwrap());
+        let data = data_dir(&d, "pgdata").unwrap();
         assert_eq!(std::fs::metadata(&data).unwrap().uid(), 65534);
+        // Made by `volume create`: root's until the first task claims it, then that task's.
+        assert!(create(&d, "made", &BTreeMap::new()).unwrap());
+        let made = data_dir(&d, "made").unwrap();
+        assert_eq!(std::fs::metadata(&made).unwrap().uid(), 0);
+        claim(&d, "made", &BTreeMap::new(), (1000, 1000)).unwrap();
+        assert_eq!(std::fs::metadata(&made).unwrap().uid(), 1000);
+        claim(&d, "made", &BTreeMap::new(), (2000, 2000)).unwrap();
+        assert_eq!(std::fs::metadata(&made).unwrap().uid(), 1000);
+        remove(&d, "made").unwrap();
         let vols = list(&d, "n1");
         assert_eq!(vols.len(), 1);
         assert_eq!(vols[0].labels, labels);
         assert_eq!(vols[0].node, "n1");
         assert_eq!(vols[0].driver, "local");
         for bad in ["..", "../x", "a/b"] {
-            assert!(create(&d, bad, &labels, (0, 0)).is_err());
+            assert!(create(&d, bad, &labels).is_err());
             assert!(remove(&d, bad).is_err());
         }
         remove(&d, "pgdata").unwrap();
