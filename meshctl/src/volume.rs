@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Subcommand;
 use mesh_api::{
     client::Client,
+    spec::validate_volume_name,
     v1::{Volume, VolumeCreate},
 };
 use serde_json::json;
@@ -95,6 +96,8 @@ pub async fn run(client: &Client, fmt: Format, cmd: VolumeCommand) -> Result<()>
         VolumeCommand::Inspect { names } => {
             let mut out = Vec::new();
             for n in names {
+                // A name is part of the request's path: never one that could change it.
+                validate_volume_name(&n).map_err(anyhow::Error::msg)?;
                 let found: Vec<Volume> = client.get(&format!("/v1/volumes/{n}")).await?;
                 out.extend(found.iter().map(docker_shape));
             }
@@ -102,6 +105,7 @@ pub async fn run(client: &Client, fmt: Format, cmd: VolumeCommand) -> Result<()>
         }
         VolumeCommand::Rm { names } => {
             for n in names {
+                validate_volume_name(&n).map_err(anyhow::Error::msg)?;
                 let _: serde_json::Value = client.delete(&format!("/v1/volumes/{n}")).await?;
                 println!("{n}");
             }

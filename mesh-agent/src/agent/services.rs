@@ -36,7 +36,7 @@ impl Agent {
         PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, None)?;
         check_ports(&view, name, &spec.ports)?;
         check_file_refs(&view, &spec)?;
-        self.check_bind_sources(&spec)?;
+        self.check_bind_sources(&spec, None)?;
         if req.spec.network.is_empty() {
             self.default_network(view).await?;
         } else if !view.networks.contains_key(&spec.network) {
@@ -115,7 +115,7 @@ impl Agent {
         let mut spec = apply_update(&current.spec, req)?;
         PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, Some(&current.spec))?;
         check_file_refs(&view, &spec)?;
-        self.check_bind_sources(&spec)?;
+        self.check_bind_sources(&spec, Some(&current.spec))?;
         if spec.ports != current.spec.ports {
             check_ports(&view, name, &spec.ports)?;
         }

@@ -167,7 +167,8 @@ impl Agent {
         let future = self.future_view(&view, req, &secrets, &configs);
         let plan = plan_services(&view, &future, req)?;
         for s in &req.services {
-            self.check_bind_sources(&s.spec)?;
+            let current = view.services.get(&s.spec.name).map(|c| &c.spec);
+            self.check_bind_sources(&s.spec, current)?;
         }
         self.create_stack_objects(&view, req, secrets, configs)
             .await?;

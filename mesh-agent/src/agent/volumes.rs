@@ -81,16 +81,28 @@ impl Agent {
 
     /// Bind sources of a service, checked on the node that takes the command (Docker checks
     /// them where the task lands; a node that lacks the path still rejects the task): the
-    /// path exists, and holds nothing mesh keeps from tasks.
-    pub(crate) fn check_bind_sources(&self, spec: &ServiceSpec) -> Result<()> {
+    /// path exists, and holds nothing mesh keeps from tasks. Mounts `before` already had
+    /// are not checked again (an update must not fail on what it does not change).
+    pub(crate) fn check_bind_sources(
+        &self,
+        spec: &ServiceSpec,
+        before: Option<&ServiceSpec>,
+    ) -> Result<()> {
         let Some(t) = &spec.task else {
             return Ok(());
         };
+        let old: &[mesh_api::spec::Mount] = before
+            .and_then(|b| b.task.as_ref())
+            .map_or(&[], |t| &t.mounts);
         let mut masked: Vec<PathBuf> = ALWAYS_MASKED.iter().map(PathBuf::from).collect();
         if let Some(local) = &self.local {
             masked.extend(local.tasks.config().masked.iter().cloned());
         }
-        for m in t.mounts.iter().filter(|m| m.kind == MountType::Bind) {
+        for m in t
+            .mounts
+            .iter()
+            .filter(|m| m.kind == MountType::Bind && !old.contains(m))
+        {
             volumes::check_bind_source(&m.source, &masked)
                 .map_err(|e| Error::Invalid(format!("service {}: {e:#}", spec.name)))?;
         }

@@ -368,7 +368,7 @@ pub(super) async fn podman_mounts(
         }
         arg.push_str(&format!(",destination={}", m.clean_target()));
         if m.read_only {
-            arg.push_str(",ro=true");
+            arg.push_str(",ro");
         }
         if m.volume_nocopy {
             arg.push_str(",nocopy");
