@@ -774,7 +774,10 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
 fn mounts(flag: &str, values: &[String]) -> Result<Vec<Mount>> {
     let mounts = values
         .iter()
-        .map(|v| Mount::parse(v).map_err(|e| anyhow::anyhow!("invalid argument {v:?} for \"{flag}\" flag: {e}")))
+        .map(|v| {
+            Mount::parse(v)
+                .map_err(|e| anyhow::anyhow!("invalid argument {v:?} for \"{flag}\" flag: {e}"))
+        })
         .collect::<Result<Vec<_>>>()?;
     validate_mounts(&mounts).map_err(anyhow::Error::msg)?;
     Ok(mounts)

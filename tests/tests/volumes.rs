@@ -54,7 +54,11 @@ fn running_task(c: &Cluster, service: &str, not: Option<&str>) -> (String, Strin
             };
             Ok(Some((
                 t["node"].as_str().unwrap().to_owned(),
-                format!("{}.{}", t["name"].as_str().unwrap(), t["id"].as_str().unwrap()),
+                format!(
+                    "{}.{}",
+                    t["name"].as_str().unwrap(),
+                    t["id"].as_str().unwrap()
+                ),
             )))
         },
     )
@@ -136,11 +140,21 @@ fn a_named_volume_keeps_its_data_on_its_node_and_is_removed_only_when_unused() {
     assert_eq!(node, pinned);
     let h2 = host(&c, &node);
     // Process tasks run as nobody: a new volume is theirs to write.
-    let (ok, out) = exec(h2, &task, &format!("id -u > {target}/who && echo rows-1 > {target}/table"));
+    let (ok, out) = exec(
+        h2,
+        &task,
+        &format!("id -u > {target}/who && echo rows-1 > {target}/table"),
+    );
     assert!(ok, "{out}");
     let data = h2.state_dir().join("volumes/pgdata/_data");
-    assert_eq!(std::fs::read_to_string(data.join("table")).unwrap(), "rows-1\n");
-    assert_eq!(std::fs::read_to_string(data.join("who")).unwrap(), "65534\n");
+    assert_eq!(
+        std::fs::read_to_string(data.join("table")).unwrap(),
+        "rows-1\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("who")).unwrap(),
+        "65534\n"
+    );
     assert!(
         std::fs::read_dir(&target).unwrap().next().is_none(),
         "the host's own directory is untouched"
@@ -154,21 +168,27 @@ fn a_named_volume_keeps_its_data_on_its_node_and_is_removed_only_when_unused() {
     .unwrap();
     let table = h1.meshctl_ok(&["volume", "ls"]).unwrap();
     assert!(
-        table.lines().next().unwrap().split_whitespace().collect::<Vec<_>>()
+        table
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
             == ["DRIVER", "VOLUME", "NAME", "NODE"],
         "{table}"
     );
-    assert!(table.contains("local") && table.contains(&pinned), "{table}");
+    assert!(
+        table.contains("local") && table.contains(&pinned),
+        "{table}"
+    );
     assert_eq!(h1.meshctl_ok(&["volume", "ls", "-q"]).unwrap(), "pgdata\n");
     assert_eq!(
         h1.meshctl_ok(&["volume", "ls", "-q", "--filter", "node=nope"])
             .unwrap(),
         ""
     );
-    let inspect: Vec<Value> = serde_json::from_str(
-        &h1.meshctl_ok(&["volume", "inspect", "pgdata"]).unwrap(),
-    )
-    .unwrap();
+    let inspect: Vec<Value> =
+        serde_json::from_str(&h1.meshctl_ok(&["volume", "inspect", "pgdata"]).unwrap()).unwrap();
     assert_eq!(inspect[0]["Name"], "pgdata");
     assert_eq!(inspect[0]["Driver"], "local");
     assert_eq!(inspect[0]["Scope"], "local");
@@ -176,7 +196,11 @@ fn a_named_volume_keeps_its_data_on_its_node_and_is_removed_only_when_unused() {
 
     // In use: refused on its node; another node says where it lives.
     fails_with(h2, &["volume", "rm", "pgdata"], "volume is in use");
-    fails_with(h1, &["volume", "rm", "pgdata"], &format!("it is on node {pinned}"));
+    fails_with(
+        h1,
+        &["volume", "rm", "pgdata"],
+        &format!("it is on node {pinned}"),
+    );
 
     // Replaced on the same node, the task finds the data.
     h1.meshctl_ok(&["service", "update", "--force", "-d", "db"])
@@ -192,7 +216,9 @@ fn a_named_volume_keeps_its_data_on_its_node_and_is_removed_only_when_unused() {
         .meshctl_ok(&["service", "inspect", "--pretty", "db"])
         .unwrap();
     assert!(
-        pretty.contains(&format!("Mounts:\n Target:\t{target}\n  Source:\tpgdata\n  ReadOnly:\tfalse\n  Type:\t\tvolume")),
+        pretty.contains(&format!(
+            "Mounts:\n Target:\t{target}\n  Source:\tpgdata\n  ReadOnly:\tfalse\n  Type:\t\tvolume"
+        )),
         "{pretty}"
     );
 
@@ -263,14 +289,21 @@ fn bind_mounts_and_tmpfs_are_mounted_as_asked() {
     let (ok, out) = exec(
         h,
         &task,
-        &format!("echo y > {scratch}/f && cat {scratch}/f && grep ' {scratch} tmpfs ' /proc/mounts"),
+        &format!(
+            "echo y > {scratch}/f && cat {scratch}/f && grep ' {scratch} tmpfs ' /proc/mounts"
+        ),
     );
     assert!(ok, "{out}");
-    assert!(out.starts_with("y\n") && out.contains("size=1024k"), "{out}");
+    assert!(
+        out.starts_with("y\n") && out.contains("size=1024k"),
+        "{out}"
+    );
     h.meshctl_ok(&["service", "rm", "web"]).unwrap();
-    c.eventually(Duration::from_secs(30), "web's mount points removed", |_| {
-        Ok((!std::path::Path::new(&scratch).exists()).then_some(()))
-    })
+    c.eventually(
+        Duration::from_secs(30),
+        "web's mount points removed",
+        |_| Ok((!std::path::Path::new(&scratch).exists()).then_some(())),
+    )
     .unwrap();
 }
 
@@ -306,7 +339,15 @@ fn bad_mounts_change_nothing() {
         fails_with(
             h,
             &[
-                "service", "create", "--name", "bad", "--mount", mount, "-d", "--process", "--",
+                "service",
+                "create",
+                "--name",
+                "bad",
+                "--mount",
+                mount,
+                "-d",
+                "--process",
+                "--",
                 "/bin/sleep",
                 "60",
             ],
@@ -316,20 +357,51 @@ fn bad_mounts_change_nothing() {
     fails_with(
         h,
         &[
-            "service", "create", "--name", "bad", "--mount", "source=a1,target=/x", "--mount",
-            "type=tmpfs,target=/x", "-d", "--process", "--", "/bin/sleep", "60",
+            "service",
+            "create",
+            "--name",
+            "bad",
+            "--mount",
+            "source=a1,target=/x",
+            "--mount",
+            "type=tmpfs,target=/x",
+            "-d",
+            "--process",
+            "--",
+            "/bin/sleep",
+            "60",
         ],
         "Duplicate mount point: /x",
     );
-    fails_with(h, &["volume", "create", ".."], "includes invalid characters");
-    fails_with(h, &["volume", "rm", "../state"], "includes invalid characters");
-    fails_with(h, &["volume", "create", "-d", "nfs", "v1"], "plugin \"nfs\" not found");
+    fails_with(
+        h,
+        &["volume", "create", ".."],
+        "includes invalid characters",
+    );
+    fails_with(
+        h,
+        &["volume", "rm", "../state"],
+        "includes invalid characters",
+    );
+    fails_with(
+        h,
+        &["volume", "create", "-d", "nfs", "v1"],
+        "plugin \"nfs\" not found",
+    );
 
     // An existing service cannot be changed to a forbidden bind either.
     h.meshctl_ok(&[
-        "service", "create", "--name", "ok", "-d", "--process", "--", "/bin/sleep", "3600",
+        "service",
+        "create",
+        "--name",
+        "ok",
+        "-d",
+        "--process",
+        "--",
+        "/bin/sleep",
+        "3600",
     ])
-        .unwrap();
+    .unwrap();
     let before: Value = h.meshctl_json(&["service", "inspect", "ok"]).unwrap();
     fails_with(
         h,
@@ -359,7 +431,13 @@ fn bad_mounts_change_nothing() {
     );
     assert_eq!(services(h), ["ok"]);
     assert!(volumes(h).is_empty());
-    assert!(!state.join("volumes").exists() || std::fs::read_dir(state.join("volumes")).unwrap().next().is_none());
+    assert!(
+        !state.join("volumes").exists()
+            || std::fs::read_dir(state.join("volumes"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }
 
 /// `podman ARGS`: whether it exited 0, and its stdout and stderr.
@@ -434,7 +512,13 @@ fn a_podman_volume_keeps_its_data_across_an_image_update() {
     ])
     .unwrap();
     let first = container(&c, "db", None);
-    let (ok, out) = podman(&["exec", &first, "sh", "-c", "echo rows-1 > /data/table && echo c > /cache/f"]);
+    let (ok, out) = podman(&[
+        "exec",
+        &first,
+        "sh",
+        "-c",
+        "echo rows-1 > /data/table && echo c > /cache/f",
+    ]);
     assert!(ok, "{out}");
     // A podman volume, labelled with the node that made it.
     let (ok, out) = podman(&[

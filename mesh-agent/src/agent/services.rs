@@ -794,7 +794,13 @@ fn change_template(
         }
     }
     // Docker's order: removals by target first, then additions replace a mount there.
-    let clean = |p: &str| mesh_api::spec::Mount { target: p.to_owned(), ..Default::default() }.clean_target();
+    let clean = |p: &str| {
+        mesh_api::spec::Mount {
+            target: p.to_owned(),
+            ..Default::default()
+        }
+        .clean_target()
+    };
     for target in &req.mount_rm {
         let target = clean(target);
         t.mounts.retain(|m| m.clean_target() != target);

@@ -153,7 +153,11 @@ impl Agent {
                 return Err(Error::Invalid(format!("{e:#}")));
             }
         };
-        if task.mounts.iter().any(|m| m.kind == mesh_api::spec::MountType::Volume) {
+        if task
+            .mounts
+            .iter()
+            .any(|m| m.kind == mesh_api::spec::MountType::Volume)
+        {
             // Its first use may have created one.
             self.publish_volumes().await;
         }

@@ -214,10 +214,9 @@ impl View {
             if let Some(p) = n.kv.get(key::LB_PROGRESS).and_then(|v| decode(v)) {
                 self.lb_progress.insert(name.to_string(), p);
             }
-            if let Some(vols) = n
-                .kv
-                .get(key::VOLUMES)
-                .and_then(|v| decode::<Vec<mesh_api::v1::Volume>>(v))
+            if let Some(vols) =
+                n.kv.get(key::VOLUMES)
+                    .and_then(|v| decode::<Vec<mesh_api::v1::Volume>>(v))
             {
                 // A node speaks only for its own volumes.
                 self.volumes

@@ -190,7 +190,9 @@ pub fn check_bind_source(source: &str, masked: &[PathBuf]) -> Result<PathBuf> {
     let real = match std::fs::canonicalize(path) {
         Ok(p) => p,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            bail!("invalid mount config for type \"bind\": bind source path does not exist: {source}")
+            bail!(
+                "invalid mount config for type \"bind\": bind source path does not exist: {source}"
+            )
         }
         Err(e) => return Err(e).with_context(|| format!("reading bind source {source}")),
     };
@@ -392,7 +394,12 @@ async fn ensure_podman_volume(
         return Ok(());
     }
     let mut cmd = super::container::podman_command();
-    cmd.args(["volume", "create", "--label", &format!("{LABEL_NODE}={node}")]);
+    cmd.args([
+        "volume",
+        "create",
+        "--label",
+        &format!("{LABEL_NODE}={node}"),
+    ]);
     for (k, v) in labels {
         cmd.args(["--label", &format!("{k}={v}")]);
     }

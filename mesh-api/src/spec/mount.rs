@@ -355,7 +355,12 @@ mod tests {
         let m = Mount::parse("type=volume,source=pgdata,target=/var/lib/postgresql/data").unwrap();
         assert_eq!(
             (m.kind, m.source.as_str(), m.target.as_str(), m.read_only),
-            (MountType::Volume, "pgdata", "/var/lib/postgresql/data", false)
+            (
+                MountType::Volume,
+                "pgdata",
+                "/var/lib/postgresql/data",
+                false
+            )
         );
         // type defaults to volume; src/dst/ro spellings; readonly without a value.
         let m = Mount::parse("src=data,dst=/data,ro").unwrap();
@@ -421,9 +426,14 @@ mod tests {
         for ok in ["pgdata", "db_1", "a.b-c", "9x"] {
             validate_volume_name(ok).unwrap();
         }
-        for bad in ["..", ".", "a/b", "../etc", "x", "-a", "_a", ".hidden", "a b", ""] {
+        for bad in [
+            "..", ".", "a/b", "../etc", "x", "-a", "_a", ".hidden", "a b", "",
+        ] {
             let e = validate_volume_name(bad).unwrap_err();
-            assert!(e.contains("includes invalid characters for a local volume name"), "{e}");
+            assert!(
+                e.contains("includes invalid characters for a local volume name"),
+                "{e}"
+            );
         }
     }
 

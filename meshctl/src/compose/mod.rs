@@ -19,9 +19,8 @@ use serde_yaml::{Mapping, Value};
 use mesh_api::{
     spec::{
         EndpointMode, FileRef, HealthChange, Limits, MAX_FILE_OBJECT, MAX_HEALTH_RETRIES, Mount,
-        PortSpec,
-        ProbeChange, Resources, RestartChange, RunOptions, STACK_LABEL, Security, ServiceSpec,
-        TaskResources, TaskTemplate, Ulimit, UpdateConfigChange,
+        PortSpec, ProbeChange, Resources, RestartChange, RunOptions, STACK_LABEL, Security,
+        ServiceSpec, TaskResources, TaskTemplate, Ulimit, UpdateConfigChange,
     },
     v1::{ServiceCreate, StackDeploy, StackFile, StackNetwork},
 };
@@ -684,7 +683,7 @@ fn finish(d: ServiceDraft, at: &str) -> Result<ServiceSpec, String> {
         security: d.security,
         mounts: d.mounts,
     });
-    mesh_api::spec::validate_mounts(&spec.task.as_ref().map_or(&[][..], |t| &t.mounts))
+    mesh_api::spec::validate_mounts(spec.task.as_ref().map_or(&[][..], |t| &t.mounts))
         .map_err(|e| format!("{at}.volumes: {e}"))?;
     Ok(spec)
 }
@@ -957,7 +956,13 @@ mod tests {
     }
 
     fn mounts_of(out: &Parsed, i: usize) -> Vec<Mount> {
-        out.deploy.services[i].spec.task.as_ref().unwrap().mounts.clone()
+        out.deploy.services[i]
+            .spec
+            .task
+            .as_ref()
+            .unwrap()
+            .mounts
+            .clone()
     }
 
     #[test]
@@ -998,7 +1003,10 @@ services:
                 "type=bind,source=/srv/site,target=/site,readonly",
                 "type=volume,source=shared,target=/shared",
                 "type=volume,source=st_local,target=/l,readonly,volume-label=com.docker.stack.namespace=st,volume-nocopy",
-                &format!("type=tmpfs,target=/cache,tmpfs-size={},tmpfs-mode=1770", 64 << 20),
+                &format!(
+                    "type=tmpfs,target=/cache,tmpfs-size={},tmpfs-mode=1770",
+                    64 << 20
+                ),
                 "type=bind,source=/nonexistent/conf,target=/conf",
                 &format!("type=tmpfs,target=/run,tmpfs-size={}", 1 << 20),
                 "type=tmpfs,target=/tmp",
@@ -1014,7 +1022,10 @@ services:
                 "volumes:\n  data: { driver: nfs }\n".to_owned() + &svc("[\"data:/d\"]"),
                 "volumes.data.driver: volume driver \"nfs\" is not supported",
             ),
-            (svc("[\"data:/d\"]"), "services.db.volumes[0]: undefined volume \"data\""),
+            (
+                svc("[\"data:/d\"]"),
+                "services.db.volumes[0]: undefined volume \"data\"",
+            ),
             (svc("[\"/d\"]"), "is an anonymous volume"),
             (
                 "volumes:\n  data:\n".to_owned() + &svc("[\"data:/d\", \"data:/d/\"]"),
@@ -1028,7 +1039,10 @@ services:
                 "volumes:\n  \"..\": { external: true }\n".to_owned() + &svc("[\"..:/d\"]"),
                 "includes invalid characters for a local volume name",
             ),
-            (svc("[{type: tmpfs, source: x, target: /t}]"), "a tmpfs has no source"),
+            (
+                svc("[{type: tmpfs, source: x, target: /t}]"),
+                "a tmpfs has no source",
+            ),
         ];
         for (text, want) in cases {
             let e = p(&text).err().unwrap_or_default();

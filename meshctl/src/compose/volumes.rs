@@ -60,7 +60,7 @@ impl Stack {
             }
             if external {
                 // An external volume is the operator's: its name as given, no stack label.
-                if !spec.get("name").is_some() {
+                if spec.get("name").is_none() {
                     vol.name = n.clone();
                 }
                 vol.labels.clear();
