@@ -565,3 +565,58 @@ fn a_podman_volume_keeps_its_data_across_an_image_update() {
     assert!(!exists, "the podman volume is gone with `volume rm`");
     let _ = podman(&["rmi", &second]);
 }
+
+#[test]
+fn a_stack_file_with_volumes_and_tmpfs_deploys_and_keeps_its_volume() {
+    let c = cluster(1);
+    let h = c.host(1);
+    let dirs = Scratch::new("stack");
+    let (data, scratch) = (dirs.path("data"), dirs.path("scratch"));
+    std::fs::create_dir_all(&data).unwrap();
+    let compose = dirs.path("stack.yml");
+    std::fs::write(
+        &compose,
+        format!(
+            "volumes:\n  data:\n    driver: local\n    labels: {{ tier: db }}\n\
+             services:\n  db:\n    command: [\"/bin/sleep\", \"3600\"]\n\
+             \x20   volumes:\n      - data:{data}\n\
+             \x20   tmpfs:\n      - {scratch}:size=1m\n"
+        ),
+    )
+    .unwrap();
+    h.meshctl_ok(&["stack", "deploy", "-c", &compose, "shop"])
+        .unwrap();
+    let (_, task) = running_task(&c, "shop_db", None);
+    let (ok, out) = exec(
+        h,
+        &task,
+        &format!("echo kept > {data}/f && grep -c ' {scratch} tmpfs ' /proc/mounts"),
+    );
+    assert!(ok, "{out}");
+    assert_eq!(out, "1\n");
+    // Named `<stack>_<name>`, with the stack's label and its own.
+    c.eventually(Duration::from_secs(10), "the stack's volume listed", |c| {
+        let out = c.host(1).meshctl_ok(&[
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            "label=com.docker.stack.namespace=shop",
+            "--filter",
+            "label=tier=db",
+        ])?;
+        Ok((out == "shop_data\n").then_some(()))
+    })
+    .unwrap();
+    // `stack rm` keeps volumes, as Docker's does.
+    h.meshctl_ok(&["stack", "rm", "shop"]).unwrap();
+    c.eventually(Duration::from_secs(30), "the volume removable", |c| {
+        Ok(c.host(1)
+            .meshctl(&["volume", "rm", "shop_data"])?
+            .status
+            .success()
+            .then_some(()))
+    })
+    .unwrap();
+    assert!(volumes(h).is_empty());
+}

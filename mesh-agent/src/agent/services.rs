@@ -1168,6 +1168,57 @@ mod tests {
     }
 
     #[test]
+    fn mounts_are_added_and_removed_by_target_as_docker_does() {
+        use mesh_api::spec::Mount;
+        let m = |s: &str| Mount::parse(s).unwrap();
+        let base = spec(|s| {
+            s.task.as_mut().unwrap().mounts = vec![m("source=data,target=/data")];
+        })
+        .unwrap();
+        // An old template without mounts keeps its id: the field is skipped when empty.
+        let plain = spec(|_| {}).unwrap();
+        assert!(
+            !serde_json::to_string(&plain.task)
+                .unwrap()
+                .contains("mounts")
+        );
+        let up = apply_update(
+            &base,
+            &ServiceUpdate {
+                mount_add: vec![m("type=tmpfs,target=/data/"), m("type=tmpfs,target=/t")],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let shown: Vec<String> = up
+            .task
+            .as_ref()
+            .unwrap()
+            .mounts
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
+        assert_eq!(shown, ["type=tmpfs,target=/data/", "type=tmpfs,target=/t"]);
+        assert_ne!(up.template_id(), base.template_id(), "a rolling update");
+        let down = apply_update(
+            &up,
+            &ServiceUpdate {
+                mount_rm: vec!["/t/".into(), "/nothing".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(down.task.as_ref().unwrap().mounts.len(), 1);
+        assert!(
+            err(spec(|s| {
+                s.task.as_mut().unwrap().mounts =
+                    vec![m("source=a1,target=/x"), m("type=tmpfs,target=/x")];
+            }))
+            .contains("Duplicate mount point: /x")
+        );
+    }
+
+    #[test]
     fn capabilities_are_checked_and_updated_as_docker_updates_them() {
         // What the API is sent is checked again: nothing unknown or host-wide gets through.
         let bad = |f: fn(&mut mesh_api::spec::Security)| {
