@@ -260,7 +260,7 @@ fn bind_mounts_and_tmpfs_are_mounted_as_asked() {
     let site = dirs.path("site");
     std::fs::create_dir_all(&site).unwrap();
     std::fs::write(format!("{site}/index.html"), "hello\n").unwrap();
-    let (html, scratch) = (dirs.path("html"), dirs.path("scratch"));
+    let (html, scratch, deep) = (dirs.path("html"), dirs.path("scratch"), dirs.path("deep"));
     let h = c.host(1);
     h.meshctl_ok(&[
         "service",
@@ -271,6 +271,8 @@ fn bind_mounts_and_tmpfs_are_mounted_as_asked() {
         &format!("type=bind,source={site},target={html},readonly"),
         "--mount",
         &format!("type=tmpfs,target={scratch},tmpfs-size=1m"),
+        "--mount",
+        &format!("type=bind,source={site}/index.html,target={deep}/a/conf.html,readonly"),
         "-d",
         "--process",
         "--",
@@ -281,6 +283,10 @@ fn bind_mounts_and_tmpfs_are_mounted_as_asked() {
     let (_, task) = running_task(&c, "web", None);
     // Mount points the host lacked were made for the task.
     let (ok, out) = exec(h, &task, &format!("cat {html}/index.html"));
+    assert!(ok, "{out}");
+    assert_eq!(out, "hello\n");
+    // A file bound onto a file the host lacked (made empty, with its directories).
+    let (ok, out) = exec(h, &task, &format!("cat {deep}/a/conf.html"));
     assert!(ok, "{out}");
     assert_eq!(out, "hello\n");
     let (ok, out) = exec(h, &task, &format!("echo x > {html}/new"));
@@ -302,7 +308,10 @@ fn bind_mounts_and_tmpfs_are_mounted_as_asked() {
     c.eventually(
         Duration::from_secs(30),
         "web's mount points removed",
-        |_| Ok((!std::path::Path::new(&scratch).exists()).then_some(())),
+        |_| {
+            let gone = |p: &str| !std::path::Path::new(p).exists();
+            Ok((gone(&scratch) && gone(&deep)).then_some(()))
+        },
     )
     .unwrap();
 }

@@ -218,9 +218,10 @@ pub(super) struct Prepared {
 }
 
 /// The process driver's plan, made before the fork: volumes created (owned by `owner`),
-/// bind sources checked. Targets the host lacks are made as directories (the process
-/// driver shares the host's file system, and a mount needs a mount point); they are
-/// returned so the task's teardown can remove them again.
+/// bind sources checked. Targets the host lacks are made, with their missing parents (the
+/// process driver shares the host's file system, and a mount needs a mount point): an empty
+/// file where a file is bound, a directory otherwise. They are returned so the task's
+/// teardown can remove them again.
 pub(super) fn prepare(
     state_dir: &Path,
     masked: &[PathBuf],
@@ -251,13 +252,37 @@ pub(super) fn prepare(
             );
         }
         if !target.exists() {
-            let mut first = target.clone();
-            while let Some(parent) = first.parent().filter(|p| !p.exists()) {
-                first = parent.to_path_buf();
+            // Every level made, deepest first: the order they are removed in.
+            let mut chain = vec![target.clone()];
+            while let Some(parent) = chain
+                .last()
+                .and_then(|p| p.parent())
+                .filter(|p| !p.exists())
+            {
+                chain.push(parent.to_path_buf());
             }
-            std::fs::create_dir_all(&target)
-                .with_context(|| format!("creating the mount point {}", target.display()))?;
-            made.push(first);
+            let file = source.as_ref().is_some_and(|s| {
+                std::fs::metadata(std::ffi::OsStr::from_bytes(s.as_bytes()))
+                    .is_ok_and(|m| !m.is_dir())
+            });
+            let made_now = if file {
+                // A file is bound onto a file. `create_new` does not follow a symlink
+                // someone placed there meanwhile.
+                target
+                    .parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|_| {
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&target)
+                            .map(drop)
+                    })
+            } else {
+                std::fs::create_dir_all(&target)
+            };
+            made_now.with_context(|| format!("creating the mount point {}", target.display()))?;
+            made.extend(chain);
         }
         let tmpfs = match m.kind {
             MountType::Tmpfs => {
@@ -283,8 +308,15 @@ pub(super) fn prepare(
 /// someone may have put files there meanwhile).
 pub(super) fn remove_mount_points(mine: &[PathBuf], in_use: &[PathBuf]) {
     for p in mine.iter().filter(|p| !in_use.contains(p)) {
-        if std::fs::metadata(p).is_ok_and(|m| m.is_dir()) {
-            let _ = std::fs::remove_dir(p);
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => {
+                let _ = std::fs::remove_dir(p);
+            }
+            // Only an empty regular file is ours: someone may have put a real one there.
+            Ok(m) if m.is_file() && m.len() == 0 => {
+                let _ = std::fs::remove_file(p);
+            }
+            _ => {}
         }
     }
 }
