@@ -438,6 +438,18 @@ fn bad_mounts_change_nothing() {
         &["stack", "deploy", "-c", &compose, "shop"],
         "volumes.data.driver: volume driver \"nfs\" is not supported",
     );
+    // One volume for a podman and a process service: their data would live apart.
+    std::fs::write(
+        &compose,
+        "volumes:\n  data: {}\nservices:\n  db:\n    image: postgres:16\n    volumes: [\"data:/data\"]\n  \
+         backup:\n    command: [\"/bin/sleep\", \"60\"]\n    volumes: [\"data:/data\"]\n",
+    )
+    .unwrap();
+    fails_with(
+        h,
+        &["stack", "deploy", "-c", &compose, "shop"],
+        "volume \"shop_data\" is mounted by service shop_",
+    );
     assert_eq!(services(h), ["ok"]);
     assert!(volumes(h).is_empty());
     assert!(

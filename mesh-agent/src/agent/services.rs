@@ -37,6 +37,7 @@ impl Agent {
         check_ports(&view, name, &spec.ports)?;
         check_file_refs(&view, &spec)?;
         self.check_bind_sources(&spec, None)?;
+        super::volumes::check_volume_drivers(&view.services, &[&spec])?;
         if req.spec.network.is_empty() {
             self.default_network(view).await?;
         } else if !view.networks.contains_key(&spec.network) {
@@ -116,6 +117,7 @@ impl Agent {
         PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, Some(&current.spec))?;
         check_file_refs(&view, &spec)?;
         self.check_bind_sources(&spec, Some(&current.spec))?;
+        super::volumes::check_volume_drivers(&view.services, &[&spec])?;
         if spec.ports != current.spec.ports {
             check_ports(&view, name, &spec.ports)?;
         }

@@ -170,6 +170,8 @@ impl Agent {
             let current = view.services.get(&s.spec.name).map(|c| &c.spec);
             self.check_bind_sources(&s.spec, current)?;
         }
+        let specs: Vec<&ServiceSpec> = req.services.iter().map(|s| &s.spec).collect();
+        super::volumes::check_volume_drivers(&view.services, &specs)?;
         self.create_stack_objects(&view, req, secrets, configs)
             .await?;
         let mut report = self.apply_service_plan(plan).await?;

@@ -9,7 +9,7 @@ use mesh_api::{
 };
 use tracing::warn;
 
-use std::path::PathBuf;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use mesh_api::spec::ServiceSpec;
 
@@ -17,7 +17,10 @@ use super::{Agent, Error, Result};
 
 /// Mesh's own directories on every node, whatever this agent's configuration says.
 const ALWAYS_MASKED: [&str; 3] = ["/etc/mesh", "/run/mesh", "/var/lib/mesh"];
-use crate::{cluster::key, task::volumes};
+use crate::{
+    cluster::{Replicated, key},
+    task::volumes,
+};
 
 impl Agent {
     /// `volume create NAME`: on this node; an existing volume is kept as it is (Docker's
@@ -127,5 +130,111 @@ impl Agent {
             }
         };
         self.gossip.write([(key::VOLUMES.to_owned(), value)]).await;
+    }
+}
+
+/// A volume name is mounted by services of one task driver only: each driver keeps a
+/// volume's data in its own store (a podman volume, or a directory of the agent), so a
+/// podman task and a process task mounting "pgdata" on one node would not share it; the
+/// user would see the data vanish. `changed` are the specs about to be written (they
+/// replace the view's services of the same name); only clashes they bring are refused.
+pub(crate) fn check_volume_drivers(
+    existing: &BTreeMap<String, Replicated<ServiceSpec>>,
+    changed: &[&ServiceSpec],
+) -> Result<()> {
+    let volumes = |s: &ServiceSpec| {
+        let t = s.task.as_ref();
+        let driver = t.map_or(mesh_api::spec::DRIVER_PROCESS, |t| t.driver());
+        t.map(|t| t.mounts.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter(|m| m.kind == MountType::Volume)
+            .map(move |m| (m.source.clone(), driver))
+            .collect::<Vec<_>>()
+    };
+    let others = existing
+        .iter()
+        .filter(|(name, _)| !changed.iter().any(|c| &c.name == *name))
+        .map(|(_, r)| &r.spec)
+        .chain(changed.iter().copied());
+    let mut seen: BTreeMap<String, (&str, &'static str)> = BTreeMap::new();
+    for s in others {
+        for (volume, driver) in volumes(s) {
+            seen.entry(volume).or_insert((&s.name, driver));
+        }
+    }
+    for s in changed {
+        for (volume, driver) in volumes(s) {
+            if let Some((other, d)) = seen.get(&volume).filter(|(_, d)| *d != driver) {
+                return Err(Error::Invalid(format!(
+                    "volume {volume:?} is mounted by service {other} ({d} driver) and by \
+                     service {} ({driver} driver): the two drivers keep a volume's data apart \
+                     (a podman volume, or a directory of the agent), so they would not share it; \
+                     give one of them another volume name",
+                    s.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_api::spec::{Mount, TaskTemplate};
+
+    use super::*;
+
+    fn service(name: &str, image: Option<&str>, mounts: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            task: Some(TaskTemplate {
+                image: image.map(str::to_owned),
+                mounts: mounts.iter().map(|m| Mount::parse(m).unwrap()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_volume_is_refused_to_a_second_driver() {
+        let db = service("db", Some("postgres:16"), &["source=pgdata,target=/data"]);
+        let mut view = BTreeMap::new();
+        view.insert(
+            "db".to_owned(),
+            Replicated::new(
+                db.clone(),
+                mesh_api::id::Stamp {
+                    ms: 1,
+                    node: "n1".into(),
+                },
+            ),
+        );
+        // Another podman service shares it; a process service on other volumes is fine.
+        let same = service("backup", Some("alpine"), &["source=pgdata,target=/in"]);
+        let other = service(
+            "app",
+            None,
+            &["source=appdata,target=/d", "type=tmpfs,target=/t"],
+        );
+        check_volume_drivers(&view, &[&same, &other]).unwrap();
+        // A process service mounting pgdata is refused, naming both and the fix.
+        let clash = service("app", None, &["source=pgdata,target=/d"]);
+        let Err(Error::Invalid(e)) = check_volume_drivers(&view, &[&clash]) else {
+            panic!("accepted");
+        };
+        assert!(
+            e.contains("\"pgdata\" is mounted by service db (podman driver) and by service app (process driver)")
+                && e.contains("another volume name"),
+            "{e}"
+        );
+        // Within one request (a stack) too.
+        let p = service("p", Some("alpine"), &["source=v1,target=/v"]);
+        let q = service("q", None, &["source=v1,target=/v"]);
+        assert!(check_volume_drivers(&BTreeMap::new(), &[&p, &q]).is_err());
+        // A service changing its own driver is not in conflict with its old self.
+        let db_process = service("db", None, &["source=pgdata,target=/data"]);
+        check_volume_drivers(&view, &[&db_process]).unwrap();
     }
 }
