@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Result, bail};
-use mesh_api::v1::{ServiceInfo, ServiceTaskInfo};
+use mesh_api::v1::{ServiceInfo, ServiceTaskInfo, Volume};
 
 /// The filters given, by key.
 #[derive(Debug, Default)]
@@ -70,6 +70,24 @@ impl Filters {
     }
 }
 
+impl Filters {
+    /// `volume ls`: name by substring (as Docker's), driver, label `KEY` or `KEY=VALUE`, and
+    /// mesh's node.
+    pub fn volume(&self, vol: &Volume) -> bool {
+        self.all(|k, v| match k {
+            "name" => vol.name.contains(v),
+            "driver" => vol.driver == v,
+            "node" => vol.node == v,
+            "label" => match v.split_once('=') {
+                Some((lk, lv)) => vol.labels.get(lk).is_some_and(|x| x == lv),
+                None => vol.labels.contains_key(v),
+            },
+            _ => false,
+        })
+    }
+}
+
+pub const VOLUME_KEYS: &[&str] = &["driver", "label", "name", "node"];
 pub const SERVICE_KEYS: &[&str] = &["id", "label", "mode", "name"];
 pub const TASK_KEYS: &[&str] = &["desired-state", "id", "name", "node"];
 

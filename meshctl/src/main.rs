@@ -10,6 +10,7 @@ mod objects;
 mod progress;
 mod service;
 mod stack;
+mod volume;
 
 pub use service::ServiceCommand;
 
@@ -67,6 +68,9 @@ pub enum Command {
     /// Manage configs (files given to tasks at a path of their choosing).
     #[command(subcommand)]
     Config(objects::ConfigCommand),
+    /// Manage volumes (local to their node, as Swarm's `local` driver).
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
     /// Deploy and manage stacks of services from compose files.
     #[command(subcommand)]
     Stack(stack::StackCommand),
@@ -313,7 +317,7 @@ fn print_node_resources(r: &mesh_api::v1::NodeResources) {
     );
 }
 
-fn json<T: Serialize>(v: &T) -> Result<()> {
+pub(crate) fn json<T: Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -361,6 +365,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Network(cmd) => network(&client, &cli.socket, fmt, cmd).await,
         Command::Service(cmd) => service::run(&client, fmt, cmd).await,
         Command::Secret(cmd) => objects::secret(&client, fmt, cmd).await,
+        Command::Volume(cmd) => volume::run(&client, fmt, cmd).await,
         Command::Config(cmd) => objects::config(&client, fmt, cmd).await,
         Command::Stack(cmd) => stack::run(&client, fmt, cmd).await,
         Command::Events { since, filter } => events::run(&client, fmt, since, filter).await,

@@ -89,7 +89,7 @@ pub fn read_data(kind: &str, name: &str, file: &str) -> Result<Zeroizing<Vec<u8>
     Ok(data)
 }
 
-fn labels(raw: &[String]) -> Result<BTreeMap<String, String>> {
+pub(crate) fn labels(raw: &[String]) -> Result<BTreeMap<String, String>> {
     raw.iter()
         .map(|l| parse_label(l).map_err(anyhow::Error::msg))
         .collect()

@@ -14,7 +14,10 @@ use super::{
 };
 use mesh_api::{
     Client,
-    spec::{EndpointMode, RunOptions, ServiceSpec, TaskResources, TaskTemplate, bytes_size},
+    spec::{
+        EndpointMode, Mount, RunOptions, ServiceSpec, TaskResources, TaskTemplate, bytes_size,
+        validate_mounts,
+    },
     v1::{ServiceCreate, ServiceInfo, ServiceScale, ServiceTaskInfo, ServiceUpdate},
 };
 
@@ -184,6 +187,10 @@ pub struct CreateArgs {
     /// Give the tasks a config file: NAME or source=NAME[,target=/PATH][,uid=…][,gid=…][,mode=…].
     #[arg(long)]
     config: Vec<String>,
+    /// Attach a filesystem mount to the service (Docker's syntax):
+    /// type=volume|bind|tmpfs,source=…,target=/PATH[,readonly][,volume-label=k=v][,tmpfs-size=…].
+    #[arg(long)]
+    mount: Vec<String>,
     /// A service label (key=value).
     #[arg(long, short = 'l')]
     label: Vec<String>,
@@ -370,6 +377,12 @@ pub struct UpdateArgs {
     /// Go back to the previous spec (as `service rollback`).
     #[arg(long)]
     rollback: bool,
+    /// Add or update a mount on a service (the --mount syntax); rolls the tasks.
+    #[arg(long = "mount-add")]
+    mount_add: Vec<String>,
+    /// Remove a mount by its target path; rolls the tasks.
+    #[arg(long = "mount-rm")]
+    mount_rm: Vec<String>,
     /// Grant a secret (the --secret syntax); rolls the tasks.
     #[arg(long = "secret-add")]
     secret_add: Vec<String>,
@@ -396,7 +409,7 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
                 bail!(
                     "nothing to update: pass --replicas, --image, --args, --env-add/-rm, \
                      --constraint-add/-rm, --placement-pref-add/-rm, --publish-add/-rm, \
-                     --secret-add/-rm, --config-add/-rm, --cap-add/-drop, --health-*, --update-*, \
+                     --secret-add/-rm, --config-add/-rm, --mount-add/-rm, --cap-add/-drop, --health-*, --update-*, \
                      --restart-*, --reserve-cpu/-memory, --hostname, --host-add/-rm, \
                      --dns*-add/-rm, --log-driver/--log-opt, --force or --rollback"
                 );
@@ -795,8 +808,10 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
                  -- /usr/bin/python3 -m http.server 80"
             );
         }
-        if !a.secret.is_empty() || !a.config.is_empty() {
-            bail!("--secret and --config are for scheduled tasks: give an image or a command");
+        if !a.secret.is_empty() || !a.config.is_empty() || !a.mount.is_empty() {
+            bail!(
+                "--secret, --config and --mount are for scheduled tasks: give an image or a command"
+            );
         }
         if !a.limits.is_empty() {
             bail!("--limit-cpu/-memory/-pids are for scheduled tasks: give an image or a command");
@@ -843,6 +858,7 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
         },
         resources: task_resources(a)?,
         security: a.security.security().map_err(msg)?,
+        mounts: mounts("--mount", &a.mount)?,
     };
     // A template that names no field fails here, before anything is sent (the agent checks
     // again, for every other way a spec arrives).
@@ -850,6 +866,19 @@ fn task_template(a: &CreateArgs, name: &str) -> Result<Option<TaskTemplate>> {
         .check_templates(&flags::labels("--label", &a.label).map_err(msg)?)
         .map_err(msg)?;
     Ok(Some(template))
+}
+
+/// `--mount` values, each parsed as Docker parses it; no two on one target.
+fn mounts(flag: &str, values: &[String]) -> Result<Vec<Mount>> {
+    let mounts = values
+        .iter()
+        .map(|v| {
+            Mount::parse(v)
+                .map_err(|e| anyhow::anyhow!("invalid argument {v:?} for \"{flag}\" flag: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    validate_mounts(&mounts).map_err(anyhow::Error::msg)?;
+    Ok(mounts)
 }
 
 /// `--limit-*` (and the reservations, when given) as the template's resources.
@@ -1084,6 +1113,8 @@ fn update_request(a: &UpdateArgs) -> Result<ServiceUpdate> {
         secret_rm: a.secret_rm.clone(),
         config_add: flags::file_refs("--config-add", &a.config_add, true).map_err(msg)?,
         config_rm: a.config_rm.clone(),
+        mount_add: mounts("--mount-add", &a.mount_add)?,
+        mount_rm: a.mount_rm.clone(),
         limits: a.limits.change().map_err(msg)?,
         hostname: a.hostname.clone(),
         host_add: flags::hosts("--host-add", &a.host_add).map_err(msg)?,
@@ -1377,6 +1408,16 @@ fn print_inspect(s: &ServiceInfo) {
             " StopGracePeriod: {}",
             humantime::format_duration(Duration::from_millis(t.stop_grace_ms))
         );
+        // Docker's Mounts block, as `docker service inspect --pretty` prints it.
+        if !t.mounts.is_empty() {
+            println!("Mounts:");
+        }
+        for m in &t.mounts {
+            println!(
+                " Target:\t{}\n  Source:\t{}\n  ReadOnly:\t{}\n  Type:\t\t{}",
+                m.target, m.source, m.read_only, m.kind
+            );
+        }
         match &t.health {
             Some(h) => println!(
                 "Healthcheck:\n Probe:\t\t{}\n Interval:\t{}\n Timeout:\t{}\n Retries:\t{}\n Start period:\t{}",

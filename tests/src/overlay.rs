@@ -140,6 +140,7 @@ impl Node {
             run: Default::default(),
             limits: Default::default(),
             security: Default::default(),
+            mounts: Vec::new(),
         })
     }
 
@@ -165,6 +166,7 @@ impl Node {
             run: Default::default(),
             limits: Default::default(),
             security: Default::default(),
+            mounts: Vec::new(),
         })
     }
 

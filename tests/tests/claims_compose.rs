@@ -108,9 +108,9 @@ fn bad_compose_files_name_the_key_and_create_nothing() {
             "services.bad.deploy: unknown key \"colour\"",
         ),
         (
-            "volumes",
-            "    volumes: [\"/data:/data\"]",
-            "services.bad.volumes: mesh has no volumes",
+            "undefined volume",
+            "    volumes: [\"data:/data\"]",
+            "services.bad.volumes[0]: undefined volume \"data\"",
         ),
         (
             "a second network",

@@ -22,6 +22,7 @@ pub mod secrets;
 mod services;
 pub mod stacks;
 mod tasks;
+mod volumes;
 
 pub use membership::Shutdown;
 pub use objects::validate_name;
@@ -294,6 +295,8 @@ impl Agent {
         let mut changes = self.gossip.changes().await;
         let mut exits = self.local.as_ref().map(|l| l.tasks.subscribe());
         self.serve_dns_for_all().await;
+        // What this node kept from before a restart.
+        self.publish_volumes().await;
         let mut last: Option<(Arc<View>, std::time::Instant)> = None;
         let mut asked = true;
         let mut restart_due: Option<u64> = None;

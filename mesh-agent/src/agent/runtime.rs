@@ -233,6 +233,7 @@ impl NodeRuntime for Agent {
                     limits: &task.template.resources.limits,
                     security: &task.template.security,
                     files,
+                    mounts: &task.template.mounts,
                 },
             )
             .await

@@ -36,6 +36,8 @@ impl Agent {
         PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, None)?;
         check_ports(&view, name, &spec.ports)?;
         check_file_refs(&view, &spec)?;
+        self.check_bind_sources(&spec, None)?;
+        super::volumes::check_volume_drivers(&view.services, &[&spec])?;
         if !req.no_resolve_image {
             self.resolve_image(&view, &spec).await?;
         }
@@ -140,6 +142,8 @@ impl Agent {
         let mut spec = apply_update(&current.spec, req)?;
         PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, Some(&current.spec))?;
         check_file_refs(&view, &spec)?;
+        self.check_bind_sources(&spec, Some(&current.spec))?;
+        super::volumes::check_volume_drivers(&view.services, &[&spec])?;
         if spec.ports != current.spec.ports {
             check_ports(&view, name, &spec.ports)?;
         }
@@ -520,6 +524,7 @@ fn check_spec(spec: &ServiceSpec) -> Result<()> {
     }
     if let Some(t) = &spec.task {
         check_targets(t)?;
+        mesh_api::spec::validate_mounts(&t.mounts).map_err(Error::Invalid)?;
         for (k, _) in &t.env {
             if k.is_empty() || k.contains(char::is_whitespace) || k.contains('=') {
                 return Err(Error::Invalid(format!(
@@ -880,6 +885,22 @@ fn change_template(
             refs.retain(|x| x.source != r.source);
             refs.push(r.clone());
         }
+    }
+    // Docker's order: removals by target first, then additions replace a mount there.
+    let clean = |p: &str| {
+        mesh_api::spec::Mount {
+            target: p.to_owned(),
+            ..Default::default()
+        }
+        .clean_target()
+    };
+    for target in &req.mount_rm {
+        let target = clean(target);
+        t.mounts.retain(|m| m.clean_target() != target);
+    }
+    for m in &req.mount_add {
+        t.mounts.retain(|x| x.clean_target() != m.clean_target());
+        t.mounts.push(m.clone());
     }
     t.health = req
         .health
@@ -1277,6 +1298,57 @@ mod tests {
             ..Default::default()
         };
         assert!(err(apply_update(&s, &below)).contains("6MiB"));
+    }
+
+    #[test]
+    fn mounts_are_added_and_removed_by_target_as_docker_does() {
+        use mesh_api::spec::Mount;
+        let m = |s: &str| Mount::parse(s).unwrap();
+        let base = spec(|s| {
+            s.task.as_mut().unwrap().mounts = vec![m("source=data,target=/data")];
+        })
+        .unwrap();
+        // An old template without mounts keeps its id: the field is skipped when empty.
+        let plain = spec(|_| {}).unwrap();
+        assert!(
+            !serde_json::to_string(&plain.task)
+                .unwrap()
+                .contains("mounts")
+        );
+        let up = apply_update(
+            &base,
+            &ServiceUpdate {
+                mount_add: vec![m("type=tmpfs,target=/data/"), m("type=tmpfs,target=/t")],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let shown: Vec<String> = up
+            .task
+            .as_ref()
+            .unwrap()
+            .mounts
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
+        assert_eq!(shown, ["type=tmpfs,target=/data/", "type=tmpfs,target=/t"]);
+        assert_ne!(up.template_id(), base.template_id(), "a rolling update");
+        let down = apply_update(
+            &up,
+            &ServiceUpdate {
+                mount_rm: vec!["/t/".into(), "/nothing".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(down.task.as_ref().unwrap().mounts.len(), 1);
+        assert!(
+            err(spec(|s| {
+                s.task.as_mut().unwrap().mounts =
+                    vec![m("source=a1,target=/x"), m("type=tmpfs,target=/x")];
+            }))
+            .contains("Duplicate mount point: /x")
+        );
     }
 
     #[test]

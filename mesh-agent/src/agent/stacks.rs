@@ -166,6 +166,12 @@ impl Agent {
         let configs = new_configs(&view, req)?;
         let future = self.future_view(&view, req, &secrets, &configs);
         let plan = plan_services(&view, &future, req)?;
+        for s in &req.services {
+            let current = view.services.get(&s.spec.name).map(|c| &c.spec);
+            self.check_bind_sources(&s.spec, current)?;
+        }
+        let specs: Vec<&ServiceSpec> = req.services.iter().map(|s| &s.spec).collect();
+        super::volumes::check_volume_drivers(&view.services, &specs)?;
         for (s, _) in &plan {
             if !s.no_resolve_image {
                 self.resolve_image(&view, &s.spec).await?;

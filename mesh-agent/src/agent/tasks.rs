@@ -33,6 +33,8 @@ pub(crate) struct Launch<'a> {
     pub security: &'a mesh_api::spec::Security,
     /// Secrets and configs it is granted, opened for this start only.
     pub files: TaskFiles,
+    /// Volumes, bind mounts and tmpfs.
+    pub mounts: &'a [mesh_api::spec::Mount],
 }
 
 impl Agent {
@@ -98,6 +100,7 @@ impl Agent {
                 limits: &Default::default(),
                 security: &Default::default(),
                 files: TaskFiles::default(),
+                mounts: &[],
             },
         )
         .await
@@ -134,6 +137,7 @@ impl Agent {
             run: task.run.clone(),
             limits: *task.limits,
             security: task.security.clone(),
+            mounts: task.mounts.to_vec(),
         };
         // A process that resolves a name or connects to a VIP as it starts (an app dialling
         // its database) must find the resolver and the socket hooks already there.
@@ -149,6 +153,14 @@ impl Agent {
                 return Err(Error::Invalid(format!("{e:#}")));
             }
         };
+        if task
+            .mounts
+            .iter()
+            .any(|m| m.kind == mesh_api::spec::MountType::Volume)
+        {
+            // Its first use may have created one.
+            self.publish_volumes().await;
+        }
         if record.state != crate::task::ProcessState::Running {
             // Ended before it could serve (a one-shot container): no endpoint; the
             // orchestrator sees the exit on its next pass.

@@ -49,6 +49,9 @@ pub mod key {
     /// removals (see [`super::LbProgress`]): what lets a stopping task know that no node
     /// sends it new connections any more.
     pub const LB_PROGRESS: &str = "lb";
+    /// This node's volumes (a list of `mesh_api::v1::Volume`): volumes are node-local, and
+    /// `volume ls` on any node shows every node's.
+    pub const VOLUMES: &str = "vols";
 }
 
 /// A secret: immutable once created (rotate by creating another and switching services).

@@ -131,6 +131,8 @@ pub struct View {
     pub node_keys: BTreeMap<String, KeyState>,
     /// Each node's part in confirmed drains, as it publishes it.
     pub lb_progress: BTreeMap<String, super::LbProgress>,
+    /// Every node's volumes, as each publishes its own.
+    pub volumes: Vec<mesh_api::v1::Volume>,
     /// When the same gossip state next computes to a different view (a restarting node's
     /// grace ends, a tombstone expires): until then, an unchanged state needs no recompute.
     pub next_change_ms: Option<u64>,
@@ -211,6 +213,14 @@ impl View {
             }
             if let Some(p) = n.kv.get(key::LB_PROGRESS).and_then(|v| decode(v)) {
                 self.lb_progress.insert(name.to_string(), p);
+            }
+            if let Some(vols) =
+                n.kv.get(key::VOLUMES)
+                    .and_then(|v| decode::<Vec<mesh_api::v1::Volume>>(v))
+            {
+                // A node speaks only for its own volumes.
+                self.volumes
+                    .extend(vols.into_iter().filter(|v| v.node == **name));
             }
             let spec = node_specs
                 .get(*name)

@@ -62,6 +62,8 @@ pub fn docker_event(e: &Event) -> Option<Value> {
                 NodeAction::Down => attrs.insert("state.new".into(), "down".into()),
                 NodeAction::Drain => attrs.insert("availability.new".into(), "drain".into()),
                 NodeAction::Active => attrs.insert("availability.new".into(), "active".into()),
+                // Docker has no event for an impostor refused: meshctl events shows it.
+                NodeAction::Refused => return None,
             };
             ("node", "update", node_id(&e.actor), attrs)
         }

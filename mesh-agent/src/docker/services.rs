@@ -187,7 +187,12 @@ async fn create(State(agent): State<Arc<Agent>>, bytes: Bytes) -> Result<Respons
             ),
         });
     }
-    let r = agent.create_service(&ServiceCreate { spec: mesh }).await?;
+    let r = agent
+        .create_service(&ServiceCreate {
+            spec: mesh,
+            no_resolve_image: false,
+        })
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "ID": short_id(&r.spec.name, &r.created), "Warnings": null })),

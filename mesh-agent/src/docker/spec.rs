@@ -526,6 +526,8 @@ fn template(c: &ContainerSpec, res: Option<&ResourceRequirements>) -> Result<Tas
             workdir: c.dir.clone().filter(|d| !d.is_empty()),
             stop_signal: c.stop_signal.clone().filter(|s| !s.is_empty()),
             container_labels: c.labels.clone().unwrap_or_default(),
+            // Hosts, DNSConfig and LogDriver are refused above, by their field names.
+            ..Default::default()
         },
         security: Security {
             cap_add: c.capability_add.clone().unwrap_or_default(),

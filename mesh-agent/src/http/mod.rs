@@ -7,6 +7,7 @@ pub mod logs;
 mod objects;
 pub mod peer_logs;
 mod stacks;
+mod volumes;
 
 use std::{path::Path, sync::Arc};
 
@@ -97,6 +98,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/cni/check", axum::routing::post(cni_check))
         .merge(objects::routes())
         .merge(stacks::routes())
+        .merge(volumes::routes())
         .with_state(agent)
 }
 

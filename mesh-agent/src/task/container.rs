@@ -50,6 +50,8 @@ pub(super) struct Run<'a> {
     pub log_max_size: u64,
     /// `-v` arguments: the task's secrets and configs (see `files`).
     pub volumes: &'a [String],
+    /// `--mount` arguments: its volumes, bind mounts and tmpfs (see `volumes`).
+    pub mounts: &'a [String],
     /// `--memory`, `--cpus`, `--pids-limit`: runc writes them to the container's cgroups,
     /// v1 or v2.
     pub limits: &'a mesh_api::spec::Limits,
@@ -65,6 +67,11 @@ fn podman() -> Command {
     }
     cmd.stdin(Stdio::null()).kill_on_drop(true);
     cmd
+}
+
+/// podman as the task driver runs it, for other commands (volumes).
+pub(super) fn podman_command() -> Command {
+    podman()
 }
 
 fn runc_available() -> bool {
@@ -274,6 +281,9 @@ pub(super) async fn run(r: &Run<'_>) -> Result<Started> {
     }
     for v in r.volumes {
         cmd.args(["-v", v]);
+    }
+    for m in r.mounts {
+        cmd.args(["--mount", m]);
     }
     run_options(&mut cmd, r.run);
     cmd.args(limit_flags(r.limits));

@@ -95,6 +95,11 @@ impl Isolation {
         })
     }
 
+    /// Who the task runs as (uid, gid): the owner of a volume it creates.
+    pub fn owner(&self) -> (u32, u32) {
+        (self.uid, self.gid)
+    }
+
     /// In the child, in the task's new mount namespace and as PID 1 of its new PID
     /// namespace: a /proc of that namespace over the host's, and the masks.
     pub fn hide_host(&self) -> io::Result<()> {

@@ -19,6 +19,7 @@ mod logs;
 mod plumbing;
 mod process;
 mod store;
+pub mod volumes;
 
 use mesh_api::spec::{Limits, RunOptions, Security};
 use std::{
@@ -187,6 +188,9 @@ pub struct TaskSpec {
     /// Capabilities, read-only root, sysctls, ulimits (both drivers).
     #[serde(default, skip_serializing_if = "Security::is_empty")]
     pub security: Security,
+    /// Volumes, bind mounts and tmpfs (both drivers, see `volumes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<mesh_api::spec::Mount>,
 }
 
 /// A stop signal as Docker names it: `SIGTERM`, `TERM` or `15`.
@@ -334,6 +338,10 @@ pub struct TaskRecord {
     /// process driver shares the host's file system); removed with the task.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mount_points: Vec<PathBuf>,
+    /// Directories this task created on the host as mount points of its volumes, bind
+    /// mounts and tmpfs (process driver); removed with the task if still empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_dirs: Vec<PathBuf>,
 }
 
 impl TaskRecord {
@@ -522,6 +530,7 @@ impl Tasks {
                 start_time: None,
                 state: ProcessState::Creating,
                 mount_points: Vec::new(),
+                mount_dirs: Vec::new(),
                 spec,
             };
             let (_, rx) = watch::channel(false);
@@ -631,10 +640,17 @@ impl Tasks {
                 let isolation = attempt!(self.isolation(&record.spec));
                 let (prepared, mount_points) = attempt!(files::prepare(files));
                 record.mount_points = mount_points;
+                let (mounts, mount_dirs) = attempt!(volumes::prepare(
+                    &config.state_dir,
+                    &config.masked,
+                    &record.spec.mounts,
+                    isolation.owner()
+                ));
+                record.mount_dirs = mount_dirs;
                 attempt!(self.inner.store.save(&record));
                 let cgroups = attempt!(limits::create(config, &record.netns, &record.spec.limits));
                 attempt!(process::spawn(
-                    &process::Launch {
+                    process::Launch {
                         netns: &netns_path,
                         etc_overrides: &etc,
                         hostname: record.spec.hostname(),
@@ -647,6 +663,7 @@ impl Tasks {
                         log_max_file,
                         files: &prepared,
                         init: &config.init,
+                        mounts,
                     },
                     isolation
                 ))
@@ -672,6 +689,15 @@ impl Tasks {
                         &config.files_dir.join(&record.netns),
                         files
                     )),
+                    mounts: &attempt!(
+                        volumes::podman_mounts(
+                            &config.state_dir,
+                            &config.node,
+                            &config.masked,
+                            &record.spec.mounts
+                        )
+                        .await
+                    ),
                     limits: &record.spec.limits,
                 })
                 .await
@@ -941,6 +967,11 @@ impl Tasks {
         })
     }
 
+    /// How this node runs tasks.
+    pub fn config(&self) -> &TaskConfig {
+        &self.inner.config
+    }
+
     /// Every task of this node, by name.
     pub fn list(&self) -> Vec<TaskRecord> {
         self.inner
@@ -1066,6 +1097,18 @@ impl Tasks {
                 .flat_map(|e| e.record.mount_points.clone())
                 .collect();
             files::remove_placeholders(&record.mount_points, &in_use);
+        }
+        if !record.mount_dirs.is_empty() {
+            let in_use: Vec<PathBuf> = self
+                .inner
+                .entries
+                .lock()
+                .expect("task table poisoned")
+                .values()
+                .filter(|e| e.record.spec.name != record.spec.name && e.pidfd.is_some())
+                .flat_map(|e| e.record.mount_dirs.clone())
+                .collect();
+            volumes::remove_mount_points(&record.mount_dirs, &in_use);
         }
         let etc = plumbing::etc_dir(&self.inner.config.netns_etc, &record.netns);
         plumbing::detach(&self.inner.host, &record.netns, &veths, &etc).await

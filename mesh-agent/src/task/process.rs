@@ -45,6 +45,8 @@ pub(super) struct Launch<'a> {
     pub files: &'a [super::files::Prepared],
     /// The task's init binary (see `init`).
     pub init: &'a Path,
+    /// Volumes, bind mounts and tmpfs, made in its mount namespace (see `volumes`).
+    pub mounts: Vec<super::volumes::Prepared>,
 }
 
 /// A running task process.
@@ -65,12 +67,13 @@ struct Entry {
     hostname: Vec<u8>,
     files: Vec<super::files::Prepared>,
     workdir: Option<CString>,
+    mounts: Vec<super::volumes::Prepared>,
     /// Taken by the child's setup closure.
     isolation: Option<Isolation>,
 }
 
 impl Entry {
-    fn open(launch: &Launch, isolation: Isolation) -> Result<Self> {
+    fn open(launch: &mut Launch, isolation: Isolation) -> Result<Self> {
         let netns = File::open(launch.netns)
             .with_context(|| format!("opening the task namespace {}", launch.netns.display()))?;
         Ok(Self {
@@ -79,6 +82,7 @@ impl Entry {
             binds: etc_binds(launch.etc_overrides)?,
             hostname: launch.hostname.as_bytes().to_vec(),
             workdir: workdir(launch.workdir)?,
+            mounts: std::mem::take(&mut launch.mounts),
             files: launch
                 .files
                 .iter()
@@ -119,6 +123,7 @@ impl Entry {
         let hostname = self.hostname.clone();
         let files = std::mem::take(&mut self.files);
         let workdir = self.workdir.take();
+        let mounts = std::mem::take(&mut self.mounts);
         let iso = self
             .isolation
             .take()
@@ -127,6 +132,8 @@ impl Entry {
         unsafe {
             cmd.pre_exec(move || {
                 enter(netns_fd, &cgroup_fds, &binds, &hostname)?;
+                // Before the masks: a volume's data lives under the (masked) state dir.
+                super::volumes::apply(&mounts)?;
                 iso.hide_host()?;
                 write_files(&files)?;
                 iso.tune()?;
@@ -208,10 +215,10 @@ fn in_new_pid_namespace<T: Send>(spawn: impl FnOnce() -> Result<T> + Send) -> Re
     })
 }
 
-pub(super) fn spawn(launch: &Launch, isolation: Isolation) -> Result<Spawned> {
+pub(super) fn spawn(mut launch: Launch, isolation: Isolation) -> Result<Spawned> {
     let log = super::logs::capture(launch.log, launch.log_max_size, launch.log_max_file)
         .with_context(|| format!("opening the task log {}", launch.log.display()))?;
-    let (mut cmd, _entry) = Entry::open(launch, isolation)?.command(launch)?;
+    let (mut cmd, _entry) = Entry::open(&mut launch, isolation)?.command(&launch)?;
     cmd.stdout(log.try_clone()?).stderr(log);
     let child = in_new_pid_namespace(|| {
         cmd.spawn().with_context(|| {

@@ -6,7 +6,7 @@ use mesh_planner::{Placement, RestartPolicy, ServiceMode, UpdateConfig};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    DnsConfig, ExtraHost, FileRef, LogDriver, PortSpec, Security, TaskResources, template,
+    DnsConfig, ExtraHost, FileRef, LogDriver, Mount, PortSpec, Security, TaskResources, template,
 };
 
 /// The driver that runs a command in the task's namespaces (no image).
@@ -221,6 +221,10 @@ pub struct TaskTemplate {
     /// Capabilities, read-only root, sysctls, ulimits, init.
     #[serde(default, skip_serializing_if = "Security::is_empty")]
     pub security: Security,
+    /// Volumes, bind mounts and tmpfs (`--mount`). Skipped when empty so templates from
+    /// before keep their id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
 }
 
 /// What one task gets of its template's templates: its hostname (None: the default) and
@@ -328,6 +332,7 @@ impl Default for TaskTemplate {
             run: RunOptions::default(),
             resources: TaskResources::default(),
             security: Security::default(),
+            mounts: Vec::new(),
         }
     }
 }

@@ -13,6 +13,7 @@ mod overview;
 mod service;
 mod stack;
 mod task;
+mod volume;
 
 pub use cluster::*;
 pub use cni::*;
@@ -25,6 +26,7 @@ pub use overview::*;
 pub use service::*;
 pub use stack::*;
 pub use task::*;
+pub use volume::*;
 
 use serde::{Deserialize, Serialize};
 

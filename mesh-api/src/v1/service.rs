@@ -189,6 +189,12 @@ pub struct ServiceUpdate {
     pub config_add: Vec<FileRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_rm: Vec<String>,
+    /// `--mount-add`: replaces a mount on the same target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_add: Vec<crate::spec::Mount>,
+    /// `--mount-rm`: mounts removed by their target path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_rm: Vec<String>,
     /// `--limit-cpu`, `--limit-memory`, `--limit-pids`.
     #[serde(default, skip_serializing_if = "LimitsChange::is_empty")]
     pub limits: LimitsChange,
@@ -237,6 +243,8 @@ impl ServiceUpdate {
             || !self.secret_rm.is_empty()
             || !self.config_add.is_empty()
             || !self.config_rm.is_empty()
+            || !self.mount_add.is_empty()
+            || !self.mount_rm.is_empty()
             || !self.env_add.is_empty()
             || !self.env_rm.is_empty()
             || !self.health.is_empty()

@@ -18,9 +18,9 @@ use serde_yaml::{Mapping, Value};
 
 use mesh_api::{
     spec::{
-        EndpointMode, FileRef, HealthChange, Limits, MAX_FILE_OBJECT, MAX_HEALTH_RETRIES, PortSpec,
-        ProbeChange, Resources, RestartChange, RunOptions, STACK_LABEL, Security, ServiceSpec,
-        TaskResources, TaskTemplate, Ulimit, UpdateConfigChange,
+        EndpointMode, FileRef, HealthChange, Limits, MAX_FILE_OBJECT, MAX_HEALTH_RETRIES, Mount,
+        PortSpec, ProbeChange, Resources, RestartChange, RunOptions, STACK_LABEL, Security,
+        ServiceSpec, TaskResources, TaskTemplate, Ulimit, UpdateConfigChange,
     },
     v1::{ServiceCreate, StackDeploy, StackFile, StackNetwork},
 };
@@ -30,6 +30,7 @@ use crate::flags;
 
 mod interpolate;
 mod merge;
+mod volumes;
 
 /// The parsed stack and the warnings (one line per ignored key).
 pub struct Parsed {
@@ -163,8 +164,7 @@ fn from_tree(stack: &str, root: &Value, dir: &Path, prune: bool) -> Result<Parse
             "services" => services = Some(v),
             "networks" => s.networks(v)?,
             "secrets" | "configs" => s.file_objects(&k, v, dir)?,
-            "volumes" if v.as_mapping().is_none_or(|m| m.is_empty()) => {}
-            "volumes" => return Err("volumes: mesh has no volumes; remove them".into()),
+            "volumes" => s.volumes(v)?,
             other => return Err(format!("the file: unknown top-level key {other:?}")),
         }
     }
@@ -201,9 +201,11 @@ struct Stack {
     networks: BTreeMap<String, String>,
     secrets: BTreeMap<String, String>,
     configs: BTreeMap<String, String>,
+    /// The file's volumes: their names in the cluster and their labels.
+    volumes: BTreeMap<String, volumes::StackVolume>,
     /// Published ports so far, and the service that publishes each.
     published: BTreeMap<(String, u16), String>,
-    /// The compose file's directory: `env_file` paths are relative to it.
+    /// The compose file's directory: `env_file` paths and relative bind sources start there.
     dir: std::path::PathBuf,
 }
 
@@ -227,6 +229,7 @@ struct ServiceDraft {
     run: RunOptions,
     resources: TaskResources,
     security: Security,
+    mounts: Vec<Mount>,
 }
 
 impl Stack {
@@ -243,6 +246,7 @@ impl Stack {
             networks: BTreeMap::new(),
             secrets: BTreeMap::new(),
             configs: BTreeMap::new(),
+            volumes: BTreeMap::new(),
             published: BTreeMap::new(),
             dir: std::path::PathBuf::from("."),
         }
@@ -388,7 +392,8 @@ impl Stack {
                 "init" => d.security.init = boolean(v, &here)?,
                 "read_only" => d.security.read_only = boolean(v, &here)?,
                 "deploy" => self.deploy_keys(v, &here, &mut d)?,
-                "volumes" => return Err(format!("{here}: mesh has no volumes; remove them")),
+                "volumes" => d.mounts.extend(self.service_volumes(v, &here)?),
+                "tmpfs" => d.mounts.extend(volumes::tmpfs(v, &here)?),
                 k if IGNORED_SERVICE_KEYS.contains(&k) => self
                     .warnings
                     .push(format!("Ignoring unsupported option {here}")),
@@ -689,10 +694,12 @@ fn finish(d: ServiceDraft, at: &str) -> Result<ServiceSpec, String> {
         run: d.run,
         resources: d.resources,
         security: d.security,
+        mounts: d.mounts,
     };
     template
         .check_templates(&spec.labels)
         .map_err(|e| format!("{at}: {e}"))?;
+    mesh_api::spec::validate_mounts(&template.mounts).map_err(|e| format!("{at}.volumes: {e}"))?;
     spec.task = Some(template);
     Ok(spec)
 }
@@ -1050,6 +1057,101 @@ mod tests {
             })
             .collect();
         load("st", &sources, Path::new("/nonexistent"), env, false)
+    }
+
+    fn mounts_of(out: &Parsed, i: usize) -> Vec<Mount> {
+        out.deploy.services[i]
+            .spec
+            .task
+            .as_ref()
+            .unwrap()
+            .mounts
+            .clone()
+    }
+
+    #[test]
+    fn volumes_read_in_short_and_long_syntax_and_tmpfs() {
+        let out = p(r#"
+volumes:
+  pgdata:
+    labels: { tier: db }
+  shared: { external: true }
+  local: { driver: local }
+services:
+  db:
+    image: postgres
+    volumes:
+      - pgdata:/var/lib/postgresql/data
+      - /srv/site:/site:ro
+      - shared:/shared:rw
+      - type: volume
+        source: local
+        target: /l
+        read_only: true
+        volume: { nocopy: true }
+      - type: tmpfs
+        target: /cache
+        tmpfs: { size: 64m, mode: 0o1770 }
+      - type: bind
+        source: ./conf
+        target: /conf
+    tmpfs: ["/run:size=1m,noexec", /tmp]
+"#)
+        .unwrap();
+        let m = mounts_of(&out, 0);
+        let show: Vec<String> = m.iter().map(|m| m.to_string()).collect();
+        assert_eq!(
+            show,
+            [
+                "type=volume,source=st_pgdata,target=/var/lib/postgresql/data,volume-label=com.docker.stack.namespace=st,volume-label=tier=db",
+                "type=bind,source=/srv/site,target=/site,readonly",
+                "type=volume,source=shared,target=/shared",
+                "type=volume,source=st_local,target=/l,readonly,volume-label=com.docker.stack.namespace=st,volume-nocopy",
+                &format!(
+                    "type=tmpfs,target=/cache,tmpfs-size={},tmpfs-mode=1770",
+                    64 << 20
+                ),
+                "type=bind,source=/nonexistent/conf,target=/conf",
+                &format!("type=tmpfs,target=/run,tmpfs-size={}", 1 << 20),
+                "type=tmpfs,target=/tmp",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_volumes_name_the_key() {
+        let svc = |vols: &str| format!("services:\n  db:\n    image: x\n    volumes: {vols}\n");
+        let cases = [
+            (
+                "volumes:\n  data: { driver: nfs }\n".to_owned() + &svc("[\"data:/d\"]"),
+                "volumes.data.driver: volume driver \"nfs\" is not supported",
+            ),
+            (
+                svc("[\"data:/d\"]"),
+                "services.db.volumes[0]: undefined volume \"data\"",
+            ),
+            (svc("[\"/d\"]"), "is an anonymous volume"),
+            (
+                "volumes:\n  data:\n".to_owned() + &svc("[\"data:/d\", \"data:/d/\"]"),
+                "services.db.volumes: Duplicate mount point: /d",
+            ),
+            (
+                "volumes:\n  data:\n".to_owned() + &svc("[\"data:relative\"]"),
+                "must be an absolute path",
+            ),
+            (
+                "volumes:\n  \"..\": { external: true }\n".to_owned() + &svc("[\"..:/d\"]"),
+                "includes invalid characters for a local volume name",
+            ),
+            (
+                svc("[{type: tmpfs, source: x, target: /t}]"),
+                "a tmpfs has no source",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = p(&text).err().unwrap_or_default();
+            assert!(e.contains(want), "{text}\n-> {e}\nwant {want}");
+        }
     }
 
     #[test]
