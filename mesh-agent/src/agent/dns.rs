@@ -94,9 +94,10 @@ pub fn snapshot(view: &View) -> Snapshot {
                     .any(|o| o.spec.name == *short && o.spec.network == s.spec.network)
             })
             .map(str::to_owned);
-        if let Some(short) = alias {
+        // Its aliases on the network (`--network name=N,alias=A`) answer like its name.
+        for name in alias.into_iter().chain(s.spec.aliases.iter().cloned()) {
             n.services.push(mesh_dns::Service {
-                name: short,
+                name,
                 ..service.clone()
             });
         }

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashSet};
 use mesh_planner::{MAX_REPLICAS, ServiceMode, UpdateConfig};
 use tracing::info;
 
-use super::{Agent, Error, Result, ports::PortAssigner, rollout, validate_name};
+use super::{Agent, Error, Result, attachments, ports::PortAssigner, rollout, validate_name};
 use crate::cluster::{Clock, Replicated, View, key};
 use mesh_api::{
     spec::{
@@ -37,13 +37,11 @@ impl Agent {
         check_ports(&view, name, &spec.ports)?;
         check_file_refs(&view, &spec)?;
         if req.spec.network.is_empty() {
-            self.default_network(view).await?;
-        } else if !view.networks.contains_key(&spec.network) {
-            return Err(Error::NotFound(format!(
-                "network {0} not found: create it with `meshctl network create {0}`",
-                spec.network
-            )));
+            self.default_network(view.clone()).await?;
+        } else {
+            attachments::check_networks_exist(&view, &spec)?;
         }
+        attachments::check_alias_conflicts(&view, &spec)?;
         let network = spec.network.clone();
         let vip = match spec.endpoint_mode {
             EndpointMode::Vip => Some(self.allocate(&network).await?),
@@ -114,6 +112,10 @@ impl Agent {
         let mut spec = apply_update(&current.spec, req)?;
         PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, Some(&current.spec))?;
         check_file_refs(&view, &spec)?;
+        if spec.attachments() != current.spec.attachments() {
+            attachments::check_networks_exist(&view, &spec)?;
+            attachments::check_alias_conflicts(&view, &spec)?;
+        }
         if spec.ports != current.spec.ports {
             check_ports(&view, name, &spec.ports)?;
         }
@@ -401,6 +403,7 @@ const NO_JOB_ROLLOUT: &str = "update and rollback configuration is not supported
 
 /// What every version of a service must satisfy, whoever wrote it.
 fn check_spec(spec: &ServiceSpec) -> Result<()> {
+    attachments::check_aliases(spec)?;
     match spec.mode {
         ServiceMode::Replicated { replicas } => check_replicas(replicas)?,
         ServiceMode::ReplicatedJob {
@@ -563,6 +566,7 @@ fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpe
     set_replicas(&mut spec, req)?;
     change_placement(&mut spec, current, req)?;
     change_ports(&mut spec, current, req)?;
+    attachments::change_networks(&mut spec, req)?;
     for k in &req.label_rm {
         spec.labels.remove(k);
     }

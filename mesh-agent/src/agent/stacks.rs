@@ -8,7 +8,7 @@ use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use tracing::info;
 
 use super::{
-    Agent, Error, Result,
+    Agent, Error, Result, attachments,
     ports::PortAssigner,
     rollout,
     secrets::{Kind, check_size, validate_object_name},
@@ -111,6 +111,14 @@ fn plan_services<'a>(view: &View, future: &View, req: &'a StackDeploy) -> Result
         }
         check_file_refs(future, &spec)?;
         check_ports_outside(view, &names, &spec)?;
+        // Against the services as they will be: the others outside the stack, and the
+        // file's.
+        let outside = view
+            .services
+            .values()
+            .map(|o| &o.spec)
+            .filter(|o| !names.contains(o.name.as_str()));
+        attachments::check_names_free(outside.chain(req.services.iter().map(|o| &o.spec)), &spec)?;
         match view.services.get(&spec.name) {
             Some(current) if !in_stack(&current.spec.labels, &req.name) => {
                 return Err(Error::Conflict(format!(

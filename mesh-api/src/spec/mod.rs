@@ -4,6 +4,7 @@
 mod change;
 mod endpoint;
 mod file;
+mod network;
 mod node;
 mod port;
 mod resources;
@@ -17,6 +18,7 @@ pub use change::{
 };
 pub use endpoint::EndpointState;
 pub use file::FileRef;
+pub use network::NetworkAttachment;
 pub use node::{Availability, NodeStatus, parse_label};
 pub use port::{DYNAMIC_PORTS, PortSpec, Protocol, PublishMode};
 pub use resources::{Limits, LimitsChange, Resources, Security, TaskResources, Ulimit, bytes_size};

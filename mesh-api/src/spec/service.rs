@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 use mesh_planner::{Placement, RestartPolicy, ServiceMode, UpdateConfig};
 use serde::{Deserialize, Serialize};
 
-use super::{FileRef, PortSpec, Security, TaskResources};
+use super::{FileRef, NetworkAttachment, PortSpec, Security, TaskResources};
 
 /// The driver that runs a command in the task's namespaces (no image).
 pub const DRIVER_PROCESS: &str = "process";
@@ -49,7 +49,12 @@ pub struct ServiceSpec {
     /// [`STACK_LABEL`]). Not part of the task template: changing them rolls nothing.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The network the tasks join (their eth0).
     pub network: String,
+    /// The service's aliases on `network`: names that resolve like its own, there only.
+    /// Outside the task template: changing them replaces no task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     pub endpoint_mode: EndpointMode,
     /// Set in vip mode, from the creating node's address block.
     pub vip: Option<Ipv4Addr>,
@@ -171,6 +176,14 @@ impl ServiceSpec {
             paused: status.is_some_and(UpdateState::is_paused),
             reservation: task.resources.reservations,
         })
+    }
+
+    /// The networks the service is on, with its aliases on each.
+    pub fn attachments(&self) -> Vec<NetworkAttachment> {
+        vec![NetworkAttachment {
+            target: self.network.clone(),
+            aliases: self.aliases.clone(),
+        }]
     }
 
     /// What each task reserves of its node (nothing for a service without tasks).

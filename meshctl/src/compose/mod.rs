@@ -18,9 +18,10 @@ use serde_yaml::{Mapping, Value};
 
 use mesh_api::{
     spec::{
-        EndpointMode, FileRef, HealthChange, Limits, MAX_FILE_OBJECT, MAX_HEALTH_RETRIES, PortSpec,
-        ProbeChange, Resources, RestartChange, RunOptions, STACK_LABEL, Security, ServiceSpec,
-        TaskResources, TaskTemplate, Ulimit, UpdateConfigChange,
+        EndpointMode, FileRef, HealthChange, Limits, MAX_FILE_OBJECT, MAX_HEALTH_RETRIES,
+        NetworkAttachment, PortSpec, ProbeChange, Resources, RestartChange, RunOptions,
+        STACK_LABEL, Security, ServiceSpec, TaskResources, TaskTemplate, Ulimit,
+        UpdateConfigChange,
     },
     v1::{ServiceCreate, StackDeploy, StackFile, StackNetwork},
 };
@@ -388,10 +389,13 @@ impl Stack {
         if d.image.is_none() && d.command.is_empty() {
             return Err(format!("{at}: give an image or a command"));
         }
-        d.spec.network = match network {
-            Some(n) => n,
-            None => self.default_network(),
-        };
+        match network {
+            Some(n) => {
+                d.spec.network = n.target;
+                d.spec.aliases = n.aliases;
+            }
+            None => d.spec.network = self.default_network(),
+        }
         Ok(ServiceCreate {
             spec: finish(d, &at)?,
         })
@@ -446,24 +450,37 @@ impl Stack {
         Ok(())
     }
 
-    /// The network a service's `networks:` names (none: the stack's default).
-    fn service_network(&self, v: &Value, at: &str) -> Result<Option<String>, String> {
-        let names: Vec<String> = match v {
-            Value::Mapping(m) => m.keys().map(|k| key_str(k, at)).collect::<Result<_, _>>()?,
-            _ => strings(v, at)?,
+    /// The network a service's `networks:` names (none: the stack's default), as a list of
+    /// names or a map of names to `{aliases: [...]}`.
+    fn service_network(&self, v: &Value, at: &str) -> Result<Option<NetworkAttachment>, String> {
+        let listed: Vec<(String, Vec<String>)> = match v {
+            Value::Mapping(m) => m
+                .iter()
+                .map(|(k, opts)| {
+                    let n = key_str(k, at)?;
+                    let aliases = network_aliases(opts, &format!("{at}.{n}"))?;
+                    Ok((n, aliases))
+                })
+                .collect::<Result<_, String>>()?,
+            _ => strings(v, at)?
+                .into_iter()
+                .map(|n| (n, Vec::new()))
+                .collect(),
         };
-        if names.len() > 1 {
+        if listed.len() > 1 {
             return Err(format!(
-                "{at}: mesh attaches a service to one network; {} are listed",
-                names.len()
+                "{at}: mesh attaches a service to one network for now; {} are listed",
+                listed.len()
             ));
         }
-        names
-            .first()
-            .map(|n| {
-                self.networks.get(n).cloned().ok_or_else(|| {
+        listed
+            .into_iter()
+            .next()
+            .map(|(n, aliases)| {
+                let target = self.networks.get(&n).cloned().ok_or_else(|| {
                     format!("{at}: network {n} is not defined under the top-level networks")
-                })
+                })?;
+                Ok(NetworkAttachment { target, aliases })
             })
             .transpose()
     }
@@ -923,6 +940,28 @@ fn update_config(v: &Value, at: &str) -> Result<UpdateConfigChange, String> {
     .change()
 }
 
+/// A service's options on one of its networks: `aliases` (other keys pin addresses or
+/// priorities mesh does not have).
+fn network_aliases(v: &Value, at: &str) -> Result<Vec<String>, String> {
+    let mut aliases = Vec::new();
+    if matches!(v, Value::Null) {
+        return Ok(aliases);
+    }
+    for (k, v) in map(v, at)? {
+        let k = key_str(k, at)?;
+        let here = format!("{at}.{k}");
+        match k.as_str() {
+            "aliases" => aliases = strings(v, &here)?,
+            _ => {
+                return Err(format!(
+                    "{here}: mesh cannot honour it (a service's networks take aliases only)"
+                ));
+            }
+        }
+    }
+    Ok(aliases)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1183,6 +1222,52 @@ services:
         assert!(e.contains("mesh cannot reserve generic_resources"), "{e}");
         let e = bad("{ disk: 1g }");
         assert!(e.contains("unknown key \"disk\""), "{e}");
+    }
+
+    #[test]
+    fn network_aliases_are_read_from_the_map_form_and_the_list_form_has_none() {
+        let out = p(r#"
+services:
+  worker:
+    image: w
+    networks:
+      backend:
+        aliases: [jobs, queue]
+  db:
+    image: d
+    networks: { backend: }
+  web:
+    image: n
+    networks: [backend]
+networks:
+  backend: {}
+"#)
+        .unwrap();
+        let spec = |name: &str| {
+            out.deploy
+                .services
+                .iter()
+                .find(|s| s.spec.name == name)
+                .unwrap()
+                .spec
+                .clone()
+        };
+        let worker = spec("st_worker");
+        assert_eq!(worker.network, "st_backend");
+        assert_eq!(worker.aliases, ["jobs", "queue"]);
+        assert!(spec("st_db").aliases.is_empty() && spec("st_db").network == "st_backend");
+        assert!(spec("st_web").aliases.is_empty());
+        let e = p("services:\n  w:\n    image: a\n    networks: { b: { ipv4_address: 10.0.0.9 } }\nnetworks:\n  b: {}\n")
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("services.w.networks.b.ipv4_address: mesh cannot honour it"),
+            "{e}"
+        );
+        let e = p("services:\n  w:\n    image: a\n    networks: { b: { aliases: { jobs: 1 } } }\nnetworks:\n  b: {}\n")
+            .err()
+            .unwrap();
+        assert!(e.contains("services.w.networks.b.aliases"), "{e}");
     }
 
     #[test]

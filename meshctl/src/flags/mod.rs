@@ -5,6 +5,7 @@
 
 mod health;
 mod limits;
+mod network;
 mod placement;
 mod resources;
 mod restart;
@@ -15,6 +16,7 @@ mod value;
 
 pub use health::HealthArgs;
 pub use limits::{LimitsArgs, pids, within_reservations};
+pub use network::networks;
 pub use placement::{constraints, per_node, preferences, replicas};
 pub use resources::ReserveArgs;
 pub use restart::RestartArgs;
