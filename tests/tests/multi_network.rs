@@ -99,8 +99,8 @@ fn aliases_resolve_and_connect_on_their_network_only_and_a_taken_one_is_refused(
         |c| Ok((resolve(c, &back, "jobs") == [vip.clone()]).then_some(())),
     )
     .unwrap();
-    assert_eq!(resolve(&c, &back, "queue"), [vip.clone()]);
-    assert_eq!(resolve(&c, &back, "worker"), [vip.clone()]);
+    assert_eq!(resolve(&c, &back, "queue"), [vip.as_str()]);
+    assert_eq!(resolve(&c, &back, "worker"), [vip.as_str()]);
     assert_eq!(
         resolve(&c, &back, "store"),
         [d["ip"].as_str().unwrap().to_owned()]
