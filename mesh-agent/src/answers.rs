@@ -138,7 +138,14 @@ pub fn service_info(view: &View, name: &str) -> Option<ServiceInfo> {
                 plan.pending_reason().map(str::to_owned),
             )
         }
-        None => (view.backends(name).filter(|e| e.active).count(), None, None),
+        // A task on several networks has an endpoint on each: count those on the first.
+        None => (
+            view.backends(name)
+                .filter(|e| e.active && e.record.network == s.spec.network)
+                .count(),
+            None,
+            None,
+        ),
     };
     Some(ServiceInfo {
         id: short_id(name, &s.created),

@@ -664,21 +664,15 @@ fn generated_name(a: &CreateArgs) -> String {
     format!("{clean}-{:02x}{:02x}{:02x}", b[0], b[1], b[2])
 }
 
-/// `--network`s in the spec: none leaves the agent's default.
-fn set_networks(spec: &mut ServiceSpec, networks: Vec<NetworkAttachment>) -> Result<()> {
+/// `--network`s in the spec, the first first: none leaves the agent's default.
+fn set_networks(spec: &mut ServiceSpec, networks: Vec<NetworkAttachment>) {
     let mut networks = networks.into_iter();
     if let Some(first) = networks.next() {
         spec.network = first.target;
         spec.aliases = first.aliases;
     }
-    if let Some(more) = networks.next() {
-        bail!(
-            "--network {}: mesh attaches a service to one network for now (it is on {})",
-            more.target,
-            spec.network
-        );
-    }
-    Ok(())
+    // The others: eth1, eth2, …
+    spec.networks = networks.collect();
 }
 
 /// `service create`'s flags as the spec the agent is asked for.
@@ -704,7 +698,7 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
     set_networks(
         &mut spec,
         flags::networks("--network", &a.network).map_err(msg)?,
-    )?;
+    );
     spec.placement.constraints = flags::constraints("--constraint", &a.constraint).map_err(msg)?;
     spec.placement.preferences =
         flags::preferences("--placement-pref", &a.placement_pref).map_err(msg)?;
@@ -1271,11 +1265,14 @@ fn print_inspect(s: &ServiceInfo) {
     }
     println!("Networks:");
     for n in s.spec.attachments() {
-        if n.aliases.is_empty() {
-            println!(" {}", n.target);
-        } else {
-            println!(" {}\taliases: {}", n.target, n.aliases.join(", "));
+        let mut line = format!(" {}", n.target);
+        if let Some(vip) = n.vip {
+            line.push_str(&format!("\tVIP: {vip}"));
         }
+        if !n.aliases.is_empty() {
+            line.push_str(&format!("\taliases: {}", n.aliases.join(", ")));
+        }
+        println!("{line}");
     }
     println!(
         "Endpoint Mode:\t{}\nVIP:\t\t{}",
@@ -1577,10 +1574,22 @@ mod tests {
             s.network.is_empty() && s.aliases.is_empty(),
             "the agent's default"
         );
-        let e = spec(&["--network", "a", "--network", "b"])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("one network for now"), "{e}");
+        let s = spec(&[
+            "--network",
+            "frontend",
+            "--network",
+            "name=backend,alias=jobs",
+        ])
+        .unwrap();
+        assert_eq!(s.network, "frontend");
+        assert_eq!(
+            s.networks,
+            [NetworkAttachment {
+                target: "backend".into(),
+                aliases: vec!["jobs".into()],
+                vip: None
+            }]
+        );
         let e = spec(&["--network", "alias=x"]).unwrap_err().to_string();
         assert!(e.contains("network name/id is not specified"), "{e}");
     }

@@ -198,5 +198,179 @@ fn aliases_resolve_and_connect_on_their_network_only_and_a_taken_one_is_refused(
     let pretty = h1
         .meshctl_ok(&["service", "inspect", "--pretty", "worker"])
         .unwrap();
-    assert!(pretty.contains("backend\taliases: tasks-queue"), "{pretty}");
+    assert!(
+        pretty
+            .lines()
+            .any(|l| l.starts_with(&format!(" backend\tVIP: {vip}"))
+                && l.ends_with("aliases: tasks-queue")),
+        "{pretty}"
+    );
+}
+
+/// `service create --name NAME ARGS… --process -- mesh-whoami --name NAME` from host 1.
+fn create(c: &Cluster, name: &str, args: &[&str]) -> Value {
+    let whoami = mesh_tests::cluster::bin("mesh-whoami");
+    let mut cmd = vec!["service", "create", "--name", name];
+    cmd.extend_from_slice(args);
+    cmd.extend(["--process", "--", whoami.to_str().unwrap(), "--name", name]);
+    c.host(1).meshctl_json(&cmd).unwrap()
+}
+
+/// A running task of `service` made from its current spec (`meshctl ps` on its node), one
+/// `keep` accepts.
+fn running_task(c: &Cluster, service: &str, keep: impl Fn(&Cluster, &Value) -> bool) -> Value {
+    c.eventually(
+        Duration::from_secs(30),
+        &format!("a running task of {service}"),
+        |c| {
+            for h in c.hosts() {
+                let ps: Vec<Value> = h.meshctl_json(&["ps"])?;
+                if let Some(t) = ps
+                    .into_iter()
+                    .find(|t| t["service"] == service && t["state"] == "running" && keep(c, t))
+                {
+                    return Ok(Some(t));
+                }
+            }
+            Ok(None)
+        },
+    )
+    .unwrap()
+}
+
+/// The task's IPv4 addresses by interface, from the kernel (`ip -4 -o addr` in its netns).
+fn interfaces(c: &Cluster, task: &Value) -> Vec<(String, String)> {
+    let (_, out) = in_task(c, task, "ip -4 -o addr show");
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let i = f.iter().position(|w| *w == "inet")?;
+            Some((f[1].to_owned(), f[i + 1].to_owned()))
+        })
+        .filter(|(name, _)| name.starts_with("eth"))
+        .collect()
+}
+
+fn on(ifaces: &[(String, String)], name: &str, prefix: &str) -> bool {
+    ifaces
+        .iter()
+        .any(|(n, a)| n == name && a.starts_with(prefix))
+}
+
+#[test]
+fn a_task_on_two_networks_reaches_each_by_name_and_alias_and_a_one_network_task_does_not() {
+    let mut c = Cluster::new(2).unwrap();
+    c.start_agents().unwrap();
+    c.create_network("frontend", "10.30.0.0/24").unwrap();
+    c.create_network("backend", "10.31.0.0/24").unwrap();
+    let api = create(&c, "api", &["--network", "name=backend,alias=db-api"]);
+    let web = create(&c, "web", &["--network", "frontend"]);
+    let worker = create(
+        &c,
+        "worker",
+        &[
+            "--network",
+            "frontend",
+            "--network",
+            "name=backend,alias=jobs",
+        ],
+    );
+    // A VIP on each network, from each network's subnet.
+    let vip = |s: &Value| s["vip"].as_str().unwrap().to_owned();
+    let (api_vip, web_vip) = (vip(&api), vip(&web));
+    let worker_front = vip(&worker);
+    let worker_back = worker["spec"]["networks"][0]["vip"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(worker_front.starts_with("10.30.0."), "{worker}");
+    assert!(worker_back.starts_with("10.31.0."), "{worker}");
+    assert_eq!(
+        worker["spec"]["networks"][0]["aliases"],
+        serde_json::json!(["jobs"])
+    );
+
+    // One interface per network in the worker's namespace, in the order given.
+    let w = running_task(&c, "worker", |_, _| true);
+    let ifaces = interfaces(&c, &w);
+    assert!(
+        on(&ifaces, "eth0", "10.30.0.") && on(&ifaces, "eth1", "10.31.0."),
+        "{ifaces:?}"
+    );
+    let a = running_task(&c, "api", |_, _| true);
+    let f = running_task(&c, "web", |_, _| true);
+    let web_ifaces = interfaces(&c, &f);
+    assert!(
+        on(&web_ifaces, "eth0", "10.30.0.")
+            && !web_ifaces.iter().any(|(_, a)| a.starts_with("10.31.")),
+        "web is on frontend only: {web_ifaces:?}"
+    );
+
+    // The worker resolves and reaches a service of each network, by name and by alias.
+    c.eventually(Duration::from_secs(5), "the worker resolves api", |c| {
+        Ok((resolve(c, &w, "api") == [api_vip.clone()]).then_some(()))
+    })
+    .unwrap();
+    assert_eq!(resolve(&c, &w, "db-api"), [api_vip.as_str()]);
+    assert_eq!(resolve(&c, &w, "web"), [web_vip.as_str()]);
+    for (name, answers) in [("api", "api"), ("db-api", "api"), ("web", "web")] {
+        let got = get(&c, &w, name).unwrap_or_else(|| panic!("worker → http://{name}/"));
+        assert!(got.contains(answers), "{name}: {got}");
+    }
+    // Each network sees the worker's VIP on it, under the names it has there.
+    assert_eq!(resolve(&c, &a, "jobs"), [worker_back.as_str()]);
+    assert_eq!(resolve(&c, &a, "worker"), [worker_back.as_str()]);
+    assert!(get(&c, &a, "jobs").is_some_and(|g| g.contains("worker")));
+    assert_eq!(resolve(&c, &f, "worker"), [worker_front.as_str()]);
+    assert!(get(&c, &f, "worker").is_some_and(|g| g.contains("worker")));
+    // A frontend-only task neither resolves nor reaches backend's names and addresses.
+    for name in ["api", "db-api", "jobs"] {
+        assert!(
+            resolve(&c, &f, name).is_empty(),
+            "{name} resolves on frontend"
+        );
+    }
+    assert!(get(&c, &f, &api_vip).is_none(), "web reached api's VIP");
+    let api_ip = interfaces(&c, &a)[0]
+        .1
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(get(&c, &f, &api_ip).is_none(), "web reached api's task");
+
+    // A taken alias on the network web would join: refused, nothing changes.
+    let out = c
+        .host(1)
+        .meshctl(&[
+            "service",
+            "update",
+            "web",
+            "--network-add",
+            "name=backend,alias=jobs",
+        ])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("jobs is already an alias of service worker"),
+        "{err}"
+    );
+    let spec = &service(&c, "web").unwrap()["spec"];
+    assert!(spec["networks"].is_null(), "{spec}");
+    assert_eq!(spec["version"], web["spec"]["version"]);
+
+    // --network-add rolls web's task onto backend as well.
+    c.host(1)
+        .meshctl_ok(&["service", "update", "-d", "web", "--network-add", "backend"])
+        .unwrap();
+    let f2 = running_task(&c, "web", |c, t| {
+        let i = interfaces(c, t);
+        on(&i, "eth0", "10.30.0.") && on(&i, "eth1", "10.31.0.")
+    });
+    assert_ne!(f2["name"], f["name"], "the task was replaced");
+    c.eventually(Duration::from_secs(5), "web now resolves api", |c| {
+        Ok((resolve(c, &f2, "api") == [api_vip.clone()]).then_some(()))
+    })
+    .unwrap();
+    assert!(get(&c, &f2, "db-api").is_some_and(|g| g.contains("api")));
 }

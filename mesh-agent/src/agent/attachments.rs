@@ -98,6 +98,11 @@ pub(super) fn change_networks(spec: &mut ServiceSpec, req: &ServiceUpdate) -> Re
         }
     }
     for add in &req.network_add {
+        let add = NetworkAttachment {
+            // The agent gives the VIP.
+            vip: None,
+            ..add.clone()
+        };
         if networks.iter().any(|a| a.target == add.target) {
             // Docker's words.
             return Err(Error::Invalid(format!(
@@ -106,13 +111,14 @@ pub(super) fn change_networks(spec: &mut ServiceSpec, req: &ServiceUpdate) -> Re
                 add.target
             )));
         }
-        networks.push(add.clone());
+        networks.push(add);
     }
     set_networks(spec, networks)
 }
 
-/// Puts `networks` in the spec: the first is the tasks' network, the one the service's VIP,
-/// published ports and egress use.
+/// Puts `networks` in the spec: the first is the tasks' first network (eth0), the one
+/// published ports and egress use, and cannot change (the VIP published ports balance to
+/// and the tasks' first address belong to it).
 fn set_networks(spec: &mut ServiceSpec, networks: Vec<NetworkAttachment>) -> Result<()> {
     let mut networks = networks.into_iter();
     let Some(first) = networks.next() else {
@@ -122,22 +128,29 @@ fn set_networks(spec: &mut ServiceSpec, networks: Vec<NetworkAttachment>) -> Res
             spec.name
         )));
     };
-    if let Some(more) = networks.next() {
-        return Err(Error::Invalid(format!(
-            "service {} would be on networks {} and {}: mesh attaches a service to one \
-             network for now",
-            spec.name, first.target, more.target
-        )));
-    }
     if first.target != spec.network {
-        // Its VIP and its tasks' addresses belong to the old network's subnet.
         return Err(Error::Invalid(format!(
-            "service {} is on network {}: moving it to {} is not supported yet (remove and \
-             create the service)",
-            spec.name, spec.network, first.target
+            "service {} would leave its first network {}: the first network carries its \
+             published ports and cannot change (remove and create the service)",
+            spec.name, spec.network
         )));
     }
     spec.aliases = first.aliases;
+    spec.networks = networks.collect();
+    Ok(())
+}
+
+/// A network listed twice would give a task two interfaces on one subnet.
+pub(super) fn check_networks_once(spec: &ServiceSpec) -> Result<()> {
+    let names: Vec<&str> = spec.attachments_names().collect();
+    for (i, n) in names.iter().enumerate() {
+        if names[..i].contains(n) {
+            return Err(Error::Invalid(format!(
+                "service {} lists network {n} twice: list it once (with all its aliases)",
+                spec.name
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -227,6 +240,7 @@ mod tests {
         let with = NetworkAttachment {
             target: "backend".into(),
             aliases: vec!["queue".into()],
+            vip: None,
         };
         change_networks(&mut s, &update(std::slice::from_ref(&with), &["backend"])).unwrap();
         assert_eq!(s.attachments(), vec![with.clone()]);
@@ -237,6 +251,31 @@ mod tests {
         assert!(e.contains("not on network nope"), "{e}");
         let e = invalid(change_networks(&mut s.clone(), &update(&[], &["backend"])));
         assert!(e.contains("would be on no network"), "{e}");
+        // Another network joins after the first; the first cannot be left.
+        let mut two = s.clone();
+        let front = NetworkAttachment {
+            target: "frontend".into(),
+            aliases: vec!["web".into()],
+            // What a request says of the VIP is the agent's to decide.
+            vip: Some("10.0.0.9".parse().unwrap()),
+        };
+        change_networks(&mut two, &update(std::slice::from_ref(&front), &[])).unwrap();
+        assert_eq!(two.network, "backend");
+        assert_eq!(two.networks[0].target, "frontend");
+        assert_eq!(two.networks[0].vip, None);
+        assert_ne!(
+            two.template_id(),
+            s.template_id(),
+            "a new network rolls the tasks"
+        );
+        let e = invalid(change_networks(
+            &mut two.clone(),
+            &update(&[], &["backend"]),
+        ));
+        assert!(e.contains("would leave its first network backend"), "{e}");
+        change_networks(&mut two, &update(&[], &["frontend"])).unwrap();
+        assert!(two.networks.is_empty());
+        assert_eq!(two.template_id(), s.template_id());
         // Nothing asked, nothing changed.
         let before = s.clone();
         change_networks(&mut s, &ServiceUpdate::default()).unwrap();

@@ -42,6 +42,7 @@ pub fn rolled_back(current: &ServiceSpec, message: &str, now_ms: u64) -> Option<
     spec.network = current.network.clone();
     // Aliases too: going back to old ones could take names given to others since.
     spec.aliases = current.aliases.clone();
+    spec.networks = current.networks.clone();
     spec.vip = current.vip;
     spec.ports = current.ports.clone();
     spec.rollback = current.rollback;

@@ -36,27 +36,27 @@ impl Agent {
         PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, None)?;
         check_ports(&view, name, &spec.ports)?;
         check_file_refs(&view, &spec)?;
-        if req.spec.network.is_empty() {
-            self.default_network(view.clone()).await?;
+        let view = if req.spec.network.is_empty() {
+            self.default_network(view).await?;
+            self.refresh().await
         } else {
-            attachments::check_networks_exist(&view, &spec)?;
-        }
+            view
+        };
+        attachments::check_networks_exist(&view, &spec)?;
         attachments::check_alias_conflicts(&view, &spec)?;
         let network = spec.network.clone();
-        let vip = match spec.endpoint_mode {
-            EndpointMode::Vip => Some(self.allocate(&network).await?),
-            EndpointMode::Dnsrr => None,
-        };
-        spec.vip = vip;
+        let vips = self.allocate_vips(&mut spec).await?;
+        let vip = spec.vip;
         spec.version = 1;
         spec.template_version = 1;
         let stamp = self.tick();
         let record = Replicated::new(spec, stamp.clone());
-        self.write_object(key::SERVICE, name, &record).await?;
-        let view = self.settle().await;
-        if let Some(vip) = vip {
-            self.release(&network, vip).await;
+        if let Err(e) = self.write_object(key::SERVICE, name, &record).await {
+            self.release_all(vips).await;
+            return Err(e);
         }
+        let view = self.settle().await;
+        self.release_all(vips).await;
         match view.services.get(name) {
             Some(s) if s.created == stamp => {
                 info!(service = name, network, ?vip, mode = ?s.spec.mode, "service created");
@@ -78,6 +78,46 @@ impl Agent {
                     "service {name} was not created: {reason}"
                 )))
             }
+        }
+    }
+
+    /// A VIP on each of the service's networks that has none yet (vip mode). Returns what
+    /// it reserved, to release once the spec is written (or was refused).
+    async fn allocate_vips(
+        &self,
+        spec: &mut ServiceSpec,
+    ) -> Result<Vec<(String, std::net::Ipv4Addr)>> {
+        let mut reserved = Vec::new();
+        if spec.endpoint_mode != EndpointMode::Vip {
+            return Ok(reserved);
+        }
+        let wanted: Vec<String> = spec
+            .attachments()
+            .into_iter()
+            .filter(|a| a.vip.is_none())
+            .map(|a| a.target)
+            .collect();
+        for network in wanted {
+            let ip = match self.allocate(&network).await {
+                Ok(ip) => ip,
+                Err(e) => {
+                    self.release_all(reserved).await;
+                    return Err(e);
+                }
+            };
+            if network == spec.network {
+                spec.vip = Some(ip);
+            } else if let Some(a) = spec.networks.iter_mut().find(|a| a.target == network) {
+                a.vip = Some(ip);
+            }
+            reserved.push((network, ip));
+        }
+        Ok(reserved)
+    }
+
+    async fn release_all(&self, reserved: Vec<(String, std::net::Ipv4Addr)>) {
+        for (network, ip) in reserved {
+            self.release(&network, ip).await;
         }
     }
 
@@ -196,14 +236,20 @@ impl Agent {
         mut spec: ServiceSpec,
     ) -> Result<Replicated<ServiceSpec>> {
         let name = spec.name.clone();
+        // A network joined gets its VIP now.
+        let vips = self.allocate_vips(&mut spec).await?;
         spec.version = current.spec.version + 1;
         let stamp = self.tick();
         let mut record = current.clone();
         record.spec = spec;
         record.updated = stamp.clone();
         record.deleted = None;
-        self.write_object(key::SERVICE, &name, &record).await?;
+        if let Err(e) = self.write_object(key::SERVICE, &name, &record).await {
+            self.release_all(vips).await;
+            return Err(e);
+        }
         let view = self.settle().await;
+        self.release_all(vips).await;
         self.poke();
         let without_status = |s: &ServiceSpec| ServiceSpec {
             update_status: None,
@@ -366,6 +412,14 @@ pub(crate) fn new_spec(requested: &ServiceSpec) -> Result<ServiceSpec> {
             requested.network.clone()
         },
         vip: None,
+        networks: requested
+            .networks
+            .iter()
+            .map(|a| mesh_api::spec::NetworkAttachment {
+                vip: None,
+                ..a.clone()
+            })
+            .collect(),
         version: 1,
         template_version: 1,
         force_update: 0,
@@ -404,6 +458,7 @@ const NO_JOB_ROLLOUT: &str = "update and rollback configuration is not supported
 /// What every version of a service must satisfy, whoever wrote it.
 fn check_spec(spec: &ServiceSpec) -> Result<()> {
     attachments::check_aliases(spec)?;
+    attachments::check_networks_once(spec)?;
     match spec.mode {
         ServiceMode::Replicated { replicas } => check_replicas(replicas)?,
         ServiceMode::ReplicatedJob {

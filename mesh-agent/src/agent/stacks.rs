@@ -55,6 +55,14 @@ fn redeployed(current: &ServiceSpec, mut spec: ServiceSpec) -> Result<ServiceSpe
         )));
     }
     spec.vip = current.vip;
+    // A network the service stays on keeps its VIP; one it joins gets one when written.
+    for a in &mut spec.networks {
+        a.vip = current
+            .networks
+            .iter()
+            .find(|c| c.target == a.target)
+            .and_then(|c| c.vip);
+    }
     spec.version = current.version;
     spec.template_version = current.template_version;
     spec.force_update = current.force_update;
@@ -103,10 +111,13 @@ fn plan_services<'a>(view: &View, future: &View, req: &'a StackDeploy) -> Result
         let mut spec = new_spec(&s.spec)?;
         let current = view.services.get(&spec.name).map(|c| &c.spec);
         ports.assign(&mut spec, current)?;
-        if s.spec.network.is_empty() || !future.networks.contains_key(&spec.network) {
+        if let Some(missing) = spec
+            .attachments_names()
+            .find(|n| n.is_empty() || !future.networks.contains_key(*n))
+        {
             return Err(Error::NotFound(format!(
-                "service {}: network {} not found",
-                spec.name, s.spec.network
+                "service {}: network {missing} not found",
+                spec.name
             )));
         }
         check_file_refs(future, &spec)?;

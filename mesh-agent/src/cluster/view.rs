@@ -274,8 +274,8 @@ impl View {
             for (k, v) in &n.kv {
                 if let Some(id) = k.strip_prefix(key::TASK) {
                     self.add_task(&owner, id, v);
-                } else if let Some(task) = k.strip_prefix(key::ENDPOINT) {
-                    self.add_endpoint(&owner, task, v);
+                } else if let Some((task, network)) = key::endpoint_task(k) {
+                    self.add_endpoint(&owner, task, network, v);
                 } else if k.starts_with(key::ATTACHMENT) {
                     self.add_attachment(&owner, v);
                 } else if k.starts_with(key::BLOCK) {
@@ -295,11 +295,14 @@ impl View {
         }
     }
 
-    fn add_endpoint(&mut self, owner: &KeyOwner, task: &str, v: &str) {
+    fn add_endpoint(&mut self, owner: &KeyOwner, task: &str, network: Option<&str>, v: &str) {
         let Some(record) = decode::<EndpointRecord>(v) else {
             return;
         };
-        if record.task != task || !self.networks.contains_key(&record.network) {
+        if record.task != task
+            || network.is_some_and(|n| n != record.network)
+            || !self.networks.contains_key(&record.network)
+        {
             return;
         }
         let e = EndpointView {
@@ -506,12 +509,14 @@ impl View {
                 .filter(|a| a.record.network == network)
                 .map(|a| a.record.ip),
         );
-        used.extend(
-            self.services
-                .values()
-                .filter(|s| s.spec.network == network)
-                .filter_map(|s| s.spec.vip),
-        );
+        // Services' VIPs on the network, whichever of their networks it is.
+        used.extend(self.services.values().flat_map(|s| {
+            s.spec
+                .attachments()
+                .into_iter()
+                .filter(|a| a.target == network)
+                .filter_map(|a| a.vip)
+        }));
         used
     }
 }

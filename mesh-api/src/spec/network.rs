@@ -1,6 +1,8 @@
 //! A service's place on a network: which network, and the extra names it answers to there
 //! (Docker's `--network name=N,alias=A`, compose's `networks: {N: {aliases: [A]}}`).
 
+use std::net::Ipv4Addr;
+
 use serde::{Deserialize, Serialize};
 
 /// One network a service's tasks join, and the aliases the service has on it. An alias
@@ -11,13 +13,17 @@ pub struct NetworkAttachment {
     pub target: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
+    /// The service's virtual IP on this network (vip mode), from its subnet; set by the
+    /// agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<Ipv4Addr>,
 }
 
 impl NetworkAttachment {
     pub fn new(target: impl Into<String>) -> Self {
         Self {
             target: target.into(),
-            aliases: Vec::new(),
+            ..Default::default()
         }
     }
 

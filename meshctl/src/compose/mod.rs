@@ -347,7 +347,7 @@ impl Stack {
         let mut d = ServiceDraft::default();
         d.spec.name = self.full(n);
         d.spec.labels = self.labels.clone();
-        let mut network = None;
+        let mut networks = Vec::new();
         for (k, v) in map(v, &at)? {
             let k = key_str(k, &at)?;
             let here = format!("{at}.{k}");
@@ -366,7 +366,7 @@ impl Stack {
                     d.stop_grace_ms = Some(flags::duration_ms(&here, &string(v, &here)?)?)
                 }
                 "ports" => self.ports(n, v, &here, &mut d.spec.ports)?,
-                "networks" => network = self.service_network(v, &here)?,
+                "networks" => networks = self.service_networks(v, &here)?,
                 "secrets" => d.secrets = self.grants(v, &here, false)?,
                 "configs" => d.configs = self.grants(v, &here, true)?,
                 "healthcheck" => d.health = healthcheck(v, &here)?,
@@ -389,13 +389,15 @@ impl Stack {
         if d.image.is_none() && d.command.is_empty() {
             return Err(format!("{at}: give an image or a command"));
         }
-        match network {
+        let mut networks = networks.into_iter();
+        match networks.next() {
             Some(n) => {
                 d.spec.network = n.target;
                 d.spec.aliases = n.aliases;
             }
             None => d.spec.network = self.default_network(),
         }
+        d.spec.networks = networks.collect();
         Ok(ServiceCreate {
             spec: finish(d, &at)?,
         })
@@ -450,9 +452,9 @@ impl Stack {
         Ok(())
     }
 
-    /// The network a service's `networks:` names (none: the stack's default), as a list of
-    /// names or a map of names to `{aliases: [...]}`.
-    fn service_network(&self, v: &Value, at: &str) -> Result<Option<NetworkAttachment>, String> {
+    /// The networks a service's `networks:` names, in the file's order (none: the stack's
+    /// default), as a list of names or a map of names to `{aliases: [...]}`.
+    fn service_networks(&self, v: &Value, at: &str) -> Result<Vec<NetworkAttachment>, String> {
         let listed: Vec<(String, Vec<String>)> = match v {
             Value::Mapping(m) => m
                 .iter()
@@ -467,22 +469,19 @@ impl Stack {
                 .map(|n| (n, Vec::new()))
                 .collect(),
         };
-        if listed.len() > 1 {
-            return Err(format!(
-                "{at}: mesh attaches a service to one network for now; {} are listed",
-                listed.len()
-            ));
-        }
         listed
             .into_iter()
-            .next()
             .map(|(n, aliases)| {
                 let target = self.networks.get(&n).cloned().ok_or_else(|| {
                     format!("{at}: network {n} is not defined under the top-level networks")
                 })?;
-                Ok(NetworkAttachment { target, aliases })
+                Ok(NetworkAttachment {
+                    target,
+                    aliases,
+                    vip: None,
+                })
             })
-            .transpose()
+            .collect()
     }
 
     /// A service's `secrets:` or `configs:`: grants of the stack's objects.

@@ -59,6 +59,7 @@ mod tests {
             NetworkAttachment {
                 target: "backend".into(),
                 aliases: vec!["jobs".into(), "queue".into()],
+                vip: None,
             }
         );
         assert_eq!(one("alias=a,name=n").unwrap().target, "n");
