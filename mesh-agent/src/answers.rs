@@ -138,11 +138,14 @@ pub fn service_info(view: &View, name: &str) -> Option<ServiceInfo> {
                 plan.pending_reason().map(str::to_owned),
             )
         }
-        // A task on several networks has an endpoint on each: count those on the first.
+        // A task on several networks has an endpoint on each, and one started by hand may
+        // be on any of them: count tasks, not endpoints.
         None => (
             view.backends(name)
-                .filter(|e| e.active && e.record.network == s.spec.network)
-                .count(),
+                .filter(|e| e.active)
+                .map(|e| e.record.task.as_str())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
             None,
             None,
         ),

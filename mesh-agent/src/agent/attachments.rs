@@ -154,6 +154,23 @@ pub(super) fn check_networks_once(spec: &ServiceSpec) -> Result<()> {
     Ok(())
 }
 
+/// A task started by hand (`meshctl run --service`) or a container attached through CNI
+/// joins `service` on `network`: one of the service's networks, whichever.
+/// `task` says what to do instead, up to the network: "run its tasks on".
+pub(super) fn check_task_network(spec: &ServiceSpec, network: &str, task: &str) -> Result<()> {
+    if spec.on_network(network) {
+        return Ok(());
+    }
+    let networks: Vec<&str> = spec.attachments_names().collect();
+    Err(Error::Invalid(format!(
+        "service {} is on network{} {}, not {network}: {task} {}",
+        spec.name,
+        if networks.len() > 1 { "s" } else { "" },
+        networks.join(", "),
+        networks.join(" or "),
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +297,32 @@ mod tests {
         let before = s.clone();
         change_networks(&mut s, &ServiceUpdate::default()).unwrap();
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn a_hand_started_task_joins_any_of_its_services_networks_and_no_other() {
+        let mut worker = service("worker", "frontend", &[]);
+        worker.networks = vec![NetworkAttachment::new("backend")];
+        assert!(check_task_network(&worker, "frontend", "run its tasks on").is_ok());
+        assert!(check_task_network(&worker, "backend", "run its tasks on").is_ok());
+        let e = invalid(check_task_network(
+            &worker,
+            "other",
+            "attach its containers to",
+        ));
+        assert_eq!(
+            e,
+            "service worker is on networks frontend, backend, not other: attach its \
+             containers to frontend or backend"
+        );
+        let e = invalid(check_task_network(
+            &service("web", "app", &[]),
+            "x",
+            "run its tasks on",
+        ));
+        assert_eq!(
+            e,
+            "service web is on network app, not x: run its tasks on app"
+        );
     }
 }

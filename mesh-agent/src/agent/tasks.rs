@@ -62,13 +62,11 @@ impl Agent {
                         req.network
                     )));
                 }
-                Some(s) if s.spec.network != req.network => {
-                    return Err(Error::Invalid(format!(
-                        "service {svc} is on network {}, not {}: run its tasks on {}",
-                        s.spec.network, req.network, s.spec.network
-                    )));
-                }
-                Some(_) => {}
+                Some(s) => super::attachments::check_task_network(
+                    &s.spec,
+                    &req.network,
+                    "run its tasks on",
+                )?,
             }
         }
         let local = self.require_local()?;
