@@ -374,3 +374,169 @@ fn a_task_on_two_networks_reaches_each_by_name_and_alias_and_a_one_network_task_
     .unwrap();
     assert!(get(&c, &f2, "db-api").is_some_and(|g| g.contains("api")));
 }
+
+/// The vote app's shape: `stack deploy` of a compose file whose worker lists frontend and
+/// backend, and whose db has an alias on backend.
+#[test]
+fn a_stack_worker_on_two_networks_reaches_both_and_a_redeploy_keeps_its_task() {
+    let mut c = Cluster::new(2).unwrap();
+    c.start_agents().unwrap();
+    let w = mesh_tests::cluster::bin("mesh-whoami");
+    let w = w.to_str().unwrap();
+    let text = format!(
+        r#"version: "3.8"
+services:
+  redis:
+    command: ["{w}", "--name", "redis"]
+    networks: [frontend]
+  db:
+    command: ["{w}", "--name", "db"]
+    networks:
+      backend:
+        aliases: [postgres]
+  worker:
+    command: ["{w}", "--name", "worker"]
+    networks: [frontend, backend]
+  vote:
+    command: ["{w}", "--name", "vote"]
+    networks: [frontend]
+    depends_on: [redis]
+networks:
+  frontend:
+    driver: overlay
+    ipam:
+      config: [ {{ subnet: 10.40.0.0/24 }} ]
+  backend:
+    driver: overlay
+    ipam:
+      config: [ {{ subnet: 10.41.0.0/24 }} ]
+"#
+    );
+    let path = c.log_dir().join("vote.yml");
+    std::fs::write(&path, text).unwrap();
+    let f = path.to_str().unwrap();
+    c.host(1)
+        .meshctl_ok(&["stack", "deploy", "-c", f, "vote"])
+        .unwrap();
+
+    let worker = running_task(&c, "vote_worker", |_, _| true);
+    let ifaces = interfaces(&c, &worker);
+    assert!(
+        on(&ifaces, "eth0", "10.40.0.") && on(&ifaces, "eth1", "10.41.0."),
+        "{ifaces:?}"
+    );
+    let spec = &service(&c, "vote_worker").unwrap()["spec"];
+    assert_eq!(spec["network"], "vote_frontend", "{spec}");
+    assert_eq!(spec["networks"][0]["target"], "vote_backend", "{spec}");
+    running_task(&c, "vote_redis", |_, _| true);
+    running_task(&c, "vote_db", |_, _| true);
+    // The worker reaches redis on frontend and the db on backend, by the compose names and
+    // the db's alias.
+    c.eventually(Duration::from_secs(10), "the worker reaches db", |c| {
+        Ok(get(c, &worker, "db")
+            .is_some_and(|g| g.contains("db"))
+            .then_some(()))
+    })
+    .unwrap();
+    for (name, answers) in [("postgres", "db"), ("redis", "redis"), ("vote_db", "db")] {
+        let got = get(&c, &worker, name).unwrap_or_else(|| panic!("worker → http://{name}/"));
+        assert!(got.contains(answers), "{name}: {got}");
+    }
+    // vote is on frontend only: backend's names do not resolve there.
+    let vote = running_task(&c, "vote_vote", |_, _| true);
+    assert!(get(&c, &vote, "redis").is_some_and(|g| g.contains("redis")));
+    for name in ["db", "postgres", "vote_db"] {
+        assert!(
+            resolve(&c, &vote, name).is_empty(),
+            "{name} resolves on frontend"
+        );
+    }
+
+    // The same file again changes nothing: the worker keeps its task and its VIPs.
+    c.host(1)
+        .meshctl_ok(&["stack", "deploy", "-c", f, "vote"])
+        .unwrap();
+    let again = &service(&c, "vote_worker").unwrap()["spec"];
+    assert_eq!(again["version"], spec["version"], "{again}");
+    assert_eq!(again["networks"], spec["networks"], "{again}");
+    std::thread::sleep(Duration::from_secs(2));
+    let still = running_task(&c, "vote_worker", |_, _| true);
+    assert_eq!(
+        still["name"], worker["name"],
+        "the worker's task was not replaced"
+    );
+}
+
+/// A task started by hand may join a service on any of its networks (a container attached
+/// by CNI too: the same check): it is the service's backend there, under its names there.
+#[test]
+fn a_task_started_by_hand_joins_its_service_on_a_further_network() {
+    let mut c = Cluster::new(2).unwrap();
+    c.start_agents().unwrap();
+    c.create_network("frontend", "10.50.0.0/24").unwrap();
+    c.create_network("backend", "10.51.0.0/24").unwrap();
+    c.create_network("other", "10.52.0.0/24").unwrap();
+    let h1 = c.host(1);
+    let hub: Value = h1
+        .meshctl_json(&[
+            "service",
+            "create",
+            "--name",
+            "hub",
+            "--process",
+            "--network",
+            "frontend",
+            "--network",
+            "name=backend,alias=hq",
+        ])
+        .unwrap();
+    let back_vip = hub["spec"]["networks"][0]["vip"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let t: Value = c
+        .host(2)
+        .run_whoami("backend", Some("hub"), "hub-1", &[])
+        .unwrap();
+    assert!(t["ip"].as_str().unwrap().starts_with("10.51.0."), "{t}");
+    let back: Value = h1.run_whoami("backend", None, "back", &[]).unwrap();
+    c.eventually(Duration::from_secs(5), "hq reaches hub-1", |c| {
+        Ok(get(c, &back, "hq")
+            .is_some_and(|g| g.contains("hub-1"))
+            .then_some(()))
+    })
+    .unwrap();
+    assert_eq!(resolve(&c, &back, "hub"), [back_vip.as_str()]);
+    assert_eq!(resolve(&c, &back, "hq"), [back_vip.as_str()]);
+    c.eventually(Duration::from_secs(5), "hub counts its task", |c| {
+        Ok((service(c, "hub").is_some_and(|s| s["running"] == 1)).then_some(()))
+    })
+    .unwrap();
+
+    // A network the service is not on: refused, no task.
+    let whoami = mesh_tests::cluster::bin("mesh-whoami");
+    let out = h1
+        .meshctl(&[
+            "run",
+            "--network",
+            "other",
+            "--service",
+            "hub",
+            "--name",
+            "hub-2",
+            "--",
+            whoami.to_str().unwrap(),
+        ])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(
+                "service hub is on networks frontend, backend, not other: run its tasks on \
+                 frontend or backend"
+            ),
+        "{err}"
+    );
+    let ps: Vec<Value> = h1.meshctl_json(&["ps"]).unwrap();
+    assert!(!ps.iter().any(|t| t["name"] == "hub-2"), "{ps:?}");
+}
