@@ -712,6 +712,53 @@ mod tests {
     }
 
     #[test]
+    fn a_task_on_two_networks_holds_an_address_on_each() {
+        let mut a = node("a", "192.0.2.1", true);
+        for (name, subnet, vni) in [
+            ("front", "10.1.0.0/24", 4096),
+            ("back", "10.2.0.0/24", 4097),
+        ] {
+            put(
+                &mut a,
+                format!("{}{name}", key::NETWORK),
+                &network(name, subnet, vni, st(10, "a")),
+            );
+        }
+        let ep = |network: &str, ip: &str| EndpointRecord {
+            task: "w1".into(),
+            network: network.into(),
+            service: Some("worker".into()),
+            ip: ip.parse().unwrap(),
+            mac: "02:42:0a:01:00:14".into(),
+            state: EndpointState::Running,
+        };
+        put(
+            &mut a,
+            key::endpoint("w1", "front", 0),
+            &ep("front", "10.1.0.20"),
+        );
+        put(
+            &mut a,
+            key::endpoint("w1", "back", 1),
+            &ep("back", "10.2.0.30"),
+        );
+        // A key that names one network over a record of another is not believed.
+        let forged = EndpointRecord {
+            task: "w2".into(),
+            ..ep("back", "10.2.0.40")
+        };
+        put(&mut a, "ep:w2@front".into(), &forged);
+        let v = View::compute(&Snapshot {
+            nodes: vec![a],
+            now_ms: 100,
+        });
+        assert_eq!(v.endpoints.len(), 2);
+        let used = |n: &str| v.used_addresses(n).into_iter().collect::<Vec<_>>();
+        assert_eq!(used("front"), ["10.1.0.20".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(used("back"), ["10.2.0.30".parse::<Ipv4Addr>().unwrap()]);
+    }
+
+    #[test]
     fn a_gracefully_stopping_node_stays_up_until_its_deadline() {
         let mut b = node("b", "192.0.2.2", false);
         put(

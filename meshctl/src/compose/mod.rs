@@ -1224,6 +1224,58 @@ services:
     }
 
     #[test]
+    fn a_service_joins_every_network_it_lists_in_the_files_order() {
+        // The vote app's worker: on both networks, the first listed is its first.
+        let out = p(r#"
+services:
+  worker:
+    image: w
+    networks: [frontend, backend]
+  result:
+    image: r
+    networks:
+      backend:
+        aliases: [results]
+      frontend:
+        aliases: [web, ui]
+networks:
+  frontend: {}
+  backend: {}
+"#)
+        .unwrap();
+        let spec = |name: &str| {
+            out.deploy
+                .services
+                .iter()
+                .find(|s| s.spec.name == name)
+                .unwrap()
+                .spec
+                .clone()
+        };
+        let worker = spec("st_worker");
+        assert_eq!(worker.network, "st_frontend");
+        assert_eq!(worker.networks, [NetworkAttachment::new("st_backend")]);
+        let result = spec("st_result");
+        assert_eq!(result.network, "st_backend");
+        assert_eq!(result.aliases, ["results"]);
+        assert_eq!(
+            result.networks,
+            [NetworkAttachment {
+                target: "st_frontend".into(),
+                aliases: vec!["web".into(), "ui".into()],
+                vip: None,
+            }]
+        );
+        let e = p("services:\n  w:\n    image: a\n    networks: [a, nope]\nnetworks:\n  a: {}\n")
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("network nope is not defined under the top-level networks"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn network_aliases_are_read_from_the_map_form_and_the_list_form_has_none() {
         let out = p(r#"
 services:
