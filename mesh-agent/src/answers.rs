@@ -139,7 +139,17 @@ pub fn service_info(view: &View, name: &str) -> Option<ServiceInfo> {
                 plan.pending_reason().map(str::to_owned),
             )
         }
-        None => (view.backends(name).filter(|e| e.active).count(), None, None),
+        // A task on several networks has an endpoint on each, and one started by hand may
+        // be on any of them: count tasks, not endpoints.
+        None => (
+            view.backends(name)
+                .filter(|e| e.active)
+                .map(|e| e.record.task.as_str())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            None,
+            None,
+        ),
     };
     Some(ServiceInfo {
         id: short_id(name, &s.created),

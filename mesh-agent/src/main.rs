@@ -488,7 +488,7 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
     let mut initial: Vec<(String, String)> = mesh_agent::agent::load_own_keys(&config.state_dir)
         .into_iter()
         .filter(|(k, _)| {
-            k.strip_prefix(key::ENDPOINT).is_none_or(|task| {
+            key::endpoint_task(k).is_none_or(|(task, _)| {
                 node.as_ref().is_some_and(|n| {
                     n.tasks
                         .get(task)

@@ -15,8 +15,8 @@ use super::{
 use mesh_api::{
     Client,
     spec::{
-        EndpointMode, Mount, RunOptions, ServiceSpec, TaskResources, TaskTemplate, bytes_size,
-        validate_mounts,
+        EndpointMode, Mount, NetworkAttachment, RunOptions, ServiceSpec, TaskResources,
+        TaskTemplate, bytes_size, validate_mounts,
     },
     v1::{ServiceCreate, ServiceInfo, ServiceScale, ServiceTaskInfo, ServiceUpdate},
 };
@@ -99,9 +99,10 @@ pub struct CreateArgs {
     /// image: `--process -- /usr/local/bin/backup --full`.
     #[arg(long)]
     process: bool,
-    /// Network the tasks join (default: `ingress`, created on first use).
+    /// Network the tasks join (default: `ingress`, created on first use): NAME, or
+    /// name=NAME,alias=ALIAS[,alias=...] to give the service more names on it.
     #[arg(long)]
-    network: Option<String>,
+    network: Vec<String>,
     /// Publish a port on every node: 8080:80[/udp][,mode=snat] or
     /// published=8080,target=80[,protocol=udp][,mode=ingress|snat|host].
     ///
@@ -281,6 +282,13 @@ pub struct UpdateArgs {
     /// refused at once; established ones finish.
     #[arg(long = "publish-rm")]
     publish_rm: Vec<String>,
+    /// Join a network: NAME or name=NAME,alias=ALIAS[,alias=...] (to change the aliases
+    /// on a network, remove it with --network-rm and add it back).
+    #[arg(long = "network-add")]
+    network_add: Vec<String>,
+    /// Leave a network, by name.
+    #[arg(long = "network-rm")]
+    network_rm: Vec<String>,
     #[command(flatten)]
     restart: RestartArgs,
     /// The tasks' arguments after the program, shell-quoted (replaces the old ones).
@@ -747,6 +755,17 @@ fn generated_name(a: &CreateArgs) -> String {
     format!("{clean}-{:02x}{:02x}{:02x}", b[0], b[1], b[2])
 }
 
+/// `--network`s in the spec, the first first: none leaves the agent's default.
+fn set_networks(spec: &mut ServiceSpec, networks: Vec<NetworkAttachment>) {
+    let mut networks = networks.into_iter();
+    if let Some(first) = networks.next() {
+        spec.network = first.target;
+        spec.aliases = first.aliases;
+    }
+    // The others: eth1, eth2, …
+    spec.networks = networks.collect();
+}
+
 /// `service create`'s flags as the spec the agent is asked for.
 fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
     let Some(name) = a.name.clone() else {
@@ -758,7 +777,6 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
     let mut spec = ServiceSpec {
         name,
         labels: flags::labels("--label", &a.label).map_err(msg)?,
-        network: a.network.clone().unwrap_or_default(),
         endpoint_mode: a.endpoint_mode,
         mode: mode(a, task.is_some())?,
         task,
@@ -768,6 +786,10 @@ fn create_spec(a: &CreateArgs) -> Result<ServiceSpec> {
         // Docker's words: a job's tasks are not rolled, an update runs the job again.
         bail!("update and rollback configuration is not supported for jobs");
     }
+    set_networks(
+        &mut spec,
+        flags::networks("--network", &a.network).map_err(msg)?,
+    );
     spec.placement.constraints = flags::constraints("--constraint", &a.constraint).map_err(msg)?;
     spec.placement.preferences =
         flags::preferences("--placement-pref", &a.placement_pref).map_err(msg)?;
@@ -1066,6 +1088,8 @@ fn update_request(a: &UpdateArgs) -> Result<ServiceUpdate> {
             .map(|p| flags::published_port("--publish-rm", p))
             .collect::<Result<_, _>>()
             .map_err(msg)?,
+        network_add: flags::networks("--network-add", &a.network_add).map_err(msg)?,
+        network_rm: a.network_rm.clone(),
         restart: a.restart.change().map_err(msg)?,
         args: a
             .args
@@ -1433,9 +1457,19 @@ fn print_inspect(s: &ServiceInfo) {
             println!("{line}");
         }
     }
+    println!("Networks:");
+    for n in s.spec.attachments() {
+        let mut line = format!(" {}", n.target);
+        if let Some(vip) = n.vip {
+            line.push_str(&format!("\tVIP: {vip}"));
+        }
+        if !n.aliases.is_empty() {
+            line.push_str(&format!("\taliases: {}", n.aliases.join(", ")));
+        }
+        println!("{line}");
+    }
     println!(
-        "Network:\t{}\nEndpoint Mode:\t{}\nVIP:\t\t{}",
-        s.network,
+        "Endpoint Mode:\t{}\nVIP:\t\t{}",
         s.endpoint_mode,
         or_dash(s.vip)
     );
@@ -1756,7 +1790,10 @@ mod tests {
         assert_eq!(a.name.as_deref(), Some("web"));
         assert!(a.image.is_none() && a.process);
         assert_eq!(a.command, ["srv", "--port", "80"]);
-        assert_eq!((a.network.as_deref(), a.replicas), (Some("app"), Some(3)));
+        assert_eq!(
+            (a.network.as_slice(), a.replicas),
+            (&["app".to_owned()][..], Some(3))
+        );
         let a = create(&["web", "--", "srv"]).unwrap();
         assert_eq!(
             (a.name.as_deref(), a.command.as_slice()),
@@ -1781,6 +1818,44 @@ mod tests {
         assert_eq!(a.name.as_deref(), Some("lb"));
         assert!(a.image.is_none() && a.command.is_empty());
         assert!(deprecation(&a).contains("--name lb --process"));
+    }
+
+    #[test]
+    fn network_flags_give_the_network_and_its_aliases() {
+        let spec = |args: &[&str]| {
+            let mut all = vec!["--name", "worker"];
+            all.extend_from_slice(args);
+            all.extend_from_slice(&["--process", "--", "true"]);
+            create_spec(&create(&all)?)
+        };
+        let s = spec(&["--network", "name=backend,alias=jobs,alias=queue"]).unwrap();
+        assert_eq!(
+            (s.network.as_str(), s.aliases.as_slice()),
+            ("backend", &["jobs".to_owned(), "queue".to_owned()][..])
+        );
+        let s = spec(&[]).unwrap();
+        assert!(
+            s.network.is_empty() && s.aliases.is_empty(),
+            "the agent's default"
+        );
+        let s = spec(&[
+            "--network",
+            "frontend",
+            "--network",
+            "name=backend,alias=jobs",
+        ])
+        .unwrap();
+        assert_eq!(s.network, "frontend");
+        assert_eq!(
+            s.networks,
+            [NetworkAttachment {
+                target: "backend".into(),
+                aliases: vec!["jobs".into()],
+                vip: None
+            }]
+        );
+        let e = spec(&["--network", "alias=x"]).unwrap_err().to_string();
+        assert!(e.contains("network name/id is not specified"), "{e}");
     }
 
     fn job_mode(args: &[&str]) -> Result<ServiceMode> {

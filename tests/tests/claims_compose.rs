@@ -113,9 +113,9 @@ fn bad_compose_files_name_the_key_and_create_nothing() {
             "services.bad.volumes[0]: undefined volume \"data\"",
         ),
         (
-            "a second network",
-            "    networks: [front, back]",
-            "services.bad.networks: mesh attaches a service to one network; 2 are listed",
+            "a fixed address on a network",
+            "    networks: { front: { ipv4_address: 10.0.0.9 } }",
+            "services.bad.networks.front.ipv4_address: mesh cannot honour it",
         ),
         (
             "undefined network",

@@ -85,7 +85,7 @@ impl Agent {
         let on_network = |s: &str| {
             view.services
                 .get(s)
-                .is_some_and(|svc| svc.spec.network == req.network)
+                .is_some_and(|svc| svc.spec.on_network(&req.network))
         };
         let service = match &req.service {
             Some(svc) => match view.services.get(svc) {
@@ -95,13 +95,14 @@ impl Agent {
                         req.network
                     )));
                 }
-                Some(s) if s.spec.network != req.network => {
-                    return Err(Error::Invalid(format!(
-                        "service {svc} is on network {}, not {}: attach its containers to {}",
-                        s.spec.network, req.network, s.spec.network
-                    )));
+                Some(s) => {
+                    super::attachments::check_task_network(
+                        &s.spec,
+                        &req.network,
+                        "attach its containers to",
+                    )?;
+                    Some(svc.clone())
                 }
-                Some(_) => Some(svc.clone()),
             },
             None => req.aliases.iter().find(|a| on_network(a)).cloned(),
         };

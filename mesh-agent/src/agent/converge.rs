@@ -22,7 +22,7 @@ impl Agent {
         let mut wanted: BTreeSet<String> = view
             .services
             .values()
-            .map(|s| s.spec.network.clone())
+            .flat_map(|s| s.spec.attachments_names().map(str::to_owned))
             .collect();
         wanted.extend(
             view.removed_service_endpoints()

@@ -48,63 +48,76 @@ pub fn snapshot(view: &View) -> Snapshot {
         }
     }
     for s in view.services.values() {
-        let Some(n) = networks.get_mut(s.spec.network.as_str()) else {
-            continue;
-        };
-        let endpoint_mode = match (s.spec.endpoint_mode, s.spec.vip) {
-            (EndpointMode::Vip, Some(vip)) => DnsMode::Vip(vip),
-            _ => DnsMode::Dnsrr,
-        };
-        let service = mesh_dns::Service {
-            name: s.spec.name.clone(),
-            endpoint_mode,
-            tasks: view
-                .backends(&s.spec.name)
-                .filter(|e| e.active)
-                .map(|e| Task {
-                    name: e.record.task.clone(),
-                    ip: e.record.ip,
-                })
-                .collect(),
-            ports: s
-                .spec
-                .ports
-                .iter()
-                .map(|p| Port {
-                    protocol: match p.protocol {
-                        Protocol::Tcp => DnsProtocol::Tcp,
-                        Protocol::Udp => DnsProtocol::Udp,
-                    },
-                    published: p.published,
-                    target: p.target,
-                })
-                .collect(),
-        };
-        // Swarm's alias: a stack's service also answers to its short name (`api` for
-        // `shop_api`) on its network, unless a service of that very name is there too.
-        let alias = s
-            .spec
-            .labels
-            .get(mesh_api::spec::STACK_LABEL)
-            .and_then(|stack| s.spec.name.strip_prefix(&format!("{stack}_")))
-            .filter(|short| {
-                !view
-                    .services
-                    .values()
-                    .any(|o| o.spec.name == *short && o.spec.network == s.spec.network)
-            })
-            .map(str::to_owned);
-        if let Some(short) = alias {
-            n.services.push(mesh_dns::Service {
-                name: short,
-                ..service.clone()
-            });
+        for attachment in s.spec.attachments() {
+            if let Some(n) = networks.get_mut(attachment.target.as_str()) {
+                add_service(n, view, s, &attachment);
+            }
         }
-        n.services.push(service);
     }
     Snapshot {
         networks: networks.into_values().collect(),
     }
+}
+
+/// Service `s` on one of its networks: its VIP there (or its tasks' addresses there), under
+/// its name, its stack's short name and its aliases on that network.
+fn add_service(
+    n: &mut mesh_dns::Network,
+    view: &View,
+    s: &crate::cluster::Replicated<mesh_api::spec::ServiceSpec>,
+    attachment: &mesh_api::spec::NetworkAttachment,
+) {
+    let endpoint_mode = match (s.spec.endpoint_mode, attachment.vip) {
+        (EndpointMode::Vip, Some(vip)) => DnsMode::Vip(vip),
+        _ => DnsMode::Dnsrr,
+    };
+    let service = mesh_dns::Service {
+        name: s.spec.name.clone(),
+        endpoint_mode,
+        tasks: view
+            .backends(&s.spec.name)
+            .filter(|e| e.active && e.record.network == attachment.target)
+            .map(|e| Task {
+                name: e.record.task.clone(),
+                ip: e.record.ip,
+            })
+            .collect(),
+        ports: s
+            .spec
+            .ports
+            .iter()
+            .map(|p| Port {
+                protocol: match p.protocol {
+                    Protocol::Tcp => DnsProtocol::Tcp,
+                    Protocol::Udp => DnsProtocol::Udp,
+                },
+                published: p.published,
+                target: p.target,
+            })
+            .collect(),
+    };
+    // Swarm's alias: a stack's service also answers to its short name (`api` for
+    // `shop_api`) on its network, unless a service of that very name is there too.
+    let short = s
+        .spec
+        .labels
+        .get(mesh_api::spec::STACK_LABEL)
+        .and_then(|stack| s.spec.name.strip_prefix(&format!("{stack}_")))
+        .filter(|short| {
+            !view
+                .services
+                .values()
+                .any(|o| o.spec.name == *short && o.spec.on_network(&attachment.target))
+        })
+        .map(str::to_owned);
+    // Its aliases on the network (`--network name=N,alias=A`) answer like its name.
+    for name in short.into_iter().chain(attachment.aliases.iter().cloned()) {
+        n.services.push(mesh_dns::Service {
+            name,
+            ..service.clone()
+        });
+    }
+    n.services.push(service);
 }
 
 impl Agent {

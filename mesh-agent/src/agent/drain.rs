@@ -54,37 +54,40 @@ impl Agent {
     /// ([`Agent::forget_endpoint`]): deleting it now would also take the task's overlay
     /// entries away from under its established connections.
     pub(super) async fn leave_load_balancers(&self, name: &str) -> u64 {
-        let endpoint_key = format!("{}{name}", key::ENDPOINT);
-        let stopping = self
-            .gossip
-            .own_keys()
+        // On every network the task is on.
+        let stopping: Vec<(String, Option<String>)> = self
+            .own_endpoints(name)
             .await
-            .get(&endpoint_key)
-            .and_then(|v| serde_json::from_str::<EndpointRecord>(v).ok())
-            .map(|mut e| {
-                e.state = EndpointState::Stopping;
-                serde_json::to_string(&e).expect("EndpointRecord serialises")
-            });
+            .into_iter()
+            .map(|(k, v)| {
+                let v = serde_json::from_str::<EndpointRecord>(&v)
+                    .ok()
+                    .map(|mut e| {
+                        e.state = EndpointState::Stopping;
+                        serde_json::to_string(&e).expect("EndpointRecord serialises")
+                    });
+                (k, v)
+            })
+            .collect();
         let mut p = self.drains.published.lock().await;
         p.removal = (p.removal + 1).max(Clock::now_ms());
         let removal = p.removal;
         let value = serde_json::to_string(&*p).expect("LbProgress serialises");
-        // The endpoint first: gossip delivers a node's keys in version order, so a node that
-        // has the new counter also has the endpoint's new state.
+        // The endpoints first: gossip delivers a node's keys in version order, so a node that
+        // has the new counter also has the endpoints' new state.
         self.gossip
-            .write([
-                (endpoint_key, stopping),
-                (key::LB_PROGRESS.to_owned(), Some(value)),
-            ])
+            .write(
+                stopping
+                    .into_iter()
+                    .chain([(key::LB_PROGRESS.to_owned(), Some(value))]),
+            )
             .await;
         removal
     }
 
-    /// Takes a stopped task's endpoint out of gossip (and so out of every node's overlay).
+    /// Takes a stopped task's endpoints out of gossip (and so out of every node's overlay).
     pub(super) async fn forget_endpoint(&self, name: &str) {
-        self.gossip
-            .write([(format!("{}{name}", key::ENDPOINT), None)])
-            .await;
+        self.forget_endpoints(name).await
     }
 
     /// Called once this node's load balancer is programmed from `view`: echoes the other

@@ -2,6 +2,7 @@
 //! carries out what the API asks (create a network, a service, ...).
 
 mod addresses;
+mod attachments;
 mod cni;
 mod converge;
 pub mod dns;

@@ -105,7 +105,7 @@ impl Agent {
         let services: Vec<&str> = view
             .services
             .values()
-            .filter(|s| s.spec.network == name)
+            .filter(|s| s.spec.on_network(name))
             .map(|s| s.spec.name.as_str())
             .collect();
         if !services.is_empty() {

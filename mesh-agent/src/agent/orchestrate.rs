@@ -544,7 +544,7 @@ async fn start<R: NodeRuntime>(rt: &R, mut t: Task) {
             &view,
             TaskStart {
                 name: &name,
-                network: &service.network,
+                networks: service.attachments_names().collect(),
                 service: &service.name,
                 template: &template,
                 env: &env,

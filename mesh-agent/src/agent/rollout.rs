@@ -40,6 +40,9 @@ pub fn rolled_back(current: &ServiceSpec, message: &str, now_ms: u64) -> Option<
     // Identity and addressing stay: it is the same service.
     spec.name = current.name.clone();
     spec.network = current.network.clone();
+    // Aliases too: going back to old ones could take names given to others since.
+    spec.aliases = current.aliases.clone();
+    spec.networks = current.networks.clone();
     spec.vip = current.vip;
     spec.ports = current.ports.clone();
     spec.rollback = current.rollback;

@@ -38,20 +38,34 @@ fn removed_services(
     }
     let mut out = Vec::new();
     for (name, tasks) in orphans {
-        let Some(net) = plumbed.iter().find(|n| n.name == tasks[0].record.network) else {
+        let ids = lb.programmed_ids(name);
+        // `<id>@<network>`: its VIP on a further network; the others are on its first.
+        let further: Vec<&str> = ids
+            .iter()
+            .filter_map(|id| id.rsplit_once('@').map(|(_, n)| n))
+            .collect();
+        let Some(first) = tasks
+            .iter()
+            .map(|e| e.record.network.as_str())
+            .find(|n| !further.contains(n))
+        else {
             continue;
         };
-        let network = networks[&net.vni];
-        for id in lb.programmed_ids(name) {
+        for id in &ids {
+            let network = id.rsplit_once('@').map_or(first, |(_, n)| n);
+            let Some(net) = plumbed.iter().find(|n| n.name == network) else {
+                continue;
+            };
             let host_only = id.ends_with("/host");
             out.push(ServiceLb {
-                id,
+                id: id.clone(),
                 name: name.to_owned(),
-                network,
+                network: networks[&net.vni],
                 vip: None,
                 ports: Vec::new(),
                 backends: tasks
                     .iter()
+                    .filter(|e| e.record.network == network)
                     .filter(|e| !host_only || e.node == node)
                     .map(|e| BackendLb {
                         ip: e.record.ip,
@@ -203,10 +217,28 @@ fn desired_services(
 ) -> Vec<ServiceLb> {
     let mut desired = Vec::new();
     for s in view.services.values() {
-        let Some(net) = plumbed.iter().find(|n| n.name == s.spec.network) else {
-            continue;
-        };
-        desired.extend(service_lbs(view, s, networks[&net.vni], node));
+        if let Some(net) = plumbed.iter().find(|n| n.name == s.spec.network) {
+            desired.extend(service_lbs(view, s, networks[&net.vni], node));
+        }
+        // Its VIP on each further network balances over its tasks' addresses there.
+        for a in s.spec.networks.iter() {
+            let Some(net) = plumbed.iter().find(|n| n.name == a.target) else {
+                continue;
+            };
+            desired.push(ServiceLb {
+                id: format!("{}@{}", short_id(&s.spec.name, &s.created), a.target),
+                name: s.spec.name.clone(),
+                network: networks[&net.vni],
+                vip: match s.spec.endpoint_mode {
+                    EndpointMode::Vip => a.vip,
+                    EndpointMode::Dnsrr => None,
+                },
+                ports: Vec::new(),
+                backends: service_backends(view, &s.spec.name, &a.target)
+                    .map(backend_lb)
+                    .collect(),
+            });
+        }
     }
     desired
 }
@@ -222,7 +254,7 @@ fn service_lbs(
     let mut out = Vec::new();
     let id = short_id(&s.spec.name, &s.created);
     let host_ports = published_ports(&s.spec, true);
-    let own: Vec<BackendLb> = service_backends(view, &s.spec.name)
+    let own: Vec<BackendLb> = service_backends(view, &s.spec.name, &s.spec.network)
         .filter(|e| e.node == node)
         .map(backend_lb)
         .collect();
@@ -247,7 +279,7 @@ fn service_lbs(
             EndpointMode::Dnsrr => None,
         },
         ports: published_ports(&s.spec, false),
-        backends: service_backends(view, &s.spec.name)
+        backends: service_backends(view, &s.spec.name, &s.spec.network)
             .map(backend_lb)
             .collect(),
     });
@@ -278,18 +310,21 @@ fn published_ports(spec: &ServiceSpec, host: bool) -> Vec<PublishedPort> {
         .collect()
 }
 
-/// The service's backends, active or not. Tasks of drained nodes, stopping tasks and tasks
-/// of nodes called down keep their connections but get no new ones: a node that only
-/// stalled keeps serving what it has.
+/// The service's backends on `network`, active or not. Tasks of drained nodes, stopping
+/// tasks and tasks of nodes called down keep their connections but get no new ones: a node
+/// that only stalled keeps serving what it has.
 fn service_backends<'a>(
     view: &'a View,
     service: &'a str,
+    network: &'a str,
 ) -> impl Iterator<Item = &'a EndpointView> {
-    view.backends(service).chain(
-        view.down_endpoints
-            .iter()
-            .filter(move |e| e.record.service.as_deref() == Some(service)),
-    )
+    view.backends(service)
+        .chain(
+            view.down_endpoints
+                .iter()
+                .filter(move |e| e.record.service.as_deref() == Some(service)),
+        )
+        .filter(move |e| e.record.network == network)
 }
 
 fn backend_lb(e: &EndpointView) -> BackendLb {

@@ -36,7 +36,8 @@ pub(super) struct LocalProcess {
 pub(super) struct TaskStart<'a> {
     /// The local name (`web.1.<id>`).
     pub name: &'a str,
-    pub network: &'a str,
+    /// The service's networks, the first first.
+    pub networks: Vec<&'a str>,
     pub service: &'a str,
     /// Command or image, and the secrets and configs it is granted.
     pub template: &'a TaskTemplate,
@@ -222,7 +223,7 @@ impl NodeRuntime for Agent {
                 view,
                 Launch {
                     name: task.name,
-                    network: task.network,
+                    networks: task.networks,
                     service: Some(task.service),
                     command: &task.template.command,
                     env: task.env,
@@ -284,7 +285,18 @@ impl NodeRuntime for Agent {
         service: &str,
         ip: Ipv4Addr,
     ) -> anyhow::Result<()> {
-        Agent::publish_endpoint(self, name, network, Some(service), ip)
+        // On each of the task's networks: the orchestrator names the first.
+        let record = self.local().and_then(|l| l.tasks.get(name));
+        let addresses: Vec<(&str, Ipv4Addr)> = match &record {
+            Some(r) => r
+                .interfaces
+                .iter()
+                .filter(|i| i.network != crate::task::GATEWAY_NETWORK)
+                .map(|i| (i.network.as_str(), i.address.addr()))
+                .collect(),
+            None => vec![(network, ip)],
+        };
+        Agent::publish_endpoints(self, name, Some(service), &addresses)
             .await
             .map_err(anyhow::Error::from)
     }

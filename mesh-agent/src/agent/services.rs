@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashSet};
 use mesh_planner::{MAX_REPLICAS, ServiceMode, UpdateConfig};
 use tracing::info;
 
-use super::{Agent, Error, Result, ports::PortAssigner, rollout, validate_name};
+use super::{Agent, Error, Result, attachments, ports::PortAssigner, rollout, validate_name};
 use crate::cluster::{Clock, Replicated, View, key};
 use mesh_api::{
     spec::{
@@ -41,29 +41,27 @@ impl Agent {
         if !req.no_resolve_image {
             self.resolve_image(&view, &spec).await?;
         }
-        if req.spec.network.is_empty() {
+        let view = if req.spec.network.is_empty() {
             self.default_network(view).await?;
-        } else if !view.networks.contains_key(&spec.network) {
-            return Err(Error::NotFound(format!(
-                "network {0} not found: create it with `meshctl network create {0}`",
-                spec.network
-            )));
-        }
-        let network = spec.network.clone();
-        let vip = match spec.endpoint_mode {
-            EndpointMode::Vip => Some(self.allocate(&network).await?),
-            EndpointMode::Dnsrr => None,
+            self.refresh().await
+        } else {
+            view
         };
-        spec.vip = vip;
+        attachments::check_networks_exist(&view, &spec)?;
+        attachments::check_alias_conflicts(&view, &spec)?;
+        let network = spec.network.clone();
+        let vips = self.allocate_vips(&mut spec).await?;
+        let vip = spec.vip;
         spec.version = 1;
         spec.template_version = 1;
         let stamp = self.tick();
         let record = Replicated::new(spec, stamp.clone());
-        self.write_object(key::SERVICE, name, &record).await?;
-        let view = self.settle().await;
-        if let Some(vip) = vip {
-            self.release(&network, vip).await;
+        if let Err(e) = self.write_object(key::SERVICE, name, &record).await {
+            self.release_all(vips).await;
+            return Err(e);
         }
+        let view = self.settle().await;
+        self.release_all(vips).await;
         match view.services.get(name) {
             Some(s) if s.created == stamp => {
                 info!(service = name, network, ?vip, mode = ?s.spec.mode, "service created");
@@ -111,6 +109,46 @@ impl Agent {
         })
     }
 
+    /// A VIP on each of the service's networks that has none yet (vip mode). Returns what
+    /// it reserved, to release once the spec is written (or was refused).
+    async fn allocate_vips(
+        &self,
+        spec: &mut ServiceSpec,
+    ) -> Result<Vec<(String, std::net::Ipv4Addr)>> {
+        let mut reserved = Vec::new();
+        if spec.endpoint_mode != EndpointMode::Vip {
+            return Ok(reserved);
+        }
+        let wanted: Vec<String> = spec
+            .attachments()
+            .into_iter()
+            .filter(|a| a.vip.is_none())
+            .map(|a| a.target)
+            .collect();
+        for network in wanted {
+            let ip = match self.allocate(&network).await {
+                Ok(ip) => ip,
+                Err(e) => {
+                    self.release_all(reserved).await;
+                    return Err(e);
+                }
+            };
+            if network == spec.network {
+                spec.vip = Some(ip);
+            } else if let Some(a) = spec.networks.iter_mut().find(|a| a.target == network) {
+                a.vip = Some(ip);
+            }
+            reserved.push((network, ip));
+        }
+        Ok(reserved)
+    }
+
+    async fn release_all(&self, reserved: Vec<(String, std::net::Ipv4Addr)>) {
+        for (network, ip) in reserved {
+            self.release(&network, ip).await;
+        }
+    }
+
     /// The default network, created on first use; a concurrent create elsewhere is fine
     /// (whichever won is the network).
     async fn default_network(&self, view: std::sync::Arc<View>) -> Result<()> {
@@ -144,6 +182,10 @@ impl Agent {
         check_file_refs(&view, &spec)?;
         self.check_bind_sources(&spec, Some(&current.spec))?;
         super::volumes::check_volume_drivers(&view.services, &[&spec])?;
+        if spec.attachments() != current.spec.attachments() {
+            attachments::check_networks_exist(&view, &spec)?;
+            attachments::check_alias_conflicts(&view, &spec)?;
+        }
         if spec.ports != current.spec.ports {
             check_ports(&view, name, &spec.ports)?;
         }
@@ -202,6 +244,10 @@ impl Agent {
         }
         PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, Some(&current.spec))?;
         check_file_refs(&view, &spec)?;
+        if spec.attachments() != current.spec.attachments() {
+            attachments::check_networks_exist(&view, &spec)?;
+            attachments::check_alias_conflicts(&view, &spec)?;
+        }
         if spec.ports != current.spec.ports {
             check_ports(&view, name, &spec.ports)?;
         }
@@ -282,14 +328,20 @@ impl Agent {
         mut spec: ServiceSpec,
     ) -> Result<Replicated<ServiceSpec>> {
         let name = spec.name.clone();
+        // A network joined gets its VIP now.
+        let vips = self.allocate_vips(&mut spec).await?;
         spec.version = current.spec.version + 1;
         let stamp = self.tick();
         let mut record = current.clone();
         record.spec = spec;
         record.updated = stamp.clone();
         record.deleted = None;
-        self.write_object(key::SERVICE, &name, &record).await?;
+        if let Err(e) = self.write_object(key::SERVICE, &name, &record).await {
+            self.release_all(vips).await;
+            return Err(e);
+        }
         let view = self.settle().await;
+        self.release_all(vips).await;
         self.poke();
         let without_status = |s: &ServiceSpec| ServiceSpec {
             update_status: None,
@@ -452,6 +504,14 @@ pub(crate) fn new_spec(requested: &ServiceSpec) -> Result<ServiceSpec> {
             requested.network.clone()
         },
         vip: None,
+        networks: requested
+            .networks
+            .iter()
+            .map(|a| mesh_api::spec::NetworkAttachment {
+                vip: None,
+                ..a.clone()
+            })
+            .collect(),
         version: 1,
         template_version: 1,
         force_update: 0,
@@ -489,6 +549,8 @@ const NO_JOB_ROLLOUT: &str = "update and rollback configuration is not supported
 
 /// What every version of a service must satisfy, whoever wrote it.
 fn check_spec(spec: &ServiceSpec) -> Result<()> {
+    attachments::check_aliases(spec)?;
+    attachments::check_networks_once(spec)?;
     match spec.mode {
         ServiceMode::Replicated { replicas } => check_replicas(replicas)?,
         ServiceMode::ReplicatedJob {
@@ -655,6 +717,7 @@ fn apply_update(current: &ServiceSpec, req: &ServiceUpdate) -> Result<ServiceSpe
     set_replicas(&mut spec, req)?;
     change_placement(&mut spec, current, req)?;
     change_ports(&mut spec, current, req)?;
+    attachments::change_networks(&mut spec, req)?;
     for k in &req.label_rm {
         spec.labels.remove(k);
     }

@@ -8,7 +8,7 @@ use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use tracing::info;
 
 use super::{
-    Agent, Error, Result,
+    Agent, Error, Result, attachments,
     ports::PortAssigner,
     rollout,
     secrets::{Kind, check_size, validate_object_name},
@@ -55,6 +55,14 @@ pub(super) fn redeployed(current: &ServiceSpec, mut spec: ServiceSpec) -> Result
         )));
     }
     spec.vip = current.vip;
+    // A network the service stays on keeps its VIP; one it joins gets one when written.
+    for a in &mut spec.networks {
+        a.vip = current
+            .networks
+            .iter()
+            .find(|c| c.target == a.target)
+            .and_then(|c| c.vip);
+    }
     spec.version = current.version;
     spec.template_version = current.template_version;
     spec.force_update = current.force_update;
@@ -103,14 +111,25 @@ fn plan_services<'a>(view: &View, future: &View, req: &'a StackDeploy) -> Result
         let mut spec = new_spec(&s.spec)?;
         let current = view.services.get(&spec.name).map(|c| &c.spec);
         ports.assign(&mut spec, current)?;
-        if s.spec.network.is_empty() || !future.networks.contains_key(&spec.network) {
+        if let Some(missing) = spec
+            .attachments_names()
+            .find(|n| n.is_empty() || !future.networks.contains_key(*n))
+        {
             return Err(Error::NotFound(format!(
-                "service {}: network {} not found",
-                spec.name, s.spec.network
+                "service {}: network {missing} not found",
+                spec.name
             )));
         }
         check_file_refs(future, &spec)?;
         check_ports_outside(view, &names, &spec)?;
+        // Against the services as they will be: the others outside the stack, and the
+        // file's.
+        let outside = view
+            .services
+            .values()
+            .map(|o| &o.spec)
+            .filter(|o| !names.contains(o.name.as_str()));
+        attachments::check_names_free(outside.chain(req.services.iter().map(|o| &o.spec)), &spec)?;
         match view.services.get(&spec.name) {
             Some(current) if !in_stack(&current.spec.labels, &req.name) => {
                 return Err(Error::Conflict(format!(

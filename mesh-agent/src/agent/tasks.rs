@@ -14,7 +14,9 @@ use mesh_api::v1::TaskRun;
 /// What to start: a task of this node.
 pub(crate) struct Launch<'a> {
     pub name: &'a str,
-    pub network: &'a str,
+    /// One interface on each (eth0 on the first); the first is the one egress and
+    /// published ports use.
+    pub networks: Vec<&'a str>,
     pub service: Option<&'a str>,
     /// The process driver's command line; with an image, the container's arguments.
     pub command: &'a [String],
@@ -62,13 +64,11 @@ impl Agent {
                         req.network
                     )));
                 }
-                Some(s) if s.spec.network != req.network => {
-                    return Err(Error::Invalid(format!(
-                        "service {svc} is on network {}, not {}: run its tasks on {}",
-                        s.spec.network, req.network, s.spec.network
-                    )));
-                }
-                Some(_) => {}
+                Some(s) => super::attachments::check_task_network(
+                    &s.spec,
+                    &req.network,
+                    "run its tasks on",
+                )?,
             }
         }
         let local = self.require_local()?;
@@ -89,7 +89,7 @@ impl Agent {
             &view,
             Launch {
                 name: &req.name,
-                network: &req.network,
+                networks: vec![&req.network],
                 service: req.service.as_deref(),
                 command: &req.command,
                 env: &req.env,
@@ -110,25 +110,43 @@ impl Agent {
     /// endpoint: from then on it is a backend of its service on every node.
     pub(crate) async fn launch(&self, view: &View, task: Launch<'_>) -> Result<TaskRecord> {
         let local = self.require_local()?;
-        // Plumbing the network and creating the task happen under the convergence lock so a
-        // concurrent convergence cannot unplumb the network in between.
+        let first = *task
+            .networks
+            .first()
+            .ok_or_else(|| Error::Invalid(format!("task {} has no network", task.name)))?;
+        // Plumbing the networks and creating the task happen under the convergence lock so
+        // a concurrent convergence cannot unplumb a network in between.
         let _converging = self.converging.lock().await;
-        self.converge_locked(view, Some(task.network)).await?;
-        let plumbing = self
-            .plumbing(local, view, task.network)
-            .await
-            .ok_or_else(|| {
+        self.converge_locked(view, Some(first)).await?;
+        let mut plumbed = Vec::new();
+        for network in &task.networks {
+            let plumbing = self.plumbing(local, view, network).await.ok_or_else(|| {
                 Error::Internal(anyhow::anyhow!(
-                    "network {} could not be plumbed on this node (no address for the node yet)",
-                    task.network
+                    "network {network} could not be plumbed on this node (no address for the \
+                     node yet)"
                 ))
             })?;
-        let ip = self.allocate(task.network).await?;
+            plumbed.push(plumbing);
+        }
+        let mut addresses: Vec<(&str, std::net::Ipv4Addr)> = Vec::new();
+        for network in &task.networks {
+            match self.allocate(network).await {
+                Ok(ip) => addresses.push((network, ip)),
+                Err(e) => {
+                    self.release_addresses(&addresses).await;
+                    return Err(e);
+                }
+            }
+        }
         let spec = TaskSpec {
             name: task.name.to_owned(),
-            // Overlay traffic stays on eth0; everything else leaves through the gateway
-            // bridge, masqueraded, as with Docker's docker_gwbridge.
-            attachments: vec![Attachment::overlay(&plumbing, ip).without_default_route()],
+            // Overlay traffic stays on eth0, eth1, …; everything else leaves through the
+            // gateway bridge, masqueraded, as with Docker's docker_gwbridge.
+            attachments: plumbed
+                .iter()
+                .zip(&addresses)
+                .map(|(p, (_, ip))| Attachment::overlay(p, *ip).without_default_route())
+                .collect(),
             egress: Some(local.gateway.clone()),
             command: task.command.to_vec(),
             env: task.env.to_vec(),
@@ -149,7 +167,7 @@ impl Agent {
             Ok(r) => r,
             Err(e) => {
                 self.stop_dns_for(task.name).await;
-                self.release(task.network, ip).await;
+                self.release_addresses(&addresses).await;
                 return Err(Error::Invalid(format!("{e:#}")));
             }
         };
@@ -165,28 +183,58 @@ impl Agent {
             // Ended before it could serve (a one-shot container): no endpoint; the
             // orchestrator sees the exit on its next pass.
             self.stop_dns_for(task.name).await;
-            self.release(task.network, ip).await;
+            self.release_addresses(&addresses).await;
             self.poke();
             return Ok(record);
         }
-        if let Err(e) = self
-            .attach_task_veths(local, &record, std::slice::from_ref(&plumbing))
-            .await
-        {
+        if let Err(e) = self.attach_task_veths(local, &record, &plumbed).await {
             warn!(
                 task = task.name,
                 "client-address replies are not steered yet: {e:#}"
             );
         }
         if task.publish {
-            self.publish_endpoint(task.name, task.network, task.service, ip)
+            self.publish_endpoints(task.name, task.service, &addresses)
                 .await?;
         }
-        self.release(task.network, ip).await;
+        self.release_addresses(&addresses).await;
         self.update_dns(&*self.refresh().await);
-        info!(task = task.name, network = task.network, %ip, service = ?task.service, "task running");
+        info!(task = task.name, networks = ?task.networks, addresses = ?addresses, service = ?task.service, "task running");
         self.poke();
         Ok(record)
+    }
+
+    async fn release_addresses(&self, addresses: &[(&str, std::net::Ipv4Addr)]) {
+        for (network, ip) in addresses {
+            self.release(network, *ip).await;
+        }
+    }
+
+    /// Makes a task a backend on each of its networks (`addresses`: network and address, the
+    /// first network first).
+    pub(crate) async fn publish_endpoints(
+        &self,
+        task: &str,
+        service: Option<&str>,
+        addresses: &[(&str, std::net::Ipv4Addr)],
+    ) -> Result<()> {
+        let mut writes = Vec::new();
+        for (i, (network, ip)) in addresses.iter().enumerate() {
+            let endpoint = EndpointRecord {
+                task: task.to_owned(),
+                network: (*network).to_owned(),
+                service: service.map(str::to_owned),
+                ip: *ip,
+                mac: mac_for_ip(*ip),
+                state: EndpointState::Running,
+            };
+            writes.push((
+                key::endpoint(task, network, i),
+                Some(serde_json::to_string(&endpoint).map_err(anyhow::Error::from)?),
+            ));
+        }
+        self.gossip.write(writes).await;
+        Ok(())
     }
 
     /// Makes a task a backend: its endpoint goes to every node's load balancer and DNS.
@@ -197,21 +245,8 @@ impl Agent {
         service: Option<&str>,
         ip: std::net::Ipv4Addr,
     ) -> Result<()> {
-        let endpoint = EndpointRecord {
-            task: task.to_owned(),
-            network: network.to_owned(),
-            service: service.map(str::to_owned),
-            ip,
-            mac: mac_for_ip(ip),
-            state: EndpointState::Running,
-        };
-        self.gossip
-            .write([(
-                format!("{}{task}", key::ENDPOINT),
-                Some(serde_json::to_string(&endpoint).map_err(anyhow::Error::from)?),
-            )])
-            .await;
-        Ok(())
+        self.publish_endpoints(task, service, &[(network, ip)])
+            .await
     }
 
     /// Stops and forgets a task of this node.
@@ -241,12 +276,33 @@ impl Agent {
             Ok(exit) => {
                 info!(task = exit.name, code = ?exit.code, signal = ?exit.signal, "task exited; removing its endpoint");
                 self.stop_dns_for(&exit.name).await;
-                self.gossip
-                    .write([(format!("{}{}", key::ENDPOINT, exit.name), None)])
-                    .await;
+                self.forget_endpoints(&exit.name).await;
             }
             // Missed some exits: drop every endpoint whose task is no longer running.
             Err(_) => self.forget_stopped_endpoints().await,
+        }
+    }
+
+    /// This node's endpoint records of `task`, one per network it is on (key, value).
+    pub(crate) async fn own_endpoints(&self, task: &str) -> Vec<(String, String)> {
+        self.gossip
+            .own_keys()
+            .await
+            .into_iter()
+            .filter(|(k, _)| key::endpoint_task(k).is_some_and(|(t, _)| t == task))
+            .collect()
+    }
+
+    /// Takes `task`'s endpoints, on every network, out of gossip.
+    pub(crate) async fn forget_endpoints(&self, task: &str) {
+        let keys: Vec<(String, Option<String>)> = self
+            .own_endpoints(task)
+            .await
+            .into_iter()
+            .map(|(k, _)| (k, None))
+            .collect();
+        if !keys.is_empty() {
+            self.gossip.write(keys).await;
         }
     }
 
@@ -259,7 +315,7 @@ impl Agent {
             .await
             .into_keys()
             .filter_map(|k| {
-                let task = k.strip_prefix(key::ENDPOINT)?;
+                let (task, _) = key::endpoint_task(&k)?;
                 // Containers attached through CNI are not tasks the agent runs, but their
                 // endpoints live as long as the attachment.
                 let running = self.local().is_some_and(|l| {

@@ -16,8 +16,27 @@ pub mod key {
     /// Set by an agent that is stopping with its dataplane and tasks left running: until the
     /// time it names, the node counts as up (see [`super::Restarting`]).
     pub const RESTARTING: &str = "restarting";
-    /// `ep:<task>`: a task of this node.
+    /// `ep:<task>`: a task of this node, on its first network; `ep:<task>@<network>` on each
+    /// further one (a task name has no `@`).
     pub const ENDPOINT: &str = "ep:";
+
+    /// The key of `task`'s endpoint on its `index`th network named `network`.
+    pub fn endpoint(task: &str, network: &str, index: usize) -> String {
+        if index == 0 {
+            format!("{ENDPOINT}{task}")
+        } else {
+            format!("{ENDPOINT}{task}@{network}")
+        }
+    }
+
+    /// The task (and the network, past the first) an endpoint key names.
+    pub fn endpoint_task(key: &str) -> Option<(&str, Option<&str>)> {
+        let rest = key.strip_prefix(ENDPOINT)?;
+        Some(match rest.split_once('@') {
+            Some((task, network)) => (task, Some(network)),
+            None => (rest, None),
+        })
+    }
     /// `att:<network>`: this node's own address on a network it plumbs.
     pub const ATTACHMENT: &str = "att:";
     /// `blk:<network>:<index>`: a claim on a block of a network's subnet.

@@ -284,8 +284,8 @@ impl View {
             for (k, v) in &n.kv {
                 if let Some(id) = k.strip_prefix(key::TASK) {
                     self.add_task(&owner, id, v);
-                } else if let Some(task) = k.strip_prefix(key::ENDPOINT) {
-                    self.add_endpoint(&owner, task, v);
+                } else if let Some((task, network)) = key::endpoint_task(k) {
+                    self.add_endpoint(&owner, task, network, v);
                 } else if k.starts_with(key::ATTACHMENT) {
                     self.add_attachment(&owner, v);
                 } else if k.starts_with(key::BLOCK) {
@@ -305,11 +305,14 @@ impl View {
         }
     }
 
-    fn add_endpoint(&mut self, owner: &KeyOwner, task: &str, v: &str) {
+    fn add_endpoint(&mut self, owner: &KeyOwner, task: &str, network: Option<&str>, v: &str) {
         let Some(record) = decode::<EndpointRecord>(v) else {
             return;
         };
-        if record.task != task || !self.networks.contains_key(&record.network) {
+        if record.task != task
+            || network.is_some_and(|n| n != record.network)
+            || !self.networks.contains_key(&record.network)
+        {
             return;
         }
         let e = EndpointView {
@@ -516,12 +519,14 @@ impl View {
                 .filter(|a| a.record.network == network)
                 .map(|a| a.record.ip),
         );
-        used.extend(
-            self.services
-                .values()
-                .filter(|s| s.spec.network == network)
-                .filter_map(|s| s.spec.vip),
-        );
+        // Services' VIPs on the network, whichever of their networks it is.
+        used.extend(self.services.values().flat_map(|s| {
+            s.spec
+                .attachments()
+                .into_iter()
+                .filter(|a| a.target == network)
+                .filter_map(|a| a.vip)
+        }));
         used
     }
 }
@@ -715,6 +720,53 @@ mod tests {
             now_ms: 100,
         });
         assert_eq!(v.endpoints.len(), 1);
+    }
+
+    #[test]
+    fn a_task_on_two_networks_holds_an_address_on_each() {
+        let mut a = node("a", "192.0.2.1", true);
+        for (name, subnet, vni) in [
+            ("front", "10.1.0.0/24", 4096),
+            ("back", "10.2.0.0/24", 4097),
+        ] {
+            put(
+                &mut a,
+                format!("{}{name}", key::NETWORK),
+                &network(name, subnet, vni, st(10, "a")),
+            );
+        }
+        let ep = |network: &str, ip: &str| EndpointRecord {
+            task: "w1".into(),
+            network: network.into(),
+            service: Some("worker".into()),
+            ip: ip.parse().unwrap(),
+            mac: "02:42:0a:01:00:14".into(),
+            state: EndpointState::Running,
+        };
+        put(
+            &mut a,
+            key::endpoint("w1", "front", 0),
+            &ep("front", "10.1.0.20"),
+        );
+        put(
+            &mut a,
+            key::endpoint("w1", "back", 1),
+            &ep("back", "10.2.0.30"),
+        );
+        // A key that names one network over a record of another is not believed.
+        let forged = EndpointRecord {
+            task: "w2".into(),
+            ..ep("back", "10.2.0.40")
+        };
+        put(&mut a, "ep:w2@front".into(), &forged);
+        let v = View::compute(&Snapshot {
+            nodes: vec![a],
+            now_ms: 100,
+        });
+        assert_eq!(v.endpoints.len(), 2);
+        let used = |n: &str| v.used_addresses(n).into_iter().collect::<Vec<_>>();
+        assert_eq!(used("front"), ["10.1.0.20".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(used("back"), ["10.2.0.30".parse::<Ipv4Addr>().unwrap()]);
     }
 
     #[test]

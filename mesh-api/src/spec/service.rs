@@ -6,7 +6,8 @@ use mesh_planner::{Placement, RestartPolicy, ServiceMode, UpdateConfig};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    DnsConfig, ExtraHost, FileRef, LogDriver, Mount, PortSpec, Security, TaskResources, template,
+    DnsConfig, ExtraHost, FileRef, LogDriver, Mount, NetworkAttachment, PortSpec, Security,
+    TaskResources, template,
 };
 
 /// The driver that runs a command in the task's namespaces (no image).
@@ -51,7 +52,16 @@ pub struct ServiceSpec {
     /// [`STACK_LABEL`]). Not part of the task template: changing them rolls nothing.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The network the tasks join (their eth0).
     pub network: String,
+    /// The service's aliases on `network`: names that resolve like its own, there only.
+    /// Outside the task template: changing them replaces no task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// The networks after the first (eth1, eth2, …), each with its aliases and VIP. The
+    /// first keeps its own fields so specs written before stay as they were.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<NetworkAttachment>,
     pub endpoint_mode: EndpointMode,
     /// Set in vip mode, from the creating node's address block.
     pub vip: Option<Ipv4Addr>,
@@ -147,7 +157,15 @@ impl ServiceSpec {
     /// What identifies the task template: tasks made from another one are replaced. FNV-1a
     /// of its canonical JSON, so every node and every build computes the same.
     pub fn template_id(&self) -> u64 {
-        let json = serde_json::to_string(&(&self.task, self.force_update)).unwrap_or_default();
+        // The networks are the tasks' interfaces: joining or leaving one replaces them. A
+        // service on one network hashes as before several existed.
+        let json = if self.networks.is_empty() {
+            serde_json::to_string(&(&self.task, self.force_update))
+        } else {
+            let names: Vec<&str> = self.attachments_names().collect();
+            serde_json::to_string(&(&self.task, self.force_update, names))
+        }
+        .unwrap_or_default();
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in json.bytes() {
             h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
@@ -173,6 +191,29 @@ impl ServiceSpec {
             paused: status.is_some_and(UpdateState::is_paused),
             reservation: task.resources.reservations,
         })
+    }
+
+    /// The networks the service is on, with its aliases on each.
+    pub fn attachments(&self) -> Vec<NetworkAttachment> {
+        let first = NetworkAttachment {
+            target: self.network.clone(),
+            aliases: self.aliases.clone(),
+            vip: self.vip,
+        };
+        std::iter::once(first)
+            .chain(self.networks.iter().cloned())
+            .collect()
+    }
+
+    /// The names of the service's networks, the first first.
+    pub fn attachments_names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.network.as_str())
+            .chain(self.networks.iter().map(|n| n.target.as_str()))
+    }
+
+    /// Whether the service is on `network`.
+    pub fn on_network(&self, network: &str) -> bool {
+        self.attachments_names().any(|n| n == network)
     }
 
     /// What each task reserves of its node (nothing for a service without tasks).

@@ -9,8 +9,8 @@ use super::ServiceStats;
 use mesh_planner::{Constraint, Spread};
 
 use crate::spec::{
-    EndpointMode, ExtraHost, FileRef, HealthChange, LimitsChange, LogDriver, PortSpec, Protocol,
-    RestartChange, ServiceSpec, UpdateConfigChange,
+    EndpointMode, ExtraHost, FileRef, HealthChange, LimitsChange, LogDriver, NetworkAttachment,
+    PortSpec, Protocol, RestartChange, ServiceSpec, UpdateConfigChange,
 };
 
 use super::TaskInfo;
@@ -124,6 +124,13 @@ pub struct ServiceUpdate {
     pub publish_add: Vec<PortSpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish_rm: Vec<PublishedPort>,
+    /// Join a network, or change the service's aliases on one it is on (Docker's
+    /// `--network-add`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_add: Vec<NetworkAttachment>,
+    /// Leave a network (Docker's `--network-rm`), by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_rm: Vec<String>,
     #[serde(default)]
     pub restart: RestartChange,
     /// The task's arguments after its program (replaces the old ones).

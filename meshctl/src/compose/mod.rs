@@ -19,8 +19,9 @@ use serde_yaml::{Mapping, Value};
 use mesh_api::{
     spec::{
         EndpointMode, FileRef, HealthChange, Limits, MAX_FILE_OBJECT, MAX_HEALTH_RETRIES, Mount,
-        PortSpec, ProbeChange, Resources, RestartChange, RunOptions, STACK_LABEL, Security,
-        ServiceSpec, TaskResources, TaskTemplate, Ulimit, UpdateConfigChange,
+        NetworkAttachment, PortSpec, ProbeChange, Resources, RestartChange, RunOptions,
+        STACK_LABEL, Security, ServiceSpec, TaskResources, TaskTemplate, Ulimit,
+        UpdateConfigChange,
     },
     v1::{ServiceCreate, StackDeploy, StackFile, StackNetwork},
 };
@@ -352,7 +353,7 @@ impl Stack {
         let mut d = ServiceDraft::default();
         d.spec.name = self.full(n);
         d.spec.labels = self.labels.clone();
-        let mut network = None;
+        let mut networks = Vec::new();
         for (k, v) in map(v, &at)? {
             let k = key_str(k, &at)?;
             let here = format!("{at}.{k}");
@@ -379,7 +380,7 @@ impl Stack {
                     d.stop_grace_ms = Some(flags::duration_ms(&here, &string(v, &here)?)?)
                 }
                 "ports" => self.ports(n, v, &here, &mut d.spec.ports)?,
-                "networks" => network = self.service_network(v, &here)?,
+                "networks" => networks = self.service_networks(v, &here)?,
                 "secrets" => d.secrets = self.grants(v, &here, false)?,
                 "configs" => d.configs = self.grants(v, &here, true)?,
                 "healthcheck" => d.health = healthcheck(v, &here)?,
@@ -403,10 +404,15 @@ impl Stack {
         if d.image.is_none() && d.command.is_empty() {
             return Err(format!("{at}: give an image or a command"));
         }
-        d.spec.network = match network {
-            Some(n) => n,
-            None => self.default_network(),
-        };
+        let mut networks = networks.into_iter();
+        match networks.next() {
+            Some(n) => {
+                d.spec.network = n.target;
+                d.spec.aliases = n.aliases;
+            }
+            None => d.spec.network = self.default_network(),
+        }
+        d.spec.networks = networks.collect();
         Ok(ServiceCreate {
             spec: finish(d, &at)?,
             no_resolve_image: false,
@@ -462,26 +468,36 @@ impl Stack {
         Ok(())
     }
 
-    /// The network a service's `networks:` names (none: the stack's default).
-    fn service_network(&self, v: &Value, at: &str) -> Result<Option<String>, String> {
-        let names: Vec<String> = match v {
-            Value::Mapping(m) => m.keys().map(|k| key_str(k, at)).collect::<Result<_, _>>()?,
-            _ => strings(v, at)?,
+    /// The networks a service's `networks:` names, in the file's order (none: the stack's
+    /// default), as a list of names or a map of names to `{aliases: [...]}`.
+    fn service_networks(&self, v: &Value, at: &str) -> Result<Vec<NetworkAttachment>, String> {
+        let listed: Vec<(String, Vec<String>)> = match v {
+            Value::Mapping(m) => m
+                .iter()
+                .map(|(k, opts)| {
+                    let n = key_str(k, at)?;
+                    let aliases = network_aliases(opts, &format!("{at}.{n}"))?;
+                    Ok((n, aliases))
+                })
+                .collect::<Result<_, String>>()?,
+            _ => strings(v, at)?
+                .into_iter()
+                .map(|n| (n, Vec::new()))
+                .collect(),
         };
-        if names.len() > 1 {
-            return Err(format!(
-                "{at}: mesh attaches a service to one network; {} are listed",
-                names.len()
-            ));
-        }
-        names
-            .first()
-            .map(|n| {
-                self.networks.get(n).cloned().ok_or_else(|| {
+        listed
+            .into_iter()
+            .map(|(n, aliases)| {
+                let target = self.networks.get(&n).cloned().ok_or_else(|| {
                     format!("{at}: network {n} is not defined under the top-level networks")
+                })?;
+                Ok(NetworkAttachment {
+                    target,
+                    aliases,
+                    vip: None,
                 })
             })
-            .transpose()
+            .collect()
     }
 
     /// A service's `secrets:` or `configs:`: grants of the stack's objects.
@@ -1039,6 +1055,28 @@ fn update_config(v: &Value, at: &str) -> Result<UpdateConfigChange, String> {
     .change()
 }
 
+/// A service's options on one of its networks: `aliases` (other keys pin addresses or
+/// priorities mesh does not have).
+fn network_aliases(v: &Value, at: &str) -> Result<Vec<String>, String> {
+    let mut aliases = Vec::new();
+    if matches!(v, Value::Null) {
+        return Ok(aliases);
+    }
+    for (k, v) in map(v, at)? {
+        let k = key_str(k, at)?;
+        let here = format!("{at}.{k}");
+        match k.as_str() {
+            "aliases" => aliases = strings(v, &here)?,
+            _ => {
+                return Err(format!(
+                    "{here}: mesh cannot honour it (a service's networks take aliases only)"
+                ));
+            }
+        }
+    }
+    Ok(aliases)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1452,6 +1490,104 @@ services:
         assert!(e.contains("mesh cannot reserve generic_resources"), "{e}");
         let e = bad("{ disk: 1g }");
         assert!(e.contains("unknown key \"disk\""), "{e}");
+    }
+
+    #[test]
+    fn a_service_joins_every_network_it_lists_in_the_files_order() {
+        // The vote app's worker: on both networks, the first listed is its first.
+        let out = p(r#"
+services:
+  worker:
+    image: w
+    networks: [frontend, backend]
+  result:
+    image: r
+    networks:
+      backend:
+        aliases: [results]
+      frontend:
+        aliases: [web, ui]
+networks:
+  frontend: {}
+  backend: {}
+"#)
+        .unwrap();
+        let spec = |name: &str| {
+            out.deploy
+                .services
+                .iter()
+                .find(|s| s.spec.name == name)
+                .unwrap()
+                .spec
+                .clone()
+        };
+        let worker = spec("st_worker");
+        assert_eq!(worker.network, "st_frontend");
+        assert_eq!(worker.networks, [NetworkAttachment::new("st_backend")]);
+        let result = spec("st_result");
+        assert_eq!(result.network, "st_backend");
+        assert_eq!(result.aliases, ["results"]);
+        assert_eq!(
+            result.networks,
+            [NetworkAttachment {
+                target: "st_frontend".into(),
+                aliases: vec!["web".into(), "ui".into()],
+                vip: None,
+            }]
+        );
+        let e = p("services:\n  w:\n    image: a\n    networks: [a, nope]\nnetworks:\n  a: {}\n")
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("network nope is not defined under the top-level networks"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn network_aliases_are_read_from_the_map_form_and_the_list_form_has_none() {
+        let out = p(r#"
+services:
+  worker:
+    image: w
+    networks:
+      backend:
+        aliases: [jobs, queue]
+  db:
+    image: d
+    networks: { backend: }
+  web:
+    image: n
+    networks: [backend]
+networks:
+  backend: {}
+"#)
+        .unwrap();
+        let spec = |name: &str| {
+            out.deploy
+                .services
+                .iter()
+                .find(|s| s.spec.name == name)
+                .unwrap()
+                .spec
+                .clone()
+        };
+        let worker = spec("st_worker");
+        assert_eq!(worker.network, "st_backend");
+        assert_eq!(worker.aliases, ["jobs", "queue"]);
+        assert!(spec("st_db").aliases.is_empty() && spec("st_db").network == "st_backend");
+        assert!(spec("st_web").aliases.is_empty());
+        let e = p("services:\n  w:\n    image: a\n    networks: { b: { ipv4_address: 10.0.0.9 } }\nnetworks:\n  b: {}\n")
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("services.w.networks.b.ipv4_address: mesh cannot honour it"),
+            "{e}"
+        );
+        let e = p("services:\n  w:\n    image: a\n    networks: { b: { aliases: { jobs: 1 } } }\nnetworks:\n  b: {}\n")
+            .err()
+            .unwrap();
+        assert!(e.contains("services.w.networks.b.aliases"), "{e}");
     }
 
     #[test]

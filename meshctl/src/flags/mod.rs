@@ -6,6 +6,7 @@
 mod health;
 mod limits;
 mod names;
+mod network;
 mod placement;
 mod resources;
 mod restart;
@@ -17,6 +18,7 @@ mod value;
 pub use health::HealthArgs;
 pub use limits::{LimitsArgs, pids, within_reservations};
 pub use names::{dns, dns_options, hosts, log, nameservers, search_domains};
+pub use network::networks;
 pub use placement::{constraints, per_node, preferences, replicas};
 pub use resources::ReserveArgs;
 pub use restart::RestartArgs;
