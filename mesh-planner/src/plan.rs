@@ -337,15 +337,20 @@ pub(crate) fn plan_service(
                     .unwrap_or(w.since_ms)
                     .saturating_add(update.delay_ms)
     };
-    // A slot that cannot be placed anywhere is not in flight: counting it would stall the
-    // update behind a slot that only says why it is pending.
-    let placeable = eligible.iter().any(|n| {
+    // A slot that cannot be placed is not in flight: counting it would stall the update
+    // behind a slot that only says why it is pending. A global slot has one node to go to,
+    // so it is placeable only there (another node's room says nothing about it).
+    let fits = |n: &str| {
         limit.is_none_or(|l| count.get(n).copied().unwrap_or(0) < l) && room.fits(&used, n)
-    });
+    };
+    let placeable = |slot: &Slot| match slot {
+        Slot::Node(n) => eligible.get(n.as_str()).is_some_and(|n| fits(n)),
+        Slot::Replica(_) => eligible.iter().any(|n| fits(n)),
+    };
     // A slot with no live task but a past is in flight too: the gap of stop-first, or a new
     // task that failed and awaits its restart (counting neither let the next slot go while
     // this one was down).
-    let newest_outdated = |slot: &Slot| placeable && mine.iter().any(|t| t.slot == *slot);
+    let newest_outdated = |slot: &Slot| placeable(slot) && mine.iter().any(|t| t.slot == *slot);
     let any_outdated = outcome.values().any(|o| matches!(o, Outcome::Outdated(..)));
     let in_flight = outcome
         .iter()

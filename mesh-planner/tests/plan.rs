@@ -5,7 +5,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
-use mesh_planner::{Slot, SlotPlacement, TaskState};
+use mesh_planner::{DesiredState, Slot, SlotPlacement, Task, TaskState};
 
 fn kept(node: &str, task: &str) -> SlotPlacement {
     SlotPlacement::Kept {
@@ -777,4 +777,35 @@ fn scaling_down_frees_room_for_a_pending_task() {
         starts(&spec.plan(&hosts, &[db])),
         vec![(Slot::Replica(1), "n1".into())]
     );
+}
+
+/// Found by the convergence property: a global service whose new template reserves more
+/// memory than one node has. That node's slot is pending, and it once counted as an update
+/// in flight because another node had room, so the update never reached the node that fits.
+#[test]
+fn a_global_update_is_not_held_by_a_node_too_small_for_the_new_template() {
+    let mut small = node("n0");
+    small.capacity.memory_bytes = 64 << 20;
+    let nodes = vec![small, node("n6")];
+    let mut spec = Spec::global().reserve(0, 128 << 20);
+    spec.template = 2;
+    spec.update = Default::default();
+    let mut gone = task("t0", Slot::Node("n0".into()), "n0", 0);
+    gone.desired = DesiredState::Shutdown;
+    gone.state = TaskState::New;
+    let mut tasks = vec![gone, task("t1", Slot::Node("n6".into()), "n6", 0)];
+    for round in 0..5 {
+        let plan = spec.plan(&nodes, &tasks);
+        if !apply(&spec, &plan, &mut tasks, round) {
+            break;
+        }
+    }
+    let plan = spec.plan(&nodes, &tasks);
+    let on_n6: Vec<&Task> = tasks.iter().filter(|t| t.node == "n6").collect();
+    assert_eq!(on_n6.len(), 1, "{tasks:?}");
+    assert_eq!(on_n6[0].template, 2, "n6 runs the new template: {tasks:?}");
+    assert!(matches!(
+        placements(&plan)[&Slot::Node("n0".into())],
+        SlotPlacement::Pending { .. }
+    ));
 }
