@@ -440,12 +440,12 @@ fn swarm_commands_work(client: &str) {
             "service",
             "update",
             "--mount-add",
-            "type=volume,source=d,target=/d",
+            "type=volume,source=d,target=/d,volume-driver=nfs",
             "my-web",
         ],
     );
     assert!(
-        err.contains("ContainerSpec.Mounts is not supported"),
+        err.contains("ContainerSpec.Mounts.VolumeOptions.DriverConfig is not supported"),
         "{err}"
     );
     let after = docker(
@@ -699,10 +699,10 @@ fn bad_requests_get_dockers_errors_and_change_nothing() {
             "unsupported field",
             file(
                 "mounts.json",
-                create(r#", "Mounts": [{"Target": "/d"}]"#).as_bytes(),
+                create(r#", "Mounts": [{"Type": "npipe", "Target": "/d"}]"#).as_bytes(),
             ),
             400,
-            "ContainerSpec.Mounts is not supported",
+            "ContainerSpec.Mounts.Type \"npipe\" is not supported",
         ),
         (
             "not JSON",
@@ -814,8 +814,10 @@ fn bad_requests_get_dockers_errors_and_change_nothing() {
 }
 
 /// `docker stack deploy` of a compose file with a network, a secret, a config, deploy keys
-/// and a healthcheck: the real CLI parses the file and makes the API calls; the stack's
-/// service answers through every node with the secret and config it was given, and
+/// and a healthcheck, and a worker on two networks with a volume, a tmpfs, extra hosts and
+/// log rotation: the real CLI parses the file and makes the API calls; the stack's web
+/// service answers through every node with the secret and config it was given, the worker's
+/// spec comes back as the file said (so a redeploy changes nothing), and
 /// `stack ls/services/ps/rm` show and remove it all.
 fn stack_commands_work(client: &str) {
     if !Path::new(client).exists() {
@@ -833,6 +835,11 @@ fn stack_commands_work(client: &str) {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("db_password.txt"), "s3cret\n").unwrap();
     std::fs::write(dir.join("site.conf"), "site-v1\n").unwrap();
+    // Podman volumes are the machine's, not the cluster's: a name of this cluster's own.
+    let volume = format!(
+        "data{}",
+        c.name().replace(|ch: char| !ch.is_ascii_alphanumeric(), "")
+    );
     let compose = dir.join("docker-compose.yml");
     std::fs::write(
         &compose,
@@ -864,8 +871,27 @@ services:
         condition: on-failure
       placement:
         max_replicas_per_node: 1
+  worker:
+    image: {image}
+    command: ["sleep", "1000000"]
+    networks:
+      front:
+      back:
+        aliases: [jobs]
+    volumes:
+      - {volume}:/data
+    tmpfs: [/scratch]
+    extra_hosts: ["db.local:10.0.0.5"]
+    logging:
+      driver: json-file
+      options:
+        max-size: 1m
+volumes:
+  {volume}:
 networks:
   front:
+    driver: overlay
+  back:
     driver: overlay
 secrets:
   db_password:
@@ -874,7 +900,7 @@ configs:
   site:
     file: ./site.conf
 "#,
-            image = image.name()
+            image = image.name(),
         ),
     )
     .unwrap();
@@ -888,6 +914,7 @@ configs:
         "Creating secret infra_db_password",
         "Creating config infra_site",
         "Creating service infra_web",
+        "Creating service infra_worker",
     ] {
         assert!(out.contains(want), "stack deploy lacks {want:?}:\n{out}");
     }
@@ -911,7 +938,7 @@ configs:
     let ls = docker(client, h2, &["stack", "ls"]);
     assert!(
         ls.lines()
-            .any(|l| l.split_whitespace().take(2).eq(["infra", "1"])),
+            .any(|l| l.split_whitespace().take(2).eq(["infra", "2"])),
         "{ls}"
     );
     let services = docker(client, h2, &["stack", "services", "infra"]);
@@ -925,8 +952,53 @@ configs:
     );
     let ps = docker(client, h1, &["stack", "ps", "infra"]);
     let running: Vec<&str> = ps.lines().filter(|l| l.contains("Running")).collect();
-    assert_eq!(running.len(), 3, "{ps}");
-    assert!(running.iter().all(|l| l.contains("infra_web.")), "{ps}");
+    assert_eq!(running.len(), 4, "{ps}");
+    assert_eq!(
+        running.iter().filter(|l| l.contains("infra_web.")).count(),
+        3,
+        "{ps}"
+    );
+    // The worker's networks, mounts, hosts and logging arrived as the file said.
+    let worker: Value = serde_json::from_str(&docker(
+        client,
+        h1,
+        &[
+            "service",
+            "inspect",
+            "--format",
+            "{{json .Spec.TaskTemplate}}",
+            "infra_worker",
+        ],
+    ))
+    .unwrap();
+    let nets = worker["Networks"].as_array().unwrap();
+    assert_eq!(nets.len(), 2, "{worker}");
+    assert!(
+        nets.iter().any(|n| n["Aliases"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|a| a == "jobs"))),
+        "{worker}"
+    );
+    let container = &worker["ContainerSpec"];
+    let mounts = container["Mounts"].as_array().unwrap();
+    assert!(
+        mounts.iter().any(|m| m["Type"] == "volume"
+            && m["Source"] == format!("infra_{volume}")
+            && m["Target"] == "/data"),
+        "{worker}"
+    );
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m["Type"] == "tmpfs" && m["Target"] == "/scratch"),
+        "{worker}"
+    );
+    assert_eq!(container["Hosts"][0], "10.0.0.5 db.local", "{worker}");
+    assert_eq!(worker["LogDriver"]["Name"], "json-file", "{worker}");
+    assert_eq!(
+        worker["LogDriver"]["Options"]["max-size"], "1MiB",
+        "{worker}"
+    );
     // The deploy keys and the healthcheck arrived in the service's spec.
     let spec: Value = serde_json::from_str(&docker(
         client,
@@ -971,7 +1043,7 @@ configs:
         ids
     };
     let tasks_before = task_ids();
-    assert_eq!(tasks_before.len(), 3, "{tasks_before:?}");
+    assert_eq!(tasks_before.len(), 4, "{tasks_before:?}");
     let out = docker(
         client,
         h1,
@@ -1016,6 +1088,22 @@ configs:
         }
         Ok(Some(()))
     })
+    .unwrap();
+    // As in Docker, `stack rm` keeps volumes: this one goes with `volume rm` where it lives.
+    let volume = format!("infra_{volume}");
+    c.eventually(
+        Duration::from_secs(60),
+        "the worker's volume removed",
+        |c| {
+            for h in c.hosts() {
+                let _ = h.meshctl(&["volume", "rm", &volume]);
+            }
+            let left = Command::new("podman")
+                .args(["volume", "exists", &volume])
+                .status()?;
+            Ok((!left.success()).then_some(()))
+        },
+    )
     .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use mesh_api::spec::{
-    EndpointMode, FileRef, HealthCheck, PortSpec, Probe, Protocol, PublishMode, RunOptions,
-    Security, ServiceSpec as MeshSpec, TaskTemplate, Ulimit as MeshUlimit,
+    DnsConfig as MeshDns, EndpointMode, ExtraHost, FileRef, HealthCheck, LogDriver as MeshLog,
+    Mount as MeshMount, MountType, NetworkAttachment as MeshAttachment, PortSpec, Probe, Protocol,
+    PublishMode, RunOptions, Security, ServiceSpec as MeshSpec, TaskTemplate, Ulimit as MeshUlimit,
+    validate_mounts,
 };
 use mesh_planner::{
     Constraint, FailureAction, Placement as MeshPlacement, RestartCondition,
@@ -61,7 +63,7 @@ pub struct TaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub networks: Option<Vec<NetworkAttachment>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_driver: Option<Value>,
+    pub log_driver: Option<Driver>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force_update: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -100,7 +102,7 @@ pub struct ContainerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mounts: Option<Value>,
+    pub mounts: Option<Vec<Mount>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,9 +110,9 @@ pub struct ContainerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<Healthcheck>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hosts: Option<Value>,
+    pub hosts: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "DNSConfig")]
-    pub dns_config: Option<Value>,
+    pub dns_config: Option<DnsConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<Vec<SecretReference>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,6 +127,72 @@ pub struct ContainerSpec {
     pub capability_drop: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ulimits: Option<Vec<Ulimit>>,
+}
+
+/// A log driver, or a volume's driver: a name and its options.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct Driver {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<Labels>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct DnsConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nameservers: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct Mount {
+    #[serde(default, rename = "Type")]
+    pub kind: String,
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind_options: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_options: Option<VolumeOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmpfs_options: Option<TmpfsOptions>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct VolumeOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_copy: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_config: Option<Driver>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subpath: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct TmpfsOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<Value>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -407,11 +475,6 @@ pub fn to_mesh(d: &ServiceSpec, networks: &dyn NetworkNames) -> Result<MeshSpec,
         "TaskTemplate.NetworkAttachmentSpec",
         "",
     )?;
-    refuse_set(
-        &t.log_driver,
-        "TaskTemplate.LogDriver",
-        ": tasks log to the agent (read them with `docker service logs`)",
-    )?;
     if let Some(r) = t.runtime.as_deref()
         && !r.is_empty()
         && r != "container"
@@ -426,7 +489,11 @@ pub fn to_mesh(d: &ServiceSpec, networks: &dyn NetworkNames) -> Result<MeshSpec,
         .container_spec
         .as_ref()
         .ok_or("TaskTemplate.ContainerSpec is missing: give the service an image")?;
-    spec.task = Some(template(c, t.resources.as_ref())?);
+    let mut task = template(c, t.resources.as_ref())?;
+    if let Some(d) = &t.log_driver {
+        task.run.log = log_driver(d)?;
+    }
+    spec.task = Some(task);
     spec.mode = mode(d.mode.as_ref())?;
     if let Some(r) = &t.restart_policy {
         spec.restart = restart(r)?;
@@ -440,22 +507,32 @@ pub fn to_mesh(d: &ServiceSpec, networks: &dyn NetworkNames) -> Result<MeshSpec,
         .flatten()
         .chain(d.networks.iter().flatten())
         .collect();
-    match nets.as_slice() {
-        [] => {}
-        [n] => {
-            check_aliases(n.aliases.as_deref().unwrap_or_default(), &spec)?;
-            if n.driver_opts.as_ref().is_some_and(|o| !o.is_empty()) {
-                return Err(unsupported("TaskTemplate.Networks.DriverOpts", ""));
-            }
-            spec.network = networks
-                .network_name(&n.target)
-                .ok_or_else(|| format!("network {} not found", n.target))?;
+    let short = stack_alias(&spec).map(str::to_owned);
+    for (i, n) in nets.iter().enumerate() {
+        if n.driver_opts.as_ref().is_some_and(|o| !o.is_empty()) {
+            return Err(unsupported("TaskTemplate.Networks.DriverOpts", ""));
         }
-        _ => {
-            return Err(unsupported(
-                "more than one network in TaskTemplate.Networks",
-                ": attach the service to one overlay network",
-            ));
+        let target = networks
+            .network_name(&n.target)
+            .ok_or_else(|| format!("network {} not found", n.target))?;
+        // `docker stack deploy` gives every service its short name as an alias; mesh's DNS
+        // answers to it already, on the stack's networks.
+        let aliases: Vec<String> = n
+            .aliases
+            .iter()
+            .flatten()
+            .filter(|a| Some(a.as_str()) != short.as_deref())
+            .cloned()
+            .collect();
+        if i == 0 {
+            spec.network = target;
+            spec.aliases = aliases;
+        } else {
+            spec.networks.push(MeshAttachment {
+                target,
+                aliases,
+                vip: None,
+            });
         }
     }
     if let Some(u) = &d.update_config {
@@ -484,13 +561,6 @@ pub fn to_mesh(d: &ServiceSpec, networks: &dyn NetworkNames) -> Result<MeshSpec,
 fn template(c: &ContainerSpec, res: Option<&ResourceRequirements>) -> Result<TaskTemplate, String> {
     refuse_set(&c.groups, "ContainerSpec.Groups", "")?;
     refuse_set(&c.privileges, "ContainerSpec.Privileges", "")?;
-    refuse_set(
-        &c.mounts,
-        "ContainerSpec.Mounts",
-        " on this socket yet: use `meshctl service create --mount`",
-    )?;
-    refuse_set(&c.hosts, "ContainerSpec.Hosts", "")?;
-    refuse_set(&c.dns_config, "ContainerSpec.DNSConfig", "")?;
     if c.tty == Some(true) {
         return Err(unsupported("ContainerSpec.TTY", ""));
     }
@@ -526,8 +596,20 @@ fn template(c: &ContainerSpec, res: Option<&ResourceRequirements>) -> Result<Tas
             workdir: c.dir.clone().filter(|d| !d.is_empty()),
             stop_signal: c.stop_signal.clone().filter(|s| !s.is_empty()),
             container_labels: c.labels.clone().unwrap_or_default(),
-            // Hosts, DNSConfig and LogDriver are refused above, by their field names.
-            ..Default::default()
+            hosts: c
+                .hosts
+                .iter()
+                .flatten()
+                .map(|h| hosts_line(h))
+                .collect::<Result<Vec<_>, _>>()?
+                .concat(),
+            dns: c
+                .dns_config
+                .as_ref()
+                .map(dns_config)
+                .transpose()?
+                .unwrap_or_default(),
+            log: MeshLog::default(),
         },
         security: Security {
             cap_add: c.capability_add.clone().unwrap_or_default(),
@@ -579,7 +661,137 @@ fn template(c: &ContainerSpec, res: Option<&ResourceRequirements>) -> Result<Tas
                 positive(r.memory_bytes, "Reservations.MemoryBytes")?;
         }
     }
+    t.mounts = c
+        .mounts
+        .iter()
+        .flatten()
+        .map(mount)
+        .collect::<Result<_, _>>()?;
+    validate_mounts(&t.mounts).map_err(|e| format!("invalid ContainerSpec.Mounts: {e}"))?;
     Ok(t)
+}
+
+/// One `Hosts` line as dockerd writes it to /etc/hosts: `IP NAME [ALIAS…]`.
+fn hosts_line(line: &str) -> Result<Vec<ExtraHost>, String> {
+    let mut words = line.split_whitespace();
+    let bad = || format!("invalid ContainerSpec.Hosts entry {line:?}: write \"IP HOSTNAME\"");
+    let ip = words.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+    let hosts: Vec<ExtraHost> = words
+        .map(|host| ExtraHost {
+            host: host.to_owned(),
+            ip,
+        })
+        .collect();
+    if hosts.is_empty() {
+        return Err(bad());
+    }
+    for h in &hosts {
+        h.validate()
+            .map_err(|e| format!("invalid ContainerSpec.Hosts entry {line:?}: {e}"))?;
+    }
+    Ok(hosts)
+}
+
+fn dns_config(d: &DnsConfig) -> Result<MeshDns, String> {
+    let dns = MeshDns {
+        nameservers: d
+            .nameservers
+            .iter()
+            .flatten()
+            .map(|n| {
+                n.parse()
+                    .map_err(|_| format!("invalid DNSConfig.Nameservers {n:?}: an IP address"))
+            })
+            .collect::<Result<_, _>>()?,
+        search: d.search.clone().unwrap_or_default(),
+        options: d.options.clone().unwrap_or_default(),
+    };
+    dns.validate()
+        .map_err(|e| format!("invalid ContainerSpec.DNSConfig: {e}"))?;
+    Ok(dns)
+}
+
+fn log_driver(d: &Driver) -> Result<MeshLog, String> {
+    let opts: Vec<(String, String)> = d.options.clone().unwrap_or_default().into_iter().collect();
+    let name = (!d.name.is_empty()).then_some(d.name.as_str());
+    MeshLog::parse("TaskTemplate.LogDriver", name, &opts).map(Option::unwrap_or_default)
+}
+
+fn mount(m: &Mount) -> Result<MeshMount, String> {
+    let kind = match m.kind.as_str() {
+        "" | "volume" => MountType::Volume,
+        "bind" => MountType::Bind,
+        "tmpfs" => MountType::Tmpfs,
+        other => {
+            return Err(unsupported(
+                &format!("ContainerSpec.Mounts.Type {other:?}"),
+                ": use volume, bind or tmpfs",
+            ));
+        }
+    };
+    if m.consistency
+        .as_deref()
+        .is_some_and(|c| !c.is_empty() && c != "default")
+    {
+        return Err(unsupported("ContainerSpec.Mounts.Consistency", ""));
+    }
+    refuse_set(&m.bind_options, "ContainerSpec.Mounts.BindOptions", "")?;
+    let mut out = MeshMount {
+        kind,
+        source: m.source.clone(),
+        target: m.target.clone(),
+        read_only: m.read_only.unwrap_or(false),
+        ..Default::default()
+    };
+    if let Some(v) = &m.volume_options {
+        if let Some(d) = &v.driver_config
+            && (!matches!(d.name.as_str(), "" | "local")
+                || d.options.as_ref().is_some_and(|o| !o.is_empty()))
+        {
+            return Err(unsupported(
+                "ContainerSpec.Mounts.VolumeOptions.DriverConfig",
+                ": mesh's volumes are local, without options",
+            ));
+        }
+        if v.subpath.as_deref().is_some_and(|p| !p.is_empty()) {
+            return Err(unsupported(
+                "ContainerSpec.Mounts.VolumeOptions.Subpath",
+                "",
+            ));
+        }
+        out.volume_nocopy = v.no_copy.unwrap_or(false);
+        out.volume_labels = v.labels.clone().unwrap_or_default();
+    }
+    if let Some(t) = &m.tmpfs_options {
+        refuse_set(&t.options, "ContainerSpec.Mounts.TmpfsOptions.Options", "")?;
+        out.tmpfs_size = t
+            .size_bytes
+            .filter(|n| *n != 0)
+            .map(|n| positive(n, "TmpfsOptions.SizeBytes"))
+            .transpose()?;
+        out.tmpfs_mode = t.mode.filter(|m| *m != 0);
+    }
+    Ok(out)
+}
+
+fn docker_mount(m: &MeshMount) -> Mount {
+    Mount {
+        kind: m.kind.to_string(),
+        source: m.source.clone(),
+        target: m.target.clone(),
+        read_only: m.read_only.then_some(true),
+        volume_options: (m.kind == MountType::Volume).then(|| VolumeOptions {
+            no_copy: m.volume_nocopy.then_some(true),
+            labels: (!m.volume_labels.is_empty()).then(|| m.volume_labels.clone()),
+            ..Default::default()
+        }),
+        tmpfs_options: (m.kind == MountType::Tmpfs).then(|| TmpfsOptions {
+            size_bytes: m.tmpfs_size.map(|n| n as i64),
+            mode: m.tmpfs_mode,
+            options: None,
+        }),
+        ..Default::default()
+    }
 }
 
 /// A stack's service short name (`web` for `infra_web`): the alias `docker stack deploy`
@@ -590,19 +802,6 @@ fn stack_alias(s: &MeshSpec) -> Option<&str> {
         .strip_prefix(stack.as_str())?
         .strip_prefix('_')
         .filter(|short| !short.is_empty())
-}
-
-/// Aliases are accepted only where mesh answers to them: a stack service's short name.
-fn check_aliases(aliases: &[String], spec: &MeshSpec) -> Result<(), String> {
-    match aliases {
-        [] => Ok(()),
-        [a] if Some(a.as_str()) == stack_alias(spec) => Ok(()),
-        _ => Err(unsupported(
-            "TaskTemplate.Networks.Aliases",
-            ": a task is reached by its service's name (and a stack's service by its short \
-             name too)",
-        )),
-    }
 }
 
 fn positive(n: i64, field: &str) -> Result<u64, String> {
@@ -903,11 +1102,25 @@ pub fn from_mesh(s: &MeshSpec, networks: &dyn NetworkNames) -> ServiceSpec {
                 platforms: None,
             }),
             networks: (!s.network.is_empty()).then(|| {
-                vec![NetworkAttachment {
-                    target: networks.network_id(&s.network),
-                    aliases: stack_alias(s).map(|a| vec![a.to_owned()]),
-                    driver_opts: None,
-                }]
+                s.attachments()
+                    .into_iter()
+                    .map(|a| {
+                        let aliases: Vec<String> = stack_alias(s)
+                            .map(str::to_owned)
+                            .into_iter()
+                            .chain(a.aliases)
+                            .collect();
+                        NetworkAttachment {
+                            target: networks.network_id(&a.target),
+                            aliases: (!aliases.is_empty()).then_some(aliases),
+                            driver_opts: None,
+                        }
+                    })
+                    .collect()
+            }),
+            log_driver: t.filter(|t| !t.run.log.is_empty()).map(|t| Driver {
+                name: t.run.log.name.clone(),
+                options: Some(t.run.log.options().into_iter().collect()),
             }),
             force_update: Some(s.force_update),
             runtime: Some("container".into()),
@@ -991,6 +1204,26 @@ fn container_spec(t: &TaskTemplate) -> ContainerSpec {
         sysctls: (!t.security.sysctls.is_empty()).then(|| t.security.sysctls.clone()),
         capability_add: non_empty(&t.security.cap_add),
         capability_drop: non_empty(&t.security.cap_drop),
+        mounts: (!t.mounts.is_empty()).then(|| t.mounts.iter().map(docker_mount).collect()),
+        hosts: (!t.run.hosts.is_empty()).then(|| {
+            t.run
+                .hosts
+                .iter()
+                .map(|h| format!("{} {}", h.ip, h.host))
+                .collect()
+        }),
+        dns_config: (!t.run.dns.is_empty()).then(|| DnsConfig {
+            nameservers: Some(
+                t.run
+                    .dns
+                    .nameservers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            ),
+            search: Some(t.run.dns.search.clone()),
+            options: Some(t.run.dns.options.clone()),
+        }),
         ulimits: (!t.security.ulimits.is_empty()).then(|| {
             t.security
                 .ulimits
@@ -1112,12 +1345,16 @@ mod tests {
         fn network_name(&self, id: &str) -> Option<String> {
             match id {
                 "netid1" | "app" => Some("app".into()),
+                "netid2" | "back" => Some("back".into()),
                 _ => None,
             }
         }
         fn network_id(&self, name: &str) -> String {
-            assert_eq!(name, "app");
-            "netid1".into()
+            match name {
+                "app" => "netid1".into(),
+                "back" => "netid2".into(),
+                other => panic!("no network {other}"),
+            }
         }
     }
 
@@ -1239,23 +1476,29 @@ mod tests {
         };
         let e = with(
             r#""Mounts": null"#,
-            r#""Mounts": [{"Type": "volume", "Source": "data", "Target": "/data"}]"#,
+            r#""Mounts": [{"Type": "npipe", "Source": "x", "Target": "/x"}]"#,
         );
-        assert!(e.contains("ContainerSpec.Mounts is not supported"), "{e}");
+        assert!(e.contains("ContainerSpec.Mounts.Type \"npipe\""), "{e}");
+        let e = with(
+            r#""Mounts": null"#,
+            r#""Mounts": [{"Type": "volume", "Source": "d", "Target": "/d",
+                "VolumeOptions": {"DriverConfig": {"Name": "nfs"}}}]"#,
+        );
+        assert!(e.contains("DriverConfig"), "{e}");
+        let e = with(
+            r#""Mounts": null"#,
+            r#""Mounts": [{"Type": "bind", "Source": "relative", "Target": "/d"}]"#,
+        );
+        assert!(e.contains("ContainerSpec.Mounts"), "{e}");
         let e = with(r#""LogDriver": null"#, r#""LogDriver": {"Name": "syslog"}"#);
         assert!(e.contains("TaskTemplate.LogDriver"), "{e}");
-        let e = with(r#""Hosts": null"#, r#""Hosts": ["1.2.3.4 db"]"#);
+        let e = with(r#""Hosts": null"#, r#""Hosts": ["db.local"]"#);
         assert!(e.contains("ContainerSpec.Hosts"), "{e}");
         let e = with(
-            r#""Networks": [{"Target": "netid1"}]"#,
-            r#""Networks": [{"Target": "netid1"}, {"Target": "app"}]"#,
+            r#""DNSConfig": {}"#,
+            r#""DNSConfig": {"Nameservers": ["resolver"]}"#,
         );
-        assert!(e.contains("more than one network"), "{e}");
-        let e = with(
-            r#""Networks": [{"Target": "netid1"}]"#,
-            r#""Networks": [{"Target": "netid1", "Aliases": ["db"]}]"#,
-        );
-        assert!(e.contains("Aliases"), "{e}");
+        assert!(e.contains("DNSConfig.Nameservers"), "{e}");
         // A stack's service may carry its short name, as `docker stack deploy` sends it.
         let stacked = CLI_CREATE
             .replace(r#""Name": "my-web""#, r#""Name": "infra_web""#)
@@ -1271,14 +1514,71 @@ mod tests {
         let back = from_mesh(&ok, &Nets);
         let nets = back.task_template.networks.unwrap();
         assert_eq!(nets[0].aliases.as_deref(), Some(&["web".to_owned()][..]));
-        let e = decode(&stacked.replace(
-            r#""Networks": [{"Target": "netid1"}]"#,
-            r#""Networks": [{"Target": "netid1", "Aliases": ["db"]}]"#,
-        ))
-        .unwrap_err();
-        assert!(e.contains("Aliases"), "{e}");
         let e = with(r#""Protocol": "tcp""#, r#""Protocol": "sctp""#);
         assert!(e.contains("sctp"), "{e}");
+    }
+
+    /// What `docker stack deploy` sends for a vote-app worker: two networks with aliases, a
+    /// named volume and a tmpfs, extra hosts, DNS settings and log rotation. All of it maps,
+    /// and inspect shows it back as the client sent it.
+    #[test]
+    fn networks_mounts_hosts_dns_and_logging_map_both_ways() {
+        let json = CLI_CREATE
+            .replace(r#""Name": "my-web""#, r#""Name": "vote_worker""#)
+            .replace(
+                r#""Labels": {"a": "b"}"#,
+                r#""Labels": {"com.docker.stack.namespace": "vote"}"#,
+            )
+            .replace(
+                r#""Networks": [{"Target": "netid1"}]"#,
+                r#""Networks": [{"Target": "netid1", "Aliases": ["worker"]},
+                    {"Target": "back", "Aliases": ["worker", "jobs"]}]"#,
+            )
+            .replace(
+                r#""Mounts": null"#,
+                r#""Mounts": [{"Type": "volume", "Source": "vote_data", "Target": "/data",
+                    "VolumeOptions": {"Labels": {"com.docker.stack.namespace": "vote"}}},
+                    {"Type": "tmpfs", "Target": "/run/x", "TmpfsOptions": {"SizeBytes": 1048576}}]"#,
+            )
+            .replace(r#""Hosts": null"#, r#""Hosts": ["10.0.0.5 db.local db"]"#)
+            .replace(
+                r#""DNSConfig": {}"#,
+                r#""DNSConfig": {"Nameservers": ["10.0.0.53"], "Search": ["corp"], "Options": ["ndots:2"]}"#,
+            )
+            .replace(
+                r#""LogDriver": null"#,
+                r#""LogDriver": {"Name": "json-file", "Options": {"max-size": "10m", "max-file": "3"}}"#,
+            );
+        let s = decode(&json).unwrap();
+        assert_eq!(s.network, "app");
+        assert!(
+            s.aliases.is_empty(),
+            "the stack's short name is not an alias"
+        );
+        assert_eq!(s.networks.len(), 1);
+        assert_eq!(s.networks[0].target, "back");
+        assert_eq!(s.networks[0].aliases, ["jobs"]);
+        let t = s.task.as_ref().unwrap();
+        assert_eq!(t.mounts.len(), 2);
+        assert_eq!(t.mounts[0].kind, MountType::Volume);
+        assert_eq!(t.mounts[0].source, "vote_data");
+        assert_eq!(t.mounts[1].tmpfs_size, Some(1 << 20));
+        let hosts: Vec<String> = t.run.hosts.iter().map(ToString::to_string).collect();
+        assert_eq!(hosts, ["db.local:10.0.0.5", "db:10.0.0.5"]);
+        assert_eq!(t.run.dns.nameservers[0].to_string(), "10.0.0.53");
+        assert_eq!(t.run.dns.search, ["corp"]);
+        assert_eq!(t.run.log.max_size, Some(10 << 20));
+        assert_eq!(t.run.log.max_file, Some(3));
+
+        let docker = from_mesh(&s, &Nets);
+        let nets = docker.task_template.networks.as_ref().unwrap();
+        assert_eq!(nets[1].target, "netid2");
+        assert_eq!(
+            nets[1].aliases.as_deref(),
+            Some(&["worker".to_owned(), "jobs".to_owned()][..])
+        );
+        let again = decode(&serde_json::to_string(&docker).unwrap()).unwrap();
+        assert_eq!(again, s);
     }
 
     #[test]

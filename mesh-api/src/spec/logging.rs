@@ -142,6 +142,9 @@ mod tests {
             d.options(),
             opts(&[("max-file", "3"), ("max-size", "10MiB")])
         );
+        // What inspect shows reads back (docker stack deploy and update send it again).
+        let again = LogDriver::parse("--log-opt", Some("json-file"), &d.options()).unwrap();
+        assert_eq!(again, Some(d.clone()));
         assert_eq!(LogDriver::parse("--log-opt", None, &[]).unwrap(), None);
         let e = LogDriver::parse("--log-driver", Some("syslog"), &[]).unwrap_err();
         assert!(e.contains("\"syslog\" is not supported"), "{e}");

@@ -12,7 +12,12 @@ pub fn bytes(what: &str, s: &str) -> Result<u64, String> {
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(digits);
     let number: f64 = number.parse().map_err(|_| hint())?;
-    let shift = match unit.trim().trim_end_matches('b') {
+    // Docker's units (go-units' RAMInBytes): a letter, then an optional `i` and `b`, so what
+    // mesh prints (`10MiB`) reads back.
+    let u = unit.trim();
+    let u = u.strip_suffix('b').unwrap_or(u);
+    let u = u.strip_suffix('i').unwrap_or(u);
+    let shift = match u {
         "" => 0,
         "k" => 10,
         "m" => 20,
