@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use mesh_api::{
     id::Stamp,
-    spec::{DRIVER_PROCESS, HealthCheck, NodeStatus, ServiceSpec, TaskTemplate},
+    spec::{DRIVER_PODMAN, DRIVER_PROCESS, HealthCheck, NodeStatus, ServiceSpec, TaskTemplate},
 };
 use mesh_planner::Task;
 
@@ -81,6 +81,10 @@ pub(super) enum What {
     },
     Stopped {
         grace: Duration,
+    },
+    /// An image asked for ahead of its tasks (the event's task is empty).
+    Prefetched {
+        image: String,
     },
 }
 
@@ -155,7 +159,7 @@ impl Shared {
                 address: Ipv4Addr::new(192, 0, 2, i as u8 + 1),
                 mtu: 1500,
                 agent_version: "test".into(),
-                drivers: vec![DRIVER_PROCESS.into()],
+                drivers: vec![DRIVER_PROCESS.into(), DRIVER_PODMAN.into()],
                 labels: BTreeMap::new(),
                 reserved_ports: Vec::new(),
                 platform: Default::default(),
@@ -524,6 +528,16 @@ impl NodeRuntime for FakeNode {
         };
         let mut g = self.shared.gossip.lock().unwrap();
         g.services.insert(record.spec.name.clone(), record);
+    }
+
+    fn prefetch(&self, image: &str) {
+        self.shared.log(
+            &self.name,
+            "",
+            What::Prefetched {
+                image: image.to_owned(),
+            },
+        );
     }
 
     fn process(&self, name: &str) -> Option<LocalProcess> {

@@ -178,6 +178,7 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
                 spawn_stop(rt, t.clone());
             }
         }
+        prefetch_update_image(&**rt, service, &own);
         for slot in plan.starts_on(&me) {
             let template = service.spec.template_id();
             let has_current = own.values().any(|t| {
@@ -249,6 +250,25 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
         .filter(|t| t.is_live() && t.state < TaskState::Preparing)
         .filter_map(|t| t.not_before_ms)
         .min()
+}
+
+/// A node with tasks of an older template pulls the service's image now, while they still
+/// serve: a stop-first update's gap is then its stop and start, not a registry's download.
+fn prefetch_update_image<R: NodeRuntime>(
+    rt: &R,
+    service: &Replicated<ServiceSpec>,
+    own: &BTreeMap<String, Task>,
+) {
+    let Some(image) = service.spec.task.as_ref().and_then(|t| t.image.as_deref()) else {
+        return;
+    };
+    let template = service.spec.template_id();
+    let outdated = own
+        .values()
+        .any(|t| t.service == service.spec.name && t.is_live() && t.template != template);
+    if outdated {
+        rt.prefetch(image);
+    }
 }
 
 /// Every scheduled service's plan at the runtime's time (an update's delay is measured

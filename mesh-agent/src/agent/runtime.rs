@@ -81,6 +81,9 @@ pub(super) trait NodeRuntime: Send + Sync + 'static {
     fn record_service(&self, record: Replicated<ServiceSpec>) -> impl Future<Output = ()> + Send;
 
     fn process(&self, name: &str) -> Option<LocalProcess>;
+    /// Pulls an image in the background if this node lacks it (once per image at a time), so
+    /// that an update's new tasks do not wait for it after the old ones stopped.
+    fn prefetch(&self, image: &str);
     /// Plumbs the task's network and starts its process; Err says why it could not start.
     fn start_process(
         &self,
@@ -203,6 +206,10 @@ impl NodeRuntime for Agent {
         if let Err(e) = self.write_object(key::SERVICE, &name, &record).await {
             warn!(service = name, "recording the rollout: {e}");
         }
+    }
+
+    fn prefetch(&self, image: &str) {
+        crate::task::prefetch_image(image);
     }
 
     fn process(&self, name: &str) -> Option<LocalProcess> {

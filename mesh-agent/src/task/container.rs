@@ -143,6 +143,36 @@ pub async fn resolve(image: &str) -> std::result::Result<(), String> {
     }
 }
 
+/// Images this agent has pulled ahead of their tasks, or is pulling now.
+static PREFETCHED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// [`resolve`] in the background, once per image: a node whose old tasks still serve pulls
+/// the new image meanwhile. A failure is forgotten, so a later pass tries again, and the
+/// task's own start pulls (and reports the registry's reason) anyway.
+pub fn prefetch(image: &str) {
+    let first = PREFETCHED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(image.to_owned());
+    if !first {
+        return;
+    }
+    let image = image.to_owned();
+    tokio::spawn(async move {
+        match resolve(&image).await {
+            Ok(()) => tracing::info!(image, "image ready ahead of the update's tasks"),
+            Err(why) => {
+                tracing::warn!(image, why, "pulling ahead of the update failed");
+                PREFETCHED
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&image);
+            }
+        }
+    });
+}
+
 /// The last line podman prints on a failed pull: the registry's (or the resolver's) reason,
 /// without the retry chatter before it.
 fn registry_message(stderr: &str) -> String {

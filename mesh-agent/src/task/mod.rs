@@ -45,7 +45,9 @@ use crate::{
 };
 
 pub use cni::{CniAttachment, CniRequest};
-pub use container::{available as podman_available, resolve as resolve_image};
+pub use container::{
+    available as podman_available, prefetch as prefetch_image, resolve as resolve_image,
+};
 pub use files::{SECRETS_DIR, TaskFile, TaskFiles};
 pub use logs::{
     DEFAULT_MAX_FILE as DEFAULT_LOG_MAX_FILE, DEFAULT_MAX_SIZE as DEFAULT_LOG_MAX_SIZE,

@@ -911,3 +911,59 @@ async fn a_forced_update_runs_a_job_again() {
     assert_eq!(now, BTreeSet::from([Slot::Replica(1), Slot::Replica(2)]));
     assert!(c.service("migrate").update_status.is_none());
 }
+
+// --- Images ahead of an update -----------------------------------------------------------
+
+/// `service update --image`: every node with an old task pulls the new image before it
+/// stops one (stop-first), and a service whose tasks are current asks for no pull.
+#[tokio::test(start_paused = true)]
+async fn nodes_with_old_tasks_pull_the_new_image_before_they_stop_them() {
+    let c = FakeCluster::new(&["n1", "n2"]);
+    let mut spec = web(4, "v1");
+    spec.task.as_mut().expect("a template").image = Some("shop/web:1".into());
+    spec.update.delay_ms = 2_000;
+    c.create(spec);
+    c.run_for(secs(5)).await;
+    assert_eq!(c.live("web").len(), 4);
+    let prefetched = |c: &FakeCluster, node: &str| -> Vec<(u64, String)> {
+        c.events()
+            .into_iter()
+            .filter(|e| e.node == node)
+            .filter_map(|e| match e.what {
+                What::Prefetched { image } => Some((e.at_ms, image)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(prefetched(&c, "n1").is_empty() && prefetched(&c, "n2").is_empty());
+
+    c.update("web", |s| {
+        s.task.as_mut().expect("a template").image = Some("shop/web:2".into());
+    });
+    c.run_for(secs(40)).await;
+    let live = c.live("web");
+    assert_eq!(live.len(), 4);
+    assert!(
+        live.iter()
+            .all(|t| t.template == c.service("web").template_id())
+    );
+    for node in ["n1", "n2"] {
+        let pulls = prefetched(&c, node);
+        let (at, image) = pulls
+            .first()
+            .unwrap_or_else(|| panic!("{node} pulled nothing"));
+        assert_eq!(image, "shop/web:2");
+        assert!(pulls.iter().all(|(_, i)| i == "shop/web:2"), "{pulls:?}");
+        let first_stop = c
+            .events()
+            .into_iter()
+            .filter(|e| e.node == node && matches!(e.what, What::Stopped { .. }))
+            .map(|e| e.at_ms)
+            .min()
+            .unwrap_or_else(|| panic!("{node} stopped no old task"));
+        assert!(
+            *at <= first_stop,
+            "{node} pulled at {at}, stopped at {first_stop}"
+        );
+    }
+}
