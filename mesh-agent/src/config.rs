@@ -49,6 +49,9 @@ pub struct AgentConfig {
     /// The Docker Engine API socket (`docker` with `DOCKER_HOST=unix://…`). Default:
     /// `docker.sock` beside `socket`; an empty path turns it off.
     pub docker_socket: Option<PathBuf>,
+    /// The group that may use the Docker API socket besides root (dockerd's `docker` group):
+    /// its members can do what root can with services, so give it to admins only.
+    pub docker_socket_group: Option<String>,
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
     /// cgroup v2 directory the agent places its process tasks in (under `tasks/`). Default:
@@ -285,6 +288,7 @@ impl Default for AgentConfig {
             restart_grace_ms: 10_000,
             socket: mesh_api::v1::DEFAULT_SOCKET.into(),
             docker_socket: None,
+            docker_socket_group: None,
             state_dir: "/var/lib/mesh".into(),
             bpffs: "/sys/fs/bpf/mesh".into(),
             cgroup: None,

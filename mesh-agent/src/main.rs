@@ -190,6 +190,10 @@ struct RunArgs {
     /// beside --socket; "" turns it off.
     #[arg(long)]
     docker_socket: Option<PathBuf>,
+    /// The group that may use the Docker API socket besides root (as dockerd's `docker`
+    /// group); default: root's only.
+    #[arg(long)]
+    docker_socket_group: Option<String>,
     #[arg(long)]
     state_dir: Option<PathBuf>,
     #[arg(long)]
@@ -262,6 +266,9 @@ impl RunArgs {
         }
         if let Some(v) = self.docker_socket {
             c.docker_socket = Some(v);
+        }
+        if let Some(v) = self.docker_socket_group {
+            c.docker_socket_group = Some(v);
         }
         if let Some(v) = self.state_dir {
             c.state_dir = v;
@@ -445,8 +452,13 @@ fn with_port(peer: &str, default: u16) -> String {
 
 pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
     let config = config.resolve()?;
-    // A bad key file stops the agent before it touches the kernel.
+    // A bad key file or socket group stops the agent before it touches the kernel.
     let auth = gossip_auth(&config)?;
+    let docker_group = config
+        .docker_socket_group
+        .as_deref()
+        .map(mesh_agent::docker::socket_group)
+        .transpose()?;
     let identity = std::sync::Arc::new(node_identity(&config.state_dir)?);
     let gossip_config = GossipConfig {
         node: config.node_name.clone(),
@@ -582,7 +594,7 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let docker_socket = config.docker_socket();
     if let Some(path) = &docker_socket {
-        let listener = mesh_agent::docker::bind(path)?;
+        let listener = mesh_agent::docker::bind(path, docker_group)?;
         info!(socket = %path.display(), "Docker API (swarm endpoints) ready");
         let agent = agent.clone();
         tokio::spawn(async move {

@@ -565,6 +565,56 @@ fn refused(h: &Host) -> BTreeMap<u16, f64> {
 
 /// Only root and the socket's group (root's, as dockerd's is root:docker 0660) may reach
 /// the Docker socket: anyone else is refused by the kernel before the agent reads a byte.
+/// `--docker-socket-group` (agent.toml `docker_socket_group`) hands the socket to a group,
+/// as dockerd's `docker` group: its members get in, other users still do not; a group that
+/// does not exist stops the agent with a message saying so.
+#[test]
+fn a_named_group_reaches_the_docker_socket_and_an_unknown_one_is_refused() {
+    let mut c = Cluster::new(2).unwrap();
+    c.host_mut(1)
+        .start_agent(&["--docker-socket-group", "nogroup"])
+        .unwrap();
+    let sock = docker_socket(c.host(1));
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 65534), "{}", sock.display());
+    let as_user = |gid: &str| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", &format!("--regid={gid}"), "--clear-groups"])
+            .arg(CLIENTS[0])
+            .args(["version", "--format", "{{.Server.APIVersion}}"])
+            .env("DOCKER_HOST", format!("unix://{}", sock.display()))
+            .env("DOCKER_CONFIG", std::env::temp_dir())
+            .output()
+            .unwrap()
+    };
+    let out = as_user("65534");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1.41");
+    let out = as_user("1");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+        "{out:?}"
+    );
+
+    let h2 = c.host_mut(2);
+    assert!(
+        h2.start_agent(&["--docker-socket-group", "no-such-group"])
+            .is_err(),
+        "an agent with an unknown socket group started"
+    );
+    let said = h2.output() + &h2.logs();
+    assert!(
+        said.contains("docker_socket_group \"no-such-group\" does not exist"),
+        "{said}"
+    );
+}
+
 #[test]
 fn only_root_and_its_group_reach_the_docker_socket() {
     let c = cluster();

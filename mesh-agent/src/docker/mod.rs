@@ -232,8 +232,26 @@ async fn unsupported(uri: Uri) -> Response {
 }
 
 /// Binds the Docker socket (mode 0660, like dockerd's), replacing a stale one.
-pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
-    crate::http::bind(socket).context("the Docker API socket")
+pub fn bind(socket: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<UnixListener> {
+    let listener = crate::http::bind(socket).context("the Docker API socket")?;
+    if let Some(gid) = group {
+        nix::unistd::chown(socket, None, Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", socket.display()))?;
+    }
+    Ok(listener)
+}
+
+/// The group `docker_socket_group` names, looked up before the agent touches anything.
+pub fn socket_group(name: &str) -> anyhow::Result<nix::unistd::Gid> {
+    let group = nix::unistd::Group::from_name(name)
+        .with_context(|| format!("looking up group {name}"))?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "docker_socket_group {name:?} does not exist: create it (groupadd {name}) or \
+                 leave the Docker socket to root"
+            )
+        })?;
+    Ok(group.gid)
 }
 
 /// Serves the Docker API with the limits of the mesh API socket.
