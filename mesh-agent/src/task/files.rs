@@ -93,6 +93,9 @@ pub(super) fn prepare(files: &TaskFiles) -> Result<(Vec<Prepared>, Vec<PathBuf>)
                 "config target {} is a directory on this node; give a file path",
                 f.target
             ),
+            // Another task's placeholder (an update's old task, not yet torn down): this task
+            // mounts on it too, so it is this task's to keep until the last one goes.
+            Ok(m) if m.is_file() && m.len() == 0 => placeholders.push(target.to_owned()),
             Ok(_) => {}
             Err(_) => {
                 let parent = target.parent().unwrap_or(Path::new("/"));

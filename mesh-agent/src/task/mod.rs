@@ -1095,20 +1095,34 @@ impl Tasks {
                 .lock()
                 .expect("task table poisoned")
                 .values()
-                .filter(|e| e.record.spec.name != record.spec.name && e.pidfd.is_some())
+                .filter(|e| e.record.spec.name != record.spec.name)
+                .filter(|e| !matches!(e.record.state, ProcessState::Exited { .. }))
                 .flat_map(|e| e.record.mount_points.clone())
                 .collect();
             files::remove_placeholders(&record.mount_points, &in_use);
         }
         if !record.mount_dirs.is_empty() {
+            // Every other task's mount targets, not only the points it made: a task started
+            // while this one's mount point still stood did not make it, yet mounts on it, and
+            // removing it on the host would take that mount away from the task (the kernel
+            // detaches mounts on a directory removed in another namespace).
             let in_use: Vec<PathBuf> = self
                 .inner
                 .entries
                 .lock()
                 .expect("task table poisoned")
                 .values()
-                .filter(|e| e.record.spec.name != record.spec.name && e.pidfd.is_some())
-                .flat_map(|e| e.record.mount_dirs.clone())
+                .filter(|e| e.record.spec.name != record.spec.name)
+                .filter(|e| !matches!(e.record.state, ProcessState::Exited { .. }))
+                .flat_map(|e| {
+                    let targets = e
+                        .record
+                        .spec
+                        .mounts
+                        .iter()
+                        .map(|m| PathBuf::from(m.clean_target()));
+                    e.record.mount_dirs.iter().cloned().chain(targets)
+                })
                 .collect();
             volumes::remove_mount_points(&record.mount_dirs, &in_use);
         }

@@ -304,10 +304,13 @@ pub(super) fn prepare(
     Ok((out, made))
 }
 
-/// Mount points this task made, removed once no other task needs them (and only if empty:
-/// someone may have put files there meanwhile).
+/// Mount points this task made, removed once no other task mounts on them or below them (and
+/// only if empty: someone may have put files there meanwhile).
 pub(super) fn remove_mount_points(mine: &[PathBuf], in_use: &[PathBuf]) {
-    for p in mine.iter().filter(|p| !in_use.contains(p)) {
+    for p in mine
+        .iter()
+        .filter(|p| !in_use.iter().any(|t| t.starts_with(p)))
+    {
         match std::fs::symlink_metadata(p) {
             Ok(m) if m.is_dir() => {
                 let _ = std::fs::remove_dir(p);
