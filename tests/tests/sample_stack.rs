@@ -9,7 +9,7 @@ use std::{net::SocketAddr, time::Duration};
 use mesh_tests::{Cluster, Host, cluster::bin, workload::http_get};
 use serde_json::Value;
 
-fn compose(c: &Cluster, db_node: &str) -> String {
+fn compose(db_node: &str, conf: &str) -> String {
     let w = bin("mesh-whoami");
     let w = w.to_str().unwrap();
     format!(
@@ -23,6 +23,9 @@ services:
     command: ["{w}", "--name", "db"]
     volumes:
       - db-data:/data
+    configs:
+      - source: db-conf
+        target: {conf}
     networks: [backend]
     stop_grace_period: 5s
     deploy:
@@ -49,6 +52,9 @@ services:
     depends_on: [db, redis]
 volumes:
   db-data:
+configs:
+  db-conf:
+    file: ./db.conf
 networks:
   frontend:
     driver: overlay
@@ -62,26 +68,28 @@ networks:
     )
 }
 
-/// A running task of `service` (`meshctl ps` on each node): its node and name.
+/// A running task of `service` (`meshctl ps` on each node): its host and name.
 fn running_task<'c>(c: &'c Cluster, service: &str, not: Option<&str>) -> (&'c Host, String) {
-    c.eventually(
-        Duration::from_secs(40),
-        &format!("a running task of {service}"),
-        |c| {
-            for h in c.hosts() {
-                let ps: Vec<Value> = h.meshctl_json(&["ps"])?;
-                if let Some(t) = ps.iter().find(|t| {
-                    t["service"] == service
-                        && t["state"] == "running"
-                        && not.is_none_or(|n| t["name"] != n)
-                }) {
-                    return Ok(Some((h, t["name"].as_str().unwrap().to_owned())));
+    let (i, name) = c
+        .eventually(
+            Duration::from_secs(40),
+            &format!("a running task of {service}"),
+            |c| {
+                for (i, h) in c.hosts().iter().enumerate() {
+                    let ps: Vec<Value> = h.meshctl_json(&["ps"])?;
+                    if let Some(t) = ps.iter().find(|t| {
+                        t["service"] == service
+                            && t["state"] == "running"
+                            && not.is_none_or(|n| t["name"] != n)
+                    }) {
+                        return Ok(Some((i, t["name"].as_str().unwrap().to_owned())));
+                    }
                 }
-            }
-            Ok(None)
-        },
-    )
-    .unwrap()
+                Ok(None)
+            },
+        )
+        .unwrap();
+    (&c.hosts()[i], name)
 }
 
 /// `sh -c SCRIPT` inside the task, as its own processes run: (status ok, stdout).
@@ -89,10 +97,9 @@ fn in_task(h: &Host, task: &str, script: &str) -> (bool, String) {
     let out = h
         .meshctl(&["exec", task, "--", "sh", "-c", script])
         .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let ok = out.status.success();
+    let said = if ok { &out.stdout } else { &out.stderr };
+    (ok, String::from_utf8_lossy(said).into_owned())
 }
 
 fn converged(c: &Cluster, name: &str, n: u64) {
@@ -121,7 +128,10 @@ fn the_vote_apps_stack_deploys_unchanged_and_serves_from_a_node_without_tasks() 
         .unwrap();
     let db_node = c.host(2).node_name().to_owned();
     let path = c.log_dir().join("vote-app.yml");
-    std::fs::write(&path, compose(&c, &db_node)).unwrap();
+    std::fs::write(c.log_dir().join("db.conf"), "max_connections=7\n").unwrap();
+    // A process task shares the host's file system: a config target of this cluster's own.
+    let conf = format!("/tmp/{}-db.conf", c.name());
+    std::fs::write(&path, compose(&db_node, &conf)).unwrap();
     let f = path.to_str().unwrap();
     let out = c
         .host(1)
@@ -201,8 +211,8 @@ fn the_vote_apps_stack_deploys_unchanged_and_serves_from_a_node_without_tasks() 
     // `service update --force` its new task reads the data back.
     let (dh, db) = running_task(&c, "vote_db", None);
     assert_eq!(dh.node_name(), db_node);
-    let (ok, _) = in_task(dh, &db, "echo ballots-42 > /data/state");
-    assert!(ok, "the db writes to its volume");
+    let (ok, said) = in_task(dh, &db, "echo ballots-42 > /data/state");
+    assert!(ok, "the db writes to its volume: {said}");
     c.host(1)
         .meshctl_ok(&["service", "update", "--force", "vote_db"])
         .unwrap();
@@ -210,6 +220,10 @@ fn the_vote_apps_stack_deploys_unchanged_and_serves_from_a_node_without_tasks() 
     assert_eq!(dh2.node_name(), db_node);
     let (ok, got) = in_task(dh2, &db2, "cat /data/state");
     assert!(ok && got.trim() == "ballots-42", "{got}");
+    // Its config is mounted in the new task too: the old task's teardown, after the new
+    // task had started on the same mount points, left them in place.
+    let (ok, got) = in_task(dh2, &db2, &format!("cat {conf}"));
+    assert!(ok && got.trim() == "max_connections=7", "{got}");
     let vols: Vec<Value> = c.host(2).meshctl_json(&["volume", "ls"]).unwrap();
     assert!(
         vols.iter()
