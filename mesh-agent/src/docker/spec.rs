@@ -1299,6 +1299,30 @@ pub fn docker_port(p: &PortSpec) -> PortConfig {
 /// What a docker update cannot express but a meshctl-made service may have: kept from the
 /// current spec instead of being dropped by a client that never saw it.
 pub fn keep_mesh_only(new: &mut MeshSpec, current: &MeshSpec) {
+    // Older clients (docker 20.10's stack deploy) list a service's networks in Go's map
+    // order, which changes between runs: the same networks in another order are no change,
+    // and must not make another network the first (eth0) and roll every task.
+    let key = |s: &MeshSpec| {
+        let mut a: Vec<(String, Vec<String>)> = s
+            .attachments()
+            .into_iter()
+            .map(|a| (a.target, a.aliases))
+            .collect();
+        a.sort();
+        a
+    };
+    if key(new) == key(current) {
+        new.network = current.network.clone();
+        new.aliases = current.aliases.clone();
+        new.networks = current
+            .networks
+            .iter()
+            .map(|a| MeshAttachment {
+                vip: None,
+                ..a.clone()
+            })
+            .collect();
+    }
     if let (Some(n), Some(c)) = (new.task.as_mut(), current.task.as_ref()) {
         if n.health.is_none()
             && c.health
@@ -1579,6 +1603,29 @@ mod tests {
         );
         let again = decode(&serde_json::to_string(&docker).unwrap()).unwrap();
         assert_eq!(again, s);
+    }
+
+    /// docker 20.10 lists a stack service's networks in Go's map order: the same networks
+    /// in another order keep the service's own order (its first network stays eth0).
+    #[test]
+    fn networks_in_another_order_are_no_change() {
+        let current = decode(&CLI_CREATE.replace(
+            r#""Networks": [{"Target": "netid1"}]"#,
+            r#""Networks": [{"Target": "netid1"}, {"Target": "back", "Aliases": ["jobs"]}]"#,
+        ))
+        .unwrap();
+        let mut swapped = decode(&CLI_CREATE.replace(
+            r#""Networks": [{"Target": "netid1"}]"#,
+            r#""Networks": [{"Target": "back", "Aliases": ["jobs"]}, {"Target": "netid1"}]"#,
+        ))
+        .unwrap();
+        assert_eq!(swapped.network, "back");
+        keep_mesh_only(&mut swapped, &current);
+        assert_eq!(swapped, current);
+        // Another set of networks is a change, kept as sent.
+        let mut other = decode(CLI_CREATE).unwrap();
+        keep_mesh_only(&mut other, &current);
+        assert!(other.networks.is_empty());
     }
 
     #[test]
