@@ -259,7 +259,7 @@ fn prefetch_update_image<R: NodeRuntime>(
     service: &Replicated<ServiceSpec>,
     own: &BTreeMap<String, Task>,
 ) {
-    let Some(image) = service.spec.task.as_ref().and_then(|t| t.image.as_deref()) else {
+    let Some(image) = super::services::image_of(&service.spec) else {
         return;
     };
     let template = service.spec.template_id();

@@ -1080,7 +1080,8 @@ fn start_or_resume_rollout(spec: &mut ServiceSpec, current: &ServiceSpec) {
     }
 }
 
-fn image_of(spec: &ServiceSpec) -> Option<&str> {
+/// The image a service's tasks run (None: the process driver).
+pub(super) fn image_of(spec: &ServiceSpec) -> Option<&str> {
     spec.task.as_ref()?.image.as_deref()
 }
 

@@ -1089,16 +1089,7 @@ impl Tasks {
         }
         files::remove_podman_dir(&self.inner.config.files_dir.join(&record.netns));
         if !record.mount_points.is_empty() {
-            let in_use: Vec<PathBuf> = self
-                .inner
-                .entries
-                .lock()
-                .expect("task table poisoned")
-                .values()
-                .filter(|e| e.record.spec.name != record.spec.name)
-                .filter(|e| !matches!(e.record.state, ProcessState::Exited { .. }))
-                .flat_map(|e| e.record.mount_points.clone())
-                .collect();
+            let in_use = self.in_use_by_others(&record.spec.name, |r| r.mount_points.clone());
             files::remove_placeholders(&record.mount_points, &in_use);
         }
         if !record.mount_dirs.is_empty() {
@@ -1106,28 +1097,35 @@ impl Tasks {
             // while this one's mount point still stood did not make it, yet mounts on it, and
             // removing it on the host would take that mount away from the task (the kernel
             // detaches mounts on a directory removed in another namespace).
-            let in_use: Vec<PathBuf> = self
-                .inner
-                .entries
-                .lock()
-                .expect("task table poisoned")
-                .values()
-                .filter(|e| e.record.spec.name != record.spec.name)
-                .filter(|e| !matches!(e.record.state, ProcessState::Exited { .. }))
-                .flat_map(|e| {
-                    let targets = e
-                        .record
-                        .spec
-                        .mounts
-                        .iter()
-                        .map(|m| PathBuf::from(m.clean_target()));
-                    e.record.mount_dirs.iter().cloned().chain(targets)
-                })
-                .collect();
+            let in_use = self.in_use_by_others(&record.spec.name, |r| {
+                let targets = r
+                    .spec
+                    .mounts
+                    .iter()
+                    .map(|m| PathBuf::from(m.clean_target()));
+                r.mount_dirs.iter().cloned().chain(targets).collect()
+            });
             volumes::remove_mount_points(&record.mount_dirs, &in_use);
         }
         let etc = plumbing::etc_dir(&self.inner.config.netns_etc, &record.netns);
         plumbing::detach(&self.inner.host, &record.netns, &veths, &etc).await
+    }
+
+    /// The host paths `paths` names for every task but `name` that has not exited.
+    fn in_use_by_others(
+        &self,
+        name: &str,
+        paths: impl Fn(&TaskRecord) -> Vec<PathBuf>,
+    ) -> Vec<PathBuf> {
+        self.inner
+            .entries
+            .lock()
+            .expect("task table poisoned")
+            .values()
+            .filter(|e| e.record.spec.name != name)
+            .filter(|e| !matches!(e.record.state, ProcessState::Exited { .. }))
+            .flat_map(|e| paths(&e.record))
+            .collect()
     }
 
     fn save_or_warn(&self, record: &TaskRecord) {
