@@ -448,6 +448,20 @@ fn swarm_commands_work(client: &str) {
         err.contains("ContainerSpec.Mounts.VolumeOptions.DriverConfig is not supported"),
         "{err}"
     );
+    // A bind of the agent's own state is refused on Docker's update as on meshctl's.
+    let state = h1.state_dir();
+    let err = docker_err(
+        client,
+        h1,
+        &[
+            "service",
+            "update",
+            "--mount-add",
+            &format!("type=bind,source={},target=/stolen", state.display()),
+            "my-web",
+        ],
+    );
+    assert!(err.contains("would expose"), "{err}");
     let after = docker(
         client,
         h1,

@@ -177,30 +177,47 @@ impl Agent {
     ) -> Result<Replicated<ServiceSpec>> {
         let view = self.refresh().await;
         let current = view.services.get(name).ok_or_else(|| not_found(name))?;
-        let mut spec = apply_update(&current.spec, req)?;
-        PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, Some(&current.spec))?;
-        check_file_refs(&view, &spec)?;
+        let spec = apply_update(&current.spec, req)?;
+        self.check_and_write(
+            &view,
+            current,
+            spec,
+            !req.no_resolve_image,
+            "service updated",
+        )
+        .await
+    }
+
+    /// A changed spec of an existing service, however it was asked for (meshctl's update,
+    /// Docker's whole spec): checked as every change is, and written unless it is no change.
+    async fn check_and_write(
+        &self,
+        view: &View,
+        current: &Replicated<ServiceSpec>,
+        mut spec: ServiceSpec,
+        resolve_image: bool,
+        done: &str,
+    ) -> Result<Replicated<ServiceSpec>> {
+        let name = current.spec.name.as_str();
+        PortAssigner::new(view, &BTreeSet::from([name])).assign(&mut spec, Some(&current.spec))?;
+        check_file_refs(view, &spec)?;
         self.check_bind_sources(&spec, Some(&current.spec))?;
         super::volumes::check_volume_drivers(&view.services, &[&spec])?;
         if spec.attachments() != current.spec.attachments() {
-            attachments::check_networks_exist(&view, &spec)?;
-            attachments::check_alias_conflicts(&view, &spec)?;
+            attachments::check_networks_exist(view, &spec)?;
+            attachments::check_alias_conflicts(view, &spec)?;
         }
         if spec.ports != current.spec.ports {
-            check_ports(&view, name, &spec.ports)?;
+            check_ports(view, name, &spec.ports)?;
         }
         if spec == current.spec {
             return Ok(current.clone());
         }
-        if !req.no_resolve_image && image_of(&spec) != image_of(&current.spec) {
-            self.resolve_image(&view, &spec).await?;
+        if resolve_image && image_of(&spec) != image_of(&current.spec) {
+            self.resolve_image(view, &spec).await?;
         }
         let record = self.write_change(current, spec).await?;
-        info!(
-            service = name,
-            version = record.spec.version,
-            "service updated"
-        );
+        info!(service = name, version = record.spec.version, "{done}");
         Ok(record)
     }
 
@@ -242,25 +259,9 @@ impl Agent {
                 rollout::start_rollout(&mut spec, &current.spec, Clock::now_ms());
             }
         }
-        PortAssigner::new(&view, &BTreeSet::from([name])).assign(&mut spec, Some(&current.spec))?;
-        check_file_refs(&view, &spec)?;
-        if spec.attachments() != current.spec.attachments() {
-            attachments::check_networks_exist(&view, &spec)?;
-            attachments::check_alias_conflicts(&view, &spec)?;
-        }
-        if spec.ports != current.spec.ports {
-            check_ports(&view, name, &spec.ports)?;
-        }
-        if spec == current.spec {
-            return Ok(current.clone());
-        }
-        let record = self.write_change(current, spec).await?;
-        info!(
-            service = name,
-            version = record.spec.version,
-            "service replaced"
-        );
-        Ok(record)
+        // Checked as a meshctl update is: bind sources, volume drivers and a new image too.
+        self.check_and_write(&view, current, spec, true, "service replaced")
+            .await
     }
 
     /// Scales every named service, or none: all are checked before any is written.
