@@ -37,7 +37,7 @@ pub fn node_info(agent: &Agent, view: &View, name: &str) -> Option<NodeInfo> {
             .as_ref()
             .map(|r| r.drivers.clone())
             .unwrap_or_default(),
-        role: mesh_planner::Role::Admin,
+        role: n.role,
         platform: n
             .record
             .as_ref()

@@ -30,6 +30,10 @@ pub struct AgentConfig {
     pub gossip_port: u16,
     /// File holding the cluster key(s) that authenticate gossip.
     pub cluster_key_file: Option<PathBuf>,
+    /// Where the cluster's admin key lives (`admin.pub` on every node, `admin.key` on admins
+    /// that can grant roles; see `crate::roles`). Default: beside `cluster_key_file`. Without
+    /// an `admin.pub` there the cluster has no roles and every node is an admin.
+    pub admin_key_dir: Option<PathBuf>,
     /// Gossip without a cluster key: any host that reaches the gossip port can join, read
     /// the cluster's state and inject records. Without a key the agent refuses to start
     /// unless this is set (`--insecure`).
@@ -280,6 +284,7 @@ impl Default for AgentConfig {
             cluster: "mesh".into(),
             gossip_port: crate::gossip::DEFAULT_PORT,
             cluster_key_file: None,
+            admin_key_dir: None,
             insecure: false,
             labels: BTreeMap::new(),
             gossip_interval_ms: 100,
@@ -431,6 +436,18 @@ pub struct ResolvedConfig {
     /// What the node offers to tasks' reservations (see [`AgentConfig::cpus`]).
     pub capacity: mesh_api::spec::Resources,
     pub config: AgentConfig,
+}
+
+impl AgentConfig {
+    /// The directory of the admin key: `admin_key_dir`, else beside the cluster key file.
+    pub fn admin_key_dir(&self) -> Option<PathBuf> {
+        self.admin_key_dir.clone().or_else(|| {
+            self.cluster_key_file
+                .as_deref()
+                .and_then(|f| f.parent())
+                .map(|d| d.to_path_buf())
+        })
+    }
 }
 
 impl std::ops::Deref for ResolvedConfig {

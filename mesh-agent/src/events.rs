@@ -406,6 +406,7 @@ mod tests {
         let node = |status, availability| NodeView {
             name: "n1".into(),
             record: None,
+            role: mesh_planner::Role::Admin,
             spec: NodeSpec {
                 availability,
                 ..NodeSpec::default()

@@ -69,6 +69,28 @@ impl NodeIdentity {
         }
     }
 
+    /// The key pair of a 32-byte seed (an admin key carried in an admin join token).
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        Self {
+            key: SigningKey::from_bytes(seed),
+        }
+    }
+
+    /// The secret seed, for the one place that hands it on: an admin join token.
+    pub fn seed(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.key.to_bytes())
+    }
+
+    /// The key pair in `path` (an error when it is missing or damaged).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the key {}", path.display()))?,
+        );
+        Self::parse(&text)
+            .with_context(|| format!("{} is not a key (a base64 Ed25519 seed)", path.display()))
+    }
+
     fn parse(text: &str) -> Result<Self> {
         let bytes = Zeroizing::new(B64.decode(text.trim())?);
         let seed: &[u8; 32] = bytes
@@ -80,7 +102,8 @@ impl NodeIdentity {
         })
     }
 
-    fn write(&self, path: &Path) -> Result<()> {
+    /// Writes the secret to a new file, created 0600; an existing file is an error.
+    pub fn write(&self, path: &Path) -> Result<()> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }

@@ -19,8 +19,9 @@ use mesh_agent::{
     config::{AgentConfig, DEFAULT_CONFIG},
     gossip::auth::GossipAuth,
     gossip::keyring::{self, ClusterKey, Keyring, key_id},
-    gossip::token::JoinToken,
+    gossip::token::{JoinToken, TokenRole},
     gossip::transport::{ProbeAnswer, probe},
+    roles::AdminKey,
 };
 use mesh_api::Client;
 use mesh_api::spec::Availability;
@@ -80,8 +81,9 @@ pub async fn mesh_agent_init(args: InitArgs) -> Result<()> {
         }
         Err(e) => return Err(e.context("an existing key file is in the way: fix or remove it")),
     };
+    let admin = make_admin_key(&config)?;
     let changed = write_config(&path, &config)?;
-    let token = JoinToken::new(&key, &config.cluster);
+    let token = JoinToken::new(&key, &config.cluster).with_role(TokenRole::Worker(admin));
     let address = match config.gossip_port {
         mesh_agent::gossip::DEFAULT_PORT => resolved.advertise.to_string(),
         port => format!("{}:{port}", resolved.advertise),
@@ -89,9 +91,10 @@ pub async fn mesh_agent_init(args: InitArgs) -> Result<()> {
     // The command's output, not a log line: it goes to stdout only, and never through
     // tracing.
     println!(
-        "Cluster initialized; node {} is its first member.\n\n\
-         To add a host, run this on it as root:\n\n    mesh-agent join --token {} {address}\n\n\
-         (`meshctl join-token` prints it again.)",
+        "Cluster initialized; node {} is its first member and an admin.\n\n\
+         To add a worker, run this on it as root:\n\n    mesh-agent join --token {} {address}\n\n\
+         To add an admin, run `meshctl join-token admin` and follow the instructions.\n\
+         (`meshctl join-token` prints the worker command again.)",
         resolved.node_name,
         token.encode().as_str()
     );
@@ -180,6 +183,26 @@ pub async fn mesh_agent_join(args: JoinArgs) -> Result<()> {
         ),
     }
 
+    if let Some(admin) = token.admin_key() {
+        let dir = config
+            .admin_key_dir()
+            .context("no directory for the admin key (set admin_key_dir)")?;
+        admin.save(&dir)?;
+        eprintln!(
+            "joining as {}: the admin key's {} written to {}",
+            if admin.secret().is_some() {
+                "an admin"
+            } else {
+                "a worker"
+            },
+            if admin.secret().is_some() {
+                "public and secret halves"
+            } else {
+                "public half"
+            },
+            dir.display()
+        );
+    }
     let mut changed = match keyring::read_material(&key_file) {
         Ok(keys) if key_id(&keys[0]) == token.id() => false,
         _ => {
@@ -197,6 +220,33 @@ pub async fn mesh_agent_join(args: JoinArgs) -> Result<()> {
         return exec_run(&path);
     }
     start(config, &path, args.systemd, changed).await
+}
+
+/// The cluster's admin key, made by `init` (or the one already there, on a second `init`):
+/// this node is the cluster's first admin. Returns its public half.
+fn make_admin_key(config: &AgentConfig) -> Result<mesh_agent::identity::PublicKey> {
+    let dir = config
+        .admin_key_dir()
+        .context("no directory for the admin key (set admin_key_dir)")?;
+    if let Some(existing) = AdminKey::load(&dir)? {
+        if existing.secret().is_none() {
+            bail!(
+                "{} holds another cluster's admin key without its secret (this host was a \
+                 worker): `mesh-agent leave` that cluster first",
+                dir.display()
+            );
+        }
+        return Ok(existing.public);
+    }
+    let admin = AdminKey::generate()?;
+    admin.save(&dir)?;
+    eprintln!(
+        "new admin key written to {} ({} and {}, mode 0600): admins hold it",
+        dir.display(),
+        mesh_agent::roles::ADMIN_PUB_FILE,
+        mesh_agent::roles::ADMIN_KEY_FILE
+    );
+    Ok(admin.public)
 }
 
 /// Where the join token comes from: `--token-file`, `--token -` (stdin), MESH_JOIN_TOKEN, or
@@ -404,16 +454,27 @@ pub async fn leave(
     };
     let client = Client::new(&socket);
     let me: NodeInfo = client.get("/v1/nodes/self").await?;
-    let _: NodeInfo = client
-        .post(
-            "/v1/nodes/self",
-            &NodeUpdate {
-                availability: Some(Availability::Drain),
-                ..Default::default()
-            },
-        )
-        .await?;
-    eprintln!("node {} drained: its tasks get no new connections", me.name);
+    if me.role == mesh_planner::Role::Worker {
+        // Availability is the admins' to set: a worker leaves as it is, and its tasks start
+        // elsewhere once peers see it left.
+        eprintln!(
+            "node {} is a worker and cannot drain itself: its tasks stop as it leaves and start \
+             on other nodes. For a graceful move, run `meshctl node update --availability drain \
+             {}` on an admin first",
+            me.name, me.name
+        );
+    } else {
+        let _: NodeInfo = client
+            .post(
+                "/v1/nodes/self",
+                &NodeUpdate {
+                    availability: Some(Availability::Drain),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        eprintln!("node {} drained: its tasks get no new connections", me.name);
+    }
 
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let mut last = String::new();

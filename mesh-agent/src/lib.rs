@@ -24,6 +24,7 @@ pub mod netlink;
 pub mod netns;
 pub mod overlay;
 pub mod overview;
+pub mod roles;
 pub mod serving;
 pub mod state_files;
 pub mod task;

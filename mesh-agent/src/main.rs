@@ -169,6 +169,9 @@ struct RunArgs {
     gossip_port: Option<u16>,
     #[arg(long)]
     cluster_key_file: Option<PathBuf>,
+    /// Where admin.pub (and on admins admin.key) are; default: beside --cluster-key-file.
+    #[arg(long)]
+    admin_key_dir: Option<PathBuf>,
     /// Run without a cluster key: gossip is then open to any host that reaches its port.
     #[arg(long)]
     insecure: bool,
@@ -242,7 +245,13 @@ impl RunArgs {
         macro_rules! over {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v.into(); } )* };
         }
-        over!(node_name, advertise, interface, cluster_key_file);
+        over!(
+            node_name,
+            advertise,
+            interface,
+            cluster_key_file,
+            admin_key_dir
+        );
         if let Some(v) = self.cluster {
             c.cluster = v;
         }
@@ -438,6 +447,33 @@ pub(crate) fn node_identity(
     Ok(id)
 }
 
+/// Roles, when the cluster has an admin key: the grants kept from earlier runs, and this
+/// node's own admin grant made now if it holds the admin key and was never demoted.
+fn node_roles(
+    config: &mesh_agent::config::ResolvedConfig,
+    identity: &mesh_agent::identity::NodeIdentity,
+) -> Result<Option<mesh_agent::gossip::admins::Admins>> {
+    use mesh_agent::roles::{AdminKey, GRANTS_FILE, Grant, Registry, Role};
+    let Some(dir) = config.admin_key_dir() else {
+        return Ok(None);
+    };
+    let Some(admin) = AdminKey::load(&dir)? else {
+        return Ok(None);
+    };
+    let mut registry = Registry::new(admin.public, Some(config.state_dir.join(GRANTS_FILE)));
+    let me = (config.node_name.as_str(), identity.public());
+    let known = registry.grant(me.0).filter(|g| g.key == me.1).cloned();
+    if let Some(secret) = admin.secret()
+        && known.is_none()
+    {
+        let serial = registry.next_serial(me.0, mesh_agent::cluster::Clock::now_ms());
+        registry.observe(&Grant::sign(secret, me.0, me.1, Role::Admin, serial));
+    }
+    let admins = mesh_agent::gossip::admins::Admins::new(admin, dir, registry, me);
+    info!(role = %admins.own_role(), "node roles on: admins write the cluster's objects");
+    Ok(Some(admins))
+}
+
 fn with_port(peer: &str, default: u16) -> String {
     if peer.parse::<SocketAddr>().is_ok()
         || peer
@@ -511,13 +547,18 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
         })
         .collect();
     record.key = Some(identity.public());
-    initial.push((key::NODE.to_owned(), serde_json::to_string(&record)?));
     let pins = Some(config.state_dir.join(mesh_agent::gossip::origin::PINS_FILE));
+    let admins = node_roles(&config, &identity)?;
+    record.grant = admins
+        .as_ref()
+        .and_then(|a| a.registry().grant(&config.node_name).cloned());
+    initial.push((key::NODE.to_owned(), serde_json::to_string(&record)?));
     let gossip = match &auth {
         Some(auth) => Gossip::start(
             &gossip_config,
             identity,
             pins,
+            admins,
             initial,
             &SealedTransport::new(auth.clone()),
         )
@@ -528,6 +569,7 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
                 &gossip_config,
                 identity,
                 pins,
+                admins,
                 initial,
                 &chitchat::transport::UdpTransport,
             )

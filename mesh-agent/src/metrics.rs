@@ -87,6 +87,7 @@ pub async fn render(agent: &Agent) -> anyhow::Result<String> {
     register_dns(&mut reg, &agent.dns);
     register_gossip(&mut reg, agent.gossip.auth().map(|a| a.report()));
     register_origins(&mut reg, agent.gossip.origin_report());
+    register_roles(&mut reg, agent.gossip.roles_report());
     counter(
         &mut reg,
         "mesh_state_files_quarantined",
@@ -365,6 +366,23 @@ fn register_origins(reg: &mut Registry, o: crate::gossip::origin::OriginReport) 
         "mesh_gossip_nodes_refused",
         "Runs of nodes refused for claiming a name bound to another node's key.",
         o.impostors,
+    );
+}
+
+/// What roles refused (see `crate::roles`).
+fn register_roles(reg: &mut Registry, r: crate::roles::RolesReport) {
+    counter(
+        reg,
+        "mesh_gossip_grants_forged",
+        "Role grants dropped: not signed by the cluster's admin key.",
+        r.forged_grants,
+    );
+    counter(
+        reg,
+        "mesh_gossip_worker_objects_dropped",
+        "Replicated objects (services, networks, secrets, ...) written by workers, dropped \
+         before they reached the view: only admins write them.",
+        r.worker_objects,
     );
 }
 

@@ -89,6 +89,7 @@ fn any_node() -> impl Strategy<Value = SnapshotNode> {
             generation,
             live,
             kv,
+            role: mesh_planner::Role::Admin,
         })
 }
 

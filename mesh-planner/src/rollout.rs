@@ -12,12 +12,13 @@ use crate::{
     task::{Task, TaskState},
 };
 
-/// The node that records a service's update status: the ready node with the highest
-/// rendezvous hash of (service, node).
+/// The node that records a service's update status: the ready admin with the highest
+/// rendezvous hash of (service, node). Only admins write services; with no admin up, the
+/// rollout's outcome waits for one (slots keep being replaced by the plan meanwhile).
 pub fn coordinator<'a>(service: &str, nodes: &'a [Node]) -> Option<&'a str> {
     nodes
         .iter()
-        .filter(|n| n.ready)
+        .filter(|n| n.ready && n.role == crate::spec::Role::Admin)
         .max_by_key(|n| (score(service, &n.name), n.name.as_str()))
         .map(|n| n.name.as_str())
 }
@@ -139,5 +140,26 @@ mod tests {
             .collect();
         assert!(picked.len() > 1, "{picked:?}");
         assert_eq!(coordinator("web", &[node("a", false)]), None);
+        // Workers never coordinate: their writes of the service would be dropped.
+        let first_is_worker: Vec<Node> = nodes
+            .iter()
+            .cloned()
+            .map(|mut n| {
+                if n.name == first {
+                    n.role = crate::spec::Role::Worker;
+                }
+                n
+            })
+            .collect();
+        assert_ne!(coordinator("web", &first_is_worker), Some(first.as_str()));
+        let workers: Vec<Node> = nodes
+            .iter()
+            .cloned()
+            .map(|mut n| {
+                n.role = crate::spec::Role::Worker;
+                n
+            })
+            .collect();
+        assert_eq!(coordinator("web", &workers), None);
     }
 }

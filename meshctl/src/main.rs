@@ -126,6 +126,9 @@ pub enum Command {
     /// Print the command that joins another host to this cluster (root only: the token
     /// carries the cluster key).
     JoinToken {
+        /// Who the token joins: `worker` (the default) or `admin` (Docker's `manager`).
+        #[arg(value_parser = ["worker", "admin", "manager"])]
+        role: Option<String>,
         /// Replace the cluster key on every node first: tokens printed before stop working
         /// for new joins; members keep running throughout.
         #[arg(long)]
@@ -176,9 +179,24 @@ pub enum NodeCommand {
         #[arg(long, short = 'f')]
         force: bool,
     },
-    /// Change a node's availability or labels.
+    /// Make nodes admins (Docker's managers): they accept commands and write the cluster's
+    /// objects. Admins only.
+    Promote {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Make nodes workers: they run tasks and accept no commands. Admins only; the last admin
+    /// that is up cannot be demoted.
+    Demote {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Change a node's availability, labels or role.
     Update {
         node: String,
+        /// manager (an admin) or worker.
+        #[arg(long, value_parser = parse_role)]
+        role: Option<mesh_planner::Role>,
         /// active: takes new connections; drain: its tasks get none, established ones finish.
         #[arg(long, value_parser = parse_availability)]
         availability: Option<Availability>,
@@ -470,10 +488,17 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::JoinToken {
+            role,
             rotate,
             quiet,
             timeout,
-        } => join_token(&client, fmt, rotate, quiet, timeout).await,
+        } => {
+            let path = match role.as_deref() {
+                Some("admin" | "manager") => "/v1/join-token?role=admin",
+                _ => "/v1/join-token?role=worker",
+            };
+            join_token(&client, fmt, path, rotate, quiet, timeout).await
+        }
         Command::Dataplane(DataplaneCommand::Ports) => {
             let stats: Vec<PortStats> = client.get("/v1/dataplane/ports").await?;
             if fmt == Format::Json {
@@ -594,6 +619,7 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
                         "ADDRESS",
                         "STATUS",
                         "AVAILABILITY",
+                        "ROLE",
                         "AGENT VERSION"
                     ],
                     nodes.iter().map(|n| {
@@ -608,6 +634,7 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
                             or_dash(n.address),
                             format!("{:?}", n.status),
                             n.availability.to_string(),
+                            n.role.to_string(),
                             or_dash(n.agent_version.clone()),
                         ]
                     })
@@ -668,17 +695,31 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
             let _: serde_json::Value = client.delete(&path).await?;
             println!("{node}");
         }
+        NodeCommand::Promote { nodes } => {
+            set_roles(client, &nodes, mesh_planner::Role::Admin).await?
+        }
+        NodeCommand::Demote { nodes } => {
+            set_roles(client, &nodes, mesh_planner::Role::Worker).await?
+        }
         NodeCommand::Update {
             node,
+            role,
             availability,
             label_add,
             label_rm,
         } => {
-            if availability.is_none() && label_add.is_empty() && label_rm.is_empty() {
-                anyhow::bail!("nothing to update: pass --availability, --label-add or --label-rm");
+            if role.is_none()
+                && availability.is_none()
+                && label_add.is_empty()
+                && label_rm.is_empty()
+            {
+                anyhow::bail!(
+                    "nothing to update: pass --availability, --label-add, --label-rm or --role"
+                );
             }
             let req = NodeUpdate {
                 availability,
+                role,
                 label_add,
                 label_rm,
             };
@@ -690,6 +731,34 @@ async fn node(client: &Client, fmt: Format, cmd: NodeCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `node promote`/`demote`, Docker's output: a line per node, stopping at the first refusal.
+async fn set_roles(client: &Client, nodes: &[String], role: mesh_planner::Role) -> Result<()> {
+    let word = role.docker_name();
+    for node in nodes {
+        let before: NodeInfo = client.get(&format!("/v1/nodes/{node}")).await?;
+        if before.role == role {
+            println!("Node {node} is already a {word} in the cluster.");
+            continue;
+        }
+        let req = NodeUpdate {
+            role: Some(role),
+            ..NodeUpdate::default()
+        };
+        let _: NodeInfo = client.post(&format!("/v1/nodes/{node}"), &req).await?;
+        match role {
+            mesh_planner::Role::Admin => {
+                println!("Node {node} promoted to a {word} in the cluster.")
+            }
+            mesh_planner::Role::Worker => println!("Manager {node} demoted in the cluster."),
+        }
+    }
+    Ok(())
+}
+
+fn parse_role(s: &str) -> Result<mesh_planner::Role, String> {
+    s.parse()
 }
 
 /// Like `docker info`'s warnings: on stderr, so scripts reading the table or JSON are not
@@ -725,6 +794,7 @@ fn require_root() -> Result<()> {
 async fn join_token(
     client: &Client,
     fmt: Format,
+    path: &str,
     rotate: bool,
     quiet: bool,
     timeout: u64,
@@ -767,6 +837,7 @@ async fn join_token(
                         status.down.join(", ")
                     );
                 }
+                let info: JoinTokenInfo = client.get(path).await?;
                 return print_join_token(&info, fmt, quiet);
             }
             if std::time::Instant::now() > deadline {
@@ -785,7 +856,7 @@ async fn join_token(
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     }
-    let info: JoinTokenInfo = client.get("/v1/join-token").await?;
+    let info: JoinTokenInfo = client.get(path).await?;
     print_join_token(&info, fmt, quiet)
 }
 

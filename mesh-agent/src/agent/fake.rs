@@ -166,6 +166,7 @@ impl Shared {
                 capacity: Default::default(),
                 insecure: false,
                 key: None,
+                grant: None,
             };
             let status = if g.sees(me, name) {
                 NodeStatus::Ready
@@ -179,6 +180,7 @@ impl Shared {
                     record: Some(record),
                     spec: NodeSpec::default(),
                     status,
+                    role: mesh_planner::Role::Admin,
                 },
             );
         }

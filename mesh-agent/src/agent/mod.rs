@@ -16,6 +16,7 @@ mod objects;
 mod orchestrate;
 mod ports;
 mod programming;
+mod roles;
 mod rollout;
 mod routing;
 mod runtime;
@@ -218,6 +219,7 @@ impl Agent {
             capacity: config.capacity,
             insecure: config.cluster_key_file.is_none(),
             key: None,
+            grant: None,
         }
     }
 
@@ -414,6 +416,8 @@ impl Agent {
         name: &str,
         record: &Replicated<T>,
     ) -> Result<()> {
+        // Peers take replicated objects from admins only (see `crate::roles`).
+        self.require_admin()?;
         let json = serde_json::to_string(record).context("encoding record")?;
         let _publishing = self.publishing.lock().await;
         self.gossip

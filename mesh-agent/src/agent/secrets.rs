@@ -267,6 +267,10 @@ impl Agent {
     /// open under an older key, so the old key can be retired without stranding secrets.
     /// Several nodes may do it at once: each writes a valid copy and the newest update wins.
     pub(crate) async fn reseal_secrets(&self, view: &View) {
+        // A worker's copy would be dropped by its peers: admins reseal.
+        if self.role() != crate::roles::Role::Admin {
+            return;
+        }
         let Ok((ring, cluster)) = self.keyring() else {
             return;
         };

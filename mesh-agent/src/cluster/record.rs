@@ -37,6 +37,11 @@ pub mod key {
             None => (rest, None),
         })
     }
+    /// Every replicated object's prefix: what only admins write (see `crate::roles`).
+    pub const OBJECT: &str = "obj:";
+    /// `role:<node>`: a role grant signed with the admin key, republished by admins (see
+    /// `crate::roles`); it proves itself, whoever carries it.
+    pub const ROLE_GRANT: &str = "role:";
     /// `att:<network>`: this node's own address on a network it plumbs.
     pub const ATTACHMENT: &str = "att:";
     /// `blk:<network>:<index>`: a claim on a block of a network's subnet.
@@ -153,6 +158,10 @@ pub struct NodeRecord {
     /// (see `gossip::signed`), and peers bind its name to this key (`gossip::origin`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<crate::identity::PublicKey>,
+    /// The newest role grant this node knows for itself (see `crate::roles`): what lets a
+    /// node that never saw the grant's writer know the role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<crate::roles::Grant>,
 }
 
 /// A port a node's agent listens on, and what for (the error names it).

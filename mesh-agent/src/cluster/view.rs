@@ -32,6 +32,9 @@ pub struct SnapshotNode {
     /// Whether the failure detector considers this generation alive.
     pub live: bool,
     pub kv: BTreeMap<String, String>,
+    /// What its role grant makes it (see `crate::roles`); an admin in a cluster without
+    /// roles.
+    pub role: mesh_planner::Role,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -46,6 +49,7 @@ pub struct NodeView {
     pub record: Option<NodeRecord>,
     pub spec: NodeSpec,
     pub status: NodeStatus,
+    pub role: mesh_planner::Role,
 }
 
 impl NodeView {
@@ -232,6 +236,7 @@ impl View {
                     name: name.to_string(),
                     record,
                     spec,
+                    role: n.role,
                     status: if n.live || up.contains(name) {
                         NodeStatus::Ready
                     } else {
@@ -443,8 +448,7 @@ impl View {
                     labels: n.labels(),
                     engine_labels: n.engine_labels(),
                     drivers: record.drivers.clone(),
-                    // Roles come with node identities; until then every node is an admin.
-                    role: mesh_planner::Role::Admin,
+                    role: n.role,
                     platform: record.platform.clone(),
                     capacity: record.capacity,
                 })
@@ -664,6 +668,7 @@ mod tests {
             capacity: Default::default(),
             insecure: false,
             key: None,
+            grant: None,
         };
         let mut kv = BTreeMap::new();
         kv.insert(key::NODE.into(), serde_json::to_string(&rec).unwrap());
@@ -672,6 +677,7 @@ mod tests {
             generation: 1,
             live,
             kv,
+            role: mesh_planner::Role::Admin,
         }
     }
 

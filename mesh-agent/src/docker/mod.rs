@@ -156,8 +156,34 @@ fn routes(agent: Arc<Agent>) -> Router {
         .merge(tasks::routes())
         .merge(objects::routes())
         .fallback(unsupported)
+        .layer(axum::middleware::from_fn_with_state(
+            agent.clone(),
+            managers_only,
+        ))
         .layer(axum::middleware::map_response(docker_shaped))
         .with_state(agent)
+}
+
+/// Swarm's workers refuse every change with this message; mesh's workers do too, before the
+/// handler runs, so a refused command changes nothing (see `crate::roles`).
+async fn managers_only(
+    axum::extract::State(agent): axum::extract::State<Arc<Agent>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::Method;
+    if !matches!(*req.method(), Method::GET | Method::HEAD)
+        && agent.role() != crate::roles::Role::Admin
+    {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "This node is not a swarm manager. Worker nodes can't be used to view or modify \
+             cluster state. Please run this command on a manager node or promote the current \
+             node to a manager."
+                .into(),
+        );
+    }
+    next.run(req).await
 }
 
 pub fn router(agent: Arc<Agent>) -> Router {

@@ -72,14 +72,14 @@ pub fn node(agent: &Agent, view: &View, name: &str) -> Option<Value> {
         "" => std::env::consts::ARCH.to_owned(),
         a => a.to_owned(),
     };
-    Some(json!({
+    let mut v = json!({
         "ID": n.id,
         "Version": { "Index": index },
         "CreatedAt": timestamp(0),
         "UpdatedAt": timestamp(0),
         "Spec": {
             "Labels": n.operator_labels,
-            "Role": "manager",
+            "Role": n.role.docker_name(),
             "Availability": match n.availability {
                 Availability::Active => "active",
                 Availability::Drain => "drain",
@@ -108,15 +108,19 @@ pub fn node(agent: &Agent, view: &View, name: &str) -> Option<Value> {
             },
             "Addr": addr,
         },
-        "ManagerStatus": {
+    });
+    // Docker shows a manager status for managers only (an empty column for workers).
+    if n.role == crate::roles::Role::Admin {
+        v["ManagerStatus"] = json!({
             "Leader": false,
             "Reachability": match n.status {
                 NodeStatus::Ready => "reachable",
                 NodeStatus::Down => "unreachable",
             },
             "Addr": format!("{addr}:{}", agent.config.gossip_port),
-        },
-    }))
+        });
+    }
+    Some(v)
 }
 
 async fn list(State(agent): State<Arc<Agent>>) -> DockerResult<Vec<Value>> {
@@ -162,15 +166,16 @@ async fn update(
             "Spec.Name is not supported by mesh: a node is named by its agent (node_name)",
         ));
     }
-    match spec.role.as_deref() {
-        None | Some("") | Some("manager") => {}
+    let role = match spec.role.as_deref() {
+        None | Some("") => None,
+        Some("manager") => Some(crate::roles::Role::Admin),
+        Some("worker") => Some(crate::roles::Role::Worker),
         Some(other) => {
             return Err(DockerError::bad_request(format!(
-                "role {other:?} is not supported by mesh: every node takes commands (there is \
-                 no manager quorum)"
+                "invalid role {other:?}: use manager or worker"
             )));
         }
-    }
+    };
     let availability = match spec.availability.as_deref() {
         None | Some("") => None,
         Some("active") => Some(Availability::Active),
@@ -192,6 +197,10 @@ async fn update(
     }
     let view = agent.refresh().await;
     let name = resolve(&agent, &view, &id)?;
+    // Docker sends the whole spec back: a role equal to the node's changes nothing.
+    if let Some(role) = role {
+        agent.set_role(&name, role).await?;
+    }
     agent
         .update_node(&name, |s| {
             if let Some(a) = availability {

@@ -144,6 +144,7 @@ async fn info(State(agent): State<Arc<Agent>>) -> Json<Value> {
     let managers: Vec<Value> = view
         .nodes
         .values()
+        .filter(|n| n.role == crate::roles::Role::Admin)
         .filter_map(|n| {
             let r = n.record.as_ref()?;
             Some(json!({
@@ -202,12 +203,12 @@ async fn info(State(agent): State<Arc<Agent>>) -> Json<Value> {
             "NodeID": node_id(me),
             "NodeAddr": agent.config.advertise.to_string(),
             "LocalNodeState": "active",
-            // Every mesh node accepts commands: there is no manager quorum to join.
-            "ControlAvailable": true,
+            // Admins are Swarm's managers, without a quorum to join.
+            "ControlAvailable": agent.role() == crate::roles::Role::Admin,
             "Error": "",
+            "Managers": managers.len(),
             "RemoteManagers": managers,
             "Nodes": nodes,
-            "Managers": nodes,
             "Cluster": cluster(&agent, &view),
     });
     Json(v)

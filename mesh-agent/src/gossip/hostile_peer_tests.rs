@@ -47,10 +47,17 @@ async fn start(name: &str, seeds: Vec<String>) -> (Gossip, SocketAddr, Arc<Gossi
     // Peers verify a node's values against the key its record names.
     let record = format!(r#"{{"key":"{}"}}"#, id.public());
     let initial = vec![("node".to_owned(), record)];
-    let g = Gossip::start(&config, id, None, initial, &SealedTransport::new(a.clone()))
-        .await
-        .unwrap()
-        .with_auth(a.clone());
+    let g = Gossip::start(
+        &config,
+        id,
+        None,
+        None,
+        initial,
+        &SealedTransport::new(a.clone()),
+    )
+    .await
+    .unwrap()
+    .with_auth(a.clone());
     (g, addr, a)
 }
 

@@ -10,6 +10,7 @@
 //! transport, every value a node writes is signed with its own key (`crate::identity`, `signed`)
 //! and every value read is checked for its origin (`origin`) before a snapshot shows it.
 
+pub mod admins;
 pub mod auth;
 pub mod chunks;
 pub mod keyring;
@@ -79,6 +80,8 @@ pub struct Gossip {
     identity: Arc<NodeIdentity>,
     /// Name-to-key pins and verdicts on every peer's values.
     origins: std::sync::Mutex<origin::Origins>,
+    /// Roles, in a cluster that has them (see `crate::roles`).
+    admins: Option<std::sync::Mutex<admins::Admins>>,
 }
 
 impl Gossip {
@@ -88,6 +91,7 @@ impl Gossip {
         config: &GossipConfig,
         identity: Arc<NodeIdentity>,
         pins: Option<std::path::PathBuf>,
+        admins: Option<admins::Admins>,
         initial: Vec<(String, String)>,
         transport: &dyn Transport,
     ) -> Result<Self> {
@@ -113,6 +117,17 @@ impl Gossip {
             extra_liveness_predicate: None,
             protocol_version: ProtocolVersion::V0,
         };
+        // A worker's replicated copies never enter gossip: peers would only drop them.
+        let mut admins = admins;
+        let (local, initial): (Vec<_>, Vec<_>) = initial.into_iter().partition(|(k, _)| {
+            k.starts_with(crate::cluster::key::OBJECT)
+                && admins
+                    .as_ref()
+                    .is_some_and(|a| a.own_role == crate::roles::Role::Worker)
+        });
+        if let Some(a) = &mut admins {
+            a.local.extend(local);
+        }
         let initial = initial
             .iter()
             .flat_map(|(k, v)| {
@@ -131,7 +146,143 @@ impl Gossip {
             name: config.node.clone(),
             identity,
             origins: std::sync::Mutex::new(origins),
+            admins: admins.map(std::sync::Mutex::new),
         })
+    }
+
+    /// This node's role: an admin in a cluster without roles.
+    pub fn own_role(&self) -> crate::roles::Role {
+        self.admins.as_ref().map_or(crate::roles::Role::Admin, |a| {
+            a.lock().expect("admins lock").own_role
+        })
+    }
+
+    /// Whether the cluster has roles (an admin key).
+    pub fn has_roles(&self) -> bool {
+        self.admins.is_some()
+    }
+
+    /// Grants made, refused and objects dropped for their writer's role.
+    pub fn roles_report(&self) -> crate::roles::RolesReport {
+        self.admins.as_ref().map_or_else(Default::default, |a| {
+            a.lock().expect("admins lock").report()
+        })
+    }
+
+    /// Whether this node holds the admin key's secret (can print admin tokens, grant roles).
+    pub fn can_grant(&self) -> bool {
+        self.admins
+            .as_ref()
+            .is_some_and(|a| a.lock().expect("admins lock").can_grant())
+    }
+
+    /// The admin key's public half and, when held, its secret seed (for join tokens).
+    pub fn admin_key(&self) -> Option<(PublicKey, Option<zeroize::Zeroizing<[u8; 32]>>)> {
+        let a = self.admins.as_ref()?.lock().expect("admins lock");
+        Some(a.admin_key())
+    }
+
+    /// Grants `role` to `node` speaking with `key` (`node promote`/`demote`); gossip carries
+    /// the grant from this node's next write on.
+    pub async fn grant_role(
+        &self,
+        node: &str,
+        key: PublicKey,
+        role: crate::roles::Role,
+    ) -> Result<crate::roles::Grant> {
+        let grant = {
+            let Some(admins) = &self.admins else {
+                anyhow::bail!(
+                    "this cluster has no roles (no admin key): every node is an admin;                      `mesh-agent init` makes clusters with roles"
+                );
+            };
+            admins
+                .lock()
+                .expect("admins lock")
+                .grant(node, key, role, Clock::now_ms())?
+        };
+        self.sync_roles().await;
+        Ok(grant)
+    }
+
+    /// Arranges this node's gossip state for its role: a worker's replicated copies move out
+    /// of gossip (an admin's back in), admins republish every grant, and the node record
+    /// carries the node's newest grant.
+    async fn sync_roles(&self) {
+        let Some(admins) = &self.admins else { return };
+        {
+            let a = admins.lock().expect("admins lock");
+            if a.synced == Some(a.own_role) && !a.grants_changed {
+                return;
+            }
+        }
+        let own = self.own_keys().await;
+        let mut changes: Vec<(String, Option<String>)> = Vec::new();
+        {
+            let mut a = admins.lock().expect("admins lock");
+            let role = a.own_role;
+            if a.synced != Some(role) {
+                if role == crate::roles::Role::Admin {
+                    changes.extend(
+                        std::mem::take(&mut a.local)
+                            .into_iter()
+                            .map(|(k, v)| (k, Some(v))),
+                    );
+                }
+                a.synced = Some(role);
+                a.grants_changed = true;
+            }
+            if a.grants_changed {
+                a.grants_changed = false;
+                let grants = a.grant_keys();
+                if role == crate::roles::Role::Admin {
+                    for (k, v) in &grants {
+                        if own.get(k) != Some(v) {
+                            changes.push((k.clone(), Some(v.clone())));
+                        }
+                    }
+                }
+                for k in own
+                    .keys()
+                    .filter(|k| k.starts_with(crate::cluster::key::ROLE_GRANT))
+                {
+                    if role != crate::roles::Role::Admin || !grants.contains_key(k) {
+                        changes.push((k.clone(), None));
+                    }
+                }
+                let mine = a.registry.grant(&self.name).cloned();
+                if let Some(record) = own.get(crate::cluster::key::NODE)
+                    && let Ok(mut record) =
+                        serde_json::from_str::<crate::cluster::NodeRecord>(record)
+                    && record.grant != mine
+                {
+                    record.grant = mine;
+                    changes.push((
+                        crate::cluster::key::NODE.to_owned(),
+                        Some(serde_json::to_string(&record).expect("plain struct")),
+                    ));
+                }
+            }
+        }
+        // A worker's copies still in gossip (it was just demoted) move out through `write`;
+        // from then on `write` keeps them local.
+        if self.own_role() == crate::roles::Role::Worker {
+            let chitchat = self.handle.chitchat();
+            let held: Vec<String> = {
+                let mut cc = chitchat.lock().await;
+                cc.self_node_state()
+                    .iter_prefix(crate::cluster::key::OBJECT)
+                    .map(|(k, _)| k.to_owned())
+                    .collect()
+            };
+            changes.extend(
+                held.into_iter()
+                    .filter_map(|k| own.get(&k).map(|v| (k, Some(v.clone())))),
+            );
+        }
+        if !changes.is_empty() {
+            self.write(changes).await;
+        }
     }
 
     /// This node's public key, as its node record must carry it.
@@ -174,6 +325,7 @@ impl Gossip {
     /// Writes this node's keys (set when `Some`, delete when `None`) in one step. A value
     /// too large for one datagram goes out as chunks (see [`chunks`]).
     pub async fn write(&self, changes: impl IntoIterator<Item = (String, Option<String>)>) {
+        let changes = self.keep_local(changes);
         let chitchat = self.handle.chitchat();
         let mut cc = chitchat.lock().await;
         let state = cc.self_node_state();
@@ -216,16 +368,52 @@ impl Gossip {
         }
     }
 
-    /// This node's own live keys.
+    /// On a worker, replicated objects are kept by this node alone: their writes land in
+    /// [`admins::Admins::local`], and any copy still in gossip is deleted there.
+    fn keep_local(
+        &self,
+        changes: impl IntoIterator<Item = (String, Option<String>)>,
+    ) -> Vec<(String, Option<String>)> {
+        let Some(admins) = &self.admins else {
+            return changes.into_iter().collect();
+        };
+        let mut a = admins.lock().expect("admins lock");
+        if a.own_role != crate::roles::Role::Worker {
+            return changes.into_iter().collect();
+        }
+        changes
+            .into_iter()
+            .map(|(k, v)| {
+                if k.starts_with(crate::cluster::key::OBJECT) {
+                    match v {
+                        Some(v) => a.local.insert(k.clone(), v),
+                        None => a.local.remove(&k),
+                    };
+                    (k, None)
+                } else {
+                    (k, v)
+                }
+            })
+            .collect()
+    }
+
+    /// This node's own live keys (a worker's replicated copies included).
     pub async fn own_keys(&self) -> BTreeMap<String, String> {
         let chitchat = self.handle.chitchat();
         let mut cc = chitchat.lock().await;
         let mut assembler = self.assembler.lock().expect("assembler lock");
-        assembler
+        let mut own: BTreeMap<String, String> = assembler
             .node(cc.self_node_state().key_values())
             .into_iter()
             .filter_map(|(k, v)| Some((k, signed::unchecked(&v)?.to_owned())))
-            .collect()
+            .collect();
+        drop(assembler);
+        drop(cc);
+        if let Some(admins) = &self.admins {
+            let a = admins.lock().expect("admins lock");
+            own.extend(a.local.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        own
     }
 
     /// What identifies the cluster state without copying it: every known generation, its
@@ -251,6 +439,7 @@ impl Gossip {
     }
 
     pub async fn snapshot(&self) -> Snapshot {
+        self.sync_roles().await;
         let chitchat = self.handle.chitchat();
         let cc = chitchat.lock().await;
         let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
@@ -273,7 +462,7 @@ impl Gossip {
         // heartbeats peers judge liveness by) never waits behind them.
         drop(cc);
         let mut origins = self.origins.lock().expect("origins lock");
-        let nodes = assembled
+        let mut nodes: Vec<SnapshotNode> = assembled
             .into_iter()
             .filter_map(|(id, live, kv)| {
                 // An impostor's run is left out whole: it never reaches the view.
@@ -283,10 +472,26 @@ impl Gossip {
                     generation: id.generation_id,
                     live,
                     kv,
+                    role: crate::roles::Role::Admin,
                 })
             })
             .collect();
         origins.forget_unseen();
+        drop(origins);
+        if let Some(admins) = &self.admins {
+            let mut a = admins.lock().expect("admins lock");
+            if let Some(me) = nodes
+                .iter_mut()
+                .find(|n| n.name == self.name && n.generation == self.generation)
+            {
+                me.kv
+                    .extend(a.local.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            if a.apply(&mut nodes, &self.name) {
+                a.grants_changed = true;
+            }
+            a.settle_own_role((&self.name, self.identity.public()));
+        }
         Snapshot {
             nodes,
             now_ms: Clock::now_ms(),

@@ -99,7 +99,35 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .merge(objects::routes())
         .merge(stacks::routes())
         .merge(volumes::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            agent.clone(),
+            admins_only,
+        ))
         .with_state(agent)
+}
+
+/// A worker refuses every request that changes the cluster before its handler runs, so a
+/// refused command changes nothing (see `crate::roles`). What only touches this node — its
+/// local tasks, CNI, `run`, `leave` — stays open to it.
+async fn admins_only(
+    State(agent): State<Arc<Agent>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if changes_the_cluster(req.method(), req.uri().path())
+        && let Err(e) = agent.require_admin()
+    {
+        return e.into_response();
+    }
+    next.run(req).await
+}
+
+fn changes_the_cluster(method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    !(matches!(*method, Method::GET | Method::HEAD)
+        || path.starts_with("/v1/local/")
+        || path.starts_with("/v1/cni/")
+        || path == "/v1/tasks")
 }
 
 /// Binds the socket, replacing a stale one left by a killed agent.
@@ -185,6 +213,15 @@ async fn update_node(
     let add = req.labels_to_add().map_err(Error::Invalid)?;
     let view = agent.view();
     let name = resolve_node_name(&agent, &view, &name);
+    if let Some(role) = req.role {
+        agent.set_role(&name, role).await?;
+    }
+    if req.availability.is_none() && add.is_empty() && req.label_rm.is_empty() {
+        let view = agent.refresh().await;
+        return node_info(&agent, &view, &name)
+            .map(Json)
+            .ok_or_else(|| Error::NotFound(format!("node {name} not found")));
+    }
     agent
         .update_node(&name, |spec| {
             if let Some(a) = req.availability {
@@ -219,12 +256,27 @@ async fn remove_node(
     Ok(Json(serde_json::json!({ "removed": name })))
 }
 
+#[derive(serde::Deserialize)]
+struct JoinTokenQuery {
+    role: Option<String>,
+}
+
 async fn join_token(
     State(agent): State<Arc<Agent>>,
     peer: Option<Extension<ConnectInfo<Peer>>>,
+    Query(query): Query<JoinTokenQuery>,
 ) -> ApiResult<JoinTokenInfo> {
     require_root(peer)?;
-    let token = agent.join_token()?;
+    let role = match query.role.as_deref() {
+        None | Some("worker") => crate::roles::Role::Worker,
+        Some("admin" | "manager") => crate::roles::Role::Admin,
+        Some(other) => {
+            return Err(Error::Invalid(format!(
+                "unknown role {other:?}: a join token is for a worker or an admin"
+            )));
+        }
+    };
+    let token = agent.join_token_for(role)?;
     let view = agent.refresh().await;
     let port = agent.config.gossip_port;
     let address = if port == crate::gossip::DEFAULT_PORT {
@@ -501,6 +553,7 @@ async fn remove_task(
 async fn gossip_info(State(agent): State<Arc<Agent>>) -> ApiResult<GossipInfo> {
     let auth = agent.gossip.auth().map(|a| a.report());
     let origins = agent.gossip.origin_report();
+    let roles = agent.gossip.roles_report();
     Ok(Json(GossipInfo {
         node: agent.node_name().to_owned(),
         cluster: agent.config.cluster.clone(),
@@ -509,6 +562,8 @@ async fn gossip_info(State(agent): State<Arc<Agent>>) -> ApiResult<GossipInfo> {
         origins: mesh_api::v1::OriginStats {
             invalid_records: origins.invalid_records,
             nodes_refused: origins.impostors,
+            forged_grants: roles.forged_grants,
+            worker_objects: roles.worker_objects,
         },
     }))
 }

@@ -75,6 +75,12 @@ pub struct GossipInfo {
 pub struct OriginStats {
     pub invalid_records: u64,
     pub nodes_refused: u64,
+    /// Role grants not signed by the cluster's admin key (absent from older agents).
+    #[serde(default)]
+    pub forged_grants: u64,
+    /// Replicated objects written by workers, dropped: only admins write them.
+    #[serde(default)]
+    pub worker_objects: u64,
 }
 
 /// Where a key rotation stands, for `meshctl join-token --rotate` to report.

@@ -61,6 +61,9 @@ pub struct NodeResources {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeUpdate {
     pub availability: Option<Availability>,
+    /// `--role`, `node promote`/`demote`: a new role grant (admins only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<mesh_planner::Role>,
     /// `key=value` or `key`.
     #[serde(default)]
     pub label_add: Vec<String>,

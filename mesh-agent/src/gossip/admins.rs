@@ -1,0 +1,269 @@
+//! Roles in gossip: what this node does with the grants it sees (see `crate::roles`).
+//!
+//! Peers drop a worker's replicated objects, so a worker keeps its merged copies out of gossip
+//! ([`Admins::local`]): they stay in its own view and its state file, which is what keeps its
+//! tasks running when every admin is gone. Admins republish every grant they know, so a node
+//! that joins after a promotion's writer left still learns of it.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::PathBuf,
+};
+
+use anyhow::{Result, bail};
+use serde::Deserialize;
+use tracing::warn;
+
+use crate::cluster::{SnapshotNode, key};
+use crate::identity::PublicKey;
+use crate::roles::{AdminKey, Grant, Registry, Role, RolesReport};
+
+pub struct Admins {
+    pub(super) registry: Registry,
+    admin: AdminKey,
+    /// Where the admin key lives, so a demoted admin can drop its secret.
+    key_dir: PathBuf,
+    pub(super) own_role: Role,
+    /// This node's replicated copies while it is a worker.
+    pub(super) local: BTreeMap<String, String>,
+    /// The role the gossip state was last arranged for.
+    pub(super) synced: Option<Role>,
+    /// Grants changed since admins last republished them.
+    pub(super) grants_changed: bool,
+    /// (node, generation, key, value) of workers' objects already counted, so a value is
+    /// counted once however often gossip shows it.
+    refused: HashSet<(String, u64, String, u64)>,
+    worker_objects: u64,
+}
+
+impl Admins {
+    /// `own` is this node's name and key; `registry` holds what was kept from earlier runs.
+    pub fn new(
+        admin: AdminKey,
+        key_dir: PathBuf,
+        registry: Registry,
+        own: (&str, PublicKey),
+    ) -> Self {
+        let own_role = registry.role(own.0, Some(own.1));
+        Self {
+            registry,
+            admin,
+            key_dir,
+            own_role,
+            local: BTreeMap::new(),
+            synced: None,
+            grants_changed: true,
+            refused: HashSet::new(),
+            worker_objects: 0,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn own_role(&self) -> Role {
+        self.own_role
+    }
+
+    pub fn report(&self) -> RolesReport {
+        RolesReport {
+            worker_objects: self.worker_objects,
+            ..self.registry.report()
+        }
+    }
+
+    /// The admin key's public half and, when held, its secret seed.
+    pub fn admin_key(&self) -> (PublicKey, Option<zeroize::Zeroizing<[u8; 32]>>) {
+        (self.admin.public, self.admin.secret().map(|s| s.seed()))
+    }
+
+    /// Whether this node can grant roles (it holds the admin key's secret).
+    pub fn can_grant(&self) -> bool {
+        self.admin.secret().is_some()
+    }
+
+    /// A new grant of `role` to `node` speaking with `key`, signed with the admin key and
+    /// taken into this node's registry (admins republish it from there).
+    pub fn grant(&mut self, node: &str, key: PublicKey, role: Role, now_ms: u64) -> Result<Grant> {
+        let Some(secret) = self.admin.secret() else {
+            bail!(
+                "this admin holds no admin key (it was promoted, not made by `init` or an admin \
+                 token), so it cannot grant roles: run the command on an admin that holds \
+                 {}",
+                crate::roles::ADMIN_KEY_FILE
+            );
+        };
+        let serial = self.registry.next_serial(node, now_ms);
+        let grant = Grant::sign(secret, node, key, role, serial);
+        self.registry.observe(&grant);
+        self.grants_changed = true;
+        Ok(grant)
+    }
+
+    /// After a snapshot: this node's role now, dropping the admin secret once demoted.
+    pub(super) fn settle_own_role(&mut self, own: (&str, PublicKey)) {
+        self.own_role = self.registry.role(own.0, Some(own.1));
+        if self.own_role == Role::Worker
+            && self
+                .registry
+                .grant(own.0)
+                .is_some_and(|g| g.key == own.1 && g.role == Role::Worker)
+        {
+            self.admin.forget_secret(&self.key_dir);
+        }
+    }
+
+    /// Reads every grant the snapshot carries (node records and `role:` keys), gives each
+    /// node its role, and drops the replicated objects of workers. `own` is this node: its
+    /// copies are what it merged itself, so they stay in its own view. Returns whether a
+    /// grant was new.
+    pub(super) fn apply(&mut self, nodes: &mut [SnapshotNode], own: &str) -> bool {
+        let mut changed = false;
+        for n in nodes.iter() {
+            for grant in grants_in(&n.kv) {
+                changed |= self.registry.observe(&grant);
+            }
+        }
+        for n in nodes.iter_mut() {
+            n.role = self.registry.role(&n.name, record_key(&n.kv));
+            if n.role == Role::Admin || n.name == own {
+                continue;
+            }
+            let refused: Vec<String> =
+                n.kv.keys()
+                    .filter(|k| k.starts_with(key::OBJECT))
+                    .cloned()
+                    .collect();
+            for k in refused {
+                let value = n.kv.remove(&k).unwrap_or_default();
+                let id = (n.name.clone(), n.generation, k.clone(), fingerprint(&value));
+                if self.refused.insert(id) {
+                    self.worker_objects += 1;
+                    warn!(
+                        node = n.name,
+                        key = k,
+                        "dropped a replicated object written by a worker: only admins write them"
+                    );
+                }
+            }
+        }
+        changed
+    }
+
+    /// The `role:` keys an admin republishes.
+    pub(super) fn grant_keys(&self) -> BTreeMap<String, String> {
+        self.registry
+            .grants()
+            .iter()
+            .map(|(node, g)| {
+                (
+                    format!("{}{node}", key::ROLE_GRANT),
+                    serde_json::to_string(g).expect("plain struct"),
+                )
+            })
+            .collect()
+    }
+}
+/// The grants a node's values carry: its record's own and any `role:` key.
+fn grants_in(kv: &BTreeMap<String, String>) -> Vec<Grant> {
+    #[derive(Deserialize)]
+    struct GrantOnly {
+        grant: Option<Grant>,
+    }
+    let own = kv
+        .get(key::NODE)
+        .and_then(|r| serde_json::from_str::<GrantOnly>(r).ok())
+        .and_then(|r| r.grant);
+    own.into_iter()
+        .chain(
+            kv.iter()
+                .filter(|(k, _)| k.starts_with(key::ROLE_GRANT))
+                .filter_map(|(_, v)| serde_json::from_str::<Grant>(v).ok()),
+        )
+        .collect()
+}
+
+fn record_key(kv: &BTreeMap<String, String>) -> Option<PublicKey> {
+    #[derive(Deserialize)]
+    struct KeyOnly {
+        key: Option<PublicKey>,
+    }
+    kv.get(key::NODE)
+        .and_then(|r| serde_json::from_str::<KeyOnly>(r).ok())
+        .and_then(|r| r.key)
+}
+
+fn fingerprint(value: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::NodeIdentity;
+
+    fn node(name: &str, id: &NodeIdentity, grant: Option<&Grant>) -> SnapshotNode {
+        let mut record = serde_json::json!({"name": name, "key": id.public()});
+        if let Some(g) = grant {
+            record["grant"] = serde_json::to_value(g).unwrap();
+        }
+        let mut kv = BTreeMap::new();
+        kv.insert(key::NODE.to_owned(), record.to_string());
+        SnapshotNode {
+            name: name.to_owned(),
+            generation: 1,
+            live: true,
+            kv,
+            role: Role::Worker,
+        }
+    }
+
+    #[test]
+    fn workers_objects_are_dropped_admins_kept_and_a_node_keeps_its_own() {
+        let admin = NodeIdentity::generate().unwrap();
+        let (a, w, me) = (
+            NodeIdentity::generate().unwrap(),
+            NodeIdentity::generate().unwrap(),
+            NodeIdentity::generate().unwrap(),
+        );
+        let grant = Grant::sign(&admin, "a", a.public(), Role::Admin, 1);
+        // A worker that pastes the admin's grant into its own record gains nothing: the
+        // grant names the admin's key.
+        let mut nodes = vec![
+            node("a", &a, Some(&grant)),
+            node("w", &w, Some(&grant)),
+            node("me", &me, None),
+        ];
+        for n in &mut nodes {
+            n.kv.insert("obj:svc:web".into(), format!("from {}", n.name));
+            n.kv.insert("ep:web.1".into(), "{}".into());
+        }
+        let mut r = Admins::new(
+            AdminKey::public_only(admin.public()),
+            PathBuf::new(),
+            Registry::new(admin.public(), None),
+            ("me", me.public()),
+        );
+        r.apply(&mut nodes, "me");
+        assert_eq!(nodes[0].role, Role::Admin);
+        assert!(nodes[0].kv.contains_key("obj:svc:web"));
+        assert_eq!(nodes[1].role, Role::Worker);
+        assert!(!nodes[1].kv.contains_key("obj:svc:web"));
+        assert!(nodes[1].kv.contains_key("ep:web.1"), "its own records stay");
+        assert_eq!(nodes[2].role, Role::Worker);
+        assert!(
+            nodes[2].kv.contains_key("obj:svc:web"),
+            "this node's own copy"
+        );
+        assert_eq!(r.report().worker_objects, 1);
+        // The same state again counts nothing new.
+        let mut again = vec![node("w", &w, None)];
+        again[0].kv.insert("obj:svc:web".into(), "from w".into());
+        r.apply(&mut again, "me");
+        assert_eq!(r.report().worker_objects, 1);
+    }
+}
