@@ -221,8 +221,46 @@ fn hosts_join_with_the_printed_command_and_their_labels_show_at_once() {
     })
     .unwrap();
 
+    // The init token makes workers: they run tasks (above) but change nothing, and say
+    // where to go instead.
+    let e = fails(
+        c.host(2)
+            .meshctl(&[
+                "node",
+                "update",
+                c.host(3).node_name(),
+                "--label-add",
+                "type=big",
+            ])
+            .unwrap(),
+    );
+    assert!(
+        e.contains("is a worker") && e.contains(c.host(1).node_name()),
+        "{e}"
+    );
+    let nodes: Value = c.host(2).meshctl_json(&["node", "ls"]).unwrap();
+    let roles: BTreeSet<(String, String)> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_owned(),
+                n["role"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        BTreeSet::from([
+            (c.host(1).node_name().to_owned(), "admin".to_owned()),
+            (c.host(2).node_name().to_owned(), "worker".to_owned()),
+            (c.host(3).node_name().to_owned(), "worker".to_owned()),
+        ])
+    );
+
     // Operator labels win over the node's own, and inspect says which is which.
-    c.host(2)
+    c.host(1)
         .meshctl_ok(&[
             "node",
             "update",
@@ -254,7 +292,10 @@ fn hosts_join_with_the_printed_command_and_their_labels_show_at_once() {
         "{pretty}"
     );
     let table = c.host(2).meshctl_ok(&["node", "ls"]).unwrap();
-    assert!(table.contains("AGENT VERSION"), "{table}");
+    assert!(
+        table.contains("AGENT VERSION") && table.contains("ROLE"),
+        "{table}"
+    );
 
     // Config and key were written with safe modes; the token never reached a log.
     for i in [1, 2, 3] {
@@ -283,11 +324,16 @@ fn hosts_join_with_the_printed_command_and_their_labels_show_at_once() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(join_command(&String::from_utf8_lossy(&out.stdout)), command);
 
-    // join-token prints the same, as root.
-    let printed = c.host(2).meshctl_ok(&["join-token"]).unwrap();
+    // join-token prints the same, as root, on an admin; a worker prints none.
+    let printed = c.host(1).meshctl_ok(&["join-token"]).unwrap();
     assert!(printed.contains(&token), "{printed}");
-    let quiet = c.host(3).meshctl_ok(&["join-token", "-q"]).unwrap();
+    let quiet = c
+        .host(1)
+        .meshctl_ok(&["join-token", "worker", "-q"])
+        .unwrap();
     assert_eq!(quiet.trim(), token);
+    let e = fails(c.host(3).meshctl(&["join-token"]).unwrap());
+    assert!(e.contains("is a worker"), "{e}");
 
     // Only root gets the token: meshctl says so, and the agent refuses other users even when
     // the socket lets them in.
@@ -615,4 +661,182 @@ fn leaving_hands_a_services_tasks_over_while_clients_are_served() {
     client
         .finish()
         .assert_available("while host3 left", Duration::from_millis(500));
+}
+
+/// The role each host's `node ls` gives every host, as (name, role).
+fn roles(c: &Cluster, observer: usize) -> BTreeSet<(String, String)> {
+    let nodes: Value = c.host(observer).meshctl_json(&["node", "ls"]).unwrap();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_owned(),
+                n["role"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn wait_roles(c: &Cluster, observers: &[usize], want: &[(usize, &str)]) {
+    let want: BTreeSet<(String, String)> = want
+        .iter()
+        .map(|(i, r)| (c.host(*i).node_name().to_owned(), r.to_string()))
+        .collect();
+    for i in observers {
+        c.eventually(
+            Duration::from_secs(10),
+            &format!("host{i} sees roles {want:?}"),
+            |c| Ok((roles(c, *i) == want).then_some(())),
+        )
+        .unwrap();
+    }
+}
+
+/// Swarm's worker/manager split without a quorum: an admin token makes an admin that
+/// changes the cluster and grants roles; workers run tasks and are refused every change (a
+/// refusal changes nothing); the last admin cannot be demoted; with every admin gone the
+/// workers keep serving and changes wait.
+#[test]
+fn admins_change_the_cluster_workers_run_tasks_and_serve_without_admins() {
+    let mut c = Cluster::new(3).unwrap();
+    let worker_command = init(&mut c, 1);
+    join(&mut c, 2, &worker_command, &[]);
+    let admin_command = join_command(&c.host(1).meshctl_ok(&["join-token", "admin"]).unwrap());
+    assert_ne!(admin_command, worker_command);
+    join(&mut c, 3, &admin_command, &[]);
+    wait_ready(&c, &[1, 2, 3], &[1, 2, 3]);
+    wait_roles(&c, &[1, 2, 3], &[(1, "admin"), (2, "worker"), (3, "admin")]);
+    // The admin token handed the admin key on; the worker token its public half only.
+    assert!(c.host(3).config_dir().join("admin.key").exists());
+    assert!(!c.host(2).config_dir().join("admin.key").exists());
+    assert!(c.host(2).config_dir().join("admin.pub").exists());
+
+    // The joined admin changes the cluster; the worker runs its share of the tasks.
+    let whoami = bin("mesh-whoami");
+    c.host(3)
+        .meshctl_ok(&[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "3",
+            "-p",
+            "8080:80",
+            "--process",
+            "--",
+            whoami.to_str().unwrap(),
+        ])
+        .unwrap();
+    c.eventually(Duration::from_secs(15), "web runs on every node", |c| {
+        Ok((running_nodes(c.host(2), "web").len() == 3).then_some(()))
+    })
+    .unwrap();
+
+    // The worker is refused every change, with the admins to use; nothing changes.
+    let h2 = c.host(2).node_name().to_owned();
+    for args in [
+        &[
+            "service",
+            "create",
+            "--name",
+            "evil",
+            "--process",
+            "--",
+            "/bin/true",
+        ][..],
+        &["service", "scale", "web=1"],
+        &["service", "rm", "web"],
+        &["network", "create", "evil", "--subnet", "10.99.0.0/24"],
+        &["node", "update", "--availability", "drain", &h2],
+        &["node", "promote", &h2],
+    ] {
+        let e = fails(c.host(2).meshctl(args).unwrap());
+        assert!(
+            e.contains("is a worker")
+                && e.contains(c.host(1).node_name())
+                && e.contains(c.host(3).node_name()),
+            "{args:?}: {e}"
+        );
+    }
+    let web: Value = c
+        .host(1)
+        .meshctl_json(&["service", "inspect", "web"])
+        .unwrap();
+    assert_eq!(web["spec"]["mode"]["replicated"]["replicas"], 3, "{web}");
+    assert!(
+        c.host(1)
+            .meshctl(&["network", "inspect", "evil"])
+            .unwrap()
+            .status
+            .code()
+            != Some(0)
+    );
+    // Docker's clients hear Swarm's answer from a worker's Docker socket.
+    let out = c
+        .host(2)
+        .ns
+        .sh(&format!(
+            "curl -s -X POST -H 'Content-Type: application/json' -d '{{\"Name\":\"evil\"}}' \
+             --unix-socket {} http://docker/v1.41/networks/create",
+            c.host(2).socket().with_file_name("docker.sock").display()
+        ))
+        .unwrap();
+    assert!(out.contains("This node is not a swarm manager"), "{out}");
+
+    // Promote and demote: the worker becomes an admin and back, and acts accordingly.
+    let out = c.host(1).meshctl_ok(&["node", "promote", &h2]).unwrap();
+    assert!(
+        out.contains(&format!("Node {h2} promoted to a manager")),
+        "{out}"
+    );
+    wait_roles(&c, &[1, 2, 3], &[(1, "admin"), (2, "admin"), (3, "admin")]);
+    c.host(2)
+        .meshctl_ok(&["network", "create", "promoted", "--subnet", "10.98.0.0/24"])
+        .unwrap();
+    // A promoted admin holds no admin key: it cannot hand admin tokens on.
+    let e = fails(c.host(2).meshctl(&["join-token", "admin"]).unwrap());
+    assert!(e.contains("holds no admin key"), "{e}");
+    c.host(3).meshctl_ok(&["node", "demote", &h2]).unwrap();
+    wait_roles(&c, &[1, 2, 3], &[(1, "admin"), (2, "worker"), (3, "admin")]);
+    let e = fails(c.host(2).meshctl(&["network", "rm", "promoted"]).unwrap());
+    assert!(e.contains("is a worker"), "{e}");
+
+    // The last admin that is up cannot be demoted.
+    let h3 = c.host(3).node_name().to_owned();
+    c.host(1).meshctl_ok(&["node", "demote", &h3]).unwrap();
+    wait_roles(
+        &c,
+        &[1, 2, 3],
+        &[(1, "admin"), (2, "worker"), (3, "worker")],
+    );
+    let h1 = c.host(1).node_name().to_owned();
+    let e = fails(c.host(1).meshctl(&["node", "demote", &h1]).unwrap());
+    assert!(e.contains("last admin"), "{e}");
+    // Demoted, host3 dropped the admin key it joined with.
+    assert!(!c.host(3).config_dir().join("admin.key").exists());
+
+    // Every admin gone: the workers keep every task and keep serving; changes wait.
+    c.external("client", 100).unwrap();
+    let target = format!("{}:8080", c.host(2).ip).parse().unwrap();
+    let client = Probe::start(c.external_ns("client").unwrap(), target).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    c.host_mut(1).kill_agent().unwrap();
+    c.eventually(Duration::from_secs(10), "host1 is Down", |c| {
+        Ok((ready(c, 2) == names(c, &[2, 3])).then_some(()))
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    client
+        .finish()
+        .assert_available("with no admin up", Duration::from_millis(500));
+    let web: Value = c
+        .host(2)
+        .meshctl_json(&["service", "inspect", "web"])
+        .unwrap();
+    assert_eq!(web["spec"]["mode"]["replicated"]["replicas"], 3, "{web}");
+    let e = fails(c.host(3).meshctl(&["service", "scale", "web=5"]).unwrap());
+    assert!(e.contains("No admin is up"), "{e}");
 }

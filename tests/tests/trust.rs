@@ -18,6 +18,7 @@ use mesh_agent::gossip::{
     validate::craft,
 };
 use mesh_agent::identity::NodeIdentity;
+use mesh_agent::roles::{AdminKey, Grant, Role};
 use mesh_tests::{Cluster, Host, availability::Probe, cluster::bin, events::Follower};
 use serde_json::Value;
 
@@ -32,8 +33,17 @@ const ATTACKER_IP: &str = "192.0.2.50";
 /// Two serving nodes (a task of `web` on each, published on 8080), a host for the attacker
 /// and a client outside the cluster.
 fn serving_cluster() -> Cluster {
+    serving_cluster_with(|_| Vec::new())
+}
+
+/// [`serving_cluster`], each host's agent started with `args(host)`.
+fn serving_cluster_with(args: impl Fn(&Host) -> Vec<String>) -> Cluster {
     let mut c = Cluster::new(2).unwrap();
-    c.start_agents().unwrap();
+    for i in 1..=2 {
+        let a = args(c.host(i));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        c.host_mut(i).start_agent(&a).unwrap();
+    }
     c.create_network("app", "10.10.0.0/24").unwrap();
     c.create_service("web", "app", &["-p", "8080:80"]).unwrap();
     for i in 1..=2 {
@@ -351,4 +361,152 @@ fn a_member_cannot_publish_records_for_another_node() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A cluster with roles: host1 is an admin (it holds the admin key), host2 a worker (the
+/// public half only). The key files live in each host's state dir, which goes with it.
+fn cluster_with_roles() -> Cluster {
+    let admin = AdminKey::generate().unwrap();
+    serving_cluster_with(move |h| {
+        let dir = h.state_dir().join("admin");
+        let key = if h.index == 1 {
+            AdminKey::from_secret(NodeIdentity::from_seed(&admin.secret().unwrap().seed()))
+        } else {
+            AdminKey::public_only(admin.public)
+        };
+        key.save(&dir).unwrap();
+        vec!["--admin-key-dir".into(), dir.display().to_string()]
+    })
+}
+
+fn roles_stats(h: &Host) -> (u64, u64) {
+    let v: Value = h.meshctl_json(&["gossip", "stats"]).unwrap();
+    (
+        v["origins"]["worker_objects"].as_u64().unwrap(),
+        v["origins"]["forged_grants"].as_u64().unwrap(),
+    )
+}
+
+/// A member holding the cluster key and a node key of its own — what a compromised worker
+/// holds — writes, under its own properly signed name, the objects only admins write: a
+/// removal of host2, a service, a network; and a grant making itself an admin, signed with
+/// its own key; and host1's own admin grant pasted into its record. Each is dropped and
+/// counted everywhere (the pasted grant names host1's key, so it makes nobody else an admin), host2 keeps serving with 0 failed requests, and the forger stays
+/// a worker.
+#[test]
+fn a_worker_cannot_write_the_clusters_objects_or_make_itself_an_admin() {
+    let c = cluster_with_roles();
+    let victim = c.host(2).node_name().to_owned();
+    let target: SocketAddr = format!("{}:7946", c.host(1).ip).parse().unwrap();
+    let addr: SocketAddr = format!("{}:8080", c.host(1).ip).parse().unwrap();
+    let probe = Probe::start(c.external_ns("client").unwrap(), addr).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let roles = |h: &Host| -> Vec<(String, String)> {
+        let nodes: Value = h.meshctl_json(&["node", "ls"]).unwrap();
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap().into(),
+                    n["role"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        roles(c.host(2)),
+        [
+            (c.host(1).node_name().to_owned(), "admin".to_owned()),
+            (victim.clone(), "worker".to_owned())
+        ]
+    );
+
+    let mallory = NodeIdentity::generate().unwrap();
+    let name = "mallory";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let stamp = serde_json::json!({"ms": now, "node": name});
+    let record = serde_json::json!({
+        "name": name, "hostname": name, "address": ATTACKER_IP, "mtu": 1500,
+        "agent_version": "evil", "key": mallory.public().to_string(),
+    })
+    .to_string();
+    let removal = serde_json::json!({
+        "spec": {"node": victim, "generation": u64::MAX},
+        "created": stamp, "updated": stamp,
+    })
+    .to_string();
+    let network = serde_json::json!({
+        "spec": {"name": "evil", "subnet": "10.66.0.0/24", "gateway": "10.66.0.1", "vni": 9999},
+        "created": stamp, "updated": stamp,
+    })
+    .to_string();
+    let self_made = Grant::sign(&mallory, name, mallory.public(), Role::Admin, now);
+    // host1's own admin grant, as host1's state dir keeps it and its record carries it,
+    // pasted into the forger's record and republished as is.
+    let grants: Value =
+        serde_json::from_slice(&std::fs::read(c.host(1).state_dir().join("roles.json")).unwrap())
+            .unwrap();
+    let pasted = grants[c.host(1).node_name()].clone();
+    assert_eq!(pasted["role"], "admin", "{grants}");
+    let mut record: Value = serde_json::from_str(&record).unwrap();
+    record["grant"] = pasted.clone();
+    let record = record.to_string();
+    let kv: Vec<(String, String)> = [
+        ("node".to_owned(), record),
+        (format!("obj:noderm:{victim}"), removal),
+        ("obj:net:evil".to_owned(), network),
+        (
+            format!("role:{name}"),
+            serde_json::to_string(&self_made).unwrap(),
+        ),
+        ("role:x".to_owned(), pasted.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| {
+        let sealed = signed::seal(&mallory, name, now, &k, &v);
+        (k, sealed)
+    })
+    .collect();
+    inject(&c, target, name, now, &kv);
+
+    c.eventually(
+        Duration::from_secs(10),
+        "host1 and host2 drop the worker's objects and its grants",
+        |c| {
+            Ok([1, 2]
+                .iter()
+                .all(|i| {
+                    let (objects, forged) = roles_stats(c.host(*i));
+                    objects >= 2 && forged >= 1
+                })
+                .then_some(()))
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    for i in [1, 2] {
+        let h = c.host(i);
+        assert!(
+            roles(h).contains(&(name.to_owned(), "worker".to_owned())),
+            "host{i}: {:?}",
+            roles(h)
+        );
+        let out = h.meshctl(&["network", "inspect", "evil"]).unwrap();
+        assert!(!out.status.success(), "host{i} took the worker's network");
+    }
+    let r = probe.finish();
+    eprintln!("while a worker forged objects: {r}");
+    r.assert_available("the routing mesh", MAX_GAP);
+    // host2 was not removed: Ready, still running its task.
+    let ps: Value = c.host(2).meshctl_json(&["ps"]).unwrap();
+    assert!(
+        ps.as_array().unwrap().iter().any(|t| t["name"] == "web-2"),
+        "{ps}"
+    );
+    assert!(roles(c.host(1)).contains(&(victim, "worker".to_owned())));
 }
