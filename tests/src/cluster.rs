@@ -603,6 +603,22 @@ impl Host {
     }
 
     /// meshctl with `--format json`, decoded.
+    /// Each node's role as this host's `node ls` shows it: name → `admin` or `worker`.
+    pub fn node_roles(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        let nodes: serde_json::Value = self.meshctl_json(&["node", "ls"])?;
+        Ok(nodes
+            .as_array()
+            .context("node ls is a list")?
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    n["name"].as_str()?.to_owned(),
+                    n["role"].as_str()?.to_owned(),
+                ))
+            })
+            .collect())
+    }
+
     pub fn meshctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
         // Before the arguments: a trailing `-- command` must stay last.
         let mut all = vec!["--format", "json"];

@@ -238,18 +238,7 @@ fn hosts_join_with_the_printed_command_and_their_labels_show_at_once() {
         e.contains("is a worker") && e.contains(c.host(1).node_name()),
         "{e}"
     );
-    let nodes: Value = c.host(2).meshctl_json(&["node", "ls"]).unwrap();
-    let roles: BTreeSet<(String, String)> = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["name"].as_str().unwrap().to_owned(),
-                n["role"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let roles: BTreeSet<(String, String)> = c.host(2).node_roles().unwrap().into_iter().collect();
     assert_eq!(
         roles,
         BTreeSet::from([
@@ -665,18 +654,7 @@ fn leaving_hands_a_services_tasks_over_while_clients_are_served() {
 
 /// The role each host's `node ls` gives every host, as (name, role).
 fn roles(c: &Cluster, observer: usize) -> BTreeSet<(String, String)> {
-    let nodes: Value = c.host(observer).meshctl_json(&["node", "ls"]).unwrap();
-    nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            (
-                n["name"].as_str().unwrap().to_owned(),
-                n["role"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
+    c.host(observer).node_roles().unwrap().into_iter().collect()
 }
 
 fn wait_roles(c: &Cluster, observers: &[usize], want: &[(usize, &str)]) {

@@ -401,20 +401,8 @@ fn a_worker_cannot_write_the_clusters_objects_or_make_itself_an_admin() {
     let addr: SocketAddr = format!("{}:8080", c.host(1).ip).parse().unwrap();
     let probe = Probe::start(c.external_ns("client").unwrap(), addr).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let roles = |h: &Host| -> Vec<(String, String)> {
-        let nodes: Value = h.meshctl_json(&["node", "ls"]).unwrap();
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| {
-                (
-                    n["name"].as_str().unwrap().into(),
-                    n["role"].as_str().unwrap().into(),
-                )
-            })
-            .collect()
-    };
+    let roles =
+        |h: &Host| -> Vec<(String, String)> { h.node_roles().unwrap().into_iter().collect() };
     assert_eq!(
         roles(c.host(2)),
         [

@@ -39,21 +39,22 @@ impl Agent {
     /// manager: nothing could change the cluster afterwards.
     pub async fn set_role(&self, node: &str, role: Role) -> Result<()> {
         self.require_admin()?;
-        if !self.gossip.has_roles() {
-            return Err(Error::Invalid(
-                "this cluster has no roles (no admin key): every node is an admin. Clusters \
-                 made by `mesh-agent init` have roles"
-                    .into(),
-            ));
-        }
         let view = self.refresh().await;
         let Some(n) = view.nodes.get(node) else {
             return Err(Error::NotFound(format!(
                 "node {node} not found (see `meshctl node ls`)"
             )));
         };
+        // Docker's `node update` sends the whole spec back, role included: no change.
         if n.role == role {
             return Ok(());
+        }
+        if !self.gossip.has_roles() {
+            return Err(Error::Invalid(
+                "this cluster has no roles (no admin key): every node is an admin. Clusters \
+                 made by `mesh-agent init` have roles"
+                    .into(),
+            ));
         }
         let Some(key) = n.record.as_ref().and_then(|r| r.key) else {
             return Err(Error::Conflict(format!(

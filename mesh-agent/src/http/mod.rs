@@ -108,7 +108,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
 
 /// A worker refuses every request that changes the cluster before its handler runs, so a
 /// refused command changes nothing (see `crate::roles`). What only touches this node — its
-/// local tasks, CNI, `run`, `leave` — stays open to it.
+/// local tasks, CNI, `run`, `leave`, its own volumes (node-local, as Docker's) — stays open
+/// to it.
 async fn admins_only(
     State(agent): State<Arc<Agent>>,
     req: axum::extract::Request,
@@ -127,7 +128,47 @@ fn changes_the_cluster(method: &axum::http::Method, path: &str) -> bool {
     !(matches!(*method, Method::GET | Method::HEAD)
         || path.starts_with("/v1/local/")
         || path.starts_with("/v1/cni/")
-        || path == "/v1/tasks")
+        || path == "/v1/tasks"
+        || path == "/v1/volumes"
+        || path.starts_with("/v1/volumes/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::changes_the_cluster;
+    use axum::http::Method;
+
+    #[test]
+    fn workers_keep_what_touches_their_own_node_only() {
+        for (method, path) in [
+            (Method::POST, "/v1/services"),
+            (Method::POST, "/v1/services/web"),
+            (Method::DELETE, "/v1/services/web"),
+            (Method::POST, "/v1/scale"),
+            (Method::POST, "/v1/networks"),
+            (Method::POST, "/v1/nodes/n2"),
+            (Method::DELETE, "/v1/nodes/n2"),
+            (Method::POST, "/v1/secrets"),
+            (Method::POST, "/v1/stacks"),
+            (Method::POST, "/v1/join-token/rotate"),
+            (Method::PUT, "/v1/localx"),
+        ] {
+            assert!(changes_the_cluster(&method, path), "{method} {path}");
+        }
+        for (method, path) in [
+            (Method::GET, "/v1/services"),
+            (Method::GET, "/v1/join-token"),
+            (Method::POST, "/v1/tasks"),
+            (Method::POST, "/v1/local/leave"),
+            (Method::DELETE, "/v1/local/tasks/t1"),
+            (Method::POST, "/v1/local/tasks/t1/exec"),
+            (Method::POST, "/v1/cni/add"),
+            (Method::POST, "/v1/volumes"),
+            (Method::DELETE, "/v1/volumes/data"),
+        ] {
+            assert!(!changes_the_cluster(&method, path), "{method} {path}");
+        }
+    }
 }
 
 /// Binds the socket, replacing a stale one left by a killed agent.
