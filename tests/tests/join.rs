@@ -774,11 +774,36 @@ fn admins_change_the_cluster_workers_run_tasks_and_serve_without_admins() {
     c.host(2)
         .meshctl_ok(&["network", "create", "promoted", "--subnet", "10.98.0.0/24"])
         .unwrap();
-    // A promoted admin holds no admin key: it cannot hand admin tokens on.
-    let e = fails(c.host(2).meshctl(&["join-token", "admin"]).unwrap());
-    assert!(e.contains("holds no admin key"), "{e}");
+    // The promoting admin handed it the admin key, sealed to its node key: it prints admin
+    // tokens and grants roles like the others.
+    c.eventually(Duration::from_secs(10), "host2 holds the admin key", |c| {
+        Ok(c.host(2)
+            .config_dir()
+            .join("admin.key")
+            .exists()
+            .then_some(()))
+    })
+    .unwrap();
+    let printed = c
+        .host(2)
+        .meshctl_ok(&["join-token", "admin", "-q"])
+        .unwrap();
+    assert_eq!(
+        join_command(&format!("mesh-agent join --token {} x", printed.trim())),
+        format!(
+            "mesh-agent join --token {} x",
+            token_and_address(&admin_command).0
+        ),
+        "the same admin token as host1's"
+    );
     c.host(3).meshctl_ok(&["node", "demote", &h2]).unwrap();
     wait_roles(&c, &[1, 2, 3], &[(1, "admin"), (2, "worker"), (3, "admin")]);
+    c.eventually(
+        Duration::from_secs(10),
+        "demoted host2 dropped the admin key",
+        |c| Ok((!c.host(2).config_dir().join("admin.key").exists()).then_some(())),
+    )
+    .unwrap();
     let e = fails(c.host(2).meshctl(&["network", "rm", "promoted"]).unwrap());
     assert!(e.contains("is a worker"), "{e}");
 

@@ -42,6 +42,9 @@ pub mod key {
     /// `role:<node>`: a role grant signed with the admin key, republished by admins (see
     /// `crate::roles`); it proves itself, whoever carries it.
     pub const ROLE_GRANT: &str = "role:";
+    /// `adminkey:<node>`: the admin key's secret sealed to a promoted node's key by the admin
+    /// that promoted it (see `crate::roles`); only that node can open it.
+    pub const ADMIN_KEY_FOR: &str = "adminkey:";
     /// `att:<network>`: this node's own address on a network it plumbs.
     pub const ATTACHMENT: &str = "att:";
     /// `blk:<network>:<index>`: a claim on a block of a network's subnet.

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use tracing::warn;
 
 use crate::cluster::{SnapshotNode, key};
-use crate::identity::PublicKey;
+use crate::identity::{NodeIdentity, PublicKey};
 use crate::roles::{AdminKey, Grant, Registry, Role, RolesReport};
 
 pub struct Admins {
@@ -118,7 +118,12 @@ impl Admins {
     /// node its role, and drops the replicated objects of workers. `own` is this node: its
     /// copies are what it merged itself, so they stay in its own view. Returns whether a
     /// grant was new.
-    pub(super) fn apply(&mut self, nodes: &mut [SnapshotNode], own: &str) -> bool {
+    pub(super) fn apply(
+        &mut self,
+        nodes: &mut [SnapshotNode],
+        own: &str,
+        me: &NodeIdentity,
+    ) -> bool {
         let mut changed = false;
         for n in nodes.iter() {
             for grant in grants_in(&n.kv) {
@@ -148,7 +153,49 @@ impl Admins {
                 }
             }
         }
+        self.adopt_admin_key(nodes, own, me);
         changed
+    }
+
+    /// A promoted admin takes the admin key an admin sealed to it, so it can grant roles and
+    /// print admin tokens too.
+    fn adopt_admin_key(&mut self, nodes: &[SnapshotNode], own: &str, me: &NodeIdentity) {
+        if self.admin.secret().is_some()
+            || self.registry.role(own, Some(me.public())) != Role::Admin
+        {
+            return;
+        }
+        let k = format!("{}{own}", key::ADMIN_KEY_FOR);
+        let seeds = nodes
+            .iter()
+            .filter(|n| n.role == Role::Admin && n.name != own)
+            .filter_map(|n| n.kv.get(&k))
+            .filter_map(|sealed| open_admin_key(me, own, sealed));
+        for seed in seeds {
+            let secret = NodeIdentity::from_seed(&seed);
+            if secret.public() != self.admin.public {
+                continue;
+            }
+            let key = AdminKey::from_secret(secret);
+            if let Err(e) = key.save(&self.key_dir) {
+                warn!("cannot keep the admin key handed to this node: {e:#}");
+                return;
+            }
+            tracing::info!("promoted: this admin now holds the admin key and can grant roles");
+            self.admin = key;
+            return;
+        }
+    }
+
+    /// The admin key's secret sealed to `to` (`adminkey:<node>`), if this node holds it.
+    pub(super) fn admin_key_for(&self, node: &str, to: &PublicKey) -> Option<String> {
+        let seed = self.admin.secret()?.seed();
+        let sealed =
+            crate::identity::sealing::seal(to, &admin_key_context(node), seed.as_slice()).ok()?;
+        Some(base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            sealed,
+        ))
     }
 
     /// The `role:` keys an admin republishes.
@@ -165,6 +212,19 @@ impl Admins {
             .collect()
     }
 }
+/// What an admin key handed to `node` is sealed for.
+fn admin_key_context(node: &str) -> Vec<u8> {
+    let mut c = b"mesh admin key v1\0".to_vec();
+    c.extend_from_slice(node.as_bytes());
+    c
+}
+
+fn open_admin_key(me: &NodeIdentity, node: &str, sealed: &str) -> Option<[u8; 32]> {
+    let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, sealed).ok()?;
+    let opened = crate::identity::sealing::open(me, &admin_key_context(node), &bytes).ok()?;
+    <[u8; 32]>::try_from(opened.as_slice()).ok()
+}
+
 /// The grants a node's values carry: its record's own and any `role:` key.
 fn grants_in(kv: &BTreeMap<String, String>) -> Vec<Grant> {
     #[derive(Deserialize)]
@@ -204,7 +264,6 @@ fn fingerprint(value: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::NodeIdentity;
 
     fn node(name: &str, id: &NodeIdentity, grant: Option<&Grant>) -> SnapshotNode {
         let mut record = serde_json::json!({"name": name, "key": id.public()});
@@ -248,7 +307,7 @@ mod tests {
             Registry::new(admin.public(), None),
             ("me", me.public()),
         );
-        r.apply(&mut nodes, "me");
+        r.apply(&mut nodes, "me", &me);
         assert_eq!(nodes[0].role, Role::Admin);
         assert!(nodes[0].kv.contains_key("obj:svc:web"));
         assert_eq!(nodes[1].role, Role::Worker);
@@ -263,7 +322,7 @@ mod tests {
         // The same state again counts nothing new.
         let mut again = vec![node("w", &w, None)];
         again[0].kv.insert("obj:svc:web".into(), "from w".into());
-        r.apply(&mut again, "me");
+        r.apply(&mut again, "me", &me);
         assert_eq!(r.report().worker_objects, 1);
     }
 }

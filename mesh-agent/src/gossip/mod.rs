@@ -190,17 +190,24 @@ impl Gossip {
         key: PublicKey,
         role: crate::roles::Role,
     ) -> Result<crate::roles::Grant> {
-        let grant = {
+        let (grant, handed) = {
             let Some(admins) = &self.admins else {
                 anyhow::bail!(
                     "this cluster has no roles (no admin key): every node is an admin;                      `mesh-agent init` makes clusters with roles"
                 );
             };
-            admins
-                .lock()
-                .expect("admins lock")
-                .grant(node, key, role, Clock::now_ms())?
+            let mut a = admins.lock().expect("admins lock");
+            let grant = a.grant(node, key, role, Clock::now_ms())?;
+            // A promoted admin gets the admin key too, sealed to its own key, so it can grant
+            // roles and print admin tokens like any other.
+            let handed = match role {
+                crate::roles::Role::Admin => a.admin_key_for(node, &key),
+                crate::roles::Role::Worker => None,
+            };
+            (grant, handed)
         };
+        let k = format!("{}{node}", crate::cluster::key::ADMIN_KEY_FOR);
+        self.write([(k, handed)]).await;
         self.sync_roles().await;
         Ok(grant)
     }
@@ -247,6 +254,19 @@ impl Gossip {
                     .filter(|k| k.starts_with(crate::cluster::key::ROLE_GRANT))
                 {
                     if role != crate::roles::Role::Admin || !grants.contains_key(k) {
+                        changes.push((k.clone(), None));
+                    }
+                }
+                // An admin key handed to a node that is no admin any more is taken back.
+                for (k, node) in own
+                    .keys()
+                    .filter_map(|k| Some((k, k.strip_prefix(crate::cluster::key::ADMIN_KEY_FOR)?)))
+                {
+                    let still_admin = a
+                        .registry
+                        .grant(node)
+                        .is_some_and(|g| g.role == crate::roles::Role::Admin);
+                    if role != crate::roles::Role::Admin || !still_admin {
                         changes.push((k.clone(), None));
                     }
                 }
@@ -487,7 +507,7 @@ impl Gossip {
                 me.kv
                     .extend(a.local.iter().map(|(k, v)| (k.clone(), v.clone())));
             }
-            if a.apply(&mut nodes, &self.name) {
+            if a.apply(&mut nodes, &self.name, &self.identity) {
                 a.grants_changed = true;
             }
             a.settle_own_role((&self.name, self.identity.public()));
