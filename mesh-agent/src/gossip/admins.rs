@@ -6,7 +6,7 @@
 //! that joins after a promotion's writer left still learns of it.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
 };
 
@@ -34,6 +34,7 @@ pub struct Admins {
     /// counted once however often gossip shows it.
     refused: HashSet<(String, u64, String, u64)>,
     worker_objects: u64,
+    parsed: Parsed,
 }
 
 impl Admins {
@@ -55,6 +56,7 @@ impl Admins {
             grants_changed: true,
             refused: HashSet::new(),
             worker_objects: 0,
+            parsed: Parsed::default(),
         }
     }
 
@@ -125,20 +127,24 @@ impl Admins {
         me: &NodeIdentity,
     ) -> bool {
         let mut changed = false;
+        let mut keys = Vec::with_capacity(nodes.len());
         for n in nodes.iter() {
-            for grant in grants_in(&n.kv) {
-                changed |= self.registry.observe(&grant);
+            let record = self.parsed.record(&n.name, &n.kv);
+            let grants = self.parsed.grant_keys(&n.kv);
+            for grant in record.grant.iter().chain(&grants) {
+                changed |= self.registry.observe(grant);
             }
+            keys.push(record.key);
         }
-        for n in nodes.iter_mut() {
-            n.role = self.registry.role(&n.name, record_key(&n.kv));
+        for (n, key) in nodes.iter_mut().zip(keys) {
+            n.role = self.registry.role(&n.name, key);
             if n.role == Role::Admin || n.name == own {
                 continue;
             }
             let refused: Vec<String> =
-                n.kv.keys()
-                    .filter(|k| k.starts_with(key::OBJECT))
-                    .cloned()
+                n.kv.range(key::OBJECT.to_owned()..)
+                    .take_while(|(k, _)| k.starts_with(key::OBJECT))
+                    .map(|(k, _)| k.clone())
                     .collect();
             for k in refused {
                 let value = n.kv.remove(&k).unwrap_or_default();
@@ -225,33 +231,61 @@ fn open_admin_key(me: &NodeIdentity, node: &str, sealed: &str) -> Option<[u8; 32
     <[u8; 32]>::try_from(opened.as_slice()).ok()
 }
 
-/// The grants a node's values carry: its record's own and any `role:` key.
-fn grants_in(kv: &BTreeMap<String, String>) -> Vec<Grant> {
-    #[derive(Deserialize)]
-    struct GrantOnly {
-        grant: Option<Grant>,
-    }
-    let own = kv
-        .get(key::NODE)
-        .and_then(|r| serde_json::from_str::<GrantOnly>(r).ok())
-        .and_then(|r| r.grant);
-    own.into_iter()
-        .chain(
-            kv.iter()
-                .filter(|(k, _)| k.starts_with(key::ROLE_GRANT))
-                .filter_map(|(_, v)| serde_json::from_str::<Grant>(v).ok()),
-        )
-        .collect()
+/// What roles read from a node record: its key and its own grant. Parsing a public key
+/// checks the curve point (tens of µs), so each record is parsed once while it is unchanged.
+#[derive(Clone, Default)]
+struct RecordRoles {
+    key: Option<PublicKey>,
+    grant: Option<Grant>,
 }
 
-fn record_key(kv: &BTreeMap<String, String>) -> Option<PublicKey> {
-    #[derive(Deserialize)]
-    struct KeyOnly {
-        key: Option<PublicKey>,
+#[derive(Default)]
+pub(super) struct Parsed {
+    records: HashMap<String, (String, RecordRoles)>,
+    grants: HashMap<String, Option<Grant>>,
+}
+
+impl Parsed {
+    fn record(&mut self, node: &str, kv: &BTreeMap<String, String>) -> RecordRoles {
+        #[derive(Deserialize)]
+        struct Fields {
+            key: Option<PublicKey>,
+            grant: Option<Grant>,
+        }
+        let Some(text) = kv.get(key::NODE) else {
+            return RecordRoles::default();
+        };
+        if let Some((seen, parsed)) = self.records.get(node)
+            && seen == text
+        {
+            return parsed.clone();
+        }
+        let parsed = serde_json::from_str::<Fields>(text)
+            .map(|f| RecordRoles {
+                key: f.key,
+                grant: f.grant,
+            })
+            .unwrap_or_default();
+        self.records
+            .insert(node.to_owned(), (text.clone(), parsed.clone()));
+        parsed
     }
-    kv.get(key::NODE)
-        .and_then(|r| serde_json::from_str::<KeyOnly>(r).ok())
-        .and_then(|r| r.key)
+
+    /// The grants a node's `role:` keys carry.
+    fn grant_keys(&mut self, kv: &BTreeMap<String, String>) -> Vec<Grant> {
+        if self.grants.len() > 100_000 {
+            self.grants.clear();
+        }
+        kv.range(key::ROLE_GRANT.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(key::ROLE_GRANT))
+            .filter_map(|(_, v)| {
+                self.grants
+                    .entry(v.clone())
+                    .or_insert_with(|| serde_json::from_str::<Grant>(v).ok())
+                    .clone()
+            })
+            .collect()
+    }
 }
 
 fn fingerprint(value: &str) -> u64 {
@@ -324,5 +358,54 @@ mod tests {
         again[0].kv.insert("obj:svc:web".into(), "from w".into());
         r.apply(&mut again, "me", &me);
         assert_eq!(r.report().worker_objects, 1);
+    }
+
+    /// What roles add to each snapshot: grants read and workers' objects filtered for 200
+    /// nodes of 40 keys (printed; `cargo test --release -p mesh-agent roles_cost --
+    /// --nocapture` for optimized numbers). Unchanged grants are not verified again.
+    #[test]
+    fn roles_cost() {
+        let admin = NodeIdentity::generate().unwrap();
+        let me = NodeIdentity::generate().unwrap();
+        let ids: Vec<NodeIdentity> = (0..200)
+            .map(|_| NodeIdentity::generate().unwrap())
+            .collect();
+        let nodes = || -> Vec<SnapshotNode> {
+            ids.iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    let name = format!("n{i}");
+                    let grant = Grant::sign(&admin, &name, id.public(), Role::Admin, 1);
+                    let mut n = node(&name, id, (i < 3).then_some(&grant));
+                    for k in 0..40 {
+                        n.kv.insert(format!("ep:t{k}"), "{}".into());
+                    }
+                    n
+                })
+                .collect()
+        };
+        let mut r = Admins::new(
+            AdminKey::public_only(admin.public()),
+            PathBuf::new(),
+            Registry::new(admin.public(), None),
+            ("me", me.public()),
+        );
+        let mut first = nodes();
+        let start = std::time::Instant::now();
+        r.apply(&mut first, "me", &me);
+        let cold = start.elapsed();
+        const N: u32 = 20;
+        let mut total = std::time::Duration::ZERO;
+        for _ in 0..N {
+            let mut again = nodes();
+            let start = std::time::Instant::now();
+            r.apply(&mut again, "me", &me);
+            total += start.elapsed();
+        }
+        assert_eq!(r.registry().grants().len(), 3);
+        eprintln!(
+            "roles on a snapshot of 200 nodes x 40 keys: first {cold:?}, then {:?} each",
+            total / N
+        );
     }
 }
