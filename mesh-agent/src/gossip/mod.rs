@@ -21,6 +21,8 @@ pub mod transport;
 pub mod validate;
 
 #[cfg(test)]
+mod clock_step_tests;
+#[cfg(test)]
 mod hostile_peer_tests;
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};

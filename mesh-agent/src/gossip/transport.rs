@@ -105,12 +105,15 @@ impl SealedSocket {
         })
     }
 
-    /// Tells a sender its datagram was sealed with a key this node does not hold. Never
-    /// waits (recv must stay cancel-safe): a refusal the socket cannot take now is skipped.
+    /// Tells a sender its datagram was sealed with a key this node does not hold, or
+    /// challenges an authentic one that was not fresh (see `auth`). Never waits (recv must
+    /// stay cancel-safe): an answer the socket cannot take now is skipped.
     fn refuse(&mut self, to: SocketAddr, reason: DropReason, n: usize) {
-        let Some(refusal) = Refusal::of(reason, &self.recv_buf[..n]) else {
+        let stale = matches!(reason, DropReason::TooOld | DropReason::TooNew);
+        let refusal = Refusal::of(reason, &self.recv_buf[..n]);
+        if !stale && refusal.is_none() {
             return;
-        };
+        }
         let now = Instant::now();
         if self
             .refused
@@ -123,7 +126,20 @@ impl SealedSocket {
             self.refused.clear();
         }
         self.refused.insert(to, now);
-        let _ = self.wire.try_send_to(&refusal.encode(), to);
+        if let Some(refusal) = refusal {
+            let _ = self.wire.try_send_to(&refusal.encode(), to);
+            return;
+        }
+        self.send_buf.clear();
+        match self
+            .auth
+            .challenge(to, &self.recv_buf[..n], &mut self.send_buf)
+        {
+            Ok(()) => {
+                let _ = self.wire.try_send_to(&self.send_buf, to);
+            }
+            Err(e) => debug!(%to, "not challenging a stale datagram: {e:#}"),
+        }
     }
 }
 
@@ -185,6 +201,10 @@ impl Socket for SealedSocket {
                         }
                     };
                     let plaintext = &self.recv_buf[plaintext];
+                    if plaintext.is_empty() {
+                        // A challenge answered: it only carried an echo.
+                        continue;
+                    }
                     if plaintext.starts_with(&SENTINEL) {
                         // Chitchat would decode it to exactly the sentinel: no need to ask.
                         return Ok(RecvOutcome {

@@ -227,7 +227,9 @@ impl DropReason {
             }
             DropReason::BadTag => "tampered datagram, or a peer with another --cluster name",
             DropReason::TooOld | DropReason::TooNew => {
-                "clocks differ by more than the replay window, or a datagram was replayed late: sync clocks (NTP)"
+                "a first datagram from a peer whose clock differs by more than the replay window \
+                 (it is challenged and proves itself fresh after; harmless), or captured gossip \
+                 replayed late"
             }
             DropReason::Replayed => "a datagram was sent again: someone replays captured gossip",
             DropReason::Undecodable => "a key holder sent something chitchat cannot decode",
@@ -244,7 +246,8 @@ impl DropReason {
                  chitchat version"
             }
             DropReason::Truncated | DropReason::UnknownFormat => {
-                "something that is not mesh gossip reached the gossip port"
+                "something that is not mesh gossip, or gossip of an older mesh-agent (sealed \
+                 format 1), reached the gossip port"
             }
         }
     }
