@@ -25,7 +25,7 @@ mod clock_step_tests;
 #[cfg(test)]
 mod hostile_peer_tests;
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use chitchat::{
@@ -93,7 +93,12 @@ impl Gossip {
         initial: Vec<(String, String)>,
         transport: &dyn Transport,
     ) -> Result<Self> {
-        let generation = Clock::now_ms();
+        let generation = next_generation(
+            pins.as_deref()
+                .and_then(Path::parent)
+                .map(|d| d.join(GENERATION_FILE))
+                .as_deref(),
+        );
         let origins = origin::Origins::new(pins, (&config.node, identity.public(), generation));
         let chitchat_id = ChitchatId::new(config.node.clone(), generation, config.advertise);
         let chitchat_config = ChitchatConfig {
@@ -341,5 +346,68 @@ impl Changes {
             }
             _ = self.local.notified() => {}
         }
+    }
+}
+
+/// Where a node keeps the generation it last gossiped under, beside its pins.
+pub const GENERATION_FILE: &str = "generation";
+
+/// The generation of this run: the wall clock in ms, as chitchat's examples use, but always
+/// past the one the node last ran under. Peers take the highest generation of a name as the
+/// node: an agent restarted after its clock stepped back (NTP, a wrong hardware clock) would
+/// otherwise come back under a lower one, and every peer would keep listening to its dead
+/// previous run, tasks and all. Without the file (no state dir, or a new one) it is the
+/// clock, as before.
+fn next_generation(file: Option<&Path>) -> u64 {
+    let last = file
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let generation = Clock::now_ms().max(last.map_or(0, |l| l + 1));
+    if let Some(f) = file
+        && let Err(e) =
+            crate::state_files::write_atomic(f, format!("{generation}\n").as_bytes(), 0o600)
+    {
+        tracing::warn!(
+            file = %f.display(),
+            "cannot record this run's gossip generation ({e}): a restart after the clock \
+             steps back would not be seen by peers until the clock catches up"
+        );
+    }
+    if last.is_some_and(|l| generation == l + 1) {
+        tracing::warn!(
+            generation,
+            "the wall clock is behind this node's previous run: gossiping under the next \
+             generation instead (check NTP)"
+        );
+    }
+    generation
+}
+
+#[cfg(test)]
+mod generation_tests {
+    use super::*;
+
+    #[test]
+    fn a_generation_never_goes_back_even_when_the_clock_does() {
+        let dir = std::env::temp_dir().join(format!("mesh-generation-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(GENERATION_FILE);
+        let first = next_generation(Some(&file));
+        assert!(first.abs_diff(Clock::now_ms()) < 5_000);
+        // The previous run's clock was an hour ahead of this one's.
+        let ahead = Clock::now_ms() + 3_600_000;
+        std::fs::write(&file, format!("{ahead}\n")).unwrap();
+        assert_eq!(next_generation(Some(&file)), ahead + 1);
+        assert_eq!(next_generation(Some(&file)), ahead + 2);
+        // A file that does not parse is the clock again, and is rewritten.
+        std::fs::write(&file, "garbage").unwrap();
+        let g = next_generation(Some(&file));
+        assert!(g.abs_diff(Clock::now_ms()) < 5_000);
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap().trim(),
+            g.to_string()
+        );
+        assert!(next_generation(None).abs_diff(Clock::now_ms()) < 5_000);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
