@@ -7,6 +7,8 @@
 //! in its node record. Peers bind the node's name to that key the first time they see it
 //! (see `gossip::origin`) and refuse records of that name under any other key.
 
+pub mod sealing;
+
 use std::{
     fmt,
     io::Write,
