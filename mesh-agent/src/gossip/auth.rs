@@ -57,7 +57,9 @@ use anyhow::{Context, Result};
 use chacha20poly1305::{AeadInOut, Tag, XNonce};
 use tracing::{info, warn};
 
-use super::keyring::Keyring;
+use super::keyring::{self, Keyring};
+use super::rekey::{self, Retired};
+use crate::identity::{NodeIdentity, PublicKey};
 use mesh_api::v1::AuthReport;
 use mesh_api::v1::DropReason;
 use mesh_api::v1::KeyId;
@@ -456,6 +458,20 @@ pub struct GossipAuth {
     /// Added to the wall clock: only unit tests step it (two agents in one process share
     /// one clock); always 0 in the agent.
     clock_offset_ms: AtomicI64,
+    /// Keys rotations dropped: only to read a rekey request (see `rekey`).
+    retired: Mutex<Retired>,
+    member: Mutex<Option<Member>>,
+    rekeys: Mutex<BTreeMap<&'static str, u64>>,
+    /// When this node last asked a member for the current keys.
+    asked: Mutex<Option<Instant>>,
+}
+
+/// Who this node is in gossip, and whom it knows: what a rekey needs.
+pub struct Member {
+    pub name: String,
+    pub identity: Arc<NodeIdentity>,
+    /// The key a node name is pinned to, if it is pinned (a removed node's is not).
+    pub pinned: Box<dyn Fn(&str) -> Option<PublicKey> + Send + Sync>,
 }
 
 impl GossipAuth {
@@ -479,7 +495,136 @@ impl GossipAuth {
             last_logged: Mutex::new(HashMap::new()),
             last_reload: Mutex::new(None),
             clock_offset_ms: AtomicI64::new(0),
+            retired: Mutex::new(Retired::default()),
+            member: Mutex::new(None),
+            rekeys: Mutex::new(BTreeMap::new()),
+            asked: Mutex::new(None),
         }
+    }
+
+    /// Lets this node answer rekey requests with the keys retired in `retired_file`, and ask
+    /// for the current keys itself.
+    pub fn set_member(&self, member: Member, retired_file: Option<&Path>) {
+        if let Some(f) = retired_file {
+            *self.retired.lock().expect("retired lock") = Retired::load(f);
+        }
+        *self.member.lock().expect("member lock") = Some(member);
+    }
+
+    /// Keeps keys a rotation dropped for a node that missed it (see `rekey`).
+    pub fn retire(&self, dropped: &[&[u8; keyring::KEY_LEN]]) -> Result<()> {
+        self.retired
+            .lock()
+            .expect("retired lock")
+            .retire(dropped, self.now_ms())
+    }
+
+    fn count_rekey(&self, outcome: &'static str) {
+        *self
+            .rekeys
+            .lock()
+            .expect("rekeys lock")
+            .entry(outcome)
+            .or_default() += 1;
+    }
+
+    /// Answers a rekey request sealed under a retired key, if `datagram` is one: `None` if it
+    /// is not (it gets the usual refusal), else whether an answer is in `out`.
+    pub fn answer_rekey(
+        &self,
+        from: SocketAddr,
+        datagram: &mut [u8],
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(), rekey::Refused>> {
+        let id = KeyId(u32::from_be_bytes(datagram.get(2..6)?.try_into().ok()?));
+        let key = self
+            .retired
+            .lock()
+            .expect("retired lock")
+            .get(id, self.now_ms())?;
+        // The answer names this node's real primary as the one it seals with, so the
+        // returning node answers with that once it holds it.
+        let ring = Keyring::new(vec![self.keyring().primary().clone(), key]).ok()?;
+        let opened = open(&ring, &self.cluster, datagram).ok()?;
+        let plaintext = &datagram[opened.plaintext.clone()];
+        if !rekey::is_request(plaintext) {
+            return None;
+        }
+        let outcome = self.rekey_for(plaintext).and_then(|answer| {
+            let mut nonce = [0u8; NONCE_LEN];
+            getrandom::fill(&mut nonce).map_err(|_| rekey::Refused::Malformed)?;
+            let stamp = (self.now_ms(), echo_of(&opened.nonce));
+            seal_echoing(&ring, id, &self.cluster, stamp, nonce, &answer, out)
+                .map_err(|_| rekey::Refused::Malformed)
+        });
+        match outcome {
+            Ok(()) => {
+                self.count_rekey("rekey_answered");
+                info!(%from, key = %id, "sent the current cluster keys to a member that missed a rotation");
+            }
+            Err(r) => {
+                self.count_rekey(r.name());
+                warn!(%from, key = %id, reason = r.name(), "refused a rekey request");
+            }
+        }
+        Some(outcome)
+    }
+
+    /// The answer to a request: the current keys sealed to the key its name is pinned to.
+    fn rekey_for(&self, request: &[u8]) -> Result<Vec<u8>, rekey::Refused> {
+        let (name, key) = rekey::read_request(&self.cluster, request)?;
+        let pinned = {
+            let member = self.member.lock().expect("member lock");
+            let member = member.as_ref().ok_or(rekey::Refused::NotAMember)?;
+            (member.pinned)(&name)
+        };
+        match pinned {
+            None => return Err(rekey::Refused::NotAMember),
+            Some(p) if p != key => return Err(rekey::Refused::WrongKey),
+            Some(_) => {}
+        }
+        let material =
+            keyring::read_material(&self.key_file).map_err(|_| rekey::Refused::Malformed)?;
+        rekey::answer(&key, &self.cluster, &material).map_err(|_| rekey::Refused::Malformed)
+    }
+
+    /// Seals a rekey request for `to`, which refused this node's primary key.
+    pub fn rekey_request(&self, to: SocketAddr, out: &mut Vec<u8>) -> Result<()> {
+        let plaintext = {
+            let member = self.member.lock().expect("member lock");
+            let member = member.as_ref().context("no node identity to ask with")?;
+            rekey::request(&member.identity, &self.cluster, &member.name)
+        };
+        *self.asked.lock().expect("asked lock") = Some(Instant::now());
+        self.seal_echoing(to, &plaintext, None, out)
+    }
+
+    /// Takes the keys of a rekey answer this node asked for: written to its key file, its
+    /// old keys after them, and loaded.
+    pub fn take_rekey_answer(&self, from: SocketAddr, plaintext: &[u8]) -> Result<()> {
+        let asked = *self.asked.lock().expect("asked lock");
+        if asked.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+            anyhow::bail!("a rekey answer this node did not ask for");
+        }
+        let fresh = {
+            let member = self.member.lock().expect("member lock");
+            let member = member.as_ref().context("no node identity")?;
+            rekey::read_answer(&member.identity, &self.cluster, plaintext)?
+        };
+        let mut material = fresh;
+        for k in keyring::read_material(&self.key_file)? {
+            if !material.iter().any(|m| **m == *k) {
+                material.push(k);
+            }
+        }
+        material.truncate(keyring::MAX_KEYS);
+        let refs: Vec<&[u8; keyring::KEY_LEN]> = material.iter().map(|k| &**k).collect();
+        keyring::write_key_file(&self.key_file, &refs)?;
+        *self.asked.lock().expect("asked lock") = None;
+        let ids = self.reload()?;
+        self.count_rekey("rekey_applied");
+        info!(%from, primary = %ids[0], "rejoined with the cluster's current key after missing a rotation");
+        Ok(())
     }
 
     /// Steps this instance's view of the wall clock, as an NTP step would.
@@ -750,6 +895,13 @@ impl GossipAuth {
                     ms_ago: wall_ago(r.at),
                     error: r.error.clone(),
                 }),
+            rekeys: self
+                .rekeys
+                .lock()
+                .expect("rekeys lock")
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod chunks;
 pub mod keyring;
 pub mod origin;
+pub mod rekey;
 pub mod sealed;
 pub mod signed;
 pub mod token;
@@ -80,7 +81,9 @@ pub struct Gossip {
     name: String,
     identity: Arc<NodeIdentity>,
     /// Name-to-key pins and verdicts on every peer's values.
-    origins: std::sync::Mutex<origin::Origins>,
+    origins: Arc<std::sync::Mutex<origin::Origins>>,
+    /// Where this node keeps its gossip state (pins, generation, retired keys), if anywhere.
+    state_dir: Option<std::path::PathBuf>,
 }
 
 impl Gossip {
@@ -99,6 +102,7 @@ impl Gossip {
                 .map(|d| d.join(GENERATION_FILE))
                 .as_deref(),
         );
+        let state_dir = pins.as_deref().and_then(Path::parent).map(Path::to_owned);
         let origins = origin::Origins::new(pins, (&config.node, identity.public(), generation));
         let chitchat_id = ChitchatId::new(config.node.clone(), generation, config.advertise);
         let chitchat_config = ChitchatConfig {
@@ -137,7 +141,8 @@ impl Gossip {
             assembler: Default::default(),
             name: config.node.clone(),
             identity,
-            origins: std::sync::Mutex::new(origins),
+            origins: Arc::new(std::sync::Mutex::new(origins)),
+            state_dir,
         })
     }
 
@@ -166,6 +171,25 @@ impl Gossip {
 
     /// Records the keys the transport seals with, for the API to report.
     pub fn with_auth(mut self, auth: Arc<auth::GossipAuth>) -> Self {
+        let origins = self.origins.clone();
+        auth.set_member(
+            auth::Member {
+                name: self.name.clone(),
+                identity: self.identity.clone(),
+                pinned: Box::new(move |name| {
+                    origins
+                        .lock()
+                        .expect("origins lock")
+                        .pins()
+                        .get(name)
+                        .map(|p| p.key)
+                }),
+            },
+            self.state_dir
+                .as_ref()
+                .map(|d| d.join(rekey::RETIRED_FILE))
+                .as_deref(),
+        );
         self.auth = Some(auth);
         self
     }

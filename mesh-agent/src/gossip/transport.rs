@@ -39,9 +39,10 @@ use chitchat::{
     ChitchatEnvelope, ChitchatMessage, ProtocolVersion,
     transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket as ChitchatSocket},
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::auth::{GossipAuth, MAX_DATAGRAM, Refusal};
+use super::rekey;
 use super::validate::{self, KnownNodes};
 use mesh_api::v1::DropReason;
 use mesh_api::v1::KeyId;
@@ -85,6 +86,8 @@ pub struct SealedSocket {
     send_buf: Vec<u8>,
     /// When each address was last sent a [`Refusal`]: one a second per sender at most.
     refused: HashMap<SocketAddr, Instant>,
+    /// When each address was last asked for the current keys.
+    asked: HashMap<SocketAddr, Instant>,
     /// Nodes that digests named recently (see `validate`).
     known: KnownNodes,
 }
@@ -101,6 +104,7 @@ impl SealedSocket {
             recv_buf: vec![0u8; MAX_DATAGRAM + 1].into_boxed_slice(),
             send_buf: Vec::with_capacity(MAX_DATAGRAM),
             refused: HashMap::new(),
+            asked: HashMap::new(),
             known: KnownNodes::default(),
         })
     }
@@ -126,6 +130,14 @@ impl SealedSocket {
             self.refused.clear();
         }
         self.refused.insert(to, now);
+        if reason == DropReason::UnknownKey {
+            self.send_buf.clear();
+            let datagram = &mut self.recv_buf[..n];
+            if let Some(Ok(())) = self.auth.answer_rekey(to, datagram, &mut self.send_buf) {
+                let _ = self.wire.try_send_to(&self.send_buf, to);
+                return;
+            }
+        }
         if let Some(refusal) = refusal {
             let _ = self.wire.try_send_to(&refusal.encode(), to);
             return;
@@ -139,6 +151,40 @@ impl SealedSocket {
                 let _ = self.wire.try_send_to(&self.send_buf, to);
             }
             Err(e) => debug!(%to, "not challenging a stale datagram: {e:#}"),
+        }
+    }
+}
+
+impl SealedSocket {
+    /// A peer refused this node's primary key: the cluster key may have rotated while this
+    /// node was away. Asks that peer for the current keys (see `rekey`), once a second.
+    fn ask_for_keys(&mut self, from: SocketAddr, n: usize) {
+        let Some(refusal) = Refusal::decode(&self.recv_buf[..n]) else {
+            return;
+        };
+        if refusal.reason != DropReason::UnknownKey
+            || refusal.key != self.auth.keyring().primary().id
+        {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .asked
+            .get(&from)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        if self.asked.len() >= MAX_FEEDERS {
+            self.asked.clear();
+        }
+        self.asked.insert(from, now);
+        self.send_buf.clear();
+        match self.auth.rekey_request(from, &mut self.send_buf) {
+            Ok(()) => {
+                let _ = self.wire.try_send_to(&self.send_buf, from);
+            }
+            Err(e) => debug!(%from, "not asking for the current cluster keys: {e:#}"),
         }
     }
 }
@@ -195,12 +241,22 @@ impl Socket for SealedSocket {
                     };
                     let plaintext = match self.auth.open_from(from, &mut self.recv_buf[..n]) {
                         Ok(p) => p,
+                        Err(DropReason::Refused) => {
+                            self.ask_for_keys(from, n);
+                            continue;
+                        }
                         Err(reason) => {
                             self.refuse(from, reason, n);
                             continue;
                         }
                     };
                     let plaintext = &self.recv_buf[plaintext];
+                    if rekey::is_answer(plaintext) {
+                        if let Err(e) = self.auth.take_rekey_answer(from, plaintext) {
+                            warn!(%from, "a rekey answer not taken: {e:#}");
+                        }
+                        continue;
+                    }
                     if plaintext.is_empty() {
                         // A challenge answered: it only carried an echo.
                         continue;

@@ -115,6 +115,9 @@ pub struct AuthReport {
     pub dropped: BTreeMap<String, u64>,
     pub last_drop: Option<LastDrop>,
     pub last_reload: Option<ReloadReport>,
+    /// Nodes let back in after a missed key rotation, and requests refused, by outcome.
+    #[serde(default)]
+    pub rekeys: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
