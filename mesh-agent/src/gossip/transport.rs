@@ -86,8 +86,9 @@ pub struct SealedSocket {
     send_buf: Vec<u8>,
     /// When each address was last sent a [`Refusal`]: one a second per sender at most.
     refused: HashMap<SocketAddr, Instant>,
-    /// When each address was last asked for the current keys.
+    /// When each address was last asked for the current keys, and last answered.
     asked: HashMap<SocketAddr, Instant>,
+    answered: HashMap<SocketAddr, Instant>,
     /// Nodes that digests named recently (see `validate`).
     known: KnownNodes,
 }
@@ -105,6 +106,7 @@ impl SealedSocket {
             send_buf: Vec::with_capacity(MAX_DATAGRAM),
             refused: HashMap::new(),
             asked: HashMap::new(),
+            answered: HashMap::new(),
             known: KnownNodes::default(),
         })
     }
@@ -113,6 +115,10 @@ impl SealedSocket {
     /// challenges an authentic one that was not fresh (see `auth`). Never waits (recv must
     /// stay cancel-safe): an answer the socket cannot take now is skipped.
     fn refuse(&mut self, to: SocketAddr, reason: DropReason, n: usize) {
+        // A rekey request comes right after this node's refusal: it has a limit of its own.
+        if reason == DropReason::UnknownKey && self.answer_rekey(to, n) {
+            return;
+        }
         let stale = matches!(reason, DropReason::TooOld | DropReason::TooNew);
         let refusal = Refusal::of(reason, &self.recv_buf[..n]);
         if !stale && refusal.is_none() {
@@ -130,14 +136,6 @@ impl SealedSocket {
             self.refused.clear();
         }
         self.refused.insert(to, now);
-        if reason == DropReason::UnknownKey {
-            self.send_buf.clear();
-            let datagram = &mut self.recv_buf[..n];
-            if let Some(Ok(())) = self.auth.answer_rekey(to, datagram, &mut self.send_buf) {
-                let _ = self.wire.try_send_to(&self.send_buf, to);
-                return;
-            }
-        }
         if let Some(refusal) = refusal {
             let _ = self.wire.try_send_to(&refusal.encode(), to);
             return;
@@ -156,6 +154,32 @@ impl SealedSocket {
 }
 
 impl SealedSocket {
+    /// Answers a rekey request sealed under a retired key (see `rekey`), one a second per
+    /// address at most; whether the datagram was one.
+    fn answer_rekey(&mut self, to: SocketAddr, n: usize) -> bool {
+        self.send_buf.clear();
+        let Some(outcome) = self
+            .auth
+            .answer_rekey(to, &mut self.recv_buf[..n], &mut self.send_buf)
+        else {
+            return false;
+        };
+        let now = Instant::now();
+        if outcome.is_ok()
+            && !self
+                .answered
+                .get(&to)
+                .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1))
+        {
+            if self.answered.len() >= MAX_FEEDERS {
+                self.answered.clear();
+            }
+            self.answered.insert(to, now);
+            let _ = self.wire.try_send_to(&self.send_buf, to);
+        }
+        true
+    }
+
     /// A peer refused this node's primary key: the cluster key may have rotated while this
     /// node was away. Asks that peer for the current keys (see `rekey`), once a second.
     fn ask_for_keys(&mut self, from: SocketAddr, n: usize) {

@@ -240,8 +240,9 @@ impl DropReason {
             DropReason::Oversized => "gossip state too large for one datagram",
             DropReason::Refused => {
                 "a peer does not accept this node's cluster key: a rotation retired it while this \
-                 node was away (join again with a current `meshctl join-token`), or the peer is \
-                 of another cluster"
+                 node was away (this node asks for the current key, and members let it back in \
+                 for 7 days: see `rekeys` in `meshctl gossip stats`; later, join again with a \
+                 current `meshctl join-token`), or the peer is of another cluster"
             }
             DropReason::Invalid => {
                 "a key holder sent gossip that could corrupt this node's state (ops out of order, \
