@@ -471,8 +471,11 @@ pub struct Member {
     pub name: String,
     pub identity: Arc<NodeIdentity>,
     /// The key a node name is pinned to, if it is pinned (a removed node's is not).
-    pub pinned: Box<dyn Fn(&str) -> Option<PublicKey> + Send + Sync>,
+    pub pinned: PinnedKey,
 }
+
+/// The key a node name is pinned to, if any.
+pub type PinnedKey = Box<dyn Fn(&str) -> Option<PublicKey> + Send + Sync>;
 
 impl GossipAuth {
     /// Reads the key file; the agent does not start with a bad one.

@@ -92,7 +92,7 @@ impl Retired {
             "# cluster keys dropped by rotations: kept to let a node that missed one back in\n",
         ));
         for (at, k) in &self.keys {
-            text.push_str(&format!("{at} {}\n", B64.encode(&**k)));
+            text.push_str(&format!("{at} {}\n", B64.encode(&k[..])));
         }
         crate::state_files::write_atomic(path, text.as_bytes(), 0o600)
             .with_context(|| format!("writing {}", path.display()))

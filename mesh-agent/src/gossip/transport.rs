@@ -166,10 +166,10 @@ impl SealedSocket {
         };
         let now = Instant::now();
         if outcome.is_ok()
-            && !self
+            && self
                 .answered
                 .get(&to)
-                .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1))
+                .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(1))
         {
             if self.answered.len() >= MAX_FEEDERS {
                 self.answered.clear();

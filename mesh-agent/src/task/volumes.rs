@@ -150,7 +150,7 @@ fn make_dirs(state_dir: &Path, dir: &Path, owner: (u32, u32)) -> Result<()> {
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     // Only the agent walks here; tasks reach their volume through its bind mount.
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let data = dir.join("_data");
     if !data.exists() {
         std::fs::create_dir(&data).with_context(|| format!("creating {}", data.display()))?;
