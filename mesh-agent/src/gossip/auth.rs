@@ -74,6 +74,20 @@ pub const NONCE_LEN: usize = 24;
 pub const HEADER_LEN: usize = 2 + 4 + 4 + 8 + ECHO_LEN + NONCE_LEN;
 const ECHO_LEN: usize = 8;
 const NONCE_AT: usize = HEADER_LEN - NONCE_LEN;
+/// Format 1, what agents before echoes send: the same header without `echo`. Still read, and
+/// written to a peer that sends it, so a cluster upgrades node by node; its datagrams are
+/// fresh by the clock rule only.
+const MAGIC_V1: [u8; 2] = [b'm', 1];
+const HEADER_LEN_V1: usize = HEADER_LEN - ECHO_LEN;
+
+/// (format, header length) of a sealed datagram's first bytes.
+fn layout(datagram: &[u8]) -> Option<(u8, usize)> {
+    match datagram.get(..2)? {
+        m if m == MAGIC => Some((2, HEADER_LEN)),
+        m if m == MAGIC_V1 => Some((1, HEADER_LEN_V1)),
+        _ => None,
+    }
+}
 pub const TAG_LEN: usize = 16;
 /// Bytes a sealed datagram adds to chitchat's.
 pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
@@ -161,6 +175,8 @@ pub struct Opened {
     pub timestamp_ms: u64,
     /// The first bytes of a nonce of the receiver's the sender had heard (0: none).
     pub echo: u64,
+    /// 2, or 1 for an agent from before echoes.
+    pub format: u8,
     pub nonce: [u8; NONCE_LEN],
     /// Where the plaintext lies in the (decrypted in place) datagram.
     pub plaintext: std::ops::Range<usize>,
@@ -180,7 +196,11 @@ pub fn echo_of(nonce: &[u8; NONCE_LEN]) -> u64 {
 
 /// The nonce of a datagram that [`open`] authenticated (its header is left as it came).
 pub fn nonce_of(datagram: &[u8]) -> Option<[u8; NONCE_LEN]> {
-    datagram.get(NONCE_AT..HEADER_LEN)?.try_into().ok()
+    let (_, header_len) = layout(datagram)?;
+    datagram
+        .get(header_len - NONCE_LEN..header_len)?
+        .try_into()
+        .ok()
 }
 
 /// Appends `plaintext` sealed with `key` to `out`, echoing nothing.
@@ -201,6 +221,19 @@ pub fn seal_echoing(
     ring: &Keyring,
     key: KeyId,
     cluster: &str,
+    stamp: (u64, u64),
+    nonce: [u8; NONCE_LEN],
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), DropReason> {
+    seal_as(2, ring, (key, cluster), stamp, nonce, plaintext, out)
+}
+
+/// Seals in `format` (1 drops the echo).
+fn seal_as(
+    format: u8,
+    ring: &Keyring,
+    (key, cluster): (KeyId, &str),
     (timestamp_ms, echo): (u64, u64),
     nonce: [u8; NONCE_LEN],
     plaintext: &[u8],
@@ -208,14 +241,21 @@ pub fn seal_echoing(
 ) -> Result<(), DropReason> {
     let key = ring.get(key).unwrap_or_else(|| ring.primary());
     let start = out.len();
-    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(if format == 1 { &MAGIC_V1 } else { &MAGIC });
     out.extend_from_slice(&key.id.0.to_be_bytes());
     out.extend_from_slice(&ring.primary().id.0.to_be_bytes());
     out.extend_from_slice(&timestamp_ms.to_be_bytes());
-    out.extend_from_slice(&echo.to_be_bytes());
+    if format != 1 {
+        out.extend_from_slice(&echo.to_be_bytes());
+    }
     out.extend_from_slice(&nonce);
     out.extend_from_slice(plaintext);
-    let (header, body) = out[start..].split_at_mut(HEADER_LEN);
+    let header_len = if format == 1 {
+        HEADER_LEN_V1
+    } else {
+        HEADER_LEN
+    };
+    let (header, body) = out[start..].split_at_mut(header_len);
     let ad = associated_data(header, cluster);
     let tag = key
         .cipher
@@ -234,29 +274,32 @@ pub fn open(ring: &Keyring, cluster: &str, datagram: &mut [u8]) -> Result<Opened
     if datagram.len() >= 2 && datagram[..2] == REFUSAL_MAGIC {
         return Err(DropReason::Refused);
     }
-    if datagram.len() < OVERHEAD {
-        return Err(if datagram.len() >= 2 && datagram[..2] != MAGIC {
-            DropReason::UnknownFormat
-        } else {
+    let Some((format, header_len)) = layout(datagram) else {
+        return Err(if datagram.len() < 2 {
             DropReason::Truncated
+        } else {
+            DropReason::UnknownFormat
         });
-    }
-    if datagram[..2] != MAGIC {
-        return Err(DropReason::UnknownFormat);
+    };
+    if datagram.len() < header_len + TAG_LEN {
+        return Err(DropReason::Truncated);
     }
     let be32 = |at: usize| u32::from_be_bytes(datagram[at..at + 4].try_into().expect("4 bytes"));
     let key = KeyId(be32(2));
     let sender_primary = KeyId(be32(6));
     let timestamp_ms = u64::from_be_bytes(datagram[10..18].try_into().expect("8 bytes"));
-    let echo = u64::from_be_bytes(datagram[18..NONCE_AT].try_into().expect("8 bytes"));
-    let nonce: [u8; NONCE_LEN] = datagram[NONCE_AT..HEADER_LEN]
+    let echo = match format {
+        1 => 0,
+        _ => u64::from_be_bytes(datagram[18..NONCE_AT].try_into().expect("8 bytes")),
+    };
+    let nonce: [u8; NONCE_LEN] = datagram[header_len - NONCE_LEN..header_len]
         .try_into()
         .expect("nonce bytes");
     let cipher = &ring.get(key).ok_or(DropReason::UnknownKey)?.cipher;
     let tag_at = datagram.len() - TAG_LEN;
     let (rest, tag) = datagram.split_at_mut(tag_at);
     let tag = Tag::try_from(&tag[..]).map_err(|_| DropReason::Truncated)?;
-    let (header, body) = rest.split_at_mut(HEADER_LEN);
+    let (header, body) = rest.split_at_mut(header_len);
     let ad = associated_data(header, cluster);
     cipher
         .decrypt_inout_detached(&XNonce::from(nonce), &ad, body.into(), &tag)
@@ -266,8 +309,9 @@ pub fn open(ring: &Keyring, cluster: &str, datagram: &mut [u8]) -> Result<Opened
         sender_primary,
         timestamp_ms,
         echo,
+        format,
         nonce,
-        plaintext: HEADER_LEN..tag_at,
+        plaintext: header_len..tag_at,
     })
 }
 
@@ -414,6 +458,8 @@ struct Peer {
     last_seen: Instant,
     /// What datagrams to it echo: from its last fresh datagram.
     echo: u64,
+    /// The format it sends, and is answered in.
+    format: u8,
 }
 
 #[derive(Default)]
@@ -688,6 +734,9 @@ impl GossipAuth {
     /// nothing but an echo of its nonce, so the sender's next datagram can prove itself fresh
     /// whatever the two clocks say.
     pub fn challenge(&self, to: SocketAddr, datagram: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        if layout(datagram).is_some_and(|(format, _)| format == 1) {
+            anyhow::bail!("an agent of sealed format 1 cannot echo a challenge");
+        }
         let nonce = nonce_of(datagram).context("a datagram too short to challenge")?;
         self.seal_echoing(to, &[], Some(echo_of(&nonce)), out)
     }
@@ -717,8 +766,17 @@ impl GossipAuth {
         getrandom::fill(&mut nonce)
             .map_err(|e| anyhow::anyhow!("reading the system's random source for a nonce: {e}"))?;
         let stamp = (self.now_ms(), echo);
-        seal_echoing(&ring, key, &self.cluster, stamp, nonce, plaintext, out)
-            .map_err(|r| anyhow::anyhow!("sealing gossip to {to}: {}", r.name()))?;
+        let format = peer.map_or(2, |p| p.format);
+        seal_as(
+            format,
+            &ring,
+            (key, &self.cluster),
+            stamp,
+            nonce,
+            plaintext,
+            out,
+        )
+        .map_err(|r| anyhow::anyhow!("sealing gossip to {to}: {}", r.name()))?;
         self.sent_nonces
             .lock()
             .expect("sent nonces lock")
@@ -767,6 +825,7 @@ impl GossipAuth {
                         last_key: opened.key,
                         last_seen: now,
                         echo: echo_of(&opened.nonce),
+                        format: opened.format,
                     },
                 );
             }
@@ -1273,6 +1332,51 @@ mod tests {
         assert_eq!((last.from, last.reason), (b_addr, DropReason::Replayed));
         let json = serde_json::to_string(&report).unwrap();
         assert!(!json.contains(&crate::gossip::keyring::encode(&[2; KEY_LEN]).to_string()));
+    }
+
+    #[test]
+    fn an_agent_of_format_1_is_understood_and_answered_in_its_format() {
+        let path = Path::new("/nonexistent/cluster.key");
+        let a = GossipAuth::new(ring(&[1]), path, CLUSTER);
+        let old_addr: SocketAddr = "192.0.2.7:7946".parse().unwrap();
+        // What an agent from before echoes sends.
+        let r = ring(&[1]);
+        let mut d = Vec::new();
+        let nonce = [5; NONCE_LEN];
+        seal_as(
+            1,
+            &r,
+            (r.primary().id, CLUSTER),
+            (now_ms(), 0),
+            nonce,
+            b"old syn",
+            &mut d,
+        )
+        .unwrap();
+        assert_eq!(d.len(), b"old syn".len() + OVERHEAD - ECHO_LEN);
+        assert_eq!(d[..2], MAGIC_V1);
+        let range = a.open_from(old_addr, &mut d).unwrap();
+        assert_eq!(&d[range], b"old syn");
+        // Answered in format 1, which it reads.
+        let mut answer = Vec::new();
+        a.seal_for(old_addr, b"synack", &mut answer).unwrap();
+        assert_eq!(answer[..2], MAGIC_V1);
+        let o = open(&r, CLUSTER, &mut answer).unwrap();
+        assert_eq!((o.format, &answer[o.plaintext]), (1, &b"synack"[..]));
+        // Its clock must agree: it cannot echo, so it is not challenged either.
+        let mut late = Vec::new();
+        seal_as(
+            1,
+            &r,
+            (r.primary().id, CLUSTER),
+            (now_ms() - 60_000, 0),
+            [6; NONCE_LEN],
+            b"x",
+            &mut late,
+        )
+        .unwrap();
+        assert_eq!(a.open_from(old_addr, &mut late), Err(DropReason::TooOld));
+        assert!(a.challenge(old_addr, &late, &mut Vec::new()).is_err());
     }
 
     #[test]

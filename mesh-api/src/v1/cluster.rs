@@ -250,8 +250,7 @@ impl DropReason {
                  chitchat version"
             }
             DropReason::Truncated | DropReason::UnknownFormat => {
-                "something that is not mesh gossip, or gossip of an older mesh-agent (sealed \
-                 format 1), reached the gossip port"
+                "something that is not mesh gossip reached the gossip port"
             }
         }
     }
