@@ -24,7 +24,7 @@
 //!
 //! An authentic datagram that is neither is dropped (counted as too old or too new) and
 //! answered with a challenge: an empty sealed datagram echoing its nonce, at most one a
-//! second per address and shorter than what provokes it. The sender's next datagram then
+//! second per address and no longer than what provokes it. The sender's next datagram then
 //! echoes the challenge, so two agents whose clocks disagree by any amount lose one exchange
 //! at first contact and none after. Nonces of accepted datagrams are remembered for as long
 //! as either rule could accept them again (the clock rule's share until the receiver's clock
