@@ -15,7 +15,9 @@ PACKAGES=(iproute2 nftables iptables conntrack iputils-ping bpftool tcpdump etht
   podman runc busybox-static containernetworking-plugins
   # The real docker client (20.10) that tests/tests/docker_cli.rs drives against the agent's
   # Docker socket; its dockerd is never started (below).
-  docker.io)
+  docker.io
+  # tests/tests/clock_steps.rs steps one agent's wall clock (LD_PRELOAD, test only).
+  libfaketime)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }

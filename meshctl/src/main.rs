@@ -832,8 +832,9 @@ async fn join_token(
             if status.done() && info.key == started.key {
                 if !status.down.is_empty() {
                     eprintln!(
-                        "warning: down nodes kept the old key and cannot come back with it: {} \
-                         (join them again with the new token, or `meshctl node rm` them)",
+                        "warning: down nodes kept the old key: {} (members let them back in \
+                         for 7 days; after that, join them again with the new token, or \
+                         `meshctl node rm` them)",
                         status.down.join(", ")
                     );
                 }

@@ -165,7 +165,12 @@ impl Agent {
             material.retain(|k| key_id(k) != new);
             material.insert(0, zeroize::Zeroizing::new(key));
         }
-        if everyone_switched {
+        if everyone_switched && material.len() > 1 {
+            // Kept a while for a node that was away and still seals with one of them.
+            let dropped: Vec<&[u8; KEY_LEN]> = material[1..].iter().map(|k| &**k).collect();
+            if let Err(e) = auth.retire(&dropped) {
+                warn!("keeping the dropped cluster keys for nodes that missed the rotation: {e:#}");
+            }
             material.truncate(1);
         }
         material.truncate(keyring::MAX_KEYS);

@@ -262,9 +262,7 @@ impl Agent {
         self.view.send_replace(view.clone());
         *computed_from = Some(fingerprint);
         drop(computed_from);
-        if let Err(e) = self.persist().await {
-            warn!("cannot save this node's state: {e:#}");
-        }
+        self.persist_or_say().await;
         view
     }
 
@@ -350,6 +348,40 @@ impl Agent {
 
     /// Saves this node's gossip keys so a restarted agent re-asserts them (with their original
     /// stamps, so nothing it owned is lost or re-ordered).
+    /// Saves this node's keys; a failure (a full disk) is said once a minute, not on every
+    /// change, and its end once: gossip goes on meanwhile, and peers hold the replicated
+    /// records, so what is lost is only this node's own keys if it restarts before then.
+    async fn persist_or_say(&self) {
+        static FAILING_SINCE: std::sync::Mutex<Option<std::time::Instant>> =
+            std::sync::Mutex::new(None);
+        static LAST_SAID: std::sync::Mutex<Option<std::time::Instant>> =
+            std::sync::Mutex::new(None);
+        let result = self.persist().await;
+        let mut since = FAILING_SINCE.lock().expect("persist lock");
+        match result {
+            Ok(()) => {
+                if let Some(t) = since.take() {
+                    info!(
+                        failing_for_s = t.elapsed().as_secs(),
+                        "this node's state is saved again"
+                    );
+                }
+            }
+            Err(e) => {
+                let now = std::time::Instant::now();
+                since.get_or_insert(now);
+                let mut said = LAST_SAID.lock().expect("persist lock");
+                if said.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
+                    *said = Some(now);
+                    warn!(
+                        "cannot save this node's state (said again in a minute while it \
+                         lasts): {e:#}"
+                    );
+                }
+            }
+        }
+    }
+
     async fn persist(&self) -> anyhow::Result<()> {
         let own = self.gossip.own_keys().await;
         let mut last = self.persisted.lock().await;

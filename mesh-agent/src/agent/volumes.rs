@@ -3,6 +3,7 @@
 //! record only that node writes; `volume ls` on any node reads every node's from its view.
 //! `create` and `rm` act on the node whose agent takes the command, as Docker's do.
 
+use anyhow::Context;
 use mesh_api::{
     spec::{MountType, validate_volume_name},
     v1::{Volume, VolumeCreate},
@@ -29,7 +30,8 @@ impl Agent {
         validate_volume_name(&req.name).map_err(Error::Invalid)?;
         let local = self.require_local()?;
         let state = &local.tasks.config().state_dir;
-        volumes::create(state, &req.name, &req.labels)?;
+        volumes::create(state, &req.name, &req.labels)
+            .with_context(|| format!("create {}", req.name))?;
         self.publish_volumes().await;
         volumes::get(state, self.node_name(), &req.name)
             .ok_or_else(|| Error::Internal(anyhow::anyhow!("volume {} vanished", req.name)))

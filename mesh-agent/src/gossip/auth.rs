@@ -1,9 +1,9 @@
 //! Sealed gossip datagrams: what travels on the wire when a cluster key is configured.
 //!
 //! ```text
-//!  0      2        6            10            18                 42
-//!  | 'm' 1 | key id | sender's   | timestamp   | nonce (24 bytes)  | ciphertext ... | tag (16) |
-//!  |       |        | primary id | ms, unix    |                   |                |          |
+//!  0      2        6            10            18            26                 50
+//!  | 'm' 2 | key id | sender's   | timestamp   | echo        | nonce (24 bytes)  | ciphertext ... | tag (16) |
+//!  |       |        | primary id | ms, unix    | (8 bytes)   |                   |                |          |
 //! ```
 //!
 //! XChaCha20-Poly1305 under the key named by `key id`. The header and the cluster name are the
@@ -11,31 +11,55 @@
 //! edited. The 192-bit nonce is random per datagram: with XChaCha's nonce size random nonces
 //! never collide in practice, so no counter state has to survive restarts.
 //!
-//! Replay protection: a datagram is accepted only if its (authenticated) timestamp is within
-//! [`REPLAY_WINDOW`] of the receiver's clock and its nonce was not seen before. Nonces are
-//! remembered for twice the window (long enough that a replay is either remembered or too
-//! old), so node clocks must agree within the window (NTP does that easily).
+//! Freshness (what keeps an outsider from replaying captured datagrams) does not rest on
+//! clocks agreeing. A datagram is fresh if either
+//!
+//! - its `echo` is the first 8 bytes of a nonce the receiver itself sealed less than
+//!   [`ECHO_LIFETIME`] ago: nonces are random, so the datagram was sealed after the receiver
+//!   sent that one, by a key holder. Every datagram echoes the nonce of the last fresh one
+//!   its sender got from the receiver, and peers that gossip talk both ways, so this is the
+//!   rule that holds between running agents, whatever their clocks say and however they step;
+//! - or, for a first contact (a joiner's probe, a peer not heard from lately), its
+//!   timestamp is within [`REPLAY_WINDOW`] of the receiver's clock.
+//!
+//! An authentic datagram that is neither is dropped (counted as too old or too new) and
+//! answered with a challenge: an empty sealed datagram echoing its nonce, at most one a
+//! second per address and no longer than what provokes it. The sender's next datagram then
+//! echoes the challenge, so two agents whose clocks disagree by any amount lose one exchange
+//! at first contact and none after. Nonces of accepted datagrams are remembered for as long
+//! as either rule could accept them again (the clock rule's share until the receiver's clock
+//! has passed the stamp, so a receiver whose clock steps back does not forget them early):
+//! a datagram is accepted at most once.
+//!
+//! What this allows: an outsider can make a receiver accept a captured datagram at most once,
+//! and only one sealed less than a minute or so before (what the receiver accepted then
+//! anyway, or never saw); replaying older ones costs it a challenge a second at most. A key
+//! holder can seal fresh datagrams anyway: the cluster key is not an identity, node
+//! signatures on records are (see `signed`).
 //!
 //! Checks run in this order so counters cannot be inflated by an outsider: format, key id,
 //! tag; only an authenticated datagram can count as too old, too new or replayed, and only it
 //! updates what the receiver remembers about its sender.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use chacha20poly1305::{AeadInOut, Tag, XNonce};
 use tracing::{info, warn};
 
-use super::keyring::Keyring;
+use super::keyring::{self, Keyring};
+use super::rekey::{self, Retired};
+use crate::identity::{NodeIdentity, PublicKey};
 use mesh_api::v1::AuthReport;
 use mesh_api::v1::DropReason;
 use mesh_api::v1::KeyId;
@@ -45,21 +69,43 @@ use mesh_api::v1::PeerReport;
 use mesh_api::v1::ReloadReport;
 
 /// First bytes of every sealed datagram: 'm' and the format version.
-pub const MAGIC: [u8; 2] = [b'm', 1];
+pub const MAGIC: [u8; 2] = [b'm', 2];
 pub const NONCE_LEN: usize = 24;
-pub const HEADER_LEN: usize = 2 + 4 + 4 + 8 + NONCE_LEN;
+pub const HEADER_LEN: usize = 2 + 4 + 4 + 8 + ECHO_LEN + NONCE_LEN;
+const ECHO_LEN: usize = 8;
+const NONCE_AT: usize = HEADER_LEN - NONCE_LEN;
+/// Format 1, what agents before echoes send: the same header without `echo`. Still read, and
+/// written to a peer that sends it, so a cluster upgrades node by node; its datagrams are
+/// fresh by the clock rule only.
+const MAGIC_V1: [u8; 2] = [b'm', 1];
+const HEADER_LEN_V1: usize = HEADER_LEN - ECHO_LEN;
+
+/// (format, header length) of a sealed datagram's first bytes.
+fn layout(datagram: &[u8]) -> Option<(u8, usize)> {
+    match datagram.get(..2)? {
+        m if m == MAGIC => Some((2, HEADER_LEN)),
+        m if m == MAGIC_V1 => Some((1, HEADER_LEN_V1)),
+        _ => None,
+    }
+}
 pub const TAG_LEN: usize = 16;
 /// Bytes a sealed datagram adds to chitchat's.
 pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 /// The largest UDP payload over IPv4.
 pub const MAX_DATAGRAM: usize = 65_507;
-/// How far a datagram's timestamp may be from the receiver's clock.
+/// How far a first contact's timestamp may be from the receiver's clock.
 pub const REPLAY_WINDOW: Duration = Duration::from_secs(30);
+/// How long a nonce this node sealed proves the freshness of a datagram echoing it: long
+/// enough that peers in a large cluster, which gossip with a few others at a time, still
+/// echo a live nonce most of the time (a stale echo costs one challenge).
+pub const ECHO_LIFETIME: Duration = Duration::from_secs(60);
 /// Plain chitchat datagrams start with its magic number (45139, little endian): what an agent
 /// without a cluster key sends.
 const CHITCHAT_MAGIC: [u8; 2] = 45_139u16.to_le_bytes();
 /// Bounds memory if gossip traffic were ever far above normal (about 30 datagrams/s per node).
 const MAX_REMEMBERED_NONCES: usize = 1 << 20;
+/// Nonces this node sealed, kept for [`ECHO_LIFETIME`]: far above what it sends in that time.
+const MAX_SENT_NONCES: usize = 1 << 16;
 const MAX_PEERS: usize = 4096;
 /// At most one log line per drop reason this often; the counters carry the full story.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -127,6 +173,10 @@ pub struct Opened {
     /// The key the sender seals with: the one to answer it with, if held.
     pub sender_primary: KeyId,
     pub timestamp_ms: u64,
+    /// The first bytes of a nonce of the receiver's the sender had heard (0: none).
+    pub echo: u64,
+    /// 2, or 1 for an agent from before echoes.
+    pub format: u8,
     pub nonce: [u8; NONCE_LEN],
     /// Where the plaintext lies in the (decrypted in place) datagram.
     pub plaintext: std::ops::Range<usize>,
@@ -139,7 +189,21 @@ fn associated_data(header: &[u8], cluster: &str) -> Vec<u8> {
     ad
 }
 
-/// Appends `plaintext` sealed with `key` to `out`.
+/// The part of a nonce a datagram echoes.
+pub fn echo_of(nonce: &[u8; NONCE_LEN]) -> u64 {
+    u64::from_be_bytes(nonce[..ECHO_LEN].try_into().expect("8 bytes"))
+}
+
+/// The nonce of a datagram that [`open`] authenticated (its header is left as it came).
+pub fn nonce_of(datagram: &[u8]) -> Option<[u8; NONCE_LEN]> {
+    let (_, header_len) = layout(datagram)?;
+    datagram
+        .get(header_len - NONCE_LEN..header_len)?
+        .try_into()
+        .ok()
+}
+
+/// Appends `plaintext` sealed with `key` to `out`, echoing nothing.
 pub fn seal(
     ring: &Keyring,
     key: KeyId,
@@ -149,15 +213,49 @@ pub fn seal(
     plaintext: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), DropReason> {
+    seal_echoing(ring, key, cluster, (timestamp_ms, 0), nonce, plaintext, out)
+}
+
+/// Appends `plaintext` sealed with `key` to `out`; `stamp` is (timestamp, echo).
+pub fn seal_echoing(
+    ring: &Keyring,
+    key: KeyId,
+    cluster: &str,
+    stamp: (u64, u64),
+    nonce: [u8; NONCE_LEN],
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), DropReason> {
+    seal_as(2, ring, (key, cluster), stamp, nonce, plaintext, out)
+}
+
+/// Seals in `format` (1 drops the echo).
+fn seal_as(
+    format: u8,
+    ring: &Keyring,
+    (key, cluster): (KeyId, &str),
+    (timestamp_ms, echo): (u64, u64),
+    nonce: [u8; NONCE_LEN],
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), DropReason> {
     let key = ring.get(key).unwrap_or_else(|| ring.primary());
     let start = out.len();
-    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(if format == 1 { &MAGIC_V1 } else { &MAGIC });
     out.extend_from_slice(&key.id.0.to_be_bytes());
     out.extend_from_slice(&ring.primary().id.0.to_be_bytes());
     out.extend_from_slice(&timestamp_ms.to_be_bytes());
+    if format != 1 {
+        out.extend_from_slice(&echo.to_be_bytes());
+    }
     out.extend_from_slice(&nonce);
     out.extend_from_slice(plaintext);
-    let (header, body) = out[start..].split_at_mut(HEADER_LEN);
+    let header_len = if format == 1 {
+        HEADER_LEN_V1
+    } else {
+        HEADER_LEN
+    };
+    let (header, body) = out[start..].split_at_mut(header_len);
     let ad = associated_data(header, cluster);
     let tag = key
         .cipher
@@ -176,26 +274,32 @@ pub fn open(ring: &Keyring, cluster: &str, datagram: &mut [u8]) -> Result<Opened
     if datagram.len() >= 2 && datagram[..2] == REFUSAL_MAGIC {
         return Err(DropReason::Refused);
     }
-    if datagram.len() < OVERHEAD {
-        return Err(if datagram.len() >= 2 && datagram[..2] != MAGIC {
-            DropReason::UnknownFormat
-        } else {
+    let Some((format, header_len)) = layout(datagram) else {
+        return Err(if datagram.len() < 2 {
             DropReason::Truncated
+        } else {
+            DropReason::UnknownFormat
         });
-    }
-    if datagram[..2] != MAGIC {
-        return Err(DropReason::UnknownFormat);
+    };
+    if datagram.len() < header_len + TAG_LEN {
+        return Err(DropReason::Truncated);
     }
     let be32 = |at: usize| u32::from_be_bytes(datagram[at..at + 4].try_into().expect("4 bytes"));
     let key = KeyId(be32(2));
     let sender_primary = KeyId(be32(6));
     let timestamp_ms = u64::from_be_bytes(datagram[10..18].try_into().expect("8 bytes"));
-    let nonce: [u8; NONCE_LEN] = datagram[18..HEADER_LEN].try_into().expect("nonce bytes");
+    let echo = match format {
+        1 => 0,
+        _ => u64::from_be_bytes(datagram[18..NONCE_AT].try_into().expect("8 bytes")),
+    };
+    let nonce: [u8; NONCE_LEN] = datagram[header_len - NONCE_LEN..header_len]
+        .try_into()
+        .expect("nonce bytes");
     let cipher = &ring.get(key).ok_or(DropReason::UnknownKey)?.cipher;
     let tag_at = datagram.len() - TAG_LEN;
     let (rest, tag) = datagram.split_at_mut(tag_at);
     let tag = Tag::try_from(&tag[..]).map_err(|_| DropReason::Truncated)?;
-    let (header, body) = rest.split_at_mut(HEADER_LEN);
+    let (header, body) = rest.split_at_mut(header_len);
     let ad = associated_data(header, cluster);
     cipher
         .decrypt_inout_detached(&XNonce::from(nonce), &ad, body.into(), &tag)
@@ -204,62 +308,143 @@ pub fn open(ring: &Keyring, cluster: &str, datagram: &mut [u8]) -> Result<Opened
         key,
         sender_primary,
         timestamp_ms,
+        echo,
+        format,
         nonce,
-        plaintext: HEADER_LEN..tag_at,
+        plaintext: header_len..tag_at,
     })
 }
 
-/// Remembers recent nonces to refuse a datagram seen before.
+/// How an accepted datagram showed it is fresh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fresh {
+    /// It echoed a live nonce of the receiver's.
+    Echo,
+    /// Its timestamp is within the window of the receiver's clock.
+    Clock,
+}
+
+/// Decides whether an authentic datagram is fresh, and remembers the nonces of accepted ones
+/// to refuse a datagram seen before.
 #[derive(Debug)]
 pub struct ReplayGuard {
     window: Duration,
+    echo_lifetime: Duration,
     seen: HashSet<[u8; NONCE_LEN]>,
-    order: VecDeque<(Instant, [u8; NONCE_LEN])>,
+    /// Accepted datagrams whose timestamp the clock rule could accept again, earliest
+    /// timestamp first: forgotten once the receiver's clock has passed them, even if it
+    /// stepped back meanwhile, and without holding up the others.
+    by_stamp: BinaryHeap<Reverse<(u64, Instant, [u8; NONCE_LEN])>>,
+    /// The rest (timestamps far from the receiver's clock), in arrival order: only an echo
+    /// can make them fresh again, and echoes die after `echo_lifetime`.
+    by_arrival: VecDeque<(Instant, [u8; NONCE_LEN])>,
 }
 
 impl ReplayGuard {
-    pub fn new(window: Duration) -> Self {
+    pub fn new(window: Duration, echo_lifetime: Duration) -> Self {
         Self {
             window,
+            echo_lifetime,
             seen: HashSet::new(),
-            order: VecDeque::new(),
+            by_stamp: BinaryHeap::new(),
+            by_arrival: VecDeque::new(),
         }
     }
 
-    /// Accepts a datagram's timestamp and nonce once.
+    /// Accepts a datagram once if it is fresh: `echoed` tells whether its echo names a nonce
+    /// the receiver sealed less than the echo lifetime ago; otherwise its timestamp must be
+    /// within the window of `now_ms`, the receiver's clock.
     pub fn check(
         &mut self,
         now_ms: u64,
         now: Instant,
         timestamp_ms: u64,
         nonce: [u8; NONCE_LEN],
-    ) -> Result<(), DropReason> {
+        echoed: bool,
+    ) -> Result<Fresh, DropReason> {
         let window_ms = self.window.as_millis() as u64;
-        if timestamp_ms.saturating_add(window_ms) < now_ms {
-            return Err(DropReason::TooOld);
-        }
-        if timestamp_ms > now_ms.saturating_add(window_ms) {
-            return Err(DropReason::TooNew);
-        }
-        // A nonce accepted at arrival time A carries a timestamp within the window of A, so
-        // a replay of it passes the time check only until A + 2 × window.
-        let keep = self.window * 2;
-        while let Some((at, n)) = self.order.front() {
-            if now.duration_since(*at) <= keep && self.order.len() < MAX_REMEMBERED_NONCES {
-                break;
-            }
-            self.seen.remove(n);
-            self.order.pop_front();
-        }
+        let too_old = timestamp_ms.saturating_add(window_ms) < now_ms;
+        let too_new = timestamp_ms > now_ms.saturating_add(window_ms);
+        let fresh = match (echoed, too_old, too_new) {
+            (true, _, _) => Fresh::Echo,
+            (false, true, _) => return Err(DropReason::TooOld),
+            (false, _, true) => return Err(DropReason::TooNew),
+            (false, false, false) => Fresh::Clock,
+        };
+        self.forget(now_ms, now);
         if !self.seen.insert(nonce) {
             return Err(DropReason::Replayed);
         }
-        self.order.push_back((now, nonce));
-        Ok(())
+        if too_old || too_new {
+            self.by_arrival.push_back((now, nonce));
+        } else {
+            self.by_stamp.push(Reverse((timestamp_ms, now, nonce)));
+        }
+        Ok(fresh)
+    }
+
+    /// Forgets nonces no rule could accept again: the echo rule only within the echo
+    /// lifetime after arrival (the echoed nonce was sealed before), the clock rule only
+    /// while the receiver's clock is within the window of the timestamp, and a remembered
+    /// nonce whose timestamp was an accepted one at arrival ages by the window at most twice.
+    fn forget(&mut self, now_ms: u64, now: Instant) {
+        let window_ms = self.window.as_millis() as u64;
+        let keep = self.echo_lifetime.max(self.window * 2);
+        while let Some((at, n)) = self.by_arrival.front() {
+            if now.duration_since(*at) <= keep && self.seen.len() < MAX_REMEMBERED_NONCES {
+                break;
+            }
+            self.seen.remove(n);
+            self.by_arrival.pop_front();
+        }
+        while let Some(Reverse((stamp, at, n))) = self.by_stamp.peek() {
+            let passed = stamp.saturating_add(window_ms) < now_ms && now.duration_since(*at) > keep;
+            if !passed && self.seen.len() < MAX_REMEMBERED_NONCES {
+                break;
+            }
+            self.seen.remove(n);
+            self.by_stamp.pop();
+        }
     }
 
     pub fn remembered(&self) -> usize {
         self.seen.len()
+    }
+}
+
+/// Nonces this node sealed lately: a datagram that echoes one was sealed after it.
+#[derive(Debug, Default)]
+struct SentNonces {
+    live: HashSet<u64>,
+    order: VecDeque<(Instant, u64)>,
+}
+
+impl SentNonces {
+    fn remember(&mut self, echo: u64, now: Instant) {
+        self.forget(now);
+        if self.order.len() >= MAX_SENT_NONCES
+            && let Some((_, old)) = self.order.pop_front()
+        {
+            self.live.remove(&old);
+        }
+        if self.live.insert(echo) {
+            self.order.push_back((now, echo));
+        }
+    }
+
+    fn is_live(&mut self, echo: u64, now: Instant) -> bool {
+        self.forget(now);
+        echo != 0 && self.live.contains(&echo)
+    }
+
+    fn forget(&mut self, now: Instant) {
+        while let Some((at, old)) = self.order.front() {
+            if now.duration_since(*at) <= ECHO_LIFETIME {
+                break;
+            }
+            self.live.remove(old);
+            self.order.pop_front();
+        }
     }
 }
 
@@ -271,6 +456,10 @@ struct Peer {
     /// The key of its last datagram.
     last_key: KeyId,
     last_seen: Instant,
+    /// What datagrams to it echo: from its last fresh datagram.
+    echo: u64,
+    /// The format it sends, and is answered in.
+    format: u8,
 }
 
 #[derive(Default)]
@@ -305,13 +494,34 @@ pub struct GossipAuth {
     key_file: PathBuf,
     ring: RwLock<Arc<Keyring>>,
     replay: Mutex<ReplayGuard>,
+    sent_nonces: Mutex<SentNonces>,
     peers: Mutex<HashMap<SocketAddr, Peer>>,
     counters: Counters,
     key_use: Mutex<BTreeMap<KeyId, KeyUse>>,
     last_drop: Mutex<Option<DropEvent>>,
     last_logged: Mutex<HashMap<DropReason, Instant>>,
     last_reload: Mutex<Option<Reload>>,
+    /// Added to the wall clock: only unit tests step it (two agents in one process share
+    /// one clock); always 0 in the agent.
+    clock_offset_ms: AtomicI64,
+    /// Keys rotations dropped: only to read a rekey request (see `rekey`).
+    retired: Mutex<Retired>,
+    member: Mutex<Option<Member>>,
+    rekeys: Mutex<BTreeMap<&'static str, u64>>,
+    /// When this node last asked a member for the current keys.
+    asked: Mutex<Option<Instant>>,
 }
+
+/// Who this node is in gossip, and whom it knows: what a rekey needs.
+pub struct Member {
+    pub name: String,
+    pub identity: Arc<NodeIdentity>,
+    /// The key a node name is pinned to, if it is pinned (a removed node's is not).
+    pub pinned: PinnedKey,
+}
+
+/// The key a node name is pinned to, if any.
+pub type PinnedKey = Box<dyn Fn(&str) -> Option<PublicKey> + Send + Sync>;
 
 impl GossipAuth {
     /// Reads the key file; the agent does not start with a bad one.
@@ -325,14 +535,155 @@ impl GossipAuth {
             cluster: cluster.to_owned(),
             key_file: key_file.to_owned(),
             ring: RwLock::new(Arc::new(ring)),
-            replay: Mutex::new(ReplayGuard::new(REPLAY_WINDOW)),
+            replay: Mutex::new(ReplayGuard::new(REPLAY_WINDOW, ECHO_LIFETIME)),
+            sent_nonces: Mutex::new(SentNonces::default()),
             peers: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             key_use: Mutex::new(BTreeMap::new()),
             last_drop: Mutex::new(None),
             last_logged: Mutex::new(HashMap::new()),
             last_reload: Mutex::new(None),
+            clock_offset_ms: AtomicI64::new(0),
+            retired: Mutex::new(Retired::default()),
+            member: Mutex::new(None),
+            rekeys: Mutex::new(BTreeMap::new()),
+            asked: Mutex::new(None),
         }
+    }
+
+    /// Lets this node answer rekey requests with the keys retired in `retired_file`, and ask
+    /// for the current keys itself.
+    pub fn set_member(&self, member: Member, retired_file: Option<&Path>) {
+        if let Some(f) = retired_file {
+            *self.retired.lock().expect("retired lock") = Retired::load(f);
+        }
+        *self.member.lock().expect("member lock") = Some(member);
+    }
+
+    /// Keeps keys a rotation dropped for a node that missed it (see `rekey`).
+    pub fn retire(&self, dropped: &[&[u8; keyring::KEY_LEN]]) -> Result<()> {
+        self.retired
+            .lock()
+            .expect("retired lock")
+            .retire(dropped, self.now_ms())
+    }
+
+    fn count_rekey(&self, outcome: &'static str) {
+        *self
+            .rekeys
+            .lock()
+            .expect("rekeys lock")
+            .entry(outcome)
+            .or_default() += 1;
+    }
+
+    /// Answers a rekey request sealed under a retired key, if `datagram` is one: `None` if it
+    /// is not (it gets the usual refusal), else whether an answer is in `out`.
+    pub fn answer_rekey(
+        &self,
+        from: SocketAddr,
+        datagram: &mut [u8],
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(), rekey::Refused>> {
+        let id = KeyId(u32::from_be_bytes(datagram.get(2..6)?.try_into().ok()?));
+        let key = self
+            .retired
+            .lock()
+            .expect("retired lock")
+            .get(id, self.now_ms())?;
+        // The answer names this node's real primary as the one it seals with, so the
+        // returning node answers with that once it holds it.
+        let ring = Keyring::new(vec![self.keyring().primary().clone(), key]).ok()?;
+        let opened = open(&ring, &self.cluster, datagram).ok()?;
+        let plaintext = &datagram[opened.plaintext.clone()];
+        if !rekey::is_request(plaintext) {
+            return None;
+        }
+        let outcome = self.rekey_for(plaintext).and_then(|answer| {
+            let mut nonce = [0u8; NONCE_LEN];
+            getrandom::fill(&mut nonce).map_err(|_| rekey::Refused::Malformed)?;
+            let stamp = (self.now_ms(), echo_of(&opened.nonce));
+            seal_echoing(&ring, id, &self.cluster, stamp, nonce, &answer, out)
+                .map_err(|_| rekey::Refused::Malformed)
+        });
+        match outcome {
+            Ok(()) => {
+                self.count_rekey("rekey_answered");
+                info!(%from, key = %id, "sent the current cluster keys to a member that missed a rotation");
+            }
+            Err(r) => {
+                self.count_rekey(r.name());
+                warn!(%from, key = %id, reason = r.name(), "refused a rekey request");
+            }
+        }
+        Some(outcome)
+    }
+
+    /// The answer to a request: the current keys sealed to the key its name is pinned to.
+    fn rekey_for(&self, request: &[u8]) -> Result<Vec<u8>, rekey::Refused> {
+        let (name, key) = rekey::read_request(&self.cluster, request)?;
+        let pinned = {
+            let member = self.member.lock().expect("member lock");
+            let member = member.as_ref().ok_or(rekey::Refused::NotAMember)?;
+            (member.pinned)(&name)
+        };
+        match pinned {
+            None => return Err(rekey::Refused::NotAMember),
+            Some(p) if p != key => return Err(rekey::Refused::WrongKey),
+            Some(_) => {}
+        }
+        let material =
+            keyring::read_material(&self.key_file).map_err(|_| rekey::Refused::Malformed)?;
+        rekey::answer(&key, &self.cluster, &material).map_err(|_| rekey::Refused::Malformed)
+    }
+
+    /// Seals a rekey request for `to`, which refused this node's primary key.
+    pub fn rekey_request(&self, to: SocketAddr, out: &mut Vec<u8>) -> Result<()> {
+        let plaintext = {
+            let member = self.member.lock().expect("member lock");
+            let member = member.as_ref().context("no node identity to ask with")?;
+            rekey::request(&member.identity, &self.cluster, &member.name)
+        };
+        *self.asked.lock().expect("asked lock") = Some(Instant::now());
+        self.seal_echoing(to, &plaintext, None, out)
+    }
+
+    /// Takes the keys of a rekey answer this node asked for: written to its key file, its
+    /// old keys after them, and loaded.
+    pub fn take_rekey_answer(&self, from: SocketAddr, plaintext: &[u8]) -> Result<()> {
+        let asked = *self.asked.lock().expect("asked lock");
+        if asked.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+            anyhow::bail!("a rekey answer this node did not ask for");
+        }
+        let fresh = {
+            let member = self.member.lock().expect("member lock");
+            let member = member.as_ref().context("no node identity")?;
+            rekey::read_answer(&member.identity, &self.cluster, plaintext)?
+        };
+        let mut material = fresh;
+        for k in keyring::read_material(&self.key_file)? {
+            if !material.iter().any(|m| **m == *k) {
+                material.push(k);
+            }
+        }
+        material.truncate(keyring::MAX_KEYS);
+        let refs: Vec<&[u8; keyring::KEY_LEN]> = material.iter().map(|k| &**k).collect();
+        keyring::write_key_file(&self.key_file, &refs)?;
+        *self.asked.lock().expect("asked lock") = None;
+        let ids = self.reload()?;
+        self.count_rekey("rekey_applied");
+        info!(%from, primary = %ids[0], "rejoined with the cluster's current key after missing a rotation");
+        Ok(())
+    }
+
+    /// Steps this instance's view of the wall clock, as an NTP step would.
+    #[cfg(test)]
+    pub fn step_clock(&self, by_ms: i64) {
+        self.clock_offset_ms.fetch_add(by_ms, Ordering::Relaxed);
+    }
+
+    fn now_ms(&self) -> u64 {
+        now_ms().saturating_add_signed(self.clock_offset_ms.load(Ordering::Relaxed))
     }
 
     pub fn keyring(&self) -> Arc<Keyring> {
@@ -376,6 +727,27 @@ impl GossipAuth {
     /// (so both sides of a half-done rotation understand each other), else with this node's
     /// primary.
     pub fn seal_for(&self, to: SocketAddr, plaintext: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        self.seal_echoing(to, plaintext, None, out)
+    }
+
+    /// Seals the answer to an authentic datagram that was not fresh (as `open_from` said):
+    /// nothing but an echo of its nonce, so the sender's next datagram can prove itself fresh
+    /// whatever the two clocks say.
+    pub fn challenge(&self, to: SocketAddr, datagram: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        if layout(datagram).is_some_and(|(format, _)| format == 1) {
+            anyhow::bail!("an agent of sealed format 1 cannot echo a challenge");
+        }
+        let nonce = nonce_of(datagram).context("a datagram too short to challenge")?;
+        self.seal_echoing(to, &[], Some(echo_of(&nonce)), out)
+    }
+
+    fn seal_echoing(
+        &self,
+        to: SocketAddr,
+        plaintext: &[u8],
+        echo: Option<u64>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         if plaintext.len() + OVERHEAD > MAX_DATAGRAM {
             self.count_drop(to, DropReason::Oversized);
             anyhow::bail!(
@@ -384,19 +756,31 @@ impl GossipAuth {
             );
         }
         let ring = self.keyring();
-        let key = self
-            .peers
-            .lock()
-            .expect("peers lock")
-            .get(&to)
+        let peer = self.peers.lock().expect("peers lock").get(&to).copied();
+        let key = peer
             .map(|p| p.primary)
             .filter(|k| ring.get(*k).is_some())
             .unwrap_or(ring.primary().id);
+        let echo = echo.or(peer.map(|p| p.echo)).unwrap_or(0);
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce)
             .map_err(|e| anyhow::anyhow!("reading the system's random source for a nonce: {e}"))?;
-        seal(&ring, key, &self.cluster, now_ms(), nonce, plaintext, out)
-            .map_err(|r| anyhow::anyhow!("sealing gossip to {to}: {}", r.name()))?;
+        let stamp = (self.now_ms(), echo);
+        let format = peer.map_or(2, |p| p.format);
+        seal_as(
+            format,
+            &ring,
+            (key, &self.cluster),
+            stamp,
+            nonce,
+            plaintext,
+            out,
+        )
+        .map_err(|r| anyhow::anyhow!("sealing gossip to {to}: {}", r.name()))?;
+        self.sent_nonces
+            .lock()
+            .expect("sent nonces lock")
+            .remember(echo_of(&nonce), Instant::now());
         self.counters.sent.fetch_add(1, Ordering::Relaxed);
         self.key_use
             .lock()
@@ -440,6 +824,8 @@ impl GossipAuth {
                         primary: opened.sender_primary,
                         last_key: opened.key,
                         last_seen: now,
+                        echo: echo_of(&opened.nonce),
+                        format: opened.format,
                     },
                 );
             }
@@ -451,11 +837,18 @@ impl GossipAuth {
     fn open_checked(&self, datagram: &mut [u8]) -> Result<Opened, DropReason> {
         let ring = self.keyring();
         let opened = open(&ring, &self.cluster, datagram)?;
+        let now = Instant::now();
+        let echoed = self
+            .sent_nonces
+            .lock()
+            .expect("sent nonces lock")
+            .is_live(opened.echo, now);
         self.replay.lock().expect("replay lock").check(
-            now_ms(),
-            Instant::now(),
+            self.now_ms(),
+            now,
             opened.timestamp_ms,
             opened.nonce,
+            echoed,
         )?;
         Ok(opened)
     }
@@ -564,6 +957,13 @@ impl GossipAuth {
                     ms_ago: wall_ago(r.at),
                     error: r.error.clone(),
                 }),
+            rekeys: self
+                .rekeys
+                .lock()
+                .expect("rekeys lock")
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
         }
     }
 }
@@ -686,7 +1086,7 @@ mod tests {
         assert_eq!(opened(&r, CLUSTER, vec![]), Err(DropReason::Truncated));
         assert_eq!(opened(&r, CLUSTER, vec![b'm']), Err(DropReason::Truncated));
         assert_eq!(
-            opened(&r, CLUSTER, vec![b'm', 1, 0, 0]),
+            opened(&r, CLUSTER, vec![b'm', 2, 0, 0]),
             Err(DropReason::Truncated)
         );
         let full = sealed(&r, r.primary().id, CLUSTER, b"x");
@@ -708,36 +1108,182 @@ mod tests {
         );
     }
 
+    fn guard() -> ReplayGuard {
+        ReplayGuard::new(Duration::from_secs(30), Duration::from_secs(60))
+    }
+
     #[test]
-    fn old_future_and_repeated_datagrams_are_refused() {
-        let mut g = ReplayGuard::new(Duration::from_secs(30));
+    fn old_future_and_repeated_datagrams_are_refused_without_an_echo() {
+        let mut g = guard();
         let t0 = Instant::now();
         let now = 1_000_000_000u64;
-        assert_eq!(g.check(now, t0, now, [1; NONCE_LEN]), Ok(()));
         assert_eq!(
-            g.check(now, t0, now, [1; NONCE_LEN]),
+            g.check(now, t0, now, [1; NONCE_LEN], false),
+            Ok(Fresh::Clock)
+        );
+        assert_eq!(
+            g.check(now, t0, now, [1; NONCE_LEN], false),
             Err(DropReason::Replayed)
         );
-        assert_eq!(g.check(now, t0, now - 29_000, [2; NONCE_LEN]), Ok(()));
         assert_eq!(
-            g.check(now, t0, now - 31_000, [3; NONCE_LEN]),
+            g.check(now, t0, now - 29_000, [2; NONCE_LEN], false),
+            Ok(Fresh::Clock)
+        );
+        assert_eq!(
+            g.check(now, t0, now - 31_000, [3; NONCE_LEN], false),
             Err(DropReason::TooOld)
         );
         assert_eq!(
-            g.check(now, t0, now + 31_000, [4; NONCE_LEN]),
+            g.check(now, t0, now + 31_000, [4; NONCE_LEN], false),
             Err(DropReason::TooNew)
         );
         // Nonces are forgotten only once a replay would be too old anyway.
         let later = t0 + Duration::from_secs(61);
         assert_eq!(
-            g.check(now + 61_000, later, now + 61_000, [5; NONCE_LEN]),
-            Ok(())
+            g.check(now + 61_000, later, now + 61_000, [5; NONCE_LEN], false),
+            Ok(Fresh::Clock)
         );
         assert_eq!(g.remembered(), 1);
         assert_eq!(
-            g.check(now + 61_000, later, now, [1; NONCE_LEN]),
+            g.check(now + 61_000, later, now, [1; NONCE_LEN], false),
             Err(DropReason::TooOld)
         );
+    }
+
+    #[test]
+    fn an_echo_makes_any_timestamp_fresh_but_only_once() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        let now = 1_000_000_000u64;
+        for skew in [-3_600_000i64, -60_000, 60_000, 86_400_000] {
+            let stamp = now.saturating_add_signed(skew);
+            let nonce = [(skew % 251) as u8; NONCE_LEN];
+            assert!(g.check(now, t0, stamp, nonce, false).is_err(), "{skew}");
+            assert_eq!(g.check(now, t0, stamp, nonce, true), Ok(Fresh::Echo));
+            assert_eq!(
+                g.check(now, t0, stamp, nonce, true),
+                Err(DropReason::Replayed),
+                "{skew}"
+            );
+        }
+        // Remembered as long as the echo could still be live: a minute.
+        let t1 = t0 + Duration::from_secs(59);
+        let stamp = now - 3_600_000;
+        let nonce = [(-3_600_000i64 % 251) as u8; NONCE_LEN];
+        assert_eq!(
+            g.check(now + 59_000, t1, stamp, nonce, true),
+            Err(DropReason::Replayed)
+        );
+        let t2 = t0 + Duration::from_secs(61);
+        assert_eq!(
+            g.check(now + 61_000, t2, now + 61_000, [9; NONCE_LEN], false),
+            Ok(Fresh::Clock)
+        );
+        assert_eq!(g.remembered(), 1, "only the last one is still needed");
+    }
+
+    #[test]
+    fn a_receiver_whose_clock_steps_back_still_refuses_a_replay() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        let now = 1_000_000_000u64;
+        assert_eq!(
+            g.check(now, t0, now, [1; NONCE_LEN], false),
+            Ok(Fresh::Clock)
+        );
+        // Ten minutes later the receiver's clock steps back by ten minutes: the old datagram's
+        // timestamp is within the window again, and its nonce is still remembered.
+        let later = t0 + Duration::from_secs(600);
+        assert_eq!(
+            g.check(now, later, now + 1, [2; NONCE_LEN], false),
+            Ok(Fresh::Clock)
+        );
+        assert_eq!(
+            g.check(now, later, now, [1; NONCE_LEN], false),
+            Err(DropReason::Replayed)
+        );
+        // Datagrams accepted after the step are forgotten in their own time.
+        let much_later = later + Duration::from_secs(61);
+        assert_eq!(
+            g.check(
+                now + 31_002,
+                much_later,
+                now + 31_002,
+                [3; NONCE_LEN],
+                false
+            ),
+            Ok(Fresh::Clock)
+        );
+        assert_eq!(g.remembered(), 1);
+    }
+
+    #[test]
+    fn a_peer_whose_clock_is_off_is_challenged_once_then_fresh_by_echo() {
+        let path = Path::new("/nonexistent/cluster.key");
+        let a = GossipAuth::new(ring(&[1]), path, CLUSTER);
+        let b = GossipAuth::new(ring(&[1]), path, CLUSTER);
+        let a_addr: SocketAddr = "192.0.2.1:7946".parse().unwrap();
+        let b_addr: SocketAddr = "192.0.2.2:7946".parse().unwrap();
+        b.step_clock(60_000);
+
+        // First contact: a's clock says b's datagram is from the future.
+        let mut syn = Vec::new();
+        b.seal_for(a_addr, b"syn", &mut syn).unwrap();
+        let captured = syn.clone();
+        assert_eq!(a.open_from(b_addr, &mut syn), Err(DropReason::TooNew));
+        let mut challenge = Vec::new();
+        a.challenge(b_addr, &syn, &mut challenge).unwrap();
+        assert!(
+            challenge.len() < captured.len(),
+            "shorter than what provoked it"
+        );
+        // b's clock finds a's challenge a minute old, but it echoes b's own nonce.
+        let range = b.open_from(a_addr, &mut challenge).unwrap();
+        assert!(range.is_empty());
+
+        // From now on both ways are fresh, and stay so as b's clock steps again.
+        for step in [0, -120_000, 3_600_000] {
+            b.step_clock(step);
+            for _ in 0..3 {
+                let mut d = Vec::new();
+                b.seal_for(a_addr, b"from b", &mut d).unwrap();
+                let r = a.open_from(b_addr, &mut d).unwrap();
+                assert_eq!(&d[r], b"from b", "step {step}");
+                let mut d = Vec::new();
+                a.seal_for(b_addr, b"from a", &mut d).unwrap();
+                let r = b.open_from(a_addr, &mut d).unwrap();
+                assert_eq!(&d[r], b"from a", "step {step}");
+            }
+        }
+        // The first datagram, replayed: still not fresh (its echo was none).
+        let mut r = captured;
+        assert_eq!(a.open_from(b_addr, &mut r), Err(DropReason::TooNew));
+        assert_eq!(a.dropped(DropReason::TooNew), 2);
+        assert_eq!(
+            b.dropped(DropReason::TooOld) + b.dropped(DropReason::TooNew),
+            0
+        );
+    }
+
+    #[test]
+    fn an_echo_of_a_nonce_the_receiver_never_sent_proves_nothing() {
+        let path = Path::new("/nonexistent/cluster.key");
+        let a = GossipAuth::new(ring(&[1]), path, CLUSTER);
+        let b_addr: SocketAddr = "192.0.2.2:7946".parse().unwrap();
+        let r = ring(&[1]);
+        let mut d = Vec::new();
+        let stamp = (now_ms() + 60_000, 0x0123_4567_89ab_cdef);
+        seal_echoing(
+            &r,
+            r.primary().id,
+            CLUSTER,
+            stamp,
+            [3; NONCE_LEN],
+            b"x",
+            &mut d,
+        )
+        .unwrap();
+        assert_eq!(a.open_from(b_addr, &mut d), Err(DropReason::TooNew));
     }
 
     #[test]
@@ -786,6 +1332,51 @@ mod tests {
         assert_eq!((last.from, last.reason), (b_addr, DropReason::Replayed));
         let json = serde_json::to_string(&report).unwrap();
         assert!(!json.contains(&crate::gossip::keyring::encode(&[2; KEY_LEN]).to_string()));
+    }
+
+    #[test]
+    fn an_agent_of_format_1_is_understood_and_answered_in_its_format() {
+        let path = Path::new("/nonexistent/cluster.key");
+        let a = GossipAuth::new(ring(&[1]), path, CLUSTER);
+        let old_addr: SocketAddr = "192.0.2.7:7946".parse().unwrap();
+        // What an agent from before echoes sends.
+        let r = ring(&[1]);
+        let mut d = Vec::new();
+        let nonce = [5; NONCE_LEN];
+        seal_as(
+            1,
+            &r,
+            (r.primary().id, CLUSTER),
+            (now_ms(), 0),
+            nonce,
+            b"old syn",
+            &mut d,
+        )
+        .unwrap();
+        assert_eq!(d.len(), b"old syn".len() + OVERHEAD - ECHO_LEN);
+        assert_eq!(d[..2], MAGIC_V1);
+        let range = a.open_from(old_addr, &mut d).unwrap();
+        assert_eq!(&d[range], b"old syn");
+        // Answered in format 1, which it reads.
+        let mut answer = Vec::new();
+        a.seal_for(old_addr, b"synack", &mut answer).unwrap();
+        assert_eq!(answer[..2], MAGIC_V1);
+        let o = open(&r, CLUSTER, &mut answer).unwrap();
+        assert_eq!((o.format, &answer[o.plaintext]), (1, &b"synack"[..]));
+        // Its clock must agree: it cannot echo, so it is not challenged either.
+        let mut late = Vec::new();
+        seal_as(
+            1,
+            &r,
+            (r.primary().id, CLUSTER),
+            (now_ms() - 60_000, 0),
+            [6; NONCE_LEN],
+            b"x",
+            &mut late,
+        )
+        .unwrap();
+        assert_eq!(a.open_from(old_addr, &mut late), Err(DropReason::TooOld));
+        assert!(a.challenge(old_addr, &late, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod chunks;
 pub mod keyring;
 pub mod origin;
+pub mod rekey;
 pub mod sealed;
 pub mod signed;
 pub mod token;
@@ -22,9 +23,11 @@ pub mod transport;
 pub mod validate;
 
 #[cfg(test)]
+mod clock_step_tests;
+#[cfg(test)]
 mod hostile_peer_tests;
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use chitchat::{
@@ -79,7 +82,9 @@ pub struct Gossip {
     name: String,
     identity: Arc<NodeIdentity>,
     /// Name-to-key pins and verdicts on every peer's values.
-    origins: std::sync::Mutex<origin::Origins>,
+    origins: Arc<std::sync::Mutex<origin::Origins>>,
+    /// Where this node keeps its gossip state (pins, generation, retired keys), if anywhere.
+    state_dir: Option<std::path::PathBuf>,
     /// Roles, in a cluster that has them (see `crate::roles`).
     admins: Option<std::sync::Mutex<admins::Admins>>,
 }
@@ -95,7 +100,13 @@ impl Gossip {
         initial: Vec<(String, String)>,
         transport: &dyn Transport,
     ) -> Result<Self> {
-        let generation = Clock::now_ms();
+        let generation = next_generation(
+            pins.as_deref()
+                .and_then(Path::parent)
+                .map(|d| d.join(GENERATION_FILE))
+                .as_deref(),
+        );
+        let state_dir = pins.as_deref().and_then(Path::parent).map(Path::to_owned);
         let origins = origin::Origins::new(pins, (&config.node, identity.public(), generation));
         let chitchat_id = ChitchatId::new(config.node.clone(), generation, config.advertise);
         let chitchat_config = ChitchatConfig {
@@ -145,7 +156,8 @@ impl Gossip {
             assembler: Default::default(),
             name: config.node.clone(),
             identity,
-            origins: std::sync::Mutex::new(origins),
+            origins: Arc::new(std::sync::Mutex::new(origins)),
+            state_dir,
             admins: admins.map(std::sync::Mutex::new),
         })
     }
@@ -330,6 +342,25 @@ impl Gossip {
 
     /// Records the keys the transport seals with, for the API to report.
     pub fn with_auth(mut self, auth: Arc<auth::GossipAuth>) -> Self {
+        let origins = self.origins.clone();
+        auth.set_member(
+            auth::Member {
+                name: self.name.clone(),
+                identity: self.identity.clone(),
+                pinned: Box::new(move |name| {
+                    origins
+                        .lock()
+                        .expect("origins lock")
+                        .pins()
+                        .get(name)
+                        .map(|p| p.key)
+                }),
+            },
+            self.state_dir
+                .as_ref()
+                .map(|d| d.join(rekey::RETIRED_FILE))
+                .as_deref(),
+        );
         self.auth = Some(auth);
         self
     }
@@ -564,5 +595,68 @@ impl Changes {
             }
             _ = self.local.notified() => {}
         }
+    }
+}
+
+/// Where a node keeps the generation it last gossiped under, beside its pins.
+pub const GENERATION_FILE: &str = "generation";
+
+/// The generation of this run: the wall clock in ms, as chitchat's examples use, but always
+/// past the one the node last ran under. Peers take the highest generation of a name as the
+/// node: an agent restarted after its clock stepped back (NTP, a wrong hardware clock) would
+/// otherwise come back under a lower one, and every peer would keep listening to its dead
+/// previous run, tasks and all. Without the file (no state dir, or a new one) it is the
+/// clock, as before.
+fn next_generation(file: Option<&Path>) -> u64 {
+    let last = file
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let generation = Clock::now_ms().max(last.map_or(0, |l| l + 1));
+    if let Some(f) = file
+        && let Err(e) =
+            crate::state_files::write_atomic(f, format!("{generation}\n").as_bytes(), 0o600)
+    {
+        tracing::warn!(
+            file = %f.display(),
+            "cannot record this run's gossip generation ({e}): a restart after the clock \
+             steps back would not be seen by peers until the clock catches up"
+        );
+    }
+    if last.is_some_and(|l| generation == l + 1) {
+        tracing::warn!(
+            generation,
+            "the wall clock is behind this node's previous run: gossiping under the next \
+             generation instead (check NTP)"
+        );
+    }
+    generation
+}
+
+#[cfg(test)]
+mod generation_tests {
+    use super::*;
+
+    #[test]
+    fn a_generation_never_goes_back_even_when_the_clock_does() {
+        let dir = std::env::temp_dir().join(format!("mesh-generation-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(GENERATION_FILE);
+        let first = next_generation(Some(&file));
+        assert!(first.abs_diff(Clock::now_ms()) < 5_000);
+        // The previous run's clock was an hour ahead of this one's.
+        let ahead = Clock::now_ms() + 3_600_000;
+        std::fs::write(&file, format!("{ahead}\n")).unwrap();
+        assert_eq!(next_generation(Some(&file)), ahead + 1);
+        assert_eq!(next_generation(Some(&file)), ahead + 2);
+        // A file that does not parse is the clock again, and is rewritten.
+        std::fs::write(&file, "garbage").unwrap();
+        let g = next_generation(Some(&file));
+        assert!(g.abs_diff(Clock::now_ms()) < 5_000);
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap().trim(),
+            g.to_string()
+        );
+        assert!(next_generation(None).abs_diff(Clock::now_ms()) < 5_000);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -39,9 +39,10 @@ use chitchat::{
     ChitchatEnvelope, ChitchatMessage, ProtocolVersion,
     transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket as ChitchatSocket},
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::auth::{GossipAuth, MAX_DATAGRAM, Refusal};
+use super::rekey;
 use super::validate::{self, KnownNodes};
 use mesh_api::v1::DropReason;
 use mesh_api::v1::KeyId;
@@ -85,6 +86,9 @@ pub struct SealedSocket {
     send_buf: Vec<u8>,
     /// When each address was last sent a [`Refusal`]: one a second per sender at most.
     refused: HashMap<SocketAddr, Instant>,
+    /// When each address was last asked for the current keys, and last answered.
+    asked: HashMap<SocketAddr, Instant>,
+    answered: HashMap<SocketAddr, Instant>,
     /// Nodes that digests named recently (see `validate`).
     known: KnownNodes,
 }
@@ -101,16 +105,25 @@ impl SealedSocket {
             recv_buf: vec![0u8; MAX_DATAGRAM + 1].into_boxed_slice(),
             send_buf: Vec::with_capacity(MAX_DATAGRAM),
             refused: HashMap::new(),
+            asked: HashMap::new(),
+            answered: HashMap::new(),
             known: KnownNodes::default(),
         })
     }
 
-    /// Tells a sender its datagram was sealed with a key this node does not hold. Never
-    /// waits (recv must stay cancel-safe): a refusal the socket cannot take now is skipped.
+    /// Tells a sender its datagram was sealed with a key this node does not hold, or
+    /// challenges an authentic one that was not fresh (see `auth`). Never waits (recv must
+    /// stay cancel-safe): an answer the socket cannot take now is skipped.
     fn refuse(&mut self, to: SocketAddr, reason: DropReason, n: usize) {
-        let Some(refusal) = Refusal::of(reason, &self.recv_buf[..n]) else {
+        // A rekey request comes right after this node's refusal: it has a limit of its own.
+        if reason == DropReason::UnknownKey && self.answer_rekey(to, n) {
             return;
-        };
+        }
+        let stale = matches!(reason, DropReason::TooOld | DropReason::TooNew);
+        let refusal = Refusal::of(reason, &self.recv_buf[..n]);
+        if !stale && refusal.is_none() {
+            return;
+        }
         let now = Instant::now();
         if self
             .refused
@@ -123,7 +136,80 @@ impl SealedSocket {
             self.refused.clear();
         }
         self.refused.insert(to, now);
-        let _ = self.wire.try_send_to(&refusal.encode(), to);
+        if let Some(refusal) = refusal {
+            let _ = self.wire.try_send_to(&refusal.encode(), to);
+            return;
+        }
+        self.send_buf.clear();
+        match self
+            .auth
+            .challenge(to, &self.recv_buf[..n], &mut self.send_buf)
+        {
+            Ok(()) => {
+                let _ = self.wire.try_send_to(&self.send_buf, to);
+            }
+            Err(e) => debug!(%to, "not challenging a stale datagram: {e:#}"),
+        }
+    }
+}
+
+impl SealedSocket {
+    /// Answers a rekey request sealed under a retired key (see `rekey`), one a second per
+    /// address at most; whether the datagram was one.
+    fn answer_rekey(&mut self, to: SocketAddr, n: usize) -> bool {
+        self.send_buf.clear();
+        let Some(outcome) = self
+            .auth
+            .answer_rekey(to, &mut self.recv_buf[..n], &mut self.send_buf)
+        else {
+            return false;
+        };
+        let now = Instant::now();
+        if outcome.is_ok()
+            && self
+                .answered
+                .get(&to)
+                .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            if self.answered.len() >= MAX_FEEDERS {
+                self.answered.clear();
+            }
+            self.answered.insert(to, now);
+            let _ = self.wire.try_send_to(&self.send_buf, to);
+        }
+        true
+    }
+
+    /// A peer refused this node's primary key: the cluster key may have rotated while this
+    /// node was away. Asks that peer for the current keys (see `rekey`), once a second.
+    fn ask_for_keys(&mut self, from: SocketAddr, n: usize) {
+        let Some(refusal) = Refusal::decode(&self.recv_buf[..n]) else {
+            return;
+        };
+        if refusal.reason != DropReason::UnknownKey
+            || refusal.key != self.auth.keyring().primary().id
+        {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .asked
+            .get(&from)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        if self.asked.len() >= MAX_FEEDERS {
+            self.asked.clear();
+        }
+        self.asked.insert(from, now);
+        self.send_buf.clear();
+        match self.auth.rekey_request(from, &mut self.send_buf) {
+            Ok(()) => {
+                let _ = self.wire.try_send_to(&self.send_buf, from);
+            }
+            Err(e) => debug!(%from, "not asking for the current cluster keys: {e:#}"),
+        }
     }
 }
 
@@ -179,12 +265,26 @@ impl Socket for SealedSocket {
                     };
                     let plaintext = match self.auth.open_from(from, &mut self.recv_buf[..n]) {
                         Ok(p) => p,
+                        Err(DropReason::Refused) => {
+                            self.ask_for_keys(from, n);
+                            continue;
+                        }
                         Err(reason) => {
                             self.refuse(from, reason, n);
                             continue;
                         }
                     };
                     let plaintext = &self.recv_buf[plaintext];
+                    if rekey::is_answer(plaintext) {
+                        if let Err(e) = self.auth.take_rekey_answer(from, plaintext) {
+                            warn!(%from, "a rekey answer not taken: {e:#}");
+                        }
+                        continue;
+                    }
+                    if plaintext.is_empty() {
+                        // A challenge answered: it only carried an echo.
+                        continue;
+                    }
                     if plaintext.starts_with(&SENTINEL) {
                         // Chitchat would decode it to exactly the sentinel: no need to ask.
                         return Ok(RecvOutcome {

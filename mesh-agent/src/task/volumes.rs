@@ -105,8 +105,10 @@ pub(super) fn claim(
 
 fn write_meta(dir: &Path, meta: &Meta) -> Result<()> {
     let tmp = dir.join("volume.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(meta)?)?;
-    std::fs::rename(&tmp, dir.join("volume.json"))?;
+    std::fs::write(&tmp, serde_json::to_vec(meta)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join("volume.json"))
+        .with_context(|| format!("renaming {} into place", tmp.display()))?;
     Ok(())
 }
 
@@ -122,11 +124,33 @@ fn make(
     if meta.exists() {
         return Ok(false);
     }
+    let existed = dir.exists();
+    let made = make_dirs(state_dir, &dir, owner).and_then(|()| {
+        let m = Meta {
+            name: name.to_owned(),
+            labels: labels.clone(),
+            created_ms: now_ms(),
+            unclaimed,
+        };
+        // Written last: a volume is listed only once it is whole.
+        write_meta(&dir, &m)
+    });
+    if let Err(e) = made {
+        // A full disk (say) leaves no half volume behind to trip the next try.
+        if !existed {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Err(e);
+    }
+    Ok(true)
+}
+
+fn make_dirs(state_dir: &Path, dir: &Path, owner: (u32, u32)) -> Result<()> {
     let root = root(state_dir);
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     // Only the agent walks here; tasks reach their volume through its bind mount.
     std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let data = dir.join("_data");
     if !data.exists() {
         std::fs::create_dir(&data).with_context(|| format!("creating {}", data.display()))?;
@@ -134,15 +158,7 @@ fn make(
             .with_context(|| format!("giving {} to the task's user", data.display()))?;
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755))?;
     }
-    let m = Meta {
-        name: name.to_owned(),
-        labels: labels.clone(),
-        created_ms: now_ms(),
-        unclaimed,
-    };
-    // Written last: a volume is listed only once it is whole.
-    write_meta(&dir, &m)?;
-    Ok(true)
+    Ok(())
 }
 
 /// This node's volumes, by name.

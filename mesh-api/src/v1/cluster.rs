@@ -121,6 +121,9 @@ pub struct AuthReport {
     pub dropped: BTreeMap<String, u64>,
     pub last_drop: Option<LastDrop>,
     pub last_reload: Option<ReloadReport>,
+    /// Nodes let back in after a missed key rotation, and requests refused, by outcome.
+    #[serde(default)]
+    pub rekeys: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -233,7 +236,9 @@ impl DropReason {
             }
             DropReason::BadTag => "tampered datagram, or a peer with another --cluster name",
             DropReason::TooOld | DropReason::TooNew => {
-                "clocks differ by more than the replay window, or a datagram was replayed late: sync clocks (NTP)"
+                "a first datagram from a peer whose clock differs by more than the replay window \
+                 (it is challenged and proves itself fresh after; harmless), or captured gossip \
+                 replayed late"
             }
             DropReason::Replayed => "a datagram was sent again: someone replays captured gossip",
             DropReason::Undecodable => "a key holder sent something chitchat cannot decode",
@@ -241,8 +246,9 @@ impl DropReason {
             DropReason::Oversized => "gossip state too large for one datagram",
             DropReason::Refused => {
                 "a peer does not accept this node's cluster key: a rotation retired it while this \
-                 node was away (join again with a current `meshctl join-token`), or the peer is \
-                 of another cluster"
+                 node was away (this node asks for the current key, and members let it back in \
+                 for 7 days: see `rekeys` in `meshctl gossip stats`; later, join again with a \
+                 current `meshctl join-token`), or the peer is of another cluster"
             }
             DropReason::Invalid => {
                 "a key holder sent gossip that could corrupt this node's state (ops out of order, \
