@@ -81,8 +81,8 @@ pub struct Agent {
     ipam: Mutex<BTreeSet<(String, Ipv4Addr)>>,
     /// The node-local parts; `None` when the agent runs the control plane only.
     local: Option<Local>,
-    /// One kernel convergence at a time; also held while a task is set up so convergence
-    /// does not unplumb a network a new task is about to use.
+    /// One kernel convergence at a time; also held by a task start whose networks are not
+    /// plumbed yet, while it plumbs them (see `Local::plumbed` for the rest of a start).
     converging: Mutex<()>,
     /// The gossip state the current view was computed from: a refresh on an unchanged state
     /// (most API reads) reuses the view instead of merging every key again. Held from
@@ -99,6 +99,8 @@ pub struct Agent {
     dns_listeners: StdMutex<BTreeMap<String, (mesh_dns::ServeHandle, u64)>>,
     /// Service task starts and stops underway on this node.
     jobs: orchestrate::Jobs,
+    /// Image pulls underway, one lock per image (see `NodeRuntime::pull`).
+    pulls: StdMutex<BTreeMap<String, Arc<Mutex<()>>>>,
     /// Confirmed drains: how far every load balancer has let stopping tasks go.
     drains: drain::Drains,
     started: std::time::Instant,
@@ -141,6 +143,8 @@ pub struct Local {
     network_devices: Mutex<BTreeMap<String, u32>>,
     /// Task veths the client-address programs are attached to, as last attached.
     task_veths: Mutex<Vec<crate::dataplane::TaskVeth>>,
+    /// Networks task starts underway need, and those the last convergence plumbed.
+    plumbed: StdMutex<converge::Plumbed>,
 }
 
 impl Agent {
@@ -158,6 +162,7 @@ impl Agent {
                 gateway: n.gateway,
                 network_devices: Mutex::new(BTreeMap::new()),
                 task_veths: Mutex::new(Vec::new()),
+                plumbed: StdMutex::new(converge::Plumbed::default()),
             }),
             converging: Mutex::new(()),
             publishing: Mutex::new(None),
@@ -167,6 +172,7 @@ impl Agent {
             dns_last: StdMutex::new(None),
             dns_listeners: StdMutex::new(BTreeMap::new()),
             jobs: orchestrate::Jobs::default(),
+            pulls: StdMutex::new(BTreeMap::new()),
             drains: drain::Drains::default(),
             started: std::time::Instant::now(),
             shutdown: watch::channel(None).0,
