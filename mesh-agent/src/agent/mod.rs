@@ -410,8 +410,32 @@ impl Agent {
     /// Waits out the settle time, then recomputes: after this, a concurrent create on another
     /// node has reached us and the deterministic merge has picked a winner.
     async fn settle(&self) -> Arc<View> {
-        tokio::time::sleep(self.config.settle()).await;
+        tokio::time::sleep(self.settle_time()).await;
         self.refresh().await
+    }
+
+    /// How long a write waits for a concurrent one made on another node before it is final:
+    /// until news reaches every live node and theirs comes back. Each gossip round a node
+    /// pushes and pulls with 3 peers, so news reaches about 4 times as many nodes a round:
+    /// log4(live nodes) rounds there, as many back, and two rounds to spare — 400 ms for 3
+    /// nodes gossiping every 100 ms (a fixed second made every write of a small cluster
+    /// wait 1 s), 1.2 s for 1,000 (where a second was too short). `settle_ms` overrides it.
+    pub(crate) fn settle_time(&self) -> Duration {
+        if self.config.settle_ms > 0 {
+            return self.config.settle();
+        }
+        let live = self
+            .view()
+            .nodes
+            .values()
+            .filter(|n| n.status == mesh_api::spec::NodeStatus::Ready)
+            .count();
+        let (mut rounds, mut reached) = (0u32, 1usize);
+        while reached < live {
+            reached = reached.saturating_mul(4);
+            rounds += 1;
+        }
+        self.config.gossip_interval() * (2 * rounds.max(1) + 2)
     }
 
     pub(crate) async fn write_object<T: serde::Serialize>(
