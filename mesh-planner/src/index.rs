@@ -6,11 +6,15 @@
 //! same way as by name); what a pass reads per node — capacity, load, reservations — lives in
 //! vectors by position, and task records are grouped by service once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, HashMap},
+    rc::Rc,
+};
 
 use crate::{
-    plan::Cluster,
-    spec::{Node, Resources},
+    plan::{Cluster, Eligible},
+    spec::{Constraint, Node, Resources},
     task::Task,
 };
 
@@ -26,7 +30,12 @@ pub(crate) struct Index<'a> {
     pub(crate) common_prefix: usize,
     /// Every task record, by service.
     by_service: HashMap<&'a str, Vec<&'a Task>>,
+    /// The eligible nodes of each (driver, constraints) asked for so far.
+    pub(crate) eligible: RefCell<Vec<Known>>,
 }
+
+/// A driver and constraints, and the nodes eligible under them.
+pub(crate) type Known = (String, Vec<Constraint>, Rc<Eligible>);
 
 impl<'a> Index<'a> {
     pub(crate) fn new(cluster: &Cluster<'a>) -> Self {
@@ -44,6 +53,7 @@ impl<'a> Index<'a> {
             names,
             nodes,
             by_service: HashMap::new(),
+            eligible: RefCell::default(),
         };
         for t in cluster.tasks {
             index

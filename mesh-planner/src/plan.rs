@@ -27,6 +27,7 @@ use std::{
     cell::Cell,
     cmp::{Ordering, Reverse},
     collections::{BTreeMap, BTreeSet},
+    rc::Rc,
 };
 
 use crate::{
@@ -153,12 +154,26 @@ pub(crate) enum Unfit {
 pub(crate) struct Eligible(pub(crate) Vec<usize>);
 
 impl Eligible {
-    pub(crate) fn of(index: &Index, service: &Service) -> Self {
-        Self(
+    /// Services that need the same driver under the same constraints share the answer (most
+    /// services of a cluster): one look at every node for them all.
+    pub(crate) fn of(index: &Index, service: &Service) -> Rc<Self> {
+        let mut known = index.eligible.borrow_mut();
+        if let Some((_, _, e)) = known.iter().find(|(driver, constraints, _)| {
+            driver == service.driver && *constraints == service.placement.constraints
+        }) {
+            return e.clone();
+        }
+        let e = Rc::new(Self(
             (0..index.nodes.len())
                 .filter(|&i| unfit(index.nodes[i], service).is_none())
                 .collect(),
-        )
+        ));
+        known.push((
+            service.driver.to_owned(),
+            service.placement.constraints.clone(),
+            e.clone(),
+        ));
+        e
     }
 
     /// The position of `name` if it is eligible.
