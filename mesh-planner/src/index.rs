@@ -13,7 +13,6 @@ use std::{
 };
 
 use crate::{
-    plan::{Cluster, Eligible},
     spec::{Constraint, Node, Resources},
     task::Task,
 };
@@ -34,13 +33,13 @@ pub(crate) struct Index<'a> {
     pub(crate) eligible: RefCell<Vec<Known>>,
 }
 
-/// A driver and constraints, and the nodes eligible under them.
-pub(crate) type Known = (String, Vec<Constraint>, Rc<Eligible>);
+/// A driver and constraints, and the positions of the nodes eligible under them.
+pub(crate) type Known = (String, Vec<Constraint>, Rc<Vec<usize>>);
 
 impl<'a> Index<'a> {
-    pub(crate) fn new(cluster: &Cluster<'a>) -> Self {
+    pub(crate) fn new(list: &'a [Node], tasks: &'a [Task]) -> Self {
         let by_name: BTreeMap<&'a str, &'a Node> =
-            cluster.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+            list.iter().map(|n| (n.name.as_str(), n)).collect();
         let (names, nodes): (Vec<&str>, Vec<&Node>) = by_name.into_iter().unzip();
         // Sorted: what the first and the last share, all share.
         let common_prefix = match (names.first(), names.last()) {
@@ -55,7 +54,7 @@ impl<'a> Index<'a> {
             by_service: HashMap::new(),
             eligible: RefCell::default(),
         };
-        for t in cluster.tasks {
+        for t in tasks {
             index
                 .by_service
                 .entry(t.service.as_str())
@@ -93,10 +92,9 @@ impl<'a> Index<'a> {
     }
 
     /// What each node's live tasks reserve, by position.
-    pub(crate) fn reserved(&self, cluster: &Cluster) -> Vec<Resources> {
+    pub(crate) fn reserved(&self, tasks: &[Task]) -> Vec<Resources> {
         let mut used = vec![Resources::default(); self.names.len()];
-        for t in cluster
-            .tasks
+        for t in tasks
             .iter()
             .filter(|t| t.is_live() && !t.reservation.is_zero())
         {

@@ -151,29 +151,29 @@ pub(crate) enum Unfit {
 
 /// The nodes a task of a service may run on, by position in the index (ascending, so in
 /// name order).
-pub(crate) struct Eligible(pub(crate) Vec<usize>);
+pub(crate) struct Eligible(pub(crate) Rc<Vec<usize>>);
 
 impl Eligible {
     /// Services that need the same driver under the same constraints share the answer (most
     /// services of a cluster): one look at every node for them all.
-    pub(crate) fn of(index: &Index, service: &Service) -> Rc<Self> {
+    pub(crate) fn of(index: &Index, service: &Service) -> Self {
         let mut known = index.eligible.borrow_mut();
         if let Some((_, _, e)) = known.iter().find(|(driver, constraints, _)| {
             driver == service.driver && *constraints == service.placement.constraints
         }) {
-            return e.clone();
+            return Self(e.clone());
         }
-        let e = Rc::new(Self(
+        let e: Rc<Vec<usize>> = Rc::new(
             (0..index.nodes.len())
                 .filter(|&i| unfit(index.nodes[i], service).is_none())
                 .collect(),
-        ));
+        );
         known.push((
             service.driver.to_owned(),
             service.placement.constraints.clone(),
             e.clone(),
         ));
-        e
+        Self(e)
     }
 
     /// The position of `name` if it is eligible.
@@ -708,7 +708,7 @@ impl Placer<'_, '_> {
         // nodes lose on the rank, and only the tied ones are worth a hash.
         let mut best: Option<Rank> = None;
         let mut tied: Vec<usize> = Vec::new();
-        for &i in &self.eligible.0 {
+        for &i in self.eligible.0.iter() {
             let count = self.count[i];
             if self.limit.is_some_and(|l| count >= l) || !self.room.fits(&self.usage.used, i) {
                 continue;

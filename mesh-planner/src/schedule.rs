@@ -9,8 +9,8 @@ use crate::{
 
 /// The plan of one service, from the view alone.
 pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
-    let index = Index::new(cluster);
-    let mut usage = Usage::new(index.reserved(cluster));
+    let index = Index::new(cluster.nodes, cluster.tasks);
+    let mut usage = Usage::new(index.reserved(cluster.tasks));
     plan_beside(cluster, &index, service, &mut usage)
 }
 
@@ -24,8 +24,8 @@ pub fn plan_all(cluster: &Cluster, services: &[Service]) -> Vec<Plan> {
     order.sort_by_key(|&i| (services[i].name, i));
     // Indexed once for every service: each service's starts are added to the usage as they
     // are placed, so the next is placed beside them.
-    let index = Index::new(cluster);
-    let mut usage = Usage::new(index.reserved(cluster));
+    let index = Index::new(cluster.nodes, cluster.tasks);
+    let mut usage = Usage::new(index.reserved(cluster.tasks));
     let mut plans: Vec<Option<Plan>> = vec![None; services.len()];
     for i in order {
         plans[i] = Some(plan_beside(cluster, &index, &services[i], &mut usage));
