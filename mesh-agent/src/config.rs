@@ -44,7 +44,9 @@ pub struct AgentConfig {
     pub gossip_interval_ms: u64,
     /// A silent peer is declared dead after about phi_threshold × gossip_interval.
     pub phi_threshold: f64,
-    /// How long a create waits for concurrent creates elsewhere before it is final.
+    /// How long a create waits for concurrent creates elsewhere before it is final; 0 (the
+    /// default): a few gossip rounds, as many as news takes to reach every live node and
+    /// come back (see `Agent::settle_time`).
     pub settle_ms: u64,
     /// After a graceful stop (SIGTERM) peers keep this node's tasks this long before evicting
     /// them: its tasks and dataplane keep serving while the agent restarts.
@@ -289,7 +291,7 @@ impl Default for AgentConfig {
             labels: BTreeMap::new(),
             gossip_interval_ms: 100,
             phi_threshold: 8.0,
-            settle_ms: 1000,
+            settle_ms: 0,
             restart_grace_ms: 10_000,
             socket: mesh_api::v1::DEFAULT_SOCKET.into(),
             docker_socket: None,

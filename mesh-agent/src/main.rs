@@ -330,10 +330,20 @@ fn parse_upstream(s: &str) -> Result<SocketAddr> {
 fn main() {
     // A process task's init is this binary too: it must start before any runtime thread.
     mesh_agent::task::init::run_if_asked();
-    agent_main();
+    // More runtime threads than CPUs: a task start or stop makes blocking calls on them
+    // (namespaces made and unmounted, /proc scanned, the process forked), and with tasks
+    // started side by side and a service's tasks stopped together, one thread per CPU
+    // left none for gossip and the convergence loop — a node went silent for seconds and
+    // its peers called it down. Blocked threads cost no CPU.
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cpus.max(8))
+        .enable_all()
+        .build()
+        .expect("starting the async runtime")
+        .block_on(agent_main());
 }
 
-#[tokio::main]
 async fn agent_main() {
     mesh_agent::logging::init("info");
     let args = Args::parse();

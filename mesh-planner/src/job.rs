@@ -23,38 +23,30 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
+    index::Index,
     plan::{
-        Cluster, Plan, Room, Service, SlotPlacement, SlotPlan, Stop, describe_unfit,
-        no_suitable_node, nodes_for, pick, reserved_with, retire,
+        Cluster, Eligible, Placer, Plan, Room, Service, SlotPlacement, SlotPlan, Stop, Tied, Usage,
+        describe_unfit, no_suitable_node, retire,
     },
-    spec::{Node, Resources, ServiceMode},
+    spec::{Node, ServiceMode},
     task::{Slot, Task, TaskState},
 };
 
-pub(crate) fn plan(
-    cluster: &Cluster,
-    service: &Service,
-    starting: &BTreeMap<String, Resources>,
-) -> Plan {
-    let (nodes, eligible) = nodes_for(cluster, service);
-    let ready = |node: &str| nodes.get(node).is_some_and(|n| n.ready);
+pub(crate) fn plan(cluster: &Cluster, index: &Index, service: &Service, usage: &mut Usage) -> Plan {
+    let eligible = Eligible::of(index, service);
+    let ready = |node: &str| index.ready(node);
     // Unlike services, a job's next slot is placed without looking at the other services'
     // tasks: that load is what views disagree on most (every task start and end moves it),
     // and a node that saw slot 1 complete must pick the same node for slot 2 as the node
     // that did, or both start it — a job task running twice at once. With the job's own
     // tasks and the hash alone, nodes that agree on the job agree on the node.
-    let load: BTreeMap<&str, usize> = BTreeMap::new();
+    let load: &[usize] = &[];
     // Reservations are a hard limit all the same: what every node's tasks reserve.
-    let mut used = reserved_with(cluster, starting);
     let room = Room {
-        nodes: &nodes,
+        nodes: &index.nodes,
         want: service.reservation,
     };
-    let mine: Vec<&Task> = cluster
-        .tasks
-        .iter()
-        .filter(|t| t.service == service.name)
-        .collect();
+    let mine: &[&Task] = index.tasks_of(service.name);
     let current = |t: &Task| t.template == service.template;
     // A global slot is only ever filled on its own node.
     let own_slot = |t: &Task| !matches!(&t.slot, Slot::Node(n) if *n != t.node);
@@ -79,8 +71,11 @@ pub(crate) fn plan(
             max_concurrent as usize,
         ),
         _ => {
-            let mut slots: BTreeSet<Slot> =
-                eligible.iter().map(|n| Slot::Node(n.to_string())).collect();
+            let mut slots: BTreeSet<Slot> = eligible
+                .0
+                .iter()
+                .map(|&i| Slot::Node(index.names[i].to_owned()))
+                .collect();
             slots.extend(done.keys().map(|s| (*s).clone()));
             (slots.into_iter().collect(), usize::MAX)
         }
@@ -99,8 +94,8 @@ pub(crate) fn plan(
             ))
         } else if !own_slot(t) {
             Some(format!("slot {} belongs to another node", t.slot))
-        } else if !eligible.contains(t.node.as_str()) {
-            Some(match nodes.get(t.node.as_str()) {
+        } else if !eligible.contains(index, &t.node) {
+            Some(match index.node(&t.node) {
                 Some(node) => format!(
                     "node {} is no longer eligible: {}",
                     t.node,
@@ -148,7 +143,13 @@ pub(crate) fn plan(
         .max_replicas_per_node
         .filter(|&m| m > 0)
         .map(|m| m as usize);
-    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut count: Vec<usize> = vec![0; index.nodes.len()];
+    // A kept task's node takes one more of the job's tasks.
+    let occupy = |count: &mut Vec<usize>, node: &str| {
+        if let Some(i) = index.position(node) {
+            count[i] += 1;
+        }
+    };
     let mut active = 0usize;
     let mut placed: BTreeMap<&Slot, SlotPlacement> = BTreeMap::new();
     let mut waiting: Vec<&Slot> = Vec::new();
@@ -174,17 +175,18 @@ pub(crate) fn plan(
             });
             let w = tasks[0];
             retire(&mut stops, w, &tasks, slot);
-            *count.entry(w.node.as_str()).or_default() += 1;
+            occupy(&mut count, &w.node);
             active += 1;
             placed.insert(slot, kept(w));
         } else if let Some(h) = held.get(slot) {
-            *count.entry(h.node.as_str()).or_default() += 1;
+            occupy(&mut count, &h.node);
             active += 1;
             placed.insert(slot, kept(h));
         } else {
             waiting.push(slot);
         }
     }
+    let mut tied = Tied::default();
     for slot in waiting {
         if active >= max_concurrent {
             break;
@@ -192,29 +194,44 @@ pub(crate) fn plan(
         active += 1;
         let choice = match slot {
             Slot::Node(n) => eligible
-                .get(n.as_str())
-                .copied()
-                .filter(|n| room.fits(&used, n)),
-            Slot::Replica(_) => pick(
-                &eligible, &nodes, &count, &load, limit, service, slot, &room, &used,
-            ),
+                .get(index, n)
+                .filter(|&i| room.fits(&usage.used, i)),
+            Slot::Replica(_) => Placer {
+                index,
+                eligible: &eligible,
+                count: &count,
+                load,
+                limit,
+                service,
+                room: &room,
+                usage: &*usage,
+            }
+            .pick(slot, &mut tied),
         };
         let placement = match choice {
-            Some(node) => {
-                *count.entry(node).or_default() += 1;
-                let u = used.entry(node).or_default();
-                *u = u.saturating_add(service.reservation);
+            Some(i) => {
+                count[i] += 1;
+                usage.add(i, service.reservation);
+                tied.taken(i);
                 SlotPlacement::Start {
-                    node: node.to_owned(),
+                    node: index.names[i].to_owned(),
                 }
             }
             None => {
                 let candidates: Vec<&Node> = match slot {
-                    Slot::Node(n) => nodes.get(n.as_str()).copied().into_iter().collect(),
+                    Slot::Node(n) => index.node(n).into_iter().collect(),
                     Slot::Replica(_) => cluster.nodes.iter().collect(),
                 };
                 SlotPlacement::Pending {
-                    reason: no_suitable_node(&candidates, service, limit, &count, &room, &used),
+                    reason: no_suitable_node(
+                        index,
+                        &candidates,
+                        service,
+                        limit,
+                        &count,
+                        &room,
+                        &usage.used,
+                    ),
                 }
             }
         };

@@ -10,6 +10,7 @@
 //! Nothing here does I/O or reads a clock: the agent passes the view (and the time, for the
 //! restart policy) in, and property tests hold the rules to account.
 
+mod index;
 pub mod job;
 pub mod plan;
 pub mod resources;

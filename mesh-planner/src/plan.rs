@@ -23,9 +23,15 @@
 //!   places the new task beside the old one; stop-first stops the old one and places the
 //!   new one once it is gone.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    cell::Cell,
+    cmp::{Ordering, Reverse},
+    collections::{BTreeMap, BTreeSet},
+    rc::Rc,
+};
 
 use crate::{
+    index::Index,
     resources::{self, Short},
     spec::{Node, Placement, Resources, ServiceMode, UpdateConfig, UpdateOrder},
     task::{Slot, Task, TaskState},
@@ -143,69 +149,94 @@ pub(crate) enum Unfit {
     Constraint(usize),
 }
 
-/// The cluster's nodes by name, and those a task of `service` may run on.
-pub(crate) fn nodes_for<'a>(
-    cluster: &Cluster<'a>,
-    service: &Service,
-) -> (BTreeMap<&'a str, &'a Node>, BTreeSet<&'a str>) {
-    let nodes = cluster.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    let eligible = cluster
-        .nodes
-        .iter()
-        .filter(|n| unfit(n, service).is_none())
-        .map(|n| n.name.as_str())
-        .collect();
-    (nodes, eligible)
-}
+/// The nodes a task of a service may run on, by position in the index (ascending, so in
+/// name order).
+pub(crate) struct Eligible(pub(crate) Rc<Vec<usize>>);
 
-/// What each node's live tasks reserve, with `starting` (what this pass already places)
-/// on top.
-pub(crate) fn reserved_with<'a>(
-    cluster: &Cluster<'a>,
-    starting: &'a BTreeMap<String, Resources>,
-) -> BTreeMap<&'a str, Resources> {
-    let mut used = resources::reserved_by_node(cluster.tasks);
-    for (node, r) in starting {
-        let u = used.entry(node.as_str()).or_default();
-        *u = u.saturating_add(*r);
+impl Eligible {
+    /// Services that need the same driver under the same constraints share the answer (most
+    /// services of a cluster): one look at every node for them all.
+    pub(crate) fn of(index: &Index, service: &Service) -> Self {
+        let mut known = index.eligible.borrow_mut();
+        if let Some((_, _, e)) = known.iter().find(|(driver, constraints, _)| {
+            driver == service.driver && *constraints == service.placement.constraints
+        }) {
+            return Self(e.clone());
+        }
+        let e: Rc<Vec<usize>> = Rc::new(
+            (0..index.nodes.len())
+                .filter(|&i| unfit(index.nodes[i], service).is_none())
+                .collect(),
+        );
+        known.push((
+            service.driver.to_owned(),
+            service.placement.constraints.clone(),
+            e.clone(),
+        ));
+        Self(e)
     }
-    used
+
+    /// The position of `name` if it is eligible.
+    pub(crate) fn get(&self, index: &Index, name: &str) -> Option<usize> {
+        index
+            .position(name)
+            .filter(|i| self.0.binary_search(i).is_ok())
+    }
+
+    pub(crate) fn contains(&self, index: &Index, name: &str) -> bool {
+        self.get(index, name).is_some()
+    }
 }
 
-/// The plan of a service (not a job) with `starting` reserved on top of the view's live
-/// tasks.
+/// What each node's live tasks reserve, with what this pass has started so far on top: one
+/// for a whole pass, each service's starts added as they are placed (the next service is
+/// placed beside them).
+pub(crate) struct Usage {
+    pub(crate) used: Vec<Resources>,
+    /// A node's `left_ppm` for the last (used + want) it was asked with: two divisions per
+    /// node and slot otherwise, and most services reserve the same or nothing.
+    left: Vec<Cell<Option<(Resources, u64)>>>,
+}
+
+impl Usage {
+    pub(crate) fn new(used: Vec<Resources>) -> Self {
+        let left = vec![Cell::new(None); used.len()];
+        Self { used, left }
+    }
+
+    /// `want` more on node `i`.
+    pub(crate) fn add(&mut self, i: usize, want: Resources) {
+        self.used[i] = self.used[i].saturating_add(want);
+    }
+}
+
+/// The plan of a service (not a job), placed beside `usage`, which its starts are added to.
 pub(crate) fn plan_service(
     cluster: &Cluster,
+    index: &Index,
     service: &Service,
-    starting: &BTreeMap<String, Resources>,
+    usage: &mut Usage,
 ) -> Plan {
-    let (nodes, eligible) = nodes_for(cluster, service);
-    let ready = |node: &str| nodes.get(node).is_some_and(|n| n.ready);
-    // Tasks of other services still count as load on a node (the last tie-breaker).
-    let mut load: BTreeMap<&str, usize> = BTreeMap::new();
-    for t in cluster
-        .tasks
-        .iter()
-        .filter(|t| t.is_live() && ready(&t.node))
-    {
-        *load.entry(t.node.as_str()).or_default() += 1;
-    }
-    // What each node's live tasks reserve, this service's included: a task being replaced
-    // or stopped holds its reservation until it is gone.
-    let mut used = reserved_with(cluster, starting);
+    let eligible = Eligible::of(index, service);
+    let ready = |node: &str| index.ready(node);
     let room = Room {
-        nodes: &nodes,
+        nodes: &index.nodes,
         want: service.reservation,
     };
 
-    let mine: Vec<&Task> = cluster
-        .tasks
+    let mine: Vec<&Task> = index
+        .tasks_of(service.name)
         .iter()
-        .filter(|t| t.service == service.name && ready(&t.node))
+        .copied()
+        .filter(|t| ready(&t.node))
         .collect();
     let wanted: Vec<Slot> = match service.mode {
         ServiceMode::Replicated { replicas } => (1..=replicas).map(Slot::Replica).collect(),
-        ServiceMode::Global => eligible.iter().map(|n| Slot::Node(n.to_string())).collect(),
+        ServiceMode::Global => eligible
+            .0
+            .iter()
+            .map(|&i| Slot::Node(index.names[i].to_owned()))
+            .collect(),
         ServiceMode::ReplicatedJob { .. } | ServiceMode::GlobalJob => {
             unreachable!("jobs are planned by job::plan")
         }
@@ -230,7 +261,7 @@ pub(crate) fn plan_service(
                 (Slot::Replica(n), ServiceMode::Replicated { replicas }) => {
                     format!("scaled down: slot {n} is above replicas={replicas}")
                 }
-                (Slot::Node(_), ServiceMode::Global) => match nodes.get(t.node.as_str()) {
+                (Slot::Node(_), ServiceMode::Global) => match index.node(&t.node) {
                     Some(node) => format!(
                         "node {} is no longer eligible: {}",
                         t.node,
@@ -252,7 +283,7 @@ pub(crate) fn plan_service(
         t.holds_slot
             && t.state.is_terminal()
             && t.template == service.template
-            && eligible.contains(t.node.as_str())
+            && eligible.contains(index, &t.node)
             && wanted_set.contains(&t.slot)
             // As for live tasks above: a global slot is only ever filled on its own node (a
             // record naming another node's slot would have kept that slot here).
@@ -273,7 +304,8 @@ pub(crate) fn plan_service(
         .max_replicas_per_node
         .filter(|&m| m > 0)
         .map(|m| m as usize);
-    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    // Tasks of the service per node, by position.
+    let mut count: Vec<usize> = vec![0; index.nodes.len()];
     // First pass: slots that keep a task. A winner on a node already at the per-node limit
     // (the limit was lowered) is treated like one on an ineligible node.
     let mut outcome: BTreeMap<&Slot, Outcome> = BTreeMap::new();
@@ -282,10 +314,10 @@ pub(crate) fn plan_service(
         tasks.sort_by(|a, b| {
             let key = |t: &Task| {
                 (
-                    !eligible.contains(t.node.as_str()),
+                    !eligible.contains(index, &t.node),
                     !current(t),
                     t.state != TaskState::Running,
-                    std::cmp::Reverse(t.created_ms),
+                    Reverse(t.created_ms),
                     t.node.clone(),
                     t.id.clone(),
                 )
@@ -295,34 +327,41 @@ pub(crate) fn plan_service(
         // The best task on a node that may hold it. Taking the best task overall and giving
         // up when its node is full was a loop: the slot was started elsewhere, but the task
         // on the full node (ranked first) won again next round, and again a copy started.
-        let winner = tasks.iter().copied().find(|w| {
-            eligible.contains(w.node.as_str())
-                && limit.is_none_or(|l| count.get(w.node.as_str()).copied().unwrap_or(0) < l)
+        let winner = tasks.iter().copied().find_map(|w| {
+            eligible
+                .get(index, &w.node)
+                .filter(|&i| limit.is_none_or(|l| count[i] < l))
+                .map(|i| (w, i))
         });
         match winner {
-            Some(w) if current(w) => {
-                *count.entry(w.node.as_str()).or_default() += 1;
+            Some((w, i)) if current(w) => {
+                count[i] += 1;
                 outcome.insert(slot, Outcome::Kept(w, tasks));
             }
-            Some(w) => {
+            Some((w, i)) => {
                 // An outdated winner occupies its node like a current one: counted only
                 // after the rolling pass below, later slots passed the limit check above on a
                 // node it already filled, and more slots than the limit stayed on that node.
-                *count.entry(w.node.as_str()).or_default() += 1;
+                count[i] += 1;
                 outcome.insert(slot, Outcome::Outdated(w, tasks));
             }
-            None => match held.get(slot) {
-                Some(h)
-                    if limit
-                        .is_none_or(|l| count.get(h.node.as_str()).copied().unwrap_or(0) < l) =>
-                {
-                    *count.entry(h.node.as_str()).or_default() += 1;
-                    outcome.insert(slot, Outcome::Held(h, tasks));
+            None => {
+                let at = held.get(slot).and_then(|h| {
+                    eligible
+                        .get(index, &h.node)
+                        .filter(|&i| limit.is_none_or(|l| count[i] < l))
+                        .map(|i| (*h, i))
+                });
+                match at {
+                    Some((h, i)) => {
+                        count[i] += 1;
+                        outcome.insert(slot, Outcome::Held(h, tasks));
+                    }
+                    None => {
+                        outcome.insert(slot, Outcome::Place(tasks));
+                    }
                 }
-                _ => {
-                    outcome.insert(slot, Outcome::Place(tasks));
-                }
-            },
+            }
         }
     }
 
@@ -340,17 +379,18 @@ pub(crate) fn plan_service(
     // A slot that cannot be placed is not in flight: counting it would stall the update
     // behind a slot that only says why it is pending. A global slot has one node to go to,
     // so it is placeable only there (another node's room says nothing about it).
-    let fits = |n: &str| {
-        limit.is_none_or(|l| count.get(n).copied().unwrap_or(0) < l) && room.fits(&used, n)
-    };
-    let placeable = |slot: &Slot| match slot {
-        Slot::Node(n) => eligible.get(n.as_str()).is_some_and(|n| fits(n)),
-        Slot::Replica(_) => eligible.iter().any(|n| fits(n)),
+    let fits =
+        |i: usize, count: &[usize]| limit.is_none_or(|l| count[i] < l) && room.fits(&usage.used, i);
+    let placeable = |slot: &Slot, count: &[usize]| match slot {
+        Slot::Node(n) => eligible.get(index, n).is_some_and(|i| fits(i, count)),
+        Slot::Replica(_) => eligible.0.iter().any(|&i| fits(i, count)),
     };
     // A slot with no live task but a past is in flight too: the gap of stop-first, or a new
     // task that failed and awaits its restart (counting neither let the next slot go while
-    // this one was down).
-    let newest_outdated = |slot: &Slot| placeable(slot) && mine.iter().any(|t| t.slot == *slot);
+    // this one was down). Its past is looked at first: finding one is cheap, finding room
+    // may look at every node.
+    let newest_outdated =
+        |slot: &Slot| mine.iter().any(|t| t.slot == *slot) && placeable(slot, &count);
     let any_outdated = outcome.values().any(|o| matches!(o, Outcome::Outdated(..)));
     let in_flight = outcome
         .iter()
@@ -375,8 +415,8 @@ pub(crate) fn plan_service(
                 // Stop-first: the old task holds its node until it is gone.
                 if update.order == UpdateOrder::StopFirst && w.state == TaskState::Running {
                     stop_first.insert(slot, w);
-                } else if let Some(c) = count.get_mut(w.node.as_str()) {
-                    *c -= 1;
+                } else if let Some(i) = index.position(&w.node) {
+                    count[i] -= 1;
                 }
                 outcome.insert(slot, Outcome::Place(tasks));
             } else {
@@ -386,6 +426,7 @@ pub(crate) fn plan_service(
     }
 
     let mut slots = Vec::with_capacity(wanted.len());
+    let mut tied = Tied::default();
     for slot in &wanted {
         let placement = match outcome
             .remove(slot)
@@ -430,21 +471,28 @@ pub(crate) fn plan_service(
             Outcome::Place(others) => {
                 let choice = match slot {
                     Slot::Node(n) => eligible
-                        .get(n.as_str())
-                        .copied()
-                        .filter(|n| room.fits(&used, n)),
-                    Slot::Replica(_) => pick(
-                        &eligible, &nodes, &count, &load, limit, service, slot, &room, &used,
-                    ),
+                        .get(index, n)
+                        .filter(|&i| room.fits(&usage.used, i)),
+                    Slot::Replica(_) => Placer {
+                        index,
+                        eligible: &eligible,
+                        count: &count,
+                        load: &index.load,
+                        limit,
+                        service,
+                        room: &room,
+                        usage: &*usage,
+                    }
+                    .pick(slot, &mut tied),
                 };
                 match choice {
-                    Some(node) => {
-                        *count.entry(node).or_default() += 1;
-                        let u = used.entry(node).or_default();
-                        *u = u.saturating_add(service.reservation);
+                    Some(i) => {
+                        count[i] += 1;
+                        usage.add(i, service.reservation);
+                        tied.taken(i);
                         // Tasks being replaced keep serving until the new one runs.
                         SlotPlacement::Start {
-                            node: node.to_owned(),
+                            node: index.names[i].to_owned(),
                         }
                     }
                     None => {
@@ -452,11 +500,18 @@ pub(crate) fn plan_service(
                         // anyway (drain means stop), as Swarm does.
                         // A global slot has one node to go to: the reason is about it.
                         let candidates: Vec<&Node> = match slot {
-                            Slot::Node(n) => nodes.get(n.as_str()).copied().into_iter().collect(),
+                            Slot::Node(n) => index.node(n).into_iter().collect(),
                             Slot::Replica(_) => cluster.nodes.iter().collect(),
                         };
-                        let reason =
-                            no_suitable_node(&candidates, service, limit, &count, &room, &used);
+                        let reason = no_suitable_node(
+                            index,
+                            &candidates,
+                            service,
+                            limit,
+                            &count,
+                            &room,
+                            &usage.used,
+                        );
                         for t in others {
                             stop(&mut stops, t, reason.clone());
                         }
@@ -513,100 +568,216 @@ pub(crate) fn retire(stops: &mut Vec<Stop>, winner: &Task, tasks: &[&Task], slot
     }
 }
 
-/// A service's reservation against the nodes' capacities.
+/// A service's reservation against the nodes' capacities (nodes by position).
 pub(crate) struct Room<'a> {
-    pub(crate) nodes: &'a BTreeMap<&'a str, &'a Node>,
+    pub(crate) nodes: &'a [&'a Node],
     pub(crate) want: Resources,
 }
 
 impl Room<'_> {
-    fn capacity(&self, node: &str) -> Resources {
-        self.nodes.get(node).map(|n| n.capacity).unwrap_or_default()
+    fn short(&self, used: &[Resources], i: usize) -> Option<Short> {
+        resources::short(self.nodes[i].capacity, used[i], self.want)
     }
-    fn used(used: &BTreeMap<&str, Resources>, node: &str) -> Resources {
-        used.get(node).copied().unwrap_or_default()
+    pub(crate) fn fits(&self, used: &[Resources], i: usize) -> bool {
+        self.short(used, i).is_none()
     }
-    fn short(&self, used: &BTreeMap<&str, Resources>, node: &str) -> Option<Short> {
-        resources::short(self.capacity(node), Self::used(used, node), self.want)
-    }
-    pub(crate) fn fits(&self, used: &BTreeMap<&str, Resources>, node: &str) -> bool {
-        self.short(used, node).is_none()
-    }
-    fn left_ppm(&self, used: &BTreeMap<&str, Resources>, node: &str) -> u64 {
-        resources::left_ppm(self.capacity(node), Self::used(used, node), self.want)
-    }
-}
-
-/// The eligible node a new task of `slot` goes to, or None.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn pick<'a>(
-    eligible: &BTreeSet<&'a str>,
-    nodes: &BTreeMap<&str, &Node>,
-    count: &BTreeMap<&str, usize>,
-    load: &BTreeMap<&str, usize>,
-    limit: Option<usize>,
-    service: &Service,
-    slot: &Slot,
-    room: &Room,
-    used: &BTreeMap<&str, Resources>,
-) -> Option<&'a str> {
-    let prefs = &service.placement.preferences;
-    // Per preference level, how many of the service's tasks each group (the values of the
-    // labels down to that level) holds.
-    let group = |node: &str, level: usize| -> Vec<String> {
-        prefs[..=level]
-            .iter()
-            .map(|p| {
-                nodes
-                    .get(node)
-                    .and_then(|n| n.labels.get(&p.label))
-                    .cloned()
-                    .unwrap_or_default()
-            })
-            .collect()
-    };
-    let mut group_count: Vec<BTreeMap<Vec<String>, usize>> = vec![BTreeMap::new(); prefs.len()];
-    for (node, n) in count {
-        for (level, counts) in group_count.iter_mut().enumerate() {
-            *counts.entry(group(node, level)).or_default() += n;
+    fn left_ppm(&self, usage: &Usage, i: usize) -> u64 {
+        let capacity = self.nodes[i].capacity;
+        if capacity.nano_cpus == 0 && capacity.memory_bytes == 0 {
+            // Nothing advertised: everything left, whatever is used.
+            return 1_000_000;
         }
+        let after = usage.used[i].saturating_add(self.want);
+        if let Some((at, left)) = usage.left[i].get()
+            && at == after
+        {
+            return left;
+        }
+        let left = resources::left_ppm(capacity, usage.used[i], self.want);
+        usage.left[i].set(Some((after, left)));
+        left
     }
-    eligible
-        .iter()
-        .copied()
-        .filter(|n| limit.is_none_or(|l| count.get(n).copied().unwrap_or(0) < l))
-        .filter(|n| room.fits(used, n))
-        .min_by_key(|n| {
-            let groups: Vec<usize> = (0..prefs.len())
-                .map(|level| {
-                    group_count[level]
-                        .get(&group(n, level))
-                        .copied()
-                        .unwrap_or(0)
-                })
-                .collect();
-            (
-                groups,
-                count.get(n).copied().unwrap_or(0),
-                std::cmp::Reverse(room.left_ppm(used, n)),
-                load.get(n).copied().unwrap_or(0),
-                rendezvous(service.name, slot, n),
-            )
-        })
 }
 
-/// FNV-1a over (service, slot, node): stable across builds and platforms, so every node
-/// breaks ties the same way, and different slots prefer different nodes.
-fn rendezvous(service: &str, slot: &Slot, node: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in service
-        .bytes()
-        .chain([0])
-        .chain(slot.to_string().into_bytes())
-        .chain([0])
-        .chain(node.bytes())
-    {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+/// Where a new task of a replicated slot goes: the eligible node with room, ranked by the
+/// spread preferences' groups, the service's tasks there, what it has left, its load, then
+/// the slot's hash of it (see the module docs).
+pub(crate) struct Placer<'x, 'a> {
+    pub(crate) index: &'x Index<'a>,
+    pub(crate) eligible: &'x Eligible,
+    pub(crate) count: &'x [usize],
+    /// Every service's live tasks by position; a job ranks without it (empty).
+    pub(crate) load: &'x [usize],
+    pub(crate) limit: Option<usize>,
+    pub(crate) service: &'x Service<'x>,
+    pub(crate) room: &'x Room<'x>,
+    pub(crate) usage: &'x Usage,
+}
+
+/// A node's rank for a slot but the hash: the spread groups' counts (None without spread
+/// preferences), the service's tasks there, what it has left, its load. Lower is better.
+type Rank = (Option<Vec<usize>>, usize, Reverse<u64>, usize);
+
+/// The nodes that tied on rank for the last slot placed, while they still tie for the next.
+/// Placing a task changes only its node's rank — more of the service's tasks, less left —
+/// and only for the worse, so the other tied nodes are still the best for the next slot of
+/// the same service: its first slot ranks every node, the others only hash the tied ones.
+/// Spread preferences rank by group, which the placed task changes for every node of its
+/// group: with them, every slot ranks every node.
+#[derive(Default)]
+pub(crate) struct Tied {
+    nodes: Vec<usize>,
+    valid: bool,
+}
+
+impl Tied {
+    /// Node `i` took the slot (its count and usage have been updated).
+    pub(crate) fn taken(&mut self, i: usize) {
+        self.nodes.retain(|&n| n != i);
+        self.valid &= !self.nodes.is_empty();
+    }
+}
+
+impl Placer<'_, '_> {
+    /// The position of the node, or None. `tied` carries the ranking over from the
+    /// service's previous slot (see [`Tied`]); nothing but [`Tied::taken`]'s node may have
+    /// changed since.
+    pub(crate) fn pick(&self, slot: &Slot, tied: &mut Tied) -> Option<usize> {
+        if !tied.valid {
+            self.rank(tied);
+        }
+        let tied = &tied.nodes;
+        if tied.len() <= 1 {
+            return tied.first().copied();
+        }
+        // The lowest hash; of equal ones the first by name, as a minimum over the nodes in
+        // name order would give.
+        let prefix = self.index.common_prefix;
+        let seed = fnv(
+            rendezvous_seed(self.service.name, slot),
+            self.index.names[tied[0]].as_bytes()[..prefix]
+                .iter()
+                .copied(),
+        );
+        let rest = |i: usize| &self.index.names[i].as_bytes()[prefix..];
+        let mut winner: Option<(u64, usize)> = None;
+        let mut consider = |hash: u64, i: usize| {
+            if winner.is_none_or(|(h, _)| hash < h) {
+                winner = Some((hash, i));
+            }
+        };
+        let mut chunks = tied.chunks_exact(4);
+        for c in &mut chunks {
+            let names = [c[0], c[1], c[2], c[3]].map(rest);
+            for (hash, i) in fnv_of_four(seed, names).into_iter().zip(c) {
+                consider(hash, *i);
+            }
+        }
+        for &i in chunks.remainder() {
+            consider(fnv(seed, rest(i).iter().copied()), i);
+        }
+        winner.map(|(_, i)| i)
+    }
+
+    /// The eligible nodes with room that share the best rank but the hash, in name order.
+    fn rank(&self, out: &mut Tied) {
+        let prefs = &self.service.placement.preferences;
+        let index = self.index;
+        // Per preference level, how many of the service's tasks each group (the values of
+        // the labels down to that level) holds.
+        let group = |i: usize, level: usize| -> Vec<&str> {
+            prefs[..=level]
+                .iter()
+                .map(|p| {
+                    index.nodes[i]
+                        .labels
+                        .get(&p.label)
+                        .map_or("", String::as_str)
+                })
+                .collect()
+        };
+        let mut group_count: Vec<BTreeMap<Vec<&str>, usize>> = vec![BTreeMap::new(); prefs.len()];
+        if !prefs.is_empty() {
+            for (i, &n) in self.count.iter().enumerate().filter(|(_, n)| **n > 0) {
+                for (level, counts) in group_count.iter_mut().enumerate() {
+                    *counts.entry(group(i, level)).or_default() += n;
+                }
+            }
+        }
+        // The best rank but the hash, and every node that has it, in name order: most
+        // nodes lose on the rank, and only the tied ones are worth a hash.
+        let mut best: Option<Rank> = None;
+        let mut tied: Vec<usize> = Vec::new();
+        for &i in self.eligible.0.iter() {
+            let count = self.count[i];
+            if self.limit.is_some_and(|l| count >= l) || !self.room.fits(&self.usage.used, i) {
+                continue;
+            }
+            // None without preferences: the same order, without a vector per node.
+            let groups: Option<Vec<usize>> = (!prefs.is_empty()).then(|| {
+                (0..prefs.len())
+                    .map(|level| {
+                        group_count[level]
+                            .get(&group(i, level))
+                            .copied()
+                            .unwrap_or(0)
+                    })
+                    .collect()
+            });
+            let rank = (
+                groups,
+                count,
+                Reverse(self.room.left_ppm(self.usage, i)),
+                self.load.get(i).copied().unwrap_or(0),
+            );
+            match best.as_ref().map(|b| rank.cmp(b)) {
+                Some(Ordering::Greater) => {}
+                Some(Ordering::Equal) => tied.push(i),
+                None | Some(Ordering::Less) => {
+                    best = Some(rank);
+                    tied.clear();
+                    tied.push(i);
+                }
+            }
+        }
+        *out = Tied {
+            valid: prefs.is_empty(),
+            nodes: tied,
+        };
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn fnv(mut h: u64, bytes: impl IntoIterator<Item = u8>) -> u64 {
+    for b in bytes {
+        h = (h ^ b as u64).wrapping_mul(FNV_PRIME);
+    }
+    h
+}
+
+/// FNV-1a over (service, slot, node) — stable across builds and platforms, so every node
+/// breaks ties the same way, and different slots prefer different nodes — here over
+/// (service, slot) alone, to go on from over each node's name.
+fn rendezvous_seed(service: &str, slot: &Slot) -> u64 {
+    let h = fnv(FNV_OFFSET, service.bytes().chain([0]));
+    fnv(h, slot.to_string().into_bytes().into_iter().chain([0]))
+}
+
+/// [`fnv`] from `seed` over four names at once: four independent multiply chains keep the
+/// CPU busy where one waits on each multiply (a fresh placement hashes every node for
+/// every slot). Names of one length, as a cluster's usually are, go in lockstep.
+fn fnv_of_four(seed: u64, names: [&[u8]; 4]) -> [u64; 4] {
+    let len = names[0].len();
+    if names.iter().any(|n| n.len() != len) {
+        return names.map(|n| fnv(seed, n.iter().copied()));
+    }
+    let mut h = [seed; 4];
+    for b in 0..len {
+        for (h, n) in h.iter_mut().zip(names) {
+            *h = (*h ^ n[b] as u64).wrapping_mul(FNV_PRIME);
+        }
     }
     h
 }
@@ -625,12 +796,13 @@ pub(crate) fn describe_unfit(node: &Node, service: &Service) -> String {
 
 /// Swarm's "no suitable node" message, from which filter turned how many nodes away.
 pub(crate) fn no_suitable_node(
+    index: &Index,
     nodes: &[&Node],
     service: &Service,
     limit: Option<usize>,
-    count: &BTreeMap<&str, usize>,
+    count: &[usize],
     room: &Room,
-    used: &BTreeMap<&str, Resources>,
+    used: &[Resources],
 ) -> String {
     let total = nodes.len();
     let mut by: BTreeMap<Unfit, usize> = BTreeMap::new();
@@ -642,9 +814,9 @@ pub(crate) fn no_suitable_node(
             Some(u) => *by.entry(u).or_default() += 1,
             None => {
                 fit.push(n);
-                let at_limit =
-                    limit.is_some_and(|l| count.get(n.name.as_str()).copied().unwrap_or(0) >= l);
-                match room.short(used, &n.name) {
+                let at = index.position(&n.name);
+                let at_limit = limit.is_some_and(|l| at.map_or(0, |i| count[i]) >= l);
+                match at.and_then(|i| room.short(used, i)) {
                     // The per-node limit is the first filter the node fails.
                     _ if at_limit => full += 1,
                     Some(s) => *short.entry(s).or_default() += 1,

@@ -1,17 +1,17 @@
 //! Where a plan starts: services and jobs are planned by their own rules, and one pass plans
 //! every service so reservations are shared out the same way on every node.
 
-use std::collections::BTreeMap;
-
 use crate::{
+    index::Index,
     job,
-    plan::{Cluster, Plan, Service, SlotPlacement, plan_service},
-    spec::Resources,
+    plan::{Cluster, Plan, Service, Usage, plan_service},
 };
 
 /// The plan of one service, from the view alone.
 pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
-    plan_beside(cluster, service, &BTreeMap::new())
+    let index = Index::new(cluster.nodes, cluster.tasks);
+    let mut usage = Usage::new(index.reserved(cluster.tasks));
+    plan_beside(cluster, &index, service, &mut usage)
 }
 
 /// The plans of every service, as one orchestration pass carries them out: in name order,
@@ -22,20 +22,13 @@ pub fn plan(cluster: &Cluster, service: &Service) -> Plan {
 pub fn plan_all(cluster: &Cluster, services: &[Service]) -> Vec<Plan> {
     let mut order: Vec<usize> = (0..services.len()).collect();
     order.sort_by_key(|&i| (services[i].name, i));
-    let mut starting: BTreeMap<String, Resources> = BTreeMap::new();
+    // Indexed once for every service: each service's starts are added to the usage as they
+    // are placed, so the next is placed beside them.
+    let index = Index::new(cluster.nodes, cluster.tasks);
+    let mut usage = Usage::new(index.reserved(cluster.tasks));
     let mut plans: Vec<Option<Plan>> = vec![None; services.len()];
     for i in order {
-        let service = &services[i];
-        let plan = plan_beside(cluster, service, &starting);
-        if !service.reservation.is_zero() {
-            for s in &plan.slots {
-                if let SlotPlacement::Start { node } = &s.placement {
-                    let r = starting.entry(node.clone()).or_default();
-                    *r = r.saturating_add(service.reservation);
-                }
-            }
-        }
-        plans[i] = Some(plan);
+        plans[i] = Some(plan_beside(cluster, &index, &services[i], &mut usage));
     }
     plans
         .into_iter()
@@ -43,15 +36,12 @@ pub fn plan_all(cluster: &Cluster, services: &[Service]) -> Vec<Plan> {
         .collect()
 }
 
-/// [`plan`] with `starting` reserved on top of the view's live tasks.
-fn plan_beside(
-    cluster: &Cluster,
-    service: &Service,
-    starting: &BTreeMap<String, Resources>,
-) -> Plan {
+/// [`plan`] beside `usage` (the view's live tasks and what this pass started so far),
+/// adding the service's starts to it.
+fn plan_beside(cluster: &Cluster, index: &Index, service: &Service, usage: &mut Usage) -> Plan {
     if service.mode.is_job() {
-        job::plan(cluster, service, starting)
+        job::plan(cluster, index, service, usage)
     } else {
-        plan_service(cluster, service, starting)
+        plan_service(cluster, index, service, usage)
     }
 }

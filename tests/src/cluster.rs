@@ -816,10 +816,14 @@ pub fn cgroup_bases() -> Vec<PathBuf> {
 }
 
 /// Path of a binary of this workspace, built once per test process so `cargo test` alone is
-/// enough.
+/// enough. `MESH_BIN_DIR` names a directory of binaries built elsewhere instead (a
+/// benchmark of an older build beside the current one): nothing is built then.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("MESH_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (xtask)
         let mut dir = exe.parent().expect("target directory").to_owned();

@@ -24,7 +24,7 @@ impl Agent {
                 .ok_or_else(|| Error::NotFound(format!("network {network} not found")))?;
             let (subnet, gateway) = (net.spec.subnet, net.spec.gateway);
             let claimed = view.blocks.get(network).cloned().unwrap_or_default();
-            let settle_ms = self.config.settle_ms;
+            let settle_ms = self.settle_time().as_millis() as u64;
             let now = Clock::now_ms();
             let mine: Vec<u32> = claimed
                 .iter()
@@ -85,7 +85,7 @@ impl Agent {
                     Some(serde_json::to_string(&claim).context("encoding block claim")?),
                 )])
                 .await;
-            tokio::time::sleep(self.config.settle()).await;
+            tokio::time::sleep(self.settle_time()).await;
         }
         Err(Error::Internal(anyhow::anyhow!(
             "could not allocate an address on network {network}: block claims kept conflicting"

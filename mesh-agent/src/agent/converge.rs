@@ -7,6 +7,54 @@ use anyhow::{Context, Result};
 use tracing::{info, warn};
 
 use super::{Agent, Local};
+
+/// Which networks task starts underway need (pinned), and which the last convergence left
+/// plumbed (ready). A start pins its networks and, when they are ready, builds its task
+/// without the convergence lock: tasks start side by side and beside a convergence pass.
+/// Convergence keeps pinned networks and, before it unplumbs any network, takes it out of
+/// ready under the same lock a start checks it under, so a start either sees it going (and
+/// plumbs it again under the convergence lock) or has pinned it first (and it stays).
+#[derive(Default)]
+pub(crate) struct Plumbed {
+    pinned: BTreeMap<String, usize>,
+    ready: BTreeSet<String>,
+}
+
+/// A start's hold on its networks; released when dropped.
+pub(crate) struct Pin<'a> {
+    plumbed: &'a std::sync::Mutex<Plumbed>,
+    networks: Vec<String>,
+}
+
+impl<'a> Pin<'a> {
+    /// Pins `networks`; also says whether all of them are plumbed.
+    pub(crate) fn new(plumbed: &'a std::sync::Mutex<Plumbed>, networks: &[&str]) -> (Self, bool) {
+        let mut p = plumbed.lock().expect("plumbed lock");
+        for n in networks {
+            *p.pinned.entry((*n).to_owned()).or_default() += 1;
+        }
+        let ready = networks.iter().all(|n| p.ready.contains(*n));
+        let pin = Self {
+            plumbed,
+            networks: networks.iter().map(|n| (*n).to_owned()).collect(),
+        };
+        (pin, ready)
+    }
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        let mut p = self.plumbed.lock().expect("plumbed lock");
+        for n in &self.networks {
+            if let Some(c) = p.pinned.get_mut(n) {
+                *c -= 1;
+                if *c == 0 {
+                    p.pinned.remove(n);
+                }
+            }
+        }
+    }
+}
 use crate::{
     cluster::{AttachmentRecord, View, key, mac_for_ip},
     overlay::{
@@ -52,7 +100,7 @@ impl Agent {
     }
 
     /// This node's own addresses, per network, as published in gossip.
-    async fn own_attachments(&self) -> BTreeMap<String, AttachmentRecord> {
+    pub(crate) async fn own_attachments(&self) -> BTreeMap<String, AttachmentRecord> {
         self.gossip
             .own_keys()
             .await
@@ -75,7 +123,19 @@ impl Agent {
         let Some(local) = self.local() else {
             return Ok(());
         };
-        let wanted = self.wanted_networks(local, view, extra);
+        let wanted = {
+            let mut plumbed = local.plumbed.lock().expect("plumbed lock");
+            let mut wanted = self.wanted_networks(local, view, extra);
+            wanted.extend(
+                plumbed
+                    .pinned
+                    .keys()
+                    .filter(|n| view.networks.contains_key(*n))
+                    .cloned(),
+            );
+            plumbed.ready.retain(|n| wanted.contains(n));
+            wanted
+        };
         let mut attachments = self.own_attachments().await;
         let mut changes: Vec<(String, Option<String>)> = Vec::new();
         for (net, att) in &attachments {
@@ -85,6 +145,9 @@ impl Agent {
             }
         }
         attachments.retain(|n, _| wanted.contains(n));
+        // Released once written: until gossip has them, only the reservation keeps a task
+        // starting beside this pass from being given the same address.
+        let mut reserved = Vec::new();
         for net in &wanted {
             if attachments.contains_key(net) {
                 continue;
@@ -102,7 +165,7 @@ impl Agent {
                         Some(serde_json::to_string(&att)?),
                     ));
                     attachments.insert(net.clone(), att);
-                    self.release(net, ip).await;
+                    reserved.push((net.clone(), ip));
                 }
                 Err(e) => warn!(
                     network = net,
@@ -113,6 +176,9 @@ impl Agent {
         if !changes.is_empty() {
             self.gossip.write(changes).await;
         }
+        for (net, ip) in reserved {
+            self.release(&net, ip).await;
+        }
 
         let desired = self.desired_overlay(local, view, &attachments);
         let done = local
@@ -120,6 +186,8 @@ impl Agent {
             .reconcile(&desired)
             .await
             .context("reconciling the overlay")?;
+        local.plumbed.lock().expect("plumbed lock").ready =
+            desired.networks.iter().map(|n| n.name.clone()).collect();
         // A re-created bridge lost its ports: put running tasks back on it.
         if done.iter().any(|c| matches!(c, Change::LinkCreated(_))) {
             let n = local.tasks.reattach_all().await?;
@@ -200,7 +268,19 @@ impl Agent {
         view: &View,
         network: &str,
     ) -> Option<NetworkPlumbing> {
-        let att = self.own_attachments().await.remove(network)?;
+        let own = self.own_attachments().await;
+        self.plumbing_of(local, view, &own, network)
+    }
+
+    /// [`Agent::plumbing`] from this node's attachments as already read.
+    pub(crate) fn plumbing_of(
+        &self,
+        local: &Local,
+        view: &View,
+        own: &BTreeMap<String, AttachmentRecord>,
+        network: &str,
+    ) -> Option<NetworkPlumbing> {
+        let att = own.get(network)?;
         let n = view.networks.get(network)?;
         Some(NetworkPlumbing {
             name: network.to_owned(),

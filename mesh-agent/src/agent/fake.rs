@@ -86,6 +86,10 @@ pub(super) enum What {
     Prefetched {
         image: String,
     },
+    /// A task's image is here (pulled for it).
+    Pulled {
+        image: String,
+    },
 }
 
 impl Event {
@@ -101,6 +105,10 @@ impl Event {
 
 type Script = Box<dyn FnMut(&str, &str, &TaskTemplate) -> Run + Send>;
 type Probe = Box<dyn FnMut(&str, &str) -> Result<(), String> + Send>;
+/// How long a start takes, from (node, task name, template).
+type StartTakes = Box<dyn FnMut(&str, &str, &TaskTemplate) -> Duration + Send>;
+/// How long a pull takes, from (node, image).
+type PullTakes = Box<dyn FnMut(&str, &str) -> Duration + Send>;
 
 /// What every node's gossip holds, and how the cluster is wired.
 #[derive(Default)]
@@ -130,6 +138,8 @@ struct Shared {
     gossip: Mutex<Gossip>,
     script: Mutex<Script>,
     probe: Mutex<Probe>,
+    start_takes: Mutex<StartTakes>,
+    pull_takes: Mutex<PullTakes>,
 }
 
 impl Shared {
@@ -205,6 +215,8 @@ impl FakeCluster {
             gossip: Mutex::default(),
             script: Mutex::new(Box::new(|_, _, _| Run::Serve)),
             probe: Mutex::new(Box::new(|_, _| Ok(()))),
+            start_takes: Mutex::new(Box::new(|_, _, _| Duration::ZERO)),
+            pull_takes: Mutex::new(Box::new(|_, _| Duration::ZERO)),
         });
         let nodes = names
             .iter()
@@ -224,6 +236,25 @@ impl FakeCluster {
     /// Decides what each health probe says, from (node, task name).
     pub fn probe(&self, f: impl FnMut(&str, &str) -> Result<(), String> + Send + 'static) {
         *self.shared.probe.lock().unwrap() = Box::new(f);
+    }
+
+    /// Decides how long each start takes (the process is up at its end), from (node, task
+    /// name, template). Instant unless set.
+    pub fn start_takes(
+        &self,
+        f: impl FnMut(&str, &str, &TaskTemplate) -> Duration + Send + 'static,
+    ) {
+        *self.shared.start_takes.lock().unwrap() = Box::new(f);
+    }
+
+    /// Decides how long pulling an image for a task takes, from (node, image).
+    pub fn pull_takes(&self, f: impl FnMut(&str, &str) -> Duration + Send + 'static) {
+        *self.shared.pull_takes.lock().unwrap() = Box::new(f);
+    }
+
+    /// The most starts `node`'s runtime had underway at once.
+    pub fn most_starts_at_once(&self, node: &str) -> usize {
+        self.nodes.lock().unwrap()[node].starting.lock().unwrap().1
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -428,6 +459,8 @@ pub(super) struct FakeNode {
     drains: Drains,
     processes: Mutex<BTreeMap<String, Process>>,
     next_ip: Mutex<u8>,
+    /// Starts underway, and the most there were at once.
+    starting: Mutex<(usize, usize)>,
 }
 
 impl FakeNode {
@@ -440,6 +473,7 @@ impl FakeNode {
             drains: Drains::default(),
             processes: Mutex::default(),
             next_ip: Mutex::new(2),
+            starting: Mutex::default(),
         })
     }
 
@@ -560,7 +594,33 @@ impl NodeRuntime for FakeNode {
         })
     }
 
+    async fn pull(&self, image: &str) -> Result<(), String> {
+        let takes = (*self.shared.pull_takes.lock().unwrap())(&self.name, image);
+        if !takes.is_zero() {
+            tokio::time::sleep(takes).await;
+        }
+        self.shared.log(
+            &self.name,
+            "",
+            What::Pulled {
+                image: image.to_owned(),
+            },
+        );
+        Ok(())
+    }
+
     async fn start_process(&self, _view: &View, task: TaskStart<'_>) -> Result<Started, String> {
+        let takes =
+            (*self.shared.start_takes.lock().unwrap())(&self.name, task.name, task.template);
+        if !takes.is_zero() {
+            {
+                let mut s = self.starting.lock().unwrap();
+                s.0 += 1;
+                s.1 = s.1.max(s.0);
+            }
+            tokio::time::sleep(takes).await;
+            self.starting.lock().unwrap().0 -= 1;
+        }
         let run = (*self.shared.script.lock().unwrap())(&self.name, task.name, task.template);
         let exit = match run {
             Run::Reject(why) => {

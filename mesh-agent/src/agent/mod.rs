@@ -82,8 +82,8 @@ pub struct Agent {
     ipam: Mutex<BTreeSet<(String, Ipv4Addr)>>,
     /// The node-local parts; `None` when the agent runs the control plane only.
     local: Option<Local>,
-    /// One kernel convergence at a time; also held while a task is set up so convergence
-    /// does not unplumb a network a new task is about to use.
+    /// One kernel convergence at a time; also held by a task start whose networks are not
+    /// plumbed yet, while it plumbs them (see `Local::plumbed` for the rest of a start).
     converging: Mutex<()>,
     /// The gossip state the current view was computed from: a refresh on an unchanged state
     /// (most API reads) reuses the view instead of merging every key again. Held from
@@ -100,6 +100,8 @@ pub struct Agent {
     dns_listeners: StdMutex<BTreeMap<String, (mesh_dns::ServeHandle, u64)>>,
     /// Service task starts and stops underway on this node.
     jobs: orchestrate::Jobs,
+    /// Image pulls underway, one lock per image (see `NodeRuntime::pull`).
+    pulls: StdMutex<BTreeMap<String, Arc<Mutex<()>>>>,
     /// Confirmed drains: how far every load balancer has let stopping tasks go.
     drains: drain::Drains,
     started: std::time::Instant,
@@ -142,6 +144,8 @@ pub struct Local {
     network_devices: Mutex<BTreeMap<String, u32>>,
     /// Task veths the client-address programs are attached to, as last attached.
     task_veths: Mutex<Vec<crate::dataplane::TaskVeth>>,
+    /// Networks task starts underway need, and those the last convergence plumbed.
+    plumbed: StdMutex<converge::Plumbed>,
 }
 
 impl Agent {
@@ -159,6 +163,7 @@ impl Agent {
                 gateway: n.gateway,
                 network_devices: Mutex::new(BTreeMap::new()),
                 task_veths: Mutex::new(Vec::new()),
+                plumbed: StdMutex::new(converge::Plumbed::default()),
             }),
             converging: Mutex::new(()),
             publishing: Mutex::new(None),
@@ -168,6 +173,7 @@ impl Agent {
             dns_last: StdMutex::new(None),
             dns_listeners: StdMutex::new(BTreeMap::new()),
             jobs: orchestrate::Jobs::default(),
+            pulls: StdMutex::new(BTreeMap::new()),
             drains: drain::Drains::default(),
             started: std::time::Instant::now(),
             shutdown: watch::channel(None).0,
@@ -438,8 +444,32 @@ impl Agent {
     /// Waits out the settle time, then recomputes: after this, a concurrent create on another
     /// node has reached us and the deterministic merge has picked a winner.
     async fn settle(&self) -> Arc<View> {
-        tokio::time::sleep(self.config.settle()).await;
+        tokio::time::sleep(self.settle_time()).await;
         self.refresh().await
+    }
+
+    /// How long a write waits for a concurrent one made on another node before it is final:
+    /// until news reaches every live node and theirs comes back. Each gossip round a node
+    /// pushes and pulls with 3 peers, so news reaches about 4 times as many nodes a round:
+    /// log4(live nodes) rounds there, as many back, and two rounds to spare — 400 ms for 3
+    /// nodes gossiping every 100 ms (a fixed second made every write of a small cluster
+    /// wait 1 s), 1.2 s for 1,000 (where a second was too short). `settle_ms` overrides it.
+    pub(crate) fn settle_time(&self) -> Duration {
+        if self.config.settle_ms > 0 {
+            return self.config.settle();
+        }
+        let live = self
+            .view()
+            .nodes
+            .values()
+            .filter(|n| n.status == mesh_api::spec::NodeStatus::Ready)
+            .count();
+        let (mut rounds, mut reached) = (0u32, 1usize);
+        while reached < live {
+            reached = reached.saturating_mul(4);
+            rounds += 1;
+        }
+        self.config.gossip_interval() * (2 * rounds.max(1) + 2)
     }
 
     pub(crate) async fn write_object<T: serde::Serialize>(

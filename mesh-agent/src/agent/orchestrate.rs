@@ -57,11 +57,29 @@ enum Ending {
     Failed(String),
 }
 
+/// How many task starts a node carries out at once. A start is mostly waiting — on the
+/// kernel (namespaces, links, addresses), on the process to exec, on gossip — so one at a
+/// time left the node idle while 100 tasks queued behind each other; an unbounded burst of
+/// 300 would make each start wait on all the others for the same two CPUs and the same
+/// netlink sockets. Pulling an image is not part of a start (see [`start`]).
+pub(crate) const START_CONCURRENCY: usize = 8;
+
 /// Task IDs with a start or stop underway on this node, and those whose health is watched.
-#[derive(Default)]
 pub(crate) struct Jobs {
     busy: std::sync::Mutex<BTreeSet<String>>,
     watched: std::sync::Mutex<BTreeSet<String>>,
+    /// One permit per start underway (after its image is here).
+    starts: tokio::sync::Semaphore,
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Self {
+            busy: Default::default(),
+            watched: Default::default(),
+            starts: tokio::sync::Semaphore::new(START_CONCURRENCY),
+        }
+    }
 }
 
 impl Jobs {
@@ -82,6 +100,13 @@ impl Jobs {
     }
     fn is_busy(&self, id: &str) -> bool {
         self.busy.lock().expect("jobs lock").contains(id)
+    }
+    /// Waits for a free start slot; the start holds it until its process is up.
+    async fn start_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.starts
+            .acquire()
+            .await
+            .expect("the start semaphore is never closed")
     }
 }
 
@@ -168,6 +193,9 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
     let own = rt.own_tasks().await;
     let nodes = view.planner_nodes();
     let plans = plans_at(view, &nodes, rt.now_ms());
+    // New tasks are recorded in one gossip write after the loop, then started: a record
+    // per write made every placement of 100 tasks 100 writes, each a new view to compute.
+    let mut placed: Vec<Task> = Vec::new();
     for (name, service) in &view.services {
         let Some(plan) = plans.get(name.as_str()) else {
             continue;
@@ -208,8 +236,7 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
                 reservation: service.spec.reservation(),
             };
             info!(task = %process_name(&task), "slot placed on this node; starting a task");
-            rt.publish_tasks(&[&task]).await;
-            spawn_start(rt, task);
+            placed.push(task);
         }
         if service
             .spec
@@ -231,6 +258,13 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
             {
                 spawn_start(rt, t.clone());
             }
+        }
+    }
+
+    if !placed.is_empty() {
+        rt.publish_tasks(&placed.iter().collect::<Vec<_>>()).await;
+        for task in placed {
+            spawn_start(rt, task);
         }
     }
 
@@ -515,8 +549,13 @@ fn spawn_start<R: NodeRuntime>(rt: &Arc<R>, task: Task) {
     });
 }
 
+/// Preparing (Swarm's state for it): the image is pulled, concurrently with every other
+/// task's pull and start — a registry's download takes as long as it takes and must not hold
+/// the node's other tasks. Then the start proper, one of [`START_CONCURRENCY`] at a time.
 async fn start<R: NodeRuntime>(rt: &R, mut t: Task) {
-    let view = rt.refresh().await;
+    // The view the pass placed the task from (recomputing it per start cost every start a
+    // merge of the whole gossip state while hundreds of records change).
+    let view = rt.view();
     let Some(service) = view.services.get(&t.service).map(|s| s.spec.clone()) else {
         return;
     };
@@ -528,6 +567,20 @@ async fn start<R: NodeRuntime>(rt: &R, mut t: Task) {
     t.not_before_ms = None;
     rt.publish_tasks(&[&t]).await;
     let name = process_name(&t);
+    if let Some(image) = &template.image
+        && let Err(why) = rt.pull(image).await
+    {
+        warn!(task = name, image, "task could not start: {why}");
+        task_ended(
+            rt,
+            &view,
+            t,
+            Ending::Rejected(format!("pull {image}: {why}")),
+        )
+        .await;
+        return;
+    }
+    let slot = rt.jobs().start_slot().await;
     // Swarm's templates ({{.Service.Name}}-{{.Task.Slot}}, …) are expanded here, on the node
     // the task starts on; they were checked when the service was created.
     let expanded = match template.expanded(&template_context(&view, &t, &name)) {
@@ -573,6 +626,8 @@ async fn start<R: NodeRuntime>(rt: &R, mut t: Task) {
             },
         )
         .await;
+    // Waiting for it to listen, or for its health check, is not a start's work.
+    drop(slot);
     match launched {
         Ok(_) if template.health.is_some() => {
             // Not a backend until its health check passes (the monitor publishes it).

@@ -81,6 +81,9 @@ pub(super) trait NodeRuntime: Send + Sync + 'static {
     fn record_service(&self, record: Replicated<ServiceSpec>) -> impl Future<Output = ()> + Send;
 
     fn process(&self, name: &str) -> Option<LocalProcess>;
+    /// Makes sure this node has `image`, pulling it if not; Err is the registry's reason.
+    /// Pulls of one image wait for each other, so its tasks download it once.
+    fn pull(&self, image: &str) -> impl Future<Output = Result<(), String>> + Send;
     /// Pulls an image in the background if this node lacks it (once per image at a time), so
     /// that an update's new tasks do not wait for it after the old ones stopped.
     fn prefetch(&self, image: &str);
@@ -210,6 +213,16 @@ impl NodeRuntime for Agent {
 
     fn prefetch(&self, image: &str) {
         crate::task::prefetch_image(image);
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), String> {
+        let one_image = {
+            let mut pulls = self.pulls.lock().expect("pulls lock");
+            pulls.retain(|_, m| Arc::strong_count(m) > 1);
+            pulls.entry(image.to_owned()).or_default().clone()
+        };
+        let _one_pull = one_image.lock().await;
+        crate::task::resolve_image(image).await
     }
 
     fn process(&self, name: &str) -> Option<LocalProcess> {

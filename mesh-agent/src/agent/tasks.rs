@@ -114,18 +114,24 @@ impl Agent {
             .networks
             .first()
             .ok_or_else(|| Error::Invalid(format!("task {} has no network", task.name)))?;
-        // Plumbing the networks and creating the task happen under the convergence lock so
-        // a concurrent convergence cannot unplumb a network in between.
-        let _converging = self.converging.lock().await;
-        self.converge_locked(view, Some(first)).await?;
+        // Pinned, a network stays plumbed until the task is created (then the task keeps
+        // it): convergence may run beside the rest of the start, and so may other starts.
+        let (_pin, ready) = super::converge::Pin::new(&local.plumbed, &task.networks);
+        if !ready {
+            let _converging = self.converging.lock().await;
+            self.converge_locked(view, Some(first)).await?;
+        }
+        let own = self.own_attachments().await;
         let mut plumbed = Vec::new();
         for network in &task.networks {
-            let plumbing = self.plumbing(local, view, network).await.ok_or_else(|| {
-                Error::Internal(anyhow::anyhow!(
-                    "network {network} could not be plumbed on this node (no address for the \
-                     node yet)"
-                ))
-            })?;
+            let plumbing = self
+                .plumbing_of(local, view, &own, network)
+                .ok_or_else(|| {
+                    Error::Internal(anyhow::anyhow!(
+                        "network {network} could not be plumbed on this node (no address for \
+                         the node yet)"
+                    ))
+                })?;
             plumbed.push(plumbing);
         }
         let mut addresses: Vec<(&str, std::net::Ipv4Addr)> = Vec::new();

@@ -50,13 +50,13 @@ pub enum Target {
     Failover,
     /// mesh-dns against dnsmasq, both serving the same names, driven by dnsperf.
     Dns,
-    /// Services: 30 replicas placed and balanced, scaled to 60, rescheduled after a node
-    /// dies.
+    /// Services: 30 and 300 replicas placed and balanced (and where the time goes), 30
+    /// scaled to 60, rescheduled after a node dies.
     Orchestration,
     /// A rolling update of 10 tasks beside a naive stop-all/start-all, with a client loop.
     Update,
     /// The planner alone: 300 tasks placed over 3 and 1,000 simulated nodes, with
-    /// reservations beside the same without.
+    /// reservations beside the same without; 10,000 services × 10 over 1,000 nodes.
     Planner,
     /// Spoofed SYN and UDP floods at a published port: flood pps, whether an established
     /// connection survives, share of new connections served.

@@ -4,7 +4,7 @@
 //! through tens of seconds of cluster time on tokio's paused clock, in milliseconds.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -21,6 +21,7 @@ use mesh_planner::{
 use crate::agent::{
     drain::CONFIRM_WITHIN,
     fake::{FakeCluster, Run, TICK, What},
+    orchestrate::START_CONCURRENCY,
 };
 
 fn secs(n: u64) -> Duration {
@@ -966,4 +967,84 @@ async fn nodes_with_old_tasks_pull_the_new_image_before_they_stop_them() {
             "{node} pulled at {at}, stopped at {first_stop}"
         );
     }
+}
+
+// --- Starting tasks side by side --------------------------------------------------------
+
+/// Starts by the time their process came up, grouped: the starts that ended together.
+fn waves(c: &FakeCluster, service: &str) -> Vec<usize> {
+    let mut at: BTreeMap<u64, usize> = BTreeMap::new();
+    for e in c.starts(service) {
+        *at.entry(e.at_ms).or_default() += 1;
+    }
+    at.into_values().collect()
+}
+
+/// 20 tasks placed on one node, each start taking a second: they start
+/// `START_CONCURRENCY` at a time (one at a time took 20 s; all at once would make each wait
+/// on all the others for the node's CPUs).
+#[tokio::test(start_paused = true)]
+async fn a_node_starts_its_tasks_side_by_side_up_to_the_bound() {
+    let c = FakeCluster::new(&["n1"]);
+    c.start_takes(|_, _, _| secs(1));
+    c.create(web(20, "v1"));
+    c.run_for(secs(6)).await;
+    let live = c.live("web");
+    assert_eq!(live.len(), 20);
+    assert!(live.iter().all(|t| t.state == TaskState::Running));
+    let s = START_CONCURRENCY;
+    assert_eq!(waves(&c, "web"), vec![s, s, 20 - 2 * s]);
+    assert_eq!(c.most_starts_at_once("n1"), s);
+    // The waves are a second apart: each start began as soon as a slot was free.
+    let at: BTreeSet<u64> = c.starts("web").iter().map(|e| e.at_ms).collect();
+    let at: Vec<u64> = at.into_iter().collect();
+    assert_eq!(
+        at.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>(),
+        vec![1_000, 1_000]
+    );
+}
+
+/// A minute-long image pull for more tasks than there are start slots: another service's
+/// tasks placed on the node at the same time start at once, and the image's tasks start
+/// once it is there, all of them together (their pulls ran side by side).
+#[tokio::test(start_paused = true)]
+async fn a_slow_pull_holds_neither_other_tasks_nor_other_services() {
+    let c = FakeCluster::new(&["n1"]);
+    c.pull_takes(|_, _| secs(60));
+    c.start_takes(|_, _, _| Duration::from_millis(100));
+    let mut db = web(2 * START_CONCURRENCY as u32, "v1");
+    db.name = "db".into();
+    db.task.as_mut().expect("a template").image = Some("shop/db:1".into());
+    c.create(db);
+    c.create(web(3, "v1"));
+    c.run_for(secs(3)).await;
+    let web = c.live("web");
+    assert_eq!(web.len(), 3);
+    assert!(
+        web.iter().all(|t| t.state == TaskState::Running),
+        "{web:#?}"
+    );
+    let db = c.live("db");
+    assert_eq!(db.len(), 2 * START_CONCURRENCY);
+    assert!(
+        db.iter().all(|t| t.state == TaskState::Preparing),
+        "{db:#?}"
+    );
+    assert!(c.starts("db").is_empty());
+
+    c.run_for(secs(60)).await;
+    let db = c.live("db");
+    assert!(db.iter().all(|t| t.state == TaskState::Running), "{db:#?}");
+    assert_eq!(c.starts("db").len(), 2 * START_CONCURRENCY);
+    let pulled = c
+        .events()
+        .into_iter()
+        .filter(|e| matches!(&e.what, What::Pulled { image } if image == "shop/db:1"))
+        .count();
+    assert_eq!(pulled, 2 * START_CONCURRENCY);
+    assert_eq!(
+        waves(&c, "db").len(),
+        2,
+        "two waves of starts after the pull"
+    );
 }
