@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod events;
 pub mod flood;
 pub mod image;
+pub mod membership;
 pub mod netns;
 pub mod overlay;
 pub mod process;

@@ -10,55 +10,11 @@ use std::{
 };
 
 use mesh_agent::gossip::token::JoinToken;
+use mesh_tests::membership::{
+    init, join, join_command, names, ready, token_and_address, wait_ready,
+};
 use mesh_tests::{Cluster, Host, availability::Probe, cluster::bin};
 use serde_json::Value;
-
-/// Starts `mesh-agent init` on host `i`; the join command it printed.
-fn init(c: &mut Cluster, i: usize) -> String {
-    c.host_mut(i).start_agent_command(&["init"], &[]).unwrap();
-    join_command(&c.host(i).output())
-}
-
-fn join_command(printed: &str) -> String {
-    printed
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("mesh-agent join --token "))
-        .unwrap_or_else(|| panic!("no join command in {printed:?}"))
-        .to_owned()
-}
-
-/// `mesh-agent join --token T ADDR` → (T, ADDR).
-fn token_and_address(command: &str) -> (String, String) {
-    let words: Vec<&str> = command.split_whitespace().collect();
-    assert_eq!(words.len(), 5, "{command}");
-    (words[3].to_owned(), words[4].to_owned())
-}
-
-/// Starts the agent of host `i` with `mesh-agent join` (the host's paths added), the token
-/// in a file only root reads, as the README tells.
-fn join(c: &mut Cluster, i: usize, command: &str, extra: &[&str]) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let (token, address) = token_and_address(command);
-    let file = c.log_dir().join(format!("join-token-h{i}"));
-    let _ = std::fs::remove_file(&file);
-    std::io::Write::write_all(
-        &mut std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&file)
-            .unwrap(),
-        format!("{token}\n").as_bytes(),
-    )
-    .unwrap();
-    c.host_mut(i)
-        .start_agent_command(
-            &["join", "--token-file", file.to_str().unwrap(), &address],
-            extra,
-        )
-        .unwrap();
-}
 
 /// Like [`join`], the token in MESH_JOIN_TOKEN.
 fn join_env(c: &mut Cluster, i: usize, command: &str, extra: &[&str]) {
@@ -103,17 +59,6 @@ fn failed_join(h: &Host, token: &str, address: &str, extra: &[&str]) -> String {
     stderr
 }
 
-fn ready(c: &Cluster, i: usize) -> BTreeSet<String> {
-    let nodes: Value = c.host(i).meshctl_json(&["node", "ls"]).unwrap();
-    nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|n| n["status"] == "Ready")
-        .map(|n| n["name"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 fn listed(c: &Cluster, i: usize) -> BTreeSet<String> {
     let nodes: Value = c.host(i).meshctl_json(&["node", "ls"]).unwrap();
     nodes
@@ -122,25 +67,6 @@ fn listed(c: &Cluster, i: usize) -> BTreeSet<String> {
         .iter()
         .map(|n| n["name"].as_str().unwrap().to_owned())
         .collect()
-}
-
-fn names(c: &Cluster, hosts: &[usize]) -> BTreeSet<String> {
-    hosts
-        .iter()
-        .map(|i| c.host(*i).node_name().to_owned())
-        .collect()
-}
-
-fn wait_ready(c: &Cluster, observers: &[usize], expected: &[usize]) {
-    let want = names(c, expected);
-    for i in observers {
-        c.eventually(
-            Duration::from_secs(10),
-            &format!("host{i} sees {want:?} Ready"),
-            |c| Ok((ready(c, *i) == want).then_some(())),
-        )
-        .unwrap();
-    }
 }
 
 /// Nodes with a running task of `service`, from `service ps`.
@@ -167,7 +93,7 @@ fn hosts_join_with_the_printed_command_and_their_labels_show_at_once() {
     assert_eq!(address, c.host(1).ip);
     join(&mut c, 2, &command, &[]);
     join_env(&mut c, 3, &command, &["--label", "type=low-memory"]);
-    wait_ready(&c, &[1, 2, 3], &[1, 2, 3]);
+    wait_ready(&c, &[1, 2, 3], &[1, 2, 3], Duration::from_secs(10));
 
     // The token is in no joined agent's command line, environment or log: the key lives in
     // the key file only.
@@ -415,7 +341,7 @@ fn a_rotated_token_keeps_members_serving_and_stops_old_token_joins() {
     let old = init(&mut c, 1);
     join(&mut c, 2, &old, &[]);
     join(&mut c, 3, &old, &[]);
-    wait_ready(&c, &[1, 2, 3], &[1, 2, 3]);
+    wait_ready(&c, &[1, 2, 3], &[1, 2, 3], Duration::from_secs(10));
     // Host4 has no agent yet: create on host1 and wait on the members only.
     c.host(1)
         .meshctl_ok(&["network", "create", "app", "--subnet", "10.10.0.0/24"])
@@ -469,7 +395,7 @@ fn a_rotated_token_keeps_members_serving_and_stops_old_token_joins() {
     client
         .finish()
         .assert_available("during the rotation", Duration::from_millis(500));
-    wait_ready(&c, &[1, 2, 3], &[1, 2, 3]);
+    wait_ready(&c, &[1, 2, 3], &[1, 2, 3], Duration::from_secs(10));
     for i in [1, 2, 3] {
         let stats: Value = c.host(i).meshctl_json(&["gossip", "stats"]).unwrap();
         let keys = stats["auth"]["keys"].as_array().unwrap();
@@ -485,14 +411,14 @@ fn a_rotated_token_keeps_members_serving_and_stops_old_token_joins() {
         "{e}"
     );
     join(&mut c, 4, &new, &[]);
-    wait_ready(&c, &[1, 4], &[1, 2, 3, 4]);
+    wait_ready(&c, &[1, 4], &[1, 2, 3, 4], Duration::from_secs(10));
 }
 
 #[test]
 fn node_rm_forgets_a_dead_node_everywhere_and_refuses_a_live_or_unknown_one() {
     let mut c = Cluster::new(4).unwrap();
     c.start_agents().unwrap();
-    wait_ready(&c, &[1, 2], &[1, 2, 3, 4]);
+    wait_ready(&c, &[1, 2], &[1, 2, 3, 4], Duration::from_secs(10));
     let h = c.host(1);
     let e = fails(h.meshctl(&["node", "rm", c.host(3).node_name()]).unwrap());
     assert!(e.contains("is up") && e.contains("--force"), "{e}");
@@ -554,7 +480,7 @@ fn leave_drains_stops_the_agent_and_peers_drop_the_node_at_once() {
     c.host(3)
         .run_whoami::<Value>("app", Some("web"), "web-3", &[])
         .unwrap();
-    wait_ready(&c, &[1], &[1, 2, 3]);
+    wait_ready(&c, &[1], &[1, 2, 3], Duration::from_secs(10));
     let me = c.host(3).node_name().to_owned();
 
     // A task started by hand is not moved: a short leave says so and stops nothing.
@@ -684,7 +610,7 @@ fn admins_change_the_cluster_workers_run_tasks_and_serve_without_admins() {
     let admin_command = join_command(&c.host(1).meshctl_ok(&["join-token", "admin"]).unwrap());
     assert_ne!(admin_command, worker_command);
     join(&mut c, 3, &admin_command, &[]);
-    wait_ready(&c, &[1, 2, 3], &[1, 2, 3]);
+    wait_ready(&c, &[1, 2, 3], &[1, 2, 3], Duration::from_secs(10));
     wait_roles(&c, &[1, 2, 3], &[(1, "admin"), (2, "worker"), (3, "admin")]);
     // The admin token handed the admin key on; the worker token its public half only.
     assert!(c.host(3).config_dir().join("admin.key").exists());

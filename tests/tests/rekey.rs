@@ -2,73 +2,11 @@
 //! token, if it is still a member; a node removed with `meshctl node rm` meanwhile does not.
 //! Real agents started with `mesh-agent init` / `join`, each with its own key file.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::time::Duration;
 
+use mesh_tests::membership::{join, join_command, names, ready, wait_ready};
 use mesh_tests::{Cluster, cluster::bin};
 use serde_json::Value;
-
-fn join_command(printed: &str) -> String {
-    printed
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("mesh-agent join --token "))
-        .unwrap_or_else(|| panic!("no join command in {printed:?}"))
-        .to_owned()
-}
-
-fn join(c: &mut Cluster, i: usize, command: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let words: Vec<&str> = command.split_whitespace().collect();
-    let (token, address) = (words[3], words[4]);
-    let file = c.log_dir().join(format!("join-token-h{i}"));
-    let _ = std::fs::remove_file(&file);
-    std::io::Write::write_all(
-        &mut std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&file)
-            .unwrap(),
-        format!("{token}\n").as_bytes(),
-    )
-    .unwrap();
-    c.host_mut(i)
-        .start_agent_command(
-            &["join", "--token-file", file.to_str().unwrap(), address],
-            &[],
-        )
-        .unwrap();
-}
-
-fn ready(c: &Cluster, i: usize) -> BTreeSet<String> {
-    let nodes: Value = c.host(i).meshctl_json(&["node", "ls"]).unwrap_or_default();
-    nodes
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|n| n["status"] == "Ready")
-                .map(|n| n["name"].as_str().unwrap().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn names(c: &Cluster, hosts: &[usize]) -> BTreeSet<String> {
-    hosts
-        .iter()
-        .map(|i| c.host(*i).node_name().to_owned())
-        .collect()
-}
-
-fn wait_ready(c: &Cluster, observers: &[usize], expected: &[usize], timeout: Duration) {
-    let want = names(c, expected);
-    for i in observers {
-        c.eventually(timeout, &format!("host{i} sees {want:?} Ready"), |c| {
-            Ok((ready(c, *i) == want).then_some(()))
-        })
-        .unwrap();
-    }
-}
 
 fn stats(c: &Cluster, i: usize) -> Value {
     c.host(i).meshctl_json(&["gossip", "stats"]).unwrap()
@@ -92,8 +30,8 @@ fn a_node_down_during_two_key_rotations_rejoins_and_a_removed_one_does_not() {
     let mut c = Cluster::new(3).unwrap();
     c.host_mut(1).start_agent_command(&["init"], &[]).unwrap();
     let command = join_command(&c.host(1).output());
-    join(&mut c, 2, &command);
-    join(&mut c, 3, &command);
+    join(&mut c, 2, &command, &[]);
+    join(&mut c, 3, &command, &[]);
     wait_ready(&c, &[1, 2, 3], &[1, 2, 3], Duration::from_secs(10));
     let original = key_ids(&c, 3);
 
