@@ -1,27 +1,14 @@
 //! Real gossip instances over sealed UDP on loopback whose wall clocks step or disagree, as
 //! NTP or a wrong hardware clock makes them: they keep gossiping both ways.
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use super::{
-    Gossip, GossipConfig,
+    Gossip,
     auth::GossipAuth,
-    keyring::{ClusterKey, KEY_LEN, Keyring},
-    transport::SealedTransport,
+    hostile_peer_tests::{auth, sees, start_with},
 };
 use mesh_api::v1::DropReason;
-
-const CLUSTER: &str = "prod";
-
-fn free_port() -> SocketAddr {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap()
-}
 
 /// A gossip instance whose clock is `offset_ms` off this machine's.
 async fn start(
@@ -29,52 +16,10 @@ async fn start(
     seeds: Vec<String>,
     offset_ms: i64,
 ) -> (Gossip, Arc<GossipAuth>, SocketAddr) {
-    let addr = free_port();
-    let config = GossipConfig {
-        node: name.into(),
-        cluster: CLUSTER.into(),
-        listen: addr,
-        advertise: addr,
-        seeds,
-        interval: Duration::from_millis(50),
-        phi_threshold: 8.0,
-        dead_node_grace: Duration::from_secs(3600),
-        tombstone_grace: Duration::from_secs(3600),
-    };
-    let ring = Keyring::new(vec![ClusterKey::new(&[7; KEY_LEN])]).unwrap();
-    let auth = Arc::new(GossipAuth::new(ring, Path::new("/x"), CLUSTER));
+    let auth = auth();
     auth.step_clock(offset_ms);
-    let id = Arc::new(crate::identity::NodeIdentity::generate().unwrap());
-    let record = format!(r#"{{"key":"{}"}}"#, id.public());
-    let g = Gossip::start(
-        &config,
-        id,
-        None,
-        None,
-        vec![("node".to_owned(), record)],
-        &SealedTransport::new(auth.clone()),
-    )
-    .await
-    .unwrap()
-    .with_auth(auth.clone());
+    let (g, addr) = start_with(name, seeds, auth.clone()).await;
     (g, auth, addr)
-}
-
-/// Waits until `g` sees `node` live with `key` = `value`; how long that took.
-async fn sees(g: &Gossip, node: &str, key: &str, value: &str) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        let snap = g.snapshot().await;
-        if snap
-            .nodes
-            .iter()
-            .any(|n| n.name == node && n.live && n.kv.get(key).map(String::as_str) == Some(value))
-        {
-            return start.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{key}={value} of {node} never arrived live");
 }
 
 fn stale(a: &GossipAuth) -> u64 {

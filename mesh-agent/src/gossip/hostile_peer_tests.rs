@@ -19,7 +19,7 @@ use mesh_api::v1::DropReason;
 
 const CLUSTER: &str = "prod";
 
-fn auth() -> Arc<GossipAuth> {
+pub(super) fn auth() -> Arc<GossipAuth> {
     let ring = Keyring::new(vec![ClusterKey::new(&[7; KEY_LEN])]).unwrap();
     Arc::new(GossipAuth::new(ring, Path::new("/x"), CLUSTER))
 }
@@ -30,6 +30,18 @@ fn free_port() -> SocketAddr {
 }
 
 async fn start(name: &str, seeds: Vec<String>) -> (Gossip, SocketAddr, Arc<GossipAuth>) {
+    let a = auth();
+    let (g, addr) = start_with(name, seeds, a.clone()).await;
+    (g, addr, a)
+}
+
+/// A gossip instance on a free loopback port sealing with `auth`, its node record naming a
+/// fresh node key (peers verify a node's values against the key its record names).
+pub(super) async fn start_with(
+    name: &str,
+    seeds: Vec<String>,
+    auth: Arc<GossipAuth>,
+) -> (Gossip, SocketAddr) {
     let addr = free_port();
     let config = GossipConfig {
         node: name.into(),
@@ -42,9 +54,7 @@ async fn start(name: &str, seeds: Vec<String>) -> (Gossip, SocketAddr, Arc<Gossi
         dead_node_grace: Duration::from_secs(3600),
         tombstone_grace: Duration::from_secs(3600),
     };
-    let a = auth();
     let id = Arc::new(crate::identity::NodeIdentity::generate().unwrap());
-    // Peers verify a node's values against the key its record names.
     let record = format!(r#"{{"key":"{}"}}"#, id.public());
     let initial = vec![("node".to_owned(), record)];
     let g = Gossip::start(
@@ -53,29 +63,29 @@ async fn start(name: &str, seeds: Vec<String>) -> (Gossip, SocketAddr, Arc<Gossi
         None,
         None,
         initial,
-        &SealedTransport::new(a.clone()),
+        &SealedTransport::new(auth.clone()),
     )
     .await
     .unwrap()
-    .with_auth(a.clone());
-    (g, addr, a)
+    .with_auth(auth);
+    (g, addr)
 }
 
-/// Waits until `g`'s view of node `node` has `key` = `value`; how long it took.
-async fn sees(g: &Gossip, node: &str, key: &str, value: &str) -> Duration {
+/// Waits until `g`'s view of node `node`, live, has `key` = `value`; how long it took.
+pub(super) async fn sees(g: &Gossip, node: &str, key: &str, value: &str) -> Duration {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
         let snap = g.snapshot().await;
         if snap
             .nodes
             .iter()
-            .any(|n| n.name == node && n.kv.get(key).map(String::as_str) == Some(value))
+            .any(|n| n.name == node && n.live && n.kv.get(key).map(String::as_str) == Some(value))
         {
             return start.elapsed();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{key} of {node} never arrived");
+    panic!("{key}={value} of {node} never arrived live");
 }
 
 fn send_sealed(raw: &std::net::UdpSocket, to: SocketAddr, a: &GossipAuth, plaintext: &[u8]) {
