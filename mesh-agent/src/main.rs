@@ -463,23 +463,27 @@ fn node_roles(
     config: &mesh_agent::config::ResolvedConfig,
     identity: &mesh_agent::identity::NodeIdentity,
 ) -> Result<Option<mesh_agent::gossip::admins::Admins>> {
-    use mesh_agent::roles::{AdminKey, GRANTS_FILE, Grant, Registry, Role};
+    use mesh_agent::roles::{AdminKey, GRANTS_FILE, Registry, Role};
     let Some(dir) = config.admin_key_dir() else {
         return Ok(None);
     };
     let Some(admin) = AdminKey::load(&dir)? else {
         return Ok(None);
     };
-    let mut registry = Registry::new(admin.public, Some(config.state_dir.join(GRANTS_FILE)));
+    let registry = Registry::new(admin.public, Some(config.state_dir.join(GRANTS_FILE)));
     let me = (config.node_name.as_str(), identity.public());
-    let known = registry.grant(me.0).filter(|g| g.key == me.1).cloned();
-    if let Some(secret) = admin.secret()
-        && known.is_none()
-    {
-        let serial = registry.next_serial(me.0, mesh_agent::cluster::Clock::now_ms());
-        registry.observe(&Grant::sign(secret, me.0, me.1, Role::Admin, serial));
+    let known = registry.grant(me.0).is_some_and(|g| g.key == me.1);
+    let holds_secret = admin.secret().is_some();
+    let mut admins = mesh_agent::gossip::admins::Admins::new(admin, dir, registry, me);
+    if holds_secret && !known {
+        admins.grant(
+            me.0,
+            me.1,
+            Role::Admin,
+            mesh_agent::cluster::Clock::now_ms(),
+        )?;
+        admins.settle_own_role(me);
     }
-    let admins = mesh_agent::gossip::admins::Admins::new(admin, dir, registry, me);
     info!(role = %admins.own_role(), "node roles on: admins write the cluster's objects");
     Ok(Some(admins))
 }

@@ -4,7 +4,7 @@
 use mesh_api::spec::NodeStatus;
 
 use super::{Agent, Error, Result};
-use crate::cluster::View;
+use crate::cluster::{NodeView, View};
 use crate::gossip::token::{JoinToken, TokenRole};
 use crate::roles::Role;
 
@@ -20,7 +20,13 @@ impl Agent {
             return Ok(());
         }
         let me = self.node_name();
-        let admins = ready_admins(&self.view());
+        let view = self.view();
+        let admins: Vec<String> = ready_admins(&view)
+            .map(|n| match n.record.as_ref() {
+                Some(r) => format!("{} ({})", n.name, r.address),
+                None => n.name.clone(),
+            })
+            .collect();
         let where_to = if admins.is_empty() {
             "No admin is up: the cluster keeps running as it is, and changes wait until an \
              admin is back"
@@ -63,12 +69,7 @@ impl Agent {
             )));
         };
         if role == Role::Worker {
-            let others = view
-                .nodes
-                .values()
-                .filter(|o| o.name != node && o.role == Role::Admin)
-                .filter(|o| o.status == NodeStatus::Ready)
-                .count();
+            let others = ready_admins(&view).filter(|o| o.name != node).count();
             if others == 0 {
                 return Err(Error::Conflict(format!(
                     "node {node} is the last admin that is up: promote another node first \
@@ -110,14 +111,9 @@ impl Agent {
     }
 }
 
-/// "name (address)" of every admin that is up.
-fn ready_admins(view: &View) -> Vec<String> {
+/// Every admin that is up: who accepts writes now.
+fn ready_admins(view: &View) -> impl Iterator<Item = &NodeView> {
     view.nodes
         .values()
         .filter(|n| n.role == Role::Admin && n.status == NodeStatus::Ready)
-        .map(|n| match n.record.as_ref() {
-            Some(r) => format!("{} ({})", n.name, r.address),
-            None => n.name.clone(),
-        })
-        .collect()
 }

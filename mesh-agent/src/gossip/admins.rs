@@ -103,8 +103,9 @@ impl Admins {
         Ok(grant)
     }
 
-    /// After a snapshot: this node's role now, dropping the admin secret once demoted.
-    pub(super) fn settle_own_role(&mut self, own: (&str, PublicKey)) {
+    /// This node's role from the grants it knows (after a snapshot, or its own first grant),
+    /// dropping the admin secret once demoted.
+    pub fn settle_own_role(&mut self, own: (&str, PublicKey)) {
         self.own_role = self.registry.role(own.0, Some(own.1));
         if self.own_role == Role::Worker
             && self
