@@ -122,6 +122,10 @@ struct Gossip {
     cut: BTreeSet<(String, String)>,
     /// Nodes whose load balancer is not reprogrammed (a loaded host): they confirm nothing.
     held_lb: BTreeSet<String>,
+    /// What each node offers to reservations (none: unlimited, as an older agent).
+    capacity: BTreeMap<String, mesh_api::spec::Resources>,
+    /// Gossip running late: (me, other) → the task records of `other` that `me` still sees.
+    late: BTreeMap<(String, String), BTreeMap<String, Task>>,
     log: Vec<Event>,
 }
 
@@ -173,7 +177,7 @@ impl Shared {
                 labels: BTreeMap::new(),
                 reserved_ports: Vec::new(),
                 platform: Default::default(),
-                capacity: Default::default(),
+                capacity: g.capacity.get(name).copied().unwrap_or_default(),
                 insecure: false,
                 key: None,
                 grant: None,
@@ -195,7 +199,17 @@ impl Shared {
             );
         }
         view.services = g.services.clone();
-        view.tasks = g.tasks.values().flat_map(|t| t.values().cloned()).collect();
+        view.tasks = g
+            .tasks
+            .iter()
+            .flat_map(|(node, tasks)| {
+                g.late
+                    .get(&(me.to_owned(), node.clone()))
+                    .unwrap_or(tasks)
+                    .values()
+                    .cloned()
+            })
+            .collect();
         view.lb_progress = g.lb.clone();
         view
     }
@@ -428,6 +442,31 @@ impl FakeCluster {
 
     pub fn heal(&self) {
         self.shared.gossip.lock().unwrap().cut.clear();
+    }
+
+    /// What `node` offers to tasks' reservations.
+    pub fn capacity(&self, node: &str, offers: mesh_api::spec::Resources) {
+        let mut g = self.shared.gossip.lock().unwrap();
+        g.capacity.insert(node.into(), offers);
+    }
+
+    /// Every node goes on seeing the others' task records as they are now, until
+    /// [`FakeCluster::catch_up`]: gossip a round late, as every node hears of its own tasks
+    /// before anyone else does.
+    pub fn lag(&self) {
+        let mut g = self.shared.gossip.lock().unwrap();
+        let now = g.tasks.clone();
+        for me in &self.shared.names {
+            for (other, tasks) in &now {
+                if me != other {
+                    g.late.insert((me.clone(), other.clone()), tasks.clone());
+                }
+            }
+        }
+    }
+
+    pub fn catch_up(&self) {
+        self.shared.gossip.lock().unwrap().late.clear();
     }
 
     /// `node`'s load balancer stops being reprogrammed: it confirms no drain.
@@ -713,5 +752,10 @@ impl NodeRuntime for FakeNode {
 
     fn settle_time(&self) -> Duration {
         Duration::from_millis(200)
+    }
+
+    fn placement_hold(&self) -> Duration {
+        // The agent's for 3 nodes gossiping every 100 ms.
+        Duration::from_millis(400)
     }
 }

@@ -70,6 +70,7 @@ pub(crate) struct Jobs {
     watched: std::sync::Mutex<BTreeSet<String>>,
     /// One permit per start underway (after its image is here).
     starts: tokio::sync::Semaphore,
+    holds: std::sync::Mutex<Holds>,
 }
 
 impl Default for Jobs {
@@ -78,7 +79,62 @@ impl Default for Jobs {
             busy: Default::default(),
             watched: Default::default(),
             starts: tokio::sync::Semaphore::new(START_CONCURRENCY),
+            holds: Default::default(),
         }
+    }
+}
+
+/// Slots that only just came to this node wait until every node could have seen what this
+/// one sees.
+///
+/// A slot that was pending (no node had room) or placed on another node moved here because
+/// this node's view changed: most often room freed as tasks stopped. Each node sees its own
+/// tasks stop before it hears of the others', so for a gossip round two nodes can each find
+/// room only on themselves and both start the slot; the plan stops one copy once views
+/// agree, but a user has seen a slot run twice, which Swarm's single scheduler never shows.
+/// Waiting until the slot has stayed here for the time a write takes to reach every node and
+/// come back leaves each node the other's news before it starts: the node that waits sees a
+/// copy already recorded, or a plan that now agrees on one node. Slots placed straight away
+/// (a new service, a scale, a dead node's slots — decided alike on every node from records
+/// every node has) do not wait.
+#[derive(Default)]
+struct Holds {
+    /// When this node last planned the slot pending or on another node, by (service, slot).
+    elsewhere_ms: BTreeMap<(String, Slot), u64>,
+}
+
+impl Holds {
+    /// Notes where the plan puts each slot of `service`.
+    fn note(&mut self, me: &str, service: &str, plan: &mesh_planner::Plan, now: u64) {
+        for s in &plan.slots {
+            let key = (service.to_owned(), s.slot.clone());
+            match &s.placement {
+                SlotPlacement::Pending { .. } => {
+                    self.elsewhere_ms.insert(key, now);
+                }
+                SlotPlacement::Start { node } if node != me => {
+                    self.elsewhere_ms.insert(key, now);
+                }
+                SlotPlacement::Kept { .. } => {
+                    self.elsewhere_ms.remove(&key);
+                }
+                SlotPlacement::Start { .. } | SlotPlacement::Stopping { .. } => {}
+            }
+        }
+    }
+
+    /// Until when a start of the slot on this node waits, if it does.
+    fn until(&self, service: &str, slot: &Slot, hold: Duration, now: u64) -> Option<u64> {
+        let at = self.elsewhere_ms.get(&(service.to_owned(), slot.clone()))?;
+        let until = at + hold.as_millis() as u64;
+        (now < until).then_some(until)
+    }
+
+    /// Forgets slots long since settled (removed services, scaled-away slots).
+    fn prune(&mut self, hold: Duration, now: u64) {
+        let keep = hold.as_millis() as u64 * 10;
+        self.elsewhere_ms
+            .retain(|_, at| now.saturating_sub(*at) < keep);
     }
 }
 
@@ -130,7 +186,7 @@ impl Agent {
 }
 
 /// One pass over every service (see the module docs); returns when the next restart delay
-/// of this node's tasks ends, if one is pending.
+/// of this node's tasks ends or a held start may go (see [`Holds`]), if one is pending.
 pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Option<u64> {
     if !rt.runs_tasks() {
         return None;
@@ -196,6 +252,8 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
     // New tasks are recorded in one gossip write after the loop, then started: a record
     // per write made every placement of 100 tasks 100 writes, each a new view to compute.
     let mut placed: Vec<Task> = Vec::new();
+    let hold = rt.placement_hold();
+    let mut held_until: Option<u64> = None;
     for (name, service) in &view.services {
         let Some(plan) = plans.get(name.as_str()) else {
             continue;
@@ -213,6 +271,16 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
                 t.service == *name && t.slot == *slot && t.is_live() && t.template == template
             });
             if has_current {
+                continue;
+            }
+            let held = rt
+                .jobs()
+                .holds
+                .lock()
+                .expect("jobs lock")
+                .until(name, slot, hold, now);
+            if let Some(until) = held {
+                held_until = Some(held_until.map_or(until, |h| h.min(until)));
                 continue;
             }
             let task = Task {
@@ -238,6 +306,11 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
             info!(task = %process_name(&task), "slot placed on this node; starting a task");
             placed.push(task);
         }
+        rt.jobs()
+            .holds
+            .lock()
+            .expect("jobs lock")
+            .note(&me, name, plan, now);
         if service
             .spec
             .update_status
@@ -280,9 +353,11 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
         }
     }
     prune_history(&**rt, view, &own).await;
+    rt.jobs().holds.lock().expect("jobs lock").prune(hold, now);
     own.values()
         .filter(|t| t.is_live() && t.state < TaskState::Preparing)
         .filter_map(|t| t.not_before_ms)
+        .chain(held_until)
         .min()
 }
 

@@ -130,6 +130,10 @@ pub(super) trait NodeRuntime: Send + Sync + 'static {
     fn stop_dns(&self, name: &str) -> impl Future<Output = ()> + Send;
     /// How long connections admitted just before a drain was confirmed may take to arrive.
     fn settle_time(&self) -> Duration;
+    /// How long a write takes to reach every live node and their answers to come back (see
+    /// `Agent::settle_time`): how long a slot that only just came to this node waits before
+    /// it starts (see `orchestrate::Holds`).
+    fn placement_hold(&self) -> Duration;
 }
 
 impl NodeRuntime for Agent {
@@ -337,5 +341,9 @@ impl NodeRuntime for Agent {
         // A few gossip rounds' worth is plenty for a request admitted just before the
         // drain to be answered.
         (self.config.gossip_interval() * 2).max(Duration::from_millis(200))
+    }
+
+    fn placement_hold(&self) -> Duration {
+        Agent::settle_time(self)
     }
 }

@@ -538,6 +538,89 @@ async fn a_dead_nodes_slot_is_started_once_on_a_live_node_and_never_moves_back()
     );
 }
 
+// --- Room freed -------------------------------------------------------------------------
+
+/// Two nodes with room for 800 MiB of reservations each, both taken by `big`, and `small`'s
+/// one slot pending for want of room.
+async fn two_full_nodes() -> FakeCluster {
+    let c = FakeCluster::new(&["n1", "n2"]);
+    for n in ["n1", "n2"] {
+        c.capacity(
+            n,
+            mesh_planner::Resources {
+                nano_cpus: 0,
+                memory_bytes: 1 << 30,
+            },
+        );
+    }
+    let reserving = |name: &str, replicas: u32, mib: u64| {
+        let mut spec = web(replicas, "v1");
+        spec.name = name.into();
+        spec.task
+            .as_mut()
+            .unwrap()
+            .resources
+            .reservations
+            .memory_bytes = mib << 20;
+        spec
+    };
+    c.create(reserving("big", 2, 800));
+    c.run_for(secs(3)).await;
+    c.create(reserving("small", 1, 400));
+    c.run_for(secs(3)).await;
+    assert_eq!(c.live("big").len(), 2);
+    assert!(c.live("small").is_empty(), "no room for small");
+    c
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_that_freed_room_brings_starts_once_though_each_node_sees_its_own_room_first() {
+    let c = two_full_nodes().await;
+    // big goes; each node hears of its own task's end a gossip round before the other's.
+    c.lag();
+    c.update("big", |s| s.mode = ServiceMode::Replicated { replicas: 0 });
+    let mut freed = false;
+    for _ in 0..100 {
+        c.run_for(TICK).await;
+        if c.live("big").is_empty() {
+            freed = true;
+            break;
+        }
+    }
+    assert!(freed, "big stopped: {:#?}", c.live("big"));
+    c.run_for(Duration::from_millis(200)).await;
+    c.catch_up();
+    c.run_for(secs(5)).await;
+
+    let starts = c.starts("small");
+    assert_eq!(starts.len(), 1, "small's slot started once: {starts:#?}");
+    assert_eq!(c.live("small").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_slot_with_room_starts_on_the_next_pass() {
+    let c = two_full_nodes().await;
+    c.update("big", |s| s.mode = ServiceMode::Replicated { replicas: 0 });
+    c.run_for(secs(15)).await;
+    assert_eq!(c.live("small").len(), 1);
+    let at = c.now_ms();
+    c.update("small", |s| {
+        s.mode = ServiceMode::Replicated { replicas: 2 }
+    });
+    c.run_for(secs(2)).await;
+    let starts = c.starts("small");
+    let new_slot = starts
+        .iter()
+        .find(|e| e.slot() == "2")
+        .expect("slot 2 started");
+    // No node planned it pending or elsewhere first: nothing to wait for.
+    assert!(
+        new_slot.at_ms - at <= TICK.as_millis() as u64,
+        "slot 2 started {} ms after the scale",
+        new_slot.at_ms - at
+    );
+}
+
 // --- Drains -----------------------------------------------------------------------------
 
 /// `web`, 3 replicas on 3 nodes, running; the task of slot 3 (which a scale to 2 stops) and
