@@ -36,6 +36,10 @@ pub struct LogsArgs {
     /// Do not truncate output.
     #[arg(long)]
     pub no_trunc: bool,
+    /// Show extra details provided to logs (the labels and environment variables the
+    /// service's `--log-opt labels=…,env=…` name).
+    #[arg(long)]
+    pub details: bool,
 }
 
 /// `--tail`: `all` or a count; a negative count means all, as for Docker.
@@ -89,6 +93,9 @@ pub struct Format {
     pub raw: bool,
     pub task_ids: bool,
     pub trunc: bool,
+    /// Docker's `--details`: each line's attributes, `key=value` sorted and joined by commas,
+    /// then a space (also when there are none, as Docker prints it).
+    pub details: bool,
     /// The width slots are padded to (Docker pads to the widest slot number).
     pub slot_width: usize,
 }
@@ -118,6 +125,11 @@ impl Format {
             out.push_str(&self.prefix(l));
             out.push_str("    | ");
         }
+        if self.details {
+            let attrs: Vec<String> = l.attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push_str(&attrs.join(","));
+            out.push(' ');
+        }
         out.push_str(&l.line);
         out
     }
@@ -143,6 +155,7 @@ pub async fn run(client: &Client, a: &LogsArgs) -> Result<()> {
         raw: a.raw,
         task_ids: !a.no_task_ids,
         trunc: !a.no_trunc,
+        details: a.details,
         slot_width: rows
             .iter()
             .filter(|r| r.slot.bytes().all(|b| b.is_ascii_digit()))
@@ -200,6 +213,7 @@ mod tests {
             node: "node-2".into(),
             time_ns: 1_410_848_266_000_000_000,
             line: "hello".into(),
+            attrs: Default::default(),
         }
     }
 
@@ -209,6 +223,7 @@ mod tests {
             raw: false,
             task_ids: true,
             trunc: true,
+            details: false,
             slot_width: 2,
         }
     }
@@ -259,6 +274,34 @@ mod tests {
             ..format()
         };
         assert_eq!(f.line(&line()), "2014-09-16T06:17:46.000000000Z hello");
+    }
+
+    #[test]
+    fn details_follow_the_prefix_as_dockers_do() {
+        let f = Format {
+            details: true,
+            slot_width: 1,
+            ..format()
+        };
+        // None: Docker still prints the (empty) details and their space.
+        assert_eq!(f.line(&line()), "my-web.1.0123456789ab@node-2    |  hello");
+        let mut l = line();
+        l.attrs = [("team", "web"), ("REGION", "eu")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into();
+        assert_eq!(
+            f.line(&l),
+            "my-web.1.0123456789ab@node-2    | REGION=eu,team=web hello"
+        );
+        assert_eq!(
+            Format {
+                details: false,
+                ..f
+            }
+            .line(&l),
+            "my-web.1.0123456789ab@node-2    | hello",
+            "without --details, nothing shows"
+        );
     }
 
     #[test]

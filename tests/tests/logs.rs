@@ -1,7 +1,8 @@
 //! `service logs` across the cluster, as a user reads it: three tasks on three nodes, read
-//! from a fourth that runs none; Docker's prefixes, `--tail`, `--since`, `-t`, `--raw`, `-f`
-//! with a line written after it started; a node that does not answer gives a warning, not a
-//! hang; and nobody without the cluster key gets anything from the node-to-node path.
+//! from a fourth that runs none; Docker's prefixes, `--details`, `--tail`, `--since`, `-t`,
+//! `--raw`, `-f` with a line written after it started; a node that does not answer gives a
+//! warning, not a hang; and nobody without the cluster key gets anything from the
+//! node-to-node path.
 
 use std::{
     io::{Read, Write},
@@ -70,6 +71,15 @@ fn service_logs_reads_every_node() {
             &format!("node.id!={reader}"),
             "--env",
             &format!("TRIGGER={}", trigger.display()),
+            "--env",
+            "REGION=eu west",
+            "--env",
+            "UNLISTED=x",
+            // What each line carries, for --details (json-file's options).
+            "--log-opt",
+            "env=REGION",
+            "--log-opt",
+            "env-regex=^TRIG",
             "-d",
             "--process",
             "--",
@@ -129,6 +139,19 @@ fn service_logs_reads_every_node() {
             .all(|l| printed.iter().any(|t| l.starts_with(&prefix(t)))),
         "every line is a task's of `service ps`:\n{out}\nps: {all:?}"
     );
+
+    // --details: the variables the log options name, after the prefix, from every node.
+    let (out, _) = logs(&c, 4, &["--details", "talk"]);
+    for t in &tasks {
+        let want = format!(
+            "{}REGION=eu west,TRIGGER={} first from {}",
+            prefix(t),
+            trigger.display(),
+            t["slot"].as_str().unwrap()
+        );
+        assert!(out.lines().any(|l| l == want), "{want:?} in\n{out}");
+    }
+    assert!(!out.contains("UNLISTED"), "{out}");
 
     // --tail 1: the last line of each task.
     let (out, _) = logs(&c, 4, &["--tail", "1", "talk"]);

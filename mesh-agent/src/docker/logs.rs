@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use super::{DockerError, nodes::node_id, services};
 use crate::agent::Agent;
-use mesh_api::v1::{LogEvent, LogsQuery};
+use mesh_api::v1::{LogEvent, LogLine, LogsQuery};
 
 /// Docker's query: booleans as `1`/`true`, `tail` as `all` or N, `since` as Unix seconds.
 #[derive(Deserialize, Default)]
@@ -121,11 +121,10 @@ pub async fn service_logs(
     let body = events.filter_map(move |e| {
         let out = match e {
             LogEvent::Line(l) => {
-                let details = format!(
-                    "com.docker.swarm.node.id={},com.docker.swarm.service.id={},com.docker.swarm.task.id={}",
-                    node_id(&l.node),
-                    service_ids.get(&l.service).cloned().unwrap_or_default(),
-                    l.task
+                let details = details(
+                    &node_id(&l.node),
+                    service_ids.get(&l.service).map_or("", String::as_str),
+                    &l,
                 );
                 let mut text = String::new();
                 if timestamps {
@@ -153,6 +152,24 @@ pub async fn service_logs(
         Body::from_stream(crate::serving::holding(body, permit)),
     )
         .into_response())
+}
+
+/// The details Docker's daemon puts before each line of a service's output: the task's swarm
+/// ids (the client names the task and node from them) and the attributes its log options
+/// name, each key and value query-escaped, sorted, joined by commas.
+fn details(node_id: &str, service_id: &str, l: &LogLine) -> String {
+    let escape = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let mut pairs: Vec<String> = [
+        ("com.docker.swarm.node.id", node_id),
+        ("com.docker.swarm.service.id", service_id),
+        ("com.docker.swarm.task.id", l.task.as_str()),
+    ]
+    .into_iter()
+    .chain(l.attrs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
+    .collect();
+    pairs.sort();
+    pairs.join(",")
 }
 
 #[cfg(test)]
@@ -184,5 +201,25 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.to_mesh().is_err());
+    }
+
+    #[test]
+    fn details_carry_the_swarm_ids_and_the_attributes_escaped() {
+        let l = LogLine {
+            service: "web".into(),
+            slot: "1".into(),
+            task: "t1".into(),
+            node: "n1".into(),
+            time_ns: 0,
+            line: "hi".into(),
+            attrs: [("team", "a b"), ("REGION", "eu,west")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+        };
+        assert_eq!(
+            details("N", "S", &l),
+            "REGION=eu%2Cwest,com.docker.swarm.node.id=N,com.docker.swarm.service.id=S,\
+             com.docker.swarm.task.id=t1,team=a+b"
+        );
     }
 }

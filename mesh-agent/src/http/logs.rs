@@ -47,6 +47,11 @@ pub fn local_events(
                 id.to_owned(),
                 node.clone(),
             );
+            let attrs = r
+                .spec
+                .run
+                .log
+                .attributes(&r.spec.run.container_labels, &r.spec.env);
             move |(time_ns, line)| {
                 LogEvent::Line(LogLine {
                     service: service.clone(),
@@ -55,6 +60,7 @@ pub fn local_events(
                     node: node.clone(),
                     time_ns,
                     line,
+                    attrs: attrs.clone(),
                 })
             }
         };
@@ -287,6 +293,7 @@ mod tests {
             node: "n".into(),
             time_ns,
             line: format!("{task}@{time_ns}"),
+            attrs: Default::default(),
         })
     }
 

@@ -5,6 +5,12 @@
 //!
 //! The node's agent.toml has the last word: a service may only ask for less than the node
 //! allows, so a service cannot fill a node's disk.
+//!
+//! json-file's `labels`, `labels-regex`, `env` and `env-regex` name container labels and
+//! environment variables whose values every line of the task's output carries: what
+//! `service logs --details` shows.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +31,18 @@ pub struct LogDriver {
     /// Files kept, the current one included (Docker's `max-file`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_file: Option<u32>,
+    /// Container labels each line carries (`labels=a,b`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// Container labels whose keys match (`labels-regex`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels_regex: Option<String>,
+    /// Environment variables each line carries (`env=A,B`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Environment variables whose names match (`env-regex`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_regex: Option<String>,
 }
 
 impl LogDriver {
@@ -68,14 +86,44 @@ impl LogDriver {
                     format!("{what} max-file {value:?}: use a number of files, 1 or more")
                 })?);
             }
+            "labels" => self.labels = names(what, "labels", value)?,
+            "env" => self.env = names(what, "env", value)?,
+            "labels-regex" => self.labels_regex = Some(pattern(what, "labels-regex", value)?),
+            "env-regex" => self.env_regex = Some(pattern(what, "env-regex", value)?),
             other => {
                 return Err(format!(
                     "{what}: log option {other:?} is not supported: mesh keeps task logs on the \
-                     node and honours max-size and max-file"
+                     node and honours max-size, max-file, labels, labels-regex, env and env-regex"
                 ));
             }
         }
         Ok(())
+    }
+
+    /// What each line of a task's output carries, from its container labels and environment
+    /// (json-file's extra attributes; a name listed but not set is left out, as Docker does).
+    pub fn attributes(
+        &self,
+        labels: &BTreeMap<String, String>,
+        env: &[(String, String)],
+    ) -> BTreeMap<String, String> {
+        let matches = |re: &Option<String>, key: &str| {
+            re.as_deref()
+                .and_then(|r| regex::Regex::new(r).ok())
+                .is_some_and(|r| r.is_match(key))
+        };
+        let mut out = BTreeMap::new();
+        for (k, v) in labels {
+            if self.labels.contains(k) || matches(&self.labels_regex, k) {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        for (k, v) in env {
+            if self.env.contains(k) || matches(&self.env_regex, k) {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        out
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -90,6 +138,14 @@ impl LogDriver {
         if self.max_size == Some(0) || self.max_file == Some(0) {
             return Err("max-size and max-file must be more than 0".into());
         }
+        for (key, re) in [
+            ("labels-regex", &self.labels_regex),
+            ("env-regex", &self.env_regex),
+        ] {
+            if let Some(re) = re {
+                pattern("log option", key, re)?;
+            }
+        }
         Ok(())
     }
 
@@ -102,8 +158,44 @@ impl LogDriver {
         if let Some(n) = self.max_size {
             out.push(("max-size".to_owned(), bytes_size(n)));
         }
+        if !self.labels.is_empty() {
+            out.push(("labels".to_owned(), self.labels.join(",")));
+        }
+        if let Some(re) = &self.labels_regex {
+            out.push(("labels-regex".to_owned(), re.clone()));
+        }
+        if !self.env.is_empty() {
+            out.push(("env".to_owned(), self.env.join(",")));
+        }
+        if let Some(re) = &self.env_regex {
+            out.push(("env-regex".to_owned(), re.clone()));
+        }
+        out.sort();
         out
     }
+}
+
+/// `labels=a,b`: the names, without blanks.
+fn names(what: &str, key: &str, value: &str) -> Result<Vec<String>, String> {
+    let names: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if names.is_empty() {
+        return Err(format!(
+            "{what} {key}: name one or more, separated by commas (e.g. {key}=a,b)"
+        ));
+    }
+    Ok(names)
+}
+
+/// A regular expression (Go's RE2 syntax, as Docker's; the `regex` crate reads the same).
+fn pattern(what: &str, key: &str, value: &str) -> Result<String, String> {
+    regex::Regex::new(value)
+        .map(|_| value.to_owned())
+        .map_err(|e| format!("{what} {key} {value:?} is not a regular expression: {e}"))
 }
 
 /// The rotation a task gets: what its service asks for, never more than the node allows.
@@ -155,6 +247,58 @@ mod tests {
                 LogDriver::parse("--log-opt", None, &opts(&[(k, v)])).is_err(),
                 "{k}={v}"
             );
+        }
+    }
+
+    #[test]
+    fn labels_and_env_name_what_each_line_carries() {
+        let d = LogDriver::parse(
+            "--log-opt",
+            None,
+            &opts(&[
+                ("labels", "team, tier"),
+                ("env", "REGION"),
+                ("env-regex", "^APP_"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        let labels = BTreeMap::from([
+            ("team".to_owned(), "web".to_owned()),
+            ("unlisted".to_owned(), "x".to_owned()),
+        ]);
+        let env = [
+            ("REGION", "eu"),
+            ("APP_MODE", "fast"),
+            ("SECRET_TOKEN", "s"),
+            ("MY_APP_X", "no"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(
+            d.attributes(&labels, &env),
+            BTreeMap::from(
+                [("APP_MODE", "fast"), ("REGION", "eu"), ("team", "web")]
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            ),
+            "listed and matching names only; `tier` is not set"
+        );
+        assert_eq!(
+            d.options(),
+            opts(&[
+                ("env", "REGION"),
+                ("env-regex", "^APP_"),
+                ("labels", "team,tier")
+            ])
+        );
+        let again = LogDriver::parse("--log-opt", None, &d.options()).unwrap();
+        assert_eq!(again, Some(d));
+
+        for (k, v, says) in [
+            ("env-regex", "(", "is not a regular expression"),
+            ("labels", " , ", "name one or more"),
+        ] {
+            let e = LogDriver::parse("--log-opt", None, &opts(&[(k, v)])).unwrap_err();
+            assert!(e.contains(says), "{k}={v}: {e}");
         }
     }
 

@@ -38,6 +38,10 @@ pub struct LogLine {
     pub time_ns: i64,
     /// Without its newline; invalid UTF-8 is replaced.
     pub line: String,
+    /// The container labels and environment variables the service's log options name
+    /// (`--log-opt labels=…,env=…`): what `--details` shows.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub attrs: std::collections::BTreeMap<String, String>,
 }
 
 /// Docker's `-t` format (RFC3339 with nine fraction digits, UTC): `2014-09-16T06:17:46.000000000Z`.
