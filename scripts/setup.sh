@@ -17,7 +17,10 @@ PACKAGES=(iproute2 nftables iptables conntrack iputils-ping bpftool tcpdump etht
   # Docker socket; its dockerd is never started (below).
   docker.io
   # tests/tests/clock_steps.rs steps one agent's wall clock (LD_PRELOAD, test only).
-  libfaketime)
+  libfaketime
+  # tests/tests/registry_auth.rs pulls from a private registry (distribution's, with
+  # htpasswd logins); its own service is never started (below).
+  docker-registry apache2-utils)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
@@ -36,7 +39,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
   # Debian starts services on install; the tests start their own instances.
-  for svc in nginx dnsmasq docker.socket docker containerd; do
+  for svc in nginx dnsmasq docker.socket docker containerd docker-registry; do
     if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
       systemctl disable --now "$svc" >/dev/null 2>&1 || true
     fi

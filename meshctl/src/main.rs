@@ -8,6 +8,7 @@ mod flags;
 mod logs;
 mod objects;
 mod progress;
+mod registry_auth;
 mod service;
 mod stack;
 mod volume;

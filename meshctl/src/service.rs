@@ -213,6 +213,10 @@ pub struct CreateArgs {
     /// Do not look the image up on this node or its registry first (each node pulls it).
     #[arg(long = "no-resolve-image")]
     no_resolve_image: bool,
+    /// Send registry authentication details to swarm agents (your podman or docker login
+    /// for the image's registry, sealed; nodes use it only to pull the image).
+    #[arg(long = "with-registry-auth")]
+    with_registry_auth: bool,
 }
 
 /// `--host`, `--dns*` and `--log-*` of `service create`.
@@ -300,6 +304,10 @@ pub struct UpdateArgs {
     /// Do not look the new image up on this node or its registry first.
     #[arg(long = "no-resolve-image")]
     no_resolve_image: bool,
+    /// Send registry authentication details to swarm agents (your podman or docker login
+    /// for the image's registry, sealed; nodes use it only to pull the image).
+    #[arg(long = "with-registry-auth")]
+    with_registry_auth: bool,
     /// Replace the image's ENTRYPOINT ("" puts the image's back).
     #[arg(long, allow_hyphen_values = true)]
     entrypoint: Option<String>,
@@ -412,7 +420,25 @@ pub async fn run(client: &Client, fmt: Format, cmd: ServiceCommand) -> Result<()
     match cmd {
         ServiceCommand::Create(args) => create(client, fmt, &args).await,
         ServiceCommand::Update(args) => {
-            let req = update_request(&args)?;
+            let mut req = update_request(&args)?;
+            if args.with_registry_auth {
+                let image = match &args.image {
+                    Some(image) => Some(image.clone()),
+                    None => {
+                        let s: ServiceInfo =
+                            client.get(&format!("/v1/services/{}", args.name)).await?;
+                        s.spec.task.and_then(|t| t.image)
+                    }
+                };
+                let Some(image) = image else {
+                    bail!(
+                        "--with-registry-auth: service {} runs no image (a process service \
+                         pulls nothing)",
+                        args.name
+                    );
+                };
+                req.registry_auth = crate::registry_auth::for_image(&image)?;
+            }
             if req == ServiceUpdate::default() {
                 bail!(
                     "nothing to update: pass --replicas, --image, --args, --env-add/-rm, \
@@ -458,9 +484,18 @@ async fn create(client: &Client, fmt: Format, a: &CreateArgs) -> Result<()> {
         .skip(1)
         .collect();
     let a = &in_docker_order(a.clone(), &raw)?;
+    let spec = create_spec(a)?;
+    let registry_auth = match (
+        a.with_registry_auth,
+        spec.task.as_ref().and_then(|t| t.image.as_deref()),
+    ) {
+        (true, Some(image)) => crate::registry_auth::for_image(image)?,
+        _ => None,
+    };
     let req = ServiceCreate {
-        spec: create_spec(a)?,
+        spec,
         no_resolve_image: a.no_resolve_image,
+        registry_auth,
     };
     let s: ServiceInfo = client.post("/v1/services", &req).await?;
     if fmt == Format::Json {
@@ -1065,6 +1100,8 @@ fn update_request(a: &UpdateArgs) -> Result<ServiceUpdate> {
     let (update_config, rollback_config) = a.rollout.changes().map_err(msg)?;
     Ok(ServiceUpdate {
         no_resolve_image: a.no_resolve_image,
+        // Read from the caller's login files by the command (it may need the current image).
+        registry_auth: None,
         replicas: a
             .replicas
             .map(|n| flags::replicas("--replicas", n))

@@ -22,6 +22,10 @@ pub enum StackCommand {
         /// Remove the stack's services the file no longer has.
         #[arg(long)]
         prune: bool,
+        /// Send registry authentication details to swarm agents (your podman or docker
+        /// login for each image's registry, sealed; nodes use it only to pull).
+        #[arg(long = "with-registry-auth")]
+        with_registry_auth: bool,
         name: String,
     },
     /// List stacks.
@@ -53,6 +57,7 @@ pub async fn run(client: &Client, fmt: Format, cmd: StackCommand) -> Result<()> 
         StackCommand::Deploy {
             compose_file,
             prune,
+            with_registry_auth,
             name,
         } => {
             let sources = compose_file
@@ -70,8 +75,15 @@ pub async fn run(client: &Client, fmt: Format, cmd: StackCommand) -> Result<()> 
                 .filter(|d| !d.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
             let env = |k: &str| std::env::var(k).ok();
-            let parsed = crate::compose::load(&name, &sources, dir, &env, prune)
+            let mut parsed = crate::compose::load(&name, &sources, dir, &env, prune)
                 .map_err(anyhow::Error::msg)?;
+            if with_registry_auth {
+                for s in &mut parsed.deploy.services {
+                    if let Some(image) = s.spec.task.as_ref().and_then(|t| t.image.as_deref()) {
+                        s.registry_auth = crate::registry_auth::for_image(image)?;
+                    }
+                }
+            }
             for w in &parsed.warnings {
                 eprintln!("{w}");
             }

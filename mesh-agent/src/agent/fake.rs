@@ -605,7 +605,7 @@ impl NodeRuntime for FakeNode {
         g.services.insert(record.spec.name.clone(), record);
     }
 
-    fn prefetch(&self, image: &str) {
+    fn prefetch(&self, image: &str, _service: &ServiceSpec) {
         self.shared.log(
             &self.name,
             "",
@@ -633,7 +633,7 @@ impl NodeRuntime for FakeNode {
         })
     }
 
-    async fn pull(&self, image: &str) -> Result<(), String> {
+    async fn pull(&self, image: &str, _service: &ServiceSpec) -> Result<(), String> {
         let takes = (*self.shared.pull_takes.lock().unwrap())(&self.name, image);
         if !takes.is_zero() {
             tokio::time::sleep(takes).await;

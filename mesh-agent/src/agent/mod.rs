@@ -16,6 +16,7 @@ mod objects;
 mod orchestrate;
 mod ports;
 mod programming;
+pub(crate) mod registry_auth;
 mod roles;
 mod rollout;
 mod routing;

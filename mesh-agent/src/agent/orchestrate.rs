@@ -376,7 +376,7 @@ fn prefetch_update_image<R: NodeRuntime>(
         .values()
         .any(|t| t.service == service.spec.name && t.is_live() && t.template != template);
     if outdated {
-        rt.prefetch(image);
+        rt.prefetch(image, &service.spec);
     }
 }
 
@@ -643,7 +643,7 @@ async fn start<R: NodeRuntime>(rt: &R, mut t: Task) {
     rt.publish_tasks(&[&t]).await;
     let name = process_name(&t);
     if let Some(image) = &template.image
-        && let Err(why) = rt.pull(image).await
+        && let Err(why) = rt.pull(image, &service).await
     {
         warn!(task = name, image, "task could not start: {why}");
         task_ended(

@@ -82,11 +82,16 @@ pub(super) trait NodeRuntime: Send + Sync + 'static {
 
     fn process(&self, name: &str) -> Option<LocalProcess>;
     /// Makes sure this node has `image`, pulling it if not; Err is the registry's reason.
-    /// Pulls of one image wait for each other, so its tasks download it once.
-    fn pull(&self, image: &str) -> impl Future<Output = Result<(), String>> + Send;
+    /// Pulls of one image wait for each other, so its tasks download it once. With the
+    /// credentials `service` carries for the image's registry (`--with-registry-auth`).
+    fn pull(
+        &self,
+        image: &str,
+        service: &ServiceSpec,
+    ) -> impl Future<Output = Result<(), String>> + Send;
     /// Pulls an image in the background if this node lacks it (once per image at a time), so
     /// that an update's new tasks do not wait for it after the old ones stopped.
-    fn prefetch(&self, image: &str);
+    fn prefetch(&self, image: &str, service: &ServiceSpec);
     /// Plumbs the task's network and starts its process; Err says why it could not start.
     fn start_process(
         &self,
@@ -215,18 +220,19 @@ impl NodeRuntime for Agent {
         }
     }
 
-    fn prefetch(&self, image: &str) {
-        crate::task::prefetch_image(image);
+    fn prefetch(&self, image: &str, service: &ServiceSpec) {
+        crate::task::prefetch_image(image, self.registry_credentials(service, image));
     }
 
-    async fn pull(&self, image: &str) -> Result<(), String> {
+    async fn pull(&self, image: &str, service: &ServiceSpec) -> Result<(), String> {
         let one_image = {
             let mut pulls = self.pulls.lock().expect("pulls lock");
             pulls.retain(|_, m| Arc::strong_count(m) > 1);
             pulls.entry(image.to_owned()).or_default().clone()
         };
         let _one_pull = one_image.lock().await;
-        crate::task::resolve_image(image).await
+        let auth = self.registry_credentials(service, image);
+        crate::task::resolve_image(image, auth.as_ref()).await
     }
 
     fn process(&self, name: &str) -> Option<LocalProcess> {

@@ -98,7 +98,9 @@ pub fn users(view: &View, kind: Kind, name: &str) -> Vec<String> {
 }
 
 impl Agent {
-    fn keyring(&self) -> Result<(std::sync::Arc<crate::gossip::keyring::Keyring>, String)> {
+    pub(super) fn keyring(
+        &self,
+    ) -> Result<(std::sync::Arc<crate::gossip::keyring::Keyring>, String)> {
         let auth = self.gossip.auth().ok_or_else(|| {
             Error::Invalid(
                 "secrets need a cluster key: this agent's gossip is not sealed, so a secret \

@@ -24,6 +24,11 @@ pub const DEFAULT_NETWORK: &str = "ingress";
 impl Agent {
     pub async fn create_service(&self, req: &ServiceCreate) -> Result<Replicated<ServiceSpec>> {
         let mut spec = new_spec(&req.spec)?;
+        // The agent seals credentials itself; a sealed form sent in the spec is not taken.
+        spec.registry_auth = match &req.registry_auth {
+            Some(auth) => Some(self.seal_registry_auth(&spec, auth)?),
+            None => None,
+        };
         let name = spec.name.clone();
         let name = name.as_str();
         let view = self.refresh().await;
@@ -39,7 +44,7 @@ impl Agent {
         self.check_bind_sources(&spec, None)?;
         super::volumes::check_volume_drivers(&view.services, &[&spec])?;
         if !req.no_resolve_image {
-            self.resolve_image(&view, &spec).await?;
+            self.resolve_image(&view, &spec, None).await?;
         }
         let view = if req.spec.network.is_empty() {
             self.default_network(view).await?;
@@ -89,7 +94,13 @@ impl Agent {
     /// Docker's image resolution before a spec with a new image is written: refused when
     /// neither this node nor the image's registry has it. A node without podman cannot look
     /// (Docker's CLI then warns and goes on; so does this, with each node pulling).
-    pub(crate) async fn resolve_image(&self, view: &View, spec: &ServiceSpec) -> Result<()> {
+    /// With `auth`, or else the credentials the spec carries.
+    pub(crate) async fn resolve_image(
+        &self,
+        view: &View,
+        spec: &ServiceSpec,
+        auth: Option<&mesh_api::v1::RegistryAuth>,
+    ) -> Result<()> {
         let Some(image) = image_of(spec) else {
             return Ok(());
         };
@@ -101,12 +112,16 @@ impl Agent {
         if !podman_here {
             return Ok(());
         }
-        crate::task::resolve_image(image).await.map_err(|why| {
-            Error::Invalid(format!(
-                "image {image} could not be found on this node or its registry: {why}. Check \
+        let carried = self.registry_credentials(spec, image);
+        let auth = auth.or(carried.as_ref());
+        crate::task::resolve_image(image, auth)
+            .await
+            .map_err(|why| {
+                Error::Invalid(format!(
+                    "image {image} could not be found on this node or its registry: {why}. Check \
                  its name and tag (or pass --no-resolve-image to leave each node to pull it)"
-            ))
-        })
+                ))
+            })
     }
 
     /// A VIP on each of the service's networks that has none yet (vip mode). Returns what
@@ -177,7 +192,10 @@ impl Agent {
     ) -> Result<Replicated<ServiceSpec>> {
         let view = self.refresh().await;
         let current = view.services.get(name).ok_or_else(|| not_found(name))?;
-        let spec = apply_update(&current.spec, req)?;
+        let mut spec = apply_update(&current.spec, req)?;
+        if let Some(auth) = &req.registry_auth {
+            spec.registry_auth = Some(self.seal_registry_auth(&spec, auth)?);
+        }
         self.check_and_write(
             &view,
             current,
@@ -214,7 +232,7 @@ impl Agent {
             return Ok(current.clone());
         }
         if resolve_image && image_of(&spec) != image_of(&current.spec) {
-            self.resolve_image(view, &spec).await?;
+            self.resolve_image(view, &spec, None).await?;
         }
         let record = self.write_change(current, spec).await?;
         info!(service = name, version = record.spec.version, "{done}");

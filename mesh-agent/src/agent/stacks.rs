@@ -68,6 +68,8 @@ pub(super) fn redeployed(current: &ServiceSpec, mut spec: ServiceSpec) -> Result
     spec.force_update = current.force_update;
     spec.previous = current.previous.clone();
     spec.update_status = current.update_status.clone();
+    // Replaced only by a deploy --with-registry-auth (see `apply_service_plan`).
+    spec.registry_auth = current.registry_auth.clone();
     if spec.mode.is_job() {
         return Ok(super::services::job_runs_again(spec, current));
     }
@@ -193,7 +195,8 @@ impl Agent {
         super::volumes::check_volume_drivers(&view.services, &specs)?;
         for (s, _) in &plan {
             if !s.no_resolve_image {
-                self.resolve_image(&view, &s.spec).await?;
+                self.resolve_image(&view, &s.spec, s.registry_auth.as_ref())
+                    .await?;
             }
         }
         self.create_stack_objects(&view, req, secrets, configs)
@@ -314,7 +317,7 @@ impl Agent {
         let mut report = StackReport::default();
         for (req, change) in plan {
             let name = req.spec.name.clone();
-            let Some(spec) = change else {
+            let Some(mut spec) = change else {
                 self.create_service(req).await?;
                 report.created.push(name);
                 continue;
@@ -324,6 +327,9 @@ impl Agent {
                     "service {name} was removed during the deploy"
                 )));
             };
+            if let Some(auth) = &req.registry_auth {
+                spec.registry_auth = Some(self.seal_registry_auth(&spec, auth)?);
+            }
             if spec == current.spec {
                 report.unchanged.push(name);
             } else {

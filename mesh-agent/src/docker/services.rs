@@ -8,7 +8,7 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{Path, Query, State},
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -28,7 +28,7 @@ use crate::{
 use mesh_api::{
     id::short_id,
     spec::{EndpointMode, ServiceSpec},
-    v1::{ServiceCreate, ServiceUpdate},
+    v1::{RegistryAuth, ServiceCreate, ServiceUpdate},
 };
 use mesh_planner::ServiceMode;
 
@@ -172,7 +172,76 @@ fn decode_spec(bytes: &[u8]) -> Result<DockerSpec, DockerError> {
     body(bytes)
 }
 
-async fn create(State(agent): State<Arc<Agent>>, bytes: Bytes) -> Result<Response, DockerError> {
+/// Docker's `X-Registry-Auth` header (what `--with-registry-auth` sends): base64url of an
+/// AuthConfig. An empty one (`{}`, what the client sends when it has no credentials for the
+/// registry) is none.
+fn registry_auth(headers: &HeaderMap) -> Result<Option<RegistryAuth>, DockerError> {
+    use base64::Engine;
+    let Some(value) = headers.get("x-registry-auth") else {
+        return Ok(None);
+    };
+    let bad = |why: &str| DockerError::bad_request(format!("X-Registry-Auth: {why}"));
+    let text = value.to_str().map_err(|_| bad("not text"))?.trim();
+    let engines = [
+        base64::engine::general_purpose::URL_SAFE,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        base64::engine::general_purpose::STANDARD,
+    ];
+    let json = engines
+        .iter()
+        .find_map(|e| e.decode(text).ok())
+        .ok_or_else(|| bad("not base64"))?;
+    #[derive(Deserialize, Default)]
+    struct AuthConfig {
+        #[serde(default)]
+        username: String,
+        #[serde(default)]
+        password: String,
+        #[serde(default)]
+        auth: String,
+        #[serde(default)]
+        serveraddress: String,
+        #[serde(default)]
+        identitytoken: String,
+        #[serde(default)]
+        registrytoken: String,
+    }
+    let c: AuthConfig = serde_json::from_slice(&json).map_err(|_| bad("not an AuthConfig"))?;
+    if !c.identitytoken.is_empty() || !c.registrytoken.is_empty() {
+        return Err(bad(
+            "identity and registry tokens are not supported: log in with a user name and \
+             password",
+        ));
+    }
+    let (username, password) = if c.username.is_empty() && !c.auth.is_empty() {
+        let pair = base64::engine::general_purpose::STANDARD
+            .decode(&c.auth)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| bad("its auth is not base64 of user:password"))?;
+        let (u, p) = pair
+            .split_once(':')
+            .ok_or_else(|| bad("its auth is not base64 of user:password"))?;
+        (u.to_owned(), p.to_owned())
+    } else {
+        (c.username, c.password)
+    };
+    if username.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(RegistryAuth {
+        username,
+        password,
+        server_address: c.serveraddress,
+    }))
+}
+
+async fn create(
+    State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, DockerError> {
+    let auth = registry_auth(&headers)?;
     let d = decode_spec(&bytes)?;
     let view = agent.refresh().await;
     let mesh = spec::to_mesh(&d, &*view).map_err(DockerError::bad_request)?;
@@ -191,6 +260,7 @@ async fn create(State(agent): State<Arc<Agent>>, bytes: Bytes) -> Result<Respons
         .create_service(&ServiceCreate {
             spec: mesh,
             no_resolve_image: false,
+            registry_auth: auth,
         })
         .await?;
     Ok((
@@ -213,8 +283,10 @@ async fn update(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
     Query(q): Query<UpdateQuery>,
+    headers: HeaderMap,
     bytes: Bytes,
 ) -> DockerResult<Value> {
+    let auth = registry_auth(&headers)?;
     let d = decode_spec(&bytes)?;
     let view = agent.refresh().await;
     let name = resolve(&view, &id)?;
@@ -250,6 +322,9 @@ async fn update(
         .replace_service(&name, Some(version), |current| {
             let mut m = mesh;
             spec::keep_mesh_only(&mut m, current);
+            if let Some(auth) = &auth {
+                m.registry_auth = Some(agent.seal_registry_auth(&m, auth)?);
+            }
             Ok(m)
         })
         .await
@@ -282,4 +357,45 @@ async fn remove(
     let name = resolve(&view, &id)?;
     agent.remove_service(&name).await?;
     Ok(StatusCode::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn with_header(json: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let v = base64::engine::general_purpose::URL_SAFE.encode(json);
+        h.insert("x-registry-auth", v.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn x_registry_auth_is_read_as_dockers_client_sends_it() {
+        let a = registry_auth(&with_header(
+            r#"{"username":"u","password":"p?w>","serveraddress":"r:5000"}"#,
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (a.username.as_str(), a.password.as_str(), a.server_address.as_str()),
+            ("u", "p?w>", "r:5000")
+        );
+        // docker 20.10 sends the file's `auth` as it is.
+        let token = base64::engine::general_purpose::STANDARD.encode("v:q");
+        let a = registry_auth(&with_header(&format!(
+            r#"{{"auth":"{token}","serveraddress":"r"}}"#
+        )))
+        .unwrap()
+        .unwrap();
+        assert_eq!((a.username.as_str(), a.password.as_str()), ("v", "q"));
+        // No credentials for the registry: the client sends an empty config.
+        assert!(registry_auth(&with_header("{}")).unwrap().is_none());
+        assert!(registry_auth(&HeaderMap::new()).unwrap().is_none());
+        for bad in [r#"{"identitytoken":"t","serveraddress":"r"}"#, "[1]"] {
+            let e = registry_auth(&with_header(bad)).unwrap_err();
+            assert!(e.message.starts_with("X-Registry-Auth: "), "{}", e.message);
+        }
+    }
 }

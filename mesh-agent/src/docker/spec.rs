@@ -1299,6 +1299,8 @@ pub fn docker_port(p: &PortSpec) -> PortConfig {
 /// What a docker update cannot express but a meshctl-made service may have: kept from the
 /// current spec instead of being dropped by a client that never saw it.
 pub fn keep_mesh_only(new: &mut MeshSpec, current: &MeshSpec) {
+    // Docker's spec has no field for them: they change only with X-Registry-Auth.
+    new.registry_auth = current.registry_auth.clone();
     // Older clients (docker 20.10's stack deploy) list a service's networks in Go's map
     // order, which changes between runs: the same networks in another order are no change,
     // and must not make another network the first (eth0) and roll every task.

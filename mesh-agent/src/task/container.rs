@@ -116,7 +116,12 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// rather than every node's failing tasks. An image this node lacks is pulled (podman has
 /// no manifest-only query for every transport); the nodes then find it in their own
 /// storage or pull it themselves. Err carries podman's or the registry's own words.
-pub async fn resolve(image: &str) -> std::result::Result<(), String> {
+/// `auth`: credentials for the image's registry (`--with-registry-auth`), used for this pull
+/// only.
+pub async fn resolve(
+    image: &str,
+    auth: Option<&mesh_api::v1::RegistryAuth>,
+) -> std::result::Result<(), String> {
     let exists = podman()
         .args(["image", "exists", image])
         .stdout(Stdio::null())
@@ -127,8 +132,19 @@ pub async fn resolve(image: &str) -> std::result::Result<(), String> {
     if exists.success() {
         return Ok(());
     }
-    let pull = podman()
-        .args(["pull", "--quiet", image])
+    // The credentials go to podman in a file only root can read, never on its command line
+    // (which every user of the host can read), and the file is gone when the pull is.
+    let auth_file = match auth {
+        Some(a) => Some(AuthFile::write(image, a).map_err(|e| format!("{e:#}"))?),
+        None => None,
+    };
+    let mut pull = podman();
+    pull.args(["pull", "--quiet"]);
+    if let Some(f) = &auth_file {
+        pull.arg("--authfile").arg(&f.path);
+    }
+    let pull = pull
+        .arg(image)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output();
@@ -143,6 +159,52 @@ pub async fn resolve(image: &str) -> std::result::Result<(), String> {
     }
 }
 
+/// A podman auth file with one registry's credentials, in a directory of its own (0700),
+/// removed when dropped.
+struct AuthFile {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl AuthFile {
+    fn write(image: &str, auth: &mesh_api::v1::RegistryAuth) -> Result<Self> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let mut rand = [0u8; 8];
+        getrandom::fill(&mut rand).context("OS randomness")?;
+        let dir = std::env::temp_dir().join(format!(
+            "mesh-pull-{}",
+            rand.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let file = Self {
+            path: dir.join("auth.json"),
+            dir,
+        };
+        let registry = mesh_api::spec::registry_of(image);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file.path)
+            .with_context(|| format!("creating {}", file.path.display()))?;
+        std::io::Write::write_all(
+            &mut f,
+            &crate::agent::registry_auth::auth_file_json(registry, auth),
+        )
+        .with_context(|| format!("writing {}", file.path.display()))?;
+        Ok(file)
+    }
+}
+
+impl Drop for AuthFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Images this agent has pulled ahead of their tasks, or is pulling now.
 static PREFETCHED: std::sync::Mutex<std::collections::BTreeSet<String>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
@@ -150,7 +212,7 @@ static PREFETCHED: std::sync::Mutex<std::collections::BTreeSet<String>> =
 /// [`resolve`] in the background, once per image: a node whose old tasks still serve pulls
 /// the new image meanwhile. A failure is forgotten, so a later pass tries again, and the
 /// task's own start pulls (and reports the registry's reason) anyway.
-pub fn prefetch(image: &str) {
+pub fn prefetch(image: &str, auth: Option<mesh_api::v1::RegistryAuth>) {
     let first = PREFETCHED
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -160,7 +222,7 @@ pub fn prefetch(image: &str) {
     }
     let image = image.to_owned();
     tokio::spawn(async move {
-        match resolve(&image).await {
+        match resolve(&image, auth.as_ref()).await {
             Ok(()) => tracing::info!(image, "image ready ahead of the update's tasks"),
             Err(why) => {
                 tracing::warn!(image, why, "pulling ahead of the update failed");
@@ -273,7 +335,8 @@ pub(super) async fn run(r: &Run<'_>) -> Result<Started> {
     remove(r.container).await?;
     // Pulled as a step of its own, so a failure is the registry's one-line reason (Docker's
     // "No such image" / "pull access denied") rather than podman run's retry chatter.
-    resolve(r.image)
+    // The orchestrator pulled it (with the service's credentials) before the start.
+    resolve(r.image, None)
         .await
         .map_err(|why| anyhow::anyhow!("pull {}: {why}", r.image))?;
     let mut cmd = podman();

@@ -50,6 +50,13 @@ pub fn check_reference(reference: &str) -> Result<(), String> {
     }
 }
 
+/// The registry an image is pulled from, as credentials are filed under it: the reference's
+/// domain, or `docker.io` for Docker Hub's names.
+pub fn registry_of(reference: &str) -> &str {
+    let name = reference.split_once('@').map_or(reference, |(n, _)| n);
+    split_domain(name).0.unwrap_or("docker.io")
+}
+
 /// Docker's rule: the first component is a registry if it has a '.' or a ':', or is
 /// `localhost`; otherwise the name is on Docker Hub.
 fn split_domain(name: &str) -> (Option<&str>, &str) {
@@ -153,6 +160,15 @@ fn check_digest(d: &str) -> Result<(), ()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_registry_is_the_domain_or_docker_hub() {
+        assert_eq!(registry_of("nginx:1.25"), "docker.io");
+        assert_eq!(registry_of("library/nginx"), "docker.io");
+        assert_eq!(registry_of("10.0.0.1:5000/team/api:2"), "10.0.0.1:5000");
+        assert_eq!(registry_of("localhost/web@sha256:abc"), "localhost");
+        assert_eq!(registry_of("quay.io/podman/hello"), "quay.io");
+    }
 
     #[test]
     fn what_docker_accepts() {

@@ -99,6 +99,29 @@ pub struct ServiceSpec {
     /// The last rollout and how it stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_status: Option<UpdateStatus>,
+    /// `--with-registry-auth`: the credentials the creating node had for the image's
+    /// registry, sealed by its agent. Outside the task template: new credentials replace no
+    /// task; a node opens them only to pull the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<SealedRegistryAuth>,
+}
+
+/// Registry credentials as a service carries them (see `ServiceSpec::registry_auth`). Its
+/// Debug form shows only the registry.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedRegistryAuth {
+    /// The registry they are for (`registry.example.com:5000`, `docker.io`).
+    pub registry: String,
+    /// The cluster key they are sealed with.
+    pub key: crate::v1::KeyId,
+    /// base64 of nonce ‖ ciphertext ‖ tag.
+    pub data: String,
+}
+
+impl fmt::Debug for SealedRegistryAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SealedRegistryAuth({}, sealed)", self.registry)
+    }
 }
 
 /// Swarm's UpdateStatus.

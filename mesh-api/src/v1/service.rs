@@ -91,6 +91,25 @@ pub struct ServiceCreate {
     /// (each node pulls it when a task lands there).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_resolve_image: bool,
+    /// Docker's `--with-registry-auth`: the caller's credentials for the image's registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<RegistryAuth>,
+}
+
+/// Credentials for one registry, as the caller's `podman login`/`docker login` stored them
+/// (Docker's AuthConfig, which its X-Registry-Auth header carries). Debug hides the password.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+    /// The registry (`registry.example.com:5000`, `docker.io`).
+    pub server_address: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RegistryAuth({}@{})", self.username, self.server_address)
+    }
 }
 
 /// A published port as `--publish-rm` names it.
@@ -108,6 +127,10 @@ pub struct ServiceUpdate {
     /// Docker's `--no-resolve-image` (see [`ServiceCreate`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_resolve_image: bool,
+    /// Docker's `--with-registry-auth` (see [`ServiceCreate`]): replaces the credentials the
+    /// service carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_auth: Option<RegistryAuth>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub constraint_add: Vec<Constraint>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -416,6 +416,7 @@ impl Stack {
         Ok(ServiceCreate {
             spec: finish(d, &at)?,
             no_resolve_image: false,
+            registry_auth: None,
         })
     }
 

@@ -1,0 +1,153 @@
+//! `--with-registry-auth`: the credentials the creating node's user has for the image's
+//! registry travel with the service, sealed like a secret, and each node opens them only to
+//! pull the service's image — never for another registry, never into a task.
+
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use tracing::warn;
+
+use super::{Agent, Error, Result};
+use crate::{cluster::Sealed, gossip::sealed};
+use mesh_api::{
+    spec::{SealedRegistryAuth, ServiceSpec, registry_of},
+    v1::RegistryAuth,
+};
+
+/// What the seal is bound to: a service's credentials cannot be moved to another service.
+fn sealed_name(service: &str) -> String {
+    format!("registry-auth:{service}")
+}
+
+impl Agent {
+    /// Seals `auth` for `service`. Refused without a cluster key (they would travel in the
+    /// clear) and for credentials of another registry than the image's.
+    pub(crate) fn seal_registry_auth(
+        &self,
+        spec: &ServiceSpec,
+        auth: &RegistryAuth,
+    ) -> Result<SealedRegistryAuth> {
+        let Some(image) = super::services::image_of(spec) else {
+            return Err(Error::Invalid(
+                "--with-registry-auth: the service runs no image (a process service pulls \
+                 nothing)"
+                    .into(),
+            ));
+        };
+        let registry = registry_of(image);
+        if !same_registry(&auth.server_address, registry) {
+            return Err(Error::Invalid(format!(
+                "--with-registry-auth: the credentials are for {}, but image {image} is pulled \
+                 from {registry}",
+                auth.server_address
+            )));
+        }
+        let (ring, cluster) = self.keyring().map_err(|_| {
+            Error::Invalid(
+                "--with-registry-auth needs a cluster key: this agent's gossip is not sealed, so \
+                 the credentials would travel in the clear"
+                    .into(),
+            )
+        })?;
+        let plain = serde_json::to_vec(auth).expect("credentials serialise");
+        let s = sealed::seal(&ring, &cluster, &sealed_name(&spec.name), &plain);
+        Ok(SealedRegistryAuth {
+            registry: registry.to_owned(),
+            key: s.key,
+            data: s.data,
+        })
+    }
+
+    /// The credentials `spec` carries for pulling `image`, opened; None when it carries none
+    /// for that image's registry, or this node cannot open them (said in the log: the pull
+    /// then goes without, and the registry's refusal is the task's error).
+    pub(crate) fn registry_credentials(
+        &self,
+        spec: &ServiceSpec,
+        image: &str,
+    ) -> Option<RegistryAuth> {
+        let sealed_auth = spec.registry_auth.as_ref()?;
+        if sealed_auth.registry != registry_of(image) {
+            return None;
+        }
+        let (ring, cluster) = self.keyring().ok()?;
+        let s = Sealed {
+            key: sealed_auth.key,
+            data: sealed_auth.data.clone(),
+        };
+        let opened = sealed::open(&ring, &cluster, &sealed_name(&spec.name), &s)
+            .map_err(|e| e.to_string())
+            .and_then(|plain| serde_json::from_slice(&plain).map_err(|e| e.to_string()));
+        match opened {
+            Ok(auth) => Some(auth),
+            Err(e) => {
+                warn!(
+                    service = spec.name,
+                    "cannot open its registry credentials: {e}"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// `https://index.docker.io/v1/` and `docker.io`, `http://host:5000/` and `host:5000`: one
+/// registry each.
+pub fn same_registry(server_address: &str, registry: &str) -> bool {
+    canonical(server_address) == canonical(registry)
+}
+
+fn canonical(server: &str) -> String {
+    let host = server
+        .trim()
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let host = host
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".into()
+        }
+        _ => host,
+    }
+}
+
+/// podman's auth file holding `auth` alone (`{"auths": {registry: {"auth": base64}}}`).
+pub fn auth_file_json(registry: &str, auth: &RegistryAuth) -> Vec<u8> {
+    let token = BASE64.encode(format!("{}:{}", auth.username, auth.password));
+    serde_json::to_vec(&serde_json::json!({ "auths": { registry: { "auth": token } } }))
+        .expect("json serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registries_are_compared_as_docker_files_them() {
+        assert!(same_registry("https://index.docker.io/v1/", "docker.io"));
+        assert!(same_registry("10.0.0.1:5000", "10.0.0.1:5000"));
+        assert!(same_registry("http://10.0.0.1:5000/", "10.0.0.1:5000"));
+        assert!(!same_registry("10.0.0.1:5001", "10.0.0.1:5000"));
+        assert!(!same_registry("quay.io", "docker.io"));
+    }
+
+    #[test]
+    fn the_auth_file_holds_the_one_registry() {
+        let auth = RegistryAuth {
+            username: "u".into(),
+            password: "p w".into(),
+            server_address: "r:5000".into(),
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&auth_file_json("r:5000", &auth)).unwrap();
+        assert_eq!(v["auths"]["r:5000"]["auth"], BASE64.encode("u:p w"));
+        assert_eq!(v["auths"].as_object().unwrap().len(), 1);
+        assert_eq!(
+            format!("{auth:?}"),
+            "RegistryAuth(u@r:5000)",
+            "no password in Debug"
+        );
+    }
+}

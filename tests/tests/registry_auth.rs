@@ -1,0 +1,391 @@
+//! `--with-registry-auth` against a private registry (distribution's, with an htpasswd
+//! login), the way a Swarm user ships a private image: the user has logged in on the machine
+//! they run meshctl from, the agents have not. Without the flag the registry's refusal is the
+//! error (at create, or in `service ps` on the node that pulls); with it the node that runs
+//! the task pulls with the user's credentials, which nothing shows and no file keeps.
+
+use std::{
+    io::Write,
+    path::Path,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use mesh_tests::{
+    Cluster, Host,
+    cluster::{UNDERLAY_PREFIX, bin},
+    image::Image,
+    workload::http_get,
+};
+use serde_json::Value;
+
+const USER: &str = "mesh";
+const PASSWORD: &str = "pr1vate-s3cret";
+
+/// The registry's address on the underlay, from an outside machine.
+fn registry_addr() -> String {
+    format!("{UNDERLAY_PREFIX}.200:5000")
+}
+
+fn write(path: &Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+}
+
+/// Two nodes with a cluster key (credentials are sealed with it) whose podman takes the
+/// test's registry without TLS; the registry and an outside client on the underlay.
+fn cluster(dir: &Path) -> Cluster {
+    let mut c = Cluster::new(2).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let key = Command::new(bin("mesh-agent"))
+        .arg("keygen")
+        .output()
+        .unwrap();
+    assert!(key.status.success(), "{key:?}");
+    let key_file = dir.join("cluster.key");
+    write(&key_file, &String::from_utf8(key.stdout).unwrap());
+    let registries = dir.join("registries.conf");
+    write(
+        &registries,
+        &format!(
+            "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
+            registry_addr()
+        ),
+    );
+    for i in 1..=2 {
+        c.host_mut(i)
+            .start_agent_with_env(
+                &["--cluster-key-file", key_file.to_str().unwrap()],
+                &[("CONTAINERS_REGISTRIES_CONF", registries.to_str().unwrap())],
+            )
+            .unwrap();
+    }
+    c.create_network("app", "10.63.0.0/24").unwrap();
+    c.external("client", 100).unwrap();
+    c
+}
+
+/// A registry that lets only USER in, serving from `dir`; it stops with the namespace.
+fn start_registry(c: &mut Cluster, dir: &Path) -> mesh_tests::netns::Background {
+    let htpasswd = Command::new("htpasswd")
+        .args(["-Bbn", USER, PASSWORD])
+        .output()
+        .expect("htpasswd (apache2-utils, scripts/setup.sh installs it)");
+    assert!(htpasswd.status.success(), "{htpasswd:?}");
+    write(
+        &dir.join("htpasswd"),
+        &String::from_utf8(htpasswd.stdout).unwrap(),
+    );
+    write(
+        &dir.join("registry.yml"),
+        &format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {}\nauth:\n  htpasswd:\n    realm: mesh-test\n    path: {}\n",
+            dir.join("data").display(),
+            registry_addr(),
+            dir.join("htpasswd").display()
+        ),
+    );
+    let ns = c.external("registry", 200).unwrap();
+    let registry = ns
+        .spawn(
+            "docker-registry",
+            &["serve", dir.join("registry.yml").to_str().unwrap()],
+        )
+        .unwrap();
+    let url = format!("http://{}/v2/", registry_addr());
+    c.eventually(Duration::from_secs(10), "the registry answers", |c| {
+        let out = c
+            .external_ns("registry")
+            .unwrap()
+            .command("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
+            .output()?;
+        Ok((String::from_utf8_lossy(&out.stdout) == "401").then_some(()))
+    })
+    .unwrap();
+    registry
+}
+
+/// meshctl as the user who logged in: their auth file is the one podman's login wrote.
+fn meshctl_as_user(h: &Host, auth_file: &Path, args: &[&str]) -> Output {
+    Command::new(bin("meshctl"))
+        .arg("--socket")
+        .arg(h.socket())
+        .args(args)
+        .env("REGISTRY_AUTH_FILE", auth_file)
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Leftover pull credentials of the agents', if any.
+fn pull_auth_files() -> Vec<String> {
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("mesh-pull-"))
+        .collect()
+}
+
+#[test]
+fn a_private_image_runs_with_the_users_registry_login_and_fails_clearly_without() {
+    let dir = std::env::temp_dir().join(format!("mt{}-registry", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut c = cluster(&dir);
+    let _registry = start_registry(&mut c, &dir);
+
+    // The user's image, pushed to the private registry; no node has it.
+    let image = Image::busybox(
+        "private",
+        r#"["/bin/sh","-c","trap 'exit 0' TERM; echo private $(hostname) > /www/index.html; httpd -f -p 80 -h /www & wait"]"#,
+    )
+    .unwrap();
+    let remote = format!("{}/team/web:1", registry_addr());
+    let push = c
+        .external_ns("registry")
+        .unwrap()
+        .command("podman")
+        .args(["push", "--tls-verify=false", "--quiet"])
+        .arg(format!("--creds={USER}:{PASSWORD}"))
+        .args([image.name(), &remote])
+        .output()
+        .unwrap();
+    assert!(push.status.success(), "{push:?}");
+    let _ = Command::new("podman")
+        .args(["rmi", "--force", &remote])
+        .output();
+
+    // What `podman login` wrote on the user's machine.
+    let auth_file = dir.join("auth.json");
+    write(
+        &auth_file,
+        &format!(
+            r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
+            registry_addr(),
+            BASE64.encode(format!("{USER}:{PASSWORD}"))
+        ),
+    );
+    let host2 = c.host(2).node_name().to_owned();
+    let create = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "service",
+            "create",
+            "--name",
+            name,
+            "--network",
+            "app",
+            "--constraint",
+        ];
+        let on_host2 = format!("node.id=={host2}");
+        args.push(&on_host2);
+        args.extend_from_slice(extra);
+        args.push(&remote);
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        meshctl_as_user(c.host(1), &auth_file, &args)
+    };
+
+    // Without the flag, the creating node's own lookup meets the registry's refusal.
+    let out = create("nologin", &["-d"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("could not be found on this node or its registry")
+            && text(&out).contains("authentication required"),
+        "{}",
+        text(&out)
+    );
+    let services: Vec<Value> = c.host(1).meshctl_json(&["service", "ls"]).unwrap();
+    assert!(services.is_empty(), "nothing created: {services:?}");
+
+    // Left to the node (--no-resolve-image), the task fails there with the registry's words.
+    let out = create("nopull", &["-d", "--no-resolve-image"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let error = c
+        .eventually(Duration::from_secs(60), "nopull's task rejected", |c| {
+            let rows: Vec<Value> =
+                c.host(1)
+                    .meshctl_json(&["service", "ps", "nopull", "--no-trunc"])?;
+            Ok(rows
+                .iter()
+                .find(|r| r["state"] == "Rejected")
+                .map(|r| r["error"].as_str().unwrap_or_default().to_owned()))
+        })
+        .unwrap();
+    assert!(
+        error.contains(&format!("pull {remote}")) && error.contains("authentication required"),
+        "{error}"
+    );
+    c.host(1).meshctl_ok(&["service", "rm", "nopull"]).unwrap();
+
+    // With it: host2, which nobody logged in on, pulls with the user's credentials; the
+    // task serves on the published port from every node.
+    let out = create(
+        "private",
+        &[
+            "--with-registry-auth",
+            "--no-resolve-image",
+            "--publish",
+            "published=8080,target=80",
+            "-d",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let client = c.external_ns("client").unwrap();
+    c.eventually(Duration::from_secs(60), "the private image serves", |c| {
+        let rows: Vec<Value> = c.host(1).meshctl_json(&["service", "ps", "private"])?;
+        let running = rows
+            .iter()
+            .any(|r| r["state"] == "Running" && r["node"] == host2.as_str());
+        if !running {
+            return Ok(None);
+        }
+        let mut answers = Vec::new();
+        for h in c.hosts() {
+            let a: std::net::SocketAddr = format!("{}:8080", h.ip).parse()?;
+            answers.push(client.run(move || http_get(a))??);
+        }
+        Ok(answers
+            .iter()
+            .all(|b| b.starts_with("private "))
+            .then_some(()))
+    })
+    .unwrap();
+
+    // Nothing shows the credentials, and no file keeps them.
+    for args in [
+        vec!["--format", "json", "service", "inspect", "private"],
+        vec!["service", "inspect", "private", "--pretty"],
+        vec!["service", "ps", "private", "--no-trunc"],
+    ] {
+        let shown = text(&c.host(2).meshctl(&args).unwrap());
+        assert!(!shown.contains(PASSWORD), "{args:?}: {shown}");
+        assert!(
+            !shown.contains(&BASE64.encode(format!("{USER}:{PASSWORD}"))),
+            "{shown}"
+        );
+    }
+    assert!(pull_auth_files().is_empty(), "{:?}", pull_auth_files());
+    for h in c.hosts() {
+        for f in walk(&h.state_dir()) {
+            let bytes = std::fs::read(&f).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(PASSWORD),
+                "{} holds the password",
+                f.display()
+            );
+        }
+    }
+    let inspect: Value = c
+        .host(2)
+        .meshctl_json(&["service", "inspect", "private"])
+        .unwrap();
+    assert_eq!(
+        inspect["spec"]["registry_auth"]["registry"],
+        registry_addr(),
+        "sealed, for that registry: {inspect}"
+    );
+
+    // New credentials (`service update --with-registry-auth` alone) are a new spec version
+    // that replaces no task: they matter only to the next pull.
+    let other = dir.join("other.json");
+    write(
+        &other,
+        &format!(
+            r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
+            registry_addr(),
+            BASE64.encode(format!("{USER}:rotated-{PASSWORD}"))
+        ),
+    );
+    let running = |c: &Cluster| -> Vec<String> {
+        let rows: Vec<Value> = c
+            .host(1)
+            .meshctl_json(&["service", "ps", "private"])
+            .unwrap();
+        rows.iter()
+            .filter(|r| r["state"] == "Running")
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let before = running(&c);
+    let version = inspect["spec"]["version"].as_u64().unwrap();
+    let out = meshctl_as_user(
+        c.host(1),
+        &other,
+        &["service", "update", "--with-registry-auth", "-d", "private"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let after: Value = c
+        .host(1)
+        .meshctl_json(&["service", "inspect", "private"])
+        .unwrap();
+    assert_eq!(after["spec"]["version"].as_u64(), Some(version + 1));
+    assert_ne!(
+        after["spec"]["registry_auth"]["data"], inspect["spec"]["registry_auth"]["data"],
+        "sealed anew"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(running(&c), before, "no task replaced");
+
+    // A process service pulls nothing: the flag is refused there, by name.
+    c.host(1)
+        .meshctl_ok(&[
+            "service",
+            "create",
+            "--name",
+            "proc",
+            "-d",
+            "--process",
+            "--",
+            "sleep",
+            "1000",
+        ])
+        .unwrap();
+    let out = meshctl_as_user(
+        c.host(1),
+        &auth_file,
+        &["service", "update", "--with-registry-auth", "proc"],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("runs no image"), "{}", text(&out));
+
+    c.host(1).meshctl_ok(&["service", "rm", "private"]).unwrap();
+    let _ = Command::new("podman")
+        .args(["rmi", "--force", &remote])
+        .output();
+    drop(c);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
