@@ -12,6 +12,7 @@ pub mod membership;
 pub mod netns;
 pub mod overlay;
 pub mod process;
+pub mod sandbox;
 pub mod workload;
 
 pub use cluster::{Cluster, Host};

@@ -379,7 +379,11 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(
-            (a.username.as_str(), a.password.as_str(), a.server_address.as_str()),
+            (
+                a.username.as_str(),
+                a.password.as_str(),
+                a.server_address.as_str()
+            ),
             ("u", "p?w>", "r:5000")
         );
         // docker 20.10 sends the file's `auth` as it is.

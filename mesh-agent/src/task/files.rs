@@ -108,12 +108,26 @@ pub(super) fn prepare(files: &TaskFiles) -> Result<(Vec<Prepared>, Vec<PathBuf>)
                         parent.display()
                     );
                 }
-                std::fs::OpenOptions::new()
+                match std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o644)
                     .open(target)
-                    .with_context(|| format!("creating the mount point {}", f.target))?;
+                {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EROFS) => bail!(
+                        "config target {}: the process driver shares the host's file system, \
+                         and {} is read-only to the agent here (the packaged unit's \
+                         ProtectSystem=strict): create the file on the node, choose a target \
+                         under a writable path (/tmp is the agent's own), or run an image",
+                        f.target,
+                        parent.display()
+                    ),
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("creating the mount point {}", f.target));
+                    }
+                }
                 placeholders.push(target.to_owned());
             }
         }

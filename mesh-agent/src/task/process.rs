@@ -451,11 +451,14 @@ fn write_files(files: &[super::files::Prepared]) -> io::Result<()> {
         }
     }
     if files.iter().any(|f| f.bind_to.is_none()) {
+        // Read-only as a mount, not as a file system: a config's file, unlinked above, lives
+        // on while its bind mount holds it, and the kernel refuses (EBUSY) to make a file
+        // system with such files read-only.
         mount(
             None::<&CStr>,
             dir,
             None::<&CStr>,
-            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | quiet,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | quiet,
             None::<&CStr>,
         )
         .map_err(os)?;
