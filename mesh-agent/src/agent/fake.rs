@@ -346,8 +346,7 @@ impl FakeCluster {
             admins: Some("sealed".into()),
         };
         let mut g = self.shared.gossip.lock().unwrap();
-        g.secrets
-            .insert(name.into(), Replicated::new(spec, stamp));
+        g.secrets.insert(name.into(), Replicated::new(spec, stamp));
     }
 
     /// An admin's copy of `secret` sealed to `node` arrives by gossip.

@@ -759,7 +759,10 @@ async fn waits_for_secrets<R: NodeRuntime>(
     template: &mesh_api::spec::TaskTemplate,
 ) -> bool {
     let Some(why) = rt.secrets_waiting(view, template) else {
-        if t.error.as_deref().is_some_and(super::secrets::is_waiting_message) {
+        if t.error
+            .as_deref()
+            .is_some_and(super::secrets::is_waiting_message)
+        {
             t.error = None;
         }
         return false;

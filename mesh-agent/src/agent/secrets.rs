@@ -466,11 +466,7 @@ impl Agent {
 
     /// A secret for a task starting on this node: its own copy, sealed to its key; or the
     /// shared form when this node opens it. Without either, the message the task waits with.
-    fn open_for_task(
-        &self,
-        view: &View,
-        s: &Replicated<SecretSpec>,
-    ) -> Result<Zeroizing<Vec<u8>>> {
+    fn open_for_task(&self, view: &View, s: &Replicated<SecretSpec>) -> Result<Zeroizing<Vec<u8>>> {
         let name = &s.spec.name;
         let me = self.node_name();
         let mine = self.gossip.identity();
@@ -557,8 +553,7 @@ impl Agent {
         let Some(_) = self.admin_secret() else {
             return;
         };
-        if view.secret_copies.is_empty()
-            && !view.secrets.values().any(|s| s.spec.sealed.is_none())
+        if view.secret_copies.is_empty() && !view.secrets.values().any(|s| s.spec.sealed.is_none())
         {
             return;
         }
@@ -573,8 +568,7 @@ impl Agent {
         for (name, (secret, node, key)) in &needed {
             let s = &view.secrets[*secret];
             let current = view.secret_copies.get(name);
-            if current.is_some_and(|c| c.spec.key == *key && c.spec.of == s.created)
-                || !mine(name)
+            if current.is_some_and(|c| c.spec.key == *key && c.spec.of == s.created) || !mine(name)
             {
                 continue;
             }
@@ -588,7 +582,10 @@ impl Agent {
             let sealed = match sealed::seal_copy(key, &cluster, secret, node, &data) {
                 Ok(b) => b,
                 Err(e) => {
-                    warn!(secret, node, "cannot seal the secret to the node's key: {e}");
+                    warn!(
+                        secret,
+                        node, "cannot seal the secret to the node's key: {e}"
+                    );
                     continue;
                 }
             };
@@ -609,7 +606,10 @@ impl Agent {
                 },
                 None => Replicated::new(spec, self.tick()),
             };
-            info!(secret, node, "sealing the secret to the node that runs its task");
+            info!(
+                secret,
+                node, "sealing the secret to the node that runs its task"
+            );
             if let Err(e) = self.write_object(key::SECRET_COPY, name, &record).await {
                 warn!(secret, node, "writing the node's copy of the secret: {e}");
             }

@@ -1166,7 +1166,10 @@ async fn a_task_waits_for_its_copy_of_a_secret_and_starts_when_it_arrives() {
     c.give_secret_copy("db_password", "n1");
     let given = c.now_ms();
     c.run_for(secs(1)).await;
-    let on_n1 = waiting.iter().find(|t| t.node == "n1").expect("a task on n1");
+    let on_n1 = waiting
+        .iter()
+        .find(|t| t.node == "n1")
+        .expect("a task on n1");
     let started = record(&c, &on_n1.id);
     assert_eq!(started.state, TaskState::Running, "{started:#?}");
     assert_eq!(started.error, None);
@@ -1179,6 +1182,9 @@ async fn a_task_waits_for_its_copy_of_a_secret_and_starts_when_it_arrives() {
             .iter()
             .all(|e| !matches!(e.what, What::Rejected(_)))
     );
-    let on_n2 = waiting.iter().find(|t| t.node == "n2").expect("a task on n2");
+    let on_n2 = waiting
+        .iter()
+        .find(|t| t.node == "n2")
+        .expect("a task on n2");
     assert_eq!(record(&c, &on_n2.id).state, TaskState::Assigned);
 }
