@@ -351,6 +351,7 @@ impl Gossip {
         auth.set_member(
             auth::Member {
                 name: self.name.clone(),
+                generation: self.generation,
                 identity: self.identity.clone(),
                 pinned: Box::new(move |name| {
                     origins
