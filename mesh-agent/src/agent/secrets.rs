@@ -631,3 +631,190 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::cluster::{NodeRecord, NodeSpec, NodeView};
+    use mesh_api::{id::Stamp, spec::NodeStatus};
+    use mesh_planner::{DesiredState, Plan, Slot, SlotPlacement, SlotPlan, Task, TaskState};
+
+    fn stamp(ms: u64) -> Stamp {
+        Stamp {
+            ms,
+            node: "n1".into(),
+        }
+    }
+
+    fn node(name: &str, key: Option<PublicKey>) -> NodeView {
+        NodeView {
+            name: name.into(),
+            record: Some(NodeRecord {
+                name: name.into(),
+                hostname: name.into(),
+                address: Ipv4Addr::new(192, 0, 2, 1),
+                mtu: 1500,
+                agent_version: "test".into(),
+                drivers: vec![mesh_api::spec::DRIVER_PROCESS.into()],
+                labels: BTreeMap::new(),
+                reserved_ports: Vec::new(),
+                platform: Default::default(),
+                capacity: Default::default(),
+                insecure: false,
+                key,
+                grant: None,
+            }),
+            spec: NodeSpec::default(),
+            status: NodeStatus::Ready,
+            role: mesh_planner::Role::Worker,
+        }
+    }
+
+    fn task(id: &str, service: &str, node: &str, desired: DesiredState) -> Task {
+        Task {
+            id: id.into(),
+            service: service.into(),
+            slot: Slot::Replica(1),
+            node: node.into(),
+            spec_version: 1,
+            template: 1,
+            desired,
+            state: TaskState::Running,
+            created_ms: 100,
+            since_ms: 100,
+            error: None,
+            exit_code: None,
+            attempt: 0,
+            window_start_ms: 0,
+            not_before_ms: None,
+            running_ms: None,
+            holds_slot: false,
+            reservation: Default::default(),
+        }
+    }
+
+    fn secret(name: &str, cluster_form: bool) -> Replicated<SecretSpec> {
+        Replicated::new(
+            SecretSpec {
+                name: name.into(),
+                labels: BTreeMap::new(),
+                size: 1,
+                sealed: cluster_form.then(|| crate::cluster::Sealed {
+                    key: mesh_api::v1::KeyId(1),
+                    data: String::new(),
+                }),
+                admins: (!cluster_form).then(|| "sealed".into()),
+            },
+            stamp(1),
+        )
+    }
+
+    fn service(name: &str, secrets: &[&str]) -> Replicated<ServiceSpec> {
+        let template = TaskTemplate {
+            secrets: secrets
+                .iter()
+                .map(|s| FileRef {
+                    source: (*s).into(),
+                    target: (*s).into(),
+                    uid: 0,
+                    gid: 0,
+                    mode: 0o444,
+                })
+                .collect(),
+            ..TaskTemplate::default()
+        };
+        Replicated::new(
+            ServiceSpec {
+                name: name.into(),
+                task: Some(template),
+                ..ServiceSpec::default()
+            },
+            stamp(2),
+        )
+    }
+
+    /// Copies go to the nodes that run a task granted the secret or are planned to start
+    /// one; never to a node without a key, a node gone from the view, for a stopped task, or
+    /// for a secret every member opens anyway (the cluster-key form).
+    #[test]
+    fn copies_go_only_to_keyed_nodes_that_run_or_start_a_granted_task() {
+        let key = |seed: u8| NodeIdentity::from_seed(&[seed; 32]).public();
+        let mut view = View::default();
+        for (name, k) in [
+            ("runs", Some(key(1))),
+            ("starts", Some(key(2))),
+            ("keyless", None),
+            ("stopped", Some(key(3))),
+            ("other", Some(key(4))),
+        ] {
+            view.nodes.insert(name.into(), node(name, k));
+        }
+        view.secrets.insert("pw".into(), secret("pw", false));
+        view.secrets.insert("old".into(), secret("old", true));
+        view.services
+            .insert("db".into(), service("db", &["pw", "old"]));
+        view.services.insert("web".into(), service("web", &[]));
+        view.tasks = vec![
+            task("t1", "db", "runs", DesiredState::Running),
+            task("t2", "db", "keyless", DesiredState::Running),
+            task("t3", "db", "stopped", DesiredState::Shutdown),
+            task("t4", "db", "removed", DesiredState::Running),
+            task("t5", "web", "other", DesiredState::Running),
+        ];
+        let plan = Plan {
+            slots: vec![SlotPlan {
+                slot: Slot::Replica(2),
+                placement: SlotPlacement::Start {
+                    node: "starts".into(),
+                },
+            }],
+            stops: Vec::new(),
+        };
+        let plans = BTreeMap::from([("db", plan)]);
+        let needed = copies_needed(&view, &plans);
+        assert_eq!(
+            needed.keys().collect::<Vec<_>>(),
+            ["pw@runs", "pw@starts"],
+            "{needed:?}"
+        );
+        assert_eq!(needed["pw@runs"], ("pw", "runs", key(1)));
+        assert_eq!(needed["pw@starts"].2, key(2));
+
+        // A task waits for its node's copy, made for its key and this incarnation only.
+        let tpl = view.services["db"].spec.task.clone().unwrap();
+        let waiting = waiting_for_copy(&view, "runs", Some(&key(1)), &tpl, false);
+        assert_eq!(waiting.as_deref(), Some(waiting_message("pw").as_str()));
+        assert!(is_waiting_message(&waiting_message("pw")));
+        let copy = |k: PublicKey, of: Stamp| {
+            Replicated::new(
+                SecretCopy {
+                    secret: "pw".into(),
+                    node: "runs".into(),
+                    key: k,
+                    of,
+                    data: String::new(),
+                },
+                stamp(3),
+            )
+        };
+        view.secret_copies
+            .insert("pw@runs".into(), copy(key(9), stamp(1)));
+        assert!(waiting_for_copy(&view, "runs", Some(&key(1)), &tpl, false).is_some());
+        view.secret_copies
+            .insert("pw@runs".into(), copy(key(1), stamp(0)));
+        assert!(waiting_for_copy(&view, "runs", Some(&key(1)), &tpl, false).is_some());
+        view.secret_copies
+            .insert("pw@runs".into(), copy(key(1), stamp(1)));
+        assert_eq!(
+            waiting_for_copy(&view, "runs", Some(&key(1)), &tpl, false),
+            None
+        );
+        // An admin holding the admin key opens the shared form itself.
+        assert_eq!(
+            waiting_for_copy(&view, "starts", Some(&key(2)), &tpl, true),
+            None
+        );
+    }
+}
