@@ -356,3 +356,143 @@ fn a_secret_reaches_only_the_workers_that_run_its_tasks() {
         assert_eq!(g["origins"]["secret_copies_refused"], 0, "{g}");
     }
 }
+
+/// A cluster made before roles gets them: a secret sealed under the cluster key (which every
+/// member opens) is resealed to the admin key by the admin once the agents restart with an
+/// admin key; the worker's task gets a copy of its own and, replaced, still reads the secret.
+#[test]
+fn a_secret_from_before_roles_is_resealed_to_the_admins_and_keeps_serving() {
+    let mut c = Cluster::new(2).unwrap();
+    let out = Command::new(bin("mesh-agent"))
+        .arg("keygen")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let key = c.log_dir().join("cluster.key");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)
+            .unwrap()
+            .write_all(&out.stdout)
+            .unwrap();
+    }
+    let key = key.to_str().unwrap().to_owned();
+    for i in 1..=2 {
+        c.host_mut(i)
+            .start_agent(&["--cluster-key-file", &key])
+            .unwrap();
+    }
+    c.external("client", 100).unwrap();
+    let (h1, h2) = (
+        c.host(1).node_name().to_owned(),
+        c.host(2).node_name().to_owned(),
+    );
+    let out = meshctl_stdin(c.host(1), &["secret", "create", SECRET, "-"], PASSWORD);
+    assert!(out.status.success(), "{out:?}");
+    c.host(1)
+        .meshctl_ok(&["network", "create", "app", "--subnet", "10.21.0.0/24"])
+        .unwrap();
+    c.host(1)
+        .meshctl_ok(&["node", "update", "--label-add", "db=yes", &h2])
+        .unwrap();
+    let whoami = bin("mesh-whoami");
+    c.host(1)
+        .meshctl_ok(&[
+            "service",
+            "create",
+            "--name",
+            "db",
+            "--network",
+            "app",
+            "-p",
+            "8080:80",
+            "--constraint",
+            "node.labels.db==yes",
+            "--secret",
+            SECRET,
+            "--process",
+            "--",
+            whoami.to_str().unwrap(),
+            "--hash",
+            &format!("/run/secrets/{SECRET}"),
+        ])
+        .unwrap();
+    c.eventually(Duration::from_secs(30), "db runs on host2", |c| {
+        Ok((running_on(c.host(1), "db") == [h2.clone()]).then_some(()))
+    })
+    .unwrap();
+    let addr: SocketAddr = format!("{}:8080", c.host(1).ip).parse().unwrap();
+    assert_eq!(get(&c, addr).unwrap(), fnv(PASSWORD.as_bytes()));
+    let sealed_under_cluster_key = |h: &Host| {
+        let state = gossip_state(h);
+        let v: Value = serde_json::from_str(&state[&format!("obj:secret:{SECRET}")]).unwrap();
+        (
+            !v["spec"]["sealed"].is_null(),
+            !v["spec"]["admins"].is_null(),
+        )
+    };
+    assert_eq!(sealed_under_cluster_key(c.host(2)), (true, false));
+
+    // Roles arrive: host1 holds the admin key, host2 its public half.
+    let admin = mesh_agent::roles::AdminKey::generate().unwrap();
+    for i in 1..=2 {
+        c.host_mut(i).stop_agent().unwrap();
+    }
+    for i in 1..=2 {
+        let dir = c.host(i).state_dir().join("admin");
+        let k = if i == 1 {
+            mesh_agent::roles::AdminKey::from_secret(NodeIdentity::from_seed(
+                &admin.secret().unwrap().seed(),
+            ))
+        } else {
+            mesh_agent::roles::AdminKey::public_only(admin.public)
+        };
+        k.save(&dir).unwrap();
+        let dir = dir.display().to_string();
+        c.host_mut(i)
+            .start_agent(&["--cluster-key-file", &key, "--admin-key-dir", &dir])
+            .unwrap();
+    }
+    c.eventually(Duration::from_secs(20), "roles settle", |c| {
+        let r = roles(c.host(2));
+        Ok((r.get(&h1).map(String::as_str) == Some("admin")
+            && r.get(&h2).map(String::as_str) == Some("worker"))
+        .then_some(()))
+    })
+    .unwrap();
+    c.eventually(
+        Duration::from_secs(20),
+        "the admin reseals the secret and host2 holds its copy",
+        |c| {
+            let state = gossip_state(c.host(2));
+            let copy = state
+                .get(&format!("obj:secretcopy:{SECRET}@{h2}"))
+                .and_then(|v| serde_json::from_str::<Value>(v).ok());
+            Ok((sealed_under_cluster_key(c.host(2)) == (false, true)
+                && copy.is_some_and(|c| c["deleted"].is_null()))
+            .then_some(()))
+        },
+    )
+    .unwrap();
+    // A new task on host2 opens host2's copy: the cluster key opens nothing any more.
+    c.host(1)
+        .meshctl_ok(&["service", "update", "--force", "db"])
+        .unwrap();
+    c.eventually(Duration::from_secs(30), "a new db task serves", |c| {
+        let rows: Value = c.host(1).meshctl_json(&["service", "ps", "db"])?;
+        let replaced = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["history"] == true)
+            .count()
+            > 0;
+        Ok((replaced && running_on(c.host(1), "db") == [h2.clone()]).then_some(()))
+    })
+    .unwrap();
+    assert_eq!(get(&c, addr).unwrap(), fnv(PASSWORD.as_bytes()));
+}
