@@ -496,3 +496,64 @@ fn a_secret_from_before_roles_is_resealed_to_the_admins_and_keeps_serving() {
     .unwrap();
     assert_eq!(get(&c, addr).unwrap(), fnv(PASSWORD.as_bytes()));
 }
+
+/// In a cluster with roles a key rotation travels sealed to each node's key, not under the
+/// old cluster key: the rotation record carries no key any state file or old-key holder could
+/// read, each node opens only its own copy, and every node switches and retires the old key.
+#[test]
+fn a_rotated_cluster_key_travels_sealed_to_each_node() {
+    let mut c = Cluster::new(3).unwrap();
+    let worker_command = init(&mut c, 1);
+    join(&mut c, 2, &worker_command, &[]);
+    join(&mut c, 3, &worker_command, &[]);
+    wait_ready(&c, &[1, 2, 3], &[1, 2, 3], Duration::from_secs(15));
+    let names: Vec<String> = (1..=3).map(|i| c.host(i).node_name().to_owned()).collect();
+    let cluster: String = {
+        let g: Value = c.host(1).meshctl_json(&["gossip", "stats"]).unwrap();
+        g["cluster"].as_str().unwrap().to_owned()
+    };
+    let rotated = c.host(1).meshctl(&["join-token", "--rotate"]).unwrap();
+    let stderr = String::from_utf8_lossy(&rotated.stderr);
+    assert!(rotated.status.success(), "{stderr}");
+    assert!(stderr.contains("3/3 nodes use the new key"), "{stderr}");
+    let material = keyring::read_material(&c.host(1).config_dir().join("cluster.key")).unwrap();
+    assert_eq!(material.len(), 1, "the old key is retired");
+    let new_key = keyring::encode(&material[0]).to_string();
+    for i in 1..=3 {
+        let state = gossip_state(c.host(i));
+        let record: Value = serde_json::from_str(&state["obj:clusterkey:primary"]).unwrap();
+        assert!(record["spec"]["key"].is_null(), "host{i}: {record}");
+        let sealed = record["spec"]["sealed"].as_object().unwrap();
+        assert_eq!(
+            sealed.keys().cloned().collect::<Vec<_>>(),
+            {
+                let mut n = names.clone();
+                n.sort();
+                n
+            },
+            "host{i}"
+        );
+        let text = std::fs::read_to_string(c.host(i).state_dir().join("gossip-keys.json")).unwrap();
+        assert!(
+            !text.contains(&new_key),
+            "host{i} keeps the new key in gossip state"
+        );
+        // Its own copy opens with its node key; another node's does not.
+        let me = NodeIdentity::load(&identity::key_file(&c.host(i).state_dir())).unwrap();
+        let mine = sealed[&names[i - 1]].as_str().unwrap();
+        let opened = sealed::open_cluster_key(&me, &cluster, &names[i - 1], mine).unwrap();
+        assert_eq!(*opened, *material[0], "host{i}");
+        let other = (i % 3) + 1;
+        let theirs = sealed[&names[other - 1]].as_str().unwrap();
+        assert!(sealed::open_cluster_key(&me, &cluster, &names[other - 1], theirs).is_none());
+        assert!(sealed::open_cluster_key(&me, &cluster, &names[i - 1], theirs).is_none());
+    }
+    for i in 1..=3 {
+        let stats: Value = c.host(i).meshctl_json(&["gossip", "stats"]).unwrap();
+        assert_eq!(
+            stats["auth"]["keys"].as_array().unwrap().len(),
+            1,
+            "host{i}"
+        );
+    }
+}

@@ -247,8 +247,15 @@ pub struct KeyState {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRotation {
     pub id: mesh_api::v1::KeyId,
-    /// base64, as in a key file.
+    /// base64, as in a key file: in a cluster without roles only (it travels sealed under
+    /// the old key, so whoever holds that holds the new one too).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key: String,
+    /// In a cluster with roles: the new key sealed to each node's own key, by node name
+    /// (see `gossip::sealed::seal_cluster_key`), so an old cluster key read off a disk or the
+    /// wire does not reveal the next one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sealed: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for KeyRotation {

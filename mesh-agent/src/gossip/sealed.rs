@@ -193,6 +193,37 @@ pub fn open_copy(
     open_box(me, &copy_context(cluster, secret, node), sealed)
 }
 
+/// What a rotated cluster key sealed to one node is for: this cluster, that node.
+fn cluster_key_context(cluster: &str, node: &str) -> Vec<u8> {
+    let mut c = b"mesh cluster key v1\0".to_vec();
+    c.extend_from_slice(cluster.as_bytes());
+    c.push(0);
+    c.extend_from_slice(node.as_bytes());
+    c
+}
+
+/// Seals a new cluster key to `node`'s key `to` (a rotation in a cluster with roles).
+pub fn seal_cluster_key(
+    to: &PublicKey,
+    cluster: &str,
+    node: &str,
+    key: &[u8; 32],
+) -> Result<String, String> {
+    seal_box(to, &cluster_key_context(cluster, node), key)
+}
+
+/// Opens the new cluster key sealed to this node as `node`.
+pub fn open_cluster_key(
+    me: &NodeIdentity,
+    cluster: &str,
+    node: &str,
+    sealed: &str,
+) -> Option<Zeroizing<[u8; 32]>> {
+    let opened = open_box(me, &cluster_key_context(cluster, node), sealed)?;
+    let key: [u8; 32] = opened.as_slice().try_into().ok()?;
+    Some(Zeroizing::new(key))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +251,21 @@ mod tests {
         assert!(open_for_admins(&a, "c1", "db_password", &copy).is_err());
         let for_admins = seal_for_admins(&a.public(), "c1", "db_password", b"x").unwrap();
         assert!(open_copy(&a, "c1", "db_password", "a", &for_admins).is_none());
+    }
+
+    #[test]
+    fn a_rotated_cluster_key_opens_only_for_its_node() {
+        let a = NodeIdentity::generate().unwrap();
+        let b = NodeIdentity::generate().unwrap();
+        let key = [5u8; 32];
+        let s = seal_cluster_key(&a.public(), "c1", "a", &key).unwrap();
+        assert_eq!(*open_cluster_key(&a, "c1", "a", &s).unwrap(), key);
+        assert!(open_cluster_key(&b, "c1", "a", &s).is_none());
+        assert!(open_cluster_key(&b, "c1", "b", &s).is_none());
+        assert!(open_cluster_key(&a, "c1", "b", &s).is_none());
+        assert!(open_cluster_key(&a, "c2", "a", &s).is_none());
+        // Not a secret's copy either.
+        assert!(open_copy(&a, "c1", "a", "a", &s).is_none());
     }
 
     #[test]
