@@ -360,9 +360,11 @@ mod tests {
         let r = KeyRotation {
             id: mesh_api::v1::KeyId(0xabcd),
             key: "c2VjcmV0".into(),
+            sealed: BTreeMap::from([("n1".to_owned(), "c2VhbGVk".to_owned())]),
         };
         let shown = format!("{r:?}");
         assert!(!shown.contains("c2VjcmV0"), "{shown}");
+        assert!(!shown.contains("c2VhbGVk"), "{shown}");
         assert!(shown.contains("0000abcd"), "{shown}");
     }
 
