@@ -90,6 +90,14 @@ pub async fn render(agent: &Agent) -> anyhow::Result<String> {
     register_roles(&mut reg, agent.gossip.roles_report());
     counter(
         &mut reg,
+        "mesh_secret_copies_refused",
+        "Copies of secrets sealed to this node by an admin that did not open with its key.",
+        agent
+            .secret_copies_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    counter(
+        &mut reg,
         "mesh_state_files_quarantined",
         "Damaged state files (gossip keys, task and CNI records) set aside as *.corrupt-<time> \
          since the agent started.",

@@ -532,6 +532,12 @@ fn print_gossip(info: &GossipInfo) {
          another key",
         info.origins.invalid_records, info.origins.nodes_refused
     );
+    if info.origins.secret_copies_refused > 0 {
+        println!(
+            "\t\t{} copies of secrets sealed to this node that did not open",
+            info.origins.secret_copies_refused
+        );
+    }
     let Some(auth) = &info.auth else {
         println!(
             "Authenticated:\tNO: anyone who reaches the gossip port can join, read and inject state.\n\

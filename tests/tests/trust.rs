@@ -498,3 +498,192 @@ fn a_worker_cannot_write_the_clusters_objects_or_make_itself_an_admin() {
     );
     assert!(roles(c.host(1)).contains(&(victim, "worker".to_owned())));
 }
+
+/// `inject`, as `name`'s run `generation` at gossip address `addr` and from `version` on:
+/// what replaying that node's own records looks like.
+fn inject_as(
+    c: &Cluster,
+    to: SocketAddr,
+    (name, generation, addr): (&str, u64, SocketAddr),
+    version: u64,
+    kv: &[(String, String)],
+) {
+    send_as_member(
+        c,
+        to,
+        craft::syn_naming_at("mesh", [name.to_owned()].into_iter(), generation, addr),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let mut ops = Vec::new();
+    craft::node_op(&mut ops, name, generation, addr, 0);
+    for (i, (k, v)) in kv.iter().enumerate() {
+        craft::kv_op(&mut ops, k, v, version + i as u64);
+    }
+    send_as_member(c, to, craft::ack(&ops));
+}
+
+/// The admin's record of `web` as its state dir keeps it (the value, unwrapped from its
+/// signature): what every member also sees on the wire.
+fn admin_record_of_web(h: &Host) -> String {
+    let kv: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&std::fs::read(h.state_dir().join("gossip-keys.json")).unwrap())
+            .unwrap();
+    let v = &kv["obj:svc:web"];
+    signed::unchecked(v).unwrap_or(v).to_owned()
+}
+
+fn web_labels(h: &Host) -> Value {
+    let s: Value = h.meshctl_json(&["service", "inspect", "web"]).unwrap();
+    s["spec"]["labels"].clone()
+}
+
+/// A worker replays an admin's old record of a service (its spec before the admin's last
+/// update): as its own object, as is and stamped anew; and as the admin's own signed record,
+/// under the admin's name and run, at a newer gossip version. Nothing changes on any node,
+/// the worker's copies are counted, and the cluster serves throughout with 0 failed requests.
+#[test]
+fn a_worker_replaying_an_admins_old_record_changes_nothing() {
+    let c = cluster_with_roles();
+    let admin = c.host(1).node_name().to_owned();
+    c.host(1)
+        .meshctl_ok(&["service", "update", "--label-add", "v=1", "web"])
+        .unwrap();
+    c.eventually(Duration::from_secs(10), "the admin keeps web v=1", |c| {
+        Ok(admin_record_of_web(c.host(1))
+            .contains("\"v\":\"1\"")
+            .then_some(()))
+    })
+    .unwrap();
+    let old = admin_record_of_web(c.host(1));
+    c.host(1)
+        .meshctl_ok(&["service", "update", "--label-add", "v=2", "web"])
+        .unwrap();
+    c.eventually(Duration::from_secs(10), "every node sees web v=2", |c| {
+        Ok([1, 2]
+            .iter()
+            .all(|i| web_labels(c.host(*i))["v"] == "2")
+            .then_some(()))
+    })
+    .unwrap();
+    let before: Vec<(u64, u64)> = [1, 2].iter().map(|i| roles_stats(c.host(*i))).collect();
+
+    let addr: SocketAddr = format!("{}:8080", c.host(2).ip).parse().unwrap();
+    let probe = Probe::start(c.external_ns("client").unwrap(), addr).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // 1. From the worker's own keyspace: the old record as is, then stamped anew.
+    let mallory = NodeIdentity::generate().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut restamped: Value = serde_json::from_str(&old).unwrap();
+    restamped["updated"] = serde_json::json!({"ms": now + 60_000, "node": admin});
+    let restamped = restamped.to_string();
+    let record = serde_json::json!({
+        "name": "mallory", "hostname": "mallory", "address": ATTACKER_IP, "mtu": 1500,
+        "agent_version": "evil", "key": mallory.public().to_string(),
+    })
+    .to_string();
+    for (i, value) in [&old, &restamped].into_iter().enumerate() {
+        let generation = now + i as u64;
+        let kv: Vec<(String, String)> = [
+            ("node".to_owned(), record.clone()),
+            ("obj:svc:web".to_owned(), value.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| {
+            let sealed = signed::seal(&mallory, "mallory", generation, &k, &v);
+            (k, sealed)
+        })
+        .collect();
+        for h in [1, 2] {
+            let to: SocketAddr = format!("{}:7946", c.host(h).ip).parse().unwrap();
+            inject(&c, to, "mallory", generation, &kv);
+        }
+    }
+
+    // 2. The admin's own signed record of the old spec (Ed25519 signs deterministically:
+    // these are the bytes the admin sent), under its name and this run, at a gossip version
+    // past any it has used.
+    let state = c.host(1).state_dir();
+    let identity = NodeIdentity::load(&mesh_agent::identity::key_file(&state)).unwrap();
+    let generation: u64 = std::fs::read_to_string(state.join("generation"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let envelope = signed::seal(&identity, &admin, generation, "obj:svc:web", &old);
+    let admin_gossip: SocketAddr = format!("{}:7946", c.host(1).ip).parse().unwrap();
+    let target: SocketAddr = format!("{}:7946", c.host(2).ip).parse().unwrap();
+    inject_as(
+        &c,
+        target,
+        (&admin, generation, admin_gossip),
+        1 << 40,
+        &[("obj:svc:web".to_owned(), envelope)],
+    );
+
+    c.eventually(
+        Duration::from_secs(10),
+        "both nodes drop the worker's copies",
+        |c| {
+            Ok([1, 2]
+                .iter()
+                .zip(&before)
+                .all(|(i, b)| roles_stats(c.host(*i)).0 >= b.0 + 2)
+                .then_some(()))
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    for i in [1, 2] {
+        let labels = web_labels(c.host(i));
+        assert_eq!(labels["v"], "2", "host{i}: {labels}");
+    }
+    let r = probe.finish();
+    eprintln!("while a worker replayed an admin's old record: {r}");
+    r.assert_available("the routing mesh", MAX_GAP);
+    // The admin itself refused the replay of its own records (relayed by host2) as a
+    // datagram about its own run.
+    let refused: Value = c.host(1).meshctl_json(&["gossip", "stats"]).unwrap();
+    assert!(
+        refused["auth"]["dropped"]["invalid"].as_u64().unwrap() > 0,
+        "{refused}"
+    );
+}
+
+/// Known gap, left for the signature to cover the gossip version (see the hand-back of
+/// issue 30): a member that sends a delta for another node's run at a version far past the
+/// real one makes the receiver ignore that node's later writes (chitchat takes versions at
+/// their word), until the node restarts. Values it carries are refused (signatures), but the
+/// version sticks.
+#[test]
+#[ignore = "known: a forged gossip version deafens a node to another node's later writes"]
+fn a_forged_gossip_version_does_not_deafen_a_node_to_the_admin() {
+    let c = cluster_with_roles();
+    let admin = c.host(1).node_name().to_owned();
+    let state = c.host(1).state_dir();
+    let generation: u64 = std::fs::read_to_string(state.join("generation"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let admin_gossip: SocketAddr = format!("{}:7946", c.host(1).ip).parse().unwrap();
+    let target: SocketAddr = format!("{}:7946", c.host(2).ip).parse().unwrap();
+    inject_as(
+        &c,
+        target,
+        (&admin, generation, admin_gossip),
+        1 << 40,
+        &[("junk".to_owned(), "junk".to_owned())],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    c.host(1)
+        .meshctl_ok(&["service", "update", "--label-add", "v=3", "web"])
+        .unwrap();
+    c.eventually(Duration::from_secs(10), "host2 sees web v=3", |c| {
+        Ok((web_labels(c.host(2))["v"] == "3").then_some(()))
+    })
+    .unwrap();
+}

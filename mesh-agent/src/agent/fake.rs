@@ -126,6 +126,8 @@ struct Gossip {
     capacity: BTreeMap<String, mesh_api::spec::Resources>,
     /// Gossip running late: (me, other) → the task records of `other` that `me` still sees.
     late: BTreeMap<(String, String), BTreeMap<String, Task>>,
+    secrets: BTreeMap<String, Replicated<crate::cluster::SecretSpec>>,
+    secret_copies: BTreeMap<String, Replicated<crate::cluster::SecretCopy>>,
     log: Vec<Event>,
 }
 
@@ -211,6 +213,8 @@ impl Shared {
             })
             .collect();
         view.lb_progress = g.lb.clone();
+        view.secrets = g.secrets.clone();
+        view.secret_copies = g.secret_copies.clone();
         view
     }
 }
@@ -325,6 +329,45 @@ impl FakeCluster {
             ms: now,
             node: "test".into(),
         };
+    }
+
+    /// `secret create` in a cluster with roles: sealed to the admin key only (the fake nodes
+    /// hold none), so a node's tasks need its own copy.
+    pub fn create_secret(&self, name: &str) {
+        let stamp = Stamp {
+            ms: self.now_ms(),
+            node: "test".into(),
+        };
+        let spec = crate::cluster::SecretSpec {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            size: 1,
+            sealed: None,
+            admins: Some("sealed".into()),
+        };
+        let mut g = self.shared.gossip.lock().unwrap();
+        g.secrets.insert(name.into(), Replicated::new(spec, stamp));
+    }
+
+    /// An admin's copy of `secret` sealed to `node` arrives by gossip.
+    pub fn give_secret_copy(&self, secret: &str, node: &str) {
+        let stamp = Stamp {
+            ms: self.now_ms(),
+            node: "test".into(),
+        };
+        let mut g = self.shared.gossip.lock().unwrap();
+        let of = g.secrets[secret].created.clone();
+        let copy = crate::cluster::SecretCopy {
+            secret: secret.into(),
+            node: node.into(),
+            key: crate::identity::NodeIdentity::generate().unwrap().public(),
+            of,
+            data: "sealed".into(),
+        };
+        g.secret_copies.insert(
+            crate::cluster::key::secret_copy(secret, node),
+            Replicated::new(copy, stamp),
+        );
     }
 
     pub fn service(&self, name: &str) -> ServiceSpec {

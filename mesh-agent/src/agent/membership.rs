@@ -47,9 +47,20 @@ impl Agent {
         let id = key_id(&key);
         let view = self.refresh().await;
         let stamp = self.tick();
-        let spec = KeyRotation {
-            id,
-            key: keyring::encode(&key).to_string(),
+        // With roles, sealed to each node's key: a stolen old key must not open the new one.
+        let spec = if self.gossip.has_roles() {
+            let cluster = self.gossip.auth().map(|a| a.cluster().to_owned());
+            KeyRotation {
+                id,
+                key: String::new(),
+                sealed: sealed_to_nodes(&view, cluster.as_deref().unwrap_or_default(), &key, None),
+            }
+        } else {
+            KeyRotation {
+                id,
+                key: keyring::encode(&key).to_string(),
+                sealed: Default::default(),
+            }
         };
         // One incarnation, updated by each rotation: the newest update wins everywhere, so
         // rotations that follow each other never resolve to an older key.
@@ -115,6 +126,7 @@ impl Agent {
                 );
             }
         }
+        self.seal_rotation_to_new_nodes(view).await;
         let ring = auth.keyring();
         let ids = ring.ids();
         let state = KeyState {
@@ -149,21 +161,12 @@ impl Agent {
         }
         let mut material = keyring::read_material(path)?;
         if held[0] != new {
-            let bytes = zeroize::Zeroizing::new(
-                base64::Engine::decode(
-                    &base64::engine::general_purpose::STANDARD,
-                    &rotation.spec.key,
-                )
-                .ok()
-                .filter(|b| b.len() == KEY_LEN)
-                .context("the rotation record's key is not a 32-byte base64 key")?,
-            );
-            let key: [u8; KEY_LEN] = bytes.as_slice().try_into().expect("length checked");
+            let key = self.rotation_key(&rotation.spec, auth.cluster())?;
             if key_id(&key) != new {
                 anyhow::bail!("the rotation record's key does not match its id {new}");
             }
             material.retain(|k| key_id(k) != new);
-            material.insert(0, zeroize::Zeroizing::new(key));
+            material.insert(0, key);
         }
         if everyone_switched && material.len() > 1 {
             // Kept a while for a node that was away and still seals with one of them.
@@ -183,6 +186,95 @@ impl Agent {
             info!(key = %new, "new cluster key is primary; old keys kept until every node switched");
         }
         Ok(())
+    }
+
+    /// The new key a rotation carries: in the clear (a cluster without roles), or sealed to
+    /// this node's key.
+    fn rotation_key(
+        &self,
+        spec: &KeyRotation,
+        cluster: &str,
+    ) -> anyhow::Result<zeroize::Zeroizing<[u8; KEY_LEN]>> {
+        if spec.key.is_empty() {
+            let sealed = spec.sealed.get(self.node_name()).with_context(|| {
+                format!(
+                    "the new cluster key {} is not sealed to this node yet: an admin adds it",
+                    spec.id
+                )
+            })?;
+            return crate::gossip::sealed::open_cluster_key(
+                self.gossip.identity(),
+                cluster,
+                self.node_name(),
+                sealed,
+            )
+            .with_context(|| {
+                format!(
+                    "the new cluster key {} sealed to this node does not open with its key",
+                    spec.id
+                )
+            });
+        }
+        let bytes = zeroize::Zeroizing::new(
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &spec.key)
+                .ok()
+                .filter(|b| b.len() == KEY_LEN)
+                .context("the rotation record's key is not a 32-byte base64 key")?,
+        );
+        Ok(zeroize::Zeroizing::new(
+            bytes.as_slice().try_into().expect("length checked"),
+        ))
+    }
+
+    /// As the admin that holds the new key and that the planner picks among ready admins:
+    /// seals a rotation's key to nodes that have none yet (they joined with a token of the
+    /// old key while the rotation went on). Written as an update of the rotation; a rotation
+    /// started at the same moment on another admin may lose to it, and is then run again.
+    async fn seal_rotation_to_new_nodes(&self, view: &View) {
+        let (Some(auth), Some(rotation), Some(path)) = (
+            self.gossip.auth(),
+            view.cluster_key.as_ref(),
+            self.config.cluster_key_file.as_ref(),
+        ) else {
+            return;
+        };
+        if !self.gossip.has_roles()
+            || !rotation.spec.key.is_empty()
+            || self.role() != crate::roles::Role::Admin
+            || auth.keyring().ids()[0] != rotation.spec.id
+        {
+            return;
+        }
+        let missing = view.nodes.values().any(|n| {
+            n.record.as_ref().is_some_and(|r| r.key.is_some())
+                && !rotation.spec.sealed.contains_key(&n.name)
+        });
+        let nodes = view.planner_nodes();
+        if !missing || mesh_planner::coordinator(CLUSTER_KEY_NAME, &nodes) != Some(self.node_name())
+        {
+            return;
+        }
+        let Ok(material) = keyring::read_material(path) else {
+            return;
+        };
+        if key_id(&material[0]) != rotation.spec.id {
+            return;
+        }
+        let mut record = rotation.clone();
+        record.spec.sealed = sealed_to_nodes(
+            view,
+            auth.cluster(),
+            &material[0],
+            Some(&rotation.spec.sealed),
+        );
+        record.updated = self.tick();
+        info!(key = %rotation.spec.id, "sealing the new cluster key to nodes that joined since");
+        if let Err(e) = self
+            .write_object(key::CLUSTER_KEY, CLUSTER_KEY_NAME, &record)
+            .await
+        {
+            warn!("sealing the new cluster key to new nodes: {e}");
+        }
     }
 
     /// `meshctl node rm`: forgets a node on every node. Refused for this node (`leave` is
@@ -332,3 +424,32 @@ fn no_cluster_key() -> Error {
 
 /// How long `mesh-agent leave` and `join-token --rotate` wait by default.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+
+/// A new cluster key sealed to every node of the view that has a key, keeping the copies in
+/// `kept` (nodes already given one).
+fn sealed_to_nodes(
+    view: &View,
+    cluster: &str,
+    key: &[u8; KEY_LEN],
+    kept: Option<&std::collections::BTreeMap<String, String>>,
+) -> std::collections::BTreeMap<String, String> {
+    let mut out = kept.cloned().unwrap_or_default();
+    for n in view.nodes.values() {
+        let Some(to) = n.record.as_ref().and_then(|r| r.key) else {
+            continue;
+        };
+        if out.contains_key(&n.name) {
+            continue;
+        }
+        match crate::gossip::sealed::seal_cluster_key(&to, cluster, &n.name, key) {
+            Ok(sealed) => {
+                out.insert(n.name.clone(), sealed);
+            }
+            Err(e) => warn!(
+                node = n.name,
+                "cannot seal the new cluster key to the node: {e}"
+            ),
+        }
+    }
+    out
+}

@@ -112,6 +112,8 @@ pub struct Agent {
     pub events: crate::events::Events,
     /// Time of kernel convergence passes, for /metrics.
     pub programming: programming::ProgrammingLatency,
+    /// Copies of secrets sealed to this node that did not open (see `secrets`).
+    pub secret_copies_refused: std::sync::atomic::AtomicU64,
 }
 
 /// What the agent drives besides gossip and the merged view.
@@ -180,6 +182,7 @@ impl Agent {
             shutdown: watch::channel(None).0,
             events: crate::events::Events::default(),
             programming: programming::ProgrammingLatency::default(),
+            secret_copies_refused: Default::default(),
             gossip,
             config,
         })
@@ -323,6 +326,7 @@ impl Agent {
             self.converge_keys(&view).await;
             self.reseal_secrets(&view).await;
             if asked || stale {
+                self.place_secret_copies(&view).await;
                 self.prune_cni().await;
                 self.update_dns(&view);
                 let pass = std::time::Instant::now();

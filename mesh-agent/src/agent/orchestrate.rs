@@ -327,7 +327,7 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
                 && let Some(t) = own.get(task)
                 && t.is_live()
                 && t.state < TaskState::Preparing
-                && t.not_before_ms.is_none_or(|at| at <= now)
+                && (t.not_before_ms.is_none_or(|at| at <= now) || secrets_arrived(&**rt, view, t))
             {
                 spawn_start(rt, t.clone());
             }
@@ -383,7 +383,7 @@ fn prefetch_update_image<R: NodeRuntime>(
 /// Every scheduled service's plan at the runtime's time (an update's delay is measured
 /// against it, and a fake node's clock is not the wall clock), planned together so that
 /// services do not both take a node's last room (see `mesh_planner::plan_all`).
-fn plans_at<'v>(
+pub(super) fn plans_at<'v>(
     view: &'v View,
     nodes: &[mesh_planner::Node],
     now_ms: u64,
@@ -637,6 +637,9 @@ async fn start<R: NodeRuntime>(rt: &R, mut t: Task) {
     let Some(template) = service.task.clone() else {
         return;
     };
+    if waits_for_secrets(rt, &view, &mut t, &template).await {
+        return;
+    }
     t.state = TaskState::Preparing;
     t.since_ms = rt.now_ms();
     t.not_before_ms = None;
@@ -740,6 +743,52 @@ async fn start<R: NodeRuntime>(rt: &R, mut t: Task) {
             task_ended(rt, &view, t, Ending::Rejected(e)).await;
         }
     }
+}
+
+/// How often a task waiting for its copy of a secret looks again (a view change that brings
+/// the copy starts it at once, see [`secrets_arrived`]).
+const SECRET_RETRY_MS: u64 = 5_000;
+
+/// A task granted a secret that its node has no copy of yet (an admin seals one to the node
+/// when the plan places the task, see `secrets`) waits Assigned, saying so, instead of
+/// failing into the restart policy. False when it may start.
+async fn waits_for_secrets<R: NodeRuntime>(
+    rt: &R,
+    view: &View,
+    t: &mut Task,
+    template: &mesh_api::spec::TaskTemplate,
+) -> bool {
+    let Some(why) = rt.secrets_waiting(view, template) else {
+        if t.error
+            .as_deref()
+            .is_some_and(super::secrets::is_waiting_message)
+        {
+            t.error = None;
+        }
+        return false;
+    };
+    let now = rt.now_ms();
+    if t.error.as_deref() != Some(why.as_str()) {
+        info!(task = %process_name(t), "{why}");
+    }
+    t.state = TaskState::Assigned;
+    t.since_ms = now;
+    t.error = Some(why);
+    t.not_before_ms = Some(now + SECRET_RETRY_MS);
+    rt.publish_tasks(&[t]).await;
+    true
+}
+
+/// Whether a task waiting for a secret's copy can start now: the copy came.
+fn secrets_arrived<R: NodeRuntime>(rt: &R, view: &View, t: &Task) -> bool {
+    t.error
+        .as_deref()
+        .is_some_and(super::secrets::is_waiting_message)
+        && view
+            .services
+            .get(&t.service)
+            .and_then(|s| s.spec.task.as_ref())
+            .is_some_and(|tpl| rt.secrets_waiting(view, tpl).is_none())
 }
 
 /// Watches a started task's health: the first pass makes it a backend (Running), and

@@ -1,6 +1,13 @@
 //! Secrets and configs as cluster objects: created once from any node (immutable, as in
 //! Swarm: rotate by creating another name and switching services with `--secret-rm/-add`),
 //! removed only while no service uses them, and opened on the node that starts a task.
+//!
+//! In a cluster with roles a secret reaches only the nodes that run a task granted it, as in
+//! Swarm: `secret create` seals it to the admin key, and while a node runs (or its plan is
+//! about to start) a task of a service using it, an admin writes that node a copy sealed to
+//! the node's own key (`obj:secretcopy:<secret>@<node>`), and removes it once the node runs
+//! none. A task whose copy has not arrived yet waits for it rather than failing. A cluster
+//! without roles seals secrets under the cluster key, which every member holds.
 
 use std::collections::BTreeMap;
 
@@ -10,11 +17,12 @@ use zeroize::Zeroizing;
 
 use super::{Agent, Error, Result};
 use crate::{
-    cluster::{ConfigSpec, Replicated, SecretSpec, View, key},
+    cluster::{ConfigSpec, Replicated, SecretCopy, SecretSpec, View, key},
     gossip::sealed,
+    identity::{NodeIdentity, PublicKey},
     task::{TaskFile, TaskFiles},
 };
-use mesh_api::spec::{FileRef, MAX_FILE_OBJECT, TaskTemplate};
+use mesh_api::spec::{FileRef, MAX_FILE_OBJECT, ServiceSpec, TaskTemplate};
 
 /// Which kind of file object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,11 +136,24 @@ impl Agent {
                  name and switch services with --secret-rm {name} --secret-add NEW"
             )));
         }
+        // With roles, to the admin key only: workers get copies of their own (see the module
+        // docs). Without, under the cluster key as before.
+        let (sealed, admins) = match self.gossip.admin_key() {
+            Some((admin, _)) => (
+                None,
+                Some(
+                    sealed::seal_for_admins(&admin, &cluster, name, data)
+                        .map_err(Error::Invalid)?,
+                ),
+            ),
+            None => (Some(sealed::seal(&ring, &cluster, name, data)), None),
+        };
         let spec = SecretSpec {
             name: name.to_owned(),
             labels,
             size: data.len(),
-            sealed: sealed::seal(&ring, &cluster, name, data),
+            sealed,
+            admins,
         };
         let stamp = self.tick();
         self.write_object(key::SECRET, name, &Replicated::new(spec, stamp.clone()))
@@ -239,17 +260,12 @@ impl Agent {
             mode: r.mode,
         };
         let mut secrets = Vec::new();
-        if !template.secrets.is_empty() {
-            let (ring, cluster) = self.keyring()?;
-            for r in &template.secrets {
-                let s = view
-                    .secrets
-                    .get(&r.source)
-                    .ok_or_else(|| Error::NotFound(format!("secret {} not found", r.source)))?;
-                let data = sealed::open(&ring, &cluster, &r.source, &s.spec.sealed)
-                    .map_err(Error::Invalid)?;
-                secrets.push(file(r, data));
-            }
+        for r in &template.secrets {
+            let s = view
+                .secrets
+                .get(&r.source)
+                .ok_or_else(|| Error::NotFound(format!("secret {} not found", r.source)))?;
+            secrets.push(file(r, self.open_for_task(view, s)?));
         }
         let mut configs = Vec::new();
         for r in &template.configs {
@@ -265,9 +281,11 @@ impl Agent {
         Ok(TaskFiles { secrets, configs })
     }
 
-    /// After a key rotation, seals again under the new primary every secret this node can
-    /// open under an older key, so the old key can be retired without stranding secrets.
-    /// Several nodes may do it at once: each writes a valid copy and the newest update wins.
+    /// Seals again what the cluster key opens: in a cluster with roles, to the admin key
+    /// (secrets made before roles, which every member could open, are taken from the
+    /// workers); otherwise, after a key rotation, under the new primary every secret sealed
+    /// under an older key, so the old key can be retired without stranding secrets. Several
+    /// admins may do it at once: each writes a valid copy and the newest update wins.
     pub(crate) async fn reseal_secrets(&self, view: &View) {
         // A worker's copy would be dropped by its peers: admins reseal.
         if self.role() != crate::roles::Role::Admin {
@@ -276,12 +294,16 @@ impl Agent {
         let Ok((ring, cluster)) = self.keyring() else {
             return;
         };
+        let admin = self.gossip.admin_key().map(|(public, _)| public);
         let primary = ring.primary().id;
         for s in view.secrets.values() {
-            if s.spec.sealed.key == primary || ring.get(s.spec.sealed.key).is_none() {
+            let Some(old) = &s.spec.sealed else {
+                continue;
+            };
+            if (admin.is_none() && old.key == primary) || ring.get(old.key).is_none() {
                 continue;
             }
-            let data = match sealed::open(&ring, &cluster, &s.spec.name, &s.spec.sealed) {
+            let data = match sealed::open(&ring, &cluster, &s.spec.name, old) {
                 Ok(d) => d,
                 Err(e) => {
                     warn!("cannot reseal: {e}");
@@ -289,12 +311,510 @@ impl Agent {
                 }
             };
             let mut copy = s.clone();
-            copy.spec.sealed = sealed::seal(&ring, &cluster, &s.spec.name, &data);
+            match &admin {
+                Some(admin) => {
+                    match sealed::seal_for_admins(admin, &cluster, &s.spec.name, &data) {
+                        Ok(to_admins) => {
+                            copy.spec.admins = Some(to_admins);
+                            copy.spec.sealed = None;
+                        }
+                        Err(e) => {
+                            warn!(secret = s.spec.name, "cannot reseal to the admin key: {e}");
+                            continue;
+                        }
+                    }
+                    info!(
+                        secret = s.spec.name,
+                        "resealing the secret to the admin key: workers get copies of their own"
+                    );
+                }
+                None => {
+                    copy.spec.sealed = Some(sealed::seal(&ring, &cluster, &s.spec.name, &data));
+                }
+            }
             copy.updated = self.tick();
-            info!(secret = s.spec.name, key = %primary, "resealing the secret under the new primary key");
+            if admin.is_none() {
+                info!(secret = s.spec.name, key = %primary, "resealing the secret under the new primary key");
+            }
             if let Err(e) = self.write_object(key::SECRET, &s.spec.name, &copy).await {
                 warn!(secret = s.spec.name, "resealing: {e}");
             }
         }
+    }
+}
+
+/// What a task waits for while its node has no copy of a secret sealed to an admin only.
+pub(crate) fn waiting_message(secret: &str) -> String {
+    format!("waiting for secret {secret} to be sealed for this node by an admin")
+}
+
+/// Whether a task's error is [`waiting_message`]'s.
+pub(crate) fn is_waiting_message(error: &str) -> bool {
+    error.starts_with("waiting for secret ") && error.ends_with(" for this node by an admin")
+}
+
+/// The secret of `template` that `node` (speaking with `key`, when known) has no copy of
+/// and cannot open otherwise, as the message its task waits with; `None` when every secret
+/// can be opened, or one is missing altogether (the start then fails, naming it).
+/// `opens_admin_form`: the node holds the admin key.
+pub(crate) fn waiting_for_copy(
+    view: &View,
+    node: &str,
+    key: Option<&PublicKey>,
+    template: &TaskTemplate,
+    opens_admin_form: bool,
+) -> Option<String> {
+    template.secrets.iter().find_map(|r| {
+        let s = view.secrets.get(&r.source)?;
+        if s.spec.sealed.is_some() || opens_admin_form {
+            return None;
+        }
+        let has_copy = view
+            .secret_copies
+            .get(&key::secret_copy(&r.source, node))
+            .is_some_and(|c| c.spec.of == s.created && key.is_none_or(|k| c.spec.key == *k));
+        (!has_copy).then(|| waiting_message(&r.source))
+    })
+}
+
+/// Secrets the service's tasks are granted: its current template's and its previous one's
+/// (a rollback, or a task of the old template still running in a rolling update).
+fn service_secrets(spec: &ServiceSpec) -> impl Iterator<Item = &str> {
+    spec.task
+        .iter()
+        .chain(spec.previous.iter().filter_map(|p| p.task.as_ref()))
+        .flat_map(|t| t.secrets.iter().map(|r| r.source.as_str()))
+}
+
+/// A copy an admin should keep: `(secret, node)` → the node key it is sealed to.
+type Needed<'v> = BTreeMap<String, (&'v str, &'v str, PublicKey)>;
+
+/// Every node's copies it needs: of each secret sealed to the admins only, for every node
+/// that holds a live task of a service granted it (task records) or is about to start one
+/// (the plans every node computes alike), so the copy is on its way while the node places
+/// the task. Never for a node whose record carries no key (it could not open it, and a
+/// record without a key is from before node keys), nor for a node gone from the view.
+pub(crate) fn copies_needed<'v>(
+    view: &'v View,
+    plans: &BTreeMap<&'v str, mesh_planner::Plan>,
+) -> Needed<'v> {
+    let mut needed = Needed::new();
+    let mut add = |service: &str, node: &str| {
+        let Some((service, n)) = view.services.get(service).zip(view.nodes.get(node)) else {
+            return;
+        };
+        let Some(key) = n.record.as_ref().and_then(|r| r.key) else {
+            return;
+        };
+        for secret in service_secrets(&service.spec) {
+            if let Some((name, s)) = view.secrets.get_key_value(secret)
+                && s.spec.sealed.is_none()
+            {
+                needed.insert(
+                    key::secret_copy(name, &n.name),
+                    (name.as_str(), n.name.as_str(), key),
+                );
+            }
+        }
+    };
+    for t in view.tasks.iter().filter(|t| t.is_live()) {
+        add(&t.service, &t.node);
+    }
+    for (service, plan) in plans {
+        for s in &plan.slots {
+            if let mesh_planner::SlotPlacement::Start { node } = &s.placement {
+                add(service, node);
+            }
+        }
+    }
+    needed
+}
+
+impl Agent {
+    /// The admin key's secret half, on admins that hold `admin.key`.
+    fn admin_secret(&self) -> Option<NodeIdentity> {
+        let (_, seed) = self.gossip.admin_key()?;
+        seed.map(|s| NodeIdentity::from_seed(&s))
+    }
+
+    /// Opens a secret's shared form: under the cluster key (clusters without roles, secrets
+    /// made before roles), or sealed to the admin key, with `admin.key`. What admins use to
+    /// write copies and to compare a stack's secrets; a worker's own tasks use its copy.
+    pub(crate) fn open_secret(&self, spec: &SecretSpec) -> Result<Zeroizing<Vec<u8>>> {
+        let (ring, cluster) = self.keyring()?;
+        if let Some(old) = &spec.sealed {
+            return sealed::open(&ring, &cluster, &spec.name, old).map_err(Error::Invalid);
+        }
+        let Some(to_admins) = &spec.admins else {
+            return Err(Error::Invalid(format!(
+                "secret {} carries no data (written by a newer agent?)",
+                spec.name
+            )));
+        };
+        let Some(admin) = self.admin_secret() else {
+            return Err(Error::Forbidden(format!(
+                "secret {} is sealed to the admin key, and node {} holds no {}: only admins \
+                 holding it open secrets; other nodes get a copy sealed to their own key while \
+                 they run a task granted the secret",
+                spec.name,
+                self.node_name(),
+                crate::roles::ADMIN_KEY_FILE
+            )));
+        };
+        sealed::open_for_admins(&admin, &cluster, &spec.name, to_admins).map_err(Error::Invalid)
+    }
+
+    /// A secret for a task starting on this node: its own copy, sealed to its key; or the
+    /// shared form when this node opens it. Without either, the message the task waits with.
+    fn open_for_task(&self, view: &View, s: &Replicated<SecretSpec>) -> Result<Zeroizing<Vec<u8>>> {
+        let name = &s.spec.name;
+        let me = self.node_name();
+        let mine = self.gossip.identity();
+        if let Some(copy) = view.secret_copies.get(&key::secret_copy(name, me))
+            && copy.spec.of == s.created
+            && copy.spec.key == mine.public()
+        {
+            let (_, cluster) = self.keyring()?;
+            match sealed::open_copy(mine, &cluster, name, me, &copy.spec.data) {
+                Some(data) => return Ok(data),
+                None => {
+                    // Admin-signed, yet not sealed to this node for this secret: counted,
+                    // and the task waits for a good copy.
+                    self.secret_copies_refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    warn!(
+                        secret = name,
+                        "this node's copy of the secret does not open with its key"
+                    );
+                }
+            }
+        }
+        if s.spec.sealed.is_some() || self.admin_secret().is_some() {
+            return self.open_secret(&s.spec);
+        }
+        Err(Error::Conflict(waiting_message(name)))
+    }
+
+    /// The secrets and configs of a task started by hand into a service (`meshctl run
+    /// --service`): the service's, when this node opens them. A node gets a secret's copy
+    /// only when the service places a task on it, so on a worker without one the start is
+    /// refused rather than waiting for a copy no admin will write.
+    pub(crate) fn hand_started_files(
+        &self,
+        view: &View,
+        req: &mesh_api::v1::TaskRun,
+    ) -> Result<TaskFiles> {
+        let Some(template) = req
+            .service
+            .as_ref()
+            .and_then(|s| view.services.get(s))
+            .and_then(|s| s.spec.task.as_ref())
+        else {
+            return Ok(TaskFiles::default());
+        };
+        self.task_files(view, template).map_err(|e| match e {
+            Error::Conflict(_) | Error::Forbidden(_) => {
+                let service = req.service.as_deref().unwrap_or_default();
+                let secrets: Vec<&str> =
+                    template.secrets.iter().map(|r| r.source.as_str()).collect();
+                Error::Forbidden(format!(
+                    "task {} joins service {service}, which is granted secret(s) {}, and node                      {} has no copy of them: an admin seals a secret only to the nodes the                      service places its tasks on. Let the service place the task (`meshctl                      service scale {service}=N`, or a placement constraint) instead of                      starting it by hand",
+                    req.name,
+                    secrets.join(", "),
+                    self.node_name()
+                ))
+            }
+            e => e,
+        })
+    }
+
+    /// The message a task of `template` waits with on this node, if a copy is missing.
+    pub(crate) fn secrets_waiting(&self, view: &View, template: &TaskTemplate) -> Option<String> {
+        waiting_for_copy(
+            view,
+            self.node_name(),
+            Some(&self.gossip.public_key()),
+            template,
+            self.admin_secret().is_some(),
+        )
+    }
+
+    /// As an admin holding `admin.key`: writes the copies nodes need and removes the ones no
+    /// node needs any more (see [`copies_needed`]).
+    ///
+    /// One admin writes each copy: the coordinator `mesh_planner` picks among ready admins
+    /// for the copy's name, so copies spread over admins and a copy is not written by every
+    /// admin at once. Should two admins' views disagree on who that is, both write a valid
+    /// copy and the merge keeps the first created (see `cluster::replicated`).
+    pub(crate) async fn place_secret_copies(&self, view: &View) {
+        if !self.gossip.has_roles() || self.role() != crate::roles::Role::Admin {
+            return;
+        }
+        let Some(_) = self.admin_secret() else {
+            return;
+        };
+        if view.secret_copies.is_empty() && !view.secrets.values().any(|s| s.spec.sealed.is_none())
+        {
+            return;
+        }
+        let Ok((_, cluster)) = self.keyring() else {
+            return;
+        };
+        let nodes = view.planner_nodes();
+        let plans = super::orchestrate::plans_at(view, &nodes, crate::cluster::Clock::now_ms());
+        let needed = copies_needed(view, &plans);
+        let me = self.node_name();
+        let mine = |name: &str| mesh_planner::coordinator(name, &nodes) == Some(me);
+        for (name, (secret, node, key)) in &needed {
+            let s = &view.secrets[*secret];
+            let current = view.secret_copies.get(name);
+            if current.is_some_and(|c| c.spec.key == *key && c.spec.of == s.created) || !mine(name)
+            {
+                continue;
+            }
+            let data = match self.open_secret(&s.spec) {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(secret, node, "cannot copy the secret for the node: {e}");
+                    continue;
+                }
+            };
+            let sealed = match sealed::seal_copy(key, &cluster, secret, node, &data) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(
+                        secret,
+                        node, "cannot seal the secret to the node's key: {e}"
+                    );
+                    continue;
+                }
+            };
+            let spec = SecretCopy {
+                secret: (*secret).to_owned(),
+                node: (*node).to_owned(),
+                key: *key,
+                of: s.created.clone(),
+                data: sealed,
+            };
+            // A copy for an older key or secret is updated in place: a new incarnation would
+            // lose to the older one (the first created wins).
+            let record = match current {
+                Some(c) => Replicated {
+                    spec,
+                    updated: self.tick(),
+                    ..c.clone()
+                },
+                None => Replicated::new(spec, self.tick()),
+            };
+            info!(
+                secret,
+                node, "sealing the secret to the node that runs its task"
+            );
+            if let Err(e) = self.write_object(key::SECRET_COPY, name, &record).await {
+                warn!(secret, node, "writing the node's copy of the secret: {e}");
+            }
+        }
+        for (name, c) in &view.secret_copies {
+            if needed.contains_key(name) || !mine(name) {
+                continue;
+            }
+            let mut tomb = c.clone();
+            tomb.deleted = Some(self.tick());
+            info!(
+                secret = c.spec.secret,
+                node = c.spec.node,
+                "removing the node's copy of the secret: it runs no task granted it"
+            );
+            if let Err(e) = self.write_object(key::SECRET_COPY, name, &tomb).await {
+                warn!(secret = c.spec.secret, "removing a node's copy: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::cluster::{NodeRecord, NodeSpec, NodeView};
+    use mesh_api::{id::Stamp, spec::NodeStatus};
+    use mesh_planner::{DesiredState, Plan, Slot, SlotPlacement, SlotPlan, Task, TaskState};
+
+    fn stamp(ms: u64) -> Stamp {
+        Stamp {
+            ms,
+            node: "n1".into(),
+        }
+    }
+
+    fn node(name: &str, key: Option<PublicKey>) -> NodeView {
+        NodeView {
+            name: name.into(),
+            record: Some(NodeRecord {
+                name: name.into(),
+                hostname: name.into(),
+                address: Ipv4Addr::new(192, 0, 2, 1),
+                mtu: 1500,
+                agent_version: "test".into(),
+                drivers: vec![mesh_api::spec::DRIVER_PROCESS.into()],
+                labels: BTreeMap::new(),
+                reserved_ports: Vec::new(),
+                platform: Default::default(),
+                capacity: Default::default(),
+                insecure: false,
+                key,
+                grant: None,
+            }),
+            spec: NodeSpec::default(),
+            status: NodeStatus::Ready,
+            role: mesh_planner::Role::Worker,
+        }
+    }
+
+    fn task(id: &str, service: &str, node: &str, desired: DesiredState) -> Task {
+        Task {
+            id: id.into(),
+            service: service.into(),
+            slot: Slot::Replica(1),
+            node: node.into(),
+            spec_version: 1,
+            template: 1,
+            desired,
+            state: TaskState::Running,
+            created_ms: 100,
+            since_ms: 100,
+            error: None,
+            exit_code: None,
+            attempt: 0,
+            window_start_ms: 0,
+            not_before_ms: None,
+            running_ms: None,
+            holds_slot: false,
+            reservation: Default::default(),
+        }
+    }
+
+    fn secret(name: &str, cluster_form: bool) -> Replicated<SecretSpec> {
+        Replicated::new(
+            SecretSpec {
+                name: name.into(),
+                labels: BTreeMap::new(),
+                size: 1,
+                sealed: cluster_form.then(|| crate::cluster::Sealed {
+                    key: mesh_api::v1::KeyId(1),
+                    data: String::new(),
+                }),
+                admins: (!cluster_form).then(|| "sealed".into()),
+            },
+            stamp(1),
+        )
+    }
+
+    fn service(name: &str, secrets: &[&str]) -> Replicated<ServiceSpec> {
+        let template = TaskTemplate {
+            secrets: secrets
+                .iter()
+                .map(|s| FileRef {
+                    source: (*s).into(),
+                    target: (*s).into(),
+                    uid: 0,
+                    gid: 0,
+                    mode: 0o444,
+                })
+                .collect(),
+            ..TaskTemplate::default()
+        };
+        Replicated::new(
+            ServiceSpec {
+                name: name.into(),
+                task: Some(template),
+                ..ServiceSpec::default()
+            },
+            stamp(2),
+        )
+    }
+
+    /// Copies go to the nodes that run a task granted the secret or are planned to start
+    /// one; never to a node without a key, a node gone from the view, for a stopped task, or
+    /// for a secret every member opens anyway (the cluster-key form).
+    #[test]
+    fn copies_go_only_to_keyed_nodes_that_run_or_start_a_granted_task() {
+        let key = |seed: u8| NodeIdentity::from_seed(&[seed; 32]).public();
+        let mut view = View::default();
+        for (name, k) in [
+            ("runs", Some(key(1))),
+            ("starts", Some(key(2))),
+            ("keyless", None),
+            ("stopped", Some(key(3))),
+            ("other", Some(key(4))),
+        ] {
+            view.nodes.insert(name.into(), node(name, k));
+        }
+        view.secrets.insert("pw".into(), secret("pw", false));
+        view.secrets.insert("old".into(), secret("old", true));
+        view.services
+            .insert("db".into(), service("db", &["pw", "old"]));
+        view.services.insert("web".into(), service("web", &[]));
+        view.tasks = vec![
+            task("t1", "db", "runs", DesiredState::Running),
+            task("t2", "db", "keyless", DesiredState::Running),
+            task("t3", "db", "stopped", DesiredState::Shutdown),
+            task("t4", "db", "removed", DesiredState::Running),
+            task("t5", "web", "other", DesiredState::Running),
+        ];
+        let plan = Plan {
+            slots: vec![SlotPlan {
+                slot: Slot::Replica(2),
+                placement: SlotPlacement::Start {
+                    node: "starts".into(),
+                },
+            }],
+            stops: Vec::new(),
+        };
+        let plans = BTreeMap::from([("db", plan)]);
+        let needed = copies_needed(&view, &plans);
+        assert_eq!(
+            needed.keys().collect::<Vec<_>>(),
+            ["pw@runs", "pw@starts"],
+            "{needed:?}"
+        );
+        assert_eq!(needed["pw@runs"], ("pw", "runs", key(1)));
+        assert_eq!(needed["pw@starts"].2, key(2));
+
+        // A task waits for its node's copy, made for its key and this incarnation only.
+        let tpl = view.services["db"].spec.task.clone().unwrap();
+        let waiting = waiting_for_copy(&view, "runs", Some(&key(1)), &tpl, false);
+        assert_eq!(waiting.as_deref(), Some(waiting_message("pw").as_str()));
+        assert!(is_waiting_message(&waiting_message("pw")));
+        let copy = |k: PublicKey, of: Stamp| {
+            Replicated::new(
+                SecretCopy {
+                    secret: "pw".into(),
+                    node: "runs".into(),
+                    key: k,
+                    of,
+                    data: String::new(),
+                },
+                stamp(3),
+            )
+        };
+        view.secret_copies
+            .insert("pw@runs".into(), copy(key(9), stamp(1)));
+        assert!(waiting_for_copy(&view, "runs", Some(&key(1)), &tpl, false).is_some());
+        view.secret_copies
+            .insert("pw@runs".into(), copy(key(1), stamp(0)));
+        assert!(waiting_for_copy(&view, "runs", Some(&key(1)), &tpl, false).is_some());
+        view.secret_copies
+            .insert("pw@runs".into(), copy(key(1), stamp(1)));
+        assert_eq!(
+            waiting_for_copy(&view, "runs", Some(&key(1)), &tpl, false),
+            None
+        );
+        // An admin holding the admin key opens the shared form itself.
+        assert_eq!(
+            waiting_for_copy(&view, "starts", Some(&key(2)), &tpl, true),
+            None
+        );
     }
 }

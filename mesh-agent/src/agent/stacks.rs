@@ -15,10 +15,7 @@ use super::{
     services::{check_file_refs, new_spec},
     validate_name,
 };
-use crate::{
-    cluster::{Clock, View},
-    gossip::sealed,
-};
+use crate::cluster::{Clock, View};
 use mesh_api::{
     spec::{STACK_LABEL, ServiceSpec},
     v1::{ServiceCreate, StackDeploy, StackFile, StackReport},
@@ -221,18 +218,7 @@ impl Agent {
                 })?);
             check_size(Kind::Secret, &s.name, data.len())?;
             if let Some(existing) = view.secrets.get(&s.name) {
-                let auth = self.gossip.auth().ok_or_else(|| {
-                    Error::Invalid(
-                        "secrets need a cluster key (see `meshctl secret create`)".into(),
-                    )
-                })?;
-                let old = sealed::open(
-                    &auth.keyring(),
-                    auth.cluster(),
-                    &s.name,
-                    &existing.spec.sealed,
-                )
-                .map_err(Error::Invalid)?;
+                let old = self.open_secret(&existing.spec)?;
                 if *old != *data {
                     return Err(Error::Conflict(format!(
                         "secret {} changed in the file, but secrets cannot change: give it a new \
@@ -442,10 +428,8 @@ fn placeholder_secret(
             name: name.to_owned(),
             labels: BTreeMap::new(),
             size: 0,
-            sealed: sealed::Sealed {
-                key: mesh_api::v1::KeyId(0),
-                data: String::new(),
-            },
+            sealed: None,
+            admins: None,
         },
         stamp,
     )

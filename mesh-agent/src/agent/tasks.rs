@@ -71,6 +71,7 @@ impl Agent {
                 )?,
             }
         }
+        let files = self.hand_started_files(&view, req)?;
         let local = self.require_local()?;
         if local.tasks.get(&req.name).is_some() {
             return Err(Error::Conflict(format!(
@@ -99,7 +100,7 @@ impl Agent {
                 run: &Default::default(),
                 limits: &Default::default(),
                 security: &Default::default(),
-                files: TaskFiles::default(),
+                files,
                 mounts: &[],
             },
         )

@@ -68,8 +68,17 @@ pub mod key {
     pub const CLUSTER_KEY: &str = "obj:clusterkey:";
     /// `tsk:<id>`: a task of a service on this node, with its state (mesh_planner::Task).
     pub const TASK: &str = "tsk:";
-    /// `obj:secret:<name>`, replicated: a secret, its data sealed under the cluster key.
+    /// `obj:secret:<name>`, replicated: a secret, its data sealed to the admin key (or, in a
+    /// cluster without roles, under the cluster key).
     pub const SECRET: &str = "obj:secret:";
+    /// `obj:secretcopy:<secret>@<node>`, replicated: a secret sealed to one node's key, written
+    /// by an admin while that node runs a task granted the secret (see [`super::SecretCopy`]).
+    pub const SECRET_COPY: &str = "obj:secretcopy:";
+
+    /// The name of `secret`'s copy for `node` under [`SECRET_COPY`] (a secret name has no `@`).
+    pub fn secret_copy(secret: &str, node: &str) -> String {
+        format!("{secret}@{node}")
+    }
     /// `obj:config:<name>`, replicated: a config file's data.
     pub const CONFIG: &str = "obj:config:";
     /// How far this node's load balancer has caught up with every other node's task
@@ -89,8 +98,43 @@ pub struct SecretSpec {
     pub labels: BTreeMap<String, String>,
     /// Bytes of the plaintext, shown by `secret inspect` in place of the data.
     pub size: usize,
-    /// Never the plaintext: see `gossip::sealed`.
-    pub sealed: Sealed,
+    /// Sealed under the cluster key (see `gossip::sealed`): secrets of clusters without
+    /// roles, and of clusters made before roles until an admin reseals them to the admin key.
+    /// Every member can open this form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<Sealed>,
+    /// base64 of the data sealed to the admin key (`identity::sealing`): only holders of
+    /// `admin.key` open it; other nodes get a [`SecretCopy`] of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admins: Option<String>,
+}
+
+/// One node's copy of a secret: the data sealed to that node's key, for the tasks it runs
+/// that are granted the secret. Only that node opens it; an admin writes it while the node
+/// runs (or is about to start) such a task and removes it afterwards.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretCopy {
+    pub secret: String,
+    pub node: String,
+    /// The node key it is sealed to: a node that comes back under a new key needs a new copy.
+    pub key: crate::identity::PublicKey,
+    /// The creation stamp of the secret it copies: a secret removed and created again under
+    /// the same name needs new copies.
+    pub of: mesh_api::id::Stamp,
+    /// base64 of the sealed box.
+    pub data: String,
+}
+
+impl fmt::Debug for SecretCopy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SecretCopy({} for {}, {} bytes)",
+            self.secret,
+            self.node,
+            self.data.len()
+        )
+    }
 }
 
 /// A secret's data as gossip carries it, sealed by `gossip::sealed`. Its Debug form shows
@@ -203,8 +247,15 @@ pub struct KeyState {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRotation {
     pub id: mesh_api::v1::KeyId,
-    /// base64, as in a key file.
+    /// base64, as in a key file: in a cluster without roles only (it travels sealed under
+    /// the old key, so whoever holds that holds the new one too).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key: String,
+    /// In a cluster with roles: the new key sealed to each node's own key, by node name
+    /// (see `gossip::sealed::seal_cluster_key`), so an old cluster key read off a disk or the
+    /// wire does not reveal the next one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sealed: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for KeyRotation {
@@ -309,9 +360,11 @@ mod tests {
         let r = KeyRotation {
             id: mesh_api::v1::KeyId(0xabcd),
             key: "c2VjcmV0".into(),
+            sealed: BTreeMap::from([("n1".to_owned(), "c2VhbGVk".to_owned())]),
         };
         let shown = format!("{r:?}");
         assert!(!shown.contains("c2VjcmV0"), "{shown}");
+        assert!(!shown.contains("c2VhbGVk"), "{shown}");
         assert!(shown.contains("0000abcd"), "{shown}");
     }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{
     AttachmentRecord, BlockClaim, ConfigSpec, EndpointRecord, KeyRotation, KeyState, NetworkSpec,
-    NodeRecord, NodeRemoval, NodeSpec, SecretSpec, ipam, key,
+    NodeRecord, NodeRemoval, NodeSpec, SecretCopy, SecretSpec, ipam, key,
     replicated::{self, Replicated},
 };
 use mesh_api::id::Stamp;
@@ -105,6 +105,8 @@ pub struct View {
     /// a name has one content for the life of its incarnation.
     pub secrets: BTreeMap<String, Replicated<SecretSpec>>,
     pub configs: BTreeMap<String, Replicated<ConfigSpec>>,
+    /// Secrets sealed to one node each, by `<secret>@<node>` (see [`SecretCopy`]).
+    pub secret_copies: BTreeMap<String, Replicated<SecretCopy>>,
     pub network_conflicts: Vec<Conflict<NetworkSpec>>,
     pub service_conflicts: Vec<Conflict<ServiceSpec>>,
     /// Endpoints of live nodes only: a dead node's tasks leave every load balancer at once.
@@ -256,6 +258,7 @@ impl View {
         self.accept_services(services);
         self.secrets = merge_kind::<SecretSpec>(snapshot, key::SECRET, self);
         self.configs = merge_kind::<ConfigSpec>(snapshot, key::CONFIG, self);
+        self.secret_copies = merge_kind::<SecretCopy>(snapshot, key::SECRET_COPY, self);
         let rejected: BTreeSet<String> = self
             .network_conflicts
             .iter()

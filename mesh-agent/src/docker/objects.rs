@@ -598,17 +598,12 @@ async fn update_secret(
     let r = &view.secrets[&name];
     // Comparing the data means opening the sealed secret here, on an admin's socket; it
     // goes no further than this comparison.
-    let data = match (sent.is_empty(), agent.gossip.auth()) {
-        (true, _) => zeroize::Zeroizing::new(Vec::new()),
-        (false, Some(auth)) => {
-            crate::gossip::sealed::open(&auth.keyring(), auth.cluster(), &name, &r.spec.sealed)
-                .map_err(DockerError::bad_request)?
-        }
-        (false, None) => {
-            return Err(DockerError::bad_request(
-                "secrets need a cluster key: this agent's gossip is not sealed",
-            ));
-        }
+    let data = if sent.is_empty() {
+        zeroize::Zeroizing::new(Vec::new())
+    } else {
+        agent
+            .open_secret(&r.spec)
+            .map_err(|e| DockerError::bad_request(e.to_string()))?
     };
     check_unchanged(
         "secret",

@@ -515,6 +515,8 @@ pub struct GossipAuth {
 /// Who this node is in gossip, and whom it knows: what a rekey needs.
 pub struct Member {
     pub name: String,
+    /// This run's generation: with the name, the node id chitchat gossips this node under.
+    pub generation: u64,
     pub identity: Arc<NodeIdentity>,
     /// The key a node name is pinned to, if it is pinned (a removed node's is not).
     pub pinned: PinnedKey,
@@ -553,6 +555,15 @@ impl GossipAuth {
 
     /// Lets this node answer rekey requests with the keys retired in `retired_file`, and ask
     /// for the current keys itself.
+    /// Whether `id` is this node's own run: the one node whose state only this node writes.
+    pub fn is_self(&self, id: &super::validate::NodeId) -> bool {
+        self.member
+            .lock()
+            .expect("member lock")
+            .as_ref()
+            .is_some_and(|m| m.name == id.name && m.generation == id.generation)
+    }
+
     pub fn set_member(&self, member: Member, retired_file: Option<&Path>) {
         if let Some(f) = retired_file {
             *self.retired.lock().expect("retired lock") = Retired::load(f);

@@ -322,6 +322,11 @@ impl Gossip {
         self.identity.public()
     }
 
+    /// This node's key pair: what opens the secrets sealed to this node.
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.identity
+    }
+
     /// Values dropped for their origin, and impostors refused.
     pub fn origin_report(&self) -> origin::OriginReport {
         self.origins.lock().expect("origins lock").report()
@@ -346,6 +351,7 @@ impl Gossip {
         auth.set_member(
             auth::Member {
                 name: self.name.clone(),
+                generation: self.generation,
                 identity: self.identity.clone(),
                 pinned: Box::new(move |name| {
                     origins

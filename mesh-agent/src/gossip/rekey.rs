@@ -335,6 +335,7 @@ mod flow_tests {
         member.set_member(
             Member {
                 name: "h1".into(),
+                generation: 1,
                 identity: Arc::new(NodeIdentity::generate().unwrap()),
                 pinned: Box::new(move |n| (n == "h3").then(|| *p.lock().unwrap()).flatten()),
             },
@@ -347,6 +348,7 @@ mod flow_tests {
         node.set_member(
             Member {
                 name: "h3".into(),
+                generation: 1,
                 identity: Arc::new(returning),
                 pinned: Box::new(|_| None),
             },

@@ -94,6 +94,17 @@ pub struct SealedSocket {
 }
 
 impl SealedSocket {
+    /// A delta about this node's own run is a replay of its records (see `validate`).
+    fn refuse_own_state(&self, checked: validate::Checked) -> Result<validate::Checked, String> {
+        match checked.delta_nodes.iter().find(|n| self.auth.is_self(n)) {
+            Some(n) => Err(format!(
+                "a delta about this node itself ({}, run {}): only this node writes its state",
+                n.name, n.generation
+            )),
+            None => Ok(checked),
+        }
+    }
+
     pub async fn open(listen: SocketAddr, auth: Arc<GossipAuth>) -> Result<Self> {
         let wire = tokio::net::UdpSocket::bind(listen)
             .await
@@ -294,6 +305,7 @@ impl Socket for SealedSocket {
                         });
                     }
                     let checked = validate::check(plaintext)
+                        .and_then(|c| self.refuse_own_state(c))
                         .and_then(|c| self.known.admit(&c.digest_nodes, Instant::now()));
                     if let Err(e) = checked {
                         debug!(%from, "gossip datagram rejected: {e}");

@@ -17,7 +17,12 @@
 //!   digests may not introduce more than [`MAX_KNOWN_NODES`] distinct nodes per
 //!   [`KNOWN_NODE_TTL`] (chitchat forgets a phantom node after its dead-node grace, 1 h);
 //! - keys are at most [`MAX_KEY_LEN`] bytes, and a compressed stream at most
-//!   [`MAX_DECOMPRESSED`] bytes once decompressed.
+//!   [`MAX_DECOMPRESSED`] bytes once decompressed;
+//! - (checked by the transport, which knows who it is) no delta is about the receiving node's
+//!   own run: chitchat applies such a delta to the receiver's own state, so a member could
+//!   replay a node's older signed records into that node itself — an admin's old service
+//!   spec, which the admin then republishes as current. No honest peer sends one: a node's
+//!   own digest always names its newest version.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -54,6 +59,8 @@ pub struct NodeId {
 pub struct Checked {
     /// Nodes its digest names (each becomes a node state in chitchat).
     pub digest_nodes: Vec<NodeId>,
+    /// Nodes its delta carries state of.
+    pub delta_nodes: Vec<NodeId>,
 }
 
 /// Reads one opened datagram; `Err` says why chitchat must not see it.
@@ -76,10 +83,10 @@ pub fn check(plaintext: &[u8]) -> Result<Checked, String> {
         // SynAck: digest, delta.
         1 => {
             out.digest_nodes = digest(&mut r, version)?;
-            delta(&mut r)?;
+            out.delta_nodes = delta(&mut r)?;
         }
         // Ack: delta.
-        2 => delta(&mut r)?,
+        2 => out.delta_nodes = delta(&mut r)?,
         // BadCluster.
         3 => {}
         t => return Err(format!("unknown message type {t}")),
@@ -126,7 +133,7 @@ struct NodeOps {
     max_version_set: bool,
 }
 
-fn delta(r: &mut Reader) -> Result<(), String> {
+fn delta(r: &mut Reader) -> Result<Vec<NodeId>, String> {
     let stream = decompress(r)?;
     let mut s = Reader(&stream);
     let mut seen: HashSet<NodeId> = HashSet::new();
@@ -192,7 +199,7 @@ fn delta(r: &mut Reader) -> Result<(), String> {
             t => return Err(format!("unknown delta op {t}")),
         }
     }
-    Ok(())
+    Ok(seen.into_iter().collect())
 }
 
 /// chitchat's compressed stream: blocks (1 = zstd, 2 = stored) up to a 0.

@@ -605,6 +605,9 @@ async fn gossip_info(State(agent): State<Arc<Agent>>) -> ApiResult<GossipInfo> {
             nodes_refused: origins.impostors,
             forged_grants: roles.forged_grants,
             worker_objects: roles.worker_objects,
+            secret_copies_refused: agent
+                .secret_copies_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
         },
     }))
 }

@@ -42,7 +42,7 @@ pub(crate) fn secret_info(view: &View, name: &str) -> Option<SecretInfo> {
         name: name.to_owned(),
         labels: s.spec.labels.clone(),
         size: s.spec.size,
-        key: s.spec.sealed.key,
+        key: s.spec.sealed.as_ref().map(|s| s.key),
         created_ms: s.created.ms,
         created_by: s.created.node.clone(),
         services: users(view, Kind::Secret, name),

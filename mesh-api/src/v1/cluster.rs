@@ -81,6 +81,9 @@ pub struct OriginStats {
     /// Replicated objects written by workers, dropped: only admins write them.
     #[serde(default)]
     pub worker_objects: u64,
+    /// This node's copies of secrets (sealed to its key by an admin) that did not open.
+    #[serde(default)]
+    pub secret_copies_refused: u64,
 }
 
 /// Where a key rotation stands, for `meshctl join-token --rotate` to report.

@@ -29,8 +29,10 @@ pub struct SecretInfo {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub size: usize,
-    /// The cluster key it is sealed with.
-    pub key: KeyId,
+    /// The cluster key it is sealed with; none when it is sealed to the admin key (a
+    /// cluster with roles), which only admins open.
+    #[serde(default)]
+    pub key: Option<KeyId>,
     pub created_ms: u64,
     pub created_by: String,
     /// Services whose tasks get it.

@@ -1131,3 +1131,60 @@ async fn a_slow_pull_holds_neither_other_tasks_nor_other_services() {
         "two waves of starts after the pull"
     );
 }
+
+// --- Secrets sealed per node --------------------------------------------------------------
+
+/// A service granted a secret sealed to the admins only: each task waits, Assigned and
+/// saying why, until an admin's copy for its node arrives, then starts — the same task, at
+/// once, without a rejection or a restart. A node whose copy never comes keeps waiting.
+#[tokio::test(start_paused = true)]
+async fn a_task_waits_for_its_copy_of_a_secret_and_starts_when_it_arrives() {
+    let c = FakeCluster::new(&["n1", "n2"]);
+    c.create_secret("db_password");
+    let mut spec = web(2, "v1");
+    spec.task.as_mut().expect("a template").secrets = vec![mesh_api::spec::FileRef {
+        source: "db_password".into(),
+        target: "db_password".into(),
+        uid: 0,
+        gid: 0,
+        mode: 0o444,
+    }];
+    c.create(spec);
+    c.run_for(secs(12)).await;
+    let waiting = c.live("web");
+    assert_eq!(waiting.len(), 2, "{waiting:#?}");
+    for t in &waiting {
+        assert_eq!(t.state, TaskState::Assigned, "{t:#?}");
+        assert_eq!(
+            t.error.as_deref(),
+            Some("waiting for secret db_password to be sealed for this node by an admin")
+        );
+    }
+    assert!(c.starts("web").is_empty());
+    assert_eq!(c.ps("web").len(), 2, "no task was replaced while waiting");
+
+    c.give_secret_copy("db_password", "n1");
+    let given = c.now_ms();
+    c.run_for(secs(1)).await;
+    let on_n1 = waiting
+        .iter()
+        .find(|t| t.node == "n1")
+        .expect("a task on n1");
+    let started = record(&c, &on_n1.id);
+    assert_eq!(started.state, TaskState::Running, "{started:#?}");
+    assert_eq!(started.error, None);
+    let starts = c.starts("web");
+    assert_eq!(starts.len(), 1, "{starts:#?}");
+    // The copy's view change started it, not the next retry 5 s on.
+    assert!(starts[0].at_ms - given < 1_000, "{starts:#?}");
+    assert!(
+        c.events()
+            .iter()
+            .all(|e| !matches!(e.what, What::Rejected(_)))
+    );
+    let on_n2 = waiting
+        .iter()
+        .find(|t| t.node == "n2")
+        .expect("a task on n2");
+    assert_eq!(record(&c, &on_n2.id).state, TaskState::Assigned);
+}
