@@ -518,7 +518,11 @@ impl Agent {
                 let secrets: Vec<&str> =
                     template.secrets.iter().map(|r| r.source.as_str()).collect();
                 Error::Forbidden(format!(
-                    "task {} joins service {service}, which is granted secret(s) {}, and node                      {} has no copy of them: an admin seals a secret only to the nodes the                      service places its tasks on. Let the service place the task (`meshctl                      service scale {service}=N`, or a placement constraint) instead of                      starting it by hand",
+                    "task {} joins service {service}, which is granted secret(s) {}, and node \
+                     {} has no copy of them: an admin seals a secret only to the nodes the \
+                     service places its tasks on. Let the service place the task (`meshctl \
+                     service scale {service}=N`, or a placement constraint) instead of \
+                     starting it by hand",
                     req.name,
                     secrets.join(", "),
                     self.node_name()
