@@ -20,6 +20,7 @@ mod dns;
 mod failover;
 mod flood;
 mod footprint;
+mod kernel;
 mod lbmaps;
 mod mesh;
 mod orchestration;
