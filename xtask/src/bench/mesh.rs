@@ -595,9 +595,10 @@ struct SegmentClient {
     mtu: u32,
 }
 
-/// Plugs a new namespace into host1's bridge of the task's network, with the last but one
-/// address of the task's address block: host1's agent hands addresses out lowest first and
-/// runs one task here, so it never reaches it during the bench.
+/// Plugs a new namespace into host1's bridge of the task's network, as an endpoint of the
+/// network: the last but one address of the task's address block (host1's agent hands
+/// addresses out lowest first and runs one task here, so it never reaches it during the
+/// bench) and the MAC the network derives from it.
 fn segment_client(c: &Cluster, network: &NetworkInfo, task_ip: Ipv4Addr) -> Result<SegmentClient> {
     let subnet: Ipv4Net = network
         .subnet
@@ -628,8 +629,17 @@ fn segment_client(c: &Cluster, network: &NetworkInfo, task_ip: Ipv4Addr) -> Resu
          ip link set xseg master {bridge} && ip link set xseg up",
         ns = ns.name()
     ))?;
+    // Every endpoint of an overlay network has the MAC derived from its address, and the
+    // programs on a task's veth rely on it: a frame whose MAC is not its address's is one a
+    // router (a node) forwarded, and the task's answers to it are sent back to that node.
+    let mac = mesh_common::lb::mac_for_ip(ip.octets())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
     ns.sh(&format!(
-        "ip link set eth0 mtu {mtu} && ip addr add {ip}/{p} dev eth0 && ip link set eth0 up",
+        "ip link set eth0 mtu {mtu} address {mac} && ip addr add {ip}/{p} dev eth0 && \
+         ip link set eth0 up",
         p = subnet.prefix_len()
     ))?;
     Ok(SegmentClient {
