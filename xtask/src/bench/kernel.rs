@@ -27,8 +27,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, HashMap, Map, MapData};
 use futures_util::TryStreamExt;
 use mesh_common::lb::{
-    BACKEND_ACTIVE, BACKENDS_MAP, Backend, IPPROTO_TCP, SERVICE_STATE_MAP, SERVICES_MAP,
-    SLOTS_MAP, ServiceEntry, ServiceKey, ServiceState, SlotKey,
+    BACKEND_ACTIVE, BACKENDS_MAP, Backend, IPPROTO_TCP, SERVICE_STATE_MAP, SERVICES_MAP, SLOTS_MAP,
+    ServiceEntry, ServiceKey, ServiceState, SlotKey,
 };
 use mesh_tests::Host;
 use rtnetlink::packet_route::{
@@ -166,9 +166,7 @@ impl NodeKernel {
                     NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
                         vtep = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
                     }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
-                        vtep = Some(*ip)
-                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => vtep = Some(*ip),
                     _ => {}
                 }
             }

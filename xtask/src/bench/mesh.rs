@@ -610,7 +610,9 @@ fn segment_client(c: &Cluster, network: &NetworkInfo, task_ip: Ipv4Addr) -> Resu
     let ip = Ipv4Addr::from(u32::from(block.broadcast()) - 1);
     let host = &c.host(1).ns;
     let bridge = mesh_agent::overlay::bridge_name(network.vni);
-    let link = host.sh(&format!("ip -o -4 addr show dev {bridge}; ip -o link show dev {bridge}"))?;
+    let link = host.sh(&format!(
+        "ip -o -4 addr show dev {bridge}; ip -o link show dev {bridge}"
+    ))?;
     ensure!(
         ip != task_ip
             && ip != network.gateway
