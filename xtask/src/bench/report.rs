@@ -81,7 +81,7 @@ impl Report {
         out
     }
 
-    fn markdown(&self, plots: &[(String, PathBuf)]) -> String {
+    pub fn markdown(&self, plots: &[(String, PathBuf)]) -> String {
         let mut out = format!("## {}\n\n", self.title);
         if !self.ran.is_empty() {
             let _ = writeln!(out, "What ran ({:.0} s):\n", self.seconds);
