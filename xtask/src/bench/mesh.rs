@@ -24,8 +24,12 @@
 //! - routed by host1 (what this bench called "direct" up to 2026-12-02): the underlay client
 //!   routes the overlay subnet via host1: host1's forwarding, its netfilter hooks (the
 //!   agent's `inet mesh` forward chain), conntrack, then the bridge.
-//! - mesh local / remote: `host1:8080` / `host2:8080`, the published port (TC eBPF: flow
-//!   table, SNAT, redirect; no netfilter on the path).
+//! - mesh local / remote: `host1:8080` / `host2:8080`, the published port in the default
+//!   mode (the client's address kept): TC eBPF on the underlay (flow table, destination
+//!   rewrite, `bpf_redirect_peer` into the task, or into the VXLAN device to host1, whose
+//!   VXLAN device puts it into the task); the task's replies are translated by TC on its
+//!   veth (local) or sent back through the overlay to host2 and translated there (remote).
+//!   No netfilter, no conntrack, no bridge.
 //! - nft local / remote: `host1:8081` / `host2:8081`: a `nat` table with
 //!   `dnat to numgen inc mod N map { … }` over the service's tasks, conntrack, and on host2
 //!   masquerade towards the overlay (the reply must come back through host2 to be
@@ -415,10 +419,12 @@ pub fn run(quick: bool) -> Result<Report> {
         "direct: client veth → host1's bridge of the network → task veth (bridged: no \
          routing, no netfilter, no conntrack); inside the task: loopback in the task's \
          namespace; routed by host1: underlay → host1 eth0 → forwarding, netfilter (the \
-         agent's `inet mesh` forward chain), conntrack → bridge → task veth; mesh local: \
-         underlay → host1 eth0 TC (flow table, SNAT) → bpf_redirect_peer into the task; mesh \
-         remote: underlay → host2 eth0 TC → VXLAN to host1 → TC on the VXLAN device → \
-         bpf_redirect_peer; nft: prerouting DNAT + conntrack, then host1's forwarding as \
+         agent's `inet mesh` forward chain), conntrack → bridge → task veth; mesh local \
+         (default mode, the client's address kept): underlay → host1 eth0 TC (flow table, \
+         destination rewrite) → bpf_redirect_peer into the task, replies translated by TC on \
+         the task's veth → host1 eth0; mesh remote: underlay → host2 eth0 TC → VXLAN to \
+         host1 → TC on the VXLAN device → bpf_redirect_peer, replies back through the \
+         overlay to host2, translated there; nft: prerouting DNAT + conntrack, then host1's forwarding as \
          routed (remote: host2 masquerades into the overlay)",
     );
     report.ran(format!(
