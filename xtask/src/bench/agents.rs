@@ -97,7 +97,9 @@ pub fn whoami(c: &Cluster, on: &[usize]) -> Result<Vec<TaskInfo>> {
     Ok(tasks)
 }
 
-/// Active backends of `service` in the host's load balancer (what its kernel maps hold).
+/// Active backends of `service` in the host's load balancer as its agent records them
+/// (`meshctl service inspect`: the agent's memory of what it programmed, not a read of the
+/// maps; [`super::kernel`] reads the kernel).
 pub fn active_backends(h: &Host, service: &str) -> Result<Vec<Ipv4Addr>> {
     let info: ServiceInfo = h.meshctl_json(&["service", "inspect", service])?;
     Ok(info
@@ -110,25 +112,6 @@ pub fn active_backends(h: &Host, service: &str) -> Result<Vec<Ipv4Addr>> {
                 .collect()
         })
         .unwrap_or_default())
-}
-
-/// Whether the host's load balancer holds `service` at all.
-pub fn programmed(h: &Host, service: &str) -> Result<bool> {
-    let out = h.meshctl(&["--format", "json", "service", "inspect", service])?;
-    if !out.status.success() {
-        return Ok(false);
-    }
-    let info: ServiceInfo = serde_json::from_slice(&out.stdout)?;
-    Ok(info.dataplane.is_some())
-}
-
-/// Whether the host's overlay has a static FDB entry for `mac` pointing at `vtep`.
-pub fn fdb_has(h: &Host, mac: &str, vtep: &str) -> Result<bool> {
-    let out = h.ns.sh("bridge fdb show")?;
-    let mac = mac.to_ascii_lowercase();
-    Ok(out
-        .lines()
-        .any(|l| l.starts_with(&mac) && l.contains(&format!("dst {vtep}"))))
 }
 
 /// Resident memory (KiB) and CPU time used so far (user + system) of a process.

@@ -57,7 +57,9 @@ pub fn run(quick: bool) -> Result<Report> {
     report.ran(format!(
         "N mesh-agent processes with --control-plane-only in one netns on 127.0.0.1..N, each \
          joining agents 1 and 2; gossip interval 100 ms (default); {changes} network creates \
-         on agent 1 per N (2 at 200); idle bandwidth over {} s; each agent polled at most \
+         on agent 1 per N (2 at 200); idle bandwidth over {} s; each agent's view read through \
+         its API socket by the bench's pollers (4 threads, no process per read; the agents \
+         run without a data path, so their view is what there is to time), each agent at most \
          every max(N, 10) ms",
         window.as_secs()
     ));

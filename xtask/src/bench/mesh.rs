@@ -4,13 +4,32 @@
 //! wrk, `Connection: close` with the bench's own client (see [`close_load`]).
 //!
 //! ```text
-//!  client (192.0.2.100) ──► host1 192.0.2.1 ── bridge ── task whoami-1 (10.10.0.x:80)
-//!                      └──► host2 192.0.2.2 ══ VXLAN ══┘
+//!  segment client (10.10.0.x) ── mbr<vni> on host1 ───────────────┐
+//!  client (192.0.2.100) ──► host1 192.0.2.1 ─ TC ─ redirect_peer ──┼─ task whoami-1 (10.10.0.y:80)
+//!                      └──► host2 192.0.2.2 ══ VXLAN ══ host1 ─────┘
 //! ```
 //!
-//! - direct: the client routes the overlay subnet via host1 and talks to the task.
-//! - mesh local / remote: `host1:8080` / `host2:8080`, the published port (TC eBPF: flow
-//!   table, SNAT, redirect; no netfilter on the path).
+//! How each path is routed (every path crosses the task's own veth, whose TC programs
+//! parse every packet both ways):
+//! - direct (the reference): a client namespace whose `eth0` is a port of host1's bridge of
+//!   the task's network, with an address of the overlay subnet (one of host1's own address
+//!   block that its agent would hand out last): client veth → bridge → task veth, one bridge
+//!   hop, no routing, no netfilter (the agent turns `nf_call_iptables` off on its bridges),
+//!   no conntrack. The same number of veth crossings as the mesh's local path (client →
+//!   underlay bridge → host1 → task), so "mesh → local / direct" prices what the routing
+//!   mesh adds on the shortest comparable path.
+//! - inside the task (reference, no goal): the load generator in the task's own network
+//!   namespace, to the task's address: loopback, no veth at all. A ceiling no network path
+//!   reaches.
+//! - routed by host1 (what this bench called "direct" up to 2026-12-02): the underlay client
+//!   routes the overlay subnet via host1: host1's forwarding, its netfilter hooks (the
+//!   agent's `inet mesh` forward chain), conntrack, then the bridge.
+//! - mesh local / remote: `host1:8080` / `host2:8080`, the published port in the default
+//!   mode (the client's address kept): TC eBPF on the underlay (flow table, destination
+//!   rewrite, `bpf_redirect_peer` into the task, or into the VXLAN device to host1, whose
+//!   VXLAN device puts it into the task); the task's replies are translated by TC on its
+//!   veth (local) or sent back through the overlay to host2 and translated there (remote).
+//!   No netfilter, no conntrack, no bridge.
 //! - nft local / remote: `host1:8081` / `host2:8081`: a `nat` table with
 //!   `dnat to numgen inc mod N map { … }` over the service's tasks, conntrack, and on host2
 //!   masquerade towards the overlay (the reply must come back through host2 to be
@@ -19,8 +38,9 @@
 //! So that a ratio means what it says:
 //! - the nft tables exist only while an nft path runs; before any other path's run they
 //!   are deleted and the bench checks the kernel no longer has them;
-//! - rounds rotate the order of the paths (round r starts at path r; with 5 rounds every
-//!   path runs once in every position) and alternate which connection kind goes first;
+//! - rounds rotate the order of the paths (round r starts at path r; with as many rounds as
+//!   paths every path runs once in every position) and alternate which connection kind goes
+//!   first;
 //! - every run is preceded by an unmeasured warm-up of the same path and kind;
 //! - ratios are paired per round and reported as median (min–max) over the rounds;
 //! - every error wrk reports is a failed request, in both connection kinds, and is shown.
@@ -33,11 +53,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use ipnet::Ipv4Net;
+use mesh_agent::cluster::ipam;
+use mesh_api::v1::{LocalTaskInfo, NetworkInfo};
 use mesh_tests::{Cluster, Netns};
 
 use super::{
     agents,
-    report::{Report, Spread, Table},
+    report::{self, Report, Spread, Table},
 };
 
 const BASELINE_PORT: u16 = 8081;
@@ -52,14 +75,18 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Path {
     Direct,
+    InTask,
+    Routed,
     MeshLocal,
     MeshRemote,
     NftLocal,
     NftRemote,
 }
 
-const PATHS: [Path; 5] = [
+const PATHS: [Path; 7] = [
     Path::Direct,
+    Path::InTask,
+    Path::Routed,
     Path::MeshLocal,
     Path::MeshRemote,
     Path::NftLocal,
@@ -69,7 +96,9 @@ const PATHS: [Path; 5] = [
 impl Path {
     fn label(self) -> &'static str {
         match self {
-            Path::Direct => "direct to the task",
+            Path::Direct => "direct, on the task's segment",
+            Path::InTask => "(reference) inside the task, loopback",
+            Path::Routed => "(earlier \"direct\") routed by host1",
             Path::MeshLocal => "mesh → local task",
             Path::MeshRemote => "mesh → remote task",
             Path::NftLocal => "nft DNAT → local task",
@@ -82,6 +111,25 @@ impl Path {
     fn uses_baseline(self) -> bool {
         matches!(self, Path::NftLocal | Path::NftRemote)
     }
+
+    /// Where the path's load generator runs.
+    fn client(self) -> Client {
+        match self {
+            Path::Direct => Client::Segment,
+            Path::InTask => Client::Task,
+            _ => Client::Underlay,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Client {
+    /// On the underlay, beside the hosts (192.0.2.100).
+    Underlay,
+    /// On the task's network, a port of host1's bridge of it.
+    Segment,
+    /// In the task's own network namespace.
+    Task,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -202,19 +250,47 @@ pub fn run(quick: bool) -> Result<Report> {
         ("conntrack", "conntrack"),
         ("ss", "iproute2"),
     ])?;
-    // With 5 repetitions, the rotation puts every path once in every position of a round.
-    let (seconds, warmup, reps) = if quick { (2, 1, 2) } else { (4, 1, 5) };
+    // With as many rounds as paths, the rotation puts every path once in every position.
+    let (seconds, warmup, reps) = if quick {
+        (2, 1, 2)
+    } else {
+        (4, 1, PATHS.len())
+    };
+    let load_before = report::load_average();
     let mut c = agents::cluster(3)?;
     let tasks = agents::whoami(&c, &[1])?;
     let task_ip = tasks[0].ip;
     c.external("client", 100)?;
     let client = c.external_ns("client").context("client namespace")?;
-    // "direct": the client reaches the overlay through the task's node, as a router would.
+    // "routed by host1": the client reaches the overlay through the task's node, as a router
+    // would.
     client.sh(&format!(
         "ip route add {} via {}",
         agents::SUBNET,
         c.host(1).ip
     ))?;
+    let network: NetworkInfo = c
+        .host(1)
+        .meshctl_json(&["network", "inspect", agents::NETWORK])?;
+    // Declared after the cluster so it is dropped first; its name carries the cluster's, so
+    // the cluster's drop, or the stale sweep of a later run if this one is killed, removes it
+    // too (and with it both ends of its veth).
+    let segment = segment_client(&c, &network, task_ip)?;
+    let task_ns = {
+        let local: Vec<LocalTaskInfo> = c.host(1).meshctl_json(&["ps"])?;
+        let task = local
+            .iter()
+            .find(|t| t.name == tasks[0].name)
+            .with_context(|| format!("{} is not among host1's tasks", tasks[0].name))?;
+        Netns::existing(&task.netns)
+    };
+    let client_ns = |p: Path| -> &Netns {
+        match p.client() {
+            Client::Underlay => client,
+            Client::Segment => &segment.ns,
+            Client::Task => &task_ns,
+        }
+    };
     let backends: Vec<String> = tasks.iter().map(|t| t.ip.to_string()).collect();
     let mut baseline = Baseline {
         hosts: [&c.host(1).ns, &c.host(2).ns],
@@ -233,6 +309,8 @@ pub fn run(quick: bool) -> Result<Report> {
     };
     let targets = [
         (Path::Direct, SocketAddrV4::new(task_ip, 80)),
+        (Path::InTask, SocketAddrV4::new(task_ip, 80)),
+        (Path::Routed, SocketAddrV4::new(task_ip, 80)),
         (
             Path::MeshLocal,
             SocketAddrV4::new(host_ip(1)?, agents::PUBLISHED),
@@ -260,7 +338,7 @@ pub fn run(quick: bool) -> Result<Report> {
     let url = |p: Path| format!("http://{}/", target(p));
     for p in PATHS {
         baseline.set(p.uses_baseline())?;
-        let out = client.sh_output(&format!("curl -s --max-time 3 {}", url(p)))?;
+        let out = client_ns(p).sh_output(&format!("curl -s --max-time 3 {}", url(p)))?;
         let body = String::from_utf8_lossy(&out.stdout);
         if !body.contains("whoami-1") {
             bail!(
@@ -299,8 +377,8 @@ pub fn run(quick: bool) -> Result<Report> {
                     rep + 1
                 );
                 let load = |secs: u32| match mode {
-                    Mode::KeepAlive => wrk(client, &url(p), secs),
-                    Mode::Close => close_load(client, target(p), secs),
+                    Mode::KeepAlive => wrk(client_ns(p), &url(p), secs),
+                    Mode::Close => close_load(client_ns(p), target(p), secs),
                 };
                 let left = fresh_state(&c)?;
                 tw_left = tw_left.max(left);
@@ -326,9 +404,28 @@ pub fn run(quick: bool) -> Result<Report> {
     };
 
     let mut report = Report::new("Request path: routing mesh vs direct vs nftables DNAT");
+    report.ran(format!(
+        "3 namespace hosts with agents, service whoami (1 task, mesh-whoami, on host1, \
+         {task_ip}) published on 8080; load generators: a client namespace on the underlay \
+         bridge (192.0.2.100: mesh, nft and routed paths), a client namespace on the task's \
+         segment ({seg}/{prefix}, its eth0 a port of host1's {bridge}, MTU {mtu} like the \
+         task's: direct), and the task's own namespace (inside the task)",
+        seg = segment.ip,
+        prefix = segment.prefix,
+        bridge = segment.bridge,
+        mtu = segment.mtu,
+    ));
     report.ran(
-        "3 namespace hosts with agents, service whoami (1 task, mesh-whoami, on host1) \
-         published on 8080; client namespace on the underlay bridge",
+        "direct: client veth → host1's bridge of the network → task veth (bridged: no \
+         routing, no netfilter, no conntrack); inside the task: loopback in the task's \
+         namespace; routed by host1: underlay → host1 eth0 → forwarding, netfilter (the \
+         agent's `inet mesh` forward chain), conntrack → bridge → task veth; mesh local \
+         (default mode, the client's address kept): underlay → host1 eth0 TC (flow table, \
+         destination rewrite) → bpf_redirect_peer into the task, replies translated by TC on \
+         the task's veth → host1 eth0; mesh remote: underlay → host2 eth0 TC → VXLAN to \
+         host1 → TC on the VXLAN device → bpf_redirect_peer, replies back through the \
+         overlay to host2, translated there; nft: prerouting DNAT + conntrack, then host1's forwarding as \
+         routed (remote: host2 masquerades into the overlay)",
     );
     report.ran(format!(
         "keep-alive: wrk -t1 -c{CONNECTIONS} -d{seconds}s --latency; `Connection: close`: the \
@@ -394,13 +491,14 @@ pub fn run(quick: bool) -> Result<Report> {
     }
 
     let mut goals = Table::new(
-        "Goals of issue 15 (ratios per round: median (min–max); met = the median meets it)",
+        "Goals of issue 15 (ratios per round: median (min–max); met = the median meets it; \
+         direct = on the task's segment)",
         &["goal", "connections", "target", "measured", "result"],
     );
     for mode in MODES {
         let local = ratios(runs(mode, Path::MeshLocal), runs(mode, Path::Direct));
         goals.row(vec![
-            "mesh → local / direct to the task".into(),
+            "mesh → local / direct (task's segment)".into(),
             mode.label().into(),
             "≥ 0.95".into(),
             ratio(&local),
@@ -424,6 +522,26 @@ pub fn run(quick: bool) -> Result<Report> {
         total_errors.show(),
         met(total_errors.total() == 0).into(),
     ]);
+    for mode in MODES {
+        let l = ratios(runs(mode, Path::MeshLocal), runs(mode, Path::Routed));
+        goals.row(vec![
+            "(no goal) mesh → local / routed by host1 (the earlier \"direct\")".into(),
+            mode.label().into(),
+            "–".into(),
+            ratio(&l),
+            "–".into(),
+        ]);
+    }
+    for mode in MODES {
+        let l = ratios(runs(mode, Path::Routed), runs(mode, Path::Direct));
+        goals.row(vec![
+            "(no goal) routed by host1 / direct (what host1's routing costs)".into(),
+            mode.label().into(),
+            "–".into(),
+            ratio(&l),
+            "–".into(),
+        ]);
+    }
     for mode in MODES {
         let l = ratios(runs(mode, Path::MeshLocal), runs(mode, Path::NftLocal));
         goals.row(vec![
@@ -452,10 +570,13 @@ pub fn run(quick: bool) -> Result<Report> {
             per_path_errors.join("; ")
         ));
     }
-    report.note(
-        "wrk, the task and the kernel's softirq work share the same 2 cores: RPS is bounded by \
-         CPU, so the ratios compare CPU cost per request along each path.",
-    );
+    report.note(format!(
+        "wrk, the task and the kernel's softirq work share the same 2 cores (with whatever \
+         else runs on the machine: load average 1/5/15 min {load_before} at the start, {} at \
+         the end): RPS is bounded by CPU, so the ratios compare CPU cost per request along \
+         each path; absolute numbers move with the load, paired ratios much less.",
+        report::load_average()
+    ));
     report.note(
         "failed = every request that did not get a complete 2xx answer: wrk's connect, read, \
          write and timeout errors and non-2xx answers with keep-alive; with `Connection: \
@@ -466,8 +587,76 @@ pub fn run(quick: bool) -> Result<Report> {
         "The agent's own nftables table (`inet mesh`: network isolation, gateway-bridge \
          masquerade) is on every host for every path: it is part of a mesh node.",
     );
+    drop(segment);
     drop(c);
     Ok(report)
+}
+
+/// A load generator's namespace on the task's own L2 segment (see the module docs).
+struct SegmentClient {
+    ns: Netns,
+    ip: Ipv4Addr,
+    prefix: u8,
+    bridge: String,
+    mtu: u32,
+}
+
+/// Plugs a new namespace into host1's bridge of the task's network, as an endpoint of the
+/// network: the last but one address of the task's address block (host1's agent hands
+/// addresses out lowest first and runs one task here, so it never reaches it during the
+/// bench) and the MAC the network derives from it.
+fn segment_client(c: &Cluster, network: &NetworkInfo, task_ip: Ipv4Addr) -> Result<SegmentClient> {
+    let subnet: Ipv4Net = network
+        .subnet
+        .parse()
+        .with_context(|| format!("subnet {}", network.subnet))?;
+    let block = ipam::block_index(subnet, task_ip)
+        .and_then(|i| ipam::block(subnet, i))
+        .with_context(|| format!("{task_ip} is not in {subnet}"))?;
+    let ip = Ipv4Addr::from(u32::from(block.broadcast()) - 1);
+    let host = &c.host(1).ns;
+    let bridge = mesh_agent::overlay::bridge_name(network.vni);
+    let link = host.sh(&format!(
+        "ip -o -4 addr show dev {bridge}; ip -o link show dev {bridge}"
+    ))?;
+    ensure!(
+        ip != task_ip
+            && ip != network.gateway
+            && !network.tasks.iter().any(|t| t.ip == ip)
+            && !link.contains(&format!("inet {ip}/")),
+        "{ip}, meant for the segment client, is in use on {bridge}: {link}"
+    );
+    let mtu: u32 = link
+        .split_once(" mtu ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("no MTU for {bridge} in {link:?}"))?;
+    let ns = Netns::create(&format!("{}-xseg", c.name()))?;
+    host.sh(&format!(
+        "ip link add xseg mtu {mtu} type veth peer name eth0 netns {ns} && \
+         ip link set xseg master {bridge} && ip link set xseg up",
+        ns = ns.name()
+    ))?;
+    // Every endpoint of an overlay network has the MAC derived from its address, and the
+    // programs on a task's veth rely on it: a frame whose MAC is not its address's is one a
+    // router (a node) forwarded, and the task's answers to it are sent back to that node.
+    let mac = mesh_common::lb::mac_for_ip(ip.octets())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    ns.sh(&format!(
+        "ip link set eth0 mtu {mtu} address {mac} && ip addr add {ip}/{p} dev eth0 && \
+         ip link set eth0 up",
+        p = subnet.prefix_len()
+    ))?;
+    Ok(SegmentClient {
+        ns,
+        ip,
+        prefix: subnet.prefix_len(),
+        bridge,
+        mtu,
+    })
 }
 
 /// Removes what earlier runs left behind that a later run could trip over: the task's

@@ -20,6 +20,7 @@ mod dns;
 mod failover;
 mod flood;
 mod footprint;
+mod kernel;
 mod lbmaps;
 mod mesh;
 mod orchestration;
@@ -96,6 +97,21 @@ pub fn run(target: Target, quick: bool) -> Result<()> {
         t => {
             let report = one(t, quick)?;
             println!("{}", report.text());
+            // The section as `all` would write it (with what ran), to commit a single
+            // benchmark's results.
+            let md = std::env::temp_dir().join(format!(
+                "mesh-bench-{}-{}.md",
+                report
+                    .title
+                    .split(':')
+                    .next()
+                    .unwrap_or("report")
+                    .replace(' ', "-"),
+                std::process::id()
+            ));
+            std::fs::write(&md, report.markdown(&[]))
+                .with_context(|| format!("writing {}", md.display()))?;
+            println!("markdown: {}", md.display());
             let dir = std::env::temp_dir().join(format!("mesh-bench-plots-{}", std::process::id()));
             if !report.plots.is_empty() {
                 std::fs::create_dir_all(&dir)?;

@@ -81,7 +81,7 @@ impl Report {
         out
     }
 
-    fn markdown(&self, plots: &[(String, PathBuf)]) -> String {
+    pub fn markdown(&self, plots: &[(String, PathBuf)]) -> String {
         let mut out = format!("## {}\n\n", self.title);
         if !self.ran.is_empty() {
             let _ = writeln!(out, "What ran ({:.0} s):\n", self.seconds);
@@ -240,8 +240,11 @@ pub fn document(
          - \"Hosts\" are network namespaces joined by veth to a bridge on one kernel; the \
            overlay is real kernel VXLAN, the dataplane real eBPF, agents real processes \
            (release builds). No NIC, no wire: per-packet costs are CPU costs.\n\
-         - Timings that poll the kernel or an agent (programming, failover, convergence) \
-           carry the polling interval as resolution, stated in each section.\n\n",
+         - Timings that poll carry the polling interval as resolution, stated in each \
+           section, with what is read: programming and failover read each node's kernel (the \
+           pinned LB maps, the FDB over netlink) from one long-lived reader per node, never \
+           the agent; convergence, update and orchestration read the agents (`service \
+           inspect`, the API).\n\n",
     );
     for r in reports {
         out.push_str(&r.markdown(plots));
@@ -335,4 +338,13 @@ pub fn percentile_sorted(sorted: &[f64], q: f64) -> f64 {
 
 pub fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The machine's load average (1, 5, 15 min) as /proc/loadavg has it: the machine is shared,
+/// so a result says how busy it was.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" / "))
+        .unwrap_or_else(|| "unknown".into())
 }

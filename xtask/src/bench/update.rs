@@ -97,12 +97,15 @@ pub fn run(quick: bool) -> Result<Report> {
          mesh-whoami tasks publishing {}; {runs} runs of: `service update --env-add …` \
          (parallelism 1, delay 0, start-first, monitor 0s) until the coordinator records it \
          completed and every node balances over {REPLICAS} tasks; then `service scale =0` and \
-         `=10` until the same; throughout, a client on the underlay opens {} new connections \
+         `=10` until the same (both read from the agents, not the kernel: `meshctl service \
+         inspect` on each node every {poll} ms, the coordinator's update state and each \
+         agent's record of what it programmed); throughout, a client on the underlay opens {} new connections \
          a second to host1's published port, paced by a clock, each with {} ms to be \
          answered (connect included)",
+        agents::PUBLISHED,
         mesh_tests::availability::RATE,
         mesh_tests::availability::BUDGET.as_millis(),
-        agents::PUBLISHED
+        poll = POLL.as_millis(),
     ));
     let mut t = Table::new(
         "min / median / max over runs",
