@@ -152,3 +152,43 @@ impl Agent {
         self.ipam.lock().await.release(network, ip, at);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, last)
+    }
+
+    #[test]
+    fn a_released_address_stays_reserved_until_a_view_covers_its_release() {
+        let mut r = Reserved::default();
+        let before = Instant::now();
+        r.hold("app", ip(2));
+        r.hold("app", ip(3));
+        r.hold("db", ip(2));
+        let released = Instant::now();
+        r.release("app", ip(2), released);
+
+        // A view from before the release may not show the record that uses the address.
+        r.forget_seen(before);
+        r.forget_seen(released);
+        let mut app: Vec<_> = r.unseen("app").collect();
+        app.sort();
+        assert_eq!(app, [ip(2), ip(3)]);
+
+        // One read after it does; the addresses still being set up stay reserved whatever
+        // the view.
+        r.forget_seen(released + Duration::from_millis(1));
+        assert_eq!(r.unseen("app").collect::<Vec<_>>(), [ip(3)]);
+        assert_eq!(r.unseen("db").collect::<Vec<_>>(), [ip(2)]);
+    }
+
+    #[test]
+    fn releasing_an_address_never_reserved_reserves_nothing() {
+        let mut r = Reserved::default();
+        r.release("app", ip(9), Instant::now());
+        assert_eq!(r.unseen("app").count(), 0);
+    }
+}
