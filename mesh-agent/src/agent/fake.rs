@@ -476,6 +476,17 @@ impl FakeCluster {
             .insert(node.into(), FakeNode::boot(node, &self.shared));
     }
 
+    /// The node's agent is killed and started again: its jobs (a stop underway) are gone,
+    /// its task processes (the process driver's) still run.
+    pub fn restart_agent(&self, node: &str) {
+        let mut nodes = self.nodes.lock().unwrap();
+        let old = nodes.get(node).expect("a node of the cluster").clone();
+        old.killed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let fresh = FakeNode::boot(node, &self.shared);
+        *fresh.processes.lock().unwrap() = std::mem::take(&mut *old.processes.lock().unwrap());
+        nodes.insert(node.into(), fresh);
+    }
+
     /// `a` and `b` stop hearing each other.
     pub fn cut(&self, a: &str, b: &str) {
         let mut g = self.shared.gossip.lock().unwrap();
@@ -543,6 +554,9 @@ pub(super) struct FakeNode {
     next_ip: Mutex<u8>,
     /// Starts underway, and the most there were at once.
     starting: Mutex<(usize, usize)>,
+    /// Its agent was killed (see `FakeCluster::restart_agent`): its jobs still running on
+    /// the test's runtime write nothing more.
+    killed: std::sync::atomic::AtomicBool,
 }
 
 impl FakeNode {
@@ -556,6 +570,7 @@ impl FakeNode {
             processes: Mutex::default(),
             next_ip: Mutex::new(2),
             starting: Mutex::default(),
+            killed: Default::default(),
         })
     }
 
@@ -624,6 +639,9 @@ impl NodeRuntime for FakeNode {
     }
 
     async fn publish_tasks(&self, tasks: &[&Task]) {
+        if self.killed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let mut g = self.shared.gossip.lock().unwrap();
         let own = g.tasks.entry(self.name.clone()).or_default();
         for t in tasks {

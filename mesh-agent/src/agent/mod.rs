@@ -33,8 +33,7 @@ pub use programming::ProgrammingLatency;
 pub use services::DEFAULT_NETWORK;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    collections::BTreeMap,
     sync::{Arc, Mutex as StdMutex},
     time::Duration,
 };
@@ -79,8 +78,10 @@ pub struct Agent {
     clock: StdMutex<Clock>,
     view: watch::Sender<Arc<View>>,
     /// Serialises allocations on this node and remembers addresses handed out but not yet
-    /// visible in gossip.
-    ipam: Mutex<BTreeSet<(String, Ipv4Addr)>>,
+    /// visible in the view (see `addresses.rs`).
+    ipam: Mutex<addresses::Reserved>,
+    /// Every gossip write this node made before this instant is in the current view.
+    view_covers: StdMutex<std::time::Instant>,
     /// The node-local parts; `None` when the agent runs the control plane only.
     local: Option<Local>,
     /// One kernel convergence at a time; also held by a task start whose networks are not
@@ -157,7 +158,8 @@ impl Agent {
         Arc::new(Self {
             clock: StdMutex::new(clock),
             view: watch::channel(Arc::new(View::default())).0,
-            ipam: Mutex::new(BTreeSet::new()),
+            ipam: Mutex::new(Default::default()),
+            view_covers: StdMutex::new(std::time::Instant::now()),
             local: parts.node.map(|n| Local {
                 dataplane: Mutex::new(n.dataplane),
                 tasks: n.tasks,
@@ -251,11 +253,14 @@ impl Agent {
     /// if gossip moved or a time-based transition is due since it was last computed.
     pub async fn refresh(&self) -> Arc<View> {
         let mut computed_from = self.publishing.lock().await;
+        let read_at = std::time::Instant::now();
         let fingerprint = self.gossip.fingerprint().await;
         let current = self.view();
         if !current.change_due(Clock::now_ms()) && computed_from.as_ref() == Some(&fingerprint) {
+            *self.view_covers.lock().expect("view lock") = read_at;
             return current;
         }
+        let read_at = std::time::Instant::now();
         let snapshot = self.gossip.snapshot().await;
         self.publish_impostors();
         let view = View::compute(&snapshot);
@@ -270,6 +275,7 @@ impl Agent {
         let view = Arc::new(view);
         // Published under the lock, so the view and the state it came from always match.
         self.view.send_replace(view.clone());
+        *self.view_covers.lock().expect("view lock") = read_at;
         *computed_from = Some(fingerprint);
         drop(computed_from);
         self.persist_or_say().await;

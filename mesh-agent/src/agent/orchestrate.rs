@@ -196,7 +196,17 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
 
     // Tasks whose process ended (or vanished while the agent was away).
     for t in rt.own_tasks().await.into_values() {
-        if !t.is_live() || t.state < TaskState::Preparing || rt.jobs().is_busy(&t.id) {
+        if rt.jobs().is_busy(&t.id) {
+            continue;
+        }
+        if stop_interrupted(&t) {
+            // Its stop was underway when the agent stopped: nothing else would end it now
+            // that its record no longer wants it running.
+            info!(task = %process_name(&t), "finishing an interrupted stop");
+            spawn_stop(rt, t);
+            continue;
+        }
+        if !t.is_live() || t.state < TaskState::Preparing {
             continue;
         }
         let ending = match rt.process(&process_name(&t)).map(|p| p.state) {
@@ -359,6 +369,11 @@ pub(super) async fn pass<R: NodeRuntime>(rt: &Arc<R>, view: &Arc<View>) -> Optio
         .filter_map(|t| t.not_before_ms)
         .chain(held_until)
         .min()
+}
+
+/// A task of this node that was being stopped (its record says so) but did not end.
+fn stop_interrupted(t: &Task) -> bool {
+    t.desired == DesiredState::Shutdown && !t.state.is_terminal()
 }
 
 /// A node with tasks of an older template pulls the service's image now, while they still

@@ -111,6 +111,7 @@ impl Agent {
     /// endpoint: from then on it is a backend of its service on every node.
     pub(crate) async fn launch(&self, view: &View, task: Launch<'_>) -> Result<TaskRecord> {
         let local = self.require_local()?;
+        let mut stages = crate::task::Stages::new();
         let first = *task
             .networks
             .first()
@@ -122,6 +123,7 @@ impl Agent {
             let _converging = self.converging.lock().await;
             self.converge_locked(view, Some(first)).await?;
         }
+        stages.lap("plumbing");
         let own = self.own_attachments().await;
         let mut plumbed = Vec::new();
         for network in &task.networks {
@@ -145,6 +147,7 @@ impl Agent {
                 }
             }
         }
+        stages.lap("addresses");
         let spec = TaskSpec {
             name: task.name.to_owned(),
             // Overlay traffic stays on eth0, eth1, …; everything else leaves through the
@@ -178,6 +181,7 @@ impl Agent {
                 return Err(Error::Invalid(format!("{e:#}")));
             }
         };
+        stages.lap("process");
         if task
             .mounts
             .iter()
@@ -200,12 +204,16 @@ impl Agent {
                 "client-address replies are not steered yet: {e:#}"
             );
         }
+        stages.lap("steering");
         if task.publish {
             self.publish_endpoints(task.name, task.service, &addresses)
                 .await?;
         }
         self.release_addresses(&addresses).await;
+        stages.lap("endpoint");
         self.update_dns(&*self.refresh().await);
+        stages.lap("dns");
+        tracing::debug!(task = task.name, stages = %stages, "where the start's time went");
         info!(task = task.name, networks = ?task.networks, addresses = ?addresses, service = ?task.service, "task running");
         self.poke();
         Ok(record)

@@ -37,7 +37,7 @@ use nix::sys::signal::Signal;
 use rtnetlink::Handle;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     netns,
@@ -381,6 +381,9 @@ struct Entry {
     record: TaskRecord,
     /// Present while the process runs.
     pidfd: Option<Arc<OwnedFd>>,
+    /// Turns true once the process is gone: a stop's grace period ends there, not when the
+    /// teardown after it is done (100 teardowns at once wait on the kernel for seconds).
+    ended: watch::Receiver<bool>,
     /// Turns true once the exit was handled (network removed, record saved).
     exited: watch::Receiver<bool>,
 }
@@ -541,6 +544,7 @@ impl Tasks {
                 Entry {
                     record: record.clone(),
                     pidfd: None,
+                    ended: rx.clone(),
                     exited: rx,
                 },
             );
@@ -584,6 +588,7 @@ impl Tasks {
         before_start: BeforeStart<'_>,
     ) -> std::result::Result<(TaskRecord, Option<OwnedFd>), (TaskRecord, anyhow::Error)> {
         let config = &self.inner.config;
+        let mut stages = Stages::new();
         macro_rules! attempt {
             ($e:expr) => {
                 match $e {
@@ -600,6 +605,7 @@ impl Tasks {
             attempt!(self.teardown(&record).await);
         }
         attempt!(netns::create(&record.netns));
+        stages.lap("netns");
         let etc = plumbing::etc_dir(&config.netns_etc, &record.netns);
         let resolv = config.resolv.for_task(&record.spec.run.dns);
         attempt!(plumbing::write_resolv_conf(&etc, &resolv));
@@ -607,6 +613,7 @@ impl Tasks {
             let iface = attempt!(plumbing::attach(&self.inner.host, &record.netns, i, att).await);
             record.interfaces.push(iface);
         }
+        stages.lap("veths");
         let gateway = record
             .spec
             .attachments
@@ -614,6 +621,7 @@ impl Tasks {
             .enumerate()
             .find_map(|(i, a)| a.gateway.map(|g| (i, g)));
         attempt!(plumbing::configure_inside(&record.netns, &record.interfaces, gateway).await);
+        stages.lap("inside");
         if record.spec.image.is_none() {
             // A container gets its /etc/hosts from podman (`--add-host`); a process task's is
             // written here and bound over /etc/hosts in its mount namespace.
@@ -635,7 +643,9 @@ impl Tasks {
             config.log_max_size,
             config.log_max_file,
         );
+        stages.lap("files");
         attempt!(before_start(record.clone()).await);
+        stages.lap("resolver");
         let netns_path = netns::path(&record.netns);
         let spawned = match &record.spec.image {
             None => {
@@ -714,6 +724,8 @@ impl Tasks {
                 }
             },
         };
+        stages.lap("spawn");
+        debug!(task = %record.spec.name, stages = %stages, "where the process start's time went");
         record.pid = Some(spawned.pid);
         record.start_time = Some(spawned.start_time);
         record.state = ProcessState::Running;
@@ -728,6 +740,7 @@ impl Tasks {
         let name = record.spec.name.clone();
         let container = record.container().map(str::to_owned);
         let pidfd = Arc::new(pidfd);
+        let (ended_tx, ended_rx) = watch::channel(false);
         let (done_tx, done_rx) = watch::channel(false);
         self.inner
             .entries
@@ -738,6 +751,7 @@ impl Tasks {
                 Entry {
                     record,
                     pidfd: Some(pidfd.clone()),
+                    ended: ended_rx,
                     exited: done_rx,
                 },
             );
@@ -755,6 +769,7 @@ impl Tasks {
             if let Some(c) = &container {
                 exit = container::exit(c).await;
             }
+            let _ = ended_tx.send(true);
             tasks.on_exit(&name, exit).await;
             let _ = done_tx.send(true);
         });
@@ -771,6 +786,7 @@ impl Tasks {
                 Entry {
                     record,
                     pidfd: None,
+                    ended: rx.clone(),
                     exited: rx,
                 },
             );
@@ -838,7 +854,7 @@ impl Tasks {
 
     /// [`Tasks::stop`] with the task's own grace period between SIGTERM and SIGKILL.
     pub async fn stop_within(&self, name: &str, timeout: Duration) -> Result<()> {
-        let (pidfd, mut exited, container, signal) = {
+        let (pidfd, mut ended, mut exited, container, signal) = {
             let entries = self.inner.entries.lock().expect("task table poisoned");
             let entry = entries
                 .get(name)
@@ -848,6 +864,7 @@ impl Tasks {
             }
             (
                 entry.pidfd.clone(),
+                entry.ended.clone(),
                 entry.exited.clone(),
                 entry.record.container().map(str::to_owned),
                 entry
@@ -865,24 +882,33 @@ impl Tasks {
             container::stop(c, timeout)
                 .await
                 .with_context(|| format!("stopping task {name}"))?;
-            tokio::time::timeout(Duration::from_secs(30), exited.wait_for(|d| *d))
+            tokio::time::timeout(Duration::from_secs(30), ended.wait_for(|d| *d))
                 .await
                 .with_context(|| format!("task {name} still runs after podman stop"))?
                 .ok();
         } else if let Some(fd) = pidfd {
             process::signal(&fd, signal).with_context(|| format!("signalling task {name}"))?;
-            if tokio::time::timeout(timeout, exited.wait_for(|d| *d))
+            if tokio::time::timeout(timeout, ended.wait_for(|d| *d))
                 .await
                 .is_err()
             {
                 warn!(task = %name, "did not stop within {timeout:?}; killing it");
                 process::signal(&fd, Signal::SIGKILL)
                     .with_context(|| format!("killing task {name}"))?;
-                tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|d| *d))
+                tokio::time::timeout(Duration::from_secs(10), ended.wait_for(|d| *d))
                     .await
                     .with_context(|| format!("task {name} survived SIGKILL"))?
                     .ok();
             }
+        }
+        // The exit handler tears the network down; this stop is done when it is, however
+        // long the kernel takes (the grace period was the process's, and it is over). Bounded
+        // all the same: the teardown below repeats it if it hangs.
+        if tokio::time::timeout(TEARDOWN_WAIT, exited.wait_for(|d| *d))
+            .await
+            .is_err()
+        {
+            warn!(task = %name, "its network was not removed within {TEARDOWN_WAIT:?} of its exit");
         }
         let record = self
             .inner
@@ -1234,6 +1260,42 @@ fn validate(spec: &TaskSpec) -> Result<()> {
 }
 
 /// Where a node's task namespaces are mounted, for callers that want to enter one.
+/// How long a stop waits for the teardown that follows a task's exit.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(60);
+
+/// How long each part of a task's start took, for the debug log: where a slow placement's
+/// time goes.
+pub(crate) struct Stages {
+    last: std::time::Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl Stages {
+    pub(crate) fn new() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    /// Ends the stage called `stage`: it took the time since the previous one ended.
+    pub(crate) fn lap(&mut self, stage: &'static str) {
+        let now = std::time::Instant::now();
+        self.laps.push((stage, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Stages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (stage, took)) in self.laps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{stage}={}ms", took.as_millis())?;
+        }
+        Ok(())
+    }
+}
+
 pub fn netns_path(record: &TaskRecord) -> PathBuf {
     netns::path(&record.netns)
 }

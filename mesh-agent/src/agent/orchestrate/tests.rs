@@ -704,6 +704,34 @@ async fn a_task_is_stopped_only_once_every_live_load_balancer_let_it_go() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stop_cut_short_by_an_agent_restart_is_finished_by_the_next_agent() {
+    let (c, doomed, lagging) = three_replicas().await;
+    c.hold_load_balancer(&lagging);
+    scale(&c, 2);
+    c.run_for(secs(2)).await;
+    let t = record(&c, &doomed.id);
+    assert_eq!(
+        (t.desired, t.state),
+        (DesiredState::Shutdown, TaskState::Running),
+        "the stop is underway"
+    );
+    assert_eq!(stopped_at(&c, &doomed), None);
+
+    // The agent dies mid-stop; the process driver's task runs on without it.
+    c.restart_agent(&doomed.node);
+    c.release_load_balancer(&lagging);
+    c.run_for(secs(5)).await;
+    let stop = c
+        .events()
+        .into_iter()
+        .find(|e| e.task_id() == doomed.id && matches!(e.what, What::Stopped { .. }))
+        .expect("the new agent stopped the task");
+    assert_eq!(stop.node, doomed.node);
+    assert_eq!(record(&c, &doomed.id).state, TaskState::Shutdown);
+    assert_eq!(c.live("web").len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_silent_live_node_holds_a_stop_for_the_confirmation_limit_only() {
     let (c, doomed, lagging) = three_replicas().await;
     c.hold_load_balancer(&lagging);
