@@ -215,7 +215,10 @@ mod tests {
         let s = UnitSandbox::shipped().unwrap();
         assert!(s.read_write.iter().any(|p| p == "/etc/mesh"), "{s:?}");
         assert!(s.private_tmp, "{s:?}");
-        assert!(!s.protect_home, "read-only, not hidden: root's podman reads /root: {s:?}");
+        assert!(
+            !s.protect_home,
+            "read-only, not hidden: root's podman reads /root: {s:?}"
+        );
         assert!(s.bounding.is_empty() && !s.no_new_privileges, "{s:?}");
     }
 }
