@@ -2,7 +2,6 @@
 //! registry travel with the service, sealed like a secret, and each node opens them only to
 //! pull the service's image — never for another registry, never into a task.
 
-use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use tracing::warn;
 
 use super::{Agent, Error, Result};
@@ -51,7 +50,7 @@ impl Agent {
         let s = sealed::seal(&ring, &cluster, &sealed_name(&spec.name), &plain);
         Ok(SealedRegistryAuth {
             registry: registry.to_owned(),
-            key: s.key,
+            key: s.key.0,
             data: s.data,
         })
     }
@@ -70,7 +69,7 @@ impl Agent {
         }
         let (ring, cluster) = self.keyring().ok()?;
         let s = Sealed {
-            key: sealed_auth.key,
+            key: mesh_api::v1::KeyId(sealed_auth.key),
             data: sealed_auth.data.clone(),
         };
         let opened = sealed::open(&ring, &cluster, &sealed_name(&spec.name), &s)
@@ -113,13 +112,6 @@ fn canonical(server: &str) -> String {
     }
 }
 
-/// podman's auth file holding `auth` alone (`{"auths": {registry: {"auth": base64}}}`).
-pub fn auth_file_json(registry: &str, auth: &RegistryAuth) -> Vec<u8> {
-    let token = BASE64.encode(format!("{}:{}", auth.username, auth.password));
-    serde_json::to_vec(&serde_json::json!({ "auths": { registry: { "auth": token } } }))
-        .expect("json serialises")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,23 +123,5 @@ mod tests {
         assert!(same_registry("http://10.0.0.1:5000/", "10.0.0.1:5000"));
         assert!(!same_registry("10.0.0.1:5001", "10.0.0.1:5000"));
         assert!(!same_registry("quay.io", "docker.io"));
-    }
-
-    #[test]
-    fn the_auth_file_holds_the_one_registry() {
-        let auth = RegistryAuth {
-            username: "u".into(),
-            password: "p w".into(),
-            server_address: "r:5000".into(),
-        };
-        let v: serde_json::Value =
-            serde_json::from_slice(&auth_file_json("r:5000", &auth)).unwrap();
-        assert_eq!(v["auths"]["r:5000"]["auth"], BASE64.encode("u:p w"));
-        assert_eq!(v["auths"].as_object().unwrap().len(), 1);
-        assert_eq!(
-            format!("{auth:?}"),
-            "RegistryAuth(u@r:5000)",
-            "no password in Debug"
-        );
     }
 }

@@ -190,11 +190,8 @@ impl AuthFile {
             .mode(0o600)
             .open(&file.path)
             .with_context(|| format!("creating {}", file.path.display()))?;
-        std::io::Write::write_all(
-            &mut f,
-            &crate::agent::registry_auth::auth_file_json(registry, auth),
-        )
-        .with_context(|| format!("writing {}", file.path.display()))?;
+        std::io::Write::write_all(&mut f, &auth_file_json(registry, auth))
+            .with_context(|| format!("writing {}", file.path.display()))?;
         Ok(file)
     }
 }
@@ -203,6 +200,14 @@ impl Drop for AuthFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// podman's auth file holding `auth` alone (`{"auths": {registry: {"auth": base64}}}`).
+fn auth_file_json(registry: &str, auth: &mesh_api::v1::RegistryAuth) -> Vec<u8> {
+    use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+    let token = BASE64.encode(format!("{}:{}", auth.username, auth.password));
+    serde_json::to_vec(&serde_json::json!({ "auths": { registry: { "auth": token } } }))
+        .expect("json serialises")
 }
 
 /// Images this agent has pulled ahead of their tasks, or is pulling now.
@@ -643,6 +648,25 @@ pub(super) async fn list(node: &str) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_auth_file_holds_the_one_registry() {
+        use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+        let auth = mesh_api::v1::RegistryAuth {
+            username: "u".into(),
+            password: "p w".into(),
+            server_address: "r:5000".into(),
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&auth_file_json("r:5000", &auth)).unwrap();
+        assert_eq!(v["auths"]["r:5000"]["auth"], BASE64.encode("u:p w"));
+        assert_eq!(v["auths"].as_object().unwrap().len(), 1);
+        assert_eq!(
+            format!("{auth:?}"),
+            "RegistryAuth(u@r:5000)",
+            "no password in Debug"
+        );
+    }
 
     #[test]
     fn limits_become_podmans_flags() {

@@ -112,8 +112,8 @@ pub struct ServiceSpec {
 pub struct SealedRegistryAuth {
     /// The registry they are for (`registry.example.com:5000`, `docker.io`).
     pub registry: String,
-    /// The cluster key they are sealed with.
-    pub key: crate::v1::KeyId,
+    /// The id of the cluster key they are sealed with.
+    pub key: u32,
     /// base64 of nonce ‖ ciphertext ‖ tag.
     pub data: String,
 }
