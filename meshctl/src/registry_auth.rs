@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
-use mesh_api::{spec::registry_of, v1::RegistryAuth};
+use mesh_api::{
+    spec::{registry_of, same_registry},
+    v1::RegistryAuth,
+};
 
 /// Where credentials are looked for, in podman's order, then Docker's.
 fn auth_files() -> Vec<PathBuf> {
@@ -58,10 +61,10 @@ fn in_file(text: &[u8], registry: &str) -> Result<Option<RegistryAuth>> {
     let v: serde_json::Value = serde_json::from_slice(text).context("not JSON")?;
     let helper = v["credHelpers"]
         .as_object()
-        .is_some_and(|h| h.keys().any(|k| same(k, registry)));
+        .is_some_and(|h| h.keys().any(|k| same_registry(k, registry)));
     let Some((server, entry)) = v["auths"]
         .as_object()
-        .and_then(|a| a.iter().find(|(k, _)| same(k, registry)))
+        .and_then(|a| a.iter().find(|(k, _)| same_registry(k, registry)))
     else {
         if helper || v["credsStore"].is_string() {
             bail!(
@@ -97,19 +100,6 @@ fn in_file(text: &[u8], registry: &str) -> Result<Option<RegistryAuth>> {
         password,
         server_address: server.clone(),
     }))
-}
-
-/// An auth file's key names a registry with or without a scheme and path (Docker Hub's is
-/// `https://index.docker.io/v1/`).
-fn same(key: &str, registry: &str) -> bool {
-    let host = key
-        .trim_start_matches("https://")
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let hub = |h: &str| matches!(h, "docker.io" | "index.docker.io" | "registry-1.docker.io");
-    host.eq_ignore_ascii_case(registry) || (hub(host) && hub(registry))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use tracing::warn;
 use super::{Agent, Error, Result};
 use crate::{cluster::Sealed, gossip::sealed};
 use mesh_api::{
-    spec::{SealedRegistryAuth, ServiceSpec, registry_of},
+    spec::{SealedRegistryAuth, ServiceSpec, registry_of, same_registry},
     v1::RegistryAuth,
 };
 
@@ -85,30 +85,6 @@ impl Agent {
                 None
             }
         }
-    }
-}
-
-/// `https://index.docker.io/v1/` and `docker.io`, `http://host:5000/` and `host:5000`: one
-/// registry each.
-pub fn same_registry(server_address: &str, registry: &str) -> bool {
-    canonical(server_address) == canonical(registry)
-}
-
-fn canonical(server: &str) -> String {
-    let host = server
-        .trim()
-        .trim_start_matches("https://")
-        .trim_start_matches("http://");
-    let host = host
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    match host.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            "docker.io".into()
-        }
-        _ => host,
     }
 }
 

@@ -57,6 +57,29 @@ pub fn registry_of(reference: &str) -> &str {
     split_domain(name).0.unwrap_or("docker.io")
 }
 
+/// Whether an auth file's or AuthConfig's server address names `registry`: with or without a
+/// scheme and path, Docker Hub under any of its names (`https://index.docker.io/v1/`).
+pub fn same_registry(server_address: &str, registry: &str) -> bool {
+    fn canonical(server: &str) -> String {
+        let host = server
+            .trim()
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        let host = host
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match host.as_str() {
+            "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+                "docker.io".into()
+            }
+            _ => host,
+        }
+    }
+    canonical(server_address) == canonical(registry)
+}
+
 /// Docker's rule: the first component is a registry if it has a '.' or a ':', or is
 /// `localhost`; otherwise the name is on Docker Hub.
 fn split_domain(name: &str) -> (Option<&str>, &str) {

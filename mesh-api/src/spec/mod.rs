@@ -24,7 +24,7 @@ pub use change::{
 pub use dns::{DnsConfig, ExtraHost, check_option as check_dns_option};
 pub use endpoint::EndpointState;
 pub use file::FileRef;
-pub use image::{check_reference, registry_of};
+pub use image::{check_reference, registry_of, same_registry};
 pub use logging::{LOG_DRIVERS, LogDriver, capped as capped_log};
 pub use mount::{Mount, MountType, VOLUME_NAME_CHARS, validate_mounts, validate_volume_name};
 pub use network::NetworkAttachment;
