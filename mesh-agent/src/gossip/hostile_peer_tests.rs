@@ -42,6 +42,17 @@ pub(super) async fn start_with(
     seeds: Vec<String>,
     auth: Arc<GossipAuth>,
 ) -> (Gossip, SocketAddr) {
+    // These tests check what crosses gossip itself, chunks included.
+    start_carrying(name, seeds, auth, false).await
+}
+
+/// As [`start_with`], carrying large values outside gossip when `carry_payloads`.
+async fn start_carrying(
+    name: &str,
+    seeds: Vec<String>,
+    auth: Arc<GossipAuth>,
+    carry_payloads: bool,
+) -> (Gossip, SocketAddr) {
     let addr = free_port();
     let config = GossipConfig {
         node: name.into(),
@@ -53,6 +64,7 @@ pub(super) async fn start_with(
         phi_threshold: 8.0,
         dead_node_grace: Duration::from_secs(3600),
         tombstone_grace: Duration::from_secs(3600),
+        carry_payloads,
     };
     let id = Arc::new(crate::identity::NodeIdentity::generate().unwrap());
     let record = format!(r#"{{"key":"{}"}}"#, id.public());
@@ -394,4 +406,81 @@ fn hostile_datagrams_never_stop_gossip() {
             e = stopped => panic!("the victim's gossip ended: {e:#}"),
         }
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_value_crosses_as_a_manifest_and_only_its_true_body_is_shown() {
+    let (reader, reader_addr) = start_carrying("reader", vec![], auth(), true).await;
+    let (writer, _) = start_carrying("writer", vec![reader_addr.to_string()], auth(), true).await;
+    let big: String = (0..300_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    writer
+        .write([("obj:config:big".into(), Some(big.clone()))])
+        .await;
+    writer
+        .write([("ep:small".into(), Some("after".into()))])
+        .await;
+    let small = sees(&reader, "writer", "ep:small", "after").await;
+    eprintln!("a small key written after a 300 KB value arrived in {small:?}");
+
+    // In gossip: a signed manifest of under a hundred bytes, no chunks.
+    let raw: Vec<(String, usize)> = {
+        let chitchat = writer.handle.chitchat();
+        let mut cc = chitchat.lock().await;
+        cc.self_node_state()
+            .key_values()
+            .map(|(k, v)| (k.to_owned(), v.len()))
+            .collect()
+    };
+    assert!(raw.iter().all(|(k, _)| !k.starts_with("chunk:")), "{raw:?}");
+    let manifest = raw.iter().find(|(k, _)| k == "obj:config:big").unwrap();
+    assert!(manifest.1 < 300, "{raw:?}");
+    assert_eq!(
+        writer.own_keys().await["obj:config:big"],
+        big,
+        "the writer reads its own value whole"
+    );
+
+    // The reader sees no key until it holds the body, and wants it from the writer.
+    async fn has_big(g: &Gossip) -> bool {
+        g.snapshot()
+            .await
+            .nodes
+            .iter()
+            .any(|n| n.name == "writer" && n.kv.contains_key("obj:config:big"))
+    }
+    assert!(!has_big(&reader).await, "not shown before its body is here");
+    let store = reader.payloads().unwrap().clone();
+    let due = store.lock().unwrap().due(Instant::now());
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0].node, "writer");
+    let m = due[0].manifest.clone();
+
+    // A forged body is refused and leaves the key out; the true one shows it.
+    let before = reader.fingerprint().await;
+    let mut forged = big.clone().into_bytes();
+    forged[1000] = b'!';
+    assert!(
+        store
+            .lock()
+            .unwrap()
+            .arrived(&m, forged, Instant::now())
+            .is_err()
+    );
+    assert!(!has_big(&reader).await);
+    let body = writer.payloads().unwrap().lock().unwrap().body(&m.sha256);
+    let body = body.unwrap().as_bytes().to_vec();
+    store
+        .lock()
+        .unwrap()
+        .arrived(&m, body, Instant::now())
+        .unwrap();
+    assert_ne!(
+        reader.fingerprint().await,
+        before,
+        "an arrival makes the agent compute its view again"
+    );
+    sees(&reader, "writer", "obj:config:big", &big).await;
+    assert_eq!(store.lock().unwrap().report().refused, 1);
 }

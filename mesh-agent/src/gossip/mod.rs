@@ -15,6 +15,7 @@ pub mod auth;
 pub mod chunks;
 pub mod keyring;
 pub mod origin;
+pub mod payloads;
 pub mod rekey;
 pub mod sealed;
 pub mod signed;
@@ -59,6 +60,9 @@ pub struct GossipConfig {
     pub dead_node_grace: Duration,
     /// How long deleted keys are remembered so late peers learn of the deletion.
     pub tombstone_grace: Duration,
+    /// Carry values over [`chunks::CHUNK_LEN`] outside gossip (see [`payloads`]): needs the
+    /// node-to-node channel, so a cluster key. Without it they go out as chunks.
+    pub carry_payloads: bool,
 }
 
 impl GossipConfig {
@@ -78,6 +82,8 @@ pub struct Gossip {
     generation: u64,
     /// Chunked values already verified (see [`chunks::Assembler`]).
     assembler: std::sync::Mutex<chunks::Assembler>,
+    /// Bodies of large values, when they travel outside gossip (see [`payloads`]).
+    payloads: Option<Arc<std::sync::Mutex<payloads::Store>>>,
     /// This node's name and key pair: every value it writes is signed with it.
     name: String,
     identity: Arc<NodeIdentity>,
@@ -139,10 +145,14 @@ impl Gossip {
         if let Some(a) = &mut admins {
             a.local.extend(local);
         }
+        let payloads = config
+            .carry_payloads
+            .then(|| Arc::new(std::sync::Mutex::new(payloads::Store::default())));
         let initial = initial
             .iter()
             .flat_map(|(k, v)| {
-                chunks::split(k, &signed::seal(&identity, &config.node, generation, k, v))
+                let v = carried(payloads.as_ref(), v);
+                chunks::split(k, &signed::seal(&identity, &config.node, generation, k, &v))
             })
             .collect();
         let handle = spawn_chitchat(chitchat_config, initial, transport)
@@ -154,6 +164,7 @@ impl Gossip {
             auth: None,
             generation,
             assembler: Default::default(),
+            payloads,
             name: config.node.clone(),
             identity,
             origins: Arc::new(std::sync::Mutex::new(origins)),
@@ -379,8 +390,20 @@ impl Gossip {
         self.generation
     }
 
+    /// The bodies of large values, when they travel outside gossip: what the node-to-node
+    /// channel serves and fills.
+    pub fn payloads(&self) -> Option<&Arc<std::sync::Mutex<payloads::Store>>> {
+        self.payloads.as_ref()
+    }
+
+    /// A body arrived: the view may change though no gossip version moved.
+    pub fn payload_arrived(&self) {
+        self.local_change.notify_one();
+    }
+
     /// Writes this node's keys (set when `Some`, delete when `None`) in one step. A value
-    /// too large for one datagram goes out as chunks (see [`chunks`]).
+    /// over [`chunks::CHUNK_LEN`] goes out as a manifest whose body peers fetch (see
+    /// [`payloads`]) or, without a cluster key, as chunks (see [`chunks`]).
     pub async fn write(&self, changes: impl IntoIterator<Item = (String, Option<String>)>) {
         let changes = self.keep_local(changes);
         let chitchat = self.handle.chitchat();
@@ -390,6 +413,7 @@ impl Gossip {
         for (k, v) in changes {
             let raw = v
                 .map(|v| {
+                    let v = carried(self.payloads.as_ref(), &v);
                     let sealed = signed::seal(&self.identity, &self.name, self.generation, &k, &v);
                     chunks::split(&k, &sealed)
                 })
@@ -466,6 +490,11 @@ impl Gossip {
             .collect();
         drop(assembler);
         drop(cc);
+        if let Some(p) = &self.payloads {
+            p.lock()
+                .expect("payloads lock")
+                .resolve(&self.name, &mut own);
+        }
         if let Some(admins) = &self.admins {
             let a = admins.lock().expect("admins lock");
             own.extend(a.local.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -480,7 +509,12 @@ impl Gossip {
         let chitchat = self.handle.chitchat();
         let cc = chitchat.lock().await;
         let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
+        let arrivals = self
+            .payloads
+            .as_ref()
+            .map_or(0, |p| p.lock().expect("payloads lock").arrivals());
         Fingerprint(
+            arrivals,
             cc.node_states()
                 .iter()
                 .map(|(id, state)| {
@@ -519,11 +553,18 @@ impl Gossip {
         // heartbeats peers judge liveness by) never waits behind them.
         drop(cc);
         let mut origins = self.origins.lock().expect("origins lock");
+        let mut payloads = self
+            .payloads
+            .as_ref()
+            .map(|p| p.lock().expect("payloads lock"));
         let mut nodes: Vec<SnapshotNode> = assembled
             .into_iter()
             .filter_map(|(id, live, kv)| {
                 // An impostor's run is left out whole: it never reaches the view.
-                let kv = origins.node(&id.node_id, id.generation_id, kv)?;
+                let mut kv = origins.node(&id.node_id, id.generation_id, kv)?;
+                if let Some(p) = &mut payloads {
+                    p.resolve(&id.node_id, &mut kv);
+                }
                 Some(SnapshotNode {
                     name: id.node_id.to_string(),
                     generation: id.generation_id,
@@ -535,6 +576,10 @@ impl Gossip {
             .collect();
         origins.forget_unseen();
         drop(origins);
+        if let Some(p) = &mut payloads {
+            p.end_snapshot(std::time::Instant::now());
+        }
+        drop(payloads);
         if let Some(admins) = &self.admins {
             let mut a = admins.lock().expect("admins lock");
             if let Some(me) = nodes
@@ -582,8 +627,15 @@ impl Gossip {
     }
 }
 
+/// What gossip carries for `value`: a manifest when its body travels outside gossip.
+fn carried(payloads: Option<&Arc<std::sync::Mutex<payloads::Store>>>, value: &str) -> String {
+    payloads
+        .and_then(|p| p.lock().expect("payloads lock").carry(value))
+        .unwrap_or_else(|| value.to_owned())
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Fingerprint(Vec<(std::sync::Arc<str>, u64, bool, u64)>);
+pub struct Fingerprint(u64, Vec<(std::sync::Arc<str>, u64, bool, u64)>);
 
 pub struct Changes {
     watcher: tokio::sync::watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>>,

@@ -6,6 +6,7 @@ mod events;
 pub mod logs;
 mod objects;
 pub mod peer_logs;
+pub mod peer_payloads;
 mod stacks;
 mod volumes;
 
