@@ -194,23 +194,25 @@ fn large_secrets_and_configs_reach_a_remote_task_without_holding_up_other_change
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     h1.meshctl_ok(&args).unwrap();
     running_everywhere(&c, "reader", 1, Duration::from_secs(60));
+    let rows: Vec<Value> = h1.meshctl_json(&["service", "ps", "reader"]).unwrap();
+    let running: Vec<&Value> = rows.iter().filter(|r| r["state"] == "Running").collect();
+    assert_eq!(running.len(), 1, "{rows:?}");
+    assert_ne!(
+        running[0]["node"], h1_name,
+        "the reader runs on another node"
+    );
+    // `service logs` on the creating node reads the reader's output from its node.
     let logs = c
-        .eventually(Duration::from_secs(20), "the reader's checksums", |c| {
-            for h in c.hosts() {
-                let out = h.meshctl_ok(&["service", "logs", "reader"])?;
-                if out.lines().filter(|l| l.contains("  /")).count() == expected.len() {
-                    return Ok(Some((h.node_name().to_owned(), out)));
-                }
-            }
-            Ok(None)
+        .eventually(Duration::from_secs(20), "the reader's checksums", |_| {
+            let out = h1.meshctl_ok(&["service", "logs", "reader"])?;
+            let sums = out.lines().filter(|l| l.contains("  /")).count();
+            Ok((sums == expected.len()).then_some(out))
         })
         .unwrap();
-    assert_ne!(logs.0, h1_name, "the reader runs on another node");
     for ((_, name, sum), path) in expected.iter().zip(&paths) {
         assert!(
-            logs.1.contains(&format!("{sum}  {path}")),
-            "{name}: want {sum} in\n{}",
-            logs.1
+            logs.contains(&format!("{sum}  {path}")),
+            "{name}: want {sum} in\n{logs}"
         );
     }
 

@@ -408,9 +408,15 @@ impl Agent {
         let path = state_file(&self.config.state_dir);
         std::fs::create_dir_all(&self.config.state_dir)
             .with_context(|| format!("creating {}", self.config.state_dir.display()))?;
-        // Owner-only: the replicated records include a key rotation's new key.
-        crate::state_files::write_with_backup(&path, &serde_json::to_vec_pretty(&own)?, 0o600)
+        // Owner-only: the replicated records include a key rotation's new key. Large values
+        // go beside it, once each, so this file stays small.
+        let saved = crate::gossip::payloads::save_bodies(&self.config.state_dir, &own)
+            .with_context(|| {
+                format!("saving large values in {}", self.config.state_dir.display())
+            })?;
+        crate::state_files::write_with_backup(&path, &serde_json::to_vec_pretty(&saved)?, 0o600)
             .with_context(|| format!("writing {}", path.display()))?;
+        crate::gossip::payloads::prune_bodies(&self.config.state_dir, &saved);
         *last = own;
         Ok(())
     }
@@ -515,6 +521,7 @@ pub fn load_own_keys(state_dir: &std::path::Path) -> BTreeMap<String, String> {
     }) else {
         return BTreeMap::new();
     };
+    crate::gossip::payloads::load_bodies(state_dir, &mut keys);
     keys.remove(key::NODE);
     keys.remove(key::RESTARTING);
     keys.remove(key::LEFT);

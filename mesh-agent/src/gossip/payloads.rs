@@ -322,6 +322,82 @@ impl Store {
     }
 }
 
+/// Where a node keeps the bodies of its own large values, beside its state file: the state
+/// file names them by manifest, so rewriting it (on every change of the node's keys) stays
+/// small instead of carrying megabytes of objects through an fsync each time.
+pub const BODIES_DIR: &str = "payloads";
+
+/// `own` with every value over [`CHUNK_LEN`] replaced by its manifest, each body written to
+/// `dir` under its digest first (once: the name is the content).
+pub fn save_bodies(
+    dir: &std::path::Path,
+    own: &BTreeMap<String, String>,
+) -> std::io::Result<BTreeMap<String, String>> {
+    let bodies = dir.join(BODIES_DIR);
+    let mut out = BTreeMap::new();
+    for (k, v) in own {
+        if v.len() <= CHUNK_LEN || v.len() > MAX_PAYLOAD {
+            out.insert(k.clone(), v.clone());
+            continue;
+        }
+        let m = Manifest::of(v);
+        let file = bodies.join(&m.sha256);
+        if !file.exists() {
+            std::fs::create_dir_all(&bodies)?;
+            crate::state_files::write_atomic(&file, v.as_bytes(), 0o600)?;
+        }
+        out.insert(k.clone(), m.encode());
+    }
+    Ok(out)
+}
+
+/// Removes the saved bodies `saved` (what the state file now holds) no longer names; called
+/// once the state file is written, so a crash in between leaves every body it names.
+pub fn prune_bodies(dir: &std::path::Path, saved: &BTreeMap<String, String>) {
+    let named: std::collections::HashSet<String> = saved
+        .values()
+        .filter_map(|v| Some(Manifest::parse(v)?.sha256))
+        .collect();
+    let Ok(entries) = std::fs::read_dir(dir.join(BODIES_DIR)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !named.contains(e.file_name().to_string_lossy().as_ref()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Puts back the bodies [`save_bodies`] set aside; a key whose body is missing or damaged
+/// is left out (said): peers still hold the object and this node takes it back from them.
+pub fn load_bodies(dir: &std::path::Path, keys: &mut BTreeMap<String, String>) {
+    let bodies = dir.join(BODIES_DIR);
+    keys.retain(|k, v| {
+        let Some(m) = Manifest::parse(v) else {
+            return !v.starts_with(MANIFEST_PREFIX);
+        };
+        let body = std::fs::read(bodies.join(&m.sha256))
+            .ok()
+            .filter(|b| b.len() == m.len && sha256_hex(b) == m.sha256)
+            .and_then(|b| String::from_utf8(b).ok());
+        match body {
+            Some(b) => {
+                *v = b;
+                true
+            }
+            None => {
+                tracing::warn!(
+                    key = k,
+                    sha256 = m.sha256,
+                    "the saved body of this node's value is missing or damaged: left out, \
+                     peers hold it"
+                );
+                false
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,5 +567,39 @@ mod tests {
         assert!(s.body(&sha).is_some(), "kept a while");
         s.end_snapshot(now + KEEP_UNNAMED);
         assert!(s.body(&sha).is_none());
+    }
+
+    #[test]
+    fn a_nodes_large_values_are_saved_beside_its_state_file_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("mesh-payloads-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let big = big(40_000, 'g');
+        let other = big.replace('g', "h");
+        let own = kv(&[
+            ("obj:config:a", &big),
+            ("obj:config:b", &other),
+            ("tsk:t", "{}"),
+        ]);
+        let saved = save_bodies(&dir, &own).unwrap();
+        assert_eq!(saved["tsk:t"], "{}");
+        assert!(
+            saved["obj:config:a"].len() < 100,
+            "the state file names bodies"
+        );
+        let mut loaded = saved.clone();
+        load_bodies(&dir, &mut loaded);
+        assert_eq!(loaded, own);
+
+        // A body no longer named is removed; a damaged one leaves its key out.
+        let own = kv(&[("obj:config:a", &big)]);
+        let saved = save_bodies(&dir, &own).unwrap();
+        prune_bodies(&dir, &saved);
+        assert_eq!(std::fs::read_dir(dir.join(BODIES_DIR)).unwrap().count(), 1);
+        let file = dir.join(BODIES_DIR).join(Manifest::of(&big).sha256);
+        std::fs::write(&file, big.replace('g', "x")).unwrap();
+        let mut loaded = saved.clone();
+        load_bodies(&dir, &mut loaded);
+        assert!(loaded.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
