@@ -396,6 +396,13 @@ impl Gossip {
         self.payloads.as_ref()
     }
 
+    /// Bodies held, wanted, fetched and refused (all zero when they travel in gossip).
+    pub fn payload_report(&self) -> payloads::PayloadReport {
+        self.payloads.as_ref().map_or_else(Default::default, |p| {
+            p.lock().expect("payloads lock").report()
+        })
+    }
+
     /// A body arrived: the view may change though no gossip version moved.
     pub fn payload_arrived(&self) {
         self.local_change.notify_one();
