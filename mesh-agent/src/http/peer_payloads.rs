@@ -18,10 +18,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
+use tokio::{io::AsyncReadExt, net::TcpStream};
 use tracing::{debug, warn};
 
-use super::peer_logs::{CONNECT_TIMEOUT, READ_TIMEOUT, open, read_frame, seal, write_frame};
+use super::peer_logs::{CONNECT_TIMEOUT, READ_TIMEOUT, open, seal, write_frame};
 use crate::{
     agent::Agent,
     gossip::{
@@ -63,8 +63,14 @@ pub(super) async fn answer(
     Ok(())
 }
 
-/// The bytes the node at `addr` holds under `sha256` (unchecked: the store checks them).
-pub async fn fetch(auth: &GossipAuth, addr: SocketAddr, sha256: &str) -> Result<Vec<u8>> {
+/// What sealing adds to a frame's plaintext (header, nonce, tag), with room to spare.
+const SEAL_OVERHEAD: usize = 256;
+
+/// The bytes the node at `addr` holds under `manifest`'s digest (the store checks them).
+/// An answer longer than the manifest says is not even read: a hostile peer cannot make
+/// this node allocate more than the body it asked for.
+pub async fn fetch(auth: &GossipAuth, addr: SocketAddr, manifest: &Manifest) -> Result<Vec<u8>> {
+    let sha256 = &manifest.sha256;
     let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .context("it did not answer in time")?
@@ -74,9 +80,17 @@ pub async fn fetch(auth: &GossipAuth, addr: SocketAddr, sha256: &str) -> Result<
     })?;
     let (nonce, sealed) = seal(auth, &request_ad(auth.cluster()), &req)?;
     write_frame(&mut conn, &sealed).await?;
-    let frame = tokio::time::timeout(READ_TIMEOUT, read_frame(&mut conn))
-        .await
-        .context("it stopped answering")??;
+    let frame = tokio::time::timeout(READ_TIMEOUT, async {
+        let len = conn.read_u32().await? as usize;
+        if len > manifest.len + SEAL_OVERHEAD {
+            bail!("an answer of {len} bytes for a body of {}", manifest.len);
+        }
+        let mut frame = vec![0u8; len];
+        conn.read_exact(&mut frame).await?;
+        anyhow::Ok(frame)
+    })
+    .await
+    .context("it stopped answering")??;
     let (body, _, _) = open(auth, &answer_ad(auth.cluster(), &nonce), frame)?;
     if body.is_empty() {
         bail!("it does not hold that body");
@@ -104,7 +118,7 @@ pub async fn fetch_wanted(agent: Arc<Agent>, auth: Arc<GossipAuth>) {
             let (agent, auth, store) = (agent.clone(), auth.clone(), store.clone());
             tokio::spawn(async move {
                 let got = match addr {
-                    Some(addr) => fetch(&auth, addr, &d.manifest.sha256).await,
+                    Some(addr) => fetch(&auth, addr, &d.manifest).await,
                     None => Err(anyhow::anyhow!("no node-to-node address known")),
                 };
                 if take(&store, &d, got) {
@@ -146,6 +160,7 @@ fn take(store: &Mutex<Store>, d: &Due, got: Result<Vec<u8>>) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::peer_logs::read_frame;
     use super::*;
     use crate::gossip::keyring::{ClusterKey, Keyring};
 
@@ -189,7 +204,7 @@ mod tests {
         let key = auth("c", 7);
         let addr = serving(server, key.clone()).await;
 
-        let got = fetch(&key, addr, &manifest.sha256).await.unwrap();
+        let got = fetch(&key, addr, &manifest).await.unwrap();
         assert_eq!(got, body.as_bytes());
         let mut reader = Store::default();
         reader.arrived(&manifest, got, Instant::now()).unwrap();
@@ -198,8 +213,19 @@ mod tests {
             Some(body.as_str())
         );
 
-        let err = fetch(&key, addr, &"0".repeat(64)).await.unwrap_err();
+        let unknown = Manifest {
+            sha256: "0".repeat(64),
+            len: 40_000,
+        };
+        let err = fetch(&key, addr, &unknown).await.unwrap_err();
         assert!(format!("{err:#}").contains("does not hold"), "{err:#}");
+        // A body longer than its manifest says is not read.
+        let short = Manifest {
+            len: 100,
+            ..manifest.clone()
+        };
+        let err = fetch(&key, addr, &short).await.unwrap_err();
+        assert!(format!("{err:#}").contains("an answer of"), "{err:#}");
     }
 
     #[tokio::test]
@@ -209,7 +235,7 @@ mod tests {
         let addr = serving(Arc::new(Mutex::new(server)), auth("c", 7)).await;
         // Another key, and the right key for another cluster: neither opens the request.
         for outsider in [auth("c", 8), auth("other", 7)] {
-            assert!(fetch(&outsider, addr, &manifest.sha256).await.is_err());
+            assert!(fetch(&outsider, addr, &manifest).await.is_err());
         }
     }
 
