@@ -412,7 +412,13 @@ impl Gossip {
     /// over [`chunks::CHUNK_LEN`] goes out as a manifest whose body peers fetch (see
     /// [`payloads`]) or, without a cluster key, as chunks (see [`chunks`]).
     pub async fn write(&self, changes: impl IntoIterator<Item = (String, Option<String>)>) {
-        let changes = self.keep_local(changes);
+        // Large values are hashed and set aside before chitchat's lock is taken: the gossip
+        // task never waits behind them.
+        let changes: Vec<(String, Option<String>)> = self
+            .keep_local(changes)
+            .into_iter()
+            .map(|(k, v)| (k, v.map(|v| carried(self.payloads.as_ref(), &v))))
+            .collect();
         let chitchat = self.handle.chitchat();
         let mut cc = chitchat.lock().await;
         let state = cc.self_node_state();
@@ -420,7 +426,6 @@ impl Gossip {
         for (k, v) in changes {
             let raw = v
                 .map(|v| {
-                    let v = carried(self.payloads.as_ref(), &v);
                     let sealed = signed::seal(&self.identity, &self.name, self.generation, &k, &v);
                     chunks::split(&k, &sealed)
                 })
@@ -513,13 +518,14 @@ impl Gossip {
     /// liveness and its newest key version. Equal fingerprints mean equal snapshots (but for
     /// the clock); heartbeats alone do not change it.
     pub async fn fingerprint(&self) -> Fingerprint {
-        let chitchat = self.handle.chitchat();
-        let cc = chitchat.lock().await;
-        let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
+        // Read before chitchat's lock: a snapshot may hold this one while it copies bodies.
         let arrivals = self
             .payloads
             .as_ref()
             .map_or(0, |p| p.lock().expect("payloads lock").arrivals());
+        let chitchat = self.handle.chitchat();
+        let cc = chitchat.lock().await;
+        let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
         Fingerprint(
             arrivals,
             cc.node_states()
