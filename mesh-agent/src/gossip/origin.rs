@@ -147,9 +147,11 @@ impl Origins {
     }
 
     /// One run of one node's values (key to version and envelope, as chitchat holds them),
-    /// verified: `None` when the node is refused as a whole (an impostor), else the values
-    /// that are signed by its key at their version, deletions left out. A node whose record
-    /// has not arrived yet has nothing verifiable yet.
+    /// verified: `None` when the run is refused as a whole (an impostor), or has no record
+    /// yet, else the values that are signed by its key at their version, deletions left
+    /// out. A run without a record is left out rather than shown empty: any member can name
+    /// a newer run of a node in a digest, and the newest run of a name speaks for it in the
+    /// view, so an empty one would hide the real node until its real record arrived.
     pub fn node(
         &mut self,
         name: &str,
@@ -158,9 +160,7 @@ impl Origins {
     ) -> Option<BTreeMap<String, String>> {
         let id = (name.to_owned(), generation);
         self.seen.insert(id.clone());
-        let Some(record) = kv.get(key::NODE) else {
-            return Some(BTreeMap::new());
-        };
+        let record = kv.get(key::NODE)?;
         let mut verdicts = self.verdicts.remove(&id).unwrap_or_default();
         let signer = match &verdicts.record {
             Some((seen, signer)) if seen == record => *signer,
@@ -432,6 +432,20 @@ mod tests {
         let mut kv = BTreeMap::new();
         kv.insert(key::NODE.to_owned(), (1, record(&n1)));
         assert!(o.node("n1", 5, kv).is_none());
+    }
+
+    #[test]
+    fn a_run_without_a_record_is_left_out_not_shown_empty() {
+        let me = NodeIdentity::generate().unwrap();
+        let n1 = NodeIdentity::generate().unwrap();
+        let mut o = origins(&me);
+        o.node("n1", 5, node_kv(&n1, "n1", 5, &[])).unwrap();
+        // A newer run of n1 a digest named, with nothing (or nothing but values) yet.
+        assert!(o.node("n1", 6, BTreeMap::new()).is_none());
+        let mut kv = node_kv(&n1, "n1", 6, &[("ep:a", "{}")]);
+        kv.remove(key::NODE);
+        assert!(o.node("n1", 6, kv).is_none());
+        assert_eq!(o.report(), OriginReport::default());
     }
 
     #[test]
