@@ -22,7 +22,9 @@
 //!   own run: chitchat applies such a delta to the receiver's own state, so a member could
 //!   replay a node's older signed records into that node itself — an admin's old service
 //!   spec, which the admin then republishes as current. No honest peer sends one: a node's
-//!   own digest always names its newest version.
+//!   own digest always names its newest version;
+//! - (checked by [`super::versions`], with what this parse returns of each node's part) every
+//!   version a delta tells about a node is one that node signed.
 
 use std::{
     collections::{HashMap, HashSet},
