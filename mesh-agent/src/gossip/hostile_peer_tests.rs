@@ -563,3 +563,47 @@ fn hostile_datagrams_never_stop_gossip() {
         }
     });
 }
+
+/// Every raw key a node holds of its own is signed at the version chitchat holds it at
+/// (values, chunks, manifests and deletions alike), and its newest version is a live value
+/// (the stamp after deletions): what lets relays never tell a version nothing proves.
+#[tokio::test]
+async fn every_own_key_is_signed_at_its_version_and_the_newest_is_live() {
+    let (g, _, _) = start("solo", vec![]).await;
+    let big: String = "y".repeat(40_000);
+    g.write([
+        ("ep:a".into(), Some("a".into())),
+        ("obj:config:big".into(), Some(big.clone())),
+    ])
+    .await;
+    // Replaced by a smaller chunked value (fewer chunks: the rest deleted), then removed.
+    g.write([("obj:config:big".into(), Some("z".repeat(20_000)))])
+        .await;
+    g.write([("ep:a".into(), None), ("obj:config:big".into(), None)])
+        .await;
+    let chitchat = g.handle.chitchat();
+    let mut cc = chitchat.lock().await;
+    let state = cc.self_node_state();
+    let key = g.public_key();
+    let mut deletions = 0;
+    let mut newest = (0, String::new());
+    for (k, v) in state.key_values_including_deleted() {
+        let opened = super::signed::open(&key, "solo", g.generation(), k, v.version, &v.value);
+        let opened = opened.unwrap_or_else(|e| panic!("{k} at {}: {e:?}", v.version));
+        if opened.is_none() {
+            deletions += 1;
+        }
+        if v.version > newest.0 {
+            newest = (v.version, k.to_owned());
+        }
+    }
+    assert!(
+        deletions >= 4,
+        "ep:a, the manifest and its chunks: {deletions}"
+    );
+    assert_eq!(newest.0, state.max_version());
+    assert_eq!(newest.1, super::STAMP);
+    assert_eq!(super::live(state, super::STAMP), Some(""));
+    drop(cc);
+    assert!(g.own_keys().await.keys().all(|k| k == "node"));
+}
