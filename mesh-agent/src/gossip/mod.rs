@@ -144,26 +144,29 @@ impl Gossip {
         if let Some(a) = &mut admins {
             a.local.extend(local);
         }
-        // Written after chitchat starts, under its lock, so each is signed at the version
-        // chitchat gives it; the first gossip round comes an interval later.
-        let handle = spawn_chitchat(chitchat_config, Vec::new(), transport)
+        // chitchat sets initial keys one after another from version 1: each is signed at the
+        // version it will get, and is in the node's state from its first gossip round on.
+        let mut raw: Vec<(String, String)> = initial
+            .iter()
+            .flat_map(|(k, v)| chunks::split(k, v))
+            .collect();
+        // A key given twice keeps its last value, as chitchat would: one version per key.
+        let mut seen = std::collections::HashSet::new();
+        raw.reverse();
+        raw.retain(|(k, _)| seen.insert(k.clone()));
+        raw.reverse();
+        let initial = raw
+            .into_iter()
+            .enumerate()
+            .map(|(i, (k, v))| {
+                let sealed =
+                    signed::seal(&identity, &config.node, generation, &k, i as u64 + 1, &v);
+                (k, sealed)
+            })
+            .collect();
+        let handle = spawn_chitchat(chitchat_config, initial, transport)
             .await
             .with_context(|| format!("starting gossip on {}", config.listen))?;
-        {
-            let chitchat = handle.chitchat();
-            let mut cc = chitchat.lock().await;
-            let state = cc.self_node_state();
-            let signer = Signer {
-                identity: &identity,
-                name: &config.node,
-                generation,
-            };
-            for (k, v) in &initial {
-                for (rk, rv) in chunks::split(k, v) {
-                    signer.put(state, &rk, Some(&rv));
-                }
-            }
-        }
         Ok(Self {
             handle,
             local_change: Arc::new(Notify::new()),
