@@ -379,6 +379,12 @@ impl Gossip {
         self.generation
     }
 
+    /// chitchat's state itself: what the simulation bench (`cargo xtask bench simulation`)
+    /// reads to time a change's arrival without taking a snapshot at every node.
+    pub fn chitchat(&self) -> Arc<tokio::sync::Mutex<chitchat::Chitchat>> {
+        self.handle.chitchat()
+    }
+
     /// Writes this node's keys (set when `Some`, delete when `None`) in one step. A value
     /// too large for one datagram goes out as chunks (see [`chunks`]).
     pub async fn write(&self, changes: impl IntoIterator<Item = (String, Option<String>)>) {
