@@ -246,7 +246,7 @@ fn scenarios(quick: bool) -> Result<Vec<Scenario>> {
         ..lan(100, 30)
     };
     let cut = Scenario {
-        partition: Some(Duration::from_secs(10)),
+        partition: Some(Duration::from_secs(5)),
         changes: 2,
         ..lan(100, 30)
     };
