@@ -5,10 +5,11 @@
 //!
 //! Sizes: 100 nodes × 30 tasks on a LAN, a lossy WAN and through a partition by default;
 //! others with `MESH_SIM_NODES=200,500` (`MESH_SIM_TASKS`, `MESH_SIM_SERVICES`,
-//! `MESH_SIM_CHANGES`). 1,000 gossiping nodes do not fit one 2-core machine: chitchat's
-//! failure detector preallocates a 1,000-sample window (8 KB) per peer, 8 GB for 1,000
-//! nodes, and a round costs each node a few µs per known peer (~90 CPU-seconds per
-//! virtual second at 1,000). So one worker's snapshot and view of 1,000 (or, with
+//! `MESH_SIM_CHANGES`). 1,000 gossiping nodes do not fit one 2-core machine: a round costs
+//! each node a few µs per known peer (~70–100 CPU-seconds per virtual second at 1,000), and
+//! chitchat's failure detector preallocates its sample window per peer (8 KB with the 1,000
+//! samples the agent configured until this bench measured it, 8 GB for 1,000 nodes; 0.8 KB
+//! now). So one worker's snapshot and view of 1,000 (or, with
 //! `MESH_SIM_VIEW=1000,5000`, 5,000) nodes × 30 tasks is measured without gossip, and what
 //! grows with N on the wire is read off the largest run.
 //!
