@@ -28,6 +28,7 @@ mod planner;
 mod programming;
 pub mod report;
 mod scale;
+mod simulation;
 mod update;
 
 use report::Report;
@@ -59,6 +60,10 @@ pub enum Target {
     /// The planner alone: 300 tasks placed over 3 and 1,000 simulated nodes, with
     /// reservations beside the same without; 10,000 services × 10 over 1,000 nodes.
     Planner,
+    /// The agent's real gossip and view code at 100 and 1,000 nodes in one process over a
+    /// simulated network (latency, loss, a partition), on a virtual clock: time for a
+    /// change to reach every node, bandwidth, memory and CPU per node.
+    Simulation,
     /// Spoofed SYN and UDP floods at a published port: flood pps, whether an established
     /// connection survives, share of new connections served.
     Flood,
@@ -66,7 +71,7 @@ pub enum Target {
     All,
 }
 
-const ORDER: [Target; 11] = [
+const ORDER: [Target; 12] = [
     Target::Mesh,
     Target::Scale,
     Target::Programming,
@@ -77,11 +82,12 @@ const ORDER: [Target; 11] = [
     Target::Orchestration,
     Target::Update,
     Target::Planner,
+    Target::Simulation,
     Target::Flood,
 ];
 
 pub fn run(target: Target, quick: bool) -> Result<()> {
-    if !is_root() && target != Target::Planner {
+    if !is_root() && !in_process(target) {
         bail!("the benchmarks create network namespaces and load eBPF: run them as root");
     }
     // Agents, the load balancer's userspace and the timing loops are measured as shipped:
@@ -148,6 +154,7 @@ fn one(target: Target, quick: bool) -> Result<Report> {
         Target::Orchestration => orchestration::run(quick),
         Target::Update => update::run(quick),
         Target::Planner => planner::run(quick),
+        Target::Simulation => simulation::run(quick),
         Target::Flood => flood::run(quick),
         Target::All => unreachable!("all is not one benchmark"),
     }?;
@@ -211,8 +218,8 @@ fn all(quick: bool) -> Result<()> {
 /// measurement, not a compile that happens to land in it (the first to need the optimised
 /// hickory build used to pay ~200 s for it).
 fn prebuild(target: Target) -> Result<()> {
-    // The planner's benchmark runs in this process: nothing to build.
-    if target == Target::Planner {
+    // The planner's and the simulation's benchmarks run in this process: nothing to build.
+    if in_process(target) {
         return Ok(());
     }
     let started = Instant::now();
@@ -223,6 +230,11 @@ fn prebuild(target: Target) -> Result<()> {
     }
     eprintln!("==> built in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Benchmarks that run in this process alone: no root, no agents to build.
+fn in_process(target: Target) -> bool {
+    matches!(target, Target::Planner | Target::Simulation)
 }
 
 fn running_release() -> bool {
