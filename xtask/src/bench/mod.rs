@@ -26,6 +26,7 @@ mod mesh;
 mod orchestration;
 mod planner;
 mod programming;
+mod reference;
 pub mod report;
 mod scale;
 mod update;
@@ -40,6 +41,9 @@ pub enum Target {
     /// ns/packet of the load balancer at 1 to 100,000 services and up to 1,000,000 flows, as
     /// ratios to the pass floor, beside iptables/nft DNAT at the same service counts.
     Scale,
+    /// ns/packet of the routing mesh beside a minimal reference load balancer (one LRU
+    /// lookup, DNAT, redirect) on the same frames, at 10k and 1M flows (issue 33).
+    Reference,
     /// Time from `service create` / `meshctl run` to the kernel programmed on all nodes;
     /// time to program 10,000 services.
     Programming,
@@ -66,9 +70,10 @@ pub enum Target {
     All,
 }
 
-const ORDER: [Target; 11] = [
+const ORDER: [Target; 12] = [
     Target::Mesh,
     Target::Scale,
+    Target::Reference,
     Target::Programming,
     Target::Convergence,
     Target::Footprint,
@@ -140,6 +145,7 @@ fn one(target: Target, quick: bool) -> Result<Report> {
     let mut report = match target {
         Target::Mesh => mesh::run(quick),
         Target::Scale => scale::run(quick),
+        Target::Reference => reference::run(quick),
         Target::Programming => programming::run(quick),
         Target::Convergence => convergence::run(quick),
         Target::Footprint => footprint::run(quick),
@@ -211,8 +217,8 @@ fn all(quick: bool) -> Result<()> {
 /// measurement, not a compile that happens to land in it (the first to need the optimised
 /// hickory build used to pay ~200 s for it).
 fn prebuild(target: Target) -> Result<()> {
-    // The planner's benchmark runs in this process: nothing to build.
-    if target == Target::Planner {
+    // These run in this process: nothing to build.
+    if matches!(target, Target::Planner | Target::Reference) {
         return Ok(());
     }
     let started = Instant::now();
