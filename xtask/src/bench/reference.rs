@@ -47,6 +47,15 @@ const REFERENCE_PROGRAM: &str = "reference_lb";
 /// device.
 const REFERENCE_IFINDEX: u32 = 1;
 
+/// With this set to a file: after the measurement, [`PROFILE_BATCHES`] batches of
+/// [`PROFILE_BATCH`] new flows and as many established packets, each kind through one
+/// program alone in turn, and the CLOCK_MONOTONIC windows of each kind (`kind start end`
+/// per line, ns) written to the file, so a `perf record -k CLOCK_MONOTONIC` of the run can
+/// be split by kind. The batches stay well inside mesh's embryo table.
+const PROFILE_WINDOWS: &str = "MESH_BENCH_PROFILE_WINDOWS";
+const PROFILE_BATCHES: u64 = 50;
+const PROFILE_BATCH: u64 = 2_000;
+
 /// Medians of one flow level, ns per packet.
 #[derive(Clone, Copy, Debug)]
 struct Level {
@@ -172,7 +181,13 @@ pub fn run(quick: bool) -> Result<Report> {
 }
 
 fn measure(pin: &Path, levels: &[u64], samples: usize) -> Result<Vec<Level>> {
-    let max_flows = levels.iter().copied().max().unwrap_or(0) + (WARMUP + samples) as u64;
+    let profiled = if std::env::var_os(PROFILE_WINDOWS).is_some() {
+        PROFILE_BATCHES * PROFILE_BATCH
+    } else {
+        0
+    };
+    let max_flows =
+        levels.iter().copied().max().unwrap_or(0) + (WARMUP + samples) as u64 + profiled;
     let desired = services(SERVICES);
     let backends: Vec<(std::net::Ipv4Addr, u16)> = desired
         .iter()
@@ -214,18 +229,10 @@ fn measure(pin: &Path, levels: &[u64], samples: usize) -> Result<Vec<Level>> {
     let mut rng = Lcg(0x5eed);
     // Flow k: client(k) → NODE:(its published port), in both tables.
     let mut flows: Vec<u16> = Vec::with_capacity(max_flows as usize);
-    // The first packet of flow `flows.len()` through both programs, the rest of mesh's
-    // handshake untimed: (mesh ns, reference ns).
-    let open = |flows: &mut Vec<u16>, rng: &mut Lcg| -> Result<(f64, f64)> {
-        let k = flows.len() as u64;
+    // The rest of mesh's handshake of flow k after its first packet left as `out`: the
+    // backend's SYN-ACK back through the reply entry, the client's ACK of it (untimed).
+    let handshake = |k: u64, port: u16, out: &[u8]| -> Result<()> {
         let (src, sport) = client(k);
-        let port = FIRST_PORT + rng.below(published) as u16;
-        let syn = frame(src, sport, NODE, port, SYN);
-        let (verdict, mesh_ns, out) = run_mesh(&syn)?;
-        ensure!(
-            verdict == TC_ACT_REDIRECT,
-            "mesh: new flow {k}: verdict {verdict}"
-        );
         let (backend, snat) = (&out[30..34], &out[34..36]);
         let backend = std::net::Ipv4Addr::new(backend[0], backend[1], backend[2], backend[3]);
         let snat = u16::from_be_bytes([snat[0], snat[1]]);
@@ -240,11 +247,34 @@ fn measure(pin: &Path, levels: &[u64], samples: usize) -> Result<Vec<Level>> {
             verdict == TC_ACT_REDIRECT,
             "mesh: ACK of flow {k} not redirected"
         );
-        let reference_ns = timed(
+        Ok(())
+    };
+    let mesh_syn = |k: u64, port: u16| -> Result<(f64, Vec<u8>)> {
+        let (src, sport) = client(k);
+        let (verdict, ns, out) = run_mesh(&frame(src, sport, NODE, port, SYN))?;
+        ensure!(
+            verdict == TC_ACT_REDIRECT,
+            "mesh: new flow {k}: verdict {verdict}"
+        );
+        Ok((ns, out))
+    };
+    let reference_syn = |k: u64, port: u16| -> Result<f64> {
+        let (src, sport) = client(k);
+        let syn = frame(src, sport, NODE, port, SYN);
+        timed(
             &format!("reference: new flow {k}"),
             checked_reference(&syn, run_reference(&syn)?, &backends)?,
             TC_ACT_REDIRECT,
-        )?;
+        )
+    };
+    // Flow `flows.len()` opened in both programs: (mesh ns, reference ns) of its first
+    // packet.
+    let open = |flows: &mut Vec<u16>, rng: &mut Lcg| -> Result<(f64, f64)> {
+        let k = flows.len() as u64;
+        let port = FIRST_PORT + rng.below(published) as u16;
+        let (mesh_ns, out) = mesh_syn(k, port)?;
+        handshake(k, port, &out)?;
+        let reference_ns = reference_syn(k, port)?;
         flows.push(port);
         Ok((mesh_ns, reference_ns))
     };
@@ -322,7 +352,65 @@ fn measure(pin: &Path, levels: &[u64], samples: usize) -> Result<Vec<Level>> {
             reference_new,
         });
     }
+    if let Some(path) = std::env::var_os(PROFILE_WINDOWS) {
+        // Each kind alone for a while, so a profile's samples can be told apart by time.
+        let mut windows = String::new();
+        let mut window = |kind: &str, started: u64| {
+            windows.push_str(&format!("{kind} {started} {}\n", monotonic_ns()));
+        };
+        for _ in 0..PROFILE_BATCHES {
+            let first = flows.len() as u64;
+            let batch: Vec<(u64, u16)> = (first..first + PROFILE_BATCH)
+                .map(|k| (k, FIRST_PORT + rng.below(published) as u16))
+                .collect();
+            let started = monotonic_ns();
+            let mut outs = Vec::with_capacity(batch.len());
+            for &(k, port) in &batch {
+                outs.push(mesh_syn(k, port)?.1);
+            }
+            window("mesh-new", started);
+            for (&(k, port), out) in batch.iter().zip(&outs) {
+                handshake(k, port, out)?;
+            }
+            let started = monotonic_ns();
+            for &(k, port) in &batch {
+                reference_syn(k, port)?;
+            }
+            window("reference-new", started);
+            flows.extend(batch.iter().map(|(_, port)| *port));
+            let established: Vec<[u8; 54]> = (0..PROFILE_BATCH)
+                .map(|_| {
+                    let k = rng.below(flows.len() as u64);
+                    let (src, sport) = client(k);
+                    frame(src, sport, NODE, flows[k as usize], ACK)
+                })
+                .collect();
+            let started = monotonic_ns();
+            for f in &established {
+                timed("mesh: established", run_mesh(f)?, TC_ACT_REDIRECT)?;
+            }
+            window("mesh-established", started);
+            let started = monotonic_ns();
+            for f in &established {
+                timed("reference: established", run_reference(f)?, TC_ACT_REDIRECT)?;
+            }
+            window("reference-established", started);
+        }
+        std::fs::write(&path, windows)
+            .with_context(|| format!("writing {}", Path::new(&path).display()))?;
+    }
     Ok(measured)
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `perf record -k CLOCK_MONOTONIC` stamps samples with.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Loads the reference with `backends` and room for `flows` flows. The program's fd
