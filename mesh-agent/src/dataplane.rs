@@ -51,6 +51,12 @@ use crate::{
 /// The object built from mesh-ebpf by this crate's build script.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
+/// The per-packet bench's reference load balancer (mesh-ebpf's `reference-lb`), built by
+/// the same build script. The agent never loads it; `cargo xtask bench reference` times
+/// the routing mesh against it.
+pub static REFERENCE_LB_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reference-lb"));
+
 const UNDERLAY_PROGRAM: &str = "mesh_underlay";
 /// The routing mesh (TC ingress on the underlay and on network bridges).
 pub const LB_INGRESS_PROGRAM: &str = "mesh_lb_ingress";

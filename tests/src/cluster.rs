@@ -602,6 +602,24 @@ impl Host {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs meshctl with `input` on its standard input (`secret create NAME -`).
+    pub fn meshctl_stdin(&self, args: &[&str], input: &[u8]) -> Result<Output> {
+        use std::io::Write;
+        let mut child = Command::new(bin("meshctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("running meshctl")?;
+        let mut stdin = child.stdin.take().context("meshctl's stdin")?;
+        stdin.write_all(input).context("writing meshctl's stdin")?;
+        drop(stdin);
+        child.wait_with_output().context("waiting for meshctl")
+    }
+
     /// meshctl with `--format json`, decoded.
     /// Each node's role as this host's `node ls` shows it: name → `admin` or `worker`.
     pub fn node_roles(&self) -> Result<std::collections::BTreeMap<String, String>> {

@@ -6,37 +6,17 @@
 //! good service, and no node lists any of them afterwards. The same file without its fault
 //! then deploys, so the objects the bad ones would have made are real.
 
-use std::{collections::BTreeSet, process::Command, time::Duration};
+use std::{collections::BTreeSet, time::Duration};
 
 use mesh_tests::{Cluster, Host, cluster::bin};
 use serde_json::Value;
 
 const STACK: &str = "claims";
 
-/// A sealed cluster (secrets need a cluster key) of `n` hosts.
+/// A sealed cluster (secrets need a cluster key: the harness's) of `n` hosts.
 fn sealed_cluster(n: usize) -> Cluster {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let mut c = Cluster::new(n).unwrap();
-    let out = Command::new(bin("mesh-agent"))
-        .arg("keygen")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let key = c.log_dir().join("cluster.key");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key)
-        .unwrap()
-        .write_all(&out.stdout)
-        .unwrap();
-    let key = key.to_str().unwrap().to_owned();
-    for i in 1..=n {
-        c.host_mut(i)
-            .start_agent(&["--cluster-key-file", &key])
-            .unwrap();
-    }
+    c.start_agents().unwrap();
     c
 }
 

@@ -2,13 +2,9 @@
 //! granted to an image service is readable inside its container at `/run/secrets/TARGET`
 //! with the mode asked for, and another service's container has no such file.
 
-use std::{
-    io::Write,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
-use mesh_tests::{Cluster, cluster::bin, image::Image};
+use mesh_tests::{Cluster, image::Image};
 use serde_json::Value;
 
 /// `podman ARGS`: whether it exited 0, and its stdout and stderr.
@@ -28,42 +24,13 @@ fn podman(args: &[&str]) -> (bool, String) {
 fn a_secret_is_in_the_granted_container_only_with_its_mode() {
     let image = Image::whoami().unwrap();
     let mut c = Cluster::new(1).unwrap();
-    // Secrets need a cluster key.
-    let key = c.log_dir().join("cluster.key");
-    let out = Command::new(bin("mesh-agent"))
-        .arg("keygen")
-        .output()
+    // Secrets need a cluster key: the harness's.
+    c.start_agents().unwrap();
+    let h = c.host(1);
+    let out = h
+        .meshctl_stdin(&["secret", "create", "db_password", "-"], b"1q2w3e4r\n")
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key)
-            .unwrap()
-            .write_all(&out.stdout)
-            .unwrap();
-    }
-    c.host_mut(1)
-        .start_agent(&["--cluster-key-file", key.to_str().unwrap()])
-        .unwrap();
-    let h = c.host(1);
-    let mut create = Command::new(bin("meshctl"))
-        .arg("--socket")
-        .arg(h.socket())
-        .args(["secret", "create", "db_password", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    create
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"1q2w3e4r\n")
-        .unwrap();
-    assert!(create.wait().unwrap().success());
     h.meshctl_ok(&[
         "service",
         "create",

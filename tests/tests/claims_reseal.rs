@@ -10,7 +10,7 @@ use std::{
     io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -104,22 +104,10 @@ fn secrets_are_resealed_under_the_new_key_and_still_open_after_a_rotation() {
     .unwrap();
     c.external("client", 100).unwrap();
 
-    let mut create = Command::new(bin("meshctl"))
-        .arg("--socket")
-        .arg(c.host(1).socket())
-        .args(["secret", "create", "pw", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let out = c
+        .host(1)
+        .meshctl_stdin(&["secret", "create", "pw", "-"], SECRET.as_bytes())
         .unwrap();
-    create
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(SECRET.as_bytes())
-        .unwrap();
-    let out = create.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let old_id = key_ids(&stats(&c, 1))[0].clone();
     c.eventually(Duration::from_secs(10), "pw on host3", |c| {

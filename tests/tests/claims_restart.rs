@@ -130,3 +130,58 @@ fn restart_policies_do_what_the_readme_says() {
     assert_eq!(states(&once), ["Failed"], "{once:?}");
     assert_eq!(once[0]["error"], "task: non-zero exit (3)", "{once:?}");
 }
+
+/// A service whose tasks crash at once and restart without delay keeps getting addresses on
+/// a small network: a dead task's endpoint (and so its address) leaves gossip as it exits.
+/// Before, exits were handled one per reconcile pass and endpoints of dead tasks piled up
+/// (25 s behind with eight tasks crash-looping), until the network had no free address and
+/// every restart was rejected.
+#[test]
+fn a_crash_looping_service_does_not_run_its_network_out_of_addresses() {
+    let mut c = Cluster::new(1).unwrap();
+    c.start_agents().unwrap();
+    let h = c.host(1);
+    // 29 addresses for tasks: 8 crash-looping slots need at most 8 at a time.
+    h.meshctl_ok(&["network", "create", "tight", "--subnet", "10.77.0.0/27"])
+        .unwrap();
+    h.meshctl_ok(&[
+        "service",
+        "create",
+        "crashloop",
+        "--network",
+        "tight",
+        "--replicas",
+        "8",
+        "--restart-delay",
+        "0s",
+        "-d",
+        "--",
+        "/bin/false",
+    ])
+    .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let mut tasks = std::collections::BTreeSet::new();
+    while std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_secs(2));
+        let rows = ps(h, "crashloop");
+        tasks.extend(
+            rows.iter()
+                .filter_map(|r| r["id"].as_str().map(str::to_owned)),
+        );
+        let attempts = tasks.len();
+        let starved: Vec<&Value> = rows
+            .iter()
+            .filter(|r| {
+                r["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("no free addresses"))
+            })
+            .collect();
+        assert!(
+            starved.is_empty(),
+            "after {attempts} attempts, restarts found no address: {starved:#?}"
+        );
+    }
+    // More tasks than the network has addresses: they were reused.
+    assert!(tasks.len() > 29, "only {} tasks in 30 s", tasks.len());
+}

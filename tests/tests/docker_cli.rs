@@ -27,8 +27,11 @@ fn docker_socket(h: &Host) -> PathBuf {
 /// Runs `docker ARGS…` against `h`'s socket, with a config directory of its own so nothing
 /// of this machine's docker setup leaks in; gives up after 3 minutes.
 fn docker_output(client: &str, h: &Host, args: &[&str], stdin: Option<&str>) -> Output {
-    let config = std::env::temp_dir().join(format!("mt{}-docker-config", std::process::id()));
-    std::fs::create_dir_all(&config).unwrap();
+    // Removed when this returns: the client writes nothing worth keeping into it.
+    let config = tempfile::Builder::new()
+        .prefix("mt-docker-config-")
+        .tempdir()
+        .unwrap();
     let mut cmd = Command::new("timeout");
     cmd.arg("180")
         .arg(client)
@@ -37,7 +40,7 @@ fn docker_output(client: &str, h: &Host, args: &[&str], stdin: Option<&str>) -> 
             "DOCKER_HOST",
             format!("unix://{}", docker_socket(h).display()),
         )
-        .env("DOCKER_CONFIG", &config)
+        .env("DOCKER_CONFIG", config.path())
         .env_remove("DOCKER_API_VERSION")
         .env_remove("DOCKER_CONTEXT");
     match stdin {
@@ -743,10 +746,12 @@ fn bad_requests_get_dockers_errors_and_change_nothing() {
         .unwrap();
     let h = c.host(1);
     let refused_before = refused(h);
-    let dir = std::env::temp_dir().join(format!("mt{}-docker-bad", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("mt-docker-bad-")
+        .tempdir()
+        .unwrap();
     let file = |name: &str, text: &[u8]| {
-        let p = dir.join(name);
+        let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
         p
     };
@@ -920,8 +925,11 @@ fn stack_commands_work(client: &str) {
     let c = cluster();
     let (h1, h2) = (c.host(1), c.host(2));
     // A directory of this cluster's own: both clients' tests run at once in one process.
-    let dir = std::env::temp_dir().join(format!("{}-docker-stack", c.name()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let stack_dir = tempfile::Builder::new()
+        .prefix(&format!("{}-docker-stack-", c.name()))
+        .tempdir()
+        .unwrap();
+    let dir = stack_dir.path();
     std::fs::write(dir.join("db_password.txt"), "s3cret\n").unwrap();
     std::fs::write(dir.join("site.conf"), "site-v1\n").unwrap();
     // Podman volumes are the machine's, not the cluster's: a name of this cluster's own.
@@ -1206,7 +1214,6 @@ configs:
         },
     )
     .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

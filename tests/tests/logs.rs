@@ -6,7 +6,6 @@
 
 use std::{
     io::{Read, Write},
-    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -17,18 +16,6 @@ use serde_json::Value;
 const SCRIPT: &str = "echo first from $MESH_TASK_SLOT; echo second from $MESH_TASK_SLOT; \
      sleep 1.5; echo third from $MESH_TASK_SLOT; \
      while [ ! -e $TRIGGER ]; do sleep 0.2; done; echo late from $MESH_TASK_SLOT; exec sleep 1000";
-
-fn key_file(c: &Cluster) -> PathBuf {
-    std::fs::create_dir_all(c.log_dir()).unwrap();
-    let path = c.log_dir().join("cluster.key");
-    let out = Command::new(bin("mesh-agent"))
-        .args(["keygen", "--out"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    path
-}
 
 fn logs(c: &Cluster, host: usize, args: &[&str]) -> (String, String) {
     let mut all = vec!["service", "logs"];
@@ -44,13 +31,8 @@ fn logs(c: &Cluster, host: usize, args: &[&str]) -> (String, String) {
 #[test]
 fn service_logs_reads_every_node() {
     let mut c = Cluster::new(4).unwrap();
-    let key = key_file(&c);
-    let key = key.to_str().unwrap().to_owned();
-    for i in 1..=4 {
-        c.host_mut(i)
-            .start_agent(&["--cluster-key-file", &key])
-            .unwrap();
-    }
+    // Sealed by the harness's cluster key, like every test cluster.
+    c.start_agents().unwrap();
     // Placed once every node is Ready, so the tasks spread over three nodes and stay there.
     c.eventually(Duration::from_secs(20), "4 nodes Ready", |c| {
         let nodes: Vec<Value> = c.host(1).meshctl_json(&["node", "ls"])?;
@@ -279,13 +261,8 @@ fn service_logs_reads_every_node() {
 #[test]
 fn outsiders_cannot_read_logs() {
     let mut c = Cluster::new(2).unwrap();
-    let key = key_file(&c);
-    let key = key.to_str().unwrap().to_owned();
-    for i in 1..=2 {
-        c.host_mut(i)
-            .start_agent(&["--cluster-key-file", &key])
-            .unwrap();
-    }
+    // Sealed by the harness's cluster key, like every test cluster.
+    c.start_agents().unwrap();
     c.host(1)
         .meshctl_ok(&[
             "service",

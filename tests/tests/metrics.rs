@@ -187,32 +187,13 @@ fn declared(m: &BTreeMap<Series, f64>, name: &str) -> bool {
     m.keys().any(|(n, _)| n == name)
 }
 
-/// A key file for sealed gossip, so the gossip counters exist.
-fn key_file(c: &Cluster) -> String {
-    use std::os::unix::fs::OpenOptionsExt;
-    let out = std::process::Command::new(bin("mesh-agent"))
-        .arg("keygen")
-        .output()
-        .unwrap();
-    let path = c.log_dir().join("cluster.key");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .unwrap()
-        .write_all(&out.stdout)
-        .unwrap();
-    path.to_str().unwrap().to_owned()
-}
-
 #[test]
 fn per_service_counters_move_by_the_requests_sent() {
     let mut c = Cluster::new(3).unwrap();
-    let key = key_file(&c);
+    // Sealed gossip (the harness's key), so the gossip counters exist.
     for i in 1..=3 {
         c.host_mut(i)
-            .start_agent(&["--metrics-listen", METRICS, "--cluster-key-file", &key])
+            .start_agent(&["--metrics-listen", METRICS])
             .unwrap();
     }
     c.external("client", 100).unwrap();

@@ -40,18 +40,11 @@ fn write(path: &Path, text: &str) {
         .unwrap();
 }
 
-/// Two nodes with a cluster key (credentials are sealed with it) whose podman takes the
+/// Two nodes with the harness's cluster key (credentials are sealed with it) whose podman takes the
 /// test's registry without TLS; the registry and an outside client on the underlay.
 fn cluster(dir: &Path) -> Cluster {
     let mut c = Cluster::new(2).unwrap();
     std::fs::create_dir_all(dir).unwrap();
-    let key = Command::new(bin("mesh-agent"))
-        .arg("keygen")
-        .output()
-        .unwrap();
-    assert!(key.status.success(), "{key:?}");
-    let key_file = dir.join("cluster.key");
-    write(&key_file, &String::from_utf8(key.stdout).unwrap());
     let registries = dir.join("registries.conf");
     write(
         &registries,
@@ -62,8 +55,9 @@ fn cluster(dir: &Path) -> Cluster {
     );
     for i in 1..=2 {
         c.host_mut(i)
+            // Sealed by the harness's cluster key.
             .start_agent_with_env(
-                &["--cluster-key-file", key_file.to_str().unwrap()],
+                &[],
                 &[("CONTAINERS_REGISTRIES_CONF", registries.to_str().unwrap())],
             )
             .unwrap();

@@ -8,10 +8,8 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -41,25 +39,6 @@ fn fnv(data: &[u8]) -> String {
         h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
     }
     format!("{h:016x}\n")
-}
-
-fn meshctl_stdin(h: &Host, args: &[&str], input: &str) -> std::process::Output {
-    let mut child = Command::new(bin("meshctl"))
-        .arg("--socket")
-        .arg(h.socket())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
 }
 
 fn roles(h: &Host) -> BTreeMap<String, String> {
@@ -231,7 +210,10 @@ fn a_secret_reaches_only_the_workers_that_run_its_tasks() {
         g["cluster"].as_str().unwrap().to_owned()
     };
 
-    let out = meshctl_stdin(c.host(1), &["secret", "create", SECRET, "-"], PASSWORD);
+    let out = c
+        .host(1)
+        .meshctl_stdin(&["secret", "create", SECRET, "-"], PASSWORD.as_bytes())
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     // Sealed to the admin key: no cluster key id to show.
     let inspect: Value = c
@@ -363,35 +345,18 @@ fn a_secret_reaches_only_the_workers_that_run_its_tasks() {
 #[test]
 fn a_secret_from_before_roles_is_resealed_to_the_admins_and_keeps_serving() {
     let mut c = Cluster::new(2).unwrap();
-    let out = Command::new(bin("mesh-agent"))
-        .arg("keygen")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let key = c.log_dir().join("cluster.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key)
-            .unwrap()
-            .write_all(&out.stdout)
-            .unwrap();
-    }
-    let key = key.to_str().unwrap().to_owned();
-    for i in 1..=2 {
-        c.host_mut(i)
-            .start_agent(&["--cluster-key-file", &key])
-            .unwrap();
-    }
+    // Sealed by the harness's cluster key, without roles (no admin key yet).
+    c.start_agents().unwrap();
+    let key = c.host(1).cluster_key().to_str().unwrap().to_owned();
     c.external("client", 100).unwrap();
     let (h1, h2) = (
         c.host(1).node_name().to_owned(),
         c.host(2).node_name().to_owned(),
     );
-    let out = meshctl_stdin(c.host(1), &["secret", "create", SECRET, "-"], PASSWORD);
+    let out = c
+        .host(1)
+        .meshctl_stdin(&["secret", "create", SECRET, "-"], PASSWORD.as_bytes())
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     c.host(1)
         .meshctl_ok(&["network", "create", "app", "--subnet", "10.21.0.0/24"])

@@ -5,10 +5,9 @@
 //! (`--secret-rm old --secret-add new`) that rolls the service with no failed request.
 
 use std::{
-    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
@@ -27,54 +26,12 @@ fn fnv(data: &[u8]) -> String {
     format!("{h:016x}\n")
 }
 
-/// A cluster whose gossip is sealed: secrets need a cluster key.
+/// A cluster whose gossip is sealed (secrets need a cluster key): the harness's key.
 fn cluster(n: usize) -> Cluster {
     let mut c = Cluster::new(n).unwrap();
-    let out = Command::new(bin("mesh-agent"))
-        .arg("keygen")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let key = c.log_dir().join("cluster.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key)
-            .unwrap()
-            .write_all(&out.stdout)
-            .unwrap();
-    }
-    let key = key.to_str().unwrap().to_owned();
-    for i in 1..=n {
-        c.host_mut(i)
-            .start_agent(&["--cluster-key-file", &key])
-            .unwrap();
-    }
+    c.start_agents().unwrap();
     c.external("client", 100).unwrap();
     c
-}
-
-/// `meshctl ARGS` with `input` on standard input.
-fn meshctl_stdin(h: &Host, args: &[&str], input: &str) -> std::process::Output {
-    let mut child = Command::new(bin("meshctl"))
-        .arg("--socket")
-        .arg(h.socket())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
 }
 
 fn whoami() -> String {
@@ -152,11 +109,12 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
     let h1 = c.host(1);
 
     // echo 1q2w3e4r | meshctl secret create db_password -
-    let out = meshctl_stdin(
-        h1,
-        &["secret", "create", "db_password", "-"],
-        &format!("{PASSWORD}\n"),
-    );
+    let out = h1
+        .meshctl_stdin(
+            &["secret", "create", "db_password", "-"],
+            format!("{PASSWORD}\n").as_bytes(),
+        )
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     let ls = c.host(2).meshctl_ok(&["secret", "ls"]).unwrap();
     assert!(ls.contains("db_password"), "{ls}");
@@ -167,7 +125,9 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
     assert!(inspect.contains("\"size\": 9"), "{inspect}");
     assert!(!inspect.contains(PASSWORD), "{inspect}");
     // A secret that exists cannot change.
-    let again = meshctl_stdin(h1, &["secret", "create", "db_password", "-"], "other");
+    let again = h1
+        .meshctl_stdin(&["secret", "create", "db_password", "-"], b"other")
+        .unwrap();
     assert!(!again.status.success());
     let e = String::from_utf8_lossy(&again.stderr);
     assert!(
@@ -283,11 +243,12 @@ fn the_seed_mysql_flow_serves_a_secret_only_to_granted_tasks_and_rotates_without
     assert!(!e.contains(PASSWORD), "{e}");
 
     // Rotation: a new secret under a new name, switched in by a rolling update.
-    let out = meshctl_stdin(
-        h1,
-        &["secret", "create", "db_password_v2", "-"],
-        PASSWORD_V2,
-    );
+    let out = h1
+        .meshctl_stdin(
+            &["secret", "create", "db_password_v2", "-"],
+            PASSWORD_V2.as_bytes(),
+        )
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     let client = Probe::start(c.external_ns("client").unwrap(), addr(c.host(2), 8080)).unwrap();
     c.host(3)
@@ -378,7 +339,9 @@ fn secrets_refuse_bad_input_with_a_clear_error() {
     let c = cluster(1);
     let h = c.host(1);
     let big = "x".repeat(500 * 1024 + 1);
-    let out = meshctl_stdin(h, &["secret", "create", "big", "-"], &big);
+    let out = h
+        .meshctl_stdin(&["secret", "create", "big", "-"], big.as_bytes())
+        .unwrap();
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("500 KB"), "{e}");
@@ -412,7 +375,10 @@ fn secrets_need_a_sealed_cluster() {
     let mut c = Cluster::new(1).unwrap();
     // Only an agent told --insecure runs without a key.
     c.host_mut(1).start_agent(&["--insecure"]).unwrap();
-    let out = meshctl_stdin(c.host(1), &["secret", "create", "s", "-"], "data");
+    let out = c
+        .host(1)
+        .meshctl_stdin(&["secret", "create", "s", "-"], b"data")
+        .unwrap();
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("need a cluster key"), "{e}");

@@ -52,6 +52,9 @@ impl Browser {
                 ])
                 .arg(format!("--user-data-dir={}", profile.display()))
                 .arg("about:blank")
+                // Its singleton socket directory goes under TMPDIR, and a killed browser
+                // leaves it behind: keep it with the profile, not in the machine's /tmp.
+                .env("TMPDIR", &profile)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)

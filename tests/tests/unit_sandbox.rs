@@ -199,17 +199,10 @@ fn a_cluster_works_under_the_shipped_units_sandbox() {
 
     // A secret and a config read by a process task on the joined node.
     let h1 = c.host(1);
-    let mut secret = Command::new(bin("meshctl"))
-        .arg("--socket")
-        .arg(h1.socket())
-        .args(["secret", "create", "db_password", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
+    let out = h1
+        .meshctl_stdin(&["secret", "create", "db_password", "-"], b"s3cret-pw")
         .unwrap();
-    std::io::Write::write_all(secret.stdin.as_mut().unwrap(), b"s3cret-pw").unwrap();
-    drop(secret.stdin.take());
-    assert!(secret.wait().unwrap().success());
+    assert!(out.status.success(), "{out:?}");
     let conf = dir.join("app.conf");
     std::fs::write(&conf, "mode=fast\n").unwrap();
     h1.meshctl_ok(&["config", "create", "app_conf", conf.to_str().unwrap()])

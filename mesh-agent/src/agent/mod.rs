@@ -39,7 +39,7 @@ use std::{
 };
 
 use anyhow::Context;
-use tokio::sync::{Mutex, Notify, watch};
+use tokio::sync::{Mutex, Notify, broadcast, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -310,7 +310,9 @@ impl Agent {
     pub async fn run(self: Arc<Self>) {
         const FULL_PASS_EVERY: Duration = Duration::from_secs(10);
         let mut changes = self.gossip.changes().await;
-        let mut exits = self.local.as_ref().map(|l| l.tasks.subscribe());
+        if let Some(exits) = self.local.as_ref().map(|l| l.tasks.subscribe()) {
+            tokio::spawn(self.clone().follow_exits(exits));
+        }
         self.serve_dns_for_all().await;
         // What this node kept from before a restart.
         self.publish_volumes().await;
@@ -349,17 +351,34 @@ impl Agent {
             asked = tokio::select! {
                 _ = changes.next() => false,
                 _ = self.reconcile_now.notified() => true,
-                exit = async {
-                    match exits.as_mut() {
-                        Some(exits) => exits.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    self.task_exited(exit).await;
-                    true
-                }
                 _ = tokio::time::sleep(Duration::from_millis(500)) => false,
             };
+        }
+    }
+
+    /// Takes exited tasks' endpoints out of gossip as the exits happen, beside the reconcile
+    /// loop rather than between its passes: a pass can take most of a second, and a dead
+    /// task's endpoint is a dead backend in every load balancer until it goes. Exits already
+    /// queued are handled together (see `tasks_exited`); then the loop is asked for a pass,
+    /// which restarts what the restart policy says.
+    async fn follow_exits(self: Arc<Self>, mut exits: broadcast::Receiver<crate::task::TaskExit>) {
+        loop {
+            let first = exits.recv().await;
+            if matches!(first, Err(broadcast::error::RecvError::Closed)) {
+                return;
+            }
+            let mut batch = vec![first];
+            loop {
+                match exits.try_recv() {
+                    Ok(e) => batch.push(Ok(e)),
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                        batch.push(Err(broadcast::error::RecvError::Lagged(n)))
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.tasks_exited(batch).await;
+            self.poke();
         }
     }
 

@@ -208,6 +208,15 @@ impl Agent {
         if task.publish {
             self.publish_endpoints(task.name, task.service, &addresses)
                 .await?;
+            // An exit handled while the endpoint was being written found nothing to remove:
+            // the process is gone, so its endpoint must not outlive it.
+            if local
+                .tasks
+                .get(task.name)
+                .is_none_or(|t| t.state != crate::task::ProcessState::Running)
+            {
+                self.forget_endpoints(task.name).await;
+            }
         }
         self.release_addresses(&addresses).await;
         stages.lap("endpoint");
@@ -283,18 +292,43 @@ impl Agent {
         Ok(())
     }
 
-    pub(crate) async fn task_exited(
+    /// Takes the endpoints of tasks that exited out of gossip, all of a batch in one write:
+    /// exits are handled between passes of the reconcile loop, and one pass per exit let a
+    /// crash-looping service's dead endpoints pile up behind each other (25 s behind with
+    /// eight tasks exiting at once) — dead backends in every load balancer, and addresses
+    /// still in use when the restarted tasks asked for new ones, until the network ran out.
+    pub(crate) async fn tasks_exited(
         &self,
-        exit: Result<TaskExit, tokio::sync::broadcast::error::RecvError>,
+        exits: Vec<Result<TaskExit, tokio::sync::broadcast::error::RecvError>>,
     ) {
-        match exit {
-            Ok(exit) => {
-                info!(task = exit.name, code = ?exit.code, signal = ?exit.signal, "task exited; removing its endpoint");
-                self.stop_dns_for(&exit.name).await;
-                self.forget_endpoints(&exit.name).await;
+        let mut names = std::collections::BTreeSet::new();
+        let mut missed = false;
+        for exit in exits {
+            match exit {
+                Ok(exit) => {
+                    info!(task = exit.name, code = ?exit.code, signal = ?exit.signal, "task exited; removing its endpoint");
+                    names.insert(exit.name);
+                }
+                Err(_) => missed = true,
             }
-            // Missed some exits: drop every endpoint whose task is no longer running.
-            Err(_) => self.forget_stopped_endpoints().await,
+        }
+        for name in &names {
+            self.stop_dns_for(name).await;
+        }
+        let keys: Vec<(String, Option<String>)> = self
+            .gossip
+            .own_keys()
+            .await
+            .into_keys()
+            .filter(|k| key::endpoint_task(k).is_some_and(|(t, _)| names.contains(t)))
+            .map(|k| (k, None))
+            .collect();
+        if !keys.is_empty() {
+            self.gossip.write(keys).await;
+        }
+        // Missed some exits: drop every endpoint whose task is no longer running.
+        if missed {
+            self.forget_stopped_endpoints().await;
         }
     }
 

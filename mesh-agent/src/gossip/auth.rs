@@ -564,6 +564,12 @@ impl GossipAuth {
             .is_some_and(|m| m.name == id.name && m.generation == id.generation)
     }
 
+    /// The key `name` is pinned to, once this node has an identity.
+    pub fn pinned(&self, name: &str) -> Option<PublicKey> {
+        let member = self.member.lock().expect("member lock");
+        member.as_ref().and_then(|m| (m.pinned)(name))
+    }
+
     pub fn set_member(&self, member: Member, retired_file: Option<&Path>) {
         if let Some(f) = retired_file {
             *self.retired.lock().expect("retired lock") = Retired::load(f);

@@ -43,14 +43,33 @@ pub(super) async fn start_with(
     auth: Arc<GossipAuth>,
 ) -> (Gossip, SocketAddr) {
     // These tests check what crosses gossip itself, chunks included.
-    start_carrying(name, seeds, auth, false).await
+    start_configured(name, seeds, auth, Duration::from_secs(3600), false).await
 }
 
-/// As [`start_with`], carrying large values outside gossip when `carry_payloads`.
+/// As [`start_with`], forgetting deleted keys after `tombstone_grace`.
+async fn start_with_grace(
+    name: &str,
+    seeds: Vec<String>,
+    auth: Arc<GossipAuth>,
+    tombstone_grace: Duration,
+) -> (Gossip, SocketAddr) {
+    start_configured(name, seeds, auth, tombstone_grace, false).await
+}
+
+/// As [`start_with`], carrying large values outside gossip.
 async fn start_carrying(
     name: &str,
     seeds: Vec<String>,
     auth: Arc<GossipAuth>,
+) -> (Gossip, SocketAddr) {
+    start_configured(name, seeds, auth, Duration::from_secs(3600), true).await
+}
+
+async fn start_configured(
+    name: &str,
+    seeds: Vec<String>,
+    auth: Arc<GossipAuth>,
+    tombstone_grace: Duration,
     carry_payloads: bool,
 ) -> (Gossip, SocketAddr) {
     let addr = free_port();
@@ -63,7 +82,7 @@ async fn start_carrying(
         interval: Duration::from_millis(50),
         phi_threshold: 8.0,
         dead_node_grace: Duration::from_secs(3600),
-        tombstone_grace: Duration::from_secs(3600),
+        tombstone_grace,
         carry_payloads,
     };
     let id = Arc::new(crate::identity::NodeIdentity::generate().unwrap());
@@ -154,6 +173,7 @@ async fn hostile_deltas_and_digests_are_dropped_and_gossip_goes_on() {
             let mut cc = chitchat.lock().await;
             cc.self_node_state()
                 .key_values()
+                .filter(|(_, v)| !super::signed::is_deletion(v))
                 .map(|(k, _)| k.to_owned())
                 .collect::<Vec<_>>()
         }
@@ -212,69 +232,226 @@ async fn hostile_deltas_and_digests_are_dropped_and_gossip_goes_on() {
     victim.shutdown().await.unwrap();
 }
 
-/// A member holding the cluster key writes values under another node's id, as gossip
-/// relays do: chitchat takes them, but none reaches a snapshot, and each is counted.
+/// The version at which `g` holds `node`'s `key`, and its envelope.
+async fn held(g: &Gossip, node: &str, key: &str) -> Option<(u64, String)> {
+    let chitchat = g.handle.chitchat();
+    let cc = chitchat.lock().await;
+    let (_, state) = cc
+        .node_states()
+        .iter()
+        .find(|(id, _)| &*id.node_id == node)?;
+    state
+        .get_versioned(key)
+        .map(|v| (v.version, v.value.clone()))
+}
+
+/// `node`'s max version and last GC version as `g` holds them.
+async fn versions_at(g: &Gossip, node: &str) -> (u64, u64) {
+    let chitchat = g.handle.chitchat();
+    let cc = chitchat.lock().await;
+    let (_, state) = cc
+        .node_states()
+        .iter()
+        .find(|(id, _)| &*id.node_id == node)
+        .expect("known");
+    (state.max_version(), state.last_gc_version())
+}
+
+/// Sends each datagram and waits for the victim to drop it as invalid.
+async fn refused_each(victim_addr: SocketAddr, a: &GossipAuth, datagrams: &[(&str, Vec<u8>)]) {
+    let raw = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for (what, d) in datagrams {
+        let before = a.dropped(DropReason::Invalid);
+        send_sealed(&raw, victim_addr, a, d);
+        let start = Instant::now();
+        while a.dropped(DropReason::Invalid) == before {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "not refused: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// A member holding the cluster key relays another node's run with what that node never
+/// wrote: values it did not sign, its own values moved to another key or raised to a higher
+/// version, a max version or a GC version past any it signed, an unsigned tombstone, a
+/// signed value marked deleted. The transport drops each datagram before chitchat sees it
+/// (counted as invalid): chitchat's versions for the node do not move, nothing reaches a
+/// snapshot, and the node's later writes still arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn values_forged_for_another_node_never_reach_a_snapshot() {
+async fn forged_values_and_versions_never_reach_chitchat() {
     let (victim, victim_addr, victim_auth) = start("victim", vec![]).await;
     let (peer, peer_addr, _) = start("peer", vec![victim_addr.to_string()]).await;
     peer.write([("ep:real".into(), Some("signed".into()))])
         .await;
     sees(&victim, "peer", "ep:real", "signed").await;
-    let peer_state_at_victim = |key: &'static str| {
-        let chitchat = victim.handle.chitchat();
-        async move {
-            let cc = chitchat.lock().await;
-            let (_, state) = cc
-                .node_states()
-                .iter()
-                .find(|(id, _)| &*id.node_id == "peer")
-                .expect("the victim knows the peer");
-            (state.max_version(), state.get(key).map(str::to_owned))
-        }
-    };
-    let (max, _) = peer_state_at_victim("ep:real").await;
-
+    let before = versions_at(&victim, "peer").await;
+    let (max, _) = before;
+    let (version, envelope) = held(&victim, "peer", "ep:real").await.unwrap();
+    let g = peer.generation();
+    let next = max + 1;
     let mallory = crate::identity::NodeIdentity::generate().unwrap();
+    let one = |key: &str, value: &str, version: u64, status: u8| {
+        let mut ops = Vec::new();
+        craft::node_op(&mut ops, "peer", g, peer_addr, max);
+        craft::kv_op_status(&mut ops, key, value, version, status);
+        craft::ack(&ops)
+    };
+    let mut max_op = Vec::new();
+    craft::node_op(&mut max_op, "peer", g, peer_addr, max);
+    craft::max_version_op(&mut max_op, 1 << 40);
+    let mut reset = Vec::new();
+    craft::node_op_gc(&mut reset, "peer", g, peer_addr, 1 << 40, 0);
+    craft::kv_op(&mut reset, "ep:real", &envelope, version);
+    let signed = |key: &str, value: &str, at: u64| {
+        super::signed::seal(peer.identity(), "peer", g, key, at, value)
+    };
+    let mallorys = super::signed::seal(&mallory, "peer", g, "ep:forged", next, "{}");
     let forged = [
-        // Signed by another key, in the peer's name.
         (
-            "ep:forged".to_owned(),
-            super::signed::seal(&mallory, "peer", peer.generation(), "ep:forged", "{}"),
+            "signed by another key",
+            one("ep:forged", &mallorys, next, 0),
         ),
-        // Unsigned.
-        ("obj:svc:evil".to_owned(), "{}".to_owned()),
-        // The peer's own signed value, replayed under another key.
+        ("unsigned", one("obj:svc:evil", "{}", next, 0)),
         (
-            "ep:moved".to_owned(),
-            super::signed::seal(&mallory, "peer", peer.generation(), "ep:real", "signed"),
+            "the node's own value at a raised version",
+            one("ep:real", &envelope, 1 << 40, 0),
+        ),
+        (
+            "the node's own value under another key",
+            one("ep:moved", &envelope, next, 0),
+        ),
+        ("an unsigned tombstone", one("ep:real", "", 1 << 40, 1)),
+        (
+            "a signed value marked deleted",
+            one("ep:x", &signed("ep:x", "{}", next), next, 2),
+        ),
+        ("a max version past any signed", craft::ack(&max_op)),
+        (
+            "a reset to a GC version past any signed",
+            craft::ack(&reset),
         ),
     ];
-    let mut ops = Vec::new();
-    craft::node_op(&mut ops, "peer", peer.generation(), peer_addr, max);
-    for (i, (k, v)) in forged.iter().enumerate() {
-        craft::kv_op(&mut ops, k, v, max + 1 + i as u64);
-    }
+    refused_each(victim_addr, &victim_auth, &forged).await;
+    assert_eq!(versions_at(&victim, "peer").await, before);
+    assert!(held(&victim, "peer", "ep:forged").await.is_none());
+    // The same kinds of ops, signed by the node at the versions they carry, pass.
+    let d = super::signed::seal_deletion(peer.identity(), "peer", g, "ep:real", next);
+    let honest = one("ep:real", &d, next, 2);
     let raw = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    send_sealed(&raw, victim_addr, &victim_auth, &craft::ack(&ops));
+    send_sealed(&raw, victim_addr, &victim_auth, &honest);
     let start = Instant::now();
-    while peer_state_at_victim("ep:forged").await.1.is_none() {
+    while versions_at(&victim, "peer").await.0 != next {
         assert!(
             start.elapsed() < Duration::from_secs(5),
-            "chitchat never took the delta"
+            "an honest deletion refused"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let snap = victim.snapshot().await;
-    let peer_kv = &snap.nodes.iter().find(|n| n.name == "peer").unwrap().kv;
-    for (k, _) in &forged {
+    assert_eq!(
+        victim_auth.dropped(DropReason::Invalid),
+        forged.len() as u64
+    );
+    // The node is still heard: its next writes (past the version just taken) arrive.
+    peer.write([
+        ("ep:real".into(), None),
+        ("ep:later".into(), Some("heard".into())),
+    ])
+    .await;
+    sees(&victim, "peer", "ep:later", "heard").await;
+    assert_eq!(victim.origin_report().invalid_records, 0);
+    assert_eq!(
+        victim_auth.dropped(DropReason::Invalid),
+        forged.len() as u64
+    );
+    peer.shutdown().await.unwrap();
+    victim.shutdown().await.unwrap();
+}
+
+/// Waits until `g`'s view of the peer has `kept` but not `gone`.
+async fn gone(g: &Gossip, gone: &str, kept: &str) {
+    let start = Instant::now();
+    loop {
+        let snap = g.snapshot().await;
+        let n = snap.nodes.iter().find(|n| n.name == "peer");
+        if n.is_some_and(|n| n.kv.contains_key(kept) && !n.kv.contains_key(gone)) {
+            return;
+        }
         assert!(
-            !peer_kv.contains_key(k),
-            "{k} got into the snapshot: {peer_kv:?}"
+            start.elapsed() < Duration::from_secs(10),
+            "{gone} never went"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What honest relays send once chitchat has forgotten deleted keys passes the version
+/// check: a node's deletions reach its peers, and a node joining after the tombstones are
+/// gone (a grace of 300 ms here) learns the node's state whole — several datagrams of it, so
+/// a reset over several rounds — from it and from a relay, with nothing dropped anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_gossip_after_tombstones_are_forgotten_passes() {
+    let grace = Duration::from_millis(300);
+    let (victim_auth, peer_auth, joiner_auth) = (auth(), auth(), auth());
+    let (victim, victim_addr) =
+        start_with_grace("victim", vec![], victim_auth.clone(), grace).await;
+    let (peer, _) = start_with_grace(
+        "peer",
+        vec![victim_addr.to_string()],
+        peer_auth.clone(),
+        grace,
+    )
+    .await;
+    let big: String = (0..300_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    peer.write([
+        ("ep:a".into(), Some("a".into())),
+        ("ep:b".into(), Some("b".into())),
+        ("obj:config:big".into(), Some(big.clone())),
+    ])
+    .await;
+    sees(&victim, "peer", "obj:config:big", &big).await;
+    peer.write([("ep:a".into(), None)]).await;
+    gone(&victim, "ep:a", "ep:b").await;
+    // Past the grace, every node has forgotten the tombstone.
+    tokio::time::sleep(grace * 4).await;
+    let (_, gc) = versions_at(&victim, "peer").await;
+    assert!(gc > 0, "the victim forgot the tombstone");
+    let (joiner, _) = start_with_grace(
+        "joiner",
+        vec![victim_addr.to_string()],
+        joiner_auth.clone(),
+        grace,
+    )
+    .await;
+    sees(&joiner, "peer", "obj:config:big", &big).await;
+    gone(&joiner, "ep:a", "ep:b").await;
+    let (_, adopted) = versions_at(&joiner, "peer").await;
+    assert_eq!(adopted, gc, "the joiner took the relays' reset");
+    // And the node's writes after that still arrive everywhere.
+    peer.write([("ep:b".into(), None), ("ep:c".into(), Some("c".into()))])
+        .await;
+    sees(&joiner, "peer", "ep:c", "c").await;
+    sees(&victim, "peer", "ep:c", "c").await;
+    for (who, a) in [
+        ("victim", &victim_auth),
+        ("peer", &peer_auth),
+        ("joiner", &joiner_auth),
+    ] {
+        assert_eq!(
+            a.dropped(DropReason::Invalid),
+            0,
+            "{who}: {:?}",
+            a.report().dropped
         );
     }
-    assert_eq!(peer_kv["ep:real"], "signed", "the peer's own values stay");
-    assert_eq!(victim.origin_report().invalid_records, forged.len() as u64);
+    for g in [&victim, &joiner] {
+        assert_eq!(g.origin_report().invalid_records, 0);
+    }
+    joiner.shutdown().await.unwrap();
     peer.shutdown().await.unwrap();
     victim.shutdown().await.unwrap();
 }
@@ -410,8 +587,8 @@ fn hostile_datagrams_never_stop_gossip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_value_crosses_as_a_manifest_and_only_its_true_body_is_shown() {
-    let (reader, reader_addr) = start_carrying("reader", vec![], auth(), true).await;
-    let (writer, _) = start_carrying("writer", vec![reader_addr.to_string()], auth(), true).await;
+    let (reader, reader_addr) = start_carrying("reader", vec![], auth()).await;
+    let (writer, _) = start_carrying("writer", vec![reader_addr.to_string()], auth()).await;
     let big: String = (0..300_000)
         .map(|i| (b'a' + (i % 26) as u8) as char)
         .collect();
@@ -483,4 +660,48 @@ async fn a_large_value_crosses_as_a_manifest_and_only_its_true_body_is_shown() {
     );
     sees(&reader, "writer", "obj:config:big", &big).await;
     assert_eq!(store.lock().unwrap().report().refused, 1);
+}
+
+/// Every raw key a node holds of its own is signed at the version chitchat holds it at
+/// (values, chunks, manifests and deletions alike), and its newest version is a live value
+/// (the stamp after deletions): what lets relays never tell a version nothing proves.
+#[tokio::test]
+async fn every_own_key_is_signed_at_its_version_and_the_newest_is_live() {
+    let (g, _, _) = start("solo", vec![]).await;
+    let big: String = "y".repeat(40_000);
+    g.write([
+        ("ep:a".into(), Some("a".into())),
+        ("obj:config:big".into(), Some(big.clone())),
+    ])
+    .await;
+    // Replaced by a smaller chunked value (fewer chunks: the rest deleted), then removed.
+    g.write([("obj:config:big".into(), Some("z".repeat(20_000)))])
+        .await;
+    g.write([("ep:a".into(), None), ("obj:config:big".into(), None)])
+        .await;
+    let chitchat = g.handle.chitchat();
+    let mut cc = chitchat.lock().await;
+    let state = cc.self_node_state();
+    let key = g.public_key();
+    let mut deletions = 0;
+    let mut newest = (0, String::new());
+    for (k, v) in state.key_values_including_deleted() {
+        let opened = super::signed::open(&key, "solo", g.generation(), k, v.version, &v.value);
+        let opened = opened.unwrap_or_else(|e| panic!("{k} at {}: {e:?}", v.version));
+        if opened.is_none() {
+            deletions += 1;
+        }
+        if v.version > newest.0 {
+            newest = (v.version, k.to_owned());
+        }
+    }
+    assert!(
+        deletions >= 4,
+        "ep:a, the manifest and its chunks: {deletions}"
+    );
+    assert_eq!(newest.0, state.max_version());
+    assert_eq!(newest.1, super::STAMP);
+    assert_eq!(super::live(state, super::STAMP), Some(""));
+    drop(cc);
+    assert!(g.own_keys().await.keys().all(|k| k == "node"));
 }

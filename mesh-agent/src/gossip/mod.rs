@@ -22,6 +22,7 @@ pub mod signed;
 pub mod token;
 pub mod transport;
 pub mod validate;
+pub mod versions;
 
 #[cfg(test)]
 mod clock_step_tests;
@@ -32,7 +33,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::D
 
 use anyhow::{Context, Result};
 use chitchat::{
-    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion,
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion,
     spawn_chitchat, transport::Transport,
 };
 use tokio::sync::Notify;
@@ -42,6 +43,10 @@ use crate::identity::{NodeIdentity, PublicKey};
 
 /// Docker Swarm's gossip port, kept for familiarity.
 pub const DEFAULT_PORT: u16 = 7946;
+/// A key each node rewrites after deleting keys, so its newest gossip version is always a
+/// live signed value: relays then never need to tell a peer a version nothing signed proves
+/// (see [`versions`]). No reader sees it.
+pub const STAMP: &str = "gossip:stamp";
 
 #[derive(Clone, Debug)]
 pub struct GossipConfig {
@@ -123,7 +128,11 @@ impl Gossip {
             seed_nodes: config.seeds.clone(),
             failure_detector_config: FailureDetectorConfig {
                 phi_threshold: config.phi_threshold,
-                sampling_window_size: 1000,
+                // chitchat allocates the whole window per peer up front (8 bytes a sample):
+                // 1,000 samples cost 8 MB per node in a 1,000-node cluster, 40 MB at 5,000
+                // (`cargo xtask bench simulation`). 100 samples are the last ~10 s of
+                // heartbeats at the default interval: enough for the mean phi is judged by.
+                sampling_window_size: 100,
                 // Silences longer than this are failures, not samples of the normal interval.
                 max_interval: config.interval * 10,
                 initial_interval: config.interval,
@@ -148,11 +157,24 @@ impl Gossip {
         let payloads = config
             .carry_payloads
             .then(|| Arc::new(std::sync::Mutex::new(payloads::Store::default())));
-        let initial = initial
+        // chitchat sets initial keys one after another from version 1: each is signed at the
+        // version it will get, and is in the node's state from its first gossip round on.
+        let mut raw: Vec<(String, String)> = initial
             .iter()
-            .flat_map(|(k, v)| {
-                let v = carried(payloads.as_ref(), v);
-                chunks::split(k, &signed::seal(&identity, &config.node, generation, k, &v))
+            .flat_map(|(k, v)| chunks::split(k, &carried(payloads.as_ref(), v)))
+            .collect();
+        // A key given twice keeps its last value, as chitchat would: one version per key.
+        let mut seen = std::collections::HashSet::new();
+        raw.reverse();
+        raw.retain(|(k, _)| seen.insert(k.clone()));
+        raw.reverse();
+        let initial = raw
+            .into_iter()
+            .enumerate()
+            .map(|(i, (k, v))| {
+                let sealed =
+                    signed::seal(&identity, &config.node, generation, &k, i as u64 + 1, &v);
+                (k, sealed)
             })
             .collect();
         let handle = spawn_chitchat(chitchat_config, initial, transport)
@@ -408,6 +430,20 @@ impl Gossip {
         self.local_change.notify_one();
     }
 
+    fn signer(&self) -> Signer<'_> {
+        Signer {
+            identity: &self.identity,
+            name: &self.name,
+            generation: self.generation,
+        }
+    }
+
+    /// chitchat's state itself: what the simulation bench (`cargo xtask bench simulation`)
+    /// reads to time a change's arrival without taking a snapshot at every node.
+    pub fn chitchat(&self) -> Arc<tokio::sync::Mutex<chitchat::Chitchat>> {
+        self.handle.chitchat()
+    }
+
     /// Writes this node's keys (set when `Some`, delete when `None`) in one step. A value
     /// over [`chunks::CHUNK_LEN`] goes out as a manifest whose body peers fetch (see
     /// [`payloads`]) or, without a cluster key, as chunks (see [`chunks`]).
@@ -422,38 +458,40 @@ impl Gossip {
         let chitchat = self.handle.chitchat();
         let mut cc = chitchat.lock().await;
         let state = cc.self_node_state();
+        let signer = self.signer();
         let mut changed = false;
+        let mut deleted = false;
         for (k, v) in changes {
-            let raw = v
-                .map(|v| {
-                    let sealed = signed::seal(&self.identity, &self.name, self.generation, &k, &v);
-                    chunks::split(&k, &sealed)
-                })
-                .unwrap_or_default();
+            let raw = v.map(|v| chunks::split(&k, &v)).unwrap_or_default();
             // The manifest (or the small value itself) is the last raw key: when it is
             // unchanged, so are its chunks.
-            if raw.last().map(|(_, v)| v.as_str()) == state.get(&k) {
+            if raw.last().map(|(_, v)| v.as_str()) == live(state, &k) {
                 continue;
             }
             changed = true;
             let old_chunks: Vec<String> = state
                 .iter_prefix(&format!("{}{k}#", chunks::CHUNK_PREFIX))
+                .filter(|(c, v)| chunks::is_chunk_of(c, &k) && !signed::is_deletion(&v.value))
                 .map(|(c, _)| c.to_owned())
-                .filter(|c| chunks::is_chunk_of(c, &k))
                 .collect();
             if raw.is_empty() {
-                state.delete(&k);
+                signer.put(state, &k, None);
+                deleted = true;
             }
             for c in old_chunks {
                 if !raw.iter().any(|(r, _)| *r == c) {
-                    state.delete(&c);
+                    signer.put(state, &c, None);
+                    deleted = true;
                 }
             }
-            for (rk, rv) in raw {
-                if state.get(&rk) != Some(rv.as_str()) {
-                    state.set(rk, rv);
+            for (rk, rv) in &raw {
+                if live(state, rk) != Some(rv.as_str()) {
+                    signer.put(state, rk, Some(rv));
                 }
             }
+        }
+        if deleted {
+            signer.put(state, STAMP, Some(""));
         }
         drop(cc);
         if changed {
@@ -495,11 +533,12 @@ impl Gossip {
         let chitchat = self.handle.chitchat();
         let mut cc = chitchat.lock().await;
         let mut assembler = self.assembler.lock().expect("assembler lock");
-        let mut own: BTreeMap<String, String> = assembler
-            .node(cc.self_node_state().key_values())
-            .into_iter()
-            .filter_map(|(k, v)| Some((k, signed::unchecked(&v)?.to_owned())))
-            .collect();
+        let mut own: BTreeMap<String, String> = assembler.node(
+            cc.self_node_state()
+                .key_values()
+                .filter(|(k, _)| *k != STAMP)
+                .filter_map(|(k, v)| Some((k, signed::unchecked(v)?))),
+        );
         drop(assembler);
         drop(cc);
         if let Some(p) = &self.payloads {
@@ -547,20 +586,18 @@ impl Gossip {
         let chitchat = self.handle.chitchat();
         let cc = chitchat.lock().await;
         let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
-        let mut assembler = self.assembler.lock().expect("assembler lock");
-        let assembled: Vec<(ChitchatId, bool, BTreeMap<String, String>)> = cc
+        let raw: Vec<(ChitchatId, bool, BTreeMap<String, origin::Raw>)> = cc
             .node_states()
             .iter()
             .map(|(id, state)| {
-                (
-                    id.clone(),
-                    live.contains(id),
-                    assembler.node(state.key_values()),
-                )
+                let kv = state
+                    .key_values_including_deleted()
+                    .filter(|(_, v)| !v.is_deleted())
+                    .map(|(k, v)| (k.to_owned(), (v.version, v.value.clone())))
+                    .collect();
+                (id.clone(), live.contains(id), kv)
             })
             .collect();
-        assembler.forget_unseen();
-        drop(assembler);
         drop(live);
         // Signatures are checked with chitchat's lock released: the gossip task (and so the
         // heartbeats peers judge liveness by) never waits behind them.
@@ -570,11 +607,18 @@ impl Gossip {
             .payloads
             .as_ref()
             .map(|p| p.lock().expect("payloads lock"));
-        let mut nodes: Vec<SnapshotNode> = assembled
+        let mut assembler = self.assembler.lock().expect("assembler lock");
+        let mut nodes: Vec<SnapshotNode> = raw
             .into_iter()
-            .filter_map(|(id, live, kv)| {
+            .filter_map(|(id, live, raw)| {
                 // An impostor's run is left out whole: it never reaches the view.
-                let mut kv = origins.node(&id.node_id, id.generation_id, kv)?;
+                let verified = origins.node(&id.node_id, id.generation_id, raw)?;
+                let mut kv = assembler.node(
+                    verified
+                        .iter()
+                        .filter(|(k, _)| *k != STAMP)
+                        .map(|(k, v)| (k.as_str(), v.as_str())),
+                );
                 if let Some(p) = &mut payloads {
                     p.resolve(&id.node_id, &mut kv);
                 }
@@ -587,6 +631,8 @@ impl Gossip {
                 })
             })
             .collect();
+        assembler.forget_unseen();
+        drop(assembler);
         origins.forget_unseen();
         drop(origins);
         if let Some(p) = &mut payloads {
@@ -645,6 +691,43 @@ fn carried(payloads: Option<&Arc<std::sync::Mutex<payloads::Store>>>, value: &st
     payloads
         .and_then(|p| p.lock().expect("payloads lock").carry(value))
         .unwrap_or_else(|| value.to_owned())
+}
+
+/// Who signs this node's writes: every raw key it puts into chitchat.
+struct Signer<'a> {
+    identity: &'a NodeIdentity,
+    name: &'a str,
+    generation: u64,
+}
+
+impl Signer<'_> {
+    /// Sets (`Some`) or deletes (`None`) one raw key of this node's state, signed at the
+    /// version chitchat gives the write: the next one, as both happen under chitchat's lock.
+    /// A deletion is a signed tombstone that chitchat forgets after the tombstone grace, as
+    /// it does its own.
+    fn put(&self, state: &mut NodeState, key: &str, value: Option<&str>) {
+        let version = state.max_version() + 1;
+        match value {
+            Some(v) => state.set(
+                key,
+                signed::seal(self.identity, self.name, self.generation, key, version, v),
+            ),
+            None => state.set_with_ttl(
+                key,
+                signed::seal_deletion(self.identity, self.name, self.generation, key, version),
+            ),
+        }
+        debug_assert_eq!(
+            state.max_version(),
+            version,
+            "chitchat versions writes densely"
+        );
+    }
+}
+
+/// The value this node holds under a raw key: `None` when absent or deleted.
+fn live<'a>(state: &'a NodeState, key: &str) -> Option<&'a str> {
+    state.get(key).and_then(signed::unchecked)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

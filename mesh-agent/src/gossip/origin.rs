@@ -9,6 +9,9 @@
 //! name is removed with `meshctl node rm` (a host that lost its state dir joins again under
 //! a new key that way).
 //!
+//! Values are read with the gossip version chitchat holds them at, which the signature covers
+//! (see [`super::signed`]); a signed deletion leaves its key out.
+//!
 //! Verifying costs tens of microseconds per value and every node republishes every
 //! replicated object, so verdicts are kept per (node, run, key) until the value changes.
 
@@ -55,10 +58,11 @@ pub struct OriginReport {
 /// Verdicts on one run of one node.
 #[derive(Default)]
 struct NodeVerdicts {
-    /// The node record's envelope and the key it proved, if it did.
-    record: Option<(String, Option<PublicKey>)>,
-    /// Per key: the envelope seen and its value if it verified.
-    values: HashMap<String, (String, Option<String>)>,
+    /// The node record (version, envelope) and the key it proved, if it did.
+    record: Option<(Raw, Option<PublicKey>)>,
+    /// Per key: the version and envelope seen, and its value if it verified (and is not a
+    /// deletion).
+    values: HashMap<String, (Raw, Option<String>)>,
 }
 
 #[derive(Default)]
@@ -142,25 +146,26 @@ impl Origins {
         }
     }
 
-    /// One run of one node's values, verified: `None` when the node is refused as a whole
-    /// (an impostor), else the values that are signed by its key. A node whose record has
-    /// not arrived yet has nothing verifiable yet.
+    /// One run of one node's values (key to version and envelope, as chitchat holds them),
+    /// verified: `None` when the run is refused as a whole (an impostor), or has no record
+    /// yet, else the values that are signed by its key at their version, deletions left
+    /// out. A run without a record is left out rather than shown empty: any member can name
+    /// a newer run of a node in a digest, and the newest run of a name speaks for it in the
+    /// view, so an empty one would hide the real node until its real record arrived.
     pub fn node(
         &mut self,
         name: &str,
         generation: u64,
-        kv: BTreeMap<String, String>,
+        kv: BTreeMap<String, Raw>,
     ) -> Option<BTreeMap<String, String>> {
         let id = (name.to_owned(), generation);
         self.seen.insert(id.clone());
-        let Some(record) = kv.get(key::NODE) else {
-            return Some(BTreeMap::new());
-        };
+        let record = kv.get(key::NODE)?;
         let mut verdicts = self.verdicts.remove(&id).unwrap_or_default();
         let signer = match &verdicts.record {
             Some((seen, signer)) if seen == record => *signer,
             _ => {
-                let signer = record_key(name, generation, record);
+                let signer = record_key(name, generation, record.0, &record.1);
                 if signer.is_none() {
                     self.report.invalid_records += 1;
                     warn!(
@@ -220,17 +225,19 @@ impl Origins {
         name: &str,
         generation: u64,
         signer: PublicKey,
-        kv: BTreeMap<String, String>,
+        kv: BTreeMap<String, Raw>,
         verdicts: &mut NodeVerdicts,
     ) -> BTreeMap<String, String> {
         verdicts.values.retain(|k, _| kv.contains_key(k));
         let mut out = BTreeMap::new();
-        for (k, envelope) in kv {
+        for (k, raw) in kv {
             let value = match verdicts.values.get(&k) {
-                Some((seen, value)) if *seen == envelope => value.clone(),
+                Some((seen, value)) if *seen == raw => value.clone(),
                 _ => {
-                    let value = match signed::open(&signer, name, generation, &k, &envelope) {
-                        Ok(v) => Some(v.to_owned()),
+                    let (version, envelope) = &raw;
+                    let opened = signed::open(&signer, name, generation, &k, *version, envelope);
+                    let value = match opened {
+                        Ok(v) => v.map(str::to_owned),
                         Err(why) => {
                             self.report.invalid_records += 1;
                             warn!(
@@ -243,7 +250,7 @@ impl Origins {
                             None
                         }
                     };
-                    verdicts.values.insert(k.clone(), (envelope, value.clone()));
+                    verdicts.values.insert(k.clone(), (raw, value.clone()));
                     value
                 }
             };
@@ -261,8 +268,11 @@ impl Origins {
     }
 }
 
-/// The key a node record names, if the record is signed by it.
-fn record_key(name: &str, generation: u64, envelope: &str) -> Option<PublicKey> {
+/// A raw gossip value: the version chitchat holds it at, and its envelope.
+pub type Raw = (u64, String);
+
+/// The key a node record (written at `version`) names, if the record is signed by it.
+pub fn record_key(name: &str, generation: u64, version: u64, envelope: &str) -> Option<PublicKey> {
     #[derive(Deserialize)]
     struct KeyOnly {
         key: Option<PublicKey>,
@@ -270,9 +280,9 @@ fn record_key(name: &str, generation: u64, envelope: &str) -> Option<PublicKey> 
     let claimed = serde_json::from_str::<KeyOnly>(signed::unchecked(envelope)?)
         .ok()?
         .key?;
-    match signed::open(&claimed, name, generation, key::NODE, envelope) {
-        Ok(_) => Some(claimed),
-        Err(Refusal::Unsigned | Refusal::BadSignature) => None,
+    match signed::open(&claimed, name, generation, key::NODE, version, envelope) {
+        Ok(Some(_)) => Some(claimed),
+        Ok(None) | Err(Refusal::Unsigned | Refusal::BadSignature) => None,
     }
 }
 
@@ -291,15 +301,22 @@ mod tests {
         name: &str,
         generation: u64,
         kv: &[(&str, &str)],
-    ) -> BTreeMap<String, String> {
-        let mut out: BTreeMap<String, String> = kv
-            .iter()
-            .map(|(k, v)| (k.to_string(), signed::seal(id, name, generation, k, v)))
-            .collect();
+    ) -> BTreeMap<String, Raw> {
+        let mut out: BTreeMap<String, Raw> = BTreeMap::new();
         out.insert(
             key::NODE.into(),
-            signed::seal(id, name, generation, key::NODE, &record(id)),
+            (
+                1,
+                signed::seal(id, name, generation, key::NODE, 1, &record(id)),
+            ),
         );
+        for (i, (k, v)) in kv.iter().enumerate() {
+            let version = i as u64 + 2;
+            out.insert(
+                k.to_string(),
+                (version, signed::seal(id, name, generation, k, version, v)),
+            );
+        }
         out
     }
 
@@ -358,21 +375,32 @@ mod tests {
         // Mallory relays a record of her own making under n1's id ...
         kv.insert(
             "ep:evil".into(),
-            signed::seal(&mallory, "n1", 5, "ep:evil", "{}"),
+            (3, signed::seal(&mallory, "n1", 5, "ep:evil", 3, "{}")),
         );
         // ... an unsigned one ...
-        kv.insert("obj:svc:evil".into(), "{}".into());
-        // ... and one n1 signed in an earlier run, replayed into this one.
-        kv.insert("ep:old".into(), signed::seal(&n1, "n1", 4, "ep:old", "{}"));
-        // ... and one n1 signed for another of its keys, moved.
-        let moved = signed::seal(&n1, "n1", 5, "ep:web.1", "{}");
-        kv.insert("ep:web.2".into(), moved);
+        kv.insert("obj:svc:evil".into(), (4, "{}".into()));
+        // ... one n1 signed in an earlier run, replayed into this one ...
+        kv.insert(
+            "ep:old".into(),
+            (5, signed::seal(&n1, "n1", 4, "ep:old", 5, "{}")),
+        );
+        // ... one n1 signed for another of its keys, moved ...
+        let moved = signed::seal(&n1, "n1", 5, "ep:web.1", 6, "{}");
+        kv.insert("ep:web.2".into(), (6, moved));
+        // ... and one n1 signed, at a version it was not written at.
+        let raised = signed::seal(&n1, "n1", 5, "ep:up", 7, "{}");
+        kv.insert("ep:up".into(), (1 << 40, raised));
+        // A deletion n1 signed leaves its key out, and is no refusal.
+        kv.insert(
+            "ep:gone".into(),
+            (8, signed::seal_deletion(&n1, "n1", 5, "ep:gone", 8)),
+        );
         let got = o.node("n1", 5, kv.clone()).unwrap();
         assert_eq!(got.keys().collect::<Vec<_>>(), ["ep:web.1", "node"]);
-        assert_eq!(o.report().invalid_records, 4);
+        assert_eq!(o.report().invalid_records, 5);
         // Verdicts are kept: the same state again counts nothing new.
         o.node("n1", 5, kv).unwrap();
-        assert_eq!(o.report().invalid_records, 4);
+        assert_eq!(o.report().invalid_records, 5);
     }
 
     #[test]
@@ -385,11 +413,14 @@ mod tests {
         let mut kv = BTreeMap::new();
         kv.insert(
             key::NODE.to_owned(),
-            signed::seal(&mallory, "n1", 5, key::NODE, &record(&n1)),
+            (
+                1,
+                signed::seal(&mallory, "n1", 5, key::NODE, 1, &record(&n1)),
+            ),
         );
         kv.insert(
             "ep:x".to_owned(),
-            signed::seal(&mallory, "n1", 5, "ep:x", "{}"),
+            (2, signed::seal(&mallory, "n1", 5, "ep:x", 2, "{}")),
         );
         assert!(o.node("n1", 5, kv).is_none());
         assert_eq!(o.report().invalid_records, 1);
@@ -399,8 +430,22 @@ mod tests {
         );
         // An unsigned record (an agent without identities) likewise.
         let mut kv = BTreeMap::new();
-        kv.insert(key::NODE.to_owned(), record(&n1));
+        kv.insert(key::NODE.to_owned(), (1, record(&n1)));
         assert!(o.node("n1", 5, kv).is_none());
+    }
+
+    #[test]
+    fn a_run_without_a_record_is_left_out_not_shown_empty() {
+        let me = NodeIdentity::generate().unwrap();
+        let n1 = NodeIdentity::generate().unwrap();
+        let mut o = origins(&me);
+        o.node("n1", 5, node_kv(&n1, "n1", 5, &[])).unwrap();
+        // A newer run of n1 a digest named, with nothing (or nothing but values) yet.
+        assert!(o.node("n1", 6, BTreeMap::new()).is_none());
+        let mut kv = node_kv(&n1, "n1", 6, &[("ep:a", "{}")]);
+        kv.remove(key::NODE);
+        assert!(o.node("n1", 6, kv).is_none());
+        assert_eq!(o.report(), OriginReport::default());
     }
 
     #[test]

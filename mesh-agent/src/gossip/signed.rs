@@ -1,92 +1,126 @@
-//! Gossip values signed by the node that wrote them.
+//! Gossip values signed by the node that wrote them, at the gossip version they were written
+//! at.
 //!
 //! chitchat applies a delta about any node from any peer (that is how gossip relays), so a
-//! member holding the cluster key could write records under another node's id. Every value
-//! a node writes under its own id therefore travels as
+//! member holding the cluster key could write records under another node's id. Every key a
+//! node writes under its own id (values, chunks of large values, deletions) therefore travels
+//! as
 //!
 //! ```text
-//!   s1:<base64 Ed25519 signature>:<value>
+//!   s2:<base64 Ed25519 signature>:<value>      a value
+//!   d2:<base64 Ed25519 signature>              a deletion (a signed tombstone)
 //! ```
 //!
-//! signed over the node's name, its generation (this run of its agent), the key and the
-//! value. Whoever relays it cannot change a byte of it, nor move it to another node, another
-//! key, or another run of the same node: a receiver checks it against the key the node's
-//! record carries (itself bound to the node's name, see [`super::origin`]).
+//! signed over the node's name, its generation (this run of its agent), the key, the gossip
+//! version chitchat gives the write, and the value (or that it is a deletion). Whoever relays
+//! it cannot change a byte of it, move it to another node, key or run, nor to another
+//! version: chitchat believes the versions a delta carries, and a relay that raised one would
+//! make receivers ignore the node's real later writes (see [`super::versions`]). A receiver
+//! checks it against the key the node's record carries (itself bound to the node's name, see
+//! [`super::origin`]).
 
 use base64::{Engine, engine::general_purpose::STANDARD_NO_PAD as B64};
 
 use crate::identity::{NodeIdentity, PublicKey, SIGNATURE_LEN};
 
-pub const PREFIX: &str = "s1:";
+pub const PREFIX: &str = "s2:";
+pub const DELETION_PREFIX: &str = "d2:";
 /// Base64 (no padding) of a 64-byte signature.
 const SIGNATURE_TEXT_LEN: usize = 86;
 /// Keeps these signatures from being valid for anything else the key ever signs.
-const DOMAIN: &[u8] = b"mesh gossip record v1\0";
+const DOMAIN: &[u8] = b"mesh gossip record v2\0";
 
 /// Why a value was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// Not an envelope at all (an older agent, or a forged write).
     Unsigned,
-    /// A signature that is not the node's over this node, run, key and value.
+    /// A signature that is not the node's over this node, run, key, version and value.
     BadSignature,
 }
 
 /// What is signed: every field length-prefixed, so no two different records sign alike.
-fn message(node: &str, generation: u64, key: &str, value: &str) -> Vec<u8> {
-    let mut m = Vec::with_capacity(DOMAIN.len() + node.len() + key.len() + value.len() + 24);
+fn message(node: &str, generation: u64, key: &str, version: u64, value: Option<&str>) -> Vec<u8> {
+    let body = value.unwrap_or_default();
+    let mut m = Vec::with_capacity(DOMAIN.len() + node.len() + key.len() + body.len() + 41);
     m.extend_from_slice(DOMAIN);
     for part in [node.as_bytes(), key.as_bytes()] {
         m.extend_from_slice(&(part.len() as u32).to_be_bytes());
         m.extend_from_slice(part);
     }
     m.extend_from_slice(&generation.to_be_bytes());
-    m.extend_from_slice(&(value.len() as u64).to_be_bytes());
-    m.extend_from_slice(value.as_bytes());
+    m.extend_from_slice(&version.to_be_bytes());
+    m.push(u8::from(value.is_some()));
+    m.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    m.extend_from_slice(body.as_bytes());
     m
 }
 
-/// The envelope of `value` written by `node` (run `generation`) under `key`.
+/// The envelope of `value` written by `node` (run `generation`) under `key` at gossip
+/// version `version`.
 pub fn seal(
     identity: &NodeIdentity,
     node: &str,
     generation: u64,
     key: &str,
+    version: u64,
     value: &str,
 ) -> String {
-    let sig = identity.sign(&message(node, generation, key, value));
+    let sig = identity.sign(&message(node, generation, key, version, Some(value)));
     format!("{PREFIX}{}:{value}", B64.encode(sig))
 }
 
-/// The value inside an envelope, without checking it: only for values this node wrote
-/// itself (its own state read back).
-pub fn unchecked(envelope: &str) -> Option<&str> {
-    split(envelope).map(|(_, v)| v)
+/// The tombstone of `key`, deleted by `node` (run `generation`) at gossip version `version`.
+pub fn seal_deletion(
+    identity: &NodeIdentity,
+    node: &str,
+    generation: u64,
+    key: &str,
+    version: u64,
+) -> String {
+    let sig = identity.sign(&message(node, generation, key, version, None));
+    format!("{DELETION_PREFIX}{}", B64.encode(sig))
 }
 
-fn split(envelope: &str) -> Option<(&str, &str)> {
+/// The value inside an envelope, without checking it (`None` for a deletion): only for
+/// values this node wrote itself (its own state read back).
+pub fn unchecked(envelope: &str) -> Option<&str> {
+    split(envelope).and_then(|(_, v)| v)
+}
+
+/// Whether an envelope has a deletion's form (not whether it is signed).
+pub fn is_deletion(envelope: &str) -> bool {
+    envelope.starts_with(DELETION_PREFIX)
+}
+
+/// The signature text and the value (`None`: a deletion).
+fn split(envelope: &str) -> Option<(&str, Option<&str>)> {
+    if let Some(sig) = envelope.strip_prefix(DELETION_PREFIX) {
+        return (sig.len() == SIGNATURE_TEXT_LEN).then_some((sig, None));
+    }
     let rest = envelope.strip_prefix(PREFIX)?;
     let sig = rest.get(..SIGNATURE_TEXT_LEN)?;
     let value = rest.get(SIGNATURE_TEXT_LEN..)?.strip_prefix(':')?;
-    Some((sig, value))
+    Some((sig, Some(value)))
 }
 
-/// The value of an envelope, if `signer` signed it as `node`'s value of `key` in run
-/// `generation`.
+/// The value of an envelope (`None`: a deletion), if `signer` signed it as `node`'s write of
+/// `key` at `version` in run `generation`.
 pub fn open<'a>(
     signer: &PublicKey,
     node: &str,
     generation: u64,
     key: &str,
+    version: u64,
     envelope: &'a str,
-) -> Result<&'a str, Refusal> {
+) -> Result<Option<&'a str>, Refusal> {
     let (sig, value) = split(envelope).ok_or(Refusal::Unsigned)?;
     let sig: [u8; SIGNATURE_LEN] = B64
         .decode(sig)
         .ok()
         .and_then(|s| s.try_into().ok())
         .ok_or(Refusal::BadSignature)?;
-    if signer.verify(&message(node, generation, key, value), &sig) {
+    if signer.verify(&message(node, generation, key, version, value), &sig) {
         Ok(value)
     } else {
         Err(Refusal::BadSignature)
@@ -101,58 +135,110 @@ mod tests {
     fn a_signed_value_opens_only_as_what_it_was_signed_for() {
         let n1 = NodeIdentity::generate().unwrap();
         let other = NodeIdentity::generate().unwrap();
-        let e = seal(&n1, "n1", 7, "ep:web.1", r#"{"ip":"10.0.0.2"}"#);
+        let e = seal(&n1, "n1", 7, "ep:web.1", 3, r#"{"ip":"10.0.0.2"}"#);
         assert_eq!(
-            open(&n1.public(), "n1", 7, "ep:web.1", &e),
-            Ok(r#"{"ip":"10.0.0.2"}"#)
+            open(&n1.public(), "n1", 7, "ep:web.1", 3, &e),
+            Ok(Some(r#"{"ip":"10.0.0.2"}"#))
         );
         assert_eq!(unchecked(&e), Some(r#"{"ip":"10.0.0.2"}"#));
         // Relayed as another node's record, another key, another run of n1 (a replay
-        // after a restart), or under another node's key: refused.
-        for (node, generation, key) in [
-            ("n2", 7, "ep:web.1"),
-            ("n1", 7, "ep:web.2"),
-            ("n1", 8, "ep:web.1"),
+        // after a restart), at another gossip version (a forged one), or under another
+        // node's key: refused.
+        for (node, generation, key, version) in [
+            ("n2", 7, "ep:web.1", 3),
+            ("n1", 7, "ep:web.2", 3),
+            ("n1", 8, "ep:web.1", 3),
+            ("n1", 7, "ep:web.1", 4),
+            ("n1", 7, "ep:web.1", 1 << 40),
         ] {
             assert_eq!(
-                open(&n1.public(), node, generation, key, &e),
+                open(&n1.public(), node, generation, key, version, &e),
                 Err(Refusal::BadSignature),
-                "{node} {generation} {key}"
+                "{node} {generation} {key} {version}"
             );
         }
         assert_eq!(
-            open(&other.public(), "n1", 7, "ep:web.1", &e),
+            open(&other.public(), "n1", 7, "ep:web.1", 3, &e),
             Err(Refusal::BadSignature)
+        );
+    }
+
+    #[test]
+    fn a_deletion_is_signed_like_a_value_and_never_opens_as_one() {
+        let n1 = NodeIdentity::generate().unwrap();
+        let d = seal_deletion(&n1, "n1", 7, "ep:web.1", 9);
+        assert!(is_deletion(&d));
+        assert_eq!(unchecked(&d), None);
+        assert_eq!(open(&n1.public(), "n1", 7, "ep:web.1", 9, &d), Ok(None));
+        for version in [8, 10] {
+            assert_eq!(
+                open(&n1.public(), "n1", 7, "ep:web.1", version, &d),
+                Err(Refusal::BadSignature)
+            );
+        }
+        // A value's signature pasted as a deletion (or the reverse) does not verify.
+        let e = seal(&n1, "n1", 7, "ep:web.1", 9, "");
+        let sig = &e[PREFIX.len()..PREFIX.len() + SIGNATURE_TEXT_LEN];
+        assert_eq!(
+            open(
+                &n1.public(),
+                "n1",
+                7,
+                "ep:web.1",
+                9,
+                &format!("{DELETION_PREFIX}{sig}")
+            ),
+            Err(Refusal::BadSignature)
+        );
+        let sig = &d[DELETION_PREFIX.len()..];
+        assert_eq!(
+            open(
+                &n1.public(),
+                "n1",
+                7,
+                "ep:web.1",
+                9,
+                &format!("{PREFIX}{sig}:")
+            ),
+            Err(Refusal::BadSignature)
+        );
+        assert_eq!(
+            open(&n1.public(), "n1", 7, "ep:web.1", 9, "d2:short"),
+            Err(Refusal::Unsigned)
         );
     }
 
     #[test]
     fn forged_and_unsigned_values_are_refused() {
         let n1 = NodeIdentity::generate().unwrap();
-        let e = seal(&n1, "n1", 1, "node", "{}");
+        let e = seal(&n1, "n1", 1, "node", 1, "{}");
         // The value changed after signing.
         let forged = format!("{}{}", &e[..e.len() - 2], "1}");
         assert_eq!(
-            open(&n1.public(), "n1", 1, "node", &forged),
+            open(&n1.public(), "n1", 1, "node", 1, &forged),
             Err(Refusal::BadSignature)
         );
         // A value signed by another key pasted in.
         let mallory = NodeIdentity::generate().unwrap();
-        let pasted = seal(&mallory, "n1", 1, "node", "{}");
+        let pasted = seal(&mallory, "n1", 1, "node", 1, "{}");
         assert_eq!(
-            open(&n1.public(), "n1", 1, "node", &pasted),
+            open(&n1.public(), "n1", 1, "node", 1, &pasted),
             Err(Refusal::BadSignature)
         );
         for raw in [
             "{}",
-            "s1:",
-            "s1:short:{}",
-            &format!("s1:{}:{{}}", "!".repeat(86)),
+            "s2:",
+            "s2:short:{}",
+            &format!("s2:{}:{{}}", "!".repeat(86)),
+            &format!("d2:{}", "!".repeat(86)),
         ] {
-            assert!(open(&n1.public(), "n1", 1, "node", raw).is_err(), "{raw}");
+            assert!(
+                open(&n1.public(), "n1", 1, "node", 1, raw).is_err(),
+                "{raw}"
+            );
         }
         assert_eq!(
-            open(&n1.public(), "n1", 1, "node", "{}"),
+            open(&n1.public(), "n1", 1, "node", 1, "{}"),
             Err(Refusal::Unsigned)
         );
     }
@@ -160,8 +246,8 @@ mod tests {
     #[test]
     fn fields_cannot_be_shifted_between_name_and_key() {
         let n = NodeIdentity::generate().unwrap();
-        let e = seal(&n, "ab", 1, "c", "v");
-        assert!(open(&n.public(), "a", 1, "bc", &e).is_err());
+        let e = seal(&n, "ab", 1, "c", 1, "v");
+        assert!(open(&n.public(), "a", 1, "bc", 1, &e).is_err());
     }
 
     /// The cost of signing and verifying one record (printed; `cargo test --release -p
@@ -177,12 +263,12 @@ mod tests {
         let start = std::time::Instant::now();
         let mut last = String::new();
         for i in 0..N {
-            last = seal(&n, "node-1", i as u64, "ep:web.1", &value);
+            last = seal(&n, "node-1", 1, "ep:web.1", i as u64, &value);
         }
         let sign = start.elapsed() / N;
         let start = std::time::Instant::now();
         for _ in 0..N {
-            assert!(open(&n.public(), "node-1", (N - 1) as u64, "ep:web.1", &last).is_ok());
+            assert!(open(&n.public(), "node-1", 1, "ep:web.1", (N - 1) as u64, &last).is_ok());
         }
         let verify = start.elapsed() / N;
         eprintln!(
@@ -211,19 +297,30 @@ mod tests {
         for value_len in [64, 262, 1024] {
             let value = "x".repeat(value_len);
             let record_key = "ep:web.1";
-            let envelope = seal(&n, "node-1", 1, record_key, &value);
+            let envelope = seal(&n, "node-1", 1, record_key, 1, &value);
             let added = envelope.len() - value.len();
             // Key and value bytes only; chitchat's few bytes of framing per record left out.
             let bare = room / (record_key.len() + value_len);
             let signed = room / (record_key.len() + envelope.len());
             let envelopes: Vec<String> = (0..signed)
-                .map(|i| seal(&n, "node-1", 1, &format!("ep:web.{i}"), &value))
+                .map(|i| {
+                    seal(
+                        &n,
+                        "node-1",
+                        1,
+                        &format!("ep:web.{i}"),
+                        i as u64 + 1,
+                        &value,
+                    )
+                })
                 .collect();
             const ROUNDS: u32 = 5;
             let start = std::time::Instant::now();
             for _ in 0..ROUNDS {
                 for (i, e) in envelopes.iter().enumerate() {
-                    assert!(open(&n.public(), "node-1", 1, &format!("ep:web.{i}"), e).is_ok());
+                    let version = i as u64 + 1;
+                    let key = format!("ep:web.{i}");
+                    assert!(open(&n.public(), "node-1", 1, &key, version, e).is_ok());
                 }
             }
             let verify = start.elapsed() / ROUNDS;

@@ -10,7 +10,8 @@
 //!  recv:  peer ─► wire ─► open ─► validate ─► feeder socket of that peer ─lo─► chitchat UdpSocket ─► envelope
 //! ```
 //!
-//! `validate` drops (and counts) authentic datagrams chitchat would mis-apply: see there.
+//! `validate` drops (and counts) authentic datagrams chitchat would mis-apply: see there; and
+//! `versions` those telling a node's gossip versions past what that node signed.
 //!
 //! Each peer gets its own feeder socket, so a decoded envelope is attributed to its sender by
 //! the feeder it came from, whatever order loopback delivers in. One datagram is with chitchat
@@ -44,6 +45,7 @@ use tracing::{debug, warn};
 use super::auth::{GossipAuth, MAX_DATAGRAM, Refusal};
 use super::rekey;
 use super::validate::{self, KnownNodes};
+use super::versions::Versions;
 use mesh_api::v1::DropReason;
 use mesh_api::v1::KeyId;
 
@@ -91,6 +93,8 @@ pub struct SealedSocket {
     answered: HashMap<SocketAddr, Instant>,
     /// Nodes that digests named recently (see `validate`).
     known: KnownNodes,
+    /// What each node's run has proven of its gossip versions (see `versions`).
+    versions: Versions,
 }
 
 impl SealedSocket {
@@ -119,6 +123,7 @@ impl SealedSocket {
             asked: HashMap::new(),
             answered: HashMap::new(),
             known: KnownNodes::default(),
+            versions: Versions::default(),
         })
     }
 
@@ -304,9 +309,14 @@ impl Socket for SealedSocket {
                             num_bytes_received: n,
                         });
                     }
+                    let now = Instant::now();
+                    let auth = &self.auth;
                     let checked = validate::check(plaintext)
                         .and_then(|c| self.refuse_own_state(c))
-                        .and_then(|c| self.known.admit(&c.digest_nodes, Instant::now()));
+                        .and_then(|c| {
+                            self.known.admit(&c.digest_nodes, now)?;
+                            self.versions.admit(&c.delta, |n| auth.pinned(n), now)
+                        });
                     if let Err(e) = checked {
                         debug!(%from, "gossip datagram rejected: {e}");
                         self.auth.count_drop(from, DropReason::Invalid);

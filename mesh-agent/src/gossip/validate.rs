@@ -22,7 +22,9 @@
 //!   own run: chitchat applies such a delta to the receiver's own state, so a member could
 //!   replay a node's older signed records into that node itself — an admin's old service
 //!   spec, which the admin then republishes as current. No honest peer sends one: a node's
-//!   own digest always names its newest version.
+//!   own digest always names its newest version;
+//! - (checked by [`super::versions`], with what this parse returns of each node's part) every
+//!   version a delta tells about a node is one that node signed.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -61,6 +63,28 @@ pub struct Checked {
     pub digest_nodes: Vec<NodeId>,
     /// Nodes its delta carries state of.
     pub delta_nodes: Vec<NodeId>,
+    /// Its delta, node by node (what [`super::versions`] checks).
+    pub delta: Vec<NodePart>,
+}
+
+/// One node's part of a delta.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodePart {
+    pub id: NodeId,
+    pub last_gc_version: u64,
+    pub from_version_excluded: u64,
+    pub key_values: Vec<KeyValueOp>,
+    pub set_max_version: Option<u64>,
+}
+
+/// A key-value op as chitchat encodes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyValueOp {
+    pub key: String,
+    pub value: String,
+    pub version: u64,
+    /// chitchat's deletion status: 0 set, 1 deleted, 2 deleted after a grace period.
+    pub status: u8,
 }
 
 /// Reads one opened datagram; `Err` says why chitchat must not see it.
@@ -83,14 +107,15 @@ pub fn check(plaintext: &[u8]) -> Result<Checked, String> {
         // SynAck: digest, delta.
         1 => {
             out.digest_nodes = digest(&mut r, version)?;
-            out.delta_nodes = delta(&mut r)?;
+            out.delta = delta(&mut r)?;
         }
         // Ack: delta.
-        2 => out.delta_nodes = delta(&mut r)?,
+        2 => out.delta = delta(&mut r)?,
         // BadCluster.
         3 => {}
         t => return Err(format!("unknown message type {t}")),
     }
+    out.delta_nodes = out.delta.iter().map(|p| p.id.clone()).collect();
     Ok(out)
 }
 
@@ -133,16 +158,17 @@ struct NodeOps {
     max_version_set: bool,
 }
 
-fn delta(r: &mut Reader) -> Result<Vec<NodeId>, String> {
+fn delta(r: &mut Reader) -> Result<Vec<NodePart>, String> {
     let stream = decompress(r)?;
     let mut s = Reader(&stream);
     let mut seen: HashSet<NodeId> = HashSet::new();
     let mut node: Option<NodeOps> = None;
+    let mut parts: Vec<NodePart> = Vec::new();
     while !s.0.is_empty() {
         match s.u8()? {
             0 => {
                 let id = s.node_id()?;
-                s.u64()?; // last GC version
+                let last_gc_version = s.u64()?;
                 let from_version_excluded = s.u64()?;
                 if seen.len() == MAX_NODES {
                     return Err(format!("delta names over {MAX_NODES} nodes"));
@@ -155,10 +181,17 @@ fn delta(r: &mut Reader) -> Result<Vec<NodeId>, String> {
                     last_version: None,
                     max_version_set: false,
                 });
+                parts.push(NodePart {
+                    id,
+                    last_gc_version,
+                    from_version_excluded,
+                    key_values: Vec::new(),
+                    set_max_version: None,
+                });
             }
             1 => {
                 let key = s.str()?;
-                s.str()?;
+                let value = s.str()?;
                 let version = s.u64()?;
                 let status = s.u8()?;
                 let n = node.as_mut().ok_or("a key-value before any node")?;
@@ -178,6 +211,16 @@ fn delta(r: &mut Reader) -> Result<Vec<NodeId>, String> {
                     ));
                 }
                 n.last_version = Some(version);
+                parts
+                    .last_mut()
+                    .expect("a node op came first")
+                    .key_values
+                    .push(KeyValueOp {
+                        key: key.to_owned(),
+                        value: value.to_owned(),
+                        version,
+                        status,
+                    });
             }
             2 => {
                 let max_version = s.u64()?;
@@ -195,11 +238,15 @@ fn delta(r: &mut Reader) -> Result<Vec<NodeId>, String> {
                     ));
                 }
                 n.max_version_set = true;
+                parts
+                    .last_mut()
+                    .expect("a node op came first")
+                    .set_max_version = Some(max_version);
             }
             t => return Err(format!("unknown delta op {t}")),
         }
     }
-    Ok(seen.into_iter().collect())
+    Ok(parts)
 }
 
 /// chitchat's compressed stream: blocks (1 = zstd, 2 = stored) up to a 0.
@@ -356,18 +403,35 @@ pub mod craft {
     }
 
     pub fn node_op(b: &mut Vec<u8>, name: &str, generation: u64, addr: SocketAddr, from: u64) {
+        node_op_gc(b, name, generation, addr, 0, from);
+    }
+
+    /// A node op carrying a last GC version.
+    pub fn node_op_gc(
+        b: &mut Vec<u8>,
+        name: &str,
+        generation: u64,
+        addr: SocketAddr,
+        last_gc: u64,
+        from: u64,
+    ) {
         b.push(0);
         node_id(b, name, generation, addr);
-        b.extend(0u64.to_le_bytes());
+        b.extend(last_gc.to_le_bytes());
         b.extend(from.to_le_bytes());
     }
 
     pub fn kv_op(b: &mut Vec<u8>, key: &str, value: &str, version: u64) {
+        kv_op_status(b, key, value, version, 0);
+    }
+
+    /// A key-value op with chitchat's deletion status (1 deleted, 2 deleted after a grace).
+    pub fn kv_op_status(b: &mut Vec<u8>, key: &str, value: &str, version: u64, status: u8) {
         b.push(1);
         str(b, key);
         str(b, value);
         b.extend(version.to_le_bytes());
-        b.push(0);
+        b.push(status);
     }
 
     pub fn max_version_op(b: &mut Vec<u8>, version: u64) {

@@ -474,7 +474,7 @@ mod tests {
     #[test]
     fn every_line_gets_a_time_and_long_lines_are_cut() {
         let dir = tempdir();
-        let log = dir.join("t.log");
+        let log = dir.path().join("t.log");
         let long = vec![b'x'; MAX_LINE + 10];
         let mut input = b"one\ntwo\n".to_vec();
         input.extend_from_slice(&long);
@@ -494,7 +494,7 @@ mod tests {
     #[tokio::test]
     async fn tail_reads_across_the_rotated_file() {
         let dir = tempdir();
-        let log = dir.join("t.log");
+        let log = dir.path().join("t.log");
         let input: String = (0..100).map(|i| format!("line {i}\n")).collect();
         // ~40 bytes a stamped line: a 1 KiB cap rotates a few times, keeping one old file.
         write(&log, input.as_bytes(), 1024);
@@ -525,7 +525,7 @@ mod tests {
     #[tokio::test]
     async fn max_file_keeps_that_many_files_and_reads_them_in_order() {
         let dir = tempdir();
-        let log = dir.join("t.log");
+        let log = dir.path().join("t.log");
         let input: String = (0..200).map(|i| format!("line {i}\n")).collect();
         let (r, mut w) = std::io::pipe().unwrap();
         let t = std::thread::spawn(move || w.write_all(input.as_bytes()));
@@ -552,7 +552,7 @@ mod tests {
             "oldest file first, nothing lost within what is kept"
         );
         // max-file 1: the file starts again, nothing old is kept.
-        let one = dir.join("one.log");
+        let one = dir.path().join("one.log");
         let mut f = LogFile::open(&one, 200, 1).unwrap();
         for i in 0..20 {
             f.line(format!("l {i}").as_bytes()).unwrap();
@@ -588,7 +588,7 @@ mod tests {
     #[tokio::test]
     async fn follow_sees_lines_after_a_rotation() {
         let dir = tempdir();
-        let log = dir.join("t.log");
+        let log = dir.path().join("t.log");
         let mut f = LogFile::open(&log, 400, DEFAULT_MAX_FILE).unwrap();
         f.line(b"before").unwrap();
         let q = LogsQuery {
@@ -620,14 +620,12 @@ mod tests {
         assert_eq!(got, want);
     }
 
-    fn tempdir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "mesh-logs-test-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// Removed when the test ends, passed or panicked.
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("mesh-logs-test-")
+            .tempdir()
+            .unwrap()
     }
 }
 

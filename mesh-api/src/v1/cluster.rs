@@ -194,7 +194,8 @@ pub enum DropReason {
     /// A peer refused this node's datagram (a refusal): it does not hold our key.
     Refused,
     /// Authentic, but not what chitchat itself sends (ops out of order, versions going back,
-    /// too many nodes, too large once decompressed): chitchat would mis-apply it.
+    /// too many nodes, too large once decompressed), or telling a node's records or gossip
+    /// versions that node did not sign: chitchat would mis-apply it.
     Invalid,
 }
 
@@ -258,8 +259,8 @@ impl DropReason {
             }
             DropReason::Invalid => {
                 "a key holder sent gossip that could corrupt this node's state (ops out of order, \
-                 phantom nodes, a decompression bomb): a compromised node, or an incompatible \
-                 chitchat version"
+                 phantom nodes, a decompression bomb, a node's records or gossip versions that \
+                 node did not sign): a compromised node, or an agent of an incompatible version"
             }
             DropReason::Truncated | DropReason::UnknownFormat => {
                 "something that is not mesh gossip reached the gossip port"

@@ -26,8 +26,10 @@ mod mesh;
 mod orchestration;
 mod planner;
 mod programming;
+mod reference;
 pub mod report;
 mod scale;
+mod simulation;
 mod update;
 
 use report::Report;
@@ -40,6 +42,9 @@ pub enum Target {
     /// ns/packet of the load balancer at 1 to 100,000 services and up to 1,000,000 flows, as
     /// ratios to the pass floor, beside iptables/nft DNAT at the same service counts.
     Scale,
+    /// ns/packet of the routing mesh beside a minimal reference load balancer (one LRU
+    /// lookup, DNAT, redirect) on the same frames, at 10k and 1M flows (issue 33).
+    Reference,
     /// Time from `service create` / `meshctl run` to the kernel programmed on all nodes;
     /// time to program 10,000 services.
     Programming,
@@ -59,6 +64,11 @@ pub enum Target {
     /// The planner alone: 300 tasks placed over 3 and 1,000 simulated nodes, with
     /// reservations beside the same without; 10,000 services × 10 over 1,000 nodes.
     Planner,
+    /// The agent's real gossip and view code at 100 nodes (more with `MESH_SIM_NODES`) in one
+    /// process over a simulated network (latency, loss, a partition), on a virtual clock:
+    /// time for a change to reach every node, bandwidth, memory and CPU per node; one
+    /// worker's view of 1,000 nodes.
+    Simulation,
     /// Spoofed SYN and UDP floods at a published port: flood pps, whether an established
     /// connection survives, share of new connections served.
     Flood,
@@ -66,9 +76,10 @@ pub enum Target {
     All,
 }
 
-const ORDER: [Target; 11] = [
+const ORDER: [Target; 13] = [
     Target::Mesh,
     Target::Scale,
+    Target::Reference,
     Target::Programming,
     Target::Convergence,
     Target::Footprint,
@@ -77,11 +88,12 @@ const ORDER: [Target; 11] = [
     Target::Orchestration,
     Target::Update,
     Target::Planner,
+    Target::Simulation,
     Target::Flood,
 ];
 
 pub fn run(target: Target, quick: bool) -> Result<()> {
-    if !is_root() && target != Target::Planner {
+    if !is_root() && !in_process(target) {
         bail!("the benchmarks create network namespaces and load eBPF: run them as root");
     }
     // Agents, the load balancer's userspace and the timing loops are measured as shipped:
@@ -140,6 +152,7 @@ fn one(target: Target, quick: bool) -> Result<Report> {
     let mut report = match target {
         Target::Mesh => mesh::run(quick),
         Target::Scale => scale::run(quick),
+        Target::Reference => reference::run(quick),
         Target::Programming => programming::run(quick),
         Target::Convergence => convergence::run(quick),
         Target::Footprint => footprint::run(quick),
@@ -148,6 +161,7 @@ fn one(target: Target, quick: bool) -> Result<Report> {
         Target::Orchestration => orchestration::run(quick),
         Target::Update => update::run(quick),
         Target::Planner => planner::run(quick),
+        Target::Simulation => simulation::run(quick),
         Target::Flood => flood::run(quick),
         Target::All => unreachable!("all is not one benchmark"),
     }?;
@@ -211,8 +225,9 @@ fn all(quick: bool) -> Result<()> {
 /// measurement, not a compile that happens to land in it (the first to need the optimised
 /// hickory build used to pay ~200 s for it).
 fn prebuild(target: Target) -> Result<()> {
-    // The planner's benchmark runs in this process: nothing to build.
-    if target == Target::Planner {
+    // These run in this process (the reference load balancer is loaded from the program
+    // built into this binary): nothing to build.
+    if in_process(target) || matches!(target, Target::Reference) {
         return Ok(());
     }
     let started = Instant::now();
@@ -223,6 +238,11 @@ fn prebuild(target: Target) -> Result<()> {
     }
     eprintln!("==> built in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Benchmarks that run in this process alone: no root, no agents to build.
+fn in_process(target: Target) -> bool {
+    matches!(target, Target::Planner | Target::Simulation)
 }
 
 fn running_release() -> bool {

@@ -39,16 +39,16 @@ use mesh_tests::Netns;
 
 use super::report::{Plot, Report, Spread, Table, percentile_sorted};
 
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const NET: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-const FIRST_PORT: u16 = 1024;
-const MAX_PUBLISHED: u32 = 60_000;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_REDIRECT: u32 = 7;
+pub(super) const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub(super) const NET: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+pub(super) const FIRST_PORT: u16 = 1024;
+pub(super) const MAX_PUBLISHED: u32 = 60_000;
+pub(super) const TC_ACT_OK: u32 = 0;
+pub(super) const TC_ACT_REDIRECT: u32 = 7;
 /// Unmeasured turns before each cell's samples.
-const WARMUP: usize = 500;
+pub(super) const WARMUP: usize = 500;
 /// Client numbers from here on never open a flow (far above any flow level).
-const STRANGERS: u64 = 50_000_000;
+pub(super) const STRANGERS: u64 = 50_000_000;
 const SERVICE_COUNTS: [u32; 4] = [1, 100, 10_000, 100_000];
 
 /// One cell of the mesh measurement: `services` loaded, about `flows` in the flow table;
@@ -466,11 +466,11 @@ pub fn run(quick: bool) -> Result<Report> {
     Ok(report)
 }
 
-fn met(ok: bool) -> &'static str {
+pub(super) fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
 
-fn count(n: u64) -> String {
+pub(super) fn count(n: u64) -> String {
     match n {
         n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
         n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
@@ -480,7 +480,7 @@ fn count(n: u64) -> String {
 
 /// A TCP frame (Ethernet + IPv4 + TCP, no payload) with a valid IPv4 checksum; the program
 /// checks it before creating state, and updates the TCP checksum incrementally.
-fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> [u8; 54] {
+pub(super) fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> [u8; 54] {
     let mut f = [0u8; 54];
     f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
     f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
@@ -505,7 +505,7 @@ fn frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> [u8
 }
 
 /// An ARP request: the program looks at the EtherType and passes it.
-fn non_ip_frame() -> [u8; 42] {
+pub(super) fn non_ip_frame() -> [u8; 42] {
     let mut f = [0u8; 42];
     f[0..6].copy_from_slice(&[0xff; 6]);
     f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
@@ -517,7 +517,7 @@ fn non_ip_frame() -> [u8; 42] {
 
 /// `f` acknowledging `ack` (what a client sends after the SYN-ACK of sequence number 1
 /// that [`frame`] builds).
-fn with_ack(mut f: [u8; 54], ack: u32) -> [u8; 54] {
+pub(super) fn with_ack(mut f: [u8; 54], ack: u32) -> [u8; 54] {
     f[42..46].copy_from_slice(&ack.to_be_bytes());
     f
 }
@@ -533,20 +533,20 @@ fn checksum(header: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
+pub(super) const SYN: u8 = 0x02;
+pub(super) const ACK: u8 = 0x10;
 
 /// The n-th client of the benchmark: 50,000 ports per source address.
-fn client(n: u64) -> (Ipv4Addr, u16) {
+pub(super) fn client(n: u64) -> (Ipv4Addr, u16) {
     let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (n / 50_000) as u32);
     (ip, 10_000 + (n % 50_000) as u16)
 }
 
 /// A small deterministic generator: which service or flow a sample hits.
-struct Lcg(u64);
+pub(super) struct Lcg(pub(super) u64);
 
 impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         self.0 = self
             .0
             .wrapping_mul(6364136223846793005)
@@ -555,7 +555,7 @@ impl Lcg {
     }
 }
 
-fn services(n: u32) -> Vec<ServiceLb> {
+pub(super) fn services(n: u32) -> Vec<ServiceLb> {
     let per_service = (300 / n).max(3);
     (0..n)
         .map(|i| ServiceLb {
