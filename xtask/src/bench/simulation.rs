@@ -712,6 +712,9 @@ async fn view_cost(gossip: &Gossip) -> ViewCost {
 
 struct ScaleView {
     nodes: usize,
+    /// Nodes whose records verified (all of them, or the signing here has drifted from
+    /// what `Gossip` writes).
+    accepted: usize,
     tasks: usize,
     keys: usize,
     signed_bytes: usize,
@@ -748,14 +751,20 @@ fn view_at_scale(nodes: usize, tasks: usize) -> ScaleView {
         if i < ADMINS {
             kv.extend(services.iter().cloned());
         }
-        let kv: BTreeMap<String, String> = kv
+        // Versions as chitchat gives a run's first writes: 1, 2, … in order.
+        let kv: BTreeMap<String, (u64, String)> = kv
             .into_iter()
-            .map(|(k, v)| {
-                let sealed = signed::seal(&identity, &name(i), generation, &k, &v);
-                (k, sealed)
+            .enumerate()
+            .map(|(n, (k, v))| {
+                let version = n as u64 + 1;
+                let sealed = signed::seal(&identity, &name(i), generation, &k, version, &v);
+                (k, (version, sealed))
             })
             .collect();
-        signed_bytes += kv.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        signed_bytes += kv
+            .iter()
+            .map(|(k, (_, v))| k.len() + v.len())
+            .sum::<usize>();
         signed_nodes.push((name(i), kv));
     }
     let keys = signed_nodes.iter().map(|(_, kv)| kv.len()).sum();
@@ -780,6 +789,7 @@ fn view_at_scale(nodes: usize, tasks: usize) -> ScaleView {
         now_ms,
     };
     let verify_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let accepted = snapshot.nodes.len();
     let h1 = heap();
     let started = Instant::now();
     let view = View::compute(&snapshot);
@@ -791,6 +801,7 @@ fn view_at_scale(nodes: usize, tasks: usize) -> ScaleView {
     drop(view);
     ScaleView {
         nodes,
+        accepted,
         tasks,
         keys,
         signed_bytes,
@@ -823,7 +834,12 @@ fn scale_table(rows: &[ScaleView]) -> Table {
     );
     for r in rows {
         t.row(vec![
-            r.nodes.to_string(),
+            // A node whose records did not verify would make the view look cheaper.
+            if r.accepted == r.nodes {
+                r.nodes.to_string()
+            } else {
+                format!("{} ({} verified)", r.nodes, r.accepted)
+            },
             r.tasks.to_string(),
             r.keys.to_string(),
             kib(r.signed_bytes as f64),
@@ -1192,4 +1208,41 @@ fn notes(report: &mut Report, points: &[Point]) {
         // µs per known node × 1,000 nodes, in ms.
         cpu_per_peer,
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bench's two paths at a size a test can afford, so a change to the gossip or view
+    /// code that breaks them fails here rather than in the next `bench all`.
+    #[test]
+    fn a_small_cluster_forms_and_every_change_reaches_every_node() {
+        let p = simulate(Scenario {
+            nodes: 6,
+            tasks: 3,
+            latency: Duration::from_millis(1),
+            jitter: Duration::from_millis(1),
+            loss: 0.0,
+            partition: None,
+            changes: 2,
+            services: 4,
+        })
+        .unwrap();
+        assert!(p.formed.is_some(), "the cluster never formed");
+        assert_eq!(p.reach_all.len(), 2);
+        assert!(
+            p.reach_all.iter().all(Option::is_some),
+            "a change did not reach every node: {:?}",
+            p.reach_all
+        );
+        assert_eq!(p.wire.oversize, 0);
+    }
+
+    #[test]
+    fn every_node_of_the_scaled_view_verifies() {
+        let v = view_at_scale(8, 3);
+        assert_eq!(v.accepted, 8, "records signed here no longer verify");
+        assert!(v.keys > 8 * 3);
+    }
 }
