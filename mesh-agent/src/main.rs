@@ -524,6 +524,8 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
         phi_threshold: config.phi_threshold,
         dead_node_grace: std::time::Duration::from_secs(3600),
         tombstone_grace: std::time::Duration::from_secs(3600),
+        // Large values travel over the node-to-node channel, which only a cluster key opens.
+        carry_payloads: auth.is_some(),
     };
     let (node, podman) = if config.control_plane_only {
         warn!("control plane only: this node gossips and answers the API but forwards nothing");
@@ -633,7 +635,11 @@ pub(crate) async fn run_agent(config: AgentConfig) -> Result<()> {
     if let Some(auth) = agent.gossip.auth().cloned() {
         use mesh_agent::http::peer_logs;
         let listener = peer_logs::bind((config.advertise, config.gossip_port).into()).await?;
-        tokio::spawn(peer_logs::serve(listener, agent.clone(), auth));
+        tokio::spawn(peer_logs::serve(listener, agent.clone(), auth.clone()));
+        tokio::spawn(mesh_agent::http::peer_payloads::fetch_wanted(
+            agent.clone(),
+            auth,
+        ));
     }
     if let Some(addr) = config.metrics_listen {
         let listener = mesh_agent::metrics::bind(addr).await?;

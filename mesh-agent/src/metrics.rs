@@ -96,6 +96,27 @@ pub async fn render(agent: &Agent) -> anyhow::Result<String> {
             .secret_copies_refused
             .load(std::sync::atomic::Ordering::Relaxed),
     );
+    let payloads = agent.gossip.payload_report();
+    counter(
+        &mut reg,
+        "mesh_payloads_fetched",
+        "Bodies of large values (secrets, configs over 16 KB) fetched from peers.",
+        payloads.fetched,
+    );
+    counter(
+        &mut reg,
+        "mesh_payloads_fetch_failed",
+        "Fetches of large values' bodies that got nothing (peer unreachable or not holding \
+         it); each is retried later with backoff.",
+        payloads.failed,
+    );
+    counter(
+        &mut reg,
+        "mesh_payloads_refused",
+        "Bodies of large values a peer served that did not match their signed manifest's \
+         size or sha256.",
+        payloads.refused,
+    );
     counter(
         &mut reg,
         "mesh_state_files_quarantined",

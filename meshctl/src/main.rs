@@ -532,6 +532,12 @@ fn print_gossip(info: &GossipInfo) {
          another key",
         info.origins.invalid_records, info.origins.nodes_refused
     );
+    if info.origins.payloads_refused > 0 {
+        println!(
+            "\t\t{} bodies of large values that did not match their manifest",
+            info.origins.payloads_refused
+        );
+    }
     if info.origins.secret_copies_refused > 0 {
         println!(
             "\t\t{} copies of secrets sealed to this node that did not open",

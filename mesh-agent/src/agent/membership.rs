@@ -394,6 +394,11 @@ impl Agent {
                 .context("removing the gateway bridge and firewall")?;
         }
         let _ = std::fs::remove_file(super::state_file(&self.config.state_dir));
+        let _ = std::fs::remove_dir_all(
+            self.config
+                .state_dir
+                .join(crate::gossip::payloads::BODIES_DIR),
+        );
         if let Some(path) = &self.config.cluster_key_file {
             match std::fs::remove_file(path) {
                 Ok(()) => info!(path = %path.display(), "cluster key file removed"),

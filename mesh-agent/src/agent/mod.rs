@@ -424,12 +424,12 @@ impl Agent {
         if *last == own {
             return Ok(());
         }
-        let path = state_file(&self.config.state_dir);
-        std::fs::create_dir_all(&self.config.state_dir)
-            .with_context(|| format!("creating {}", self.config.state_dir.display()))?;
-        // Owner-only: the replicated records include a key rotation's new key.
-        crate::state_files::write_with_backup(&path, &serde_json::to_vec_pretty(&own)?, 0o600)
-            .with_context(|| format!("writing {}", path.display()))?;
+        // Writes and fsyncs on a blocking thread: on a busy disk they take a good part of a
+        // second, and the gossip task (heartbeats peers judge liveness by) must not wait.
+        let (dir, to_save) = (self.config.state_dir.clone(), own.clone());
+        tokio::task::spawn_blocking(move || save_own_keys(&dir, &to_save))
+            .await
+            .context("saving this node's state")??;
         *last = own;
         Ok(())
     }
@@ -519,6 +519,20 @@ impl Agent {
     }
 }
 
+/// Writes the node's own keys to its state file, large values beside it (once each, so the
+/// file stays small).
+fn save_own_keys(dir: &std::path::Path, own: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    let path = state_file(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let saved = crate::gossip::payloads::save_bodies(dir, own)
+        .with_context(|| format!("saving large values in {}", dir.display()))?;
+    // Owner-only: the replicated records include a key rotation's new key.
+    crate::state_files::write_with_backup(&path, &serde_json::to_vec_pretty(&saved)?, 0o600)
+        .with_context(|| format!("writing {}", path.display()))?;
+    crate::gossip::payloads::prune_bodies(dir, &saved);
+    Ok(())
+}
+
 pub(crate) fn state_file(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join("gossip-keys.json")
 }
@@ -534,6 +548,7 @@ pub fn load_own_keys(state_dir: &std::path::Path) -> BTreeMap<String, String> {
     }) else {
         return BTreeMap::new();
     };
+    crate::gossip::payloads::load_bodies(state_dir, &mut keys);
     keys.remove(key::NODE);
     keys.remove(key::RESTARTING);
     keys.remove(key::LEFT);

@@ -18,10 +18,11 @@
 //! the manifest's digest; until then the key is absent, as if not yet gossiped. Replacing
 //! the value rewrites every chunk with the new tag; removing it removes every chunk.
 //!
-//! The alternative, carrying large payloads outside gossip (fetched from a peer on demand),
-//! would need an agent-to-agent channel mesh does not have, and a node that holds the
-//! object to be up when it is needed; chunks keep the one property replication relies on:
-//! every node holds and republishes every object, so it survives its creator.
+//! Chunks still make the keys written after a large value wait until its chunks have spread
+//! (minutes behind a few MB of new objects). So with a cluster key large values travel
+//! outside gossip instead (see [`super::payloads`]); chunks remain for clusters without one,
+//! which have no node-to-node channel to fetch bodies over, and to read values an older
+//! agent wrote as chunks.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 

@@ -42,7 +42,8 @@ pub(super) async fn start_with(
     seeds: Vec<String>,
     auth: Arc<GossipAuth>,
 ) -> (Gossip, SocketAddr) {
-    start_with_grace(name, seeds, auth, Duration::from_secs(3600)).await
+    // These tests check what crosses gossip itself, chunks included.
+    start_configured(name, seeds, auth, Duration::from_secs(3600), false).await
 }
 
 /// As [`start_with`], forgetting deleted keys after `tombstone_grace`.
@@ -51,6 +52,25 @@ async fn start_with_grace(
     seeds: Vec<String>,
     auth: Arc<GossipAuth>,
     tombstone_grace: Duration,
+) -> (Gossip, SocketAddr) {
+    start_configured(name, seeds, auth, tombstone_grace, false).await
+}
+
+/// As [`start_with`], carrying large values outside gossip.
+async fn start_carrying(
+    name: &str,
+    seeds: Vec<String>,
+    auth: Arc<GossipAuth>,
+) -> (Gossip, SocketAddr) {
+    start_configured(name, seeds, auth, Duration::from_secs(3600), true).await
+}
+
+async fn start_configured(
+    name: &str,
+    seeds: Vec<String>,
+    auth: Arc<GossipAuth>,
+    tombstone_grace: Duration,
+    carry_payloads: bool,
 ) -> (Gossip, SocketAddr) {
     let addr = free_port();
     let config = GossipConfig {
@@ -63,6 +83,7 @@ async fn start_with_grace(
         phi_threshold: 8.0,
         dead_node_grace: Duration::from_secs(3600),
         tombstone_grace,
+        carry_payloads,
     };
     let id = Arc::new(crate::identity::NodeIdentity::generate().unwrap());
     let record = format!(r#"{{"key":"{}"}}"#, id.public());
@@ -562,6 +583,83 @@ fn hostile_datagrams_never_stop_gossip() {
             e = stopped => panic!("the victim's gossip ended: {e:#}"),
         }
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_value_crosses_as_a_manifest_and_only_its_true_body_is_shown() {
+    let (reader, reader_addr) = start_carrying("reader", vec![], auth()).await;
+    let (writer, _) = start_carrying("writer", vec![reader_addr.to_string()], auth()).await;
+    let big: String = (0..300_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    writer
+        .write([("obj:config:big".into(), Some(big.clone()))])
+        .await;
+    writer
+        .write([("ep:small".into(), Some("after".into()))])
+        .await;
+    let small = sees(&reader, "writer", "ep:small", "after").await;
+    eprintln!("a small key written after a 300 KB value arrived in {small:?}");
+
+    // In gossip: a signed manifest of under a hundred bytes, no chunks.
+    let raw: Vec<(String, usize)> = {
+        let chitchat = writer.handle.chitchat();
+        let mut cc = chitchat.lock().await;
+        cc.self_node_state()
+            .key_values()
+            .map(|(k, v)| (k.to_owned(), v.len()))
+            .collect()
+    };
+    assert!(raw.iter().all(|(k, _)| !k.starts_with("chunk:")), "{raw:?}");
+    let manifest = raw.iter().find(|(k, _)| k == "obj:config:big").unwrap();
+    assert!(manifest.1 < 300, "{raw:?}");
+    assert_eq!(
+        writer.own_keys().await["obj:config:big"],
+        big,
+        "the writer reads its own value whole"
+    );
+
+    // The reader sees no key until it holds the body, and wants it from the writer.
+    async fn has_big(g: &Gossip) -> bool {
+        g.snapshot()
+            .await
+            .nodes
+            .iter()
+            .any(|n| n.name == "writer" && n.kv.contains_key("obj:config:big"))
+    }
+    assert!(!has_big(&reader).await, "not shown before its body is here");
+    let store = reader.payloads().unwrap().clone();
+    let due = store.lock().unwrap().due(Instant::now());
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(due[0].node, "writer");
+    let m = due[0].manifest.clone();
+
+    // A forged body is refused and leaves the key out; the true one shows it.
+    let before = reader.fingerprint().await;
+    let mut forged = big.clone().into_bytes();
+    forged[1000] = b'!';
+    assert!(
+        store
+            .lock()
+            .unwrap()
+            .arrived(&m, forged, Instant::now())
+            .is_err()
+    );
+    assert!(!has_big(&reader).await);
+    let body = writer.payloads().unwrap().lock().unwrap().body(&m.sha256);
+    let body = body.unwrap().as_bytes().to_vec();
+    store
+        .lock()
+        .unwrap()
+        .arrived(&m, body, Instant::now())
+        .unwrap();
+    assert_ne!(
+        reader.fingerprint().await,
+        before,
+        "an arrival makes the agent compute its view again"
+    );
+    sees(&reader, "writer", "obj:config:big", &big).await;
+    assert_eq!(store.lock().unwrap().report().refused, 1);
 }
 
 /// Every raw key a node holds of its own is signed at the version chitchat holds it at

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod chunks;
 pub mod keyring;
 pub mod origin;
+pub mod payloads;
 pub mod rekey;
 pub mod sealed;
 pub mod signed;
@@ -64,6 +65,9 @@ pub struct GossipConfig {
     pub dead_node_grace: Duration,
     /// How long deleted keys are remembered so late peers learn of the deletion.
     pub tombstone_grace: Duration,
+    /// Carry values over [`chunks::CHUNK_LEN`] outside gossip (see [`payloads`]): needs the
+    /// node-to-node channel, so a cluster key. Without it they go out as chunks.
+    pub carry_payloads: bool,
 }
 
 impl GossipConfig {
@@ -83,6 +87,8 @@ pub struct Gossip {
     generation: u64,
     /// Chunked values already verified (see [`chunks::Assembler`]).
     assembler: std::sync::Mutex<chunks::Assembler>,
+    /// Bodies of large values, when they travel outside gossip (see [`payloads`]).
+    payloads: Option<Arc<std::sync::Mutex<payloads::Store>>>,
     /// This node's name and key pair: every value it writes is signed with it.
     name: String,
     identity: Arc<NodeIdentity>,
@@ -148,11 +154,14 @@ impl Gossip {
         if let Some(a) = &mut admins {
             a.local.extend(local);
         }
+        let payloads = config
+            .carry_payloads
+            .then(|| Arc::new(std::sync::Mutex::new(payloads::Store::default())));
         // chitchat sets initial keys one after another from version 1: each is signed at the
         // version it will get, and is in the node's state from its first gossip round on.
         let mut raw: Vec<(String, String)> = initial
             .iter()
-            .flat_map(|(k, v)| chunks::split(k, v))
+            .flat_map(|(k, v)| chunks::split(k, &carried(payloads.as_ref(), v)))
             .collect();
         // A key given twice keeps its last value, as chitchat would: one version per key.
         let mut seen = std::collections::HashSet::new();
@@ -177,6 +186,7 @@ impl Gossip {
             auth: None,
             generation,
             assembler: Default::default(),
+            payloads,
             name: config.node.clone(),
             identity,
             origins: Arc::new(std::sync::Mutex::new(origins)),
@@ -402,6 +412,24 @@ impl Gossip {
         self.generation
     }
 
+    /// The bodies of large values, when they travel outside gossip: what the node-to-node
+    /// channel serves and fills.
+    pub fn payloads(&self) -> Option<&Arc<std::sync::Mutex<payloads::Store>>> {
+        self.payloads.as_ref()
+    }
+
+    /// Bodies held, wanted, fetched and refused (all zero when they travel in gossip).
+    pub fn payload_report(&self) -> payloads::PayloadReport {
+        self.payloads.as_ref().map_or_else(Default::default, |p| {
+            p.lock().expect("payloads lock").report()
+        })
+    }
+
+    /// A body arrived: the view may change though no gossip version moved.
+    pub fn payload_arrived(&self) {
+        self.local_change.notify_one();
+    }
+
     fn signer(&self) -> Signer<'_> {
         Signer {
             identity: &self.identity,
@@ -417,9 +445,16 @@ impl Gossip {
     }
 
     /// Writes this node's keys (set when `Some`, delete when `None`) in one step. A value
-    /// too large for one datagram goes out as chunks (see [`chunks`]).
+    /// over [`chunks::CHUNK_LEN`] goes out as a manifest whose body peers fetch (see
+    /// [`payloads`]) or, without a cluster key, as chunks (see [`chunks`]).
     pub async fn write(&self, changes: impl IntoIterator<Item = (String, Option<String>)>) {
-        let changes = self.keep_local(changes);
+        // Large values are hashed and set aside before chitchat's lock is taken: the gossip
+        // task never waits behind them.
+        let changes: Vec<(String, Option<String>)> = self
+            .keep_local(changes)
+            .into_iter()
+            .map(|(k, v)| (k, v.map(|v| carried(self.payloads.as_ref(), &v))))
+            .collect();
         let chitchat = self.handle.chitchat();
         let mut cc = chitchat.lock().await;
         let state = cc.self_node_state();
@@ -506,6 +541,11 @@ impl Gossip {
         );
         drop(assembler);
         drop(cc);
+        if let Some(p) = &self.payloads {
+            p.lock()
+                .expect("payloads lock")
+                .resolve(&self.name, &mut own);
+        }
         if let Some(admins) = &self.admins {
             let a = admins.lock().expect("admins lock");
             own.extend(a.local.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -517,10 +557,16 @@ impl Gossip {
     /// liveness and its newest key version. Equal fingerprints mean equal snapshots (but for
     /// the clock); heartbeats alone do not change it.
     pub async fn fingerprint(&self) -> Fingerprint {
+        // Read before chitchat's lock: a snapshot may hold this one while it copies bodies.
+        let arrivals = self
+            .payloads
+            .as_ref()
+            .map_or(0, |p| p.lock().expect("payloads lock").arrivals());
         let chitchat = self.handle.chitchat();
         let cc = chitchat.lock().await;
         let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
         Fingerprint(
+            arrivals,
             cc.node_states()
                 .iter()
                 .map(|(id, state)| {
@@ -557,18 +603,25 @@ impl Gossip {
         // heartbeats peers judge liveness by) never waits behind them.
         drop(cc);
         let mut origins = self.origins.lock().expect("origins lock");
+        let mut payloads = self
+            .payloads
+            .as_ref()
+            .map(|p| p.lock().expect("payloads lock"));
         let mut assembler = self.assembler.lock().expect("assembler lock");
         let mut nodes: Vec<SnapshotNode> = raw
             .into_iter()
             .filter_map(|(id, live, raw)| {
                 // An impostor's run is left out whole: it never reaches the view.
                 let verified = origins.node(&id.node_id, id.generation_id, raw)?;
-                let kv = assembler.node(
+                let mut kv = assembler.node(
                     verified
                         .iter()
                         .filter(|(k, _)| *k != STAMP)
                         .map(|(k, v)| (k.as_str(), v.as_str())),
                 );
+                if let Some(p) = &mut payloads {
+                    p.resolve(&id.node_id, &mut kv);
+                }
                 Some(SnapshotNode {
                     name: id.node_id.to_string(),
                     generation: id.generation_id,
@@ -582,6 +635,10 @@ impl Gossip {
         drop(assembler);
         origins.forget_unseen();
         drop(origins);
+        if let Some(p) = &mut payloads {
+            p.end_snapshot(std::time::Instant::now());
+        }
+        drop(payloads);
         if let Some(admins) = &self.admins {
             let mut a = admins.lock().expect("admins lock");
             if let Some(me) = nodes
@@ -629,6 +686,13 @@ impl Gossip {
     }
 }
 
+/// What gossip carries for `value`: a manifest when its body travels outside gossip.
+fn carried(payloads: Option<&Arc<std::sync::Mutex<payloads::Store>>>, value: &str) -> String {
+    payloads
+        .and_then(|p| p.lock().expect("payloads lock").carry(value))
+        .unwrap_or_else(|| value.to_owned())
+}
+
 /// Who signs this node's writes: every raw key it puts into chitchat.
 struct Signer<'a> {
     identity: &'a NodeIdentity,
@@ -667,7 +731,7 @@ fn live<'a>(state: &'a NodeState, key: &str) -> Option<&'a str> {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Fingerprint(Vec<(std::sync::Arc<str>, u64, bool, u64)>);
+pub struct Fingerprint(u64, Vec<(std::sync::Arc<str>, u64, bool, u64)>);
 
 pub struct Changes {
     watcher: tokio::sync::watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>>,

@@ -94,7 +94,7 @@ fn task_of<'n>(name: &'n str, service: &str) -> Option<(&'n str, &'n str)> {
 
 /// Where a node's node-to-node API listens: the TCP port its record reserves for it, on its
 /// address (an agent from before it existed reserves none: it is not asked).
-fn peer_address(view: &crate::cluster::View, node: &str) -> Option<SocketAddr> {
+pub(super) fn peer_address(view: &crate::cluster::View, node: &str) -> Option<SocketAddr> {
     let record = view.nodes.get(node)?.record.as_ref()?;
     let port = record
         .reserved_ports

@@ -6,6 +6,7 @@ mod events;
 pub mod logs;
 mod objects;
 pub mod peer_logs;
+pub mod peer_payloads;
 mod stacks;
 mod volumes;
 
@@ -608,6 +609,7 @@ async fn gossip_info(State(agent): State<Arc<Agent>>) -> ApiResult<GossipInfo> {
             secret_copies_refused: agent
                 .secret_copies_refused
                 .load(std::sync::atomic::Ordering::Relaxed),
+            payloads_refused: agent.gossip.payload_report().refused,
         },
     }))
 }

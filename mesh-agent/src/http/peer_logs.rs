@@ -1,4 +1,5 @@
-//! Agents reading each other's task output, for `service logs`: a TCP listener on the node's
+//! Agents reading each other's task output, for `service logs` (and fetching the bodies of
+//! large values, see `peer_payloads`): a TCP listener on the node's
 //! address and gossip port number, speaking frames sealed with the cluster key.
 //!
 //! ```text
@@ -66,7 +67,11 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn seal(auth: &GossipAuth, ad: &str, plaintext: &[u8]) -> Result<([u8; NONCE_LEN], Vec<u8>)> {
+pub(super) fn seal(
+    auth: &GossipAuth,
+    ad: &str,
+    plaintext: &[u8],
+) -> Result<([u8; NONCE_LEN], Vec<u8>)> {
     let ring = auth.keyring();
     let nonce: [u8; NONCE_LEN] = rand::random();
     let mut out = Vec::new();
@@ -84,7 +89,7 @@ fn seal(auth: &GossipAuth, ad: &str, plaintext: &[u8]) -> Result<([u8; NONCE_LEN
 }
 
 /// Opens a frame; returns its plaintext, nonce and time.
-fn open(
+pub(super) fn open(
     auth: &GossipAuth,
     ad: &str,
     mut frame: Vec<u8>,
@@ -98,12 +103,15 @@ fn open(
     ))
 }
 
-async fn write_frame(s: &mut (impl AsyncWriteExt + Unpin), frame: &[u8]) -> std::io::Result<()> {
+pub(super) async fn write_frame(
+    s: &mut (impl AsyncWriteExt + Unpin),
+    frame: &[u8],
+) -> std::io::Result<()> {
     s.write_all(&(frame.len() as u32).to_be_bytes()).await?;
     s.write_all(frame).await
 }
 
-async fn read_frame(s: &mut (impl AsyncReadExt + Unpin)) -> Result<Vec<u8>> {
+pub(super) async fn read_frame(s: &mut (impl AsyncReadExt + Unpin)) -> Result<Vec<u8>> {
     let len = s.read_u32().await? as usize;
     if len > MAX_FRAME {
         bail!("a frame of {len} bytes (at most {MAX_FRAME})");
@@ -143,9 +151,22 @@ async fn answer(mut conn: TcpStream, agent: &Agent, auth: &GossipAuth) -> Result
     let frame = tokio::time::timeout(READ_TIMEOUT, read_frame(&mut conn))
         .await
         .context("no request in time")??;
-    let (plain, nonce, sent_ms) = open(auth, &request_ad(auth.cluster()), frame)?;
+    // A fetch of a large value's body (`peer_payloads`) or a logs request: each kind opens
+    // only under its own associated data.
+    let payload_ad = super::peer_payloads::request_ad(auth.cluster());
+    let (payload, (plain, nonce, sent_ms)) = match open(auth, &payload_ad, frame.clone()) {
+        Ok(opened) => (true, opened),
+        Err(_) => (false, open(auth, &request_ad(auth.cluster()), frame)?),
+    };
     if now_ms().abs_diff(sent_ms) > REPLAY_WINDOW.as_millis() as u64 {
         bail!("a request from {sent_ms} ms: outside the replay window");
+    }
+    if payload {
+        let store = agent
+            .gossip
+            .payloads()
+            .context("a request for a large value's body: this node carries none")?;
+        return super::peer_payloads::answer(&mut conn, store, auth, &plain, &nonce).await;
     }
     let req: PeerRequest = serde_json::from_slice(&plain).context("a malformed request")?;
     let ad = answer_ad(auth.cluster(), &nonce);

@@ -84,6 +84,9 @@ pub struct OriginStats {
     /// This node's copies of secrets (sealed to its key by an admin) that did not open.
     #[serde(default)]
     pub secret_copies_refused: u64,
+    /// Bodies of large values a peer served that did not match their signed manifest.
+    #[serde(default)]
+    pub payloads_refused: u64,
 }
 
 /// Where a key rotation stands, for `meshctl join-token --rotate` to report.
