@@ -808,18 +808,18 @@ impl Tasks {
             entry.record.clone()
         };
         info!(task = %name, code = ?exit.code, signal = ?exit.signal, state = ?record.state, "task exited");
-        // Announced before the teardown (hundreds of ms under the kernel's rtnl lock when
-        // many tasks come and go): the agent takes the dead task's endpoint out of every
-        // load balancer meanwhile.
+        if let Err(e) = self.teardown(&record).await {
+            warn!(task = %name, "removing the network of an exited task: {e:#}");
+        }
+        self.save_or_warn(&record);
+        // Announced only once the network is gone: the endpoint (and so the address) leaves
+        // gossip when this is heard, and an address handed to a new task while the old
+        // namespace still holds it would have two owners on the bridge.
         let _ = self.inner.exits.send(TaskExit {
             name: name.to_owned(),
             code: exit.code,
             signal: exit.signal,
         });
-        if let Err(e) = self.teardown(&record).await {
-            warn!(task = %name, "removing the network of an exited task: {e:#}");
-        }
-        self.save_or_warn(&record);
     }
 
     /// How a task ended: its exit status, and whether the kernel killed it for going over
