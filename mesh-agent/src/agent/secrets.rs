@@ -11,7 +11,8 @@
 //!
 //! A service's registry credentials (`--with-registry-auth`, see `registry_auth`) travel the
 //! same way: sealed to the admin key, copied to the nodes that run or are about to start the
-//! service's tasks (the nodes that pull its image) as `obj:secretcopy:registry-auth:<service>@<node>`.
+//! service's tasks (the nodes that pull its image) as
+//! `obj:secretcopy:registry-auth:<service>@<node>`.
 
 use std::collections::BTreeMap;
 
