@@ -611,3 +611,144 @@ fn with_roles_the_credentials_reach_only_the_node_that_pulls_the_image() {
     drop(c);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A cluster made before roles gets them: credentials sealed under the cluster key (which
+/// every member opens), in the service and in its previous spec, are resealed to the admin
+/// key by the admin once the agents restart with one; host2, a worker, gets its own copy and
+/// pulls the image again with it.
+#[test]
+fn credentials_from_before_roles_are_resealed_to_the_admins_and_still_pull() {
+    let dir = std::env::temp_dir().join(format!("mt{}-registry-reseal", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut c = cluster(&dir);
+    let _registry = start_registry(&mut c, &dir);
+    let (_image, remote, auth_file) = push_private_image(&c, &dir);
+    let registries = dir.join("registries.conf");
+    let (h1, h2) = (
+        c.host(1).node_name().to_owned(),
+        c.host(2).node_name().to_owned(),
+    );
+    let on_host2 = format!("node.id=={h2}");
+    let out = meshctl_as_user(
+        c.host(1),
+        &auth_file,
+        &[
+            "service",
+            "create",
+            "--name",
+            "private",
+            "--network",
+            "app",
+            "--constraint",
+            &on_host2,
+            "--with-registry-auth",
+            "--no-resolve-image",
+            "-d",
+            &remote,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // A template change keeps the credentials in the previous spec too.
+    c.host(1)
+        .meshctl_ok(&["service", "update", "--env-add", "A=1", "-d", "private"])
+        .unwrap();
+    let forms = |h: &Host| {
+        let state = gossip_state(h);
+        let spec = &state["obj:svc:private"]["spec"];
+        [
+            spec["registry_auth"].clone(),
+            spec["previous"]["registry_auth"].clone(),
+        ]
+    };
+    for auth in forms(c.host(2)) {
+        assert!(
+            auth["admins"].is_null() && auth["data"].as_str().is_some_and(|d| !d.is_empty()),
+            "{auth}"
+        );
+    }
+    let tasks = |c: &Cluster| -> Vec<Value> {
+        c.host(1)
+            .meshctl_json(&["service", "ps", "private"])
+            .unwrap_or_default()
+    };
+    // A task not among `old` runs on host2: it pulled the image there.
+    let a_new_task_runs = |c: &Cluster, old: &[Value]| -> anyhow::Result<Option<()>> {
+        Ok(tasks(c)
+            .iter()
+            .any(|r| {
+                r["state"] == "Running"
+                    && r["node"] == h2.as_str()
+                    && !old.iter().any(|o| o["id"] == r["id"])
+            })
+            .then_some(()))
+    };
+    c.eventually(Duration::from_secs(60), "host2 pulls and runs", |c| {
+        a_new_task_runs(c, &[])
+    })
+    .unwrap();
+
+    // Roles arrive: host1 holds the admin key, host2 its public half.
+    let key = c.host(1).cluster_key().to_str().unwrap().to_owned();
+    let admin = mesh_agent::roles::AdminKey::generate().unwrap();
+    for i in 1..=2 {
+        c.host_mut(i).stop_agent().unwrap();
+    }
+    for i in 1..=2 {
+        let admin_dir = c.host(i).state_dir().join("admin");
+        let k = if i == 1 {
+            mesh_agent::roles::AdminKey::from_secret(NodeIdentity::from_seed(
+                &admin.secret().unwrap().seed(),
+            ))
+        } else {
+            mesh_agent::roles::AdminKey::public_only(admin.public)
+        };
+        k.save(&admin_dir).unwrap();
+        let admin_dir = admin_dir.display().to_string();
+        c.host_mut(i)
+            .start_agent_with_env(
+                &["--cluster-key-file", &key, "--admin-key-dir", &admin_dir],
+                &[("CONTAINERS_REGISTRIES_CONF", registries.to_str().unwrap())],
+            )
+            .unwrap();
+    }
+    c.eventually(Duration::from_secs(20), "roles settle", |c| {
+        let r = c.host(2).node_roles().unwrap_or_default();
+        Ok((r.get(&h1).map(String::as_str) == Some("admin")
+            && r.get(&h2).map(String::as_str) == Some("worker"))
+        .then_some(()))
+    })
+    .unwrap();
+    let copy_key = format!("obj:secretcopy:registry-auth:private@{h2}");
+    c.eventually(
+        Duration::from_secs(20),
+        "the admin reseals both forms and host2 holds its copy",
+        |c| {
+            let resealed = forms(c.host(2))
+                .iter()
+                .all(|a| a["admins"].is_string() && a["data"] == "");
+            let copy = gossip_state(c.host(2)).get(&copy_key).cloned();
+            Ok((resealed && copy.is_some_and(|c| c["deleted"].is_null())).then_some(()))
+        },
+    )
+    .unwrap();
+
+    // The image gone from the node, a new task pulls it with host2's copy.
+    let before = tasks(&c);
+    let _ = Command::new("podman")
+        .args(["rmi", "--force", &remote])
+        .output();
+    c.host(1)
+        .meshctl_ok(&["service", "update", "--force", "-d", "private"])
+        .unwrap();
+    c.eventually(Duration::from_secs(60), "a new task pulls and runs", |c| {
+        a_new_task_runs(c, &before)
+    })
+    .unwrap();
+
+    c.host(1).meshctl_ok(&["service", "rm", "private"]).unwrap();
+    let _ = Command::new("podman")
+        .args(["rmi", "--force", &remote])
+        .output();
+    drop(c);
+    let _ = std::fs::remove_dir_all(&dir);
+}

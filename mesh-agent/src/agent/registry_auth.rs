@@ -6,14 +6,17 @@
 //! copy, which an admin seals to it while it runs or is about to start a task of the service
 //! (see `secrets`): a worker that runs none of the service's tasks cannot open them.
 
-use tracing::warn;
+use tracing::{info, warn};
 use zeroize::Zeroizing;
 
 use super::{Agent, Error, Result};
-use crate::{cluster::Sealed, gossip::sealed};
+use crate::{
+    cluster::{Sealed, View, key},
+    gossip::sealed,
+};
 use mesh_api::{
     spec::{SealedRegistryAuth, ServiceSpec, registry_of, same_registry},
-    v1::RegistryAuth,
+    v1::{KeyId, RegistryAuth},
 };
 
 /// What the seal is bound to: a service's credentials cannot be moved to another service.
@@ -100,6 +103,94 @@ impl Agent {
                 None
             }
         }
+    }
+
+    /// Seals again the credentials the cluster key opens, as [`Agent::reseal_secrets`] does
+    /// secrets: once the cluster has roles, to the admin key (credentials given before roles,
+    /// which every member could open, are taken from the workers); otherwise, after a key
+    /// rotation, under the new primary, so the old key can be retired without stranding them.
+    /// The previous spec's too: a rollback brings them back, and the worker could read them
+    /// there. Admins only; several at once each write a valid form and the newest wins.
+    pub(crate) async fn reseal_registry_auth(&self, view: &View) {
+        if self.role() != crate::roles::Role::Admin {
+            return;
+        }
+        let Ok((ring, _)) = self.keyring() else {
+            return;
+        };
+        let to_admins = self.gossip.admin_key().is_some();
+        let primary = ring.primary().id;
+        let stale = |auth: &Option<SealedRegistryAuth>| {
+            auth.as_ref().is_some_and(|a| {
+                a.admins.is_none()
+                    && ring.get(KeyId(a.key)).is_some()
+                    && (to_admins || KeyId(a.key) != primary)
+            })
+        };
+        for s in view.services.values() {
+            let previous = s.spec.previous.as_deref();
+            if !stale(&s.spec.registry_auth) && !previous.is_some_and(|p| stale(&p.registry_auth)) {
+                continue;
+            }
+            let mut record = s.clone();
+            let mut resealed = self.reseal_one(&mut record.spec);
+            if let (Ok(()), Some(p)) = (&resealed, record.spec.previous.as_deref_mut()) {
+                resealed = self.reseal_one(p);
+            }
+            if let Err(e) = resealed {
+                warn!(
+                    service = s.spec.name,
+                    "cannot reseal its registry credentials: {e}"
+                );
+                continue;
+            }
+            record.updated = self.tick();
+            info!(
+                service = s.spec.name,
+                to_admins, "resealing the service's registry credentials"
+            );
+            if let Err(e) = self.write_object(key::SERVICE, &s.spec.name, &record).await {
+                warn!(
+                    service = s.spec.name,
+                    "resealing its registry credentials: {e}"
+                );
+            }
+        }
+    }
+
+    /// Reseals `spec`'s credentials when the cluster key opens them: see
+    /// [`Agent::reseal_registry_auth`].
+    fn reseal_one(&self, spec: &mut ServiceSpec) -> std::result::Result<(), String> {
+        let Some(auth) = &spec.registry_auth else {
+            return Ok(());
+        };
+        if auth.admins.is_some() {
+            return Ok(());
+        }
+        let plain = self.open_registry_auth(spec, auth)?;
+        let (ring, cluster) = self.keyring().map_err(|e| e.to_string())?;
+        let name = sealed_name(&spec.name);
+        let resealed = match self.gossip.admin_key() {
+            Some((admin, _)) => SealedRegistryAuth {
+                registry: auth.registry.clone(),
+                key: 0,
+                data: String::new(),
+                admins: Some(sealed::seal_for_admins(&admin, &cluster, &name, &plain)?),
+                sealed_at: Some(self.tick()),
+            },
+            None => {
+                let s = sealed::seal(&ring, &cluster, &name, &plain);
+                SealedRegistryAuth {
+                    registry: auth.registry.clone(),
+                    key: s.key.0,
+                    data: s.data,
+                    admins: None,
+                    sealed_at: None,
+                }
+            }
+        };
+        spec.registry_auth = Some(resealed);
+        Ok(())
     }
 
     /// The sealed credentials' plaintext: under the cluster key; or, sealed to the admins,
