@@ -370,6 +370,31 @@ impl FakeCluster {
         );
     }
 
+    /// An admin's copy of `service`'s registry credentials sealed to `node` arrives by gossip.
+    pub fn give_registry_auth_copy(&self, service: &str, node: &str) {
+        let stamp = Stamp {
+            ms: self.now_ms(),
+            node: "test".into(),
+        };
+        let mut g = self.shared.gossip.lock().unwrap();
+        let auth = g.services[service].spec.registry_auth.clone();
+        let of = auth
+            .and_then(|a| a.sealed_at)
+            .expect("sealed to the admins");
+        let name = crate::agent::registry_auth::sealed_name(service);
+        let copy = crate::cluster::SecretCopy {
+            secret: name.clone(),
+            node: node.into(),
+            key: crate::identity::NodeIdentity::generate().unwrap().public(),
+            of,
+            data: "sealed".into(),
+        };
+        g.secret_copies.insert(
+            crate::cluster::key::secret_copy(&name, node),
+            Replicated::new(copy, stamp),
+        );
+    }
+
     pub fn service(&self, name: &str) -> ServiceSpec {
         self.shared.gossip.lock().unwrap().services[name]
             .spec

@@ -333,6 +333,7 @@ impl Agent {
             }
             self.converge_keys(&view).await;
             self.reseal_secrets(&view).await;
+            self.reseal_registry_auth(&view).await;
             if asked || stale {
                 self.place_secret_copies(&view).await;
                 self.prune_cni().await;

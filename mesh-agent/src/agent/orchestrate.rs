@@ -773,7 +773,7 @@ async fn waits_for_secrets<R: NodeRuntime>(
     t: &mut Task,
     template: &mesh_api::spec::TaskTemplate,
 ) -> bool {
-    let Some(why) = rt.secrets_waiting(view, template) else {
+    let Some(why) = rt.copies_waiting(view, &t.service, template) else {
         if t.error
             .as_deref()
             .is_some_and(super::secrets::is_waiting_message)
@@ -803,7 +803,7 @@ fn secrets_arrived<R: NodeRuntime>(rt: &R, view: &View, t: &Task) -> bool {
             .services
             .get(&t.service)
             .and_then(|s| s.spec.task.as_ref())
-            .is_some_and(|tpl| rt.secrets_waiting(view, tpl).is_none())
+            .is_some_and(|tpl| rt.copies_waiting(view, &t.service, tpl).is_none())
 }
 
 /// Watches a started task's health: the first pass makes it a backend (Running), and

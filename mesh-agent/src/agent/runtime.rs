@@ -92,11 +92,17 @@ pub(super) trait NodeRuntime: Send + Sync + 'static {
     /// Pulls an image in the background if this node lacks it (once per image at a time), so
     /// that an update's new tasks do not wait for it after the old ones stopped.
     fn prefetch(&self, image: &str, service: &ServiceSpec);
-    /// Why a task of `template` cannot start yet on this node: a secret it is granted has
-    /// not been sealed to this node (see `secrets`). A node without the admin key and of
-    /// unknown key (the fake runtime) needs a copy of every secret sealed to the admins.
-    fn secrets_waiting(&self, view: &View, template: &TaskTemplate) -> Option<String> {
-        super::secrets::waiting_for_copy(view, self.node_name(), None, template, false)
+    /// Why a task of `service` with `template` cannot start yet on this node: a secret it is
+    /// granted, or the registry credentials it pulls with, have not been sealed to this node
+    /// (see `secrets`). A node without the admin key and of unknown key (the fake runtime)
+    /// needs a copy of everything sealed to the admins.
+    fn copies_waiting(
+        &self,
+        view: &View,
+        service: &str,
+        template: &TaskTemplate,
+    ) -> Option<String> {
+        super::secrets::waiting_for_copy(view, self.node_name(), None, service, template, false)
     }
     /// Plumbs the task's network and starts its process; Err says why it could not start.
     fn start_process(
@@ -249,8 +255,13 @@ impl NodeRuntime for Agent {
         })
     }
 
-    fn secrets_waiting(&self, view: &View, template: &TaskTemplate) -> Option<String> {
-        Agent::secrets_waiting(self, view, template)
+    fn copies_waiting(
+        &self,
+        view: &View,
+        service: &str,
+        template: &TaskTemplate,
+    ) -> Option<String> {
+        Agent::copies_waiting(self, view, service, template)
     }
 
     async fn start_process(&self, view: &View, task: TaskStart<'_>) -> Result<Started, String> {

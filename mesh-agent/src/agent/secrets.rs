@@ -8,6 +8,11 @@
 //! the node's own key (`obj:secretcopy:<secret>@<node>`), and removes it once the node runs
 //! none. A task whose copy has not arrived yet waits for it rather than failing. A cluster
 //! without roles seals secrets under the cluster key, which every member holds.
+//!
+//! A service's registry credentials (`--with-registry-auth`, see `registry_auth`) travel the
+//! same way: sealed to the admin key, copied to the nodes that run or are about to start the
+//! service's tasks (the nodes that pull its image) as
+//! `obj:secretcopy:registry-auth:<service>@<node>`.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +27,10 @@ use crate::{
     identity::{NodeIdentity, PublicKey},
     task::{TaskFile, TaskFiles},
 };
-use mesh_api::spec::{FileRef, MAX_FILE_OBJECT, ServiceSpec, TaskTemplate};
+use mesh_api::{
+    id::Stamp,
+    spec::{FileRef, MAX_FILE_OBJECT, ServiceSpec, TaskTemplate},
+};
 
 /// Which kind of file object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -348,33 +356,103 @@ pub(crate) fn waiting_message(secret: &str) -> String {
     format!("waiting for secret {secret} to be sealed for this node by an admin")
 }
 
-/// Whether a task's error is [`waiting_message`]'s.
-pub(crate) fn is_waiting_message(error: &str) -> bool {
-    error.starts_with("waiting for secret ") && error.ends_with(" for this node by an admin")
+/// What a task waits for while its node has no copy of its service's registry credentials.
+pub(crate) fn registry_waiting_message(service: &str) -> String {
+    format!(
+        "waiting for the registry credentials of service {service} to be sealed for this node \
+         by an admin"
+    )
 }
 
-/// The secret of `template` that `node` (speaking with `key`, when known) has no copy of
-/// and cannot open otherwise, as the message its task waits with; `None` when every secret
-/// can be opened, or one is missing altogether (the start then fails, naming it).
-/// `opens_admin_form`: the node holds the admin key.
+/// Whether a task's error is [`waiting_message`]'s or [`registry_waiting_message`]'s.
+pub(crate) fn is_waiting_message(error: &str) -> bool {
+    error.starts_with("waiting for ") && error.ends_with(" to be sealed for this node by an admin")
+}
+
+/// Whether `node` (speaking with `key`, when known) holds a copy of `name` made of `of`.
+fn has_copy(view: &View, name: &str, node: &str, of: &Stamp, key: Option<&PublicKey>) -> bool {
+    view.secret_copies
+        .get(&key::secret_copy(name, node))
+        .is_some_and(|c| c.spec.of == *of && key.is_none_or(|k| c.spec.key == *k))
+}
+
+/// The secret of `template`, or the registry credentials of `service`, that `node`
+/// (speaking with `key`, when known) has no copy of and cannot open otherwise, as the message
+/// its task waits with; `None` when everything can be opened, or a secret is missing
+/// altogether (the start then fails, naming it). `opens_admin_form`: the node holds the
+/// admin key.
 pub(crate) fn waiting_for_copy(
     view: &View,
     node: &str,
     key: Option<&PublicKey>,
+    service: &str,
     template: &TaskTemplate,
     opens_admin_form: bool,
 ) -> Option<String> {
-    template.secrets.iter().find_map(|r| {
+    if opens_admin_form {
+        return None;
+    }
+    let secret = template.secrets.iter().find_map(|r| {
         let s = view.secrets.get(&r.source)?;
-        if s.spec.sealed.is_some() || opens_admin_form {
-            return None;
-        }
-        let has_copy = view
-            .secret_copies
-            .get(&key::secret_copy(&r.source, node))
-            .is_some_and(|c| c.spec.of == s.created && key.is_none_or(|k| c.spec.key == *k));
-        (!has_copy).then(|| waiting_message(&r.source))
+        let copied = Copied::Secret(s);
+        let of = copied.of()?;
+        (!has_copy(view, &copied.name(), node, of, key)).then(|| waiting_message(&r.source))
+    });
+    secret.or_else(|| {
+        let copied = Copied::of_registry_auth(&view.services.get(service)?.spec)?;
+        let of = copied.of()?;
+        (!has_copy(view, &copied.name(), node, of, key)).then(|| registry_waiting_message(service))
     })
+}
+
+/// What admins copy to a node, sealed to its key: a secret sealed to the admins, or a
+/// service's registry credentials sealed to them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Copied<'v> {
+    Secret(&'v Replicated<SecretSpec>),
+    RegistryAuth {
+        service: &'v str,
+        admins: &'v str,
+        sealed_at: &'v Stamp,
+    },
+}
+
+impl<'v> Copied<'v> {
+    /// A service's registry credentials, when sealed to the admins.
+    pub(crate) fn of_registry_auth(spec: &'v ServiceSpec) -> Option<Self> {
+        let auth = spec.registry_auth.as_ref()?;
+        Some(Copied::RegistryAuth {
+            service: &spec.name,
+            admins: auth.admins.as_deref()?,
+            sealed_at: auth.sealed_at.as_ref()?,
+        })
+    }
+
+    /// The name its seals are bound to and its copies named after (a secret's name has no
+    /// `:`, so credentials' `registry-auth:<service>` never meets one).
+    pub(crate) fn name(&self) -> String {
+        match self {
+            Copied::Secret(s) => s.spec.name.clone(),
+            Copied::RegistryAuth { service, .. } => super::registry_auth::sealed_name(service),
+        }
+    }
+
+    /// Which version a copy is of; `None` when every member opens it anyway (a secret under
+    /// the cluster key): no copies then.
+    fn of(&self) -> Option<&'v Stamp> {
+        match self {
+            Copied::Secret(s) => s.spec.sealed.is_none().then_some(&s.created),
+            Copied::RegistryAuth { sealed_at, .. } => Some(sealed_at),
+        }
+    }
+}
+
+/// A copy an admin should keep: of what, for which node, sealed to which of its keys.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NeededCopy<'v> {
+    pub what: Copied<'v>,
+    pub node: &'v str,
+    pub key: PublicKey,
 }
 
 /// Secrets the service's tasks are granted: its current template's and its previous one's
@@ -386,11 +464,13 @@ fn service_secrets(spec: &ServiceSpec) -> impl Iterator<Item = &str> {
         .flat_map(|t| t.secrets.iter().map(|r| r.source.as_str()))
 }
 
-/// A copy an admin should keep: `(secret, node)` → the node key it is sealed to.
-type Needed<'v> = BTreeMap<String, (&'v str, &'v str, PublicKey)>;
+/// The copies admins should keep, by record name (`<name>@<node>`).
+type Needed<'v> = BTreeMap<String, NeededCopy<'v>>;
 
 /// Every node's copies it needs: of each secret sealed to the admins only, for every node
 /// that holds a live task of a service granted it (task records) or is about to start one
+/// (and of a service's registry credentials sealed to the admins, for the same nodes: those
+/// that pull its image)
 /// (the plans every node computes alike), so the copy is on its way while the node places
 /// the task. Never for a node whose record carries no key (it could not open it, and a
 /// record without a key is from before node keys), nor for a node gone from the view.
@@ -406,13 +486,15 @@ pub(crate) fn copies_needed<'v>(
         let Some(key) = n.record.as_ref().and_then(|r| r.key) else {
             return;
         };
-        for secret in service_secrets(&service.spec) {
-            if let Some((name, s)) = view.secrets.get_key_value(secret)
-                && s.spec.sealed.is_none()
-            {
+        let secrets = service_secrets(&service.spec)
+            .filter_map(|secret| view.secrets.get(secret))
+            .map(Copied::Secret);
+        for what in secrets.chain(Copied::of_registry_auth(&service.spec)) {
+            if what.of().is_some() {
+                let node = n.name.as_str();
                 needed.insert(
-                    key::secret_copy(name, &n.name),
-                    (name.as_str(), n.name.as_str(), key),
+                    key::secret_copy(&what.name(), node),
+                    NeededCopy { what, node, key },
                 );
             }
         }
@@ -451,43 +533,66 @@ impl Agent {
                 spec.name
             )));
         };
+        self.open_admin_form(&spec.name, to_admins)
+    }
+
+    /// Opens what is sealed to the admin key under `name`, with `admin.key`.
+    pub(crate) fn open_admin_form(
+        &self,
+        name: &str,
+        to_admins: &str,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let (_, cluster) = self.keyring()?;
         let Some(admin) = self.admin_secret() else {
             return Err(Error::Forbidden(format!(
-                "secret {} is sealed to the admin key, and node {} holds no {}: only admins \
-                 holding it open secrets; other nodes get a copy sealed to their own key while \
-                 they run a task granted the secret",
-                spec.name,
+                "{name} is sealed to the admin key, and node {} holds no {}: only admins \
+                 holding it open it; other nodes get a copy sealed to their own key while they \
+                 run a task that needs it",
                 self.node_name(),
                 crate::roles::ADMIN_KEY_FILE
             )));
         };
-        sealed::open_for_admins(&admin, &cluster, &spec.name, to_admins).map_err(Error::Invalid)
+        sealed::open_for_admins(&admin, &cluster, name, to_admins).map_err(Error::Invalid)
+    }
+
+    /// What an admin copies to a node, opened from its admin form.
+    fn open_copied(&self, what: &Copied<'_>) -> Result<Zeroizing<Vec<u8>>> {
+        match what {
+            Copied::Secret(s) => self.open_secret(&s.spec),
+            Copied::RegistryAuth { admins, .. } => self.open_admin_form(&what.name(), admins),
+        }
+    }
+
+    /// This node's own copy of `name`, made of `of` for its key, opened; `None` without one.
+    /// An admin-signed copy that does not open is counted, and the caller goes on without.
+    pub(crate) fn open_own_copy(
+        &self,
+        view: &View,
+        name: &str,
+        of: &Stamp,
+    ) -> Option<Zeroizing<Vec<u8>>> {
+        let me = self.node_name();
+        let mine = self.gossip.identity();
+        let copy = view.secret_copies.get(&key::secret_copy(name, me))?;
+        if copy.spec.of != *of || copy.spec.key != mine.public() {
+            return None;
+        }
+        let (_, cluster) = self.keyring().ok()?;
+        let opened = sealed::open_copy(mine, &cluster, name, me, &copy.spec.data);
+        if opened.is_none() {
+            self.secret_copies_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            warn!(name, "this node's copy does not open with its key");
+        }
+        opened
     }
 
     /// A secret for a task starting on this node: its own copy, sealed to its key; or the
     /// shared form when this node opens it. Without either, the message the task waits with.
     fn open_for_task(&self, view: &View, s: &Replicated<SecretSpec>) -> Result<Zeroizing<Vec<u8>>> {
         let name = &s.spec.name;
-        let me = self.node_name();
-        let mine = self.gossip.identity();
-        if let Some(copy) = view.secret_copies.get(&key::secret_copy(name, me))
-            && copy.spec.of == s.created
-            && copy.spec.key == mine.public()
-        {
-            let (_, cluster) = self.keyring()?;
-            match sealed::open_copy(mine, &cluster, name, me, &copy.spec.data) {
-                Some(data) => return Ok(data),
-                None => {
-                    // Admin-signed, yet not sealed to this node for this secret: counted,
-                    // and the task waits for a good copy.
-                    self.secret_copies_refused
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    warn!(
-                        secret = name,
-                        "this node's copy of the secret does not open with its key"
-                    );
-                }
-            }
+        if let Some(data) = self.open_own_copy(view, name, &s.created) {
+            return Ok(data);
         }
         if s.spec.sealed.is_some() || self.admin_secret().is_some() {
             return self.open_secret(&s.spec);
@@ -532,12 +637,19 @@ impl Agent {
         })
     }
 
-    /// The message a task of `template` waits with on this node, if a copy is missing.
-    pub(crate) fn secrets_waiting(&self, view: &View, template: &TaskTemplate) -> Option<String> {
+    /// The message a task of `service` with `template` waits with on this node, if a copy
+    /// is missing.
+    pub(crate) fn copies_waiting(
+        &self,
+        view: &View,
+        service: &str,
+        template: &TaskTemplate,
+    ) -> Option<String> {
         waiting_for_copy(
             view,
             self.node_name(),
             Some(&self.gossip.public_key()),
+            service,
             template,
             self.admin_secret().is_some(),
         )
@@ -557,8 +669,13 @@ impl Agent {
         let Some(_) = self.admin_secret() else {
             return;
         };
-        if view.secret_copies.is_empty() && !view.secrets.values().any(|s| s.spec.sealed.is_none())
-        {
+        let anything_to_copy = !view.secret_copies.is_empty()
+            || view.secrets.values().any(|s| s.spec.sealed.is_none())
+            || view
+                .services
+                .values()
+                .any(|s| Copied::of_registry_auth(&s.spec).is_some());
+        if !anything_to_copy {
             return;
         }
         let Ok((_, cluster)) = self.keyring() else {
@@ -569,14 +686,16 @@ impl Agent {
         let needed = copies_needed(view, &plans);
         let me = self.node_name();
         let mine = |name: &str| mesh_planner::coordinator(name, &nodes) == Some(me);
-        for (name, (secret, node, key)) in &needed {
-            let s = &view.secrets[*secret];
+        for (name, NeededCopy { what, node, key }) in &needed {
+            let Some(of) = what.of() else {
+                continue;
+            };
+            let secret = &what.name();
             let current = view.secret_copies.get(name);
-            if current.is_some_and(|c| c.spec.key == *key && c.spec.of == s.created) || !mine(name)
-            {
+            if current.is_some_and(|c| c.spec.key == *key && c.spec.of == *of) || !mine(name) {
                 continue;
             }
-            let data = match self.open_secret(&s.spec) {
+            let data = match self.open_copied(what) {
                 Ok(d) => d,
                 Err(e) => {
                     warn!(secret, node, "cannot copy the secret for the node: {e}");
@@ -594,10 +713,10 @@ impl Agent {
                 }
             };
             let spec = SecretCopy {
-                secret: (*secret).to_owned(),
+                secret: secret.clone(),
                 node: (*node).to_owned(),
                 key: *key,
-                of: s.created.clone(),
+                of: of.clone(),
                 data: sealed,
             };
             // A copy for an older key or secret is updated in place: a new incarnation would
@@ -783,12 +902,16 @@ mod tests {
             ["pw@runs", "pw@starts"],
             "{needed:?}"
         );
-        assert_eq!(needed["pw@runs"], ("pw", "runs", key(1)));
-        assert_eq!(needed["pw@starts"].2, key(2));
+        let pw = &needed["pw@runs"];
+        assert_eq!(
+            (pw.what.name(), pw.node, pw.key),
+            ("pw".into(), "runs", key(1))
+        );
+        assert_eq!(needed["pw@starts"].key, key(2));
 
         // A task waits for its node's copy, made for its key and this incarnation only.
         let tpl = view.services["db"].spec.task.clone().unwrap();
-        let waiting = waiting_for_copy(&view, "runs", Some(&key(1)), &tpl, false);
+        let waiting = waiting_for_copy(&view, "runs", Some(&key(1)), "db", &tpl, false);
         assert_eq!(waiting.as_deref(), Some(waiting_message("pw").as_str()));
         assert!(is_waiting_message(&waiting_message("pw")));
         let copy = |k: PublicKey, of: Stamp| {
@@ -805,19 +928,127 @@ mod tests {
         };
         view.secret_copies
             .insert("pw@runs".into(), copy(key(9), stamp(1)));
-        assert!(waiting_for_copy(&view, "runs", Some(&key(1)), &tpl, false).is_some());
+        assert!(waiting_for_copy(&view, "runs", Some(&key(1)), "db", &tpl, false).is_some());
         view.secret_copies
             .insert("pw@runs".into(), copy(key(1), stamp(0)));
-        assert!(waiting_for_copy(&view, "runs", Some(&key(1)), &tpl, false).is_some());
+        assert!(waiting_for_copy(&view, "runs", Some(&key(1)), "db", &tpl, false).is_some());
         view.secret_copies
             .insert("pw@runs".into(), copy(key(1), stamp(1)));
         assert_eq!(
-            waiting_for_copy(&view, "runs", Some(&key(1)), &tpl, false),
+            waiting_for_copy(&view, "runs", Some(&key(1)), "db", &tpl, false),
             None
         );
         // An admin holding the admin key opens the shared form itself.
         assert_eq!(
-            waiting_for_copy(&view, "starts", Some(&key(2)), &tpl, true),
+            waiting_for_copy(&view, "starts", Some(&key(2)), "db", &tpl, true),
+            None
+        );
+    }
+
+    fn registry_auth(admins: bool) -> mesh_api::spec::SealedRegistryAuth {
+        mesh_api::spec::SealedRegistryAuth {
+            registry: "registry.example:5000".into(),
+            key: 1,
+            data: String::new(),
+            admins: admins.then(|| "sealed".into()),
+            sealed_at: admins.then(|| stamp(7)),
+        }
+    }
+
+    /// A service's registry credentials sealed to the admins are copied to exactly the nodes
+    /// that run or are about to start its tasks (the nodes that pull its image), under a name
+    /// no secret can take; credentials under the cluster key get no copies. A task on a node
+    /// without its copy waits, saying whose credentials; new credentials need a new copy.
+    #[test]
+    fn registry_credentials_are_copied_only_to_the_nodes_that_pull_the_image() {
+        let key = |seed: u8| NodeIdentity::from_seed(&[seed; 32]).public();
+        let mut view = View::default();
+        for (name, k) in [
+            ("runs", Some(key(1))),
+            ("starts", Some(key(2))),
+            ("stopped", Some(key(3))),
+            ("other", Some(key(4))),
+        ] {
+            view.nodes.insert(name.into(), node(name, k));
+        }
+        let mut web = service("web", &[]);
+        web.spec.registry_auth = Some(registry_auth(true));
+        view.services.insert("web".into(), web);
+        let mut old = service("old", &[]);
+        old.spec.registry_auth = Some(registry_auth(false));
+        view.services.insert("old".into(), old);
+        view.services.insert("api".into(), service("api", &[]));
+        view.tasks = vec![
+            task("t1", "web", "runs", DesiredState::Running),
+            task("t2", "web", "stopped", DesiredState::Shutdown),
+            task("t3", "old", "other", DesiredState::Running),
+            task("t4", "api", "other", DesiredState::Running),
+        ];
+        let plan = Plan {
+            slots: vec![SlotPlan {
+                slot: Slot::Replica(2),
+                placement: SlotPlacement::Start {
+                    node: "starts".into(),
+                },
+            }],
+            stops: Vec::new(),
+        };
+        let plans = BTreeMap::from([("web", plan)]);
+        let needed = copies_needed(&view, &plans);
+        assert_eq!(
+            needed.keys().collect::<Vec<_>>(),
+            ["registry-auth:web@runs", "registry-auth:web@starts"],
+            "{needed:?}"
+        );
+        let c = &needed["registry-auth:web@runs"];
+        assert_eq!((c.node, c.key), ("runs", key(1)));
+        assert!(matches!(
+            c.what,
+            Copied::RegistryAuth { service: "web", sealed_at, .. } if *sealed_at == stamp(7)
+        ));
+        assert!(
+            validate_object_name(Kind::Secret, &c.what.name()).is_err(),
+            "no secret can be named like a service's credentials"
+        );
+
+        let tpl = TaskTemplate::default();
+        let waiting = waiting_for_copy(&view, "runs", Some(&key(1)), "web", &tpl, false);
+        assert_eq!(
+            waiting.as_deref(),
+            Some(registry_waiting_message("web").as_str())
+        );
+        assert!(is_waiting_message(&registry_waiting_message("web")));
+        let copy = |of: Stamp| {
+            Replicated::new(
+                SecretCopy {
+                    secret: "registry-auth:web".into(),
+                    node: "runs".into(),
+                    key: key(1),
+                    of,
+                    data: String::new(),
+                },
+                stamp(3),
+            )
+        };
+        view.secret_copies
+            .insert("registry-auth:web@runs".into(), copy(stamp(6)));
+        assert!(
+            waiting_for_copy(&view, "runs", Some(&key(1)), "web", &tpl, false).is_some(),
+            "a copy of older credentials does not do"
+        );
+        view.secret_copies
+            .insert("registry-auth:web@runs".into(), copy(stamp(7)));
+        assert_eq!(
+            waiting_for_copy(&view, "runs", Some(&key(1)), "web", &tpl, false),
+            None
+        );
+        // Under the cluster key, or without credentials, nothing to wait for.
+        assert_eq!(
+            waiting_for_copy(&view, "other", Some(&key(4)), "old", &tpl, false),
+            None
+        );
+        assert_eq!(
+            waiting_for_copy(&view, "other", Some(&key(4)), "api", &tpl, false),
             None
         );
     }

@@ -72,7 +72,8 @@ pub mod key {
     /// cluster without roles, under the cluster key).
     pub const SECRET: &str = "obj:secret:";
     /// `obj:secretcopy:<secret>@<node>`, replicated: a secret sealed to one node's key, written
-    /// by an admin while that node runs a task granted the secret (see [`super::SecretCopy`]).
+    /// by an admin while that node runs a task granted the secret (see [`super::SecretCopy`]);
+    /// `<secret>` is `registry-auth:<service>` for a service's registry credentials.
     pub const SECRET_COPY: &str = "obj:secretcopy:";
 
     /// The name of `secret`'s copy for `node` under [`SECRET_COPY`] (a secret name has no `@`).
@@ -114,6 +115,8 @@ pub struct SecretSpec {
 /// runs (or is about to start) such a task and removes it afterwards.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretCopy {
+    /// The secret's name, or `registry-auth:<service>` for a service's registry credentials
+    /// (the name the seal is bound to).
     pub secret: String,
     pub node: String,
     /// The node key it is sealed to: a node that comes back under a new key needs a new copy.

@@ -112,10 +112,19 @@ pub struct ServiceSpec {
 pub struct SealedRegistryAuth {
     /// The registry they are for (`registry.example.com:5000`, `docker.io`).
     pub registry: String,
-    /// The id of the cluster key they are sealed with.
+    /// The id of the cluster key they are sealed with (clusters without roles).
     pub key: u32,
-    /// base64 of nonce ‖ ciphertext ‖ tag.
+    /// base64 of nonce ‖ ciphertext ‖ tag under that key; empty when sealed to the admins.
     pub data: String,
+    /// base64 of the credentials sealed to the admin key (clusters with roles): only holders
+    /// of `admin.key` open them; a node that pulls the image gets a copy sealed to its own
+    /// key, as for secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admins: Option<String>,
+    /// When they were sealed to the admins: which credentials a node's copy is of (new
+    /// credentials need new copies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_at: Option<crate::id::Stamp>,
 }
 
 impl fmt::Debug for SealedRegistryAuth {

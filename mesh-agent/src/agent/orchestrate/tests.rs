@@ -1162,6 +1162,59 @@ async fn a_slow_pull_holds_neither_other_tasks_nor_other_services() {
 
 // --- Secrets sealed per node --------------------------------------------------------------
 
+/// A service whose registry credentials are sealed to the admins only: each task waits,
+/// saying whose credentials, until an admin's copy for its node arrives, then pulls and
+/// starts at once; a node whose copy never comes keeps waiting.
+#[tokio::test(start_paused = true)]
+async fn a_task_waits_for_its_copy_of_the_registry_credentials() {
+    let c = FakeCluster::new(&["n1", "n2"]);
+    let mut spec = web(2, "v1");
+    spec.registry_auth = Some(mesh_api::spec::SealedRegistryAuth {
+        registry: "registry.example:5000".into(),
+        key: 0,
+        data: String::new(),
+        admins: Some("sealed".into()),
+        sealed_at: Some(mesh_api::id::Stamp {
+            ms: 1,
+            node: "test".into(),
+        }),
+    });
+    c.create(spec);
+    c.run_for(secs(12)).await;
+    let waiting = c.live("web");
+    assert_eq!(waiting.len(), 2, "{waiting:#?}");
+    for t in &waiting {
+        assert_eq!(t.state, TaskState::Assigned, "{t:#?}");
+        assert_eq!(
+            t.error.as_deref(),
+            Some(
+                "waiting for the registry credentials of service web to be sealed for this \
+                 node by an admin"
+            )
+        );
+    }
+    assert!(c.starts("web").is_empty());
+
+    c.give_registry_auth_copy("web", "n1");
+    let given = c.now_ms();
+    c.run_for(secs(1)).await;
+    let on_n1 = waiting
+        .iter()
+        .find(|t| t.node == "n1")
+        .expect("a task on n1");
+    let started = record(&c, &on_n1.id);
+    assert_eq!(started.state, TaskState::Running, "{started:#?}");
+    assert_eq!(started.error, None);
+    let starts = c.starts("web");
+    assert_eq!(starts.len(), 1, "{starts:#?}");
+    assert!(starts[0].at_ms - given < 1_000, "{starts:#?}");
+    let on_n2 = waiting
+        .iter()
+        .find(|t| t.node == "n2")
+        .expect("a task on n2");
+    assert_eq!(record(&c, &on_n2.id).state, TaskState::Assigned);
+}
+
 /// A service granted a secret sealed to the admins only: each task waits, Assigned and
 /// saying why, until an admin's copy for its node arrives, then starts — the same task, at
 /// once, without a rejection or a restart. A node whose copy never comes keeps waiting.
