@@ -232,7 +232,9 @@ fn a_private_image_runs_with_the_users_registry_login_and_fails_clearly_without(
     let out = create("nopull", &["-d", "--no-resolve-image"]);
     assert!(out.status.success(), "{}", text(&out));
     let error = c
-        .eventually(Duration::from_secs(60), "nopull's task rejected", |c| {
+        // Up to two minutes: once, with the file's three tests (three registries, their
+        // pulls) running at once on a loaded machine, the first rejection took over 60 s.
+        .eventually(Duration::from_secs(120), "nopull's task rejected", |c| {
             let rows: Vec<Value> =
                 c.host(1)
                     .meshctl_json(&["service", "ps", "nopull", "--no-trunc"])?;
