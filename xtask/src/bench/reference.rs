@@ -25,7 +25,7 @@ use aya::{
 };
 use mesh_agent::{
     bpf::{SkbContext, test_run_skb},
-    dataplane::{Dataplane, REFERENCE_LB_OBJECT},
+    dataplane::{Dataplane, REFERENCE_LB_OBJECT, monotonic_ns},
     lb::{LbLimits, NodeLb},
 };
 
@@ -400,17 +400,6 @@ fn measure(pin: &Path, levels: &[u64], samples: usize) -> Result<Vec<Level>> {
             .with_context(|| format!("writing {}", Path::new(&path).display()))?;
     }
     Ok(measured)
-}
-
-/// CLOCK_MONOTONIC in ns: the clock `perf record -k CLOCK_MONOTONIC` stamps samples with.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Loads the reference with `backends` and room for `flows` flows. The program's fd
