@@ -181,6 +181,33 @@ impl Cluster {
         std::env::temp_dir().join(format!("{}-logs", self.name))
     }
 
+    /// Gives a running cluster roles, as an operator who adds `admin.pub` to every node
+    /// would: stops the agents of hosts `1..=n`, saves the admin key under each one's state
+    /// dir (`admin/`; host1 holds the secret half, the others the public half) and returns
+    /// those directories for `--admin-key-dir`, for the caller to restart the agents with.
+    pub fn give_admin_keys(&mut self, n: usize) -> Result<Vec<String>> {
+        use mesh_agent::{identity::NodeIdentity, roles::AdminKey};
+        let admin = AdminKey::generate()?;
+        for i in 1..=n {
+            self.host_mut(i).stop_agent()?;
+        }
+        let mut dirs = Vec::new();
+        for i in 1..=n {
+            let dir = self.host(i).state_dir().join("admin");
+            let key = if i == 1 {
+                let secret = admin
+                    .secret()
+                    .context("a generated admin key has its secret")?;
+                AdminKey::from_secret(NodeIdentity::from_seed(&secret.seed()))
+            } else {
+                AdminKey::public_only(admin.public)
+            };
+            key.save(&dir)?;
+            dirs.push(dir.display().to_string());
+        }
+        Ok(dirs)
+    }
+
     /// Starts an agent on every host; each joins the others.
     pub fn start_agents(&mut self) -> Result<()> {
         for i in 1..=self.hosts.len() {

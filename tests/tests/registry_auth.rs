@@ -691,24 +691,11 @@ fn credentials_from_before_roles_are_resealed_to_the_admins_and_still_pull() {
 
     // Roles arrive: host1 holds the admin key, host2 its public half.
     let key = c.host(1).cluster_key().to_str().unwrap().to_owned();
-    let admin = mesh_agent::roles::AdminKey::generate().unwrap();
-    for i in 1..=2 {
-        c.host_mut(i).stop_agent().unwrap();
-    }
-    for i in 1..=2 {
-        let admin_dir = c.host(i).state_dir().join("admin");
-        let k = if i == 1 {
-            mesh_agent::roles::AdminKey::from_secret(NodeIdentity::from_seed(
-                &admin.secret().unwrap().seed(),
-            ))
-        } else {
-            mesh_agent::roles::AdminKey::public_only(admin.public)
-        };
-        k.save(&admin_dir).unwrap();
-        let admin_dir = admin_dir.display().to_string();
+    let admin_dirs = c.give_admin_keys(2).unwrap();
+    for (i, admin_dir) in (1..=2).zip(&admin_dirs) {
         c.host_mut(i)
             .start_agent_with_env(
-                &["--cluster-key-file", &key, "--admin-key-dir", &admin_dir],
+                &["--cluster-key-file", &key, "--admin-key-dir", admin_dir],
                 &[("CONTAINERS_REGISTRIES_CONF", registries.to_str().unwrap())],
             )
             .unwrap();

@@ -403,23 +403,10 @@ fn a_secret_from_before_roles_is_resealed_to_the_admins_and_keeps_serving() {
     assert_eq!(sealed_under_cluster_key(c.host(2)), (true, false));
 
     // Roles arrive: host1 holds the admin key, host2 its public half.
-    let admin = mesh_agent::roles::AdminKey::generate().unwrap();
-    for i in 1..=2 {
-        c.host_mut(i).stop_agent().unwrap();
-    }
-    for i in 1..=2 {
-        let dir = c.host(i).state_dir().join("admin");
-        let k = if i == 1 {
-            mesh_agent::roles::AdminKey::from_secret(NodeIdentity::from_seed(
-                &admin.secret().unwrap().seed(),
-            ))
-        } else {
-            mesh_agent::roles::AdminKey::public_only(admin.public)
-        };
-        k.save(&dir).unwrap();
-        let dir = dir.display().to_string();
+    let admin_dirs = c.give_admin_keys(2).unwrap();
+    for (i, dir) in (1..=2).zip(&admin_dirs) {
         c.host_mut(i)
-            .start_agent(&["--cluster-key-file", &key, "--admin-key-dir", &dir])
+            .start_agent(&["--cluster-key-file", &key, "--admin-key-dir", dir])
             .unwrap();
     }
     c.eventually(Duration::from_secs(20), "roles settle", |c| {
